@@ -1,0 +1,121 @@
+/*
+ * kernels/cpu/cpu_int.h — private to the "cpu" backend (kern_cpu.c,
+ * cpu_pool.c, cpu_matmul.c, cpu_attn.c): the thread pool, the backend
+ * struct with its per-thread scratch, and the entry points of the ops that
+ * live in their own files.
+ */
+#ifndef KERN_CPU_INT_H
+#define KERN_CPU_INT_H
+
+#include "../kern_int.h"
+
+/* ------------------------------------------------------------------------ */
+/* Thread pool.                                                             */
+/* ------------------------------------------------------------------------ */
+
+typedef struct cpu_pool cpu_pool_t;
+
+/* One task of a parallel loop.  `task` is in 0..n_tasks-1, `thread` in
+ * 0..cpu_pool_size()-1 (0 is the calling thread) and indexes per-thread
+ * scratch: no two tasks run on the same `thread` at once. */
+typedef void (*cpu_task_fn)(void *ctx, int task, int thread);
+
+/* Starts n_threads-1 workers; the thread calling cpu_pool_run is worker 0.
+ * Returns 0, KVS_EINVAL (n_threads < 1) or KVS_ENOMEM. */
+int cpu_pool_new(int n_threads, cpu_pool_t **out);
+void cpu_pool_free(cpu_pool_t *pool); /* NULL is a no-op; joins the workers */
+int cpu_pool_size(const cpu_pool_t *pool);
+/* Runs fn for every task and returns when all have finished.  Tasks are
+ * handed out in increasing order, first come first served.  Thread: the
+ * pool's owner only (one run at a time). */
+void cpu_pool_run(cpu_pool_t *pool, int n_tasks, cpu_task_fn fn, void *ctx);
+
+/* ------------------------------------------------------------------------ */
+/* The backend.                                                             */
+/* ------------------------------------------------------------------------ */
+
+/* Instruction sets the kernels dispatch on, best last.  There is no
+ * AVX-512 level: on Zen 4 (double-pumped 512-bit units) 16-lane versions of
+ * the matmul tiles measured no faster than AVX2 from DRAM and slower from
+ * cache, so they were dropped. */
+typedef enum cpu_isa {
+    CPU_ISA_SCALAR = 0,
+    CPU_ISA_AVX2 = 1, /* AVX2 + FMA + F16C */
+} cpu_isa_t;
+
+typedef struct cpu_buf {
+    void *p;
+    size_t bytes;
+} cpu_buf_t;
+
+typedef struct kern_cpu {
+    kern_backend_t base;
+    cpu_pool_t *pool;
+    int n_threads;
+    cpu_isa_t isa;
+    cpu_buf_t *scratch; /* [n_threads], per-thread, 64-byte aligned */
+    cpu_buf_t work;     /* shared by the tasks of one op (attention plan, partials) */
+} kern_cpu_t;
+
+/* Makes every thread's scratch at least `bytes` (grown, never shrunk), so
+ * tasks can use be->scratch[thread].p without allocating.  Call before
+ * cpu_pool_run.  Returns 0 or KVS_ENOMEM. */
+int kern__cpu_scratch_reserve(kern_cpu_t *be, size_t bytes);
+/* Same for the shared workspace; *out gets its address. */
+int kern__cpu_work_reserve(kern_cpu_t *be, size_t bytes, void **out);
+
+/* Runs fn over n_tasks, inline when there is one task or one thread. */
+void kern__cpu_parallel(kern_cpu_t *be, int n_tasks, cpu_task_fn fn, void *ctx);
+
+/* Converts n elements of an F32/F16/BF16/Q8_0 row to f32 with the best
+ * available instructions (cpu_matmul.c). */
+void kern__cpu_row_to_f32(cpu_isa_t isa, kern_dtype_t type, const void *row, float *y, size_t n);
+
+int kern__cpu_matmul(kern_cpu_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
+                     const float *bias, float *y);
+int kern__cpu_attention(kern_cpu_t *be, const kern_attn_args_t *a);
+
+/* ------------------------------------------------------------------------ */
+/* SIMD helpers shared by the op files.                                     */
+/* ------------------------------------------------------------------------ */
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define CPU_HAVE_X86 1
+
+/* e^x, 8 lanes, for finite x: x is clamped to [-87.3, 88.3] so the result
+ * stays a normal float.  x = n ln2 + r with |r| <= ln2/2 (ln2 split in two
+ * so n ln2 is exact enough), e^r by its degree-7 Taylor polynomial, whose
+ * truncation error (< 1e-8 relative) is below f32 rounding. */
+__attribute__((target("avx2,fma"))) static inline __m256
+cpu_exp_avx2(__m256 x)
+{
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+                                  23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+__attribute__((target("avx2,fma"))) static inline float
+cpu_hsum_avx2(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+#endif /* KERN_CPU_INT_H */

@@ -1,0 +1,616 @@
+/*
+ * kernels/cpu/kern_cpu.c — the "cpu" backend: its vtable, construction
+ * (thread pool, instruction set detection, per-thread scratch) and the
+ * simple ops (get_rows, rmsnorm, rope, swiglu, add, kv_append, kv_copy).
+ * Matrix products live in cpu_matmul.c, attention in cpu_attn.c, the pool
+ * in cpu_pool.c.  Callers: kern.c (kern_backend_new("cpu")).
+ *
+ * Every op splits its work into tasks only when there is enough of it to
+ * pay for waking the workers; decode-sized elementwise ops run inline on
+ * the calling thread.  Results agree with the "ref" backend to f32
+ * rounding; tests/kernels/test_kern_ops.c checks that.
+ *
+ * NOTE: the environment variable KVS_CPU_ISA=scalar, read at
+ * kern_backend_new(), forces the portable code paths, so tests and
+ * benchmarks can exercise them on any machine.
+ */
+#include "cpu_int.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#define ELEM_CHUNK 16384 /* floats per task for elementwise work */
+#define MAX_THREADS 512
+
+static const kern_ops_t cpu_ops;
+
+/* ------------------------------------------------------------------------ */
+/* Scratch, parallel loops, instruction sets.                               */
+/* ------------------------------------------------------------------------ */
+
+static int
+buf_reserve(cpu_buf_t *b, size_t bytes)
+{
+    if (b->bytes >= bytes)
+        return 0;
+    size_t rounded = (bytes + 63) & ~(size_t)63;
+    void *p = aligned_alloc(64, rounded);
+    if (p == NULL)
+        return KVS_ENOMEM;
+    free(b->p);
+    b->p = p;
+    b->bytes = rounded;
+    return 0;
+}
+
+int
+kern__cpu_scratch_reserve(kern_cpu_t *be, size_t bytes)
+{
+    for (int t = 0; t < be->n_threads; t++) {
+        int rc = buf_reserve(&be->scratch[t], bytes);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+int
+kern__cpu_work_reserve(kern_cpu_t *be, size_t bytes, void **out)
+{
+    int rc = buf_reserve(&be->work, bytes);
+    *out = be->work.p;
+    return rc;
+}
+
+void
+kern__cpu_parallel(kern_cpu_t *be, int n_tasks, cpu_task_fn fn, void *ctx)
+{
+    cpu_pool_run(be->pool, n_tasks, fn, ctx);
+}
+
+/* Tasks for `units` units of `unit_elems` floats each, about ELEM_CHUNK
+ * floats per task; *per gets the units per task. */
+static int
+split_units(size_t units, size_t unit_elems, size_t *per)
+{
+    size_t p = unit_elems ? (ELEM_CHUNK + unit_elems - 1) / unit_elems : units;
+    if (p < 1)
+        p = 1;
+    *per = p;
+    size_t n = (units + p - 1) / p;
+    return n > INT32_MAX ? INT32_MAX : (int)n;
+}
+
+static cpu_isa_t
+detect_isa(void)
+{
+    cpu_isa_t isa = CPU_ISA_SCALAR;
+#ifdef CPU_HAVE_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
+        isa = CPU_ISA_AVX2;
+#endif
+    const char *cap = getenv("KVS_CPU_ISA");
+    if (cap && strcmp(cap, "scalar") == 0)
+        isa = CPU_ISA_SCALAR;
+    return isa;
+}
+
+/* ------------------------------------------------------------------------ */
+/* get_rows                                                                 */
+/* ------------------------------------------------------------------------ */
+
+typedef struct rows_ctx {
+    kern_cpu_t *be;
+    const kern_tensor_t *w;
+    const int32_t *ids;
+    uint32_t n;
+    size_t per;
+    float *out;
+} rows_ctx_t;
+
+static void
+get_rows_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    const rows_ctx_t *c = ctx;
+    size_t i0 = (size_t)task * c->per, i1 = i0 + c->per < c->n ? i0 + c->per : c->n;
+    for (size_t i = i0; i < i1; i++)
+        kern__cpu_row_to_f32(c->be->isa, c->w->type,
+                             (const uint8_t *)c->w->data + (size_t)c->ids[i] * c->w->row_bytes,
+                             c->out + i * c->w->n_cols, c->w->n_cols);
+}
+
+static int
+cpu_get_rows(kern_backend_t *base, const kern_tensor_t *w, const int32_t *ids, uint32_t n,
+             float *out)
+{
+    rows_ctx_t c = {.be = (kern_cpu_t *)base, .w = w, .ids = ids, .n = n, .out = out};
+    int n_tasks = split_units(n, w->n_cols, &c.per);
+    kern__cpu_parallel(c.be, n_tasks, get_rows_task, &c);
+    return 0;
+}
+
+static int
+cpu_matmul(kern_backend_t *base, const kern_tensor_t *w, const float *x, uint32_t n,
+           const float *bias, float *y)
+{
+    return kern__cpu_matmul((kern_cpu_t *)base, w, x, n, bias, y);
+}
+
+/* ------------------------------------------------------------------------ */
+/* rmsnorm                                                                  */
+/* ------------------------------------------------------------------------ */
+
+typedef struct norm_ctx {
+    kern_cpu_t *be;
+    const float *x;
+    const float *w;
+    float *y;
+    uint32_t n, d;
+    float eps;
+    size_t per;
+} norm_ctx_t;
+
+#ifdef CPU_HAVE_X86
+__attribute__((target("avx2,fma"))) static void
+rmsnorm_row_avx2(const float *x, const float *w, uint32_t d, float eps, float *y)
+{
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    uint32_t c = 0;
+    for (; c + 16 <= d; c += 16) {
+        __m256 v0 = _mm256_loadu_ps(x + c), v1 = _mm256_loadu_ps(x + c + 8);
+        a0 = _mm256_fmadd_ps(v0, v0, a0);
+        a1 = _mm256_fmadd_ps(v1, v1, a1);
+    }
+    for (; c + 8 <= d; c += 8) {
+        __m256 v0 = _mm256_loadu_ps(x + c);
+        a0 = _mm256_fmadd_ps(v0, v0, a0);
+    }
+    double ss = cpu_hsum_avx2(_mm256_add_ps(a0, a1));
+    for (; c < d; c++)
+        ss += (double)x[c] * x[c];
+    float scale = (float)(1.0 / sqrt(ss / d + eps));
+    __m256 sv = _mm256_set1_ps(scale);
+    for (c = 0; c + 8 <= d; c += 8)
+        _mm256_storeu_ps(y + c,
+                         _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + c), sv),
+                                       _mm256_loadu_ps(w + c)));
+    for (; c < d; c++)
+        y[c] = x[c] * scale * w[c];
+}
+#endif
+
+static void
+rmsnorm_row_scalar(const float *x, const float *w, uint32_t d, float eps, float *y)
+{
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    uint32_t c = 0;
+    for (; c + 4 <= d; c += 4) {
+        s0 += x[c] * x[c];
+        s1 += x[c + 1] * x[c + 1];
+        s2 += x[c + 2] * x[c + 2];
+        s3 += x[c + 3] * x[c + 3];
+    }
+    for (; c < d; c++)
+        s0 += x[c] * x[c];
+    double ss = (double)(s0 + s1) + (double)(s2 + s3);
+    float scale = (float)(1.0 / sqrt(ss / d + eps));
+    for (c = 0; c < d; c++)
+        y[c] = x[c] * scale * w[c];
+}
+
+static void
+rmsnorm_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    const norm_ctx_t *c = ctx;
+    size_t i0 = (size_t)task * c->per, i1 = i0 + c->per < c->n ? i0 + c->per : c->n;
+    for (size_t i = i0; i < i1; i++) {
+        const float *x = c->x + i * c->d;
+        float *y = c->y + i * c->d;
+#ifdef CPU_HAVE_X86
+        if (c->be->isa >= CPU_ISA_AVX2) {
+            rmsnorm_row_avx2(x, c->w, c->d, c->eps, y);
+            continue;
+        }
+#endif
+        rmsnorm_row_scalar(x, c->w, c->d, c->eps, y);
+    }
+}
+
+static int
+cpu_rmsnorm(kern_backend_t *base, const float *x, const float *w, uint32_t n, uint32_t d,
+            float eps, float *y)
+{
+    norm_ctx_t c = {.be = (kern_cpu_t *)base, .x = x, .w = w, .y = y, .n = n, .d = d, .eps = eps};
+    int n_tasks = split_units(n, d, &c.per);
+    kern__cpu_parallel(c.be, n_tasks, rmsnorm_task, &c);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* rope                                                                     */
+/* ------------------------------------------------------------------------ */
+
+typedef struct rope_ctx {
+    kern_cpu_t *be;
+    const kern_rope_args_t *a;
+    const double *inv_freq; /* [n_rot/2]: freq_scale * base^(-2i/n_rot) / factor_i */
+    size_t per;
+} rope_ctx_t;
+
+#ifdef CPU_HAVE_X86
+/* cc = (c0, c0, c1, c1, ...), ss = (-s0, s0, -s1, s1, ...): then
+ * out = x * cc + pairswap(x) * ss rotates every pair in one pass. */
+__attribute__((target("avx2,fma"))) static void
+rope_apply_avx2(float *x, const float *cc, const float *ss, uint32_t n_rot)
+{
+    uint32_t c = 0;
+    for (; c + 8 <= n_rot; c += 8) {
+        __m256 v = _mm256_loadu_ps(x + c);
+        __m256 sw = _mm256_permute_ps(v, 0xB1);
+        _mm256_storeu_ps(x + c, _mm256_fmadd_ps(v, _mm256_loadu_ps(cc + c),
+                                                _mm256_mul_ps(sw, _mm256_loadu_ps(ss + c))));
+    }
+    for (; c < n_rot; c += 2) {
+        float x0 = x[c], x1 = x[c + 1];
+        x[c] = x0 * cc[c] + x1 * ss[c];
+        x[c + 1] = x1 * cc[c + 1] + x0 * ss[c + 1];
+    }
+}
+#endif
+
+static void
+rope_task(void *ctx, int task, int thread)
+{
+    const rope_ctx_t *c = ctx;
+    const kern_rope_args_t *a = c->a;
+    float *cc = c->be->scratch[thread].p, *ss = cc + a->n_rot;
+    size_t r0 = (size_t)task * c->per, r1 = r0 + c->per < a->n_rows ? r0 + c->per : a->n_rows;
+    for (size_t r = r0; r < r1; r++) {
+        /* The angles depend on the row only: one sin/cos per pair, in
+         * double because pos * theta reaches 1e5 radians and more. */
+        for (uint32_t i = 0; i < a->n_rot / 2; i++) {
+            double th = (double)a->pos[r] * c->inv_freq[i];
+            float cs = (float)cos(th), sn = (float)sin(th);
+            cc[2 * i] = cs;
+            cc[2 * i + 1] = cs;
+            ss[2 * i] = -sn;
+            ss[2 * i + 1] = sn;
+        }
+        for (uint32_t h = 0; h < a->n_heads; h++) {
+            float *x = a->x + (r * a->n_heads + h) * a->head_dim;
+#ifdef CPU_HAVE_X86
+            if (c->be->isa >= CPU_ISA_AVX2) {
+                rope_apply_avx2(x, cc, ss, a->n_rot);
+                continue;
+            }
+#endif
+            for (uint32_t k = 0; k < a->n_rot; k += 2) {
+                float x0 = x[k], x1 = x[k + 1];
+                x[k] = x0 * cc[k] + x1 * ss[k];
+                x[k + 1] = x1 * cc[k + 1] + x0 * ss[k + 1];
+            }
+        }
+    }
+}
+
+static int
+cpu_rope(kern_backend_t *base, const kern_rope_args_t *a)
+{
+    kern_cpu_t *be = (kern_cpu_t *)base;
+    double *inv_freq;
+    int rc = kern__cpu_work_reserve(be, (a->n_rot / 2) * sizeof(double), (void **)&inv_freq);
+    if (rc == 0)
+        rc = kern__cpu_scratch_reserve(be, 2 * (size_t)a->n_rot * sizeof(float));
+    if (rc)
+        return rc;
+    for (uint32_t i = 0; i < a->n_rot / 2; i++) {
+        inv_freq[i] = a->freq_scale * pow(a->freq_base, -2.0 * i / a->n_rot);
+        if (a->freq_factors)
+            inv_freq[i] /= a->freq_factors[i];
+    }
+    rope_ctx_t c = {.be = be, .a = a, .inv_freq = inv_freq};
+    int n_tasks = split_units(a->n_rows, (size_t)a->n_heads * a->head_dim, &c.per);
+    kern__cpu_parallel(be, n_tasks, rope_task, &c);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* swiglu, add                                                              */
+/* ------------------------------------------------------------------------ */
+
+typedef struct elem_ctx {
+    kern_cpu_t *be;
+    float *x;        /* add: in/out */
+    const float *y;  /* add */
+    const float *gate, *up;
+    float *out;
+    size_t n;
+} elem_ctx_t;
+
+#ifdef CPU_HAVE_X86
+__attribute__((target("avx2,fma"))) static void
+swiglu_avx2(const float *g, const float *u, size_t n, float *out)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i);
+        __m256 e = cpu_exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        __m256 num = _mm256_mul_ps(gv, _mm256_loadu_ps(u + i));
+        _mm256_storeu_ps(out + i, _mm256_div_ps(num, _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
+    }
+    for (; i < n; i++)
+        out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+__attribute__((target("avx2"))) static void
+add_avx2(float *x, const float *y, size_t n)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(x + i, _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++)
+        x[i] += y[i];
+}
+#endif
+
+static void
+swiglu_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    const elem_ctx_t *c = ctx;
+    size_t i0 = (size_t)task * ELEM_CHUNK;
+    size_t m = c->n - i0 < ELEM_CHUNK ? c->n - i0 : ELEM_CHUNK;
+#ifdef CPU_HAVE_X86
+    if (c->be->isa >= CPU_ISA_AVX2) {
+        swiglu_avx2(c->gate + i0, c->up + i0, m, c->out + i0);
+        return;
+    }
+#endif
+    for (size_t i = i0; i < i0 + m; i++)
+        c->out[i] = c->gate[i] / (1.0f + expf(-c->gate[i])) * c->up[i];
+}
+
+static void
+add_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    const elem_ctx_t *c = ctx;
+    size_t i0 = (size_t)task * ELEM_CHUNK;
+    size_t m = c->n - i0 < ELEM_CHUNK ? c->n - i0 : ELEM_CHUNK;
+#ifdef CPU_HAVE_X86
+    if (c->be->isa >= CPU_ISA_AVX2) {
+        add_avx2(c->x + i0, c->y + i0, m);
+        return;
+    }
+#endif
+    for (size_t i = i0; i < i0 + m; i++)
+        c->x[i] += c->y[i];
+}
+
+static int
+cpu_swiglu(kern_backend_t *base, const float *gate, const float *up, size_t n, float *out)
+{
+    elem_ctx_t c = {.be = (kern_cpu_t *)base, .gate = gate, .up = up, .out = out, .n = n};
+    size_t per;
+    kern__cpu_parallel(c.be, split_units(n, 1, &per), swiglu_task, &c);
+    return 0;
+}
+
+static int
+cpu_add(kern_backend_t *base, float *x, const float *y, size_t n)
+{
+    elem_ctx_t c = {.be = (kern_cpu_t *)base, .x = x, .y = y, .n = n};
+    size_t per;
+    kern__cpu_parallel(c.be, split_units(n, 1, &per), add_task, &c);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* kv_append, kv_copy                                                       */
+/* ------------------------------------------------------------------------ */
+
+typedef struct kv_ctx {
+    kern_cpu_t *be;
+    const kern_kv_t *kv;
+    uint32_t layer;
+    const float *k, *v;
+    const int32_t *slots;
+    const int32_t *src, *dst;
+    uint32_t n;
+    size_t per;
+} kv_ctx_t;
+
+#ifdef CPU_HAVE_X86
+__attribute__((target("avx2,f16c"))) static void
+f32_to_f16_avx2(const float *x, uint16_t *h, size_t n)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(h + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++)
+        h[i] = kvs_f32_to_fp16(x[i]);
+}
+#endif
+
+static void
+kv_store(const kv_ctx_t *c, void *buf, size_t off, const float *src)
+{
+    const kern_kv_t *kv = c->kv;
+    if (kv->dtype == KERN_F16) {
+        uint16_t *dst = (uint16_t *)((uint8_t *)buf + off);
+#ifdef CPU_HAVE_X86
+        if (c->be->isa >= CPU_ISA_AVX2) {
+            f32_to_f16_avx2(src, dst, kv->head_dim);
+            return;
+        }
+#endif
+        for (uint32_t i = 0; i < kv->head_dim; i++)
+            dst[i] = kvs_f32_to_fp16(src[i]);
+    } else {
+        memcpy((uint8_t *)buf + off, src, kv->head_dim * sizeof(float));
+    }
+}
+
+static void
+kv_append_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    const kv_ctx_t *c = ctx;
+    const kern_kv_t *kv = c->kv;
+    size_t stride = (size_t)kv->n_kv_heads * kv->head_dim;
+    size_t i0 = (size_t)task * c->per, i1 = i0 + c->per < c->n ? i0 + c->per : c->n;
+    for (size_t i = i0; i < i1; i++) {
+        uint32_t block = (uint32_t)c->slots[i] / kv->block_tokens;
+        uint32_t off = (uint32_t)c->slots[i] % kv->block_tokens;
+        for (uint32_t h = 0; h < kv->n_kv_heads; h++) {
+            size_t dst = kern__kv_offset(kv, c->layer, block, h, off);
+            kv_store(c, kv->k, dst, c->k + i * stride + (size_t)h * kv->head_dim);
+            kv_store(c, kv->v, dst, c->v + i * stride + (size_t)h * kv->head_dim);
+        }
+    }
+}
+
+static int
+cpu_kv_append(kern_backend_t *base, const kern_kv_t *kv, uint32_t layer, const float *k,
+              const float *v, const int32_t *slots, uint32_t n)
+{
+    kv_ctx_t c = {.be = (kern_cpu_t *)base, .kv = kv, .layer = layer, .k = k, .v = v,
+                  .slots = slots, .n = n};
+    /* Two slots may repeat within one call; then the later token must win,
+     * which only a single task guarantees. */
+    int n_tasks = split_units(n, 2 * (size_t)kv->n_kv_heads * kv->head_dim, &c.per);
+    for (uint32_t i = 0; n_tasks > 1 && i + 1 < n; i++)
+        if (slots[i + 1] <= slots[i]) {
+            c.per = n;
+            n_tasks = 1;
+        }
+    kern__cpu_parallel(c.be, n_tasks, kv_append_task, &c);
+    return 0;
+}
+
+/* One task per layer keeps the copies of a layer in call order, so chained
+ * copies (a->b, b->c) behave as in the sequential reference. */
+static void
+kv_copy_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    const kv_ctx_t *c = ctx;
+    const kern_kv_t *kv = c->kv;
+    size_t block_bytes = kern__kv_offset(kv, 0, 1, 0, 0);
+    for (uint32_t i = 0; i < c->n; i++) {
+        size_t s = kern__kv_offset(kv, (uint32_t)task, (uint32_t)c->src[i], 0, 0);
+        size_t d = kern__kv_offset(kv, (uint32_t)task, (uint32_t)c->dst[i], 0, 0);
+        memmove((uint8_t *)kv->k + d, (const uint8_t *)kv->k + s, block_bytes);
+        memmove((uint8_t *)kv->v + d, (const uint8_t *)kv->v + s, block_bytes);
+    }
+}
+
+static int
+cpu_kv_copy(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
+            uint32_t n)
+{
+    kv_ctx_t c = {.be = (kern_cpu_t *)base, .kv = kv, .src = src, .dst = dst, .n = n};
+    size_t total = kern__kv_offset(kv, 0, 1, 0, 0) * 2 * n * kv->n_layers;
+    if (total < (1u << 20)) {
+        for (uint32_t l = 0; l < kv->n_layers; l++)
+            kv_copy_task(&c, (int)l, 0);
+        return 0;
+    }
+    kern__cpu_parallel(c.be, (int)kv->n_layers, kv_copy_task, &c);
+    return 0;
+}
+
+static int
+cpu_attention(kern_backend_t *base, const kern_attn_args_t *a)
+{
+    return kern__cpu_attention((kern_cpu_t *)base, a);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Life cycle.                                                              */
+/* ------------------------------------------------------------------------ */
+
+static bool
+cpu_supports(const kern_backend_t *be, kern_op_t op, kern_dtype_t type)
+{
+    (void)be;
+    switch (op) {
+    case KERN_OP_GET_ROWS:
+    case KERN_OP_MATMUL:
+        return type == KERN_F32 || type == KERN_F16 || type == KERN_BF16 || type == KERN_Q8_0;
+    case KERN_OP_KV_APPEND:
+    case KERN_OP_KV_COPY:
+    case KERN_OP_ATTN:
+        return type == KERN_F32 || type == KERN_F16;
+    default:
+        return true;
+    }
+}
+
+static void
+cpu_destroy(kern_backend_t *base)
+{
+    kern_cpu_t *be = (kern_cpu_t *)base;
+    cpu_pool_free(be->pool);
+    if (be->scratch)
+        for (int t = 0; t < be->n_threads; t++)
+            free(be->scratch[t].p);
+    free(be->scratch);
+    free(be->work.p);
+    free(be);
+}
+
+int
+kern__cpu_new(const kern_backend_cfg_t *cfg, kern_backend_t **out)
+{
+    *out = NULL;
+    long n = cfg->n_threads;
+    if (n == 0)
+        n = sysconf(_SC_NPROCESSORS_ONLN);
+    if (n < 1)
+        n = 1;
+    if (n > MAX_THREADS)
+        n = MAX_THREADS;
+    kern_cpu_t *be = calloc(1, sizeof(*be));
+    if (be == NULL)
+        return KVS_ENOMEM;
+    be->base.ops = &cpu_ops;
+    be->n_threads = (int)n;
+    be->isa = detect_isa();
+    be->scratch = calloc((size_t)n, sizeof(cpu_buf_t));
+    int rc = be->scratch ? cpu_pool_new((int)n, &be->pool) : KVS_ENOMEM;
+    if (rc) {
+        cpu_destroy(&be->base);
+        return rc;
+    }
+    *out = &be->base;
+    return 0;
+}
+
+static const kern_ops_t cpu_ops = {
+    .name = "cpu",
+    .is_host = true,
+    .destroy = cpu_destroy,          /* joins the pool, frees scratch */
+    .supports = cpu_supports,        /* same types as ref */
+    .alloc = kern__host_alloc,       /* 64-byte aligned host memory */
+    .free = kern__host_free,
+    .upload = kern__host_copy,
+    .download = kern__host_copy,
+    .memset = kern__host_memset,
+    .sync = kern__host_sync,         /* ops finish before returning */
+    .get_rows = cpu_get_rows,        /* SIMD conversion, parallel over ids */
+    .matmul = cpu_matmul,            /* cpu_matmul.c: dot path or tiled sgemm */
+    .rmsnorm = cpu_rmsnorm,          /* parallel over rows */
+    .rope = cpu_rope,                /* sin/cos per row in double, SIMD rotate */
+    .swiglu = cpu_swiglu,            /* SIMD exp */
+    .add = cpu_add,
+    .kv_append = cpu_kv_append,      /* vcvtps2ph for F16 pools */
+    .kv_copy = cpu_kv_copy,          /* memmove per (layer, block) */
+    .attention = cpu_attention,      /* cpu_attn.c: paged flash attention */
+};

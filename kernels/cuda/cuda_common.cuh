@@ -1,0 +1,212 @@
+/*
+ * kernels/cuda/cuda_common.cuh — private to kernels/cuda/: the cuda
+ * backend struct, the error macros, the staging and workspace helpers that
+ * kern_cuda.cu defines, the entry points of the other .cu files, and small
+ * device helpers (element loads, warp and block reductions).
+ *
+ *   kern_cuda.cu   vtable, device/stream/cuBLAS setup, memory, staging,
+ *                  workspaces, the small ops (get_rows, norms, rope, KV)
+ *   cuda_matmul.cu  kern__cuda_matmul: cuBLAS and a dequantizing GEMV
+ *   cuda_attn.cu    kern__cuda_attention: paged flash-style attention
+ *
+ * Errors: every CUDA or cuBLAS call goes through KERN_CUDA_TRY or
+ * KERN_CUBLAS_TRY, which log the statement, file and line and return
+ * KVS_EDEVICE (never abort).  The vtable wrappers in kern_cuda.cu look at
+ * every KVS_EDEVICE: when the context is broken (a sticky error, such as an
+ * illegal address in a kernel) the backend marks itself dead and every
+ * later call answers KVS_EDEVICE without touching the device.
+ *
+ * The files are compiled separately without relocatable device code, so
+ * device functions shared between them live here as static inlines.
+ */
+#ifndef KERN_CUDA_COMMON_CUH
+#define KERN_CUDA_COMMON_CUH
+
+#include <cublas_v2.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdatomic.h>
+#include <stdint.h>
+
+/* base/kvs.h is a C header: its MPSC queue uses C11 _Atomic, which C++
+ * does not spell that way.  No CUDA file touches the queue, and on every
+ * target we build for an atomic pointer has a plain pointer's size, so the
+ * qualifier is dropped for the declarations only. */
+#define _Atomic(T) T
+extern "C" {
+#include "../kern_int.h"
+}
+#undef _Atomic
+
+/* ------------------------------------------------------------------------ */
+/* The backend.                                                             */
+/* ------------------------------------------------------------------------ */
+
+/* Pinned host staging slots.  Host arrays handed to ops (ids, slots, page
+ * tables) are copied into one slot and sent with an async copy; a slot is
+ * reused only after the event recorded behind its copy has fired, so the
+ * host can run this many staging ops ahead of the device.  A decoder layer
+ * stages four times (rope q, rope k, kv_append, attention): 16 slots keep
+ * the host about four layers ahead. */
+#define KERN_CUDA_PIN_SLOTS 16
+
+typedef struct kern_cuda_pin {
+    void *host;        /* cudaHostAlloc'ed */
+    size_t bytes;
+    cudaEvent_t done;  /* recorded after the copy out of this slot */
+} kern_cuda_pin_t;
+
+/* Device workspaces, each grown on demand and kept.  Separate kinds so one
+ * op can hold two at once. */
+typedef enum kern_cuda_ws {
+    KERN_CUDA_WS_MATMUL_X,  /* activations converted to f16/bf16 */
+    KERN_CUDA_WS_MATMUL_W,  /* Q8_0 weight tiles dequantized to f32 */
+    KERN_CUDA_WS_ATTN,      /* split-KV partial results */
+    KERN_CUDA_WS_COUNT,
+} kern_cuda_ws_t;
+
+typedef struct kern_cuda {
+    kern_backend_t base;
+    int device;
+    int n_sm;           /* multiprocessors, for sizing grids */
+    bool dead;          /* set after a sticky error; every call fails fast */
+    cudaStream_t stream; /* every copy, memset, kernel and GEMM runs here */
+    cublasHandle_t blas; /* bound to `stream` */
+
+    kern_cuda_pin_t pin[KERN_CUDA_PIN_SLOTS];
+    unsigned pin_next;
+    void *stage_dev;    /* device copy of the latest staged host arrays */
+    size_t stage_dev_bytes;
+
+    void *ws[KERN_CUDA_WS_COUNT];
+    size_t ws_bytes[KERN_CUDA_WS_COUNT];
+
+    void *host_scratch; /* kv_copy's conflict bitmap */
+    size_t host_scratch_bytes;
+} kern_cuda_t;
+
+/* ------------------------------------------------------------------------ */
+/* Errors.                                                                  */
+/* ------------------------------------------------------------------------ */
+
+/* Logs "cuda: <stmt> failed: <what> (file:line)" and returns KVS_EDEVICE. */
+int kern__cuda_fail(const char *stmt, const char *what, const char *file, int line);
+
+#define KERN_CUDA_TRY(x)                                                                   \
+    do {                                                                                   \
+        cudaError_t kern__cuda_e = (x);                                                    \
+        if (kern__cuda_e != cudaSuccess)                                                   \
+            return kern__cuda_fail(#x, cudaGetErrorString(kern__cuda_e), __FILE__, __LINE__); \
+    } while (0)
+
+#define KERN_CUBLAS_TRY(x)                                                                 \
+    do {                                                                                   \
+        cublasStatus_t kern__cublas_s = (x);                                               \
+        if (kern__cublas_s != CUBLAS_STATUS_SUCCESS)                                       \
+            return kern__cuda_fail(#x, cublasGetStatusString(kern__cublas_s), __FILE__,    \
+                                   __LINE__);                                              \
+    } while (0)
+
+/* After a <<<...>>> launch: catches bad configurations at once and earlier
+ * asynchronous faults as soon as they surface. */
+#define KERN_CUDA_LAUNCHED() KERN_CUDA_TRY(cudaGetLastError())
+
+/* ------------------------------------------------------------------------ */
+/* Staging and workspaces (kern_cuda.cu).                                   */
+/* ------------------------------------------------------------------------ */
+
+/* Host arrays to the device, in two steps: stage_begin returns a pinned
+ * buffer of at least `bytes` for the caller to fill; stage_end sends the
+ * first `bytes` of it to the device staging buffer and returns that
+ * buffer's address, valid for kernels queued on the stream until the next
+ * stage_end.  Returns 0, KVS_ENOMEM or KVS_EDEVICE. */
+int kern__cuda_stage_begin(kern_cuda_t *be, size_t bytes, void **host);
+int kern__cuda_stage_end(kern_cuda_t *be, size_t bytes, void **dev);
+
+/* A device workspace of at least `bytes`.  Growing it waits for the stream
+ * (the old buffer may still be read) and reallocates.  Returns 0,
+ * KVS_ENOMEM or KVS_EDEVICE. */
+int kern__cuda_workspace(kern_cuda_t *be, kern_cuda_ws_t which, size_t bytes, void **out);
+
+/* Grid size for a grid-stride loop over `n` items with `per_block` items
+ * per block per step: enough blocks to fill the device, never more than
+ * there is work. */
+static inline unsigned
+kern__cuda_grid(const kern_cuda_t *be, size_t n, unsigned per_block)
+{
+    size_t blocks = (n + per_block - 1) / per_block;
+    size_t cap = (size_t)(be->n_sm > 0 ? be->n_sm : 1) * 32;
+    if (blocks > cap)
+        blocks = cap;
+    return blocks ? (unsigned)blocks : 1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Ops in other files.  Arguments were validated by kern.c.                 */
+/* ------------------------------------------------------------------------ */
+
+int kern__cuda_matmul(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
+                      const float *bias, float *y);
+int kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a);
+
+/* ------------------------------------------------------------------------ */
+/* Device helpers.                                                          */
+/* ------------------------------------------------------------------------ */
+
+static __device__ __forceinline__ float
+kern__cuda_f16(uint16_t h)
+{
+    return __half2float(__ushort_as_half(h));
+}
+
+static __device__ __forceinline__ float
+kern__cuda_bf16(uint16_t h)
+{
+    return __uint_as_float((uint32_t)h << 16);
+}
+
+/* Element c of a weight row of type T (F32, F16, BF16, Q8_0) as f32; Q8_0
+ * computes d * q in float, exactly as kern_row_to_f32 does.  Q8_0 blocks
+ * are 34 bytes, so only 2-byte alignment may be assumed. */
+template <int T>
+static __device__ __forceinline__ float
+kern__cuda_load_elem(const char *row, uint32_t c)
+{
+    if (T == KERN_F32)
+        return ((const float *)row)[c];
+    if (T == KERN_F16)
+        return kern__cuda_f16(((const uint16_t *)row)[c]);
+    if (T == KERN_BF16)
+        return kern__cuda_bf16(((const uint16_t *)row)[c]);
+    const char *blk = row + (size_t)(c / KERN_QK8_0) * sizeof(kern_block_q8_0_t);
+    float d = kern__cuda_f16(*(const uint16_t *)blk);
+    return d * (float)(int8_t)blk[2 + c % KERN_QK8_0];
+}
+
+static __device__ __forceinline__ float
+kern__cuda_warp_sum(float v)
+{
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+/* Sum over the whole block (blockDim.x a multiple of 32, at most 1024);
+ * every thread gets the result.  `red` is 32 floats of shared memory. */
+static __device__ __forceinline__ float
+kern__cuda_block_sum(float v, float *red)
+{
+    unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    unsigned n_warps = blockDim.x >> 5;
+    v = kern__cuda_warp_sum(v);
+    __syncthreads(); /* `red` may still be read from a previous call */
+    if (lane == 0)
+        red[warp] = v;
+    __syncthreads();
+    v = lane < n_warps ? red[lane] : 0.0f;
+    return kern__cuda_warp_sum(v);
+}
+
+#endif /* KERN_CUDA_COMMON_CUH */

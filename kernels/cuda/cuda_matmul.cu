@@ -1,0 +1,311 @@
+/*
+ * kernels/cuda/cuda_matmul.cu — kern__cuda_matmul for the cuda backend:
+ * y[n][rows] = x[n][cols] * W^T (+ bias), W in F32, F16, BF16 or Q8_0.
+ * Called by the matmul wrapper in kern_cuda.cu (which checked alignment).
+ *
+ *   F32                 cublasSgemm straight on W
+ *   F16/BF16/Q8_0, n<=8 mv_kernel: a warp per weight row, dequantizing on
+ *                       the fly, up to 4 rows of x per pass (decode)
+ *   F16/BF16, n>8       x converted to W's type, cublasGemmEx, f32 compute
+ *   Q8_0, n>8           W dequantized to f32 in row tiles, cublasSgemm
+ *
+ * cuBLAS is column-major.  A row-major [R][C] W with row stride ldw is, to
+ * cuBLAS, a C x R matrix with leading dimension ldw; x[n][C] is C x n and
+ * y[n][R] is R x n.  So y = op(W)^T x is gemm(T, N, m=R, n, k=C).
+ *
+ * Precision: the GEMV and the Q8_0 path keep x in f32 and accumulate in
+ * f32.  The GemmEx path rounds x to f16/bf16 (accumulation stays f32), as
+ * llama.cpp does; f16 saturates at +-65504 rather than becoming inf, so a
+ * huge activation gives a large wrong value instead of NaNs downstream.
+ */
+#include "cuda_common.cuh"
+
+#include <limits.h>
+
+#define MV_MAX_N 8  /* up to this many rows of x take the GEMV path */
+#define MV_NX 4     /* rows of x one GEMV pass handles */
+#define MV_WARPS 4  /* warps, i.e. weight rows, per block */
+#define DQ_TILE_BYTES ((size_t)64 << 20) /* f32 weight tile for the Q8_0 GEMM */
+
+/* ------------------------------------------------------------------------ */
+/* GEMV for small n.                                                        */
+/* ------------------------------------------------------------------------ */
+
+/* Weights c .. c+7 of a row (c % 8 == 0) as f32.  `vec`: the row and c
+ * allow one 16-byte load (F16/BF16).  Q8_0: the 8 values are a quarter of
+ * one 34-byte block, 2-byte aligned, so four 16-bit loads. */
+template <int T>
+static __device__ __forceinline__ void
+load8_w(const char *row, uint32_t c, bool vec, float *o)
+{
+    if (T == KERN_Q8_0) {
+        const char *blk = row + (size_t)(c / KERN_QK8_0) * sizeof(kern_block_q8_0_t);
+        float d = kern__cuda_f16(*(const uint16_t *)blk);
+        const uint16_t *q = (const uint16_t *)(blk + 2 + c % KERN_QK8_0);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            uint16_t u = q[k];
+            o[2 * k] = d * (float)(int8_t)(u & 0xff);
+            o[2 * k + 1] = d * (float)(int8_t)(u >> 8);
+        }
+    } else if (vec) {
+        uint4 u = *(const uint4 *)(row + (size_t)c * 2);
+        uint32_t p[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) { /* little-endian: the low half comes first */
+            uint16_t lo = (uint16_t)(p[k] & 0xffff), hi = (uint16_t)(p[k] >> 16);
+            o[2 * k] = T == KERN_F16 ? kern__cuda_f16(lo) : kern__cuda_bf16(lo);
+            o[2 * k + 1] = T == KERN_F16 ? kern__cuda_f16(hi) : kern__cuda_bf16(hi);
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            o[k] = kern__cuda_load_elem<T>(row, c + k);
+    }
+}
+
+static __device__ __forceinline__ void
+load8_x(const float *x, bool vec, float *o)
+{
+    if (vec) {
+        float4 a = ((const float4 *)x)[0], b = ((const float4 *)x)[1];
+        o[0] = a.x, o[1] = a.y, o[2] = a.z, o[3] = a.w;
+        o[4] = b.x, o[5] = b.y, o[6] = b.z, o[7] = b.w;
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            o[k] = x[k];
+    }
+}
+
+/* One warp per weight row r: lanes stride the row 8 elements at a time, so
+ * each weight is read once for all nx (<= MV_NX) rows of x; a shuffle sum
+ * finishes each dot product.  Decode is bandwidth-bound on W, so reading it
+ * once per pass is what matters. */
+template <int T>
+static __global__ void __launch_bounds__(MV_WARPS * 32)
+mv_kernel(const char *w, size_t row_bytes, uint32_t rows, uint32_t cols, const float *x,
+          uint32_t nx, const float *bias, float *y, uint32_t ldy, bool wvec, bool xvec)
+{
+    uint32_t r = blockIdx.x * MV_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (r >= rows)
+        return; /* the whole warp leaves together */
+    const char *row = w + (size_t)r * row_bytes;
+    float acc[MV_NX];
+#pragma unroll
+    for (int j = 0; j < MV_NX; j++)
+        acc[j] = 0.0f;
+
+    uint32_t cols8 = cols & ~7u;
+    for (uint32_t c = lane * 8; c < cols8; c += 32 * 8) {
+        float wv[8];
+        load8_w<T>(row, c, wvec, wv);
+#pragma unroll
+        for (uint32_t j = 0; j < MV_NX; j++) {
+            if (j < nx) {
+                float xv[8];
+                load8_x(x + (size_t)j * cols + c, xvec, xv);
+#pragma unroll
+                for (int k = 0; k < 8; k++)
+                    acc[j] += wv[k] * xv[k];
+            }
+        }
+    }
+    /* F16/BF16 rows need not be a multiple of 8 long (Q8_0 always is). */
+    for (uint32_t c = cols8 + lane; c < cols; c += 32) {
+        float wv = kern__cuda_load_elem<T>(row, c);
+#pragma unroll
+        for (uint32_t j = 0; j < MV_NX; j++)
+            if (j < nx)
+                acc[j] += wv * x[(size_t)j * cols + c];
+    }
+#pragma unroll
+    for (uint32_t j = 0; j < MV_NX; j++) {
+        if (j < nx) { /* nx is the same for every lane: the shuffles see all 32 */
+            float s = kern__cuda_warp_sum(acc[j]);
+            if (lane == 0)
+                y[(size_t)j * ldy + r] = s + (bias ? bias[r] : 0.0f);
+        }
+    }
+}
+
+static int
+mv_launch(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n, const float *bias,
+          float *y)
+{
+    uint32_t rows = w->n_rows, cols = w->n_cols;
+    bool wvec = ((uintptr_t)w->data % 16) == 0 && (w->row_bytes % 16) == 0;
+    /* cols % 4 keeps every row of x 16-byte aligned when the first is. */
+    bool xvec = ((uintptr_t)x % 16) == 0 && (cols % 4) == 0;
+    unsigned grid = (rows + MV_WARPS - 1) / MV_WARPS;
+    const char *wd = (const char *)w->data;
+    for (uint32_t t0 = 0; t0 < n; t0 += MV_NX) {
+        uint32_t nx = n - t0 < MV_NX ? n - t0 : MV_NX;
+        const float *xt = x + (size_t)t0 * cols;
+        float *yt = y + (size_t)t0 * rows;
+        switch (w->type) {
+        case KERN_F16:
+            mv_kernel<KERN_F16><<<grid, MV_WARPS * 32, 0, be->stream>>>(
+                wd, w->row_bytes, rows, cols, xt, nx, bias, yt, rows, wvec, xvec);
+            break;
+        case KERN_BF16:
+            mv_kernel<KERN_BF16><<<grid, MV_WARPS * 32, 0, be->stream>>>(
+                wd, w->row_bytes, rows, cols, xt, nx, bias, yt, rows, wvec, xvec);
+            break;
+        case KERN_Q8_0:
+            mv_kernel<KERN_Q8_0><<<grid, MV_WARPS * 32, 0, be->stream>>>(
+                wd, w->row_bytes, rows, cols, xt, nx, bias, yt, rows, false, xvec);
+            break;
+        default:
+            return KVS_ENOTSUP;
+        }
+        KERN_CUDA_LAUNCHED();
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Helpers for the GEMM paths.                                              */
+/* ------------------------------------------------------------------------ */
+
+/* x (f32) to f16 (saturating, see the top of the file) or bf16 (round to
+ * nearest even, NaN kept quiet, as kvs_f32_to_bf16). */
+template <int T>
+static __global__ void
+narrow_kernel(const float *x, size_t count, uint16_t *out)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float v = x[i];
+        if (T == KERN_F16) {
+            if (fabsf(v) > 65504.0f) /* false for NaN, which stays NaN */
+                v = copysignf(65504.0f, v);
+            out[i] = __half_as_ushort(__float2half_rn(v));
+        } else {
+            uint32_t u = __float_as_uint(v);
+            if ((u & 0x7fffffffu) > 0x7f800000u)
+                out[i] = (uint16_t)((u >> 16) | 64);
+            else
+                out[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+        }
+    }
+}
+
+/* Rows of Q8_0 weights to contiguous f32 rows of `cols`. */
+static __global__ void
+dequant_q8_0_kernel(const char *w, size_t row_bytes, uint32_t rows, uint32_t cols, float *out)
+{
+    for (uint32_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        const char *row = w + (size_t)r * row_bytes;
+        float *o = out + (size_t)r * cols;
+        for (uint32_t c = threadIdx.x; c < cols; c += blockDim.x)
+            o[c] = kern__cuda_load_elem<KERN_Q8_0>(row, c);
+    }
+}
+
+static __global__ void
+bias_kernel(float *y, const float *bias, size_t count, uint32_t rows)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (size_t)gridDim.x * blockDim.x)
+        y[i] += bias[i % rows];
+}
+
+static int
+gemm_half(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n, float *y)
+{
+    uint32_t rows = w->n_rows, cols = w->n_cols;
+    size_t count = (size_t)n * cols;
+    void *xh;
+    int rc = kern__cuda_workspace(be, KERN_CUDA_WS_MATMUL_X, count * sizeof(uint16_t), &xh);
+    if (rc)
+        return rc;
+    unsigned grid = kern__cuda_grid(be, count, 256);
+    cudaDataType_t type;
+    if (w->type == KERN_F16) {
+        narrow_kernel<KERN_F16><<<grid, 256, 0, be->stream>>>(x, count, (uint16_t *)xh);
+        type = CUDA_R_16F;
+    } else {
+        narrow_kernel<KERN_BF16><<<grid, 256, 0, be->stream>>>(x, count, (uint16_t *)xh);
+        type = CUDA_R_16BF;
+    }
+    KERN_CUDA_LAUNCHED();
+    const float one = 1.0f, zero = 0.0f;
+    KERN_CUBLAS_TRY(cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)rows, (int)n, (int)cols,
+                                 &one, w->data, type, (int)(w->row_bytes / 2), xh, type,
+                                 (int)cols, &zero, y, CUDA_R_32F, (int)rows, CUBLAS_COMPUTE_32F,
+                                 CUBLAS_GEMM_DEFAULT));
+    return 0;
+}
+
+static int
+gemm_q8_0(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n, float *y)
+{
+    uint32_t rows = w->n_rows, cols = w->n_cols;
+    size_t row_f32 = (size_t)cols * sizeof(float);
+    size_t tile_rows = DQ_TILE_BYTES / row_f32;
+    if (tile_rows < 1)
+        tile_rows = 1;
+    if (tile_rows > rows)
+        tile_rows = rows;
+    void *ws;
+    int rc = kern__cuda_workspace(be, KERN_CUDA_WS_MATMUL_W, tile_rows * row_f32, &ws);
+    if (rc)
+        return rc;
+    const float one = 1.0f, zero = 0.0f;
+    /* One workspace for every tile: the stream runs tile t's GEMM before
+     * tile t+1's dequantization overwrites it. */
+    for (uint32_t r0 = 0; r0 < rows; r0 += (uint32_t)tile_rows) {
+        uint32_t m = rows - r0 < tile_rows ? rows - r0 : (uint32_t)tile_rows;
+        unsigned grid = m < 65535 ? m : 65535;
+        dequant_q8_0_kernel<<<grid, 256, 0, be->stream>>>(
+            (const char *)w->data + (size_t)r0 * w->row_bytes, w->row_bytes, m, cols,
+            (float *)ws);
+        KERN_CUDA_LAUNCHED();
+        KERN_CUBLAS_TRY(cublasSgemm(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, (int)n,
+                                    (int)cols, &one, (const float *)ws, (int)cols, x, (int)cols,
+                                    &zero, y + r0, (int)rows));
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Entry.                                                                   */
+/* ------------------------------------------------------------------------ */
+
+int
+kern__cuda_matmul(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
+                  const float *bias, float *y)
+{
+    uint32_t rows = w->n_rows, cols = w->n_cols;
+    if (w->type != KERN_F32 && w->type != KERN_F16 && w->type != KERN_BF16 &&
+        w->type != KERN_Q8_0)
+        return KVS_ENOTSUP;
+    if (w->type != KERN_F32 && n <= MV_MAX_N)
+        return mv_launch(be, w, x, n, bias, y); /* bias fused */
+
+    /* cuBLAS takes int sizes. */
+    size_t el = w->type == KERN_F32 ? 4 : 2;
+    if (rows > INT_MAX || cols > INT_MAX || n > INT_MAX || w->row_bytes / el > INT_MAX) {
+        KVS_ERRORF("cuda: matmul of %u x %u (n %u) exceeds cuBLAS's int sizes", rows, cols, n);
+        return KVS_ENOTSUP;
+    }
+    int rc;
+    if (w->type == KERN_F32) {
+        const float one = 1.0f, zero = 0.0f;
+        KERN_CUBLAS_TRY(cublasSgemm(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)rows, (int)n,
+                                    (int)cols, &one, (const float *)w->data,
+                                    (int)(w->row_bytes / 4), x, (int)cols, &zero, y, (int)rows));
+        rc = 0;
+    } else if (w->type == KERN_Q8_0) {
+        rc = gemm_q8_0(be, w, x, n, y);
+    } else {
+        rc = gemm_half(be, w, x, n, y);
+    }
+    if (rc || bias == NULL)
+        return rc;
+    size_t count = (size_t)n * rows;
+    bias_kernel<<<kern__cuda_grid(be, count, 256), 256, 0, be->stream>>>(y, bias, count, rows);
+    KERN_CUDA_LAUNCHED();
+    return 0;
+}

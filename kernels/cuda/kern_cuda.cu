@@ -1,0 +1,843 @@
+/*
+ * kernels/cuda/kern_cuda.cu — the "cuda" backend: device selection, one
+ * non-default stream with a cuBLAS handle bound to it, memory, host-array
+ * staging, workspaces, the vtable, and the small ops (get_rows, rmsnorm,
+ * rope, swiglu, add, kv_append, kv_copy).  Matrix products live in
+ * cuda_matmul.cu and attention in cuda_attn.cu.
+ *
+ * Callers: kern.c (kern_backend_new("cuda") and every kern_* op after
+ * validation).  Thread: the engine thread that created the backend.
+ *
+ *   kern.c --> cuda_<op> wrapper --> cuda_enter (dead? right device?)
+ *                                --> op body: stage host arrays, launch
+ *                                --> cuda_leave (KVS_EDEVICE: sticky? -> dead)
+ *
+ * Ordering: everything is queued on be->stream, so ops run in call order
+ * and the host returns before the device finishes; download and sync wait.
+ * Host arrays are copied into pinned staging before an op returns, so the
+ * caller may reuse them at once.
+ */
+#include "cuda_common.cuh"
+
+#include <math.h>
+#include <stdlib.h>
+
+/* ------------------------------------------------------------------------ */
+/* Errors and the dead state.                                               */
+/* ------------------------------------------------------------------------ */
+
+int
+kern__cuda_fail(const char *stmt, const char *what, const char *file, int line)
+{
+    KVS_ERRORF("cuda: %s failed: %s (%s:%d)", stmt, what, file, line);
+    return KVS_EDEVICE;
+}
+
+/* Every op starts here: a dead backend answers without touching the
+ * device, and the calling thread is pointed at our device in case it
+ * drives another one too. */
+static int
+cuda_enter(kern_cuda_t *be)
+{
+    if (be->dead)
+        return KVS_EDEVICE;
+    int cur = -1;
+    if (cudaGetDevice(&cur) != cudaSuccess || cur != be->device)
+        KERN_CUDA_TRY(cudaSetDevice(be->device));
+    return 0;
+}
+
+/* Every op ends here.  A failed call may have left a non-sticky error in
+ * the runtime's last-error slot, which the next launch check would report
+ * again: clear it.  Then probe the stream: after a sticky error (a fault in
+ * a kernel, a lost device) every API call fails, and the backend is of no
+ * further use. */
+static int
+cuda_leave(kern_cuda_t *be, int rc)
+{
+    if (rc != KVS_EDEVICE || be->dead)
+        return rc;
+    (void)cudaGetLastError();
+    cudaError_t probe = cudaStreamQuery(be->stream);
+    if (probe != cudaSuccess && probe != cudaErrorNotReady) {
+        be->dead = true;
+        KVS_ERRORF("cuda: device %d is unusable (%s); the cuda backend is now disabled",
+                   be->device, cudaGetErrorString(probe));
+    }
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Staging, workspaces, host scratch.                                       */
+/* ------------------------------------------------------------------------ */
+
+static size_t
+round_up(size_t n, size_t to)
+{
+    return (n + to - 1) / to * to;
+}
+
+int
+kern__cuda_stage_begin(kern_cuda_t *be, size_t bytes, void **host)
+{
+    kern_cuda_pin_t *s = &be->pin[be->pin_next];
+    /* The copy that last read this slot must be done before we refill it. */
+    KERN_CUDA_TRY(cudaEventSynchronize(s->done));
+    if (bytes > s->bytes) {
+        size_t want = round_up(bytes > 2 * s->bytes ? bytes : 2 * s->bytes, 4096);
+        if (s->host)
+            KERN_CUDA_TRY(cudaFreeHost(s->host));
+        s->host = NULL;
+        s->bytes = 0;
+        cudaError_t e = cudaHostAlloc(&s->host, want, cudaHostAllocDefault);
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            s->host = NULL;
+            KVS_WARNF("cuda: pinned staging of %zu bytes: %s", want, cudaGetErrorString(e));
+            return KVS_ENOMEM;
+        }
+        s->bytes = want;
+    }
+    *host = s->host;
+    return 0;
+}
+
+int
+kern__cuda_stage_end(kern_cuda_t *be, size_t bytes, void **dev)
+{
+    kern_cuda_pin_t *s = &be->pin[be->pin_next];
+    if (bytes > be->stage_dev_bytes) {
+        /* Kernels queued earlier may still read the old buffer. */
+        KERN_CUDA_TRY(cudaStreamSynchronize(be->stream));
+        if (be->stage_dev)
+            KERN_CUDA_TRY(cudaFree(be->stage_dev));
+        be->stage_dev = NULL;
+        be->stage_dev_bytes = 0;
+        size_t want = round_up(bytes, 64 * 1024);
+        cudaError_t e = cudaMalloc(&be->stage_dev, want);
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            be->stage_dev = NULL;
+            KVS_WARNF("cuda: device staging of %zu bytes: %s", want, cudaGetErrorString(e));
+            return KVS_ENOMEM;
+        }
+        be->stage_dev_bytes = want;
+    }
+    /* Kernels of the previous op that read stage_dev were queued before
+     * this copy on the same stream, so overwriting it here is safe. */
+    KERN_CUDA_TRY(cudaMemcpyAsync(be->stage_dev, s->host, bytes, cudaMemcpyHostToDevice,
+                                  be->stream));
+    KERN_CUDA_TRY(cudaEventRecord(s->done, be->stream));
+    be->pin_next = (be->pin_next + 1) % KERN_CUDA_PIN_SLOTS;
+    *dev = be->stage_dev;
+    return 0;
+}
+
+int
+kern__cuda_workspace(kern_cuda_t *be, kern_cuda_ws_t which, size_t bytes, void **out)
+{
+    if (bytes <= be->ws_bytes[which]) {
+        *out = be->ws[which];
+        return 0;
+    }
+    KERN_CUDA_TRY(cudaStreamSynchronize(be->stream));
+    if (be->ws[which])
+        KERN_CUDA_TRY(cudaFree(be->ws[which]));
+    be->ws[which] = NULL;
+    be->ws_bytes[which] = 0;
+    size_t want = round_up(bytes, 2u << 20);
+    cudaError_t e = cudaMalloc(&be->ws[which], want);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        be->ws[which] = NULL;
+        KVS_WARNF("cuda: workspace of %zu bytes: %s", want, cudaGetErrorString(e));
+        return KVS_ENOMEM;
+    }
+    be->ws_bytes[which] = want;
+    *out = be->ws[which];
+    return 0;
+}
+
+static void *
+cuda_host_scratch(kern_cuda_t *be, size_t bytes)
+{
+    if (bytes > be->host_scratch_bytes) {
+        void *p = realloc(be->host_scratch, bytes);
+        if (p == NULL)
+            return NULL;
+        be->host_scratch = p;
+        be->host_scratch_bytes = bytes;
+    }
+    return be->host_scratch;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Lifecycle.                                                               */
+/* ------------------------------------------------------------------------ */
+
+/* Also tears down a half-built backend: every field starts zeroed. */
+static void
+cuda_destroy(kern_backend_t *base)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    /* Errors are ignored here: after a sticky error every call fails, and
+     * the memory goes with the context anyway. */
+    (void)cudaSetDevice(be->device);
+    if (be->stream)
+        (void)cudaStreamSynchronize(be->stream);
+    if (be->blas)
+        (void)cublasDestroy(be->blas);
+    for (int i = 0; i < KERN_CUDA_WS_COUNT; i++)
+        if (be->ws[i])
+            (void)cudaFree(be->ws[i]);
+    if (be->stage_dev)
+        (void)cudaFree(be->stage_dev);
+    for (int i = 0; i < KERN_CUDA_PIN_SLOTS; i++) {
+        if (be->pin[i].host)
+            (void)cudaFreeHost(be->pin[i].host);
+        if (be->pin[i].done)
+            (void)cudaEventDestroy(be->pin[i].done);
+    }
+    if (be->stream)
+        (void)cudaStreamDestroy(be->stream);
+    (void)cudaGetLastError();
+    free(be->host_scratch);
+    free(be);
+}
+
+static int
+cuda_init(kern_cuda_t *be)
+{
+    KERN_CUDA_TRY(cudaSetDevice(be->device));
+    KERN_CUDA_TRY(
+        cudaDeviceGetAttribute(&be->n_sm, cudaDevAttrMultiProcessorCount, be->device));
+    /* Non-blocking: the legacy default stream, which other libraries in the
+     * process may use, must not serialize against ours. */
+    KERN_CUDA_TRY(cudaStreamCreateWithFlags(&be->stream, cudaStreamNonBlocking));
+    for (int i = 0; i < KERN_CUDA_PIN_SLOTS; i++)
+        KERN_CUDA_TRY(cudaEventCreateWithFlags(&be->pin[i].done, cudaEventDisableTiming));
+    KERN_CUBLAS_TRY(cublasCreate(&be->blas));
+    KERN_CUBLAS_TRY(cublasSetStream(be->blas, be->stream));
+
+    cudaDeviceProp prop;
+    KERN_CUDA_TRY(cudaGetDeviceProperties(&prop, be->device));
+    KVS_INFOF("cuda: device %d: %s, sm_%d%d, %d SMs, %.1f GiB", be->device, prop.name,
+              prop.major, prop.minor, be->n_sm, (double)prop.totalGlobalMem / (1u << 30));
+    return 0;
+}
+
+static bool
+cuda_supports(const kern_backend_t *be, kern_op_t op, kern_dtype_t type)
+{
+    (void)be;
+    switch (op) {
+    case KERN_OP_GET_ROWS:
+    case KERN_OP_MATMUL:
+        return type == KERN_F32 || type == KERN_F16 || type == KERN_BF16 || type == KERN_Q8_0;
+    case KERN_OP_KV_APPEND:
+    case KERN_OP_KV_COPY:
+    case KERN_OP_ATTN:
+        return type == KERN_F32 || type == KERN_F16;
+    default:
+        return true;
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Memory.                                                                  */
+/* ------------------------------------------------------------------------ */
+
+static void *
+cuda_alloc(kern_backend_t *base, size_t bytes)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    if (cuda_enter(be) != 0)
+        return NULL;
+    void *p = NULL;
+    cudaError_t e = cudaMalloc(&p, bytes);
+    if (e != cudaSuccess) {
+        /* Running out is an answer, not a failure of the device: callers
+         * size pools by trying.  Log, then check the context is still ok. */
+        KVS_WARNF("cuda: cudaMalloc(%zu) failed: %s", bytes, cudaGetErrorString(e));
+        cuda_leave(be, KVS_EDEVICE);
+        return NULL;
+    }
+    return p;
+}
+
+static void
+cuda_free(kern_backend_t *base, void *p)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    if (be->dead) {
+        (void)cudaFree(p); /* may fail; the context is gone either way */
+        (void)cudaGetLastError();
+        return;
+    }
+    int rc = cuda_enter(be);
+    if (rc == 0) {
+        /* cudaFree waits for work still using p. */
+        cudaError_t e = cudaFree(p);
+        if (e != cudaSuccess)
+            rc = kern__cuda_fail("cudaFree(p)", cudaGetErrorString(e), __FILE__, __LINE__);
+    }
+    cuda_leave(be, rc);
+}
+
+static int
+cuda_upload_body(kern_cuda_t *be, void *dst, const void *src, size_t bytes)
+{
+    /* Synchronous: the caller may free `src` when we return. */
+    KERN_CUDA_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, be->stream));
+    KERN_CUDA_TRY(cudaStreamSynchronize(be->stream));
+    return 0;
+}
+
+static int
+cuda_upload(kern_backend_t *base, void *dst, const void *src, size_t bytes)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : cuda_upload_body(be, dst, src, bytes));
+}
+
+static int
+cuda_download_body(kern_cuda_t *be, void *dst, const void *src, size_t bytes)
+{
+    KERN_CUDA_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, be->stream));
+    KERN_CUDA_TRY(cudaStreamSynchronize(be->stream));
+    return 0;
+}
+
+static int
+cuda_download(kern_backend_t *base, void *dst, const void *src, size_t bytes)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : cuda_download_body(be, dst, src, bytes));
+}
+
+static int
+cuda_memset_body(kern_cuda_t *be, void *dst, int value, size_t bytes)
+{
+    KERN_CUDA_TRY(cudaMemsetAsync(dst, value, bytes, be->stream));
+    return 0;
+}
+
+static int
+cuda_memset(kern_backend_t *base, void *dst, int value, size_t bytes)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : cuda_memset_body(be, dst, value, bytes));
+}
+
+static int
+cuda_sync_body(kern_cuda_t *be)
+{
+    KERN_CUDA_TRY(cudaStreamSynchronize(be->stream));
+    return 0;
+}
+
+static int
+cuda_sync(kern_backend_t *base)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : cuda_sync_body(be));
+}
+
+/* ------------------------------------------------------------------------ */
+/* get_rows.                                                                */
+/* ------------------------------------------------------------------------ */
+
+template <int T>
+static __global__ void
+get_rows_kernel(const char *w, size_t row_bytes, uint32_t cols, const int32_t *ids, uint32_t n,
+                float *out)
+{
+    for (uint32_t i = blockIdx.x; i < n; i += gridDim.x) {
+        const char *row = w + (size_t)ids[i] * row_bytes;
+        float *dst = out + (size_t)i * cols;
+        for (uint32_t c = threadIdx.x; c < cols; c += blockDim.x)
+            dst[c] = kern__cuda_load_elem<T>(row, c);
+    }
+}
+
+/* Element loads assume the natural alignment of the type; cudaMalloc'ed
+ * buffers and GGUF's 32-byte tensor alignment give it, odd offsets do not. */
+static bool
+cuda_tensor_aligned(const kern_tensor_t *w)
+{
+    uintptr_t need = w->type == KERN_F32 ? 4 : 2;
+    return ((uintptr_t)w->data % need) == 0 && (w->row_bytes % need) == 0;
+}
+
+static int
+cuda_get_rows_body(kern_cuda_t *be, const kern_tensor_t *w, const int32_t *ids, uint32_t n,
+                   float *out)
+{
+    if (!cuda_tensor_aligned(w)) {
+        KVS_ERRORF("cuda: get_rows: weight rows are not aligned for %s",
+                   kern_type_traits(w->type)->name);
+        return KVS_EINVAL;
+    }
+    size_t bytes = (size_t)n * sizeof(int32_t);
+    void *h, *d;
+    int rc = kern__cuda_stage_begin(be, bytes, &h);
+    if (rc)
+        return rc;
+    memcpy(h, ids, bytes);
+    if ((rc = kern__cuda_stage_end(be, bytes, &d)) != 0)
+        return rc;
+
+    unsigned grid = n < 65535 ? n : 65535, threads = 256;
+    const char *wd = (const char *)w->data;
+    const int32_t *dids = (const int32_t *)d;
+    switch (w->type) {
+    case KERN_F32:
+        get_rows_kernel<KERN_F32><<<grid, threads, 0, be->stream>>>(wd, w->row_bytes, w->n_cols,
+                                                                    dids, n, out);
+        break;
+    case KERN_F16:
+        get_rows_kernel<KERN_F16><<<grid, threads, 0, be->stream>>>(wd, w->row_bytes, w->n_cols,
+                                                                    dids, n, out);
+        break;
+    case KERN_BF16:
+        get_rows_kernel<KERN_BF16><<<grid, threads, 0, be->stream>>>(wd, w->row_bytes,
+                                                                     w->n_cols, dids, n, out);
+        break;
+    case KERN_Q8_0:
+        get_rows_kernel<KERN_Q8_0><<<grid, threads, 0, be->stream>>>(wd, w->row_bytes,
+                                                                     w->n_cols, dids, n, out);
+        break;
+    default:
+        return KVS_ENOTSUP;
+    }
+    KERN_CUDA_LAUNCHED();
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* rmsnorm, swiglu, add.                                                    */
+/* ------------------------------------------------------------------------ */
+
+/* One block per row.  Each thread reads and writes the same elements, after
+ * the reduction, so y == x is fine. */
+static __global__ void
+rmsnorm_kernel(const float *x, const float *w, uint32_t n, uint32_t d, float eps, float *y)
+{
+    __shared__ float red[32];
+    for (uint32_t i = blockIdx.x; i < n; i += gridDim.x) {
+        const float *xi = x + (size_t)i * d;
+        float *yi = y + (size_t)i * d;
+        float ss = 0.0f;
+        for (uint32_t c = threadIdx.x; c < d; c += blockDim.x)
+            ss += xi[c] * xi[c];
+        ss = kern__cuda_block_sum(ss, red);
+        float scale = 1.0f / sqrtf(ss / (float)d + eps);
+        for (uint32_t c = threadIdx.x; c < d; c += blockDim.x)
+            yi[c] = xi[c] * scale * w[c];
+    }
+}
+
+static int
+cuda_rmsnorm_body(kern_cuda_t *be, const float *x, const float *w, uint32_t n, uint32_t d,
+                  float eps, float *y)
+{
+    unsigned threads = d >= 4096 ? 1024 : d >= 1024 ? 512 : 256;
+    unsigned grid = n < 65535 ? n : 65535;
+    rmsnorm_kernel<<<grid, threads, 0, be->stream>>>(x, w, n, d, eps, y);
+    KERN_CUDA_LAUNCHED();
+    return 0;
+}
+
+static __global__ void
+swiglu_kernel(const float *gate, const float *up, size_t n, float *out)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+static int
+cuda_swiglu_body(kern_cuda_t *be, const float *gate, const float *up, size_t n, float *out)
+{
+    swiglu_kernel<<<kern__cuda_grid(be, n, 256), 256, 0, be->stream>>>(gate, up, n, out);
+    KERN_CUDA_LAUNCHED();
+    return 0;
+}
+
+static __global__ void
+add_kernel(float *x, const float *y, size_t n)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        x[i] += y[i];
+}
+
+static int
+cuda_add_body(kern_cuda_t *be, float *x, const float *y, size_t n)
+{
+    add_kernel<<<kern__cuda_grid(be, n, 256), 256, 0, be->stream>>>(x, y, n);
+    KERN_CUDA_LAUNCHED();
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* rope.                                                                    */
+/* ------------------------------------------------------------------------ */
+
+#define ROPE_CHUNK 256 /* rotation pairs whose cos/sin one block caches at a time */
+
+/* One block per row.  The angle of pair i is pos * inv_freq[i], with
+ * inv_freq computed on the host in double; the product and the sin/cos run
+ * in double too, because at long context pos * inv_freq reaches 1e5 rad
+ * and float would be off by up to 1e-2 rad.  Each (row, pair) angle is
+ * computed once and applied to every head. */
+static __global__ void
+rope_kernel(float *x, uint32_t n_rows, uint32_t n_heads, uint32_t head_dim, uint32_t n_pairs,
+            const int32_t *pos, const double *inv_freq)
+{
+    __shared__ double cs[ROPE_CHUNK][2];
+    for (uint32_t r = blockIdx.x; r < n_rows; r += gridDim.x) {
+        double p = (double)pos[r];
+        float *xr = x + (size_t)r * n_heads * head_dim;
+        for (uint32_t i0 = 0; i0 < n_pairs; i0 += ROPE_CHUNK) {
+            uint32_t m = n_pairs - i0 < ROPE_CHUNK ? n_pairs - i0 : ROPE_CHUNK;
+            __syncthreads(); /* the previous chunk is done with cs */
+            for (uint32_t i = threadIdx.x; i < m; i += blockDim.x)
+                sincos(p * inv_freq[i0 + i], &cs[i][1], &cs[i][0]);
+            __syncthreads();
+            for (uint32_t t = threadIdx.x; t < m * n_heads; t += blockDim.x) {
+                uint32_t h = t / m, i = t % m;
+                float *v = xr + (size_t)h * head_dim + 2 * (i0 + i);
+                double x0 = v[0], x1 = v[1], c = cs[i][0], s = cs[i][1];
+                v[0] = (float)(x0 * c - x1 * s);
+                v[1] = (float)(x0 * s + x1 * c);
+            }
+        }
+    }
+}
+
+static int
+cuda_rope_body(kern_cuda_t *be, const kern_rope_args_t *a)
+{
+    uint32_t n_pairs = a->n_rot / 2;
+    /* Staged layout: inv_freq (double, 8-aligned first), then pos. */
+    size_t freq_bytes = (size_t)n_pairs * sizeof(double);
+    size_t bytes = freq_bytes + (size_t)a->n_rows * sizeof(int32_t);
+    void *h, *d;
+    int rc = kern__cuda_stage_begin(be, bytes, &h);
+    if (rc)
+        return rc;
+    double *inv = (double *)h;
+    for (uint32_t i = 0; i < n_pairs; i++) {
+        inv[i] = (double)a->freq_scale * pow((double)a->freq_base, -2.0 * i / a->n_rot);
+        if (a->freq_factors)
+            inv[i] /= a->freq_factors[i];
+    }
+    memcpy((char *)h + freq_bytes, a->pos, (size_t)a->n_rows * sizeof(int32_t));
+    if ((rc = kern__cuda_stage_end(be, bytes, &d)) != 0)
+        return rc;
+
+    unsigned grid = a->n_rows < 65535 ? a->n_rows : 65535;
+    rope_kernel<<<grid, 128, 0, be->stream>>>(a->x, a->n_rows, a->n_heads, a->head_dim, n_pairs,
+                                              (const int32_t *)((char *)d + freq_bytes),
+                                              (const double *)d);
+    KERN_CUDA_LAUNCHED();
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* KV append and block copy.                                                */
+/* ------------------------------------------------------------------------ */
+
+static __device__ __forceinline__ void
+kv_store(float *dst, float v)
+{
+    *dst = v;
+}
+
+static __device__ __forceinline__ void
+kv_store(__half *dst, float v)
+{
+    *dst = __float2half_rn(v); /* round to nearest even, as kvs_f32_to_fp16 */
+}
+
+/* One block per token: its n_kv_heads * head_dim K and V values go to slot
+ * (block, off) of every head.  kv_k/kv_v point at the layer. */
+template <typename T>
+static __global__ void
+kv_append_kernel(T *kv_k, T *kv_v, uint32_t n_kv_heads, uint32_t head_dim, uint32_t block_tokens,
+                 const float *k, const float *v, const int32_t *slots, uint32_t n)
+{
+    uint32_t width = n_kv_heads * head_dim;
+    for (uint32_t i = blockIdx.x; i < n; i += gridDim.x) {
+        uint32_t blk = (uint32_t)slots[i] / block_tokens, off = (uint32_t)slots[i] % block_tokens;
+        const float *ki = k + (size_t)i * width, *vi = v + (size_t)i * width;
+        for (uint32_t e = threadIdx.x; e < width; e += blockDim.x) {
+            uint32_t h = e / head_dim, c = e % head_dim;
+            size_t dst = (((size_t)blk * n_kv_heads + h) * block_tokens + off) * head_dim + c;
+            kv_store(kv_k + dst, ki[e]);
+            kv_store(kv_v + dst, vi[e]);
+        }
+    }
+}
+
+static int
+cuda_kv_append_body(kern_cuda_t *be, const kern_kv_t *kv, uint32_t layer, const float *k,
+                    const float *v, const int32_t *slots, uint32_t n)
+{
+    size_t bytes = (size_t)n * sizeof(int32_t);
+    void *h, *d;
+    int rc = kern__cuda_stage_begin(be, bytes, &h);
+    if (rc)
+        return rc;
+    memcpy(h, slots, bytes);
+    if ((rc = kern__cuda_stage_end(be, bytes, &d)) != 0)
+        return rc;
+
+    size_t lo = (size_t)layer * kv->layer_bytes;
+    unsigned grid = n < 65535 ? n : 65535;
+    unsigned threads = kv->n_kv_heads * kv->head_dim >= 256 ? 256 : 128;
+    if (kv->dtype == KERN_F16)
+        kv_append_kernel<__half><<<grid, threads, 0, be->stream>>>(
+            (__half *)((char *)kv->k + lo), (__half *)((char *)kv->v + lo), kv->n_kv_heads,
+            kv->head_dim, kv->block_tokens, k, v, (const int32_t *)d, n);
+    else
+        kv_append_kernel<float><<<grid, threads, 0, be->stream>>>(
+            (float *)((char *)kv->k + lo), (float *)((char *)kv->v + lo), kv->n_kv_heads,
+            kv->head_dim, kv->block_tokens, k, v, (const int32_t *)d, n);
+    KERN_CUDA_LAUNCHED();
+    return 0;
+}
+
+/* blockIdx.x: pair i of (src, dst) block ids; blockIdx.y: layer; blockIdx.z:
+ * 0 for K, 1 for V.  One block of one layer is contiguous (all its heads,
+ * slots and dims), block_words words of type W. */
+template <typename W>
+static __global__ void
+kv_copy_kernel(char *k, char *v, size_t layer_bytes, size_t block_words, const int32_t *pairs)
+{
+    char *base = (blockIdx.z ? v : k) + (size_t)blockIdx.y * layer_bytes;
+    const W *src = (const W *)base + (size_t)pairs[2 * blockIdx.x] * block_words;
+    W *dst = (W *)base + (size_t)pairs[2 * blockIdx.x + 1] * block_words;
+    for (size_t j = threadIdx.x; j < block_words; j += blockDim.x)
+        dst[j] = src[j];
+}
+
+static int
+cuda_kv_copy_launch(kern_cuda_t *be, const kern_kv_t *kv, size_t block_bytes, const int32_t *pairs,
+                    uint32_t n)
+{
+    dim3 grid(n, kv->n_layers, 2);
+    /* The widest word that divides every block and layer offset. */
+    uintptr_t all = (uintptr_t)kv->k | (uintptr_t)kv->v | kv->layer_bytes | block_bytes;
+    char *k = (char *)kv->k, *v = (char *)kv->v;
+    if (all % 16 == 0)
+        kv_copy_kernel<uint4><<<grid, 256, 0, be->stream>>>(k, v, kv->layer_bytes,
+                                                            block_bytes / 16, pairs);
+    else if (all % 4 == 0)
+        kv_copy_kernel<uint32_t><<<grid, 256, 0, be->stream>>>(k, v, kv->layer_bytes,
+                                                               block_bytes / 4, pairs);
+    else
+        kv_copy_kernel<uint16_t><<<grid, 256, 0, be->stream>>>(k, v, kv->layer_bytes,
+                                                               block_bytes / 2, pairs);
+    KERN_CUDA_LAUNCHED();
+    return 0;
+}
+
+static int
+cuda_kv_copy_body(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
+                  uint32_t n)
+{
+    size_t block_bytes = kern__kv_offset(kv, 0, 1, 0, 0);
+    if (kv->n_layers > 65535) {
+        KVS_ERRORF("cuda: kv_copy: %u layers exceed the grid limit", kv->n_layers);
+        return KVS_ENOTSUP;
+    }
+
+    /* All copies run at once, which matches the reference's one-by-one
+     * order only when no destination is also a source or repeats.  Copy-on-
+     * write (shared source, fresh destination) always qualifies; anything
+     * else falls back to one launch per pair, in order. */
+    size_t map_bytes = ((size_t)kv->n_blocks + 7) / 8;
+    uint8_t *map = (uint8_t *)cuda_host_scratch(be, map_bytes);
+    if (map == NULL)
+        return KVS_ENOMEM;
+    memset(map, 0, map_bytes);
+    bool ordered = false;
+    for (uint32_t i = 0; i < n; i++)
+        map[src[i] >> 3] |= (uint8_t)(1u << (src[i] & 7));
+    for (uint32_t i = 0; i < n && !ordered; i++) {
+        if (map[dst[i] >> 3] & (1u << (dst[i] & 7)))
+            ordered = true; /* a destination is a source, or a repeat */
+        map[dst[i] >> 3] |= (uint8_t)(1u << (dst[i] & 7));
+    }
+
+    size_t bytes = (size_t)n * 2 * sizeof(int32_t);
+    void *h, *d;
+    int rc = kern__cuda_stage_begin(be, bytes, &h);
+    if (rc)
+        return rc;
+    int32_t *pairs = (int32_t *)h;
+    for (uint32_t i = 0; i < n; i++) {
+        pairs[2 * i] = src[i];
+        pairs[2 * i + 1] = dst[i];
+    }
+    if ((rc = kern__cuda_stage_end(be, bytes, &d)) != 0)
+        return rc;
+    const int32_t *dp = (const int32_t *)d;
+    if (!ordered)
+        return cuda_kv_copy_launch(be, kv, block_bytes, dp, n);
+    for (uint32_t i = 0; i < n; i++)
+        if ((rc = cuda_kv_copy_launch(be, kv, block_bytes, dp + 2 * i, 1)) != 0)
+            return rc;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Vtable wrappers: enter, body, leave.                                     */
+/* ------------------------------------------------------------------------ */
+
+static int
+cuda_get_rows(kern_backend_t *base, const kern_tensor_t *w, const int32_t *ids, uint32_t n,
+              float *out)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : cuda_get_rows_body(be, w, ids, n, out));
+}
+
+static int
+cuda_matmul(kern_backend_t *base, const kern_tensor_t *w, const float *x, uint32_t n,
+            const float *bias, float *y)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    if (rc == 0 && !cuda_tensor_aligned(w)) {
+        KVS_ERRORF("cuda: matmul: weight rows are not aligned for %s",
+                   kern_type_traits(w->type)->name);
+        return KVS_EINVAL;
+    }
+    return cuda_leave(be, rc ? rc : kern__cuda_matmul(be, w, x, n, bias, y));
+}
+
+static int
+cuda_rmsnorm(kern_backend_t *base, const float *x, const float *w, uint32_t n, uint32_t d,
+             float eps, float *y)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : cuda_rmsnorm_body(be, x, w, n, d, eps, y));
+}
+
+static int
+cuda_rope(kern_backend_t *base, const kern_rope_args_t *a)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : cuda_rope_body(be, a));
+}
+
+static int
+cuda_swiglu(kern_backend_t *base, const float *gate, const float *up, size_t n, float *out)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : cuda_swiglu_body(be, gate, up, n, out));
+}
+
+static int
+cuda_add(kern_backend_t *base, float *x, const float *y, size_t n)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : cuda_add_body(be, x, y, n));
+}
+
+static int
+cuda_kv_append(kern_backend_t *base, const kern_kv_t *kv, uint32_t layer, const float *k,
+               const float *v, const int32_t *slots, uint32_t n)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : cuda_kv_append_body(be, kv, layer, k, v, slots, n));
+}
+
+static int
+cuda_kv_copy(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
+             uint32_t n)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : cuda_kv_copy_body(be, kv, src, dst, n));
+}
+
+static int
+cuda_attention(kern_backend_t *base, const kern_attn_args_t *a)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : kern__cuda_attention(be, a));
+}
+
+static const kern_ops_t cuda_ops = {
+    /* .name = */ "cuda",
+    /* .is_host = */ false,
+    /* .destroy = */ cuda_destroy,       /* syncs, frees workspaces, stream, handle */
+    /* .supports = */ cuda_supports,     /* F32/F16/BF16/Q8_0 weights, F32/F16 KV */
+    /* .alloc = */ cuda_alloc,           /* cudaMalloc; NULL (and a warning) when out */
+    /* .free = */ cuda_free,             /* cudaFree, which waits for users of p */
+    /* .upload = */ cuda_upload,         /* async copy on the stream, then sync */
+    /* .download = */ cuda_download,     /* async copy on the stream, then sync */
+    /* .memset = */ cuda_memset,         /* cudaMemsetAsync, not waited for */
+    /* .sync = */ cuda_sync,             /* cudaStreamSynchronize */
+    /* .get_rows = */ cuda_get_rows,     /* block per row, converts to f32 */
+    /* .matmul = */ cuda_matmul,         /* cuBLAS, or a dequantizing GEMV for n <= 8 */
+    /* .rmsnorm = */ cuda_rmsnorm,       /* block per row, f32 sum */
+    /* .rope = */ cuda_rope,             /* host inv_freq, double angles */
+    /* .swiglu = */ cuda_swiglu,         /* elementwise, f32 */
+    /* .add = */ cuda_add,               /* elementwise */
+    /* .kv_append = */ cuda_kv_append,   /* block per token, f32 -> KV dtype */
+    /* .kv_copy = */ cuda_kv_copy,       /* all pairs at once unless order matters */
+    /* .attention = */ cuda_attention,   /* paged flash-style, split-KV for decode */
+};
+
+/* After the table: C++ has no tentative definitions to declare it earlier. */
+extern "C" int
+kern__cuda_new(const kern_backend_cfg_t *cfg, kern_backend_t **out)
+{
+    *out = NULL;
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        KVS_INFOF("cuda: no usable device: %s", cudaGetErrorString(e));
+        return KVS_EDEVICE;
+    }
+    if (count <= 0) {
+        KVS_INFOF("cuda: no devices");
+        return KVS_EDEVICE;
+    }
+    if (cfg->device < 0 || cfg->device >= count) {
+        KVS_WARNF("cuda: device %d out of range (%d device%s)", cfg->device, count,
+                  count == 1 ? "" : "s");
+        return KVS_EDEVICE;
+    }
+    kern_cuda_t *be = (kern_cuda_t *)calloc(1, sizeof(*be));
+    if (be == NULL)
+        return KVS_ENOMEM;
+    be->base.ops = &cuda_ops;
+    be->device = cfg->device;
+    int rc = cuda_init(be);
+    if (rc) {
+        cuda_destroy(&be->base);
+        return rc;
+    }
+    *out = &be->base;
+    return 0;
+}

@@ -1,0 +1,234 @@
+/*
+ * kernels/kern.c — backend selection and the single place where op
+ * arguments are validated before they reach a backend.  Every public kern_*
+ * op lands here; backends trust what passes.
+ */
+#include "kern_int.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+int
+kern_backend_new(const char *name, const kern_backend_cfg_t *cfg, kern_backend_t **out)
+{
+    kern_backend_cfg_t def = {0};
+    if (cfg == NULL)
+        cfg = &def;
+    *out = NULL;
+    if (strcmp(name, "ref") == 0)
+        return kern__ref_new(cfg, out);
+    if (strcmp(name, "cpu") == 0)
+        return kern__cpu_new(cfg, out);
+    if (strcmp(name, "cuda") == 0)
+        return kern__cuda_new(cfg, out);
+    return KVS_EINVAL;
+}
+
+void
+kern_backend_free(kern_backend_t *be)
+{
+    if (be)
+        be->ops->destroy(be);
+}
+
+const char *
+kern_backend_name(const kern_backend_t *be)
+{
+    return be->ops->name;
+}
+
+bool
+kern_backend_is_host(const kern_backend_t *be)
+{
+    return be->ops->is_host;
+}
+
+bool
+kern_supports(const kern_backend_t *be, kern_op_t op, kern_dtype_t type)
+{
+    if ((unsigned)op >= KERN_OP_COUNT)
+        return false;
+    return be->ops->supports(be, op, type);
+}
+
+void *
+kern_alloc(kern_backend_t *be, size_t bytes)
+{
+    return bytes ? be->ops->alloc(be, bytes) : NULL;
+}
+
+void
+kern_free(kern_backend_t *be, void *p)
+{
+    if (p)
+        be->ops->free(be, p);
+}
+
+int
+kern_upload(kern_backend_t *be, void *dst, const void *src, size_t bytes)
+{
+    return bytes ? be->ops->upload(be, dst, src, bytes) : 0;
+}
+
+int
+kern_download(kern_backend_t *be, void *dst, const void *src, size_t bytes)
+{
+    return bytes ? be->ops->download(be, dst, src, bytes) : 0;
+}
+
+int
+kern_memset(kern_backend_t *be, void *dst, int value, size_t bytes)
+{
+    return bytes ? be->ops->memset(be, dst, value, bytes) : 0;
+}
+
+int
+kern_sync(kern_backend_t *be)
+{
+    return be->ops->sync(be);
+}
+
+/* ---- validation ---------------------------------------------------------- */
+
+static bool
+tensor_ok(const kern_tensor_t *w)
+{
+    return w && w->data && w->n_cols > 0 && w->n_rows > 0 &&
+           kern_row_bytes(w->type, w->n_cols) != 0 &&
+           w->row_bytes >= kern_row_bytes(w->type, w->n_cols);
+}
+
+static bool
+kv_ok(const kern_kv_t *kv, uint32_t layer)
+{
+    return kv && kv->k && kv->v && (kv->dtype == KERN_F32 || kv->dtype == KERN_F16) &&
+           layer < kv->n_layers && kv->n_kv_heads > 0 && kv->head_dim > 0 && kv->block_tokens > 0 &&
+           kv->n_blocks > 0;
+}
+
+static bool
+slots_ok(const kern_kv_t *kv, const int32_t *slots, uint32_t n)
+{
+    uint64_t max = (uint64_t)kv->n_blocks * kv->block_tokens;
+    for (uint32_t i = 0; i < n; i++)
+        if (slots[i] < 0 || (uint64_t)slots[i] >= max)
+            return false;
+    return true;
+}
+
+int
+kern_get_rows(kern_backend_t *be, const kern_tensor_t *w, const int32_t *ids, uint32_t n,
+              float *out)
+{
+    if (!tensor_ok(w) || (n && (!ids || !out)))
+        return KVS_EINVAL;
+    for (uint32_t i = 0; i < n; i++)
+        if (ids[i] < 0 || (uint32_t)ids[i] >= w->n_rows)
+            return KVS_EINVAL;
+    if (!be->ops->supports(be, KERN_OP_GET_ROWS, w->type))
+        return KVS_ENOTSUP;
+    return n ? be->ops->get_rows(be, w, ids, n, out) : 0;
+}
+
+int
+kern_matmul(kern_backend_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
+            const float *bias, float *y)
+{
+    if (!tensor_ok(w) || (n && (!x || !y)))
+        return KVS_EINVAL;
+    if (!be->ops->supports(be, KERN_OP_MATMUL, w->type))
+        return KVS_ENOTSUP;
+    return n ? be->ops->matmul(be, w, x, n, bias, y) : 0;
+}
+
+int
+kern_rmsnorm(kern_backend_t *be, const float *x, const float *w, uint32_t n, uint32_t d, float eps,
+             float *y)
+{
+    if (d == 0 || (n && (!x || !w || !y)) || !(eps >= 0.0f))
+        return KVS_EINVAL;
+    return n ? be->ops->rmsnorm(be, x, w, n, d, eps, y) : 0;
+}
+
+int
+kern_rope(kern_backend_t *be, const kern_rope_args_t *a)
+{
+    if (!a || a->n_heads == 0 || a->head_dim == 0 || a->n_rot == 0 || (a->n_rot & 1) ||
+        a->n_rot > a->head_dim || (a->n_rows && (!a->x || !a->pos)) || !(a->freq_base > 0.0f) ||
+        !(a->freq_scale > 0.0f))
+        return KVS_EINVAL;
+    return a->n_rows ? be->ops->rope(be, a) : 0;
+}
+
+int
+kern_swiglu(kern_backend_t *be, const float *gate, const float *up, size_t n, float *out)
+{
+    if (n && (!gate || !up || !out))
+        return KVS_EINVAL;
+    return n ? be->ops->swiglu(be, gate, up, n, out) : 0;
+}
+
+int
+kern_add(kern_backend_t *be, float *x, const float *y, size_t n)
+{
+    if (n && (!x || !y))
+        return KVS_EINVAL;
+    return n ? be->ops->add(be, x, y, n) : 0;
+}
+
+int
+kern_kv_append(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, const float *k,
+               const float *v, const int32_t *slots, uint32_t n)
+{
+    if (!kv_ok(kv, layer) || (n && (!k || !v || !slots)) || !slots_ok(kv, slots, n))
+        return KVS_EINVAL;
+    if (!be->ops->supports(be, KERN_OP_KV_APPEND, kv->dtype))
+        return KVS_ENOTSUP;
+    return n ? be->ops->kv_append(be, kv, layer, k, v, slots, n) : 0;
+}
+
+int
+kern_kv_copy(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
+             uint32_t n)
+{
+    if (!kv_ok(kv, 0) || (n && (!src || !dst)))
+        return KVS_EINVAL;
+    for (uint32_t i = 0; i < n; i++)
+        if (src[i] < 0 || dst[i] < 0 || (uint32_t)src[i] >= kv->n_blocks ||
+            (uint32_t)dst[i] >= kv->n_blocks)
+            return KVS_EINVAL;
+    if (!be->ops->supports(be, KERN_OP_KV_COPY, kv->dtype))
+        return KVS_ENOTSUP;
+    return n ? be->ops->kv_copy(be, kv, src, dst, n) : 0;
+}
+
+int
+kern_attention(kern_backend_t *be, const kern_attn_args_t *a)
+{
+    if (!a || !kv_ok(a->kv, a->layer) || a->n_heads == 0 || a->n_heads % a->kv->n_kv_heads != 0 ||
+        (a->n_q && (!a->q || !a->out)) || !a->q_indptr || !a->kv_len || !a->pt.indptr ||
+        !a->pt.last_len || a->q_indptr[0] != 0 || a->pt.indptr[0] != 0 ||
+        (uint32_t)a->q_indptr[a->pt.n_seqs] != a->n_q)
+        return KVS_EINVAL;
+    const kern_kv_t *kv = a->kv;
+    for (uint32_t s = 0; s < a->pt.n_seqs; s++) {
+        int32_t b0 = a->pt.indptr[s], b1 = a->pt.indptr[s + 1];
+        if (b1 < b0 || a->q_indptr[s + 1] < a->q_indptr[s])
+            return KVS_EINVAL;
+        for (int32_t b = b0; b < b1; b++)
+            if (a->pt.indices[b] < 0 || (uint32_t)a->pt.indices[b] >= kv->n_blocks)
+                return KVS_EINVAL;
+        int64_t len = 0;
+        if (b1 > b0) {
+            if (a->pt.last_len[s] < 1 || (uint32_t)a->pt.last_len[s] > kv->block_tokens)
+                return KVS_EINVAL;
+            len = (int64_t)(b1 - b0 - 1) * kv->block_tokens + a->pt.last_len[s];
+        }
+        for (int32_t i = a->q_indptr[s]; i < a->q_indptr[s + 1]; i++)
+            if (a->kv_len[i] < 1 || a->kv_len[i] > len)
+                return KVS_EINVAL;
+    }
+    if (!be->ops->supports(be, KERN_OP_ATTN, kv->dtype))
+        return KVS_ENOTSUP;
+    return a->n_q ? be->ops->attention(be, a) : 0;
+}

@@ -1,0 +1,227 @@
+/*
+ * kernels/kern.h — the backend interface: every numeric operation the model
+ * and the KV cache need, behind one vtable per device.  Backends:
+ *   "ref"  plain scalar C, the reference every other backend is tested against;
+ *   "cpu"  SIMD + a thread pool + OpenBLAS for large matrix products;
+ *   "cuda" kernels/cuda/ (CUDA C), compiled when nvcc is found (else KVS_ENOTSUP).
+ *
+ * Callers: model/ (forward pass), cache/ (KV pool memory, block copies),
+ * tests and benchmarks.  Kernels never allocate per call and never decide
+ * policy: buffers come from kern_alloc(), sizes and layouts from the caller.
+ *
+ * Paged KV layout (per pool, per layer, K and V in separate buffers):
+ *
+ *   k[layer] = block[n_blocks] x kv_head[n_kv_heads] x slot[block_tokens] x dim[head_dim]
+ *
+ * i.e. for one (block, kv_head) the block_tokens key vectors are contiguous,
+ * which is what a decode kernel streams.  A token's KV "slot" is
+ * block_id * block_tokens + offset_in_block (vLLM's slot mapping).
+ */
+#ifndef KERN_H
+#define KERN_H
+
+#include "base/kvs.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* ------------------------------------------------------------------------ */
+/* Data types.  Values equal ggml/GGUF type ids so files map 1:1.           */
+/* ------------------------------------------------------------------------ */
+
+typedef enum kern_dtype {
+    KERN_F32 = 0,
+    KERN_F16 = 1,
+    KERN_Q4_0 = 2,
+    KERN_Q4_1 = 3,
+    KERN_Q5_0 = 6,
+    KERN_Q5_1 = 7,
+    KERN_Q8_0 = 8,
+    KERN_Q8_1 = 9,
+    KERN_Q2_K = 10,
+    KERN_Q3_K = 11,
+    KERN_Q4_K = 12,
+    KERN_Q5_K = 13,
+    KERN_Q6_K = 14,
+    KERN_Q8_K = 15,
+    KERN_I8 = 24,
+    KERN_I16 = 25,
+    KERN_I32 = 26,
+    KERN_I64 = 27,
+    KERN_F64 = 28,
+    KERN_BF16 = 30,
+    KERN_DTYPE_COUNT = 40, /* ids are < this */
+} kern_dtype_t;
+
+typedef struct kern_type_traits {
+    const char *name; /* "f32", "q8_0", ...; NULL for an unknown id */
+    uint32_t block;   /* elements per block */
+    uint32_t block_bytes;
+} kern_type_traits_t;
+
+/* Traits for any ggml type id, including ones no backend computes with, so
+ * file readers can size every tensor.  Returns NULL for unknown ids. */
+const kern_type_traits_t *kern_type_traits(uint32_t type);
+/* Bytes of one row of n elements; 0 when n is not a multiple of the block
+ * or the type is unknown or the size overflows. */
+size_t kern_row_bytes(uint32_t type, uint64_t n);
+/* Parses "f32|f16|bf16|q8_0|..." into *out; KVS_EINVAL if unknown. */
+int kern_dtype_parse(const char *name, kern_dtype_t *out);
+
+/* Q8_0: 32 int8 with one fp16 scale, as in GGUF. */
+#define KERN_QK8_0 32
+typedef struct kern_block_q8_0 {
+    uint16_t d; /* fp16 */
+    int8_t qs[KERN_QK8_0];
+} kern_block_q8_0_t;
+
+/* Quantize n floats (n % 32 == 0) to Q8_0 exactly as ggml's reference does. */
+void kern_quantize_q8_0(const float *x, kern_block_q8_0_t *y, size_t n);
+/* Dequantize/convert one row of n elements of `type` into f32.
+ * Supported: F32, F16, BF16, Q8_0.  Returns 0 or KVS_ENOTSUP. */
+int kern_row_to_f32(uint32_t type, const void *row, float *y, size_t n);
+
+/* ------------------------------------------------------------------------ */
+/* Views handed to ops.  All pointers are backend memory (host memory for   */
+/* ref/cpu, device memory for cuda) unless marked host.                     */
+/* ------------------------------------------------------------------------ */
+
+/* A weight matrix as stored in GGUF: n_rows rows of n_cols elements of
+ * `type` (GGUF ne0 = n_cols, ne1 = n_rows), row-major, rows row_bytes apart.
+ * A matrix product computes y[t][r] = sum_c x[t][c] * W[r][c]. */
+typedef struct kern_tensor {
+    kern_dtype_t type;
+    uint32_t n_cols;
+    uint32_t n_rows;
+    size_t row_bytes;
+    const void *data;
+} kern_tensor_t;
+
+/* Per-sequence block tables as CSR, borrowed for one call (host memory). */
+typedef struct kern_page_table {
+    const int32_t *indptr;   /* [n_seqs + 1], indptr[0] == 0 */
+    const int32_t *indices;  /* [indptr[n_seqs]] block ids */
+    const int32_t *last_len; /* [n_seqs], 1..block_tokens (entries in the last block) */
+    uint32_t n_seqs;
+} kern_page_table_t;
+
+/* The paged KV store of one pool.  Owned by cache/; kernels read and write. */
+typedef struct kern_kv {
+    kern_dtype_t dtype; /* KERN_F32 or KERN_F16 */
+    uint32_t n_layers;
+    uint32_t n_kv_heads;
+    uint32_t head_dim;
+    uint32_t block_tokens;
+    uint32_t n_blocks;
+    size_t layer_bytes; /* bytes of one layer of K (or V) */
+    void *k;            /* n_layers * layer_bytes */
+    void *v;
+} kern_kv_t;
+
+/* Attention over paged KV for a batch of sequences.  Query rows of sequence
+ * s are rows q_indptr[s] .. q_indptr[s+1]-1.  Row i sees the first
+ * kv_len[i] KV entries of its sequence (its own entry included), which
+ * makes prefill causal and lets any mix of prefill and decode rows share a
+ * call.  GQA: query head h reads KV head h / (n_heads / n_kv_heads). */
+typedef struct kern_attn_args {
+    const float *q; /* [n_q][n_heads][head_dim] */
+    float *out;     /* [n_q][n_heads][head_dim] */
+    uint32_t n_q;
+    uint32_t n_heads;
+    const int32_t *q_indptr; /* host, [pt.n_seqs + 1] */
+    const int32_t *kv_len;   /* host, [n_q] */
+    kern_page_table_t pt;
+    const kern_kv_t *kv;
+    uint32_t layer;
+    float scale; /* usually 1/sqrt(head_dim) */
+} kern_attn_args_t;
+
+/* RoPE.  theta_i = pos * freq_scale * freq_base^(-2i/n_rot) / freq_factor[i]
+ * for pair i < n_rot/2.  The pair is (x[2i], x[2i+1]) in the GGUF "llama"
+ * (NORM) layout and (x[i], x[i + n_rot/2]) in the NEOX layout (qwen2);
+ * it rotates to (x0 cos - x1 sin, x0 sin + x1 cos).  Dims >= n_rot stay. */
+typedef struct kern_rope_args {
+    float *x; /* [n_rows][n_heads][head_dim], rotated in place */
+    uint32_t n_rows;
+    uint32_t n_heads;
+    uint32_t head_dim;
+    uint32_t n_rot;     /* dims rotated (<= head_dim, even) */
+    const int32_t *pos; /* host, [n_rows] */
+    float freq_base;
+    float freq_scale;          /* linear scaling: theta *= freq_scale (1 = none) */
+    const float *freq_factors; /* host, [n_rot/2] or NULL (Llama 3.1 rope_freqs) */
+    bool neox;                 /* NEOX pairing instead of adjacent pairs */
+} kern_rope_args_t;
+
+/* ------------------------------------------------------------------------ */
+/* Backends.                                                                */
+/* ------------------------------------------------------------------------ */
+
+typedef struct kern_backend kern_backend_t;
+
+typedef enum kern_op {
+    KERN_OP_GET_ROWS,
+    KERN_OP_MATMUL,
+    KERN_OP_RMSNORM,
+    KERN_OP_ROPE,
+    KERN_OP_SWIGLU,
+    KERN_OP_ADD,
+    KERN_OP_KV_APPEND,
+    KERN_OP_KV_COPY,
+    KERN_OP_ATTN,
+    KERN_OP_COUNT,
+} kern_op_t;
+
+typedef struct kern_backend_cfg {
+    uint32_t n_threads; /* cpu: worker threads incl. the caller (0 = all cores) */
+    int device;         /* cuda: device ordinal */
+} kern_backend_cfg_t;
+
+/* Creates a backend by name: "ref", "cpu" or "cuda".  Returns 0,
+ * KVS_EINVAL (unknown name), KVS_ENOTSUP (not compiled in) or KVS_EDEVICE.
+ * Thread: the creating thread then owns it. */
+int kern_backend_new(const char *name, const kern_backend_cfg_t *cfg, kern_backend_t **out);
+void kern_backend_free(kern_backend_t *be); /* NULL is a no-op */
+const char *kern_backend_name(const kern_backend_t *be);
+/* True when the backend's memory is host memory (ref, cpu). */
+bool kern_backend_is_host(const kern_backend_t *be);
+/* Whether `op` runs for the given data type (weight type for GET_ROWS and
+ * MATMUL, KV dtype for KV ops and ATTN, ignored otherwise). */
+bool kern_supports(const kern_backend_t *be, kern_op_t op, kern_dtype_t type);
+
+/* Memory.  alloc returns NULL on failure. */
+void *kern_alloc(kern_backend_t *be, size_t bytes);
+void kern_free(kern_backend_t *be, void *p);
+int kern_upload(kern_backend_t *be, void *dst, const void *src_host, size_t bytes);
+int kern_download(kern_backend_t *be, void *dst_host, const void *src, size_t bytes);
+int kern_memset(kern_backend_t *be, void *dst, int value, size_t bytes);
+int kern_sync(kern_backend_t *be);
+
+/* Ops.  Each returns 0, KVS_EINVAL (bad shapes, checked in kern.c before
+ * dispatch) or KVS_ENOTSUP (see kern_supports). */
+
+/* out[i][:] = row ids[i] of w, as f32.  ids in host memory. */
+int kern_get_rows(kern_backend_t *be, const kern_tensor_t *w, const int32_t *ids, uint32_t n,
+                  float *out);
+/* y[n][w.n_rows] = x[n][w.n_cols] * W^T (+ bias[w.n_rows] if not NULL). */
+int kern_matmul(kern_backend_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
+                const float *bias, float *y);
+/* y[i] = x[i] / sqrt(mean(x[i]^2) + eps) * w, rows of d; y may equal x. */
+int kern_rmsnorm(kern_backend_t *be, const float *x, const float *w, uint32_t n, uint32_t d,
+                 float eps, float *y);
+int kern_rope(kern_backend_t *be, const kern_rope_args_t *a);
+/* out[i] = silu(gate[i]) * up[i] over n elements; out may alias gate. */
+int kern_swiglu(kern_backend_t *be, const float *gate, const float *up, size_t n, float *out);
+/* x[i] += y[i] over n elements. */
+int kern_add(kern_backend_t *be, float *x, const float *y, size_t n);
+/* Writes n tokens' K and V rows ([n][n_kv_heads*head_dim], f32) of `layer`
+ * into their slots (host array), converting to kv->dtype. */
+int kern_kv_append(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, const float *k,
+                   const float *v, const int32_t *slots, uint32_t n);
+/* Copies whole blocks src[i] -> dst[i] in every layer (host arrays). */
+int kern_kv_copy(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
+                 uint32_t n);
+int kern_attention(kern_backend_t *be, const kern_attn_args_t *a);
+
+#endif /* KERN_H */

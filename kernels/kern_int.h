@@ -1,0 +1,66 @@
+/*
+ * kernels/kern_int.h — what a backend implements.  kern.c validates every
+ * argument once and then calls through this table; implementations may
+ * assume shapes are consistent.  Only files under kernels/ include this.
+ */
+#ifndef KERN_INT_H
+#define KERN_INT_H
+
+#include "kern.h"
+
+typedef struct kern_ops {
+    const char *name;
+    bool is_host;
+    void (*destroy)(kern_backend_t *be);
+    bool (*supports)(const kern_backend_t *be, kern_op_t op, kern_dtype_t type);
+
+    void *(*alloc)(kern_backend_t *be, size_t bytes);
+    void (*free)(kern_backend_t *be, void *p);
+    int (*upload)(kern_backend_t *be, void *dst, const void *src, size_t bytes);
+    int (*download)(kern_backend_t *be, void *dst, const void *src, size_t bytes);
+    int (*memset)(kern_backend_t *be, void *dst, int value, size_t bytes);
+    int (*sync)(kern_backend_t *be);
+
+    int (*get_rows)(kern_backend_t *be, const kern_tensor_t *w, const int32_t *ids, uint32_t n,
+                    float *out);
+    int (*matmul)(kern_backend_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
+                  const float *bias, float *y);
+    int (*rmsnorm)(kern_backend_t *be, const float *x, const float *w, uint32_t n, uint32_t d,
+                   float eps, float *y);
+    int (*rope)(kern_backend_t *be, const kern_rope_args_t *a);
+    int (*swiglu)(kern_backend_t *be, const float *gate, const float *up, size_t n, float *out);
+    int (*add)(kern_backend_t *be, float *x, const float *y, size_t n);
+    int (*kv_append)(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, const float *k,
+                     const float *v, const int32_t *slots, uint32_t n);
+    int (*kv_copy)(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
+                   uint32_t n);
+    int (*attention)(kern_backend_t *be, const kern_attn_args_t *a);
+} kern_ops_t;
+
+/* Every backend struct starts with this header. */
+struct kern_backend {
+    const kern_ops_t *ops;
+};
+
+/* Constructors, one per backend; kern.c picks by name. */
+int kern__ref_new(const kern_backend_cfg_t *cfg, kern_backend_t **out);
+int kern__cpu_new(const kern_backend_cfg_t *cfg, kern_backend_t **out);
+int kern__cuda_new(const kern_backend_cfg_t *cfg, kern_backend_t **out);
+
+/* Shared host-memory helpers for the ref and cpu backends (kern_host.c). */
+void *kern__host_alloc(kern_backend_t *be, size_t bytes);
+void kern__host_free(kern_backend_t *be, void *p);
+int kern__host_copy(kern_backend_t *be, void *dst, const void *src, size_t bytes);
+int kern__host_memset(kern_backend_t *be, void *dst, int value, size_t bytes);
+int kern__host_sync(kern_backend_t *be);
+
+/* Address of (layer, block, kv_head, slot-in-block) in a K or V buffer. */
+static inline size_t
+kern__kv_offset(const kern_kv_t *kv, uint32_t layer, uint32_t block, uint32_t head, uint32_t off)
+{
+    size_t el = kv->dtype == KERN_F16 ? 2 : 4;
+    return (size_t)layer * kv->layer_bytes +
+           ((((size_t)block * kv->n_kv_heads + head) * kv->block_tokens + off) * kv->head_dim) * el;
+}
+
+#endif /* KERN_INT_H */

@@ -1,0 +1,252 @@
+/*
+ * model/forward.c — the Llama forward pass over a batch of sequences whose
+ * KV lives in the paged cache.  One call takes any mix of prefill chunks and
+ * decode tokens (continuous batching): every matrix product runs once over
+ * all the batch's tokens, and only attention looks at sequence boundaries.
+ *
+ *   x = embd[tokens]
+ *   per layer:  h = rmsnorm(x) ; q,k,v = h W (+b) ; rope(q,k) at pos
+ *               kv_append(k,v -> slots) ; a = attention(q, paged KV)
+ *               x += a Wo ; h = rmsnorm(x) ; x += (silu(h Wg) * h Wu) Wd
+ *   logits = rmsnorm(x[logit_rows]) Wout
+ *
+ * In the last layer only the rows whose logits are wanted go past
+ * attention (their K/V are still written for every token).
+ * Called by sched/ and benchmarks; runs on the engine thread.
+ */
+#include "model_int.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct model_ctx {
+    model_t *m;
+    kern_backend_t *be;
+    uint32_t max_tokens;
+    uint32_t max_logits;
+    float *x, *h, *q, *k, *v, *att, *gate, *up;
+    float *lx, *lh, *logits; /* last-layer rows and logits */
+    int32_t *row_q_indptr;   /* host scratch for the last layer */
+    int32_t *row_kv_len;
+    void **bufs;
+    uint32_t n_bufs;
+};
+
+static float *
+ws_alloc(model_ctx_t *c, size_t n_floats, int *rc)
+{
+    size_t bytes;
+    if (*rc)
+        return NULL;
+    if (kvs_mul_size(n_floats ? n_floats : 1, sizeof(float), &bytes)) {
+        *rc = KVS_ENOMEM;
+        return NULL;
+    }
+    void *p = kern_alloc(c->be, bytes);
+    if (p == NULL) {
+        *rc = KVS_ENOMEM;
+        return NULL;
+    }
+    c->bufs[c->n_bufs++] = p;
+    return p;
+}
+
+int
+model_ctx_new(model_t *m, uint32_t max_tokens, uint32_t max_logits, model_ctx_t **out)
+{
+    *out = NULL;
+    if (max_tokens == 0 || max_logits == 0 || max_logits > max_tokens)
+        return KVS_EINVAL;
+    model_ctx_t *c = calloc(1, sizeof *c);
+    if (c == NULL)
+        return KVS_ENOMEM;
+    c->bufs = calloc(16, sizeof *c->bufs);
+    if (c->bufs == NULL) {
+        free(c);
+        return KVS_ENOMEM;
+    }
+    c->m = m;
+    c->be = m->be;
+    c->max_tokens = max_tokens;
+    c->max_logits = max_logits;
+    const model_hparams_t *hp = &m->hp;
+    size_t T = max_tokens, L = max_logits;
+    size_t qd = (size_t)hp->n_head * hp->head_dim, kvd = (size_t)hp->n_head_kv * hp->head_dim;
+    int rc = 0;
+    c->x = ws_alloc(c, T * hp->n_embd, &rc);
+    c->h = ws_alloc(c, T * (hp->n_embd > qd ? hp->n_embd : qd), &rc);
+    c->q = ws_alloc(c, T * qd, &rc);
+    c->k = ws_alloc(c, T * kvd, &rc);
+    c->v = ws_alloc(c, T * kvd, &rc);
+    c->att = ws_alloc(c, T * qd, &rc);
+    c->gate = ws_alloc(c, T * hp->n_ff, &rc);
+    c->up = ws_alloc(c, T * hp->n_ff, &rc);
+    c->lx = ws_alloc(c, L * hp->n_embd, &rc);
+    c->lh = ws_alloc(c, L * (hp->n_embd > qd ? hp->n_embd : qd), &rc);
+    c->logits = ws_alloc(c, L * hp->n_vocab, &rc);
+    if (rc == 0) {
+        c->row_q_indptr = malloc((L + 1) * sizeof(int32_t));
+        c->row_kv_len = malloc(L * sizeof(int32_t));
+        if (!c->row_q_indptr || !c->row_kv_len)
+            rc = KVS_ENOMEM;
+    }
+    if (rc) {
+        model_ctx_free(c);
+        return rc;
+    }
+    *out = c;
+    return 0;
+}
+
+void
+model_ctx_free(model_ctx_t *c)
+{
+    if (c == NULL)
+        return;
+    for (uint32_t i = 0; i < c->n_bufs; i++)
+        kern_free(c->be, c->bufs[i]);
+    free(c->bufs);
+    free(c->row_q_indptr);
+    free(c->row_kv_len);
+    free(c);
+}
+
+static int
+check_batch(const model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b)
+{
+    const model_hparams_t *hp = &c->m->hp;
+    if (!kv || kv->n_layers != hp->n_layer || kv->n_kv_heads != hp->n_head_kv ||
+        kv->head_dim != hp->head_dim)
+        return KVS_EINVAL;
+    if (b->n_tokens == 0 || b->n_tokens > c->max_tokens || b->n_logits > c->max_logits ||
+        !b->tokens || !b->pos || !b->slots || !b->kv_len || !b->seq_indptr ||
+        (b->n_logits && !b->logit_rows) || b->pt.n_seqs == 0)
+        return KVS_EINVAL;
+    if (b->seq_indptr[0] != 0 || (uint32_t)b->seq_indptr[b->pt.n_seqs] != b->n_tokens)
+        return KVS_EINVAL;
+    for (uint32_t s = 0; s < b->pt.n_seqs; s++)
+        if (b->seq_indptr[s + 1] < b->seq_indptr[s])
+            return KVS_EINVAL;
+    for (uint32_t i = 0; i < b->n_logits; i++) {
+        if (b->logit_rows[i] < 0 || (uint32_t)b->logit_rows[i] >= b->n_tokens)
+            return KVS_EINVAL;
+        /* The last layer keeps rows in this order and attends per sequence,
+         * so rows must ascend. */
+        if (i > 0 && b->logit_rows[i] <= b->logit_rows[i - 1])
+            return KVS_EINVAL;
+    }
+    return 0;
+}
+
+/* Rows of `src` ([n][cols], backend memory) picked by `rows` into dst. */
+static int
+gather_rows(kern_backend_t *be, const float *src, uint32_t n, uint32_t cols, const int32_t *rows,
+            uint32_t n_rows, float *dst)
+{
+    kern_tensor_t view = {KERN_F32, cols, n, (size_t)cols * sizeof(float), src};
+    return kern_get_rows(be, &view, rows, n_rows, dst);
+}
+
+#define TRY(x)          \
+    do {                \
+        int rc_ = (x);  \
+        if (rc_)        \
+            return rc_; \
+    } while (0)
+
+int
+model_forward(model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b, float *logits)
+{
+    TRY(check_batch(c, kv, b));
+    const model_t *m = c->m;
+    const model_hparams_t *hp = &m->hp;
+    kern_backend_t *be = c->be;
+    const uint32_t T = b->n_tokens, d = hp->n_embd;
+    const uint32_t qd = hp->n_head * hp->head_dim;
+    const uint32_t nl = b->n_logits;
+
+    /* Attention arguments for the last layer's reduced rows: each logit
+     * row keeps its own sequence and visible KV length. */
+    c->row_q_indptr[0] = 0;
+    for (uint32_t i = 0, seq = 0; seq < b->pt.n_seqs; seq++) {
+        while (i < nl && b->logit_rows[i] < b->seq_indptr[seq + 1]) {
+            c->row_kv_len[i] = b->kv_len[b->logit_rows[i]];
+            i++;
+        }
+        c->row_q_indptr[seq + 1] = (int32_t)i;
+    }
+
+    kern_rope_args_t rope = {
+        .head_dim = hp->head_dim,
+        .n_rot = hp->n_rot,
+        .pos = b->pos,
+        .n_rows = T,
+        .freq_base = hp->rope_freq_base,
+        .freq_scale = hp->rope_freq_scale,
+        .freq_factors = m->rope_freqs,
+        /* llama.cpp's qwen2 rotates halves, not adjacent pairs. */
+        .neox = strcmp(hp->arch, "qwen2") == 0,
+    };
+    kern_attn_args_t attn = {
+        .q = c->q,
+        .out = c->att,
+        .n_q = T,
+        .n_heads = hp->n_head,
+        .q_indptr = b->seq_indptr,
+        .kv_len = b->kv_len,
+        .pt = b->pt,
+        .kv = kv,
+        .scale = 1.0f / sqrtf((float)hp->head_dim),
+    };
+
+    TRY(kern_get_rows(be, &m->tok_embd, b->tokens, T, c->x));
+    for (uint32_t l = 0; l < hp->n_layer; l++) {
+        const model_layer_t *L = &m->layers[l];
+        const float *bq = L->bq.data, *bk = L->bk.data, *bv = L->bv.data;
+        TRY(kern_rmsnorm(be, c->x, L->attn_norm.data, T, d, hp->rms_eps, c->h));
+        TRY(kern_matmul(be, &L->wq, c->h, T, bq, c->q));
+        TRY(kern_matmul(be, &L->wk, c->h, T, bk, c->k));
+        TRY(kern_matmul(be, &L->wv, c->h, T, bv, c->v));
+        rope.x = c->q;
+        rope.n_heads = hp->n_head;
+        TRY(kern_rope(be, &rope));
+        rope.x = c->k;
+        rope.n_heads = hp->n_head_kv;
+        TRY(kern_rope(be, &rope));
+        TRY(kern_kv_append(be, kv, l, c->k, c->v, b->slots, T));
+
+        float *x = c->x, *h = c->h, *att = c->att;
+        uint32_t n = T;
+        attn.layer = l;
+        if (l + 1 == hp->n_layer) {
+            if (nl == 0)
+                break;
+            /* Only the rows whose logits are wanted continue. */
+            TRY(gather_rows(be, c->q, T, qd, b->logit_rows, nl, c->lh));
+            TRY(gather_rows(be, c->x, T, d, b->logit_rows, nl, c->lx));
+            attn.q = c->lh;
+            attn.n_q = nl;
+            attn.q_indptr = c->row_q_indptr;
+            attn.kv_len = c->row_kv_len;
+            x = c->lx;
+            h = c->lh;
+            n = nl;
+        }
+        TRY(kern_attention(be, &attn));
+        TRY(kern_matmul(be, &L->wo, att, n, NULL, h));
+        TRY(kern_add(be, x, h, (size_t)n * d));
+        TRY(kern_rmsnorm(be, x, L->ffn_norm.data, n, d, hp->rms_eps, h));
+        TRY(kern_matmul(be, &L->w_gate, h, n, NULL, c->gate));
+        TRY(kern_matmul(be, &L->w_up, h, n, NULL, c->up));
+        TRY(kern_swiglu(be, c->gate, c->up, (size_t)n * hp->n_ff, c->gate));
+        TRY(kern_matmul(be, &L->w_down, c->gate, n, NULL, h));
+        TRY(kern_add(be, x, h, (size_t)n * d));
+    }
+    if (nl == 0)
+        return 0;
+    TRY(kern_rmsnorm(be, c->lx, m->output_norm.data, nl, d, hp->rms_eps, c->lh));
+    TRY(kern_matmul(be, &m->output, c->lh, nl, NULL, c->logits));
+    TRY(kern_download(be, logits, c->logits, (size_t)nl * hp->n_vocab * sizeof(float)));
+    return kern_sync(be);
+}

@@ -1,0 +1,263 @@
+/*
+ * model/model.h — everything about a Llama-family model: the GGUF v3 reader
+ * and writer, hyper-parameters and weights, the tokenizer, the batched
+ * forward pass over paged KV, and the sampler.
+ *
+ * Callers: sched/ (forward + sampling), serve/ (CLI, tokenization), tests.
+ * Depends on kernels/ (numeric ops) and base/ only; it sees KV memory only
+ * through the kern_kv_t view that cache/ exports.
+ */
+#ifndef MODEL_H
+#define MODEL_H
+
+#include "base/kvs.h"
+#include "kernels/kern.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+/* ======================================================================== */
+/* GGUF v3 reader.  Files are untrusted: every count, length, offset, type  */
+/* and product is checked against overflow and the file size, and errors    */
+/* name the key or tensor at fault.                                         */
+/* ======================================================================== */
+
+typedef enum model_gguf_type {
+    MODEL_GGUF_UINT8 = 0,
+    MODEL_GGUF_INT8 = 1,
+    MODEL_GGUF_UINT16 = 2,
+    MODEL_GGUF_INT16 = 3,
+    MODEL_GGUF_UINT32 = 4,
+    MODEL_GGUF_INT32 = 5,
+    MODEL_GGUF_FLOAT32 = 6,
+    MODEL_GGUF_BOOL = 7,
+    MODEL_GGUF_STRING = 8,
+    MODEL_GGUF_ARRAY = 9,
+    MODEL_GGUF_UINT64 = 10,
+    MODEL_GGUF_INT64 = 11,
+    MODEL_GGUF_FLOAT64 = 12,
+} model_gguf_type_t;
+
+#define MODEL_GGUF_MAX_DIMS 4
+#define MODEL_GGUF_MAX_NAME 63 /* bytes, as ggml's GGML_MAX_NAME - 1 */
+
+typedef struct model_gguf_str {
+    const char *ptr; /* NUL-terminated copy owned by the reader */
+    size_t len;
+} model_gguf_str_t;
+
+typedef struct model_gguf_tensor {
+    const char *name; /* NUL-terminated, owned by the reader */
+    uint32_t n_dims;
+    uint64_t ne[MODEL_GGUF_MAX_DIMS]; /* ne[0] contiguous; missing dims are 1 */
+    uint32_t type;                    /* ggml type id (kern_dtype_t values) */
+    uint64_t offset;                  /* relative to the data section */
+    size_t nbytes;
+    const void *data; /* inside the mapping */
+} model_gguf_tensor_t;
+
+typedef struct model_gguf model_gguf_t;
+
+/* Maps `path` read-only and validates it.  On failure returns KVS_EIO /
+ * KVS_ENOENT (cannot open/map), KVS_EFORMAT (malformed) or KVS_ENOMEM and
+ * writes a one-line reason naming the key or tensor into err (if not NULL).
+ * Thread: any; the result is immutable and may be shared. */
+int model_gguf_open(const char *path, model_gguf_t **out, char *err, size_t err_len);
+/* Same over a caller-owned buffer that must outlive the reader. */
+int model_gguf_open_mem(const void *buf, size_t len, model_gguf_t **out, char *err, size_t err_len);
+void model_gguf_close(model_gguf_t *g); /* NULL is a no-op */
+
+uint32_t model_gguf_version(const model_gguf_t *g);
+uint32_t model_gguf_alignment(const model_gguf_t *g);
+size_t model_gguf_data_offset(const model_gguf_t *g);
+
+/* Metadata.  Keys are looked up by exact name. */
+uint32_t model_gguf_n_kv(const model_gguf_t *g);
+const char *model_gguf_kv_key(const model_gguf_t *g, uint32_t i);
+model_gguf_type_t model_gguf_kv_type(const model_gguf_t *g, uint32_t i);
+/* Index of key or -1. */
+int64_t model_gguf_find_key(const model_gguf_t *g, const char *key);
+
+/* Typed getters.  Return 0, KVS_ENOENT (absent) or KVS_EFORMAT (wrong type
+ * or out of range; the integer getters accept any integer type whose value
+ * fits, the float getter F32 or F64). */
+int model_gguf_get_u32(const model_gguf_t *g, const char *key, uint32_t *out);
+int model_gguf_get_u64(const model_gguf_t *g, const char *key, uint64_t *out);
+int model_gguf_get_i64(const model_gguf_t *g, const char *key, int64_t *out);
+int model_gguf_get_f32(const model_gguf_t *g, const char *key, float *out);
+int model_gguf_get_bool(const model_gguf_t *g, const char *key, bool *out);
+int model_gguf_get_str(const model_gguf_t *g, const char *key, model_gguf_str_t *out);
+/* Arrays: element type and count; arrays of arrays are refused at open. */
+int model_gguf_get_arr(const model_gguf_t *g, const char *key, model_gguf_type_t *elem_type,
+                       uint64_t *count);
+/* Element i of a string array. */
+int model_gguf_arr_str(const model_gguf_t *g, const char *key, uint64_t i, model_gguf_str_t *out);
+/* Raw packed elements of a numeric array (little-endian, count elements). */
+int model_gguf_arr_data(const model_gguf_t *g, const char *key, const void **data);
+/* Prints the value of kv i in a human-readable form (arrays abbreviated). */
+void model_gguf_kv_print(const model_gguf_t *g, uint32_t i, FILE *f);
+
+/* Tensors. */
+uint32_t model_gguf_n_tensors(const model_gguf_t *g);
+const model_gguf_tensor_t *model_gguf_tensor(const model_gguf_t *g, uint32_t i);
+const model_gguf_tensor_t *model_gguf_find_tensor(const model_gguf_t *g, const char *name);
+
+/* ======================================================================== */
+/* GGUF v3 writer.  Tensor data streams to the file in info order, so      */
+/* multi-GB models never sit in memory:                                     */
+/*   new -> set_* / add_tensor ... -> begin(path) -> write ... -> finish    */
+/* ======================================================================== */
+
+typedef struct model_gguf_writer model_gguf_writer_t;
+
+int model_gguf_writer_new(model_gguf_writer_t **out);
+void model_gguf_writer_free(model_gguf_writer_t *w); /* NULL is a no-op; closes any file */
+
+int model_gguf_writer_set_u32(model_gguf_writer_t *w, const char *key, uint32_t v);
+int model_gguf_writer_set_i32(model_gguf_writer_t *w, const char *key, int32_t v);
+int model_gguf_writer_set_u64(model_gguf_writer_t *w, const char *key, uint64_t v);
+int model_gguf_writer_set_f32(model_gguf_writer_t *w, const char *key, float v);
+int model_gguf_writer_set_bool(model_gguf_writer_t *w, const char *key, bool v);
+int model_gguf_writer_set_str(model_gguf_writer_t *w, const char *key, const char *v);
+int model_gguf_writer_set_arr_str(model_gguf_writer_t *w, const char *key, const char *const *v,
+                                  const size_t *lens, uint64_t n);
+int model_gguf_writer_set_arr_f32(model_gguf_writer_t *w, const char *key, const float *v,
+                                  uint64_t n);
+int model_gguf_writer_set_arr_i32(model_gguf_writer_t *w, const char *key, const int32_t *v,
+                                  uint64_t n);
+/* Declares the next tensor (data comes later, in the same order).
+ * Returns 0, KVS_EINVAL (bad name, dims or type, ne[0] not a block
+ * multiple, duplicate name). */
+int model_gguf_writer_add_tensor(model_gguf_writer_t *w, const char *name, uint32_t n_dims,
+                                 const uint64_t *ne, uint32_t type);
+/* Writes header, metadata and tensor infos to path (created/truncated). */
+int model_gguf_writer_begin(model_gguf_writer_t *w, const char *path);
+/* Appends bytes of tensor data; may split or join tensors freely; padding
+ * between tensors is inserted automatically. */
+int model_gguf_writer_write(model_gguf_writer_t *w, const void *data, size_t bytes);
+/* Checks every declared byte was written, flushes and closes. */
+int model_gguf_writer_finish(model_gguf_writer_t *w);
+
+/* ======================================================================== */
+/* Models.                                                                  */
+/* ======================================================================== */
+
+typedef struct model_hparams {
+    char arch[16]; /* "llama" or "qwen2" */
+    uint32_t n_vocab;
+    uint32_t n_embd;
+    uint32_t n_layer;
+    uint32_t n_head;
+    uint32_t n_head_kv;
+    uint32_t head_dim;
+    uint32_t n_ff;
+    uint32_t n_rot;
+    uint32_t n_ctx_train;
+    float rms_eps;
+    float rope_freq_base;
+    float rope_freq_scale; /* 1/factor for linear scaling, else 1 */
+    bool has_rope_freqs;   /* Llama 3.1 rope_freqs.weight present */
+    bool has_bias;         /* q/k/v biases (qwen2) */
+    bool tied_output;      /* output.weight absent: logits use token_embd */
+    kern_dtype_t wtype;    /* type of the attention/MLP matrices */
+    bool is_random;        /* written by `kvserve model random` */
+} model_hparams_t;
+
+#define MODEL_MAX_LAYERS 512
+
+typedef struct model model_t;
+
+/* Opens a GGUF file and binds its weights for `be`.  Every hyper-parameter
+ * is range-checked and every tensor's presence, shape and type verified;
+ * failures return KVS_EFORMAT (bad or inconsistent file), KVS_ENOTSUP
+ * (architecture, weight type or tokenizer not supported) with a message
+ * naming the key or tensor, or KVS_EIO/KVS_ENOENT/KVS_ENOMEM.  On host
+ * backends the weights stay in the read-only mapping (no copy).
+ * The backend must outlive the model.  Thread: any; then read-only. */
+int model_load(const char *path, kern_backend_t *be, model_t **out, char *err, size_t err_len);
+void model_free(model_t *m); /* NULL is a no-op */
+const model_hparams_t *model_hparams(const model_t *m);
+const model_gguf_t *model_gguf(const model_t *m);
+/* KV bytes per token per layer for a KV dtype: 2 * n_head_kv * head_dim * size. */
+size_t model_kv_bytes_per_token(const model_t *m, kern_dtype_t kv_dtype);
+/* Bytes of weights read to produce one token (every matrix once, embedding
+ * row ignored, the output matrix once). */
+size_t model_weight_bytes_per_token(const model_t *m);
+
+/* ---- tokenizer ---------------------------------------------------------- */
+
+/* Text to ids.  Returns 0, KVS_ENOSPC when `cap` is too small (*n_out then
+ * says how many are needed), KVS_EINVAL on invalid input. */
+int model_tokenize(const model_t *m, const char *text, size_t len, bool add_bos, int32_t *out,
+                   size_t cap, size_t *n_out);
+/* The bytes of one token (empty for control tokens); returns the length
+ * written (<= cap), or KVS_EINVAL for an id outside the vocabulary. */
+int model_token_piece(const model_t *m, int32_t id, char *buf, size_t cap);
+int32_t model_token_bos(const model_t *m); /* -1 when none */
+int32_t model_token_eos(const model_t *m); /* -1 when none */
+bool model_token_is_eog(const model_t *m, int32_t id);
+const char *model_tokenizer_name(const model_t *m); /* "bytes", "gpt2-bytes" */
+
+/* ---- forward pass ------------------------------------------------------- */
+
+/* One step's work: n_tokens new tokens from pt.n_seqs sequences, any mix of
+ * prefill chunks and single decode tokens.  Sequence s owns tokens
+ * seq_indptr[s] .. seq_indptr[s+1]-1.  All arrays are host memory and are
+ * borrowed for the call. */
+typedef struct model_batch {
+    uint32_t n_tokens;
+    const int32_t *tokens;     /* [n_tokens] */
+    const int32_t *pos;        /* [n_tokens] RoPE positions */
+    const int32_t *slots;      /* [n_tokens] KV slot each token writes */
+    const int32_t *kv_len;     /* [n_tokens] KV entries visible to each token, own included */
+    const int32_t *seq_indptr; /* [pt.n_seqs + 1] */
+    kern_page_table_t pt;      /* block tables including this step's entries */
+    const int32_t *logit_rows; /* [n_logits] token indices whose logits are wanted */
+    uint32_t n_logits;
+} model_batch_t;
+
+typedef struct model_ctx model_ctx_t;
+
+/* Activation workspace for batches of up to max_tokens tokens and
+ * max_logits logit rows, allocated once from the model's backend. */
+int model_ctx_new(model_t *m, uint32_t max_tokens, uint32_t max_logits, model_ctx_t **out);
+void model_ctx_free(model_ctx_t *ctx); /* NULL is a no-op */
+/* Runs every layer over the batch, writing K/V into `kv` at the batch's
+ * slots, and copies the requested logits rows to host `logits`
+ * ([n_logits][n_vocab]).  Returns 0, KVS_EINVAL (batch inconsistent with
+ * the model or the workspace), or a backend error. Thread: engine. */
+int model_forward(model_ctx_t *ctx, const kern_kv_t *kv, const model_batch_t *b, float *logits);
+
+/* ---- sampler ------------------------------------------------------------ */
+
+typedef struct model_sampling {
+    float temperature; /* 0 = greedy */
+    int32_t top_k;     /* 0 = off */
+    float top_p;       /* 1 = off */
+    float min_p;       /* 0 = off */
+    uint64_t seed;
+} model_sampling_t;
+
+typedef struct model_sampler model_sampler_t;
+
+/* Returns 0, KVS_EINVAL (temperature < 0, top_p outside (0,1], min_p
+ * outside [0,1], top_k < 0) or KVS_ENOMEM. */
+int model_sampler_new(const model_sampling_t *cfg, uint32_t n_vocab, model_sampler_t **out);
+void model_sampler_free(model_sampler_t *s);
+/* Picks the next token from one row of logits: greedy at temperature 0,
+ * otherwise top-k, then top-p, then min-p on the tempered distribution,
+ * then a draw from the seeded generator (same seed, same tokens). */
+int32_t model_sampler_sample(model_sampler_t *s, const float *logits);
+
+/* ---- random models for benchmarks and tests ----------------------------- */
+
+/* Writes a GGUF with deterministic random weights of a real architecture:
+ * shape "tiny" (d 256, 4 layers, 8 heads x 32, 2 KV heads, ff 704, byte
+ * vocabulary), "llama-3.2-1b" or "llama-3.1-8b"; dtype F32, F16, BF16 or
+ * Q8_0.  Such files carry kvserve.random = true and a general.name that
+ * says so.  Returns 0, KVS_EINVAL (unknown shape/dtype) or KVS_EIO. */
+int model_random_write(const char *shape, kern_dtype_t dtype, uint64_t seed, const char *path,
+                       char *err, size_t err_len);
+
+#endif /* MODEL_H */

@@ -1,0 +1,208 @@
+/*
+ * model/sampler.c — picks the next token from a row of logits: greedy, or
+ * temperature with top-k, top-p (nucleus) and min-p filters and a seeded
+ * xoshiro256** generator, so one seed always gives the same tokens.
+ * Called by sched/ once per sequence per step (engine thread).
+ */
+#include "model_int.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+struct model_sampler {
+    model_sampling_t cfg;
+    uint32_t n_vocab;
+    uint64_t s[4];
+    float *prob;  /* [n_vocab] */
+    int32_t *idx; /* [n_vocab] candidate ids */
+};
+
+static uint64_t
+splitmix64(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static uint64_t
+rotl(uint64_t x, int k)
+{
+    return (x << k) | (x >> (64 - k));
+}
+
+static uint64_t
+xoshiro_next(uint64_t *s)
+{
+    uint64_t r = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return r;
+}
+
+int
+model_sampler_new(const model_sampling_t *cfg, uint32_t n_vocab, model_sampler_t **out)
+{
+    *out = NULL;
+    if (!(cfg->temperature >= 0.0f) || !isfinite(cfg->temperature) || cfg->top_k < 0 ||
+        !(cfg->top_p > 0.0f && cfg->top_p <= 1.0f) || !(cfg->min_p >= 0.0f && cfg->min_p <= 1.0f) ||
+        n_vocab == 0)
+        return KVS_EINVAL;
+    model_sampler_t *s = calloc(1, sizeof *s);
+    if (s == NULL)
+        return KVS_ENOMEM;
+    s->cfg = *cfg;
+    s->n_vocab = n_vocab;
+    uint64_t x = cfg->seed;
+    for (int i = 0; i < 4; i++)
+        s->s[i] = splitmix64(&x);
+    if (cfg->temperature > 0.0f) {
+        s->prob = malloc(n_vocab * sizeof *s->prob);
+        s->idx = malloc(n_vocab * sizeof *s->idx);
+        if (!s->prob || !s->idx) {
+            model_sampler_free(s);
+            return KVS_ENOMEM;
+        }
+    }
+    *out = s;
+    return 0;
+}
+
+void
+model_sampler_free(model_sampler_t *s)
+{
+    if (s == NULL)
+        return;
+    free(s->prob);
+    free(s->idx);
+    free(s);
+}
+
+static int32_t
+argmax(const float *x, uint32_t n)
+{
+    uint32_t best = 0;
+    for (uint32_t i = 1; i < n; i++)
+        if (x[i] > x[best])
+            best = i;
+    return (int32_t)best;
+}
+
+/* Descending probability; ties broken by id so runs are reproducible
+ * whatever the libc sort. */
+static int
+cmp_desc(const void *a, const void *b, void *arg)
+{
+    const float *prob = arg;
+    int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
+    if (prob[i] != prob[j])
+        return prob[i] > prob[j] ? -1 : 1;
+    return i < j ? -1 : (i > j);
+}
+
+static bool
+heap_less(const float *prob, int32_t a, int32_t b)
+{
+    return cmp_desc(&a, &b, (void *)prob) > 0; /* a ranks below b */
+}
+
+static void
+heap_sift_down(int32_t *h, uint32_t k, uint32_t i, const float *prob)
+{
+    for (;;) {
+        uint32_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < k && heap_less(prob, h[l], h[m]))
+            m = l;
+        if (r < k && heap_less(prob, h[r], h[m]))
+            m = r;
+        if (m == i)
+            return;
+        int32_t t = h[i];
+        h[i] = h[m];
+        h[m] = t;
+        i = m;
+    }
+}
+
+/* Leaves the k best of ids 0..n-1 in idx[0..k) (unordered): a min-heap of
+ * the best k seen so far, O(n log k). */
+static void
+select_top(int32_t *idx, uint32_t n, uint32_t k, const float *prob)
+{
+    for (uint32_t i = 0; i < k; i++)
+        idx[i] = (int32_t)i;
+    for (uint32_t i = k / 2; i-- > 0;)
+        heap_sift_down(idx, k, i, prob);
+    for (uint32_t i = k; i < n; i++) {
+        if (heap_less(prob, idx[0], (int32_t)i)) {
+            idx[0] = (int32_t)i;
+            heap_sift_down(idx, k, 0, prob);
+        }
+    }
+}
+
+int32_t
+model_sampler_sample(model_sampler_t *s, const float *logits)
+{
+    const model_sampling_t *c = &s->cfg;
+    uint32_t n = s->n_vocab;
+    if (c->temperature == 0.0f)
+        return argmax(logits, n);
+
+    float mx = logits[argmax(logits, n)];
+    double sum = 0.0;
+    for (uint32_t i = 0; i < n; i++) {
+        float p = expf((logits[i] - mx) / c->temperature);
+        s->prob[i] = p;
+        s->idx[i] = (int32_t)i;
+        sum += p;
+    }
+    uint32_t m = n;
+    if (c->top_k > 0 && (uint32_t)c->top_k < m) {
+        select_top(s->idx, m, (uint32_t)c->top_k, s->prob);
+        m = (uint32_t)c->top_k;
+    }
+    if (c->top_p < 1.0f || c->min_p > 0.0f || m < n) {
+        qsort_r(s->idx, m, sizeof *s->idx, cmp_desc, s->prob);
+        double total = 0.0;
+        for (uint32_t i = 0; i < m; i++)
+            total += s->prob[s->idx[i]];
+        sum = total;
+        if (c->top_p < 1.0f) {
+            double acc = 0.0;
+            uint32_t keep = m;
+            for (uint32_t i = 0; i < m; i++) {
+                acc += s->prob[s->idx[i]];
+                if (acc >= c->top_p * total) {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            m = keep;
+        }
+        if (c->min_p > 0.0f) {
+            float floor_p = c->min_p * s->prob[s->idx[0]];
+            uint32_t keep = 1;
+            while (keep < m && s->prob[s->idx[keep]] >= floor_p)
+                keep++;
+            m = keep;
+        }
+        sum = 0.0;
+        for (uint32_t i = 0; i < m; i++)
+            sum += s->prob[s->idx[i]];
+    }
+    /* 53 random bits -> uniform in [0, sum). */
+    double r = (double)(xoshiro_next(s->s) >> 11) * (1.0 / 9007199254740992.0) * sum;
+    double acc = 0.0;
+    for (uint32_t i = 0; i < m; i++) {
+        acc += s->prob[s->idx[i]];
+        if (r < acc)
+            return s->idx[i];
+    }
+    return s->idx[m - 1];
+}

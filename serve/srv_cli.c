@@ -1,0 +1,156 @@
+/*
+ * serve/srv_cli.c — small helpers the subcommands share: strict flag value
+ * parsing with messages that name the flag, JSON string output, and the
+ * lookup of the bundled model.
+ */
+#include "srv.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+int
+srv_parse_u64(const char *cmd, const char *flag, const char *s, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    if (s == NULL || *s == '\0' || *s == '-')
+        goto bad;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || *end != '\0')
+        goto bad;
+    *out = v;
+    return 0;
+bad:
+    fprintf(stderr, "kvserve %s: %s: expected a non-negative integer, got '%s'\n", cmd, flag,
+            s ? s : "");
+    return KVS_EINVAL;
+}
+
+int
+srv_parse_u32(const char *cmd, const char *flag, const char *s, uint32_t lo, uint32_t hi,
+              uint32_t *out)
+{
+    uint64_t v;
+    if (srv_parse_u64(cmd, flag, s, &v))
+        return KVS_EINVAL;
+    if (v < lo || v > hi) {
+        fprintf(stderr, "kvserve %s: %s: %llu is outside [%u, %u]\n", cmd, flag,
+                (unsigned long long)v, lo, hi);
+        return KVS_EINVAL;
+    }
+    *out = (uint32_t)v;
+    return 0;
+}
+
+int
+srv_parse_f32(const char *cmd, const char *flag, const char *s, float lo, float hi, float *out)
+{
+    char *end;
+    errno = 0;
+    float v = s && *s ? strtof(s, &end) : NAN;
+    if (s == NULL || *s == '\0' || errno || *end != '\0' || !isfinite(v)) {
+        fprintf(stderr, "kvserve %s: %s: expected a number, got '%s'\n", cmd, flag, s ? s : "");
+        return KVS_EINVAL;
+    }
+    if (v < lo || v > hi) {
+        fprintf(stderr, "kvserve %s: %s: %g is outside [%g, %g]\n", cmd, flag, v, lo, hi);
+        return KVS_EINVAL;
+    }
+    *out = v;
+    return 0;
+}
+
+int
+srv_parse_tokens(const char *cmd, const char *flag, const char *s, int32_t **out, size_t *n)
+{
+    size_t cap = 1;
+    for (const char *p = s; *p; p++)
+        cap += *p == ',';
+    int32_t *ids = malloc(cap * sizeof *ids);
+    if (ids == NULL)
+        return KVS_ENOMEM;
+    size_t k = 0;
+    const char *p = s;
+    while (*p) {
+        char *end;
+        errno = 0;
+        long long v = strtoll(p, &end, 10);
+        if (end == p || errno || v < 0 || v > INT32_MAX || (*end != ',' && *end != '\0')) {
+            fprintf(stderr, "kvserve %s: %s: bad token id at '%s' (expected 1,2,3)\n", cmd, flag,
+                    p);
+            free(ids);
+            return KVS_EINVAL;
+        }
+        ids[k++] = (int32_t)v;
+        p = *end == ',' ? end + 1 : end;
+    }
+    if (k == 0) {
+        fprintf(stderr, "kvserve %s: %s: no token ids given\n", cmd, flag);
+        free(ids);
+        return KVS_EINVAL;
+    }
+    *out = ids;
+    *n = k;
+    return 0;
+}
+
+void
+srv_json_str(FILE *f, const char *s, size_t len)
+{
+    fputc('"', f);
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)s[i];
+        switch (c) {
+        case '"':
+            fputs("\\\"", f);
+            break;
+        case '\\':
+            fputs("\\\\", f);
+            break;
+        case '\n':
+            fputs("\\n", f);
+            break;
+        case '\r':
+            fputs("\\r", f);
+            break;
+        case '\t':
+            fputs("\\t", f);
+            break;
+        default:
+            if (c < 0x20 || c >= 0x7f)
+                /* Bytes outside printable ASCII go out as code points of
+                 * their byte value: lossless for byte-level tokens, and
+                 * always valid JSON even when a token splits a UTF-8
+                 * sequence. */
+                fprintf(f, "\\u%04x", c);
+            else
+                fputc(c, f);
+        }
+    }
+    fputc('"', f);
+}
+
+const char *
+srv_default_model(void)
+{
+    static char path[PATH_MAX];
+    const char *env = getenv("KVSERVE_MODEL");
+    if (env && *env)
+        return env;
+    static const char *const candidates[] = {
+        "weights/kvserve-main.gguf",
+        KVS_SOURCE_DIR "/weights/kvserve-main.gguf",
+        KVS_INSTALL_PREFIX "/share/kvserve/kvserve-main.gguf",
+    };
+    for (size_t i = 0; i < sizeof candidates / sizeof candidates[0]; i++) {
+        if (access(candidates[i], R_OK) == 0) {
+            snprintf(path, sizeof path, "%s", candidates[i]);
+            return path;
+        }
+    }
+    return NULL;
+}

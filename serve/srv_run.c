@@ -1,0 +1,427 @@
+/*
+ * serve/srv_run.c — `kvserve run`: offline generation for one prompt
+ * through the same pieces the server uses (model, paged KV cache, batch
+ * builder, sampler).  Prints the text (or JSON), prefill and decode speed
+ * on stderr, and optionally every step's logits as a .npy file, which the
+ * reference tests compare against an independent implementation.
+ */
+#include "srv.h"
+
+#include "cache/kv.h"
+#include "model/model.h"
+#include "sched/sched.h"
+
+#include <getopt.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static const char run_usage[] =
+    "usage: kvserve run [--model PATH] (--prompt TEXT | --prompt-tokens 1,2,3)\n"
+    "                   [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--min-p P]\n"
+    "                   [--seed S] [--ignore-eos] [--threads N] [--device cpu|ref|cuda]\n"
+    "                   [--block-size N] [--kv-cache-dtype f16|f32] [--batch-size N]\n"
+    "                   [--max-model-len N] [--logits-out FILE.npy] [--json]\n";
+
+typedef struct run_opts {
+    const char *model, *prompt, *prompt_tokens, *logits_out, *device;
+    uint32_t max_tokens, threads, block_size, batch_size, max_model_len;
+    kern_dtype_t kv_dtype;
+    model_sampling_t sampling;
+    bool seed_set, ignore_eos, json;
+} run_opts_t;
+
+/* .npy v1.0 writer for a float32 [rows][cols] array whose row count is
+ * known only at the end: the header is padded to a fixed 128 bytes and
+ * rewritten on close. */
+typedef struct npy {
+    FILE *f;
+    uint32_t cols, rows;
+} npy_t;
+
+static void
+npy_header(npy_t *n)
+{
+    char h[128];
+    int len = snprintf(h, sizeof h, "{'descr': '<f4', 'fortran_order': False, 'shape': (%u, %u), }",
+                       n->rows, n->cols);
+    memset(h + len, ' ', sizeof h - (size_t)len);
+    h[sizeof h - 1] = '\n';
+    static const unsigned char magic[8] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0};
+    uint16_t hl = (uint16_t)(sizeof h - 10);
+    fseek(n->f, 0, SEEK_SET);
+    fwrite(magic, 1, 8, n->f);
+    fwrite(&hl, 2, 1, n->f);
+    fwrite(h, 1, sizeof h - 10, n->f);
+}
+
+static int
+parse_opts(int argc, char **argv, run_opts_t *o)
+{
+    enum {
+        O_MODEL = 256,
+        O_PROMPT,
+        O_PTOK,
+        O_MAXTOK,
+        O_TEMP,
+        O_TOPK,
+        O_TOPP,
+        O_MINP,
+        O_SEED,
+        O_IGNEOS,
+        O_THREADS,
+        O_DEVICE,
+        O_BS,
+        O_KVD,
+        O_BATCH,
+        O_MML,
+        O_LOGITS,
+        O_JSON,
+        O_HELP,
+    };
+    static const struct option lo[] = {
+        {"model", 1, 0, O_MODEL},        {"prompt", 1, 0, O_PROMPT},
+        {"prompt-tokens", 1, 0, O_PTOK}, {"max-tokens", 1, 0, O_MAXTOK},
+        {"temperature", 1, 0, O_TEMP},   {"top-k", 1, 0, O_TOPK},
+        {"top-p", 1, 0, O_TOPP},         {"min-p", 1, 0, O_MINP},
+        {"seed", 1, 0, O_SEED},          {"ignore-eos", 0, 0, O_IGNEOS},
+        {"threads", 1, 0, O_THREADS},    {"device", 1, 0, O_DEVICE},
+        {"block-size", 1, 0, O_BS},      {"kv-cache-dtype", 1, 0, O_KVD},
+        {"batch-size", 1, 0, O_BATCH},   {"max-model-len", 1, 0, O_MML},
+        {"logits-out", 1, 0, O_LOGITS},  {"json", 0, 0, O_JSON},
+        {"help", 0, 0, O_HELP},          {0, 0, 0, 0},
+    };
+    /* Defaults follow llama.cpp's sampling defaults. */
+    *o = (run_opts_t){
+        .device = "cpu",
+        .max_tokens = 128,
+        .block_size = 16,
+        .batch_size = 512,
+        .kv_dtype = KERN_F16,
+        .sampling = {.temperature = 0.8f, .top_k = 40, .top_p = 0.95f, .min_p = 0.05f},
+    };
+    const char *C = "run";
+    uint32_t u;
+    opterr = 0;
+    optind = 1;
+    int c;
+    while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+        int rc = 0;
+        switch (c) {
+        case O_MODEL:
+            o->model = optarg;
+            break;
+        case O_PROMPT:
+            o->prompt = optarg;
+            break;
+        case O_PTOK:
+            o->prompt_tokens = optarg;
+            break;
+        case O_MAXTOK:
+            rc = srv_parse_u32(C, "--max-tokens", optarg, 1, 1u << 24, &o->max_tokens);
+            break;
+        case O_TEMP:
+            rc = srv_parse_f32(C, "--temperature", optarg, 0.0f, 100.0f, &o->sampling.temperature);
+            break;
+        case O_TOPK:
+            rc = srv_parse_u32(C, "--top-k", optarg, 0, INT32_MAX, &u);
+            o->sampling.top_k = (int32_t)u;
+            break;
+        case O_TOPP:
+            rc = srv_parse_f32(C, "--top-p", optarg, 1e-6f, 1.0f, &o->sampling.top_p);
+            break;
+        case O_MINP:
+            rc = srv_parse_f32(C, "--min-p", optarg, 0.0f, 1.0f, &o->sampling.min_p);
+            break;
+        case O_SEED:
+            rc = srv_parse_u64(C, "--seed", optarg, &o->sampling.seed);
+            o->seed_set = true;
+            break;
+        case O_IGNEOS:
+            o->ignore_eos = true;
+            break;
+        case O_THREADS:
+            rc = srv_parse_u32(C, "--threads", optarg, 1, 1024, &o->threads);
+            break;
+        case O_DEVICE:
+            o->device = optarg;
+            break;
+        case O_BS:
+            rc = srv_parse_u32(C, "--block-size", optarg, 1, 1024, &o->block_size);
+            break;
+        case O_KVD:
+            if (kern_dtype_parse(optarg, &o->kv_dtype) ||
+                (o->kv_dtype != KERN_F16 && o->kv_dtype != KERN_F32)) {
+                fprintf(stderr, "kvserve run: --kv-cache-dtype: '%s' is not one of f16, f32\n",
+                        optarg);
+                rc = KVS_EINVAL;
+            }
+            break;
+        case O_BATCH:
+            rc = srv_parse_u32(C, "--batch-size", optarg, 1, 1u << 20, &o->batch_size);
+            break;
+        case O_MML:
+            rc = srv_parse_u32(C, "--max-model-len", optarg, 1, 1u << 24, &o->max_model_len);
+            break;
+        case O_LOGITS:
+            o->logits_out = optarg;
+            break;
+        case O_JSON:
+            o->json = true;
+            break;
+        case O_HELP:
+            fputs(run_usage, stdout);
+            exit(0);
+        default:
+            fprintf(stderr, "kvserve run: unknown or incomplete option '%s'\n%s", argv[optind - 1],
+                    run_usage);
+            return KVS_EINVAL;
+        }
+        if (rc) {
+            fputs(run_usage, stderr);
+            return rc;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "kvserve run: unexpected argument '%s'\n%s", argv[optind], run_usage);
+        return KVS_EINVAL;
+    }
+    if ((o->prompt == NULL) == (o->prompt_tokens == NULL)) {
+        fprintf(stderr, "kvserve run: give exactly one of --prompt and --prompt-tokens\n%s",
+                run_usage);
+        return KVS_EINVAL;
+    }
+    if (o->block_size & (o->block_size - 1)) {
+        fprintf(stderr, "kvserve run: --block-size: %u is not a power of two\n", o->block_size);
+        return KVS_EINVAL;
+    }
+    if (!o->seed_set)
+        o->sampling.seed = (uint64_t)time(NULL) ^ ((uint64_t)clock() << 32);
+    return 0;
+}
+
+typedef struct run_state {
+    model_t *m;
+    kern_backend_t *be;
+    kv_pool_t *pool;
+    kv_table_t *table;
+    model_ctx_t *ctx;
+    sched_batch_t *batch;
+    model_sampler_t *sampler;
+    int32_t *prompt, *out_tokens;
+    float *logits;
+    char *text;
+    npy_t npy;
+} run_state_t;
+
+static void
+run_state_free(run_state_t *s)
+{
+    kv_table_free(s->table);
+    kv_pool_free(s->pool);
+    model_ctx_free(s->ctx);
+    sched_batch_free(s->batch);
+    model_sampler_free(s->sampler);
+    model_free(s->m);
+    kern_backend_free(s->be);
+    free(s->prompt);
+    free(s->out_tokens);
+    free(s->logits);
+    free(s->text);
+    if (s->npy.f)
+        fclose(s->npy.f);
+}
+
+/* Feeds n tokens of the sequence through the model in chunks of at most
+ * `chunk`, leaving the last token's logits in s->logits. */
+static int
+feed(run_state_t *s, const int32_t *tokens, size_t n, uint32_t chunk)
+{
+    for (size_t off = 0; off < n; off += chunk) {
+        uint32_t k = (uint32_t)(n - off < chunk ? n - off : chunk);
+        sched_seq_step_t step = {s->table, tokens + off, k, NULL, off + k == n};
+        const model_batch_t *mb;
+        int rc = sched_batch_build(s->batch, &step, 1, &mb);
+        if (rc == 0)
+            rc = model_forward(s->ctx, kv_pool_kv(s->pool), mb, s->logits);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+int
+srv_cmd_run(int argc, char **argv)
+{
+    run_opts_t o;
+    if (parse_opts(argc, argv, &o))
+        return 2;
+    if (o.model == NULL && (o.model = srv_default_model()) == NULL) {
+        fprintf(stderr, "kvserve run: no --model given and no bundled model found "
+                        "(weights/kvserve-main.gguf)\n");
+        return 2;
+    }
+    run_state_t s = {0};
+    int status = 1, rc;
+    char err[512] = "";
+    kern_backend_cfg_t bcfg = {.n_threads = o.threads};
+    if ((rc = kern_backend_new(o.device, &bcfg, &s.be))) {
+        fprintf(stderr, "kvserve run: --device %s: %s\n", o.device,
+                rc == KVS_EINVAL ? "unknown device (cpu, ref, cuda)" : kvs_strerror(rc));
+        status = 2;
+        goto out;
+    }
+    if ((rc = model_load(o.model, s.be, &s.m, err, sizeof err))) {
+        fprintf(stderr, "kvserve run: cannot load model '%s': %s\n", o.model, err);
+        goto out;
+    }
+    const model_hparams_t *hp = model_hparams(s.m);
+
+    size_t n_prompt = 0;
+    if (o.prompt_tokens) {
+        if (srv_parse_tokens("run", "--prompt-tokens", o.prompt_tokens, &s.prompt, &n_prompt)) {
+            status = 2;
+            goto out;
+        }
+        for (size_t i = 0; i < n_prompt; i++) {
+            if ((uint32_t)s.prompt[i] >= hp->n_vocab) {
+                fprintf(stderr,
+                        "kvserve run: --prompt-tokens: id %d is outside the "
+                        "vocabulary (%u tokens)\n",
+                        s.prompt[i], hp->n_vocab);
+                status = 2;
+                goto out;
+            }
+        }
+    } else {
+        size_t len = strlen(o.prompt), cap = len + 1;
+        s.prompt = malloc(cap * sizeof *s.prompt);
+        if (s.prompt == NULL ||
+            model_tokenize(s.m, o.prompt, len, true, s.prompt, cap, &n_prompt)) {
+            fprintf(stderr,
+                    "kvserve run: --prompt: cannot tokenize the text with the '%s' "
+                    "tokenizer\n",
+                    model_tokenizer_name(s.m));
+            status = 2;
+            goto out;
+        }
+    }
+    if (n_prompt == 0) {
+        fprintf(stderr, "kvserve run: the prompt is empty\n");
+        status = 2;
+        goto out;
+    }
+    uint32_t max_len = o.max_model_len ? o.max_model_len : hp->n_ctx_train;
+    if (n_prompt + o.max_tokens > max_len) {
+        fprintf(stderr,
+                "kvserve run: prompt (%zu tokens) + --max-tokens (%u) exceeds the "
+                "maximum model length %u (see --max-model-len)\n",
+                n_prompt, o.max_tokens, max_len);
+        status = 2;
+        goto out;
+    }
+
+    size_t total = n_prompt + o.max_tokens;
+    kv_pool_cfg_t pcfg = {
+        .n_layers = hp->n_layer,
+        .n_kv_heads = hp->n_head_kv,
+        .head_dim = hp->head_dim,
+        .block_tokens = o.block_size,
+        .n_blocks = (uint32_t)((total + o.block_size - 1) / o.block_size),
+        .dtype = o.kv_dtype,
+    };
+    uint32_t chunk = o.batch_size < n_prompt ? o.batch_size : (uint32_t)n_prompt;
+    if ((rc = kv_pool_new(&pcfg, s.be, &s.pool)) || (rc = kv_table_new(s.pool, &s.table)) ||
+        (rc = model_ctx_new(s.m, chunk, 1, &s.ctx)) || (rc = sched_batch_new(&s.batch)) ||
+        (rc = model_sampler_new(&o.sampling, hp->n_vocab, &s.sampler))) {
+        fprintf(stderr, "kvserve run: setup failed: %s\n", kvs_strerror(rc));
+        goto out;
+    }
+    s.logits = malloc((size_t)hp->n_vocab * sizeof(float));
+    s.out_tokens = malloc((size_t)o.max_tokens * sizeof(int32_t));
+    s.text = malloc((size_t)o.max_tokens * 8 + 1);
+    if (!s.logits || !s.out_tokens || !s.text)
+        goto out;
+    if (o.logits_out) {
+        s.npy.f = fopen(o.logits_out, "wb");
+        s.npy.cols = hp->n_vocab;
+        if (s.npy.f == NULL) {
+            fprintf(stderr, "kvserve run: --logits-out: cannot open '%s'\n", o.logits_out);
+            goto out;
+        }
+        npy_header(&s.npy);
+    }
+
+    uint64_t t0 = kvs_now_ns();
+    if ((rc = feed(&s, s.prompt, n_prompt, chunk))) {
+        fprintf(stderr, "kvserve run: prefill failed: %s\n", kvs_strerror(rc));
+        goto out;
+    }
+    uint64_t t1 = kvs_now_ns();
+    uint32_t n_out = 0;
+    size_t text_len = 0;
+    const char *finish = "length";
+    for (;;) {
+        if (s.npy.f) {
+            fwrite(s.logits, sizeof(float), hp->n_vocab, s.npy.f);
+            s.npy.rows++;
+        }
+        int32_t tok = model_sampler_sample(s.sampler, s.logits);
+        s.out_tokens[n_out++] = tok;
+        if (!o.ignore_eos && model_token_is_eog(s.m, tok)) {
+            finish = "eos";
+            break;
+        }
+        int k = model_token_piece(s.m, tok, s.text + text_len, 8);
+        if (k > 0) {
+            if (!o.json) {
+                fwrite(s.text + text_len, 1, (size_t)k, stdout);
+                fflush(stdout);
+            }
+            text_len += (size_t)k;
+        }
+        if (n_out == o.max_tokens)
+            break;
+        if ((rc = feed(&s, &tok, 1, 1))) {
+            fprintf(stderr, "kvserve run: decode failed: %s\n", kvs_strerror(rc));
+            goto out;
+        }
+    }
+    uint64_t t2 = kvs_now_ns();
+    double pf_s = (double)(t1 - t0) / 1e9, dec_s = (double)(t2 - t1) / 1e9;
+    /* The first generated token comes from the prefill's logits. */
+    uint32_t n_dec = n_out > 1 ? n_out - 1 : 0;
+    double pf_tps = pf_s > 0 ? (double)n_prompt / pf_s : 0.0;
+    double dec_tps = dec_s > 0 && n_dec ? (double)n_dec / dec_s : 0.0;
+    if (o.json) {
+        printf("{\"model\": ");
+        srv_json_str(stdout, o.model, strlen(o.model));
+        printf(", \"prompt_tokens\": %zu, \"tokens\": [", n_prompt);
+        for (uint32_t i = 0; i < n_out; i++)
+            printf("%s%d", i ? ", " : "", s.out_tokens[i]);
+        printf("], \"text\": ");
+        srv_json_str(stdout, s.text, text_len);
+        printf(", \"finish_reason\": \"%s\", \"seed\": %llu, \"prefill_tok_s\": %.1f, "
+               "\"decode_tok_s\": %.1f}\n",
+               finish, (unsigned long long)o.sampling.seed, pf_tps, dec_tps);
+    } else {
+        printf("\n");
+    }
+    fprintf(stderr,
+            "kvserve run: prefill %zu tokens in %.1f ms (%.1f tok/s); decode %u tokens in "
+            "%.1f ms (%.1f tok/s); finish %s\n",
+            n_prompt, pf_s * 1e3, pf_tps, n_dec, dec_s * 1e3, dec_tps, finish);
+    if (s.npy.f) {
+        npy_header(&s.npy);
+        if (fclose(s.npy.f) != 0) {
+            s.npy.f = NULL;
+            fprintf(stderr, "kvserve run: --logits-out: write failed\n");
+            goto out;
+        }
+        s.npy.f = NULL;
+    }
+    status = 0;
+out:
+    run_state_free(&s);
+    return status;
+}

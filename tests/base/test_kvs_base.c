@@ -1,0 +1,175 @@
+/*
+ * tests/base/test_kvs_base.c — errors, arena, MPSC queue (including a
+ * multi-producer run), half-precision conversions.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "base/kvs.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <string.h>
+
+static void
+test_errors(void **state)
+{
+    (void)state;
+    assert_string_equal(kvs_strerror(0), "success");
+    assert_string_equal(kvs_strerror(KVS_ENOSPC), "request can never fit");
+    assert_string_equal(kvs_err_name(KVS_EAGAIN), "KVS_EAGAIN");
+    assert_string_equal(kvs_err_name(KVS_EFORMAT), "KVS_EFORMAT");
+    assert_string_equal(kvs_strerror(-123456), "unknown error");
+    assert_true(KVS_ENOMEM < 0 && KVS_EDEVICE < 0);
+    kvs_log_level_t l;
+    assert_int_equal(kvs_log_parse_level("debug", &l), 0);
+    assert_int_equal(l, KVS_LOG_DEBUG);
+    assert_int_equal(kvs_log_parse_level("loud", &l), KVS_EINVAL);
+}
+
+static int cleanup_order[4];
+static int cleanup_n;
+
+static void
+record(void *arg)
+{
+    cleanup_order[cleanup_n++] = (int)(intptr_t)arg;
+}
+
+static void
+test_arena(void **state)
+{
+    (void)state;
+    kvs_arena_t *a;
+    assert_int_equal(kvs_arena_new(256, &a), 0);
+    char *prev = NULL;
+    for (int i = 0; i < 100; i++) {
+        char *p = kvs_arena_alloc(a, (size_t)(i % 37) + 1);
+        assert_non_null(p);
+        assert_int_equal((uintptr_t)p % 16, 0);
+        memset(p, i, (size_t)(i % 37) + 1);
+        assert_true(p != prev);
+        prev = p;
+    }
+    /* Larger than a chunk: gets its own. */
+    char *big = kvs_arena_alloc(a, 10000);
+    assert_non_null(big);
+    memset(big, 1, 10000);
+    char *after = kvs_arena_alloc(a, 8);
+    assert_non_null(after);
+    assert_string_equal(kvs_arena_strdup(a, "hello"), "hello");
+    int *z = kvs_arena_calloc(a, 10, sizeof(int));
+    for (int i = 0; i < 10; i++)
+        assert_int_equal(z[i], 0);
+    assert_null(kvs_arena_calloc(a, SIZE_MAX / 2, 4));
+    assert_null(kvs_arena_alloc(a, SIZE_MAX - 3));
+    cleanup_n = 0;
+    assert_int_equal(kvs_arena_cleanup_add(a, record, (void *)1), 0);
+    assert_int_equal(kvs_arena_cleanup_add(a, record, (void *)2), 0);
+    assert_true(kvs_arena_used(a) > 10000);
+    kvs_arena_free(a);
+    assert_int_equal(cleanup_n, 2);
+    assert_int_equal(cleanup_order[0], 2); /* LIFO */
+    assert_int_equal(cleanup_order[1], 1);
+    kvs_arena_free(NULL);
+}
+
+typedef struct item {
+    kvs_mpsc_node_t node;
+    int producer;
+    int seq;
+} item_t;
+
+#define N_PROD 4
+#define N_ITEMS 20000
+
+static kvs_mpsc_t queue;
+static item_t items[N_PROD][N_ITEMS];
+
+static void *
+producer(void *arg)
+{
+    int p = (int)(intptr_t)arg;
+    for (int i = 0; i < N_ITEMS; i++) {
+        items[p][i].producer = p;
+        items[p][i].seq = i;
+        kvs_mpsc_push(&queue, &items[p][i].node);
+    }
+    return NULL;
+}
+
+static void
+test_mpsc(void **state)
+{
+    (void)state;
+    kvs_mpsc_init(&queue);
+    assert_null(kvs_mpsc_pop(&queue));
+    item_t one = {0};
+    kvs_mpsc_push(&queue, &one.node);
+    assert_ptr_equal(kvs_mpsc_pop(&queue), &one.node);
+    assert_null(kvs_mpsc_pop(&queue));
+
+    pthread_t th[N_PROD];
+    for (int p = 0; p < N_PROD; p++)
+        assert_int_equal(pthread_create(&th[p], NULL, producer, (void *)(intptr_t)p), 0);
+    int next[N_PROD] = {0};
+    int got = 0;
+    while (got < N_PROD * N_ITEMS) {
+        kvs_mpsc_node_t *n = kvs_mpsc_pop(&queue);
+        if (n == NULL)
+            continue;
+        item_t *it = KVS_CONTAINER_OF(n, item_t, node);
+        /* Per-producer FIFO order must hold. */
+        assert_int_equal(it->seq, next[it->producer]);
+        next[it->producer]++;
+        got++;
+    }
+    for (int p = 0; p < N_PROD; p++)
+        pthread_join(th[p], NULL);
+    assert_null(kvs_mpsc_pop(&queue));
+}
+
+static void
+test_half(void **state)
+{
+    (void)state;
+    /* Every half value round-trips through f32. */
+    for (uint32_t h = 0; h < 65536; h++) {
+        float f = kvs_fp16_to_f32((uint16_t)h);
+        if (isnan(f))
+            continue;
+        assert_int_equal(kvs_f32_to_fp16(f), h);
+    }
+    assert_int_equal(kvs_f32_to_fp16(1.0f), 0x3c00);
+    assert_int_equal(kvs_f32_to_fp16(65504.0f), 0x7bff);
+    assert_int_equal(kvs_f32_to_fp16(1e6f), 0x7c00);
+    assert_int_equal(kvs_f32_to_fp16(-2.0f), 0xc000);
+    /* Ties round to even: 1 + 2^-11 lies halfway between 1 and 1 + 2^-10. */
+    assert_int_equal(kvs_f32_to_fp16(1.0f + 0x1p-11f), 0x3c00);
+    assert_int_equal(kvs_f32_to_fp16(1.0f + 3 * 0x1p-11f), 0x3c02);
+    assert_true(fabsf(kvs_fp16_to_f32(kvs_f32_to_fp16(3.14159f)) - 3.14159f) < 2e-3f);
+    assert_true(kvs_fp16_to_f32(0x0001) > 0.0f); /* smallest subnormal */
+    assert_true(isnan(kvs_fp16_to_f32(kvs_f32_to_fp16(NAN))));
+    assert_int_equal(kvs_f32_to_bf16(1.0f), 0x3f80);
+    assert_true(kvs_bf16_to_f32(kvs_f32_to_bf16(3.0f)) == 3.0f);
+    size_t out;
+    assert_int_equal(kvs_mul_size(SIZE_MAX, 2, &out), KVS_ERANGE);
+    assert_int_equal(kvs_add_size(SIZE_MAX, 1, &out), KVS_ERANGE);
+    assert_int_equal(kvs_mul_size(3, 4, &out), 0);
+    assert_int_equal(out, 12);
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_arena),
+        cmocka_unit_test(test_mpsc),
+        cmocka_unit_test(test_half),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,83 @@
+#!/bin/sh
+# The command-line contract of kvserve: every subcommand prints usage and
+# exits non-zero on a bad flag, `run` generates from a random tiny model
+# (text and ids, JSON, logits file), `model info` describes the file, and
+# bad model files are refused with a message rather than a crash.
+# Usage: cli.sh KVSERVE WORKDIR
+set -u
+K=$1
+W=$2
+rm -rf "$W" && mkdir -p "$W"
+fails=0
+pass=0
+
+ok() { pass=$((pass + 1)); }
+bad() { echo "FAIL: $*"; fails=$((fails + 1)); }
+
+# expect CODE DESCRIPTION -- command...; stderr/stdout saved in $W/out
+expect() {
+    code=$1; shift; what=$1; shift
+    "$@" >"$W/out" 2>&1
+    rc=$?
+    if [ "$rc" -eq "$code" ]; then ok; else bad "$what: exit $rc, expected $code"; sed 's/^/    /' "$W/out" | head -5; fi
+}
+contains() {
+    if grep -q -- "$1" "$W/out"; then ok; else bad "output lacks '$1'"; sed 's/^/    /' "$W/out" | head -5; fi
+}
+
+expect 2 "no command" "$K"
+expect 2 "unknown command" "$K" frobnicate
+contains "unknown command"
+expect 0 "help" "$K" --help
+expect 0 "random tiny" "$K" model random --shape tiny --dtype q8_0 --seed 3 --out "$W/tiny.gguf"
+expect 2 "random bad shape" "$K" model random --shape huge --dtype f16 --out "$W/x.gguf"
+contains "unknown shape"
+expect 2 "random bad dtype" "$K" model random --shape tiny --dtype f99 --out "$W/x.gguf"
+expect 0 "info" "$K" model info "$W/tiny.gguf"
+contains "blk.3.ffn_down.weight"
+contains "RANDOM weights"
+contains "tokenizer gpt2-bytes"
+
+M="--model $W/tiny.gguf"
+expect 0 "run text" "$K" run $M --prompt "The grass is" --max-tokens 8 --seed 1
+contains "decode 7 tokens"
+expect 0 "run json" "$K" run $M --prompt-tokens 256,72,105 --max-tokens 5 --temperature 0 --json --logits-out "$W/l.npy"
+contains '"tokens": \['
+contains '"finish_reason": "length"'
+[ -s "$W/l.npy" ] && ok || bad "no logits file"
+# Same seed, same text.
+"$K" run $M --prompt "abc" --max-tokens 12 --seed 9 --temperature 1 --json >"$W/a" 2>/dev/null
+"$K" run $M --prompt "abc" --max-tokens 12 --seed 9 --temperature 1 --json >"$W/b" 2>/dev/null
+# (Compare the tokens, not the timings.)
+ta=$(grep -o '"tokens": [^]]*' "$W/a"); tb=$(grep -o '"tokens": [^]]*' "$W/b")
+[ -n "$ta" ] && [ "$ta" = "$tb" ] && ok || bad "same seed gave different tokens"
+
+expect 2 "run no prompt" "$K" run $M
+expect 2 "run both prompts" "$K" run $M --prompt a --prompt-tokens 1
+expect 2 "run bad flag" "$K" run $M --prompt a --frob
+contains "unknown"
+expect 2 "run bad number" "$K" run $M --prompt a --max-tokens 12x
+contains "max-tokens"
+expect 2 "run negative temp" "$K" run $M --prompt a --temperature -1
+expect 2 "run bad token" "$K" run $M --prompt-tokens 1,x,3
+contains "prompt-tokens"
+expect 2 "run token out of vocab" "$K" run $M --prompt-tokens 1,5000
+contains "vocabulary"
+expect 2 "run block size" "$K" run $M --prompt a --block-size 3
+expect 2 "run too long" "$K" run $M --prompt a --max-tokens 5000
+contains "maximum model length"
+expect 2 "run bad device" "$K" run $M --prompt a --device tpu
+expect 1 "run missing model" "$K" run --model "$W/none.gguf" --prompt a
+contains "cannot load model"
+
+# Bad files: truncated, garbage, empty.
+head -c 1000 "$W/tiny.gguf" >"$W/trunc.gguf"
+expect 1 "truncated" "$K" run --model "$W/trunc.gguf" --prompt a
+contains "cannot load model"
+head -c 4096 /dev/urandom >"$W/garbage.gguf" 2>/dev/null || printf 'xxxxxxxxxxxxxxxxxxxx' >"$W/garbage.gguf"
+expect 1 "garbage" "$K" model info "$W/garbage.gguf"
+: >"$W/empty.gguf"
+expect 1 "empty" "$K" run --model "$W/empty.gguf" --prompt a
+
+echo "$pass passed, $fails failed"
+[ "$fails" -eq 0 ]

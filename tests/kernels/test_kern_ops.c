@@ -1,0 +1,1026 @@
+/*
+ * tests/kernels/test_kern_ops.c — every kernel op on every available
+ * backend, compared against the "ref" backend (test-backend-ops style).
+ *
+ * Backends under test: "cpu" in three configurations (four threads and one
+ * thread with the best SIMD, three threads forced onto the portable scalar
+ * code with KVS_CPU_ISA=scalar) and "cuda" when kern_backend_new("cuda") succeeds.
+ * All data moves through kern_alloc/kern_upload/kern_download, so the same
+ * code drives a device backend.  Every buffer carries GUARD sentinel
+ * floats past its end that must survive the op, and outputs start filled
+ * with sentinels (NaN) so an element an op forgot to write fails the
+ * comparison.  Errors are max|a - ref| / max|ref| against per-op limits.
+ * Inputs come from a fixed-seed PRNG.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+#include <math.h>
+
+#include "kernels/kern.h"
+
+#define GUARD 16 /* sentinel floats after every buffer */
+#define SENTINEL_BITS 0x7fa5a5a5u
+
+/* ------------------------------------------------------------------------ */
+/* Backends.                                                                */
+/* ------------------------------------------------------------------------ */
+
+typedef struct test_be {
+    char label[48];
+    kern_backend_t *be;
+} test_be_t;
+
+static kern_backend_t *g_ref;
+static test_be_t g_be[8];
+static int g_n_be;
+
+static void
+add_backend(const char *name, uint32_t n_threads, const char *isa_cap, const char *label)
+{
+    kern_backend_cfg_t cfg = {.n_threads = n_threads};
+    kern_backend_t *be = NULL;
+    if (isa_cap)
+        setenv("KVS_CPU_ISA", isa_cap, 1);
+    int rc = kern_backend_new(name, &cfg, &be);
+    if (isa_cap)
+        unsetenv("KVS_CPU_ISA");
+    if (rc != 0) {
+        assert_true(strcmp(name, "cuda") == 0);
+        print_message("%s backend: skipped (not available)\n", name);
+        return;
+    }
+    snprintf(g_be[g_n_be].label, sizeof(g_be[g_n_be].label), "%s", label);
+    g_be[g_n_be++].be = be;
+}
+
+static int
+setup(void **state)
+{
+    (void)state;
+    if (kern_backend_new("ref", NULL, &g_ref) != 0)
+        return -1;
+    add_backend("cpu", 4, NULL, "cpu/4 threads");
+    add_backend("cpu", 1, NULL, "cpu/1 thread");
+    add_backend("cpu", 3, "scalar", "cpu/3 threads/scalar");
+    add_backend("cuda", 0, NULL, "cuda");
+    return 0;
+}
+
+static int
+teardown(void **state)
+{
+    (void)state;
+    for (int i = 0; i < g_n_be; i++)
+        kern_backend_free(g_be[i].be);
+    kern_backend_free(g_ref);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Data.                                                                    */
+/* ------------------------------------------------------------------------ */
+
+static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
+
+static void
+rng_seed(uint64_t s)
+{
+    g_rng = s * 0x9e3779b97f4a7c15ull + 1;
+}
+
+static uint32_t
+rng_u32(void)
+{
+    g_rng ^= g_rng >> 12;
+    g_rng ^= g_rng << 25;
+    g_rng ^= g_rng >> 27;
+    return (uint32_t)((g_rng * 0x2545f4914f6cdd1dull) >> 32);
+}
+
+static float
+rng_f(float lo, float hi)
+{
+    return lo + (hi - lo) * (float)(rng_u32() >> 8) * (1.0f / 16777216.0f);
+}
+
+static float *
+rand_floats(size_t n, float lo, float hi)
+{
+    float *p = malloc((n ? n : 1) * sizeof(float));
+    assert_non_null(p);
+    for (size_t i = 0; i < n; i++)
+        p[i] = rng_f(lo, hi);
+    return p;
+}
+
+static void
+shuffle(int32_t *a, size_t n)
+{
+    for (size_t i = n; i > 1; i--) {
+        size_t j = rng_u32() % i;
+        int32_t t = a[i - 1];
+        a[i - 1] = a[j];
+        a[j] = t;
+    }
+}
+
+static float
+sentinel(void)
+{
+    return kvs_bits_to_f32(SENTINEL_BITS);
+}
+
+static float *
+sentinel_floats(size_t n)
+{
+    float *p = malloc((n ? n : 1) * sizeof(float));
+    assert_non_null(p);
+    for (size_t i = 0; i < n; i++)
+        p[i] = sentinel();
+    return p;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Backend buffers with guards.                                             */
+/* ------------------------------------------------------------------------ */
+
+/* Allocates bytes + guard on `be`, uploads `host` (may be NULL: zeros). */
+static void *
+put(kern_backend_t *be, const void *host, size_t bytes)
+{
+    uint8_t *d = kern_alloc(be, bytes + GUARD * sizeof(float));
+    assert_non_null(d);
+    if (host)
+        assert_int_equal(kern_upload(be, d, host, bytes), 0);
+    else
+        assert_int_equal(kern_memset(be, d, 0, bytes), 0);
+    float tail[GUARD];
+    for (int i = 0; i < GUARD; i++)
+        tail[i] = sentinel();
+    assert_int_equal(kern_upload(be, d + bytes, tail, sizeof(tail)), 0);
+    return d;
+}
+
+/* An output buffer of n floats, all sentinels. */
+static float *
+put_out(kern_backend_t *be, size_t n)
+{
+    float *h = sentinel_floats(n);
+    float *d = put(be, h, n * sizeof(float));
+    free(h);
+    return d;
+}
+
+/* Downloads `bytes` (host may be NULL) and checks the guard is intact. */
+static void
+get(kern_backend_t *be, void *host, const void *dev, size_t bytes, const char *what)
+{
+    assert_int_equal(kern_sync(be), 0);
+    if (host)
+        assert_int_equal(kern_download(be, host, dev, bytes), 0);
+    uint32_t tail[GUARD];
+    assert_int_equal(kern_download(be, tail, (const uint8_t *)dev + bytes, sizeof(tail)), 0);
+    for (int i = 0; i < GUARD; i++) {
+        if (tail[i] != SENTINEL_BITS) {
+            print_error("%s [%s]: guard float %d overwritten\n", what, kern_backend_name(be), i);
+            fail();
+        }
+    }
+}
+
+/* Downloads and frees. */
+static void
+take(kern_backend_t *be, void *host, void *dev, size_t bytes, const char *what)
+{
+    get(be, host, dev, bytes, what);
+    kern_free(be, dev);
+}
+
+static void
+check_close(const float *ref, const float *got, size_t n, double limit, const char *what,
+            const char *label)
+{
+    double mx = 0.0, err = 0.0;
+    size_t at = 0;
+    for (size_t i = 0; i < n; i++)
+        if (fabs(ref[i]) > mx)
+            mx = fabs(ref[i]);
+    if (mx < 1e-30)
+        mx = 1e-30;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)got[i] - ref[i]) / mx;
+        if (!(e <= err)) { /* catches NaN: unwritten sentinels */
+            err = isnan(e) ? INFINITY : e;
+            at = i;
+            if (isnan(e))
+                break;
+        }
+    }
+    if (getenv("KVS_TEST_VERBOSE"))
+        print_message("%-56s %-22s err %.3g\n", what, label, err);
+    if (!(err <= limit)) {
+        print_error("%s [%s]: error %.3g > %.3g at %zu (ref %g, got %g)\n", what, label, err,
+                    limit, at, ref[at], got[at]);
+        fail();
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Weights.                                                                 */
+/* ------------------------------------------------------------------------ */
+
+/* A random matrix of `type`, rows `pad` bytes longer than packed. */
+static void *
+make_weights(kern_dtype_t type, uint32_t rows, uint32_t cols, size_t pad, size_t *row_bytes)
+{
+    size_t rb = kern_row_bytes(type, cols) + pad;
+    uint8_t *w = calloc(rows, rb);
+    assert_non_null(w);
+    float *tmp = rand_floats(cols, -1.0f, 1.0f);
+    for (uint32_t r = 0; r < rows; r++) {
+        for (uint32_t c = 0; c < cols; c++)
+            tmp[c] = rng_f(-1.0f, 1.0f);
+        uint8_t *row = w + (size_t)r * rb;
+        switch (type) {
+        case KERN_F32:
+            memcpy(row, tmp, cols * sizeof(float));
+            break;
+        case KERN_F16:
+            for (uint32_t c = 0; c < cols; c++) {
+                uint16_t h = kvs_f32_to_fp16(tmp[c]);
+                memcpy(row + 2 * c, &h, 2);
+            }
+            break;
+        case KERN_BF16:
+            for (uint32_t c = 0; c < cols; c++) {
+                uint16_t h = kvs_f32_to_bf16(tmp[c]);
+                memcpy(row + 2 * c, &h, 2);
+            }
+            break;
+        case KERN_Q8_0:
+            kern_quantize_q8_0(tmp, (kern_block_q8_0_t *)row, cols);
+            break;
+        default:
+            fail();
+        }
+    }
+    free(tmp);
+    *row_bytes = rb;
+    return w;
+}
+
+/* ------------------------------------------------------------------------ */
+/* matmul, get_rows                                                         */
+/* ------------------------------------------------------------------------ */
+
+typedef struct mm_shape {
+    uint32_t rows, cols;
+    size_t pad;    /* extra bytes per row */
+    bool f32_only; /* cols not a multiple of the Q8_0 block */
+} mm_shape_t;
+
+static void
+run_matmul(kern_backend_t *be, kern_dtype_t type, const mm_shape_t *sh, const void *w_host,
+           size_t row_bytes, const float *x, uint32_t n, const float *bias, float *y)
+{
+    void *wd = put(be, w_host, row_bytes * sh->rows);
+    float *xd = put(be, x, (size_t)n * sh->cols * sizeof(float));
+    float *bd = bias ? put(be, bias, sh->rows * sizeof(float)) : NULL;
+    float *yd = put_out(be, (size_t)n * sh->rows);
+    kern_tensor_t w = {.type = type, .n_cols = sh->cols, .n_rows = sh->rows,
+                       .row_bytes = row_bytes, .data = wd};
+    assert_int_equal(kern_matmul(be, &w, xd, n, bd, yd), 0);
+    take(be, y, yd, (size_t)n * sh->rows * sizeof(float), "matmul y");
+    take(be, NULL, xd, (size_t)n * sh->cols * sizeof(float), "matmul x");
+    if (bd)
+        take(be, NULL, bd, sh->rows * sizeof(float), "matmul bias");
+    take(be, NULL, wd, row_bytes * sh->rows, "matmul w");
+}
+
+static void
+test_matmul(void **state)
+{
+    (void)state;
+    static const kern_dtype_t types[] = {KERN_F32, KERN_F16, KERN_BF16, KERN_Q8_0};
+    static const mm_shape_t shapes[] = {
+        {64, 96, 0, false},   {256, 704, 0, false}, {100, 33, 0, true},
+        {37, 64, 48, false},  {1030, 256, 0, false},
+    };
+    static const uint32_t ns[] = {1, 2, 3, 7, 16, 17, 64};
+    rng_seed(1);
+    for (size_t ti = 0; ti < sizeof(types) / sizeof(types[0]); ti++) {
+        for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++) {
+            const mm_shape_t *sh = &shapes[si];
+            if (sh->f32_only && types[ti] != KERN_F32)
+                continue;
+            size_t rb;
+            void *w = make_weights(types[ti], sh->rows, sh->cols, sh->pad, &rb);
+            float *bias = rand_floats(sh->rows, -2.0f, 2.0f);
+            for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++) {
+                uint32_t n = ns[ni];
+                float *x = rand_floats((size_t)n * sh->cols, -1.0f, 1.0f);
+                float *yr = malloc((size_t)n * sh->rows * sizeof(float));
+                float *yb = malloc((size_t)n * sh->rows * sizeof(float));
+                assert_non_null(yr);
+                assert_non_null(yb);
+                for (int with_bias = 0; with_bias < 2; with_bias++) {
+                    const float *b = with_bias ? bias : NULL;
+                    char what[96];
+                    snprintf(what, sizeof(what), "matmul %s %ux%u pad %zu n=%u%s",
+                             kern_type_traits(types[ti])->name, sh->rows, sh->cols, sh->pad, n,
+                             with_bias ? " +bias" : "");
+                    run_matmul(g_ref, types[ti], sh, w, rb, x, n, b, yr);
+                    for (int i = 0; i < g_n_be; i++) {
+                        if (!kern_supports(g_be[i].be, KERN_OP_MATMUL, types[ti]))
+                            continue;
+                        run_matmul(g_be[i].be, types[ti], sh, w, rb, x, n, b, yb);
+                        check_close(yr, yb, (size_t)n * sh->rows, 1e-5, what, g_be[i].label);
+                    }
+                }
+                free(x);
+                free(yr);
+                free(yb);
+            }
+            free(bias);
+            free(w);
+        }
+    }
+}
+
+static void
+run_get_rows(kern_backend_t *be, kern_dtype_t type, uint32_t rows, uint32_t cols, size_t rb,
+             const void *w_host, const int32_t *ids, uint32_t n, float *out)
+{
+    void *wd = put(be, w_host, rb * rows);
+    float *od = put_out(be, (size_t)n * cols);
+    kern_tensor_t w = {.type = type, .n_cols = cols, .n_rows = rows, .row_bytes = rb, .data = wd};
+    assert_int_equal(kern_get_rows(be, &w, ids, n, od), 0);
+    take(be, out, od, (size_t)n * cols * sizeof(float), "get_rows out");
+    take(be, NULL, wd, rb * rows, "get_rows w");
+}
+
+static void
+test_get_rows(void **state)
+{
+    (void)state;
+    static const kern_dtype_t types[] = {KERN_F32, KERN_F16, KERN_BF16, KERN_Q8_0};
+    rng_seed(2);
+    for (size_t ti = 0; ti < 4; ti++) {
+        for (int big = 0; big < 2; big++) {
+            uint32_t rows = 37, cols = types[ti] == KERN_F32 ? 33 : 96, n = 9;
+            if (big) {
+                cols = 4096;
+                n = 64; /* enough elements to split into tasks */
+            }
+            size_t rb;
+            void *w = make_weights(types[ti], rows, cols, big ? 0 : 16, &rb);
+            int32_t *ids = malloc(n * sizeof(int32_t));
+            assert_non_null(ids);
+            for (uint32_t i = 0; i < n; i++)
+                ids[i] = (int32_t)(rng_u32() % rows); /* repeats included */
+            ids[0] = 0;
+            ids[n - 1] = (int32_t)rows - 1;
+            float *yr = malloc((size_t)n * cols * sizeof(float));
+            float *yb = malloc((size_t)n * cols * sizeof(float));
+            assert_non_null(yr);
+            assert_non_null(yb);
+            run_get_rows(g_ref, types[ti], rows, cols, rb, w, ids, n, yr);
+            for (int i = 0; i < g_n_be; i++) {
+                run_get_rows(g_be[i].be, types[ti], rows, cols, rb, w, ids, n, yb);
+                check_close(yr, yb, (size_t)n * cols, 0.0, "get_rows", g_be[i].label);
+            }
+            free(w);
+            free(ids);
+            free(yr);
+            free(yb);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* rmsnorm, rope, swiglu, add                                               */
+/* ------------------------------------------------------------------------ */
+
+static void
+run_rmsnorm(kern_backend_t *be, const float *x, const float *w, uint32_t n, uint32_t d,
+            bool in_place, float *y)
+{
+    size_t bytes = (size_t)n * d * sizeof(float);
+    float *xd = put(be, x, bytes);
+    float *wd = put(be, w, d * sizeof(float));
+    float *yd = in_place ? xd : put_out(be, (size_t)n * d);
+    assert_int_equal(kern_rmsnorm(be, xd, wd, n, d, 1e-5f, yd), 0);
+    get(be, y, yd, bytes, "rmsnorm y");
+    if (!in_place)
+        take(be, NULL, yd, bytes, "rmsnorm y");
+    take(be, NULL, xd, bytes, "rmsnorm x");
+    take(be, NULL, wd, d * sizeof(float), "rmsnorm w");
+}
+
+static void
+test_rmsnorm(void **state)
+{
+    (void)state;
+    static const uint32_t shapes[][2] = {{1, 4096}, {5, 37}, {64, 2048}, {3, 8}};
+    rng_seed(3);
+    for (size_t si = 0; si < 4; si++) {
+        uint32_t n = shapes[si][0], d = shapes[si][1];
+        float *x = rand_floats((size_t)n * d, -3.0f, 3.0f);
+        float *w = rand_floats(d, 0.5f, 1.5f);
+        float *yr = malloc((size_t)n * d * sizeof(float));
+        float *yb = malloc((size_t)n * d * sizeof(float));
+        assert_non_null(yr);
+        assert_non_null(yb);
+        for (int ip = 0; ip < 2; ip++) {
+            run_rmsnorm(g_ref, x, w, n, d, ip, yr);
+            for (int i = 0; i < g_n_be; i++) {
+                run_rmsnorm(g_be[i].be, x, w, n, d, ip, yb);
+                check_close(yr, yb, (size_t)n * d, 2e-6, ip ? "rmsnorm in place" : "rmsnorm",
+                            g_be[i].label);
+            }
+        }
+        free(x);
+        free(w);
+        free(yr);
+        free(yb);
+    }
+}
+
+typedef struct rope_case {
+    uint32_t n_rows, n_heads, head_dim, n_rot;
+    float freq_base, freq_scale;
+    bool factors;
+    int32_t max_pos;
+} rope_case_t;
+
+static void
+run_rope(kern_backend_t *be, const rope_case_t *rc, const float *x, const int32_t *pos,
+         const float *ff, float *y)
+{
+    size_t n = (size_t)rc->n_rows * rc->n_heads * rc->head_dim;
+    float *xd = put(be, x, n * sizeof(float));
+    kern_rope_args_t a = {.x = xd, .n_rows = rc->n_rows, .n_heads = rc->n_heads,
+                          .head_dim = rc->head_dim, .n_rot = rc->n_rot, .pos = pos,
+                          .freq_base = rc->freq_base, .freq_scale = rc->freq_scale,
+                          .freq_factors = rc->factors ? ff : NULL};
+    assert_int_equal(kern_rope(be, &a), 0);
+    take(be, y, xd, n * sizeof(float), "rope x");
+}
+
+static void
+test_rope(void **state)
+{
+    (void)state;
+    static const rope_case_t cases[] = {
+        {7, 4, 128, 128, 10000.0f, 1.0f, false, 4096},
+        {5, 8, 128, 128, 500000.0f, 1.0f, true, 100000},
+        {3, 2, 64, 32, 10000.0f, 0.25f, false, 100000},
+        {4, 3, 80, 20, 500000.0f, 1.0f, true, 131072},
+        {2, 2, 16, 6, 10000.0f, 1.0f, false, 7},
+        {300, 8, 64, 64, 500000.0f, 1.0f, true, 100000}, /* several tasks */
+    };
+    rng_seed(4);
+    for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
+        const rope_case_t *rc = &cases[ci];
+        size_t n = (size_t)rc->n_rows * rc->n_heads * rc->head_dim;
+        float *x = rand_floats(n, -2.0f, 2.0f);
+        float *ff = rand_floats(rc->n_rot / 2, 1.0f, 8.0f);
+        int32_t *pos = malloc(rc->n_rows * sizeof(int32_t));
+        assert_non_null(pos);
+        for (uint32_t r = 0; r < rc->n_rows; r++)
+            pos[r] = (int32_t)(rng_u32() % (uint32_t)(rc->max_pos + 1));
+        pos[0] = rc->max_pos;
+        float *yr = malloc(n * sizeof(float)), *yb = malloc(n * sizeof(float));
+        assert_non_null(yr);
+        assert_non_null(yb);
+        run_rope(g_ref, rc, x, pos, ff, yr);
+        /* Dimensions past n_rot pass through untouched. */
+        for (size_t i = 0; i < n; i++)
+            if (i % rc->head_dim >= rc->n_rot)
+                assert_true(yr[i] == x[i]);
+        char what[64];
+        snprintf(what, sizeof(what), "rope case %zu", ci);
+        for (int i = 0; i < g_n_be; i++) {
+            run_rope(g_be[i].be, rc, x, pos, ff, yb);
+            check_close(yr, yb, n, 2e-6, what, g_be[i].label);
+        }
+        free(x);
+        free(ff);
+        free(pos);
+        free(yr);
+        free(yb);
+    }
+}
+
+static void
+run_swiglu(kern_backend_t *be, const float *g, const float *u, size_t n, bool alias, float *y)
+{
+    float *gd = put(be, g, n * sizeof(float));
+    float *ud = put(be, u, n * sizeof(float));
+    float *yd = alias ? gd : put_out(be, n);
+    assert_int_equal(kern_swiglu(be, gd, ud, n, yd), 0);
+    get(be, y, yd, n * sizeof(float), "swiglu out");
+    if (!alias)
+        take(be, NULL, yd, n * sizeof(float), "swiglu out");
+    take(be, NULL, gd, n * sizeof(float), "swiglu gate");
+    take(be, NULL, ud, n * sizeof(float), "swiglu up");
+}
+
+static void
+run_add(kern_backend_t *be, const float *x, const float *y, size_t n, float *out)
+{
+    float *xd = put(be, x, n * sizeof(float));
+    float *yd = put(be, y, n * sizeof(float));
+    assert_int_equal(kern_add(be, xd, yd, n), 0);
+    take(be, out, xd, n * sizeof(float), "add x");
+    take(be, NULL, yd, n * sizeof(float), "add y");
+}
+
+static void
+test_elementwise(void **state)
+{
+    (void)state;
+    static const size_t sizes[] = {1, 13, 4096, 100003};
+    rng_seed(5);
+    for (size_t si = 0; si < 4; si++) {
+        size_t n = sizes[si];
+        float *g = rand_floats(n, -20.0f, 20.0f);
+        float *u = rand_floats(n, -3.0f, 3.0f);
+        float *yr = malloc(n * sizeof(float)), *yb = malloc(n * sizeof(float));
+        assert_non_null(yr);
+        assert_non_null(yb);
+        for (int alias = 0; alias < 2; alias++) {
+            run_swiglu(g_ref, g, u, n, alias, yr);
+            for (int i = 0; i < g_n_be; i++) {
+                run_swiglu(g_be[i].be, g, u, n, alias, yb);
+                check_close(yr, yb, n, 2e-6, alias ? "swiglu aliased" : "swiglu", g_be[i].label);
+            }
+        }
+        run_add(g_ref, g, u, n, yr);
+        for (int i = 0; i < g_n_be; i++) {
+            run_add(g_be[i].be, g, u, n, yb);
+            check_close(yr, yb, n, 0.0, "add", g_be[i].label);
+        }
+        free(g);
+        free(u);
+        free(yr);
+        free(yb);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* KV cache: append, copy, attention.                                       */
+/* ------------------------------------------------------------------------ */
+
+typedef struct kv_geom {
+    kern_dtype_t dtype;
+    uint32_t n_layers, n_kv_heads, head_dim, block_tokens, n_blocks;
+} kv_geom_t;
+
+static kern_kv_t
+kv_make(kern_backend_t *be, const kv_geom_t *g, const void *k_host, const void *v_host)
+{
+    size_t el = g->dtype == KERN_F16 ? 2 : 4;
+    kern_kv_t kv = {.dtype = g->dtype, .n_layers = g->n_layers, .n_kv_heads = g->n_kv_heads,
+                    .head_dim = g->head_dim, .block_tokens = g->block_tokens,
+                    .n_blocks = g->n_blocks};
+    kv.layer_bytes = (size_t)g->n_blocks * g->n_kv_heads * g->block_tokens * g->head_dim * el;
+    kv.k = put(be, k_host, kv.layer_bytes * g->n_layers);
+    kv.v = put(be, v_host, kv.layer_bytes * g->n_layers);
+    return kv;
+}
+
+/* Downloads K and V (either may be NULL) and frees them. */
+static void
+kv_take(kern_backend_t *be, kern_kv_t *kv, void *k_host, void *v_host)
+{
+    take(be, k_host, kv->k, kv->layer_bytes * kv->n_layers, "kv k");
+    take(be, v_host, kv->v, kv->layer_bytes * kv->n_layers, "kv v");
+}
+
+static void
+check_bytes_equal(const void *a, const void *b, size_t n, const char *what, const char *label)
+{
+    if (memcmp(a, b, n) != 0) {
+        size_t i = 0;
+        while (((const uint8_t *)a)[i] == ((const uint8_t *)b)[i])
+            i++;
+        print_error("%s [%s]: bytes differ at %zu\n", what, label, i);
+        fail();
+    }
+}
+
+static void
+run_kv_append(kern_backend_t *be, const kv_geom_t *g, uint32_t layer, const float *k,
+              const float *v, const int32_t *slots, uint32_t n, void *k_out, void *v_out)
+{
+    kern_kv_t kv = kv_make(be, g, NULL, NULL);
+    size_t m = (size_t)n * g->n_kv_heads * g->head_dim;
+    float *kd = put(be, k, m * sizeof(float)), *vd = put(be, v, m * sizeof(float));
+    assert_int_equal(kern_kv_append(be, &kv, layer, kd, vd, slots, n), 0);
+    take(be, NULL, kd, m * sizeof(float), "kv_append k");
+    take(be, NULL, vd, m * sizeof(float), "kv_append v");
+    kv_take(be, &kv, k_out, v_out);
+}
+
+static void
+test_kv_append(void **state)
+{
+    (void)state;
+    rng_seed(6);
+    for (int dt = 0; dt < 2; dt++) {
+        for (int order = 0; order < 3; order++) {
+            kv_geom_t g = {dt ? KERN_F16 : KERN_F32, 2, 4, 64, 16, 64};
+            uint32_t n = order == 2 ? 5 : 600;
+            int32_t *slots = malloc(n * sizeof(int32_t));
+            assert_non_null(slots);
+            /* order 0: increasing with gaps (parallel path), 1: scrambled,
+             * 2: a repeated slot, where the later token must win. */
+            int32_t s = 0;
+            for (uint32_t i = 0; i < n; i++) {
+                s += 1 + (int32_t)(rng_u32() % 2);
+                slots[i] = s % (int32_t)(g.n_blocks * g.block_tokens);
+            }
+            if (order == 1)
+                shuffle(slots, n);
+            if (order == 2)
+                slots[3] = slots[1];
+            size_t m = (size_t)n * g.n_kv_heads * g.head_dim;
+            float *k = rand_floats(m, -4.0f, 4.0f), *v = rand_floats(m, -4.0f, 4.0f);
+            size_t bytes = (size_t)g.n_layers * g.n_blocks * g.n_kv_heads * g.block_tokens *
+                           g.head_dim * (dt ? 2 : 4);
+            uint8_t *kr = malloc(bytes), *vr = malloc(bytes), *kb = malloc(bytes),
+                    *vb = malloc(bytes);
+            assert_true(kr && vr && kb && vb);
+            run_kv_append(g_ref, &g, 1, k, v, slots, n, kr, vr);
+            for (int i = 0; i < g_n_be; i++) {
+                if (!kern_supports(g_be[i].be, KERN_OP_KV_APPEND, g.dtype))
+                    continue;
+                run_kv_append(g_be[i].be, &g, 1, k, v, slots, n, kb, vb);
+                check_bytes_equal(kr, kb, bytes, "kv_append k", g_be[i].label);
+                check_bytes_equal(vr, vb, bytes, "kv_append v", g_be[i].label);
+            }
+            free(slots);
+            free(k);
+            free(v);
+            free(kr);
+            free(vr);
+            free(kb);
+            free(vb);
+        }
+    }
+}
+
+static void
+test_kv_copy(void **state)
+{
+    (void)state;
+    rng_seed(7);
+    for (int dt = 0; dt < 2; dt++) {
+        for (int big = 0; big < 2; big++) {
+            /* big: over a MiB moved, so the cpu backend goes parallel. */
+            kv_geom_t g = {dt ? KERN_F16 : KERN_F32, 3, 2, 32, big ? 64 : 4, 24};
+            size_t el = dt ? 2 : 4;
+            size_t bytes = (size_t)g.n_layers * g.n_blocks * g.n_kv_heads * g.block_tokens *
+                           g.head_dim * el;
+            uint8_t *k0 = malloc(bytes), *v0 = malloc(bytes);
+            assert_true(k0 && v0);
+            for (size_t i = 0; i < bytes; i++) {
+                k0[i] = (uint8_t)rng_u32();
+                v0[i] = (uint8_t)rng_u32();
+            }
+            /* Includes a chain (5 -> 9, 9 -> 2) and a self copy. */
+            static const int32_t src[] = {5, 9, 0, 23, 7, 11, 12, 13};
+            static const int32_t dst[] = {9, 2, 23, 0, 7, 20, 21, 22};
+            uint32_t n = 8;
+            uint8_t *kr = malloc(bytes), *vr = malloc(bytes), *kb = malloc(bytes),
+                    *vb = malloc(bytes);
+            assert_true(kr && vr && kb && vb);
+            kern_kv_t kv = kv_make(g_ref, &g, k0, v0);
+            assert_int_equal(kern_kv_copy(g_ref, &kv, src, dst, n), 0);
+            kv_take(g_ref, &kv, kr, vr);
+            /* Spot-check the reference itself: block 2 ends up with block 5's data. */
+            size_t blk = bytes / g.n_layers / g.n_blocks;
+            assert_memory_equal(kr + 2 * blk, k0 + 5 * blk, blk);
+            assert_memory_equal(vr + (g.n_blocks + 20) * blk, v0 + (g.n_blocks + 11) * blk,
+                                blk);
+            for (int i = 0; i < g_n_be; i++) {
+                kv = kv_make(g_be[i].be, &g, k0, v0);
+                assert_int_equal(kern_kv_copy(g_be[i].be, &kv, src, dst, n), 0);
+                kv_take(g_be[i].be, &kv, kb, vb);
+                check_bytes_equal(kr, kb, bytes, "kv_copy k", g_be[i].label);
+                check_bytes_equal(vr, vb, bytes, "kv_copy v", g_be[i].label);
+            }
+            free(k0);
+            free(v0);
+            free(kr);
+            free(vr);
+            free(kb);
+            free(vb);
+        }
+    }
+}
+
+typedef struct attn_case {
+    const char *name;
+    kern_dtype_t dtype;
+    uint32_t block_tokens, head_dim, n_heads, n_kv_heads;
+    uint32_t n_seqs;
+    int32_t len[3];  /* KV entries of each sequence */
+    int32_t rows[3]; /* query rows: the last rows[s] positions, causal */
+    int32_t shared;  /* leading blocks of sequence 0 that sequence 1 shares */
+} attn_case_t;
+
+static const attn_case_t attn_cases[] = {
+    {"f32 bt16 d64 mha", KERN_F32, 16, 64, 4, 4, 3, {37, 16, 1}, {5, 1, 1}, 0},
+    {"f16 bt4 d128 gqa4", KERN_F16, 4, 128, 8, 2, 3, {29, 8, 13}, {29, 1, 3}, 0},
+    {"f32 bt1 d32 mqa", KERN_F32, 1, 32, 8, 1, 3, {20, 7, 1}, {3, 1, 1}, 0},
+    {"f16 bt16 d64 mqa shared prefix", KERN_F16, 16, 64, 4, 1, 3, {40, 33, 17}, {2, 1, 17}, 2},
+    {"f32 bt16 d128 gqa4 long", KERN_F32, 16, 128, 8, 2, 1, {3000}, {1}, 0},
+    {"f16 bt16 d128 mqa long", KERN_F16, 16, 128, 4, 1, 2, {3000, 100}, {1, 2}, 0},
+    {"f32 bt4 d20 (no simd dim)", KERN_F32, 4, 20, 6, 3, 3, {9, 4, 1}, {2, 1, 1}, 0},
+    {"f16 bt16 d128 gqa4 prefill", KERN_F16, 16, 128, 8, 2, 2, {70, 300}, {64, 20}, 0},
+    {"f32 bt16 d64 gqa8 shared", KERN_F32, 16, 64, 32, 4, 3, {64, 48, 200}, {1, 48, 3}, 3},
+    {"f16 bt1 d32 mha long", KERN_F16, 1, 32, 2, 2, 1, {3000}, {4}, 0},
+};
+
+/* One case's inputs, built once and replayed on every backend. */
+typedef struct attn_data {
+    const attn_case_t *c;
+    kv_geom_t g;
+    int32_t indptr[4], last_len[3], q_indptr[4];
+    int32_t *indices;
+    int32_t *kv_len;
+    uint32_t n_q;
+    float *q;
+    float *k_tok, *v_tok; /* appended tokens */
+    int32_t *slots;
+    uint32_t n_tok;
+    float scale;
+} attn_data_t;
+
+static void
+attn_build(const attn_case_t *c, attn_data_t *d)
+{
+    memset(d, 0, sizeof(*d));
+    d->c = c;
+    uint32_t bt = c->block_tokens, n_blk = 0;
+    for (uint32_t s = 0; s < c->n_seqs; s++)
+        n_blk += (uint32_t)(c->len[s] + (int32_t)bt - 1) / bt;
+    n_blk -= (uint32_t)c->shared;
+    d->g = (kv_geom_t){c->dtype, 2, c->n_kv_heads, c->head_dim, bt, n_blk + 5};
+
+    /* Scrambled block ids: neither contiguous nor increasing. */
+    int32_t *perm = malloc(d->g.n_blocks * sizeof(int32_t));
+    assert_non_null(perm);
+    for (uint32_t i = 0; i < d->g.n_blocks; i++)
+        perm[i] = (int32_t)i;
+    shuffle(perm, d->g.n_blocks);
+    d->indices = malloc((n_blk + (uint32_t)c->shared) * sizeof(int32_t));
+    assert_non_null(d->indices);
+    uint32_t used = 0, at = 0;
+    d->indptr[0] = 0;
+    for (uint32_t s = 0; s < c->n_seqs; s++) {
+        int32_t nb = (c->len[s] + (int32_t)bt - 1) / (int32_t)bt;
+        for (int32_t b = 0; b < nb; b++) {
+            if (s == 1 && b < c->shared)
+                d->indices[at++] = d->indices[b]; /* sequence 0's block */
+            else
+                d->indices[at++] = perm[used++];
+        }
+        d->indptr[s + 1] = (int32_t)at;
+        d->last_len[s] = c->len[s] - (nb - 1) * (int32_t)bt;
+    }
+    free(perm);
+
+    /* Every slot written once: shared blocks only by sequence 0. */
+    size_t row = (size_t)c->n_kv_heads * c->head_dim;
+    uint32_t max_tok = 0;
+    for (uint32_t s = 0; s < c->n_seqs; s++)
+        max_tok += (uint32_t)c->len[s];
+    d->slots = malloc(max_tok * sizeof(int32_t));
+    assert_non_null(d->slots);
+    for (uint32_t s = 0; s < c->n_seqs; s++) {
+        for (int32_t j = 0; j < c->len[s]; j++) {
+            if (s == 1 && j < c->shared * (int32_t)bt)
+                continue;
+            int32_t blk = d->indices[d->indptr[s] + j / (int32_t)bt];
+            d->slots[d->n_tok++] = blk * (int32_t)bt + j % (int32_t)bt;
+        }
+    }
+    d->k_tok = rand_floats(d->n_tok * row, -2.0f, 2.0f);
+    d->v_tok = rand_floats(d->n_tok * row, -2.0f, 2.0f);
+
+    d->q_indptr[0] = 0;
+    for (uint32_t s = 0; s < c->n_seqs; s++)
+        d->q_indptr[s + 1] = d->q_indptr[s] + c->rows[s];
+    d->n_q = (uint32_t)d->q_indptr[c->n_seqs];
+    d->kv_len = malloc(d->n_q * sizeof(int32_t));
+    assert_non_null(d->kv_len);
+    for (uint32_t s = 0; s < c->n_seqs; s++)
+        for (int32_t r = 0; r < c->rows[s]; r++)
+            d->kv_len[d->q_indptr[s] + r] = c->len[s] - c->rows[s] + 1 + r;
+    d->q = rand_floats((size_t)d->n_q * c->n_heads * c->head_dim, -2.0f, 2.0f);
+    d->scale = 1.0f / sqrtf((float)c->head_dim);
+}
+
+static void
+attn_free(attn_data_t *d)
+{
+    free(d->indices);
+    free(d->kv_len);
+    free(d->q);
+    free(d->k_tok);
+    free(d->v_tok);
+    free(d->slots);
+}
+
+/* Appends the case's tokens (one call per sequence), then runs attention
+ * over the whole batch into out_batch and, when out_single is not NULL,
+ * once per sequence into out_single. */
+static void
+run_attn(kern_backend_t *be, const attn_data_t *d, float *out_batch, float *out_single)
+{
+    const attn_case_t *c = d->c;
+    const uint32_t layer = 1;
+    kern_kv_t kv = kv_make(be, &d->g, NULL, NULL);
+    size_t row = (size_t)c->n_kv_heads * c->head_dim;
+    float *kd = put(be, d->k_tok, d->n_tok * row * sizeof(float));
+    float *vd = put(be, d->v_tok, d->n_tok * row * sizeof(float));
+    for (uint32_t t0 = 0; t0 < d->n_tok;) {
+        uint32_t t1 = t0 + 1;
+        while (t1 < d->n_tok && t1 - t0 < 1000)
+            t1++;
+        assert_int_equal(
+            kern_kv_append(be, &kv, layer, kd + t0 * row, vd + t0 * row, d->slots + t0, t1 - t0),
+            0);
+        t0 = t1;
+    }
+    take(be, NULL, kd, d->n_tok * row * sizeof(float), "attn k tokens");
+    take(be, NULL, vd, d->n_tok * row * sizeof(float), "attn v tokens");
+
+    size_t qn = (size_t)d->n_q * c->n_heads * c->head_dim;
+    size_t per_row = (size_t)c->n_heads * c->head_dim;
+    float *qd = put(be, d->q, qn * sizeof(float));
+    float *od = put_out(be, qn);
+    kern_attn_args_t a = {.q = qd, .out = od, .n_q = d->n_q, .n_heads = c->n_heads,
+                          .q_indptr = d->q_indptr, .kv_len = d->kv_len,
+                          .pt = {.indptr = d->indptr, .indices = d->indices,
+                                 .last_len = d->last_len, .n_seqs = c->n_seqs},
+                          .kv = &kv, .layer = layer, .scale = d->scale};
+    assert_int_equal(kern_attention(be, &a), 0);
+    take(be, out_batch, od, qn * sizeof(float), "attn out");
+
+    for (uint32_t s = 0; out_single && s < c->n_seqs; s++) {
+        int32_t q0 = d->q_indptr[s], nq = d->q_indptr[s + 1] - q0;
+        int32_t b0 = d->indptr[s];
+        int32_t indptr[2] = {0, d->indptr[s + 1] - b0}, q_indptr[2] = {0, nq};
+        float *os = put_out(be, (size_t)nq * per_row);
+        kern_attn_args_t one = a;
+        one.q = qd + (size_t)q0 * per_row;
+        one.out = os;
+        one.n_q = (uint32_t)nq;
+        one.q_indptr = q_indptr;
+        one.kv_len = d->kv_len + q0;
+        one.pt = (kern_page_table_t){.indptr = indptr, .indices = d->indices + b0,
+                                     .last_len = d->last_len + s, .n_seqs = 1};
+        assert_int_equal(kern_attention(be, &one), 0);
+        take(be, out_single + (size_t)q0 * per_row, os, (size_t)nq * per_row * sizeof(float),
+             "attn single out");
+    }
+    take(be, NULL, qd, qn * sizeof(float), "attn q");
+    kv_take(be, &kv, NULL, NULL);
+}
+
+static void
+test_attention(void **state)
+{
+    (void)state;
+    rng_seed(8);
+    for (size_t ci = 0; ci < sizeof(attn_cases) / sizeof(attn_cases[0]); ci++) {
+        const attn_case_t *c = &attn_cases[ci];
+        attn_data_t d;
+        attn_build(c, &d);
+        size_t qn = (size_t)d.n_q * c->n_heads * c->head_dim;
+        float *yr = malloc(qn * sizeof(float)), *yb = malloc(qn * sizeof(float)),
+              *ys = malloc(qn * sizeof(float));
+        assert_true(yr && yb && ys);
+        run_attn(g_ref, &d, yr, NULL);
+        for (int i = 0; i < g_n_be; i++) {
+            if (!kern_supports(g_be[i].be, KERN_OP_ATTN, c->dtype))
+                continue;
+            char what[96];
+            run_attn(g_be[i].be, &d, yb, ys);
+            snprintf(what, sizeof(what), "attention %s (batched)", c->name);
+            check_close(yr, yb, qn, 1e-5, what, g_be[i].label);
+            snprintf(what, sizeof(what), "attention %s (per sequence)", c->name);
+            check_close(yr, ys, qn, 1e-5, what, g_be[i].label);
+        }
+        free(yr);
+        free(yb);
+        free(ys);
+        attn_free(&d);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Argument validation (kern.c) and type support.                           */
+/* ------------------------------------------------------------------------ */
+
+static void
+check_validation(kern_backend_t *be)
+{
+    kv_geom_t g = {KERN_F32, 1, 1, 8, 4, 4};
+    kern_kv_t kv = kv_make(be, &g, NULL, NULL);
+    float *buf = put(be, NULL, 64 * sizeof(float));
+    float *out = put(be, NULL, 64 * sizeof(float));
+
+    /* kv_append: slots past the pool or negative. */
+    int32_t slot = 16;
+    assert_int_equal(kern_kv_append(be, &kv, 0, buf, buf, &slot, 1), KVS_EINVAL);
+    slot = -1;
+    assert_int_equal(kern_kv_append(be, &kv, 0, buf, buf, &slot, 1), KVS_EINVAL);
+    slot = 15;
+    assert_int_equal(kern_kv_append(be, &kv, 1, buf, buf, &slot, 1), KVS_EINVAL); /* layer */
+    assert_int_equal(kern_kv_append(be, &kv, 0, buf, buf, &slot, 1), 0);
+
+    /* kv_copy: block ids out of range. */
+    int32_t src = 0, dst = 4;
+    assert_int_equal(kern_kv_copy(be, &kv, &src, &dst, 1), KVS_EINVAL);
+    dst = -1;
+    assert_int_equal(kern_kv_copy(be, &kv, &src, &dst, 1), KVS_EINVAL);
+
+    /* attention: kv_len 0, kv_len past the sequence, bad block, bad last_len. */
+    int32_t indptr[2] = {0, 2}, indices[2] = {3, 1}, last_len[1] = {2}, q_indptr[2] = {0, 1};
+    int32_t kv_len[1] = {6};
+    kern_attn_args_t a = {.q = buf, .out = out, .n_q = 1, .n_heads = 2, .q_indptr = q_indptr,
+                          .kv_len = kv_len,
+                          .pt = {.indptr = indptr, .indices = indices, .last_len = last_len,
+                                 .n_seqs = 1},
+                          .kv = &kv, .layer = 0, .scale = 0.5f};
+    assert_int_equal(kern_attention(be, &a), 0);
+    kv_len[0] = 0;
+    assert_int_equal(kern_attention(be, &a), KVS_EINVAL);
+    kv_len[0] = 7;
+    assert_int_equal(kern_attention(be, &a), KVS_EINVAL);
+    kv_len[0] = 6;
+    indices[1] = 4;
+    assert_int_equal(kern_attention(be, &a), KVS_EINVAL);
+    indices[1] = 1;
+    last_len[0] = 5;
+    assert_int_equal(kern_attention(be, &a), KVS_EINVAL);
+    last_len[0] = 2;
+    a.n_heads = 3; /* not a multiple of n_kv_heads... */
+    kv.n_kv_heads = 2;
+    assert_int_equal(kern_attention(be, &a), KVS_EINVAL);
+    kv.n_kv_heads = 1;
+
+    /* get_rows: id out of range; matmul/get_rows on an unsupported type. */
+    kern_tensor_t w = {.type = KERN_F32, .n_cols = 8, .n_rows = 4, .row_bytes = 32, .data = buf};
+    int32_t id = 4;
+    assert_int_equal(kern_get_rows(be, &w, &id, 1, out), KVS_EINVAL);
+    w.type = KERN_Q4_0;
+    w.n_cols = 32;
+    w.n_rows = 1;
+    w.row_bytes = kern_row_bytes(KERN_Q4_0, 32);
+    assert_false(kern_supports(be, KERN_OP_MATMUL, KERN_Q4_0));
+    assert_int_equal(kern_matmul(be, &w, buf, 1, NULL, out), KVS_ENOTSUP);
+
+    kv_take(be, &kv, NULL, NULL);
+    take(be, NULL, buf, 64 * sizeof(float), "validation buf");
+    take(be, NULL, out, 64 * sizeof(float), "validation out");
+}
+
+static void
+test_validation(void **state)
+{
+    (void)state;
+    check_validation(g_ref);
+    for (int i = 0; i < g_n_be; i++)
+        check_validation(g_be[i].be);
+    assert_true(kern_backend_is_host(g_ref));
+    assert_string_equal(kern_backend_name(g_ref), "ref");
+    assert_true(kern_supports(g_ref, KERN_OP_ATTN, KERN_F16));
+    assert_false(kern_supports(g_ref, KERN_OP_ATTN, KERN_BF16));
+    assert_false(kern_supports(g_ref, KERN_OP_COUNT, KERN_F32));
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_matmul),      cmocka_unit_test(test_get_rows),
+        cmocka_unit_test(test_rmsnorm),     cmocka_unit_test(test_rope),
+        cmocka_unit_test(test_elementwise), cmocka_unit_test(test_kv_append),
+        cmocka_unit_test(test_kv_copy),     cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_validation),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}

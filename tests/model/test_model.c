@@ -1,0 +1,360 @@
+/*
+ * tests/model/test_model.c — model loading (hyper-parameters, tensor
+ * binding, refusal of inconsistent or unsupported files with a message
+ * naming the fault), the byte-level tokenizers and the sampler.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "model/model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static char tmpdir[256];
+static kern_backend_t *be;
+
+static int
+setup(void **state)
+{
+    (void)state;
+    const char *t = getenv("TMPDIR");
+    snprintf(tmpdir, sizeof tmpdir, "%s/kvs_model_XXXXXX", t ? t : "/tmp");
+    if (mkdtemp(tmpdir) == NULL)
+        return -1;
+    kern_backend_cfg_t cfg = {.n_threads = 1};
+    return kern_backend_new("cpu", &cfg, &be);
+}
+
+static int
+teardown(void **state)
+{
+    (void)state;
+    kern_backend_free(be);
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+static void
+path_of(char *buf, size_t n, const char *name)
+{
+    snprintf(buf, n, "%s/%s", tmpdir, name);
+}
+
+static void
+test_load_tiny(void **state)
+{
+    (void)state;
+    const kern_dtype_t types[] = {KERN_F32, KERN_F16, KERN_BF16, KERN_Q8_0};
+    for (size_t i = 0; i < 4; i++) {
+        char p[300], err[256] = "";
+        path_of(p, sizeof p, "tiny.gguf");
+        assert_int_equal(model_random_write("tiny", types[i], 1, p, err, sizeof err), 0);
+        model_t *m;
+        assert_int_equal(model_load(p, be, &m, err, sizeof err), 0);
+        const model_hparams_t *hp = model_hparams(m);
+        assert_string_equal(hp->arch, "llama");
+        assert_int_equal(hp->n_embd, 256);
+        assert_int_equal(hp->n_layer, 4);
+        assert_int_equal(hp->n_head, 8);
+        assert_int_equal(hp->n_head_kv, 2);
+        assert_int_equal(hp->head_dim, 32);
+        assert_int_equal(hp->n_ff, 704);
+        assert_int_equal(hp->n_vocab, 259);
+        assert_int_equal(hp->wtype, types[i]);
+        assert_true(hp->is_random);
+        assert_false(hp->tied_output);
+        assert_string_equal(model_tokenizer_name(m), "gpt2-bytes");
+        assert_int_equal(model_kv_bytes_per_token(m, KERN_F16), 2 * 2 * 32 * 2);
+        assert_true(model_weight_bytes_per_token(m) > 0);
+        model_free(m);
+    }
+}
+
+static void
+test_tokenizer(void **state)
+{
+    (void)state;
+    char p[300], err[256];
+    path_of(p, sizeof p, "tok.gguf");
+    assert_int_equal(model_random_write("tiny", KERN_F32, 1, p, err, sizeof err), 0);
+    model_t *m;
+    assert_int_equal(model_load(p, be, &m, err, sizeof err), 0);
+    const char text[] = "Hi \n\xc3\xa9\x00!";
+    int32_t ids[32];
+    size_t n;
+    assert_int_equal(model_tokenize(m, text, sizeof text - 1, true, ids, 32, &n), 0);
+    assert_int_equal(n, sizeof text); /* BOS + every byte */
+    assert_int_equal(ids[0], 256);
+    assert_int_equal(model_token_bos(m), 256);
+    assert_int_equal(model_token_eos(m), 257);
+    assert_true(model_token_is_eog(m, 257));
+    assert_false(model_token_is_eog(m, 65));
+    for (size_t i = 1; i < n; i++) {
+        char c;
+        assert_int_equal(model_token_piece(m, ids[i], &c, 1), 1);
+        assert_int_equal((unsigned char)c, (unsigned char)text[i - 1]);
+    }
+    char c;
+    assert_int_equal(model_token_piece(m, 256, &c, 1), 0); /* control: no text */
+    assert_int_equal(model_token_piece(m, 259, &c, 1), KVS_EINVAL);
+    assert_int_equal(model_tokenize(m, text, sizeof text - 1, false, ids, 3, &n), KVS_ENOSPC);
+    assert_int_equal(n, sizeof text - 1);
+    model_free(m);
+}
+
+/* ---- bad models: built with the writer, each refused with a message ------ */
+
+typedef struct bad_model {
+    const char *name;
+    const char *arch;
+    uint32_t block_count;
+    uint32_t head_count_kv;
+    bool drop_tensor; /* omit blk.0.ffn_up.weight */
+    bool bad_shape;   /* blk.0.attn_k.weight with the wrong rows */
+    bool merges;      /* gpt2 tokenizer with merges */
+    bool spm;         /* llama (SentencePiece) tokenizer */
+    uint32_t q_type;  /* weight type of attn_q */
+    bool extra_layer; /* tensors for one more layer than block_count */
+    bool no_eps;
+    const char *expect; /* substring of the error */
+    int rc;
+} bad_model_t;
+
+static int
+write_model(const char *path, const bad_model_t *b)
+{
+    const uint32_t d = 64, nh = 4, ff = 96, nv = 260, layers = 2;
+    uint32_t kvh = b->head_count_kv ? b->head_count_kv : 2;
+    uint32_t hd = d / nh;
+    model_gguf_writer_t *w;
+    int rc = model_gguf_writer_new(&w);
+    if (rc)
+        return rc;
+    const char *arch = b->arch ? b->arch : "llama";
+    char key[96];
+#define K(s) (snprintf(key, sizeof key, "%s." s, arch), key)
+    model_gguf_writer_set_str(w, "general.architecture", arch);
+    model_gguf_writer_set_u32(w, K("embedding_length"), d);
+    model_gguf_writer_set_u32(w, K("block_count"), b->block_count ? b->block_count : layers);
+    model_gguf_writer_set_u32(w, K("attention.head_count"), nh);
+    model_gguf_writer_set_u32(w, K("attention.head_count_kv"), kvh);
+    model_gguf_writer_set_u32(w, K("feed_forward_length"), ff);
+    model_gguf_writer_set_u32(w, K("context_length"), 128);
+    if (!b->no_eps)
+        model_gguf_writer_set_f32(w, K("attention.layer_norm_rms_epsilon"), 1e-5f);
+#undef K
+    if (b->merges || b->spm) {
+        static char store[260][4];
+        const char *toks[260];
+        size_t lens[260];
+        for (int i = 0; i < 260; i++) {
+            snprintf(store[i], sizeof store[i], "%c%c", 'a' + i % 26, 'a' + i / 26);
+            toks[i] = store[i];
+            lens[i] = 2;
+        }
+        model_gguf_writer_set_str(w, "tokenizer.ggml.model", b->spm ? "llama" : "gpt2");
+        model_gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", toks, lens, 260);
+        const char *mg[1] = {"a b"};
+        size_t ml[1] = {3};
+        if (b->merges)
+            model_gguf_writer_set_arr_str(w, "tokenizer.ggml.merges", mg, ml, 1);
+    }
+    uint32_t n_layers_written = layers + (b->extra_layer ? 1 : 0);
+    typedef struct {
+        char name[64];
+        uint64_t ne[2];
+        uint32_t nd, type;
+    } tinfo_t;
+    tinfo_t ts[64];
+    uint32_t n = 0;
+#define T(nm, c, r, ty)                                                    \
+    (snprintf(ts[n].name, 64, "%s", nm), ts[n].ne[0] = c, ts[n].ne[1] = r, \
+     ts[n].nd = r > 1 ? 2 : 1, ts[n].type = ty, n++)
+    T("token_embd.weight", d, nv, KERN_F32);
+    T("output_norm.weight", d, 1, KERN_F32);
+    for (uint32_t l = 0; l < n_layers_written; l++) {
+        char nm[64];
+#define L(s) (snprintf(nm, 64, "blk.%u." s, l), nm)
+        T(L("attn_norm.weight"), d, 1, KERN_F32);
+        T(L("attn_q.weight"), d, nh * hd, b->q_type && l == 0 ? b->q_type : KERN_F32);
+        T(L("attn_k.weight"), d, kvh * hd + (b->bad_shape && l == 0 ? 1 : 0), KERN_F32);
+        T(L("attn_v.weight"), d, kvh * hd, KERN_F32);
+        T(L("attn_output.weight"), nh * hd, d, KERN_F32);
+        T(L("ffn_norm.weight"), d, 1, KERN_F32);
+        T(L("ffn_gate.weight"), d, ff, KERN_F32);
+        if (!(b->drop_tensor && l == 0))
+            T(L("ffn_up.weight"), d, ff, KERN_F32);
+        T(L("ffn_down.weight"), ff, d, KERN_F32);
+#undef L
+    }
+#undef T
+    for (uint32_t i = 0; i < n && rc == 0; i++)
+        rc = model_gguf_writer_add_tensor(w, ts[i].name, ts[i].nd, ts[i].ne, ts[i].type);
+    if (rc == 0)
+        rc = model_gguf_writer_begin(w, path);
+    for (uint32_t i = 0; i < n && rc == 0; i++) {
+        size_t bytes = kern_row_bytes(ts[i].type, ts[i].ne[0]) * ts[i].ne[1];
+        void *z = calloc(1, bytes);
+        rc = model_gguf_writer_write(w, z, bytes);
+        free(z);
+    }
+    if (rc == 0)
+        rc = model_gguf_writer_finish(w);
+    model_gguf_writer_free(w);
+    return rc;
+}
+
+static void
+test_bad_models(void **state)
+{
+    (void)state;
+    const bad_model_t cases[] = {
+        {.name = "ok", .rc = 0},
+        {.name = "too many layers",
+         .block_count = 100000,
+         .expect = "block_count",
+         .rc = KVS_EFORMAT},
+        {.name = "more layers than tensors",
+         .block_count = 3,
+         .expect = "blk.2.",
+         .rc = KVS_EFORMAT},
+        {.name = "fewer layers than tensors",
+         .extra_layer = true,
+         .expect = "blk.2.",
+         .rc = KVS_EFORMAT},
+        {.name = "arch", .arch = "mamba", .expect = "mamba", .rc = KVS_ENOTSUP},
+        {.name = "kv heads", .head_count_kv = 3, .expect = "head_count", .rc = KVS_EFORMAT},
+        {.name = "missing tensor",
+         .drop_tensor = true,
+         .expect = "blk.0.ffn_up.weight",
+         .rc = KVS_EFORMAT},
+        {.name = "bad shape",
+         .bad_shape = true,
+         .expect = "blk.0.attn_k.weight",
+         .rc = KVS_EFORMAT},
+        {.name = "merges", .merges = true, .expect = "merges", .rc = KVS_ENOTSUP},
+        {.name = "spm", .spm = true, .expect = "'llama'", .rc = KVS_ENOTSUP},
+        {.name = "q4_0 weights",
+         .q_type = KERN_Q4_0,
+         .expect = "blk.0.attn_q.weight",
+         .rc = KVS_ENOTSUP},
+        {.name = "no eps", .no_eps = true, .expect = "layer_norm_rms_epsilon", .rc = KVS_EFORMAT},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char p[300], err[512] = "";
+        path_of(p, sizeof p, "bad.gguf");
+        assert_int_equal(write_model(p, &cases[i]), 0);
+        model_t *m = NULL;
+        int rc = model_load(p, be, &m, err, sizeof err);
+        if (rc != cases[i].rc || (cases[i].expect && !strstr(err, cases[i].expect))) {
+            fprintf(stderr, "case '%s': rc %d (%s), err '%s'\n", cases[i].name, rc,
+                    kvs_err_name(rc), err);
+            fail();
+        }
+        if (rc == 0)
+            model_free(m);
+        else
+            assert_null(m);
+    }
+    char err[256] = "";
+    model_t *m;
+    assert_int_not_equal(model_load("/nonexistent/x.gguf", be, &m, err, sizeof err), 0);
+    assert_true(strlen(err) > 0);
+}
+
+/* ---- sampler --------------------------------------------------------------- */
+
+static void
+test_sampler(void **state)
+{
+    (void)state;
+    float logits[8] = {0.1f, 2.0f, -1.0f, 1.9f, 0.0f, 1.0f, -3.0f, 0.5f};
+    model_sampler_t *s;
+    model_sampling_t greedy = {.temperature = 0.0f, .top_p = 1.0f};
+    assert_int_equal(model_sampler_new(&greedy, 8, &s), 0);
+    assert_int_equal(model_sampler_sample(s, logits), 1);
+    model_sampler_free(s);
+
+    /* top-k 1, tiny top-p and min-p 1 all reduce to greedy. */
+    model_sampling_t k1 = {.temperature = 1.0f, .top_k = 1, .top_p = 1.0f, .seed = 3};
+    model_sampling_t p0 = {.temperature = 1.0f, .top_p = 1e-6f, .seed = 3};
+    model_sampling_t m1 = {.temperature = 1.0f, .top_p = 1.0f, .min_p = 1.0f, .seed = 3};
+    const model_sampling_t *g[3] = {&k1, &p0, &m1};
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(model_sampler_new(g[i], 8, &s), 0);
+        for (int r = 0; r < 50; r++)
+            assert_int_equal(model_sampler_sample(s, logits), 1);
+        model_sampler_free(s);
+    }
+
+    /* Same seed, same tokens; another seed, another sequence. */
+    model_sampling_t t1 = {.temperature = 1.0f, .top_p = 1.0f, .seed = 42};
+    int32_t a[64], b[64], c[64];
+    model_sampler_t *sa, *sb, *sc;
+    assert_int_equal(model_sampler_new(&t1, 8, &sa), 0);
+    assert_int_equal(model_sampler_new(&t1, 8, &sb), 0);
+    t1.seed = 43;
+    assert_int_equal(model_sampler_new(&t1, 8, &sc), 0);
+    for (int i = 0; i < 64; i++) {
+        a[i] = model_sampler_sample(sa, logits);
+        b[i] = model_sampler_sample(sb, logits);
+        c[i] = model_sampler_sample(sc, logits);
+    }
+    assert_memory_equal(a, b, sizeof a);
+    assert_memory_not_equal(a, c, sizeof a);
+    model_sampler_free(sa);
+    model_sampler_free(sb);
+    model_sampler_free(sc);
+
+    /* Frequencies follow softmax(logits / T); top-k 3 keeps only the best 3. */
+    model_sampling_t t2 = {.temperature = 0.7f, .top_k = 3, .top_p = 1.0f, .seed = 5};
+    assert_int_equal(model_sampler_new(&t2, 8, &s), 0);
+    int count[8] = {0};
+    const int N = 40000;
+    for (int i = 0; i < N; i++)
+        count[model_sampler_sample(s, logits)]++;
+    double z = exp(2.0 / 0.7) + exp(1.9 / 0.7) + exp(1.0 / 0.7);
+    assert_true(fabs(count[1] / (double)N - exp(2.0 / 0.7) / z) < 0.01);
+    assert_true(fabs(count[3] / (double)N - exp(1.9 / 0.7) / z) < 0.01);
+    assert_true(fabs(count[5] / (double)N - exp(1.0 / 0.7) / z) < 0.01);
+    assert_int_equal(count[0] + count[2] + count[4] + count[6] + count[7], 0);
+    model_sampler_free(s);
+
+    /* top-p 0.6 over probs ~{0.41, 0.37, ...}: keeps exactly tokens 1 and 3. */
+    model_sampling_t t3 = {.temperature = 1.0f, .top_p = 0.6f, .seed = 9};
+    assert_int_equal(model_sampler_new(&t3, 8, &s), 0);
+    for (int i = 0; i < 2000; i++) {
+        int32_t t = model_sampler_sample(s, logits);
+        assert_true(t == 1 || t == 3);
+    }
+    model_sampler_free(s);
+
+    model_sampling_t bad[] = {
+        {.temperature = -1.0f, .top_p = 1.0f},
+        {.temperature = 1.0f, .top_p = 0.0f},
+        {.temperature = 1.0f, .top_p = 1.0f, .min_p = 2.0f},
+        {.temperature = 1.0f, .top_p = 1.0f, .top_k = -1},
+    };
+    for (size_t i = 0; i < 4; i++)
+        assert_int_equal(model_sampler_new(&bad[i], 8, &s), KVS_EINVAL);
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_load_tiny),
+        cmocka_unit_test(test_tokenizer),
+        cmocka_unit_test(test_bad_models),
+        cmocka_unit_test(test_sampler),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}

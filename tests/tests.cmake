@@ -1,0 +1,15 @@
+# Tests that are not cmocka executables: the independent float64 reference
+# (Python + numpy) and the command-line contract.  Included by CMakeLists.txt.
+find_program(KVS_PYTHON3 NAMES python3 PATHS /usr/bin NO_DEFAULT_PATH)
+if(KVS_PYTHON3)
+  add_test(NAME reference_logits
+           COMMAND ${KVS_PYTHON3} ${CMAKE_CURRENT_SOURCE_DIR}/tests/reference/check_logits.py
+                   --kvserve $<TARGET_FILE:kvserve> --dtypes f32,f16,bf16,q8_0 --steps 32
+                   --threads 2 --workdir ${CMAKE_CURRENT_BINARY_DIR}/reference)
+  # 77: numpy missing, reported as skipped rather than passed.
+  set_tests_properties(reference_logits PROPERTIES LABELS "cpu;reference" SKIP_RETURN_CODE 77
+                       TIMEOUT 900)
+endif()
+add_test(NAME cli COMMAND sh ${CMAKE_CURRENT_SOURCE_DIR}/tests/integration/cli.sh
+                          $<TARGET_FILE:kvserve> ${CMAKE_CURRENT_BINARY_DIR}/cli)
+set_tests_properties(cli PROPERTIES LABELS "cpu" TIMEOUT 300)
