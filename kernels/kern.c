@@ -93,9 +93,13 @@ kern_sync(kern_backend_t *be)
 static bool
 tensor_ok(const kern_tensor_t *w)
 {
+    /* Rows of 16-bit types (and Q8_0's fp16 scales) must be 2-aligned and
+     * f32 rows 4-aligned; GGUF's 32-byte alignment gives that for files. */
+    size_t align = w && w->type == KERN_F32 ? 4 : 2;
     return w && w->data && w->n_cols > 0 && w->n_rows > 0 &&
            kern_row_bytes(w->type, w->n_cols) != 0 &&
-           w->row_bytes >= kern_row_bytes(w->type, w->n_cols);
+           w->row_bytes >= kern_row_bytes(w->type, w->n_cols) &&
+           (((uintptr_t)w->data | w->row_bytes) % align) == 0;
 }
 
 static bool
@@ -157,6 +161,10 @@ kern_rope(kern_backend_t *be, const kern_rope_args_t *a)
         a->n_rot > a->head_dim || (a->n_rows && (!a->x || !a->pos)) || !(a->freq_base > 0.0f) ||
         !(a->freq_scale > 0.0f))
         return KVS_EINVAL;
+    if (a->freq_factors)
+        for (uint32_t i = 0; i < a->n_rot / 2; i++)
+            if (!(a->freq_factors[i] > 0.0f))
+                return KVS_EINVAL;
     return a->n_rows ? be->ops->rope(be, a) : 0;
 }
 

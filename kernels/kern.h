@@ -198,8 +198,9 @@ int kern_download(kern_backend_t *be, void *dst_host, const void *src, size_t by
 int kern_memset(kern_backend_t *be, void *dst, int value, size_t bytes);
 int kern_sync(kern_backend_t *be);
 
-/* Ops.  Each returns 0, KVS_EINVAL (bad shapes, checked in kern.c before
- * dispatch) or KVS_ENOTSUP (see kern_supports). */
+/* Ops.  Each returns 0, KVS_EINVAL (bad shapes or misaligned weights,
+ * checked in kern.c before dispatch), KVS_ENOTSUP (see kern_supports), or
+ * on a device backend KVS_ENOMEM (workspace) and KVS_EDEVICE. */
 
 /* out[i][:] = row ids[i] of w, as f32.  ids in host memory. */
 int kern_get_rows(kern_backend_t *be, const kern_tensor_t *w, const int32_t *ids, uint32_t n,
@@ -216,10 +217,12 @@ int kern_swiglu(kern_backend_t *be, const float *gate, const float *up, size_t n
 /* x[i] += y[i] over n elements. */
 int kern_add(kern_backend_t *be, float *x, const float *y, size_t n);
 /* Writes n tokens' K and V rows ([n][n_kv_heads*head_dim], f32) of `layer`
- * into their slots (host array), converting to kv->dtype. */
+ * into their slots (host array), converting to kv->dtype.  When a slot
+ * repeats, the later token wins. */
 int kern_kv_append(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, const float *k,
                    const float *v, const int32_t *slots, uint32_t n);
-/* Copies whole blocks src[i] -> dst[i] in every layer (host arrays). */
+/* Copies whole blocks src[i] -> dst[i] in every layer (host arrays), in
+ * call order: a->b then b->c leaves a's content in both b and c. */
 int kern_kv_copy(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
                  uint32_t n);
 int kern_attention(kern_backend_t *be, const kern_attn_args_t *a);

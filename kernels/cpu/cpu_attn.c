@@ -5,29 +5,43 @@
  *
  * Work is cut into items of (sequence, KV head, chunk of query rows, key
  * range).  An item carries every query head of its KV head's group for all
- * rows of its chunk, so each key and value vector is fetched from memory
- * once per item and then reused from L1 by all of them; K and V are never
- * repeated for GQA.  Keys are visited in chunks of CHUNK entries gathered
- * through the block table:
+ * rows of its chunk (nq query vectors), so each key and value vector is
+ * fetched from memory once per item and shared by all of them; K and V are
+ * never repeated for GQA.  Keys are visited in chunks of CHUNK entries
+ * located through the block table:
  *
- *   for each key chunk:   s = scale * q.k       (for keys < kv_len of the row)
+ *   for each key chunk:   S = scale * Q K^T     [nq x CHUNK]
+ *                         per query, masking keys >= its kv_len:
  *                         m' = max(m, max s);  p = e^(s - m')
  *                         l = l e^(m - m') + sum p
- *                         acc = acc e^(m - m') + sum p v
+ *                         acc = acc e^(m - m') + P V
+ *
+ * The SIMD kernels take queries four at a time, so a key or value vector
+ * (converted from F16 in registers) feeds four FMA chains per load; a
+ * single leftover query (MHA decode) has its own kernels.  Scalar code
+ * covers head_dim not a multiple of 8 and machines without AVX2.
  *
  * When there are fewer items than about twice the threads (decode of a few
  * sequences over long KV), an item's key range is split into parts
  * (split-K).  Parts write (m, l, acc) to the shared workspace and a second
  * parallel pass merges them into the output.
+ *
+ * Blocks of one KV head are block_tokens * head_dim elements (4 KiB for 16
+ * x 128 F16) at scattered addresses, which the hardware prefetcher serves
+ * poorly, so the next PREFETCH_KEYS keys are prefetched into L2.  Measured
+ * on the 2-core Zen 4 VM, 32 heads / 8 KV heads / head_dim 128, F16 KV:
+ * decode over 4096 keys 1.2 ms on one thread, 0.6 ms on two; prefill of
+ * 1024 rows over 1024 keys 70 GFLOP/s per thread.
  */
 #include "cpu_int.h"
 
 #include <math.h>
 #include <stdlib.h>
 
-#define CHUNK 32       /* keys per online-softmax step */
-#define NQ_TARGET 16   /* query vectors per item (rows x heads of a group) */
-#define MIN_SPLIT 128  /* fewest keys worth a split-K part */
+#define CHUNK 32          /* keys per online-softmax step */
+#define NQ_TARGET 16      /* query vectors per item (rows x heads of a group) */
+#define MIN_SPLIT 128     /* fewest keys worth a split-K part */
+#define PREFETCH_KEYS 128 /* keys ahead of the current chunk kept in flight */
 
 typedef struct attn_item {
     int32_t row0, n_rows; /* query rows */
@@ -55,7 +69,7 @@ typedef struct attn_ctx {
 } attn_ctx_t;
 
 /* ------------------------------------------------------------------------ */
-/* Inner loops: scores, and the value accumulation.                         */
+/* Inner loops.  S and P are [nq][CHUNK] (P overwrites S).                   */
 /* ------------------------------------------------------------------------ */
 
 static float
@@ -93,75 +107,169 @@ accum_scalar(float *acc, float alpha, const float *p, const void *const *vp, int
     }
 }
 
-static void
-exp_scalar(float *s, int n, float m)
-{
-    for (int t = 0; t < n; t++)
-        s[t] = expf(s[t] - m);
-}
-
 #ifdef CPU_HAVE_X86
-__attribute__((always_inline, target("avx2,fma,f16c"))) static inline __m256
-load_kv8(bool f16, const void *p, uint32_t c)
+#define TGT "avx2,fma,f16c"
+
+__attribute__((always_inline, target(TGT))) static inline __m256
+load_kv8(const bool f16, const void *p, uint32_t c)
 {
     if (f16)
         return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + c)));
     return _mm256_loadu_ps((const float *)p + c);
 }
 
-/* d is a multiple of 8. */
-__attribute__((always_inline, target("avx2,fma,f16c"))) static inline void
-scores_avx2_t(const float *q, const void *const *kp, int nk, uint32_t d, const bool f16,
-              float scale, float *s)
+/* Four queries x two keys: eight FMA chains, each key vector loaded once
+ * for four queries.  The eight sums come out of one hadd tree. */
+__attribute__((always_inline, target(TGT))) static inline void
+scores4_t(const float *const *q, const void *const *kp, int nk, uint32_t d, const bool f16,
+          float scale, float *s)
 {
-    for (int t = 0; t < nk; t++) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-        uint32_t c = 0;
-        for (; c + 32 <= d; c += 32) {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), load_kv8(f16, kp[t], c), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 8), load_kv8(f16, kp[t], c + 8), a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 16), load_kv8(f16, kp[t], c + 16), a2);
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 24), load_kv8(f16, kp[t], c + 24), a3);
+    int t = 0;
+    for (; t + 2 <= nk; t += 2) {
+        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00;
+        __m256 a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+        for (uint32_t c = 0; c < d; c += 8) {
+            __m256 k0 = load_kv8(f16, kp[t], c), k1 = load_kv8(f16, kp[t + 1], c);
+            __m256 q0 = _mm256_loadu_ps(q[0] + c), q1 = _mm256_loadu_ps(q[1] + c);
+            __m256 q2 = _mm256_loadu_ps(q[2] + c), q3 = _mm256_loadu_ps(q[3] + c);
+            a00 = _mm256_fmadd_ps(q0, k0, a00);
+            a01 = _mm256_fmadd_ps(q0, k1, a01);
+            a10 = _mm256_fmadd_ps(q1, k0, a10);
+            a11 = _mm256_fmadd_ps(q1, k1, a11);
+            a20 = _mm256_fmadd_ps(q2, k0, a20);
+            a21 = _mm256_fmadd_ps(q2, k1, a21);
+            a30 = _mm256_fmadd_ps(q3, k0, a30);
+            a31 = _mm256_fmadd_ps(q3, k1, a31);
         }
-        for (; c < d; c += 8)
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), load_kv8(f16, kp[t], c), a0);
-        s[t] = scale * cpu_hsum_avx2(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        /* Per 128-bit half: (q0k0, q0k1, q1k0, q1k1) and (q2k0 .. q3k1). */
+        __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a00, a01), _mm256_hadd_ps(a10, a11));
+        __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a20, a21), _mm256_hadd_ps(a30, a31));
+        __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20),
+                                   _mm256_permute2f128_ps(h0, h1, 0x31));
+        float r[8];
+        _mm256_storeu_ps(r, _mm256_mul_ps(sum, _mm256_set1_ps(scale)));
+        for (int i = 0; i < 4; i++) {
+            s[i * CHUNK + t] = r[2 * i];
+            s[i * CHUNK + t + 1] = r[2 * i + 1];
+        }
+    }
+    if (t < nk) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (uint32_t c = 0; c < d; c += 8) {
+            __m256 k0 = load_kv8(f16, kp[t], c);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q[0] + c), k0, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q[1] + c), k0, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q[2] + c), k0, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q[3] + c), k0, a3);
+        }
+        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        __m128 sum = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        float r[4];
+        _mm_storeu_ps(r, _mm_mul_ps(sum, _mm_set1_ps(scale)));
+        for (int i = 0; i < 4; i++)
+            s[i * CHUNK + t] = r[i];
     }
 }
 
-__attribute__((target("avx2,fma,f16c"))) static void
-scores_avx2(const float *q, const void *const *kp, int nk, uint32_t d, bool f16, float scale,
-            float *s)
+/* One query: eight keys at a time, one load of q for eight chains. */
+__attribute__((always_inline, target(TGT))) static inline void
+scores1_t(const float *q, const void *const *kp, int nk, uint32_t d, const bool f16, float scale,
+          float *s)
 {
-    if (f16)
-        scores_avx2_t(q, kp, nk, d, true, scale, s);
-    else
-        scores_avx2_t(q, kp, nk, d, false, scale, s);
+    int t = 0;
+    for (; t + 8 <= nk; t += 8) {
+        __m256 a[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++)
+            a[i] = _mm256_setzero_ps();
+        for (uint32_t c = 0; c < d; c += 8) {
+            __m256 qv = _mm256_loadu_ps(q + c);
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++)
+                a[i] = _mm256_fmadd_ps(qv, load_kv8(f16, kp[t + i], c), a[i]);
+        }
+        __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+        __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20),
+                                   _mm256_permute2f128_ps(h0, h1, 0x31));
+        _mm256_storeu_ps(s + t, _mm256_mul_ps(sum, _mm256_set1_ps(scale)));
+    }
+    for (; t < nk; t++) {
+        __m256 a0 = _mm256_setzero_ps();
+        for (uint32_t c = 0; c < d; c += 8)
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), load_kv8(f16, kp[t], c), a0);
+        s[t] = scale * cpu_hsum_avx2(a0);
+    }
 }
 
-__attribute__((always_inline, target("avx2,fma,f16c"))) static inline void
-accum_avx2_t(float *acc, float alpha, const float *p, const void *const *vp, int nk, uint32_t d,
-             const bool f16)
+/* acc_i = acc_i * alpha_i + sum_t p_i[t] v_t for four queries, 16
+ * dimensions per pass: each value vector is loaded once for four queries. */
+__attribute__((always_inline, target(TGT))) static inline void
+accum4_t(float *const *acc, const float *alpha, const float *p, const void *const *vp, int nk,
+         uint32_t d, const bool f16)
+{
+    uint32_t c = 0;
+    for (; c + 16 <= d; c += 16) {
+        __m256 a[4][2];
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++) {
+            __m256 al = _mm256_set1_ps(alpha[i]);
+            a[i][0] = _mm256_mul_ps(_mm256_loadu_ps(acc[i] + c), al);
+            a[i][1] = _mm256_mul_ps(_mm256_loadu_ps(acc[i] + c + 8), al);
+        }
+        for (int t = 0; t < nk; t++) {
+            __m256 v0 = load_kv8(f16, vp[t], c), v1 = load_kv8(f16, vp[t], c + 8);
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) {
+                __m256 pt = _mm256_set1_ps(p[i * CHUNK + t]);
+                a[i][0] = _mm256_fmadd_ps(pt, v0, a[i][0]);
+                a[i][1] = _mm256_fmadd_ps(pt, v1, a[i][1]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++) {
+            _mm256_storeu_ps(acc[i] + c, a[i][0]);
+            _mm256_storeu_ps(acc[i] + c + 8, a[i][1]);
+        }
+    }
+    if (c < d) {
+        __m256 a[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++)
+            a[i] = _mm256_mul_ps(_mm256_loadu_ps(acc[i] + c), _mm256_set1_ps(alpha[i]));
+        for (int t = 0; t < nk; t++) {
+            __m256 v0 = load_kv8(f16, vp[t], c);
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++)
+                a[i] = _mm256_fmadd_ps(_mm256_set1_ps(p[i * CHUNK + t]), v0, a[i]);
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++)
+            _mm256_storeu_ps(acc[i] + c, a[i]);
+    }
+}
+
+/* One query, 64 dimensions per pass (eight chains hide the FMA latency). */
+__attribute__((always_inline, target(TGT))) static inline void
+accum1_t(float *acc, float alpha, const float *p, const void *const *vp, int nk, uint32_t d,
+         const bool f16)
 {
     __m256 al = _mm256_set1_ps(alpha);
     uint32_t c = 0;
-    for (; c + 32 <= d; c += 32) {
-        __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(acc + c), al);
-        __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(acc + c + 8), al);
-        __m256 a2 = _mm256_mul_ps(_mm256_loadu_ps(acc + c + 16), al);
-        __m256 a3 = _mm256_mul_ps(_mm256_loadu_ps(acc + c + 24), al);
+    for (; c + 64 <= d; c += 64) {
+        __m256 a[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++)
+            a[i] = _mm256_mul_ps(_mm256_loadu_ps(acc + c + 8 * i), al);
         for (int t = 0; t < nk; t++) {
             __m256 pt = _mm256_set1_ps(p[t]);
-            a0 = _mm256_fmadd_ps(pt, load_kv8(f16, vp[t], c), a0);
-            a1 = _mm256_fmadd_ps(pt, load_kv8(f16, vp[t], c + 8), a1);
-            a2 = _mm256_fmadd_ps(pt, load_kv8(f16, vp[t], c + 16), a2);
-            a3 = _mm256_fmadd_ps(pt, load_kv8(f16, vp[t], c + 24), a3);
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++)
+                a[i] = _mm256_fmadd_ps(pt, load_kv8(f16, vp[t], c + 8 * i), a[i]);
         }
-        _mm256_storeu_ps(acc + c, a0);
-        _mm256_storeu_ps(acc + c + 8, a1);
-        _mm256_storeu_ps(acc + c + 16, a2);
-        _mm256_storeu_ps(acc + c + 24, a3);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++)
+            _mm256_storeu_ps(acc + c + 8 * i, a[i]);
     }
     for (; c < d; c += 8) {
         __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(acc + c), al);
@@ -171,27 +279,64 @@ accum_avx2_t(float *acc, float alpha, const float *p, const void *const *vp, int
     }
 }
 
-__attribute__((target("avx2,fma,f16c"))) static void
-accum_avx2(float *acc, float alpha, const float *p, const void *const *vp, int nk, uint32_t d,
-           bool f16)
-{
-    if (f16)
-        accum_avx2_t(acc, alpha, p, vp, nk, d, true);
-    else
-        accum_avx2_t(acc, alpha, p, vp, nk, d, false);
-}
+/* The kernels per KV dtype, so the F16 test is hoisted out of the loops. */
+#define ATTN_KERNELS(SUF, F16)                                                                   \
+    __attribute__((target(TGT))) static void scores4_##SUF(                                      \
+        const float *const *q, const void *const *kp, int nk, uint32_t d, float scale, float *s) \
+    {                                                                                            \
+        scores4_t(q, kp, nk, d, F16, scale, s);                                                  \
+    }                                                                                            \
+    __attribute__((target(TGT))) static void scores1_##SUF(                                      \
+        const float *q, const void *const *kp, int nk, uint32_t d, float scale, float *s)        \
+    {                                                                                            \
+        scores1_t(q, kp, nk, d, F16, scale, s);                                                  \
+    }                                                                                            \
+    __attribute__((target(TGT))) static void accum4_##SUF(float *const *acc, const float *alpha, \
+                                                          const float *p, const void *const *vp, \
+                                                          int nk, uint32_t d)                    \
+    {                                                                                            \
+        accum4_t(acc, alpha, p, vp, nk, d, F16);                                                 \
+    }                                                                                            \
+    __attribute__((target(TGT))) static void accum1_##SUF(                                       \
+        float *acc, float alpha, const float *p, const void *const *vp, int nk, uint32_t d)      \
+    {                                                                                            \
+        accum1_t(acc, alpha, p, vp, nk, d, F16);                                                 \
+    }
+ATTN_KERNELS(f32, false)
+ATTN_KERNELS(f16, true)
 
-__attribute__((target("avx2,fma"))) static void
-exp_avx2(float *s, int n, float m)
+/* p[0..lim) = e^(s - m) with m = max(m_old, max s); returns that max. */
+__attribute__((target(TGT))) static float
+softmax_chunk_avx2(float *s, int lim, float m_old)
 {
-    __m256 mv = _mm256_set1_ps(m);
+    __m256 mv = _mm256_set1_ps(m_old);
     int t = 0;
-    for (; t + 8 <= n; t += 8)
+    for (; t + 8 <= lim; t += 8)
+        mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + t));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    for (; t < lim; t++)
+        mx = s[t] > mx ? s[t] : mx;
+    mv = _mm256_set1_ps(mx);
+    for (t = 0; t + 8 <= lim; t += 8)
         _mm256_storeu_ps(s + t, cpu_exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv)));
-    for (; t < n; t++)
-        s[t] = expf(s[t] - m);
+    for (; t < lim; t++)
+        s[t] = expf(s[t] - mx);
+    return mx;
 }
 #endif
+
+static float
+softmax_chunk_scalar(float *s, int lim, float m_old)
+{
+    float mx = m_old;
+    for (int t = 0; t < lim; t++)
+        mx = s[t] > mx ? s[t] : mx;
+    for (int t = 0; t < lim; t++)
+        s[t] = expf(s[t] - mx);
+    return mx;
+}
 
 /* ------------------------------------------------------------------------ */
 /* Items.                                                                   */
@@ -202,6 +347,44 @@ q_offset(const attn_ctx_t *c, int32_t row0, uint32_t g, uint32_t qi)
 {
     uint32_t r = qi / c->group, h = qi % c->group;
     return (((size_t)(row0 + (int32_t)r)) * c->a->n_heads + (size_t)g * c->group + h) * c->d;
+}
+
+/* Walks the keys of one sequence and KV head in order, yielding byte
+ * offsets into K (and V) without a division per key. */
+typedef struct key_cursor {
+    const kern_kv_t *kv;
+    const int32_t *blocks;
+    uint32_t layer, g;
+    uint32_t b, o;    /* block index in the table, slot in the block */
+    size_t base;      /* offset of slot 0 of block b */
+    size_t vec_bytes; /* one key vector */
+} key_cursor_t;
+
+static void
+cursor_init(key_cursor_t *cu, const kern_kv_t *kv, uint32_t layer, uint32_t g,
+            const int32_t *blocks, int32_t j)
+{
+    cu->kv = kv;
+    cu->blocks = blocks;
+    cu->layer = layer;
+    cu->g = g;
+    cu->b = (uint32_t)j / kv->block_tokens;
+    cu->o = (uint32_t)j % kv->block_tokens;
+    cu->base = kern__kv_offset(kv, layer, (uint32_t)blocks[cu->b], g, 0);
+    cu->vec_bytes = kern__kv_offset(kv, 0, 0, 0, 1);
+}
+
+static void
+cursor_take(key_cursor_t *cu, int n, size_t *offs)
+{
+    for (int t = 0; t < n; t++) {
+        if (cu->o == cu->kv->block_tokens) {
+            cu->b++;
+            cu->o = 0;
+            cu->base = kern__kv_offset(cu->kv, cu->layer, (uint32_t)cu->blocks[cu->b], cu->g, 0);
+        }
+        offs[t] = cu->base + cu->o++ * cu->vec_bytes;
+    }
 }
 
 static void
@@ -215,8 +398,9 @@ item_task(void *ctx, int task, int thread)
     bool f16 = kv->dtype == KERN_F16;
     const int32_t *blocks = a->pt.indices + a->pt.indptr[it->seq];
 
-    /* Scratch: m[nq], l[nq], s[CHUNK], acc[nq][d]. */
-    float *m = c->be->scratch[thread].p, *l = m + nq, *s = l + nq, *acc = s + CHUNK;
+    /* Scratch: m, l, alpha [nq], S/P [nq][CHUNK], acc [nq][d]. */
+    float *m = c->be->scratch[thread].p, *l = m + nq, *alpha = l + nq, *s = alpha + nq;
+    float *acc = s + (size_t)nq * CHUNK;
     for (uint32_t qi = 0; qi < nq; qi++) {
         m[qi] = -INFINITY;
         l[qi] = 0.0f;
@@ -224,51 +408,94 @@ item_task(void *ctx, int task, int thread)
     memset(acc, 0, (size_t)nq * d * sizeof(float));
 
     const void *kp[CHUNK], *vp[CHUNK];
+    size_t offs[CHUNK];
+    key_cursor_t cur, pf;
+    cursor_init(&cur, kv, a->layer, it->g, blocks, it->j0);
+    cursor_init(&pf, kv, a->layer, it->g, blocks, it->j0);
+    int32_t pj = it->j0; /* next key to prefetch */
     for (int32_t jc = it->j0; jc < it->j1; jc += CHUNK) {
         int nk = it->j1 - jc < CHUNK ? it->j1 - jc : CHUNK;
+        cursor_take(&cur, nk, offs);
         for (int t = 0; t < nk; t++) {
-            int32_t j = jc + t;
-            uint32_t blk = (uint32_t)blocks[(uint32_t)j / kv->block_tokens];
-            size_t off = kern__kv_offset(kv, a->layer, blk, it->g, (uint32_t)j % kv->block_tokens);
-            kp[t] = (const uint8_t *)kv->k + off;
-            vp[t] = (const uint8_t *)kv->v + off;
+            kp[t] = (const uint8_t *)kv->k + offs[t];
+            vp[t] = (const uint8_t *)kv->v + offs[t];
         }
-        for (uint32_t qi = 0; qi < nq; qi++) {
+        /* Keys sit in runs of block_tokens at scattered addresses, too
+         * short for the hardware prefetcher to reach full speed: keep
+         * PREFETCH_KEYS keys past this chunk on their way into L2. */
+        int32_t pend = jc + nk + PREFETCH_KEYS < it->j1 ? jc + nk + PREFETCH_KEYS : it->j1;
+        for (; pj < pend; pj++) {
+            size_t off;
+            cursor_take(&pf, 1, &off);
+#ifdef CPU_HAVE_X86
+            for (size_t o = 0; o < pf.vec_bytes; o += 64) {
+                _mm_prefetch((const char *)kv->k + off + o, _MM_HINT_T1);
+                _mm_prefetch((const char *)kv->v + off + o, _MM_HINT_T1);
+            }
+#else
+            (void)off;
+#endif
+        }
+
+        /* S = scale Q K^T over the whole chunk; scores past a row's kv_len
+         * are computed for simplicity and then masked. */
+        uint32_t qi = 0;
+#ifdef CPU_HAVE_X86
+        if (c->simd) {
+            for (; qi + 4 <= nq; qi += 4) {
+                const float *q4[4];
+                for (int i = 0; i < 4; i++)
+                    q4[i] = a->q + q_offset(c, it->row0, it->g, qi + (uint32_t)i);
+                (f16 ? scores4_f16 : scores4_f32)(q4, kp, nk, d, a->scale, s + qi * CHUNK);
+            }
+            for (; qi < nq; qi++)
+                (f16 ? scores1_f16 : scores1_f32)(a->q + q_offset(c, it->row0, it->g, qi), kp, nk,
+                                                  d, a->scale, s + qi * CHUNK);
+        }
+#endif
+        for (; qi < nq; qi++)
+            scores_scalar(a->q + q_offset(c, it->row0, it->g, qi), kp, nk, d, f16, a->scale,
+                          s + qi * CHUNK);
+
+        for (qi = 0; qi < nq; qi++) {
+            float *p = s + qi * CHUNK;
             int32_t len = a->kv_len[it->row0 + (int32_t)(qi / c->group)];
-            int lim = len - jc < nk ? len - jc : nk;
-            if (lim <= 0)
-                continue;
-            const float *q = a->q + q_offset(c, it->row0, it->g, qi);
-            float *ac = acc + (size_t)qi * d;
-#ifdef CPU_HAVE_X86
-            if (c->simd)
-                scores_avx2(q, kp, lim, d, f16, a->scale, s);
-            else
-#endif
-                scores_scalar(q, kp, lim, d, f16, a->scale, s);
+            int lim = len - jc < nk ? (len - jc > 0 ? len - jc : 0) : nk;
             float mx = m[qi];
-            for (int t = 0; t < lim; t++)
-                mx = s[t] > mx ? s[t] : mx;
-            /* First chunk: m is -inf, acc and l are 0, alpha = 0. */
-            float alpha = m[qi] == -INFINITY ? 0.0f : expf(m[qi] - mx);
+            if (lim > 0) {
 #ifdef CPU_HAVE_X86
-            if (c->simd)
-                exp_avx2(s, lim, mx);
-            else
+                if (c->simd)
+                    mx = softmax_chunk_avx2(p, lim, m[qi]);
+                else
 #endif
-                exp_scalar(s, lim, mx);
+                    mx = softmax_chunk_scalar(p, lim, m[qi]);
+            }
+            for (int t = lim; t < nk; t++)
+                p[t] = 0.0f;
             float sum = 0.0f;
             for (int t = 0; t < lim; t++)
-                sum += s[t];
-            l[qi] = l[qi] * alpha + sum;
+                sum += p[t];
+            /* Until a row has seen a key, m is -inf and acc, l are 0. */
+            alpha[qi] = m[qi] == mx ? 1.0f : m[qi] == -INFINITY ? 0.0f : expf(m[qi] - mx);
+            l[qi] = l[qi] * alpha[qi] + sum;
             m[qi] = mx;
-#ifdef CPU_HAVE_X86
-            if (c->simd)
-                accum_avx2(ac, alpha, s, vp, lim, d, f16);
-            else
-#endif
-                accum_scalar(ac, alpha, s, vp, lim, d, f16);
         }
+
+        qi = 0;
+#ifdef CPU_HAVE_X86
+        if (c->simd) {
+            for (; qi + 4 <= nq; qi += 4) {
+                float *acc4[4] = {acc + (size_t)qi * d, acc + (size_t)(qi + 1) * d,
+                                  acc + (size_t)(qi + 2) * d, acc + (size_t)(qi + 3) * d};
+                (f16 ? accum4_f16 : accum4_f32)(acc4, alpha + qi, s + qi * CHUNK, vp, nk, d);
+            }
+            for (; qi < nq; qi++)
+                (f16 ? accum1_f16 : accum1_f32)(acc + (size_t)qi * d, alpha[qi], s + qi * CHUNK, vp,
+                                                nk, d);
+        }
+#endif
+        for (; qi < nq; qi++)
+            accum_scalar(acc + (size_t)qi * d, alpha[qi], s + qi * CHUNK, vp, nk, d, f16);
     }
 
     if (it->part < 0) {
@@ -385,11 +612,11 @@ kern__cpu_attention(kern_cpu_t *be, const kern_attn_args_t *a)
     size_t items_bytes = (n_items * sizeof(attn_item_t) + 63) & ~(size_t)63;
     size_t groups_bytes = (n_groups * sizeof(attn_group_t) + 63) & ~(size_t)63;
     void *work;
-    int rc = kern__cpu_work_reserve(be, items_bytes + groups_bytes + n_partial * sizeof(float),
-                                    &work);
+    int rc =
+        kern__cpu_work_reserve(be, items_bytes + groups_bytes + n_partial * sizeof(float), &work);
     if (rc == 0) {
         size_t nq_max = (size_t)rc_rows * c.group;
-        rc = kern__cpu_scratch_reserve(be, (2 * nq_max + CHUNK + nq_max * c.d) * sizeof(float));
+        rc = kern__cpu_scratch_reserve(be, nq_max * (3 + CHUNK + c.d) * sizeof(float));
     }
     if (rc)
         return rc;
@@ -410,8 +637,8 @@ kern__cpu_attention(kern_cpu_t *be, const kern_attn_args_t *a)
             uint32_t p = parts_for(range, target);
             for (uint32_t g = 0; g < kv->n_kv_heads; g++) {
                 if (p > 1)
-                    groups[ng++] = (attn_group_t){.row0 = r, .n_rows = nr, .g = g, .n_parts = p,
-                                                  .part = off};
+                    groups[ng++] =
+                        (attn_group_t){.row0 = r, .n_rows = nr, .g = g, .n_parts = p, .part = off};
                 for (uint32_t k = 0; k < p; k++) {
                     items[ni++] = (attn_item_t){
                         .row0 = r,

@@ -36,10 +36,10 @@
 #include <cblas.h>
 #include <stdlib.h>
 
-#define GEMM_MIN_N 48 /* x rows from which sgemm beats the dot path */
+#define GEMM_MIN_N 48             /* x rows from which sgemm beats the dot path */
 #define TILE_FLOATS (1024 * 1024) /* f32 per GEMM tile */
-#define XB_MAX 4       /* x rows per dot tile */
-#define ROW_CHUNK 16   /* weight rows kept hot in L2 across x groups */
+#define XB_MAX 4                  /* x rows per dot tile */
+#define ROW_CHUNK 16              /* weight rows kept hot in L2 across x groups */
 #define DOT_MIN_BYTES (64 * 1024) /* weight bytes per task worth a thread */
 
 /* ------------------------------------------------------------------------ */
@@ -181,8 +181,7 @@ dot_tile_avx2(const int type, const int RB, const int XB, const uint8_t *const *
                 __m256 s1 = _mm256_mul_ps(q8_avx2(blk->qs + 16), _mm256_loadu_ps(xb + 16));
                 s0 = _mm256_fmadd_ps(q8_avx2(blk->qs + 8), _mm256_loadu_ps(xb + 8), s0);
                 s1 = _mm256_fmadd_ps(q8_avx2(blk->qs + 24), _mm256_loadu_ps(xb + 24), s1);
-                acc[r][0] = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), bcast_d_avx2(blk->d),
-                                            acc[r][0]);
+                acc[r][0] = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), bcast_d_avx2(blk->d), acc[r][0]);
             }
         }
         c = cols;
@@ -238,16 +237,16 @@ dot_tile_avx2(const int type, const int RB, const int XB, const uint8_t *const *
     }
 }
 
-#define DOT_AVX2(T, RB, XB)                                                                        \
-    __attribute__((target("avx2,fma,f16c"))) static void dot_avx2_##T##_##XB(                     \
-        const uint8_t *const *wr, const float *const *xr, size_t cols, float out[][XB_MAX])       \
-    {                                                                                              \
-        dot_tile_avx2(KERN_##T, RB, XB, wr, xr, cols, out);                                    \
+#define DOT_AVX2(T, RB, XB)                                                                 \
+    __attribute__((target("avx2,fma,f16c"))) static void dot_avx2_##T##_##XB(               \
+        const uint8_t *const *wr, const float *const *xr, size_t cols, float out[][XB_MAX]) \
+    {                                                                                       \
+        dot_tile_avx2(KERN_##T, RB, XB, wr, xr, cols, out);                                 \
     }
-#define DOT_AVX2_TYPE(T)                                                                           \
-    DOT_AVX2(T, 4, 1)                                                                              \
-    DOT_AVX2(T, 4, 2)                                                                              \
-    DOT_AVX2(T, 4, 3)                                                                              \
+#define DOT_AVX2_TYPE(T) \
+    DOT_AVX2(T, 4, 1)    \
+    DOT_AVX2(T, 4, 2)    \
+    DOT_AVX2(T, 4, 3)    \
     DOT_AVX2(T, 2, 4)
 DOT_AVX2_TYPE(F32)
 DOT_AVX2_TYPE(F16)

@@ -233,8 +233,7 @@ cpu_pool_run(cpu_pool_t *pool, int n_tasks, cpu_task_fn fn, void *ctx)
         atomic_store(&pool->state, ((uint64_t)gen << GEN_SHIFT) | ((uint64_t)n << NT_SHIFT));
         wake_sleepers(pool);
         run_tasks(pool, gen, 0);
-        for (int spins = 0; atomic_load_explicit(&pool->done, memory_order_acquire) != n;
-             spins++) {
+        for (int spins = 0; atomic_load_explicit(&pool->done, memory_order_acquire) != n; spins++) {
             if (spins < 4096)
                 CPU_RELAX();
             else

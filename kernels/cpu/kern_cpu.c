@@ -16,6 +16,9 @@
  */
 #include "cpu_int.h"
 
+#ifdef CPU_HAVE_X86
+#include <cpuid.h>
+#endif
 #include <math.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -77,9 +80,10 @@ split_units(size_t units, size_t unit_elems, size_t *per)
     size_t p = unit_elems ? (ELEM_CHUNK + unit_elems - 1) / unit_elems : units;
     if (p < 1)
         p = 1;
+    if ((units + p - 1) / p > INT32_MAX) /* absurd sizes: fewer, longer tasks */
+        p = (units + INT32_MAX - 1) / INT32_MAX;
     *per = p;
-    size_t n = (units + p - 1) / p;
-    return n > INT32_MAX ? INT32_MAX : (int)n;
+    return (int)((units + p - 1) / p);
 }
 
 static cpu_isa_t
@@ -87,9 +91,11 @@ detect_isa(void)
 {
     cpu_isa_t isa = CPU_ISA_SCALAR;
 #ifdef CPU_HAVE_X86
+    /* F16C from cpuid directly: clang's __builtin_cpu_supports lacks it. */
+    unsigned eax, ebx, ecx, edx;
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
+        __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C))
         isa = CPU_ISA_AVX2;
 #endif
     const char *cap = getenv("KVS_CPU_ISA");
@@ -175,9 +181,8 @@ rmsnorm_row_avx2(const float *x, const float *w, uint32_t d, float eps, float *y
     float scale = (float)(1.0 / sqrt(ss / d + eps));
     __m256 sv = _mm256_set1_ps(scale);
     for (c = 0; c + 8 <= d; c += 8)
-        _mm256_storeu_ps(y + c,
-                         _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + c), sv),
-                                       _mm256_loadu_ps(w + c)));
+        _mm256_storeu_ps(y + c, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + c), sv),
+                                              _mm256_loadu_ps(w + c)));
     for (; c < d; c++)
         y[c] = x[c] * scale * w[c];
 }
@@ -222,8 +227,8 @@ rmsnorm_task(void *ctx, int task, int thread)
 }
 
 static int
-cpu_rmsnorm(kern_backend_t *base, const float *x, const float *w, uint32_t n, uint32_t d,
-            float eps, float *y)
+cpu_rmsnorm(kern_backend_t *base, const float *x, const float *w, uint32_t n, uint32_t d, float eps,
+            float *y)
 {
     norm_ctx_t c = {.be = (kern_cpu_t *)base, .x = x, .w = w, .y = y, .n = n, .d = d, .eps = eps};
     int n_tasks = split_units(n, d, &c.per);
@@ -283,6 +288,15 @@ rope_task(void *ctx, int task, int thread)
         }
         for (uint32_t h = 0; h < a->n_heads; h++) {
             float *x = a->x + (r * a->n_heads + h) * a->head_dim;
+            if (a->neox) {
+                uint32_t half = a->n_rot / 2;
+                for (uint32_t i = 0; i < half; i++) {
+                    float x0 = x[i], x1 = x[i + half], cs = cc[2 * i], sn = ss[2 * i + 1];
+                    x[i] = x0 * cs - x1 * sn;
+                    x[i + half] = x0 * sn + x1 * cs;
+                }
+                continue;
+            }
 #ifdef CPU_HAVE_X86
             if (c->be->isa >= CPU_ISA_AVX2) {
                 rope_apply_avx2(x, cc, ss, a->n_rot);
@@ -325,11 +339,12 @@ cpu_rope(kern_backend_t *base, const kern_rope_args_t *a)
 
 typedef struct elem_ctx {
     kern_cpu_t *be;
-    float *x;        /* add: in/out */
-    const float *y;  /* add */
+    float *x;       /* add: in/out */
+    const float *y; /* add */
     const float *gate, *up;
     float *out;
     size_t n;
+    size_t per; /* elements per task */
 } elem_ctx_t;
 
 #ifdef CPU_HAVE_X86
@@ -363,8 +378,8 @@ swiglu_task(void *ctx, int task, int thread)
 {
     (void)thread;
     const elem_ctx_t *c = ctx;
-    size_t i0 = (size_t)task * ELEM_CHUNK;
-    size_t m = c->n - i0 < ELEM_CHUNK ? c->n - i0 : ELEM_CHUNK;
+    size_t i0 = (size_t)task * c->per;
+    size_t m = c->n - i0 < c->per ? c->n - i0 : c->per;
 #ifdef CPU_HAVE_X86
     if (c->be->isa >= CPU_ISA_AVX2) {
         swiglu_avx2(c->gate + i0, c->up + i0, m, c->out + i0);
@@ -380,8 +395,8 @@ add_task(void *ctx, int task, int thread)
 {
     (void)thread;
     const elem_ctx_t *c = ctx;
-    size_t i0 = (size_t)task * ELEM_CHUNK;
-    size_t m = c->n - i0 < ELEM_CHUNK ? c->n - i0 : ELEM_CHUNK;
+    size_t i0 = (size_t)task * c->per;
+    size_t m = c->n - i0 < c->per ? c->n - i0 : c->per;
 #ifdef CPU_HAVE_X86
     if (c->be->isa >= CPU_ISA_AVX2) {
         add_avx2(c->x + i0, c->y + i0, m);
@@ -396,8 +411,7 @@ static int
 cpu_swiglu(kern_backend_t *base, const float *gate, const float *up, size_t n, float *out)
 {
     elem_ctx_t c = {.be = (kern_cpu_t *)base, .gate = gate, .up = up, .out = out, .n = n};
-    size_t per;
-    kern__cpu_parallel(c.be, split_units(n, 1, &per), swiglu_task, &c);
+    kern__cpu_parallel(c.be, split_units(n, 1, &c.per), swiglu_task, &c);
     return 0;
 }
 
@@ -405,8 +419,7 @@ static int
 cpu_add(kern_backend_t *base, float *x, const float *y, size_t n)
 {
     elem_ctx_t c = {.be = (kern_cpu_t *)base, .x = x, .y = y, .n = n};
-    size_t per;
-    kern__cpu_parallel(c.be, split_units(n, 1, &per), add_task, &c);
+    kern__cpu_parallel(c.be, split_units(n, 1, &c.per), add_task, &c);
     return 0;
 }
 
@@ -480,8 +493,8 @@ static int
 cpu_kv_append(kern_backend_t *base, const kern_kv_t *kv, uint32_t layer, const float *k,
               const float *v, const int32_t *slots, uint32_t n)
 {
-    kv_ctx_t c = {.be = (kern_cpu_t *)base, .kv = kv, .layer = layer, .k = k, .v = v,
-                  .slots = slots, .n = n};
+    kv_ctx_t c = {
+        .be = (kern_cpu_t *)base, .kv = kv, .layer = layer, .k = k, .v = v, .slots = slots, .n = n};
     /* Two slots may repeat within one call; then the later token must win,
      * which only a single task guarantees. */
     int n_tasks = split_units(n, 2 * (size_t)kv->n_kv_heads * kv->head_dim, &c.per);
@@ -596,21 +609,21 @@ kern__cpu_new(const kern_backend_cfg_t *cfg, kern_backend_t **out)
 static const kern_ops_t cpu_ops = {
     .name = "cpu",
     .is_host = true,
-    .destroy = cpu_destroy,          /* joins the pool, frees scratch */
-    .supports = cpu_supports,        /* same types as ref */
-    .alloc = kern__host_alloc,       /* 64-byte aligned host memory */
+    .destroy = cpu_destroy,    /* joins the pool, frees scratch */
+    .supports = cpu_supports,  /* same types as ref */
+    .alloc = kern__host_alloc, /* 64-byte aligned host memory */
     .free = kern__host_free,
     .upload = kern__host_copy,
     .download = kern__host_copy,
     .memset = kern__host_memset,
-    .sync = kern__host_sync,         /* ops finish before returning */
-    .get_rows = cpu_get_rows,        /* SIMD conversion, parallel over ids */
-    .matmul = cpu_matmul,            /* cpu_matmul.c: dot path or tiled sgemm */
-    .rmsnorm = cpu_rmsnorm,          /* parallel over rows */
-    .rope = cpu_rope,                /* sin/cos per row in double, SIMD rotate */
-    .swiglu = cpu_swiglu,            /* SIMD exp */
+    .sync = kern__host_sync,  /* ops finish before returning */
+    .get_rows = cpu_get_rows, /* SIMD conversion, parallel over ids */
+    .matmul = cpu_matmul,     /* cpu_matmul.c: dot path or tiled sgemm */
+    .rmsnorm = cpu_rmsnorm,   /* parallel over rows */
+    .rope = cpu_rope,         /* sin/cos per row in double, SIMD rotate */
+    .swiglu = cpu_swiglu,     /* SIMD exp */
     .add = cpu_add,
-    .kv_append = cpu_kv_append,      /* vcvtps2ph for F16 pools */
-    .kv_copy = cpu_kv_copy,          /* memmove per (layer, block) */
-    .attention = cpu_attention,      /* cpu_attn.c: paged flash attention */
+    .kv_append = cpu_kv_append, /* vcvtps2ph for F16 pools */
+    .kv_copy = cpu_kv_copy,     /* memmove per (layer, block) */
+    .attention = cpu_attention, /* cpu_attn.c: paged flash attention */
 };

@@ -63,8 +63,7 @@ ref_supports(const kern_backend_t *be, kern_op_t op, kern_dtype_t type)
 }
 
 static int
-ref_get_rows(kern_backend_t *be, const kern_tensor_t *w, const int32_t *ids, uint32_t n,
-             float *out)
+ref_get_rows(kern_backend_t *be, const kern_tensor_t *w, const int32_t *ids, uint32_t n, float *out)
 {
     (void)be;
     for (uint32_t i = 0; i < n; i++) {
@@ -86,8 +85,8 @@ ref_matmul(kern_backend_t *base, const kern_tensor_t *w, const float *x, uint32_
     if (wrow == NULL)
         return KVS_ENOMEM;
     for (uint32_t r = 0; r < w->n_rows; r++) {
-        int rc = kern_row_to_f32(w->type, (const char *)w->data + (size_t)r * w->row_bytes, wrow,
-                                 cols);
+        int rc =
+            kern_row_to_f32(w->type, (const char *)w->data + (size_t)r * w->row_bytes, wrow, cols);
         if (rc)
             return rc;
         for (uint32_t t = 0; t < n; t++) {
@@ -128,14 +127,15 @@ ref_rope(kern_backend_t *be, const kern_rope_args_t *a)
         for (uint32_t h = 0; h < a->n_heads; h++) {
             float *x = a->x + ((size_t)r * a->n_heads + h) * a->head_dim;
             for (uint32_t i = 0; i < a->n_rot / 2; i++) {
-                double theta = (double)a->pos[r] * a->freq_scale *
-                               pow(a->freq_base, -2.0 * i / a->n_rot);
+                double theta =
+                    (double)a->pos[r] * a->freq_scale * pow(a->freq_base, -2.0 * i / a->n_rot);
                 if (a->freq_factors)
                     theta /= a->freq_factors[i];
                 double c = cos(theta), s = sin(theta);
-                double x0 = x[2 * i], x1 = x[2 * i + 1];
-                x[2 * i] = (float)(x0 * c - x1 * s);
-                x[2 * i + 1] = (float)(x0 * s + x1 * c);
+                uint32_t i0 = a->neox ? i : 2 * i, i1 = a->neox ? i + a->n_rot / 2 : 2 * i + 1;
+                double x0 = x[i0], x1 = x[i1];
+                x[i0] = (float)(x0 * c - x1 * s);
+                x[i1] = (float)(x0 * s + x1 * c);
             }
         }
     }
@@ -291,21 +291,21 @@ kern__ref_new(const kern_backend_cfg_t *cfg, kern_backend_t **out)
 static const kern_ops_t ref_ops = {
     .name = "ref",
     .is_host = true,
-    .destroy = ref_destroy,          /* frees the scratch buffer and the struct */
-    .supports = ref_supports,        /* F32/F16/BF16/Q8_0 weights, F32/F16 KV */
-    .alloc = kern__host_alloc,       /* 64-byte aligned host memory */
+    .destroy = ref_destroy,    /* frees the scratch buffer and the struct */
+    .supports = ref_supports,  /* F32/F16/BF16/Q8_0 weights, F32/F16 KV */
+    .alloc = kern__host_alloc, /* 64-byte aligned host memory */
     .free = kern__host_free,
-    .upload = kern__host_copy,       /* host to host: memmove */
+    .upload = kern__host_copy, /* host to host: memmove */
     .download = kern__host_copy,
     .memset = kern__host_memset,
-    .sync = kern__host_sync,         /* everything is synchronous */
-    .get_rows = ref_get_rows,        /* kern_row_to_f32 per id */
-    .matmul = ref_matmul,            /* row to f32, double dot */
-    .rmsnorm = ref_rmsnorm,          /* double sum of squares */
-    .rope = ref_rope,                /* double theta, sin, cos */
-    .swiglu = ref_swiglu,            /* double silu */
+    .sync = kern__host_sync,  /* everything is synchronous */
+    .get_rows = ref_get_rows, /* kern_row_to_f32 per id */
+    .matmul = ref_matmul,     /* row to f32, double dot */
+    .rmsnorm = ref_rmsnorm,   /* double sum of squares */
+    .rope = ref_rope,         /* double theta, sin, cos */
+    .swiglu = ref_swiglu,     /* double silu */
     .add = ref_add,
-    .kv_append = ref_kv_append,      /* f32 -> KV dtype, per head */
-    .kv_copy = ref_kv_copy,          /* whole blocks, every layer */
-    .attention = ref_attention,      /* two-pass softmax in double */
+    .kv_append = ref_kv_append, /* f32 -> KV dtype, per head */
+    .kv_copy = ref_kv_copy,     /* whole blocks, every layer */
+    .attention = ref_attention, /* two-pass softmax in double */
 };

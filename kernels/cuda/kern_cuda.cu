@@ -499,7 +499,7 @@ cuda_add_body(kern_cuda_t *be, float *x, const float *y, size_t n)
  * computed once and applied to every head. */
 static __global__ void
 rope_kernel(float *x, uint32_t n_rows, uint32_t n_heads, uint32_t head_dim, uint32_t n_pairs,
-            const int32_t *pos, const double *inv_freq)
+            const int32_t *pos, const double *inv_freq, bool neox)
 {
     __shared__ double cs[ROPE_CHUNK][2];
     for (uint32_t r = blockIdx.x; r < n_rows; r += gridDim.x) {
@@ -513,10 +513,12 @@ rope_kernel(float *x, uint32_t n_rows, uint32_t n_heads, uint32_t head_dim, uint
             __syncthreads();
             for (uint32_t t = threadIdx.x; t < m * n_heads; t += blockDim.x) {
                 uint32_t h = t / m, i = t % m;
-                float *v = xr + (size_t)h * head_dim + 2 * (i0 + i);
-                double x0 = v[0], x1 = v[1], c = cs[i][0], s = cs[i][1];
-                v[0] = (float)(x0 * c - x1 * s);
-                v[1] = (float)(x0 * s + x1 * c);
+                /* NORM pairs adjacent dims; NEOX pairs i with i + n_pairs. */
+                float *v0 = xr + (size_t)h * head_dim + (neox ? i0 + i : 2 * (i0 + i));
+                float *v1 = v0 + (neox ? n_pairs : 1);
+                double x0 = *v0, x1 = *v1, c = cs[i][0], s = cs[i][1];
+                *v0 = (float)(x0 * c - x1 * s);
+                *v1 = (float)(x0 * s + x1 * c);
             }
         }
     }
@@ -546,7 +548,7 @@ cuda_rope_body(kern_cuda_t *be, const kern_rope_args_t *a)
     unsigned grid = a->n_rows < 65535 ? a->n_rows : 65535;
     rope_kernel<<<grid, 128, 0, be->stream>>>(a->x, a->n_rows, a->n_heads, a->head_dim, n_pairs,
                                               (const int32_t *)((char *)d + freq_bytes),
-                                              (const double *)d);
+                                              (const double *)d, a->neox);
     KERN_CUDA_LAUNCHED();
     return 0;
 }

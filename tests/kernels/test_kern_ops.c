@@ -14,6 +14,7 @@
  */
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -24,6 +25,9 @@
 #include <math.h>
 
 #include "kernels/kern.h"
+/* The cpu backend's thread pool is private, but hand-rolled concurrency
+ * deserves a direct test of its own. */
+#include "kernels/cpu/cpu_int.h"
 
 #define GUARD 16 /* sentinel floats after every buffer */
 #define SENTINEL_BITS 0x7fa5a5a5u
@@ -226,8 +230,8 @@ check_close(const float *ref, const float *got, size_t n, double limit, const ch
     if (getenv("KVS_TEST_VERBOSE"))
         print_message("%-56s %-22s err %.3g\n", what, label, err);
     if (!(err <= limit)) {
-        print_error("%s [%s]: error %.3g > %.3g at %zu (ref %g, got %g)\n", what, label, err,
-                    limit, at, ref[at], got[at]);
+        print_error("%s [%s]: error %.3g > %.3g at %zu (ref %g, got %g)\n", what, label, err, limit,
+                    at, ref[at], got[at]);
         fail();
     }
 }
@@ -294,8 +298,8 @@ run_matmul(kern_backend_t *be, kern_dtype_t type, const mm_shape_t *sh, const vo
     float *xd = put(be, x, (size_t)n * sh->cols * sizeof(float));
     float *bd = bias ? put(be, bias, sh->rows * sizeof(float)) : NULL;
     float *yd = put_out(be, (size_t)n * sh->rows);
-    kern_tensor_t w = {.type = type, .n_cols = sh->cols, .n_rows = sh->rows,
-                       .row_bytes = row_bytes, .data = wd};
+    kern_tensor_t w = {
+        .type = type, .n_cols = sh->cols, .n_rows = sh->rows, .row_bytes = row_bytes, .data = wd};
     assert_int_equal(kern_matmul(be, &w, xd, n, bd, yd), 0);
     take(be, y, yd, (size_t)n * sh->rows * sizeof(float), "matmul y");
     take(be, NULL, xd, (size_t)n * sh->cols * sizeof(float), "matmul x");
@@ -310,8 +314,8 @@ test_matmul(void **state)
     (void)state;
     static const kern_dtype_t types[] = {KERN_F32, KERN_F16, KERN_BF16, KERN_Q8_0};
     static const mm_shape_t shapes[] = {
-        {64, 96, 0, false},   {256, 704, 0, false}, {100, 33, 0, true},
-        {37, 64, 48, false},  {1030, 256, 0, false},
+        {64, 96, 0, false},  {256, 704, 0, false},  {100, 33, 0, true},
+        {37, 64, 48, false}, {1030, 256, 0, false},
     };
     static const uint32_t ns[] = {1, 2, 3, 7, 16, 17, 64};
     rng_seed(1);
@@ -458,6 +462,7 @@ typedef struct rope_case {
     float freq_base, freq_scale;
     bool factors;
     int32_t max_pos;
+    bool neox;
 } rope_case_t;
 
 static void
@@ -466,10 +471,16 @@ run_rope(kern_backend_t *be, const rope_case_t *rc, const float *x, const int32_
 {
     size_t n = (size_t)rc->n_rows * rc->n_heads * rc->head_dim;
     float *xd = put(be, x, n * sizeof(float));
-    kern_rope_args_t a = {.x = xd, .n_rows = rc->n_rows, .n_heads = rc->n_heads,
-                          .head_dim = rc->head_dim, .n_rot = rc->n_rot, .pos = pos,
-                          .freq_base = rc->freq_base, .freq_scale = rc->freq_scale,
-                          .freq_factors = rc->factors ? ff : NULL};
+    kern_rope_args_t a = {.x = xd,
+                          .n_rows = rc->n_rows,
+                          .n_heads = rc->n_heads,
+                          .head_dim = rc->head_dim,
+                          .n_rot = rc->n_rot,
+                          .pos = pos,
+                          .freq_base = rc->freq_base,
+                          .freq_scale = rc->freq_scale,
+                          .freq_factors = rc->factors ? ff : NULL,
+                          .neox = rc->neox};
     assert_int_equal(kern_rope(be, &a), 0);
     take(be, y, xd, n * sizeof(float), "rope x");
 }
@@ -479,12 +490,14 @@ test_rope(void **state)
 {
     (void)state;
     static const rope_case_t cases[] = {
-        {7, 4, 128, 128, 10000.0f, 1.0f, false, 4096},
-        {5, 8, 128, 128, 500000.0f, 1.0f, true, 100000},
-        {3, 2, 64, 32, 10000.0f, 0.25f, false, 100000},
-        {4, 3, 80, 20, 500000.0f, 1.0f, true, 131072},
-        {2, 2, 16, 6, 10000.0f, 1.0f, false, 7},
-        {300, 8, 64, 64, 500000.0f, 1.0f, true, 100000}, /* several tasks */
+        {7, 4, 128, 128, 10000.0f, 1.0f, false, 4096, false},
+        {5, 8, 128, 128, 500000.0f, 1.0f, true, 100000, false},
+        {3, 2, 64, 32, 10000.0f, 0.25f, false, 100000, false},
+        {4, 3, 80, 20, 500000.0f, 1.0f, true, 131072, false},
+        {2, 2, 16, 6, 10000.0f, 1.0f, false, 7, false},
+        {300, 8, 64, 64, 500000.0f, 1.0f, true, 100000, false}, /* several tasks */
+        {6, 4, 128, 128, 1000000.0f, 1.0f, false, 32768, true}, /* NEOX (qwen2) */
+        {3, 2, 64, 32, 10000.0f, 1.0f, true, 1000, true},       /* NEOX, partial */
     };
     rng_seed(4);
     for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
@@ -588,8 +601,11 @@ static kern_kv_t
 kv_make(kern_backend_t *be, const kv_geom_t *g, const void *k_host, const void *v_host)
 {
     size_t el = g->dtype == KERN_F16 ? 2 : 4;
-    kern_kv_t kv = {.dtype = g->dtype, .n_layers = g->n_layers, .n_kv_heads = g->n_kv_heads,
-                    .head_dim = g->head_dim, .block_tokens = g->block_tokens,
+    kern_kv_t kv = {.dtype = g->dtype,
+                    .n_layers = g->n_layers,
+                    .n_kv_heads = g->n_kv_heads,
+                    .head_dim = g->head_dim,
+                    .block_tokens = g->block_tokens,
                     .n_blocks = g->n_blocks};
     kv.layer_bytes = (size_t)g->n_blocks * g->n_kv_heads * g->block_tokens * g->head_dim * el;
     kv.k = put(be, k_host, kv.layer_bytes * g->n_layers);
@@ -688,8 +704,8 @@ test_kv_copy(void **state)
             /* big: over a MiB moved, so the cpu backend goes parallel. */
             kv_geom_t g = {dt ? KERN_F16 : KERN_F32, 3, 2, 32, big ? 64 : 4, 24};
             size_t el = dt ? 2 : 4;
-            size_t bytes = (size_t)g.n_layers * g.n_blocks * g.n_kv_heads * g.block_tokens *
-                           g.head_dim * el;
+            size_t bytes =
+                (size_t)g.n_layers * g.n_blocks * g.n_kv_heads * g.block_tokens * g.head_dim * el;
             uint8_t *k0 = malloc(bytes), *v0 = malloc(bytes);
             assert_true(k0 && v0);
             for (size_t i = 0; i < bytes; i++) {
@@ -709,8 +725,7 @@ test_kv_copy(void **state)
             /* Spot-check the reference itself: block 2 ends up with block 5's data. */
             size_t blk = bytes / g.n_layers / g.n_blocks;
             assert_memory_equal(kr + 2 * blk, k0 + 5 * blk, blk);
-            assert_memory_equal(vr + (g.n_blocks + 20) * blk, v0 + (g.n_blocks + 11) * blk,
-                                blk);
+            assert_memory_equal(vr + (g.n_blocks + 20) * blk, v0 + (g.n_blocks + 11) * blk, blk);
             for (int i = 0; i < g_n_be; i++) {
                 kv = kv_make(g_be[i].be, &g, k0, v0);
                 assert_int_equal(kern_kv_copy(g_be[i].be, &kv, src, dst, n), 0);
@@ -870,11 +885,19 @@ run_attn(kern_backend_t *be, const attn_data_t *d, float *out_batch, float *out_
     size_t per_row = (size_t)c->n_heads * c->head_dim;
     float *qd = put(be, d->q, qn * sizeof(float));
     float *od = put_out(be, qn);
-    kern_attn_args_t a = {.q = qd, .out = od, .n_q = d->n_q, .n_heads = c->n_heads,
-                          .q_indptr = d->q_indptr, .kv_len = d->kv_len,
-                          .pt = {.indptr = d->indptr, .indices = d->indices,
-                                 .last_len = d->last_len, .n_seqs = c->n_seqs},
-                          .kv = &kv, .layer = layer, .scale = d->scale};
+    kern_attn_args_t a = {.q = qd,
+                          .out = od,
+                          .n_q = d->n_q,
+                          .n_heads = c->n_heads,
+                          .q_indptr = d->q_indptr,
+                          .kv_len = d->kv_len,
+                          .pt = {.indptr = d->indptr,
+                                 .indices = d->indices,
+                                 .last_len = d->last_len,
+                                 .n_seqs = c->n_seqs},
+                          .kv = &kv,
+                          .layer = layer,
+                          .scale = d->scale};
     assert_int_equal(kern_attention(be, &a), 0);
     take(be, out_batch, od, qn * sizeof(float), "attn out");
 
@@ -889,8 +912,8 @@ run_attn(kern_backend_t *be, const attn_data_t *d, float *out_batch, float *out_
         one.n_q = (uint32_t)nq;
         one.q_indptr = q_indptr;
         one.kv_len = d->kv_len + q0;
-        one.pt = (kern_page_table_t){.indptr = indptr, .indices = d->indices + b0,
-                                     .last_len = d->last_len + s, .n_seqs = 1};
+        one.pt = (kern_page_table_t){
+            .indptr = indptr, .indices = d->indices + b0, .last_len = d->last_len + s, .n_seqs = 1};
         assert_int_equal(kern_attention(be, &one), 0);
         take(be, out_single + (size_t)q0 * per_row, os, (size_t)nq * per_row * sizeof(float),
              "attn single out");
@@ -960,11 +983,17 @@ check_validation(kern_backend_t *be)
     /* attention: kv_len 0, kv_len past the sequence, bad block, bad last_len. */
     int32_t indptr[2] = {0, 2}, indices[2] = {3, 1}, last_len[1] = {2}, q_indptr[2] = {0, 1};
     int32_t kv_len[1] = {6};
-    kern_attn_args_t a = {.q = buf, .out = out, .n_q = 1, .n_heads = 2, .q_indptr = q_indptr,
-                          .kv_len = kv_len,
-                          .pt = {.indptr = indptr, .indices = indices, .last_len = last_len,
-                                 .n_seqs = 1},
-                          .kv = &kv, .layer = 0, .scale = 0.5f};
+    kern_attn_args_t a = {
+        .q = buf,
+        .out = out,
+        .n_q = 1,
+        .n_heads = 2,
+        .q_indptr = q_indptr,
+        .kv_len = kv_len,
+        .pt = {.indptr = indptr, .indices = indices, .last_len = last_len, .n_seqs = 1},
+        .kv = &kv,
+        .layer = 0,
+        .scale = 0.5f};
     assert_int_equal(kern_attention(be, &a), 0);
     kv_len[0] = 0;
     assert_int_equal(kern_attention(be, &a), KVS_EINVAL);
@@ -1012,6 +1041,56 @@ test_validation(void **state)
     assert_false(kern_supports(g_ref, KERN_OP_COUNT, KERN_F32));
 }
 
+/* ------------------------------------------------------------------------ */
+/* cpu thread pool                                                          */
+/* ------------------------------------------------------------------------ */
+
+typedef struct pool_probe {
+    _Atomic int *hits; /* [n_tasks] */
+    _Atomic int bad_thread;
+    int n_threads;
+} pool_probe_t;
+
+static void
+pool_probe_task(void *ctx, int task, int thread)
+{
+    pool_probe_t *p = ctx;
+    if (thread < 0 || thread >= p->n_threads)
+        atomic_store(&p->bad_thread, 1);
+    atomic_fetch_add(&p->hits[task], 1);
+}
+
+static void
+test_pool(void **state)
+{
+    (void)state;
+    static const int sizes[] = {0, 1, 2, 3, 5, 64, 1000};
+    for (int n_threads = 1; n_threads <= 4; n_threads++) {
+        cpu_pool_t *pool;
+        assert_int_equal(cpu_pool_new(n_threads, &pool), 0);
+        assert_int_equal(cpu_pool_size(pool), n_threads);
+        _Atomic int *hits = calloc(1000, sizeof(*hits));
+        assert_non_null(hits);
+        /* Many back-to-back jobs: workers are caught spinning, sleeping
+         * and in between. */
+        for (int round = 0; round < 300; round++) {
+            int n = sizes[round % 7];
+            pool_probe_t p = {.hits = hits, .n_threads = n_threads};
+            for (int i = 0; i < n; i++)
+                atomic_store(&hits[i], 0);
+            cpu_pool_run(pool, n, pool_probe_task, &p);
+            for (int i = 0; i < n; i++)
+                assert_int_equal(atomic_load(&hits[i]), 1);
+            assert_int_equal(atomic_load(&p.bad_thread), 0);
+        }
+        free(hits);
+        cpu_pool_free(pool);
+    }
+    cpu_pool_t *pool;
+    assert_int_equal(cpu_pool_new(0, &pool), KVS_EINVAL);
+    cpu_pool_free(NULL);
+}
+
 int
 main(void)
 {
@@ -1020,7 +1099,7 @@ main(void)
         cmocka_unit_test(test_rmsnorm),     cmocka_unit_test(test_rope),
         cmocka_unit_test(test_elementwise), cmocka_unit_test(test_kv_append),
         cmocka_unit_test(test_kv_copy),     cmocka_unit_test(test_attention),
-        cmocka_unit_test(test_validation),
+        cmocka_unit_test(test_validation),  cmocka_unit_test(test_pool),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
