@@ -173,7 +173,9 @@ typedef struct model model_t;
  * failures return KVS_EFORMAT (bad or inconsistent file), KVS_ENOTSUP
  * (architecture, weight type or tokenizer not supported) with a message
  * naming the key or tensor, or KVS_EIO/KVS_ENOENT/KVS_ENOMEM.  On host
- * backends the weights stay in the read-only mapping (no copy).
+ * backends, models of 64 MiB or more are copied into transparent huge pages
+ * (decode streams every weight each step; 4 KiB file pages cost TLB misses);
+ * smaller ones are used in place from the read-only mapping.
  * The backend must outlive the model.  Thread: any; then read-only. */
 int model_load(const char *path, kern_backend_t *be, model_t **out, char *err, size_t err_len);
 void model_free(model_t *m); /* NULL is a no-op */

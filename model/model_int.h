@@ -39,7 +39,11 @@ struct model {
     float *rope_freqs;    /* host [n_rot/2] or NULL */
     model_layer_t *layers;
     model_tokenizer_t tok;
-    void **device_bufs; /* weights uploaded to a device backend */
+    void *host_map; /* host backends: weights copied into huge pages */
+    size_t host_map_len;
+    char *host_copy;      /* 2 MiB-aligned start of the copy */
+    const char *host_src; /* the mapping address host_copy mirrors */
+    void **device_bufs;   /* weights uploaded to a device backend */
     uint32_t n_device_bufs;
 };
 

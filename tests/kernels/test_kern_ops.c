@@ -345,7 +345,10 @@ test_matmul(void **state)
                         if (!kern_supports(g_be[i].be, KERN_OP_MATMUL, types[ti]))
                             continue;
                         run_matmul(g_be[i].be, types[ti], sh, w, rb, x, n, b, yb);
-                        check_close(yr, yb, (size_t)n * sh->rows, 1e-5, what, g_be[i].label);
+                        /* Q8_0 decode quantizes x to int16 per block (about
+                         * 1.5e-5 of each block's max); f32 paths round only. */
+                        double tol = types[ti] == KERN_Q8_0 ? 1e-4 : 1e-5;
+                        check_close(yr, yb, (size_t)n * sh->rows, tol, what, g_be[i].label);
                     }
                 }
                 free(x);
