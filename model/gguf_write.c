@@ -451,7 +451,7 @@ model_gguf_writer_begin(model_gguf_writer_t *w, const char *path)
     }
     setvbuf(w->f, NULL, _IOFBF, 1 << 20);
     bool ok = fwrite(hdr, 1, sizeof hdr, w->f) == sizeof hdr &&
-              fwrite(w->meta, 1, w->meta_len, w->f) == w->meta_len &&
+              (w->meta_len == 0 || fwrite(w->meta, 1, w->meta_len, w->f) == w->meta_len) &&
               write_zeros(w, pad_to(head, w->alignment) - head) == 0;
     w->meta_len = kv_len;
     if (!ok)
