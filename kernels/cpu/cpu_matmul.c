@@ -42,6 +42,7 @@
 #define XB_MAX 4                  /* x rows per dot tile */
 #define ROW_CHUNK 16              /* weight rows kept hot in L2 across x groups */
 #define DOT_MIN_BYTES (64 * 1024) /* weight bytes per task worth a thread */
+#define DOT_TASKS_PER_THREAD 4
 
 /* ------------------------------------------------------------------------ */
 /* Row conversion.                                                          */
@@ -542,9 +543,11 @@ kern__cpu_matmul(kern_cpu_t *be, const kern_tensor_t *w, const float *x, uint32_
             return rc;
     }
     size_t total = (size_t)w->n_rows * w->row_bytes;
+    /* Several tasks per thread: tasks are claimed dynamically, so a core
+     * that falls behind (a noisy neighbour, a page fault) takes fewer. */
     size_t n_tasks = total / DOT_MIN_BYTES;
-    if (n_tasks > (size_t)be->n_threads)
-        n_tasks = (size_t)be->n_threads;
+    if (n_tasks > (size_t)be->n_threads * DOT_TASKS_PER_THREAD)
+        n_tasks = (size_t)be->n_threads * DOT_TASKS_PER_THREAD;
     if (n_tasks < 1)
         n_tasks = 1;
     uint32_t per = (uint32_t)((w->n_rows + n_tasks - 1) / n_tasks);
