@@ -47,6 +47,10 @@ int kern__ref_new(const kern_backend_cfg_t *cfg, kern_backend_t **out);
 int kern__cpu_new(const kern_backend_cfg_t *cfg, kern_backend_t **out);
 int kern__cuda_new(const kern_backend_cfg_t *cfg, kern_backend_t **out);
 
+/* The weight and KV types every backend so far computes with: weights F32,
+ * F16, BF16, Q8_0; KV F32, F16 (kern_types.c). */
+bool kern__types_supported(kern_op_t op, kern_dtype_t type);
+
 /* Shared host-memory helpers for the ref and cpu backends (kern_host.c). */
 void *kern__host_alloc(kern_backend_t *be, size_t bytes);
 void kern__host_free(kern_backend_t *be, void *p);

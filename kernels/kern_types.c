@@ -4,7 +4,7 @@
  * conversion to f32.  Used by the GGUF reader to size tensors, by the
  * model writer, and by every backend's scalar paths.
  */
-#include "kern.h"
+#include "kern_int.h"
 
 #include <math.h>
 #include <string.h>
@@ -110,5 +110,21 @@ kern_row_to_f32(uint32_t type, const void *row, float *y, size_t n)
     }
     default:
         return KVS_ENOTSUP;
+    }
+}
+
+bool
+kern__types_supported(kern_op_t op, kern_dtype_t type)
+{
+    switch (op) {
+    case KERN_OP_GET_ROWS:
+    case KERN_OP_MATMUL:
+        return type == KERN_F32 || type == KERN_F16 || type == KERN_BF16 || type == KERN_Q8_0;
+    case KERN_OP_KV_APPEND:
+    case KERN_OP_KV_COPY:
+    case KERN_OP_ATTN:
+        return type == KERN_F32 || type == KERN_F16;
+    default:
+        return true;
     }
 }

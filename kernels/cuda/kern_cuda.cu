@@ -230,17 +230,7 @@ static bool
 cuda_supports(const kern_backend_t *be, kern_op_t op, kern_dtype_t type)
 {
     (void)be;
-    switch (op) {
-    case KERN_OP_GET_ROWS:
-    case KERN_OP_MATMUL:
-        return type == KERN_F32 || type == KERN_F16 || type == KERN_BF16 || type == KERN_Q8_0;
-    case KERN_OP_KV_APPEND:
-    case KERN_OP_KV_COPY:
-    case KERN_OP_ATTN:
-        return type == KERN_F32 || type == KERN_F16;
-    default:
-        return true;
-    }
+    return kern__types_supported(op, type);
 }
 
 /* ------------------------------------------------------------------------ */
