@@ -14,6 +14,7 @@
 
 int srv_cmd_run(int argc, char **argv);
 int srv_cmd_model(int argc, char **argv);
+int srv_cmd_eval(int argc, char **argv);
 
 /* ---- helpers shared by subcommands (srv_cli.c) ---------------------------- */
 

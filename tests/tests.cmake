@@ -13,3 +13,18 @@ endif()
 add_test(NAME cli COMMAND sh ${CMAKE_CURRENT_SOURCE_DIR}/tests/integration/cli.sh
                           $<TARGET_FILE:kvserve> ${CMAKE_CURRENT_BINARY_DIR}/cli)
 set_tests_properties(cli PROPERTIES LABELS "cpu" TIMEOUT 300)
+
+if(KVS_PYTHON3)
+  # The bundled model: eval's JSON in CI-sized form, and the engine against
+  # the training script's PyTorch forward (skipped where torch is missing).
+  add_test(NAME eval_bundled
+           COMMAND ${KVS_PYTHON3} ${CMAKE_CURRENT_SOURCE_DIR}/tests/integration/check_eval.py
+                   $<TARGET_FILE:kvserve> ${CMAKE_CURRENT_BINARY_DIR}/eval)
+  set_tests_properties(eval_bundled PROPERTIES LABELS "cpu;reference" SKIP_RETURN_CODE 77
+                       TIMEOUT 600)
+  add_test(NAME torch_logits
+           COMMAND ${KVS_PYTHON3} ${CMAKE_CURRENT_SOURCE_DIR}/tests/reference/check_torch.py
+                   --kvserve $<TARGET_FILE:kvserve>)
+  set_tests_properties(torch_logits PROPERTIES LABELS "cpu;reference" SKIP_RETURN_CODE 77
+                       TIMEOUT 600)
+endif()

@@ -1,0 +1,605 @@
+/*
+ * serve/srv_eval.c — `kvserve eval`: long-context retrieval accuracy of a
+ * model, the way RULER and needle-in-a-haystack measure it.  For every
+ * task x length x depth it builds `samples` prompts (serve/srv_tasks.c),
+ * runs them through the engine with continuous batching (the same batch
+ * builder, paged KV cache and forward pass as the server: prefill chunks
+ * and decode tokens of different sequences share steps), decodes the
+ * answer greedily and scores exact matches.  Prints a table, writes JSON
+ * (--json) and an SVG heatmap (--plot).
+ */
+#include "srv_int.h"
+
+#include "cache/kv.h"
+#include "model/model.h"
+#include "sched/sched.h"
+
+#include <getopt.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static const char eval_usage[] =
+    "usage: kvserve eval [--model PATH] [--draft-model PATH] [--task "
+    "passkey|niah-multikey|vt|all]\n"
+    "                    [--lengths 256,512,1024] [--depths 0,0.25,0.5,0.75,1] [--samples N]\n"
+    "                    [--seed S] [--threads N] [--device cpu|ref|cuda] [--max-num-seqs N]\n"
+    "                    [--max-num-batched-tokens N] [--block-size N] [--kv-cache-dtype f16|f32]\n"
+    "                    [--json FILE] [--plot FILE.svg]\n";
+
+#define MAX_LIST 32
+
+typedef struct eval_opts {
+    const char *model, *draft, *json, *plot, *device;
+    bool task_on[SRV_TASK_COUNT];
+    uint32_t lengths[MAX_LIST], n_lengths;
+    double depths[MAX_LIST];
+    uint32_t n_depths;
+    uint32_t samples, threads, max_seqs, max_tokens, block_size;
+    uint64_t seed;
+    kern_dtype_t kv_dtype;
+} eval_opts_t;
+
+typedef struct item {
+    srv_task_t task;
+    uint32_t li, di; /* length and depth indices */
+    int32_t *toks;
+    uint32_t n_toks, fed;
+    char answer[8], got[8];
+    uint32_t n_answer, n_got;
+    int32_t next; /* token to feed in the next decode step */
+    kv_table_t *table;
+} item_t;
+
+static int
+parse_list_u32(const char *s, uint32_t *out, uint32_t *n)
+{
+    char *dup = strdup(s), *save = NULL;
+    *n = 0;
+    for (char *t = strtok_r(dup, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        uint32_t v;
+        if (*n == MAX_LIST || srv_parse_u32("eval", "--lengths", t, 16, 1u << 24, &v)) {
+            free(dup);
+            return KVS_EINVAL;
+        }
+        out[(*n)++] = v;
+    }
+    free(dup);
+    return *n ? 0 : KVS_EINVAL;
+}
+
+static int
+parse_list_f(const char *s, double *out, uint32_t *n)
+{
+    char *dup = strdup(s), *save = NULL;
+    *n = 0;
+    for (char *t = strtok_r(dup, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        float v;
+        if (*n == MAX_LIST || srv_parse_f32("eval", "--depths", t, 0.0f, 1.0f, &v)) {
+            free(dup);
+            return KVS_EINVAL;
+        }
+        out[(*n)++] = v;
+    }
+    free(dup);
+    return *n ? 0 : KVS_EINVAL;
+}
+
+static int
+parse_opts(int argc, char **argv, eval_opts_t *o)
+{
+    enum {
+        O_MODEL = 256,
+        O_DRAFT,
+        O_TASK,
+        O_LEN,
+        O_DEP,
+        O_SAMP,
+        O_SEED,
+        O_THR,
+        O_DEV,
+        O_SEQS,
+        O_TOK,
+        O_BS,
+        O_KVD,
+        O_JSON,
+        O_PLOT,
+        O_HELP
+    };
+    static const struct option lo[] = {
+        {"model", 1, 0, O_MODEL},
+        {"draft-model", 1, 0, O_DRAFT},
+        {"task", 1, 0, O_TASK},
+        {"lengths", 1, 0, O_LEN},
+        {"depths", 1, 0, O_DEP},
+        {"samples", 1, 0, O_SAMP},
+        {"seed", 1, 0, O_SEED},
+        {"threads", 1, 0, O_THR},
+        {"device", 1, 0, O_DEV},
+        {"max-num-seqs", 1, 0, O_SEQS},
+        {"max-num-batched-tokens", 1, 0, O_TOK},
+        {"block-size", 1, 0, O_BS},
+        {"kv-cache-dtype", 1, 0, O_KVD},
+        {"json", 1, 0, O_JSON},
+        {"plot", 1, 0, O_PLOT},
+        {"help", 0, 0, O_HELP},
+        {0, 0, 0, 0},
+    };
+    *o = (eval_opts_t){.device = "cpu",
+                       .samples = 10,
+                       .max_seqs = 8,
+                       .max_tokens = 2048,
+                       .block_size = 16,
+                       .kv_dtype = KERN_F16,
+                       .seed = 1,
+                       .depths = {0.0, 0.25, 0.5, 0.75, 1.0},
+                       .n_depths = 5};
+    bool any_task = false;
+    opterr = 0;
+    optind = 1;
+    int c;
+    while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+        int rc = 0;
+        switch (c) {
+        case O_MODEL:
+            o->model = optarg;
+            break;
+        case O_DRAFT:
+            o->draft = optarg;
+            break;
+        case O_TASK: {
+            srv_task_t t;
+            if (strcmp(optarg, "all") == 0) {
+                for (int i = 0; i < SRV_TASK_COUNT; i++)
+                    o->task_on[i] = true;
+            } else if (srv_task_parse(optarg, &t) == 0) {
+                o->task_on[t] = true;
+            } else {
+                fprintf(stderr,
+                        "kvserve eval: --task: '%s' is not one of passkey, "
+                        "niah-multikey, vt, all\n",
+                        optarg);
+                rc = KVS_EINVAL;
+            }
+            any_task = true;
+            break;
+        }
+        case O_LEN:
+            if ((rc = parse_list_u32(optarg, o->lengths, &o->n_lengths)))
+                fprintf(stderr, "kvserve eval: --lengths: expected up to %d numbers >= 16\n",
+                        MAX_LIST);
+            break;
+        case O_DEP:
+            if ((rc = parse_list_f(optarg, o->depths, &o->n_depths)))
+                fprintf(stderr, "kvserve eval: --depths: expected numbers in [0, 1]\n");
+            break;
+        case O_SAMP:
+            rc = srv_parse_u32("eval", "--samples", optarg, 1, 100000, &o->samples);
+            break;
+        case O_SEED:
+            rc = srv_parse_u64("eval", "--seed", optarg, &o->seed);
+            break;
+        case O_THR:
+            rc = srv_parse_u32("eval", "--threads", optarg, 1, 1024, &o->threads);
+            break;
+        case O_DEV:
+            o->device = optarg;
+            break;
+        case O_SEQS:
+            rc = srv_parse_u32("eval", "--max-num-seqs", optarg, 1, 4096, &o->max_seqs);
+            break;
+        case O_TOK:
+            rc = srv_parse_u32("eval", "--max-num-batched-tokens", optarg, 16, 1u << 20,
+                               &o->max_tokens);
+            break;
+        case O_BS:
+            rc = srv_parse_u32("eval", "--block-size", optarg, 1, 1024, &o->block_size);
+            break;
+        case O_KVD:
+            if (kern_dtype_parse(optarg, &o->kv_dtype) ||
+                (o->kv_dtype != KERN_F16 && o->kv_dtype != KERN_F32)) {
+                fprintf(stderr, "kvserve eval: --kv-cache-dtype: '%s' is not one of f16, f32\n",
+                        optarg);
+                rc = KVS_EINVAL;
+            }
+            break;
+        case O_JSON:
+            o->json = optarg;
+            break;
+        case O_PLOT:
+            o->plot = optarg;
+            break;
+        case O_HELP:
+            fputs(eval_usage, stdout);
+            exit(0);
+        default:
+            fprintf(stderr, "kvserve eval: unknown or incomplete option '%s'\n%s", argv[optind - 1],
+                    eval_usage);
+            return KVS_EINVAL;
+        }
+        if (rc) {
+            fputs(eval_usage, stderr);
+            return rc;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "kvserve eval: unexpected argument '%s'\n%s", argv[optind], eval_usage);
+        return KVS_EINVAL;
+    }
+    if (o->block_size & (o->block_size - 1)) {
+        fprintf(stderr, "kvserve eval: --block-size: %u is not a power of two\n", o->block_size);
+        return KVS_EINVAL;
+    }
+    if (!any_task)
+        for (int i = 0; i < SRV_TASK_COUNT; i++)
+            o->task_on[i] = true;
+    return 0;
+}
+
+typedef struct eval_run {
+    model_t *m;
+    kern_backend_t *be;
+    kv_pool_t *pool;
+    model_ctx_t *ctx;
+    sched_batch_t *sb;
+    float *logits;
+    item_t *items;
+    size_t n_items;
+} eval_run_t;
+
+static int32_t
+argmax(const float *x, uint32_t n)
+{
+    uint32_t b = 0;
+    for (uint32_t i = 1; i < n; i++)
+        if (x[i] > x[b])
+            b = i;
+    return (int32_t)b;
+}
+
+/* Runs every item to completion: up to max_seqs live sequences, each step
+ * filled with decode tokens first and prefill chunks after, within the
+ * token budget; finished sequences free their KV and new ones start. */
+static int
+run_items(eval_run_t *r, const eval_opts_t *o)
+{
+    uint32_t n_vocab = model_hparams(r->m)->n_vocab;
+    item_t **live = calloc(o->max_seqs, sizeof *live);
+    sched_seq_step_t *steps = calloc(o->max_seqs, sizeof *steps);
+    item_t **who = calloc(o->max_seqs, sizeof *who);
+    if (!live || !steps || !who) {
+        free(live);
+        free(steps);
+        free(who);
+        return KVS_ENOMEM;
+    }
+    size_t next = 0, done = 0;
+    uint32_t n_live = 0;
+    int rc = 0;
+    while (done < r->n_items && rc == 0) {
+        while (n_live < o->max_seqs && next < r->n_items) {
+            item_t *it = &r->items[next++];
+            if ((rc = kv_table_new(r->pool, &it->table)))
+                break;
+            live[n_live++] = it;
+        }
+        if (rc)
+            break;
+        uint32_t budget = o->max_tokens, n = 0;
+        for (uint32_t i = 0; i < n_live; i++) { /* decode first: one token each */
+            item_t *it = live[i];
+            if (it->fed == it->n_toks && it->n_got > 0 && budget > 0) {
+                steps[n] = (sched_seq_step_t){it->table, &it->next, 1, NULL, true};
+                who[n++] = it;
+                budget--;
+            }
+        }
+        for (uint32_t i = 0; i < n_live && budget > 0; i++) {
+            item_t *it = live[i];
+            if (it->fed < it->n_toks) {
+                uint32_t k = it->n_toks - it->fed < budget ? it->n_toks - it->fed : budget;
+                steps[n] = (sched_seq_step_t){it->table, it->toks + it->fed, k, NULL,
+                                              it->fed + k == it->n_toks};
+                who[n++] = it;
+                budget -= k;
+            }
+        }
+        const model_batch_t *mb;
+        if ((rc = sched_batch_build(r->sb, steps, n, &mb)) ||
+            (rc = model_forward(r->ctx, kv_pool_kv(r->pool), mb, r->logits)))
+            break;
+        uint32_t li = 0;
+        for (uint32_t j = 0; j < n; j++) {
+            item_t *it = who[j];
+            if (it->fed < it->n_toks)
+                it->fed += steps[j].n_tokens;
+            if (!steps[j].want_logits)
+                continue;
+            int32_t tok = argmax(r->logits + (size_t)li++ * n_vocab, n_vocab);
+            char piece = 0;
+            if (model_token_piece(r->m, tok, &piece, 1) == 1)
+                it->got[it->n_got] = piece;
+            else
+                it->got[it->n_got] = '\x01'; /* a control token: never matches */
+            it->n_got++;
+            it->next = tok;
+        }
+        /* Retire finished sequences. */
+        for (uint32_t i = 0; i < n_live;) {
+            item_t *it = live[i];
+            if (it->n_got == it->n_answer) {
+                kv_table_free(it->table);
+                it->table = NULL;
+                live[i] = live[--n_live];
+                done++;
+            } else {
+                i++;
+            }
+        }
+    }
+    for (uint32_t i = 0; i < n_live; i++) {
+        kv_table_free(live[i]->table);
+        live[i]->table = NULL;
+    }
+    free(live);
+    free(steps);
+    free(who);
+    return rc;
+}
+
+static void
+write_plot(const char *path, const eval_opts_t *o, const double *acc)
+{
+    FILE *f = fopen(path, "w");
+    if (f == NULL) {
+        fprintf(stderr, "kvserve eval: --plot: cannot write '%s'\n", path);
+        return;
+    }
+    const int cw = 56, ch = 28, left = 70, top = 40, gap = 40;
+    int n_tasks = 0;
+    for (int t = 0; t < SRV_TASK_COUNT; t++)
+        n_tasks += o->task_on[t];
+    int pw = left + cw * (int)o->n_depths + gap;
+    int W = pw * n_tasks + 20, H = top + ch * (int)o->n_lengths + 50;
+    fprintf(f,
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" "
+            "font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%%\" "
+            "height=\"100%%\" fill=\"white\"/>\n",
+            W, H);
+    int x0 = 10;
+    for (int t = 0; t < SRV_TASK_COUNT; t++) {
+        if (!o->task_on[t])
+            continue;
+        fprintf(f, "<text x=\"%d\" y=\"20\" font-size=\"13\">%s accuracy (length x depth)</text>\n",
+                x0, srv_task_name((srv_task_t)t));
+        for (uint32_t l = 0; l < o->n_lengths; l++) {
+            int y = top + ch * (int)l;
+            fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"end\">%u</text>\n", x0 + left - 6,
+                    y + ch / 2 + 4, o->lengths[l]);
+            for (uint32_t d = 0; d < o->n_depths; d++) {
+                double a = acc[((size_t)t * o->n_lengths + l) * o->n_depths + d];
+                int red = (int)(220 * (1.0 - a)), green = (int)(180 * a + 40);
+                int x = x0 + left + cw * (int)d;
+                fprintf(f,
+                        "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" "
+                        "fill=\"rgb(%d,%d,80)\" stroke=\"white\"/>\n",
+                        x, y, cw, ch, red, green);
+                fprintf(f,
+                        "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\" fill=\"white\">%.0f%%"
+                        "</text>\n",
+                        x + cw / 2, y + ch / 2 + 4, 100.0 * a);
+            }
+        }
+        for (uint32_t d = 0; d < o->n_depths; d++)
+            fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\">%.2f</text>\n",
+                    x0 + left + cw * (int)d + cw / 2, top + ch * (int)o->n_lengths + 16,
+                    o->depths[d]);
+        fprintf(f, "<text x=\"%d\" y=\"%d\">depth</text>\n", x0 + left,
+                top + ch * (int)o->n_lengths + 34);
+        x0 += pw;
+    }
+    fprintf(f, "</svg>\n");
+    fclose(f);
+}
+
+int
+srv_cmd_eval(int argc, char **argv)
+{
+    eval_opts_t o;
+    if (parse_opts(argc, argv, &o))
+        return 2;
+    if (o.model == NULL && (o.model = srv_default_model()) == NULL) {
+        fprintf(stderr, "kvserve eval: no --model given and no bundled model found "
+                        "(weights/kvserve-main.gguf)\n");
+        return 2;
+    }
+    eval_run_t r = {0};
+    int status = 1, rc;
+    char err[512] = "";
+    kern_backend_cfg_t bcfg = {.n_threads = o.threads};
+    if ((rc = kern_backend_new(o.device, &bcfg, &r.be))) {
+        fprintf(stderr, "kvserve eval: --device %s: %s\n", o.device, kvs_strerror(rc));
+        status = 2;
+        goto out;
+    }
+    if ((rc = model_load(o.model, r.be, &r.m, err, sizeof err))) {
+        fprintf(stderr, "kvserve eval: cannot load model '%s': %s\n", o.model, err);
+        goto out;
+    }
+    if (o.draft) {
+        /* Only checked for now: speculative prefill uses it. */
+        model_t *d;
+        if (model_load(o.draft, r.be, &d, err, sizeof err)) {
+            fprintf(stderr, "kvserve eval: cannot load draft model '%s': %s\n", o.draft, err);
+            goto out;
+        }
+        model_free(d);
+    }
+    const model_hparams_t *hp = model_hparams(r.m);
+    if (o.n_lengths == 0) {
+        for (uint32_t l = 256; l <= hp->n_ctx_train && o.n_lengths < MAX_LIST; l *= 2)
+            o.lengths[o.n_lengths++] = l;
+        if (o.n_lengths == 0)
+            o.lengths[o.n_lengths++] = hp->n_ctx_train;
+    }
+    uint32_t max_len = 0;
+    for (uint32_t i = 0; i < o.n_lengths; i++) {
+        if (o.lengths[i] > hp->n_ctx_train) {
+            fprintf(stderr, "kvserve eval: --lengths: %u exceeds the model's context (%u)\n",
+                    o.lengths[i], hp->n_ctx_train);
+            status = 2;
+            goto out;
+        }
+        max_len = o.lengths[i] > max_len ? o.lengths[i] : max_len;
+    }
+
+    /* Build every prompt up front. */
+    size_t n_cells = (size_t)SRV_TASK_COUNT * o.n_lengths * o.n_depths;
+    r.items = calloc(n_cells * o.samples, sizeof *r.items);
+    if (r.items == NULL)
+        goto out;
+    for (int t = 0; t < SRV_TASK_COUNT; t++) {
+        if (!o.task_on[t])
+            continue;
+        for (uint32_t l = 0; l < o.n_lengths; l++)
+            for (uint32_t d = 0; d < o.n_depths; d++)
+                for (uint32_t s = 0; s < o.samples; s++) {
+                    item_t *it = &r.items[r.n_items];
+                    uint64_t seed = o.seed * 1000003ull + (uint64_t)r.n_items * 7919ull + 17;
+                    char *prompt;
+                    rc = srv_task_make((srv_task_t)t, o.lengths[l], o.depths[d], seed, &prompt,
+                                       it->answer);
+                    if (rc) {
+                        fprintf(stderr, "kvserve eval: %s at length %u: %s\n",
+                                srv_task_name((srv_task_t)t), o.lengths[l],
+                                rc == KVS_ERANGE ? "length too short for the task"
+                                                 : kvs_strerror(rc));
+                        status = rc == KVS_ERANGE ? 2 : 1;
+                        goto out;
+                    }
+                    size_t len = strlen(prompt), n;
+                    it->toks = malloc((len + 1) * sizeof *it->toks);
+                    if (it->toks == NULL ||
+                        model_tokenize(r.m, prompt, len, true, it->toks, len + 1, &n)) {
+                        free(prompt);
+                        fprintf(stderr, "kvserve eval: cannot tokenize a prompt\n");
+                        goto out;
+                    }
+                    free(prompt);
+                    it->n_toks = (uint32_t)n;
+                    it->n_answer = (uint32_t)strlen(it->answer);
+                    it->task = (srv_task_t)t;
+                    it->li = l;
+                    it->di = d;
+                    r.n_items++;
+                }
+    }
+
+    uint32_t per_seq = (max_len + 16 + o.block_size - 1) / o.block_size + 1;
+    kv_pool_cfg_t pc = {hp->n_layer,  hp->n_head_kv,        hp->head_dim,
+                        o.block_size, per_seq * o.max_seqs, o.kv_dtype};
+    if ((rc = kv_pool_new(&pc, r.be, &r.pool)) ||
+        (rc = model_ctx_new(r.m, o.max_tokens,
+                            o.max_seqs < o.max_tokens ? o.max_seqs : o.max_tokens, &r.ctx)) ||
+        (rc = sched_batch_new(&r.sb))) {
+        fprintf(stderr, "kvserve eval: setup failed: %s\n", kvs_strerror(rc));
+        goto out;
+    }
+    r.logits = malloc((size_t)o.max_seqs * hp->n_vocab * sizeof(float));
+    if (r.logits == NULL)
+        goto out;
+    uint64_t t0 = kvs_now_ns();
+    if ((rc = run_items(&r, &o))) {
+        fprintf(stderr, "kvserve eval: engine failed: %s\n", kvs_strerror(rc));
+        goto out;
+    }
+    double secs = (double)(kvs_now_ns() - t0) / 1e9;
+
+    double *acc = calloc(n_cells, sizeof *acc);
+    if (acc == NULL)
+        goto out;
+    size_t total_toks = 0;
+    for (size_t i = 0; i < r.n_items; i++) {
+        item_t *it = &r.items[i];
+        total_toks += it->n_toks;
+        bool ok = it->n_got == it->n_answer && memcmp(it->got, it->answer, it->n_answer) == 0;
+        acc[((size_t)it->task * o.n_lengths + it->li) * o.n_depths + it->di] +=
+            ok ? 1.0 / o.samples : 0.0;
+    }
+    printf("model: %s\npolicy: attention dense, prefill dense, kv-cache %s\n", o.model,
+           kern_type_traits(o.kv_dtype)->name);
+    for (int t = 0; t < SRV_TASK_COUNT; t++) {
+        if (!o.task_on[t])
+            continue;
+        printf("\n%s (%u samples per cell)\n%8s", srv_task_name((srv_task_t)t), o.samples,
+               "length");
+        for (uint32_t d = 0; d < o.n_depths; d++)
+            printf("  d=%.2f", o.depths[d]);
+        printf("    mean\n");
+        double tsum = 0;
+        for (uint32_t l = 0; l < o.n_lengths; l++) {
+            double lsum = 0;
+            printf("%8u", o.lengths[l]);
+            for (uint32_t d = 0; d < o.n_depths; d++) {
+                double a = acc[((size_t)t * o.n_lengths + l) * o.n_depths + d];
+                lsum += a;
+                printf("  %5.1f%%", 100.0 * a);
+            }
+            printf("  %5.1f%%\n", 100.0 * lsum / o.n_depths);
+            tsum += lsum;
+        }
+        printf("%8s  %5.1f%% overall\n", "", 100.0 * tsum / (o.n_depths * o.n_lengths));
+    }
+    fprintf(stderr, "kvserve eval: %zu prompts, %zu tokens in %.1f s (%.0f tok/s)\n", r.n_items,
+            total_toks, secs, secs > 0 ? (double)total_toks / secs : 0.0);
+
+    if (o.json) {
+        FILE *f = strcmp(o.json, "-") == 0 ? stdout : fopen(o.json, "w");
+        if (f == NULL) {
+            fprintf(stderr, "kvserve eval: --json: cannot write '%s'\n", o.json);
+            free(acc);
+            goto out;
+        }
+        fprintf(f, "{\"model\": ");
+        srv_json_str(f, o.model, strlen(o.model));
+        fprintf(f,
+                ", \"policy\": {\"attention\": \"dense\", \"prefill\": \"dense\", "
+                "\"kv_cache_dtype\": \"%s\"}, \"seed\": %llu, \"samples\": %u, \"results\": [",
+                kern_type_traits(o.kv_dtype)->name, (unsigned long long)o.seed, o.samples);
+        bool first = true;
+        for (int t = 0; t < SRV_TASK_COUNT; t++) {
+            if (!o.task_on[t])
+                continue;
+            for (uint32_t l = 0; l < o.n_lengths; l++)
+                for (uint32_t d = 0; d < o.n_depths; d++) {
+                    fprintf(f,
+                            "%s\n  {\"task\": \"%s\", \"length\": %u, \"depth\": %.4g, "
+                            "\"samples\": %u, \"accuracy\": %.4f}",
+                            first ? "" : ",", srv_task_name((srv_task_t)t), o.lengths[l],
+                            o.depths[d], o.samples,
+                            acc[((size_t)t * o.n_lengths + l) * o.n_depths + d]);
+                    first = false;
+                }
+        }
+        fprintf(f, "\n]}\n");
+        if (f != stdout)
+            fclose(f);
+    }
+    if (o.plot)
+        write_plot(o.plot, &o, acc);
+    free(acc);
+    status = 0;
+out:
+    if (r.items) {
+        for (size_t i = 0; i < r.n_items; i++)
+            free(r.items[i].toks);
+        free(r.items);
+    }
+    free(r.logits);
+    sched_batch_free(r.sb);
+    model_ctx_free(r.ctx);
+    kv_pool_free(r.pool);
+    model_free(r.m);
+    kern_backend_free(r.be);
+    return status;
+}

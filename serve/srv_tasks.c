@@ -1,0 +1,281 @@
+/*
+ * serve/srv_tasks.c — the long-context retrieval tasks `kvserve eval` asks
+ * a model: passkey, multi-key needle in a haystack, and variable tracking
+ * (multi-hop), as byte strings of an exact total length with the needle at
+ * a chosen relative depth.  The formats are the ones the bundled models
+ * were trained on (weights/tasks.py); the filler is the classic repeated
+ * "The grass is green..." noise, so no corpus is needed at run time.
+ */
+#include "srv_int.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static const char NOISE[] = "The grass is green. The sky is blue. The sun is yellow. Here we go. "
+                            "There and back again. ";
+static const char PASSKEY_INTRO[] =
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+    "it. I will quiz you about the important information there.\n";
+
+static uint64_t
+rng_next(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static uint32_t
+rng_below(uint64_t *s, uint32_t n)
+{
+    return (uint32_t)(rng_next(s) % n);
+}
+
+static double
+rng_unit(uint64_t *s)
+{
+    return (double)(rng_next(s) >> 11) * (1.0 / 9007199254740992.0);
+}
+
+typedef struct buf {
+    char *p;
+    size_t len, cap;
+    bool oom;
+} buf_t;
+
+static void
+put(buf_t *b, const char *s, size_t n)
+{
+    if (b->oom)
+        return;
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = (b->len + n + 1) * 2;
+        char *p = realloc(b->p, cap);
+        if (p == NULL) {
+            b->oom = true;
+            return;
+        }
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = '\0';
+}
+
+static void
+puts_(buf_t *b, const char *s)
+{
+    put(b, s, strlen(s));
+}
+
+/* n bytes of noise, restarting the sentence cycle each time (as tasks.py). */
+static void
+noise(buf_t *b, size_t n)
+{
+    size_t k = sizeof NOISE - 1;
+    while (n > 0) {
+        size_t m = n < k ? n : k;
+        put(b, NOISE, m);
+        n -= m;
+    }
+}
+
+static void
+digits5(uint64_t *rng, char out[6])
+{
+    uint32_t v = 10000 + rng_below(rng, 90000);
+    snprintf(out, 6, "%05u", v);
+}
+
+typedef struct part {
+    char text[96];
+    double depth;
+} part_t;
+
+static int
+cmp_depth(const void *a, const void *b)
+{
+    const part_t *x = a, *y = b;
+    if (x->depth != y->depth)
+        return x->depth < y->depth ? -1 : 1;
+    return x < y ? -1 : (x > y); /* stable: keep generation order */
+}
+
+/* Needles at their depths inside noise so the whole is `total` bytes. */
+static void
+fill_with(buf_t *b, part_t *parts, size_t n, size_t total)
+{
+    size_t fixed = 0;
+    for (size_t i = 0; i < n; i++)
+        fixed += strlen(parts[i].text);
+    size_t room = total > fixed ? total - fixed : 0;
+    /* qsort is not stable; tag each part with its index first. */
+    part_t *sorted = malloc(n * sizeof *sorted);
+    if (sorted == NULL) {
+        b->oom = true;
+        return;
+    }
+    memcpy(sorted, parts, n * sizeof *sorted);
+    qsort(sorted, n, sizeof *sorted, cmp_depth);
+    size_t prev = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t cut = (size_t)(sorted[i].depth * (double)room);
+        if (cut > room)
+            cut = room;
+        noise(b, cut - prev);
+        puts_(b, sorted[i].text);
+        prev = cut;
+    }
+    noise(b, room - prev);
+    free(sorted);
+}
+
+static void
+name(uint64_t *rng, char *out, size_t n, const char *alphabet)
+{
+    size_t k = strlen(alphabet);
+    for (size_t i = 0; i < n; i++)
+        out[i] = alphabet[rng_below(rng, (uint32_t)k)];
+    out[n] = '\0';
+}
+
+int
+srv_task_make(srv_task_t task, uint32_t length, double depth, uint64_t seed, char **prompt,
+              char answer[8])
+{
+    uint64_t rng = seed;
+    buf_t b = {0};
+    char key[6], q[160];
+    switch (task) {
+    case SRV_TASK_PASSKEY: {
+        digits5(&rng, key);
+        part_t p;
+        p.depth = depth;
+        snprintf(p.text, sizeof p.text, " The pass key is %s. Remember it. %s is the pass key. ",
+                 key, key);
+        snprintf(q, sizeof q, "\nWhat is the pass key? The pass key is");
+        snprintf(answer, 8, " %s", key);
+        size_t fixed = strlen(q) + strlen(answer);
+        if (length < fixed + strlen(p.text))
+            return KVS_ERANGE;
+        /* The introduction only where it fits beside the needle. */
+        if (fixed + strlen(p.text) + strlen(PASSKEY_INTRO) <= length) {
+            puts_(&b, PASSKEY_INTRO);
+            fixed += strlen(PASSKEY_INTRO);
+        }
+        fill_with(&b, &p, 1, length - fixed);
+        puts_(&b, q);
+        break;
+    }
+    case SRV_TASK_NIAH_MULTIKEY: {
+        /* 4 keys, fewer where they do not fit: a needle is 48 bytes, the
+         * question and answer 92. */
+        enum { MAX_KEYS = 4 };
+        int N_KEYS = MAX_KEYS;
+        while (N_KEYS > 1 && 48u * (uint32_t)N_KEYS + 92u > length)
+            N_KEYS--;
+        part_t p[MAX_KEYS];
+        char keys[MAX_KEYS][8], vals[MAX_KEYS][6];
+        for (int i = 0; i < N_KEYS; i++) {
+            bool dup;
+            do {
+                name(&rng, keys[i], 6, "abcdefghijklmnopqrstuvwxyz");
+                dup = false;
+                for (int j = 0; j < i; j++)
+                    dup |= strcmp(keys[i], keys[j]) == 0;
+            } while (dup);
+            digits5(&rng, vals[i]);
+            snprintf(p[i].text, sizeof p[i].text, " The special magic number for %s is: %s. ",
+                     keys[i], vals[i]);
+            p[i].depth = rng_unit(&rng);
+        }
+        int t = (int)rng_below(&rng, (uint32_t)N_KEYS);
+        p[t].depth = depth;
+        snprintf(q, sizeof q,
+                 "\nWhat is the special magic number for %s? The special magic number for %s is:",
+                 keys[t], keys[t]);
+        snprintf(answer, 8, " %s", vals[t]);
+        size_t fixed = strlen(q) + strlen(answer), needles = 0;
+        for (int i = 0; i < N_KEYS; i++)
+            needles += strlen(p[i].text);
+        if (length < fixed + needles)
+            return KVS_ERANGE;
+        fill_with(&b, p, (size_t)N_KEYS, length - fixed);
+        puts_(&b, q);
+        break;
+    }
+    case SRV_TASK_VT: {
+        /* 2 chains of 3 hops, one chain where two do not fit: a chain is
+         * 18 + 16 + 16 bytes, the question and answer 57. */
+        enum { HOPS = 3, MAX_CHAINS = 2 };
+        int CHAINS = MAX_CHAINS;
+        while (CHAINS > 1 && (uint32_t)CHAINS * (18 + 16 * (HOPS - 1)) + 57 > length)
+            CHAINS--;
+        part_t p[HOPS * MAX_CHAINS];
+        char names[HOPS * MAX_CHAINS][4], target[4] = "", val0[6] = "";
+        size_t np = 0;
+        for (int c = 0; c < CHAINS; c++) {
+            char val[6];
+            digits5(&rng, val);
+            double start = c == 0 ? depth : rng_unit(&rng);
+            for (int h = 0; h < HOPS; h++) {
+                char *nm = names[c * HOPS + h];
+                bool dup;
+                do {
+                    name(&rng, nm, 3, "ABCDEFGHIJKLMNOPQRSTUVWXYZ");
+                    dup = false;
+                    for (int j = 0; j < c * HOPS + h; j++)
+                        dup |= strcmp(nm, names[j]) == 0;
+                } while (dup);
+                snprintf(p[np].text, sizeof p[np].text, " VAR %s = %s. ", nm,
+                         h == 0 ? val : names[c * HOPS + h - 1]);
+                p[np].depth = start + (1.0 - start) * h / HOPS;
+                np++;
+            }
+            if (c == 0) {
+                memcpy(target, names[HOPS - 1], 4);
+                memcpy(val0, val, 6);
+            }
+        }
+        snprintf(q, sizeof q, "\nQuestion: what is the value of %s? Answer: %s =", target, target);
+        snprintf(answer, 8, " %s", val0);
+        size_t fixed = strlen(q) + strlen(answer), needles = 0;
+        for (size_t i = 0; i < np; i++)
+            needles += strlen(p[i].text);
+        if (length < fixed + needles)
+            return KVS_ERANGE;
+        fill_with(&b, p, np, length - fixed);
+        puts_(&b, q);
+        break;
+    }
+    default:
+        return KVS_EINVAL;
+    }
+    if (b.oom) {
+        free(b.p);
+        return KVS_ENOMEM;
+    }
+    *prompt = b.p;
+    return 0;
+}
+
+const char *
+srv_task_name(srv_task_t t)
+{
+    static const char *names[] = {"passkey", "niah-multikey", "vt"};
+    return (unsigned)t < SRV_TASK_COUNT ? names[t] : "?";
+}
+
+int
+srv_task_parse(const char *s, srv_task_t *out)
+{
+    for (int t = 0; t < SRV_TASK_COUNT; t++) {
+        if (strcmp(s, srv_task_name((srv_task_t)t)) == 0) {
+            *out = (srv_task_t)t;
+            return 0;
+        }
+    }
+    return KVS_EINVAL;
+}
