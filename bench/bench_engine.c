@@ -101,9 +101,12 @@ bench_one(const char *path, uint32_t threads, uint32_t n_prompt, uint32_t n_deco
     if (rc)
         goto out;
     const model_hparams_t *hp = model_hparams(m);
-    kv_pool_cfg_t pc = {
-        hp->n_layer, hp->n_head_kv, hp->head_dim, 16, (n_prompt + n_decode + 2 + 15) / 16 + 1,
-        KERN_F16};
+    kv_pool_cfg_t pc = {.n_layers = hp->n_layer,
+                        .n_kv_heads = hp->n_head_kv,
+                        .head_dim = hp->head_dim,
+                        .block_tokens = 16,
+                        .n_blocks = (n_prompt + n_decode + 2 + 15) / 16 + 1,
+                        .dtype = KERN_F16};
     if ((rc = kv_pool_new(&pc, be, &pool)) || (rc = kv_table_new(pool, &t)) ||
         (rc = model_ctx_new(m, n_prompt, 1, &ctx)) || (rc = sched_batch_new(&sb)))
         goto out;

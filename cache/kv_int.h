@@ -1,6 +1,7 @@
 /*
- * cache/kv_int.h — what kv_pool.c and kv_table.c share: the two structs and
- * the block-level primitives the tables build on.  Only cache/ includes it.
+ * cache/kv_int.h — what kv_pool.c, kv_table.c and kv_prefix.c share: the
+ * structs and the block-level primitives the tables build on.  Only cache/
+ * (and the cache tests, which poke at invariants) include it.
  *
  *   kv_pool                                    kv_table
  *   +-------------------+                      +-------------------------+
@@ -8,23 +9,50 @@
  *   | refcount[n]       |                      | prev/next  (registry)   |
  *   | free_ids[n_free]  |  stack, top = last   | blocks[n_blocks]        |
  *   | tables ---------------------------------> | pos[len], next_pos      |
- *   +-------------------+    doubly linked     +-------------------------+
+ *   | meta[n]           |  prefix cache: keys, | hashes[n_hashed]        |
+ *   | buckets[]         |  hash chains, LRU    +-------------------------+
+ *   | lru_head/lru_tail |                       (tables: doubly linked)
+ *   +-------------------+
  *
  * Invariants (kv_pool_check verifies them all):
  *   - refcount[b] == number of references to b over all live tables;
- *   - b is in free_ids exactly once iff refcount[b] == 0;
+ *   - a block with refcount 0 is either on the free stack (exactly once)
+ *     or, when it is cached, in the LRU list (exactly once), never both;
+ *     n_free + n_lru == number of blocks with refcount 0;
+ *   - a cached block is in the hash table under the key in meta[b], its
+ *     key is unique, and it is referenced or in the LRU list; n_cached
+ *     counts them;
  *   - a table holds at least ceil(len / block_tokens) blocks; the ones past
- *     that (reserved ahead by kv_table_reserve) have refcount 1, because
- *     only used blocks are ever shared (fork copies used blocks only and
- *     truncate drops everything past the new length);
+ *     that (reserved ahead by kv_table_reserve) have refcount 1 and are not
+ *     cached, because only used blocks are ever shared or committed (fork
+ *     copies used blocks only and truncate drops everything past the new
+ *     length);
  *   - pos_cap >= n_blocks * block_tokens, so an append within the reserved
  *     capacity never has to allocate;
- *   - next_pos == max(pos[0..len)) + 1, or 0 when len == 0.
+ *   - next_pos == max(pos[0..len)) + 1, or 0 when len == 0;
+ *   - n_hashed <= len / block_tokens: only full blocks have a chain hash.
  */
 #ifndef KV_INT_H
 #define KV_INT_H
 
 #include "cache/kv.h"
+
+/* Both chain hashes of one block (kv_prefix.c). */
+typedef struct kv_hash_pair {
+    uint64_t h1; /* kv_block_hash: picks the bucket */
+    uint64_t h2; /* kv__block_hash2: an independent check */
+} kv_hash_pair_t;
+
+/* Prefix-cache state of one block; meaningful while `cached` is set. */
+typedef struct kv_block_meta {
+    kv_hash_pair_t key;  /* chain hashes of the prefix ending in this block */
+    uint64_t parent;     /* h1 of the previous block, 0 for a first block */
+    uint64_t extra;      /* the caller's key (salt, dtype, policy) */
+    int32_t bucket_next; /* next block in the same hash bucket, -1 ends */
+    int32_t lru_prev;    /* LRU neighbours while refcount is 0, -1 at the ends */
+    int32_t lru_next;
+    bool cached; /* in the hash table */
+} kv_block_meta_t;
 
 struct kv_table {
     kv_pool_t *pool;
@@ -37,6 +65,14 @@ struct kv_table {
     uint32_t len;
     uint32_t pos_cap;
     int32_t next_pos;
+    /* Chain hashes of blocks 0..n_hashed-1 under key hash_extra, so that
+     * a commit only hashes blocks it has not seen.  Each of those blocks
+     * was offered to the prefix cache (it may have stayed unregistered
+     * when an identical block was already cached). */
+    kv_hash_pair_t *hashes; /* [hashes_cap] */
+    uint32_t n_hashed;
+    uint32_t hashes_cap;
+    uint64_t hash_extra;
 };
 
 struct kv_pool {
@@ -51,15 +87,73 @@ struct kv_pool {
     uint32_t *scratch;
     kv_table_t *tables; /* registry head */
     uint32_t n_tables;
+
+    /* Prefix cache (kv_prefix.c).  meta, buckets and marks are NULL and
+     * the list empty when cfg.prefix_cache is off. */
+    kv_block_meta_t *meta; /* [n_blocks] */
+    int32_t *buckets;      /* [bucket_mask + 1] chain heads, -1 when empty */
+    uint32_t bucket_mask;
+    uint8_t *marks;   /* [n_blocks], kv_pool_check's, allocated up front */
+    int32_t lru_head; /* released longest ago: evicted first; -1 when empty */
+    int32_t lru_tail; /* released last */
+    uint32_t n_lru;
+    uint32_t n_cached;
+    uint64_t queried_tokens;
+    uint64_t hit_tokens;
+    uint64_t evictions;
 };
 
-/* Pops a free block and gives it refcount 1.  The caller has checked
- * n_free; running dry here is a bug. */
+/* Blocks an allocation can take now: free ones plus evictable cached ones. */
+static inline uint32_t
+kv__n_avail(const kv_pool_t *pool)
+{
+    return pool->n_free + pool->n_lru;
+}
+
+/* Pops a free block, or when none is left evicts the least recently
+ * released cached block, and gives it refcount 1.  The caller has checked
+ * kv__n_avail; running dry here is a bug. */
 int32_t kv__block_alloc(kv_pool_t *pool);
 /* One more reference to a block in use. */
 void kv__block_ref(kv_pool_t *pool, int32_t block);
-/* One reference fewer; at 0 the block goes back on the free stack. */
+/* One reference fewer; at 0 a cached block goes to the LRU tail, any
+ * other back on the free stack. */
 void kv__block_unref(kv_pool_t *pool, int32_t block);
+
+static inline bool
+kv__block_cached(const kv_pool_t *pool, int32_t block)
+{
+    return pool->meta != NULL && pool->meta[block].cached;
+}
+
+/* True when nobody may write into the block: another table reads it, or
+ * the prefix cache promises its contents to future matches. */
+static inline bool
+kv__block_frozen(const kv_pool_t *pool, int32_t block)
+{
+    return pool->refcount[block] > 1 || kv__block_cached(pool, block);
+}
+
+/* Prefix-cache primitives (kv_prefix.c). */
+int kv__prefix_init(kv_pool_t *pool); /* 0 or KVS_ENOMEM; kv_pool_new */
+void kv__prefix_close(kv_pool_t *pool);
+/* The cached block with exactly this key, or -1. */
+int32_t kv__prefix_lookup(const kv_pool_t *pool, kv_hash_pair_t key, uint64_t parent,
+                          uint64_t extra);
+void kv__lru_push_tail(kv_pool_t *pool, int32_t block);
+void kv__lru_remove(kv_pool_t *pool, int32_t block);
+/* Takes the LRU head out of the list and the hash table; counts an
+ * eviction.  The block keeps refcount 0 for the caller to reuse. */
+int32_t kv__prefix_evict(kv_pool_t *pool);
+/* kv_pool_check's part for the prefix cache; the refcounts are known to
+ * match the tables already. */
+bool kv__prefix_check(const kv_pool_t *pool);
+/* The second, independent chain hash (see kv_prefix.c). */
+uint64_t kv__block_hash2(uint64_t parent2, const int32_t *tokens, uint32_t n, uint64_t extra);
+
+/* Grows *arr (elements of el bytes) to hold at least want, doubling.  On
+ * failure (KVS_ENOMEM) *arr and *cap are untouched. */
+int kv__grow(void **arr, uint32_t *cap, uint64_t want, size_t el);
 
 void kv__table_link(kv_pool_t *pool, kv_table_t *t);
 void kv__table_unlink(kv_pool_t *pool, kv_table_t *t);

@@ -1,20 +1,23 @@
 /*
  * cache/kv_pool.c — the block pool: K and V memory from the backend, one
- * reference count per block, a stack of free block ids, and the registry of
- * live tables that kv_pool_check audits.
+ * reference count per block, a stack of free block ids, the registry of
+ * live tables that kv_pool_check audits, and the allocation side of the
+ * prefix cache (an unused cached block waits in the LRU list and is
+ * evicted only when the free stack is empty).
  *
  *   kv.k = [layer 0 | layer 1 | ... ]   each layer_bytes long, laid out
  *   kv.v = [layer 0 | layer 1 | ... ]   block x kv_head x slot x dim (kern.h)
  *
  *   free_ids: [ n-1, n-2, ..., 1, 0 ]   <- top; block 0 is handed out first
+ *   LRU:      head (evicted next) <-> ... <-> tail (released last)
  *
  * Invariants: listed in kv_int.h.  Refcount underflow or a block id out of
  * range would let two sequences write one block, so both are KVS_ASSERTs.
  * Allocation order is deterministic (LIFO over a stack that starts sorted),
  * which keeps tests and scheduler traces reproducible.
  *
- * Callers: sched/ (create, view, free-block count), kv_table.c (block
- * alloc/ref/unref, registry), tests.
+ * Callers: sched/ (create, view, free-block count, prefix stats),
+ * kv_table.c and kv_prefix.c (block alloc/ref/unref, registry), tests.
  */
 #include "cache/kv_int.h"
 
@@ -125,6 +128,9 @@ kv_pool_new(const kv_pool_cfg_t *cfg, kern_backend_t *be, kv_pool_t **out)
         rc = kern_memset(be, pool->kv.v, 0, buf_bytes);
     if (rc != 0)
         goto fail;
+    pool->lru_head = pool->lru_tail = -1;
+    if (cfg->prefix_cache && kv__prefix_init(pool) != 0)
+        goto nomem;
 
     for (uint32_t i = 0; i < cfg->n_blocks; i++)
         pool->free_ids[i] = (int32_t)(cfg->n_blocks - 1 - i);
@@ -151,6 +157,7 @@ kv_pool_free(kv_pool_t *pool)
     free(pool->refcount);
     free(pool->free_ids);
     free(pool->scratch);
+    kv__prefix_close(pool);
     free(pool);
 }
 
@@ -169,7 +176,7 @@ kv_pool_kv(const kv_pool_t *pool)
 uint32_t
 kv_pool_n_free(const kv_pool_t *pool)
 {
-    return pool->n_free;
+    return kv__n_avail(pool);
 }
 
 uint32_t
@@ -184,9 +191,11 @@ kv_pool_refcount(const kv_pool_t *pool, int32_t block)
 int32_t
 kv__block_alloc(kv_pool_t *pool)
 {
-    KVS_ASSERT(pool->n_free > 0);
-    int32_t b = pool->free_ids[--pool->n_free];
+    KVS_ASSERT(kv__n_avail(pool) > 0);
+    /* Free blocks first: a cached block may still save a prefill. */
+    int32_t b = pool->n_free > 0 ? pool->free_ids[--pool->n_free] : kv__prefix_evict(pool);
     KVS_ASSERT(b >= 0 && (uint32_t)b < pool->cfg.n_blocks && pool->refcount[b] == 0);
+    KVS_ASSERT(!kv__block_cached(pool, b));
     pool->refcount[b] = 1;
     return b;
 }
@@ -206,6 +215,10 @@ kv__block_unref(kv_pool_t *pool, int32_t block)
     KVS_ASSERT(block >= 0 && (uint32_t)block < pool->cfg.n_blocks);
     KVS_ASSERT(pool->refcount[block] > 0);
     if (--pool->refcount[block] == 0) {
+        if (kv__block_cached(pool, block)) {
+            kv__lru_push_tail(pool, block);
+            return;
+        }
         KVS_ASSERT(pool->n_free < pool->cfg.n_blocks);
         pool->free_ids[pool->n_free++] = block;
     }
@@ -248,12 +261,14 @@ table_check(const kv_pool_t *pool, const kv_table_t *t)
     if (t->pool != pool || t->n_blocks < used || t->n_blocks > t->blocks_cap ||
         t->len > t->pos_cap || (uint64_t)t->n_blocks * bt > t->pos_cap)
         return false;
+    if (t->n_hashed > t->len / bt || t->n_hashed > t->hashes_cap)
+        return false;
     for (uint32_t i = 0; i < t->n_blocks; i++) {
         int32_t b = t->blocks[i];
         if (b < 0 || (uint32_t)b >= pool->cfg.n_blocks)
             return false;
         /* Blocks reserved ahead are private: appends write into them. */
-        if (i >= used && pool->refcount[b] != 1)
+        if (i >= used && kv__block_frozen(pool, b))
             return false;
     }
     int64_t max_pos = -1;
@@ -289,17 +304,19 @@ kv_pool_check(const kv_pool_t *pool)
             return false;
         n_zero += pool->refcount[b] == 0;
     }
-    if (n_zero != pool->n_free)
+    if (pool->n_free > n || n_zero != pool->n_free + pool->n_lru)
         return false;
 
-    /* Every free-stack entry is a distinct block with refcount 0; with the
-     * count above, that makes the stack exactly the set of unused blocks.
+    /* Every free-stack entry is a distinct, uncached block with refcount 0;
+     * kv__prefix_check shows the LRU list is the unused cached ones, so
+     * with the count above the two split the unused blocks exactly.
      * tally[b] is 0 for those, so UINT32_MAX marks "seen". */
     for (uint32_t i = 0; i < pool->n_free; i++) {
         int32_t b = pool->free_ids[i];
-        if (b < 0 || (uint32_t)b >= n || pool->refcount[b] != 0 || tally[b] == UINT32_MAX)
+        if (b < 0 || (uint32_t)b >= n || pool->refcount[b] != 0 || tally[b] == UINT32_MAX ||
+            kv__block_cached(pool, b))
             return false;
         tally[b] = UINT32_MAX;
     }
-    return true;
+    return kv__prefix_check(pool);
 }

@@ -11,25 +11,28 @@
  * Invariants (kv_int.h): blocks past ceil(len / block_tokens) were
  * reserved ahead and are private; the positions array always has room for
  * every held slot, so append never allocates; next_pos is max(pos) + 1.
- * Appends never write into a block another table references: reserve
- * copies a shared partial last block first (copy-on-write), and append
+ * Appends never write into a block another table references or the prefix
+ * cache holds (a truncate can leave a table's partial last block in either
+ * state): reserve copies such a block first (copy-on-write), and append
  * refuses to write into one that was not.
  *
  * Every operation is all-or-nothing: a call that fails leaves the table
  * and the pool as they were.
  *
+ * The table also remembers the chain hashes of its first n_hashed full
+ * blocks for kv_prefix.c; truncate forgets those of blocks it reopens and
+ * fork copies them.
+ *
  * Callers: sched/ (reserve, append, fork, truncate on preemption or
- * rejected draft tokens, export for the kernels), tests.
+ * rejected draft tokens, export for the kernels), kv_prefix.c, tests.
  */
 #include "cache/kv_int.h"
 
 #include <stdlib.h>
 
-/* Grows *arr (elements of el bytes) to hold at least want, doubling so that
- * token-by-token reservation costs amortized O(1).  On failure *arr and
- * *cap are untouched. */
-static int
-grow(void **arr, uint32_t *cap, uint64_t want, size_t el)
+/* Doubling, so that token-by-token reservation costs amortized O(1). */
+int
+kv__grow(void **arr, uint32_t *cap, uint64_t want, size_t el)
 {
     if (want <= *cap)
         return 0;
@@ -82,6 +85,7 @@ kv_table_free(kv_table_t *t)
     kv__table_unlink(t->pool, t);
     free(t->blocks);
     free(t->pos);
+    free(t->hashes);
     free(t);
 }
 
@@ -96,24 +100,27 @@ kv_table_reserve(kv_table_t *t, uint32_t n)
 
     uint32_t n_new = need > t->n_blocks ? (uint32_t)(need - t->n_blocks) : 0;
     /* The next append writes into the block holding entry len.  If that
-     * block is partly filled and shared (a truncate back into a block a
-     * fork still reads), it needs a private copy first. */
+     * block is partly filled and frozen (a truncate back into a block a
+     * fork still reads, or one the prefix cache holds), it needs a private
+     * copy first. */
     uint32_t last = t->len / bt;
-    bool cow = n > 0 && t->len % bt != 0 && pool->refcount[t->blocks[last]] > 1;
-    if ((uint64_t)n_new + cow > pool->n_free)
+    bool cow = n > 0 && t->len % bt != 0 && kv__block_frozen(pool, t->blocks[last]);
+    if ((uint64_t)n_new + cow > kv__n_avail(pool))
         return KVS_EAGAIN;
 
     /* Both arrays first: growing capacity is invisible, so a failure here
      * still leaves the table unchanged.  need * bt <= 2^31 (pool bound). */
     uint64_t hold = need > t->n_blocks ? need : t->n_blocks;
-    int rc = grow((void **)&t->blocks, &t->blocks_cap, hold, sizeof *t->blocks);
+    int rc = kv__grow((void **)&t->blocks, &t->blocks_cap, hold, sizeof *t->blocks);
     if (rc == 0)
-        rc = grow((void **)&t->pos, &t->pos_cap, hold * bt, sizeof *t->pos);
+        rc = kv__grow((void **)&t->pos, &t->pos_cap, hold * bt, sizeof *t->pos);
     if (rc != 0)
         return rc;
 
     /* The copy is the only step that can fail after this point, so it goes
-     * before the new blocks are taken. */
+     * before the new blocks are taken.  (Its block may have come from an
+     * eviction, which a failed copy does not undo: the cache only lost an
+     * entry it could have lost to any allocation.) */
     if (cow) {
         int32_t src = t->blocks[last];
         int32_t dst = kv__block_alloc(pool);
@@ -141,9 +148,10 @@ kv_table_append(kv_table_t *t, const int32_t *pos, uint32_t n, int32_t *slots)
     uint32_t bt = pool->cfg.block_tokens;
     if ((uint64_t)t->len + n > (uint64_t)t->n_blocks * bt)
         return KVS_ENOSPC;
-    /* Writing into a partial block that another table also reads would
-     * change that table's KV; only reserve may make it private. */
-    if (t->len % bt != 0 && pool->refcount[t->blocks[t->len / bt]] > 1)
+    /* Writing into a partial block that another table also reads, or that
+     * the prefix cache holds, would change KV someone else relies on; only
+     * reserve may make it private. */
+    if (t->len % bt != 0 && kv__block_frozen(pool, t->blocks[t->len / bt]))
         return KVS_ENOSPC;
     /* INT32_MAX is refused so next_pos = pos + 1 stays representable. */
     for (uint32_t i = 0; i < n; i++)
@@ -173,6 +181,11 @@ kv_table_truncate(kv_table_t *t, uint32_t n_tokens)
     uint64_t keep = kv__blocks_for(t->pool, n_tokens);
     while (t->n_blocks > keep)
         kv__block_unref(t->pool, t->blocks[--t->n_blocks]);
+    /* A block that is no longer full will take new entries: its hash (and
+     * those after it) no longer describe it. */
+    uint32_t full = n_tokens / t->pool->cfg.block_tokens;
+    if (t->n_hashed > full)
+        t->n_hashed = full;
     t->len = n_tokens;
     t->next_pos = max_pos_plus_one(t);
     return 0;
@@ -186,18 +199,24 @@ kv_table_fork(const kv_table_t *t, kv_table_t **out)
     uint32_t used = (uint32_t)kv__blocks_for(pool, t->len);
     bool partial = t->len % bt != 0;
     *out = NULL;
-    if (partial && pool->n_free == 0)
+    if (partial && kv__n_avail(pool) == 0)
         return KVS_EAGAIN;
 
     kv_table_t *c = calloc(1, sizeof *c);
     if (c == NULL)
         return KVS_ENOMEM;
     if (used > 0) {
-        int rc = grow((void **)&c->blocks, &c->blocks_cap, used, sizeof *c->blocks);
+        int rc = kv__grow((void **)&c->blocks, &c->blocks_cap, used, sizeof *c->blocks);
         if (rc == 0)
-            rc = grow((void **)&c->pos, &c->pos_cap, (uint64_t)used * bt, sizeof *c->pos);
+            rc = kv__grow((void **)&c->pos, &c->pos_cap, (uint64_t)used * bt, sizeof *c->pos);
+        /* The child's full blocks are the parent's, so their hashes carry
+         * over and its commits start where the parent's left off. */
+        if (rc == 0)
+            rc = kv__grow((void **)&c->hashes, &c->hashes_cap, t->n_hashed, sizeof *c->hashes);
         if (rc != 0) {
             free(c->blocks);
+            free(c->pos);
+            free(c->hashes);
             free(c);
             return rc;
         }
@@ -212,6 +231,7 @@ kv_table_fork(const kv_table_t *t, kv_table_t **out)
             kv__block_unref(pool, dst);
             free(c->blocks);
             free(c->pos);
+            free(c->hashes);
             free(c);
             return rc;
         }
@@ -226,6 +246,10 @@ kv_table_fork(const kv_table_t *t, kv_table_t **out)
         memcpy(c->pos, t->pos, (size_t)t->len * sizeof *c->pos);
     c->len = t->len;
     c->next_pos = t->next_pos;
+    if (t->n_hashed > 0)
+        memcpy(c->hashes, t->hashes, (size_t)t->n_hashed * sizeof *c->hashes);
+    c->n_hashed = t->n_hashed;
+    c->hash_extra = t->hash_extra;
     kv__table_link(pool, c);
     *out = c;
     return 0;

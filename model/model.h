@@ -181,6 +181,7 @@ int model_load(const char *path, kern_backend_t *be, model_t **out, char *err, s
 void model_free(model_t *m); /* NULL is a no-op */
 const model_hparams_t *model_hparams(const model_t *m);
 const model_gguf_t *model_gguf(const model_t *m);
+kern_backend_t *model_backend(const model_t *m);
 /* KV bytes per token per layer for a KV dtype: 2 * n_head_kv * head_dim * size. */
 size_t model_kv_bytes_per_token(const model_t *m, kern_dtype_t kv_dtype);
 /* Bytes of weights read to produce one token (every matrix once, embedding

@@ -415,6 +415,12 @@ model_gguf(const model_t *m)
     return m->gguf;
 }
 
+kern_backend_t *
+model_backend(const model_t *m)
+{
+    return m->be;
+}
+
 size_t
 model_kv_bytes_per_token(const model_t *m, kern_dtype_t kv_dtype)
 {

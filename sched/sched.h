@@ -35,4 +35,116 @@ void sched_batch_free(sched_batch_t *b); /* NULL is a no-op */
 int sched_batch_build(sched_batch_t *b, const sched_seq_step_t *steps, uint32_t n_steps,
                       const model_batch_t **out);
 
+/* ======================================================================== */
+/* The engine: requests, continuous batching, preemption.                   */
+/* ======================================================================== */
+
+typedef enum sched_finish {
+    SCHED_FINISH_LENGTH = 1, /* max_tokens or the maximum model length */
+    SCHED_FINISH_EOS,        /* end-of-generation token */
+    SCHED_FINISH_CANCELLED,
+    SCHED_FINISH_ERROR, /* see sched_event_t.error */
+} sched_finish_t;
+
+const char *sched_finish_name(sched_finish_t f); /* "length", "eos", ... */
+
+typedef struct sched_usage {
+    uint32_t prompt_tokens;
+    uint32_t cached_prompt_tokens;   /* prompt tokens served by the prefix cache */
+    uint32_t computed_prompt_tokens; /* prompt tokens run through the model (recompute too) */
+    uint32_t completion_tokens;
+    uint32_t preemptions;
+    uint64_t queue_ns;  /* submit -> first scheduled */
+    uint64_t ttft_ns;   /* submit -> first token */
+    uint64_t decode_ns; /* first token -> finish */
+} sched_usage_t;
+
+typedef struct sched_request {
+    uint64_t id; /* caller's; unique among live requests */
+    const int32_t *prompt;
+    uint32_t n_prompt;
+    uint32_t max_tokens;
+    model_sampling_t sampling;
+    bool ignore_eos;
+    int32_t priority;    /* lower runs first (vLLM's convention); FCFS within */
+    uint64_t cache_salt; /* requests with different salts never share KV */
+} sched_request_t;
+
+typedef enum sched_event_kind {
+    SCHED_EV_TOKEN,
+    SCHED_EV_FINISH,
+} sched_event_kind_t;
+
+/* Leaves the engine through an MPSC queue; the consumer frees it. */
+typedef struct sched_event {
+    kvs_mpsc_node_t node;
+    sched_event_kind_t kind;
+    uint64_t req_id;
+    int32_t token;         /* TOKEN */
+    sched_finish_t finish; /* FINISH */
+    int error;             /* FINISH with ERROR: a KVS_E* code */
+    sched_usage_t usage;   /* FINISH */
+} sched_event_t;
+
+typedef struct sched_cfg {
+    uint32_t max_num_seqs;           /* running requests per step (default 256) */
+    uint32_t max_num_batched_tokens; /* tokens per step (default 2048) */
+    uint32_t max_model_len;          /* prompt + completion (0: the model's context) */
+    uint32_t block_tokens;           /* KV block size (default 16) */
+    uint32_t n_blocks;               /* KV blocks; 0: from kv_cache_bytes */
+    size_t kv_cache_bytes;           /* used when n_blocks is 0 */
+    kern_dtype_t kv_dtype;           /* KERN_F16 (default) or KERN_F32 */
+    bool prefix_caching;
+    /* Called on the engine thread after a step queued events (the server
+     * binds it to uv_async_send). */
+    void (*wake)(void *arg);
+    void *wake_arg;
+} sched_cfg_t;
+
+typedef struct sched sched_t;
+
+/* An engine over a loaded model (and its backend).  Fills defaults for
+ * zero fields.  Returns 0, KVS_EINVAL or KVS_ENOMEM. */
+int sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out);
+/* Frees every request (no events) and the KV pool. NULL is a no-op. */
+void sched_free(sched_t *s);
+const sched_cfg_t *sched_get_cfg(const sched_t *s);
+kv_pool_t *sched_pool(sched_t *s);
+
+/* Queues a request (the prompt is copied).  Thread: any.  Returns 0,
+ * KVS_EINVAL (empty prompt, token outside the vocabulary, bad sampling),
+ * KVS_ERANGE (prompt + max_tokens longer than the maximum model length) or
+ * KVS_ENOSPC (could never fit in the KV pool). */
+int sched_submit(sched_t *s, const sched_request_t *r);
+/* Asks to cancel request id; it finishes with SCHED_FINISH_CANCELLED (if it
+ * had not finished already).  Thread: any. */
+int sched_cancel(sched_t *s, uint64_t id);
+
+/* Runs one engine step: takes queued submissions and cancellations, plans
+ * (decodes first, then prefill chunks, then admissions, within the token
+ * and sequence budgets), reserves KV (preempting by recompute when the
+ * pool is full), runs the model, samples and queues events.  Returns the
+ * number of requests still live (0: idle) or a negative error from the
+ * backend.  Thread: engine. */
+int sched_step(sched_t *s);
+/* Pops the next event, or NULL.  Thread: the one consumer. */
+sched_event_t *sched_poll(sched_t *s);
+void sched_event_free(sched_event_t *ev);
+
+/* Observes every step's batch before the forward pass (tests, tracing):
+ * req_ids[i] is the request of sequence i.  Thread: engine. */
+typedef void (*sched_step_hook_fn)(void *arg, const model_batch_t *b, const uint64_t *req_ids);
+void sched_set_step_hook(sched_t *s, sched_step_hook_fn fn, void *arg);
+
+/* Sees each row of logits before it is sampled (offline --logits-out,
+ * tests; later logprobs).  Thread: engine. */
+typedef void (*sched_logits_hook_fn)(void *arg, uint64_t req_id, const float *logits,
+                                     uint32_t n_vocab);
+void sched_set_logits_hook(sched_t *s, sched_logits_hook_fn fn, void *arg);
+
+/* Engine thread: loops sched_step while work exists, sleeps otherwise and
+ * wakes on submit/cancel.  stop waits for it to exit. */
+int sched_thread_start(sched_t *s);
+void sched_thread_stop(sched_t *s);
+
 #endif /* SCHED_H */

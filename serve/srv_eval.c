@@ -496,8 +496,12 @@ srv_cmd_eval(int argc, char **argv)
     }
 
     uint32_t per_seq = (max_len + 16 + o.block_size - 1) / o.block_size + 1;
-    kv_pool_cfg_t pc = {hp->n_layer,  hp->n_head_kv,        hp->head_dim,
-                        o.block_size, per_seq * o.max_seqs, o.kv_dtype};
+    kv_pool_cfg_t pc = {.n_layers = hp->n_layer,
+                        .n_kv_heads = hp->n_head_kv,
+                        .head_dim = hp->head_dim,
+                        .block_tokens = o.block_size,
+                        .n_blocks = per_seq * o.max_seqs,
+                        .dtype = o.kv_dtype};
     if ((rc = kv_pool_new(&pc, r.be, &r.pool)) ||
         (rc = model_ctx_new(r.m, o.max_tokens,
                             o.max_seqs < o.max_tokens ? o.max_seqs : o.max_tokens, &r.ctx)) ||

@@ -1,13 +1,12 @@
 /*
  * serve/srv_run.c — `kvserve run`: offline generation for one prompt
- * through the same pieces the server uses (model, paged KV cache, batch
- * builder, sampler).  Prints the text (or JSON), prefill and decode speed
+ * through the same engine the server runs (sched_step over the paged KV
+ * cache, chunked prefill, the sampler).  Prints the text (or JSON), prefill and decode speed
  * on stderr, and optionally every step's logits as a .npy file, which the
  * reference tests compare against an independent implementation.
  */
 #include "srv.h"
 
-#include "cache/kv.h"
 #include "model/model.h"
 #include "sched/sched.h"
 
@@ -203,13 +202,8 @@ parse_opts(int argc, char **argv, run_opts_t *o)
 typedef struct run_state {
     model_t *m;
     kern_backend_t *be;
-    kv_pool_t *pool;
-    kv_table_t *table;
-    model_ctx_t *ctx;
-    sched_batch_t *batch;
-    model_sampler_t *sampler;
+    sched_t *sched;
     int32_t *prompt, *out_tokens;
-    float *logits;
     char *text;
     npy_t npy;
 } run_state_t;
@@ -217,37 +211,23 @@ typedef struct run_state {
 static void
 run_state_free(run_state_t *s)
 {
-    kv_table_free(s->table);
-    kv_pool_free(s->pool);
-    model_ctx_free(s->ctx);
-    sched_batch_free(s->batch);
-    model_sampler_free(s->sampler);
+    sched_free(s->sched);
     model_free(s->m);
     kern_backend_free(s->be);
     free(s->prompt);
     free(s->out_tokens);
-    free(s->logits);
     free(s->text);
     if (s->npy.f)
         fclose(s->npy.f);
 }
 
-/* Feeds n tokens of the sequence through the model in chunks of at most
- * `chunk`, leaving the last token's logits in s->logits. */
-static int
-feed(run_state_t *s, const int32_t *tokens, size_t n, uint32_t chunk)
+static void
+on_logits(void *arg, uint64_t req_id, const float *logits, uint32_t n_vocab)
 {
-    for (size_t off = 0; off < n; off += chunk) {
-        uint32_t k = (uint32_t)(n - off < chunk ? n - off : chunk);
-        sched_seq_step_t step = {s->table, tokens + off, k, NULL, off + k == n};
-        const model_batch_t *mb;
-        int rc = sched_batch_build(s->batch, &step, 1, &mb);
-        if (rc == 0)
-            rc = model_forward(s->ctx, kv_pool_kv(s->pool), mb, s->logits);
-        if (rc)
-            return rc;
-    }
-    return 0;
+    (void)req_id;
+    npy_t *n = arg;
+    fwrite(logits, sizeof(float), n_vocab, n->f);
+    n->rows++;
 }
 
 int
@@ -321,26 +301,23 @@ srv_cmd_run(int argc, char **argv)
         goto out;
     }
 
+    /* The same engine the server runs, with one request. */
     size_t total = n_prompt + o.max_tokens;
-    kv_pool_cfg_t pcfg = {
-        .n_layers = hp->n_layer,
-        .n_kv_heads = hp->n_head_kv,
-        .head_dim = hp->head_dim,
+    sched_cfg_t scfg = {
+        .max_num_seqs = 1,
+        .max_num_batched_tokens = o.batch_size,
+        .max_model_len = max_len,
         .block_tokens = o.block_size,
         .n_blocks = (uint32_t)((total + o.block_size - 1) / o.block_size),
-        .dtype = o.kv_dtype,
+        .kv_dtype = o.kv_dtype,
     };
-    uint32_t chunk = o.batch_size < n_prompt ? o.batch_size : (uint32_t)n_prompt;
-    if ((rc = kv_pool_new(&pcfg, s.be, &s.pool)) || (rc = kv_table_new(s.pool, &s.table)) ||
-        (rc = model_ctx_new(s.m, chunk, 1, &s.ctx)) || (rc = sched_batch_new(&s.batch)) ||
-        (rc = model_sampler_new(&o.sampling, hp->n_vocab, &s.sampler))) {
+    if ((rc = sched_new(s.m, &scfg, &s.sched))) {
         fprintf(stderr, "kvserve run: setup failed: %s\n", kvs_strerror(rc));
         goto out;
     }
-    s.logits = malloc((size_t)hp->n_vocab * sizeof(float));
     s.out_tokens = malloc((size_t)o.max_tokens * sizeof(int32_t));
     s.text = malloc((size_t)o.max_tokens * 8 + 1);
-    if (!s.logits || !s.out_tokens || !s.text)
+    if (!s.out_tokens || !s.text)
         goto out;
     if (o.logits_out) {
         s.npy.f = fopen(o.logits_out, "wb");
@@ -350,46 +327,57 @@ srv_cmd_run(int argc, char **argv)
             goto out;
         }
         npy_header(&s.npy);
+        sched_set_logits_hook(s.sched, on_logits, &s.npy);
     }
-
-    uint64_t t0 = kvs_now_ns();
-    if ((rc = feed(&s, s.prompt, n_prompt, chunk))) {
-        fprintf(stderr, "kvserve run: prefill failed: %s\n", kvs_strerror(rc));
+    sched_request_t req = {.id = 1,
+                           .prompt = s.prompt,
+                           .n_prompt = (uint32_t)n_prompt,
+                           .max_tokens = o.max_tokens,
+                           .sampling = o.sampling,
+                           .ignore_eos = o.ignore_eos};
+    if ((rc = sched_submit(s.sched, &req))) {
+        fprintf(stderr, "kvserve run: request refused: %s\n", kvs_strerror(rc));
         goto out;
     }
-    uint64_t t1 = kvs_now_ns();
     uint32_t n_out = 0;
     size_t text_len = 0;
-    const char *finish = "length";
-    for (;;) {
-        if (s.npy.f) {
-            fwrite(s.logits, sizeof(float), hp->n_vocab, s.npy.f);
-            s.npy.rows++;
+    const char *finish = NULL;
+    sched_usage_t usage = {0};
+    while (finish == NULL) {
+        if ((rc = sched_step(s.sched)) < 0) {
+            fprintf(stderr, "kvserve run: engine step failed: %s\n", kvs_strerror(rc));
+            goto out;
         }
-        int32_t tok = model_sampler_sample(s.sampler, s.logits);
-        s.out_tokens[n_out++] = tok;
-        if (!o.ignore_eos && model_token_is_eog(s.m, tok)) {
-            finish = "eos";
-            break;
-        }
-        int k = model_token_piece(s.m, tok, s.text + text_len, 8);
-        if (k > 0) {
-            if (!o.json) {
-                fwrite(s.text + text_len, 1, (size_t)k, stdout);
-                fflush(stdout);
+        sched_event_t *ev;
+        while ((ev = sched_poll(s.sched)) != NULL) {
+            if (ev->kind == SCHED_EV_TOKEN) {
+                s.out_tokens[n_out++] = ev->token;
+                int k = model_token_piece(s.m, ev->token, s.text + text_len, 8);
+                if (k > 0) {
+                    if (!o.json) {
+                        fwrite(s.text + text_len, 1, (size_t)k, stdout);
+                        fflush(stdout);
+                    }
+                    text_len += (size_t)k;
+                }
+            } else {
+                finish = sched_finish_name(ev->finish);
+                usage = ev->usage;
+                if (ev->finish == SCHED_FINISH_ERROR)
+                    fprintf(stderr, "kvserve run: generation failed: %s\n",
+                            kvs_strerror(ev->error));
             }
-            text_len += (size_t)k;
+            sched_event_free(ev);
         }
-        if (n_out == o.max_tokens)
-            break;
-        if ((rc = feed(&s, &tok, 1, 1))) {
-            fprintf(stderr, "kvserve run: decode failed: %s\n", kvs_strerror(rc));
+        if (rc == 0 && finish == NULL) {
+            fprintf(stderr, "kvserve run: the engine went idle without finishing\n");
             goto out;
         }
     }
-    uint64_t t2 = kvs_now_ns();
-    double pf_s = (double)(t1 - t0) / 1e9, dec_s = (double)(t2 - t1) / 1e9;
-    /* The first generated token comes from the prefill's logits. */
+    if (strcmp(finish, "error") == 0)
+        goto out;
+    /* The first token comes out of the prefill, the rest out of decode steps. */
+    double pf_s = (double)usage.ttft_ns / 1e9, dec_s = (double)usage.decode_ns / 1e9;
     uint32_t n_dec = n_out > 1 ? n_out - 1 : 0;
     double pf_tps = pf_s > 0 ? (double)n_prompt / pf_s : 0.0;
     double dec_tps = dec_s > 0 && n_dec ? (double)n_dec / dec_s : 0.0;

@@ -120,18 +120,18 @@ compare(const run_t *a, const run_t *b, const char *what)
     compare_tol(a, b, what, TOL);
 }
 
-typedef struct sched_cfg {
+typedef struct plan_cfg {
     uint32_t block_tokens;
     uint32_t chunk; /* prefill chunk size */
     bool together;  /* all sequences in one batch per step */
     bool scramble;  /* permute the free list before use */
     kern_dtype_t kv;
-} sched_cfg_t;
+} plan_cfg_t;
 
 /* Runs the three sequences under a schedule and records the logits after
  * each prompt and each decode token. */
 static void
-run_schedule(const sched_cfg_t *c, run_t *out)
+run_schedule(const plan_cfg_t *c, run_t *out)
 {
     kv_pool_cfg_t pc = {
         .n_layers = model_hparams(fx.m)->n_layer,
@@ -227,14 +227,14 @@ test_alone_vs_together(void **state)
 {
     (void)state;
     static run_t alone, together, chunked, scrambled;
-    run_schedule(&(sched_cfg_t){16, 256, false, false, KERN_F32}, &alone);
-    run_schedule(&(sched_cfg_t){16, 256, true, false, KERN_F32}, &together);
+    run_schedule(&(plan_cfg_t){16, 256, false, false, KERN_F32}, &alone);
+    run_schedule(&(plan_cfg_t){16, 256, true, false, KERN_F32}, &together);
     compare(&alone, &together, "together");
-    run_schedule(&(sched_cfg_t){4, 7, true, false, KERN_F32}, &chunked);
+    run_schedule(&(plan_cfg_t){4, 7, true, false, KERN_F32}, &chunked);
     compare(&alone, &chunked, "chunked, block 4");
-    run_schedule(&(sched_cfg_t){1, 13, true, true, KERN_F32}, &scrambled);
+    run_schedule(&(plan_cfg_t){1, 13, true, true, KERN_F32}, &scrambled);
     compare(&alone, &scrambled, "scrambled, block 1");
-    run_schedule(&(sched_cfg_t){8, 5, false, true, KERN_F32}, &scrambled);
+    run_schedule(&(plan_cfg_t){8, 5, false, true, KERN_F32}, &scrambled);
     compare(&alone, &scrambled, "scrambled, block 8, one at a time");
 }
 
@@ -244,8 +244,8 @@ test_f16_kv_batching(void **state)
     (void)state;
     /* f16 KV changes the numbers, but batching still must not. */
     static run_t alone, together;
-    run_schedule(&(sched_cfg_t){16, 256, false, false, KERN_F16}, &alone);
-    run_schedule(&(sched_cfg_t){4, 9, true, true, KERN_F16}, &together);
+    run_schedule(&(plan_cfg_t){16, 256, false, false, KERN_F16}, &alone);
+    run_schedule(&(plan_cfg_t){4, 9, true, true, KERN_F16}, &together);
     compare_tol(&alone, &together, "f16 kv", TOL_F16_KV);
 }
 
@@ -256,7 +256,12 @@ test_fork_shared_prefix(void **state)
 {
     (void)state;
     const model_hparams_t *hp = model_hparams(fx.m);
-    kv_pool_cfg_t pc = {hp->n_layer, hp->n_head_kv, hp->head_dim, 8, 64, KERN_F32};
+    kv_pool_cfg_t pc = {.n_layers = hp->n_layer,
+                        .n_kv_heads = hp->n_head_kv,
+                        .head_dim = hp->head_dim,
+                        .block_tokens = 8,
+                        .n_blocks = 64,
+                        .dtype = KERN_F32};
     kv_pool_t *pool;
     assert_int_equal(kv_pool_new(&pc, fx.be, &pool), 0);
     model_ctx_t *ctx;

@@ -1,0 +1,724 @@
+/*
+ * sched/sched_engine.c — the engine: the request state machine and one
+ * step of continuous batching over the paged KV cache.
+ *
+ *   submit/cancel (any thread) --MPSC inbox--> sched_step (engine thread)
+ *   sched_step: drain inbox -> plan -> reserve KV (preempt) -> forward ->
+ *               sample -> TOKEN/FINISH events --MPSC outbox--> consumer
+ *
+ *   waiting: sorted by (priority, arrival)     running: same order
+ *   a request: tokens = prompt + generated; n_computed of them are in KV
+ *
+ * Planning has no prefill/decode modes: every running request needs
+ * n_tokens - n_computed more tokens (1 when decoding).  Decodes are served
+ * first, then prefill chunks fill the remaining token budget, then waiting
+ * requests are admitted in order while sequences and budget remain.  When
+ * the pool is full the lowest-priority, latest-arriving running request
+ * not yet scheduled this step is preempted by recompute (its blocks
+ * released, its tokens kept, back to waiting); if there is none, the
+ * request itself waits.  Admission never preempts.  Nothing here locks:
+ * only the inbox and outbox cross threads.
+ */
+#include "sched.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { MSG_SUBMIT, MSG_CANCEL };
+
+typedef struct msg {
+    kvs_mpsc_node_t node;
+    int kind;
+    uint64_t id; /* cancel */
+} msg_t;
+
+typedef enum req_state { REQ_WAITING, REQ_RUNNING } req_state_t;
+
+typedef struct req {
+    msg_t msg; /* first: the inbox node */
+    uint64_t id, seq, extra;
+    int32_t priority;
+    int32_t *tokens;
+    uint32_t n_tokens, cap, n_prompt, n_computed, max_tokens;
+    bool ignore_eos, cancelled, admitted_once;
+    model_sampler_t *sampler;
+    kv_table_t *table;
+    req_state_t state;
+    struct req *prev, *next;
+    uint32_t n_sched; /* tokens given this step (0: not scheduled) */
+    sched_usage_t usage;
+    uint64_t t_submit, t_first_token;
+} req_t;
+
+typedef struct req_list {
+    req_t *head, *tail;
+    uint32_t n;
+} req_list_t;
+
+struct sched {
+    sched_cfg_t cfg;
+    model_t *m;
+    kern_backend_t *be;
+    uint32_t n_vocab;
+    kv_pool_t *pool;
+    model_ctx_t *ctx;
+    sched_batch_t *batch;
+    float *logits;
+    kvs_mpsc_t inbox, outbox;
+    _Atomic uint64_t next_seq;
+    req_list_t waiting, running;
+    /* per step */
+    req_t **sched_reqs;
+    sched_seq_step_t *steps;
+    uint64_t *step_ids;
+    uint32_t n_steps, budget;
+    sched_step_hook_fn hook;
+    void *hook_arg;
+    sched_logits_hook_fn logits_hook;
+    void *logits_arg;
+    /* engine thread */
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    _Atomic bool thread_on;
+    bool stop, pending;
+    _Atomic bool emitted; /* events queued since the last wake */
+};
+
+const char *
+sched_finish_name(sched_finish_t f)
+{
+    switch (f) {
+    case SCHED_FINISH_LENGTH:
+        return "length";
+    case SCHED_FINISH_EOS:
+        return "eos";
+    case SCHED_FINISH_CANCELLED:
+        return "cancelled";
+    case SCHED_FINISH_ERROR:
+        return "error";
+    }
+    return "?";
+}
+
+/* ---- lists ---------------------------------------------------------------- */
+
+static bool
+before(const req_t *a, const req_t *b)
+{
+    return a->priority != b->priority ? a->priority < b->priority : a->seq < b->seq;
+}
+
+static void
+list_insert_sorted(req_list_t *l, req_t *r)
+{
+    req_t *at = l->tail;
+    while (at && before(r, at))
+        at = at->prev;
+    r->prev = at;
+    r->next = at ? at->next : l->head;
+    if (r->next)
+        r->next->prev = r;
+    else
+        l->tail = r;
+    if (at)
+        at->next = r;
+    else
+        l->head = r;
+    l->n++;
+}
+
+static void
+list_remove(req_list_t *l, req_t *r)
+{
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        l->head = r->next;
+    if (r->next)
+        r->next->prev = r->prev;
+    else
+        l->tail = r->prev;
+    r->prev = r->next = NULL;
+    l->n--;
+}
+
+/* ---- events ------------------------------------------------------------------ */
+
+static void
+emit(sched_t *s, const sched_event_t *proto)
+{
+    sched_event_t *ev = malloc(sizeof *ev);
+    if (ev == NULL) {
+        KVS_ERRORF("sched: out of memory for an event of request %llu",
+                   (unsigned long long)proto->req_id);
+        return;
+    }
+    *ev = *proto;
+    kvs_mpsc_push(&s->outbox, &ev->node);
+    atomic_store(&s->emitted, true);
+}
+
+sched_event_t *
+sched_poll(sched_t *s)
+{
+    kvs_mpsc_node_t *n = kvs_mpsc_pop(&s->outbox);
+    return n ? KVS_CONTAINER_OF(n, sched_event_t, node) : NULL;
+}
+
+void
+sched_event_free(sched_event_t *ev)
+{
+    free(ev);
+}
+
+/* ---- requests ---------------------------------------------------------------- */
+
+static void
+req_free(req_t *r)
+{
+    if (r == NULL)
+        return;
+    kv_table_free(r->table);
+    model_sampler_free(r->sampler);
+    free(r->tokens);
+    free(r);
+}
+
+/* Registers the computed full blocks so other requests can share them. */
+static void
+commit_prefix(sched_t *s, req_t *r)
+{
+    if (s->cfg.prefix_caching && r->table && r->n_computed > 0)
+        kv_prefix_commit(r->table, r->tokens, r->n_computed, r->extra);
+}
+
+static void
+finish(sched_t *s, req_t *r, sched_finish_t why, int error)
+{
+    if (r->state == REQ_RUNNING)
+        list_remove(&s->running, r);
+    else
+        list_remove(&s->waiting, r);
+    commit_prefix(s, r);
+    uint64_t now = kvs_now_ns();
+    r->usage.completion_tokens = r->n_tokens - r->n_prompt;
+    if (r->t_first_token)
+        r->usage.decode_ns = now - r->t_first_token;
+    sched_event_t ev = {
+        .kind = SCHED_EV_FINISH, .req_id = r->id, .finish = why, .error = error, .usage = r->usage};
+    emit(s, &ev);
+    req_free(r);
+}
+
+/* Back to waiting with every token kept; its KV is recomputed later. */
+static void
+preempt(sched_t *s, req_t *r)
+{
+    list_remove(&s->running, r);
+    commit_prefix(s, r);
+    kv_table_free(r->table);
+    r->table = NULL;
+    r->n_computed = 0;
+    r->n_sched = 0;
+    r->usage.preemptions++;
+    r->state = REQ_WAITING;
+    list_insert_sorted(&s->waiting, r);
+}
+
+static req_t *
+find(req_list_t *l, uint64_t id)
+{
+    for (req_t *r = l->head; r; r = r->next)
+        if (r->id == id)
+            return r;
+    return NULL;
+}
+
+static void
+drain_inbox(sched_t *s)
+{
+    kvs_mpsc_node_t *n;
+    while ((n = kvs_mpsc_pop(&s->inbox)) != NULL) {
+        msg_t *m = KVS_CONTAINER_OF(n, msg_t, node);
+        if (m->kind == MSG_SUBMIT) {
+            req_t *r = (req_t *)m;
+            r->state = REQ_WAITING;
+            list_insert_sorted(&s->waiting, r);
+            continue;
+        }
+        uint64_t id = m->id;
+        free(m);
+        req_t *r = find(&s->running, id);
+        if (r == NULL)
+            r = find(&s->waiting, id);
+        if (r)
+            finish(s, r, SCHED_FINISH_CANCELLED, KVS_ECANCELED);
+    }
+}
+
+/* Wakes the engine thread if there is one. */
+static void
+sched__kick(sched_t *s)
+{
+    if (!s->thread_on)
+        return;
+    pthread_mutex_lock(&s->mu);
+    s->pending = true;
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* ---- planning ---------------------------------------------------------------- */
+
+static void
+add_step(sched_t *s, req_t *r, uint32_t n)
+{
+    r->n_sched = n;
+    s->budget -= n;
+    s->sched_reqs[s->n_steps++] = r;
+}
+
+/* The running request to preempt for `for_r`: lowest priority, latest
+ * arrival, not scheduled this step, not for_r itself. */
+static req_t *
+pick_victim(sched_t *s, const req_t *for_r)
+{
+    for (req_t *v = s->running.tail; v; v = v->prev)
+        if (v != for_r && v->n_sched == 0)
+            return v;
+    return NULL;
+}
+
+/* Reserves KV for n more tokens of running request r, preempting others if
+ * needed.  Returns true when r got its tokens this step. */
+static bool
+schedule_running(sched_t *s, req_t *r, uint32_t n)
+{
+    for (;;) {
+        int rc = kv_table_reserve(r->table, n);
+        if (rc == 0) {
+            add_step(s, r, n);
+            return true;
+        }
+        if (rc == KVS_ENOSPC) {
+            finish(s, r, SCHED_FINISH_ERROR, KVS_ENOSPC);
+            return false;
+        }
+        req_t *v = pick_victim(s, r);
+        if (v == NULL) {
+            preempt(s, r);
+            return false;
+        }
+        preempt(s, v);
+    }
+}
+
+static void
+plan(sched_t *s)
+{
+    s->n_steps = 0;
+    s->budget = s->cfg.max_num_batched_tokens;
+    /* Snapshot: preemption edits the running list while we walk it. */
+    uint32_t n_run = 0;
+    req_t **snap = s->sched_reqs + s->cfg.max_num_seqs; /* second half of the array */
+    for (req_t *r = s->running.head; r; r = r->next) {
+        r->n_sched = 0;
+        snap[n_run++] = r;
+    }
+    for (int pass = 0; pass < 2; pass++) {
+        for (uint32_t i = 0; i < n_run && s->budget > 0; i++) {
+            req_t *r = snap[i];
+            if (r == NULL || r->state != REQ_RUNNING || r->n_sched)
+                continue;
+            uint32_t need = r->n_tokens - r->n_computed;
+            if ((pass == 0) != (need == 1))
+                continue; /* decodes in pass 0, prefill chunks in pass 1 */
+            uint32_t n = need < s->budget ? need : s->budget;
+            if (!schedule_running(s, r, n)) {
+                /* r was preempted or failed; later snapshot entries may be
+                 * stale now, which the state check above catches. */
+                for (uint32_t j = 0; j < n_run; j++)
+                    if (snap[j] == r)
+                        snap[j] = NULL;
+            }
+        }
+        /* Victims left the running list: drop them from the snapshot. */
+        for (uint32_t i = 0; i < n_run; i++)
+            if (snap[i] && snap[i]->state != REQ_RUNNING)
+                snap[i] = NULL;
+    }
+    /* Admissions, in order; a request that does not fit stops them, so
+     * nobody behind it overtakes (no starvation of large requests). */
+    while (s->waiting.head && s->budget > 0 && s->running.n < s->cfg.max_num_seqs) {
+        req_t *r = s->waiting.head;
+        if (r->table == NULL && kv_table_new(s->pool, &r->table) != 0)
+            break;
+        if (r->n_computed == 0 && s->cfg.prefix_caching) {
+            uint32_t hit = 0;
+            kv_prefix_match(r->table, r->tokens, r->n_tokens, r->extra, &hit);
+            r->n_computed = hit;
+            if (!r->admitted_once)
+                r->usage.cached_prompt_tokens = hit < r->n_prompt ? hit : r->n_prompt;
+        }
+        uint32_t need = r->n_tokens - r->n_computed;
+        uint32_t n = need < s->budget ? need : s->budget;
+        int rc = kv_table_reserve(r->table, n);
+        if (rc == KVS_ENOSPC) {
+            finish(s, r, SCHED_FINISH_ERROR, KVS_ENOSPC);
+            continue;
+        }
+        if (rc != 0) {
+            /* Not now: give the matched blocks back until it fits. */
+            kv_table_free(r->table);
+            r->table = NULL;
+            r->n_computed = 0;
+            break;
+        }
+        list_remove(&s->waiting, r);
+        r->state = REQ_RUNNING;
+        list_insert_sorted(&s->running, r);
+        if (!r->admitted_once) {
+            r->admitted_once = true;
+            r->usage.queue_ns = kvs_now_ns() - r->t_submit;
+        }
+        add_step(s, r, n);
+    }
+}
+
+/* ---- step ---------------------------------------------------------------------- */
+
+static bool
+is_finished(const sched_t *s, const req_t *r, int32_t tok, sched_finish_t *why)
+{
+    if (!r->ignore_eos && model_token_is_eog(s->m, tok)) {
+        *why = SCHED_FINISH_EOS;
+        return true;
+    }
+    if (r->n_tokens - r->n_prompt >= r->max_tokens || r->n_tokens >= s->cfg.max_model_len) {
+        *why = SCHED_FINISH_LENGTH;
+        return true;
+    }
+    return false;
+}
+
+int
+sched_step(sched_t *s)
+{
+    drain_inbox(s);
+    plan(s);
+    if (s->n_steps == 0)
+        return (int)(s->waiting.n + s->running.n);
+
+    for (uint32_t i = 0; i < s->n_steps; i++) {
+        req_t *r = s->sched_reqs[i];
+        bool last = r->n_computed + r->n_sched == r->n_tokens;
+        s->steps[i] =
+            (sched_seq_step_t){r->table, r->tokens + r->n_computed, r->n_sched, NULL, last};
+        s->step_ids[i] = r->id;
+        if (r->n_computed < r->n_prompt) {
+            uint32_t end = r->n_computed + r->n_sched;
+            r->usage.computed_prompt_tokens +=
+                (end < r->n_prompt ? end : r->n_prompt) - r->n_computed;
+        }
+    }
+    const model_batch_t *mb;
+    int rc = sched_batch_build(s->batch, s->steps, s->n_steps, &mb);
+    if (rc == 0 && s->hook)
+        s->hook(s->hook_arg, mb, s->step_ids);
+    if (rc == 0)
+        rc = model_forward(s->ctx, kv_pool_kv(s->pool), mb, s->logits);
+    if (rc) {
+        /* A backend failure fails the step's requests, not the engine. */
+        KVS_ERRORF("sched: step of %u sequences failed: %s", s->n_steps, kvs_strerror(rc));
+        for (uint32_t i = 0; i < s->n_steps; i++)
+            finish(s, s->sched_reqs[i], SCHED_FINISH_ERROR, rc);
+        return rc;
+    }
+    uint32_t li = 0;
+    uint64_t now = kvs_now_ns();
+    for (uint32_t i = 0; i < s->n_steps; i++) {
+        req_t *r = s->sched_reqs[i];
+        r->n_computed += r->n_sched;
+        r->n_sched = 0;
+        if (!s->steps[i].want_logits) {
+            commit_prefix(s, r); /* a prefill chunk: share its full blocks early */
+            continue;
+        }
+        const float *row = s->logits + (size_t)li++ * s->n_vocab;
+        if (s->logits_hook)
+            s->logits_hook(s->logits_arg, r->id, row, s->n_vocab);
+        int32_t tok = model_sampler_sample(r->sampler, row);
+        r->tokens[r->n_tokens++] = tok; /* capacity reserved at submit */
+        if (r->t_first_token == 0) {
+            r->t_first_token = now;
+            r->usage.ttft_ns = now - r->t_submit;
+        }
+        sched_event_t ev = {.kind = SCHED_EV_TOKEN, .req_id = r->id, .token = tok};
+        emit(s, &ev);
+        sched_finish_t why;
+        if (is_finished(s, r, tok, &why))
+            finish(s, r, why, 0);
+        else
+            commit_prefix(s, r);
+    }
+    return (int)(s->waiting.n + s->running.n);
+}
+
+/* ---- public ------------------------------------------------------------------ */
+
+static uint64_t
+mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+int
+sched_submit(sched_t *s, const sched_request_t *q)
+{
+    if (q->prompt == NULL || q->n_prompt == 0 || q->max_tokens == 0)
+        return KVS_EINVAL;
+    uint64_t total = (uint64_t)q->n_prompt + q->max_tokens;
+    if (total > s->cfg.max_model_len)
+        return KVS_ERANGE;
+    for (uint32_t i = 0; i < q->n_prompt; i++)
+        if (q->prompt[i] < 0 || (uint32_t)q->prompt[i] >= s->n_vocab)
+            return KVS_EINVAL;
+    uint64_t blocks = (total + s->cfg.block_tokens - 1) / s->cfg.block_tokens;
+    if (blocks > kv_pool_cfg(s->pool)->n_blocks)
+        return KVS_ENOSPC;
+    req_t *r = calloc(1, sizeof *r);
+    if (r == NULL)
+        return KVS_ENOMEM;
+    int rc = model_sampler_new(&q->sampling, s->n_vocab, &r->sampler);
+    if (rc) {
+        free(r);
+        return rc;
+    }
+    r->tokens = malloc(total * sizeof *r->tokens);
+    if (r->tokens == NULL) {
+        req_free(r);
+        return KVS_ENOMEM;
+    }
+    memcpy(r->tokens, q->prompt, q->n_prompt * sizeof *r->tokens);
+    r->msg.kind = MSG_SUBMIT;
+    r->id = q->id;
+    r->seq = atomic_fetch_add(&s->next_seq, 1);
+    /* The prefix-cache key: tenants (salt) and anything that changes KV
+     * contents (its dtype) must never share blocks. */
+    r->extra = mix64(q->cache_salt ^ mix64(0x6b76u + (uint64_t)s->cfg.kv_dtype));
+    r->priority = q->priority;
+    r->n_tokens = r->n_prompt = q->n_prompt;
+    r->cap = (uint32_t)total;
+    r->max_tokens = q->max_tokens;
+    r->ignore_eos = q->ignore_eos;
+    r->usage.prompt_tokens = q->n_prompt;
+    r->t_submit = kvs_now_ns();
+    kvs_mpsc_push(&s->inbox, &r->msg.node);
+    sched__kick(s);
+    return 0;
+}
+
+int
+sched_cancel(sched_t *s, uint64_t id)
+{
+    msg_t *m = calloc(1, sizeof *m);
+    if (m == NULL)
+        return KVS_ENOMEM;
+    m->kind = MSG_CANCEL;
+    m->id = id;
+    kvs_mpsc_push(&s->inbox, &m->node);
+    sched__kick(s);
+    return 0;
+}
+
+void
+sched_set_step_hook(sched_t *s, sched_step_hook_fn fn, void *arg)
+{
+    s->hook = fn;
+    s->hook_arg = arg;
+}
+
+void
+sched_set_logits_hook(sched_t *s, sched_logits_hook_fn fn, void *arg)
+{
+    s->logits_hook = fn;
+    s->logits_arg = arg;
+}
+
+const sched_cfg_t *
+sched_get_cfg(const sched_t *s)
+{
+    return &s->cfg;
+}
+
+kv_pool_t *
+sched_pool(sched_t *s)
+{
+    return s->pool;
+}
+
+int
+sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
+{
+    *out = NULL;
+    const model_hparams_t *hp = model_hparams(m);
+    sched_t *s = calloc(1, sizeof *s);
+    if (s == NULL)
+        return KVS_ENOMEM;
+    s->cfg = *cfg;
+    sched_cfg_t *c = &s->cfg;
+    if (c->max_num_seqs == 0)
+        c->max_num_seqs = 256;
+    if (c->max_num_batched_tokens == 0)
+        c->max_num_batched_tokens = 2048;
+    if (c->max_model_len == 0)
+        c->max_model_len = hp->n_ctx_train;
+    if (c->block_tokens == 0)
+        c->block_tokens = 16;
+    if (c->kv_dtype != KERN_F32)
+        c->kv_dtype = KERN_F16;
+    kv_pool_cfg_t pc = {
+        .n_layers = hp->n_layer,
+        .n_kv_heads = hp->n_head_kv,
+        .head_dim = hp->head_dim,
+        .block_tokens = c->block_tokens,
+        .n_blocks = c->n_blocks,
+        .dtype = c->kv_dtype,
+        .prefix_cache = c->prefix_caching,
+    };
+    if (pc.n_blocks == 0) {
+        size_t per = kv_pool_block_bytes(&pc);
+        size_t bytes = c->kv_cache_bytes ? c->kv_cache_bytes : (size_t)1 << 30;
+        pc.n_blocks = per ? (uint32_t)(bytes / per) : 0;
+        c->n_blocks = pc.n_blocks;
+    }
+    s->m = m;
+    s->be = model_backend(m);
+    s->n_vocab = hp->n_vocab;
+    kvs_mpsc_init(&s->inbox);
+    kvs_mpsc_init(&s->outbox);
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    uint32_t max_logits =
+        c->max_num_seqs < c->max_num_batched_tokens ? c->max_num_seqs : c->max_num_batched_tokens;
+    int rc = pc.n_blocks == 0 ? KVS_EINVAL : kv_pool_new(&pc, s->be, &s->pool);
+    if (rc == 0)
+        rc = model_ctx_new(m, c->max_num_batched_tokens, max_logits, &s->ctx);
+    if (rc == 0)
+        rc = sched_batch_new(&s->batch);
+    if (rc == 0) {
+        s->logits = malloc((size_t)max_logits * hp->n_vocab * sizeof(float));
+        s->sched_reqs =
+            calloc(2 * (size_t)c->max_num_seqs + c->max_num_batched_tokens, sizeof *s->sched_reqs);
+        s->steps = calloc(c->max_num_seqs, sizeof *s->steps);
+        s->step_ids = calloc(c->max_num_seqs, sizeof *s->step_ids);
+        if (!s->logits || !s->sched_reqs || !s->steps || !s->step_ids)
+            rc = KVS_ENOMEM;
+    }
+    if (rc) {
+        sched_free(s);
+        return rc;
+    }
+    *out = s;
+    return 0;
+}
+
+static void
+free_list(req_list_t *l)
+{
+    req_t *r = l->head;
+    while (r) {
+        req_t *next = r->next;
+        req_free(r);
+        r = next;
+    }
+    l->head = l->tail = NULL;
+    l->n = 0;
+}
+
+void
+sched_free(sched_t *s)
+{
+    if (s == NULL)
+        return;
+    sched_thread_stop(s);
+    kvs_mpsc_node_t *n;
+    while ((n = kvs_mpsc_pop(&s->inbox)) != NULL) {
+        msg_t *m = KVS_CONTAINER_OF(n, msg_t, node);
+        if (m->kind == MSG_SUBMIT)
+            req_free((req_t *)m);
+        else
+            free(m);
+    }
+    free_list(&s->waiting);
+    free_list(&s->running);
+    while ((n = kvs_mpsc_pop(&s->outbox)) != NULL)
+        free(KVS_CONTAINER_OF(n, sched_event_t, node));
+    kv_pool_free(s->pool);
+    model_ctx_free(s->ctx);
+    sched_batch_free(s->batch);
+    free(s->logits);
+    free(s->sched_reqs);
+    free(s->steps);
+    free(s->step_ids);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->cv);
+    free(s);
+}
+
+/* ---- engine thread ------------------------------------------------------------ */
+
+static void *
+engine_main(void *arg)
+{
+    sched_t *s = arg;
+    for (;;) {
+        pthread_mutex_lock(&s->mu);
+        s->pending = false;
+        bool stop = s->stop;
+        pthread_mutex_unlock(&s->mu);
+        if (stop)
+            break;
+        int live = sched_step(s);
+        if (s->cfg.wake && atomic_exchange(&s->emitted, false))
+            s->cfg.wake(s->cfg.wake_arg);
+        if (live > 0)
+            continue;
+        pthread_mutex_lock(&s->mu);
+        while (!s->pending && !s->stop)
+            pthread_cond_wait(&s->cv, &s->mu);
+        pthread_mutex_unlock(&s->mu);
+    }
+    return NULL;
+}
+
+int
+sched_thread_start(sched_t *s)
+{
+    if (s->thread_on)
+        return KVS_EINVAL;
+    s->stop = false;
+    s->thread_on = true;
+    if (pthread_create(&s->thread, NULL, engine_main, s) != 0) {
+        s->thread_on = false;
+        return KVS_ENOMEM;
+    }
+    return 0;
+}
+
+void
+sched_thread_stop(sched_t *s)
+{
+    if (!s->thread_on)
+        return;
+    pthread_mutex_lock(&s->mu);
+    s->stop = true;
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    pthread_join(s->thread, NULL);
+    s->thread_on = false;
+}

@@ -1,0 +1,567 @@
+/*
+ * tests/sched/test_sched.c — the engine's invariants after every step, on a
+ * fake backend built from the kernel vtable (it records nothing numeric:
+ * every op is a cheap no-op and logits are zero), and on the real CPU
+ * backend: 32 requests under a pool that forces preemption produce exactly
+ * the greedy tokens each produces alone.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "kernels/kern_int.h"
+#include "sched/sched.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* ---- fake backend: host memory, ops that only count ------------------------ */
+
+typedef struct fake_be {
+    kern_backend_t base;
+    uint64_t n_attn, n_append_tokens;
+} fake_be_t;
+
+static bool
+fake_supports(const kern_backend_t *be, kern_op_t op, kern_dtype_t t)
+{
+    (void)be;
+    (void)op;
+    return t == KERN_F32 || t == KERN_F16;
+}
+static void
+fake_destroy(kern_backend_t *be)
+{
+    free(be);
+}
+static int
+fake_zero_rows(kern_backend_t *be, const kern_tensor_t *w, const int32_t *ids, uint32_t n,
+               float *out)
+{
+    (void)be;
+    (void)ids;
+    memset(out, 0, (size_t)n * w->n_cols * sizeof(float));
+    return 0;
+}
+static int
+fake_matmul(kern_backend_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
+            const float *bias, float *y)
+{
+    (void)be;
+    (void)x;
+    (void)bias;
+    memset(y, 0, (size_t)n * w->n_rows * sizeof(float));
+    return 0;
+}
+static int
+fake_rmsnorm(kern_backend_t *be, const float *x, const float *w, uint32_t n, uint32_t d, float eps,
+             float *y)
+{
+    (void)be;
+    (void)x;
+    (void)w;
+    (void)eps;
+    memset(y, 0, (size_t)n * d * sizeof(float));
+    return 0;
+}
+static int
+fake_rope(kern_backend_t *be, const kern_rope_args_t *a)
+{
+    (void)be;
+    (void)a;
+    return 0;
+}
+static int
+fake_swiglu(kern_backend_t *be, const float *g, const float *u, size_t n, float *o)
+{
+    (void)be;
+    (void)g;
+    (void)u;
+    memset(o, 0, n * sizeof(float));
+    return 0;
+}
+static int
+fake_add(kern_backend_t *be, float *x, const float *y, size_t n)
+{
+    (void)be;
+    (void)x;
+    (void)y;
+    (void)n;
+    return 0;
+}
+static int
+fake_append(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, const float *k, const float *v,
+            const int32_t *slots, uint32_t n)
+{
+    (void)kv;
+    (void)k;
+    (void)v;
+    (void)slots;
+    if (layer == 0)
+        ((fake_be_t *)be)->n_append_tokens += n;
+    return 0;
+}
+static int
+fake_copy(kern_backend_t *be, const kern_kv_t *kv, const int32_t *s, const int32_t *d, uint32_t n)
+{
+    (void)be;
+    (void)kv;
+    (void)s;
+    (void)d;
+    (void)n;
+    return 0;
+}
+static int
+fake_attn(kern_backend_t *be, const kern_attn_args_t *a)
+{
+    ((fake_be_t *)be)->n_attn++;
+    memset(a->out, 0, (size_t)a->n_q * a->n_heads * a->kv->head_dim * sizeof(float));
+    return 0;
+}
+
+static const kern_ops_t fake_ops = {
+    .name = "fake",
+    .is_host = true,
+    .destroy = fake_destroy,
+    .supports = fake_supports,
+    .alloc = kern__host_alloc,
+    .free = kern__host_free,
+    .upload = kern__host_copy,
+    .download = kern__host_copy,
+    .memset = kern__host_memset,
+    .sync = kern__host_sync,
+    .get_rows = fake_zero_rows,
+    .matmul = fake_matmul,
+    .rmsnorm = fake_rmsnorm,
+    .rope = fake_rope,
+    .swiglu = fake_swiglu,
+    .add = fake_add,
+    .kv_append = fake_append,
+    .kv_copy = fake_copy,
+    .attention = fake_attn,
+};
+
+static char model_path[256];
+
+static int
+group_setup(void **state)
+{
+    (void)state;
+    const char *tmp = getenv("TMPDIR");
+    snprintf(model_path, sizeof model_path, "%s/kvs_sched_XXXXXX", tmp ? tmp : "/tmp");
+    int fd = mkstemp(model_path);
+    if (fd < 0)
+        return -1;
+    close(fd);
+    char err[256];
+    return model_random_write("tiny", KERN_F32, 5, model_path, err, sizeof err);
+}
+
+static int
+group_teardown(void **state)
+{
+    (void)state;
+    unlink(model_path);
+    return 0;
+}
+
+/* ---- invariant checker, fed by the step hook -------------------------------- */
+
+#define MAX_REQ 64
+
+typedef struct checker {
+    uint32_t max_tokens, max_seqs;
+    int32_t next_pos[MAX_REQ]; /* next position each request must compute */
+    uint32_t recomputes[MAX_REQ];
+    int32_t first_step[MAX_REQ];
+    int step;
+    bool failed;
+} checker_t;
+
+static void
+check_step(void *arg, const model_batch_t *b, const uint64_t *ids)
+{
+    checker_t *c = arg;
+    c->step++;
+    if (b->n_tokens > c->max_tokens || b->pt.n_seqs > c->max_seqs) {
+        fprintf(stderr, "step %d: %u tokens / %u seqs over budget\n", c->step, b->n_tokens,
+                b->pt.n_seqs);
+        c->failed = true;
+    }
+    for (uint32_t s = 0; s < b->pt.n_seqs; s++) {
+        uint64_t id = ids[s];
+        if (id >= MAX_REQ)
+            continue;
+        if (c->first_step[id] < 0)
+            c->first_step[id] = c->step;
+        for (int32_t i = b->seq_indptr[s]; i < b->seq_indptr[s + 1]; i++) {
+            int32_t p = b->pos[i];
+            if (c->next_pos[id] < 0)
+                c->next_pos[id] = p; /* first chunk: may start after a prefix-cache hit */
+            if (p == 0 && c->next_pos[id] > 0) {
+                c->recomputes[id]++; /* preempted: starts over */
+                c->next_pos[id] = 0;
+            }
+            if (p != c->next_pos[id]) {
+                fprintf(stderr, "req %llu: computed position %d, expected %d\n",
+                        (unsigned long long)id, p, c->next_pos[id]);
+                c->failed = true;
+            }
+            c->next_pos[id] = p + 1;
+        }
+    }
+}
+
+typedef struct outcome {
+    sched_finish_t finish[MAX_REQ];
+    int error[MAX_REQ];
+    sched_usage_t usage[MAX_REQ];
+    uint32_t n_tokens[MAX_REQ];
+    int32_t tokens[MAX_REQ][64];
+    uint32_t n_finished;
+} outcome_t;
+
+static void
+collect(sched_t *s, outcome_t *o)
+{
+    sched_event_t *ev;
+    while ((ev = sched_poll(s)) != NULL) {
+        uint64_t id = ev->req_id;
+        assert_true(id < MAX_REQ);
+        if (ev->kind == SCHED_EV_TOKEN) {
+            if (o->n_tokens[id] < 64)
+                o->tokens[id][o->n_tokens[id]] = ev->token;
+            o->n_tokens[id]++;
+        } else {
+            o->finish[id] = ev->finish;
+            o->error[id] = ev->error;
+            o->usage[id] = ev->usage;
+            o->n_finished++;
+        }
+        sched_event_free(ev);
+    }
+}
+
+typedef struct engine {
+    kern_backend_t *be;
+    model_t *m;
+    sched_t *s;
+    checker_t chk;
+} engine_t;
+
+static void
+engine_open(engine_t *e, bool fake, const sched_cfg_t *cfg)
+{
+    memset(e, 0, sizeof *e);
+    if (fake) {
+        fake_be_t *f = calloc(1, sizeof *f);
+        f->base.ops = &fake_ops;
+        e->be = &f->base;
+    } else {
+        kern_backend_cfg_t bc = {.n_threads = 2};
+        assert_int_equal(kern_backend_new("cpu", &bc, &e->be), 0);
+    }
+    char err[256];
+    assert_int_equal(model_load(model_path, e->be, &e->m, err, sizeof err), 0);
+    assert_int_equal(sched_new(e->m, cfg, &e->s), 0);
+    e->chk.max_tokens = sched_get_cfg(e->s)->max_num_batched_tokens;
+    e->chk.max_seqs = sched_get_cfg(e->s)->max_num_seqs;
+    for (int i = 0; i < MAX_REQ; i++) {
+        e->chk.first_step[i] = -1;
+        e->chk.next_pos[i] = -1;
+    }
+    sched_set_step_hook(e->s, check_step, &e->chk);
+}
+
+static void
+engine_close(engine_t *e)
+{
+    kv_pool_t *pool = sched_pool(e->s);
+    assert_true(kv_pool_check(pool));
+    assert_int_equal(kv_pool_n_free(pool), kv_pool_cfg(pool)->n_blocks);
+    sched_free(e->s);
+    model_free(e->m);
+    kern_backend_free(e->be);
+}
+
+static void
+submit(engine_t *e, uint64_t id, uint32_t n_prompt, uint32_t max_tokens, int32_t prio, int rc)
+{
+    int32_t prompt[512];
+    for (uint32_t i = 0; i < n_prompt && i < 512; i++)
+        prompt[i] = (int32_t)((id * 131 + i * 7) % 256);
+    sched_request_t r = {.id = id,
+                         .prompt = prompt,
+                         .n_prompt = n_prompt,
+                         .max_tokens = max_tokens,
+                         .priority = prio,
+                         .ignore_eos = true,
+                         .sampling = {.temperature = 0.0f, .top_p = 1.0f}};
+    assert_int_equal(sched_submit(e->s, &r), rc);
+}
+
+static void
+run_to_idle(engine_t *e, outcome_t *o, int max_steps)
+{
+    for (int i = 0; i < max_steps; i++) {
+        int live = sched_step(e->s);
+        assert_true(live >= 0);
+        assert_true(kv_pool_check(sched_pool(e->s)));
+        collect(e->s, o);
+        if (live == 0)
+            return;
+    }
+    fail_msg("engine did not go idle in %d steps", max_steps);
+}
+
+/* ---- tests -------------------------------------------------------------------- */
+
+static void
+test_budget_and_positions(void **state)
+{
+    (void)state;
+    sched_cfg_t cfg = {
+        .max_num_seqs = 4, .max_num_batched_tokens = 40, .block_tokens = 4, .n_blocks = 256};
+    engine_t e;
+    engine_open(&e, true, &cfg);
+    static outcome_t o;
+    memset(&o, 0, sizeof o);
+    for (uint64_t id = 0; id < 10; id++)
+        submit(&e, id, 5 + (uint32_t)id * 13, 3 + (uint32_t)id % 4, 0, 0);
+    run_to_idle(&e, &o, 1000);
+    assert_false(e.chk.failed);
+    assert_int_equal(o.n_finished, 10);
+    for (uint64_t id = 0; id < 10; id++) {
+        assert_int_equal(o.finish[id], SCHED_FINISH_LENGTH);
+        assert_int_equal(o.n_tokens[id], 3 + id % 4);
+        assert_int_equal(o.usage[id].prompt_tokens, 5 + id * 13);
+        assert_int_equal(o.usage[id].computed_prompt_tokens, 5 + id * 13);
+        assert_int_equal(o.usage[id].completion_tokens, 3 + id % 4);
+        assert_int_equal(o.usage[id].preemptions, 0);
+        /* every prompt and completion position but the last token's computed once */
+        assert_int_equal(e.chk.next_pos[id], (int32_t)(5 + id * 13 + 3 + id % 4 - 1));
+    }
+    /* FCFS within one priority: first scheduled in submission order. */
+    for (uint64_t id = 1; id < 10; id++)
+        assert_true(e.chk.first_step[id] >= e.chk.first_step[id - 1]);
+    engine_close(&e);
+}
+
+static void
+test_priority_order(void **state)
+{
+    (void)state;
+    sched_cfg_t cfg = {
+        .max_num_seqs = 1, .max_num_batched_tokens = 64, .block_tokens = 4, .n_blocks = 64};
+    engine_t e;
+    engine_open(&e, true, &cfg);
+    static outcome_t o;
+    memset(&o, 0, sizeof o);
+    submit(&e, 0, 8, 2, 5, 0);
+    submit(&e, 1, 8, 2, 1, 0);
+    submit(&e, 2, 8, 2, 5, 0);
+    submit(&e, 3, 8, 2, 0, 0);
+    run_to_idle(&e, &o, 200);
+    assert_false(e.chk.failed);
+    /* priority 0 first, then 1, then the two 5s in arrival order */
+    assert_true(e.chk.first_step[3] < e.chk.first_step[1]);
+    assert_true(e.chk.first_step[1] < e.chk.first_step[0]);
+    assert_true(e.chk.first_step[0] < e.chk.first_step[2]);
+    engine_close(&e);
+}
+
+static void
+test_preemption_and_too_large(void **state)
+{
+    (void)state;
+    /* 24 blocks of 4 = 96 slots for 6 requests of ~40 tokens: must preempt. */
+    sched_cfg_t cfg = {
+        .max_num_seqs = 6, .max_num_batched_tokens = 64, .block_tokens = 4, .n_blocks = 24};
+    engine_t e;
+    engine_open(&e, true, &cfg);
+    static outcome_t o;
+    memset(&o, 0, sizeof o);
+    for (uint64_t id = 0; id < 6; id++)
+        submit(&e, id, 20 + (uint32_t)id, 20, 0, 0);
+    submit(&e, 7, 90, 10, 0, KVS_ENOSPC); /* can never fit: refused, others proceed */
+    submit(&e, 8, 500, 4000, 0, KVS_ERANGE); /* longer than the model */
+    run_to_idle(&e, &o, 2000);
+    assert_false(e.chk.failed);
+    assert_int_equal(o.n_finished, 6);
+    uint32_t preempted = 0;
+    for (uint64_t id = 0; id < 6; id++) {
+        assert_int_equal(o.finish[id], SCHED_FINISH_LENGTH);
+        assert_int_equal(o.n_tokens[id], 20);
+        assert_int_equal(o.usage[id].preemptions, e.chk.recomputes[id]);
+        preempted += o.usage[id].preemptions;
+        /* recomputed prompt tokens are counted again */
+        assert_true(o.usage[id].computed_prompt_tokens >= 20 + id);
+    }
+    assert_true(preempted > 0);
+    engine_close(&e);
+}
+
+static void
+test_cancel_everywhere(void **state)
+{
+    (void)state;
+    sched_cfg_t cfg = {
+        .max_num_seqs = 3, .max_num_batched_tokens = 16, .block_tokens = 4, .n_blocks = 20};
+    engine_t e;
+    engine_open(&e, true, &cfg);
+    static outcome_t o;
+    memset(&o, 0, sizeof o);
+    submit(&e, 0, 40, 30, 0, 0); /* long prefill: cancelled mid-prefill */
+    submit(&e, 1, 4, 30, 0, 0);  /* cancelled mid-decode */
+    submit(&e, 2, 30, 30, 0, 0); /* gets preempted, cancelled while preempted */
+    submit(&e, 3, 4, 30, 0, 0);  /* still waiting when cancelled */
+    submit(&e, 4, 4, 5, 0, 0);   /* finishes normally */
+    for (int i = 0; i < 2; i++) {
+        sched_step(e.s);
+        collect(e.s, &o);
+    }
+    sched_cancel(e.s, 0);
+    sched_cancel(e.s, 3);
+    sched_step(e.s);
+    collect(e.s, &o);
+    for (int i = 0; i < 12; i++) {
+        sched_step(e.s);
+        collect(e.s, &o);
+    }
+    sched_cancel(e.s, 1);
+    sched_cancel(e.s, 2);
+    sched_cancel(e.s, 99); /* unknown: ignored */
+    run_to_idle(&e, &o, 500);
+    assert_false(e.chk.failed);
+    assert_int_equal(o.n_finished, 5);
+    assert_int_equal(o.finish[0], SCHED_FINISH_CANCELLED);
+    assert_int_equal(o.finish[1], SCHED_FINISH_CANCELLED);
+    assert_int_equal(o.finish[2], SCHED_FINISH_CANCELLED);
+    assert_int_equal(o.finish[3], SCHED_FINISH_CANCELLED);
+    assert_int_equal(o.finish[4], SCHED_FINISH_LENGTH);
+    assert_true(o.usage[0].computed_prompt_tokens < 40);
+    engine_close(&e);
+}
+
+static void
+test_prefix_cache_and_salt(void **state)
+{
+    (void)state;
+    sched_cfg_t cfg = {.max_num_seqs = 4,
+                       .max_num_batched_tokens = 256,
+                       .block_tokens = 4,
+                       .n_blocks = 128,
+                       .prefix_caching = true};
+    engine_t e;
+    engine_open(&e, true, &cfg);
+    static outcome_t o;
+    memset(&o, 0, sizeof o);
+    int32_t prompt[50];
+    for (int i = 0; i < 50; i++)
+        prompt[i] = i + 1;
+    sched_request_t r = {.id = 0,
+                         .prompt = prompt,
+                         .n_prompt = 50,
+                         .max_tokens = 2,
+                         .ignore_eos = true,
+                         .sampling = {.top_p = 1.0f}};
+    assert_int_equal(sched_submit(e.s, &r), 0);
+    run_to_idle(&e, &o, 100);
+    r.id = 1; /* same prompt, same salt: hits 48 tokens (12 full blocks) */
+    assert_int_equal(sched_submit(e.s, &r), 0);
+    run_to_idle(&e, &o, 100);
+    r.id = 2;
+    r.cache_salt = 77; /* another tenant: no hit */
+    assert_int_equal(sched_submit(e.s, &r), 0);
+    run_to_idle(&e, &o, 100);
+    assert_int_equal(o.usage[0].cached_prompt_tokens, 0);
+    assert_int_equal(o.usage[1].cached_prompt_tokens, 48);
+    assert_int_equal(o.usage[1].computed_prompt_tokens, 2);
+    assert_int_equal(o.usage[2].cached_prompt_tokens, 0);
+    assert_false(e.chk.failed);
+    engine_close(&e);
+}
+
+/* Real CPU runtime: 32 requests of mixed lengths under a pool that forces
+ * preemption produce exactly the greedy tokens each produces alone. */
+static void
+test_real_preemption_same_tokens(void **state)
+{
+    (void)state;
+    enum { N = 32, MAXT = 12 };
+    static outcome_t alone, together;
+    memset(&alone, 0, sizeof alone);
+    memset(&together, 0, sizeof together);
+    sched_cfg_t one = {.max_num_seqs = 1,
+                       .max_num_batched_tokens = 256,
+                       .block_tokens = 16,
+                       .n_blocks = 64,
+                       .kv_dtype = KERN_F32};
+    engine_t e;
+    engine_open(&e, false, &one);
+    for (uint64_t id = 0; id < N; id++)
+        submit(&e, id, 3 + (uint32_t)(id * 37 % 90), MAXT, 0, 0);
+    run_to_idle(&e, &alone, 5000);
+    engine_close(&e);
+
+    sched_cfg_t many = {.max_num_seqs = 16,
+                        .max_num_batched_tokens = 96,
+                        .block_tokens = 8,
+                        .n_blocks = 40,
+                        .kv_dtype = KERN_F32};
+    engine_open(&e, false, &many);
+    for (uint64_t id = 0; id < N; id++)
+        submit(&e, id, 3 + (uint32_t)(id * 37 % 90), MAXT, 0, 0);
+    run_to_idle(&e, &together, 5000);
+    uint32_t preempted = 0;
+    for (uint64_t id = 0; id < N; id++) {
+        assert_int_equal(together.n_tokens[id], MAXT);
+        assert_memory_equal(together.tokens[id], alone.tokens[id], MAXT * sizeof(int32_t));
+        preempted += together.usage[id].preemptions;
+    }
+    assert_true(preempted > 0);
+    assert_false(e.chk.failed);
+    engine_close(&e);
+}
+
+static void
+test_engine_thread(void **state)
+{
+    (void)state;
+    sched_cfg_t cfg = {
+        .max_num_seqs = 4, .max_num_batched_tokens = 64, .block_tokens = 4, .n_blocks = 64};
+    engine_t e;
+    engine_open(&e, true, &cfg);
+    static outcome_t o;
+    memset(&o, 0, sizeof o);
+    assert_int_equal(sched_thread_start(e.s), 0);
+    for (uint64_t id = 0; id < 8; id++)
+        submit(&e, id, 10, 4, 0, 0);
+    for (int spins = 0; o.n_finished < 8 && spins < 200000; spins++) {
+        collect(e.s, &o);
+        usleep(100);
+    }
+    sched_thread_stop(e.s);
+    collect(e.s, &o);
+    assert_int_equal(o.n_finished, 8);
+    engine_close(&e);
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_budget_and_positions),
+        cmocka_unit_test(test_priority_order),
+        cmocka_unit_test(test_preemption_and_too_large),
+        cmocka_unit_test(test_cancel_everywhere),
+        cmocka_unit_test(test_prefix_cache_and_salt),
+        cmocka_unit_test(test_real_preemption_same_tokens),
+        cmocka_unit_test(test_engine_thread),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
