@@ -10,7 +10,6 @@
  */
 #include "srv_int.h"
 
-#include "cache/kv.h"
 #include "model/model.h"
 #include "sched/sched.h"
 
@@ -44,11 +43,9 @@ typedef struct item {
     srv_task_t task;
     uint32_t li, di; /* length and depth indices */
     int32_t *toks;
-    uint32_t n_toks, fed;
+    uint32_t n_toks;
     char answer[8], got[8];
     uint32_t n_answer, n_got;
-    int32_t next; /* token to feed in the next decode step */
-    kv_table_t *table;
 } item_t;
 
 static int
@@ -239,112 +236,56 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
 typedef struct eval_run {
     model_t *m;
     kern_backend_t *be;
-    kv_pool_t *pool;
-    model_ctx_t *ctx;
-    sched_batch_t *sb;
-    float *logits;
+    sched_t *sched;
     item_t *items;
     size_t n_items;
 } eval_run_t;
 
-static int32_t
-argmax(const float *x, uint32_t n)
-{
-    uint32_t b = 0;
-    for (uint32_t i = 1; i < n; i++)
-        if (x[i] > x[b])
-            b = i;
-    return (int32_t)b;
-}
-
-/* Runs every item to completion: up to max_seqs live sequences, each step
- * filled with decode tokens first and prefill chunks after, within the
- * token budget; finished sequences free their KV and new ones start. */
+/* Every prompt becomes a request of the engine (greedy, as many tokens as
+ * the answer has); the engine batches them continuously. */
 static int
-run_items(eval_run_t *r, const eval_opts_t *o)
+run_items(eval_run_t *r)
 {
-    uint32_t n_vocab = model_hparams(r->m)->n_vocab;
-    item_t **live = calloc(o->max_seqs, sizeof *live);
-    sched_seq_step_t *steps = calloc(o->max_seqs, sizeof *steps);
-    item_t **who = calloc(o->max_seqs, sizeof *who);
-    if (!live || !steps || !who) {
-        free(live);
-        free(steps);
-        free(who);
-        return KVS_ENOMEM;
-    }
-    size_t next = 0, done = 0;
-    uint32_t n_live = 0;
-    int rc = 0;
-    while (done < r->n_items && rc == 0) {
-        while (n_live < o->max_seqs && next < r->n_items) {
-            item_t *it = &r->items[next++];
-            if ((rc = kv_table_new(r->pool, &it->table)))
-                break;
-            live[n_live++] = it;
-        }
+    for (size_t i = 0; i < r->n_items; i++) {
+        item_t *it = &r->items[i];
+        sched_request_t q = {.id = i,
+                             .prompt = it->toks,
+                             .n_prompt = it->n_toks,
+                             .max_tokens = it->n_answer,
+                             .ignore_eos = true,
+                             .sampling = {.temperature = 0.0f, .top_p = 1.0f}};
+        int rc = sched_submit(r->sched, &q);
         if (rc)
-            break;
-        uint32_t budget = o->max_tokens, n = 0;
-        for (uint32_t i = 0; i < n_live; i++) { /* decode first: one token each */
-            item_t *it = live[i];
-            if (it->fed == it->n_toks && it->n_got > 0 && budget > 0) {
-                steps[n] = (sched_seq_step_t){it->table, &it->next, 1, NULL, true};
-                who[n++] = it;
-                budget--;
-            }
-        }
-        for (uint32_t i = 0; i < n_live && budget > 0; i++) {
-            item_t *it = live[i];
-            if (it->fed < it->n_toks) {
-                uint32_t k = it->n_toks - it->fed < budget ? it->n_toks - it->fed : budget;
-                steps[n] = (sched_seq_step_t){it->table, it->toks + it->fed, k, NULL,
-                                              it->fed + k == it->n_toks};
-                who[n++] = it;
-                budget -= k;
-            }
-        }
-        const model_batch_t *mb;
-        if ((rc = sched_batch_build(r->sb, steps, n, &mb)) ||
-            (rc = model_forward(r->ctx, kv_pool_kv(r->pool), mb, r->logits)))
-            break;
-        uint32_t li = 0;
-        for (uint32_t j = 0; j < n; j++) {
-            item_t *it = who[j];
-            if (it->fed < it->n_toks)
-                it->fed += steps[j].n_tokens;
-            if (!steps[j].want_logits)
-                continue;
-            int32_t tok = argmax(r->logits + (size_t)li++ * n_vocab, n_vocab);
-            char piece = 0;
-            if (model_token_piece(r->m, tok, &piece, 1) == 1)
-                it->got[it->n_got] = piece;
-            else
-                it->got[it->n_got] = '\x01'; /* a control token: never matches */
-            it->n_got++;
-            it->next = tok;
-        }
-        /* Retire finished sequences. */
-        for (uint32_t i = 0; i < n_live;) {
-            item_t *it = live[i];
-            if (it->n_got == it->n_answer) {
-                kv_table_free(it->table);
-                it->table = NULL;
-                live[i] = live[--n_live];
-                done++;
+            return rc;
+    }
+    size_t done = 0;
+    while (done < r->n_items) {
+        int live = sched_step(r->sched);
+        if (live < 0)
+            return live;
+        sched_event_t *ev;
+        while ((ev = sched_poll(r->sched)) != NULL) {
+            item_t *it = &r->items[ev->req_id];
+            if (ev->kind == SCHED_EV_TOKEN) {
+                char piece = 0;
+                /* A control token never matches an answer byte. */
+                it->got[it->n_got < 7 ? it->n_got : 6] =
+                    model_token_piece(r->m, ev->token, &piece, 1) == 1 ? piece : '\x01';
+                it->n_got++;
             } else {
-                i++;
+                done++;
+                if (ev->finish == SCHED_FINISH_ERROR) {
+                    int rc = ev->error;
+                    sched_event_free(ev);
+                    return rc;
+                }
             }
+            sched_event_free(ev);
         }
+        if (live == 0 && done < r->n_items)
+            return KVS_EINTERNAL;
     }
-    for (uint32_t i = 0; i < n_live; i++) {
-        kv_table_free(live[i]->table);
-        live[i]->table = NULL;
-    }
-    free(live);
-    free(steps);
-    free(who);
-    return rc;
+    return 0;
 }
 
 static void
@@ -495,25 +436,22 @@ srv_cmd_eval(int argc, char **argv)
                 }
     }
 
-    uint32_t per_seq = (max_len + 16 + o.block_size - 1) / o.block_size + 1;
-    kv_pool_cfg_t pc = {.n_layers = hp->n_layer,
-                        .n_kv_heads = hp->n_head_kv,
-                        .head_dim = hp->head_dim,
+    uint32_t per_seq = (max_len + o.block_size - 1) / o.block_size + 1;
+    sched_cfg_t scfg = {.max_num_seqs = o.max_seqs,
+                        .max_num_batched_tokens = o.max_tokens,
+                        /* BOS + `length` bytes; the answer's last token
+                         * is sampled, never fed, so positions stay below
+                         * `length`. */
+                        .max_model_len = max_len + 1,
                         .block_tokens = o.block_size,
                         .n_blocks = per_seq * o.max_seqs,
-                        .dtype = o.kv_dtype};
-    if ((rc = kv_pool_new(&pc, r.be, &r.pool)) ||
-        (rc = model_ctx_new(r.m, o.max_tokens,
-                            o.max_seqs < o.max_tokens ? o.max_seqs : o.max_tokens, &r.ctx)) ||
-        (rc = sched_batch_new(&r.sb))) {
+                        .kv_dtype = o.kv_dtype};
+    if ((rc = sched_new(r.m, &scfg, &r.sched))) {
         fprintf(stderr, "kvserve eval: setup failed: %s\n", kvs_strerror(rc));
         goto out;
     }
-    r.logits = malloc((size_t)o.max_seqs * hp->n_vocab * sizeof(float));
-    if (r.logits == NULL)
-        goto out;
     uint64_t t0 = kvs_now_ns();
-    if ((rc = run_items(&r, &o))) {
+    if ((rc = run_items(&r))) {
         fprintf(stderr, "kvserve eval: engine failed: %s\n", kvs_strerror(rc));
         goto out;
     }
@@ -599,10 +537,7 @@ out:
             free(r.items[i].toks);
         free(r.items);
     }
-    free(r.logits);
-    sched_batch_free(r.sb);
-    model_ctx_free(r.ctx);
-    kv_pool_free(r.pool);
+    sched_free(r.sched);
     model_free(r.m);
     kern_backend_free(r.be);
     return status;
