@@ -30,7 +30,6 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-
 typedef struct kv_pool kv_pool_t;
 typedef struct kv_table kv_table_t;
 

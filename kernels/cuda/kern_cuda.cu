@@ -61,8 +61,8 @@ cuda_leave(kern_cuda_t *be, int rc)
     cudaError_t probe = cudaStreamQuery(be->stream);
     if (probe != cudaSuccess && probe != cudaErrorNotReady) {
         be->dead = true;
-        KVS_ERRORF("cuda: device %d is unusable (%s); the cuda backend is now disabled",
-                   be->device, cudaGetErrorString(probe));
+        KVS_ERRORF("cuda: device %d is unusable (%s); the cuda backend is now disabled", be->device,
+                   cudaGetErrorString(probe));
     }
     return rc;
 }
@@ -125,8 +125,8 @@ kern__cuda_stage_end(kern_cuda_t *be, size_t bytes, void **dev)
     }
     /* Kernels of the previous op that read stage_dev were queued before
      * this copy on the same stream, so overwriting it here is safe. */
-    KERN_CUDA_TRY(cudaMemcpyAsync(be->stage_dev, s->host, bytes, cudaMemcpyHostToDevice,
-                                  be->stream));
+    KERN_CUDA_TRY(
+        cudaMemcpyAsync(be->stage_dev, s->host, bytes, cudaMemcpyHostToDevice, be->stream));
     KERN_CUDA_TRY(cudaEventRecord(s->done, be->stream));
     be->pin_next = (be->pin_next + 1) % KERN_CUDA_PIN_SLOTS;
     *dev = be->stage_dev;
@@ -209,8 +209,7 @@ static int
 cuda_init(kern_cuda_t *be)
 {
     KERN_CUDA_TRY(cudaSetDevice(be->device));
-    KERN_CUDA_TRY(
-        cudaDeviceGetAttribute(&be->n_sm, cudaDevAttrMultiProcessorCount, be->device));
+    KERN_CUDA_TRY(cudaDeviceGetAttribute(&be->n_sm, cudaDevAttrMultiProcessorCount, be->device));
     /* Non-blocking: the legacy default stream, which other libraries in the
      * process may use, must not serialize against ours. */
     KERN_CUDA_TRY(cudaStreamCreateWithFlags(&be->stream, cudaStreamNonBlocking));
@@ -221,8 +220,8 @@ cuda_init(kern_cuda_t *be)
 
     cudaDeviceProp prop;
     KERN_CUDA_TRY(cudaGetDeviceProperties(&prop, be->device));
-    KVS_INFOF("cuda: device %d: %s, sm_%d%d, %d SMs, %.1f GiB", be->device, prop.name,
-              prop.major, prop.minor, be->n_sm, (double)prop.totalGlobalMem / (1u << 30));
+    KVS_INFOF("cuda: device %d: %s, sm_%d%d, %d SMs, %.1f GiB", be->device, prop.name, prop.major,
+              prop.minor, be->n_sm, (double)prop.totalGlobalMem / (1u << 30));
     return 0;
 }
 
@@ -386,20 +385,20 @@ cuda_get_rows_body(kern_cuda_t *be, const kern_tensor_t *w, const int32_t *ids, 
     const int32_t *dids = (const int32_t *)d;
     switch (w->type) {
     case KERN_F32:
-        get_rows_kernel<KERN_F32><<<grid, threads, 0, be->stream>>>(wd, w->row_bytes, w->n_cols,
-                                                                    dids, n, out);
+        get_rows_kernel<KERN_F32>
+            <<<grid, threads, 0, be->stream>>>(wd, w->row_bytes, w->n_cols, dids, n, out);
         break;
     case KERN_F16:
-        get_rows_kernel<KERN_F16><<<grid, threads, 0, be->stream>>>(wd, w->row_bytes, w->n_cols,
-                                                                    dids, n, out);
+        get_rows_kernel<KERN_F16>
+            <<<grid, threads, 0, be->stream>>>(wd, w->row_bytes, w->n_cols, dids, n, out);
         break;
     case KERN_BF16:
-        get_rows_kernel<KERN_BF16><<<grid, threads, 0, be->stream>>>(wd, w->row_bytes,
-                                                                     w->n_cols, dids, n, out);
+        get_rows_kernel<KERN_BF16>
+            <<<grid, threads, 0, be->stream>>>(wd, w->row_bytes, w->n_cols, dids, n, out);
         break;
     case KERN_Q8_0:
-        get_rows_kernel<KERN_Q8_0><<<grid, threads, 0, be->stream>>>(wd, w->row_bytes,
-                                                                     w->n_cols, dids, n, out);
+        get_rows_kernel<KERN_Q8_0>
+            <<<grid, threads, 0, be->stream>>>(wd, w->row_bytes, w->n_cols, dids, n, out);
         break;
     default:
         return KVS_ENOTSUP;
@@ -630,14 +629,14 @@ cuda_kv_copy_launch(kern_cuda_t *be, const kern_kv_t *kv, size_t block_bytes, co
     uintptr_t all = (uintptr_t)kv->k | (uintptr_t)kv->v | kv->layer_bytes | block_bytes;
     char *k = (char *)kv->k, *v = (char *)kv->v;
     if (all % 16 == 0)
-        kv_copy_kernel<uint4><<<grid, 256, 0, be->stream>>>(k, v, kv->layer_bytes,
-                                                            block_bytes / 16, pairs);
+        kv_copy_kernel<uint4>
+            <<<grid, 256, 0, be->stream>>>(k, v, kv->layer_bytes, block_bytes / 16, pairs);
     else if (all % 4 == 0)
-        kv_copy_kernel<uint32_t><<<grid, 256, 0, be->stream>>>(k, v, kv->layer_bytes,
-                                                               block_bytes / 4, pairs);
+        kv_copy_kernel<uint32_t>
+            <<<grid, 256, 0, be->stream>>>(k, v, kv->layer_bytes, block_bytes / 4, pairs);
     else
-        kv_copy_kernel<uint16_t><<<grid, 256, 0, be->stream>>>(k, v, kv->layer_bytes,
-                                                               block_bytes / 2, pairs);
+        kv_copy_kernel<uint16_t>
+            <<<grid, 256, 0, be->stream>>>(k, v, kv->layer_bytes, block_bytes / 2, pairs);
     KERN_CUDA_LAUNCHED();
     return 0;
 }
@@ -780,23 +779,23 @@ cuda_attention(kern_backend_t *base, const kern_attn_args_t *a)
 static const kern_ops_t cuda_ops = {
     /* .name = */ "cuda",
     /* .is_host = */ false,
-    /* .destroy = */ cuda_destroy,       /* syncs, frees workspaces, stream, handle */
-    /* .supports = */ cuda_supports,     /* F32/F16/BF16/Q8_0 weights, F32/F16 KV */
-    /* .alloc = */ cuda_alloc,           /* cudaMalloc; NULL (and a warning) when out */
-    /* .free = */ cuda_free,             /* cudaFree, which waits for users of p */
-    /* .upload = */ cuda_upload,         /* async copy on the stream, then sync */
-    /* .download = */ cuda_download,     /* async copy on the stream, then sync */
-    /* .memset = */ cuda_memset,         /* cudaMemsetAsync, not waited for */
-    /* .sync = */ cuda_sync,             /* cudaStreamSynchronize */
-    /* .get_rows = */ cuda_get_rows,     /* block per row, converts to f32 */
-    /* .matmul = */ cuda_matmul,         /* cuBLAS, or a dequantizing GEMV for n <= 8 */
-    /* .rmsnorm = */ cuda_rmsnorm,       /* block per row, f32 sum */
-    /* .rope = */ cuda_rope,             /* host inv_freq, double angles */
-    /* .swiglu = */ cuda_swiglu,         /* elementwise, f32 */
-    /* .add = */ cuda_add,               /* elementwise */
-    /* .kv_append = */ cuda_kv_append,   /* block per token, f32 -> KV dtype */
-    /* .kv_copy = */ cuda_kv_copy,       /* all pairs at once unless order matters */
-    /* .attention = */ cuda_attention,   /* paged flash-style, split-KV for decode */
+    /* .destroy = */ cuda_destroy,     /* syncs, frees workspaces, stream, handle */
+    /* .supports = */ cuda_supports,   /* F32/F16/BF16/Q8_0 weights, F32/F16 KV */
+    /* .alloc = */ cuda_alloc,         /* cudaMalloc; NULL (and a warning) when out */
+    /* .free = */ cuda_free,           /* cudaFree, which waits for users of p */
+    /* .upload = */ cuda_upload,       /* async copy on the stream, then sync */
+    /* .download = */ cuda_download,   /* async copy on the stream, then sync */
+    /* .memset = */ cuda_memset,       /* cudaMemsetAsync, not waited for */
+    /* .sync = */ cuda_sync,           /* cudaStreamSynchronize */
+    /* .get_rows = */ cuda_get_rows,   /* block per row, converts to f32 */
+    /* .matmul = */ cuda_matmul,       /* cuBLAS, or a dequantizing GEMV for n <= 8 */
+    /* .rmsnorm = */ cuda_rmsnorm,     /* block per row, f32 sum */
+    /* .rope = */ cuda_rope,           /* host inv_freq, double angles */
+    /* .swiglu = */ cuda_swiglu,       /* elementwise, f32 */
+    /* .add = */ cuda_add,             /* elementwise */
+    /* .kv_append = */ cuda_kv_append, /* block per token, f32 -> KV dtype */
+    /* .kv_copy = */ cuda_kv_copy,     /* all pairs at once unless order matters */
+    /* .attention = */ cuda_attention, /* paged flash-style, split-KV for decode */
 };
 
 /* After the table: C++ has no tentative definitions to declare it earlier. */

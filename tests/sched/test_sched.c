@@ -387,7 +387,7 @@ test_preemption_and_too_large(void **state)
     memset(&o, 0, sizeof o);
     for (uint64_t id = 0; id < 6; id++)
         submit(&e, id, 20 + (uint32_t)id, 20, 0, 0);
-    submit(&e, 7, 90, 10, 0, KVS_ENOSPC); /* can never fit: refused, others proceed */
+    submit(&e, 7, 90, 10, 0, KVS_ENOSPC);    /* can never fit: refused, others proceed */
     submit(&e, 8, 500, 4000, 0, KVS_ERANGE); /* longer than the model */
     run_to_idle(&e, &o, 2000);
     assert_false(e.chk.failed);
