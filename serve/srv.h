@@ -7,6 +7,7 @@
 #define SRV_H
 
 #include "base/kvs.h"
+#include "kernels/kern.h"
 
 #include <stdbool.h>
 #include <stdint.h>
@@ -25,6 +26,10 @@ int srv_parse_u32(const char *cmd, const char *flag, const char *s, uint32_t lo,
                   uint32_t *out);
 int srv_parse_u64(const char *cmd, const char *flag, const char *s, uint64_t *out);
 int srv_parse_f32(const char *cmd, const char *flag, const char *s, float lo, float hi, float *out);
+/* --kv-cache-dtype: f16 or f32. */
+int srv_parse_kv_dtype(const char *cmd, const char *s, kern_dtype_t *out);
+/* --block-size: a power of two in 1..1024. */
+int srv_parse_block_size(const char *cmd, const char *s, uint32_t *out);
 /* "1,2,3" -> malloc'd array; every id in [0, INT32_MAX]. */
 int srv_parse_tokens(const char *cmd, const char *flag, const char *s, int32_t **out, size_t *n);
 /* Writes s as a JSON string literal (quotes and escapes included). */

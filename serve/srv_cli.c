@@ -65,6 +65,32 @@ srv_parse_f32(const char *cmd, const char *flag, const char *s, float lo, float 
 }
 
 int
+srv_parse_kv_dtype(const char *cmd, const char *s, kern_dtype_t *out)
+{
+    kern_dtype_t t;
+    if (kern_dtype_parse(s, &t) || (t != KERN_F16 && t != KERN_F32)) {
+        fprintf(stderr, "kvserve %s: --kv-cache-dtype: '%s' is not one of f16, f32\n", cmd, s);
+        return KVS_EINVAL;
+    }
+    *out = t;
+    return 0;
+}
+
+int
+srv_parse_block_size(const char *cmd, const char *s, uint32_t *out)
+{
+    uint32_t v;
+    if (srv_parse_u32(cmd, "--block-size", s, 1, 1024, &v))
+        return KVS_EINVAL;
+    if (v & (v - 1)) {
+        fprintf(stderr, "kvserve %s: --block-size: %u is not a power of two\n", cmd, v);
+        return KVS_EINVAL;
+    }
+    *out = v;
+    return 0;
+}
+
+int
 srv_parse_tokens(const char *cmd, const char *flag, const char *s, int32_t **out, size_t *n)
 {
     size_t cap = 1;

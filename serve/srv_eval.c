@@ -190,15 +190,10 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
                                &o->max_tokens);
             break;
         case O_BS:
-            rc = srv_parse_u32("eval", "--block-size", optarg, 1, 1024, &o->block_size);
+            rc = srv_parse_block_size("eval", optarg, &o->block_size);
             break;
         case O_KVD:
-            if (kern_dtype_parse(optarg, &o->kv_dtype) ||
-                (o->kv_dtype != KERN_F16 && o->kv_dtype != KERN_F32)) {
-                fprintf(stderr, "kvserve eval: --kv-cache-dtype: '%s' is not one of f16, f32\n",
-                        optarg);
-                rc = KVS_EINVAL;
-            }
+            rc = srv_parse_kv_dtype("eval", optarg, &o->kv_dtype);
             break;
         case O_JSON:
             o->json = optarg;
@@ -221,10 +216,6 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
     }
     if (optind < argc) {
         fprintf(stderr, "kvserve eval: unexpected argument '%s'\n%s", argv[optind], eval_usage);
-        return KVS_EINVAL;
-    }
-    if (o->block_size & (o->block_size - 1)) {
-        fprintf(stderr, "kvserve eval: --block-size: %u is not a power of two\n", o->block_size);
         return KVS_EINVAL;
     }
     if (!any_task)

@@ -146,15 +146,10 @@ parse_opts(int argc, char **argv, run_opts_t *o)
             o->device = optarg;
             break;
         case O_BS:
-            rc = srv_parse_u32(C, "--block-size", optarg, 1, 1024, &o->block_size);
+            rc = srv_parse_block_size("run", optarg, &o->block_size);
             break;
         case O_KVD:
-            if (kern_dtype_parse(optarg, &o->kv_dtype) ||
-                (o->kv_dtype != KERN_F16 && o->kv_dtype != KERN_F32)) {
-                fprintf(stderr, "kvserve run: --kv-cache-dtype: '%s' is not one of f16, f32\n",
-                        optarg);
-                rc = KVS_EINVAL;
-            }
+            rc = srv_parse_kv_dtype("run", optarg, &o->kv_dtype);
             break;
         case O_BATCH:
             rc = srv_parse_u32(C, "--batch-size", optarg, 1, 1u << 20, &o->batch_size);
@@ -188,10 +183,6 @@ parse_opts(int argc, char **argv, run_opts_t *o)
     if ((o->prompt == NULL) == (o->prompt_tokens == NULL)) {
         fprintf(stderr, "kvserve run: give exactly one of --prompt and --prompt-tokens\n%s",
                 run_usage);
-        return KVS_EINVAL;
-    }
-    if (o->block_size & (o->block_size - 1)) {
-        fprintf(stderr, "kvserve run: --block-size: %u is not a power of two\n", o->block_size);
         return KVS_EINVAL;
     }
     if (!o->seed_set)
