@@ -120,11 +120,26 @@ slots_ok(const kern_kv_t *kv, const int32_t *slots, uint32_t n)
     return true;
 }
 
+/* A packed weight can only have come from this backend's pack_weight. */
+static bool
+layout_ok(const kern_backend_t *be, const kern_tensor_t *w)
+{
+    return w->layout == KERN_LAYOUT_ROWS || be->ops->pack_weight != NULL;
+}
+
+int
+kern_pack_weight(kern_backend_t *be, kern_tensor_t *w)
+{
+    if (!tensor_ok(w) || w->layout != KERN_LAYOUT_ROWS)
+        return KVS_EINVAL;
+    return be->ops->pack_weight ? be->ops->pack_weight(be, w) : 0;
+}
+
 int
 kern_get_rows(kern_backend_t *be, const kern_tensor_t *w, const int32_t *ids, uint32_t n,
               float *out)
 {
-    if (!tensor_ok(w) || (n && (!ids || !out)))
+    if (!tensor_ok(w) || !layout_ok(be, w) || (n && (!ids || !out)))
         return KVS_EINVAL;
     for (uint32_t i = 0; i < n; i++)
         if (ids[i] < 0 || (uint32_t)ids[i] >= w->n_rows)
@@ -138,7 +153,7 @@ int
 kern_matmul(kern_backend_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
             const float *bias, float *y)
 {
-    if (!tensor_ok(w) || (n && (!x || !y)))
+    if (!tensor_ok(w) || !layout_ok(be, w) || (n && (!x || !y)))
         return KVS_EINVAL;
     if (!be->ops->supports(be, KERN_OP_MATMUL, w->type))
         return KVS_ENOTSUP;

@@ -78,6 +78,13 @@ typedef struct kern_block_q8_0 {
 
 /* Quantize n floats (n % 32 == 0) to Q8_0 exactly as ggml's reference does. */
 void kern_quantize_q8_0(const float *x, kern_block_q8_0_t *y, size_t n);
+/* The x side of a Q8_0 product.  Every backend multiplies Q8_0 weights by
+ * x rounded per 32-value block to int8 (scale d = max|x| / 127 in f32,
+ * q = x * (1 / d) rounded to nearest even), as llama.cpp does, so products
+ * can run on int8 units; kern_matmul's results are defined with it.
+ * n % 32 == 0; kern_round_x_q8 writes q * d as f32 (out may equal x). */
+void kern_quantize_x_q8(const float *x, size_t n, int8_t *q, float *d);
+void kern_round_x_q8(const float *x, size_t n, float *out);
 /* Dequantize/convert one row of n elements of `type` into f32.
  * Supported: F32, F16, BF16, Q8_0.  Returns 0 or KVS_ENOTSUP. */
 int kern_row_to_f32(uint32_t type, const void *row, float *y, size_t n);
@@ -86,6 +93,19 @@ int kern_row_to_f32(uint32_t type, const void *row, float *y, size_t n);
 /* Views handed to ops.  All pointers are backend memory (host memory for   */
 /* ref/cpu, device memory for cuda) unless marked host.                     */
 /* ------------------------------------------------------------------------ */
+
+/* How a weight's bytes are ordered.  KERN_LAYOUT_ROWS is GGUF's; the
+ * others are written by kern_pack_weight and read only by the backend that
+ * wrote them. */
+typedef enum kern_layout {
+    KERN_LAYOUT_ROWS = 0,
+    /* Q8_0, panels of 16 rows: per 32-column block, the 16 fp16 scales,
+     * then for each 4 columns the 16 rows' 4 quants + 128 (unsigned), so
+     * one 64-byte load feeds an int8 dot product for 16 rows at once.
+     * Same size as row-major Q8_0; rows past the last full panel stay
+     * row-major. */
+    KERN_LAYOUT_Q8_0_X16 = 1,
+} kern_layout_t;
 
 /* A weight matrix as stored in GGUF: n_rows rows of n_cols elements of
  * `type` (GGUF ne0 = n_cols, ne1 = n_rows), row-major, rows row_bytes apart.
@@ -96,6 +116,7 @@ typedef struct kern_tensor {
     uint32_t n_rows;
     size_t row_bytes;
     const void *data;
+    kern_layout_t layout; /* KERN_LAYOUT_ROWS unless packed */
 } kern_tensor_t;
 
 /* Per-sequence block tables as CSR, borrowed for one call (host memory). */
@@ -198,6 +219,13 @@ int kern_download(kern_backend_t *be, void *dst_host, const void *src, size_t by
 int kern_memset(kern_backend_t *be, void *dst, int value, size_t bytes);
 int kern_sync(kern_backend_t *be);
 
+/* Rewrites w's bytes in place into the layout the backend's matmul reads
+ * fastest and sets w->layout; leaves w as it is when the backend (or this
+ * type and shape) has none.  w->data must be writable memory of this
+ * backend that the caller owns, and only this backend may read it after.
+ * Returns 0, KVS_EINVAL or KVS_ENOMEM. */
+int kern_pack_weight(kern_backend_t *be, kern_tensor_t *w);
+
 /* Ops.  Each returns 0, KVS_EINVAL (bad shapes or misaligned weights,
  * checked in kern.c before dispatch), KVS_ENOTSUP (see kern_supports), or
  * on a device backend KVS_ENOMEM (workspace) and KVS_EDEVICE. */
@@ -205,7 +233,8 @@ int kern_sync(kern_backend_t *be);
 /* out[i][:] = row ids[i] of w, as f32.  ids in host memory. */
 int kern_get_rows(kern_backend_t *be, const kern_tensor_t *w, const int32_t *ids, uint32_t n,
                   float *out);
-/* y[n][w.n_rows] = x[n][w.n_cols] * W^T (+ bias[w.n_rows] if not NULL). */
+/* y[n][w.n_rows] = x[n][w.n_cols] * W^T (+ bias[w.n_rows] if not NULL).
+ * For Q8_0 weights, x is first rounded as kern_round_x_q8 does. */
 int kern_matmul(kern_backend_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
                 const float *bias, float *y);
 /* y[i] = x[i] / sqrt(mean(x[i]^2) + eps) * w, rows of d; y may equal x. */

@@ -35,6 +35,8 @@ typedef struct kern_ops {
     int (*kv_copy)(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
                    uint32_t n);
     int (*attention)(kern_backend_t *be, const kern_attn_args_t *a);
+    /* Optional (NULL: weights stay row-major); w is valid and row-major. */
+    int (*pack_weight)(kern_backend_t *be, kern_tensor_t *w);
 } kern_ops_t;
 
 /* Every backend struct starts with this header. */

@@ -61,22 +61,52 @@ kern_dtype_parse(const char *name, kern_dtype_t *out)
     return KVS_EINVAL;
 }
 
+static float
+block_amax(const float *xb)
+{
+    float amax = 0.0f;
+    for (int j = 0; j < KERN_QK8_0; j++) {
+        float a = fabsf(xb[j]);
+        if (a > amax)
+            amax = a;
+    }
+    return amax;
+}
+
 void
 kern_quantize_q8_0(const float *x, kern_block_q8_0_t *y, size_t n)
 {
     for (size_t b = 0; b < n / KERN_QK8_0; b++) {
         const float *xb = x + b * KERN_QK8_0;
-        float amax = 0.0f;
-        for (int j = 0; j < KERN_QK8_0; j++) {
-            float a = fabsf(xb[j]);
-            if (a > amax)
-                amax = a;
-        }
-        float d = amax / 127.0f;
+        float d = block_amax(xb) / 127.0f;
         float id = d != 0.0f ? 1.0f / d : 0.0f;
         y[b].d = kvs_f32_to_fp16(d);
         for (int j = 0; j < KERN_QK8_0; j++)
             y[b].qs[j] = (int8_t)roundf(xb[j] * id);
+    }
+}
+
+void
+kern_quantize_x_q8(const float *x, size_t n, int8_t *q, float *d)
+{
+    for (size_t b = 0; b < n / KERN_QK8_0; b++) {
+        const float *xb = x + b * KERN_QK8_0;
+        float s = block_amax(xb) / 127.0f, inv = s > 0.0f ? 1.0f / s : 0.0f;
+        d[b] = s;
+        for (int j = 0; j < KERN_QK8_0; j++)
+            q[b * KERN_QK8_0 + j] = (int8_t)lrintf(xb[j] * inv);
+    }
+}
+
+void
+kern_round_x_q8(const float *x, size_t n, float *out)
+{
+    int8_t q[KERN_QK8_0];
+    float d;
+    for (size_t b = 0; b < n / KERN_QK8_0; b++) {
+        kern_quantize_x_q8(x + b * KERN_QK8_0, KERN_QK8_0, q, &d);
+        for (int j = 0; j < KERN_QK8_0; j++)
+            out[b * KERN_QK8_0 + j] = (float)q[j] * d;
     }
 }
 

@@ -144,7 +144,7 @@ static int
 gather_rows(kern_backend_t *be, const float *src, uint32_t n, uint32_t cols, const int32_t *rows,
             uint32_t n_rows, float *dst)
 {
-    kern_tensor_t view = {KERN_F32, cols, n, (size_t)cols * sizeof(float), src};
+    kern_tensor_t view = {KERN_F32, cols, n, (size_t)cols * sizeof(float), src, KERN_LAYOUT_ROWS};
     return kern_get_rows(be, &view, rows, n_rows, dst);
 }
 

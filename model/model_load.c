@@ -325,8 +325,9 @@ bind_weights(model_t *m, char *err, size_t err_len)
 
 /* Host backends stream every weight once per decode step.  Reading them
  * from the file mapping costs a TLB miss per 4 KiB page; a private copy in
- * transparent huge pages reads at close to full memory bandwidth.  The
- * page cache behind the mapping can then be reclaimed by the kernel. */
+ * transparent huge pages reads at close to full memory bandwidth, and is
+ * writable, so the backend can pack weights into its own layout.  The page
+ * cache behind the mapping can then be reclaimed by the kernel. */
 static int
 copy_weights_to_huge_pages(model_t *m)
 {
@@ -340,13 +341,13 @@ copy_weights_to_huge_pages(model_t *m)
         if (!hi || b > hi)
             hi = b;
     }
-    if (lo == NULL || hi - lo < (ptrdiff_t)(64u << 20))
-        return 0; /* small models gain nothing */
+    if (lo == NULL || hi == lo)
+        return 0;
     const size_t huge = 2u << 20;
     size_t len = ((size_t)(hi - lo) + huge - 1) / huge * huge;
     void *p = mmap(NULL, len + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED)
-        return 0; /* fall back to the mapping */
+        return KVS_ENOMEM;
     /* Align the start to 2 MiB so whole huge pages back the copy; the
      * offset keeps every tensor's alignment (lo is 32-byte aligned). */
     char *base = (char *)(((uintptr_t)p + huge - 1) & ~(uintptr_t)(huge - 1));
@@ -356,6 +357,29 @@ copy_weights_to_huge_pages(model_t *m)
     m->host_map_len = len + huge;
     m->host_copy = base;
     m->host_src = lo;
+    return 0;
+}
+
+/* Lets the backend rewrite each matrix of the private copy into the layout
+ * its matmul reads fastest (for the cpu backend, Q8_0 in 16-row panels).
+ * A tied output is the token embedding: packed once, then copied. */
+static int
+pack_weights(model_t *m)
+{
+    int rc = kern_pack_weight(m->be, &m->tok_embd);
+    if (rc)
+        return rc;
+    if (m->hp.tied_output)
+        m->output = m->tok_embd;
+    else if ((rc = kern_pack_weight(m->be, &m->output)))
+        return rc;
+    for (uint32_t l = 0; l < m->hp.n_layer; l++) {
+        model_layer_t *L = &m->layers[l];
+        kern_tensor_t *ws[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+        for (size_t i = 0; i < sizeof ws / sizeof ws[0]; i++)
+            if ((rc = kern_pack_weight(m->be, ws[i])))
+                return rc;
+    }
     return 0;
 }
 
@@ -374,6 +398,8 @@ model_load(const char *path, kern_backend_t *be, model_t **out, char *err, size_
         rc = copy_weights_to_huge_pages(m);
     if (rc == 0)
         rc = bind_weights(m, err, err_len);
+    if (rc == 0 && m->host_copy)
+        rc = pack_weights(m);
     if (rc == 0)
         rc = model__tokenizer_init(m, err, err_len);
     if (rc != 0) {

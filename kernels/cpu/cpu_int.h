@@ -34,13 +34,14 @@ void cpu_pool_run(cpu_pool_t *pool, int n_tasks, cpu_task_fn fn, void *ctx);
 /* The backend.                                                             */
 /* ------------------------------------------------------------------------ */
 
-/* Instruction sets the kernels dispatch on, best last.  There is no
- * AVX-512 level: on Zen 4 (double-pumped 512-bit units) 16-lane versions of
- * the matmul tiles measured no faster than AVX2 from DRAM and slower from
- * cache, so they were dropped. */
+/* Instruction sets the kernels dispatch on, best last.  AVX-512 is used
+ * only for its int8 dot product (VNNI, Q8_0 weights): on Zen 4
+ * (double-pumped 512-bit units) 16-lane versions of the f32 matmul tiles
+ * measured no faster than AVX2 from DRAM and slower from cache. */
 typedef enum cpu_isa {
     CPU_ISA_SCALAR = 0,
-    CPU_ISA_AVX2 = 1, /* AVX2 + FMA + F16C */
+    CPU_ISA_AVX2 = 1,       /* AVX2 + FMA + F16C */
+    CPU_ISA_AVX512VNNI = 2, /* and AVX-512 F, BW, VL, VNNI */
 } cpu_isa_t;
 
 typedef struct cpu_buf {
@@ -74,6 +75,14 @@ void kern__cpu_row_to_f32(cpu_isa_t isa, kern_dtype_t type, const void *row, flo
 int kern__cpu_matmul(kern_cpu_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
                      const float *bias, float *y);
 int kern__cpu_attention(kern_cpu_t *be, const kern_attn_args_t *a);
+
+/* The packed Q8_0 path (cpu_q8x16.c, KERN_LAYOUT_Q8_0_X16).  Packing
+ * happens only with CPU_ISA_AVX512VNNI, which the other two then assume. */
+int kern__cpu_pack_q8x16(kern_cpu_t *be, kern_tensor_t *w);
+int kern__cpu_matmul_q8x16(kern_cpu_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
+                           const float *bias, float *y);
+/* Row r of a packed weight as f32 (get_rows). */
+void kern__cpu_q8x16_row(const kern_tensor_t *w, uint32_t r, float *y);
 
 /* ------------------------------------------------------------------------ */
 /* SIMD helpers shared by the op files.                                     */

@@ -26,10 +26,11 @@
  * spinning threads would compete with this pool's, so it stays at one
  * thread.  An AVX-512 version of the dot tiles was no faster (see cpu_isa_t).
  *
- * Q8_0 with few x rows takes its own path (below): x is quantized to int16
- * per 32-value block and the products run in integers, results differing
- * from the ref by at most ~1e-5 relative.  Other types differ from the ref
- * by f32 rounding only.
+ * Q8_0 products take x rounded to int8 per 32-value block (kern.h).  With
+ * AVX-512 VNNI the weights are packed and cpu_q8x16.c computes them; here,
+ * with few x rows, the AVX2 products run in integers (below), and the
+ * scalar and GEMM paths multiply the rounded x in f32.  Every path differs
+ * from the ref by f32 rounding only.
  */
 #include "cpu_int.h"
 
@@ -363,16 +364,14 @@ dot_task(void *ctx, int task, int thread)
 }
 
 /* ------------------------------------------------------------------------ */
-/* Q8_0 decode path: int8 weights x int16 activations.                      */
+/* Q8_0 decode path without VNNI: int8 weights x int8 activations.          */
 /* ------------------------------------------------------------------------ */
 
 /* Widening int8 weights to f32 costs three instructions per 8 values and
  * leaves Q8_0 decode compute-bound at about half the memory bandwidth.  So
- * for few x rows the activations are quantized per 32-value block to int16
- * (scale max|x| / 32767, a relative error of at most 1.5e-5 of the block's
- * largest value, far below the weights' own 8-bit error) and each block is
- * one vpmovsxbw + vpmaddwd pair per 16 values, scaled once in f32.  The
- * GEMM path (prefill) stays in f32. */
+ * for few x rows the int8 activations are widened to int16 once and each
+ * block is one vpmovsxbw + vpmaddwd pair per 16 values, scaled once in
+ * f32.  The GEMM path (prefill) multiplies in f32. */
 #define Q8I_XB 4
 
 typedef struct q8i_ctx {
@@ -384,15 +383,11 @@ typedef struct q8i_ctx {
 static void
 quantize_x_i16(const float *x, size_t cols, int16_t *q, float *sc)
 {
+    int8_t q8[KERN_QK8_0];
     for (size_t b = 0; b < cols / KERN_QK8_0; b++) {
-        const float *xb = x + b * KERN_QK8_0;
-        float amax = 0.0f;
+        kern_quantize_x_q8(x + b * KERN_QK8_0, KERN_QK8_0, q8, &sc[b]);
         for (int j = 0; j < KERN_QK8_0; j++)
-            amax = fabsf(xb[j]) > amax ? fabsf(xb[j]) : amax;
-        float d = amax / 32767.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
-        sc[b] = d;
-        for (int j = 0; j < KERN_QK8_0; j++)
-            q[b * KERN_QK8_0 + j] = (int16_t)lrintf(xb[j] * id);
+            q[b * KERN_QK8_0 + j] = q8[j];
     }
 }
 
@@ -514,8 +509,18 @@ int
 kern__cpu_matmul(kern_cpu_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
                  const float *bias, float *y)
 {
-    mm_ctx_t c = {.be = be, .w = w, .x = x, .bias = bias, .y = y, .n = n};
     size_t cols = w->n_cols;
+    if (w->type == KERN_Q8_0 && (n >= GEMM_MIN_N || be->isa < CPU_ISA_AVX2)) {
+        /* These paths multiply in f32: they get x as the integer ones see it. */
+        void *work;
+        int rc = kern__cpu_work_reserve(be, (size_t)n * cols * sizeof(float), &work);
+        if (rc)
+            return rc;
+        for (uint32_t t = 0; t < n; t++)
+            kern_round_x_q8(x + (size_t)t * cols, cols, (float *)work + (size_t)t * cols);
+        x = work;
+    }
+    mm_ctx_t c = {.be = be, .w = w, .x = x, .bias = bias, .y = y, .n = n};
     if (n >= GEMM_MIN_N) {
         /* Tiles of up to 4 MiB of f32 (sgemm blocks them for the caches
          * itself), 16 to 256 rows, and at least two per thread. */

@@ -2,17 +2,19 @@
  * kernels/cpu/kern_cpu.c — the "cpu" backend: its vtable, construction
  * (thread pool, instruction set detection, per-thread scratch) and the
  * simple ops (get_rows, rmsnorm, rope, swiglu, add, kv_append, kv_copy).
- * Matrix products live in cpu_matmul.c, attention in cpu_attn.c, the pool
- * in cpu_pool.c.  Callers: kern.c (kern_backend_new("cpu")).
+ * Matrix products live in cpu_matmul.c and (packed Q8_0) cpu_q8x16.c,
+ * attention in cpu_attn.c, the pool in cpu_pool.c.  Callers: kern.c
+ * (kern_backend_new("cpu")).
  *
  * Every op splits its work into tasks only when there is enough of it to
  * pay for waking the workers; decode-sized elementwise ops run inline on
  * the calling thread.  Results agree with the "ref" backend to f32
- * rounding; tests/kernels/test_kern_ops.c checks that.
+ * rounding, except Q8_0 products, which quantize x (cpu_matmul.c,
+ * cpu_q8x16.c); tests/kernels/test_kern_ops.c checks that.
  *
- * NOTE: the environment variable KVS_CPU_ISA=scalar, read at
- * kern_backend_new(), forces the portable code paths, so tests and
- * benchmarks can exercise them on any machine.
+ * NOTE: the environment variable KVS_CPU_ISA=scalar or =avx2, read at
+ * kern_backend_new(), caps the instruction set, so tests and benchmarks
+ * can exercise the portable code paths on any machine.
  */
 #include "cpu_int.h"
 
@@ -97,10 +99,17 @@ detect_isa(void)
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
         __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C))
         isa = CPU_ISA_AVX2;
+    if (isa == CPU_ISA_AVX2 && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512vnni"))
+        isa = CPU_ISA_AVX512VNNI;
 #endif
+    /* A cap, so tests can run the paths older machines take. */
     const char *cap = getenv("KVS_CPU_ISA");
     if (cap && strcmp(cap, "scalar") == 0)
         isa = CPU_ISA_SCALAR;
+    else if (cap && strcmp(cap, "avx2") == 0 && isa > CPU_ISA_AVX2)
+        isa = CPU_ISA_AVX2;
     return isa;
 }
 
@@ -124,9 +133,12 @@ get_rows_task(void *ctx, int task, int thread)
     const rows_ctx_t *c = ctx;
     size_t i0 = (size_t)task * c->per, i1 = i0 + c->per < c->n ? i0 + c->per : c->n;
     for (size_t i = i0; i < i1; i++)
-        kern__cpu_row_to_f32(c->be->isa, c->w->type,
-                             (const uint8_t *)c->w->data + (size_t)c->ids[i] * c->w->row_bytes,
-                             c->out + i * c->w->n_cols, c->w->n_cols);
+        if (c->w->layout == KERN_LAYOUT_Q8_0_X16)
+            kern__cpu_q8x16_row(c->w, (uint32_t)c->ids[i], c->out + i * c->w->n_cols);
+        else
+            kern__cpu_row_to_f32(c->be->isa, c->w->type,
+                                 (const uint8_t *)c->w->data + (size_t)c->ids[i] * c->w->row_bytes,
+                                 c->out + i * c->w->n_cols, c->w->n_cols);
 }
 
 static int
@@ -143,7 +155,15 @@ static int
 cpu_matmul(kern_backend_t *base, const kern_tensor_t *w, const float *x, uint32_t n,
            const float *bias, float *y)
 {
+    if (w->layout == KERN_LAYOUT_Q8_0_X16)
+        return kern__cpu_matmul_q8x16((kern_cpu_t *)base, w, x, n, bias, y);
     return kern__cpu_matmul((kern_cpu_t *)base, w, x, n, bias, y);
+}
+
+static int
+cpu_pack_weight(kern_backend_t *base, kern_tensor_t *w)
+{
+    return kern__cpu_pack_q8x16((kern_cpu_t *)base, w);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -613,7 +633,8 @@ static const kern_ops_t cpu_ops = {
     .rope = cpu_rope,         /* sin/cos per row in double, SIMD rotate */
     .swiglu = cpu_swiglu,     /* SIMD exp */
     .add = cpu_add,
-    .kv_append = cpu_kv_append, /* vcvtps2ph for F16 pools */
-    .kv_copy = cpu_kv_copy,     /* memmove per (layer, block) */
-    .attention = cpu_attention, /* cpu_attn.c: paged flash attention */
+    .kv_append = cpu_kv_append,     /* vcvtps2ph for F16 pools */
+    .kv_copy = cpu_kv_copy,         /* memmove per (layer, block) */
+    .attention = cpu_attention,     /* cpu_attn.c: paged flash attention */
+    .pack_weight = cpu_pack_weight, /* Q8_0 in 16-row panels with AVX-512 VNNI */
 };

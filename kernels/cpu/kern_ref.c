@@ -71,9 +71,16 @@ ref_matmul(kern_backend_t *base, const kern_tensor_t *w, const float *x, uint32_
 {
     kern_ref_t *be = (kern_ref_t *)base;
     size_t cols = w->n_cols;
-    float *wrow = ref_scratch(be, cols * sizeof(float));
+    bool q8 = w->type == KERN_Q8_0;
+    float *wrow = ref_scratch(be, (cols + (q8 ? (size_t)n * cols : 0)) * sizeof(float));
     if (wrow == NULL)
         return KVS_ENOMEM;
+    if (q8) {
+        float *xr = wrow + cols;
+        for (uint32_t t = 0; t < n; t++)
+            kern_round_x_q8(x + (size_t)t * cols, cols, xr + (size_t)t * cols);
+        x = xr;
+    }
     for (uint32_t r = 0; r < w->n_rows; r++) {
         int rc =
             kern_row_to_f32(w->type, (const char *)w->data + (size_t)r * w->row_bytes, wrow, cols);

@@ -60,7 +60,7 @@ typedef struct kern_cuda_pin {
 /* Device workspaces, each grown on demand and kept.  Separate kinds so one
  * op can hold two at once. */
 typedef enum kern_cuda_ws {
-    KERN_CUDA_WS_MATMUL_X,  /* activations converted to f16/bf16 */
+    KERN_CUDA_WS_MATMUL_X,  /* activations converted to f16/bf16, or rounded for Q8_0 */
     KERN_CUDA_WS_MATMUL_W,  /* Q8_0 weight tiles dequantized to f32 */
     KERN_CUDA_WS_ATTN,      /* split-KV partial results */
     KERN_CUDA_WS_COUNT,

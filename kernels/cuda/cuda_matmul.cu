@@ -14,7 +14,9 @@
  * y[n][R] is R x n.  So y = op(W)^T x is gemm(T, N, m=R, n, k=C).
  *
  * Precision: the GEMV and the Q8_0 path keep x in f32 and accumulate in
- * f32.  The GemmEx path rounds x to f16/bf16 (accumulation stays f32), as
+ * f32; for Q8_0 weights x is first rounded per 32-value block to int8
+ * steps, as kern.h defines the product (kern_round_x_q8) for every
+ * backend.  The GemmEx path rounds x to f16/bf16 (accumulation stays f32), as
  * llama.cpp does; f16 saturates at +-65504 rather than becoming inf, so a
  * huge activation gives a large wrong value instead of NaNs downstream.
  */
@@ -22,9 +24,9 @@
 
 #include <limits.h>
 
-#define MV_MAX_N 8  /* up to this many rows of x take the GEMV path */
-#define MV_NX 4     /* rows of x one GEMV pass handles */
-#define MV_WARPS 4  /* warps, i.e. weight rows, per block */
+#define MV_MAX_N 8                       /* up to this many rows of x take the GEMV path */
+#define MV_NX 4                          /* rows of x one GEMV pass handles */
+#define MV_WARPS 4                       /* warps, i.e. weight rows, per block */
 #define DQ_TILE_BYTES ((size_t)64 << 20) /* f32 weight tile for the Q8_0 GEMM */
 
 /* ------------------------------------------------------------------------ */
@@ -83,9 +85,10 @@ load8_x(const float *x, bool vec, float *o)
  * finishes each dot product.  Decode is bandwidth-bound on W, so reading it
  * once per pass is what matters. */
 template <int T>
-static __global__ void __launch_bounds__(MV_WARPS * 32)
-mv_kernel(const char *w, size_t row_bytes, uint32_t rows, uint32_t cols, const float *x,
-          uint32_t nx, const float *bias, float *y, uint32_t ldy, bool wvec, bool xvec)
+static __global__ void
+__launch_bounds__(MV_WARPS * 32)
+    mv_kernel(const char *w, size_t row_bytes, uint32_t rows, uint32_t cols, const float *x,
+              uint32_t nx, const float *bias, float *y, uint32_t ldy, bool wvec, bool xvec)
 {
     uint32_t r = blockIdx.x * MV_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (r >= rows)
@@ -232,10 +235,28 @@ gemm_half(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n, f
     KERN_CUDA_LAUNCHED();
     const float one = 1.0f, zero = 0.0f;
     KERN_CUBLAS_TRY(cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)rows, (int)n, (int)cols,
-                                 &one, w->data, type, (int)(w->row_bytes / 2), xh, type,
-                                 (int)cols, &zero, y, CUDA_R_32F, (int)rows, CUBLAS_COMPUTE_32F,
+                                 &one, w->data, type, (int)(w->row_bytes / 2), xh, type, (int)cols,
+                                 &zero, y, CUDA_R_32F, (int)rows, CUBLAS_COMPUTE_32F,
                                  CUBLAS_GEMM_DEFAULT));
     return 0;
+}
+
+/* kern_round_x_q8 on the device: a warp per 32-value block, one value a
+ * lane.  Plain IEEE division and rintf (nearest even) give the bits the
+ * host computes. */
+static __global__ void
+round_x_q8_kernel(const float *x, size_t n_blocks, float *out)
+{
+    size_t warp = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    size_t stride = (size_t)gridDim.x * blockDim.x / 32;
+    unsigned lane = threadIdx.x % 32;
+    for (size_t b = warp; b < n_blocks; b += stride) {
+        float v = x[b * 32 + lane], a = fabsf(v);
+        for (int o = 16; o > 0; o /= 2)
+            a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+        float s = a / 127.0f, inv = s > 0.0f ? 1.0f / s : 0.0f;
+        out[b * 32 + lane] = rintf(__fmul_rn(v, inv)) * s;
+    }
 }
 
 static int
@@ -259,12 +280,11 @@ gemm_q8_0(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n, f
         uint32_t m = rows - r0 < tile_rows ? rows - r0 : (uint32_t)tile_rows;
         unsigned grid = m < 65535 ? m : 65535;
         dequant_q8_0_kernel<<<grid, 256, 0, be->stream>>>(
-            (const char *)w->data + (size_t)r0 * w->row_bytes, w->row_bytes, m, cols,
-            (float *)ws);
+            (const char *)w->data + (size_t)r0 * w->row_bytes, w->row_bytes, m, cols, (float *)ws);
         KERN_CUDA_LAUNCHED();
-        KERN_CUBLAS_TRY(cublasSgemm(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, (int)n,
-                                    (int)cols, &one, (const float *)ws, (int)cols, x, (int)cols,
-                                    &zero, y + r0, (int)rows));
+        KERN_CUBLAS_TRY(cublasSgemm(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, (int)n, (int)cols,
+                                    &one, (const float *)ws, (int)cols, x, (int)cols, &zero, y + r0,
+                                    (int)rows));
     }
     return 0;
 }
@@ -278,9 +298,19 @@ kern__cuda_matmul(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint3
                   const float *bias, float *y)
 {
     uint32_t rows = w->n_rows, cols = w->n_cols;
-    if (w->type != KERN_F32 && w->type != KERN_F16 && w->type != KERN_BF16 &&
-        w->type != KERN_Q8_0)
+    if (w->type != KERN_F32 && w->type != KERN_F16 && w->type != KERN_BF16 && w->type != KERN_Q8_0)
         return KVS_ENOTSUP;
+    if (w->type == KERN_Q8_0) {
+        void *xr;
+        size_t count = (size_t)n * cols;
+        int rc = kern__cuda_workspace(be, KERN_CUDA_WS_MATMUL_X, count * sizeof(float), &xr);
+        if (rc)
+            return rc;
+        round_x_q8_kernel<<<kern__cuda_grid(be, count, 256), 256, 0, be->stream>>>(
+            x, count / KERN_QK8_0, (float *)xr);
+        KERN_CUDA_LAUNCHED();
+        x = (const float *)xr;
+    }
     if (w->type != KERN_F32 && n <= MV_MAX_N)
         return mv_launch(be, w, x, n, bias, y); /* bias fused */
 

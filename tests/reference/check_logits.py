@@ -11,7 +11,7 @@ is then fed the ENGINE's tokens (teacher forcing), so both see the same history
 at every step, and we check:
 
   (a) logits: per step, max|engine - ref| / max|ref| over the vocabulary; the
-      maximum over steps must be below 1e-4 (f32, f16) or 2e-2 (q8_0).
+      maximum over steps must be below 1e-4 (f32, f16) or 5e-2 (q8_0).
   (b) tokens: at every step the engine's token must equal the reference's
       argmax. A mismatch is tolerated as a near-tie only when
       (ref[ref_tok] - ref[engine_tok]) / max|ref| <= tie tolerance
@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 
-LOGIT_TOL = {"f32": 1e-4, "f16": 1e-4, "bf16": 1e-4, "q8_0": 2e-2}
+LOGIT_TOL = {"f32": 1e-4, "f16": 1e-4, "bf16": 1e-4, "q8_0": 5e-2}
 GGML_NAME = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
 BOS = 256
 

@@ -21,6 +21,10 @@ RoPE angle of pair i at position p: p * base^(-2i/n_rot) * freq_scale / ff_i,
 with freq_scale = 1/rope.scaling.factor (linear scaling; 1 for "none") and
 ff_i = rope_freqs.weight[i] when that tensor exists.
 
+Products with Q8_0 weights take x as the engine's kernels define it
+(kernels/kern.h, kern_round_x_q8): rounded per 32-value block to int8 with
+scale max|x| / 127, as llama.cpp does.
+
 Weights are held in memory as float64: meant for tiny test models only.
 
 Library use:
@@ -44,6 +48,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gguf_read import GGUFFile  # noqa: E402
 
+GGML_Q8_0 = 8
 SUPPORTED_ARCHS = {"llama": "norm", "qwen2": "neox"}
 
 
@@ -130,6 +135,17 @@ class _Layer:
     pass
 
 
+def round_x_q8(x):
+    """x as a Q8_0 product sees it: per 32-value block, d = max|x| / 127 in
+    float32 and q = x * float32(1 / d) rounded to nearest even."""
+    x32 = x.astype(np.float32).reshape(x.shape[:-1] + (-1, 32))
+    d = np.abs(x32).max(axis=-1, keepdims=True) / np.float32(127)
+    safe = np.where(d > 0, d, np.float32(1))
+    inv = np.where(d > 0, np.float32(1) / safe, np.float32(0)).astype(np.float32)
+    q = np.rint(x32 * inv)
+    return (q.astype(np.float64) * d.astype(np.float64)).reshape(x.shape)
+
+
 def rmsnorm(x, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
 
@@ -184,12 +200,15 @@ class LlamaRef:
                     raise ModelError("missing tensor %s" % name)
                 return None
             a = g.tensor(name)
+            if g.tensors[name].type == GGML_Q8_0:
+                q8_weights.add(id(a))
             if shape is not None and a.shape != tuple(shape):
                 raise ModelError("tensor %s has numpy shape %s (ne %s), expected %s"
                                  % (name, a.shape, list(g.tensors[name].ne),
                                     tuple(shape)))
             return a
 
+        q8_weights = self._q8 = set()
         E = cfg.n_embd
         self.tok_embd = t("token_embd.weight")
         if self.tok_embd.ndim != 2 or self.tok_embd.shape[1] != E:
@@ -233,6 +252,12 @@ class LlamaRef:
         self.inv_freq = inv  # angle per unit position of each pair
 
     # ---- pieces ----------------------------------------------------------
+    def mm(self, x, w):
+        """x @ w.T, with x rounded as the engine's Q8_0 products round it."""
+        if id(w) in self._q8:
+            x = round_x_q8(x)
+        return x @ w.T
+
     def rope(self, x, pos):
         """x: (T, H, D); pos: (T,) absolute positions. Returns a new array."""
         n_rot, half = self.cfg.n_rot, self.cfg.n_rot // 2
@@ -276,9 +301,9 @@ class LlamaRef:
             nh, nkv = cfg.n_head[il], cfg.n_head_kv[il]
             hd, hdv = cfg.head_dim, cfg.head_dim_v
             h = rmsnorm(x, cfg.eps) * L.attn_norm
-            q = h @ L.wq.T
-            k = h @ L.wk.T
-            v = h @ L.wv.T
+            q = self.mm(h, L.wq)
+            k = self.mm(h, L.wk)
+            v = self.mm(h, L.wv)
             if L.bq is not None:
                 q = q + L.bq
             if L.bk is not None:
@@ -299,13 +324,13 @@ class LlamaRef:
             p = np.exp(sc)
             p = p / p.sum(axis=-1, keepdims=True)
             o = np.einsum("hts,shd->thd", p, V).reshape(T, nh * hdv)
-            x = x + o @ L.wo.T
+            x = x + self.mm(o, L.wo)
             if L.bo is not None:
                 x = x + L.bo
             h = rmsnorm(x, cfg.eps) * L.ffn_norm
-            x = x + (silu(h @ L.w_gate.T) * (h @ L.w_up.T)) @ L.w_down.T
+            x = x + self.mm(silu(self.mm(h, L.w_gate)) * self.mm(h, L.w_up), L.w_down)
         cache.n = S
-        return (rmsnorm(x, cfg.eps) * self.output_norm) @ self.output.T
+        return self.mm(rmsnorm(x, cfg.eps) * self.output_norm, self.output)
 
     def logits_full(self, tokens):
         """Logits for every position of `tokens`, computed in one pass."""
