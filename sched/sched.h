@@ -84,6 +84,7 @@ typedef struct sched_event {
     sched_finish_t finish; /* FINISH */
     int error;             /* FINISH with ERROR: a KVS_E* code */
     sched_usage_t usage;   /* FINISH */
+    uint64_t t_ns;         /* when the engine queued it (kvs_now_ns) */
 } sched_event_t;
 
 typedef struct sched_cfg {
@@ -127,6 +128,19 @@ int sched_cancel(sched_t *s, uint64_t id);
  * number of requests still live (0: idle) or a negative error from the
  * backend.  Thread: engine. */
 int sched_step(sched_t *s);
+/* What the engine holds, as of its last step (and at creation). */
+typedef struct sched_load {
+    uint32_t running, waiting;
+    uint32_t blocks_total;
+    uint32_t blocks_free;   /* allocatable: free plus cached blocks no request holds */
+    uint32_t blocks_cached; /* in the prefix cache, held or not */
+    uint64_t steps;         /* steps that ran the model */
+    uint64_t busy_ns;       /* their total duration */
+} sched_load_t;
+
+/* Thread: any (reads a snapshot the engine publishes after every step). */
+void sched_get_load(const sched_t *s, sched_load_t *out);
+
 /* Pops the next event, or NULL.  Thread: the one consumer. */
 sched_event_t *sched_poll(sched_t *s);
 void sched_event_free(sched_event_t *ev);

@@ -84,6 +84,9 @@ struct sched {
     _Atomic bool thread_on;
     bool stop, pending;
     _Atomic bool emitted; /* events queued since the last wake */
+    /* Snapshot for other threads (sched_get_load), written after each step. */
+    _Atomic uint32_t load_running, load_waiting, load_free, load_cached;
+    _Atomic uint64_t load_steps, load_busy_ns, load_work_steps;
 };
 
 const char *
@@ -156,6 +159,7 @@ emit(sched_t *s, const sched_event_t *proto)
         return;
     }
     *ev = *proto;
+    ev->t_ns = kvs_now_ns();
     kvs_mpsc_push(&s->outbox, &ev->node);
     atomic_store(&s->emitted, true);
 }
@@ -403,8 +407,36 @@ is_finished(const sched_t *s, const req_t *r, int32_t tok, sched_finish_t *why)
     return false;
 }
 
+static int
+publish_load(sched_t *s)
+{
+    kv_prefix_stats_t ps;
+    kv_pool_prefix_stats(s->pool, &ps);
+    atomic_store(&s->load_running, s->running.n);
+    atomic_store(&s->load_waiting, s->waiting.n);
+    atomic_store(&s->load_free, kv_pool_n_free(s->pool));
+    atomic_store(&s->load_cached, (uint32_t)ps.cached_blocks);
+    atomic_fetch_add(&s->load_steps, 1);
+    return (int)(s->waiting.n + s->running.n);
+}
+
+static int step_once(sched_t *s);
+
 int
 sched_step(sched_t *s)
+{
+    uint64_t t0 = kvs_now_ns();
+    int rc = step_once(s);
+    if (s->n_steps) { /* a step that ran the model */
+        atomic_fetch_add(&s->load_busy_ns, kvs_now_ns() - t0);
+        atomic_fetch_add(&s->load_work_steps, 1);
+    }
+    int live = publish_load(s);
+    return rc < 0 ? rc : live;
+}
+
+static int
+step_once(sched_t *s)
 {
     drain_inbox(s);
     plan(s);
@@ -561,6 +593,19 @@ sched_pool(sched_t *s)
     return s->pool;
 }
 
+void
+sched_get_load(const sched_t *s, sched_load_t *out)
+{
+    sched_t *w = (sched_t *)s; /* atomics only */
+    out->running = atomic_load(&w->load_running);
+    out->waiting = atomic_load(&w->load_waiting);
+    out->blocks_total = s->cfg.n_blocks;
+    out->blocks_free = atomic_load(&w->load_free);
+    out->blocks_cached = atomic_load(&w->load_cached);
+    out->steps = atomic_load(&w->load_work_steps);
+    out->busy_ns = atomic_load(&w->load_busy_ns);
+}
+
 int
 sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
 {
@@ -591,7 +636,9 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
         .prefix_cache = c->prefix_caching,
     };
     if (pc.n_blocks == 0) {
-        size_t per = kv_pool_block_bytes(&pc);
+        kv_pool_cfg_t one = pc; /* the size of one block of a valid pool */
+        one.n_blocks = 1;
+        size_t per = kv_pool_block_bytes(&one);
         size_t bytes = c->kv_cache_bytes ? c->kv_cache_bytes : (size_t)1 << 30;
         pc.n_blocks = per ? (uint32_t)(bytes / per) : 0;
         c->n_blocks = pc.n_blocks;
@@ -623,6 +670,7 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
         sched_free(s);
         return rc;
     }
+    publish_load(s);
     *out = s;
     return 0;
 }

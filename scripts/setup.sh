@@ -6,7 +6,8 @@ set -eu
 
 PKGS="build-essential cmake pkg-config git clang libclang-rt-14-dev clang-format
       libuv1-dev libgrpc-dev protobuf-c-compiler libprotobuf-c-dev
-      libcmocka-dev libopenblas-dev libmicrohttpd-dev python3-numpy"
+      libcmocka-dev libopenblas-dev libmicrohttpd-dev python3-numpy
+      protobuf-compiler python3-grpcio python3-protobuf nodejs openssl"
 
 missing=""
 for p in $PKGS; do
@@ -15,16 +16,26 @@ for p in $PKGS; do
     fi
 done
 
-if [ -z "$missing" ]; then
-    exit 0
+# Debian's nodejs comes without npm; NodeSource's nodejs conflicts with
+# Debian's npm package because it carries its own.
+if ! command -v npm >/dev/null 2>&1; then
+    missing="$missing npm"
 fi
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then
     SUDO="sudo"
 fi
-echo "setup: installing$missing" >&2
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-# shellcheck disable=SC2086
-$SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+if [ -n "$missing" ]; then
+    echo "setup: installing$missing" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    # shellcheck disable=SC2086
+    $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+# The Node test client's packages, exactly as locked.
+root=$(cd "$(dirname "$0")/.." && pwd)
+if [ -f "$root/tests/node/package-lock.json" ] && [ ! -d "$root/tests/node/node_modules" ]; then
+    (cd "$root/tests/node" && npm ci --no-audit --no-fund --loglevel=error)
+fi

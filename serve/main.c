@@ -10,6 +10,9 @@ static const char usage[] =
     "usage: kvserve <command> [options]\n"
     "\n"
     "commands:\n"
+    "  serve    the gRPC server\n"
+    "  generate stream a generation from a running server\n"
+    "  health   ask a running server whether it is serving\n"
     "  run      generate text offline from a prompt (no server)\n"
     "  model    inspect a GGUF file (info) or write a random-weight model (random)\n"
     "  eval     long-context retrieval accuracy (passkey, multi-key needle, variable tracking)\n"
@@ -28,6 +31,12 @@ main(int argc, char **argv)
         return 2;
     }
     const char *cmd = argv[1];
+    if (strcmp(cmd, "serve") == 0)
+        return srv_cmd_serve(argc - 1, argv + 1);
+    if (strcmp(cmd, "generate") == 0)
+        return srv_cmd_generate(argc - 1, argv + 1);
+    if (strcmp(cmd, "health") == 0)
+        return srv_cmd_health(argc - 1, argv + 1);
     if (strcmp(cmd, "run") == 0)
         return srv_cmd_run(argc - 1, argv + 1);
     if (strcmp(cmd, "model") == 0)

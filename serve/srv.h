@@ -16,6 +16,9 @@
 int srv_cmd_run(int argc, char **argv);
 int srv_cmd_model(int argc, char **argv);
 int srv_cmd_eval(int argc, char **argv);
+int srv_cmd_serve(int argc, char **argv);    /* srv_grpc.c: the gRPC server */
+int srv_cmd_generate(int argc, char **argv); /* srv_client.c: streaming client */
+int srv_cmd_health(int argc, char **argv);   /* srv_client.c: health check */
 
 /* ---- helpers shared by subcommands (srv_cli.c) ---------------------------- */
 

@@ -6,6 +6,11 @@
 
 #include "srv.h"
 
+#include "grpc/health/v1/health.pb-c.h"
+#include "kvserve/v1/kvserve.pb-c.h"
+
+#include <grpc/grpc.h>
+
 typedef enum srv_task {
     SRV_TASK_PASSKEY,
     SRV_TASK_NIAH_MULTIKEY,
@@ -21,5 +26,23 @@ int srv_task_make(srv_task_t task, uint32_t length, double depth, uint64_t seed,
                   char answer[8]);
 const char *srv_task_name(srv_task_t t);
 int srv_task_parse(const char *s, srv_task_t *out);
+
+/* ---- protobuf-c <-> gRPC byte buffers (srv_pb.c) --------------------------- */
+
+/* A new byte buffer holding msg packed; the caller destroys it. */
+grpc_byte_buffer *srv_pb_to_bb(const ProtobufCMessage *msg);
+/* The message in bb (NULL bb, unreadable or malformed bytes: NULL); free
+ * with protobuf_c_message_free_unpacked(m, NULL). */
+ProtobufCMessage *srv_bb_to_pb(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *d);
+
+/* Full method paths, "/package.Service/Method". */
+#define SRV_M_GENERATE "/kvserve.v1.Generation/Generate"
+#define SRV_M_TOKENIZE "/kvserve.v1.Generation/Tokenize"
+#define SRV_M_MODEL_INFO "/kvserve.v1.Generation/GetModelInfo"
+#define SRV_M_SERVER_INFO "/kvserve.v1.Control/GetServerInfo"
+#define SRV_M_LOAD "/kvserve.v1.Control/GetLoad"
+#define SRV_M_ABORT "/kvserve.v1.Control/Abort"
+#define SRV_M_HEALTH_CHECK "/grpc.health.v1.Health/Check"
+#define SRV_M_HEALTH_WATCH "/grpc.health.v1.Health/Watch"
 
 #endif /* SRV_INT_H */

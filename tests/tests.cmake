@@ -28,3 +28,13 @@ if(KVS_PYTHON3)
   set_tests_properties(torch_logits PROPERTIES LABELS "cpu;reference" SKIP_RETURN_CODE 77
                        TIMEOUT 600)
 endif()
+
+# The gRPC API end to end: the real `kvserve serve` on a loopback port, driven
+# by Python grpcio, the C client and Node @grpc/grpc-js (tests/node).  Debian's
+# /usr/bin/python3 on purpose (python3-grpcio); 77 when grpcio or protoc is
+# missing, reported as skipped.
+add_test(NAME grpc_integration
+         COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/tests/integration/test_grpc.py
+                 $<TARGET_FILE:kvserve> ${CMAKE_CURRENT_BINARY_DIR}/grpc-it)
+set_tests_properties(grpc_integration PROPERTIES LABELS "cpu;integration" SKIP_RETURN_CODE 77
+                     TIMEOUT 300)

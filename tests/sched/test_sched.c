@@ -528,6 +528,36 @@ test_real_preemption_same_tokens(void **state)
     engine_close(&e);
 }
 
+/* KV sized in bytes (--kv-cache-memory): as many whole blocks as fit, and
+ * the load snapshot reports them all free. */
+static void
+test_kv_sized_by_bytes(void **state)
+{
+    (void)state;
+    engine_t e;
+    sched_cfg_t cfg = {.block_tokens = 16, .kv_cache_bytes = 1u << 20};
+    engine_open(&e, true, &cfg);
+    const kv_pool_t *pool = sched_pool(e.s);
+    size_t per = kv_pool_block_bytes(kv_pool_cfg(pool));
+    assert_true(per > 0);
+    assert_int_equal(sched_get_cfg(e.s)->n_blocks, (uint32_t)((1u << 20) / per));
+    sched_load_t l;
+    sched_get_load(e.s, &l);
+    assert_int_equal(l.blocks_total, sched_get_cfg(e.s)->n_blocks);
+    assert_int_equal(l.blocks_free, l.blocks_total);
+    assert_int_equal(l.running + l.waiting, 0);
+    submit(&e, 1, 40, 4, 0, 0);
+    assert_true(sched_step(e.s) >= 0);
+    sched_get_load(e.s, &l);
+    assert_int_equal(l.running, 1);
+    assert_true(l.blocks_free < l.blocks_total);
+    while (sched_step(e.s) > 0)
+        ;
+    sched_get_load(e.s, &l);
+    assert_int_equal(l.blocks_free, l.blocks_total);
+    engine_close(&e);
+}
+
 static void
 test_engine_thread(void **state)
 {
@@ -561,6 +591,7 @@ main(void)
         cmocka_unit_test(test_cancel_everywhere),
         cmocka_unit_test(test_prefix_cache_and_salt),
         cmocka_unit_test(test_real_preemption_same_tokens),
+        cmocka_unit_test(test_kv_sized_by_bytes),
         cmocka_unit_test(test_engine_thread),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);

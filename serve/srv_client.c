@@ -1,0 +1,663 @@
+/*
+ * serve/srv_client.c — `kvserve generate` and `kvserve health`: the
+ * project's own client on the gRPC core API, called from main.c.  Each
+ * command opens one channel and one pluck completion queue, makes one call
+ * and tears everything down again, so it doubles as an end-to-end probe of
+ * the server.
+ */
+#include "srv_int.h"
+
+#include <grpc/grpc_security.h>
+#include <grpc/support/time.h>
+
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char gen_usage[] =
+    "usage: kvserve generate --addr HOST:PORT (--prompt TEXT | --prompt-tokens 1,2,3)\n"
+    "                        [--max-tokens N] [--temperature T] [--top-k K] [--top-p P]\n"
+    "                        [--min-p P] [--seed S] [--ignore-eos] [--stop STR]...\n"
+    "                        [--stop-token-ids 1,2] [--priority N] [--cache-salt S]\n"
+    "                        [--request-id S] [--timeout-ms N] [--api-key-file F]\n"
+    "                        [--tls-ca F] [--tls-server-name NAME] [--json]\n";
+
+static const char health_usage[] =
+    "usage: kvserve health --addr HOST:PORT [--service NAME] [--timeout-ms N (5000)]\n"
+    "                      [--tls-ca F] [--tls-server-name NAME]\n";
+
+/* Tags of the three batches of a call; pluck finds each by its tag. */
+enum { T_START, T_STATUS, T_RECV, T_COUNT };
+#define TAG(t) ((void *)(intptr_t)((t) + 1))
+
+typedef struct conn_opts {
+    const char *addr, *tls_ca, *tls_name;
+    uint32_t timeout_ms;
+} conn_opts_t;
+
+typedef struct client {
+    grpc_completion_queue *cq;
+    grpc_channel *ch;
+    grpc_call *call;
+    grpc_metadata_array init_md, trail_md;
+    grpc_status_code status;
+    grpc_slice details;
+    unsigned pending; /* bit per tag started and not yet plucked */
+} client_t;
+
+static const char *
+status_name(grpc_status_code s)
+{
+    /* Indexed by grpc_status_code, 0..16. */
+    static const char *const names[] = {
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    };
+    return (unsigned)s < sizeof names / sizeof names[0] ? names[s] : "UNKNOWN";
+}
+
+/* The whole file as a string (CA bundles and keys hold no NUL bytes); NULL,
+ * reported against the flag, when it cannot be read. */
+static char *
+slurp(const char *cmd, const char *flag, const char *path)
+{
+    char *buf = NULL;
+    size_t cap = 0;
+    FILE *f = fopen(path, "r");
+    ssize_t n = f ? getdelim(&buf, &cap, '\0', f) : -1;
+    if (f == NULL || ferror(f) || buf == NULL) {
+        fprintf(stderr, "kvserve %s: %s: cannot read '%s': %s\n", cmd, flag, path, strerror(errno));
+        free(buf);
+        buf = NULL;
+    } else if (n < 0) {
+        buf[0] = '\0';
+    }
+    if (f)
+        fclose(f);
+    return buf;
+}
+
+/* The options both commands share; 1 when c is none of them. */
+static int
+conn_opt(const char *cmd, int c, conn_opts_t *o)
+{
+    switch (c) {
+    case 'a':
+        o->addr = optarg;
+        return 0;
+    case 'T':
+        return srv_parse_u32(cmd, "--timeout-ms", optarg, 1, INT32_MAX, &o->timeout_ms);
+    case 'C':
+        o->tls_ca = optarg;
+        return 0;
+    case 'N':
+        o->tls_name = optarg;
+        return 0;
+    }
+    return 1;
+}
+
+static int
+conn_check(const char *cmd, const conn_opts_t *o, int argc, char **argv, const char *usage)
+{
+    if (optind < argc) {
+        fprintf(stderr, "kvserve %s: unexpected argument '%s'\n%s", cmd, argv[optind], usage);
+        return KVS_EINVAL;
+    }
+    if (o->addr == NULL || *o->addr == '\0') {
+        fprintf(stderr, "kvserve %s: --addr HOST:PORT is required\n%s", cmd, usage);
+        return KVS_EINVAL;
+    }
+    if (o->tls_name && o->tls_ca == NULL) {
+        fprintf(stderr, "kvserve %s: --tls-server-name needs --tls-ca\n%s", cmd, usage);
+        return KVS_EINVAL;
+    }
+    return 0;
+}
+
+/* grpc_init, the channel, the cq and the call; client_close undoes all of
+ * it whatever state it is in. */
+static void
+client_open(client_t *c, const conn_opts_t *o, const char *ca_pem, const char *method)
+{
+    memset(c, 0, sizeof *c);
+    grpc_metadata_array_init(&c->init_md);
+    grpc_metadata_array_init(&c->trail_md);
+    c->details = grpc_empty_slice();
+    c->status = GRPC_STATUS_UNKNOWN; /* until RECV_STATUS_ON_CLIENT says otherwise */
+    grpc_init();
+    grpc_channel_credentials *cc = ca_pem ? grpc_ssl_credentials_create(ca_pem, NULL, NULL, NULL)
+                                          : grpc_insecure_credentials_create();
+    grpc_arg arg = {GRPC_ARG_STRING, GRPC_SSL_TARGET_NAME_OVERRIDE_ARG, {.string = NULL}};
+    arg.value.string = (char *)o->tls_name;
+    grpc_channel_args args = {o->tls_name ? 1 : 0, &arg};
+    c->ch = grpc_channel_create(o->addr, cc, &args);
+    grpc_channel_credentials_release(cc);
+    c->cq = grpc_completion_queue_create_for_pluck(NULL);
+    void *rm = grpc_channel_register_call(c->ch, method, NULL, NULL);
+    gpr_timespec dl = gpr_inf_future(GPR_CLOCK_MONOTONIC);
+    if (o->timeout_ms)
+        dl = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                          gpr_time_from_millis(o->timeout_ms, GPR_TIMESPAN));
+    c->call = grpc_channel_create_registered_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, c->cq, rm,
+                                                  dl, NULL);
+}
+
+static void
+client_wait(client_t *c, int tag)
+{
+    grpc_completion_queue_pluck(c->cq, TAG(tag), gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    c->pending &= ~(1u << tag);
+}
+
+/* A rejected batch can leave its slot busy (guide §6), so the call is
+ * cancelled rather than retried. */
+static bool
+client_start(client_t *c, const char *cmd, const grpc_op *ops, size_t n, int tag)
+{
+    grpc_call_error e = grpc_call_start_batch(c->call, ops, n, TAG(tag), NULL);
+    if (e != GRPC_CALL_OK) {
+        fprintf(stderr, "kvserve %s: cannot start the call (grpc_call_error %d)\n", cmd, (int)e);
+        grpc_call_cancel(c->call, NULL);
+        return false;
+    }
+    c->pending |= 1u << tag;
+    return true;
+}
+
+static void
+client_close(client_t *c)
+{
+    for (int t = 0; t < T_COUNT; t++)
+        if (c->pending & (1u << t))
+            client_wait(c, t);
+    grpc_metadata_array_destroy(&c->init_md);
+    grpc_metadata_array_destroy(&c->trail_md);
+    grpc_slice_unref(c->details);
+    grpc_call_unref(c->call);
+    grpc_channel_destroy(c->ch);
+    grpc_completion_queue_shutdown(c->cq);
+    /* Every tag was plucked above; the destroy is legal only once the queue
+     * reports its shutdown. */
+    grpc_event ev;
+    do
+        ev = grpc_completion_queue_pluck(c->cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    while (ev.type != GRPC_QUEUE_SHUTDOWN);
+    grpc_completion_queue_destroy(c->cq);
+    grpc_shutdown_blocking();
+}
+
+/* The ops that open a call: metadata and request out, half-close, headers
+ * in. */
+static size_t
+send_ops(grpc_op *ops, client_t *c, grpc_metadata *md, size_t n_md, grpc_byte_buffer *req)
+{
+    memset(ops, 0, 4 * sizeof *ops);
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[0].data.send_initial_metadata.count = n_md;
+    ops[0].data.send_initial_metadata.metadata = md;
+    ops[1].op = GRPC_OP_SEND_MESSAGE;
+    ops[1].data.send_message.send_message = req;
+    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[3].data.recv_initial_metadata.recv_initial_metadata = &c->init_md;
+    return 4;
+}
+
+static void
+status_op(grpc_op *op, client_t *c)
+{
+    memset(op, 0, sizeof *op);
+    op->op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+    op->data.recv_status_on_client.trailing_metadata = &c->trail_md;
+    op->data.recv_status_on_client.status = &c->status;
+    op->data.recv_status_on_client.status_details = &c->details;
+}
+
+static int
+report_status(const char *cmd, const client_t *c)
+{
+    if (c->status == GRPC_STATUS_OK)
+        return 0;
+    fprintf(stderr, "kvserve %s: %s: %.*s\n", cmd, status_name(c->status),
+            (int)GRPC_SLICE_LENGTH(c->details), (const char *)GRPC_SLICE_START_PTR(c->details));
+    return 1;
+}
+
+/* ---- generate --------------------------------------------------------------- */
+
+typedef struct gen_opts {
+    conn_opts_t conn;
+    const char *prompt, *request_id, *cache_salt, *api_key_file;
+    int32_t *prompt_ids, *stop_ids;
+    size_t n_prompt_ids;
+    Kvserve__V1__SamplingParams sp;
+    bool sampling, has_priority, json;
+    int32_t priority;
+} gen_opts_t;
+
+static void
+gen_opts_free(gen_opts_t *o)
+{
+    free(o->prompt_ids);
+    free(o->stop_ids);
+    free(o->sp.stop);
+}
+
+/* 0, 1 after --help, or a KVS_E* code after a usage message. */
+static int
+gen_parse(int argc, char **argv, gen_opts_t *o)
+{
+    static const struct option lo[] = {
+        {"addr", 1, 0, 'a'},          {"timeout-ms", 1, 0, 'T'},
+        {"tls-ca", 1, 0, 'C'},        {"tls-server-name", 1, 0, 'N'},
+        {"help", 0, 0, 'h'},          {"prompt", 1, 0, 'p'},
+        {"prompt-tokens", 1, 0, 'P'}, {"max-tokens", 1, 0, 'm'},
+        {"temperature", 1, 0, 't'},   {"top-k", 1, 0, 'k'},
+        {"top-p", 1, 0, 'q'},         {"min-p", 1, 0, 'n'},
+        {"seed", 1, 0, 's'},          {"ignore-eos", 0, 0, 'e'},
+        {"stop", 1, 0, 'x'},          {"stop-token-ids", 1, 0, 'X'},
+        {"priority", 1, 0, 'r'},      {"cache-salt", 1, 0, 'S'},
+        {"request-id", 1, 0, 'i'},    {"api-key-file", 1, 0, 'K'},
+        {"json", 0, 0, 'j'},          {0, 0, 0, 0},
+    };
+    const char *C = "generate";
+    Kvserve__V1__SamplingParams sp = KVSERVE__V1__SAMPLING_PARAMS__INIT;
+    *o = (gen_opts_t){.sp = sp};
+    /* Every --stop points into argv: argc slots always suffice. */
+    if ((o->sp.stop = malloc((size_t)argc * sizeof *o->sp.stop)) == NULL)
+        return KVS_ENOMEM;
+    Kvserve__V1__SamplingParams *p = &o->sp;
+    size_t n_stop_ids = 0;
+    opterr = 0;
+    optind = 1;
+    int c;
+    while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+        int rc = conn_opt(C, c, &o->conn);
+        if (rc == 1) {
+            rc = 0;
+            o->sampling |= strchr("mtkqnsexX", c) != NULL;
+            switch (c) {
+            case 'h':
+                fputs(gen_usage, stdout);
+                return 1;
+            case 'p':
+                o->prompt = optarg;
+                break;
+            case 'P':
+                free(o->prompt_ids);
+                o->prompt_ids = NULL;
+                rc = srv_parse_tokens(C, "--prompt-tokens", optarg, &o->prompt_ids,
+                                      &o->n_prompt_ids);
+                break;
+            case 'm':
+                rc = srv_parse_u32(C, "--max-tokens", optarg, 1, 1u << 24, &p->max_tokens);
+                p->has_max_tokens = 1;
+                break;
+            case 't':
+                rc = srv_parse_f32(C, "--temperature", optarg, 0.0f, 100.0f, &p->temperature);
+                p->has_temperature = 1;
+                break;
+            case 'k':
+                rc = srv_parse_u32(C, "--top-k", optarg, 0, INT32_MAX, &p->top_k);
+                p->has_top_k = 1;
+                break;
+            case 'q':
+                rc = srv_parse_f32(C, "--top-p", optarg, 1e-6f, 1.0f, &p->top_p);
+                p->has_top_p = 1;
+                break;
+            case 'n':
+                rc = srv_parse_f32(C, "--min-p", optarg, 0.0f, 1.0f, &p->min_p);
+                p->has_min_p = 1;
+                break;
+            case 's':
+                rc = srv_parse_u64(C, "--seed", optarg, &p->seed);
+                p->has_seed = 1;
+                break;
+            case 'e':
+                p->has_ignore_eos = p->ignore_eos = 1;
+                break;
+            case 'x':
+                p->stop[p->n_stop++] = optarg;
+                break;
+            case 'X':
+                free(o->stop_ids);
+                o->stop_ids = NULL;
+                n_stop_ids = 0;
+                rc = srv_parse_tokens(C, "--stop-token-ids", optarg, &o->stop_ids, &n_stop_ids);
+                break;
+            case 'r': {
+                char *end;
+                errno = 0;
+                long long v = strtoll(optarg, &end, 10);
+                if (*optarg == '\0' || *end != '\0' || errno || v < INT32_MIN || v > INT32_MAX) {
+                    fprintf(stderr,
+                            "kvserve generate: --priority: expected a 32-bit integer, "
+                            "got '%s'\n",
+                            optarg);
+                    rc = KVS_EINVAL;
+                }
+                o->priority = (int32_t)v;
+                o->has_priority = true;
+                break;
+            }
+            case 'S':
+                o->cache_salt = optarg;
+                break;
+            case 'i':
+                o->request_id = optarg;
+                break;
+            case 'K':
+                o->api_key_file = optarg;
+                break;
+            case 'j':
+                o->json = true;
+                break;
+            default:
+                fprintf(stderr, "kvserve generate: unknown or incomplete option '%s'\n%s",
+                        argv[optind - 1], gen_usage);
+                return KVS_EINVAL;
+            }
+        }
+        if (rc) {
+            fputs(gen_usage, stderr);
+            return rc;
+        }
+    }
+    /* Ids are checked non-negative, and int32_t may alias uint32_t. */
+    p->stop_token_ids = (uint32_t *)o->stop_ids;
+    p->n_stop_token_ids = n_stop_ids;
+    if (conn_check(C, &o->conn, argc, argv, gen_usage))
+        return KVS_EINVAL;
+    if ((o->prompt == NULL) == (o->prompt_ids == NULL)) {
+        fprintf(stderr, "kvserve generate: give exactly one of --prompt and --prompt-tokens\n%s",
+                gen_usage);
+        return KVS_EINVAL;
+    }
+    return 0;
+}
+
+/* What the stream has delivered so far. */
+typedef struct gen_result {
+    uint32_t *tokens;
+    size_t n_tokens, cap_tokens;
+    char *text, *request_id, *stop_match;
+    size_t text_len, cap_text;
+    Kvserve__V1__FinishReason finish;
+    Kvserve__V1__Usage usage;
+    uint64_t messages;
+} gen_result_t;
+
+static bool
+grow(void **p, size_t *cap, size_t need, size_t elem)
+{
+    if (need <= *cap)
+        return true;
+    size_t n = *cap ? *cap : 64;
+    while (n < need)
+        n *= 2;
+    void *np = realloc(*p, n * elem);
+    if (np == NULL)
+        return false;
+    *p = np;
+    *cap = n;
+    return true;
+}
+
+static bool
+gen_take(gen_result_t *r, const Kvserve__V1__GenerateResponse *m, bool json)
+{
+    r->messages++;
+    if (!grow((void **)&r->tokens, &r->cap_tokens, r->n_tokens + m->n_token_ids, sizeof *r->tokens))
+        return false;
+    for (size_t i = 0; i < m->n_token_ids; i++)
+        r->tokens[r->n_tokens++] = m->token_ids[i];
+    size_t len = m->text ? strlen(m->text) : 0;
+    if (!json && len) {
+        fwrite(m->text, 1, len, stdout);
+        fflush(stdout);
+    }
+    if (!grow((void **)&r->text, &r->cap_text, r->text_len + len + 1, 1))
+        return false;
+    memcpy(r->text + r->text_len, m->text ? m->text : "", len + 1);
+    r->text_len += len;
+    if (m->request_id && *m->request_id && r->request_id == NULL &&
+        (r->request_id = strdup(m->request_id)) == NULL)
+        return false;
+    if (m->has_finish_reason)
+        r->finish = m->finish_reason;
+    if (m->stop_match) {
+        free(r->stop_match);
+        if ((r->stop_match = strdup(m->stop_match)) == NULL)
+            return false;
+    }
+    if (m->usage)
+        r->usage = *m->usage;
+    return true;
+}
+
+static void
+gen_print_json(const gen_result_t *r)
+{
+    static const char *const finish[] = {"", "stop", "length", "eos", "cancelled", "error"};
+    const Kvserve__V1__Usage *u = &r->usage;
+    const char *rid = r->request_id ? r->request_id : "", *sm = r->stop_match ? r->stop_match : "";
+    printf("{\"request_id\": ");
+    srv_json_str(stdout, rid, strlen(rid));
+    printf(", \"tokens\": [");
+    for (size_t i = 0; i < r->n_tokens; i++)
+        printf("%s%u", i ? ", " : "", r->tokens[i]);
+    printf("], \"text\": ");
+    srv_json_str(stdout, r->text ? r->text : "", r->text_len);
+    printf(", \"finish_reason\": \"%s\", \"stop_match\": ",
+           (unsigned)r->finish < sizeof finish / sizeof finish[0] ? finish[r->finish] : "");
+    srv_json_str(stdout, sm, strlen(sm));
+    printf(", \"usage\": {\"prompt_tokens\": %u, \"cached_prompt_tokens\": %u, "
+           "\"computed_prompt_tokens\": %u, \"completion_tokens\": %u, \"preemptions\": %u, "
+           "\"queue_time_us\": %llu, \"time_to_first_token_us\": %llu, "
+           "\"decode_time_us\": %llu}, \"messages\": %llu}\n",
+           u->prompt_tokens, u->cached_prompt_tokens, u->computed_prompt_tokens,
+           u->completion_tokens, u->preemptions, (unsigned long long)u->queue_time_us,
+           (unsigned long long)u->time_to_first_token_us, (unsigned long long)u->decode_time_us,
+           (unsigned long long)r->messages);
+}
+
+int
+srv_cmd_generate(int argc, char **argv)
+{
+    const char *C = "generate";
+    gen_opts_t o;
+    int rc = gen_parse(argc, argv, &o);
+    if (rc) {
+        gen_opts_free(&o);
+        return rc == 1 ? 0 : 2;
+    }
+    char *ca = NULL, *key = NULL, *bearer = NULL;
+    int status = 2;
+    if (o.conn.tls_ca && (ca = slurp(C, "--tls-ca", o.conn.tls_ca)) == NULL)
+        goto out_opts;
+    if (o.api_key_file) {
+        if ((key = slurp(C, "--api-key-file", o.api_key_file)) == NULL)
+            goto out_opts;
+        size_t n = strlen(key);
+        while (n && strchr(" \t\r\n", key[n - 1]))
+            key[--n] = '\0';
+        if (n == 0) {
+            fprintf(stderr, "kvserve generate: --api-key-file: '%s' is empty\n", o.api_key_file);
+            goto out_opts;
+        }
+        if (asprintf(&bearer, "Bearer %s", key) < 0) {
+            bearer = NULL;
+            goto out_opts;
+        }
+    }
+
+    Kvserve__V1__GenerateRequest req = KVSERVE__V1__GENERATE_REQUEST__INIT;
+    Kvserve__V1__TokenIds ids = KVSERVE__V1__TOKEN_IDS__INIT;
+    if (o.prompt) {
+        req.prompt_case = KVSERVE__V1__GENERATE_REQUEST__PROMPT_TEXT;
+        req.text = (char *)o.prompt;
+    } else {
+        ids.ids = (uint32_t *)o.prompt_ids;
+        ids.n_ids = o.n_prompt_ids;
+        req.prompt_case = KVSERVE__V1__GENERATE_REQUEST__PROMPT_TOKENS;
+        req.tokens = &ids;
+    }
+    /* An absent field is not a zero: the server applies its own default. */
+    if (o.sampling)
+        req.sampling = &o.sp;
+    req.request_id = (char *)o.request_id;
+    req.cache_salt = (char *)o.cache_salt;
+    req.has_priority = o.has_priority;
+    req.priority = o.priority;
+
+    client_t c;
+    gen_result_t r = {0};
+    status = 1;
+    client_open(&c, &o.conn, ca, SRV_M_GENERATE);
+    grpc_byte_buffer *req_bb = srv_pb_to_bb(&req.base), *bb = NULL;
+    grpc_metadata md = {.key = grpc_slice_from_static_string("authorization")};
+    md.value = bearer ? grpc_slice_from_static_string(bearer) : grpc_empty_slice();
+    grpc_op ops[4];
+    if (!client_start(&c, C, ops, send_ops(ops, &c, &md, bearer ? 1 : 0, req_bb), T_START))
+        goto out_call;
+    status_op(ops, &c);
+    if (!client_start(&c, C, ops, 1, T_STATUS))
+        goto out_call;
+    for (;;) {
+        memset(ops, 0, sizeof ops[0]);
+        ops[0].op = GRPC_OP_RECV_MESSAGE;
+        ops[0].data.recv_message.recv_message = &bb;
+        if (!client_start(&c, C, ops, 1, T_RECV))
+            goto out_call;
+        client_wait(&c, T_RECV);
+        if (bb == NULL)
+            break;
+        Kvserve__V1__GenerateResponse *m = (Kvserve__V1__GenerateResponse *)srv_bb_to_pb(
+            bb, &kvserve__v1__generate_response__descriptor);
+        grpc_byte_buffer_destroy(bb);
+        bb = NULL;
+        bool ok = m && gen_take(&r, m, o.json);
+        if (!ok) {
+            fprintf(stderr, "kvserve generate: %s\n",
+                    m ? "out of memory" : "cannot parse a GenerateResponse");
+            grpc_call_cancel(c.call, NULL);
+        }
+        if (m)
+            protobuf_c_message_free_unpacked(&m->base, NULL);
+        if (!ok)
+            goto out_call;
+    }
+    client_wait(&c, T_STATUS);
+    if (!o.json && (r.text_len || c.status == GRPC_STATUS_OK))
+        putchar('\n');
+    if ((status = report_status(C, &c)) == 0 && o.json)
+        gen_print_json(&r);
+out_call:
+    client_close(&c);
+    grpc_byte_buffer_destroy(req_bb);
+    free(r.tokens);
+    free(r.text);
+    free(r.request_id);
+    free(r.stop_match);
+out_opts:
+    free(ca);
+    free(key);
+    free(bearer);
+    gen_opts_free(&o);
+    return status;
+}
+
+/* ---- health ----------------------------------------------------------------- */
+
+int
+srv_cmd_health(int argc, char **argv)
+{
+    static const struct option lo[] = {
+        {"addr", 1, 0, 'a'},    {"timeout-ms", 1, 0, 'T'},
+        {"tls-ca", 1, 0, 'C'},  {"tls-server-name", 1, 0, 'N'},
+        {"service", 1, 0, 'v'}, {"help", 0, 0, 'h'},
+        {0, 0, 0, 0},
+    };
+    static const char *const names[] = {"UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"};
+    const char *C = "health";
+    conn_opts_t o = {.timeout_ms = 5000};
+    Grpc__Health__V1__HealthCheckRequest req = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
+    opterr = 0;
+    optind = 1;
+    int ch;
+    while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+        int rc = conn_opt(C, ch, &o);
+        if (rc == 1 && ch == 'v') {
+            req.service = optarg;
+            continue;
+        }
+        if (rc == 1 && ch == 'h') {
+            fputs(health_usage, stdout);
+            return 0;
+        }
+        if (rc == 1)
+            fprintf(stderr, "kvserve health: unknown or incomplete option '%s'\n",
+                    argv[optind - 1]);
+        if (rc) {
+            fputs(health_usage, stderr);
+            return 2;
+        }
+    }
+    if (conn_check(C, &o, argc, argv, health_usage))
+        return 2;
+    char *ca = NULL;
+    if (o.tls_ca && (ca = slurp(C, "--tls-ca", o.tls_ca)) == NULL)
+        return 2;
+
+    client_t c;
+    client_open(&c, &o, ca, SRV_M_HEALTH_CHECK);
+    grpc_byte_buffer *req_bb = srv_pb_to_bb(&req.base), *bb = NULL;
+    grpc_op ops[6];
+    size_t n = send_ops(ops, &c, NULL, 0, req_bb);
+    memset(ops + n, 0, 2 * sizeof ops[0]);
+    ops[n].op = GRPC_OP_RECV_MESSAGE;
+    ops[n++].data.recv_message.recv_message = &bb;
+    status_op(&ops[n++], &c);
+    int status = 1;
+    if (client_start(&c, C, ops, n, T_START)) {
+        client_wait(&c, T_START);
+        if ((status = report_status(C, &c)) == 0) {
+            Grpc__Health__V1__HealthCheckResponse *m =
+                (Grpc__Health__V1__HealthCheckResponse *)srv_bb_to_pb(
+                    bb, &grpc__health__v1__health_check_response__descriptor);
+            if (m == NULL) {
+                fprintf(stderr, "kvserve health: cannot parse a HealthCheckResponse\n");
+                status = 1;
+            } else {
+                unsigned s = (unsigned)m->status;
+                puts(s < 4 ? names[s] : "UNKNOWN");
+                status =
+                    s == GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING ? 0 : 1;
+                protobuf_c_message_free_unpacked(&m->base, NULL);
+            }
+        }
+    }
+    client_close(&c);
+    grpc_byte_buffer_destroy(bb);
+    grpc_byte_buffer_destroy(req_bb);
+    free(ca);
+    return status;
+}

@@ -1,0 +1,1561 @@
+/*
+ * serve/srv_grpc.c — `kvserve serve`: the gRPC server.  main.c calls
+ * srv_cmd_serve.
+ *
+ * Three threads (DESIGN.md, "Threads"):
+ *   cq thread      sits in grpc_completion_queue_next and forwards every
+ *                  (tag, ok) to the loop through a mutex queue + uv_async;
+ *   loop thread    (libuv) owns every call: parses and validates requests,
+ *                  submits to and cancels in the engine, writes responses;
+ *   engine thread  sched_thread_*: steps the scheduler; its wake callback
+ *                  is a second uv_async that drains the token events.
+ *
+ * Every call follows ../shared/docs/grpc-c-core.md: RECV_CLOSE_ON_SERVER in
+ * a batch of its own, at most one SEND_MESSAGE in flight (tokens produced
+ * meanwhile are coalesced into the next message, so a slow client costs
+ * at most one message of buffering per stream beyond what the engine
+ * produced), and a call is freed only once its close, send and status
+ * batches are all back and the engine has finished its request.
+ */
+#include "srv_req.h"
+
+#include <getopt.h>
+#include <grpc/grpc_security.h>
+#include <grpc/support/alloc.h>
+#include <grpc/support/time.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#define SLOTS_GENERATE 16 /* request slots kept posted per method */
+#define SLOTS_OTHER 4
+#define MAX_LIVE_DEFAULT 1024
+
+typedef enum method {
+    M_GENERATE,
+    M_TOKENIZE,
+    M_MODEL_INFO,
+    M_SERVER_INFO,
+    M_LOAD,
+    M_ABORT,
+    M_HEALTH_CHECK,
+    M_HEALTH_WATCH,
+    M_COUNT,
+    M_UNKNOWN = M_COUNT, /* unregistered: answered UNIMPLEMENTED */
+} method_t;
+
+static const char *const method_path[M_COUNT] = {
+    SRV_M_GENERATE, SRV_M_TOKENIZE, SRV_M_MODEL_INFO,   SRV_M_SERVER_INFO,
+    SRV_M_LOAD,     SRV_M_ABORT,    SRV_M_HEALTH_CHECK, SRV_M_HEALTH_WATCH,
+};
+
+typedef enum tag_kind { T_NEW, T_SEND, T_STATUS, T_CLOSE, T_SHUTDOWN } tag_kind_t;
+
+typedef struct tag {
+    tag_kind_t kind;
+    struct call *owner;
+} tag_t;
+
+typedef struct call {
+    method_t method;
+    tag_t t_new, t_send, t_status, t_close;
+    grpc_call *call;
+    gpr_timespec deadline;
+    grpc_metadata_array md;
+    grpc_call_details details; /* M_UNKNOWN only */
+    grpc_byte_buffer *req_bb, *send_bb;
+    int cancelled;
+    bool close_started, close_done, send_pending, status_pending, status_started, md_sent;
+    struct call *prev, *next; /* the live Generate or Watch list */
+
+    /* Generate */
+    Kvserve__V1__GenerateRequest *req;
+    srv_gen_req_t g;
+    uint64_t id; /* engine id: slot | generation << 32 */
+    char rid[129];
+    bool engine_live, finished, final_sent, stopped;
+    sched_finish_t fin;
+    int fin_err;
+    sched_usage_t usage;
+    int32_t *toks;   /* produced, not yet sent */
+    uint64_t *tok_t; /* when the engine queued each */
+    size_t n_toks, cap_toks;
+    uint64_t msg_t_sum; /* the message in flight: its tokens' queue times */
+    uint32_t msg_n;
+    char *text; /* decoded, not yet sent (held back for stop strings / UTF-8) */
+    size_t n_text, cap_text;
+    uint32_t n_delivered;
+    char stop_match[260];
+    uint64_t t_arrive;
+
+    /* Watch */
+    int watch_sent; /* status last sent, -1 none */
+} call_t;
+
+typedef struct qev {
+    tag_t *tag;
+    int ok;
+} qev_t;
+
+typedef struct srv_opts {
+    const char *model, *host, *device, *tls_cert, *tls_key, *tls_ca, *api_key_file;
+    uint32_t port, threads, max_model_len, block_size, num_blocks, max_num_seqs, max_batched;
+    uint32_t max_queued, drain_timeout_s, max_streams;
+    uint64_t kv_memory;
+    kern_dtype_t kv_dtype;
+    bool prefix_caching;
+} srv_opts_t;
+
+typedef struct server {
+    srv_opts_t o;
+    kern_backend_t *be;
+    model_t *m;
+    sched_t *sched;
+    srv_limits_t lim;
+    char *api_key;
+    size_t api_key_len;
+
+    grpc_server *server;
+    grpc_completion_queue *cq;
+    void *methods[M_COUNT];
+    tag_t t_shutdown;
+
+    uv_loop_t *loop;
+    uv_thread_t cq_thread;
+    uv_mutex_t mu;
+    qev_t *q;
+    size_t q_len, q_cap;
+    uv_async_t cq_async, eng_async;
+    uv_signal_t sig_term, sig_int;
+    uv_timer_t drain_timer;
+
+    call_t **slots; /* engine id -> live Generate */
+    uint32_t *slot_gen;
+    uint32_t n_slots, n_live;
+    call_t *gens, *watches;
+    uint64_t n_requests, seq;
+    uint64_t msgs_sent, toks_sent, tok_lat_ns; /* GetLoad counters */
+    bool draining, shutting_down, shutdown_done, cq_joined, engine_stopped;
+    int exit_code;
+} server_t;
+
+static server_t S;
+
+/* ------------------------------------------------------------------------ */
+/* cq thread -> loop                                                         */
+/* ------------------------------------------------------------------------ */
+
+static void
+q_push(tag_t *t, int ok)
+{
+    uv_mutex_lock(&S.mu);
+    if (S.q_len == S.q_cap) {
+        size_t cap = S.q_cap ? 2 * S.q_cap : 256;
+        qev_t *q = realloc(S.q, cap * sizeof *q);
+        if (q == NULL) {
+            /* Losing a completion would leak a call forever: nothing sane remains. */
+            uv_mutex_unlock(&S.mu);
+            KVS_ERRORF("serve: out of memory in the completion queue");
+            abort();
+        }
+        S.q = q;
+        S.q_cap = cap;
+    }
+    S.q[S.q_len++] = (qev_t){t, ok};
+    uv_mutex_unlock(&S.mu);
+    uv_async_send(&S.cq_async);
+}
+
+static void
+cq_main(void *arg)
+{
+    (void)arg;
+    for (;;) {
+        grpc_event ev = grpc_completion_queue_next(S.cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+        if (ev.type == GRPC_QUEUE_SHUTDOWN) {
+            q_push(NULL, 0);
+            return;
+        }
+        if (ev.type == GRPC_OP_COMPLETE)
+            q_push((tag_t *)ev.tag, ev.success);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Calls: posting slots, batches, freeing                                    */
+/* ------------------------------------------------------------------------ */
+
+static void dispatch(tag_t *t, int ok);
+static void maybe_finish_shutdown(void);
+
+static void
+post_slot(method_t mth)
+{
+    call_t *c = calloc(1, sizeof *c);
+    if (c == NULL) {
+        KVS_ERRORF("serve: out of memory posting a request slot");
+        return;
+    }
+    c->method = mth;
+    c->t_new = (tag_t){T_NEW, c};
+    c->t_send = (tag_t){T_SEND, c};
+    c->t_status = (tag_t){T_STATUS, c};
+    c->t_close = (tag_t){T_CLOSE, c};
+    c->watch_sent = -1;
+    grpc_metadata_array_init(&c->md);
+    grpc_call_error e;
+    if (mth == M_UNKNOWN) {
+        grpc_call_details_init(&c->details);
+        e = grpc_server_request_call(S.server, &c->call, &c->details, &c->md, S.cq, S.cq,
+                                     &c->t_new);
+    } else {
+        e = grpc_server_request_registered_call(S.server, S.methods[mth], &c->call, &c->deadline,
+                                                &c->md, &c->req_bb, S.cq, S.cq, &c->t_new);
+    }
+    if (e != GRPC_CALL_OK) {
+        KVS_ERRORF("serve: cannot post a request slot: %s", grpc_call_error_to_string(e));
+        grpc_metadata_array_destroy(&c->md);
+        if (mth == M_UNKNOWN)
+            grpc_call_details_destroy(&c->details);
+        free(c);
+    }
+}
+
+static void
+list_add(call_t **head, call_t *c)
+{
+    c->prev = NULL;
+    c->next = *head;
+    if (*head)
+        (*head)->prev = c;
+    *head = c;
+}
+
+static void
+list_del(call_t **head, call_t *c)
+{
+    if (c->prev)
+        c->prev->next = c->next;
+    else if (*head == c)
+        *head = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    c->prev = c->next = NULL;
+}
+
+static void
+call_free(call_t *c)
+{
+    if (c->method == M_GENERATE) {
+        list_del(&S.gens, c);
+        if (c->id) {
+            S.slots[c->id & 0xffffffffu] = NULL;
+            S.n_live--;
+        }
+    } else if (c->method == M_HEALTH_WATCH) {
+        list_del(&S.watches, c);
+    }
+    if (c->req)
+        kvserve__v1__generate_request__free_unpacked(c->req, NULL);
+    srv_gen_req_free(&c->g);
+    free(c->toks);
+    free(c->tok_t);
+    free(c->text);
+    grpc_byte_buffer_destroy(c->req_bb);
+    grpc_byte_buffer_destroy(c->send_bb);
+    grpc_metadata_array_destroy(&c->md);
+    if (c->method == M_UNKNOWN)
+        grpc_call_details_destroy(&c->details);
+    if (c->call)
+        grpc_call_unref(c->call);
+    free(c);
+    maybe_finish_shutdown();
+}
+
+static void
+maybe_free(call_t *c)
+{
+    if (!c->close_done || c->send_pending || c->status_pending || c->engine_live)
+        return;
+    call_free(c);
+}
+
+/* A rejected batch can leave the call unusable (the guide, rule 4): cancel
+ * it; the close batch still completes and frees it. */
+static bool
+start(call_t *c, const grpc_op *ops, size_t n, tag_t *t)
+{
+    grpc_call_error e = grpc_call_start_batch(c->call, ops, n, t, NULL);
+    if (e == GRPC_CALL_OK)
+        return true;
+    KVS_ERRORF("serve: %s: batch refused: %s", c->method < M_COUNT ? method_path[c->method] : "?",
+               grpc_call_error_to_string(e));
+    grpc_call_cancel(c->call, NULL);
+    return false;
+}
+
+static void
+start_close(call_t *c)
+{
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    op.data.recv_close_on_server.cancelled = &c->cancelled;
+    c->close_started = true;
+    if (!start(c, &op, 1, &c->t_close))
+        c->close_done = true; /* no tag will come */
+}
+
+/* Ends the call with a status (after any messages already sent). */
+static void
+send_status(call_t *c, grpc_status_code code, const char *msg)
+{
+    if (c->status_started)
+        return;
+    grpc_op ops[2];
+    size_t n = 0;
+    memset(ops, 0, sizeof ops);
+    if (!c->md_sent) {
+        ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+        c->md_sent = true;
+    }
+    grpc_slice details = grpc_slice_from_copied_string(msg ? msg : "");
+    ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    ops[n].data.send_status_from_server.status = code;
+    ops[n++].data.send_status_from_server.status_details = &details;
+    c->status_started = true;
+    c->status_pending = start(c, ops, n, &c->t_status);
+    grpc_slice_unref(details); /* copied by start_batch */
+}
+
+/* Sends one message; false when the call is dead. */
+static bool
+send_msg(call_t *c, const ProtobufCMessage *msg)
+{
+    grpc_op ops[2];
+    size_t n = 0;
+    memset(ops, 0, sizeof ops);
+    if (!c->md_sent) {
+        ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+        c->md_sent = true;
+    }
+    c->send_bb = srv_pb_to_bb(msg);
+    ops[n].op = GRPC_OP_SEND_MESSAGE;
+    ops[n++].data.send_message.send_message = c->send_bb;
+    c->send_pending = start(c, ops, n, &c->t_send);
+    if (!c->send_pending) {
+        grpc_byte_buffer_destroy(c->send_bb);
+        c->send_bb = NULL;
+    }
+    return c->send_pending;
+}
+
+/* A unary answer: one batch with the message (when OK) and the status. */
+static void
+reply_unary(call_t *c, const ProtobufCMessage *msg, grpc_status_code code, const char *details)
+{
+    grpc_op ops[3];
+    size_t n = 0;
+    memset(ops, 0, sizeof ops);
+    ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+    c->md_sent = true;
+    if (msg && code == GRPC_STATUS_OK) {
+        c->send_bb = srv_pb_to_bb(msg);
+        ops[n].op = GRPC_OP_SEND_MESSAGE;
+        ops[n++].data.send_message.send_message = c->send_bb;
+    }
+    grpc_slice d = grpc_slice_from_copied_string(details ? details : "");
+    ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    ops[n].data.send_status_from_server.status = code;
+    ops[n++].data.send_status_from_server.status_details = &d;
+    c->status_started = true;
+    c->status_pending = start(c, ops, n, &c->t_status);
+    grpc_slice_unref(d);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Authentication                                                            */
+/* ------------------------------------------------------------------------ */
+
+/* Compares in time that depends only on the lengths, so a caller cannot
+ * find the key byte by byte from response times. */
+static bool
+key_equal(const uint8_t *a, size_t na, const uint8_t *b, size_t nb)
+{
+    uint8_t diff = (uint8_t)(na != nb);
+    for (size_t i = 0; i < nb; i++)
+        diff |= (uint8_t)((i < na ? a[i] : 0) ^ b[i]);
+    return diff == 0;
+}
+
+static bool
+authorized(const call_t *c)
+{
+    if (S.api_key == NULL || c->method == M_HEALTH_CHECK || c->method == M_HEALTH_WATCH)
+        return true;
+    static const char bearer[] = "Bearer ";
+    for (size_t i = 0; i < c->md.count; i++) {
+        const grpc_metadata *e = &c->md.metadata[i];
+        if (grpc_slice_str_cmp(e->key, "authorization") != 0)
+            continue;
+        size_t n = GRPC_SLICE_LENGTH(e->value);
+        const uint8_t *v = GRPC_SLICE_START_PTR(e->value);
+        if (n < sizeof bearer - 1 || memcmp(v, bearer, sizeof bearer - 1) != 0)
+            return false;
+        return key_equal(v + sizeof bearer - 1, n - (sizeof bearer - 1), (const uint8_t *)S.api_key,
+                         S.api_key_len);
+    }
+    return false;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Generate                                                                  */
+/* ------------------------------------------------------------------------ */
+
+static Kvserve__V1__FinishReason
+finish_reason(const call_t *c)
+{
+    if (c->stopped)
+        return KVSERVE__V1__FINISH_REASON__FINISH_REASON_STOP;
+    switch (c->fin) {
+    case SCHED_FINISH_LENGTH:
+        return KVSERVE__V1__FINISH_REASON__FINISH_REASON_LENGTH;
+    case SCHED_FINISH_EOS:
+        return KVSERVE__V1__FINISH_REASON__FINISH_REASON_EOS;
+    case SCHED_FINISH_CANCELLED:
+        return KVSERVE__V1__FINISH_REASON__FINISH_REASON_CANCELLED;
+    default:
+        return KVSERVE__V1__FINISH_REASON__FINISH_REASON_ERROR;
+    }
+}
+
+static bool
+text_append(call_t *c, const char *s, size_t n)
+{
+    if (c->n_text + n + 1 > c->cap_text) {
+        size_t cap = c->cap_text ? c->cap_text * 2 : 256;
+        while (cap < c->n_text + n + 1)
+            cap *= 2;
+        char *t = realloc(c->text, cap);
+        if (t == NULL)
+            return false;
+        c->text = t;
+        c->cap_text = cap;
+    }
+    memcpy(c->text + c->n_text, s, n);
+    c->n_text += n;
+    c->text[c->n_text] = '\0';
+    return true;
+}
+
+/* Bytes of text that may go out now: everything when finished; else all
+ * but what could still begin a stop string, cut back to a UTF-8 boundary. */
+static size_t
+text_ready(const call_t *c, bool final)
+{
+    if (final)
+        return c->n_text;
+    size_t hold = 0;
+    for (size_t i = 0; i < c->g.n_stop; i++) {
+        size_t n = strlen(c->g.stop[i]);
+        if (n - 1 > hold)
+            hold = n - 1;
+    }
+    size_t n = c->n_text > hold ? c->n_text - hold : 0;
+    /* Do not split a character: find where the last one starts. */
+    size_t k = n;
+    while (k > 0 && n - k < 3 && ((uint8_t)c->text[k - 1] & 0xc0) == 0x80)
+        k--;
+    if (k > 0) {
+        uint8_t lead = (uint8_t)c->text[k - 1];
+        size_t need = lead >= 0xf0 ? 4 : lead >= 0xe0 ? 3 : lead >= 0xc0 ? 2 : 1;
+        if (k - 1 + need > n)
+            n = k - 1;
+    }
+    return n;
+}
+
+/* Checks the new token against the stop conditions; true when the request
+ * stops here (the token and any text from the match on are dropped). */
+static bool
+check_stop(call_t *c, int32_t tok)
+{
+    for (size_t i = 0; i < c->g.n_stop_ids; i++) {
+        if ((uint32_t)tok == c->g.stop_ids[i]) {
+            int n = model_token_piece(S.m, tok, c->stop_match, sizeof c->stop_match - 1);
+            c->stop_match[n > 0 ? n : 0] = '\0';
+            return true;
+        }
+    }
+    char piece[64];
+    int n = model_token_piece(S.m, tok, piece, sizeof piece);
+    if (n > 0 && !text_append(c, piece, (size_t)n))
+        return false;
+    for (size_t i = 0; i < c->g.n_stop; i++) {
+        const char *hit = strstr(c->text, c->g.stop[i]);
+        if (hit) {
+            snprintf(c->stop_match, sizeof c->stop_match, "%s", c->g.stop[i]);
+            c->n_text = (size_t)(hit - c->text);
+            c->text[c->n_text] = '\0';
+            return true;
+        }
+    }
+    return false;
+}
+
+static void gen_log(const call_t *c);
+
+/* Sends what is pending when no send is in flight: all produced tokens in
+ * one message; the last message carries the finish reason and usage. */
+static void
+gen_pump(call_t *c)
+{
+    if (c->send_pending || c->status_started || c->close_done)
+        return;
+    bool done = c->finished && !c->engine_live;
+    if (c->final_sent) {
+        send_status(c, GRPC_STATUS_OK, NULL);
+        return;
+    }
+    if (c->finished && c->fin == SCHED_FINISH_ERROR && !c->stopped && c->n_delivered == 0 &&
+        c->n_toks == 0) {
+        send_status(
+            c, c->fin_err == KVS_ENOSPC ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INTERNAL,
+            kvs_strerror(c->fin_err));
+        gen_log(c);
+        return;
+    }
+    size_t ready = text_ready(c, done);
+    if (c->n_toks == 0 && ready == 0 && !done)
+        return;
+    Kvserve__V1__GenerateResponse r = KVSERVE__V1__GENERATE_RESPONSE__INIT;
+    uint32_t *ids = malloc((c->n_toks ? c->n_toks : 1) * sizeof *ids);
+    char *txt = malloc(ready + 1);
+    if (!ids || !txt) {
+        free(ids);
+        free(txt);
+        grpc_call_cancel(c->call, NULL);
+        return;
+    }
+    for (size_t i = 0; i < c->n_toks; i++)
+        ids[i] = (uint32_t)c->toks[i];
+    memcpy(txt, c->text, ready);
+    txt[ready] = '\0';
+    r.n_token_ids = c->n_toks;
+    r.token_ids = ids;
+    r.text = txt;
+    if (!c->md_sent)
+        r.request_id = c->rid;
+    Kvserve__V1__Usage u = KVSERVE__V1__USAGE__INIT;
+    if (done) {
+        r.has_finish_reason = true;
+        r.finish_reason = finish_reason(c);
+        if (c->stop_match[0])
+            r.stop_match = c->stop_match;
+        u.has_prompt_tokens = u.has_cached_prompt_tokens = u.has_computed_prompt_tokens = true;
+        u.has_completion_tokens = u.has_preemptions = u.has_queue_time_us = true;
+        u.has_time_to_first_token_us = u.has_decode_time_us = true;
+        u.prompt_tokens = c->usage.prompt_tokens;
+        u.cached_prompt_tokens = c->usage.cached_prompt_tokens;
+        u.computed_prompt_tokens = c->usage.computed_prompt_tokens;
+        u.completion_tokens = c->n_delivered + (uint32_t)c->n_toks;
+        u.preemptions = c->usage.preemptions;
+        u.queue_time_us = c->usage.queue_ns / 1000;
+        u.time_to_first_token_us = c->usage.ttft_ns / 1000;
+        u.decode_time_us = c->usage.decode_ns / 1000;
+        r.usage = &u;
+    }
+    bool ok = send_msg(c, &r.base);
+    free(ids);
+    free(txt);
+    if (!ok)
+        return;
+    c->msg_n = (uint32_t)c->n_toks;
+    c->msg_t_sum = 0;
+    for (size_t i = 0; i < c->n_toks; i++)
+        c->msg_t_sum += c->tok_t[i];
+    c->n_delivered += (uint32_t)c->n_toks;
+    c->n_toks = 0;
+    memmove(c->text, c->text + ready, c->n_text - ready);
+    c->n_text -= ready;
+    if (done) {
+        c->final_sent = true;
+        gen_log(c);
+    }
+}
+
+static void
+gen_log(const call_t *c)
+{
+    double ms = (double)(kvs_now_ns() - c->t_arrive) / 1e6;
+    KVS_INFOF("request %s: %s, prompt %u (cached %u), completion %u, queue %.1f ms, "
+              "ttft %.1f ms, total %.1f ms, preempted %u",
+              c->rid,
+              c->stopped ? "stop"
+              : c->fin   ? sched_finish_name(c->fin)
+                         : "-",
+              c->usage.prompt_tokens, c->usage.cached_prompt_tokens,
+              c->n_delivered + (uint32_t)c->n_toks, c->usage.queue_ns / 1e6, c->usage.ttft_ns / 1e6,
+              ms, c->usage.preemptions);
+}
+
+static void
+gen_refuse(call_t *c, grpc_status_code code, const char *msg)
+{
+    KVS_INFOF("request %s refused: %s", c->rid[0] ? c->rid : "-", msg);
+    send_status(c, code, msg);
+}
+
+static void
+gen_new(call_t *c)
+{
+    c->t_arrive = kvs_now_ns();
+    list_add(&S.gens, c);
+    S.n_requests++;
+    if (S.draining) {
+        gen_refuse(c, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
+        return;
+    }
+    if (!authorized(c)) {
+        gen_refuse(c, GRPC_STATUS_UNAUTHENTICATED,
+                   "missing or wrong API key (authorization: Bearer ...)");
+        return;
+    }
+    c->req = (Kvserve__V1__GenerateRequest *)srv_bb_to_pb(
+        c->req_bb, &kvserve__v1__generate_request__descriptor);
+    if (c->req == NULL) {
+        gen_refuse(c, GRPC_STATUS_INVALID_ARGUMENT, "cannot parse GenerateRequest");
+        return;
+    }
+    char msg[256];
+    srv_limits_t lim = S.lim;
+    lim.seed_fallback = (S.seq + 1) * 0x9e3779b97f4a7c15ull ^ kvs_now_ns();
+    grpc_status_code rc = srv_gen_parse(c->req, &lim, &c->g, msg, sizeof msg);
+    if (c->g.request_id[0])
+        memcpy(c->rid, c->g.request_id, sizeof c->rid);
+    else
+        snprintf(c->rid, sizeof c->rid, "req-%llu", (unsigned long long)S.n_requests);
+    if (rc != GRPC_STATUS_OK) {
+        gen_refuse(c, rc, msg);
+        return;
+    }
+    for (call_t *o = S.gens; o; o = o->next) {
+        if (o != c && o->id && strcmp(o->rid, c->rid) == 0) {
+            gen_refuse(c, GRPC_STATUS_ALREADY_EXISTS,
+                       "request_id: already in use by a live request");
+            return;
+        }
+    }
+    if (S.n_live >= S.n_slots) {
+        gen_refuse(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "the request queue is full");
+        return;
+    }
+    uint32_t slot = 0;
+    while (S.slots[slot])
+        slot++;
+    uint64_t id = ((uint64_t)++S.slot_gen[slot] << 32) | slot;
+    c->g.sr.id = id;
+    int e = sched_submit(S.sched, &c->g.sr);
+    if (e) {
+        snprintf(msg, sizeof msg, "the engine refused the request: %s",
+                 e == KVS_ENOSPC ? "it can never fit in the KV cache" : kvs_strerror(e));
+        gen_refuse(c,
+                   e == KVS_ERANGE   ? GRPC_STATUS_OUT_OF_RANGE
+                   : e == KVS_ENOSPC ? GRPC_STATUS_RESOURCE_EXHAUSTED
+                   : e == KVS_EINVAL ? GRPC_STATUS_INVALID_ARGUMENT
+                                     : GRPC_STATUS_INTERNAL,
+                   msg);
+        return;
+    }
+    c->id = id;
+    S.slots[slot] = c;
+    S.n_live++;
+    c->engine_live = true;
+    c->usage.prompt_tokens = c->g.n_prompt;
+}
+
+static call_t *
+gen_by_id(uint64_t id)
+{
+    uint32_t slot = (uint32_t)(id & 0xffffffffu);
+    call_t *c = slot < S.n_slots ? S.slots[slot] : NULL;
+    return c && c->id == id ? c : NULL;
+}
+
+static void
+on_engine(uv_async_t *h)
+{
+    (void)h;
+    sched_event_t *ev;
+    while ((ev = sched_poll(S.sched)) != NULL) {
+        call_t *c = gen_by_id(ev->req_id);
+        if (c && ev->kind == SCHED_EV_TOKEN && !c->stopped && !c->finished) {
+            if (check_stop(c, ev->token)) {
+                c->stopped = true;
+                sched_cancel(S.sched, c->id);
+            } else {
+                if (c->n_toks == c->cap_toks) {
+                    size_t cap = c->cap_toks ? 2 * c->cap_toks : 16;
+                    int32_t *t = realloc(c->toks, cap * sizeof *t);
+                    if (t)
+                        c->toks = t;
+                    uint64_t *tt = t ? realloc(c->tok_t, cap * sizeof *tt) : NULL;
+                    if (tt) {
+                        c->tok_t = tt;
+                        c->cap_toks = cap;
+                    }
+                }
+                if (c->n_toks < c->cap_toks) {
+                    c->tok_t[c->n_toks] = ev->t_ns;
+                    c->toks[c->n_toks++] = ev->token;
+                }
+            }
+        } else if (c && ev->kind == SCHED_EV_FINISH) {
+            c->engine_live = false;
+            c->finished = true;
+            c->fin = ev->finish;
+            c->fin_err = ev->error;
+            uint32_t prompt = c->usage.prompt_tokens;
+            c->usage = ev->usage;
+            c->usage.prompt_tokens = prompt;
+            /* The client is gone: nothing more to send. */
+            if (c->close_done) {
+                gen_log(c);
+                maybe_free(c);
+                sched_event_free(ev);
+                continue;
+            }
+        }
+        if (c)
+            gen_pump(c);
+        sched_event_free(ev);
+    }
+    maybe_finish_shutdown();
+}
+
+static void
+engine_wake(void *arg)
+{
+    (void)arg;
+    uv_async_send(&S.eng_async);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Unary methods and health                                                  */
+/* ------------------------------------------------------------------------ */
+
+/* The request message, or NULL after answering INVALID_ARGUMENT. */
+static ProtobufCMessage *
+parse_or_refuse(call_t *c, const ProtobufCMessageDescriptor *d)
+{
+    ProtobufCMessage *m = srv_bb_to_pb(c->req_bb, d);
+    if (m == NULL) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "cannot parse %s", d->short_name);
+        reply_unary(c, NULL, GRPC_STATUS_INVALID_ARGUMENT, msg);
+    }
+    return m;
+}
+
+static Grpc__Health__V1__HealthCheckResponse__ServingStatus
+health_status(void)
+{
+    return S.draining ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING
+                      : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
+}
+
+/* Empty, "kvserve.v1.Generation" and "kvserve.v1.Control" are ours. */
+static bool
+known_service(const char *s)
+{
+    return s == NULL || s[0] == '\0' || strcmp(s, "kvserve.v1.Generation") == 0 ||
+           strcmp(s, "kvserve.v1.Control") == 0;
+}
+
+static void
+watch_pump(call_t *c)
+{
+    if (c->send_pending || c->status_started || c->close_done)
+        return;
+    int st = (int)health_status();
+    if (st == c->watch_sent)
+        return;
+    Grpc__Health__V1__HealthCheckResponse r = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+    r.status = (Grpc__Health__V1__HealthCheckResponse__ServingStatus)st;
+    if (send_msg(c, &r.base))
+        c->watch_sent = st;
+}
+
+static void
+health_new(call_t *c)
+{
+    Grpc__Health__V1__HealthCheckRequest *q =
+        (Grpc__Health__V1__HealthCheckRequest *)parse_or_refuse(
+            c, &grpc__health__v1__health_check_request__descriptor);
+    if (q == NULL)
+        return;
+    bool known = known_service(q->service);
+    grpc__health__v1__health_check_request__free_unpacked(q, NULL);
+    if (c->method == M_HEALTH_WATCH) {
+        if (!known) {
+            /* Watch reports an unknown service as a status, not an error. */
+            Grpc__Health__V1__HealthCheckResponse r = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+            r.status = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN;
+            reply_unary(c, &r.base, GRPC_STATUS_OK, NULL);
+            return;
+        }
+        list_add(&S.watches, c);
+        watch_pump(c);
+        return;
+    }
+    if (!known) {
+        reply_unary(c, NULL, GRPC_STATUS_NOT_FOUND, "unknown service");
+        return;
+    }
+    Grpc__Health__V1__HealthCheckResponse r = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+    r.status = health_status();
+    reply_unary(c, &r.base, GRPC_STATUS_OK, NULL);
+}
+
+static void
+tokenize_new(call_t *c)
+{
+    Kvserve__V1__TokenizeRequest *q = (Kvserve__V1__TokenizeRequest *)parse_or_refuse(
+        c, &kvserve__v1__tokenize_request__descriptor);
+    if (q == NULL)
+        return;
+    size_t len = strlen(q->text), n = 0;
+    bool bos = q->has_add_bos ? q->add_bos : model_token_bos(S.m) >= 0;
+    int32_t *ids = malloc((len + 2) * sizeof *ids);
+    uint32_t *out = malloc((len + 2) * sizeof *out);
+    if (!ids || !out) {
+        reply_unary(c, NULL, GRPC_STATUS_RESOURCE_EXHAUSTED, "text: out of memory");
+    } else if (model_tokenize(S.m, q->text, len, bos, ids, len + 2, &n)) {
+        reply_unary(c, NULL, GRPC_STATUS_INVALID_ARGUMENT, "text: cannot be tokenized");
+    } else {
+        for (size_t i = 0; i < n; i++)
+            out[i] = (uint32_t)ids[i];
+        Kvserve__V1__TokenizeResponse r = KVSERVE__V1__TOKENIZE_RESPONSE__INIT;
+        r.n_ids = n;
+        r.ids = out;
+        reply_unary(c, &r.base, GRPC_STATUS_OK, NULL);
+    }
+    free(ids);
+    free(out);
+    kvserve__v1__tokenize_request__free_unpacked(q, NULL);
+}
+
+static void
+model_info_new(call_t *c)
+{
+    const model_hparams_t *hp = model_hparams(S.m);
+    Kvserve__V1__ModelInfo r = KVSERVE__V1__MODEL_INFO__INIT;
+    char name[256];
+    snprintf(name, sizeof name, "%s", S.o.model);
+    r.name = name;
+    r.architecture = (char *)hp->arch;
+    const kern_type_traits_t *tr = kern_type_traits(hp->wtype);
+    r.weight_type = (char *)(tr ? tr->name : "?");
+    r.has_n_vocab = r.has_n_ctx_train = r.has_n_embd = r.has_n_layer = true;
+    r.has_n_head = r.has_n_head_kv = true;
+    r.n_vocab = hp->n_vocab;
+    r.n_ctx_train = hp->n_ctx_train;
+    r.n_embd = hp->n_embd;
+    r.n_layer = hp->n_layer;
+    r.n_head = hp->n_head;
+    r.n_head_kv = hp->n_head_kv;
+    if (model_token_bos(S.m) >= 0) {
+        r.has_bos_token_id = true;
+        r.bos_token_id = (uint32_t)model_token_bos(S.m);
+    }
+    if (model_token_eos(S.m) >= 0) {
+        r.has_eos_token_id = true;
+        r.eos_token_id = (uint32_t)model_token_eos(S.m);
+    }
+    reply_unary(c, &r.base, GRPC_STATUS_OK, NULL);
+}
+
+static void
+server_info_new(call_t *c)
+{
+    const sched_cfg_t *sc = sched_get_cfg(S.sched);
+    Kvserve__V1__ServerInfo r = KVSERVE__V1__SERVER_INFO__INIT;
+    char *policies[] = {"dense"};
+    r.version = "0.1.0";
+    r.device = (char *)kern_backend_name(S.be);
+    r.has_block_size = r.has_total_blocks = r.has_max_model_len = r.has_max_num_seqs = true;
+    r.has_max_num_batched_tokens = r.has_max_queued_requests = r.has_prefix_caching = true;
+    r.block_size = sc->block_tokens;
+    r.total_blocks = sc->n_blocks;
+    r.kv_cache_dtype = sc->kv_dtype == KERN_F32 ? "f32" : "f16";
+    r.max_model_len = sc->max_model_len;
+    r.max_num_seqs = sc->max_num_seqs;
+    r.max_num_batched_tokens = sc->max_num_batched_tokens;
+    r.max_queued_requests = S.o.max_queued;
+    r.prefix_caching = sc->prefix_caching;
+    r.n_attention_policies = 1;
+    r.attention_policies = policies;
+    reply_unary(c, &r.base, GRPC_STATUS_OK, NULL);
+}
+
+static void
+load_new(call_t *c)
+{
+    sched_load_t l;
+    sched_get_load(S.sched, &l);
+    Kvserve__V1__Load r = KVSERVE__V1__LOAD__INIT;
+    r.has_running = r.has_queued = r.has_kv_blocks_total = r.has_kv_blocks_free = true;
+    r.has_kv_blocks_cached = r.has_requests_total = true;
+    r.running = l.running;
+    r.queued = l.waiting;
+    r.kv_blocks_total = l.blocks_total;
+    r.kv_blocks_free = l.blocks_free;
+    r.kv_blocks_cached = l.blocks_cached;
+    r.requests_total = S.n_requests;
+    r.has_messages_sent = r.has_tokens_sent = r.has_token_latency_us_sum = true;
+    r.has_engine_steps = r.has_engine_busy_us = true;
+    r.messages_sent = S.msgs_sent;
+    r.tokens_sent = S.toks_sent;
+    r.token_latency_us_sum = S.tok_lat_ns / 1000;
+    r.engine_steps = l.steps;
+    r.engine_busy_us = l.busy_ns / 1000;
+    reply_unary(c, &r.base, GRPC_STATUS_OK, NULL);
+}
+
+static void
+abort_new(call_t *c)
+{
+    Kvserve__V1__AbortRequest *q =
+        (Kvserve__V1__AbortRequest *)parse_or_refuse(c, &kvserve__v1__abort_request__descriptor);
+    if (q == NULL)
+        return;
+    Kvserve__V1__AbortResponse r = KVSERVE__V1__ABORT_RESPONSE__INIT;
+    r.has_found = true;
+    for (call_t *g = S.gens; g; g = g->next) {
+        if (g->id && g->engine_live && !g->stopped && strcmp(g->rid, q->request_id) == 0) {
+            sched_cancel(S.sched, g->id);
+            r.found = true;
+            KVS_INFOF("request %s: abort requested", g->rid);
+            break;
+        }
+    }
+    kvserve__v1__abort_request__free_unpacked(q, NULL);
+    reply_unary(c, &r.base, GRPC_STATUS_OK, NULL);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Dispatch                                                                  */
+/* ------------------------------------------------------------------------ */
+
+static void
+on_new(call_t *c, int ok)
+{
+    if (!ok) { /* a slot cancelled by shutdown */
+        call_free(c);
+        return;
+    }
+    if (!S.shutting_down)
+        post_slot(c->method);
+    start_close(c);
+    if (c->method == M_UNKNOWN) {
+        KVS_INFOF("unknown method %.*s", (int)GRPC_SLICE_LENGTH(c->details.method),
+                  (const char *)GRPC_SLICE_START_PTR(c->details.method));
+        reply_unary(c, NULL, GRPC_STATUS_UNIMPLEMENTED, "unknown method");
+        return;
+    }
+    if (c->method != M_GENERATE && !authorized(c)) {
+        reply_unary(c, NULL, GRPC_STATUS_UNAUTHENTICATED,
+                    "missing or wrong API key (authorization: Bearer ...)");
+        return;
+    }
+    switch (c->method) {
+    case M_GENERATE:
+        gen_new(c);
+        break;
+    case M_TOKENIZE:
+        tokenize_new(c);
+        break;
+    case M_MODEL_INFO:
+        model_info_new(c);
+        break;
+    case M_SERVER_INFO:
+        server_info_new(c);
+        break;
+    case M_LOAD:
+        load_new(c);
+        break;
+    case M_ABORT:
+        abort_new(c);
+        break;
+    case M_HEALTH_CHECK:
+    case M_HEALTH_WATCH:
+        health_new(c);
+        break;
+    default:
+        break;
+    }
+}
+
+static void
+dispatch(tag_t *t, int ok)
+{
+    if (t->kind == T_SHUTDOWN) {
+        S.shutdown_done = true;
+        grpc_completion_queue_shutdown(S.cq);
+        return;
+    }
+    call_t *c = t->owner;
+    switch (t->kind) {
+    case T_NEW:
+        on_new(c, ok);
+        break;
+    case T_SEND:
+        grpc_byte_buffer_destroy(c->send_bb);
+        c->send_bb = NULL;
+        c->send_pending = false;
+        if (!ok) { /* the client went away or a limit was hit */
+            if (c->engine_live)
+                sched_cancel(S.sched, c->id);
+        } else if (c->method == M_GENERATE) {
+            S.msgs_sent++;
+            S.toks_sent += c->msg_n;
+            S.tok_lat_ns += c->msg_n * kvs_now_ns() - c->msg_t_sum;
+            c->msg_n = 0;
+            c->msg_t_sum = 0;
+            gen_pump(c);
+        } else if (c->method == M_HEALTH_WATCH) {
+            watch_pump(c);
+            if (S.shutting_down && !c->send_pending)
+                send_status(c, GRPC_STATUS_OK, NULL);
+        }
+        break;
+    case T_STATUS:
+        c->status_pending = false;
+        break;
+    case T_CLOSE:
+        c->close_done = true;
+        if (c->cancelled && c->engine_live && !c->stopped) {
+            KVS_INFOF("request %s: cancelled by the client (or its deadline)", c->rid);
+            sched_cancel(S.sched, c->id); /* freed when the engine says so */
+        }
+        break;
+    default:
+        break;
+    }
+    maybe_free(c);
+}
+
+/* Stops the engine thread, then finishes by hand what it still held (a
+ * drain timeout cancelled them), so every call is freed before the loop
+ * closes the handle the engine would wake. */
+static void
+engine_down(void)
+{
+    if (S.engine_stopped)
+        return;
+    sched_thread_stop(S.sched);
+    S.engine_stopped = true;
+    for (call_t *g = S.gens; g; g = g->next)
+        if (g->engine_live)
+            sched_cancel(S.sched, g->id);
+    while (sched_step(S.sched) > 0)
+        ;
+    on_engine(NULL);
+}
+
+static void
+on_cq(uv_async_t *h)
+{
+    (void)h;
+    for (;;) {
+        uv_mutex_lock(&S.mu);
+        qev_t *v = S.q;
+        size_t n = S.q_len;
+        S.q = NULL;
+        S.q_len = S.q_cap = 0;
+        uv_mutex_unlock(&S.mu);
+        if (n == 0) {
+            free(v);
+            return;
+        }
+        for (size_t i = 0; i < n; i++) {
+            if (v[i].tag == NULL) { /* the cq is drained: the cq thread has ended */
+                uv_thread_join(&S.cq_thread);
+                S.cq_joined = true;
+                engine_down();
+                uv_close((uv_handle_t *)&S.cq_async, NULL);
+                uv_close((uv_handle_t *)&S.eng_async, NULL);
+                uv_signal_stop(&S.sig_term);
+                uv_signal_stop(&S.sig_int);
+                continue;
+            }
+            dispatch(v[i].tag, v[i].ok);
+        }
+        free(v);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Drain and shutdown                                                        */
+/* ------------------------------------------------------------------------ */
+
+static void
+begin_shutdown(void)
+{
+    if (S.shutting_down)
+        return;
+    S.shutting_down = true;
+    uv_timer_stop(&S.drain_timer);
+    /* Watch streams end with OK; everything else still open is cancelled. */
+    for (call_t *w = S.watches; w; w = w->next)
+        if (!w->send_pending)
+            send_status(w, GRPC_STATUS_OK, NULL);
+    grpc_server_shutdown_and_notify(S.server, S.cq, &S.t_shutdown);
+    grpc_server_cancel_all_calls(S.server);
+}
+
+static void
+maybe_finish_shutdown(void)
+{
+    if (S.draining && !S.shutting_down && S.n_live == 0)
+        begin_shutdown();
+}
+
+static void
+on_drain_timeout(uv_timer_t *t)
+{
+    (void)t;
+    KVS_WARNF("serve: drain timeout: cancelling %u requests still running", S.n_live);
+    for (call_t *g = S.gens; g; g = g->next)
+        if (g->engine_live)
+            sched_cancel(S.sched, g->id);
+    begin_shutdown();
+}
+
+static void
+on_signal(uv_signal_t *h, int signum)
+{
+    (void)h;
+    if (S.draining) { /* a second signal: stop waiting */
+        on_drain_timeout(&S.drain_timer);
+        return;
+    }
+    KVS_INFOF("serve: %s: draining (%u requests in flight, up to %u s)",
+              signum == SIGTERM ? "SIGTERM" : "SIGINT", S.n_live, S.o.drain_timeout_s);
+    S.draining = true;
+    for (call_t *w = S.watches; w; w = w->next)
+        watch_pump(w);
+    uv_timer_start(&S.drain_timer, on_drain_timeout, (uint64_t)S.o.drain_timeout_s * 1000, 0);
+    maybe_finish_shutdown();
+}
+
+/* ------------------------------------------------------------------------ */
+/* Command line and bring-up                                                 */
+/* ------------------------------------------------------------------------ */
+
+static const char usage[] =
+    "usage: kvserve serve [--model PATH] [--host 127.0.0.1] [--port 50051] [--device "
+    "cpu|ref|cuda]\n"
+    "                     [--threads N] [--max-model-len N] [--block-size 16]\n"
+    "                     [--kv-cache-dtype f16|f32] [--kv-cache-memory BYTES | --num-kv-blocks "
+    "N]\n"
+    "                     [--max-num-seqs N] [--max-num-batched-tokens N] [--max-queued-requests "
+    "N]\n"
+    "                     [--enable-prefix-caching | --no-enable-prefix-caching]\n"
+    "                     [--tls-cert F --tls-key F [--tls-client-ca F]] [--api-key-file F]\n"
+    "                     [--drain-timeout S] [--max-concurrent-streams N]\n";
+
+static char *
+read_file(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (f == NULL)
+        return NULL;
+    char *buf = NULL;
+    size_t n = 0, cap = 0;
+    for (;;) {
+        if (n + 4096 > cap) {
+            cap = cap ? 2 * cap : 8192;
+            char *b = realloc(buf, cap);
+            if (b == NULL) {
+                free(buf);
+                fclose(f);
+                return NULL;
+            }
+            buf = b;
+        }
+        size_t r = fread(buf + n, 1, cap - n - 1, f);
+        n += r;
+        if (r == 0)
+            break;
+    }
+    fclose(f);
+    buf[n] = '\0';
+    if (len)
+        *len = n;
+    return buf;
+}
+
+static int
+parse_opts(int argc, char **argv, srv_opts_t *o)
+{
+    const char *C = "serve";
+    *o = (srv_opts_t){.host = "127.0.0.1",
+                      .port = 50051,
+                      .device = "cpu",
+                      .block_size = 16,
+                      .max_num_seqs = 256,
+                      .max_batched = 2048,
+                      .max_queued = 1024,
+                      .drain_timeout_s = 30,
+                      .max_streams = 1024,
+                      .kv_dtype = KERN_F16,
+                      .prefix_caching = true};
+    enum {
+        O_MODEL = 256,
+        O_HOST,
+        O_PORT,
+        O_DEVICE,
+        O_THREADS,
+        O_MAXLEN,
+        O_BLOCK,
+        O_KVDT,
+        O_KVMEM,
+        O_NBLOCKS,
+        O_SEQS,
+        O_BATCHED,
+        O_QUEUED,
+        O_PFX,
+        O_NOPFX,
+        O_CERT,
+        O_KEY,
+        O_CA,
+        O_APIKEY,
+        O_DRAIN,
+        O_STREAMS,
+        O_HELP,
+    };
+    static const struct option lo[] = {
+        {"model", 1, 0, O_MODEL},
+        {"host", 1, 0, O_HOST},
+        {"port", 1, 0, O_PORT},
+        {"device", 1, 0, O_DEVICE},
+        {"threads", 1, 0, O_THREADS},
+        {"max-model-len", 1, 0, O_MAXLEN},
+        {"block-size", 1, 0, O_BLOCK},
+        {"kv-cache-dtype", 1, 0, O_KVDT},
+        {"kv-cache-memory", 1, 0, O_KVMEM},
+        {"num-kv-blocks", 1, 0, O_NBLOCKS},
+        {"max-num-seqs", 1, 0, O_SEQS},
+        {"max-num-batched-tokens", 1, 0, O_BATCHED},
+        {"max-queued-requests", 1, 0, O_QUEUED},
+        {"enable-prefix-caching", 0, 0, O_PFX},
+        {"no-enable-prefix-caching", 0, 0, O_NOPFX},
+        {"tls-cert", 1, 0, O_CERT},
+        {"tls-key", 1, 0, O_KEY},
+        {"tls-client-ca", 1, 0, O_CA},
+        {"api-key-file", 1, 0, O_APIKEY},
+        {"drain-timeout", 1, 0, O_DRAIN},
+        {"max-concurrent-streams", 1, 0, O_STREAMS},
+        {"help", 0, 0, O_HELP},
+        {0, 0, 0, 0},
+    };
+    optind = 1;
+    int ch, rc = 0;
+    while (rc == 0 && (ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+        switch (ch) {
+        case O_MODEL:
+            o->model = optarg;
+            break;
+        case O_HOST:
+            o->host = optarg;
+            break;
+        case O_PORT:
+            rc = srv_parse_u32(C, "--port", optarg, 0, 65535, &o->port);
+            break;
+        case O_DEVICE:
+            o->device = optarg;
+            break;
+        case O_THREADS:
+            rc = srv_parse_u32(C, "--threads", optarg, 0, 1024, &o->threads);
+            break;
+        case O_MAXLEN:
+            rc = srv_parse_u32(C, "--max-model-len", optarg, 2, 1u << 24, &o->max_model_len);
+            break;
+        case O_BLOCK:
+            rc = srv_parse_block_size(C, optarg, &o->block_size);
+            break;
+        case O_KVDT:
+            rc = srv_parse_kv_dtype(C, optarg, &o->kv_dtype);
+            break;
+        case O_KVMEM:
+            rc = srv_parse_u64(C, "--kv-cache-memory", optarg, &o->kv_memory);
+            break;
+        case O_NBLOCKS:
+            rc = srv_parse_u32(C, "--num-kv-blocks", optarg, 1, 1u << 30, &o->num_blocks);
+            break;
+        case O_SEQS:
+            rc = srv_parse_u32(C, "--max-num-seqs", optarg, 1, 65536, &o->max_num_seqs);
+            break;
+        case O_BATCHED:
+            rc = srv_parse_u32(C, "--max-num-batched-tokens", optarg, 1, 1u << 20, &o->max_batched);
+            break;
+        case O_QUEUED:
+            rc = srv_parse_u32(C, "--max-queued-requests", optarg, 0, 1u << 20, &o->max_queued);
+            break;
+        case O_PFX:
+            o->prefix_caching = true;
+            break;
+        case O_NOPFX:
+            o->prefix_caching = false;
+            break;
+        case O_CERT:
+            o->tls_cert = optarg;
+            break;
+        case O_KEY:
+            o->tls_key = optarg;
+            break;
+        case O_CA:
+            o->tls_ca = optarg;
+            break;
+        case O_APIKEY:
+            o->api_key_file = optarg;
+            break;
+        case O_DRAIN:
+            rc = srv_parse_u32(C, "--drain-timeout", optarg, 0, 86400, &o->drain_timeout_s);
+            break;
+        case O_STREAMS:
+            rc = srv_parse_u32(C, "--max-concurrent-streams", optarg, 1, 1u << 20, &o->max_streams);
+            break;
+        case O_HELP:
+            fputs(usage, stdout);
+            return 1;
+        default:
+            fputs(usage, stderr);
+            return KVS_EINVAL;
+        }
+    }
+    if (rc)
+        return rc;
+    if (optind < argc) {
+        fprintf(stderr, "kvserve serve: unexpected argument '%s'\n%s", argv[optind], usage);
+        return KVS_EINVAL;
+    }
+    if (!o->tls_cert != !o->tls_key) {
+        fprintf(stderr, "kvserve serve: --tls-cert and --tls-key go together\n");
+        return KVS_EINVAL;
+    }
+    if (o->tls_ca && !o->tls_cert) {
+        fprintf(stderr, "kvserve serve: --tls-client-ca needs --tls-cert and --tls-key\n");
+        return KVS_EINVAL;
+    }
+    if (o->model == NULL && (o->model = srv_default_model()) == NULL) {
+        fprintf(stderr, "kvserve serve: no --model given and no bundled model found\n");
+        return KVS_EINVAL;
+    }
+    return 0;
+}
+
+static grpc_server_credentials *
+make_creds(const srv_opts_t *o)
+{
+    if (!o->tls_cert)
+        return grpc_insecure_server_credentials_create();
+    char *cert = read_file(o->tls_cert, NULL), *key = read_file(o->tls_key, NULL);
+    char *ca = o->tls_ca ? read_file(o->tls_ca, NULL) : NULL;
+    grpc_server_credentials *cr = NULL;
+    if (!cert || !key || (o->tls_ca && !ca)) {
+        fprintf(stderr, "kvserve serve: cannot read %s\n",
+                !cert  ? o->tls_cert
+                : !key ? o->tls_key
+                       : o->tls_ca);
+    } else {
+        grpc_ssl_pem_key_cert_pair pair = {key, cert}; /* private key first */
+        cr = grpc_ssl_server_credentials_create_ex(
+            ca, &pair, 1,
+            ca ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+               : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
+            NULL);
+    }
+    if (key)
+        memset(key, 0, strlen(key));
+    free(cert);
+    free(key);
+    free(ca);
+    return cr;
+}
+
+static int
+engine_up(const srv_opts_t *o)
+{
+    char err[512] = "";
+    kern_backend_cfg_t bc = {.n_threads = o->threads};
+    int rc = kern_backend_new(o->device, &bc, &S.be);
+    if (rc) {
+        fprintf(stderr, "kvserve serve: --device %s: %s\n", o->device, kvs_strerror(rc));
+        return rc;
+    }
+    if ((rc = model_load(o->model, S.be, &S.m, err, sizeof err))) {
+        fprintf(stderr, "kvserve serve: %s: %s\n", o->model, err[0] ? err : kvs_strerror(rc));
+        return rc;
+    }
+    const model_hparams_t *hp = model_hparams(S.m);
+    uint32_t max_len = o->max_model_len ? o->max_model_len : hp->n_ctx_train;
+    sched_cfg_t sc = {.max_num_seqs = o->max_num_seqs,
+                      .max_num_batched_tokens = o->max_batched,
+                      .max_model_len = max_len,
+                      .block_tokens = o->block_size,
+                      .n_blocks = o->num_blocks,
+                      .kv_cache_bytes = o->kv_memory,
+                      .kv_dtype = o->kv_dtype,
+                      .prefix_caching = o->prefix_caching,
+                      .wake = engine_wake,
+                      .wake_arg = NULL};
+    if (sc.n_blocks == 0 && sc.kv_cache_bytes == 0) {
+        /* Enough for every sequence at full length, capped at 1 GiB. */
+        uint64_t per = (uint64_t)model_kv_bytes_per_token(S.m, o->kv_dtype) * hp->n_layer;
+        uint64_t want = per * max_len * (o->max_num_seqs < 8 ? o->max_num_seqs : 8);
+        sc.kv_cache_bytes = want < (1ull << 30) ? want : (1ull << 30);
+    }
+    if ((rc = sched_new(S.m, &sc, &S.sched))) {
+        fprintf(stderr, "kvserve serve: engine setup failed: %s\n", kvs_strerror(rc));
+        return rc;
+    }
+    S.lim = (srv_limits_t){.m = S.m, .n_vocab = hp->n_vocab, .max_model_len = max_len};
+    return sched_thread_start(S.sched);
+}
+
+static int
+grpc_up(const srv_opts_t *o)
+{
+    const sched_cfg_t *sc = sched_get_cfg(S.sched);
+    /* The largest valid request: every token id (up to 5 bytes) or 64 text
+     * bytes per token of the maximum length, plus stop strings. */
+    uint64_t max_recv = (uint64_t)sc->max_model_len * 64 + (64u << 10);
+    if (max_recv > INT32_MAX)
+        max_recv = INT32_MAX;
+    grpc_arg args[3];
+    memset(args, 0, sizeof args);
+    args[0].type = GRPC_ARG_INTEGER;
+    args[0].key = GRPC_ARG_ALLOW_REUSEPORT; /* a busy port must fail loudly */
+    args[0].value.integer = 0;
+    args[1].type = GRPC_ARG_INTEGER;
+    args[1].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
+    args[1].value.integer = (int)max_recv;
+    args[2].type = GRPC_ARG_INTEGER;
+    args[2].key = GRPC_ARG_MAX_CONCURRENT_STREAMS;
+    args[2].value.integer = (int)o->max_streams;
+    grpc_channel_args chargs = {3, args};
+    S.cq = grpc_completion_queue_create_for_next(NULL);
+    S.server = grpc_server_create(&chargs, NULL);
+    grpc_server_register_completion_queue(S.server, S.cq, NULL);
+    for (int i = 0; i < M_COUNT; i++)
+        S.methods[i] = grpc_server_register_method(S.server, method_path[i], NULL,
+                                                   GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+    grpc_server_credentials *cr = make_creds(o);
+    if (cr == NULL)
+        return KVS_EINVAL;
+    char addr[300];
+    snprintf(addr, sizeof addr, strchr(o->host, ':') ? "[%s]:%u" : "%s:%u", o->host, o->port);
+    int port = grpc_server_add_http2_port(S.server, addr, cr);
+    grpc_server_credentials_release(cr);
+    if (port == 0) {
+        fprintf(stderr, "kvserve serve: cannot listen on %s (in use, or not a local address)\n",
+                addr);
+        return KVS_EIO;
+    }
+    grpc_server_start(S.server);
+    S.t_shutdown = (tag_t){T_SHUTDOWN, NULL};
+    for (int m = 0; m <= M_UNKNOWN; m++)
+        for (int k = 0; k < (m == M_GENERATE ? SLOTS_GENERATE : SLOTS_OTHER); k++)
+            post_slot((method_t)m);
+    printf("kvserve: listening on %s:%d\n", o->host, port);
+    fflush(stdout);
+    KVS_INFOF("serve: %s on %s:%d (%s, %u KV blocks of %u tokens, max model len %u%s%s)", o->model,
+              o->host, port, kern_backend_name(S.be), sc->n_blocks, sc->block_tokens,
+              sc->max_model_len, o->tls_cert ? ", TLS" : "", S.api_key ? ", API key" : "");
+    return 0;
+}
+
+int
+srv_cmd_serve(int argc, char **argv)
+{
+    memset(&S, 0, sizeof S);
+    int rc = parse_opts(argc, argv, &S.o);
+    if (rc)
+        return rc == 1 ? 0 : 2;
+    if (S.o.api_key_file) {
+        S.api_key = read_file(S.o.api_key_file, &S.api_key_len);
+        while (S.api_key && S.api_key_len && strchr(" \t\r\n", S.api_key[S.api_key_len - 1]))
+            S.api_key[--S.api_key_len] = '\0';
+        if (S.api_key == NULL || S.api_key_len == 0) {
+            fprintf(stderr, "kvserve serve: --api-key-file: cannot read a key from '%s'\n",
+                    S.o.api_key_file);
+            free(S.api_key);
+            return 2;
+        }
+    }
+    signal(SIGPIPE, SIG_IGN);
+    S.exit_code = 1;
+    S.n_slots = S.o.max_num_seqs + S.o.max_queued;
+    if (S.n_slots > MAX_LIVE_DEFAULT * 64)
+        S.n_slots = MAX_LIVE_DEFAULT * 64;
+    S.slots = calloc(S.n_slots, sizeof *S.slots);
+    S.slot_gen = calloc(S.n_slots, sizeof *S.slot_gen);
+    S.loop = uv_default_loop();
+    uv_mutex_init(&S.mu);
+    uv_async_init(S.loop, &S.cq_async, on_cq);
+    uv_async_init(S.loop, &S.eng_async, on_engine);
+    uv_signal_init(S.loop, &S.sig_term);
+    uv_signal_init(S.loop, &S.sig_int);
+    uv_timer_init(S.loop, &S.drain_timer);
+    grpc_init();
+    bool up = S.slots && S.slot_gen && engine_up(&S.o) == 0 && grpc_up(&S.o) == 0;
+    if (up) {
+        uv_signal_start(&S.sig_term, on_signal, SIGTERM);
+        uv_signal_start(&S.sig_int, on_signal, SIGINT);
+        uv_thread_create(&S.cq_thread, cq_main, NULL);
+        uv_run(S.loop, UV_RUN_DEFAULT);
+        S.exit_code = 0;
+    } else {
+        if (S.server) {
+            grpc_server_shutdown_and_notify(S.server, S.cq, &S.t_shutdown);
+            grpc_server_cancel_all_calls(S.server);
+            grpc_completion_queue_shutdown(S.cq);
+            for (;;) {
+                grpc_event ev =
+                    grpc_completion_queue_next(S.cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+                if (ev.type == GRPC_QUEUE_SHUTDOWN)
+                    break;
+                if (ev.type == GRPC_OP_COMPLETE && ev.tag != &S.t_shutdown)
+                    call_free(((tag_t *)ev.tag)->owner);
+            }
+        }
+        uv_close((uv_handle_t *)&S.cq_async, NULL);
+        uv_close((uv_handle_t *)&S.eng_async, NULL);
+    }
+    uv_close((uv_handle_t *)&S.sig_term, NULL);
+    uv_close((uv_handle_t *)&S.sig_int, NULL);
+    uv_close((uv_handle_t *)&S.drain_timer, NULL);
+    uv_run(S.loop, UV_RUN_DEFAULT);
+    if (S.sched && !S.engine_stopped)
+        sched_thread_stop(S.sched);
+    if (S.server)
+        grpc_server_destroy(S.server);
+    if (S.cq)
+        grpc_completion_queue_destroy(S.cq);
+    grpc_shutdown_blocking();
+    uv_loop_close(S.loop);
+    uv_mutex_destroy(&S.mu);
+    free(S.q);
+    sched_free(S.sched);
+    model_free(S.m);
+    kern_backend_free(S.be);
+    free(S.slots);
+    free(S.slot_gen);
+    free(S.api_key);
+    if (S.exit_code == 0)
+        KVS_INFOF("serve: stopped");
+    return S.exit_code;
+}

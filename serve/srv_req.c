@@ -1,0 +1,270 @@
+/*
+ * serve/srv_req.c — a GenerateRequest checked field by field and turned into
+ * an engine request.  Called by the gRPC server (srv_grpc.c) for every
+ * Generate call and by the request fuzzer (tests/fuzz/fuzz_request.c).
+ *
+ * Every refusal names the field, so a client in any language can tell what
+ * to fix; policies this build cannot honour are refused, never ignored.
+ */
+#include "srv_req.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_ID_BYTES 128
+#define MAX_SALT_BYTES 256
+#define MAX_STOPS 16
+#define MAX_STOP_BYTES 256
+#define MAX_STOP_IDS 64
+#define DEFAULT_MAX_TOKENS 256
+
+static grpc_status_code
+fail(char *msg, size_t cap, grpc_status_code code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, cap, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+static uint64_t
+fnv1a(const char *s, size_t n)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (uint8_t)s[i]) * 1099511628211ull;
+    return h ? h : 1;
+}
+
+static grpc_status_code
+check_policy(const Kvserve__V1__LongContextPolicy *p, char *msg, size_t cap)
+{
+    if (p == NULL)
+        return GRPC_STATUS_OK;
+    const Kvserve__V1__AttentionPolicy *a = p->attention;
+    if (a) {
+        if (a->has_kind && a->kind != KVSERVE__V1__ATTENTION_POLICY__KIND__KIND_UNSPECIFIED &&
+            a->kind != KVSERVE__V1__ATTENTION_POLICY__KIND__DENSE)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "policy.attention.kind: %d is not supported by this build (supported: "
+                        "DENSE)",
+                        (int)a->kind);
+        const char *set = a->has_sink_tokens     ? "sink_tokens"
+                          : a->has_window_tokens ? "window_tokens"
+                          : a->has_gamma         ? "gamma"
+                          : a->has_top_k_blocks  ? "top_k_blocks"
+                                                 : NULL;
+        if (set)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "policy.attention.%s: not used by DENSE attention", set);
+    }
+    const Kvserve__V1__PrefillPolicy *f = p->prefill;
+    if (f) {
+        if (f->has_kind && f->kind != KVSERVE__V1__PREFILL_POLICY__KIND__KIND_UNSPECIFIED &&
+            f->kind != KVSERVE__V1__PREFILL_POLICY__KIND__FULL)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "policy.prefill.kind: %d is not supported by this build (supported: FULL)",
+                        (int)f->kind);
+        if (f->has_keep_ratio || f->has_chunk_tokens)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "policy.prefill.%s: not used by FULL prefill",
+                        f->has_keep_ratio ? "keep_ratio" : "chunk_tokens");
+    }
+    const Kvserve__V1__KvPolicy *k = p->kv;
+    if (k) {
+        if (k->has_kind && k->kind != KVSERVE__V1__KV_POLICY__KIND__KIND_UNSPECIFIED &&
+            k->kind != KVSERVE__V1__KV_POLICY__KIND__FULL)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "policy.kv.kind: %d is not supported by this build (supported: FULL)",
+                        (int)k->kind);
+        if (k->has_budget_tokens)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "policy.kv.budget_tokens: not used when the KV cache is kept whole");
+    }
+    return GRPC_STATUS_OK;
+}
+
+static grpc_status_code
+check_sampling(const Kvserve__V1__SamplingParams *sp, const srv_limits_t *lim, srv_gen_req_t *out,
+               char *msg, size_t cap)
+{
+    model_sampling_t *s = &out->sr.sampling;
+    *s = (model_sampling_t){.temperature = 1.0f, .top_k = 0, .top_p = 1.0f, .min_p = 0.0f};
+    s->seed = lim->seed_fallback;
+    if (sp == NULL)
+        return GRPC_STATUS_OK;
+    if (sp->has_temperature) {
+        if (!isfinite(sp->temperature) || sp->temperature < 0.0f || sp->temperature > 100.0f)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "sampling.temperature: %g is outside [0, 100]", sp->temperature);
+        s->temperature = sp->temperature;
+    }
+    if (sp->has_top_k) {
+        if (sp->top_k > lim->n_vocab)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "sampling.top_k: %u is larger than the vocabulary (%u)", sp->top_k,
+                        lim->n_vocab);
+        s->top_k = (int32_t)sp->top_k;
+    }
+    if (sp->has_top_p) {
+        if (!isfinite(sp->top_p) || sp->top_p <= 0.0f || sp->top_p > 1.0f)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "sampling.top_p: %g is outside (0, 1]", sp->top_p);
+        s->top_p = sp->top_p;
+    }
+    if (sp->has_min_p) {
+        if (!isfinite(sp->min_p) || sp->min_p < 0.0f || sp->min_p > 1.0f)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "sampling.min_p: %g is outside [0, 1]", sp->min_p);
+        s->min_p = sp->min_p;
+    }
+    if (sp->has_seed)
+        s->seed = sp->seed;
+    if (sp->has_max_tokens && sp->max_tokens == 0)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "sampling.max_tokens: must be >= 1");
+    if (sp->n_stop > MAX_STOPS)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "sampling.stop: %zu strings, at most %d", sp->n_stop, MAX_STOPS);
+    for (size_t i = 0; i < sp->n_stop; i++) {
+        size_t n = strlen(sp->stop[i]);
+        if (n == 0 || n > MAX_STOP_BYTES)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "sampling.stop[%zu]: %zu bytes, expected 1..%d", i, n, MAX_STOP_BYTES);
+    }
+    if (sp->n_stop_token_ids > MAX_STOP_IDS)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "sampling.stop_token_ids: %zu ids, at most %d", sp->n_stop_token_ids,
+                    MAX_STOP_IDS);
+    for (size_t i = 0; i < sp->n_stop_token_ids; i++)
+        if (sp->stop_token_ids[i] >= lim->n_vocab)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "sampling.stop_token_ids[%zu]: %u is outside the vocabulary (%u)", i,
+                        sp->stop_token_ids[i], lim->n_vocab);
+    out->stop = (const char *const *)sp->stop;
+    out->n_stop = sp->n_stop;
+    out->stop_ids = sp->stop_token_ids;
+    out->n_stop_ids = sp->n_stop_token_ids;
+    out->sr.ignore_eos = sp->has_ignore_eos && sp->ignore_eos;
+    return GRPC_STATUS_OK;
+}
+
+static grpc_status_code
+check_prompt(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, srv_gen_req_t *out,
+             char *msg, size_t cap)
+{
+    if (q->prompt_case == KVSERVE__V1__GENERATE_REQUEST__PROMPT_TEXT) {
+        size_t len = strlen(q->text);
+        if (len == 0)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "text: the prompt is empty");
+        if (len > (size_t)lim->max_model_len * 64)
+            return fail(msg, cap, GRPC_STATUS_OUT_OF_RANGE,
+                        "text: %zu bytes cannot fit the maximum model length (%u tokens)", len,
+                        lim->max_model_len);
+        out->prompt = malloc((len + 2) * sizeof(int32_t));
+        if (out->prompt == NULL)
+            return fail(msg, cap, GRPC_STATUS_RESOURCE_EXHAUSTED, "text: out of memory");
+        size_t n;
+        if (model_tokenize(lim->m, q->text, len, model_token_bos(lim->m) >= 0, out->prompt, len + 2,
+                           &n))
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "text: cannot be tokenized by the '%s' tokenizer",
+                        model_tokenizer_name(lim->m));
+        out->n_prompt = (uint32_t)n;
+    } else if (q->prompt_case == KVSERVE__V1__GENERATE_REQUEST__PROMPT_TOKENS) {
+        const Kvserve__V1__TokenIds *t = q->tokens;
+        if (t == NULL || t->n_ids == 0)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "tokens.ids: the prompt is empty");
+        if (t->n_ids > lim->max_model_len)
+            return fail(msg, cap, GRPC_STATUS_OUT_OF_RANGE,
+                        "tokens.ids: %zu tokens, the maximum model length is %u", t->n_ids,
+                        lim->max_model_len);
+        out->prompt = malloc(t->n_ids * sizeof(int32_t));
+        if (out->prompt == NULL)
+            return fail(msg, cap, GRPC_STATUS_RESOURCE_EXHAUSTED, "tokens.ids: out of memory");
+        for (size_t i = 0; i < t->n_ids; i++) {
+            if (t->ids[i] >= lim->n_vocab)
+                return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                            "tokens.ids[%zu]: %u is outside the vocabulary (%u)", i, t->ids[i],
+                            lim->n_vocab);
+            out->prompt[i] = (int32_t)t->ids[i];
+        }
+        out->n_prompt = (uint32_t)t->n_ids;
+    } else {
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "prompt: one of text or tokens is required");
+    }
+    return GRPC_STATUS_OK;
+}
+
+grpc_status_code
+srv_gen_parse(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, srv_gen_req_t *out,
+              char *msg, size_t cap)
+{
+    memset(out, 0, sizeof *out);
+    msg[0] = '\0';
+    size_t idn = q->request_id ? strlen(q->request_id) : 0;
+    if (idn > MAX_ID_BYTES)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "request_id: %zu bytes, at most %d",
+                    idn, MAX_ID_BYTES);
+    for (size_t i = 0; i < idn; i++)
+        if (q->request_id[i] < 0x21 || q->request_id[i] > 0x7e)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "request_id: only printable ASCII without spaces");
+    if (idn)
+        memcpy(out->request_id, q->request_id, idn + 1);
+    size_t saltn = q->cache_salt ? strlen(q->cache_salt) : 0;
+    if (saltn > MAX_SALT_BYTES)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "cache_salt: %zu bytes, at most %d",
+                    saltn, MAX_SALT_BYTES);
+    grpc_status_code rc = check_policy(q->policy, msg, cap);
+    if (rc == GRPC_STATUS_OK)
+        rc = check_sampling(q->sampling, lim, out, msg, cap);
+    if (rc == GRPC_STATUS_OK)
+        rc = check_prompt(q, lim, out, msg, cap);
+    if (rc != GRPC_STATUS_OK) {
+        srv_gen_req_free(out);
+        return rc;
+    }
+    const Kvserve__V1__SamplingParams *sp = q->sampling;
+    uint32_t room = lim->max_model_len -
+                    (out->n_prompt < lim->max_model_len ? out->n_prompt : lim->max_model_len);
+    if (room == 0) {
+        srv_gen_req_free(out);
+        return fail(msg, cap, GRPC_STATUS_OUT_OF_RANGE,
+                    "prompt: %u tokens leave no room under the maximum model length (%u)",
+                    out->n_prompt, lim->max_model_len);
+    }
+    uint32_t max_tokens = room < DEFAULT_MAX_TOKENS ? room : DEFAULT_MAX_TOKENS;
+    if (sp && sp->has_max_tokens) {
+        if ((uint64_t)out->n_prompt + sp->max_tokens > lim->max_model_len) {
+            srv_gen_req_free(out);
+            return fail(msg, cap, GRPC_STATUS_OUT_OF_RANGE,
+                        "sampling.max_tokens: %u prompt + %u new tokens exceed the maximum model "
+                        "length (%u)",
+                        out->n_prompt, sp->max_tokens, lim->max_model_len);
+        }
+        max_tokens = sp->max_tokens;
+    }
+    out->sr.prompt = out->prompt;
+    out->sr.n_prompt = out->n_prompt;
+    out->sr.max_tokens = max_tokens;
+    out->sr.priority = q->has_priority ? q->priority : 0;
+    out->sr.cache_salt = saltn ? fnv1a(q->cache_salt, saltn) : 0;
+    /* prefix_reuse = false: a salt nobody else has shares nothing. */
+    if (q->policy && q->policy->kv && q->policy->kv->has_prefix_reuse &&
+        !q->policy->kv->prefix_reuse)
+        out->sr.cache_salt = fnv1a((const char *)&lim->seed_fallback, sizeof lim->seed_fallback) ^
+                             0x9e3779b97f4a7c15ull;
+    return GRPC_STATUS_OK;
+}
+
+void
+srv_gen_req_free(srv_gen_req_t *r)
+{
+    free(r->prompt);
+    r->prompt = NULL;
+}

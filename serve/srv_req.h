@@ -1,0 +1,38 @@
+/*
+ * serve/srv_req.h — validation of Generate requests (srv_req.c), shared by
+ * the gRPC server and the request fuzzer.
+ */
+#ifndef SRV_REQ_H
+#define SRV_REQ_H
+
+#include "srv_int.h"
+
+#include "sched/sched.h"
+
+typedef struct srv_limits {
+    const model_t *m;
+    uint32_t n_vocab;
+    uint32_t max_model_len;
+    uint64_t seed_fallback; /* seed when the request has none; unique per request */
+} srv_limits_t;
+
+typedef struct srv_gen_req {
+    char request_id[129]; /* "" when the client gave none */
+    int32_t *prompt;      /* malloc'd */
+    uint32_t n_prompt;
+    sched_request_t sr; /* ready to submit, id aside */
+    /* Borrowed from the unpacked message: */
+    const char *const *stop;
+    size_t n_stop;
+    const uint32_t *stop_ids;
+    size_t n_stop_ids;
+} srv_gen_req_t;
+
+/* Checks every field of q against the model and limits; on success fills
+ * out (free with srv_gen_req_free) and returns GRPC_STATUS_OK, otherwise
+ * INVALID_ARGUMENT or OUT_OF_RANGE with msg naming the field. */
+grpc_status_code srv_gen_parse(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim,
+                               srv_gen_req_t *out, char *msg, size_t cap);
+void srv_gen_req_free(srv_gen_req_t *r);
+
+#endif /* SRV_REQ_H */

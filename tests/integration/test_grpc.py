@@ -1,0 +1,1017 @@
+#!/usr/bin/python3
+"""kvserve's gRPC API end to end: the real `kvserve serve` on a loopback port,
+driven by three independent client stacks (Python grpcio, the project's C
+client `kvserve generate`, Node @grpc/grpc-js), against the contract of
+proto/kvserve/v1/kvserve.proto and the server's documented behaviour.
+
+  test_grpc.py KVSERVE WORKDIR [MODEL]
+
+Run with Debian's /usr/bin/python3 (python3-grpcio, python3-protobuf).  The
+Python message modules are generated with `protoc --python_out` into WORKDIR;
+no grpc_tools.  Prints one PASS/FAIL/SKIP line per check.
+Exit 0: all passed; 1: a check failed; 77: skipped (grpcio, protoc or the
+model missing).
+
+Checks:
+  0. model/server information and Tokenize agree with the flags and `run`
+  1. greedy tokens: Python, C client and Node == `kvserve run --json`
+  2. 64 concurrent streams == their solo outputs
+  3. client cancel and deadline expiry free every KV block
+  4. Abort by request_id -> CANCELLED; unknown id -> found=false
+  5. health Check/Watch; SIGTERM drain (in-flight OK, new UNAVAILABLE, exit 0)
+  6. bad requests get the right status; the server keeps serving
+  7. --api-key-file: UNAUTHENTICATED without/with a wrong key; health open
+  8. TLS: a TLS client works, a plaintext one gets UNAVAILABLE
+Also: the server starts with default engine flags (0), and a full queue
+answers RESOURCE_EXHAUSTED (6).
+"""
+import importlib.util
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROTO_DIR = os.path.join(ROOT, "proto")
+NODE_DIR = os.path.join(ROOT, "tests", "node")
+
+# Engine flags shared by every server and by `kvserve run` where it has them.
+MAX_MODEL_LEN = 2048   # the long generations of checks 3-5 need room
+BLOCK_SIZE = 16
+ENGINE_FLAGS = ["--threads", "1", "--max-model-len", str(MAX_MODEL_LEN),
+                "--block-size", str(BLOCK_SIZE), "--kv-cache-dtype", "f16"]
+SERVER_FLAGS = ENGINE_FLAGS + ["--num-kv-blocks", "1024", "--max-num-seqs", "64",
+                               "--max-queued-requests", "256", "--drain-timeout", "30"]
+GREEDY_MAX_TOKENS = 24
+LONG_MAX_TOKENS = MAX_MODEL_LEN - 64   # a generation that runs for a while
+TOTAL_BUDGET_S = 270                  # ctest's TIMEOUT is 300
+
+pb = None       # kvserve.v1 messages
+hpb = None      # grpc.health.v1 messages
+grpc = None
+
+results = []    # (name, ok, detail)
+
+
+def report(name, ok, detail=""):
+    results.append((name, ok, detail))
+    line = "%s: %s" % ("PASS" if ok else "FAIL", name)
+    if detail:
+        line += " -- " + detail
+    print(line, flush=True)
+    return ok
+
+
+def skip(name, why):
+    print("SKIP: %s -- %s" % (name, why), flush=True)
+
+
+# --------------------------------------------------------------------------
+# Setup: generated modules, the server process
+
+
+def load_module(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def gen_protos(work):
+    """protoc --python_out into WORKDIR/gen.  The modules are loaded by file
+    path: a generated 'grpc/' package on sys.path would shadow grpcio."""
+    out = os.path.join(work, "gen")
+    os.makedirs(out, exist_ok=True)
+    r = subprocess.run(["protoc", "-I", PROTO_DIR, "--python_out=" + out,
+                        "kvserve/v1/kvserve.proto", "grpc/health/v1/health.proto"],
+                       capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise RuntimeError("protoc failed: %s" % r.stderr.strip())
+    k = load_module("kvs_it_kvserve_pb2", os.path.join(out, "kvserve", "v1", "kvserve_pb2.py"))
+    h = load_module("kvs_it_health_pb2", os.path.join(out, "grpc", "health", "v1", "health_pb2.py"))
+    return k, h
+
+
+class Server:
+    """One `kvserve serve` process on 127.0.0.1:<free port>."""
+
+    def __init__(self, kvserve, model, work, name, extra=(), flags=None):
+        self.name = name
+        self.log_path = os.path.join(work, name + ".log")
+        self.log = open(self.log_path, "wb")
+        cmd = [kvserve, "serve", "--model", model, "--host", "127.0.0.1", "--port", "0"]
+        cmd += (SERVER_FLAGS if flags is None else list(flags)) + list(extra)
+        self.cmd = cmd
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log,
+                                     stdin=subprocess.DEVNULL)
+        self.port = None
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+
+    def _read_stdout(self):
+        for raw in self.proc.stdout:
+            self.lines.put(raw.decode("utf-8", "replace").rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_ready(self, timeout=60):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                line = self.lines.get(timeout=max(0.05, end - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                raise RuntimeError("%s exited (rc=%s) before listening; stderr:\n%s"
+                                   % (self.name, self.proc.wait(), self.log_tail()))
+            pre = "kvserve: listening on 127.0.0.1:"
+            if line.startswith(pre) and line[len(pre):].isdigit():
+                self.port = int(line[len(pre):])
+                return self.port
+            raise RuntimeError("%s printed an unexpected stdout line %r" % (self.name, line))
+        raise RuntimeError("%s printed no listening line within %ds; stderr:\n%s"
+                           % (self.name, timeout, self.log_tail()))
+
+    @property
+    def addr(self):
+        return "127.0.0.1:%d" % self.port
+
+    def log_tail(self, n=15):
+        try:
+            self.log.flush()
+            with open(self.log_path, "rb") as f:
+                lines = f.read().decode("utf-8", "replace").splitlines()
+            return "\n".join("    " + x for x in lines[-n:])
+        except OSError:
+            return ""
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.log.close()
+
+
+SERVERS = []
+
+
+def start_server(kvserve, model, work, name, extra=(), flags=None):
+    s = Server(kvserve, model, work, name, extra, flags)
+    SERVERS.append(s)
+    s.wait_ready()
+    return s
+
+
+# --------------------------------------------------------------------------
+# Python client helpers
+
+
+class Api:
+    def __init__(self, channel, metadata=None):
+        self.ch = channel
+        self.md = list(metadata or [])
+
+        def us(path, req, resp):
+            return channel.unary_stream(path, request_serializer=req.SerializeToString,
+                                        response_deserializer=resp.FromString)
+
+        def uu(path, req, resp):
+            return channel.unary_unary(path, request_serializer=req.SerializeToString,
+                                       response_deserializer=resp.FromString)
+        self.generate = us("/kvserve.v1.Generation/Generate", pb.GenerateRequest,
+                           pb.GenerateResponse)
+        self.tokenize = uu("/kvserve.v1.Generation/Tokenize", pb.TokenizeRequest,
+                           pb.TokenizeResponse)
+        self.model_info = uu("/kvserve.v1.Generation/GetModelInfo", pb.GetModelInfoRequest,
+                             pb.ModelInfo)
+        self.server_info = uu("/kvserve.v1.Control/GetServerInfo", pb.GetServerInfoRequest,
+                              pb.ServerInfo)
+        self.get_load = uu("/kvserve.v1.Control/GetLoad", pb.GetLoadRequest, pb.Load)
+        self.abort = uu("/kvserve.v1.Control/Abort", pb.AbortRequest, pb.AbortResponse)
+        self.check = uu("/grpc.health.v1.Health/Check", hpb.HealthCheckRequest,
+                        hpb.HealthCheckResponse)
+        self.watch = us("/grpc.health.v1.Health/Watch", hpb.HealthCheckRequest,
+                        hpb.HealthCheckResponse)
+        # No serializers: bytes in, bytes out.
+        self.raw_generate = channel.unary_stream("/kvserve.v1.Generation/Generate")
+
+    def load(self, timeout=5):
+        return self.get_load(pb.GetLoadRequest(), timeout=timeout, metadata=self.md)
+
+
+def code_name(code):
+    return code.name if code is not None else "OK"
+
+
+def collect(api, req, timeout=60, metadata=None, raw=False):
+    """Runs one Generate to its end.  Returns a dict: code (grpc.StatusCode or
+    None for OK), details, tokens, text, finish, request_id, messages."""
+    out = {"code": None, "details": "", "tokens": [], "text": "", "finish": None,
+           "request_id": None, "messages": 0, "usage": None}
+    md = api.md if metadata is None else metadata
+    call = (api.raw_generate if raw else api.generate)(req, timeout=timeout, metadata=md)
+    try:
+        for r in call:
+            out["messages"] += 1
+            if raw:
+                continue
+            if r.HasField("request_id") and out["request_id"] is None:
+                out["request_id"] = r.request_id
+            out["tokens"].extend(r.token_ids)
+            out["text"] += r.text
+            if r.HasField("finish_reason"):
+                out["finish"] = r.finish_reason
+            if r.HasField("usage"):
+                out["usage"] = r.usage
+    except grpc.RpcError as e:
+        out["code"], out["details"] = e.code(), e.details()
+    return out
+
+
+def finish_name(f):
+    return pb.FinishReason.Name(f) if f is not None else "none"
+
+
+def greedy_req(prompt, max_tokens=GREEDY_MAX_TOKENS, **kw):
+    req = pb.GenerateRequest(**kw)
+    if isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.tokens.ids.extend(prompt)
+    req.sampling.temperature = 0.0
+    req.sampling.max_tokens = max_tokens
+    req.sampling.ignore_eos = True
+    return req
+
+
+def describe(out):
+    s = "status %s" % code_name(out["code"])
+    if out["details"]:
+        s += " %r" % out["details"][:200]
+    return s + ", %d tokens, finish %s" % (len(out["tokens"]), finish_name(out["finish"]))
+
+
+def wait_idle(api, timeout=2.5):
+    """Polls GetLoad until every KV block is free and nothing runs or waits.
+    Returns (ok, last Load or error text)."""
+    end = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            last = api.load()
+            if (last.kv_blocks_free == last.kv_blocks_total and last.kv_blocks_total > 0
+                    and last.running == 0 and last.queued == 0):
+                return True, last
+        except grpc.RpcError as e:
+            last = "GetLoad failed: %s %s" % (e.code().name, e.details())
+        if time.monotonic() >= end:
+            return False, last
+        time.sleep(0.05)
+
+
+def load_str(ld):
+    if isinstance(ld, str):
+        return ld
+    return ("running=%d queued=%d kv_blocks_free=%d kv_blocks_total=%d cached=%d"
+            % (ld.running, ld.queued, ld.kv_blocks_free, ld.kv_blocks_total,
+               ld.kv_blocks_cached))
+
+
+# --------------------------------------------------------------------------
+# Reference and the other client stacks
+
+
+def run_reference(kvserve, model, prompt, max_tokens=GREEDY_MAX_TOKENS):
+    cmd = [kvserve, "run", "--model", model, "--temperature", "0", "--ignore-eos",
+           "--max-tokens", str(max_tokens), "--json"] + ENGINE_FLAGS
+    cmd += (["--prompt", prompt] if isinstance(prompt, str)
+            else ["--prompt-tokens", ",".join(map(str, prompt))])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise RuntimeError("kvserve run exit %d: %s" % (r.returncode, r.stderr.strip()[-300:]))
+    return json.loads(r.stdout)
+
+
+def c_client(kvserve, addr, prompt, max_tokens=GREEDY_MAX_TOKENS, extra=()):
+    cmd = [kvserve, "generate", "--addr", addr, "--temperature", "0", "--ignore-eos",
+           "--max-tokens", str(max_tokens), "--json", "--timeout-ms", "30000"] + list(extra)
+    cmd += (["--prompt", prompt] if isinstance(prompt, str)
+            else ["--prompt-tokens", ",".join(map(str, prompt))])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        return None, "exit %d: %s %s" % (r.returncode, r.stdout.strip()[-200:],
+                                         r.stderr.strip()[-300:])
+    try:
+        doc = json.loads(r.stdout.strip().splitlines()[-1])
+        return doc.get("tokens"), doc
+    except (ValueError, IndexError) as e:
+        return None, "unparsable JSON (%s): %r" % (e, r.stdout[-300:])
+
+
+def node_available():
+    if shutil.which("node") is None:
+        return "node is not installed"
+    for m in ("@grpc/grpc-js", "@grpc/proto-loader"):
+        if not os.path.isdir(os.path.join(NODE_DIR, "node_modules", *m.split("/"))):
+            return "tests/node/node_modules lacks %s (run scripts/setup.sh or npm ci there)" % m
+    return None
+
+
+def node_client(addr, prompt, max_tokens=GREEDY_MAX_TOKENS):
+    req = {"sampling": {"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}}
+    if isinstance(prompt, str):
+        req["text"] = prompt
+    else:
+        req["tokens"] = {"ids": list(prompt)}
+    r = subprocess.run(["node", os.path.join(NODE_DIR, "client.js"), addr, json.dumps(req),
+                        "--timeout-ms", "30000"], capture_output=True, text=True, timeout=60)
+    try:
+        doc = json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None, "exit %d, no JSON: %s %s" % (r.returncode, r.stdout[-200:], r.stderr[-300:])
+    if doc.get("status") != 0:
+        return None, "status %s %r" % (doc.get("status"), doc.get("details"))
+    return doc.get("tokens"), doc
+
+
+# --------------------------------------------------------------------------
+# The checks
+
+TOKEN_PROMPT = [256, 84, 104, 101, 32, 115, 107, 121, 32, 105, 115]   # BOS "The sky is"
+TEXT_PROMPT = "The grass is"
+
+
+def check_info(api, model):
+    try:
+        mi = api.model_info(pb.GetModelInfoRequest(), timeout=5)
+        si = api.server_info(pb.GetServerInfoRequest(), timeout=5)
+    except grpc.RpcError as e:
+        return report("0 info: GetModelInfo/GetServerInfo", False,
+                      "%s %s" % (e.code().name, e.details()))
+    bad = []
+    if not mi.n_vocab or not mi.n_layer:
+        bad.append("ModelInfo lacks n_vocab/n_layer: %s" % str(mi).replace("\n", " "))
+    if si.block_size != BLOCK_SIZE:
+        bad.append("block_size %d != %d" % (si.block_size, BLOCK_SIZE))
+    if si.max_model_len != MAX_MODEL_LEN:
+        bad.append("max_model_len %d != %d" % (si.max_model_len, MAX_MODEL_LEN))
+    if si.kv_cache_dtype.lower() != "f16":
+        bad.append("kv_cache_dtype %r != f16" % si.kv_cache_dtype)
+    if si.max_num_seqs != 64 or si.max_queued_requests != 256:
+        bad.append("max_num_seqs/max_queued_requests %d/%d != 64/256"
+                   % (si.max_num_seqs, si.max_queued_requests))
+    if si.total_blocks != 1024:
+        bad.append("total_blocks %d != --num-kv-blocks 1024" % si.total_blocks)
+    report("0 info: GetModelInfo/GetServerInfo reflect the model and flags", not bad,
+           "; ".join(bad) or "%s, vocab %d, %s" % (mi.name, mi.n_vocab, si.version))
+    return mi
+
+
+def check_tokenize(api, ref_text):
+    try:
+        t = api.tokenize(pb.TokenizeRequest(text=TEXT_PROMPT), timeout=5)
+    except grpc.RpcError as e:
+        return report("0 info: Tokenize", False, "%s %s" % (e.code().name, e.details()))
+    n = len(t.ids)
+    report("0 info: Tokenize(text) has as many ids as `run` counted", n == ref_text["prompt_tokens"],
+           "Tokenize gave %d ids %s, run counted %d" % (n, list(t.ids), ref_text["prompt_tokens"]))
+
+
+def check_greedy(api, kvserve, model, addr):
+    node_why = node_available()
+    refs = {}
+    for label, prompt in (("token ids", TOKEN_PROMPT), ("text", TEXT_PROMPT)):
+        try:
+            ref = run_reference(kvserve, model, prompt)
+        except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
+            report("1 greedy %s: `kvserve run --json` reference" % label, False, str(e))
+            continue
+        refs[label] = ref
+        want = ref["tokens"]
+        py = collect(api, greedy_req(prompt))
+        ok = py["code"] is None and py["tokens"] == want
+        if ok and py["finish"] != pb.FINISH_REASON_LENGTH:
+            ok = False
+        if ok and py["request_id"] in (None, ""):
+            ok = False
+        report("1 greedy %s: Python grpcio == run" % label, ok,
+               "" if ok else "%s, request_id %r; got %s, want %s"
+               % (describe(py), py["request_id"], py["tokens"], want))
+        if ok and isinstance(prompt, str) and py["text"] != ref["text"]:
+            report("1 greedy %s: streamed text == run's text" % label, False,
+                   "got %r, want %r" % (py["text"], ref["text"]))
+        if py["usage"] is not None:
+            u = py["usage"]
+            uok = (u.prompt_tokens == ref["prompt_tokens"]
+                   and u.completion_tokens == GREEDY_MAX_TOKENS)
+            report("1 greedy %s: usage counts" % label, uok,
+                   "prompt_tokens %d (run: %d), completion_tokens %d (want %d)"
+                   % (u.prompt_tokens, ref["prompt_tokens"], u.completion_tokens,
+                      GREEDY_MAX_TOKENS))
+        else:
+            report("1 greedy %s: usage counts" % label, False, "the last message has no usage")
+        got, info = c_client(kvserve, addr, prompt)
+        report("1 greedy %s: C client (kvserve generate --json) == run" % label, got == want,
+               "" if got == want else "got %s, want %s (%s)" % (got, want, info))
+        if node_why:
+            skip("1 greedy %s: Node @grpc/grpc-js == run" % label, node_why)
+        else:
+            got, info = node_client(addr, prompt)
+            report("1 greedy %s: Node @grpc/grpc-js == run" % label, got == want,
+                   "" if got == want else "got %s, want %s (%s)" % (got, want, info))
+    return refs
+
+
+def concurrent_prompts():
+    words = ["grass", "sky", "sea", "cat", "dog", "sun", "moon", "tree"]
+    ps = []
+    for i in range(64):
+        w = words[i % len(words)]
+        ps.append("Story %d: the %s was%s" % (i, w, " very" * (i // 16)))
+    return ps
+
+
+def check_concurrent(api):
+    prompts = concurrent_prompts()
+    solo = []
+    for p in prompts:
+        o = collect(api, greedy_req(p), timeout=30)
+        if o["code"] is not None:
+            return report("2 concurrency: solo runs", False, "prompt %r: %s" % (p, describe(o)))
+        solo.append(o["tokens"])
+    if len(set(map(tuple, solo))) < 8:
+        print("note: only %d distinct solo outputs" % len(set(map(tuple, solo))))
+    got = [None] * len(prompts)
+    start = threading.Barrier(len(prompts))
+
+    def worker(i):
+        try:
+            start.wait(timeout=20)
+        except threading.BrokenBarrierError:
+            pass
+        # Another cache_salt: no KV shared with the solo runs, so the batched
+        # prefill and decode are exercised rather than the prefix cache.
+        got[i] = collect(api, greedy_req(prompts[i], cache_salt="concurrent"), timeout=60)
+    ts = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(prompts))]
+    peak = {"running": 0, "queued": 0}
+    done = threading.Event()
+
+    def poller():   # evidence that the streams really overlapped (informational)
+        while not done.is_set():
+            try:
+                ld = api.load(timeout=2)
+                peak["running"] = max(peak["running"], ld.running)
+                peak["queued"] = max(peak["queued"], ld.queued)
+            except grpc.RpcError:
+                pass
+            time.sleep(0.005)
+    pt = threading.Thread(target=poller, daemon=True)
+    t0 = time.monotonic()
+    pt.start()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=max(1, 90 - (time.monotonic() - t0)))
+    dt = time.monotonic() - t0
+    done.set()
+    pt.join(timeout=5)
+    bad = []
+    for i, o in enumerate(got):
+        if o is None:
+            bad.append("stream %d did not finish" % i)
+        elif o["code"] is not None or o["tokens"] != solo[i]:
+            bad.append("stream %d (%r): %s; got %s, solo %s"
+                       % (i, prompts[i], describe(o), o["tokens"], solo[i]))
+    report("2 concurrency: 64 concurrent streams == their solo outputs", not bad,
+           ("%d bad, first: %s" % (len(bad), bad[0])) if bad
+           else "%d streams in %.2f s, peak running %d, queued %d"
+           % (len(prompts), dt, peak["running"], peak["queued"]))
+
+
+def check_cancel_deadline(api):
+    # Client cancel after 2 messages.
+    ok, detail = True, ""
+    call = api.generate(greedy_req(TOKEN_PROMPT, LONG_MAX_TOKENS), timeout=60, metadata=api.md)
+    n = 0
+    live = None
+    try:
+        for _ in call:
+            n += 1
+            if n == 2:
+                try:
+                    live = api.load()
+                except grpc.RpcError:
+                    pass
+                if not call.cancel():
+                    ok, detail = False, "the stream had already ended before cancel()"
+                break
+        if n < 2:
+            ok, detail = False, "the stream ended after %d messages" % n
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.CANCELLED:
+            ok, detail = False, "stream failed before cancel: %s %s" % (e.code().name, e.details())
+    if ok:
+        idle, ld = wait_idle(api)
+        ok = idle
+        detail = ("load while streaming: %s; after cancel: %s"
+                  % (load_str(live) if live is not None else "?", load_str(ld)))
+    report("3 cancel mid-stream frees every KV block, nothing running/queued", ok, detail)
+
+    # Deadline expiry.
+    t0 = time.monotonic()
+    o = collect(api, greedy_req(TOKEN_PROMPT, LONG_MAX_TOKENS), timeout=0.15)
+    dt = time.monotonic() - t0
+    if o["code"] != grpc.StatusCode.DEADLINE_EXCEEDED:
+        report("3 deadline expiry frees every KV block", False,
+               "expected DEADLINE_EXCEEDED, got %s after %.2f s (%d messages)"
+               % (describe(o), dt, o["messages"]))
+    else:
+        idle, ld = wait_idle(api)
+        report("3 deadline expiry frees every KV block, nothing running/queued", idle,
+               "%d messages before the deadline; after: %s" % (o["messages"], load_str(ld)))
+
+
+def check_abort(api):
+    call = api.generate(greedy_req(TOKEN_PROMPT, LONG_MAX_TOKENS), timeout=60, metadata=api.md)
+    rid, found, finish, code, details, n, ntok = None, None, None, None, "", 0, 0
+    err = ""
+    try:
+        for r in call:
+            n += 1
+            ntok += len(r.token_ids)
+            if r.HasField("request_id") and rid is None:
+                rid = r.request_id
+            if n == 1:
+                if not rid:
+                    err = "the first message carries no request_id"
+                    call.cancel()
+                    break
+                try:
+                    found = api.abort(pb.AbortRequest(request_id=rid), timeout=5,
+                                      metadata=api.md).found
+                except grpc.RpcError as e:
+                    err = "Abort failed: %s %s" % (e.code().name, e.details())
+            if r.HasField("finish_reason"):
+                finish = r.finish_reason
+    except grpc.RpcError as e:
+        code, details = e.code(), e.details()
+    ok = (not err and found is True and finish == pb.FINISH_REASON_CANCELLED and code is None
+          and ntok < LONG_MAX_TOKENS)
+    report("4 Abort(request_id) of a live generation -> finish CANCELLED", ok,
+           err or "request_id %r, found=%s, final finish %s, status %s%s, %d tokens"
+           % (rid, found, finish_name(finish), code_name(code),
+              (" %r" % details) if details else "", ntok))
+    idle, ld = wait_idle(api)
+    report("4 after Abort every KV block is free", idle, load_str(ld))
+    try:
+        r = api.abort(pb.AbortRequest(request_id="no-such-request-4711"), timeout=5,
+                      metadata=api.md)
+        report("4 Abort of an unknown id -> OK, found=false", r.HasField("found") is False
+               or r.found is False, "found=%s" % r.found)
+    except grpc.RpcError as e:
+        report("4 Abort of an unknown id -> OK, found=false", False,
+               "%s %s" % (e.code().name, e.details()))
+
+
+def c_health(kvserve, addr, label, extra=()):
+    r = subprocess.run([kvserve, "health", "--addr", addr] + list(extra), capture_output=True,
+                       text=True, timeout=30)
+    report("%s C client `kvserve health` -> SERVING, exit 0" % label,
+           r.returncode == 0 and r.stdout.strip() == "SERVING",
+           "exit %d, stdout %r, stderr %r" % (r.returncode, r.stdout.strip(),
+                                              r.stderr.strip()[-200:]))
+
+
+def check_health(api, label="5"):
+    try:
+        r = api.check(hpb.HealthCheckRequest(service=""), timeout=5)
+        report("%s health Check -> SERVING" % label, r.status == hpb.HealthCheckResponse.SERVING,
+               hpb.HealthCheckResponse.ServingStatus.Name(r.status))
+    except grpc.RpcError as e:
+        report("%s health Check -> SERVING" % label, False,
+               "%s %s" % (e.code().name, e.details()))
+
+
+def good_after(api, what):
+    o = collect(api, greedy_req(TOKEN_PROMPT, 4), timeout=15)
+    if o["code"] is not None or len(o["tokens"]) != 4:
+        report("6 a good request after %s" % what, False, describe(o))
+        return False
+    return True
+
+
+def varint(n):
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def check_bad_requests(api, vocab):
+    def expect(name, req, code, needle=None, raw=False, timeout=20):
+        o = collect(api, req, timeout=timeout, raw=raw)
+        ok = o["code"] == code and o["messages"] == 0
+        if ok and needle and needle not in (o["details"] or ""):
+            ok = False
+        want = code.name + ((" naming %r" % needle) if needle else "")
+        report("6 bad request: %s -> %s" % (name, want), ok,
+               "got %s%s" % (code_name(o["code"]),
+                             (" %r" % o["details"][:200]) if o["details"] else "")
+               + ("" if o["messages"] == 0 else " after %d messages" % o["messages"]))
+        good_after(api, name)
+
+    IA = grpc.StatusCode.INVALID_ARGUMENT
+
+    def samp(**kw):
+        r = greedy_req(TOKEN_PROMPT, 8)
+        for k, v in kw.items():
+            setattr(r.sampling, k, v)
+        return r
+
+    expect("temperature -1", samp(temperature=-1.0), IA, "sampling.temperature")
+    expect("top_p 0", samp(top_p=0.0), IA, "sampling.top_p")
+    expect("top_p 1.5", samp(top_p=1.5), IA, "sampling.top_p")
+    expect("min_p 2", samp(min_p=2.0), IA, "sampling.min_p")
+    expect("max_tokens 0", samp(max_tokens=0), IA, "sampling.max_tokens")
+    r = pb.GenerateRequest()
+    r.sampling.max_tokens = 8
+    expect("no prompt (oneof unset)", r, IA)
+    r = pb.GenerateRequest()
+    r.tokens.SetInParent()
+    r.sampling.max_tokens = 8
+    expect("empty token list", r, IA)
+    r = pb.GenerateRequest(text="")
+    r.sampling.max_tokens = 8
+    expect("empty text", r, IA)
+    expect("token id 999999", greedy_req([256, 999999, 72], 8), IA)
+    expect("token id == n_vocab (%d)" % vocab, greedy_req([256, vocab], 8), IA)
+    expect("prompt longer than max model len",
+           greedy_req([72] * (MAX_MODEL_LEN + 10), 8), grpc.StatusCode.OUT_OF_RANGE)
+    expect("prompt + max_tokens > max model len",
+           greedy_req(TOKEN_PROMPT, MAX_MODEL_LEN), grpc.StatusCode.OUT_OF_RANGE)
+    # 64 MiB of token ids (id 1, one byte each), encoded by hand.
+    n = 64 << 20
+    inner = b"\x0a" + varint(n) + b"\x01" * n              # TokenIds.ids, packed
+    big = b"\x1a" + varint(len(inner)) + inner             # GenerateRequest.tokens
+    del inner
+    expect("64 MiB message", big, grpc.StatusCode.RESOURCE_EXHAUSTED, raw=True, timeout=60)
+    del big
+    expect("malformed protobuf bytes", b"\xff\xff\xff", IA, raw=True)
+    r = greedy_req(TOKEN_PROMPT, 8)
+    r.policy.attention.kind = pb.AttentionPolicy.SINK_WINDOW
+    r.policy.attention.sink_tokens = 4
+    r.policy.attention.window_tokens = 64
+    expect("policy.attention.kind SINK_WINDOW", r, IA, "policy")
+    for path in ("/kvserve.v1.Generation/NoSuchMethod", "/kvserve.v1.NoSuchService/Generate"):
+        t0 = time.monotonic()
+        try:
+            api.ch.unary_unary(path)(b"", timeout=10)
+            code, details = None, ""
+        except grpc.RpcError as e:
+            code, details = e.code(), e.details()
+        dt = time.monotonic() - t0
+        report("6 unknown method %s -> UNIMPLEMENTED at once" % path,
+               code == grpc.StatusCode.UNIMPLEMENTED and dt < 2,
+               "got %s %r after %.2f s" % (code_name(code), details, dt))
+        good_after(api, "an unknown method")
+    idle, ld = wait_idle(api)
+    report("6 after the bad requests every KV block is free", idle, load_str(ld))
+
+
+def check_sigterm(server, api):
+    """Health Watch sees SERVING then NOT_SERVING; in-flight streams finish
+    OK; a new call during the drain gets UNAVAILABLE; exit status 0."""
+    statuses = []
+    watch_end = {}
+    got_serving = threading.Event()
+    got_not = threading.Event()
+
+    def watcher():
+        try:
+            for r in api.watch(hpb.HealthCheckRequest(service=""), timeout=60):
+                statuses.append(r.status)
+                if r.status == hpb.HealthCheckResponse.SERVING:
+                    got_serving.set()
+                if r.status == hpb.HealthCheckResponse.NOT_SERVING:
+                    got_not.set()
+            watch_end["code"] = None
+        except grpc.RpcError as e:
+            watch_end["code"] = e.code()
+    wt = threading.Thread(target=watcher, daemon=True)
+    wt.start()
+    got_serving.wait(5)
+
+    streams = [None] * 4
+    first = [threading.Event() for _ in streams]
+
+    def streamer(i):
+        out = {"code": None, "details": "", "tokens": 0, "finish": None}
+        try:
+            for r in api.generate(greedy_req(TOKEN_PROMPT + [65 + i], LONG_MAX_TOKENS),
+                                  timeout=60, metadata=api.md):
+                out["tokens"] += len(r.token_ids)
+                first[i].set()
+                if r.HasField("finish_reason"):
+                    out["finish"] = r.finish_reason
+        except grpc.RpcError as e:
+            out["code"], out["details"] = e.code(), e.details()
+        first[i].set()
+        streams[i] = out
+    sts = [threading.Thread(target=streamer, args=(i,), daemon=True) for i in range(len(streams))]
+    for t in sts:
+        t.start()
+    for e in first:
+        e.wait(10)
+    live_at_term = sum(1 for s in streams if s is None)
+    server.proc.send_signal(signal.SIGTERM)
+    t_term = time.monotonic()
+    got_not.wait(5)
+    # A new call during the drain.
+    o = collect(api, greedy_req(TOKEN_PROMPT, 4), timeout=10)
+    still_live = sum(1 for s in streams if s is None)
+    for t in sts:
+        t.join(timeout=40)
+    try:
+        rc = server.proc.wait(timeout=40)
+    except subprocess.TimeoutExpired:
+        rc = "still running %.0f s after SIGTERM" % (time.monotonic() - t_term)
+    wt.join(timeout=5)
+
+    names = [hpb.HealthCheckResponse.ServingStatus.Name(s) for s in statuses]
+    report("5 health Watch: SERVING, then NOT_SERVING after SIGTERM",
+           got_serving.is_set() and got_not.is_set()
+           and statuses.index(hpb.HealthCheckResponse.SERVING)
+           < statuses.index(hpb.HealthCheckResponse.NOT_SERVING),
+           "Watch saw %s, ended with %s" % (names, code_name(watch_end.get("code"))))
+    bad = []
+    for i, s in enumerate(streams):
+        if s is None:
+            bad.append("stream %d never ended" % i)
+        elif s["code"] is not None or s["finish"] != pb.FINISH_REASON_LENGTH \
+                or s["tokens"] != LONG_MAX_TOKENS:
+            bad.append("stream %d: status %s %r, finish %s, %d/%d tokens"
+                       % (i, code_name(s["code"]), s["details"], finish_name(s["finish"]),
+                          s["tokens"], LONG_MAX_TOKENS))
+    report("5 SIGTERM: streams in flight complete OK", live_at_term > 0 and not bad,
+           ("; ".join(bad) if bad else "all %d complete" % len(streams))
+           + " (%d in flight at SIGTERM)" % live_at_term)
+    report("5 SIGTERM: a new Generate during the drain -> UNAVAILABLE",
+           o["code"] == grpc.StatusCode.UNAVAILABLE,
+           "got %s (%d streams still in flight when it was sent)" % (describe(o), still_live))
+    report("5 SIGTERM: the server exits with status 0", rc == 0, "exit %s" % rc)
+
+
+def check_auth(kvserve, model, work):
+    key = "kvs-test-key-0123456789"
+    kf = os.path.join(work, "api-key")
+    with open(kf, "w") as f:
+        f.write(key + "\n")
+    os.chmod(kf, 0o600)
+    srv = start_server(kvserve, model, work, "server-auth", ["--api-key-file", kf])
+    ch = grpc.insecure_channel(srv.addr)
+    try:
+        api = Api(ch)
+        UA = grpc.StatusCode.UNAUTHENTICATED
+        for what, md in (("no key", []), ("a wrong key", [("authorization", "Bearer nope")]),
+                         ("a key without Bearer", [("authorization", key)])):
+            o = collect(api, greedy_req(TOKEN_PROMPT, 4), timeout=10, metadata=md)
+            report("7 auth: Generate with %s -> UNAUTHENTICATED" % what, o["code"] == UA,
+                   describe(o))
+        try:
+            api.get_load(pb.GetLoadRequest(), timeout=5)
+            code = None
+        except grpc.RpcError as e:
+            code = e.code()
+        report("7 auth: Control/GetLoad without a key -> UNAUTHENTICATED", code == UA,
+               "got %s" % code_name(code))
+        good = [("authorization", "Bearer " + key)]
+        o = collect(api, greedy_req(TOKEN_PROMPT, 8), timeout=15, metadata=good)
+        report("7 auth: Generate with the right key works", o["code"] is None
+               and len(o["tokens"]) == 8, describe(o) + " (key file ends with a newline)")
+        check_health(api, "7 auth: without a key,")
+        c_health(kvserve, srv.addr, "7 auth: without a key,")
+        got, info = c_client(kvserve, srv.addr, TOKEN_PROMPT, 8, ["--api-key-file", kf])
+        report("7 auth: C client with --api-key-file works", got is not None and len(got) == 8,
+               "" if got is not None and len(got) == 8 else str(info))
+    finally:
+        ch.close()
+        srv.kill()
+
+
+def check_defaults(kvserve, model, work):
+    """The engine flags are all optional: the server must come up without
+    --num-kv-blocks / --kv-cache-memory and the rest."""
+    flags = ["--max-model-len", "512"]
+    try:
+        srv = start_server(kvserve, model, work, "server-defaults", flags=flags)
+    except RuntimeError as e:
+        return report("0 serve starts with default engine flags (only %s)" % " ".join(flags),
+                      False, str(e).replace("\n", " | "))
+    ch = grpc.insecure_channel(srv.addr)
+    try:
+        o = collect(Api(ch), greedy_req(TOKEN_PROMPT, 8), timeout=15)
+        report("0 serve starts with default engine flags (only %s) and generates"
+               % " ".join(flags), o["code"] is None and len(o["tokens"]) == 8, describe(o))
+    finally:
+        ch.close()
+        srv.kill()
+
+
+def check_queue_full(kvserve, model, work):
+    """--max-num-seqs 1 --max-queued-requests 1: one running, one queued, the
+    third gets RESOURCE_EXHAUSTED."""
+    flags = ENGINE_FLAGS + ["--num-kv-blocks", "1024", "--max-num-seqs", "1",
+                            "--max-queued-requests", "1"]
+    srv = start_server(kvserve, model, work, "server-queue", flags=flags)
+    ch = grpc.insecure_channel(srv.addr)
+    api = Api(ch)
+    calls = []
+    try:
+        a = api.generate(greedy_req(TOKEN_PROMPT, LONG_MAX_TOKENS), timeout=60)
+        calls.append(a)
+        next(a)                       # running
+        b = api.generate(greedy_req(TOKEN_PROMPT + [65], LONG_MAX_TOKENS), timeout=60)
+        calls.append(b)
+        end, ld = time.monotonic() + 3, None
+        while time.monotonic() < end:
+            ld = api.load()
+            if ld.queued >= 1:
+                break
+            time.sleep(0.01)
+        o = collect(api, greedy_req(TOKEN_PROMPT, 4), timeout=10)
+        report("6 queue full (1 running, 1 queued, limit 1) -> RESOURCE_EXHAUSTED",
+               o["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED,
+               "%s; load before it: %s" % (describe(o), load_str(ld) if ld else "?"))
+        for c in calls:
+            c.cancel()
+        idle, ld = wait_idle(api)
+        o = collect(api, greedy_req(TOKEN_PROMPT, 4), timeout=10)
+        report("6 after the queue drains a request is admitted again",
+               idle and o["code"] is None and len(o["tokens"]) == 4,
+               "%s; %s" % (describe(o), load_str(ld)))
+    except grpc.RpcError as e:
+        report("6 queue full", False, "%s %s" % (e.code().name, e.details()))
+    finally:
+        for c in calls:
+            c.cancel()
+        ch.close()
+        srv.kill()
+
+
+def make_certs(work):
+    d = os.path.join(work, "tls")
+    os.makedirs(d, exist_ok=True)
+    ext = os.path.join(d, "san.ext")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                "extendedKeyUsage=serverAuth\n")
+    p = lambda n: os.path.join(d, n)   # noqa: E731
+    cmds = [
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=kvserve test CA", "-keyout", p("ca.key"), "-out", p("ca.pem")],
+        ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+         "-keyout", p("server.key"), "-out", p("server.csr")],
+        ["openssl", "x509", "-req", "-in", p("server.csr"), "-CA", p("ca.pem"),
+         "-CAkey", p("ca.key"), "-CAcreateserial", "-days", "2", "-extfile", ext,
+         "-out", p("server.pem")],
+    ]
+    for c in cmds:
+        r = subprocess.run(c, capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError("%s failed: %s" % (" ".join(c[:3]), r.stderr.strip()[-300:]))
+    return p("ca.pem"), p("server.pem"), p("server.key")
+
+
+def check_tls(kvserve, model, work):
+    if shutil.which("openssl") is None:
+        skip("8 TLS", "openssl is not installed")
+        return
+    try:
+        ca, cert, key = make_certs(work)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        report("8 TLS: certificates", False, str(e))
+        return
+    srv = start_server(kvserve, model, work, "server-tls", ["--tls-cert", cert, "--tls-key", key])
+    with open(ca, "rb") as f:
+        creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+    tch = grpc.secure_channel(srv.addr, creds,
+                              options=[("grpc.ssl_target_name_override", "localhost")])
+    pch = grpc.insecure_channel(srv.addr)
+    try:
+        o = collect(Api(tch), greedy_req(TOKEN_PROMPT, 8), timeout=15)
+        report("8 TLS: a TLS Python client streams", o["code"] is None and len(o["tokens"]) == 8,
+               describe(o))
+        tls = ["--tls-ca", ca, "--tls-server-name", "localhost"]
+        got, info = c_client(kvserve, srv.addr, TOKEN_PROMPT, 8, tls)
+        report("8 TLS: the C client with --tls-ca streams", got is not None and len(got) == 8,
+               "" if got is not None and len(got) == 8 else str(info))
+        c_health(kvserve, srv.addr, "8 TLS:", tls)
+        o = collect(Api(pch), greedy_req(TOKEN_PROMPT, 8), timeout=10)
+        report("8 TLS: a plaintext client -> UNAVAILABLE",
+               o["code"] == grpc.StatusCode.UNAVAILABLE, describe(o))
+    finally:
+        tch.close()
+        pch.close()
+        srv.kill()
+
+
+# --------------------------------------------------------------------------
+
+
+def main():
+    global grpc, pb, hpb
+    if len(sys.argv) < 3:
+        print(__doc__)
+        return 2
+    kvserve, work = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
+    model = sys.argv[3] if len(sys.argv) > 3 else os.path.join(ROOT, "weights",
+                                                               "kvserve-main.gguf")
+    try:
+        import grpc as _grpc
+        grpc = _grpc
+    except ImportError:
+        print("SKIP: grpcio is not importable by %s (Debian: python3-grpcio)" % sys.executable)
+        return 77
+    if shutil.which("protoc") is None:
+        print("SKIP: protoc is not installed (Debian: protobuf-compiler)")
+        return 77
+    if not os.path.exists(model):
+        print("SKIP: no model at %s" % model)
+        return 77
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    try:
+        pb, hpb = gen_protos(work)
+    except ImportError as e:
+        print("SKIP: the protobuf Python runtime is missing: %s" % e)
+        return 77
+
+    # A watchdog: never outlive ctest's timeout with servers left behind.
+    def watchdog():
+        print("FAIL: the test ran past %d s; killing the servers" % TOTAL_BUDGET_S, flush=True)
+        for s in SERVERS:
+            try:
+                s.proc.kill()
+            except OSError:
+                pass
+        os._exit(1)
+    dog = threading.Timer(TOTAL_BUDGET_S, watchdog)
+    dog.daemon = True
+    dog.start()
+
+    t0 = time.monotonic()
+    try:
+        srv = start_server(kvserve, model, work, "server-main")
+        print("server: %s (%s)" % (srv.addr, " ".join(srv.cmd[1:])), flush=True)
+        ch = grpc.insecure_channel(srv.addr)
+        api = Api(ch)
+        try:
+            mi = check_info(api, model)
+            vocab = getattr(mi, "n_vocab", 0) or 259
+            check_health(api)
+            c_health(kvserve, srv.addr, "5")
+            refs = check_greedy(api, kvserve, model, srv.addr)
+            if "text" in refs:
+                check_tokenize(api, refs["text"])
+            check_concurrent(api)
+            check_cancel_deadline(api)
+            check_abort(api)
+            check_bad_requests(api, vocab)
+            check_sigterm(srv, api)
+        finally:
+            ch.close()
+            if any(not ok for _, ok, _ in results):
+                print("server-main stderr (tail):\n" + srv.log_tail(25))
+        check_defaults(kvserve, model, work)
+        check_queue_full(kvserve, model, work)
+        check_auth(kvserve, model, work)
+        check_tls(kvserve, model, work)
+    except Exception as e:  # a broken setup is a failure, not a crash
+        import traceback
+        traceback.print_exc()
+        report("setup", False, "%s: %s" % (type(e).__name__, e))
+    finally:
+        for s in SERVERS:
+            s.kill()
+        dog.cancel()
+    fails = [n for n, ok, _ in results if not ok]
+    print("%d passed, %d failed (%.1f s)" % (len(results) - len(fails), len(fails),
+                                             time.monotonic() - t0))
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
