@@ -196,6 +196,7 @@ typedef enum kern_op {
 
 typedef struct kern_backend_cfg {
     uint32_t n_threads; /* cpu: worker threads incl. the caller (0 = all cores) */
+    int nice;           /* cpu: niceness the worker threads take (0: inherit) */
     int device;         /* cuda: device ordinal */
 } kern_backend_cfg_t;
 

@@ -96,8 +96,13 @@ typedef struct sched_cfg {
     size_t kv_cache_bytes;           /* used when n_blocks is 0 */
     kern_dtype_t kv_dtype;           /* KERN_F16 (default) or KERN_F32 */
     bool prefix_caching;
-    /* Called on the engine thread after a step queued events (the server
-     * binds it to uv_async_send). */
+    /* Niceness the engine thread takes when started by sched_thread_start
+     * (0: inherit).  A server lowers it (and the kernels' workers') so its
+     * network threads run as soon as tokens exist. */
+    int thread_nice;
+    /* Called by whichever thread steps the engine each time it queues an
+     * event, so a consumer sees a token as soon as it is sampled (the
+     * server binds it to uv_async_send, which coalesces). */
     void (*wake)(void *arg);
     void *wake_arg;
 } sched_cfg_t;

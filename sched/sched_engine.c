@@ -24,6 +24,9 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 enum { MSG_SUBMIT, MSG_CANCEL };
 
@@ -161,7 +164,12 @@ emit(sched_t *s, const sched_event_t *proto)
     *ev = *proto;
     ev->t_ns = kvs_now_ns();
     kvs_mpsc_push(&s->outbox, &ev->node);
-    atomic_store(&s->emitted, true);
+    /* At once, not at the end of the step: sampling the rest of a large
+     * batch takes milliseconds, and this token is ready now. */
+    if (s->cfg.wake)
+        s->cfg.wake(s->cfg.wake_arg);
+    else
+        atomic_store(&s->emitted, true);
 }
 
 sched_event_t *
@@ -724,6 +732,9 @@ static void *
 engine_main(void *arg)
 {
     sched_t *s = arg;
+    if (s->cfg.thread_nice > 0 &&
+        setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), s->cfg.thread_nice) != 0)
+        KVS_WARNF("sched: cannot lower the engine thread's priority");
     for (;;) {
         pthread_mutex_lock(&s->mu);
         s->pending = false;

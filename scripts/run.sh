@@ -1,7 +1,8 @@
 #!/bin/sh
-# Installs what kvserve needs, builds it and runs it on the bundled model
-# (a random tiny model generated on first use until trained weights ship).
-# Extra arguments go to `kvserve run`.
+# Installs what kvserve needs, builds it and starts the gRPC server on the
+# bundled model (127.0.0.1:50051 unless told otherwise; a random tiny model
+# is generated when the weights are missing).  Extra arguments go to
+# `kvserve serve`.
 set -eu
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -12,7 +13,4 @@ if [ ! -f "$model" ]; then
     model=build/kvserve-tiny-random.gguf
     [ -f "$model" ] || ./build/kvserve model random --shape tiny --dtype q8_0 --seed 1 --out "$model"
 fi
-if [ $# -eq 0 ]; then
-    set -- --prompt "The grass is green. The sky is" --max-tokens 64
-fi
-exec ./build/kvserve run --model "$model" "$@"
+exec ./build/kvserve serve --model "$model" "$@"

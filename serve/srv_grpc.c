@@ -23,9 +23,11 @@
 #include <grpc/grpc_security.h>
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <uv.h>
 
 #define SLOTS_GENERATE 16 /* request slots kept posted per method */
@@ -101,7 +103,7 @@ typedef struct qev {
 typedef struct srv_opts {
     const char *model, *host, *device, *tls_cert, *tls_key, *tls_ca, *api_key_file;
     uint32_t port, threads, max_model_len, block_size, num_blocks, max_num_seqs, max_batched;
-    uint32_t max_queued, drain_timeout_s, max_streams;
+    uint32_t max_queued, drain_timeout_s, max_streams, engine_nice;
     uint64_t kv_memory;
     kern_dtype_t kv_dtype;
     bool prefix_caching;
@@ -951,8 +953,8 @@ abort_new(call_t *c)
 static void
 on_new(call_t *c, int ok)
 {
-    if (!ok) { /* a slot cancelled by shutdown */
-        call_free(c);
+    if (!ok) { /* a slot cancelled by shutdown: dispatch frees it */
+        c->close_done = true;
         return;
     }
     if (!S.shutting_down)
@@ -1157,14 +1159,16 @@ on_signal(uv_signal_t *h, int signum)
 static const char usage[] =
     "usage: kvserve serve [--model PATH] [--host 127.0.0.1] [--port 50051] [--device "
     "cpu|ref|cuda]\n"
-    "                     [--threads N] [--max-model-len N] [--block-size 16]\n"
+    "                     [--threads N (default: cores - 1)] [--max-model-len N] [--block-size "
+    "16]\n"
     "                     [--kv-cache-dtype f16|f32] [--kv-cache-memory BYTES | --num-kv-blocks "
     "N]\n"
     "                     [--max-num-seqs N] [--max-num-batched-tokens N] [--max-queued-requests "
     "N]\n"
     "                     [--enable-prefix-caching | --no-enable-prefix-caching]\n"
     "                     [--tls-cert F --tls-key F [--tls-client-ca F]] [--api-key-file F]\n"
-    "                     [--drain-timeout S] [--max-concurrent-streams N]\n";
+    "                     [--drain-timeout S] [--max-concurrent-streams N]\n"
+    "                     [--engine-nice 10]\n";
 
 static char *
 read_file(const char *path, size_t *len)
@@ -1210,6 +1214,7 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
                       .max_queued = 1024,
                       .drain_timeout_s = 30,
                       .max_streams = 1024,
+                      .engine_nice = 10,
                       .kv_dtype = KERN_F16,
                       .prefix_caching = true};
     enum {
@@ -1234,6 +1239,7 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         O_APIKEY,
         O_DRAIN,
         O_STREAMS,
+        O_NICE,
         O_HELP,
     };
     static const struct option lo[] = {
@@ -1258,6 +1264,7 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         {"api-key-file", 1, 0, O_APIKEY},
         {"drain-timeout", 1, 0, O_DRAIN},
         {"max-concurrent-streams", 1, 0, O_STREAMS},
+        {"engine-nice", 1, 0, O_NICE},
         {"help", 0, 0, O_HELP},
         {0, 0, 0, 0},
     };
@@ -1328,6 +1335,9 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         case O_STREAMS:
             rc = srv_parse_u32(C, "--max-concurrent-streams", optarg, 1, 1u << 20, &o->max_streams);
             break;
+        case O_NICE:
+            rc = srv_parse_u32(C, "--engine-nice", optarg, 0, 19, &o->engine_nice);
+            break;
         case O_HELP:
             fputs(usage, stdout);
             return 1;
@@ -1390,7 +1400,20 @@ static int
 engine_up(const srv_opts_t *o)
 {
     char err[512] = "";
-    kern_backend_cfg_t bc = {.n_threads = o->threads};
+    /* The engine's threads yield to the network threads (nice), so a token
+     * is written when it exists, not when the next step lets go of the
+     * cores. */
+    uint32_t threads = o->threads;
+    if (threads == 0) {
+        /* One core stays with the network threads: with every core
+         * computing, a token waited milliseconds for a core to be written
+         * (bench/RESULTS.md, gRPC). */
+        cpu_set_t set;
+        long n = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set)
+                                                             : sysconf(_SC_NPROCESSORS_ONLN);
+        threads = n > 2 ? (uint32_t)n - 1 : 1;
+    }
+    kern_backend_cfg_t bc = {.n_threads = threads, .nice = (int)o->engine_nice};
     int rc = kern_backend_new(o->device, &bc, &S.be);
     if (rc) {
         fprintf(stderr, "kvserve serve: --device %s: %s\n", o->device, kvs_strerror(rc));
@@ -1410,6 +1433,7 @@ engine_up(const srv_opts_t *o)
                       .kv_cache_bytes = o->kv_memory,
                       .kv_dtype = o->kv_dtype,
                       .prefix_caching = o->prefix_caching,
+                      .thread_nice = (int)o->engine_nice,
                       .wake = engine_wake,
                       .wake_arg = NULL};
     if (sc.n_blocks == 0 && sc.kv_cache_bytes == 0) {

@@ -20,9 +20,10 @@ typedef struct cpu_pool cpu_pool_t;
  * scratch: no two tasks run on the same `thread` at once. */
 typedef void (*cpu_task_fn)(void *ctx, int task, int thread);
 
-/* Starts n_threads-1 workers; the thread calling cpu_pool_run is worker 0.
- * Returns 0, KVS_EINVAL (n_threads < 1) or KVS_ENOMEM. */
-int cpu_pool_new(int n_threads, cpu_pool_t **out);
+/* Starts n_threads-1 workers, each at niceness `nice` when it is positive;
+ * the thread calling cpu_pool_run is worker 0.  Returns 0, KVS_EINVAL
+ * (n_threads < 1) or KVS_ENOMEM. */
+int cpu_pool_new(int n_threads, int nice, cpu_pool_t **out);
 void cpu_pool_free(cpu_pool_t *pool); /* NULL is a no-op; joins the workers */
 int cpu_pool_size(const cpu_pool_t *pool);
 /* Runs fn for every task and returns when all have finished.  Tasks are

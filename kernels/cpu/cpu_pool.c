@@ -27,7 +27,10 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -45,6 +48,7 @@
 typedef struct worker {
     cpu_pool_t *pool;
     int id;
+    int nice;
     pthread_t tid;
 } worker_t;
 
@@ -100,6 +104,9 @@ worker_main(void *arg)
 {
     worker_t *w = arg;
     cpu_pool_t *pool = w->pool;
+    /* Per thread on Linux: a server's network threads keep their priority. */
+    if (w->nice > 0 && setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), w->nice) != 0)
+        KVS_WARNF("cpu pool: cannot lower worker %d's priority", w->id);
     uint32_t seen = state_gen(atomic_load(&pool->state));
     for (;;) {
         uint64_t t0 = 0;
@@ -145,7 +152,7 @@ wake_sleepers(cpu_pool_t *pool)
 }
 
 int
-cpu_pool_new(int n_threads, cpu_pool_t **out)
+cpu_pool_new(int n_threads, int nice, cpu_pool_t **out)
 {
     *out = NULL;
     if (n_threads < 1)
@@ -178,6 +185,7 @@ cpu_pool_new(int n_threads, cpu_pool_t **out)
     for (int i = 1; i < n_threads; i++) {
         pool->workers[i].pool = pool;
         pool->workers[i].id = i;
+        pool->workers[i].nice = nice;
         if (pthread_create(&pool->workers[i].tid, NULL, worker_main, &pool->workers[i]) != 0) {
             cpu_pool_free(pool);
             return KVS_ENOMEM;

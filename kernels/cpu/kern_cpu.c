@@ -607,7 +607,7 @@ kern__cpu_new(const kern_backend_cfg_t *cfg, kern_backend_t **out)
     be->n_threads = (int)n;
     be->isa = detect_isa();
     be->scratch = calloc((size_t)n, sizeof(cpu_buf_t));
-    int rc = be->scratch ? cpu_pool_new((int)n, &be->pool) : KVS_ENOMEM;
+    int rc = be->scratch ? cpu_pool_new((int)n, cfg ? cfg->nice : 0, &be->pool) : KVS_ENOMEM;
     if (rc) {
         cpu_destroy(&be->base);
         return rc;

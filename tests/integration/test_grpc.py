@@ -46,9 +46,13 @@ BLOCK_SIZE = 16
 ENGINE_FLAGS = ["--threads", "1", "--max-model-len", str(MAX_MODEL_LEN),
                 "--block-size", str(BLOCK_SIZE), "--kv-cache-dtype", "f16"]
 SERVER_FLAGS = ENGINE_FLAGS + ["--num-kv-blocks", "1024", "--max-num-seqs", "64",
-                               "--max-queued-requests", "256", "--drain-timeout", "30"]
+                               "--max-queued-requests", "256", "--drain-timeout", "120"]
 GREEDY_MAX_TOKENS = 24
 LONG_MAX_TOKENS = MAX_MODEL_LEN - 64   # a generation that runs for a while
+# Streams in flight at SIGTERM: long enough to still run when the signal
+# lands, short enough to drain well inside --drain-timeout in a sanitizer
+# build (about 40 tokens/s per stream there).
+DRAIN_MAX_TOKENS = 512
 TOTAL_BUDGET_S = 270                  # ctest's TIMEOUT is 300
 
 pb = None       # kvserve.v1 messages
@@ -700,7 +704,7 @@ def check_sigterm(server, api):
 
     def watcher():
         try:
-            for r in api.watch(hpb.HealthCheckRequest(service=""), timeout=60):
+            for r in api.watch(hpb.HealthCheckRequest(service=""), timeout=180):
                 statuses.append(r.status)
                 if r.status == hpb.HealthCheckResponse.SERVING:
                     got_serving.set()
@@ -719,8 +723,8 @@ def check_sigterm(server, api):
     def streamer(i):
         out = {"code": None, "details": "", "tokens": 0, "finish": None}
         try:
-            for r in api.generate(greedy_req(TOKEN_PROMPT + [65 + i], LONG_MAX_TOKENS),
-                                  timeout=60, metadata=api.md):
+            for r in api.generate(greedy_req(TOKEN_PROMPT + [65 + i], DRAIN_MAX_TOKENS),
+                                  timeout=150, metadata=api.md):
                 out["tokens"] += len(r.token_ids)
                 first[i].set()
                 if r.HasField("finish_reason"):
@@ -742,9 +746,9 @@ def check_sigterm(server, api):
     o = collect(api, greedy_req(TOKEN_PROMPT, 4), timeout=10)
     still_live = sum(1 for s in streams if s is None)
     for t in sts:
-        t.join(timeout=40)
+        t.join(timeout=150)
     try:
-        rc = server.proc.wait(timeout=40)
+        rc = server.proc.wait(timeout=150)
     except subprocess.TimeoutExpired:
         rc = "still running %.0f s after SIGTERM" % (time.monotonic() - t_term)
     wt.join(timeout=5)
@@ -760,10 +764,10 @@ def check_sigterm(server, api):
         if s is None:
             bad.append("stream %d never ended" % i)
         elif s["code"] is not None or s["finish"] != pb.FINISH_REASON_LENGTH \
-                or s["tokens"] != LONG_MAX_TOKENS:
+                or s["tokens"] != DRAIN_MAX_TOKENS:
             bad.append("stream %d: status %s %r, finish %s, %d/%d tokens"
                        % (i, code_name(s["code"]), s["details"], finish_name(s["finish"]),
-                          s["tokens"], LONG_MAX_TOKENS))
+                          s["tokens"], DRAIN_MAX_TOKENS))
     report("5 SIGTERM: streams in flight complete OK", live_at_term > 0 and not bad,
            ("; ".join(bad) if bad else "all %d complete" % len(streams))
            + " (%d in flight at SIGTERM)" % live_at_term)
@@ -922,10 +926,29 @@ def check_tls(kvserve, model, work):
         o = collect(Api(pch), greedy_req(TOKEN_PROMPT, 8), timeout=10)
         report("8 TLS: a plaintext client -> UNAVAILABLE",
                o["code"] == grpc.StatusCode.UNAVAILABLE, describe(o))
+        o = collect(Api(tch), greedy_req(TOKEN_PROMPT, 8), timeout=15)
+        report("8 TLS: the server still streams after the plaintext attempt",
+               o["code"] is None and len(o["tokens"]) == 8, describe(o))
     finally:
         tch.close()
         pch.close()
         srv.kill()
+    # The other way round: a TLS client against a plaintext server.
+    plain = start_server(kvserve, model, work, "server-plain", [])
+    tch = grpc.secure_channel(plain.addr, creds,
+                              options=[("grpc.ssl_target_name_override", "localhost")])
+    pch = grpc.insecure_channel(plain.addr)
+    try:
+        o = collect(Api(tch), greedy_req(TOKEN_PROMPT, 8), timeout=10)
+        report("8 TLS: a TLS client against a plaintext port -> UNAVAILABLE",
+               o["code"] == grpc.StatusCode.UNAVAILABLE, describe(o))
+        o = collect(Api(pch), greedy_req(TOKEN_PROMPT, 8), timeout=15)
+        report("8 TLS: the plaintext server still streams after the TLS attempt",
+               o["code"] is None and len(o["tokens"]) == 8, describe(o))
+    finally:
+        tch.close()
+        pch.close()
+        plain.kill()
 
 
 # --------------------------------------------------------------------------

@@ -1124,7 +1124,7 @@ test_pool(void **state)
     static const int sizes[] = {0, 1, 2, 3, 5, 64, 1000};
     for (int n_threads = 1; n_threads <= 4; n_threads++) {
         cpu_pool_t *pool;
-        assert_int_equal(cpu_pool_new(n_threads, &pool), 0);
+        assert_int_equal(cpu_pool_new(n_threads, 0, &pool), 0);
         assert_int_equal(cpu_pool_size(pool), n_threads);
         _Atomic int *hits = calloc(1000, sizeof(*hits));
         assert_non_null(hits);
@@ -1144,7 +1144,7 @@ test_pool(void **state)
         cpu_pool_free(pool);
     }
     cpu_pool_t *pool;
-    assert_int_equal(cpu_pool_new(0, &pool), KVS_EINVAL);
+    assert_int_equal(cpu_pool_new(0, 0, &pool), KVS_EINVAL);
     cpu_pool_free(NULL);
 }
 
