@@ -117,6 +117,9 @@ typedef struct server {
     srv_limits_t lim;
     char *api_key;
     size_t api_key_len;
+    srv_chat_t chat;
+    bool have_chat;
+    char chat_err[256];
 
     grpc_server *server;
     grpc_completion_queue *cq;
@@ -189,6 +192,7 @@ cq_main(void *arg)
 /* ------------------------------------------------------------------------ */
 
 static void dispatch(tag_t *t, int ok);
+static const char *chat_name(void);
 static void maybe_finish_shutdown(void);
 
 static void
@@ -875,6 +879,8 @@ model_info_new(call_t *c)
         r.has_eos_token_id = true;
         r.eos_token_id = (uint32_t)model_token_eos(S.m);
     }
+    r.tokenizer = (char *)model_tokenizer_name(S.m);
+    r.chat_template = (char *)chat_name();
     reply_unary(c, &r.base, GRPC_STATUS_OK, NULL);
 }
 
@@ -1396,6 +1402,43 @@ make_creds(const srv_opts_t *o)
     return cr;
 }
 
+/* A special token's text as the vocabulary spells it ("<s>"), for the
+ * chat template, which writes BOS and EOS as text. */
+static void
+token_text(int32_t id, char *buf, size_t cap)
+{
+    model_gguf_str_t s;
+    buf[0] = '\0';
+    if (id >= 0 &&
+        model_gguf_arr_str(model_gguf(S.m), "tokenizer.ggml.tokens", (uint64_t)id, &s) == 0)
+        snprintf(buf, cap, "%.*s", (int)s.len, s.ptr);
+}
+
+static void
+chat_up(void)
+{
+    model_gguf_str_t t;
+    char *tmpl = NULL, bos[64], eos[64];
+    if (model_gguf_get_str(model_gguf(S.m), "tokenizer.chat_template", &t) == 0 &&
+        (tmpl = malloc(t.len + 1)) != NULL) {
+        memcpy(tmpl, t.ptr, t.len);
+        tmpl[t.len] = '\0';
+    }
+    token_text(model_token_bos(S.m), bos, sizeof bos);
+    token_text(model_token_eos(S.m), eos, sizeof eos);
+    S.have_chat = srv_chat_detect(tmpl, bos, eos, &S.chat, S.chat_err, sizeof S.chat_err) == 0;
+    if (!S.have_chat && tmpl)
+        KVS_WARNF("serve: chat requests will be refused: %s", S.chat_err);
+    free(tmpl);
+}
+
+static const char *
+chat_name(void)
+{
+    static const char *const names[] = {"", "llama3", "llama3.1", "llama2", "mistral", "chatml"};
+    return S.have_chat ? names[S.chat.kind] : "";
+}
+
 static int
 engine_up(const srv_opts_t *o)
 {
@@ -1447,6 +1490,9 @@ engine_up(const srv_opts_t *o)
         return rc;
     }
     S.lim = (srv_limits_t){.m = S.m, .n_vocab = hp->n_vocab, .max_model_len = max_len};
+    chat_up();
+    S.lim.chat = S.have_chat ? &S.chat : NULL;
+    S.lim.chat_err = S.chat_err;
     return sched_thread_start(S.sched);
 }
 
@@ -1579,6 +1625,7 @@ srv_cmd_serve(int argc, char **argv)
     free(S.slots);
     free(S.slot_gen);
     free(S.api_key);
+    srv_chat_free(&S.chat);
     if (S.exit_code == 0)
         KVS_INFOF("serve: stopped");
     return S.exit_code;

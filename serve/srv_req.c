@@ -152,6 +152,57 @@ check_sampling(const Kvserve__V1__SamplingParams *sp, const srv_limits_t *lim, s
     return GRPC_STATUS_OK;
 }
 
+#define MAX_MESSAGES 1024
+
+/* A conversation through the model's template, then the tokenizer with
+ * special-token text parsed (the template wrote BOS and the role markers
+ * as text). */
+static grpc_status_code
+chat_prompt(const Kvserve__V1__ChatMessages *cm, const srv_limits_t *lim, srv_gen_req_t *out,
+            char *msg, size_t cap)
+{
+    if (lim->chat == NULL)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "%s",
+                    lim->chat_err ? lim->chat_err : "chat: the model has no chat template");
+    if (cm == NULL || cm->n_messages == 0)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "chat.messages: empty");
+    if (cm->n_messages > MAX_MESSAGES)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "chat.messages: %zu, at most %d",
+                    cm->n_messages, MAX_MESSAGES);
+    srv_chat_msg_t *m = calloc(cm->n_messages, sizeof *m);
+    if (m == NULL)
+        return fail(msg, cap, GRPC_STATUS_RESOURCE_EXHAUSTED, "chat: out of memory");
+    for (size_t i = 0; i < cm->n_messages; i++) {
+        m[i].role = cm->messages[i]->role ? cm->messages[i]->role : "";
+        m[i].content = cm->messages[i]->content ? cm->messages[i]->content : "";
+    }
+    char *text = NULL, err[256];
+    bool gen = cm->has_add_generation_prompt ? cm->add_generation_prompt : true;
+    int rc = srv_chat_render(lim->chat, m, cm->n_messages, gen, &text, err, sizeof err);
+    free(m);
+    if (rc)
+        return fail(msg, cap,
+                    rc == KVS_ENOMEM ? GRPC_STATUS_RESOURCE_EXHAUSTED
+                                     : GRPC_STATUS_INVALID_ARGUMENT,
+                    "chat.%s", err);
+    size_t len = strlen(text), n = 0;
+    grpc_status_code st = GRPC_STATUS_OK;
+    if (len > (size_t)lim->max_model_len * 64)
+        st = fail(msg, cap, GRPC_STATUS_OUT_OF_RANGE,
+                  "chat: the rendered prompt (%zu bytes) cannot fit the maximum model length "
+                  "(%u tokens)",
+                  len, lim->max_model_len);
+    else if ((out->prompt = malloc((len + 2) * sizeof(int32_t))) == NULL)
+        st = fail(msg, cap, GRPC_STATUS_RESOURCE_EXHAUSTED, "chat: out of memory");
+    else if (model_tokenize(lim->m, text, len, false, out->prompt, len + 2, &n))
+        st = fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "chat: cannot tokenize the prompt");
+    else if (n == 0)
+        st = fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "chat: the prompt is empty");
+    out->n_prompt = (uint32_t)n;
+    free(text);
+    return st;
+}
+
 static grpc_status_code
 check_prompt(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, srv_gen_req_t *out,
              char *msg, size_t cap)
@@ -193,9 +244,17 @@ check_prompt(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, srv
             out->prompt[i] = (int32_t)t->ids[i];
         }
         out->n_prompt = (uint32_t)t->n_ids;
+    } else if (q->prompt_case == KVSERVE__V1__GENERATE_REQUEST__PROMPT_CHAT) {
+        grpc_status_code st = chat_prompt(q->chat, lim, out, msg, cap);
+        if (st != GRPC_STATUS_OK)
+            return st;
+        if (out->n_prompt > lim->max_model_len)
+            return fail(msg, cap, GRPC_STATUS_OUT_OF_RANGE,
+                        "chat: %u prompt tokens, the maximum model length is %u", out->n_prompt,
+                        lim->max_model_len);
     } else {
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
-                    "prompt: one of text or tokens is required");
+                    "prompt: one of text, tokens or chat is required");
     }
     return GRPC_STATUS_OK;
 }

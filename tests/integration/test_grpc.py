@@ -678,6 +678,11 @@ def check_bad_requests(api, vocab):
     r.policy.attention.sink_tokens = 4
     r.policy.attention.window_tokens = 64
     expect("policy.attention.kind SINK_WINDOW", r, IA, "policy")
+    # The bundled model carries no chat template: chat is refused, not guessed.
+    r = pb.GenerateRequest()
+    r.chat.messages.add(role="user", content="Hi")
+    r.sampling.max_tokens = 8
+    expect("chat without a chat template in the model", r, IA, "chat template")
     for path in ("/kvserve.v1.Generation/NoSuchMethod", "/kvserve.v1.NoSuchService/Generate"):
         t0 = time.monotonic()
         try:

@@ -1,0 +1,334 @@
+/*
+ * serve/srv_chat.c — chat messages rendered into the prompt text a model was
+ * trained on, for the template families kvserve knows: Llama 3 (and 3.1's
+ * knowledge-date header), Llama 2 ([INST] with <<SYS>>), Mistral ([INST]
+ * without a system role) and ChatML (Qwen).  Called by the request
+ * validation (srv_req.c) when a Generate carries messages.
+ *
+ * The GGUF carries a Jinja template (tokenizer.chat_template); running
+ * Jinja would mean an interpreter in the server.  Instead the family is
+ * recognised by markers only its templates contain, and an unrecognised
+ * template is refused: a wrongly rendered prompt degrades answers silently.
+ */
+#include "srv_chat.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct sbuf {
+    char *p;
+    size_t n, cap;
+    bool oom;
+} sbuf_t;
+
+static void
+put(sbuf_t *b, const char *s, size_t n)
+{
+    if (b->oom)
+        return;
+    if (b->n + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap * 2 : 256;
+        while (cap < b->n + n + 1)
+            cap *= 2;
+        char *p = realloc(b->p, cap);
+        if (p == NULL) {
+            b->oom = true;
+            return;
+        }
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->n, s, n);
+    b->n += n;
+    b->p[b->n] = '\0';
+}
+
+static void
+puts_(sbuf_t *b, const char *s)
+{
+    put(b, s, strlen(s));
+}
+
+/* Jinja's |trim and Python's str.strip(): ASCII whitespace at both ends. */
+static void
+put_trimmed(sbuf_t *b, const char *s)
+{
+    size_t n = strlen(s);
+    while (n && strchr(" \t\n\r\f\v", s[n - 1]))
+        n--;
+    while (n && strchr(" \t\n\r\f\v", *s)) {
+        s++;
+        n--;
+    }
+    put(b, s, n);
+}
+
+/* A Jinja string literal's body ("\n" escapes) starting at s, up to the
+ * quote q; malloc'd, or NULL. */
+static char *
+literal(const char *s, char q)
+{
+    sbuf_t b = {0};
+    for (; *s && *s != q; s++) {
+        if (*s == '\\' && s[1]) {
+            s++;
+            char c = *s == 'n' ? '\n' : *s == 't' ? '\t' : *s;
+            put(&b, &c, 1);
+        } else {
+            put(&b, s, 1);
+        }
+    }
+    if (*s != q || b.oom) {
+        free(b.p);
+        return NULL;
+    }
+    if (b.p == NULL)
+        return calloc(1, 1);
+    return b.p;
+}
+
+int
+srv_chat_detect(const char *tmpl, const char *bos, const char *eos, srv_chat_t *out, char *err,
+                size_t cap)
+{
+    memset(out, 0, sizeof *out);
+    snprintf(out->bos, sizeof out->bos, "%s", bos ? bos : "");
+    snprintf(out->eos, sizeof out->eos, "%s", eos ? eos : "");
+    if (tmpl == NULL || tmpl[0] == '\0') {
+        snprintf(err, cap, "messages: the model has no chat template (tokenizer.chat_template)");
+        return KVS_ENOTSUP;
+    }
+    if (strstr(tmpl, "<|start_header_id|>") && strstr(tmpl, "<|eot_id|>")) {
+        out->kind = SRV_CHAT_LLAMA3;
+        const char *k = strstr(tmpl, "Cutting Knowledge Date: ");
+        if (k) {
+            out->kind = SRV_CHAT_LLAMA31;
+            /* The template's default date, e.g. set date_string = "26 Jul 2024". */
+            const char *d = strstr(tmpl, "date_string = \"");
+            char *lit = d ? literal(d + strlen("date_string = \""), '"') : NULL;
+            if (lit)
+                snprintf(out->date, sizeof out->date, "%s", lit);
+            else {
+                time_t t = time(NULL);
+                struct tm tm;
+                gmtime_r(&t, &tm);
+                strftime(out->date, sizeof out->date, "%d %b %Y", &tm);
+            }
+            free(lit);
+        }
+        return 0;
+    }
+    if (strstr(tmpl, "<|im_start|>") && strstr(tmpl, "<|im_end|>")) {
+        out->kind = SRV_CHAT_CHATML;
+        /* A default system message (Qwen2/2.5): a literal right after
+         * '<|im_start|>system\n' that is not followed by message content. */
+        static const char mark[] = "<|im_start|>system\\n";
+        const char *p = tmpl;
+        while ((p = strstr(p, mark)) != NULL) {
+            char q = p > tmpl ? p[-1] : '\0'; /* the literal's quote */
+            p += sizeof mark - 1;
+            if (q != '\'' && q != '"')
+                continue;
+            char *lit = literal(p, q);
+            if (lit && strstr(lit, "<|im_end|>")) {
+                *strstr(lit, "<|im_end|>") = '\0';
+                if (lit[0]) {
+                    out->default_system = lit;
+                    break;
+                }
+            }
+            free(lit);
+        }
+        return 0;
+    }
+    if (strstr(tmpl, "[INST]") && strstr(tmpl, "[/INST]")) {
+        if (strstr(tmpl, "<<SYS>>")) {
+            out->kind = SRV_CHAT_LLAMA2;
+        } else {
+            out->kind = SRV_CHAT_MISTRAL;
+            /* Mistral v0.1 puts a space after each answer's EOS. */
+            out->space_after_eos = strstr(tmpl, "eos_token + ' '") != NULL;
+        }
+        return 0;
+    }
+    snprintf(err, cap,
+             "messages: the model's chat template is not one kvserve can render (Llama 3, "
+             "Llama 2, Mistral, ChatML); send a text prompt instead");
+    return KVS_ENOTSUP;
+}
+
+void
+srv_chat_free(srv_chat_t *c)
+{
+    free(c->default_system);
+    c->default_system = NULL;
+}
+
+static int
+bad(char *err, size_t cap, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, cap, fmt, ap);
+    va_end(ap);
+    return KVS_EINVAL;
+}
+
+/* [INST] families: an optional system message, then user and assistant
+ * strictly alternating from a user message, as their templates demand. */
+static int
+check_alternation(const srv_chat_msg_t *m, size_t n, bool system_ok, char *err, size_t cap)
+{
+    size_t i = 0;
+    if (n && strcmp(m[0].role, "system") == 0) {
+        if (!system_ok)
+            return bad(err, cap, "messages[0].role: this model's template has no system role");
+        i = 1;
+    }
+    for (size_t k = 0; i < n; i++, k++) {
+        const char *want = k % 2 == 0 ? "user" : "assistant";
+        if (strcmp(m[i].role, want) != 0)
+            return bad(err, cap,
+                       "messages[%zu].role: '%s', expected '%s' (user and assistant "
+                       "must alternate)",
+                       i, m[i].role, want);
+    }
+    return 0;
+}
+
+int
+srv_chat_render(const srv_chat_t *c, const srv_chat_msg_t *m, size_t n, bool add_generation_prompt,
+                char **out, char *err, size_t cap)
+{
+    *out = NULL;
+    if (n == 0)
+        return bad(err, cap, "messages: empty");
+    for (size_t i = 0; i < n; i++) {
+        const char *r = m[i].role;
+        if (!r || (strcmp(r, "system") && strcmp(r, "user") && strcmp(r, "assistant")))
+            return bad(err, cap, "messages[%zu].role: '%s', expected system, user or assistant", i,
+                       r ? r : "");
+        if (i > 0 && strcmp(r, "system") == 0)
+            return bad(err, cap, "messages[%zu].role: a system message must come first", i);
+        if (m[i].content == NULL)
+            return bad(err, cap, "messages[%zu].content: missing", i);
+    }
+    sbuf_t b = {0};
+    int rc = 0;
+    switch (c->kind) {
+    case SRV_CHAT_LLAMA3:
+    case SRV_CHAT_LLAMA31: {
+        puts_(&b, c->bos);
+        size_t i = 0;
+        if (c->kind == SRV_CHAT_LLAMA31) {
+            /* 3.1 always opens with a system header carrying the dates. */
+            puts_(&b, "<|start_header_id|>system<|end_header_id|>\n\n"
+                      "Cutting Knowledge Date: December 2023\nToday Date: ");
+            puts_(&b, c->date);
+            puts_(&b, "\n\n");
+            if (strcmp(m[0].role, "system") == 0) {
+                put_trimmed(&b, m[0].content);
+                i = 1;
+            }
+            puts_(&b, "<|eot_id|>");
+        }
+        for (; i < n; i++) {
+            puts_(&b, "<|start_header_id|>");
+            puts_(&b, m[i].role);
+            puts_(&b, "<|end_header_id|>\n\n");
+            put_trimmed(&b, m[i].content);
+            puts_(&b, "<|eot_id|>");
+        }
+        if (add_generation_prompt)
+            puts_(&b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
+        break;
+    }
+    case SRV_CHAT_CHATML: {
+        if (strcmp(m[0].role, "system") != 0 && c->default_system) {
+            puts_(&b, "<|im_start|>system\n");
+            puts_(&b, c->default_system);
+            puts_(&b, "<|im_end|>\n");
+        }
+        for (size_t i = 0; i < n; i++) {
+            puts_(&b, "<|im_start|>");
+            puts_(&b, m[i].role);
+            puts_(&b, "\n");
+            puts_(&b, m[i].content);
+            puts_(&b, "<|im_end|>\n");
+        }
+        if (add_generation_prompt)
+            puts_(&b, "<|im_start|>assistant\n");
+        break;
+    }
+    case SRV_CHAT_LLAMA2: {
+        if ((rc = check_alternation(m, n, true, err, cap)))
+            break;
+        size_t i = 0;
+        const char *sys = NULL;
+        if (strcmp(m[0].role, "system") == 0) {
+            sys = m[0].content;
+            i = 1;
+        }
+        for (bool first = true; i < n; i++, first = false) {
+            if (strcmp(m[i].role, "user") == 0) {
+                puts_(&b, c->bos);
+                puts_(&b, "[INST] ");
+                if (first && sys) {
+                    /* The template strips the whole content, system block
+                     * included: only the user text's tail is trimmed. */
+                    puts_(&b, "<<SYS>>\n");
+                    puts_(&b, sys);
+                    puts_(&b, "\n<</SYS>>\n\n");
+                    size_t k = strlen(m[i].content);
+                    while (k && strchr(" \t\n\r\f\v", m[i].content[k - 1]))
+                        k--;
+                    put(&b, m[i].content, k);
+                } else {
+                    put_trimmed(&b, m[i].content);
+                }
+                puts_(&b, " [/INST]");
+            } else {
+                puts_(&b, " ");
+                put_trimmed(&b, m[i].content);
+                puts_(&b, " ");
+                puts_(&b, c->eos);
+            }
+        }
+        break;
+    }
+    case SRV_CHAT_MISTRAL: {
+        if ((rc = check_alternation(m, n, false, err, cap)))
+            break;
+        puts_(&b, c->bos);
+        for (size_t i = 0; i < n; i++) {
+            if (strcmp(m[i].role, "user") == 0) {
+                puts_(&b, "[INST] ");
+                puts_(&b, m[i].content);
+                puts_(&b, " [/INST]");
+            } else {
+                puts_(&b, m[i].content);
+                puts_(&b, c->eos);
+                if (c->space_after_eos)
+                    puts_(&b, " ");
+            }
+        }
+        break;
+    }
+    default:
+        rc = bad(err, cap, "messages: no chat template");
+    }
+    if (rc == 0 && (c->kind == SRV_CHAT_LLAMA2 || c->kind == SRV_CHAT_MISTRAL) &&
+        strcmp(m[n - 1].role, "user") != 0)
+        rc = bad(err, cap, "messages[%zu].role: the last message must be the user's", n - 1);
+    if (rc == 0 && b.oom)
+        rc = KVS_ENOMEM;
+    if (rc) {
+        free(b.p);
+        return rc;
+    }
+    *out = b.p ? b.p : calloc(1, 1);
+    return *out ? 0 : KVS_ENOMEM;
+}
