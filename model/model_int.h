@@ -37,6 +37,7 @@ struct model {
     kern_tensor_t output_norm;
     kern_tensor_t output; /* == tok_embd when tied */
     float *rope_freqs;    /* host [n_rot/2] or NULL */
+    bool rope_llama3;     /* rope.scaling.type = llama3: rope_freqs required */
     model_layer_t *layers;
     model_tokenizer_t tok;
     void *host_map; /* host backends: weights copied into huge pages */

@@ -146,8 +146,13 @@ read_hparams(model_t *m, char *err, size_t err_len)
     if (model_gguf_get_str(m->gguf, key, &stype) == 0) {
         if (strcmp(stype.ptr, "none") == 0) {
             linear = false;
+        } else if (strcmp(stype.ptr, "llama3") == 0) {
+            /* Llama 3.1 scaling lives in rope_freqs.weight (checked at bind). */
+            linear = false;
+            m->rope_llama3 = true;
         } else if (strcmp(stype.ptr, "linear") != 0) {
-            model__errf(err, err_len, "key '%s' = '%.32s' is not supported (none, linear)", key,
+            model__errf(err, err_len,
+                        "key '%s' = '%.32s' is not supported (none, linear, llama3)", key,
                         stype.ptr);
             return KVS_ENOTSUP;
         }
@@ -276,6 +281,12 @@ bind_weights(model_t *m, char *err, size_t err_len)
             }
         }
         hp->has_rope_freqs = true;
+    }
+    if (m->rope_llama3 && !hp->has_rope_freqs) {
+        model__errf(err, err_len,
+                    "llama3 RoPE scaling needs the tensor 'rope_freqs.weight' (convert the model "
+                    "with a current llama.cpp)");
+        return KVS_EFORMAT;
     }
 
     m->layers = calloc(hp->n_layer, sizeof *m->layers);
