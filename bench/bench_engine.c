@@ -9,7 +9,10 @@
  *                [--prompt N] [--decode N] [--json FILE]
  *
  * Models are made beforehand with `kvserve model random` (bench/run_engine.sh
- * does that).  Output: a table on stdout and one JSON document.
+ * does that).  Output: a table on stdout and one JSON document.  When an
+ * F16 model runs first, every later model's decode speed is also given as
+ * a ratio to the F16 model's at the same thread count ("vs f16"), which is
+ * what the quantized formats are for: fewer bytes per token.
  */
 #include "cache/kv.h"
 #include "model/model.h"
@@ -78,8 +81,20 @@ typedef struct result {
     const char *wtype;
     uint32_t threads;
     double prefill_tps, decode_tps, ceiling_tps, bandwidth;
+    double vs_f16; /* decode_tps / the F16 model's at these threads; 0: none ran */
     size_t bytes_per_token;
 } result_t;
+
+/* Decode tok/s of an F16 model measured earlier in this run at `threads`,
+ * or 0. */
+static double
+f16_decode(const result_t *res, uint32_t n_res, uint32_t threads)
+{
+    for (uint32_t i = 0; i < n_res; i++)
+        if (res[i].threads == threads && strcmp(res[i].wtype, "f16") == 0)
+            return res[i].decode_tps;
+    return 0.0;
+}
 
 static int
 bench_one(const char *path, uint32_t threads, uint32_t n_prompt, uint32_t n_decode, double bw,
@@ -213,8 +228,8 @@ main(int argc, char **argv)
 
     result_t res[MAX_MODELS * MAX_THREADS];
     uint32_t n_res = 0;
-    printf("%-28s %-5s %3s %12s %11s %12s %9s %8s\n", "model", "type", "thr", "prefill t/s",
-           "decode t/s", "ceiling t/s", "ratio", "GB/s");
+    printf("%-28s %-5s %3s %12s %11s %12s %9s %8s %7s\n", "model", "type", "thr", "prefill t/s",
+           "decode t/s", "ceiling t/s", "ratio", "GB/s", "vs f16");
     for (uint32_t mi = 0; mi < n_models; mi++) {
         for (uint32_t ti = 0; ti < n_threads; ti++) {
             result_t *r = &res[n_res];
@@ -229,10 +244,15 @@ main(int argc, char **argv)
             if (bench_one(models[mi], threads[ti], n_prompt, n_decode, bw[ti], r))
                 return 1;
             const char *base = strrchr(models[mi], '/');
-            printf("%-28s %-5s %3u %12.1f %11.2f %12.2f %8.1f%% %8.1f\n",
+            double f16 = f16_decode(res, n_res + 1, threads[ti]);
+            r->vs_f16 = f16 > 0 ? r->decode_tps / f16 : 0.0;
+            char vs[16] = "-";
+            if (r->vs_f16 > 0)
+                snprintf(vs, sizeof vs, "%.2fx", r->vs_f16);
+            printf("%-28s %-5s %3u %12.1f %11.2f %12.2f %8.1f%% %8.1f %7s\n",
                    base ? base + 1 : models[mi], r->wtype, r->threads, r->prefill_tps,
                    r->decode_tps, r->ceiling_tps, 100.0 * r->decode_tps / r->ceiling_tps,
-                   r->bandwidth / 1e9);
+                   r->bandwidth / 1e9, vs);
             fflush(stdout);
             n_res++;
         }
@@ -252,10 +272,10 @@ main(int argc, char **argv)
                 "%s\n  {\"model\": \"%s\", \"weight_type\": \"%s\", \"threads\": %u, "
                 "\"prefill_tok_s\": %.2f, \"decode_tok_s\": %.3f, \"copy_bandwidth_gb_s\": %.2f, "
                 "\"bytes_per_token\": %zu, \"decode_ceiling_tok_s\": %.3f, "
-                "\"decode_ratio\": %.4f}",
+                "\"decode_ratio\": %.4f, \"decode_vs_f16\": %.4f}",
                 i ? "," : "", r->model, r->wtype, r->threads, r->prefill_tps, r->decode_tps,
                 r->bandwidth / 1e9, r->bytes_per_token, r->ceiling_tps,
-                r->decode_tps / r->ceiling_tps);
+                r->decode_tps / r->ceiling_tps, r->vs_f16);
     }
     fprintf(f, "\n]}\n");
     fclose(f);

@@ -78,15 +78,58 @@ typedef struct kern_block_q8_0 {
 
 /* Quantize n floats (n % 32 == 0) to Q8_0 exactly as ggml's reference does. */
 void kern_quantize_q8_0(const float *x, kern_block_q8_0_t *y, size_t n);
-/* The x side of a Q8_0 product.  Every backend multiplies Q8_0 weights by
+/* The x side of a Q8_0 (and Q4_0, K-quant) product.  Every backend
+ * multiplies those weights by
  * x rounded per 32-value block to int8 (scale d = max|x| / 127 in f32,
  * q = x * (1 / d) rounded to nearest even), as llama.cpp does, so products
  * can run on int8 units; kern_matmul's results are defined with it.
  * n % 32 == 0; kern_round_x_q8 writes q * d as f32 (out may equal x). */
 void kern_quantize_x_q8(const float *x, size_t n, int8_t *q, float *d);
 void kern_round_x_q8(const float *x, size_t n, float *out);
-/* Dequantize/convert one row of n elements of `type` into f32.
- * Supported: F32, F16, BF16, Q8_0.  Returns 0 or KVS_ENOTSUP. */
+
+/* The 4-bit and K-quant formats of llama.cpp files (gguf.md 1.4), byte for
+ * byte ggml's block_q4_0, block_q4_K, block_q5_K and block_q6_K.  Q4_K_M
+ * files mix Q4_K and Q6_K; Q4_0 files carry Q6_K too (output.weight).
+ * Their products are defined like Q8_0's: the dequantized weights times x
+ * rounded by kern_round_x_q8 (kern_matmul), so the cpu backend can
+ * multiply in int8. */
+#define KERN_QK4_0 32
+#define KERN_QK_K 256 /* elements per K-quant super-block */
+typedef struct kern_block_q4_0 {
+    uint16_t d;      /* fp16 */
+    uint8_t qs[16];  /* x[j] = d * (lo nibble of qs[j] - 8), x[j + 16]: hi nibble */
+} kern_block_q4_0_t; /* 18 bytes */
+typedef struct kern_block_q4_k {
+    uint16_t d;         /* fp16 scale of the 6-bit sub-block scales */
+    uint16_t dmin;      /* fp16 scale of the 6-bit sub-block mins */
+    uint8_t scales[12]; /* 8 (scale, min) pairs of 6 bits, ggml's get_scale_min_k4 */
+    uint8_t qs[128];    /* per 64 values: 32 bytes, lo nibbles first 32, hi the next */
+} kern_block_q4_k_t;    /* 144 bytes; x = d * sc * q - dmin * m */
+typedef struct kern_block_q5_k {
+    uint16_t d;
+    uint16_t dmin;
+    uint8_t scales[12];
+    uint8_t qh[32];  /* bit 2c (2c+1) of qh[l]: the fifth bit of the lo (hi) nibble, chunk c */
+    uint8_t qs[128]; /* as Q4_K */
+} kern_block_q5_k_t; /* 176 bytes */
+typedef struct kern_block_q6_k {
+    uint8_t ql[128];   /* low 4 bits */
+    uint8_t qh[64];    /* high 2 bits */
+    int8_t scales[16]; /* one per 16 values */
+    uint16_t d;        /* fp16, last */
+} kern_block_q6_k_t;   /* 210 bytes; x = d * sc * (q - 32) */
+
+/* Quantizes n floats (a multiple of the type's block) into a row of `type`
+ * with ggml's reference quantizers (quantize_row_*_ref: the same layout,
+ * the same search; results may differ from ggml's in the last rounding).
+ * Types: Q8_0, Q4_0, Q4_K, Q5_K, Q6_K.  Returns 0, KVS_EINVAL (n not a
+ * multiple of the block) or KVS_ENOTSUP. */
+int kern_quantize_row(uint32_t type, const float *x, void *y, size_t n);
+
+/* Dequantize/convert one row of n elements of `type` into f32, bit for bit
+ * what ggml's dequantize_row_* gives (scales multiply first, then the
+ * min is subtracted, each rounded to f32).  Supported: F32, F16, BF16,
+ * Q8_0, Q4_0, Q4_K, Q5_K, Q6_K.  Returns 0 or KVS_ENOTSUP. */
 int kern_row_to_f32(uint32_t type, const void *row, float *y, size_t n);
 
 /* ------------------------------------------------------------------------ */
@@ -235,7 +278,8 @@ int kern_pack_weight(kern_backend_t *be, kern_tensor_t *w);
 int kern_get_rows(kern_backend_t *be, const kern_tensor_t *w, const int32_t *ids, uint32_t n,
                   float *out);
 /* y[n][w.n_rows] = x[n][w.n_cols] * W^T (+ bias[w.n_rows] if not NULL).
- * For Q8_0 weights, x is first rounded as kern_round_x_q8 does. */
+ * For Q8_0, Q4_0, Q4_K, Q5_K and Q6_K weights, x is first rounded as
+ * kern_round_x_q8 does and W is kern_row_to_f32's dequantization. */
 int kern_matmul(kern_backend_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
                 const float *bias, float *y);
 /* y[i] = x[i] / sqrt(mean(x[i]^2) + eps) * w, rows of d; y may equal x. */

@@ -52,6 +52,20 @@ int kern__cuda_new(const kern_backend_cfg_t *cfg, kern_backend_t **out);
 /* The weight and KV types every backend so far computes with: weights F32,
  * F16, BF16, Q8_0; KV F32, F16 (kern_types.c). */
 bool kern__types_supported(kern_op_t op, kern_dtype_t type);
+/* The host backends' (ref, cpu): the above, and Q4_0, Q4_K, Q5_K, Q6_K
+ * weights, which the cuda kernels do not read. */
+bool kern__host_types_supported(kern_op_t op, kern_dtype_t type);
+/* Whether kern_matmul rounds x with kern_round_x_q8 for this weight type
+ * (kern.h): Q8_0, Q4_0 and the K-quants. */
+static inline bool
+kern__rounds_x(kern_dtype_t type)
+{
+    return type == KERN_Q8_0 || type == KERN_Q4_0 || type == KERN_Q4_K || type == KERN_Q5_K ||
+           type == KERN_Q6_K;
+}
+/* ggml's get_scale_min_k4: sub-block j's 6-bit scale and min of a Q4_K or
+ * Q5_K super-block (kern_types.c). */
+void kern__scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *m);
 
 /* Shared host-memory helpers for the ref and cpu backends (kern_host.c). */
 void *kern__host_alloc(kern_backend_t *be, size_t bytes);

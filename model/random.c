@@ -3,7 +3,9 @@
  * the shapes of real Llama models, for benchmarks and tests.  Weights are
  * drawn row by row and streamed to disk, so an 8B file never sits in
  * memory.  Every file says what it is: general.name "kvserve random <shape>"
- * and kvserve.random = true.  Called by `kvserve model random` and tests.
+ * and kvserve.random = true.  Quantized types go through kern_quantize_row
+ * (ggml's reference quantizers); q4_k files mix Q4_K and Q6_K as
+ * llama.cpp's Q4_K_M does.  Called by `kvserve model random` and tests.
  */
 #include "model_int.h"
 
@@ -54,33 +56,65 @@ typedef struct tensor_plan {
     float center, spread; /* value = center + spread * U(-1,1) */
 } tensor_plan_t;
 
+/* llama.cpp's use_more_bits (llama-quant.cpp): the layers whose attn_v
+ * and ffn_down a Q4_K_M file keeps in Q6_K: the first and last eighth,
+ * and every third in between. */
+static bool
+use_more_bits(uint32_t i, uint32_t n)
+{
+    return i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2;
+}
+
+/* The type of one matrix of a `dtype` file.  K-quant rows must hold whole
+ * 256-value super-blocks; narrower multiples of 32 (the tiny shape's
+ * ffn_down, 704 columns) fall back to Q8_0, as llama.cpp does for Q6_K. */
+static kern_dtype_t
+mat_type(kern_dtype_t dtype, uint32_t cols, bool more_bits)
+{
+    kern_dtype_t t = dtype == KERN_Q4_K && more_bits ? KERN_Q6_K : dtype;
+    if ((t == KERN_Q4_K || t == KERN_Q5_K || t == KERN_Q6_K) && cols % KERN_QK_K != 0)
+        t = KERN_Q8_0;
+    return t;
+}
+
+/* q4_k writes what llama-quantize's Q4_K_M does: Q6_K for output.weight
+ * (token_embd.weight when the output is tied to it) and for attn_v and
+ * ffn_down of the use_more_bits layers, Q4_K elsewhere.  The other types
+ * are used for every matrix (llama-quantize --pure). */
 static uint32_t
 plan_tensors(const shape_t *sh, kern_dtype_t dtype, tensor_plan_t *p)
 {
     uint32_t n = 0, d = sh->n_embd, hd = sh->n_embd / sh->n_head;
     uint32_t qd = sh->n_head * hd, kvd = sh->n_head_kv * hd;
+    bool more = false; /* the current matrix gets Q6_K in a Q4_K_M file */
     /* std 1/sqrt(fan_in) keeps activations O(1) through the residual. */
-#define MAT(nm, cols, rows)                                                            \
-    (p[n] = (tensor_plan_t){"", cols, rows, dtype, 0.0f, sqrtf(3.0f / (float)(cols))}, \
-     snprintf(p[n].name, sizeof p[n].name, "%s", nm), n++)
+#define MAT(nm, cols, rows)                                                    \
+    (p[n] = (tensor_plan_t){"", cols, rows, mat_type(dtype, cols, more), 0.0f, \
+                            sqrtf(3.0f / (float)(cols))},                      \
+     snprintf(p[n].name, sizeof p[n].name, "%s", nm), n++, more = false)
 #define VEC(nm, cols)                                           \
     (p[n] = (tensor_plan_t){"", cols, 1, KERN_F32, 1.0f, 0.1f}, \
      snprintf(p[n].name, sizeof p[n].name, "%s", nm), n++)
+    more = sh->tied;
     MAT("token_embd.weight", d, sh->n_vocab);
     VEC("output_norm.weight", d);
-    if (!sh->tied)
+    if (!sh->tied) {
+        more = true;
         MAT("output.weight", d, sh->n_vocab);
+    }
     for (uint32_t l = 0; l < sh->n_layer; l++) {
         char nm[64];
 #define LNAME(s) (snprintf(nm, sizeof nm, "blk.%u." s, l), nm)
         VEC(LNAME("attn_norm.weight"), d);
         MAT(LNAME("attn_q.weight"), d, qd);
         MAT(LNAME("attn_k.weight"), d, kvd);
+        more = use_more_bits(l, sh->n_layer);
         MAT(LNAME("attn_v.weight"), d, kvd);
         MAT(LNAME("attn_output.weight"), qd, d);
         VEC(LNAME("ffn_norm.weight"), d);
         MAT(LNAME("ffn_gate.weight"), d, sh->n_ff);
         MAT(LNAME("ffn_up.weight"), d, sh->n_ff);
+        more = use_more_bits(l, sh->n_layer);
         MAT(LNAME("ffn_down.weight"), sh->n_ff, d);
 #undef LNAME
     }
@@ -114,9 +148,14 @@ write_meta(model_gguf_writer_t *w, const shape_t *sh, kern_dtype_t dtype, uint64
 {
     char name[96];
     snprintf(name, sizeof name, "kvserve random %s %s", sh->name, kern_type_traits(dtype)->name);
+    /* llama_ftype: ALL_F32, MOSTLY_F16, Q8_0, Q4_0, Q4_K_M, Q5_K_S, Q6_K, BF16. */
     uint32_t file_type = dtype == KERN_F32    ? 0
                          : dtype == KERN_F16  ? 1
                          : dtype == KERN_Q8_0 ? 7
+                         : dtype == KERN_Q4_0 ? 2
+                         : dtype == KERN_Q4_K ? 15
+                         : dtype == KERN_Q5_K ? 16
+                         : dtype == KERN_Q6_K ? 18
                                               : 32;
     int rc = 0;
     rc = rc ? rc : model_gguf_writer_set_str(w, "general.architecture", "llama");
@@ -196,11 +235,11 @@ write_row(model_gguf_writer_t *w, const float *row, uint32_t n, kern_dtype_t typ
         for (uint32_t i = 0; i < n; i++)
             ((uint16_t *)buf)[i] = kvs_f32_to_bf16(row[i]);
         return model_gguf_writer_write(w, buf, n * 2);
-    case KERN_Q8_0:
-        kern_quantize_q8_0(row, buf, n);
-        return model_gguf_writer_write(w, buf, kern_row_bytes(KERN_Q8_0, n));
-    default:
-        return KVS_EINVAL;
+    default: {
+        /* Q8_0, Q4_0, the K-quants: ggml's reference quantizers. */
+        int rc = kern_quantize_row(type, row, buf, n);
+        return rc ? rc : model_gguf_writer_write(w, buf, kern_row_bytes(type, n));
+    }
     }
 }
 
@@ -216,8 +255,11 @@ model_random_write(const char *shape, kern_dtype_t dtype, uint64_t seed, const c
         model__errf(err, err_len, "unknown shape '%s' (tiny, llama-3.2-1b, llama-3.1-8b)", shape);
         return KVS_EINVAL;
     }
-    if (dtype != KERN_F32 && dtype != KERN_F16 && dtype != KERN_BF16 && dtype != KERN_Q8_0) {
-        model__errf(err, err_len, "unsupported dtype for random weights (f32, f16, bf16, q8_0)");
+    if (dtype != KERN_F32 && dtype != KERN_F16 && dtype != KERN_BF16 && dtype != KERN_Q8_0 &&
+        dtype != KERN_Q4_0 && dtype != KERN_Q4_K && dtype != KERN_Q5_K && dtype != KERN_Q6_K) {
+        model__errf(err, err_len,
+                    "unsupported dtype for random weights "
+                    "(f32, f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k)");
         return KVS_EINVAL;
     }
     tensor_plan_t *plan = calloc(4 + 9 * (size_t)sh->n_layer, sizeof *plan);

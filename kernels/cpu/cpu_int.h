@@ -1,6 +1,6 @@
 /*
  * kernels/cpu/cpu_int.h — private to the "cpu" backend (kern_cpu.c,
- * cpu_pool.c, cpu_matmul.c, cpu_attn.c): the thread pool, the backend
+ * cpu_pool.c, cpu_matmul.c, cpu_kquant.c, cpu_attn.c): the thread pool, the backend
  * struct with its per-thread scratch, and the entry points of the ops that
  * live in their own files.
  */
@@ -69,12 +69,24 @@ int kern__cpu_work_reserve(kern_cpu_t *be, size_t bytes, void **out);
 /* Runs fn over n_tasks, inline when there is one task or one thread. */
 void kern__cpu_parallel(kern_cpu_t *be, int n_tasks, cpu_task_fn fn, void *ctx);
 
-/* Converts n elements of an F32/F16/BF16/Q8_0 row to f32 with the best
- * available instructions (cpu_matmul.c). */
+/* Converts n elements of a row of any kern__host_types_supported weight
+ * type to f32 with the best available instructions (cpu_matmul.c). */
 void kern__cpu_row_to_f32(cpu_isa_t isa, kern_dtype_t type, const void *row, float *y, size_t n);
 
 int kern__cpu_matmul(kern_cpu_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
                      const float *bias, float *y);
+
+/* Q4_0 and the K-quants (cpu_kquant.c, x86 only).  The row conversion
+ * equals kern_row_to_f32 bit for bit; the product is the decode (dot)
+ * path for few x rows, with CPU_ISA_AVX2 or better. */
+static inline bool
+kern__cpu_is_kq(kern_dtype_t type)
+{
+    return type == KERN_Q4_0 || type == KERN_Q4_K || type == KERN_Q5_K || type == KERN_Q6_K;
+}
+void kern__cpu_kq_row_to_f32_avx2(kern_dtype_t type, const void *row, float *y, size_t n);
+int kern__cpu_matmul_kq(kern_cpu_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
+                        const float *bias, float *y);
 int kern__cpu_attention(kern_cpu_t *be, const kern_attn_args_t *a);
 
 /* The packed Q8_0 path (cpu_q8x16.c, KERN_LAYOUT_Q8_0_X16).  Packing

@@ -26,7 +26,12 @@
  * spinning threads would compete with this pool's, so it stays at one
  * thread.  An AVX-512 version of the dot tiles was no faster (see cpu_isa_t).
  *
- * Q8_0 products take x rounded to int8 per 32-value block (kern.h).  With
+ * Q8_0, Q4_0 and K-quant (Q4_K, Q5_K, Q6_K) products take x rounded to
+ * int8 per 32-value block (kern.h).  For Q4_0 and the K-quants, the AVX2
+ * dot path is cpu_kquant.c's (int8 products on weights unpacked in
+ * registers); the GEMM path converts their tiles with cpu_kquant.c's SIMD
+ * conversion and the scalar path a row at a time, both multiplying the
+ * rounded x in f32.  With
  * AVX-512 VNNI the weights are packed and cpu_q8x16.c computes them; here,
  * with few x rows, the AVX2 products run in integers (below), and the
  * scalar and GEMM paths multiply the rounded x in f32.  Every path differs
@@ -86,7 +91,7 @@ row_to_f32_avx2(kern_dtype_t type, const void *row, float *y, size_t n)
         return;
     }
     default:
-        kern_row_to_f32(type, row, y, n);
+        kern__cpu_kq_row_to_f32_avx2(type, row, y, n);
         return;
     }
 }
@@ -510,7 +515,7 @@ kern__cpu_matmul(kern_cpu_t *be, const kern_tensor_t *w, const float *x, uint32_
                  const float *bias, float *y)
 {
     size_t cols = w->n_cols;
-    if (w->type == KERN_Q8_0 && (n >= GEMM_MIN_N || be->isa < CPU_ISA_AVX2)) {
+    if (kern__rounds_x(w->type) && (n >= GEMM_MIN_N || be->isa < CPU_ISA_AVX2)) {
         /* These paths multiply in f32: they get x as the integer ones see it. */
         void *work;
         int rc = kern__cpu_work_reserve(be, (size_t)n * cols * sizeof(float), &work);
@@ -542,6 +547,10 @@ kern__cpu_matmul(kern_cpu_t *be, const kern_tensor_t *w, const float *x, uint32_
         kern__cpu_parallel(be, n_tasks, gemm_task, &c);
         return 0;
     }
+#ifdef CPU_HAVE_X86
+    if (kern__cpu_is_kq(w->type) && be->isa >= CPU_ISA_AVX2)
+        return kern__cpu_matmul_kq(be, w, x, n, bias, y);
+#endif
     if (be->isa == CPU_ISA_SCALAR) {
         int rc = kern__cpu_scratch_reserve(be, cols * sizeof(float));
         if (rc)

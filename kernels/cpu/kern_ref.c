@@ -49,7 +49,7 @@ static bool
 ref_supports(const kern_backend_t *be, kern_op_t op, kern_dtype_t type)
 {
     (void)be;
-    return kern__types_supported(op, type);
+    return kern__host_types_supported(op, type);
 }
 
 static int
@@ -71,7 +71,7 @@ ref_matmul(kern_backend_t *base, const kern_tensor_t *w, const float *x, uint32_
 {
     kern_ref_t *be = (kern_ref_t *)base;
     size_t cols = w->n_cols;
-    bool q8 = w->type == KERN_Q8_0;
+    bool q8 = kern__rounds_x(w->type);
     float *wrow = ref_scratch(be, (cols + (q8 ? (size_t)n * cols : 0)) * sizeof(float));
     if (wrow == NULL)
         return KVS_ENOMEM;
@@ -289,7 +289,7 @@ static const kern_ops_t ref_ops = {
     .name = "ref",
     .is_host = true,
     .destroy = ref_destroy,    /* frees the scratch buffer and the struct */
-    .supports = ref_supports,  /* F32/F16/BF16/Q8_0 weights, F32/F16 KV */
+    .supports = ref_supports,  /* F32/F16/BF16/Q8_0/Q4_0/K-quant weights, F32/F16 KV */
     .alloc = kern__host_alloc, /* 64-byte aligned host memory */
     .free = kern__host_free,
     .upload = kern__host_copy, /* host to host: memmove */
