@@ -188,19 +188,85 @@ size_t model_kv_bytes_per_token(const model_t *m, kern_dtype_t kv_dtype);
  * row ignored, the output matrix once). */
 size_t model_weight_bytes_per_token(const model_t *m);
 
-/* ---- tokenizer ---------------------------------------------------------- */
+/* ---- vocabularies (tokenizers) ----------------------------------------- */
 
-/* Text to ids.  Returns 0, KVS_ENOSPC when `cap` is too small (*n_out then
- * says how many are needed), KVS_EINVAL on invalid input. */
+/* A tokenizer built from a GGUF file's tokenizer.ggml.* keys, usable with
+ * or without weights (vocab-only files).  Kinds:
+ *   "bytes"           no vocabulary: token id = byte value;
+ *   "gpt2-bytes"      a "gpt2" vocabulary of single bytes without merges
+ *                     (kvserve's bundled models);
+ *   "llama-spm"       tokenizer.ggml.model "llama": SentencePiece BPE by
+ *                     score with <0xNN> byte fallback (Llama 2, Mistral);
+ *   "gpt2-bpe:<pre>"  tokenizer.ggml.model "gpt2": byte-level BPE by merge
+ *                     rank after the regex pre-tokenizer named by
+ *                     tokenizer.ggml.pre (Llama 3, Qwen2, GPT-2, ...).
+ * Ids match llama.cpp's llama_tokenize for the same file.  Immutable once
+ * built: any thread may use it concurrently. */
+typedef struct model_vocab model_vocab_t;
+
+/* Flags of model_vocab_tokenize. */
+#define MODEL_TOK_ADD_SPECIAL 1u   /* BOS/EOS as the vocab asks (add_bos/add_eos_token) */
+#define MODEL_TOK_PARSE_SPECIAL 2u /* text of control tokens becomes their ids */
+
+/* Builds the vocabulary of g (which may be closed afterwards).  The file is
+ * untrusted: a bad array, id, merge or count is KVS_EFORMAT and a tokenizer
+ * or pre-tokenizer kvserve does not implement is KVS_ENOTSUP, each with a
+ * message naming the key; or KVS_ENOMEM.  Thread: any. */
+int model_vocab_new(const model_gguf_t *g, model_vocab_t **out, char *err, size_t err_len);
+void model_vocab_free(model_vocab_t *v); /* NULL is a no-op */
+
+/* Text (any bytes; invalid UTF-8 is tokenized, never refused, except by
+ * "gpt2-bytes" vocabularies lacking a byte) to ids.  Flags: 0 or
+ * MODEL_TOK_*; user-defined tokens are split out of the text even without
+ * MODEL_TOK_PARSE_SPECIAL, as llama.cpp does.  Writes min(n, cap) ids and
+ * sets *n_out to n, the full count.  Returns 0, KVS_ENOSPC when n > cap
+ * (call again with cap >= *n_out; cap 0 just counts), KVS_EINVAL (bad
+ * flags, or a byte the vocab cannot spell) or KVS_ENOMEM.
+ * Sizing: every token covers at least one byte of valid UTF-8 text, so
+ * len + 2 ids (text, BOS, EOS) always suffice for "bytes", "gpt2-bytes" and
+ * "gpt2-bpe", and for "llama-spm" without MODEL_TOK_ADD_SPECIAL adding EOS
+ * (the one extra is the "▁" prefix SentencePiece puts before the text).
+ * Invalid UTF-8 can need more (BPE spells each bad byte as U+FFFD, three
+ * bytes), as can SPM vocabularies without a "▁" token or with one-byte
+ * user-defined tokens (each resets the "▁" prefix). */
+int model_vocab_tokenize(const model_vocab_t *v, const char *text, size_t len, unsigned flags,
+                         int32_t *out, size_t cap, size_t *n_out);
+/* The bytes token id stands for: SPM "▁" is a space and <0xNN> its byte,
+ * GPT-2's byte-level spelling is undone, control and unknown tokens are
+ * empty unless `special`.  Writes min(n, cap) bytes (no NUL) and returns n,
+ * the piece's full length, like snprintf; KVS_EINVAL for an id outside the
+ * vocabulary. */
+int model_vocab_piece(const model_vocab_t *v, int32_t id, bool special, char *buf, size_t cap);
+uint32_t model_vocab_n_tokens(const model_vocab_t *v); /* ids are 0 .. n - 1 */
+int32_t model_vocab_bos(const model_vocab_t *v);       /* -1 when none */
+int32_t model_vocab_eos(const model_vocab_t *v);       /* -1 when none */
+int32_t model_vocab_eot(const model_vocab_t *v);       /* -1 when none */
+/* End of generation: EOS, EOT, EOM and the chat stop tokens llama.cpp
+ * recognizes by text (<|eot_id|>, <|im_end|>, <|end|>, ...). */
+bool model_vocab_is_eog(const model_vocab_t *v, int32_t id);
+bool model_vocab_adds_bos(const model_vocab_t *v);    /* MODEL_TOK_ADD_SPECIAL prepends BOS */
+bool model_vocab_adds_eos(const model_vocab_t *v);    /* MODEL_TOK_ADD_SPECIAL appends EOS */
+const char *model_vocab_kind(const model_vocab_t *v); /* see the kinds above */
+
+/* ---- a loaded model's tokenizer ----------------------------------------- */
+
+/* The model's vocabulary (owned by the model). */
+const model_vocab_t *model_vocab(const model_t *m);
+/* Text to ids: model_vocab_tokenize with MODEL_TOK_ADD_SPECIAL when add_bos
+ * (so EOS too where the vocab sets add_eos_token) and no special-token
+ * parsing.  Returns 0, KVS_ENOSPC when `cap` is too small (*n_out then says
+ * how many are needed; len + 2 suffices as documented above), KVS_EINVAL on
+ * invalid input. */
 int model_tokenize(const model_t *m, const char *text, size_t len, bool add_bos, int32_t *out,
                    size_t cap, size_t *n_out);
 /* The bytes of one token (empty for control tokens); returns the length
- * written (<= cap), or KVS_EINVAL for an id outside the vocabulary. */
+ * written (<= cap: longer pieces are cut), or KVS_EINVAL for an id outside
+ * the vocabulary. */
 int model_token_piece(const model_t *m, int32_t id, char *buf, size_t cap);
 int32_t model_token_bos(const model_t *m); /* -1 when none */
 int32_t model_token_eos(const model_t *m); /* -1 when none */
 bool model_token_is_eog(const model_t *m, int32_t id);
-const char *model_tokenizer_name(const model_t *m); /* "bytes", "gpt2-bytes" */
+const char *model_tokenizer_name(const model_t *m); /* model_vocab_kind */
 
 /* ---- forward pass ------------------------------------------------------- */
 
