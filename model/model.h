@@ -250,6 +250,11 @@ const char *model_vocab_kind(const model_vocab_t *v); /* see the kinds above */
 
 /* ---- a loaded model's tokenizer ----------------------------------------- */
 
+/* model_vocab_tokenize into a malloc'd array of the right size (*out;
+ * free it); 0, KVS_EINVAL or KVS_ENOMEM. */
+int model_vocab_tokenize_alloc(const model_vocab_t *v, const char *text, size_t len,
+                               unsigned flags, int32_t **out, size_t *n_out);
+
 /* The model's vocabulary (owned by the model). */
 const model_vocab_t *model_vocab(const model_t *m);
 /* Text to ids: model_vocab_tokenize with MODEL_TOK_ADD_SPECIAL when add_bos

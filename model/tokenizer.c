@@ -11,6 +11,8 @@
  */
 #include "model_int.h"
 
+#include <stdlib.h>
+
 /* GPT-2's reversible byte -> code point map: printable Latin-1 bytes map to
  * themselves, the rest to 256, 257, ... in byte order. */
 uint32_t
@@ -81,4 +83,30 @@ const char *
 model_tokenizer_name(const model_t *m)
 {
     return model_vocab_kind(m->vocab);
+}
+
+int
+model_vocab_tokenize_alloc(const model_vocab_t *v, const char *text, size_t len, unsigned flags,
+                           int32_t **out, size_t *n_out)
+{
+    /* len + 2 fits valid UTF-8 (model.h); a second pass sizes the rest. */
+    size_t cap = len + 2, n = 0;
+    *out = NULL;
+    *n_out = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        int32_t *ids = malloc((cap ? cap : 1) * sizeof *ids);
+        if (ids == NULL)
+            return KVS_ENOMEM;
+        int rc = model_vocab_tokenize(v, text, len, flags, ids, cap, &n);
+        if (rc == 0) {
+            *out = ids;
+            *n_out = n;
+            return 0;
+        }
+        free(ids);
+        if (rc != KVS_ENOSPC)
+            return rc;
+        cap = n;
+    }
+    return KVS_EINVAL;
 }

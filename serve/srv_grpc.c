@@ -832,13 +832,18 @@ tokenize_new(call_t *c)
     if (q == NULL)
         return;
     size_t len = strlen(q->text), n = 0;
-    bool bos = q->has_add_bos ? q->add_bos : model_token_bos(S.m) >= 0;
-    int32_t *ids = malloc((len + 2) * sizeof *ids);
-    uint32_t *out = malloc((len + 2) * sizeof *out);
-    if (!ids || !out) {
-        reply_unary(c, NULL, GRPC_STATUS_RESOURCE_EXHAUSTED, "text: out of memory");
-    } else if (model_tokenize(S.m, q->text, len, bos, ids, len + 2, &n)) {
-        reply_unary(c, NULL, GRPC_STATUS_INVALID_ARGUMENT, "text: cannot be tokenized");
+    unsigned flags = (!q->has_add_bos || q->add_bos ? MODEL_TOK_ADD_SPECIAL : 0) |
+                     (q->has_parse_special && q->parse_special ? MODEL_TOK_PARSE_SPECIAL : 0);
+    int32_t *ids = NULL;
+    uint32_t *out = NULL;
+    int rc = model_vocab_tokenize_alloc(model_vocab(S.m), q->text, len, flags, &ids, &n);
+    if (rc == 0 && (out = malloc((n ? n : 1) * sizeof *out)) == NULL)
+        rc = KVS_ENOMEM;
+    if (rc) {
+        reply_unary(c, NULL,
+                    rc == KVS_ENOMEM ? GRPC_STATUS_RESOURCE_EXHAUSTED
+                                     : GRPC_STATUS_INVALID_ARGUMENT,
+                    "text: cannot be tokenized");
     } else {
         for (size_t i = 0; i < n; i++)
             out[i] = (uint32_t)ids[i];

@@ -1,20 +1,24 @@
 /*
  * serve/srv_model.c — `kvserve model`: `info PATH` prints a GGUF file's
  * metadata, tensors and (when kvserve can load it) its hyper-parameters;
- * `random` writes a model with deterministic random weights.
+ * `random` writes a model with deterministic random weights; `tokenize
+ * PATH` runs the file's tokenizer over stdin (also on tokenizer-only
+ * vocabulary files), for scripts and tests.
  */
 #include "srv.h"
 
 #include "model/model.h"
 
 #include <getopt.h>
+#include <stdlib.h>
 #include <string.h>
 
 static const char model_usage[] =
     "usage: kvserve model info PATH\n"
     "       kvserve model random --shape tiny|llama-3.2-1b|llama-3.1-8b\n"
     "                            --dtype f32|f16|bf16|q8_0|q4_0|q4_k|q5_k|q6_k\n"
-    "                            --out PATH [--seed S]   (q4_k: Q4_K_M's Q4_K/Q6_K mix)\n";
+    "                            --out PATH [--seed S]   (q4_k: Q4_K_M's Q4_K/Q6_K mix)\n"
+    "       kvserve model tokenize PATH [--no-bos] [--special] [--ids]   (text on stdin)\n";
 
 static int
 cmd_info(int argc, char **argv)
@@ -134,6 +138,109 @@ cmd_random(int argc, char **argv)
     return 0;
 }
 
+/* Reads all of stdin; NULL when it cannot. */
+static char *
+read_stdin(size_t *len)
+{
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap);
+    while (buf) {
+        size_t r = fread(buf + n, 1, cap - n, stdin);
+        n += r;
+        if (r == 0)
+            break;
+        if (n == cap) {
+            char *b = realloc(buf, cap *= 2);
+            if (b == NULL)
+                free(buf);
+            buf = b;
+        }
+    }
+    *len = n;
+    return buf;
+}
+
+/* Ids of stdin's text: one line of space-separated ids (--ids), or one
+ * "id<TAB>piece" line per token.  --no-bos: no BOS/EOS even when the
+ * vocabulary adds them; --special: text like <s> becomes special tokens. */
+static int
+cmd_tokenize(int argc, char **argv)
+{
+    static const struct option lo[] = {{"no-bos", 0, 0, 'b'},
+                                       {"special", 0, 0, 's'},
+                                       {"ids", 0, 0, 'i'},
+                                       {"help", 0, 0, 'h'},
+                                       {0, 0, 0, 0}};
+    bool bos = true, special = false, ids_only = false;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+        switch (c) {
+        case 'b':
+            bos = false;
+            break;
+        case 's':
+            special = true;
+            break;
+        case 'i':
+            ids_only = true;
+            break;
+        case 'h':
+            fputs(model_usage, stdout);
+            return 0;
+        default:
+            fputs(model_usage, stderr);
+            return 2;
+        }
+    }
+    if (optind != argc - 1) {
+        fprintf(stderr, "kvserve model tokenize: expected one PATH\n%s", model_usage);
+        return 2;
+    }
+    const char *path = argv[optind];
+    char err[512] = "";
+    model_gguf_t *g = NULL;
+    model_vocab_t *v = NULL;
+    if (model_gguf_open(path, &g, err, sizeof err) || model_vocab_new(g, &v, err, sizeof err)) {
+        fprintf(stderr, "kvserve model tokenize: '%s': %s\n", path, err);
+        model_gguf_close(g);
+        return 1;
+    }
+    size_t len = 0, n = 0;
+    char *text = read_stdin(&len);
+    int status = 1;
+    unsigned flags = (bos ? MODEL_TOK_ADD_SPECIAL : 0) | (special ? MODEL_TOK_PARSE_SPECIAL : 0);
+    int32_t *ids = NULL;
+    if (text && model_vocab_tokenize(v, text, len, flags, NULL, 0, &n) != KVS_EINVAL &&
+        (ids = malloc((n ? n : 1) * sizeof *ids)) != NULL &&
+        model_vocab_tokenize(v, text, len, flags, ids, n, &n) == 0) {
+        char piece[256];
+        for (size_t i = 0; i < n; i++) {
+            if (ids_only) {
+                printf(i ? " %d" : "%d", ids[i]);
+                continue;
+            }
+            int k = model_vocab_piece(v, ids[i], true, piece, sizeof piece);
+            printf("%d\t", ids[i]);
+            srv_json_str(stdout, piece,
+                         k < 0                      ? 0
+                         : (size_t)k < sizeof piece ? (size_t)k
+                                                    : sizeof piece);
+            printf("\n");
+        }
+        if (ids_only)
+            printf("\n");
+        status = 0;
+    } else {
+        fprintf(stderr, "kvserve model tokenize: cannot tokenize the input\n");
+    }
+    free(ids);
+    free(text);
+    model_vocab_free(v);
+    model_gguf_close(g);
+    return status;
+}
+
 int
 srv_cmd_model(int argc, char **argv)
 {
@@ -145,6 +252,8 @@ srv_cmd_model(int argc, char **argv)
         return cmd_info(argc - 1, argv + 1);
     if (strcmp(argv[1], "random") == 0)
         return cmd_random(argc - 1, argv + 1);
+    if (strcmp(argv[1], "tokenize") == 0)
+        return cmd_tokenize(argc - 1, argv + 1);
     if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
         fputs(model_usage, stdout);
         return 0;

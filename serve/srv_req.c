@@ -192,9 +192,8 @@ chat_prompt(const Kvserve__V1__ChatMessages *cm, const srv_limits_t *lim, srv_ge
                   "chat: the rendered prompt (%zu bytes) cannot fit the maximum model length "
                   "(%u tokens)",
                   len, lim->max_model_len);
-    else if ((out->prompt = malloc((len + 2) * sizeof(int32_t))) == NULL)
-        st = fail(msg, cap, GRPC_STATUS_RESOURCE_EXHAUSTED, "chat: out of memory");
-    else if (model_tokenize(lim->m, text, len, false, out->prompt, len + 2, &n))
+    else if (model_vocab_tokenize_alloc(model_vocab(lim->m), text, len, MODEL_TOK_PARSE_SPECIAL,
+                                        &out->prompt, &n))
         st = fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "chat: cannot tokenize the prompt");
     else if (n == 0)
         st = fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "chat: the prompt is empty");
@@ -215,15 +214,14 @@ check_prompt(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, srv
             return fail(msg, cap, GRPC_STATUS_OUT_OF_RANGE,
                         "text: %zu bytes cannot fit the maximum model length (%u tokens)", len,
                         lim->max_model_len);
-        out->prompt = malloc((len + 2) * sizeof(int32_t));
-        if (out->prompt == NULL)
-            return fail(msg, cap, GRPC_STATUS_RESOURCE_EXHAUSTED, "text: out of memory");
         size_t n;
-        if (model_tokenize(lim->m, q->text, len, model_token_bos(lim->m) >= 0, out->prompt, len + 2,
-                           &n))
-            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
-                        "text: cannot be tokenized by the '%s' tokenizer",
-                        model_tokenizer_name(lim->m));
+        int rc = model_vocab_tokenize_alloc(model_vocab(lim->m), q->text, len,
+                                            MODEL_TOK_ADD_SPECIAL, &out->prompt, &n);
+        if (rc)
+            return fail(
+                msg, cap,
+                rc == KVS_ENOMEM ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INVALID_ARGUMENT,
+                "text: cannot be tokenized by the '%s' tokenizer", model_tokenizer_name(lim->m));
         out->n_prompt = (uint32_t)n;
     } else if (q->prompt_case == KVSERVE__V1__GENERATE_REQUEST__PROMPT_TOKENS) {
         const Kvserve__V1__TokenIds *t = q->tokens;

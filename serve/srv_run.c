@@ -265,10 +265,8 @@ srv_cmd_run(int argc, char **argv)
             }
         }
     } else {
-        size_t len = strlen(o.prompt), cap = len + 1;
-        s.prompt = malloc(cap * sizeof *s.prompt);
-        if (s.prompt == NULL ||
-            model_tokenize(s.m, o.prompt, len, true, s.prompt, cap, &n_prompt)) {
+        if (model_vocab_tokenize_alloc(model_vocab(s.m), o.prompt, strlen(o.prompt),
+                                       MODEL_TOK_ADD_SPECIAL, &s.prompt, &n_prompt)) {
             fprintf(stderr,
                     "kvserve run: --prompt: cannot tokenize the text with the '%s' "
                     "tokenizer\n",

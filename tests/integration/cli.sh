@@ -37,6 +37,13 @@ expect 0 "info" "$K" model info "$W/tiny.gguf"
 contains "blk.3.ffn_down.weight"
 contains "RANDOM weights"
 contains "tokenizer gpt2-bytes"
+# model tokenize: ids of stdin's text, BOS as the vocabulary adds it.
+printf 'Hi' | "$K" model tokenize --ids "$W/tiny.gguf" >"$W/out" 2>&1
+if [ "$(cat "$W/out")" = "256 72 105" ]; then ok; else bad "tokenize --ids: '$(cat "$W/out")'"; fi
+printf 'Hi' | "$K" model tokenize --ids --no-bos "$W/tiny.gguf" >"$W/out" 2>&1
+if [ "$(cat "$W/out")" = "72 105" ]; then ok; else bad "tokenize --no-bos: '$(cat "$W/out")'"; fi
+expect 2 "tokenize without a path" "$K" model tokenize
+expect 1 "tokenize a missing file" "$K" model tokenize "$W/none.gguf"
 
 M="--model $W/tiny.gguf"
 expect 0 "run text" "$K" run $M --prompt "The grass is" --max-tokens 8 --seed 1
