@@ -225,6 +225,35 @@ kern_kv_copy(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, const 
     return n ? be->ops->kv_copy(be, kv, src, dst, n) : 0;
 }
 
+/* The sparse key pattern (kern.h).  Runs after the rows' kv_len checks. */
+static bool
+attn_pattern_ok(const kern_attn_args_t *a)
+{
+    if (a->window_tokens == 0 && a->block_mask == NULL)
+        return a->sink_tokens == 0; /* sinks alone would silently mean dense */
+    if (a->block_mask == NULL)
+        return true; /* key L - 1 is in every window */
+    if (a->mask_stride == 0)
+        return false;
+    uint32_t bt = a->kv->block_tokens, qb = a->mask_q_block ? a->mask_q_block : 1;
+    for (uint32_t i = 0; i < a->n_q; i++) {
+        uint32_t nb = ((uint32_t)a->kv_len[i] + bt - 1) / bt;
+        if (nb > a->mask_stride)
+            return false;
+        if (a->window_tokens > 0 || a->sink_tokens > 0 || (a->dense_rows && a->dense_rows[i]))
+            continue;
+        /* Mask only: a row whose kept blocks are all zero has no key to
+         * normalise over, and no output that would mean anything. */
+        const uint8_t *m = a->block_mask + (size_t)(i / qb) * a->mask_stride;
+        uint32_t b = 0;
+        while (b < nb && m[b] == 0)
+            b++;
+        if (b == nb)
+            return false;
+    }
+    return true;
+}
+
 int
 kern_attention(kern_backend_t *be, const kern_attn_args_t *a)
 {
@@ -251,6 +280,8 @@ kern_attention(kern_backend_t *be, const kern_attn_args_t *a)
             if (a->kv_len[i] < 1 || a->kv_len[i] > len)
                 return KVS_EINVAL;
     }
+    if (!attn_pattern_ok(a))
+        return KVS_EINVAL;
     if (!be->ops->supports(be, KERN_OP_ATTN, kv->dtype))
         return KVS_ENOTSUP;
     return a->n_q ? be->ops->attention(be, a) : 0;

@@ -199,6 +199,35 @@ typedef struct kern_attn_args {
     const kern_kv_t *kv;
     uint32_t layer;
     float scale; /* usually 1/sqrt(head_dim) */
+
+    /* Sparse key pattern (StreamingLLM sinks + window, block-sparse as in
+     * Quest / MInference, the sparse pass of Delta Attention).  All zero,
+     * the default, is dense causal attention.  Positions are KV entry
+     * indices of the sequence.  A row i with causal limit L = kv_len[i]
+     * is "patterned" when window_tokens > 0 or block_mask != NULL, and
+     * dense_rows is NULL or dense_rows[i] == 0; it then attends to the
+     * keys j < L with
+     *     j < sink_tokens
+     *  or (window_tokens > 0 and j >= L - window_tokens)
+     *  or (block_mask and block_mask[(i / mask_q_block) * mask_stride
+     *                                + j / kv->block_tokens] != 0)
+     * and softmax runs over those keys only.  Other rows are dense.
+     * block_mask: host bytes (nonzero = keep), one mask row per
+     * mask_q_block consecutive query rows of the call (rows numbered as
+     * in q, across sequences: start each sequence on a multiple of
+     * mask_q_block if groups must not straddle two), one byte per KV block
+     * of the row's sequence (page-table order, block_tokens entries each);
+     * mask_stride >= ceil(kv_len[i] / block_tokens) for every row.
+     * kern_attention returns KVS_EINVAL for sink_tokens without a window
+     * or mask, a mask_stride below a row's block count, and a patterned
+     * row that would attend to no key (possible with a mask alone).  Backends: ref and cpu
+     * (prefill, decode and split-K alike); cuda returns KVS_ENOTSUP for any pattern. */
+    uint32_t sink_tokens;      /* leading keys always kept */
+    uint32_t window_tokens;    /* recent keys kept; 0: no window */
+    const uint8_t *block_mask; /* host, see above; NULL: none */
+    uint32_t mask_stride;      /* bytes between mask rows */
+    uint32_t mask_q_block;     /* query rows per mask row; 0 means 1 */
+    const uint8_t *dense_rows; /* host, [n_q], nonzero: ignore the pattern; or NULL */
 } kern_attn_args_t;
 
 /* RoPE.  theta_i = pos * freq_scale * freq_base^(-2i/n_rot) / freq_factor[i]

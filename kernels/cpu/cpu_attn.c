@@ -26,6 +26,14 @@
  * (split-K).  Parts write (m, l, acc) to the shared workspace and a second
  * parallel pass merges them into the output.
  *
+ * A sparse key pattern (kern.h: sinks + window, block mask, dense rows)
+ * is honoured by every item, split or not: the key cursor steps over
+ * page blocks no row of the item sees, and rows whose pattern cuts into
+ * a chunk get their unseen keys' weights set to exactly 0.  Split-K still
+ * cuts the causal range [0, kv_len) evenly, so under a sink + window
+ * pattern some parts find nothing to do (they merge as empty); the work
+ * itself stays O(kept keys).
+ *
  * Blocks of one KV head are block_tokens * head_dim elements (4 KiB for 16
  * x 128 F16) at scattered addresses, which the hardware prefetcher serves
  * poorly, so the next PREFETCH_KEYS keys are prefetched into L2.  Measured
@@ -349,42 +357,153 @@ q_offset(const attn_ctx_t *c, int32_t row0, uint32_t g, uint32_t qi)
     return (((size_t)(row0 + (int32_t)r)) * c->a->n_heads + (size_t)g * c->group + h) * c->d;
 }
 
-/* Walks the keys of one sequence and KV head in order, yielding byte
- * offsets into K (and V) without a division per key. */
+/* What one query row may see under kern.h's sparse key pattern: keys
+ * j < len with j < sinks, j >= lo or mask[j / block_tokens] set.  A dense
+ * row (no pattern, or marked in dense_rows) has lo = 0 and sees all of
+ * them. */
+typedef struct row_pat {
+    int32_t len;
+    int32_t lo;
+    const uint8_t *mask; /* the row's block_mask row, or NULL */
+} row_pat_t;
+
+static void
+row_pat_init(const kern_attn_args_t *a, int32_t i, row_pat_t *r)
+{
+    r->len = a->kv_len[i];
+    r->lo = 0;
+    r->mask = NULL;
+    if ((a->window_tokens == 0 && a->block_mask == NULL) || (a->dense_rows && a->dense_rows[i]))
+        return;
+    /* No window: nothing is recent enough, only sinks and the mask count. */
+    int64_t lo = a->window_tokens ? (int64_t)r->len - a->window_tokens : r->len;
+    r->lo = lo > 0 ? (int32_t)lo : 0;
+    if (a->block_mask) {
+        uint32_t qb = a->mask_q_block ? a->mask_q_block : 1;
+        r->mask = a->block_mask + (size_t)((uint32_t)i / qb) * a->mask_stride;
+    }
+}
+
+static inline bool
+row_pat_sees(const row_pat_t *r, uint32_t sinks, uint32_t bt, int32_t j)
+{
+    return j < r->len &&
+           ((uint32_t)j < sinks || j >= r->lo || (r->mask && r->mask[(uint32_t)j / bt]));
+}
+
+/* Walks the keys [j, j1) of one sequence and KV head in order, yielding
+ * byte offsets into K (and V) and positions.  Under a sparse pattern it
+ * steps over whole blocks that no row of the item sees, which is what makes
+ * a sink + window or block-sparse row cost O(kept keys), not O(kv_len). */
 typedef struct key_cursor {
     const kern_kv_t *kv;
     const int32_t *blocks;
     uint32_t layer, g;
-    uint32_t b, o;    /* block index in the table, slot in the block */
-    size_t base;      /* offset of slot 0 of block b */
-    size_t vec_bytes; /* one key vector */
+    int32_t j, j1;
+    size_t vec_bytes;      /* one key vector */
+    const row_pat_t *rows; /* NULL: dense call, every block is needed */
+    int n_rows;
+    uint32_t sinks;
 } key_cursor_t;
 
 static void
-cursor_init(key_cursor_t *cu, const kern_kv_t *kv, uint32_t layer, uint32_t g,
-            const int32_t *blocks, int32_t j)
+cursor_init(key_cursor_t *cu, const attn_ctx_t *c, const attn_item_t *it, const row_pat_t *rows)
 {
-    cu->kv = kv;
-    cu->blocks = blocks;
-    cu->layer = layer;
-    cu->g = g;
-    cu->b = (uint32_t)j / kv->block_tokens;
-    cu->o = (uint32_t)j % kv->block_tokens;
-    cu->base = kern__kv_offset(kv, layer, (uint32_t)blocks[cu->b], g, 0);
-    cu->vec_bytes = kern__kv_offset(kv, 0, 0, 0, 1);
+    const kern_attn_args_t *a = c->a;
+    *cu = (key_cursor_t){.kv = a->kv,
+                         .blocks = a->pt.indices + a->pt.indptr[it->seq],
+                         .layer = a->layer,
+                         .g = it->g,
+                         .j = it->j0,
+                         .j1 = it->j1,
+                         .vec_bytes = kern__kv_offset(a->kv, 0, 0, 0, 1),
+                         .rows = rows,
+                         .n_rows = it->n_rows,
+                         .sinks = a->sink_tokens};
 }
 
-static void
-cursor_take(key_cursor_t *cu, int n, size_t *offs)
+/* Whether some row sees a key of block b (table index). */
+static bool
+cursor_block_needed(const key_cursor_t *cu, uint32_t b)
 {
-    for (int t = 0; t < n; t++) {
-        if (cu->o == cu->kv->block_tokens) {
-            cu->b++;
-            cu->o = 0;
-            cu->base = kern__kv_offset(cu->kv, cu->layer, (uint32_t)cu->blocks[cu->b], cu->g, 0);
-        }
-        offs[t] = cu->base + cu->o++ * cu->vec_bytes;
+    uint32_t bt = cu->kv->block_tokens;
+    int32_t k0 = (int32_t)(b * bt);
+    for (int r = 0; r < cu->n_rows; r++) {
+        const row_pat_t *rp = &cu->rows[r];
+        if (k0 >= rp->len)
+            continue;
+        int32_t k1 = k0 + (int32_t)bt < rp->len ? k0 + (int32_t)bt : rp->len; /* exclusive */
+        if ((uint32_t)k0 < cu->sinks || k1 - 1 >= rp->lo || (rp->mask && rp->mask[b]))
+            return true;
     }
+    return false;
+}
+
+/* Takes up to n keys; returns how many (0 at the end of the range). */
+static int
+cursor_take(key_cursor_t *cu, int n, size_t *offs, int32_t *pos)
+{
+    uint32_t bt = cu->kv->block_tokens;
+    int t = 0;
+    while (t < n && cu->j < cu->j1) {
+        uint32_t b = (uint32_t)cu->j / bt, o = (uint32_t)cu->j % bt;
+        int32_t end = (int32_t)((b + 1) * bt) < cu->j1 ? (int32_t)((b + 1) * bt) : cu->j1;
+        if (cu->rows && !cursor_block_needed(cu, b)) {
+            cu->j = end;
+            continue;
+        }
+        size_t base = kern__kv_offset(cu->kv, cu->layer, (uint32_t)cu->blocks[b], cu->g, 0);
+        for (; t < n && cu->j < end; t++, cu->j++, o++) {
+            offs[t] = base + o * cu->vec_bytes;
+            if (pos)
+                pos[t] = cu->j;
+        }
+    }
+    return t;
+}
+
+/* Turns row scores p[0..nk) (keys at ascending positions pos) into
+ * e^(s - m') for the keys the row sees and 0 for the rest; returns m' =
+ * max(m_old, max of the seen scores) and adds the weights to *sum. */
+static float
+softmax_row(const attn_ctx_t *c, const row_pat_t *rp, const int32_t *pos, int nk, float *p,
+            float m_old, float *sum)
+{
+    uint32_t sinks = c->a->sink_tokens, bt = c->a->kv->block_tokens;
+    int lim = nk;
+    while (lim > 0 && pos[lim - 1] >= rp->len)
+        lim--;
+    /* Positions ascend, so one test tells whether the pattern cuts into
+     * the chunk; most chunks of a patterned row are wholly in or out. */
+    bool all = true;
+    if (lim > 0 && pos[0] < rp->lo)
+        for (int t = 0; t < lim && all; t++)
+            all = row_pat_sees(rp, sinks, bt, pos[t]);
+    float mx = m_old;
+    if (all) {
+        if (lim > 0) {
+#ifdef CPU_HAVE_X86
+            if (c->simd)
+                mx = softmax_chunk_avx2(p, lim, m_old);
+            else
+#endif
+                mx = softmax_chunk_scalar(p, lim, m_old);
+        }
+        for (int t = lim; t < nk; t++)
+            p[t] = 0.0f;
+    } else {
+        for (int t = 0; t < lim; t++)
+            if (row_pat_sees(rp, sinks, bt, pos[t]) && p[t] > mx)
+                mx = p[t];
+        /* Exactly 0 for unseen keys: the SIMD exp clamps instead. */
+        for (int t = 0; t < nk; t++)
+            p[t] = t < lim && row_pat_sees(rp, sinks, bt, pos[t]) ? expf(p[t] - mx) : 0.0f;
+    }
+    float s = 0.0f;
+    for (int t = 0; t < lim; t++)
+        s += p[t];
+    *sum = s;
+    return mx;
 }
 
 static void
@@ -396,7 +515,6 @@ item_task(void *ctx, int task, int thread)
     const attn_item_t *it = &c->items[task];
     uint32_t d = c->d, nq = (uint32_t)it->n_rows * c->group;
     bool f16 = kv->dtype == KERN_F16;
-    const int32_t *blocks = a->pt.indices + a->pt.indptr[it->seq];
 
     /* Scratch: m, l, alpha [nq], S/P [nq][CHUNK], acc [nq][d]. */
     float *m = c->be->scratch[thread].p, *l = m + nq, *alpha = l + nq, *s = alpha + nq;
@@ -407,15 +525,23 @@ item_task(void *ctx, int task, int thread)
     }
     memset(acc, 0, (size_t)nq * d * sizeof(float));
 
+    row_pat_t rows[NQ_TARGET]; /* n_rows <= NQ_TARGET (planning) */
+    for (int32_t r = 0; r < it->n_rows; r++)
+        row_pat_init(a, it->row0 + r, &rows[r]);
+    bool sparse = a->window_tokens > 0 || a->block_mask != NULL;
+
     const void *kp[CHUNK], *vp[CHUNK];
-    size_t offs[CHUNK];
+    size_t offs[CHUNK], pf_offs[PREFETCH_KEYS + CHUNK];
+    int32_t pos[CHUNK];
     key_cursor_t cur, pf;
-    cursor_init(&cur, kv, a->layer, it->g, blocks, it->j0);
-    cursor_init(&pf, kv, a->layer, it->g, blocks, it->j0);
-    int32_t pj = it->j0; /* next key to prefetch */
-    for (int32_t jc = it->j0; jc < it->j1; jc += CHUNK) {
-        int nk = it->j1 - jc < CHUNK ? it->j1 - jc : CHUNK;
-        cursor_take(&cur, nk, offs);
+    cursor_init(&cur, c, it, sparse ? rows : NULL);
+    pf = cur;
+    int64_t taken = 0, pf_taken = 0;
+    for (;;) {
+        int nk = cursor_take(&cur, CHUNK, offs, pos);
+        if (nk == 0)
+            break;
+        taken += nk;
         for (int t = 0; t < nk; t++) {
             kp[t] = (const uint8_t *)kv->k + offs[t];
             vp[t] = (const uint8_t *)kv->v + offs[t];
@@ -423,22 +549,20 @@ item_task(void *ctx, int task, int thread)
         /* Keys sit in runs of block_tokens at scattered addresses, too
          * short for the hardware prefetcher to reach full speed: keep
          * PREFETCH_KEYS keys past this chunk on their way into L2. */
-        int32_t pend = jc + nk + PREFETCH_KEYS < it->j1 ? jc + nk + PREFETCH_KEYS : it->j1;
-        for (; pj < pend; pj++) {
-            size_t off;
-            cursor_take(&pf, 1, &off);
+        int want = (int)(taken + PREFETCH_KEYS - pf_taken);
+        int np = want > 0 ? cursor_take(&pf, want, pf_offs, NULL) : 0;
+        pf_taken += np;
 #ifdef CPU_HAVE_X86
+        for (int t = 0; t < np; t++) {
             for (size_t o = 0; o < pf.vec_bytes; o += 64) {
-                _mm_prefetch((const char *)kv->k + off + o, _MM_HINT_T1);
-                _mm_prefetch((const char *)kv->v + off + o, _MM_HINT_T1);
+                _mm_prefetch((const char *)kv->k + pf_offs[t] + o, _MM_HINT_T1);
+                _mm_prefetch((const char *)kv->v + pf_offs[t] + o, _MM_HINT_T1);
             }
-#else
-            (void)off;
-#endif
         }
+#endif
 
-        /* S = scale Q K^T over the whole chunk; scores past a row's kv_len
-         * are computed for simplicity and then masked. */
+        /* S = scale Q K^T over the whole chunk; scores of keys a row does
+         * not see are computed for simplicity and then masked. */
         uint32_t qi = 0;
 #ifdef CPU_HAVE_X86
         if (c->simd) {
@@ -458,23 +582,8 @@ item_task(void *ctx, int task, int thread)
                           s + qi * CHUNK);
 
         for (qi = 0; qi < nq; qi++) {
-            float *p = s + qi * CHUNK;
-            int32_t len = a->kv_len[it->row0 + (int32_t)(qi / c->group)];
-            int lim = len - jc < nk ? (len - jc > 0 ? len - jc : 0) : nk;
-            float mx = m[qi];
-            if (lim > 0) {
-#ifdef CPU_HAVE_X86
-                if (c->simd)
-                    mx = softmax_chunk_avx2(p, lim, m[qi]);
-                else
-#endif
-                    mx = softmax_chunk_scalar(p, lim, m[qi]);
-            }
-            for (int t = lim; t < nk; t++)
-                p[t] = 0.0f;
-            float sum = 0.0f;
-            for (int t = 0; t < lim; t++)
-                sum += p[t];
+            float sum;
+            float mx = softmax_row(c, &rows[qi / c->group], pos, nk, s + qi * CHUNK, m[qi], &sum);
             /* Until a row has seen a key, m is -inf and acc, l are 0. */
             alpha[qi] = m[qi] == mx ? 1.0f : m[qi] == -INFINITY ? 0.0f : expf(m[qi] - mx);
             l[qi] = l[qi] * alpha[qi] + sum;

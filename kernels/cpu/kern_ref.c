@@ -216,6 +216,24 @@ ref_kv_elem(const kern_kv_t *kv, const void *buf, size_t off, uint32_t c)
     return ((const float *)((const char *)buf + off))[c];
 }
 
+/* Whether row i (causal limit len) attends to key j < len: kern.h's
+ * sparse key pattern, spelled out as written there. */
+static bool
+ref_key_allowed(const kern_attn_args_t *a, uint32_t i, int32_t len, int32_t j)
+{
+    bool patterned =
+        (a->window_tokens > 0 || a->block_mask) && !(a->dense_rows && a->dense_rows[i]);
+    if (!patterned || (uint32_t)j < a->sink_tokens)
+        return true;
+    if (a->window_tokens > 0 && (int64_t)j >= (int64_t)len - a->window_tokens)
+        return true;
+    if (a->block_mask) {
+        uint32_t qb = a->mask_q_block ? a->mask_q_block : 1;
+        return a->block_mask[(size_t)(i / qb) * a->mask_stride + (uint32_t)j / a->kv->block_tokens];
+    }
+    return false;
+}
+
 static int
 ref_attention(kern_backend_t *base, const kern_attn_args_t *a)
 {
@@ -242,6 +260,10 @@ ref_attention(kern_backend_t *base, const kern_attn_args_t *a)
                 const float *q = a->q + ((size_t)i * a->n_heads + h) * d;
                 double mx = -INFINITY;
                 for (int32_t j = 0; j < len; j++) {
+                    if (!ref_key_allowed(a, (uint32_t)i, len, j)) {
+                        p[j] = -INFINITY; /* exp() below makes it an exact 0 */
+                        continue;
+                    }
                     uint32_t blk = (uint32_t)blocks[j / kv->block_tokens];
                     size_t off = kern__kv_offset(kv, a->layer, blk, g, j % kv->block_tokens);
                     double dot = 0.0;
@@ -259,6 +281,8 @@ ref_attention(kern_backend_t *base, const kern_attn_args_t *a)
                 for (uint32_t c = 0; c < d; c++)
                     acc[c] = 0.0;
                 for (int32_t j = 0; j < len; j++) {
+                    if (p[j] == 0.0)
+                        continue; /* a masked key (its V is never read) */
                     uint32_t blk = (uint32_t)blocks[j / kv->block_tokens];
                     size_t off = kern__kv_offset(kv, a->layer, blk, g, j % kv->block_tokens);
                     for (uint32_t c = 0; c < d; c++)
@@ -304,5 +328,5 @@ static const kern_ops_t ref_ops = {
     .add = ref_add,
     .kv_append = ref_kv_append, /* f32 -> KV dtype, per head */
     .kv_copy = ref_kv_copy,     /* whole blocks, every layer */
-    .attention = ref_attention, /* two-pass softmax in double */
+    .attention = ref_attention, /* two-pass softmax in double, masked keys excluded */
 };

@@ -38,12 +38,12 @@
 typedef struct attn_params {
     const float *q;
     float *out;
-    float *part_acc;         /* [n_q][n_heads][n_splits][head_dim], n_splits > 1 */
-    float *part_ml;          /* [n_q][n_heads][n_splits][2]: max (log2), sum */
-    const int32_t *row_blk;  /* [n_q] start of the row's block ids in `blocks` */
-    const int32_t *row_len;  /* [n_q] kv_len */
-    const int32_t *blocks;   /* page table indices */
-    const void *k;           /* the layer's K */
+    float *part_acc;        /* [n_q][n_heads][n_splits][head_dim], n_splits > 1 */
+    float *part_ml;         /* [n_q][n_heads][n_splits][2]: max (log2), sum */
+    const int32_t *row_blk; /* [n_q] start of the row's block ids in `blocks` */
+    const int32_t *row_len; /* [n_q] kv_len */
+    const int32_t *blocks;  /* page table indices */
+    const void *k;          /* the layer's K */
     const void *v;
     uint32_t n_heads, n_kv_heads, group, head_dim, block_tokens;
     uint32_t n_splits, split_tokens;
@@ -63,8 +63,8 @@ kv_load(const __half *p)
 }
 
 template <typename T>
-static __global__ void __launch_bounds__(ATTN_MAX_WARPS * 32)
-attn_kernel(attn_params_t p)
+static __global__ void
+__launch_bounds__(ATTN_MAX_WARPS * 32) attn_kernel(attn_params_t p)
 {
     uint32_t i = blockIdx.x, g = blockIdx.y, z = blockIdx.z;
     uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
@@ -213,6 +213,12 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
     uint32_t d = kv->head_dim, n_q = a->n_q, group = a->n_heads / kv->n_kv_heads;
     if (d > ATTN_MAX_D) {
         KVS_ERRORF("cuda: attention: head_dim %u > %d is not supported", d, ATTN_MAX_D);
+        return KVS_ENOTSUP;
+    }
+    if (a->window_tokens > 0 || a->block_mask != NULL) {
+        /* Not implemented here; running dense would silently change the
+         * result, so callers get to fall back (ref/cpu honour it). */
+        KVS_ERRORF("cuda: attention: sparse key patterns are not supported");
         return KVS_ENOTSUP;
     }
     if (kv->n_kv_heads > 65535) {

@@ -1,0 +1,666 @@
+/*
+ * tests/kernels/test_attn_policy.c — the sparse key pattern of
+ * kern_attention (kern.h: sink + window, block mask, dense rows) on the
+ * "ref" backend and on every cpu configuration test_kern_ops.c uses.
+ *
+ * Three independent checks: the ref backend against a masked-dense
+ * reference in double written here from the token arrays (never through
+ * the page table); every cpu configuration against ref (random shapes,
+ * GQA 1/4/8, scrambled ragged tables, mixed prefill and decode rows,
+ * split-K decode); and the semantics themselves, by comparing a sink +
+ * window row with dense attention over a KV that holds only its allowed
+ * keys.  Degenerate patterns (window >= every kv_len, a mask of all
+ * ones, every row dense) must equal dense.  Errors are
+ * max|a - ref| / max|ref|, as in test_kern_ops.c.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+#include <math.h>
+
+#include "kernels/kern.h"
+
+/* ---- backends ------------------------------------------------------------ */
+
+typedef struct test_be {
+    char label[48];
+    kern_backend_t *be;
+} test_be_t;
+
+static kern_backend_t *g_ref, *g_cuda;
+static test_be_t g_be[8];
+static int g_n_be;
+
+static void
+add_cpu(uint32_t n_threads, const char *isa_cap, const char *label)
+{
+    kern_backend_cfg_t cfg = {.n_threads = n_threads};
+    if (isa_cap)
+        setenv("KVS_CPU_ISA", isa_cap, 1);
+    int rc = kern_backend_new("cpu", &cfg, &g_be[g_n_be].be);
+    if (isa_cap)
+        unsetenv("KVS_CPU_ISA");
+    assert_int_equal(rc, 0);
+    snprintf(g_be[g_n_be].label, sizeof(g_be[g_n_be].label), "%s", label);
+    g_n_be++;
+}
+
+static int
+setup(void **state)
+{
+    (void)state;
+    if (kern_backend_new("ref", NULL, &g_ref) != 0)
+        return -1;
+    add_cpu(4, NULL, "cpu/4 threads");
+    add_cpu(1, NULL, "cpu/1 thread");
+    add_cpu(2, "avx2", "cpu/2 threads/avx2");
+    add_cpu(3, "scalar", "cpu/3 threads/scalar");
+    if (kern_backend_new("cuda", NULL, &g_cuda) != 0)
+        g_cuda = NULL;
+    return 0;
+}
+
+static int
+teardown(void **state)
+{
+    (void)state;
+    for (int i = 0; i < g_n_be; i++)
+        kern_backend_free(g_be[i].be);
+    kern_backend_free(g_cuda);
+    kern_backend_free(g_ref);
+    return 0;
+}
+
+/* ---- data ---------------------------------------------------------------- */
+
+static uint64_t g_rng;
+
+static void
+rng_seed(uint64_t s)
+{
+    g_rng = s * 0x9e3779b97f4a7c15ull + 1;
+}
+
+static uint32_t
+rng_u32(void)
+{
+    g_rng ^= g_rng >> 12;
+    g_rng ^= g_rng << 25;
+    g_rng ^= g_rng >> 27;
+    return (uint32_t)((g_rng * 0x2545f4914f6cdd1dull) >> 32);
+}
+
+static float
+rng_f(float lo, float hi)
+{
+    return lo + (hi - lo) * (float)(rng_u32() >> 8) * (1.0f / 16777216.0f);
+}
+
+static void
+shuffle(int32_t *a, size_t n)
+{
+    for (size_t i = n; i > 1; i--) {
+        size_t j = rng_u32() % i;
+        int32_t t = a[i - 1];
+        a[i - 1] = a[j];
+        a[j] = t;
+    }
+}
+
+static void
+check_close(const float *ref, const float *got, size_t n, double limit, const char *what,
+            const char *label)
+{
+    double mx = 1e-30, err = 0.0;
+    size_t at = 0;
+    for (size_t i = 0; i < n; i++)
+        mx = fabs(ref[i]) > mx ? fabs(ref[i]) : mx;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)got[i] - ref[i]) / mx;
+        if (!(e <= err)) { /* NaN: an unwritten output */
+            err = isnan(e) ? INFINITY : e;
+            at = i;
+            if (isnan(e))
+                break;
+        }
+    }
+    if (getenv("KVS_TEST_VERBOSE"))
+        print_message("%-48s %-22s err %.3g\n", what, label, err);
+    if (!(err <= limit)) {
+        print_error("%s [%s]: error %.3g > %.3g at %zu (ref %g, got %g)\n", what, label, err, limit,
+                    at, ref[at], got[at]);
+        fail();
+    }
+}
+
+#define MAX_SEQS 3
+
+/* One batch: sequences' tokens, a scrambled paged table, query rows. */
+typedef struct pdata {
+    kern_dtype_t dtype;
+    uint32_t bt, d, n_heads, n_kv, n_seqs, n_blocks;
+    int32_t len[MAX_SEQS];
+    int32_t indptr[MAX_SEQS + 1], last_len[MAX_SEQS], q_indptr[MAX_SEQS + 1];
+    int32_t *indices, *kv_len, *slots;
+    uint32_t n_q, n_tok;
+    float *q;               /* [n_q][n_heads][d] */
+    float *k_tok, *v_tok;   /* [n_tok][n_kv][d], tokens in slot order */
+    int32_t tok0[MAX_SEQS]; /* sequence s's token j is k_tok row tok0[s] + j */
+    float scale;
+} pdata_t;
+
+/* The pattern under test (the kern_attn_args_t fields, owned here). */
+typedef struct pat {
+    uint32_t sinks, window, stride, qb;
+    uint8_t *mask, *dense;
+} pat_t;
+
+/* rows[s] query rows per sequence, the last ones before len[s] - back[s]
+ * (back > 0: a chunk whose KV runs past its last row). */
+static void
+pdata_build(pdata_t *p, kern_dtype_t dtype, uint32_t bt, uint32_t d, uint32_t n_heads,
+            uint32_t n_kv, uint32_t n_seqs, const int32_t *len, const int32_t *rows,
+            const int32_t *back)
+{
+    memset(p, 0, sizeof(*p));
+    *p = (pdata_t){
+        .dtype = dtype, .bt = bt, .d = d, .n_heads = n_heads, .n_kv = n_kv, .n_seqs = n_seqs};
+    uint32_t n_blk = 0;
+    for (uint32_t s = 0; s < n_seqs; s++) {
+        p->len[s] = len[s];
+        n_blk += (uint32_t)(len[s] + (int32_t)bt - 1) / bt;
+        p->n_tok += (uint32_t)len[s];
+    }
+    p->n_blocks = n_blk + 3;
+    int32_t *perm = malloc(p->n_blocks * sizeof(int32_t));
+    p->indices = malloc(n_blk * sizeof(int32_t));
+    p->slots = malloc(p->n_tok * sizeof(int32_t));
+    assert_true(perm && p->indices && p->slots);
+    for (uint32_t i = 0; i < p->n_blocks; i++)
+        perm[i] = (int32_t)i;
+    shuffle(perm, p->n_blocks);
+    uint32_t at = 0, t = 0;
+    for (uint32_t s = 0; s < n_seqs; s++) {
+        int32_t nb = (len[s] + (int32_t)bt - 1) / (int32_t)bt;
+        for (int32_t b = 0; b < nb; b++)
+            p->indices[at + (uint32_t)b] = perm[at + (uint32_t)b];
+        p->tok0[s] = (int32_t)t;
+        for (int32_t j = 0; j < len[s]; j++)
+            p->slots[t++] =
+                p->indices[at + (uint32_t)(j / (int32_t)bt)] * (int32_t)bt + j % (int32_t)bt;
+        at += (uint32_t)nb;
+        p->indptr[s + 1] = (int32_t)at;
+        p->last_len[s] = len[s] - (nb - 1) * (int32_t)bt;
+    }
+    free(perm);
+    size_t row = (size_t)n_kv * d;
+    p->k_tok = malloc(p->n_tok * row * sizeof(float));
+    p->v_tok = malloc(p->n_tok * row * sizeof(float));
+    assert_true(p->k_tok && p->v_tok);
+    for (size_t i = 0; i < p->n_tok * row; i++) {
+        p->k_tok[i] = rng_f(-2.0f, 2.0f);
+        p->v_tok[i] = rng_f(-2.0f, 2.0f);
+        if (dtype == KERN_F16) { /* exactly what the cache will hold */
+            p->k_tok[i] = kvs_fp16_to_f32(kvs_f32_to_fp16(p->k_tok[i]));
+            p->v_tok[i] = kvs_fp16_to_f32(kvs_f32_to_fp16(p->v_tok[i]));
+        }
+    }
+    for (uint32_t s = 0; s < n_seqs; s++)
+        p->q_indptr[s + 1] = p->q_indptr[s] + rows[s];
+    p->n_q = (uint32_t)p->q_indptr[n_seqs];
+    p->kv_len = malloc(p->n_q * sizeof(int32_t));
+    assert_non_null(p->kv_len);
+    for (uint32_t s = 0; s < n_seqs; s++)
+        for (int32_t r = 0; r < rows[s]; r++)
+            p->kv_len[p->q_indptr[s] + r] = len[s] - back[s] - rows[s] + 1 + r;
+    size_t qn = (size_t)p->n_q * n_heads * d;
+    p->q = malloc(qn * sizeof(float));
+    assert_non_null(p->q);
+    for (size_t i = 0; i < qn; i++)
+        p->q[i] = rng_f(-2.0f, 2.0f);
+    p->scale = 1.0f / sqrtf((float)d);
+}
+
+static void
+pdata_free(pdata_t *p)
+{
+    free(p->indices);
+    free(p->kv_len);
+    free(p->slots);
+    free(p->q);
+    free(p->k_tok);
+    free(p->v_tok);
+}
+
+static kern_attn_args_t
+pat_args(const pdata_t *p, const pat_t *pt)
+{
+    kern_attn_args_t a = {.n_q = p->n_q,
+                          .n_heads = p->n_heads,
+                          .q_indptr = p->q_indptr,
+                          .kv_len = p->kv_len,
+                          .pt = {.indptr = p->indptr,
+                                 .indices = p->indices,
+                                 .last_len = p->last_len,
+                                 .n_seqs = p->n_seqs},
+                          .layer = 1,
+                          .scale = p->scale};
+    if (pt) {
+        a.sink_tokens = pt->sinks;
+        a.window_tokens = pt->window;
+        a.block_mask = pt->mask;
+        a.mask_stride = pt->stride;
+        a.mask_q_block = pt->qb;
+        a.dense_rows = pt->dense;
+    }
+    return a;
+}
+
+/* Runs the batch with pattern pt (NULL: dense) on be into out; returns
+ * kern_attention's result. */
+static int
+run(kern_backend_t *be, const pdata_t *p, const pat_t *pt, float *out)
+{
+    size_t el = p->dtype == KERN_F16 ? 2 : 4;
+    kern_kv_t kv = {.dtype = p->dtype,
+                    .n_layers = 2,
+                    .n_kv_heads = p->n_kv,
+                    .head_dim = p->d,
+                    .block_tokens = p->bt,
+                    .n_blocks = p->n_blocks};
+    kv.layer_bytes = (size_t)p->n_blocks * p->n_kv * p->bt * p->d * el;
+    kv.k = kern_alloc(be, 2 * kv.layer_bytes);
+    kv.v = kern_alloc(be, 2 * kv.layer_bytes);
+    size_t row = (size_t)p->n_kv * p->d, qn = (size_t)p->n_q * p->n_heads * p->d;
+    float *kd = kern_alloc(be, p->n_tok * row * sizeof(float));
+    float *vd = kern_alloc(be, p->n_tok * row * sizeof(float));
+    float *qd = kern_alloc(be, qn * sizeof(float)), *od = kern_alloc(be, qn * sizeof(float));
+    assert_true(kv.k && kv.v && kd && vd && qd && od);
+    assert_int_equal(kern_memset(be, kv.k, 0, 2 * kv.layer_bytes), 0);
+    assert_int_equal(kern_memset(be, kv.v, 0, 2 * kv.layer_bytes), 0);
+    assert_int_equal(kern_upload(be, kd, p->k_tok, p->n_tok * row * sizeof(float)), 0);
+    assert_int_equal(kern_upload(be, vd, p->v_tok, p->n_tok * row * sizeof(float)), 0);
+    assert_int_equal(kern_upload(be, qd, p->q, qn * sizeof(float)), 0);
+    assert_int_equal(kern_memset(be, od, 0xff, qn * sizeof(float)), 0); /* NaN */
+    assert_int_equal(kern_kv_append(be, &kv, 1, kd, vd, p->slots, p->n_tok), 0);
+    kern_attn_args_t a = pat_args(p, pt);
+    a.q = qd;
+    a.out = od;
+    a.kv = &kv;
+    int rc = kern_attention(be, &a);
+    assert_int_equal(kern_sync(be), 0);
+    if (rc == 0)
+        assert_int_equal(kern_download(be, out, od, qn * sizeof(float)), 0);
+    kern_free(be, kv.k);
+    kern_free(be, kv.v);
+    kern_free(be, kd);
+    kern_free(be, vd);
+    kern_free(be, qd);
+    kern_free(be, od);
+    return rc;
+}
+
+/* Whether row i (causal limit len) sees key j, from kern.h's definition. */
+static bool
+sees(const pdata_t *p, const pat_t *pt, uint32_t i, int32_t len, int32_t j)
+{
+    if (pt == NULL || (pt->window == 0 && pt->mask == NULL) || (pt->dense && pt->dense[i]))
+        return true;
+    bool in_sink = (uint32_t)j < pt->sinks;
+    bool in_window = pt->window > 0 && (int64_t)j + pt->window >= len;
+    uint32_t qb = pt->qb ? pt->qb : 1;
+    bool in_mask = pt->mask && pt->mask[(i / qb) * pt->stride + (uint32_t)j / p->bt];
+    return in_sink || in_window || in_mask;
+}
+
+/* Masked-dense attention in double straight from the token arrays. */
+static void
+masked_dense(const pdata_t *p, const pat_t *pt, float *out)
+{
+    uint32_t group = p->n_heads / p->n_kv;
+    double *w = malloc(((size_t)p->n_tok + p->d) * sizeof(double));
+    assert_non_null(w);
+    double *acc = w + p->n_tok;
+    for (uint32_t s = 0; s < p->n_seqs; s++) {
+        for (int32_t i = p->q_indptr[s]; i < p->q_indptr[s + 1]; i++) {
+            int32_t len = p->kv_len[i];
+            for (uint32_t h = 0; h < p->n_heads; h++) {
+                const float *q = p->q + ((size_t)i * p->n_heads + h) * p->d;
+                double mx = -INFINITY, sum = 0.0;
+                for (int32_t j = 0; j < len; j++) {
+                    const float *k =
+                        p->k_tok + ((size_t)(p->tok0[s] + j) * p->n_kv + h / group) * p->d;
+                    double dot = 0.0;
+                    for (uint32_t c = 0; c < p->d; c++)
+                        dot += (double)q[c] * k[c];
+                    w[j] = sees(p, pt, (uint32_t)i, len, j) ? dot * p->scale : -INFINITY;
+                    mx = w[j] > mx ? w[j] : mx;
+                }
+                assert_true(mx > -INFINITY);
+                memset(acc, 0, p->d * sizeof(double));
+                for (int32_t j = 0; j < len; j++) {
+                    double e = exp(w[j] - mx);
+                    const float *v =
+                        p->v_tok + ((size_t)(p->tok0[s] + j) * p->n_kv + h / group) * p->d;
+                    sum += e;
+                    for (uint32_t c = 0; c < p->d; c++)
+                        acc[c] += e * v[c];
+                }
+                float *o = out + ((size_t)i * p->n_heads + h) * p->d;
+                for (uint32_t c = 0; c < p->d; c++)
+                    o[c] = (float)(acc[c] / sum);
+            }
+        }
+    }
+    free(w);
+}
+
+/* A mask with keep probability keep_pct %, stride = the widest sequence's
+ * block count; mask-only rows get the block of their last key kept so no
+ * row is empty. */
+static void
+pat_mask(const pdata_t *p, pat_t *pt, uint32_t qb, uint32_t keep_pct, bool ensure)
+{
+    int32_t mx = 0;
+    for (uint32_t s = 0; s < p->n_seqs; s++)
+        mx = p->len[s] > mx ? p->len[s] : mx;
+    pt->qb = qb;
+    pt->stride = (uint32_t)(mx + (int32_t)p->bt - 1) / p->bt + (rng_u32() % 3);
+    size_t n_rows = (p->n_q + (qb ? qb : 1) - 1) / (qb ? qb : 1);
+    pt->mask = malloc(n_rows * pt->stride);
+    assert_non_null(pt->mask);
+    for (size_t i = 0; i < n_rows * pt->stride; i++)
+        pt->mask[i] = rng_u32() % 100 < keep_pct ? (uint8_t)(1 + rng_u32() % 255) : 0;
+    for (uint32_t i = 0; ensure && i < p->n_q; i++)
+        pt->mask[(i / (qb ? qb : 1)) * pt->stride + (uint32_t)(p->kv_len[i] - 1) / p->bt] = 1;
+}
+
+static void
+pat_free(pat_t *pt)
+{
+    free(pt->mask);
+    free(pt->dense);
+    memset(pt, 0, sizeof(*pt));
+}
+
+/* ref vs the masked-dense double reference, then every cpu configuration
+ * vs ref. */
+static void
+check_pattern(const pdata_t *p, const pat_t *pt, const char *what)
+{
+    size_t qn = (size_t)p->n_q * p->n_heads * p->d;
+    float *want = malloc(qn * sizeof(float)), *yr = malloc(qn * sizeof(float)),
+          *yb = malloc(qn * sizeof(float));
+    assert_true(want && yr && yb);
+    masked_dense(p, pt, want);
+    assert_int_equal(run(g_ref, p, pt, yr), 0);
+    check_close(want, yr, qn, 1e-5, what, "ref vs masked dense");
+    for (int i = 0; i < g_n_be; i++) {
+        assert_int_equal(run(g_be[i].be, p, pt, yb), 0);
+        check_close(yr, yb, qn, 1e-5, what, g_be[i].label);
+    }
+    if (g_cuda && pt && (pt->window || pt->mask))
+        assert_int_equal(run(g_cuda, p, pt, yb), KVS_ENOTSUP);
+    free(want);
+    free(yr);
+    free(yb);
+}
+
+/* ---- tests --------------------------------------------------------------- */
+
+static const uint32_t ratios[] = {1, 4, 8};
+
+/* Random shapes, each with a sink + window, a mask (alone, with sinks,
+ * with a window), and dense rows every gamma-th row plus a tail. */
+static void
+test_random_patterns(void **state)
+{
+    (void)state;
+    rng_seed(21);
+    for (int iter = 0; iter < 36; iter++) {
+        static const uint32_t bts[] = {1, 4, 16}, dims[] = {32, 64, 128, 20};
+        uint32_t bt = bts[rng_u32() % 3], d = dims[rng_u32() % 4];
+        uint32_t n_kv = 1 + rng_u32() % 2, n_heads = n_kv * ratios[iter % 3];
+        uint32_t n_seqs = 1 + rng_u32() % MAX_SEQS;
+        int32_t len[MAX_SEQS], rows[MAX_SEQS], back[MAX_SEQS];
+        for (uint32_t s = 0; s < n_seqs; s++) {
+            len[s] = 1 + (int32_t)(rng_u32() % 260);
+            if (rng_u32() % 2) /* last block full */
+                len[s] = (len[s] + (int32_t)bt - 1) / (int32_t)bt * (int32_t)bt;
+            int kind = (int)(rng_u32() % 3); /* decode, prefill, chunk */
+            back[s] = kind == 2 ? (int32_t)(rng_u32() % (uint32_t)len[s]) : 0;
+            int32_t room = len[s] - back[s];
+            rows[s] = kind == 0 ? 1 : 1 + (int32_t)(rng_u32() % (uint32_t)(room < 48 ? room : 48));
+        }
+        pdata_t p;
+        pdata_build(&p, iter % 2 ? KERN_F16 : KERN_F32, bt, d, n_heads, n_kv, n_seqs, len, rows,
+                    back);
+        char what[96];
+        pat_t pt = {.sinks = rng_u32() % 9, .window = 1 + rng_u32() % 64};
+        snprintf(what, sizeof(what), "iter %d sink %u window %u", iter, pt.sinks, pt.window);
+        check_pattern(&p, &pt, what);
+
+        pat_t pm = {0};
+        pat_mask(&p, &pm, 1 + rng_u32() % 5, 40, true);
+        snprintf(what, sizeof(what), "iter %d mask qb %u", iter, pm.qb);
+        check_pattern(&p, &pm, what);
+        pat_free(&pm);
+        pat_mask(&p, &pm, rng_u32() % 3, 30, false);
+        pm.sinks = 1 + rng_u32() % 6;
+        snprintf(what, sizeof(what), "iter %d mask + sinks %u", iter, pm.sinks);
+        check_pattern(&p, &pm, what);
+        pm.window = 1 + rng_u32() % 40;
+        snprintf(what, sizeof(what), "iter %d mask + sinks + window %u", iter, pm.window);
+        check_pattern(&p, &pm, what);
+
+        /* Delta Attention's layout: every gamma-th row and a tail dense. */
+        uint32_t gamma = 1 + rng_u32() % 8, tail = rng_u32() % 5;
+        pm.dense = calloc(p.n_q, 1);
+        assert_non_null(pm.dense);
+        for (uint32_t i = 0; i < p.n_q; i++)
+            pm.dense[i] = i % gamma == 0 || i + tail >= p.n_q;
+        snprintf(what, sizeof(what), "iter %d mask + window + dense rows", iter);
+        check_pattern(&p, &pm, what);
+        pt.dense = pm.dense;
+        pm.dense = NULL;
+        snprintf(what, sizeof(what), "iter %d sink + window + dense rows", iter);
+        check_pattern(&p, &pt, what);
+        pat_free(&pt);
+        pat_free(&pm);
+        pdata_free(&p);
+    }
+}
+
+/* Decode rows over long KV: few items, so the cpu backend splits keys. */
+static void
+test_split_k_decode(void **state)
+{
+    (void)state;
+    rng_seed(22);
+    for (int r = 0; r < 3; r++) {
+        int32_t len[2] = {3000 - r * 7, 700}, rows[2] = {1, 2}, back[2] = {0, 0};
+        pdata_t p;
+        pdata_build(&p, r == 1 ? KERN_F16 : KERN_F32, 16, 128, 2 * ratios[r], 2, 2, len, rows,
+                    back);
+        pat_t pt = {.sinks = 4, .window = 100 + 37 * (uint32_t)r};
+        check_pattern(&p, &pt, "split-K sink + window");
+        pat_t pm = {0};
+        pat_mask(&p, &pm, 1, 10, true);
+        check_pattern(&p, &pm, "split-K mask");
+        pm.window = 64;
+        pm.sinks = 16;
+        check_pattern(&p, &pm, "split-K mask + sinks + window");
+        pat_free(&pt);
+        pat_free(&pm);
+        pdata_free(&p);
+    }
+}
+
+/* Patterns that keep every key must give the dense output. */
+static void
+test_degenerate_equals_dense(void **state)
+{
+    (void)state;
+    rng_seed(23);
+    for (int iter = 0; iter < 9; iter++) {
+        int32_t len[3] = {200 + iter, 37, 16}, rows[3] = {64, 1, 5}, back[3] = {0, 0, 9};
+        pdata_t p;
+        pdata_build(&p, iter % 2 ? KERN_F16 : KERN_F32, iter % 3 == 0 ? 4 : 16, 64,
+                    2 * ratios[iter % 3], 2, 3, len, rows, back);
+        size_t qn = (size_t)p.n_q * p.n_heads * p.d;
+        float *dense = malloc(qn * sizeof(float)), *got = malloc(qn * sizeof(float));
+        assert_true(dense && got);
+        pat_t wide = {.sinks = 3, .window = 209 + (uint32_t)iter * 50}; /* >= every kv_len */
+        pat_t ones = {0};
+        pat_mask(&p, &ones, 1 + (uint32_t)iter % 4, 100, false);
+        pat_t all_dense = {.window = 1, .sinks = 1};
+        pat_mask(&p, &all_dense, 1, 0, true);
+        all_dense.dense = malloc(p.n_q);
+        assert_non_null(all_dense.dense);
+        memset(all_dense.dense, 1, p.n_q);
+        const pat_t *pats[] = {&wide, &ones, &all_dense};
+        static const char *names[] = {"window >= N", "mask all ones", "all rows dense"};
+        for (int b = -1; b < g_n_be; b++) {
+            kern_backend_t *be = b < 0 ? g_ref : g_be[b].be;
+            assert_int_equal(run(be, &p, NULL, dense), 0);
+            for (int k = 0; k < 3; k++) {
+                assert_int_equal(run(be, &p, pats[k], got), 0);
+                check_close(dense, got, qn, 1e-6, names[k], b < 0 ? "ref" : g_be[b].label);
+            }
+        }
+        free(dense);
+        free(got);
+        pat_free(&wide);
+        pat_free(&ones);
+        pat_free(&all_dense);
+        pdata_free(&p);
+    }
+}
+
+/* A sink + window row equals dense attention over a KV holding only the
+ * keys it may see, in order (a check of the semantics that does not go
+ * through any masking code). */
+static void
+test_window_is_dense_over_kept_keys(void **state)
+{
+    (void)state;
+    rng_seed(24);
+    for (int iter = 0; iter < 6; iter++) {
+        uint32_t bt = iter % 2 ? 16 : 4, sinks = (uint32_t)iter % 5,
+                 window = 10 + 9 * (uint32_t)iter;
+        int32_t len[1] = {150 + 13 * iter}, rows[1] = {40}, back[1] = {iter % 2 ? 20 : 0};
+        pdata_t p;
+        pdata_build(&p, iter % 3 ? KERN_F32 : KERN_F16, bt, 64, 2 * ratios[iter % 3], 2, 1, len,
+                    rows, back);
+        size_t per_row = (size_t)p.n_heads * p.d, row = (size_t)p.n_kv * p.d;
+        float *sparse = malloc(p.n_q * per_row * sizeof(float));
+        assert_non_null(sparse);
+        pat_t pt = {.sinks = sinks, .window = window};
+        for (int b = -1; b < g_n_be; b++) {
+            kern_backend_t *be = b < 0 ? g_ref : g_be[b].be;
+            const char *label = b < 0 ? "ref" : g_be[b].label;
+            assert_int_equal(run(be, &p, &pt, sparse), 0);
+            for (uint32_t i = 0; i < p.n_q; i += 7) {
+                /* One sequence, one row: the kept keys only. */
+                int32_t L = p.kv_len[i], n = 0;
+                int32_t kept_len[1], q_rows[1] = {1}, no_back[1] = {0};
+                for (int32_t j = 0; j < L; j++)
+                    n += (uint32_t)j < sinks || j + (int32_t)window >= L;
+                kept_len[0] = n;
+                pdata_t k;
+                pdata_build(&k, p.dtype, bt, p.d, p.n_heads, p.n_kv, 1, kept_len, q_rows, no_back);
+                n = 0;
+                for (int32_t j = 0; j < L; j++) {
+                    if (!((uint32_t)j < sinks || j + (int32_t)window >= L))
+                        continue;
+                    memcpy(k.k_tok + (size_t)n * row, p.k_tok + (size_t)j * row,
+                           row * sizeof(float));
+                    memcpy(k.v_tok + (size_t)n * row, p.v_tok + (size_t)j * row,
+                           row * sizeof(float));
+                    n++;
+                }
+                memcpy(k.q, p.q + i * per_row, per_row * sizeof(float));
+                float *dense = malloc(per_row * sizeof(float));
+                assert_non_null(dense);
+                assert_int_equal(run(be, &k, NULL, dense), 0);
+                char what[64];
+                snprintf(what, sizeof(what), "row %u window %u sinks %u", i, window, sinks);
+                check_close(dense, sparse + i * per_row, per_row, 1e-5, what, label);
+                free(dense);
+                pdata_free(&k);
+            }
+        }
+        free(sparse);
+        pdata_free(&p);
+    }
+}
+
+static void
+test_pattern_validation(void **state)
+{
+    (void)state;
+    rng_seed(25);
+    int32_t len[2] = {40, 9}, rows[2] = {8, 1}, back[2] = {0, 0};
+    pdata_t p;
+    pdata_build(&p, KERN_F32, 4, 32, 4, 2, 2, len, rows, back);
+    size_t qn = (size_t)p.n_q * p.n_heads * p.d;
+    float *out = malloc(qn * sizeof(float));
+    assert_non_null(out);
+    kern_backend_t *bes[] = {g_ref, g_be[0].be};
+    for (int b = 0; b < 2; b++) {
+        kern_backend_t *be = bes[b];
+        pat_t pt = {.sinks = 4}; /* sinks alone would be dense */
+        assert_int_equal(run(be, &p, &pt, out), KVS_EINVAL);
+        pt.window = 8;
+        assert_int_equal(run(be, &p, &pt, out), 0);
+        pat_t pm = {0};
+        pat_mask(&p, &pm, 1, 100, false);
+        pm.stride = 0;
+        assert_int_equal(run(be, &p, &pm, out), KVS_EINVAL);
+        pm.stride = 9; /* 40 keys / 4 = 10 blocks */
+        assert_int_equal(run(be, &p, &pm, out), KVS_EINVAL);
+        pm.stride = 10;
+        assert_int_equal(run(be, &p, &pm, out), 0);
+        /* Row 3 (kv_len 36, blocks 0..8) with nothing kept: no key to see... */
+        memset(pm.mask + 3 * pm.stride, 0, pm.stride);
+        assert_int_equal(run(be, &p, &pm, out), KVS_EINVAL);
+        /* ...unless a sink, a window or dense_rows gives it some. */
+        pm.sinks = 1;
+        assert_int_equal(run(be, &p, &pm, out), 0);
+        pm.sinks = 0;
+        pm.window = 1;
+        assert_int_equal(run(be, &p, &pm, out), 0);
+        pm.window = 0;
+        pm.dense = calloc(p.n_q, 1);
+        assert_non_null(pm.dense);
+        pm.dense[3] = 1;
+        assert_int_equal(run(be, &p, &pm, out), 0);
+        /* Keys past the row's causal limit do not count. */
+        pm.dense[3] = 0;
+        pm.mask[3 * pm.stride + 9] = 1;
+        assert_int_equal(run(be, &p, &pm, out), KVS_EINVAL);
+        pat_free(&pt);
+        pat_free(&pm);
+    }
+    free(out);
+    pdata_free(&p);
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_random_patterns),
+        cmocka_unit_test(test_split_k_decode),
+        cmocka_unit_test(test_degenerate_equals_dense),
+        cmocka_unit_test(test_window_is_dense_over_kept_keys),
+        cmocka_unit_test(test_pattern_validation),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
