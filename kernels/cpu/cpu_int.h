@@ -36,7 +36,7 @@ void cpu_pool_run(cpu_pool_t *pool, int n_tasks, cpu_task_fn fn, void *ctx);
 /* ------------------------------------------------------------------------ */
 
 /* Instruction sets the kernels dispatch on, best last.  AVX-512 is used
- * only for its int8 dot product (VNNI, Q8_0 weights): on Zen 4
+ * only for its int8 dot product (VNNI: Q8_0, Q4_K and Q5_K weights): on Zen 4
  * (double-pumped 512-bit units) 16-lane versions of the f32 matmul tiles
  * measured no faster than AVX2 from DRAM and slower from cache. */
 typedef enum cpu_isa {

@@ -24,7 +24,8 @@
  * n = 256), hence GEMM_MIN_N.  Letting OpenBLAS thread one big sgemm for
  * F32 was 9% faster at n = 256 on 2 threads and equal at n = 64, but its
  * spinning threads would compete with this pool's, so it stays at one
- * thread.  An AVX-512 version of the dot tiles was no faster (see cpu_isa_t).
+ * thread.  An AVX-512 version of the f32 dot tiles was no faster (see
+ * cpu_isa_t); the int8 products use VNNI (cpu_q8x16.c, cpu_kquant.c).
  *
  * Q8_0, Q4_0 and K-quant (Q4_K, Q5_K, Q6_K) products take x rounded to
  * int8 per 32-value block (kern.h).  For Q4_0 and the K-quants, the AVX2
