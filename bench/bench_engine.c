@@ -135,20 +135,21 @@ bench_one(const char *path, uint32_t threads, uint32_t n_prompt, uint32_t n_deco
         toks[i] = (int32_t)((i * 2654435761u) % 256);
     const model_batch_t *mb;
     /* Warm-up: one decode-sized step pages the weights in. */
-    sched_seq_step_t w = {t, toks, 1, NULL, true};
+    sched_seq_step_t w = {.table = t, .tokens = toks, .n_tokens = 1, .want_logits = true};
     if ((rc = sched_batch_build(sb, &w, 1, &mb)) ||
         (rc = model_forward(ctx, kv_pool_kv(pool), mb, logits)))
         goto out;
     kv_table_truncate(t, 0);
 
     uint64_t t0 = kvs_now_ns();
-    sched_seq_step_t st = {t, toks, n_prompt, NULL, true};
+    sched_seq_step_t st = {.table = t, .tokens = toks, .n_tokens = n_prompt, .want_logits = true};
     if ((rc = sched_batch_build(sb, &st, 1, &mb)) ||
         (rc = model_forward(ctx, kv_pool_kv(pool), mb, logits)))
         goto out;
     uint64_t t1 = kvs_now_ns();
     for (uint32_t i = 0; i < n_decode; i++) {
-        sched_seq_step_t d = {t, toks + n_prompt + i, 1, NULL, true};
+        sched_seq_step_t d = {
+            .table = t, .tokens = toks + n_prompt + i, .n_tokens = 1, .want_logits = true};
         if ((rc = sched_batch_build(sb, &d, 1, &mb)) ||
             (rc = model_forward(ctx, kv_pool_kv(pool), mb, logits)))
             goto out;

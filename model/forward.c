@@ -11,7 +11,10 @@
  *   logits = rmsnorm(x[logit_rows]) Wout
  *
  * In the last layer only the rows whose logits are wanted go past
- * attention (their K/V are still written for every token).
+ * attention (their K/V are still written for every token).  Sequences
+ * with a sparse prefill policy (model_attn_policy_t) attend one at a time:
+ * the sparse pattern runs in the kernel, Delta Attention's dense rows and
+ * correction here.
  * Called by sched/ and benchmarks; runs on the engine thread.
  */
 #include "model_int.h"
@@ -29,6 +32,10 @@ struct model_ctx {
     float *lx, *lh, *logits; /* last-layer rows and logits */
     int32_t *row_q_indptr;   /* host scratch for the last layer */
     int32_t *row_kv_len;
+    /* Delta Attention scratch (host backends), sized on first use. */
+    float *dq, *dout;
+    int32_t *drows, *dkv;
+    size_t d_cap;
     void **bufs;
     uint32_t n_bufs;
 };
@@ -109,6 +116,10 @@ model_ctx_free(model_ctx_t *c)
     free(c->bufs);
     free(c->row_q_indptr);
     free(c->row_kv_len);
+    free(c->dq);
+    free(c->dout);
+    free(c->drows);
+    free(c->dkv);
     free(c);
 }
 
@@ -154,6 +165,166 @@ gather_rows(kern_backend_t *be, const float *src, uint32_t n, uint32_t cols, con
         if (rc_)        \
             return rc_; \
     } while (0)
+
+int
+model_attn_policy_check(const model_attn_policy_t *p)
+{
+    switch (p->kind) {
+    case MODEL_ATTN_DENSE:
+        return 0;
+    case MODEL_ATTN_SINK_WINDOW:
+        return p->window >= 1 && !p->no_tail ? 0 : KVS_EINVAL;
+    case MODEL_ATTN_DELTA:
+        return p->window >= 1 && p->gamma >= 1 && !p->last_dense ? 0 : KVS_EINVAL;
+    default:
+        return KVS_EINVAL;
+    }
+}
+
+/* a restricted to rows [r0, r0 + n) of its sequence s (a has one q_indptr
+ * entry per sequence of the page table). */
+static kern_attn_args_t
+one_seq(const kern_attn_args_t *a, uint32_t s, uint32_t r0, uint32_t n, uint32_t qd,
+        int32_t q_indptr[2], int32_t pt_indptr[2])
+{
+    kern_attn_args_t o = *a;
+    q_indptr[0] = 0;
+    q_indptr[1] = (int32_t)n;
+    pt_indptr[0] = 0;
+    pt_indptr[1] = a->pt.indptr[s + 1] - a->pt.indptr[s];
+    o.q = a->q + (size_t)r0 * qd;
+    o.out = a->out + (size_t)r0 * qd;
+    o.n_q = n;
+    o.q_indptr = q_indptr;
+    o.kv_len = a->kv_len + r0;
+    o.pt.indptr = pt_indptr;
+    o.pt.indices = a->pt.indices + a->pt.indptr[s];
+    o.pt.last_len = a->pt.last_len + s;
+    o.pt.n_seqs = 1;
+    return o;
+}
+
+static int
+delta_scratch(model_ctx_t *c, size_t rows, size_t qd)
+{
+    if (rows <= c->d_cap)
+        return 0;
+    float *dq = realloc(c->dq, rows * qd * sizeof(float));
+    if (dq)
+        c->dq = dq;
+    float *dout = realloc(c->dout, rows * qd * sizeof(float));
+    if (dout)
+        c->dout = dout;
+    int32_t *dr = realloc(c->drows, rows * sizeof(int32_t));
+    if (dr)
+        c->drows = dr;
+    int32_t *dk = realloc(c->dkv, rows * sizeof(int32_t));
+    if (dk)
+        c->dkv = dk;
+    if (!dq || !dout || !dr || !dk)
+        return KVS_ENOMEM;
+    c->d_cap = rows;
+    return 0;
+}
+
+/* Delta Attention over the N prompt rows of one sequence call `o`, whose
+ * sparse outputs are already in o->out: dense rows at the first query of
+ * every gamma block and over the tail, then each block shifted by its first
+ * row's (dense - sparse).  In f32 on the host, as the difference of two
+ * nearly equal normalised outputs needs. */
+static int
+delta_correct(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_t *p, uint32_t qd)
+{
+    const uint32_t N = o->n_q, g = p->gamma;
+    uint32_t tail = 0;
+    if (!p->no_tail) {
+        tail = N % g + (g > 128 ? g : 128);
+        tail = tail < N ? tail : N;
+    }
+    const uint32_t Ns = N - tail;
+    uint32_t nd = 0;
+    TRY(delta_scratch(c, (size_t)N, qd));
+    for (uint32_t r = 0; r < Ns; r += g)
+        c->drows[nd++] = (int32_t)r;
+    for (uint32_t r = Ns; r < N; r++)
+        c->drows[nd++] = (int32_t)r;
+    for (uint32_t i = 0; i < nd; i++) {
+        memcpy(c->dq + (size_t)i * qd, o->q + (size_t)c->drows[i] * qd, qd * sizeof(float));
+        c->dkv[i] = o->kv_len[c->drows[i]];
+    }
+    int32_t qi[2] = {0, (int32_t)nd};
+    kern_attn_args_t dense = *o;
+    dense.q = c->dq;
+    dense.out = c->dout;
+    dense.n_q = nd;
+    dense.q_indptr = qi;
+    dense.kv_len = c->dkv;
+    dense.sink_tokens = dense.window_tokens = 0;
+    TRY(kern_attention(c->be, &dense));
+    TRY(kern_sync(c->be));
+    uint32_t i = 0;
+    for (uint32_t r = 0; r < Ns; r += g, i++) {
+        /* The dense row becomes the block's delta in place. */
+        float *delta = c->dout + (size_t)i * qd;
+        const float *os = o->out + (size_t)r * qd;
+        for (uint32_t k = 0; k < qd; k++)
+            delta[k] -= os[k];
+        uint32_t end = r + g < Ns ? r + g : Ns;
+        for (uint32_t row = r; row < end; row++) {
+            float *out = o->out + (size_t)row * qd;
+            for (uint32_t k = 0; k < qd; k++)
+                out[k] += delta[k];
+        }
+    }
+    for (uint32_t r = Ns; r < N; r++, i++)
+        memcpy(o->out + (size_t)r * qd, c->dout + (size_t)i * qd, qd * sizeof(float));
+    return 0;
+}
+
+/* Attention of one layer's rows under the batch's per-sequence policies:
+ * one dense call when every sequence is dense, else sequence by sequence,
+ * prompt rows with their policy and the rest dense. */
+static int
+attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32_t qd)
+{
+    bool any = false;
+    for (uint32_t s = 0; b->seq_policy && s < b->pt.n_seqs; s++)
+        any |= b->seq_policy[s].kind != MODEL_ATTN_DENSE;
+    if (!any)
+        return kern_attention(c->be, a);
+    if (!kern_backend_is_host(c->be))
+        return KVS_ENOTSUP;
+    for (uint32_t s = 0; s < b->pt.n_seqs; s++) {
+        uint32_t r0 = (uint32_t)a->q_indptr[s], n = (uint32_t)a->q_indptr[s + 1] - r0;
+        if (n == 0)
+            continue;
+        const model_attn_policy_t *p = &b->seq_policy[s];
+        uint32_t np = 0; /* leading prompt rows */
+        while (np < n && (uint32_t)a->kv_len[r0 + np] <= b->seq_n_prompt[s])
+            np++;
+        if (p->kind == MODEL_ATTN_SINK_WINDOW && p->last_dense && np > 0 &&
+            (uint32_t)a->kv_len[r0 + np - 1] == b->seq_n_prompt[s])
+            np--; /* the prompt's last row stays dense */
+        int32_t qi[2], pi[2];
+        if (p->kind != MODEL_ATTN_DENSE && np > 0) {
+            kern_attn_args_t o = one_seq(a, s, r0, np, qd, qi, pi);
+            o.sink_tokens = p->sinks;
+            o.window_tokens = p->window;
+            TRY(kern_attention(c->be, &o));
+            if (p->kind == MODEL_ATTN_DELTA) {
+                TRY(kern_sync(c->be));
+                TRY(delta_correct(c, &o, p, qd));
+            }
+        } else {
+            np = 0;
+        }
+        if (np < n) {
+            kern_attn_args_t o = one_seq(a, s, r0 + np, n - np, qd, qi, pi);
+            TRY(kern_attention(c->be, &o));
+        }
+    }
+    return 0;
+}
 
 int
 model_forward(model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b, float *logits)
@@ -233,7 +404,7 @@ model_forward(model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b, float
             h = c->lh;
             n = nl;
         }
-        TRY(kern_attention(be, &attn));
+        TRY(attend(c, b, &attn, qd));
         TRY(kern_matmul(be, &L->wo, att, n, NULL, h));
         TRY(kern_add(be, x, h, (size_t)n * d));
         TRY(kern_rmsnorm(be, x, L->ffn_norm.data, n, d, hp->rms_eps, h));

@@ -252,8 +252,8 @@ const char *model_vocab_kind(const model_vocab_t *v); /* see the kinds above */
 
 /* model_vocab_tokenize into a malloc'd array of the right size (*out;
  * free it); 0, KVS_EINVAL or KVS_ENOMEM. */
-int model_vocab_tokenize_alloc(const model_vocab_t *v, const char *text, size_t len,
-                               unsigned flags, int32_t **out, size_t *n_out);
+int model_vocab_tokenize_alloc(const model_vocab_t *v, const char *text, size_t len, unsigned flags,
+                               int32_t **out, size_t *n_out);
 
 /* The model's vocabulary (owned by the model). */
 const model_vocab_t *model_vocab(const model_t *m);
@@ -279,6 +279,32 @@ const char *model_tokenizer_name(const model_t *m); /* model_vocab_kind */
  * prefill chunks and single decode tokens.  Sequence s owns tokens
  * seq_indptr[s] .. seq_indptr[s+1]-1.  All arrays are host memory and are
  * borrowed for the call. */
+/* How a sequence's prompt rows attend during prefill; decode rows (past
+ * the prompt) are always dense, as is every row of a DENSE sequence.
+ *   SINK_WINDOW  keys [0, sinks) and the last `window` (StreamingLLM);
+ *   DELTA        the same sparse pass, then dense rows for the first query
+ *                of every gamma block of the call's prompt rows and a dense
+ *                tail of (N mod gamma) + max(128, gamma) rows; each block
+ *                adds its first row's (dense - sparse) difference to all
+ *                its rows (Delta Attention, algorithms.md section 1).
+ * Host backends only (the correction runs on the host). */
+typedef enum model_attn_kind {
+    MODEL_ATTN_DENSE = 0,
+    MODEL_ATTN_SINK_WINDOW,
+    MODEL_ATTN_DELTA,
+} model_attn_kind_t;
+
+typedef struct model_attn_policy {
+    model_attn_kind_t kind;
+    uint32_t sinks, window; /* the sparse pattern; window >= 1 */
+    uint32_t gamma;         /* DELTA: >= 1 */
+    bool no_tail;           /* DELTA without its dense tail (ablation) */
+    bool last_dense;        /* SINK_WINDOW with the prompt's last row dense (ablation) */
+} model_attn_policy_t;
+
+/* Checks the fields of a policy: 0 or KVS_EINVAL. */
+int model_attn_policy_check(const model_attn_policy_t *p);
+
 typedef struct model_batch {
     uint32_t n_tokens;
     const int32_t *tokens;     /* [n_tokens] */
@@ -289,6 +315,10 @@ typedef struct model_batch {
     kern_page_table_t pt;      /* block tables including this step's entries */
     const int32_t *logit_rows; /* [n_logits] token indices whose logits are wanted */
     uint32_t n_logits;
+    /* Per sequence, or NULL when every sequence is dense: its policy and
+     * prompt length (rows whose kv_len <= n_prompt are prompt rows). */
+    const model_attn_policy_t *seq_policy; /* [pt.n_seqs] */
+    const uint32_t *seq_n_prompt;          /* [pt.n_seqs] */
 } model_batch_t;
 
 typedef struct model_ctx model_ctx_t;

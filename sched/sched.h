@@ -21,6 +21,8 @@ typedef struct sched_seq_step {
     uint32_t n_tokens;     /* >= 1 */
     const int32_t *pos;    /* their RoPE positions, or NULL: next_pos, next_pos+1, ... */
     bool want_logits;      /* logits of the last new token */
+    const model_attn_policy_t *policy; /* prefill attention, or NULL: dense */
+    uint32_t n_prompt;                 /* rows with kv_len <= n_prompt follow the policy */
 } sched_seq_step_t;
 
 typedef struct sched_batch sched_batch_t;
@@ -66,8 +68,9 @@ typedef struct sched_request {
     uint32_t max_tokens;
     model_sampling_t sampling;
     bool ignore_eos;
-    int32_t priority;    /* lower runs first (vLLM's convention); FCFS within */
-    uint64_t cache_salt; /* requests with different salts never share KV */
+    int32_t priority;         /* lower runs first (vLLM's convention); FCFS within */
+    uint64_t cache_salt;      /* requests with different salts never share KV */
+    model_attn_policy_t attn; /* prefill attention (zero: dense) */
 } sched_request_t;
 
 typedef enum sched_event_kind {

@@ -19,6 +19,8 @@ struct sched_batch {
     uint32_t cap_tokens;
     int32_t *seq_indptr, *pt_indptr, *pt_last_len;
     kv_table_t **tables;
+    model_attn_policy_t *policy;
+    uint32_t *n_prompt;
     uint32_t cap_seqs;
     int32_t *pt_indices;
     uint32_t cap_blocks;
@@ -45,6 +47,8 @@ sched_batch_free(sched_batch_t *b)
     free(b->pt_indptr);
     free(b->pt_last_len);
     free(b->tables);
+    free(b->policy);
+    free(b->n_prompt);
     free(b->pt_indices);
     free(b);
 }
@@ -77,7 +81,9 @@ reserve_arrays(sched_batch_t *b, uint32_t n_tokens, uint32_t n_seqs, uint32_t n_
         if ((rc = grow((void **)&b->seq_indptr, n + 1, 4)) ||
             (rc = grow((void **)&b->pt_indptr, n + 1, 4)) ||
             (rc = grow((void **)&b->pt_last_len, n, 4)) ||
-            (rc = grow((void **)&b->tables, n, sizeof(kv_table_t *))))
+            (rc = grow((void **)&b->tables, n, sizeof(kv_table_t *))) ||
+            (rc = grow((void **)&b->policy, n, sizeof(model_attn_policy_t))) ||
+            (rc = grow((void **)&b->n_prompt, n, sizeof(uint32_t))))
             return rc;
         b->cap_seqs = n_seqs;
     }
@@ -117,6 +123,7 @@ sched_batch_build(sched_batch_t *b, const sched_seq_step_t *steps, uint32_t n_st
         return rc;
 
     uint32_t t = 0, n_logits = 0;
+    bool sparse = false;
     b->seq_indptr[0] = 0;
     for (uint32_t s = 0; s < n_steps; s++) {
         const sched_seq_step_t *st = &steps[s];
@@ -135,6 +142,9 @@ sched_batch_build(sched_batch_t *b, const sched_seq_step_t *steps, uint32_t n_st
         if (st->want_logits)
             b->logit_rows[n_logits++] = (int32_t)(t - 1);
         b->tables[s] = st->table;
+        b->policy[s] = st->policy ? *st->policy : (model_attn_policy_t){0};
+        b->n_prompt[s] = st->n_prompt;
+        sparse |= b->policy[s].kind != MODEL_ATTN_DENSE;
     }
     b->mb = (model_batch_t){
         .n_tokens = t,
@@ -146,6 +156,8 @@ sched_batch_build(sched_batch_t *b, const sched_seq_step_t *steps, uint32_t n_st
         .pt = kv_tables_export(b->tables, n_steps, b->pt_indptr, b->pt_indices, b->pt_last_len),
         .logit_rows = b->logit_rows,
         .n_logits = n_logits,
+        .seq_policy = sparse ? b->policy : NULL,
+        .seq_n_prompt = sparse ? b->n_prompt : NULL,
     };
     *out = &b->mb;
     return 0;

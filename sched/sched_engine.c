@@ -52,6 +52,7 @@ typedef struct req {
     uint32_t n_sched; /* tokens given this step (0: not scheduled) */
     sched_usage_t usage;
     uint64_t t_submit, t_first_token;
+    model_attn_policy_t attn;
 } req_t;
 
 typedef struct req_list {
@@ -454,8 +455,8 @@ step_once(sched_t *s)
     for (uint32_t i = 0; i < s->n_steps; i++) {
         req_t *r = s->sched_reqs[i];
         bool last = r->n_computed + r->n_sched == r->n_tokens;
-        s->steps[i] =
-            (sched_seq_step_t){r->table, r->tokens + r->n_computed, r->n_sched, NULL, last};
+        s->steps[i] = (sched_seq_step_t){
+            r->table, r->tokens + r->n_computed, r->n_sched, NULL, last, &r->attn, r->n_prompt};
         s->step_ids[i] = r->id;
         if (r->n_computed < r->n_prompt) {
             uint32_t end = r->n_computed + r->n_sched;
@@ -519,8 +520,11 @@ mix64(uint64_t z)
 int
 sched_submit(sched_t *s, const sched_request_t *q)
 {
-    if (q->prompt == NULL || q->n_prompt == 0 || q->max_tokens == 0)
+    if (q->prompt == NULL || q->n_prompt == 0 || q->max_tokens == 0 ||
+        model_attn_policy_check(&q->attn))
         return KVS_EINVAL;
+    if (q->attn.kind != MODEL_ATTN_DENSE && !kern_backend_is_host(s->be))
+        return KVS_ENOTSUP; /* the correction runs on the host for now */
     uint64_t total = (uint64_t)q->n_prompt + q->max_tokens;
     if (total > s->cfg.max_model_len)
         return KVS_ERANGE;
@@ -548,8 +552,16 @@ sched_submit(sched_t *s, const sched_request_t *q)
     r->id = q->id;
     r->seq = atomic_fetch_add(&s->next_seq, 1);
     /* The prefix-cache key: tenants (salt) and anything that changes KV
-     * contents (its dtype) must never share blocks. */
+     * contents (its dtype; a sparse prefill, whose later layers see other
+     * hidden states) must never share blocks. */
     r->extra = mix64(q->cache_salt ^ mix64(0x6b76u + (uint64_t)s->cfg.kv_dtype));
+    if (q->attn.kind != MODEL_ATTN_DENSE)
+        r->extra = mix64(r->extra ^
+                         mix64(((uint64_t)q->attn.kind << 56) ^ ((uint64_t)q->attn.sinks << 32) ^
+                               q->attn.window) ^
+                         mix64(((uint64_t)q->attn.gamma << 2) | (q->attn.no_tail ? 2u : 0) |
+                               (q->attn.last_dense ? 1u : 0)));
+    r->attn = q->attn;
     r->priority = q->priority;
     r->n_tokens = r->n_prompt = q->n_prompt;
     r->cap = (uint32_t)total;

@@ -180,3 +180,70 @@ srv_default_model(void)
     }
     return NULL;
 }
+
+int
+srv_attn_opt(const char *cmd, int opt, const char *arg, model_attn_policy_t *p)
+{
+    switch (opt) {
+    case SRV_O_ATTN:
+        if (strcmp(arg, "dense") == 0)
+            p->kind = MODEL_ATTN_DENSE;
+        else if (strcmp(arg, "sink-window") == 0)
+            p->kind = MODEL_ATTN_SINK_WINDOW;
+        else if (strcmp(arg, "delta") == 0)
+            p->kind = MODEL_ATTN_DELTA;
+        else {
+            fprintf(stderr,
+                    "kvserve %s: --attention: '%s' is not one of dense, sink-window, delta\n", cmd,
+                    arg);
+            return KVS_EINVAL;
+        }
+        return 0;
+    case SRV_O_SINKS:
+        return srv_parse_u32(cmd, "--attn-sinks", arg, 0, 1u << 24, &p->sinks);
+    case SRV_O_WINDOW:
+        return srv_parse_u32(cmd, "--attn-window", arg, 1, 1u << 24, &p->window);
+    case SRV_O_GAMMA:
+        return srv_parse_u32(cmd, "--delta-gamma", arg, 1, 1u << 20, &p->gamma);
+    case SRV_O_NOTAIL:
+        p->no_tail = true;
+        return 0;
+    case SRV_O_LASTDENSE:
+        p->last_dense = true;
+        return 0;
+    default:
+        return 1;
+    }
+}
+
+int
+srv_attn_finish(const char *cmd, model_attn_policy_t *p)
+{
+    if (p->no_tail && p->kind != MODEL_ATTN_DELTA) {
+        fprintf(stderr, "kvserve %s: --no-delta-tail goes with --attention delta\n", cmd);
+        return KVS_EINVAL;
+    }
+    if (p->last_dense && p->kind != MODEL_ATTN_SINK_WINDOW) {
+        fprintf(stderr, "kvserve %s: --attn-last-dense goes with --attention sink-window\n", cmd);
+        return KVS_EINVAL;
+    }
+    return model_attn_policy_check(p);
+}
+
+const char *
+srv_attn_describe(const model_attn_policy_t *p, char *buf, size_t cap)
+{
+    switch (p->kind) {
+    case MODEL_ATTN_SINK_WINDOW:
+        snprintf(buf, cap, "sink-window(%u+%u%s)", p->sinks, p->window,
+                 p->last_dense ? ", last row dense" : "");
+        break;
+    case MODEL_ATTN_DELTA:
+        snprintf(buf, cap, "delta(%u+%u, gamma %u%s)", p->sinks, p->window, p->gamma,
+                 p->no_tail ? ", no tail" : "");
+        break;
+    default:
+        snprintf(buf, cap, "dense");
+    }
+    return buf;
+}

@@ -24,6 +24,8 @@ static const char eval_usage[] =
     "                    [--lengths 256,512,1024] [--depths 0,0.25,0.5,0.75,1] [--samples N]\n"
     "                    [--seed S] [--threads N] [--device cpu|ref|cuda] [--max-num-seqs N]\n"
     "                    [--max-num-batched-tokens N] [--block-size N] [--kv-cache-dtype f16|f32]\n"
+    "                    [--attention dense|sink-window|delta] [--attn-sinks N] [--attn-window N]\n"
+    "                    [--delta-gamma N] [--no-delta-tail] [--attn-last-dense]\n"
     "                    [--json FILE] [--plot FILE.svg]\n";
 
 #define MAX_LIST 32
@@ -37,6 +39,7 @@ typedef struct eval_opts {
     uint32_t samples, threads, max_seqs, max_tokens, block_size;
     uint64_t seed;
     kern_dtype_t kv_dtype;
+    model_attn_policy_t attn;
 } eval_opts_t;
 
 typedef struct item {
@@ -120,9 +123,11 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
         {"json", 1, 0, O_JSON},
         {"plot", 1, 0, O_PLOT},
         {"help", 0, 0, O_HELP},
+        SRV_ATTN_LONGOPTS,
         {0, 0, 0, 0},
     };
     *o = (eval_opts_t){.device = "cpu",
+                       .attn = SRV_ATTN_DEFAULT,
                        .samples = 10,
                        .max_seqs = 8,
                        .max_tokens = 2048,
@@ -205,9 +210,11 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
             fputs(eval_usage, stdout);
             exit(0);
         default:
-            fprintf(stderr, "kvserve eval: unknown or incomplete option '%s'\n%s", argv[optind - 1],
-                    eval_usage);
-            return KVS_EINVAL;
+            if ((rc = srv_attn_opt("eval", c, optarg, &o->attn)) == 1) {
+                fprintf(stderr, "kvserve eval: unknown or incomplete option '%s'\n%s",
+                        argv[optind - 1], eval_usage);
+                return KVS_EINVAL;
+            }
         }
         if (rc) {
             fputs(eval_usage, stderr);
@@ -221,6 +228,10 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
     if (!any_task)
         for (int i = 0; i < SRV_TASK_COUNT; i++)
             o->task_on[i] = true;
+    if (srv_attn_finish("eval", &o->attn)) {
+        fputs(eval_usage, stderr);
+        return KVS_EINVAL;
+    }
     return 0;
 }
 
@@ -230,6 +241,7 @@ typedef struct eval_run {
     sched_t *sched;
     item_t *items;
     size_t n_items;
+    model_attn_policy_t attn;
 } eval_run_t;
 
 /* Every prompt becomes a request of the engine (greedy, as many tokens as
@@ -244,7 +256,8 @@ run_items(eval_run_t *r)
                              .n_prompt = it->n_toks,
                              .max_tokens = it->n_answer,
                              .ignore_eos = true,
-                             .sampling = {.temperature = 0.0f, .top_p = 1.0f}};
+                             .sampling = {.temperature = 0.0f, .top_p = 1.0f},
+                             .attn = r->attn};
         int rc = sched_submit(r->sched, &q);
         if (rc)
             return rc;
@@ -345,7 +358,7 @@ srv_cmd_eval(int argc, char **argv)
                         "(weights/kvserve-main.gguf)\n");
         return 2;
     }
-    eval_run_t r = {0};
+    eval_run_t r = {.attn = o.attn};
     int status = 1, rc;
     char err[512] = "";
     kern_backend_cfg_t bcfg = {.n_threads = o.threads};
@@ -459,7 +472,9 @@ srv_cmd_eval(int argc, char **argv)
         acc[((size_t)it->task * o.n_lengths + it->li) * o.n_depths + it->di] +=
             ok ? 1.0 / o.samples : 0.0;
     }
-    printf("model: %s\npolicy: attention dense, prefill dense, kv-cache %s\n", o.model,
+    char pol[96];
+    srv_attn_describe(&o.attn, pol, sizeof pol);
+    printf("model: %s\npolicy: attention %s, prefill full, kv-cache %s\n", o.model, pol,
            kern_type_traits(o.kv_dtype)->name);
     for (int t = 0; t < SRV_TASK_COUNT; t++) {
         if (!o.task_on[t])
@@ -496,9 +511,9 @@ srv_cmd_eval(int argc, char **argv)
         fprintf(f, "{\"model\": ");
         srv_json_str(f, o.model, strlen(o.model));
         fprintf(f,
-                ", \"policy\": {\"attention\": \"dense\", \"prefill\": \"dense\", "
+                ", \"policy\": {\"attention\": \"%s\", \"prefill\": \"full\", "
                 "\"kv_cache_dtype\": \"%s\"}, \"seed\": %llu, \"samples\": %u, \"results\": [",
-                kern_type_traits(o.kv_dtype)->name, (unsigned long long)o.seed, o.samples);
+                pol, kern_type_traits(o.kv_dtype)->name, (unsigned long long)o.seed, o.samples);
         bool first = true;
         for (int t = 0; t < SRV_TASK_COUNT; t++) {
             if (!o.task_on[t])

@@ -185,12 +185,15 @@ run_schedule(const plan_cfg_t *c, run_t *out)
                 uint32_t k = prompt_len[s] - done[s];
                 if (k > c->chunk)
                     k = c->chunk;
-                steps[n] = (sched_seq_step_t){tab[s], toks[s] + done[s], k, NULL,
-                                              done[s] + k == prompt_len[s]};
+                steps[n] = (sched_seq_step_t){.table = tab[s],
+                                              .tokens = toks[s] + done[s],
+                                              .n_tokens = k,
+                                              .want_logits = done[s] + k == prompt_len[s]};
                 done[s] += k;
             } else {
                 dtok[s] = dec_tok(s, (uint32_t)dec_step[s]);
-                steps[n] = (sched_seq_step_t){tab[s], &dtok[s], 1, NULL, true};
+                steps[n] = (sched_seq_step_t){
+                    .table = tab[s], .tokens = &dtok[s], .n_tokens = 1, .want_logits = true};
             }
             who[n++] = s;
             if (!c->together)
@@ -285,7 +288,7 @@ test_fork_shared_prefix(void **state)
         int32_t all[48];
         memcpy(all, prefix, sizeof prefix);
         memcpy(all + 43, tail[b], sizeof tail[b]);
-        sched_seq_step_t st = {t, all, 48, NULL, true};
+        sched_seq_step_t st = {.table = t, .tokens = all, .n_tokens = 48, .want_logits = true};
         const model_batch_t *mb;
         assert_int_equal(sched_batch_build(sb, &st, 1, &mb), 0);
         assert_int_equal(model_forward(ctx, kv_pool_kv(pool), mb, ref + b * fx.n_vocab), 0);
@@ -295,14 +298,15 @@ test_fork_shared_prefix(void **state)
      * in one batch. */
     kv_table_t *p, *f;
     assert_int_equal(kv_table_new(pool, &p), 0);
-    sched_seq_step_t st = {p, prefix, 43, NULL, false};
+    sched_seq_step_t st = {.table = p, .tokens = prefix, .n_tokens = 43};
     const model_batch_t *mb;
     assert_int_equal(sched_batch_build(sb, &st, 1, &mb), 0);
     assert_int_equal(model_forward(ctx, kv_pool_kv(pool), mb, lg), 0);
     assert_int_equal(kv_table_fork(p, &f), 0);
     assert_int_equal(kv_pool_refcount(pool, kv_table_blocks(f)[0]), 2);
     assert_true(kv_pool_check(pool));
-    sched_seq_step_t two[2] = {{p, tail[0], 5, NULL, true}, {f, tail[1], 5, NULL, true}};
+    sched_seq_step_t two[2] = {{.table = p, .tokens = tail[0], .n_tokens = 5, .want_logits = true},
+                               {.table = f, .tokens = tail[1], .n_tokens = 5, .want_logits = true}};
     assert_int_equal(sched_batch_build(sb, two, 2, &mb), 0);
     assert_int_equal(model_forward(ctx, kv_pool_kv(pool), mb, lg), 0);
     for (int b = 0; b < 2; b++) {
