@@ -107,6 +107,7 @@ typedef struct srv_opts {
     uint64_t kv_memory;
     kern_dtype_t kv_dtype;
     bool prefix_caching;
+    model_attn_policy_t attn;
 } srv_opts_t;
 
 typedef struct server {
@@ -894,7 +895,7 @@ server_info_new(call_t *c)
 {
     const sched_cfg_t *sc = sched_get_cfg(S.sched);
     Kvserve__V1__ServerInfo r = KVSERVE__V1__SERVER_INFO__INIT;
-    char *policies[] = {"dense"};
+    char *policies[] = {"dense", "sink-window", "delta"};
     r.version = "0.1.0";
     r.device = (char *)kern_backend_name(S.be);
     r.has_block_size = r.has_total_blocks = r.has_max_model_len = r.has_max_num_seqs = true;
@@ -907,7 +908,7 @@ server_info_new(call_t *c)
     r.max_num_batched_tokens = sc->max_num_batched_tokens;
     r.max_queued_requests = S.o.max_queued;
     r.prefix_caching = sc->prefix_caching;
-    r.n_attention_policies = 1;
+    r.n_attention_policies = 3;
     r.attention_policies = policies;
     reply_unary(c, &r.base, GRPC_STATUS_OK, NULL);
 }
@@ -1179,7 +1180,8 @@ static const char usage[] =
     "                     [--enable-prefix-caching | --no-enable-prefix-caching]\n"
     "                     [--tls-cert F --tls-key F [--tls-client-ca F]] [--api-key-file F]\n"
     "                     [--drain-timeout S] [--max-concurrent-streams N]\n"
-    "                     [--engine-nice 10]\n";
+    "                     [--engine-nice 10] [--attention dense|sink-window|delta]\n"
+    "                     [--attn-sinks 4] [--attn-window 64] [--delta-gamma 64]\n";
 
 static char *
 read_file(const char *path, size_t *len)
@@ -1227,7 +1229,8 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
                       .max_streams = 1024,
                       .engine_nice = 10,
                       .kv_dtype = KERN_F16,
-                      .prefix_caching = true};
+                      .prefix_caching = true,
+                      .attn = SRV_ATTN_DEFAULT};
     enum {
         O_MODEL = 256,
         O_HOST,
@@ -1277,6 +1280,7 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         {"max-concurrent-streams", 1, 0, O_STREAMS},
         {"engine-nice", 1, 0, O_NICE},
         {"help", 0, 0, O_HELP},
+        SRV_ATTN_LONGOPTS,
         {0, 0, 0, 0},
     };
     optind = 1;
@@ -1353,10 +1357,14 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
             fputs(usage, stdout);
             return 1;
         default:
-            fputs(usage, stderr);
-            return KVS_EINVAL;
+            if ((rc = srv_attn_opt(C, ch, optarg, &o->attn)) == 1) {
+                fputs(usage, stderr);
+                return KVS_EINVAL;
+            }
         }
     }
+    if (rc == 0 && srv_attn_finish(C, &o->attn))
+        rc = KVS_EINVAL;
     if (rc)
         return rc;
     if (optind < argc) {
@@ -1494,7 +1502,8 @@ engine_up(const srv_opts_t *o)
         fprintf(stderr, "kvserve serve: engine setup failed: %s\n", kvs_strerror(rc));
         return rc;
     }
-    S.lim = (srv_limits_t){.m = S.m, .n_vocab = hp->n_vocab, .max_model_len = max_len};
+    S.lim = (srv_limits_t){
+        .m = S.m, .n_vocab = hp->n_vocab, .max_model_len = max_len, .attn_default = o->attn};
     chat_up();
     S.lim.chat = S.have_chat ? &S.chat : NULL;
     S.lim.chat_err = S.chat_err;

@@ -40,28 +40,77 @@ fnv1a(const char *s, size_t n)
     return h ? h : 1;
 }
 
+/* The request's attention policy over the server's default: an unset kind
+ * keeps the default; unset parameters take the default's values. */
+static grpc_status_code
+check_attention(const Kvserve__V1__AttentionPolicy *a, const srv_limits_t *lim,
+                model_attn_policy_t *out, char *msg, size_t cap)
+{
+    *out = lim->attn_default;
+    if (a == NULL)
+        return GRPC_STATUS_OK;
+    switch (a->has_kind ? a->kind : KVSERVE__V1__ATTENTION_POLICY__KIND__KIND_UNSPECIFIED) {
+    case KVSERVE__V1__ATTENTION_POLICY__KIND__KIND_UNSPECIFIED:
+        break;
+    case KVSERVE__V1__ATTENTION_POLICY__KIND__DENSE:
+        out->kind = MODEL_ATTN_DENSE;
+        break;
+    case KVSERVE__V1__ATTENTION_POLICY__KIND__SINK_WINDOW:
+        out->kind = MODEL_ATTN_SINK_WINDOW;
+        break;
+    case KVSERVE__V1__ATTENTION_POLICY__KIND__DELTA:
+        out->kind = MODEL_ATTN_DELTA;
+        break;
+    default:
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "policy.attention.kind: %d is not supported by this build (supported: "
+                    "DENSE, SINK_WINDOW, DELTA)",
+                    (int)a->kind);
+    }
+    if (a->has_top_k_blocks)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "policy.attention.top_k_blocks: block-sparse prefill is not supported by this "
+                    "build");
+    bool sparse = out->kind != MODEL_ATTN_DENSE;
+    if (!sparse && (a->has_sink_tokens || a->has_window_tokens || a->has_gamma))
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "policy.attention.%s: not used by DENSE attention",
+                    a->has_sink_tokens     ? "sink_tokens"
+                    : a->has_window_tokens ? "window_tokens"
+                                           : "gamma");
+    if (a->has_gamma && out->kind != MODEL_ATTN_DELTA)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "policy.attention.gamma: only DELTA uses it");
+    if (a->has_sink_tokens) {
+        if (a->sink_tokens > lim->max_model_len)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "policy.attention.sink_tokens: %u exceeds the maximum model length (%u)",
+                        a->sink_tokens, lim->max_model_len);
+        out->sinks = a->sink_tokens;
+    }
+    if (a->has_window_tokens) {
+        if (a->window_tokens == 0 || a->window_tokens > lim->max_model_len)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "policy.attention.window_tokens: %u is outside [1, %u]", a->window_tokens,
+                        lim->max_model_len);
+        out->window = a->window_tokens;
+    }
+    if (a->has_gamma) {
+        if (a->gamma == 0 || a->gamma > 65536)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "policy.attention.gamma: %u is outside [1, 65536]", a->gamma);
+        out->gamma = a->gamma;
+    }
+    out->no_tail = out->kind == MODEL_ATTN_DELTA && out->no_tail;
+    out->last_dense = out->kind == MODEL_ATTN_SINK_WINDOW && out->last_dense;
+    return GRPC_STATUS_OK;
+}
+
 static grpc_status_code
 check_policy(const Kvserve__V1__LongContextPolicy *p, char *msg, size_t cap)
 {
     if (p == NULL)
         return GRPC_STATUS_OK;
-    const Kvserve__V1__AttentionPolicy *a = p->attention;
-    if (a) {
-        if (a->has_kind && a->kind != KVSERVE__V1__ATTENTION_POLICY__KIND__KIND_UNSPECIFIED &&
-            a->kind != KVSERVE__V1__ATTENTION_POLICY__KIND__DENSE)
-            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
-                        "policy.attention.kind: %d is not supported by this build (supported: "
-                        "DENSE)",
-                        (int)a->kind);
-        const char *set = a->has_sink_tokens     ? "sink_tokens"
-                          : a->has_window_tokens ? "window_tokens"
-                          : a->has_gamma         ? "gamma"
-                          : a->has_top_k_blocks  ? "top_k_blocks"
-                                                 : NULL;
-        if (set)
-            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
-                        "policy.attention.%s: not used by DENSE attention", set);
-    }
     const Kvserve__V1__PrefillPolicy *f = p->prefill;
     if (f) {
         if (f->has_kind && f->kind != KVSERVE__V1__PREFILL_POLICY__KIND__KIND_UNSPECIFIED &&
@@ -278,6 +327,12 @@ srv_gen_parse(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, sr
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "cache_salt: %zu bytes, at most %d",
                     saltn, MAX_SALT_BYTES);
     grpc_status_code rc = check_policy(q->policy, msg, cap);
+    if (rc == GRPC_STATUS_OK)
+        rc = check_attention(q->policy ? q->policy->attention : NULL, lim, &out->sr.attn, msg, cap);
+    if (rc == GRPC_STATUS_OK && model_attn_policy_check(&out->sr.attn))
+        rc = fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                  "policy.attention: a sparse policy needs window_tokens >= 1 (and DELTA a "
+                  "gamma >= 1)");
     if (rc == GRPC_STATUS_OK)
         rc = check_sampling(q->sampling, lim, out, msg, cap);
     if (rc == GRPC_STATUS_OK)

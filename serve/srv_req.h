@@ -14,9 +14,10 @@ typedef struct srv_limits {
     const model_t *m;
     uint32_t n_vocab;
     uint32_t max_model_len;
-    uint64_t seed_fallback; /* seed when the request has none; unique per request */
-    const srv_chat_t *chat; /* the model's template family, or NULL */
-    const char *chat_err;   /* why chat is refused when chat is NULL */
+    uint64_t seed_fallback;           /* seed when the request has none; unique per request */
+    const srv_chat_t *chat;           /* the model's template family, or NULL */
+    const char *chat_err;             /* why chat is refused when chat is NULL */
+    model_attn_policy_t attn_default; /* --attention and its flags */
 } srv_limits_t;
 
 typedef struct srv_gen_req {

@@ -674,10 +674,27 @@ def check_bad_requests(api, vocab):
     del big
     expect("malformed protobuf bytes", b"\xff\xff\xff", IA, raw=True)
     r = greedy_req(TOKEN_PROMPT, 8)
-    r.policy.attention.kind = pb.AttentionPolicy.SINK_WINDOW
-    r.policy.attention.sink_tokens = 4
-    r.policy.attention.window_tokens = 64
-    expect("policy.attention.kind SINK_WINDOW", r, IA, "policy")
+    r.policy.attention.kind = pb.AttentionPolicy.BLOCK_SPARSE
+    expect("policy.attention.kind BLOCK_SPARSE (not in this build)", r, IA, "policy")
+    r = greedy_req(TOKEN_PROMPT, 8)
+    r.policy.attention.kind = pb.AttentionPolicy.DENSE
+    r.policy.attention.gamma = 16
+    expect("policy.attention.gamma with DENSE", r, IA, "policy.attention.gamma")
+    r = greedy_req(TOKEN_PROMPT, 8)
+    r.policy.attention.kind = pb.AttentionPolicy.DELTA
+    r.policy.attention.window_tokens = 0
+    expect("policy.attention.window_tokens 0", r, IA, "window_tokens")
+    # Sparse prefill policies run (their quality is kvserve eval's business).
+    for kind in ("SINK_WINDOW", "DELTA"):
+        r = greedy_req(TOKEN_PROMPT * 20, 8)
+        r.policy.attention.kind = getattr(pb.AttentionPolicy, kind)
+        r.policy.attention.sink_tokens = 4
+        r.policy.attention.window_tokens = 16
+        if kind == "DELTA":
+            r.policy.attention.gamma = 16
+        o = collect(api, r, timeout=30)
+        report("6 policy.attention.kind %s generates" % kind,
+               o["code"] is None and len(o["tokens"]) == 8, describe(o))
     # The bundled model carries no chat template: chat is refused, not guessed.
     r = pb.GenerateRequest()
     r.chat.messages.add(role="user", content="Hi")
