@@ -26,6 +26,7 @@ static const char eval_usage[] =
     "                    [--max-num-batched-tokens N] [--block-size N] [--kv-cache-dtype f16|f32]\n"
     "                    [--attention dense|sink-window|delta] [--attn-sinks N] [--attn-window N]\n"
     "                    [--delta-gamma N] [--no-delta-tail] [--attn-last-dense]\n"
+    "                    [--space-in-prompt]\n"
     "                    [--json FILE] [--plot FILE.svg]\n";
 
 #define MAX_LIST 32
@@ -40,6 +41,10 @@ typedef struct eval_opts {
     uint64_t seed;
     kern_dtype_t kv_dtype;
     model_attn_policy_t attn;
+    /* The answer's leading space ends the prompt instead, so the first
+     * generated token (sampled from the prompt's last row, the row a sparse
+     * prefill computes) is already a digit of the answer. */
+    bool space_in_prompt;
 } eval_opts_t;
 
 typedef struct item {
@@ -104,6 +109,7 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
         O_KVD,
         O_JSON,
         O_PLOT,
+        O_SPACE,
         O_HELP
     };
     static const struct option lo[] = {
@@ -123,6 +129,7 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
         {"json", 1, 0, O_JSON},
         {"plot", 1, 0, O_PLOT},
         {"help", 0, 0, O_HELP},
+        {"space-in-prompt", 0, 0, O_SPACE},
         SRV_ATTN_LONGOPTS,
         {0, 0, 0, 0},
     };
@@ -205,6 +212,9 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
             break;
         case O_PLOT:
             o->plot = optarg;
+            break;
+        case O_SPACE:
+            o->space_in_prompt = true;
             break;
         case O_HELP:
             fputs(eval_usage, stdout);
@@ -423,9 +433,20 @@ srv_cmd_eval(int argc, char **argv)
                         goto out;
                     }
                     size_t len = strlen(prompt), n;
-                    it->toks = malloc((len + 1) * sizeof *it->toks);
+                    if (o.space_in_prompt && it->answer[0] == ' ') {
+                        char *p2 = realloc(prompt, len + 2);
+                        if (p2 == NULL) {
+                            free(prompt);
+                            goto out;
+                        }
+                        prompt = p2;
+                        prompt[len++] = ' ';
+                        prompt[len] = '\0';
+                        memmove(it->answer, it->answer + 1, strlen(it->answer));
+                    }
+                    it->toks = malloc((len + 2) * sizeof *it->toks);
                     if (it->toks == NULL ||
-                        model_tokenize(r.m, prompt, len, true, it->toks, len + 1, &n)) {
+                        model_tokenize(r.m, prompt, len, true, it->toks, len + 2, &n)) {
                         free(prompt);
                         fprintf(stderr, "kvserve eval: cannot tokenize a prompt\n");
                         goto out;
