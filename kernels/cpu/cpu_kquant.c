@@ -526,7 +526,11 @@ static const int kq_rb[XQ_MAX] = {4, 4, 2, 2};
 
 /* With VNNI.  Q4_0 and Q6_K keep the AVX2 tiles: Q6_K's laid out as
  * vtile_kx (vpmaddubsw kept for its signed levels) measured 0-7% faster,
- * within the noise of a shared VM. */
+ * within the noise of a shared VM.  A vpdpbusd Q6_K tile (levels 0..63,
+ * the accumulator started at -32 * sums of 4 x values, per-lane group
+ * scales) was 1.3-1.4x faster on weights in L2 but 0.85-1.01x streaming
+ * 16384 x 2048 from memory, at 8 or 4 rows and prefetching 1-3 tiles
+ * ahead: the products are not compute-bound there. */
 static const kq_tile_fn kqv_tiles[4][XQ_MAX] = {
     {kq_q4_0_1, kq_q4_0_2, kq_q4_0_3, kq_q4_0_4},
     {kqv_q4_k_1, kqv_q4_k_2, kqv_q4_k_3, kqv_q4_k_4},
