@@ -112,7 +112,7 @@ main(int argc, char **argv)
     srand(1);
     for (uint32_t r = 0; r < rows; r++) {
         for (uint32_t c = 0; c < cols; c++)
-            row[c] = (float)rand() / RAND_MAX - 0.5f;
+            row[c] = (float)rand() / (float)RAND_MAX - 0.5f;
         uint8_t *dst = w + (size_t)r * rb;
         if (type == KERN_Q8_0)
             kern_quantize_q8_0(row, (kern_block_q8_0_t *)dst, cols);
@@ -125,7 +125,7 @@ main(int argc, char **argv)
             memcpy(dst, row, cols * sizeof(float));
     }
     for (size_t i = 0; i < (size_t)n_max * cols; i++)
-        x[i] = (float)rand() / RAND_MAX - 0.5f;
+        x[i] = (float)rand() / (float)RAND_MAX - 0.5f;
     kern_tensor_t t = {.type = type, .n_cols = cols, .n_rows = rows, .row_bytes = rb, .data = w};
     if (kern_pack_weight(be, &t)) {
         fprintf(stderr, "bench_matmul: packing failed\n");

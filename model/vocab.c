@@ -639,8 +639,9 @@ static const char *const eot_texts[] = {
     "<end_of_turn>",
     "<|endoftext|>",
     "<EOT>",
-    "<\xef\xbd\x9c"
-    "end\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>", /* DeepSeek */
+    /* DeepSeek's <｜end▁of▁sentence｜>, split so "\x9c" does not swallow "end" */
+    ("<\xef\xbd\x9c"
+     "end\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>"),
 };
 static const char *const eog_texts[] = {
     "<|eot_id|>",    "<|im_end|>", "<|end|>", "<end_of_turn>",

@@ -107,7 +107,8 @@ test_mpsc(void **state)
     (void)state;
     kvs_mpsc_init(&queue);
     assert_null(kvs_mpsc_pop(&queue));
-    item_t one = {0};
+    item_t one;
+    memset(&one, 0, sizeof one);
     kvs_mpsc_push(&queue, &one.node);
     assert_ptr_equal(kvs_mpsc_pop(&queue), &one.node);
     assert_null(kvs_mpsc_pop(&queue));
