@@ -59,6 +59,9 @@ typedef struct sched_usage {
     uint64_t queue_ns;  /* submit -> first scheduled */
     uint64_t ttft_ns;   /* submit -> first token */
     uint64_t decode_ns; /* first token -> finish */
+    /* Prompt rows' attention: keys attended and keys a dense prefill would
+     * (their ratio is the density the policy achieved; equal when dense). */
+    uint64_t attn_keys, attn_keys_dense;
 } sched_usage_t;
 
 typedef struct sched_request {

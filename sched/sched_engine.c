@@ -416,6 +416,34 @@ is_finished(const sched_t *s, const req_t *r, int32_t tok, sched_finish_t *why)
     return false;
 }
 
+/* Keys the prompt rows of one step attend to under r's policy, the way
+ * model/forward.c applies it: sinks + window for sparse rows, full rows for
+ * Delta's strided and tail rows (blocks and tail per call). */
+static void
+count_keys(req_t *r, uint32_t first, uint32_t n)
+{
+    const model_attn_policy_t *p = &r->attn;
+    uint32_t np = 0; /* prompt rows of this step */
+    while (np < n && first + np < r->n_prompt)
+        np++;
+    uint32_t tail = 0, g = p->gamma ? p->gamma : 1;
+    if (p->kind == MODEL_ATTN_DELTA && !p->no_tail) {
+        tail = np % g + (g > 128 ? g : 128);
+        tail = tail < np ? tail : np;
+    }
+    for (uint32_t i = 0; i < np; i++) {
+        uint64_t L = (uint64_t)first + i + 1; /* the row's causal limit */
+        uint64_t sparse = L < (uint64_t)p->sinks + p->window ? L : (uint64_t)p->sinks + p->window;
+        bool dense = p->kind == MODEL_ATTN_DENSE ||
+                     (p->kind == MODEL_ATTN_DELTA && (i >= np - tail || i % g == 0)) ||
+                     (p->kind == MODEL_ATTN_SINK_WINDOW && p->last_dense && L == r->n_prompt);
+        r->usage.attn_keys_dense += L;
+        r->usage.attn_keys += dense ? L : sparse;
+        if (p->kind == MODEL_ATTN_DELTA && i % g == 0 && i < np - tail)
+            r->usage.attn_keys += sparse; /* the strided rows run both passes */
+    }
+}
+
 static int
 publish_load(sched_t *s)
 {
@@ -459,6 +487,7 @@ step_once(sched_t *s)
             r->table, r->tokens + r->n_computed, r->n_sched, NULL, last, &r->attn, r->n_prompt};
         s->step_ids[i] = r->id;
         if (r->n_computed < r->n_prompt) {
+            count_keys(r, r->n_computed, r->n_sched);
             uint32_t end = r->n_computed + r->n_sched;
             r->usage.computed_prompt_tokens +=
                 (end < r->n_prompt ? end : r->n_prompt) - r->n_computed;

@@ -571,6 +571,10 @@ gen_pump(call_t *c)
         u.queue_time_us = c->usage.queue_ns / 1000;
         u.time_to_first_token_us = c->usage.ttft_ns / 1000;
         u.decode_time_us = c->usage.decode_ns / 1000;
+        u.has_attention_density = c->usage.attn_keys_dense > 0;
+        u.attention_density = c->usage.attn_keys_dense
+                                  ? (double)c->usage.attn_keys / (double)c->usage.attn_keys_dense
+                                  : 1.0;
         r.usage = &u;
     }
     bool ok = send_msg(c, &r.base);
@@ -596,15 +600,17 @@ static void
 gen_log(const call_t *c)
 {
     double ms = (double)(kvs_now_ns() - c->t_arrive) / 1e6;
-    KVS_INFOF("request %s: %s, prompt %u (cached %u), completion %u, queue %.1f ms, "
-              "ttft %.1f ms, total %.1f ms, preempted %u",
-              c->rid,
-              c->stopped ? "stop"
-              : c->fin   ? sched_finish_name(c->fin)
-                         : "-",
-              c->usage.prompt_tokens, c->usage.cached_prompt_tokens,
-              c->n_delivered + (uint32_t)c->n_toks, c->usage.queue_ns / 1e6, c->usage.ttft_ns / 1e6,
-              ms, c->usage.preemptions);
+    KVS_INFOF(
+        "request %s: %s, prompt %u (cached %u), completion %u, queue %.1f ms, "
+        "ttft %.1f ms, total %.1f ms, preempted %u, attention density %.3f",
+        c->rid,
+        c->stopped ? "stop"
+        : c->fin   ? sched_finish_name(c->fin)
+                   : "-",
+        c->usage.prompt_tokens, c->usage.cached_prompt_tokens, c->n_delivered + (uint32_t)c->n_toks,
+        c->usage.queue_ns / 1e6, c->usage.ttft_ns / 1e6, ms, c->usage.preemptions,
+        c->usage.attn_keys_dense ? (double)c->usage.attn_keys / (double)c->usage.attn_keys_dense
+                                 : 1.0);
 }
 
 static void

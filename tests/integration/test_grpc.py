@@ -695,6 +695,12 @@ def check_bad_requests(api, vocab):
         o = collect(api, r, timeout=30)
         report("6 policy.attention.kind %s generates" % kind,
                o["code"] is None and len(o["tokens"]) == 8, describe(o))
+        dens = o["usage"].attention_density if o["usage"] is not None else None
+        report("6 policy.attention.kind %s reports its attention density < 1" % kind,
+               dens is not None and 0 < dens < 1, "density %s" % dens)
+    o = collect(api, greedy_req(TOKEN_PROMPT * 20, 8), timeout=30)
+    dens = o["usage"].attention_density if o["usage"] is not None else None
+    report("6 a dense request reports attention density 1", dens == 1.0, "density %s" % dens)
     # The bundled model carries no chat template: chat is refused, not guessed.
     r = pb.GenerateRequest()
     r.chat.messages.add(role="user", content="Hi")
