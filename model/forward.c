@@ -14,7 +14,8 @@
  * attention (their K/V are still written for every token).  Sequences
  * with a sparse prefill policy (model_attn_policy_t) attend one at a time:
  * the sparse pattern runs in the kernel, Delta Attention's dense rows and
- * correction here.
+ * correction and the block-sparse policy's block choice (Quest bounds)
+ * here.
  * Called by sched/ and benchmarks; runs on the engine thread.
  */
 #include "model_int.h"
@@ -36,6 +37,16 @@ struct model_ctx {
     float *dq, *dout;
     int32_t *drows, *dkv;
     size_t d_cap;
+    /* Block-sparse scratch (host backends), grown on demand.  The block
+     * summaries, signed query rows and their bounds are kern_matmul's
+     * operands, so they are backend memory; counts are in floats. */
+    float *bs_w, *bs_x, *bs_y;
+    size_t bs_w_cap, bs_x_cap, bs_y_cap;
+    float *bs_score;   /* [slab groups][candidate blocks] */
+    uint32_t *bs_idx;  /* one group's candidates */
+    uint8_t *bs_mask;  /* [query blocks][mask stride] */
+    uint32_t *bs_span; /* per query block: its candidates' end, whether to choose */
+    size_t bs_score_cap, bs_idx_cap, bs_mask_cap, bs_span_cap;
     void **bufs;
     uint32_t n_bufs;
 };
@@ -120,6 +131,13 @@ model_ctx_free(model_ctx_t *c)
     free(c->dout);
     free(c->drows);
     free(c->dkv);
+    kern_free(c->be, c->bs_w);
+    kern_free(c->be, c->bs_x);
+    kern_free(c->be, c->bs_y);
+    free(c->bs_score);
+    free(c->bs_idx);
+    free(c->bs_mask);
+    free(c->bs_span);
     free(c);
 }
 
@@ -176,6 +194,8 @@ model_attn_policy_check(const model_attn_policy_t *p)
         return p->window >= 1 && !p->no_tail ? 0 : KVS_EINVAL;
     case MODEL_ATTN_DELTA:
         return p->window >= 1 && p->gamma >= 1 && !p->last_dense ? 0 : KVS_EINVAL;
+    case MODEL_ATTN_BLOCK_SPARSE:
+        return p->window >= 1 && p->top_k >= 1 && !p->no_tail && !p->last_dense ? 0 : KVS_EINVAL;
     default:
         return KVS_EINVAL;
     }
@@ -281,6 +301,222 @@ delta_correct(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy
     return 0;
 }
 
+/* ---- block-sparse prefill (Quest bounds) -------------------------------- */
+
+/* Query rows scored per kern_matmul: enough rows for sgemm to pay, few
+ * enough that the bounds ([rows * G][blocks]) stay small at long contexts. */
+#define BS_SLAB_ROWS 256
+
+static int
+bs_grow_be(model_ctx_t *c, float **p, size_t *cap, size_t n)
+{
+    if (n <= *cap)
+        return 0;
+    size_t bytes;
+    if (kvs_mul_size(n, sizeof(float), &bytes))
+        return KVS_ENOMEM;
+    kern_free(c->be, *p);
+    *p = kern_alloc(c->be, bytes);
+    *cap = *p ? n : 0;
+    return *p ? 0 : KVS_ENOMEM;
+}
+
+static int
+bs_grow(void **p, size_t *cap, size_t n, size_t el)
+{
+    if (n <= *cap)
+        return 0;
+    void *q = realloc(*p, (n ? n : 1) * el);
+    if (q == NULL)
+        return KVS_ENOMEM;
+    *p = q;
+    *cap = n;
+    return 0;
+}
+
+/* Moves the k highest-scoring of idx[0..n) to the front (k < n), in no
+ * particular order: quickselect, ties broken by block index so the choice
+ * does not depend on the partition order. */
+static void
+bs_select(uint32_t *idx, uint32_t n, uint32_t k, const float *score)
+{
+#define BS_BEFORE(a, b) (score[a] > score[b] || (score[a] == score[b] && (a) < (b)))
+    uint32_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2, t;
+        uint32_t piv = idx[mid];
+        idx[mid] = idx[hi];
+        idx[hi] = piv;
+        uint32_t st = lo;
+        for (uint32_t i = lo; i < hi; i++)
+            if (BS_BEFORE(idx[i], piv)) {
+                t = idx[i];
+                idx[i] = idx[st];
+                idx[st++] = t;
+            }
+        idx[hi] = idx[st];
+        idx[st] = piv;
+        if (st == k)
+            return;
+        if (st < k)
+            lo = st + 1;
+        else
+            hi = st - 1;
+    }
+#undef BS_BEFORE
+}
+
+/* Per KV block b in [c0, c0 + nw) of the call's sequence and KV head g, the
+ * elementwise max then min of its keys: row (g * nw + b - c0) of bs_w,
+ * [max | min], 2 * head_dim floats.  Every such block is full (the
+ * candidates end before the first row's own block). */
+static void
+bs_summarise(model_ctx_t *c, const kern_attn_args_t *o, uint32_t c0, uint32_t nw)
+{
+    const kern_kv_t *kv = o->kv;
+    const uint32_t d = kv->head_dim, bt = kv->block_tokens;
+    const size_t el = kv->dtype == KERN_F16 ? 2 : 4;
+    for (uint32_t g = 0; g < kv->n_kv_heads; g++)
+        for (uint32_t b = 0; b < nw; b++) {
+            float *mx = c->bs_w + ((size_t)g * nw + b) * 2 * d, *mn = mx + d;
+            uint32_t id = (uint32_t)o->pt.indices[c0 + b];
+            /* kern__kv_offset's layout (kern.h): a (block, head)'s keys are
+             * contiguous. */
+            const uint8_t *base = (const uint8_t *)kv->k + (size_t)o->layer * kv->layer_bytes +
+                                  (((size_t)id * kv->n_kv_heads + g) * bt) * d * el;
+            for (uint32_t t = 0; t < bt; t++) {
+                const uint8_t *row = base + (size_t)t * d * el;
+                for (uint32_t e = 0; e < d; e++) {
+                    float v = el == 2 ? kvs_fp16_to_f32(((const uint16_t *)row)[e])
+                                      : ((const float *)row)[e];
+                    if (t == 0 || v > mx[e])
+                        mx[e] = v;
+                    if (t == 0 || v < mn[e])
+                        mn[e] = v;
+                }
+            }
+        }
+}
+
+/* Block-sparse attention over the N prompt rows of one sequence call `o`.
+ * Query block q (call rows q*bt ..) keeps the sinks, the window, every KV
+ * block from its first row's own block or the first block inside all its
+ * rows' windows on, and the top_k candidates below that by Quest's bound.  The bound
+ * sum_d max(q_d mn_d, q_d mx_d) is [max(q,0) | min(q,0)] . [mx | mn], so
+ * all rows' bounds against all blocks are one matrix product per KV head. */
+static int
+block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_t *p, uint32_t qd)
+{
+    const kern_kv_t *kv = o->kv;
+    const uint32_t N = o->n_q, bt = kv->block_tokens, d = kv->head_dim;
+    const uint32_t n_kv = kv->n_kv_heads, H = o->n_heads, G = H / n_kv;
+    const uint32_t nq = (N + bt - 1) / bt;
+    uint32_t lmax = 0;
+    for (uint32_t i = 0; i < N; i++)
+        lmax = (uint32_t)o->kv_len[i] > lmax ? (uint32_t)o->kv_len[i] : lmax;
+    const uint32_t stride = (lmax + bt - 1) / bt;
+    const uint32_t c0 = p->sinks / bt; /* blocks below lie in the sinks */
+
+    /* Each query block's candidates [c0, c1): below the first row's own
+     * block and not inside every row's window. */
+    TRY(bs_grow((void **)&c->bs_span, &c->bs_span_cap, (size_t)nq * 2, sizeof(uint32_t)));
+    uint32_t c1max = c0;
+    bool scored = false;
+    for (uint32_t q = 0; q < nq; q++) {
+        uint32_t lo = UINT32_MAX, hi = 0;
+        for (uint32_t i = q * bt; i < N && i < (q + 1) * bt; i++) {
+            uint32_t L = (uint32_t)o->kv_len[i];
+            lo = L < lo ? L : lo;
+            hi = L > hi ? L : hi;
+        }
+        uint32_t own = (lo - 1) / bt;
+        uint32_t win = hi > p->window ? (hi - p->window + bt - 1) / bt : 0;
+        uint32_t c1 = own < win ? own : win;
+        c1 = c1 > c0 ? c1 : c0;
+        c->bs_span[2 * q] = c1;
+        c->bs_span[2 * q + 1] = c1 - c0 > p->top_k; /* must choose */
+        if (c->bs_span[2 * q + 1]) {
+            scored = true;
+            c1max = c1 > c1max ? c1 : c1max;
+        }
+    }
+    if (!scored) {
+        /* Every block is kept: plain dense, with no pattern to walk. */
+        kern_attn_args_t dense = *o;
+        dense.sink_tokens = dense.window_tokens = 0;
+        return kern_attention(c->be, &dense);
+    }
+
+    TRY(bs_grow((void **)&c->bs_mask, &c->bs_mask_cap, (size_t)nq * stride, 1));
+    memset(c->bs_mask, 1, (size_t)nq * stride);
+    const uint32_t nw = c1max - c0;
+    const uint32_t slab_q = BS_SLAB_ROWS / bt ? BS_SLAB_ROWS / bt : 1, slab = slab_q * bt;
+    TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, (size_t)n_kv * nw * 2 * d));
+    TRY(bs_grow_be(c, &c->bs_x, &c->bs_x_cap, (size_t)slab * G * 2 * d));
+    TRY(bs_grow_be(c, &c->bs_y, &c->bs_y_cap, (size_t)slab * G * nw));
+    TRY(bs_grow((void **)&c->bs_score, &c->bs_score_cap, (size_t)slab_q * nw, sizeof(float)));
+    TRY(bs_grow((void **)&c->bs_idx, &c->bs_idx_cap, nw, sizeof(uint32_t)));
+    TRY(kern_sync(c->be)); /* q and the appended K are read on the host */
+    bs_summarise(c, o, c0, nw);
+
+    for (uint32_t q0 = 0; q0 < nq; q0 += slab_q) {
+        uint32_t q1 = q0 + slab_q < nq ? q0 + slab_q : nq;
+        uint32_t r0 = q0 * bt, rows = (q1 * bt < N ? q1 * bt : N) - r0;
+        for (size_t k = 0; k < (size_t)(q1 - q0) * nw; k++)
+            c->bs_score[k] = -INFINITY;
+        for (uint32_t g = 0; g < n_kv; g++) {
+            for (uint32_t i = 0; i < rows; i++)
+                for (uint32_t h = 0; h < G; h++) {
+                    const float *qv = o->q + (size_t)(r0 + i) * qd + (size_t)(g * G + h) * d;
+                    float *x = c->bs_x + ((size_t)i * G + h) * 2 * d;
+                    for (uint32_t e = 0; e < d; e++) {
+                        x[e] = qv[e] > 0.0f ? qv[e] : 0.0f;
+                        x[d + e] = qv[e] < 0.0f ? qv[e] : 0.0f;
+                    }
+                }
+            kern_tensor_t w = {KERN_F32,
+                               2 * d,
+                               nw,
+                               (size_t)2 * d * sizeof(float),
+                               c->bs_w + (size_t)g * nw * 2 * d,
+                               KERN_LAYOUT_ROWS};
+            TRY(kern_matmul(c->be, &w, c->bs_x, rows * G, NULL, c->bs_y));
+            TRY(kern_sync(c->be));
+            for (uint32_t i = 0; i < rows; i++) {
+                uint32_t q = (r0 + i) / bt;
+                if (!c->bs_span[2 * q + 1])
+                    continue;
+                float *sc = c->bs_score + (size_t)(q - q0) * nw;
+                uint32_t n = c->bs_span[2 * q] - c0;
+                for (uint32_t h = 0; h < G; h++) {
+                    const float *y = c->bs_y + ((size_t)i * G + h) * nw;
+                    for (uint32_t b = 0; b < n; b++)
+                        sc[b] = y[b] > sc[b] ? y[b] : sc[b];
+                }
+            }
+        }
+        for (uint32_t q = q0; q < q1; q++) {
+            if (!c->bs_span[2 * q + 1])
+                continue;
+            uint32_t n = c->bs_span[2 * q] - c0;
+            uint8_t *mrow = c->bs_mask + (size_t)q * stride;
+            memset(mrow + c0, 0, n);
+            for (uint32_t b = 0; b < n; b++)
+                c->bs_idx[b] = b;
+            bs_select(c->bs_idx, n, p->top_k, c->bs_score + (size_t)(q - q0) * nw);
+            for (uint32_t k = 0; k < p->top_k; k++)
+                mrow[c0 + c->bs_idx[k]] = 1;
+        }
+    }
+    kern_attn_args_t sp = *o;
+    sp.sink_tokens = p->sinks;
+    sp.window_tokens = p->window;
+    sp.block_mask = c->bs_mask;
+    sp.mask_stride = stride;
+    sp.mask_q_block = bt;
+    return kern_attention(c->be, &sp);
+}
+
 /* Attention of one layer's rows under the batch's per-sequence policies:
  * one dense call when every sequence is dense, else sequence by sequence,
  * prompt rows with their policy and the rest dense. */
@@ -308,9 +544,13 @@ attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32
         int32_t qi[2], pi[2];
         if (p->kind != MODEL_ATTN_DENSE && np > 0) {
             kern_attn_args_t o = one_seq(a, s, r0, np, qd, qi, pi);
-            o.sink_tokens = p->sinks;
-            o.window_tokens = p->window;
-            TRY(kern_attention(c->be, &o));
+            if (p->kind == MODEL_ATTN_BLOCK_SPARSE) {
+                TRY(block_sparse(c, &o, p, qd));
+            } else {
+                o.sink_tokens = p->sinks;
+                o.window_tokens = p->window;
+                TRY(kern_attention(c->be, &o));
+            }
             if (p->kind == MODEL_ATTN_DELTA) {
                 TRY(kern_sync(c->be));
                 TRY(delta_correct(c, &o, p, qd));

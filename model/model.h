@@ -286,12 +286,21 @@ const char *model_tokenizer_name(const model_t *m); /* model_vocab_kind */
  *                of every gamma block of the call's prompt rows and a dense
  *                tail of (N mod gamma) + max(128, gamma) rows; each block
  *                adds its first row's (dense - sparse) difference to all
- *                its rows (Delta Attention, algorithms.md section 1).
- * Host backends only (the correction runs on the host). */
+ *                its rows (Delta Attention, algorithms.md section 1);
+ *   BLOCK_SPARSE per query block of block_tokens rows, the sinks, the
+ *                window, the KV blocks the query block's rows fall in, and
+ *                the top_k other KV blocks by Quest's upper bound on q.k
+ *                (per block and KV head the elementwise min and max of its
+ *                keys; bound sum_d max(q_d min_d, q_d max_d), maximised
+ *                over the query block's rows and every head).  top_k at
+ *                least the number of blocks a row could pick is dense.
+ * Host backends only (the correction and the block scores run on the
+ * host). */
 typedef enum model_attn_kind {
     MODEL_ATTN_DENSE = 0,
     MODEL_ATTN_SINK_WINDOW,
     MODEL_ATTN_DELTA,
+    MODEL_ATTN_BLOCK_SPARSE,
 } model_attn_kind_t;
 
 typedef struct model_attn_policy {
@@ -300,6 +309,7 @@ typedef struct model_attn_policy {
     uint32_t gamma;         /* DELTA: >= 1 */
     bool no_tail;           /* DELTA without its dense tail (ablation) */
     bool last_dense;        /* SINK_WINDOW with the prompt's last row dense (ablation) */
+    uint32_t top_k;         /* BLOCK_SPARSE: KV blocks picked per query block, >= 1 */
 } model_attn_policy_t;
 
 /* Checks the fields of a policy: 0 or KVS_EINVAL. */

@@ -53,6 +53,7 @@ typedef struct req {
     sched_usage_t usage;
     uint64_t t_submit, t_first_token;
     model_attn_policy_t attn;
+    uint32_t block_tokens; /* the pool's, for count_keys */
 } req_t;
 
 typedef struct req_list {
@@ -417,7 +418,8 @@ is_finished(const sched_t *s, const req_t *r, int32_t tok, sched_finish_t *why)
 }
 
 /* Keys the prompt rows of one step attend to under r's policy, the way
- * model/forward.c applies it: sinks + window for sparse rows, full rows for
+ * model/forward.c applies it: sinks + window for sparse rows (block-sparse:
+ * plus at most top_k selected blocks and the row's own), full rows for
  * Delta's strided and tail rows (blocks and tail per call). */
 static void
 count_keys(req_t *r, uint32_t first, uint32_t n)
@@ -433,7 +435,10 @@ count_keys(req_t *r, uint32_t first, uint32_t n)
     }
     for (uint32_t i = 0; i < np; i++) {
         uint64_t L = (uint64_t)first + i + 1; /* the row's causal limit */
-        uint64_t sparse = L < (uint64_t)p->sinks + p->window ? L : (uint64_t)p->sinks + p->window;
+        uint64_t kept = (uint64_t)p->sinks + p->window;
+        if (p->kind == MODEL_ATTN_BLOCK_SPARSE) /* at most: top_k blocks and the own one */
+            kept += ((uint64_t)p->top_k + 1) * r->block_tokens;
+        uint64_t sparse = L < kept ? L : kept;
         bool dense = p->kind == MODEL_ATTN_DENSE ||
                      (p->kind == MODEL_ATTN_DELTA && (i >= np - tail || i % g == 0)) ||
                      (p->kind == MODEL_ATTN_SINK_WINDOW && p->last_dense && L == r->n_prompt);
@@ -591,6 +596,7 @@ sched_submit(sched_t *s, const sched_request_t *q)
                          mix64(((uint64_t)q->attn.gamma << 2) | (q->attn.no_tail ? 2u : 0) |
                                (q->attn.last_dense ? 1u : 0)));
     r->attn = q->attn;
+    r->block_tokens = s->cfg.block_tokens;
     r->priority = q->priority;
     r->n_tokens = r->n_prompt = q->n_prompt;
     r->cap = (uint32_t)total;

@@ -39,29 +39,40 @@ int srv_parse_tokens(const char *cmd, const char *flag, const char *s, int32_t *
 /* Writes s as a JSON string literal (quotes and escapes included). */
 void srv_json_str(FILE *f, const char *s, size_t len);
 /* Prefill attention flags shared by serve and eval (vLLM-style names):
- *   --attention dense|sink-window|delta  --attn-sinks N  --attn-window N
- *   --delta-gamma N  --no-delta-tail  --attn-last-dense
+ *   --attention dense|sink-window|delta|block-sparse  --attn-sinks N
+ *   --attn-window N  --delta-gamma N  --no-delta-tail  --attn-last-dense
+ *   --attn-top-k N (block-sparse: KV blocks picked per query block)
  * Put SRV_ATTN_LONGOPTS in the getopt_long table; srv_attn_opt handles one
  * option (returns 1 when `opt` is not one of them, 0, or KVS_EINVAL after
  * printing why); srv_attn_finish checks the combination. */
-enum { SRV_O_ATTN = 1000, SRV_O_SINKS, SRV_O_WINDOW, SRV_O_GAMMA, SRV_O_NOTAIL, SRV_O_LASTDENSE };
+enum {
+    SRV_O_ATTN = 1000,
+    SRV_O_SINKS,
+    SRV_O_WINDOW,
+    SRV_O_GAMMA,
+    SRV_O_NOTAIL,
+    SRV_O_LASTDENSE,
+    SRV_O_TOPK
+};
 #define SRV_ATTN_LONGOPTS                                                        \
     {"attention", 1, 0, SRV_O_ATTN}, {"attn-sinks", 1, 0, SRV_O_SINKS},          \
         {"attn-window", 1, 0, SRV_O_WINDOW}, {"delta-gamma", 1, 0, SRV_O_GAMMA}, \
-        {"no-delta-tail", 0, 0, SRV_O_NOTAIL},                                   \
+        {"no-delta-tail", 0, 0, SRV_O_NOTAIL}, {"attn-top-k", 1, 0, SRV_O_TOPK}, \
     {                                                                            \
         "attn-last-dense", 0, 0, SRV_O_LASTDENSE                                 \
     }
 /* Defaults scaled for kvserve's small models (the authors' 1024 sinks and
- * 2048 window are for 128K contexts): 4 sinks, a 64-token window, gamma 64. */
-#define SRV_ATTN_DEFAULT                                                \
-    (model_attn_policy_t)                                               \
-    {                                                                   \
-        .kind = MODEL_ATTN_DENSE, .sinks = 4, .window = 64, .gamma = 64 \
+ * 2048 window are for 128K contexts): 4 sinks, a 64-token window, gamma 64,
+ * 8 blocks picked by block-sparse. */
+#define SRV_ATTN_DEFAULT                                                            \
+    (model_attn_policy_t)                                                           \
+    {                                                                               \
+        .kind = MODEL_ATTN_DENSE, .sinks = 4, .window = 64, .gamma = 64, .top_k = 8 \
     }
 int srv_attn_opt(const char *cmd, int opt, const char *arg, model_attn_policy_t *p);
 int srv_attn_finish(const char *cmd, model_attn_policy_t *p);
-/* "dense", "sink-window(4+64)", "delta(4+64, gamma 64)", ... */
+/* "dense", "sink-window(4+64)", "delta(4+64, gamma 64)",
+ * "block-sparse(4+64, top 8)", ... */
 const char *srv_attn_describe(const model_attn_policy_t *p, char *buf, size_t cap);
 
 /* The bundled model used when --model is absent: $KVSERVE_MODEL, else the

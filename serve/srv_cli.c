@@ -192,10 +192,13 @@ srv_attn_opt(const char *cmd, int opt, const char *arg, model_attn_policy_t *p)
             p->kind = MODEL_ATTN_SINK_WINDOW;
         else if (strcmp(arg, "delta") == 0)
             p->kind = MODEL_ATTN_DELTA;
+        else if (strcmp(arg, "block-sparse") == 0)
+            p->kind = MODEL_ATTN_BLOCK_SPARSE;
         else {
             fprintf(stderr,
-                    "kvserve %s: --attention: '%s' is not one of dense, sink-window, delta\n", cmd,
-                    arg);
+                    "kvserve %s: --attention: '%s' is not one of dense, sink-window, delta, "
+                    "block-sparse\n",
+                    cmd, arg);
             return KVS_EINVAL;
         }
         return 0;
@@ -211,6 +214,9 @@ srv_attn_opt(const char *cmd, int opt, const char *arg, model_attn_policy_t *p)
     case SRV_O_LASTDENSE:
         p->last_dense = true;
         return 0;
+    case SRV_O_TOPK:
+        /* Like --attn-sinks, accepted with any kind and used by one. */
+        return srv_parse_u32(cmd, "--attn-top-k", arg, 1, 1u << 24, &p->top_k);
     default:
         return 1;
     }
@@ -241,6 +247,9 @@ srv_attn_describe(const model_attn_policy_t *p, char *buf, size_t cap)
     case MODEL_ATTN_DELTA:
         snprintf(buf, cap, "delta(%u+%u, gamma %u%s)", p->sinks, p->window, p->gamma,
                  p->no_tail ? ", no tail" : "");
+        break;
+    case MODEL_ATTN_BLOCK_SPARSE:
+        snprintf(buf, cap, "block-sparse(%u+%u, top %u)", p->sinks, p->window, p->top_k);
         break;
     default:
         snprintf(buf, cap, "dense");

@@ -24,7 +24,8 @@ static const char eval_usage[] =
     "                    [--lengths 256,512,1024] [--depths 0,0.25,0.5,0.75,1] [--samples N]\n"
     "                    [--seed S] [--threads N] [--device cpu|ref|cuda] [--max-num-seqs N]\n"
     "                    [--max-num-batched-tokens N] [--block-size N] [--kv-cache-dtype f16|f32]\n"
-    "                    [--attention dense|sink-window|delta] [--attn-sinks N] [--attn-window N]\n"
+    "                    [--attention dense|sink-window|delta|block-sparse] [--attn-sinks N]\n"
+    "                    [--attn-window N] [--attn-top-k N]\n"
     "                    [--delta-gamma N] [--no-delta-tail] [--attn-last-dense]\n"
     "                    [--space-in-prompt]\n"
     "                    [--json FILE] [--plot FILE.svg]\n";

@@ -1186,8 +1186,9 @@ static const char usage[] =
     "                     [--enable-prefix-caching | --no-enable-prefix-caching]\n"
     "                     [--tls-cert F --tls-key F [--tls-client-ca F]] [--api-key-file F]\n"
     "                     [--drain-timeout S] [--max-concurrent-streams N]\n"
-    "                     [--engine-nice 10] [--attention dense|sink-window|delta]\n"
-    "                     [--attn-sinks 4] [--attn-window 64] [--delta-gamma 64]\n";
+    "                     [--engine-nice 10] [--attention dense|sink-window|delta|block-sparse]\n"
+    "                     [--attn-sinks 4] [--attn-window 64] [--delta-gamma 64] [--attn-top-k "
+    "8]\n";
 
 static char *
 read_file(const char *path, size_t *len)

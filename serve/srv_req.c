@@ -61,16 +61,29 @@ check_attention(const Kvserve__V1__AttentionPolicy *a, const srv_limits_t *lim,
     case KVSERVE__V1__ATTENTION_POLICY__KIND__DELTA:
         out->kind = MODEL_ATTN_DELTA;
         break;
+    case KVSERVE__V1__ATTENTION_POLICY__KIND__BLOCK_SPARSE:
+        out->kind = MODEL_ATTN_BLOCK_SPARSE;
+        break;
     default:
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
                     "policy.attention.kind: %d is not supported by this build (supported: "
-                    "DENSE, SINK_WINDOW, DELTA)",
+                    "DENSE, SINK_WINDOW, DELTA, BLOCK_SPARSE)",
                     (int)a->kind);
     }
-    if (a->has_top_k_blocks)
+    if (a->has_top_k_blocks && out->kind != MODEL_ATTN_BLOCK_SPARSE)
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
-                    "policy.attention.top_k_blocks: block-sparse prefill is not supported by this "
-                    "build");
+                    "policy.attention.top_k_blocks: only BLOCK_SPARSE uses it");
+    if (a->has_top_k_blocks) {
+        if (a->top_k_blocks == 0 || a->top_k_blocks > lim->max_model_len)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "policy.attention.top_k_blocks: %u is outside [1, %u]", a->top_k_blocks,
+                        lim->max_model_len);
+        out->top_k = a->top_k_blocks;
+    }
+    /* A server default built without --attn-top-k has no block count. */
+    if (out->kind == MODEL_ATTN_BLOCK_SPARSE && out->top_k == 0)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "policy.attention.top_k_blocks: BLOCK_SPARSE needs top_k_blocks >= 1");
     bool sparse = out->kind != MODEL_ATTN_DENSE;
     if (!sparse && (a->has_sink_tokens || a->has_window_tokens || a->has_gamma))
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,

@@ -6,6 +6,9 @@
  * really changes the result, Delta's dense tail makes the last prompt row
  * (the one sampled) exactly dense, and chunked prefill with a policy gives
  * the same result as one call when the window covers each chunk's keys.
+ * Block-sparse (Quest bounds): top_k covering every block a query block can
+ * pick is dense, in one call and in chunks; a small top_k changes the
+ * result; chunks on block boundaries give the one-call result.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -186,6 +189,64 @@ test_chunked_prefill(void **state)
     free(chunked);
 }
 
+/* Blocks of 16 (prefill's pool): a 300-token prompt has 19, so no query
+ * block has more than 18 candidates below its own block. */
+#define BS_BLOCKS ((N_PROMPT + 15) / 16)
+
+static void
+test_block_sparse_degenerate(void **state)
+{
+    (void)state;
+    float *dense = malloc(n_vocab * sizeof(float)), *got = malloc(n_vocab * sizeof(float));
+    model_attn_policy_t dn = {0};
+    prefill(&dn, N_PROMPT, dense);
+    const uint32_t ks[] = {BS_BLOCKS - 1, BS_BLOCKS, 1000};
+    for (size_t i = 0; i < sizeof ks / sizeof ks[0]; i++) {
+        model_attn_policy_t bs = {
+            .kind = MODEL_ATTN_BLOCK_SPARSE, .sinks = 4, .window = 16, .top_k = ks[i]};
+        assert_int_equal(model_attn_policy_check(&bs), 0);
+        prefill(&bs, N_PROMPT, got);
+        assert_true(rel_err(dense, got) < TOL);
+        /* Chunks see fewer blocks, so they are dense too. */
+        prefill(&bs, 100, got);
+        assert_true(rel_err(dense, got) < TOL);
+    }
+    free(dense);
+    free(got);
+}
+
+static void
+test_block_sparse_changes(void **state)
+{
+    (void)state;
+    float *dense = malloc(n_vocab * sizeof(float)), *bs = malloc(n_vocab * sizeof(float));
+    float *sw = malloc(n_vocab * sizeof(float)), *chunked = malloc(n_vocab * sizeof(float));
+    model_attn_policy_t dn = {0};
+    prefill(&dn, N_PROMPT, dense);
+    model_attn_policy_t s = {.kind = MODEL_ATTN_SINK_WINDOW, .sinks = 4, .window = 16};
+    prefill(&s, N_PROMPT, sw);
+    model_attn_policy_t p = {.kind = MODEL_ATTN_BLOCK_SPARSE, .sinks = 4, .window = 16, .top_k = 2};
+    prefill(&p, N_PROMPT, bs);
+    double e_bs = rel_err(dense, bs), e_sw = rel_err(dense, sw), e_bs_sw = rel_err(sw, bs);
+    print_message("last-row logits vs dense: block-sparse(top 2) %.3g, sink-window %.3g; "
+                  "block-sparse vs sink-window %.3g\n",
+                  e_bs, e_sw, e_bs_sw);
+    assert_true(e_bs > 1e-3);    /* blocks are really left out */
+    assert_true(e_bs_sw > 1e-3); /* and the picked ones are really added */
+    /* Chunks of 48 start on block boundaries: the same query blocks, the
+     * same candidates, the same choice. */
+    prefill(&p, 48, chunked);
+    assert_true(rel_err(bs, chunked) < TOL);
+    /* Chunks of 100 straddle blocks; they run and stay finite. */
+    prefill(&p, 100, chunked);
+    for (uint32_t i = 0; i < n_vocab; i++)
+        assert_true(isfinite(chunked[i]));
+    free(dense);
+    free(bs);
+    free(sw);
+    free(chunked);
+}
+
 static void
 test_bad_policies(void **state)
 {
@@ -194,6 +255,10 @@ test_bad_policies(void **state)
         {.kind = MODEL_ATTN_SINK_WINDOW, .sinks = 4, .window = 0},
         {.kind = MODEL_ATTN_DELTA, .sinks = 4, .window = 8, .gamma = 0},
         {.kind = (model_attn_kind_t)9, .window = 8},
+        {.kind = MODEL_ATTN_BLOCK_SPARSE, .sinks = 4, .window = 16, .top_k = 0},
+        {.kind = MODEL_ATTN_BLOCK_SPARSE, .sinks = 4, .window = 0, .top_k = 8},
+        {.kind = MODEL_ATTN_BLOCK_SPARSE, .window = 16, .top_k = 8, .no_tail = true},
+        {.kind = MODEL_ATTN_BLOCK_SPARSE, .window = 16, .top_k = 8, .last_dense = true},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
         assert_int_equal(model_attn_policy_check(&bad[i]), KVS_EINVAL);
@@ -206,6 +271,8 @@ main(void)
         cmocka_unit_test(test_degenerate_equal_dense),
         cmocka_unit_test(test_sparse_changes_and_delta_repairs),
         cmocka_unit_test(test_chunked_prefill),
+        cmocka_unit_test(test_block_sparse_degenerate),
+        cmocka_unit_test(test_block_sparse_changes),
         cmocka_unit_test(test_bad_policies),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

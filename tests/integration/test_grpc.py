@@ -675,7 +675,8 @@ def check_bad_requests(api, vocab):
     expect("malformed protobuf bytes", b"\xff\xff\xff", IA, raw=True)
     r = greedy_req(TOKEN_PROMPT, 8)
     r.policy.attention.kind = pb.AttentionPolicy.BLOCK_SPARSE
-    expect("policy.attention.kind BLOCK_SPARSE (not in this build)", r, IA, "policy")
+    r.policy.attention.top_k_blocks = 0
+    expect("policy.attention.top_k_blocks 0", r, IA, "top_k_blocks")
     r = greedy_req(TOKEN_PROMPT, 8)
     r.policy.attention.kind = pb.AttentionPolicy.DENSE
     r.policy.attention.gamma = 16
@@ -685,13 +686,15 @@ def check_bad_requests(api, vocab):
     r.policy.attention.window_tokens = 0
     expect("policy.attention.window_tokens 0", r, IA, "window_tokens")
     # Sparse prefill policies run (their quality is kvserve eval's business).
-    for kind in ("SINK_WINDOW", "DELTA"):
+    for kind in ("SINK_WINDOW", "DELTA", "BLOCK_SPARSE"):
         r = greedy_req(TOKEN_PROMPT * 20, 8)
         r.policy.attention.kind = getattr(pb.AttentionPolicy, kind)
         r.policy.attention.sink_tokens = 4
         r.policy.attention.window_tokens = 16
         if kind == "DELTA":
             r.policy.attention.gamma = 16
+        if kind == "BLOCK_SPARSE":
+            r.policy.attention.top_k_blocks = 2
         o = collect(api, r, timeout=30)
         report("6 policy.attention.kind %s generates" % kind,
                o["code"] is None and len(o["tokens"]) == 8, describe(o))
