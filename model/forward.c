@@ -247,27 +247,61 @@ delta_scratch(model_ctx_t *c, size_t rows, size_t qd)
     return 0;
 }
 
+uint32_t
+model_delta_rows(uint32_t n, const model_attn_policy_t *p, int32_t *rows)
+{
+    const uint32_t g = p->gamma ? p->gamma : 1;
+    uint32_t tail = 0, nd = 0;
+    if (!p->no_tail) {
+        tail = n % g + (g > 128 ? g : 128);
+        tail = tail < n ? tail : n;
+    }
+    for (uint32_t r = 0; r < n - tail; r += g)
+        rows[nd++] = (int32_t)r;
+    for (uint32_t r = n - tail; r < n; r++)
+        rows[nd++] = (int32_t)r;
+    return nd;
+}
+
+void
+model_delta_apply(const model_attn_policy_t *p, uint32_t n, uint32_t width, float *out,
+                  float *dense)
+{
+    const uint32_t g = p->gamma ? p->gamma : 1;
+    uint32_t tail = 0;
+    if (!p->no_tail) {
+        tail = n % g + (g > 128 ? g : 128);
+        tail = tail < n ? tail : n;
+    }
+    const uint32_t ns = n - tail;
+    uint32_t i = 0;
+    for (uint32_t r = 0; r < ns; r += g, i++) {
+        /* The dense row becomes the block's delta in place. */
+        float *delta = dense + (size_t)i * width;
+        const float *os = out + (size_t)r * width;
+        for (uint32_t k = 0; k < width; k++)
+            delta[k] -= os[k];
+        uint32_t end = r + g < ns ? r + g : ns;
+        for (uint32_t row = r; row < end; row++) {
+            float *o = out + (size_t)row * width;
+            for (uint32_t k = 0; k < width; k++)
+                o[k] += delta[k];
+        }
+    }
+    for (uint32_t r = ns; r < n; r++, i++)
+        memcpy(out + (size_t)r * width, dense + (size_t)i * width, width * sizeof(float));
+}
+
 /* Delta Attention over the N prompt rows of one sequence call `o`, whose
- * sparse outputs are already in o->out: dense rows at the first query of
- * every gamma block and over the tail, then each block shifted by its first
- * row's (dense - sparse).  In f32 on the host, as the difference of two
- * nearly equal normalised outputs needs. */
+ * sparse outputs are already in o->out: dense attention for the rows
+ * model_delta_rows picks, then model_delta_apply, in f32 on the host, as
+ * the difference of two nearly equal normalised outputs needs. */
 static int
 delta_correct(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_t *p, uint32_t qd)
 {
-    const uint32_t N = o->n_q, g = p->gamma;
-    uint32_t tail = 0;
-    if (!p->no_tail) {
-        tail = N % g + (g > 128 ? g : 128);
-        tail = tail < N ? tail : N;
-    }
-    const uint32_t Ns = N - tail;
-    uint32_t nd = 0;
+    const uint32_t N = o->n_q;
     TRY(delta_scratch(c, (size_t)N, qd));
-    for (uint32_t r = 0; r < Ns; r += g)
-        c->drows[nd++] = (int32_t)r;
-    for (uint32_t r = Ns; r < N; r++)
-        c->drows[nd++] = (int32_t)r;
+    uint32_t nd = model_delta_rows(N, p, c->drows);
     for (uint32_t i = 0; i < nd; i++) {
         memcpy(c->dq + (size_t)i * qd, o->q + (size_t)c->drows[i] * qd, qd * sizeof(float));
         c->dkv[i] = o->kv_len[c->drows[i]];
@@ -280,24 +314,11 @@ delta_correct(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy
     dense.q_indptr = qi;
     dense.kv_len = c->dkv;
     dense.sink_tokens = dense.window_tokens = 0;
+    dense.block_mask = NULL;
+    dense.dense_rows = NULL;
     TRY(kern_attention(c->be, &dense));
     TRY(kern_sync(c->be));
-    uint32_t i = 0;
-    for (uint32_t r = 0; r < Ns; r += g, i++) {
-        /* The dense row becomes the block's delta in place. */
-        float *delta = c->dout + (size_t)i * qd;
-        const float *os = o->out + (size_t)r * qd;
-        for (uint32_t k = 0; k < qd; k++)
-            delta[k] -= os[k];
-        uint32_t end = r + g < Ns ? r + g : Ns;
-        for (uint32_t row = r; row < end; row++) {
-            float *out = o->out + (size_t)row * qd;
-            for (uint32_t k = 0; k < qd; k++)
-                out[k] += delta[k];
-        }
-    }
-    for (uint32_t r = Ns; r < N; r++, i++)
-        memcpy(o->out + (size_t)r * qd, c->dout + (size_t)i * qd, qd * sizeof(float));
+    model_delta_apply(p, N, qd, o->out, c->dout);
     return 0;
 }
 

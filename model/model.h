@@ -312,6 +312,16 @@ typedef struct model_attn_policy {
     uint32_t top_k;         /* BLOCK_SPARSE: KV blocks picked per query block, >= 1 */
 } model_attn_policy_t;
 
+/* Delta Attention's two steps for the n prompt rows of one prefill call
+ * (forward.c; exposed so tests can check the method's invariants):
+ * model_delta_rows writes the rows that get dense attention, the first of
+ * every gamma block below n - tail and then the tail, and returns how many;
+ * model_delta_apply turns the sparse outputs out[n][width] into Delta's,
+ * given dense[count][width] for those rows (dense is overwritten). */
+uint32_t model_delta_rows(uint32_t n, const model_attn_policy_t *p, int32_t *rows);
+void model_delta_apply(const model_attn_policy_t *p, uint32_t n, uint32_t width, float *out,
+                       float *dense);
+
 /* Checks the fields of a policy: 0 or KVS_EINVAL. */
 int model_attn_policy_check(const model_attn_policy_t *p);
 

@@ -25,6 +25,7 @@
 #include <math.h>
 
 #include "kernels/kern.h"
+#include "model/model.h"
 
 /* ---- backends ------------------------------------------------------------ */
 
@@ -652,6 +653,67 @@ test_pattern_validation(void **state)
     pdata_free(&p);
 }
 
+/* Delta Attention's invariants over a real sparse and dense kernel pass
+ * (algorithms.md 1.6): the first row of every gamma block equals dense, the
+ * correction is constant inside a block, the tail is dense, gamma 1 is
+ * dense everywhere. */
+static void
+test_delta_invariants(void **state)
+{
+    (void)state;
+    rng_seed(77);
+    const int32_t n = 300, zero = 0;
+    pdata_t p;
+    pdata_build(&p, KERN_F32, 16, 32, 8, 2, 1, &n, &n, &zero);
+    size_t w = (size_t)p.n_heads * p.d;
+    float *sp = malloc(n * w * sizeof(float)), *dn = malloc(n * w * sizeof(float));
+    float *out = malloc(n * w * sizeof(float)), *dr = malloc(n * w * sizeof(float));
+    int32_t *rows = malloc(n * sizeof(int32_t));
+    assert_true(sp && dn && out && dr && rows);
+    pat_t pt = {.sinks = 4, .window = 16};
+    assert_int_equal(run(g_be[0].be, &p, &pt, sp), 0);
+    assert_int_equal(run(g_be[0].be, &p, NULL, dn), 0);
+    const model_attn_policy_t pols[] = {
+        {.kind = MODEL_ATTN_DELTA, .sinks = 4, .window = 16, .gamma = 16},
+        {.kind = MODEL_ATTN_DELTA, .sinks = 4, .window = 16, .gamma = 64},
+        {.kind = MODEL_ATTN_DELTA, .sinks = 4, .window = 16, .gamma = 16, .no_tail = true},
+        {.kind = MODEL_ATTN_DELTA, .sinks = 4, .window = 16, .gamma = 1, .no_tail = true},
+    };
+    for (size_t k = 0; k < sizeof pols / sizeof pols[0]; k++) {
+        const model_attn_policy_t *pol = &pols[k];
+        uint32_t nd = model_delta_rows((uint32_t)n, pol, rows);
+        for (uint32_t i = 0; i < nd; i++)
+            memcpy(dr + i * w, dn + (size_t)rows[i] * w, w * sizeof(float));
+        memcpy(out, sp, n * w * sizeof(float));
+        model_delta_apply(pol, (uint32_t)n, (uint32_t)w, out, dr);
+        uint32_t g = pol->gamma;
+        uint32_t tail = pol->no_tail ? 0 : (uint32_t)n % g + (g > 128 ? g : 128);
+        tail = tail < (uint32_t)n ? tail : (uint32_t)n;
+        uint32_t ns = (uint32_t)n - tail;
+        for (uint32_t r = 0; r < (uint32_t)n; r++) {
+            uint32_t b0 = r / g * g;
+            for (size_t c = 0; c < w; c++) {
+                float o = out[r * w + c];
+                if (r >= ns) { /* the tail: dense, bit for bit */
+                    assert_true(o == dn[r * w + c]);
+                } else if (r == b0) { /* block start: dense up to rounding */
+                    assert_true(fabsf(o - dn[r * w + c]) <= 1e-6f * (1 + fabsf(dn[r * w + c])));
+                } else { /* the block start's correction, carried forward */
+                    float want = dn[b0 * w + c] - sp[b0 * w + c];
+                    float got = o - sp[r * w + c];
+                    assert_true(fabsf(got - want) <= 1e-6f * (1 + fabsf(o)));
+                }
+            }
+        }
+    }
+    free(sp);
+    free(dn);
+    free(out);
+    free(dr);
+    free(rows);
+    pdata_free(&p);
+}
+
 int
 main(void)
 {
@@ -661,6 +723,7 @@ main(void)
         cmocka_unit_test(test_degenerate_equals_dense),
         cmocka_unit_test(test_window_is_dense_over_kept_keys),
         cmocka_unit_test(test_pattern_validation),
+        cmocka_unit_test(test_delta_invariants),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
