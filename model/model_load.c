@@ -151,9 +151,8 @@ read_hparams(model_t *m, char *err, size_t err_len)
             linear = false;
             m->rope_llama3 = true;
         } else if (strcmp(stype.ptr, "linear") != 0) {
-            model__errf(err, err_len,
-                        "key '%s' = '%.32s' is not supported (none, linear, llama3)", key,
-                        stype.ptr);
+            model__errf(err, err_len, "key '%s' = '%.32s' is not supported (none, linear, llama3)",
+                        key, stype.ptr);
             return KVS_ENOTSUP;
         }
     }

@@ -36,6 +36,21 @@ int srv_parse_kv_dtype(const char *cmd, const char *s, kern_dtype_t *out);
 int srv_parse_block_size(const char *cmd, const char *s, uint32_t *out);
 /* "1,2,3" -> malloc'd array; every id in [0, INT32_MAX]. */
 int srv_parse_tokens(const char *cmd, const char *flag, const char *s, int32_t **out, size_t *n);
+/* All of a stream or file, NUL-terminated (*len, if not NULL, excludes the
+ * NUL); NULL when it cannot be read or memory runs out. */
+char *srv_read_stream(FILE *f, size_t *len);
+char *srv_read_file(const char *path, size_t *len);
+
+/* A growable string: put appends (keeping a NUL after the text); a failed
+ * allocation sets oom and later puts do nothing.  Free p when done. */
+typedef struct srv_buf {
+    char *p;
+    size_t len, cap;
+    bool oom;
+} srv_buf_t;
+void srv_buf_put(srv_buf_t *b, const char *s, size_t n);
+void srv_buf_puts(srv_buf_t *b, const char *s);
+
 /* Writes s as a JSON string literal (quotes and escapes included). */
 void srv_json_str(FILE *f, const char *s, size_t len);
 /* Prefill attention flags shared by serve and eval (vLLM-style names):

@@ -12,49 +12,17 @@
  */
 #include "srv_chat.h"
 
+#include "srv.h"
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-typedef struct sbuf {
-    char *p;
-    size_t n, cap;
-    bool oom;
-} sbuf_t;
-
-static void
-put(sbuf_t *b, const char *s, size_t n)
-{
-    if (b->oom)
-        return;
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap * 2 : 256;
-        while (cap < b->n + n + 1)
-            cap *= 2;
-        char *p = realloc(b->p, cap);
-        if (p == NULL) {
-            b->oom = true;
-            return;
-        }
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = '\0';
-}
-
-static void
-puts_(sbuf_t *b, const char *s)
-{
-    put(b, s, strlen(s));
-}
-
 /* Jinja's |trim and Python's str.strip(): ASCII whitespace at both ends. */
 static void
-put_trimmed(sbuf_t *b, const char *s)
+put_trimmed(srv_buf_t *b, const char *s)
 {
     size_t n = strlen(s);
     while (n && strchr(" \t\n\r\f\v", s[n - 1]))
@@ -63,7 +31,7 @@ put_trimmed(sbuf_t *b, const char *s)
         s++;
         n--;
     }
-    put(b, s, n);
+    srv_buf_put(b, s, n);
 }
 
 /* A Jinja string literal's body ("\n" escapes) starting at s, up to the
@@ -71,14 +39,14 @@ put_trimmed(sbuf_t *b, const char *s)
 static char *
 literal(const char *s, char q)
 {
-    sbuf_t b = {0};
+    srv_buf_t b = {0};
     for (; *s && *s != q; s++) {
         if (*s == '\\' && s[1]) {
             s++;
             char c = *s == 'n' ? '\n' : *s == 't' ? '\t' : *s;
-            put(&b, &c, 1);
+            srv_buf_put(&b, &c, 1);
         } else {
-            put(&b, s, 1);
+            srv_buf_put(&b, s, 1);
         }
     }
     if (*s != q || b.oom) {
@@ -216,51 +184,51 @@ srv_chat_render(const srv_chat_t *c, const srv_chat_msg_t *m, size_t n, bool add
         if (m[i].content == NULL)
             return bad(err, cap, "messages[%zu].content: missing", i);
     }
-    sbuf_t b = {0};
+    srv_buf_t b = {0};
     int rc = 0;
     switch (c->kind) {
     case SRV_CHAT_LLAMA3:
     case SRV_CHAT_LLAMA31: {
-        puts_(&b, c->bos);
+        srv_buf_puts(&b, c->bos);
         size_t i = 0;
         if (c->kind == SRV_CHAT_LLAMA31) {
             /* 3.1 always opens with a system header carrying the dates. */
-            puts_(&b, "<|start_header_id|>system<|end_header_id|>\n\n"
-                      "Cutting Knowledge Date: December 2023\nToday Date: ");
-            puts_(&b, c->date);
-            puts_(&b, "\n\n");
+            srv_buf_puts(&b, "<|start_header_id|>system<|end_header_id|>\n\n"
+                             "Cutting Knowledge Date: December 2023\nToday Date: ");
+            srv_buf_puts(&b, c->date);
+            srv_buf_puts(&b, "\n\n");
             if (strcmp(m[0].role, "system") == 0) {
                 put_trimmed(&b, m[0].content);
                 i = 1;
             }
-            puts_(&b, "<|eot_id|>");
+            srv_buf_puts(&b, "<|eot_id|>");
         }
         for (; i < n; i++) {
-            puts_(&b, "<|start_header_id|>");
-            puts_(&b, m[i].role);
-            puts_(&b, "<|end_header_id|>\n\n");
+            srv_buf_puts(&b, "<|start_header_id|>");
+            srv_buf_puts(&b, m[i].role);
+            srv_buf_puts(&b, "<|end_header_id|>\n\n");
             put_trimmed(&b, m[i].content);
-            puts_(&b, "<|eot_id|>");
+            srv_buf_puts(&b, "<|eot_id|>");
         }
         if (add_generation_prompt)
-            puts_(&b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
+            srv_buf_puts(&b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
         break;
     }
     case SRV_CHAT_CHATML: {
         if (strcmp(m[0].role, "system") != 0 && c->default_system) {
-            puts_(&b, "<|im_start|>system\n");
-            puts_(&b, c->default_system);
-            puts_(&b, "<|im_end|>\n");
+            srv_buf_puts(&b, "<|im_start|>system\n");
+            srv_buf_puts(&b, c->default_system);
+            srv_buf_puts(&b, "<|im_end|>\n");
         }
         for (size_t i = 0; i < n; i++) {
-            puts_(&b, "<|im_start|>");
-            puts_(&b, m[i].role);
-            puts_(&b, "\n");
-            puts_(&b, m[i].content);
-            puts_(&b, "<|im_end|>\n");
+            srv_buf_puts(&b, "<|im_start|>");
+            srv_buf_puts(&b, m[i].role);
+            srv_buf_puts(&b, "\n");
+            srv_buf_puts(&b, m[i].content);
+            srv_buf_puts(&b, "<|im_end|>\n");
         }
         if (add_generation_prompt)
-            puts_(&b, "<|im_start|>assistant\n");
+            srv_buf_puts(&b, "<|im_start|>assistant\n");
         break;
     }
     case SRV_CHAT_LLAMA2: {
@@ -274,27 +242,27 @@ srv_chat_render(const srv_chat_t *c, const srv_chat_msg_t *m, size_t n, bool add
         }
         for (bool first = true; i < n; i++, first = false) {
             if (strcmp(m[i].role, "user") == 0) {
-                puts_(&b, c->bos);
-                puts_(&b, "[INST] ");
+                srv_buf_puts(&b, c->bos);
+                srv_buf_puts(&b, "[INST] ");
                 if (first && sys) {
                     /* The template strips the whole content, system block
                      * included: only the user text's tail is trimmed. */
-                    puts_(&b, "<<SYS>>\n");
-                    puts_(&b, sys);
-                    puts_(&b, "\n<</SYS>>\n\n");
+                    srv_buf_puts(&b, "<<SYS>>\n");
+                    srv_buf_puts(&b, sys);
+                    srv_buf_puts(&b, "\n<</SYS>>\n\n");
                     size_t k = strlen(m[i].content);
                     while (k && strchr(" \t\n\r\f\v", m[i].content[k - 1]))
                         k--;
-                    put(&b, m[i].content, k);
+                    srv_buf_put(&b, m[i].content, k);
                 } else {
                     put_trimmed(&b, m[i].content);
                 }
-                puts_(&b, " [/INST]");
+                srv_buf_puts(&b, " [/INST]");
             } else {
-                puts_(&b, " ");
+                srv_buf_puts(&b, " ");
                 put_trimmed(&b, m[i].content);
-                puts_(&b, " ");
-                puts_(&b, c->eos);
+                srv_buf_puts(&b, " ");
+                srv_buf_puts(&b, c->eos);
             }
         }
         break;
@@ -302,17 +270,17 @@ srv_chat_render(const srv_chat_t *c, const srv_chat_msg_t *m, size_t n, bool add
     case SRV_CHAT_MISTRAL: {
         if ((rc = check_alternation(m, n, false, err, cap)))
             break;
-        puts_(&b, c->bos);
+        srv_buf_puts(&b, c->bos);
         for (size_t i = 0; i < n; i++) {
             if (strcmp(m[i].role, "user") == 0) {
-                puts_(&b, "[INST] ");
-                puts_(&b, m[i].content);
-                puts_(&b, " [/INST]");
+                srv_buf_puts(&b, "[INST] ");
+                srv_buf_puts(&b, m[i].content);
+                srv_buf_puts(&b, " [/INST]");
             } else {
-                puts_(&b, m[i].content);
-                puts_(&b, c->eos);
+                srv_buf_puts(&b, m[i].content);
+                srv_buf_puts(&b, c->eos);
                 if (c->space_after_eos)
-                    puts_(&b, " ");
+                    srv_buf_puts(&b, " ");
             }
         }
         break;

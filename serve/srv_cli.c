@@ -256,3 +256,67 @@ srv_attn_describe(const model_attn_policy_t *p, char *buf, size_t cap)
     }
     return buf;
 }
+
+char *
+srv_read_stream(FILE *f, size_t *len)
+{
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap);
+    while (buf) {
+        size_t r = fread(buf + n, 1, cap - n - 1, f);
+        n += r;
+        if (r == 0)
+            break;
+        if (n + 1 == cap) {
+            char *b = realloc(buf, cap *= 2);
+            if (b == NULL)
+                free(buf);
+            buf = b;
+        }
+    }
+    if (buf == NULL || ferror(f)) {
+        free(buf);
+        return NULL;
+    }
+    buf[n] = '\0';
+    if (len)
+        *len = n;
+    return buf;
+}
+
+char *
+srv_read_file(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (f == NULL)
+        return NULL;
+    char *buf = srv_read_stream(f, len);
+    fclose(f);
+    return buf;
+}
+
+void
+srv_buf_put(srv_buf_t *b, const char *s, size_t n)
+{
+    if (b->oom)
+        return;
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = (b->len + n + 1) * 2;
+        char *p = realloc(b->p, cap);
+        if (p == NULL) {
+            b->oom = true;
+            return;
+        }
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = '\0';
+}
+
+void
+srv_buf_puts(srv_buf_t *b, const char *s)
+{
+    srv_buf_put(b, s, strlen(s));
+}

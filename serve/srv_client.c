@@ -78,19 +78,11 @@ status_name(grpc_status_code s)
 static char *
 slurp(const char *cmd, const char *flag, const char *path)
 {
-    char *buf = NULL;
-    size_t cap = 0;
-    FILE *f = fopen(path, "r");
-    ssize_t n = f ? getdelim(&buf, &cap, '\0', f) : -1;
-    if (f == NULL || ferror(f) || buf == NULL) {
-        fprintf(stderr, "kvserve %s: %s: cannot read '%s': %s\n", cmd, flag, path, strerror(errno));
-        free(buf);
-        buf = NULL;
-    } else if (n < 0) {
-        buf[0] = '\0';
-    }
-    if (f)
-        fclose(f);
+    errno = 0;
+    char *buf = srv_read_file(path, NULL);
+    if (buf == NULL)
+        fprintf(stderr, "kvserve %s: %s: cannot read '%s': %s\n", cmd, flag, path,
+                errno ? strerror(errno) : "out of memory");
     return buf;
 }
 

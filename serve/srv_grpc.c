@@ -1190,37 +1190,6 @@ static const char usage[] =
     "                     [--attn-sinks 4] [--attn-window 64] [--delta-gamma 64] [--attn-top-k "
     "8]\n";
 
-static char *
-read_file(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (f == NULL)
-        return NULL;
-    char *buf = NULL;
-    size_t n = 0, cap = 0;
-    for (;;) {
-        if (n + 4096 > cap) {
-            cap = cap ? 2 * cap : 8192;
-            char *b = realloc(buf, cap);
-            if (b == NULL) {
-                free(buf);
-                fclose(f);
-                return NULL;
-            }
-            buf = b;
-        }
-        size_t r = fread(buf + n, 1, cap - n - 1, f);
-        n += r;
-        if (r == 0)
-            break;
-    }
-    fclose(f);
-    buf[n] = '\0';
-    if (len)
-        *len = n;
-    return buf;
-}
-
 static int
 parse_opts(int argc, char **argv, srv_opts_t *o)
 {
@@ -1398,8 +1367,8 @@ make_creds(const srv_opts_t *o)
 {
     if (!o->tls_cert)
         return grpc_insecure_server_credentials_create();
-    char *cert = read_file(o->tls_cert, NULL), *key = read_file(o->tls_key, NULL);
-    char *ca = o->tls_ca ? read_file(o->tls_ca, NULL) : NULL;
+    char *cert = srv_read_file(o->tls_cert, NULL), *key = srv_read_file(o->tls_key, NULL);
+    char *ca = o->tls_ca ? srv_read_file(o->tls_ca, NULL) : NULL;
     grpc_server_credentials *cr = NULL;
     if (!cert || !key || (o->tls_ca && !ca)) {
         fprintf(stderr, "kvserve serve: cannot read %s\n",
@@ -1577,7 +1546,7 @@ srv_cmd_serve(int argc, char **argv)
     if (rc)
         return rc == 1 ? 0 : 2;
     if (S.o.api_key_file) {
-        S.api_key = read_file(S.o.api_key_file, &S.api_key_len);
+        S.api_key = srv_read_file(S.o.api_key_file, &S.api_key_len);
         while (S.api_key && S.api_key_len && strchr(" \t\r\n", S.api_key[S.api_key_len - 1]))
             S.api_key[--S.api_key_len] = '\0';
         if (S.api_key == NULL || S.api_key_len == 0) {

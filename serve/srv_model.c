@@ -138,28 +138,6 @@ cmd_random(int argc, char **argv)
     return 0;
 }
 
-/* Reads all of stdin; NULL when it cannot. */
-static char *
-read_stdin(size_t *len)
-{
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap);
-    while (buf) {
-        size_t r = fread(buf + n, 1, cap - n, stdin);
-        n += r;
-        if (r == 0)
-            break;
-        if (n == cap) {
-            char *b = realloc(buf, cap *= 2);
-            if (b == NULL)
-                free(buf);
-            buf = b;
-        }
-    }
-    *len = n;
-    return buf;
-}
-
 /* Ids of stdin's text: one line of space-separated ids (--ids), or one
  * "id<TAB>piece" line per token.  --no-bos: no BOS/EOS even when the
  * vocabulary adds them; --special: text like <s> becomes special tokens. */
@@ -207,7 +185,7 @@ cmd_tokenize(int argc, char **argv)
         return 1;
     }
     size_t len = 0, n = 0;
-    char *text = read_stdin(&len);
+    char *text = srv_read_stream(stdin, &len);
     int status = 1;
     unsigned flags = (bos ? MODEL_TOK_ADD_SPECIAL : 0) | (special ? MODEL_TOK_PARSE_SPECIAL : 0);
     int32_t *ids = NULL;

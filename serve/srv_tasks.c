@@ -38,46 +38,14 @@ rng_unit(uint64_t *s)
     return (double)(rng_next(s) >> 11) * (1.0 / 9007199254740992.0);
 }
 
-typedef struct buf {
-    char *p;
-    size_t len, cap;
-    bool oom;
-} buf_t;
-
-static void
-put(buf_t *b, const char *s, size_t n)
-{
-    if (b->oom)
-        return;
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = (b->len + n + 1) * 2;
-        char *p = realloc(b->p, cap);
-        if (p == NULL) {
-            b->oom = true;
-            return;
-        }
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-static void
-puts_(buf_t *b, const char *s)
-{
-    put(b, s, strlen(s));
-}
-
 /* n bytes of noise, restarting the sentence cycle each time (as tasks.py). */
 static void
-noise(buf_t *b, size_t n)
+noise(srv_buf_t *b, size_t n)
 {
     size_t k = sizeof NOISE - 1;
     while (n > 0) {
         size_t m = n < k ? n : k;
-        put(b, NOISE, m);
+        srv_buf_put(b, NOISE, m);
         n -= m;
     }
 }
@@ -105,7 +73,7 @@ cmp_depth(const void *a, const void *b)
 
 /* Needles at their depths inside noise so the whole is `total` bytes. */
 static void
-fill_with(buf_t *b, part_t *parts, size_t n, size_t total)
+fill_with(srv_buf_t *b, part_t *parts, size_t n, size_t total)
 {
     size_t fixed = 0;
     for (size_t i = 0; i < n; i++)
@@ -125,7 +93,7 @@ fill_with(buf_t *b, part_t *parts, size_t n, size_t total)
         if (cut > room)
             cut = room;
         noise(b, cut - prev);
-        puts_(b, sorted[i].text);
+        srv_buf_puts(b, sorted[i].text);
         prev = cut;
     }
     noise(b, room - prev);
@@ -146,7 +114,7 @@ srv_task_make(srv_task_t task, uint32_t length, double depth, uint64_t seed, cha
               char answer[8])
 {
     uint64_t rng = seed;
-    buf_t b = {0};
+    srv_buf_t b = {0};
     char key[6], q[160];
     switch (task) {
     case SRV_TASK_PASSKEY: {
@@ -162,11 +130,11 @@ srv_task_make(srv_task_t task, uint32_t length, double depth, uint64_t seed, cha
             return KVS_ERANGE;
         /* The introduction only where it fits beside the needle. */
         if (fixed + strlen(p.text) + strlen(PASSKEY_INTRO) <= length) {
-            puts_(&b, PASSKEY_INTRO);
+            srv_buf_puts(&b, PASSKEY_INTRO);
             fixed += strlen(PASSKEY_INTRO);
         }
         fill_with(&b, &p, 1, length - fixed);
-        puts_(&b, q);
+        srv_buf_puts(&b, q);
         break;
     }
     case SRV_TASK_NIAH_MULTIKEY: {
@@ -203,7 +171,7 @@ srv_task_make(srv_task_t task, uint32_t length, double depth, uint64_t seed, cha
         if (length < fixed + needles)
             return KVS_ERANGE;
         fill_with(&b, p, (size_t)N_KEYS, length - fixed);
-        puts_(&b, q);
+        srv_buf_puts(&b, q);
         break;
     }
     case SRV_TASK_VT: {
@@ -247,7 +215,7 @@ srv_task_make(srv_task_t task, uint32_t length, double depth, uint64_t seed, cha
         if (length < fixed + needles)
             return KVS_ERANGE;
         fill_with(&b, p, np, length - fixed);
-        puts_(&b, q);
+        srv_buf_puts(&b, q);
         break;
     }
     default:

@@ -66,6 +66,14 @@ int kern__cpu_scratch_reserve(kern_cpu_t *be, size_t bytes);
 /* Same for the shared workspace; *out gets its address. */
 int kern__cpu_work_reserve(kern_cpu_t *be, size_t bytes, void **out);
 
+/* Splits a product that streams `unit_bytes` of weights per unit (row or
+ * panel) over n_units into tasks: several per thread, claimed dynamically
+ * so a core that falls behind (a noisy neighbour, a page fault) takes
+ * fewer, none under 64 KiB of weights, each a multiple of `align` units.
+ * Returns the task count; *per gets the units per task. */
+int kern__cpu_unit_tasks(const kern_cpu_t *be, size_t n_units, size_t unit_bytes, size_t align,
+                         size_t *per);
+
 /* Runs fn over n_tasks, inline when there is one task or one thread. */
 void kern__cpu_parallel(kern_cpu_t *be, int n_tasks, cpu_task_fn fn, void *ctx);
 

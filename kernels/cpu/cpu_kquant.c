@@ -39,11 +39,9 @@
 
 #include <string.h>
 
-#define XQ_MAX 4                  /* x rows per tile */
-#define KQ_RB_MAX 8               /* weight rows per tile */
-#define ROW_CHUNK 16              /* weight rows kept hot in L2 across x groups */
-#define DOT_MIN_BYTES (64 * 1024) /* weight bytes per task worth a thread */
-#define DOT_TASKS_PER_THREAD 4
+#define XQ_MAX 4     /* x rows per tile */
+#define KQ_RB_MAX 8  /* weight rows per tile */
+#define ROW_CHUNK 16 /* weight rows kept hot in L2 across x groups */
 
 #ifdef CPU_HAVE_X86
 
@@ -640,15 +638,9 @@ kern__cpu_matmul_kq(kern_cpu_t *be, const kern_tensor_t *w, const float *x, uint
     c.rb = be->isa >= CPU_ISA_AVX512VNNI ? kqv_rb[ti] : kq_rb;
     /* As cpu_matmul.c's dot path: several tasks per thread, claimed
      * dynamically, rows in multiples of 8 (the largest tile). */
-    size_t total = (size_t)w->n_rows * w->row_bytes;
-    size_t n_tasks = total / DOT_MIN_BYTES;
-    if (n_tasks > (size_t)be->n_threads * DOT_TASKS_PER_THREAD)
-        n_tasks = (size_t)be->n_threads * DOT_TASKS_PER_THREAD;
-    if (n_tasks < 1)
-        n_tasks = 1;
-    uint32_t per = (uint32_t)((w->n_rows + n_tasks - 1) / n_tasks);
-    c.rows_per_task = (per + 7) & ~7u;
-    n_tasks = (w->n_rows + c.rows_per_task - 1) / c.rows_per_task;
+    size_t per;
+    int n_tasks = kern__cpu_unit_tasks(be, w->n_rows, w->row_bytes, 8, &per);
+    c.rows_per_task = (uint32_t)per;
     kern__cpu_parallel(be, (int)n_tasks, kq_task, &c);
     return 0;
 }

@@ -48,8 +48,6 @@
 #define TILE_FLOATS (1024 * 1024) /* f32 per GEMM tile */
 #define XB_MAX 4                  /* x rows per dot tile */
 #define ROW_CHUNK 16              /* weight rows kept hot in L2 across x groups */
-#define DOT_MIN_BYTES (64 * 1024) /* weight bytes per task worth a thread */
-#define DOT_TASKS_PER_THREAD 4
 
 /* ------------------------------------------------------------------------ */
 /* Row conversion.                                                          */
@@ -557,17 +555,9 @@ kern__cpu_matmul(kern_cpu_t *be, const kern_tensor_t *w, const float *x, uint32_
         if (rc)
             return rc;
     }
-    size_t total = (size_t)w->n_rows * w->row_bytes;
-    /* Several tasks per thread: tasks are claimed dynamically, so a core
-     * that falls behind (a noisy neighbour, a page fault) takes fewer. */
-    size_t n_tasks = total / DOT_MIN_BYTES;
-    if (n_tasks > (size_t)be->n_threads * DOT_TASKS_PER_THREAD)
-        n_tasks = (size_t)be->n_threads * DOT_TASKS_PER_THREAD;
-    if (n_tasks < 1)
-        n_tasks = 1;
-    uint32_t per = (uint32_t)((w->n_rows + n_tasks - 1) / n_tasks);
-    c.rows_per_task = (per + 3) & ~3u;
-    n_tasks = (w->n_rows + c.rows_per_task - 1) / c.rows_per_task;
+    size_t per;
+    int n_tasks = kern__cpu_unit_tasks(be, w->n_rows, w->row_bytes, 4, &per);
+    c.rows_per_task = (uint32_t)per;
 #ifdef CPU_HAVE_X86
     if (w->type == KERN_Q8_0 && be->isa >= CPU_ISA_AVX2) {
         size_t nb = cols / KERN_QK8_0, qbytes = (size_t)n * cols * sizeof(int16_t);

@@ -34,8 +34,6 @@
 #define PT 3                                       /* panels per tile */
 #define XT 4                                       /* x rows per tile */
 #define CHUNK_BYTES (256 * 1024)                   /* panels kept hot in L2 */
-#define TASK_MIN_BYTES (64 * 1024)
-#define TASKS_PER_THREAD 4
 
 #ifdef CPU_HAVE_X86
 
@@ -339,17 +337,10 @@ kern__cpu_matmul_q8x16(kern_cpu_t *be, const kern_tensor_t *w, const float *x, u
     size_t n_panels = w->n_rows / PANEL, panel_bytes = nb * PBLOCK;
     c.chunk = CHUNK_BYTES / panel_bytes / PT * PT;
     c.chunk = c.chunk < PT ? PT : c.chunk;
-    /* Several tasks per thread, claimed dynamically, so a core that falls
-     * behind takes fewer; none smaller than TASK_MIN_BYTES of weights. */
-    size_t n_tasks = n_panels * panel_bytes / TASK_MIN_BYTES;
-    if (n_tasks > (size_t)be->n_threads * TASKS_PER_THREAD)
-        n_tasks = (size_t)be->n_threads * TASKS_PER_THREAD;
-    if (n_tasks < 1)
-        n_tasks = 1;
-    c.per = (n_panels + n_tasks - 1) / n_tasks;
-    c.per = (c.per + PT - 1) / PT * PT; /* whole tiles */
-    if (n_panels)
-        kern__cpu_parallel(be, (int)((n_panels + c.per - 1) / c.per), matmul_task, &c);
+    if (n_panels) {
+        int n_tasks = kern__cpu_unit_tasks(be, n_panels, panel_bytes, PT, &c.per);
+        kern__cpu_parallel(be, n_tasks, matmul_task, &c);
+    }
     tail_rows(&c);
     return 0;
 }

@@ -88,6 +88,22 @@ split_units(size_t units, size_t unit_elems, size_t *per)
     return (int)((units + p - 1) / p);
 }
 
+int
+kern__cpu_unit_tasks(const kern_cpu_t *be, size_t n_units, size_t unit_bytes, size_t align,
+                     size_t *per)
+{
+    const size_t min_bytes = 64 * 1024, per_thread = 4;
+    size_t n = n_units * unit_bytes / min_bytes;
+    if (n > (size_t)be->n_threads * per_thread)
+        n = (size_t)be->n_threads * per_thread;
+    if (n < 1)
+        n = 1;
+    size_t p = (n_units + n - 1) / n;
+    p = (p + align - 1) / align * align;
+    *per = p ? p : align;
+    return (int)((n_units + *per - 1) / *per);
+}
+
 static cpu_isa_t
 detect_isa(void)
 {

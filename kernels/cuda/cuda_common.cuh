@@ -52,31 +52,31 @@ extern "C" {
 #define KERN_CUDA_PIN_SLOTS 16
 
 typedef struct kern_cuda_pin {
-    void *host;        /* cudaHostAlloc'ed */
+    void *host; /* cudaHostAlloc'ed */
     size_t bytes;
-    cudaEvent_t done;  /* recorded after the copy out of this slot */
+    cudaEvent_t done; /* recorded after the copy out of this slot */
 } kern_cuda_pin_t;
 
 /* Device workspaces, each grown on demand and kept.  Separate kinds so one
  * op can hold two at once. */
 typedef enum kern_cuda_ws {
-    KERN_CUDA_WS_MATMUL_X,  /* activations converted to f16/bf16, or rounded for Q8_0 */
-    KERN_CUDA_WS_MATMUL_W,  /* Q8_0 weight tiles dequantized to f32 */
-    KERN_CUDA_WS_ATTN,      /* split-KV partial results */
+    KERN_CUDA_WS_MATMUL_X, /* activations converted to f16/bf16, or rounded for Q8_0 */
+    KERN_CUDA_WS_MATMUL_W, /* Q8_0 weight tiles dequantized to f32 */
+    KERN_CUDA_WS_ATTN,     /* split-KV partial results */
     KERN_CUDA_WS_COUNT,
 } kern_cuda_ws_t;
 
 typedef struct kern_cuda {
     kern_backend_t base;
     int device;
-    int n_sm;           /* multiprocessors, for sizing grids */
-    bool dead;          /* set after a sticky error; every call fails fast */
+    int n_sm;            /* multiprocessors, for sizing grids */
+    bool dead;           /* set after a sticky error; every call fails fast */
     cudaStream_t stream; /* every copy, memset, kernel and GEMM runs here */
     cublasHandle_t blas; /* bound to `stream` */
 
     kern_cuda_pin_t pin[KERN_CUDA_PIN_SLOTS];
     unsigned pin_next;
-    void *stage_dev;    /* device copy of the latest staged host arrays */
+    void *stage_dev; /* device copy of the latest staged host arrays */
     size_t stage_dev_bytes;
 
     void *ws[KERN_CUDA_WS_COUNT];
@@ -93,19 +93,18 @@ typedef struct kern_cuda {
 /* Logs "cuda: <stmt> failed: <what> (file:line)" and returns KVS_EDEVICE. */
 int kern__cuda_fail(const char *stmt, const char *what, const char *file, int line);
 
-#define KERN_CUDA_TRY(x)                                                                   \
-    do {                                                                                   \
-        cudaError_t kern__cuda_e = (x);                                                    \
-        if (kern__cuda_e != cudaSuccess)                                                   \
+#define KERN_CUDA_TRY(x)                                                                      \
+    do {                                                                                      \
+        cudaError_t kern__cuda_e = (x);                                                       \
+        if (kern__cuda_e != cudaSuccess)                                                      \
             return kern__cuda_fail(#x, cudaGetErrorString(kern__cuda_e), __FILE__, __LINE__); \
     } while (0)
 
-#define KERN_CUBLAS_TRY(x)                                                                 \
-    do {                                                                                   \
-        cublasStatus_t kern__cublas_s = (x);                                               \
-        if (kern__cublas_s != CUBLAS_STATUS_SUCCESS)                                       \
-            return kern__cuda_fail(#x, cublasGetStatusString(kern__cublas_s), __FILE__,    \
-                                   __LINE__);                                              \
+#define KERN_CUBLAS_TRY(x)                                                                         \
+    do {                                                                                           \
+        cublasStatus_t kern__cublas_s = (x);                                                       \
+        if (kern__cublas_s != CUBLAS_STATUS_SUCCESS)                                               \
+            return kern__cuda_fail(#x, cublasGetStatusString(kern__cublas_s), __FILE__, __LINE__); \
     } while (0)
 
 /* After a <<<...>>> launch: catches bad configurations at once and earlier

@@ -99,10 +99,13 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
             break;
         }
     }
-    char path[] = "/tmp/kvserve-fuzz-request-XXXXXX";
+    const char *tmp = getenv("TMPDIR");
+    char path[4096];
+    snprintf(path, sizeof path, "%s/kvserve-fuzz-request-XXXXXX", tmp && *tmp ? tmp : "/tmp");
     int fd = mkstemp(path);
     if (fd < 0)
         abort();
+    close(fd);
     char err[256];
     if (model_random_write("tiny", KERN_F32, 1, path, err, sizeof err) ||
         kern_backend_new("ref", NULL, &be) || model_load(path, be, &model, err, sizeof err)) {
