@@ -50,7 +50,7 @@ decode_rate(model_t *m, uint32_t n, uint32_t n_decode)
     sched_cfg_t cfg = {.max_num_seqs = n,
                        .max_num_batched_tokens = 2048,
                        .block_tokens = 16,
-                       .n_blocks = n * 4 + 8};
+                       .n_blocks = n * ((32 + n_decode + 2 + 15) / 16) + 8};
     sched_t *s;
     if (sched_new(m, &cfg, &s))
         return -1;

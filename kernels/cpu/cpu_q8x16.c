@@ -171,7 +171,8 @@ quantize_task(void *ctx, int task, int thread)
  * P, T and the 8 column quads are unrolled so the accumulator arrays
  * become registers (GCC otherwise keeps them on the stack). */
 __attribute__((always_inline, target(VNNI_TARGET))) static inline void
-tile(const q8x_ctx_t *c, const int P, const int T, size_t p0, size_t t0)
+tile(const q8x_ctx_t *c, const int P, const int T, size_t p0, size_t t0, const char *pf,
+     size_t pf_step)
 {
     const size_t nb = c->nb, cols = c->w->n_cols;
     const uint8_t *wp[PT];
@@ -192,6 +193,8 @@ tile(const q8x_ctx_t *c, const int P, const int T, size_t p0, size_t t0)
             acc[p][t] = _mm512_setzero_ps();
     }
     for (size_t b = 0; b < nb; b++) {
+        for (size_t off = 0; off < pf_step; off += 64)
+            _mm_prefetch(pf + b * pf_step + off, _MM_HINT_T1);
         __m512i ia[PT][XT];
 #pragma GCC unroll 8
         for (int t = 0; t < T; t++) {
@@ -239,11 +242,11 @@ tile(const q8x_ctx_t *c, const int P, const int T, size_t p0, size_t t0)
     }
 }
 
-#define TILE(P, T)                                                                                 \
-    __attribute__((target(VNNI_TARGET))) static void tile_##P##_##T(const q8x_ctx_t *c, size_t p0, \
-                                                                    size_t t0)                     \
-    {                                                                                              \
-        tile(c, P, T, p0, t0);                                                                     \
+#define TILE(P, T)                                                                \
+    __attribute__((target(VNNI_TARGET))) static void tile_##P##_##T(              \
+        const q8x_ctx_t *c, size_t p0, size_t t0, const char *pf, size_t pf_step) \
+    {                                                                             \
+        tile(c, P, T, p0, t0, pf, pf_step);                                       \
     }
 TILE(1, 1)
 TILE(1, 2)
@@ -258,7 +261,7 @@ TILE(3, 2)
 TILE(3, 3)
 TILE(3, 4)
 
-typedef void (*tile_fn)(const q8x_ctx_t *c, size_t p0, size_t t0);
+typedef void (*tile_fn)(const q8x_ctx_t *c, size_t p0, size_t t0, const char *pf, size_t pf_step);
 static const tile_fn tiles[PT][XT] = {
     {tile_1_1, tile_1_2, tile_1_3, tile_1_4},
     {tile_2_1, tile_2_2, tile_2_3, tile_2_4},
@@ -272,13 +275,23 @@ matmul_task(void *ctx, int task, int thread)
     const q8x_ctx_t *c = ctx;
     size_t n_panels = c->w->n_rows / PANEL;
     size_t p0 = (size_t)task * c->per, p1 = p0 + c->per < n_panels ? p0 + c->per : n_panels;
-    /* A chunk of panels stays in L2 while every group of x rows uses it. */
+    size_t panel_bytes = c->nb * PBLOCK, n_groups = (c->n + XT - 1) / XT;
+    /* A chunk of panels stays in L2 while every group of x rows uses it,
+     * and the tiles over it prefetch the next chunk into L2, a slice each,
+     * so the memory stream overlaps the int8 work instead of stalling the
+     * first group of x rows. */
     for (size_t ch = p0; ch < p1; ch += c->chunk) {
         size_t ch1 = ch + c->chunk < p1 ? ch + c->chunk : p1;
+        size_t next = (p1 - ch1 < c->chunk ? p1 - ch1 : c->chunk) * panel_bytes;
+        size_t calls = n_groups * ((ch1 - ch + PT - 1) / PT);
+        size_t step = (next / calls / c->nb + 63) & ~(size_t)63;
+        const char *pf = (const char *)c->w->data + ch1 * panel_bytes;
         for (size_t t0 = 0; t0 < c->n; t0 += XT) {
             size_t T = c->n - t0 < XT ? c->n - t0 : XT;
-            for (size_t p = ch; p < ch1; p += PT)
-                tiles[(ch1 - p >= PT ? PT : ch1 - p) - 1][T - 1](c, p, t0);
+            for (size_t p = ch; p < ch1; p += PT) {
+                tiles[(ch1 - p >= PT ? PT : ch1 - p) - 1][T - 1](c, p, t0, pf, step);
+                pf += step * c->nb;
+            }
         }
     }
 }
