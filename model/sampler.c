@@ -83,14 +83,29 @@ model_sampler_free(model_sampler_t *s)
     free(s);
 }
 
+/* First index of the largest value, NaN never chosen (0 if all are).
+ * Sixteen running maxima then a search for the first match: the loop
+ * carries no index, so it compiles to vector max over 128k logits per
+ * sequence per step instead of a compare chain through memory. */
 static int32_t
 argmax(const float *x, uint32_t n)
 {
-    uint32_t best = 0;
-    for (uint32_t i = 1; i < n; i++)
-        if (x[i] > x[best])
-            best = i;
-    return (int32_t)best;
+    float lane[16];
+    for (int k = 0; k < 16; k++)
+        lane[k] = -INFINITY;
+    uint32_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int k = 0; k < 16; k++)
+            lane[k] = x[i + k] > lane[k] ? x[i + k] : lane[k];
+    float m = -INFINITY;
+    for (; i < n; i++)
+        m = x[i] > m ? x[i] : m;
+    for (int k = 0; k < 16; k++)
+        m = lane[k] > m ? lane[k] : m;
+    for (i = 0; i < n; i++)
+        if (x[i] == m)
+            return (int32_t)i;
+    return 0;
 }
 
 /* Descending probability; ties broken by id so runs are reproducible
