@@ -200,6 +200,17 @@ kern_add(kern_backend_t *be, float *x, const float *y, size_t n)
 }
 
 int
+kern_delta_apply(kern_backend_t *be, float *out, float *dense, uint32_t n, uint32_t width,
+                 uint32_t gamma, uint32_t tail)
+{
+    if (n == 0 || width == 0)
+        return 0;
+    if (!out || !dense || gamma == 0 || tail > n)
+        return KVS_EINVAL;
+    return be->ops->delta_apply(be, out, dense, n, width, gamma, tail);
+}
+
+int
 kern_kv_append(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, const float *k,
                const float *v, const int32_t *slots, uint32_t n)
 {

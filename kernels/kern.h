@@ -220,8 +220,11 @@ typedef struct kern_attn_args {
      * mask_stride >= ceil(kv_len[i] / block_tokens) for every row.
      * kern_attention returns KVS_EINVAL for sink_tokens without a window
      * or mask, a mask_stride below a row's block count, and a patterned
-     * row that would attend to no key (possible with a mask alone).  Backends: ref and cpu
-     * (prefill, decode and split-K alike); cuda returns KVS_ENOTSUP for any pattern. */
+     * row that would attend to no key (possible with a mask alone).  Every backend
+     * honours it (ref, cpu, cuda; prefill, decode and split-K alike), skipping the
+     * blocks a row does not see.  cuda runs prefill over F16 KV with head_dim 64 or
+     * 128 on tensor cores, q and the softmax weights rounded to f16 (of order 1e-3 of
+     * max|out| from ref, where the other paths stay near 1e-6). */
     uint32_t sink_tokens;      /* leading keys always kept */
     uint32_t window_tokens;    /* recent keys kept; 0: no window */
     const uint8_t *block_mask; /* host, see above; NULL: none */
@@ -329,5 +332,16 @@ int kern_kv_append(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, cons
 int kern_kv_copy(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
                  uint32_t n);
 int kern_attention(kern_backend_t *be, const kern_attn_args_t *a);
+/* Delta Attention's correction (algorithms.md section 1) of n query rows
+ * of `width` floats whose sparse outputs are in out[n][width].  Rows below
+ * n - tail form blocks of gamma rows; dense holds the dense outputs of each
+ * block's first row, block by block, then of every tail row:
+ * [ceil((n - tail) / gamma) + tail][width].  Each block's rows get
+ * dense[b] - out[b * gamma] added, and the tail rows become their dense
+ * rows.  dense is overwritten (it ends holding the blocks' differences).
+ * In f32, since the difference of two nearly equal normalised outputs is
+ * what carries the correction. */
+int kern_delta_apply(kern_backend_t *be, float *out, float *dense, uint32_t n, uint32_t width,
+                     uint32_t gamma, uint32_t tail);
 
 #endif /* KERN_H */

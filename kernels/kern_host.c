@@ -1,7 +1,9 @@
 /*
- * kernels/kern_host.c — memory functions shared by the backends whose
- * memory is the host's (ref, cpu).  Allocations are 64-byte aligned so SIMD
- * loads of rows and KV blocks never straddle cache lines needlessly.
+ * kernels/kern_host.c — what the backends whose memory is the host's (ref,
+ * cpu) share: memory functions and Delta Attention's correction (one
+ * simple loop serves both: it moves a few rows per block).  Allocations
+ * are 64-byte aligned so SIMD loads of rows and KV blocks never straddle
+ * cache lines needlessly.
  */
 #include "kern_int.h"
 
@@ -45,5 +47,30 @@ int
 kern__host_sync(kern_backend_t *be)
 {
     (void)be;
+    return 0;
+}
+
+int
+kern__host_delta_apply(kern_backend_t *be, float *out, float *dense, uint32_t n, uint32_t width,
+                       uint32_t gamma, uint32_t tail)
+{
+    (void)be;
+    const uint32_t ns = n - tail;
+    uint32_t i = 0;
+    for (uint32_t r = 0; r < ns; r += gamma, i++) {
+        /* The dense row becomes the block's difference in place. */
+        float *delta = dense + (size_t)i * width;
+        const float *os = out + (size_t)r * width;
+        for (uint32_t k = 0; k < width; k++)
+            delta[k] -= os[k];
+        uint32_t end = r + gamma < ns ? r + gamma : ns;
+        for (uint32_t row = r; row < end; row++) {
+            float *o = out + (size_t)row * width;
+            for (uint32_t k = 0; k < width; k++)
+                o[k] += delta[k];
+        }
+    }
+    for (uint32_t r = ns; r < n; r++, i++)
+        memcpy(out + (size_t)r * width, dense + (size_t)i * width, width * sizeof(float));
     return 0;
 }

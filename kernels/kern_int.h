@@ -35,6 +35,8 @@ typedef struct kern_ops {
     int (*kv_copy)(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
                    uint32_t n);
     int (*attention)(kern_backend_t *be, const kern_attn_args_t *a);
+    int (*delta_apply)(kern_backend_t *be, float *out, float *dense, uint32_t n, uint32_t width,
+                       uint32_t gamma, uint32_t tail);
     /* Optional (NULL: weights stay row-major); w is valid and row-major. */
     int (*pack_weight)(kern_backend_t *be, kern_tensor_t *w);
 } kern_ops_t;
@@ -73,6 +75,8 @@ void kern__host_free(kern_backend_t *be, void *p);
 int kern__host_copy(kern_backend_t *be, void *dst, const void *src, size_t bytes);
 int kern__host_memset(kern_backend_t *be, void *dst, int value, size_t bytes);
 int kern__host_sync(kern_backend_t *be);
+int kern__host_delta_apply(kern_backend_t *be, float *out, float *dense, uint32_t n, uint32_t width,
+                           uint32_t gamma, uint32_t tail);
 
 /* Address of (layer, block, kv_head, slot-in-block) in a K or V buffer. */
 static inline size_t

@@ -127,8 +127,8 @@ model_ctx_free(model_ctx_t *c)
     free(c->bufs);
     free(c->row_q_indptr);
     free(c->row_kv_len);
-    free(c->dq);
-    free(c->dout);
+    kern_free(c->be, c->dq);
+    kern_free(c->be, c->dout);
     free(c->drows);
     free(c->dkv);
     kern_free(c->be, c->bs_w);
@@ -165,6 +165,11 @@ check_batch(const model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b)
         if (i > 0 && b->logit_rows[i] <= b->logit_rows[i - 1])
             return KVS_EINVAL;
     }
+    if (b->n_capture && (!b->capture_rows || !b->capture_q))
+        return KVS_EINVAL;
+    for (uint32_t i = 0; i < b->n_capture; i++)
+        if (b->capture_rows[i] < 0 || (uint32_t)b->capture_rows[i] >= b->n_tokens)
+            return KVS_EINVAL;
     return 0;
 }
 
@@ -193,7 +198,9 @@ model_attn_policy_check(const model_attn_policy_t *p)
     case MODEL_ATTN_SINK_WINDOW:
         return p->window >= 1 && !p->no_tail ? 0 : KVS_EINVAL;
     case MODEL_ATTN_DELTA:
-        return p->window >= 1 && p->gamma >= 1 && !p->last_dense ? 0 : KVS_EINVAL;
+        /* A dense last row only without the tail (which already holds it):
+         * the ablation that isolates the correction itself. */
+        return p->window >= 1 && p->gamma >= 1 && (!p->last_dense || p->no_tail) ? 0 : KVS_EINVAL;
     case MODEL_ATTN_BLOCK_SPARSE:
         return p->window >= 1 && p->top_k >= 1 && !p->no_tail && !p->last_dense ? 0 : KVS_EINVAL;
     default:
@@ -224,38 +231,45 @@ one_seq(const kern_attn_args_t *a, uint32_t s, uint32_t r0, uint32_t n, uint32_t
     return o;
 }
 
+/* Delta's buffers for `rows` rows: the dense rows' queries and outputs in
+ * backend memory, their row numbers and causal limits on the host. */
 static int
 delta_scratch(model_ctx_t *c, size_t rows, size_t qd)
 {
     if (rows <= c->d_cap)
         return 0;
-    float *dq = realloc(c->dq, rows * qd * sizeof(float));
-    if (dq)
-        c->dq = dq;
-    float *dout = realloc(c->dout, rows * qd * sizeof(float));
-    if (dout)
-        c->dout = dout;
+    size_t bytes;
+    if (kvs_mul_size(rows * qd, sizeof(float), &bytes))
+        return KVS_ENOMEM;
+    kern_free(c->be, c->dq);
+    kern_free(c->be, c->dout);
+    c->dq = kern_alloc(c->be, bytes);
+    c->dout = kern_alloc(c->be, bytes);
     int32_t *dr = realloc(c->drows, rows * sizeof(int32_t));
     if (dr)
         c->drows = dr;
     int32_t *dk = realloc(c->dkv, rows * sizeof(int32_t));
     if (dk)
         c->dkv = dk;
-    if (!dq || !dout || !dr || !dk)
-        return KVS_ENOMEM;
-    c->d_cap = rows;
-    return 0;
+    c->d_cap = c->dq && c->dout && dr && dk ? rows : 0;
+    return c->d_cap ? 0 : KVS_ENOMEM;
+}
+
+uint32_t
+model_delta_tail(uint32_t n, const model_attn_policy_t *p)
+{
+    const uint32_t g = p->gamma ? p->gamma : 1;
+    if (p->no_tail)
+        return 0;
+    uint32_t tail = n % g + (g > 128 ? g : 128);
+    return tail < n ? tail : n;
 }
 
 uint32_t
 model_delta_rows(uint32_t n, const model_attn_policy_t *p, int32_t *rows)
 {
-    const uint32_t g = p->gamma ? p->gamma : 1;
-    uint32_t tail = 0, nd = 0;
-    if (!p->no_tail) {
-        tail = n % g + (g > 128 ? g : 128);
-        tail = tail < n ? tail : n;
-    }
+    const uint32_t g = p->gamma ? p->gamma : 1, tail = model_delta_tail(n, p);
+    uint32_t nd = 0;
     for (uint32_t r = 0; r < n - tail; r += g)
         rows[nd++] = (int32_t)r;
     for (uint32_t r = n - tail; r < n; r++)
@@ -263,49 +277,19 @@ model_delta_rows(uint32_t n, const model_attn_policy_t *p, int32_t *rows)
     return nd;
 }
 
-void
-model_delta_apply(const model_attn_policy_t *p, uint32_t n, uint32_t width, float *out,
-                  float *dense)
-{
-    const uint32_t g = p->gamma ? p->gamma : 1;
-    uint32_t tail = 0;
-    if (!p->no_tail) {
-        tail = n % g + (g > 128 ? g : 128);
-        tail = tail < n ? tail : n;
-    }
-    const uint32_t ns = n - tail;
-    uint32_t i = 0;
-    for (uint32_t r = 0; r < ns; r += g, i++) {
-        /* The dense row becomes the block's delta in place. */
-        float *delta = dense + (size_t)i * width;
-        const float *os = out + (size_t)r * width;
-        for (uint32_t k = 0; k < width; k++)
-            delta[k] -= os[k];
-        uint32_t end = r + g < ns ? r + g : ns;
-        for (uint32_t row = r; row < end; row++) {
-            float *o = out + (size_t)row * width;
-            for (uint32_t k = 0; k < width; k++)
-                o[k] += delta[k];
-        }
-    }
-    for (uint32_t r = ns; r < n; r++, i++)
-        memcpy(out + (size_t)r * width, dense + (size_t)i * width, width * sizeof(float));
-}
-
 /* Delta Attention over the N prompt rows of one sequence call `o`, whose
  * sparse outputs are already in o->out: dense attention for the rows
- * model_delta_rows picks, then model_delta_apply, in f32 on the host, as
- * the difference of two nearly equal normalised outputs needs. */
+ * model_delta_rows picks (their queries gathered on the backend), then
+ * kern_delta_apply. */
 static int
 delta_correct(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_t *p, uint32_t qd)
 {
     const uint32_t N = o->n_q;
     TRY(delta_scratch(c, (size_t)N, qd));
     uint32_t nd = model_delta_rows(N, p, c->drows);
-    for (uint32_t i = 0; i < nd; i++) {
-        memcpy(c->dq + (size_t)i * qd, o->q + (size_t)c->drows[i] * qd, qd * sizeof(float));
+    for (uint32_t i = 0; i < nd; i++)
         c->dkv[i] = o->kv_len[c->drows[i]];
-    }
+    TRY(gather_rows(c->be, o->q, N, qd, c->drows, nd, c->dq));
     int32_t qi[2] = {0, (int32_t)nd};
     kern_attn_args_t dense = *o;
     dense.q = c->dq;
@@ -317,9 +301,8 @@ delta_correct(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy
     dense.block_mask = NULL;
     dense.dense_rows = NULL;
     TRY(kern_attention(c->be, &dense));
-    TRY(kern_sync(c->be));
-    model_delta_apply(p, N, qd, o->out, c->dout);
-    return 0;
+    return kern_delta_apply(c->be, o->out, c->dout, N, qd, p->gamma ? p->gamma : 1,
+                            model_delta_tail(N, p));
 }
 
 /* ---- block-sparse prefill (Quest bounds) -------------------------------- */
@@ -549,8 +532,6 @@ attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32
         any |= b->seq_policy[s].kind != MODEL_ATTN_DENSE;
     if (!any)
         return kern_attention(c->be, a);
-    if (!kern_backend_is_host(c->be))
-        return KVS_ENOTSUP;
     for (uint32_t s = 0; s < b->pt.n_seqs; s++) {
         uint32_t r0 = (uint32_t)a->q_indptr[s], n = (uint32_t)a->q_indptr[s + 1] - r0;
         if (n == 0)
@@ -559,23 +540,24 @@ attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32
         uint32_t np = 0; /* leading prompt rows */
         while (np < n && (uint32_t)a->kv_len[r0 + np] <= b->seq_n_prompt[s])
             np++;
-        if (p->kind == MODEL_ATTN_SINK_WINDOW && p->last_dense && np > 0 &&
+        if (p->kind != MODEL_ATTN_DENSE && p->last_dense && np > 0 &&
             (uint32_t)a->kv_len[r0 + np - 1] == b->seq_n_prompt[s])
             np--; /* the prompt's last row stays dense */
         int32_t qi[2], pi[2];
         if (p->kind != MODEL_ATTN_DENSE && np > 0) {
             kern_attn_args_t o = one_seq(a, s, r0, np, qd, qi, pi);
             if (p->kind == MODEL_ATTN_BLOCK_SPARSE) {
+                /* The block bounds and the choice run on the host. */
+                if (!kern_backend_is_host(c->be))
+                    return KVS_ENOTSUP;
                 TRY(block_sparse(c, &o, p, qd));
             } else {
                 o.sink_tokens = p->sinks;
                 o.window_tokens = p->window;
                 TRY(kern_attention(c->be, &o));
             }
-            if (p->kind == MODEL_ATTN_DELTA) {
-                TRY(kern_sync(c->be));
+            if (p->kind == MODEL_ATTN_DELTA)
                 TRY(delta_correct(c, &o, p, qd));
-            }
         } else {
             np = 0;
         }
@@ -643,6 +625,9 @@ model_forward(model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b, float
         rope.x = c->q;
         rope.n_heads = hp->n_head;
         TRY(kern_rope(be, &rope));
+        for (uint32_t i = 0; i < b->n_capture; i++)
+            TRY(kern_download(be, b->capture_q + ((size_t)l * b->n_capture + i) * qd,
+                              c->q + (size_t)b->capture_rows[i] * qd, qd * sizeof(float)));
         rope.x = c->k;
         rope.n_heads = hp->n_head_kv;
         TRY(kern_rope(be, &rope));

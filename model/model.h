@@ -294,8 +294,8 @@ const char *model_tokenizer_name(const model_t *m); /* model_vocab_kind */
  *                keys; bound sum_d max(q_d min_d, q_d max_d), maximised
  *                over the query block's rows and every head).  top_k at
  *                least the number of blocks a row could pick is dense.
- * Host backends only (the correction and the block scores run on the
- * host). */
+ * Every backend runs SINK_WINDOW and DELTA; BLOCK_SPARSE chooses its
+ * blocks on the host, so a device backend answers KVS_ENOTSUP for it. */
 typedef enum model_attn_kind {
     MODEL_ATTN_DENSE = 0,
     MODEL_ATTN_SINK_WINDOW,
@@ -308,19 +308,20 @@ typedef struct model_attn_policy {
     uint32_t sinks, window; /* the sparse pattern; window >= 1 */
     uint32_t gamma;         /* DELTA: >= 1 */
     bool no_tail;           /* DELTA without its dense tail (ablation) */
-    bool last_dense;        /* SINK_WINDOW with the prompt's last row dense (ablation) */
+    bool last_dense;        /* SINK_WINDOW, or DELTA without its tail, with the prompt's
+                             * last row dense (ablations) */
     uint32_t top_k;         /* BLOCK_SPARSE: KV blocks picked per query block, >= 1 */
 } model_attn_policy_t;
 
-/* Delta Attention's two steps for the n prompt rows of one prefill call
+/* Delta Attention's rows for the n prompt rows of one prefill call
  * (forward.c; exposed so tests can check the method's invariants):
- * model_delta_rows writes the rows that get dense attention, the first of
- * every gamma block below n - tail and then the tail, and returns how many;
- * model_delta_apply turns the sparse outputs out[n][width] into Delta's,
- * given dense[count][width] for those rows (dense is overwritten). */
+ * model_delta_tail is the dense tail's length, (n mod gamma) +
+ * max(128, gamma) capped at n, or 0 without a tail; model_delta_rows writes
+ * the rows that get dense attention, the first of every gamma block below
+ * n - tail and then the tail, and returns how many.  kern_delta_apply then
+ * turns the sparse outputs into Delta's. */
+uint32_t model_delta_tail(uint32_t n, const model_attn_policy_t *p);
 uint32_t model_delta_rows(uint32_t n, const model_attn_policy_t *p, int32_t *rows);
-void model_delta_apply(const model_attn_policy_t *p, uint32_t n, uint32_t width, float *out,
-                       float *dense);
 
 /* Checks the fields of a policy: 0 or KVS_EINVAL. */
 int model_attn_policy_check(const model_attn_policy_t *p);
@@ -339,6 +340,12 @@ typedef struct model_batch {
      * prompt length (rows whose kv_len <= n_prompt are prompt rows). */
     const model_attn_policy_t *seq_policy; /* [pt.n_seqs] */
     const uint32_t *seq_n_prompt;          /* [pt.n_seqs] */
+    /* Optional: the post-RoPE queries of token rows capture_rows[i] in
+     * every layer l are copied to host capture_q[(l * n_capture + i) *
+     * n_head * head_dim ...] (speculative prefill's scoring). */
+    const int32_t *capture_rows; /* [n_capture] */
+    uint32_t n_capture;
+    float *capture_q;
 } model_batch_t;
 
 typedef struct model_ctx model_ctx_t;
@@ -352,6 +359,43 @@ void model_ctx_free(model_ctx_t *ctx); /* NULL is a no-op */
  * ([n_logits][n_vocab]).  Returns 0, KVS_EINVAL (batch inconsistent with
  * the model or the workspace), or a backend error. Thread: engine. */
 int model_forward(model_ctx_t *ctx, const kern_kv_t *kv, const model_batch_t *b, float *logits);
+
+/* ---- speculative prefill (algorithms.md section 2) --------------------- */
+
+/* A draft model reads the whole prompt plus look_ahead - 1 greedy tokens;
+ * its attention from the last prompt token and the look-ahead tokens to
+ * the prompt keys scores each prompt token, and the main model prefills
+ * only the best chunks, at their original positions. */
+typedef struct model_spec_policy {
+    bool on;
+    float keep_ratio;    /* (0, 1]: share of chunks kept */
+    uint32_t look_ahead; /* queries scored, >= 1 (default 8) */
+    uint32_t chunk;      /* tokens per chunk, >= 1 (default 32) */
+    uint32_t pool;       /* width of the average pool, odd (default 13; 1: none) */
+} model_spec_policy_t;
+
+/* Fills zero fields of an enabled policy with the defaults (keep 0.2). */
+void model_spec_policy_defaults(model_spec_policy_t *p);
+/* 0 or KVS_EINVAL (out-of-range fields of an enabled policy). */
+int model_spec_policy_check(const model_spec_policy_t *p);
+
+/* Importance imp[n_prompt] of each prompt token: for every draft layer l,
+ * query head h and look-ahead query a, softmax over the prompt keys of
+ * q . k / sqrt(head_dim), averaged over a window of `pool` tokens (zeros
+ * past the ends count, as PyTorch's avg_pool1d pads), the maximum over
+ * (l, h), then the mean over a.  qs is [n_a][n_layer][n_head * head_dim]
+ * (captured post-RoPE queries); the keys are the first n_prompt entries of
+ * the KV table `blocks` in kv, which must be host memory.  Returns 0,
+ * KVS_EINVAL, KVS_ENOTSUP (device KV) or KVS_ENOMEM. */
+int model_spec_importance(const model_t *draft, const kern_kv_t *kv, const int32_t *blocks,
+                          uint32_t n_prompt, const float *qs, uint32_t n_a, uint32_t pool,
+                          float *imp);
+/* The prompt tokens to prefill: of the ceil(n_chunks * keep_ratio)
+ * chunks with the highest mean importance, plus the last chunk and the
+ * first n_forced tokens (a prefix-cache hit keeps its KV), as sorted
+ * indices in kept[].  Returns how many (>= 1 when n >= 1). */
+uint32_t model_spec_select(const float *imp, uint32_t n, uint32_t chunk, float keep_ratio,
+                           uint32_t n_forced, int32_t *kept);
 
 /* ---- sampler ------------------------------------------------------------ */
 
@@ -378,10 +422,22 @@ int32_t model_sampler_sample(model_sampler_t *s, const float *logits);
 
 /* Writes a GGUF with deterministic random weights of a real architecture:
  * shape "tiny" (d 256, 4 layers, 8 heads x 32, 2 KV heads, ff 704, byte
- * vocabulary), "llama-3.2-1b" or "llama-3.1-8b"; dtype F32, F16, BF16 or
- * Q8_0.  Such files carry kvserve.random = true and a general.name that
+ * vocabulary), "llama-3.2-1b", "llama-3.1-8b" or "llama-draft" (d 512, 2
+ * layers, the Llama 3 vocabulary); dtype F32, F16, BF16, Q8_0, Q4_0 or a
+ * K-quant.  Such files carry kvserve.random = true and a general.name that
  * says so.  Returns 0, KVS_EINVAL (unknown shape/dtype) or KVS_EIO. */
 int model_random_write(const char *shape, kern_dtype_t dtype, uint64_t seed, const char *path,
                        char *err, size_t err_len);
+/* The same shapes and dtypes loaded straight into be's memory, for
+ * benchmarks: no tensor data touches a disk (a sparse metadata file in
+ * $TMPDIR, or /tmp, is removed at once), and each weight gets rows of a
+ * random pattern shared by the tensors of its kind (not the values
+ * model_random_write would write for this seed).  Seconds for an 8B model,
+ * whose file takes over a minute to write.  For device backends, and host
+ * backends only when model_load copied the weights out of the file
+ * without packing any (KVS_ENOTSUP otherwise).  Returns 0, KVS_EINVAL,
+ * KVS_EIO, KVS_ENOTSUP, KVS_ENOMEM or a model_load / backend error. */
+int model_random_load(const char *shape, kern_dtype_t dtype, uint64_t seed, kern_backend_t *be,
+                      model_t **out, char *err, size_t err_len);
 
 #endif /* MODEL_H */

@@ -6,12 +6,22 @@
  * and kvserve.random = true.  Quantized types go through kern_quantize_row
  * (ggml's reference quantizers); q4_k files mix Q4_K and Q6_K as
  * llama.cpp's Q4_K_M does.  Called by `kvserve model random` and tests.
+ *
+ * model_random_load skips the file's tensor data for benchmarks on a
+ * device, where writing and reading an 8B model would take longer than
+ * what is measured: a sparse file carries the metadata, model_load binds
+ * it, and each weight is then overwritten in backend memory with rows of
+ * a few random patterns (one per kind of tensor), drawn as the file's rows
+ * are.  Called by bench/bench_gpu.c.
  */
 #include "model_int.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 typedef struct shape {
     const char *name;
@@ -26,6 +36,9 @@ static const shape_t shapes[] = {
     {"tiny", 256, 4, 8, 2, 704, 259, 2048, 10000.0f, 0.0f, false, true},
     {"llama-3.2-1b", 2048, 16, 32, 8, 8192, 128256, 131072, 500000.0f, 32.0f, true, false},
     {"llama-3.1-8b", 4096, 32, 32, 8, 14336, 128256, 131072, 500000.0f, 8.0f, false, false},
+    /* A small draft with the Llama 3 vocabulary, for speculative prefill's
+     * cost model (bench_spec). */
+    {"llama-draft", 512, 2, 8, 2, 1536, 128256, 131072, 500000.0f, 32.0f, true, false},
 };
 
 typedef struct rng {
@@ -221,38 +234,47 @@ write_meta(model_gguf_writer_t *w, const shape_t *sh, kern_dtype_t dtype, uint64
     return rc;
 }
 
+/* One row of n floats in `type` into buf (kern_row_bytes(type, n) bytes). */
 static int
-write_row(model_gguf_writer_t *w, const float *row, uint32_t n, kern_dtype_t type, void *buf)
+encode_row(const float *row, uint32_t n, kern_dtype_t type, void *buf)
 {
     switch (type) {
     case KERN_F32:
-        return model_gguf_writer_write(w, row, n * sizeof(float));
+        memcpy(buf, row, n * sizeof(float));
+        return 0;
     case KERN_F16:
         for (uint32_t i = 0; i < n; i++)
             ((uint16_t *)buf)[i] = kvs_f32_to_fp16(row[i]);
-        return model_gguf_writer_write(w, buf, n * 2);
+        return 0;
     case KERN_BF16:
         for (uint32_t i = 0; i < n; i++)
             ((uint16_t *)buf)[i] = kvs_f32_to_bf16(row[i]);
-        return model_gguf_writer_write(w, buf, n * 2);
-    default: {
+        return 0;
+    default:
         /* Q8_0, Q4_0, the K-quants: ggml's reference quantizers. */
-        int rc = kern_quantize_row(type, row, buf, n);
-        return rc ? rc : model_gguf_writer_write(w, buf, kern_row_bytes(type, n));
-    }
+        return kern_quantize_row(type, row, buf, n);
     }
 }
 
-int
-model_random_write(const char *shape, kern_dtype_t dtype, uint64_t seed, const char *path,
-                   char *err, size_t err_len)
+static int
+write_row(model_gguf_writer_t *w, const float *row, uint32_t n, kern_dtype_t type, void *buf)
 {
-    const shape_t *sh = NULL;
+    if (type == KERN_F32)
+        return model_gguf_writer_write(w, row, n * sizeof(float));
+    int rc = encode_row(row, n, type, buf);
+    return rc ? rc : model_gguf_writer_write(w, buf, kern_row_bytes(type, n));
+}
+
+static int
+find_shape(const char *shape, kern_dtype_t dtype, const shape_t **out, char *err, size_t err_len)
+{
+    *out = NULL;
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
         if (strcmp(shapes[i].name, shape) == 0)
-            sh = &shapes[i];
-    if (sh == NULL) {
-        model__errf(err, err_len, "unknown shape '%s' (tiny, llama-3.2-1b, llama-3.1-8b)", shape);
+            *out = &shapes[i];
+    if (*out == NULL) {
+        model__errf(err, err_len,
+                    "unknown shape '%s' (tiny, llama-3.2-1b, llama-3.1-8b, llama-draft)", shape);
         return KVS_EINVAL;
     }
     if (dtype != KERN_F32 && dtype != KERN_F16 && dtype != KERN_BF16 && dtype != KERN_Q8_0 &&
@@ -262,17 +284,26 @@ model_random_write(const char *shape, kern_dtype_t dtype, uint64_t seed, const c
                     "(f32, f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k)");
         return KVS_EINVAL;
     }
-    tensor_plan_t *plan = calloc(4 + 9 * (size_t)sh->n_layer, sizeof *plan);
-    uint32_t max_cols = sh->n_ff > sh->n_embd ? sh->n_ff : sh->n_embd;
-    float *row = malloc(max_cols * sizeof(float));
-    void *buf = malloc(max_cols * sizeof(float));
+    return 0;
+}
+
+/* Declares every tensor of `sh` (rope_freqs first, then the plan), writes
+ * the header, metadata and rope factors to path; the plan's data comes
+ * next, in plan order.  plan holds 4 + 9 * n_layer entries; row at least
+ * n_rot / 2 floats. */
+static int
+start_file(const shape_t *sh, kern_dtype_t dtype, uint64_t seed, const char *path,
+           tensor_plan_t *plan, uint32_t *n_plan, float *row, model_gguf_writer_t **out)
+{
     model_gguf_writer_t *w = NULL;
-    int rc = (!plan || !row || !buf) ? KVS_ENOMEM : model_gguf_writer_new(&w);
-    uint32_t n = 0;
-    if (rc == 0) {
-        n = plan_tensors(sh, dtype, plan);
-        rc = write_meta(w, sh, dtype, seed);
-    }
+    int rc = model_gguf_writer_new(&w);
+    *out = w;
+    *n_plan = 0;
+    if (rc)
+        return rc;
+    uint32_t n = plan_tensors(sh, dtype, plan);
+    *n_plan = n;
+    rc = write_meta(w, sh, dtype, seed);
     uint32_t n_rot = sh->n_embd / sh->n_head;
     uint64_t ne_rf[1] = {n_rot / 2};
     if (rc == 0 && sh->llama3_factor > 0.0f)
@@ -288,6 +319,25 @@ model_random_write(const char *shape, kern_dtype_t dtype, uint64_t seed, const c
         llama3_factors(sh, row, n_rot / 2);
         rc = model_gguf_writer_write(w, row, n_rot / 2 * sizeof(float));
     }
+    return rc;
+}
+
+int
+model_random_write(const char *shape, kern_dtype_t dtype, uint64_t seed, const char *path,
+                   char *err, size_t err_len)
+{
+    const shape_t *sh;
+    int rc = find_shape(shape, dtype, &sh, err, err_len);
+    if (rc)
+        return rc;
+    tensor_plan_t *plan = calloc(4 + 9 * (size_t)sh->n_layer, sizeof *plan);
+    uint32_t max_cols = sh->n_ff > sh->n_embd ? sh->n_ff : sh->n_embd;
+    float *row = malloc(max_cols * sizeof(float));
+    void *buf = malloc(max_cols * sizeof(float));
+    model_gguf_writer_t *w = NULL;
+    uint32_t n = 0;
+    rc =
+        (!plan || !row || !buf) ? KVS_ENOMEM : start_file(sh, dtype, seed, path, plan, &n, row, &w);
     for (uint32_t i = 0; rc == 0 && i < n; i++) {
         rng_t r = {seed * 0x100000001b3ull + i};
         for (uint32_t j = 0; rc == 0 && j < plan[i].n_rows; j++) {
@@ -305,4 +355,191 @@ model_random_write(const char *shape, kern_dtype_t dtype, uint64_t seed, const c
     free(row);
     free(buf);
     return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Random models straight into backend memory.                              */
+/* ------------------------------------------------------------------------ */
+
+#define PATTERN_BYTES ((size_t)32 << 20) /* random rows drawn per distinct tensor kind */
+#define MAX_PATTERNS 8
+
+/* Rows of one kind of tensor (type, width, distribution), drawn once and
+ * shared by every tensor of that kind. */
+typedef struct pattern {
+    kern_dtype_t type;
+    uint32_t n_cols;
+    float center, spread;
+    uint32_t n_rows;
+    size_t row_bytes;
+    uint8_t *data;
+} pattern_t;
+
+static const pattern_t *
+get_pattern(pattern_t *pats, uint32_t *n_pats, const tensor_plan_t *p, uint64_t seed, float *row)
+{
+    for (uint32_t i = 0; i < *n_pats; i++)
+        if (pats[i].type == p->type && pats[i].n_cols == p->n_cols && pats[i].center == p->center &&
+            pats[i].spread == p->spread)
+            return &pats[i];
+    if (*n_pats == MAX_PATTERNS)
+        return NULL;
+    pattern_t *q = &pats[*n_pats];
+    q->type = p->type;
+    q->n_cols = p->n_cols;
+    q->center = p->center;
+    q->spread = p->spread;
+    q->row_bytes = kern_row_bytes(p->type, p->n_cols);
+    q->n_rows = (uint32_t)(PATTERN_BYTES / q->row_bytes);
+    if (q->n_rows == 0)
+        q->n_rows = 1;
+    q->data = malloc((size_t)q->n_rows * q->row_bytes);
+    if (q->data == NULL)
+        return NULL;
+    rng_t r = {seed * 0x100000001b3ull + 0x5bd1e995u * (*n_pats + 1)};
+    for (uint32_t j = 0; j < q->n_rows; j++) {
+        for (uint32_t c = 0; c < q->n_cols; c++)
+            row[c] = q->center + q->spread * rng_uniform(&r);
+        if (encode_row(row, q->n_cols, q->type, q->data + (size_t)j * q->row_bytes) != 0) {
+            free(q->data);
+            return NULL;
+        }
+    }
+    (*n_pats)++;
+    return q;
+}
+
+/* Overwrites the n_rows x row_bytes weight at t->data with pattern rows,
+ * starting at a row that differs from tensor to tensor. */
+static int
+fill_tensor(kern_backend_t *be, const kern_tensor_t *t, const pattern_t *q, uint32_t index)
+{
+    uint32_t at = (uint32_t)(((uint64_t)index * 7919u) % q->n_rows);
+    for (uint32_t r = 0; r < t->n_rows;) {
+        uint32_t k = q->n_rows - at < t->n_rows - r ? q->n_rows - at : t->n_rows - r;
+        int rc = kern_upload(be, (char *)t->data + (size_t)r * t->row_bytes,
+                             q->data + (size_t)at * q->row_bytes, (size_t)k * q->row_bytes);
+        if (rc)
+            return rc;
+        r += k;
+        at = 0;
+    }
+    return 0;
+}
+
+/* The model's tensors in plan order (plan_tensors). */
+static uint32_t
+model_tensors(model_t *m, kern_tensor_t **ts)
+{
+    uint32_t n = 0;
+    ts[n++] = &m->tok_embd;
+    ts[n++] = &m->output_norm;
+    if (!m->hp.tied_output)
+        ts[n++] = &m->output;
+    for (uint32_t l = 0; l < m->hp.n_layer; l++) {
+        model_layer_t *L = &m->layers[l];
+        kern_tensor_t *lt[] = {&L->attn_norm, &L->wq,     &L->wk,   &L->wv,    &L->wo,
+                               &L->ffn_norm,  &L->w_gate, &L->w_up, &L->w_down};
+        for (size_t i = 0; i < sizeof lt / sizeof lt[0]; i++)
+            ts[n++] = lt[i];
+    }
+    return n;
+}
+
+static int
+fill_weights(model_t *m, const tensor_plan_t *plan, uint32_t n_plan, uint64_t seed, float *row,
+             char *err, size_t err_len)
+{
+    kern_tensor_t **ts = calloc(3 + 9 * (size_t)m->hp.n_layer, sizeof *ts);
+    if (ts == NULL)
+        return KVS_ENOMEM;
+    int rc = 0;
+    if (model_tensors(m, ts) != n_plan) {
+        model__errf(err, err_len, "random model: the loaded tensors do not match the plan");
+        rc = KVS_EFORMAT;
+    }
+    for (uint32_t i = 0; rc == 0 && i < n_plan; i++) {
+        if (ts[i]->type != plan[i].type || ts[i]->n_cols != plan[i].n_cols ||
+            ts[i]->n_rows != plan[i].n_rows) {
+            model__errf(err, err_len, "random model: '%s' is not what was planned", plan[i].name);
+            rc = KVS_EFORMAT;
+        } else if (ts[i]->layout != KERN_LAYOUT_ROWS ||
+                   (kern_backend_is_host(m->be) && m->host_copy == NULL)) {
+            model__errf(err, err_len,
+                        "random model: the %s backend keeps '%s' read-only or packed; write a "
+                        "file with model_random_write instead",
+                        kern_backend_name(m->be), plan[i].name);
+            rc = KVS_ENOTSUP;
+        }
+    }
+    pattern_t pats[MAX_PATTERNS];
+    uint32_t n_pats = 0;
+    for (uint32_t i = 0; rc == 0 && i < n_plan; i++) {
+        const pattern_t *q = get_pattern(pats, &n_pats, &plan[i], seed, row);
+        rc = q ? fill_tensor(m->be, ts[i], q, i) : KVS_ENOMEM;
+    }
+    for (uint32_t i = 0; i < n_pats; i++)
+        free(pats[i].data);
+    free(ts);
+    return rc;
+}
+
+int
+model_random_load(const char *shape, kern_dtype_t dtype, uint64_t seed, kern_backend_t *be,
+                  model_t **out, char *err, size_t err_len)
+{
+    *out = NULL;
+    const shape_t *sh;
+    int rc = find_shape(shape, dtype, &sh, err, err_len);
+    if (rc)
+        return rc;
+    const char *dir = getenv("TMPDIR");
+    char path[4096];
+    snprintf(path, sizeof path, "%s/kvserve-random-XXXXXX", dir && *dir ? dir : "/tmp");
+    int fd = mkstemp(path);
+    if (fd < 0) {
+        model__errf(err, err_len, "random model: cannot create a file like '%s'", path);
+        return KVS_EIO;
+    }
+    close(fd);
+
+    tensor_plan_t *plan = calloc(4 + 9 * (size_t)sh->n_layer, sizeof *plan);
+    uint32_t max_cols = sh->n_ff > sh->n_embd ? sh->n_ff : sh->n_embd;
+    float *row = malloc(max_cols * sizeof(float));
+    model_gguf_writer_t *w = NULL;
+    uint32_t n = 0;
+    rc = (!plan || !row) ? KVS_ENOMEM : start_file(sh, dtype, seed, path, plan, &n, row, &w);
+    /* Closing the writer here leaves the header and the rope factors; the
+     * rest of the file becomes a hole (every tensor plus the alignment
+     * padding the writer would add, 32 bytes unless set otherwise), which
+     * costs neither disk nor the time to write it. */
+    model_gguf_writer_free(w);
+    struct stat st;
+    if (rc == 0 && stat(path, &st) != 0)
+        rc = KVS_EIO;
+    if (rc == 0) {
+        uint64_t size = (uint64_t)st.st_size;
+        for (uint32_t i = 0; i < n; i++)
+            size += kern_row_bytes(plan[i].type, plan[i].n_cols) * plan[i].n_rows + 32;
+        if (truncate(path, (off_t)size) != 0)
+            rc = KVS_EIO;
+    }
+    model_t *m = NULL;
+    if (rc == 0)
+        rc = model_load(path, be, &m, err, err_len);
+    else
+        model__errf(err, err_len, "random model: writing '%s' failed: %s", path, kvs_strerror(rc));
+    unlink(path); /* the mapping keeps it while the model lives */
+    if (rc == 0)
+        rc = fill_weights(m, plan, n, seed, row, err, err_len);
+    if (rc == 0 && kern_sync(be) != 0)
+        rc = KVS_EDEVICE;
+    free(plan);
+    free(row);
+    if (rc) {
+        model_free(m);
+        return rc;
+    }
+    *out = m;
+    return 0;
 }

@@ -1,5 +1,16 @@
-# Tests that are not cmocka executables: the independent float64 reference
-# (Python + numpy) and the command-line contract.  Included by CMakeLists.txt.
+# Tests registered by hand: the GPU test (its own name and label), the
+# independent float64 reference (Python + numpy) and the command-line
+# contract.  Included by CMakeLists.txt after the cmocka tests.
+
+# The cuda backend against ref at GPU sizes (`ctest -L gpu`); 77 without a
+# CUDA device or without CUDA compiled in, reported as skipped.
+add_executable(test_gpu tests/kernels/test_gpu.c)
+target_link_libraries(test_gpu PRIVATE kvs PkgConfig::CMOCKA)
+add_test(NAME gpu_kernels COMMAND test_gpu)
+set_tests_properties(gpu_kernels PROPERTIES LABELS "gpu" SKIP_RETURN_CODE 77 TIMEOUT 900)
+# These two run the cuda backend too wherever one is present.
+set_tests_properties(test_kern_ops test_attn_policy PROPERTIES LABELS "cpu;gpu")
+
 find_program(KVS_PYTHON3 NAMES python3 PATHS /usr/bin NO_DEFAULT_PATH)
 if(KVS_PYTHON3)
   add_test(NAME reference_logits

@@ -649,8 +649,9 @@ static const kern_ops_t cpu_ops = {
     .rope = cpu_rope,         /* sin/cos per row in double, SIMD rotate */
     .swiglu = cpu_swiglu,     /* SIMD exp */
     .add = cpu_add,
-    .kv_append = cpu_kv_append,     /* vcvtps2ph for F16 pools */
-    .kv_copy = cpu_kv_copy,         /* memmove per (layer, block) */
-    .attention = cpu_attention,     /* cpu_attn.c: paged flash attention */
-    .pack_weight = cpu_pack_weight, /* Q8_0 in 16-row panels with AVX-512 VNNI */
+    .kv_append = cpu_kv_append,            /* vcvtps2ph for F16 pools */
+    .kv_copy = cpu_kv_copy,                /* memmove per (layer, block) */
+    .attention = cpu_attention,            /* cpu_attn.c: paged flash attention */
+    .delta_apply = kern__host_delta_apply, /* a few rows per block: memory-bound, one thread */
+    .pack_weight = cpu_pack_weight,        /* Q8_0 in 16-row panels with AVX-512 VNNI */
 };

@@ -329,4 +329,5 @@ static const kern_ops_t ref_ops = {
     .kv_append = ref_kv_append, /* f32 -> KV dtype, per head */
     .kv_copy = ref_kv_copy,     /* whole blocks, every layer */
     .attention = ref_attention, /* two-pass softmax in double, masked keys excluded */
+    .delta_apply = kern__host_delta_apply,
 };

@@ -1,13 +1,21 @@
 /*
  * kernels/cuda/cuda_attn.cu — kern__cuda_attention: attention over the
  * paged KV store (F32 or F16) for any mix of prefill and decode rows, with
- * an online ("flash") softmax in f32.  Called by the attention wrapper in
- * kern_cuda.cu after kern.c validated the page table.
+ * an online ("flash") softmax in f32 and kern.h's sparse key pattern.
+ * Called by the attention wrapper in kern_cuda.cu after kern.c validated
+ * the page table and the pattern.
  *
- *   grid  (query row i, kv head g, split z)
+ * Two kernels share one staged buffer (per row: kv_len, window start,
+ * sequence offset; the block ids; the block mask):
+ *   - sequences with more than one query row, F16 KV and head_dim 64 or
+ *     128 go to the tensor-core kernel of cuda_attn_tc.cu in tiles of
+ *     consecutive rows;
+ *   - every other row (decode, F32 KV, other head dims) to attn_kernel:
+ *
+ *   grid  (row of the list, kv head g, split z)
  *   block one warp per query head of g's GQA group (at most 8 warps; a
  *         warp takes several heads when the group is larger)
- *   warp  walks tokens lo..hi-1 of row i's sequence through the page
+ *   warp  walks tokens lo..hi-1 of the row's sequence through the page
  *         table, 4 tokens per step: lanes hold head_dim/32 dims of q and
  *         of the output accumulator, dot products finish with shuffles
  *
@@ -16,13 +24,16 @@
  *   split writes (m, l, acc) to a workspace and attn_combine_kernel merges
  *   them.  With one split the kernel writes `out` directly.
  *
+ * Sparse patterns: the warp walks runs of keys the row sees, each inside
+ * one block: a block the mask keeps, the sinks, the window.  Blocks
+ * outside all three are stepped over without reading K or V, so the cost
+ * is O(kept keys).  Splits still cut [0, kv_len) evenly, so under sinks +
+ * a window most splits of a long row find nothing (they merge as empty).
+ *
  * Scores live in the log2 domain (q is pre-scaled by scale * log2(e)) so
  * the softmax uses exp2f.  head_dim up to 256 (8 dims per lane); larger
  * answers KVS_ENOTSUP.  All query heads of a group read the same K/V rows,
  * so the group's warps share them through L1.
- *
- * NOTE: prefill rows each stream their whole prefix from L2; a query-tiled
- * kernel that reuses K/V across rows of one sequence is the next step.
  */
 #include "cuda_common.cuh"
 
@@ -38,14 +49,18 @@
 typedef struct attn_params {
     const float *q;
     float *out;
-    float *part_acc;        /* [n_q][n_heads][n_splits][head_dim], n_splits > 1 */
-    float *part_ml;         /* [n_q][n_heads][n_splits][2]: max (log2), sum */
+    float *part_acc;        /* [n_rows][n_heads][n_splits][head_dim], n_splits > 1 */
+    float *part_ml;         /* [n_rows][n_heads][n_splits][2]: max (log2), sum */
+    const int32_t *rows;    /* [n_rows] the query rows this kernel computes */
     const int32_t *row_blk; /* [n_q] start of the row's block ids in `blocks` */
     const int32_t *row_len; /* [n_q] kv_len */
+    const int32_t *row_lo;  /* [n_q] -1: dense; else the window's first key (kv_len: none) */
     const int32_t *blocks;  /* page table indices */
+    const uint8_t *mask;    /* NULL or mask rows, mask_stride bytes apart */
     const void *k;          /* the layer's K */
     const void *v;
     uint32_t n_heads, n_kv_heads, group, head_dim, block_tokens;
+    uint32_t sinks, mask_stride, mask_q_block;
     uint32_t n_splits, split_tokens;
     float qscale; /* scale * log2(e) */
 } attn_params_t;
@@ -66,7 +81,7 @@ template <typename T>
 static __global__ void
 __launch_bounds__(ATTN_MAX_WARPS * 32) attn_kernel(attn_params_t p)
 {
-    uint32_t i = blockIdx.x, g = blockIdx.y, z = blockIdx.z;
+    uint32_t x = blockIdx.x, i = (uint32_t)p.rows[x], g = blockIdx.y, z = blockIdx.z;
     uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
     uint32_t d = p.head_dim, bt = p.block_tokens;
     uint32_t len = (uint32_t)p.row_len[i];
@@ -74,6 +89,11 @@ __launch_bounds__(ATTN_MAX_WARPS * 32) attn_kernel(attn_params_t p)
     uint32_t hi = lo < len ? umin(len, lo + p.split_tokens) : lo; /* lo == hi: empty */
     const int32_t *blocks = p.blocks + p.row_blk[i];
     const T *kl = (const T *)p.k, *vl = (const T *)p.v;
+    /* The pattern: wlo < 0 for a dense row; else keys j < sinks, j >=
+     * wlo, or in a block its mask row keeps. */
+    int32_t wlo = p.row_lo[i];
+    const uint8_t *mrow =
+        p.mask && wlo >= 0 ? p.mask + (size_t)(i / p.mask_q_block) * p.mask_stride : NULL;
 
     for (uint32_t hh = warp; hh < p.group; hh += n_warps) {
         uint32_t h = g * p.group + hh;
@@ -88,9 +108,20 @@ __launch_bounds__(ATTN_MAX_WARPS * 32) attn_kernel(attn_params_t p)
         float m = -INFINITY, l = 0.0f;
 
         for (uint32_t j = lo; j < hi;) {
-            /* The run of tokens that sits in one block. */
+            /* The run of tokens the row sees that sits in one block. */
             uint32_t off = j % bt;
-            uint32_t run = bt - off < hi - j ? bt - off : hi - j;
+            uint32_t end = bt - off < hi - j ? j + (bt - off) : hi;
+            if (wlo >= 0 && !(mrow && mrow[j / bt])) {
+                if (j < p.sinks) {
+                    end = umin(end, p.sinks);
+                } else if (j < (uint32_t)wlo) {
+                    /* Between the sinks and the window: on to the window
+                     * or the next block, whichever comes first. */
+                    j = umin(j + (bt - off), (uint32_t)wlo);
+                    continue;
+                }
+            }
+            uint32_t run = end - j;
             size_t base = (((size_t)blocks[j / bt] * p.n_kv_heads + g) * bt + off) * d;
             const T *kp = kl + base, *vp = vl + base;
             for (uint32_t t = 0; t < run; t += ATTN_TOK) {
@@ -146,7 +177,7 @@ __launch_bounds__(ATTN_MAX_WARPS * 32) attn_kernel(attn_params_t p)
         }
 
         if (p.n_splits == 1) {
-            /* len >= 1 (kern.c), so l > 0. */
+            /* kern.c leaves every row at least one key, so l > 0. */
             float inv = 1.0f / l;
 #pragma unroll
             for (int k = 0; k < ATTN_DPL; k++) {
@@ -155,8 +186,8 @@ __launch_bounds__(ATTN_MAX_WARPS * 32) attn_kernel(attn_params_t p)
                     p.out[qo + c] = acc[k] * inv;
             }
         } else {
-            /* An empty split (lo >= len) leaves m = -inf, l = 0. */
-            size_t po = ((size_t)i * p.n_heads + h) * p.n_splits + z;
+            /* A split with no key the row sees leaves m = -inf, l = 0. */
+            size_t po = ((size_t)x * p.n_heads + h) * p.n_splits + z;
 #pragma unroll
             for (int k = 0; k < ATTN_DPL; k++) {
                 uint32_t c = lane + 32 * k;
@@ -171,11 +202,11 @@ __launch_bounds__(ATTN_MAX_WARPS * 32) attn_kernel(attn_params_t p)
     }
 }
 
-/* One block per (row, head): weights 2^(m_z - M) for the non-empty splits,
- * then out = sum_z w_z acc_z / sum_z w_z l_z. */
+/* One block per (listed row, head): weights 2^(m_z - M) for the splits
+ * that saw a key, then out = sum_z w_z acc_z / sum_z w_z l_z. */
 static __global__ void
-attn_combine_kernel(const float *part_acc, const float *part_ml, uint32_t n_rh, uint32_t n_splits,
-                    uint32_t d, float *out)
+attn_combine_kernel(const float *part_acc, const float *part_ml, const int32_t *rows,
+                    uint32_t n_heads, uint32_t n_rh, uint32_t n_splits, uint32_t d, float *out)
 {
     __shared__ float wz[ATTN_MAX_SPLITS];
     __shared__ float inv_den;
@@ -192,18 +223,29 @@ attn_combine_kernel(const float *part_acc, const float *part_ml, uint32_t n_rh, 
                 wz[z] = ml[2 * z + 1] > 0.0f ? exp2f(ml[2 * z] - mx) : 0.0f;
                 den += wz[z] * ml[2 * z + 1];
             }
-            inv_den = 1.0f / den; /* some split holds token 0, so den > 0 */
+            inv_den = 1.0f / den; /* some split saw a key (kern.c), so den > 0 */
         }
         __syncthreads();
         const float *acc = part_acc + (size_t)rh * n_splits * d;
+        float *o = out + ((size_t)rows[rh / n_heads] * n_heads + rh % n_heads) * d;
         for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
             float num = 0.0f;
             for (uint32_t z = 0; z < n_splits; z++)
                 if (wz[z] != 0.0f)
                     num += wz[z] * acc[(size_t)z * d + c];
-            out[(size_t)rh * d + c] = num * inv_den;
+            o[c] = num * inv_den;
         }
     }
+}
+
+/* Whether the tensor-core kernel can take this call's prefill rows. */
+static bool
+tc_eligible(const kern_attn_args_t *a)
+{
+    const kern_kv_t *kv = a->kv;
+    return kv->dtype == KERN_F16 && (kv->head_dim == 64 || kv->head_dim == 128) &&
+           (uintptr_t)kv->k % 16 == 0 && (uintptr_t)kv->v % 16 == 0 && kv->layer_bytes % 16 == 0 &&
+           (uintptr_t)a->q % 16 == 0 && (uintptr_t)a->out % 8 == 0;
 }
 
 int
@@ -211,58 +253,162 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
 {
     const kern_kv_t *kv = a->kv;
     uint32_t d = kv->head_dim, n_q = a->n_q, group = a->n_heads / kv->n_kv_heads;
+    uint32_t bt = kv->block_tokens, n_seqs = a->pt.n_seqs;
     if (d > ATTN_MAX_D) {
         KVS_ERRORF("cuda: attention: head_dim %u > %d is not supported", d, ATTN_MAX_D);
-        return KVS_ENOTSUP;
-    }
-    if (a->window_tokens > 0 || a->block_mask != NULL) {
-        /* Not implemented here; running dense would silently change the
-         * result, so callers get to fall back (ref/cpu honour it). */
-        KVS_ERRORF("cuda: attention: sparse key patterns are not supported");
         return KVS_ENOTSUP;
     }
     if (kv->n_kv_heads > 65535) {
         KVS_ERRORF("cuda: attention: %u kv heads exceed the grid limit", kv->n_kv_heads);
         return KVS_ENOTSUP;
     }
+    bool patterned = a->window_tokens > 0 || a->block_mask != NULL;
+    uint32_t qb = a->mask_q_block ? a->mask_q_block : 1;
 
-    /* Staged: per row, where its sequence's block ids start and its
-     * kv_len; then the block ids themselves. */
-    uint32_t n_idx = (uint32_t)a->pt.indptr[a->pt.n_seqs];
-    size_t bytes = ((size_t)2 * n_q + n_idx) * sizeof(int32_t);
+    /* Which rows go where: whole sequences of more than one row to the
+     * tensor-core kernel, the rest to attn_kernel's row list. */
+    bool tc = tc_eligible(a);
+    uint32_t hc = group < KERN_CUDA_ATTN_TC_M ? group : KERN_CUDA_ATTN_TC_M;
+    uint32_t tile_rows = KERN_CUDA_ATTN_TC_M / hc;
+    size_t n_tiles = 0, n_list = 0;
+    for (uint32_t s = 0; s < n_seqs; s++) {
+        uint32_t nr = (uint32_t)(a->q_indptr[s + 1] - a->q_indptr[s]);
+        if (tc && nr > 1)
+            n_tiles += (nr + tile_rows - 1) / tile_rows;
+        else
+            n_list += nr;
+    }
+    if (n_tiles > INT32_MAX) {
+        KVS_ERRORF("cuda: attention: %zu query tiles exceed the grid limit", n_tiles);
+        return KVS_ENOTSUP;
+    }
+
+    /* The mask as the kernels read it: patterned rows read bytes below
+     * ceil(kv_len / block_tokens) of their mask row and nothing else, so
+     * only those are copied (the caller promised no more) and the rest of
+     * a staged row is zero. */
+    uint32_t n_mrows = 0, mstride = 0;
+    if (a->block_mask) {
+        n_mrows = (n_q - 1) / qb + 1; /* n_q >= 1 (kern.c) */
+        for (uint32_t i = 0; i < n_q; i++) {
+            uint32_t nb = ((uint32_t)a->kv_len[i] + bt - 1) / bt;
+            mstride = nb > mstride ? nb : mstride;
+        }
+    }
+
+    /* Staged, one buffer for every launch below: per row kv_len, window
+     * start and the offset of its sequence's block ids; attn_kernel's row
+     * list; the tiles; the block ids; the mask. */
+    uint32_t n_idx = (uint32_t)a->pt.indptr[n_seqs];
+    size_t n_ints = (size_t)3 * n_q + n_list + 3 * n_tiles + n_idx;
+    size_t bytes = n_ints * sizeof(int32_t) + (size_t)n_mrows * mstride;
     void *h, *dev;
     int rc = kern__cuda_stage_begin(be, bytes, &h);
     if (rc)
         return rc;
-    int32_t *row_blk = (int32_t *)h, *row_len = row_blk + n_q, *idx = row_len + n_q;
+    int32_t *row_len = (int32_t *)h, *row_lo = row_len + n_q, *row_blk = row_lo + n_q;
+    int32_t *list = row_blk + n_q, *tiles = list + n_list, *idx = tiles + 3 * n_tiles;
+    uint8_t *mask = (uint8_t *)(idx + n_idx);
     int32_t max_len = 0;
-    for (uint32_t s = 0; s < a->pt.n_seqs; s++) {
-        for (int32_t r = a->q_indptr[s]; r < a->q_indptr[s + 1]; r++) {
+    size_t at_list = 0, at_tile = 0;
+    for (uint32_t s = 0; s < n_seqs; s++) {
+        int32_t r0 = a->q_indptr[s], r1 = a->q_indptr[s + 1];
+        for (int32_t r = r0; r < r1; r++) {
+            int32_t len = a->kv_len[r];
+            row_len[r] = len;
             row_blk[r] = a->pt.indptr[s];
-            row_len[r] = a->kv_len[r];
-            if (a->kv_len[r] > max_len)
-                max_len = a->kv_len[r];
+            if (!patterned || (a->dense_rows && a->dense_rows[r]))
+                row_lo[r] = -1;
+            else if (a->window_tokens == 0 || (uint32_t)len <= a->window_tokens)
+                row_lo[r] = a->window_tokens ? 0 : len;
+            else
+                row_lo[r] = len - (int32_t)a->window_tokens;
+        }
+        if (tc && r1 - r0 > 1) {
+            /* Last tiles first: they see the most keys, and starting the
+             * longest work early evens out the tail of the grid. */
+            int32_t nt = (r1 - r0 + (int32_t)tile_rows - 1) / (int32_t)tile_rows;
+            for (int32_t t = nt - 1; t >= 0; t--) {
+                int32_t first = r0 + t * (int32_t)tile_rows;
+                tiles[3 * at_tile] = first;
+                tiles[3 * at_tile + 1] =
+                    r1 - first < (int32_t)tile_rows ? r1 - first : (int32_t)tile_rows;
+                tiles[3 * at_tile + 2] = a->pt.indptr[s];
+                at_tile++;
+            }
+        } else {
+            for (int32_t r = r0; r < r1; r++) {
+                list[at_list++] = r;
+                max_len = a->kv_len[r] > max_len ? a->kv_len[r] : max_len;
+            }
         }
     }
     if (n_idx)
         memcpy(idx, a->pt.indices, (size_t)n_idx * sizeof(int32_t));
+    for (uint32_t mr = 0; mr < n_mrows; mr++) {
+        uint32_t need = 0;
+        uint64_t i1 = (uint64_t)(mr + 1) * qb < n_q ? (uint64_t)(mr + 1) * qb : n_q;
+        for (uint32_t i = mr * qb; i < i1; i++) {
+            if (row_lo[i] < 0)
+                continue;
+            uint32_t nb = ((uint32_t)a->kv_len[i] + bt - 1) / bt;
+            need = nb > need ? nb : need;
+        }
+        uint8_t *dst = mask + (size_t)mr * mstride;
+        if (need)
+            memcpy(dst, a->block_mask + (size_t)mr * a->mask_stride, need);
+        memset(dst + need, 0, mstride - need);
+    }
     if ((rc = kern__cuda_stage_end(be, bytes, &dev)) != 0)
         return rc;
+    const int32_t *d_len = (const int32_t *)dev, *d_lo = d_len + n_q, *d_blk = d_lo + n_q;
+    const int32_t *d_list = d_blk + n_q, *d_tiles = d_list + n_list, *d_idx = d_tiles + 3 * n_tiles;
+    const uint8_t *d_mask = a->block_mask ? (const uint8_t *)(d_idx + n_idx) : NULL;
+    const void *k = (const char *)kv->k + (size_t)a->layer * kv->layer_bytes;
+    const void *v = (const char *)kv->v + (size_t)a->layer * kv->layer_bytes;
+    float qscale = a->scale * 1.4426950408889634f; /* log2(e) */
+
+    if (n_tiles) {
+        kern_cuda_attn_tc_t t;
+        t.q = a->q;
+        t.out = a->out;
+        t.tiles = d_tiles;
+        t.row_len = d_len;
+        t.row_lo = d_lo;
+        t.blocks = d_idx;
+        t.mask = d_mask;
+        t.k = k;
+        t.v = v;
+        t.mask_stride = mstride;
+        t.mask_q_block = qb;
+        t.n_tiles = (uint32_t)n_tiles;
+        t.n_heads = a->n_heads;
+        t.n_kv_heads = kv->n_kv_heads;
+        t.group = group;
+        t.head_dim = d;
+        t.block_tokens = bt;
+        t.sinks = a->sink_tokens;
+        t.qscale = qscale;
+        if ((rc = kern__cuda_attention_tc(be, &t)) != 0)
+            return rc;
+    }
+    if (n_list == 0)
+        return 0;
 
     /* Split the KV range only when the grid would leave SMs idle, and never
      * into ranges too short to pay for the combine pass. */
     uint32_t n_splits = 1;
-    size_t base_blocks = (size_t)n_q * kv->n_kv_heads;
+    size_t base_blocks = n_list * kv->n_kv_heads;
     size_t want = (size_t)2 * (be->n_sm > 0 ? be->n_sm : 1);
     if (base_blocks < want) {
-        size_t s = (want + base_blocks - 1) / base_blocks;
+        size_t sp = (want + base_blocks - 1) / base_blocks;
         size_t by_len = (size_t)max_len / ATTN_MIN_SPLIT_TOKENS;
-        if (s > by_len)
-            s = by_len;
-        if (s > ATTN_MAX_SPLITS)
-            s = ATTN_MAX_SPLITS;
-        if (s > 1)
-            n_splits = (uint32_t)s;
+        if (sp > by_len)
+            sp = by_len;
+        if (sp > ATTN_MAX_SPLITS)
+            sp = ATTN_MAX_SPLITS;
+        if (sp > 1)
+            n_splits = (uint32_t)sp;
     }
     /* Whole steps of ATTN_TOK per split keep the inner loop full. */
     uint32_t split_tokens = ((uint32_t)max_len + n_splits - 1) / n_splits;
@@ -274,21 +420,27 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
     p.out = a->out;
     p.part_acc = NULL;
     p.part_ml = NULL;
-    p.row_blk = (const int32_t *)dev;
-    p.row_len = p.row_blk + n_q;
-    p.blocks = p.row_len + n_q;
-    p.k = (const char *)kv->k + (size_t)a->layer * kv->layer_bytes;
-    p.v = (const char *)kv->v + (size_t)a->layer * kv->layer_bytes;
+    p.rows = d_list;
+    p.row_blk = d_blk;
+    p.row_len = d_len;
+    p.row_lo = d_lo;
+    p.blocks = d_idx;
+    p.mask = d_mask;
+    p.k = k;
+    p.v = v;
     p.n_heads = a->n_heads;
     p.n_kv_heads = kv->n_kv_heads;
     p.group = group;
     p.head_dim = d;
-    p.block_tokens = kv->block_tokens;
+    p.block_tokens = bt;
+    p.sinks = a->sink_tokens;
+    p.mask_stride = mstride;
+    p.mask_q_block = qb;
     p.n_splits = n_splits;
     p.split_tokens = split_tokens;
-    p.qscale = a->scale * 1.4426950408889634f; /* log2(e) */
+    p.qscale = qscale;
 
-    size_t n_rh = (size_t)n_q * a->n_heads;
+    size_t n_rh = n_list * a->n_heads;
     if (n_splits > 1) {
         size_t parts = n_rh * n_splits;
         void *ws;
@@ -300,7 +452,7 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
         p.part_ml = p.part_acc + parts * d;
     }
 
-    dim3 grid(n_q, kv->n_kv_heads, n_splits);
+    dim3 grid((unsigned)n_list, kv->n_kv_heads, n_splits);
     unsigned warps = group < ATTN_MAX_WARPS ? group : ATTN_MAX_WARPS;
     if (kv->dtype == KERN_F16)
         attn_kernel<__half><<<grid, warps * 32, 0, be->stream>>>(p);
@@ -310,7 +462,7 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
 
     if (n_splits > 1) {
         attn_combine_kernel<<<kern__cuda_grid(be, n_rh, 1), 128, 0, be->stream>>>(
-            p.part_acc, p.part_ml, (uint32_t)n_rh, n_splits, d, a->out);
+            p.part_acc, p.part_ml, d_list, a->n_heads, (uint32_t)n_rh, n_splits, d, a->out);
         KERN_CUDA_LAUNCHED();
     }
     return 0;

@@ -7,7 +7,10 @@
  *   kern_cuda.cu   vtable, device/stream/cuBLAS setup, memory, staging,
  *                  workspaces, the small ops (get_rows, norms, rope, KV)
  *   cuda_matmul.cu  kern__cuda_matmul: cuBLAS and a dequantizing GEMV
- *   cuda_attn.cu    kern__cuda_attention: paged flash-style attention
+ *   cuda_attn.cu    kern__cuda_attention: paged flash-style attention,
+ *                   decode rows and the general case
+ *   cuda_attn_tc.cu kern__cuda_attention_tc: its F16 prefill tiles on the
+ *                   tensor cores
  *
  * Errors: every CUDA or cuBLAS call goes through KERN_CUDA_TRY or
  * KERN_CUBLAS_TRY, which log the statement, file and line and return
@@ -61,7 +64,7 @@ typedef struct kern_cuda_pin {
  * op can hold two at once. */
 typedef enum kern_cuda_ws {
     KERN_CUDA_WS_MATMUL_X, /* activations converted to f16/bf16, or rounded for Q8_0 */
-    KERN_CUDA_WS_MATMUL_W, /* Q8_0 weight tiles dequantized to f32 */
+    KERN_CUDA_WS_MATMUL_W, /* Q8_0 weight tiles dequantized to f16 */
     KERN_CUDA_WS_ATTN,     /* split-KV partial results */
     KERN_CUDA_WS_COUNT,
 } kern_cuda_ws_t;
@@ -148,6 +151,27 @@ kern__cuda_grid(const kern_cuda_t *be, size_t n, unsigned per_block)
 int kern__cuda_matmul(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
                       const float *bias, float *y);
 int kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a);
+
+/* The tensor-core prefill kernel's work, staged by kern__cuda_attention.
+ * A tile is KERN_CUDA_ATTN_TC_M / min(group, KERN_CUDA_ATTN_TC_M)
+ * consecutive query rows of one sequence or fewer; device arrays. */
+#define KERN_CUDA_ATTN_TC_M 64
+typedef struct kern_cuda_attn_tc {
+    const float *q;         /* 16-byte aligned */
+    float *out;             /* 8-byte aligned */
+    const int32_t *tiles;   /* [n_tiles][3]: first row, rows, offset of the sequence in blocks */
+    const int32_t *row_len; /* [n_q] kv_len */
+    const int32_t *row_lo;  /* [n_q] -1: dense row; else the window's first key (kv_len: none) */
+    const int32_t *blocks;  /* page table indices */
+    const uint8_t *mask;    /* NULL, or mask rows of mask_stride bytes */
+    const void *k;          /* the layer's K, F16, 16-byte aligned */
+    const void *v;
+    uint32_t mask_stride, mask_q_block; /* mask_q_block >= 1 */
+    uint32_t n_tiles, n_heads, n_kv_heads, group, head_dim, block_tokens, sinks;
+    float qscale; /* scale * log2(e) */
+} kern_cuda_attn_tc_t;
+/* head_dim 64 or 128 (else KVS_ENOTSUP).  Returns 0 or KVS_EDEVICE. */
+int kern__cuda_attention_tc(kern_cuda_t *be, const kern_cuda_attn_tc_t *p);
 
 /* ------------------------------------------------------------------------ */
 /* Device helpers.                                                          */

@@ -7,7 +7,8 @@
  *   F16/BF16/Q8_0, n<=8 mv_kernel: a warp per weight row, dequantizing on
  *                       the fly, up to 4 rows of x per pass (decode)
  *   F16/BF16, n>8       x converted to W's type, cublasGemmEx, f32 compute
- *   Q8_0, n>8           W dequantized to f32 in row tiles, cublasSgemm
+ *   Q8_0, n>8           x rounded (int8 steps) straight to f16, W dequantized
+ *                       to f16 in row tiles, cublasGemmEx on tensor cores
  *
  * cuBLAS is column-major.  A row-major [R][C] W with row stride ldw is, to
  * cuBLAS, a C x R matrix with leading dimension ldw; x[n][C] is C x n and
@@ -16,9 +17,12 @@
  * Precision: the GEMV and the Q8_0 path keep x in f32 and accumulate in
  * f32; for Q8_0 weights x is first rounded per 32-value block to int8
  * steps, as kern.h defines the product (kern_round_x_q8) for every
- * backend.  The GemmEx path rounds x to f16/bf16 (accumulation stays f32), as
+ * backend.  The GemmEx paths round x to f16/bf16 (accumulation stays f32), as
  * llama.cpp does; f16 saturates at +-65504 rather than becoming inf, so a
  * huge activation gives a large wrong value instead of NaNs downstream.
+ * Q8_0 prefill runs in f16 too: d * q of a weight and the rounded x keep
+ * 11 significant bits there (a relative 2^-12 per operand), which costs
+ * far less than an f32 product on CUDA cores costs in time.
  */
 #include "cuda_common.cuh"
 
@@ -27,7 +31,7 @@
 #define MV_MAX_N 8                       /* up to this many rows of x take the GEMV path */
 #define MV_NX 4                          /* rows of x one GEMV pass handles */
 #define MV_WARPS 4                       /* warps, i.e. weight rows, per block */
-#define DQ_TILE_BYTES ((size_t)64 << 20) /* f32 weight tile for the Q8_0 GEMM */
+#define DQ_TILE_BYTES ((size_t)64 << 20) /* f16 weight tile for the Q8_0 GEMM */
 
 /* ------------------------------------------------------------------------ */
 /* GEMV for small n.                                                        */
@@ -173,6 +177,14 @@ mv_launch(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n, c
 
 /* x (f32) to f16 (saturating, see the top of the file) or bf16 (round to
  * nearest even, NaN kept quiet, as kvs_f32_to_bf16). */
+static __device__ __forceinline__ uint16_t
+narrow_f16(float v)
+{
+    if (fabsf(v) > 65504.0f) /* false for NaN, which stays NaN */
+        v = copysignf(65504.0f, v);
+    return __half_as_ushort(__float2half_rn(v));
+}
+
 template <int T>
 static __global__ void
 narrow_kernel(const float *x, size_t count, uint16_t *out)
@@ -181,9 +193,7 @@ narrow_kernel(const float *x, size_t count, uint16_t *out)
          i += (size_t)gridDim.x * blockDim.x) {
         float v = x[i];
         if (T == KERN_F16) {
-            if (fabsf(v) > 65504.0f) /* false for NaN, which stays NaN */
-                v = copysignf(65504.0f, v);
-            out[i] = __half_as_ushort(__float2half_rn(v));
+            out[i] = narrow_f16(v);
         } else {
             uint32_t u = __float_as_uint(v);
             if ((u & 0x7fffffffu) > 0x7f800000u)
@@ -194,15 +204,16 @@ narrow_kernel(const float *x, size_t count, uint16_t *out)
     }
 }
 
-/* Rows of Q8_0 weights to contiguous f32 rows of `cols`. */
+/* Rows of Q8_0 weights to contiguous f16 rows of `cols` (|d * q| is at
+ * most 127 * 65504, so only a weight scale near f16's top can saturate). */
 static __global__ void
-dequant_q8_0_kernel(const char *w, size_t row_bytes, uint32_t rows, uint32_t cols, float *out)
+dequant_q8_0_kernel(const char *w, size_t row_bytes, uint32_t rows, uint32_t cols, uint16_t *out)
 {
     for (uint32_t r = blockIdx.x; r < rows; r += gridDim.x) {
         const char *row = w + (size_t)r * row_bytes;
-        float *o = out + (size_t)r * cols;
+        uint16_t *o = out + (size_t)r * cols;
         for (uint32_t c = threadIdx.x; c < cols; c += blockDim.x)
-            o[c] = kern__cuda_load_elem<KERN_Q8_0>(row, c);
+            o[c] = narrow_f16(kern__cuda_load_elem<KERN_Q8_0>(row, c));
     }
 }
 
@@ -244,8 +255,22 @@ gemm_half(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n, f
 /* kern_round_x_q8 on the device: a warp per 32-value block, one value a
  * lane.  Plain IEEE division and rintf (nearest even) give the bits the
  * host computes. */
+static __device__ __forceinline__ void
+store_x(float *out, size_t i, float v)
+{
+    out[i] = v;
+}
+
+static __device__ __forceinline__ void
+store_x(uint16_t *out, size_t i, float v)
+{
+    out[i] = narrow_f16(v);
+}
+
+/* out: float (the GEMV reads it) or uint16_t (f16 for the GEMM). */
+template <typename O>
 static __global__ void
-round_x_q8_kernel(const float *x, size_t n_blocks, float *out)
+round_x_q8_kernel(const float *x, size_t n_blocks, O *out)
 {
     size_t warp = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     size_t stride = (size_t)gridDim.x * blockDim.x / 32;
@@ -255,23 +280,32 @@ round_x_q8_kernel(const float *x, size_t n_blocks, float *out)
         for (int o = 16; o > 0; o /= 2)
             a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
         float s = a / 127.0f, inv = s > 0.0f ? 1.0f / s : 0.0f;
-        out[b * 32 + lane] = rintf(__fmul_rn(v, inv)) * s;
+        store_x(out, b * 32 + lane, rintf(__fmul_rn(v, inv)) * s);
     }
 }
 
+/* x is the f32 input: rounded to int8 steps and narrowed to f16 in one
+ * pass into the x workspace. */
 static int
 gemm_q8_0(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n, float *y)
 {
     uint32_t rows = w->n_rows, cols = w->n_cols;
-    size_t row_f32 = (size_t)cols * sizeof(float);
-    size_t tile_rows = DQ_TILE_BYTES / row_f32;
+    size_t count = (size_t)n * cols;
+    void *xh, *ws;
+    int rc = kern__cuda_workspace(be, KERN_CUDA_WS_MATMUL_X, count * sizeof(uint16_t), &xh);
+    if (rc)
+        return rc;
+    round_x_q8_kernel<uint16_t><<<kern__cuda_grid(be, count, 256), 256, 0, be->stream>>>(
+        x, count / KERN_QK8_0, (uint16_t *)xh);
+    KERN_CUDA_LAUNCHED();
+
+    size_t row_h = (size_t)cols * sizeof(uint16_t);
+    size_t tile_rows = DQ_TILE_BYTES / row_h;
     if (tile_rows < 1)
         tile_rows = 1;
     if (tile_rows > rows)
         tile_rows = rows;
-    void *ws;
-    int rc = kern__cuda_workspace(be, KERN_CUDA_WS_MATMUL_W, tile_rows * row_f32, &ws);
-    if (rc)
+    if ((rc = kern__cuda_workspace(be, KERN_CUDA_WS_MATMUL_W, tile_rows * row_h, &ws)) != 0)
         return rc;
     const float one = 1.0f, zero = 0.0f;
     /* One workspace for every tile: the stream runs tile t's GEMM before
@@ -279,12 +313,14 @@ gemm_q8_0(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n, f
     for (uint32_t r0 = 0; r0 < rows; r0 += (uint32_t)tile_rows) {
         uint32_t m = rows - r0 < tile_rows ? rows - r0 : (uint32_t)tile_rows;
         unsigned grid = m < 65535 ? m : 65535;
-        dequant_q8_0_kernel<<<grid, 256, 0, be->stream>>>(
-            (const char *)w->data + (size_t)r0 * w->row_bytes, w->row_bytes, m, cols, (float *)ws);
+        dequant_q8_0_kernel<<<grid, 256, 0, be->stream>>>((const char *)w->data +
+                                                              (size_t)r0 * w->row_bytes,
+                                                          w->row_bytes, m, cols, (uint16_t *)ws);
         KERN_CUDA_LAUNCHED();
-        KERN_CUBLAS_TRY(cublasSgemm(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, (int)n, (int)cols,
-                                    &one, (const float *)ws, (int)cols, x, (int)cols, &zero, y + r0,
-                                    (int)rows));
+        KERN_CUBLAS_TRY(cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, (int)n, (int)cols,
+                                     &one, ws, CUDA_R_16F, (int)cols, xh, CUDA_R_16F, (int)cols,
+                                     &zero, y + r0, CUDA_R_32F, (int)rows, CUBLAS_COMPUTE_32F,
+                                     CUBLAS_GEMM_DEFAULT));
     }
     return 0;
 }
@@ -300,13 +336,13 @@ kern__cuda_matmul(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint3
     uint32_t rows = w->n_rows, cols = w->n_cols;
     if (w->type != KERN_F32 && w->type != KERN_F16 && w->type != KERN_BF16 && w->type != KERN_Q8_0)
         return KVS_ENOTSUP;
-    if (w->type == KERN_Q8_0) {
+    if (w->type == KERN_Q8_0 && n <= MV_MAX_N) {
         void *xr;
         size_t count = (size_t)n * cols;
         int rc = kern__cuda_workspace(be, KERN_CUDA_WS_MATMUL_X, count * sizeof(float), &xr);
         if (rc)
             return rc;
-        round_x_q8_kernel<<<kern__cuda_grid(be, count, 256), 256, 0, be->stream>>>(
+        round_x_q8_kernel<float><<<kern__cuda_grid(be, count, 256), 256, 0, be->stream>>>(
             x, count / KERN_QK8_0, (float *)xr);
         KERN_CUDA_LAUNCHED();
         x = (const float *)xr;

@@ -476,6 +476,58 @@ cuda_add_body(kern_cuda_t *be, float *x, const float *y, size_t n)
 }
 
 /* ------------------------------------------------------------------------ */
+/* Delta Attention's correction (kern.h).                                   */
+/* ------------------------------------------------------------------------ */
+
+/* Two passes, because every block's first output row is both read (for
+ * the difference) and corrected: first dense[b] -= out[b * gamma] for every
+ * block, then every row adds its block's difference (or, in the tail,
+ * takes its dense row). */
+static __global__ void
+delta_diff_kernel(const float *out, float *dense, uint32_t n_blocks, uint32_t width, uint32_t gamma)
+{
+    size_t count = (size_t)n_blocks * width;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t b = i / width, k = i % width;
+        dense[i] -= out[b * gamma * width + k];
+    }
+}
+
+static __global__ void
+delta_add_kernel(float *out, const float *dense, uint32_t n, uint32_t ns, uint32_t n_blocks,
+                 uint32_t width, uint32_t gamma)
+{
+    size_t count = (size_t)n * width;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / width, k = i % width;
+        if (r < ns)
+            out[i] += dense[(r / gamma) * width + k];
+        else
+            out[i] = dense[(n_blocks + r - ns) * width + k];
+    }
+}
+
+static int
+cuda_delta_apply_body(kern_cuda_t *be, float *out, float *dense, uint32_t n, uint32_t width,
+                      uint32_t gamma, uint32_t tail)
+{
+    uint32_t ns = n - tail, n_blocks = (ns + gamma - 1) / gamma;
+    if (n_blocks) {
+        size_t count = (size_t)n_blocks * width;
+        delta_diff_kernel<<<kern__cuda_grid(be, count, 256), 256, 0, be->stream>>>(
+            out, dense, n_blocks, width, gamma);
+        KERN_CUDA_LAUNCHED();
+    }
+    size_t count = (size_t)n * width;
+    delta_add_kernel<<<kern__cuda_grid(be, count, 256), 256, 0, be->stream>>>(
+        out, dense, n, ns, n_blocks, width, gamma);
+    KERN_CUDA_LAUNCHED();
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
 /* rope.                                                                    */
 /* ------------------------------------------------------------------------ */
 
@@ -776,26 +828,36 @@ cuda_attention(kern_backend_t *base, const kern_attn_args_t *a)
     return cuda_leave(be, rc ? rc : kern__cuda_attention(be, a));
 }
 
+static int
+cuda_delta_apply(kern_backend_t *base, float *out, float *dense, uint32_t n, uint32_t width,
+                 uint32_t gamma, uint32_t tail)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : cuda_delta_apply_body(be, out, dense, n, width, gamma, tail));
+}
+
 static const kern_ops_t cuda_ops = {
     /* .name = */ "cuda",
     /* .is_host = */ false,
-    /* .destroy = */ cuda_destroy,     /* syncs, frees workspaces, stream, handle */
-    /* .supports = */ cuda_supports,   /* F32/F16/BF16/Q8_0 weights, F32/F16 KV */
-    /* .alloc = */ cuda_alloc,         /* cudaMalloc; NULL (and a warning) when out */
-    /* .free = */ cuda_free,           /* cudaFree, which waits for users of p */
-    /* .upload = */ cuda_upload,       /* async copy on the stream, then sync */
-    /* .download = */ cuda_download,   /* async copy on the stream, then sync */
-    /* .memset = */ cuda_memset,       /* cudaMemsetAsync, not waited for */
-    /* .sync = */ cuda_sync,           /* cudaStreamSynchronize */
-    /* .get_rows = */ cuda_get_rows,   /* block per row, converts to f32 */
-    /* .matmul = */ cuda_matmul,       /* cuBLAS, or a dequantizing GEMV for n <= 8 */
-    /* .rmsnorm = */ cuda_rmsnorm,     /* block per row, f32 sum */
-    /* .rope = */ cuda_rope,           /* host inv_freq, double angles */
-    /* .swiglu = */ cuda_swiglu,       /* elementwise, f32 */
-    /* .add = */ cuda_add,             /* elementwise */
-    /* .kv_append = */ cuda_kv_append, /* block per token, f32 -> KV dtype */
-    /* .kv_copy = */ cuda_kv_copy,     /* all pairs at once unless order matters */
-    /* .attention = */ cuda_attention, /* paged flash-style, split-KV for decode */
+    /* .destroy = */ cuda_destroy,         /* syncs, frees workspaces, stream, handle */
+    /* .supports = */ cuda_supports,       /* F32/F16/BF16/Q8_0 weights, F32/F16 KV */
+    /* .alloc = */ cuda_alloc,             /* cudaMalloc; NULL (and a warning) when out */
+    /* .free = */ cuda_free,               /* cudaFree, which waits for users of p */
+    /* .upload = */ cuda_upload,           /* async copy on the stream, then sync */
+    /* .download = */ cuda_download,       /* async copy on the stream, then sync */
+    /* .memset = */ cuda_memset,           /* cudaMemsetAsync, not waited for */
+    /* .sync = */ cuda_sync,               /* cudaStreamSynchronize */
+    /* .get_rows = */ cuda_get_rows,       /* block per row, converts to f32 */
+    /* .matmul = */ cuda_matmul,           /* cuBLAS, or a dequantizing GEMV for n <= 8 */
+    /* .rmsnorm = */ cuda_rmsnorm,         /* block per row, f32 sum */
+    /* .rope = */ cuda_rope,               /* host inv_freq, double angles */
+    /* .swiglu = */ cuda_swiglu,           /* elementwise, f32 */
+    /* .add = */ cuda_add,                 /* elementwise */
+    /* .kv_append = */ cuda_kv_append,     /* block per token, f32 -> KV dtype */
+    /* .kv_copy = */ cuda_kv_copy,         /* all pairs at once unless order matters */
+    /* .attention = */ cuda_attention,     /* paged flash-style, split-KV for decode */
+    /* .delta_apply = */ cuda_delta_apply, /* two elementwise passes */
 };
 
 /* After the table: C++ has no tentative definitions to declare it earlier. */

@@ -259,9 +259,18 @@ test_bad_policies(void **state)
         {.kind = MODEL_ATTN_BLOCK_SPARSE, .sinks = 4, .window = 0, .top_k = 8},
         {.kind = MODEL_ATTN_BLOCK_SPARSE, .window = 16, .top_k = 8, .no_tail = true},
         {.kind = MODEL_ATTN_BLOCK_SPARSE, .window = 16, .top_k = 8, .last_dense = true},
+        /* Delta's tail already holds the last row. */
+        {.kind = MODEL_ATTN_DELTA, .sinks = 4, .window = 8, .gamma = 16, .last_dense = true},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
         assert_int_equal(model_attn_policy_check(&bad[i]), KVS_EINVAL);
+    model_attn_policy_t ok = {.kind = MODEL_ATTN_DELTA,
+                              .sinks = 4,
+                              .window = 8,
+                              .gamma = 16,
+                              .no_tail = true,
+                              .last_dense = true};
+    assert_int_equal(model_attn_policy_check(&ok), 0);
 }
 
 int

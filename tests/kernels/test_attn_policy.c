@@ -1,17 +1,21 @@
 /*
  * tests/kernels/test_attn_policy.c — the sparse key pattern of
  * kern_attention (kern.h: sink + window, block mask, dense rows) on the
- * "ref" backend and on every cpu configuration test_kern_ops.c uses.
+ * "ref" backend, on every cpu configuration test_kern_ops.c uses, and on
+ * "cuda" when it is available (else its checks print "skipped").
  *
  * Three independent checks: the ref backend against a masked-dense
  * reference in double written here from the token arrays (never through
- * the page table); every cpu configuration against ref (random shapes,
- * GQA 1/4/8, scrambled ragged tables, mixed prefill and decode rows,
- * split-K decode); and the semantics themselves, by comparing a sink +
- * window row with dense attention over a KV that holds only its allowed
+ * the page table); every cpu configuration and cuda against ref (random
+ * shapes, GQA 1/4/8, scrambled ragged tables, mixed prefill and decode
+ * rows, split-K decode; for cuda also its tensor-core prefill tiles:
+ * head_dim 64 and 128, block_tokens 16 and odd, chunks longer than a tile
+ * of rows and of keys); and the semantics themselves, by comparing a sink
+ * + window row with dense attention over a KV that holds only its allowed
  * keys.  Degenerate patterns (window >= every kv_len, a mask of all
  * ones, every row dense) must equal dense.  Errors are
- * max|a - ref| / max|ref|, as in test_kern_ops.c.
+ * max|a - ref| / max|ref|, as in test_kern_ops.c; cuda's outputs start as
+ * NaN and must all be written.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -25,6 +29,7 @@
 #include <math.h>
 
 #include "kernels/kern.h"
+#include "tests/kernels/kern_test.h"
 #include "model/model.h"
 
 /* ---- backends ------------------------------------------------------------ */
@@ -79,66 +84,6 @@ teardown(void **state)
 }
 
 /* ---- data ---------------------------------------------------------------- */
-
-static uint64_t g_rng;
-
-static void
-rng_seed(uint64_t s)
-{
-    g_rng = s * 0x9e3779b97f4a7c15ull + 1;
-}
-
-static uint32_t
-rng_u32(void)
-{
-    g_rng ^= g_rng >> 12;
-    g_rng ^= g_rng << 25;
-    g_rng ^= g_rng >> 27;
-    return (uint32_t)((g_rng * 0x2545f4914f6cdd1dull) >> 32);
-}
-
-static float
-rng_f(float lo, float hi)
-{
-    return lo + (hi - lo) * (float)(rng_u32() >> 8) * (1.0f / 16777216.0f);
-}
-
-static void
-shuffle(int32_t *a, size_t n)
-{
-    for (size_t i = n; i > 1; i--) {
-        size_t j = rng_u32() % i;
-        int32_t t = a[i - 1];
-        a[i - 1] = a[j];
-        a[j] = t;
-    }
-}
-
-static void
-check_close(const float *ref, const float *got, size_t n, double limit, const char *what,
-            const char *label)
-{
-    double mx = 1e-30, err = 0.0;
-    size_t at = 0;
-    for (size_t i = 0; i < n; i++)
-        mx = fabs(ref[i]) > mx ? fabs(ref[i]) : mx;
-    for (size_t i = 0; i < n; i++) {
-        double e = fabs((double)got[i] - ref[i]) / mx;
-        if (!(e <= err)) { /* NaN: an unwritten output */
-            err = isnan(e) ? INFINITY : e;
-            at = i;
-            if (isnan(e))
-                break;
-        }
-    }
-    if (getenv("KVS_TEST_VERBOSE"))
-        print_message("%-48s %-22s err %.3g\n", what, label, err);
-    if (!(err <= limit)) {
-        print_error("%s [%s]: error %.3g > %.3g at %zu (ref %g, got %g)\n", what, label, err, limit,
-                    at, ref[at], got[at]);
-        fail();
-    }
-}
 
 #define MAX_SEQS 3
 
@@ -390,8 +335,36 @@ pat_free(pat_t *pt)
     memset(pt, 0, sizeof(*pt));
 }
 
+/* What cuda may differ from ref by in sequence s: its tensor-core prefill
+ * (F16 KV, head_dim 64 or 128, sequences of more than one row) rounds q
+ * and the softmax weights to f16; its other paths sum in f32. */
+static double
+cuda_limit(const pdata_t *p, uint32_t s)
+{
+    bool tc = p->dtype == KERN_F16 && (p->d == 64 || p->d == 128) &&
+              p->q_indptr[s + 1] - p->q_indptr[s] > 1;
+    return tc ? 5e-3 : 1e-5;
+}
+
+/* cuda vs ref's output yr, sequence by sequence (yb: scratch). */
+static void
+check_cuda(const pdata_t *p, const pat_t *pt, const float *yr, float *yb, const char *what)
+{
+    if (!g_cuda)
+        return;
+    assert_int_equal(run(g_cuda, p, pt, yb), 0);
+    size_t per_row = (size_t)p->n_heads * p->d;
+    for (uint32_t s = 0; s < p->n_seqs; s++) {
+        size_t r0 = (size_t)p->q_indptr[s], nr = (size_t)(p->q_indptr[s + 1] - p->q_indptr[s]);
+        char w[160];
+        snprintf(w, sizeof(w), "%s seq %u", what, s);
+        check_close(yr + r0 * per_row, yb + r0 * per_row, nr * per_row, cuda_limit(p, s), w,
+                    "cuda");
+    }
+}
+
 /* ref vs the masked-dense double reference, then every cpu configuration
- * vs ref. */
+ * and cuda vs ref. */
 static void
 check_pattern(const pdata_t *p, const pat_t *pt, const char *what)
 {
@@ -406,8 +379,7 @@ check_pattern(const pdata_t *p, const pat_t *pt, const char *what)
         assert_int_equal(run(g_be[i].be, p, pt, yb), 0);
         check_close(yr, yb, qn, 1e-5, what, g_be[i].label);
     }
-    if (g_cuda && pt && (pt->window || pt->mask))
-        assert_int_equal(run(g_cuda, p, pt, yb), KVS_ENOTSUP);
+    check_cuda(p, pt, yr, yb, what);
     free(want);
     free(yr);
     free(yb);
@@ -503,6 +475,82 @@ test_split_k_decode(void **state)
     }
 }
 
+/* cuda at the shapes its tensor-core prefill tiles: F16 KV, head_dim 64
+ * and 128, GQA 1, 4, 8 and 7 (64 / group rows per tile), block_tokens 16,
+ * 7 and 1, chunks of more rows than a tile and more keys than a KV tile
+ * (64), last blocks full or holding one key, beside decode rows and a long
+ * split-KV decode row, under every pattern; a window or mask row group
+ * that straddles tiles. */
+static void
+test_cuda_patterns(void **state)
+{
+    (void)state;
+    if (!g_cuda) {
+        print_message("cuda patterns: skipped (cuda not available)\n");
+        return;
+    }
+    rng_seed(26);
+    static const uint32_t groups[] = {1, 4, 8, 7}, bts[] = {16, 7, 16, 1};
+    static const uint32_t qbs[] = {1, 3, 16, 64};
+    for (int iter = 0; iter < 16; iter++) {
+        /* Every group meets every block size and both head dims. */
+        uint32_t bt = bts[(iter / 4) % 4], d = (iter + iter / 4) % 2 ? 128 : 64;
+        uint32_t group = groups[iter % 4], n_kv = group > 4 ? 1 : 1 + rng_u32() % 2;
+        uint32_t n_seqs = 1 + rng_u32() % MAX_SEQS;
+        int32_t len[MAX_SEQS], rows[MAX_SEQS], back[MAX_SEQS];
+        for (uint32_t s = 0; s < n_seqs; s++) {
+            len[s] = 1 + (int32_t)(rng_u32() % 400);
+            uint32_t tail = rng_u32() % 3; /* last block full, one key, or anything */
+            if (tail == 0)
+                len[s] = (len[s] + (int32_t)bt - 1) / (int32_t)bt * (int32_t)bt;
+            else if (tail == 1)
+                len[s] = len[s] / (int32_t)bt * (int32_t)bt + 1;
+            int kind = (int)(rng_u32() % 3); /* decode, prefill, chunk */
+            back[s] = kind == 2 ? (int32_t)(rng_u32() % (uint32_t)len[s]) : 0;
+            int32_t room = len[s] - back[s];
+            rows[s] =
+                kind == 0 ? 1 : 1 + (int32_t)(rng_u32() % (uint32_t)(room < 140 ? room : 140));
+        }
+        if (iter % 5 == 4) { /* a long decode row: split-KV beside the tiles */
+            len[0] = 4000 + (int32_t)(rng_u32() % 500);
+            rows[0] = 1;
+            back[0] = 0;
+        }
+        pdata_t p;
+        pdata_build(&p, KERN_F16, bt, d, n_kv * group, n_kv, n_seqs, len, rows, back);
+        size_t qn = (size_t)p.n_q * p.n_heads * p.d;
+        float *yr = malloc(qn * sizeof(float)), *yb = malloc(qn * sizeof(float));
+        assert_true(yr && yb);
+        char what[128];
+
+        pat_t pts[4] = {{.sinks = rng_u32() % 9, .window = 1 + rng_u32() % 200}, {0}, {0}, {0}};
+        pat_mask(&p, &pts[1], qbs[rng_u32() % 4], 35, true);
+        pat_mask(&p, &pts[2], qbs[rng_u32() % 4], 25, false);
+        pts[2].sinks = 1 + rng_u32() % 20;
+        pts[2].window = 1 + rng_u32() % 100;
+        pat_mask(&p, &pts[3], 1, 50, true);
+        pts[3].dense = calloc(p.n_q, 1);
+        assert_non_null(pts[3].dense);
+        uint32_t gamma = 1 + rng_u32() % 16;
+        for (uint32_t i = 0; i < p.n_q; i++)
+            pts[3].dense[i] = i % gamma == 0 || i + 4 >= p.n_q;
+        static const char *names[] = {"sink + window", "mask", "mask + sinks + window",
+                                      "mask + dense rows"};
+        for (int k = -1; k < 4; k++) {
+            const pat_t *pt = k < 0 ? NULL : &pts[k];
+            snprintf(what, sizeof(what), "cuda iter %d bt %u d %u group %u %s", iter, bt, d, group,
+                     k < 0 ? "dense" : names[k]);
+            assert_int_equal(run(g_ref, &p, pt, yr), 0);
+            check_cuda(&p, pt, yr, yb, what);
+        }
+        for (int k = 0; k < 4; k++)
+            pat_free(&pts[k]);
+        free(yr);
+        free(yb);
+        pdata_free(&p);
+    }
+}
+
 /* Patterns that keep every key must give the dense output. */
 static void
 test_degenerate_equals_dense(void **state)
@@ -527,12 +575,17 @@ test_degenerate_equals_dense(void **state)
         memset(all_dense.dense, 1, p.n_q);
         const pat_t *pats[] = {&wide, &ones, &all_dense};
         static const char *names[] = {"window >= N", "mask all ones", "all rows dense"};
-        for (int b = -1; b < g_n_be; b++) {
-            kern_backend_t *be = b < 0 ? g_ref : g_be[b].be;
+        /* b == g_n_be: cuda, whose kernels may visit the kept keys in
+         * other groups than dense does (sums in another order). */
+        for (int b = -1; b <= g_n_be; b++) {
+            if (b == g_n_be && !g_cuda)
+                break;
+            kern_backend_t *be = b < 0 ? g_ref : b == g_n_be ? g_cuda : g_be[b].be;
+            const char *label = b < 0 ? "ref" : b == g_n_be ? "cuda" : g_be[b].label;
             assert_int_equal(run(be, &p, NULL, dense), 0);
             for (int k = 0; k < 3; k++) {
                 assert_int_equal(run(be, &p, pats[k], got), 0);
-                check_close(dense, got, qn, 1e-6, names[k], b < 0 ? "ref" : g_be[b].label);
+                check_close(dense, got, qn, b == g_n_be ? 1e-5 : 1e-6, names[k], label);
             }
         }
         free(dense);
@@ -563,9 +616,14 @@ test_window_is_dense_over_kept_keys(void **state)
         float *sparse = malloc(p.n_q * per_row * sizeof(float));
         assert_non_null(sparse);
         pat_t pt = {.sinks = sinks, .window = window};
-        for (int b = -1; b < g_n_be; b++) {
-            kern_backend_t *be = b < 0 ? g_ref : g_be[b].be;
-            const char *label = b < 0 ? "ref" : g_be[b].label;
+        /* b == g_n_be: cuda, where the 40-row chunk may run on the
+         * tensor cores (f16) and each one-row check on the f32 path. */
+        for (int b = -1; b <= g_n_be; b++) {
+            if (b == g_n_be && !g_cuda)
+                break;
+            kern_backend_t *be = b < 0 ? g_ref : b == g_n_be ? g_cuda : g_be[b].be;
+            const char *label = b < 0 ? "ref" : b == g_n_be ? "cuda" : g_be[b].label;
+            double limit = b == g_n_be ? cuda_limit(&p, 0) : 1e-5;
             assert_int_equal(run(be, &p, &pt, sparse), 0);
             for (uint32_t i = 0; i < p.n_q; i += 7) {
                 /* One sequence, one row: the kept keys only. */
@@ -592,7 +650,7 @@ test_window_is_dense_over_kept_keys(void **state)
                 assert_int_equal(run(be, &k, NULL, dense), 0);
                 char what[64];
                 snprintf(what, sizeof(what), "row %u window %u sinks %u", i, window, sinks);
-                check_close(dense, sparse + i * per_row, per_row, 1e-5, what, label);
+                check_close(dense, sparse + i * per_row, per_row, limit, what, label);
                 free(dense);
                 pdata_free(&k);
             }
@@ -613,8 +671,8 @@ test_pattern_validation(void **state)
     size_t qn = (size_t)p.n_q * p.n_heads * p.d;
     float *out = malloc(qn * sizeof(float));
     assert_non_null(out);
-    kern_backend_t *bes[] = {g_ref, g_be[0].be};
-    for (int b = 0; b < 2; b++) {
+    kern_backend_t *bes[] = {g_ref, g_be[0].be, g_cuda};
+    for (int b = 0; b < (g_cuda ? 3 : 2); b++) {
         kern_backend_t *be = bes[b];
         pat_t pt = {.sinks = 4}; /* sinks alone would be dense */
         assert_int_equal(run(be, &p, &pt, out), KVS_EINVAL);
@@ -685,10 +743,26 @@ test_delta_invariants(void **state)
         for (uint32_t i = 0; i < nd; i++)
             memcpy(dr + i * w, dn + (size_t)rows[i] * w, w * sizeof(float));
         memcpy(out, sp, n * w * sizeof(float));
-        model_delta_apply(pol, (uint32_t)n, (uint32_t)w, out, dr);
-        uint32_t g = pol->gamma;
-        uint32_t tail = pol->no_tail ? 0 : (uint32_t)n % g + (g > 128 ? g : 128);
-        tail = tail < (uint32_t)n ? tail : (uint32_t)n;
+        uint32_t g = pol->gamma, tail = model_delta_tail((uint32_t)n, pol);
+        assert_int_equal(kern_delta_apply(g_ref, out, dr, (uint32_t)n, (uint32_t)w, g, tail), 0);
+        if (g_cuda) { /* the device's two passes give the same bits */
+            size_t ob = n * w * sizeof(float), db = nd * w * sizeof(float);
+            float *d_out = kern_alloc(g_cuda, ob), *d_dr = kern_alloc(g_cuda, db);
+            float *got = malloc(ob);
+            assert_true(d_out && d_dr && got);
+            for (uint32_t i = 0; i < nd; i++)
+                memcpy(got + i * w, dn + (size_t)rows[i] * w, w * sizeof(float));
+            assert_int_equal(kern_upload(g_cuda, d_dr, got, db), 0);
+            assert_int_equal(kern_upload(g_cuda, d_out, sp, ob), 0);
+            assert_int_equal(
+                kern_delta_apply(g_cuda, d_out, d_dr, (uint32_t)n, (uint32_t)w, g, tail), 0);
+            assert_int_equal(kern_download(g_cuda, got, d_out, ob), 0);
+            assert_memory_equal(got, out, ob);
+            kern_free(g_cuda, d_out);
+            kern_free(g_cuda, d_dr);
+            free(got);
+        }
+        assert_int_equal(tail, pol->no_tail ? 0 : (uint32_t)n % g + (g > 128 ? g : 128));
         uint32_t ns = (uint32_t)n - tail;
         for (uint32_t r = 0; r < (uint32_t)n; r++) {
             uint32_t b0 = r / g * g;
@@ -720,6 +794,7 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_random_patterns),
         cmocka_unit_test(test_split_k_decode),
+        cmocka_unit_test(test_cuda_patterns),
         cmocka_unit_test(test_degenerate_equals_dense),
         cmocka_unit_test(test_window_is_dense_over_kept_keys),
         cmocka_unit_test(test_pattern_validation),

@@ -1,0 +1,208 @@
+#!/bin/sh
+# bench/gpu/check.sh — the device check, run on a machine with an NVIDIA
+# GPU, in this order: the card (nvidia-smi); the gpu test
+# (tests/kernels/test_gpu.c); test_kern_ops and test_attn_policy, which add
+# the cuda backend when there is one; the engine on the tiny random model,
+# cuda against cpu logits; then bench/bench_gpu.c, whose tables come last.
+#
+#   bench/gpu/check.sh [OUT_DIR]        (default .gpu-out)
+#
+# OUT_DIR gets check.log (this script's lines), one log per step
+# (gpu_kernels, test_kern_ops, test_attn_policy, engine, bench_gpu) and
+# bench_gpu.json.  Status: 0 all passed, 1 something failed, 77 no GPU.
+#
+# Binaries come from .gpu/, which bench/gpu/prepare.sh fills on a machine
+# with the project's build dependencies (the GPU machine may lack them and
+# be unable to fetch them).  Without .gpu/ the script builds here instead
+# (prepare.sh --no-pack), which needs those dependencies.  CUDA's own
+# libraries are the GPU machine's: its toolkit, or PyTorch's nvidia-*
+# packages.
+#
+# Time: the whole check aims at KVS_GPU_CHECK_SECONDS (default 420); each
+# step runs under a timeout and bench_gpu gets what is left as its
+# --budget (60 s at least).  Without a GPU the gpu test and bench_gpu say
+# so and the script stops there, before the cpu-only runs (CI does those).
+set -u
+cd "$(dirname "$0")/../.." || exit 1
+OUT=${1:-.gpu-out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+LOG=$OUT/check.log
+: >"$LOG"
+T0=$(date +%s)
+ENVELOPE=${KVS_GPU_CHECK_SECONDS:-420}
+say() { echo "$*" | tee -a "$LOG"; }
+elapsed() { echo $(($(date +%s) - T0)); }
+
+# ---- binaries --------------------------------------------------------------
+if [ ! -d .gpu ]; then
+    say "check: no .gpu/ here: building (needs the project's build dependencies)"
+    JOBS=$(nproc) bench/gpu/prepare.sh --no-pack >>"$LOG" 2>&1 || {
+        say "check: build failed (see $LOG)"
+        exit 1
+    }
+fi
+if [ -f .gpu/kvs-gpu.tar.xz ]; then
+    DIR=${TMPDIR:-/tmp}/kvs-gpu
+    rm -rf "$DIR" && mkdir -p "$DIR"
+    if command -v xz >/dev/null 2>&1; then
+        xz -dc .gpu/kvs-gpu.tar.xz | tar -C "$DIR" -xf -
+    else
+        python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+            .gpu/kvs-gpu.tar.xz "$DIR"
+    fi || {
+        say "check: cannot unpack .gpu/kvs-gpu.tar.xz"
+        exit 1
+    }
+    BIN=$DIR/bin
+    LIBS=$DIR/lib
+    [ -f .gpu/MANIFEST ] && sed -n '1,3p' .gpu/MANIFEST | sed 's/^/check: .gpu: /' | tee -a "$LOG"
+else
+    BIN=$PWD/.gpu/bin
+    LIBS=
+fi
+
+# CUDA's runtime and cuBLAS (13.x): the toolkit first, then pip's nvidia-*.
+CUDA_LIBS=
+for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda/targets/x86_64-linux/lib \
+    /usr/local/cuda-13*/lib64 /usr/local/cuda-13*/lib \
+    /usr/local/cuda-13*/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu; do
+    if [ -e "$d/libcublas.so.13" ] && [ -e "$d/libcudart.so.13" ]; then
+        CUDA_LIBS=$d
+        break
+    fi
+done
+if [ -z "$CUDA_LIBS" ] && command -v python3 >/dev/null 2>&1; then
+    site=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null)
+    for s in $site; do
+        [ -d "$s/nvidia" ] || continue
+        dirs=$(find "$s/nvidia" \( -name 'libcublas.so.13' -o -name 'libcudart.so.13' \) \
+            -exec dirname {} \; 2>/dev/null | sort -u | tr '\n' ':')
+        CUDA_LIBS=$CUDA_LIBS${CUDA_LIBS:+:}${dirs%:}
+    done
+fi
+# For our binaries only: other programs here keep their own libraries.
+LIBPATH="${LIBS}${LIBS:+:}${CUDA_LIBS}${CUDA_LIBS:+:}${LD_LIBRARY_PATH:-}"
+say "check: CUDA libraries from ${CUDA_LIBS:-the default search path}"
+missing=$(LD_LIBRARY_PATH=$LIBPATH ldd "$BIN"/* 2>&1 | grep 'not found' | sort -u)
+if [ -n "$missing" ]; then
+    say "check: libraries not found:"
+    say "$missing"
+    exit 1
+fi
+
+# ---- the card ----------------------------------------------------------------
+if command -v nvidia-smi >/dev/null 2>&1 &&
+    card=$(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit \
+        --format=csv,noheader 2>&1); then
+    say "check: GPU: $card"
+else
+    say "check: no GPU here (nvidia-smi: ${card:-not installed})"
+fi
+
+# ---- tests -------------------------------------------------------------------
+# run NAME SECONDS CMD...: the log goes to OUT/NAME.log; prints its tail and
+# the status (77: skipped).
+STATUS=
+FAILED=0
+run() {
+    name=$1 secs=$2
+    shift 2
+    t=$(date +%s)
+    LD_LIBRARY_PATH=$LIBPATH timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+    case $rc in
+    0) what=passed ;;
+    77) what=skipped ;;
+    124) what="TIMED OUT after ${secs} s" ;;
+    *) what="FAILED ($rc)" ;;
+    esac
+    say "check: $name: $what in $(($(date +%s) - t)) s"
+    if [ $rc != 0 ] && [ $rc != 77 ]; then
+        FAILED=1
+        grep -E '\[  FAILED  \]|error|Error|failed' "$OUT/$name.log" | head -20 | tee -a "$LOG"
+    fi
+    STATUS="$STATUS $name=$rc"
+    return $rc
+}
+
+export KVS_TEST_VERBOSE=1
+run gpu_kernels 180 "$BIN/test_gpu"
+gpu_rc=$?
+if [ $gpu_rc = 77 ]; then
+    grep -h 'no CUDA device\|no usable device' "$OUT/gpu_kernels.log" | tee -a "$LOG"
+    run bench_gpu 60 "$BIN/bench_gpu" --json "$OUT/bench_gpu.json"
+    grep -h 'no CUDA device' "$OUT/bench_gpu.log" | tee -a "$LOG"
+    say "check: no CUDA device: stopping before test_kern_ops and test_attn_policy (cpu-only here)"
+    exit 77
+fi
+run test_kern_ops 90 "$BIN/test_kern_ops"
+run test_attn_policy 60 "$BIN/test_attn_policy"
+
+# ---- the engine: cuda against cpu on the tiny random model ------------------
+# A 64-token prompt (the GEMM paths) and 16 greedy steps (the GEMV paths);
+# logits rows are compared up to the first step whose greedy token differs
+# (after that the two runs see different inputs).
+SCRATCH=$PWD/.gpu-scratch
+mkdir -p "$SCRATCH"
+cat >"$SCRATCH/cmp.py" <<'PY'
+import ast, struct, sys
+from array import array
+def load(path):  # .npy v1/v2, little-endian float32 [rows][cols]
+    with open(path, "rb") as f:
+        magic = f.read(8)
+        assert magic[:6] == b"\x93NUMPY", path
+        n = struct.unpack("<H" if magic[6] == 1 else "<I", f.read(2 if magic[6] == 1 else 4))[0]
+        head = ast.literal_eval(f.read(n).decode("latin1"))
+        assert head["descr"] == "<f4" and not head["fortran_order"], head
+        rows, cols = head["shape"]
+        data = array("f")
+        data.frombytes(f.read(4 * rows * cols))
+    return [data[r * cols:(r + 1) * cols] for r in range(rows)]
+a, b = load(sys.argv[1]), load(sys.argv[2])
+argmax = lambda row: max(range(len(row)), key=row.__getitem__)
+n = min(len(a), len(b))
+same = 0
+while same < n and argmax(a[same]) == argmax(b[same]):
+    same += 1
+rows = min(n, same + 1)
+scale = max(abs(v) for r in a[:rows] for v in r)
+err = max(abs(x - y) for ra, rb in zip(a[:rows], b[:rows]) for x, y in zip(ra, rb)) / scale
+print(f"engine: {n} logits rows, greedy tokens equal for {same}, "
+      f"max|cuda - cpu| / max|cpu| = {err:.3g} over {rows} rows")
+sys.exit(0 if n > 0 and err < 2e-2 else 1)
+PY
+engine() {
+    LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" model random --shape tiny --dtype f16 --out "$SCRATCH/tiny.gguf" || return 1
+    for dev in cpu cuda; do
+        LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" run --model "$SCRATCH/tiny.gguf" --prompt-tokens "$(seq -s, 1 64)" \
+            --max-tokens 16 --temperature 0 --ignore-eos --kv-cache-dtype f32 --device $dev \
+            --logits-out "$SCRATCH/logits-$dev.npy" >/dev/null || return 1
+    done
+    python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy"
+}
+t=$(date +%s)
+if engine >"$OUT/engine.log" 2>&1; then
+    say "check: engine_cuda_vs_cpu: passed in $(($(date +%s) - t)) s"
+    STATUS="$STATUS engine_cuda_vs_cpu=0"
+else
+    FAILED=1
+    say "check: engine_cuda_vs_cpu: FAILED"
+    STATUS="$STATUS engine_cuda_vs_cpu=1"
+fi
+tail -1 "$OUT/engine.log" | tee -a "$LOG"
+
+# ---- bench -------------------------------------------------------------------
+# model_random_load's sparse metadata file: on this checkout's disk rather
+# than a /tmp that may be a small tmpfs.
+export TMPDIR="$SCRATCH"
+budget=$((ENVELOPE - $(elapsed) - 20))
+[ $budget -lt 60 ] && budget=60
+say "check: bench_gpu with a budget of $budget s ($(elapsed) s spent so far)"
+run bench_gpu $((budget + 60)) "$BIN/bench_gpu" --json "$OUT/bench_gpu.json" --budget "$budget"
+rm -rf "$SCRATCH"
+say "check: done in $(elapsed) s:$STATUS"
+echo
+# The tables last: they are what a reader of the output's tail needs.
+sed -n '/^== bench_gpu/,$p' "$OUT/bench_gpu.log"
+exit $FAILED

@@ -1,0 +1,502 @@
+/*
+ * tests/kernels/kern_test.h — helpers shared by the kernel tests
+ * (test_kern_ops.c, test_gpu.c, test_attn_policy.c): a seeded PRNG and random data, backend
+ * buffers with sentinel guards, the max|a - ref| / max|ref| comparison,
+ * random weight matrices of any type, and paged KV stores.  Include after
+ * <cmocka.h>; everything is static inline, so each test takes what it uses.
+ *
+ * Every buffer put() allocates carries GUARD sentinel floats past its end,
+ * which get() checks are intact: an op that writes past its output fails
+ * there rather than corrupting a neighbour silently.
+ */
+#ifndef KERN_TEST_H
+#define KERN_TEST_H
+
+#include <math.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/kern.h"
+
+#define GUARD 16 /* sentinel floats after every buffer */
+#define SENTINEL_BITS 0x7fa5a5a5u
+
+/* ------------------------------------------------------------------------ */
+/* Data.                                                                    */
+/* ------------------------------------------------------------------------ */
+
+static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
+
+static inline void
+rng_seed(uint64_t s)
+{
+    g_rng = s * 0x9e3779b97f4a7c15ull + 1;
+}
+
+static inline uint32_t
+rng_u32(void)
+{
+    g_rng ^= g_rng >> 12;
+    g_rng ^= g_rng << 25;
+    g_rng ^= g_rng >> 27;
+    return (uint32_t)((g_rng * 0x2545f4914f6cdd1dull) >> 32);
+}
+
+static inline float
+rng_f(float lo, float hi)
+{
+    return lo + (hi - lo) * (float)(rng_u32() >> 8) * (1.0f / 16777216.0f);
+}
+
+static inline float *
+rand_floats(size_t n, float lo, float hi)
+{
+    float *p = malloc((n ? n : 1) * sizeof(float));
+    assert_non_null(p);
+    for (size_t i = 0; i < n; i++)
+        p[i] = rng_f(lo, hi);
+    return p;
+}
+
+static inline void
+shuffle(int32_t *a, size_t n)
+{
+    for (size_t i = n; i > 1; i--) {
+        size_t j = rng_u32() % i;
+        int32_t t = a[i - 1];
+        a[i - 1] = a[j];
+        a[j] = t;
+    }
+}
+
+static inline float
+sentinel(void)
+{
+    return kvs_bits_to_f32(SENTINEL_BITS);
+}
+
+static inline float *
+sentinel_floats(size_t n)
+{
+    float *p = malloc((n ? n : 1) * sizeof(float));
+    assert_non_null(p);
+    for (size_t i = 0; i < n; i++)
+        p[i] = sentinel();
+    return p;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Backend buffers with guards.                                             */
+/* ------------------------------------------------------------------------ */
+
+/* Allocates bytes + guard on `be`, uploads `host` (may be NULL: zeros). */
+static inline void *
+put(kern_backend_t *be, const void *host, size_t bytes)
+{
+    uint8_t *d = kern_alloc(be, bytes + GUARD * sizeof(float));
+    assert_non_null(d);
+    if (host)
+        assert_int_equal(kern_upload(be, d, host, bytes), 0);
+    else
+        assert_int_equal(kern_memset(be, d, 0, bytes), 0);
+    float tail[GUARD];
+    for (int i = 0; i < GUARD; i++)
+        tail[i] = sentinel();
+    assert_int_equal(kern_upload(be, d + bytes, tail, sizeof(tail)), 0);
+    return d;
+}
+
+/* Every byte of [p, p + bytes) set to 0xff, a NaN in every float, through
+ * the backend's own memset: an element an op forgot to write stays NaN and
+ * fails the comparison. */
+static inline void
+poison(kern_backend_t *be, void *p, size_t bytes)
+{
+    assert_int_equal(kern_memset(be, p, 0xff, bytes), 0);
+}
+
+/* An output buffer of n floats, all NaN. */
+static inline float *
+put_out(kern_backend_t *be, size_t n)
+{
+    float *d = put(be, NULL, n * sizeof(float));
+    poison(be, d, n * sizeof(float));
+    return d;
+}
+
+/* Downloads `bytes` (host may be NULL) and checks the guard is intact. */
+static inline void
+get(kern_backend_t *be, void *host, const void *dev, size_t bytes, const char *what)
+{
+    assert_int_equal(kern_sync(be), 0);
+    if (host)
+        assert_int_equal(kern_download(be, host, dev, bytes), 0);
+    uint32_t tail[GUARD];
+    assert_int_equal(kern_download(be, tail, (const uint8_t *)dev + bytes, sizeof(tail)), 0);
+    for (int i = 0; i < GUARD; i++) {
+        if (tail[i] != SENTINEL_BITS) {
+            print_error("%s [%s]: guard float %d overwritten\n", what, kern_backend_name(be), i);
+            fail();
+        }
+    }
+}
+
+/* Downloads and frees. */
+static inline void
+take(kern_backend_t *be, void *host, void *dev, size_t bytes, const char *what)
+{
+    get(be, host, dev, bytes, what);
+    kern_free(be, dev);
+}
+
+static inline void
+check_close(const float *ref, const float *got, size_t n, double limit, const char *what,
+            const char *label)
+{
+    double mx = 0.0, err = 0.0;
+    size_t at = 0;
+    for (size_t i = 0; i < n; i++)
+        if (fabs(ref[i]) > mx)
+            mx = fabs(ref[i]);
+    if (mx < 1e-30)
+        mx = 1e-30;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)got[i] - ref[i]) / mx;
+        if (!(e <= err)) { /* catches NaN: unwritten outputs */
+            err = isnan(e) ? INFINITY : e;
+            at = i;
+            if (isnan(e))
+                break;
+        }
+    }
+    if (getenv("KVS_TEST_VERBOSE"))
+        print_message("%-56s %-22s err %.3g\n", what, label, err);
+    if (!(err <= limit)) {
+        print_error("%s [%s]: error %.3g > %.3g at %zu (ref %g, got %g)\n", what, label, err, limit,
+                    at, ref[at], got[at]);
+        fail();
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Weights.                                                                 */
+/* ------------------------------------------------------------------------ */
+
+/* A random matrix of `type`, rows `pad` bytes longer than packed. */
+static inline void *
+make_weights(kern_dtype_t type, uint32_t rows, uint32_t cols, size_t pad, size_t *row_bytes)
+{
+    size_t rb = kern_row_bytes(type, cols) + pad;
+    uint8_t *w = calloc(rows, rb);
+    assert_non_null(w);
+    float *tmp = rand_floats(cols, -1.0f, 1.0f);
+    for (uint32_t r = 0; r < rows; r++) {
+        for (uint32_t c = 0; c < cols; c++)
+            tmp[c] = rng_f(-1.0f, 1.0f);
+        uint8_t *row = w + (size_t)r * rb;
+        switch (type) {
+        case KERN_F32:
+            memcpy(row, tmp, cols * sizeof(float));
+            break;
+        case KERN_F16:
+            for (uint32_t c = 0; c < cols; c++) {
+                uint16_t h = kvs_f32_to_fp16(tmp[c]);
+                memcpy(row + 2 * c, &h, 2);
+            }
+            break;
+        case KERN_BF16:
+            for (uint32_t c = 0; c < cols; c++) {
+                uint16_t h = kvs_f32_to_bf16(tmp[c]);
+                memcpy(row + 2 * c, &h, 2);
+            }
+            break;
+        case KERN_Q8_0:
+            kern_quantize_q8_0(tmp, (kern_block_q8_0_t *)row, cols);
+            break;
+        default: /* Q4_0, the K-quants */
+            assert_int_equal(kern_quantize_row(type, tmp, row, cols), 0);
+            break;
+        }
+    }
+    free(tmp);
+    *row_bytes = rb;
+    return w;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Paged KV stores.                                                         */
+/* ------------------------------------------------------------------------ */
+
+typedef struct kv_geom {
+    kern_dtype_t dtype;
+    uint32_t n_layers, n_kv_heads, head_dim, block_tokens, n_blocks;
+} kv_geom_t;
+
+static inline kern_kv_t
+kv_make(kern_backend_t *be, const kv_geom_t *g, const void *k_host, const void *v_host)
+{
+    size_t el = g->dtype == KERN_F16 ? 2 : 4;
+    kern_kv_t kv = {.dtype = g->dtype,
+                    .n_layers = g->n_layers,
+                    .n_kv_heads = g->n_kv_heads,
+                    .head_dim = g->head_dim,
+                    .block_tokens = g->block_tokens,
+                    .n_blocks = g->n_blocks};
+    kv.layer_bytes = (size_t)g->n_blocks * g->n_kv_heads * g->block_tokens * g->head_dim * el;
+    kv.k = put(be, k_host, kv.layer_bytes * g->n_layers);
+    kv.v = put(be, v_host, kv.layer_bytes * g->n_layers);
+    return kv;
+}
+
+/* Downloads K and V (either may be NULL) and frees them. */
+static inline void
+kv_take(kern_backend_t *be, kern_kv_t *kv, void *k_host, void *v_host)
+{
+    take(be, k_host, kv->k, kv->layer_bytes * kv->n_layers, "kv k");
+    take(be, v_host, kv->v, kv->layer_bytes * kv->n_layers, "kv v");
+}
+
+static inline void
+check_bytes_equal(const void *a, const void *b, size_t n, const char *what, const char *label)
+{
+    if (memcmp(a, b, n) != 0) {
+        size_t i = 0;
+        while (((const uint8_t *)a)[i] == ((const uint8_t *)b)[i])
+            i++;
+        print_error("%s [%s]: bytes differ at %zu\n", what, label, i);
+        fail();
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Attention cases.                                                         */
+/* ------------------------------------------------------------------------ */
+
+typedef struct attn_case {
+    const char *name;
+    kern_dtype_t dtype;
+    uint32_t block_tokens, head_dim, n_heads, n_kv_heads;
+    uint32_t n_seqs;
+    int32_t len[3];  /* KV entries of each sequence */
+    int32_t rows[3]; /* query rows: the last rows[s] positions, causal */
+    int32_t shared;  /* leading blocks of sequence 0 that sequence 1 shares */
+} attn_case_t;
+
+/* One case's inputs, built once and replayed on every backend. */
+typedef struct attn_data {
+    const attn_case_t *c;
+    kv_geom_t g;
+    int32_t indptr[4], last_len[3], q_indptr[4];
+    int32_t *indices;
+    int32_t *kv_len;
+    uint32_t n_q;
+    float *q;
+    float *k_tok, *v_tok; /* appended tokens */
+    int32_t *slots;
+    uint32_t n_tok;
+    float scale;
+} attn_data_t;
+
+static inline void
+attn_build(const attn_case_t *c, attn_data_t *d)
+{
+    memset(d, 0, sizeof(*d));
+    d->c = c;
+    uint32_t bt = c->block_tokens, n_blk = 0;
+    for (uint32_t s = 0; s < c->n_seqs; s++)
+        n_blk += (uint32_t)(c->len[s] + (int32_t)bt - 1) / bt;
+    n_blk -= (uint32_t)c->shared;
+    d->g = (kv_geom_t){c->dtype, 2, c->n_kv_heads, c->head_dim, bt, n_blk + 5};
+
+    /* Scrambled block ids: neither contiguous nor increasing. */
+    int32_t *perm = malloc(d->g.n_blocks * sizeof(int32_t));
+    assert_non_null(perm);
+    for (uint32_t i = 0; i < d->g.n_blocks; i++)
+        perm[i] = (int32_t)i;
+    shuffle(perm, d->g.n_blocks);
+    d->indices = malloc((n_blk + (uint32_t)c->shared) * sizeof(int32_t));
+    assert_non_null(d->indices);
+    uint32_t used = 0, at = 0;
+    d->indptr[0] = 0;
+    for (uint32_t s = 0; s < c->n_seqs; s++) {
+        int32_t nb = (c->len[s] + (int32_t)bt - 1) / (int32_t)bt;
+        for (int32_t b = 0; b < nb; b++) {
+            if (s == 1 && b < c->shared)
+                d->indices[at++] = d->indices[b]; /* sequence 0's block */
+            else
+                d->indices[at++] = perm[used++];
+        }
+        d->indptr[s + 1] = (int32_t)at;
+        d->last_len[s] = c->len[s] - (nb - 1) * (int32_t)bt;
+    }
+    free(perm);
+
+    /* Every slot written once: shared blocks only by sequence 0. */
+    size_t row = (size_t)c->n_kv_heads * c->head_dim;
+    uint32_t max_tok = 0;
+    for (uint32_t s = 0; s < c->n_seqs; s++)
+        max_tok += (uint32_t)c->len[s];
+    d->slots = malloc(max_tok * sizeof(int32_t));
+    assert_non_null(d->slots);
+    for (uint32_t s = 0; s < c->n_seqs; s++) {
+        for (int32_t j = 0; j < c->len[s]; j++) {
+            if (s == 1 && j < c->shared * (int32_t)bt)
+                continue;
+            int32_t blk = d->indices[d->indptr[s] + j / (int32_t)bt];
+            d->slots[d->n_tok++] = blk * (int32_t)bt + j % (int32_t)bt;
+        }
+    }
+    d->k_tok = rand_floats(d->n_tok * row, -2.0f, 2.0f);
+    d->v_tok = rand_floats(d->n_tok * row, -2.0f, 2.0f);
+
+    d->q_indptr[0] = 0;
+    for (uint32_t s = 0; s < c->n_seqs; s++)
+        d->q_indptr[s + 1] = d->q_indptr[s] + c->rows[s];
+    d->n_q = (uint32_t)d->q_indptr[c->n_seqs];
+    d->kv_len = malloc(d->n_q * sizeof(int32_t));
+    assert_non_null(d->kv_len);
+    for (uint32_t s = 0; s < c->n_seqs; s++)
+        for (int32_t r = 0; r < c->rows[s]; r++)
+            d->kv_len[d->q_indptr[s] + r] = c->len[s] - c->rows[s] + 1 + r;
+    d->q = rand_floats((size_t)d->n_q * c->n_heads * c->head_dim, -2.0f, 2.0f);
+    d->scale = 1.0f / sqrtf((float)c->head_dim);
+}
+
+static inline void
+attn_free(attn_data_t *d)
+{
+    free(d->indices);
+    free(d->kv_len);
+    free(d->q);
+    free(d->k_tok);
+    free(d->v_tok);
+    free(d->slots);
+}
+
+/* Appends the case's tokens (one call per sequence), then runs attention
+ * over the whole batch into out_batch and, when out_single is not NULL,
+ * once per sequence into out_single. */
+static inline void
+run_attn(kern_backend_t *be, const attn_data_t *d, float *out_batch, float *out_single)
+{
+    const attn_case_t *c = d->c;
+    const uint32_t layer = 1;
+    kern_kv_t kv = kv_make(be, &d->g, NULL, NULL);
+    size_t row = (size_t)c->n_kv_heads * c->head_dim;
+    float *kd = put(be, d->k_tok, d->n_tok * row * sizeof(float));
+    float *vd = put(be, d->v_tok, d->n_tok * row * sizeof(float));
+    for (uint32_t t0 = 0; t0 < d->n_tok;) {
+        uint32_t t1 = t0 + 1;
+        while (t1 < d->n_tok && t1 - t0 < 1000)
+            t1++;
+        assert_int_equal(
+            kern_kv_append(be, &kv, layer, kd + t0 * row, vd + t0 * row, d->slots + t0, t1 - t0),
+            0);
+        t0 = t1;
+    }
+    take(be, NULL, kd, d->n_tok * row * sizeof(float), "attn k tokens");
+    take(be, NULL, vd, d->n_tok * row * sizeof(float), "attn v tokens");
+
+    size_t qn = (size_t)d->n_q * c->n_heads * c->head_dim;
+    size_t per_row = (size_t)c->n_heads * c->head_dim;
+    float *qd = put(be, d->q, qn * sizeof(float));
+    float *od = put_out(be, qn);
+    kern_attn_args_t a = {.q = qd,
+                          .out = od,
+                          .n_q = d->n_q,
+                          .n_heads = c->n_heads,
+                          .q_indptr = d->q_indptr,
+                          .kv_len = d->kv_len,
+                          .pt = {.indptr = d->indptr,
+                                 .indices = d->indices,
+                                 .last_len = d->last_len,
+                                 .n_seqs = c->n_seqs},
+                          .kv = &kv,
+                          .layer = layer,
+                          .scale = d->scale};
+    assert_int_equal(kern_attention(be, &a), 0);
+    take(be, out_batch, od, qn * sizeof(float), "attn out");
+
+    for (uint32_t s = 0; out_single && s < c->n_seqs; s++) {
+        int32_t q0 = d->q_indptr[s], nq = d->q_indptr[s + 1] - q0;
+        int32_t b0 = d->indptr[s];
+        int32_t indptr[2] = {0, d->indptr[s + 1] - b0}, q_indptr[2] = {0, nq};
+        float *os = put_out(be, (size_t)nq * per_row);
+        kern_attn_args_t one = a;
+        one.q = qd + (size_t)q0 * per_row;
+        one.out = os;
+        one.n_q = (uint32_t)nq;
+        one.q_indptr = q_indptr;
+        one.kv_len = d->kv_len + q0;
+        one.pt = (kern_page_table_t){
+            .indptr = indptr, .indices = d->indices + b0, .last_len = d->last_len + s, .n_seqs = 1};
+        assert_int_equal(kern_attention(be, &one), 0);
+        take(be, out_single + (size_t)q0 * per_row, os, (size_t)nq * per_row * sizeof(float),
+             "attn single out");
+    }
+    take(be, NULL, qd, qn * sizeof(float), "attn q");
+    kv_take(be, &kv, NULL, NULL);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Small ops as a model runs them: inputs uploaded, output read back.       */
+/* ------------------------------------------------------------------------ */
+
+static inline void
+run_get_rows(kern_backend_t *be, kern_dtype_t type, uint32_t rows, uint32_t cols, size_t rb,
+             const void *w_host, const int32_t *ids, uint32_t n, float *out)
+{
+    void *wd = put(be, w_host, rb * rows);
+    float *od = put_out(be, (size_t)n * cols);
+    kern_tensor_t w = {.type = type, .n_cols = cols, .n_rows = rows, .row_bytes = rb, .data = wd};
+    assert_int_equal(kern_pack_weight(be, &w), 0); /* rows must read back the same */
+    assert_int_equal(kern_get_rows(be, &w, ids, n, od), 0);
+    take(be, out, od, (size_t)n * cols * sizeof(float), "get_rows out");
+    take(be, NULL, wd, rb * rows, "get_rows w");
+}
+
+static inline void
+run_rmsnorm(kern_backend_t *be, const float *x, const float *w, uint32_t n, uint32_t d,
+            bool in_place, float *y)
+{
+    size_t bytes = (size_t)n * d * sizeof(float);
+    float *xd = put(be, x, bytes);
+    float *wd = put(be, w, d * sizeof(float));
+    float *yd = in_place ? xd : put_out(be, (size_t)n * d);
+    assert_int_equal(kern_rmsnorm(be, xd, wd, n, d, 1e-5f, yd), 0);
+    get(be, y, yd, bytes, "rmsnorm y");
+    if (!in_place)
+        take(be, NULL, yd, bytes, "rmsnorm y");
+    take(be, NULL, xd, bytes, "rmsnorm x");
+    take(be, NULL, wd, d * sizeof(float), "rmsnorm w");
+}
+
+static inline void
+run_add(kern_backend_t *be, const float *x, const float *y, size_t n, float *out)
+{
+    float *xd = put(be, x, n * sizeof(float));
+    float *yd = put(be, y, n * sizeof(float));
+    assert_int_equal(kern_add(be, xd, yd, n), 0);
+    take(be, out, xd, n * sizeof(float), "add x");
+    take(be, NULL, yd, n * sizeof(float), "add y");
+}
+
+static inline void
+run_swiglu(kern_backend_t *be, const float *g, const float *u, size_t n, bool alias, float *y)
+{
+    float *gd = put(be, g, n * sizeof(float));
+    float *ud = put(be, u, n * sizeof(float));
+    float *yd = alias ? gd : put_out(be, n);
+    assert_int_equal(kern_swiglu(be, gd, ud, n, yd), 0);
+    get(be, y, yd, n * sizeof(float), "swiglu out");
+    if (!alias)
+        take(be, NULL, yd, n * sizeof(float), "swiglu out");
+    take(be, NULL, gd, n * sizeof(float), "swiglu gate");
+    take(be, NULL, ud, n * sizeof(float), "swiglu up");
+}
+
+#endif /* KERN_TEST_H */

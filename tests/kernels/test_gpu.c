@@ -1,0 +1,642 @@
+/*
+ * tests/kernels/test_gpu.c — the "cuda" backend against the "ref" backend
+ * at the sizes a GPU runs: matmul at n = 1, 3, 8, 9, 64 and 300 (each side
+ * of the GEMV/GEMM switch) over odd and padded shapes, get_rows, rmsnorm,
+ * rope (NORM and NEOX, Llama 3.1 frequency factors, positions up to 128K),
+ * swiglu, add, kv_append (repeated slots included), kv_copy, Delta's
+ * correction, and paged attention for prefill chunks, mixed batches and
+ * split-KV decode at 40K and 64K tokens.  ctest: gpu_kernels, label "gpu".
+ *
+ * Exits 77 (ctest: skipped) with "skipped: no CUDA device" when the cuda
+ * backend cannot be created, which is what every machine without an
+ * NVIDIA GPU, or a build without CUDA, sees.
+ *
+ * Inputs are drawn fresh every run (the seed is printed; KVS_TEST_SEED
+ * repeats one), never zeros.  Every output starts as NaN (kern_memset
+ * 0xff) on both backends and must come back finite; the error is
+ * max|cuda - ref| / max|ref| against a per-op limit, printed for every
+ * check.  Attention, and matmul from n = 64, run twice on the device and
+ * must give the same bits: an error that moves between runs is a race.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <math.h>
+
+#include "kernels/kern.h"
+#include "tests/kernels/kern_test.h"
+
+#define SKIP 77 /* ctest's SKIP_RETURN_CODE */
+#define LABEL "cuda"
+
+static kern_backend_t *g_ref, *g_cuda;
+static uint64_t g_seed;
+
+/* A fresh stream per test, derived from the run's seed. */
+static void
+seed_test(uint64_t k)
+{
+    rng_seed(g_seed * 1000003u + k);
+}
+
+/* Every element finite: a NaN is an output the op never wrote (outputs
+ * start as NaN), an inf one it wrote wrongly. */
+static void
+check_finite(const float *y, size_t n, const char *what)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(y[i])) {
+            print_error("%s [" LABEL "]: element %zu of %zu is %g (%s)\n", what, i, n, y[i],
+                        isnan(y[i]) ? "never written?" : "overflow");
+            fail();
+        }
+    }
+}
+
+static void
+check(const float *ref, const float *got, size_t n, double limit, const char *what)
+{
+    check_finite(ref, n, what); /* the reference too: inputs are never degenerate */
+    check_finite(got, n, what);
+    check_close(ref, got, n, limit, what, LABEL);
+}
+
+static void
+check_same_bits(const void *a, const void *b, size_t bytes, const char *what)
+{
+    if (memcmp(a, b, bytes) != 0) {
+        print_error("%s [" LABEL "]: two runs on the same inputs differ (a race?)\n", what);
+        fail();
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* get_rows, matmul                                                         */
+/* ------------------------------------------------------------------------ */
+
+static void
+test_get_rows(void **state)
+{
+    (void)state;
+    static const struct {
+        kern_dtype_t type;
+        uint32_t rows, cols;
+        size_t pad;
+    } cases[] = {
+        {KERN_F32, 1000, 4097, 0},  {KERN_F16, 1000, 4099, 0}, {KERN_BF16, 1000, 4099, 0},
+        {KERN_Q8_0, 1000, 4128, 0}, {KERN_F32, 37, 33, 8},     {KERN_F16, 37, 95, 6},
+        {KERN_BF16, 37, 95, 2},     {KERN_Q8_0, 37, 96, 34},
+    };
+    seed_test(1);
+    for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
+        kern_dtype_t type = cases[ci].type;
+        uint32_t rows = cases[ci].rows, cols = cases[ci].cols, n = 300;
+        size_t rb;
+        void *w = make_weights(type, rows, cols, cases[ci].pad, &rb);
+        int32_t *ids = malloc(n * sizeof(int32_t));
+        assert_non_null(ids);
+        for (uint32_t i = 0; i < n; i++)
+            ids[i] = (int32_t)(rng_u32() % rows); /* repeats included */
+        ids[0] = 0;
+        ids[n - 1] = (int32_t)rows - 1;
+        float *yr = malloc((size_t)n * cols * sizeof(float));
+        float *yc = malloc((size_t)n * cols * sizeof(float));
+        assert_true(yr && yc);
+        run_get_rows(g_ref, type, rows, cols, rb, w, ids, n, yr);
+        run_get_rows(g_cuda, type, rows, cols, rb, w, ids, n, yc);
+        char what[96];
+        snprintf(what, sizeof(what), "get_rows %s %ux%u pad %zu", kern_type_traits(type)->name,
+                 rows, cols, cases[ci].pad);
+        check(yr, yc, (size_t)n * cols, 0.0, what);
+        free(w);
+        free(ids);
+        free(yr);
+        free(yc);
+    }
+}
+
+/* Uploads W (packed as a model would), x and bias; runs the product
+ * `times` times into out[t] from NaN each time. */
+static void
+run_matmul(kern_backend_t *be, kern_dtype_t type, uint32_t rows, uint32_t cols, size_t rb,
+           const void *w_host, const float *x, uint32_t n, const float *bias, float **out,
+           int times)
+{
+    void *wd = put(be, w_host, rb * rows);
+    float *xd = put(be, x, (size_t)n * cols * sizeof(float));
+    float *bd = bias ? put(be, bias, rows * sizeof(float)) : NULL;
+    float *yd = put_out(be, (size_t)n * rows);
+    kern_tensor_t w = {.type = type, .n_cols = cols, .n_rows = rows, .row_bytes = rb, .data = wd};
+    assert_int_equal(kern_pack_weight(be, &w), 0);
+    for (int t = 0; t < times; t++) {
+        if (t)
+            poison(be, yd, (size_t)n * rows * sizeof(float));
+        assert_int_equal(kern_matmul(be, &w, xd, n, bd, yd), 0);
+        get(be, out[t], yd, (size_t)n * rows * sizeof(float), "matmul y");
+    }
+    take(be, NULL, yd, (size_t)n * rows * sizeof(float), "matmul y");
+    take(be, NULL, xd, (size_t)n * cols * sizeof(float), "matmul x");
+    if (bd)
+        take(be, NULL, bd, rows * sizeof(float), "matmul bias");
+    take(be, NULL, wd, rb * rows, "matmul w");
+}
+
+/* What each weight type's product may differ from the double-precision
+ * reference by.  F32 and the GEMV keep x in f32; the tensor-core GEMMs
+ * take x in f16 or bf16 (a relative 2^-11 or 2^-8 per element, which
+ * random signs shrink by about sqrt(cols) over max|y|); Q8_0's x is
+ * rounded to int8 steps on both sides (kern.h), so only the device's own
+ * f16 staging of W and x remains. */
+static double
+matmul_limit(kern_dtype_t type)
+{
+    switch (type) {
+    case KERN_F32:
+        return 1e-5;
+    case KERN_F16:
+        return 5e-3;
+    case KERN_BF16:
+        return 1e-2;
+    default:
+        return 5e-3;
+    }
+}
+
+static void
+test_matmul(void **state)
+{
+    (void)state;
+    static const kern_dtype_t types[] = {KERN_F32, KERN_F16, KERN_BF16, KERN_Q8_0};
+    /* Rows neither a multiple of 4 nor of the GEMV's warps per block;
+     * padded rows; columns not a multiple of 8 (no 16-byte loads); the
+     * model's 4096 x 4096 for decode-sized n only (the reference is
+     * scalar double). */
+    static const struct {
+        uint32_t rows, cols;
+        size_t pad;
+        uint32_t max_n;
+    } shapes[] = {
+        {1031, 1024, 0, 300}, {97, 4128, 34, 300}, {301, 1003, 4, 300}, {4096, 4096, 0, 9}};
+    static const uint32_t ns[] = {1, 3, 8, 9, 64, 300};
+    seed_test(2);
+    for (size_t ti = 0; ti < sizeof(types) / sizeof(types[0]); ti++) {
+        kern_dtype_t type = types[ti];
+        for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++) {
+            uint32_t rows = shapes[si].rows, cols = shapes[si].cols;
+            if (kern_row_bytes(type, cols) == 0)
+                continue; /* Q8_0 needs whole 32-value blocks */
+            size_t pad = shapes[si].pad;
+            if (type == KERN_F32 && pad % 4)
+                pad += 4 - pad % 4; /* f32 rows must stay 4-aligned */
+            size_t rb;
+            void *w = make_weights(type, rows, cols, pad, &rb);
+            float *bias = rand_floats(rows, -2.0f, 2.0f);
+            for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++) {
+                uint32_t n = ns[ni];
+                if (n > shapes[si].max_n)
+                    continue;
+                size_t ny = (size_t)n * rows;
+                float *x = rand_floats((size_t)n * cols, -1.0f, 1.0f);
+                float *yr = malloc(ny * sizeof(float)), *y1 = malloc(ny * sizeof(float)),
+                      *y2 = malloc(ny * sizeof(float));
+                assert_true(yr && y1 && y2);
+                const float *b = ni % 2 ? bias : NULL;
+                float *outs[2] = {y1, y2};
+                /* Twice on the device for the larger n, where GEMMs split work. */
+                int times = n >= 64 ? 2 : 1;
+                run_matmul(g_ref, type, rows, cols, rb, w, x, n, b, &yr, 1);
+                run_matmul(g_cuda, type, rows, cols, rb, w, x, n, b, outs, times);
+                char what[96];
+                snprintf(what, sizeof(what), "matmul %s %ux%u pad %zu n=%u%s",
+                         kern_type_traits(type)->name, rows, cols, pad, n, b ? " +bias" : "");
+                check(yr, y1, ny, matmul_limit(type), what);
+                if (times == 2)
+                    check_same_bits(y1, y2, ny * sizeof(float), what);
+                free(x);
+                free(yr);
+                free(y1);
+                free(y2);
+            }
+            free(bias);
+            free(w);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* rmsnorm, rope, swiglu, add, Delta's correction                           */
+/* ------------------------------------------------------------------------ */
+
+static void
+test_rmsnorm(void **state)
+{
+    (void)state;
+    static const uint32_t shapes[][2] = {{1, 4096}, {300, 4096}, {7, 1003}, {64, 14336}, {3, 31}};
+    seed_test(3);
+    for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++) {
+        uint32_t n = shapes[si][0], d = shapes[si][1];
+        size_t m = (size_t)n * d;
+        float *x = rand_floats(m, -3.0f, 3.0f), *w = rand_floats(d, 0.5f, 1.5f);
+        float *yr = malloc(m * sizeof(float)), *yc = malloc(m * sizeof(float));
+        assert_true(yr && yc);
+        for (int ip = 0; ip < 2; ip++) {
+            char what[64];
+            snprintf(what, sizeof(what), "rmsnorm %ux%u%s", n, d, ip ? " in place" : "");
+            run_rmsnorm(g_ref, x, w, n, d, ip, yr);
+            run_rmsnorm(g_cuda, x, w, n, d, ip, yc);
+            check(yr, yc, m, 1e-5, what);
+        }
+        free(x);
+        free(w);
+        free(yr);
+        free(yc);
+    }
+}
+
+static void
+run_rope(kern_backend_t *be, const kern_rope_args_t *proto, const float *x, float *y)
+{
+    size_t n = (size_t)proto->n_rows * proto->n_heads * proto->head_dim;
+    float *xd = put(be, x, n * sizeof(float));
+    kern_rope_args_t a = *proto;
+    a.x = xd;
+    assert_int_equal(kern_rope(be, &a), 0);
+    take(be, y, xd, n * sizeof(float), "rope x");
+}
+
+static void
+test_rope(void **state)
+{
+    (void)state;
+    static const struct {
+        uint32_t n_rows, n_heads, head_dim, n_rot;
+        float freq_base, freq_scale;
+        bool factors, neox;
+        int32_t max_pos;
+    } cases[] = {
+        {300, 32, 128, 128, 500000.0f, 1.0f, true, false, 131071}, /* Llama 3.1 q */
+        {300, 8, 128, 128, 500000.0f, 1.0f, true, false, 131071},  /* and k */
+        {64, 28, 128, 128, 1000000.0f, 1.0f, false, true, 32767},  /* qwen2 */
+        {33, 5, 96, 64, 10000.0f, 0.5f, false, false, 40000},      /* partial, linear */
+        {17, 3, 64, 32, 10000.0f, 1.0f, true, true, 100},          /* NEOX partial */
+    };
+    seed_test(4);
+    for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
+        size_t n = (size_t)cases[ci].n_rows * cases[ci].n_heads * cases[ci].head_dim;
+        float *x = rand_floats(n, -2.0f, 2.0f);
+        float *ff = rand_floats(cases[ci].n_rot / 2, 1.0f, 8.0f);
+        int32_t *pos = malloc(cases[ci].n_rows * sizeof(int32_t));
+        assert_non_null(pos);
+        for (uint32_t r = 0; r < cases[ci].n_rows; r++)
+            pos[r] = (int32_t)(rng_u32() % ((uint32_t)cases[ci].max_pos + 1));
+        pos[0] = cases[ci].max_pos;
+        kern_rope_args_t a = {.n_rows = cases[ci].n_rows,
+                              .n_heads = cases[ci].n_heads,
+                              .head_dim = cases[ci].head_dim,
+                              .n_rot = cases[ci].n_rot,
+                              .pos = pos,
+                              .freq_base = cases[ci].freq_base,
+                              .freq_scale = cases[ci].freq_scale,
+                              .freq_factors = cases[ci].factors ? ff : NULL,
+                              .neox = cases[ci].neox};
+        float *yr = malloc(n * sizeof(float)), *yc = malloc(n * sizeof(float));
+        assert_true(yr && yc);
+        run_rope(g_ref, &a, x, yr);
+        run_rope(g_cuda, &a, x, yc);
+        char what[96];
+        snprintf(what, sizeof(what), "rope %s %ux%ux%u rot %u%s pos<=%d",
+                 cases[ci].neox ? "neox" : "norm", cases[ci].n_rows, cases[ci].n_heads,
+                 cases[ci].head_dim, cases[ci].n_rot, cases[ci].factors ? " factors" : "",
+                 cases[ci].max_pos);
+        check(yr, yc, n, 1e-5, what);
+        free(x);
+        free(ff);
+        free(pos);
+        free(yr);
+        free(yc);
+    }
+}
+
+static void
+test_elementwise(void **state)
+{
+    (void)state;
+    static const size_t sizes[] = {1, 4097, 300 * 14336 + 3};
+    seed_test(5);
+    for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++) {
+        size_t n = sizes[si];
+        float *g = rand_floats(n, -20.0f, 20.0f), *u = rand_floats(n, -3.0f, 3.0f);
+        float *yr = malloc(n * sizeof(float)), *yc = malloc(n * sizeof(float));
+        assert_true(yr && yc);
+        char what[64];
+        for (int alias = 0; alias < 2; alias++) {
+            snprintf(what, sizeof(what), "swiglu n=%zu%s", n, alias ? " aliased" : "");
+            run_swiglu(g_ref, g, u, n, alias, yr);
+            run_swiglu(g_cuda, g, u, n, alias, yc);
+            check(yr, yc, n, 1e-5, what);
+        }
+        snprintf(what, sizeof(what), "add n=%zu", n);
+        run_add(g_ref, g, u, n, yr);
+        run_add(g_cuda, g, u, n, yc);
+        check(yr, yc, n, 0.0, what);
+        free(g);
+        free(u);
+        free(yr);
+        free(yc);
+    }
+}
+
+/* Runs kern_delta_apply; out and dense come back in the host arrays. */
+static void
+run_delta(kern_backend_t *be, float *out, float *dense, uint32_t n, uint32_t width, uint32_t gamma,
+          uint32_t tail, uint32_t n_dense)
+{
+    size_t ob = (size_t)n * width * sizeof(float), db = (size_t)n_dense * width * sizeof(float);
+    float *od = put(be, out, ob), *dd = put(be, dense, db);
+    assert_int_equal(kern_delta_apply(be, od, dd, n, width, gamma, tail), 0);
+    take(be, out, od, ob, "delta out");
+    take(be, dense, dd, db, "delta dense");
+}
+
+static void
+test_delta_apply(void **state)
+{
+    (void)state;
+    static const uint32_t cases[][4] = {
+        /* n, width, gamma, tail */
+        {2048, 4096, 64, 128 + 0},
+        {1000, 4096, 64, 1000 % 64 + 128},
+        {77, 1003, 8, 0},
+        {5, 64, 16, 5},
+    };
+    seed_test(6);
+    for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
+        uint32_t n = cases[ci][0], width = cases[ci][1], gamma = cases[ci][2], tail = cases[ci][3];
+        uint32_t n_dense = (n - tail + gamma - 1) / gamma + tail;
+        size_t no = (size_t)n * width, nd = (size_t)n_dense * width;
+        float *out = rand_floats(no, -1.0f, 1.0f), *dense = rand_floats(nd, -1.0f, 1.0f);
+        float *or_ = malloc(no * sizeof(float)), *dr = malloc(nd * sizeof(float));
+        float *oc = malloc(no * sizeof(float)), *dc = malloc(nd * sizeof(float));
+        assert_true(or_ && dr && oc && dc);
+        memcpy(or_, out, no * sizeof(float));
+        memcpy(oc, out, no * sizeof(float));
+        memcpy(dr, dense, nd * sizeof(float));
+        memcpy(dc, dense, nd * sizeof(float));
+        run_delta(g_ref, or_, dr, n, width, gamma, tail, n_dense);
+        run_delta(g_cuda, oc, dc, n, width, gamma, tail, n_dense);
+        char what[96];
+        snprintf(what, sizeof(what), "delta_apply n=%u width %u gamma %u tail %u", n, width, gamma,
+                 tail);
+        check(or_, oc, no, 1e-6, what);
+        snprintf(what, sizeof(what), "delta_apply n=%u width %u gamma %u tail %u (dense)", n, width,
+                 gamma, tail);
+        check(dr, dc, nd, 1e-6, what);
+        free(out);
+        free(dense);
+        free(or_);
+        free(dr);
+        free(oc);
+        free(dc);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* KV cache: append, copy                                                   */
+/* ------------------------------------------------------------------------ */
+
+static void
+test_kv_append(void **state)
+{
+    (void)state;
+    seed_test(7);
+    for (int dt = 0; dt < 2; dt++) {
+        /* order 0: one prefill chunk into consecutive slots; 1: scrambled
+         * (a decode batch's slots); 2: scrambled with slots repeated far
+         * apart in the batch, where the later token must win. */
+        for (int order = 0; order < 3; order++) {
+            kv_geom_t g = {dt ? KERN_F16 : KERN_F32, 2, 8, 128, 16, 512};
+            uint32_t n = 4096, n_slots = g.n_blocks * g.block_tokens;
+            int32_t *slots = malloc(n * sizeof(int32_t));
+            assert_non_null(slots);
+            int32_t first = (int32_t)(rng_u32() % (n_slots - n));
+            for (uint32_t i = 0; i < n; i++)
+                slots[i] = first + (int32_t)i;
+            if (order >= 1) { /* n distinct slots anywhere in the pool */
+                int32_t *perm = malloc(n_slots * sizeof(int32_t));
+                assert_non_null(perm);
+                for (uint32_t i = 0; i < n_slots; i++)
+                    perm[i] = (int32_t)i;
+                shuffle(perm, n_slots);
+                memcpy(slots, perm, n * sizeof(int32_t));
+                free(perm);
+            }
+            if (order == 2) /* sources below 700, repeats above 1700 */
+                for (uint32_t i = 0; i < 64; i++)
+                    slots[n - 1 - i * 37] = slots[i * 11];
+            size_t el = dt ? 2 : 4, m = (size_t)n * g.n_kv_heads * g.head_dim;
+            size_t bytes = (size_t)g.n_layers * n_slots * g.n_kv_heads * g.head_dim * el;
+            /* Random old contents: slots nobody writes must keep them. */
+            uint8_t *k0 = malloc(bytes), *v0 = malloc(bytes);
+            assert_true(k0 && v0);
+            for (size_t i = 0; i < bytes; i++) {
+                k0[i] = (uint8_t)rng_u32();
+                v0[i] = (uint8_t)rng_u32();
+            }
+            float *k = rand_floats(m, -4.0f, 4.0f), *v = rand_floats(m, -4.0f, 4.0f);
+            uint8_t *kr = malloc(bytes), *vr = malloc(bytes), *kc = malloc(bytes),
+                    *vc = malloc(bytes);
+            assert_true(kr && vr && kc && vc);
+            kern_backend_t *bes[2] = {g_ref, g_cuda};
+            for (int b = 0; b < 2; b++) {
+                kern_kv_t kv = kv_make(bes[b], &g, k0, v0);
+                float *kd = put(bes[b], k, m * sizeof(float)),
+                      *vd = put(bes[b], v, m * sizeof(float));
+                assert_int_equal(kern_kv_append(bes[b], &kv, 1, kd, vd, slots, n), 0);
+                take(bes[b], NULL, kd, m * sizeof(float), "kv_append k");
+                take(bes[b], NULL, vd, m * sizeof(float), "kv_append v");
+                kv_take(bes[b], &kv, b ? kc : kr, b ? vc : vr);
+            }
+            char what[64];
+            snprintf(what, sizeof(what), "kv_append %s order %d", dt ? "f16" : "f32", order);
+            check_bytes_equal(kr, kc, bytes, what, LABEL);
+            check_bytes_equal(vr, vc, bytes, what, LABEL);
+            print_message("%-56s %-22s bytes equal\n", what, LABEL);
+            free(slots);
+            free(k0);
+            free(v0);
+            free(k);
+            free(v);
+            free(kr);
+            free(vr);
+            free(kc);
+            free(vc);
+        }
+    }
+}
+
+static void
+test_kv_copy(void **state)
+{
+    (void)state;
+    seed_test(8);
+    for (int dt = 0; dt < 2; dt++) {
+        kv_geom_t g = {dt ? KERN_F16 : KERN_F32, 4, 8, 128, 16, 256};
+        size_t bytes = (size_t)g.n_layers * g.n_blocks * g.n_kv_heads * g.block_tokens *
+                       g.head_dim * (dt ? 2 : 4);
+        uint8_t *k0 = malloc(bytes), *v0 = malloc(bytes);
+        assert_true(k0 && v0);
+        for (size_t i = 0; i < bytes; i++) {
+            k0[i] = (uint8_t)rng_u32();
+            v0[i] = (uint8_t)rng_u32();
+        }
+        /* Copy-on-write fan-out (one source, 100 fresh destinations), then
+         * an order-dependent list: a chain 5 -> 9 -> 2, a swap through a
+         * spare block, and a self copy. */
+        int32_t src[128], dst[128];
+        uint32_t n_cow = 100;
+        for (uint32_t i = 0; i < n_cow; i++) {
+            src[i] = 3;
+            dst[i] = 100 + (int32_t)i;
+        }
+        static const int32_t s2[] = {5, 9, 10, 11, 12, 7};
+        static const int32_t d2[] = {9, 2, 12, 10, 11, 7};
+        kern_backend_t *bes[2] = {g_ref, g_cuda};
+        uint8_t *kr = malloc(bytes), *vr = malloc(bytes), *kc = malloc(bytes), *vc = malloc(bytes);
+        assert_true(kr && vr && kc && vc);
+        for (int list = 0; list < 2; list++) {
+            for (int b = 0; b < 2; b++) {
+                kern_kv_t kv = kv_make(bes[b], &g, k0, v0);
+                if (list == 0)
+                    assert_int_equal(kern_kv_copy(bes[b], &kv, src, dst, n_cow), 0);
+                else
+                    assert_int_equal(kern_kv_copy(bes[b], &kv, s2, d2, 6), 0);
+                kv_take(bes[b], &kv, b ? kc : kr, b ? vc : vr);
+            }
+            char what[64];
+            snprintf(what, sizeof(what), "kv_copy %s %s", dt ? "f16" : "f32",
+                     list ? "ordered list" : "copy-on-write fan-out");
+            check_bytes_equal(kr, kc, bytes, what, LABEL);
+            check_bytes_equal(vr, vc, bytes, what, LABEL);
+            print_message("%-56s %-22s bytes equal\n", what, LABEL);
+        }
+        free(k0);
+        free(v0);
+        free(kr);
+        free(vr);
+        free(kc);
+        free(vc);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Attention                                                                */
+/* ------------------------------------------------------------------------ */
+
+/* Long single rows split the KV range over many blocks (split-KV) and
+ * merge partial softmaxes; prefill chunks run many rows of one sequence;
+ * the mixed case shares prefix blocks between sequences. */
+static const attn_case_t gpu_attn_cases[] = {
+    {"f16 bt16 d128 32/8 decode 40K+17+4099",
+     KERN_F16,
+     16,
+     128,
+     32,
+     8,
+     3,
+     {40000, 17, 4099},
+     {1, 1, 1},
+     0},
+    {"f16 bt16 d128 32/8 decode 64K", KERN_F16, 16, 128, 32, 8, 1, {65543}, {1}, 0},
+    {"f16 bt16 d128 8/2 prefill 200 rows at 2.3K", KERN_F16, 16, 128, 8, 2, 1, {2500}, {200}, 0},
+    {"f32 bt16 d64 32/4 mixed, shared prefix",
+     KERN_F32,
+     16,
+     64,
+     32,
+     4,
+     3,
+     {3000, 2100, 70},
+     {64, 1, 70},
+     40},
+    {"f16 bt32 d256 mha decode 20K + prefill", KERN_F16, 32, 256, 4, 4, 2, {20000, 9}, {1, 9}, 0},
+    {"f16 bt1 d80 gqa2", KERN_F16, 1, 80, 4, 2, 2, {5000, 333}, {3, 2}, 0},
+};
+
+static void
+test_attention(void **state)
+{
+    (void)state;
+    seed_test(9);
+    for (size_t ci = 0; ci < sizeof(gpu_attn_cases) / sizeof(gpu_attn_cases[0]); ci++) {
+        const attn_case_t *c = &gpu_attn_cases[ci];
+        attn_data_t d;
+        attn_build(c, &d);
+        size_t qn = (size_t)d.n_q * c->n_heads * c->head_dim;
+        float *yr = malloc(qn * sizeof(float)), *y1 = malloc(qn * sizeof(float)),
+              *y2 = malloc(qn * sizeof(float)), *ys = malloc(qn * sizeof(float));
+        assert_true(yr && y1 && y2 && ys);
+        run_attn(g_ref, &d, yr, NULL);
+        run_attn(g_cuda, &d, y1, ys);
+        run_attn(g_cuda, &d, y2, NULL);
+        int32_t longest = 0;
+        for (uint32_t s = 0; s < c->n_seqs; s++)
+            longest = c->len[s] > longest ? c->len[s] : longest;
+        /* Sums over tens of thousands of keys in f32; sequences of several
+         * rows over F16 KV at head_dim 64 or 128 take the tensor-core
+         * kernel, whose q and p are f16 (cuda_attn_tc.cu). */
+        double limit = longest >= 16384 ? 1e-4 : 1e-5;
+        for (uint32_t s = 0; s < c->n_seqs; s++)
+            if (c->dtype == KERN_F16 && (c->head_dim == 64 || c->head_dim == 128) && c->rows[s] > 1)
+                limit = 5e-3;
+        char what[96];
+        snprintf(what, sizeof(what), "attention %s (batched)", c->name);
+        check(yr, y1, qn, limit, what);
+        check_same_bits(y1, y2, qn * sizeof(float), what);
+        snprintf(what, sizeof(what), "attention %s (per sequence)", c->name);
+        check(yr, ys, qn, limit, what);
+        free(yr);
+        free(y1);
+        free(y2);
+        free(ys);
+        attn_free(&d);
+    }
+}
+
+int
+main(void)
+{
+    int rc = kern_backend_new("cuda", NULL, &g_cuda);
+    if (rc != 0) {
+        printf("gpu_kernels: skipped: no CUDA device (%s)\n",
+               rc == KVS_ENOTSUP ? "built without CUDA" : kvs_strerror(rc));
+        return SKIP;
+    }
+    if (kern_backend_new("ref", NULL, &g_ref) != 0) {
+        kern_backend_free(g_cuda);
+        return 1;
+    }
+    const char *s = getenv("KVS_TEST_SEED");
+    g_seed = s ? strtoull(s, NULL, 10) : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+    printf("gpu_kernels: seed %llu (KVS_TEST_SEED=%llu repeats this run)\n",
+           (unsigned long long)g_seed, (unsigned long long)g_seed);
+    setenv("KVS_TEST_VERBOSE", "1", 0); /* every check prints its error */
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_get_rows),    cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_rmsnorm),     cmocka_unit_test(test_rope),
+        cmocka_unit_test(test_elementwise), cmocka_unit_test(test_delta_apply),
+        cmocka_unit_test(test_kv_append),   cmocka_unit_test(test_kv_copy),
+        cmocka_unit_test(test_attention),
+    };
+    rc = cmocka_run_group_tests(tests, NULL, NULL);
+    kern_backend_free(g_ref);
+    kern_backend_free(g_cuda);
+    return rc;
+}
