@@ -36,6 +36,10 @@ void sched_batch_free(sched_batch_t *b); /* NULL is a no-op */
  * Returns 0, KVS_EAGAIN, KVS_ENOSPC, KVS_EINVAL or KVS_ENOMEM. */
 int sched_batch_build(sched_batch_t *b, const sched_seq_step_t *steps, uint32_t n_steps,
                       const model_batch_t **out);
+/* Asks the last built batch to capture the post-RoPE queries of the last
+ * token of each step whose `capture[s]` is set, into capture_q (see
+ * model_batch_t; rows in step order).  Returns how many rows. */
+uint32_t sched_batch_capture(sched_batch_t *b, const bool *capture, float *capture_q);
 
 /* ======================================================================== */
 /* The engine: requests, continuous batching, preemption.                   */
@@ -62,6 +66,10 @@ typedef struct sched_usage {
     /* Prompt rows' attention: keys attended and keys a dense prefill would
      * (their ratio is the density the policy achieved; equal when dense). */
     uint64_t attn_keys, attn_keys_dense;
+    /* Speculative prefill: time from the draft's first step to the choice
+     * of tokens, and the prompt tokens the main model kept. */
+    uint64_t draft_ns;
+    uint32_t kept_prompt_tokens;
 } sched_usage_t;
 
 typedef struct sched_request {
@@ -74,6 +82,7 @@ typedef struct sched_request {
     int32_t priority;         /* lower runs first (vLLM's convention); FCFS within */
     uint64_t cache_salt;      /* requests with different salts never share KV */
     model_attn_policy_t attn; /* prefill attention (zero: dense) */
+    model_spec_policy_t spec; /* speculative prefill (off: full prefill) */
 } sched_request_t;
 
 typedef enum sched_event_kind {
@@ -102,6 +111,13 @@ typedef struct sched_cfg {
     size_t kv_cache_bytes;           /* used when n_blocks is 0 */
     kern_dtype_t kv_dtype;           /* KERN_F16 (default) or KERN_F32 */
     bool prefix_caching;
+    /* Speculative prefill's draft model (NULL: none), on the main model's
+     * backend with the same vocabulary, and its own KV pool of
+     * draft_n_blocks blocks (0: as many blocks as the main pool; when the
+     * main pool is sized by kv_cache_bytes, the bytes are split between
+     * the two in proportion to their block sizes). */
+    model_t *draft;
+    uint32_t draft_n_blocks;
     /* Niceness the engine thread takes when started by sched_thread_start
      * (0: inherit).  A server lowers it (and the kernels' workers') so its
      * network threads run as soon as tokens exist. */
@@ -116,17 +132,21 @@ typedef struct sched_cfg {
 typedef struct sched sched_t;
 
 /* An engine over a loaded model (and its backend).  Fills defaults for
- * zero fields.  Returns 0, KVS_EINVAL or KVS_ENOMEM. */
+ * zero fields.  Returns 0, KVS_EINVAL (also: a draft on another backend
+ * or with another vocabulary size) or KVS_ENOMEM. */
 int sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out);
 /* Frees every request (no events) and the KV pool. NULL is a no-op. */
 void sched_free(sched_t *s);
 const sched_cfg_t *sched_get_cfg(const sched_t *s);
 kv_pool_t *sched_pool(sched_t *s);
+kv_pool_t *sched_draft_pool(sched_t *s); /* NULL without a draft */
 
 /* Queues a request (the prompt is copied).  Thread: any.  Returns 0,
- * KVS_EINVAL (empty prompt, token outside the vocabulary, bad sampling),
- * KVS_ERANGE (prompt + max_tokens longer than the maximum model length) or
- * KVS_ENOSPC (could never fit in the KV pool). */
+ * KVS_EINVAL (empty prompt, token outside the vocabulary, bad sampling or
+ * policy), KVS_ENOTSUP (a policy this engine cannot run: speculative
+ * prefill without a draft or on a device backend, block-sparse on a device
+ * backend), KVS_ERANGE (prompt + max_tokens longer than the maximum model
+ * length) or KVS_ENOSPC (could never fit in the KV pool or the draft's). */
 int sched_submit(sched_t *s, const sched_request_t *r);
 /* Asks to cancel request id; it finishes with SCHED_FINISH_CANCELLED (if it
  * had not finished already).  Thread: any. */

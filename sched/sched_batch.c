@@ -15,7 +15,7 @@
 
 struct sched_batch {
     model_batch_t mb;
-    int32_t *tokens, *pos, *slots, *kv_len, *logit_rows;
+    int32_t *tokens, *pos, *slots, *kv_len, *logit_rows, *capture_rows;
     uint32_t cap_tokens;
     int32_t *seq_indptr, *pt_indptr, *pt_last_len;
     kv_table_t **tables;
@@ -43,6 +43,7 @@ sched_batch_free(sched_batch_t *b)
     free(b->slots);
     free(b->kv_len);
     free(b->logit_rows);
+    free(b->capture_rows);
     free(b->seq_indptr);
     free(b->pt_indptr);
     free(b->pt_last_len);
@@ -72,7 +73,8 @@ reserve_arrays(sched_batch_t *b, uint32_t n_tokens, uint32_t n_seqs, uint32_t n_
         size_t n = n_tokens;
         if ((rc = grow((void **)&b->tokens, n, 4)) || (rc = grow((void **)&b->pos, n, 4)) ||
             (rc = grow((void **)&b->slots, n, 4)) || (rc = grow((void **)&b->kv_len, n, 4)) ||
-            (rc = grow((void **)&b->logit_rows, n, 4)))
+            (rc = grow((void **)&b->logit_rows, n, 4)) ||
+            (rc = grow((void **)&b->capture_rows, n, 4)))
             return rc;
         b->cap_tokens = n_tokens;
     }
@@ -161,4 +163,17 @@ sched_batch_build(sched_batch_t *b, const sched_seq_step_t *steps, uint32_t n_st
     };
     *out = &b->mb;
     return 0;
+}
+
+uint32_t
+sched_batch_capture(sched_batch_t *b, const bool *capture, float *capture_q)
+{
+    uint32_t n = 0;
+    for (uint32_t s = 0; s < b->mb.pt.n_seqs; s++)
+        if (capture[s])
+            b->capture_rows[n++] = b->seq_indptr[s + 1] - 1;
+    b->mb.capture_rows = b->capture_rows;
+    b->mb.n_capture = n;
+    b->mb.capture_q = n ? capture_q : NULL;
+    return n;
 }

@@ -12,7 +12,17 @@
  * Planning has no prefill/decode modes: every running request needs
  * n_tokens - n_computed more tokens (1 when decoding).  Decodes are served
  * first, then prefill chunks fill the remaining token budget, then waiting
- * requests are admitted in order while sequences and budget remain.  When
+ * requests are admitted in order while sequences and budget remain.
+ *
+ * Speculative prefill (model.h) adds a draft phase in front of a request's
+ * prefill: admitted with all its draft KV reserved at once (so drafting
+ * requests never wait on each other's blocks), it runs the draft model over
+ * the prompt (chunks, like a prefill) and look_ahead - 1 greedy tokens
+ * (like decodes), capturing the queries that score the prompt; then the
+ * draft KV is released, the kept tokens are chosen, and the main model
+ * prefills only those, at their original positions, before decoding at
+ * position n_prompt as usual.  Draft and main steps share the token budget
+ * and run as two forward passes per engine step.  When
  * the pool is full the lowest-priority, latest-arriving running request
  * not yet scheduled this step is preempted by recompute (its blocks
  * released, its tokens kept, back to waiting); if there is none, the
@@ -54,6 +64,19 @@ typedef struct req {
     uint64_t t_submit, t_first_token;
     model_attn_policy_t attn;
     uint32_t block_tokens; /* the pool's, for count_keys */
+    /* Speculative prefill.  Drafting while spec.on and kept == NULL. */
+    model_spec_policy_t spec;
+    bool draft_step;     /* this step's tokens go to the draft */
+    kv_table_t *d_table; /* the draft's KV while drafting */
+    int32_t *d_tokens;   /* prompt + look-ahead tokens, [n_prompt + look_ahead] */
+    uint32_t d_n;        /* tokens the draft has to read so far */
+    uint32_t d_computed; /* of them, read */
+    uint32_t n_a;        /* queries captured */
+    float *qs;           /* [look_ahead][draft layers][draft q dim] */
+    uint64_t t_draft;    /* first draft step */
+    int32_t *kept;       /* the main model's prompt indices, sorted; NULL: all */
+    int32_t *kept_tok;   /* their tokens */
+    uint32_t n_kept, kept_done;
 } req_t;
 
 typedef struct req_list {
@@ -70,6 +93,17 @@ struct sched {
     model_ctx_t *ctx;
     sched_batch_t *batch;
     float *logits;
+    /* Speculative prefill's draft (NULL when none). */
+    model_t *draft;
+    kv_pool_t *d_pool;
+    model_ctx_t *d_ctx;
+    sched_batch_t *d_batch;
+    float *d_logits;  /* [max_num_seqs][n_vocab] */
+    float *d_capture; /* [max_num_seqs][draft layers][draft q dim] */
+    bool *d_want;     /* [max_num_seqs] capture flags */
+    sched_seq_step_t *d_steps;
+    req_t **d_reqs;
+    model_sampler_t *d_greedy; /* look-ahead tokens */
     kvs_mpsc_t inbox, outbox;
     _Atomic uint64_t next_seq;
     req_list_t waiting, running;
@@ -194,18 +228,81 @@ req_free(req_t *r)
 {
     if (r == NULL)
         return;
+    kv_table_free(r->d_table);
+    free(r->d_tokens);
+    free(r->qs);
+    free(r->kept);
+    free(r->kept_tok);
     kv_table_free(r->table);
     model_sampler_free(r->sampler);
     free(r->tokens);
     free(r);
 }
 
-/* Registers the computed full blocks so other requests can share them. */
+static bool
+drafting(const req_t *r)
+{
+    return r->spec.on && r->kept == NULL;
+}
+
+/* Tokens the request still needs computed (1: a decode step). */
+static uint32_t
+need_of(const req_t *r)
+{
+    if (drafting(r))
+        return r->d_n - r->d_computed;
+    if (r->kept && r->kept_done < r->n_kept)
+        return r->n_kept - r->kept_done;
+    return r->n_tokens - r->n_computed;
+}
+
+/* Registers the computed full blocks so other requests can share them.
+ * After a speculative prefill only the leading run of kept tokens is at
+ * its natural positions (kv_prefix_commit stops at the first other block
+ * anyway), so just that run is offered. */
 static void
 commit_prefix(sched_t *s, req_t *r)
 {
-    if (s->cfg.prefix_caching && r->table && r->n_computed > 0)
-        kv_prefix_commit(r->table, r->tokens, r->n_computed, r->extra);
+    if (!s->cfg.prefix_caching || r->table == NULL)
+        return;
+    uint32_t n = r->n_computed;
+    if (r->kept) {
+        n = 0;
+        while (n < r->kept_done && r->kept[n] == (int32_t)n)
+            n++;
+    }
+    if (n > 0)
+        kv_prefix_commit(r->table, r->tokens, n, r->extra);
+}
+
+/* After a prefix-cache hit of `hit` prompt tokens (re-admission after a
+ * preemption): those tokens are in the table with their full KV, so the
+ * kept list starts with all of them, and only kept tokens past them are
+ * left to prefill. */
+static void
+kept_rebase(req_t *r, uint32_t hit)
+{
+    uint32_t j = 0;
+    while (j < r->n_kept && r->kept[j] < (int32_t)hit)
+        j++;
+    memmove(r->kept + hit, r->kept + j, (r->n_kept - j) * sizeof *r->kept);
+    for (uint32_t i = 0; i < hit; i++)
+        r->kept[i] = (int32_t)i;
+    r->n_kept = hit + (r->n_kept - j);
+    for (uint32_t i = 0; i < r->n_kept; i++)
+        r->kept_tok[i] = r->tokens[r->kept[i]];
+    r->kept_done = hit;
+}
+
+/* Back to the start of the draft phase: its KV released, captures lost. */
+static void
+draft_reset(req_t *r)
+{
+    kv_table_free(r->d_table);
+    r->d_table = NULL;
+    r->d_n = r->n_prompt;
+    r->d_computed = 0;
+    r->n_a = 0;
 }
 
 static void
@@ -236,6 +333,9 @@ preempt(sched_t *s, req_t *r)
     r->table = NULL;
     r->n_computed = 0;
     r->n_sched = 0;
+    r->kept_done = 0;
+    if (drafting(r))
+        draft_reset(r);
     r->usage.preemptions++;
     r->state = REQ_WAITING;
     list_insert_sorted(&s->waiting, r);
@@ -310,6 +410,17 @@ pick_victim(sched_t *s, const req_t *for_r)
 static bool
 schedule_running(sched_t *s, req_t *r, uint32_t n)
 {
+    r->draft_step = drafting(r);
+    if (r->draft_step) {
+        /* Its whole draft was reserved at admission: this cannot wait. */
+        int rc = kv_table_reserve(r->d_table, n);
+        if (rc) {
+            finish(s, r, SCHED_FINISH_ERROR, rc);
+            return false;
+        }
+        add_step(s, r, n);
+        return true;
+    }
     for (;;) {
         int rc = kv_table_reserve(r->table, n);
         if (rc == 0) {
@@ -346,7 +457,7 @@ plan(sched_t *s)
             req_t *r = snap[i];
             if (r == NULL || r->state != REQ_RUNNING || r->n_sched)
                 continue;
-            uint32_t need = r->n_tokens - r->n_computed;
+            uint32_t need = need_of(r);
             if ((pass == 0) != (need == 1))
                 continue; /* decodes in pass 0, prefill chunks in pass 1 */
             uint32_t n = need < s->budget ? need : s->budget;
@@ -369,16 +480,29 @@ plan(sched_t *s)
         req_t *r = s->waiting.head;
         if (r->table == NULL && kv_table_new(s->pool, &r->table) != 0)
             break;
-        if (r->n_computed == 0 && s->cfg.prefix_caching) {
+        if (r->n_computed == 0 && r->kept_done == 0 && s->cfg.prefix_caching) {
+            /* A speculative prefill matches the prompt only: those tokens
+             * keep their full KV, and generated ones are recomputed. */
             uint32_t hit = 0;
-            kv_prefix_match(r->table, r->tokens, r->n_tokens, r->extra, &hit);
-            r->n_computed = hit;
+            kv_prefix_match(r->table, r->tokens, r->spec.on ? r->n_prompt : r->n_tokens, r->extra,
+                            &hit);
+            if (r->kept)
+                kept_rebase(r, hit);
+            else
+                r->n_computed = hit;
             if (!r->admitted_once)
                 r->usage.cached_prompt_tokens = hit < r->n_prompt ? hit : r->n_prompt;
         }
-        uint32_t need = r->n_tokens - r->n_computed;
-        uint32_t n = need < s->budget ? need : s->budget;
-        int rc = kv_table_reserve(r->table, n);
+        int rc;
+        if (drafting(r)) {
+            /* All of the draft's KV now, or wait. */
+            rc = r->d_table ? 0 : kv_table_new(s->d_pool, &r->d_table);
+            if (rc == 0)
+                rc = kv_table_reserve(r->d_table, r->n_prompt + r->spec.look_ahead - 1);
+        } else {
+            uint32_t need = need_of(r);
+            rc = kv_table_reserve(r->table, need < s->budget ? need : s->budget);
+        }
         if (rc == KVS_ENOSPC) {
             finish(s, r, SCHED_FINISH_ERROR, KVS_ENOSPC);
             continue;
@@ -388,8 +512,13 @@ plan(sched_t *s)
             kv_table_free(r->table);
             r->table = NULL;
             r->n_computed = 0;
+            r->kept_done = 0;
+            if (drafting(r))
+                draft_reset(r);
             break;
         }
+        uint32_t need = need_of(r);
+        uint32_t n = need < s->budget ? need : s->budget;
         list_remove(&s->waiting, r);
         r->state = REQ_RUNNING;
         list_insert_sorted(&s->running, r);
@@ -397,6 +526,7 @@ plan(sched_t *s)
             r->admitted_once = true;
             r->usage.queue_ns = kvs_now_ns() - r->t_submit;
         }
+        r->draft_step = drafting(r);
         add_step(s, r, n);
     }
 }
@@ -422,11 +552,11 @@ is_finished(const sched_t *s, const req_t *r, int32_t tok, sched_finish_t *why)
  * plus at most top_k selected blocks and the row's own), full rows for
  * Delta's strided and tail rows (blocks and tail per call). */
 static void
-count_keys(req_t *r, uint32_t first, uint32_t n)
+count_keys(req_t *r, uint32_t first, uint32_t n, uint32_t n_prompt)
 {
     const model_attn_policy_t *p = &r->attn;
     uint32_t np = 0; /* prompt rows of this step */
-    while (np < n && first + np < r->n_prompt)
+    while (np < n && first + np < n_prompt)
         np++;
     uint32_t tail = 0, g = p->gamma ? p->gamma : 1;
     if (p->kind == MODEL_ATTN_DELTA && !p->no_tail) {
@@ -441,7 +571,7 @@ count_keys(req_t *r, uint32_t first, uint32_t n)
         uint64_t sparse = L < kept ? L : kept;
         bool dense = p->kind == MODEL_ATTN_DENSE ||
                      (p->kind == MODEL_ATTN_DELTA && (i >= np - tail || i % g == 0)) ||
-                     (p->kind == MODEL_ATTN_SINK_WINDOW && p->last_dense && L == r->n_prompt);
+                     (p->last_dense && L == n_prompt);
         r->usage.attn_keys_dense += L;
         r->usage.attn_keys += dense ? L : sparse;
         if (p->kind == MODEL_ATTN_DELTA && i % g == 0 && i < np - tail)
@@ -477,26 +607,137 @@ sched_step(sched_t *s)
     return rc < 0 ? rc : live;
 }
 
-static int
-step_once(sched_t *s)
+/* The draft phase is over for r: score the prompt, choose the kept
+ * tokens, release the draft's KV.  The prefix-cache hit (n_computed
+ * tokens already in r's main table) is kept whole. */
+static void
+draft_done(sched_t *s, req_t *r)
 {
-    drain_inbox(s);
-    plan(s);
-    if (s->n_steps == 0)
-        return (int)(s->waiting.n + s->running.n);
+    const uint32_t N = r->n_prompt;
+    float *imp = malloc((size_t)N * sizeof *imp);
+    r->kept = malloc((size_t)N * sizeof *r->kept);
+    r->kept_tok = malloc((size_t)N * sizeof *r->kept_tok);
+    int rc = !imp || !r->kept || !r->kept_tok ? KVS_ENOMEM : 0;
+    if (rc == 0)
+        rc = model_spec_importance(s->draft, kv_pool_kv(s->d_pool), kv_table_blocks(r->d_table), N,
+                                   r->qs, r->n_a, r->spec.pool, imp);
+    if (rc) {
+        free(imp);
+        finish(s, r, SCHED_FINISH_ERROR, rc);
+        return;
+    }
+    r->n_kept =
+        model_spec_select(imp, N, r->spec.chunk, r->spec.keep_ratio, r->n_computed, r->kept);
+    free(imp);
+    for (uint32_t i = 0; i < r->n_kept; i++)
+        r->kept_tok[i] = r->tokens[r->kept[i]];
+    r->kept_done = r->n_computed;
+    kv_table_free(r->d_table);
+    r->d_table = NULL;
+    free(r->qs);
+    r->qs = NULL;
+    r->usage.draft_ns = kvs_now_ns() - r->t_draft;
+    r->usage.kept_prompt_tokens = r->n_kept;
+}
 
+/* The draft's forward pass over this step's draft work (d_reqs[0..n)):
+ * prompt chunks, then one look-ahead token at a time.  The last prompt
+ * token and every look-ahead token capture their queries in every layer
+ * and extend the look-ahead greedily from the draft's logits (an
+ * end-of-generation token ends it early). */
+static int
+draft_forward(sched_t *s, uint32_t n)
+{
+    const model_hparams_t *dh = model_hparams(s->draft);
+    const size_t qd = (size_t)dh->n_head * dh->head_dim, L = dh->n_layer;
+    uint64_t now = kvs_now_ns();
+    for (uint32_t i = 0; i < n; i++) {
+        req_t *r = s->d_reqs[i];
+        if (r->d_computed == 0)
+            r->t_draft = now;
+        bool cap = r->d_computed + r->n_sched >= r->n_prompt;
+        s->d_want[i] = cap;
+        s->d_steps[i] = (sched_seq_step_t){.table = r->d_table,
+                                           .tokens = r->d_tokens + r->d_computed,
+                                           .n_tokens = r->n_sched,
+                                           .want_logits = cap};
+    }
+    const model_batch_t *mb;
+    int rc = sched_batch_build(s->d_batch, s->d_steps, n, &mb);
+    uint32_t n_cap = 0;
+    if (rc == 0) {
+        n_cap = sched_batch_capture(s->d_batch, s->d_want, s->d_capture);
+        rc = model_forward(s->d_ctx, kv_pool_kv(s->d_pool), mb, s->d_logits);
+    }
+    if (rc) {
+        KVS_ERRORF("sched: draft step of %u sequences failed: %s", n, kvs_strerror(rc));
+        for (uint32_t i = 0; i < n; i++)
+            finish(s, s->d_reqs[i], SCHED_FINISH_ERROR, rc);
+        return rc;
+    }
+    uint32_t ci = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        req_t *r = s->d_reqs[i];
+        r->d_computed += r->n_sched;
+        r->n_sched = 0;
+        if (!s->d_want[i])
+            continue;
+        for (size_t l = 0; l < L; l++)
+            memcpy(r->qs + ((size_t)r->n_a * L + l) * qd, s->d_capture + (l * n_cap + ci) * qd,
+                   qd * sizeof(float));
+        const float *row = s->d_logits + (size_t)ci++ * s->n_vocab;
+        bool more = ++r->n_a < r->spec.look_ahead;
+        if (more) {
+            int32_t tok = model_sampler_sample(s->d_greedy, row);
+            if (model_token_is_eog(s->draft, tok))
+                more = false;
+            else
+                r->d_tokens[r->d_n++] = tok;
+        }
+        if (!more)
+            draft_done(s, r);
+    }
+    return 0;
+}
+
+/* The main model's forward pass over sched_reqs[0..n_steps), then
+ * sampling and events. */
+static int
+main_forward(sched_t *s)
+{
     for (uint32_t i = 0; i < s->n_steps; i++) {
         req_t *r = s->sched_reqs[i];
-        bool last = r->n_computed + r->n_sched == r->n_tokens;
-        s->steps[i] = (sched_seq_step_t){
-            r->table, r->tokens + r->n_computed, r->n_sched, NULL, last, &r->attn, r->n_prompt};
-        s->step_ids[i] = r->id;
-        if (r->n_computed < r->n_prompt) {
-            count_keys(r, r->n_computed, r->n_sched);
-            uint32_t end = r->n_computed + r->n_sched;
-            r->usage.computed_prompt_tokens +=
-                (end < r->n_prompt ? end : r->n_prompt) - r->n_computed;
+        if (r->kept && r->kept_done < r->n_kept) {
+            /* A speculative prefill: kept tokens at their own positions.
+             * Sample after the last one unless tokens generated before a
+             * preemption are still to be recomputed. */
+            uint32_t k0 = r->kept_done;
+            bool last = k0 + r->n_sched == r->n_kept && r->n_tokens == r->n_prompt;
+            s->steps[i] = (sched_seq_step_t){.table = r->table,
+                                             .tokens = r->kept_tok + k0,
+                                             .n_tokens = r->n_sched,
+                                             .pos = r->kept + k0,
+                                             .want_logits = last,
+                                             .policy = &r->attn,
+                                             .n_prompt = r->n_kept};
+            count_keys(r, k0, r->n_sched, r->n_kept);
+            r->usage.computed_prompt_tokens += r->n_sched;
+        } else {
+            bool last = r->n_computed + r->n_sched == r->n_tokens;
+            s->steps[i] = (sched_seq_step_t){.table = r->table,
+                                             .tokens = r->tokens + r->n_computed,
+                                             .n_tokens = r->n_sched,
+                                             .want_logits = last,
+                                             .policy = &r->attn,
+                                             .n_prompt = r->kept ? r->n_kept : r->n_prompt};
+            if (r->n_computed < r->n_prompt && !r->kept) {
+                count_keys(r, r->n_computed, r->n_sched, r->n_prompt);
+                uint32_t end = r->n_computed + r->n_sched;
+                r->usage.computed_prompt_tokens +=
+                    (end < r->n_prompt ? end : r->n_prompt) - r->n_computed;
+            }
         }
+        s->step_ids[i] = r->id;
     }
     const model_batch_t *mb;
     int rc = sched_batch_build(s->batch, s->steps, s->n_steps, &mb);
@@ -515,7 +756,13 @@ step_once(sched_t *s)
     uint64_t now = kvs_now_ns();
     for (uint32_t i = 0; i < s->n_steps; i++) {
         req_t *r = s->sched_reqs[i];
-        r->n_computed += r->n_sched;
+        if (r->kept && r->kept_done < r->n_kept) {
+            r->kept_done += r->n_sched;
+            if (r->kept_done == r->n_kept)
+                r->n_computed = r->n_prompt; /* decoding goes on at position n_prompt */
+        } else {
+            r->n_computed += r->n_sched;
+        }
         r->n_sched = 0;
         if (!s->steps[i].want_logits) {
             commit_prefix(s, r); /* a prefill chunk: share its full blocks early */
@@ -538,7 +785,30 @@ step_once(sched_t *s)
         else
             commit_prefix(s, r);
     }
-    return (int)(s->waiting.n + s->running.n);
+    return 0;
+}
+
+static int
+step_once(sched_t *s)
+{
+    drain_inbox(s);
+    plan(s);
+    /* Draft work leaves the main list (compacted in place) for its own
+     * forward pass. */
+    uint32_t n_main = 0, n_draft = 0;
+    for (uint32_t i = 0; i < s->n_steps; i++) {
+        req_t *r = s->sched_reqs[i];
+        if (r->draft_step)
+            s->d_reqs[n_draft++] = r;
+        else
+            s->sched_reqs[n_main++] = r;
+    }
+    s->n_steps = n_main;
+    int rc = n_main ? main_forward(s) : 0;
+    if (rc == 0 && n_draft)
+        rc = draft_forward(s, n_draft);
+    s->n_steps += n_draft; /* sched_step counts steps that ran a model */
+    return rc < 0 ? rc : (int)(s->waiting.n + s->running.n);
 }
 
 /* ---- public ------------------------------------------------------------------ */
@@ -557,8 +827,19 @@ sched_submit(sched_t *s, const sched_request_t *q)
     if (q->prompt == NULL || q->n_prompt == 0 || q->max_tokens == 0 ||
         model_attn_policy_check(&q->attn))
         return KVS_EINVAL;
-    if (q->attn.kind != MODEL_ATTN_DENSE && !kern_backend_is_host(s->be))
-        return KVS_ENOTSUP; /* the correction runs on the host for now */
+    if (q->attn.kind == MODEL_ATTN_BLOCK_SPARSE && !kern_backend_is_host(s->be))
+        return KVS_ENOTSUP; /* its block choice runs on the host (model.h) */
+    model_spec_policy_t spec = q->spec;
+    model_spec_policy_defaults(&spec);
+    if (model_spec_policy_check(&spec))
+        return KVS_EINVAL;
+    /* The scores read the draft's KV on the host. */
+    if (spec.on && (s->draft == NULL || !kern_backend_is_host(s->be)))
+        return KVS_ENOTSUP;
+    if (spec.on && ((uint64_t)q->n_prompt + spec.look_ahead - 1 + s->cfg.block_tokens - 1) /
+                           s->cfg.block_tokens >
+                       kv_pool_cfg(s->d_pool)->n_blocks)
+        return KVS_ENOSPC;
     uint64_t total = (uint64_t)q->n_prompt + q->max_tokens;
     if (total > s->cfg.max_model_len)
         return KVS_ERANGE;
@@ -582,6 +863,19 @@ sched_submit(sched_t *s, const sched_request_t *q)
         return KVS_ENOMEM;
     }
     memcpy(r->tokens, q->prompt, q->n_prompt * sizeof *r->tokens);
+    r->spec = spec;
+    if (spec.on) {
+        const model_hparams_t *dh = model_hparams(s->draft);
+        r->d_tokens = malloc(((size_t)q->n_prompt + spec.look_ahead) * sizeof *r->d_tokens);
+        r->qs = malloc((size_t)spec.look_ahead * dh->n_layer * dh->n_head * dh->head_dim *
+                       sizeof *r->qs);
+        if (!r->d_tokens || !r->qs) {
+            req_free(r);
+            return KVS_ENOMEM;
+        }
+        memcpy(r->d_tokens, q->prompt, q->n_prompt * sizeof *r->tokens);
+        r->d_n = q->n_prompt;
+    }
     r->msg.kind = MSG_SUBMIT;
     r->id = q->id;
     r->seq = atomic_fetch_add(&s->next_seq, 1);
@@ -648,6 +942,12 @@ sched_pool(sched_t *s)
     return s->pool;
 }
 
+kv_pool_t *
+sched_draft_pool(sched_t *s)
+{
+    return s->d_pool;
+}
+
 void
 sched_get_load(const sched_t *s, sched_load_t *out)
 {
@@ -690,14 +990,34 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
         .dtype = c->kv_dtype,
         .prefix_cache = c->prefix_caching,
     };
+    kv_pool_cfg_t dc = {0};
+    if (c->draft) {
+        const model_hparams_t *dh = model_hparams(c->draft);
+        dc = (kv_pool_cfg_t){.n_layers = dh->n_layer,
+                             .n_kv_heads = dh->n_head_kv,
+                             .head_dim = dh->head_dim,
+                             .block_tokens = c->block_tokens,
+                             .n_blocks = c->draft_n_blocks ? c->draft_n_blocks : c->n_blocks,
+                             .dtype = c->kv_dtype};
+    }
     if (pc.n_blocks == 0) {
         kv_pool_cfg_t one = pc; /* the size of one block of a valid pool */
         one.n_blocks = 1;
         size_t per = kv_pool_block_bytes(&one);
+        if (c->draft && dc.n_blocks == 0) {
+            /* Both pools get the same number of blocks out of the bytes. */
+            kv_pool_cfg_t d1 = dc;
+            d1.n_blocks = 1;
+            per += kv_pool_block_bytes(&d1);
+        }
         size_t bytes = c->kv_cache_bytes ? c->kv_cache_bytes : (size_t)1 << 30;
         pc.n_blocks = per ? (uint32_t)(bytes / per) : 0;
         c->n_blocks = pc.n_blocks;
+        if (c->draft && dc.n_blocks == 0)
+            dc.n_blocks = pc.n_blocks;
     }
+    if (c->draft)
+        c->draft_n_blocks = dc.n_blocks;
     s->m = m;
     s->be = model_backend(m);
     s->n_vocab = hp->n_vocab;
@@ -708,6 +1028,30 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
     uint32_t max_logits =
         c->max_num_seqs < c->max_num_batched_tokens ? c->max_num_seqs : c->max_num_batched_tokens;
     int rc = pc.n_blocks == 0 ? KVS_EINVAL : kv_pool_new(&pc, s->be, &s->pool);
+    if (rc == 0 && c->draft) {
+        s->draft = c->draft;
+        if (model_hparams(c->draft)->n_vocab != hp->n_vocab || model_backend(c->draft) != s->be)
+            rc = KVS_EINVAL;
+        if (rc == 0)
+            rc = kv_pool_new(&dc, s->be, &s->d_pool);
+        if (rc == 0)
+            rc = model_ctx_new(c->draft, c->max_num_batched_tokens, max_logits, &s->d_ctx);
+        if (rc == 0)
+            rc = sched_batch_new(&s->d_batch);
+        if (rc == 0)
+            rc = model_sampler_new(&(model_sampling_t){.top_p = 1.0f}, hp->n_vocab, &s->d_greedy);
+        if (rc == 0) {
+            const model_hparams_t *dh = model_hparams(c->draft);
+            s->d_logits = malloc((size_t)max_logits * hp->n_vocab * sizeof(float));
+            s->d_capture = malloc((size_t)c->max_num_seqs * dh->n_layer * dh->n_head *
+                                  dh->head_dim * sizeof(float));
+            s->d_want = calloc(c->max_num_seqs, sizeof *s->d_want);
+            s->d_steps = calloc(c->max_num_seqs, sizeof *s->d_steps);
+            s->d_reqs = calloc(c->max_num_seqs, sizeof *s->d_reqs);
+            if (!s->d_logits || !s->d_capture || !s->d_want || !s->d_steps || !s->d_reqs)
+                rc = KVS_ENOMEM;
+        }
+    }
     if (rc == 0)
         rc = model_ctx_new(m, c->max_num_batched_tokens, max_logits, &s->ctx);
     if (rc == 0)
@@ -764,6 +1108,15 @@ sched_free(sched_t *s)
     kv_pool_free(s->pool);
     model_ctx_free(s->ctx);
     sched_batch_free(s->batch);
+    kv_pool_free(s->d_pool);
+    model_ctx_free(s->d_ctx);
+    sched_batch_free(s->d_batch);
+    model_sampler_free(s->d_greedy);
+    free(s->d_logits);
+    free(s->d_capture);
+    free(s->d_want);
+    free(s->d_steps);
+    free(s->d_reqs);
     free(s->logits);
     free(s->sched_reqs);
     free(s->steps);

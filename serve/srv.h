@@ -90,6 +90,27 @@ int srv_attn_finish(const char *cmd, model_attn_policy_t *p);
  * "block-sparse(4+64, top 8)", ... */
 const char *srv_attn_describe(const model_attn_policy_t *p, char *buf, size_t cap);
 
+/* Prefill flags shared by serve and eval:
+ *   --prefill full|speculative  --keep-ratio R  --look-ahead N
+ *   --spec-chunk N  (and --draft-model PATH, parsed by each command)
+ * Used like the attention flags above. */
+enum { SRV_O_PREFILL = 1100, SRV_O_KEEP, SRV_O_LOOKAHEAD, SRV_O_SPECCHUNK };
+#define SRV_PREFILL_LONGOPTS                                            \
+    {"prefill", 1, 0, SRV_O_PREFILL}, {"keep-ratio", 1, 0, SRV_O_KEEP}, \
+        {"look-ahead", 1, 0, SRV_O_LOOKAHEAD},                          \
+    {                                                                   \
+        "spec-chunk", 1, 0, SRV_O_SPECCHUNK                             \
+    }
+int srv_prefill_opt(const char *cmd, int opt, const char *arg, model_spec_policy_t *p);
+/* Fills defaults; KVS_EINVAL (after printing why) for speculative prefill
+ * without a draft model, or flags without speculative prefill. */
+int srv_prefill_finish(const char *cmd, model_spec_policy_t *p, bool have_draft);
+/* "full" or "speculative(keep 0.2, look-ahead 8, chunk 32)". */
+const char *srv_prefill_describe(const model_spec_policy_t *p, char *buf, size_t cap);
+/* Loads --draft-model on the main model's backend and refuses one whose
+ * vocabulary differs from the main model's (printing why).  0 or an error. */
+int srv_load_draft(const char *cmd, const char *path, model_t *main_model, model_t **out);
+
 /* The bundled model used when --model is absent: $KVSERVE_MODEL, else the
  * first of weights/kvserve-main*.gguf found next to the binary's source or
  * install prefix; NULL when none exists. */

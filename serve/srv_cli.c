@@ -223,14 +223,114 @@ srv_attn_opt(const char *cmd, int opt, const char *arg, model_attn_policy_t *p)
 }
 
 int
+srv_prefill_opt(const char *cmd, int opt, const char *arg, model_spec_policy_t *p)
+{
+    switch (opt) {
+    case SRV_O_PREFILL:
+        if (strcmp(arg, "full") == 0)
+            p->on = false;
+        else if (strcmp(arg, "speculative") == 0)
+            p->on = true;
+        else {
+            fprintf(stderr, "kvserve %s: --prefill: '%s' is not one of full, speculative\n", cmd,
+                    arg);
+            return KVS_EINVAL;
+        }
+        return 0;
+    case SRV_O_KEEP: {
+        int rc = srv_parse_f32(cmd, "--keep-ratio", arg, 0.0f, 1.0f, &p->keep_ratio);
+        if (rc == 0 && p->keep_ratio == 0.0f) {
+            fprintf(stderr, "kvserve %s: --keep-ratio: must be above 0\n", cmd);
+            rc = KVS_EINVAL;
+        }
+        return rc;
+    }
+    case SRV_O_LOOKAHEAD:
+        return srv_parse_u32(cmd, "--look-ahead", arg, 1, 64, &p->look_ahead);
+    case SRV_O_SPECCHUNK:
+        return srv_parse_u32(cmd, "--spec-chunk", arg, 1, 65536, &p->chunk);
+    default:
+        return 1;
+    }
+}
+
+int
+srv_prefill_finish(const char *cmd, model_spec_policy_t *p, bool have_draft)
+{
+    if (!p->on && (p->keep_ratio != 0.0f || p->look_ahead || p->chunk)) {
+        fprintf(stderr,
+                "kvserve %s: --keep-ratio, --look-ahead and --spec-chunk go with --prefill "
+                "speculative\n",
+                cmd);
+        return KVS_EINVAL;
+    }
+    if (p->on && !have_draft) {
+        fprintf(stderr, "kvserve %s: --prefill speculative needs --draft-model\n", cmd);
+        return KVS_EINVAL;
+    }
+    model_spec_policy_defaults(p);
+    return model_spec_policy_check(p);
+}
+
+const char *
+srv_prefill_describe(const model_spec_policy_t *p, char *buf, size_t cap)
+{
+    if (p->on)
+        snprintf(buf, cap, "speculative(keep %g, look-ahead %u, chunk %u)", p->keep_ratio,
+                 p->look_ahead, p->chunk);
+    else
+        snprintf(buf, cap, "full");
+    return buf;
+}
+
+int
+srv_load_draft(const char *cmd, const char *path, model_t *main_model, model_t **out)
+{
+    char err[512];
+    model_t *d;
+    int rc = model_load(path, model_backend(main_model), &d, err, sizeof err);
+    if (rc) {
+        fprintf(stderr, "kvserve %s: cannot load draft model '%s': %s\n", cmd, path, err);
+        return rc;
+    }
+    /* The draft reads the main model's token ids, so both must mean the
+     * same strings by them. */
+    uint32_t n = model_hparams(main_model)->n_vocab;
+    const char *why = NULL;
+    if (model_hparams(d)->n_vocab != n)
+        why = "its vocabulary size differs";
+    else if (strcmp(model_tokenizer_name(d), model_tokenizer_name(main_model)) != 0)
+        why = "its tokenizer differs";
+    char a[256], b[256];
+    for (uint32_t i = 0; why == NULL && i < n; i++) {
+        int la = model_token_piece(main_model, (int32_t)i, a, sizeof a);
+        int lb = model_token_piece(d, (int32_t)i, b, sizeof b);
+        if (la != lb || (la > 0 && memcmp(a, b, (size_t)la) != 0))
+            why = "its tokens differ";
+    }
+    if (why) {
+        fprintf(stderr, "kvserve %s: --draft-model '%s' cannot draft for the main model: %s\n", cmd,
+                path, why);
+        model_free(d);
+        return KVS_EINVAL;
+    }
+    *out = d;
+    return 0;
+}
+
+int
 srv_attn_finish(const char *cmd, model_attn_policy_t *p)
 {
     if (p->no_tail && p->kind != MODEL_ATTN_DELTA) {
         fprintf(stderr, "kvserve %s: --no-delta-tail goes with --attention delta\n", cmd);
         return KVS_EINVAL;
     }
-    if (p->last_dense && p->kind != MODEL_ATTN_SINK_WINDOW) {
-        fprintf(stderr, "kvserve %s: --attn-last-dense goes with --attention sink-window\n", cmd);
+    if (p->last_dense && p->kind != MODEL_ATTN_SINK_WINDOW &&
+        !(p->kind == MODEL_ATTN_DELTA && p->no_tail)) {
+        fprintf(stderr,
+                "kvserve %s: --attn-last-dense goes with --attention sink-window, or delta "
+                "with --no-delta-tail\n",
+                cmd);
         return KVS_EINVAL;
     }
     return model_attn_policy_check(p);
@@ -245,8 +345,8 @@ srv_attn_describe(const model_attn_policy_t *p, char *buf, size_t cap)
                  p->last_dense ? ", last row dense" : "");
         break;
     case MODEL_ATTN_DELTA:
-        snprintf(buf, cap, "delta(%u+%u, gamma %u%s)", p->sinks, p->window, p->gamma,
-                 p->no_tail ? ", no tail" : "");
+        snprintf(buf, cap, "delta(%u+%u, gamma %u%s%s)", p->sinks, p->window, p->gamma,
+                 p->no_tail ? ", no tail" : "", p->last_dense ? ", last row dense" : "");
         break;
     case MODEL_ATTN_BLOCK_SPARSE:
         snprintf(buf, cap, "block-sparse(%u+%u, top %u)", p->sinks, p->window, p->top_k);

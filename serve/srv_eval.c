@@ -27,7 +27,8 @@ static const char eval_usage[] =
     "                    [--attention dense|sink-window|delta|block-sparse] [--attn-sinks N]\n"
     "                    [--attn-window N] [--attn-top-k N]\n"
     "                    [--delta-gamma N] [--no-delta-tail] [--attn-last-dense]\n"
-    "                    [--space-in-prompt]\n"
+    "                    [--prefill full|speculative] [--keep-ratio R] [--look-ahead N]\n"
+    "                    [--spec-chunk N] [--space-in-prompt]\n"
     "                    [--json FILE] [--plot FILE.svg]\n";
 
 #define MAX_LIST 32
@@ -42,6 +43,7 @@ typedef struct eval_opts {
     uint64_t seed;
     kern_dtype_t kv_dtype;
     model_attn_policy_t attn;
+    model_spec_policy_t spec;
     /* The answer's leading space ends the prompt instead, so the first
      * generated token (sampled from the prompt's last row, the row a sparse
      * prefill computes) is already a digit of the answer. */
@@ -132,6 +134,7 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
         {"help", 0, 0, O_HELP},
         {"space-in-prompt", 0, 0, O_SPACE},
         SRV_ATTN_LONGOPTS,
+        SRV_PREFILL_LONGOPTS,
         {0, 0, 0, 0},
     };
     *o = (eval_opts_t){.device = "cpu",
@@ -221,7 +224,8 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
             fputs(eval_usage, stdout);
             exit(0);
         default:
-            if ((rc = srv_attn_opt("eval", c, optarg, &o->attn)) == 1) {
+            if ((rc = srv_attn_opt("eval", c, optarg, &o->attn)) == 1 &&
+                (rc = srv_prefill_opt("eval", c, optarg, &o->spec)) == 1) {
                 fprintf(stderr, "kvserve eval: unknown or incomplete option '%s'\n%s",
                         argv[optind - 1], eval_usage);
                 return KVS_EINVAL;
@@ -239,7 +243,8 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
     if (!any_task)
         for (int i = 0; i < SRV_TASK_COUNT; i++)
             o->task_on[i] = true;
-    if (srv_attn_finish("eval", &o->attn)) {
+    if (srv_attn_finish("eval", &o->attn) ||
+        srv_prefill_finish("eval", &o->spec, o->draft != NULL)) {
         fputs(eval_usage, stderr);
         return KVS_EINVAL;
     }
@@ -252,7 +257,9 @@ typedef struct eval_run {
     sched_t *sched;
     item_t *items;
     size_t n_items;
+    model_t *draft;
     model_attn_policy_t attn;
+    model_spec_policy_t spec;
 } eval_run_t;
 
 /* Every prompt becomes a request of the engine (greedy, as many tokens as
@@ -268,7 +275,8 @@ run_items(eval_run_t *r)
                              .max_tokens = it->n_answer,
                              .ignore_eos = true,
                              .sampling = {.temperature = 0.0f, .top_p = 1.0f},
-                             .attn = r->attn};
+                             .attn = r->attn,
+                             .spec = r->spec};
         int rc = sched_submit(r->sched, &q);
         if (rc)
             return rc;
@@ -369,7 +377,7 @@ srv_cmd_eval(int argc, char **argv)
                         "(weights/kvserve-main.gguf)\n");
         return 2;
     }
-    eval_run_t r = {.attn = o.attn};
+    eval_run_t r = {.attn = o.attn, .spec = o.spec};
     int status = 1, rc;
     char err[512] = "";
     kern_backend_cfg_t bcfg = {.n_threads = o.threads};
@@ -382,15 +390,8 @@ srv_cmd_eval(int argc, char **argv)
         fprintf(stderr, "kvserve eval: cannot load model '%s': %s\n", o.model, err);
         goto out;
     }
-    if (o.draft) {
-        /* Only checked for now: speculative prefill uses it. */
-        model_t *d;
-        if (model_load(o.draft, r.be, &d, err, sizeof err)) {
-            fprintf(stderr, "kvserve eval: cannot load draft model '%s': %s\n", o.draft, err);
-            goto out;
-        }
-        model_free(d);
-    }
+    if (o.draft && (rc = srv_load_draft("eval", o.draft, r.m, &r.draft)))
+        goto out;
     const model_hparams_t *hp = model_hparams(r.m);
     if (o.n_lengths == 0) {
         for (uint32_t l = 256; l <= hp->n_ctx_train && o.n_lengths < MAX_LIST; l *= 2)
@@ -471,7 +472,8 @@ srv_cmd_eval(int argc, char **argv)
                         .max_model_len = max_len + 1,
                         .block_tokens = o.block_size,
                         .n_blocks = per_seq * o.max_seqs,
-                        .kv_dtype = o.kv_dtype};
+                        .kv_dtype = o.kv_dtype,
+                        .draft = o.spec.on ? r.draft : NULL};
     if ((rc = sched_new(r.m, &scfg, &r.sched))) {
         fprintf(stderr, "kvserve eval: setup failed: %s\n", kvs_strerror(rc));
         goto out;
@@ -494,9 +496,10 @@ srv_cmd_eval(int argc, char **argv)
         acc[((size_t)it->task * o.n_lengths + it->li) * o.n_depths + it->di] +=
             ok ? 1.0 / o.samples : 0.0;
     }
-    char pol[96];
+    char pol[96], pre[96];
     srv_attn_describe(&o.attn, pol, sizeof pol);
-    printf("model: %s\npolicy: attention %s, prefill full, kv-cache %s\n", o.model, pol,
+    srv_prefill_describe(&o.spec, pre, sizeof pre);
+    printf("model: %s\npolicy: attention %s, prefill %s, kv-cache %s\n", o.model, pol, pre,
            kern_type_traits(o.kv_dtype)->name);
     for (int t = 0; t < SRV_TASK_COUNT; t++) {
         if (!o.task_on[t])
@@ -533,9 +536,10 @@ srv_cmd_eval(int argc, char **argv)
         fprintf(f, "{\"model\": ");
         srv_json_str(f, o.model, strlen(o.model));
         fprintf(f,
-                ", \"policy\": {\"attention\": \"%s\", \"prefill\": \"full\", "
+                ", \"policy\": {\"attention\": \"%s\", \"prefill\": \"%s\", "
                 "\"kv_cache_dtype\": \"%s\"}, \"seed\": %llu, \"samples\": %u, \"results\": [",
-                pol, kern_type_traits(o.kv_dtype)->name, (unsigned long long)o.seed, o.samples);
+                pol, pre, kern_type_traits(o.kv_dtype)->name, (unsigned long long)o.seed,
+                o.samples);
         bool first = true;
         for (int t = 0; t < SRV_TASK_COUNT; t++) {
             if (!o.task_on[t])
@@ -566,6 +570,7 @@ out:
         free(r.items);
     }
     sched_free(r.sched);
+    model_free(r.draft);
     model_free(r.m);
     kern_backend_free(r.be);
     return status;

@@ -101,19 +101,20 @@ typedef struct qev {
 } qev_t;
 
 typedef struct srv_opts {
-    const char *model, *host, *device, *tls_cert, *tls_key, *tls_ca, *api_key_file;
+    const char *model, *draft, *host, *device, *tls_cert, *tls_key, *tls_ca, *api_key_file;
     uint32_t port, threads, max_model_len, block_size, num_blocks, max_num_seqs, max_batched;
     uint32_t max_queued, drain_timeout_s, max_streams, engine_nice;
     uint64_t kv_memory;
     kern_dtype_t kv_dtype;
     bool prefix_caching;
     model_attn_policy_t attn;
+    model_spec_policy_t spec;
 } srv_opts_t;
 
 typedef struct server {
     srv_opts_t o;
     kern_backend_t *be;
-    model_t *m;
+    model_t *m, *draft;
     sched_t *sched;
     srv_limits_t lim;
     char *api_key;
@@ -575,6 +576,9 @@ gen_pump(call_t *c)
         u.attention_density = c->usage.attn_keys_dense
                                   ? (double)c->usage.attn_keys / (double)c->usage.attn_keys_dense
                                   : 1.0;
+        u.has_draft_time_us = u.has_kept_prompt_tokens = c->g.sr.spec.on;
+        u.draft_time_us = c->usage.draft_ns / 1000;
+        u.kept_prompt_tokens = c->usage.kept_prompt_tokens;
         r.usage = &u;
     }
     bool ok = send_msg(c, &r.base);
@@ -1188,7 +1192,9 @@ static const char usage[] =
     "                     [--drain-timeout S] [--max-concurrent-streams N]\n"
     "                     [--engine-nice 10] [--attention dense|sink-window|delta|block-sparse]\n"
     "                     [--attn-sinks 4] [--attn-window 64] [--delta-gamma 64] [--attn-top-k "
-    "8]\n";
+    "8]\n"
+    "                     [--draft-model PATH] [--prefill full|speculative] [--keep-ratio 0.2]\n"
+    "                     [--look-ahead 8] [--spec-chunk 32]\n";
 
 static int
 parse_opts(int argc, char **argv, srv_opts_t *o)
@@ -1230,6 +1236,7 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         O_DRAIN,
         O_STREAMS,
         O_NICE,
+        O_DRAFT,
         O_HELP,
     };
     static const struct option lo[] = {
@@ -1255,6 +1262,8 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         {"drain-timeout", 1, 0, O_DRAIN},
         {"max-concurrent-streams", 1, 0, O_STREAMS},
         {"engine-nice", 1, 0, O_NICE},
+        {"draft-model", 1, 0, O_DRAFT},
+        SRV_PREFILL_LONGOPTS,
         {"help", 0, 0, O_HELP},
         SRV_ATTN_LONGOPTS,
         {0, 0, 0, 0},
@@ -1329,17 +1338,23 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         case O_NICE:
             rc = srv_parse_u32(C, "--engine-nice", optarg, 0, 19, &o->engine_nice);
             break;
+        case O_DRAFT:
+            o->draft = optarg;
+            break;
         case O_HELP:
             fputs(usage, stdout);
             return 1;
         default:
-            if ((rc = srv_attn_opt(C, ch, optarg, &o->attn)) == 1) {
+            if ((rc = srv_attn_opt(C, ch, optarg, &o->attn)) == 1 &&
+                (rc = srv_prefill_opt(C, ch, optarg, &o->spec)) == 1) {
                 fputs(usage, stderr);
                 return KVS_EINVAL;
             }
         }
     }
     if (rc == 0 && srv_attn_finish(C, &o->attn))
+        rc = KVS_EINVAL;
+    if (rc == 0 && srv_prefill_finish(C, &o->spec, o->draft != NULL))
         rc = KVS_EINVAL;
     if (rc)
         return rc;
@@ -1455,6 +1470,8 @@ engine_up(const srv_opts_t *o)
         fprintf(stderr, "kvserve serve: %s: %s\n", o->model, err[0] ? err : kvs_strerror(rc));
         return rc;
     }
+    if (o->draft && (rc = srv_load_draft("serve", o->draft, S.m, &S.draft)))
+        return rc;
     const model_hparams_t *hp = model_hparams(S.m);
     uint32_t max_len = o->max_model_len ? o->max_model_len : hp->n_ctx_train;
     sched_cfg_t sc = {.max_num_seqs = o->max_num_seqs,
@@ -1466,6 +1483,7 @@ engine_up(const srv_opts_t *o)
                       .kv_dtype = o->kv_dtype,
                       .prefix_caching = o->prefix_caching,
                       .thread_nice = (int)o->engine_nice,
+                      .draft = S.draft,
                       .wake = engine_wake,
                       .wake_arg = NULL};
     if (sc.n_blocks == 0 && sc.kv_cache_bytes == 0) {
@@ -1478,8 +1496,12 @@ engine_up(const srv_opts_t *o)
         fprintf(stderr, "kvserve serve: engine setup failed: %s\n", kvs_strerror(rc));
         return rc;
     }
-    S.lim = (srv_limits_t){
-        .m = S.m, .n_vocab = hp->n_vocab, .max_model_len = max_len, .attn_default = o->attn};
+    S.lim = (srv_limits_t){.m = S.m,
+                           .n_vocab = hp->n_vocab,
+                           .max_model_len = max_len,
+                           .attn_default = o->attn,
+                           .spec_default = o->spec,
+                           .have_draft = S.draft != NULL};
     chat_up();
     S.lim.chat = S.have_chat ? &S.chat : NULL;
     S.lim.chat_err = S.chat_err;
@@ -1610,6 +1632,7 @@ srv_cmd_serve(int argc, char **argv)
     uv_mutex_destroy(&S.mu);
     free(S.q);
     sched_free(S.sched);
+    model_free(S.draft);
     model_free(S.m);
     kern_backend_free(S.be);
     free(S.slots);

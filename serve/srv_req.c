@@ -119,23 +119,69 @@ check_attention(const Kvserve__V1__AttentionPolicy *a, const srv_limits_t *lim,
     return GRPC_STATUS_OK;
 }
 
+/* The prefill policy: the server's default (--prefill), overridden field
+ * by field. */
 static grpc_status_code
-check_policy(const Kvserve__V1__LongContextPolicy *p, char *msg, size_t cap)
+check_prefill(const Kvserve__V1__PrefillPolicy *f, const srv_limits_t *lim,
+              model_spec_policy_t *out, char *msg, size_t cap)
 {
-    if (p == NULL)
+    *out = lim->spec_default;
+    if (f == NULL)
         return GRPC_STATUS_OK;
-    const Kvserve__V1__PrefillPolicy *f = p->prefill;
-    if (f) {
-        if (f->has_kind && f->kind != KVSERVE__V1__PREFILL_POLICY__KIND__KIND_UNSPECIFIED &&
-            f->kind != KVSERVE__V1__PREFILL_POLICY__KIND__FULL)
+    if (f->has_kind) {
+        switch (f->kind) {
+        case KVSERVE__V1__PREFILL_POLICY__KIND__KIND_UNSPECIFIED:
+            break;
+        case KVSERVE__V1__PREFILL_POLICY__KIND__FULL:
+            out->on = false;
+            break;
+        case KVSERVE__V1__PREFILL_POLICY__KIND__SPECULATIVE:
+            if (!lim->have_draft)
+                return fail(msg, cap, GRPC_STATUS_FAILED_PRECONDITION,
+                            "policy.prefill.kind: SPECULATIVE needs a server started with "
+                            "--draft-model");
+            out->on = true;
+            break;
+        default:
             return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
-                        "policy.prefill.kind: %d is not supported by this build (supported: FULL)",
-                        (int)f->kind);
-        if (f->has_keep_ratio || f->has_chunk_tokens)
-            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
-                        "policy.prefill.%s: not used by FULL prefill",
-                        f->has_keep_ratio ? "keep_ratio" : "chunk_tokens");
+                        "policy.prefill.kind: %d is not a known kind", (int)f->kind);
+        }
     }
+    if (!out->on && (f->has_keep_ratio || f->has_chunk_tokens || f->has_look_ahead))
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "policy.prefill.%s: not used by FULL prefill",
+                    f->has_keep_ratio     ? "keep_ratio"
+                    : f->has_chunk_tokens ? "chunk_tokens"
+                                          : "look_ahead");
+    if (f->has_keep_ratio) {
+        if (!(f->keep_ratio > 0.0f && f->keep_ratio <= 1.0f))
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "policy.prefill.keep_ratio: %g is outside (0, 1]", f->keep_ratio);
+        out->keep_ratio = f->keep_ratio;
+    }
+    if (f->has_chunk_tokens) {
+        if (f->chunk_tokens == 0 || f->chunk_tokens > 65536)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "policy.prefill.chunk_tokens: %u is outside [1, 65536]", f->chunk_tokens);
+        out->chunk = f->chunk_tokens;
+    }
+    if (f->has_look_ahead) {
+        if (f->look_ahead == 0 || f->look_ahead > 64)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "policy.prefill.look_ahead: %u is outside [1, 64]", f->look_ahead);
+        out->look_ahead = f->look_ahead;
+    }
+    model_spec_policy_defaults(out);
+    return GRPC_STATUS_OK;
+}
+
+static grpc_status_code
+check_policy(const Kvserve__V1__LongContextPolicy *p, const srv_limits_t *lim,
+             model_spec_policy_t *spec, char *msg, size_t cap)
+{
+    grpc_status_code rc = check_prefill(p ? p->prefill : NULL, lim, spec, msg, cap);
+    if (rc != GRPC_STATUS_OK || p == NULL)
+        return rc;
     const Kvserve__V1__KvPolicy *k = p->kv;
     if (k) {
         if (k->has_kind && k->kind != KVSERVE__V1__KV_POLICY__KIND__KIND_UNSPECIFIED &&
@@ -339,7 +385,7 @@ srv_gen_parse(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, sr
     if (saltn > MAX_SALT_BYTES)
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "cache_salt: %zu bytes, at most %d",
                     saltn, MAX_SALT_BYTES);
-    grpc_status_code rc = check_policy(q->policy, msg, cap);
+    grpc_status_code rc = check_policy(q->policy, lim, &out->sr.spec, msg, cap);
     if (rc == GRPC_STATUS_OK)
         rc = check_attention(q->policy ? q->policy->attention : NULL, lim, &out->sr.attn, msg, cap);
     if (rc == GRPC_STATUS_OK && model_attn_policy_check(&out->sr.attn))

@@ -18,6 +18,8 @@ typedef struct srv_limits {
     const srv_chat_t *chat;           /* the model's template family, or NULL */
     const char *chat_err;             /* why chat is refused when chat is NULL */
     model_attn_policy_t attn_default; /* --attention and its flags */
+    model_spec_policy_t spec_default; /* --prefill and its flags */
+    bool have_draft;                  /* --draft-model loaded */
 } srv_limits_t;
 
 typedef struct srv_gen_req {

@@ -704,6 +704,30 @@ def check_bad_requests(api, vocab):
     o = collect(api, greedy_req(TOKEN_PROMPT * 20, 8), timeout=30)
     dens = o["usage"].attention_density if o["usage"] is not None else None
     report("6 a dense request reports attention density 1", dens == 1.0, "density %s" % dens)
+    # Speculative prefill (server-main runs with the bundled draft model).
+    r = greedy_req(TOKEN_PROMPT, 8)
+    r.policy.prefill.kind = pb.PrefillPolicy.SPECULATIVE
+    r.policy.prefill.keep_ratio = 0.0
+    expect("policy.prefill.keep_ratio 0", r, IA, "policy.prefill.keep_ratio")
+    r = greedy_req(TOKEN_PROMPT, 8)
+    r.policy.prefill.kind = pb.PrefillPolicy.FULL
+    r.policy.prefill.look_ahead = 4
+    expect("policy.prefill.look_ahead with FULL", r, IA, "policy.prefill.look_ahead")
+    r = greedy_req(TOKEN_PROMPT * 40, 8)
+    r.policy.prefill.kind = pb.PrefillPolicy.SPECULATIVE
+    r.policy.prefill.keep_ratio = 0.25
+    o = collect(api, r, timeout=30)
+    u = o["usage"]
+    n = len(TOKEN_PROMPT) * 40
+    report("6 policy.prefill.kind SPECULATIVE generates",
+           o["code"] is None and len(o["tokens"]) == 8, describe(o))
+    # A prefix-cache hit (earlier requests share this prompt's start) is kept
+    # whole and not computed again.
+    report("6 SPECULATIVE reports the kept prompt tokens and the draft's time",
+           u is not None and 0 < u.kept_prompt_tokens < n and
+           u.computed_prompt_tokens + u.cached_prompt_tokens == u.kept_prompt_tokens and
+           u.draft_time_us > 0,
+           "usage %s" % (u,))
     # The bundled model carries no chat template: chat is refused, not guessed.
     r = pb.GenerateRequest()
     r.chat.messages.add(role="user", content="Hi")
@@ -859,6 +883,12 @@ def check_defaults(kvserve, model, work):
         o = collect(Api(ch), greedy_req(TOKEN_PROMPT, 8), timeout=15)
         report("0 serve starts with default engine flags (only %s) and generates"
                % " ".join(flags), o["code"] is None and len(o["tokens"]) == 8, describe(o))
+        r = greedy_req(TOKEN_PROMPT, 8)
+        r.policy.prefill.kind = pb.PrefillPolicy.SPECULATIVE
+        o = collect(Api(ch), r, timeout=15)
+        report("0 SPECULATIVE without --draft-model -> FAILED_PRECONDITION naming the field",
+               o["code"] == grpc.StatusCode.FAILED_PRECONDITION and
+               "policy.prefill.kind" in (o["details"] or ""), describe(o))
     finally:
         ch.close()
         srv.kill()
@@ -1028,7 +1058,8 @@ def main():
 
     t0 = time.monotonic()
     try:
-        srv = start_server(kvserve, model, work, "server-main")
+        draft = os.path.join(ROOT, "weights", "kvserve-draft.gguf")
+        srv = start_server(kvserve, model, work, "server-main", ["--draft-model", draft])
         print("server: %s (%s)" % (srv.addr, " ".join(srv.cmd[1:])), flush=True)
         ch = grpc.insecure_channel(srv.addr)
         api = Api(ch)
