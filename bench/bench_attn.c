@@ -8,7 +8,7 @@
  * almost no attention work.
  *
  *   bench_attn --model F.gguf [--lengths 4096,16384,32768] [--chunk 2048]
- *              [--threads N] [--json FILE]
+ *              [--threads N] [--no-block-sparse] [--json FILE]
  */
 #include "cache/kv.h"
 #include "model/model.h"
@@ -80,7 +80,9 @@ main(int argc, char **argv)
     uint32_t lengths[MAX_LENGTHS] = {4096, 16384, 32768}, n_lengths = 3, chunk = 2048, threads = 0;
     static const struct option lo[] = {{"model", 1, 0, 'm'}, {"lengths", 1, 0, 'l'},
                                        {"chunk", 1, 0, 'c'}, {"threads", 1, 0, 't'},
-                                       {"json", 1, 0, 'j'},  {0, 0, 0, 0}};
+                                       {"json", 1, 0, 'j'},  {"no-block-sparse", 0, 0, 'b'},
+                                       {0, 0, 0, 0}};
+    int n_pol = N_POLICIES;
     int ch;
     while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (ch) {
@@ -101,9 +103,12 @@ main(int argc, char **argv)
         case 'j':
             json = optarg;
             break;
+        case 'b': /* the slowest sparse policy, when time is short */
+            n_pol = N_POLICIES - 1;
+            break;
         default:
             fprintf(stderr, "usage: bench_attn --model F.gguf [--lengths 4096,16384,32768] "
-                            "[--chunk 2048] [--threads N] [--json FILE]\n");
+                            "[--chunk 2048] [--threads N] [--no-block-sparse] [--json FILE]\n");
             return 2;
         }
     }
@@ -127,12 +132,12 @@ main(int argc, char **argv)
     };
     double ms[MAX_LENGTHS][N_POLICIES];
     printf("%s, prefill in chunks of %u\n%-8s", model, chunk, "tokens");
-    for (int p = 0; p < N_POLICIES; p++)
+    for (int p = 0; p < n_pol; p++)
         printf(" %22s", names[p]);
     printf(" %12s\n", "attn share");
     for (uint32_t i = 0; i < n_lengths; i++) {
         printf("%-8u", lengths[i]);
-        for (int p = 0; p < N_POLICIES; p++) {
+        for (int p = 0; p < n_pol; p++) {
             ms[i][p] = prefill_ms(m, lengths[i], chunk, &pol[p]);
             if (ms[i][p] < 0) {
                 fprintf(stderr, "\nbench_attn: prefill of %u tokens failed\n", lengths[i]);
@@ -153,7 +158,7 @@ main(int argc, char **argv)
                     chunk);
             for (uint32_t i = 0; i < n_lengths; i++) {
                 fprintf(f, "%s{\"tokens\": %u", i ? ", " : "", lengths[i]);
-                for (int p = 0; p < N_POLICIES; p++)
+                for (int p = 0; p < n_pol; p++)
                     fprintf(f, ", \"%s_ms\": %.1f, \"%s_speedup\": %.3f", keys[p], ms[i][p],
                             keys[p], ms[i][0] / ms[i][p]);
                 fprintf(f, ", \"attention_share\": %.3f}", 1.0 - ms[i][1] / ms[i][0]);

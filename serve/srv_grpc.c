@@ -675,13 +675,20 @@ gen_new(call_t *c)
     c->g.sr.id = id;
     int e = sched_submit(S.sched, &c->g.sr);
     if (e) {
-        snprintf(msg, sizeof msg, "the engine refused the request: %s",
-                 e == KVS_ENOSPC ? "it can never fit in the KV cache" : kvs_strerror(e));
+        if (e == KVS_ENOTSUP) /* block-sparse or speculative prefill on a device */
+            snprintf(msg, sizeof msg,
+                     "policy.attention.kind / policy.prefill.kind: not supported on the %s "
+                     "backend",
+                     kern_backend_name(S.be));
+        else
+            snprintf(msg, sizeof msg, "the engine refused the request: %s",
+                     e == KVS_ENOSPC ? "it can never fit in the KV cache" : kvs_strerror(e));
         gen_refuse(c,
-                   e == KVS_ERANGE   ? GRPC_STATUS_OUT_OF_RANGE
-                   : e == KVS_ENOSPC ? GRPC_STATUS_RESOURCE_EXHAUSTED
-                   : e == KVS_EINVAL ? GRPC_STATUS_INVALID_ARGUMENT
-                                     : GRPC_STATUS_INTERNAL,
+                   e == KVS_ERANGE    ? GRPC_STATUS_OUT_OF_RANGE
+                   : e == KVS_ENOSPC  ? GRPC_STATUS_RESOURCE_EXHAUSTED
+                   : e == KVS_EINVAL  ? GRPC_STATUS_INVALID_ARGUMENT
+                   : e == KVS_ENOTSUP ? GRPC_STATUS_FAILED_PRECONDITION
+                                      : GRPC_STATUS_INTERNAL,
                    msg);
         return;
     }
