@@ -1479,6 +1479,13 @@ engine_up(const srv_opts_t *o)
     }
     if (o->draft && (rc = srv_load_draft("serve", o->draft, S.m, &S.draft)))
         return rc;
+    if (!kern_backend_is_host(S.be) && (o->spec.on || o->attn.kind == MODEL_ATTN_BLOCK_SPARSE)) {
+        /* Their scoring reads KV on the host (model.h): every request
+         * would be refused. */
+        fprintf(stderr, "kvserve serve: %s is not supported with --device %s\n",
+                o->spec.on ? "--prefill speculative" : "--attention block-sparse", o->device);
+        return KVS_ENOTSUP;
+    }
     const model_hparams_t *hp = model_hparams(S.m);
     uint32_t max_len = o->max_model_len ? o->max_model_len : hp->n_ctx_train;
     sched_cfg_t sc = {.max_num_seqs = o->max_num_seqs,
