@@ -247,6 +247,26 @@ kx_scales(const uint8_t *blk, __m256 *sc, __m256 *mn)
     _Pragma("GCC unroll 4") for (int r = 0; r < RB; r++) \
         _Pragma("GCC unroll 4") for (int t = 0; t < XB; t++) out[r][t] = cpu_hsum_avx2(acc[r][t])
 
+/* The 64 weights of group c of a Q4_K/Q5_K super-block as bytes 0..15
+ * (0..31 with Q5_K's high bits h): the low nibbles are sub-block 2c, the
+ * high ones 2c + 1. */
+AVX2_INLINE void
+kx_unpack(const uint8_t *qs, __m256i h, int c, bool q5, __m256i *lo, __m256i *hi)
+{
+    const __m256i m4 = _mm256_set1_epi8(15), b4 = _mm256_set1_epi8(16);
+    __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+    *lo = _mm256_and_si256(v, m4);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    if (q5) {
+        __m256i u1 = _mm256_set1_epi8((char)(1 << (2 * c)));
+        __m256i u2 = _mm256_set1_epi8((char)(2 << (2 * c)));
+        *lo = _mm256_or_si256(*lo,
+                              _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, u1), u1), b4));
+        *hi = _mm256_or_si256(*hi,
+                              _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, u2), u2), b4));
+    }
+}
+
 /* Q4_K and Q5_K: per 32-value sub-block j, d*sc_j * xd_j * (q . xq), and
  * per super-block the mins, dmin*m_j * xd_j * sum(xq_j), in one vector. */
 AVX2_INLINE void
@@ -254,7 +274,6 @@ tile_kx(const bool q5, const int RB, const int XB, const uint8_t *const *wr, con
         size_t nb, size_t pf, float out[][XQ_MAX])
 {
     const size_t bb = q5 ? sizeof(kern_block_q5_k_t) : sizeof(kern_block_q4_k_t);
-    const __m256i m4 = _mm256_set1_epi8(15), b4 = _mm256_set1_epi8(16);
     const __m256i ones = _mm256_set1_epi16(1);
     TILE_INIT;
     for (size_t b = 0; b < nb; b++) {
@@ -275,17 +294,8 @@ tile_kx(const bool q5, const int RB, const int XB, const uint8_t *const *wr, con
             __m256i h = q5 ? _mm256_loadu_si256((const __m256i *)qh) : _mm256_setzero_si256();
 #pragma GCC unroll 4
             for (int c = 0; c < 4; c++) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
-                __m256i lo = _mm256_and_si256(v, m4);
-                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                if (q5) {
-                    __m256i u1 = _mm256_set1_epi8((char)(1 << (2 * c)));
-                    __m256i u2 = _mm256_set1_epi8((char)(2 << (2 * c)));
-                    lo = _mm256_or_si256(
-                        lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, u1), u1), b4));
-                    hi = _mm256_or_si256(
-                        hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, u2), u2), b4));
-                }
+                __m256i lo, hi;
+                kx_unpack(qs, h, c, q5, &lo, &hi);
 #pragma GCC unroll 4
                 for (int t = 0; t < XB; t++) {
                     const int8_t *xq = x->q[t] + b * KERN_QK_K + 64 * c;
@@ -414,7 +424,6 @@ vtile_kx(const bool q5, const int RB, const int XB, const uint8_t *const *wr, co
          size_t nb, size_t pf, float out[][XQ_MAX])
 {
     const size_t bb = q5 ? sizeof(kern_block_q5_k_t) : sizeof(kern_block_q4_k_t);
-    const __m256i m4 = _mm256_set1_epi8(15), b4 = _mm256_set1_epi8(16);
     const __m256i z = _mm256_setzero_si256();
     VTILE_INIT;
     for (size_t b = 0; b < nb; b++) {
@@ -446,17 +455,8 @@ vtile_kx(const bool q5, const int RB, const int XB, const uint8_t *const *wr, co
             __m256i h = q5 ? _mm256_loadu_si256((const __m256i *)qh) : z;
 #pragma GCC unroll 4
             for (int c = 0; c < 4; c++) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
-                __m256i lo = _mm256_and_si256(v, m4);
-                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                if (q5) {
-                    __m256i u1 = _mm256_set1_epi8((char)(1 << (2 * c)));
-                    __m256i u2 = _mm256_set1_epi8((char)(2 << (2 * c)));
-                    lo = _mm256_or_si256(
-                        lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, u1), u1), b4));
-                    hi = _mm256_or_si256(
-                        hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, u2), u2), b4));
-                }
+                __m256i lo, hi;
+                kx_unpack(qs, h, c, q5, &lo, &hi);
 #pragma GCC unroll 4
                 for (int t = 0; t < XB; t++) {
                     const int8_t *xq = x->q[t] + b * KERN_QK_K + 64 * c;
