@@ -145,44 +145,38 @@ dequant_q4_0(const kern_block_q4_0_t *b, float *y)
     }
 }
 
-/* The sub-block scale multiplies first and the min is subtracted after,
- * each rounded to f32, as ggml writes it (the SIMD versions keep the two
- * roundings rather than fusing them). */
+/* Q4_K and Q5_K (qh NULL for Q4_K): the sub-block scale multiplies first
+ * and the min is subtracted after, each rounded to f32, as ggml writes it
+ * (the SIMD versions keep the two roundings rather than fusing them). */
 static void
-dequant_q4_k(const kern_block_q4_k_t *b, float *y)
+dequant_kx(uint16_t dh, uint16_t dminh, const uint8_t *scales, const uint8_t *q, const uint8_t *qh,
+           float *y)
 {
-    float d = kvs_fp16_to_f32(b->d), min = kvs_fp16_to_f32(b->dmin);
-    const uint8_t *q = b->qs;
+    float d = kvs_fp16_to_f32(dh), min = kvs_fp16_to_f32(dminh);
     for (int c = 0; c < 4; c++, q += 32, y += 64) {
         uint8_t sc, m;
-        kern__scale_min_k4(2 * c, b->scales, &sc, &m);
+        kern__scale_min_k4(2 * c, scales, &sc, &m);
         float d1 = d * sc, m1 = min * m;
-        kern__scale_min_k4(2 * c + 1, b->scales, &sc, &m);
+        kern__scale_min_k4(2 * c + 1, scales, &sc, &m);
         float d2 = d * sc, m2 = min * m;
+        uint8_t u1 = (uint8_t)(1u << (2 * c)), u2 = (uint8_t)(2u << (2 * c));
         for (int l = 0; l < 32; l++) {
-            y[l] = d1 * (float)(q[l] & 0xF) - m1;
-            y[l + 32] = d2 * (float)(q[l] >> 4) - m2;
+            y[l] = d1 * (float)((q[l] & 0xF) + (qh && qh[l] & u1 ? 16 : 0)) - m1;
+            y[l + 32] = d2 * (float)((q[l] >> 4) + (qh && qh[l] & u2 ? 16 : 0)) - m2;
         }
     }
 }
 
 static void
+dequant_q4_k(const kern_block_q4_k_t *b, float *y)
+{
+    dequant_kx(b->d, b->dmin, b->scales, b->qs, NULL, y);
+}
+
+static void
 dequant_q5_k(const kern_block_q5_k_t *b, float *y)
 {
-    float d = kvs_fp16_to_f32(b->d), min = kvs_fp16_to_f32(b->dmin);
-    const uint8_t *q = b->qs;
-    for (int c = 0; c < 4; c++, q += 32, y += 64) {
-        uint8_t sc, m;
-        kern__scale_min_k4(2 * c, b->scales, &sc, &m);
-        float d1 = d * sc, m1 = min * m;
-        kern__scale_min_k4(2 * c + 1, b->scales, &sc, &m);
-        float d2 = d * sc, m2 = min * m;
-        uint8_t u1 = (uint8_t)(1u << (2 * c)), u2 = (uint8_t)(2u << (2 * c));
-        for (int l = 0; l < 32; l++) {
-            y[l] = d1 * (float)((q[l] & 0xF) + (b->qh[l] & u1 ? 16 : 0)) - m1;
-            y[l + 32] = d2 * (float)((q[l] >> 4) + (b->qh[l] & u2 ? 16 : 0)) - m2;
-        }
-    }
+    dequant_kx(b->d, b->dmin, b->scales, b->qs, b->qh, y);
 }
 
 static void
