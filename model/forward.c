@@ -379,24 +379,17 @@ bs_summarise(model_ctx_t *c, const kern_attn_args_t *o, uint32_t c0, uint32_t nw
 {
     const kern_kv_t *kv = o->kv;
     const uint32_t d = kv->head_dim, bt = kv->block_tokens;
-    const size_t el = kv->dtype == KERN_F16 ? 2 : 4;
+    float row[MODEL_MAX_HEAD_DIM];
     for (uint32_t g = 0; g < kv->n_kv_heads; g++)
         for (uint32_t b = 0; b < nw; b++) {
             float *mx = c->bs_w + ((size_t)g * nw + b) * 2 * d, *mn = mx + d;
-            uint32_t id = (uint32_t)o->pt.indices[c0 + b];
-            /* kern__kv_offset's layout (kern.h): a (block, head)'s keys are
-             * contiguous. */
-            const uint8_t *base = (const uint8_t *)kv->k + (size_t)o->layer * kv->layer_bytes +
-                                  (((size_t)id * kv->n_kv_heads + g) * bt) * d * el;
             for (uint32_t t = 0; t < bt; t++) {
-                const uint8_t *row = base + (size_t)t * d * el;
+                model__kv_key(kv, o->layer, o->pt.indices[c0 + b], g, t, row);
                 for (uint32_t e = 0; e < d; e++) {
-                    float v = el == 2 ? kvs_fp16_to_f32(((const uint16_t *)row)[e])
-                                      : ((const float *)row)[e];
-                    if (t == 0 || v > mx[e])
-                        mx[e] = v;
-                    if (t == 0 || v < mn[e])
-                        mn[e] = v;
+                    if (t == 0 || row[e] > mx[e])
+                        mx[e] = row[e];
+                    if (t == 0 || row[e] < mn[e])
+                        mn[e] = row[e];
                 }
             }
         }

@@ -9,6 +9,8 @@
 
 #include "model.h"
 
+#include <string.h>
+
 typedef struct model_layer {
     kern_tensor_t attn_norm; /* f32 [n_embd] */
     kern_tensor_t wq, wk, wv, wo;
@@ -16,6 +18,29 @@ typedef struct model_layer {
     kern_tensor_t ffn_norm;
     kern_tensor_t w_gate, w_up, w_down;
 } model_layer_t;
+
+#define MODEL_MAX_HEAD_DIM 512 /* the loader refuses more */
+
+/* Key row `off` of KV block `block` for KV head `head` in `layer` as f32
+ * (head_dim floats), from a host-memory pool of F32 or F16 (kern.h's
+ * layout: a (block, head)'s rows are contiguous).  Read by the host-side
+ * scoring of block-sparse prefill (forward.c) and speculative prefill
+ * (specprefill.c). */
+static inline void
+model__kv_key(const kern_kv_t *kv, uint32_t layer, int32_t block, uint32_t head, uint32_t off,
+              float *out)
+{
+    const uint32_t d = kv->head_dim;
+    const size_t el = kv->dtype == KERN_F16 ? 2 : 4;
+    const uint8_t *row =
+        (const uint8_t *)kv->k + (size_t)layer * kv->layer_bytes +
+        ((((size_t)block * kv->n_kv_heads + head) * kv->block_tokens) + off) * d * el;
+    if (el == 2)
+        for (uint32_t e = 0; e < d; e++)
+            out[e] = kvs_fp16_to_f32(((const uint16_t *)row)[e]);
+    else
+        memcpy(out, row, d * sizeof(float));
+}
 
 /* ---- vocabularies (model/vocab*.c) -------------------------------------- */
 

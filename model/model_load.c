@@ -115,10 +115,10 @@ read_hparams(model_t *m, char *err, size_t err_len)
     }
     uint32_t def_hd = hp->n_embd / hp->n_head;
     uint32_t vlen;
-    if ((rc = hp_u32(m, "attention.key_length", false, def_hd, 2, 512, &hp->head_dim, err,
-                     err_len)) ||
-        (rc =
-             hp_u32(m, "attention.value_length", false, hp->head_dim, 2, 512, &vlen, err, err_len)))
+    if ((rc = hp_u32(m, "attention.key_length", false, def_hd, 2, MODEL_MAX_HEAD_DIM, &hp->head_dim,
+                     err, err_len)) ||
+        (rc = hp_u32(m, "attention.value_length", false, hp->head_dim, 2, MODEL_MAX_HEAD_DIM, &vlen,
+                     err, err_len)))
         return rc;
     if (vlen != hp->head_dim || (hp->head_dim & 1)) {
         model__errf(err, err_len, "head dimension %u (value %u) must be even and equal",

@@ -52,20 +52,9 @@ static void
 gather_keys(const kern_kv_t *kv, uint32_t layer, uint32_t g, const int32_t *blocks, uint32_t n,
             float *out)
 {
-    const uint32_t d = kv->head_dim, bt = kv->block_tokens;
-    const size_t el = kv->dtype == KERN_F16 ? 2 : 4;
-    for (uint32_t j = 0; j < n; j++) {
-        /* kern.h's layout: a (block, head)'s rows are contiguous. */
-        const uint8_t *row =
-            (const uint8_t *)kv->k + (size_t)layer * kv->layer_bytes +
-            ((((size_t)blocks[j / bt] * kv->n_kv_heads + g) * bt) + j % bt) * d * el;
-        float *o = out + (size_t)j * d;
-        if (el == 2)
-            for (uint32_t e = 0; e < d; e++)
-                o[e] = kvs_fp16_to_f32(((const uint16_t *)row)[e]);
-        else
-            memcpy(o, row, d * sizeof(float));
-    }
+    const uint32_t bt = kv->block_tokens;
+    for (uint32_t j = 0; j < n; j++)
+        model__kv_key(kv, layer, blocks[j / bt], g, j % bt, out + (size_t)j * kv->head_dim);
 }
 
 int
