@@ -555,14 +555,10 @@ static void
 count_keys(req_t *r, uint32_t first, uint32_t n, uint32_t n_prompt)
 {
     const model_attn_policy_t *p = &r->attn;
-    uint32_t np = 0; /* prompt rows of this step */
-    while (np < n && first + np < n_prompt)
-        np++;
-    uint32_t tail = 0, g = p->gamma ? p->gamma : 1;
-    if (p->kind == MODEL_ATTN_DELTA && !p->no_tail) {
-        tail = np % g + (g > 128 ? g : 128);
-        tail = tail < np ? tail : np;
-    }
+    /* prompt rows of this step */
+    uint32_t np = first >= n_prompt ? 0 : n_prompt - first < n ? n_prompt - first : n;
+    uint32_t g = p->gamma ? p->gamma : 1;
+    uint32_t tail = p->kind == MODEL_ATTN_DELTA ? model_delta_tail(np, p) : 0;
     for (uint32_t i = 0; i < np; i++) {
         uint64_t L = (uint64_t)first + i + 1; /* the row's causal limit */
         uint64_t kept = (uint64_t)p->sinks + p->window;
