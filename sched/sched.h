@@ -148,6 +148,10 @@ kv_pool_t *sched_draft_pool(sched_t *s); /* NULL without a draft */
  * backend), KVS_ERANGE (prompt + max_tokens longer than the maximum model
  * length) or KVS_ENOSPC (could never fit in the KV pool or the draft's). */
 int sched_submit(sched_t *s, const sched_request_t *r);
+/* Whether this engine runs requests with these policies (spec with its
+ * defaults filled): 0, KVS_EINVAL or KVS_ENOTSUP, as sched_submit answers. */
+int sched_check_policy(const sched_t *s, const model_attn_policy_t *attn,
+                       const model_spec_policy_t *spec);
 /* Asks to cancel request id; it finishes with SCHED_FINISH_CANCELLED (if it
  * had not finished already).  Thread: any. */
 int sched_cancel(sched_t *s, uint64_t id);

@@ -818,20 +818,29 @@ mix64(uint64_t z)
 }
 
 int
+sched_check_policy(const sched_t *s, const model_attn_policy_t *attn,
+                   const model_spec_policy_t *spec)
+{
+    if (model_attn_policy_check(attn) || model_spec_policy_check(spec))
+        return KVS_EINVAL;
+    /* Block-sparse's block choice and speculative prefill's scores read KV
+     * on the host (model.h). */
+    bool host = kern_backend_is_host(s->be);
+    if ((attn->kind == MODEL_ATTN_BLOCK_SPARSE && !host) || (spec->on && (!s->draft || !host)))
+        return KVS_ENOTSUP;
+    return 0;
+}
+
+int
 sched_submit(sched_t *s, const sched_request_t *q)
 {
-    if (q->prompt == NULL || q->n_prompt == 0 || q->max_tokens == 0 ||
-        model_attn_policy_check(&q->attn))
+    if (q->prompt == NULL || q->n_prompt == 0 || q->max_tokens == 0)
         return KVS_EINVAL;
-    if (q->attn.kind == MODEL_ATTN_BLOCK_SPARSE && !kern_backend_is_host(s->be))
-        return KVS_ENOTSUP; /* its block choice runs on the host (model.h) */
     model_spec_policy_t spec = q->spec;
     model_spec_policy_defaults(&spec);
-    if (model_spec_policy_check(&spec))
-        return KVS_EINVAL;
-    /* The scores read the draft's KV on the host. */
-    if (spec.on && (s->draft == NULL || !kern_backend_is_host(s->be)))
-        return KVS_ENOTSUP;
+    int rc = sched_check_policy(s, &q->attn, &spec);
+    if (rc)
+        return rc;
     if (spec.on && ((uint64_t)q->n_prompt + spec.look_ahead - 1 + s->cfg.block_tokens - 1) /
                            s->cfg.block_tokens >
                        kv_pool_cfg(s->d_pool)->n_blocks)
@@ -848,7 +857,7 @@ sched_submit(sched_t *s, const sched_request_t *q)
     req_t *r = calloc(1, sizeof *r);
     if (r == NULL)
         return KVS_ENOMEM;
-    int rc = model_sampler_new(&q->sampling, s->n_vocab, &r->sampler);
+    rc = model_sampler_new(&q->sampling, s->n_vocab, &r->sampler);
     if (rc) {
         free(r);
         return rc;

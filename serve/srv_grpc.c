@@ -1479,13 +1479,6 @@ engine_up(const srv_opts_t *o)
     }
     if (o->draft && (rc = srv_load_draft("serve", o->draft, S.m, &S.draft)))
         return rc;
-    if (!kern_backend_is_host(S.be) && (o->spec.on || o->attn.kind == MODEL_ATTN_BLOCK_SPARSE)) {
-        /* Their scoring reads KV on the host (model.h): every request
-         * would be refused. */
-        fprintf(stderr, "kvserve serve: %s is not supported with --device %s\n",
-                o->spec.on ? "--prefill speculative" : "--attention block-sparse", o->device);
-        return KVS_ENOTSUP;
-    }
     const model_hparams_t *hp = model_hparams(S.m);
     uint32_t max_len = o->max_model_len ? o->max_model_len : hp->n_ctx_train;
     sched_cfg_t sc = {.max_num_seqs = o->max_num_seqs,
@@ -1508,6 +1501,14 @@ engine_up(const srv_opts_t *o)
     }
     if ((rc = sched_new(S.m, &sc, &S.sched))) {
         fprintf(stderr, "kvserve serve: engine setup failed: %s\n", kvs_strerror(rc));
+        return rc;
+    }
+    if ((rc = sched_check_policy(S.sched, &o->attn, &o->spec)) != 0) {
+        /* Every request would be refused. */
+        char pol[96];
+        fprintf(stderr, "kvserve serve: --attention %s with --prefill %s: %s with --device %s\n",
+                srv_attn_describe(&o->attn, pol, sizeof pol), o->spec.on ? "speculative" : "full",
+                kvs_strerror(rc), o->device);
         return rc;
     }
     S.lim = (srv_limits_t){.m = S.m,
