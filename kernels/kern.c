@@ -48,6 +48,8 @@ kern_supports(const kern_backend_t *be, kern_op_t op, kern_dtype_t type)
 {
     if ((unsigned)op >= KERN_OP_COUNT)
         return false;
+    if (op == KERN_OP_KV_SEAL)
+        return be->ops->kv_seal != NULL && be->ops->supports(be, KERN_OP_KV_APPEND, type);
     return be->ops->supports(be, op, type);
 }
 
@@ -105,15 +107,31 @@ tensor_ok(const kern_tensor_t *w)
 static bool
 kv_ok(const kern_kv_t *kv, uint32_t layer)
 {
-    return kv && kv->k && kv->v && (kv->dtype == KERN_F32 || kv->dtype == KERN_F16) &&
-           layer < kv->n_layers && kv->n_kv_heads > 0 && kv->head_dim > 0 && kv->block_tokens > 0 &&
-           kv->n_blocks > 0;
+    if (!(kv && kv->k && kv->v && (kv->dtype == KERN_F32 || kv->dtype == KERN_F16) &&
+          layer < kv->n_layers && kv->n_kv_heads > 0 && kv->head_dim > 0 && kv->block_tokens > 0 &&
+          kv->n_blocks > 0))
+        return false;
+    if (kv->quant == KERN_KVQ_NONE)
+        return true;
+    return kv->quant < KERN_KVQ_COUNT && kv->n_hot > 0 && kv->n_hot <= kv->n_blocks &&
+           (kv->n_hot == kv->n_blocks || (kv->qk && kv->qv)) &&
+           kv->qk_tile == kern_kvq_tile_bytes(kv->quant, false, kv->block_tokens, kv->head_dim) &&
+           kv->qv_tile == kern_kvq_tile_bytes(kv->quant, true, kv->block_tokens, kv->head_dim) &&
+           kv->qk_tile != 0 && kv->qv_tile != 0;
 }
 
+/* A pool with quantized blocks needs a backend that reads them. */
+static bool
+kv_readable(const kern_backend_t *be, const kern_kv_t *kv)
+{
+    return kv->quant == KERN_KVQ_NONE || be->ops->kv_seal != NULL;
+}
+
+/* Appends write full-precision blocks only. */
 static bool
 slots_ok(const kern_kv_t *kv, const int32_t *slots, uint32_t n)
 {
-    uint64_t max = (uint64_t)kv->n_blocks * kv->block_tokens;
+    uint64_t max = (uint64_t)kern__kv_n_hot(kv) * kv->block_tokens;
     for (uint32_t i = 0; i < n; i++)
         if (slots[i] < 0 || (uint64_t)slots[i] >= max)
             return false;
@@ -216,7 +234,7 @@ kern_kv_append(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, const fl
 {
     if (!kv_ok(kv, layer) || (n && (!k || !v || !slots)) || !slots_ok(kv, slots, n))
         return KVS_EINVAL;
-    if (!be->ops->supports(be, KERN_OP_KV_APPEND, kv->dtype))
+    if (!be->ops->supports(be, KERN_OP_KV_APPEND, kv->dtype) || !kv_readable(be, kv))
         return KVS_ENOTSUP;
     return n ? be->ops->kv_append(be, kv, layer, k, v, slots, n) : 0;
 }
@@ -227,13 +245,67 @@ kern_kv_copy(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, const 
 {
     if (!kv_ok(kv, 0) || (n && (!src || !dst)))
         return KVS_EINVAL;
+    uint32_t n_hot = kern__kv_n_hot(kv);
     for (uint32_t i = 0; i < n; i++)
-        if (src[i] < 0 || dst[i] < 0 || (uint32_t)src[i] >= kv->n_blocks ||
-            (uint32_t)dst[i] >= kv->n_blocks)
+        if (src[i] < 0 || dst[i] < 0 || (uint32_t)src[i] >= n_hot || (uint32_t)dst[i] >= n_hot)
             return KVS_EINVAL;
-    if (!be->ops->supports(be, KERN_OP_KV_COPY, kv->dtype))
+    if (!be->ops->supports(be, KERN_OP_KV_COPY, kv->dtype) || !kv_readable(be, kv))
         return KVS_ENOTSUP;
     return n ? be->ops->kv_copy(be, kv, src, dst, n) : 0;
+}
+
+int
+kern_kv_seal(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
+             uint32_t n)
+{
+    if (!kv_ok(kv, 0) || kv->quant == KERN_KVQ_NONE || (n && (!src || !dst)))
+        return KVS_EINVAL;
+    for (uint32_t i = 0; i < n; i++)
+        if (src[i] < 0 || dst[i] < 0 || (uint32_t)src[i] >= kv->n_blocks ||
+            (uint32_t)dst[i] >= kv->n_blocks ||
+            kern__kv_cold(kv, (uint32_t)src[i]) == kern__kv_cold(kv, (uint32_t)dst[i]))
+            return KVS_EINVAL;
+    if (!kern_supports(be, KERN_OP_KV_SEAL, kv->dtype))
+        return KVS_ENOTSUP;
+    return n ? be->ops->kv_seal(be, kv, src, dst, n) : 0;
+}
+
+int
+kern_kv_gather(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
+               uint32_t n)
+{
+    if (!kv_ok(kv, 0) || (n && (!src || !dst)) || !slots_ok(kv, dst, n))
+        return KVS_EINVAL;
+    /* Whether a destination is also read is left to the caller: checking
+     * it here would take memory per call (kern.h). */
+    uint64_t max = (uint64_t)kv->n_blocks * kv->block_tokens;
+    size_t n_src = (size_t)kv->n_layers * kv->n_kv_heads * n;
+    for (size_t i = 0; i < n_src; i++)
+        if (src[i] < 0 || (uint64_t)src[i] >= max)
+            return KVS_EINVAL;
+    if (be->ops->kv_gather == NULL || !be->ops->supports(be, KERN_OP_KV_APPEND, kv->dtype) ||
+        !kv_readable(be, kv))
+        return KVS_ENOTSUP;
+    return n ? be->ops->kv_gather(be, kv, src, dst, n) : 0;
+}
+
+void
+kern_kv_row_f32(const kern_kv_t *kv, bool v, uint32_t layer, int32_t block, uint32_t head,
+                uint32_t off, float *out)
+{
+    uint32_t d = kv->head_dim;
+    if (kern__kv_cold(kv, (uint32_t)block)) {
+        kern_kvq_decode(kv->quant, v, kern__kv_tile(kv, v, layer, (uint32_t)block, head),
+                        kv->block_tokens, d, off, 1, out);
+        return;
+    }
+    const uint8_t *row = (const uint8_t *)(v ? kv->v : kv->k) +
+                         kern__kv_offset(kv, layer, (uint32_t)block, head, off);
+    if (kv->dtype == KERN_F16)
+        for (uint32_t e = 0; e < d; e++)
+            out[e] = kvs_fp16_to_f32(((const uint16_t *)row)[e]);
+    else
+        memcpy(out, row, d * sizeof(float));
 }
 
 /* The sparse key pattern (kern.h).  Runs after the rows' kv_len checks. */
@@ -293,7 +365,7 @@ kern_attention(kern_backend_t *be, const kern_attn_args_t *a)
     }
     if (!attn_pattern_ok(a))
         return KVS_EINVAL;
-    if (!be->ops->supports(be, KERN_OP_ATTN, kv->dtype))
+    if (!be->ops->supports(be, KERN_OP_ATTN, kv->dtype) || !kv_readable(be, kv))
         return KVS_ENOTSUP;
     return a->n_q ? be->ops->attention(be, a) : 0;
 }

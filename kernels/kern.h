@@ -170,18 +170,77 @@ typedef struct kern_page_table {
     uint32_t n_seqs;
 } kern_page_table_t;
 
-/* The paged KV store of one pool.  Owned by cache/; kernels read and write. */
+/* Quantized KV blocks (algorithms.md section 6).  A pool with a codec
+ * keeps two kinds of block: n_hot full-precision blocks in `dtype`, which
+ * every append writes (the sequence's growing tail, its attention sinks,
+ * prefill chunks in flight), and quantized blocks that kern_kv_seal fills
+ * from full hot blocks.  A quantized block stores, per layer and KV head,
+ * one K tile and one V tile of block_tokens x head_dim values:
+ *
+ *   BF16  bf16 values, token-major, rounded to nearest even.
+ *   Q8_0  per token, head_dim / 32 blocks of kern_block_q8_0_t (llama.cpp's
+ *         q8_0 KV cache: d = max|x| / 127, 8.5 bits a value).
+ *   FP8   per token, an fp16 scale s = max|x| / 448 and head_dim e4m3 bytes
+ *         (OCP FN, saturating) of x / s: vLLM's fp8 with a per-token,
+ *         per-head scale instead of an uncalibrated per-tensor 1.0.
+ *   Q4    4-bit asymmetric after KIVI: K per channel over groups of
+ *         min(block_tokens, 32) tokens (channels carry the outliers),
+ *         V per token over groups of 32 channels; group scales and
+ *         minimums are 6-bit multiples of per-tile fp16 units, as in
+ *         Q4_K: 4.4 bits a value with blocks of 32 tokens or more; with
+ *         16, keys take 4.8 (groups of 16 tokens).  head_dim % 32 == 0.
+ *
+ * Sealing a full block is KIVI's residual rule with R = block_tokens: the
+ * tokens of the partly filled tail block stay in full precision. */
+typedef enum kern_kvq {
+    KERN_KVQ_NONE = 0, /* every block full precision */
+    KERN_KVQ_BF16 = 1,
+    KERN_KVQ_Q8_0 = 2,
+    KERN_KVQ_FP8 = 3,
+    KERN_KVQ_Q4 = 4,
+    KERN_KVQ_COUNT
+} kern_kvq_t;
+
+/* "none", "bf16", "q8_0", "fp8", "q4"; NULL for an unknown value. */
+const char *kern_kvq_name(kern_kvq_t q);
+/* Bytes of one K (v false) or V tile of bt tokens x d channels; 0 when the
+ * codec cannot store that shape (d % 32 for Q8_0 and Q4, bt odd for Q4)
+ * or for KERN_KVQ_NONE. */
+size_t kern_kvq_tile_bytes(kern_kvq_t q, bool v, uint32_t bt, uint32_t d);
+/* Encodes x[bt][d] (f32, token-major) into one tile.  Non-finite inputs
+ * are stored as 0.  Returns 0 or KVS_EINVAL (shape, see tile_bytes). */
+int kern_kvq_encode(kern_kvq_t q, bool v, const float *x, uint32_t bt, uint32_t d, void *tile);
+/* Decodes tokens [t0, t0 + n) of a tile into y[n][d].  t0 + n <= bt. */
+void kern_kvq_decode(kern_kvq_t q, bool v, const void *tile, uint32_t bt, uint32_t d, uint32_t t0,
+                     uint32_t n, float *y);
+
+/* The paged KV store of one pool.  Owned by cache/; kernels read and write.
+ * Blocks [0, n_hot) are full precision at k and v (the layout above, with
+ * n_hot blocks a layer); blocks [n_hot, n_blocks) are quantized tiles at
+ * qk and qv: [layer][block - n_hot][kv_head], qk_tile / qv_tile bytes each.
+ * Without a codec n_hot == n_blocks and qk, qv are NULL. */
 typedef struct kern_kv {
-    kern_dtype_t dtype; /* KERN_F32 or KERN_F16 */
+    kern_dtype_t dtype; /* of the full-precision blocks: KERN_F32 or KERN_F16 */
     uint32_t n_layers;
     uint32_t n_kv_heads;
     uint32_t head_dim;
     uint32_t block_tokens;
     uint32_t n_blocks;
-    size_t layer_bytes; /* bytes of one layer of K (or V) */
+    size_t layer_bytes; /* bytes of one layer of K (or V) full-precision blocks */
     void *k;            /* n_layers * layer_bytes */
     void *v;
+    kern_kvq_t quant;
+    uint32_t n_hot;
+    size_t qk_tile, qv_tile; /* kern_kvq_tile_bytes */
+    void *qk;                /* n_layers * (n_blocks - n_hot) * n_kv_heads * qk_tile */
+    void *qv;
 } kern_kv_t;
+
+/* One K (v false) or V row of a host-memory pool as f32, whatever kind of
+ * block holds it: the read the host attention paths and the host-side
+ * scorers (block-sparse selection, speculative prefill) share. */
+void kern_kv_row_f32(const kern_kv_t *kv, bool v, uint32_t layer, int32_t block, uint32_t head,
+                     uint32_t off, float *out);
 
 /* Attention over paged KV for a batch of sequences.  Query rows of sequence
  * s are rows q_indptr[s] .. q_indptr[s+1]-1.  Row i sees the first
@@ -266,6 +325,7 @@ typedef enum kern_op {
     KERN_OP_KV_APPEND,
     KERN_OP_KV_COPY,
     KERN_OP_ATTN,
+    KERN_OP_KV_SEAL,
     KERN_OP_COUNT,
 } kern_op_t;
 
@@ -332,6 +392,26 @@ int kern_kv_append(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, cons
 int kern_kv_copy(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
                  uint32_t n);
 int kern_attention(kern_backend_t *be, const kern_attn_args_t *a);
+/* Quantizes full-precision blocks src[i] (< n_hot) into quantized blocks
+ * dst[i] (>= n_hot), every layer, K and V (host arrays); or, with src[i]
+ * quantized and dst[i] full precision, writes the decoded values back (a
+ * truncate that reopens a sealed block).  Sources are left as they were.
+ * KVS_ENOTSUP where the backend reads no quantized blocks (then a pool
+ * with a codec cannot run on it). */
+int kern_kv_seal(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
+                 uint32_t n);
+/* Copies KV rows within the pool for score-based compression (SnapKV,
+ * H2O), which keeps a different set of tokens per layer and KV head: for
+ * every layer l and KV head h, the row at slot src[(l * n_kv_heads + h) *
+ * n + j] (slot = block * block_tokens + offset; any kind of block) is
+ * written to slot dst[j] (full-precision blocks), j < n; host arrays.  No
+ * destination slot may be read as a source by the same call (the host
+ * backends copy layers in parallel; the cache gathers into fresh blocks).
+ * A quantized source is written as its decoded values, a full-precision
+ * one bit for bit.  Returns 0, KVS_EINVAL, KVS_ENOTSUP where the backend
+ * has no gather (cuda). */
+int kern_kv_gather(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
+                   uint32_t n);
 /* Delta Attention's correction (algorithms.md section 1) of n query rows
  * of `width` floats whose sparse outputs are in out[n][width].  Rows below
  * n - tail form blocks of gamma rows; dense holds the dense outputs of each

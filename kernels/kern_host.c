@@ -1,7 +1,9 @@
 /*
  * kernels/kern_host.c — what the backends whose memory is the host's (ref,
- * cpu) share: memory functions and Delta Attention's correction (one
- * simple loop serves both: it moves a few rows per block).  Allocations
+ * cpu) share: memory functions, Delta Attention's correction (one simple
+ * loop serves both: it moves a few rows per block), the sealing of full
+ * KV blocks into quantized tiles (the codecs are kern_kvq.c's) and the
+ * row gathers of score-based KV compression.  Allocations
  * are 64-byte aligned so SIMD loads of rows and KV blocks never straddle
  * cache lines needlessly.
  */
@@ -73,4 +75,71 @@ kern__host_delta_apply(kern_backend_t *be, float *out, float *dense, uint32_t n,
     for (uint32_t r = ns; r < n; r++, i++)
         memcpy(out + (size_t)r * width, dense + (size_t)i * width, width * sizeof(float));
     return 0;
+}
+
+/* Decoded rows back into full-precision storage.  A codec may decode a
+ * value just past fp16's largest (65504 rounds up in every codec's grid),
+ * which must stay finite rather than become inf. */
+static void
+store_hot_row(const kern_kv_t *kv, void *out, const float *x, size_t n)
+{
+    if (kv->dtype != KERN_F16) {
+        memcpy(out, x, n * sizeof(float));
+        return;
+    }
+    for (size_t e = 0; e < n; e++) {
+        float v = x[e] > 65504.0f ? 65504.0f : x[e] < -65504.0f ? -65504.0f : x[e];
+        ((uint16_t *)out)[e] = kvs_f32_to_fp16(v);
+    }
+}
+
+void
+kern__host_kv_seal_layer(const kern_kv_t *kv, uint32_t layer, const int32_t *src,
+                         const int32_t *dst, uint32_t n, float *x)
+{
+    uint32_t bt = kv->block_tokens, d = kv->head_dim;
+    for (uint32_t i = 0; i < n; i++)
+        for (uint32_t h = 0; h < kv->n_kv_heads; h++)
+            for (int v = 0; v < 2; v++) {
+                /* One (block, head) of the full-precision layout is a
+                 * contiguous [bt][d] tile already. */
+                for (uint32_t t = 0; t < bt; t++)
+                    kern_kv_row_f32(kv, v, layer, src[i], h, t, x + (size_t)t * d);
+                if (kern__kv_cold(kv, (uint32_t)dst[i])) {
+                    void *tile = (void *)kern__kv_tile(kv, v, layer, (uint32_t)dst[i], h);
+                    kern_kvq_encode(kv->quant, v, x, bt, d, tile);
+                    continue;
+                }
+                store_hot_row(kv,
+                              (uint8_t *)(v ? kv->v : kv->k) +
+                                  kern__kv_offset(kv, layer, (uint32_t)dst[i], h, 0),
+                              x, (size_t)bt * d);
+            }
+}
+
+void
+kern__host_kv_gather_layer(const kern_kv_t *kv, uint32_t layer, const int32_t *src,
+                           const int32_t *dst, uint32_t n, float *x)
+{
+    const uint32_t bt = kv->block_tokens, d = kv->head_dim;
+    const size_t row_bytes = (size_t)d * (kv->dtype == KERN_F16 ? 2 : 4);
+    for (uint32_t h = 0; h < kv->n_kv_heads; h++) {
+        const int32_t *s = src + ((size_t)layer * kv->n_kv_heads + h) * n;
+        for (uint32_t j = 0; j < n; j++) {
+            uint32_t sb = (uint32_t)s[j] / bt, so = (uint32_t)s[j] % bt;
+            uint32_t db = (uint32_t)dst[j] / bt, dof = (uint32_t)dst[j] % bt;
+            size_t to = kern__kv_offset(kv, layer, db, h, dof);
+            for (int v = 0; v < 2; v++) {
+                uint8_t *buf = v ? kv->v : kv->k, *out = buf + to;
+                if (!kern__kv_cold(kv, sb)) {
+                    /* Same dtype on both sides: the bytes themselves, so a
+                     * kept row is exactly the row attention read before. */
+                    memcpy(out, buf + kern__kv_offset(kv, layer, sb, h, so), row_bytes);
+                    continue;
+                }
+                kern_kv_row_f32(kv, v, layer, (int32_t)sb, h, so, x);
+                store_hot_row(kv, out, x, d);
+            }
+        }
+    }
 }

@@ -39,6 +39,12 @@ typedef struct kern_ops {
                        uint32_t gamma, uint32_t tail);
     /* Optional (NULL: weights stay row-major); w is valid and row-major. */
     int (*pack_weight)(kern_backend_t *be, kern_tensor_t *w);
+    /* Optional (NULL: the backend reads no quantized KV blocks). */
+    int (*kv_seal)(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
+                   uint32_t n);
+    /* Optional (NULL: kern_kv_gather answers KVS_ENOTSUP). */
+    int (*kv_gather)(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src,
+                     const int32_t *dst, uint32_t n);
 } kern_ops_t;
 
 /* Every backend struct starts with this header. */
@@ -78,7 +84,40 @@ int kern__host_sync(kern_backend_t *be);
 int kern__host_delta_apply(kern_backend_t *be, float *out, float *dense, uint32_t n, uint32_t width,
                            uint32_t gamma, uint32_t tail);
 
-/* Address of (layer, block, kv_head, slot-in-block) in a K or V buffer. */
+/* Seals blocks src[i] -> dst[i] of one layer (kern_kv_seal) with x as
+ * scratch of block_tokens * head_dim floats. */
+void kern__host_kv_seal_layer(const kern_kv_t *kv, uint32_t layer, const int32_t *src,
+                              const int32_t *dst, uint32_t n, float *x);
+/* Gathers the rows of one layer (kern_kv_gather) with x as scratch of
+ * head_dim floats. */
+void kern__host_kv_gather_layer(const kern_kv_t *kv, uint32_t layer, const int32_t *src,
+                                const int32_t *dst, uint32_t n, float *x);
+
+/* Full-precision blocks of a pool: all of them without a codec. */
+static inline uint32_t
+kern__kv_n_hot(const kern_kv_t *kv)
+{
+    return kv->quant == KERN_KVQ_NONE ? kv->n_blocks : kv->n_hot;
+}
+
+static inline bool
+kern__kv_cold(const kern_kv_t *kv, uint32_t block)
+{
+    return kv->quant != KERN_KVQ_NONE && block >= kv->n_hot;
+}
+
+/* The K (v false) or V tile of a quantized block's (layer, kv_head). */
+static inline const void *
+kern__kv_tile(const kern_kv_t *kv, bool v, uint32_t layer, uint32_t block, uint32_t head)
+{
+    size_t tile = v ? kv->qv_tile : kv->qk_tile;
+    size_t idx =
+        ((size_t)layer * (kv->n_blocks - kv->n_hot) + (block - kv->n_hot)) * kv->n_kv_heads + head;
+    return (const uint8_t *)(v ? kv->qv : kv->qk) + idx * tile;
+}
+
+/* Address of (layer, block, kv_head, slot-in-block) in a K or V buffer of
+ * full-precision blocks (block < kern__kv_n_hot). */
 static inline size_t
 kern__kv_offset(const kern_kv_t *kv, uint32_t layer, uint32_t block, uint32_t head, uint32_t off)
 {

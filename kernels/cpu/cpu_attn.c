@@ -506,6 +506,38 @@ softmax_row(const attn_ctx_t *c, const row_pat_t *rp, const int32_t *pos, int nk
     return mx;
 }
 
+/* Pools with quantized blocks: the chunk's keys (at ascending positions
+ * pos) and values as f32 rows, decoding each run of one block at once, so
+ * the f32 kernels below serve every codec. */
+static void
+chunk_decode(const kern_kv_t *kv, uint32_t layer, uint32_t g, const int32_t *blocks,
+             const int32_t *pos, int nk, float *kb, float *vb)
+{
+    uint32_t bt = kv->block_tokens, d = kv->head_dim;
+    for (int t = 0; t < nk;) {
+        uint32_t bi = (uint32_t)pos[t] / bt, o = (uint32_t)pos[t] % bt;
+        int n = 1;
+        while (t + n < nk && pos[t + n] == pos[t] + n && (uint32_t)pos[t + n] / bt == bi)
+            n++;
+        uint32_t b = (uint32_t)blocks[bi];
+        float *kr = kb + (size_t)t * d, *vr = vb + (size_t)t * d;
+        if (kern__kv_cold(kv, b)) {
+            kern_kvq_decode(kv->quant, false, kern__kv_tile(kv, false, layer, b, g), bt, d, o,
+                            (uint32_t)n, kr);
+            kern_kvq_decode(kv->quant, true, kern__kv_tile(kv, true, layer, b, g), bt, d, o,
+                            (uint32_t)n, vr);
+        } else {
+            for (int i = 0; i < n; i++) {
+                kern_kv_row_f32(kv, false, layer, (int32_t)b, g, o + (uint32_t)i,
+                                kr + (size_t)i * d);
+                kern_kv_row_f32(kv, true, layer, (int32_t)b, g, o + (uint32_t)i,
+                                vr + (size_t)i * d);
+            }
+        }
+        t += n;
+    }
+}
+
 static void
 item_task(void *ctx, int task, int thread)
 {
@@ -514,11 +546,14 @@ item_task(void *ctx, int task, int thread)
     const kern_kv_t *kv = a->kv;
     const attn_item_t *it = &c->items[task];
     uint32_t d = c->d, nq = (uint32_t)it->n_rows * c->group;
-    bool f16 = kv->dtype == KERN_F16;
+    bool quant = kv->quant != KERN_KVQ_NONE;
+    bool f16 = kv->dtype == KERN_F16 && !quant;
 
-    /* Scratch: m, l, alpha [nq], S/P [nq][CHUNK], acc [nq][d]. */
+    /* Scratch: m, l, alpha [nq], S/P [nq][CHUNK], acc [nq][d], then for
+     * quantized pools the decoded K and V [CHUNK][d]. */
     float *m = c->be->scratch[thread].p, *l = m + nq, *alpha = l + nq, *s = alpha + nq;
     float *acc = s + (size_t)nq * CHUNK;
+    float *kb = acc + (size_t)nq * d, *vb = kb + (size_t)CHUNK * d;
     for (uint32_t qi = 0; qi < nq; qi++) {
         m[qi] = -INFINITY;
         l[qi] = 0.0f;
@@ -542,14 +577,22 @@ item_task(void *ctx, int task, int thread)
         if (nk == 0)
             break;
         taken += nk;
-        for (int t = 0; t < nk; t++) {
-            kp[t] = (const uint8_t *)kv->k + offs[t];
-            vp[t] = (const uint8_t *)kv->v + offs[t];
+        if (quant) {
+            chunk_decode(kv, a->layer, it->g, cur.blocks, pos, nk, kb, vb);
+            for (int t = 0; t < nk; t++) {
+                kp[t] = kb + (size_t)t * d;
+                vp[t] = vb + (size_t)t * d;
+            }
+        } else {
+            for (int t = 0; t < nk; t++) {
+                kp[t] = (const uint8_t *)kv->k + offs[t];
+                vp[t] = (const uint8_t *)kv->v + offs[t];
+            }
         }
         /* Keys sit in runs of block_tokens at scattered addresses, too
          * short for the hardware prefetcher to reach full speed: keep
          * PREFETCH_KEYS keys past this chunk on their way into L2. */
-        int want = (int)(taken + PREFETCH_KEYS - pf_taken);
+        int want = quant ? 0 : (int)(taken + PREFETCH_KEYS - pf_taken);
         int np = want > 0 ? cursor_take(&pf, want, pf_offs, NULL) : 0;
         pf_taken += np;
 #ifdef CPU_HAVE_X86
@@ -725,7 +768,8 @@ kern__cpu_attention(kern_cpu_t *be, const kern_attn_args_t *a)
         kern__cpu_work_reserve(be, items_bytes + groups_bytes + n_partial * sizeof(float), &work);
     if (rc == 0) {
         size_t nq_max = (size_t)rc_rows * c.group;
-        rc = kern__cpu_scratch_reserve(be, nq_max * (3 + CHUNK + c.d) * sizeof(float));
+        size_t decoded = a->kv->quant != KERN_KVQ_NONE ? 2 * (size_t)CHUNK * c.d : 0;
+        rc = kern__cpu_scratch_reserve(be, (nq_max * (3 + CHUNK + c.d) + decoded) * sizeof(float));
     }
     if (rc)
         return rc;

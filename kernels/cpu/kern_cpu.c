@@ -575,6 +575,55 @@ cpu_kv_copy(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, const
     return 0;
 }
 
+/* One task per layer, as for copies. */
+static void
+kv_seal_task(void *ctx, int task, int thread)
+{
+    const kv_ctx_t *c = ctx;
+    kern__host_kv_seal_layer(c->kv, (uint32_t)task, c->src, c->dst, c->n, c->be->scratch[thread].p);
+}
+
+static int
+cpu_kv_seal(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
+            uint32_t n)
+{
+    kv_ctx_t c = {.be = (kern_cpu_t *)base, .kv = kv, .src = src, .dst = dst, .n = n};
+    int rc =
+        kern__cpu_scratch_reserve(c.be, (size_t)kv->block_tokens * kv->head_dim * sizeof(float));
+    if (rc)
+        return rc;
+    kern__cpu_parallel(c.be, (int)kv->n_layers, kv_seal_task, &c);
+    return 0;
+}
+
+/* One task per layer: the layers' rows lie apart, and no destination is a
+ * source (kern.h), so the order does not matter. */
+static void
+kv_gather_task(void *ctx, int task, int thread)
+{
+    const kv_ctx_t *c = ctx;
+    kern__host_kv_gather_layer(c->kv, (uint32_t)task, c->src, c->dst, c->n,
+                               c->be->scratch[thread].p);
+}
+
+static int
+cpu_kv_gather(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
+              uint32_t n)
+{
+    kv_ctx_t c = {.be = (kern_cpu_t *)base, .kv = kv, .src = src, .dst = dst, .n = n};
+    int rc = kern__cpu_scratch_reserve(c.be, (size_t)kv->head_dim * sizeof(float));
+    if (rc)
+        return rc;
+    /* A few rows are memcpy-sized work: waking the pool costs more. */
+    if ((size_t)n * kv->n_kv_heads * kv->head_dim * 2 < (1u << 16)) {
+        for (uint32_t l = 0; l < kv->n_layers; l++)
+            kv_gather_task(&c, (int)l, 0);
+        return 0;
+    }
+    kern__cpu_parallel(c.be, (int)kv->n_layers, kv_gather_task, &c);
+    return 0;
+}
+
 static int
 cpu_attention(kern_backend_t *base, const kern_attn_args_t *a)
 {
@@ -654,4 +703,6 @@ static const kern_ops_t cpu_ops = {
     .attention = cpu_attention,            /* cpu_attn.c: paged flash attention */
     .delta_apply = kern__host_delta_apply, /* a few rows per block: memory-bound, one thread */
     .pack_weight = cpu_pack_weight,        /* Q8_0 in 16-row panels with AVX-512 VNNI */
+    .kv_seal = cpu_kv_seal,                /* per layer, through kern_kvq_encode */
+    .kv_gather = cpu_kv_gather,            /* per layer, rows memcpy'd or decoded */
 };

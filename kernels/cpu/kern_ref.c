@@ -208,12 +208,29 @@ ref_kv_copy(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, const i
     return 0;
 }
 
-static double
-ref_kv_elem(const kern_kv_t *kv, const void *buf, size_t off, uint32_t c)
+static int
+ref_kv_seal(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
+            uint32_t n)
 {
-    if (kv->dtype == KERN_F16)
-        return kvs_fp16_to_f32(((const uint16_t *)((const char *)buf + off))[c]);
-    return ((const float *)((const char *)buf + off))[c];
+    float *x =
+        ref_scratch((kern_ref_t *)base, (size_t)kv->block_tokens * kv->head_dim * sizeof(float));
+    if (x == NULL)
+        return KVS_ENOMEM;
+    for (uint32_t l = 0; l < kv->n_layers; l++)
+        kern__host_kv_seal_layer(kv, l, src, dst, n, x);
+    return 0;
+}
+
+static int
+ref_kv_gather(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
+              uint32_t n)
+{
+    float *x = ref_scratch((kern_ref_t *)base, (size_t)kv->head_dim * sizeof(float));
+    if (x == NULL)
+        return KVS_ENOMEM;
+    for (uint32_t l = 0; l < kv->n_layers; l++)
+        kern__host_kv_gather_layer(kv, l, src, dst, n, x);
+    return 0;
 }
 
 /* Whether row i (causal limit len) attends to key j < len: kern.h's
@@ -245,11 +262,13 @@ ref_attention(kern_backend_t *base, const kern_attn_args_t *a)
     for (uint32_t i = 0; i < a->n_q; i++)
         if (a->kv_len[i] > max_len)
             max_len = a->kv_len[i];
-    /* Scores, then the output accumulator, both in double. */
-    double *p = ref_scratch(be, ((size_t)max_len + d) * sizeof(double));
+    /* Scores, then the output accumulator, both in double; then one K or
+     * V row as stored, read back as f32. */
+    double *p = ref_scratch(be, ((size_t)max_len + d) * sizeof(double) + d * sizeof(float));
     if (p == NULL)
         return KVS_ENOMEM;
     double *acc = p + max_len;
+    float *row = (float *)(acc + d);
 
     for (uint32_t s = 0; s < a->pt.n_seqs; s++) {
         const int32_t *blocks = a->pt.indices + a->pt.indptr[s];
@@ -264,11 +283,11 @@ ref_attention(kern_backend_t *base, const kern_attn_args_t *a)
                         p[j] = -INFINITY; /* exp() below makes it an exact 0 */
                         continue;
                     }
-                    uint32_t blk = (uint32_t)blocks[j / kv->block_tokens];
-                    size_t off = kern__kv_offset(kv, a->layer, blk, g, j % kv->block_tokens);
+                    kern_kv_row_f32(kv, false, a->layer, blocks[j / kv->block_tokens], g,
+                                    (uint32_t)j % kv->block_tokens, row);
                     double dot = 0.0;
                     for (uint32_t c = 0; c < d; c++)
-                        dot += q[c] * ref_kv_elem(kv, kv->k, off, c);
+                        dot += q[c] * row[c];
                     p[j] = (double)a->scale * dot;
                     if (p[j] > mx)
                         mx = p[j];
@@ -283,10 +302,10 @@ ref_attention(kern_backend_t *base, const kern_attn_args_t *a)
                 for (int32_t j = 0; j < len; j++) {
                     if (p[j] == 0.0)
                         continue; /* a masked key (its V is never read) */
-                    uint32_t blk = (uint32_t)blocks[j / kv->block_tokens];
-                    size_t off = kern__kv_offset(kv, a->layer, blk, g, j % kv->block_tokens);
+                    kern_kv_row_f32(kv, true, a->layer, blocks[j / kv->block_tokens], g,
+                                    (uint32_t)j % kv->block_tokens, row);
                     for (uint32_t c = 0; c < d; c++)
-                        acc[c] += p[j] * ref_kv_elem(kv, kv->v, off, c);
+                        acc[c] += p[j] * row[c];
                 }
                 float *o = a->out + ((size_t)i * a->n_heads + h) * d;
                 for (uint32_t c = 0; c < d; c++)
@@ -313,7 +332,7 @@ static const kern_ops_t ref_ops = {
     .name = "ref",
     .is_host = true,
     .destroy = ref_destroy,    /* frees the scratch buffer and the struct */
-    .supports = ref_supports,  /* F32/F16/BF16/Q8_0/Q4_0/K-quant weights, F32/F16 KV */
+    .supports = ref_supports,  /* F32/F16/BF16/Q8_0/Q4_0/K-quant weights, F32/F16 KV + codecs */
     .alloc = kern__host_alloc, /* 64-byte aligned host memory */
     .free = kern__host_free,
     .upload = kern__host_copy, /* host to host: memmove */
@@ -330,4 +349,7 @@ static const kern_ops_t ref_ops = {
     .kv_copy = ref_kv_copy,     /* whole blocks, every layer */
     .attention = ref_attention, /* two-pass softmax in double, masked keys excluded */
     .delta_apply = kern__host_delta_apply,
+    .pack_weight = NULL,
+    .kv_seal = ref_kv_seal,     /* block by block through kern_kvq_encode */
+    .kv_gather = ref_kv_gather, /* row by row, layer by layer */
 };
