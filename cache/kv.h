@@ -39,15 +39,23 @@ typedef struct kv_pool_cfg {
     uint32_t head_dim;
     uint32_t block_tokens; /* tokens per block, a power of two, 1..1024 (default 16) */
     uint32_t n_blocks;     /* blocks in the pool, >= 1 */
-    kern_dtype_t dtype;    /* KERN_F32 or KERN_F16 */
+    kern_dtype_t dtype;    /* KERN_F32 or KERN_F16: of full-precision blocks */
+    /* Quantized KV (kern.h): with a codec, blocks [0, n_hot) are full
+     * precision (appends write only those) and the rest hold quantized
+     * tiles that kv_table_seal fills.  KERN_KVQ_NONE: n_hot is ignored. */
+    kern_kvq_t quant;
+    uint32_t n_hot; /* 1..n_blocks with a codec */
     /* Keep released full blocks that were committed (kv_prefix_commit) for
      * reuse by kv_prefix_match, evicting them LRU when blocks run out.
      * false: released blocks go straight back to the free list. */
     bool prefix_cache;
 } kv_pool_cfg_t;
 
-/* Bytes of backend memory one block takes (all layers, K and V). */
+/* Bytes of backend memory one full-precision block takes (all layers, K
+ * and V); kv_pool_quant_block_bytes: one quantized block (0 without a
+ * codec).  0 for a cfg kv_pool_new refuses. */
 size_t kv_pool_block_bytes(const kv_pool_cfg_t *cfg);
+size_t kv_pool_quant_block_bytes(const kv_pool_cfg_t *cfg);
 
 /* Allocates the pool's memory (zeroed) from `be`.  Returns 0, KVS_EINVAL
  * (a zero size, block_tokens not a power of two, a dtype other than F32/F16,
@@ -61,8 +69,10 @@ const kv_pool_cfg_t *kv_pool_cfg(const kv_pool_t *pool);
 /* The view kernels read and write; valid for the pool's lifetime. */
 const kern_kv_t *kv_pool_kv(const kv_pool_t *pool);
 /* Blocks an allocation can take: free ones plus cached blocks no table
- * uses (evictable), so capacity answers do not depend on the cache. */
+ * uses (evictable), so capacity answers do not depend on the cache.  With
+ * a codec: of both kinds; kv_pool_n_free_kind counts one kind. */
 uint32_t kv_pool_n_free(const kv_pool_t *pool);
+uint32_t kv_pool_n_free_kind(const kv_pool_t *pool, bool quantized);
 uint32_t kv_pool_refcount(const kv_pool_t *pool, int32_t block);
 /* Checks every invariant (refcounts match table references, free list
  * consistent, no block both free and used; with the prefix cache: the hash
@@ -92,6 +102,28 @@ int kv_table_append(kv_table_t *t, const int32_t *pos, uint32_t n, int32_t *slot
  * longer used, including those reserved ahead.  KVS_EINVAL if n > len. */
 int kv_table_truncate(kv_table_t *t, uint32_t n_tokens);
 
+/* Quantizes t's full blocks that are full precision, used by t alone (not
+ * shared, not in the prefix cache), hold no entry below keep_head (the
+ * attention sinks stay exact) and end at or before len - keep_tail (a
+ * residual window), each into a quantized block that takes its place.
+ * Stops early, leaving blocks full precision, when no quantized block is
+ * free.  Returns the number of blocks sealed, or an error from
+ * kern_kv_seal (the blocks of the failed batch stay full precision, those
+ * sealed before it stay sealed).  0 without a codec. */
+int kv_table_seal(kv_table_t *t, uint32_t keep_head, uint32_t keep_tail);
+
+/* StreamingLLM eviction (algorithms.md section 3) that frees memory:
+ * while more than `budget` entries remain, drops the oldest whole block
+ * after the blocks holding the first keep_head entries (the attention
+ * sinks), moving later entries down.  Positions stay the true ones, so
+ * keys cached with RoPE at those positions need no re-rotation, and the
+ * sinks' blocks keep their prefix-cache identity.  The block holding the
+ * last entry (and any reserved ahead) always stays, so a budget below
+ * the sinks' blocks plus one block leaves exactly those.  A dropped block
+ * another table or the prefix cache still references stays there.
+ * Returns the number of blocks dropped. */
+uint32_t kv_table_evict(kv_table_t *t, uint32_t keep_head, uint32_t budget);
+
 /* A new table sharing t's full blocks (refcount + 1) and with a private
  * copy of t's partial last block (copied with kern_kv_copy).  Returns 0,
  * KVS_EAGAIN (no free block for the copy), KVS_ENOMEM, or an error from
@@ -113,6 +145,25 @@ int32_t kv_table_next_pos(const kv_table_t *t);
  * must be non-empty (asserted).  The returned view borrows the arrays. */
 kern_page_table_t kv_tables_export(kv_table_t *const *tables, uint32_t n, int32_t *indptr,
                                    int32_t *indices, int32_t *last_len);
+
+/* Score-based compression (SnapKV, H2O): keeps, for every layer and KV
+ * head, its own n_keep entries keep[(l * n_kv_heads + h) * n_keep + j]
+ * (ascending entry indices < len), moving them into n_keep entries of
+ * fresh full-precision blocks and releasing the old blocks (those reserved
+ * ahead too).  Entry j's position becomes the largest of the kept
+ * positions of index j over the lists (attention reads no positions;
+ * next_pos stays, so decoding goes on at the true position; when no list
+ * keeps the entry at position next_pos - 1, the last entry takes that
+ * position, so that next_pos stays max + 1).  A compacted table is never
+ * offered to the prefix cache again (its blocks are not a prefix anyone
+ * computes).  Returns 0, KVS_EINVAL (bad lists, n_keep == 0 or > len, an
+ * offloaded table), KVS_EAGAIN (not enough free full-precision blocks;
+ * nothing changes), KVS_ENOSPC (the pool has fewer full-precision blocks
+ * than n_keep needs), KVS_ENOMEM or a backend error from kern_kv_gather
+ * (nothing changes, though evictable cached blocks may have been taken).
+ * n_keep == len with every list the identity is a no-op that returns 0
+ * without touching anything.  Thread: engine. */
+int kv_table_compact(kv_table_t *t, uint32_t n_keep, const int32_t *keep);
 
 /* ---- prefix cache ---------------------------------------------------------
  *
@@ -163,5 +214,74 @@ typedef struct kv_prefix_stats {
 
 /* All zero with the prefix cache off. */
 void kv_pool_prefix_stats(const kv_pool_t *pool, kv_prefix_stats_t *out);
+
+/* ---- host tier -------------------------------------------------------------
+ *
+ * Host memory behind the pool (vLLM's CPU swap space, LMCache's host
+ * tier), holding exact copies of pool blocks as the pool stores them (full
+ * precision or quantized, every layer, K and V):
+ *   - offloaded tables: a preempted sequence's blocks, copied out by
+ *     kv_table_offload and back by kv_table_restore (swap, not recompute);
+ *   - prefix copies: with the prefix cache on, every cached block the pool
+ *     evicts is copied here under its chain key (LRU within the store), and
+ *     kv_prefix_match continues past the pool's hits with these, bringing
+ *     each back into a fresh pool block of its kind, cached again.
+ * Offloaded tables' copies are never evicted; prefix copies give way to
+ * them and to newer prefix copies.  A copy brought back into the pool is
+ * freed here.  Host memory is taken per copy (malloc), within `bytes`. */
+typedef struct kv_host kv_host_t;
+
+/* A store of at most `bytes` of copies, attached to `pool` (one store per
+ * pool).  Returns 0, KVS_EINVAL (NULL pool, bytes 0, the pool has a store
+ * already) or KVS_ENOMEM. */
+int kv_host_new(kv_pool_t *pool, size_t bytes, kv_host_t **out);
+/* Detaches the store from its pool and frees it with its prefix copies.
+ * No table may be offloaded to it (asserted: restore or free those first).
+ * Call before kv_pool_free.  NULL is a no-op. */
+void kv_host_free(kv_host_t *h);
+
+/* Swap-out: copies t's used blocks (the first ceil(len / block_tokens)) to
+ * h, t's pool's store, then releases every block t holds, including those
+ * reserved ahead (shared ones stay with their other users, cached ones go
+ * to the LRU list as usual).  t keeps len, positions, next_pos and its
+ * prefix hashes but holds no block (kv_table_n_blocks 0) until
+ * kv_table_restore; meanwhile only kv_table_restore, kv_table_free and the
+ * read-only accessors apply to it (reserve, truncate, fork, seal and
+ * kv_prefix_commit return KVS_EINVAL, append KVS_ENOSPC; export asserts).
+ * Prefix copies are evicted for room.  Returns 0, KVS_EINVAL (h is not the
+ * pool's store, t is offloaded already or empty), KVS_ENOSPC (h cannot
+ * hold the blocks even without its prefix copies), KVS_ENOMEM or a backend
+ * error from kern_download; on failure nothing changes. */
+int kv_table_offload(kv_table_t *t, kv_host_t *h);
+/* Swap-in: takes new pool blocks of the kinds the offloaded ones had
+ * (allocating may evict cached blocks), writes them bit for bit with the
+ * copies, and frees the copies.  Blocks reserved ahead before the offload
+ * are not taken again: reserve before the next append.  Returns 0,
+ * KVS_EINVAL (t not offloaded to h), KVS_EAGAIN (too few free blocks of
+ * either kind now), KVS_ENOMEM or a backend error from kern_upload; on
+ * failure t stays offloaded, with its copies. */
+int kv_table_restore(kv_table_t *t, kv_host_t *h);
+bool kv_table_offloaded(const kv_table_t *t);
+/* kv_table_free frees an offloaded table's copies with it (a cancelled
+ * request needs nothing more). */
+
+typedef struct kv_host_stats {
+    uint64_t offloaded_blocks; /* copied out by kv_table_offload, in total */
+    uint64_t restored_blocks;  /* copied back by kv_table_restore, in total */
+    uint64_t swapped_blocks;   /* held now for offloaded tables */
+    uint64_t kept_blocks;      /* evicted cached blocks kept as prefix copies, in total */
+    uint64_t dropped_blocks;   /* evicted cached blocks not kept (no room, an error) */
+    uint64_t prefix_evictions; /* prefix copies evicted for room */
+    uint64_t prefix_blocks;    /* prefix copies held now */
+    uint64_t hit_tokens;       /* tokens kv_prefix_match brought back from here */
+    uint64_t bytes_used;       /* copies held now, prefix and swapped */
+    uint64_t bytes_cap;
+} kv_host_stats_t;
+
+void kv_host_stats(const kv_host_t *h, kv_host_stats_t *out);
+/* Checks the store's invariants (byte accounting, the LRU list and hash
+ * chains of prefix copies, one record per offloaded table of the pool).
+ * Expensive: for tests and assert() only. */
+bool kv_host_check(const kv_host_t *h);
 
 #endif /* KV_H */

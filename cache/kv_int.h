@@ -73,6 +73,12 @@ struct kv_table {
     uint32_t n_hashed;
     uint32_t hashes_cap;
     uint64_t hash_extra;
+    /* Set by kv_table_compact: entries are per-head selections, not the
+     * KV of any token prefix, so kv_prefix_commit skips the table. */
+    bool compacted;
+    /* While offloaded (kv_host.c): the host copies of the first
+     * ceil(len / block_tokens) blocks; the table then holds no block. */
+    struct kv_offload *offload;
 };
 
 struct kv_pool {
@@ -82,6 +88,12 @@ struct kv_pool {
     uint32_t *refcount; /* [n_blocks] */
     int32_t *free_ids;  /* [n_blocks], a stack: free_ids[n_free - 1] is handed out next */
     uint32_t n_free;
+    /* With a codec, free_ids holds the free full-precision blocks and
+     * free_cold the free quantized ones; n_lru_cold counts the quantized
+     * blocks in the LRU list. */
+    int32_t *free_cold; /* [n_blocks - n_hot] */
+    uint32_t n_free_cold;
+    uint32_t n_lru_cold;
     /* [n_blocks], kv_pool_check's tally, allocated up front so the check
      * itself never fails for want of memory. */
     uint32_t *scratch;
@@ -101,21 +113,49 @@ struct kv_pool {
     uint64_t queried_tokens;
     uint64_t hit_tokens;
     uint64_t evictions;
+    /* The host tier (kv_host.c), or NULL: keeps a copy of each cached
+     * block evicted above and continues kv_prefix_match's runs. */
+    kv_host_t *host;
 };
 
-/* Blocks an allocation can take now: free ones plus evictable cached ones. */
+/* Full-precision blocks: ids [0, n_hot). */
+static inline uint32_t
+kv__n_hot(const kv_pool_t *pool)
+{
+    return pool->cfg.quant == KERN_KVQ_NONE ? pool->cfg.n_blocks : pool->cfg.n_hot;
+}
+
+static inline bool
+kv__block_cold(const kv_pool_t *pool, int32_t block)
+{
+    return (uint32_t)block >= kv__n_hot(pool);
+}
+
+/* Full-precision blocks an allocation can take now: free ones plus
+ * evictable cached ones. */
 static inline uint32_t
 kv__n_avail(const kv_pool_t *pool)
 {
-    return pool->n_free + pool->n_lru;
+    return pool->n_free + pool->n_lru - pool->n_lru_cold;
 }
 
-/* Pops a free block, or when none is left evicts the least recently
- * released cached block, and gives it refcount 1.  The caller has checked
- * kv__n_avail; running dry here is a bug. */
+static inline uint32_t
+kv__n_avail_cold(const kv_pool_t *pool)
+{
+    return pool->n_free_cold + pool->n_lru_cold;
+}
+
+/* Pops a free full-precision (quantized: kv__block_alloc_cold) block, or
+ * when none is left evicts the least recently released cached one of that
+ * kind, and gives it refcount 1.  The caller has checked kv__n_avail
+ * (kv__n_avail_cold); running dry here is a bug. */
 int32_t kv__block_alloc(kv_pool_t *pool);
+int32_t kv__block_alloc_cold(kv_pool_t *pool);
 /* One more reference to a block in use. */
 void kv__block_ref(kv_pool_t *pool, int32_t block);
+/* A reference to a block the prefix cache holds, which may be unused (in
+ * the LRU list: it leaves it) or in use by other tables (kv_prefix.c). */
+void kv__block_ref_cached(kv_pool_t *pool, int32_t block);
 /* One reference fewer; at 0 a cached block goes to the LRU tail, any
  * other back on the free stack. */
 void kv__block_unref(kv_pool_t *pool, int32_t block);
@@ -142,9 +182,10 @@ int32_t kv__prefix_lookup(const kv_pool_t *pool, kv_hash_pair_t key, uint64_t pa
                           uint64_t extra);
 void kv__lru_push_tail(kv_pool_t *pool, int32_t block);
 void kv__lru_remove(kv_pool_t *pool, int32_t block);
-/* Takes the LRU head out of the list and the hash table; counts an
- * eviction.  The block keeps refcount 0 for the caller to reuse. */
-int32_t kv__prefix_evict(kv_pool_t *pool);
+/* Takes the least recently released cached block of the kind asked for
+ * out of the list and the hash table; counts an eviction.  The block keeps
+ * refcount 0 for the caller to reuse. */
+int32_t kv__prefix_evict(kv_pool_t *pool, bool cold);
 /* kv_pool_check's part for the prefix cache; the refcounts are known to
  * match the tables already. */
 bool kv__prefix_check(const kv_pool_t *pool);
@@ -166,5 +207,24 @@ kv__blocks_for(const kv_pool_t *pool, uint64_t n_tokens)
     uint64_t bt = pool->cfg.block_tokens;
     return (n_tokens + bt - 1) / bt;
 }
+
+/* Host tier (kv_host.c). */
+struct kv_offload;
+/* Copies cached block b, being evicted (its key still in meta[b]), into
+ * the store, evicting the store's oldest prefix copies for room.  Never
+ * fails: a block it cannot keep is dropped as without a store. */
+void kv__host_keep(kv_host_t *h, int32_t block);
+/* Extends t's match of max blocks at most (its first n_blocks are the
+ * pool's hits, referenced) with blocks the pool or the store holds,
+ * uploading the store's into fresh blocks it caches again.  Stops at the
+ * first block found nowhere, or when no block of its kind is free.
+ * Returns t's new len. */
+uint32_t kv__host_match(kv_table_t *t, const int32_t *tokens, uint32_t max, uint64_t extra);
+/* Frees an offloaded table's copies (kv_table_free). */
+void kv__host_drop(kv_table_t *t);
+/* Registers block b, uncached and holding this key's contents, in the
+ * prefix cache (kv_prefix.c). */
+void kv__prefix_insert(kv_pool_t *pool, int32_t block, kv_hash_pair_t key, uint64_t parent,
+                       uint64_t extra);
 
 #endif /* KV_INT_H */

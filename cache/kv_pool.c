@@ -16,6 +16,10 @@
  * Allocation order is deterministic (LIFO over a stack that starts sorted),
  * which keeps tests and scheduler traces reproducible.
  *
+ * A pool with a codec has two kinds of block (kern.h): full-precision ids
+ * [0, n_hot) on free_ids and quantized ids [n_hot, n_blocks) on free_cold;
+ * the refcounts, the prefix cache and the LRU list span both.
+ *
  * Callers: sched/ (create, view, free-block count, prefix stats),
  * kv_table.c and kv_prefix.c (block alloc/ref/unref, registry), tests.
  */
@@ -52,6 +56,11 @@ cfg_check(const kv_pool_cfg_t *cfg)
         return KVS_EINVAL;
     if (dtype_bytes(cfg->dtype) == 0)
         return KVS_EINVAL;
+    if (cfg->quant != KERN_KVQ_NONE &&
+        (cfg->n_hot == 0 || cfg->n_hot > cfg->n_blocks ||
+         kern_kvq_tile_bytes(cfg->quant, false, bt, cfg->head_dim) == 0 ||
+         kern_kvq_tile_bytes(cfg->quant, true, bt, cfg->head_dim) == 0))
+        return KVS_EINVAL;
     if ((uint64_t)cfg->n_blocks * bt > KV_MAX_SLOTS)
         return KVS_EINVAL;
     return 0;
@@ -68,12 +77,32 @@ block_layer_bytes(const kv_pool_cfg_t *cfg)
     return b;
 }
 
+/* Bytes of one quantized block in one layer, K and V; 0 on overflow. */
+static size_t
+quant_layer_bytes(const kv_pool_cfg_t *cfg)
+{
+    size_t b = kern_kvq_tile_bytes(cfg->quant, false, cfg->block_tokens, cfg->head_dim) +
+               kern_kvq_tile_bytes(cfg->quant, true, cfg->block_tokens, cfg->head_dim);
+    if (kvs_mul_size(b, cfg->n_kv_heads, &b))
+        return 0;
+    return b;
+}
+
 size_t
 kv_pool_block_bytes(const kv_pool_cfg_t *cfg)
 {
     size_t b = block_layer_bytes(cfg);
     if (cfg_check(cfg) != 0 || b == 0 || kvs_mul_size(b, cfg->n_layers, &b) ||
         kvs_mul_size(b, 2, &b))
+        return 0;
+    return b;
+}
+
+size_t
+kv_pool_quant_block_bytes(const kv_pool_cfg_t *cfg)
+{
+    size_t b = cfg->quant != KERN_KVQ_NONE ? quant_layer_bytes(cfg) : 0;
+    if (b == 0 || kvs_mul_size(b, cfg->n_layers, &b))
         return 0;
     return b;
 }
@@ -90,11 +119,22 @@ kv_pool_new(const kv_pool_cfg_t *cfg, kern_backend_t *be, kv_pool_t **out)
 
     /* Each of K and V takes n_layers * layer_bytes, and together they must
      * be addressable too (kv_pool_block_bytes would overflow otherwise). */
+    bool quant = cfg->quant != KERN_KVQ_NONE;
+    uint32_t n_hot = quant ? cfg->n_hot : cfg->n_blocks, n_cold = cfg->n_blocks - n_hot;
     size_t layer_bytes, buf_bytes, total;
     size_t blb = block_layer_bytes(cfg);
-    if (blb == 0 || kvs_mul_size(blb, cfg->n_blocks, &layer_bytes) ||
+    if (blb == 0 || kvs_mul_size(blb, n_hot, &layer_bytes) ||
         kvs_mul_size(layer_bytes, cfg->n_layers, &buf_bytes) || kvs_mul_size(buf_bytes, 2, &total))
         return KVS_ENOMEM;
+    size_t qk_tile = 0, qv_tile = 0, qk_bytes = 0, qv_bytes = 0;
+    if (quant) {
+        qk_tile = kern_kvq_tile_bytes(cfg->quant, false, cfg->block_tokens, cfg->head_dim);
+        qv_tile = kern_kvq_tile_bytes(cfg->quant, true, cfg->block_tokens, cfg->head_dim);
+        size_t tiles;
+        if (kvs_mul_size((size_t)n_cold * cfg->n_kv_heads, cfg->n_layers, &tiles) ||
+            kvs_mul_size(tiles, qk_tile, &qk_bytes) || kvs_mul_size(tiles, qv_tile, &qv_bytes))
+            return KVS_ENOMEM;
+    }
 
     kv_pool_t *pool = calloc(1, sizeof *pool);
     if (pool == NULL)
@@ -112,9 +152,25 @@ kv_pool_new(const kv_pool_cfg_t *cfg, kern_backend_t *be, kv_pool_t **out)
         .block_tokens = cfg->block_tokens,
         .n_blocks = cfg->n_blocks,
         .layer_bytes = layer_bytes,
+        .quant = cfg->quant,
+        .n_hot = n_hot,
+        .qk_tile = qk_tile,
+        .qv_tile = qv_tile,
     };
     if (pool->refcount == NULL || pool->free_ids == NULL || pool->scratch == NULL)
         goto nomem;
+    if (n_cold > 0) {
+        pool->free_cold = malloc((size_t)n_cold * sizeof *pool->free_cold);
+        pool->kv.qk = kern_alloc(be, qk_bytes);
+        pool->kv.qv = kern_alloc(be, qv_bytes);
+        if (pool->free_cold == NULL || pool->kv.qk == NULL || pool->kv.qv == NULL)
+            goto nomem;
+        rc = kern_memset(be, pool->kv.qk, 0, qk_bytes);
+        if (rc == 0)
+            rc = kern_memset(be, pool->kv.qv, 0, qv_bytes);
+        if (rc != 0)
+            goto fail;
+    }
     pool->kv.k = kern_alloc(be, buf_bytes);
     if (pool->kv.k == NULL)
         goto nomem;
@@ -132,9 +188,12 @@ kv_pool_new(const kv_pool_cfg_t *cfg, kern_backend_t *be, kv_pool_t **out)
     if (cfg->prefix_cache && kv__prefix_init(pool) != 0)
         goto nomem;
 
-    for (uint32_t i = 0; i < cfg->n_blocks; i++)
-        pool->free_ids[i] = (int32_t)(cfg->n_blocks - 1 - i);
-    pool->n_free = cfg->n_blocks;
+    for (uint32_t i = 0; i < n_hot; i++)
+        pool->free_ids[i] = (int32_t)(n_hot - 1 - i);
+    pool->n_free = n_hot;
+    for (uint32_t i = 0; i < n_cold; i++)
+        pool->free_cold[i] = (int32_t)(cfg->n_blocks - 1 - i);
+    pool->n_free_cold = n_cold;
     *out = pool;
     return 0;
 
@@ -152,8 +211,12 @@ kv_pool_free(kv_pool_t *pool)
         return;
     /* A live table would keep block ids into memory we are about to free. */
     KVS_ASSERT(pool->n_tables == 0 && pool->tables == NULL);
+    KVS_ASSERT(pool->host == NULL); /* kv_host_free first: it points here */
     kern_free(pool->be, pool->kv.k);
     kern_free(pool->be, pool->kv.v);
+    kern_free(pool->be, pool->kv.qk);
+    kern_free(pool->be, pool->kv.qv);
+    free(pool->free_cold);
     free(pool->refcount);
     free(pool->free_ids);
     free(pool->scratch);
@@ -176,7 +239,13 @@ kv_pool_kv(const kv_pool_t *pool)
 uint32_t
 kv_pool_n_free(const kv_pool_t *pool)
 {
-    return kv__n_avail(pool);
+    return kv__n_avail(pool) + kv__n_avail_cold(pool);
+}
+
+uint32_t
+kv_pool_n_free_kind(const kv_pool_t *pool, bool quantized)
+{
+    return quantized ? kv__n_avail_cold(pool) : kv__n_avail(pool);
 }
 
 uint32_t
@@ -193,8 +262,21 @@ kv__block_alloc(kv_pool_t *pool)
 {
     KVS_ASSERT(kv__n_avail(pool) > 0);
     /* Free blocks first: a cached block may still save a prefill. */
-    int32_t b = pool->n_free > 0 ? pool->free_ids[--pool->n_free] : kv__prefix_evict(pool);
-    KVS_ASSERT(b >= 0 && (uint32_t)b < pool->cfg.n_blocks && pool->refcount[b] == 0);
+    int32_t b = pool->n_free > 0 ? pool->free_ids[--pool->n_free] : kv__prefix_evict(pool, false);
+    KVS_ASSERT(b >= 0 && !kv__block_cold(pool, b) && pool->refcount[b] == 0);
+    KVS_ASSERT(!kv__block_cached(pool, b));
+    pool->refcount[b] = 1;
+    return b;
+}
+
+int32_t
+kv__block_alloc_cold(kv_pool_t *pool)
+{
+    KVS_ASSERT(kv__n_avail_cold(pool) > 0);
+    int32_t b =
+        pool->n_free_cold > 0 ? pool->free_cold[--pool->n_free_cold] : kv__prefix_evict(pool, true);
+    KVS_ASSERT(kv__block_cold(pool, b) && (uint32_t)b < pool->cfg.n_blocks &&
+               pool->refcount[b] == 0);
     KVS_ASSERT(!kv__block_cached(pool, b));
     pool->refcount[b] = 1;
     return b;
@@ -219,7 +301,12 @@ kv__block_unref(kv_pool_t *pool, int32_t block)
             kv__lru_push_tail(pool, block);
             return;
         }
-        KVS_ASSERT(pool->n_free < pool->cfg.n_blocks);
+        if (kv__block_cold(pool, block)) {
+            KVS_ASSERT(pool->n_free_cold < pool->cfg.n_blocks - kv__n_hot(pool));
+            pool->free_cold[pool->n_free_cold++] = block;
+            return;
+        }
+        KVS_ASSERT(pool->n_free < kv__n_hot(pool));
         pool->free_ids[pool->n_free++] = block;
     }
 }
@@ -258,6 +345,12 @@ table_check(const kv_pool_t *pool, const kv_table_t *t)
 {
     uint32_t bt = pool->cfg.block_tokens;
     uint64_t used = kv__blocks_for(pool, t->len);
+    /* An offloaded table's entries are in the host tier (kv_host.c). */
+    if (t->offload != NULL) {
+        if (t->n_blocks != 0)
+            return false;
+        used = 0;
+    }
     if (t->pool != pool || t->n_blocks < used || t->n_blocks > t->blocks_cap ||
         t->len > t->pos_cap || (uint64_t)t->n_blocks * bt > t->pos_cap)
         return false;
@@ -304,7 +397,7 @@ kv_pool_check(const kv_pool_t *pool)
             return false;
         n_zero += pool->refcount[b] == 0;
     }
-    if (pool->n_free > n || n_zero != pool->n_free + pool->n_lru)
+    if (pool->n_free > kv__n_hot(pool) || n_zero != pool->n_free + pool->n_free_cold + pool->n_lru)
         return false;
 
     /* Every free-stack entry is a distinct, uncached block with refcount 0;
@@ -313,10 +406,22 @@ kv_pool_check(const kv_pool_t *pool)
      * tally[b] is 0 for those, so UINT32_MAX marks "seen". */
     for (uint32_t i = 0; i < pool->n_free; i++) {
         int32_t b = pool->free_ids[i];
-        if (b < 0 || (uint32_t)b >= n || pool->refcount[b] != 0 || tally[b] == UINT32_MAX ||
+        if (b < 0 || kv__block_cold(pool, b) || pool->refcount[b] != 0 || tally[b] == UINT32_MAX ||
             kv__block_cached(pool, b))
             return false;
         tally[b] = UINT32_MAX;
     }
+    for (uint32_t i = 0; i < pool->n_free_cold; i++) {
+        int32_t b = pool->free_cold[i];
+        if (b < 0 || (uint32_t)b >= n || !kv__block_cold(pool, b) || pool->refcount[b] != 0 ||
+            tally[b] == UINT32_MAX || kv__block_cached(pool, b))
+            return false;
+        tally[b] = UINT32_MAX;
+    }
+    uint32_t n_lru_cold = 0;
+    for (int32_t b = pool->lru_head; b >= 0 && n_lru_cold <= n; b = pool->meta[b].lru_next)
+        n_lru_cold += kv__block_cold(pool, b);
+    if (n_lru_cold != pool->n_lru_cold)
+        return false;
     return kv__prefix_check(pool);
 }

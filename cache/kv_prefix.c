@@ -223,6 +223,7 @@ kv__lru_push_tail(kv_pool_t *pool, int32_t b)
         pool->lru_head = b;
     pool->lru_tail = b;
     pool->n_lru++;
+    pool->n_lru_cold += kv__block_cold(pool, b);
 }
 
 void
@@ -240,23 +241,35 @@ kv__lru_remove(kv_pool_t *pool, int32_t b)
         pool->lru_tail = m->lru_prev;
     m->lru_prev = m->lru_next = -1;
     pool->n_lru--;
+    pool->n_lru_cold -= kv__block_cold(pool, b);
 }
 
 int32_t
-kv__prefix_evict(kv_pool_t *pool)
+kv__prefix_evict(kv_pool_t *pool, bool cold)
 {
+    /* Most pools have one kind, where this is the head. */
     int32_t b = pool->lru_head;
+    while (b >= 0 && kv__block_cold(pool, b) != cold)
+        b = pool->meta[b].lru_next;
     KVS_ASSERT(b >= 0);
     kv__lru_remove(pool, b);
+    /* Before index_remove, which forgets the key the copy is kept under. */
+    if (pool->host != NULL)
+        kv__host_keep(pool->host, b);
     index_remove(pool, b);
     pool->evictions++;
     return b;
 }
 
-/* A reference to a block found in the cache, which may be unused (in the
- * LRU list) or already in use by other tables. */
-static void
-ref_cached(kv_pool_t *pool, int32_t b)
+void
+kv__prefix_insert(kv_pool_t *pool, int32_t block, kv_hash_pair_t key, uint64_t parent,
+                  uint64_t extra)
+{
+    index_insert(pool, block, key, parent, extra);
+}
+
+void
+kv__block_ref_cached(kv_pool_t *pool, int32_t b)
 {
     if (pool->refcount[b] == 0) {
         kv__lru_remove(pool, b);
@@ -316,7 +329,7 @@ kv_prefix_match(kv_table_t *t, const int32_t *tokens, uint32_t n, uint64_t extra
 
     /* Nothing can fail from here on. */
     for (uint32_t i = 0; i < k; i++)
-        ref_cached(pool, t->blocks[i]);
+        kv__block_ref_cached(pool, t->blocks[i]);
     for (uint32_t i = 0; i < len; i++)
         t->pos[i] = (int32_t)i;
     t->n_blocks = k;
@@ -324,6 +337,9 @@ kv_prefix_match(kv_table_t *t, const int32_t *tokens, uint32_t n, uint64_t extra
     t->next_pos = (int32_t)len;
     t->n_hashed = k;
     t->hash_extra = extra;
+    /* The host tier's copies may continue the run. */
+    if (pool->host != NULL)
+        len = kv__host_match(t, tokens, max, extra);
     pool->queried_tokens += n;
     pool->hit_tokens += len;
     *n_matched = len;
@@ -345,10 +361,12 @@ int
 kv_prefix_commit(kv_table_t *t, const int32_t *tokens, uint32_t n, uint64_t extra)
 {
     kv_pool_t *pool = t->pool;
-    if (!pool->cfg.prefix_cache)
+    if (!pool->cfg.prefix_cache || t->compacted)
         return 0;
     if (n > t->len || (tokens == NULL && n > 0))
         return KVS_EINVAL;
+    if (t->offload != NULL)
+        return KVS_EINVAL; /* its blocks are in the host tier */
     uint32_t bt = pool->cfg.block_tokens;
     /* Hashes kept under another key describe other blocks: start over. */
     uint32_t start = t->hash_extra == extra ? t->n_hashed : 0;

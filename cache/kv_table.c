@@ -80,6 +80,8 @@ kv_table_free(kv_table_t *t)
 {
     if (t == NULL)
         return;
+    if (t->offload != NULL)
+        kv__host_drop(t);
     for (uint32_t i = t->n_blocks; i-- > 0;)
         kv__block_unref(t->pool, t->blocks[i]);
     kv__table_unlink(t->pool, t);
@@ -89,22 +91,37 @@ kv_table_free(kv_table_t *t)
     free(t);
 }
 
+/* A private full-precision copy of block src in dst: a plain copy, or for
+ * a quantized block (a truncate reopened it) its decoded values. */
+static int
+copy_block(kv_pool_t *pool, int32_t src, int32_t dst)
+{
+    if (kv__block_cold(pool, src))
+        return kern_kv_seal(pool->be, &pool->kv, &src, &dst, 1);
+    return kern_kv_copy(pool->be, &pool->kv, &src, &dst, 1);
+}
+
 int
 kv_table_reserve(kv_table_t *t, uint32_t n)
 {
     kv_pool_t *pool = t->pool;
     uint32_t bt = pool->cfg.block_tokens;
     uint64_t need = kv__blocks_for(pool, (uint64_t)t->len + n);
+    if (t->offload != NULL)
+        return KVS_EINVAL; /* kv_table_restore first */
     if (need > pool->cfg.n_blocks)
         return KVS_ENOSPC;
 
     uint32_t n_new = need > t->n_blocks ? (uint32_t)(need - t->n_blocks) : 0;
     /* The next append writes into the block holding entry len.  If that
      * block is partly filled and frozen (a truncate back into a block a
-     * fork still reads, or one the prefix cache holds), it needs a private
-     * copy first. */
+     * fork still reads, or one the prefix cache holds), or quantized, it
+     * needs a private full-precision copy first. */
     uint32_t last = t->len / bt;
-    bool cow = n > 0 && t->len % bt != 0 && kv__block_frozen(pool, t->blocks[last]);
+    bool cow = n > 0 && t->len % bt != 0 &&
+               (kv__block_frozen(pool, t->blocks[last]) || kv__block_cold(pool, t->blocks[last]));
+    if ((uint64_t)n_new + cow > kv__n_hot(pool))
+        return KVS_ENOSPC; /* appends fill full-precision blocks only */
     if ((uint64_t)n_new + cow > kv__n_avail(pool))
         return KVS_EAGAIN;
 
@@ -124,7 +141,7 @@ kv_table_reserve(kv_table_t *t, uint32_t n)
     if (cow) {
         int32_t src = t->blocks[last];
         int32_t dst = kv__block_alloc(pool);
-        rc = kern_kv_copy(pool->be, &pool->kv, &src, &dst, 1);
+        rc = copy_block(pool, src, dst);
         if (rc != 0) {
             kv__block_unref(pool, dst);
             return rc;
@@ -173,7 +190,7 @@ kv_table_append(kv_table_t *t, const int32_t *pos, uint32_t n, int32_t *slots)
 int
 kv_table_truncate(kv_table_t *t, uint32_t n_tokens)
 {
-    if (n_tokens > t->len)
+    if (n_tokens > t->len || t->offload != NULL)
         return KVS_EINVAL;
     /* Blocks reserved ahead go too: keeping them would leave a private
      * block behind a possibly shared partial one, and the scheduler
@@ -199,6 +216,8 @@ kv_table_fork(const kv_table_t *t, kv_table_t **out)
     uint32_t used = (uint32_t)kv__blocks_for(pool, t->len);
     bool partial = t->len % bt != 0;
     *out = NULL;
+    if (t->offload != NULL)
+        return KVS_EINVAL;
     if (partial && kv__n_avail(pool) == 0)
         return KVS_EAGAIN;
 
@@ -226,7 +245,7 @@ kv_table_fork(const kv_table_t *t, kv_table_t **out)
     if (partial) {
         int32_t src = t->blocks[used - 1];
         int32_t dst = kv__block_alloc(pool);
-        int rc = kern_kv_copy(pool->be, &pool->kv, &src, &dst, 1);
+        int rc = copy_block(pool, src, dst);
         if (rc != 0) {
             kv__block_unref(pool, dst);
             free(c->blocks);
@@ -250,9 +269,82 @@ kv_table_fork(const kv_table_t *t, kv_table_t **out)
         memcpy(c->hashes, t->hashes, (size_t)t->n_hashed * sizeof *c->hashes);
     c->n_hashed = t->n_hashed;
     c->hash_extra = t->hash_extra;
+    c->compacted = t->compacted;
     kv__table_link(pool, c);
     *out = c;
     return 0;
+}
+
+uint32_t
+kv_table_evict(kv_table_t *t, uint32_t keep_head, uint32_t budget)
+{
+    kv_pool_t *pool = t->pool;
+    uint32_t bt = pool->cfg.block_tokens;
+    if (t->len <= budget || t->offload != NULL)
+        return 0;
+    uint32_t first = (keep_head + bt - 1) / bt;          /* the sinks' blocks stay */
+    uint32_t last = t->len == 0 ? 0 : (t->len - 1) / bt; /* and the newest */
+    if (first >= last)
+        return 0;
+    uint32_t want = (t->len - budget + bt - 1) / bt, room = last - first;
+    uint32_t k = want < room ? want : room;
+    for (uint32_t i = first; i < first + k; i++)
+        kv__block_unref(pool, t->blocks[i]);
+    memmove(t->blocks + first, t->blocks + first + k,
+            (size_t)(t->n_blocks - first - k) * sizeof *t->blocks);
+    t->n_blocks -= k;
+    memmove(t->pos + (size_t)first * bt, t->pos + (size_t)(first + k) * bt,
+            (size_t)(t->len - (first + k) * bt) * sizeof *t->pos);
+    t->len -= k * bt;
+    /* The blocks that moved down are no longer the prefix their hashes
+     * describe; the sinks' blocks still are.  next_pos is unchanged: the
+     * newest entry stays. */
+    if (t->n_hashed > first)
+        t->n_hashed = first;
+    return k;
+}
+
+int
+kv_table_seal(kv_table_t *t, uint32_t keep_head, uint32_t keep_tail)
+{
+    kv_pool_t *pool = t->pool;
+    if (t->offload != NULL)
+        return KVS_EINVAL;
+    if (pool->cfg.quant == KERN_KVQ_NONE || t->len <= keep_tail)
+        return 0;
+    uint32_t bt = pool->cfg.block_tokens;
+    uint32_t first = (keep_head + bt - 1) / bt, end = (t->len - keep_tail) / bt;
+    /* In batches, so that the backend encodes many blocks per call. */
+    enum { BATCH = 64 };
+    int32_t src[BATCH], dst[BATCH];
+    uint32_t idx[BATCH];
+    int sealed = 0;
+    for (uint32_t i = first; i < end;) {
+        uint32_t n = 0;
+        for (; i < end && n < BATCH && kv__n_avail_cold(pool) > 0; i++) {
+            int32_t b = t->blocks[i];
+            if (kv__block_cold(pool, b) || kv__block_frozen(pool, b))
+                continue;
+            idx[n] = i;
+            src[n] = b;
+            dst[n++] = kv__block_alloc_cold(pool);
+        }
+        if (n == 0)
+            break;
+        int rc = kern_kv_seal(pool->be, &pool->kv, src, dst, n);
+        for (uint32_t k = 0; k < n; k++) {
+            int32_t gone = rc == 0 ? src[k] : dst[k];
+            if (rc == 0)
+                t->blocks[idx[k]] = dst[k];
+            kv__block_unref(pool, gone);
+        }
+        if (rc != 0)
+            return rc;
+        sealed += (int)n;
+        if (kv__n_avail_cold(pool) == 0)
+            break;
+    }
+    return sealed;
 }
 
 uint32_t
@@ -297,6 +389,7 @@ kv_tables_export(kv_table_t *const *tables, uint32_t n, int32_t *indptr, int32_t
         /* An empty table has no last block; last_len 0 would send the
          * kernels outside 1..block_tokens. */
         KVS_ASSERT(t->len > 0);
+        KVS_ASSERT(t->offload == NULL); /* its blocks are in the host tier */
         /* Only the blocks in use: blocks reserved ahead hold no entries. */
         uint32_t used = (uint32_t)kv__blocks_for(t->pool, t->len);
         KVS_ASSERT(k + used <= INT32_MAX);
