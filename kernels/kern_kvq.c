@@ -607,6 +607,140 @@ q4_decode(const uint8_t *tile, bool v, uint32_t bt, uint32_t d, uint32_t t0, uin
 }
 
 /* ------------------------------------------------------------------------ */
+/* AVX2 decoding for the cpu backend's attention (kern__kvq_decode_fast).   */
+/* ------------------------------------------------------------------------ */
+
+/* Each value comes out as the scalar decoders make it, bit for bit: one
+ * f32 multiply (fp8), or for q4 one rounding of min + step * q whose
+ * product is exact, so a fused multiply-add gives the same result as the
+ * scalar multiply and add.  (bf16 and q8_0 tiles are rows of GGUF types,
+ * which the cpu backend converts with its own row code.) */
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define KVQ_TGT __attribute__((target("avx2,fma,f16c")))
+
+KVQ_TGT static inline __m256
+u8x8_ps(const uint8_t *p)
+{
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+KVQ_TGT static void
+fp8_decode_avx2(const uint8_t *tile, uint32_t bt, uint32_t d, uint32_t t0, uint32_t n, float *y)
+{
+    const uint8_t *codes = tile + (size_t)bt * 2 + (size_t)t0 * d;
+    for (uint32_t t = 0; t < n; t++, codes += d, y += d) {
+        __m256 sc = _mm256_set1_ps(kvs_fp16_to_f32(ld16(tile + (size_t)(t0 + t) * 2)));
+        uint32_t c = 0;
+        for (; c + 8 <= d; c += 8) {
+            __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + c)));
+            _mm256_storeu_ps(y + c, _mm256_mul_ps(_mm256_i32gather_ps(e4m3_table, idx, 4), sc));
+        }
+        for (; c < d; c++)
+            y[c] = e4m3_table[codes[c]] * kvs_fp16_to_f32(ld16(tile + (size_t)(t0 + t) * 2));
+    }
+}
+
+/* 16 codes of 8 bytes (channel 2j in the low nibble of byte j) in
+ * channel order. */
+KVQ_TGT static inline __m128i
+q4_unpack16(const uint8_t *q)
+{
+    __m128i b = _mm_loadl_epi64((const __m128i *)q), m = _mm_set1_epi8(15);
+    return _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+}
+
+KVQ_TGT static inline __m256
+q4_lanes(__m128i codes16, int half)
+{
+    __m128i c8 = half ? _mm_unpackhi_epi64(codes16, codes16) : codes16;
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c8));
+}
+
+KVQ_TGT static void
+q4_decode_avx2(const uint8_t *tile, bool v, uint32_t bt, uint32_t d, uint32_t t0, uint32_t n,
+               float *y)
+{
+    q4_shape_t s = q4_shape(v, bt, d);
+    const uint8_t *params = tile + Q4_HDR, *codes = params + 3 * (s.groups / 2);
+    float dunit = kvs_fp16_to_f32(ld16(tile));
+    float m0 = kvs_fp16_to_f32(ld16(tile + 2)), dm = kvs_fp16_to_f32(ld16(tile + 4));
+    if (v) {
+        size_t g = (size_t)t0 * (d / Q4_VGROUP);
+        const uint8_t *q = codes + (size_t)t0 * d / 2;
+        for (size_t i = 0; i < (size_t)n * d; i += Q4_VGROUP, g++, q += Q4_VGROUP / 2) {
+            uint32_t f = q4_field(params, g);
+            __m256 step = _mm256_set1_ps(dunit * (float)(f & 63));
+            __m256 gmin = _mm256_set1_ps(q4_min(m0, dm, f >> 6));
+            for (int h = 0; h < 2; h++) {
+                __m128i c16 = q4_unpack16(q + 8 * h);
+                for (int k = 0; k < 2; k++)
+                    _mm256_storeu_ps(y + i + 16 * h + 8 * k,
+                                     _mm256_fmadd_ps(step, q4_lanes(c16, k), gmin));
+            }
+        }
+        return;
+    }
+    float step[Q4_CHUNK], gmin[Q4_CHUNK];
+    uint32_t end = t0 + n;
+    for (uint32_t t = t0; t < end;) {
+        uint32_t tg = t / s.gk, te = (tg + 1) * s.gk < end ? (tg + 1) * s.gk : end;
+        for (uint32_t c0 = 0; c0 < d; c0 += Q4_CHUNK) {
+            uint32_t cn = d - c0 < Q4_CHUNK ? d - c0 : Q4_CHUNK;
+            size_t g0 = (size_t)tg * d + c0;
+            for (uint32_t c = 0; c < cn; c++) {
+                uint32_t f = q4_field(params, g0 + c);
+                step[c] = dunit * (float)(f & 63);
+                gmin[c] = q4_min(m0, dm, f >> 6);
+            }
+            for (uint32_t tt = t; tt < te; tt++) {
+                const uint8_t *q = codes + ((size_t)tt * d + c0) / 2;
+                float *out = y + (size_t)(tt - t0) * d + c0;
+                for (uint32_t c = 0; c < cn; c += 16) { /* d % 32 == 0 */
+                    __m128i c16 = q4_unpack16(q + c / 2);
+                    for (int k = 0; k < 2; k++)
+                        _mm256_storeu_ps(out + c + 8 * k,
+                                         _mm256_fmadd_ps(_mm256_loadu_ps(step + c + 8 * k),
+                                                         q4_lanes(c16, k),
+                                                         _mm256_loadu_ps(gmin + c + 8 * k)));
+                }
+            }
+        }
+        t = te;
+    }
+}
+
+static bool
+kvq_avx2(void)
+{
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+}
+#endif
+
+void
+kern__kvq_decode_fast(kern_kvq_t q, bool v, const void *tile, uint32_t bt, uint32_t d, uint32_t t0,
+                      uint32_t n, float *y)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    if (kvq_avx2()) {
+        const uint8_t *p = tile;
+        switch (q) {
+        case KERN_KVQ_FP8:
+            fp8_decode_avx2(p, bt, d, t0, n, y);
+            return;
+        case KERN_KVQ_Q4:
+            q4_decode_avx2(p, v, bt, d, t0, n, y);
+            return;
+        default:
+            break;
+        }
+    }
+#endif
+    kern_kvq_decode(q, v, tile, bt, d, t0, n, y);
+}
+
+/* ------------------------------------------------------------------------ */
 /* Entry points.                                                            */
 /* ------------------------------------------------------------------------ */
 

@@ -510,7 +510,7 @@ softmax_row(const attn_ctx_t *c, const row_pat_t *rp, const int32_t *pos, int nk
  * pos) and values as f32 rows, decoding each run of one block at once, so
  * the f32 kernels below serve every codec. */
 static void
-chunk_decode(const kern_kv_t *kv, uint32_t layer, uint32_t g, const int32_t *blocks,
+chunk_decode(cpu_isa_t isa, const kern_kv_t *kv, uint32_t layer, uint32_t g, const int32_t *blocks,
              const int32_t *pos, int nk, float *kb, float *vb)
 {
     uint32_t bt = kv->block_tokens, d = kv->head_dim;
@@ -521,18 +521,36 @@ chunk_decode(const kern_kv_t *kv, uint32_t layer, uint32_t g, const int32_t *blo
             n++;
         uint32_t b = (uint32_t)blocks[bi];
         float *kr = kb + (size_t)t * d, *vr = vb + (size_t)t * d;
+        const uint8_t *kt = NULL, *vt = NULL;
+        kern_dtype_t rows = KERN_F32; /* a run stored as rows of this GGUF type */
         if (kern__kv_cold(kv, b)) {
-            kern_kvq_decode(kv->quant, false, kern__kv_tile(kv, false, layer, b, g), bt, d, o,
-                            (uint32_t)n, kr);
-            kern_kvq_decode(kv->quant, true, kern__kv_tile(kv, true, layer, b, g), bt, d, o,
-                            (uint32_t)n, vr);
-        } else {
-            for (int i = 0; i < n; i++) {
-                kern_kv_row_f32(kv, false, layer, (int32_t)b, g, o + (uint32_t)i,
-                                kr + (size_t)i * d);
-                kern_kv_row_f32(kv, true, layer, (int32_t)b, g, o + (uint32_t)i,
-                                vr + (size_t)i * d);
+            kt = kern__kv_tile(kv, false, layer, b, g);
+            vt = kern__kv_tile(kv, true, layer, b, g);
+            /* bf16 and q8_0 tiles are token-major rows of those types
+             * (kern.h), which the row conversion reads as they are. */
+            rows = kv->quant == KERN_KVQ_BF16   ? KERN_BF16
+                   : kv->quant == KERN_KVQ_Q8_0 ? KERN_Q8_0
+                                                : KERN_DTYPE_COUNT;
+            if (rows != KERN_DTYPE_COUNT) {
+                size_t rb = kern_row_bytes(rows, d);
+                kt += o * rb;
+                vt += o * rb;
             }
+        } else {
+            size_t off = kern__kv_offset(kv, layer, b, g, o);
+            kt = (const uint8_t *)kv->k + off;
+            vt = (const uint8_t *)kv->v + off;
+            rows = kv->dtype;
+        }
+        if (rows == KERN_F32) {
+            memcpy(kr, kt, (size_t)n * d * sizeof(float));
+            memcpy(vr, vt, (size_t)n * d * sizeof(float));
+        } else if (rows != KERN_DTYPE_COUNT) {
+            kern__cpu_row_to_f32(isa, rows, kt, kr, (size_t)n * d);
+            kern__cpu_row_to_f32(isa, rows, vt, vr, (size_t)n * d);
+        } else {
+            kern__kvq_decode_fast(kv->quant, false, kt, bt, d, o, (uint32_t)n, kr);
+            kern__kvq_decode_fast(kv->quant, true, vt, bt, d, o, (uint32_t)n, vr);
         }
         t += n;
     }
@@ -578,7 +596,7 @@ item_task(void *ctx, int task, int thread)
             break;
         taken += nk;
         if (quant) {
-            chunk_decode(kv, a->layer, it->g, cur.blocks, pos, nk, kb, vb);
+            chunk_decode(c->be->isa, kv, a->layer, it->g, cur.blocks, pos, nk, kb, vb);
             for (int t = 0; t < nk; t++) {
                 kp[t] = kb + (size_t)t * d;
                 vp[t] = vb + (size_t)t * d;
