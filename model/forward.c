@@ -384,7 +384,7 @@ bs_summarise(model_ctx_t *c, const kern_attn_args_t *o, uint32_t c0, uint32_t nw
         for (uint32_t b = 0; b < nw; b++) {
             float *mx = c->bs_w + ((size_t)g * nw + b) * 2 * d, *mn = mx + d;
             for (uint32_t t = 0; t < bt; t++) {
-                model__kv_key(kv, o->layer, o->pt.indices[c0 + b], g, t, row);
+                kern_kv_row_f32(kv, false, o->layer, o->pt.indices[c0 + b], g, t, row);
                 for (uint32_t e = 0; e < d; e++) {
                     if (t == 0 || row[e] > mx[e])
                         mx[e] = row[e];

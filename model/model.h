@@ -397,6 +397,45 @@ int model_spec_importance(const model_t *draft, const kern_kv_t *kv, const int32
 uint32_t model_spec_select(const float *imp, uint32_t n, uint32_t chunk, float keep_ratio,
                            uint32_t n_forced, int32_t *kept);
 
+/* ---- SnapKV (algorithms.md section 5.2) -------------------------------- */
+
+/* At the end of a prefill, every layer and KV head keeps the `budget`
+ * prompt entries the last `window` prompt queries attend to most (the
+ * window included); kv_table_compact (cache/kv.h) then drops the rest. */
+typedef struct model_snapkv_policy {
+    uint32_t budget; /* C: entries kept per KV head, the window included; > window */
+    uint32_t window; /* w: observation window of the last prompt queries (default 32) */
+    uint32_t kernel; /* width of the average pool over votes, odd (default 5; 1: none) */
+} model_snapkv_policy_t;
+
+/* Fills zero window and kernel with the defaults. */
+void model_snapkv_defaults(model_snapkv_policy_t *p);
+/* 0 or KVS_EINVAL: window outside 1..1024, kernel even or outside
+ * 1..255, budget <= window (checks the fields as they are: call
+ * model_snapkv_defaults first). */
+int model_snapkv_check(const model_snapkv_policy_t *p);
+
+/* SnapKV's selection over the first n_keys entries of the KV table
+ * `blocks` in kv (host memory, any kind of block): for each layer and
+ * query head, the softmax of q . k / sqrt(head_dim) over all the keys a
+ * query row sees, summed over the n_obs observation rows into a vote per
+ * key before the window, summed over the query heads of each KV head,
+ * averaged over `kernel` neighbours (zeros past the ends count, as
+ * PyTorch's avg_pool1d pads), and the top budget - n_obs keys by pooled
+ * vote (ties to the lower index) plus the last n_obs entries.  q_obs holds
+ * the post-RoPE queries of the last n_obs prompt rows in every layer,
+ * [n_layer][n_obs][n_head][head_dim] (model_batch_t's capture_q with
+ * capture_rows the last n_obs rows); row r sits at entry n_keys - n_obs +
+ * r and sees the keys up to it.  1 <= n_obs <= min(window, n_keys).  p's
+ * zero fields take the defaults.  Writes the kept entries of layer l and
+ * KV head h, ascending, to keep[(l * n_head_kv + h) * K + j], j < K =
+ * min(budget, n_keys) (the identity when n_keys <= budget), which is what
+ * kv_table_compact reads, and returns K; or KVS_EINVAL, KVS_ENOTSUP (the
+ * model's backend is not host memory) or KVS_ENOMEM.  Thread: engine. */
+int model_snapkv_select(const model_t *m, const kern_kv_t *kv, const int32_t *blocks,
+                        uint32_t n_keys, const float *q_obs, uint32_t n_obs,
+                        const model_snapkv_policy_t *p, int32_t *keep);
+
 /* ---- sampler ------------------------------------------------------------ */
 
 typedef struct model_sampling {

@@ -21,25 +21,22 @@ typedef struct model_layer {
 
 #define MODEL_MAX_HEAD_DIM 512 /* the loader refuses more */
 
-/* Key row `off` of KV block `block` for KV head `head` in `layer` as f32
- * (head_dim floats), from a host-memory pool of F32 or F16 (kern.h's
- * layout: a (block, head)'s rows are contiguous).  Read by the host-side
- * scoring of block-sparse prefill (forward.c) and speculative prefill
- * (specprefill.c). */
-static inline void
-model__kv_key(const kern_kv_t *kv, uint32_t layer, int32_t block, uint32_t head, uint32_t off,
-              float *out)
+/* A score to rank by, and what it belongs to (speculative prefill's
+ * chunks, SnapKV's keys). */
+typedef struct model__ranked {
+    double score;
+    uint32_t index;
+} model__ranked_t;
+
+/* qsort order: highest score first, ties to the lower index, so the
+ * choice never depends on the sort. */
+static inline int
+model__cmp_ranked(const void *a, const void *b)
 {
-    const uint32_t d = kv->head_dim;
-    const size_t el = kv->dtype == KERN_F16 ? 2 : 4;
-    const uint8_t *row =
-        (const uint8_t *)kv->k + (size_t)layer * kv->layer_bytes +
-        ((((size_t)block * kv->n_kv_heads + head) * kv->block_tokens) + off) * d * el;
-    if (el == 2)
-        for (uint32_t e = 0; e < d; e++)
-            out[e] = kvs_fp16_to_f32(((const uint16_t *)row)[e]);
-    else
-        memcpy(out, row, d * sizeof(float));
+    const model__ranked_t *x = a, *y = b;
+    if (x->score != y->score)
+        return x->score > y->score ? -1 : 1;
+    return x->index < y->index ? -1 : (x->index > y->index);
 }
 
 /* ---- vocabularies (model/vocab*.c) -------------------------------------- */

@@ -54,7 +54,8 @@ gather_keys(const kern_kv_t *kv, uint32_t layer, uint32_t g, const int32_t *bloc
 {
     const uint32_t bt = kv->block_tokens;
     for (uint32_t j = 0; j < n; j++)
-        model__kv_key(kv, layer, blocks[j / bt], g, j % bt, out + (size_t)j * kv->head_dim);
+        kern_kv_row_f32(kv, false, layer, blocks[j / bt], g, j % bt,
+                        out + (size_t)j * kv->head_dim);
 }
 
 int
@@ -138,22 +139,6 @@ model_spec_importance(const model_t *draft, const kern_kv_t *kv, const int32_t *
     return 0;
 }
 
-typedef struct chunk_score {
-    double score;
-    uint32_t index;
-} chunk_score_t;
-
-/* Highest mean first; ties to the earlier chunk, so the choice never
- * depends on the sort. */
-static int
-cmp_chunk(const void *a, const void *b)
-{
-    const chunk_score_t *x = a, *y = b;
-    if (x->score != y->score)
-        return x->score > y->score ? -1 : 1;
-    return x->index < y->index ? -1 : (x->index > y->index);
-}
-
 uint32_t
 model_spec_select(const float *imp, uint32_t n, uint32_t chunk, float keep_ratio, uint32_t n_forced,
                   int32_t *kept)
@@ -162,7 +147,7 @@ model_spec_select(const float *imp, uint32_t n, uint32_t chunk, float keep_ratio
         return 0;
     chunk = chunk ? chunk : 1;
     const uint32_t n_chunks = (n + chunk - 1) / chunk;
-    chunk_score_t *cs = malloc((size_t)n_chunks * sizeof *cs);
+    model__ranked_t *cs = malloc((size_t)n_chunks * sizeof *cs);
     uint8_t *keep = calloc(n_chunks, 1);
     uint32_t k = 0;
     if (cs == NULL || keep == NULL) {
@@ -178,9 +163,9 @@ model_spec_select(const float *imp, uint32_t n, uint32_t chunk, float keep_ratio
         double s = 0.0;
         for (uint32_t j = lo; j < hi; j++)
             s += imp[j];
-        cs[c] = (chunk_score_t){s / (hi - lo), c};
+        cs[c] = (model__ranked_t){s / (hi - lo), c};
     }
-    qsort(cs, n_chunks, sizeof *cs, cmp_chunk);
+    qsort(cs, n_chunks, sizeof *cs, model__cmp_ranked);
     /* ceil in double, forgiving the float's representation error (0.2 *
      * 10 must keep 2 chunks, not 3). */
     double want = ceil((double)n_chunks * keep_ratio - 1e-6);

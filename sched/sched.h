@@ -36,10 +36,12 @@ void sched_batch_free(sched_batch_t *b); /* NULL is a no-op */
  * Returns 0, KVS_EAGAIN, KVS_ENOSPC, KVS_EINVAL or KVS_ENOMEM. */
 int sched_batch_build(sched_batch_t *b, const sched_seq_step_t *steps, uint32_t n_steps,
                       const model_batch_t **out);
-/* Asks the last built batch to capture the post-RoPE queries of the last
- * token of each step whose `capture[s]` is set, into capture_q (see
- * model_batch_t; rows in step order).  Returns how many rows. */
-uint32_t sched_batch_capture(sched_batch_t *b, const bool *capture, float *capture_q);
+/* Asks the last built batch to capture the post-RoPE queries of rows
+ * first[s] .. first[s] + count[s] - 1 of each step s (within the step's
+ * tokens; count 0: none) into capture_q (see model_batch_t; rows in step
+ * order).  Returns how many rows. */
+uint32_t sched_batch_capture(sched_batch_t *b, const uint32_t *first, const uint32_t *count,
+                             float *capture_q);
 
 /* ======================================================================== */
 /* The engine: requests, continuous batching, preemption.                   */
@@ -70,7 +72,32 @@ typedef struct sched_usage {
      * of tokens, and the prompt tokens the main model kept. */
     uint64_t draft_ns;
     uint32_t kept_prompt_tokens;
+    /* KV the request's policy let go: entries dropped by sink eviction
+     * or by compression at the end of prefill. */
+    uint64_t kv_dropped_tokens;
 } sched_usage_t;
+
+/* What a request's KV may lose to save memory (algorithms.md sections 3
+ * and 5).  All zero: keep everything. */
+typedef enum sched_kv_kind {
+    SCHED_KV_FULL = 0,
+    /* StreamingLLM: the first `sinks` tokens and the most recent ones,
+     * budget_tokens in all, dropping whole middle blocks as the window
+     * slides (true positions kept). */
+    SCHED_KV_SINK_EVICTION,
+    /* SnapKV at the end of prefill: per layer and KV head the
+     * budget_tokens keys the last `window` prompt queries attend to most
+     * (votes pooled over `kernel` tokens), the window itself included. */
+    SCHED_KV_SNAPKV,
+} sched_kv_kind_t;
+
+typedef struct sched_kv_policy {
+    sched_kv_kind_t kind;
+    uint32_t budget_tokens; /* SINK_EVICTION, SNAPKV: required */
+    uint32_t sinks;         /* SINK_EVICTION (0: none) */
+    uint32_t window;        /* SNAPKV (0: 32) */
+    uint32_t kernel;        /* SNAPKV (0: 5; odd) */
+} sched_kv_policy_t;
 
 typedef struct sched_request {
     uint64_t id; /* caller's; unique among live requests */
@@ -83,6 +110,7 @@ typedef struct sched_request {
     uint64_t cache_salt;      /* requests with different salts never share KV */
     model_attn_policy_t attn; /* prefill attention (zero: dense) */
     model_spec_policy_t spec; /* speculative prefill (off: full prefill) */
+    sched_kv_policy_t kv;     /* KV eviction or compression (zero: none) */
 } sched_request_t;
 
 typedef enum sched_event_kind {
@@ -110,6 +138,26 @@ typedef struct sched_cfg {
     uint32_t n_blocks;               /* KV blocks; 0: from kv_cache_bytes */
     size_t kv_cache_bytes;           /* used when n_blocks is 0 */
     kern_dtype_t kv_dtype;           /* KERN_F16 (default) or KERN_F32 */
+    /* Quantized KV (kern.h's codecs; KERN_KVQ_NONE: every block in
+     * kv_dtype).  Full blocks are sealed into the codec after each step,
+     * except those holding the first kv_sink_tokens tokens of a sequence
+     * (0: none), which stay exact.  kv_hot_blocks full-precision blocks
+     * take the appends (0: one step's tokens plus the sink blocks and
+     * one tail block per running request, and one); the rest of n_blocks (or of kv_cache_bytes) is
+     * quantized. */
+    kern_kvq_t kv_quant;
+    uint32_t kv_sink_tokens;
+    uint32_t kv_hot_blocks;
+    /* KIVI's residual window: the most recent kv_residual_tokens stay full
+     * precision too (0: a block is sealed as soon as it is full).  When
+     * the pool runs short they are sealed anyway, before anything is
+     * preempted. */
+    uint32_t kv_residual_tokens;
+    /* Host memory for KV (0: none): a preempted request's blocks are
+     * copied there and brought back on re-admission instead of being
+     * recomputed, and blocks the prefix cache evicts wait there for a
+     * later match. */
+    size_t host_kv_bytes;
     bool prefix_caching;
     /* Speculative prefill's draft model (NULL: none), on the main model's
      * backend with the same vocabulary, and its own KV pool of
@@ -149,9 +197,10 @@ kv_pool_t *sched_draft_pool(sched_t *s); /* NULL without a draft */
  * length) or KVS_ENOSPC (could never fit in the KV pool or the draft's). */
 int sched_submit(sched_t *s, const sched_request_t *r);
 /* Whether this engine runs requests with these policies (spec with its
- * defaults filled): 0, KVS_EINVAL or KVS_ENOTSUP, as sched_submit answers. */
+ * defaults filled; kv may be NULL for none): 0, KVS_EINVAL or KVS_ENOTSUP,
+ * as sched_submit answers. */
 int sched_check_policy(const sched_t *s, const model_attn_policy_t *attn,
-                       const model_spec_policy_t *spec);
+                       const model_spec_policy_t *spec, const sched_kv_policy_t *kv);
 /* Asks to cancel request id; it finishes with SCHED_FINISH_CANCELLED (if it
  * had not finished already).  Thread: any. */
 int sched_cancel(sched_t *s, uint64_t id);
@@ -169,8 +218,16 @@ typedef struct sched_load {
     uint32_t blocks_total;
     uint32_t blocks_free;   /* allocatable: free plus cached blocks no request holds */
     uint32_t blocks_cached; /* in the prefix cache, held or not */
-    uint64_t steps;         /* steps that ran the model */
-    uint64_t busy_ns;       /* their total duration */
+    uint32_t blocks_hot;    /* with a codec: full-precision blocks (total) */
+    uint64_t blocks_sealed; /* with a codec: blocks quantized so far */
+    /* What a short pool did, in the order it tries: quantize residual
+     * windows, swap a request to the host tier, recompute (preemptions
+     * that were not swaps: swap_outs subtracted from the requests'). */
+    uint64_t pressure_seals, swap_outs, swap_ins;
+    uint64_t snapkv_compressions;
+    uint64_t host_bytes_used, host_hit_tokens; /* the host tier's, 0 without one */
+    uint64_t steps;                            /* steps that ran the model */
+    uint64_t busy_ns;                          /* their total duration */
 } sched_load_t;
 
 /* Thread: any (reads a snapshot the engine publishes after every step). */

@@ -166,12 +166,13 @@ sched_batch_build(sched_batch_t *b, const sched_seq_step_t *steps, uint32_t n_st
 }
 
 uint32_t
-sched_batch_capture(sched_batch_t *b, const bool *capture, float *capture_q)
+sched_batch_capture(sched_batch_t *b, const uint32_t *first, const uint32_t *count,
+                    float *capture_q)
 {
     uint32_t n = 0;
     for (uint32_t s = 0; s < b->mb.pt.n_seqs; s++)
-        if (capture[s])
-            b->capture_rows[n++] = b->seq_indptr[s + 1] - 1;
+        for (uint32_t i = 0; i < count[s]; i++)
+            b->capture_rows[n++] = b->seq_indptr[s] + (int32_t)(first[s] + i);
     b->mb.capture_rows = b->capture_rows;
     b->mb.n_capture = n;
     b->mb.capture_q = n ? capture_q : NULL;

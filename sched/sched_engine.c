@@ -63,6 +63,7 @@ typedef struct req {
     sched_usage_t usage;
     uint64_t t_submit, t_first_token;
     model_attn_policy_t attn;
+    sched_kv_policy_t kv;
     uint32_t block_tokens; /* the pool's, for count_keys */
     /* Speculative prefill.  Drafting while spec.on and kept == NULL. */
     model_spec_policy_t spec;
@@ -77,6 +78,13 @@ typedef struct req {
     int32_t *kept;       /* the main model's prompt indices, sorted; NULL: all */
     int32_t *kept_tok;   /* their tokens */
     uint32_t n_kept, kept_done;
+    /* SnapKV: the last snap_w prompt rows' queries, [n_layer][snap_w][q
+     * dim], captured as the prefill computes them; snap_done once the
+     * prompt's KV was compressed (or found within budget). */
+    float *snap_q;
+    uint32_t snap_w;
+    bool snap_done;
+    bool swapped; /* the table waits in the host tier (preempted) */
 } req_t;
 
 typedef struct req_list {
@@ -90,17 +98,23 @@ struct sched {
     kern_backend_t *be;
     uint32_t n_vocab;
     kv_pool_t *pool;
+    kv_host_t *host; /* the host tier (NULL: none) */
     model_ctx_t *ctx;
     sched_batch_t *batch;
     float *logits;
+    /* SnapKV's captured query rows of a step, grown as needed. */
+    uint32_t *cap_first, *cap_count; /* [max_num_seqs] */
+    float *cap_q;
+    size_t cap_q_rows;
     /* Speculative prefill's draft (NULL when none). */
     model_t *draft;
     kv_pool_t *d_pool;
     model_ctx_t *d_ctx;
     sched_batch_t *d_batch;
-    float *d_logits;  /* [max_num_seqs][n_vocab] */
-    float *d_capture; /* [max_num_seqs][draft layers][draft q dim] */
-    bool *d_want;     /* [max_num_seqs] capture flags */
+    float *d_logits;      /* [max_num_seqs][n_vocab] */
+    float *d_capture;     /* [max_num_seqs][draft layers][draft q dim] */
+    uint32_t *d_want;     /* [max_num_seqs] rows to capture: 0 or 1, the last */
+    uint32_t *d_want_row; /* [max_num_seqs] which row of the step */
     sched_seq_step_t *d_steps;
     req_t **d_reqs;
     model_sampler_t *d_greedy; /* look-ahead tokens */
@@ -125,6 +139,7 @@ struct sched {
     _Atomic bool emitted; /* events queued since the last wake */
     /* Snapshot for other threads (sched_get_load), written after each step. */
     _Atomic uint32_t load_running, load_waiting, load_free, load_cached;
+    _Atomic uint64_t load_sealed, load_swap_out, load_swap_in, load_pressure_seals, load_snapkv;
     _Atomic uint64_t load_steps, load_busy_ns, load_work_steps;
 };
 
@@ -233,6 +248,7 @@ req_free(req_t *r)
     free(r->qs);
     free(r->kept);
     free(r->kept_tok);
+    free(r->snap_q);
     kv_table_free(r->table);
     model_sampler_free(r->sampler);
     free(r->tokens);
@@ -271,6 +287,10 @@ commit_prefix(sched_t *s, req_t *r)
         while (n < r->kept_done && r->kept[n] == (int32_t)n)
             n++;
     }
+    /* After an eviction the table is shorter than what was computed; its
+     * entries up to the first dropped block are still tokens 0.. in order. */
+    if (n > kv_table_len(r->table))
+        n = kv_table_len(r->table);
     if (n > 0)
         kv_prefix_commit(r->table, r->tokens, n, r->extra);
 }
@@ -323,19 +343,43 @@ finish(sched_t *s, req_t *r, sched_finish_t why, int error)
     req_free(r);
 }
 
-/* Back to waiting with every token kept; its KV is recomputed later. */
+/* Drops r's KV: it is recomputed on re-admission. */
+static void
+drop_kv(req_t *r)
+{
+    kv_table_free(r->table);
+    r->table = NULL;
+    r->n_computed = 0;
+    r->kept_done = 0;
+    r->snap_done = false;
+    r->swapped = false;
+    if (drafting(r))
+        draft_reset(r);
+}
+
+/* Back to waiting with every token kept.  Its KV goes to the host tier
+ * when there is one with room (brought back on re-admission, bit for
+ * bit), else it is recomputed later. */
 static void
 preempt(sched_t *s, req_t *r)
 {
     list_remove(&s->running, r);
     commit_prefix(s, r);
-    kv_table_free(r->table);
-    r->table = NULL;
-    r->n_computed = 0;
     r->n_sched = 0;
-    r->kept_done = 0;
-    if (drafting(r))
-        draft_reset(r);
+    int rc = KVS_ENOTSUP;
+    if (s->host && r->table && !drafting(r) && kv_table_len(r->table) > 0)
+        rc = kv_table_offload(r->table, s->host);
+    if (rc == 0) {
+        r->swapped = true;
+        atomic_fetch_add(&s->load_swap_out, 1);
+        KVS_INFOF("sched: request %llu preempted, %u KV entries swapped to host memory",
+                  (unsigned long long)r->id, kv_table_len(r->table));
+    } else {
+        if (s->host && r->table)
+            KVS_INFOF("sched: request %llu preempted, KV to recompute (host tier: %s)",
+                      (unsigned long long)r->id, kvs_strerror(rc));
+        drop_kv(r);
+    }
     r->usage.preemptions++;
     r->state = REQ_WAITING;
     list_insert_sorted(&s->waiting, r);
@@ -405,6 +449,31 @@ pick_victim(sched_t *s, const req_t *for_r)
     return NULL;
 }
 
+/* The first rung of the ladder a short pool climbs before preempting:
+ * quantize the residual windows (kv_residual_tokens) of every running
+ * request, which frees their full-precision blocks.  Returns true when
+ * anything was sealed.  Offloading to the host tier and recomputation
+ * follow in preempt(). */
+static bool
+pressure_seal(sched_t *s)
+{
+    if (s->cfg.kv_quant == KERN_KVQ_NONE || s->cfg.kv_residual_tokens == 0)
+        return false;
+    uint64_t sealed = 0;
+    for (req_t *r = s->running.head; r; r = r->next)
+        if (r->table && !r->swapped) {
+            int rc = kv_table_seal(r->table, s->cfg.kv_sink_tokens, 0);
+            sealed += rc > 0 ? (uint64_t)rc : 0;
+        }
+    if (sealed == 0)
+        return false;
+    atomic_fetch_add(&s->load_sealed, sealed);
+    atomic_fetch_add(&s->load_pressure_seals, 1);
+    KVS_INFOF("sched: KV pool short: quantized %llu blocks of residual windows",
+              (unsigned long long)sealed);
+    return true;
+}
+
 /* Reserves KV for n more tokens of running request r, preempting others if
  * needed.  Returns true when r got its tokens this step. */
 static bool
@@ -431,6 +500,8 @@ schedule_running(sched_t *s, req_t *r, uint32_t n)
             finish(s, r, SCHED_FINISH_ERROR, KVS_ENOSPC);
             return false;
         }
+        if (pressure_seal(s))
+            continue; /* quantizing freed full-precision blocks: try again */
         req_t *v = pick_victim(s, r);
         if (v == NULL) {
             preempt(s, r);
@@ -438,6 +509,18 @@ schedule_running(sched_t *s, req_t *r, uint32_t n)
         }
         preempt(s, v);
     }
+}
+
+/* A SnapKV request's prefill chunk stops at the end of the prompt, so
+ * that its KV can be compressed right there (a recompute after a
+ * preemption would otherwise run on into generated tokens). */
+static uint32_t
+chunk_of(const req_t *r, uint32_t n)
+{
+    if (r->snap_q && !r->snap_done && r->n_computed < r->n_prompt &&
+        r->n_computed + n > r->n_prompt)
+        return r->n_prompt - r->n_computed;
+    return n;
 }
 
 static void
@@ -460,7 +543,7 @@ plan(sched_t *s)
             uint32_t need = need_of(r);
             if ((pass == 0) != (need == 1))
                 continue; /* decodes in pass 0, prefill chunks in pass 1 */
-            uint32_t n = need < s->budget ? need : s->budget;
+            uint32_t n = chunk_of(r, need < s->budget ? need : s->budget);
             if (!schedule_running(s, r, n)) {
                 /* r was preempted or failed; later snapshot entries may be
                  * stale now, which the state check above catches. */
@@ -478,9 +561,32 @@ plan(sched_t *s)
      * nobody behind it overtakes (no starvation of large requests). */
     while (s->waiting.head && s->budget > 0 && s->running.n < s->cfg.max_num_seqs) {
         req_t *r = s->waiting.head;
+        bool restored = false;
+        if (r->swapped) {
+            /* Back only when its blocks and the next chunk fit, or it
+             * would swap straight out again. */
+            uint32_t bt = s->cfg.block_tokens, need = need_of(r);
+            uint64_t want = ((uint64_t)kv_table_len(r->table) +
+                             (need < s->budget ? need : s->budget) + bt - 1) /
+                            bt;
+            if (want > kv_pool_n_free(s->pool))
+                break;
+            int rc = kv_table_restore(r->table, s->host);
+            if (rc == KVS_EAGAIN)
+                break; /* not now, and nobody overtakes */
+            if (rc != 0) {
+                drop_kv(r); /* the copies are gone: recompute */
+            } else {
+                r->swapped = false;
+                restored = true;
+                atomic_fetch_add(&s->load_swap_in, 1);
+            }
+        }
         if (r->table == NULL && kv_table_new(s->pool, &r->table) != 0)
             break;
-        if (r->n_computed == 0 && r->kept_done == 0 && s->cfg.prefix_caching) {
+        /* SnapKV computes its whole prompt: its observation queries must
+         * run, and its compressed KV is its own. */
+        if (r->n_computed == 0 && r->kept_done == 0 && s->cfg.prefix_caching && !r->snap_q) {
             /* A speculative prefill matches the prompt only: those tokens
              * keep their full KV, and generated ones are recomputed. */
             uint32_t hit = 0;
@@ -508,17 +614,17 @@ plan(sched_t *s)
             continue;
         }
         if (rc != 0) {
-            /* Not now: give the matched blocks back until it fits. */
-            kv_table_free(r->table);
-            r->table = NULL;
-            r->n_computed = 0;
-            r->kept_done = 0;
-            if (drafting(r))
-                draft_reset(r);
+            /* Not now: give the matched blocks back until it fits; KV
+             * restored from the host tier goes back there if it can. */
+            if (restored && kv_table_offload(r->table, s->host) == 0) {
+                r->swapped = true;
+                atomic_fetch_add(&s->load_swap_out, 1);
+            } else
+                drop_kv(r);
             break;
         }
         uint32_t need = need_of(r);
-        uint32_t n = need < s->budget ? need : s->budget;
+        uint32_t n = chunk_of(r, need < s->budget ? need : s->budget);
         list_remove(&s->waiting, r);
         r->state = REQ_RUNNING;
         list_insert_sorted(&s->running, r);
@@ -653,6 +759,7 @@ draft_forward(sched_t *s, uint32_t n)
             r->t_draft = now;
         bool cap = r->d_computed + r->n_sched >= r->n_prompt;
         s->d_want[i] = cap;
+        s->d_want_row[i] = r->n_sched - 1;
         s->d_steps[i] = (sched_seq_step_t){.table = r->d_table,
                                            .tokens = r->d_tokens + r->d_computed,
                                            .n_tokens = r->n_sched,
@@ -662,7 +769,7 @@ draft_forward(sched_t *s, uint32_t n)
     int rc = sched_batch_build(s->d_batch, s->d_steps, n, &mb);
     uint32_t n_cap = 0;
     if (rc == 0) {
-        n_cap = sched_batch_capture(s->d_batch, s->d_want, s->d_capture);
+        n_cap = sched_batch_capture(s->d_batch, s->d_want_row, s->d_want, s->d_capture);
         rc = model_forward(s->d_ctx, kv_pool_kv(s->d_pool), mb, s->d_logits);
     }
     if (rc) {
@@ -694,6 +801,119 @@ draft_forward(sched_t *s, uint32_t n)
             draft_done(s, r);
     }
     return 0;
+}
+
+/* Quantizes r's full blocks behind its growing tail (kv_table_seal).
+ * Before commit_prefix: a block the cache holds is never sealed, so
+ * sealing first keeps cached blocks compact.  A backend failure fails
+ * the request (returns false), not the engine. */
+static bool
+seal_blocks(sched_t *s, req_t *r)
+{
+    if (s->cfg.kv_quant == KERN_KVQ_NONE || r->table == NULL)
+        return true;
+    int rc = kv_table_seal(r->table, s->cfg.kv_sink_tokens, s->cfg.kv_residual_tokens);
+    if (rc >= 0) {
+        atomic_fetch_add(&s->load_sealed, (uint64_t)rc);
+        return true;
+    }
+    KVS_ERRORF("sched: sealing KV blocks of request %llu failed: %s", (unsigned long long)r->id,
+               kvs_strerror(rc));
+    finish(s, r, SCHED_FINISH_ERROR, rc);
+    return false;
+}
+
+/* The rows of this step in SnapKV observation windows (the last snap_w
+ * prompt rows of a request still to compress): asks the batch to capture
+ * their queries.  *n_cap gets how many rows. */
+static int
+snap_capture(sched_t *s, uint32_t *n_cap)
+{
+    uint32_t total = 0;
+    for (uint32_t i = 0; i < s->n_steps; i++) {
+        const req_t *r = s->sched_reqs[i];
+        s->cap_first[i] = s->cap_count[i] = 0;
+        if (!r->snap_q || r->snap_done)
+            continue;
+        uint32_t c0 = r->n_computed, c1 = c0 + r->n_sched, w0 = r->n_prompt - r->snap_w;
+        uint32_t a = c0 > w0 ? c0 : w0, b = c1 < r->n_prompt ? c1 : r->n_prompt;
+        if (a < b) {
+            s->cap_first[i] = a - c0;
+            s->cap_count[i] = b - a;
+            total += b - a;
+        }
+    }
+    *n_cap = 0;
+    if (total == 0)
+        return 0;
+    const model_hparams_t *hp = model_hparams(s->m);
+    size_t row = (size_t)hp->n_layer * hp->n_head * hp->head_dim;
+    if (total > s->cap_q_rows) {
+        float *q = realloc(s->cap_q, total * row * sizeof *q);
+        if (q == NULL)
+            return KVS_ENOMEM;
+        s->cap_q = q;
+        s->cap_q_rows = total;
+    }
+    *n_cap = sched_batch_capture(s->batch, s->cap_first, s->cap_count, s->cap_q);
+    return 0;
+}
+
+/* Copies the captured rows into each request's window, [layer][row]. */
+static void
+snap_store(sched_t *s, uint32_t n_cap)
+{
+    const model_hparams_t *hp = model_hparams(s->m);
+    size_t qd = (size_t)hp->n_head * hp->head_dim;
+    uint32_t ci = 0;
+    for (uint32_t i = 0; i < s->n_steps; i++) {
+        req_t *r = s->sched_reqs[i];
+        for (uint32_t k = 0; k < s->cap_count[i]; k++, ci++) {
+            uint32_t at = r->n_computed + s->cap_first[i] + k - (r->n_prompt - r->snap_w);
+            for (uint32_t l = 0; l < hp->n_layer; l++)
+                memcpy(r->snap_q + ((size_t)l * r->snap_w + at) * qd,
+                       s->cap_q + ((size_t)l * n_cap + ci) * qd, qd * sizeof(float));
+        }
+    }
+}
+
+/* SnapKV at the end of r's prefill (the table holds exactly the prompt):
+ * keeps the budget's best entries per layer and KV head.  A pool too
+ * short for the compacted copy leaves the KV whole (logged).  A backend
+ * failure fails the request (returns false). */
+static bool
+snap_compress(sched_t *s, req_t *r)
+{
+    r->snap_done = true;
+    uint32_t n = kv_table_len(r->table);
+    if (n <= r->kv.budget_tokens)
+        return true;
+    const model_hparams_t *hp = model_hparams(s->m);
+    model_snapkv_policy_t p = {
+        .budget = r->kv.budget_tokens, .window = r->snap_w, .kernel = r->kv.kernel};
+    int32_t *keep = malloc((size_t)hp->n_layer * hp->n_head_kv * p.budget * sizeof *keep);
+    int rc = keep ? 0 : KVS_ENOMEM;
+    if (rc == 0)
+        rc = model_snapkv_select(s->m, kv_pool_kv(s->pool), kv_table_blocks(r->table), n, r->snap_q,
+                                 r->snap_w, &p, keep);
+    uint32_t k = rc > 0 ? (uint32_t)rc : 0;
+    if (rc > 0)
+        rc = kv_table_compact(r->table, k, keep);
+    free(keep);
+    if (rc == 0) {
+        r->usage.kv_dropped_tokens += n - k;
+        atomic_fetch_add(&s->load_snapkv, 1);
+        return true;
+    }
+    if (rc == KVS_EAGAIN) {
+        KVS_INFOF("sched: request %llu: no room to compact its KV (SnapKV), kept whole",
+                  (unsigned long long)r->id);
+        return true;
+    }
+    KVS_ERRORF("sched: SnapKV compression of request %llu failed: %s", (unsigned long long)r->id,
+               kvs_strerror(rc));
+    finish(s, r, SCHED_FINISH_ERROR, rc);
+    return false;
 }
 
 /* The main model's forward pass over sched_reqs[0..n_steps), then
@@ -737,6 +957,9 @@ main_forward(sched_t *s)
     }
     const model_batch_t *mb;
     int rc = sched_batch_build(s->batch, s->steps, s->n_steps, &mb);
+    uint32_t n_cap = 0;
+    if (rc == 0)
+        rc = snap_capture(s, &n_cap);
     if (rc == 0 && s->hook)
         s->hook(s->hook_arg, mb, s->step_ids);
     if (rc == 0)
@@ -748,6 +971,8 @@ main_forward(sched_t *s)
             finish(s, s->sched_reqs[i], SCHED_FINISH_ERROR, rc);
         return rc;
     }
+    if (n_cap)
+        snap_store(s, n_cap);
     uint32_t li = 0;
     uint64_t now = kvs_now_ns();
     for (uint32_t i = 0; i < s->n_steps; i++) {
@@ -760,11 +985,22 @@ main_forward(sched_t *s)
             r->n_computed += r->n_sched;
         }
         r->n_sched = 0;
-        if (!s->steps[i].want_logits) {
+        const float *row = s->steps[i].want_logits ? s->logits + (size_t)li++ * s->n_vocab : NULL;
+        if (r->kv.kind == SCHED_KV_SINK_EVICTION)
+            r->usage.kv_dropped_tokens +=
+                (uint64_t)kv_table_evict(r->table, r->kv.sinks, r->kv.budget_tokens) *
+                s->cfg.block_tokens;
+        if (!seal_blocks(s, r))
+            continue;
+        /* Sealed first, so the compacted copy finds full-precision blocks
+         * free (it is written in full precision, then sealed in turn). */
+        if (r->snap_q && !r->snap_done && r->n_computed >= r->n_prompt &&
+            (!snap_compress(s, r) || !seal_blocks(s, r)))
+            continue;
+        if (row == NULL) {
             commit_prefix(s, r); /* a prefill chunk: share its full blocks early */
             continue;
         }
-        const float *row = s->logits + (size_t)li++ * s->n_vocab;
         if (s->logits_hook)
             s->logits_hook(s->logits_arg, r->id, row, s->n_vocab);
         int32_t tok = model_sampler_sample(r->sampler, row);
@@ -819,10 +1055,29 @@ mix64(uint64_t z)
 
 int
 sched_check_policy(const sched_t *s, const model_attn_policy_t *attn,
-                   const model_spec_policy_t *spec)
+                   const model_spec_policy_t *spec, const sched_kv_policy_t *kv)
 {
     if (model_attn_policy_check(attn) || model_spec_policy_check(spec))
         return KVS_EINVAL;
+    if (kv && kv->kind != SCHED_KV_FULL) {
+        uint32_t bt = s->cfg.block_tokens;
+        if (kv->kind > SCHED_KV_SNAPKV || kv->budget_tokens == 0)
+            return KVS_EINVAL;
+        /* Eviction drops whole blocks: the budget must hold the sinks'
+         * blocks and at least one block of recent tokens. */
+        if (kv->kind == SCHED_KV_SINK_EVICTION &&
+            (uint64_t)kv->budget_tokens < ((uint64_t)kv->sinks + bt - 1) / bt * bt + bt)
+            return KVS_EINVAL;
+        if (kv->kind == SCHED_KV_SNAPKV) {
+            uint32_t w = kv->window ? kv->window : 32, k = kv->kernel ? kv->kernel : 5;
+            if (k % 2 == 0 || k > 255 || w > 1024 || kv->budget_tokens <= w)
+                return KVS_EINVAL;
+            if (spec && spec->on)
+                return KVS_EINVAL; /* its prompt KV is not the prompt's */
+            if (!kern_backend_is_host(s->be))
+                return KVS_ENOTSUP; /* the scores are computed on the host */
+        }
+    }
     /* Block-sparse's block choice and speculative prefill's scores read KV
      * on the host (model.h). */
     bool host = kern_backend_is_host(s->be);
@@ -838,7 +1093,7 @@ sched_submit(sched_t *s, const sched_request_t *q)
         return KVS_EINVAL;
     model_spec_policy_t spec = q->spec;
     model_spec_policy_defaults(&spec);
-    int rc = sched_check_policy(s, &q->attn, &spec);
+    int rc = sched_check_policy(s, &q->attn, &spec, &q->kv);
     if (rc)
         return rc;
     if (spec.on && ((uint64_t)q->n_prompt + spec.look_ahead - 1 + s->cfg.block_tokens - 1) /
@@ -851,7 +1106,15 @@ sched_submit(sched_t *s, const sched_request_t *q)
     for (uint32_t i = 0; i < q->n_prompt; i++)
         if (q->prompt[i] < 0 || (uint32_t)q->prompt[i] >= s->n_vocab)
             return KVS_EINVAL;
-    uint64_t blocks = (total + s->cfg.block_tokens - 1) / s->cfg.block_tokens;
+    /* With eviction a sequence holds at most its budget plus one step's
+     * tokens (and a block of slack on each side). */
+    uint64_t held = total, slack = 0;
+    if (q->kv.kind == SCHED_KV_SINK_EVICTION &&
+        (uint64_t)q->kv.budget_tokens + s->cfg.max_num_batched_tokens < held) {
+        held = (uint64_t)q->kv.budget_tokens + s->cfg.max_num_batched_tokens;
+        slack = 1;
+    }
+    uint64_t blocks = (held + s->cfg.block_tokens - 1) / s->cfg.block_tokens + slack;
     if (blocks > kv_pool_cfg(s->pool)->n_blocks)
         return KVS_ENOSPC;
     req_t *r = calloc(1, sizeof *r);
@@ -881,13 +1144,26 @@ sched_submit(sched_t *s, const sched_request_t *q)
         memcpy(r->d_tokens, q->prompt, q->n_prompt * sizeof *r->tokens);
         r->d_n = q->n_prompt;
     }
+    if (q->kv.kind == SCHED_KV_SNAPKV && q->n_prompt > q->kv.budget_tokens) {
+        const model_hparams_t *hp = model_hparams(s->m);
+        uint32_t w = q->kv.window ? q->kv.window : 32;
+        r->snap_w = w < q->n_prompt ? w : q->n_prompt;
+        r->snap_q =
+            malloc((size_t)hp->n_layer * r->snap_w * hp->n_head * hp->head_dim * sizeof *r->snap_q);
+        if (r->snap_q == NULL) {
+            req_free(r);
+            return KVS_ENOMEM;
+        }
+    }
     r->msg.kind = MSG_SUBMIT;
     r->id = q->id;
     r->seq = atomic_fetch_add(&s->next_seq, 1);
     /* The prefix-cache key: tenants (salt) and anything that changes KV
      * contents (its dtype; a sparse prefill, whose later layers see other
      * hidden states) must never share blocks. */
-    r->extra = mix64(q->cache_salt ^ mix64(0x6b76u + (uint64_t)s->cfg.kv_dtype));
+    r->extra = mix64(q->cache_salt ^
+                     mix64(0x6b76u + (uint64_t)s->cfg.kv_dtype + ((uint64_t)s->cfg.kv_quant << 8) +
+                           ((uint64_t)s->cfg.kv_sink_tokens << 16)));
     if (q->attn.kind != MODEL_ATTN_DENSE)
         r->extra = mix64(r->extra ^
                          mix64(((uint64_t)q->attn.kind << 56) ^ ((uint64_t)q->attn.sinks << 32) ^
@@ -895,6 +1171,7 @@ sched_submit(sched_t *s, const sched_request_t *q)
                          mix64(((uint64_t)q->attn.gamma << 2) | (q->attn.no_tail ? 2u : 0) |
                                (q->attn.last_dense ? 1u : 0)));
     r->attn = q->attn;
+    r->kv = q->kv;
     r->block_tokens = s->cfg.block_tokens;
     r->priority = q->priority;
     r->n_tokens = r->n_prompt = q->n_prompt;
@@ -962,6 +1239,19 @@ sched_get_load(const sched_t *s, sched_load_t *out)
     out->blocks_total = s->cfg.n_blocks;
     out->blocks_free = atomic_load(&w->load_free);
     out->blocks_cached = atomic_load(&w->load_cached);
+    out->blocks_hot = s->cfg.kv_quant != KERN_KVQ_NONE ? s->cfg.kv_hot_blocks : s->cfg.n_blocks;
+    out->blocks_sealed = atomic_load(&w->load_sealed);
+    out->swap_outs = atomic_load(&w->load_swap_out);
+    out->swap_ins = atomic_load(&w->load_swap_in);
+    out->pressure_seals = atomic_load(&w->load_pressure_seals);
+    out->snapkv_compressions = atomic_load(&w->load_snapkv);
+    out->host_bytes_used = out->host_hit_tokens = 0;
+    if (s->host) {
+        kv_host_stats_t hs;
+        kv_host_stats(s->host, &hs);
+        out->host_bytes_used = hs.bytes_used;
+        out->host_hit_tokens = hs.hit_tokens;
+    }
     out->steps = atomic_load(&w->load_work_steps);
     out->busy_ns = atomic_load(&w->load_busy_ns);
 }
@@ -986,6 +1276,18 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
         c->block_tokens = 16;
     if (c->kv_dtype != KERN_F32)
         c->kv_dtype = KERN_F16;
+    if (c->kv_quant >= KERN_KVQ_COUNT) {
+        free(s);
+        return KVS_EINVAL;
+    }
+    bool quant = c->kv_quant != KERN_KVQ_NONE;
+    /* A running request holds at most its sink blocks and its tail: a
+     * block that fills is sealed in the same step, before the next reserve. */
+    if (quant && c->kv_hot_blocks == 0) {
+        uint32_t per_seq = (c->kv_sink_tokens + c->block_tokens - 1) / c->block_tokens + 1;
+        c->kv_hot_blocks = (c->max_num_batched_tokens + c->block_tokens - 1) / c->block_tokens +
+                           per_seq * c->max_num_seqs + 1;
+    }
     kv_pool_cfg_t pc = {
         .n_layers = hp->n_layer,
         .n_kv_heads = hp->n_head_kv,
@@ -994,6 +1296,7 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
         .n_blocks = c->n_blocks,
         .dtype = c->kv_dtype,
         .prefix_cache = c->prefix_caching,
+        .quant = c->kv_quant,
     };
     kv_pool_cfg_t dc = {0};
     if (c->draft) {
@@ -1008,6 +1311,7 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
     if (pc.n_blocks == 0) {
         kv_pool_cfg_t one = pc; /* the size of one block of a valid pool */
         one.n_blocks = 1;
+        one.n_hot = 1;
         size_t per = kv_pool_block_bytes(&one);
         if (c->draft && dc.n_blocks == 0) {
             /* Both pools get the same number of blocks out of the bytes. */
@@ -1016,10 +1320,23 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
             per += kv_pool_block_bytes(&d1);
         }
         size_t bytes = c->kv_cache_bytes ? c->kv_cache_bytes : (size_t)1 << 30;
-        pc.n_blocks = per ? (uint32_t)(bytes / per) : 0;
+        if (quant && per) {
+            /* The full-precision blocks first, the rest quantized. */
+            size_t qper = kv_pool_quant_block_bytes(&one);
+            size_t hot = (size_t)c->kv_hot_blocks * per;
+            pc.n_blocks = qper && bytes > hot ? c->kv_hot_blocks + (uint32_t)((bytes - hot) / qper)
+                                              : (uint32_t)(bytes / per);
+        } else {
+            pc.n_blocks = per ? (uint32_t)(bytes / per) : 0;
+        }
         c->n_blocks = pc.n_blocks;
         if (c->draft && dc.n_blocks == 0)
             dc.n_blocks = pc.n_blocks;
+    }
+    if (quant) {
+        if (c->kv_hot_blocks > pc.n_blocks)
+            c->kv_hot_blocks = pc.n_blocks;
+        pc.n_hot = c->kv_hot_blocks;
     }
     if (c->draft)
         c->draft_n_blocks = dc.n_blocks;
@@ -1033,6 +1350,8 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
     uint32_t max_logits =
         c->max_num_seqs < c->max_num_batched_tokens ? c->max_num_seqs : c->max_num_batched_tokens;
     int rc = pc.n_blocks == 0 ? KVS_EINVAL : kv_pool_new(&pc, s->be, &s->pool);
+    if (rc == 0 && quant && !kern_supports(s->be, KERN_OP_KV_SEAL, c->kv_dtype))
+        rc = KVS_ENOTSUP; /* the backend reads no quantized blocks */
     if (rc == 0 && c->draft) {
         s->draft = c->draft;
         if (model_hparams(c->draft)->n_vocab != hp->n_vocab || model_backend(c->draft) != s->be)
@@ -1051,11 +1370,21 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
             s->d_capture = malloc((size_t)c->max_num_seqs * dh->n_layer * dh->n_head *
                                   dh->head_dim * sizeof(float));
             s->d_want = calloc(c->max_num_seqs, sizeof *s->d_want);
+            s->d_want_row = calloc(c->max_num_seqs, sizeof *s->d_want_row);
             s->d_steps = calloc(c->max_num_seqs, sizeof *s->d_steps);
             s->d_reqs = calloc(c->max_num_seqs, sizeof *s->d_reqs);
-            if (!s->d_logits || !s->d_capture || !s->d_want || !s->d_steps || !s->d_reqs)
+            if (!s->d_logits || !s->d_capture || !s->d_want || !s->d_want_row || !s->d_steps ||
+                !s->d_reqs)
                 rc = KVS_ENOMEM;
         }
+    }
+    if (rc == 0 && c->host_kv_bytes)
+        rc = kv_host_new(s->pool, c->host_kv_bytes, &s->host);
+    if (rc == 0) {
+        s->cap_first = calloc(c->max_num_seqs, sizeof *s->cap_first);
+        s->cap_count = calloc(c->max_num_seqs, sizeof *s->cap_count);
+        if (!s->cap_first || !s->cap_count)
+            rc = KVS_ENOMEM;
     }
     if (rc == 0)
         rc = model_ctx_new(m, c->max_num_batched_tokens, max_logits, &s->ctx);
@@ -1110,7 +1439,11 @@ sched_free(sched_t *s)
     free_list(&s->running);
     while ((n = kvs_mpsc_pop(&s->outbox)) != NULL)
         free(KVS_CONTAINER_OF(n, sched_event_t, node));
+    kv_host_free(s->host);
     kv_pool_free(s->pool);
+    free(s->cap_first);
+    free(s->cap_count);
+    free(s->cap_q);
     model_ctx_free(s->ctx);
     sched_batch_free(s->batch);
     kv_pool_free(s->d_pool);
@@ -1120,6 +1453,7 @@ sched_free(sched_t *s)
     free(s->d_logits);
     free(s->d_capture);
     free(s->d_want);
+    free(s->d_want_row);
     free(s->d_steps);
     free(s->d_reqs);
     free(s->logits);

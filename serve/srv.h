@@ -9,6 +9,7 @@
 #include "base/kvs.h"
 #include "kernels/kern.h"
 #include "model/model.h"
+#include "sched/sched.h"
 
 #include <stdbool.h>
 #include <stdint.h>
@@ -30,8 +31,56 @@ int srv_parse_u32(const char *cmd, const char *flag, const char *s, uint32_t lo,
                   uint32_t *out);
 int srv_parse_u64(const char *cmd, const char *flag, const char *s, uint64_t *out);
 int srv_parse_f32(const char *cmd, const char *flag, const char *s, float lo, float hi, float *out);
-/* --kv-cache-dtype: f16 or f32. */
-int srv_parse_kv_dtype(const char *cmd, const char *s, kern_dtype_t *out);
+/* KV cache flags shared by run, eval and serve:
+ *   --kv-cache-dtype f16|f32|bf16|q8_0|fp8|q4  (bf16 and the quantized
+ *   kinds keep full blocks in that codec, the growing tail in f16)
+ *   --kv-sink-tokens N  (leading tokens kept exact; default 4)
+ *   --kv-residual-tokens N  (recent tokens kept exact; default 0)
+ *   --host-kv-memory BYTES  (host tier for preempted and evicted KV)
+ * Used like the attention flags below. */
+typedef struct srv_kv_opts {
+    kern_dtype_t dtype; /* of full-precision blocks */
+    kern_kvq_t quant;
+    uint32_t sink_tokens;
+    uint32_t residual_tokens; /* --kv-residual-tokens N: KIVI's window kept exact */
+    uint64_t host_bytes;      /* --host-kv-memory BYTES: the host tier */
+    /* The KV policy of requests that name none:
+     *   --kv-policy full|sink-eviction|snapkv  --kv-budget N
+     *   --kv-evict-sinks N (default 4)  --snapkv-window N (default 32) */
+    sched_kv_policy_t policy;
+} srv_kv_opts_t;
+/* clang-format off */
+#define SRV_KV_DEFAULT                                                 \
+    (srv_kv_opts_t){.dtype = KERN_F16, .quant = KERN_KVQ_NONE,         \
+                    .sink_tokens = 4,                                  \
+                    .policy = {.sinks = 4, .window = 32, .kernel = 5}}
+enum {
+    SRV_O_KVDTYPE = 1200,
+    SRV_O_KVSINKS,
+    SRV_O_KVPOLICY,
+    SRV_O_KVBUDGET,
+    SRV_O_KVEVSINKS,
+    SRV_O_SNAPWIN,
+    SRV_O_KVRESID,
+    SRV_O_HOSTMEM
+};
+#define SRV_KV_LONGOPTS                                                \
+    {"kv-cache-dtype", 1, 0, SRV_O_KVDTYPE},                           \
+    {"kv-sink-tokens", 1, 0, SRV_O_KVSINKS},                           \
+    {"kv-policy", 1, 0, SRV_O_KVPOLICY},                               \
+    {"kv-budget", 1, 0, SRV_O_KVBUDGET},                               \
+    {"kv-evict-sinks", 1, 0, SRV_O_KVEVSINKS},                         \
+    {"snapkv-window", 1, 0, SRV_O_SNAPWIN},                            \
+    {"kv-residual-tokens", 1, 0, SRV_O_KVRESID},                       \
+    {"host-kv-memory", 1, 0, SRV_O_HOSTMEM}
+/* clang-format on */
+int srv_kv_opt(const char *cmd, int opt, const char *arg, srv_kv_opts_t *o);
+/* Checks the --kv-policy flags together (KVS_EINVAL after printing why). */
+int srv_kv_finish(const char *cmd, srv_kv_opts_t *o, uint32_t block_tokens);
+/* "f16", "q4 (4 sinks exact)", ... */
+const char *srv_kv_describe(const srv_kv_opts_t *o, char *buf, size_t cap);
+/* The --kv-cache-dtype name alone: "f16", "q8_0", ... */
+const char *srv_kv_name(const srv_kv_opts_t *o);
 /* --block-size: a power of two in 1..1024. */
 int srv_parse_block_size(const char *cmd, const char *s, uint32_t *out);
 /* "1,2,3" -> malloc'd array; every id in [0, INT32_MAX]. */

@@ -65,15 +65,113 @@ srv_parse_f32(const char *cmd, const char *flag, const char *s, float lo, float 
 }
 
 int
-srv_parse_kv_dtype(const char *cmd, const char *s, kern_dtype_t *out)
+srv_kv_opt(const char *cmd, int opt, const char *arg, srv_kv_opts_t *o)
 {
-    kern_dtype_t t;
-    if (kern_dtype_parse(s, &t) || (t != KERN_F16 && t != KERN_F32)) {
-        fprintf(stderr, "kvserve %s: --kv-cache-dtype: '%s' is not one of f16, f32\n", cmd, s);
+    switch (opt) {
+    case SRV_O_KVDTYPE:
+        if (strcmp(arg, "f16") == 0 || strcmp(arg, "f32") == 0) {
+            o->dtype = strcmp(arg, "f16") == 0 ? KERN_F16 : KERN_F32;
+            o->quant = KERN_KVQ_NONE;
+            return 0;
+        }
+        for (int q = KERN_KVQ_NONE + 1; q < KERN_KVQ_COUNT; q++)
+            if (strcmp(arg, kern_kvq_name((kern_kvq_t)q)) == 0) {
+                o->dtype = KERN_F16;
+                o->quant = (kern_kvq_t)q;
+                return 0;
+            }
+        fprintf(stderr,
+                "kvserve %s: --kv-cache-dtype: '%s' is not one of f16, f32, bf16, q8_0, fp8, q4\n",
+                cmd, arg);
+        return KVS_EINVAL;
+    case SRV_O_KVSINKS:
+        return srv_parse_u32(cmd, "--kv-sink-tokens", arg, 0, 1u << 20, &o->sink_tokens);
+    case SRV_O_KVPOLICY:
+        if (strcmp(arg, "full") == 0)
+            o->policy.kind = SCHED_KV_FULL;
+        else if (strcmp(arg, "sink-eviction") == 0)
+            o->policy.kind = SCHED_KV_SINK_EVICTION;
+        else if (strcmp(arg, "snapkv") == 0)
+            o->policy.kind = SCHED_KV_SNAPKV;
+        else {
+            fprintf(stderr,
+                    "kvserve %s: --kv-policy: '%s' is not one of full, sink-eviction, snapkv\n",
+                    cmd, arg);
+            return KVS_EINVAL;
+        }
+        return 0;
+    case SRV_O_KVBUDGET:
+        return srv_parse_u32(cmd, "--kv-budget", arg, 1, 1u << 30, &o->policy.budget_tokens);
+    case SRV_O_KVEVSINKS:
+        return srv_parse_u32(cmd, "--kv-evict-sinks", arg, 0, 1u << 20, &o->policy.sinks);
+    case SRV_O_SNAPWIN:
+        return srv_parse_u32(cmd, "--snapkv-window", arg, 1, 1024, &o->policy.window);
+    case SRV_O_KVRESID:
+        return srv_parse_u32(cmd, "--kv-residual-tokens", arg, 0, 1u << 20, &o->residual_tokens);
+    case SRV_O_HOSTMEM:
+        return srv_parse_u64(cmd, "--host-kv-memory", arg, &o->host_bytes);
+    default:
+        return 1;
+    }
+}
+
+int
+srv_kv_finish(const char *cmd, srv_kv_opts_t *o, uint32_t block_tokens)
+{
+    sched_kv_policy_t *p = &o->policy;
+    if (p->kind == SCHED_KV_FULL) {
+        if (p->budget_tokens) {
+            fprintf(stderr, "kvserve %s: --kv-budget: needs --kv-policy sink-eviction or snapkv\n",
+                    cmd);
+            return KVS_EINVAL;
+        }
+        return 0;
+    }
+    if (p->budget_tokens == 0) {
+        fprintf(stderr, "kvserve %s: --kv-policy %s needs --kv-budget N\n", cmd,
+                p->kind == SCHED_KV_SNAPKV ? "snapkv" : "sink-eviction");
         return KVS_EINVAL;
     }
-    *out = t;
+    uint32_t bt = block_tokens;
+    if (p->kind == SCHED_KV_SINK_EVICTION &&
+        (uint64_t)p->budget_tokens < ((uint64_t)p->sinks + bt - 1) / bt * bt + bt) {
+        fprintf(stderr,
+                "kvserve %s: --kv-budget: %u cannot hold the %u sink tokens' blocks and one block "
+                "of %u recent tokens\n",
+                cmd, p->budget_tokens, p->sinks, bt);
+        return KVS_EINVAL;
+    }
+    if (p->kind == SCHED_KV_SNAPKV && p->budget_tokens <= p->window) {
+        fprintf(stderr, "kvserve %s: --kv-budget: %u must exceed --snapkv-window %u\n", cmd,
+                p->budget_tokens, p->window);
+        return KVS_EINVAL;
+    }
     return 0;
+}
+
+const char *
+srv_kv_name(const srv_kv_opts_t *o)
+{
+    if (o->quant != KERN_KVQ_NONE)
+        return kern_kvq_name(o->quant);
+    return o->dtype == KERN_F32 ? "f32" : "f16";
+}
+
+const char *
+srv_kv_describe(const srv_kv_opts_t *o, char *buf, size_t cap)
+{
+    char pol[64] = "";
+    const sched_kv_policy_t *p = &o->policy;
+    if (p->kind == SCHED_KV_SINK_EVICTION)
+        snprintf(pol, sizeof pol, ", sink-eviction(%u sinks, budget %u)", p->sinks,
+                 p->budget_tokens);
+    else if (p->kind == SCHED_KV_SNAPKV)
+        snprintf(pol, sizeof pol, ", snapkv(budget %u, window %u)", p->budget_tokens, p->window);
+    if (o->quant == KERN_KVQ_NONE)
+        snprintf(buf, cap, "%s%s", srv_kv_name(o), pol);
+    else
+        snprintf(buf, cap, "%s (%u sink tokens exact)%s", srv_kv_name(o), o->sink_tokens, pol);
+    return buf;
 }
 
 int

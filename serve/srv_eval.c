@@ -7,6 +7,16 @@
  * and decode tokens of different sequences share steps), decodes the
  * answer greedily and scores exact matches.  Prints a table, writes JSON
  * (--json) and an SVG heatmap (--plot).
+ *
+ * --scenario asks several questions about one document instead, the two
+ * shared-context modes of SCBench (algorithms.md section 4.3): the
+ * niah-multikey haystack with a question per key, as a conversation with
+ * golden answers between turns (multi-turn) or as separate requests that
+ * share the context (multi-request).  Each turn resends its whole prompt
+ * with prefix caching on, as SCBench's vLLM driver does, so the share of
+ * prompt tokens the cache served shows whether the context was reused or
+ * recomputed, and accuracy per turn shows what a KV policy chosen for the
+ * first question costs the later ones.
  */
 #include "srv_int.h"
 
@@ -23,15 +33,29 @@ static const char eval_usage[] =
     "passkey|niah-multikey|vt|all]\n"
     "                    [--lengths 256,512,1024] [--depths 0,0.25,0.5,0.75,1] [--samples N]\n"
     "                    [--seed S] [--threads N] [--device cpu|ref|cuda] [--max-num-seqs N]\n"
-    "                    [--max-num-batched-tokens N] [--block-size N] [--kv-cache-dtype f16|f32]\n"
+    "                    [--max-num-batched-tokens N] [--block-size N]\n"
+    "                    [--kv-cache-dtype f16|f32|bf16|q8_0|fp8|q4] [--kv-sink-tokens N]\n"
+    "                    [--kv-policy full|sink-eviction|snapkv] [--kv-budget N]\n"
+    "                    [--kv-evict-sinks N] [--snapkv-window N]\n"
     "                    [--attention dense|sink-window|delta|block-sparse] [--attn-sinks N]\n"
     "                    [--attn-window N] [--attn-top-k N]\n"
     "                    [--delta-gamma N] [--no-delta-tail] [--attn-last-dense]\n"
     "                    [--prefill full|speculative] [--keep-ratio R] [--look-ahead N]\n"
     "                    [--spec-chunk N] [--space-in-prompt]\n"
+    "                    [--scenario multi-turn|multi-request]  (SCBench's shared context:\n"
+    "                     one question per niah-multikey key, prefix caching on)\n"
     "                    [--json FILE] [--plot FILE.svg]\n";
 
 #define MAX_LIST 32
+
+typedef enum scenario {
+    SCEN_NONE,
+    /* Turn i resends turn i-1's prompt, its golden answer and question i. */
+    SCEN_MULTI_TURN,
+    /* Every question follows the context alone; the first runs before the
+     * others so that they find the context cached. */
+    SCEN_MULTI_REQUEST,
+} scenario_t;
 
 typedef struct eval_opts {
     const char *model, *draft, *json, *plot, *device;
@@ -41,13 +65,14 @@ typedef struct eval_opts {
     uint32_t n_depths;
     uint32_t samples, threads, max_seqs, max_tokens, block_size;
     uint64_t seed;
-    kern_dtype_t kv_dtype;
+    srv_kv_opts_t kv;
     model_attn_policy_t attn;
     model_spec_policy_t spec;
     /* The answer's leading space ends the prompt instead, so the first
      * generated token (sampled from the prompt's last row, the row a sparse
      * prefill computes) is already a digit of the answer. */
     bool space_in_prompt;
+    scenario_t scenario;
 } eval_opts_t;
 
 typedef struct item {
@@ -57,7 +82,18 @@ typedef struct item {
     uint32_t n_toks;
     char answer[8], got[8];
     uint32_t n_answer, n_got;
+    /* Scenarios: the document and the turn (0-based) it asks, and what
+     * the engine reported of its prompt. */
+    uint32_t doc, turn;
+    uint32_t cached_tokens, preemptions;
+    uint64_t dropped_tokens;
 } item_t;
+
+/* A scenario's document: its turns are items first .. first + n_turns - 1. */
+typedef struct doc {
+    uint32_t first, n_turns;
+    uint32_t submitted, finished;
+} doc_t;
 
 static int
 parse_list_u32(const char *s, uint32_t *out, uint32_t *n)
@@ -109,10 +145,10 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
         O_SEQS,
         O_TOK,
         O_BS,
-        O_KVD,
         O_JSON,
         O_PLOT,
         O_SPACE,
+        O_SCEN,
         O_HELP
     };
     static const struct option lo[] = {
@@ -128,13 +164,14 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
         {"max-num-seqs", 1, 0, O_SEQS},
         {"max-num-batched-tokens", 1, 0, O_TOK},
         {"block-size", 1, 0, O_BS},
-        {"kv-cache-dtype", 1, 0, O_KVD},
         {"json", 1, 0, O_JSON},
         {"plot", 1, 0, O_PLOT},
         {"help", 0, 0, O_HELP},
         {"space-in-prompt", 0, 0, O_SPACE},
+        {"scenario", 1, 0, O_SCEN},
         SRV_ATTN_LONGOPTS,
         SRV_PREFILL_LONGOPTS,
+        SRV_KV_LONGOPTS,
         {0, 0, 0, 0},
     };
     *o = (eval_opts_t){.device = "cpu",
@@ -143,11 +180,11 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
                        .max_seqs = 8,
                        .max_tokens = 2048,
                        .block_size = 16,
-                       .kv_dtype = KERN_F16,
+                       .kv = SRV_KV_DEFAULT,
                        .seed = 1,
                        .depths = {0.0, 0.25, 0.5, 0.75, 1.0},
                        .n_depths = 5};
-    bool any_task = false;
+    bool any_task = false, other_task = false;
     opterr = 0;
     optind = 1;
     int c;
@@ -165,8 +202,10 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
             if (strcmp(optarg, "all") == 0) {
                 for (int i = 0; i < SRV_TASK_COUNT; i++)
                     o->task_on[i] = true;
+                other_task = true;
             } else if (srv_task_parse(optarg, &t) == 0) {
                 o->task_on[t] = true;
+                other_task |= t != SRV_TASK_NIAH_MULTIKEY;
             } else {
                 fprintf(stderr,
                         "kvserve eval: --task: '%s' is not one of passkey, "
@@ -208,9 +247,6 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
         case O_BS:
             rc = srv_parse_block_size("eval", optarg, &o->block_size);
             break;
-        case O_KVD:
-            rc = srv_parse_kv_dtype("eval", optarg, &o->kv_dtype);
-            break;
         case O_JSON:
             o->json = optarg;
             break;
@@ -220,12 +256,26 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
         case O_SPACE:
             o->space_in_prompt = true;
             break;
+        case O_SCEN:
+            if (strcmp(optarg, "multi-turn") == 0)
+                o->scenario = SCEN_MULTI_TURN;
+            else if (strcmp(optarg, "multi-request") == 0)
+                o->scenario = SCEN_MULTI_REQUEST;
+            else {
+                fprintf(stderr,
+                        "kvserve eval: --scenario: '%s' is not one of multi-turn, "
+                        "multi-request\n",
+                        optarg);
+                rc = KVS_EINVAL;
+            }
+            break;
         case O_HELP:
             fputs(eval_usage, stdout);
             exit(0);
         default:
             if ((rc = srv_attn_opt("eval", c, optarg, &o->attn)) == 1 &&
-                (rc = srv_prefill_opt("eval", c, optarg, &o->spec)) == 1) {
+                (rc = srv_prefill_opt("eval", c, optarg, &o->spec)) == 1 &&
+                (rc = srv_kv_opt("eval", c, optarg, &o->kv)) == 1) {
                 fprintf(stderr, "kvserve eval: unknown or incomplete option '%s'\n%s",
                         argv[optind - 1], eval_usage);
                 return KVS_EINVAL;
@@ -240,11 +290,23 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
         fprintf(stderr, "kvserve eval: unexpected argument '%s'\n%s", argv[optind], eval_usage);
         return KVS_EINVAL;
     }
-    if (!any_task)
+    if (o->scenario != SCEN_NONE) {
+        /* The shared-context documents exist for niah-multikey only: its
+         * haystack holds several keys to ask about, one per turn. */
+        if (other_task) {
+            fprintf(stderr,
+                    "kvserve eval: --scenario needs --task niah-multikey (or no --task): its "
+                    "haystack is the one with several keys to ask about\n%s",
+                    eval_usage);
+            return KVS_EINVAL;
+        }
+        o->task_on[SRV_TASK_NIAH_MULTIKEY] = true;
+    } else if (!any_task)
         for (int i = 0; i < SRV_TASK_COUNT; i++)
             o->task_on[i] = true;
     if (srv_attn_finish("eval", &o->attn) ||
-        srv_prefill_finish("eval", &o->spec, o->draft != NULL)) {
+        srv_prefill_finish("eval", &o->spec, o->draft != NULL) ||
+        srv_kv_finish("eval", &o->kv, o->block_size)) {
         fputs(eval_usage, stderr);
         return KVS_EINVAL;
     }
@@ -257,27 +319,48 @@ typedef struct eval_run {
     sched_t *sched;
     item_t *items;
     size_t n_items;
+    doc_t *docs;
+    size_t n_docs;
+    scenario_t scenario;
     model_t *draft;
     model_attn_policy_t attn;
     model_spec_policy_t spec;
+    sched_kv_policy_t kv;
 } eval_run_t;
 
 /* Every prompt becomes a request of the engine (greedy, as many tokens as
  * the answer has); the engine batches them continuously. */
 static int
+submit_item(eval_run_t *r, size_t i)
+{
+    item_t *it = &r->items[i];
+    sched_request_t q = {.id = i,
+                         .prompt = it->toks,
+                         .n_prompt = it->n_toks,
+                         .max_tokens = it->n_answer,
+                         .ignore_eos = true,
+                         .sampling = {.temperature = 0.0f, .top_p = 1.0f},
+                         .attn = r->attn,
+                         .spec = r->spec,
+                         .kv = r->kv};
+    return sched_submit(r->sched, &q);
+}
+
+static void
+got_token(eval_run_t *r, item_t *it, int32_t token)
+{
+    char piece = 0;
+    /* A control token never matches an answer byte. */
+    it->got[it->n_got < 7 ? it->n_got : 6] =
+        model_token_piece(r->m, token, &piece, 1) == 1 ? piece : '\x01';
+    it->n_got++;
+}
+
+static int
 run_items(eval_run_t *r)
 {
     for (size_t i = 0; i < r->n_items; i++) {
-        item_t *it = &r->items[i];
-        sched_request_t q = {.id = i,
-                             .prompt = it->toks,
-                             .n_prompt = it->n_toks,
-                             .max_tokens = it->n_answer,
-                             .ignore_eos = true,
-                             .sampling = {.temperature = 0.0f, .top_p = 1.0f},
-                             .attn = r->attn,
-                             .spec = r->spec};
-        int rc = sched_submit(r->sched, &q);
+        int rc = submit_item(r, i);
         if (rc)
             return rc;
     }
@@ -290,11 +373,7 @@ run_items(eval_run_t *r)
         while ((ev = sched_poll(r->sched)) != NULL) {
             item_t *it = &r->items[ev->req_id];
             if (ev->kind == SCHED_EV_TOKEN) {
-                char piece = 0;
-                /* A control token never matches an answer byte. */
-                it->got[it->n_got < 7 ? it->n_got : 6] =
-                    model_token_piece(r->m, ev->token, &piece, 1) == 1 ? piece : '\x01';
-                it->n_got++;
+                got_token(r, it, ev->token);
             } else {
                 done++;
                 if (ev->finish == SCHED_FINISH_ERROR) {
@@ -309,6 +388,307 @@ run_items(eval_run_t *r)
             return KVS_EINTERNAL;
     }
     return 0;
+}
+
+/* A document's next turns once all it had in flight finished: the next
+ * turn (multi-turn), or every other question (multi-request).  Turns are
+ * submitted only then because a request matches the prefix cache when it
+ * is admitted, and the previous turn's KV is there only once it ran.
+ * Returns how many it submitted (0: the document is done) or an error. */
+static int
+advance_doc(eval_run_t *r, doc_t *d)
+{
+    uint32_t upto =
+        d->submitted == 0 || r->scenario == SCEN_MULTI_TURN ? d->submitted + 1 : d->n_turns;
+    int n = 0;
+    for (; d->submitted < upto && d->submitted < d->n_turns; d->submitted++, n++) {
+        int rc = submit_item(r, d->first + d->submitted);
+        if (rc)
+            return rc;
+    }
+    return n;
+}
+
+/* Up to max_docs documents at a time, each one's turns in order; a new
+ * document starts when one is done, so the cached contexts of the
+ * documents in flight fit in the pool beside their running requests. */
+static int
+run_docs(eval_run_t *r, uint32_t max_docs)
+{
+    size_t next = 0, done = 0, active = 0;
+    while (done < r->n_docs) {
+        for (; active < max_docs && next < r->n_docs; next++, active++) {
+            int rc = advance_doc(r, &r->docs[next]);
+            if (rc < 0)
+                return rc;
+        }
+        int live = sched_step(r->sched);
+        if (live < 0)
+            return live;
+        bool submitted = false;
+        sched_event_t *ev;
+        while ((ev = sched_poll(r->sched)) != NULL) {
+            item_t *it = &r->items[ev->req_id];
+            if (ev->kind == SCHED_EV_TOKEN) {
+                got_token(r, it, ev->token);
+                sched_event_free(ev);
+                continue;
+            }
+            if (ev->finish == SCHED_FINISH_ERROR) {
+                int rc = ev->error;
+                sched_event_free(ev);
+                return rc;
+            }
+            it->cached_tokens = ev->usage.cached_prompt_tokens;
+            it->dropped_tokens = ev->usage.kv_dropped_tokens;
+            it->preemptions = ev->usage.preemptions;
+            sched_event_free(ev);
+            doc_t *d = &r->docs[it->doc];
+            if (++d->finished < d->submitted)
+                continue;
+            int rc = advance_doc(r, d);
+            if (rc < 0)
+                return rc;
+            if (rc > 0) {
+                submitted = true;
+            } else {
+                done++;
+                active--;
+            }
+        }
+        /* Idle with turns in flight: the engine lost a request. */
+        if (live == 0 && !submitted && active > 0)
+            return KVS_EINTERNAL;
+    }
+    return 0;
+}
+
+/* Tokenizes text into it->toks (BOS first). */
+static int
+tokenize_item(model_t *m, const char *text, size_t len, item_t *it)
+{
+    size_t n;
+    it->toks = malloc((len + 2) * sizeof *it->toks);
+    if (it->toks == NULL || model_tokenize(m, text, len, true, it->toks, len + 2, &n))
+        return KVS_ENOMEM;
+    it->n_toks = (uint32_t)n;
+    return 0;
+}
+
+/* The scenario's documents and their turns as items, one document per
+ * length x depth x sample. */
+static int
+build_docs(eval_run_t *r, const eval_opts_t *o)
+{
+    size_t n_docs = (size_t)o->n_lengths * o->n_depths * o->samples;
+    r->docs = calloc(n_docs, sizeof *r->docs);
+    r->items = calloc(n_docs * SRV_DOC_MAX_QUESTIONS, sizeof *r->items);
+    if (r->docs == NULL || r->items == NULL)
+        return KVS_ENOMEM;
+    for (uint32_t l = 0; l < o->n_lengths; l++)
+        for (uint32_t d = 0; d < o->n_depths; d++)
+            for (uint32_t s = 0; s < o->samples; s++) {
+                uint64_t seed = o->seed * 1000003ull + (uint64_t)r->n_docs * 7919ull + 17;
+                srv_doc_t doc;
+                int rc = srv_task_make_doc(SRV_TASK_NIAH_MULTIKEY, o->lengths[l], o->depths[d],
+                                           seed, &doc);
+                if (rc) {
+                    fprintf(stderr, "kvserve eval: --scenario at length %u: %s\n", o->lengths[l],
+                            rc == KVS_ERANGE ? "length too short for the task" : kvs_strerror(rc));
+                    return rc;
+                }
+                doc_t *dc = &r->docs[r->n_docs];
+                dc->first = (uint32_t)r->n_items;
+                dc->n_turns = doc.n_questions;
+                srv_buf_t b = {0};
+                srv_buf_puts(&b, doc.context);
+                size_t context_len = b.len;
+                for (uint32_t t = 0; t < doc.n_questions && rc == 0; t++) {
+                    item_t *it = &r->items[r->n_items++];
+                    if (r->scenario == SCEN_MULTI_REQUEST && !b.oom) {
+                        b.len = context_len;
+                        b.p[b.len] = '\0';
+                    }
+                    srv_buf_puts(&b, doc.question[t]);
+                    const char *answer = doc.answer[t];
+                    if (o->space_in_prompt && answer[0] == ' ') {
+                        srv_buf_puts(&b, " ");
+                        answer++;
+                    }
+                    rc = b.oom ? KVS_ENOMEM : tokenize_item(r->m, b.p, b.len, it);
+                    snprintf(it->answer, sizeof it->answer, "%s", answer);
+                    it->n_answer = (uint32_t)strlen(it->answer);
+                    it->task = SRV_TASK_NIAH_MULTIKEY;
+                    it->li = l;
+                    it->di = d;
+                    it->doc = (uint32_t)r->n_docs;
+                    it->turn = t;
+                    /* Golden context: the next turn sees the right answer,
+                     * whatever the model said. */
+                    srv_buf_puts(&b, answer);
+                }
+                free(b.p);
+                srv_doc_free(&doc);
+                r->n_docs++;
+                if (rc) {
+                    fprintf(stderr, "kvserve eval: cannot tokenize a prompt\n");
+                    return rc;
+                }
+            }
+    return 0;
+}
+
+static const char *
+kv_policy_name(sched_kv_kind_t k)
+{
+    return k == SCHED_KV_SINK_EVICTION ? "sink-eviction" : k == SCHED_KV_SNAPKV ? "snapkv" : "full";
+}
+
+/* Per length: accuracy per turn, the share of the prompt tokens of turns
+ * after the first that the prefix cache served (turn 1 meets its context
+ * for the first time), and the KV the policy dropped. */
+typedef struct scen_row {
+    uint32_t n_turns;
+    uint32_t correct[SRV_DOC_MAX_QUESTIONS], asked[SRV_DOC_MAX_QUESTIONS];
+    uint64_t later_prompt, later_cached, dropped, preemptions;
+} scen_row_t;
+
+typedef struct scen_report {
+    scen_row_t rows[MAX_LIST], all; /* all: the sums, n_turns the most turns */
+    uint32_t correct, asked;
+} scen_report_t;
+
+/* Also adds each cell's accuracy over all its turns to acc, for the
+ * heatmap and the "results" of the JSON. */
+static void
+scen_tally(const eval_run_t *r, const eval_opts_t *o, double *acc, scen_report_t *rep)
+{
+    *rep = (scen_report_t){0};
+    for (size_t i = 0; i < r->n_items; i++) {
+        const item_t *it = &r->items[i];
+        scen_row_t *w = &rep->rows[it->li];
+        bool ok = it->n_got == it->n_answer && memcmp(it->got, it->answer, it->n_answer) == 0;
+        uint32_t nt = r->docs[it->doc].n_turns;
+        w->n_turns = nt > w->n_turns ? nt : w->n_turns;
+        w->correct[it->turn] += ok;
+        w->asked[it->turn]++;
+        if (it->turn > 0) {
+            w->later_prompt += it->n_toks;
+            w->later_cached += it->cached_tokens;
+        }
+        w->dropped += it->dropped_tokens;
+        w->preemptions += it->preemptions;
+        rep->correct += ok;
+        rep->asked++;
+        acc[((size_t)it->task * o->n_lengths + it->li) * o->n_depths + it->di] +=
+            ok ? 1.0 / ((double)o->samples * nt) : 0.0;
+    }
+    scen_row_t *all = &rep->all;
+    for (uint32_t l = 0; l < o->n_lengths; l++) {
+        const scen_row_t *w = &rep->rows[l];
+        all->n_turns = w->n_turns > all->n_turns ? w->n_turns : all->n_turns;
+        all->later_prompt += w->later_prompt;
+        all->later_cached += w->later_cached;
+        all->dropped += w->dropped;
+        all->preemptions += w->preemptions;
+    }
+}
+
+static double
+row_accuracy(const scen_row_t *w)
+{
+    uint32_t c = 0, a = 0;
+    for (uint32_t t = 0; t < w->n_turns; t++)
+        c += w->correct[t], a += w->asked[t];
+    return a ? (double)c / a : 0.0;
+}
+
+/* The cache's share as a percentage, or as a JSON number (null: no turn
+ * after the first, where a length fits only one key). */
+static void
+put_share(FILE *f, const scen_row_t *w, bool json)
+{
+    if (w->later_prompt == 0)
+        fputs(json ? "null" : "       -", f);
+    else if (json)
+        fprintf(f, "%.4f", (double)w->later_cached / w->later_prompt);
+    else
+        fprintf(f, "  %5.1f%%", 100.0 * w->later_cached / w->later_prompt);
+}
+
+static const char *
+scen_name(scenario_t s)
+{
+    return s == SCEN_MULTI_TURN ? "multi-turn" : "multi-request";
+}
+
+static void
+scen_print(const eval_opts_t *o, const scen_report_t *rep)
+{
+    printf("\nniah-multikey, %s (%s), %u documents per length, prefix caching on\n%8s",
+           scen_name(o->scenario),
+           o->scenario == SCEN_MULTI_TURN ? "golden answers between turns"
+                                          : "one request per question",
+           o->n_depths * o->samples, "length");
+    for (uint32_t t = 0; t < rep->all.n_turns; t++)
+        printf("  turn %u", t + 1);
+    printf("    mean  cached  kv dropped\n");
+    for (uint32_t l = 0; l < o->n_lengths; l++) {
+        const scen_row_t *w = &rep->rows[l];
+        printf("%8u", o->lengths[l]);
+        for (uint32_t t = 0; t < rep->all.n_turns; t++) {
+            if (t < w->n_turns)
+                printf("  %5.1f%%", 100.0 * w->correct[t] / w->asked[t]);
+            else
+                printf("%8s", "-");
+        }
+        printf("  %5.1f%%", 100.0 * row_accuracy(w));
+        put_share(stdout, w, false);
+        printf("  %10llu\n", (unsigned long long)w->dropped);
+    }
+    printf("%8s  %5.1f%% overall", "", rep->asked ? 100.0 * rep->correct / rep->asked : 0.0);
+    if (rep->all.later_prompt)
+        printf("; the prefix cache served %.1f%% of the prompt tokens after turn 1\n",
+               100.0 * rep->all.later_cached / rep->all.later_prompt);
+    else
+        printf("; one question per document at these lengths\n");
+    if (rep->all.preemptions)
+        fprintf(stderr, "kvserve eval: %llu preemptions (KV recomputed or swapped)\n",
+                (unsigned long long)rep->all.preemptions);
+}
+
+static void
+scen_json(FILE *f, const eval_opts_t *o, const scen_report_t *rep)
+{
+    fprintf(f, ", \"scenario\": {\"mode\": \"%s\", \"task\": \"niah-multikey\", ",
+            scen_name(o->scenario));
+    if (o->scenario == SCEN_MULTI_TURN)
+        fprintf(f, "\"golden_context\": true, ");
+    fprintf(f,
+            "\"prefix_caching\": true, \"kv_policy\": \"%s\", \"kv_budget\": %u, "
+            "\"documents_per_length\": %u, \"accuracy\": %.4f, \"cached_prompt_share\": ",
+            kv_policy_name(o->kv.policy.kind), o->kv.policy.budget_tokens, o->n_depths * o->samples,
+            rep->asked ? (double)rep->correct / rep->asked : 0.0);
+    put_share(f, &rep->all, true);
+    fprintf(f, ", \"kv_dropped_tokens\": %llu, \"preemptions\": %llu, \"lengths\": [",
+            (unsigned long long)rep->all.dropped, (unsigned long long)rep->all.preemptions);
+    for (uint32_t l = 0; l < o->n_lengths; l++) {
+        const scen_row_t *w = &rep->rows[l];
+        fprintf(f,
+                "%s\n  {\"length\": %u, \"documents\": %u, \"turns\": %u, "
+                "\"turn_accuracy\": [",
+                l ? "," : "", o->lengths[l], o->n_depths * o->samples, w->n_turns);
+        for (uint32_t t = 0; t < w->n_turns; t++)
+            fprintf(f, "%s%.4f", t ? ", " : "", (double)w->correct[t] / w->asked[t]);
+        fprintf(f,
+                "], \"accuracy\": %.4f, \"later_prompt_tokens\": %llu, "
+                "\"later_cached_prompt_tokens\": %llu, \"cached_prompt_share\": ",
+                row_accuracy(w), (unsigned long long)w->later_prompt,
+                (unsigned long long)w->later_cached);
+        put_share(f, w, true);
+        fprintf(f, ", \"kv_dropped_tokens\": %llu}", (unsigned long long)w->dropped);
+    }
+    fprintf(f, "\n]}");
 }
 
 static void
@@ -377,7 +757,7 @@ srv_cmd_eval(int argc, char **argv)
                         "(weights/kvserve-main.gguf)\n");
         return 2;
     }
-    eval_run_t r = {.attn = o.attn, .spec = o.spec};
+    eval_run_t r = {.attn = o.attn, .spec = o.spec, .kv = o.kv.policy, .scenario = o.scenario};
     int status = 1, rc;
     char err[512] = "";
     kern_backend_cfg_t bcfg = {.n_threads = o.threads};
@@ -412,10 +792,14 @@ srv_cmd_eval(int argc, char **argv)
 
     /* Build every prompt up front. */
     size_t n_cells = (size_t)SRV_TASK_COUNT * o.n_lengths * o.n_depths;
-    r.items = calloc(n_cells * o.samples, sizeof *r.items);
-    if (r.items == NULL)
+    if (o.scenario != SCEN_NONE) {
+        if ((rc = build_docs(&r, &o))) {
+            status = rc == KVS_ERANGE ? 2 : 1;
+            goto out;
+        }
+    } else if ((r.items = calloc(n_cells * o.samples, sizeof *r.items)) == NULL)
         goto out;
-    for (int t = 0; t < SRV_TASK_COUNT; t++) {
+    for (int t = 0; t < SRV_TASK_COUNT && o.scenario == SCEN_NONE; t++) {
         if (!o.task_on[t])
             continue;
         for (uint32_t l = 0; l < o.n_lengths; l++)
@@ -434,7 +818,7 @@ srv_cmd_eval(int argc, char **argv)
                         status = rc == KVS_ERANGE ? 2 : 1;
                         goto out;
                     }
-                    size_t len = strlen(prompt), n;
+                    size_t len = strlen(prompt);
                     if (o.space_in_prompt && it->answer[0] == ' ') {
                         char *p2 = realloc(prompt, len + 2);
                         if (p2 == NULL) {
@@ -446,15 +830,12 @@ srv_cmd_eval(int argc, char **argv)
                         prompt[len] = '\0';
                         memmove(it->answer, it->answer + 1, strlen(it->answer));
                     }
-                    it->toks = malloc((len + 2) * sizeof *it->toks);
-                    if (it->toks == NULL ||
-                        model_tokenize(r.m, prompt, len, true, it->toks, len + 2, &n)) {
-                        free(prompt);
+                    rc = tokenize_item(r.m, prompt, len, it);
+                    free(prompt);
+                    if (rc) {
                         fprintf(stderr, "kvserve eval: cannot tokenize a prompt\n");
                         goto out;
                     }
-                    free(prompt);
-                    it->n_toks = (uint32_t)n;
                     it->n_answer = (uint32_t)strlen(it->answer);
                     it->task = (srv_task_t)t;
                     it->li = l;
@@ -472,14 +853,27 @@ srv_cmd_eval(int argc, char **argv)
                         .max_model_len = max_len + 1,
                         .block_tokens = o.block_size,
                         .n_blocks = per_seq * o.max_seqs,
-                        .kv_dtype = o.kv_dtype,
+                        .kv_dtype = o.kv.dtype,
+                        .kv_quant = o.kv.quant,
+                        .kv_sink_tokens = o.kv.sink_tokens,
+                        .kv_residual_tokens = o.kv.residual_tokens,
+                        .host_kv_bytes = (size_t)o.kv.host_bytes,
+                        /* A scenario resends each turn's context: the
+                         * cache is what keeps it from being recomputed. */
+                        .prefix_caching = o.scenario != SCEN_NONE,
                         .draft = o.spec.on ? r.draft : NULL};
+    if (o.kv.quant != KERN_KVQ_NONE) {
+        /* The full-precision staging blocks come on top, so every
+         * sequence's quantized blocks still fit. */
+        scfg.kv_hot_blocks = (o.max_tokens + o.block_size - 1) / o.block_size + 3 * o.max_seqs;
+        scfg.n_blocks += scfg.kv_hot_blocks;
+    }
     if ((rc = sched_new(r.m, &scfg, &r.sched))) {
         fprintf(stderr, "kvserve eval: setup failed: %s\n", kvs_strerror(rc));
         goto out;
     }
     uint64_t t0 = kvs_now_ns();
-    if ((rc = run_items(&r))) {
+    if ((rc = o.scenario != SCEN_NONE ? run_docs(&r, o.max_seqs) : run_items(&r))) {
         fprintf(stderr, "kvserve eval: engine failed: %s\n", kvs_strerror(rc));
         goto out;
     }
@@ -489,19 +883,26 @@ srv_cmd_eval(int argc, char **argv)
     if (acc == NULL)
         goto out;
     size_t total_toks = 0;
+    scen_report_t rep;
+    if (o.scenario != SCEN_NONE)
+        scen_tally(&r, &o, acc, &rep);
     for (size_t i = 0; i < r.n_items; i++) {
         item_t *it = &r.items[i];
         total_toks += it->n_toks;
+        if (o.scenario != SCEN_NONE)
+            continue;
         bool ok = it->n_got == it->n_answer && memcmp(it->got, it->answer, it->n_answer) == 0;
         acc[((size_t)it->task * o.n_lengths + it->li) * o.n_depths + it->di] +=
             ok ? 1.0 / o.samples : 0.0;
     }
-    char pol[96], pre[96];
+    char pol[96], pre[96], kvd[96];
     srv_attn_describe(&o.attn, pol, sizeof pol);
     srv_prefill_describe(&o.spec, pre, sizeof pre);
     printf("model: %s\npolicy: attention %s, prefill %s, kv-cache %s\n", o.model, pol, pre,
-           kern_type_traits(o.kv_dtype)->name);
-    for (int t = 0; t < SRV_TASK_COUNT; t++) {
+           srv_kv_describe(&o.kv, kvd, sizeof kvd));
+    if (o.scenario != SCEN_NONE)
+        scen_print(&o, &rep);
+    for (int t = 0; t < SRV_TASK_COUNT && o.scenario == SCEN_NONE; t++) {
         if (!o.task_on[t])
             continue;
         printf("\n%s (%u samples per cell)\n%8s", srv_task_name((srv_task_t)t), o.samples,
@@ -523,8 +924,11 @@ srv_cmd_eval(int argc, char **argv)
         }
         printf("%8s  %5.1f%% overall\n", "", 100.0 * tsum / (o.n_depths * o.n_lengths));
     }
-    fprintf(stderr, "kvserve eval: %zu prompts, %zu tokens in %.1f s (%.0f tok/s)\n", r.n_items,
-            total_toks, secs, secs > 0 ? (double)total_toks / secs : 0.0);
+    char docs[80] = "";
+    if (o.scenario != SCEN_NONE)
+        snprintf(docs, sizeof docs, "%zu documents, ", r.n_docs);
+    fprintf(stderr, "kvserve eval: %s%zu prompts, %zu tokens in %.1f s (%.0f tok/s)\n", docs,
+            r.n_items, total_toks, secs, secs > 0 ? (double)total_toks / secs : 0.0);
 
     if (o.json) {
         FILE *f = strcmp(o.json, "-") == 0 ? stdout : fopen(o.json, "w");
@@ -537,8 +941,9 @@ srv_cmd_eval(int argc, char **argv)
         srv_json_str(f, o.model, strlen(o.model));
         fprintf(f,
                 ", \"policy\": {\"attention\": \"%s\", \"prefill\": \"%s\", "
-                "\"kv_cache_dtype\": \"%s\"}, \"seed\": %llu, \"samples\": %u, \"results\": [",
-                pol, pre, kern_type_traits(o.kv_dtype)->name, (unsigned long long)o.seed,
+                "\"kv_cache_dtype\": \"%s\", \"kv_sink_tokens\": %u}, \"seed\": %llu, "
+                "\"samples\": %u, \"results\": [",
+                pol, pre, srv_kv_name(&o.kv), o.kv.sink_tokens, (unsigned long long)o.seed,
                 o.samples);
         bool first = true;
         for (int t = 0; t < SRV_TASK_COUNT; t++) {
@@ -555,7 +960,10 @@ srv_cmd_eval(int argc, char **argv)
                     first = false;
                 }
         }
-        fprintf(f, "\n]}\n");
+        fprintf(f, "\n]");
+        if (o.scenario != SCEN_NONE)
+            scen_json(f, &o, &rep);
+        fprintf(f, "}\n");
         if (f != stdout)
             fclose(f);
     }
@@ -569,6 +977,7 @@ out:
             free(r.items[i].toks);
         free(r.items);
     }
+    free(r.docs);
     sched_free(r.sched);
     model_free(r.draft);
     model_free(r.m);

@@ -105,7 +105,7 @@ typedef struct srv_opts {
     uint32_t port, threads, max_model_len, block_size, num_blocks, max_num_seqs, max_batched;
     uint32_t max_queued, drain_timeout_s, max_streams, engine_nice;
     uint64_t kv_memory;
-    kern_dtype_t kv_dtype;
+    srv_kv_opts_t kv;
     bool prefix_caching;
     model_attn_policy_t attn;
     model_spec_policy_t spec;
@@ -579,6 +579,8 @@ gen_pump(call_t *c)
         u.has_draft_time_us = u.has_kept_prompt_tokens = c->g.sr.spec.on;
         u.draft_time_us = c->usage.draft_ns / 1000;
         u.kept_prompt_tokens = c->usage.kept_prompt_tokens;
+        u.has_kv_dropped_tokens = c->g.sr.kv.kind != SCHED_KV_FULL;
+        u.kv_dropped_tokens = c->usage.kv_dropped_tokens;
         r.usage = &u;
     }
     bool ok = send_msg(c, &r.base);
@@ -675,10 +677,10 @@ gen_new(call_t *c)
     c->g.sr.id = id;
     int e = sched_submit(S.sched, &c->g.sr);
     if (e) {
-        if (e == KVS_ENOTSUP) /* block-sparse or speculative prefill on a device */
+        if (e == KVS_ENOTSUP) /* block-sparse, speculative prefill or SnapKV on a device */
             snprintf(msg, sizeof msg,
-                     "policy.attention.kind / policy.prefill.kind: not supported on the %s "
-                     "backend",
+                     "policy.attention.kind / policy.prefill.kind / policy.kv.kind: not "
+                     "supported on the %s backend",
                      kern_backend_name(S.be));
         else
             snprintf(msg, sizeof msg, "the engine refused the request: %s",
@@ -919,7 +921,9 @@ server_info_new(call_t *c)
     r.has_max_num_batched_tokens = r.has_max_queued_requests = r.has_prefix_caching = true;
     r.block_size = sc->block_tokens;
     r.total_blocks = sc->n_blocks;
-    r.kv_cache_dtype = sc->kv_dtype == KERN_F32 ? "f32" : "f16";
+    r.kv_cache_dtype = sc->kv_quant != KERN_KVQ_NONE ? (char *)kern_kvq_name(sc->kv_quant)
+                       : sc->kv_dtype == KERN_F32    ? "f32"
+                                                     : "f16";
     r.max_model_len = sc->max_model_len;
     r.max_num_seqs = sc->max_num_seqs;
     r.max_num_batched_tokens = sc->max_num_batched_tokens;
@@ -1190,8 +1194,11 @@ static const char usage[] =
     "cpu|ref|cuda]\n"
     "                     [--threads N (default: cores - 1)] [--max-model-len N] [--block-size "
     "16]\n"
-    "                     [--kv-cache-dtype f16|f32] [--kv-cache-memory BYTES | --num-kv-blocks "
-    "N]\n"
+    "                     [--kv-cache-dtype f16|f32|bf16|q8_0|fp8|q4] [--kv-sink-tokens N]\n"
+    "                     [--kv-policy full|sink-eviction|snapkv] [--kv-budget N]\n"
+    "                     [--kv-evict-sinks N] [--snapkv-window N] [--kv-residual-tokens N]\n"
+    "                     [--host-kv-memory BYTES]\n"
+    "                     [--kv-cache-memory BYTES | --num-kv-blocks N]\n"
     "                     [--max-num-seqs N] [--max-num-batched-tokens N] [--max-queued-requests "
     "N]\n"
     "                     [--enable-prefix-caching | --no-enable-prefix-caching]\n"
@@ -1217,7 +1224,7 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
                       .drain_timeout_s = 30,
                       .max_streams = 1024,
                       .engine_nice = 10,
-                      .kv_dtype = KERN_F16,
+                      .kv = SRV_KV_DEFAULT,
                       .prefix_caching = true,
                       .attn = SRV_ATTN_DEFAULT};
     enum {
@@ -1228,7 +1235,6 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         O_THREADS,
         O_MAXLEN,
         O_BLOCK,
-        O_KVDT,
         O_KVMEM,
         O_NBLOCKS,
         O_SEQS,
@@ -1254,7 +1260,6 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         {"threads", 1, 0, O_THREADS},
         {"max-model-len", 1, 0, O_MAXLEN},
         {"block-size", 1, 0, O_BLOCK},
-        {"kv-cache-dtype", 1, 0, O_KVDT},
         {"kv-cache-memory", 1, 0, O_KVMEM},
         {"num-kv-blocks", 1, 0, O_NBLOCKS},
         {"max-num-seqs", 1, 0, O_SEQS},
@@ -1271,6 +1276,7 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         {"engine-nice", 1, 0, O_NICE},
         {"draft-model", 1, 0, O_DRAFT},
         SRV_PREFILL_LONGOPTS,
+        SRV_KV_LONGOPTS,
         {"help", 0, 0, O_HELP},
         SRV_ATTN_LONGOPTS,
         {0, 0, 0, 0},
@@ -1299,9 +1305,6 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
             break;
         case O_BLOCK:
             rc = srv_parse_block_size(C, optarg, &o->block_size);
-            break;
-        case O_KVDT:
-            rc = srv_parse_kv_dtype(C, optarg, &o->kv_dtype);
             break;
         case O_KVMEM:
             rc = srv_parse_u64(C, "--kv-cache-memory", optarg, &o->kv_memory);
@@ -1353,7 +1356,8 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
             return 1;
         default:
             if ((rc = srv_attn_opt(C, ch, optarg, &o->attn)) == 1 &&
-                (rc = srv_prefill_opt(C, ch, optarg, &o->spec)) == 1) {
+                (rc = srv_prefill_opt(C, ch, optarg, &o->spec)) == 1 &&
+                (rc = srv_kv_opt(C, ch, optarg, &o->kv)) == 1) {
                 fputs(usage, stderr);
                 return KVS_EINVAL;
             }
@@ -1362,6 +1366,8 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
     if (rc == 0 && srv_attn_finish(C, &o->attn))
         rc = KVS_EINVAL;
     if (rc == 0 && srv_prefill_finish(C, &o->spec, o->draft != NULL))
+        rc = KVS_EINVAL;
+    if (rc == 0 && srv_kv_finish(C, &o->kv, o->block_size))
         rc = KVS_EINVAL;
     if (rc)
         return rc;
@@ -1487,7 +1493,11 @@ engine_up(const srv_opts_t *o)
                       .block_tokens = o->block_size,
                       .n_blocks = o->num_blocks,
                       .kv_cache_bytes = o->kv_memory,
-                      .kv_dtype = o->kv_dtype,
+                      .kv_dtype = o->kv.dtype,
+                      .kv_quant = o->kv.quant,
+                      .kv_sink_tokens = o->kv.sink_tokens,
+                      .kv_residual_tokens = o->kv.residual_tokens,
+                      .host_kv_bytes = (size_t)o->kv.host_bytes,
                       .prefix_caching = o->prefix_caching,
                       .thread_nice = (int)o->engine_nice,
                       .draft = S.draft,
@@ -1495,15 +1505,19 @@ engine_up(const srv_opts_t *o)
                       .wake_arg = NULL};
     if (sc.n_blocks == 0 && sc.kv_cache_bytes == 0) {
         /* Enough for every sequence at full length, capped at 1 GiB. */
-        uint64_t per = (uint64_t)model_kv_bytes_per_token(S.m, o->kv_dtype) * hp->n_layer;
+        uint64_t per = (uint64_t)model_kv_bytes_per_token(S.m, o->kv.dtype) * hp->n_layer;
         uint64_t want = per * max_len * (o->max_num_seqs < 8 ? o->max_num_seqs : 8);
         sc.kv_cache_bytes = want < (1ull << 30) ? want : (1ull << 30);
     }
     if ((rc = sched_new(S.m, &sc, &S.sched))) {
-        fprintf(stderr, "kvserve serve: engine setup failed: %s\n", kvs_strerror(rc));
+        if (rc == KVS_ENOTSUP)
+            fprintf(stderr, "kvserve serve: --kv-cache-dtype %s: not supported with --device %s\n",
+                    srv_kv_name(&o->kv), o->device);
+        else
+            fprintf(stderr, "kvserve serve: engine setup failed: %s\n", kvs_strerror(rc));
         return rc;
     }
-    if ((rc = sched_check_policy(S.sched, &o->attn, &o->spec)) != 0) {
+    if ((rc = sched_check_policy(S.sched, &o->attn, &o->spec, &o->kv.policy)) != 0) {
         /* Every request would be refused. */
         char pol[96];
         fprintf(stderr, "kvserve serve: --attention %s with --prefill %s: %s with --device %s\n",
@@ -1516,7 +1530,9 @@ engine_up(const srv_opts_t *o)
                            .max_model_len = max_len,
                            .attn_default = o->attn,
                            .spec_default = o->spec,
-                           .have_draft = S.draft != NULL};
+                           .kv_default = o->kv.policy,
+                           .have_draft = S.draft != NULL,
+                           .block_tokens = sched_get_cfg(S.sched)->block_tokens};
     chat_up();
     S.lim.chat = S.have_chat ? &S.chat : NULL;
     S.lim.chat_err = S.chat_err;

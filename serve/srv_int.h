@@ -24,6 +24,25 @@ typedef enum srv_task {
  * Returns 0, KVS_ERANGE (length too small for the needles) or KVS_ENOMEM. */
 int srv_task_make(srv_task_t task, uint32_t length, double depth, uint64_t seed, char **prompt,
                   char answer[8]);
+/* A shared context and the questions asked about it (SCBench's multi-turn
+ * and multi-request modes, algorithms.md section 4.3): the task's haystack
+ * with one question per needle, each worded and answered exactly as the
+ * single-question task (" 12345"), in a fixed order drawn from `seed`.
+ * The context plus every question and answer is `length` bytes, so a
+ * conversation asking them all in turn fits where a single prompt of
+ * that length does.  Its keys and values are the first n_questions
+ * srv_task_make draws from the same seed.  Only SRV_TASK_NIAH_MULTIKEY (else KVS_EINVAL); returns
+ * 0, KVS_ERANGE or KVS_ENOMEM.  Free with srv_doc_free. */
+enum { SRV_DOC_MAX_QUESTIONS = 4, SRV_DOC_QUESTION_MAX = 160 };
+typedef struct srv_doc {
+    char *context; /* malloc'd */
+    uint32_t n_questions;
+    char question[SRV_DOC_MAX_QUESTIONS][SRV_DOC_QUESTION_MAX];
+    char answer[SRV_DOC_MAX_QUESTIONS][8];
+} srv_doc_t;
+int srv_task_make_doc(srv_task_t task, uint32_t length, double depth, uint64_t seed,
+                      srv_doc_t *doc);
+void srv_doc_free(srv_doc_t *doc);
 const char *srv_task_name(srv_task_t t);
 int srv_task_parse(const char *s, srv_task_t *out);
 

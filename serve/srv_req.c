@@ -175,25 +175,70 @@ check_prefill(const Kvserve__V1__PrefillPolicy *f, const srv_limits_t *lim,
     return GRPC_STATUS_OK;
 }
 
+/* The KV policy: eviction or compression within a per-request budget. */
+static grpc_status_code
+check_kv(const Kvserve__V1__KvPolicy *k, const srv_limits_t *lim, sched_kv_policy_t *out, char *msg,
+         size_t cap)
+{
+    *out = lim->kv_default;
+    if (k == NULL || !k->has_kind || k->kind == KVSERVE__V1__KV_POLICY__KIND__KIND_UNSPECIFIED) {
+        if (k && (k->has_budget_tokens || k->has_sink_tokens || k->has_window_tokens))
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "policy.kv.kind: required when policy.kv sets a budget, sinks or window");
+        return GRPC_STATUS_OK; /* the server's --kv-policy */
+    }
+    *out = (sched_kv_policy_t){0};
+    switch (k->kind) {
+    case KVSERVE__V1__KV_POLICY__KIND__FULL:
+        break;
+    case KVSERVE__V1__KV_POLICY__KIND__SINK_EVICTION:
+        out->kind = SCHED_KV_SINK_EVICTION;
+        out->sinks = k->has_sink_tokens ? k->sink_tokens : 4;
+        break;
+    case KVSERVE__V1__KV_POLICY__KIND__SNAPKV:
+        out->kind = SCHED_KV_SNAPKV;
+        out->window = k->has_window_tokens ? k->window_tokens : 32;
+        break;
+    default:
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "policy.kv.kind: %d is not a known kind", (int)k->kind);
+    }
+    const char *unused = out->kind == SCHED_KV_FULL && k->has_budget_tokens ? "budget_tokens"
+                         : out->kind != SCHED_KV_SINK_EVICTION && k->has_sink_tokens ? "sink_tokens"
+                         : out->kind != SCHED_KV_SNAPKV && k->has_window_tokens ? "window_tokens"
+                                                                                : NULL;
+    if (unused)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "policy.kv.%s: not used by this policy.kv.kind", unused);
+    if (out->kind == SCHED_KV_FULL)
+        return GRPC_STATUS_OK;
+    if (!k->has_budget_tokens || k->budget_tokens == 0)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "policy.kv.budget_tokens: required (>= 1) with this policy.kv.kind");
+    out->budget_tokens = k->budget_tokens;
+    uint32_t bt = lim->block_tokens ? lim->block_tokens : 16;
+    if (out->kind == SCHED_KV_SINK_EVICTION &&
+        (uint64_t)out->budget_tokens < ((uint64_t)out->sinks + bt - 1) / bt * bt + bt)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "policy.kv.budget_tokens: %u cannot hold the %u sink tokens' blocks and one "
+                    "block of %u recent tokens",
+                    out->budget_tokens, out->sinks, bt);
+    if (out->kind == SCHED_KV_SNAPKV &&
+        (out->window == 0 || out->window > 1024 || out->budget_tokens <= out->window))
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "policy.kv.window_tokens: %u must be in [1, 1024] and below budget_tokens %u",
+                    out->window, out->budget_tokens);
+    return GRPC_STATUS_OK;
+}
+
 static grpc_status_code
 check_policy(const Kvserve__V1__LongContextPolicy *p, const srv_limits_t *lim,
-             model_spec_policy_t *spec, char *msg, size_t cap)
+             model_spec_policy_t *spec, sched_kv_policy_t *kv, char *msg, size_t cap)
 {
     grpc_status_code rc = check_prefill(p ? p->prefill : NULL, lim, spec, msg, cap);
-    if (rc != GRPC_STATUS_OK || p == NULL)
-        return rc;
-    const Kvserve__V1__KvPolicy *k = p->kv;
-    if (k) {
-        if (k->has_kind && k->kind != KVSERVE__V1__KV_POLICY__KIND__KIND_UNSPECIFIED &&
-            k->kind != KVSERVE__V1__KV_POLICY__KIND__FULL)
-            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
-                        "policy.kv.kind: %d is not supported by this build (supported: FULL)",
-                        (int)k->kind);
-        if (k->has_budget_tokens)
-            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
-                        "policy.kv.budget_tokens: not used when the KV cache is kept whole");
-    }
-    return GRPC_STATUS_OK;
+    if (rc == GRPC_STATUS_OK)
+        rc = check_kv(p ? p->kv : NULL, lim, kv, msg, cap);
+    return rc;
 }
 
 static grpc_status_code
@@ -385,7 +430,7 @@ srv_gen_parse(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, sr
     if (saltn > MAX_SALT_BYTES)
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "cache_salt: %zu bytes, at most %d",
                     saltn, MAX_SALT_BYTES);
-    grpc_status_code rc = check_policy(q->policy, lim, &out->sr.spec, msg, cap);
+    grpc_status_code rc = check_policy(q->policy, lim, &out->sr.spec, &out->sr.kv, msg, cap);
     if (rc == GRPC_STATUS_OK)
         rc = check_attention(q->policy ? q->policy->attention : NULL, lim, &out->sr.attn, msg, cap);
     if (rc == GRPC_STATUS_OK && model_attn_policy_check(&out->sr.attn))

@@ -19,7 +19,9 @@ typedef struct srv_limits {
     const char *chat_err;             /* why chat is refused when chat is NULL */
     model_attn_policy_t attn_default; /* --attention and its flags */
     model_spec_policy_t spec_default; /* --prefill and its flags */
+    sched_kv_policy_t kv_default;     /* --kv-policy and its flags */
     bool have_draft;                  /* --draft-model loaded */
+    uint32_t block_tokens;            /* KV block size (eviction drops whole blocks) */
 } srv_limits_t;
 
 typedef struct srv_gen_req {

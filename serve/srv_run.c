@@ -19,13 +19,15 @@ static const char run_usage[] =
     "usage: kvserve run [--model PATH] (--prompt TEXT | --prompt-tokens 1,2,3)\n"
     "                   [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--min-p P]\n"
     "                   [--seed S] [--ignore-eos] [--threads N] [--device cpu|ref|cuda]\n"
-    "                   [--block-size N] [--kv-cache-dtype f16|f32] [--batch-size N]\n"
+    "                   [--block-size N] [--kv-cache-dtype f16|f32|bf16|q8_0|fp8|q4]\n"
+    "                   [--kv-sink-tokens N] [--kv-residual-tokens N] [--batch-size N]\n"
+    "                   [--kv-policy full|sink-eviction|snapkv] [--kv-budget N]\n"
     "                   [--max-model-len N] [--logits-out FILE.npy] [--json]\n";
 
 typedef struct run_opts {
     const char *model, *prompt, *prompt_tokens, *logits_out, *device;
     uint32_t max_tokens, threads, block_size, batch_size, max_model_len;
-    kern_dtype_t kv_dtype;
+    srv_kv_opts_t kv;
     model_sampling_t sampling;
     bool seed_set, ignore_eos, json;
 } run_opts_t;
@@ -71,7 +73,6 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         O_THREADS,
         O_DEVICE,
         O_BS,
-        O_KVD,
         O_BATCH,
         O_MML,
         O_LOGITS,
@@ -85,7 +86,7 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         {"top-p", 1, 0, O_TOPP},         {"min-p", 1, 0, O_MINP},
         {"seed", 1, 0, O_SEED},          {"ignore-eos", 0, 0, O_IGNEOS},
         {"threads", 1, 0, O_THREADS},    {"device", 1, 0, O_DEVICE},
-        {"block-size", 1, 0, O_BS},      {"kv-cache-dtype", 1, 0, O_KVD},
+        {"block-size", 1, 0, O_BS},      SRV_KV_LONGOPTS,
         {"batch-size", 1, 0, O_BATCH},   {"max-model-len", 1, 0, O_MML},
         {"logits-out", 1, 0, O_LOGITS},  {"json", 0, 0, O_JSON},
         {"help", 0, 0, O_HELP},          {0, 0, 0, 0},
@@ -96,7 +97,7 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         .max_tokens = 128,
         .block_size = 16,
         .batch_size = 512,
-        .kv_dtype = KERN_F16,
+        .kv = SRV_KV_DEFAULT,
         .sampling = {.temperature = 0.8f, .top_k = 40, .top_p = 0.95f, .min_p = 0.05f},
     };
     const char *C = "run";
@@ -148,9 +149,6 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         case O_BS:
             rc = srv_parse_block_size("run", optarg, &o->block_size);
             break;
-        case O_KVD:
-            rc = srv_parse_kv_dtype("run", optarg, &o->kv_dtype);
-            break;
         case O_BATCH:
             rc = srv_parse_u32(C, "--batch-size", optarg, 1, 1u << 20, &o->batch_size);
             break;
@@ -167,9 +165,12 @@ parse_opts(int argc, char **argv, run_opts_t *o)
             fputs(run_usage, stdout);
             exit(0);
         default:
-            fprintf(stderr, "kvserve run: unknown or incomplete option '%s'\n%s", argv[optind - 1],
-                    run_usage);
-            return KVS_EINVAL;
+            if ((rc = srv_kv_opt(C, c, optarg, &o->kv)) == 1) {
+                fprintf(stderr, "kvserve run: unknown or incomplete option '%s'\n%s",
+                        argv[optind - 1], run_usage);
+                return KVS_EINVAL;
+            }
+            break;
         }
         if (rc) {
             fputs(run_usage, stderr);
@@ -178,6 +179,10 @@ parse_opts(int argc, char **argv, run_opts_t *o)
     }
     if (optind < argc) {
         fprintf(stderr, "kvserve run: unexpected argument '%s'\n%s", argv[optind], run_usage);
+        return KVS_EINVAL;
+    }
+    if (srv_kv_finish(C, &o->kv, o->block_size)) {
+        fputs(run_usage, stderr);
         return KVS_EINVAL;
     }
     if ((o->prompt == NULL) == (o->prompt_tokens == NULL)) {
@@ -298,8 +303,17 @@ srv_cmd_run(int argc, char **argv)
         .max_model_len = max_len,
         .block_tokens = o.block_size,
         .n_blocks = (uint32_t)((total + o.block_size - 1) / o.block_size),
-        .kv_dtype = o.kv_dtype,
+        .kv_dtype = o.kv.dtype,
+        .kv_quant = o.kv.quant,
+        .kv_sink_tokens = o.kv.sink_tokens,
+        .kv_residual_tokens = o.kv.residual_tokens,
+        .host_kv_bytes = (size_t)o.kv.host_bytes,
     };
+    if (o.kv.quant != KERN_KVQ_NONE) {
+        /* Room for every block in either kind. */
+        scfg.kv_hot_blocks = scfg.n_blocks;
+        scfg.n_blocks *= 2;
+    }
     if ((rc = sched_new(s.m, &scfg, &s.sched))) {
         fprintf(stderr, "kvserve run: setup failed: %s\n", kvs_strerror(rc));
         goto out;
@@ -323,7 +337,8 @@ srv_cmd_run(int argc, char **argv)
                            .n_prompt = (uint32_t)n_prompt,
                            .max_tokens = o.max_tokens,
                            .sampling = o.sampling,
-                           .ignore_eos = o.ignore_eos};
+                           .ignore_eos = o.ignore_eos,
+                           .kv = o.kv.policy};
     if ((rc = sched_submit(s.sched, &req))) {
         fprintf(stderr, "kvserve run: request refused: %s\n", kvs_strerror(rc));
         goto out;

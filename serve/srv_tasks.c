@@ -109,6 +109,61 @@ name(uint64_t *rng, char *out, size_t n, const char *alphabet)
     out[n] = '\0';
 }
 
+/* The multi-key haystack, shared by the single-question task and the
+ * shared-context documents so both draw the same keys from a seed: up to
+ * 4 keys, fewer where they do not fit (a needle is 48 bytes, a question
+ * and its answer 92), each needle at a random depth except key `target`'s,
+ * which sits at `depth`. */
+enum { MK_MAX_KEYS = SRV_DOC_MAX_QUESTIONS, MK_NEEDLE = 48, MK_QA = 92 };
+
+typedef struct mk_doc {
+    int n_keys, target;
+    char question[MK_MAX_KEYS][SRV_DOC_QUESTION_MAX], answer[MK_MAX_KEYS][8];
+} mk_doc_t;
+
+/* Writes the haystack into b so that it plus the questions and answers
+ * (of every key with ask_all, else of the target's alone) is `length`
+ * bytes.  KVS_ERANGE when they do not fit. */
+static int
+multikey(uint64_t *rng, uint32_t length, double depth, bool ask_all, srv_buf_t *b, mk_doc_t *d)
+{
+    int n = MK_MAX_KEYS;
+    while (n > 1 && (uint32_t)(MK_NEEDLE * n + MK_QA * (ask_all ? n : 1)) > length)
+        n--;
+    part_t p[MK_MAX_KEYS];
+    char keys[MK_MAX_KEYS][8], vals[MK_MAX_KEYS][6];
+    for (int i = 0; i < n; i++) {
+        bool dup;
+        do {
+            name(rng, keys[i], 6, "abcdefghijklmnopqrstuvwxyz");
+            dup = false;
+            for (int j = 0; j < i; j++)
+                dup |= strcmp(keys[i], keys[j]) == 0;
+        } while (dup);
+        digits5(rng, vals[i]);
+        snprintf(p[i].text, sizeof p[i].text, " The special magic number for %s is: %s. ", keys[i],
+                 vals[i]);
+        p[i].depth = rng_unit(rng);
+    }
+    d->n_keys = n;
+    d->target = (int)rng_below(rng, (uint32_t)n);
+    p[d->target].depth = depth;
+    size_t fixed = 0, needles = 0;
+    for (int i = 0; i < n; i++) {
+        snprintf(d->question[i], sizeof d->question[i],
+                 "\nWhat is the special magic number for %s? The special magic number for %s is:",
+                 keys[i], keys[i]);
+        snprintf(d->answer[i], sizeof d->answer[i], " %s", vals[i]);
+        if (ask_all || i == d->target)
+            fixed += strlen(d->question[i]) + strlen(d->answer[i]);
+        needles += strlen(p[i].text);
+    }
+    if (length < fixed + needles)
+        return KVS_ERANGE;
+    fill_with(b, p, (size_t)n, length - fixed);
+    return 0;
+}
+
 int
 srv_task_make(srv_task_t task, uint32_t length, double depth, uint64_t seed, char **prompt,
               char answer[8])
@@ -138,40 +193,14 @@ srv_task_make(srv_task_t task, uint32_t length, double depth, uint64_t seed, cha
         break;
     }
     case SRV_TASK_NIAH_MULTIKEY: {
-        /* 4 keys, fewer where they do not fit: a needle is 48 bytes, the
-         * question and answer 92. */
-        enum { MAX_KEYS = 4 };
-        int N_KEYS = MAX_KEYS;
-        while (N_KEYS > 1 && 48u * (uint32_t)N_KEYS + 92u > length)
-            N_KEYS--;
-        part_t p[MAX_KEYS];
-        char keys[MAX_KEYS][8], vals[MAX_KEYS][6];
-        for (int i = 0; i < N_KEYS; i++) {
-            bool dup;
-            do {
-                name(&rng, keys[i], 6, "abcdefghijklmnopqrstuvwxyz");
-                dup = false;
-                for (int j = 0; j < i; j++)
-                    dup |= strcmp(keys[i], keys[j]) == 0;
-            } while (dup);
-            digits5(&rng, vals[i]);
-            snprintf(p[i].text, sizeof p[i].text, " The special magic number for %s is: %s. ",
-                     keys[i], vals[i]);
-            p[i].depth = rng_unit(&rng);
+        mk_doc_t d;
+        int rc = multikey(&rng, length, depth, false, &b, &d);
+        if (rc) {
+            free(b.p);
+            return rc;
         }
-        int t = (int)rng_below(&rng, (uint32_t)N_KEYS);
-        p[t].depth = depth;
-        snprintf(q, sizeof q,
-                 "\nWhat is the special magic number for %s? The special magic number for %s is:",
-                 keys[t], keys[t]);
-        snprintf(answer, 8, " %s", vals[t]);
-        size_t fixed = strlen(q) + strlen(answer), needles = 0;
-        for (int i = 0; i < N_KEYS; i++)
-            needles += strlen(p[i].text);
-        if (length < fixed + needles)
-            return KVS_ERANGE;
-        fill_with(&b, p, (size_t)N_KEYS, length - fixed);
-        srv_buf_puts(&b, q);
+        srv_buf_puts(&b, d.question[d.target]);
+        memcpy(answer, d.answer[d.target], 8);
         break;
     }
     case SRV_TASK_VT: {
@@ -227,6 +256,48 @@ srv_task_make(srv_task_t task, uint32_t length, double depth, uint64_t seed, cha
     }
     *prompt = b.p;
     return 0;
+}
+
+int
+srv_task_make_doc(srv_task_t task, uint32_t length, double depth, uint64_t seed, srv_doc_t *doc)
+{
+    *doc = (srv_doc_t){0};
+    if (task != SRV_TASK_NIAH_MULTIKEY)
+        return KVS_EINVAL;
+    uint64_t rng = seed;
+    srv_buf_t b = {0};
+    mk_doc_t d;
+    int rc = multikey(&rng, length, depth, true, &b, &d);
+    if (rc == 0 && b.oom)
+        rc = KVS_ENOMEM;
+    if (rc) {
+        free(b.p);
+        return rc;
+    }
+    /* Asked in a seeded order rather than the keys' drawing order, so the
+     * key placed at `depth` is not always asked at the same turn. */
+    int order[MK_MAX_KEYS];
+    for (int i = 0; i < d.n_keys; i++)
+        order[i] = i;
+    for (int i = d.n_keys - 1; i > 0; i--) {
+        int j = (int)rng_below(&rng, (uint32_t)i + 1), t = order[i];
+        order[i] = order[j];
+        order[j] = t;
+    }
+    for (int i = 0; i < d.n_keys; i++) {
+        memcpy(doc->question[i], d.question[order[i]], sizeof doc->question[i]);
+        memcpy(doc->answer[i], d.answer[order[i]], sizeof doc->answer[i]);
+    }
+    doc->n_questions = (uint32_t)d.n_keys;
+    doc->context = b.p;
+    return 0;
+}
+
+void
+srv_doc_free(srv_doc_t *doc)
+{
+    free(doc->context);
+    doc->context = NULL;
 }
 
 const char *

@@ -116,7 +116,8 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
     lim = (srv_limits_t){.m = model,
                          .n_vocab = model_hparams(model)->n_vocab,
                          .max_model_len = 256,
-                         .seed_fallback = 1};
+                         .seed_fallback = 1,
+                         .block_tokens = 16};
     return 0;
 }
 

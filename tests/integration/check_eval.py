@@ -2,7 +2,10 @@
 """`kvserve eval --task all` on the bundled model in CI-sized form: checks
 its JSON document (model, policy, one result per task x length x depth with
 samples and an accuracy in [0, 1]) and that dense attention still retrieves
-the passkey at the shortest length (a quality regression check).
+the passkey at the shortest length (a quality regression check).  Then
+each --scenario (SCBench's multi-turn and multi-request modes) on one short
+length: a per-turn table and "scenario" JSON, and turns after the first
+served mostly by the prefix cache, as the modes require.
 
   check_eval.py KVSERVE WORKDIR [MODEL]
 Exit 77 (skipped) when there is no bundled model.
@@ -51,10 +54,50 @@ def main():
         fails.append("passkey accuracy at %d fell to %.2f" % (lengths[0], sum(pk) / len(pk)))
     if not open(plot).read().startswith("<svg"):
         fails.append("the plot is not an SVG")
+    fails += check_scenarios(kvserve, model, work)
     for f in fails:
         print("FAIL: " + f)
     print("%d passed, %d failed" % (0 if fails else 1, 1 if fails else 0))
     return 1 if fails else 0
+
+
+def check_scenarios(kvserve, model, work):
+    fails = []
+    for mode in ("multi-request", "multi-turn"):
+        out = os.path.join(work, "scenario-%s.json" % mode)
+        # 512 bytes hold three keys with their questions and answers.
+        cmd = [kvserve, "eval", "--model", model, "--scenario", mode, "--lengths", "512",
+               "--depths", "0.5", "--samples", "2", "--seed", "3", "--json", out]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        print(r.stdout)
+        if r.returncode != 0:
+            fails.append("--scenario %s: exit %d\n%s" % (mode, r.returncode, r.stderr))
+            continue
+        if not all(w in r.stdout for w in (mode, "turn 1", "turn 3", "cached")):
+            fails.append("--scenario %s: no per-turn table in the output" % mode)
+        doc = json.load(open(out))
+        sc = doc.get("scenario", {})
+        rows = sc.get("lengths", [])
+        if sc.get("mode") != mode or len(rows) != 1 or sc.get("task") != "niah-multikey":
+            fails.append("--scenario %s: bad scenario object %r" % (mode, sc))
+            continue
+        row = rows[0]
+        acc = row.get("turn_accuracy", [])
+        if row.get("turns") != 3 or len(acc) != 3 or not all(0.0 <= a <= 1.0 for a in acc):
+            fails.append("--scenario %s: bad per-turn accuracy %r" % (mode, row))
+        # The context is not recomputed after the first turn.
+        share = sc.get("cached_prompt_share")
+        if share is None or share <= 0.5 or row.get("cached_prompt_share") != share:
+            fails.append("--scenario %s: prefix cache served %r of later prompts" % (mode, share))
+        if sc.get("kv_dropped_tokens") != 0:
+            fails.append("--scenario %s: full KV dropped %r tokens" % (mode, sc.get("kv_dropped_tokens")))
+        if [(x["task"], x["length"]) for x in doc.get("results", [])] != [("niah-multikey", 512)]:
+            fails.append("--scenario %s: results %r" % (mode, doc.get("results")))
+    r = subprocess.run([kvserve, "eval", "--model", model, "--scenario", "multi-turn", "--task",
+                        "passkey"], capture_output=True, text=True)
+    if r.returncode != 2 or "niah-multikey" not in r.stderr:
+        fails.append("--scenario with --task passkey: exit %d, %r" % (r.returncode, r.stderr[:200]))
+    return fails
 
 
 if __name__ == "__main__":

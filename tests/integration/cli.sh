@@ -74,6 +74,18 @@ expect 2 "run block size" "$K" run $M --prompt a --block-size 3
 expect 2 "run too long" "$K" run $M --prompt a --max-tokens 5000
 contains "maximum model length"
 expect 2 "run bad device" "$K" run $M --prompt a --device tpu
+
+# eval --scenario: niah-multikey only, and the prefix cache serves the later
+# turns' shared context whatever the (random) model answers.
+expect 2 "eval scenario with another task" "$K" eval $M --scenario multi-turn --task vt
+contains "niah-multikey"
+expect 2 "eval bad scenario" "$K" eval $M --scenario sideways
+contains "multi-turn, multi-request"
+for mode in multi-turn multi-request; do
+    expect 0 "eval --scenario $mode" "$K" eval $M --scenario $mode --lengths 512 --depths 0.5 --samples 1
+    contains "  turn 1  turn 2  turn 3    mean  cached"
+    contains "the prefix cache served [5-9][0-9]\.[0-9]% of the prompt tokens after turn 1"
+done
 expect 1 "run missing model" "$K" run --model "$W/none.gguf" --prompt a
 contains "cannot load model"
 

@@ -149,7 +149,7 @@ test_importance_reference(void **state)
     float *qs = malloc((size_t)A * L * qd * sizeof *qs);
     float *logits = malloc(hp->n_vocab * sizeof *logits);
     assert_true(qs && logits);
-    bool cap = true;
+    uint32_t one = 1;
     /* The prompt in one step, then A - 1 look-ahead tokens. */
     for (uint32_t a = 0, done = 0; a < A; a++) {
         uint32_t n = a == 0 ? N : 1;
@@ -157,7 +157,8 @@ test_importance_reference(void **state)
             .table = t, .tokens = toks + done, .n_tokens = n, .want_logits = true};
         const model_batch_t *mb;
         assert_int_equal(sched_batch_build(sb, &st, 1, &mb), 0);
-        assert_int_equal(sched_batch_capture(sb, &cap, qs + (size_t)a * L * qd), 1);
+        uint32_t last = n - 1;
+        assert_int_equal(sched_batch_capture(sb, &last, &one, qs + (size_t)a * L * qd), 1);
         assert_int_equal(model_forward(ctx, kv_pool_kv(kvp), mb, logits), 0);
         done += n;
         uint32_t best = 0;

@@ -1,7 +1,8 @@
 /*
  * tests/serve/test_srv_tasks.c — the eval task generators: exact lengths,
  * the needle at the requested depth, the answer inside the needle, the
- * formats the bundled models were trained on, and determinism per seed.
+ * formats the bundled models were trained on, and determinism per seed;
+ * and the shared-context documents of `kvserve eval --scenario`.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -96,12 +97,94 @@ test_formats(void **state)
     assert_int_equal(srv_task_make(SRV_TASK_PASSKEY, 50, 0.5, 1, &p, ans), KVS_ERANGE);
 }
 
+/* The shared-context document: its context plus every question and answer
+ * is the length, every key is asked once in the single-question wording,
+ * and the keys are those the single-question task draws from the seed. */
+static void
+test_shared_doc(void **state)
+{
+    (void)state;
+    const uint32_t lengths[] = {140, 300, 559, 560, 1024, 2048};
+    const uint32_t want_q[] = {1, 2, 3, 4, 4, 4};
+    for (size_t l = 0; l < 6; l++)
+        for (uint64_t seed = 1; seed < 20; seed++) {
+            srv_doc_t doc;
+            assert_int_equal(srv_task_make_doc(SRV_TASK_NIAH_MULTIKEY, lengths[l], 0.5, seed, &doc),
+                             0);
+            assert_int_equal(doc.n_questions, want_q[l]);
+            size_t total = strlen(doc.context);
+            for (uint32_t i = 0; i < doc.n_questions; i++) {
+                total += strlen(doc.question[i]) + strlen(doc.answer[i]);
+                char key[7], stem[128];
+                assert_int_equal(
+                    sscanf(doc.question[i], "\nWhat is the special magic number for %6[a-z]?", key),
+                    1);
+                snprintf(stem, sizeof stem,
+                         "\nWhat is the special magic number for %s? The special magic number "
+                         "for %s is:",
+                         key, key);
+                assert_string_equal(doc.question[i], stem);
+                assert_int_equal(strlen(doc.answer[i]), 6);
+                assert_true(doc.answer[i][0] == ' ');
+                /* The needle holding the answer is in the context. */
+                char needle[64];
+                snprintf(needle, sizeof needle, " The special magic number for %s is:%s. ", key,
+                         doc.answer[i]);
+                assert_non_null(strstr(doc.context, needle));
+                for (uint32_t j = 0; j < i; j++)
+                    assert_string_not_equal(doc.question[i], doc.question[j]);
+            }
+            assert_int_equal(total, lengths[l]);
+            /* The single question of the same seed asks one of these keys
+             * (where both fit four). */
+            if (want_q[l] == 4) {
+                char *p, ans[8];
+                assert_int_equal(
+                    srv_task_make(SRV_TASK_NIAH_MULTIKEY, lengths[l], 0.5, seed, &p, ans), 0);
+                bool found = false;
+                for (uint32_t i = 0; i < doc.n_questions; i++)
+                    found |= strcmp(doc.answer[i], ans) == 0 &&
+                             strstr(p, doc.question[i]) == p + strlen(p) - strlen(doc.question[i]);
+                assert_true(found);
+                free(p);
+            }
+            srv_doc_free(&doc);
+        }
+
+    /* Deterministic per seed. */
+    srv_doc_t a, b;
+    assert_int_equal(srv_task_make_doc(SRV_TASK_NIAH_MULTIKEY, 1024, 0.25, 5, &a), 0);
+    assert_int_equal(srv_task_make_doc(SRV_TASK_NIAH_MULTIKEY, 1024, 0.25, 5, &b), 0);
+    assert_string_equal(a.context, b.context);
+    assert_memory_equal(a.question, b.question, sizeof a.question);
+    srv_doc_free(&b);
+    bool reordered = false;
+    for (uint64_t seed = 1; seed < 20 && !reordered; seed++) {
+        char *p, ans[8];
+        assert_int_equal(srv_task_make_doc(SRV_TASK_NIAH_MULTIKEY, 1024, 0.25, seed, &b), 0);
+        /* A seeded order: the key at `depth` (the single question's)
+         * is not always asked first. */
+        assert_int_equal(srv_task_make(SRV_TASK_NIAH_MULTIKEY, 1024, 0.25, seed, &p, ans), 0);
+        reordered = strcmp(b.answer[0], ans) != 0;
+        free(p);
+        srv_doc_free(&b);
+    }
+    assert_true(reordered);
+    srv_doc_free(&a);
+    assert_null(a.context);
+
+    assert_int_equal(srv_task_make_doc(SRV_TASK_NIAH_MULTIKEY, 128, 0.5, 1, &a), KVS_ERANGE);
+    assert_int_equal(srv_task_make_doc(SRV_TASK_PASSKEY, 1024, 0.5, 1, &a), KVS_EINVAL);
+    assert_null(a.context);
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_lengths_and_answers),
         cmocka_unit_test(test_formats),
+        cmocka_unit_test(test_shared_doc),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

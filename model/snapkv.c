@@ -1,0 +1,182 @@
+/*
+ * model/snapkv.c — SnapKV's choice of the KV entries to keep at the end of
+ * a prefill (algorithms.md section 5.2): the last n_obs prompt queries
+ * vote, through their softmax weights, for the keys before them; votes are
+ * summed over the query heads of a KV head (GQA: one set per KV head, not
+ * the reference's one per query head), smoothed by an average pool, and
+ * the best keys plus the observation window itself are kept.
+ * Callers: the scheduler at the end of a prefill (then kv_table_compact),
+ * tests.
+ *
+ * Per (layer, KV head) the keys are read once into f32.  Scores go to a
+ * [QB][n_keys] scratch, QB query rows at a time, keys in tiles of KT so a
+ * tile stays in cache while all QB rows use it; no n_keys x n_keys matrix
+ * and no allocation beyond one scratch block per call.
+ */
+#include "model_int.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define SNAPKV_DEFAULT_WINDOW 32
+#define SNAPKV_DEFAULT_KERNEL 5
+#define SNAPKV_MAX_WINDOW 1024
+#define SNAPKV_MAX_KERNEL 255
+#define QB 16 /* query rows scored together */
+#define KT 32 /* keys per tile */
+
+void
+model_snapkv_defaults(model_snapkv_policy_t *p)
+{
+    if (p->window == 0)
+        p->window = SNAPKV_DEFAULT_WINDOW;
+    if (p->kernel == 0)
+        p->kernel = SNAPKV_DEFAULT_KERNEL;
+}
+
+int
+model_snapkv_check(const model_snapkv_policy_t *p)
+{
+    if (p == NULL || p->window < 1 || p->window > SNAPKV_MAX_WINDOW || p->kernel < 1 ||
+        p->kernel % 2 == 0 || p->kernel > SNAPKV_MAX_KERNEL || p->budget <= p->window)
+        return KVS_EINVAL;
+    return 0;
+}
+
+/* Eight partial sums, so the compiler can keep them in vector lanes. */
+static float
+dot(const float *a, const float *b, uint32_t d)
+{
+    float s[8] = {0};
+    uint32_t e = 0;
+    for (; e + 8 <= d; e += 8)
+        for (int i = 0; i < 8; i++)
+            s[i] += a[e + i] * b[e + i];
+    for (; e < d; e++)
+        s[0] += a[e] * b[e];
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+int
+model_snapkv_select(const model_t *m, const kern_kv_t *kv, const int32_t *blocks, uint32_t n_keys,
+                    const float *q_obs, uint32_t n_obs, const model_snapkv_policy_t *p,
+                    int32_t *keep)
+{
+    if (m == NULL || kv == NULL || blocks == NULL || q_obs == NULL || p == NULL || keep == NULL)
+        return KVS_EINVAL;
+    model_snapkv_policy_t pol = *p;
+    model_snapkv_defaults(&pol);
+    const model_hparams_t *hp = model_hparams(m);
+    const uint32_t d = hp->head_dim, H = hp->n_head, HKV = hp->n_head_kv, L = hp->n_layer;
+    if (model_snapkv_check(&pol) || n_keys == 0 || n_obs == 0 || n_obs > pol.window ||
+        n_obs > n_keys || kv->n_layers != L || kv->n_kv_heads != HKV || kv->head_dim != d ||
+        kv->block_tokens == 0 || HKV == 0 || H % HKV != 0)
+        return KVS_EINVAL;
+    const uint32_t bt = kv->block_tokens, n_used = (n_keys + bt - 1) / bt;
+    for (uint32_t b = 0; b < n_used; b++)
+        if (blocks[b] < 0 || (uint32_t)blocks[b] >= kv->n_blocks)
+            return KVS_EINVAL;
+    if (!kern_backend_is_host(model_backend(m)))
+        return KVS_ENOTSUP;
+
+    const size_t n_lists = (size_t)L * HKV;
+    if (n_keys <= pol.budget) {
+        for (size_t l = 0; l < n_lists; l++)
+            for (uint32_t j = 0; j < n_keys; j++)
+                keep[l * n_keys + j] = (int32_t)j;
+        return (int)n_keys;
+    }
+
+    const uint32_t C = pol.budget, G = H / HKV, M = n_keys - n_obs, top = C - n_obs;
+    const uint32_t n_q = G * n_obs, half = pol.kernel / 2;
+    /* One block: keys [n_keys][d], scores [QB][n_keys], votes and pooled
+     * votes [M] each, the ranking [M]. */
+    size_t keys_n = (size_t)n_keys * d, scores_n = (size_t)QB * n_keys;
+    size_t bytes = (keys_n + scores_n) * sizeof(float) + 2 * (size_t)M * sizeof(double) +
+                   (size_t)M * sizeof(model__ranked_t);
+    void *mem = malloc(bytes);
+    if (mem == NULL)
+        return KVS_ENOMEM;
+    double *vote = mem, *pooled = vote + M;
+    model__ranked_t *rank = (model__ranked_t *)(pooled + M);
+    float *keys = (float *)(rank + M), *scores = keys + keys_n;
+    const float scale = 1.0f / sqrtf((float)d); /* forward.c's attention scale */
+
+    for (uint32_t l = 0; l < L; l++) {
+        for (uint32_t g = 0; g < HKV; g++) {
+            for (uint32_t j = 0; j < n_keys; j++)
+                kern_kv_row_f32(kv, false, l, blocks[j / bt], g, j % bt, keys + (size_t)j * d);
+            memset(vote, 0, (size_t)M * sizeof(double));
+            /* Query i of the group: head g * G + i / n_obs, row i % n_obs,
+             * which sees keys [0, M + row]. */
+            for (uint32_t q0 = 0; q0 < n_q; q0 += QB) {
+                const uint32_t nq = n_q - q0 < QB ? n_q - q0 : QB;
+                const float *qrow[QB];
+                uint32_t lim[QB];
+                for (uint32_t i = 0; i < nq; i++) {
+                    uint32_t h = g * G + (q0 + i) / n_obs, r = (q0 + i) % n_obs;
+                    qrow[i] = q_obs + (((size_t)l * n_obs + r) * H + h) * d;
+                    lim[i] = M + r + 1;
+                }
+                for (uint32_t j0 = 0; j0 < n_keys; j0 += KT) {
+                    const uint32_t j1 = j0 + KT < n_keys ? j0 + KT : n_keys;
+                    for (uint32_t i = 0; i < nq; i++) {
+                        float *s = scores + (size_t)i * n_keys;
+                        const uint32_t end = j1 < lim[i] ? j1 : lim[i];
+                        for (uint32_t j = j0; j < end; j++)
+                            s[j] = dot(qrow[i], keys + (size_t)j * d, d) * scale;
+                    }
+                }
+                for (uint32_t i = 0; i < nq; i++) {
+                    float *s = scores + (size_t)i * n_keys;
+                    float mx = -INFINITY;
+                    for (uint32_t j = 0; j < lim[i]; j++)
+                        mx = s[j] > mx ? s[j] : mx;
+                    double sum = 0.0;
+                    for (uint32_t j = 0; j < lim[i]; j++) {
+                        s[j] = expf(s[j] - mx);
+                        sum += s[j];
+                    }
+                    /* Normalised over every visible key, window included;
+                     * only the keys before the window collect votes. */
+                    const double inv = 1.0 / sum;
+                    for (uint32_t j = 0; j < M; j++)
+                        vote[j] += s[j] * inv;
+                }
+            }
+            /* avg_pool1d(kernel, stride 1, padding kernel / 2): the sum
+             * over [j - half, j + half] clipped to [0, M), over kernel. */
+            double win = 0.0;
+            for (uint32_t j = 0; j < M && j < half; j++)
+                win += vote[j];
+            for (uint32_t j = 0; j < M; j++) {
+                if (j + half < M)
+                    win += vote[j + half];
+                if (j > half)
+                    win -= vote[j - half - 1];
+                pooled[j] = win / pol.kernel;
+            }
+            for (uint32_t j = 0; j < M; j++) {
+                /* A NaN would make the order inconsistent; it ranks last. */
+                double v = pooled[j] == pooled[j] ? pooled[j] : -INFINITY;
+                rank[j] = (model__ranked_t){v, j};
+            }
+            qsort(rank, M, sizeof *rank, model__cmp_ranked);
+            /* Mark the winners in the spent vote array, then list them in
+             * entry order, then the window. */
+            memset(vote, 0, (size_t)M * sizeof(double));
+            for (uint32_t k = 0; k < top; k++)
+                vote[rank[k].index] = 1.0;
+            int32_t *out = keep + ((size_t)l * HKV + g) * C;
+            uint32_t n = 0;
+            for (uint32_t j = 0; j < M; j++)
+                if (vote[j] != 0.0)
+                    out[n++] = (int32_t)j;
+            for (uint32_t j = M; j < n_keys; j++)
+                out[n++] = (int32_t)j;
+        }
+    }
+    free(mem);
+    return (int)C;
+}
