@@ -436,6 +436,31 @@ int model_snapkv_select(const model_t *m, const kern_kv_t *kv, const int32_t *bl
                         uint32_t n_keys, const float *q_obs, uint32_t n_obs,
                         const model_snapkv_policy_t *p, int32_t *keep);
 
+/* ---- H2O (algorithms.md section 5.1) ----------------------------------- */
+
+/* The accumulated attention H2O ranks keys by (the sum SnapKV's vote is
+ * made of, computed by the same code): for each layer l and KV head g,
+ * adds to acc[(l * n_head_kv + g) * stride + j], j < n_keys, the softmax
+ * probability of key j, q . k / sqrt(head_dim) over the keys a row sees,
+ * summed over the n_q query rows and the query heads of g's group.  q
+ * holds post-RoPE queries [n_layer][n_q][n_head][head_dim]; row r sits at
+ * entry n_keys - n_q + r and sees the entries up to it (a decode row,
+ * n_q = 1, sees them all).  Keys are read from the first n_keys entries
+ * of the table `blocks` in kv (host memory, any kind of block).
+ * 1 <= n_q <= n_keys <= stride.  Returns 0, KVS_EINVAL, KVS_ENOTSUP (the
+ * model's backend is not host memory) or KVS_ENOMEM.  Thread: engine. */
+int model_h2o_scores(const model_t *m, const kern_kv_t *kv, const int32_t *blocks, uint32_t n_keys,
+                     const float *q, uint32_t n_q, uint32_t stride, double *acc);
+
+/* H2O's choice over n_lists score lists acc[l * stride + j], j < n_keys:
+ * per list the last `recent` entries plus the budget - recent older ones
+ * with the highest score (ties to the lower index, NaN last), ascending,
+ * written to keep[l * K + i], i < K = min(budget, n_keys) (the identity
+ * when n_keys <= budget), kv_table_compact's layout.  Returns K, or
+ * KVS_EINVAL (recent >= budget, stride < n_keys, ...) or KVS_ENOMEM. */
+int model_h2o_select(const double *acc, uint32_t n_lists, uint32_t n_keys, uint32_t stride,
+                     uint32_t budget, uint32_t recent, int32_t *keep);
+
 /* ---- sampler ------------------------------------------------------------ */
 
 typedef struct model_sampling {

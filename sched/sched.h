@@ -89,13 +89,19 @@ typedef enum sched_kv_kind {
      * budget_tokens keys the last `window` prompt queries attend to most
      * (votes pooled over `kernel` tokens), the window itself included. */
     SCHED_KV_SNAPKV,
+    /* H2O in decode: per layer and KV head the `window` most recent
+     * entries plus the budget_tokens - window older ones with the most
+     * accumulated attention (prefill runs dense; the scores start from the
+     * last 32 prompt queries and grow with every decode query).  Compacts
+     * once the table passes budget_tokens + block_tokens entries. */
+    SCHED_KV_H2O,
 } sched_kv_kind_t;
 
 typedef struct sched_kv_policy {
     sched_kv_kind_t kind;
-    uint32_t budget_tokens; /* SINK_EVICTION, SNAPKV: required */
+    uint32_t budget_tokens; /* SINK_EVICTION, SNAPKV, H2O: required */
     uint32_t sinks;         /* SINK_EVICTION (0: none) */
-    uint32_t window;        /* SNAPKV (0: 32) */
+    uint32_t window;        /* SNAPKV (0: 32); H2O: recent tokens kept (0: budget / 2) */
     uint32_t kernel;        /* SNAPKV (0: 5; odd) */
 } sched_kv_policy_t;
 
@@ -225,6 +231,7 @@ typedef struct sched_load {
      * that were not swaps: swap_outs subtracted from the requests'). */
     uint64_t pressure_seals, swap_outs, swap_ins;
     uint64_t snapkv_compressions;
+    uint64_t h2o_compactions;
     uint64_t host_bytes_used, host_hit_tokens; /* the host tier's, 0 without one */
     uint64_t steps;                            /* steps that ran the model */
     uint64_t busy_ns;                          /* their total duration */

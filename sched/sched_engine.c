@@ -38,6 +38,9 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+/* H2O's scores start from the last this many rows of a dense phase. */
+#define H2O_OBS 32u
+
 enum { MSG_SUBMIT, MSG_CANCEL };
 
 typedef struct msg {
@@ -84,6 +87,16 @@ typedef struct req {
     float *snap_q;
     uint32_t snap_w;
     bool snap_done;
+    /* H2O (h2o_q NULL: off): accumulated scores h2o_a[layer][KV head]
+     * [h2o_stride], valid once h2o_live.  They start when the table's
+     * dense phase ends at h2o_end entries (the prompt; every token on a
+     * recompute), from the last h2o_w rows' queries captured into h2o_q;
+     * each decode step then captures its query row there and adds it.
+     * Kept here, not in the table, so a swap to the host tier keeps them. */
+    float *h2o_q; /* [n_layer][h2o_w or 1][q dim] */
+    double *h2o_a;
+    uint32_t h2o_w, h2o_end, h2o_stride;
+    bool h2o_live;
     bool swapped; /* the table waits in the host tier (preempted) */
 } req_t;
 
@@ -139,7 +152,8 @@ struct sched {
     _Atomic bool emitted; /* events queued since the last wake */
     /* Snapshot for other threads (sched_get_load), written after each step. */
     _Atomic uint32_t load_running, load_waiting, load_free, load_cached;
-    _Atomic uint64_t load_sealed, load_swap_out, load_swap_in, load_pressure_seals, load_snapkv;
+    _Atomic uint64_t load_sealed, load_swap_out, load_swap_in, load_pressure_seals, load_snapkv,
+        load_h2o;
     _Atomic uint64_t load_steps, load_busy_ns, load_work_steps;
 };
 
@@ -249,6 +263,8 @@ req_free(req_t *r)
     free(r->kept);
     free(r->kept_tok);
     free(r->snap_q);
+    free(r->h2o_q);
+    free(r->h2o_a);
     kv_table_free(r->table);
     model_sampler_free(r->sampler);
     free(r->tokens);
@@ -343,6 +359,16 @@ finish(sched_t *s, req_t *r, sched_finish_t why, int error)
     req_free(r);
 }
 
+/* The recompute of every token is a prefill: dense, and H2O's scores
+ * start again from its last rows' queries. */
+static void
+h2o_restart(req_t *r)
+{
+    r->h2o_live = false;
+    r->h2o_end = r->n_tokens;
+    r->h2o_w = r->n_tokens < H2O_OBS ? r->n_tokens : H2O_OBS;
+}
+
 /* Drops r's KV: it is recomputed on re-admission. */
 static void
 drop_kv(req_t *r)
@@ -352,6 +378,7 @@ drop_kv(req_t *r)
     r->n_computed = 0;
     r->kept_done = 0;
     r->snap_done = false;
+    h2o_restart(r);
     r->swapped = false;
     if (drafting(r))
         draft_reset(r);
@@ -584,9 +611,10 @@ plan(sched_t *s)
         }
         if (r->table == NULL && kv_table_new(s->pool, &r->table) != 0)
             break;
-        /* SnapKV computes its whole prompt: its observation queries must
-         * run, and its compressed KV is its own. */
-        if (r->n_computed == 0 && r->kept_done == 0 && s->cfg.prefix_caching && !r->snap_q) {
+        /* SnapKV and H2O compute their whole prompt: their observation
+         * queries must run, and their compressed KV is their own. */
+        if (r->n_computed == 0 && r->kept_done == 0 && s->cfg.prefix_caching && !r->snap_q &&
+            !r->h2o_q) {
             /* A speculative prefill matches the prompt only: those tokens
              * keep their full KV, and generated ones are recomputed. */
             uint32_t hit = 0;
@@ -823,9 +851,10 @@ seal_blocks(sched_t *s, req_t *r)
     return false;
 }
 
-/* The rows of this step in SnapKV observation windows (the last snap_w
- * prompt rows of a request still to compress): asks the batch to capture
- * their queries.  *n_cap gets how many rows. */
+/* The rows of this step in SnapKV or H2O observation windows (the last
+ * snap_w prompt rows of a SnapKV request still to compress; the last h2o_w
+ * rows of an H2O request's dense phase, then each decode row): asks the
+ * batch to capture their queries.  *n_cap gets how many rows. */
 static int
 snap_capture(sched_t *s, uint32_t *n_cap)
 {
@@ -833,10 +862,20 @@ snap_capture(sched_t *s, uint32_t *n_cap)
     for (uint32_t i = 0; i < s->n_steps; i++) {
         const req_t *r = s->sched_reqs[i];
         s->cap_first[i] = s->cap_count[i] = 0;
-        if (!r->snap_q || r->snap_done)
+        uint32_t c0 = r->n_computed, c1 = c0 + r->n_sched, w0, w1;
+        if (r->h2o_q && r->h2o_live) {
+            w0 = c1 - 1; /* a decode step: its query row */
+            w1 = c1;
+        } else if (r->h2o_q) {
+            w0 = r->h2o_end - r->h2o_w;
+            w1 = r->h2o_end;
+        } else if (r->snap_q && !r->snap_done) {
+            w0 = r->n_prompt - r->snap_w;
+            w1 = r->n_prompt;
+        } else {
             continue;
-        uint32_t c0 = r->n_computed, c1 = c0 + r->n_sched, w0 = r->n_prompt - r->snap_w;
-        uint32_t a = c0 > w0 ? c0 : w0, b = c1 < r->n_prompt ? c1 : r->n_prompt;
+        }
+        uint32_t a = c0 > w0 ? c0 : w0, b = c1 < w1 ? c1 : w1;
         if (a < b) {
             s->cap_first[i] = a - c0;
             s->cap_count[i] = b - a;
@@ -859,7 +898,8 @@ snap_capture(sched_t *s, uint32_t *n_cap)
     return 0;
 }
 
-/* Copies the captured rows into each request's window, [layer][row]. */
+/* Copies the captured rows into each request's window, [layer][row]
+ * (an H2O decode row: a window of one). */
 static void
 snap_store(sched_t *s, uint32_t n_cap)
 {
@@ -868,13 +908,39 @@ snap_store(sched_t *s, uint32_t n_cap)
     uint32_t ci = 0;
     for (uint32_t i = 0; i < s->n_steps; i++) {
         req_t *r = s->sched_reqs[i];
+        float *dst = r->h2o_q ? r->h2o_q : r->snap_q;
+        uint32_t w = r->h2o_q ? (r->h2o_live ? 1 : r->h2o_w) : r->snap_w;
+        uint32_t w1 =
+            r->h2o_q ? (r->h2o_live ? r->n_computed + r->n_sched : r->h2o_end) : r->n_prompt;
         for (uint32_t k = 0; k < s->cap_count[i]; k++, ci++) {
-            uint32_t at = r->n_computed + s->cap_first[i] + k - (r->n_prompt - r->snap_w);
+            uint32_t at = r->n_computed + s->cap_first[i] + k - (w1 - w);
             for (uint32_t l = 0; l < hp->n_layer; l++)
-                memcpy(r->snap_q + ((size_t)l * r->snap_w + at) * qd,
-                       s->cap_q + ((size_t)l * n_cap + ci) * qd, qd * sizeof(float));
+                memcpy(dst + ((size_t)l * w + at) * qd, s->cap_q + ((size_t)l * n_cap + ci) * qd,
+                       qd * sizeof(float));
         }
     }
+}
+
+/* kv_table_compact, which writes the kept entries to fresh full-precision
+ * blocks.  In a quantized pool those may still hold this step's chunks of
+ * requests whose turn to be sealed comes later in the step: when short,
+ * seal every running request now (what their turn would do) and retry. */
+static int
+compact_table(sched_t *s, req_t *r, uint32_t n_keep, const int32_t *keep)
+{
+    int rc = kv_table_compact(r->table, n_keep, keep);
+    if (rc != KVS_EAGAIN || s->cfg.kv_quant == KERN_KVQ_NONE)
+        return rc;
+    uint64_t sealed = 0;
+    for (req_t *o = s->running.head; o; o = o->next)
+        if (o->table && !o->swapped) {
+            int n = kv_table_seal(o->table, s->cfg.kv_sink_tokens, s->cfg.kv_residual_tokens);
+            sealed += n > 0 ? (uint64_t)n : 0;
+        }
+    if (sealed == 0)
+        return rc;
+    atomic_fetch_add(&s->load_sealed, sealed);
+    return kv_table_compact(r->table, n_keep, keep);
 }
 
 /* SnapKV at the end of r's prefill (the table holds exactly the prompt):
@@ -898,7 +964,7 @@ snap_compress(sched_t *s, req_t *r)
                                  r->snap_w, &p, keep);
     uint32_t k = rc > 0 ? (uint32_t)rc : 0;
     if (rc > 0)
-        rc = kv_table_compact(r->table, k, keep);
+        rc = compact_table(s, r, k, keep);
     free(keep);
     if (rc == 0) {
         r->usage.kv_dropped_tokens += n - k;
@@ -911,6 +977,98 @@ snap_compress(sched_t *s, req_t *r)
         return true;
     }
     KVS_ERRORF("sched: SnapKV compression of request %llu failed: %s", (unsigned long long)r->id,
+               kvs_strerror(rc));
+    finish(s, r, SCHED_FINISH_ERROR, rc);
+    return false;
+}
+
+/* Compacts an H2O table of n entries to its budget: per layer and KV
+ * head the recent window plus the best-scored older entries, the scores
+ * moved along.  Same failure handling as snap_compress. */
+static bool
+h2o_compact(sched_t *s, req_t *r, uint32_t n)
+{
+    const model_hparams_t *hp = model_hparams(s->m);
+    const uint32_t n_lists = hp->n_layer * hp->n_head_kv, budget = r->kv.budget_tokens;
+    const uint32_t recent = r->kv.window ? r->kv.window : budget / 2;
+    int32_t *keep = malloc((size_t)n_lists * budget * sizeof *keep);
+    int rc = keep ? 0 : KVS_ENOMEM;
+    if (rc == 0)
+        rc = model_h2o_select(r->h2o_a, n_lists, n, r->h2o_stride, budget, recent, keep);
+    uint32_t k = rc > 0 ? (uint32_t)rc : 0;
+    if (rc > 0)
+        rc = compact_table(s, r, k, keep);
+    if (rc == 0) {
+        /* Lists are ascending, so moving down in place never overwrites
+         * a score still to be read. */
+        for (uint32_t l = 0; l < n_lists; l++) {
+            double *a = r->h2o_a + (size_t)l * r->h2o_stride;
+            for (uint32_t i = 0; i < k; i++)
+                a[i] = a[keep[(size_t)l * k + i]];
+            memset(a + k, 0, (size_t)(r->h2o_stride - k) * sizeof *a);
+        }
+        r->usage.kv_dropped_tokens += n - k;
+        atomic_fetch_add(&s->load_h2o, 1);
+    }
+    free(keep);
+    if (rc == 0)
+        return true;
+    if (rc == KVS_EAGAIN) {
+        /* Tried again after the next step. */
+        KVS_DEBUGF("sched: request %llu: no room to compact its KV (H2O), kept whole",
+                   (unsigned long long)r->id);
+        return true;
+    }
+    KVS_ERRORF("sched: H2O compaction of request %llu failed: %s", (unsigned long long)r->id,
+               kvs_strerror(rc));
+    finish(s, r, SCHED_FINISH_ERROR, rc);
+    return false;
+}
+
+/* H2O after r's step: at the end of the dense phase the scores start from
+ * the captured window (SnapKV's votes unpooled: the full causal matrix's
+ * column sums, as the reference accumulates them, would cost the
+ * prefill's attention again); each decode step adds its row.  Past budget
+ * + block_tokens entries the table is compacted, so at most once per
+ * block of decode.  A failure fails the request (returns false). */
+static bool
+h2o_step(sched_t *s, req_t *r)
+{
+    bool init = !r->h2o_live;
+    if (init && r->n_computed < r->h2o_end)
+        return true;
+    const model_hparams_t *hp = model_hparams(s->m);
+    const size_t n_lists = (size_t)hp->n_layer * hp->n_head_kv;
+    const uint32_t n = kv_table_len(r->table), bt = s->cfg.block_tokens;
+    int rc = 0;
+    if (n > r->h2o_stride || init) {
+        /* A compaction short of blocks lets the table outgrow its
+         * scores; grow them with room for a block more. */
+        uint32_t stride = n + bt;
+        uint64_t want = (uint64_t)r->kv.budget_tokens + bt + 1;
+        if (init && want > stride)
+            stride = (uint32_t)want;
+        double *a = calloc(n_lists * stride, sizeof *a);
+        if (a == NULL) {
+            rc = KVS_ENOMEM;
+        } else {
+            for (size_t l = 0; !init && l < n_lists; l++)
+                memcpy(a + l * stride, r->h2o_a + l * r->h2o_stride, r->h2o_stride * sizeof *a);
+            free(r->h2o_a);
+            r->h2o_a = a;
+            r->h2o_stride = stride;
+        }
+    }
+    if (rc == 0)
+        rc = model_h2o_scores(s->m, kv_pool_kv(s->pool), kv_table_blocks(r->table), n, r->h2o_q,
+                              init ? r->h2o_w : 1, r->h2o_stride, r->h2o_a);
+    if (rc == 0) {
+        r->h2o_live = true;
+        if ((uint64_t)n > (uint64_t)r->kv.budget_tokens + bt)
+            return h2o_compact(s, r, n);
+        return true;
+    }
+    KVS_ERRORF("sched: H2O scores of request %llu failed: %s", (unsigned long long)r->id,
                kvs_strerror(rc));
     finish(s, r, SCHED_FINISH_ERROR, rc);
     return false;
@@ -997,6 +1155,8 @@ main_forward(sched_t *s)
         if (r->snap_q && !r->snap_done && r->n_computed >= r->n_prompt &&
             (!snap_compress(s, r) || !seal_blocks(s, r)))
             continue;
+        if (r->h2o_q && (!h2o_step(s, r) || !seal_blocks(s, r)))
+            continue;
         if (row == NULL) {
             commit_prefix(s, r); /* a prefill chunk: share its full blocks early */
             continue;
@@ -1061,7 +1221,7 @@ sched_check_policy(const sched_t *s, const model_attn_policy_t *attn,
         return KVS_EINVAL;
     if (kv && kv->kind != SCHED_KV_FULL) {
         uint32_t bt = s->cfg.block_tokens;
-        if (kv->kind > SCHED_KV_SNAPKV || kv->budget_tokens == 0)
+        if (kv->kind > SCHED_KV_H2O || kv->budget_tokens == 0)
             return KVS_EINVAL;
         /* Eviction drops whole blocks: the budget must hold the sinks'
          * blocks and at least one block of recent tokens. */
@@ -1071,6 +1231,15 @@ sched_check_policy(const sched_t *s, const model_attn_policy_t *attn,
         if (kv->kind == SCHED_KV_SNAPKV) {
             uint32_t w = kv->window ? kv->window : 32, k = kv->kernel ? kv->kernel : 5;
             if (k % 2 == 0 || k > 255 || w > 1024 || kv->budget_tokens <= w)
+                return KVS_EINVAL;
+            if (spec && spec->on)
+                return KVS_EINVAL; /* its prompt KV is not the prompt's */
+            if (!kern_backend_is_host(s->be))
+                return KVS_ENOTSUP; /* the scores are computed on the host */
+        }
+        if (kv->kind == SCHED_KV_H2O) {
+            uint32_t recent = kv->window ? kv->window : kv->budget_tokens / 2;
+            if (recent >= kv->budget_tokens)
                 return KVS_EINVAL;
             if (spec && spec->on)
                 return KVS_EINVAL; /* its prompt KV is not the prompt's */
@@ -1155,6 +1324,18 @@ sched_submit(sched_t *s, const sched_request_t *q)
             return KVS_ENOMEM;
         }
     }
+    /* Only a request that can outgrow budget + block_tokens (its last
+     * token is never appended) pays for scoring. */
+    if (q->kv.kind == SCHED_KV_H2O &&
+        total - 1 > (uint64_t)q->kv.budget_tokens + s->cfg.block_tokens) {
+        const model_hparams_t *hp = model_hparams(s->m);
+        uint32_t w = total < H2O_OBS ? (uint32_t)total : H2O_OBS;
+        r->h2o_q = malloc((size_t)hp->n_layer * w * hp->n_head * hp->head_dim * sizeof *r->h2o_q);
+        if (r->h2o_q == NULL) {
+            req_free(r);
+            return KVS_ENOMEM;
+        }
+    }
     r->msg.kind = MSG_SUBMIT;
     r->id = q->id;
     r->seq = atomic_fetch_add(&s->next_seq, 1);
@@ -1175,6 +1356,7 @@ sched_submit(sched_t *s, const sched_request_t *q)
     r->block_tokens = s->cfg.block_tokens;
     r->priority = q->priority;
     r->n_tokens = r->n_prompt = q->n_prompt;
+    h2o_restart(r);
     r->cap = (uint32_t)total;
     r->max_tokens = q->max_tokens;
     r->ignore_eos = q->ignore_eos;
@@ -1245,6 +1427,7 @@ sched_get_load(const sched_t *s, sched_load_t *out)
     out->swap_ins = atomic_load(&w->load_swap_in);
     out->pressure_seals = atomic_load(&w->load_pressure_seals);
     out->snapkv_compressions = atomic_load(&w->load_snapkv);
+    out->h2o_compactions = atomic_load(&w->load_h2o);
     out->host_bytes_used = out->host_hit_tokens = 0;
     if (s->host) {
         kv_host_stats_t hs;

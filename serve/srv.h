@@ -45,9 +45,11 @@ typedef struct srv_kv_opts {
     uint32_t residual_tokens; /* --kv-residual-tokens N: KIVI's window kept exact */
     uint64_t host_bytes;      /* --host-kv-memory BYTES: the host tier */
     /* The KV policy of requests that name none:
-     *   --kv-policy full|sink-eviction|snapkv  --kv-budget N
-     *   --kv-evict-sinks N (default 4)  --snapkv-window N (default 32) */
+     *   --kv-policy full|sink-eviction|snapkv|h2o  --kv-budget N
+     *   --kv-evict-sinks N (default 4)  --snapkv-window N (default 32)
+     *   --h2o-recent N (default budget / 2; policy.window once finished) */
     sched_kv_policy_t policy;
+    uint32_t h2o_recent;
 } srv_kv_opts_t;
 /* clang-format off */
 #define SRV_KV_DEFAULT                                                 \
@@ -62,7 +64,8 @@ enum {
     SRV_O_KVEVSINKS,
     SRV_O_SNAPWIN,
     SRV_O_KVRESID,
-    SRV_O_HOSTMEM
+    SRV_O_HOSTMEM,
+    SRV_O_H2ORECENT
 };
 #define SRV_KV_LONGOPTS                                                \
     {"kv-cache-dtype", 1, 0, SRV_O_KVDTYPE},                           \
@@ -72,7 +75,8 @@ enum {
     {"kv-evict-sinks", 1, 0, SRV_O_KVEVSINKS},                         \
     {"snapkv-window", 1, 0, SRV_O_SNAPWIN},                            \
     {"kv-residual-tokens", 1, 0, SRV_O_KVRESID},                       \
-    {"host-kv-memory", 1, 0, SRV_O_HOSTMEM}
+    {"host-kv-memory", 1, 0, SRV_O_HOSTMEM},                           \
+    {"h2o-recent", 1, 0, SRV_O_H2ORECENT}
 /* clang-format on */
 int srv_kv_opt(const char *cmd, int opt, const char *arg, srv_kv_opts_t *o);
 /* Checks the --kv-policy flags together (KVS_EINVAL after printing why). */

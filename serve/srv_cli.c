@@ -93,10 +93,13 @@ srv_kv_opt(const char *cmd, int opt, const char *arg, srv_kv_opts_t *o)
             o->policy.kind = SCHED_KV_SINK_EVICTION;
         else if (strcmp(arg, "snapkv") == 0)
             o->policy.kind = SCHED_KV_SNAPKV;
+        else if (strcmp(arg, "h2o") == 0)
+            o->policy.kind = SCHED_KV_H2O;
         else {
-            fprintf(stderr,
-                    "kvserve %s: --kv-policy: '%s' is not one of full, sink-eviction, snapkv\n",
-                    cmd, arg);
+            fprintf(
+                stderr,
+                "kvserve %s: --kv-policy: '%s' is not one of full, sink-eviction, snapkv, h2o\n",
+                cmd, arg);
             return KVS_EINVAL;
         }
         return 0;
@@ -106,6 +109,8 @@ srv_kv_opt(const char *cmd, int opt, const char *arg, srv_kv_opts_t *o)
         return srv_parse_u32(cmd, "--kv-evict-sinks", arg, 0, 1u << 20, &o->policy.sinks);
     case SRV_O_SNAPWIN:
         return srv_parse_u32(cmd, "--snapkv-window", arg, 1, 1024, &o->policy.window);
+    case SRV_O_H2ORECENT:
+        return srv_parse_u32(cmd, "--h2o-recent", arg, 1, 1u << 30, &o->h2o_recent);
     case SRV_O_KVRESID:
         return srv_parse_u32(cmd, "--kv-residual-tokens", arg, 0, 1u << 20, &o->residual_tokens);
     case SRV_O_HOSTMEM:
@@ -121,7 +126,8 @@ srv_kv_finish(const char *cmd, srv_kv_opts_t *o, uint32_t block_tokens)
     sched_kv_policy_t *p = &o->policy;
     if (p->kind == SCHED_KV_FULL) {
         if (p->budget_tokens) {
-            fprintf(stderr, "kvserve %s: --kv-budget: needs --kv-policy sink-eviction or snapkv\n",
+            fprintf(stderr,
+                    "kvserve %s: --kv-budget: needs --kv-policy sink-eviction, snapkv or h2o\n",
                     cmd);
             return KVS_EINVAL;
         }
@@ -129,7 +135,9 @@ srv_kv_finish(const char *cmd, srv_kv_opts_t *o, uint32_t block_tokens)
     }
     if (p->budget_tokens == 0) {
         fprintf(stderr, "kvserve %s: --kv-policy %s needs --kv-budget N\n", cmd,
-                p->kind == SCHED_KV_SNAPKV ? "snapkv" : "sink-eviction");
+                p->kind == SCHED_KV_SNAPKV ? "snapkv"
+                : p->kind == SCHED_KV_H2O  ? "h2o"
+                                           : "sink-eviction");
         return KVS_EINVAL;
     }
     uint32_t bt = block_tokens;
@@ -140,6 +148,19 @@ srv_kv_finish(const char *cmd, srv_kv_opts_t *o, uint32_t block_tokens)
                 "of %u recent tokens\n",
                 cmd, p->budget_tokens, p->sinks, bt);
         return KVS_EINVAL;
+    }
+    if (o->h2o_recent && p->kind != SCHED_KV_H2O) {
+        fprintf(stderr, "kvserve %s: --h2o-recent: needs --kv-policy h2o\n", cmd);
+        return KVS_EINVAL;
+    }
+    if (p->kind == SCHED_KV_H2O) {
+        /* H2O reads window as its recent share; 0 is budget / 2. */
+        p->window = o->h2o_recent;
+        if (p->window >= p->budget_tokens) {
+            fprintf(stderr, "kvserve %s: --h2o-recent: %u must be below --kv-budget %u\n", cmd,
+                    p->window, p->budget_tokens);
+            return KVS_EINVAL;
+        }
     }
     if (p->kind == SCHED_KV_SNAPKV && p->budget_tokens <= p->window) {
         fprintf(stderr, "kvserve %s: --kv-budget: %u must exceed --snapkv-window %u\n", cmd,
@@ -167,6 +188,9 @@ srv_kv_describe(const srv_kv_opts_t *o, char *buf, size_t cap)
                  p->budget_tokens);
     else if (p->kind == SCHED_KV_SNAPKV)
         snprintf(pol, sizeof pol, ", snapkv(budget %u, window %u)", p->budget_tokens, p->window);
+    else if (p->kind == SCHED_KV_H2O)
+        snprintf(pol, sizeof pol, ", h2o(budget %u, recent %u)", p->budget_tokens,
+                 p->window ? p->window : p->budget_tokens / 2);
     if (o->quant == KERN_KVQ_NONE)
         snprintf(buf, cap, "%s%s", srv_kv_name(o), pol);
     else

@@ -35,8 +35,8 @@ static const char eval_usage[] =
     "                    [--seed S] [--threads N] [--device cpu|ref|cuda] [--max-num-seqs N]\n"
     "                    [--max-num-batched-tokens N] [--block-size N]\n"
     "                    [--kv-cache-dtype f16|f32|bf16|q8_0|fp8|q4] [--kv-sink-tokens N]\n"
-    "                    [--kv-policy full|sink-eviction|snapkv] [--kv-budget N]\n"
-    "                    [--kv-evict-sinks N] [--snapkv-window N]\n"
+    "                    [--kv-policy full|sink-eviction|snapkv|h2o] [--kv-budget N]\n"
+    "                    [--kv-evict-sinks N] [--snapkv-window N] [--h2o-recent N]\n"
     "                    [--attention dense|sink-window|delta|block-sparse] [--attn-sinks N]\n"
     "                    [--attn-window N] [--attn-top-k N]\n"
     "                    [--delta-gamma N] [--no-delta-tail] [--attn-last-dense]\n"
@@ -541,7 +541,10 @@ build_docs(eval_run_t *r, const eval_opts_t *o)
 static const char *
 kv_policy_name(sched_kv_kind_t k)
 {
-    return k == SCHED_KV_SINK_EVICTION ? "sink-eviction" : k == SCHED_KV_SNAPKV ? "snapkv" : "full";
+    return k == SCHED_KV_SINK_EVICTION ? "sink-eviction"
+           : k == SCHED_KV_SNAPKV      ? "snapkv"
+           : k == SCHED_KV_H2O         ? "h2o"
+                                       : "full";
 }
 
 /* Per length: accuracy per turn, the share of the prompt tokens of turns

@@ -199,14 +199,20 @@ check_kv(const Kvserve__V1__KvPolicy *k, const srv_limits_t *lim, sched_kv_polic
         out->kind = SCHED_KV_SNAPKV;
         out->window = k->has_window_tokens ? k->window_tokens : 32;
         break;
+    case KVSERVE__V1__KV_POLICY__KIND__H2O:
+        out->kind = SCHED_KV_H2O;
+        out->window = k->has_window_tokens ? k->window_tokens : 0; /* recent: budget / 2 */
+        break;
     default:
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
                     "policy.kv.kind: %d is not a known kind", (int)k->kind);
     }
-    const char *unused = out->kind == SCHED_KV_FULL && k->has_budget_tokens ? "budget_tokens"
-                         : out->kind != SCHED_KV_SINK_EVICTION && k->has_sink_tokens ? "sink_tokens"
-                         : out->kind != SCHED_KV_SNAPKV && k->has_window_tokens ? "window_tokens"
-                                                                                : NULL;
+    const char *unused =
+        out->kind == SCHED_KV_FULL && k->has_budget_tokens          ? "budget_tokens"
+        : out->kind != SCHED_KV_SINK_EVICTION && k->has_sink_tokens ? "sink_tokens"
+        : out->kind != SCHED_KV_SNAPKV && out->kind != SCHED_KV_H2O && k->has_window_tokens
+            ? "window_tokens"
+            : NULL;
     if (unused)
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
                     "policy.kv.%s: not used by this policy.kv.kind", unused);
@@ -227,6 +233,12 @@ check_kv(const Kvserve__V1__KvPolicy *k, const srv_limits_t *lim, sched_kv_polic
         (out->window == 0 || out->window > 1024 || out->budget_tokens <= out->window))
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
                     "policy.kv.window_tokens: %u must be in [1, 1024] and below budget_tokens %u",
+                    out->window, out->budget_tokens);
+    if (out->kind == SCHED_KV_H2O && k->has_window_tokens &&
+        (out->window == 0 || out->budget_tokens <= out->window))
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "policy.kv.window_tokens: %u (H2O's recent tokens) must be >= 1 and below "
+                    "budget_tokens %u",
                     out->window, out->budget_tokens);
     return GRPC_STATUS_OK;
 }

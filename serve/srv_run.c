@@ -21,7 +21,7 @@ static const char run_usage[] =
     "                   [--seed S] [--ignore-eos] [--threads N] [--device cpu|ref|cuda]\n"
     "                   [--block-size N] [--kv-cache-dtype f16|f32|bf16|q8_0|fp8|q4]\n"
     "                   [--kv-sink-tokens N] [--kv-residual-tokens N] [--batch-size N]\n"
-    "                   [--kv-policy full|sink-eviction|snapkv] [--kv-budget N]\n"
+    "                   [--kv-policy full|sink-eviction|snapkv|h2o] [--kv-budget N]\n"
     "                   [--max-model-len N] [--logits-out FILE.npy] [--json]\n";
 
 typedef struct run_opts {

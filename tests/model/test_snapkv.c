@@ -999,11 +999,128 @@ test_attention(void **state)
     attention_case(KERN_F16);
 }
 
+/* ---- H2O: the shared score sum and the selection ------------------------ */
+
+/* model_h2o_scores against float64 on random data: GQA groups of 1 to 4,
+ * one decode row and windows of causal rows, a stride past n_keys (only
+ * [0, n_keys) of each list changes) and accumulation on top of what acc
+ * held. */
+static void
+test_h2o_scores(void **state)
+{
+    (void)state;
+    static const struct {
+        uint32_t n_head, n_head_kv, n_keys, n_q;
+    } cases[] = {{4, 4, 37, 1}, {4, 2, 50, 8}, {8, 2, 61, 32}, {4, 1, 16, 16}, {8, 2, 90, 1}};
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        fix_t f;
+        fix_open(&f, 2, cases[c].n_head, cases[c].n_head_kv, 32,
+                 &(kv_pool_cfg_t){.block_tokens = 8, .n_blocks = 16});
+        const model_hparams_t *hp = model_hparams(f.m);
+        const kern_kv_t *kv = kv_pool_kv(f.pool);
+        const uint32_t n_keys = cases[c].n_keys, n_q = cases[c].n_q, stride = n_keys + 5;
+        const uint32_t d = hp->head_dim, H = hp->n_head, HKV = hp->n_head_kv, G = H / HKV;
+        kv_table_t *t = filled_table(f.pool, f.be, n_keys, 1.5);
+        float *q = random_q(hp, n_q, 1.5);
+        const size_t n_acc = (size_t)hp->n_layer * HKV * stride;
+        double *acc = malloc(n_acc * sizeof *acc), *want = malloc(n_acc * sizeof *want);
+        for (size_t i = 0; i < n_acc; i++)
+            acc[i] = want[i] = urand();
+        assert_int_equal(model_h2o_scores(f.m, kv, kv_table_blocks(t), n_keys, q, n_q, stride, acc),
+                         0);
+        float *keys = malloc((size_t)n_keys * d * sizeof *keys);
+        double *sc = malloc(n_keys * sizeof *sc);
+        for (uint32_t l = 0; l < hp->n_layer; l++) {
+            for (uint32_t g = 0; g < HKV; g++) {
+                double *w = want + ((size_t)l * HKV + g) * stride;
+                for (uint32_t j = 0; j < n_keys; j++)
+                    entry_row(t, kv, false, l, g, j, keys + (size_t)j * d);
+                for (uint32_t h = g * G; h < (g + 1) * G; h++) {
+                    for (uint32_t r = 0; r < n_q; r++) {
+                        const float *qr = q + (((size_t)l * n_q + r) * H + h) * d;
+                        uint32_t lim = n_keys - n_q + r + 1;
+                        double mx = -INFINITY, sum = 0.0;
+                        for (uint32_t j = 0; j < lim; j++) {
+                            double x = 0.0;
+                            for (uint32_t e = 0; e < d; e++)
+                                x += (double)qr[e] * keys[(size_t)j * d + e];
+                            sc[j] = x / sqrt((double)d);
+                            mx = sc[j] > mx ? sc[j] : mx;
+                        }
+                        for (uint32_t j = 0; j < lim; j++)
+                            sum += exp(sc[j] - mx);
+                        for (uint32_t j = 0; j < lim; j++)
+                            w[j] += exp(sc[j] - mx) / sum;
+                    }
+                }
+            }
+        }
+        /* Each probability is within f32 rounding; the sums have G * n_q
+         * terms below 1 each. */
+        for (size_t i = 0; i < n_acc; i++)
+            assert_true(fabs(acc[i] - want[i]) <= 1e-5 * (1.0 + fabs(want[i])));
+        /* The total mass added is one per (query head, row). */
+        for (uint32_t l = 0; l < hp->n_layer * HKV; l++) {
+            double added = 0.0;
+            for (uint32_t j = 0; j < stride; j++)
+                added += acc[(size_t)l * stride + j] - want[(size_t)l * stride + j];
+            assert_true(fabs(added) < 1e-4 * G * n_q);
+        }
+        /* Argument errors. */
+        const int32_t *blocks = kv_table_blocks(t);
+        assert_int_equal(model_h2o_scores(f.m, kv, blocks, n_keys, q, 0, stride, acc), KVS_EINVAL);
+        assert_int_equal(model_h2o_scores(f.m, kv, blocks, n_keys, q, n_keys + 1, stride + 1, acc),
+                         KVS_EINVAL);
+        assert_int_equal(model_h2o_scores(f.m, kv, blocks, n_keys, q, 1, n_keys - 1, acc),
+                         KVS_EINVAL);
+        assert_int_equal(model_h2o_scores(f.m, kv, blocks, n_keys, NULL, 1, stride, acc),
+                         KVS_EINVAL);
+        free(keys);
+        free(sc);
+        free(acc);
+        free(want);
+        free(q);
+        kv_table_free(t);
+        assert_true(kv_pool_check(f.pool));
+        fix_close(&f);
+    }
+}
+
+/* H2O's choice: the recent entries, then the best older ones by score
+ * (ties to the lower index, NaN last), ascending; the identity within
+ * budget. */
+static void
+test_h2o_select(void **state)
+{
+    (void)state;
+    /* Two lists of 10 with stride 12: budget 6, recent 2. */
+    double acc[24] = {
+        0.5, 0.1, 0.9, 0.3, 0.9, 0.0, 0.2, NAN, 7.0, 7.0, -1, -1, /* list 0 */
+        1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, -1, -1, /* list 1: ties */
+    };
+    int32_t keep[2 * 10];
+    assert_int_equal(model_h2o_select(acc, 2, 10, 12, 6, 2, keep), 6);
+    static const int32_t want[12] = {0, 2, 3, 4, 8, 9, 0, 1, 2, 3, 8, 9};
+    assert_memory_equal(keep, want, sizeof want);
+    /* No recent share: heavy hitters only. */
+    assert_int_equal(model_h2o_select(acc, 1, 10, 12, 3, 0, keep), 3);
+    static const int32_t want0[3] = {2, 8, 9};
+    assert_memory_equal(keep, want0, sizeof want0);
+    assert_int_equal(model_h2o_select(acc, 2, 10, 12, 10, 2, keep), 10);
+    for (uint32_t i = 0; i < 20; i++)
+        assert_int_equal(keep[i], i % 10);
+    assert_int_equal(model_h2o_select(acc, 2, 10, 12, 6, 6, keep), KVS_EINVAL);
+    assert_int_equal(model_h2o_select(acc, 2, 10, 9, 6, 2, keep), KVS_EINVAL);
+    assert_int_equal(model_h2o_select(acc, 2, 10, 12, 0, 0, keep), KVS_EINVAL);
+    assert_int_equal(model_h2o_select(NULL, 2, 10, 12, 6, 2, keep), KVS_EINVAL);
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_policy),           cmocka_unit_test(test_identity),
+        cmocka_unit_test(test_h2o_scores),       cmocka_unit_test(test_h2o_select),
         cmocka_unit_test(test_select_reference), cmocka_unit_test(test_gather),
         cmocka_unit_test(test_compact),          cmocka_unit_test(test_compact_quant),
         cmocka_unit_test(test_compact_prefix),   cmocka_unit_test(test_attention),

@@ -6,9 +6,10 @@
  *     sinks cover every token) computes exactly what the plain f16 pool
  *     computes; with sealing every codec stays close to f16, blocks really
  *     are sealed and none leaks;
- *   - sink eviction and SnapKV: a budget the request never exceeds changes
- *     nothing; a smaller one drops KV, bounds what the table holds and
- *     frees everything at the end;
+ *   - sink eviction, SnapKV and H2O: a budget the request never exceeds
+ *     changes nothing; a smaller one drops KV, bounds what the table holds
+ *     and frees everything at the end; H2O's scores survive a swap to the
+ *     host tier and are rebuilt by a recompute;
  *   - a short pool: residual windows are quantized first, then requests
  *     swap to the host tier and come back bit for bit (same tokens and
  *     logits as a pool that never preempts), else they are recomputed.
@@ -73,6 +74,7 @@ typedef struct run {
     uint32_t n_tokens[N_REQ];
     uint64_t sealed, dropped, preemptions;
     uint32_t n_blocks, n_free_end, max_len;
+    uint32_t max_decode_len; /* over rows past the prompt: decode steps */
     sched_load_t load;
 } run_t;
 
@@ -94,6 +96,12 @@ on_step(void *arg, const model_batch_t *mb, const uint64_t *ids)
     for (uint32_t i = 0; i < mb->n_tokens; i++)
         if ((uint32_t)mb->kv_len[i] > r->max_len)
             r->max_len = (uint32_t)mb->kv_len[i];
+    /* Positions stay the true ones, so rows past the prompt are decode
+     * rows (a recompute's rows past the prompt are not: keep to runs
+     * without preemption when reading this). */
+    for (uint32_t i = 0; i < mb->n_tokens; i++)
+        if (mb->pos[i] >= PROMPT && (uint32_t)mb->kv_len[i] > r->max_decode_len)
+            r->max_decode_len = (uint32_t)mb->kv_len[i];
 }
 
 /* Greedy generation of GEN tokens for N_REQ prompts at once. */
@@ -284,6 +292,7 @@ test_sink_eviction(void **state)
     assert_true(b.max_len <= 48 + 64);
     assert_true(b.dropped >= N_REQ * (PROMPT + GEN - 1 - 48 - 16));
     assert_int_equal(b.n_free_end, b.n_blocks);
+    free(b.logits);
     /* Quantized pools evict the same way. */
     run_opts(&(opts_t){.q = KERN_KVQ_Q4, .sinks = 4, .kv = kv}, &b);
     assert_int_equal(b.n_free_end, b.n_blocks);
@@ -318,6 +327,74 @@ test_snapkv(void **state)
     assert_int_equal(b.load.snapkv_compressions, N_REQ);
     assert_int_equal(b.n_free_end, b.n_blocks);
     free(b.logits);
+    free(a.logits);
+}
+
+/* H2O: within budget nothing changes; a compaction at the very last step
+ * runs the whole machinery (captures, scores, compaction) and still leaves
+ * every token and logit as dense attention's; small budgets bound each
+ * decode step's KV to budget + one block + its own token. */
+static void
+test_h2o(void **state)
+{
+    (void)state;
+    run_t a, b;
+    run(KERN_KVQ_NONE, 0, false, &a);
+    sched_kv_policy_t kv = {.kind = SCHED_KV_H2O, .budget_tokens = PROMPT + GEN};
+    run_opts(&(opts_t){.kv = kv}, &b);
+    assert_same(&a, &b);
+    assert_int_equal(b.dropped, 0);
+    assert_int_equal(b.load.h2o_compactions, 0);
+    free(b.logits);
+
+    /* The last step (PROMPT + GEN - 1 entries) passes budget + 16: one
+     * compaction after the last logits. */
+    const uint32_t last = PROMPT + GEN - 1;
+    kv.budget_tokens = last - 16 - 1;
+    run_opts(&(opts_t){.kv = kv}, &b);
+    assert_same(&a, &b);
+    assert_int_equal(b.load.h2o_compactions, N_REQ);
+    assert_int_equal(b.dropped, N_REQ * (last - kv.budget_tokens));
+    free(b.logits);
+
+    kv.budget_tokens = 48;
+    run_opts(&(opts_t){.kv = kv}, &b);
+    printf("  h2o budget 48: %llu dropped, %llu compactions, decode KV <= %u\n",
+           (unsigned long long)b.dropped, (unsigned long long)b.load.h2o_compactions,
+           b.max_decode_len);
+    assert_true(b.max_decode_len >= 48 + 1);
+    assert_true(b.max_decode_len <= 48 + 16 + 1);
+    assert_true(b.dropped >= N_REQ * (last - 48 - 16));
+    assert_true(b.load.h2o_compactions >= N_REQ * 2);
+    assert_int_equal(b.n_free_end, b.n_blocks);
+    /* The first token comes from the dense prefill. */
+    for (uint32_t i = 0; i < N_REQ; i++)
+        assert_int_equal(a.tokens[i][0], b.tokens[i][0]);
+    free(b.logits);
+
+    /* An explicit recent share, a quantized pool. */
+    kv.window = 8;
+    run_opts(&(opts_t){.q = KERN_KVQ_Q8_0, .sinks = 4, .kv = kv}, &b);
+    assert_true(b.max_decode_len <= 48 + 16 + 1);
+    assert_true(b.load.h2o_compactions >= N_REQ * 2);
+    assert_int_equal(b.n_free_end, b.n_blocks);
+    free(b.logits);
+
+    /* A pool of one dense prefill: swaps keep the scores, and the same
+     * run without a host tier rebuilds them on each recompute. */
+    kv.window = 0;
+    run_t c;
+    run_opts(&(opts_t){.n_blocks = 16, .host = 1u << 24, .kv = kv}, &b);
+    assert_true(b.preemptions > 0);
+    assert_true(b.load.swap_outs > 0);
+    assert_int_equal(b.n_free_end, b.n_blocks);
+    run_opts(&(opts_t){.n_blocks = 16, .kv = kv}, &c);
+    assert_true(c.preemptions > 0);
+    assert_int_equal(c.load.swap_outs, 0);
+    assert_int_equal(c.n_free_end, c.n_blocks);
+    assert_true(c.dropped > 0);
+    free(b.logits);
+    free(c.logits);
     free(a.logits);
 }
 
@@ -369,6 +446,7 @@ main(void)
         cmocka_unit_test(test_prefix_cache),
         cmocka_unit_test(test_sink_eviction),
         cmocka_unit_test(test_snapkv),
+        cmocka_unit_test(test_h2o),
         cmocka_unit_test(test_short_pool),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
