@@ -617,13 +617,7 @@ q4_decode(const uint8_t *tile, bool v, uint32_t bt, uint32_t d, uint32_t t0, uin
  * which the cpu backend converts with its own row code.) */
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
-#define KVQ_TGT __attribute__((target("avx2,fma,f16c")))
-
-KVQ_TGT static inline __m256
-u8x8_ps(const uint8_t *p)
-{
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
+#define KVQ_TGT __attribute__((target("avx2,fma")))
 
 KVQ_TGT static void
 fp8_decode_avx2(const uint8_t *tile, uint32_t bt, uint32_t d, uint32_t t0, uint32_t n, float *y)
@@ -713,8 +707,7 @@ q4_decode_avx2(const uint8_t *tile, bool v, uint32_t bt, uint32_t d, uint32_t t0
 static bool
 kvq_avx2(void)
 {
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 #endif
 
