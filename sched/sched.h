@@ -235,6 +235,9 @@ typedef struct sched_load {
     uint64_t host_bytes_used, host_hit_tokens; /* the host tier's, 0 without one */
     uint64_t steps;                            /* steps that ran the model */
     uint64_t busy_ns;                          /* their total duration */
+    /* kv_pool_prefix_stats' counters, mirrored here because the pool is
+     * the engine thread's alone. */
+    uint64_t prefix_queried_tokens, prefix_hit_tokens;
 } sched_load_t;
 
 /* Thread: any (reads a snapshot the engine publishes after every step). */

@@ -155,6 +155,7 @@ struct sched {
     _Atomic uint64_t load_sealed, load_swap_out, load_swap_in, load_pressure_seals, load_snapkv,
         load_h2o;
     _Atomic uint64_t load_steps, load_busy_ns, load_work_steps;
+    _Atomic uint64_t load_pfx_queried, load_pfx_hit;
 };
 
 const char *
@@ -718,6 +719,8 @@ publish_load(sched_t *s)
     atomic_store(&s->load_waiting, s->waiting.n);
     atomic_store(&s->load_free, kv_pool_n_free(s->pool));
     atomic_store(&s->load_cached, (uint32_t)ps.cached_blocks);
+    atomic_store(&s->load_pfx_queried, ps.queried_tokens);
+    atomic_store(&s->load_pfx_hit, ps.hit_tokens);
     atomic_fetch_add(&s->load_steps, 1);
     return (int)(s->waiting.n + s->running.n);
 }
@@ -1437,6 +1440,8 @@ sched_get_load(const sched_t *s, sched_load_t *out)
     }
     out->steps = atomic_load(&w->load_work_steps);
     out->busy_ns = atomic_load(&w->load_busy_ns);
+    out->prefix_queried_tokens = atomic_load(&w->load_pfx_queried);
+    out->prefix_hit_tokens = atomic_load(&w->load_pfx_hit);
 }
 
 int

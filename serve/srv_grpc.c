@@ -17,6 +17,7 @@
  * produced), and a call is freed only once its close, send and status
  * batches are all back and the engine has finished its request.
  */
+#include "srv_metrics.h"
 #include "srv_req.h"
 
 #include <getopt.h>
@@ -102,6 +103,9 @@ typedef struct qev {
 
 typedef struct srv_opts {
     const char *model, *draft, *host, *device, *tls_cert, *tls_key, *tls_ca, *api_key_file;
+    const char *metrics_host; /* NULL: --host */
+    uint32_t metrics_port;    /* 0 with metrics_on: any free port */
+    bool metrics_on;
     uint32_t port, threads, max_model_len, block_size, num_blocks, max_num_seqs, max_batched;
     uint32_t max_queued, drain_timeout_s, max_streams, engine_nice;
     uint64_t kv_memory;
@@ -121,6 +125,7 @@ typedef struct server {
     size_t api_key_len;
     srv_chat_t chat;
     bool have_chat;
+    srv_metrics_t *metrics;
     char chat_err[256];
 
     grpc_server *server;
@@ -710,6 +715,18 @@ gen_by_id(uint64_t id)
 }
 
 static void
+metrics_finish(const call_t *c, uint64_t t_ns)
+{
+    srv_met_finish_t f = c->stopped                         ? SRV_MET_STOP
+                         : c->fin == SCHED_FINISH_EOS       ? SRV_MET_STOP
+                         : c->fin == SCHED_FINISH_LENGTH    ? SRV_MET_LENGTH
+                         : c->fin == SCHED_FINISH_CANCELLED ? SRV_MET_ABORT
+                                                            : SRV_MET_ERROR;
+    srv_metrics_finish(S.metrics, f, &c->usage, t_ns > c->t_arrive ? t_ns - c->t_arrive : 0,
+                       c->g.sr.spec.on);
+}
+
+static void
 on_engine(uv_async_t *h)
 {
     (void)h;
@@ -745,6 +762,7 @@ on_engine(uv_async_t *h)
             uint32_t prompt = c->usage.prompt_tokens;
             c->usage = ev->usage;
             c->usage.prompt_tokens = prompt;
+            metrics_finish(c, ev->t_ns);
             /* The client is gone: nothing more to send. */
             if (c->close_done) {
                 gen_log(c);
@@ -1208,7 +1226,8 @@ static const char usage[] =
     "                     [--attn-sinks 4] [--attn-window 64] [--delta-gamma 64] [--attn-top-k "
     "8]\n"
     "                     [--draft-model PATH] [--prefill full|speculative] [--keep-ratio 0.2]\n"
-    "                     [--look-ahead 8] [--spec-chunk 32]\n";
+    "                     [--look-ahead 8] [--spec-chunk 32]\n"
+    "                     [--metrics-port N [--metrics-host H (default: --host)]]\n";
 
 static int
 parse_opts(int argc, char **argv, srv_opts_t *o)
@@ -1250,6 +1269,8 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         O_STREAMS,
         O_NICE,
         O_DRAFT,
+        O_METRICS_PORT,
+        O_METRICS_HOST,
         O_HELP,
     };
     static const struct option lo[] = {
@@ -1275,6 +1296,8 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         {"max-concurrent-streams", 1, 0, O_STREAMS},
         {"engine-nice", 1, 0, O_NICE},
         {"draft-model", 1, 0, O_DRAFT},
+        {"metrics-port", 1, 0, O_METRICS_PORT},
+        {"metrics-host", 1, 0, O_METRICS_HOST},
         SRV_PREFILL_LONGOPTS,
         SRV_KV_LONGOPTS,
         {"help", 0, 0, O_HELP},
@@ -1350,6 +1373,13 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
             break;
         case O_DRAFT:
             o->draft = optarg;
+            break;
+        case O_METRICS_PORT:
+            rc = srv_parse_u32(C, "--metrics-port", optarg, 0, 65535, &o->metrics_port);
+            o->metrics_on = true;
+            break;
+        case O_METRICS_HOST:
+            o->metrics_host = optarg;
             break;
         case O_HELP:
             fputs(usage, stdout);
@@ -1539,6 +1569,27 @@ engine_up(const srv_opts_t *o)
     return sched_thread_start(S.sched);
 }
 
+/* Before grpc_up, so the "metrics on" line precedes "listening on" and a
+ * supervisor that waits for the latter knows both ports. */
+static int
+metrics_up(const srv_opts_t *o)
+{
+    if (!o->metrics_on)
+        return 0;
+    const char *host = o->metrics_host ? o->metrics_host : o->host;
+    uint32_t port = 0;
+    int rc = srv_metrics_start(host, o->metrics_port, S.sched, &S.metrics, &port);
+    if (rc) {
+        fprintf(stderr, "kvserve serve: cannot serve metrics on %s:%u (%s)\n", host,
+                o->metrics_port, rc == KVS_EINVAL ? "unknown host" : "in use, or not local");
+        return rc;
+    }
+    printf(strchr(host, ':') ? "kvserve: metrics on [%s]:%u\n" : "kvserve: metrics on %s:%u\n",
+           host, port);
+    fflush(stdout);
+    return 0;
+}
+
 static int
 grpc_up(const srv_opts_t *o)
 {
@@ -1624,7 +1675,8 @@ srv_cmd_serve(int argc, char **argv)
     uv_signal_init(S.loop, &S.sig_int);
     uv_timer_init(S.loop, &S.drain_timer);
     grpc_init();
-    bool up = S.slots && S.slot_gen && engine_up(&S.o) == 0 && grpc_up(&S.o) == 0;
+    bool up = S.slots && S.slot_gen && engine_up(&S.o) == 0 && metrics_up(&S.o) == 0 &&
+              grpc_up(&S.o) == 0;
     if (up) {
         uv_signal_start(&S.sig_term, on_signal, SIGTERM);
         uv_signal_start(&S.sig_int, on_signal, SIGINT);
@@ -1652,6 +1704,8 @@ srv_cmd_serve(int argc, char **argv)
     uv_close((uv_handle_t *)&S.sig_int, NULL);
     uv_close((uv_handle_t *)&S.drain_timer, NULL);
     uv_run(S.loop, UV_RUN_DEFAULT);
+    /* Before the engine goes: a scrape reads its load. */
+    srv_metrics_free(S.metrics);
     if (S.sched && !S.engine_stopped)
         sched_thread_stop(S.sched);
     if (S.server)

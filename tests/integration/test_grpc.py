@@ -22,6 +22,8 @@ Checks:
   6. bad requests get the right status; the server keeps serving
   7. --api-key-file: UNAUTHENTICATED without/with a wrong key; health open
   8. TLS: a TLS client works, a plaintext one gets UNAVAILABLE
+  9. --metrics-port: GET /metrics counts what the test sent, histograms are
+     consistent, 404/405 elsewhere; `promtool check metrics` when installed
 Also: the server starts with default engine flags (0), and a full queue
 answers RESOURCE_EXHAUSTED (6).
 """
@@ -35,6 +37,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROTO_DIR = os.path.join(ROOT, "proto")
@@ -114,6 +118,7 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log,
                                      stdin=subprocess.DEVNULL)
         self.port = None
+        self.metrics_port = None
         self.lines = queue.Queue()
         threading.Thread(target=self._read_stdout, daemon=True).start()
 
@@ -132,6 +137,11 @@ class Server:
             if line is None:
                 raise RuntimeError("%s exited (rc=%s) before listening; stderr:\n%s"
                                    % (self.name, self.proc.wait(), self.log_tail()))
+            # --metrics-port prints its line first.
+            mpre = "kvserve: metrics on 127.0.0.1:"
+            if line.startswith(mpre) and line[len(mpre):].isdigit():
+                self.metrics_port = int(line[len(mpre):])
+                continue
             pre = "kvserve: listening on 127.0.0.1:"
             if line.startswith(pre) and line[len(pre):].isdigit():
                 self.port = int(line[len(pre):])
@@ -749,6 +759,121 @@ def check_bad_requests(api, vocab):
     report("6 after the bad requests every KV block is free", idle, load_str(ld))
 
 
+def scrape(port, path="/metrics", method="GET"):
+    """Returns (HTTP status, content type, body text)."""
+    req = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path), method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read().decode("utf-8")
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type", ""), ""
+
+
+def parse_metrics(text):
+    """{series: value} for every sample line ('name{labels}' as written)."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            out[series] = float(value)
+    return out
+
+
+def histogram_problems(text, m):
+    """Every histogram: ascending le, cumulative counts, +Inf == _count."""
+    bad = []
+    names = [ln.split()[2] for ln in text.splitlines()
+             if ln.startswith("# TYPE ") and ln.split()[3] == "histogram"]
+    for n in names:
+        pre = n + '_bucket{le="'
+        les = [(k[len(pre):-2], v) for k, v in m.items() if k.startswith(pre)]
+        if not les or les[-1][0] != "+Inf":
+            bad.append("%s: no final +Inf bucket" % n)
+            continue
+        bounds = [float(le) for le, _ in les[:-1]]
+        counts = [v for _, v in les]
+        if bounds != sorted(bounds) or counts != sorted(counts):
+            bad.append("%s: buckets not ascending/cumulative" % n)
+        if counts[-1] != m.get(n + "_count"):
+            bad.append("%s: +Inf %s != _count %s" % (n, counts[-1], m.get(n + "_count")))
+    return names, bad
+
+
+def check_metrics(server, api):
+    """Two greedy requests move the counters and histograms by exactly
+    what they were; the gauges agree with GetLoad once idle."""
+    name = "9 metrics"
+    if server.metrics_port is None:
+        report(name, False, "the server printed no 'kvserve: metrics on' line")
+        return
+    st, _, before_text = scrape(server.metrics_port)
+    if st != 200:
+        report(name, False, "first scrape: HTTP %d" % st)
+        return
+    before = parse_metrics(before_text)
+    outs = [collect(api, greedy_req(p, max_tokens=8)) for p in ("metrics one", "metrics two!")]
+    if any(o["code"] is not None or o["usage"] is None for o in outs):
+        report(name, False, "requests failed: %s" % [describe(o) for o in outs])
+        return
+    idle, ld = wait_idle(api)
+    st, ctype, text = scrape(server.metrics_port)
+    m = parse_metrics(text)
+    errs = []
+    if st != 200 or not ctype.startswith("text/plain; version=0.0.4"):
+        errs.append("HTTP %d, Content-Type %r" % (st, ctype))
+
+    def delta(k):
+        return m.get(k, float("nan")) - before.get(k, 0.0)
+    ntok = sum(len(o["tokens"]) for o in outs)
+    nprompt = sum(o["usage"].prompt_tokens for o in outs)
+    if delta("kvserve_generation_tokens_total") < ntok:
+        errs.append("generation tokens +%s < %d received"
+                    % (delta("kvserve_generation_tokens_total"), ntok))
+    if delta("kvserve_prompt_tokens_total") != nprompt:
+        errs.append("prompt tokens +%s != %d" % (delta("kvserve_prompt_tokens_total"), nprompt))
+    if delta('kvserve_request_success_total{finished_reason="length"}') != 2:
+        errs.append("length finishes +%s != 2"
+                    % delta('kvserve_request_success_total{finished_reason="length"}'))
+    for h in ("kvserve_e2e_request_latency_seconds", "kvserve_time_to_first_token_seconds",
+              "kvserve_request_queue_time_seconds", "kvserve_time_per_output_token_seconds",
+              "kvserve_attention_density"):
+        if delta(h + "_count") != 2:
+            errs.append("%s_count +%s != 2" % (h, delta(h + "_count")))
+    if m.get("kvserve_prefix_cache_hits_total", -1) > m.get("kvserve_prefix_cache_queries_total",
+                                                            -1):
+        errs.append("prefix cache hits > queries")
+    if delta("kvserve_prefix_cache_queries_total") < nprompt - 2:
+        errs.append("prefix cache queries +%s < %d"
+                    % (delta("kvserve_prefix_cache_queries_total"), nprompt - 2))
+    if delta("kvserve_engine_steps_total") < 8 or delta("kvserve_engine_busy_seconds_total") <= 0:
+        errs.append("engine steps/busy did not move")
+    if idle and not isinstance(ld, str):
+        if (m.get("kvserve_num_requests_running") != 0
+                or m.get("kvserve_kv_blocks_capacity") != ld.kv_blocks_total
+                or m.get("kvserve_kv_blocks_free") != ld.kv_blocks_free):
+            errs.append("gauges disagree with GetLoad (%s)" % load_str(ld))
+    names, bad = histogram_problems(text, m)
+    errs += bad
+    if len(names) != 6:
+        errs.append("%d histogram families, want 6" % len(names))
+    if not text.endswith("\n"):
+        errs.append("no trailing newline")
+    st404 = scrape(server.metrics_port, "/nope")[0]
+    st405 = scrape(server.metrics_port, method="POST")[0]
+    if (st404, st405) != (404, 405):
+        errs.append("/nope -> %d, POST -> %d" % (st404, st405))
+    report(name, not errs, "; ".join(errs) if errs else
+           "%d series, +%d generation tokens, histograms consistent" % (len(m), ntok))
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        print("NOTE: promtool is not on PATH; `promtool check metrics` not run")
+        return
+    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                       text=True, timeout=30)
+    report("9 promtool check metrics", r.returncode == 0,
+           (r.stdout + r.stderr).strip()[-400:])
+
+
 def check_sigterm(server, api):
     """Health Watch sees SERVING then NOT_SERVING; in-flight streams finish
     OK; a new call during the drain gets UNAVAILABLE; exit status 0."""
@@ -1059,7 +1184,8 @@ def main():
     t0 = time.monotonic()
     try:
         draft = os.path.join(ROOT, "weights", "kvserve-draft.gguf")
-        srv = start_server(kvserve, model, work, "server-main", ["--draft-model", draft])
+        srv = start_server(kvserve, model, work, "server-main",
+                           ["--draft-model", draft, "--metrics-port", "0"])
         print("server: %s (%s)" % (srv.addr, " ".join(srv.cmd[1:])), flush=True)
         ch = grpc.insecure_channel(srv.addr)
         api = Api(ch)
@@ -1075,6 +1201,7 @@ def main():
             check_cancel_deadline(api)
             check_abort(api)
             check_bad_requests(api, vocab)
+            check_metrics(srv, api)
             check_sigterm(srv, api)
         finally:
             ch.close()
