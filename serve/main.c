@@ -13,6 +13,7 @@ static const char usage[] =
     "  serve    the gRPC server\n"
     "  generate stream a generation from a running server\n"
     "  health   ask a running server whether it is serving\n"
+    "  bench    load a running server with streaming requests; latency and throughput\n"
     "  run      generate text offline from a prompt (no server)\n"
     "  model    inspect a GGUF file (info) or write a random-weight model (random)\n"
     "  eval     long-context retrieval accuracy (passkey, multi-key needle, variable tracking)\n"
@@ -37,6 +38,8 @@ main(int argc, char **argv)
         return srv_cmd_generate(argc - 1, argv + 1);
     if (strcmp(cmd, "health") == 0)
         return srv_cmd_health(argc - 1, argv + 1);
+    if (strcmp(cmd, "bench") == 0)
+        return srv_cmd_bench(argc - 1, argv + 1);
     if (strcmp(cmd, "run") == 0)
         return srv_cmd_run(argc - 1, argv + 1);
     if (strcmp(cmd, "model") == 0)

@@ -21,6 +21,7 @@ int srv_cmd_eval(int argc, char **argv);
 int srv_cmd_serve(int argc, char **argv);    /* srv_grpc.c: the gRPC server */
 int srv_cmd_generate(int argc, char **argv); /* srv_client.c: streaming client */
 int srv_cmd_health(int argc, char **argv);   /* srv_client.c: health check */
+int srv_cmd_bench(int argc, char **argv);    /* srv_bench.c: streaming load generator */
 
 /* ---- helpers shared by subcommands (srv_cli.c) ---------------------------- */
 

@@ -47,8 +47,8 @@ typedef struct client {
     unsigned pending; /* bit per tag started and not yet plucked */
 } client_t;
 
-static const char *
-status_name(grpc_status_code s)
+const char *
+srv_grpc_status_name(grpc_status_code s)
 {
     /* Indexed by grpc_status_code, 0..16. */
     static const char *const names[] = {
@@ -228,7 +228,7 @@ report_status(const char *cmd, const client_t *c)
 {
     if (c->status == GRPC_STATUS_OK)
         return 0;
-    fprintf(stderr, "kvserve %s: %s: %.*s\n", cmd, status_name(c->status),
+    fprintf(stderr, "kvserve %s: %s: %.*s\n", cmd, srv_grpc_status_name(c->status),
             (int)GRPC_SLICE_LENGTH(c->details), (const char *)GRPC_SLICE_START_PTR(c->details));
     return 1;
 }

@@ -11,6 +11,22 @@
 
 #include <grpc/grpc.h>
 
+/* grpc_status_code's names, "OK" .. "UNAUTHENTICATED" (srv_client.c); one
+ * past the last code reads "UNKNOWN". */
+enum { SRV_GRPC_CODES = 17 };
+const char *srv_grpc_status_name(grpc_status_code s);
+
+/* splitmix64: every random choice of eval and bench reproducible from a
+ * seed alone. */
+static inline uint64_t
+srv_rng_next(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
 typedef enum srv_task {
     SRV_TASK_PASSKEY,
     SRV_TASK_NIAH_MULTIKEY,

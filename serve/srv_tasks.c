@@ -17,25 +17,16 @@ static const char PASSKEY_INTRO[] =
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
     "it. I will quiz you about the important information there.\n";
 
-static uint64_t
-rng_next(uint64_t *s)
-{
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 static uint32_t
 rng_below(uint64_t *s, uint32_t n)
 {
-    return (uint32_t)(rng_next(s) % n);
+    return (uint32_t)(srv_rng_next(s) % n);
 }
 
 static double
 rng_unit(uint64_t *s)
 {
-    return (double)(rng_next(s) >> 11) * (1.0 / 9007199254740992.0);
+    return (double)(srv_rng_next(s) >> 11) * (1.0 / 9007199254740992.0);
 }
 
 /* n bytes of noise, restarting the sentence cycle each time (as tasks.py). */

@@ -24,6 +24,8 @@ Checks:
   8. TLS: a TLS client works, a plaintext one gets UNAVAILABLE
   9. --metrics-port: GET /metrics counts what the test sent, histograms are
      consistent, 404/405 elsewhere; `promtool check metrics` when installed
+ 10. `kvserve bench`: closed and open loop runs succeed and their JSON
+     records agree with the summary; a bad flag exits 2
 Also: the server starts with default engine flags (0), and a full queue
 answers RESOURCE_EXHAUSTED (6).
 """
@@ -507,6 +509,86 @@ def check_concurrent(api):
            ("%d bad, first: %s" % (len(bad), bad[0])) if bad
            else "%d streams in %.2f s, peak running %d, queued %d"
            % (len(prompts), dt, peak["running"], peak["queued"]))
+
+
+def bench_problems(doc, n, out_len, in_len):
+    """What is wrong with a `kvserve bench --json` document of n requests."""
+    bad = []
+    reqs, summ = doc.get("requests", []), doc.get("summary", {})
+    if len(reqs) != n:
+        bad.append("%d records, not %d" % (len(reqs), n))
+    for r in reqs:
+        if r["status_name"] != "OK" or r["status"] != 0:
+            bad.append("request %d: %s %s" % (r["index"], r["status_name"], r["message"]))
+        elif not 0 < r["ttft_ms"] <= r["e2e_ms"]:
+            bad.append("request %d: ttft %.3f e2e %.3f" % (r["index"], r["ttft_ms"], r["e2e_ms"]))
+        elif r["output_tokens"] != out_len or r["prompt_tokens"] != in_len:
+            bad.append("request %d: %d/%d tokens out/in, asked %d/%d" % (
+                r["index"], r["output_tokens"], r["prompt_tokens"], out_len, in_len))
+        elif len(r["itl_ms"]) > out_len - 1 or any(x < 0 for x in r["itl_ms"]):
+            bad.append("request %d: itl %s" % (r["index"], r["itl_ms"]))
+        if len(bad) > 3:
+            break
+    ok = [r for r in reqs if r["status"] == 0]
+    tot_out = sum(r["output_tokens"] for r in ok)
+    tot_in = sum(r["prompt_tokens"] for r in ok)
+    d = summ.get("duration_s", 0)
+    if summ.get("completed") != n or summ.get("failed") != 0 or summ.get("errors"):
+        bad.append("summary counts %s/%s errors %s" % (summ.get("completed"), summ.get("failed"),
+                                                       summ.get("errors")))
+    if summ.get("total_output_tokens") != tot_out or summ.get("total_input_tokens") != tot_in:
+        bad.append("summary tokens %s/%s != records %d/%d" % (
+            summ.get("total_output_tokens"), summ.get("total_input_tokens"), tot_out, tot_in))
+    if not (d > 0 and abs(summ["request_throughput"] - n / d) <= 1e-3 * n / d + 1e-3
+            and abs(summ["output_throughput"] - tot_out / d) <= 1e-3 * tot_out / d + 1e-3):
+        bad.append("throughput %s/%s vs duration %s" % (summ.get("request_throughput"),
+                                                        summ.get("output_throughput"), d))
+    last_end = max((r["start_s"] + r["e2e_ms"] / 1e3 for r in reqs), default=0.0)
+    if d < last_end - 1e-3:
+        bad.append("duration %.4f ends before the last request (%.4f)" % (d, last_end))
+    for key, vals in (("ttft_ms", [r["ttft_ms"] for r in ok]), ("e2e_ms", [r["e2e_ms"] for r in ok]),
+                      ("itl_ms", [x for r in ok for x in r["itl_ms"]])):
+        st = summ.get(key, {})
+        mean = sum(vals) / len(vals) if vals else 0.0
+        if st.get("n") != len(vals) or abs(st.get("mean", -1) - mean) > 1e-2 + 1e-3 * mean:
+            bad.append("%s summary %s vs records n=%d mean=%.4f" % (key, st, len(vals), mean))
+        elif vals and not (min(vals) - 1e-3 <= st["p50"] <= st["p90"] <= st["p95"] <= st["p99"]
+                           <= max(vals) + 1e-3):
+            bad.append("%s percentiles out of order: %s" % (key, st))
+    return bad
+
+
+def check_bench(kvserve, addr, work):
+    """`kvserve bench`, closed and open loop, against this server."""
+    runs = (("closed loop", ["--num-requests", "20", "--concurrency", "4"], 20),
+            ("open loop", ["--request-rate", "50", "--num-requests", "10",
+                           "--shared-prefix", "0.5", "--seed", "3"], 10))
+    for label, flags, n in runs:
+        name = "10 bench: %s, %d requests" % (label, n)
+        path = os.path.join(work, "bench-%s.json" % label.split()[0])
+        cmd = [kvserve, "bench", "--addr", addr, "--input-len", "64", "--output-len", "8",
+               "--timeout-ms", "30000", "--json", path, "--no-progress"] + flags
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            report(name, False, "exit %d: %s %s" % (r.returncode, r.stdout[-400:],
+                                                   r.stderr.strip()[-300:]))
+            continue
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except (OSError, ValueError) as e:
+            report(name, False, "no JSON: %s" % e)
+            continue
+        bad = bench_problems(doc, n, 8, 64)
+        if "TTFT" not in r.stdout or "Output token throughput" not in r.stdout:
+            bad.append("no summary table on stdout: %r" % r.stdout[-300:])
+        s = doc.get("summary", {})
+        report(name, not bad, "; ".join(bad[:4]) or "%.1f req/s, %.0f tok/s, TTFT p50 %.1f ms" % (
+            s["request_throughput"], s["output_throughput"], s["ttft_ms"]["p50"]))
+    r = subprocess.run([kvserve, "bench", "--addr", addr, "--num-requests", "0"],
+                       capture_output=True, text=True, timeout=30)
+    report("10 bench: a bad flag exits 2 naming it", r.returncode == 2 and "--num-requests"
+           in r.stderr, "exit %d: %s" % (r.returncode, r.stderr.strip()[:120]))
 
 
 def check_cancel_deadline(api):
@@ -1198,6 +1280,7 @@ def main():
             if "text" in refs:
                 check_tokenize(api, refs["text"])
             check_concurrent(api)
+            check_bench(kvserve, srv.addr, work)
             check_cancel_deadline(api)
             check_abort(api)
             check_bad_requests(api, vocab)
