@@ -93,11 +93,12 @@ void kern__host_kv_seal_layer(const kern_kv_t *kv, uint32_t layer, const int32_t
 void kern__host_kv_gather_layer(const kern_kv_t *kv, uint32_t layer, const int32_t *src,
                                 const int32_t *dst, uint32_t n, float *x);
 
-/* kern_kvq_decode with AVX2 where the CPU has it, the same values bit for
+/* kern_kvq_decode, with AVX2 and FMA when the caller's CPU has them (the
+ * cpu backend knows from its start-up detection): the same values bit for
  * bit; for a shape the pool already validated (the cpu attention's hot
  * path, kern_kvq.c). */
-void kern__kvq_decode_fast(kern_kvq_t q, bool v, const void *tile, uint32_t bt, uint32_t d,
-                           uint32_t t0, uint32_t n, float *y);
+void kern__kvq_decode_fast(bool avx2, kern_kvq_t q, bool v, const void *tile, uint32_t bt,
+                           uint32_t d, uint32_t t0, uint32_t n, float *y);
 
 /* Full-precision blocks of a pool: all of them without a codec. */
 static inline uint32_t

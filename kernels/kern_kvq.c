@@ -557,8 +557,36 @@ q4_encode(const float *x, bool v, uint32_t bt, uint32_t d, uint8_t *tile)
     st16(tile + 4, dmh);
 }
 
+/* The codes of one V group (32 channels of a token), and of cn channels
+ * of one token's K row with their per-channel steps and minimums, as
+ * values: the scalar decoders here, the AVX2 ones below. */
+typedef void (*q4_vgroup_fn)(const uint8_t *q, float step, float gmin, float *y);
+typedef void (*q4_krow_fn)(const uint8_t *q, const float *step, const float *gmin, uint32_t cn,
+                           float *y);
+
 static void
-q4_decode(const uint8_t *tile, bool v, uint32_t bt, uint32_t d, uint32_t t0, uint32_t n, float *y)
+q4_vgroup(const uint8_t *q, float step, float gmin, float *y)
+{
+    for (int j = 0; j < Q4_VGROUP / 2; j++) {
+        y[2 * j] = gmin + step * (float)(q[j] & 15);
+        y[2 * j + 1] = gmin + step * (float)(q[j] >> 4);
+    }
+}
+
+static void
+q4_krow(const uint8_t *q, const float *step, const float *gmin, uint32_t cn, float *y)
+{
+    for (uint32_t c = 0; c < cn; c += 2) {
+        y[c] = gmin[c] + step[c] * (float)(q[c / 2] & 15);
+        y[c + 1] = gmin[c + 1] + step[c + 1] * (float)(q[c / 2] >> 4);
+    }
+}
+
+/* Walks tokens [t0, t0 + n) of a tile, handing each V group or K row to
+ * the decoder given. */
+static void
+q4_walk(const uint8_t *tile, bool v, uint32_t bt, uint32_t d, uint32_t t0, uint32_t n, float *y,
+        q4_vgroup_fn vgroup, q4_krow_fn krow)
 {
     q4_shape_t s = q4_shape(v, bt, d);
     const uint8_t *params = tile + Q4_HDR, *codes = params + 3 * (s.groups / 2);
@@ -570,11 +598,7 @@ q4_decode(const uint8_t *tile, bool v, uint32_t bt, uint32_t d, uint32_t t0, uin
         const uint8_t *q = codes + (size_t)t0 * d / 2;
         for (size_t i = 0; i < (size_t)n * d; i += Q4_VGROUP, g++, q += Q4_VGROUP / 2) {
             uint32_t f = q4_field(params, g);
-            float step = dunit * (float)(f & 63), gmin = q4_min(m0, dm, f >> 6);
-            for (int j = 0; j < Q4_VGROUP / 2; j++) {
-                y[i + 2 * j] = gmin + step * (float)(q[j] & 15);
-                y[i + 2 * j + 1] = gmin + step * (float)(q[j] >> 4);
-            }
+            vgroup(q, dunit * (float)(f & 63), q4_min(m0, dm, f >> 6), y + i);
         }
         return;
     }
@@ -593,17 +617,18 @@ q4_decode(const uint8_t *tile, bool v, uint32_t bt, uint32_t d, uint32_t t0, uin
                 step[c] = dunit * (float)(f & 63);
                 gmin[c] = q4_min(m0, dm, f >> 6);
             }
-            for (uint32_t tt = t; tt < te; tt++) {
-                const uint8_t *q = codes + ((size_t)tt * d + c0) / 2;
-                float *out = y + (size_t)(tt - t0) * d + c0;
-                for (uint32_t c = 0; c < cn; c += 2) {
-                    out[c] = gmin[c] + step[c] * (float)(q[c / 2] & 15);
-                    out[c + 1] = gmin[c + 1] + step[c + 1] * (float)(q[c / 2] >> 4);
-                }
-            }
+            for (uint32_t tt = t; tt < te; tt++)
+                krow(codes + ((size_t)tt * d + c0) / 2, step, gmin, cn,
+                     y + (size_t)(tt - t0) * d + c0);
         }
         t = te;
     }
+}
+
+static void
+q4_decode(const uint8_t *tile, bool v, uint32_t bt, uint32_t d, uint32_t t0, uint32_t n, float *y)
+{
+    q4_walk(tile, v, bt, d, t0, n, y, q4_vgroup, q4_krow);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -652,83 +677,50 @@ q4_lanes(__m128i codes16, int half)
 }
 
 KVQ_TGT static void
-q4_decode_avx2(const uint8_t *tile, bool v, uint32_t bt, uint32_t d, uint32_t t0, uint32_t n,
-               float *y)
+q4_vgroup_avx2(const uint8_t *q, float step, float gmin, float *y)
 {
-    q4_shape_t s = q4_shape(v, bt, d);
-    const uint8_t *params = tile + Q4_HDR, *codes = params + 3 * (s.groups / 2);
-    float dunit = kvs_fp16_to_f32(ld16(tile));
-    float m0 = kvs_fp16_to_f32(ld16(tile + 2)), dm = kvs_fp16_to_f32(ld16(tile + 4));
-    if (v) {
-        size_t g = (size_t)t0 * (d / Q4_VGROUP);
-        const uint8_t *q = codes + (size_t)t0 * d / 2;
-        for (size_t i = 0; i < (size_t)n * d; i += Q4_VGROUP, g++, q += Q4_VGROUP / 2) {
-            uint32_t f = q4_field(params, g);
-            __m256 step = _mm256_set1_ps(dunit * (float)(f & 63));
-            __m256 gmin = _mm256_set1_ps(q4_min(m0, dm, f >> 6));
-            for (int h = 0; h < 2; h++) {
-                __m128i c16 = q4_unpack16(q + 8 * h);
-                for (int k = 0; k < 2; k++)
-                    _mm256_storeu_ps(y + i + 16 * h + 8 * k,
-                                     _mm256_fmadd_ps(step, q4_lanes(c16, k), gmin));
-            }
-        }
-        return;
-    }
-    float step[Q4_CHUNK], gmin[Q4_CHUNK];
-    uint32_t end = t0 + n;
-    for (uint32_t t = t0; t < end;) {
-        uint32_t tg = t / s.gk, te = (tg + 1) * s.gk < end ? (tg + 1) * s.gk : end;
-        for (uint32_t c0 = 0; c0 < d; c0 += Q4_CHUNK) {
-            uint32_t cn = d - c0 < Q4_CHUNK ? d - c0 : Q4_CHUNK;
-            size_t g0 = (size_t)tg * d + c0;
-            for (uint32_t c = 0; c < cn; c++) {
-                uint32_t f = q4_field(params, g0 + c);
-                step[c] = dunit * (float)(f & 63);
-                gmin[c] = q4_min(m0, dm, f >> 6);
-            }
-            for (uint32_t tt = t; tt < te; tt++) {
-                const uint8_t *q = codes + ((size_t)tt * d + c0) / 2;
-                float *out = y + (size_t)(tt - t0) * d + c0;
-                for (uint32_t c = 0; c < cn; c += 16) { /* d % 32 == 0 */
-                    __m128i c16 = q4_unpack16(q + c / 2);
-                    for (int k = 0; k < 2; k++)
-                        _mm256_storeu_ps(out + c + 8 * k,
-                                         _mm256_fmadd_ps(_mm256_loadu_ps(step + c + 8 * k),
-                                                         q4_lanes(c16, k),
-                                                         _mm256_loadu_ps(gmin + c + 8 * k)));
-                }
-            }
-        }
-        t = te;
+    __m256 st = _mm256_set1_ps(step), mn = _mm256_set1_ps(gmin);
+    for (int h = 0; h < 2; h++) {
+        __m128i c16 = q4_unpack16(q + 8 * h);
+        for (int k = 0; k < 2; k++)
+            _mm256_storeu_ps(y + 16 * h + 8 * k, _mm256_fmadd_ps(st, q4_lanes(c16, k), mn));
     }
 }
 
-static bool
-kvq_avx2(void)
+KVQ_TGT static void
+q4_krow_avx2(const uint8_t *q, const float *step, const float *gmin, uint32_t cn, float *y)
 {
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    for (uint32_t c = 0; c < cn; c += 16) { /* d % 32 == 0 */
+        __m128i c16 = q4_unpack16(q + c / 2);
+        for (int k = 0; k < 2; k++)
+            _mm256_storeu_ps(y + c + 8 * k,
+                             _mm256_fmadd_ps(_mm256_loadu_ps(step + c + 8 * k), q4_lanes(c16, k),
+                                             _mm256_loadu_ps(gmin + c + 8 * k)));
+    }
 }
+
 #endif
 
 void
-kern__kvq_decode_fast(kern_kvq_t q, bool v, const void *tile, uint32_t bt, uint32_t d, uint32_t t0,
-                      uint32_t n, float *y)
+kern__kvq_decode_fast(bool avx2, kern_kvq_t q, bool v, const void *tile, uint32_t bt, uint32_t d,
+                      uint32_t t0, uint32_t n, float *y)
 {
 #if defined(__x86_64__) || defined(__i386__)
-    if (kvq_avx2()) {
+    if (avx2) {
         const uint8_t *p = tile;
         switch (q) {
         case KERN_KVQ_FP8:
             fp8_decode_avx2(p, bt, d, t0, n, y);
             return;
         case KERN_KVQ_Q4:
-            q4_decode_avx2(p, v, bt, d, t0, n, y);
+            q4_walk(p, v, bt, d, t0, n, y, q4_vgroup_avx2, q4_krow_avx2);
             return;
         default:
             break;
         }
     }
+#else
+    (void)avx2;
 #endif
     kern_kvq_decode(q, v, tile, bt, d, t0, n, y);
 }

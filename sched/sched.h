@@ -185,6 +185,11 @@ typedef struct sched_cfg {
 
 typedef struct sched sched_t;
 
+/* The full-precision blocks a pool with a codec gets when kv_hot_blocks is
+ * 0: one step's tokens, plus per running request its sink blocks, its
+ * residual window and its tail (zero fields read as sched_new's defaults). */
+uint32_t sched_default_hot_blocks(const sched_cfg_t *c);
+
 /* An engine over a loaded model (and its backend).  Fills defaults for
  * zero fields.  Returns 0, KVS_EINVAL (also: a draft on another backend
  * or with another vocabulary size) or KVS_ENOMEM. */

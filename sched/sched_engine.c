@@ -1444,6 +1444,20 @@ sched_get_load(const sched_t *s, sched_load_t *out)
     out->prefix_hit_tokens = atomic_load(&w->load_pfx_hit);
 }
 
+uint32_t
+sched_default_hot_blocks(const sched_cfg_t *c)
+{
+    /* A running request holds at most its sink blocks, its residual
+     * window and its tail: a block that fills is sealed in the same step,
+     * before the next reserve. */
+    uint32_t bt = c->block_tokens ? c->block_tokens : 16;
+    uint32_t batch = c->max_num_batched_tokens ? c->max_num_batched_tokens : 2048;
+    uint32_t seqs = c->max_num_seqs ? c->max_num_seqs : 256;
+    uint32_t per_seq =
+        (c->kv_sink_tokens + bt - 1) / bt + (c->kv_residual_tokens + bt - 1) / bt + 1;
+    return (batch + bt - 1) / bt + per_seq * seqs + 1;
+}
+
 int
 sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
 {
@@ -1469,13 +1483,8 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
         return KVS_EINVAL;
     }
     bool quant = c->kv_quant != KERN_KVQ_NONE;
-    /* A running request holds at most its sink blocks and its tail: a
-     * block that fills is sealed in the same step, before the next reserve. */
-    if (quant && c->kv_hot_blocks == 0) {
-        uint32_t per_seq = (c->kv_sink_tokens + c->block_tokens - 1) / c->block_tokens + 1;
-        c->kv_hot_blocks = (c->max_num_batched_tokens + c->block_tokens - 1) / c->block_tokens +
-                           per_seq * c->max_num_seqs + 1;
-    }
+    if (quant && c->kv_hot_blocks == 0)
+        c->kv_hot_blocks = sched_default_hot_blocks(c);
     kv_pool_cfg_t pc = {
         .n_layers = hp->n_layer,
         .n_kv_heads = hp->n_head_kv,

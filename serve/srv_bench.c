@@ -866,17 +866,6 @@ write_json(const bench_t *b, const summary_t *s)
 
 /* ---- the command -------------------------------------------------------- */
 
-static char *
-slurp(const char *flag, const char *path)
-{
-    errno = 0;
-    char *buf = srv_read_file(path, NULL);
-    if (buf == NULL)
-        fprintf(stderr, "kvserve bench: %s: cannot read '%s': %s\n", flag, path,
-                errno ? strerror(errno) : "out of memory");
-    return buf;
-}
-
 int
 srv_cmd_bench(int argc, char **argv)
 {
@@ -885,24 +874,11 @@ srv_cmd_bench(int argc, char **argv)
     int rc = bench_parse(argc, argv, &b.o);
     if (rc)
         return rc == 1 ? 0 : 2;
-    char *ca = NULL, *key = NULL, *bearer = NULL;
+    char *ca = NULL, *bearer = NULL;
     int status = 2;
-    if (b.o.tls_ca && (ca = slurp("--tls-ca", b.o.tls_ca)) == NULL)
+    if (srv_client_creds("bench", b.o.tls_ca, b.o.api_key_file, &ca, &bearer))
         goto out;
-    if (b.o.api_key_file) {
-        if ((key = slurp("--api-key-file", b.o.api_key_file)) == NULL)
-            goto out;
-        size_t n = strlen(key);
-        while (n && strchr(" \t\r\n", key[n - 1]))
-            key[--n] = '\0';
-        if (n == 0) {
-            fprintf(stderr, "kvserve bench: --api-key-file: '%s' is empty\n", b.o.api_key_file);
-            goto out;
-        }
-        if (asprintf(&bearer, "Bearer %s", key) < 0) {
-            bearer = NULL;
-            goto out;
-        }
+    if (bearer) {
         b.auth.key = grpc_slice_from_static_string("authorization");
         b.auth.value = grpc_slice_from_static_string(bearer);
         b.n_auth = 1;
@@ -910,13 +886,7 @@ srv_cmd_bench(int argc, char **argv)
 
     status = 1;
     grpc_init();
-    grpc_channel_credentials *cc =
-        ca ? grpc_ssl_credentials_create(ca, NULL, NULL, NULL) : grpc_insecure_credentials_create();
-    grpc_arg arg = {GRPC_ARG_STRING, GRPC_SSL_TARGET_NAME_OVERRIDE_ARG, {.string = NULL}};
-    arg.value.string = (char *)b.o.tls_name;
-    grpc_channel_args args = {b.o.tls_name ? 1 : 0, &arg};
-    b.ch = grpc_channel_create(b.o.addr, cc, &args);
-    grpc_channel_credentials_release(cc);
+    b.ch = srv_client_channel(b.o.addr, ca, b.o.tls_name);
     b.cq = grpc_completion_queue_create_for_next(NULL);
     b.rm_gen = grpc_channel_register_call(b.ch, SRV_M_GENERATE, NULL, NULL);
     clock_gettime(CLOCK_MONOTONIC, &b.epoch);
@@ -958,7 +928,6 @@ srv_cmd_bench(int argc, char **argv)
     grpc_shutdown_blocking();
 out:
     free(ca);
-    free(key);
     free(bearer);
     return status;
 }

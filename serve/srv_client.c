@@ -86,6 +86,47 @@ slurp(const char *cmd, const char *flag, const char *path)
     return buf;
 }
 
+int
+srv_client_creds(const char *cmd, const char *ca_path, const char *key_path, char **ca,
+                 char **bearer)
+{
+    *ca = *bearer = NULL;
+    if (ca_path && (*ca = slurp(cmd, "--tls-ca", ca_path)) == NULL)
+        return KVS_EINVAL;
+    if (key_path == NULL)
+        return 0;
+    char *key = slurp(cmd, "--api-key-file", key_path);
+    if (key == NULL)
+        goto fail;
+    size_t n = strlen(key);
+    while (n && strchr(" \t\r\n", key[n - 1]))
+        key[--n] = '\0';
+    if (n == 0)
+        fprintf(stderr, "kvserve %s: --api-key-file: '%s' is empty\n", cmd, key_path);
+    else if (asprintf(bearer, "Bearer %s", key) < 0)
+        *bearer = NULL;
+    free(key);
+    if (*bearer)
+        return 0;
+fail:
+    free(*ca);
+    *ca = NULL;
+    return KVS_EINVAL;
+}
+
+grpc_channel *
+srv_client_channel(const char *addr, const char *ca_pem, const char *tls_name)
+{
+    grpc_channel_credentials *cc = ca_pem ? grpc_ssl_credentials_create(ca_pem, NULL, NULL, NULL)
+                                          : grpc_insecure_credentials_create();
+    grpc_arg arg = {GRPC_ARG_STRING, GRPC_SSL_TARGET_NAME_OVERRIDE_ARG, {.string = NULL}};
+    arg.value.string = (char *)tls_name;
+    grpc_channel_args args = {tls_name ? 1 : 0, &arg};
+    grpc_channel *ch = grpc_channel_create(addr, cc, &args);
+    grpc_channel_credentials_release(cc);
+    return ch;
+}
+
 /* The options both commands share; 1 when c is none of them. */
 static int
 conn_opt(const char *cmd, int c, conn_opts_t *o)
@@ -135,13 +176,7 @@ client_open(client_t *c, const conn_opts_t *o, const char *ca_pem, const char *m
     c->details = grpc_empty_slice();
     c->status = GRPC_STATUS_UNKNOWN; /* until RECV_STATUS_ON_CLIENT says otherwise */
     grpc_init();
-    grpc_channel_credentials *cc = ca_pem ? grpc_ssl_credentials_create(ca_pem, NULL, NULL, NULL)
-                                          : grpc_insecure_credentials_create();
-    grpc_arg arg = {GRPC_ARG_STRING, GRPC_SSL_TARGET_NAME_OVERRIDE_ARG, {.string = NULL}};
-    arg.value.string = (char *)o->tls_name;
-    grpc_channel_args args = {o->tls_name ? 1 : 0, &arg};
-    c->ch = grpc_channel_create(o->addr, cc, &args);
-    grpc_channel_credentials_release(cc);
+    c->ch = srv_client_channel(o->addr, ca_pem, o->tls_name);
     c->cq = grpc_completion_queue_create_for_pluck(NULL);
     void *rm = grpc_channel_register_call(c->ch, method, NULL, NULL);
     gpr_timespec dl = gpr_inf_future(GPR_CLOCK_MONOTONIC);
@@ -481,25 +516,10 @@ srv_cmd_generate(int argc, char **argv)
         gen_opts_free(&o);
         return rc == 1 ? 0 : 2;
     }
-    char *ca = NULL, *key = NULL, *bearer = NULL;
+    char *ca = NULL, *bearer = NULL;
     int status = 2;
-    if (o.conn.tls_ca && (ca = slurp(C, "--tls-ca", o.conn.tls_ca)) == NULL)
+    if (srv_client_creds(C, o.conn.tls_ca, o.api_key_file, &ca, &bearer))
         goto out_opts;
-    if (o.api_key_file) {
-        if ((key = slurp(C, "--api-key-file", o.api_key_file)) == NULL)
-            goto out_opts;
-        size_t n = strlen(key);
-        while (n && strchr(" \t\r\n", key[n - 1]))
-            key[--n] = '\0';
-        if (n == 0) {
-            fprintf(stderr, "kvserve generate: --api-key-file: '%s' is empty\n", o.api_key_file);
-            goto out_opts;
-        }
-        if (asprintf(&bearer, "Bearer %s", key) < 0) {
-            bearer = NULL;
-            goto out_opts;
-        }
-    }
 
     Kvserve__V1__GenerateRequest req = KVSERVE__V1__GENERATE_REQUEST__INIT;
     Kvserve__V1__TokenIds ids = KVSERVE__V1__TOKEN_IDS__INIT;
@@ -571,7 +591,6 @@ out_call:
     free(r.stop_match);
 out_opts:
     free(ca);
-    free(key);
     free(bearer);
     gen_opts_free(&o);
     return status;

@@ -868,7 +868,7 @@ srv_cmd_eval(int argc, char **argv)
     if (o.kv.quant != KERN_KVQ_NONE) {
         /* The full-precision staging blocks come on top, so every
          * sequence's quantized blocks still fit. */
-        scfg.kv_hot_blocks = (o.max_tokens + o.block_size - 1) / o.block_size + 3 * o.max_seqs;
+        scfg.kv_hot_blocks = sched_default_hot_blocks(&scfg);
         scfg.n_blocks += scfg.kv_hot_blocks;
     }
     if ((rc = sched_new(r.m, &scfg, &r.sched))) {

@@ -15,6 +15,14 @@
  * past the last code reads "UNKNOWN". */
 enum { SRV_GRPC_CODES = 17 };
 const char *srv_grpc_status_name(grpc_status_code s);
+/* The files a client command's --tls-ca and --api-key-file name: *ca (or
+ * NULL) and *bearer ("Bearer KEY", or NULL), both to free().  0, or
+ * KVS_EINVAL after saying why (unreadable, an empty key). */
+int srv_client_creds(const char *cmd, const char *ca_path, const char *key_path, char **ca,
+                     char **bearer);
+/* A channel to addr: TLS with ca_pem (tls_name overriding the name the
+ * certificate must carry) when given, else plaintext.  After grpc_init. */
+grpc_channel *srv_client_channel(const char *addr, const char *ca_pem, const char *tls_name);
 
 /* splitmix64: every random choice of eval and bench reproducible from a
  * seed alone. */

@@ -549,8 +549,9 @@ chunk_decode(cpu_isa_t isa, const kern_kv_t *kv, uint32_t layer, uint32_t g, con
             kern__cpu_row_to_f32(isa, rows, kt, kr, (size_t)n * d);
             kern__cpu_row_to_f32(isa, rows, vt, vr, (size_t)n * d);
         } else {
-            kern__kvq_decode_fast(kv->quant, false, kt, bt, d, o, (uint32_t)n, kr);
-            kern__kvq_decode_fast(kv->quant, true, vt, bt, d, o, (uint32_t)n, vr);
+            bool avx2 = isa >= CPU_ISA_AVX2;
+            kern__kvq_decode_fast(avx2, kv->quant, false, kt, bt, d, o, (uint32_t)n, kr);
+            kern__kvq_decode_fast(avx2, kv->quant, true, vt, bt, d, o, (uint32_t)n, vr);
         }
         t += n;
     }
