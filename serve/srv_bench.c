@@ -3,20 +3,19 @@
  * running server in the style of vLLM's benchmark_serving, called from
  * main.c.  One channel, one completion queue and one state machine per
  * Generate call: a closed loop keeps C calls in flight, an open loop starts
- * them at Poisson or gamma arrival times.  Prints latency percentiles and
- * throughput, optionally every per-request record as JSON.
+ * them at Poisson or gamma arrival times.  Multi-turn conversations resend
+ * their history; fault injection cancels calls or gives them short
+ * deadlines.  srv_bench_report.c prints and writes what was measured.
  */
-#include "srv_int.h"
+#include "srv_bench.h"
 
 #include <grpc/grpc_security.h>
 #include <grpc/support/time.h>
 
-#include <errno.h>
 #include <getopt.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 static const char bench_usage[] =
     "usage: kvserve bench --addr HOST:PORT [--num-requests N (100)]\n"
@@ -25,70 +24,29 @@ static const char bench_usage[] =
     "                     [--input-len L (256)] [--input-len-range F (0)]\n"
     "                     [--output-len O (64)] [--output-len-range F (0)]\n"
     "                     [--shared-prefix RATIO (0..1)] [--seed S] [--timeout-ms T]\n"
+    "                     [--multi-turn T [--question-len Q (32)]] [--duration S]\n"
+    "                     [--cancel-fraction F [--cancel-after-ms MS (1000)]]\n"
+    "                     [--deadline-fraction F [--deadline-ms MS (1000)]]\n"
+    "                     [--attention dense|sink-window|delta|block-sparse] [--attn-sinks N]\n"
+    "                     [--attn-window N] [--delta-gamma N] [--attn-top-k N]\n"
+    "                     [--prefill full|speculative] [--keep-ratio R] [--look-ahead N]\n"
+    "                     [--spec-chunk N] [--kv-policy full|sink-eviction|snapkv|h2o]\n"
+    "                     [--kv-budget N] [--kv-evict-sinks N] [--snapkv-window N]\n"
+    "                     [--h2o-recent N]\n"
     "                     [--api-key-file F] [--tls-ca F] [--tls-server-name NAME]\n"
-    "                     [--json FILE] [--no-progress]\n"
+    "                     [--json FILE] [--plot FILE.svg] [--no-progress]\n"
     "Greedy, ignore_eos, max_tokens = the output length; random prompt token ids.\n"
     "TPOT = (E2E - TTFT) / (tokens - 1).  ITL: a message with n tokens splits the gap\n"
-    "since the previous one evenly over them; the first message's tokens count in TTFT.\n";
+    "since the previous one evenly over them; the first message's tokens count in TTFT.\n"
+    "Multi-turn: conversations of T requests; a turn sends the previous prompt, its\n"
+    "answer and Q new tokens.  --num-requests counts turns; open loop paces conversations.\n"
+    "Cancel / deadline fractions: those requests are cancelled by the client after a\n"
+    "uniform 0..MS ms, or get a uniform MS/10..MS ms deadline; CANCELLED and\n"
+    "DEADLINE_EXCEEDED are then intended.  Exit 0 when nothing else failed.\n";
 
 /* An open loop never waits for completions; past this many calls in
  * flight it does, and says so in the summary. */
 enum { BENCH_MAX_IN_FLIGHT = 4096 };
-
-enum { K_START, K_STATUS, K_RECV, K_INFO };
-
-typedef struct bench_opts {
-    const char *addr, *tls_ca, *tls_name, *api_key_file, *json;
-    uint32_t n_req, conc, in_len, out_len, timeout_ms;
-    float in_range, out_range, prefix, rate, burst;
-    uint64_t seed;
-    bool open_loop, progress;
-} bench_opts_t;
-
-struct bench_req;
-typedef struct bench_tag {
-    int kind;
-    struct bench_req *r;
-} bench_tag_t;
-
-/* One Generate call and what it measured; times are seconds since the run
- * began. */
-typedef struct bench_req {
-    bench_tag_t t_start, t_status, t_recv;
-    uint32_t *prompt;
-    uint32_t n_prompt, out_len;
-    grpc_call *call;
-    grpc_byte_buffer *req_bb, *recv_bb;
-    grpc_metadata_array init_md, trail_md;
-    grpc_status_code status;
-    grpc_slice details;
-    int pending; /* batches started and not yet back */
-    bool started, done, parse_error;
-    double t0, t_first, t_last, t_end;
-    uint32_t tokens, usage_prompt, usage_cached;
-    bool has_usage;
-    double *itl; /* ms, one per token after the first message's */
-    size_t n_itl, cap_itl;
-    char *message;
-} bench_req_t;
-
-typedef struct bench {
-    bench_opts_t o;
-    grpc_channel *ch;
-    grpc_completion_queue *cq;
-    void *rm_gen;
-    grpc_metadata auth;
-    size_t n_auth;
-    bench_req_t *reqs;
-    double *arrival; /* open loop: start time of each request */
-    struct timespec epoch;
-    uint32_t next, in_flight, n_done, n_err, max_in_flight;
-    uint64_t tok_total, cap_hits;
-    uint32_t cap_held; /* 1 + the arrival last counted in cap_hits */
-    double last_progress;
-} bench_t;
-
-enum { N_CODES = SRV_GRPC_CODES };
 
 static double
 now_s(const bench_t *b)
@@ -147,102 +105,264 @@ draw_len(uint64_t *s, uint32_t len, float range)
 
 /* ---- options ----------------------------------------------------------- */
 
+enum {
+    O_ADDR = 1,
+    O_NREQ,
+    O_CONC,
+    O_RATE,
+    O_BURST,
+    O_IN,
+    O_INRANGE,
+    O_OUT,
+    O_OUTRANGE,
+    O_PREFIX,
+    O_SEED,
+    O_TIMEOUT,
+    O_KEY,
+    O_CA,
+    O_NAME,
+    O_JSON,
+    O_PLOT,
+    O_QUIET,
+    O_TURNS,
+    O_QLEN,
+    O_DURATION,
+    O_CANCEL,
+    O_CANCELMS,
+    O_DEADLINE,
+    O_DEADLINEMS,
+    O_HELP,
+};
+
+/* The serve flags that describe one request's policy, copied into the
+ * GenerateRequest; the server checks the combination and names the field
+ * it refuses. */
+static int
+bench_policy_opt(int c, const char *arg, bench_opts_t *o, model_attn_policy_t *ap,
+                 model_spec_policy_t *sp, srv_kv_opts_t *kv)
+{
+    const char *C = "bench";
+    int rc = srv_attn_opt(C, c, arg, ap);
+    if (rc != 1) {
+        o->has_attn = true;
+        return rc;
+    }
+    if ((rc = srv_prefill_opt(C, c, arg, sp)) != 1) {
+        o->has_prefill = true;
+        return rc;
+    }
+    if (c == SRV_O_KVDTYPE || c == SRV_O_KVSINKS || c == SRV_O_KVRESID || c == SRV_O_HOSTMEM)
+        return 1; /* the server's, not a request's */
+    if ((rc = srv_kv_opt(C, c, arg, kv)) != 1)
+        o->has_kv = true;
+    return rc;
+}
+
+static void
+bench_policy_fill(bench_opts_t *o, const model_attn_policy_t *ap, const model_spec_policy_t *sp,
+                  const srv_kv_opts_t *kv)
+{
+    static const Kvserve__V1__AttentionPolicy__Kind ak[] = {
+        [MODEL_ATTN_DENSE] = KVSERVE__V1__ATTENTION_POLICY__KIND__DENSE,
+        [MODEL_ATTN_SINK_WINDOW] = KVSERVE__V1__ATTENTION_POLICY__KIND__SINK_WINDOW,
+        [MODEL_ATTN_DELTA] = KVSERVE__V1__ATTENTION_POLICY__KIND__DELTA,
+        [MODEL_ATTN_BLOCK_SPARSE] = KVSERVE__V1__ATTENTION_POLICY__KIND__BLOCK_SPARSE,
+    };
+    static const Kvserve__V1__KvPolicy__Kind kk[] = {
+        [SCHED_KV_FULL] = KVSERVE__V1__KV_POLICY__KIND__FULL,
+        [SCHED_KV_SINK_EVICTION] = KVSERVE__V1__KV_POLICY__KIND__SINK_EVICTION,
+        [SCHED_KV_SNAPKV] = KVSERVE__V1__KV_POLICY__KIND__SNAPKV,
+        [SCHED_KV_H2O] = KVSERVE__V1__KV_POLICY__KIND__H2O,
+    };
+    kvserve__v1__attention_policy__init(&o->attn);
+    kvserve__v1__prefill_policy__init(&o->prefill);
+    kvserve__v1__kv_policy__init(&o->kv);
+    if (o->has_attn) {
+        Kvserve__V1__AttentionPolicy *a = &o->attn;
+        a->has_kind = a->has_sink_tokens = a->has_window_tokens = true;
+        a->kind = ak[ap->kind];
+        a->sink_tokens = ap->sinks;
+        a->window_tokens = ap->window;
+        a->has_gamma = ap->kind == MODEL_ATTN_DELTA;
+        a->gamma = ap->gamma;
+        a->has_top_k_blocks = ap->kind == MODEL_ATTN_BLOCK_SPARSE;
+        a->top_k_blocks = ap->top_k;
+    }
+    if (o->has_prefill) {
+        Kvserve__V1__PrefillPolicy *p = &o->prefill;
+        p->has_kind = true;
+        p->kind = sp->on ? KVSERVE__V1__PREFILL_POLICY__KIND__SPECULATIVE
+                         : KVSERVE__V1__PREFILL_POLICY__KIND__FULL;
+        p->has_keep_ratio = sp->keep_ratio != 0.0f;
+        p->keep_ratio = sp->keep_ratio;
+        p->has_chunk_tokens = sp->chunk != 0;
+        p->chunk_tokens = sp->chunk;
+        p->has_look_ahead = sp->look_ahead != 0;
+        p->look_ahead = sp->look_ahead;
+    }
+    if (o->has_kv) {
+        Kvserve__V1__KvPolicy *k = &o->kv;
+        const sched_kv_policy_t *p = &kv->policy;
+        k->has_kind = true;
+        k->kind = kk[p->kind];
+        k->has_budget_tokens = p->budget_tokens != 0;
+        k->budget_tokens = p->budget_tokens;
+        k->has_sink_tokens = p->kind == SCHED_KV_SINK_EVICTION;
+        k->sink_tokens = p->sinks;
+        k->has_window_tokens = p->kind == SCHED_KV_SNAPKV || kv->h2o_recent != 0;
+        k->window_tokens = p->kind == SCHED_KV_H2O ? kv->h2o_recent : p->window;
+    }
+}
+
 /* 0, 1 after --help, or KVS_EINVAL after a message naming the flag. */
 static int
 bench_parse(int argc, char **argv, bench_opts_t *o)
 {
     static const struct option lo[] = {
-        {"addr", 1, 0, 'a'},
-        {"num-requests", 1, 0, 'n'},
-        {"concurrency", 1, 0, 'c'},
-        {"request-rate", 1, 0, 'r'},
-        {"burstiness", 1, 0, 'b'},
-        {"input-len", 1, 0, 'i'},
-        {"input-len-range", 1, 0, 'I'},
-        {"output-len", 1, 0, 'o'},
-        {"output-len-range", 1, 0, 'O'},
-        {"shared-prefix", 1, 0, 'p'},
-        {"seed", 1, 0, 's'},
-        {"timeout-ms", 1, 0, 'T'},
-        {"api-key-file", 1, 0, 'K'},
-        {"tls-ca", 1, 0, 'C'},
-        {"tls-server-name", 1, 0, 'N'},
-        {"json", 1, 0, 'j'},
-        {"no-progress", 0, 0, 'q'},
-        {"help", 0, 0, 'h'},
+        {"addr", 1, 0, O_ADDR},
+        {"num-requests", 1, 0, O_NREQ},
+        {"concurrency", 1, 0, O_CONC},
+        {"request-rate", 1, 0, O_RATE},
+        {"burstiness", 1, 0, O_BURST},
+        {"input-len", 1, 0, O_IN},
+        {"input-len-range", 1, 0, O_INRANGE},
+        {"output-len", 1, 0, O_OUT},
+        {"output-len-range", 1, 0, O_OUTRANGE},
+        {"shared-prefix", 1, 0, O_PREFIX},
+        {"seed", 1, 0, O_SEED},
+        {"timeout-ms", 1, 0, O_TIMEOUT},
+        {"api-key-file", 1, 0, O_KEY},
+        {"tls-ca", 1, 0, O_CA},
+        {"tls-server-name", 1, 0, O_NAME},
+        {"json", 1, 0, O_JSON},
+        {"plot", 1, 0, O_PLOT},
+        {"no-progress", 0, 0, O_QUIET},
+        {"multi-turn", 1, 0, O_TURNS},
+        {"question-len", 1, 0, O_QLEN},
+        {"duration", 1, 0, O_DURATION},
+        {"cancel-fraction", 1, 0, O_CANCEL},
+        {"cancel-after-ms", 1, 0, O_CANCELMS},
+        {"deadline-fraction", 1, 0, O_DEADLINE},
+        {"deadline-ms", 1, 0, O_DEADLINEMS},
+        {"help", 0, 0, O_HELP},
+        SRV_ATTN_LONGOPTS,
+        SRV_PREFILL_LONGOPTS,
+        SRV_KV_LONGOPTS,
         {0, 0, 0, 0},
     };
     const char *C = "bench";
-    *o = (bench_opts_t){
-        .n_req = 100, .conc = 8, .in_len = 256, .out_len = 64, .burst = 1.0f, .progress = true};
-    bool have_conc = false, have_burst = false;
+    *o = (bench_opts_t){.n_req = 100,
+                        .conc = 8,
+                        .in_len = 256,
+                        .out_len = 64,
+                        .burst = 1.0f,
+                        .progress = true,
+                        .turns = 1,
+                        .question_len = 32,
+                        .cancel_ms = 1000,
+                        .deadline_ms = 1000};
+    model_attn_policy_t ap = SRV_ATTN_DEFAULT;
+    model_spec_policy_t sp = {0};
+    srv_kv_opts_t kv = SRV_KV_DEFAULT;
+    bool have_conc = false, have_burst = false, have_qlen = false, have_cms = false,
+         have_dms = false;
     opterr = 0;
     optind = 1;
     int c;
     while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         int rc = 0;
         switch (c) {
-        case 'h':
+        case O_HELP:
             fputs(bench_usage, stdout);
             return 1;
-        case 'a':
+        case O_ADDR:
             o->addr = optarg;
             break;
-        case 'n':
+        case O_NREQ:
             rc = srv_parse_u32(C, "--num-requests", optarg, 1, 10000000, &o->n_req);
             break;
-        case 'c':
+        case O_CONC:
             rc = srv_parse_u32(C, "--concurrency", optarg, 1, BENCH_MAX_IN_FLIGHT, &o->conc);
             have_conc = true;
             break;
-        case 'r':
+        case O_RATE:
             rc = srv_parse_f32(C, "--request-rate", optarg, 1e-3f, 1e6f, &o->rate);
             o->open_loop = true;
             break;
-        case 'b':
+        case O_BURST:
             rc = srv_parse_f32(C, "--burstiness", optarg, 1e-3f, 1e3f, &o->burst);
             have_burst = true;
             break;
-        case 'i':
+        case O_IN:
             rc = srv_parse_u32(C, "--input-len", optarg, 1, 1u << 24, &o->in_len);
             break;
-        case 'I':
+        case O_INRANGE:
             rc = srv_parse_f32(C, "--input-len-range", optarg, 0.0f, 1.0f, &o->in_range);
             break;
-        case 'o':
+        case O_OUT:
             rc = srv_parse_u32(C, "--output-len", optarg, 1, 1u << 24, &o->out_len);
             break;
-        case 'O':
+        case O_OUTRANGE:
             rc = srv_parse_f32(C, "--output-len-range", optarg, 0.0f, 1.0f, &o->out_range);
             break;
-        case 'p':
+        case O_PREFIX:
             rc = srv_parse_f32(C, "--shared-prefix", optarg, 0.0f, 1.0f, &o->prefix);
             break;
-        case 's':
+        case O_SEED:
             rc = srv_parse_u64(C, "--seed", optarg, &o->seed);
             break;
-        case 'T':
+        case O_TIMEOUT:
             rc = srv_parse_u32(C, "--timeout-ms", optarg, 1, INT32_MAX, &o->timeout_ms);
             break;
-        case 'K':
+        case O_KEY:
             o->api_key_file = optarg;
             break;
-        case 'C':
+        case O_CA:
             o->tls_ca = optarg;
             break;
-        case 'N':
+        case O_NAME:
             o->tls_name = optarg;
             break;
-        case 'j':
+        case O_JSON:
             o->json = optarg;
             break;
-        case 'q':
+        case O_PLOT:
+            o->plot = optarg;
+            break;
+        case O_QUIET:
             o->progress = false;
             break;
+        case O_TURNS:
+            rc = srv_parse_u32(C, "--multi-turn", optarg, 1, 1024, &o->turns);
+            break;
+        case O_QLEN:
+            rc = srv_parse_u32(C, "--question-len", optarg, 1, 1u << 20, &o->question_len);
+            have_qlen = true;
+            break;
+        case O_DURATION:
+            rc = srv_parse_f32(C, "--duration", optarg, 1e-3f, 1e7f, &o->duration_s);
+            break;
+        case O_CANCEL:
+            rc = srv_parse_f32(C, "--cancel-fraction", optarg, 0.0f, 1.0f, &o->cancel_frac);
+            break;
+        case O_CANCELMS:
+            rc = srv_parse_u32(C, "--cancel-after-ms", optarg, 1, INT32_MAX, &o->cancel_ms);
+            have_cms = true;
+            break;
+        case O_DEADLINE:
+            rc = srv_parse_f32(C, "--deadline-fraction", optarg, 0.0f, 1.0f, &o->deadline_frac);
+            break;
+        case O_DEADLINEMS:
+            rc = srv_parse_u32(C, "--deadline-ms", optarg, 10, INT32_MAX, &o->deadline_ms);
+            have_dms = true;
+            break;
         default:
-            fprintf(stderr, "kvserve bench: unknown or incomplete option '%s'\n%s",
-                    argv[optind - 1], bench_usage);
-            return KVS_EINVAL;
+            rc = optarg ? bench_policy_opt(c, optarg, o, &ap, &sp, &kv) : 1;
+            if (rc == 1) {
+                fprintf(stderr, "kvserve bench: unknown or incomplete option '%s'\n%s",
+                        argv[optind - 1], bench_usage);
+                return KVS_EINVAL;
+            }
         }
         if (rc) {
             fputs(bench_usage, stderr);
@@ -262,55 +382,102 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
         why = "--burstiness needs --request-rate";
     else if (o->tls_name && o->tls_ca == NULL)
         why = "--tls-server-name needs --tls-ca";
+    else if (have_qlen && o->turns < 2)
+        why = "--question-len needs --multi-turn T with T >= 2";
+    else if (o->cancel_frac + o->deadline_frac > 1.0f)
+        why = "--cancel-fraction plus --deadline-fraction exceed 1";
+    else if (have_cms && o->cancel_frac == 0.0f)
+        why = "--cancel-after-ms needs --cancel-fraction";
+    else if (have_dms && o->deadline_frac == 0.0f)
+        why = "--deadline-ms needs --deadline-fraction";
     if (why) {
         fprintf(stderr, "kvserve bench: %s\n%s", why, bench_usage);
         return KVS_EINVAL;
     }
+    bench_policy_fill(o, &ap, &sp, &kv);
     return 0;
 }
 
 /* ---- the workload ----------------------------------------------------- */
 
-/* Prompts, output lengths and arrival times, all from --seed; token ids in
- * [0, vocab).  The shared prefix is the same tokens at the head of every
- * prompt, so a prefix cache can serve them. */
+/* Lengths, faults and arrival times, all from --seed; prompts are made at
+ * launch (a long --duration run may hold many requests).  Token ids are in
+ * [0, vocab); the shared prefix is the same tokens at the head of every
+ * conversation's first prompt, so a prefix cache can serve them. */
 static int
-bench_workload(bench_t *b, uint32_t vocab)
+bench_workload(bench_t *b)
 {
     const bench_opts_t *o = &b->o;
     uint64_t s = o->seed ^ 0x6b767365727665ull;
-    uint32_t max_in = (uint32_t)ceil(o->in_len * (1.0 + o->in_range)) + 1;
-    uint32_t *common = malloc((size_t)max_in * sizeof *common);
+    b->n_conv = (o->n_req + o->turns - 1) / o->turns;
     b->reqs = calloc(o->n_req, sizeof *b->reqs);
-    b->arrival = calloc(o->n_req, sizeof *b->arrival);
-    if (common == NULL || b->reqs == NULL || b->arrival == NULL) {
-        free(common);
+    b->arrival = calloc(b->n_conv, sizeof *b->arrival);
+    b->ready = calloc(b->n_conv, sizeof *b->ready);
+    b->heap = calloc(o->n_req, sizeof *b->heap);
+    if (b->reqs == NULL || b->arrival == NULL || b->ready == NULL || b->heap == NULL)
         return KVS_ENOMEM;
-    }
-    for (uint32_t i = 0; i < max_in; i++)
-        common[i] = (uint32_t)(srv_rng_next(&s) % vocab);
-    double t = 0;
     for (uint32_t k = 0; k < o->n_req; k++) {
         bench_req_t *r = &b->reqs[k];
-        r->n_prompt = draw_len(&s, o->in_len, o->in_range);
+        r->n_prompt = k % o->turns == 0 ? draw_len(&s, o->in_len, o->in_range) : 0;
         r->out_len = draw_len(&s, o->out_len, o->out_range);
-        if ((r->prompt = malloc((size_t)r->n_prompt * sizeof *r->prompt)) == NULL) {
-            free(common);
-            return KVS_ENOMEM;
+        double u = rng_unit(&s);
+        if (u < o->cancel_frac) {
+            r->intent = INTENT_CANCEL;
+            r->fault_ms = rng_unit(&s) * o->cancel_ms;
+        } else if (u < o->cancel_frac + o->deadline_frac) {
+            r->intent = INTENT_DEADLINE;
+            r->fault_ms = o->deadline_ms * (0.1 + 0.9 * rng_unit(&s));
         }
-        uint32_t shared = (uint32_t)lround(o->prefix * r->n_prompt);
-        for (uint32_t i = 0; i < r->n_prompt; i++)
-            r->prompt[i] = i < shared ? common[i] : (uint32_t)(srv_rng_next(&s) % vocab);
-        /* The first request starts at once; gamma with shape 1 is the
-         * exponential, so B = 1 is Poisson. */
-        if (o->open_loop && k > 0)
-            t += o->burst == 1.0f ? -log(rng_unit(&s)) / o->rate
-                                  : rng_gamma(&s, o->burst) / ((double)o->rate * o->burst);
-        b->arrival[k] = t;
         r->status = GRPC_STATUS_UNKNOWN;
         r->details = grpc_empty_slice();
     }
-    free(common);
+    /* The first conversation starts at once; gamma with shape 1 is the
+     * exponential, so B = 1 is Poisson. */
+    double t = 0;
+    for (uint32_t c = 1; o->open_loop && c < b->n_conv; c++) {
+        t += o->burst == 1.0f ? -log(rng_unit(&s)) / o->rate
+                              : rng_gamma(&s, o->burst) / ((double)o->rate * o->burst);
+        b->arrival[c] = t;
+    }
+    return 0;
+}
+
+/* Request k's prompt: a first turn draws its own tokens (after the shared
+ * prefix), a later turn extends the previous turn's prompt with that turn's
+ * answer and new question tokens, then the previous turn lets both go. */
+static int
+bench_prompt(bench_t *b, uint32_t k)
+{
+    const bench_opts_t *o = &b->o;
+    bench_req_t *r = &b->reqs[k];
+    uint64_t s = o->seed ^ (0x9e3779b97f4a7c15ull * (k + 1));
+    if (k % o->turns == 0) {
+        uint32_t n = r->n_prompt, shared = (uint32_t)lround(o->prefix * n);
+        uint32_t q = o->turns > 1 ? o->question_len : 0;
+        if ((r->prompt = malloc(((size_t)n + q) * sizeof *r->prompt)) == NULL)
+            return KVS_ENOMEM;
+        uint64_t cs = o->seed ^ 0x636f6d6d6f6eull;
+        for (uint32_t i = 0; i < n + q; i++) {
+            /* The common stream is drawn in step so prefixes agree. */
+            uint32_t common = (uint32_t)(srv_rng_next(&cs) % b->vocab);
+            r->prompt[i] = i < shared ? common : (uint32_t)(srv_rng_next(&s) % b->vocab);
+        }
+        r->n_prompt = n + q;
+        return 0;
+    }
+    bench_req_t *p = &b->reqs[k - 1];
+    size_t n = (size_t)p->n_prompt + p->n_out + o->question_len;
+    if (n > UINT32_MAX || (r->prompt = malloc(n * sizeof *r->prompt)) == NULL)
+        return KVS_ENOMEM;
+    memcpy(r->prompt, p->prompt, (size_t)p->n_prompt * sizeof *r->prompt);
+    if (p->n_out)
+        memcpy(r->prompt + p->n_prompt, p->out_ids, (size_t)p->n_out * sizeof *r->prompt);
+    for (size_t i = (size_t)p->n_prompt + p->n_out; i < n; i++)
+        r->prompt[i] = (uint32_t)(srv_rng_next(&s) % b->vocab);
+    r->n_prompt = (uint32_t)n;
+    free(p->prompt);
+    free(p->out_ids);
+    p->prompt = p->out_ids = NULL;
     return 0;
 }
 
@@ -384,16 +551,41 @@ bench_vocab(bench_t *b)
 
 /* ---- the calls ---------------------------------------------------------- */
 
+/* The one-second bin of time t, grown on demand (NULL when memory runs
+ * out: the timeline then just misses a count). */
+static bench_bin_t *
+bench_bin(bench_t *b, double t)
+{
+    size_t i = t > 0 ? (size_t)t : 0;
+    if (i >= b->n_bins) {
+        size_t n = b->n_bins ? b->n_bins : 64;
+        while (n <= i)
+            n *= 2;
+        bench_bin_t *p = realloc(b->bins, n * sizeof *p);
+        if (p == NULL)
+            return NULL;
+        memset(p + b->n_bins, 0, (n - b->n_bins) * sizeof *p);
+        b->bins = p;
+        b->n_bins = n;
+    }
+    return &b->bins[i];
+}
+
 static void
 req_finish(bench_t *b, bench_req_t *r)
 {
+    const bench_opts_t *o = &b->o;
+    uint32_t k = (uint32_t)(r - b->reqs);
     r->done = true;
     b->in_flight--;
     b->n_done++;
     if (r->parse_error && r->status == GRPC_STATUS_CANCELLED)
         r->status = GRPC_STATUS_INTERNAL;
-    if (r->status != GRPC_STATUS_OK)
+    if (r->status != GRPC_STATUS_OK && !bench_intended(r))
         b->n_err++;
+    bench_bin_t *bin = bench_bin(b, r->t_end);
+    if (bin)
+        bin->completed++;
     size_t n = GRPC_SLICE_LENGTH(r->details);
     const char *m = r->parse_error ? "cannot parse a GenerateResponse"
                                    : (const char *)GRPC_SLICE_START_PTR(r->details);
@@ -412,6 +604,15 @@ req_finish(bench_t *b, bench_req_t *r)
     if (r->call)
         grpc_call_unref(r->call);
     r->call = NULL;
+    /* The next turn goes on whatever this one ended with: a cancelled turn
+     * still leaves its prompt and partial answer as history. */
+    if ((k + 1) % o->turns != 0 && k + 1 < o->n_req) {
+        b->ready[(b->ready_head + b->ready_len++) % b->n_conv] = k + 1;
+    } else {
+        free(r->prompt);
+        free(r->out_ids);
+        r->prompt = r->out_ids = NULL;
+    }
 }
 
 static void
@@ -445,18 +646,73 @@ req_recv(bench_req_t *r)
     req_start(r, &op, 1, &r->t_recv);
 }
 
+/* A min-heap on cancellation time. */
 static void
-req_launch(bench_t *b, bench_req_t *r)
+heap_push(bench_t *b, double t, uint32_t k)
+{
+    uint32_t i = b->n_heap++;
+    while (i > 0 && b->heap[(i - 1) / 2].t > t) {
+        b->heap[i] = b->heap[(i - 1) / 2];
+        i = (i - 1) / 2;
+    }
+    b->heap[i] = (bench_cancel_t){t, k};
+}
+
+static bench_cancel_t
+heap_pop(bench_t *b)
+{
+    bench_cancel_t top = b->heap[0], last = b->heap[--b->n_heap];
+    uint32_t i = 0;
+    for (;;) {
+        uint32_t c = 2 * i + 1;
+        if (c >= b->n_heap)
+            break;
+        if (c + 1 < b->n_heap && b->heap[c + 1].t < b->heap[c].t)
+            c++;
+        if (b->heap[c].t >= last.t)
+            break;
+        b->heap[i] = b->heap[c];
+        i = c;
+    }
+    if (b->n_heap)
+        b->heap[i] = last;
+    return top;
+}
+
+static void
+req_launch(bench_t *b, uint32_t k)
 {
     const bench_opts_t *o = &b->o;
+    bench_req_t *r = &b->reqs[k];
     r->t_start = (bench_tag_t){K_START, r};
     r->t_status = (bench_tag_t){K_STATUS, r};
     r->t_recv = (bench_tag_t){K_RECV, r};
     grpc_metadata_array_init(&r->init_md);
     grpc_metadata_array_init(&r->trail_md);
+    r->started = true;
+    r->t0 = now_s(b);
+    b->n_started++;
+    b->in_flight++;
+    if (b->in_flight > b->max_in_flight)
+        b->max_in_flight = b->in_flight;
+    bench_bin_t *bin = bench_bin(b, r->t0);
+    if (bin && bin->max_in_flight < b->in_flight)
+        bin->max_in_flight = b->in_flight;
+    if (bench_prompt(b, k)) {
+        r->status = GRPC_STATUS_RESOURCE_EXHAUSTED;
+        r->details = grpc_slice_from_static_string("kvserve bench: out of memory for the prompt");
+        r->t_end = r->t0;
+        req_finish(b, r);
+        return;
+    }
+
     Kvserve__V1__GenerateRequest req = KVSERVE__V1__GENERATE_REQUEST__INIT;
     Kvserve__V1__TokenIds ids = KVSERVE__V1__TOKEN_IDS__INIT;
     Kvserve__V1__SamplingParams sp = KVSERVE__V1__SAMPLING_PARAMS__INIT;
+    Kvserve__V1__LongContextPolicy pol = KVSERVE__V1__LONG_CONTEXT_POLICY__INIT;
+    Kvserve__V1__AttentionPolicy attn = o->attn;
+    Kvserve__V1__PrefillPolicy prefill = o->prefill;
+    Kvserve__V1__KvPolicy kv = o->kv;
     ids.ids = r->prompt;
     ids.n_ids = r->n_prompt;
     req.prompt_case = KVSERVE__V1__GENERATE_REQUEST__PROMPT_TOKENS;
@@ -467,18 +723,24 @@ req_launch(bench_t *b, bench_req_t *r)
     sp.max_tokens = r->out_len;
     sp.has_ignore_eos = sp.ignore_eos = 1;
     req.sampling = &sp;
+    if (o->has_attn || o->has_prefill || o->has_kv) {
+        pol.attention = o->has_attn ? &attn : NULL;
+        pol.prefill = o->has_prefill ? &prefill : NULL;
+        pol.kv = o->has_kv ? &kv : NULL;
+        req.policy = &pol;
+    }
     r->req_bb = srv_pb_to_bb(&req.base);
+    double dl_ms = o->timeout_ms ? (double)o->timeout_ms : 0;
+    if (r->intent == INTENT_DEADLINE && (dl_ms == 0 || r->fault_ms < dl_ms))
+        dl_ms = r->fault_ms;
     gpr_timespec dl = gpr_inf_future(GPR_CLOCK_MONOTONIC);
-    if (o->timeout_ms)
+    if (dl_ms > 0)
         dl = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                          gpr_time_from_millis(o->timeout_ms, GPR_TIMESPAN));
+                          gpr_time_from_micros((int64_t)(dl_ms * 1e3), GPR_TIMESPAN));
     r->call = grpc_channel_create_registered_call(b->ch, NULL, GRPC_PROPAGATE_DEFAULTS, b->cq,
                                                   b->rm_gen, dl, NULL);
-    r->started = true;
-    r->t0 = now_s(b);
-    b->in_flight++;
-    if (b->in_flight > b->max_in_flight)
-        b->max_in_flight = b->in_flight;
+    if (r->intent == INTENT_CANCEL)
+        heap_push(b, r->t0 + r->fault_ms * 1e-3, k);
 
     grpc_op ops[4];
     memset(ops, 0, sizeof ops);
@@ -525,7 +787,8 @@ itl_push(bench_req_t *r, double ms)
  * made since its last send): the gap since the previous token-bearing
  * message is split evenly over them, so ITL has one entry per token and
  * its mean is the decode rate.  The first message's tokens all count as
- * arriving at TTFT and get no ITL entry. */
+ * arriving at TTFT and get no ITL entry.  Multi-turn keeps the ids for
+ * the next turn's history. */
 static void
 req_message(bench_t *b, bench_req_t *r, const Kvserve__V1__GenerateResponse *m)
 {
@@ -540,9 +803,21 @@ req_message(bench_t *b, bench_req_t *r, const Kvserve__V1__GenerateResponse *m)
                 if (!itl_push(r, gap))
                     break;
         }
+        if (b->o.turns > 1) {
+            /* Out of memory, the history just misses these tokens. */
+            uint32_t *p = realloc(r->out_ids, ((size_t)r->n_out + n) * sizeof *p);
+            if (p) {
+                r->out_ids = p;
+                for (size_t i = 0; i < n; i++)
+                    p[r->n_out++] = (uint32_t)m->token_ids[i];
+            }
+        }
         r->t_last = t;
         r->tokens += (uint32_t)n;
         b->tok_total += n;
+        bench_bin_t *bin = bench_bin(b, t);
+        if (bin)
+            bin->tokens += n;
     }
     if (m->usage) {
         r->has_usage = true;
@@ -598,34 +873,61 @@ bench_progress(bench_t *b, bool final)
     fflush(stderr);
 }
 
+/* Starts what may start now; returns the time of the next arrival or
+ * cancellation to wake for (at most `wake`). */
+static double
+bench_launch_ready(bench_t *b, double t, double wake)
+{
+    const bench_opts_t *o = &b->o;
+    while (b->n_heap && b->heap[0].t <= t) {
+        bench_req_t *r = &b->reqs[heap_pop(b).k];
+        if (!r->done && r->call)
+            grpc_call_cancel(r->call, NULL);
+    }
+    if (b->n_heap && b->heap[0].t < wake)
+        wake = b->heap[0].t;
+    if (o->duration_s > 0 && t >= o->duration_s)
+        b->stopped = true;
+    if (b->stopped)
+        return wake;
+    uint32_t cap = o->open_loop ? BENCH_MAX_IN_FLIGHT : o->conc;
+    /* Turns of running conversations first: they hold a cached history. */
+    while (b->ready_len && b->in_flight < cap) {
+        uint32_t k = b->ready[b->ready_head];
+        b->ready_head = (b->ready_head + 1) % b->n_conv;
+        b->ready_len--;
+        req_launch(b, k);
+    }
+    while (b->next_conv < b->n_conv) {
+        if (o->open_loop && b->arrival[b->next_conv] > t) {
+            if (b->arrival[b->next_conv] < wake)
+                wake = b->arrival[b->next_conv];
+            break;
+        }
+        if (b->in_flight >= cap) {
+            if (o->open_loop && b->cap_held != b->next_conv + 1) { /* once per arrival */
+                b->cap_hits++;
+                b->cap_held = b->next_conv + 1;
+            }
+            break;
+        }
+        req_launch(b, b->next_conv++ * o->turns);
+    }
+    return wake;
+}
+
 static void
 bench_loop(bench_t *b)
 {
     const bench_opts_t *o = &b->o;
-    while (b->n_done < o->n_req) {
-        double t = now_s(b), wake = t + 0.25;
-        while (b->next < o->n_req) {
-            if (o->open_loop) {
-                if (b->arrival[b->next] > t) {
-                    if (b->arrival[b->next] < wake)
-                        wake = b->arrival[b->next];
-                    break;
-                }
-                if (b->in_flight >= BENCH_MAX_IN_FLIGHT) {
-                    if (b->cap_held != b->next + 1) { /* count each delayed arrival once */
-                        b->cap_hits++;
-                        b->cap_held = b->next + 1;
-                    }
-                    break;
-                }
-            } else if (b->in_flight >= o->conc) {
-                break;
-            }
-            req_launch(b, &b->reqs[b->next++]);
-        }
+    for (;;) {
+        double t = now_s(b), wake = bench_launch_ready(b, t, t + 0.25);
         bench_progress(b, false);
-        if (b->n_done >= o->n_req)
+        bool more = !b->stopped && (b->ready_len || b->next_conv < b->n_conv);
+        if (b->in_flight == 0 && !more)
             break;
+        if (o->duration_s > 0 && !b->stopped && o->duration_s < wake)
+            wake = o->duration_s;
         double wait = wake - now_s(b);
         if (wait < 0)
             wait = 0;
@@ -639,229 +941,6 @@ bench_loop(bench_t *b)
         }
     }
     bench_progress(b, true);
-}
-
-/* ---- the summary -------------------------------------------------------- */
-
-typedef struct stat5 {
-    double mean, p50, p90, p95, p99;
-    size_t n;
-} stat5_t;
-
-static int
-cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-/* Percentiles interpolate between order statistics (numpy's default, as
- * vLLM's benchmark reports them).  Sorts v. */
-static stat5_t
-stat5(double *v, size_t n)
-{
-    stat5_t s = {.n = n};
-    if (n == 0)
-        return s;
-    qsort(v, n, sizeof *v, cmp_double);
-    double sum = 0;
-    for (size_t i = 0; i < n; i++)
-        sum += v[i];
-    s.mean = sum / (double)n;
-    double *out[] = {&s.p50, &s.p90, &s.p95, &s.p99};
-    const double q[] = {0.50, 0.90, 0.95, 0.99};
-    for (int k = 0; k < 4; k++) {
-        double pos = q[k] * (double)(n - 1);
-        size_t i = (size_t)pos;
-        double f = pos - (double)i;
-        *out[k] = i + 1 < n ? v[i] + f * (v[i + 1] - v[i]) : v[i];
-    }
-    return s;
-}
-
-typedef struct summary {
-    stat5_t ttft, tpot, itl, e2e;
-    uint32_t ok;
-    uint64_t out_tokens, in_tokens, cached_tokens;
-    double duration;
-    uint32_t errors[N_CODES + 1];
-} summary_t;
-
-static double
-req_tpot(const bench_req_t *r)
-{
-    return (r->t_end - r->t_first) * 1e3 / (double)(r->tokens - 1);
-}
-
-static int
-bench_summarize(const bench_t *b, summary_t *s)
-{
-    const bench_opts_t *o = &b->o;
-    memset(s, 0, sizeof *s);
-    size_t n_itl = 0;
-    for (uint32_t k = 0; k < o->n_req; k++)
-        n_itl += b->reqs[k].n_itl;
-    double *ttft = malloc((o->n_req + 1) * sizeof *ttft),
-           *tpot = malloc((o->n_req + 1) * sizeof *tpot),
-           *e2e = malloc((o->n_req + 1) * sizeof *e2e), *itl = malloc((n_itl + 1) * sizeof *itl);
-    if (!ttft || !tpot || !e2e || !itl) {
-        free(ttft);
-        free(tpot);
-        free(e2e);
-        free(itl);
-        return KVS_ENOMEM;
-    }
-    size_t n_ttft = 0, n_tpot = 0, n_e2e = 0;
-    n_itl = 0;
-    for (uint32_t k = 0; k < o->n_req; k++) {
-        const bench_req_t *r = &b->reqs[k];
-        if (r->t_end > s->duration)
-            s->duration = r->t_end;
-        if (r->status != GRPC_STATUS_OK) {
-            s->errors[(unsigned)r->status < N_CODES ? r->status : N_CODES]++;
-            continue;
-        }
-        s->ok++;
-        s->out_tokens += r->tokens;
-        s->in_tokens += r->has_usage ? r->usage_prompt : r->n_prompt;
-        s->cached_tokens += r->usage_cached;
-        e2e[n_e2e++] = (r->t_end - r->t0) * 1e3;
-        if (r->tokens) {
-            ttft[n_ttft++] = (r->t_first - r->t0) * 1e3;
-            if (r->tokens > 1)
-                tpot[n_tpot++] = req_tpot(r);
-        }
-        for (size_t i = 0; i < r->n_itl; i++)
-            itl[n_itl++] = r->itl[i];
-    }
-    s->ttft = stat5(ttft, n_ttft);
-    s->tpot = stat5(tpot, n_tpot);
-    s->itl = stat5(itl, n_itl);
-    s->e2e = stat5(e2e, n_e2e);
-    free(ttft);
-    free(tpot);
-    free(e2e);
-    free(itl);
-    return 0;
-}
-
-static void
-print_summary(const bench_t *b, const summary_t *s)
-{
-    const bench_opts_t *o = &b->o;
-    double d = s->duration > 0 ? s->duration : 1e-9;
-    printf("============ kvserve bench ============\n");
-    if (o->open_loop)
-        printf("%-32s %.3g req/s, burstiness %g\n", "Mode:", o->rate, o->burst);
-    else
-        printf("%-32s closed loop, concurrency %u\n", "Mode:", o->conc);
-    printf("%-32s %u\n", "Successful requests:", s->ok);
-    printf("%-32s %u\n", "Failed requests:", o->n_req - s->ok);
-    for (unsigned c = 0; c <= N_CODES; c++)
-        if (s->errors[c])
-            printf("  %-30s %u\n",
-                   c < N_CODES ? srv_grpc_status_name((grpc_status_code)c) : "OTHER", s->errors[c]);
-    printf("%-32s %.3f\n", "Duration (s):", s->duration);
-    printf("%-32s %llu\n", "Total input tokens:", (unsigned long long)s->in_tokens);
-    printf("%-32s %llu (%.1f%%)\n", "Cached input tokens:", (unsigned long long)s->cached_tokens,
-           s->in_tokens ? 100.0 * (double)s->cached_tokens / (double)s->in_tokens : 0.0);
-    printf("%-32s %llu\n", "Total output tokens:", (unsigned long long)s->out_tokens);
-    printf("%-32s %.2f\n", "Request throughput (req/s):", s->ok / d);
-    printf("%-32s %.2f\n", "Output token throughput (tok/s):", (double)s->out_tokens / d);
-    printf("%-32s %u\n", "Peak requests in flight:", b->max_in_flight);
-    if (b->cap_hits)
-        printf("%-32s %d (%llu arrivals started late)\n", "In-flight cap hit:", BENCH_MAX_IN_FLIGHT,
-               (unsigned long long)b->cap_hits);
-    printf("%-8s %10s %10s %10s %10s %10s\n", "(ms)", "mean", "p50", "p90", "p95", "p99");
-    const stat5_t *st[] = {&s->ttft, &s->tpot, &s->itl, &s->e2e};
-    const char *nm[] = {"TTFT", "TPOT", "ITL", "E2E"};
-    for (int i = 0; i < 4; i++)
-        printf("%-8s %10.2f %10.2f %10.2f %10.2f %10.2f\n", nm[i], st[i]->mean, st[i]->p50,
-               st[i]->p90, st[i]->p95, st[i]->p99);
-    printf("=======================================\n");
-}
-
-static void
-json_stat(FILE *f, const char *name, const stat5_t *s)
-{
-    fprintf(f,
-            "\"%s\": {\"n\": %zu, \"mean\": %.4f, \"p50\": %.4f, \"p90\": %.4f, \"p95\": %.4f, "
-            "\"p99\": %.4f}",
-            name, s->n, s->mean, s->p50, s->p90, s->p95, s->p99);
-}
-
-static int
-write_json(const bench_t *b, const summary_t *s)
-{
-    const bench_opts_t *o = &b->o;
-    FILE *f = fopen(o->json, "w");
-    if (f == NULL) {
-        fprintf(stderr, "kvserve bench: --json: cannot write '%s': %s\n", o->json, strerror(errno));
-        return KVS_EIO;
-    }
-    double d = s->duration > 0 ? s->duration : 1e-9;
-    fprintf(f, "{\"config\": {\"addr\": ");
-    srv_json_str(f, o->addr, strlen(o->addr));
-    fprintf(f,
-            ", \"num_requests\": %u, \"mode\": \"%s\", \"concurrency\": %u, "
-            "\"request_rate\": %g, \"burstiness\": %g, \"input_len\": %u, "
-            "\"input_len_range\": %g, \"output_len\": %u, \"output_len_range\": %g, "
-            "\"shared_prefix\": %g, \"seed\": %llu, \"timeout_ms\": %u},\n",
-            o->n_req, o->open_loop ? "open" : "closed", o->open_loop ? 0 : o->conc,
-            o->open_loop ? o->rate : 0.0, o->open_loop ? o->burst : 0.0, o->in_len, o->in_range,
-            o->out_len, o->out_range, o->prefix, (unsigned long long)o->seed, o->timeout_ms);
-    fprintf(f,
-            "\"summary\": {\"completed\": %u, \"failed\": %u, \"duration_s\": %.6f, "
-            "\"request_throughput\": %.4f, \"output_throughput\": %.4f, "
-            "\"total_input_tokens\": %llu, \"cached_input_tokens\": %llu, "
-            "\"cached_share\": %.6f, \"total_output_tokens\": %llu, \"max_in_flight\": %u, "
-            "\"in_flight_cap_hits\": %llu, ",
-            s->ok, o->n_req - s->ok, s->duration, s->ok / d, (double)s->out_tokens / d,
-            (unsigned long long)s->in_tokens, (unsigned long long)s->cached_tokens,
-            s->in_tokens ? (double)s->cached_tokens / (double)s->in_tokens : 0.0,
-            (unsigned long long)s->out_tokens, b->max_in_flight, (unsigned long long)b->cap_hits);
-    fprintf(f, "\"errors\": {");
-    bool first = true;
-    for (unsigned c = 0; c <= N_CODES; c++)
-        if (s->errors[c]) {
-            fprintf(f, "%s\"%s\": %u", first ? "" : ", ",
-                    c < N_CODES ? srv_grpc_status_name((grpc_status_code)c) : "OTHER",
-                    s->errors[c]);
-            first = false;
-        }
-    fprintf(f, "}, ");
-    json_stat(f, "ttft_ms", &s->ttft);
-    fprintf(f, ", ");
-    json_stat(f, "tpot_ms", &s->tpot);
-    fprintf(f, ", ");
-    json_stat(f, "itl_ms", &s->itl);
-    fprintf(f, ", ");
-    json_stat(f, "e2e_ms", &s->e2e);
-    fprintf(f, "},\n\"requests\": [\n");
-    for (uint32_t k = 0; k < o->n_req; k++) {
-        const bench_req_t *r = &b->reqs[k];
-        const char *msg = r->message ? r->message : "";
-        fprintf(f,
-                "{\"index\": %u, \"start_s\": %.6f, \"ttft_ms\": %.4f, \"e2e_ms\": %.4f, "
-                "\"tpot_ms\": %.4f, \"output_tokens\": %u, \"requested_output_tokens\": %u, "
-                "\"prompt_tokens\": %u, \"cached_prompt_tokens\": %u, \"status\": %d, "
-                "\"status_name\": \"%s\", \"message\": ",
-                k, r->t0, r->tokens ? (r->t_first - r->t0) * 1e3 : 0.0, (r->t_end - r->t0) * 1e3,
-                r->tokens > 1 ? req_tpot(r) : 0.0, r->tokens, r->out_len,
-                r->has_usage ? r->usage_prompt : r->n_prompt, r->usage_cached, (int)r->status,
-                srv_grpc_status_name(r->status));
-        srv_json_str(f, msg, strlen(msg));
-        fprintf(f, ", \"itl_ms\": [");
-        for (size_t i = 0; i < r->n_itl; i++)
-            fprintf(f, "%s%.4f", i ? ", " : "", r->itl[i]);
-        fprintf(f, "]}%s\n", k + 1 < o->n_req ? "," : "");
-    }
-    fprintf(f, "]}\n");
-    if (fclose(f) != 0) {
-        fprintf(stderr, "kvserve bench: --json: cannot write '%s': %s\n", o->json, strerror(errno));
-        return KVS_EIO;
-    }
-    return 0;
 }
 
 /* ---- the command -------------------------------------------------------- */
@@ -891,21 +970,16 @@ srv_cmd_bench(int argc, char **argv)
     b.rm_gen = grpc_channel_register_call(b.ch, SRV_M_GENERATE, NULL, NULL);
     clock_gettime(CLOCK_MONOTONIC, &b.epoch);
 
-    uint32_t vocab = bench_vocab(&b);
-    if (vocab) {
-        if (bench_workload(&b, vocab)) {
+    if ((b.vocab = bench_vocab(&b)) != 0) {
+        if (bench_workload(&b)) {
             fprintf(stderr, "kvserve bench: out of memory\n");
         } else {
             /* Times count from the first request, not from GetModelInfo. */
             clock_gettime(CLOCK_MONOTONIC, &b.epoch);
             bench_loop(&b);
-            summary_t s;
-            if (bench_summarize(&b, &s) == 0) {
-                print_summary(&b, &s);
-                fflush(stdout);
-                int jrc = b.o.json ? write_json(&b, &s) : 0;
-                status = s.ok == b.o.n_req && jrc == 0 ? 0 : 1;
-            }
+            uint32_t bad = 0;
+            if (bench_report(&b, &bad) == 0 && bad == 0)
+                status = 0;
         }
     }
 
@@ -913,11 +987,15 @@ srv_cmd_bench(int argc, char **argv)
         for (uint32_t k = 0; k < b.o.n_req; k++) {
             grpc_slice_unref(b.reqs[k].details);
             free(b.reqs[k].prompt);
+            free(b.reqs[k].out_ids);
             free(b.reqs[k].itl);
             free(b.reqs[k].message);
         }
     free(b.reqs);
     free(b.arrival);
+    free(b.ready);
+    free(b.heap);
+    free(b.bins);
     grpc_channel_destroy(b.ch);
     grpc_completion_queue_shutdown(b.cq);
     grpc_event ev;

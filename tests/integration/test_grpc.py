@@ -23,9 +23,13 @@ Checks:
   7. --api-key-file: UNAUTHENTICATED without/with a wrong key; health open
   8. TLS: a TLS client works, a plaintext one gets UNAVAILABLE
   9. --metrics-port: GET /metrics counts what the test sent, histograms are
-     consistent, 404/405 elsewhere; `promtool check metrics` when installed
+     consistent, 404/405 elsewhere; `promtool check metrics` passes and
+     Debian's Prometheus scrapes the server (both required when CI is set)
  10. `kvserve bench`: closed and open loop runs succeed and their JSON
-     records agree with the summary; a bad flag exits 2
+     records agree with the summary; multi-turn conversations reuse their
+     history; injected cancellations and deadlines end as intended and the
+     plot is written; per-request policy flags reach the server; a bad
+     flag exits 2
 Also: the server starts with default engine flags (0), and a full queue
 answers RESOURCE_EXHAUSTED (6).
 """
@@ -35,11 +39,13 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -585,10 +591,103 @@ def check_bench(kvserve, addr, work):
         s = doc.get("summary", {})
         report(name, not bad, "; ".join(bad[:4]) or "%.1f req/s, %.0f tok/s, TTFT p50 %.1f ms" % (
             s["request_throughput"], s["output_throughput"], s["ttft_ms"]["p50"]))
+    check_bench_modes(kvserve, addr, work)
     r = subprocess.run([kvserve, "bench", "--addr", addr, "--num-requests", "0"],
                        capture_output=True, text=True, timeout=30)
     report("10 bench: a bad flag exits 2 naming it", r.returncode == 2 and "--num-requests"
            in r.stderr, "exit %d: %s" % (r.returncode, r.stderr.strip()[:120]))
+
+
+def run_bench_json(kvserve, addr, work, label, flags):
+    """Runs `kvserve bench --json` with flags: (exit code, stdout, doc or None)."""
+    path = os.path.join(work, "bench-%s.json" % label)
+    cmd = [kvserve, "bench", "--addr", addr, "--timeout-ms", "30000", "--json", path,
+           "--no-progress"] + flags
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    try:
+        with open(path) as f:
+            return r.returncode, r.stdout + r.stderr, json.load(f)
+    except (OSError, ValueError):
+        return r.returncode, r.stdout + r.stderr, None
+
+
+def check_bench_modes(kvserve, addr, work):
+    """Multi-turn conversations, fault injection with the plot, and
+    per-request policies through `kvserve bench`."""
+    # Three conversations of three turns: each turn resends the previous
+    # prompt and answer plus 8 new tokens, and the prefix cache serves the
+    # history.
+    rc, out, doc = run_bench_json(kvserve, addr, work, "turns", [
+        "--multi-turn", "3", "--question-len", "8", "--num-requests", "9", "--concurrency", "3",
+        "--input-len", "64", "--output-len", "8"])
+    bad = [] if doc else ["no JSON (exit %d): %s" % (rc, out[-300:])]
+    reqs = doc["requests"] if doc else []
+    by = {(r["conversation"], r["turn"]): r for r in reqs}
+    if doc and (rc != 0 or len(reqs) != 9 or doc["summary"]["completed"] != 9):
+        bad.append("exit %d, %d records, summary %s" % (rc, len(reqs), doc["summary"]))
+    for (c, t), r in sorted(by.items()):
+        if r["status_name"] != "OK":
+            bad.append("conversation %d turn %d: %s" % (c, t, r["status_name"]))
+        elif t == 0 and r["prompt_tokens"] != 64 + 8:
+            bad.append("conversation %d: first prompt %d tokens" % (c, r["prompt_tokens"]))
+        elif t > 0 and (r["prompt_tokens"] != by[(c, t - 1)]["prompt_tokens"] + 8 + 8
+                        or r["cached_prompt_tokens"] < 64):
+            bad.append("conversation %d turn %d: prompt %d, cached %d, previous %d" % (
+                c, t, r["prompt_tokens"], r["cached_prompt_tokens"],
+                by[(c, t - 1)]["prompt_tokens"]))
+    report("10 bench: multi-turn, 3 conversations x 3 turns", not bad, "; ".join(bad[:3]) or
+           "%.0f%% of input tokens cached" % (100 * doc["summary"]["cached_share"]))
+
+    # A third of the calls cancelled by the client, a third with short
+    # deadlines: those endings are intended, nothing else may fail.
+    svg = os.path.join(work, "bench.svg")
+    rc, out, doc = run_bench_json(kvserve, addr, work, "faults", [
+        "--num-requests", "30", "--concurrency", "10", "--input-len", "64", "--output-len", "96",
+        "--cancel-fraction", "0.34", "--cancel-after-ms", "40", "--deadline-fraction", "0.33",
+        "--deadline-ms", "60", "--seed", "5", "--plot", svg])
+    bad = [] if doc else ["no JSON (exit %d): %s" % (rc, out[-300:])]
+    seen = set()
+    for r in doc["requests"] if doc else []:
+        want = {"none": "OK", "cancel": "CANCELLED", "deadline": "DEADLINE_EXCEEDED"}[r["intent"]]
+        if r["status_name"] not in ("OK", want):
+            bad.append("request %d (%s): %s %s" % (r["index"], r["intent"], r["status_name"],
+                                                  r["message"]))
+        seen.add(r["status_name"])
+    if doc:
+        s = doc["summary"]
+        if rc != 0 or s["failed"] != 0 or s["completed"] + s["cancelled"] + \
+                s["deadline_exceeded"] != 30:
+            bad.append("exit %d, summary %s" % (rc, {k: s[k] for k in (
+                "completed", "cancelled", "deadline_exceeded", "failed")}))
+        if not {"CANCELLED", "DEADLINE_EXCEEDED"} <= seen:
+            bad.append("endings seen: %s" % sorted(seen))
+    try:
+        import xml.etree.ElementTree as ET
+        root = ET.parse(svg).getroot()
+        if len(root.findall(".//{http://www.w3.org/2000/svg}polyline")) < 3:
+            bad.append("the plot has no curves")
+    except (OSError, ET.ParseError) as e:
+        bad.append("plot: %s" % e)
+    report("10 bench: cancellations and deadlines are intended, plot written", not bad,
+           "; ".join(bad[:3]) or "%d ok, %d cancelled, %d past deadline" % (
+               doc["summary"]["completed"], doc["summary"]["cancelled"],
+               doc["summary"]["deadline_exceeded"]))
+
+    # Per-request policy flags reach the server: a valid one runs, a bad
+    # budget comes back INVALID_ARGUMENT and bench exits 1.
+    rc, out, doc = run_bench_json(kvserve, addr, work, "policy", [
+        "--num-requests", "4", "--input-len", "200", "--output-len", "4",
+        "--attention", "sink-window", "--attn-window", "64",
+        "--kv-policy", "sink-eviction", "--kv-budget", "96"])
+    rc2, out2, doc2 = run_bench_json(kvserve, addr, work, "policy-bad", [
+        "--num-requests", "2", "--input-len", "64", "--output-len", "4",
+        "--kv-policy", "snapkv", "--kv-budget", "8"])
+    ok = (rc == 0 and doc and doc["summary"]["completed"] == 4 and
+          doc["config"]["policy"].get("kv_policy") == "sink-eviction" and
+          rc2 == 1 and doc2 and doc2["summary"]["errors"].get("INVALID_ARGUMENT") == 2 and
+          "budget" in doc2["requests"][0]["message"])
+    report("10 bench: per-request policy flags", ok, "exit %d/%d: %s | %s" % (
+        rc, rc2, (doc2["requests"][0]["message"] if doc2 else out2[-200:]), out[-200:]))
 
 
 def check_cancel_deadline(api):
@@ -948,12 +1047,93 @@ def check_metrics(server, api):
            "%d series, +%d generation tokens, histograms consistent" % (len(m), ntok))
     promtool = shutil.which("promtool")
     if promtool is None:
-        print("NOTE: promtool is not on PATH; `promtool check metrics` not run")
+        missing_tool("promtool", "`promtool check metrics`")
         return
     r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
                        text=True, timeout=30)
     report("9 promtool check metrics", r.returncode == 0,
            (r.stdout + r.stderr).strip()[-400:])
+
+
+def missing_tool(tool, what):
+    """Prometheus's tools come with scripts/setup.sh; CI must have them."""
+    if os.environ.get("CI"):
+        report("9 %s is installed" % tool, False, "%s not on PATH, so %s cannot run" % (tool, what))
+    else:
+        print("NOTE: %s is not on PATH; %s not run" % (tool, what))
+
+
+def prom_query(port, expr):
+    """The result vector of an instant query to a Prometheus on loopback."""
+    url = "http://127.0.0.1:%d/api/v1/query?query=%s" % (port, urllib.parse.quote(expr))
+    with urllib.request.urlopen(url, timeout=5) as r:
+        doc = json.load(r)
+    return doc["data"]["result"] if doc.get("status") == "success" else None
+
+
+def check_prometheus(server, work):
+    """Debian's Prometheus scrapes the running server: the target is up and
+    a query over kvserve's series answers what /metrics says."""
+    name = "9 prometheus scrapes the server"
+    prom = shutil.which("prometheus")
+    if prom is None:
+        missing_tool("prometheus", "the Prometheus scrape")
+        return
+    if server.metrics_port is None:
+        report(name, False, "no metrics port")
+        return
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        web = sk.getsockname()[1]
+    d = os.path.join(work, "prometheus")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    cfg = os.path.join(d, "prometheus.yml")
+    with open(cfg, "w") as f:
+        f.write("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+                "scrape_configs:\n  - job_name: kvserve\n    static_configs:\n"
+                "      - targets: ['127.0.0.1:%d']\n" % server.metrics_port)
+    log = open(os.path.join(d, "log"), "w")
+    p = subprocess.Popen([prom, "--config.file=" + cfg, "--storage.tsdb.path=" + d + "/tsdb",
+                          "--web.listen-address=127.0.0.1:%d" % web, "--log.level=warn"],
+                         stdout=log, stderr=subprocess.STDOUT)
+    why, got = "", {}
+    try:
+        deadline = time.time() + 40
+        while time.time() < deadline:
+            time.sleep(0.5)
+            if p.poll() is not None:
+                why = "prometheus exited %d" % p.returncode
+                break
+            try:
+                up = prom_query(web, 'up{job="kvserve"}')
+                cap = prom_query(web, "kvserve_kv_blocks_capacity")
+                ttft = prom_query(web, "kvserve_time_to_first_token_seconds_count")
+            except (OSError, ValueError, KeyError):
+                continue  # not listening yet
+            if up and up[0]["value"][1] == "1" and cap and ttft:
+                got = {"up": 1, "capacity": float(cap[0]["value"][1]),
+                       "ttft_count": float(ttft[0]["value"][1])}
+                break
+        else:
+            why = "no successful scrape within 40 s"
+    finally:
+        p.terminate()
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        log.close()
+    m = parse_metrics(scrape(server.metrics_port)[2]) if got else {}
+    if got and (got["capacity"] != m.get("kvserve_kv_blocks_capacity")
+                or got["ttft_count"] <= 0):
+        why = "queried %s, /metrics says capacity %s" % (got, m.get("kvserve_kv_blocks_capacity"))
+    if why:
+        with open(os.path.join(d, "log")) as f:
+            why += "; log: " + f.read()[-300:]
+    report(name, not why, why or "up=1, kv_blocks_capacity %.0f, TTFT count %.0f" % (
+        got["capacity"], got["ttft_count"]))
 
 
 def check_sigterm(server, api):
@@ -1285,6 +1465,7 @@ def main():
             check_abort(api)
             check_bad_requests(api, vocab)
             check_metrics(srv, api)
+            check_prometheus(srv, work)
             check_sigterm(srv, api)
         finally:
             ch.close()
