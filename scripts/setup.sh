@@ -1,5 +1,6 @@
 #!/bin/sh
-# Installs every Debian package kvserve needs to build, test and run.
+# Installs every Debian package kvserve needs to build, test and run, and
+# the linters of deploy/ (deploy/lint.sh).
 # Called by the README's two commands and by .ci/run; safe to run again:
 # when everything is present it changes nothing and touches no network.
 set -eu
@@ -7,7 +8,8 @@ set -eu
 PKGS="build-essential cmake pkg-config git clang libclang-rt-14-dev clang-format
       libuv1-dev libgrpc-dev protobuf-c-compiler libprotobuf-c-dev
       libcmocka-dev libopenblas-dev libmicrohttpd-dev python3-numpy
-      protobuf-compiler python3-grpcio python3-protobuf nodejs openssl libpcre2-dev"
+      protobuf-compiler python3-grpcio python3-protobuf nodejs openssl libpcre2-dev
+      prometheus yamllint shellcheck"
 
 missing=""
 for p in $PKGS; do
@@ -20,6 +22,12 @@ done
 # Debian's npm package because it carries its own.
 if ! command -v npm >/dev/null 2>&1; then
     missing="$missing npm"
+fi
+
+# deploy/lint.sh renders with `kubectl kustomize`: any kubectl will do, so
+# Debian's (1.20) only where none is on PATH.
+if ! command -v kubectl >/dev/null 2>&1; then
+    missing="$missing kubernetes-client"
 fi
 
 SUDO=""
@@ -38,4 +46,8 @@ fi
 root=$(cd "$(dirname "$0")/.." && pwd)
 if [ -f "$root/tests/node/package-lock.json" ] && [ ! -d "$root/tests/node/node_modules" ]; then
     (cd "$root/tests/node" && npm ci --no-audit --no-fund --loglevel=error)
+fi
+# The deploy linters' packages (kubernetes-models, dockerfilelint, ...).
+if [ -f "$root/deploy/lint/package-lock.json" ] && [ ! -d "$root/deploy/lint/node_modules" ]; then
+    (cd "$root/deploy/lint" && npm ci --no-audit --no-fund --loglevel=error)
 fi

@@ -49,3 +49,9 @@ add_test(NAME grpc_integration
                  $<TARGET_FILE:kvserve> ${CMAKE_CURRENT_BINARY_DIR}/grpc-it)
 set_tests_properties(grpc_integration PROPERTIES LABELS "cpu;integration" SKIP_RETURN_CODE 77
                      TIMEOUT 300)
+
+# The deployment assets (deploy/): yamllint, kustomize renders checked against
+# the Kubernetes schema and our probe/drain/GPU rules, Dockerfile linters,
+# promtool on the Prometheus config, shellcheck.  Tools from scripts/setup.sh.
+add_test(NAME deploy_lint COMMAND sh ${CMAKE_CURRENT_SOURCE_DIR}/deploy/lint.sh)
+set_tests_properties(deploy_lint PROPERTIES LABELS "lint" TIMEOUT 300)
