@@ -44,6 +44,12 @@ kern_backend_is_host(const kern_backend_t *be)
 }
 
 bool
+kern_backend_failed(const kern_backend_t *be)
+{
+    return be->failed;
+}
+
+bool
 kern_supports(const kern_backend_t *be, kern_op_t op, kern_dtype_t type)
 {
     if ((unsigned)op >= KERN_OP_COUNT)

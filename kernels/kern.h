@@ -343,6 +343,10 @@ void kern_backend_free(kern_backend_t *be); /* NULL is a no-op */
 const char *kern_backend_name(const kern_backend_t *be);
 /* True when the backend's memory is host memory (ref, cpu). */
 bool kern_backend_is_host(const kern_backend_t *be);
+/* True once a device backend has hit an error it cannot recover from (a
+ * fault in a kernel, a lost device): every later op fails with
+ * KVS_EDEVICE, and the process needs a restart.  Thread: the owner. */
+bool kern_backend_failed(const kern_backend_t *be);
 /* Whether `op` runs for the given data type (weight type for GET_ROWS and
  * MATMUL, KV dtype for KV ops and ATTN, ignored otherwise). */
 bool kern_supports(const kern_backend_t *be, kern_op_t op, kern_dtype_t type);

@@ -50,6 +50,7 @@ typedef struct kern_ops {
 /* Every backend struct starts with this header. */
 struct kern_backend {
     const kern_ops_t *ops;
+    bool failed; /* kern_backend_failed: set by a device backend, never cleared */
 };
 
 /* Constructors, one per backend; kern.c picks by name. */

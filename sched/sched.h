@@ -243,6 +243,9 @@ typedef struct sched_load {
     /* kv_pool_prefix_stats' counters, mirrored here because the pool is
      * the engine thread's alone. */
     uint64_t prefix_queried_tokens, prefix_hit_tokens;
+    /* The device failed for good (kern_backend_failed): every request
+     * that reaches a step ends with KVS_EDEVICE. */
+    bool device_failed;
 } sched_load_t;
 
 /* Thread: any (reads a snapshot the engine publishes after every step). */

@@ -152,6 +152,7 @@ struct sched {
     _Atomic bool emitted; /* events queued since the last wake */
     /* Snapshot for other threads (sched_get_load), written after each step. */
     _Atomic uint32_t load_running, load_waiting, load_free, load_cached;
+    _Atomic bool load_failed;
     _Atomic uint64_t load_sealed, load_swap_out, load_swap_in, load_pressure_seals, load_snapkv,
         load_h2o;
     _Atomic uint64_t load_steps, load_busy_ns, load_work_steps;
@@ -721,6 +722,8 @@ publish_load(sched_t *s)
     atomic_store(&s->load_cached, (uint32_t)ps.cached_blocks);
     atomic_store(&s->load_pfx_queried, ps.queried_tokens);
     atomic_store(&s->load_pfx_hit, ps.hit_tokens);
+    atomic_store(&s->load_failed, kern_backend_failed(s->be) ||
+                                      (s->draft && kern_backend_failed(model_backend(s->draft))));
     atomic_fetch_add(&s->load_steps, 1);
     return (int)(s->waiting.n + s->running.n);
 }
@@ -1442,6 +1445,7 @@ sched_get_load(const sched_t *s, sched_load_t *out)
     out->busy_ns = atomic_load(&w->load_busy_ns);
     out->prefix_queried_tokens = atomic_load(&w->load_pfx_queried);
     out->prefix_hit_tokens = atomic_load(&w->load_pfx_hit);
+    out->device_failed = atomic_load(&w->load_failed);
 }
 
 uint32_t

@@ -149,6 +149,7 @@ typedef struct server {
     uint64_t n_requests, seq;
     uint64_t msgs_sent, toks_sent, tok_lat_ns; /* GetLoad counters */
     bool draining, shutting_down, shutdown_done, cq_joined, engine_stopped;
+    bool device_failed; /* the engine's device failed for good: NOT_SERVING */
     int exit_code;
 } server_t;
 
@@ -726,6 +727,8 @@ metrics_finish(const call_t *c, uint64_t t_ns)
                        c->g.sr.spec.on);
 }
 
+static void watch_pump(call_t *c);
+
 static void
 on_engine(uv_async_t *h)
 {
@@ -775,6 +778,17 @@ on_engine(uv_async_t *h)
             gen_pump(c);
         sched_event_free(ev);
     }
+    sched_load_t l;
+    sched_get_load(S.sched, &l);
+    if (l.device_failed && !S.device_failed) {
+        /* Every later step would fail too: tell the probes, so that an
+         * orchestrator restarts the process and balancers route around. */
+        S.device_failed = true;
+        KVS_ERRORF("serve: the device failed and cannot recover; health is NOT_SERVING, "
+                   "restart the server");
+        for (call_t *w = S.watches; w; w = w->next)
+            watch_pump(w);
+    }
     maybe_finish_shutdown();
 }
 
@@ -805,8 +819,9 @@ parse_or_refuse(call_t *c, const ProtobufCMessageDescriptor *d)
 static Grpc__Health__V1__HealthCheckResponse__ServingStatus
 health_status(void)
 {
-    return S.draining ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING
-                      : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
+    return S.draining || S.device_failed
+               ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING
+               : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
 }
 
 /* Empty, "kvserve.v1.Generation" and "kvserve.v1.Control" are ours. */

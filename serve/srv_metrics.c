@@ -181,6 +181,9 @@ srv_met_render(const srv_met_data_t *d, const sched_load_t *l, FILE *f)
           "KV cache blocks kept in the cache dtype rather than a quantized codec.", l->blocks_hot);
     gauge(f, "kvserve_host_kv_bytes_used", "Bytes of the host KV tier in use.",
           (double)l->host_bytes_used);
+    gauge(f, "kvserve_device_failed",
+          "1 once the compute device failed for good (every request fails; restart).",
+          l->device_failed ? 1.0 : 0.0);
 
     counter(f, "kvserve_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.",
             l->prefix_queried_tokens);

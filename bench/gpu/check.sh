@@ -42,6 +42,16 @@ if [ ! -d .gpu ]; then
         exit 1
     }
 fi
+# Binaries packed from other sources would check old code: refuse them.
+if [ -f .gpu/kvs-gpu.tar.xz ]; then
+    want=$(bench/gpu/srchash.sh)
+    have=$(sed -n 's/^sources: //p' .gpu/MANIFEST 2>/dev/null)
+    if [ "$have" != "$want" ] && [ -z "${KVS_GPU_ALLOW_STALE:-}" ]; then
+        say "check: .gpu/ was packed from other sources (${have:-unknown}, here $want):"
+        say "check: run bench/gpu/prepare.sh again (or set KVS_GPU_ALLOW_STALE=1)"
+        exit 1
+    fi
+fi
 if [ -f .gpu/kvs-gpu.tar.xz ]; then
     DIR=${TMPDIR:-/tmp}/kvs-gpu
     rm -rf "$DIR" && mkdir -p "$DIR"

@@ -69,6 +69,7 @@ fi
 tar -C .gpu -cf - bin lib | xz -9 -T0 >.gpu/kvs-gpu.tar.xz
 {
     echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with local changes)')"
+    echo "sources: $(bench/gpu/srchash.sh)"
     echo "built: $(date -u '+%Y-%m-%d %H:%M UTC') on $(uname -m), $(nvcc --version 2>/dev/null | tail -1)"
     echo "flags: Release, CMAKE_CUDA_ARCHITECTURES=90, -Wl,--as-needed"
     echo "binaries:"

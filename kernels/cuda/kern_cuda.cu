@@ -60,7 +60,7 @@ cuda_leave(kern_cuda_t *be, int rc)
     (void)cudaGetLastError();
     cudaError_t probe = cudaStreamQuery(be->stream);
     if (probe != cudaSuccess && probe != cudaErrorNotReady) {
-        be->dead = true;
+        be->dead = be->base.failed = true;
         KVS_ERRORF("cuda: device %d is unusable (%s); the cuda backend is now disabled", be->device,
                    cudaGetErrorString(probe));
     }
@@ -611,7 +611,8 @@ kv_store(__half *dst, float v)
 }
 
 /* One block per token: its n_kv_heads * head_dim K and V values go to slot
- * (block, off) of every head.  kv_k/kv_v point at the layer. */
+ * (block, off) of every head.  kv_k/kv_v point at the layer.  A negative
+ * slot is a token a later one overwrites (cuda_kv_append_body). */
 template <typename T>
 static __global__ void
 kv_append_kernel(T *kv_k, T *kv_v, uint32_t n_kv_heads, uint32_t head_dim, uint32_t block_tokens,
@@ -619,6 +620,8 @@ kv_append_kernel(T *kv_k, T *kv_v, uint32_t n_kv_heads, uint32_t head_dim, uint3
 {
     uint32_t width = n_kv_heads * head_dim;
     for (uint32_t i = blockIdx.x; i < n; i += gridDim.x) {
+        if (slots[i] < 0)
+            continue;
         uint32_t blk = (uint32_t)slots[i] / block_tokens, off = (uint32_t)slots[i] % block_tokens;
         const float *ki = k + (size_t)i * width, *vi = v + (size_t)i * width;
         for (uint32_t e = threadIdx.x; e < width; e += blockDim.x) {
@@ -639,7 +642,20 @@ cuda_kv_append_body(kern_cuda_t *be, const kern_kv_t *kv, uint32_t layer, const 
     int rc = kern__cuda_stage_begin(be, bytes, &h);
     if (rc)
         return rc;
-    memcpy(h, slots, bytes);
+    /* Tokens are written all at once, in no order, and the contract is the
+     * reference's in-order one: a slot named twice keeps the later token.
+     * So, walking back, a slot already seen drops the earlier token. */
+    size_t n_slots = (size_t)kv->n_blocks * kv->block_tokens, map_bytes = (n_slots + 7) / 8;
+    uint8_t *map = (uint8_t *)cuda_host_scratch(be, map_bytes);
+    if (map == NULL)
+        return KVS_ENOMEM;
+    memset(map, 0, map_bytes);
+    int32_t *hs = (int32_t *)h;
+    for (uint32_t i = n; i-- > 0;) {
+        uint32_t s = (uint32_t)slots[i];
+        hs[i] = map[s >> 3] & (1u << (s & 7)) ? -1 : slots[i];
+        map[s >> 3] |= (uint8_t)(1u << (s & 7));
+    }
     if ((rc = kern__cuda_stage_end(be, bytes, &d)) != 0)
         return rc;
 

@@ -420,8 +420,9 @@ test_kv_append(void **state)
     for (int dt = 0; dt < 2; dt++) {
         /* order 0: one prefill chunk into consecutive slots; 1: scrambled
          * (a decode batch's slots); 2: scrambled with slots repeated far
-         * apart in the batch, where the later token must win. */
-        for (int order = 0; order < 3; order++) {
+         * apart in the batch, where the later token must win; 3: repeats
+         * next to each other and three deep (blocks that run together). */
+        for (int order = 0; order < 4; order++) {
             kv_geom_t g = {dt ? KERN_F16 : KERN_F32, 2, 8, 128, 16, 512};
             uint32_t n = 4096, n_slots = g.n_blocks * g.block_tokens;
             int32_t *slots = malloc(n * sizeof(int32_t));
@@ -441,6 +442,9 @@ test_kv_append(void **state)
             if (order == 2) /* sources below 700, repeats above 1700 */
                 for (uint32_t i = 0; i < 64; i++)
                     slots[n - 1 - i * 37] = slots[i * 11];
+            if (order == 3)
+                for (uint32_t i = 0; i + 3 < n; i += 97)
+                    slots[i + 1] = slots[i + 2] = slots[i];
             size_t el = dt ? 2 : 4, m = (size_t)n * g.n_kv_heads * g.head_dim;
             size_t bytes = (size_t)g.n_layers * n_slots * g.n_kv_heads * g.head_dim * el;
             /* Random old contents: slots nobody writes must keep them. */

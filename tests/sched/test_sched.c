@@ -24,6 +24,7 @@
 typedef struct fake_be {
     kern_backend_t base;
     uint64_t n_attn, n_append_tokens;
+    bool fail; /* attention fails as a lost device does, for good */
 } fake_be_t;
 
 static bool
@@ -118,7 +119,12 @@ fake_copy(kern_backend_t *be, const kern_kv_t *kv, const int32_t *s, const int32
 static int
 fake_attn(kern_backend_t *be, const kern_attn_args_t *a)
 {
-    ((fake_be_t *)be)->n_attn++;
+    fake_be_t *f = (fake_be_t *)be;
+    if (f->fail) {
+        be->failed = true;
+        return KVS_EDEVICE;
+    }
+    f->n_attn++;
     memset(a->out, 0, (size_t)a->n_q * a->n_heads * a->kv->head_dim * sizeof(float));
     return 0;
 }
@@ -528,6 +534,45 @@ test_real_preemption_same_tokens(void **state)
     engine_close(&e);
 }
 
+/* A device that fails for good mid-run: the requests of the failed step
+ * end with KVS_EDEVICE and give back their blocks, later ones fail the
+ * same way, and the load snapshot says so (the server's health reads it). */
+static void
+test_device_failure(void **state)
+{
+    (void)state;
+    engine_t e;
+    sched_cfg_t cfg = {.block_tokens = 16, .n_blocks = 64};
+    engine_open(&e, true, &cfg);
+    outcome_t o = {0};
+    submit(&e, 1, 40, 8, 0, 0);
+    submit(&e, 2, 20, 8, 0, 0);
+    assert_true(sched_step(e.s) >= 0);
+    collect(e.s, &o);
+    sched_load_t l;
+    sched_get_load(e.s, &l);
+    assert_false(l.device_failed);
+    ((fake_be_t *)e.be)->fail = true;
+    for (int i = 0; i < 4 && sched_step(e.s) > 0; i++)
+        ;
+    collect(e.s, &o);
+    assert_int_equal(o.n_finished, 2);
+    for (int id = 1; id <= 2; id++) {
+        assert_int_equal(o.finish[id], SCHED_FINISH_ERROR);
+        assert_int_equal(o.error[id], KVS_EDEVICE);
+    }
+    sched_get_load(e.s, &l);
+    assert_true(l.device_failed);
+    assert_int_equal(l.running + l.waiting, 0);
+    assert_int_equal(l.blocks_free, l.blocks_total);
+    submit(&e, 3, 10, 4, 0, 0);
+    for (int i = 0; i < 4 && sched_step(e.s) > 0; i++)
+        ;
+    collect(e.s, &o);
+    assert_int_equal(o.finish[3], SCHED_FINISH_ERROR);
+    engine_close(&e);
+}
+
 /* KV sized in bytes (--kv-cache-memory): as many whole blocks as fit, and
  * the load snapshot reports them all free. */
 static void
@@ -592,6 +637,7 @@ main(void)
         cmocka_unit_test(test_prefix_cache_and_salt),
         cmocka_unit_test(test_real_preemption_same_tokens),
         cmocka_unit_test(test_kv_sized_by_bytes),
+        cmocka_unit_test(test_device_failure),
         cmocka_unit_test(test_engine_thread),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);

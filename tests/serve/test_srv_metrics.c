@@ -146,6 +146,7 @@ test_empty(void **state)
     char *t = render(&d, &l);
     check_structure(t);
     assert_true(sample(t, "kvserve_kv_cache_usage_perc") == 0.0);
+    assert_true(sample(t, "kvserve_device_failed") == 0);
     assert_true(sample(t, "kvserve_request_success_total{finished_reason=\"stop\"}") == 0.0);
     check_histogram(t, "kvserve_time_to_first_token_seconds", 0);
     check_histogram(t, "kvserve_spec_prefill_keep_ratio", 0);
@@ -192,7 +193,8 @@ test_observations(void **state)
                       .steps = 77,
                       .busy_ns = 1500000000,
                       .prefix_queried_tokens = 85,
-                      .prefix_hit_tokens = 32};
+                      .prefix_hit_tokens = 32,
+                      .device_failed = true};
     char *t = render(&d, &l);
     check_structure(t);
     assert_true(sample(t, "kvserve_num_requests_running") == 2);
@@ -201,6 +203,7 @@ test_observations(void **state)
     assert_true(sample(t, "kvserve_kv_blocks_capacity") == 200);
     assert_true(sample(t, "kvserve_kv_blocks_full_precision") == 40);
     assert_true(sample(t, "kvserve_host_kv_bytes_used") == 1048576);
+    assert_true(sample(t, "kvserve_device_failed") == 1);
     assert_true(sample(t, "kvserve_prefix_cache_queries_total") == 85);
     assert_true(sample(t, "kvserve_prefix_cache_hits_total") == 32);
     assert_true(sample(t, "kvserve_prompt_tokens_total") == 85);
