@@ -49,6 +49,15 @@ kern_backend_failed(const kern_backend_t *be)
     return be->failed;
 }
 
+int
+kern_reserve(kern_backend_t *be, const kern_reserve_t *r)
+{
+    if (r == NULL || !r->max_rows || !r->max_cols || !r->max_seqs || !r->max_ctx ||
+        !r->block_tokens || !r->n_heads || !r->n_kv_heads || !r->head_dim)
+        return KVS_EINVAL;
+    return be->ops->reserve ? be->ops->reserve(be, r) : 0;
+}
+
 bool
 kern_supports(const kern_backend_t *be, kern_op_t op, kern_dtype_t type)
 {

@@ -343,6 +343,22 @@ void kern_backend_free(kern_backend_t *be); /* NULL is a no-op */
 const char *kern_backend_name(const kern_backend_t *be);
 /* True when the backend's memory is host memory (ref, cpu). */
 bool kern_backend_is_host(const kern_backend_t *be);
+/* The most one forward pass can ask of a backend, so that a device backend
+ * sizes its workspaces and staging buffers once, before serving: growing
+ * them later costs a stream synchronisation and an allocation in the middle
+ * of a step (and can fail for want of memory then).  Ops whose shapes go
+ * beyond these still work; they grow what they need as before. */
+typedef struct kern_reserve {
+    uint32_t max_rows;     /* tokens in one forward pass */
+    uint32_t max_cols;     /* the widest weight row, in elements */
+    uint32_t max_seqs;     /* sequences in one forward pass */
+    uint32_t max_ctx;      /* tokens of KV one sequence attends */
+    uint32_t block_tokens; /* of the KV pool */
+    uint32_t n_heads, n_kv_heads, head_dim;
+} kern_reserve_t;
+/* 0, KVS_EINVAL (a zero field), or what allocation answered (KVS_ENOMEM,
+ * KVS_EDEVICE); a no-op on host backends.  Thread: the owner. */
+int kern_reserve(kern_backend_t *be, const kern_reserve_t *r);
 /* True once a device backend has hit an error it cannot recover from (a
  * fault in a kernel, a lost device): every later op fails with
  * KVS_EDEVICE, and the process needs a restart.  Thread: the owner. */

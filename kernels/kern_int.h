@@ -45,6 +45,8 @@ typedef struct kern_ops {
     /* Optional (NULL: kern_kv_gather answers KVS_ENOTSUP). */
     int (*kv_gather)(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src,
                      const int32_t *dst, uint32_t n);
+    /* Optional (NULL: nothing to size ahead); r is valid. */
+    int (*reserve)(kern_backend_t *be, const kern_reserve_t *r);
 } kern_ops_t;
 
 /* Every backend struct starts with this header. */

@@ -1462,6 +1462,26 @@ sched_default_hot_blocks(const sched_cfg_t *c)
     return (batch + bt - 1) / bt + per_seq * seqs + 1;
 }
 
+/* Lets a device backend size its buffers for m's largest step before
+ * serving starts (kern_reserve; host backends have nothing to do). */
+static int
+reserve_backend(const sched_cfg_t *c, const model_t *m, kern_backend_t *be)
+{
+    const model_hparams_t *hp = model_hparams(m);
+    uint32_t qd = hp->n_head * hp->head_dim, cols = hp->n_embd;
+    cols = hp->n_ff > cols ? hp->n_ff : cols;
+    cols = qd > cols ? qd : cols;
+    kern_reserve_t r = {.max_rows = c->max_num_batched_tokens,
+                        .max_cols = cols,
+                        .max_seqs = c->max_num_seqs,
+                        .max_ctx = c->max_model_len,
+                        .block_tokens = c->block_tokens,
+                        .n_heads = hp->n_head,
+                        .n_kv_heads = hp->n_head_kv,
+                        .head_dim = hp->head_dim};
+    return kern_reserve(be, &r);
+}
+
 int
 sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
 {
@@ -1589,6 +1609,10 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
     }
     if (rc == 0)
         rc = model_ctx_new(m, c->max_num_batched_tokens, max_logits, &s->ctx);
+    if (rc == 0)
+        rc = reserve_backend(c, m, s->be);
+    if (rc == 0 && c->draft)
+        rc = reserve_backend(c, c->draft, s->be);
     if (rc == 0)
         rc = sched_batch_new(&s->batch);
     if (rc == 0) {

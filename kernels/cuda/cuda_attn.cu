@@ -248,6 +248,23 @@ tc_eligible(const kern_attn_args_t *a)
            (uintptr_t)a->q % 16 == 0 && (uintptr_t)a->out % 8 == 0;
 }
 
+void
+kern__cuda_attention_reserve(const kern_cuda_t *be, const kern_reserve_t *r, size_t *ws_bytes,
+                             size_t *stage_bytes)
+{
+    /* Split-KV partials: rows are split only while rows x KV heads stay
+     * below want = 2 x SMs, into at most ceil(want / that) ranges, so the
+     * partials of all query heads stay under 2 x group x want. */
+    size_t want = (size_t)2 * (be->n_sm > 0 ? be->n_sm : 1);
+    size_t group = r->n_heads / r->n_kv_heads;
+    *ws_bytes = 2 * group * want * ((size_t)r->head_dim + 2) * sizeof(float);
+    /* Staged ints: three per row, the row list and three per tile (each at
+     * most one per row), and every sequence's block ids.  Block masks are
+     * not counted: block-sparse selection runs on the host. */
+    size_t ids = (size_t)r->max_seqs * ((r->max_ctx + r->block_tokens - 1) / r->block_tokens);
+    *stage_bytes = ((size_t)7 * r->max_rows + ids) * sizeof(int32_t);
+}
+
 int
 kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
 {

@@ -87,6 +87,7 @@ typedef struct kern_cuda {
 
     void *host_scratch; /* kv_copy's conflict bitmap */
     size_t host_scratch_bytes;
+    bool reserved; /* kern_reserve sized everything: growing later is worth a warning */
 } kern_cuda_t;
 
 /* ------------------------------------------------------------------------ */
@@ -151,6 +152,11 @@ kern__cuda_grid(const kern_cuda_t *be, size_t n, unsigned per_block)
 int kern__cuda_matmul(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
                       const float *bias, float *y);
 int kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a);
+/* What the ops above can ask of the workspaces and staging at most, for
+ * the shapes of r (kern_reserve). */
+void kern__cuda_matmul_reserve(const kern_reserve_t *r, size_t *x_bytes, size_t *w_bytes);
+void kern__cuda_attention_reserve(const kern_cuda_t *be, const kern_reserve_t *r, size_t *ws_bytes,
+                                  size_t *stage_bytes);
 
 /* The tensor-core prefill kernel's work, staged by kern__cuda_attention.
  * A tile is KERN_CUDA_ATTN_TC_M / min(group, KERN_CUDA_ATTN_TC_M)

@@ -225,6 +225,18 @@ bias_kernel(float *y, const float *bias, size_t count, uint32_t rows)
         y[i] += bias[i % rows];
 }
 
+void
+kern__cuda_matmul_reserve(const kern_reserve_t *r, size_t *x_bytes, size_t *w_bytes)
+{
+    /* x narrowed to 16 bits for a GEMM, or rounded in f32 for the GEMV;
+     * one dequantized tile of a Q8_0 weight (reserved whatever the model's
+     * types: 64 MiB is little next to a device's weights and KV). */
+    size_t half = (size_t)r->max_rows * r->max_cols * sizeof(uint16_t);
+    size_t gemv = (size_t)MV_MAX_N * r->max_cols * sizeof(float);
+    *x_bytes = half > gemv ? half : gemv;
+    *w_bytes = DQ_TILE_BYTES;
+}
+
 static int
 gemm_half(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n, float *y)
 {

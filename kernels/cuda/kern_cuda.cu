@@ -102,11 +102,13 @@ kern__cuda_stage_begin(kern_cuda_t *be, size_t bytes, void **host)
     return 0;
 }
 
-int
-kern__cuda_stage_end(kern_cuda_t *be, size_t bytes, void **dev)
+/* Grows the device side of the staging to at least `bytes`. */
+static int
+stage_dev_reserve(kern_cuda_t *be, size_t bytes)
 {
-    kern_cuda_pin_t *s = &be->pin[be->pin_next];
     if (bytes > be->stage_dev_bytes) {
+        if (be->reserved)
+            KVS_WARNF("cuda: staging grows to %zu bytes beyond the reservation", bytes);
         /* Kernels queued earlier may still read the old buffer. */
         KERN_CUDA_TRY(cudaStreamSynchronize(be->stream));
         if (be->stage_dev)
@@ -123,6 +125,16 @@ kern__cuda_stage_end(kern_cuda_t *be, size_t bytes, void **dev)
         }
         be->stage_dev_bytes = want;
     }
+    return 0;
+}
+
+int
+kern__cuda_stage_end(kern_cuda_t *be, size_t bytes, void **dev)
+{
+    kern_cuda_pin_t *s = &be->pin[be->pin_next];
+    int rc = stage_dev_reserve(be, bytes);
+    if (rc)
+        return rc;
     /* Kernels of the previous op that read stage_dev were queued before
      * this copy on the same stream, so overwriting it here is safe. */
     KERN_CUDA_TRY(
@@ -140,6 +152,9 @@ kern__cuda_workspace(kern_cuda_t *be, kern_cuda_ws_t which, size_t bytes, void *
         *out = be->ws[which];
         return 0;
     }
+    if (be->reserved)
+        KVS_WARNF("cuda: workspace %d grows to %zu bytes beyond the reservation", (int)which,
+                  bytes);
     KERN_CUDA_TRY(cudaStreamSynchronize(be->stream));
     if (be->ws[which])
         KERN_CUDA_TRY(cudaFree(be->ws[which]));
@@ -853,6 +868,47 @@ cuda_delta_apply(kern_backend_t *base, float *out, float *dense, uint32_t n, uin
     return cuda_leave(be, rc ? rc : cuda_delta_apply_body(be, out, dense, n, width, gamma, tail));
 }
 
+/* Sizes every workspace and staging buffer for r's shapes now, so serving
+ * allocates nothing (kern_reserve). */
+static int
+cuda_reserve_body(kern_cuda_t *be, const kern_reserve_t *r)
+{
+    size_t x, w, attn, stage;
+    kern__cuda_matmul_reserve(r, &x, &w);
+    kern__cuda_attention_reserve(be, r, &attn, &stage);
+    /* kv_append's slots and get_rows' ids: one int per row. */
+    size_t rows = (size_t)r->max_rows * sizeof(int32_t);
+    if (stage < rows)
+        stage = rows;
+    void *p;
+    int rc = 0;
+    if ((rc = kern__cuda_workspace(be, KERN_CUDA_WS_MATMUL_X, x, &p)) != 0 ||
+        (rc = kern__cuda_workspace(be, KERN_CUDA_WS_MATMUL_W, w, &p)) != 0 ||
+        (rc = kern__cuda_workspace(be, KERN_CUDA_WS_ATTN, attn, &p)) != 0 ||
+        (rc = stage_dev_reserve(be, stage)) != 0)
+        return rc;
+    unsigned next = be->pin_next;
+    for (unsigned i = 0; i < KERN_CUDA_PIN_SLOTS && rc == 0; i++) {
+        be->pin_next = i;
+        rc = kern__cuda_stage_begin(be, stage, &p);
+    }
+    be->pin_next = next;
+    be->reserved = rc == 0;
+    if (rc == 0)
+        KVS_INFOF("cuda: reserved %.1f MiB of workspaces and %u x %.1f MiB of pinned staging",
+                  (double)(x + w + attn + stage) / 1048576.0, KERN_CUDA_PIN_SLOTS,
+                  (double)stage / 1048576.0);
+    return rc;
+}
+
+static int
+cuda_reserve(kern_backend_t *base, const kern_reserve_t *r)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : cuda_reserve_body(be, r));
+}
+
 static const kern_ops_t cuda_ops = {
     /* .name = */ "cuda",
     /* .is_host = */ false,
@@ -874,6 +930,10 @@ static const kern_ops_t cuda_ops = {
     /* .kv_copy = */ cuda_kv_copy,         /* all pairs at once unless order matters */
     /* .attention = */ cuda_attention,     /* paged flash-style, split-KV for decode */
     /* .delta_apply = */ cuda_delta_apply, /* two elementwise passes */
+    /* .pack_weight = */ NULL,             /* weights stay row-major */
+    /* .kv_seal = */ NULL,                 /* no quantized KV blocks */
+    /* .kv_gather = */ NULL,               /* no SnapKV/H2O compaction */
+    /* .reserve = */ cuda_reserve,         /* every workspace and staging buffer, once */
 };
 
 /* After the table: C++ has no tentative definitions to declare it earlier. */

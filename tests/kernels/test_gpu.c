@@ -632,6 +632,21 @@ main(void)
     printf("gpu_kernels: seed %llu (KVS_TEST_SEED=%llu repeats this run)\n",
            (unsigned long long)g_seed, (unsigned long long)g_seed);
     setenv("KVS_TEST_VERBOSE", "1", 0); /* every check prints its error */
+    /* Every test below then runs on the reserved buffers, as serving does. */
+    const kern_reserve_t res = {.max_rows = 4096,
+                                .max_cols = 14336,
+                                .max_seqs = 64,
+                                .max_ctx = 65536,
+                                .block_tokens = 16,
+                                .n_heads = 32,
+                                .n_kv_heads = 8,
+                                .head_dim = 128};
+    if ((rc = kern_reserve(g_cuda, &res)) != 0) {
+        printf("gpu_kernels: kern_reserve failed: %s\n", kvs_strerror(rc));
+        kern_backend_free(g_ref);
+        kern_backend_free(g_cuda);
+        return 1;
+    }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_get_rows),    cmocka_unit_test(test_matmul),
         cmocka_unit_test(test_rmsnorm),     cmocka_unit_test(test_rope),

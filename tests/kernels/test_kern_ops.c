@@ -891,10 +891,39 @@ test_pool(void **state)
     cpu_pool_free(NULL);
 }
 
+/* kern_reserve: every field is required; host backends have nothing to
+ * size and a device backend's ops keep working after it. */
+static void
+test_reserve(void **state)
+{
+    (void)state;
+    const kern_reserve_t good = {.max_rows = 512,
+                                 .max_cols = 1024,
+                                 .max_seqs = 16,
+                                 .max_ctx = 4096,
+                                 .block_tokens = 16,
+                                 .n_heads = 8,
+                                 .n_kv_heads = 2,
+                                 .head_dim = 64};
+    for (int i = 0; i < g_n_be; i++) {
+        kern_backend_t *be = g_be[i].be;
+        assert_int_equal(kern_reserve(be, &good), 0);
+        assert_int_equal(kern_reserve(be, NULL), KVS_EINVAL);
+        for (int f = 0; f < 8; f++) {
+            kern_reserve_t r = good;
+            uint32_t *fields[] = {&r.max_rows,     &r.max_cols, &r.max_seqs,   &r.max_ctx,
+                                  &r.block_tokens, &r.n_heads,  &r.n_kv_heads, &r.head_dim};
+            *fields[f] = 0;
+            assert_int_equal(kern_reserve(be, &r), KVS_EINVAL);
+        }
+    }
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_reserve),
         cmocka_unit_test(test_matmul),
         cmocka_unit_test(test_matmul_batch_invariant),
         cmocka_unit_test(test_get_rows),
