@@ -226,6 +226,7 @@ int sched_step(sched_t *s);
 /* What the engine holds, as of its last step (and at creation). */
 typedef struct sched_load {
     uint32_t running, waiting;
+    uint32_t preempted; /* of the waiting: preempted at least once, to resume */
     uint32_t blocks_total;
     uint32_t blocks_free;   /* allocatable: free plus cached blocks no request holds */
     uint32_t blocks_cached; /* in the prefix cache, held or not */

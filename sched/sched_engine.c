@@ -151,7 +151,7 @@ struct sched {
     bool stop, pending;
     _Atomic bool emitted; /* events queued since the last wake */
     /* Snapshot for other threads (sched_get_load), written after each step. */
-    _Atomic uint32_t load_running, load_waiting, load_free, load_cached;
+    _Atomic uint32_t load_running, load_waiting, load_free, load_cached, load_preempted;
     _Atomic bool load_failed;
     _Atomic uint64_t load_sealed, load_swap_out, load_swap_in, load_pressure_seals, load_snapkv,
         load_h2o;
@@ -718,6 +718,10 @@ publish_load(sched_t *s)
     kv_pool_prefix_stats(s->pool, &ps);
     atomic_store(&s->load_running, s->running.n);
     atomic_store(&s->load_waiting, s->waiting.n);
+    uint32_t pre = 0; /* a walk: cheaper to keep right than a counter on every exit path */
+    for (const req_t *r = s->waiting.head; r; r = r->next)
+        pre += r->usage.preemptions > 0;
+    atomic_store(&s->load_preempted, pre);
     atomic_store(&s->load_free, kv_pool_n_free(s->pool));
     atomic_store(&s->load_cached, (uint32_t)ps.cached_blocks);
     atomic_store(&s->load_pfx_queried, ps.queried_tokens);
@@ -1424,6 +1428,7 @@ sched_get_load(const sched_t *s, sched_load_t *out)
     sched_t *w = (sched_t *)s; /* atomics only */
     out->running = atomic_load(&w->load_running);
     out->waiting = atomic_load(&w->load_waiting);
+    out->preempted = atomic_load(&w->load_preempted);
     out->blocks_total = s->cfg.n_blocks;
     out->blocks_free = atomic_load(&w->load_free);
     out->blocks_cached = atomic_load(&w->load_cached);

@@ -168,6 +168,8 @@ srv_met_render(const srv_met_data_t *d, const sched_load_t *l, FILE *f)
 {
     gauge(f, "kvserve_num_requests_running", "Requests in the running batch.", l->running);
     gauge(f, "kvserve_num_requests_waiting", "Requests waiting to be scheduled.", l->waiting);
+    gauge(f, "kvserve_num_requests_preempted",
+          "Waiting requests that were preempted and wait to resume.", l->preempted);
     /* Not kv_blocks_total: promtool keeps the _total suffix for counters. */
     gauge(f, "kvserve_kv_blocks_capacity", "KV cache blocks in the pool.", l->blocks_total);
     gauge(f, "kvserve_kv_blocks_free",

@@ -178,6 +178,7 @@ test_observations(void **state)
     sched_usage_t c = {.prompt_tokens = 5};
     srv_met_observe(&d, SRV_MET_ABORT, &c, 100000000ull, false);
     sched_load_t l = {.running = 2,
+                      .preempted = 1,
                       .waiting = 1,
                       .blocks_total = 200,
                       .blocks_free = 150,
@@ -199,6 +200,7 @@ test_observations(void **state)
     check_structure(t);
     assert_true(sample(t, "kvserve_num_requests_running") == 2);
     assert_true(sample(t, "kvserve_num_requests_waiting") == 1);
+    assert_true(sample(t, "kvserve_num_requests_preempted") == 1);
     assert_true(sample(t, "kvserve_kv_cache_usage_perc") == 0.25);
     assert_true(sample(t, "kvserve_kv_blocks_capacity") == 200);
     assert_true(sample(t, "kvserve_kv_blocks_full_precision") == 40);
