@@ -60,11 +60,11 @@ int kern__ref_new(const kern_backend_cfg_t *cfg, kern_backend_t **out);
 int kern__cpu_new(const kern_backend_cfg_t *cfg, kern_backend_t **out);
 int kern__cuda_new(const kern_backend_cfg_t *cfg, kern_backend_t **out);
 
-/* The weight and KV types every backend so far computes with: weights F32,
- * F16, BF16, Q8_0; KV F32, F16 (kern_types.c). */
+/* The weight and KV types every backend computes with: weights F32, F16,
+ * BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K; KV F32, F16 (kern_types.c).  The
+ * cuda backend's list. */
 bool kern__types_supported(kern_op_t op, kern_dtype_t type);
-/* The host backends' (ref, cpu): the above, and Q4_0, Q4_K, Q5_K, Q6_K
- * weights, which the cuda kernels do not read. */
+/* The host backends' (ref, cpu): the same weight and KV types. */
 bool kern__host_types_supported(kern_op_t op, kern_dtype_t type);
 /* Whether kern_matmul rounds x with kern_round_x_q8 for this weight type
  * (kern.h): Q8_0, Q4_0 and the K-quants. */

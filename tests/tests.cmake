@@ -55,3 +55,14 @@ set_tests_properties(grpc_integration PROPERTIES LABELS "cpu;integration" SKIP_R
 # promtool on the Prometheus config, shellcheck.  Tools from scripts/setup.sh.
 add_test(NAME deploy_lint COMMAND sh ${CMAKE_CURRENT_SOURCE_DIR}/deploy/lint.sh)
 set_tests_properties(deploy_lint PROPERTIES LABELS "lint" TIMEOUT 300)
+
+# The cuda backend's block decoders (kernels/cuda/cuda_dequant.cuh) against
+# kern_row_to_f32, run on the host: it needs nvcc, not a GPU.
+if(KVS_HAVE_CUDA)
+  add_executable(test_cuda_dequant tests/kernels/test_cuda_dequant.cu)
+  target_link_libraries(test_cuda_dequant PRIVATE kvs PkgConfig::CMOCKA)
+  target_compile_options(test_cuda_dequant PRIVATE
+    -Xcompiler=-Wall,-Wno-unused-parameter --Werror=all-warnings)
+  add_test(NAME cuda_dequant COMMAND test_cuda_dequant)
+  set_tests_properties(cuda_dequant PROPERTIES LABELS "cpu;gpu")
+endif()

@@ -11,6 +11,8 @@
  *                   decode rows and the general case
  *   cuda_attn_tc.cu kern__cuda_attention_tc: its F16 prefill tiles on the
  *                   tensor cores
+ *   cuda_dequant.cuh Q4_0 and K-quant block decoding, for get_rows and
+ *                   matmul
  *
  * Errors: every CUDA or cuBLAS call goes through KERN_CUDA_TRY or
  * KERN_CUBLAS_TRY, which log the statement, file and line and return
@@ -64,7 +66,7 @@ typedef struct kern_cuda_pin {
  * op can hold two at once. */
 typedef enum kern_cuda_ws {
     KERN_CUDA_WS_MATMUL_X, /* activations converted to f16/bf16, or rounded for Q8_0 */
-    KERN_CUDA_WS_MATMUL_W, /* Q8_0 weight tiles dequantized to f16 */
+    KERN_CUDA_WS_MATMUL_W, /* quantized weight tiles dequantized to f16 */
     KERN_CUDA_WS_ATTN,     /* split-KV partial results */
     KERN_CUDA_WS_COUNT,
 } kern_cuda_ws_t;

@@ -1,37 +1,39 @@
 /*
  * kernels/cuda/cuda_matmul.cu — kern__cuda_matmul for the cuda backend:
- * y[n][rows] = x[n][cols] * W^T (+ bias), W in F32, F16, BF16 or Q8_0.
- * Called by the matmul wrapper in kern_cuda.cu (which checked alignment).
+ * y[n][rows] = x[n][cols] * W^T (+ bias), W in F32, F16, BF16, Q8_0, Q4_0,
+ * Q4_K, Q5_K or Q6_K.  Called by the matmul wrapper in kern_cuda.cu (which
+ * checked alignment).  "Quantized" below: Q8_0, Q4_0 and the K-quants,
+ * whose blocks cuda_dequant.cuh decodes (Q8_0 is decoded here).
  *
  *   F32                 cublasSgemm straight on W
- *   F16/BF16/Q8_0, n<=8 mv_kernel: a warp per weight row, dequantizing on
- *                       the fly, up to 4 rows of x per pass (decode)
+ *   F16/BF16/quantized, mv_kernel: a warp per weight row, dequantizing on
+ *     n<=8              the fly, up to 4 rows of x per pass (decode)
  *   F16/BF16, n>8       x converted to W's type, cublasGemmEx, f32 compute
- *   Q8_0, n>8           x rounded (int8 steps) straight to f16, W dequantized
+ *   quantized, n>8      x rounded (int8 steps) straight to f16, W dequantized
  *                       to f16 in row tiles, cublasGemmEx on tensor cores
  *
  * cuBLAS is column-major.  A row-major [R][C] W with row stride ldw is, to
  * cuBLAS, a C x R matrix with leading dimension ldw; x[n][C] is C x n and
  * y[n][R] is R x n.  So y = op(W)^T x is gemm(T, N, m=R, n, k=C).
  *
- * Precision: the GEMV and the Q8_0 path keep x in f32 and accumulate in
- * f32; for Q8_0 weights x is first rounded per 32-value block to int8
- * steps, as kern.h defines the product (kern_round_x_q8) for every
- * backend.  The GemmEx paths round x to f16/bf16 (accumulation stays f32), as
- * llama.cpp does; f16 saturates at +-65504 rather than becoming inf, so a
- * huge activation gives a large wrong value instead of NaNs downstream.
- * Q8_0 prefill runs in f16 too: d * q of a weight and the rounded x keep
- * 11 significant bits there (a relative 2^-12 per operand), which costs
- * far less than an f32 product on CUDA cores costs in time.
+ * Precision: the GEMV keeps x in f32 and accumulates in f32.  For
+ * quantized weights x is first rounded per 32-value block to int8 steps,
+ * as kern.h defines the product (kern_round_x_q8) for every backend, and W
+ * is decoded to exactly kern_row_to_f32's values.  The GemmEx paths round x to f16/bf16
+ * (accumulation stays f32), as llama.cpp does; f16 saturates at +-65504 rather than becoming inf,
+ * so a huge activation gives a large wrong value instead of NaNs downstream. Quantized prefill runs
+ * in f16 too: a decoded weight and the rounded x keep 11 significant bits there (a relative 2^-12
+ * per operand), which costs far less than an f32 product on CUDA cores costs in time.
  */
 #include "cuda_common.cuh"
+#include "cuda_dequant.cuh"
 
 #include <limits.h>
 
 #define MV_MAX_N 8                       /* up to this many rows of x take the GEMV path */
 #define MV_NX 4                          /* rows of x one GEMV pass handles */
 #define MV_WARPS 4                       /* warps, i.e. weight rows, per block */
-#define DQ_TILE_BYTES ((size_t)64 << 20) /* f16 weight tile for the Q8_0 GEMM */
+#define DQ_TILE_BYTES ((size_t)64 << 20) /* f16 weight tile for the quantized GEMM */
 
 /* ------------------------------------------------------------------------ */
 /* GEMV for small n.                                                        */
@@ -39,7 +41,9 @@
 
 /* Weights c .. c+7 of a row (c % 8 == 0) as f32.  `vec`: the row and c
  * allow one 16-byte load (F16/BF16).  Q8_0: the 8 values are a quarter of
- * one 34-byte block, 2-byte aligned, so four 16-bit loads. */
+ * one 34-byte block, 2-byte aligned, so four 16-bit loads.  Q4_0 and the
+ * K-quants: cuda_dequant.cuh, which reads only the sub-block's scale and
+ * the 8 values' quant bits, not the whole block. */
 template <int T>
 static __device__ __forceinline__ void
 load8_w(const char *row, uint32_t c, bool vec, float *o)
@@ -54,6 +58,8 @@ load8_w(const char *row, uint32_t c, bool vec, float *o)
             o[2 * k] = d * (float)(int8_t)(u & 0xff);
             o[2 * k + 1] = d * (float)(int8_t)(u >> 8);
         }
+    } else if (kern__cuda_is_kq(T)) {
+        kern__cuda_dq8<T>(row, c, o);
     } else if (vec) {
         uint4 u = *(const uint4 *)(row + (size_t)c * 2);
         uint32_t p[4] = {u.x, u.y, u.z, u.w};
@@ -118,13 +124,16 @@ __launch_bounds__(MV_WARPS * 32)
             }
         }
     }
-    /* F16/BF16 rows need not be a multiple of 8 long (Q8_0 always is). */
-    for (uint32_t c = cols8 + lane; c < cols; c += 32) {
-        float wv = kern__cuda_load_elem<T>(row, c);
+    /* F16/BF16 rows need not be a multiple of 8 long (quantized ones
+     * always are: whole 32-value blocks). */
+    if (T == KERN_F16 || T == KERN_BF16) {
+        for (uint32_t c = cols8 + lane; c < cols; c += 32) {
+            float wv = kern__cuda_load_elem<T>(row, c);
 #pragma unroll
-        for (uint32_t j = 0; j < MV_NX; j++)
-            if (j < nx)
-                acc[j] += wv * x[(size_t)j * cols + c];
+            for (uint32_t j = 0; j < MV_NX; j++)
+                if (j < nx)
+                    acc[j] += wv * x[(size_t)j * cols + c];
+        }
     }
 #pragma unroll
     for (uint32_t j = 0; j < MV_NX; j++) {
@@ -161,6 +170,22 @@ mv_launch(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n, c
             break;
         case KERN_Q8_0:
             mv_kernel<KERN_Q8_0><<<grid, MV_WARPS * 32, 0, be->stream>>>(
+                wd, w->row_bytes, rows, cols, xt, nx, bias, yt, rows, false, xvec);
+            break;
+        case KERN_Q4_0:
+            mv_kernel<KERN_Q4_0><<<grid, MV_WARPS * 32, 0, be->stream>>>(
+                wd, w->row_bytes, rows, cols, xt, nx, bias, yt, rows, false, xvec);
+            break;
+        case KERN_Q4_K:
+            mv_kernel<KERN_Q4_K><<<grid, MV_WARPS * 32, 0, be->stream>>>(
+                wd, w->row_bytes, rows, cols, xt, nx, bias, yt, rows, false, xvec);
+            break;
+        case KERN_Q5_K:
+            mv_kernel<KERN_Q5_K><<<grid, MV_WARPS * 32, 0, be->stream>>>(
+                wd, w->row_bytes, rows, cols, xt, nx, bias, yt, rows, false, xvec);
+            break;
+        case KERN_Q6_K:
+            mv_kernel<KERN_Q6_K><<<grid, MV_WARPS * 32, 0, be->stream>>>(
                 wd, w->row_bytes, rows, cols, xt, nx, bias, yt, rows, false, xvec);
             break;
         default:
@@ -204,17 +229,64 @@ narrow_kernel(const float *x, size_t count, uint16_t *out)
     }
 }
 
-/* Rows of Q8_0 weights to contiguous f16 rows of `cols` (|d * q| is at
- * most 127 * 65504, so only a weight scale near f16's top can saturate). */
+/* Rows of quantized weights to contiguous f16 rows of `cols`.  A value is
+ * its fp16 scale times at most 127 (Q8_0) or 4096 (K-quants), so only
+ * scales near f16's top can reach past it, and those saturate.  Q4_0 and
+ * the K-quants: 8 values a thread, stored as one 16-byte write (cols is a
+ * multiple of 32 and `out` a workspace). */
+template <int T>
 static __global__ void
-dequant_q8_0_kernel(const char *w, size_t row_bytes, uint32_t rows, uint32_t cols, uint16_t *out)
+dequant_kernel(const char *w, size_t row_bytes, uint32_t rows, uint32_t cols, uint16_t *out)
 {
     for (uint32_t r = blockIdx.x; r < rows; r += gridDim.x) {
         const char *row = w + (size_t)r * row_bytes;
         uint16_t *o = out + (size_t)r * cols;
-        for (uint32_t c = threadIdx.x; c < cols; c += blockDim.x)
-            o[c] = narrow_f16(kern__cuda_load_elem<KERN_Q8_0>(row, c));
+        if (T == KERN_Q8_0) {
+            for (uint32_t c = threadIdx.x; c < cols; c += blockDim.x)
+                o[c] = narrow_f16(kern__cuda_load_elem<KERN_Q8_0>(row, c));
+        } else {
+            for (uint32_t c = threadIdx.x * 8; c < cols; c += blockDim.x * 8) {
+                float v[8];
+                kern__cuda_dq8<T>(row, c, v);
+                uint4 u;
+                u.x = narrow_f16(v[0]) | (uint32_t)narrow_f16(v[1]) << 16;
+                u.y = narrow_f16(v[2]) | (uint32_t)narrow_f16(v[3]) << 16;
+                u.z = narrow_f16(v[4]) | (uint32_t)narrow_f16(v[5]) << 16;
+                u.w = narrow_f16(v[6]) | (uint32_t)narrow_f16(v[7]) << 16;
+                *(uint4 *)(o + c) = u;
+            }
+        }
     }
+}
+
+/* One row tile of W to f16 in `ws`. */
+static int
+dequant_launch(kern_cuda_t *be, const kern_tensor_t *w, uint32_t r0, uint32_t m, uint16_t *ws)
+{
+    unsigned grid = m < 65535 ? m : 65535;
+    const char *wd = (const char *)w->data + (size_t)r0 * w->row_bytes;
+    uint32_t cols = w->n_cols;
+    switch (w->type) {
+    case KERN_Q8_0:
+        dequant_kernel<KERN_Q8_0><<<grid, 256, 0, be->stream>>>(wd, w->row_bytes, m, cols, ws);
+        break;
+    case KERN_Q4_0:
+        dequant_kernel<KERN_Q4_0><<<grid, 256, 0, be->stream>>>(wd, w->row_bytes, m, cols, ws);
+        break;
+    case KERN_Q4_K:
+        dequant_kernel<KERN_Q4_K><<<grid, 256, 0, be->stream>>>(wd, w->row_bytes, m, cols, ws);
+        break;
+    case KERN_Q5_K:
+        dequant_kernel<KERN_Q5_K><<<grid, 256, 0, be->stream>>>(wd, w->row_bytes, m, cols, ws);
+        break;
+    case KERN_Q6_K:
+        dequant_kernel<KERN_Q6_K><<<grid, 256, 0, be->stream>>>(wd, w->row_bytes, m, cols, ws);
+        break;
+    default:
+        return KVS_ENOTSUP;
+    }
+    KERN_CUDA_LAUNCHED();
+    return 0;
 }
 
 static __global__ void
@@ -229,7 +301,7 @@ void
 kern__cuda_matmul_reserve(const kern_reserve_t *r, size_t *x_bytes, size_t *w_bytes)
 {
     /* x narrowed to 16 bits for a GEMM, or rounded in f32 for the GEMV;
-     * one dequantized tile of a Q8_0 weight (reserved whatever the model's
+     * one dequantized tile of a quantized weight (reserved whatever the model's
      * types: 64 MiB is little next to a device's weights and KV). */
     size_t half = (size_t)r->max_rows * r->max_cols * sizeof(uint16_t);
     size_t gemv = (size_t)MV_MAX_N * r->max_cols * sizeof(float);
@@ -296,10 +368,10 @@ round_x_q8_kernel(const float *x, size_t n_blocks, O *out)
     }
 }
 
-/* x is the f32 input: rounded to int8 steps and narrowed to f16 in one
- * pass into the x workspace. */
+/* Any quantized W.  x is the f32 input: rounded to int8 steps and narrowed
+ * to f16 in one pass into the x workspace. */
 static int
-gemm_q8_0(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n, float *y)
+gemm_quant(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n, float *y)
 {
     uint32_t rows = w->n_rows, cols = w->n_cols;
     size_t count = (size_t)n * cols;
@@ -324,11 +396,8 @@ gemm_q8_0(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n, f
      * tile t+1's dequantization overwrites it. */
     for (uint32_t r0 = 0; r0 < rows; r0 += (uint32_t)tile_rows) {
         uint32_t m = rows - r0 < tile_rows ? rows - r0 : (uint32_t)tile_rows;
-        unsigned grid = m < 65535 ? m : 65535;
-        dequant_q8_0_kernel<<<grid, 256, 0, be->stream>>>((const char *)w->data +
-                                                              (size_t)r0 * w->row_bytes,
-                                                          w->row_bytes, m, cols, (uint16_t *)ws);
-        KERN_CUDA_LAUNCHED();
+        if ((rc = dequant_launch(be, w, r0, m, (uint16_t *)ws)) != 0)
+            return rc;
         KERN_CUBLAS_TRY(cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, (int)n, (int)cols,
                                      &one, ws, CUDA_R_16F, (int)cols, xh, CUDA_R_16F, (int)cols,
                                      &zero, y + r0, CUDA_R_32F, (int)rows, CUBLAS_COMPUTE_32F,
@@ -346,9 +415,10 @@ kern__cuda_matmul(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint3
                   const float *bias, float *y)
 {
     uint32_t rows = w->n_rows, cols = w->n_cols;
-    if (w->type != KERN_F32 && w->type != KERN_F16 && w->type != KERN_BF16 && w->type != KERN_Q8_0)
+    bool quant = kern__rounds_x(w->type); /* Q8_0, Q4_0, the K-quants */
+    if (w->type != KERN_F32 && w->type != KERN_F16 && w->type != KERN_BF16 && !quant)
         return KVS_ENOTSUP;
-    if (w->type == KERN_Q8_0 && n <= MV_MAX_N) {
+    if (quant && n <= MV_MAX_N) {
         void *xr;
         size_t count = (size_t)n * cols;
         int rc = kern__cuda_workspace(be, KERN_CUDA_WS_MATMUL_X, count * sizeof(float), &xr);
@@ -375,8 +445,8 @@ kern__cuda_matmul(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint3
                                     (int)cols, &one, (const float *)w->data,
                                     (int)(w->row_bytes / 4), x, (int)cols, &zero, y, (int)rows));
         rc = 0;
-    } else if (w->type == KERN_Q8_0) {
-        rc = gemm_q8_0(be, w, x, n, y);
+    } else if (quant) {
+        rc = gemm_quant(be, w, x, n, y);
     } else {
         rc = gemm_half(be, w, x, n, y);
     }

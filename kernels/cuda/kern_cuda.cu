@@ -18,6 +18,7 @@
  * caller may reuse them at once.
  */
 #include "cuda_common.cuh"
+#include "cuda_dequant.cuh"
 
 #include <math.h>
 #include <stdlib.h>
@@ -355,6 +356,8 @@ cuda_sync(kern_backend_t *base)
 /* get_rows.                                                                */
 /* ------------------------------------------------------------------------ */
 
+/* Q4_0 and the K-quants decode 8 values a thread (cuda_dequant.cuh; cols
+ * is a multiple of 32), each bit for bit kern_row_to_f32's. */
 template <int T>
 static __global__ void
 get_rows_kernel(const char *w, size_t row_bytes, uint32_t cols, const int32_t *ids, uint32_t n,
@@ -363,8 +366,18 @@ get_rows_kernel(const char *w, size_t row_bytes, uint32_t cols, const int32_t *i
     for (uint32_t i = blockIdx.x; i < n; i += gridDim.x) {
         const char *row = w + (size_t)ids[i] * row_bytes;
         float *dst = out + (size_t)i * cols;
-        for (uint32_t c = threadIdx.x; c < cols; c += blockDim.x)
-            dst[c] = kern__cuda_load_elem<T>(row, c);
+        if (kern__cuda_is_kq(T)) {
+            for (uint32_t c = threadIdx.x * 8; c < cols; c += blockDim.x * 8) {
+                float v[8];
+                kern__cuda_dq8<T>(row, c, v);
+#pragma unroll
+                for (int k = 0; k < 8; k++)
+                    dst[c + k] = v[k];
+            }
+        } else {
+            for (uint32_t c = threadIdx.x; c < cols; c += blockDim.x)
+                dst[c] = kern__cuda_load_elem<T>(row, c);
+        }
     }
 }
 
@@ -413,6 +426,22 @@ cuda_get_rows_body(kern_cuda_t *be, const kern_tensor_t *w, const int32_t *ids, 
         break;
     case KERN_Q8_0:
         get_rows_kernel<KERN_Q8_0>
+            <<<grid, threads, 0, be->stream>>>(wd, w->row_bytes, w->n_cols, dids, n, out);
+        break;
+    case KERN_Q4_0:
+        get_rows_kernel<KERN_Q4_0>
+            <<<grid, threads, 0, be->stream>>>(wd, w->row_bytes, w->n_cols, dids, n, out);
+        break;
+    case KERN_Q4_K:
+        get_rows_kernel<KERN_Q4_K>
+            <<<grid, threads, 0, be->stream>>>(wd, w->row_bytes, w->n_cols, dids, n, out);
+        break;
+    case KERN_Q5_K:
+        get_rows_kernel<KERN_Q5_K>
+            <<<grid, threads, 0, be->stream>>>(wd, w->row_bytes, w->n_cols, dids, n, out);
+        break;
+    case KERN_Q6_K:
+        get_rows_kernel<KERN_Q6_K>
             <<<grid, threads, 0, be->stream>>>(wd, w->row_bytes, w->n_cols, dids, n, out);
         break;
     default:
@@ -913,7 +942,7 @@ static const kern_ops_t cuda_ops = {
     /* .name = */ "cuda",
     /* .is_host = */ false,
     /* .destroy = */ cuda_destroy,         /* syncs, frees workspaces, stream, handle */
-    /* .supports = */ cuda_supports,       /* F32/F16/BF16/Q8_0 weights, F32/F16 KV */
+    /* .supports = */ cuda_supports,       /* F32/F16/BF16, Q8_0, Q4_0, K-quants; KV F32/F16 */
     /* .alloc = */ cuda_alloc,             /* cudaMalloc; NULL (and a warning) when out */
     /* .free = */ cuda_free,               /* cudaFree, which waits for users of p */
     /* .upload = */ cuda_upload,           /* async copy on the stream, then sync */

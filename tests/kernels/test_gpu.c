@@ -86,14 +86,18 @@ static void
 test_get_rows(void **state)
 {
     (void)state;
+    /* Padding of 2 or 6 leaves Q4_0 and K-quant rows only 2-aligned. */
     static const struct {
         kern_dtype_t type;
         uint32_t rows, cols;
         size_t pad;
     } cases[] = {
-        {KERN_F32, 1000, 4097, 0},  {KERN_F16, 1000, 4099, 0}, {KERN_BF16, 1000, 4099, 0},
-        {KERN_Q8_0, 1000, 4128, 0}, {KERN_F32, 37, 33, 8},     {KERN_F16, 37, 95, 6},
-        {KERN_BF16, 37, 95, 2},     {KERN_Q8_0, 37, 96, 34},
+        {KERN_F32, 1000, 4097, 0},  {KERN_F16, 1000, 4099, 0},  {KERN_BF16, 1000, 4099, 0},
+        {KERN_Q8_0, 1000, 4128, 0}, {KERN_F32, 37, 33, 8},      {KERN_F16, 37, 95, 6},
+        {KERN_BF16, 37, 95, 2},     {KERN_Q8_0, 37, 96, 34},    {KERN_Q4_0, 1000, 4128, 0},
+        {KERN_Q4_K, 1000, 4096, 0}, {KERN_Q5_K, 1000, 4096, 0}, {KERN_Q6_K, 1000, 4096, 0},
+        {KERN_Q4_0, 37, 96, 2},     {KERN_Q4_K, 37, 256, 2},    {KERN_Q5_K, 37, 2304, 6},
+        {KERN_Q6_K, 37, 512, 2},
     };
     seed_test(1);
     for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
@@ -152,9 +156,9 @@ run_matmul(kern_backend_t *be, kern_dtype_t type, uint32_t rows, uint32_t cols, 
 /* What each weight type's product may differ from the double-precision
  * reference by.  F32 and the GEMV keep x in f32; the tensor-core GEMMs
  * take x in f16 or bf16 (a relative 2^-11 or 2^-8 per element, which
- * random signs shrink by about sqrt(cols) over max|y|); Q8_0's x is
- * rounded to int8 steps on both sides (kern.h), so only the device's own
- * f16 staging of W and x remains. */
+ * random signs shrink by about sqrt(cols) over max|y|); for Q8_0, Q4_0
+ * and the K-quants x is rounded to int8 steps on both sides (kern.h), so
+ * only the device's own f16 staging of W and x remains. */
 static double
 matmul_limit(kern_dtype_t type)
 {
@@ -174,17 +178,21 @@ static void
 test_matmul(void **state)
 {
     (void)state;
-    static const kern_dtype_t types[] = {KERN_F32, KERN_F16, KERN_BF16, KERN_Q8_0};
+    static const kern_dtype_t types[] = {KERN_F32,  KERN_F16,  KERN_BF16, KERN_Q8_0,
+                                         KERN_Q4_0, KERN_Q4_K, KERN_Q5_K, KERN_Q6_K};
     /* Rows neither a multiple of 4 nor of the GEMV's warps per block;
-     * padded rows; columns not a multiple of 8 (no 16-byte loads); the
-     * model's 4096 x 4096 for decode-sized n only (the reference is
-     * scalar double). */
+     * padded rows; columns not a multiple of 8 (no 16-byte loads); 2304
+     * (9 K-quant super-blocks) with rows left only 2-aligned; the model's
+     * 4096 x 4096 for decode-sized n only (the reference is scalar
+     * double). */
     static const struct {
         uint32_t rows, cols;
         size_t pad;
         uint32_t max_n;
     } shapes[] = {
-        {1031, 1024, 0, 300}, {97, 4128, 34, 300}, {301, 1003, 4, 300}, {4096, 4096, 0, 9}};
+        {1031, 1024, 0, 300}, {97, 4128, 34, 300}, {301, 1003, 4, 300},
+        {97, 2304, 18, 300},  {4096, 4096, 0, 9},
+    };
     static const uint32_t ns[] = {1, 3, 8, 9, 64, 300};
     seed_test(2);
     for (size_t ti = 0; ti < sizeof(types) / sizeof(types[0]); ti++) {
@@ -192,7 +200,7 @@ test_matmul(void **state)
         for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++) {
             uint32_t rows = shapes[si].rows, cols = shapes[si].cols;
             if (kern_row_bytes(type, cols) == 0)
-                continue; /* Q8_0 needs whole 32-value blocks */
+                continue; /* whole blocks: 32 values, 256 for the K-quants */
             size_t pad = shapes[si].pad;
             if (type == KERN_F32 && pad % 4)
                 pad += 4 - pad % 4; /* f32 rows must stay 4-aligned */
