@@ -151,8 +151,6 @@ bench_policy_opt(int c, const char *arg, bench_opts_t *o, model_attn_policy_t *a
         o->has_prefill = true;
         return rc;
     }
-    if (c == SRV_O_KVDTYPE || c == SRV_O_KVSINKS || c == SRV_O_KVRESID || c == SRV_O_HOSTMEM)
-        return 1; /* the server's, not a request's */
     if ((rc = srv_kv_opt(C, c, arg, kv)) != 1)
         o->has_kv = true;
     return rc;
@@ -268,8 +266,8 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
          have_dms = false;
     opterr = 0;
     optind = 1;
-    int c;
-    while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+    int c, li = -1;
+    while ((c = getopt_long(argc, argv, "", lo, &li)) != -1) {
         int rc = 0;
         switch (c) {
         case O_HELP:
@@ -357,6 +355,15 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
             have_dms = true;
             break;
         default:
+            /* Pool and prefill-shape flags of the server have no field in
+             * a request: name them rather than drop them. */
+            if (c == SRV_O_KVDTYPE || c == SRV_O_KVSINKS || c == SRV_O_KVRESID ||
+                c == SRV_O_HOSTMEM || c == SRV_O_NOTAIL || c == SRV_O_LASTDENSE) {
+                fprintf(stderr,
+                        "kvserve bench: --%s is a flag of `kvserve serve`, not of a request\n",
+                        lo[li].name);
+                return KVS_EINVAL;
+            }
             rc = optarg ? bench_policy_opt(c, optarg, o, &ap, &sp, &kv) : 1;
             if (rc == 1) {
                 fprintf(stderr, "kvserve bench: unknown or incomplete option '%s'\n%s",
