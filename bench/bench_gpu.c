@@ -6,7 +6,7 @@
  *               the cuBLAS bf16 GEMM rate (8192^3, random data, f32
  *               accumulation), each the median of many CUDA-event timings
  *   kernels     each kern_* op at Llama-3.1-8B shapes: matmul for decode
- *               (n = 1) and prefill (n = 4096) in f16, bf16 and Q8_0;
+ *               (n = 1) and prefill (n = 4096) in f16, bf16, Q8_0 and Q4_K;
  *               rmsnorm, rope, swiglu, add and kv_append over 4096 rows;
  *               paged decode attention at 4K, 32K and 128K tokens for 1 and
  *               16 sequences; causal prefill attention of 4K and 16K
@@ -240,11 +240,19 @@ done_row(row_t *r, double ms, double bytes, double flops)
 
 /* One random pattern per element type, copied over targets with a varying
  * start.  17 * 2^21 bytes: whole Q8_0 blocks (34 bytes), f32s and halves,
- * and so are its sixteenths, where copies start. */
+ * and so are its sixteenths, where copies start.  Q4_K's 144-byte blocks
+ * do not divide it: its copies start and end on whole blocks (pat_unit). */
 #define PAT_BYTES ((size_t)17 << 21)
 #define PAT_STEP (PAT_BYTES / 16)
 
-typedef enum pat { PAT_F32, PAT_F16, PAT_BF16, PAT_Q8_0, PAT_COUNT } pat_t;
+typedef enum pat { PAT_F32, PAT_F16, PAT_BF16, PAT_Q8_0, PAT_Q4_K, PAT_COUNT } pat_t;
+
+/* The bytes a copy of pattern k must start and end on. */
+static size_t
+pat_unit(pat_t k)
+{
+    return k == PAT_Q4_K ? sizeof(kern_block_q4_k_t) : 1;
+}
 static void *g_pat[PAT_COUNT];
 static uint64_t g_rng = 0x243f6a8885a308d3ull;
 
@@ -281,6 +289,18 @@ pattern(pat_t k, void **out)
         for (size_t i = 0; i < PAT_BYTES / 2; i++)
             ((uint16_t *)h)[i] =
                 k == PAT_F16 ? kvs_f32_to_fp16(rng_unit()) : kvs_f32_to_bf16(rng_unit());
+    } else if (k == PAT_Q4_K) {
+        /* Super-block scales about 1/(15 * 63) (values about [-1, 1]),
+         * random 6-bit sub-block scales and mins, random quants. */
+        for (size_t b = 0; b < PAT_BYTES / sizeof(kern_block_q4_k_t); b++) {
+            kern_block_q4_k_t *blk = (kern_block_q4_k_t *)h + b;
+            blk->d = kvs_f32_to_fp16((1.25f + 0.25f * rng_unit()) / (15.0f * 63.0f));
+            blk->dmin = kvs_f32_to_fp16((1.25f + 0.25f * rng_unit()) / (2.0f * 63.0f));
+            for (size_t i = 0; i < sizeof blk->scales; i++)
+                blk->scales[i] = (uint8_t)(rng_next() >> 56);
+            for (size_t i = 0; i < sizeof blk->qs; i++)
+                blk->qs[i] = (uint8_t)(rng_next() >> 56);
+        }
     } else {
         /* Scales about 1/127 (values about [-1, 1]), random quants. */
         for (size_t b = 0; b < PAT_BYTES / sizeof(kern_block_q8_0_t); b++) {
@@ -309,9 +329,11 @@ fill(void *dst, size_t bytes, pat_t k, uint32_t salt)
     /* The backend's stream may still be zeroing dst (kv_pool_new does). */
     KT(kern_sync(B.be));
     uint32_t step = salt * 7u;
+    size_t unit = pat_unit(k);
     for (size_t off = 0; off < bytes; step++) {
-        size_t start = (size_t)(step % 16) * PAT_STEP;
-        size_t n = PAT_BYTES - start < bytes - off ? PAT_BYTES - start : bytes - off;
+        size_t start = (size_t)(step % 16) * PAT_STEP / unit * unit;
+        size_t n = (PAT_BYTES - start) / unit * unit;
+        n = n < bytes - off ? n : bytes - off;
         CK(cudaMemcpyAsync((char *)dst + off, (char *)p + start, n, cudaMemcpyDeviceToDevice,
                            B.st));
         off += n;
@@ -559,7 +581,10 @@ bench_matmul(kern_dtype_t type, uint32_t rows, uint32_t cols, uint32_t n, const 
     mm_ctx_t c;
     memset(&c, 0, sizeof c);
     c.n = n;
-    pat_t pk = type == KERN_F16 ? PAT_F16 : type == KERN_BF16 ? PAT_BF16 : PAT_Q8_0;
+    pat_t pk = type == KERN_F16    ? PAT_F16
+               : type == KERN_BF16 ? PAT_BF16
+               : type == KERN_Q4_K ? PAT_Q4_K
+                                   : PAT_Q8_0;
     int rc = 0;
     for (uint32_t s = 0; s < sets && rc == 0; s++) {
         void *w = dev_rand(wbytes, pk, 10 + s);
@@ -918,10 +943,11 @@ kernels(double budget_s)
         uint32_t rows, cols;
         const char *what;
     } mm[] = {{4096, 4096, "(q, o)"}, {14336, 4096, "(gate, up)"}, {4096, 14336, "(down)"}};
-    static const kern_dtype_t types[] = {KERN_F16, KERN_BF16, KERN_Q8_0};
+    /* Q4_K: the weights of the Q4_K_M files most users run. */
+    static const kern_dtype_t types[] = {KERN_F16, KERN_BF16, KERN_Q8_0, KERN_Q4_K};
     static const uint32_t ns[] = {1, 4096};
     for (size_t ni = 0; ni < 2; ni++)
-        for (size_t t = 0; t < 3; t++)
+        for (size_t t = 0; t < 4; t++)
             for (size_t i = 0; i < 3; i++)
                 KT(bench_matmul(types[t], mm[i].rows, mm[i].cols, ns[ni], mm[i].what));
     for (int op = 0; op < 5; op++)
