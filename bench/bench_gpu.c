@@ -22,7 +22,7 @@
  *
  *   bench_gpu [--json FILE] [--budget SECONDS] [--device N] [--no-kernels]
  *             [--no-e2e] [--e2e-shape llama-3.1-8b|llama-3.2-1b|tiny]
- *             [--e2e-dtype f16|bf16|q8_0] [--contexts 4096,32768,131072]
+ *             [--e2e-dtype f16|bf16|q8_0|q4_k] [--contexts 4096,32768,131072]
  *             [--chunk 2048]
  *
  * Exits 77 with a message when there is no CUDA device.  Run by
@@ -1373,8 +1373,9 @@ main(int argc, char **argv)
             break;
         case 't':
             if (kern_dtype_parse(optarg, &wtype) != 0 ||
-                (wtype != KERN_F16 && wtype != KERN_BF16 && wtype != KERN_Q8_0)) {
-                fprintf(stderr, "bench_gpu: --e2e-dtype is f16, bf16 or q8_0\n");
+                (wtype != KERN_F16 && wtype != KERN_BF16 && wtype != KERN_Q8_0 &&
+                 wtype != KERN_Q4_K)) {
+                fprintf(stderr, "bench_gpu: --e2e-dtype is f16, bf16, q8_0 or q4_k\n");
                 return 2;
             }
             break;
@@ -1389,7 +1390,7 @@ main(int argc, char **argv)
         default:
             fprintf(stderr,
                     "usage: bench_gpu [--json FILE] [--budget SECONDS] [--device N] "
-                    "[--no-kernels] [--no-e2e] [--e2e-shape NAME] [--e2e-dtype f16|bf16|q8_0] "
+                    "[--no-kernels] [--no-e2e] [--e2e-shape NAME] [--e2e-dtype f16|bf16|q8_0|q4_k] "
                     "[--contexts 4096,32768,131072] [--chunk 2048]\n");
             return 2;
         }
