@@ -473,6 +473,8 @@ bench_prompt(bench_t *b, uint32_t k)
         return 0;
     }
     bench_req_t *p = &b->reqs[k - 1];
+    if (p->prompt == NULL) /* the previous turn never got its prompt */
+        return KVS_ENOMEM;
     size_t n = (size_t)p->n_prompt + p->n_out + o->question_len;
     if (n > UINT32_MAX || (r->prompt = malloc(n * sizeof *r->prompt)) == NULL)
         return KVS_ENOMEM;
