@@ -51,45 +51,13 @@ start_recv(stream_t *s, uint32_t i)
 }
 
 static int
-get_load(grpc_channel *ch, grpc_completion_queue *cq, Kvserve__V1__Load **out)
+get_load(grpc_channel *ch, Kvserve__V1__Load **out)
 {
     Kvserve__V1__GetLoadRequest q = KVSERVE__V1__GET_LOAD_REQUEST__INIT;
-    grpc_byte_buffer *req = srv_pb_to_bb(&q.base), *resp = NULL;
-    grpc_call *call = grpc_channel_create_call(
-        ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, grpc_slice_from_static_string(SRV_M_LOAD), NULL,
-        gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_seconds(10, GPR_TIMESPAN)), NULL);
-    grpc_metadata_array mi, mt;
-    grpc_metadata_array_init(&mi);
-    grpc_metadata_array_init(&mt);
-    grpc_status_code st = GRPC_STATUS_UNKNOWN;
-    grpc_slice details = grpc_empty_slice();
-    grpc_op ops[6];
-    memset(ops, 0, sizeof ops);
-    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-    ops[1].op = GRPC_OP_SEND_MESSAGE;
-    ops[1].data.send_message.send_message = req;
-    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-    ops[3].data.recv_initial_metadata.recv_initial_metadata = &mi;
-    ops[4].op = GRPC_OP_RECV_MESSAGE;
-    ops[4].data.recv_message.recv_message = &resp;
-    ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-    ops[5].data.recv_status_on_client.trailing_metadata = &mt;
-    ops[5].data.recv_status_on_client.status = &st;
-    ops[5].data.recv_status_on_client.status_details = &details;
-    int rc = -1;
-    if (grpc_call_start_batch(call, ops, 6, (void *)1, NULL) == GRPC_CALL_OK) {
-        grpc_completion_queue_pluck(cq, (void *)1, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-        *out = (Kvserve__V1__Load *)srv_bb_to_pb(resp, &kvserve__v1__load__descriptor);
-        rc = st == GRPC_STATUS_OK && *out ? 0 : -1;
-    }
-    grpc_byte_buffer_destroy(req);
-    grpc_byte_buffer_destroy(resp);
-    grpc_metadata_array_destroy(&mi);
-    grpc_metadata_array_destroy(&mt);
-    grpc_slice_unref(details);
-    grpc_call_unref(call);
-    return rc;
+    *out = (Kvserve__V1__Load *)srv_client_unary(ch, SRV_M_LOAD, NULL, 0, 10000, &q.base,
+                                                 &kvserve__v1__load__descriptor,
+                                                 "bench_grpc: GetLoad");
+    return *out ? 0 : -1;
 }
 
 typedef struct result {
@@ -102,10 +70,9 @@ typedef struct result {
 static int
 run(grpc_channel *ch, uint32_t n, uint32_t max_tokens, uint32_t prompt_len, result_t *res)
 {
-    grpc_completion_queue *pq = grpc_completion_queue_create_for_pluck(NULL);
     grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
     Kvserve__V1__Load *l0 = NULL, *l1 = NULL;
-    if (get_load(ch, pq, &l0)) {
+    if (get_load(ch, &l0)) {
         fprintf(stderr, "bench_grpc: GetLoad failed (is the server up?)\n");
         return -1;
     }
@@ -188,7 +155,7 @@ run(grpc_channel *ch, uint32_t n, uint32_t max_tokens, uint32_t prompt_len, resu
         }
     }
     double secs = (double)(kvs_now_ns() - t0) / 1e9;
-    if (get_load(ch, pq, &l1))
+    if (get_load(ch, &l1))
         return -1;
     for (uint32_t i = 0; i < n; i++) {
         grpc_byte_buffer_destroy(s[i].req);
@@ -220,11 +187,6 @@ run(grpc_channel *ch, uint32_t n, uint32_t max_tokens, uint32_t prompt_len, resu
            GRPC_QUEUE_SHUTDOWN)
         ;
     grpc_completion_queue_destroy(cq);
-    grpc_completion_queue_shutdown(pq);
-    while (grpc_completion_queue_pluck(pq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
-           GRPC_QUEUE_SHUTDOWN)
-        ;
-    grpc_completion_queue_destroy(pq);
     return 0;
 }
 

@@ -251,6 +251,9 @@ typedef struct sched_load {
 
 /* Thread: any (reads a snapshot the engine publishes after every step). */
 void sched_get_load(const sched_t *s, sched_load_t *out);
+/* sched_load_t.device_failed alone, for callers that ask at every wake.
+ * Thread: any. */
+bool sched_device_failed(const sched_t *s);
 
 /* Pops the next event, or NULL.  Thread: the one consumer. */
 sched_event_t *sched_poll(sched_t *s);

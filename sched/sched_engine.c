@@ -1453,6 +1453,12 @@ sched_get_load(const sched_t *s, sched_load_t *out)
     out->device_failed = atomic_load(&w->load_failed);
 }
 
+bool
+sched_device_failed(const sched_t *s)
+{
+    return atomic_load(&((sched_t *)s)->load_failed); /* atomics only */
+}
+
 uint32_t
 sched_default_hot_blocks(const sched_cfg_t *c)
 {

@@ -463,12 +463,9 @@ bench_prompt(bench_t *b, uint32_t k)
         uint32_t q = o->turns > 1 ? o->question_len : 0;
         if ((r->prompt = malloc(((size_t)n + q) * sizeof *r->prompt)) == NULL)
             return KVS_ENOMEM;
-        uint64_t cs = o->seed ^ 0x636f6d6d6f6eull;
-        for (uint32_t i = 0; i < n + q; i++) {
-            /* The common stream is drawn in step so prefixes agree. */
-            uint32_t common = (uint32_t)(srv_rng_next(&cs) % b->vocab);
-            r->prompt[i] = i < shared ? common : (uint32_t)(srv_rng_next(&s) % b->vocab);
-        }
+        uint64_t cs = o->seed ^ 0x636f6d6d6f6eull; /* the same for every prompt */
+        for (uint32_t i = 0; i < n + q; i++)
+            r->prompt[i] = (uint32_t)(srv_rng_next(i < shared ? &cs : &s) % b->vocab);
         r->n_prompt = n + q;
         return 0;
     }
@@ -496,65 +493,15 @@ bench_prompt(bench_t *b, uint32_t k)
 static uint32_t
 bench_vocab(bench_t *b)
 {
-    void *rm = grpc_channel_register_call(b->ch, SRV_M_MODEL_INFO, NULL, NULL);
-    gpr_timespec dl =
-        gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                     gpr_time_from_millis(b->o.timeout_ms ? b->o.timeout_ms : 10000, GPR_TIMESPAN));
-    grpc_call *call = grpc_channel_create_registered_call(b->ch, NULL, GRPC_PROPAGATE_DEFAULTS,
-                                                          b->cq, rm, dl, NULL);
     Kvserve__V1__GetModelInfoRequest req = KVSERVE__V1__GET_MODEL_INFO_REQUEST__INIT;
-    grpc_byte_buffer *req_bb = srv_pb_to_bb(&req.base), *bb = NULL;
-    grpc_metadata_array init_md, trail_md;
-    grpc_metadata_array_init(&init_md);
-    grpc_metadata_array_init(&trail_md);
-    grpc_status_code status = GRPC_STATUS_UNKNOWN;
-    grpc_slice details = grpc_empty_slice();
-    grpc_op ops[6];
-    memset(ops, 0, sizeof ops);
-    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-    ops[0].data.send_initial_metadata.count = b->n_auth;
-    ops[0].data.send_initial_metadata.metadata = &b->auth;
-    ops[1].op = GRPC_OP_SEND_MESSAGE;
-    ops[1].data.send_message.send_message = req_bb;
-    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-    ops[3].data.recv_initial_metadata.recv_initial_metadata = &init_md;
-    ops[4].op = GRPC_OP_RECV_MESSAGE;
-    ops[4].data.recv_message.recv_message = &bb;
-    ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-    ops[5].data.recv_status_on_client.trailing_metadata = &trail_md;
-    ops[5].data.recv_status_on_client.status = &status;
-    ops[5].data.recv_status_on_client.status_details = &details;
-    bench_tag_t tag = {K_INFO, NULL};
-    uint32_t vocab = 0;
-    grpc_call_error e = grpc_call_start_batch(call, ops, 6, &tag, NULL);
-    if (e != GRPC_CALL_OK) {
-        fprintf(stderr, "kvserve bench: GetModelInfo: grpc_call_error %d\n", (int)e);
-    } else {
-        /* Nothing else is in flight yet, so the next event is this one. */
-        grpc_event ev;
-        do
-            ev = grpc_completion_queue_next(b->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-        while (ev.type != GRPC_OP_COMPLETE || ev.tag != &tag);
-        Kvserve__V1__ModelInfo *mi = NULL;
-        if (status != GRPC_STATUS_OK)
-            fprintf(stderr, "kvserve bench: GetModelInfo: %s: %.*s\n", srv_grpc_status_name(status),
-                    (int)GRPC_SLICE_LENGTH(details), (const char *)GRPC_SLICE_START_PTR(details));
-        else if ((mi = (Kvserve__V1__ModelInfo *)srv_bb_to_pb(
-                      bb, &kvserve__v1__model_info__descriptor)) == NULL ||
-                 mi->n_vocab == 0)
-            fprintf(stderr, "kvserve bench: GetModelInfo: no vocabulary size in the answer\n");
-        else
-            vocab = mi->n_vocab;
-        if (mi)
-            protobuf_c_message_free_unpacked(&mi->base, NULL);
-    }
-    grpc_byte_buffer_destroy(bb);
-    grpc_byte_buffer_destroy(req_bb);
-    grpc_metadata_array_destroy(&init_md);
-    grpc_metadata_array_destroy(&trail_md);
-    grpc_slice_unref(details);
-    grpc_call_unref(call);
+    Kvserve__V1__ModelInfo *mi = (Kvserve__V1__ModelInfo *)srv_client_unary(
+        b->ch, SRV_M_MODEL_INFO, &b->auth, b->n_auth, b->o.timeout_ms ? b->o.timeout_ms : 10000,
+        &req.base, &kvserve__v1__model_info__descriptor, "kvserve bench: GetModelInfo");
+    uint32_t vocab = mi ? mi->n_vocab : 0;
+    if (mi && vocab == 0)
+        fprintf(stderr, "kvserve bench: GetModelInfo: no vocabulary size in the answer\n");
+    if (mi)
+        protobuf_c_message_free_unpacked(&mi->base, NULL);
     return vocab;
 }
 
@@ -700,7 +647,6 @@ req_launch(bench_t *b, uint32_t k)
     grpc_metadata_array_init(&r->trail_md);
     r->started = true;
     r->t0 = now_s(b);
-    b->n_started++;
     b->in_flight++;
     if (b->in_flight > b->max_in_flight)
         b->max_in_flight = b->in_flight;
@@ -813,13 +759,19 @@ req_message(bench_t *b, bench_req_t *r, const Kvserve__V1__GenerateResponse *m)
                     break;
         }
         if (b->o.turns > 1) {
-            /* Out of memory, the history just misses these tokens. */
-            uint32_t *p = realloc(r->out_ids, ((size_t)r->n_out + n) * sizeof *p);
-            if (p) {
-                r->out_ids = p;
-                for (size_t i = 0; i < n; i++)
-                    p[r->n_out++] = (uint32_t)m->token_ids[i];
+            /* Sized for the whole answer at once (ignore_eos); out of
+             * memory, the history just misses these tokens. */
+            size_t need = (size_t)r->n_out + n;
+            if (need > r->cap_out) {
+                size_t cap = need > r->out_len ? need : r->out_len;
+                uint32_t *p = realloc(r->out_ids, cap * sizeof *p);
+                if (p) {
+                    r->out_ids = p;
+                    r->cap_out = cap;
+                }
             }
+            for (size_t i = 0; need <= r->cap_out && i < n; i++)
+                r->out_ids[r->n_out++] = (uint32_t)m->token_ids[i];
         }
         r->t_last = t;
         r->tokens += (uint32_t)n;
@@ -890,7 +842,7 @@ bench_launch_ready(bench_t *b, double t, double wake)
     const bench_opts_t *o = &b->o;
     while (b->n_heap && b->heap[0].t <= t) {
         bench_req_t *r = &b->reqs[heap_pop(b).k];
-        if (!r->done && r->call)
+        if (r->call) /* NULL once it ended */
             grpc_call_cancel(r->call, NULL);
     }
     if (b->n_heap && b->heap[0].t < wake)

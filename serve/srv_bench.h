@@ -35,7 +35,7 @@ typedef struct bench_opts {
     bool has_attn, has_prefill, has_kv;
 } bench_opts_t;
 
-enum { K_START, K_STATUS, K_RECV, K_INFO };
+enum { K_START, K_STATUS, K_RECV };
 
 struct bench_req;
 typedef struct bench_tag {
@@ -49,7 +49,7 @@ typedef struct bench_req {
     bench_tag_t t_start, t_status, t_recv;
     uint32_t *prompt;  /* built at launch, kept for the next turn */
     uint32_t *out_ids; /* multi-turn: the answer, for the next turn */
-    uint32_t n_out;
+    uint32_t n_out, cap_out;
     uint32_t n_prompt; /* turn 0: drawn at workload time */
     uint32_t out_len;
     bench_intent_t intent;
@@ -98,7 +98,7 @@ typedef struct bench {
     bench_bin_t *bins;
     size_t n_bins;
     struct timespec epoch;
-    uint32_t next_conv, in_flight, n_started, n_done, n_err, max_in_flight;
+    uint32_t next_conv, in_flight, n_done, n_err, max_in_flight;
     uint64_t tok_total, cap_hits;
     uint32_t cap_held; /* 1 + the conversation last counted in cap_hits */
     bool stopped;      /* --duration reached: nothing new starts */

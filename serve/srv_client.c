@@ -127,6 +127,68 @@ srv_client_channel(const char *addr, const char *ca_pem, const char *tls_name)
     return ch;
 }
 
+ProtobufCMessage *
+srv_client_unary(grpc_channel *ch, const char *method, const grpc_metadata *md, size_t n_md,
+                 uint32_t timeout_ms, const ProtobufCMessage *req,
+                 const ProtobufCMessageDescriptor *resp_desc, const char *who)
+{
+    grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
+    gpr_timespec dl = gpr_inf_future(GPR_CLOCK_MONOTONIC);
+    if (timeout_ms)
+        dl = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                          gpr_time_from_millis(timeout_ms, GPR_TIMESPAN));
+    void *rm = grpc_channel_register_call(ch, method, NULL, NULL);
+    grpc_call *call =
+        grpc_channel_create_registered_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, rm, dl, NULL);
+    grpc_byte_buffer *req_bb = srv_pb_to_bb(req), *bb = NULL;
+    grpc_metadata_array init_md, trail_md;
+    grpc_metadata_array_init(&init_md);
+    grpc_metadata_array_init(&trail_md);
+    grpc_status_code status = GRPC_STATUS_UNKNOWN;
+    grpc_slice details = grpc_empty_slice();
+    grpc_op ops[6];
+    memset(ops, 0, sizeof ops);
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[0].data.send_initial_metadata.count = n_md;
+    ops[0].data.send_initial_metadata.metadata = (grpc_metadata *)md;
+    ops[1].op = GRPC_OP_SEND_MESSAGE;
+    ops[1].data.send_message.send_message = req_bb;
+    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[3].data.recv_initial_metadata.recv_initial_metadata = &init_md;
+    ops[4].op = GRPC_OP_RECV_MESSAGE;
+    ops[4].data.recv_message.recv_message = &bb;
+    ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+    ops[5].data.recv_status_on_client.trailing_metadata = &trail_md;
+    ops[5].data.recv_status_on_client.status = &status;
+    ops[5].data.recv_status_on_client.status_details = &details;
+    ProtobufCMessage *m = NULL;
+    grpc_call_error e = grpc_call_start_batch(call, ops, 6, (void *)1, NULL);
+    if (e != GRPC_CALL_OK) {
+        fprintf(stderr, "%s: cannot start the call (grpc_call_error %d)\n", who, (int)e);
+    } else {
+        grpc_completion_queue_pluck(cq, (void *)1, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+        if (status != GRPC_STATUS_OK)
+            fprintf(stderr, "%s: %s: %.*s\n", who, srv_grpc_status_name(status),
+                    (int)GRPC_SLICE_LENGTH(details), (const char *)GRPC_SLICE_START_PTR(details));
+        else if ((m = srv_bb_to_pb(bb, resp_desc)) == NULL)
+            fprintf(stderr, "%s: cannot parse a %s\n", who, resp_desc->short_name);
+    }
+    grpc_byte_buffer_destroy(bb);
+    grpc_byte_buffer_destroy(req_bb);
+    grpc_metadata_array_destroy(&init_md);
+    grpc_metadata_array_destroy(&trail_md);
+    grpc_slice_unref(details);
+    grpc_call_unref(call);
+    grpc_completion_queue_shutdown(cq);
+    grpc_event ev;
+    do
+        ev = grpc_completion_queue_pluck(cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    while (ev.type != GRPC_QUEUE_SHUTDOWN);
+    grpc_completion_queue_destroy(cq);
+    return m;
+}
+
 /* The options both commands share; 1 when c is none of them. */
 static int
 conn_opt(const char *cmd, int c, conn_opts_t *o)
@@ -613,14 +675,14 @@ srv_cmd_health(int argc, char **argv)
     Grpc__Health__V1__HealthCheckRequest req = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
     opterr = 0;
     optind = 1;
-    int ch;
-    while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
-        int rc = conn_opt(C, ch, &o);
-        if (rc == 1 && ch == 'v') {
+    int opt;
+    while ((opt = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+        int rc = conn_opt(C, opt, &o);
+        if (rc == 1 && opt == 'v') {
             req.service = optarg;
             continue;
         }
-        if (rc == 1 && ch == 'h') {
+        if (rc == 1 && opt == 'h') {
             fputs(health_usage, stdout);
             return 0;
         }
@@ -638,37 +700,21 @@ srv_cmd_health(int argc, char **argv)
     if (o.tls_ca && (ca = slurp(C, "--tls-ca", o.tls_ca)) == NULL)
         return 2;
 
-    client_t c;
-    client_open(&c, &o, ca, SRV_M_HEALTH_CHECK);
-    grpc_byte_buffer *req_bb = srv_pb_to_bb(&req.base), *bb = NULL;
-    grpc_op ops[6];
-    size_t n = send_ops(ops, &c, NULL, 0, req_bb);
-    memset(ops + n, 0, 2 * sizeof ops[0]);
-    ops[n].op = GRPC_OP_RECV_MESSAGE;
-    ops[n++].data.recv_message.recv_message = &bb;
-    status_op(&ops[n++], &c);
+    grpc_init();
+    grpc_channel *ch = srv_client_channel(o.addr, ca, o.tls_name);
+    Grpc__Health__V1__HealthCheckResponse *m =
+        (Grpc__Health__V1__HealthCheckResponse *)srv_client_unary(
+            ch, SRV_M_HEALTH_CHECK, NULL, 0, o.timeout_ms, &req.base,
+            &grpc__health__v1__health_check_response__descriptor, "kvserve health");
     int status = 1;
-    if (client_start(&c, C, ops, n, T_START)) {
-        client_wait(&c, T_START);
-        if ((status = report_status(C, &c)) == 0) {
-            Grpc__Health__V1__HealthCheckResponse *m =
-                (Grpc__Health__V1__HealthCheckResponse *)srv_bb_to_pb(
-                    bb, &grpc__health__v1__health_check_response__descriptor);
-            if (m == NULL) {
-                fprintf(stderr, "kvserve health: cannot parse a HealthCheckResponse\n");
-                status = 1;
-            } else {
-                unsigned s = (unsigned)m->status;
-                puts(s < 4 ? names[s] : "UNKNOWN");
-                status =
-                    s == GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING ? 0 : 1;
-                protobuf_c_message_free_unpacked(&m->base, NULL);
-            }
-        }
+    if (m) {
+        unsigned s = (unsigned)m->status;
+        puts(s < 4 ? names[s] : "UNKNOWN");
+        status = s == GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING ? 0 : 1;
+        protobuf_c_message_free_unpacked(&m->base, NULL);
     }
-    client_close(&c);
-    grpc_byte_buffer_destroy(bb);
-    grpc_byte_buffer_destroy(req_bb);
+    grpc_channel_destroy(ch);
+    grpc_shutdown_blocking();
     free(ca);
     return status;
 }

@@ -729,6 +729,14 @@ metrics_finish(const call_t *c, uint64_t t_ns)
 
 static void watch_pump(call_t *c);
 
+/* health_status() changed: every Watch stream hears it. */
+static void
+health_changed(void)
+{
+    for (call_t *w = S.watches; w; w = w->next)
+        watch_pump(w);
+}
+
 static void
 on_engine(uv_async_t *h)
 {
@@ -778,16 +786,13 @@ on_engine(uv_async_t *h)
             gen_pump(c);
         sched_event_free(ev);
     }
-    sched_load_t l;
-    sched_get_load(S.sched, &l);
-    if (l.device_failed && !S.device_failed) {
+    if (!S.device_failed && sched_device_failed(S.sched)) {
         /* Every later step would fail too: tell the probes, so that an
          * orchestrator restarts the process and balancers route around. */
         S.device_failed = true;
         KVS_ERRORF("serve: the device failed and cannot recover; health is NOT_SERVING, "
                    "restart the server");
-        for (call_t *w = S.watches; w; w = w->next)
-            watch_pump(w);
+        health_changed();
     }
     maybe_finish_shutdown();
 }
@@ -1212,8 +1217,7 @@ on_signal(uv_signal_t *h, int signum)
     KVS_INFOF("serve: %s: draining (%u requests in flight, up to %u s)",
               signum == SIGTERM ? "SIGTERM" : "SIGINT", S.n_live, S.o.drain_timeout_s);
     S.draining = true;
-    for (call_t *w = S.watches; w; w = w->next)
-        watch_pump(w);
+    health_changed();
     uv_timer_start(&S.drain_timer, on_drain_timeout, (uint64_t)S.o.drain_timeout_s * 1000, 0);
     maybe_finish_shutdown();
 }

@@ -23,6 +23,13 @@ int srv_client_creds(const char *cmd, const char *ca_path, const char *key_path,
 /* A channel to addr: TLS with ca_pem (tls_name overriding the name the
  * certificate must carry) when given, else plaintext.  After grpc_init. */
 grpc_channel *srv_client_channel(const char *addr, const char *ca_pem, const char *tls_name);
+/* One unary call on ch (timeout_ms 0: none), on a completion queue of its
+ * own: the answer parsed as resp_desc (free with
+ * protobuf_c_message_free_unpacked), or NULL after printing "who: why"
+ * (a status other than OK, an unparsable answer). */
+ProtobufCMessage *srv_client_unary(grpc_channel *ch, const char *method, const grpc_metadata *md,
+                                   size_t n_md, uint32_t timeout_ms, const ProtobufCMessage *req,
+                                   const ProtobufCMessageDescriptor *resp_desc, const char *who);
 
 /* splitmix64: every random choice of eval and bench reproducible from a
  * seed alone. */
