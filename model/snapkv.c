@@ -46,6 +46,38 @@ model_snapkv_check(const model_snapkv_policy_t *p)
     return 0;
 }
 
+/* Every list keeps all n_keys entries: 0 .. n_keys - 1.  Returns n_keys. */
+static int
+identity_lists(size_t n_lists, uint32_t n_keys, int32_t *keep)
+{
+    for (size_t l = 0; l < n_lists; l++)
+        for (uint32_t j = 0; j < n_keys; j++)
+            keep[l * n_keys + j] = (int32_t)j;
+    return (int)n_keys;
+}
+
+/* One keep list: of the older entries 0 .. M - 1 the `top` best scored (a
+ * NaN would make the order inconsistent, so it ranks last) in entry order,
+ * then the recent entries M .. n_keys - 1, ascending as kv_table_compact
+ * wants.  rank and won are scratch of M each. */
+static void
+top_then_recent(const double *score, uint32_t M, uint32_t top, uint32_t n_keys,
+                model__ranked_t *rank, uint8_t *won, int32_t *out)
+{
+    for (uint32_t j = 0; j < M; j++)
+        rank[j] = (model__ranked_t){score[j] == score[j] ? score[j] : -INFINITY, j};
+    qsort(rank, M, sizeof *rank, model__cmp_ranked);
+    memset(won, 0, M);
+    for (uint32_t k = 0; k < top; k++)
+        won[rank[k].index] = 1;
+    uint32_t n = 0;
+    for (uint32_t j = 0; j < M; j++)
+        if (won[j])
+            out[n++] = (int32_t)j;
+    for (uint32_t j = M; j < n_keys; j++)
+        out[n++] = (int32_t)j;
+}
+
 /* Eight partial sums, so the compiler can keep them in vector lanes. */
 static float
 dot(const float *a, const float *b, uint32_t d)
@@ -71,10 +103,9 @@ attn_mass(const kern_kv_t *kv, const int32_t *blocks, uint32_t n_keys, uint32_t 
           uint32_t H, uint32_t G, uint32_t d, const float *q, uint32_t n_q, uint32_t n_acc,
           float *keys, float *scores, double *acc)
 {
-    const uint32_t bt = kv->block_tokens, M = n_keys - n_q, n_rows = G * n_q;
+    const uint32_t M = n_keys - n_q, n_rows = G * n_q;
     const float scale = 1.0f / sqrtf((float)d); /* forward.c's attention scale */
-    for (uint32_t j = 0; j < n_keys; j++)
-        kern_kv_row_f32(kv, false, l, blocks[j / bt], g, j % bt, keys + (size_t)j * d);
+    model__gather_keys(kv, l, g, blocks, n_keys, keys);
     /* Query i of the group: head g * G + i / n_q, row i % n_q. */
     for (uint32_t q0 = 0; q0 < n_rows; q0 += QB) {
         const uint32_t nq = n_rows - q0 < QB ? n_rows - q0 : QB;
@@ -146,13 +177,8 @@ model_snapkv_select(const model_t *m, const kern_kv_t *kv, const int32_t *blocks
     if (rc)
         return rc;
 
-    const size_t n_lists = (size_t)L * HKV;
-    if (n_keys <= pol.budget) {
-        for (size_t l = 0; l < n_lists; l++)
-            for (uint32_t j = 0; j < n_keys; j++)
-                keep[l * n_keys + j] = (int32_t)j;
-        return (int)n_keys;
-    }
+    if (n_keys <= pol.budget)
+        return identity_lists((size_t)L * HKV, n_keys, keep);
 
     const uint32_t C = pol.budget, G = H / HKV, M = n_keys - n_obs, top = C - n_obs;
     const uint32_t half = pol.kernel / 2;
@@ -186,24 +212,9 @@ model_snapkv_select(const model_t *m, const kern_kv_t *kv, const int32_t *blocks
                     win -= vote[j - half - 1];
                 pooled[j] = win / pol.kernel;
             }
-            for (uint32_t j = 0; j < M; j++) {
-                /* A NaN would make the order inconsistent; it ranks last. */
-                double v = pooled[j] == pooled[j] ? pooled[j] : -INFINITY;
-                rank[j] = (model__ranked_t){v, j};
-            }
-            qsort(rank, M, sizeof *rank, model__cmp_ranked);
-            /* Mark the winners in the spent vote array, then list them in
-             * entry order, then the window. */
-            memset(vote, 0, (size_t)M * sizeof(double));
-            for (uint32_t k = 0; k < top; k++)
-                vote[rank[k].index] = 1.0;
-            int32_t *out = keep + ((size_t)l * HKV + g) * C;
-            uint32_t n = 0;
-            for (uint32_t j = 0; j < M; j++)
-                if (vote[j] != 0.0)
-                    out[n++] = (int32_t)j;
-            for (uint32_t j = M; j < n_keys; j++)
-                out[n++] = (int32_t)j;
+            /* The spent vote array marks the winners. */
+            top_then_recent(pooled, M, top, n_keys, rank, (uint8_t *)vote,
+                            keep + ((size_t)l * HKV + g) * C);
         }
     }
     free(mem);
@@ -244,12 +255,8 @@ model_h2o_select(const double *acc, uint32_t n_lists, uint32_t n_keys, uint32_t 
     if (acc == NULL || keep == NULL || n_lists == 0 || n_keys == 0 || stride < n_keys ||
         budget == 0 || recent >= budget)
         return KVS_EINVAL;
-    if (n_keys <= budget) {
-        for (size_t l = 0; l < n_lists; l++)
-            for (uint32_t j = 0; j < n_keys; j++)
-                keep[l * n_keys + j] = (int32_t)j;
-        return (int)n_keys;
-    }
+    if (n_keys <= budget)
+        return identity_lists(n_lists, n_keys, keep);
     const uint32_t M = n_keys - recent, top = budget - recent;
     model__ranked_t *rank = malloc((size_t)M * sizeof *rank);
     uint8_t *won = malloc(M);
@@ -258,26 +265,8 @@ model_h2o_select(const double *acc, uint32_t n_lists, uint32_t n_keys, uint32_t 
         free(won);
         return KVS_ENOMEM;
     }
-    for (size_t l = 0; l < n_lists; l++) {
-        const double *a = acc + l * stride;
-        for (uint32_t j = 0; j < M; j++) {
-            /* A NaN would make the order inconsistent; it ranks last. */
-            double v = a[j] == a[j] ? a[j] : -INFINITY;
-            rank[j] = (model__ranked_t){v, j};
-        }
-        qsort(rank, M, sizeof *rank, model__cmp_ranked);
-        memset(won, 0, M);
-        for (uint32_t k = 0; k < top; k++)
-            won[rank[k].index] = 1;
-        /* kv_table_compact wants each list ascending. */
-        int32_t *out = keep + l * budget;
-        uint32_t n = 0;
-        for (uint32_t j = 0; j < M; j++)
-            if (won[j])
-                out[n++] = (int32_t)j;
-        for (uint32_t j = M; j < n_keys; j++)
-            out[n++] = (int32_t)j;
-    }
+    for (size_t l = 0; l < n_lists; l++)
+        top_then_recent(acc + l * stride, M, top, n_keys, rank, won, keep + l * budget);
     free(rank);
     free(won);
     return (int)budget;

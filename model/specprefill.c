@@ -47,17 +47,6 @@ model_spec_policy_check(const model_spec_policy_t *p)
     return 0;
 }
 
-/* Keys [0, n) of KV head g in `layer` as f32 rows of head_dim. */
-static void
-gather_keys(const kern_kv_t *kv, uint32_t layer, uint32_t g, const int32_t *blocks, uint32_t n,
-            float *out)
-{
-    const uint32_t bt = kv->block_tokens;
-    for (uint32_t j = 0; j < n; j++)
-        kern_kv_row_f32(kv, false, layer, blocks[j / bt], g, j % bt,
-                        out + (size_t)j * kv->head_dim);
-}
-
 int
 model_spec_importance(const model_t *draft, const kern_kv_t *kv, const int32_t *blocks,
                       uint32_t n_prompt, const float *qs, uint32_t n_a, uint32_t pool, float *imp)
@@ -86,7 +75,7 @@ model_spec_importance(const model_t *draft, const kern_kv_t *kv, const int32_t *
     const uint32_t half = pool / 2;
     for (uint32_t l = 0; l < hp->n_layer; l++) {
         for (uint32_t g = 0; g < hp->n_head_kv; g++) {
-            gather_keys(kv, l, g, blocks, N, keys);
+            model__gather_keys(kv, l, g, blocks, N, keys);
             for (uint32_t hh = 0; hh < G; hh++) {
                 const uint32_t h = g * G + hh;
                 for (uint32_t a = 0; a < n_a; a++) {

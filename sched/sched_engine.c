@@ -103,6 +103,7 @@ typedef struct req {
 typedef struct req_list {
     req_t *head, *tail;
     uint32_t n;
+    uint32_t n_preempted; /* of n, preempted at least once (the load snapshot's) */
 } req_list_t;
 
 struct sched {
@@ -200,6 +201,7 @@ list_insert_sorted(req_list_t *l, req_t *r)
     else
         l->head = r;
     l->n++;
+    l->n_preempted += r->usage.preemptions > 0;
 }
 
 static void
@@ -215,6 +217,7 @@ list_remove(req_list_t *l, req_t *r)
         l->tail = r->prev;
     r->prev = r->next = NULL;
     l->n--;
+    l->n_preempted -= r->usage.preemptions > 0;
 }
 
 /* ---- events ------------------------------------------------------------------ */
@@ -483,20 +486,29 @@ pick_victim(sched_t *s, const req_t *for_r)
  * request, which frees their full-precision blocks.  Returns true when
  * anything was sealed.  Offloading to the host tier and recomputation
  * follow in preempt(). */
+/* Seals every running request's full blocks but its last keep_tail
+ * tokens; returns how many blocks it sealed (counted in the load). */
+static uint64_t
+seal_running(sched_t *s, uint32_t keep_tail)
+{
+    uint64_t sealed = 0;
+    for (req_t *r = s->running.head; r; r = r->next)
+        if (r->table && !r->swapped) {
+            int rc = kv_table_seal(r->table, s->cfg.kv_sink_tokens, keep_tail);
+            sealed += rc > 0 ? (uint64_t)rc : 0;
+        }
+    atomic_fetch_add(&s->load_sealed, sealed);
+    return sealed;
+}
+
 static bool
 pressure_seal(sched_t *s)
 {
     if (s->cfg.kv_quant == KERN_KVQ_NONE || s->cfg.kv_residual_tokens == 0)
         return false;
-    uint64_t sealed = 0;
-    for (req_t *r = s->running.head; r; r = r->next)
-        if (r->table && !r->swapped) {
-            int rc = kv_table_seal(r->table, s->cfg.kv_sink_tokens, 0);
-            sealed += rc > 0 ? (uint64_t)rc : 0;
-        }
+    uint64_t sealed = seal_running(s, 0);
     if (sealed == 0)
         return false;
-    atomic_fetch_add(&s->load_sealed, sealed);
     atomic_fetch_add(&s->load_pressure_seals, 1);
     KVS_INFOF("sched: KV pool short: quantized %llu blocks of residual windows",
               (unsigned long long)sealed);
@@ -718,10 +730,7 @@ publish_load(sched_t *s)
     kv_pool_prefix_stats(s->pool, &ps);
     atomic_store(&s->load_running, s->running.n);
     atomic_store(&s->load_waiting, s->waiting.n);
-    uint32_t pre = 0; /* a walk: cheaper to keep right than a counter on every exit path */
-    for (const req_t *r = s->waiting.head; r; r = r->next)
-        pre += r->usage.preemptions > 0;
-    atomic_store(&s->load_preempted, pre);
+    atomic_store(&s->load_preempted, s->waiting.n_preempted);
     atomic_store(&s->load_free, kv_pool_n_free(s->pool));
     atomic_store(&s->load_cached, (uint32_t)ps.cached_blocks);
     atomic_store(&s->load_pfx_queried, ps.queried_tokens);
@@ -931,6 +940,23 @@ snap_store(sched_t *s, uint32_t n_cap)
     }
 }
 
+/* A SnapKV policy with the model's defaults filled in. */
+static model_snapkv_policy_t
+snap_policy(const sched_kv_policy_t *kv)
+{
+    model_snapkv_policy_t p = {
+        .budget = kv->budget_tokens, .window = kv->window, .kernel = kv->kernel};
+    model_snapkv_defaults(&p);
+    return p;
+}
+
+/* H2O's recent share of the budget: window, or half of it. */
+static uint32_t
+h2o_recent(const sched_kv_policy_t *kv)
+{
+    return kv->window ? kv->window : kv->budget_tokens / 2;
+}
+
 /* kv_table_compact, which writes the kept entries to fresh full-precision
  * blocks.  In a quantized pool those may still hold this step's chunks of
  * requests whose turn to be sealed comes later in the step: when short,
@@ -941,15 +967,8 @@ compact_table(sched_t *s, req_t *r, uint32_t n_keep, const int32_t *keep)
     int rc = kv_table_compact(r->table, n_keep, keep);
     if (rc != KVS_EAGAIN || s->cfg.kv_quant == KERN_KVQ_NONE)
         return rc;
-    uint64_t sealed = 0;
-    for (req_t *o = s->running.head; o; o = o->next)
-        if (o->table && !o->swapped) {
-            int n = kv_table_seal(o->table, s->cfg.kv_sink_tokens, s->cfg.kv_residual_tokens);
-            sealed += n > 0 ? (uint64_t)n : 0;
-        }
-    if (sealed == 0)
+    if (seal_running(s, s->cfg.kv_residual_tokens) == 0)
         return rc;
-    atomic_fetch_add(&s->load_sealed, sealed);
     return kv_table_compact(r->table, n_keep, keep);
 }
 
@@ -979,7 +998,7 @@ snap_compress(sched_t *s, req_t *r)
     if (rc == 0) {
         r->usage.kv_dropped_tokens += n - k;
         atomic_fetch_add(&s->load_snapkv, 1);
-        return true;
+        return seal_blocks(s, r); /* the compacted copy is written in full precision */
     }
     if (rc == KVS_EAGAIN) {
         KVS_INFOF("sched: request %llu: no room to compact its KV (SnapKV), kept whole",
@@ -1000,7 +1019,7 @@ h2o_compact(sched_t *s, req_t *r, uint32_t n)
 {
     const model_hparams_t *hp = model_hparams(s->m);
     const uint32_t n_lists = hp->n_layer * hp->n_head_kv, budget = r->kv.budget_tokens;
-    const uint32_t recent = r->kv.window ? r->kv.window : budget / 2;
+    const uint32_t recent = h2o_recent(&r->kv);
     int32_t *keep = malloc((size_t)n_lists * budget * sizeof *keep);
     int rc = keep ? 0 : KVS_ENOMEM;
     if (rc == 0)
@@ -1022,7 +1041,7 @@ h2o_compact(sched_t *s, req_t *r, uint32_t n)
     }
     free(keep);
     if (rc == 0)
-        return true;
+        return seal_blocks(s, r); /* the compacted copy is written in full precision */
     if (rc == KVS_EAGAIN) {
         /* Tried again after the next step. */
         KVS_DEBUGF("sched: request %llu: no room to compact its KV (H2O), kept whole",
@@ -1161,11 +1180,11 @@ main_forward(sched_t *s)
         if (!seal_blocks(s, r))
             continue;
         /* Sealed first, so the compacted copy finds full-precision blocks
-         * free (it is written in full precision, then sealed in turn). */
-        if (r->snap_q && !r->snap_done && r->n_computed >= r->n_prompt &&
-            (!snap_compress(s, r) || !seal_blocks(s, r)))
+         * free (it is written in full precision, and a compaction seals it
+         * in turn). */
+        if (r->snap_q && !r->snap_done && r->n_computed >= r->n_prompt && !snap_compress(s, r))
             continue;
-        if (r->h2o_q && (!h2o_step(s, r) || !seal_blocks(s, r)))
+        if (r->h2o_q && !h2o_step(s, r))
             continue;
         if (row == NULL) {
             commit_prefix(s, r); /* a prefill chunk: share its full blocks early */
@@ -1239,19 +1258,14 @@ sched_check_policy(const sched_t *s, const model_attn_policy_t *attn,
             (uint64_t)kv->budget_tokens < ((uint64_t)kv->sinks + bt - 1) / bt * bt + bt)
             return KVS_EINVAL;
         if (kv->kind == SCHED_KV_SNAPKV) {
-            uint32_t w = kv->window ? kv->window : 32, k = kv->kernel ? kv->kernel : 5;
-            if (k % 2 == 0 || k > 255 || w > 1024 || kv->budget_tokens <= w)
+            model_snapkv_policy_t p = snap_policy(kv);
+            if (model_snapkv_check(&p))
                 return KVS_EINVAL;
-            if (spec && spec->on)
-                return KVS_EINVAL; /* its prompt KV is not the prompt's */
-            if (!kern_backend_is_host(s->be))
-                return KVS_ENOTSUP; /* the scores are computed on the host */
         }
-        if (kv->kind == SCHED_KV_H2O) {
-            uint32_t recent = kv->window ? kv->window : kv->budget_tokens / 2;
-            if (recent >= kv->budget_tokens)
-                return KVS_EINVAL;
-            if (spec && spec->on)
+        if (kv->kind == SCHED_KV_H2O && h2o_recent(kv) >= kv->budget_tokens)
+            return KVS_EINVAL;
+        if (kv->kind == SCHED_KV_SNAPKV || kv->kind == SCHED_KV_H2O) {
+            if (spec->on)
                 return KVS_EINVAL; /* its prompt KV is not the prompt's */
             if (!kern_backend_is_host(s->be))
                 return KVS_ENOTSUP; /* the scores are computed on the host */
@@ -1325,8 +1339,7 @@ sched_submit(sched_t *s, const sched_request_t *q)
     }
     if (q->kv.kind == SCHED_KV_SNAPKV && q->n_prompt > q->kv.budget_tokens) {
         const model_hparams_t *hp = model_hparams(s->m);
-        uint32_t w = q->kv.window ? q->kv.window : 32;
-        r->snap_w = w < q->n_prompt ? w : q->n_prompt;
+        r->snap_w = snap_policy(&q->kv).window; /* below the budget, so the prompt */
         r->snap_q =
             malloc((size_t)hp->n_layer * r->snap_w * hp->n_head * hp->head_dim * sizeof *r->snap_q);
         if (r->snap_q == NULL) {
@@ -1654,7 +1667,7 @@ free_list(req_list_t *l)
         r = next;
     }
     l->head = l->tail = NULL;
-    l->n = 0;
+    l->n = l->n_preempted = 0;
 }
 
 void
