@@ -493,10 +493,7 @@ kv__host_match(kv_table_t *t, const int32_t *tokens, uint32_t max, uint64_t extr
     while (k < max) {
         kv_hash_pair_t prev = k > 0 ? t->hashes[k - 1] : (kv_hash_pair_t){0, 0};
         const int32_t *blk = tokens + (size_t)k * bt;
-        kv_hash_pair_t key = {
-            .h1 = kv_block_hash(prev.h1, blk, bt, extra),
-            .h2 = kv__block_hash2(prev.h2, blk, bt, extra),
-        };
+        kv_hash_pair_t key = kv__block_key(prev, blk, bt, extra);
         /* Room first: a failure shortens the match and changes nothing. */
         if (kv__grow((void **)&t->blocks, &t->blocks_cap, (uint64_t)k + 1, sizeof *t->blocks) ||
             kv__grow((void **)&t->hashes, &t->hashes_cap, (uint64_t)k + 1, sizeof *t->hashes) ||

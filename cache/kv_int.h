@@ -174,6 +174,14 @@ kv__block_frozen(const kv_pool_t *pool, int32_t block)
     return pool->refcount[block] > 1 || kv__block_cached(pool, block);
 }
 
+/* True when its table may write into the block in place: neither frozen
+ * nor quantized (appends, and sealing, take only such blocks). */
+static inline bool
+kv__block_writable(const kv_pool_t *pool, int32_t block)
+{
+    return !kv__block_frozen(pool, block) && !kv__block_cold(pool, block);
+}
+
 /* Prefix-cache primitives (kv_prefix.c). */
 int kv__prefix_init(kv_pool_t *pool); /* 0 or KVS_ENOMEM; kv_pool_new */
 void kv__prefix_close(kv_pool_t *pool);
@@ -191,6 +199,9 @@ int32_t kv__prefix_evict(kv_pool_t *pool, bool cold);
 bool kv__prefix_check(const kv_pool_t *pool);
 /* The second, independent chain hash (see kv_prefix.c). */
 uint64_t kv__block_hash2(uint64_t parent2, const int32_t *tokens, uint32_t n, uint64_t extra);
+/* Both hashes of the block of n tokens after `parent`. */
+kv_hash_pair_t kv__block_key(kv_hash_pair_t parent, const int32_t *tokens, uint32_t n,
+                             uint64_t extra);
 
 /* Grows *arr (elements of el bytes) to hold at least want, doubling.  On
  * failure (KVS_ENOMEM) *arr and *cap are untouched. */

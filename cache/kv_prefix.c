@@ -119,8 +119,8 @@ kv__block_hash2(uint64_t parent2, const int32_t *tokens, uint32_t n, uint64_t ex
     return chain(parent2, tokens, n, extra, true);
 }
 
-static kv_hash_pair_t
-block_key(kv_hash_pair_t parent, const int32_t *tokens, uint32_t n, uint64_t extra)
+kv_hash_pair_t
+kv__block_key(kv_hash_pair_t parent, const int32_t *tokens, uint32_t n, uint64_t extra)
 {
     return (kv_hash_pair_t){
         .h1 = kv_block_hash(parent.h1, tokens, n, extra),
@@ -308,7 +308,7 @@ kv_prefix_match(kv_table_t *t, const int32_t *tokens, uint32_t n, uint64_t extra
     kv_hash_pair_t prev = {0, 0};
     uint32_t k = 0;
     while (k < max) {
-        kv_hash_pair_t key = block_key(prev, tokens + (size_t)k * bt, bt, extra);
+        kv_hash_pair_t key = kv__block_key(prev, tokens + (size_t)k * bt, bt, extra);
         int32_t b = kv__prefix_lookup(pool, key, prev.h1, extra);
         if (b < 0)
             break;
@@ -385,7 +385,7 @@ kv_prefix_commit(kv_table_t *t, const int32_t *tokens, uint32_t n, uint64_t extr
         if (!natural_positions(t, i, bt))
             break;
         kv_hash_pair_t parent = i > 0 ? t->hashes[i - 1] : (kv_hash_pair_t){0, 0};
-        kv_hash_pair_t key = block_key(parent, tokens + (size_t)i * bt, bt, extra);
+        kv_hash_pair_t key = kv__block_key(parent, tokens + (size_t)i * bt, bt, extra);
         int32_t b = t->blocks[i];
         t->hashes[i] = key;
         t->n_hashed = i + 1;

@@ -118,8 +118,7 @@ kv_table_reserve(kv_table_t *t, uint32_t n)
      * fork still reads, or one the prefix cache holds), or quantized, it
      * needs a private full-precision copy first. */
     uint32_t last = t->len / bt;
-    bool cow = n > 0 && t->len % bt != 0 &&
-               (kv__block_frozen(pool, t->blocks[last]) || kv__block_cold(pool, t->blocks[last]));
+    bool cow = n > 0 && t->len % bt != 0 && !kv__block_writable(pool, t->blocks[last]);
     if ((uint64_t)n_new + cow > kv__n_hot(pool))
         return KVS_ENOSPC; /* appends fill full-precision blocks only */
     if ((uint64_t)n_new + cow > kv__n_avail(pool))
@@ -323,7 +322,7 @@ kv_table_seal(kv_table_t *t, uint32_t keep_head, uint32_t keep_tail)
         uint32_t n = 0;
         for (; i < end && n < BATCH && kv__n_avail_cold(pool) > 0; i++) {
             int32_t b = t->blocks[i];
-            if (kv__block_cold(pool, b) || kv__block_frozen(pool, b))
+            if (!kv__block_writable(pool, b))
                 continue;
             idx[n] = i;
             src[n] = b;
@@ -341,8 +340,6 @@ kv_table_seal(kv_table_t *t, uint32_t keep_head, uint32_t keep_tail)
         if (rc != 0)
             return rc;
         sealed += (int)n;
-        if (kv__n_avail_cold(pool) == 0)
-            break;
     }
     return sealed;
 }

@@ -305,22 +305,25 @@ kern_kv_gather(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, cons
 }
 
 void
+kern__kv_rows_f32(const kern_kv_t *kv, bool v, uint32_t layer, uint32_t block, uint32_t head,
+                  uint32_t off, uint32_t n, float *out)
+{
+    if (kern__kv_cold(kv, block)) {
+        kern_kvq_decode(kv->quant, v, kern__kv_tile(kv, v, layer, block, head), kv->block_tokens,
+                        kv->head_dim, off, n, out);
+        return;
+    }
+    /* A (block, head) of the full-precision layout is a [bt][d] tile. */
+    const uint8_t *row =
+        (const uint8_t *)(v ? kv->v : kv->k) + kern__kv_offset(kv, layer, block, head, off);
+    kern_row_to_f32(kv->dtype, row, out, (size_t)n * kv->head_dim);
+}
+
+void
 kern_kv_row_f32(const kern_kv_t *kv, bool v, uint32_t layer, int32_t block, uint32_t head,
                 uint32_t off, float *out)
 {
-    uint32_t d = kv->head_dim;
-    if (kern__kv_cold(kv, (uint32_t)block)) {
-        kern_kvq_decode(kv->quant, v, kern__kv_tile(kv, v, layer, (uint32_t)block, head),
-                        kv->block_tokens, d, off, 1, out);
-        return;
-    }
-    const uint8_t *row = (const uint8_t *)(v ? kv->v : kv->k) +
-                         kern__kv_offset(kv, layer, (uint32_t)block, head, off);
-    if (kv->dtype == KERN_F16)
-        for (uint32_t e = 0; e < d; e++)
-            out[e] = kvs_fp16_to_f32(((const uint16_t *)row)[e]);
-    else
-        memcpy(out, row, d * sizeof(float));
+    kern__kv_rows_f32(kv, v, layer, (uint32_t)block, head, off, 1, out);
 }
 
 /* The sparse key pattern (kern.h).  Runs after the rows' kv_len checks. */

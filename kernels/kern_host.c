@@ -101,10 +101,7 @@ kern__host_kv_seal_layer(const kern_kv_t *kv, uint32_t layer, const int32_t *src
     for (uint32_t i = 0; i < n; i++)
         for (uint32_t h = 0; h < kv->n_kv_heads; h++)
             for (int v = 0; v < 2; v++) {
-                /* One (block, head) of the full-precision layout is a
-                 * contiguous [bt][d] tile already. */
-                for (uint32_t t = 0; t < bt; t++)
-                    kern_kv_row_f32(kv, v, layer, src[i], h, t, x + (size_t)t * d);
+                kern__kv_rows_f32(kv, v, layer, (uint32_t)src[i], h, 0, bt, x);
                 if (kern__kv_cold(kv, (uint32_t)dst[i])) {
                     void *tile = (void *)kern__kv_tile(kv, v, layer, (uint32_t)dst[i], h);
                     kern_kvq_encode(kv->quant, v, x, bt, d, tile);
@@ -122,7 +119,7 @@ kern__host_kv_gather_layer(const kern_kv_t *kv, uint32_t layer, const int32_t *s
                            const int32_t *dst, uint32_t n, float *x)
 {
     const uint32_t bt = kv->block_tokens, d = kv->head_dim;
-    const size_t row_bytes = (size_t)d * (kv->dtype == KERN_F16 ? 2 : 4);
+    const size_t row_bytes = kern_row_bytes(kv->dtype, d);
     for (uint32_t h = 0; h < kv->n_kv_heads; h++) {
         const int32_t *s = src + ((size_t)layer * kv->n_kv_heads + h) * n;
         for (uint32_t j = 0; j < n; j++) {

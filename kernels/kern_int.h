@@ -61,11 +61,8 @@ int kern__cpu_new(const kern_backend_cfg_t *cfg, kern_backend_t **out);
 int kern__cuda_new(const kern_backend_cfg_t *cfg, kern_backend_t **out);
 
 /* The weight and KV types every backend computes with: weights F32, F16,
- * BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K; KV F32, F16 (kern_types.c).  The
- * cuda backend's list. */
+ * BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K; KV F32, F16 (kern_types.c). */
 bool kern__types_supported(kern_op_t op, kern_dtype_t type);
-/* The host backends' (ref, cpu): the same weight and KV types. */
-bool kern__host_types_supported(kern_op_t op, kern_dtype_t type);
 /* Whether kern_matmul rounds x with kern_round_x_q8 for this weight type
  * (kern.h): Q8_0, Q4_0 and the K-quants. */
 static inline bool
@@ -102,6 +99,12 @@ void kern__host_kv_gather_layer(const kern_kv_t *kv, uint32_t layer, const int32
  * path, kern_kvq.c). */
 void kern__kvq_decode_fast(bool avx2, kern_kvq_t q, bool v, const void *tile, uint32_t bt,
                            uint32_t d, uint32_t t0, uint32_t n, float *y);
+
+/* Rows off .. off + n - 1 (within one block) of (layer, block, kv head)
+ * as f32, from either kind of block: kern_kv_row_f32 for a run, decoding
+ * a quantized tile's parameters once. */
+void kern__kv_rows_f32(const kern_kv_t *kv, bool v, uint32_t layer, uint32_t block, uint32_t head,
+                       uint32_t off, uint32_t n, float *out);
 
 /* Full-precision blocks of a pool: all of them without a codec. */
 static inline uint32_t

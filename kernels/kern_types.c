@@ -585,20 +585,3 @@ kern__types_supported(kern_op_t op, kern_dtype_t type)
         return true;
     }
 }
-
-bool
-kern__host_types_supported(kern_op_t op, kern_dtype_t type)
-{
-    switch (op) {
-    case KERN_OP_GET_ROWS:
-    case KERN_OP_MATMUL:
-        return kern__types_supported(op, type) || type == KERN_Q4_0 || type == KERN_Q4_K ||
-               type == KERN_Q5_K || type == KERN_Q6_K;
-    case KERN_OP_KV_APPEND:
-    case KERN_OP_KV_COPY:
-    case KERN_OP_ATTN:
-        return type == KERN_F32 || type == KERN_F16;
-    default:
-        return true;
-    }
-}

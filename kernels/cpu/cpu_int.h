@@ -77,7 +77,7 @@ int kern__cpu_unit_tasks(const kern_cpu_t *be, size_t n_units, size_t unit_bytes
 /* Runs fn over n_tasks, inline when there is one task or one thread. */
 void kern__cpu_parallel(kern_cpu_t *be, int n_tasks, cpu_task_fn fn, void *ctx);
 
-/* Converts n elements of a row of any kern__host_types_supported weight
+/* Converts n elements of a row of any kern__types_supported weight
  * type to f32 with the best available instructions (cpu_matmul.c). */
 void kern__cpu_row_to_f32(cpu_isa_t isa, kern_dtype_t type, const void *row, float *y, size_t n);
 

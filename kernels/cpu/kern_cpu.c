@@ -638,7 +638,7 @@ static bool
 cpu_supports(const kern_backend_t *be, kern_op_t op, kern_dtype_t type)
 {
     (void)be;
-    return kern__host_types_supported(op, type);
+    return kern__types_supported(op, type);
 }
 
 static void

@@ -49,7 +49,7 @@ static bool
 ref_supports(const kern_backend_t *be, kern_op_t op, kern_dtype_t type)
 {
     (void)be;
-    return kern__host_types_supported(op, type);
+    return kern__types_supported(op, type);
 }
 
 static int

@@ -75,7 +75,6 @@ typedef struct kern_cuda {
     kern_backend_t base;
     int device;
     int n_sm;            /* multiprocessors, for sizing grids */
-    bool dead;           /* set after a sticky error; every call fails fast */
     cudaStream_t stream; /* every copy, memset, kernel and GEMM runs here */
     cublasHandle_t blas; /* bound to `stream` */
 
@@ -87,7 +86,7 @@ typedef struct kern_cuda {
     void *ws[KERN_CUDA_WS_COUNT];
     size_t ws_bytes[KERN_CUDA_WS_COUNT];
 
-    void *host_scratch; /* kv_copy's conflict bitmap */
+    void *host_scratch; /* a bitmap, zero between uses (cuda_host_bitmap) */
     size_t host_scratch_bytes;
     bool reserved; /* kern_reserve sized everything: growing later is worth a warning */
 } kern_cuda_t;

@@ -40,7 +40,7 @@ kern__cuda_fail(const char *stmt, const char *what, const char *file, int line)
 static int
 cuda_enter(kern_cuda_t *be)
 {
-    if (be->dead)
+    if (be->base.failed)
         return KVS_EDEVICE;
     int cur = -1;
     if (cudaGetDevice(&cur) != cudaSuccess || cur != be->device)
@@ -56,12 +56,12 @@ cuda_enter(kern_cuda_t *be)
 static int
 cuda_leave(kern_cuda_t *be, int rc)
 {
-    if (rc != KVS_EDEVICE || be->dead)
+    if (rc != KVS_EDEVICE || be->base.failed)
         return rc;
     (void)cudaGetLastError();
     cudaError_t probe = cudaStreamQuery(be->stream);
     if (probe != cudaSuccess && probe != cudaErrorNotReady) {
-        be->dead = be->base.failed = true;
+        be->base.failed = true;
         KVS_ERRORF("cuda: device %d is unusable (%s); the cuda backend is now disabled", be->device,
                    cudaGetErrorString(probe));
     }
@@ -78,13 +78,15 @@ round_up(size_t n, size_t to)
     return (n + to - 1) / to * to;
 }
 
-int
-kern__cuda_stage_begin(kern_cuda_t *be, size_t bytes, void **host)
+/* Grows pinned slot s to at least `bytes`, once the copy that last read
+ * it is done. */
+static int
+pin_reserve(kern_cuda_t *be, kern_cuda_pin_t *s, size_t bytes)
 {
-    kern_cuda_pin_t *s = &be->pin[be->pin_next];
-    /* The copy that last read this slot must be done before we refill it. */
     KERN_CUDA_TRY(cudaEventSynchronize(s->done));
     if (bytes > s->bytes) {
+        if (be->reserved)
+            KVS_WARNF("cuda: pinned staging grows to %zu bytes beyond the reservation", bytes);
         size_t want = round_up(bytes > 2 * s->bytes ? bytes : 2 * s->bytes, 4096);
         if (s->host)
             KERN_CUDA_TRY(cudaFreeHost(s->host));
@@ -99,6 +101,17 @@ kern__cuda_stage_begin(kern_cuda_t *be, size_t bytes, void **host)
         }
         s->bytes = want;
     }
+    return 0;
+}
+
+int
+kern__cuda_stage_begin(kern_cuda_t *be, size_t bytes, void **host)
+{
+    kern_cuda_pin_t *s = &be->pin[be->pin_next];
+    /* The copy that last read this slot must be done before we refill it. */
+    int rc = pin_reserve(be, s, bytes);
+    if (rc)
+        return rc;
     *host = s->host;
     return 0;
 }
@@ -174,17 +187,36 @@ kern__cuda_workspace(kern_cuda_t *be, kern_cuda_ws_t which, size_t bytes, void *
     return 0;
 }
 
-static void *
-cuda_host_scratch(kern_cuda_t *be, size_t bytes)
+/* A host bitmap of `bits` bits, all zero: its users clear what they set
+ * before returning, so it is cleared whole only when it grows. */
+static uint8_t *
+cuda_host_bitmap(kern_cuda_t *be, size_t bits)
 {
+    size_t bytes = (bits + 7) / 8;
     if (bytes > be->host_scratch_bytes) {
         void *p = realloc(be->host_scratch, bytes);
         if (p == NULL)
             return NULL;
+        memset(p, 0, bytes);
         be->host_scratch = p;
         be->host_scratch_bytes = bytes;
     }
-    return be->host_scratch;
+    return (uint8_t *)be->host_scratch;
+}
+
+/* Sets bit i; true when it was set already. */
+static bool
+bit_test_set(uint8_t *map, uint32_t i)
+{
+    bool was = map[i >> 3] & (1u << (i & 7));
+    map[i >> 3] |= (uint8_t)(1u << (i & 7));
+    return was;
+}
+
+static void
+bit_clear(uint8_t *map, uint32_t i)
+{
+    map[i >> 3] &= (uint8_t) ~(1u << (i & 7));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -274,7 +306,7 @@ static void
 cuda_free(kern_backend_t *base, void *p)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
-    if (be->dead) {
+    if (be->base.failed) {
         (void)cudaFree(p); /* may fail; the context is gone either way */
         (void)cudaGetLastError();
         return;
@@ -689,17 +721,14 @@ cuda_kv_append_body(kern_cuda_t *be, const kern_kv_t *kv, uint32_t layer, const 
     /* Tokens are written all at once, in no order, and the contract is the
      * reference's in-order one: a slot named twice keeps the later token.
      * So, walking back, a slot already seen drops the earlier token. */
-    size_t n_slots = (size_t)kv->n_blocks * kv->block_tokens, map_bytes = (n_slots + 7) / 8;
-    uint8_t *map = (uint8_t *)cuda_host_scratch(be, map_bytes);
+    uint8_t *map = cuda_host_bitmap(be, (size_t)kv->n_blocks * kv->block_tokens);
     if (map == NULL)
         return KVS_ENOMEM;
-    memset(map, 0, map_bytes);
     int32_t *hs = (int32_t *)h;
-    for (uint32_t i = n; i-- > 0;) {
-        uint32_t s = (uint32_t)slots[i];
-        hs[i] = map[s >> 3] & (1u << (s & 7)) ? -1 : slots[i];
-        map[s >> 3] |= (uint8_t)(1u << (s & 7));
-    }
+    for (uint32_t i = n; i-- > 0;)
+        hs[i] = bit_test_set(map, (uint32_t)slots[i]) ? -1 : slots[i];
+    for (uint32_t i = 0; i < n; i++)
+        bit_clear(map, (uint32_t)slots[i]);
     if ((rc = kern__cuda_stage_end(be, bytes, &d)) != 0)
         return rc;
 
@@ -767,18 +796,17 @@ cuda_kv_copy_body(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, cons
      * order only when no destination is also a source or repeats.  Copy-on-
      * write (shared source, fresh destination) always qualifies; anything
      * else falls back to one launch per pair, in order. */
-    size_t map_bytes = ((size_t)kv->n_blocks + 7) / 8;
-    uint8_t *map = (uint8_t *)cuda_host_scratch(be, map_bytes);
+    uint8_t *map = cuda_host_bitmap(be, kv->n_blocks);
     if (map == NULL)
         return KVS_ENOMEM;
-    memset(map, 0, map_bytes);
     bool ordered = false;
     for (uint32_t i = 0; i < n; i++)
-        map[src[i] >> 3] |= (uint8_t)(1u << (src[i] & 7));
-    for (uint32_t i = 0; i < n && !ordered; i++) {
-        if (map[dst[i] >> 3] & (1u << (dst[i] & 7)))
-            ordered = true; /* a destination is a source, or a repeat */
-        map[dst[i] >> 3] |= (uint8_t)(1u << (dst[i] & 7));
+        bit_test_set(map, (uint32_t)src[i]);
+    for (uint32_t i = 0; i < n && !ordered; i++)
+        ordered = bit_test_set(map, (uint32_t)dst[i]); /* a destination is a source, or a repeat */
+    for (uint32_t i = 0; i < n; i++) {
+        bit_clear(map, (uint32_t)src[i]);
+        bit_clear(map, (uint32_t)dst[i]);
     }
 
     size_t bytes = (size_t)n * 2 * sizeof(int32_t);
@@ -916,12 +944,8 @@ cuda_reserve_body(kern_cuda_t *be, const kern_reserve_t *r)
         (rc = kern__cuda_workspace(be, KERN_CUDA_WS_ATTN, attn, &p)) != 0 ||
         (rc = stage_dev_reserve(be, stage)) != 0)
         return rc;
-    unsigned next = be->pin_next;
-    for (unsigned i = 0; i < KERN_CUDA_PIN_SLOTS && rc == 0; i++) {
-        be->pin_next = i;
-        rc = kern__cuda_stage_begin(be, stage, &p);
-    }
-    be->pin_next = next;
+    for (unsigned i = 0; i < KERN_CUDA_PIN_SLOTS && rc == 0; i++)
+        rc = pin_reserve(be, &be->pin[i], stage);
     be->reserved = rc == 0;
     if (rc == 0)
         KVS_INFOF("cuda: reserved %.1f MiB of workspaces and %u x %.1f MiB of pinned staging",
