@@ -212,6 +212,14 @@ int sched_submit(sched_t *s, const sched_request_t *r);
  * as sched_submit answers. */
 int sched_check_policy(const sched_t *s, const model_attn_policy_t *attn,
                        const model_spec_policy_t *spec, const sched_kv_policy_t *kv);
+/* The smallest budget sink eviction can keep: eviction drops whole
+ * blocks, so the sinks' blocks and one block of recent tokens. */
+static inline uint64_t
+sched_kv_min_budget(uint32_t sinks, uint32_t block_tokens)
+{
+    uint64_t bt = block_tokens;
+    return (sinks + bt - 1) / bt * bt + bt;
+}
 /* Asks to cancel request id; it finishes with SCHED_FINISH_CANCELLED (if it
  * had not finished already).  Thread: any. */
 int sched_cancel(sched_t *s, uint64_t id);

@@ -1252,10 +1252,8 @@ sched_check_policy(const sched_t *s, const model_attn_policy_t *attn,
         uint32_t bt = s->cfg.block_tokens;
         if (kv->kind > SCHED_KV_H2O || kv->budget_tokens == 0)
             return KVS_EINVAL;
-        /* Eviction drops whole blocks: the budget must hold the sinks'
-         * blocks and at least one block of recent tokens. */
         if (kv->kind == SCHED_KV_SINK_EVICTION &&
-            (uint64_t)kv->budget_tokens < ((uint64_t)kv->sinks + bt - 1) / bt * bt + bt)
+            kv->budget_tokens < sched_kv_min_budget(kv->sinks, bt))
             return KVS_EINVAL;
         if (kv->kind == SCHED_KV_SNAPKV) {
             model_snapkv_policy_t p = snap_policy(kv);

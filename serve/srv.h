@@ -82,6 +82,12 @@ enum {
 int srv_kv_opt(const char *cmd, int opt, const char *arg, srv_kv_opts_t *o);
 /* Checks the --kv-policy flags together (KVS_EINVAL after printing why). */
 int srv_kv_finish(const char *cmd, srv_kv_opts_t *o, uint32_t block_tokens);
+/* The pool flags into an engine config: dtype, codec, exact sinks,
+ * residual window, host tier. */
+void srv_kv_apply(const srv_kv_opts_t *o, sched_cfg_t *c);
+/* --kv-policy's and --attention's names of a kind: "sink-eviction", ... */
+const char *srv_kv_policy_name(sched_kv_kind_t k);
+const char *srv_attn_kind_name(model_attn_kind_t k);
 /* "f16", "q4 (4 sinks exact)", ... */
 const char *srv_kv_describe(const srv_kv_opts_t *o, char *buf, size_t cap);
 /* The --kv-cache-dtype name alone: "f16", "q8_0", ... */

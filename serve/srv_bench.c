@@ -172,6 +172,8 @@ bench_policy_fill(bench_opts_t *o, const model_attn_policy_t *ap, const model_sp
         [SCHED_KV_SNAPKV] = KVSERVE__V1__KV_POLICY__KIND__SNAPKV,
         [SCHED_KV_H2O] = KVSERVE__V1__KV_POLICY__KIND__H2O,
     };
+    o->attn_kind = ap->kind;
+    o->kv_kind = kv->policy.kind;
     kvserve__v1__attention_policy__init(&o->attn);
     kvserve__v1__prefill_policy__init(&o->prefill);
     kvserve__v1__kv_policy__init(&o->kv);

@@ -33,6 +33,8 @@ typedef struct bench_opts {
     Kvserve__V1__PrefillPolicy prefill;
     Kvserve__V1__KvPolicy kv;
     bool has_attn, has_prefill, has_kv;
+    model_attn_kind_t attn_kind; /* the same kinds, for the report's names */
+    sched_kv_kind_t kv_kind;
 } bench_opts_t;
 
 enum { K_START, K_STATUS, K_RECV };

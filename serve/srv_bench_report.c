@@ -185,13 +185,11 @@ intent_name(bench_intent_t i)
 static void
 json_policy(FILE *f, const bench_opts_t *o)
 {
-    const char *ak[] = {"unspecified", "dense", "sink-window", "delta", "block-sparse"};
-    const char *kk[] = {"unspecified", "full", "sink-eviction", "snapkv", "h2o"};
     fprintf(f, "\"policy\": {");
     const char *sep = "";
     if (o->has_attn) {
         fprintf(f, "\"attention\": \"%s\", \"attn_sinks\": %u, \"attn_window\": %u",
-                ak[o->attn.kind % 5], o->attn.sink_tokens, o->attn.window_tokens);
+                srv_attn_kind_name(o->attn_kind), o->attn.sink_tokens, o->attn.window_tokens);
         sep = ", ";
     }
     if (o->has_prefill) {
@@ -202,8 +200,8 @@ json_policy(FILE *f, const bench_opts_t *o)
         sep = ", ";
     }
     if (o->has_kv)
-        fprintf(f, "%s\"kv_policy\": \"%s\", \"kv_budget\": %u", sep, kk[o->kv.kind % 5],
-                o->kv.budget_tokens);
+        fprintf(f, "%s\"kv_policy\": \"%s\", \"kv_budget\": %u", sep,
+                srv_kv_policy_name(o->kv_kind), o->kv.budget_tokens);
     fprintf(f, "}");
 }
 

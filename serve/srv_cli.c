@@ -64,6 +64,26 @@ srv_parse_f32(const char *cmd, const char *flag, const char *s, float lo, float 
     return 0;
 }
 
+const char *
+srv_kv_policy_name(sched_kv_kind_t k)
+{
+    static const char *const names[] = {[SCHED_KV_FULL] = "full",
+                                        [SCHED_KV_SINK_EVICTION] = "sink-eviction",
+                                        [SCHED_KV_SNAPKV] = "snapkv",
+                                        [SCHED_KV_H2O] = "h2o"};
+    return (unsigned)k <= SCHED_KV_H2O ? names[k] : "full";
+}
+
+const char *
+srv_attn_kind_name(model_attn_kind_t k)
+{
+    static const char *const names[] = {[MODEL_ATTN_DENSE] = "dense",
+                                        [MODEL_ATTN_SINK_WINDOW] = "sink-window",
+                                        [MODEL_ATTN_DELTA] = "delta",
+                                        [MODEL_ATTN_BLOCK_SPARSE] = "block-sparse"};
+    return (unsigned)k <= MODEL_ATTN_BLOCK_SPARSE ? names[k] : "dense";
+}
+
 int
 srv_kv_opt(const char *cmd, int opt, const char *arg, srv_kv_opts_t *o)
 {
@@ -87,22 +107,15 @@ srv_kv_opt(const char *cmd, int opt, const char *arg, srv_kv_opts_t *o)
     case SRV_O_KVSINKS:
         return srv_parse_u32(cmd, "--kv-sink-tokens", arg, 0, 1u << 20, &o->sink_tokens);
     case SRV_O_KVPOLICY:
-        if (strcmp(arg, "full") == 0)
-            o->policy.kind = SCHED_KV_FULL;
-        else if (strcmp(arg, "sink-eviction") == 0)
-            o->policy.kind = SCHED_KV_SINK_EVICTION;
-        else if (strcmp(arg, "snapkv") == 0)
-            o->policy.kind = SCHED_KV_SNAPKV;
-        else if (strcmp(arg, "h2o") == 0)
-            o->policy.kind = SCHED_KV_H2O;
-        else {
-            fprintf(
-                stderr,
+        for (int k = SCHED_KV_FULL; k <= SCHED_KV_H2O; k++)
+            if (strcmp(arg, srv_kv_policy_name((sched_kv_kind_t)k)) == 0) {
+                o->policy.kind = (sched_kv_kind_t)k;
+                return 0;
+            }
+        fprintf(stderr,
                 "kvserve %s: --kv-policy: '%s' is not one of full, sink-eviction, snapkv, h2o\n",
                 cmd, arg);
-            return KVS_EINVAL;
-        }
-        return 0;
+        return KVS_EINVAL;
     case SRV_O_KVBUDGET:
         return srv_parse_u32(cmd, "--kv-budget", arg, 1, 1u << 30, &o->policy.budget_tokens);
     case SRV_O_KVEVSINKS:
@@ -135,14 +148,11 @@ srv_kv_finish(const char *cmd, srv_kv_opts_t *o, uint32_t block_tokens)
     }
     if (p->budget_tokens == 0) {
         fprintf(stderr, "kvserve %s: --kv-policy %s needs --kv-budget N\n", cmd,
-                p->kind == SCHED_KV_SNAPKV ? "snapkv"
-                : p->kind == SCHED_KV_H2O  ? "h2o"
-                                           : "sink-eviction");
+                srv_kv_policy_name(p->kind));
         return KVS_EINVAL;
     }
     uint32_t bt = block_tokens;
-    if (p->kind == SCHED_KV_SINK_EVICTION &&
-        (uint64_t)p->budget_tokens < ((uint64_t)p->sinks + bt - 1) / bt * bt + bt) {
+    if (p->kind == SCHED_KV_SINK_EVICTION && p->budget_tokens < sched_kv_min_budget(p->sinks, bt)) {
         fprintf(stderr,
                 "kvserve %s: --kv-budget: %u cannot hold the %u sink tokens' blocks and one block "
                 "of %u recent tokens\n",
@@ -168,6 +178,16 @@ srv_kv_finish(const char *cmd, srv_kv_opts_t *o, uint32_t block_tokens)
         return KVS_EINVAL;
     }
     return 0;
+}
+
+void
+srv_kv_apply(const srv_kv_opts_t *o, sched_cfg_t *c)
+{
+    c->kv_dtype = o->dtype;
+    c->kv_quant = o->quant;
+    c->kv_sink_tokens = o->sink_tokens;
+    c->kv_residual_tokens = o->residual_tokens;
+    c->host_kv_bytes = (size_t)o->host_bytes;
 }
 
 const char *
@@ -308,22 +328,16 @@ srv_attn_opt(const char *cmd, int opt, const char *arg, model_attn_policy_t *p)
 {
     switch (opt) {
     case SRV_O_ATTN:
-        if (strcmp(arg, "dense") == 0)
-            p->kind = MODEL_ATTN_DENSE;
-        else if (strcmp(arg, "sink-window") == 0)
-            p->kind = MODEL_ATTN_SINK_WINDOW;
-        else if (strcmp(arg, "delta") == 0)
-            p->kind = MODEL_ATTN_DELTA;
-        else if (strcmp(arg, "block-sparse") == 0)
-            p->kind = MODEL_ATTN_BLOCK_SPARSE;
-        else {
-            fprintf(stderr,
-                    "kvserve %s: --attention: '%s' is not one of dense, sink-window, delta, "
-                    "block-sparse\n",
-                    cmd, arg);
-            return KVS_EINVAL;
-        }
-        return 0;
+        for (int k = MODEL_ATTN_DENSE; k <= MODEL_ATTN_BLOCK_SPARSE; k++)
+            if (strcmp(arg, srv_attn_kind_name((model_attn_kind_t)k)) == 0) {
+                p->kind = (model_attn_kind_t)k;
+                return 0;
+            }
+        fprintf(stderr,
+                "kvserve %s: --attention: '%s' is not one of dense, sink-window, delta, "
+                "block-sparse\n",
+                cmd, arg);
+        return KVS_EINVAL;
     case SRV_O_SINKS:
         return srv_parse_u32(cmd, "--attn-sinks", arg, 0, 1u << 24, &p->sinks);
     case SRV_O_WINDOW:

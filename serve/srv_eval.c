@@ -538,15 +538,6 @@ build_docs(eval_run_t *r, const eval_opts_t *o)
     return 0;
 }
 
-static const char *
-kv_policy_name(sched_kv_kind_t k)
-{
-    return k == SCHED_KV_SINK_EVICTION ? "sink-eviction"
-           : k == SCHED_KV_SNAPKV      ? "snapkv"
-           : k == SCHED_KV_H2O         ? "h2o"
-                                       : "full";
-}
-
 /* Per length: accuracy per turn, the share of the prompt tokens of turns
  * after the first that the prefix cache served (turn 1 meets its context
  * for the first time), and the KV the policy dropped. */
@@ -670,8 +661,8 @@ scen_json(FILE *f, const eval_opts_t *o, const scen_report_t *rep)
     fprintf(f,
             "\"prefix_caching\": true, \"kv_policy\": \"%s\", \"kv_budget\": %u, "
             "\"documents_per_length\": %u, \"accuracy\": %.4f, \"cached_prompt_share\": ",
-            kv_policy_name(o->kv.policy.kind), o->kv.policy.budget_tokens, o->n_depths * o->samples,
-            rep->asked ? (double)rep->correct / rep->asked : 0.0);
+            srv_kv_policy_name(o->kv.policy.kind), o->kv.policy.budget_tokens,
+            o->n_depths * o->samples, rep->asked ? (double)rep->correct / rep->asked : 0.0);
     put_share(f, &rep->all, true);
     fprintf(f, ", \"kv_dropped_tokens\": %llu, \"preemptions\": %llu, \"lengths\": [",
             (unsigned long long)rep->all.dropped, (unsigned long long)rep->all.preemptions);
@@ -856,15 +847,11 @@ srv_cmd_eval(int argc, char **argv)
                         .max_model_len = max_len + 1,
                         .block_tokens = o.block_size,
                         .n_blocks = per_seq * o.max_seqs,
-                        .kv_dtype = o.kv.dtype,
-                        .kv_quant = o.kv.quant,
-                        .kv_sink_tokens = o.kv.sink_tokens,
-                        .kv_residual_tokens = o.kv.residual_tokens,
-                        .host_kv_bytes = (size_t)o.kv.host_bytes,
                         /* A scenario resends each turn's context: the
                          * cache is what keeps it from being recomputed. */
                         .prefix_caching = o.scenario != SCEN_NONE,
                         .draft = o.spec.on ? r.draft : NULL};
+    srv_kv_apply(&o.kv, &scfg);
     if (o.kv.quant != KERN_KVQ_NONE) {
         /* The full-precision staging blocks come on top, so every
          * sequence's quantized blocks still fit. */

@@ -959,9 +959,7 @@ server_info_new(call_t *c)
     r.has_max_num_batched_tokens = r.has_max_queued_requests = r.has_prefix_caching = true;
     r.block_size = sc->block_tokens;
     r.total_blocks = sc->n_blocks;
-    r.kv_cache_dtype = sc->kv_quant != KERN_KVQ_NONE ? (char *)kern_kvq_name(sc->kv_quant)
-                       : sc->kv_dtype == KERN_F32    ? "f32"
-                                                     : "f16";
+    r.kv_cache_dtype = (char *)srv_kv_name(&S.o.kv);
     r.max_model_len = sc->max_model_len;
     r.max_num_seqs = sc->max_num_seqs;
     r.max_num_batched_tokens = sc->max_num_batched_tokens;
@@ -1542,16 +1540,12 @@ engine_up(const srv_opts_t *o)
                       .block_tokens = o->block_size,
                       .n_blocks = o->num_blocks,
                       .kv_cache_bytes = o->kv_memory,
-                      .kv_dtype = o->kv.dtype,
-                      .kv_quant = o->kv.quant,
-                      .kv_sink_tokens = o->kv.sink_tokens,
-                      .kv_residual_tokens = o->kv.residual_tokens,
-                      .host_kv_bytes = (size_t)o->kv.host_bytes,
                       .prefix_caching = o->prefix_caching,
                       .thread_nice = (int)o->engine_nice,
                       .draft = S.draft,
                       .wake = engine_wake,
                       .wake_arg = NULL};
+    srv_kv_apply(&o->kv, &sc);
     if (sc.n_blocks == 0 && sc.kv_cache_bytes == 0) {
         /* Enough for every sequence at full length, capped at 1 GiB. */
         uint64_t per = (uint64_t)model_kv_bytes_per_token(S.m, o->kv.dtype) * hp->n_layer;

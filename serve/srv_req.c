@@ -193,11 +193,11 @@ check_kv(const Kvserve__V1__KvPolicy *k, const srv_limits_t *lim, sched_kv_polic
         break;
     case KVSERVE__V1__KV_POLICY__KIND__SINK_EVICTION:
         out->kind = SCHED_KV_SINK_EVICTION;
-        out->sinks = k->has_sink_tokens ? k->sink_tokens : 4;
+        out->sinks = k->has_sink_tokens ? k->sink_tokens : SRV_KV_DEFAULT.policy.sinks;
         break;
     case KVSERVE__V1__KV_POLICY__KIND__SNAPKV:
         out->kind = SCHED_KV_SNAPKV;
-        out->window = k->has_window_tokens ? k->window_tokens : 32;
+        out->window = k->has_window_tokens ? k->window_tokens : SRV_KV_DEFAULT.policy.window;
         break;
     case KVSERVE__V1__KV_POLICY__KIND__H2O:
         out->kind = SCHED_KV_H2O;
@@ -224,7 +224,7 @@ check_kv(const Kvserve__V1__KvPolicy *k, const srv_limits_t *lim, sched_kv_polic
     out->budget_tokens = k->budget_tokens;
     uint32_t bt = lim->block_tokens ? lim->block_tokens : 16;
     if (out->kind == SCHED_KV_SINK_EVICTION &&
-        (uint64_t)out->budget_tokens < ((uint64_t)out->sinks + bt - 1) / bt * bt + bt)
+        out->budget_tokens < sched_kv_min_budget(out->sinks, bt))
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
                     "policy.kv.budget_tokens: %u cannot hold the %u sink tokens' blocks and one "
                     "block of %u recent tokens",

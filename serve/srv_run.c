@@ -303,12 +303,8 @@ srv_cmd_run(int argc, char **argv)
         .max_model_len = max_len,
         .block_tokens = o.block_size,
         .n_blocks = (uint32_t)((total + o.block_size - 1) / o.block_size),
-        .kv_dtype = o.kv.dtype,
-        .kv_quant = o.kv.quant,
-        .kv_sink_tokens = o.kv.sink_tokens,
-        .kv_residual_tokens = o.kv.residual_tokens,
-        .host_kv_bytes = (size_t)o.kv.host_bytes,
     };
+    srv_kv_apply(&o.kv, &scfg);
     if (o.kv.quant != KERN_KVQ_NONE) {
         /* Room for every block in either kind. */
         scfg.kv_hot_blocks = scfg.n_blocks;
