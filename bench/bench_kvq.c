@@ -109,12 +109,6 @@ typedef struct opts {
     uint32_t n_pkinds;
 } opts_t;
 
-static const char *
-policy_name(const policy_t *p)
-{
-    return p->kind == SCHED_KV_SNAPKV ? "snapkv" : "sink-eviction";
-}
-
 static const kind_t KINDS[] = {{"f16", KERN_KVQ_NONE},
                                {"bf16", KERN_KVQ_BF16},
                                {"q8_0", KERN_KVQ_Q8_0},
@@ -513,7 +507,8 @@ static void
 row_name(const result_t *r, char *buf, size_t size)
 {
     if (r->pol)
-        snprintf(buf, size, "%s + %s %u", r->kind->name, policy_name(r->pol), r->pol->budget);
+        snprintf(buf, size, "%s + %s %u", r->kind->name, srv_kv_policy_name(r->pol->kind),
+                 r->pol->budget);
     else
         snprintf(buf, size, "%s", r->kind->name);
 }
@@ -916,11 +911,12 @@ write_json(FILE *f, const opts_t *o, const result_t *res, uint32_t n_res, const 
                 "\"kv_dropped_tokens\": %llu, \"kv_dropped_tokens_min\": %llu, "
                 "\"sessions_policy_short\": %u, \"snapkv_compressions\": %llu, "
                 "\"blocks_sealed\": %llu}",
-                i ? ", " : "", r->kind->name, policy_name(r->pol), r->pol->budget, o->sinks, r->n,
-                r->fit, r->attempts, r->verified ? "true" : "false", r->overlap ? "true" : "false",
-                base->n ? (double)r->n / base->n : 0, r->prompt, r->decode, g->n_blocks, g->n_hot,
-                g->n_cold, g->stage, g->block_bytes, g->qblock_bytes, nd->hot, nd->cold, nd->x_hot,
-                nd->x_cold, per, x_per, r->n ? (double)o->memory / r->n : 0, r->decode_tok_s,
+                i ? ", " : "", r->kind->name, srv_kv_policy_name(r->pol->kind), r->pol->budget,
+                o->sinks, r->n, r->fit, r->attempts, r->verified ? "true" : "false",
+                r->overlap ? "true" : "false", base->n ? (double)r->n / base->n : 0, r->prompt,
+                r->decode, g->n_blocks, g->n_hot, g->n_cold, g->stage, g->block_bytes,
+                g->qblock_bytes, nd->hot, nd->cold, nd->x_hot, nd->x_cold, per, x_per,
+                r->n ? (double)o->memory / r->n : 0, r->decode_tok_s,
                 base->decode_tok_s > 0 ? r->decode_tok_s / base->decode_tok_s : 0,
                 (unsigned long long)r->decode_tokens, (unsigned long long)r->decode_steps,
                 r->decode_s, r->run_s, r->preemptions, r->peak, (unsigned long long)r->evictions,
@@ -1066,7 +1062,7 @@ main(int argc, char **argv)
                 fprintf(stderr,
                         "bench_kvq: --policies: the engine refuses %s:%u (%u sinks, blocks of "
                         "%u): %s\n",
-                        policy_name(p), p->budget, o.sinks, o.bt, kvs_strerror(prc));
+                        srv_kv_policy_name(p->kind), p->budget, o.sinks, o.bt, kvs_strerror(prc));
             if (prc)
                 rc = prc;
         }

@@ -699,7 +699,6 @@ case_prefix_middle(kern_backend_t *be, kern_kvq_t q)
     uint32_t matched = 0;
     assert_int_equal(kv_prefix_match(m1, tok, 65, 0, &matched), 0);
     assert_int_equal(matched, 64);
-    int32_t a1 = kv_table_blocks(m1)[1];
     /* Drops block 1 (after one sink block) into the LRU list, alone. */
     assert_int_equal(kv_table_evict(m1, BT, 3 * BT), 1);
     kv_table_t *b = table_new(pool);
@@ -715,7 +714,6 @@ case_prefix_middle(kern_backend_t *be, kern_kvq_t q)
     checks(pool, h);
     assert_int_equal(matched, 64);
     assert_int_not_equal(kv_table_blocks(m)[1], -1);
-    (void)a1;
     assert_same(pool, m, want, 64);
     s = stats(h);
     assert_int_equal(s.hit_tokens, BT);

@@ -571,23 +571,18 @@ def check_bench(kvserve, addr, work):
                            "--shared-prefix", "0.5", "--seed", "3"], 10))
     for label, flags, n in runs:
         name = "10 bench: %s, %d requests" % (label, n)
-        path = os.path.join(work, "bench-%s.json" % label.split()[0])
-        cmd = [kvserve, "bench", "--addr", addr, "--input-len", "64", "--output-len", "8",
-               "--timeout-ms", "30000", "--json", path, "--no-progress"] + flags
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        if r.returncode != 0:
-            report(name, False, "exit %d: %s %s" % (r.returncode, r.stdout[-400:],
-                                                   r.stderr.strip()[-300:]))
+        rc, out, doc = run_bench_json(kvserve, addr, work, label.split()[0],
+                                      ["--input-len", "64", "--output-len", "8"] + flags,
+                                      timeout=60)
+        if rc != 0:
+            report(name, False, "exit %d: %s" % (rc, out[-700:]))
             continue
-        try:
-            with open(path) as f:
-                doc = json.load(f)
-        except (OSError, ValueError) as e:
-            report(name, False, "no JSON: %s" % e)
+        if doc is None:
+            report(name, False, "no JSON")
             continue
         bad = bench_problems(doc, n, 8, 64)
-        if "TTFT" not in r.stdout or "Output token throughput" not in r.stdout:
-            bad.append("no summary table on stdout: %r" % r.stdout[-300:])
+        if "TTFT" not in out or "Output token throughput" not in out:
+            bad.append("no summary table on stdout: %r" % out[-300:])
         s = doc.get("summary", {})
         report(name, not bad, "; ".join(bad[:4]) or "%.1f req/s, %.0f tok/s, TTFT p50 %.1f ms" % (
             s["request_throughput"], s["output_throughput"], s["ttft_ms"]["p50"]))
@@ -598,12 +593,12 @@ def check_bench(kvserve, addr, work):
            in r.stderr, "exit %d: %s" % (r.returncode, r.stderr.strip()[:120]))
 
 
-def run_bench_json(kvserve, addr, work, label, flags):
-    """Runs `kvserve bench --json` with flags: (exit code, stdout, doc or None)."""
+def run_bench_json(kvserve, addr, work, label, flags, timeout=120):
+    """Runs `kvserve bench --json` with flags: (exit code, its output, doc or None)."""
     path = os.path.join(work, "bench-%s.json" % label)
     cmd = [kvserve, "bench", "--addr", addr, "--timeout-ms", "30000", "--json", path,
            "--no-progress"] + flags
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     try:
         with open(path) as f:
             return r.returncode, r.stdout + r.stderr, json.load(f)

@@ -149,6 +149,21 @@ fix_close(fix_t *f)
     kern_backend_free(f->be);
 }
 
+/* The cpu backend and a pool of 2 layers x 2 KV heads x 32 dims in blocks
+ * of 4 tokens, the rest of *cfg as given (which gets the shape too). */
+static kv_pool_t *
+small_pool(kv_pool_cfg_t *cfg, kern_backend_t **be)
+{
+    assert_int_equal(kern_backend_new("cpu", &(kern_backend_cfg_t){.n_threads = 2}, be), 0);
+    cfg->n_layers = 2;
+    cfg->n_kv_heads = 2;
+    cfg->head_dim = 32;
+    cfg->block_tokens = 4;
+    kv_pool_t *pool = NULL;
+    assert_int_equal(kv_pool_new(cfg, *be, &pool), 0);
+    return pool;
+}
+
 /* A table of n entries at positions 0..n-1 with random K and V of size
  * amp, every layer. */
 static kv_table_t *
@@ -643,15 +658,8 @@ test_compact(void **state)
 {
     (void)state;
     kern_backend_t *be = NULL;
-    assert_int_equal(kern_backend_new("cpu", &(kern_backend_cfg_t){.n_threads = 2}, &be), 0);
-    kv_pool_cfg_t cfg = {.n_layers = 2,
-                         .n_kv_heads = 2,
-                         .head_dim = 32,
-                         .block_tokens = 4,
-                         .n_blocks = 40,
-                         .dtype = KERN_F32};
-    kv_pool_t *pool = NULL;
-    assert_int_equal(kv_pool_new(&cfg, be, &pool), 0);
+    kv_pool_cfg_t cfg = {.n_blocks = 40, .dtype = KERN_F32};
+    kv_pool_t *pool = small_pool(&cfg, &be);
     const kern_kv_t *kv = kv_pool_kv(pool);
     const uint32_t len = 37, n_keep = 13, n_lists = 4;
     int32_t keep[4 * 13];
@@ -766,17 +774,8 @@ test_compact_quant(void **state)
 {
     (void)state;
     kern_backend_t *be = NULL;
-    assert_int_equal(kern_backend_new("cpu", &(kern_backend_cfg_t){.n_threads = 2}, &be), 0);
-    kv_pool_cfg_t cfg = {.n_layers = 2,
-                         .n_kv_heads = 2,
-                         .head_dim = 32,
-                         .block_tokens = 4,
-                         .n_blocks = 24,
-                         .dtype = KERN_F32,
-                         .quant = KERN_KVQ_Q8_0,
-                         .n_hot = 3};
-    kv_pool_t *pool = NULL;
-    assert_int_equal(kv_pool_new(&cfg, be, &pool), 0);
+    kv_pool_cfg_t cfg = {.n_blocks = 24, .dtype = KERN_F32, .quant = KERN_KVQ_Q8_0, .n_hot = 3};
+    kv_pool_t *pool = small_pool(&cfg, &be);
     const kern_kv_t *kv = kv_pool_kv(pool);
     kv_table_t *t = NULL;
     assert_int_equal(kv_table_new(pool, &t), 0);
@@ -826,16 +825,8 @@ test_compact_prefix(void **state)
 {
     (void)state;
     kern_backend_t *be = NULL;
-    assert_int_equal(kern_backend_new("cpu", &(kern_backend_cfg_t){.n_threads = 2}, &be), 0);
-    kv_pool_cfg_t cfg = {.n_layers = 2,
-                         .n_kv_heads = 2,
-                         .head_dim = 32,
-                         .block_tokens = 4,
-                         .n_blocks = 64,
-                         .dtype = KERN_F32,
-                         .prefix_cache = true};
-    kv_pool_t *pool = NULL;
-    assert_int_equal(kv_pool_new(&cfg, be, &pool), 0);
+    kv_pool_cfg_t cfg = {.n_blocks = 64, .dtype = KERN_F32, .prefix_cache = true};
+    kv_pool_t *pool = small_pool(&cfg, &be);
     const kern_kv_t *kv = kv_pool_kv(pool);
     int32_t tokens[37], keep[4 * 13];
     for (int i = 0; i < 37; i++)
