@@ -106,8 +106,7 @@ draw_len(uint64_t *s, uint32_t len, float range)
 /* ---- options ----------------------------------------------------------- */
 
 enum {
-    O_ADDR = 1,
-    O_NREQ,
+    O_NREQ = 256, /* above the connection options' 'a', 'T', 'C', 'N' */
     O_CONC,
     O_RATE,
     O_BURST,
@@ -117,10 +116,7 @@ enum {
     O_OUTRANGE,
     O_PREFIX,
     O_SEED,
-    O_TIMEOUT,
     O_KEY,
-    O_CA,
-    O_NAME,
     O_JSON,
     O_PLOT,
     O_QUIET,
@@ -219,7 +215,7 @@ static int
 bench_parse(int argc, char **argv, bench_opts_t *o)
 {
     static const struct option lo[] = {
-        {"addr", 1, 0, O_ADDR},
+        {"addr", 1, 0, 'a'},
         {"num-requests", 1, 0, O_NREQ},
         {"concurrency", 1, 0, O_CONC},
         {"request-rate", 1, 0, O_RATE},
@@ -230,10 +226,10 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
         {"output-len-range", 1, 0, O_OUTRANGE},
         {"shared-prefix", 1, 0, O_PREFIX},
         {"seed", 1, 0, O_SEED},
-        {"timeout-ms", 1, 0, O_TIMEOUT},
+        {"timeout-ms", 1, 0, 'T'},
         {"api-key-file", 1, 0, O_KEY},
-        {"tls-ca", 1, 0, O_CA},
-        {"tls-server-name", 1, 0, O_NAME},
+        {"tls-ca", 1, 0, 'C'},
+        {"tls-server-name", 1, 0, 'N'},
         {"json", 1, 0, O_JSON},
         {"plot", 1, 0, O_PLOT},
         {"no-progress", 0, 0, O_QUIET},
@@ -270,14 +266,19 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
     optind = 1;
     int c, li = -1;
     while ((c = getopt_long(argc, argv, "", lo, &li)) != -1) {
-        int rc = 0;
+        int rc = srv_conn_opt(C, c, &o->conn);
+        if (rc != 1) {
+            if (rc) {
+                fputs(bench_usage, stderr);
+                return rc;
+            }
+            continue;
+        }
+        rc = 0;
         switch (c) {
         case O_HELP:
             fputs(bench_usage, stdout);
             return 1;
-        case O_ADDR:
-            o->addr = optarg;
-            break;
         case O_NREQ:
             rc = srv_parse_u32(C, "--num-requests", optarg, 1, 10000000, &o->n_req);
             break;
@@ -311,17 +312,8 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
         case O_SEED:
             rc = srv_parse_u64(C, "--seed", optarg, &o->seed);
             break;
-        case O_TIMEOUT:
-            rc = srv_parse_u32(C, "--timeout-ms", optarg, 1, INT32_MAX, &o->timeout_ms);
-            break;
         case O_KEY:
             o->api_key_file = optarg;
-            break;
-        case O_CA:
-            o->tls_ca = optarg;
-            break;
-        case O_NAME:
-            o->tls_name = optarg;
             break;
         case O_JSON:
             o->json = optarg;
@@ -378,19 +370,13 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
             return rc;
         }
     }
-    const char *why = NULL;
-    if (optind < argc) {
-        fprintf(stderr, "kvserve bench: unexpected argument '%s'\n%s", argv[optind], bench_usage);
+    if (srv_conn_check(C, &o->conn, argc, argv, bench_usage))
         return KVS_EINVAL;
-    }
-    if (o->addr == NULL || *o->addr == '\0')
-        why = "--addr HOST:PORT is required";
-    else if (have_conc && o->open_loop)
+    const char *why = NULL;
+    if (have_conc && o->open_loop)
         why = "--concurrency (closed loop) and --request-rate (open loop) exclude each other";
     else if (have_burst && !o->open_loop)
         why = "--burstiness needs --request-rate";
-    else if (o->tls_name && o->tls_ca == NULL)
-        why = "--tls-server-name needs --tls-ca";
     else if (have_qlen && o->turns < 2)
         why = "--question-len needs --multi-turn T with T >= 2";
     else if (o->cancel_frac + o->deadline_frac > 1.0f)
@@ -497,8 +483,9 @@ bench_vocab(bench_t *b)
 {
     Kvserve__V1__GetModelInfoRequest req = KVSERVE__V1__GET_MODEL_INFO_REQUEST__INIT;
     Kvserve__V1__ModelInfo *mi = (Kvserve__V1__ModelInfo *)srv_client_unary(
-        b->ch, SRV_M_MODEL_INFO, &b->auth, b->n_auth, b->o.timeout_ms ? b->o.timeout_ms : 10000,
-        &req.base, &kvserve__v1__model_info__descriptor, "kvserve bench: GetModelInfo");
+        b->ch, SRV_M_MODEL_INFO, &b->auth, b->n_auth,
+        b->o.conn.timeout_ms ? b->o.conn.timeout_ms : 10000, &req.base,
+        &kvserve__v1__model_info__descriptor, "kvserve bench: GetModelInfo");
     uint32_t vocab = mi ? mi->n_vocab : 0;
     if (mi && vocab == 0)
         fprintf(stderr, "kvserve bench: GetModelInfo: no vocabulary size in the answer\n");
@@ -687,7 +674,7 @@ req_launch(bench_t *b, uint32_t k)
         req.policy = &pol;
     }
     r->req_bb = srv_pb_to_bb(&req.base);
-    double dl_ms = o->timeout_ms ? (double)o->timeout_ms : 0;
+    double dl_ms = o->conn.timeout_ms ? (double)o->conn.timeout_ms : 0;
     if (r->intent == INTENT_DEADLINE && (dl_ms == 0 || r->fault_ms < dl_ms))
         dl_ms = r->fault_ms;
     gpr_timespec dl = gpr_inf_future(GPR_CLOCK_MONOTONIC);
@@ -918,7 +905,7 @@ srv_cmd_bench(int argc, char **argv)
         return rc == 1 ? 0 : 2;
     char *ca = NULL, *bearer = NULL;
     int status = 2;
-    if (srv_client_creds("bench", b.o.tls_ca, b.o.api_key_file, &ca, &bearer))
+    if (srv_client_creds("bench", b.o.conn.tls_ca, b.o.api_key_file, &ca, &bearer))
         goto out;
     if (bearer) {
         b.auth.key = grpc_slice_from_static_string("authorization");
@@ -928,7 +915,7 @@ srv_cmd_bench(int argc, char **argv)
 
     status = 1;
     grpc_init();
-    b.ch = srv_client_channel(b.o.addr, ca, b.o.tls_name);
+    b.ch = srv_client_channel(b.o.conn.addr, ca, b.o.conn.tls_name);
     b.cq = grpc_completion_queue_create_for_next(NULL);
     b.rm_gen = grpc_channel_register_call(b.ch, SRV_M_GENERATE, NULL, NULL);
     clock_gettime(CLOCK_MONOTONIC, &b.epoch);

@@ -17,8 +17,9 @@
 typedef enum bench_intent { INTENT_NONE, INTENT_CANCEL, INTENT_DEADLINE } bench_intent_t;
 
 typedef struct bench_opts {
-    const char *addr, *tls_ca, *tls_name, *api_key_file, *json, *plot;
-    uint32_t n_req, conc, in_len, out_len, timeout_ms;
+    srv_conn_opts_t conn;
+    const char *api_key_file, *json, *plot;
+    uint32_t n_req, conc, in_len, out_len;
     float in_range, out_range, prefix, rate, burst;
     uint64_t seed;
     bool open_loop, progress;

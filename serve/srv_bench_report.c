@@ -216,7 +216,7 @@ write_json(const bench_t *b, const summary_t *s)
     }
     double d = s->duration > 0 ? s->duration : 1e-9;
     fprintf(f, "{\"config\": {\"addr\": ");
-    srv_json_str(f, o->addr, strlen(o->addr));
+    srv_json_str(f, o->conn.addr, strlen(o->conn.addr));
     fprintf(f,
             ", \"num_requests\": %u, \"mode\": \"%s\", \"concurrency\": %u, "
             "\"request_rate\": %g, \"burstiness\": %g, \"input_len\": %u, "
@@ -226,7 +226,7 @@ write_json(const bench_t *b, const summary_t *s)
             "\"cancel_after_ms\": %u, \"deadline_fraction\": %g, \"deadline_ms\": %u, ",
             o->n_req, o->open_loop ? "open" : "closed", o->open_loop ? 0 : o->conc,
             o->open_loop ? o->rate : 0.0, o->open_loop ? o->burst : 0.0, o->in_len, o->in_range,
-            o->out_len, o->out_range, o->prefix, (unsigned long long)o->seed, o->timeout_ms,
+            o->out_len, o->out_range, o->prefix, (unsigned long long)o->seed, o->conn.timeout_ms,
             o->turns, o->turns > 1 ? o->question_len : 0, o->duration_s, o->cancel_frac,
             o->cancel_ms, o->deadline_frac, o->deadline_ms);
     json_policy(f, o);

@@ -32,11 +32,6 @@ static const char health_usage[] =
 enum { T_START, T_STATUS, T_RECV, T_COUNT };
 #define TAG(t) ((void *)(intptr_t)((t) + 1))
 
-typedef struct conn_opts {
-    const char *addr, *tls_ca, *tls_name;
-    uint32_t timeout_ms;
-} conn_opts_t;
-
 typedef struct client {
     grpc_completion_queue *cq;
     grpc_channel *ch;
@@ -189,9 +184,8 @@ srv_client_unary(grpc_channel *ch, const char *method, const grpc_metadata *md, 
     return m;
 }
 
-/* The options both commands share; 1 when c is none of them. */
-static int
-conn_opt(const char *cmd, int c, conn_opts_t *o)
+int
+srv_conn_opt(const char *cmd, int c, srv_conn_opts_t *o)
 {
     switch (c) {
     case 'a':
@@ -209,8 +203,8 @@ conn_opt(const char *cmd, int c, conn_opts_t *o)
     return 1;
 }
 
-static int
-conn_check(const char *cmd, const conn_opts_t *o, int argc, char **argv, const char *usage)
+int
+srv_conn_check(const char *cmd, const srv_conn_opts_t *o, int argc, char **argv, const char *usage)
 {
     if (optind < argc) {
         fprintf(stderr, "kvserve %s: unexpected argument '%s'\n%s", cmd, argv[optind], usage);
@@ -230,7 +224,7 @@ conn_check(const char *cmd, const conn_opts_t *o, int argc, char **argv, const c
 /* grpc_init, the channel, the cq and the call; client_close undoes all of
  * it whatever state it is in. */
 static void
-client_open(client_t *c, const conn_opts_t *o, const char *ca_pem, const char *method)
+client_open(client_t *c, const srv_conn_opts_t *o, const char *ca_pem, const char *method)
 {
     memset(c, 0, sizeof *c);
     grpc_metadata_array_init(&c->init_md);
@@ -333,7 +327,7 @@ report_status(const char *cmd, const client_t *c)
 /* ---- generate --------------------------------------------------------------- */
 
 typedef struct gen_opts {
-    conn_opts_t conn;
+    srv_conn_opts_t conn;
     const char *prompt, *request_id, *cache_salt, *api_key_file;
     int32_t *prompt_ids, *stop_ids;
     size_t n_prompt_ids;
@@ -379,7 +373,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
     optind = 1;
     int c;
     while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
-        int rc = conn_opt(C, c, &o->conn);
+        int rc = srv_conn_opt(C, c, &o->conn);
         if (rc == 1) {
             rc = 0;
             o->sampling |= strchr("mtkqnsexX", c) != NULL;
@@ -473,7 +467,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
     /* Ids are checked non-negative, and int32_t may alias uint32_t. */
     p->stop_token_ids = (uint32_t *)o->stop_ids;
     p->n_stop_token_ids = n_stop_ids;
-    if (conn_check(C, &o->conn, argc, argv, gen_usage))
+    if (srv_conn_check(C, &o->conn, argc, argv, gen_usage))
         return KVS_EINVAL;
     if ((o->prompt == NULL) == (o->prompt_ids == NULL)) {
         fprintf(stderr, "kvserve generate: give exactly one of --prompt and --prompt-tokens\n%s",
@@ -671,13 +665,13 @@ srv_cmd_health(int argc, char **argv)
     };
     static const char *const names[] = {"UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"};
     const char *C = "health";
-    conn_opts_t o = {.timeout_ms = 5000};
+    srv_conn_opts_t o = {.timeout_ms = 5000};
     Grpc__Health__V1__HealthCheckRequest req = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
     opterr = 0;
     optind = 1;
     int opt;
     while ((opt = getopt_long(argc, argv, "", lo, NULL)) != -1) {
-        int rc = conn_opt(C, opt, &o);
+        int rc = srv_conn_opt(C, opt, &o);
         if (rc == 1 && opt == 'v') {
             req.service = optarg;
             continue;
@@ -694,7 +688,7 @@ srv_cmd_health(int argc, char **argv)
             return 2;
         }
     }
-    if (conn_check(C, &o, argc, argv, health_usage))
+    if (srv_conn_check(C, &o, argc, argv, health_usage))
         return 2;
     char *ca = NULL;
     if (o.tls_ca && (ca = slurp(C, "--tls-ca", o.tls_ca)) == NULL)

@@ -15,6 +15,18 @@
  * past the last code reads "UNKNOWN". */
 enum { SRV_GRPC_CODES = 17 };
 const char *srv_grpc_status_name(grpc_status_code s);
+/* Where a client command connects: --addr, --timeout-ms, --tls-ca and
+ * --tls-server-name, as long options 'a', 'T', 'C' and 'N'.  srv_conn_opt
+ * takes one (1 when c is none of them, KVS_EINVAL after saying why);
+ * srv_conn_check, after the options, refuses a stray argument, a missing
+ * --addr and a server name without a CA (KVS_EINVAL after the usage). */
+typedef struct srv_conn_opts {
+    const char *addr, *tls_ca, *tls_name;
+    uint32_t timeout_ms;
+} srv_conn_opts_t;
+int srv_conn_opt(const char *cmd, int c, srv_conn_opts_t *o);
+int srv_conn_check(const char *cmd, const srv_conn_opts_t *o, int argc, char **argv,
+                   const char *usage);
 /* The files a client command's --tls-ca and --api-key-file name: *ca (or
  * NULL) and *bearer ("Bearer KEY", or NULL), both to free().  0, or
  * KVS_EINVAL after saying why (unreadable, an empty key). */
