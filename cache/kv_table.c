@@ -165,9 +165,10 @@ kv_table_append(kv_table_t *t, const int32_t *pos, uint32_t n, int32_t *slots)
     if ((uint64_t)t->len + n > (uint64_t)t->n_blocks * bt)
         return KVS_ENOSPC;
     /* Writing into a partial block that another table also reads, or that
-     * the prefix cache holds, would change KV someone else relies on; only
-     * reserve may make it private. */
-    if (t->len % bt != 0 && kv__block_frozen(pool, t->blocks[t->len / bt]))
+     * the prefix cache holds, would change KV someone else relies on, and
+     * a quantized block takes no appends; only reserve may make it a
+     * private full-precision block. */
+    if (t->len % bt != 0 && !kv__block_writable(pool, t->blocks[t->len / bt]))
         return KVS_ENOSPC;
     /* INT32_MAX is refused so next_pos = pos + 1 stays representable. */
     for (uint32_t i = 0; i < n; i++)
