@@ -304,6 +304,47 @@ kern_kv_gather(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, cons
     return n ? be->ops->kv_gather(be, kv, src, dst, n) : 0;
 }
 
+int
+kern_kv_block_bounds(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
+                     uint32_t n, float *out)
+{
+    if (!kv_ok(kv, layer) || (n && (!blocks || !out)))
+        return KVS_EINVAL;
+    for (uint32_t i = 0; i < n; i++)
+        if (blocks[i] < 0 || (uint32_t)blocks[i] >= kv->n_blocks)
+            return KVS_EINVAL;
+    if (!be->ops->supports(be, KERN_OP_ATTN, kv->dtype) || !kv_readable(be, kv))
+        return KVS_ENOTSUP;
+    return n ? be->ops->block_bounds(be, kv, layer, blocks, n, out) : 0;
+}
+
+size_t
+kern_block_scores_work(const kern_block_score_args_t *a)
+{
+    if (a == NULL || a->n_kv_heads == 0 || a->n_heads % a->n_kv_heads != 0)
+        return 0;
+    const size_t rows = (size_t)a->n_q * (a->n_heads / a->n_kv_heads);
+    size_t x, y;
+    if (kvs_mul_size(rows, 2 * (size_t)a->head_dim, &x) || kvs_mul_size(rows, a->n_blocks, &y) ||
+        x + y < x)
+        return SIZE_MAX;
+    return x + y;
+}
+
+int
+kern_block_scores(kern_backend_t *be, const kern_block_score_args_t *a)
+{
+    if (a == NULL || a->n_heads == 0 || a->n_kv_heads == 0 || a->head_dim == 0 ||
+        a->n_heads % a->n_kv_heads != 0)
+        return KVS_EINVAL;
+    if (a->n_q == 0 || a->n_blocks == 0)
+        return 0;
+    if (!a->q || !a->bounds || !a->score || !a->work ||
+        kern_block_scores_work(a) > SIZE_MAX / sizeof(float))
+        return KVS_EINVAL;
+    return be->ops->block_scores(be, a);
+}
+
 void
 kern__kv_rows_f32(const kern_kv_t *kv, bool v, uint32_t layer, uint32_t block, uint32_t head,
                   uint32_t off, uint32_t n, float *out)

@@ -428,10 +428,45 @@ int kern_kv_seal(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, co
  * destination slot may be read as a source by the same call (the host
  * backends copy layers in parallel; the cache gathers into fresh blocks).
  * A quantized source is written as its decoded values, a full-precision
- * one bit for bit.  Returns 0, KVS_EINVAL, KVS_ENOTSUP where the backend
- * has no gather (cuda). */
+ * one bit for bit.  Returns 0, KVS_EINVAL, or KVS_ENOTSUP where the
+ * backend cannot read the pool (cuda: quantized blocks). */
 int kern_kv_gather(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
                    uint32_t n);
+/* Quest's page summaries (algorithms.md section 7.1), which block-sparse
+ * prefill scores its candidate blocks by: for KV head g and i < n,
+ * out[(g * n + i) * 2 * head_dim + e] is the largest value of channel e
+ * over the block_tokens keys of block blocks[i] (either kind of block) in
+ * `layer`, and out[(g * n + i) * 2 * head_dim + head_dim + e] the
+ * smallest.  Every slot counts, so only full blocks make sense.  blocks:
+ * host array; out: backend memory, n_kv_heads * n * 2 * head_dim floats. */
+int kern_kv_block_bounds(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer,
+                         const int32_t *blocks, uint32_t n, float *out);
+
+/* Quest's upper bound on the logits of groups of query rows against
+ * blocks summarised by kern_kv_block_bounds (mx, mn):
+ *
+ *   score[i / q_group][b] = max over rows i of the group and query heads h
+ *       of sum_e max(q[i][h][e] * mx[g][b][e], q[i][h][e] * mn[g][b][e])
+ *
+ * with g = h / (n_heads / n_kv_heads), before any softmax scale.  q,
+ * bounds, score and work are backend memory; work holds at least
+ * kern_block_scores_work() floats, so the backends can run the bounds as
+ * matrix products without allocating.  Results may differ from the exact
+ * sums in the last bits (cuda multiplies in TF32: of order 1e-3 of the
+ * largest bound). */
+typedef struct kern_block_score_args {
+    const float *q; /* [n_q][n_heads][head_dim] */
+    uint32_t n_q;
+    uint32_t n_heads, n_kv_heads, head_dim;
+    const float *bounds; /* [n_kv_heads][n_blocks][2 * head_dim] */
+    uint32_t n_blocks;
+    uint32_t q_group; /* query rows per score row; 0 means 1 */
+    float *score;     /* [ceil(n_q / q_group)][n_blocks] */
+    float *work;      /* kern_block_scores_work(a) floats */
+} kern_block_score_args_t;
+size_t kern_block_scores_work(const kern_block_score_args_t *a);
+int kern_block_scores(kern_backend_t *be, const kern_block_score_args_t *a);
+
 /* Delta Attention's correction (algorithms.md section 1) of n query rows
  * of `width` floats whose sparse outputs are in out[n][width].  Rows below
  * n - tail form blocks of gamma rows; dense holds the dense outputs of each

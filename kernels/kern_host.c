@@ -2,13 +2,15 @@
  * kernels/kern_host.c — what the backends whose memory is the host's (ref,
  * cpu) share: memory functions, Delta Attention's correction (one simple
  * loop serves both: it moves a few rows per block), the sealing of full
- * KV blocks into quantized tiles (the codecs are kern_kvq.c's) and the
- * row gathers of score-based KV compression.  Allocations
+ * KV blocks into quantized tiles (the codecs are kern_kvq.c's), the
+ * row gathers of score-based KV compression and block-sparse prefill's
+ * Quest bounds.  Allocations
  * are 64-byte aligned so SIMD loads of rows and KV blocks never straddle
  * cache lines needlessly.
  */
 #include "kern_int.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -139,4 +141,98 @@ kern__host_kv_gather_layer(const kern_kv_t *kv, uint32_t layer, const int32_t *s
             }
         }
     }
+}
+
+/* ---- Quest bounds (kern_kv_block_bounds, kern_block_scores) ------------ */
+
+void
+kern__host_block_bounds_part(const kern_kv_t *kv, uint32_t layer, const int32_t *blocks, uint32_t n,
+                             uint32_t g, uint32_t i0, uint32_t i1, float *out, float *x)
+{
+    const uint32_t bt = kv->block_tokens, d = kv->head_dim;
+    for (uint32_t i = i0; i < i1; i++) {
+        float *mx = out + ((size_t)g * n + i) * 2 * d, *mn = mx + d;
+        kern__kv_rows_f32(kv, false, layer, (uint32_t)blocks[i], g, 0, bt, x);
+        memcpy(mx, x, d * sizeof(float));
+        memcpy(mn, x, d * sizeof(float));
+        for (uint32_t t = 1; t < bt; t++) {
+            const float *r = x + (size_t)t * d;
+            for (uint32_t e = 0; e < d; e++) {
+                mx[e] = r[e] > mx[e] ? r[e] : mx[e];
+                mn[e] = r[e] < mn[e] ? r[e] : mn[e];
+            }
+        }
+    }
+}
+
+static void
+scores_init(const kern_block_score_args_t *a)
+{
+    const uint32_t qg = a->q_group ? a->q_group : 1;
+    const size_t n = (size_t)((a->n_q + qg - 1) / qg) * a->n_blocks;
+    for (size_t k = 0; k < n; k++)
+        a->score[k] = -INFINITY;
+}
+
+int
+kern__host_block_scores_ref(kern_backend_t *be, const kern_block_score_args_t *a)
+{
+    (void)be;
+    const uint32_t d = a->head_dim, G = a->n_heads / a->n_kv_heads;
+    const uint32_t qg = a->q_group ? a->q_group : 1;
+    scores_init(a);
+    for (uint32_t i = 0; i < a->n_q; i++)
+        for (uint32_t h = 0; h < a->n_heads; h++) {
+            const float *q = a->q + ((size_t)i * a->n_heads + h) * d;
+            float *sc = a->score + (size_t)(i / qg) * a->n_blocks;
+            for (uint32_t b = 0; b < a->n_blocks; b++) {
+                const float *mx = a->bounds + ((size_t)(h / G) * a->n_blocks + b) * 2 * d;
+                const float *mn = mx + d;
+                double s = 0.0;
+                for (uint32_t e = 0; e < d; e++) {
+                    double u = (double)q[e] * mx[e], w = (double)q[e] * mn[e];
+                    s += u > w ? u : w;
+                }
+                sc[b] = (float)s > sc[b] ? (float)s : sc[b];
+            }
+        }
+    return 0;
+}
+
+/* sum_e max(q mx, q mn) = [max(q, 0) | min(q, 0)] . [mx | mn]: the bounds
+ * of all of a KV head's rows against all blocks are one product. */
+int
+kern__host_block_scores_gemm(kern_backend_t *be, const kern_block_score_args_t *a)
+{
+    const uint32_t d = a->head_dim, G = a->n_heads / a->n_kv_heads, nb = a->n_blocks;
+    const uint32_t qg = a->q_group ? a->q_group : 1, rows = a->n_q * G;
+    float *x = a->work, *y = a->work + (size_t)rows * 2 * d;
+    scores_init(a);
+    for (uint32_t g = 0; g < a->n_kv_heads; g++) {
+        for (uint32_t i = 0; i < a->n_q; i++)
+            for (uint32_t hh = 0; hh < G; hh++) {
+                const float *q = a->q + ((size_t)i * a->n_heads + g * G + hh) * d;
+                float *xr = x + ((size_t)i * G + hh) * 2 * d;
+                for (uint32_t e = 0; e < d; e++) {
+                    xr[e] = q[e] > 0.0f ? q[e] : 0.0f;
+                    xr[d + e] = q[e] < 0.0f ? q[e] : 0.0f;
+                }
+            }
+        const kern_tensor_t w = {KERN_F32,
+                                 2 * d,
+                                 nb,
+                                 (size_t)2 * d * sizeof(float),
+                                 a->bounds + (size_t)g * nb * 2 * d,
+                                 KERN_LAYOUT_ROWS};
+        int rc = be->ops->matmul(be, &w, x, rows, NULL, y);
+        if (rc)
+            return rc;
+        for (uint32_t r = 0; r < rows; r++) {
+            const float *yr = y + (size_t)r * nb;
+            float *sc = a->score + (size_t)(r / G / qg) * nb;
+            for (uint32_t b = 0; b < nb; b++)
+                sc[b] = yr[b] > sc[b] ? yr[b] : sc[b];
+        }
+    }
+    return 0;
 }

@@ -37,6 +37,10 @@ typedef struct kern_ops {
     int (*attention)(kern_backend_t *be, const kern_attn_args_t *a);
     int (*delta_apply)(kern_backend_t *be, float *out, float *dense, uint32_t n, uint32_t width,
                        uint32_t gamma, uint32_t tail);
+    int (*block_bounds)(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer,
+                        const int32_t *blocks, uint32_t n, float *out);
+    /* a->n_q and a->n_blocks are nonzero. */
+    int (*block_scores)(kern_backend_t *be, const kern_block_score_args_t *a);
     /* Optional (NULL: weights stay row-major); w is valid and row-major. */
     int (*pack_weight)(kern_backend_t *be, kern_tensor_t *w);
     /* Optional (NULL: the backend reads no quantized KV blocks). */
@@ -83,6 +87,16 @@ int kern__host_memset(kern_backend_t *be, void *dst, int value, size_t bytes);
 int kern__host_sync(kern_backend_t *be);
 int kern__host_delta_apply(kern_backend_t *be, float *out, float *dense, uint32_t n, uint32_t width,
                            uint32_t gamma, uint32_t tail);
+
+/* kern_kv_block_bounds of KV head g's blocks [i0, i1) (of n), with x as
+ * scratch of block_tokens * head_dim floats; kern_block_scores as plain
+ * loops (ref), and as one matrix product per KV head through the
+ * backend's own matmul over a->work (cpu). */
+void kern__host_block_bounds_part(const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
+                                  uint32_t n, uint32_t g, uint32_t i0, uint32_t i1, float *out,
+                                  float *x);
+int kern__host_block_scores_ref(kern_backend_t *be, const kern_block_score_args_t *a);
+int kern__host_block_scores_gemm(kern_backend_t *be, const kern_block_score_args_t *a);
 
 /* Seals blocks src[i] -> dst[i] of one layer (kern_kv_seal) with x as
  * scratch of block_tokens * head_dim floats. */

@@ -37,11 +37,11 @@ struct model_ctx {
     float *dq, *dout;
     int32_t *drows, *dkv;
     size_t d_cap;
-    /* Block-sparse scratch (host backends), grown on demand.  The block
-     * summaries, signed query rows and their bounds are kern_matmul's
-     * operands, so they are backend memory; counts are in floats. */
-    float *bs_w, *bs_x, *bs_y;
-    size_t bs_w_cap, bs_x_cap, bs_y_cap;
+    /* Block-sparse scratch, grown on demand.  The block summaries, the
+     * scores' work space and the scores are backend memory (counts in
+     * floats); the scores come to the host, where the choice is made. */
+    float *bs_w, *bs_work, *bs_dscore;
+    size_t bs_w_cap, bs_work_cap, bs_dscore_cap;
     float *bs_score;   /* [slab groups][candidate blocks] */
     uint32_t *bs_idx;  /* one group's candidates */
     uint8_t *bs_mask;  /* [query blocks][mask stride] */
@@ -132,8 +132,8 @@ model_ctx_free(model_ctx_t *c)
     free(c->drows);
     free(c->dkv);
     kern_free(c->be, c->bs_w);
-    kern_free(c->be, c->bs_x);
-    kern_free(c->be, c->bs_y);
+    kern_free(c->be, c->bs_work);
+    kern_free(c->be, c->bs_dscore);
     free(c->bs_score);
     free(c->bs_idx);
     free(c->bs_mask);
@@ -307,7 +307,7 @@ delta_correct(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy
 
 /* ---- block-sparse prefill (Quest bounds) -------------------------------- */
 
-/* Query rows scored per kern_matmul: enough rows for sgemm to pay, few
+/* Query rows scored per kern_block_scores: enough rows for a GEMM to pay, few
  * enough that the bounds ([rows * G][blocks]) stay small at long contexts. */
 #define BS_SLAB_ROWS 256
 
@@ -370,43 +370,19 @@ bs_select(uint32_t *idx, uint32_t n, uint32_t k, const float *score)
 #undef BS_BEFORE
 }
 
-/* Per KV block b in [c0, c0 + nw) of the call's sequence and KV head g, the
- * elementwise max then min of its keys: row (g * nw + b - c0) of bs_w,
- * [max | min], 2 * head_dim floats.  Every such block is full (the
- * candidates end before the first row's own block). */
-static void
-bs_summarise(model_ctx_t *c, const kern_attn_args_t *o, uint32_t c0, uint32_t nw)
-{
-    const kern_kv_t *kv = o->kv;
-    const uint32_t d = kv->head_dim, bt = kv->block_tokens;
-    float row[MODEL_MAX_HEAD_DIM];
-    for (uint32_t g = 0; g < kv->n_kv_heads; g++)
-        for (uint32_t b = 0; b < nw; b++) {
-            float *mx = c->bs_w + ((size_t)g * nw + b) * 2 * d, *mn = mx + d;
-            for (uint32_t t = 0; t < bt; t++) {
-                kern_kv_row_f32(kv, false, o->layer, o->pt.indices[c0 + b], g, t, row);
-                for (uint32_t e = 0; e < d; e++) {
-                    if (t == 0 || row[e] > mx[e])
-                        mx[e] = row[e];
-                    if (t == 0 || row[e] < mn[e])
-                        mn[e] = row[e];
-                }
-            }
-        }
-}
-
 /* Block-sparse attention over the N prompt rows of one sequence call `o`.
  * Query block q (call rows q*bt ..) keeps the sinks, the window, every KV
  * block from its first row's own block or the first block inside all its
- * rows' windows on, and the top_k candidates below that by Quest's bound.  The bound
- * sum_d max(q_d mn_d, q_d mx_d) is [max(q,0) | min(q,0)] . [mx | mn], so
- * all rows' bounds against all blocks are one matrix product per KV head. */
+ * rows' windows on, and the top_k candidates below that by Quest's bound.
+ * The backend summarises the candidates once and scores them a slab of
+ * query blocks at a time (kern_kv_block_bounds, kern_block_scores); only
+ * the slab's scores come to the host, where the choice is made. */
 static int
 block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_t *p, uint32_t qd)
 {
     const kern_kv_t *kv = o->kv;
     const uint32_t N = o->n_q, bt = kv->block_tokens, d = kv->head_dim;
-    const uint32_t n_kv = kv->n_kv_heads, H = o->n_heads, G = H / n_kv;
+    const uint32_t n_kv = kv->n_kv_heads, H = o->n_heads;
     const uint32_t nq = (N + bt - 1) / bt;
     uint32_t lmax = 0;
     for (uint32_t i = 0; i < N; i++)
@@ -448,50 +424,30 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
     memset(c->bs_mask, 1, (size_t)nq * stride);
     const uint32_t nw = c1max - c0;
     const uint32_t slab_q = BS_SLAB_ROWS / bt ? BS_SLAB_ROWS / bt : 1, slab = slab_q * bt;
+    kern_block_score_args_t sa = {.n_heads = H,
+                                  .n_kv_heads = n_kv,
+                                  .head_dim = d,
+                                  .n_blocks = nw,
+                                  .q_group = bt,
+                                  .n_q = slab};
     TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, (size_t)n_kv * nw * 2 * d));
-    TRY(bs_grow_be(c, &c->bs_x, &c->bs_x_cap, (size_t)slab * G * 2 * d));
-    TRY(bs_grow_be(c, &c->bs_y, &c->bs_y_cap, (size_t)slab * G * nw));
+    TRY(bs_grow_be(c, &c->bs_work, &c->bs_work_cap, kern_block_scores_work(&sa)));
+    TRY(bs_grow_be(c, &c->bs_dscore, &c->bs_dscore_cap, (size_t)slab_q * nw));
     TRY(bs_grow((void **)&c->bs_score, &c->bs_score_cap, (size_t)slab_q * nw, sizeof(float)));
     TRY(bs_grow((void **)&c->bs_idx, &c->bs_idx_cap, nw, sizeof(uint32_t)));
-    TRY(kern_sync(c->be)); /* q and the appended K are read on the host */
-    bs_summarise(c, o, c0, nw);
+    TRY(kern_kv_block_bounds(c->be, kv, o->layer, o->pt.indices + c0, nw, c->bs_w));
+    sa.bounds = c->bs_w;
+    sa.work = c->bs_work;
+    sa.score = c->bs_dscore;
 
     for (uint32_t q0 = 0; q0 < nq; q0 += slab_q) {
         uint32_t q1 = q0 + slab_q < nq ? q0 + slab_q : nq;
         uint32_t r0 = q0 * bt, rows = (q1 * bt < N ? q1 * bt : N) - r0;
-        for (size_t k = 0; k < (size_t)(q1 - q0) * nw; k++)
-            c->bs_score[k] = -INFINITY;
-        for (uint32_t g = 0; g < n_kv; g++) {
-            for (uint32_t i = 0; i < rows; i++)
-                for (uint32_t h = 0; h < G; h++) {
-                    const float *qv = o->q + (size_t)(r0 + i) * qd + (size_t)(g * G + h) * d;
-                    float *x = c->bs_x + ((size_t)i * G + h) * 2 * d;
-                    for (uint32_t e = 0; e < d; e++) {
-                        x[e] = qv[e] > 0.0f ? qv[e] : 0.0f;
-                        x[d + e] = qv[e] < 0.0f ? qv[e] : 0.0f;
-                    }
-                }
-            kern_tensor_t w = {KERN_F32,
-                               2 * d,
-                               nw,
-                               (size_t)2 * d * sizeof(float),
-                               c->bs_w + (size_t)g * nw * 2 * d,
-                               KERN_LAYOUT_ROWS};
-            TRY(kern_matmul(c->be, &w, c->bs_x, rows * G, NULL, c->bs_y));
-            TRY(kern_sync(c->be));
-            for (uint32_t i = 0; i < rows; i++) {
-                uint32_t q = (r0 + i) / bt;
-                if (!c->bs_span[2 * q + 1])
-                    continue;
-                float *sc = c->bs_score + (size_t)(q - q0) * nw;
-                uint32_t n = c->bs_span[2 * q] - c0;
-                for (uint32_t h = 0; h < G; h++) {
-                    const float *y = c->bs_y + ((size_t)i * G + h) * nw;
-                    for (uint32_t b = 0; b < n; b++)
-                        sc[b] = y[b] > sc[b] ? y[b] : sc[b];
-                }
-            }
-        }
+        sa.q = o->q + (size_t)r0 * qd;
+        sa.n_q = rows;
+        TRY(kern_block_scores(c->be, &sa));
+        TRY(kern_download(c->be, c->bs_score, c->bs_dscore,
+                          (size_t)(q1 - q0) * nw * sizeof(float)));
         for (uint32_t q = q0; q < q1; q++) {
             if (!c->bs_span[2 * q + 1])
                 continue;
@@ -540,9 +496,6 @@ attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32
         if (p->kind != MODEL_ATTN_DENSE && np > 0) {
             kern_attn_args_t o = one_seq(a, s, r0, np, qd, qi, pi);
             if (p->kind == MODEL_ATTN_BLOCK_SPARSE) {
-                /* The block bounds and the choice run on the host. */
-                if (!kern_backend_is_host(c->be))
-                    return KVS_ENOTSUP;
                 TRY(block_sparse(c, &o, p, qd));
             } else {
                 o.sink_tokens = p->sinks;

@@ -294,8 +294,9 @@ const char *model_tokenizer_name(const model_t *m); /* model_vocab_kind */
  *                keys; bound sum_d max(q_d min_d, q_d max_d), maximised
  *                over the query block's rows and every head).  top_k at
  *                least the number of blocks a row could pick is dense.
- * Every backend runs SINK_WINDOW and DELTA; BLOCK_SPARSE chooses its
- * blocks on the host, so a device backend answers KVS_ENOTSUP for it. */
+ * Every backend runs all of them: BLOCK_SPARSE's summaries and bounds run
+ * on the backend (kern_kv_block_bounds, kern_block_scores), and only each
+ * query block's choice among its candidates on the host. */
 typedef enum model_attn_kind {
     MODEL_ATTN_DENSE = 0,
     MODEL_ATTN_SINK_WINDOW,

@@ -1269,10 +1269,9 @@ sched_check_policy(const sched_t *s, const model_attn_policy_t *attn,
                 return KVS_ENOTSUP; /* the scores are computed on the host */
         }
     }
-    /* Block-sparse's block choice and speculative prefill's scores read KV
-     * on the host (model.h). */
-    bool host = kern_backend_is_host(s->be);
-    if ((attn->kind == MODEL_ATTN_BLOCK_SPARSE && !host) || (spec->on && (!s->draft || !host)))
+    /* Speculative prefill's scores read the draft's KV on the host
+     * (model.h). */
+    if (spec->on && (!s->draft || !kern_backend_is_host(s->be)))
         return KVS_ENOTSUP;
     return 0;
 }

@@ -683,10 +683,9 @@ gen_new(call_t *c)
     c->g.sr.id = id;
     int e = sched_submit(S.sched, &c->g.sr);
     if (e) {
-        if (e == KVS_ENOTSUP) /* block-sparse, speculative prefill or SnapKV on a device */
+        if (e == KVS_ENOTSUP) /* speculative prefill, SnapKV or H2O on a device */
             snprintf(msg, sizeof msg,
-                     "policy.attention.kind / policy.prefill.kind / policy.kv.kind: not "
-                     "supported on the %s backend",
+                     "policy.prefill.kind / policy.kv.kind: not supported on the %s backend",
                      kern_backend_name(S.be));
         else
             snprintf(msg, sizeof msg, "the engine refused the request: %s",

@@ -624,6 +624,47 @@ cpu_kv_gather(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, con
     return 0;
 }
 
+/* Quest bounds: tasks of BOUNDS_CHUNK blocks of one KV head. */
+#define BOUNDS_CHUNK 64
+
+typedef struct bounds_ctx {
+    kern_cpu_t *be;
+    const kern_kv_t *kv;
+    uint32_t layer;
+    const int32_t *blocks;
+    uint32_t n, n_chunks;
+    float *out;
+} bounds_ctx_t;
+
+static void
+bounds_task(void *ctx, int task, int thread)
+{
+    const bounds_ctx_t *c = ctx;
+    uint32_t g = (uint32_t)task / c->n_chunks, i0 = (uint32_t)task % c->n_chunks * BOUNDS_CHUNK;
+    uint32_t i1 = i0 + BOUNDS_CHUNK < c->n ? i0 + BOUNDS_CHUNK : c->n;
+    kern__host_block_bounds_part(c->kv, c->layer, c->blocks, c->n, g, i0, i1, c->out,
+                                 c->be->scratch[thread].p);
+}
+
+static int
+cpu_block_bounds(kern_backend_t *base, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
+                 uint32_t n, float *out)
+{
+    bounds_ctx_t c = {.be = (kern_cpu_t *)base,
+                      .kv = kv,
+                      .layer = layer,
+                      .blocks = blocks,
+                      .n = n,
+                      .n_chunks = (n + BOUNDS_CHUNK - 1) / BOUNDS_CHUNK,
+                      .out = out};
+    int rc =
+        kern__cpu_scratch_reserve(c.be, (size_t)kv->block_tokens * kv->head_dim * sizeof(float));
+    if (rc)
+        return rc;
+    kern__cpu_parallel(c.be, (int)(kv->n_kv_heads * c.n_chunks), bounds_task, &c);
+    return 0;
+}
+
 static int
 cpu_attention(kern_backend_t *base, const kern_attn_args_t *a)
 {
@@ -705,4 +746,6 @@ static const kern_ops_t cpu_ops = {
     .pack_weight = cpu_pack_weight,        /* Q8_0 in 16-row panels with AVX-512 VNNI */
     .kv_seal = cpu_kv_seal,                /* per layer, through kern_kvq_encode */
     .kv_gather = cpu_kv_gather,            /* per layer, rows memcpy'd or decoded */
+    .block_bounds = cpu_block_bounds,      /* parallel over (KV head, 64 blocks) */
+    .block_scores = kern__host_block_scores_gemm, /* cpu_matmul per KV head */
 };

@@ -233,6 +233,19 @@ ref_kv_gather(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, con
     return 0;
 }
 
+static int
+ref_block_bounds(kern_backend_t *base, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
+                 uint32_t n, float *out)
+{
+    float *x =
+        ref_scratch((kern_ref_t *)base, (size_t)kv->block_tokens * kv->head_dim * sizeof(float));
+    if (x == NULL)
+        return KVS_ENOMEM;
+    for (uint32_t g = 0; g < kv->n_kv_heads; g++)
+        kern__host_block_bounds_part(kv, layer, blocks, n, g, 0, n, out, x);
+    return 0;
+}
+
 /* Whether row i (causal limit len) attends to key j < len: kern.h's
  * sparse key pattern, spelled out as written there. */
 static bool
@@ -352,4 +365,6 @@ static const kern_ops_t ref_ops = {
     .pack_weight = NULL,
     .kv_seal = ref_kv_seal,     /* block by block through kern_kvq_encode */
     .kv_gather = ref_kv_gather, /* row by row, layer by layer */
+    .block_bounds = ref_block_bounds,
+    .block_scores = kern__host_block_scores_ref, /* the definition, summed in double */
 };

@@ -65,18 +65,6 @@ typedef struct attn_params {
     float qscale; /* scale * log2(e) */
 } attn_params_t;
 
-static __device__ __forceinline__ float
-kv_load(const float *p)
-{
-    return *p;
-}
-
-static __device__ __forceinline__ float
-kv_load(const __half *p)
-{
-    return __half2float(*p);
-}
-
 template <typename T>
 static __global__ void
 __launch_bounds__(ATTN_MAX_WARPS * 32) attn_kernel(attn_params_t p)
@@ -136,7 +124,7 @@ __launch_bounds__(ATTN_MAX_WARPS * 32) attn_kernel(attn_params_t p)
                         for (int k = 0; k < ATTN_DPL; k++) {
                             uint32_t c = lane + 32 * k;
                             if (c < d)
-                                s[u] += q[k] * kv_load(kr + c);
+                                s[u] += q[k] * kern__cuda_kv_load(kr + c);
                         }
                     }
                 }
@@ -167,7 +155,7 @@ __launch_bounds__(ATTN_MAX_WARPS * 32) attn_kernel(attn_params_t p)
 #pragma unroll
                         for (int u = 0; u < ATTN_TOK; u++)
                             if ((uint32_t)u < nt)
-                                a += pu[u] * kv_load(vp + (size_t)(t + u) * d + c);
+                                a += pu[u] * kern__cuda_kv_load(vp + (size_t)(t + u) * d + c);
                         acc[k] = a;
                     }
                 }

@@ -11,6 +11,8 @@
  *                   decode rows and the general case
  *   cuda_attn_tc.cu kern__cuda_attention_tc: its F16 prefill tiles on the
  *                   tensor cores
+ *   cuda_select.cu  KV row gather (SnapKV/H2O) and block-sparse prefill's
+ *                   Quest bounds and scores
  *   cuda_dequant.cuh Q4_0 and K-quant block decoding, for get_rows and
  *                   matmul
  *
@@ -153,6 +155,13 @@ kern__cuda_grid(const kern_cuda_t *be, size_t n, unsigned per_block)
 int kern__cuda_matmul(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
                       const float *bias, float *y);
 int kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a);
+/* cuda_select.cu: kern_kv_gather (full-precision pools), kern_kv_block_bounds
+ * and kern_block_scores. */
+int kern__cuda_kv_gather(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src,
+                         const int32_t *dst, uint32_t n);
+int kern__cuda_block_bounds(kern_cuda_t *be, const kern_kv_t *kv, uint32_t layer,
+                            const int32_t *blocks, uint32_t n, float *out);
+int kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a);
 /* What the ops above can ask of the workspaces and staging at most, for
  * the shapes of r (kern_reserve). */
 void kern__cuda_matmul_reserve(const kern_reserve_t *r, size_t *x_bytes, size_t *w_bytes);
@@ -194,6 +203,19 @@ static __device__ __forceinline__ float
 kern__cuda_bf16(uint16_t h)
 {
     return __uint_as_float((uint32_t)h << 16);
+}
+
+/* A full-precision KV element (F32 or F16 pool) as f32. */
+static __device__ __forceinline__ float
+kern__cuda_kv_load(const float *p)
+{
+    return *p;
+}
+
+static __device__ __forceinline__ float
+kern__cuda_kv_load(const __half *p)
+{
+    return __half2float(*p);
 }
 
 /* Element c of a weight row of type T (F32, F16, BF16, Q8_0) as f32; Q8_0

@@ -3,7 +3,8 @@
  * non-default stream with a cuBLAS handle bound to it, memory, host-array
  * staging, workspaces, the vtable, and the small ops (get_rows, rmsnorm,
  * rope, swiglu, add, kv_append, kv_copy).  Matrix products live in
- * cuda_matmul.cu and attention in cuda_attn.cu.
+ * cuda_matmul.cu, attention in cuda_attn.cu, the row gather and Quest
+ * bounds in cuda_select.cu.
  *
  * Callers: kern.c (kern_backend_new("cuda") and every kern_* op after
  * validation).  Thread: the engine thread that created the backend.
@@ -925,6 +926,32 @@ cuda_delta_apply(kern_backend_t *base, float *out, float *dense, uint32_t n, uin
     return cuda_leave(be, rc ? rc : cuda_delta_apply_body(be, out, dense, n, width, gamma, tail));
 }
 
+static int
+cuda_kv_gather(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
+               uint32_t n)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : kern__cuda_kv_gather(be, kv, src, dst, n));
+}
+
+static int
+cuda_block_bounds(kern_backend_t *base, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
+                  uint32_t n, float *out)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : kern__cuda_block_bounds(be, kv, layer, blocks, n, out));
+}
+
+static int
+cuda_block_scores(kern_backend_t *base, const kern_block_score_args_t *a)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : kern__cuda_block_scores(be, a));
+}
+
 /* Sizes every workspace and staging buffer for r's shapes now, so serving
  * allocates nothing (kern_reserve). */
 static int
@@ -965,28 +992,30 @@ cuda_reserve(kern_backend_t *base, const kern_reserve_t *r)
 static const kern_ops_t cuda_ops = {
     /* .name = */ "cuda",
     /* .is_host = */ false,
-    /* .destroy = */ cuda_destroy,         /* syncs, frees workspaces, stream, handle */
-    /* .supports = */ cuda_supports,       /* F32/F16/BF16, Q8_0, Q4_0, K-quants; KV F32/F16 */
-    /* .alloc = */ cuda_alloc,             /* cudaMalloc; NULL (and a warning) when out */
-    /* .free = */ cuda_free,               /* cudaFree, which waits for users of p */
-    /* .upload = */ cuda_upload,           /* async copy on the stream, then sync */
-    /* .download = */ cuda_download,       /* async copy on the stream, then sync */
-    /* .memset = */ cuda_memset,           /* cudaMemsetAsync, not waited for */
-    /* .sync = */ cuda_sync,               /* cudaStreamSynchronize */
-    /* .get_rows = */ cuda_get_rows,       /* block per row, converts to f32 */
-    /* .matmul = */ cuda_matmul,           /* cuBLAS, or a dequantizing GEMV for n <= 8 */
-    /* .rmsnorm = */ cuda_rmsnorm,         /* block per row, f32 sum */
-    /* .rope = */ cuda_rope,               /* host inv_freq, double angles */
-    /* .swiglu = */ cuda_swiglu,           /* elementwise, f32 */
-    /* .add = */ cuda_add,                 /* elementwise */
-    /* .kv_append = */ cuda_kv_append,     /* block per token, f32 -> KV dtype */
-    /* .kv_copy = */ cuda_kv_copy,         /* all pairs at once unless order matters */
-    /* .attention = */ cuda_attention,     /* paged flash-style, split-KV for decode */
-    /* .delta_apply = */ cuda_delta_apply, /* two elementwise passes */
-    /* .pack_weight = */ NULL,             /* weights stay row-major */
-    /* .kv_seal = */ NULL,                 /* no quantized KV blocks */
-    /* .kv_gather = */ NULL,               /* no SnapKV/H2O compaction */
-    /* .reserve = */ cuda_reserve,         /* every workspace and staging buffer, once */
+    /* .destroy = */ cuda_destroy,           /* syncs, frees workspaces, stream, handle */
+    /* .supports = */ cuda_supports,         /* F32/F16/BF16, Q8_0, Q4_0, K-quants; KV F32/F16 */
+    /* .alloc = */ cuda_alloc,               /* cudaMalloc; NULL (and a warning) when out */
+    /* .free = */ cuda_free,                 /* cudaFree, which waits for users of p */
+    /* .upload = */ cuda_upload,             /* async copy on the stream, then sync */
+    /* .download = */ cuda_download,         /* async copy on the stream, then sync */
+    /* .memset = */ cuda_memset,             /* cudaMemsetAsync, not waited for */
+    /* .sync = */ cuda_sync,                 /* cudaStreamSynchronize */
+    /* .get_rows = */ cuda_get_rows,         /* block per row, converts to f32 */
+    /* .matmul = */ cuda_matmul,             /* cuBLAS, or a dequantizing GEMV for n <= 8 */
+    /* .rmsnorm = */ cuda_rmsnorm,           /* block per row, f32 sum */
+    /* .rope = */ cuda_rope,                 /* host inv_freq, double angles */
+    /* .swiglu = */ cuda_swiglu,             /* elementwise, f32 */
+    /* .add = */ cuda_add,                   /* elementwise */
+    /* .kv_append = */ cuda_kv_append,       /* block per token, f32 -> KV dtype */
+    /* .kv_copy = */ cuda_kv_copy,           /* all pairs at once unless order matters */
+    /* .attention = */ cuda_attention,       /* paged flash-style, split-KV for decode */
+    /* .delta_apply = */ cuda_delta_apply,   /* two elementwise passes */
+    /* .block_bounds = */ cuda_block_bounds, /* block per (KV block, head), threads on channels */
+    /* .block_scores = */ cuda_block_scores, /* split, TF32 GEMM, group max, per KV head */
+    /* .pack_weight = */ NULL,               /* weights stay row-major */
+    /* .kv_seal = */ NULL,                   /* no quantized KV blocks */
+    /* .kv_gather = */ cuda_kv_gather,       /* a warp per row, every row at once */
+    /* .reserve = */ cuda_reserve,           /* every workspace and staging buffer, once */
 };
 
 /* After the table: C++ has no tentative definitions to declare it earlier. */

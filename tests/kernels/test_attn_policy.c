@@ -208,10 +208,9 @@ pat_args(const pdata_t *p, const pat_t *pt)
     return a;
 }
 
-/* Runs the batch with pattern pt (NULL: dense) on be into out; returns
- * kern_attention's result. */
-static int
-run(kern_backend_t *be, const pdata_t *p, const pat_t *pt, float *out)
+/* The batch's KV on be (two layers, the tokens appended to layer 1). */
+static kern_kv_t
+pkv_make(kern_backend_t *be, const pdata_t *p)
 {
     size_t el = p->dtype == KERN_F16 ? 2 : 4;
     kern_kv_t kv = {.dtype = p->dtype,
@@ -223,18 +222,32 @@ run(kern_backend_t *be, const pdata_t *p, const pat_t *pt, float *out)
     kv.layer_bytes = (size_t)p->n_blocks * p->n_kv * p->bt * p->d * el;
     kv.k = kern_alloc(be, 2 * kv.layer_bytes);
     kv.v = kern_alloc(be, 2 * kv.layer_bytes);
-    size_t row = (size_t)p->n_kv * p->d, qn = (size_t)p->n_q * p->n_heads * p->d;
+    size_t row = (size_t)p->n_kv * p->d;
     float *kd = kern_alloc(be, p->n_tok * row * sizeof(float));
     float *vd = kern_alloc(be, p->n_tok * row * sizeof(float));
-    float *qd = kern_alloc(be, qn * sizeof(float)), *od = kern_alloc(be, qn * sizeof(float));
-    assert_true(kv.k && kv.v && kd && vd && qd && od);
+    assert_true(kv.k && kv.v && kd && vd);
     assert_int_equal(kern_memset(be, kv.k, 0, 2 * kv.layer_bytes), 0);
     assert_int_equal(kern_memset(be, kv.v, 0, 2 * kv.layer_bytes), 0);
     assert_int_equal(kern_upload(be, kd, p->k_tok, p->n_tok * row * sizeof(float)), 0);
     assert_int_equal(kern_upload(be, vd, p->v_tok, p->n_tok * row * sizeof(float)), 0);
+    assert_int_equal(kern_kv_append(be, &kv, 1, kd, vd, p->slots, p->n_tok), 0);
+    assert_int_equal(kern_sync(be), 0);
+    kern_free(be, kd);
+    kern_free(be, vd);
+    return kv;
+}
+
+/* Runs the batch with pattern pt (NULL: dense) on be into out; returns
+ * kern_attention's result. */
+static int
+run(kern_backend_t *be, const pdata_t *p, const pat_t *pt, float *out)
+{
+    kern_kv_t kv = pkv_make(be, p);
+    size_t qn = (size_t)p->n_q * p->n_heads * p->d;
+    float *qd = kern_alloc(be, qn * sizeof(float)), *od = kern_alloc(be, qn * sizeof(float));
+    assert_true(qd && od);
     assert_int_equal(kern_upload(be, qd, p->q, qn * sizeof(float)), 0);
     assert_int_equal(kern_memset(be, od, 0xff, qn * sizeof(float)), 0); /* NaN */
-    assert_int_equal(kern_kv_append(be, &kv, 1, kd, vd, p->slots, p->n_tok), 0);
     kern_attn_args_t a = pat_args(p, pt);
     a.q = qd;
     a.out = od;
@@ -245,8 +258,6 @@ run(kern_backend_t *be, const pdata_t *p, const pat_t *pt, float *out)
         assert_int_equal(kern_download(be, out, od, qn * sizeof(float)), 0);
     kern_free(be, kv.k);
     kern_free(be, kv.v);
-    kern_free(be, kd);
-    kern_free(be, vd);
     kern_free(be, qd);
     kern_free(be, od);
     return rc;
@@ -788,6 +799,140 @@ test_delta_invariants(void **state)
     pdata_free(&p);
 }
 
+/* ---- Quest bounds (kern_kv_block_bounds, kern_block_scores) ------------- */
+
+/* Sequence 0's first nb blocks summarised on be, and every query row
+ * scored against them in groups of qg rows. */
+static void
+run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t qg, float *bounds,
+          float *score)
+{
+    kern_kv_t kv = pkv_make(be, p);
+    const size_t qn = (size_t)p->n_q * p->n_heads * p->d, bn = (size_t)p->n_kv * nb * 2 * p->d;
+    const size_t sn = (size_t)(p->n_q + (qg ? qg : 1) - 1) / (qg ? qg : 1) * nb;
+    kern_block_score_args_t a = {.n_q = p->n_q,
+                                 .n_heads = p->n_heads,
+                                 .n_kv_heads = p->n_kv,
+                                 .head_dim = p->d,
+                                 .n_blocks = nb,
+                                 .q_group = qg};
+    float *qd = kern_alloc(be, qn * sizeof(float)), *bd = kern_alloc(be, bn * sizeof(float));
+    float *sd = kern_alloc(be, sn * sizeof(float));
+    float *wd = kern_alloc(be, kern_block_scores_work(&a) * sizeof(float));
+    assert_true(qd && bd && sd && wd);
+    assert_int_equal(kern_upload(be, qd, p->q, qn * sizeof(float)), 0);
+    assert_int_equal(kern_memset(be, bd, 0xff, bn * sizeof(float)), 0); /* NaN */
+    assert_int_equal(kern_memset(be, sd, 0xff, sn * sizeof(float)), 0);
+    assert_int_equal(kern_kv_block_bounds(be, &kv, 1, p->indices, nb, bd), 0);
+    a.q = qd;
+    a.bounds = bd;
+    a.score = sd;
+    a.work = wd;
+    assert_int_equal(kern_block_scores(be, &a), 0);
+    assert_int_equal(kern_sync(be), 0);
+    assert_int_equal(kern_download(be, bounds, bd, bn * sizeof(float)), 0);
+    assert_int_equal(kern_download(be, score, sd, sn * sizeof(float)), 0);
+
+    /* Refusals: a block id out of the pool, heads that do not group. */
+    int32_t bad = (int32_t)p->n_blocks;
+    assert_int_equal(kern_kv_block_bounds(be, &kv, 1, &bad, 1, bd), KVS_EINVAL);
+    assert_int_equal(kern_kv_block_bounds(be, &kv, 2, p->indices, 1, bd), KVS_EINVAL);
+    a.n_heads = p->n_kv + 1;
+    assert_int_equal(kern_block_scores(be, &a), p->n_kv > 1 ? KVS_EINVAL : 0);
+    kern_free(be, kv.k);
+    kern_free(be, kv.v);
+    kern_free(be, qd);
+    kern_free(be, bd);
+    kern_free(be, sd);
+    kern_free(be, wd);
+}
+
+/* The bounds against max/min taken straight from the token arrays (never
+ * through the page table), exact on every backend; the scores against the
+ * definition summed in double here; and Quest's point, checked on those:
+ * no query row of a group has a logit against a key of a block above
+ * the block's score. */
+static void
+test_quest_bounds(void **state)
+{
+    (void)state;
+    static const struct {
+        kern_dtype_t dtype;
+        uint32_t bt, d, n_heads, n_kv;
+        int32_t len, rows;
+        uint32_t qg;
+    } cases[] = {
+        {KERN_F32, 16, 64, 8, 2, 300, 40, 16}, {KERN_F16, 16, 128, 32, 8, 520, 33, 16},
+        {KERN_F32, 5, 32, 4, 4, 97, 7, 3},     {KERN_F16, 16, 64, 8, 1, 64, 1, 1},
+        {KERN_F32, 8, 96, 6, 3, 200, 70, 0},
+    };
+    rng_seed(31);
+    for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
+        const int32_t back = 0;
+        pdata_t p;
+        pdata_build(&p, cases[ci].dtype, cases[ci].bt, cases[ci].d, cases[ci].n_heads,
+                    cases[ci].n_kv, 1, &cases[ci].len, &cases[ci].rows, &back);
+        const uint32_t d = p.d, bt = p.bt, nb = (uint32_t)p.len[0] / bt, G = p.n_heads / p.n_kv;
+        const uint32_t qg = cases[ci].qg ? cases[ci].qg : 1, n_groups = (p.n_q + qg - 1) / qg;
+        const size_t bn = (size_t)p.n_kv * nb * 2 * d, sn = (size_t)n_groups * nb;
+        const size_t krow = (size_t)p.n_kv * d;
+        float *want_b = malloc(bn * sizeof(float)), *want_s = malloc(sn * sizeof(float));
+        float *got_b = malloc(bn * sizeof(float)), *got_s = malloc(sn * sizeof(float));
+        assert_true(want_b && want_s && got_b && got_s);
+        for (uint32_t g = 0; g < p.n_kv; g++)
+            for (uint32_t b = 0; b < nb; b++)
+                for (uint32_t e = 0; e < d; e++) {
+                    float mx = -INFINITY, mn = INFINITY;
+                    for (uint32_t t = 0; t < bt; t++) {
+                        float x = p.k_tok[(p.tok0[0] + b * bt + t) * krow + g * d + e];
+                        mx = x > mx ? x : mx;
+                        mn = x < mn ? x : mn;
+                    }
+                    want_b[((size_t)g * nb + b) * 2 * d + e] = mx;
+                    want_b[((size_t)g * nb + b) * 2 * d + d + e] = mn;
+                }
+        for (size_t k = 0; k < sn; k++)
+            want_s[k] = -INFINITY;
+        for (uint32_t i = 0; i < p.n_q; i++)
+            for (uint32_t h = 0; h < p.n_heads; h++) {
+                const float *q = p.q + ((size_t)i * p.n_heads + h) * d;
+                for (uint32_t b = 0; b < nb; b++) {
+                    const float *mx = want_b + ((size_t)(h / G) * nb + b) * 2 * d, *mn = mx + d;
+                    double s = 0.0, top = -INFINITY;
+                    for (uint32_t e = 0; e < d; e++)
+                        s += fmax((double)q[e] * mx[e], (double)q[e] * mn[e]);
+                    for (uint32_t t = 0; t < bt; t++) {
+                        const float *k = p.k_tok + (p.tok0[0] + b * bt + t) * krow + (h / G) * d;
+                        double l = 0.0;
+                        for (uint32_t e = 0; e < d; e++)
+                            l += (double)q[e] * k[e];
+                        top = l > top ? l : top;
+                    }
+                    assert_true(top <= s + 1e-9 * (1.0 + fabs(s))); /* an upper bound */
+                    float *w = want_s + (size_t)(i / qg) * nb + b;
+                    *w = (float)s > *w ? (float)s : *w;
+                }
+            }
+        char what[96];
+        snprintf(what, sizeof(what), "quest case %zu: %u blocks, %u rows, G %u", ci, nb, p.n_q, G);
+        for (int b = -1; b <= g_n_be; b++) {
+            if (b == g_n_be && !g_cuda)
+                break;
+            kern_backend_t *be = b < 0 ? g_ref : b == g_n_be ? g_cuda : g_be[b].be;
+            const char *label = b < 0 ? "ref" : b == g_n_be ? "cuda" : g_be[b].label;
+            run_quest(be, &p, nb, cases[ci].qg, got_b, got_s);
+            check_bytes_equal(want_b, got_b, bn * sizeof(float), what, label);
+            /* cuda multiplies in TF32 (kern.h). */
+            check_close(want_s, got_s, sn, b == g_n_be ? 5e-3 : 1e-5, what, label);
+        }
+        free(want_b);
+        free(want_s);
+        free(got_b);
+        free(got_s);
+        pdata_free(&p);
+    }
+}
+
 int
 main(void)
 {
@@ -799,6 +944,7 @@ main(void)
         cmocka_unit_test(test_window_is_dense_over_kept_keys),
         cmocka_unit_test(test_pattern_validation),
         cmocka_unit_test(test_delta_invariants),
+        cmocka_unit_test(test_quest_bounds),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -3,8 +3,9 @@
  * at the sizes a GPU runs: matmul at n = 1, 3, 8, 9, 64 and 300 (each side
  * of the GEMV/GEMM switch) over odd and padded shapes, get_rows, rmsnorm,
  * rope (NORM and NEOX, Llama 3.1 frequency factors, positions up to 128K),
- * swiglu, add, kv_append (repeated slots included), kv_copy, Delta's
- * correction, and paged attention for prefill chunks, mixed batches and
+ * swiglu, add, kv_append (repeated slots included), kv_copy, kv_gather,
+ * block-sparse's Quest bounds and scores, Delta's correction, and paged
+ * attention for prefill chunks, mixed batches and
  * split-KV decode at 40K and 64K tokens.  ctest: gpu_kernels, label "gpu".
  *
  * Exits 77 (ctest: skipped) with "skipped: no CUDA device" when the cuda
@@ -420,6 +421,59 @@ test_delta_apply(void **state)
 /* KV cache: append, copy                                                   */
 /* ------------------------------------------------------------------------ */
 
+/* A pool's initial K and V (random bytes), and where ref's and cuda's
+ * end up, for the KV ops that must agree byte for byte. */
+typedef struct pools {
+    size_t bytes;
+    uint8_t *k0, *v0, *kr, *vr, *kc, *vc;
+} pools_t;
+
+static pools_t
+pools_new(const kv_geom_t *g)
+{
+    pools_t p = {.bytes = (size_t)g->n_layers * g->n_blocks * g->n_kv_heads * g->block_tokens *
+                          g->head_dim * (g->dtype == KERN_F16 ? 2 : 4)};
+    uint8_t **all[] = {&p.k0, &p.v0, &p.kr, &p.vr, &p.kc, &p.vc};
+    for (int i = 0; i < 6; i++) {
+        *all[i] = malloc(p.bytes);
+        assert_non_null(*all[i]);
+    }
+    for (size_t i = 0; i < p.bytes; i++) {
+        p.k0[i] = (uint8_t)rng_u32();
+        p.v0[i] = (uint8_t)rng_u32();
+    }
+    return p;
+}
+
+/* Starts backend b's (0: ref, 1: cuda) pool from the initial bytes. */
+static kern_kv_t
+pools_make(const pools_t *p, int b, const kv_geom_t *g)
+{
+    return kv_make(b ? g_cuda : g_ref, g, p->k0, p->v0);
+}
+
+/* Takes backend b's pool back. */
+static void
+pools_take(pools_t *p, int b, kern_kv_t *kv)
+{
+    kv_take(b ? g_cuda : g_ref, kv, b ? p->kc : p->kr, b ? p->vc : p->vr);
+}
+
+/* ref's pool and cuda's, byte for byte; then frees everything. */
+static void
+pools_check_free(pools_t *p, const char *what)
+{
+    check_bytes_equal(p->kr, p->kc, p->bytes, what, LABEL);
+    check_bytes_equal(p->vr, p->vc, p->bytes, what, LABEL);
+    print_message("%-56s %-22s bytes equal\n", what, LABEL);
+    free(p->k0);
+    free(p->v0);
+    free(p->kr);
+    free(p->vr);
+    free(p->kc);
+    free(p->vc);
+}
+
 static void
 test_kv_append(void **state)
 {
@@ -453,43 +507,26 @@ test_kv_append(void **state)
             if (order == 3)
                 for (uint32_t i = 0; i + 3 < n; i += 97)
                     slots[i + 1] = slots[i + 2] = slots[i];
-            size_t el = dt ? 2 : 4, m = (size_t)n * g.n_kv_heads * g.head_dim;
-            size_t bytes = (size_t)g.n_layers * n_slots * g.n_kv_heads * g.head_dim * el;
+            size_t m = (size_t)n * g.n_kv_heads * g.head_dim;
             /* Random old contents: slots nobody writes must keep them. */
-            uint8_t *k0 = malloc(bytes), *v0 = malloc(bytes);
-            assert_true(k0 && v0);
-            for (size_t i = 0; i < bytes; i++) {
-                k0[i] = (uint8_t)rng_u32();
-                v0[i] = (uint8_t)rng_u32();
-            }
+            pools_t P = pools_new(&g);
             float *k = rand_floats(m, -4.0f, 4.0f), *v = rand_floats(m, -4.0f, 4.0f);
-            uint8_t *kr = malloc(bytes), *vr = malloc(bytes), *kc = malloc(bytes),
-                    *vc = malloc(bytes);
-            assert_true(kr && vr && kc && vc);
             kern_backend_t *bes[2] = {g_ref, g_cuda};
             for (int b = 0; b < 2; b++) {
-                kern_kv_t kv = kv_make(bes[b], &g, k0, v0);
+                kern_kv_t kv = pools_make(&P, b, &g);
                 float *kd = put(bes[b], k, m * sizeof(float)),
                       *vd = put(bes[b], v, m * sizeof(float));
                 assert_int_equal(kern_kv_append(bes[b], &kv, 1, kd, vd, slots, n), 0);
                 take(bes[b], NULL, kd, m * sizeof(float), "kv_append k");
                 take(bes[b], NULL, vd, m * sizeof(float), "kv_append v");
-                kv_take(bes[b], &kv, b ? kc : kr, b ? vc : vr);
+                pools_take(&P, b, &kv);
             }
             char what[64];
             snprintf(what, sizeof(what), "kv_append %s order %d", dt ? "f16" : "f32", order);
-            check_bytes_equal(kr, kc, bytes, what, LABEL);
-            check_bytes_equal(vr, vc, bytes, what, LABEL);
-            print_message("%-56s %-22s bytes equal\n", what, LABEL);
+            pools_check_free(&P, what);
             free(slots);
-            free(k0);
-            free(v0);
             free(k);
             free(v);
-            free(kr);
-            free(vr);
-            free(kc);
-            free(vc);
         }
     }
 }
@@ -501,14 +538,6 @@ test_kv_copy(void **state)
     seed_test(8);
     for (int dt = 0; dt < 2; dt++) {
         kv_geom_t g = {dt ? KERN_F16 : KERN_F32, 4, 8, 128, 16, 256};
-        size_t bytes = (size_t)g.n_layers * g.n_blocks * g.n_kv_heads * g.block_tokens *
-                       g.head_dim * (dt ? 2 : 4);
-        uint8_t *k0 = malloc(bytes), *v0 = malloc(bytes);
-        assert_true(k0 && v0);
-        for (size_t i = 0; i < bytes; i++) {
-            k0[i] = (uint8_t)rng_u32();
-            v0[i] = (uint8_t)rng_u32();
-        }
         /* Copy-on-write fan-out (one source, 100 fresh destinations), then
          * an order-dependent list: a chain 5 -> 9 -> 2, a swap through a
          * spare block, and a self copy. */
@@ -521,30 +550,130 @@ test_kv_copy(void **state)
         static const int32_t s2[] = {5, 9, 10, 11, 12, 7};
         static const int32_t d2[] = {9, 2, 12, 10, 11, 7};
         kern_backend_t *bes[2] = {g_ref, g_cuda};
-        uint8_t *kr = malloc(bytes), *vr = malloc(bytes), *kc = malloc(bytes), *vc = malloc(bytes);
-        assert_true(kr && vr && kc && vc);
         for (int list = 0; list < 2; list++) {
+            pools_t P = pools_new(&g);
             for (int b = 0; b < 2; b++) {
-                kern_kv_t kv = kv_make(bes[b], &g, k0, v0);
+                kern_kv_t kv = pools_make(&P, b, &g);
                 if (list == 0)
                     assert_int_equal(kern_kv_copy(bes[b], &kv, src, dst, n_cow), 0);
                 else
                     assert_int_equal(kern_kv_copy(bes[b], &kv, s2, d2, 6), 0);
-                kv_take(bes[b], &kv, b ? kc : kr, b ? vc : vr);
+                pools_take(&P, b, &kv);
             }
             char what[64];
             snprintf(what, sizeof(what), "kv_copy %s %s", dt ? "f16" : "f32",
                      list ? "ordered list" : "copy-on-write fan-out");
-            check_bytes_equal(kr, kc, bytes, what, LABEL);
-            check_bytes_equal(vr, vc, bytes, what, LABEL);
-            print_message("%-56s %-22s bytes equal\n", what, LABEL);
+            pools_check_free(&P, what);
         }
+    }
+}
+
+/* SnapKV/H2O's gather: per (layer, KV head) its own source rows, from
+ * anywhere in the pool, into fresh blocks; bytes must equal ref's. */
+static void
+test_kv_gather(void **state)
+{
+    (void)state;
+    seed_test(9);
+    for (int dt = 0; dt < 2; dt++) {
+        kv_geom_t g = {dt ? KERN_F16 : KERN_F32, 4, 8, 128, 16, 256};
+        pools_t P = pools_new(&g);
+        /* Sources in blocks 0..199, destinations: 1000 slots of blocks
+         * 200.. in a scrambled order. */
+        const uint32_t n = 1000, n_src = g.n_layers * g.n_kv_heads * n;
+        int32_t *src = malloc(n_src * sizeof(int32_t)), *dst = malloc(n * sizeof(int32_t));
+        assert_true(src && dst);
+        for (uint32_t i = 0; i < n_src; i++)
+            src[i] = (int32_t)(rng_u32() % (200 * g.block_tokens));
+        for (uint32_t j = 0; j < n; j++)
+            dst[j] = (int32_t)(200 * g.block_tokens + j);
+        shuffle(dst, n);
+        kern_backend_t *bes[2] = {g_ref, g_cuda};
+        for (int b = 0; b < 2; b++) {
+            kern_kv_t kv = pools_make(&P, b, &g);
+            assert_int_equal(kern_kv_gather(bes[b], &kv, src, dst, n), 0);
+            pools_take(&P, b, &kv);
+        }
+        char what[64];
+        snprintf(what, sizeof(what), "kv_gather %s, %u rows a head", dt ? "f16" : "f32", n);
+        pools_check_free(&P, what);
+        free(src);
+        free(dst);
+    }
+}
+
+/* Block-sparse prefill's Quest bounds at serving sizes: 8K keys (512
+ * blocks) of 8 KV heads against 256 query rows of 32 heads.  The
+ * summaries are exact copies of key values, so bit for bit; the scores
+ * are TF32 products (kern.h). */
+static void
+test_block_scores(void **state)
+{
+    (void)state;
+    seed_test(10);
+    for (int dt = 0; dt < 2; dt++) {
+        const uint32_t nb = 512, n_q = 256, H = 32;
+        kv_geom_t g = {dt ? KERN_F16 : KERN_F32, 1, 8, 128, 16, nb + 40};
+        size_t n_el = (size_t)g.n_blocks * g.n_kv_heads * g.block_tokens * g.head_dim;
+        void *k0 = malloc(n_el * 4);
+        float *q = rand_floats((size_t)n_q * H * g.head_dim, -2.0f, 2.0f);
+        assert_true(k0 && q);
+        for (size_t i = 0; i < n_el; i++) {
+            float x = rng_f(-2.0f, 2.0f);
+            if (dt)
+                ((uint16_t *)k0)[i] = kvs_f32_to_fp16(x);
+            else
+                ((float *)k0)[i] = x;
+        }
+        int32_t *blocks = malloc(g.n_blocks * sizeof(int32_t));
+        assert_non_null(blocks);
+        for (uint32_t i = 0; i < g.n_blocks; i++)
+            blocks[i] = (int32_t)i;
+        shuffle(blocks, g.n_blocks);
+        kern_block_score_args_t a = {.n_q = n_q,
+                                     .n_heads = H,
+                                     .n_kv_heads = g.n_kv_heads,
+                                     .head_dim = g.head_dim,
+                                     .n_blocks = nb,
+                                     .q_group = g.block_tokens};
+        const size_t bn = (size_t)g.n_kv_heads * nb * 2 * g.head_dim;
+        const size_t sn = (size_t)(n_q / g.block_tokens) * nb;
+        float *br = malloc(bn * 4), *bc = malloc(bn * 4), *sr = malloc(sn * 4),
+              *sc = malloc(sn * 4);
+        assert_true(br && bc && sr && sc);
+        kern_backend_t *bes[2] = {g_ref, g_cuda};
+        for (int b = 0; b < 2; b++) {
+            kern_backend_t *be = bes[b];
+            kern_kv_t kv = kv_make(be, &g, k0, k0);
+            float *qd = put(be, q, (size_t)n_q * H * g.head_dim * 4);
+            float *bd = put_out(be, bn), *sd = put_out(be, sn);
+            float *wd = put_out(be, kern_block_scores_work(&a));
+            assert_int_equal(kern_kv_block_bounds(be, &kv, 0, blocks, nb, bd), 0);
+            a.q = qd;
+            a.bounds = bd;
+            a.score = sd;
+            a.work = wd;
+            assert_int_equal(kern_block_scores(be, &a), 0);
+            take(be, b ? bc : br, bd, bn * 4, "block bounds");
+            take(be, b ? sc : sr, sd, sn * 4, "block scores");
+            take(be, NULL, wd, kern_block_scores_work(&a) * 4, "block scores work");
+            take(be, NULL, qd, (size_t)n_q * H * g.head_dim * 4, "q");
+            kv_take(be, &kv, NULL, NULL);
+        }
+        char what[80];
+        snprintf(what, sizeof(what), "block_bounds %s, %u blocks", dt ? "f16" : "f32", nb);
+        check_bytes_equal(br, bc, bn * 4, what, LABEL);
+        print_message("%-56s %-22s bytes equal\n", what, LABEL);
+        snprintf(what, sizeof(what), "block_scores %s, %u rows x %u blocks", dt ? "f16" : "f32",
+                 n_q, nb);
+        check(sr, sc, sn, 5e-3, what);
         free(k0);
-        free(v0);
-        free(kr);
-        free(vr);
-        free(kc);
-        free(vc);
+        free(q);
+        free(blocks);
+        free(br);
+        free(bc);
+        free(sr);
+        free(sc);
     }
 }
 
@@ -660,6 +789,7 @@ main(void)
         cmocka_unit_test(test_rmsnorm),     cmocka_unit_test(test_rope),
         cmocka_unit_test(test_elementwise), cmocka_unit_test(test_delta_apply),
         cmocka_unit_test(test_kv_append),   cmocka_unit_test(test_kv_copy),
+        cmocka_unit_test(test_kv_gather),   cmocka_unit_test(test_block_scores),
         cmocka_unit_test(test_attention),
     };
     rc = cmocka_run_group_tests(tests, NULL, NULL);
