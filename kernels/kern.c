@@ -345,6 +345,28 @@ kern_block_scores(kern_backend_t *be, const kern_block_score_args_t *a)
     return be->ops->block_scores(be, a);
 }
 
+int
+kern_attn_mass(kern_backend_t *be, const kern_attn_mass_args_t *a)
+{
+    if (a == NULL || !kv_ok(a->kv, a->layer) || a->n_q == 0 || a->n_keys == 0 || !a->q ||
+        !a->blocks || !a->out || a->n_heads == 0 || a->n_heads % a->kv->n_kv_heads != 0 ||
+        (a->causal && a->n_q > a->n_keys) || !(a->scale > 0.0f))
+        return KVS_EINVAL;
+    if (a->mode == KERN_MASS_SUM) {
+        if (a->n_out > a->n_keys)
+            return KVS_EINVAL;
+    } else if (a->mode != KERN_MASS_POOL_MAX || a->pool == 0 || a->pool % 2 == 0) {
+        return KVS_EINVAL;
+    }
+    const uint32_t n_used = (a->n_keys + a->kv->block_tokens - 1) / a->kv->block_tokens;
+    for (uint32_t b = 0; b < n_used; b++)
+        if (a->blocks[b] < 0 || (uint32_t)a->blocks[b] >= a->kv->n_blocks)
+            return KVS_EINVAL;
+    if (!be->ops->supports(be, KERN_OP_ATTN, a->kv->dtype) || !kv_readable(be, a->kv))
+        return KVS_ENOTSUP;
+    return be->ops->attn_mass(be, a);
+}
+
 void
 kern__kv_rows_f32(const kern_kv_t *kv, bool v, uint32_t layer, uint32_t block, uint32_t head,
                   uint32_t off, uint32_t n, float *out)

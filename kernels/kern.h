@@ -467,6 +467,46 @@ typedef struct kern_block_score_args {
 size_t kern_block_scores_work(const kern_block_score_args_t *a);
 int kern_block_scores(kern_backend_t *be, const kern_block_score_args_t *a);
 
+/* Attention probabilities of a few query rows over one sequence's keys,
+ * reduced for the host-side choices built on them: SnapKV's vote, H2O's
+ * accumulated attention (algorithms.md section 5), speculative prefill's
+ * token importance (section 2.2).  Row r of q, query head h, sees the keys
+ * j < lim(r): with `causal`, the rows are the sequence's last n_q entries
+ * and lim(r) = n_keys - n_q + r + 1; without, lim(r) = n_keys (queries
+ * that come after the keys).  p[r][h][j] = softmax over j < lim(r) of
+ * scale * q[r][h] . k_j, zero beyond.  Then
+ *   KERN_MASS_SUM       out[g][j] = sum over rows r and the query heads h
+ *                       of KV head g of p[r][h][j]; out [n_kv_heads][n_out],
+ *                       j < n_out <= n_keys;
+ *   KERN_MASS_POOL_MAX  out[r][j] = max over heads h of the mean of
+ *                       p[r][h][j'] over j' in [j - pool/2, j + pool/2]
+ *                       clipped to [0, n_keys), over pool (odd);
+ *                       out [n_q][n_keys].
+ * Keys come from the first n_keys entries of the table `blocks` (any kind
+ * of block).  q and out are host memory, so a device backend stages q and
+ * copies the result back before returning. */
+typedef enum kern_mass_mode {
+    KERN_MASS_SUM = 0,
+    KERN_MASS_POOL_MAX = 1,
+} kern_mass_mode_t;
+
+typedef struct kern_attn_mass_args {
+    const float *q; /* host, [n_q][n_heads][head_dim] */
+    uint32_t n_q;
+    uint32_t n_heads;
+    const kern_kv_t *kv;
+    uint32_t layer;
+    const int32_t *blocks; /* host, ceil(n_keys / block_tokens) block ids */
+    uint32_t n_keys;
+    bool causal; /* n_q <= n_keys when set */
+    float scale;
+    kern_mass_mode_t mode;
+    uint32_t n_out; /* KERN_MASS_SUM */
+    uint32_t pool;  /* KERN_MASS_POOL_MAX */
+    float *out;     /* host */
+} kern_attn_mass_args_t;
+int kern_attn_mass(kern_backend_t *be, const kern_attn_mass_args_t *a);
+
 /* Delta Attention's correction (algorithms.md section 1) of n query rows
  * of `width` floats whose sparse outputs are in out[n][width].  Rows below
  * n - tail form blocks of gamma rows; dense holds the dense outputs of each

@@ -236,3 +236,123 @@ kern__host_block_scores_gemm(kern_backend_t *be, const kern_block_score_args_t *
     }
     return 0;
 }
+
+/* ---- attention mass (kern_attn_mass) ------------------------------------ */
+
+#define MASS_QB 16 /* query rows scored together */
+#define MASS_KT 32 /* keys per tile, in cache while all MASS_QB rows use it */
+
+/* Eight partial sums, so the compiler can keep them in vector lanes. */
+static float
+mass_dot(const float *a, const float *b, uint32_t d)
+{
+    float s[8] = {0};
+    uint32_t e = 0;
+    for (; e + 8 <= d; e += 8)
+        for (int i = 0; i < 8; i++)
+            s[i] += a[e + i] * b[e + i];
+    for (; e < d; e++)
+        s[0] += a[e] * b[e];
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+/* Scratch: one tile of keys [MASS_KT][d] and MASS_QB rows of scores as
+ * f32, then the sums in double (mode SUM).  Keys are converted a tile at
+ * a time, again for every MASS_QB rows: a few conversions per key against
+ * MASS_QB dot products, and no copy of the whole head. */
+static size_t
+mass_floats(const kern_attn_mass_args_t *a)
+{
+    size_t f = (size_t)MASS_KT * a->kv->head_dim + (size_t)MASS_QB * a->n_keys;
+    return (f + 1) & ~(size_t)1; /* the doubles after stay 8-byte aligned */
+}
+
+size_t
+kern__host_attn_mass_scratch(const kern_attn_mass_args_t *a)
+{
+    return mass_floats(a) * sizeof(float) +
+           (a->mode == KERN_MASS_SUM ? (size_t)a->n_out * sizeof(double) : 0);
+}
+
+void
+kern__host_attn_mass_head(const kern_attn_mass_args_t *a, uint32_t g, void *x)
+{
+    const kern_kv_t *kv = a->kv;
+    const uint32_t d = kv->head_dim, bt = kv->block_tokens, N = a->n_keys, H = a->n_heads;
+    const uint32_t G = H / kv->n_kv_heads, n_rows = G * a->n_q;
+    const uint32_t M = a->causal ? N - a->n_q : 0, half = a->pool / 2;
+    float *tile = x, *scores = tile + (size_t)MASS_KT * d;
+    double *acc = (double *)((float *)x + mass_floats(a));
+    if (a->mode == KERN_MASS_SUM)
+        memset(acc, 0, (size_t)a->n_out * sizeof(double));
+    /* Pair i of the group: head g * G + i / n_q, row i % n_q. */
+    for (uint32_t q0 = 0; q0 < n_rows; q0 += MASS_QB) {
+        const uint32_t nq = n_rows - q0 < MASS_QB ? n_rows - q0 : MASS_QB;
+        const float *qrow[MASS_QB];
+        uint32_t lim[MASS_QB], row[MASS_QB];
+        for (uint32_t i = 0; i < nq; i++) {
+            uint32_t h = g * G + (q0 + i) / a->n_q;
+            row[i] = (q0 + i) % a->n_q;
+            qrow[i] = a->q + ((size_t)row[i] * H + h) * d;
+            lim[i] = a->causal ? M + row[i] + 1 : N;
+        }
+        for (uint32_t j0 = 0; j0 < N; j0 += MASS_KT) {
+            const uint32_t j1 = j0 + MASS_KT < N ? j0 + MASS_KT : N;
+            for (uint32_t j = j0; j < j1; j++)
+                kern_kv_row_f32(kv, false, a->layer, a->blocks[j / bt], g, j % bt,
+                                tile + (size_t)(j - j0) * d);
+            for (uint32_t i = 0; i < nq; i++) {
+                float *s = scores + (size_t)i * N;
+                const uint32_t end = j1 < lim[i] ? j1 : lim[i];
+                for (uint32_t j = j0; j < end; j++)
+                    s[j] = mass_dot(qrow[i], tile + (size_t)(j - j0) * d, d) * a->scale;
+            }
+        }
+        for (uint32_t i = 0; i < nq; i++) {
+            float *s = scores + (size_t)i * N;
+            float mx = -INFINITY;
+            for (uint32_t j = 0; j < lim[i]; j++)
+                mx = s[j] > mx ? s[j] : mx;
+            double sum = 0.0;
+            for (uint32_t j = 0; j < lim[i]; j++) {
+                s[j] = expf(s[j] - mx);
+                sum += s[j];
+            }
+            const double inv = 1.0 / sum;
+            if (a->mode == KERN_MASS_SUM) {
+                const uint32_t end = a->n_out < lim[i] ? a->n_out : lim[i];
+                for (uint32_t j = 0; j < end; j++)
+                    acc[j] += s[j] * inv;
+                continue;
+            }
+            for (uint32_t j = 0; j < N; j++)
+                s[j] = j < lim[i] ? (float)(s[j] * inv) : 0.0f;
+            /* The clipped sliding sum over [j - half, j + half]. */
+            float *o = a->out + (size_t)row[i] * N;
+            double win = 0.0;
+            for (uint32_t j = 0; j < N && j < half; j++)
+                win += s[j];
+            for (uint32_t j = 0; j < N; j++) {
+                if (j + half < N)
+                    win += s[j + half];
+                if (j > half)
+                    win -= s[j - half - 1];
+                float pooled = (float)(win / a->pool);
+                o[j] = pooled > o[j] ? pooled : o[j];
+            }
+        }
+    }
+    if (a->mode == KERN_MASS_SUM)
+        for (uint32_t j = 0; j < a->n_out; j++)
+            a->out[(size_t)g * a->n_out + j] = (float)acc[j];
+}
+
+void
+kern__host_attn_mass_all(const kern_attn_mass_args_t *a, void *x)
+{
+    if (a->mode == KERN_MASS_POOL_MAX)
+        for (size_t k = 0; k < (size_t)a->n_q * a->n_keys; k++)
+            a->out[k] = -INFINITY;
+    for (uint32_t g = 0; g < a->kv->n_kv_heads; g++)
+        kern__host_attn_mass_head(a, g, x);
+}

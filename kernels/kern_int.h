@@ -41,6 +41,7 @@ typedef struct kern_ops {
                         const int32_t *blocks, uint32_t n, float *out);
     /* a->n_q and a->n_blocks are nonzero. */
     int (*block_scores)(kern_backend_t *be, const kern_block_score_args_t *a);
+    int (*attn_mass)(kern_backend_t *be, const kern_attn_mass_args_t *a);
     /* Optional (NULL: weights stay row-major); w is valid and row-major. */
     int (*pack_weight)(kern_backend_t *be, kern_tensor_t *w);
     /* Optional (NULL: the backend reads no quantized KV blocks). */
@@ -97,6 +98,14 @@ void kern__host_block_bounds_part(const kern_kv_t *kv, uint32_t layer, const int
                                   float *x);
 int kern__host_block_scores_ref(kern_backend_t *be, const kern_block_score_args_t *a);
 int kern__host_block_scores_gemm(kern_backend_t *be, const kern_block_score_args_t *a);
+
+/* kern_attn_mass for KV head g (mode SUM: out's row g; POOL_MAX: folds g's
+ * heads into out with max, out starting at -inf), with scratch x of
+ * kern__host_attn_mass_scratch() bytes. */
+size_t kern__host_attn_mass_scratch(const kern_attn_mass_args_t *a);
+void kern__host_attn_mass_head(const kern_attn_mass_args_t *a, uint32_t g, void *x);
+/* Every KV head in turn (POOL_MAX's out set to -inf first). */
+void kern__host_attn_mass_all(const kern_attn_mass_args_t *a, void *x);
 
 /* Seals blocks src[i] -> dst[i] of one layer (kern_kv_seal) with x as
  * scratch of block_tokens * head_dim floats. */

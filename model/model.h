@@ -385,9 +385,10 @@ int model_spec_policy_check(const model_spec_policy_t *p);
  * q . k / sqrt(head_dim), averaged over a window of `pool` tokens (zeros
  * past the ends count, as PyTorch's avg_pool1d pads), the maximum over
  * (l, h), then the mean over a.  qs is [n_a][n_layer][n_head * head_dim]
- * (captured post-RoPE queries); the keys are the first n_prompt entries of
- * the KV table `blocks` in kv, which must be host memory.  Returns 0,
- * KVS_EINVAL, KVS_ENOTSUP (device KV) or KVS_ENOMEM. */
+ * (captured post-RoPE queries, host memory); the keys are the first
+ * n_prompt entries of the KV table `blocks` in kv, the draft backend's
+ * memory (kern_attn_mass).  Returns 0, KVS_EINVAL, KVS_ENOTSUP (a pool the
+ * backend cannot read) or KVS_ENOMEM. */
 int model_spec_importance(const model_t *draft, const kern_kv_t *kv, const int32_t *blocks,
                           uint32_t n_prompt, const float *qs, uint32_t n_a, uint32_t pool,
                           float *imp);
@@ -417,7 +418,8 @@ void model_snapkv_defaults(model_snapkv_policy_t *p);
 int model_snapkv_check(const model_snapkv_policy_t *p);
 
 /* SnapKV's selection over the first n_keys entries of the KV table
- * `blocks` in kv (host memory, any kind of block): for each layer and
+ * `blocks` in kv (the model backend's memory, any kind of block it reads,
+ * scored by kern_attn_mass): for each layer and
  * query head, the softmax of q . k / sqrt(head_dim) over all the keys a
  * query row sees, summed over the n_obs observation rows into a vote per
  * key before the window, summed over the query heads of each KV head,
@@ -431,8 +433,8 @@ int model_snapkv_check(const model_snapkv_policy_t *p);
  * zero fields take the defaults.  Writes the kept entries of layer l and
  * KV head h, ascending, to keep[(l * n_head_kv + h) * K + j], j < K =
  * min(budget, n_keys) (the identity when n_keys <= budget), which is what
- * kv_table_compact reads, and returns K; or KVS_EINVAL, KVS_ENOTSUP (the
- * model's backend is not host memory) or KVS_ENOMEM.  Thread: engine. */
+ * kv_table_compact reads, and returns K; or KVS_EINVAL, KVS_ENOTSUP (a
+ * pool the backend cannot read) or KVS_ENOMEM.  Thread: engine. */
 int model_snapkv_select(const model_t *m, const kern_kv_t *kv, const int32_t *blocks,
                         uint32_t n_keys, const float *q_obs, uint32_t n_obs,
                         const model_snapkv_policy_t *p, int32_t *keep);
@@ -447,9 +449,10 @@ int model_snapkv_select(const model_t *m, const kern_kv_t *kv, const int32_t *bl
  * holds post-RoPE queries [n_layer][n_q][n_head][head_dim]; row r sits at
  * entry n_keys - n_q + r and sees the entries up to it (a decode row,
  * n_q = 1, sees them all).  Keys are read from the first n_keys entries
- * of the table `blocks` in kv (host memory, any kind of block).
- * 1 <= n_q <= n_keys <= stride.  Returns 0, KVS_EINVAL, KVS_ENOTSUP (the
- * model's backend is not host memory) or KVS_ENOMEM.  Thread: engine. */
+ * of the table `blocks` in kv (as model_snapkv_select; q and acc are host
+ * memory).  1 <= n_q <= n_keys <= stride.  Returns 0, KVS_EINVAL,
+ * KVS_ENOTSUP (a pool the backend cannot read) or KVS_ENOMEM.  Thread:
+ * engine. */
 int model_h2o_scores(const model_t *m, const kern_kv_t *kv, const int32_t *blocks, uint32_t n_keys,
                      const float *q, uint32_t n_q, uint32_t stride, double *acc);
 

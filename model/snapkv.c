@@ -10,10 +10,9 @@
  * Callers: the scheduler at the end of a prefill and in decode (then
  * kv_table_compact), tests.
  *
- * Per (layer, KV head) the keys are read once into f32.  Scores go to a
- * [QB][n_keys] scratch, QB query rows at a time, keys in tiles of KT so a
- * tile stays in cache while all QB rows use it; no n_keys x n_keys matrix
- * and no allocation beyond one scratch block per call.
+ * The probabilities and their sums are the backend's (kern_attn_mass, on
+ * the device where the KV is); only each layer's [KV head][key] sums come
+ * to the host, where the pooling and the ranking run.
  */
 #include "model_int.h"
 
@@ -25,8 +24,6 @@
 #define SNAPKV_DEFAULT_KERNEL 5
 #define SNAPKV_MAX_WINDOW 1024
 #define SNAPKV_MAX_KERNEL 255
-#define QB 16 /* query rows scored together */
-#define KT 32 /* keys per tile */
 
 void
 model_snapkv_defaults(model_snapkv_policy_t *p)
@@ -78,73 +75,36 @@ top_then_recent(const double *score, uint32_t M, uint32_t top, uint32_t n_keys,
         out[n++] = (int32_t)j;
 }
 
-/* Eight partial sums, so the compiler can keep them in vector lanes. */
-static float
-dot(const float *a, const float *b, uint32_t d)
+/* The one place the score math is asked for (SnapKV's vote, H2O's
+ * accumulated attention): out[g][j], j < n_out, the softmax probabilities
+ * of key j summed over every row of q (layer l of [n_layer][n_q][n_head][d])
+ * and the query heads of KV head g.  Row r sits at entry n_keys - n_q + r
+ * and sees the keys up to it, so each row is normalised over exactly what
+ * its attention saw. */
+static int
+attn_mass(const model_t *m, const kern_kv_t *kv, const int32_t *blocks, uint32_t n_keys, uint32_t l,
+          const float *q, uint32_t n_q, uint32_t n_out, float *out)
 {
-    float s[8] = {0};
-    uint32_t e = 0;
-    for (; e + 8 <= d; e += 8)
-        for (int i = 0; i < 8; i++)
-            s[i] += a[e + i] * b[e + i];
-    for (; e < d; e++)
-        s[0] += a[e] * b[e];
-    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    const model_hparams_t *hp = model_hparams(m);
+    const kern_attn_mass_args_t a = {
+        .q = q + (size_t)l * n_q * hp->n_head * hp->head_dim,
+        .n_q = n_q,
+        .n_heads = hp->n_head,
+        .kv = kv,
+        .layer = l,
+        .blocks = blocks,
+        .n_keys = n_keys,
+        .causal = true,
+        .scale = 1.0f / sqrtf((float)hp->head_dim), /* forward.c's attention scale */
+        .mode = KERN_MASS_SUM,
+        .n_out = n_out,
+        .out = out,
+    };
+    return kern_attn_mass(model_backend(m), &a);
 }
 
-/* The one place the score math lives (SnapKV's vote, H2O's accumulated
- * attention): adds to acc[j], j < n_acc, the softmax probabilities of key
- * j for every query head of KV head g's group and every row of q (layout
- * [n_layer][n_q][n_head][d]) in layer l.  Row r sits at entry n_keys - n_q
- * + r and sees the keys up to it, so each row is normalised over exactly
- * what its attention saw.  keys: [n_keys][d], scores: [QB][n_keys]. */
-static void
-attn_mass(const kern_kv_t *kv, const int32_t *blocks, uint32_t n_keys, uint32_t l, uint32_t g,
-          uint32_t H, uint32_t G, uint32_t d, const float *q, uint32_t n_q, uint32_t n_acc,
-          float *keys, float *scores, double *acc)
-{
-    const uint32_t M = n_keys - n_q, n_rows = G * n_q;
-    const float scale = 1.0f / sqrtf((float)d); /* forward.c's attention scale */
-    model__gather_keys(kv, l, g, blocks, n_keys, keys);
-    /* Query i of the group: head g * G + i / n_q, row i % n_q. */
-    for (uint32_t q0 = 0; q0 < n_rows; q0 += QB) {
-        const uint32_t nq = n_rows - q0 < QB ? n_rows - q0 : QB;
-        const float *qrow[QB];
-        uint32_t lim[QB];
-        for (uint32_t i = 0; i < nq; i++) {
-            uint32_t h = g * G + (q0 + i) / n_q, r = (q0 + i) % n_q;
-            qrow[i] = q + (((size_t)l * n_q + r) * H + h) * d;
-            lim[i] = M + r + 1;
-        }
-        for (uint32_t j0 = 0; j0 < n_keys; j0 += KT) {
-            const uint32_t j1 = j0 + KT < n_keys ? j0 + KT : n_keys;
-            for (uint32_t i = 0; i < nq; i++) {
-                float *s = scores + (size_t)i * n_keys;
-                const uint32_t end = j1 < lim[i] ? j1 : lim[i];
-                for (uint32_t j = j0; j < end; j++)
-                    s[j] = dot(qrow[i], keys + (size_t)j * d, d) * scale;
-            }
-        }
-        for (uint32_t i = 0; i < nq; i++) {
-            float *s = scores + (size_t)i * n_keys;
-            float mx = -INFINITY;
-            for (uint32_t j = 0; j < lim[i]; j++)
-                mx = s[j] > mx ? s[j] : mx;
-            double sum = 0.0;
-            for (uint32_t j = 0; j < lim[i]; j++) {
-                s[j] = expf(s[j] - mx);
-                sum += s[j];
-            }
-            const double inv = 1.0 / sum;
-            const uint32_t end = n_acc < lim[i] ? n_acc : lim[i];
-            for (uint32_t j = 0; j < end; j++)
-                acc[j] += s[j] * inv;
-        }
-    }
-}
-
-/* The first n_keys entries of a KV table of this model's shape, in a
- * host-memory pool: 0, KVS_EINVAL or KVS_ENOTSUP. */
+/* The first n_keys entries of a KV table of this model's shape: 0 or
+ * KVS_EINVAL. */
 static int
 table_ok(const model_t *m, const kern_kv_t *kv, const int32_t *blocks, uint32_t n_keys)
 {
@@ -157,7 +117,7 @@ table_ok(const model_t *m, const kern_kv_t *kv, const int32_t *blocks, uint32_t 
     for (uint32_t b = 0; b < n_used; b++)
         if (blocks[b] < 0 || (uint32_t)blocks[b] >= kv->n_blocks)
             return KVS_EINVAL;
-    return kern_backend_is_host(model_backend(m)) ? 0 : KVS_ENOTSUP;
+    return 0;
 }
 
 int
@@ -170,7 +130,7 @@ model_snapkv_select(const model_t *m, const kern_kv_t *kv, const int32_t *blocks
     model_snapkv_policy_t pol = *p;
     model_snapkv_defaults(&pol);
     const model_hparams_t *hp = model_hparams(m);
-    const uint32_t d = hp->head_dim, H = hp->n_head, HKV = hp->n_head_kv, L = hp->n_layer;
+    const uint32_t HKV = hp->n_head_kv, L = hp->n_layer;
     if (model_snapkv_check(&pol) || n_obs == 0 || n_obs > pol.window || n_obs > n_keys)
         return KVS_EINVAL;
     int rc = table_ok(m, kv, blocks, n_keys);
@@ -180,26 +140,27 @@ model_snapkv_select(const model_t *m, const kern_kv_t *kv, const int32_t *blocks
     if (n_keys <= pol.budget)
         return identity_lists((size_t)L * HKV, n_keys, keep);
 
-    const uint32_t C = pol.budget, G = H / HKV, M = n_keys - n_obs, top = C - n_obs;
+    const uint32_t C = pol.budget, M = n_keys - n_obs, top = C - n_obs;
     const uint32_t half = pol.kernel / 2;
-    /* One block: keys [n_keys][d], scores [QB][n_keys], votes and pooled
-     * votes [M] each, the ranking [M]. */
-    size_t keys_n = (size_t)n_keys * d, scores_n = (size_t)QB * n_keys;
-    size_t bytes = (keys_n + scores_n) * sizeof(float) + 2 * (size_t)M * sizeof(double) +
+    /* The layer's votes [HKV][M] as the backend gives them; one KV head's
+     * votes and pooled votes [M] each, in double; the ranking [M]. */
+    size_t bytes = (size_t)HKV * M * sizeof(float) + 2 * (size_t)M * sizeof(double) +
                    (size_t)M * sizeof(model__ranked_t);
     void *mem = malloc(bytes);
     if (mem == NULL)
         return KVS_ENOMEM;
     double *vote = mem, *pooled = vote + M;
     model__ranked_t *rank = (model__ranked_t *)(pooled + M);
-    float *keys = (float *)(rank + M), *scores = keys + keys_n;
+    float *votes = (float *)(rank + M);
 
-    for (uint32_t l = 0; l < L; l++) {
+    for (uint32_t l = 0; l < L && rc == 0; l++) {
+        /* Normalised over every visible key, window included; only the
+         * keys before the window collect votes. */
+        if ((rc = attn_mass(m, kv, blocks, n_keys, l, q_obs, n_obs, M, votes)) != 0)
+            break;
         for (uint32_t g = 0; g < HKV; g++) {
-            memset(vote, 0, (size_t)M * sizeof(double));
-            /* Normalised over every visible key, window included; only the
-             * keys before the window collect votes. */
-            attn_mass(kv, blocks, n_keys, l, g, H, G, d, q_obs, n_obs, M, keys, scores, vote);
+            for (uint32_t j = 0; j < M; j++)
+                vote[j] = votes[(size_t)g * M + j];
             /* avg_pool1d(kernel, stride 1, padding kernel / 2): the sum
              * over [j - half, j + half] clipped to [0, M), over kernel. */
             double win = 0.0;
@@ -218,7 +179,7 @@ model_snapkv_select(const model_t *m, const kern_kv_t *kv, const int32_t *blocks
         }
     }
     free(mem);
-    return (int)C;
+    return rc ? rc : (int)C;
 }
 
 /* ---- H2O (algorithms.md section 5.1) ------------------------------------- */
@@ -230,22 +191,26 @@ model_h2o_scores(const model_t *m, const kern_kv_t *kv, const int32_t *blocks, u
     if (m == NULL || kv == NULL || blocks == NULL || q == NULL || acc == NULL)
         return KVS_EINVAL;
     const model_hparams_t *hp = model_hparams(m);
-    const uint32_t d = hp->head_dim, H = hp->n_head, HKV = hp->n_head_kv, L = hp->n_layer;
+    const uint32_t HKV = hp->n_head_kv, L = hp->n_layer;
     if (n_q == 0 || n_q > n_keys || stride < n_keys)
         return KVS_EINVAL;
     int rc = table_ok(m, kv, blocks, n_keys);
     if (rc)
         return rc;
-    size_t keys_n = (size_t)n_keys * d, scores_n = (size_t)QB * n_keys;
-    float *keys = malloc((keys_n + scores_n) * sizeof(float));
-    if (keys == NULL)
+    float *mass = malloc((size_t)HKV * n_keys * sizeof(float));
+    if (mass == NULL)
         return KVS_ENOMEM;
-    for (uint32_t l = 0; l < L; l++)
-        for (uint32_t g = 0; g < HKV; g++)
-            attn_mass(kv, blocks, n_keys, l, g, H, H / HKV, d, q, n_q, n_keys, keys, keys + keys_n,
-                      acc + ((size_t)l * HKV + g) * stride);
-    free(keys);
-    return 0;
+    for (uint32_t l = 0; l < L && rc == 0; l++) {
+        if ((rc = attn_mass(m, kv, blocks, n_keys, l, q, n_q, n_keys, mass)) != 0)
+            break;
+        for (uint32_t g = 0; g < HKV; g++) {
+            double *a = acc + ((size_t)l * HKV + g) * stride;
+            for (uint32_t j = 0; j < n_keys; j++)
+                a[j] += mass[(size_t)g * n_keys + j];
+        }
+    }
+    free(mass);
+    return rc;
 }
 
 int

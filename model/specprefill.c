@@ -5,10 +5,10 @@
  * importance, and the best chunks are what the main model prefills.
  * Called by sched/ on the engine thread once a request's draft phase ends.
  *
- * No N x N matrix is built: per (layer, KV head) the prompt keys are read
- * once into f32, and each of the group's query heads and look-ahead
- * queries needs one row of N scores, folded into the running maximum at
- * once.
+ * No N x N matrix is built: the look-ahead queries' probabilities over
+ * the prompt, pooled and maximised over heads, come from the backend one
+ * layer at a time (kern_attn_mass, on the device where the draft's KV
+ * is), and the maximum over layers and the mean over queries run here.
  */
 #include "model_int.h"
 
@@ -52,68 +52,45 @@ model_spec_importance(const model_t *draft, const kern_kv_t *kv, const int32_t *
                       uint32_t n_prompt, const float *qs, uint32_t n_a, uint32_t pool, float *imp)
 {
     const model_hparams_t *hp = model_hparams(draft);
-    const uint32_t N = n_prompt, d = hp->head_dim, H = hp->n_head, G = H / hp->n_head_kv;
+    const uint32_t N = n_prompt, d = hp->head_dim, H = hp->n_head;
     if (N == 0 || n_a == 0 || pool == 0 || pool % 2 == 0 || kv->n_layers != hp->n_layer ||
         kv->n_kv_heads != hp->n_head_kv || kv->head_dim != d)
         return KVS_EINVAL;
-    if (!kern_backend_is_host(draft->be))
-        return KVS_ENOTSUP;
     const size_t qd = (size_t)H * d;
-    float *keys = malloc((size_t)N * d * sizeof(float));
-    float *p = malloc((size_t)N * sizeof(float)), *sm = malloc((size_t)N * sizeof(float));
+    /* One layer's look-ahead queries [n_a][qd], its pooled maxima [n_a][N]
+     * and the running maximum over layers [n_a][N]. */
+    float *q = malloc((size_t)n_a * qd * sizeof(float));
+    float *layer = malloc((size_t)n_a * N * sizeof(float));
     float *best = malloc((size_t)n_a * N * sizeof(float));
-    if (!keys || !p || !sm || !best) {
-        free(keys);
-        free(p);
-        free(sm);
-        free(best);
-        return KVS_ENOMEM;
+    int rc = 0;
+    if (!q || !layer || !best) {
+        rc = KVS_ENOMEM;
+        goto out;
     }
     for (size_t i = 0; i < (size_t)n_a * N; i++)
         best[i] = -INFINITY;
-    const float scale = 1.0f / sqrtf((float)d);
-    const uint32_t half = pool / 2;
     for (uint32_t l = 0; l < hp->n_layer; l++) {
-        for (uint32_t g = 0; g < hp->n_head_kv; g++) {
-            model__gather_keys(kv, l, g, blocks, N, keys);
-            for (uint32_t hh = 0; hh < G; hh++) {
-                const uint32_t h = g * G + hh;
-                for (uint32_t a = 0; a < n_a; a++) {
-                    const float *q = qs + ((size_t)a * hp->n_layer + l) * qd + (size_t)h * d;
-                    float mx = -INFINITY;
-                    for (uint32_t j = 0; j < N; j++) {
-                        const float *k = keys + (size_t)j * d;
-                        float s = 0.0f;
-                        for (uint32_t e = 0; e < d; e++)
-                            s += q[e] * k[e];
-                        p[j] = s * scale;
-                        mx = p[j] > mx ? p[j] : mx;
-                    }
-                    double sum = 0.0;
-                    for (uint32_t j = 0; j < N; j++) {
-                        p[j] = expf(p[j] - mx);
-                        sum += p[j];
-                    }
-                    const float inv = (float)(1.0 / sum);
-                    for (uint32_t j = 0; j < N; j++)
-                        p[j] *= inv;
-                    /* Sliding sum over [j - half, j + half], clipped. */
-                    double win = 0.0;
-                    for (uint32_t j = 0; j < N && j < half; j++)
-                        win += p[j];
-                    for (uint32_t j = 0; j < N; j++) {
-                        if (j + half < N)
-                            win += p[j + half];
-                        if (j > half)
-                            win -= p[j - half - 1];
-                        sm[j] = (float)(win / pool);
-                    }
-                    float *b = best + (size_t)a * N;
-                    for (uint32_t j = 0; j < N; j++)
-                        b[j] = sm[j] > b[j] ? sm[j] : b[j];
-                }
-            }
-        }
+        for (uint32_t a = 0; a < n_a; a++)
+            memcpy(q + (size_t)a * qd, qs + ((size_t)a * hp->n_layer + l) * qd, qd * sizeof(float));
+        /* Every look-ahead query comes after the prompt and sees all of
+         * it; per head the probabilities are pooled, then the heads'
+         * maximum taken (the backend's KERN_MASS_POOL_MAX). */
+        const kern_attn_mass_args_t args = {.q = q,
+                                            .n_q = n_a,
+                                            .n_heads = H,
+                                            .kv = kv,
+                                            .layer = l,
+                                            .blocks = blocks,
+                                            .n_keys = N,
+                                            .causal = false,
+                                            .scale = 1.0f / sqrtf((float)d),
+                                            .mode = KERN_MASS_POOL_MAX,
+                                            .pool = pool,
+                                            .out = layer};
+        if ((rc = kern_attn_mass(draft->be, &args)) != 0)
+            goto out;
+        for (size_t i = 0; i < (size_t)n_a * N; i++)
+            best[i] = layer[i] > best[i] ? layer[i] : best[i];
     }
     for (uint32_t j = 0; j < N; j++) {
         double s = 0.0;
@@ -121,11 +98,11 @@ model_spec_importance(const model_t *draft, const kern_kv_t *kv, const int32_t *
             s += best[(size_t)a * N + j];
         imp[j] = (float)(s / n_a);
     }
-    free(keys);
-    free(p);
-    free(sm);
+out:
+    free(q);
+    free(layer);
     free(best);
-    return 0;
+    return rc;
 }
 
 uint32_t

@@ -203,9 +203,8 @@ kv_pool_t *sched_draft_pool(sched_t *s); /* NULL without a draft */
 /* Queues a request (the prompt is copied).  Thread: any.  Returns 0,
  * KVS_EINVAL (empty prompt, token outside the vocabulary, bad sampling or
  * policy), KVS_ENOTSUP (a policy this engine cannot run: speculative
- * prefill without a draft or on a device backend, SnapKV or H2O on a
- * device backend), KVS_ERANGE (prompt + max_tokens longer than the maximum model
- * length) or KVS_ENOSPC (could never fit in the KV pool or the draft's). */
+ * prefill without a draft), KVS_ERANGE (prompt + max_tokens longer than
+ * the maximum model length) or KVS_ENOSPC (could never fit in the KV pool or the draft's). */
 int sched_submit(sched_t *s, const sched_request_t *r);
 /* Whether this engine runs requests with these policies (spec with its
  * defaults filled; kv may be NULL for none): 0, KVS_EINVAL or KVS_ENOTSUP,

@@ -1262,16 +1262,10 @@ sched_check_policy(const sched_t *s, const model_attn_policy_t *attn,
         }
         if (kv->kind == SCHED_KV_H2O && h2o_recent(kv) >= kv->budget_tokens)
             return KVS_EINVAL;
-        if (kv->kind == SCHED_KV_SNAPKV || kv->kind == SCHED_KV_H2O) {
-            if (spec->on)
-                return KVS_EINVAL; /* its prompt KV is not the prompt's */
-            if (!kern_backend_is_host(s->be))
-                return KVS_ENOTSUP; /* the scores are computed on the host */
-        }
+        if ((kv->kind == SCHED_KV_SNAPKV || kv->kind == SCHED_KV_H2O) && spec->on)
+            return KVS_EINVAL; /* its prompt KV is not the prompt's */
     }
-    /* Speculative prefill's scores read the draft's KV on the host
-     * (model.h). */
-    if (spec->on && (!s->draft || !kern_backend_is_host(s->be)))
+    if (spec->on && !s->draft)
         return KVS_ENOTSUP;
     return 0;
 }

@@ -683,10 +683,10 @@ gen_new(call_t *c)
     c->g.sr.id = id;
     int e = sched_submit(S.sched, &c->g.sr);
     if (e) {
-        if (e == KVS_ENOTSUP) /* speculative prefill, SnapKV or H2O on a device */
+        if (e == KVS_ENOTSUP) /* speculative prefill without --draft-model */
             snprintf(msg, sizeof msg,
-                     "policy.prefill.kind / policy.kv.kind: not supported on the %s backend",
-                     kern_backend_name(S.be));
+                     "policy.prefill.kind: speculative prefill needs a server started with "
+                     "--draft-model");
         else
             snprintf(msg, sizeof msg, "the engine refused the request: %s",
                      e == KVS_ENOSPC ? "it can never fit in the KV cache" : kvs_strerror(e));

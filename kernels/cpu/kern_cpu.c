@@ -665,6 +665,32 @@ cpu_block_bounds(kern_backend_t *base, const kern_kv_t *kv, uint32_t layer, cons
     return 0;
 }
 
+static void
+mass_task(void *ctx, int task, int thread)
+{
+    const kern_attn_mass_args_t *a = ((void **)ctx)[1];
+    kern_cpu_t *be = ((void **)ctx)[0];
+    kern__host_attn_mass_head(a, (uint32_t)task, be->scratch[thread].p);
+}
+
+/* SUM: KV heads write their own rows, so they run in parallel; POOL_MAX
+ * folds every head into the same rows, in turn. */
+static int
+cpu_attn_mass(kern_backend_t *base, const kern_attn_mass_args_t *a)
+{
+    kern_cpu_t *be = (kern_cpu_t *)base;
+    int rc = kern__cpu_scratch_reserve(be, kern__host_attn_mass_scratch(a));
+    if (rc)
+        return rc;
+    if (a->mode == KERN_MASS_POOL_MAX || a->kv->n_kv_heads == 1) {
+        kern__host_attn_mass_all(a, be->scratch[0].p);
+        return 0;
+    }
+    void *ctx[2] = {be, (void *)a};
+    kern__cpu_parallel(be, (int)a->kv->n_kv_heads, mass_task, ctx);
+    return 0;
+}
+
 static int
 cpu_attention(kern_backend_t *base, const kern_attn_args_t *a)
 {
@@ -748,4 +774,5 @@ static const kern_ops_t cpu_ops = {
     .kv_gather = cpu_kv_gather,            /* per layer, rows memcpy'd or decoded */
     .block_bounds = cpu_block_bounds,      /* parallel over (KV head, 64 blocks) */
     .block_scores = kern__host_block_scores_gemm, /* cpu_matmul per KV head */
+    .attn_mass = cpu_attn_mass,                   /* KV heads in parallel (SUM) */
 };

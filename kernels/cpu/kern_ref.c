@@ -246,6 +246,16 @@ ref_block_bounds(kern_backend_t *base, const kern_kv_t *kv, uint32_t layer, cons
     return 0;
 }
 
+static int
+ref_attn_mass(kern_backend_t *base, const kern_attn_mass_args_t *a)
+{
+    void *x = ref_scratch((kern_ref_t *)base, kern__host_attn_mass_scratch(a));
+    if (x == NULL)
+        return KVS_ENOMEM;
+    kern__host_attn_mass_all(a, x);
+    return 0;
+}
+
 /* Whether row i (causal limit len) attends to key j < len: kern.h's
  * sparse key pattern, spelled out as written there. */
 static bool
@@ -367,4 +377,5 @@ static const kern_ops_t ref_ops = {
     .kv_gather = ref_kv_gather, /* row by row, layer by layer */
     .block_bounds = ref_block_bounds,
     .block_scores = kern__host_block_scores_ref, /* the definition, summed in double */
+    .attn_mass = ref_attn_mass,                  /* keys in f32, sums in double */
 };

@@ -11,8 +11,9 @@
  *                   decode rows and the general case
  *   cuda_attn_tc.cu kern__cuda_attention_tc: its F16 prefill tiles on the
  *                   tensor cores
- *   cuda_select.cu  KV row gather (SnapKV/H2O) and block-sparse prefill's
- *                   Quest bounds and scores
+ *   cuda_select.cu  KV row gather (SnapKV/H2O), block-sparse prefill's
+ *                   Quest bounds and scores, attention mass (SnapKV, H2O,
+ *                   speculative prefill)
  *   cuda_dequant.cuh Q4_0 and K-quant block decoding, for get_rows and
  *                   matmul
  *
@@ -70,6 +71,8 @@ typedef enum kern_cuda_ws {
     KERN_CUDA_WS_MATMUL_X, /* activations converted to f16/bf16, or rounded for Q8_0 */
     KERN_CUDA_WS_MATMUL_W, /* quantized weight tiles dequantized to f16 */
     KERN_CUDA_WS_ATTN,     /* split-KV partial results */
+    KERN_CUDA_WS_MASS_P,   /* kern_attn_mass: a chunk of rows' probabilities */
+    KERN_CUDA_WS_MASS_OUT, /* kern_attn_mass: its result, before the copy back */
     KERN_CUDA_WS_COUNT,
 } kern_cuda_ws_t;
 
@@ -155,13 +158,15 @@ kern__cuda_grid(const kern_cuda_t *be, size_t n, unsigned per_block)
 int kern__cuda_matmul(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
                       const float *bias, float *y);
 int kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a);
-/* cuda_select.cu: kern_kv_gather (full-precision pools), kern_kv_block_bounds
- * and kern_block_scores. */
+/* cuda_select.cu: kern_kv_gather (full-precision pools), kern_kv_block_bounds,
+ * kern_block_scores and kern_attn_mass. */
 int kern__cuda_kv_gather(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src,
                          const int32_t *dst, uint32_t n);
 int kern__cuda_block_bounds(kern_cuda_t *be, const kern_kv_t *kv, uint32_t layer,
                             const int32_t *blocks, uint32_t n, float *out);
 int kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a);
+int kern__cuda_attn_mass(kern_cuda_t *be, const kern_attn_mass_args_t *a);
+void kern__cuda_attn_mass_reserve(const kern_reserve_t *r, size_t *p_bytes, size_t *out_bytes);
 /* What the ops above can ask of the workspaces and staging at most, for
  * the shapes of r (kern_reserve). */
 void kern__cuda_matmul_reserve(const kern_reserve_t *r, size_t *x_bytes, size_t *w_bytes);

@@ -203,3 +203,230 @@ kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
     }
     return 0;
 }
+
+/* ------------------------------------------------------------------------ */
+/* Attention mass.                                                          */
+/* ------------------------------------------------------------------------ */
+
+/* Keys a block of MASS_WARPS warps scores, MASS_KPW per warp. */
+#define MASS_WARPS 8
+#define MASS_KPW 8
+#define MASS_KEYS (MASS_WARPS * MASS_KPW)
+#define MASS_MAX_DIM 256 /* head_dim, for the key row a lane keeps in registers */
+
+/* S[rr][h][j] for rows r0 + rr of the chunk (blockIdx.y), the query heads
+ * of KV head blockIdx.z, and MASS_KEYS keys (blockIdx.x): a warp per key,
+ * lanes over channels, every head of the group against the key while it
+ * sits in registers.  Keys past the row's limit get -inf. */
+template <typename T>
+static __global__ void
+mass_logits_kernel(const T *k, uint32_t n_kv, uint32_t bt, uint32_t d, const int32_t *blocks,
+                   const float *q, uint32_t n_heads, uint32_t G, uint32_t r0, uint32_t n_keys,
+                   uint32_t lim0, float scale, float *S)
+{
+    extern __shared__ float qs[]; /* [G][d] */
+    const uint32_t rr = blockIdx.y, g = blockIdx.z, r = r0 + rr;
+    const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const float *qr = q + ((size_t)r * n_heads + (size_t)g * G) * d;
+    for (uint32_t t = threadIdx.x; t < G * d; t += blockDim.x)
+        qs[t] = qr[t];
+    __syncthreads();
+    const uint32_t lim = lim0 + r < n_keys ? lim0 + r : n_keys; /* causal: M + r + 1 */
+    const uint32_t per = (d + 31) / 32;
+    for (uint32_t u = 0; u < MASS_KPW; u++) {
+        const uint32_t j = blockIdx.x * MASS_KEYS + warp * MASS_KPW + u;
+        if (j >= n_keys)
+            break;
+        float kr[MASS_MAX_DIM / 32];
+        const T *kp = k + (((size_t)blocks[j / bt] * n_kv + g) * bt + j % bt) * d;
+#pragma unroll
+        for (uint32_t t = 0; t < MASS_MAX_DIM / 32; t++)
+            kr[t] = t < per && lane + 32 * t < d ? kern__cuda_kv_load(kp + lane + 32 * t) : 0.0f;
+        for (uint32_t hh = 0; hh < G; hh++) {
+            float s = 0.0f;
+#pragma unroll
+            for (uint32_t t = 0; t < MASS_MAX_DIM / 32; t++)
+                if (t < per && lane + 32 * t < d)
+                    s += qs[hh * d + lane + 32 * t] * kr[t];
+            s = kern__cuda_warp_sum(s);
+            if (lane == 0)
+                S[((size_t)rr * n_heads + (size_t)g * G + hh) * n_keys + j] =
+                    j < lim ? s * scale : -INFINITY;
+        }
+    }
+}
+
+static __device__ __forceinline__ float
+mass_block_max(float v, float *red)
+{
+    unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    __syncthreads();
+    if (lane == 0)
+        red[warp] = v;
+    __syncthreads();
+    v = lane < n_warps ? red[lane] : -INFINITY;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    return v;
+}
+
+/* One block per (row, head) of the chunk: S's row becomes its softmax
+ * (masked keys, -inf, become 0). */
+static __global__ void
+mass_softmax_kernel(float *S, uint32_t n_keys)
+{
+    __shared__ float red[32];
+    float *s = S + (size_t)blockIdx.x * n_keys;
+    float mx = -INFINITY;
+    for (uint32_t j = threadIdx.x; j < n_keys; j += blockDim.x)
+        mx = fmaxf(mx, s[j]);
+    mx = mass_block_max(mx, red);
+    float sum = 0.0f;
+    for (uint32_t j = threadIdx.x; j < n_keys; j += blockDim.x)
+        sum += s[j] == -INFINITY ? 0.0f : __expf(s[j] - mx);
+    sum = kern__cuda_block_sum(sum, red);
+    const float inv = 1.0f / sum;
+    for (uint32_t j = threadIdx.x; j < n_keys; j += blockDim.x)
+        s[j] = s[j] == -INFINITY ? 0.0f : __expf(s[j] - mx) * inv;
+}
+
+/* KERN_MASS_SUM: out[g][j] (+)= the chunk's probabilities of key j over
+ * its rows and g's heads, rows in order, so the sum is deterministic. */
+static __global__ void
+mass_sum_kernel(const float *P, uint32_t rows, uint32_t n_heads, uint32_t G, uint32_t n_keys,
+                uint32_t n_kv, uint32_t n_out, bool first, float *out)
+{
+    const size_t count = (size_t)n_kv * n_out;
+    for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < count;
+         t += (size_t)gridDim.x * blockDim.x) {
+        const size_t g = t / n_out, j = t % n_out;
+        float acc = first ? 0.0f : out[t];
+        for (uint32_t rr = 0; rr < rows; rr++)
+            for (uint32_t hh = 0; hh < G; hh++)
+                acc += P[((size_t)rr * n_heads + g * G + hh) * n_keys + j];
+        out[t] = acc;
+    }
+}
+
+#define MASS_POOL_RUN 256 /* outputs one thread slides its window over */
+
+/* KERN_MASS_POOL_MAX: a thread per (row, head, run of MASS_POOL_RUN keys)
+ * sums its first window, then slides it; the mean goes into out[row][j]
+ * by atomicMax on the bits, which orders non-negative floats as integers
+ * (out starts at 0, below every mean; max is order-free). */
+static __global__ void
+mass_pool_kernel(const float *P, uint32_t rows, uint32_t r0, uint32_t n_heads, uint32_t n_keys,
+                 uint32_t pool, float *out)
+{
+    const uint32_t runs = (n_keys + MASS_POOL_RUN - 1) / MASS_POOL_RUN, half = pool / 2;
+    const size_t count = (size_t)rows * n_heads * runs;
+    for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < count;
+         t += (size_t)gridDim.x * blockDim.x) {
+        const size_t rh = t / runs;
+        const uint32_t j0 = (uint32_t)(t % runs) * MASS_POOL_RUN, rr = (uint32_t)(rh / n_heads);
+        const float *p = P + rh * n_keys;
+        const uint32_t j1 = j0 + MASS_POOL_RUN < n_keys ? j0 + MASS_POOL_RUN : n_keys;
+        double win = 0.0;
+        const uint32_t lo = j0 > half ? j0 - half : 0;
+        const uint32_t hi = j0 + half + 1 < n_keys ? j0 + half + 1 : n_keys;
+        for (uint32_t i = lo; i < hi; i++)
+            win += p[i];
+        unsigned *o = (unsigned *)(out + (size_t)(r0 + rr) * n_keys);
+        for (uint32_t j = j0; j < j1; j++) {
+            if (j > j0) {
+                if (j + half < n_keys)
+                    win += p[j + half];
+                if (j > half)
+                    win -= p[j - half - 1];
+            }
+            float mean = (float)(win / pool);
+            atomicMax(o + j, __float_as_uint(mean > 0.0f ? mean : 0.0f));
+        }
+    }
+}
+
+void
+kern__cuda_attn_mass_reserve(const kern_reserve_t *r, size_t *p_bytes, size_t *out_bytes)
+{
+    /* Four rows of the main model's heads, and the outputs of SnapKV (one
+     * row per KV head) or of the default eight look-ahead queries. */
+    *p_bytes = (size_t)4 * r->n_heads * r->max_ctx * sizeof(float);
+    *out_bytes = (size_t)(r->n_kv_heads > 8 ? r->n_kv_heads : 8) * r->max_ctx * sizeof(float);
+}
+
+int
+kern__cuda_attn_mass(kern_cuda_t *be, const kern_attn_mass_args_t *a)
+{
+    const kern_kv_t *kv = a->kv;
+    const uint32_t N = a->n_keys, H = a->n_heads, n_kv = kv->n_kv_heads, G = H / n_kv;
+    const uint32_t d = kv->head_dim, n_used = (N + kv->block_tokens - 1) / kv->block_tokens;
+    if (d > MASS_MAX_DIM || (size_t)G * d * sizeof(float) > 48 * 1024 || n_kv > 65535) {
+        KVS_ERRORF("cuda: attn_mass: head_dim %u with %u heads a KV head is not supported", d, G);
+        return KVS_ENOTSUP;
+    }
+    /* Staged: the block ids, then q from a 16-byte boundary. */
+    const size_t q_off = ((size_t)n_used * sizeof(int32_t) + 15) & ~(size_t)15;
+    const size_t q_bytes = (size_t)a->n_q * H * d * sizeof(float), bytes = q_off + q_bytes;
+    void *h, *dev;
+    int rc = kern__cuda_stage_begin(be, bytes, &h);
+    if (rc)
+        return rc;
+    memcpy(h, a->blocks, (size_t)n_used * sizeof(int32_t));
+    memcpy((char *)h + q_off, a->q, q_bytes);
+    if ((rc = kern__cuda_stage_end(be, bytes, &dev)) != 0)
+        return rc;
+    const int32_t *blocks = (const int32_t *)dev;
+    const float *q = (const float *)((const char *)dev + q_off);
+
+    const bool sum = a->mode == KERN_MASS_SUM;
+    const size_t out_n = sum ? (size_t)n_kv * a->n_out : (size_t)a->n_q * N;
+    void *pw, *ow;
+    if ((rc = kern__cuda_workspace(be, KERN_CUDA_WS_MASS_OUT, out_n * sizeof(float), &ow)) != 0)
+        return rc;
+    /* As many rows a chunk as the workspace holds, at least one. */
+    const size_t row_n = (size_t)H * N;
+    size_t have = be->ws_bytes[KERN_CUDA_WS_MASS_P] / sizeof(float) / row_n;
+    uint32_t chunk = have < 1 ? 1 : have > a->n_q ? a->n_q : (uint32_t)have;
+    if ((rc = kern__cuda_workspace(be, KERN_CUDA_WS_MASS_P, chunk * row_n * sizeof(float), &pw)) !=
+        0)
+        return rc;
+    float *P = (float *)pw, *out = (float *)ow;
+    if (!sum)
+        KERN_CUDA_TRY(cudaMemsetAsync(out, 0, out_n * sizeof(float), be->stream));
+
+    const char *k = (const char *)kv->k + (size_t)a->layer * kv->layer_bytes;
+    const uint32_t lim0 = a->causal ? N - a->n_q + 1 : N;
+    const size_t smem = (size_t)G * d * sizeof(float);
+    for (uint32_t r0 = 0; r0 < a->n_q; r0 += chunk) {
+        const uint32_t rows = a->n_q - r0 < chunk ? a->n_q - r0 : chunk;
+        const dim3 grid((N + MASS_KEYS - 1) / MASS_KEYS, rows, n_kv);
+        if (kv->dtype == KERN_F16)
+            mass_logits_kernel<__half><<<grid, MASS_WARPS * 32, smem, be->stream>>>(
+                (const __half *)k, n_kv, kv->block_tokens, d, blocks, q, H, G, r0, N, lim0,
+                a->scale, P);
+        else
+            mass_logits_kernel<float><<<grid, MASS_WARPS * 32, smem, be->stream>>>(
+                (const float *)k, n_kv, kv->block_tokens, d, blocks, q, H, G, r0, N, lim0, a->scale,
+                P);
+        KERN_CUDA_LAUNCHED();
+        mass_softmax_kernel<<<rows * H, 256, 0, be->stream>>>(P, N);
+        KERN_CUDA_LAUNCHED();
+        if (sum) {
+            mass_sum_kernel<<<kern__cuda_grid(be, out_n, 256), 256, 0, be->stream>>>(
+                P, rows, H, G, N, n_kv, a->n_out, r0 == 0, out);
+        } else {
+            const size_t runs = (size_t)rows * H * ((N + MASS_POOL_RUN - 1) / MASS_POOL_RUN);
+            mass_pool_kernel<<<kern__cuda_grid(be, runs, 128), 128, 0, be->stream>>>(
+                P, rows, r0, H, N, a->pool, out);
+        }
+        KERN_CUDA_LAUNCHED();
+    }
+    KERN_CUDA_TRY(
+        cudaMemcpyAsync(a->out, out, out_n * sizeof(float), cudaMemcpyDeviceToHost, be->stream));
+    KERN_CUDA_TRY(cudaStreamSynchronize(be->stream));
+    return 0;
+}

@@ -952,14 +952,23 @@ cuda_block_scores(kern_backend_t *base, const kern_block_score_args_t *a)
     return cuda_leave(be, rc ? rc : kern__cuda_block_scores(be, a));
 }
 
+static int
+cuda_attn_mass(kern_backend_t *base, const kern_attn_mass_args_t *a)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : kern__cuda_attn_mass(be, a));
+}
+
 /* Sizes every workspace and staging buffer for r's shapes now, so serving
  * allocates nothing (kern_reserve). */
 static int
 cuda_reserve_body(kern_cuda_t *be, const kern_reserve_t *r)
 {
-    size_t x, w, attn, stage;
+    size_t x, w, attn, stage, mass_p, mass_out;
     kern__cuda_matmul_reserve(r, &x, &w);
     kern__cuda_attention_reserve(be, r, &attn, &stage);
+    kern__cuda_attn_mass_reserve(r, &mass_p, &mass_out);
     /* kv_append's slots and get_rows' ids: one int per row. */
     size_t rows = (size_t)r->max_rows * sizeof(int32_t);
     if (stage < rows)
@@ -969,6 +978,8 @@ cuda_reserve_body(kern_cuda_t *be, const kern_reserve_t *r)
     if ((rc = kern__cuda_workspace(be, KERN_CUDA_WS_MATMUL_X, x, &p)) != 0 ||
         (rc = kern__cuda_workspace(be, KERN_CUDA_WS_MATMUL_W, w, &p)) != 0 ||
         (rc = kern__cuda_workspace(be, KERN_CUDA_WS_ATTN, attn, &p)) != 0 ||
+        (rc = kern__cuda_workspace(be, KERN_CUDA_WS_MASS_P, mass_p, &p)) != 0 ||
+        (rc = kern__cuda_workspace(be, KERN_CUDA_WS_MASS_OUT, mass_out, &p)) != 0 ||
         (rc = stage_dev_reserve(be, stage)) != 0)
         return rc;
     for (unsigned i = 0; i < KERN_CUDA_PIN_SLOTS && rc == 0; i++)
@@ -976,8 +987,8 @@ cuda_reserve_body(kern_cuda_t *be, const kern_reserve_t *r)
     be->reserved = rc == 0;
     if (rc == 0)
         KVS_INFOF("cuda: reserved %.1f MiB of workspaces and %u x %.1f MiB of pinned staging",
-                  (double)(x + w + attn + stage) / 1048576.0, KERN_CUDA_PIN_SLOTS,
-                  (double)stage / 1048576.0);
+                  (double)(x + w + attn + mass_p + mass_out + stage) / 1048576.0,
+                  KERN_CUDA_PIN_SLOTS, (double)stage / 1048576.0);
     return rc;
 }
 
@@ -1012,10 +1023,11 @@ static const kern_ops_t cuda_ops = {
     /* .delta_apply = */ cuda_delta_apply,   /* two elementwise passes */
     /* .block_bounds = */ cuda_block_bounds, /* block per (KV block, head), threads on channels */
     /* .block_scores = */ cuda_block_scores, /* split, TF32 GEMM, group max, per KV head */
-    /* .pack_weight = */ NULL,               /* weights stay row-major */
-    /* .kv_seal = */ NULL,                   /* no quantized KV blocks */
-    /* .kv_gather = */ cuda_kv_gather,       /* a warp per row, every row at once */
-    /* .reserve = */ cuda_reserve,           /* every workspace and staging buffer, once */
+    /* .attn_mass = */ cuda_attn_mass, /* logits, softmax, sum or pooled max; chunks of rows */
+    /* .pack_weight = */ NULL,         /* weights stay row-major */
+    /* .kv_seal = */ NULL,             /* no quantized KV blocks */
+    /* .kv_gather = */ cuda_kv_gather, /* a warp per row, every row at once */
+    /* .reserve = */ cuda_reserve,     /* every workspace and staging buffer, once */
 };
 
 /* After the table: C++ has no tentative definitions to declare it earlier. */

@@ -933,6 +933,153 @@ test_quest_bounds(void **state)
     }
 }
 
+/* ---- attention mass (kern_attn_mass) ------------------------------------ */
+
+/* kern_attn_mass straight from the token arrays, in double: sequence 0's
+ * first n_keys entries, its q rows. */
+static void
+mass_want(const pdata_t *p, uint32_t n_keys, bool causal, kern_mass_mode_t mode, uint32_t n_out,
+          uint32_t pool, float *out)
+{
+    const uint32_t d = p->d, H = p->n_heads, G = H / p->n_kv, n_q = p->n_q;
+    const size_t krow = (size_t)p->n_kv * d;
+    double *pr = malloc(n_keys * sizeof(double));
+    assert_non_null(pr);
+    if (mode == KERN_MASS_SUM)
+        memset(out, 0, (size_t)p->n_kv * n_out * sizeof(float));
+    else
+        for (size_t k = 0; k < (size_t)n_q * n_keys; k++)
+            out[k] = -INFINITY;
+    double *sum = calloc((size_t)p->n_kv * n_keys, sizeof(double));
+    assert_non_null(sum);
+    for (uint32_t r = 0; r < n_q; r++)
+        for (uint32_t h = 0; h < H; h++) {
+            const uint32_t lim = causal ? n_keys - n_q + r + 1 : n_keys, g = h / G;
+            const float *q = p->q + ((size_t)r * H + h) * d;
+            double mx = -INFINITY, z = 0.0;
+            for (uint32_t j = 0; j < lim; j++) {
+                const float *k = p->k_tok + (p->tok0[0] + j) * krow + (size_t)g * d;
+                double l = 0.0;
+                for (uint32_t e = 0; e < d; e++)
+                    l += (double)q[e] * k[e];
+                pr[j] = l * p->scale;
+                mx = pr[j] > mx ? pr[j] : mx;
+            }
+            for (uint32_t j = 0; j < n_keys; j++) {
+                pr[j] = j < lim ? exp(pr[j] - mx) : 0.0;
+                z += pr[j];
+            }
+            for (uint32_t j = 0; j < n_keys; j++)
+                pr[j] /= z;
+            if (mode == KERN_MASS_SUM) {
+                for (uint32_t j = 0; j < n_out; j++)
+                    sum[(size_t)g * n_keys + j] += pr[j];
+                continue;
+            }
+            for (uint32_t j = 0; j < n_keys; j++) {
+                double w = 0.0;
+                for (int64_t t = (int64_t)j - pool / 2; t <= (int64_t)j + pool / 2; t++)
+                    if (t >= 0 && t < n_keys)
+                        w += pr[t];
+                float m = (float)(w / pool), *o = out + (size_t)r * n_keys + j;
+                *o = m > *o ? m : *o;
+            }
+        }
+    if (mode == KERN_MASS_SUM)
+        for (uint32_t g = 0; g < p->n_kv; g++)
+            for (uint32_t j = 0; j < n_out; j++)
+                out[(size_t)g * n_out + j] = (float)sum[(size_t)g * n_keys + j];
+    free(sum);
+    free(pr);
+}
+
+/* SnapKV's and H2O's causal sums and speculative prefill's pooled maxima
+ * on every backend against the double reference above, and the
+ * refusals. */
+static void
+test_attn_mass(void **state)
+{
+    (void)state;
+    static const struct {
+        kern_dtype_t dtype;
+        uint32_t bt, d, n_heads, n_kv;
+        int32_t len, rows;
+        bool causal;
+        kern_mass_mode_t mode;
+        uint32_t n_out, pool;
+    } cases[] = {
+        {KERN_F32, 16, 64, 8, 2, 300, 32, true, KERN_MASS_SUM, 268, 0},
+        {KERN_F16, 16, 128, 32, 8, 200, 1, true, KERN_MASS_SUM, 200, 0},
+        {KERN_F32, 5, 32, 4, 4, 97, 7, true, KERN_MASS_SUM, 90, 0},
+        {KERN_F16, 16, 64, 8, 1, 150, 8, false, KERN_MASS_POOL_MAX, 0, 13},
+        {KERN_F32, 7, 96, 6, 3, 333, 3, false, KERN_MASS_POOL_MAX, 0, 1},
+        {KERN_F32, 16, 64, 4, 2, 40, 2, false, KERN_MASS_POOL_MAX, 0, 101},
+    };
+    rng_seed(37);
+    for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
+        const int32_t back = 0;
+        pdata_t p;
+        pdata_build(&p, cases[ci].dtype, cases[ci].bt, cases[ci].d, cases[ci].n_heads,
+                    cases[ci].n_kv, 1, &cases[ci].len, &cases[ci].rows, &back);
+        const uint32_t N = (uint32_t)p.len[0];
+        const size_t on =
+            cases[ci].mode == KERN_MASS_SUM ? (size_t)p.n_kv * cases[ci].n_out : (size_t)p.n_q * N;
+        float *want = malloc(on * sizeof(float)), *got = malloc(on * sizeof(float));
+        assert_true(want && got);
+        mass_want(&p, N, cases[ci].causal, cases[ci].mode, cases[ci].n_out, cases[ci].pool, want);
+        char what[96];
+        snprintf(what, sizeof(what), "attn_mass case %zu: %s, %u keys, %u rows", ci,
+                 cases[ci].mode == KERN_MASS_SUM ? "sum" : "pooled max", N, p.n_q);
+        for (int b = -1; b <= g_n_be; b++) {
+            if (b == g_n_be && !g_cuda)
+                break;
+            kern_backend_t *be = b < 0 ? g_ref : b == g_n_be ? g_cuda : g_be[b].be;
+            const char *label = b < 0 ? "ref" : b == g_n_be ? "cuda" : g_be[b].label;
+            kern_kv_t kv = pkv_make(be, &p);
+            kern_attn_mass_args_t a = {.q = p.q,
+                                       .n_q = p.n_q,
+                                       .n_heads = p.n_heads,
+                                       .kv = &kv,
+                                       .layer = 1,
+                                       .blocks = p.indices,
+                                       .n_keys = N,
+                                       .causal = cases[ci].causal,
+                                       .scale = p.scale,
+                                       .mode = cases[ci].mode,
+                                       .n_out = cases[ci].n_out,
+                                       .pool = cases[ci].pool,
+                                       .out = got};
+            for (size_t k = 0; k < on; k++)
+                got[k] = NAN;
+            assert_int_equal(kern_attn_mass(be, &a), 0);
+            /* cuda's exponentials are __expf and its sums f32. */
+            check_close(want, got, on, b == g_n_be ? 1e-4 : 1e-5, what, label);
+
+            kern_attn_mass_args_t bad = a;
+            bad.mode = KERN_MASS_POOL_MAX;
+            bad.pool = 4;
+            assert_int_equal(kern_attn_mass(be, &bad), KVS_EINVAL);
+            bad = a;
+            bad.mode = KERN_MASS_SUM;
+            bad.n_out = N + 1;
+            assert_int_equal(kern_attn_mass(be, &bad), KVS_EINVAL);
+            bad = a;
+            bad.causal = true;
+            bad.n_keys = p.n_q - 1;
+            assert_int_equal(kern_attn_mass(be, &bad), KVS_EINVAL);
+            bad = a;
+            bad.n_heads = p.n_kv + 1;
+            if (p.n_kv > 1)
+                assert_int_equal(kern_attn_mass(be, &bad), KVS_EINVAL);
+            kern_free(be, kv.k);
+            kern_free(be, kv.v);
+        }
+        free(want);
+        free(got);
+        pdata_free(&p);
+    }
+}
+
 int
 main(void)
 {
@@ -945,6 +1092,7 @@ main(void)
         cmocka_unit_test(test_pattern_validation),
         cmocka_unit_test(test_delta_invariants),
         cmocka_unit_test(test_quest_bounds),
+        cmocka_unit_test(test_attn_mass),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -4,7 +4,8 @@
  * of the GEMV/GEMM switch) over odd and padded shapes, get_rows, rmsnorm,
  * rope (NORM and NEOX, Llama 3.1 frequency factors, positions up to 128K),
  * swiglu, add, kv_append (repeated slots included), kv_copy, kv_gather,
- * block-sparse's Quest bounds and scores, Delta's correction, and paged
+ * block-sparse's Quest bounds and scores, attention mass (SnapKV, H2O,
+ * speculative prefill), Delta's correction, and paged
  * attention for prefill chunks, mixed batches and
  * split-KV decode at 40K and 64K tokens.  ctest: gpu_kernels, label "gpu".
  *
@@ -602,6 +603,28 @@ test_kv_gather(void **state)
     }
 }
 
+/* A whole K (or V) buffer of g's shape, finite values in [-2, 2) stored in
+ * g's dtype, and a scrambled list of all g's blocks. */
+static void *
+rand_keys(const kv_geom_t *g, int32_t **blocks)
+{
+    size_t n_el = (size_t)g->n_layers * g->n_blocks * g->n_kv_heads * g->block_tokens * g->head_dim;
+    void *k = malloc(n_el * 4);
+    *blocks = malloc(g->n_blocks * sizeof(int32_t));
+    assert_true(k && *blocks);
+    for (size_t i = 0; i < n_el; i++) {
+        float x = rng_f(-2.0f, 2.0f);
+        if (g->dtype == KERN_F16)
+            ((uint16_t *)k)[i] = kvs_f32_to_fp16(x);
+        else
+            ((float *)k)[i] = x;
+    }
+    for (uint32_t i = 0; i < g->n_blocks; i++)
+        (*blocks)[i] = (int32_t)i;
+    shuffle(*blocks, g->n_blocks);
+    return k;
+}
+
 /* Block-sparse prefill's Quest bounds at serving sizes: 8K keys (512
  * blocks) of 8 KV heads against 256 query rows of 32 heads.  The
  * summaries are exact copies of key values, so bit for bit; the scores
@@ -614,22 +637,9 @@ test_block_scores(void **state)
     for (int dt = 0; dt < 2; dt++) {
         const uint32_t nb = 512, n_q = 256, H = 32;
         kv_geom_t g = {dt ? KERN_F16 : KERN_F32, 1, 8, 128, 16, nb + 40};
-        size_t n_el = (size_t)g.n_blocks * g.n_kv_heads * g.block_tokens * g.head_dim;
-        void *k0 = malloc(n_el * 4);
+        int32_t *blocks;
+        void *k0 = rand_keys(&g, &blocks);
         float *q = rand_floats((size_t)n_q * H * g.head_dim, -2.0f, 2.0f);
-        assert_true(k0 && q);
-        for (size_t i = 0; i < n_el; i++) {
-            float x = rng_f(-2.0f, 2.0f);
-            if (dt)
-                ((uint16_t *)k0)[i] = kvs_f32_to_fp16(x);
-            else
-                ((float *)k0)[i] = x;
-        }
-        int32_t *blocks = malloc(g.n_blocks * sizeof(int32_t));
-        assert_non_null(blocks);
-        for (uint32_t i = 0; i < g.n_blocks; i++)
-            blocks[i] = (int32_t)i;
-        shuffle(blocks, g.n_blocks);
         kern_block_score_args_t a = {.n_q = n_q,
                                      .n_heads = H,
                                      .n_kv_heads = g.n_kv_heads,
@@ -675,6 +685,69 @@ test_block_scores(void **state)
         free(sr);
         free(sc);
     }
+}
+
+/* SnapKV's vote (32 causal rows, summed), H2O's decode row, and
+ * speculative prefill's pooled maxima (8 look-ahead rows) over 8K keys of
+ * 8 KV heads, 32 query heads: cuda against ref.  Each run gets a fresh
+ * pool: the table is a scrambled list of blocks, its last one partial. */
+static void
+test_attn_mass(void **state)
+{
+    (void)state;
+    seed_test(11);
+    static const struct {
+        uint32_t n_q;
+        bool causal;
+        kern_mass_mode_t mode;
+        uint32_t pool;
+    } cases[] = {
+        {32, true, KERN_MASS_SUM, 0},
+        {1, true, KERN_MASS_SUM, 0},
+        {8, false, KERN_MASS_POOL_MAX, 13},
+        {8, false, KERN_MASS_POOL_MAX, 1023},
+    };
+    const uint32_t N = 8190, H = 32;
+    for (int dt = 0; dt < 2; dt++)
+        for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
+            kv_geom_t g = {dt ? KERN_F16 : KERN_F32, 2, 8, 128, 16, 560};
+            int32_t *blocks;
+            void *k0 = rand_keys(&g, &blocks);
+            const uint32_t n_q = cases[ci].n_q;
+            float *q = rand_floats((size_t)n_q * H * g.head_dim, -2.0f, 2.0f);
+            const bool sum = cases[ci].mode == KERN_MASS_SUM;
+            const size_t on = sum ? (size_t)g.n_kv_heads * N : (size_t)n_q * N;
+            float *yr = sentinel_floats(on), *yc = sentinel_floats(on);
+            kern_backend_t *bes[2] = {g_ref, g_cuda};
+            for (int b = 0; b < 2; b++) {
+                kern_kv_t kv = kv_make(bes[b], &g, k0, k0);
+                const kern_attn_mass_args_t a = {.q = q,
+                                                 .n_q = n_q,
+                                                 .n_heads = H,
+                                                 .kv = &kv,
+                                                 .layer = 1,
+                                                 .blocks = blocks,
+                                                 .n_keys = N,
+                                                 .causal = cases[ci].causal,
+                                                 .scale = 1.0f / sqrtf((float)g.head_dim),
+                                                 .mode = cases[ci].mode,
+                                                 .n_out = N,
+                                                 .pool = cases[ci].pool,
+                                                 .out = b ? yc : yr};
+                assert_int_equal(kern_attn_mass(bes[b], &a), 0);
+                kv_take(bes[b], &kv, NULL, NULL);
+            }
+            char what[96];
+            snprintf(what, sizeof(what), "attn_mass %s %s, %u rows, %u keys%s", dt ? "f16" : "f32",
+                     sum ? "sum" : "pooled max", n_q, N,
+                     cases[ci].pool == 1023 ? ", pool 1023" : "");
+            check(yr, yc, on, 1e-4, what);
+            free(k0);
+            free(blocks);
+            free(q);
+            free(yr);
+            free(yc);
+        }
 }
 
 /* ------------------------------------------------------------------------ */
@@ -790,7 +863,7 @@ main(void)
         cmocka_unit_test(test_elementwise), cmocka_unit_test(test_delta_apply),
         cmocka_unit_test(test_kv_append),   cmocka_unit_test(test_kv_copy),
         cmocka_unit_test(test_kv_gather),   cmocka_unit_test(test_block_scores),
-        cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_attn_mass),   cmocka_unit_test(test_attention),
     };
     rc = cmocka_run_group_tests(tests, NULL, NULL);
     kern_backend_free(g_ref);
