@@ -416,6 +416,8 @@ int kern_attention(kern_backend_t *be, const kern_attn_args_t *a);
  * dst[i] (>= n_hot), every layer, K and V (host arrays); or, with src[i]
  * quantized and dst[i] full precision, writes the decoded values back (a
  * truncate that reopens a sealed block).  Sources are left as they were.
+ * Every backend seals with kern_kvq.c's encoders (cuda runs them on the
+ * host and moves the bytes), so tiles are identical across backends.
  * KVS_ENOTSUP where the backend reads no quantized blocks (then a pool
  * with a codec cannot run on it). */
 int kern_kv_seal(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
@@ -428,8 +430,7 @@ int kern_kv_seal(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, co
  * destination slot may be read as a source by the same call (the host
  * backends copy layers in parallel; the cache gathers into fresh blocks).
  * A quantized source is written as its decoded values, a full-precision
- * one bit for bit.  Returns 0, KVS_EINVAL, or KVS_ENOTSUP where the
- * backend cannot read the pool (cuda: quantized blocks). */
+ * one bit for bit.  Returns 0, KVS_EINVAL or KVS_ENOTSUP (kern_supports). */
 int kern_kv_gather(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
                    uint32_t n);
 /* Quest's page summaries (algorithms.md section 7.1), which block-sparse

@@ -9,7 +9,7 @@ target_link_libraries(test_gpu PRIVATE kvs PkgConfig::CMOCKA)
 add_test(NAME gpu_kernels COMMAND test_gpu)
 set_tests_properties(gpu_kernels PROPERTIES LABELS "gpu" SKIP_RETURN_CODE 77 TIMEOUT 900)
 # These two run the cuda backend too wherever one is present.
-set_tests_properties(test_kern_ops test_attn_policy PROPERTIES LABELS "cpu;gpu")
+set_tests_properties(test_kern_ops test_attn_policy test_kv_quant PROPERTIES LABELS "cpu;gpu")
 
 find_program(KVS_PYTHON3 NAMES python3 PATHS /usr/bin NO_DEFAULT_PATH)
 if(KVS_PYTHON3)
@@ -56,13 +56,16 @@ set_tests_properties(grpc_integration PROPERTIES LABELS "cpu;integration" SKIP_R
 add_test(NAME deploy_lint COMMAND sh ${CMAKE_CURRENT_SOURCE_DIR}/deploy/lint.sh)
 set_tests_properties(deploy_lint PROPERTIES LABELS "lint" TIMEOUT 300)
 
-# The cuda backend's block decoders (kernels/cuda/cuda_dequant.cuh) against
-# kern_row_to_f32, run on the host: it needs nvcc, not a GPU.
+# The cuda backend's decoders run on the host: it needs nvcc, not a GPU.
+# cuda_dequant: the weight blocks (cuda_dequant.cuh) against kern_row_to_f32;
+# cuda_kvq: the quantized KV tiles (cuda_kvq.cuh) against kern_kvq_decode.
 if(KVS_HAVE_CUDA)
-  add_executable(test_cuda_dequant tests/kernels/test_cuda_dequant.cu)
-  target_link_libraries(test_cuda_dequant PRIVATE kvs PkgConfig::CMOCKA)
-  target_compile_options(test_cuda_dequant PRIVATE
-    -Xcompiler=-Wall,-Wno-unused-parameter --Werror=all-warnings)
-  add_test(NAME cuda_dequant COMMAND test_cuda_dequant)
-  set_tests_properties(cuda_dequant PROPERTIES LABELS "cpu;gpu")
+  foreach(t cuda_dequant cuda_kvq)
+    add_executable(test_${t} tests/kernels/test_${t}.cu)
+    target_link_libraries(test_${t} PRIVATE kvs PkgConfig::CMOCKA)
+    target_compile_options(test_${t} PRIVATE
+      -Xcompiler=-Wall,-Wno-unused-parameter --Werror=all-warnings)
+    add_test(NAME ${t} COMMAND test_${t})
+    set_tests_properties(${t} PROPERTIES LABELS "cpu;gpu")
+  endforeach()
 endif()

@@ -8,7 +8,8 @@
 #   bench/gpu/check.sh [OUT_DIR]        (default .gpu-out)
 #
 # OUT_DIR gets check.log (this script's lines), one log per step
-# (gpu_kernels, test_kern_ops, test_attn_policy, engine, bench_gpu) and
+# (gpu_kernels, test_kern_ops, test_attn_policy, test_kv_quant, engine,
+# bench_gpu) and
 # bench_gpu.json.  Status: 0 all passed, 1 something failed, 77 no GPU.
 #
 # Binaries come from .gpu/, which bench/gpu/prepare.sh fills on a machine
@@ -143,11 +144,12 @@ if [ $gpu_rc = 77 ]; then
     grep -h 'no CUDA device\|no usable device' "$OUT/gpu_kernels.log" | tee -a "$LOG"
     run bench_gpu 60 "$BIN/bench_gpu" --json "$OUT/bench_gpu.json"
     grep -h 'no CUDA device' "$OUT/bench_gpu.log" | tee -a "$LOG"
-    say "check: no CUDA device: stopping before test_kern_ops and test_attn_policy (cpu-only here)"
+    say "check: no CUDA device: stopping before the tests that add cuda (cpu-only here)"
     exit 77
 fi
 run test_kern_ops 90 "$BIN/test_kern_ops"
 run test_attn_policy 60 "$BIN/test_attn_policy"
+run test_kv_quant 60 "$BIN/test_kv_quant"
 
 # ---- the engine: cuda against cpu on the tiny random model ------------------
 # A 64-token prompt (the GEMM paths) and 16 greedy steps (the GEMV paths);
@@ -184,12 +186,15 @@ sys.exit(0 if n > 0 and err < 2e-2 else 1)
 PY
 engine() {
     LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" model random --shape tiny --dtype f16 --out "$SCRATCH/tiny.gguf" || return 1
-    for dev in cpu cuda; do
-        LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" run --model "$SCRATCH/tiny.gguf" --prompt-tokens "$(seq -s, 1 64)" \
-            --max-tokens 16 --temperature 0 --ignore-eos --kv-cache-dtype f32 --device $dev \
-            --logits-out "$SCRATCH/logits-$dev.npy" >/dev/null || return 1
+    for kvd in f32 q8_0; do
+        for dev in cpu cuda; do
+            LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" run --model "$SCRATCH/tiny.gguf" --prompt-tokens "$(seq -s, 1 64)" \
+                --max-tokens 16 --temperature 0 --ignore-eos --kv-cache-dtype $kvd --device $dev \
+                --logits-out "$SCRATCH/logits-$dev.npy" >/dev/null || return 1
+        done
+        printf '%s KV: ' $kvd
+        python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || return 1
     done
-    python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy"
 }
 t=$(date +%s)
 if engine >"$OUT/engine.log" 2>&1; then
@@ -200,7 +205,7 @@ else
     say "check: engine_cuda_vs_cpu: FAILED"
     STATUS="$STATUS engine_cuda_vs_cpu=1"
 fi
-tail -1 "$OUT/engine.log" | tee -a "$LOG"
+tail -2 "$OUT/engine.log" | tee -a "$LOG"
 
 # ---- bench -------------------------------------------------------------------
 # model_random_load's sparse metadata file: on this checkout's disk rather

@@ -7,9 +7,9 @@
  *
  * Two kernels share one staged buffer (per row: kv_len, window start,
  * sequence offset; the block ids; the block mask):
- *   - sequences with more than one query row, F16 KV and head_dim 64 or
- *     128 go to the tensor-core kernel of cuda_attn_tc.cu in tiles of
- *     consecutive rows;
+ *   - sequences with more than one query row, F16 KV without a codec and
+ *     head_dim 64 or 128 go to the tensor-core kernel of cuda_attn_tc.cu
+ *     in tiles of consecutive rows;
  *   - every other row (decode, F32 KV, other head dims) to attn_kernel:
  *
  *   grid  (row of the list, kv head g, split z)
@@ -30,12 +30,16 @@
  * is O(kept keys).  Splits still cut [0, kv_len) evenly, so under sinks +
  * a window most splits of a long row find nothing (they merge as empty).
  *
+ * Quantized blocks (a pool with a codec) are read value by value through
+ * cuda_kvq.cuh, decoding exactly as the host backends do; hot blocks keep
+ * the plain loads.
+ *
  * Scores live in the log2 domain (q is pre-scaled by scale * log2(e)) so
  * the softmax uses exp2f.  head_dim up to 256 (8 dims per lane); larger
  * answers KVS_ENOTSUP.  All query heads of a group read the same K/V rows,
  * so the group's warps share them through L1.
  */
-#include "cuda_common.cuh"
+#include "cuda_kvq.cuh"
 
 #include <math.h>
 
@@ -59,6 +63,7 @@ typedef struct attn_params {
     const uint8_t *mask;    /* NULL or mask rows, mask_stride bytes apart */
     const void *k;          /* the layer's K */
     const void *v;
+    kern_cuda_kvq_t kvq; /* the layer's quantized blocks, if the pool has a codec */
     uint32_t n_heads, n_kv_heads, group, head_dim, block_tokens;
     uint32_t sinks, mask_stride, mask_q_block;
     uint32_t n_splits, split_tokens;
@@ -109,8 +114,16 @@ __launch_bounds__(ATTN_MAX_WARPS * 32) attn_kernel(attn_params_t p)
                     continue;
                 }
             }
-            uint32_t run = end - j;
-            size_t base = (((size_t)blocks[j / bt] * p.n_kv_heads + g) * bt + off) * d;
+            uint32_t run = end - j, blk = (uint32_t)blocks[j / bt];
+            /* A quantized block (a uniform branch: the run is one block)
+             * decodes value by value; kp, vp stay on the full-precision
+             * layout's address for a hot one. */
+            const bool cold = blk >= p.kvq.n_hot;
+            const uint8_t *kt =
+                cold ? kern__cuda_kvq_tile(p.kvq, false, blk, p.n_kv_heads, g) : NULL;
+            const uint8_t *vt =
+                cold ? kern__cuda_kvq_tile(p.kvq, true, blk, p.n_kv_heads, g) : NULL;
+            size_t base = cold ? 0 : (((size_t)blk * p.n_kv_heads + g) * bt + off) * d;
             const T *kp = kl + base, *vp = vl + base;
             for (uint32_t t = 0; t < run; t += ATTN_TOK) {
                 uint32_t nt = run - t < ATTN_TOK ? run - t : ATTN_TOK;
@@ -124,7 +137,9 @@ __launch_bounds__(ATTN_MAX_WARPS * 32) attn_kernel(attn_params_t p)
                         for (int k = 0; k < ATTN_DPL; k++) {
                             uint32_t c = lane + 32 * k;
                             if (c < d)
-                                s[u] += q[k] * kern__cuda_kv_load(kr + c);
+                                s[u] += q[k] * (cold ? kern__kvq_elem(p.kvq.quant, false, kt, bt, d,
+                                                                      off + t + u, c)
+                                                     : kern__cuda_kv_load(kr + c));
                         }
                     }
                 }
@@ -155,7 +170,10 @@ __launch_bounds__(ATTN_MAX_WARPS * 32) attn_kernel(attn_params_t p)
 #pragma unroll
                         for (int u = 0; u < ATTN_TOK; u++)
                             if ((uint32_t)u < nt)
-                                a += pu[u] * kern__cuda_kv_load(vp + (size_t)(t + u) * d + c);
+                                a += pu[u] *
+                                     (cold ? kern__kvq_elem(p.kvq.quant, true, vt, bt, d,
+                                                            off + t + u, c)
+                                           : kern__cuda_kv_load(vp + (size_t)(t + u) * d + c));
                         acc[k] = a;
                     }
                 }
@@ -231,9 +249,11 @@ static bool
 tc_eligible(const kern_attn_args_t *a)
 {
     const kern_kv_t *kv = a->kv;
-    return kv->dtype == KERN_F16 && (kv->head_dim == 64 || kv->head_dim == 128) &&
-           (uintptr_t)kv->k % 16 == 0 && (uintptr_t)kv->v % 16 == 0 && kv->layer_bytes % 16 == 0 &&
-           (uintptr_t)a->q % 16 == 0 && (uintptr_t)a->out % 8 == 0;
+    /* Its tiles of K and V are loaded whole from full-precision blocks. */
+    return kv->dtype == KERN_F16 && kv->quant == KERN_KVQ_NONE &&
+           (kv->head_dim == 64 || kv->head_dim == 128) && (uintptr_t)kv->k % 16 == 0 &&
+           (uintptr_t)kv->v % 16 == 0 && kv->layer_bytes % 16 == 0 && (uintptr_t)a->q % 16 == 0 &&
+           (uintptr_t)a->out % 8 == 0;
 }
 
 void
@@ -433,6 +453,7 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
     p.mask = d_mask;
     p.k = k;
     p.v = v;
+    p.kvq = kern__cuda_kvq(kv, a->layer);
     p.n_heads = a->n_heads;
     p.n_kv_heads = kv->n_kv_heads;
     p.group = group;

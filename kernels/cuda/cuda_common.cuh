@@ -16,6 +16,9 @@
  *                   speculative prefill)
  *   cuda_dequant.cuh Q4_0 and K-quant block decoding, for get_rows and
  *                   matmul
+ *   cuda_kvq.cuh    reading quantized KV tiles value by value
+ *   cuda_kvseal.cu  kern__cuda_kv_seal: tiles sealed and reopened, the
+ *                   codecs on the host
  *
  * Errors: every CUDA or cuBLAS call goes through KERN_CUDA_TRY or
  * KERN_CUBLAS_TRY, which log the statement, file and line and return
@@ -73,6 +76,7 @@ typedef enum kern_cuda_ws {
     KERN_CUDA_WS_ATTN,     /* split-KV partial results */
     KERN_CUDA_WS_MASS_P,   /* kern_attn_mass: a chunk of rows' probabilities */
     KERN_CUDA_WS_MASS_OUT, /* kern_attn_mass: its result, before the copy back */
+    KERN_CUDA_WS_SEAL,     /* kern_kv_seal: the device side of its mirror */
     KERN_CUDA_WS_COUNT,
 } kern_cuda_ws_t;
 
@@ -93,6 +97,10 @@ typedef struct kern_cuda {
 
     void *host_scratch; /* a bitmap, zero between uses (cuda_host_bitmap) */
     size_t host_scratch_bytes;
+    void *seal_host; /* kern_kv_seal's pinned mirror (cuda_kvseal.cu) */
+    size_t seal_host_bytes;
+    float *seal_x; /* its codec's scratch row */
+    size_t seal_x_bytes;
     bool reserved; /* kern_reserve sized everything: growing later is worth a warning */
 } kern_cuda_t;
 
@@ -166,6 +174,9 @@ int kern__cuda_block_bounds(kern_cuda_t *be, const kern_kv_t *kv, uint32_t layer
                             const int32_t *blocks, uint32_t n, float *out);
 int kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a);
 int kern__cuda_attn_mass(kern_cuda_t *be, const kern_attn_mass_args_t *a);
+/* cuda_kvseal.cu: kern_kv_seal, the codecs on the host. */
+int kern__cuda_kv_seal(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
+                       uint32_t n);
 void kern__cuda_attn_mass_reserve(const kern_reserve_t *r, size_t *p_bytes, size_t *out_bytes);
 /* What the ops above can ask of the workspaces and staging at most, for
  * the shapes of r (kern_reserve). */

@@ -13,8 +13,11 @@
  * elementwise kernels.  TF32 keeps 10 mantissa bits, so bounds differ from
  * the f32 ones by about 1e-3 of their size: enough to rank blocks, whose
  * choice only has to be good, not bit-identical across backends.
+ *
+ * Every kernel here reads keys from either kind of block: quantized ones
+ * through cuda_kvq.cuh, value by value, as the host backends decode them.
  */
-#include "cuda_common.cuh"
+#include "cuda_kvq.cuh"
 
 #include <limits.h>
 #include <math.h>
@@ -24,25 +27,52 @@
 /* Row gather.                                                              */
 /* ------------------------------------------------------------------------ */
 
+static __device__ __forceinline__ void
+gather_store(float *dst, float v)
+{
+    *dst = v;
+}
+
+static __device__ __forceinline__ void
+gather_store(__half *dst, float v)
+{
+    *dst = __float2half_rn(v); /* round to nearest even, as kvs_f32_to_fp16 */
+}
+
 /* A warp per (layer, KV head, row j): src[(l * n_kv + h) * n + j] ->
- * dst[j], K and V.  Destinations are never sources (kern.h), so every
- * row can move at once. */
+ * dst[j], K and V; a quantized source row is written as its decoded
+ * values, a full-precision one as it is.  Destinations are never sources
+ * (kern.h), so every row can move at once.  kvq: layer 0's tiles, a
+ * layer being layer_tiles tiles on. */
 template <typename T>
 static __global__ void
-kv_gather_kernel(char *k, char *v, size_t layer_bytes, uint32_t n_kv, uint32_t bt, uint32_t d,
-                 const int32_t *src, const int32_t *dst, uint32_t n, size_t count)
+kv_gather_kernel(char *k, char *v, size_t layer_bytes, kern_cuda_kvq_t kvq, size_t layer_tiles,
+                 uint32_t n_kv, uint32_t bt, uint32_t d, const int32_t *src, const int32_t *dst,
+                 uint32_t n, size_t count)
 {
     const unsigned lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     for (size_t r = (size_t)blockIdx.x * warps + (threadIdx.x >> 5); r < count;
          r += (size_t)gridDim.x * warps) {
         const size_t l = r / ((size_t)n_kv * n);
         const uint32_t h = (uint32_t)(r / n % n_kv), j = (uint32_t)(r % n);
-        const uint32_t s = (uint32_t)src[r], t = (uint32_t)dst[j];
-        const size_t from = (((size_t)(s / bt) * n_kv + h) * bt + s % bt) * d;
+        const uint32_t s = (uint32_t)src[r], t = (uint32_t)dst[j], sb = s / bt;
         const size_t to = (((size_t)(t / bt) * n_kv + h) * bt + t % bt) * d;
+        T *kd = (T *)(k + l * layer_bytes) + to, *vd = (T *)(v + l * layer_bytes) + to;
+        if (sb >= kvq.n_hot) {
+            kern_cuda_kvq_t w = kvq;
+            w.qk += l * layer_tiles * w.qk_tile;
+            w.qv += l * layer_tiles * w.qv_tile;
+            const uint8_t *kt = kern__cuda_kvq_tile(w, false, sb, n_kv, h);
+            const uint8_t *vt = kern__cuda_kvq_tile(w, true, sb, n_kv, h);
+            for (uint32_t e = lane; e < d; e += 32) {
+                gather_store(kd + e, kern__kvq_elem(w.quant, false, kt, bt, d, s % bt, e));
+                gather_store(vd + e, kern__kvq_elem(w.quant, true, vt, bt, d, s % bt, e));
+            }
+            continue;
+        }
+        const size_t from = (((size_t)sb * n_kv + h) * bt + s % bt) * d;
         const T *ks = (const T *)(k + l * layer_bytes) + from;
         const T *vs = (const T *)(v + l * layer_bytes) + from;
-        T *kd = (T *)(k + l * layer_bytes) + to, *vd = (T *)(v + l * layer_bytes) + to;
         for (uint32_t e = lane; e < d; e += 32) {
             kd[e] = ks[e];
             vd[e] = vs[e];
@@ -66,14 +96,16 @@ kern__cuda_kv_gather(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, c
         return rc;
     const int32_t *ds = (const int32_t *)d, *dd = ds + count;
     const unsigned grid = kern__cuda_grid(be, count, 8); /* 8 warps a block */
+    const kern_cuda_kvq_t kvq = kern__cuda_kvq(kv, 0);
+    const size_t layer_tiles = (size_t)(kv->n_blocks - kvq.n_hot) * kv->n_kv_heads;
     if (kv->dtype == KERN_F16)
-        kv_gather_kernel<uint16_t><<<grid, 256, 0, be->stream>>>(
-            (char *)kv->k, (char *)kv->v, kv->layer_bytes, kv->n_kv_heads, kv->block_tokens,
-            kv->head_dim, ds, dd, n, count);
+        kv_gather_kernel<__half><<<grid, 256, 0, be->stream>>>(
+            (char *)kv->k, (char *)kv->v, kv->layer_bytes, kvq, layer_tiles, kv->n_kv_heads,
+            kv->block_tokens, kv->head_dim, ds, dd, n, count);
     else
         kv_gather_kernel<float><<<grid, 256, 0, be->stream>>>(
-            (char *)kv->k, (char *)kv->v, kv->layer_bytes, kv->n_kv_heads, kv->block_tokens,
-            kv->head_dim, ds, dd, n, count);
+            (char *)kv->k, (char *)kv->v, kv->layer_bytes, kvq, layer_tiles, kv->n_kv_heads,
+            kv->block_tokens, kv->head_dim, ds, dd, n, count);
     KERN_CUDA_LAUNCHED();
     return 0;
 }
@@ -86,16 +118,15 @@ kern__cuda_kv_gather(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, c
  * channels, so every token's row is one coalesced read. */
 template <typename T>
 static __global__ void
-block_bounds_kernel(const T *k, uint32_t n_kv, uint32_t bt, uint32_t d, const int32_t *blocks,
-                    uint32_t n, float *out)
+block_bounds_kernel(const T *k, kern_cuda_kvq_t kvq, uint32_t n_kv, uint32_t bt, uint32_t d,
+                    const int32_t *blocks, uint32_t n, float *out)
 {
-    const uint32_t i = blockIdx.x, g = blockIdx.y;
-    const T *base = k + ((size_t)blocks[i] * n_kv + g) * bt * d;
+    const uint32_t i = blockIdx.x, g = blockIdx.y, blk = (uint32_t)blocks[i];
     float *mx = out + ((size_t)g * n + i) * 2 * d, *mn = mx + d;
     for (uint32_t e = threadIdx.x; e < d; e += blockDim.x) {
-        float hi = kern__cuda_kv_load(base + e), lo = hi;
+        float hi = kern__cuda_kv_elem(k, kvq, false, blk, n_kv, g, bt, d, 0, e), lo = hi;
         for (uint32_t t = 1; t < bt; t++) {
-            float x = kern__cuda_kv_load(base + (size_t)t * d + e);
+            float x = kern__cuda_kv_elem(k, kvq, false, blk, n_kv, g, bt, d, t, e);
             hi = fmaxf(hi, x);
             lo = fminf(lo, x);
         }
@@ -123,14 +154,15 @@ kern__cuda_block_bounds(kern_cuda_t *be, const kern_kv_t *kv, uint32_t layer, co
     const dim3 grid(n, kv->n_kv_heads);
     const unsigned threads = kv->head_dim >= 128 ? 128 : 64;
     const char *k = (const char *)kv->k + (size_t)layer * kv->layer_bytes;
+    const kern_cuda_kvq_t kvq = kern__cuda_kvq(kv, layer);
     if (kv->dtype == KERN_F16)
-        block_bounds_kernel<__half>
-            <<<grid, threads, 0, be->stream>>>((const __half *)k, kv->n_kv_heads, kv->block_tokens,
-                                               kv->head_dim, (const int32_t *)d, n, out);
+        block_bounds_kernel<__half><<<grid, threads, 0, be->stream>>>(
+            (const __half *)k, kvq, kv->n_kv_heads, kv->block_tokens, kv->head_dim,
+            (const int32_t *)d, n, out);
     else
-        block_bounds_kernel<float>
-            <<<grid, threads, 0, be->stream>>>((const float *)k, kv->n_kv_heads, kv->block_tokens,
-                                               kv->head_dim, (const int32_t *)d, n, out);
+        block_bounds_kernel<float><<<grid, threads, 0, be->stream>>>(
+            (const float *)k, kvq, kv->n_kv_heads, kv->block_tokens, kv->head_dim,
+            (const int32_t *)d, n, out);
     KERN_CUDA_LAUNCHED();
     return 0;
 }
@@ -220,9 +252,9 @@ kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
  * sits in registers.  Keys past the row's limit get -inf. */
 template <typename T>
 static __global__ void
-mass_logits_kernel(const T *k, uint32_t n_kv, uint32_t bt, uint32_t d, const int32_t *blocks,
-                   const float *q, uint32_t n_heads, uint32_t G, uint32_t r0, uint32_t n_keys,
-                   uint32_t lim0, float scale, float *S)
+mass_logits_kernel(const T *k, kern_cuda_kvq_t kvq, uint32_t n_kv, uint32_t bt, uint32_t d,
+                   const int32_t *blocks, const float *q, uint32_t n_heads, uint32_t G, uint32_t r0,
+                   uint32_t n_keys, uint32_t lim0, float scale, float *S)
 {
     extern __shared__ float qs[]; /* [G][d] */
     const uint32_t rr = blockIdx.y, g = blockIdx.z, r = r0 + rr;
@@ -238,10 +270,12 @@ mass_logits_kernel(const T *k, uint32_t n_kv, uint32_t bt, uint32_t d, const int
         if (j >= n_keys)
             break;
         float kr[MASS_MAX_DIM / 32];
-        const T *kp = k + (((size_t)blocks[j / bt] * n_kv + g) * bt + j % bt) * d;
+        const uint32_t blk = (uint32_t)blocks[j / bt];
 #pragma unroll
         for (uint32_t t = 0; t < MASS_MAX_DIM / 32; t++)
-            kr[t] = t < per && lane + 32 * t < d ? kern__cuda_kv_load(kp + lane + 32 * t) : 0.0f;
+            kr[t] = t < per && lane + 32 * t < d ? kern__cuda_kv_elem(k, kvq, false, blk, n_kv, g,
+                                                                      bt, d, j % bt, lane + 32 * t)
+                                                 : 0.0f;
         for (uint32_t hh = 0; hh < G; hh++) {
             float s = 0.0f;
 #pragma unroll
@@ -399,6 +433,7 @@ kern__cuda_attn_mass(kern_cuda_t *be, const kern_attn_mass_args_t *a)
         KERN_CUDA_TRY(cudaMemsetAsync(out, 0, out_n * sizeof(float), be->stream));
 
     const char *k = (const char *)kv->k + (size_t)a->layer * kv->layer_bytes;
+    const kern_cuda_kvq_t kvq = kern__cuda_kvq(kv, a->layer);
     const uint32_t lim0 = a->causal ? N - a->n_q + 1 : N;
     const size_t smem = (size_t)G * d * sizeof(float);
     for (uint32_t r0 = 0; r0 < a->n_q; r0 += chunk) {
@@ -406,12 +441,12 @@ kern__cuda_attn_mass(kern_cuda_t *be, const kern_attn_mass_args_t *a)
         const dim3 grid((N + MASS_KEYS - 1) / MASS_KEYS, rows, n_kv);
         if (kv->dtype == KERN_F16)
             mass_logits_kernel<__half><<<grid, MASS_WARPS * 32, smem, be->stream>>>(
-                (const __half *)k, n_kv, kv->block_tokens, d, blocks, q, H, G, r0, N, lim0,
+                (const __half *)k, kvq, n_kv, kv->block_tokens, d, blocks, q, H, G, r0, N, lim0,
                 a->scale, P);
         else
             mass_logits_kernel<float><<<grid, MASS_WARPS * 32, smem, be->stream>>>(
-                (const float *)k, n_kv, kv->block_tokens, d, blocks, q, H, G, r0, N, lim0, a->scale,
-                P);
+                (const float *)k, kvq, n_kv, kv->block_tokens, d, blocks, q, H, G, r0, N, lim0,
+                a->scale, P);
         KERN_CUDA_LAUNCHED();
         mass_softmax_kernel<<<rows * H, 256, 0, be->stream>>>(P, N);
         KERN_CUDA_LAUNCHED();

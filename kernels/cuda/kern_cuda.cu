@@ -250,7 +250,11 @@ cuda_destroy(kern_backend_t *base)
     if (be->stream)
         (void)cudaStreamDestroy(be->stream);
     (void)cudaGetLastError();
+    if (be->seal_host)
+        (void)cudaFreeHost(be->seal_host);
+    (void)cudaGetLastError();
     free(be->host_scratch);
+    free(be->seal_x);
     free(be);
 }
 
@@ -960,6 +964,15 @@ cuda_attn_mass(kern_backend_t *base, const kern_attn_mass_args_t *a)
     return cuda_leave(be, rc ? rc : kern__cuda_attn_mass(be, a));
 }
 
+static int
+cuda_kv_seal(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
+             uint32_t n)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : kern__cuda_kv_seal(be, kv, src, dst, n));
+}
+
 /* Sizes every workspace and staging buffer for r's shapes now, so serving
  * allocates nothing (kern_reserve). */
 static int
@@ -1025,7 +1038,7 @@ static const kern_ops_t cuda_ops = {
     /* .block_scores = */ cuda_block_scores, /* split, TF32 GEMM, group max, per KV head */
     /* .attn_mass = */ cuda_attn_mass, /* logits, softmax, sum or pooled max; chunks of rows */
     /* .pack_weight = */ NULL,         /* weights stay row-major */
-    /* .kv_seal = */ NULL,             /* no quantized KV blocks */
+    /* .kv_seal = */ cuda_kv_seal,     /* codecs on the host, bytes moved by two kernels */
     /* .kv_gather = */ cuda_kv_gather, /* a warp per row, every row at once */
     /* .reserve = */ cuda_reserve,     /* every workspace and staging buffer, once */
 };

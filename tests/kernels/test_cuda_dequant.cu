@@ -12,31 +12,9 @@
  * magnitudes; each starts 2 bytes past an 8-aligned address, as a device
  * row may.
  */
-#include <setjmp.h>
-#include <stdarg.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-
-/* cmocka.h declares its functions for C only. */
-extern "C" {
-#include <cmocka.h>
-}
+#include "tests/kernels/cu_test.h"
 
 #include "kernels/cuda/cuda_dequant.cuh"
-
-static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
-
-static uint32_t
-rng_next(void)
-{
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return (uint32_t)(g_rng >> 16);
-}
 
 /* An fp16 field at p made finite: an all-ones exponent loses its top bit. */
 static void

@@ -1,7 +1,9 @@
 /*
  * tests/kernels/test_kv_quant.c — the quantized KV cache of kern.h (the
  * kern_kvq_t codecs, kern_kv_t's cold blocks, kern_kv_seal,
- * kern_kv_row_f32) on the "ref" backend and two cpu configurations, for
+ * kern_kv_row_f32) on the "ref" backend, two cpu configurations and
+ * "cuda" where a device is present (its codecs run on the host, its reads
+ * of quantized tiles in every attention path on the device), for
  * every codec (BF16, Q8_0, FP8, Q4), head_dim 64 and 128, block_tokens 16
  * and 32, F32 and F16 hot blocks, GQA 2 and 4, ragged sequences whose page
  * tables mix hot and cold blocks, prefill, chunk and (split-K) decode rows.
@@ -50,7 +52,7 @@ typedef struct test_be {
 } test_be_t;
 
 /* g_be[0] is ref: the other backends are compared with its outputs. */
-static test_be_t g_be[3];
+static test_be_t g_be[4];
 static int g_n_be;
 
 static int
@@ -75,6 +77,8 @@ setup(void **state)
     if (add_be("ref", 0, NULL, "ref") || add_be("cpu", 4, NULL, "cpu/4 threads") ||
         add_be("cpu", 1, "scalar", "cpu/1 thread/scalar"))
         return -1;
+    if (add_be("cuda", 0, NULL, "cuda") != 0)
+        print_message("test_kv_quant: cuda: skipped (no device)\n");
     return 0;
 }
 
@@ -425,12 +429,57 @@ tile_at(const kern_kv_t *kv, bool v, uint32_t layer, uint32_t block, uint32_t he
     return (uint8_t *)(v ? kv->qv : kv->qk) + idx * (v ? kv->qv_tile : kv->qk_tile);
 }
 
+/* Appends n tokens' host rows k, v to `layer` (through backend buffers). */
+static void
+append_host(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, const float *k, const float *v,
+            const int32_t *slots, uint32_t n)
+{
+    size_t bytes = (size_t)n * kv->n_kv_heads * kv->head_dim * sizeof(float);
+    float *kd = put(be, k, bytes), *vd = put(be, v, bytes);
+    assert_int_equal(kern_kv_append(be, kv, layer, kd, vd, slots, n), 0);
+    take(be, NULL, kd, bytes, "append k");
+    take(be, NULL, vd, bytes, "append v");
+}
+
 static void
 pool_fill(kern_backend_t *be, const kern_kv_t *kv, const qdata_t *p, float *const *k,
           float *const *v, const int32_t *slots)
 {
     for (uint32_t l = 0; l < N_LAYERS; l++)
-        assert_int_equal(kern_kv_append(be, kv, l, k[l], v[l], slots, p->n_tok), 0);
+        append_host(be, kv, l, k[l], v[l], slots, p->n_tok);
+}
+
+/* A host copy of the pool (every buffer downloaded), for the checks that
+ * read blocks and tiles directly, on any backend. */
+static kern_kv_t
+pool_snapshot(kern_backend_t *be, const kern_kv_t *kv)
+{
+    kern_kv_t h = *kv;
+    size_t hot = kv->layer_bytes * N_LAYERS;
+    size_t tiles = (size_t)N_LAYERS * (kv->n_blocks - kv->n_hot) * kv->n_kv_heads;
+    h.k = malloc(hot);
+    h.v = malloc(hot);
+    assert_true(h.k && h.v);
+    get(be, h.k, kv->k, hot, "snapshot k");
+    get(be, h.v, kv->v, hot, "snapshot v");
+    h.qk = h.qv = NULL;
+    if (kv->qk) {
+        h.qk = malloc(tiles * kv->qk_tile);
+        h.qv = malloc(tiles * kv->qv_tile);
+        assert_true(h.qk && h.qv);
+        get(be, h.qk, kv->qk, tiles * kv->qk_tile, "snapshot qk");
+        get(be, h.qv, kv->qv, tiles * kv->qv_tile, "snapshot qv");
+    }
+    return h;
+}
+
+static void
+snapshot_free(kern_kv_t *h)
+{
+    free(h->k);
+    free(h->v);
+    free(h->qk);
+    free(h->qv);
 }
 
 /* The quantized pool: every entry appended into its staging block, the
@@ -457,6 +506,7 @@ qpool_build(kern_backend_t *be, const qdata_t *p, const char *label)
     uint32_t bt = p->bt, d = p->d;
     float *full = malloc((size_t)bt * d * sizeof(float)), *one = malloc(d * sizeof(float));
     assert_true(full && one);
+    kern_kv_t hs = pool_snapshot(be, &kv);
     for (uint32_t l = 0; l < N_LAYERS; l++)
         for (uint32_t i = 0; i < p->n_sealed; i++) {
             uint32_t blk = (uint32_t)dst[i];
@@ -465,12 +515,12 @@ qpool_build(kern_backend_t *be, const qdata_t *p, const char *label)
                     size_t tb = v ? p->qv_tile : p->qk_tile;
                     const uint8_t *want = (v ? p->tile_v : p->tile_k) +
                                           (((size_t)l * p->n_sealed + i) * p->n_kv + h) * tb;
-                    const uint8_t *got = tile_at(&kv, v, l, blk, h);
+                    const uint8_t *got = tile_at(&hs, v, l, blk, h);
                     check_bytes_equal(want, got, tb, v ? "sealed V tile" : "sealed K tile", label);
                     /* Row reads and partial decodes: the bits of the whole. */
                     kern_kvq_decode(p->quant, v, got, bt, d, 0, bt, full);
                     for (uint32_t t = 0; t < bt; t++) {
-                        kern_kv_row_f32(&kv, v, l, (int32_t)blk, h, t, one);
+                        kern_kv_row_f32(&hs, v, l, (int32_t)blk, h, t, one);
                         check_bytes_equal(full + (size_t)t * d, one, d * sizeof(float),
                                           "kern_kv_row_f32 of a cold block", label);
                     }
@@ -493,7 +543,7 @@ qpool_build(kern_backend_t *be, const qdata_t *p, const char *label)
         uint32_t n =
             b + 1 == (uint32_t)(p->indptr[s + 1] - p->indptr[s]) ? (uint32_t)p->last_len[s] : bt;
         for (uint32_t t = 0; t < n; t++) {
-            kern_kv_row_f32(&kv, true, LAYER, p->table[lb], 1, t, one);
+            kern_kv_row_f32(&hs, true, LAYER, p->table[lb], 1, t, one);
             check_bytes_equal(p->orig_v[LAYER] + tok_row(p, s, b, t) * row + d, one,
                               d * sizeof(float), "kern_kv_row_f32 of a hot block", label);
         }
@@ -502,6 +552,7 @@ qpool_build(kern_backend_t *be, const qdata_t *p, const char *label)
         for (uint32_t i = 0; i < p->n_sealed; i++)
             for (int v = 0; v < 2; v++)
                 poison(be, hot_at(&kv, v, l, (uint32_t)src[i], 0), hot_block_bytes(&kv));
+    snapshot_free(&hs);
     free(full);
     free(one);
     free(src);
@@ -516,8 +567,8 @@ attend(kern_backend_t *be, const qdata_t *p, const qcall_t *c, int pat, const ke
        float *out)
 {
     size_t n = (size_t)c->n_q * p->n_heads * p->d;
-    float *od = put_out(be, n);
-    kern_attn_args_t a = {.q = c->q,
+    float *od = put_out(be, n), *qd = put(be, c->q, n * sizeof(float));
+    kern_attn_args_t a = {.q = qd,
                           .out = od,
                           .n_q = c->n_q,
                           .n_heads = p->n_heads,
@@ -543,6 +594,7 @@ attend(kern_backend_t *be, const qdata_t *p, const qcall_t *c, int pat, const ke
         a.dense_rows = c->dense;
     assert_int_equal(kern_attention(be, &a), 0);
     take(be, out, od, n * sizeof(float), "attention out");
+    take(be, NULL, qd, n * sizeof(float), "attention q");
 }
 
 static double
@@ -721,48 +773,40 @@ test_seal_unseal_round_trip(void **state)
                     for (uint32_t l = 0; l < N_LAYERS; l++) {
                         float *k = rand_floats(n_tok * row, -3.0f, 3.0f);
                         float *v = rand_floats(n_tok * row, -1.0f, 1.0f);
-                        assert_int_equal(kern_kv_append(be, &kv, l, k, v, slots, (uint32_t)n_tok),
-                                         0);
+                        append_host(be, &kv, l, k, v, slots, (uint32_t)n_tok);
                         free(k);
                         free(v);
                     }
                     size_t hot = kv.layer_bytes * N_LAYERS, blk_bytes = hot_block_bytes(&kv);
                     size_t tiles_k = (size_t)N_LAYERS * 3 * n_kv * kv.qk_tile;
                     size_t tiles_v = (size_t)N_LAYERS * 3 * n_kv * kv.qv_tile;
-                    uint8_t *k0 = malloc(hot), *v0 = malloc(hot);
-                    uint8_t *qk0 = malloc(tiles_k), *qv0 = malloc(tiles_v);
-                    assert_true(k0 && v0 && qk0 && qv0);
-                    memcpy(k0, kv.k, hot);
-                    memcpy(v0, kv.v, hot);
+                    kern_kv_t s0 = pool_snapshot(be, &kv);
 
                     const int32_t seal_src[2] = {1, 3}, seal_dst[2] = {6, 4};
                     assert_int_equal(kern_kv_seal(be, &kv, seal_src, seal_dst, 2), 0);
-                    assert_int_equal(kern_sync(be), 0);
-                    check_bytes_equal(k0, kv.k, hot, "seal leaves hot K", label);
-                    check_bytes_equal(v0, kv.v, hot, "seal leaves hot V", label);
-                    memcpy(qk0, kv.qk, tiles_k);
-                    memcpy(qv0, kv.qv, tiles_v);
+                    kern_kv_t s1 = pool_snapshot(be, &kv);
+                    check_bytes_equal(s0.k, s1.k, hot, "seal leaves hot K", label);
+                    check_bytes_equal(s0.v, s1.v, hot, "seal leaves hot V", label);
 
                     /* Cold 6 into hot 0 (another block), cold 4 back into hot 3. */
                     const int32_t open_src[2] = {6, 4}, open_dst[2] = {0, 3};
                     assert_int_equal(kern_kv_seal(be, &kv, open_src, open_dst, 2), 0);
-                    assert_int_equal(kern_sync(be), 0);
-                    check_bytes_equal(qk0, kv.qk, tiles_k, "unseal leaves K tiles", label);
-                    check_bytes_equal(qv0, kv.qv, tiles_v, "unseal leaves V tiles", label);
-                    check_unsealed(&kv, 0, 6, label);
-                    check_unsealed(&kv, 3, 4, label);
+                    kern_kv_t s2 = pool_snapshot(be, &kv);
+                    check_bytes_equal(s1.qk, s2.qk, tiles_k, "unseal leaves K tiles", label);
+                    check_bytes_equal(s1.qv, s2.qv, tiles_v, "unseal leaves V tiles", label);
+                    check_unsealed(&s2, 0, 6, label);
+                    check_unsealed(&s2, 3, 4, label);
                     for (uint32_t l = 0; l < N_LAYERS; l++)
                         for (uint32_t blk = 1; blk <= 2; blk++) {
-                            size_t off = (size_t)(hot_at(&kv, false, l, blk, 0) - (uint8_t *)kv.k);
-                            check_bytes_equal(k0 + off, (uint8_t *)kv.k + off, blk_bytes,
-                                              "unseal leaves other K blocks", label);
-                            check_bytes_equal(v0 + off, (uint8_t *)kv.v + off, blk_bytes,
-                                              "unseal leaves other V blocks", label);
+                            size_t off = (size_t)(hot_at(&s2, false, l, blk, 0) - (uint8_t *)s2.k);
+                            check_bytes_equal((uint8_t *)s0.k + off, (uint8_t *)s2.k + off,
+                                              blk_bytes, "unseal leaves other K blocks", label);
+                            check_bytes_equal((uint8_t *)s0.v + off, (uint8_t *)s2.v + off,
+                                              blk_bytes, "unseal leaves other V blocks", label);
                         }
-                    free(k0);
-                    free(v0);
-                    free(qk0);
-                    free(qv0);
+                    snapshot_free(&s0);
+                    snapshot_free(&s1);
+                    snapshot_free(&s2);
                     free(slots);
                     pool_free(be, &kv);
                 }
@@ -816,6 +860,10 @@ test_validation(void **state)
     const uint32_t bt = 16, d = 64, n_kv = 2;
     for (int b = 0; b < g_n_be; b++) {
         kern_backend_t *be = g_be[b].be;
+        /* kern.c's checks are every backend's; the calls below hand host
+         * arrays as backend memory. */
+        if (!kern_backend_is_host(be))
+            continue;
         for (int q = 1; q < KERN_KVQ_COUNT; q++) {
             kern_kvq_t quant = (kern_kvq_t)q;
             /* Hot 0..3, cold 4..6. */
