@@ -8,6 +8,11 @@ add_executable(test_gpu tests/kernels/test_gpu.c)
 target_link_libraries(test_gpu PRIVATE kvs PkgConfig::CMOCKA)
 add_test(NAME gpu_kernels COMMAND test_gpu)
 set_tests_properties(gpu_kernels PROPERTIES LABELS "gpu" SKIP_RETURN_CODE 77 TIMEOUT 900)
+# The same harness with the cpu backend standing in for cuda: what the test
+# builds and asks is checked on every machine, the cuda kernels only above.
+add_test(NAME gpu_kernels_harness COMMAND test_gpu)
+set_tests_properties(gpu_kernels_harness PROPERTIES LABELS "cpu;slow" TIMEOUT 900
+                     ENVIRONMENT "KVS_TEST_GPU_BACKEND=cpu")
 # These two run the cuda backend too wherever one is present.
 set_tests_properties(test_kern_ops test_attn_policy test_kv_quant PROPERTIES LABELS "cpu;gpu")
 

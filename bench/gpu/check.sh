@@ -138,7 +138,7 @@ run() {
 }
 
 export KVS_TEST_VERBOSE=1
-run gpu_kernels 180 "$BIN/test_gpu"
+run gpu_kernels 300 "$BIN/test_gpu"
 gpu_rc=$?
 if [ $gpu_rc = 77 ]; then
     grep -h 'no CUDA device\|no usable device' "$OUT/gpu_kernels.log" | tee -a "$LOG"

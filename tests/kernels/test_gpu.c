@@ -6,12 +6,15 @@
  * swiglu, add, kv_append (repeated slots included), kv_copy, kv_gather,
  * block-sparse's Quest bounds and scores, attention mass (SnapKV, H2O,
  * speculative prefill), Delta's correction, and paged
- * attention for prefill chunks, mixed batches and
+ * attention for prefill chunks, mixed batches, quantized KV blocks and
  * split-KV decode at 40K and 64K tokens.  ctest: gpu_kernels, label "gpu".
  *
  * Exits 77 (ctest: skipped) with "skipped: no CUDA device" when the cuda
  * backend cannot be created, which is what every machine without an
- * NVIDIA GPU, or a build without CUDA, sees.
+ * NVIDIA GPU, or a build without CUDA, sees.  ctest gpu_kernels_harness
+ * runs the same program with the cpu backend in cuda's place
+ * (KVS_TEST_GPU_BACKEND=cpu), so every machine checks the harness's own
+ * set-up, though not the kernels.
  *
  * Inputs are drawn fresh every run (the seed is printed; KVS_TEST_SEED
  * repeats one), never zeros.  Every output starts as NaN (kern_memset
@@ -579,9 +582,9 @@ test_kv_gather(void **state)
     for (int dt = 0; dt < 2; dt++) {
         kv_geom_t g = {dt ? KERN_F16 : KERN_F32, 4, 8, 128, 16, 256};
         pools_t P = pools_new(&g);
-        /* Sources in blocks 0..199, destinations: 1000 slots of blocks
+        /* Sources in blocks 0..199, destinations: 800 slots of blocks
          * 200.. in a scrambled order. */
-        const uint32_t n = 1000, n_src = g.n_layers * g.n_kv_heads * n;
+        const uint32_t n = 800, n_src = g.n_layers * g.n_kv_heads * n;
         int32_t *src = malloc(n_src * sizeof(int32_t)), *dst = malloc(n * sizeof(int32_t));
         assert_true(src && dst);
         for (uint32_t i = 0; i < n_src; i++)
@@ -824,10 +827,137 @@ test_attention(void **state)
     }
 }
 
+/* Attention over a pool with a codec at long context: one sequence of 32K
+ * tokens whose blocks are all sealed but the first and the last (split-KV
+ * decode walks quantized blocks; a prefill chunk of 8 rows goes to the
+ * general kernel, the tensor-core one taking no codec), for Q8_0, FP8 and
+ * Q4 over F16 hot blocks.  Tiles come from kern_kv_seal on each backend and
+ * must be byte for byte equal; outputs within the f32 attention limits. */
+static void
+test_attention_quantized(void **state)
+{
+    (void)state;
+    seed_test(12);
+    static const kern_kvq_t codecs[] = {KERN_KVQ_Q8_0, KERN_KVQ_FP8, KERN_KVQ_Q4};
+    const uint32_t bt = 16, d = 128, n_kv = 8, H = 32, N = 32768 + 9;
+    const uint32_t nb = (N + bt - 1) / bt, n_hot = nb, n_blocks = 2 * nb - 2;
+    const size_t row = (size_t)n_kv * d, n_q = 9;
+    float *k = rand_floats((size_t)N * row, -2.0f, 2.0f),
+          *v = rand_floats((size_t)N * row, -2.0f, 2.0f);
+    float *q = rand_floats(n_q * H * d, -2.0f, 2.0f);
+    int32_t *slots = malloc(N * sizeof(int32_t)), *table = malloc(nb * sizeof(int32_t));
+    int32_t *src = malloc(nb * sizeof(int32_t)), *dst = malloc(nb * sizeof(int32_t));
+    int32_t kv_len[9], q_indptr[3] = {0, 1, 9}, indptr[3] = {0, (int32_t)nb, 2 * (int32_t)nb};
+    int32_t last_len[2] = {(int32_t)(N - (nb - 1) * bt), (int32_t)(N - (nb - 1) * bt)};
+    int32_t *indices = malloc(2 * nb * sizeof(int32_t));
+    assert_true(slots && table && src && dst && indices);
+    for (uint32_t t = 0; t < N; t++)
+        slots[t] = (int32_t)t; /* block t / bt, staged in hot block t / bt */
+    for (uint32_t b = 0; b < nb; b++)
+        table[b] = b == 0 || b + 1 == nb ? (int32_t)b : (int32_t)(n_hot + b - 1);
+    for (uint32_t b = 1; b + 1 < nb; b++) {
+        src[b - 1] = (int32_t)b;
+        dst[b - 1] = (int32_t)(n_hot + b - 1);
+    }
+    /* Two sequences over the same table: a decode row, then 8 chunk rows. */
+    memcpy(indices, table, nb * sizeof(int32_t));
+    memcpy(indices + nb, table, nb * sizeof(int32_t));
+    kv_len[0] = (int32_t)N;
+    for (int r = 0; r < 8; r++)
+        kv_len[1 + r] = (int32_t)N - 7 + r;
+    for (size_t ci = 0; ci < sizeof(codecs) / sizeof(codecs[0]); ci++) {
+        const kern_kvq_t quant = codecs[ci];
+        float *y[2];
+        uint8_t *tiles[2];
+        const size_t tk = kern_kvq_tile_bytes(quant, false, bt, d);
+        const size_t tv = kern_kvq_tile_bytes(quant, true, bt, d);
+        const size_t n_tiles = (size_t)(n_blocks - n_hot) * n_kv;
+        kern_backend_t *bes[2] = {g_ref, g_cuda};
+        for (int b = 0; b < 2; b++) {
+            kern_backend_t *be = bes[b];
+            kern_kv_t kv = {.dtype = KERN_F16,
+                            .n_layers = 1,
+                            .n_kv_heads = n_kv,
+                            .head_dim = d,
+                            .block_tokens = bt,
+                            .n_blocks = n_blocks,
+                            .quant = quant,
+                            .n_hot = n_hot,
+                            .qk_tile = tk,
+                            .qv_tile = tv};
+            kv.layer_bytes = (size_t)n_hot * n_kv * bt * d * 2;
+            kv.k = put(be, NULL, kv.layer_bytes);
+            kv.v = put(be, NULL, kv.layer_bytes);
+            kv.qk = put(be, NULL, n_tiles * tk);
+            kv.qv = put(be, NULL, n_tiles * tv);
+            float *kd = put(be, k, (size_t)N * row * 4), *vd = put(be, v, (size_t)N * row * 4);
+            assert_int_equal(kern_kv_append(be, &kv, 0, kd, vd, slots, N), 0);
+            assert_int_equal(kern_kv_seal(be, &kv, src, dst, nb - 2), 0);
+            /* What the sealed blocks held must not be read again. */
+            for (uint32_t i = 0; i + 2 < nb; i++) {
+                size_t off = (size_t)src[i] * n_kv * bt * d * 2;
+                poison(be, (uint8_t *)kv.k + off, (size_t)n_kv * bt * d * 2);
+                poison(be, (uint8_t *)kv.v + off, (size_t)n_kv * bt * d * 2);
+            }
+            tiles[b] = malloc(n_tiles * (tk + tv));
+            assert_non_null(tiles[b]);
+            get(be, tiles[b], kv.qk, n_tiles * tk, "sealed K tiles");
+            get(be, tiles[b] + n_tiles * tk, kv.qv, n_tiles * tv, "sealed V tiles");
+            float *qd = put(be, q, n_q * H * d * 4), *od = put_out(be, n_q * H * d);
+            kern_attn_args_t a = {
+                .q = qd,
+                .out = od,
+                .n_q = (uint32_t)n_q,
+                .n_heads = H,
+                .q_indptr = q_indptr,
+                .kv_len = kv_len,
+                .pt = {.indptr = indptr, .indices = indices, .last_len = last_len, .n_seqs = 2},
+                .kv = &kv,
+                .layer = 0,
+                .scale = 1.0f / sqrtf((float)d)};
+            assert_int_equal(kern_attention(be, &a), 0);
+            y[b] = malloc(n_q * H * d * 4);
+            assert_non_null(y[b]);
+            take(be, y[b], od, n_q * H * d * 4, "attention out");
+            take(be, NULL, qd, n_q * H * d * 4, "q");
+            take(be, NULL, kd, (size_t)N * row * 4, "k rows");
+            take(be, NULL, vd, (size_t)N * row * 4, "v rows");
+            take(be, NULL, kv.k, kv.layer_bytes, "pool k");
+            take(be, NULL, kv.v, kv.layer_bytes, "pool v");
+            take(be, NULL, kv.qk, n_tiles * tk, "pool qk");
+            take(be, NULL, kv.qv, n_tiles * tv, "pool qv");
+        }
+        char what[96];
+        snprintf(what, sizeof(what), "kv_seal %s, %u blocks", kern_kvq_name(quant), nb - 2);
+        check_bytes_equal(tiles[0], tiles[1], n_tiles * (tk + tv), what, LABEL);
+        print_message("%-56s %-22s bytes equal\n", what, LABEL);
+        snprintf(what, sizeof(what), "attention over %s blocks, %u keys", kern_kvq_name(quant), N);
+        check(y[0], y[1], n_q * H * d, 1e-4, what);
+        for (int b = 0; b < 2; b++) {
+            free(y[b]);
+            free(tiles[b]);
+        }
+    }
+    free(k);
+    free(v);
+    free(q);
+    free(slots);
+    free(table);
+    free(src);
+    free(dst);
+    free(indices);
+}
+
 int
 main(void)
 {
-    int rc = kern_backend_new("cuda", NULL, &g_cuda);
+    /* KVS_TEST_GPU_BACKEND=cpu: the harness itself on a machine without a
+     * GPU (shapes, pool and table set-up, refusals), the cpu backend
+     * standing in; it says nothing about the cuda kernels. */
+    const char *name = getenv("KVS_TEST_GPU_BACKEND") ? getenv("KVS_TEST_GPU_BACKEND") : "cuda";
+    if (strcmp(name, "cuda") != 0)
+        printf("gpu_kernels: harness check: the %s backend stands in for cuda\n", name);
+    int rc = kern_backend_new(name, NULL, &g_cuda);
     if (rc != 0) {
         printf("gpu_kernels: skipped: no CUDA device (%s)\n",
                rc == KVS_ENOTSUP ? "built without CUDA" : kvs_strerror(rc));
@@ -858,12 +988,19 @@ main(void)
         return 1;
     }
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_get_rows),    cmocka_unit_test(test_matmul),
-        cmocka_unit_test(test_rmsnorm),     cmocka_unit_test(test_rope),
-        cmocka_unit_test(test_elementwise), cmocka_unit_test(test_delta_apply),
-        cmocka_unit_test(test_kv_append),   cmocka_unit_test(test_kv_copy),
-        cmocka_unit_test(test_kv_gather),   cmocka_unit_test(test_block_scores),
-        cmocka_unit_test(test_attn_mass),   cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_get_rows),
+        cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_rmsnorm),
+        cmocka_unit_test(test_rope),
+        cmocka_unit_test(test_elementwise),
+        cmocka_unit_test(test_delta_apply),
+        cmocka_unit_test(test_kv_append),
+        cmocka_unit_test(test_kv_copy),
+        cmocka_unit_test(test_kv_gather),
+        cmocka_unit_test(test_block_scores),
+        cmocka_unit_test(test_attn_mass),
+        cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_attention_quantized),
     };
     rc = cmocka_run_group_tests(tests, NULL, NULL);
     kern_backend_free(g_ref);
