@@ -803,6 +803,8 @@ attn_ctx_free(attn_ctx_t *c)
 {
     kern_free(B.be, c->kv.k);
     kern_free(B.be, c->kv.v);
+    kern_free(B.be, c->kv.qk);
+    kern_free(B.be, c->kv.qv);
     kern_free(B.be, c->q);
     kern_free(B.be, c->out);
     free(c->q_indptr);
@@ -814,12 +816,13 @@ attn_ctx_free(attn_ctx_t *c)
 
 /* n_seqs sequences of ctx tokens each in a scrambled paged store of
  * `layers` layers; prefill: one sequence whose every token is a query row
- * (causal), else one decode row per sequence. */
+ * (causal), else one decode row per sequence.  q8: every block the
+ * sequences use is a Q8_0 tile (one spare F16 block stays hot). */
 static int
-attn_setup(attn_ctx_t *c, uint32_t n_seqs, uint32_t ctx, bool prefill, uint32_t layers)
+attn_setup(attn_ctx_t *c, uint32_t n_seqs, uint32_t ctx, bool prefill, uint32_t layers, bool q8)
 {
     memset(c, 0, sizeof *c);
-    uint32_t per = (ctx + A_BT - 1) / A_BT, n_blocks = n_seqs * per;
+    uint32_t per = (ctx + A_BT - 1) / A_BT, n_blocks = n_seqs * per, n_hot = q8 ? 1 : n_blocks;
     c->n_seqs = n_seqs;
     c->n_q = prefill ? ctx : n_seqs;
     c->kv = (kern_kv_t){.dtype = KERN_F16,
@@ -827,11 +830,22 @@ attn_setup(attn_ctx_t *c, uint32_t n_seqs, uint32_t ctx, bool prefill, uint32_t 
                         .n_kv_heads = A_KV_HEADS,
                         .head_dim = A_DIM,
                         .block_tokens = A_BT,
-                        .n_blocks = n_blocks};
-    c->kv.layer_bytes = (size_t)n_blocks * A_KV_HEADS * A_BT * A_DIM * 2;
+                        .n_blocks = q8 ? n_blocks + 1 : n_blocks};
+    c->kv.layer_bytes = (size_t)n_hot * A_KV_HEADS * A_BT * A_DIM * 2;
     size_t qbytes = (size_t)c->n_q * A_HEADS * A_DIM * 4;
     c->kv.k = dev_rand(c->kv.layer_bytes * layers, PAT_F16, 90);
     c->kv.v = dev_rand(c->kv.layer_bytes * layers, PAT_F16, 91);
+    if (q8) {
+        /* Tiles of consecutive Q8_0 blocks: the pattern's own. */
+        c->kv.quant = KERN_KVQ_Q8_0;
+        c->kv.n_hot = 1;
+        c->kv.qk_tile = c->kv.qv_tile = kern_kvq_tile_bytes(KERN_KVQ_Q8_0, false, A_BT, A_DIM);
+        size_t tiles = (size_t)layers * n_blocks * A_KV_HEADS * c->kv.qk_tile;
+        c->kv.qk = dev_rand(tiles, PAT_Q8_0, 94);
+        c->kv.qv = dev_rand(tiles, PAT_Q8_0, 95);
+        if (!c->kv.qk || !c->kv.qv)
+            return KVS_ENOMEM;
+    }
     c->q = dev_rand(qbytes, PAT_F32, 92);
     c->out = dev_rand(qbytes, PAT_F32, 93);
     c->q_indptr = malloc((n_seqs + 1) * sizeof(int32_t));
@@ -843,7 +857,7 @@ attn_setup(attn_ctx_t *c, uint32_t n_seqs, uint32_t ctx, bool prefill, uint32_t 
         !c->indices || !c->last_len)
         return KVS_ENOMEM;
     for (uint32_t i = 0; i < n_blocks; i++)
-        c->indices[i] = (int32_t)i;
+        c->indices[i] = (int32_t)(i + (q8 ? 1 : 0));
     for (uint32_t i = n_blocks; i > 1; i--) { /* pages in no particular order */
         uint32_t j = (uint32_t)(rng_next() >> 33) % i;
         int32_t t = c->indices[i - 1];
@@ -862,12 +876,14 @@ attn_setup(attn_ctx_t *c, uint32_t n_seqs, uint32_t ctx, bool prefill, uint32_t 
 }
 
 static int
-bench_decode_attn(uint32_t ctx, uint32_t n_seqs)
+bench_decode_attn(uint32_t ctx, uint32_t n_seqs, bool q8)
 {
-    row_t *r = new_row("attn decode", "%uK ctx x %u seq, 32/8 heads d128 f16", ctx / 1024, n_seqs);
+    row_t *r = new_row(q8 ? "attn dec q8_0" : "attn decode", "%uK ctx x %u seq, 32/8 heads d128 %s",
+                       ctx / 1024, n_seqs, q8 ? "q8_0" : "f16");
     if (r == NULL)
         return 0;
-    double kv_bytes = (double)n_seqs * ctx * A_KV_HEADS * A_DIM * 2 * 2;
+    /* Q8_0: 34 bytes per 32 values. */
+    double kv_bytes = (double)n_seqs * ctx * A_KV_HEADS * A_DIM * 2 * (q8 ? 34.0 / 32 : 2);
     double bytes = kv_bytes + 2.0 * n_seqs * A_HEADS * A_DIM * 4;
     if (left_s() < 2) {
         skip_row(r, "skipped: time budget spent");
@@ -879,7 +895,7 @@ bench_decode_attn(uint32_t ctx, uint32_t n_seqs)
     }
     uint32_t layers = n_sets(bytes);
     attn_ctx_t c;
-    int rc = attn_setup(&c, n_seqs, ctx, false, layers);
+    int rc = attn_setup(&c, n_seqs, ctx, false, layers, q8);
     double ms = -1;
     int n_timed = 0;
     if (rc == 0)
@@ -919,7 +935,7 @@ bench_prefill_attn(uint32_t n, double *ms_out, double predicted_ms)
         return 0;
     }
     attn_ctx_t c;
-    int rc = attn_setup(&c, 1, n, true, 1);
+    int rc = attn_setup(&c, 1, n, true, 1, false);
     double ms = -1;
     int n_timed = 0;
     if (rc == 0)
@@ -930,6 +946,124 @@ bench_prefill_attn(uint32_t n, double *ms_out, double predicted_ms)
     note_timed(r, n_timed);
     done_row(r, ms, 0, prefill_flops(n));
     *ms_out = ms;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Block-sparse selection and attention mass                                */
+/* ------------------------------------------------------------------------ */
+
+typedef struct sel_ctx {
+    attn_ctx_t a; /* one sequence of ctx tokens */
+    uint32_t nb;
+    float *bounds, *score, *work, *hq, *hout;
+    kern_block_score_args_t sa;
+    kern_attn_mass_args_t ma;
+} sel_ctx_t;
+
+static int
+run_bounds(void *p, uint32_t s)
+{
+    sel_ctx_t *c = p;
+    (void)s;
+    return kern_kv_block_bounds(B.be, &c->a.kv, 0, c->a.indices, c->nb, c->bounds);
+}
+
+static int
+run_scores(void *p, uint32_t s)
+{
+    (void)s;
+    return kern_block_scores(B.be, &((sel_ctx_t *)p)->sa);
+}
+
+static int
+run_mass(void *p, uint32_t s)
+{
+    (void)s;
+    return kern_attn_mass(B.be, &((sel_ctx_t *)p)->ma);
+}
+
+/* Block-sparse prefill at ctx tokens: the Quest summaries of every block
+ * (read-bound), one slab of 256 query rows scored against them (a TF32
+ * GEMM per KV head; its FLOPs against the bf16 ceiling), and SnapKV's 32
+ * observation rows voting over every key (the host copies included). */
+static int
+bench_select(uint32_t ctx)
+{
+    row_t *rb = new_row("quest bounds", "%uK tokens, 8 heads d128 f16", ctx / 1024);
+    row_t *rs = new_row("quest scores", "256 rows x %u blocks, 32/8 heads", ctx / A_BT);
+    row_t *rm = new_row("snapkv mass", "32 rows x %uK keys, 32/8 heads", ctx / 1024);
+    if (rb == NULL || rs == NULL || rm == NULL)
+        return 0;
+    if (left_s() < 3) {
+        skip_row(rb, "skipped: time budget spent");
+        skip_row(rs, "skipped: time budget spent");
+        skip_row(rm, "skipped: time budget spent");
+        return 0;
+    }
+    sel_ctx_t c;
+    memset(&c, 0, sizeof c);
+    int rc = attn_setup(&c.a, 1, ctx, false, 1, false);
+    c.nb = ctx / A_BT;
+    const uint32_t rows = 256, G = A_HEADS / A_KV_HEADS;
+    c.sa = (kern_block_score_args_t){.n_q = rows,
+                                     .n_heads = A_HEADS,
+                                     .n_kv_heads = A_KV_HEADS,
+                                     .head_dim = A_DIM,
+                                     .n_blocks = c.nb,
+                                     .q_group = A_BT};
+    size_t bn = (size_t)A_KV_HEADS * c.nb * 2 * A_DIM;
+    c.bounds = dev_rand(bn * 4, PAT_F32, 96);
+    c.score = dev_rand((size_t)rows / A_BT * c.nb * 4, PAT_F32, 97);
+    c.work = dev_rand(kern_block_scores_work(&c.sa) * 4, PAT_F32, 98);
+    float *q = dev_rand((size_t)rows * A_HEADS * A_DIM * 4, PAT_F32, 99);
+    c.hq = malloc((size_t)32 * A_HEADS * A_DIM * 4);
+    c.hout = malloc((size_t)A_KV_HEADS * ctx * 4);
+    if (rc == 0 && (!c.bounds || !c.score || !c.work || !q || !c.hq || !c.hout))
+        rc = KVS_ENOMEM;
+    for (size_t i = 0; c.hq && i < (size_t)32 * A_HEADS * A_DIM; i++)
+        c.hq[i] = (float)((rng_next() >> 40) % 2001) / 1000.0f - 1.0f;
+    c.sa.q = q;
+    c.sa.bounds = c.bounds;
+    c.sa.score = c.score;
+    c.sa.work = c.work;
+    c.ma = (kern_attn_mass_args_t){.q = c.hq,
+                                   .n_q = 32,
+                                   .n_heads = A_HEADS,
+                                   .kv = &c.a.kv,
+                                   .layer = 0,
+                                   .blocks = c.a.indices,
+                                   .n_keys = ctx,
+                                   .causal = true,
+                                   .scale = 1.0f / sqrtf((float)A_DIM),
+                                   .mode = KERN_MASS_SUM,
+                                   .n_out = ctx - 32,
+                                   .out = c.hout};
+    double ms[3] = {-1, -1, -1};
+    int n_timed[3] = {0, 0, 0};
+    if (rc == 0)
+        rc = time_op(run_bounds, &c, 1, &ms[0], &n_timed[0]);
+    if (rc == 0)
+        rc = time_op(run_scores, &c, 1, &ms[1], &n_timed[1]);
+    if (rc == 0)
+        rc = time_op(run_mass, &c, 1, &ms[2], &n_timed[2]);
+    kern_free(B.be, c.bounds);
+    kern_free(B.be, c.score);
+    kern_free(B.be, c.work);
+    kern_free(B.be, q);
+    free(c.hq);
+    free(c.hout);
+    attn_ctx_free(&c.a);
+    if (rc)
+        return rc;
+    note_timed(rb, n_timed[0]);
+    done_row(rb, ms[0], (double)ctx * A_KV_HEADS * A_DIM * 2 + bn * 4.0, 0);
+    note_timed(rs, n_timed[1]);
+    snprintf(rs->note, sizeof rs->note, "TF32 vs the bf16 ceiling");
+    done_row(rs, ms[1], 0, 2.0 * rows * G * A_KV_HEADS * (double)c.nb * 2 * A_DIM);
+    note_timed(rm, n_timed[2]);
+    snprintf(rm->note, sizeof rm->note, "K read once per row; D2H copy included");
+    done_row(rm, ms[2], 32.0 * ctx * A_KV_HEADS * A_DIM * 2, 0);
     return 0;
 }
 
@@ -955,7 +1089,11 @@ kernels(double budget_s)
     static const uint32_t ctxs[] = {4096, 32768, 131072}, seqs[] = {1, 16};
     for (size_t i = 0; i < 3; i++)
         for (size_t j = 0; j < 2; j++)
-            KT(bench_decode_attn(ctxs[i], seqs[j]));
+            KT(bench_decode_attn(ctxs[i], seqs[j], false));
+    /* The same reads from Q8_0 tiles: 53% of the bytes. */
+    KT(bench_decode_attn(32768, 16, true));
+    KT(bench_decode_attn(131072, 1, true));
+    KT(bench_select(32768));
     double ms4 = -1, ms16;
     KT(bench_prefill_attn(4096, &ms4, -1));
     KT(bench_prefill_attn(16384, &ms16, ms4 > 0 ? 16 * ms4 : -1));
