@@ -140,6 +140,16 @@ kvs_add_size(size_t a, size_t b, size_t *out)
     return __builtin_add_overflow(a, b, out) ? KVS_ERANGE : 0;
 }
 
+/* The splitmix64 finalizer: a bijection of 64-bit values with full
+ * avalanche, for hash keys built by folding fields in. */
+static inline uint64_t
+kvs_mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Half precision (IEEE binary16) and bfloat16.                             */
 /* ------------------------------------------------------------------------ */

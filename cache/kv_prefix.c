@@ -59,12 +59,7 @@
 static inline uint64_t
 mix_a(uint64_t x)
 {
-    x ^= x >> 30;
-    x *= 0xbf58476d1ce4e5b9ull;
-    x ^= x >> 27;
-    x *= 0x94d049bb133111ebull;
-    x ^= x >> 31;
-    return x;
+    return kvs_mix64(x);
 }
 
 static inline uint64_t

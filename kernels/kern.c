@@ -346,6 +346,14 @@ kern_block_scores(kern_backend_t *be, const kern_block_score_args_t *a)
 }
 
 int
+kern_graph_run(kern_backend_t *be, uint64_t key, kern_graph_fn fn, void *arg)
+{
+    if (fn == NULL)
+        return KVS_EINVAL;
+    return be->ops->graph_run ? be->ops->graph_run(be, key, fn, arg) : fn(arg);
+}
+
+int
 kern_attn_mass(kern_backend_t *be, const kern_attn_mass_args_t *a)
 {
     if (a == NULL || !kv_ok(a->kv, a->layer) || a->n_q == 0 || a->n_keys == 0 || !a->q ||
@@ -441,7 +449,8 @@ kern_attention(kern_backend_t *be, const kern_attn_args_t *a)
             len = (int64_t)(b1 - b0 - 1) * kv->block_tokens + a->pt.last_len[s];
         }
         for (int32_t i = a->q_indptr[s]; i < a->q_indptr[s + 1]; i++)
-            if (a->kv_len[i] < 1 || a->kv_len[i] > len)
+            if (a->kv_len[i] < 1 || a->kv_len[i] > len ||
+                (a->max_len_hint && (uint32_t)a->kv_len[i] > a->max_len_hint))
                 return KVS_EINVAL;
     }
     if (!attn_pattern_ok(a))

@@ -290,6 +290,12 @@ typedef struct kern_attn_args {
     uint32_t mask_stride;      /* bytes between mask rows */
     uint32_t mask_q_block;     /* query rows per mask row; 0 means 1 */
     const uint8_t *dense_rows; /* host, [n_q], nonzero: ignore the pattern; or NULL */
+    /* 0, or a bound on every kv_len[i] that a backend may plan the call
+     * by instead of the actual longest row (how cuda cuts long rows into
+     * split-KV ranges), so that calls under one bound launch alike: what a
+     * replayed CUDA graph needs (kern_graph_run).  kern_attention returns
+     * KVS_EINVAL for a row longer than the bound. */
+    uint32_t max_len_hint;
 } kern_attn_args_t;
 
 /* RoPE.  theta_i = pos * freq_scale * freq_base^(-2i/n_rot) / freq_factor[i]
@@ -507,6 +513,23 @@ typedef struct kern_attn_mass_args {
     float *out;     /* host */
 } kern_attn_mass_args_t;
 int kern_attn_mass(kern_backend_t *be, const kern_attn_mass_args_t *a);
+
+/* Replays of a step whose launches repeat exactly (CUDA graphs).  fn(arg)
+ * issues a step's kern_* calls; kern_graph_run calls it with every launch
+ * recorded the first time `key` is seen, and afterwards only to rewrite the
+ * host arrays the ops stage (token ids, slots, positions, page tables,
+ * lengths), then replays the recorded launches: one upload and one graph
+ * launch instead of a few hundred launches and copies.  So for one key fn
+ * must make the same calls with the same shapes and device buffers
+ * (kern_attention with the same max_len_hint), and it must not read device
+ * results: no kern_download, kern_sync or op that returns data to the
+ * host (KVS_EINVAL there).  A key whose recording fails (an op that cannot
+ * be recorded, a workspace that would have to grow) runs directly from
+ * then on, with a warning.  Host backends just call fn(arg).  Returns fn's
+ * result or KVS_EDEVICE / KVS_ENOMEM.  Results are ready after kern_sync
+ * or a download, as with any op. */
+typedef int (*kern_graph_fn)(void *arg);
+int kern_graph_run(kern_backend_t *be, uint64_t key, kern_graph_fn fn, void *arg);
 
 /* Delta Attention's correction (algorithms.md section 1) of n query rows
  * of `width` floats whose sparse outputs are in out[n][width].  Rows below

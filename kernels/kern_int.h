@@ -52,6 +52,8 @@ typedef struct kern_ops {
                      const int32_t *dst, uint32_t n);
     /* Optional (NULL: nothing to size ahead); r is valid. */
     int (*reserve)(kern_backend_t *be, const kern_reserve_t *r);
+    /* Optional (NULL: kern_graph_run calls fn directly). */
+    int (*graph_run)(kern_backend_t *be, uint64_t key, kern_graph_fn fn, void *arg);
 } kern_ops_t;
 
 /* Every backend struct starts with this header. */

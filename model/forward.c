@@ -49,6 +49,7 @@ struct model_ctx {
     size_t bs_score_cap, bs_idx_cap, bs_mask_cap, bs_span_cap;
     void **bufs;
     uint32_t n_bufs;
+    bool graphs; /* decode steps through kern_graph_run (model_ctx_set_graphs) */
 };
 
 static float *
@@ -68,6 +69,12 @@ ws_alloc(model_ctx_t *c, size_t n_floats, int *rc)
     }
     c->bufs[c->n_bufs++] = p;
     return p;
+}
+
+void
+model_ctx_set_graphs(model_ctx_t *c, bool on)
+{
+    c->graphs = on;
 }
 
 int
@@ -515,50 +522,30 @@ attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32
     return 0;
 }
 
-int
-model_forward(model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b, float *logits)
+/* One forward pass's launches, up to the logits in c->logits: what
+ * kern_graph_run records and replays for decode steps. */
+typedef struct fwd {
+    model_ctx_t *c;
+    const kern_kv_t *kv;
+    const model_batch_t *b;
+    kern_rope_args_t rope;
+    kern_attn_args_t attn;
+} fwd_t;
+
+static int
+forward_layers(void *arg)
 {
-    TRY(check_batch(c, kv, b));
+    fwd_t *f = arg;
+    model_ctx_t *c = f->c;
+    const model_batch_t *b = f->b;
     const model_t *m = c->m;
     const model_hparams_t *hp = &m->hp;
     kern_backend_t *be = c->be;
     const uint32_t T = b->n_tokens, d = hp->n_embd;
     const uint32_t qd = hp->n_head * hp->head_dim;
     const uint32_t nl = b->n_logits;
-
-    /* Attention arguments for the last layer's reduced rows: each logit
-     * row keeps its own sequence and visible KV length. */
-    c->row_q_indptr[0] = 0;
-    for (uint32_t i = 0, seq = 0; seq < b->pt.n_seqs; seq++) {
-        while (i < nl && b->logit_rows[i] < b->seq_indptr[seq + 1]) {
-            c->row_kv_len[i] = b->kv_len[b->logit_rows[i]];
-            i++;
-        }
-        c->row_q_indptr[seq + 1] = (int32_t)i;
-    }
-
-    kern_rope_args_t rope = {
-        .head_dim = hp->head_dim,
-        .n_rot = hp->n_rot,
-        .pos = b->pos,
-        .n_rows = T,
-        .freq_base = hp->rope_freq_base,
-        .freq_scale = hp->rope_freq_scale,
-        .freq_factors = m->rope_freqs,
-        /* llama.cpp's qwen2 rotates halves, not adjacent pairs. */
-        .neox = strcmp(hp->arch, "qwen2") == 0,
-    };
-    kern_attn_args_t attn = {
-        .q = c->q,
-        .out = c->att,
-        .n_q = T,
-        .n_heads = hp->n_head,
-        .q_indptr = b->seq_indptr,
-        .kv_len = b->kv_len,
-        .pt = b->pt,
-        .kv = kv,
-        .scale = 1.0f / sqrtf((float)hp->head_dim),
-    };
+    kern_rope_args_t rope = f->rope;
+    kern_attn_args_t attn = f->attn;
 
     TRY(kern_get_rows(be, &m->tok_embd, b->tokens, T, c->x));
     for (uint32_t l = 0; l < hp->n_layer; l++) {
@@ -577,7 +564,7 @@ model_forward(model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b, float
         rope.x = c->k;
         rope.n_heads = hp->n_head_kv;
         TRY(kern_rope(be, &rope));
-        TRY(kern_kv_append(be, kv, l, c->k, c->v, b->slots, T));
+        TRY(kern_kv_append(be, f->kv, l, c->k, c->v, b->slots, T));
 
         float *x = c->x, *h = c->h, *att = c->att;
         uint32_t n = T;
@@ -609,7 +596,99 @@ model_forward(model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b, float
     if (nl == 0)
         return 0;
     TRY(kern_rmsnorm(be, c->lx, m->output_norm.data, nl, d, hp->rms_eps, c->lh));
-    TRY(kern_matmul(be, &m->output, c->lh, nl, NULL, c->logits));
+    return kern_matmul(be, &m->output, c->lh, nl, NULL, c->logits);
+}
+
+/* Whether the batch is a decode step a graph can replay, and its key:
+ * one row per sequence, each past its prompt (so attention is dense, in
+ * one call or one per sequence as the policies say), nothing captured.
+ * Steps under one key launch alike: the same model, pool, row counts and
+ * attention plan, which the longest row's power-of-two bound fixes
+ * (kern_attn_args_t.max_len_hint). */
+static bool
+graph_key(const model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b, uint32_t *bound,
+          uint64_t *key)
+{
+    if (!c->graphs || b->n_capture || b->n_tokens != b->pt.n_seqs)
+        return false;
+    uint32_t longest = 0;
+    bool sparse = false;
+    for (uint32_t s = 0; s < b->pt.n_seqs; s++) {
+        if (b->seq_indptr[s + 1] - b->seq_indptr[s] != 1)
+            return false;
+        uint32_t len = (uint32_t)b->kv_len[b->seq_indptr[s]];
+        if (b->seq_policy && b->seq_policy[s].kind != MODEL_ATTN_DENSE) {
+            if (len <= b->seq_n_prompt[s])
+                return false; /* a prompt row: its policy's own calls */
+            sparse = true;
+        }
+        longest = len > longest ? len : longest;
+    }
+    uint32_t p2 = 256;
+    while (p2 < longest && p2 < (1u << 31))
+        p2 <<= 1;
+    *bound = p2;
+    uint64_t k = kvs_mix64((uint64_t)(uintptr_t)c->m ^ 0x6b76u);
+    k = kvs_mix64(k ^ (uint64_t)(uintptr_t)kv->k);
+    k = kvs_mix64(k ^ ((uint64_t)b->n_tokens << 32 | b->n_logits));
+    *key = kvs_mix64(k ^ ((uint64_t)p2 << 1 | sparse));
+    return true;
+}
+
+int
+model_forward(model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b, float *logits)
+{
+    TRY(check_batch(c, kv, b));
+    const model_t *m = c->m;
+    const model_hparams_t *hp = &m->hp;
+    kern_backend_t *be = c->be;
+    const uint32_t T = b->n_tokens;
+    const uint32_t nl = b->n_logits;
+
+    /* Attention arguments for the last layer's reduced rows: each logit
+     * row keeps its own sequence and visible KV length. */
+    c->row_q_indptr[0] = 0;
+    for (uint32_t i = 0, seq = 0; seq < b->pt.n_seqs; seq++) {
+        while (i < nl && b->logit_rows[i] < b->seq_indptr[seq + 1]) {
+            c->row_kv_len[i] = b->kv_len[b->logit_rows[i]];
+            i++;
+        }
+        c->row_q_indptr[seq + 1] = (int32_t)i;
+    }
+
+    fwd_t f = {.c = c, .kv = kv, .b = b};
+    f.rope = (kern_rope_args_t){
+        .head_dim = hp->head_dim,
+        .n_rot = hp->n_rot,
+        .pos = b->pos,
+        .n_rows = T,
+        .freq_base = hp->rope_freq_base,
+        .freq_scale = hp->rope_freq_scale,
+        .freq_factors = m->rope_freqs,
+        /* llama.cpp's qwen2 rotates halves, not adjacent pairs. */
+        .neox = strcmp(hp->arch, "qwen2") == 0,
+    };
+    f.attn = (kern_attn_args_t){
+        .q = c->q,
+        .out = c->att,
+        .n_q = T,
+        .n_heads = hp->n_head,
+        .q_indptr = b->seq_indptr,
+        .kv_len = b->kv_len,
+        .pt = b->pt,
+        .kv = kv,
+        .scale = 1.0f / sqrtf((float)hp->head_dim),
+    };
+    uint64_t key;
+    uint32_t bound;
+    if (graph_key(c, kv, b, &bound, &key)) {
+        f.attn.max_len_hint = bound;
+        TRY(kern_graph_run(be, key, forward_layers, &f));
+    } else {
+        TRY(forward_layers(&f));
+    }
+    if (nl == 0)
+        return kern_sync(be);
     TRY(kern_download(be, logits, c->logits, (size_t)nl * hp->n_vocab * sizeof(float)));
     return kern_sync(be);
 }

@@ -355,6 +355,11 @@ typedef struct model_ctx model_ctx_t;
  * max_logits logit rows, allocated once from the model's backend. */
 int model_ctx_new(model_t *m, uint32_t max_tokens, uint32_t max_logits, model_ctx_t **out);
 void model_ctx_free(model_ctx_t *ctx); /* NULL is a no-op */
+/* Decode steps (one row per sequence, past its prompt) recorded as CUDA
+ * graphs and replayed (kern_graph_run), one recording per batch size and
+ * power-of-two bound on the longest row; off by default.  No effect on
+ * host backends.  Thread: engine. */
+void model_ctx_set_graphs(model_ctx_t *ctx, bool on);
 /* Runs every layer over the batch, writing K/V into `kv` at the batch's
  * slots, and copies the requested logits rows to host `logits`
  * ([n_logits][n_vocab]).  Returns 0, KVS_EINVAL (batch inconsistent with

@@ -165,6 +165,9 @@ typedef struct sched_cfg {
      * later match. */
     size_t host_kv_bytes;
     bool prefix_caching;
+    /* Decode steps recorded as CUDA graphs and replayed
+     * (model_ctx_set_graphs); no effect on host backends. */
+    bool cuda_graphs;
     /* Speculative prefill's draft model (NULL: none), on the main model's
      * backend with the same vocabulary, and its own KV pool of
      * draft_n_blocks blocks (0: as many blocks as the main pool; when the

@@ -1234,14 +1234,6 @@ step_once(sched_t *s)
 
 /* ---- public ------------------------------------------------------------------ */
 
-static uint64_t
-mix64(uint64_t z)
-{
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 int
 sched_check_policy(const sched_t *s, const model_attn_policy_t *attn,
                    const model_spec_policy_t *spec, const sched_kv_policy_t *kv)
@@ -1356,15 +1348,15 @@ sched_submit(sched_t *s, const sched_request_t *q)
     /* The prefix-cache key: tenants (salt) and anything that changes KV
      * contents (its dtype; a sparse prefill, whose later layers see other
      * hidden states) must never share blocks. */
-    r->extra = mix64(q->cache_salt ^
-                     mix64(0x6b76u + (uint64_t)s->cfg.kv_dtype + ((uint64_t)s->cfg.kv_quant << 8) +
-                           ((uint64_t)s->cfg.kv_sink_tokens << 16)));
+    r->extra = kvs_mix64(q->cache_salt ^ kvs_mix64(0x6b76u + (uint64_t)s->cfg.kv_dtype +
+                                                   ((uint64_t)s->cfg.kv_quant << 8) +
+                                                   ((uint64_t)s->cfg.kv_sink_tokens << 16)));
     if (q->attn.kind != MODEL_ATTN_DENSE)
-        r->extra = mix64(r->extra ^
-                         mix64(((uint64_t)q->attn.kind << 56) ^ ((uint64_t)q->attn.sinks << 32) ^
-                               q->attn.window) ^
-                         mix64(((uint64_t)q->attn.gamma << 2) | (q->attn.no_tail ? 2u : 0) |
-                               (q->attn.last_dense ? 1u : 0)));
+        r->extra = kvs_mix64(r->extra ^
+                             kvs_mix64(((uint64_t)q->attn.kind << 56) ^
+                                       ((uint64_t)q->attn.sinks << 32) ^ q->attn.window) ^
+                             kvs_mix64(((uint64_t)q->attn.gamma << 2) | (q->attn.no_tail ? 2u : 0) |
+                                       (q->attn.last_dense ? 1u : 0)));
     r->attn = q->attn;
     r->kv = q->kv;
     r->block_tokens = s->cfg.block_tokens;
@@ -1597,6 +1589,8 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
         if (rc == 0)
             rc = model_ctx_new(c->draft, c->max_num_batched_tokens, max_logits, &s->d_ctx);
         if (rc == 0)
+            model_ctx_set_graphs(s->d_ctx, c->cuda_graphs);
+        if (rc == 0)
             rc = sched_batch_new(&s->d_batch);
         if (rc == 0)
             rc = model_sampler_new(&(model_sampling_t){.top_p = 1.0f}, hp->n_vocab, &s->d_greedy);
@@ -1624,6 +1618,8 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
     }
     if (rc == 0)
         rc = model_ctx_new(m, c->max_num_batched_tokens, max_logits, &s->ctx);
+    if (rc == 0)
+        model_ctx_set_graphs(s->ctx, c->cuda_graphs);
     if (rc == 0)
         rc = reserve_backend(c, m, s->be);
     if (rc == 0 && c->draft)

@@ -110,7 +110,7 @@ typedef struct srv_opts {
     uint32_t max_queued, drain_timeout_s, max_streams, engine_nice;
     uint64_t kv_memory;
     srv_kv_opts_t kv;
-    bool prefix_caching;
+    bool prefix_caching, cuda_graphs;
     model_attn_policy_t attn;
     model_spec_policy_t spec;
 } srv_opts_t;
@@ -1235,7 +1235,7 @@ static const char usage[] =
     "                     [--kv-cache-memory BYTES | --num-kv-blocks N]\n"
     "                     [--max-num-seqs N] [--max-num-batched-tokens N] [--max-queued-requests "
     "N]\n"
-    "                     [--enable-prefix-caching | --no-enable-prefix-caching]\n"
+    "                     [--enable-prefix-caching | --no-enable-prefix-caching] [--cuda-graphs]\n"
     "                     [--tls-cert F --tls-key F [--tls-client-ca F]] [--api-key-file F]\n"
     "                     [--drain-timeout S] [--max-concurrent-streams N]\n"
     "                     [--engine-nice 10] [--attention dense|sink-window|delta|block-sparse]\n"
@@ -1277,6 +1277,7 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         O_QUEUED,
         O_PFX,
         O_NOPFX,
+        O_GRAPHS,
         O_CERT,
         O_KEY,
         O_CA,
@@ -1304,6 +1305,7 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         {"max-queued-requests", 1, 0, O_QUEUED},
         {"enable-prefix-caching", 0, 0, O_PFX},
         {"no-enable-prefix-caching", 0, 0, O_NOPFX},
+        {"cuda-graphs", 0, 0, O_GRAPHS},
         {"tls-cert", 1, 0, O_CERT},
         {"tls-key", 1, 0, O_KEY},
         {"tls-client-ca", 1, 0, O_CA},
@@ -1366,6 +1368,9 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         case O_NOPFX:
             o->prefix_caching = false;
             break;
+        case O_GRAPHS:
+            o->cuda_graphs = true;
+            break;
         case O_CERT:
             o->tls_cert = optarg;
             break;
@@ -1415,6 +1420,10 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         rc = KVS_EINVAL;
     if (rc == 0 && srv_kv_finish(C, &o->kv, o->block_size))
         rc = KVS_EINVAL;
+    if (rc == 0 && o->cuda_graphs && strcmp(o->device, "cuda") != 0) {
+        fprintf(stderr, "kvserve serve: --cuda-graphs needs --device cuda\n");
+        rc = KVS_EINVAL;
+    }
     if (rc)
         return rc;
     if (optind < argc) {
@@ -1540,6 +1549,7 @@ engine_up(const srv_opts_t *o)
                       .n_blocks = o->num_blocks,
                       .kv_cache_bytes = o->kv_memory,
                       .prefix_caching = o->prefix_caching,
+                      .cuda_graphs = o->cuda_graphs,
                       .thread_nice = (int)o->engine_nice,
                       .draft = S.draft,
                       .wake = engine_wake,

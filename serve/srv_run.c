@@ -22,14 +22,14 @@ static const char run_usage[] =
     "                   [--block-size N] [--kv-cache-dtype f16|f32|bf16|q8_0|fp8|q4]\n"
     "                   [--kv-sink-tokens N] [--kv-residual-tokens N] [--batch-size N]\n"
     "                   [--kv-policy full|sink-eviction|snapkv|h2o] [--kv-budget N]\n"
-    "                   [--max-model-len N] [--logits-out FILE.npy] [--json]\n";
+    "                   [--max-model-len N] [--logits-out FILE.npy] [--json] [--cuda-graphs]\n";
 
 typedef struct run_opts {
     const char *model, *prompt, *prompt_tokens, *logits_out, *device;
     uint32_t max_tokens, threads, block_size, batch_size, max_model_len;
     srv_kv_opts_t kv;
     model_sampling_t sampling;
-    bool seed_set, ignore_eos, json;
+    bool seed_set, ignore_eos, json, cuda_graphs;
 } run_opts_t;
 
 /* .npy v1.0 writer for a float32 [rows][cols] array whose row count is
@@ -77,19 +77,31 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         O_MML,
         O_LOGITS,
         O_JSON,
+        O_GRAPHS,
         O_HELP,
     };
     static const struct option lo[] = {
-        {"model", 1, 0, O_MODEL},        {"prompt", 1, 0, O_PROMPT},
-        {"prompt-tokens", 1, 0, O_PTOK}, {"max-tokens", 1, 0, O_MAXTOK},
-        {"temperature", 1, 0, O_TEMP},   {"top-k", 1, 0, O_TOPK},
-        {"top-p", 1, 0, O_TOPP},         {"min-p", 1, 0, O_MINP},
-        {"seed", 1, 0, O_SEED},          {"ignore-eos", 0, 0, O_IGNEOS},
-        {"threads", 1, 0, O_THREADS},    {"device", 1, 0, O_DEVICE},
-        {"block-size", 1, 0, O_BS},      SRV_KV_LONGOPTS,
-        {"batch-size", 1, 0, O_BATCH},   {"max-model-len", 1, 0, O_MML},
-        {"logits-out", 1, 0, O_LOGITS},  {"json", 0, 0, O_JSON},
-        {"help", 0, 0, O_HELP},          {0, 0, 0, 0},
+        {"model", 1, 0, O_MODEL},
+        {"prompt", 1, 0, O_PROMPT},
+        {"prompt-tokens", 1, 0, O_PTOK},
+        {"max-tokens", 1, 0, O_MAXTOK},
+        {"temperature", 1, 0, O_TEMP},
+        {"top-k", 1, 0, O_TOPK},
+        {"top-p", 1, 0, O_TOPP},
+        {"min-p", 1, 0, O_MINP},
+        {"seed", 1, 0, O_SEED},
+        {"ignore-eos", 0, 0, O_IGNEOS},
+        {"threads", 1, 0, O_THREADS},
+        {"device", 1, 0, O_DEVICE},
+        {"block-size", 1, 0, O_BS},
+        SRV_KV_LONGOPTS,
+        {"batch-size", 1, 0, O_BATCH},
+        {"max-model-len", 1, 0, O_MML},
+        {"logits-out", 1, 0, O_LOGITS},
+        {"json", 0, 0, O_JSON},
+        {"cuda-graphs", 0, 0, O_GRAPHS},
+        {"help", 0, 0, O_HELP},
+        {0, 0, 0, 0},
     };
     /* Defaults follow llama.cpp's sampling defaults. */
     *o = (run_opts_t){
@@ -161,6 +173,9 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         case O_JSON:
             o->json = true;
             break;
+        case O_GRAPHS:
+            o->cuda_graphs = true;
+            break;
         case O_HELP:
             fputs(run_usage, stdout);
             exit(0);
@@ -188,6 +203,10 @@ parse_opts(int argc, char **argv, run_opts_t *o)
     if ((o->prompt == NULL) == (o->prompt_tokens == NULL)) {
         fprintf(stderr, "kvserve run: give exactly one of --prompt and --prompt-tokens\n%s",
                 run_usage);
+        return KVS_EINVAL;
+    }
+    if (o->cuda_graphs && strcmp(o->device, "cuda") != 0) {
+        fprintf(stderr, "kvserve run: --cuda-graphs needs --device cuda\n");
         return KVS_EINVAL;
     }
     if (!o->seed_set)
@@ -303,6 +322,7 @@ srv_cmd_run(int argc, char **argv)
         .max_model_len = max_len,
         .block_tokens = o.block_size,
         .n_blocks = (uint32_t)((total + o.block_size - 1) / o.block_size),
+        .cuda_graphs = o.cuda_graphs,
     };
     srv_kv_apply(&o.kv, &scfg);
     if (o.kv.quant != KERN_KVQ_NONE) {

@@ -1,9 +1,11 @@
 #!/bin/sh
 # bench/gpu/check.sh — the device check, run on a machine with an NVIDIA
 # GPU, in this order: the card (nvidia-smi); the gpu test
-# (tests/kernels/test_gpu.c); test_kern_ops and test_attn_policy, which add
-# the cuda backend when there is one; the engine on the tiny random model,
-# cuda against cpu logits; then bench/bench_gpu.c, whose tables come last.
+# (tests/kernels/test_gpu.c); test_kern_ops, test_attn_policy and
+# test_kv_quant, which add the cuda backend when there is one; the engine
+# on the tiny random model, cuda against cpu logits (f32 KV, q8_0 KV with
+# blocks sealed, f32 KV with CUDA graphs); then bench/bench_gpu.c, whose
+# tables come last.
 #
 #   bench/gpu/check.sh [OUT_DIR]        (default .gpu-out)
 #
@@ -186,13 +188,20 @@ sys.exit(0 if n > 0 and err < 2e-2 else 1)
 PY
 engine() {
     LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" model random --shape tiny --dtype f16 --out "$SCRATCH/tiny.gguf" || return 1
-    for kvd in f32 q8_0; do
+    # f32 KV; q8_0 KV (blocks sealed as they fill); f32 KV with every decode
+    # step replayed from a CUDA graph after the first.
+    for v in "f32" "q8_0" "f32 --cuda-graphs"; do
+        kvd=${v%% *}
+        extra=${v#"$kvd"} # cuda's own flags; the cpu run is the reference
         for dev in cpu cuda; do
+            flags=
+            [ $dev = cuda ] && flags=$extra
+            # shellcheck disable=SC2086 # $flags is zero or more words
             LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" run --model "$SCRATCH/tiny.gguf" --prompt-tokens "$(seq -s, 1 64)" \
-                --max-tokens 16 --temperature 0 --ignore-eos --kv-cache-dtype $kvd --device $dev \
-                --logits-out "$SCRATCH/logits-$dev.npy" >/dev/null || return 1
+                --max-tokens 16 --temperature 0 --ignore-eos --kv-cache-dtype "$kvd" --device $dev \
+                $flags --logits-out "$SCRATCH/logits-$dev.npy" >/dev/null || return 1
         done
-        printf '%s KV: ' $kvd
+        printf '%s KV%s: ' "$kvd" "$extra"
         python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || return 1
     done
 }
@@ -205,7 +214,7 @@ else
     say "check: engine_cuda_vs_cpu: FAILED"
     STATUS="$STATUS engine_cuda_vs_cpu=1"
 fi
-tail -2 "$OUT/engine.log" | tee -a "$LOG"
+grep ' KV.*: engine: ' "$OUT/engine.log" | tee -a "$LOG"
 
 # ---- bench -------------------------------------------------------------------
 # model_random_load's sparse metadata file: on this checkout's disk rather

@@ -325,7 +325,16 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
      * start and the offset of its sequence's block ids; attn_kernel's row
      * list; the tiles; the block ids; the mask. */
     uint32_t n_idx = (uint32_t)a->pt.indptr[n_seqs];
-    size_t n_ints = (size_t)3 * n_q + n_list + 3 * n_tiles + n_idx;
+    /* Under a bound (kern_attn_args_t.max_len_hint) the block ids take the
+     * room the bound allows whatever the tables hold today, so the arrays
+     * after them keep their place from call to call: what a replayed graph
+     * reads. */
+    size_t idx_room = n_idx;
+    if (a->max_len_hint) {
+        size_t cap = (size_t)n_seqs * ((a->max_len_hint + bt - 1) / bt);
+        idx_room = cap > idx_room ? cap : idx_room;
+    }
+    size_t n_ints = (size_t)3 * n_q + n_list + 3 * n_tiles + idx_room;
     size_t bytes = n_ints * sizeof(int32_t) + (size_t)n_mrows * mstride;
     void *h, *dev;
     int rc = kern__cuda_stage_begin(be, bytes, &h);
@@ -333,7 +342,7 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
         return rc;
     int32_t *row_len = (int32_t *)h, *row_lo = row_len + n_q, *row_blk = row_lo + n_q;
     int32_t *list = row_blk + n_q, *tiles = list + n_list, *idx = tiles + 3 * n_tiles;
-    uint8_t *mask = (uint8_t *)(idx + n_idx);
+    uint8_t *mask = (uint8_t *)(idx + idx_room);
     int32_t max_len = 0;
     size_t at_list = 0, at_tile = 0;
     for (uint32_t s = 0; s < n_seqs; s++) {
@@ -388,7 +397,7 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
         return rc;
     const int32_t *d_len = (const int32_t *)dev, *d_lo = d_len + n_q, *d_blk = d_lo + n_q;
     const int32_t *d_list = d_blk + n_q, *d_tiles = d_list + n_list, *d_idx = d_tiles + 3 * n_tiles;
-    const uint8_t *d_mask = a->block_mask ? (const uint8_t *)(d_idx + n_idx) : NULL;
+    const uint8_t *d_mask = a->block_mask ? (const uint8_t *)(d_idx + idx_room) : NULL;
     const void *k = (const char *)kv->k + (size_t)a->layer * kv->layer_bytes;
     const void *v = (const char *)kv->v + (size_t)a->layer * kv->layer_bytes;
     float qscale = a->scale * 1.4426950408889634f; /* log2(e) */
@@ -421,7 +430,12 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
         return 0;
 
     /* Split the KV range only when the grid would leave SMs idle, and never
-     * into ranges too short to pay for the combine pass. */
+     * into ranges too short to pay for the combine pass.  A caller's bound
+     * plans the split instead of the longest row, so every call under the
+     * bound launches alike (a recorded graph replays them); ranges past a
+     * row's end are empty. */
+    if (a->max_len_hint)
+        max_len = (int32_t)a->max_len_hint;
     uint32_t n_splits = 1;
     size_t base_blocks = n_list * kv->n_kv_heads;
     size_t want = (size_t)2 * (be->n_sm > 0 ? be->n_sm : 1);

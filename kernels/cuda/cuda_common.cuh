@@ -19,6 +19,7 @@
  *   cuda_kvq.cuh    reading quantized KV tiles value by value
  *   cuda_kvseal.cu  kern__cuda_kv_seal: tiles sealed and reopened, the
  *                   codecs on the host
+ *   cuda_graph.cu   kern_graph_run: recording and replaying steps
  *
  * Errors: every CUDA or cuBLAS call goes through KERN_CUDA_TRY or
  * KERN_CUBLAS_TRY, which log the statement, file and line and return
@@ -80,6 +81,31 @@ typedef enum kern_cuda_ws {
     KERN_CUDA_WS_COUNT,
 } kern_cuda_ws_t;
 
+/* How ops run (cuda_graph.cu).  EAGER: launched at once, host arrays
+ * staged through the pinned slots.  While kern_graph_run records a step,
+ * CAPTURE: host arrays staged into the arena, launches recorded into the
+ * graph.  While it refreshes a recorded step's arrays, DRY: staged into the
+ * arena, nothing launched. */
+typedef enum kern_cuda_mode {
+    KERN_CUDA_EAGER = 0,
+    KERN_CUDA_CAPTURE,
+    KERN_CUDA_DRY,
+} kern_cuda_mode_t;
+
+/* What kern__cuda_stage_end answers in DRY mode: the op's arrays are
+ * staged and it must launch nothing; the vtable wrappers turn it into 0. */
+#define KERN_CUDA_DRY_DONE 1
+
+#define KERN_CUDA_GRAPHS 64 /* recorded steps kept, least recently used out */
+
+typedef struct kern_cuda_graph {
+    uint64_t key;
+    cudaGraphExec_t exec; /* NULL: not recorded */
+    uint64_t layout;      /* the arena's offsets and sizes when recorded */
+    uint64_t used;        /* graph_clock at the last replay; 0: free slot */
+    bool broken;          /* recording failed: this key runs eagerly */
+} kern_cuda_graph_t;
+
 typedef struct kern_cuda {
     kern_backend_t base;
     int device;
@@ -101,6 +127,18 @@ typedef struct kern_cuda {
     size_t seal_host_bytes;
     float *seal_x; /* its codec's scratch row */
     size_t seal_x_bytes;
+
+    /* CUDA graphs (cuda_graph.cu): the arena holds every array a recorded
+     * step stages, at the offsets recorded, pinned on the host and copied
+     * to the device in one piece before each replay. */
+    kern_cuda_mode_t mode;
+    void *arena_host, *arena_dev;
+    size_t arena_host_bytes, arena_dev_bytes, arena_used, arena_pending;
+    uint64_t arena_layout;  /* every staging's offset and size, folded */
+    cudaEvent_t arena_done; /* after the last copy out of arena_host */
+    kern_cuda_graph_t graphs[KERN_CUDA_GRAPHS];
+    uint64_t graph_clock;
+    void *blas_ws; /* cuBLAS's workspace, set explicitly so GEMMs can be recorded */
     bool reserved; /* kern_reserve sized everything: growing later is worth a warning */
 } kern_cuda_t;
 
@@ -174,6 +212,12 @@ int kern__cuda_block_bounds(kern_cuda_t *be, const kern_kv_t *kv, uint32_t layer
                             const int32_t *blocks, uint32_t n, float *out);
 int kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a);
 int kern__cuda_attn_mass(kern_cuda_t *be, const kern_attn_mass_args_t *a);
+/* cuda_graph.cu: kern_graph_run; the arena side of staging (CAPTURE and
+ * DRY modes); freeing the recorded graphs and the arena. */
+int kern__cuda_graph_run(kern_cuda_t *be, uint64_t key, kern_graph_fn fn, void *arg);
+int kern__cuda_arena_begin(kern_cuda_t *be, size_t bytes, void **host);
+int kern__cuda_arena_end(kern_cuda_t *be, size_t bytes, void **dev);
+void kern__cuda_graphs_free(kern_cuda_t *be);
 /* cuda_kvseal.cu: kern_kv_seal, the codecs on the host. */
 int kern__cuda_kv_seal(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
                        uint32_t n);

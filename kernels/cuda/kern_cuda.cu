@@ -57,7 +57,9 @@ cuda_enter(kern_cuda_t *be)
 static int
 cuda_leave(kern_cuda_t *be, int rc)
 {
-    if (rc != KVS_EDEVICE || be->base.failed)
+    /* While recording, querying the stream would end the recording; its
+     * failure is kern_graph_run's to handle. */
+    if (rc != KVS_EDEVICE || be->base.failed || be->mode == KERN_CUDA_CAPTURE)
         return rc;
     (void)cudaGetLastError();
     cudaError_t probe = cudaStreamQuery(be->stream);
@@ -108,6 +110,8 @@ pin_reserve(kern_cuda_t *be, kern_cuda_pin_t *s, size_t bytes)
 int
 kern__cuda_stage_begin(kern_cuda_t *be, size_t bytes, void **host)
 {
+    if (be->mode != KERN_CUDA_EAGER)
+        return kern__cuda_arena_begin(be, bytes, host);
     kern_cuda_pin_t *s = &be->pin[be->pin_next];
     /* The copy that last read this slot must be done before we refill it. */
     int rc = pin_reserve(be, s, bytes);
@@ -146,6 +150,8 @@ stage_dev_reserve(kern_cuda_t *be, size_t bytes)
 int
 kern__cuda_stage_end(kern_cuda_t *be, size_t bytes, void **dev)
 {
+    if (be->mode != KERN_CUDA_EAGER)
+        return kern__cuda_arena_end(be, bytes, dev);
     kern_cuda_pin_t *s = &be->pin[be->pin_next];
     int rc = stage_dev_reserve(be, bytes);
     if (rc)
@@ -167,6 +173,8 @@ kern__cuda_workspace(kern_cuda_t *be, kern_cuda_ws_t which, size_t bytes, void *
         *out = be->ws[which];
         return 0;
     }
+    if (be->mode != KERN_CUDA_EAGER)
+        return KVS_ENOTSUP; /* a recorded step cannot allocate: kern_graph_run runs it eagerly */
     if (be->reserved)
         KVS_WARNF("cuda: workspace %d grows to %zu bytes beyond the reservation", (int)which,
                   bytes);
@@ -250,6 +258,15 @@ cuda_destroy(kern_backend_t *base)
     if (be->stream)
         (void)cudaStreamDestroy(be->stream);
     (void)cudaGetLastError();
+    kern__cuda_graphs_free(be);
+    if (be->arena_host)
+        (void)cudaFreeHost(be->arena_host);
+    if (be->arena_dev)
+        (void)cudaFree(be->arena_dev);
+    if (be->arena_done)
+        (void)cudaEventDestroy(be->arena_done);
+    if (be->blas_ws)
+        (void)cudaFree(be->blas_ws);
     if (be->seal_host)
         (void)cudaFreeHost(be->seal_host);
     (void)cudaGetLastError();
@@ -268,8 +285,17 @@ cuda_init(kern_cuda_t *be)
     KERN_CUDA_TRY(cudaStreamCreateWithFlags(&be->stream, cudaStreamNonBlocking));
     for (int i = 0; i < KERN_CUDA_PIN_SLOTS; i++)
         KERN_CUDA_TRY(cudaEventCreateWithFlags(&be->pin[i].done, cudaEventDisableTiming));
+    KERN_CUDA_TRY(cudaEventCreateWithFlags(&be->arena_done, cudaEventDisableTiming));
     KERN_CUBLAS_TRY(cublasCreate(&be->blas));
     KERN_CUBLAS_TRY(cublasSetStream(be->blas, be->stream));
+    /* A workspace of our own, so that cuBLAS allocates nothing inside a
+     * recorded step (its advice for graphs: 32 MiB on Hopper). */
+    const size_t blas_ws = (size_t)32 << 20;
+    if (cudaMalloc(&be->blas_ws, blas_ws) == cudaSuccess)
+        KERN_CUBLAS_TRY(cublasSetWorkspace(be->blas, be->blas_ws, blas_ws));
+    else
+        be->blas_ws = NULL;
+    (void)cudaGetLastError();
 
     cudaDeviceProp prop;
     KERN_CUDA_TRY(cudaGetDeviceProperties(&prop, be->device));
@@ -335,11 +361,28 @@ cuda_upload_body(kern_cuda_t *be, void *dst, const void *src, size_t bytes)
     return 0;
 }
 
+/* Inside kern_graph_run's fn: what waits for the device or returns data
+ * to the host cannot be recorded (kern.h). */
+static int
+cuda_not_in_graph(kern_cuda_t *be)
+{
+    return be->mode == KERN_CUDA_EAGER ? 0 : KVS_EINVAL;
+}
+
+/* Turns DRY mode's "staged, nothing to launch" into success. */
+static int
+cuda_done(kern_cuda_t *be, int rc)
+{
+    return cuda_leave(be, rc == KERN_CUDA_DRY_DONE ? 0 : rc);
+}
+
 static int
 cuda_upload(kern_backend_t *base, void *dst, const void *src, size_t bytes)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
-    int rc = cuda_enter(be);
+    int rc = cuda_not_in_graph(be);
+    if (rc == 0)
+        rc = cuda_enter(be);
     return cuda_leave(be, rc ? rc : cuda_upload_body(be, dst, src, bytes));
 }
 
@@ -355,7 +398,9 @@ static int
 cuda_download(kern_backend_t *base, void *dst, const void *src, size_t bytes)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
-    int rc = cuda_enter(be);
+    int rc = cuda_not_in_graph(be);
+    if (rc == 0)
+        rc = cuda_enter(be);
     return cuda_leave(be, rc ? rc : cuda_download_body(be, dst, src, bytes));
 }
 
@@ -370,6 +415,8 @@ static int
 cuda_memset(kern_backend_t *base, void *dst, int value, size_t bytes)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
+    if (be->mode == KERN_CUDA_DRY)
+        return 0;
     int rc = cuda_enter(be);
     return cuda_leave(be, rc ? rc : cuda_memset_body(be, dst, value, bytes));
 }
@@ -385,7 +432,9 @@ static int
 cuda_sync(kern_backend_t *base)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
-    int rc = cuda_enter(be);
+    int rc = cuda_not_in_graph(be);
+    if (rc == 0)
+        rc = cuda_enter(be);
     return cuda_leave(be, rc ? rc : cuda_sync_body(be));
 }
 
@@ -845,7 +894,7 @@ cuda_get_rows(kern_backend_t *base, const kern_tensor_t *w, const int32_t *ids, 
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
     int rc = cuda_enter(be);
-    return cuda_leave(be, rc ? rc : cuda_get_rows_body(be, w, ids, n, out));
+    return cuda_done(be, rc ? rc : cuda_get_rows_body(be, w, ids, n, out));
 }
 
 static int
@@ -853,6 +902,8 @@ cuda_matmul(kern_backend_t *base, const kern_tensor_t *w, const float *x, uint32
             const float *bias, float *y)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
+    if (be->mode == KERN_CUDA_DRY)
+        return 0; /* stages nothing */
     int rc = cuda_enter(be);
     if (rc == 0 && !cuda_tensor_aligned(w)) {
         KVS_ERRORF("cuda: matmul: weight rows are not aligned for %s",
@@ -867,6 +918,8 @@ cuda_rmsnorm(kern_backend_t *base, const float *x, const float *w, uint32_t n, u
              float eps, float *y)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
+    if (be->mode == KERN_CUDA_DRY)
+        return 0; /* stages nothing */
     int rc = cuda_enter(be);
     return cuda_leave(be, rc ? rc : cuda_rmsnorm_body(be, x, w, n, d, eps, y));
 }
@@ -876,13 +929,15 @@ cuda_rope(kern_backend_t *base, const kern_rope_args_t *a)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
     int rc = cuda_enter(be);
-    return cuda_leave(be, rc ? rc : cuda_rope_body(be, a));
+    return cuda_done(be, rc ? rc : cuda_rope_body(be, a));
 }
 
 static int
 cuda_swiglu(kern_backend_t *base, const float *gate, const float *up, size_t n, float *out)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
+    if (be->mode == KERN_CUDA_DRY)
+        return 0; /* stages nothing */
     int rc = cuda_enter(be);
     return cuda_leave(be, rc ? rc : cuda_swiglu_body(be, gate, up, n, out));
 }
@@ -891,6 +946,8 @@ static int
 cuda_add(kern_backend_t *base, float *x, const float *y, size_t n)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
+    if (be->mode == KERN_CUDA_DRY)
+        return 0; /* stages nothing */
     int rc = cuda_enter(be);
     return cuda_leave(be, rc ? rc : cuda_add_body(be, x, y, n));
 }
@@ -901,7 +958,7 @@ cuda_kv_append(kern_backend_t *base, const kern_kv_t *kv, uint32_t layer, const 
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
     int rc = cuda_enter(be);
-    return cuda_leave(be, rc ? rc : cuda_kv_append_body(be, kv, layer, k, v, slots, n));
+    return cuda_done(be, rc ? rc : cuda_kv_append_body(be, kv, layer, k, v, slots, n));
 }
 
 static int
@@ -910,7 +967,7 @@ cuda_kv_copy(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, cons
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
     int rc = cuda_enter(be);
-    return cuda_leave(be, rc ? rc : cuda_kv_copy_body(be, kv, src, dst, n));
+    return cuda_done(be, rc ? rc : cuda_kv_copy_body(be, kv, src, dst, n));
 }
 
 static int
@@ -918,7 +975,7 @@ cuda_attention(kern_backend_t *base, const kern_attn_args_t *a)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
     int rc = cuda_enter(be);
-    return cuda_leave(be, rc ? rc : kern__cuda_attention(be, a));
+    return cuda_done(be, rc ? rc : kern__cuda_attention(be, a));
 }
 
 static int
@@ -926,6 +983,8 @@ cuda_delta_apply(kern_backend_t *base, float *out, float *dense, uint32_t n, uin
                  uint32_t gamma, uint32_t tail)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
+    if (be->mode == KERN_CUDA_DRY)
+        return 0; /* stages nothing */
     int rc = cuda_enter(be);
     return cuda_leave(be, rc ? rc : cuda_delta_apply_body(be, out, dense, n, width, gamma, tail));
 }
@@ -936,7 +995,7 @@ cuda_kv_gather(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, co
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
     int rc = cuda_enter(be);
-    return cuda_leave(be, rc ? rc : kern__cuda_kv_gather(be, kv, src, dst, n));
+    return cuda_done(be, rc ? rc : kern__cuda_kv_gather(be, kv, src, dst, n));
 }
 
 static int
@@ -945,13 +1004,15 @@ cuda_block_bounds(kern_backend_t *base, const kern_kv_t *kv, uint32_t layer, con
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
     int rc = cuda_enter(be);
-    return cuda_leave(be, rc ? rc : kern__cuda_block_bounds(be, kv, layer, blocks, n, out));
+    return cuda_done(be, rc ? rc : kern__cuda_block_bounds(be, kv, layer, blocks, n, out));
 }
 
 static int
 cuda_block_scores(kern_backend_t *base, const kern_block_score_args_t *a)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
+    if (be->mode == KERN_CUDA_DRY)
+        return 0; /* stages nothing */
     int rc = cuda_enter(be);
     return cuda_leave(be, rc ? rc : kern__cuda_block_scores(be, a));
 }
@@ -960,7 +1021,9 @@ static int
 cuda_attn_mass(kern_backend_t *base, const kern_attn_mass_args_t *a)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
-    int rc = cuda_enter(be);
+    int rc = cuda_not_in_graph(be);
+    if (rc == 0)
+        rc = cuda_enter(be);
     return cuda_leave(be, rc ? rc : kern__cuda_attn_mass(be, a));
 }
 
@@ -969,7 +1032,9 @@ cuda_kv_seal(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, cons
              uint32_t n)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
-    int rc = cuda_enter(be);
+    int rc = cuda_not_in_graph(be);
+    if (rc == 0)
+        rc = cuda_enter(be);
     return cuda_leave(be, rc ? rc : kern__cuda_kv_seal(be, kv, src, dst, n));
 }
 
@@ -1013,6 +1078,14 @@ cuda_reserve(kern_backend_t *base, const kern_reserve_t *r)
     return cuda_leave(be, rc ? rc : cuda_reserve_body(be, r));
 }
 
+static int
+cuda_graph_run(kern_backend_t *base, uint64_t key, kern_graph_fn fn, void *arg)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : kern__cuda_graph_run(be, key, fn, arg));
+}
+
 static const kern_ops_t cuda_ops = {
     /* .name = */ "cuda",
     /* .is_host = */ false,
@@ -1041,6 +1114,7 @@ static const kern_ops_t cuda_ops = {
     /* .kv_seal = */ cuda_kv_seal,     /* codecs on the host, bytes moved by two kernels */
     /* .kv_gather = */ cuda_kv_gather, /* a warp per row, every row at once */
     /* .reserve = */ cuda_reserve,     /* every workspace and staging buffer, once */
+    /* .graph_run = */ cuda_graph_run, /* record once per key, then replay */
 };
 
 /* After the table: C++ has no tentative definitions to declare it earlier. */

@@ -948,6 +948,143 @@ test_attention_quantized(void **state)
     free(indices);
 }
 
+/* CUDA graphs (kern_graph_run): five decode steps of four sequences (rope,
+ * KV append, attention), each step's q, k, v, positions, slots and
+ * lengths new.  Recorded once, then replayed with the arrays restaged:
+ * every step's output must equal, bit for bit, the same calls made
+ * directly on a second pool, and ref's within the attention limit.  A
+ * step that waits for the device inside cannot be recorded (KVS_EINVAL). */
+typedef struct gstep {
+    kern_backend_t *be;
+    kern_kv_t kv;
+    float *q, *k, *v, *out;
+    kern_rope_args_t rope;
+    kern_attn_args_t attn;
+    int32_t slots[4];
+    bool sync_inside;
+} gstep_t;
+
+static int
+gstep_run(void *arg)
+{
+    gstep_t *g = arg;
+    int rc;
+    g->rope.x = g->q;
+    g->rope.n_heads = g->attn.n_heads;
+    if ((rc = kern_rope(g->be, &g->rope)) != 0)
+        return rc;
+    g->rope.x = g->k;
+    g->rope.n_heads = g->kv.n_kv_heads;
+    if ((rc = kern_rope(g->be, &g->rope)) != 0 ||
+        (rc = kern_kv_append(g->be, &g->kv, 0, g->k, g->v, g->slots, 4)) != 0)
+        return rc;
+    if (g->sync_inside && (rc = kern_sync(g->be)) != 0)
+        return rc;
+    return kern_attention(g->be, &g->attn);
+}
+
+static void
+test_graph_replay(void **state)
+{
+    (void)state;
+    seed_test(13);
+    const uint32_t B = 4, H = 8, n_kv = 2, d = 128, bt = 16, per = 72, steps = 5;
+    const uint32_t len0[4] = {1000, 37, 700, 1100};
+    kv_geom_t geom = {KERN_F16, 1, n_kv, d, bt, B * per};
+    const size_t qn = (size_t)B * H * d, kn = (size_t)B * n_kv * d;
+    /* Sequence s owns blocks[s * per ..], in a scrambled order. */
+    int32_t *blocks, *unused;
+    void *k0 = rand_keys(&geom, &blocks), *v0 = rand_keys(&geom, &unused);
+    free(unused);
+    int32_t indptr[5], last_len[4], q_indptr[5] = {0, 1, 2, 3, 4}, kv_len[4], pos[4];
+    int32_t *table = malloc(B * per * sizeof(int32_t));
+    assert_non_null(table);
+    kern_backend_t *bes[3] = {g_cuda, g_cuda, g_ref}; /* graph, direct, ref */
+    gstep_t G[3];
+    float *y[3];
+    for (int b = 0; b < 3; b++) {
+        memset(&G[b], 0, sizeof G[b]);
+        G[b].be = bes[b];
+        G[b].kv = kv_make(bes[b], &geom, k0, v0);
+        G[b].q = put(bes[b], NULL, qn * 4);
+        G[b].k = put(bes[b], NULL, kn * 4);
+        G[b].v = put(bes[b], NULL, kn * 4);
+        G[b].out = put_out(bes[b], qn);
+        G[b].rope = (kern_rope_args_t){.n_rows = B,
+                                       .head_dim = d,
+                                       .n_rot = d,
+                                       .pos = pos,
+                                       .freq_base = 500000.0f,
+                                       .freq_scale = 1.0f};
+        G[b].attn = (kern_attn_args_t){
+            .q = G[b].q,
+            .out = G[b].out,
+            .n_q = B,
+            .n_heads = H,
+            .q_indptr = q_indptr,
+            .kv_len = kv_len,
+            .pt = {.indptr = indptr, .indices = table, .last_len = last_len, .n_seqs = B},
+            .kv = &G[b].kv,
+            .layer = 0,
+            .scale = 1.0f / sqrtf((float)d),
+            .max_len_hint = 2048};
+        y[b] = malloc(qn * 4);
+        assert_non_null(y[b]);
+    }
+    for (uint32_t st = 0; st < steps; st++) {
+        float *q = rand_floats(qn, -2.0f, 2.0f), *k = rand_floats(kn, -2.0f, 2.0f);
+        float *v = rand_floats(kn, -2.0f, 2.0f);
+        /* Token len0[s] + st of every sequence; its table grows a block
+         * now and then, so the staged arrays change size too. */
+        indptr[0] = 0;
+        int32_t slots[4];
+        for (uint32_t s = 0; s < B; s++) {
+            uint32_t t = len0[s] + st, nb = t / bt + 1;
+            pos[s] = (int32_t)t;
+            kv_len[s] = (int32_t)t + 1;
+            last_len[s] = (int32_t)(t % bt) + 1;
+            memcpy(table + indptr[s], blocks + s * per, nb * sizeof(int32_t));
+            indptr[s + 1] = indptr[s] + (int32_t)nb;
+            slots[s] = blocks[s * per + t / bt] * (int32_t)bt + (int32_t)(t % bt);
+        }
+        for (int b = 0; b < 3; b++) {
+            memcpy(G[b].slots, slots, sizeof slots);
+            assert_int_equal(kern_upload(bes[b], G[b].q, q, qn * 4), 0);
+            assert_int_equal(kern_upload(bes[b], G[b].k, k, kn * 4), 0);
+            assert_int_equal(kern_upload(bes[b], G[b].v, v, kn * 4), 0);
+            int rc =
+                b == 0 ? kern_graph_run(bes[b], 0x67726170ull, gstep_run, &G[b]) : gstep_run(&G[b]);
+            assert_int_equal(rc, 0);
+            get(bes[b], y[b], G[b].out, qn * 4, "graph step out");
+        }
+        char what[80];
+        snprintf(what, sizeof(what), "graph replay, step %u (%s)", st,
+                 st ? "replayed" : "recorded");
+        check_same_bits(y[1], y[0], qn * 4, what);
+        check(y[2], y[0], qn, 1e-5, what);
+        free(q);
+        free(k);
+        free(v);
+    }
+    /* A step that waits inside: refused on the device. */
+    G[0].sync_inside = true;
+    assert_int_equal(kern_graph_run(g_cuda, 0x73796e63ull, gstep_run, &G[0]),
+                     kern_backend_is_host(g_cuda) ? 0 : KVS_EINVAL);
+    assert_int_equal(kern_sync(g_cuda), 0);
+    for (int b = 0; b < 3; b++) {
+        kv_take(bes[b], &G[b].kv, NULL, NULL);
+        take(bes[b], NULL, G[b].q, qn * 4, "q");
+        take(bes[b], NULL, G[b].k, kn * 4, "k");
+        take(bes[b], NULL, G[b].v, kn * 4, "v");
+        take(bes[b], NULL, G[b].out, qn * 4, "out");
+        free(y[b]);
+    }
+    free(k0);
+    free(v0);
+    free(blocks);
+    free(table);
+}
+
 int
 main(void)
 {
@@ -1001,6 +1138,7 @@ main(void)
         cmocka_unit_test(test_attn_mass),
         cmocka_unit_test(test_attention),
         cmocka_unit_test(test_attention_quantized),
+        cmocka_unit_test(test_graph_replay),
     };
     rc = cmocka_run_group_tests(tests, NULL, NULL);
     kern_backend_free(g_ref);
