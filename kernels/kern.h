@@ -282,8 +282,9 @@ typedef struct kern_attn_args {
      * row that would attend to no key (possible with a mask alone).  Every backend
      * honours it (ref, cpu, cuda; prefill, decode and split-K alike), skipping the
      * blocks a row does not see.  cuda runs prefill over F16 KV with head_dim 64 or
-     * 128 on tensor cores, q and the softmax weights rounded to f16 (of order 1e-3 of
-     * max|out| from ref, where the other paths stay near 1e-6). */
+     * 128 on tensor cores, q, the softmax weights and decoded quantized K and V rounded
+     * to f16 (of order 1e-3 of max|out| from ref, where the other paths stay near
+     * 1e-6). */
     uint32_t sink_tokens;      /* leading keys always kept */
     uint32_t window_tokens;    /* recent keys kept; 0: no window */
     const uint8_t *block_mask; /* host, see above; NULL: none */

@@ -7,9 +7,9 @@
  *
  * Two kernels share one staged buffer (per row: kv_len, window start,
  * sequence offset; the block ids; the block mask):
- *   - sequences with more than one query row, F16 KV without a codec and
- *     head_dim 64 or 128 go to the tensor-core kernel of cuda_attn_tc.cu
- *     in tiles of consecutive rows;
+ *   - sequences with more than one query row, F16 KV (hot blocks, in a
+ *     codec pool) and head_dim 64 or 128 go to the tensor-core kernel of
+ *     cuda_attn_tc.cu in tiles of consecutive rows;
  *   - every other row (decode, F32 KV, other head dims) to attn_kernel:
  *
  *   grid  (row of the list, kv head g, split z)
@@ -249,11 +249,9 @@ static bool
 tc_eligible(const kern_attn_args_t *a)
 {
     const kern_kv_t *kv = a->kv;
-    /* Its tiles of K and V are loaded whole from full-precision blocks. */
-    return kv->dtype == KERN_F16 && kv->quant == KERN_KVQ_NONE &&
-           (kv->head_dim == 64 || kv->head_dim == 128) && (uintptr_t)kv->k % 16 == 0 &&
-           (uintptr_t)kv->v % 16 == 0 && kv->layer_bytes % 16 == 0 && (uintptr_t)a->q % 16 == 0 &&
-           (uintptr_t)a->out % 8 == 0;
+    return kv->dtype == KERN_F16 && (kv->head_dim == 64 || kv->head_dim == 128) &&
+           (uintptr_t)kv->k % 16 == 0 && (uintptr_t)kv->v % 16 == 0 && kv->layer_bytes % 16 == 0 &&
+           (uintptr_t)a->q % 16 == 0 && (uintptr_t)a->out % 8 == 0;
 }
 
 void
@@ -413,6 +411,7 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
         t.mask = d_mask;
         t.k = k;
         t.v = v;
+        t.kvq = kern__cuda_kvq(kv, a->layer);
         t.mask_stride = mstride;
         t.mask_q_block = qb;
         t.n_tiles = (uint32_t)n_tiles;

@@ -1,7 +1,8 @@
 /*
  * kernels/cuda/cuda_attn_tc.cu — kern__cuda_attention_tc: the prefill half
  * of kern__cuda_attention (cuda_attn.cu) for F16 KV with head_dim 64 or
- * 128, on the tensor cores (mma.sync m16n8k16: f16 in, f32 sums), with
+ * 128 (quantized blocks of a codec pool decoded into the tiles), on the
+ * tensor cores (mma.sync m16n8k16: f16 in, f32 sums), with
  * kern.h's causal limits and sparse key pattern.  cuda_attn.cu stages the
  * page table, the per-row limits and the block mask, cuts each prefill
  * sequence into tiles of consecutive query rows and calls this once.
@@ -35,7 +36,7 @@
  * of head_dim + 8 halves (the pad puts the 8 rows an ldmatrix reads in
  * 8 different bank groups): 46 KiB for d 64, 85 KiB for d 128.
  */
-#include "cuda_common.cuh"
+#include "cuda_kvq.cuh"
 
 #include <limits.h>
 #include <math.h>
@@ -214,11 +215,13 @@ tc_bits(int t0, const tc_rows_t *rs, uint32_t *keep, uint32_t *uni, int sinks, i
 
 /* Queues the copies of KV tile t0 (kv head head0) into ks, vs ([TC_N][D + 8] each).
  * Positions no row of the CTA sees are zero-filled, so V is finite where P
- * is 0.  Every thread issues the same number of copies. */
+ * is 0.  A position in a quantized block is decoded (cuda_kvq.cuh) and
+ * stored at once, rounded to f16 like q and P; the barrier before the tile
+ * is read covers those stores as it covers the copies. */
 template <int D>
 static __device__ __forceinline__ void
-tc_load(const __half *kl, const __half *vl, size_t head0, size_t n_kv, int bt, int t0,
-        const int32_t *blocks, __half *ks, __half *vs, const uint32_t *uni)
+tc_load(const __half *kl, const __half *vl, const kern_cuda_kvq_t &kvq, size_t head0, size_t n_kv,
+        int bt, int t0, const int32_t *blocks, __half *ks, __half *vs, const uint32_t *uni)
 {
     constexpr int ROW = D + 8, CPR = D / 8, TPP = TC_THREADS / CPR, PASSES = TC_N / TPP;
     int tid = threadIdx.x, c = tid % CPR, tok0 = tid / CPR;
@@ -230,7 +233,21 @@ tc_load(const __half *kl, const __half *vl, size_t head0, size_t n_kv, int bt, i
         size_t off = 0;
         if (need) { /* some row sees j, so j < its kv_len and blocks[j / bt] exists */
             int b = j / bt;
-            off = (((size_t)blocks[b] * n_kv + head0) * (size_t)bt + (size_t)(j - b * bt)) * D +
+            uint32_t blk = (uint32_t)blocks[b];
+            if (blk >= kvq.n_hot) {
+                const uint8_t *kt = kern__cuda_kvq_tile(kvq, false, blk, (uint32_t)n_kv, head0);
+                const uint8_t *vt = kern__cuda_kvq_tile(kvq, true, blk, (uint32_t)n_kv, head0);
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    uint32_t t = (uint32_t)(j - b * bt), ch = (uint32_t)(c * 8 + e);
+                    ks[tok * ROW + c * 8 + e] = __float2half_rn(
+                        kern__kvq_elem(kvq.quant, false, kt, (uint32_t)bt, D, t, ch));
+                    vs[tok * ROW + c * 8 + e] = __float2half_rn(
+                        kern__kvq_elem(kvq.quant, true, vt, (uint32_t)bt, D, t, ch));
+                }
+                continue;
+            }
+            off = (((size_t)blk * n_kv + head0) * (size_t)bt + (size_t)(j - b * bt)) * D +
                   (size_t)c * 8;
         }
         tc_cp16(ks + tok * ROW + c * 8, kl + off, need);
@@ -285,7 +302,7 @@ __launch_bounds__(TC_THREADS, 2) attn_tc_kernel(const kern_cuda_attn_tc_t p)
         cur &= ~(TC_N - 1);
         tc_bits(cur, &rs, keep[0], uni[0], sinks, bt);
         __syncthreads();
-        tc_load<D>(kl, vl, g, p.n_kv_heads, bt, cur, blocks, ks, vs, uni[0]);
+        tc_load<D>(kl, vl, p.kvq, g, p.n_kv_heads, bt, cur, blocks, ks, vs, uni[0]);
     }
     tc_cp_commit();
 
@@ -337,8 +354,9 @@ __launch_bounds__(TC_THREADS, 2) attn_tc_kernel(const kern_cuda_attn_tc_t p)
             nxt &= ~(TC_N - 1);
             tc_bits(nxt, &rs, keep[stage ^ 1], uni[stage ^ 1], sinks, bt);
             __syncthreads();
-            tc_load<D>(kl, vl, g, p.n_kv_heads, bt, nxt, blocks, ks + (stage ^ 1) * TC_N * ROW,
-                       vs + (stage ^ 1) * TC_N * ROW, uni[stage ^ 1]);
+            tc_load<D>(kl, vl, p.kvq, g, p.n_kv_heads, bt, nxt, blocks,
+                       ks + (stage ^ 1) * TC_N * ROW, vs + (stage ^ 1) * TC_N * ROW,
+                       uni[stage ^ 1]);
             tc_cp_commit();
             tc_cp_wait<1>();
         } else {

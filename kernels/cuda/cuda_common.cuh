@@ -228,6 +228,31 @@ void kern__cuda_matmul_reserve(const kern_reserve_t *r, size_t *x_bytes, size_t 
 void kern__cuda_attention_reserve(const kern_cuda_t *be, const kern_reserve_t *r, size_t *ws_bytes,
                                   size_t *stage_bytes);
 
+/* One layer's quantized blocks, as kernels take them by value (read
+ * through cuda_kvq.cuh). */
+typedef struct kern_cuda_kvq {
+    const uint8_t *qk, *qv; /* the layer's tiles: [block - n_hot][kv head] */
+    size_t qk_tile, qv_tile;
+    uint32_t n_hot; /* blocks below are full precision (all: no codec) */
+    int quant;      /* kern_kvq_t */
+} kern_cuda_kvq_t;
+
+static inline kern_cuda_kvq_t
+kern__cuda_kvq(const kern_kv_t *kv, uint32_t layer)
+{
+    kern_cuda_kvq_t w = {NULL, NULL, 0, 0, kv->n_blocks, KERN_KVQ_NONE};
+    if (kv->quant == KERN_KVQ_NONE)
+        return w;
+    const size_t tiles = (size_t)layer * (kv->n_blocks - kv->n_hot) * kv->n_kv_heads;
+    w.qk = (const uint8_t *)kv->qk + tiles * kv->qk_tile;
+    w.qv = (const uint8_t *)kv->qv + tiles * kv->qv_tile;
+    w.qk_tile = kv->qk_tile;
+    w.qv_tile = kv->qv_tile;
+    w.n_hot = kv->n_hot;
+    w.quant = (int)kv->quant;
+    return w;
+}
+
 /* The tensor-core prefill kernel's work, staged by kern__cuda_attention.
  * A tile is KERN_CUDA_ATTN_TC_M / min(group, KERN_CUDA_ATTN_TC_M)
  * consecutive query rows of one sequence or fewer; device arrays. */
@@ -242,6 +267,7 @@ typedef struct kern_cuda_attn_tc {
     const uint8_t *mask;    /* NULL, or mask rows of mask_stride bytes */
     const void *k;          /* the layer's K, F16, 16-byte aligned */
     const void *v;
+    kern_cuda_kvq_t kvq;                /* the layer's quantized blocks, decoded into the tiles */
     uint32_t mask_stride, mask_q_block; /* mask_q_block >= 1 */
     uint32_t n_tiles, n_heads, n_kv_heads, group, head_dim, block_tokens, sinks;
     float qscale; /* scale * log2(e) */

@@ -101,30 +101,6 @@ kern__kvq_elem(int q, bool v, const uint8_t *tile, uint32_t bt, uint32_t d, uint
     }
 }
 
-/* One layer's quantized blocks, as kernels take them by value. */
-typedef struct kern_cuda_kvq {
-    const uint8_t *qk, *qv; /* the layer's tiles: [block - n_hot][kv head] */
-    size_t qk_tile, qv_tile;
-    uint32_t n_hot; /* blocks below are full precision (all: no codec) */
-    int quant;      /* kern_kvq_t */
-} kern_cuda_kvq_t;
-
-static inline kern_cuda_kvq_t
-kern__cuda_kvq(const kern_kv_t *kv, uint32_t layer)
-{
-    kern_cuda_kvq_t w = {NULL, NULL, 0, 0, kv->n_blocks, KERN_KVQ_NONE};
-    if (kv->quant == KERN_KVQ_NONE)
-        return w;
-    const size_t tiles = (size_t)layer * (kv->n_blocks - kv->n_hot) * kv->n_kv_heads;
-    w.qk = (const uint8_t *)kv->qk + tiles * kv->qk_tile;
-    w.qv = (const uint8_t *)kv->qv + tiles * kv->qv_tile;
-    w.qk_tile = kv->qk_tile;
-    w.qv_tile = kv->qv_tile;
-    w.n_hot = kv->n_hot;
-    w.quant = (int)kv->quant;
-    return w;
-}
-
 /* Block blk's K (v false) or V tile of KV head g; blk >= w.n_hot. */
 static __host__ __device__ __forceinline__ const uint8_t *
 kern__cuda_kvq_tile(const kern_cuda_kvq_t &w, bool v, uint32_t blk, uint32_t n_kv, uint32_t g)

@@ -677,13 +677,17 @@ test_attention_over_cold_blocks(void **state)
                             attend(be, &p, c, pat, &qkv, yq);
                             attend(be, &p, c, pat, &dkv, yd);
                             attend(be, &p, c, pat, &okv, yo);
-                            check_close(yd, yq, n, 1e-5, what, "vs decoded f32 pool");
+                            /* cuda's tensor-core prefill (F16 hot blocks) rounds q,
+                             * P and the decoded keys and values to f16. */
+                            double lim =
+                                !kern_backend_is_host(be) && dtype == KERN_F16 ? 5e-3 : 1e-5;
+                            check_close(yd, yq, n, lim, what, "vs decoded f32 pool");
                             if (b == 0) {
                                 ref_out[ck][pat] = malloc(n * sizeof(float));
                                 assert_non_null(ref_out[ck][pat]);
                                 memcpy(ref_out[ck][pat], yq, n * sizeof(float));
                             } else {
-                                check_close(ref_out[ck][pat], yq, n, 1e-5, what, g_be[b].label);
+                                check_close(ref_out[ck][pat], yq, n, lim, what, g_be[b].label);
                             }
                             double e = rel_err(yo, yq, n);
                             g_worst[quant] = e > g_worst[quant] ? e : g_worst[quant];
