@@ -297,6 +297,12 @@ typedef struct kern_attn_args {
      * replayed CUDA graph needs (kern_graph_run).  kern_attention returns
      * KVS_EINVAL for a row longer than the bound. */
     uint32_t max_len_hint;
+    /* 0, or a number naming this call's page table (pt: its arrays and
+     * every entry in them): calls with the same nonzero pt_epoch have the
+     * same table, so a device backend uploads it once for all of them (the
+     * layers of one forward pass).  A number is never to name another
+     * table. */
+    uint64_t pt_epoch;
 } kern_attn_args_t;
 
 /* RoPE.  theta_i = pos * freq_scale * freq_base^(-2i/n_rot) / freq_factor[i]

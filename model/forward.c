@@ -21,8 +21,13 @@
 #include "model_int.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* kern_attn_args_t.pt_epoch: one number per forward pass, unique in the
+ * process (contexts of two models may share a backend). */
+static atomic_uint_fast64_t g_pt_epoch;
 
 struct model_ctx {
     model_t *m;
@@ -222,6 +227,7 @@ one_seq(const kern_attn_args_t *a, uint32_t s, uint32_t r0, uint32_t n, uint32_t
         int32_t q_indptr[2], int32_t pt_indptr[2])
 {
     kern_attn_args_t o = *a;
+    o.pt_epoch = 0; /* another table than a's */
     q_indptr[0] = 0;
     q_indptr[1] = (int32_t)n;
     pt_indptr[0] = 0;
@@ -678,6 +684,8 @@ model_forward(model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b, float
         .pt = b->pt,
         .kv = kv,
         .scale = 1.0f / sqrtf((float)hp->head_dim),
+        /* Every layer's attention reads the batch's table. */
+        .pt_epoch = atomic_fetch_add(&g_pt_epoch, 1) + 1,
     };
     uint64_t key;
     uint32_t bound;

@@ -271,6 +271,39 @@ kern__cuda_attention_reserve(const kern_cuda_t *be, const kern_reserve_t *r, siz
     *stage_bytes = ((size_t)7 * r->max_rows + ids) * sizeof(int32_t);
 }
 
+/* The block ids of a->pt on the device in *out, room entries of them:
+ * uploaded unless the last call's table was this one (a->pt_epoch), in
+ * its own buffer when eager, in the arena when a step is being recorded or
+ * refreshed (where the pass repeats the same uploads at the same places). */
+static int
+stage_table(kern_cuda_t *be, const kern_attn_args_t *a, size_t room, const int32_t **out)
+{
+    if (a->pt_epoch && a->pt_epoch == be->pt_epoch && be->pt_mode == be->mode &&
+        be->pt_room == room) {
+        *out = be->pt_dev;
+        return 0;
+    }
+    const size_t n_idx = (size_t)a->pt.indptr[a->pt.n_seqs], bytes = room * sizeof(int32_t);
+    void *h, *d = NULL;
+    int rc = kern__cuda_stage_begin(be, bytes, &h);
+    if (rc)
+        return rc;
+    memcpy(h, a->pt.indices, n_idx * sizeof(int32_t));
+    if (be->mode == KERN_CUDA_EAGER) {
+        if ((rc = kern__cuda_workspace(be, KERN_CUDA_WS_PT, bytes, &d)) != 0 ||
+            (rc = kern__cuda_stage_to(be, bytes, d)) != 0)
+            return rc;
+    } else if ((rc = kern__cuda_stage_end(be, bytes, &d)) != 0 && rc != KERN_CUDA_DRY_DONE) {
+        return rc;
+    }
+    be->pt_epoch = a->pt_epoch;
+    be->pt_mode = be->mode;
+    be->pt_room = room;
+    be->pt_dev = (const int32_t *)d;
+    *out = be->pt_dev;
+    return 0;
+}
+
 int
 kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
 {
@@ -319,28 +352,31 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
         }
     }
 
-    /* Staged, one buffer for every launch below: per row kv_len, window
-     * start and the offset of its sequence's block ids; attn_kernel's row
-     * list; the tiles; the block ids; the mask. */
-    uint32_t n_idx = (uint32_t)a->pt.indptr[n_seqs];
-    /* Under a bound (kern_attn_args_t.max_len_hint) the block ids take the
-     * room the bound allows whatever the tables hold today, so the arrays
-     * after them keep their place from call to call: what a replayed graph
-     * reads. */
-    size_t idx_room = n_idx;
+    /* The block ids, once per table.  Under a bound
+     * (kern_attn_args_t.max_len_hint) they take the room the bound allows
+     * whatever the tables hold today, so the arrays staged after them keep
+     * their place from call to call: what a replayed graph reads. */
+    size_t idx_room = (size_t)a->pt.indptr[n_seqs];
     if (a->max_len_hint) {
         size_t cap = (size_t)n_seqs * ((a->max_len_hint + bt - 1) / bt);
         idx_room = cap > idx_room ? cap : idx_room;
     }
-    size_t n_ints = (size_t)3 * n_q + n_list + 3 * n_tiles + idx_room;
-    size_t bytes = n_ints * sizeof(int32_t) + (size_t)n_mrows * mstride;
-    void *h, *dev;
-    int rc = kern__cuda_stage_begin(be, bytes, &h);
+    const int32_t *d_idx = NULL;
+    int rc = idx_room ? stage_table(be, a, idx_room, &d_idx) : 0;
     if (rc)
         return rc;
+
+    /* Staged, one buffer for every launch below: per row kv_len, window
+     * start and the offset of its sequence's block ids; attn_kernel's row
+     * list; the tiles; the mask. */
+    size_t n_ints = (size_t)3 * n_q + n_list + 3 * n_tiles;
+    size_t bytes = n_ints * sizeof(int32_t) + (size_t)n_mrows * mstride;
+    void *h, *dev;
+    if ((rc = kern__cuda_stage_begin(be, bytes, &h)) != 0)
+        return rc;
     int32_t *row_len = (int32_t *)h, *row_lo = row_len + n_q, *row_blk = row_lo + n_q;
-    int32_t *list = row_blk + n_q, *tiles = list + n_list, *idx = tiles + 3 * n_tiles;
-    uint8_t *mask = (uint8_t *)(idx + idx_room);
+    int32_t *list = row_blk + n_q, *tiles = list + n_list;
+    uint8_t *mask = (uint8_t *)(tiles + 3 * n_tiles);
     int32_t max_len = 0;
     size_t at_list = 0, at_tile = 0;
     for (uint32_t s = 0; s < n_seqs; s++) {
@@ -375,8 +411,6 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
             }
         }
     }
-    if (n_idx)
-        memcpy(idx, a->pt.indices, (size_t)n_idx * sizeof(int32_t));
     for (uint32_t mr = 0; mr < n_mrows; mr++) {
         uint32_t need = 0;
         uint64_t i1 = (uint64_t)(mr + 1) * qb < n_q ? (uint64_t)(mr + 1) * qb : n_q;
@@ -394,8 +428,8 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
     if ((rc = kern__cuda_stage_end(be, bytes, &dev)) != 0)
         return rc;
     const int32_t *d_len = (const int32_t *)dev, *d_lo = d_len + n_q, *d_blk = d_lo + n_q;
-    const int32_t *d_list = d_blk + n_q, *d_tiles = d_list + n_list, *d_idx = d_tiles + 3 * n_tiles;
-    const uint8_t *d_mask = a->block_mask ? (const uint8_t *)(d_idx + idx_room) : NULL;
+    const int32_t *d_list = d_blk + n_q, *d_tiles = d_list + n_list;
+    const uint8_t *d_mask = a->block_mask ? (const uint8_t *)(d_tiles + 3 * n_tiles) : NULL;
     const void *k = (const char *)kv->k + (size_t)a->layer * kv->layer_bytes;
     const void *v = (const char *)kv->v + (size_t)a->layer * kv->layer_bytes;
     float qscale = a->scale * 1.4426950408889634f; /* log2(e) */

@@ -78,6 +78,7 @@ typedef enum kern_cuda_ws {
     KERN_CUDA_WS_MASS_P,   /* kern_attn_mass: a chunk of rows' probabilities */
     KERN_CUDA_WS_MASS_OUT, /* kern_attn_mass: its result, before the copy back */
     KERN_CUDA_WS_SEAL,     /* kern_kv_seal: the device side of its mirror */
+    KERN_CUDA_WS_PT,       /* attention's page table, kept for calls of one pt_epoch */
     KERN_CUDA_WS_COUNT,
 } kern_cuda_ws_t;
 
@@ -139,6 +140,13 @@ typedef struct kern_cuda {
     kern_cuda_graph_t graphs[KERN_CUDA_GRAPHS];
     uint64_t graph_clock;
     void *blas_ws; /* cuBLAS's workspace, set explicitly so GEMMs can be recorded */
+
+    /* The page table attention last uploaded (kern_attn_args_t.pt_epoch):
+     * where it is, in which mode it was staged and with how much room. */
+    uint64_t pt_epoch;
+    const int32_t *pt_dev;
+    kern_cuda_mode_t pt_mode;
+    size_t pt_room;
     bool reserved; /* kern_reserve sized everything: growing later is worth a warning */
 } kern_cuda_t;
 
@@ -178,6 +186,9 @@ int kern__cuda_fail(const char *stmt, const char *what, const char *file, int li
  * stage_end.  Returns 0, KVS_ENOMEM or KVS_EDEVICE. */
 int kern__cuda_stage_begin(kern_cuda_t *be, size_t bytes, void **host);
 int kern__cuda_stage_end(kern_cuda_t *be, size_t bytes, void **dev);
+/* EAGER only: sends the pinned buffer of the last stage_begin to dst, a
+ * device buffer of the caller's, instead of the staging buffer. */
+int kern__cuda_stage_to(kern_cuda_t *be, size_t bytes, void *dst);
 
 /* A device workspace of at least `bytes`.  Growing it waits for the stream
  * (the old buffer may still be read) and reallocates.  Returns 0,

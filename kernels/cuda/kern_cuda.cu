@@ -167,6 +167,16 @@ kern__cuda_stage_end(kern_cuda_t *be, size_t bytes, void **dev)
 }
 
 int
+kern__cuda_stage_to(kern_cuda_t *be, size_t bytes, void *dst)
+{
+    kern_cuda_pin_t *s = &be->pin[be->pin_next];
+    KERN_CUDA_TRY(cudaMemcpyAsync(dst, s->host, bytes, cudaMemcpyHostToDevice, be->stream));
+    KERN_CUDA_TRY(cudaEventRecord(s->done, be->stream));
+    be->pin_next = (be->pin_next + 1) % KERN_CUDA_PIN_SLOTS;
+    return 0;
+}
+
+int
 kern__cuda_workspace(kern_cuda_t *be, kern_cuda_ws_t which, size_t bytes, void **out)
 {
     if (bytes <= be->ws_bytes[which]) {
@@ -1047,6 +1057,9 @@ cuda_reserve_body(kern_cuda_t *be, const kern_reserve_t *r)
     kern__cuda_matmul_reserve(r, &x, &w);
     kern__cuda_attention_reserve(be, r, &attn, &stage);
     kern__cuda_attn_mass_reserve(r, &mass_p, &mass_out);
+    /* Every sequence's block ids, attention's page table. */
+    size_t pt = (size_t)r->max_seqs * ((r->max_ctx + r->block_tokens - 1) / r->block_tokens) *
+                sizeof(int32_t);
     /* kv_append's slots and get_rows' ids: one int per row. */
     size_t rows = (size_t)r->max_rows * sizeof(int32_t);
     if (stage < rows)
@@ -1058,6 +1071,7 @@ cuda_reserve_body(kern_cuda_t *be, const kern_reserve_t *r)
         (rc = kern__cuda_workspace(be, KERN_CUDA_WS_ATTN, attn, &p)) != 0 ||
         (rc = kern__cuda_workspace(be, KERN_CUDA_WS_MASS_P, mass_p, &p)) != 0 ||
         (rc = kern__cuda_workspace(be, KERN_CUDA_WS_MASS_OUT, mass_out, &p)) != 0 ||
+        (rc = kern__cuda_workspace(be, KERN_CUDA_WS_PT, pt, &p)) != 0 ||
         (rc = stage_dev_reserve(be, stage)) != 0)
         return rc;
     for (unsigned i = 0; i < KERN_CUDA_PIN_SLOTS && rc == 0; i++)
@@ -1065,7 +1079,7 @@ cuda_reserve_body(kern_cuda_t *be, const kern_reserve_t *r)
     be->reserved = rc == 0;
     if (rc == 0)
         KVS_INFOF("cuda: reserved %.1f MiB of workspaces and %u x %.1f MiB of pinned staging",
-                  (double)(x + w + attn + mass_p + mass_out + stage) / 1048576.0,
+                  (double)(x + w + attn + mass_p + mass_out + pt + stage) / 1048576.0,
                   KERN_CUDA_PIN_SLOTS, (double)stage / 1048576.0);
     return rc;
 }

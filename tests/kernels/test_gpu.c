@@ -953,14 +953,16 @@ test_attention_quantized(void **state)
 
 /* CUDA graphs (kern_graph_run): five decode steps of four sequences (rope,
  * KV append, attention), each step's q, k, v, positions, slots and
- * lengths new.  Recorded once, then replayed with the arrays restaged:
+ * lengths new, and its attention made twice over one page table
+ * (pt_epoch).  Recorded once, then replayed with the arrays restaged:
  * every step's output must equal, bit for bit, the same calls made
- * directly on a second pool, and ref's within the attention limit.  A
- * step that waits for the device inside cannot be recorded (KVS_EINVAL). */
+ * directly on a second pool and the second attention the first, and ref's
+ * within the attention limit.  A step that waits for the device inside
+ * cannot be recorded (KVS_EINVAL). */
 typedef struct gstep {
     kern_backend_t *be;
     kern_kv_t kv;
-    float *q, *k, *v, *out;
+    float *q, *k, *v, *out, *out2;
     kern_rope_args_t rope;
     kern_attn_args_t attn;
     int32_t slots[4];
@@ -983,7 +985,12 @@ gstep_run(void *arg)
         return rc;
     if (g->sync_inside && (rc = kern_sync(g->be)) != 0)
         return rc;
-    return kern_attention(g->be, &g->attn);
+    /* Twice, the second time on the table the first uploaded (pt_epoch). */
+    kern_attn_args_t again = g->attn;
+    again.out = g->out2;
+    if ((rc = kern_attention(g->be, &g->attn)) != 0)
+        return rc;
+    return kern_attention(g->be, &again);
 }
 
 static void
@@ -1004,7 +1011,8 @@ test_graph_replay(void **state)
     assert_non_null(table);
     kern_backend_t *bes[3] = {g_cuda, g_cuda, g_ref}; /* graph, direct, ref */
     gstep_t G[3];
-    float *y[3];
+    float *y[3], *y2 = malloc(qn * 4);
+    assert_non_null(y2);
     for (int b = 0; b < 3; b++) {
         memset(&G[b], 0, sizeof G[b]);
         G[b].be = bes[b];
@@ -1013,6 +1021,7 @@ test_graph_replay(void **state)
         G[b].k = put(bes[b], NULL, kn * 4);
         G[b].v = put(bes[b], NULL, kn * 4);
         G[b].out = put_out(bes[b], qn);
+        G[b].out2 = put_out(bes[b], qn);
         G[b].rope = (kern_rope_args_t){.n_rows = B,
                                        .head_dim = d,
                                        .n_rot = d,
@@ -1052,6 +1061,7 @@ test_graph_replay(void **state)
         }
         for (int b = 0; b < 3; b++) {
             memcpy(G[b].slots, slots, sizeof slots);
+            G[b].attn.pt_epoch = 0x1000 + st;
             assert_int_equal(kern_upload(bes[b], G[b].q, q, qn * 4), 0);
             assert_int_equal(kern_upload(bes[b], G[b].k, k, kn * 4), 0);
             assert_int_equal(kern_upload(bes[b], G[b].v, v, kn * 4), 0);
@@ -1059,6 +1069,8 @@ test_graph_replay(void **state)
                 b == 0 ? kern_graph_run(bes[b], 0x67726170ull, gstep_run, &G[b]) : gstep_run(&G[b]);
             assert_int_equal(rc, 0);
             get(bes[b], y[b], G[b].out, qn * 4, "graph step out");
+            get(bes[b], y2, G[b].out2, qn * 4, "graph step out, table reused");
+            check_same_bits(y[b], y2, qn * 4, "attention on a reused page table");
         }
         char what[80];
         snprintf(what, sizeof(what), "graph replay, step %u (%s)", st,
@@ -1080,12 +1092,14 @@ test_graph_replay(void **state)
         take(bes[b], NULL, G[b].k, kn * 4, "k");
         take(bes[b], NULL, G[b].v, kn * 4, "v");
         take(bes[b], NULL, G[b].out, qn * 4, "out");
+        take(bes[b], NULL, G[b].out2, qn * 4, "out2");
         free(y[b]);
     }
     free(k0);
     free(v0);
     free(blocks);
     free(table);
+    free(y2);
 }
 
 int
