@@ -315,6 +315,20 @@ kern__cuda_kv_load(const __half *p)
     return __half2float(*p);
 }
 
+/* An f32 value into a full-precision KV element, rounded to nearest even
+ * for F16 as kvs_f32_to_fp16 rounds. */
+static __device__ __forceinline__ void
+kern__cuda_kv_store(float *dst, float v)
+{
+    *dst = v;
+}
+
+static __device__ __forceinline__ void
+kern__cuda_kv_store(__half *dst, float v)
+{
+    *dst = __float2half_rn(v);
+}
+
 /* Element c of a weight row of type T (F32, F16, BF16, Q8_0) as f32; Q8_0
  * computes d * q in float, exactly as kern_row_to_f32 does.  Q8_0 blocks
  * are 34 bytes, so only 2-byte alignment may be assumed. */

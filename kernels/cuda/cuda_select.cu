@@ -27,18 +27,6 @@
 /* Row gather.                                                              */
 /* ------------------------------------------------------------------------ */
 
-static __device__ __forceinline__ void
-gather_store(float *dst, float v)
-{
-    *dst = v;
-}
-
-static __device__ __forceinline__ void
-gather_store(__half *dst, float v)
-{
-    *dst = __float2half_rn(v); /* round to nearest even, as kvs_f32_to_fp16 */
-}
-
 /* A warp per (layer, KV head, row j): src[(l * n_kv + h) * n + j] ->
  * dst[j], K and V; a quantized source row is written as its decoded
  * values, a full-precision one as it is.  Destinations are never sources
@@ -65,8 +53,8 @@ kv_gather_kernel(char *k, char *v, size_t layer_bytes, kern_cuda_kvq_t kvq, size
             const uint8_t *kt = kern__cuda_kvq_tile(w, false, sb, n_kv, h);
             const uint8_t *vt = kern__cuda_kvq_tile(w, true, sb, n_kv, h);
             for (uint32_t e = lane; e < d; e += 32) {
-                gather_store(kd + e, kern__kvq_elem(w.quant, false, kt, bt, d, s % bt, e));
-                gather_store(vd + e, kern__kvq_elem(w.quant, true, vt, bt, d, s % bt, e));
+                kern__cuda_kv_store(kd + e, kern__kvq_elem(w.quant, false, kt, bt, d, s % bt, e));
+                kern__cuda_kv_store(vd + e, kern__kvq_elem(w.quant, true, vt, bt, d, s % bt, e));
             }
             continue;
         }

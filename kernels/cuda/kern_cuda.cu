@@ -738,18 +738,6 @@ cuda_rope_body(kern_cuda_t *be, const kern_rope_args_t *a)
 /* KV append and block copy.                                                */
 /* ------------------------------------------------------------------------ */
 
-static __device__ __forceinline__ void
-kv_store(float *dst, float v)
-{
-    *dst = v;
-}
-
-static __device__ __forceinline__ void
-kv_store(__half *dst, float v)
-{
-    *dst = __float2half_rn(v); /* round to nearest even, as kvs_f32_to_fp16 */
-}
-
 /* One block per token: its n_kv_heads * head_dim K and V values go to slot
  * (block, off) of every head.  kv_k/kv_v point at the layer.  A negative
  * slot is a token a later one overwrites (cuda_kv_append_body). */
@@ -767,8 +755,8 @@ kv_append_kernel(T *kv_k, T *kv_v, uint32_t n_kv_heads, uint32_t head_dim, uint3
         for (uint32_t e = threadIdx.x; e < width; e += blockDim.x) {
             uint32_t h = e / head_dim, c = e % head_dim;
             size_t dst = (((size_t)blk * n_kv_heads + h) * block_tokens + off) * head_dim + c;
-            kv_store(kv_k + dst, ki[e]);
-            kv_store(kv_v + dst, vi[e]);
+            kern__cuda_kv_store(kv_k + dst, ki[e]);
+            kern__cuda_kv_store(kv_v + dst, vi[e]);
         }
     }
 }
