@@ -260,6 +260,51 @@ kv_take(kern_backend_t *be, kern_kv_t *kv, void *k_host, void *v_host)
     take(be, v_host, kv->v, kv->layer_bytes * kv->n_layers, "kv v");
 }
 
+/* A pool of g's shape in guarded backend memory, all zero: with a codec,
+ * blocks [0, n_hot) full precision and the rest quantized tiles (kern.h's
+ * [layer][block - n_hot][kv_head]); without, all full precision. */
+static inline kern_kv_t
+kv_make_q(kern_backend_t *be, const kv_geom_t *g, kern_kvq_t quant, uint32_t n_hot)
+{
+    size_t el = g->dtype == KERN_F16 ? 2 : 4;
+    if (quant == KERN_KVQ_NONE)
+        n_hot = g->n_blocks;
+    kern_kv_t kv = {.dtype = g->dtype,
+                    .n_layers = g->n_layers,
+                    .n_kv_heads = g->n_kv_heads,
+                    .head_dim = g->head_dim,
+                    .block_tokens = g->block_tokens,
+                    .n_blocks = g->n_blocks};
+    kv.layer_bytes = (size_t)n_hot * g->n_kv_heads * g->block_tokens * g->head_dim * el;
+    kv.k = put(be, NULL, g->n_layers * kv.layer_bytes);
+    kv.v = put(be, NULL, g->n_layers * kv.layer_bytes);
+    if (quant != KERN_KVQ_NONE) {
+        kv.quant = quant;
+        kv.n_hot = n_hot;
+        kv.qk_tile = kern_kvq_tile_bytes(quant, false, g->block_tokens, g->head_dim);
+        kv.qv_tile = kern_kvq_tile_bytes(quant, true, g->block_tokens, g->head_dim);
+        size_t tiles = (size_t)g->n_layers * (g->n_blocks - n_hot) * g->n_kv_heads;
+        if (tiles) {
+            kv.qk = put(be, NULL, tiles * kv.qk_tile);
+            kv.qv = put(be, NULL, tiles * kv.qv_tile);
+        }
+    }
+    return kv;
+}
+
+/* Checks the guards of a kv_make_q pool and frees it. */
+static inline void
+kv_take_q(kern_backend_t *be, kern_kv_t *kv)
+{
+    take(be, NULL, kv->k, kv->layer_bytes * kv->n_layers, "pool k");
+    take(be, NULL, kv->v, kv->layer_bytes * kv->n_layers, "pool v");
+    size_t tiles = (size_t)kv->n_layers * (kv->n_blocks - kv->n_hot) * kv->n_kv_heads;
+    if (kv->qk)
+        take(be, NULL, kv->qk, tiles * kv->qk_tile, "pool qk");
+    if (kv->qv)
+        take(be, NULL, kv->qv, tiles * kv->qv_tile, "pool qv");
+}
+
 static inline void
 check_bytes_equal(const void *a, const void *b, size_t n, const char *what, const char *label)
 {

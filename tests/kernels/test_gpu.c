@@ -463,13 +463,18 @@ pools_take(pools_t *p, int b, kern_kv_t *kv)
     kv_take(b ? g_cuda : g_ref, kv, b ? p->kc : p->kr, b ? p->vc : p->vr);
 }
 
-/* ref's pool and cuda's, byte for byte; then frees everything. */
+/* ref's pool and cuda's, byte for byte. */
 static void
-pools_check_free(pools_t *p, const char *what)
+pools_check(const pools_t *p, const char *what)
 {
     check_bytes_equal(p->kr, p->kc, p->bytes, what, LABEL);
     check_bytes_equal(p->vr, p->vc, p->bytes, what, LABEL);
     print_message("%-56s %-22s bytes equal\n", what, LABEL);
+}
+
+static void
+pools_free(pools_t *p)
+{
     free(p->k0);
     free(p->v0);
     free(p->kr);
@@ -527,7 +532,8 @@ test_kv_append(void **state)
             }
             char what[64];
             snprintf(what, sizeof(what), "kv_append %s order %d", dt ? "f16" : "f32", order);
-            pools_check_free(&P, what);
+            pools_check(&P, what);
+            pools_free(&P);
             free(slots);
             free(k);
             free(v);
@@ -554,8 +560,8 @@ test_kv_copy(void **state)
         static const int32_t s2[] = {5, 9, 10, 11, 12, 7};
         static const int32_t d2[] = {9, 2, 12, 10, 11, 7};
         kern_backend_t *bes[2] = {g_ref, g_cuda};
+        pools_t P = pools_new(&g);
         for (int list = 0; list < 2; list++) {
-            pools_t P = pools_new(&g);
             for (int b = 0; b < 2; b++) {
                 kern_kv_t kv = pools_make(&P, b, &g);
                 if (list == 0)
@@ -567,8 +573,9 @@ test_kv_copy(void **state)
             char what[64];
             snprintf(what, sizeof(what), "kv_copy %s %s", dt ? "f16" : "f32",
                      list ? "ordered list" : "copy-on-write fan-out");
-            pools_check_free(&P, what);
+            pools_check(&P, what);
         }
+        pools_free(&P);
     }
 }
 
@@ -578,7 +585,7 @@ static void
 test_kv_gather(void **state)
 {
     (void)state;
-    seed_test(9);
+    seed_test(14);
     for (int dt = 0; dt < 2; dt++) {
         kv_geom_t g = {dt ? KERN_F16 : KERN_F32, 4, 8, 128, 16, 256};
         pools_t P = pools_new(&g);
@@ -600,21 +607,21 @@ test_kv_gather(void **state)
         }
         char what[64];
         snprintf(what, sizeof(what), "kv_gather %s, %u rows a head", dt ? "f16" : "f32", n);
-        pools_check_free(&P, what);
+        pools_check(&P, what);
+        pools_free(&P);
         free(src);
         free(dst);
     }
 }
 
 /* A whole K (or V) buffer of g's shape, finite values in [-2, 2) stored in
- * g's dtype, and a scrambled list of all g's blocks. */
+ * g's dtype, and (blocks not NULL) a scrambled list of all g's blocks. */
 static void *
 rand_keys(const kv_geom_t *g, int32_t **blocks)
 {
     size_t n_el = (size_t)g->n_layers * g->n_blocks * g->n_kv_heads * g->block_tokens * g->head_dim;
     void *k = malloc(n_el * 4);
-    *blocks = malloc(g->n_blocks * sizeof(int32_t));
-    assert_true(k && *blocks);
+    assert_non_null(k);
     for (size_t i = 0; i < n_el; i++) {
         float x = rng_f(-2.0f, 2.0f);
         if (g->dtype == KERN_F16)
@@ -622,6 +629,10 @@ rand_keys(const kv_geom_t *g, int32_t **blocks)
         else
             ((float *)k)[i] = x;
     }
+    if (blocks == NULL)
+        return k;
+    *blocks = malloc(g->n_blocks * sizeof(int32_t));
+    assert_non_null(*blocks);
     for (uint32_t i = 0; i < g->n_blocks; i++)
         (*blocks)[i] = (int32_t)i;
     shuffle(*blocks, g->n_blocks);
@@ -692,8 +703,9 @@ test_block_scores(void **state)
 
 /* SnapKV's vote (32 causal rows, summed), H2O's decode row, and
  * speculative prefill's pooled maxima (8 look-ahead rows) over 8K keys of
- * 8 KV heads, 32 query heads: cuda against ref.  Each run gets a fresh
- * pool: the table is a scrambled list of blocks, its last one partial. */
+ * 8 KV heads, 32 query heads: cuda against ref.  One pool per dtype, read
+ * by every case: the table is a scrambled list of blocks, its last one
+ * partial. */
 static void
 test_attn_mass(void **state)
 {
@@ -711,23 +723,25 @@ test_attn_mass(void **state)
         {8, false, KERN_MASS_POOL_MAX, 1023},
     };
     const uint32_t N = 8190, H = 32;
-    for (int dt = 0; dt < 2; dt++)
+    kern_backend_t *bes[2] = {g_ref, g_cuda};
+    for (int dt = 0; dt < 2; dt++) {
+        kv_geom_t g = {dt ? KERN_F16 : KERN_F32, 2, 8, 128, 16, 560};
+        int32_t *blocks;
+        void *k0 = rand_keys(&g, &blocks);
+        kern_kv_t kv[2];
+        for (int b = 0; b < 2; b++)
+            kv[b] = kv_make(bes[b], &g, k0, k0);
         for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
-            kv_geom_t g = {dt ? KERN_F16 : KERN_F32, 2, 8, 128, 16, 560};
-            int32_t *blocks;
-            void *k0 = rand_keys(&g, &blocks);
             const uint32_t n_q = cases[ci].n_q;
             float *q = rand_floats((size_t)n_q * H * g.head_dim, -2.0f, 2.0f);
             const bool sum = cases[ci].mode == KERN_MASS_SUM;
             const size_t on = sum ? (size_t)g.n_kv_heads * N : (size_t)n_q * N;
             float *yr = sentinel_floats(on), *yc = sentinel_floats(on);
-            kern_backend_t *bes[2] = {g_ref, g_cuda};
             for (int b = 0; b < 2; b++) {
-                kern_kv_t kv = kv_make(bes[b], &g, k0, k0);
                 const kern_attn_mass_args_t a = {.q = q,
                                                  .n_q = n_q,
                                                  .n_heads = H,
-                                                 .kv = &kv,
+                                                 .kv = &kv[b],
                                                  .layer = 1,
                                                  .blocks = blocks,
                                                  .n_keys = N,
@@ -738,19 +752,21 @@ test_attn_mass(void **state)
                                                  .pool = cases[ci].pool,
                                                  .out = b ? yc : yr};
                 assert_int_equal(kern_attn_mass(bes[b], &a), 0);
-                kv_take(bes[b], &kv, NULL, NULL);
             }
             char what[96];
             snprintf(what, sizeof(what), "attn_mass %s %s, %u rows, %u keys%s", dt ? "f16" : "f32",
                      sum ? "sum" : "pooled max", n_q, N,
                      cases[ci].pool == 1023 ? ", pool 1023" : "");
             check(yr, yc, on, 1e-4, what);
-            free(k0);
-            free(blocks);
             free(q);
             free(yr);
             free(yc);
         }
+        for (int b = 0; b < 2; b++)
+            kv_take(bes[b], &kv[b], NULL, NULL);
+        free(k0);
+        free(blocks);
+    }
 }
 
 /* ------------------------------------------------------------------------ */
@@ -845,23 +861,22 @@ test_attention_quantized(void **state)
     float *k = rand_floats((size_t)N * row, -2.0f, 2.0f),
           *v = rand_floats((size_t)N * row, -2.0f, 2.0f);
     float *q = rand_floats(n_q * H * d, -2.0f, 2.0f);
-    int32_t *slots = malloc(N * sizeof(int32_t)), *table = malloc(nb * sizeof(int32_t));
+    int32_t *slots = malloc(N * sizeof(int32_t));
     int32_t *src = malloc(nb * sizeof(int32_t)), *dst = malloc(nb * sizeof(int32_t));
     int32_t kv_len[9], q_indptr[3] = {0, 1, 9}, indptr[3] = {0, (int32_t)nb, 2 * (int32_t)nb};
     int32_t last_len[2] = {(int32_t)(N - (nb - 1) * bt), (int32_t)(N - (nb - 1) * bt)};
     int32_t *indices = malloc(2 * nb * sizeof(int32_t));
-    assert_true(slots && table && src && dst && indices);
+    assert_true(slots && src && dst && indices);
     for (uint32_t t = 0; t < N; t++)
         slots[t] = (int32_t)t; /* block t / bt, staged in hot block t / bt */
+    /* Two sequences over the same table: a decode row, then 8 chunk rows. */
     for (uint32_t b = 0; b < nb; b++)
-        table[b] = b == 0 || b + 1 == nb ? (int32_t)b : (int32_t)(n_hot + b - 1);
+        indices[b] = indices[nb + b] =
+            b == 0 || b + 1 == nb ? (int32_t)b : (int32_t)(n_hot + b - 1);
     for (uint32_t b = 1; b + 1 < nb; b++) {
         src[b - 1] = (int32_t)b;
         dst[b - 1] = (int32_t)(n_hot + b - 1);
     }
-    /* Two sequences over the same table: a decode row, then 8 chunk rows. */
-    memcpy(indices, table, nb * sizeof(int32_t));
-    memcpy(indices + nb, table, nb * sizeof(int32_t));
     kv_len[0] = (int32_t)N;
     for (int r = 0; r < 8; r++)
         kv_len[1 + r] = (int32_t)N - 7 + r;
@@ -869,27 +884,14 @@ test_attention_quantized(void **state)
         const kern_kvq_t quant = codecs[ci];
         float *y[2];
         uint8_t *tiles[2];
-        const size_t tk = kern_kvq_tile_bytes(quant, false, bt, d);
-        const size_t tv = kern_kvq_tile_bytes(quant, true, bt, d);
+        size_t tile_bytes = 0;
+        const kv_geom_t geom = {KERN_F16, 1, n_kv, d, bt, n_blocks};
         const size_t n_tiles = (size_t)(n_blocks - n_hot) * n_kv;
         kern_backend_t *bes[2] = {g_ref, g_cuda};
         for (int b = 0; b < 2; b++) {
             kern_backend_t *be = bes[b];
-            kern_kv_t kv = {.dtype = KERN_F16,
-                            .n_layers = 1,
-                            .n_kv_heads = n_kv,
-                            .head_dim = d,
-                            .block_tokens = bt,
-                            .n_blocks = n_blocks,
-                            .quant = quant,
-                            .n_hot = n_hot,
-                            .qk_tile = tk,
-                            .qv_tile = tv};
-            kv.layer_bytes = (size_t)n_hot * n_kv * bt * d * 2;
-            kv.k = put(be, NULL, kv.layer_bytes);
-            kv.v = put(be, NULL, kv.layer_bytes);
-            kv.qk = put(be, NULL, n_tiles * tk);
-            kv.qv = put(be, NULL, n_tiles * tv);
+            kern_kv_t kv = kv_make_q(be, &geom, quant, n_hot);
+            const size_t tk = kv.qk_tile, tv = kv.qv_tile;
             float *kd = put(be, k, (size_t)N * row * 4), *vd = put(be, v, (size_t)N * row * 4);
             assert_int_equal(kern_kv_append(be, &kv, 0, kd, vd, slots, N), 0);
             assert_int_equal(kern_kv_seal(be, &kv, src, dst, nb - 2), 0);
@@ -900,6 +902,7 @@ test_attention_quantized(void **state)
                 poison(be, (uint8_t *)kv.v + off, (size_t)n_kv * bt * d * 2);
             }
             tiles[b] = malloc(n_tiles * (tk + tv));
+            tile_bytes = n_tiles * (tk + tv);
             assert_non_null(tiles[b]);
             get(be, tiles[b], kv.qk, n_tiles * tk, "sealed K tiles");
             get(be, tiles[b] + n_tiles * tk, kv.qv, n_tiles * tv, "sealed V tiles");
@@ -922,14 +925,11 @@ test_attention_quantized(void **state)
             take(be, NULL, qd, n_q * H * d * 4, "q");
             take(be, NULL, kd, (size_t)N * row * 4, "k rows");
             take(be, NULL, vd, (size_t)N * row * 4, "v rows");
-            take(be, NULL, kv.k, kv.layer_bytes, "pool k");
-            take(be, NULL, kv.v, kv.layer_bytes, "pool v");
-            take(be, NULL, kv.qk, n_tiles * tk, "pool qk");
-            take(be, NULL, kv.qv, n_tiles * tv, "pool qv");
+            kv_take_q(be, &kv);
         }
         char what[96];
         snprintf(what, sizeof(what), "kv_seal %s, %u blocks", kern_kvq_name(quant), nb - 2);
-        check_bytes_equal(tiles[0], tiles[1], n_tiles * (tk + tv), what, LABEL);
+        check_bytes_equal(tiles[0], tiles[1], tile_bytes, what, LABEL);
         print_message("%-56s %-22s bytes equal\n", what, LABEL);
         snprintf(what, sizeof(what), "attention over %s blocks, %u keys", kern_kvq_name(quant), N);
         /* The decode row: f32 throughout.  The 8-row chunk: the
@@ -945,7 +945,6 @@ test_attention_quantized(void **state)
     free(v);
     free(q);
     free(slots);
-    free(table);
     free(src);
     free(dst);
     free(indices);
@@ -1003,9 +1002,8 @@ test_graph_replay(void **state)
     kv_geom_t geom = {KERN_F16, 1, n_kv, d, bt, B * per};
     const size_t qn = (size_t)B * H * d, kn = (size_t)B * n_kv * d;
     /* Sequence s owns blocks[s * per ..], in a scrambled order. */
-    int32_t *blocks, *unused;
-    void *k0 = rand_keys(&geom, &blocks), *v0 = rand_keys(&geom, &unused);
-    free(unused);
+    int32_t *blocks;
+    void *k0 = rand_keys(&geom, &blocks), *v0 = rand_keys(&geom, NULL);
     int32_t indptr[5], last_len[4], q_indptr[5] = {0, 1, 2, 3, 4}, kv_len[4], pos[4];
     int32_t *table = malloc(B * per * sizeof(int32_t));
     assert_non_null(table);

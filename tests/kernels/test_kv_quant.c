@@ -359,49 +359,13 @@ qdata_free(qdata_t *p)
 
 /* ---- pools --------------------------------------------------------------- */
 
-/* A pool of n_blocks blocks in guarded backend memory, all zero: with a
- * codec, n_hot of them full precision; without, all of them. */
+/* A pool of n_blocks blocks of N_LAYERS layers (kv_make_q). */
 static kern_kv_t
 pool_new(kern_backend_t *be, kern_kvq_t quant, kern_dtype_t dtype, uint32_t n_kv, uint32_t d,
          uint32_t bt, uint32_t n_hot, uint32_t n_blocks)
 {
-    size_t el = dtype == KERN_F16 ? 2 : 4;
-    if (quant == KERN_KVQ_NONE)
-        n_hot = n_blocks;
-    kern_kv_t kv = {.dtype = dtype,
-                    .n_layers = N_LAYERS,
-                    .n_kv_heads = n_kv,
-                    .head_dim = d,
-                    .block_tokens = bt,
-                    .n_blocks = n_blocks};
-    kv.layer_bytes = (size_t)n_hot * n_kv * bt * d * el;
-    kv.k = put(be, NULL, N_LAYERS * kv.layer_bytes);
-    kv.v = put(be, NULL, N_LAYERS * kv.layer_bytes);
-    if (quant != KERN_KVQ_NONE) {
-        kv.quant = quant;
-        kv.n_hot = n_hot;
-        kv.qk_tile = kern_kvq_tile_bytes(quant, false, bt, d);
-        kv.qv_tile = kern_kvq_tile_bytes(quant, true, bt, d);
-        size_t tiles = (size_t)N_LAYERS * (n_blocks - n_hot) * n_kv;
-        if (tiles) {
-            kv.qk = put(be, NULL, tiles * kv.qk_tile);
-            kv.qv = put(be, NULL, tiles * kv.qv_tile);
-        }
-    }
-    return kv;
-}
-
-/* Checks the guards and frees. */
-static void
-pool_free(kern_backend_t *be, kern_kv_t *kv)
-{
-    take(be, NULL, kv->k, kv->layer_bytes * N_LAYERS, "pool k");
-    take(be, NULL, kv->v, kv->layer_bytes * N_LAYERS, "pool v");
-    size_t tiles = (size_t)N_LAYERS * (kv->n_blocks - kv->n_hot) * kv->n_kv_heads;
-    if (kv->qk)
-        take(be, NULL, kv->qk, tiles * kv->qk_tile, "pool qk");
-    if (kv->qv)
-        take(be, NULL, kv->qv, tiles * kv->qv_tile, "pool qv");
+    const kv_geom_t g = {dtype, N_LAYERS, n_kv, d, bt, n_blocks};
+    return kv_make_q(be, &g, quant, n_hot);
 }
 
 static size_t
@@ -698,9 +662,9 @@ test_attention_over_cold_blocks(void **state)
                         free(yd);
                         free(yo);
                     }
-                    pool_free(be, &qkv);
-                    pool_free(be, &dkv);
-                    pool_free(be, &okv);
+                    kv_take_q(be, &qkv);
+                    kv_take_q(be, &dkv);
+                    kv_take_q(be, &okv);
                 }
                 for (int ck = 0; ck < 2; ck++)
                     for (int pat = 0; pat < N_PATS; pat++)
@@ -812,7 +776,7 @@ test_seal_unseal_round_trip(void **state)
                     snapshot_free(&s1);
                     snapshot_free(&s2);
                     free(slots);
-                    pool_free(be, &kv);
+                    kv_take_q(be, &kv);
                 }
     }
 }
@@ -971,7 +935,7 @@ test_validation(void **state)
             assert_int_equal(kern_kvq_encode(quant, true, x, 7, 48, tile), d32 ? KVS_EINVAL : 0);
             free(k);
             free(v);
-            pool_free(be, &kv);
+            kv_take_q(be, &kv);
         }
     }
 
@@ -1030,7 +994,7 @@ test_no_cold_blocks_is_plain(void **state)
                 free(plain);
                 free(coded);
             }
-            pool_free(be, &kv);
+            kv_take_q(be, &kv);
         }
         qdata_free(&p);
     }

@@ -310,18 +310,41 @@ submit(engine_t *e, uint64_t id, uint32_t n_prompt, uint32_t max_tokens, int32_t
     assert_int_equal(sched_submit(e->s, &r), rc);
 }
 
+/* Steps until the engine is idle, checking the pool after every step;
+ * each(e, arg), when not NULL, looks at the engine after every step too. */
 static void
-run_to_idle(engine_t *e, outcome_t *o, int max_steps)
+run_to_idle_each(engine_t *e, outcome_t *o, int max_steps, void (*each)(engine_t *, void *),
+                 void *arg)
 {
     for (int i = 0; i < max_steps; i++) {
         int live = sched_step(e->s);
         assert_true(live >= 0);
         assert_true(kv_pool_check(sched_pool(e->s)));
         collect(e->s, o);
+        if (each)
+            each(e, arg);
         if (live == 0)
             return;
     }
     fail_msg("engine did not go idle in %d steps", max_steps);
+}
+
+static void
+run_to_idle(engine_t *e, outcome_t *o, int max_steps)
+{
+    run_to_idle_each(e, o, max_steps, NULL, NULL);
+}
+
+/* The load snapshot counts the preempted among the waiting; *arg keeps
+ * the most preempted seen. */
+static void
+check_preempted(engine_t *e, void *arg)
+{
+    uint32_t *most = arg;
+    sched_load_t l;
+    sched_get_load(e->s, &l);
+    assert_true(l.preempted <= l.waiting);
+    *most = l.preempted > *most ? l.preempted : *most;
 }
 
 /* ---- tests -------------------------------------------------------------------- */
@@ -395,19 +418,8 @@ test_preemption_and_too_large(void **state)
         submit(&e, id, 20 + (uint32_t)id, 20, 0, 0);
     submit(&e, 7, 90, 10, 0, KVS_ENOSPC);    /* can never fit: refused, others proceed */
     submit(&e, 8, 500, 4000, 0, KVS_ERANGE); /* longer than the model */
-    /* The load snapshot counts the preempted among the waiting. */
     uint32_t most_preempted = 0;
-    for (int i = 0; i < 2000; i++) {
-        int live = sched_step(e.s);
-        assert_true(live >= 0);
-        collect(e.s, &o);
-        sched_load_t l;
-        sched_get_load(e.s, &l);
-        assert_true(l.preempted <= l.waiting);
-        most_preempted = l.preempted > most_preempted ? l.preempted : most_preempted;
-        if (live == 0)
-            break;
-    }
+    run_to_idle_each(&e, &o, 2000, check_preempted, &most_preempted);
     assert_true(most_preempted > 0);
     assert_false(e.chk.failed);
     assert_int_equal(o.n_finished, 6);
