@@ -61,9 +61,11 @@ if need yamllint; then
     check "yamllint deploy/" yamllint --strict -c deploy/.yamllint deploy
 else fail "yamllint deploy/"; fi
 
-# Render each kustomization; the overlays' renders then go through the schema
-# and policy check (stderr is kept apart: newer kustomize warns about the
+# Render each kustomization; each render then goes through the schema and
+# policy check (stderr is kept apart: newer kustomize warns about the
 # v2.0.3-compatible 'bases' and 'patchesStrategicMerge' fields).
+schema=yes
+need node && [ -d deploy/lint/node_modules ] || schema=no
 for k in base overlays/cpu overlays/cuda; do
     name=$(basename "$k")
     if need "$KUBECTL" && "$KUBECTL" kustomize "deploy/k8s/$k" >"$tmp/$name.yaml" 2>"$tmp/out"; then
@@ -74,7 +76,7 @@ for k in base overlays/cpu overlays/cuda; do
     fi
     flag=""
     [ "$name" = cuda ] && flag=--gpu
-    if ! need node || [ ! -d deploy/lint/node_modules ]; then
+    if [ $schema = no ]; then
         echo "node or deploy/lint/node_modules missing; run scripts/setup.sh" >"$tmp/out"
         fail "k8s schema $k"
     elif node deploy/lint/validate.mjs "$name" $flag <"$tmp/$name.yaml" >"$tmp/out" 2>&1; then
@@ -85,18 +87,12 @@ for k in base overlays/cpu overlays/cuda; do
 done
 
 for f in deploy/docker/Dockerfile.cpu deploy/docker/Dockerfile.cuda; do
-    if [ -x "$bin/dockerfilelint" ]; then
+    if need "$bin/dockerfilelint"; then
         check "dockerfilelint $f" "$bin/dockerfilelint" "$f"
-    else
-        echo "$bin/dockerfilelint missing; run scripts/setup.sh" >"$tmp/out"
-        fail "dockerfilelint $f"
-    fi
-    if [ -x "$bin/dockerfile-utils" ]; then
+    else fail "dockerfilelint $f"; fi
+    if need "$bin/dockerfile-utils"; then
         quiet "dockerfile-utils lint $f" "$bin/dockerfile-utils" lint "$f"
-    else
-        echo "$bin/dockerfile-utils missing; run scripts/setup.sh" >"$tmp/out"
-        fail "dockerfile-utils lint $f"
-    fi
+    else fail "dockerfile-utils lint $f"; fi
 done
 
 if need promtool; then

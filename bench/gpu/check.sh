@@ -45,8 +45,8 @@ if [ ! -d .gpu ]; then
         exit 1
     }
 fi
-# Binaries packed from other sources would check old code: refuse them.
 if [ -f .gpu/kvs-gpu.tar.xz ]; then
+    # Binaries packed from other sources would check old code: refuse them.
     want=$(bench/gpu/srchash.sh)
     have=$(sed -n 's/^sources: //p' .gpu/MANIFEST 2>/dev/null)
     if [ "$have" != "$want" ] && [ -z "${KVS_GPU_ALLOW_STALE:-}" ]; then
@@ -54,8 +54,6 @@ if [ -f .gpu/kvs-gpu.tar.xz ]; then
         say "check: run bench/gpu/prepare.sh again (or set KVS_GPU_ALLOW_STALE=1)"
         exit 1
     fi
-fi
-if [ -f .gpu/kvs-gpu.tar.xz ]; then
     DIR=${TMPDIR:-/tmp}/kvs-gpu
     rm -rf "$DIR" && mkdir -p "$DIR"
     if command -v xz >/dev/null 2>&1; then

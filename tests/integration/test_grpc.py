@@ -47,6 +47,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROTO_DIR = os.path.join(ROOT, "proto")
@@ -182,6 +183,7 @@ class Server:
 
 
 SERVERS = []
+OTHERS = []  # other processes a test runs (Prometheus), for the watchdog
 
 
 def start_server(kvserve, model, work, name, extra=(), flags=None):
@@ -657,7 +659,6 @@ def check_bench_modes(kvserve, addr, work):
         if not {"CANCELLED", "DEADLINE_EXCEEDED"} <= seen:
             bad.append("endings seen: %s" % sorted(seen))
     try:
-        import xml.etree.ElementTree as ET
         root = ET.parse(svg).getroot()
         if len(root.findall(".//{http://www.w3.org/2000/svg}polyline")) < 3:
             bad.append("the plot has no curves")
@@ -1092,6 +1093,7 @@ def check_prometheus(server, work):
     p = subprocess.Popen([prom, "--config.file=" + cfg, "--storage.tsdb.path=" + d + "/tsdb",
                           "--web.listen-address=127.0.0.1:%d" % web, "--log.level=warn"],
                          stdout=log, stderr=subprocess.STDOUT)
+    OTHERS.append(p)
     why, got = "", {}
     try:
         deadline = time.time() + 40
@@ -1107,7 +1109,7 @@ def check_prometheus(server, work):
             except (OSError, ValueError, KeyError):
                 continue  # not listening yet
             if up and up[0]["value"][1] == "1" and cap and ttft:
-                got = {"up": 1, "capacity": float(cap[0]["value"][1]),
+                got = {"capacity": float(cap[0]["value"][1]),
                        "ttft_count": float(ttft[0]["value"][1])}
                 break
         else:
@@ -1428,9 +1430,9 @@ def main():
     # A watchdog: never outlive ctest's timeout with servers left behind.
     def watchdog():
         print("FAIL: the test ran past %d s; killing the servers" % TOTAL_BUDGET_S, flush=True)
-        for s in SERVERS:
+        for proc in [s.proc for s in SERVERS] + OTHERS:
             try:
-                s.proc.kill()
+                proc.kill()
             except OSError:
                 pass
         os._exit(1)

@@ -2,7 +2,8 @@
  * tests/kernels/cu_test.h — what the host-only CUDA tests share
  * (test_cuda_dequant.cu, test_cuda_kvq.cu: nvcc-compiled programs that run
  * the __host__ side of device decoders): cmocka, declared for C, and a
- * seeded xorshift.  kern_test.h is C and does not compile as C++.
+ * seeded xorshift with uniform floats.  kern_test.h is C and does not
+ * compile as C++.
  */
 #ifndef CU_TEST_H
 #define CU_TEST_H
@@ -29,6 +30,13 @@ rng_next(void)
     g_rng ^= g_rng >> 7;
     g_rng ^= g_rng << 17;
     return (uint32_t)(g_rng >> 16);
+}
+
+/* Uniform in [lo, hi), 24 bits of the draw. */
+static inline float
+rng_f(float lo, float hi)
+{
+    return lo + (hi - lo) * (float)(rng_next() & 0xffffff) * (1.0f / 16777216.0f);
 }
 
 #endif /* CU_TEST_H */

@@ -83,6 +83,15 @@ teardown(void **state)
     return 0;
 }
 
+/* Backend b of the loops over every backend: -1 ref, 0 .. g_n_be - 1 the
+ * cpu configurations, g_n_be cuda (NULL where there is none). */
+static kern_backend_t *
+be_at(int b, const char **label)
+{
+    *label = b < 0 ? "ref" : b == g_n_be ? "cuda" : g_be[b].label;
+    return b < 0 ? g_ref : b == g_n_be ? g_cuda : g_be[b].be;
+}
+
 /* ---- data ---------------------------------------------------------------- */
 
 #define MAX_SEQS 3
@@ -589,10 +598,10 @@ test_degenerate_equals_dense(void **state)
         /* b == g_n_be: cuda, whose kernels may visit the kept keys in
          * other groups than dense does (sums in another order). */
         for (int b = -1; b <= g_n_be; b++) {
-            if (b == g_n_be && !g_cuda)
+            const char *label;
+            kern_backend_t *be = be_at(b, &label);
+            if (be == NULL)
                 break;
-            kern_backend_t *be = b < 0 ? g_ref : b == g_n_be ? g_cuda : g_be[b].be;
-            const char *label = b < 0 ? "ref" : b == g_n_be ? "cuda" : g_be[b].label;
             assert_int_equal(run(be, &p, NULL, dense), 0);
             for (int k = 0; k < 3; k++) {
                 assert_int_equal(run(be, &p, pats[k], got), 0);
@@ -630,10 +639,10 @@ test_window_is_dense_over_kept_keys(void **state)
         /* b == g_n_be: cuda, where the 40-row chunk may run on the
          * tensor cores (f16) and each one-row check on the f32 path. */
         for (int b = -1; b <= g_n_be; b++) {
-            if (b == g_n_be && !g_cuda)
+            const char *label;
+            kern_backend_t *be = be_at(b, &label);
+            if (be == NULL)
                 break;
-            kern_backend_t *be = b < 0 ? g_ref : b == g_n_be ? g_cuda : g_be[b].be;
-            const char *label = b < 0 ? "ref" : b == g_n_be ? "cuda" : g_be[b].label;
             double limit = b == g_n_be ? cuda_limit(&p, 0) : 1e-5;
             assert_int_equal(run(be, &p, &pt, sparse), 0);
             for (uint32_t i = 0; i < p.n_q; i += 7) {
@@ -804,12 +813,11 @@ test_delta_invariants(void **state)
 /* Sequence 0's first nb blocks summarised on be, and every query row
  * scored against them in groups of qg rows. */
 static void
-run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t qg, float *bounds,
+run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t qg, size_t sn, float *bounds,
           float *score)
 {
     kern_kv_t kv = pkv_make(be, p);
     const size_t qn = (size_t)p->n_q * p->n_heads * p->d, bn = (size_t)p->n_kv * nb * 2 * p->d;
-    const size_t sn = (size_t)(p->n_q + (qg ? qg : 1) - 1) / (qg ? qg : 1) * nb;
     kern_block_score_args_t a = {.n_q = p->n_q,
                                  .n_heads = p->n_heads,
                                  .n_kv_heads = p->n_kv,
@@ -916,11 +924,11 @@ test_quest_bounds(void **state)
         char what[96];
         snprintf(what, sizeof(what), "quest case %zu: %u blocks, %u rows, G %u", ci, nb, p.n_q, G);
         for (int b = -1; b <= g_n_be; b++) {
-            if (b == g_n_be && !g_cuda)
+            const char *label;
+            kern_backend_t *be = be_at(b, &label);
+            if (be == NULL)
                 break;
-            kern_backend_t *be = b < 0 ? g_ref : b == g_n_be ? g_cuda : g_be[b].be;
-            const char *label = b < 0 ? "ref" : b == g_n_be ? "cuda" : g_be[b].label;
-            run_quest(be, &p, nb, cases[ci].qg, got_b, got_s);
+            run_quest(be, &p, nb, cases[ci].qg, sn, got_b, got_s);
             check_bytes_equal(want_b, got_b, bn * sizeof(float), what, label);
             /* cuda multiplies in TF32 (kern.h). */
             check_close(want_s, got_s, sn, b == g_n_be ? 5e-3 : 1e-5, what, label);
@@ -1031,10 +1039,10 @@ test_attn_mass(void **state)
         snprintf(what, sizeof(what), "attn_mass case %zu: %s, %u keys, %u rows", ci,
                  cases[ci].mode == KERN_MASS_SUM ? "sum" : "pooled max", N, p.n_q);
         for (int b = -1; b <= g_n_be; b++) {
-            if (b == g_n_be && !g_cuda)
+            const char *label;
+            kern_backend_t *be = be_at(b, &label);
+            if (be == NULL)
                 break;
-            kern_backend_t *be = b < 0 ? g_ref : b == g_n_be ? g_cuda : g_be[b].be;
-            const char *label = b < 0 ? "ref" : b == g_n_be ? "cuda" : g_be[b].label;
             kern_kv_t kv = pkv_make(be, &p);
             kern_attn_mass_args_t a = {.q = p.q,
                                        .n_q = p.n_q,

@@ -66,7 +66,7 @@ check_type(void)
         } else {
             float mag = it % 3 == 0 ? 1e-3f : it % 3 == 1 ? 1.0f : 300.0f;
             for (uint32_t c = 0; c < cols; c++)
-                x[c] = mag * ((float)rng_next() / 4294967296.0f * 2.0f - 1.0f);
+                x[c] = mag * rng_f(-1.0f, 1.0f);
             assert_int_equal(kern_quantize_row(T, x, row, cols), 0);
         }
         assert_int_equal(kern_row_to_f32(T, row, ref, cols), 0);

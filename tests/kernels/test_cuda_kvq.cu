@@ -19,12 +19,6 @@
 
 #include "kernels/cuda/cuda_kvq.cuh"
 
-static float
-rng_f(float lo, float hi)
-{
-    return lo + (hi - lo) * (float)(rng_next() & 0xffffff) * (1.0f / 16777216.0f);
-}
-
 static bool
 same(float a, float b)
 {
