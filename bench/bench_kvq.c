@@ -812,10 +812,9 @@ parse_policies(char *arg, opts_t *o)
         policy_t p = {0};
         if (colon)
             *colon = '\0';
-        if (strcmp(t, "sink-eviction") == 0)
-            p.kind = SCHED_KV_SINK_EVICTION;
-        else if (strcmp(t, "snapkv") == 0)
-            p.kind = SCHED_KV_SNAPKV;
+        for (int k = SCHED_KV_SINK_EVICTION; k <= SCHED_KV_SNAPKV; k++)
+            if (strcmp(t, srv_kv_policy_name((sched_kv_kind_t)k)) == 0)
+                p.kind = (sched_kv_kind_t)k;
         if (p.kind == SCHED_KV_FULL || colon == NULL || o->n_policies == MAX_POLICIES) {
             fprintf(stderr,
                     "bench_kvq: --policies: '%s' is not sink-eviction:BUDGET or snapkv:BUDGET "

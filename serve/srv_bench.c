@@ -9,7 +9,6 @@
  */
 #include "srv_bench.h"
 
-#include <grpc/grpc_security.h>
 #include <grpc/support/time.h>
 
 #include <getopt.h>
@@ -51,16 +50,14 @@ enum { BENCH_MAX_IN_FLIGHT = 4096 };
 static double
 now_s(const bench_t *b)
 {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)(t.tv_sec - b->epoch.tv_sec) + (double)(t.tv_nsec - b->epoch.tv_nsec) * 1e-9;
+    return (double)(kvs_now_ns() - b->epoch_ns) * 1e-9;
 }
 
 /* ---- random numbers (splitmix64: reproducible from --seed alone) -------- */
 
 /* Uniform in (0, 1): never 0, so log() stays finite. */
 static double
-rng_unit(uint64_t *s)
+rng_unit_open(uint64_t *s)
 {
     return ((double)(srv_rng_next(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
 }
@@ -68,7 +65,7 @@ rng_unit(uint64_t *s)
 static double
 rng_normal(uint64_t *s)
 {
-    return sqrt(-2.0 * log(rng_unit(s))) * cos(6.283185307179586 * rng_unit(s));
+    return sqrt(-2.0 * log(rng_unit_open(s))) * cos(6.283185307179586 * rng_unit_open(s));
 }
 
 /* Gamma(shape k, scale 1) by Marsaglia and Tsang; k < 1 through the
@@ -77,14 +74,14 @@ static double
 rng_gamma(uint64_t *s, double k)
 {
     if (k < 1.0)
-        return rng_gamma(s, k + 1.0) * pow(rng_unit(s), 1.0 / k);
+        return rng_gamma(s, k + 1.0) * pow(rng_unit_open(s), 1.0 / k);
     double d = k - 1.0 / 3.0, c = 1.0 / sqrt(9.0 * d);
     for (;;) {
         double x = rng_normal(s), v = 1.0 + c * x;
         if (v <= 0)
             continue;
         v = v * v * v;
-        double u = rng_unit(s);
+        double u = rng_unit_open(s);
         if (log(u) < 0.5 * x * x + d - d * v + d * log(v))
             return d * v;
     }
@@ -100,7 +97,7 @@ draw_len(uint64_t *s, uint32_t len, float range)
     if (lo < 1)
         lo = 1;
     uint64_t span = (uint64_t)(hi - lo) + 1;
-    return (uint32_t)(lo + (double)(srv_rng_next(s) % span));
+    return (uint32_t)(lo + (double)srv_rng_below(s, (uint32_t)span));
 }
 
 /* ---- options ----------------------------------------------------------- */
@@ -215,7 +212,7 @@ static int
 bench_parse(int argc, char **argv, bench_opts_t *o)
 {
     static const struct option lo[] = {
-        {"addr", 1, 0, 'a'},
+        SRV_CONN_LONGOPTS,
         {"num-requests", 1, 0, O_NREQ},
         {"concurrency", 1, 0, O_CONC},
         {"request-rate", 1, 0, O_RATE},
@@ -226,10 +223,7 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
         {"output-len-range", 1, 0, O_OUTRANGE},
         {"shared-prefix", 1, 0, O_PREFIX},
         {"seed", 1, 0, O_SEED},
-        {"timeout-ms", 1, 0, 'T'},
         {"api-key-file", 1, 0, O_KEY},
-        {"tls-ca", 1, 0, 'C'},
-        {"tls-server-name", 1, 0, 'N'},
         {"json", 1, 0, O_JSON},
         {"plot", 1, 0, O_PLOT},
         {"no-progress", 0, 0, O_QUIET},
@@ -408,20 +402,22 @@ bench_workload(bench_t *b)
     b->reqs = calloc(o->n_req, sizeof *b->reqs);
     b->arrival = calloc(b->n_conv, sizeof *b->arrival);
     b->ready = calloc(b->n_conv, sizeof *b->ready);
-    b->heap = calloc(o->n_req, sizeof *b->heap);
-    if (b->reqs == NULL || b->arrival == NULL || b->ready == NULL || b->heap == NULL)
+    if (b->reqs == NULL || b->arrival == NULL || b->ready == NULL)
+        return KVS_ENOMEM;
+    /* Only a cancellation intent pushes to the heap. */
+    if (o->cancel_frac > 0 && (b->heap = calloc(o->n_req, sizeof *b->heap)) == NULL)
         return KVS_ENOMEM;
     for (uint32_t k = 0; k < o->n_req; k++) {
         bench_req_t *r = &b->reqs[k];
         r->n_prompt = k % o->turns == 0 ? draw_len(&s, o->in_len, o->in_range) : 0;
         r->out_len = draw_len(&s, o->out_len, o->out_range);
-        double u = rng_unit(&s);
+        double u = rng_unit_open(&s);
         if (u < o->cancel_frac) {
             r->intent = INTENT_CANCEL;
-            r->fault_ms = rng_unit(&s) * o->cancel_ms;
+            r->fault_ms = rng_unit_open(&s) * o->cancel_ms;
         } else if (u < o->cancel_frac + o->deadline_frac) {
             r->intent = INTENT_DEADLINE;
-            r->fault_ms = o->deadline_ms * (0.1 + 0.9 * rng_unit(&s));
+            r->fault_ms = o->deadline_ms * (0.1 + 0.9 * rng_unit_open(&s));
         }
         r->status = GRPC_STATUS_UNKNOWN;
         r->details = grpc_empty_slice();
@@ -430,7 +426,7 @@ bench_workload(bench_t *b)
      * exponential, so B = 1 is Poisson. */
     double t = 0;
     for (uint32_t c = 1; o->open_loop && c < b->n_conv; c++) {
-        t += o->burst == 1.0f ? -log(rng_unit(&s)) / o->rate
+        t += o->burst == 1.0f ? -log(rng_unit_open(&s)) / o->rate
                               : rng_gamma(&s, o->burst) / ((double)o->rate * o->burst);
         b->arrival[c] = t;
     }
@@ -453,7 +449,7 @@ bench_prompt(bench_t *b, uint32_t k)
             return KVS_ENOMEM;
         uint64_t cs = o->seed ^ 0x636f6d6d6f6eull; /* the same for every prompt */
         for (uint32_t i = 0; i < n + q; i++)
-            r->prompt[i] = (uint32_t)(srv_rng_next(i < shared ? &cs : &s) % b->vocab);
+            r->prompt[i] = srv_rng_below(i < shared ? &cs : &s, b->vocab);
         r->n_prompt = n + q;
         return 0;
     }
@@ -467,7 +463,7 @@ bench_prompt(bench_t *b, uint32_t k)
     if (p->n_out)
         memcpy(r->prompt + p->n_prompt, p->out_ids, (size_t)p->n_out * sizeof *r->prompt);
     for (size_t i = (size_t)p->n_prompt + p->n_out; i < n; i++)
-        r->prompt[i] = (uint32_t)(srv_rng_next(&s) % b->vocab);
+        r->prompt[i] = srv_rng_below(&s, b->vocab);
     r->n_prompt = (uint32_t)n;
     free(p->prompt);
     free(p->out_ids);
@@ -521,7 +517,6 @@ req_finish(bench_t *b, bench_req_t *r)
 {
     const bench_opts_t *o = &b->o;
     uint32_t k = (uint32_t)(r - b->reqs);
-    r->done = true;
     b->in_flight--;
     b->n_done++;
     if (r->parse_error && r->status == GRPC_STATUS_CANCELLED)
@@ -536,7 +531,7 @@ req_finish(bench_t *b, bench_req_t *r)
                                    : (const char *)GRPC_SLICE_START_PTR(r->details);
     if (r->parse_error)
         n = strlen(m);
-    if ((r->message = malloc(n + 1)) != NULL) {
+    if (n > 0 && (r->message = malloc(n + 1)) != NULL) {
         memcpy(r->message, m, n);
         r->message[n] = '\0';
     }
@@ -567,16 +562,12 @@ req_batch_done(bench_t *b, bench_req_t *r)
         req_finish(b, r);
 }
 
-/* Starts one batch; a rejected batch can leave its slot busy (guide §6),
- * so the call is cancelled and the batches already out end it. */
+/* Starts one batch; a rejected one cancels the call (srv_call_start). */
 static bool
 req_start(bench_req_t *r, const grpc_op *ops, size_t n, bench_tag_t *tag)
 {
-    grpc_call_error e = grpc_call_start_batch(r->call, ops, n, tag, NULL);
-    if (e != GRPC_CALL_OK) {
-        grpc_call_cancel(r->call, NULL);
+    if (srv_call_start(r->call, ops, n, tag) != GRPC_CALL_OK)
         return false;
-    }
     r->pending++;
     return true;
 }
@@ -639,9 +630,6 @@ req_launch(bench_t *b, uint32_t k)
     b->in_flight++;
     if (b->in_flight > b->max_in_flight)
         b->max_in_flight = b->in_flight;
-    bench_bin_t *bin = bench_bin(b, r->t0);
-    if (bin && bin->max_in_flight < b->in_flight)
-        bin->max_in_flight = b->in_flight;
     if (bench_prompt(b, k)) {
         r->status = GRPC_STATUS_RESOURCE_EXHAUSTED;
         r->details = grpc_slice_from_static_string("kvserve bench: out of memory for the prompt");
@@ -677,31 +665,15 @@ req_launch(bench_t *b, uint32_t k)
     double dl_ms = o->conn.timeout_ms ? (double)o->conn.timeout_ms : 0;
     if (r->intent == INTENT_DEADLINE && (dl_ms == 0 || r->fault_ms < dl_ms))
         dl_ms = r->fault_ms;
-    gpr_timespec dl = gpr_inf_future(GPR_CLOCK_MONOTONIC);
-    if (dl_ms > 0)
-        dl = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                          gpr_time_from_micros((int64_t)(dl_ms * 1e3), GPR_TIMESPAN));
     r->call = grpc_channel_create_registered_call(b->ch, NULL, GRPC_PROPAGATE_DEFAULTS, b->cq,
-                                                  b->rm_gen, dl, NULL);
+                                                  b->rm_gen, srv_deadline_ms(dl_ms), NULL);
     if (r->intent == INTENT_CANCEL)
         heap_push(b, r->t0 + r->fault_ms * 1e-3, k);
 
     grpc_op ops[4];
-    memset(ops, 0, sizeof ops);
-    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-    ops[0].data.send_initial_metadata.count = b->n_auth;
-    ops[0].data.send_initial_metadata.metadata = &b->auth;
-    ops[1].op = GRPC_OP_SEND_MESSAGE;
-    ops[1].data.send_message.send_message = r->req_bb;
-    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-    ops[3].data.recv_initial_metadata.recv_initial_metadata = &r->init_md;
-    bool ok = req_start(r, ops, 4, &r->t_start);
-    memset(ops, 0, sizeof ops[0]);
-    ops[0].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-    ops[0].data.recv_status_on_client.trailing_metadata = &r->trail_md;
-    ops[0].data.recv_status_on_client.status = &r->status;
-    ops[0].data.recv_status_on_client.status_details = &r->details;
+    size_t n = srv_call_send_ops(ops, &b->auth, b->n_auth, r->req_bb, &r->init_md);
+    bool ok = req_start(r, ops, n, &r->t_start);
+    srv_call_status_op(ops, &r->trail_md, &r->status, &r->details);
     ok = ok && req_start(r, ops, 1, &r->t_status);
     if (ok)
         req_recv(r);
@@ -918,14 +890,13 @@ srv_cmd_bench(int argc, char **argv)
     b.ch = srv_client_channel(b.o.conn.addr, ca, b.o.conn.tls_name);
     b.cq = grpc_completion_queue_create_for_next(NULL);
     b.rm_gen = grpc_channel_register_call(b.ch, SRV_M_GENERATE, NULL, NULL);
-    clock_gettime(CLOCK_MONOTONIC, &b.epoch);
 
     if ((b.vocab = bench_vocab(&b)) != 0) {
         if (bench_workload(&b)) {
             fprintf(stderr, "kvserve bench: out of memory\n");
         } else {
             /* Times count from the first request, not from GetModelInfo. */
-            clock_gettime(CLOCK_MONOTONIC, &b.epoch);
+            b.epoch_ns = kvs_now_ns();
             bench_loop(&b);
             uint32_t bad = 0;
             if (bench_report(&b, &bad) == 0 && bad == 0)

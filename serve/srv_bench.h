@@ -9,7 +9,6 @@
 #include "srv_int.h"
 
 #include <stdio.h>
-#include <time.h>
 
 /* What a request was drawn to go through: the fault-injection flags give
  * some requests a client cancellation or a short deadline, and their
@@ -63,19 +62,19 @@ typedef struct bench_req {
     grpc_status_code status;
     grpc_slice details;
     int pending; /* batches started and not yet back */
-    bool started, done, parse_error;
+    bool started, parse_error;
     double t0, t_first, t_last, t_end;
     uint32_t tokens, usage_prompt, usage_cached;
     bool has_usage;
     double *itl; /* ms, one per token after the first message's */
     size_t n_itl, cap_itl;
-    char *message;
+    char *message; /* the status details; NULL when there are none */
 } bench_req_t;
 
 /* Per-second counts for throughput over time. */
 typedef struct bench_bin {
     uint64_t tokens;
-    uint32_t completed, max_in_flight;
+    uint32_t completed;
 } bench_bin_t;
 
 typedef struct bench_cancel {
@@ -100,7 +99,7 @@ typedef struct bench {
     uint32_t n_heap;
     bench_bin_t *bins;
     size_t n_bins;
-    struct timespec epoch;
+    uint64_t epoch_ns; /* kvs_now_ns() when the first request starts */
     uint32_t next_conv, in_flight, n_done, n_err, max_in_flight;
     uint64_t tok_total, cap_hits;
     uint32_t cap_held; /* 1 + the conversation last counted in cap_hits */

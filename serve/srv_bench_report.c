@@ -11,8 +11,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { N_CODES = SRV_GRPC_CODES };
-
 typedef struct stat5 {
     double mean, p50, p90, p95, p99;
     size_t n;
@@ -59,7 +57,7 @@ typedef struct summary {
     uint32_t started, ok, cancelled, deadline, unintended;
     uint64_t out_tokens, in_tokens, cached_tokens;
     double duration;
-    uint32_t errors[N_CODES + 1]; /* unintended endings by status */
+    uint32_t errors[SRV_GRPC_CODES + 1]; /* unintended endings by status */
 } summary_t;
 
 static double
@@ -101,7 +99,7 @@ bench_summarize(const bench_t *b, summary_t *s)
                 *(r->intent == INTENT_CANCEL ? &s->cancelled : &s->deadline) += 1;
             } else {
                 s->unintended++;
-                s->errors[(unsigned)r->status < N_CODES ? r->status : N_CODES]++;
+                s->errors[(unsigned)r->status < SRV_GRPC_CODES ? r->status : SRV_GRPC_CODES]++;
             }
             continue;
         }
@@ -145,10 +143,11 @@ print_summary(const bench_t *b, const summary_t *s)
     if (o->deadline_frac > 0)
         printf("%-32s %u\n", "Deadline exceeded (intended):", s->deadline);
     printf("%-32s %u\n", "Failed requests:", s->unintended);
-    for (unsigned c = 0; c <= N_CODES; c++)
+    for (unsigned c = 0; c <= SRV_GRPC_CODES; c++)
         if (s->errors[c])
             printf("  %-30s %u\n",
-                   c < N_CODES ? srv_grpc_status_name((grpc_status_code)c) : "OTHER", s->errors[c]);
+                   c < SRV_GRPC_CODES ? srv_grpc_status_name((grpc_status_code)c) : "OTHER",
+                   s->errors[c]);
     printf("%-32s %.3f\n", "Duration (s):", s->duration);
     printf("%-32s %llu\n", "Total input tokens:", (unsigned long long)s->in_tokens);
     printf("%-32s %llu (%.1f%%)\n", "Cached input tokens:", (unsigned long long)s->cached_tokens,
@@ -244,10 +243,10 @@ write_json(const bench_t *b, const summary_t *s)
             (unsigned long long)s->out_tokens, b->max_in_flight, (unsigned long long)b->cap_hits);
     fprintf(f, "\"errors\": {");
     bool first = true;
-    for (unsigned c = 0; c <= N_CODES; c++)
+    for (unsigned c = 0; c <= SRV_GRPC_CODES; c++)
         if (s->errors[c]) {
             fprintf(f, "%s\"%s\": %u", first ? "" : ", ",
-                    c < N_CODES ? srv_grpc_status_name((grpc_status_code)c) : "OTHER",
+                    c < SRV_GRPC_CODES ? srv_grpc_status_name((grpc_status_code)c) : "OTHER",
                     s->errors[c]);
             first = false;
         }
@@ -383,13 +382,17 @@ write_plot(const bench_t *b, const summary_t *s)
     fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"980\" height=\"380\" "
                "font-family=\"sans-serif\" font-size=\"11\">\n"
                "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n");
+    /* The positive values' range: each series is sorted (stat5). */
     double lo = INFINITY, hi = 0;
-    for (int i = 0; i < L_COUNT; i++)
-        for (size_t j = 0; j < s->st[i].n; j++)
-            if (s->v[i][j] > 0) {
-                lo = fmin(lo, s->v[i][j]);
-                hi = fmax(hi, s->v[i][j]);
-            }
+    for (int i = 0; i < L_COUNT; i++) {
+        size_t n = s->st[i].n, j = 0;
+        while (j < n && !(s->v[i][j] > 0))
+            j++;
+        if (j < n) {
+            lo = fmin(lo, s->v[i][j]);
+            hi = fmax(hi, s->v[i][n - 1]);
+        }
+    }
     if (!(hi > 0)) {
         lo = 0.1;
         hi = 1;

@@ -122,19 +122,73 @@ srv_client_channel(const char *addr, const char *ca_pem, const char *tls_name)
     return ch;
 }
 
+gpr_timespec
+srv_deadline_ms(double ms)
+{
+    if (ms <= 0)
+        return gpr_inf_future(GPR_CLOCK_MONOTONIC);
+    return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                        gpr_time_from_micros((int64_t)(ms * 1e3), GPR_TIMESPAN));
+}
+
+size_t
+srv_call_send_ops(grpc_op *ops, const grpc_metadata *md, size_t n_md, grpc_byte_buffer *req,
+                  grpc_metadata_array *init_md)
+{
+    memset(ops, 0, 4 * sizeof *ops);
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[0].data.send_initial_metadata.count = n_md;
+    ops[0].data.send_initial_metadata.metadata = (grpc_metadata *)md;
+    ops[1].op = GRPC_OP_SEND_MESSAGE;
+    ops[1].data.send_message.send_message = req;
+    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[3].data.recv_initial_metadata.recv_initial_metadata = init_md;
+    return 4;
+}
+
+void
+srv_call_status_op(grpc_op *op, grpc_metadata_array *trail_md, grpc_status_code *status,
+                   grpc_slice *details)
+{
+    memset(op, 0, sizeof *op);
+    op->op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+    op->data.recv_status_on_client.trailing_metadata = trail_md;
+    op->data.recv_status_on_client.status = status;
+    op->data.recv_status_on_client.status_details = details;
+}
+
+grpc_call_error
+srv_call_start(grpc_call *call, const grpc_op *ops, size_t n, void *tag)
+{
+    grpc_call_error e = grpc_call_start_batch(call, ops, n, tag, NULL);
+    if (e != GRPC_CALL_OK)
+        grpc_call_cancel(call, NULL);
+    return e;
+}
+
+/* Shuts a pluck queue down and destroys it once it says so; every tag must
+ * have been plucked. */
+static void
+cq_close(grpc_completion_queue *cq)
+{
+    grpc_completion_queue_shutdown(cq);
+    grpc_event ev;
+    do
+        ev = grpc_completion_queue_pluck(cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    while (ev.type != GRPC_QUEUE_SHUTDOWN);
+    grpc_completion_queue_destroy(cq);
+}
+
 ProtobufCMessage *
 srv_client_unary(grpc_channel *ch, const char *method, const grpc_metadata *md, size_t n_md,
                  uint32_t timeout_ms, const ProtobufCMessage *req,
                  const ProtobufCMessageDescriptor *resp_desc, const char *who)
 {
     grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
-    gpr_timespec dl = gpr_inf_future(GPR_CLOCK_MONOTONIC);
-    if (timeout_ms)
-        dl = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                          gpr_time_from_millis(timeout_ms, GPR_TIMESPAN));
     void *rm = grpc_channel_register_call(ch, method, NULL, NULL);
-    grpc_call *call =
-        grpc_channel_create_registered_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, rm, dl, NULL);
+    grpc_call *call = grpc_channel_create_registered_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, rm,
+                                                          srv_deadline_ms(timeout_ms), NULL);
     grpc_byte_buffer *req_bb = srv_pb_to_bb(req), *bb = NULL;
     grpc_metadata_array init_md, trail_md;
     grpc_metadata_array_init(&init_md);
@@ -142,23 +196,13 @@ srv_client_unary(grpc_channel *ch, const char *method, const grpc_metadata *md, 
     grpc_status_code status = GRPC_STATUS_UNKNOWN;
     grpc_slice details = grpc_empty_slice();
     grpc_op ops[6];
-    memset(ops, 0, sizeof ops);
-    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-    ops[0].data.send_initial_metadata.count = n_md;
-    ops[0].data.send_initial_metadata.metadata = (grpc_metadata *)md;
-    ops[1].op = GRPC_OP_SEND_MESSAGE;
-    ops[1].data.send_message.send_message = req_bb;
-    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-    ops[3].data.recv_initial_metadata.recv_initial_metadata = &init_md;
-    ops[4].op = GRPC_OP_RECV_MESSAGE;
-    ops[4].data.recv_message.recv_message = &bb;
-    ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-    ops[5].data.recv_status_on_client.trailing_metadata = &trail_md;
-    ops[5].data.recv_status_on_client.status = &status;
-    ops[5].data.recv_status_on_client.status_details = &details;
+    size_t n = srv_call_send_ops(ops, md, n_md, req_bb, &init_md);
+    memset(&ops[n], 0, sizeof ops[n]);
+    ops[n].op = GRPC_OP_RECV_MESSAGE;
+    ops[n].data.recv_message.recv_message = &bb;
+    srv_call_status_op(&ops[n + 1], &trail_md, &status, &details);
     ProtobufCMessage *m = NULL;
-    grpc_call_error e = grpc_call_start_batch(call, ops, 6, (void *)1, NULL);
+    grpc_call_error e = grpc_call_start_batch(call, ops, n + 2, (void *)1, NULL);
     if (e != GRPC_CALL_OK) {
         fprintf(stderr, "%s: cannot start the call (grpc_call_error %d)\n", who, (int)e);
     } else {
@@ -175,12 +219,7 @@ srv_client_unary(grpc_channel *ch, const char *method, const grpc_metadata *md, 
     grpc_metadata_array_destroy(&trail_md);
     grpc_slice_unref(details);
     grpc_call_unref(call);
-    grpc_completion_queue_shutdown(cq);
-    grpc_event ev;
-    do
-        ev = grpc_completion_queue_pluck(cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-    while (ev.type != GRPC_QUEUE_SHUTDOWN);
-    grpc_completion_queue_destroy(cq);
+    cq_close(cq);
     return m;
 }
 
@@ -235,12 +274,8 @@ client_open(client_t *c, const srv_conn_opts_t *o, const char *ca_pem, const cha
     c->ch = srv_client_channel(o->addr, ca_pem, o->tls_name);
     c->cq = grpc_completion_queue_create_for_pluck(NULL);
     void *rm = grpc_channel_register_call(c->ch, method, NULL, NULL);
-    gpr_timespec dl = gpr_inf_future(GPR_CLOCK_MONOTONIC);
-    if (o->timeout_ms)
-        dl = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                          gpr_time_from_millis(o->timeout_ms, GPR_TIMESPAN));
     c->call = grpc_channel_create_registered_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, c->cq, rm,
-                                                  dl, NULL);
+                                                  srv_deadline_ms(o->timeout_ms), NULL);
 }
 
 static void
@@ -250,15 +285,12 @@ client_wait(client_t *c, int tag)
     c->pending &= ~(1u << tag);
 }
 
-/* A rejected batch can leave its slot busy (guide §6), so the call is
- * cancelled rather than retried. */
 static bool
 client_start(client_t *c, const char *cmd, const grpc_op *ops, size_t n, int tag)
 {
-    grpc_call_error e = grpc_call_start_batch(c->call, ops, n, TAG(tag), NULL);
+    grpc_call_error e = srv_call_start(c->call, ops, n, TAG(tag));
     if (e != GRPC_CALL_OK) {
         fprintf(stderr, "kvserve %s: cannot start the call (grpc_call_error %d)\n", cmd, (int)e);
-        grpc_call_cancel(c->call, NULL);
         return false;
     }
     c->pending |= 1u << tag;
@@ -276,42 +308,8 @@ client_close(client_t *c)
     grpc_slice_unref(c->details);
     grpc_call_unref(c->call);
     grpc_channel_destroy(c->ch);
-    grpc_completion_queue_shutdown(c->cq);
-    /* Every tag was plucked above; the destroy is legal only once the queue
-     * reports its shutdown. */
-    grpc_event ev;
-    do
-        ev = grpc_completion_queue_pluck(c->cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-    while (ev.type != GRPC_QUEUE_SHUTDOWN);
-    grpc_completion_queue_destroy(c->cq);
+    cq_close(c->cq); /* every tag was plucked above */
     grpc_shutdown_blocking();
-}
-
-/* The ops that open a call: metadata and request out, half-close, headers
- * in. */
-static size_t
-send_ops(grpc_op *ops, client_t *c, grpc_metadata *md, size_t n_md, grpc_byte_buffer *req)
-{
-    memset(ops, 0, 4 * sizeof *ops);
-    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-    ops[0].data.send_initial_metadata.count = n_md;
-    ops[0].data.send_initial_metadata.metadata = md;
-    ops[1].op = GRPC_OP_SEND_MESSAGE;
-    ops[1].data.send_message.send_message = req;
-    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-    ops[3].data.recv_initial_metadata.recv_initial_metadata = &c->init_md;
-    return 4;
-}
-
-static void
-status_op(grpc_op *op, client_t *c)
-{
-    memset(op, 0, sizeof *op);
-    op->op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-    op->data.recv_status_on_client.trailing_metadata = &c->trail_md;
-    op->data.recv_status_on_client.status = &c->status;
-    op->data.recv_status_on_client.status_details = &c->details;
 }
 
 static int
@@ -349,17 +347,25 @@ static int
 gen_parse(int argc, char **argv, gen_opts_t *o)
 {
     static const struct option lo[] = {
-        {"addr", 1, 0, 'a'},          {"timeout-ms", 1, 0, 'T'},
-        {"tls-ca", 1, 0, 'C'},        {"tls-server-name", 1, 0, 'N'},
-        {"help", 0, 0, 'h'},          {"prompt", 1, 0, 'p'},
-        {"prompt-tokens", 1, 0, 'P'}, {"max-tokens", 1, 0, 'm'},
-        {"temperature", 1, 0, 't'},   {"top-k", 1, 0, 'k'},
-        {"top-p", 1, 0, 'q'},         {"min-p", 1, 0, 'n'},
-        {"seed", 1, 0, 's'},          {"ignore-eos", 0, 0, 'e'},
-        {"stop", 1, 0, 'x'},          {"stop-token-ids", 1, 0, 'X'},
-        {"priority", 1, 0, 'r'},      {"cache-salt", 1, 0, 'S'},
-        {"request-id", 1, 0, 'i'},    {"api-key-file", 1, 0, 'K'},
-        {"json", 0, 0, 'j'},          {0, 0, 0, 0},
+        SRV_CONN_LONGOPTS,
+        {"help", 0, 0, 'h'},
+        {"prompt", 1, 0, 'p'},
+        {"prompt-tokens", 1, 0, 'P'},
+        {"max-tokens", 1, 0, 'm'},
+        {"temperature", 1, 0, 't'},
+        {"top-k", 1, 0, 'k'},
+        {"top-p", 1, 0, 'q'},
+        {"min-p", 1, 0, 'n'},
+        {"seed", 1, 0, 's'},
+        {"ignore-eos", 0, 0, 'e'},
+        {"stop", 1, 0, 'x'},
+        {"stop-token-ids", 1, 0, 'X'},
+        {"priority", 1, 0, 'r'},
+        {"cache-salt", 1, 0, 'S'},
+        {"request-id", 1, 0, 'i'},
+        {"api-key-file", 1, 0, 'K'},
+        {"json", 0, 0, 'j'},
+        {0, 0, 0, 0},
     };
     const char *C = "generate";
     Kvserve__V1__SamplingParams sp = KVSERVE__V1__SAMPLING_PARAMS__INIT;
@@ -604,9 +610,10 @@ srv_cmd_generate(int argc, char **argv)
     grpc_metadata md = {.key = grpc_slice_from_static_string("authorization")};
     md.value = bearer ? grpc_slice_from_static_string(bearer) : grpc_empty_slice();
     grpc_op ops[4];
-    if (!client_start(&c, C, ops, send_ops(ops, &c, &md, bearer ? 1 : 0, req_bb), T_START))
+    if (!client_start(&c, C, ops, srv_call_send_ops(ops, &md, bearer ? 1 : 0, req_bb, &c.init_md),
+                      T_START))
         goto out_call;
-    status_op(ops, &c);
+    srv_call_status_op(ops, &c.trail_md, &c.status, &c.details);
     if (!client_start(&c, C, ops, 1, T_STATUS))
         goto out_call;
     for (;;) {
@@ -658,9 +665,9 @@ int
 srv_cmd_health(int argc, char **argv)
 {
     static const struct option lo[] = {
-        {"addr", 1, 0, 'a'},    {"timeout-ms", 1, 0, 'T'},
-        {"tls-ca", 1, 0, 'C'},  {"tls-server-name", 1, 0, 'N'},
-        {"service", 1, 0, 'v'}, {"help", 0, 0, 'h'},
+        SRV_CONN_LONGOPTS,
+        {"service", 1, 0, 'v'},
+        {"help", 0, 0, 'h'},
         {0, 0, 0, 0},
     };
     static const char *const names[] = {"UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"};
@@ -690,8 +697,8 @@ srv_cmd_health(int argc, char **argv)
     }
     if (srv_conn_check(C, &o, argc, argv, health_usage))
         return 2;
-    char *ca = NULL;
-    if (o.tls_ca && (ca = slurp(C, "--tls-ca", o.tls_ca)) == NULL)
+    char *ca, *bearer; /* no --api-key-file here: bearer stays NULL */
+    if (srv_client_creds(C, o.tls_ca, NULL, &ca, &bearer))
         return 2;
 
     grpc_init();

@@ -16,14 +16,20 @@
 enum { SRV_GRPC_CODES = 17 };
 const char *srv_grpc_status_name(grpc_status_code s);
 /* Where a client command connects: --addr, --timeout-ms, --tls-ca and
- * --tls-server-name, as long options 'a', 'T', 'C' and 'N'.  srv_conn_opt
- * takes one (1 when c is none of them, KVS_EINVAL after saying why);
- * srv_conn_check, after the options, refuses a stray argument, a missing
- * --addr and a server name without a CA (KVS_EINVAL after the usage). */
+ * --tls-server-name, as long options 'a', 'T', 'C' and 'N' (the entries of
+ * SRV_CONN_LONGOPTS).  srv_conn_opt takes one (1 when c is none of them,
+ * KVS_EINVAL after saying why); srv_conn_check, after the options, refuses
+ * a stray argument, a missing --addr and a server name without a CA
+ * (KVS_EINVAL after the usage). */
 typedef struct srv_conn_opts {
     const char *addr, *tls_ca, *tls_name;
     uint32_t timeout_ms;
 } srv_conn_opts_t;
+#define SRV_CONN_LONGOPTS                                                  \
+    {"addr", 1, 0, 'a'}, {"timeout-ms", 1, 0, 'T'}, {"tls-ca", 1, 0, 'C'}, \
+    {                                                                      \
+        "tls-server-name", 1, 0, 'N'                                       \
+    }
 int srv_conn_opt(const char *cmd, int c, srv_conn_opts_t *o);
 int srv_conn_check(const char *cmd, const srv_conn_opts_t *o, int argc, char **argv,
                    const char *usage);
@@ -35,6 +41,20 @@ int srv_client_creds(const char *cmd, const char *ca_path, const char *key_path,
 /* A channel to addr: TLS with ca_pem (tls_name overriding the name the
  * certificate must carry) when given, else plaintext.  After grpc_init. */
 grpc_channel *srv_client_channel(const char *addr, const char *ca_pem, const char *tls_name);
+/* A call deadline ms milliseconds from now (fractions to the microsecond);
+ * 0: none. */
+gpr_timespec srv_deadline_ms(double ms);
+/* The ops of a call's first batch: md and req out, half-close, the
+ * server's initial metadata into init_md.  Fills ops[0..3], returns 4. */
+size_t srv_call_send_ops(grpc_op *ops, const grpc_metadata *md, size_t n_md, grpc_byte_buffer *req,
+                         grpc_metadata_array *init_md);
+/* The one op of a call's status batch: RECV_STATUS_ON_CLIENT into these. */
+void srv_call_status_op(grpc_op *op, grpc_metadata_array *trail_md, grpc_status_code *status,
+                        grpc_slice *details);
+/* Starts one batch.  A rejected batch can leave its slot busy (guide §6),
+ * so the call is then cancelled rather than retried (the batches already
+ * out end it); returns grpc_call_start_batch's answer. */
+grpc_call_error srv_call_start(grpc_call *call, const grpc_op *ops, size_t n, void *tag);
 /* One unary call on ch (timeout_ms 0: none), on a completion queue of its
  * own: the answer parsed as resp_desc (free with
  * protobuf_c_message_free_unpacked), or NULL after printing "who: why"
@@ -52,6 +72,13 @@ srv_rng_next(uint64_t *s)
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
+}
+
+/* An integer in [0, n): the next draw modulo n. */
+static inline uint32_t
+srv_rng_below(uint64_t *s, uint32_t n)
+{
+    return (uint32_t)(srv_rng_next(s) % n);
 }
 
 typedef enum srv_task {

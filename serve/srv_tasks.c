@@ -17,12 +17,6 @@ static const char PASSKEY_INTRO[] =
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
     "it. I will quiz you about the important information there.\n";
 
-static uint32_t
-rng_below(uint64_t *s, uint32_t n)
-{
-    return (uint32_t)(srv_rng_next(s) % n);
-}
-
 static double
 rng_unit(uint64_t *s)
 {
@@ -44,7 +38,7 @@ noise(srv_buf_t *b, size_t n)
 static void
 digits5(uint64_t *rng, char out[6])
 {
-    uint32_t v = 10000 + rng_below(rng, 90000);
+    uint32_t v = 10000 + srv_rng_below(rng, 90000);
     snprintf(out, 6, "%05u", v);
 }
 
@@ -96,7 +90,7 @@ name(uint64_t *rng, char *out, size_t n, const char *alphabet)
 {
     size_t k = strlen(alphabet);
     for (size_t i = 0; i < n; i++)
-        out[i] = alphabet[rng_below(rng, (uint32_t)k)];
+        out[i] = alphabet[srv_rng_below(rng, (uint32_t)k)];
     out[n] = '\0';
 }
 
@@ -137,7 +131,7 @@ multikey(uint64_t *rng, uint32_t length, double depth, bool ask_all, srv_buf_t *
         p[i].depth = rng_unit(rng);
     }
     d->n_keys = n;
-    d->target = (int)rng_below(rng, (uint32_t)n);
+    d->target = (int)srv_rng_below(rng, (uint32_t)n);
     p[d->target].depth = depth;
     size_t fixed = 0, needles = 0;
     for (int i = 0; i < n; i++) {
@@ -271,7 +265,7 @@ srv_task_make_doc(srv_task_t task, uint32_t length, double depth, uint64_t seed,
     for (int i = 0; i < d.n_keys; i++)
         order[i] = i;
     for (int i = d.n_keys - 1; i > 0; i--) {
-        int j = (int)rng_below(&rng, (uint32_t)i + 1), t = order[i];
+        int j = (int)srv_rng_below(&rng, (uint32_t)i + 1), t = order[i];
         order[i] = order[j];
         order[j] = t;
     }
