@@ -441,7 +441,9 @@ bench_prompt(bench_t *b, uint32_t k)
 {
     const bench_opts_t *o = &b->o;
     bench_req_t *r = &b->reqs[k];
-    uint64_t s = o->seed ^ (0x9e3779b97f4a7c15ull * (k + 1));
+    /* k hashed, not k times splitmix64's own increment: that made request
+     * k + 1's tokens request k's shifted by one. */
+    uint64_t s = kvs_mix64(o->seed ^ kvs_mix64(0x70726f6d7074ull + k));
     if (k % o->turns == 0) {
         uint32_t n = r->n_prompt, shared = (uint32_t)lround(o->prefix * n);
         uint32_t q = o->turns > 1 ? o->question_len : 0;
