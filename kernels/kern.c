@@ -153,6 +153,16 @@ slots_ok(const kern_kv_t *kv, const int32_t *slots, uint32_t n)
     return true;
 }
 
+/* Block ids ids[i0 .. i1) name blocks of the pool. */
+static bool
+blocks_ok(const kern_kv_t *kv, const int32_t *ids, size_t i0, size_t i1)
+{
+    for (size_t i = i0; i < i1; i++)
+        if (ids[i] < 0 || (uint32_t)ids[i] >= kv->n_blocks)
+            return false;
+    return true;
+}
+
 /* A packed weight can only have come from this backend's pack_weight. */
 static bool
 layout_ok(const kern_backend_t *be, const kern_tensor_t *w)
@@ -308,11 +318,8 @@ int
 kern_kv_block_bounds(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
                      uint32_t n, float *out)
 {
-    if (!kv_ok(kv, layer) || (n && (!blocks || !out)))
+    if (!kv_ok(kv, layer) || (n && (!blocks || !out)) || !blocks_ok(kv, blocks, 0, n))
         return KVS_EINVAL;
-    for (uint32_t i = 0; i < n; i++)
-        if (blocks[i] < 0 || (uint32_t)blocks[i] >= kv->n_blocks)
-            return KVS_EINVAL;
     if (!be->ops->supports(be, KERN_OP_ATTN, kv->dtype) || !kv_readable(be, kv))
         return KVS_ENOTSUP;
     return n ? be->ops->block_bounds(be, kv, layer, blocks, n, out) : 0;
@@ -326,9 +333,9 @@ kern_block_scores_work(const kern_block_score_args_t *a)
     const size_t rows = (size_t)a->n_q * (a->n_heads / a->n_kv_heads);
     size_t x, y;
     if (kvs_mul_size(rows, 2 * (size_t)a->head_dim, &x) || kvs_mul_size(rows, a->n_blocks, &y) ||
-        x + y < x)
+        kvs_add_size(x, y, &x))
         return SIZE_MAX;
-    return x + y;
+    return x;
 }
 
 int
@@ -367,9 +374,8 @@ kern_attn_mass(kern_backend_t *be, const kern_attn_mass_args_t *a)
         return KVS_EINVAL;
     }
     const uint32_t n_used = (a->n_keys + a->kv->block_tokens - 1) / a->kv->block_tokens;
-    for (uint32_t b = 0; b < n_used; b++)
-        if (a->blocks[b] < 0 || (uint32_t)a->blocks[b] >= a->kv->n_blocks)
-            return KVS_EINVAL;
+    if (!blocks_ok(a->kv, a->blocks, 0, n_used))
+        return KVS_EINVAL;
     if (!be->ops->supports(be, KERN_OP_ATTN, a->kv->dtype) || !kv_readable(be, a->kv))
         return KVS_ENOTSUP;
     return be->ops->attn_mass(be, a);
@@ -437,11 +443,9 @@ kern_attention(kern_backend_t *be, const kern_attn_args_t *a)
     const kern_kv_t *kv = a->kv;
     for (uint32_t s = 0; s < a->pt.n_seqs; s++) {
         int32_t b0 = a->pt.indptr[s], b1 = a->pt.indptr[s + 1];
-        if (b1 < b0 || a->q_indptr[s + 1] < a->q_indptr[s])
+        if (b1 < b0 || a->q_indptr[s + 1] < a->q_indptr[s] ||
+            !blocks_ok(kv, a->pt.indices, (size_t)b0, (size_t)b1))
             return KVS_EINVAL;
-        for (int32_t b = b0; b < b1; b++)
-            if (a->pt.indices[b] < 0 || (uint32_t)a->pt.indices[b] >= kv->n_blocks)
-                return KVS_EINVAL;
         int64_t len = 0;
         if (b1 > b0) {
             if (a->pt.last_len[s] < 1 || (uint32_t)a->pt.last_len[s] > kv->block_tokens)

@@ -298,9 +298,14 @@ kern__host_attn_mass_head(const kern_attn_mass_args_t *a, uint32_t g, void *x)
         }
         for (uint32_t j0 = 0; j0 < N; j0 += MASS_KT) {
             const uint32_t j1 = j0 + MASS_KT < N ? j0 + MASS_KT : N;
-            for (uint32_t j = j0; j < j1; j++)
-                kern_kv_row_f32(kv, false, a->layer, a->blocks[j / bt], g, j % bt,
-                                tile + (size_t)(j - j0) * d);
+            /* In runs within one block: a quantized tile's parameters
+             * decoded once a run. */
+            for (uint32_t j = j0, n; j < j1; j += n) {
+                const uint32_t off = j % bt;
+                n = j1 - j < bt - off ? j1 - j : bt - off;
+                kern__kv_rows_f32(kv, false, a->layer, (uint32_t)a->blocks[j / bt], g, off, n,
+                                  tile + (size_t)(j - j0) * d);
+            }
             for (uint32_t i = 0; i < nq; i++) {
                 float *s = scores + (size_t)i * N;
                 const uint32_t end = j1 < lim[i] ? j1 : lim[i];

@@ -696,7 +696,7 @@ model_forward(model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b, float
         TRY(forward_layers(&f));
     }
     if (nl == 0)
-        return kern_sync(be);
+        return 0;
     TRY(kern_download(be, logits, c->logits, (size_t)nl * hp->n_vocab * sizeof(float)));
     return kern_sync(be);
 }

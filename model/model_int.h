@@ -212,17 +212,4 @@ void model__tokenizer_free(model_t *m);
 void model__errf(char *err, size_t err_len, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
-/* Keys [0, n) of KV head g in `layer` of the table `blocks` as f32 rows
- * of head_dim (host memory, any kind of block): what SnapKV, H2O and
- * speculative prefill score. */
-static inline void
-model__gather_keys(const kern_kv_t *kv, uint32_t layer, uint32_t g, const int32_t *blocks,
-                   uint32_t n, float *out)
-{
-    const uint32_t bt = kv->block_tokens;
-    for (uint32_t j = 0; j < n; j++)
-        kern_kv_row_f32(kv, false, layer, blocks[j / bt], g, j % bt,
-                        out + (size_t)j * kv->head_dim);
-}
-
 #endif /* MODEL_INT_H */

@@ -49,10 +49,7 @@ typedef struct rng {
 static inline uint64_t
 rng_next(rng_t *r)
 {
-    uint64_t z = (r->s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+    return kvs_mix64(r->s += 0x9e3779b97f4a7c15ull);
 }
 
 /* Uniform in [-1, 1). */

@@ -735,8 +735,8 @@ publish_load(sched_t *s)
     atomic_store(&s->load_cached, (uint32_t)ps.cached_blocks);
     atomic_store(&s->load_pfx_queried, ps.queried_tokens);
     atomic_store(&s->load_pfx_hit, ps.hit_tokens);
-    atomic_store(&s->load_failed, kern_backend_failed(s->be) ||
-                                      (s->draft && kern_backend_failed(model_backend(s->draft))));
+    /* The draft model runs on s->be too (sched_new). */
+    atomic_store(&s->load_failed, kern_backend_failed(s->be));
     atomic_fetch_add(&s->load_steps, 1);
     return (int)(s->waiting.n + s->running.n);
 }
@@ -1455,37 +1455,67 @@ sched_device_failed(const sched_t *s)
     return atomic_load(&((sched_t *)s)->load_failed); /* atomics only */
 }
 
+/* sched_cfg_t's defaults for fields left 0 (sched_new). */
+#define DEFAULT_BLOCK_TOKENS 16
+#define DEFAULT_BATCHED_TOKENS 2048
+#define DEFAULT_NUM_SEQS 256
+
 uint32_t
 sched_default_hot_blocks(const sched_cfg_t *c)
 {
     /* A running request holds at most its sink blocks, its residual
      * window and its tail: a block that fills is sealed in the same step,
      * before the next reserve. */
-    uint32_t bt = c->block_tokens ? c->block_tokens : 16;
-    uint32_t batch = c->max_num_batched_tokens ? c->max_num_batched_tokens : 2048;
-    uint32_t seqs = c->max_num_seqs ? c->max_num_seqs : 256;
+    uint32_t bt = c->block_tokens ? c->block_tokens : DEFAULT_BLOCK_TOKENS;
+    uint32_t batch = c->max_num_batched_tokens ? c->max_num_batched_tokens : DEFAULT_BATCHED_TOKENS;
+    uint32_t seqs = c->max_num_seqs ? c->max_num_seqs : DEFAULT_NUM_SEQS;
     uint32_t per_seq =
         (c->kv_sink_tokens + bt - 1) / bt + (c->kv_residual_tokens + bt - 1) / bt + 1;
     return (batch + bt - 1) / bt + per_seq * seqs + 1;
 }
 
-/* Lets a device backend size its buffers for m's largest step before
- * serving starts (kern_reserve; host backends have nothing to do). */
-static int
-reserve_backend(const sched_cfg_t *c, const model_t *m, kern_backend_t *be)
+static uint32_t
+max_u32(uint32_t a, uint32_t b)
+{
+    return a > b ? a : b;
+}
+
+/* The largest step of m's shapes (kern_reserve_t), folded field by field
+ * into r. */
+static void
+reserve_fold(const sched_cfg_t *c, const model_t *m, kern_reserve_t *r)
 {
     const model_hparams_t *hp = model_hparams(m);
     uint32_t qd = hp->n_head * hp->head_dim, cols = hp->n_embd;
-    cols = hp->n_ff > cols ? hp->n_ff : cols;
-    cols = qd > cols ? qd : cols;
-    kern_reserve_t r = {.max_rows = c->max_num_batched_tokens,
-                        .max_cols = cols,
-                        .max_seqs = c->max_num_seqs,
-                        .max_ctx = c->max_model_len,
-                        .block_tokens = c->block_tokens,
-                        .n_heads = hp->n_head,
-                        .n_kv_heads = hp->n_head_kv,
-                        .head_dim = hp->head_dim};
+    cols = max_u32(cols, hp->n_ff);
+    cols = max_u32(cols, qd);
+    r->max_rows = c->max_num_batched_tokens;
+    r->max_cols = max_u32(r->max_cols, cols);
+    r->max_seqs = c->max_num_seqs;
+    r->max_ctx = c->max_model_len;
+    r->block_tokens = c->block_tokens;
+    r->n_heads = max_u32(r->n_heads, hp->n_head);
+    r->n_kv_heads = max_u32(r->n_kv_heads, hp->n_head_kv);
+    r->head_dim = max_u32(r->head_dim, hp->head_dim);
+}
+
+/* Lets a device backend size its buffers for the largest step of m and
+ * of the draft model, which runs on the same backend, once before serving
+ * starts (kern_reserve; host backends have nothing to do). */
+static int
+reserve_backend(const sched_cfg_t *c, const model_t *m, kern_backend_t *be)
+{
+    kern_reserve_t r = {0};
+    reserve_fold(c, m, &r);
+    uint32_t group = model_hparams(m)->n_head / model_hparams(m)->n_head_kv;
+    if (c->draft) {
+        reserve_fold(c, c->draft, &r);
+        group =
+            max_u32(group, model_hparams(c->draft)->n_head / model_hparams(c->draft)->n_head_kv);
+    }
+    /* Attention sizes its work by heads per KV head: the larger model's
+     * group, whatever the folded head counts say. */
+    r.n_heads = max_u32(r.n_heads, group * r.n_kv_heads);
     return kern_reserve(be, &r);
 }
 
@@ -1500,13 +1530,13 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
     s->cfg = *cfg;
     sched_cfg_t *c = &s->cfg;
     if (c->max_num_seqs == 0)
-        c->max_num_seqs = 256;
+        c->max_num_seqs = DEFAULT_NUM_SEQS;
     if (c->max_num_batched_tokens == 0)
-        c->max_num_batched_tokens = 2048;
+        c->max_num_batched_tokens = DEFAULT_BATCHED_TOKENS;
     if (c->max_model_len == 0)
         c->max_model_len = hp->n_ctx_train;
     if (c->block_tokens == 0)
-        c->block_tokens = 16;
+        c->block_tokens = DEFAULT_BLOCK_TOKENS;
     if (c->kv_dtype != KERN_F32)
         c->kv_dtype = KERN_F16;
     if (c->kv_quant >= KERN_KVQ_COUNT) {
@@ -1622,8 +1652,6 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
         model_ctx_set_graphs(s->ctx, c->cuda_graphs);
     if (rc == 0)
         rc = reserve_backend(c, m, s->be);
-    if (rc == 0 && c->draft)
-        rc = reserve_backend(c, c->draft, s->be);
     if (rc == 0)
         rc = sched_batch_new(&s->batch);
     if (rc == 0) {

@@ -256,7 +256,7 @@ tc_eligible(const kern_attn_args_t *a)
 
 void
 kern__cuda_attention_reserve(const kern_cuda_t *be, const kern_reserve_t *r, size_t *ws_bytes,
-                             size_t *stage_bytes)
+                             size_t *stage_bytes, size_t *pt_bytes)
 {
     /* Split-KV partials: rows are split only while rows x KV heads stay
      * below want = 2 x SMs, into at most ceil(want / that) ranges, so the
@@ -265,10 +265,13 @@ kern__cuda_attention_reserve(const kern_cuda_t *be, const kern_reserve_t *r, siz
     size_t group = r->n_heads / r->n_kv_heads;
     *ws_bytes = 2 * group * want * ((size_t)r->head_dim + 2) * sizeof(float);
     /* Staged ints: three per row, the row list and three per tile (each at
-     * most one per row), and every sequence's block ids.  Block masks are
-     * not counted: block-sparse selection runs on the host. */
-    size_t ids = (size_t)r->max_seqs * ((r->max_ctx + r->block_tokens - 1) / r->block_tokens);
-    *stage_bytes = ((size_t)7 * r->max_rows + ids) * sizeof(int32_t);
+     * most one per row).  Block masks are not counted: block-sparse
+     * selection runs on the host. */
+    *stage_bytes = (size_t)7 * r->max_rows * sizeof(int32_t);
+    /* The page table, every sequence's block ids: staged on its own
+     * (stage_table), into KERN_CUDA_WS_PT or the arena. */
+    *pt_bytes = (size_t)r->max_seqs * ((r->max_ctx + r->block_tokens - 1) / r->block_tokens) *
+                sizeof(int32_t);
 }
 
 /* The block ids of a->pt on the device in *out, room entries of them:

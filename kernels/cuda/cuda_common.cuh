@@ -38,6 +38,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <math.h>
 #include <stdatomic.h>
 #include <stdint.h>
 
@@ -195,6 +196,13 @@ int kern__cuda_stage_to(kern_cuda_t *be, size_t bytes, void *dst);
  * KVS_ENOMEM or KVS_EDEVICE. */
 int kern__cuda_workspace(kern_cuda_t *be, kern_cuda_ws_t which, size_t bytes, void **out);
 
+/* n rounded up to a multiple of `to`. */
+static inline size_t
+kern__cuda_round_up(size_t n, size_t to)
+{
+    return (n + to - 1) / to * to;
+}
+
 /* Grid size for a grid-stride loop over `n` items with `per_block` items
  * per block per step: enough blocks to fill the device, never more than
  * there is work. */
@@ -215,8 +223,8 @@ kern__cuda_grid(const kern_cuda_t *be, size_t n, unsigned per_block)
 int kern__cuda_matmul(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
                       const float *bias, float *y);
 int kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a);
-/* cuda_select.cu: kern_kv_gather (full-precision pools), kern_kv_block_bounds,
- * kern_block_scores and kern_attn_mass. */
+/* cuda_select.cu: kern_kv_gather (sources of either kind of block),
+ * kern_kv_block_bounds, kern_block_scores and kern_attn_mass. */
 int kern__cuda_kv_gather(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src,
                          const int32_t *dst, uint32_t n);
 int kern__cuda_block_bounds(kern_cuda_t *be, const kern_kv_t *kv, uint32_t layer,
@@ -232,12 +240,12 @@ void kern__cuda_graphs_free(kern_cuda_t *be);
 /* cuda_kvseal.cu: kern_kv_seal, the codecs on the host. */
 int kern__cuda_kv_seal(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
                        uint32_t n);
-void kern__cuda_attn_mass_reserve(const kern_reserve_t *r, size_t *p_bytes, size_t *out_bytes);
 /* What the ops above can ask of the workspaces and staging at most, for
  * the shapes of r (kern_reserve). */
 void kern__cuda_matmul_reserve(const kern_reserve_t *r, size_t *x_bytes, size_t *w_bytes);
 void kern__cuda_attention_reserve(const kern_cuda_t *be, const kern_reserve_t *r, size_t *ws_bytes,
-                                  size_t *stage_bytes);
+                                  size_t *stage_bytes, size_t *pt_bytes);
+void kern__cuda_attn_mass_reserve(const kern_reserve_t *r, size_t *p_bytes, size_t *out_bytes);
 
 /* One layer's quantized blocks, as kernels take them by value (read
  * through cuda_kvq.cuh). */
@@ -254,9 +262,10 @@ kern__cuda_kvq(const kern_kv_t *kv, uint32_t layer)
     kern_cuda_kvq_t w = {NULL, NULL, 0, 0, kv->n_blocks, KERN_KVQ_NONE};
     if (kv->quant == KERN_KVQ_NONE)
         return w;
-    const size_t tiles = (size_t)layer * (kv->n_blocks - kv->n_hot) * kv->n_kv_heads;
-    w.qk = (const uint8_t *)kv->qk + tiles * kv->qk_tile;
-    w.qv = (const uint8_t *)kv->qv + tiles * kv->qv_tile;
+    if (kv->n_blocks > kv->n_hot) { /* else no tile is ever read */
+        w.qk = (const uint8_t *)kern__kv_tile(kv, false, layer, kv->n_hot, 0);
+        w.qv = (const uint8_t *)kern__kv_tile(kv, true, layer, kv->n_hot, 0);
+    }
     w.qk_tile = kv->qk_tile;
     w.qv_tile = kv->qv_tile;
     w.n_hot = kv->n_hot;
@@ -356,20 +365,43 @@ kern__cuda_warp_sum(float v)
     return v;
 }
 
-/* Sum over the whole block (blockDim.x a multiple of 32, at most 1024);
- * every thread gets the result.  `red` is 32 floats of shared memory. */
 static __device__ __forceinline__ float
-kern__cuda_block_sum(float v, float *red)
+kern__cuda_warp_max(float v)
+{
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    return v;
+}
+
+/* A reduction over the whole block (blockDim.x a multiple of 32, at most
+ * 1024) by WARP, `idle` standing in for absent warps; every thread gets
+ * the result.  `red` is 32 floats of shared memory. */
+template <float (*WARP)(float)>
+static __device__ __forceinline__ float
+kern__cuda_block_reduce(float v, float *red, float idle)
 {
     unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     unsigned n_warps = blockDim.x >> 5;
-    v = kern__cuda_warp_sum(v);
+    v = WARP(v);
     __syncthreads(); /* `red` may still be read from a previous call */
     if (lane == 0)
         red[warp] = v;
     __syncthreads();
-    v = lane < n_warps ? red[lane] : 0.0f;
-    return kern__cuda_warp_sum(v);
+    v = lane < n_warps ? red[lane] : idle;
+    return WARP(v);
+}
+
+static __device__ __forceinline__ float
+kern__cuda_block_sum(float v, float *red)
+{
+    return kern__cuda_block_reduce<kern__cuda_warp_sum>(v, red, 0.0f);
+}
+
+static __device__ __forceinline__ float
+kern__cuda_block_max(float v, float *red)
+{
+    return kern__cuda_block_reduce<kern__cuda_warp_max>(v, red, -INFINITY);
 }
 
 #endif /* KERN_CUDA_COMMON_CUH */

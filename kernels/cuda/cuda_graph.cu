@@ -33,22 +33,16 @@
 
 #define ARENA_ALIGN 16 /* every op's arrays start on this, as in stage_dev */
 
-static size_t
-align_up(size_t n, size_t to)
-{
-    return (n + to - 1) / to * to;
-}
-
 int
 kern__cuda_arena_begin(kern_cuda_t *be, size_t bytes, void **host)
 {
-    const size_t off = align_up(be->arena_used, ARENA_ALIGN), need = off + bytes;
+    const size_t off = kern__cuda_round_up(be->arena_used, ARENA_ALIGN), need = off + bytes;
     if (need > be->arena_host_bytes) {
         /* Only the first pass of a step grows it; recording repeats it. */
         if (be->mode != KERN_CUDA_DRY)
             return KVS_ENOTSUP;
-        size_t want = align_up(need > 2 * be->arena_host_bytes ? need : 2 * be->arena_host_bytes,
-                               (size_t)1 << 20);
+        size_t want = kern__cuda_round_up(
+            need > 2 * be->arena_host_bytes ? need : 2 * be->arena_host_bytes, (size_t)1 << 20);
         void *p = NULL;
         cudaError_t e = cudaHostAlloc(&p, want, cudaHostAllocDefault);
         if (e != cudaSuccess) {
@@ -140,7 +134,7 @@ arena_dev_reserve(kern_cuda_t *be, size_t bytes)
         KERN_CUDA_TRY(cudaFree(be->arena_dev));
     be->arena_dev = NULL;
     be->arena_dev_bytes = 0;
-    size_t want = align_up(bytes + bytes / 2, (size_t)1 << 20);
+    size_t want = kern__cuda_round_up(bytes + bytes / 2, (size_t)1 << 20);
     cudaError_t e = cudaMalloc(&be->arena_dev, want);
     if (e != cudaSuccess) {
         (void)cudaGetLastError();
@@ -190,8 +184,7 @@ record(kern_cuda_t *be, kern_graph_fn fn, void *arg, size_t staged, cudaGraphExe
 int
 kern__cuda_graph_run(kern_cuda_t *be, uint64_t key, kern_graph_fn fn, void *arg)
 {
-    if (be->base.failed)
-        return KVS_EDEVICE;
+    /* cuda_graph_run (kern_cuda.cu) answered for a failed backend. */
     if (be->mode != KERN_CUDA_EAGER)
         return KVS_EINVAL; /* no step inside a step */
     kern_cuda_graph_t *g = graph_find(be, key);

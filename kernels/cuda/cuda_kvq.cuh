@@ -4,7 +4,7 @@
  * at a time, for every kernel that reads K or V: attention (cuda_attn.cu),
  * the Quest bounds, the attention mass and the row gather
  * (cuda_select.cu).  Sealing (the encoders, with Q4's parameter search)
- * runs on the host through kern_kvq.c's own code (kern_cuda.cu), so tiles
+ * runs on the host through kern_kvq.c's own code (cuda_kvseal.cu), so tiles
  * are byte for byte the host backends'.
  *
  * kern__kvq_elem gives bit for bit what kern_kvq_decode (kern_kvq.c) gives:

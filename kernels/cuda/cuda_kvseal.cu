@@ -78,14 +78,12 @@ seal_layout(const kern_kv_t *kv, uint32_t m)
 
 /* Device address of one layer of block b's K (v false) or V run. */
 static uint64_t
-pool_run(const kern_kv_t *kv, const seal_layout_t *o, uint32_t layer, uint32_t b, bool v)
+pool_run(const kern_kv_t *kv, uint32_t layer, uint32_t b, bool v)
 {
     if (b < kv->n_hot)
         return (uint64_t)(uintptr_t)((const char *)(v ? kv->v : kv->k) +
-                                     (size_t)layer * kv->layer_bytes + (size_t)b * o->block);
-    size_t idx = (size_t)layer * (kv->n_blocks - kv->n_hot) + (b - kv->n_hot);
-    return (uint64_t)(uintptr_t)((const char *)(v ? kv->qv : kv->qk) +
-                                 idx * (v ? o->vrun : o->krun));
+                                     kern__kv_offset(kv, layer, b, 0, 0));
+    return (uint64_t)(uintptr_t)kern__kv_tile(kv, v, layer, b, 0);
 }
 
 /* Offset in the mirror of pair i's run in `layer`: its hot side or its
@@ -148,11 +146,11 @@ seal_batch(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, const int32
             for (int v = 0; v < 2; v++, at++) {
                 const uint32_t s = (uint32_t)src[p0 + i], t = (uint32_t)dst[p0 + i];
                 const bool sc = s >= kv->n_hot; /* the source is the quantized side */
-                in[at].from = pool_run(kv, &o, l, s, v);
+                in[at].from = pool_run(kv, l, s, v);
                 in[at].to = mb + mirror_run(&o, m, l, i, sc, v);
                 in[at].bytes = sc ? (v ? o.vrun : o.krun) : o.block;
                 out[at].from = mb + mirror_run(&o, m, l, i, !sc, v);
-                out[at].to = pool_run(kv, &o, l, t, v);
+                out[at].to = pool_run(kv, l, t, v);
                 out[at].bytes = sc ? o.block : (v ? o.vrun : o.krun);
             }
     if ((rc = kern__cuda_stage_end(be, bytes, &d)) != 0)

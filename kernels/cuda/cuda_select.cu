@@ -1,9 +1,11 @@
 /*
  * kernels/cuda/cuda_select.cu — the cuda backend's ops for choosing which
  * KV entries matter: score-based compaction's row gather (kern_kv_gather,
- * SnapKV and H2O) and block-sparse prefill's Quest bounds
- * (kern_kv_block_bounds, kern_block_scores).  Called by the vtable
- * wrappers in kern_cuda.cu after kern.c validated the arguments.
+ * SnapKV and H2O), block-sparse prefill's Quest bounds
+ * (kern_kv_block_bounds, kern_block_scores), and the attention mass that
+ * SnapKV, H2O and speculative prefill rank keys by (kern_attn_mass).
+ * Called by the vtable wrappers in kern_cuda.cu after kern.c validated
+ * the arguments.
  *
  * The scores are the one heavy part: per KV head, every query row against
  * every candidate block's [max | min] summary, which at 128K context is a
@@ -278,24 +280,6 @@ mass_logits_kernel(const T *k, kern_cuda_kvq_t kvq, uint32_t n_kv, uint32_t bt, 
     }
 }
 
-static __device__ __forceinline__ float
-mass_block_max(float v, float *red)
-{
-    unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1)
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-    __syncthreads();
-    if (lane == 0)
-        red[warp] = v;
-    __syncthreads();
-    v = lane < n_warps ? red[lane] : -INFINITY;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1)
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-    return v;
-}
-
 /* One block per (row, head) of the chunk: S's row becomes its softmax
  * (masked keys, -inf, become 0). */
 static __global__ void
@@ -306,14 +290,18 @@ mass_softmax_kernel(float *S, uint32_t n_keys)
     float mx = -INFINITY;
     for (uint32_t j = threadIdx.x; j < n_keys; j += blockDim.x)
         mx = fmaxf(mx, s[j]);
-    mx = mass_block_max(mx, red);
+    mx = kern__cuda_block_max(mx, red);
+    /* Each thread writes back the very keys it read. */
     float sum = 0.0f;
-    for (uint32_t j = threadIdx.x; j < n_keys; j += blockDim.x)
-        sum += s[j] == -INFINITY ? 0.0f : __expf(s[j] - mx);
+    for (uint32_t j = threadIdx.x; j < n_keys; j += blockDim.x) {
+        const float e = s[j] == -INFINITY ? 0.0f : __expf(s[j] - mx);
+        s[j] = e;
+        sum += e;
+    }
     sum = kern__cuda_block_sum(sum, red);
     const float inv = 1.0f / sum;
     for (uint32_t j = threadIdx.x; j < n_keys; j += blockDim.x)
-        s[j] = s[j] == -INFINITY ? 0.0f : __expf(s[j] - mx) * inv;
+        s[j] *= inv;
 }
 
 /* KERN_MASS_SUM: out[g][j] (+)= the chunk's probabilities of key j over

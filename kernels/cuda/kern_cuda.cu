@@ -3,8 +3,9 @@
  * non-default stream with a cuBLAS handle bound to it, memory, host-array
  * staging, workspaces, the vtable, and the small ops (get_rows, rmsnorm,
  * rope, swiglu, add, kv_append, kv_copy).  Matrix products live in
- * cuda_matmul.cu, attention in cuda_attn.cu, the row gather and Quest
- * bounds in cuda_select.cu.
+ * cuda_matmul.cu, attention in cuda_attn.cu (its tensor-core prefill in
+ * cuda_attn_tc.cu), the row gather, Quest bounds and attention mass in
+ * cuda_select.cu, KV sealing in cuda_kvseal.cu, graphs in cuda_graph.cu.
  *
  * Callers: kern.c (kern_backend_new("cuda") and every kern_* op after
  * validation).  Thread: the engine thread that created the backend.
@@ -75,12 +76,6 @@ cuda_leave(kern_cuda_t *be, int rc)
 /* Staging, workspaces, host scratch.                                       */
 /* ------------------------------------------------------------------------ */
 
-static size_t
-round_up(size_t n, size_t to)
-{
-    return (n + to - 1) / to * to;
-}
-
 /* Grows pinned slot s to at least `bytes`, once the copy that last read
  * it is done. */
 static int
@@ -90,7 +85,7 @@ pin_reserve(kern_cuda_t *be, kern_cuda_pin_t *s, size_t bytes)
     if (bytes > s->bytes) {
         if (be->reserved)
             KVS_WARNF("cuda: pinned staging grows to %zu bytes beyond the reservation", bytes);
-        size_t want = round_up(bytes > 2 * s->bytes ? bytes : 2 * s->bytes, 4096);
+        size_t want = kern__cuda_round_up(bytes > 2 * s->bytes ? bytes : 2 * s->bytes, 4096);
         if (s->host)
             KERN_CUDA_TRY(cudaFreeHost(s->host));
         s->host = NULL;
@@ -134,7 +129,7 @@ stage_dev_reserve(kern_cuda_t *be, size_t bytes)
             KERN_CUDA_TRY(cudaFree(be->stage_dev));
         be->stage_dev = NULL;
         be->stage_dev_bytes = 0;
-        size_t want = round_up(bytes, 64 * 1024);
+        size_t want = kern__cuda_round_up(bytes, 64 * 1024);
         cudaError_t e = cudaMalloc(&be->stage_dev, want);
         if (e != cudaSuccess) {
             (void)cudaGetLastError();
@@ -193,7 +188,7 @@ kern__cuda_workspace(kern_cuda_t *be, kern_cuda_ws_t which, size_t bytes, void *
         KERN_CUDA_TRY(cudaFree(be->ws[which]));
     be->ws[which] = NULL;
     be->ws_bytes[which] = 0;
-    size_t want = round_up(bytes, 2u << 20);
+    size_t want = kern__cuda_round_up(bytes, 2u << 20);
     cudaError_t e = cudaMalloc(&be->ws[which], want);
     if (e != cudaSuccess) {
         (void)cudaGetLastError();
@@ -371,12 +366,13 @@ cuda_upload_body(kern_cuda_t *be, void *dst, const void *src, size_t bytes)
     return 0;
 }
 
-/* Inside kern_graph_run's fn: what waits for the device or returns data
- * to the host cannot be recorded (kern.h). */
+/* cuda_enter for ops that wait for the device or return data to the
+ * host: those cannot be recorded, so inside kern_graph_run's fn they
+ * answer KVS_EINVAL (kern.h). */
 static int
-cuda_not_in_graph(kern_cuda_t *be)
+cuda_enter_eager(kern_cuda_t *be)
 {
-    return be->mode == KERN_CUDA_EAGER ? 0 : KVS_EINVAL;
+    return be->mode == KERN_CUDA_EAGER ? cuda_enter(be) : KVS_EINVAL;
 }
 
 /* Turns DRY mode's "staged, nothing to launch" into success. */
@@ -390,9 +386,7 @@ static int
 cuda_upload(kern_backend_t *base, void *dst, const void *src, size_t bytes)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
-    int rc = cuda_not_in_graph(be);
-    if (rc == 0)
-        rc = cuda_enter(be);
+    int rc = cuda_enter_eager(be);
     return cuda_leave(be, rc ? rc : cuda_upload_body(be, dst, src, bytes));
 }
 
@@ -408,9 +402,7 @@ static int
 cuda_download(kern_backend_t *base, void *dst, const void *src, size_t bytes)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
-    int rc = cuda_not_in_graph(be);
-    if (rc == 0)
-        rc = cuda_enter(be);
+    int rc = cuda_enter_eager(be);
     return cuda_leave(be, rc ? rc : cuda_download_body(be, dst, src, bytes));
 }
 
@@ -442,9 +434,7 @@ static int
 cuda_sync(kern_backend_t *base)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
-    int rc = cuda_not_in_graph(be);
-    if (rc == 0)
-        rc = cuda_enter(be);
+    int rc = cuda_enter_eager(be);
     return cuda_leave(be, rc ? rc : cuda_sync_body(be));
 }
 
@@ -1019,9 +1009,7 @@ static int
 cuda_attn_mass(kern_backend_t *base, const kern_attn_mass_args_t *a)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
-    int rc = cuda_not_in_graph(be);
-    if (rc == 0)
-        rc = cuda_enter(be);
+    int rc = cuda_enter_eager(be);
     return cuda_leave(be, rc ? rc : kern__cuda_attn_mass(be, a));
 }
 
@@ -1030,9 +1018,7 @@ cuda_kv_seal(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, cons
              uint32_t n)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
-    int rc = cuda_not_in_graph(be);
-    if (rc == 0)
-        rc = cuda_enter(be);
+    int rc = cuda_enter_eager(be);
     return cuda_leave(be, rc ? rc : kern__cuda_kv_seal(be, kv, src, dst, n));
 }
 
@@ -1041,14 +1027,15 @@ cuda_kv_seal(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, cons
 static int
 cuda_reserve_body(kern_cuda_t *be, const kern_reserve_t *r)
 {
-    size_t x, w, attn, stage, mass_p, mass_out;
+    size_t x, w, attn, stage, pt, mass_p, mass_out;
     kern__cuda_matmul_reserve(r, &x, &w);
-    kern__cuda_attention_reserve(be, r, &attn, &stage);
+    kern__cuda_attention_reserve(be, r, &attn, &stage, &pt);
     kern__cuda_attn_mass_reserve(r, &mass_p, &mass_out);
-    /* Every sequence's block ids, attention's page table. */
-    size_t pt = (size_t)r->max_seqs * ((r->max_ctx + r->block_tokens - 1) / r->block_tokens) *
-                sizeof(int32_t);
-    /* kv_append's slots and get_rows' ids: one int per row. */
+    /* A staging holds one op's arrays at a time: attention's rows, or its
+     * page table (through a pinned slot into KERN_CUDA_WS_PT, or the
+     * arena), or kv_append's slots and get_rows' ids (one int per row). */
+    if (stage < pt)
+        stage = pt;
     size_t rows = (size_t)r->max_rows * sizeof(int32_t);
     if (stage < rows)
         stage = rows;
