@@ -68,10 +68,7 @@ ProtobufCMessage *srv_client_unary(grpc_channel *ch, const char *method, const g
 static inline uint64_t
 srv_rng_next(uint64_t *s)
 {
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+    return kvs_mix64(*s += 0x9e3779b97f4a7c15ull);
 }
 
 /* An integer in [0, n): the next draw modulo n. */
