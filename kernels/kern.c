@@ -285,10 +285,14 @@ kern_kv_seal(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, const 
 {
     if (!kv_ok(kv, 0) || kv->quant == KERN_KVQ_NONE || (n && (!src || !dst)))
         return KVS_EINVAL;
+    /* One direction a call: then no pair's destination is another's
+     * source, and backends may run the pairs in any order. */
+    const bool sealing =
+        n && src[0] >= 0 && (uint32_t)src[0] < kv->n_blocks && !kern__kv_cold(kv, (uint32_t)src[0]);
     for (uint32_t i = 0; i < n; i++)
         if (src[i] < 0 || dst[i] < 0 || (uint32_t)src[i] >= kv->n_blocks ||
-            (uint32_t)dst[i] >= kv->n_blocks ||
-            kern__kv_cold(kv, (uint32_t)src[i]) == kern__kv_cold(kv, (uint32_t)dst[i]))
+            (uint32_t)dst[i] >= kv->n_blocks || kern__kv_cold(kv, (uint32_t)src[i]) == sealing ||
+            kern__kv_cold(kv, (uint32_t)dst[i]) != sealing)
             return KVS_EINVAL;
     if (!kern_supports(be, KERN_OP_KV_SEAL, kv->dtype))
         return KVS_ENOTSUP;

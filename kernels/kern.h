@@ -428,8 +428,10 @@ int kern_attention(kern_backend_t *be, const kern_attn_args_t *a);
 /* Quantizes full-precision blocks src[i] (< n_hot) into quantized blocks
  * dst[i] (>= n_hot), every layer, K and V (host arrays); or, with src[i]
  * quantized and dst[i] full precision, writes the decoded values back (a
- * truncate that reopens a sealed block).  Sources are left as they were.
- * Every backend seals with kern_kvq.c's encoders (cuda runs them on the
+ * truncate that reopens a sealed block).  All pairs of a call go the same
+ * way, and the destinations are distinct (the caller's fresh blocks; not
+ * checked), so the pairs may run in any order.  Sources are left as they
+ * were.  Every backend seals with kern_kvq.c's encoders (cuda runs them on the
  * host and moves the bytes), so tiles are identical across backends.
  * KVS_ENOTSUP where the backend reads no quantized blocks (then a pool
  * with a codec cannot run on it). */

@@ -240,9 +240,9 @@ tc_load(const __half *kl, const __half *vl, const kern_cuda_kvq_t &kvq, size_t h
 #pragma unroll
                 for (int e = 0; e < 8; e++) {
                     uint32_t t = (uint32_t)(j - b * bt), ch = (uint32_t)(c * 8 + e);
-                    ks[tok * ROW + c * 8 + e] = __float2half_rn(
+                    ks[tok * ROW + c * 8 + e] = kern__cuda_f16_sat(
                         kern__kvq_elem(kvq.quant, false, kt, (uint32_t)bt, D, t, ch));
-                    vs[tok * ROW + c * 8 + e] = __float2half_rn(
+                    vs[tok * ROW + c * 8 + e] = kern__cuda_f16_sat(
                         kern__kvq_elem(kvq.quant, true, vt, (uint32_t)bt, D, t, ch));
                 }
                 continue;

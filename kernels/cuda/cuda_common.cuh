@@ -237,6 +237,9 @@ int kern__cuda_graph_run(kern_cuda_t *be, uint64_t key, kern_graph_fn fn, void *
 int kern__cuda_arena_begin(kern_cuda_t *be, size_t bytes, void **host);
 int kern__cuda_arena_end(kern_cuda_t *be, size_t bytes, void **dev);
 void kern__cuda_graphs_free(kern_cuda_t *be);
+/* Before a device buffer moves or goes: drops what holds its address (the
+ * recorded steps and the cached page table). */
+void kern__cuda_forget_addresses(kern_cuda_t *be);
 /* cuda_kvseal.cu: kern_kv_seal, the codecs on the host. */
 int kern__cuda_kv_seal(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
                        uint32_t n);
@@ -336,6 +339,28 @@ static __device__ __forceinline__ void
 kern__cuda_kv_store(__half *dst, float v)
 {
     *dst = __float2half_rn(v);
+}
+
+/* A value a codec decoded, as f16: a codec may decode just past f16's
+ * largest (65504 rounds up in every codec's grid), which must stay finite,
+ * as the host's store_hot_row keeps it. */
+static __device__ __forceinline__ __half
+kern__cuda_f16_sat(float v)
+{
+    return __float2half_rn(fminf(fmaxf(v, -65504.0f), 65504.0f));
+}
+
+/* A decoded value back into full-precision storage. */
+static __device__ __forceinline__ void
+kern__cuda_kv_store_decoded(float *dst, float v)
+{
+    *dst = v;
+}
+
+static __device__ __forceinline__ void
+kern__cuda_kv_store_decoded(__half *dst, float v)
+{
+    *dst = kern__cuda_f16_sat(v);
 }
 
 /* Element c of a weight row of type T (F32, F16, BF16, Q8_0) as f32; Q8_0

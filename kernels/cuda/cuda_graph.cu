@@ -52,10 +52,11 @@ kern__cuda_arena_begin(kern_cuda_t *be, size_t bytes, void **host)
         }
         if (be->arena_used)
             memcpy(p, be->arena_host, be->arena_used);
-        if (be->arena_host)
-            KERN_CUDA_TRY(cudaFreeHost(be->arena_host));
+        void *old = be->arena_host;
         be->arena_host = p;
         be->arena_host_bytes = want;
+        if (old)
+            KERN_CUDA_TRY(cudaFreeHost(old));
     }
     be->arena_pending = off;
     be->arena_layout = kvs_mix64(be->arena_layout ^ ((uint64_t)off << 32 | (uint64_t)bytes));
@@ -90,6 +91,13 @@ kern__cuda_graphs_free(kern_cuda_t *be)
 {
     for (int i = 0; i < KERN_CUDA_GRAPHS; i++)
         graph_drop(&be->graphs[i]);
+}
+
+void
+kern__cuda_forget_addresses(kern_cuda_t *be)
+{
+    kern__cuda_graphs_free(be);
+    be->pt_epoch = 0;
 }
 
 /* The key's slot, or NULL. */
@@ -128,12 +136,13 @@ arena_dev_reserve(kern_cuda_t *be, size_t bytes)
 {
     if (bytes <= be->arena_dev_bytes)
         return 0;
-    kern__cuda_graphs_free(be);
+    kern__cuda_forget_addresses(be);
     KERN_CUDA_TRY(cudaStreamSynchronize(be->stream));
-    if (be->arena_dev)
-        KERN_CUDA_TRY(cudaFree(be->arena_dev));
+    void *old = be->arena_dev;
     be->arena_dev = NULL;
     be->arena_dev_bytes = 0;
+    if (old)
+        KERN_CUDA_TRY(cudaFree(old));
     size_t want = kern__cuda_round_up(bytes + bytes / 2, (size_t)1 << 20);
     cudaError_t e = cudaMalloc(&be->arena_dev, want);
     if (e != cudaSuccess) {

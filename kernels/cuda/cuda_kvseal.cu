@@ -109,10 +109,11 @@ seal_batch(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, const int32
     if (rc)
         return rc;
     if (o.total > be->seal_host_bytes) {
-        if (be->seal_host)
-            KERN_CUDA_TRY(cudaFreeHost(be->seal_host));
+        void *old = be->seal_host;
         be->seal_host = NULL;
         be->seal_host_bytes = 0;
+        if (old)
+            KERN_CUDA_TRY(cudaFreeHost(old));
         cudaError_t e = cudaHostAlloc(&be->seal_host, o.total, cudaHostAllocDefault);
         if (e != cudaSuccess) {
             (void)cudaGetLastError();

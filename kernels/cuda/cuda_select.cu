@@ -55,8 +55,10 @@ kv_gather_kernel(char *k, char *v, size_t layer_bytes, kern_cuda_kvq_t kvq, size
             const uint8_t *kt = kern__cuda_kvq_tile(w, false, sb, n_kv, h);
             const uint8_t *vt = kern__cuda_kvq_tile(w, true, sb, n_kv, h);
             for (uint32_t e = lane; e < d; e += 32) {
-                kern__cuda_kv_store(kd + e, kern__kvq_elem(w.quant, false, kt, bt, d, s % bt, e));
-                kern__cuda_kv_store(vd + e, kern__kvq_elem(w.quant, true, vt, bt, d, s % bt, e));
+                kern__cuda_kv_store_decoded(kd + e,
+                                            kern__kvq_elem(w.quant, false, kt, bt, d, s % bt, e));
+                kern__cuda_kv_store_decoded(vd + e,
+                                            kern__kvq_elem(w.quant, true, vt, bt, d, s % bt, e));
             }
             continue;
         }
@@ -400,6 +402,8 @@ kern__cuda_attn_mass(kern_cuda_t *be, const kern_attn_mass_args_t *a)
     /* As many rows a chunk as the workspace holds, at least one. */
     const size_t row_n = (size_t)H * N;
     size_t have = be->ws_bytes[KERN_CUDA_WS_MASS_P] / sizeof(float) / row_n;
+    if (have > 65535) /* rows are the grid's y */
+        have = 65535;
     uint32_t chunk = have < 1 ? 1 : have > a->n_q ? a->n_q : (uint32_t)have;
     if ((rc = kern__cuda_workspace(be, KERN_CUDA_WS_MASS_P, chunk * row_n * sizeof(float), &pw)) !=
         0)

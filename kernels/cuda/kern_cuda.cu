@@ -86,10 +86,11 @@ pin_reserve(kern_cuda_t *be, kern_cuda_pin_t *s, size_t bytes)
         if (be->reserved)
             KVS_WARNF("cuda: pinned staging grows to %zu bytes beyond the reservation", bytes);
         size_t want = kern__cuda_round_up(bytes > 2 * s->bytes ? bytes : 2 * s->bytes, 4096);
-        if (s->host)
-            KERN_CUDA_TRY(cudaFreeHost(s->host));
+        void *old = s->host;
         s->host = NULL;
         s->bytes = 0;
+        if (old)
+            KERN_CUDA_TRY(cudaFreeHost(old));
         cudaError_t e = cudaHostAlloc(&s->host, want, cudaHostAllocDefault);
         if (e != cudaSuccess) {
             (void)cudaGetLastError();
@@ -125,10 +126,11 @@ stage_dev_reserve(kern_cuda_t *be, size_t bytes)
             KVS_WARNF("cuda: staging grows to %zu bytes beyond the reservation", bytes);
         /* Kernels queued earlier may still read the old buffer. */
         KERN_CUDA_TRY(cudaStreamSynchronize(be->stream));
-        if (be->stage_dev)
-            KERN_CUDA_TRY(cudaFree(be->stage_dev));
+        void *old = be->stage_dev;
         be->stage_dev = NULL;
         be->stage_dev_bytes = 0;
+        if (old)
+            KERN_CUDA_TRY(cudaFree(old));
         size_t want = kern__cuda_round_up(bytes, 64 * 1024);
         cudaError_t e = cudaMalloc(&be->stage_dev, want);
         if (e != cudaSuccess) {
@@ -183,11 +185,13 @@ kern__cuda_workspace(kern_cuda_t *be, kern_cuda_ws_t which, size_t bytes, void *
     if (be->reserved)
         KVS_WARNF("cuda: workspace %d grows to %zu bytes beyond the reservation", (int)which,
                   bytes);
+    kern__cuda_forget_addresses(be);
     KERN_CUDA_TRY(cudaStreamSynchronize(be->stream));
-    if (be->ws[which])
-        KERN_CUDA_TRY(cudaFree(be->ws[which]));
+    void *old = be->ws[which];
     be->ws[which] = NULL;
     be->ws_bytes[which] = 0;
+    if (old)
+        KERN_CUDA_TRY(cudaFree(old));
     size_t want = kern__cuda_round_up(bytes, 2u << 20);
     cudaError_t e = cudaMalloc(&be->ws[which], want);
     if (e != cudaSuccess) {
@@ -349,6 +353,7 @@ cuda_free(kern_backend_t *base, void *p)
     }
     int rc = cuda_enter(be);
     if (rc == 0) {
+        kern__cuda_forget_addresses(be); /* p may be one a recorded step uses */
         /* cudaFree waits for work still using p. */
         cudaError_t e = cudaFree(p);
         if (e != cudaSuccess)

@@ -3,7 +3,8 @@
  * at the sizes a GPU runs: matmul at n = 1, 3, 8, 9, 64 and 300 (each side
  * of the GEMV/GEMM switch) over odd and padded shapes, get_rows, rmsnorm,
  * rope (NORM and NEOX, Llama 3.1 frequency factors, positions up to 128K),
- * swiglu, add, kv_append (repeated slots included), kv_copy, kv_gather,
+ * swiglu, add, kv_append (repeated slots included), kv_copy, kv_gather
+ * (from full-precision and from sealed blocks of every codec),
  * block-sparse's Quest bounds and scores, attention mass (SnapKV, H2O,
  * speculative prefill), Delta's correction, and paged
  * attention for prefill chunks, mixed batches, quantized KV blocks and
@@ -614,6 +615,87 @@ test_kv_gather(void **state)
     }
 }
 
+/* The gather from sealed blocks (every codec): rows decoded into hot
+ * blocks must equal ref's bytes, and a value at f16's largest, which each
+ * codec decodes a little past it, must stay finite. */
+static void
+test_kv_gather_quantized(void **state)
+{
+    (void)state;
+    seed_test(15);
+    static const kern_kvq_t codecs[] = {KERN_KVQ_BF16, KERN_KVQ_Q8_0, KERN_KVQ_FP8, KERN_KVQ_Q4};
+    const kv_geom_t g = {KERN_F16, 2, 4, 128, 16, 64};
+    const uint32_t n_hot = 32, n_sealed = 30, n = 2 * g.block_tokens; /* into blocks 30, 31 */
+    const uint32_t n_tok = n_sealed * g.block_tokens;
+    const size_t row = (size_t)g.n_kv_heads * g.head_dim, m = (size_t)n_tok * row;
+    const size_t hot_bytes = (size_t)g.n_layers * n_hot * row * g.block_tokens * 2;
+    float *k = rand_floats(m, -4.0f, 4.0f), *v = rand_floats(m, -4.0f, 4.0f);
+    for (uint32_t t = 0; t < n_tok; t += 7) { /* one channel of every 7th row at +-65504 */
+        k[t * row + t % row] = t % 2 ? 65504.0f : -65504.0f;
+        v[t * row + (t * 3) % row] = 65504.0f;
+    }
+    const uint32_t n_src = g.n_layers * g.n_kv_heads * n;
+    int32_t *slots = malloc(n_tok * sizeof(int32_t)), *src = malloc(n_src * sizeof(int32_t));
+    int32_t sb[30], db[30], dst[32];
+    assert_true(slots && src);
+    for (uint32_t t = 0; t < n_tok; t++)
+        slots[t] = (int32_t)t;
+    for (uint32_t b = 0; b < n_sealed; b++) {
+        sb[b] = (int32_t)b;
+        db[b] = (int32_t)(n_hot + b);
+    }
+    for (uint32_t i = 0; i < n_src; i++) /* rows of the sealed blocks, at random */
+        src[i] = (int32_t)(n_hot * g.block_tokens + rng_u32() % n_tok);
+    for (uint32_t j = 0; j < n; j++)
+        dst[j] = (int32_t)(n_sealed * g.block_tokens + j);
+    shuffle(dst, n);
+    for (size_t ci = 0; ci < sizeof(codecs) / sizeof(codecs[0]); ci++) {
+        uint8_t *hk[2], *hv[2];
+        kern_backend_t *bes[2] = {g_ref, g_cuda};
+        for (int b = 0; b < 2; b++) {
+            kern_backend_t *be = bes[b];
+            kern_kv_t kv = kv_make_q(be, &g, codecs[ci], n_hot);
+            float *kd = put(be, k, m * 4), *vd = put(be, v, m * 4);
+            for (uint32_t l = 0; l < g.n_layers; l++)
+                assert_int_equal(kern_kv_append(be, &kv, l, kd, vd, slots, n_tok), 0);
+            assert_int_equal(kern_kv_seal(be, &kv, sb, db, n_sealed), 0);
+            assert_int_equal(kern_kv_gather(be, &kv, src, dst, n), 0);
+            hk[b] = malloc(hot_bytes);
+            hv[b] = malloc(hot_bytes);
+            assert_true(hk[b] && hv[b]);
+            get(be, hk[b], kv.k, hot_bytes, "pool k");
+            get(be, hv[b], kv.v, hot_bytes, "pool v");
+            take(be, NULL, kd, m * 4, "k rows");
+            take(be, NULL, vd, m * 4, "v rows");
+            kv_take_q(be, &kv);
+        }
+        char what[96];
+        snprintf(what, sizeof(what), "kv_gather from %s blocks, %u rows a head",
+                 kern_kvq_name(codecs[ci]), n);
+        check_bytes_equal(hk[0], hk[1], hot_bytes, what, LABEL);
+        check_bytes_equal(hv[0], hv[1], hot_bytes, what, LABEL);
+        /* f16 inf: exponent all ones, mantissa zero */
+        for (size_t i = 0; i < hot_bytes / 2; i++) {
+            uint16_t hb, vb;
+            memcpy(&hb, hk[1] + 2 * i, 2);
+            memcpy(&vb, hv[1] + 2 * i, 2);
+            if ((hb & 0x7fff) == 0x7c00 || (vb & 0x7fff) == 0x7c00) {
+                print_error("%s [%s]: inf at element %zu\n", what, LABEL, i);
+                fail();
+            }
+        }
+        print_message("%-56s %-22s bytes equal\n", what, LABEL);
+        for (int b = 0; b < 2; b++) {
+            free(hk[b]);
+            free(hv[b]);
+        }
+    }
+    free(k);
+    free(v);
+    free(slots);
+    free(src);
+}
+
 /* A whole K (or V) buffer of g's shape, finite values in [-2, 2) stored in
  * g's dtype, and (blocks not NULL) a scrambled list of all g's blocks. */
 static void *
@@ -1140,19 +1222,13 @@ main(void)
         return 1;
     }
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_get_rows),
-        cmocka_unit_test(test_matmul),
-        cmocka_unit_test(test_rmsnorm),
-        cmocka_unit_test(test_rope),
-        cmocka_unit_test(test_elementwise),
-        cmocka_unit_test(test_delta_apply),
-        cmocka_unit_test(test_kv_append),
-        cmocka_unit_test(test_kv_copy),
-        cmocka_unit_test(test_kv_gather),
-        cmocka_unit_test(test_block_scores),
-        cmocka_unit_test(test_attn_mass),
-        cmocka_unit_test(test_attention),
-        cmocka_unit_test(test_attention_quantized),
+        cmocka_unit_test(test_get_rows),     cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_rmsnorm),      cmocka_unit_test(test_rope),
+        cmocka_unit_test(test_elementwise),  cmocka_unit_test(test_delta_apply),
+        cmocka_unit_test(test_kv_append),    cmocka_unit_test(test_kv_copy),
+        cmocka_unit_test(test_kv_gather),    cmocka_unit_test(test_kv_gather_quantized),
+        cmocka_unit_test(test_block_scores), cmocka_unit_test(test_attn_mass),
+        cmocka_unit_test(test_attention),    cmocka_unit_test(test_attention_quantized),
         cmocka_unit_test(test_graph_replay),
     };
     rc = cmocka_run_group_tests(tests, NULL, NULL);

@@ -854,6 +854,10 @@ test_validation(void **state)
             assert_int_equal(kern_kv_seal(be, &kv, &ch[0], &ch[1], 1), 0);
             int32_t two_src[2] = {1, 2}, two_dst[2] = {5, 3}; /* the second is hot -> hot */
             assert_int_equal(kern_kv_seal(be, &kv, two_src, two_dst, 2), KVS_EINVAL);
+            /* A seal and a reopen in one call (1 -> 5, then 5 -> 2): refused,
+             * so a backend may run the pairs in any order. */
+            int32_t mix_src[2] = {1, 5}, mix_dst[2] = {5, 2};
+            assert_int_equal(kern_kv_seal(be, &kv, mix_src, mix_dst, 2), KVS_EINVAL);
             int32_t out_src[1] = {1}, out_dst[1] = {7}, neg[1] = {-1};
             assert_int_equal(kern_kv_seal(be, &kv, out_src, out_dst, 1), KVS_EINVAL);
             assert_int_equal(kern_kv_seal(be, &kv, neg, cc, 1), KVS_EINVAL);
