@@ -237,6 +237,10 @@ int kern__cuda_graph_run(kern_cuda_t *be, uint64_t key, kern_graph_fn fn, void *
 int kern__cuda_arena_begin(kern_cuda_t *be, size_t bytes, void **host);
 int kern__cuda_arena_end(kern_cuda_t *be, size_t bytes, void **dev);
 void kern__cuda_graphs_free(kern_cuda_t *be);
+/* A launch plan chosen from the data (not the shapes) while a step is
+ * recorded or refreshed: it becomes part of the step's layout, so a
+ * replay whose data chose another plan is recorded again. */
+void kern__cuda_graph_note(kern_cuda_t *be, uint64_t choice);
 /* Before a device buffer moves or goes: drops what holds its address (the
  * recorded steps and the cached page table). */
 void kern__cuda_forget_addresses(kern_cuda_t *be);

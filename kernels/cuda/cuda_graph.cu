@@ -94,6 +94,13 @@ kern__cuda_graphs_free(kern_cuda_t *be)
 }
 
 void
+kern__cuda_graph_note(kern_cuda_t *be, uint64_t choice)
+{
+    if (be->mode != KERN_CUDA_EAGER)
+        be->arena_layout = kvs_mix64(be->arena_layout ^ choice ^ 0x9e3779b97f4a7c15ull);
+}
+
+void
 kern__cuda_forget_addresses(kern_cuda_t *be)
 {
     kern__cuda_graphs_free(be);

@@ -855,6 +855,7 @@ cuda_kv_copy_body(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, cons
         bit_clear(map, (uint32_t)src[i]);
         bit_clear(map, (uint32_t)dst[i]);
     }
+    kern__cuda_graph_note(be, ordered);
 
     size_t bytes = (size_t)n * 2 * sizeof(int32_t);
     void *h, *d;

@@ -8,7 +8,9 @@
  * block-sparse's Quest bounds and scores, attention mass (SnapKV, H2O,
  * speculative prefill), Delta's correction, and paged
  * attention for prefill chunks, mixed batches, quantized KV blocks and
- * split-KV decode at 40K and 64K tokens.  ctest: gpu_kernels, label "gpu".
+ * split-KV decode at 40K and 64K tokens; then CUDA graphs (a decode step
+ * replayed, kv_copy's plan changing under one key).  ctest: gpu_kernels,
+ * label "gpu".
  *
  * Exits 77 (ctest: skipped) with "skipped: no CUDA device" when the cuda
  * backend cannot be created, which is what every machine without an
@@ -1182,6 +1184,72 @@ test_graph_replay(void **state)
     free(y2);
 }
 
+/* kv_copy inside a recorded step: its plan (all pairs at once, or in
+ * order when a destination is also a source) follows the block ids, not
+ * the shapes, so a replay whose ids need the other plan must be recorded
+ * again.  Three steps under one key, the middle one a chain; the pools
+ * must equal the direct calls' bytes and ref's. */
+typedef struct cstep {
+    kern_backend_t *be;
+    kern_kv_t kv;
+    int32_t src[4], dst[4];
+} cstep_t;
+
+static int
+cstep_run(void *arg)
+{
+    cstep_t *c = arg;
+    return kern_kv_copy(c->be, &c->kv, c->src, c->dst, 4);
+}
+
+static void
+test_graph_kv_copy(void **state)
+{
+    (void)state;
+    seed_test(16);
+    const kv_geom_t g = {KERN_F16, 2, 4, 64, 16, 64};
+    static const int32_t src[3][4] = {{3, 3, 3, 3}, {5, 9, 20, 21}, {7, 7, 30, 31}};
+    static const int32_t dst[3][4] = {{10, 11, 12, 13}, {9, 2, 22, 23}, {40, 41, 42, 43}};
+    pools_t P = pools_new(&g);
+    kern_backend_t *bes[3] = {g_cuda, g_cuda, g_ref}; /* graph, direct, ref */
+    cstep_t C[3];
+    for (int b = 0; b < 3; b++) {
+        C[b].be = bes[b];
+        C[b].kv = kv_make(bes[b], &g, P.k0, P.v0);
+    }
+    uint8_t *kb[3], *vb[3];
+    for (int b = 0; b < 3; b++) {
+        kb[b] = malloc(P.bytes);
+        vb[b] = malloc(P.bytes);
+        assert_true(kb[b] && vb[b]);
+    }
+    for (int st = 0; st < 3; st++) {
+        for (int b = 0; b < 3; b++) {
+            memcpy(C[b].src, src[st], sizeof C[b].src);
+            memcpy(C[b].dst, dst[st], sizeof C[b].dst);
+            int rc =
+                b == 0 ? kern_graph_run(bes[b], 0x636f7079ull, cstep_run, &C[b]) : cstep_run(&C[b]);
+            assert_int_equal(rc, 0);
+            get(bes[b], kb[b], C[b].kv.k, P.bytes, "pool k");
+            get(bes[b], vb[b], C[b].kv.v, P.bytes, "pool v");
+        }
+        char what[64];
+        snprintf(what, sizeof(what), "kv_copy in a graph, step %d (%s)", st,
+                 st == 1 ? "in order" : "at once");
+        for (int b = 1; b < 3; b++) {
+            check_bytes_equal(kb[b], kb[0], P.bytes, what, LABEL);
+            check_bytes_equal(vb[b], vb[0], P.bytes, what, LABEL);
+        }
+        print_message("%-56s %-22s bytes equal\n", what, LABEL);
+    }
+    for (int b = 0; b < 3; b++) {
+        kv_take(bes[b], &C[b].kv, NULL, NULL);
+        free(kb[b]);
+        free(vb[b]);
+    }
+    pools_free(&P);
+}
+
 int
 main(void)
 {
@@ -1229,7 +1297,7 @@ main(void)
         cmocka_unit_test(test_kv_gather),    cmocka_unit_test(test_kv_gather_quantized),
         cmocka_unit_test(test_block_scores), cmocka_unit_test(test_attn_mass),
         cmocka_unit_test(test_attention),    cmocka_unit_test(test_attention_quantized),
-        cmocka_unit_test(test_graph_replay),
+        cmocka_unit_test(test_graph_replay), cmocka_unit_test(test_graph_kv_copy),
     };
     rc = cmocka_run_group_tests(tests, NULL, NULL);
     kern_backend_free(g_ref);
