@@ -642,21 +642,36 @@ q4_decode(const uint8_t *tile, bool v, uint32_t bt, uint32_t d, uint32_t t0, uin
  * which the cpu backend converts with its own row code.) */
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
-#define KVQ_TGT __attribute__((target("avx2,fma")))
+#define KVQ_TGT __attribute__((target("avx2,fma,f16c")))
 
+/* An e4m3 code moved into f16's fields ((c & 0x7f) << 7, the sign on top)
+ * is the code's value times 2^-8 exactly, subnormals included (f16 has
+ * more exponent and mantissa bits), so F16C converts 8 codes at once and
+ * the scale, times 2^8, restores the value in the one rounding of the
+ * scalar multiply.  0x7f/0xff (NaN) would read as 480: blended back to
+ * the table's NaN of that sign, though the encoder never writes them. */
 KVQ_TGT static void
 fp8_decode_avx2(const uint8_t *tile, uint32_t bt, uint32_t d, uint32_t t0, uint32_t n, float *y)
 {
     const uint8_t *codes = tile + (size_t)bt * 2 + (size_t)t0 * d;
+    const __m128i mag = _mm_set1_epi16(0x7f), sign = _mm_set1_epi16(0x80);
+    const __m256 nan = _mm256_set1_ps(NAN), sbit = _mm256_set1_ps(-0.0f);
     for (uint32_t t = 0; t < n; t++, codes += d, y += d) {
-        __m256 sc = _mm256_set1_ps(kvs_fp16_to_f32(ld16(tile + (size_t)(t0 + t) * 2)));
+        const float s = kvs_fp16_to_f32(ld16(tile + (size_t)(t0 + t) * 2));
+        const __m256 sc = _mm256_set1_ps(s * 256.0f);
         uint32_t c = 0;
         for (; c + 8 <= d; c += 8) {
-            __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + c)));
-            _mm256_storeu_ps(y + c, _mm256_mul_ps(_mm256_i32gather_ps(e4m3_table, idx, 4), sc));
+            __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(codes + c)));
+            __m128i m = _mm_and_si128(w, mag);
+            __m128i h =
+                _mm_or_si128(_mm_slli_epi16(m, 7), _mm_slli_epi16(_mm_and_si128(w, sign), 8));
+            __m256 x = _mm256_mul_ps(_mm256_cvtph_ps(h), sc);
+            __m256 bad = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm_cmpeq_epi16(m, mag)));
+            __m256 signed_nan = _mm256_or_ps(nan, _mm256_and_ps(x, sbit));
+            _mm256_storeu_ps(y + c, _mm256_blendv_ps(x, signed_nan, bad));
         }
         for (; c < d; c++)
-            y[c] = e4m3_table[codes[c]] * kvs_fp16_to_f32(ld16(tile + (size_t)(t0 + t) * 2));
+            y[c] = e4m3_table[codes[c]] * s;
     }
 }
 

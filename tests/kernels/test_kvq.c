@@ -43,6 +43,7 @@
 #include <math.h>
 
 #include "kernels/kern.h"
+#include "kernels/kern_int.h"
 #include "tests/kernels/kern_test.h"
 
 static const kern_kvq_t codecs[] = {KERN_KVQ_BF16, KERN_KVQ_Q8_0, KERN_KVQ_FP8, KERN_KVQ_Q4};
@@ -765,6 +766,62 @@ test_fp8_codes(void **state)
     }
 }
 
+/* The cpu backend's vector decoders (kern__kvq_decode_fast) against the
+ * scalar ones, bit for bit: every codec, side and shape over each data
+ * kind, every sub-range start, and for FP8 every code (NaN codes
+ * included) under scales from subnormal products up to f16's largest. */
+static void
+test_fast_decode_bit_exact(void **state)
+{
+    (void)state;
+    bool avx2 = false;
+#if defined(__x86_64__) || defined(__i386__)
+    avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    if (!avx2)
+        print_message("no AVX2 here: the fast path is the scalar one\n");
+    rng_seed(9);
+    for (size_t qi = 0; qi < N_CODECS; qi++)
+        for (int side = 0; side < 2; side++)
+            for (size_t bi = 0; bi < 2; bi++)
+                for (size_t di = 0; di < 2; di++)
+                    for (int dist = 0; dist < N_DIST; dist++) {
+                        kern_kvq_t q = codecs[qi];
+                        uint32_t bt = bts[bi], d = ds[di];
+                        size_t n = (size_t)bt * d;
+                        float *x = malloc(n * sizeof(float)), *a = malloc(n * sizeof(float)),
+                              *b = malloc(n * sizeof(float));
+                        uint8_t *tile = malloc(kern_kvq_tile_bytes(q, side, bt, d));
+                        assert_true(x && a && b && tile);
+                        fill(x, bt, d, dist);
+                        assert_int_equal(kern_kvq_encode(q, side, x, bt, d, tile), 0);
+                        for (uint32_t t0 = 0; t0 < bt; t0 += 5) {
+                            uint32_t cnt = bt - t0;
+                            kern_kvq_decode(q, side, tile, bt, d, t0, cnt, a);
+                            kern__kvq_decode_fast(avx2, q, side, tile, bt, d, t0, cnt, b);
+                            assert_memory_equal(a, b, (size_t)cnt * d * sizeof(float));
+                        }
+                        free(x);
+                        free(a);
+                        free(b);
+                        free(tile);
+                    }
+    /* FP8: all 256 codes in each of two tokens, under many scales. */
+    static const uint16_t scales[] = {0x0001, 0x0203, 0x0400, 0x1234,
+                                      0x3c00, 0x3555, 0x5bff, 0x7bff};
+    uint8_t t2[2 * (2 + 128)];
+    float a[256], b[256];
+    for (size_t si = 0; si < sizeof(scales) / sizeof(scales[0]); si++) {
+        memcpy(t2, &scales[si], 2);
+        memcpy(t2 + 2, &scales[(si + 3) % 8], 2);
+        for (int c = 0; c < 256; c++)
+            t2[4 + c] = (uint8_t)c;
+        kern_kvq_decode(KERN_KVQ_FP8, true, t2, 2, 128, 0, 2, a);
+        kern__kvq_decode_fast(avx2, KERN_KVQ_FP8, true, t2, 2, 128, 0, 2, b);
+        assert_memory_equal(a, b, sizeof a);
+    }
+}
+
 int
 main(void)
 {
@@ -773,7 +830,7 @@ main(void)
         cmocka_unit_test(test_roundtrip_bounds),  cmocka_unit_test(test_subrange_bit_exact),
         cmocka_unit_test(test_zero_and_constant), cmocka_unit_test(test_nonfinite),
         cmocka_unit_test(test_tiny_and_large),    cmocka_unit_test(test_q8_0_matches_quantize),
-        cmocka_unit_test(test_fp8_codes),
+        cmocka_unit_test(test_fp8_codes),         cmocka_unit_test(test_fast_decode_bit_exact),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
