@@ -109,6 +109,7 @@ seal_batch(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, const int32
     if (rc)
         return rc;
     if (o.total > be->seal_host_bytes) {
+        KERN_CUDA_TRY(cudaStreamSynchronize(be->stream)); /* the last batch's copy out of it */
         void *old = be->seal_host;
         be->seal_host = NULL;
         be->seal_host_bytes = 0;
@@ -191,8 +192,9 @@ seal_batch(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, const int32
         cudaMemcpyAsync(mirror, be->seal_host, o.total, cudaMemcpyHostToDevice, be->stream));
     seal_copy_kernel<<<(unsigned)n_seg, 256, 0, be->stream>>>((const seal_seg_t *)d + n_seg);
     KERN_CUDA_LAUNCHED();
-    /* The pinned mirror is refilled by the next batch only after this. */
-    KERN_CUDA_TRY(cudaStreamSynchronize(be->stream));
+    /* No wait here: the host writes the pinned mirror again only after the
+     * next batch's synchronisation, which follows this copy on the stream
+     * (and a mirror that grows waits before it goes). */
     return 0;
 }
 
