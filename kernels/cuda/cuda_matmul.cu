@@ -33,6 +33,7 @@
 #define MV_MAX_N 8                       /* up to this many rows of x take the GEMV path */
 #define MV_NX 4                          /* rows of x one GEMV pass handles */
 #define MV_WARPS 4                       /* warps, i.e. weight rows, per block */
+#define MV_AHEAD 4                       /* 16-byte loads of a row a lane has in flight */
 #define DQ_TILE_BYTES ((size_t)64 << 20) /* f16 weight tile for the quantized GEMM */
 
 /* ------------------------------------------------------------------------ */
@@ -110,17 +111,30 @@ __launch_bounds__(MV_WARPS * 32)
         acc[j] = 0.0f;
 
     uint32_t cols8 = cols & ~7u;
-    for (uint32_t c = lane * 8; c < cols8; c += 32 * 8) {
-        float wv[8];
-        load8_w<T>(row, c, wvec, wv);
+    /* MV_AHEAD stretches of the row loaded before any is used, so that
+     * several loads are in flight at once: a warp per row leaves too few
+     * warps per multiprocessor (a 4096-row matrix: about 31) to cover
+     * memory latency one load at a time.  The sums run in the same order. */
+    for (uint32_t c0 = lane * 8; c0 < cols8; c0 += MV_AHEAD * 32 * 8) {
+        float wv[MV_AHEAD][8];
 #pragma unroll
-        for (uint32_t j = 0; j < MV_NX; j++) {
-            if (j < nx) {
-                float xv[8];
-                load8_x(x + (size_t)j * cols + c, xvec, xv);
+        for (int u = 0; u < MV_AHEAD; u++)
+            if (c0 + u * 256 < cols8)
+                load8_w<T>(row, c0 + u * 256, wvec, wv[u]);
 #pragma unroll
-                for (int k = 0; k < 8; k++)
-                    acc[j] += wv[k] * xv[k];
+        for (int u = 0; u < MV_AHEAD; u++) {
+            const uint32_t c = c0 + u * 256;
+            if (c >= cols8)
+                break;
+#pragma unroll
+            for (uint32_t j = 0; j < MV_NX; j++) {
+                if (j < nx) {
+                    float xv[8];
+                    load8_x(x + (size_t)j * cols + c, xvec, xv);
+#pragma unroll
+                    for (int k = 0; k < 8; k++)
+                        acc[j] += wv[u][k] * xv[k];
+                }
             }
         }
     }
