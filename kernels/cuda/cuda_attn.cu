@@ -5,12 +5,15 @@
  * Called by the attention wrapper in kern_cuda.cu after kern.c validated
  * the page table and the pattern.
  *
- * Two kernels share one staged buffer (per row: kv_len, window start,
+ * Three kernels share one staged buffer (per row: kv_len, window start,
  * sequence offset; the block ids; the block mask):
  *   - sequences with more than one query row, F16 KV (hot blocks, in a
  *     codec pool) and head_dim 64 or 128 go to the tensor-core kernel of
  *     cuda_attn_tc.cu in tiles of consecutive rows;
- *   - every other row (decode, F32 KV, other head dims) to attn_kernel:
+ *   - the other rows, when the call has no key pattern (plain decode),
+ *     to dec_kernel below, which splits keys rather than heads over its
+ *     warps;
+ *   - the other rows of a call with a pattern to attn_kernel:
  *
  *   grid  (row of the list, kv head g, split z)
  *   block one warp per query head of g's GQA group (at most 8 warps; a
@@ -208,6 +211,279 @@ __launch_bounds__(ATTN_MAX_WARPS * 32) attn_kernel(attn_params_t p)
     }
 }
 
+/* ---- dense decode: every warp its own keys -------------------------------
+ *
+ * attn_kernel gives each warp one query head, so a block's warps read the
+ * same K and V rows and a block keeps about a kilobyte of loads in flight:
+ * at batch 1 that leaves the memory system mostly idle.  Rows without a
+ * key pattern (plain decode) run here instead:
+ *
+ *   grid  (row of the list, kv head g, split z), as attn_kernel
+ *   block DEC_WARPS warps; warp w takes keys lo + w*TK, then every
+ *         DEC_WARPS*TK further, TK at a time, all loaded before any is
+ *         used (TK rows of K and of V in registers)
+ *   warp  the group's heads in chunks of HB: each key row loaded once
+ *         serves HB heads; lanes hold DPL consecutive dims of q, of the
+ *         accumulators and of each loaded row
+ *   end   the warps' (m, l, acc) merge through shared memory into `out`,
+ *         or into the split's partials for attn_combine_kernel
+ *
+ * Keys run across block boundaries, each looked up in the page table on
+ * its own; quantized blocks decode value by value as in attn_kernel. */
+#define DEC_WARPS 4
+#define DEC_MAX_PER_SM 4 /* the split plan's target: one wave of resident blocks, at most this */
+
+/* Two values at an even index as f32. */
+static __device__ __forceinline__ float2
+dec_pair(const __half *p)
+{
+    return __half22float2(*(const __half2 *)p);
+}
+
+static __device__ __forceinline__ float2
+dec_pair(const float *p)
+{
+    return *(const float2 *)p;
+}
+
+/* DPL consecutive values from p (dims c0.., c0 < d) as f32; `vec` (host:
+ * aligned base, d % DPL == 0) reads pairs at a time. */
+template <int DPL, typename T>
+static __device__ __forceinline__ void
+dec_load(const T *p, bool vec, uint32_t c0, uint32_t d, float *x)
+{
+    if (vec) {
+#pragma unroll
+        for (int e = 0; e < DPL; e += 2) {
+            float2 f = dec_pair(p + e);
+            x[e] = f.x;
+            x[e + 1] = f.y;
+        }
+        return;
+    }
+#pragma unroll
+    for (int e = 0; e < DPL; e++)
+        x[e] = c0 + e < d ? kern__cuda_kv_load(p + e) : 0.0f;
+}
+
+/* Keys a warp holds at once: as many as registers allow next to HB heads'
+ * q and accumulators. */
+#define DEC_TK(DPL, HB) ((DPL) * (HB) <= 16 ? 8 : (DPL) * (HB) <= 32 ? 4 : 2)
+
+template <typename T, int DPL, int HB>
+static __global__ void
+__launch_bounds__(DEC_WARPS * 32) dec_kernel(attn_params_t p, bool vec)
+{
+    constexpr int TK = DEC_TK(DPL, HB);
+    extern __shared__ float dec_smem[]; /* acc [DEC_WARPS][HB][d], m and l [DEC_WARPS][HB] */
+    const uint32_t x = blockIdx.x, i = (uint32_t)p.rows[x], g = blockIdx.y, z = blockIdx.z;
+    const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const uint32_t d = p.head_dim, bt = p.block_tokens, c0 = lane * DPL;
+    const bool on = c0 < d; /* lanes past the head hold zeros */
+    const uint32_t len = (uint32_t)p.row_len[i];
+    const uint32_t lo = z * p.split_tokens;
+    const uint32_t hi = lo < len ? umin(len, lo + p.split_tokens) : lo; /* lo == hi: empty */
+    const int32_t *blocks = p.blocks + p.row_blk[i];
+    const T *kl = (const T *)p.k, *vl = (const T *)p.v;
+    float *s_acc = dec_smem, *s_m = s_acc + (size_t)DEC_WARPS * HB * d, *s_l = s_m + DEC_WARPS * HB;
+
+    for (uint32_t h0 = 0; h0 < p.group; h0 += HB) {
+        float q[HB][DPL], acc[HB][DPL], m[HB], l[HB];
+#pragma unroll
+        for (int hb = 0; hb < HB; hb++) {
+            const bool hv = h0 + hb < p.group;
+            const size_t qo = ((size_t)i * p.n_heads + g * p.group + h0 + hb) * d + c0;
+#pragma unroll
+            for (int e = 0; e < DPL; e++) {
+                q[hb][e] = hv && c0 + e < d ? p.q[qo + e] * p.qscale : 0.0f;
+                acc[hb][e] = 0.0f;
+            }
+            m[hb] = -INFINITY;
+            l[hb] = 0.0f;
+        }
+
+        for (uint32_t j0 = lo + warp * TK; j0 < hi; j0 += DEC_WARPS * TK) {
+            float kr[TK][DPL], vr[TK][DPL];
+#pragma unroll
+            for (int u = 0; u < TK; u++) {
+                const uint32_t j = j0 + u;
+#pragma unroll
+                for (int e = 0; e < DPL; e++)
+                    kr[u][e] = vr[u][e] = 0.0f;
+                if (j >= hi || !on)
+                    continue;
+                const uint32_t blk = (uint32_t)blocks[j / bt], off = j % bt;
+                if (blk >= p.kvq.n_hot) {
+                    const uint8_t *kt = kern__cuda_kvq_tile(p.kvq, false, blk, p.n_kv_heads, g);
+                    const uint8_t *vt = kern__cuda_kvq_tile(p.kvq, true, blk, p.n_kv_heads, g);
+#pragma unroll
+                    for (int e = 0; e < DPL; e++) {
+                        if (c0 + e < d) {
+                            kr[u][e] = kern__kvq_elem(p.kvq.quant, false, kt, bt, d, off, c0 + e);
+                            vr[u][e] = kern__kvq_elem(p.kvq.quant, true, vt, bt, d, off, c0 + e);
+                        }
+                    }
+                } else {
+                    const size_t base = (((size_t)blk * p.n_kv_heads + g) * bt + off) * d + c0;
+                    dec_load<DPL>(kl + base, vec, c0, d, kr[u]);
+                    dec_load<DPL>(vl + base, vec, c0, d, vr[u]);
+                }
+            }
+            float s[TK][HB];
+#pragma unroll
+            for (int u = 0; u < TK; u++)
+#pragma unroll
+                for (int hb = 0; hb < HB; hb++) {
+                    float a = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < DPL; e++)
+                        a += q[hb][e] * kr[u][e];
+                    s[u][hb] = a;
+                }
+                /* Every lane ends with the same sums (each step adds the same
+                 * two partial sums, in either order). */
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+                for (int u = 0; u < TK; u++)
+#pragma unroll
+                    for (int hb = 0; hb < HB; hb++)
+                        s[u][hb] += __shfl_xor_sync(0xffffffffu, s[u][hb], o);
+#pragma unroll
+            for (int hb = 0; hb < HB; hb++) {
+                float mx = m[hb];
+#pragma unroll
+                for (int u = 0; u < TK; u++)
+                    if (j0 + u < hi)
+                        mx = fmaxf(mx, s[u][hb]);
+                /* mx is finite (key j0 < hi), so a first step gives corr = 0. */
+                const float corr = exp2f(m[hb] - mx);
+                float pu[TK], sum = 0.0f;
+#pragma unroll
+                for (int u = 0; u < TK; u++) {
+                    pu[u] = j0 + u < hi ? exp2f(s[u][hb] - mx) : 0.0f;
+                    sum += pu[u];
+                }
+                l[hb] = l[hb] * corr + sum;
+#pragma unroll
+                for (int e = 0; e < DPL; e++) {
+                    float a = acc[hb][e] * corr;
+#pragma unroll
+                    for (int u = 0; u < TK; u++)
+                        a += pu[u] * vr[u][e];
+                    acc[hb][e] = a;
+                }
+                m[hb] = mx;
+            }
+        }
+
+        /* The warps' states into shared memory (after the previous chunk's
+         * merge has read it), then one thread per (head, dim) merges. */
+        __syncthreads();
+#pragma unroll
+        for (int hb = 0; hb < HB; hb++) {
+#pragma unroll
+            for (int e = 0; e < DPL; e++)
+                if (c0 + e < d)
+                    s_acc[((size_t)warp * HB + hb) * d + c0 + e] = acc[hb][e];
+            if (lane == 0) {
+                s_m[warp * HB + hb] = m[hb];
+                s_l[warp * HB + hb] = l[hb];
+            }
+        }
+        __syncthreads();
+        for (uint32_t t = threadIdx.x; t < HB * d; t += blockDim.x) {
+            const uint32_t hb = t / d, c = t % d;
+            if (h0 + hb >= p.group)
+                continue;
+            /* A warp that saw no key has l = 0: it weighs nothing. */
+            float M = -INFINITY;
+            for (int w = 0; w < DEC_WARPS; w++)
+                if (s_l[w * HB + hb] > 0.0f)
+                    M = fmaxf(M, s_m[w * HB + hb]);
+            float num = 0.0f, den = 0.0f;
+            for (int w = 0; w < DEC_WARPS; w++) {
+                const float lw = s_l[w * HB + hb];
+                if (lw > 0.0f) {
+                    const float f = exp2f(s_m[w * HB + hb] - M);
+                    num += f * s_acc[((size_t)w * HB + hb) * d + c];
+                    den += f * lw;
+                }
+            }
+            const uint32_t h = g * p.group + h0 + hb;
+            if (p.n_splits == 1) {
+                /* kern.c leaves every row at least one key, so den > 0. */
+                p.out[((size_t)i * p.n_heads + h) * d + c] = num / den;
+            } else {
+                /* A split with no key: m = -inf, l = 0, as attn_kernel's. */
+                const size_t po = ((size_t)x * p.n_heads + h) * p.n_splits + z;
+                p.part_acc[po * d + c] = num;
+                if (c == 0) {
+                    p.part_ml[2 * po] = M;
+                    p.part_ml[2 * po + 1] = den;
+                }
+            }
+        }
+    }
+}
+
+typedef void (*dec_fn_t)(attn_params_t, bool);
+
+/* dec_kernel's instance for head_dim's lanes (DPL) and the group (HB). */
+template <typename T, int DPL>
+static dec_fn_t
+dec_pick_hb(uint32_t hb)
+{
+    return hb == 1   ? dec_kernel<T, DPL, 1>
+           : hb == 2 ? dec_kernel<T, DPL, 2>
+           : hb == 4 ? dec_kernel<T, DPL, 4>
+                     : dec_kernel<T, DPL, 8>;
+}
+
+template <typename T>
+static dec_fn_t
+dec_pick(uint32_t dpl, uint32_t hb)
+{
+    return dpl == 2   ? dec_pick_hb<T, 2>(hb)
+           : dpl == 4 ? dec_pick_hb<T, 4>(hb)
+                      : dec_pick_hb<T, 8>(hb);
+}
+
+/* kern_cuda_t.dec_per_sm's entry for an instance. */
+static int
+dec_slot(bool f16, uint32_t dpl, uint32_t hb)
+{
+    return ((f16 ? 3 : 0) + (dpl == 2   ? 0
+                             : dpl == 4 ? 1
+                                        : 2)) *
+               4 +
+           (hb == 1   ? 0
+            : hb == 2 ? 1
+            : hb == 4 ? 2
+                      : 3);
+}
+
+int
+kern__cuda_attention_init(kern_cuda_t *be)
+{
+    static const uint32_t dpls[3] = {2, 4, 8}, hbs[4] = {1, 2, 4, 8};
+    for (int f16 = 0; f16 < 2; f16++)
+        for (int a = 0; a < 3; a++)
+            for (int b = 0; b < 4; b++) {
+                const uint32_t dpl = dpls[a], hb = hbs[b], d = 32 * dpl; /* its largest head */
+                dec_fn_t fn = f16 ? dec_pick<__half>(dpl, hb) : dec_pick<float>(dpl, hb);
+                const size_t smem =
+                    ((size_t)DEC_WARPS * hb * d + 2 * DEC_WARPS * hb) * sizeof(float);
+                int n = 0;
+                KERN_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, (const void *)fn,
+                                                                            DEC_WARPS * 32, smem));
+                be->dec_per_sm[dec_slot(f16, dpl, hb)] = n < 1                ? 1
+                                                         : n > DEC_MAX_PER_SM ? DEC_MAX_PER_SM
+                                                                              : n;
+            }
+    return 0;
+}
+
 /* One block per (listed row, head): weights 2^(m_z - M) for the splits
  * that saw a key, then out = sum_z w_z acc_z / sum_z w_z l_z. */
 static __global__ void
@@ -259,9 +535,9 @@ kern__cuda_attention_reserve(const kern_cuda_t *be, const kern_reserve_t *r, siz
                              size_t *stage_bytes, size_t *pt_bytes)
 {
     /* Split-KV partials: rows are split only while rows x KV heads stay
-     * below want = 2 x SMs, into at most ceil(want / that) ranges, so the
+     * below want (at most DEC_MAX_PER_SM x SMs), into at most ceil(want / that) ranges, so the
      * partials of all query heads stay under 2 x group x want. */
-    size_t want = (size_t)2 * (be->n_sm > 0 ? be->n_sm : 1);
+    size_t want = (size_t)DEC_MAX_PER_SM * (be->n_sm > 0 ? be->n_sm : 1);
     size_t group = r->n_heads / r->n_kv_heads;
     *ws_bytes = 2 * group * want * ((size_t)r->head_dim + 2) * sizeof(float);
     /* Staged ints: three per row, the row list and three per tile (each at
@@ -465,6 +741,27 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
     if (n_list == 0)
         return 0;
 
+    /* Plain decode rows (no key pattern) go to dec_kernel, which wants as
+     * many blocks as the device holds at once; attn_kernel's blocks of up
+     * to 8 warps, two per multiprocessor. */
+    dec_fn_t dec = NULL;
+    size_t dec_smem = 0, want = (size_t)2 * (be->n_sm > 0 ? be->n_sm : 1);
+    bool dec_vec = false;
+    if (!patterned) {
+        const uint32_t dpl = d <= 64 ? 2 : d <= 128 ? 4 : 8;
+        const uint32_t hb = group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
+        const bool f16 = kv->dtype == KERN_F16;
+        const size_t el = f16 ? 2 : 4;
+        const uintptr_t kp = (uintptr_t)kv->k, vp = (uintptr_t)kv->v;
+        /* Pairs of values at once: every row of the layer starts on a
+         * multiple of dpl values. */
+        dec_vec = d % dpl == 0 && kp % (2 * el) == 0 && vp % (2 * el) == 0 &&
+                  kv->layer_bytes % (2 * el) == 0;
+        dec_smem = ((size_t)DEC_WARPS * hb * d + 2 * DEC_WARPS * hb) * sizeof(float);
+        dec = f16 ? dec_pick<__half>(dpl, hb) : dec_pick<float>(dpl, hb);
+        want = (size_t)be->dec_per_sm[dec_slot(f16, dpl, hb)] * (be->n_sm > 0 ? be->n_sm : 1);
+    }
+
     /* Split the KV range only when the grid would leave SMs idle, and never
      * into ranges too short to pay for the combine pass.  A caller's bound
      * plans the split instead of the longest row, so every call under the
@@ -474,9 +771,10 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
         max_len = (int32_t)a->max_len_hint;
     uint32_t n_splits = 1;
     size_t base_blocks = n_list * kv->n_kv_heads;
-    size_t want = (size_t)2 * (be->n_sm > 0 ? be->n_sm : 1);
     if (base_blocks < want) {
-        size_t sp = (want + base_blocks - 1) / base_blocks;
+        /* Rounded down: a grid just past one wave of resident blocks
+         * would leave the second wave mostly idle. */
+        size_t sp = want / base_blocks;
         size_t by_len = (size_t)max_len / ATTN_MIN_SPLIT_TOKENS;
         if (sp > by_len)
             sp = by_len;
@@ -485,9 +783,11 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
         if (sp > 1)
             n_splits = (uint32_t)sp;
     }
-    /* Whole steps of ATTN_TOK per split keep the inner loop full. */
+    /* Whole steps per split keep the inner loop full: ATTN_TOK keys for
+     * attn_kernel, a round of all warps for dec_kernel (TK is at most 8). */
+    const uint32_t unit = dec ? DEC_WARPS * 8 : ATTN_TOK;
     uint32_t split_tokens = ((uint32_t)max_len + n_splits - 1) / n_splits;
-    split_tokens = (split_tokens + ATTN_TOK - 1) / ATTN_TOK * ATTN_TOK;
+    split_tokens = (split_tokens + unit - 1) / unit * unit;
     n_splits = ((uint32_t)max_len + split_tokens - 1) / split_tokens;
 
     attn_params_t p;
@@ -529,11 +829,15 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
     }
 
     dim3 grid((unsigned)n_list, kv->n_kv_heads, n_splits);
-    unsigned warps = group < ATTN_MAX_WARPS ? group : ATTN_MAX_WARPS;
-    if (kv->dtype == KERN_F16)
-        attn_kernel<__half><<<grid, warps * 32, 0, be->stream>>>(p);
-    else
-        attn_kernel<float><<<grid, warps * 32, 0, be->stream>>>(p);
+    if (dec) {
+        dec<<<grid, DEC_WARPS * 32, dec_smem, be->stream>>>(p, dec_vec);
+    } else {
+        unsigned warps = group < ATTN_MAX_WARPS ? group : ATTN_MAX_WARPS;
+        if (kv->dtype == KERN_F16)
+            attn_kernel<__half><<<grid, warps * 32, 0, be->stream>>>(p);
+        else
+            attn_kernel<float><<<grid, warps * 32, 0, be->stream>>>(p);
+    }
     KERN_CUDA_LAUNCHED();
 
     if (n_splits > 1) {

@@ -98,7 +98,8 @@ typedef enum kern_cuda_mode {
  * staged and it must launch nothing; the vtable wrappers turn it into 0. */
 #define KERN_CUDA_DRY_DONE 1
 
-#define KERN_CUDA_GRAPHS 64 /* recorded steps kept, least recently used out */
+#define KERN_CUDA_GRAPHS 64        /* recorded steps kept, least recently used out */
+#define KERN_CUDA_DEC_INSTANCES 24 /* cuda_attn.cu's dec_kernel: 2 types x 3 DPL x 4 HB */
 
 typedef struct kern_cuda_graph {
     uint64_t key;
@@ -149,6 +150,9 @@ typedef struct kern_cuda {
     kern_cuda_mode_t pt_mode;
     size_t pt_room;
     bool reserved; /* kern_reserve sized everything: growing later is worth a warning */
+    /* Resident blocks per multiprocessor of each decode-attention
+     * instance (cuda_attn.cu), asked once at start. */
+    int dec_per_sm[KERN_CUDA_DEC_INSTANCES];
 } kern_cuda_t;
 
 /* ------------------------------------------------------------------------ */
@@ -223,6 +227,8 @@ kern__cuda_grid(const kern_cuda_t *be, size_t n, unsigned per_block)
 int kern__cuda_matmul(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
                       const float *bias, float *y);
 int kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a);
+/* The occupancy of attention's decode kernels, for its split plans. */
+int kern__cuda_attention_init(kern_cuda_t *be);
 /* cuda_select.cu: kern_kv_gather (sources of either kind of block),
  * kern_kv_block_bounds, kern_block_scores and kern_attn_mass. */
 int kern__cuda_kv_gather(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src,

@@ -289,6 +289,9 @@ cuda_init(kern_cuda_t *be)
 {
     KERN_CUDA_TRY(cudaSetDevice(be->device));
     KERN_CUDA_TRY(cudaDeviceGetAttribute(&be->n_sm, cudaDevAttrMultiProcessorCount, be->device));
+    int rc = kern__cuda_attention_init(be);
+    if (rc)
+        return rc;
     /* Non-blocking: the legacy default stream, which other libraries in the
      * process may use, must not serialize against ours. */
     KERN_CUDA_TRY(cudaStreamCreateWithFlags(&be->stream, cudaStreamNonBlocking));

@@ -885,6 +885,12 @@ static const attn_case_t gpu_attn_cases[] = {
      40},
     {"f16 bt32 d256 mha decode 20K + prefill", KERN_F16, 32, 256, 4, 4, 2, {20000, 9}, {1, 9}, 0},
     {"f16 bt1 d80 gqa2", KERN_F16, 1, 80, 4, 2, 2, {5000, 333}, {3, 2}, 0},
+    /* Decode rows for each shape of the decode kernel: a group of 16 (two
+     * passes of 8 heads) over rows of 98 values (no paired loads), a group
+     * of 3 with a one-key row, a group of 5 on one KV head. */
+    {"f16 bt7 d98 48/3 decode 6K+1K+5", KERN_F16, 7, 98, 48, 3, 3, {6001, 1024, 5}, {1, 1, 1}, 0},
+    {"f32 bt16 d96 24/8 decode 9K+1", KERN_F32, 16, 96, 24, 8, 2, {9000, 1}, {1, 1}, 0},
+    {"f16 bt32 d64 5/1 decode 777", KERN_F16, 32, 64, 5, 1, 1, {777}, {1}, 0},
 };
 
 static void
