@@ -9,7 +9,9 @@
  *               (n = 1) and prefill (n = 4096) in f16, bf16, Q8_0 and Q4_K;
  *               rmsnorm, rope, swiglu, add and kv_append over 4096 rows;
  *               paged decode attention at 4K, 32K and 128K tokens for 1 and
- *               16 sequences; causal prefill attention of 4K and 16K
+ *               16 sequences (and from Q8_0 tiles; and at 128K under 4
+ *               sinks + a 4K window, counting the keys read); causal
+ *               prefill attention of 4K and 16K
  *               tokens.  Bandwidth-bound ops are given in GB/s against the
  *               copy, compute-bound ones (prefill matmul and attention) in
  *               TFLOP/s against the GEMM
@@ -775,6 +777,7 @@ typedef struct attn_ctx {
     kern_kv_t kv;
     float *q, *out;
     uint32_t n_q, n_seqs;
+    uint32_t sinks, window; /* StreamingLLM decode; 0: dense */
     int32_t *q_indptr, *kv_len, *indptr, *indices, *last_len;
 } attn_ctx_t;
 
@@ -794,7 +797,9 @@ run_attn(void *p, uint32_t s)
                                  .n_seqs = c->n_seqs},
                           .kv = &c->kv,
                           .layer = s,
-                          .scale = 1.0f / sqrtf((float)A_DIM)};
+                          .scale = 1.0f / sqrtf((float)A_DIM),
+                          .sink_tokens = c->sinks,
+                          .window_tokens = c->window};
     return kern_attention(B.be, &a);
 }
 
@@ -875,16 +880,24 @@ attn_setup(attn_ctx_t *c, uint32_t n_seqs, uint32_t ctx, bool prefill, uint32_t 
     return 0;
 }
 
+/* window: StreamingLLM decode, 4 sinks and the last `window` keys (the
+ * bytes counted are the keys read, not the context). */
 static int
-bench_decode_attn(uint32_t ctx, uint32_t n_seqs, bool q8)
+bench_decode_attn(uint32_t ctx, uint32_t n_seqs, bool q8, uint32_t window)
 {
-    row_t *r = new_row(q8 ? "attn dec q8_0" : "attn decode", "%uK ctx x %u seq, 32/8 heads d128 %s",
-                       ctx / 1024, n_seqs, q8 ? "q8_0" : "f16");
+    row_t *r = window ? new_row("attn dec window", "%uK ctx x %u seq, 4 sinks + %uK window f16",
+                                ctx / 1024, n_seqs, window / 1024)
+                      : new_row(q8 ? "attn dec q8_0" : "attn decode",
+                                "%uK ctx x %u seq, 32/8 heads d128 %s", ctx / 1024, n_seqs,
+                                q8 ? "q8_0" : "f16");
     if (r == NULL)
         return 0;
+    const uint32_t sinks = window ? 4 : 0,
+                   seen = window && sinks + window < ctx ? sinks + window : ctx;
     /* Q8_0: 34 bytes per 32 values. */
     double kv_bytes = (double)n_seqs * ctx * A_KV_HEADS * A_DIM * 2 * (q8 ? 34.0 / 32 : 2);
-    double bytes = kv_bytes + 2.0 * n_seqs * A_HEADS * A_DIM * 4;
+    double read_bytes = kv_bytes * seen / ctx;
+    double bytes = read_bytes + 2.0 * n_seqs * A_HEADS * A_DIM * 4;
     if (left_s() < 2) {
         skip_row(r, "skipped: time budget spent");
         return 0;
@@ -896,6 +909,8 @@ bench_decode_attn(uint32_t ctx, uint32_t n_seqs, bool q8)
     uint32_t layers = n_sets(bytes);
     attn_ctx_t c;
     int rc = attn_setup(&c, n_seqs, ctx, false, layers, q8);
+    c.sinks = sinks;
+    c.window = window;
     double ms = -1;
     int n_timed = 0;
     if (rc == 0)
@@ -1089,10 +1104,14 @@ kernels(double budget_s)
     static const uint32_t ctxs[] = {4096, 32768, 131072}, seqs[] = {1, 16};
     for (size_t i = 0; i < 3; i++)
         for (size_t j = 0; j < 2; j++)
-            KT(bench_decode_attn(ctxs[i], seqs[j], false));
+            KT(bench_decode_attn(ctxs[i], seqs[j], false, 0));
     /* The same reads from Q8_0 tiles: 53% of the bytes. */
-    KT(bench_decode_attn(32768, 16, true));
-    KT(bench_decode_attn(131072, 1, true));
+    KT(bench_decode_attn(32768, 16, true, 0));
+    KT(bench_decode_attn(131072, 1, true, 0));
+    /* StreamingLLM at long context: few keys, which must still spread
+     * over the whole device. */
+    KT(bench_decode_attn(131072, 1, false, 4096));
+    KT(bench_decode_attn(131072, 16, false, 4096));
     KT(bench_select(32768));
     double ms4 = -1, ms16;
     KT(bench_prefill_attn(4096, &ms4, -1));
