@@ -10,10 +10,10 @@
  *   - sequences with more than one query row, F16 KV (hot blocks, in a
  *     codec pool) and head_dim 64 or 128 go to the tensor-core kernel of
  *     cuda_attn_tc.cu in tiles of consecutive rows;
- *   - the other rows, when the call has no key pattern (plain decode),
- *     to dec_kernel below, which splits keys rather than heads over its
- *     warps;
- *   - the other rows of a call with a pattern to attn_kernel:
+ *   - the other rows, when the call has no block mask (plain decode, or
+ *     sinks + a window), to dec_kernel below, which splits keys rather
+ *     than heads over its warps;
+ *   - the other rows of a call with a block mask to attn_kernel:
  *
  *   grid  (row of the list, kv head g, split z)
  *   block one warp per query head of g's GQA group (at most 8 warps; a
@@ -215,8 +215,9 @@ __launch_bounds__(ATTN_MAX_WARPS * 32) attn_kernel(attn_params_t p)
  *
  * attn_kernel gives each warp one query head, so a block's warps read the
  * same K and V rows and a block keeps about a kilobyte of loads in flight:
- * at batch 1 that leaves the memory system mostly idle.  Rows without a
- * key pattern (plain decode) run here instead:
+ * at batch 1 that leaves the memory system mostly idle.  Rows of calls
+ * without a block mask (plain decode, or sinks + a window) run here
+ * instead:
  *
  *   grid  (row of the list, kv head g, split z), as attn_kernel
  *   block DEC_WARPS warps; warp w takes keys lo + w*TK, then every
@@ -229,7 +230,14 @@ __launch_bounds__(ATTN_MAX_WARPS * 32) attn_kernel(attn_params_t p)
  *         or into the split's partials for attn_combine_kernel
  *
  * Keys run across block boundaries, each looked up in the page table on
- * its own; quantized blocks decode value by value as in attn_kernel. */
+ * its own; quantized blocks decode value by value as in attn_kernel.
+ *
+ * Splits and warps count the keys a row sees, not positions: with sinks +
+ * a window, key k < s is position k (the s = min(sinks, window start)
+ * sinks) and later ones are the window's, position wlo + k - s; a dense
+ * row is s = kv_len, every position itself.  So a long row under a window
+ * spreads its few keys over every split rather than leaving most of them
+ * empty. */
 #define DEC_WARPS 4
 #define DEC_MAX_PER_SM 4 /* the split plan's target: one wave of resident blocks, at most this */
 
@@ -281,8 +289,12 @@ __launch_bounds__(DEC_WARPS * 32) dec_kernel(attn_params_t p, bool vec)
     const uint32_t d = p.head_dim, bt = p.block_tokens, c0 = lane * DPL;
     const bool on = c0 < d; /* lanes past the head hold zeros */
     const uint32_t len = (uint32_t)p.row_len[i];
+    /* The keys the row sees: s sinks, then the window from wlo. */
+    const int32_t wlo = p.row_lo[i];
+    const uint32_t n_sink = wlo < 0 ? len : umin(p.sinks, (uint32_t)wlo);
+    const uint32_t n_vis = wlo < 0 ? len : n_sink + (len - (uint32_t)wlo);
     const uint32_t lo = z * p.split_tokens;
-    const uint32_t hi = lo < len ? umin(len, lo + p.split_tokens) : lo; /* lo == hi: empty */
+    const uint32_t hi = lo < n_vis ? umin(n_vis, lo + p.split_tokens) : lo; /* lo == hi: empty */
     const int32_t *blocks = p.blocks + p.row_blk[i];
     const T *kl = (const T *)p.k, *vl = (const T *)p.v;
     float *s_acc = dec_smem, *s_m = s_acc + (size_t)DEC_WARPS * HB * d, *s_l = s_m + DEC_WARPS * HB;
@@ -312,7 +324,8 @@ __launch_bounds__(DEC_WARPS * 32) dec_kernel(attn_params_t p, bool vec)
                     kr[u][e] = vr[u][e] = 0.0f;
                 if (j >= hi || !on)
                     continue;
-                const uint32_t blk = (uint32_t)blocks[j / bt], off = j % bt;
+                const uint32_t pos = j < n_sink ? j : (uint32_t)wlo + (j - n_sink);
+                const uint32_t blk = (uint32_t)blocks[pos / bt], off = pos % bt;
                 if (blk >= p.kvq.n_hot) {
                     const uint8_t *kt = kern__cuda_kvq_tile(p.kvq, false, blk, p.n_kv_heads, g);
                     const uint8_t *vt = kern__cuda_kvq_tile(p.kvq, true, blk, p.n_kv_heads, g);
@@ -656,7 +669,7 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
     int32_t *row_len = (int32_t *)h, *row_lo = row_len + n_q, *row_blk = row_lo + n_q;
     int32_t *list = row_blk + n_q, *tiles = list + n_list;
     uint8_t *mask = (uint8_t *)(tiles + 3 * n_tiles);
-    int32_t max_len = 0;
+    int32_t max_len = 0, max_vis = 0;
     size_t at_list = 0, at_tile = 0;
     for (uint32_t s = 0; s < n_seqs; s++) {
         int32_t r0 = a->q_indptr[s], r1 = a->q_indptr[s + 1];
@@ -687,6 +700,11 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
             for (int32_t r = r0; r < r1; r++) {
                 list[at_list++] = r;
                 max_len = a->kv_len[r] > max_len ? a->kv_len[r] : max_len;
+                /* dec_kernel's count: the keys the row sees (no block mask) */
+                int32_t lo_r = row_lo[r], sk = (int32_t)a->sink_tokens;
+                int32_t vis =
+                    lo_r < 0 ? a->kv_len[r] : (sk < lo_r ? sk : lo_r) + a->kv_len[r] - lo_r;
+                max_vis = vis > max_vis ? vis : max_vis;
             }
         }
     }
@@ -741,13 +759,13 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
     if (n_list == 0)
         return 0;
 
-    /* Plain decode rows (no key pattern) go to dec_kernel, which wants as
-     * many blocks as the device holds at once; attn_kernel's blocks of up
-     * to 8 warps, two per multiprocessor. */
+    /* Rows of a call without a block mask go to dec_kernel, which wants
+     * as many blocks as the device holds at once; attn_kernel's blocks of
+     * up to 8 warps, two per multiprocessor. */
     dec_fn_t dec = NULL;
     size_t dec_smem = 0, want = (size_t)2 * (be->n_sm > 0 ? be->n_sm : 1);
     bool dec_vec = false;
-    if (!patterned) {
+    if (a->block_mask == NULL) {
         const uint32_t dpl = d <= 64 ? 2 : d <= 128 ? 4 : 8;
         const uint32_t hb = group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
         const bool f16 = kv->dtype == KERN_F16;
@@ -769,6 +787,17 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
      * row's end are empty. */
     if (a->max_len_hint)
         max_len = (int32_t)a->max_len_hint;
+    if (dec) {
+        /* Under a bound, what any row under it can see: the bound, or the
+         * sinks and the window when every row has them. */
+        if (a->max_len_hint) {
+            max_vis = (int32_t)a->max_len_hint;
+            if (patterned && a->dense_rows == NULL &&
+                (uint64_t)a->sink_tokens + a->window_tokens < a->max_len_hint)
+                max_vis = (int32_t)(a->sink_tokens + a->window_tokens);
+        }
+        max_len = max_vis;
+    }
     uint32_t n_splits = 1;
     size_t base_blocks = n_list * kv->n_kv_heads;
     if (base_blocks < want) {
