@@ -30,8 +30,10 @@
  * Sparse patterns: the warp walks runs of keys the row sees, each inside
  * one block: a block the mask keeps, the sinks, the window.  Blocks
  * outside all three are stepped over without reading K or V, so the cost
- * is O(kept keys).  Splits still cut [0, kv_len) evenly, so under sinks +
- * a window most splits of a long row find nothing (they merge as empty).
+ * is O(kept keys).  Its splits cut [0, kv_len) evenly, so under a block
+ * mask most splits of a long row may find nothing (they merge as empty);
+ * dec_kernel, which takes every call without a mask, splits the keys a row
+ * sees instead.
  *
  * Quantized blocks (a pool with a codec) are read value by value through
  * cuda_kvq.cuh, decoding exactly as the host backends do; hot blocks keep
@@ -701,9 +703,12 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
                 list[at_list++] = r;
                 max_len = a->kv_len[r] > max_len ? a->kv_len[r] : max_len;
                 /* dec_kernel's count: the keys the row sees (no block mask) */
-                int32_t lo_r = row_lo[r], sk = (int32_t)a->sink_tokens;
-                int32_t vis =
-                    lo_r < 0 ? a->kv_len[r] : (sk < lo_r ? sk : lo_r) + a->kv_len[r] - lo_r;
+                const int32_t lo_r = row_lo[r];
+                const uint32_t sk = a->sink_tokens; /* any count kern.c accepts */
+                const int32_t vis = lo_r < 0
+                                        ? a->kv_len[r]
+                                        : (int32_t)(sk < (uint32_t)lo_r ? sk : (uint32_t)lo_r) +
+                                              a->kv_len[r] - lo_r;
                 max_vis = vis > max_vis ? vis : max_vis;
             }
         }
@@ -798,6 +803,8 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
         }
         max_len = max_vis;
     }
+    if (max_len < 1) /* every row sees a key (kern.c); never a zero-length split */
+        max_len = 1;
     uint32_t n_splits = 1;
     size_t base_blocks = n_list * kv->n_kv_heads;
     if (base_blocks < want) {
