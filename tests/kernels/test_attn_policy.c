@@ -593,8 +593,12 @@ test_degenerate_equals_dense(void **state)
         all_dense.dense = malloc(p.n_q);
         assert_non_null(all_dense.dense);
         memset(all_dense.dense, 1, p.n_q);
-        const pat_t *pats[] = {&wide, &ones, &all_dense};
-        static const char *names[] = {"window >= N", "mask all ones", "all rows dense"};
+        /* Sinks past every position, the count beyond INT32_MAX (a
+         * split plan that read it as signed planned too few keys). */
+        pat_t sinks = {.sinks = UINT32_MAX - (uint32_t)iter, .window = 1 + (uint32_t)iter};
+        const pat_t *pats[] = {&wide, &ones, &all_dense, &sinks};
+        static const char *names[] = {"window >= N", "mask all ones", "all rows dense",
+                                      "sinks >= N"};
         /* b == g_n_be: cuda, whose kernels may visit the kept keys in
          * other groups than dense does (sums in another order). */
         for (int b = -1; b <= g_n_be; b++) {
@@ -603,7 +607,7 @@ test_degenerate_equals_dense(void **state)
             if (be == NULL)
                 break;
             assert_int_equal(run(be, &p, NULL, dense), 0);
-            for (int k = 0; k < 3; k++) {
+            for (int k = 0; k < 4; k++) {
                 assert_int_equal(run(be, &p, pats[k], got), 0);
                 check_close(dense, got, qn, b == g_n_be ? 1e-5 : 1e-6, names[k], label);
             }
