@@ -195,6 +195,10 @@ int kern__cuda_stage_end(kern_cuda_t *be, size_t bytes, void **dev);
  * device buffer of the caller's, instead of the staging buffer. */
 int kern__cuda_stage_to(kern_cuda_t *be, size_t bytes, void *dst);
 
+/* Replaces the device buffer *p (*have bytes) by one of `want` bytes once
+ * the stream is done with it; the contents go.  KVS_ENOMEM (logged, *p
+ * NULL) when the device has no room. */
+int kern__cuda_dev_regrow(kern_cuda_t *be, void **p, size_t *have, size_t want, const char *what);
 /* A device workspace of at least `bytes`.  Growing it waits for the stream
  * (the old buffer may still be read) and reallocates.  Returns 0,
  * KVS_ENOMEM or KVS_EDEVICE. */

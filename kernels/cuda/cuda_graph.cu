@@ -144,21 +144,9 @@ arena_dev_reserve(kern_cuda_t *be, size_t bytes)
     if (bytes <= be->arena_dev_bytes)
         return 0;
     kern__cuda_forget_addresses(be);
-    KERN_CUDA_TRY(cudaStreamSynchronize(be->stream));
-    void *old = be->arena_dev;
-    be->arena_dev = NULL;
-    be->arena_dev_bytes = 0;
-    if (old)
-        KERN_CUDA_TRY(cudaFree(old));
-    size_t want = kern__cuda_round_up(bytes + bytes / 2, (size_t)1 << 20);
-    cudaError_t e = cudaMalloc(&be->arena_dev, want);
-    if (e != cudaSuccess) {
-        (void)cudaGetLastError();
-        KVS_WARNF("cuda: graph arena of %zu bytes on the device: %s", want, cudaGetErrorString(e));
-        return KVS_ENOMEM;
-    }
-    be->arena_dev_bytes = want;
-    return 0;
+    return kern__cuda_dev_regrow(be, &be->arena_dev, &be->arena_dev_bytes,
+                                 kern__cuda_round_up(bytes + bytes / 2, (size_t)1 << 20),
+                                 "graph arena on the device");
 }
 
 /* fn's launches into *exec.  `staged`: what the DRY pass staged, which the

@@ -117,31 +117,37 @@ kern__cuda_stage_begin(kern_cuda_t *be, size_t bytes, void **host)
     return 0;
 }
 
+int
+kern__cuda_dev_regrow(kern_cuda_t *be, void **p, size_t *have, size_t want, const char *what)
+{
+    /* Kernels queued earlier may still use the old buffer. */
+    KERN_CUDA_TRY(cudaStreamSynchronize(be->stream));
+    void *old = *p;
+    *p = NULL;
+    *have = 0;
+    if (old)
+        KERN_CUDA_TRY(cudaFree(old));
+    cudaError_t e = cudaMalloc(p, want);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        *p = NULL;
+        KVS_WARNF("cuda: %s of %zu bytes: %s", what, want, cudaGetErrorString(e));
+        return KVS_ENOMEM;
+    }
+    *have = want;
+    return 0;
+}
+
 /* Grows the device side of the staging to at least `bytes`. */
 static int
 stage_dev_reserve(kern_cuda_t *be, size_t bytes)
 {
-    if (bytes > be->stage_dev_bytes) {
-        if (be->reserved)
-            KVS_WARNF("cuda: staging grows to %zu bytes beyond the reservation", bytes);
-        /* Kernels queued earlier may still read the old buffer. */
-        KERN_CUDA_TRY(cudaStreamSynchronize(be->stream));
-        void *old = be->stage_dev;
-        be->stage_dev = NULL;
-        be->stage_dev_bytes = 0;
-        if (old)
-            KERN_CUDA_TRY(cudaFree(old));
-        size_t want = kern__cuda_round_up(bytes, 64 * 1024);
-        cudaError_t e = cudaMalloc(&be->stage_dev, want);
-        if (e != cudaSuccess) {
-            (void)cudaGetLastError();
-            be->stage_dev = NULL;
-            KVS_WARNF("cuda: device staging of %zu bytes: %s", want, cudaGetErrorString(e));
-            return KVS_ENOMEM;
-        }
-        be->stage_dev_bytes = want;
-    }
-    return 0;
+    if (bytes <= be->stage_dev_bytes)
+        return 0;
+    if (be->reserved)
+        KVS_WARNF("cuda: staging grows to %zu bytes beyond the reservation", bytes);
+    return kern__cuda_dev_regrow(be, &be->stage_dev, &be->stage_dev_bytes,
+                                 kern__cuda_round_up(bytes, 64 * 1024), "device staging");
 }
 
 int
@@ -186,21 +192,10 @@ kern__cuda_workspace(kern_cuda_t *be, kern_cuda_ws_t which, size_t bytes, void *
         KVS_WARNF("cuda: workspace %d grows to %zu bytes beyond the reservation", (int)which,
                   bytes);
     kern__cuda_forget_addresses(be);
-    KERN_CUDA_TRY(cudaStreamSynchronize(be->stream));
-    void *old = be->ws[which];
-    be->ws[which] = NULL;
-    be->ws_bytes[which] = 0;
-    if (old)
-        KERN_CUDA_TRY(cudaFree(old));
-    size_t want = kern__cuda_round_up(bytes, 2u << 20);
-    cudaError_t e = cudaMalloc(&be->ws[which], want);
-    if (e != cudaSuccess) {
-        (void)cudaGetLastError();
-        be->ws[which] = NULL;
-        KVS_WARNF("cuda: workspace of %zu bytes: %s", want, cudaGetErrorString(e));
-        return KVS_ENOMEM;
-    }
-    be->ws_bytes[which] = want;
+    int rc = kern__cuda_dev_regrow(be, &be->ws[which], &be->ws_bytes[which],
+                                   kern__cuda_round_up(bytes, 2u << 20), "workspace");
+    if (rc)
+        return rc;
     *out = be->ws[which];
     return 0;
 }

@@ -236,22 +236,6 @@ typedef struct kv_geom {
     uint32_t n_layers, n_kv_heads, head_dim, block_tokens, n_blocks;
 } kv_geom_t;
 
-static inline kern_kv_t
-kv_make(kern_backend_t *be, const kv_geom_t *g, const void *k_host, const void *v_host)
-{
-    size_t el = g->dtype == KERN_F16 ? 2 : 4;
-    kern_kv_t kv = {.dtype = g->dtype,
-                    .n_layers = g->n_layers,
-                    .n_kv_heads = g->n_kv_heads,
-                    .head_dim = g->head_dim,
-                    .block_tokens = g->block_tokens,
-                    .n_blocks = g->n_blocks};
-    kv.layer_bytes = (size_t)g->n_blocks * g->n_kv_heads * g->block_tokens * g->head_dim * el;
-    kv.k = put(be, k_host, kv.layer_bytes * g->n_layers);
-    kv.v = put(be, v_host, kv.layer_bytes * g->n_layers);
-    return kv;
-}
-
 /* Downloads K and V (either may be NULL) and frees them. */
 static inline void
 kv_take(kern_backend_t *be, kern_kv_t *kv, void *k_host, void *v_host)
@@ -289,6 +273,19 @@ kv_make_q(kern_backend_t *be, const kv_geom_t *g, kern_kvq_t quant, uint32_t n_h
             kv.qv = put(be, NULL, tiles * kv.qv_tile);
         }
     }
+    return kv;
+}
+
+/* A full-precision pool of g's shape holding k_host and v_host (either may
+ * be NULL: zeros). */
+static inline kern_kv_t
+kv_make(kern_backend_t *be, const kv_geom_t *g, const void *k_host, const void *v_host)
+{
+    kern_kv_t kv = kv_make_q(be, g, KERN_KVQ_NONE, 0);
+    if (k_host)
+        assert_int_equal(kern_upload(be, kv.k, k_host, kv.layer_bytes * g->n_layers), 0);
+    if (v_host)
+        assert_int_equal(kern_upload(be, kv.v, v_host, kv.layer_bytes * g->n_layers), 0);
     return kv;
 }
 
