@@ -11,8 +11,10 @@
  *               paged decode attention at 4K, 32K and 128K tokens for 1 and
  *               16 sequences (and from Q8_0 tiles; and at 128K under 4
  *               sinks + a 4K window, counting the keys read); causal
- *               prefill attention of 4K and 16K
- *               tokens.  Bandwidth-bound ops are given in GB/s against the
+ *               prefill attention of 4K and 16K tokens, on the kernel the
+ *               backend picked (wgmma on Hopper) and again on mma.sync
+ *               ("attn pf mma", its baseline).  Bandwidth-bound ops are
+ *               given in GB/s against the
  *               copy, compute-bound ones (prefill matmul and attention) in
  *               TFLOP/s against the GEMM
  *   end to end  a Llama-3.1-8B-shape model (--e2e-shape) with random
@@ -103,6 +105,7 @@ typedef struct e2e_ctx {
 
 typedef struct bench {
     kern_backend_t *be;
+    int device;
     cudaStream_t st; /* ceilings and random fills */
     char gpu[256];
     size_t l2;
@@ -933,9 +936,9 @@ prefill_flops(uint32_t n)
 }
 
 static int
-bench_prefill_attn(uint32_t n, double *ms_out, double predicted_ms)
+bench_prefill_attn(const char *kernel, uint32_t n, double *ms_out, double predicted_ms)
 {
-    row_t *r = new_row("attn prefill", "%uK tokens causal, 32/8 heads d128 f16", n / 1024);
+    row_t *r = new_row(kernel, "%uK tokens causal, 32/8 heads d128 f16", n / 1024);
     *ms_out = -1;
     if (r == NULL)
         return 0;
@@ -962,6 +965,37 @@ bench_prefill_attn(uint32_t n, double *ms_out, double predicted_ms)
     done_row(r, ms, 0, prefill_flops(n));
     *ms_out = ms;
     return 0;
+}
+
+/* The prefill rows again on the mma.sync kernel, which every GPU but
+ * Hopper runs (KVS_CUDA_ATTN=mma caps the backend): on Hopper the
+ * baseline of the wgmma kernel's rows, measured in this run.  A second
+ * backend on the same device, B.be's stand-in while it lasts. */
+static int
+bench_prefill_mma(double ms4)
+{
+    kern_backend_t *main_be = B.be, *be = NULL;
+    kern_backend_cfg_t cfg = {.device = B.device};
+    const char *was = getenv("KVS_CUDA_ATTN");
+    char *keep = was ? strdup(was) : NULL;
+    setenv("KVS_CUDA_ATTN", "mma", 1);
+    int rc = kern_backend_new("cuda", &cfg, &be);
+    if (keep) {
+        setenv("KVS_CUDA_ATTN", keep, 1);
+        free(keep);
+    } else {
+        unsetenv("KVS_CUDA_ATTN");
+    }
+    if (rc != 0)
+        return rc;
+    B.be = be;
+    double ms4m = -1, ms16m;
+    rc = bench_prefill_attn("attn pf mma", 4096, &ms4m, ms4);
+    if (rc == 0)
+        rc = bench_prefill_attn("attn pf mma", 16384, &ms16m, ms4m > 0 ? 16 * ms4m : -1);
+    B.be = main_be;
+    kern_backend_free(be);
+    return rc;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1114,9 +1148,9 @@ kernels(double budget_s)
     KT(bench_decode_attn(131072, 16, false, 4096));
     KT(bench_select(32768));
     double ms4 = -1, ms16;
-    KT(bench_prefill_attn(4096, &ms4, -1));
-    KT(bench_prefill_attn(16384, &ms16, ms4 > 0 ? 16 * ms4 : -1));
-    return 0;
+    KT(bench_prefill_attn("attn prefill", 4096, &ms4, -1));
+    KT(bench_prefill_attn("attn prefill", 16384, &ms16, ms4 > 0 ? 16 * ms4 : -1));
+    return bench_prefill_mma(ms4);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1578,6 +1612,7 @@ main(int argc, char **argv)
     }
 
     kern_backend_cfg_t cfg = {.device = device};
+    B.device = device;
     int rc = kern_backend_new("cuda", &cfg, &B.be);
     if (rc != 0) {
         printf("bench_gpu: no CUDA device (%s): nothing to measure\n",

@@ -63,9 +63,11 @@ set_tests_properties(deploy_lint PROPERTIES LABELS "lint" TIMEOUT 300)
 
 # The cuda backend's decoders run on the host: it needs nvcc, not a GPU.
 # cuda_dequant: the weight blocks (cuda_dequant.cuh) against kern_row_to_f32;
-# cuda_kvq: the quantized KV tiles (cuda_kvq.cuh) against kern_kvq_decode.
+# cuda_kvq: the quantized KV tiles (cuda_kvq.cuh) against kern_kvq_decode;
+# cuda_wg_layout: the wgmma prefill kernel's shared-memory layout
+# (cuda_attn_tc.cuh) against PTX's descriptor layouts.
 if(KVS_HAVE_CUDA)
-  foreach(t cuda_dequant cuda_kvq)
+  foreach(t cuda_dequant cuda_kvq cuda_wg_layout)
     add_executable(test_${t} tests/kernels/test_${t}.cu)
     target_link_libraries(test_${t} PRIVATE kvs PkgConfig::CMOCKA)
     target_compile_options(test_${t} PRIVATE

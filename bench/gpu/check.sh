@@ -10,8 +10,8 @@
 #   bench/gpu/check.sh [OUT_DIR]        (default .gpu-out)
 #
 # OUT_DIR gets check.log (this script's lines), one log per step
-# (gpu_kernels, test_kern_ops, test_attn_policy, test_kv_quant, engine,
-# bench_gpu) and
+# (gpu_kernels, gpu_kernels_mma, test_kern_ops, test_attn_policy,
+# test_kv_quant, engine, bench_gpu) and
 # bench_gpu.json.  Status: 0 all passed, 1 something failed, 77 no GPU.
 #
 # Binaries come from .gpu/, which bench/gpu/prepare.sh fills on a machine
@@ -147,6 +147,10 @@ if [ $gpu_rc = 77 ]; then
     say "check: no CUDA device: stopping before the tests that add cuda (cpu-only here)"
     exit 77
 fi
+# On Hopper the prefill tiles run on wgmma; the attention tests again on
+# the mma.sync kernel that other GPUs run.
+run gpu_kernels_mma 120 env KVS_CUDA_ATTN=mma KVS_TEST_FILTER='test_attention*' "$BIN/test_gpu"
+grep -h 'prefill attention on' "$OUT/gpu_kernels.log" "$OUT/gpu_kernels_mma.log" | tee -a "$LOG"
 run test_kern_ops 90 "$BIN/test_kern_ops"
 run test_attn_policy 60 "$BIN/test_attn_policy"
 run test_kv_quant 60 "$BIN/test_kv_quant"

@@ -9,7 +9,8 @@
  * sequence offset; the block ids; the block mask):
  *   - sequences with more than one query row, F16 KV (hot blocks, in a
  *     codec pool) and head_dim 64 or 128 go to the tensor-core kernel of
- *     cuda_attn_tc.cu in tiles of consecutive rows;
+ *     cuda_attn_tc.cuh (mma.sync, or wgmma on Hopper) in tiles of
+ *     consecutive rows;
  *   - the other rows, when the call has no block mask (plain decode, or
  *     sinks + a window), to dec_kernel below, which splits keys rather
  *     than heads over its warps;
@@ -496,6 +497,8 @@ kern__cuda_attention_init(kern_cuda_t *be)
                                                          : n > DEC_MAX_PER_SM ? DEC_MAX_PER_SM
                                                                               : n;
             }
+    be->attn_wgmma = kern__cuda_attention_wg_probe(be);
+    KVS_INFOF("cuda: prefill attention on %s", be->attn_wgmma ? "wgmma" : "mma.sync");
     return 0;
 }
 

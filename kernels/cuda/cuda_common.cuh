@@ -10,7 +10,8 @@
  *   cuda_attn.cu    kern__cuda_attention: paged flash-style attention,
  *                   decode rows and the general case
  *   cuda_attn_tc.cu kern__cuda_attention_tc: its F16 prefill tiles on the
- *                   tensor cores
+ *                   tensor cores (the kernel: cuda_attn_tc.cuh), mma.sync
+ *   cuda_attn_wg.cu the same kernel on wgmma, compiled for sm_90a only
  *   cuda_select.cu  KV row gather (SnapKV/H2O), block-sparse prefill's
  *                   Quest bounds and scores, attention mass (SnapKV, H2O,
  *                   speculative prefill)
@@ -153,6 +154,9 @@ typedef struct kern_cuda {
     /* Resident blocks per multiprocessor of each decode-attention
      * instance (cuda_attn.cu), asked once at start. */
     int dec_per_sm[KERN_CUDA_DEC_INSTANCES];
+    /* Prefill attention tiles on wgmma (cuda_attn_wg.cu), asked once at
+     * start; else on mma.sync. */
+    bool attn_wgmma;
 } kern_cuda_t;
 
 /* ------------------------------------------------------------------------ */
@@ -311,6 +315,11 @@ typedef struct kern_cuda_attn_tc {
 } kern_cuda_attn_tc_t;
 /* head_dim 64 or 128 (else KVS_ENOTSUP).  Returns 0 or KVS_EDEVICE. */
 int kern__cuda_attention_tc(kern_cuda_t *be, const kern_cuda_attn_tc_t *p);
+/* The same on wgmma; only where kern__cuda_attention_wg_probe said yes. */
+int kern__cuda_attention_wg(kern_cuda_t *be, const kern_cuda_attn_tc_t *p);
+/* Whether the device runs the wgmma kernel: compute capability 9.0 and
+ * its sm_90a code loaded, unless KVS_CUDA_ATTN=mma caps it. */
+bool kern__cuda_attention_wg_probe(kern_cuda_t *be);
 
 /* ------------------------------------------------------------------------ */
 /* Device helpers.                                                          */

@@ -4,7 +4,8 @@
  * staging, workspaces, the vtable, and the small ops (get_rows, rmsnorm,
  * rope, swiglu, add, kv_append, kv_copy).  Matrix products live in
  * cuda_matmul.cu, attention in cuda_attn.cu (its tensor-core prefill in
- * cuda_attn_tc.cu), the row gather, Quest bounds and attention mass in
+ * cuda_attn_tc.cuh: mma.sync, or wgmma on Hopper), the row gather, Quest
+ * bounds and attention mass in
  * cuda_select.cu, KV sealing in cuda_kvseal.cu, graphs in cuda_graph.cu.
  *
  * Callers: kern.c (kern_backend_new("cuda") and every kern_* op after

@@ -1,0 +1,759 @@
+/*
+ * kernels/cuda/cuda_attn_tc.cuh — the tensor-core prefill kernel behind
+ * kern__cuda_attention_tc: the prefill half of kern__cuda_attention
+ * (cuda_attn.cu) for F16 KV with head_dim 64 or 128 (quantized blocks of a
+ * codec pool decoded into the tiles), with kern.h's causal limits and
+ * sparse key pattern.  cuda_attn.cu stages the page table, the per-row
+ * limits and the block mask, cuts each prefill sequence into tiles of
+ * consecutive query rows and calls kern__cuda_attention_tc once, which
+ * launches one of two instances of the kernel here:
+ *
+ *   cuda_attn_tc.cu  mma.sync m16n8k16 (sm_80 and later), K and V tiles
+ *                    read by ldmatrix
+ *   cuda_attn_wg.cu  wgmma m64nNk16 (sm_90a, Hopper): the warpgroup of the
+ *                    CTA multiplies straight out of shared memory, K and V
+ *                    stored in the 128-byte swizzled layout wgmma reads;
+ *                    chosen when the device runs that file's sm_90a code
+ *
+ * Both are f16 in, f32 sums, with the same tiles, masks and softmax, so
+ * they agree up to the order of f32 additions inside a product.
+ *
+ *   grid   (tile of query rows, kv head g, chunk of g's query heads)
+ *   block  4 warps; the tile is 64 "M rows", each a (query row, query
+ *          head) pair: the heads of the GQA group are stacked so that one
+ *          K/V tile feeds all of them (group 1: 64 query rows; group 8:
+ *          8 rows x 8 heads; group 7: 9 x 7 = 63 rows used)
+ *   warp   16 M rows; Q stays in registers as A fragments (the same
+ *          layout for mma.sync and wgmma), pre-scaled by scale * log2(e)
+ *          and rounded to f16
+ *
+ *   per KV tile of 64 consecutive positions of the sequence:
+ *     gather K, V rows through the page table into shared memory (any
+ *     block_tokens: each 16-byte chunk finds its own block), cp.async,
+ *     the next tile's copy in flight while this one is computed
+ *     S = Q K^T, mask, online softmax in f32 (exp2)
+ *     O = O * alpha + P V with P as f16 A fragments (the S accumulator
+ *     layout is the A fragment layout)
+ *   finally out = O / l in f32.
+ *
+ * Which keys a row sees (its kv_len, sinks, window, block mask, dense
+ * rows) is the same test as the ref backend's.  Two pieces make the cost
+ * O(kept keys): every query row keeps the position of the next key it can
+ * see (one thread per row; the mask bytes are scanned once per CTA), so
+ * the CTA jumps straight to the next KV tile any row needs; and within a
+ * tile a 64-bit keep mask per row (two threads per row) zero-fills the
+ * copies of positions no row sees and masks scores only where a row's mask
+ * is not all ones, which in dense causal prefill is the diagonal tiles.
+ *
+ * Shared memory: K and V two stages of 64 rows each, then Q's 64 rows.
+ * mma.sync: rows of head_dim + 8 halves (the pad puts the 8 rows an
+ * ldmatrix reads in 8 different bank groups), 46 KiB for d 64, 85 KiB for
+ * d 128.  wgmma: K and V unpadded in 128-byte swizzle atoms (8 rows of 64
+ * halves, 16-byte chunk c of row r at chunk c ^ (r % 8), 1024-byte
+ * aligned), 43 KiB for d 64, 82 KiB for d 128 with the alignment slack.
+ */
+#ifndef KERN_CUDA_ATTN_TC_CUH
+#define KERN_CUDA_ATTN_TC_CUH
+
+#include "cuda_kvq.cuh"
+
+#include <limits.h>
+#include <math.h>
+
+#define TC_M KERN_CUDA_ATTN_TC_M /* M rows per CTA */
+#define TC_N 64                  /* KV positions per tile */
+#define TC_WARPS 4
+#define TC_THREADS (TC_WARPS * 32)
+#define TC_END INT_MAX /* "no further key" */
+
+#if TC_M != 16 * TC_WARPS || TC_N != 64
+#error "the warp layout assumes 16 M rows per warp and 64-position tiles (two 32-bit words)"
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* PTX wrappers (sm_80 and later).                                          */
+/* ------------------------------------------------------------------------ */
+
+/* 16 bytes global -> shared, asynchronously; with full false it writes
+ * zeros and reads nothing. */
+static __device__ __forceinline__ void
+tc_cp16(void *smem, const void *gmem, bool full)
+{
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    int n = full ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n)
+                 : "memory");
+}
+
+static __device__ __forceinline__ void
+tc_cp_commit(void)
+{
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+static __device__ __forceinline__ void
+tc_cp_wait(void)
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+static __device__ __forceinline__ void
+tc_ldsm4(uint32_t r[4], const __half *p)
+{
+    unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s)
+                 : "memory");
+}
+
+static __device__ __forceinline__ void
+tc_ldsm4_t(uint32_t r[4], const __half *p)
+{
+    unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s)
+                 : "memory");
+}
+
+/* c += a b for one 16x8 tile, k = 16. */
+static __device__ __forceinline__ void
+tc_mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1)
+{
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Two floats as one f16x2 register, lo in the low half (the lower column
+ * of an mma fragment). */
+static __device__ __forceinline__ uint32_t
+tc_pack(float lo, float hi)
+{
+    union {
+        __half2 h;
+        uint32_t u;
+    } v;
+    v.h = __floats2half2_rn(lo, hi);
+    return v.u;
+}
+
+/* ------------------------------------------------------------------------ */
+/* wgmma (sm_90a).  Only cuda_attn_wg.cu, compiled for sm_90a alone, runs   */
+/* these; anywhere else their bodies trap.                                  */
+/* ------------------------------------------------------------------------ */
+
+/* Orders this thread's earlier register writes (accumulators, A
+ * fragments) before the wgmmas that follow. */
+static __device__ __forceinline__ void
+tc_wg_fence(void)
+{
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+/* Closes the wgmmas issued so far into a group and waits until all are
+ * done: their accumulators are readable and their shared memory free. */
+static __device__ __forceinline__ void
+tc_wg_commit_wait(void)
+{
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+
+/* Makes this thread's shared-memory writes (cp.async and plain stores)
+ * visible to the tensor cores' reads, which go through the async proxy;
+ * a barrier after it publishes them to the whole warpgroup. */
+static __device__ __forceinline__ void
+tc_wg_proxy_fence(void)
+{
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+/* wgmma writes its accumulators asynchronously, which the compiler does
+ * not know: an empty asm that reads and writes each of them keeps their
+ * other uses on the right side of the fence and the wait. */
+template <int N>
+static __device__ __forceinline__ void
+tc_wg_pin(float (&d)[N][4])
+{
+#pragma unroll
+    for (int i = 0; i < N; i++)
+        asm volatile("" : "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])::"memory");
+}
+
+/* A shared-memory matrix descriptor, 128-byte swizzle: shared-space
+ * start address, leading and stride byte offsets (each a multiple of
+ * 16). */
+static __host__ __device__ __forceinline__ uint64_t
+tc_wg_desc_bits(uint32_t addr, uint32_t lbo, uint32_t sbo)
+{
+    return (uint64_t)((addr >> 4) & 0x3fffu) | (uint64_t)((lbo >> 4) & 0x3fffu) << 16 |
+           (uint64_t)((sbo >> 4) & 0x3fffu) << 32 | (uint64_t)1 << 62;
+}
+
+static __device__ __forceinline__ uint64_t
+tc_wg_desc(const void *smem, uint32_t lbo, uint32_t sbo)
+{
+    return tc_wg_desc_bits((uint32_t)__cvta_generic_to_shared(smem), lbo, sbo);
+}
+
+/* d (64 x 64 f32 accumulators, the mma C fragment layout per 8 columns)
+ * += a (64 x 16, f16 A fragments in registers) b (16 x 64, f16 in shared
+ * memory, described by desc; TB 1: b's rows are contiguous). */
+template <int TB>
+static __device__ __forceinline__ void
+tc_wgmma_n64(float d[8][4], const uint32_t a[4], uint64_t desc)
+{
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+                 "{"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, "
+                 "%8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, "
+                 "%24, %25, %26, %27, %28, %29, %30, %31"
+                 "}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
+                   "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
+                   "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
+                   "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+                   "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
+                   "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+                   "+f"(d[7][2]), "+f"(d[7][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1), "n"(TB)
+                 : "memory");
+#else
+    __trap();
+#endif
+}
+
+/* d (64 x 128 f32 accumulators, the mma C fragment layout per 8 columns)
+ * += a (64 x 16, f16 A fragments in registers) b (16 x 128, f16 in shared
+ * memory, described by desc; TB 1: b's rows are contiguous). */
+template <int TB>
+static __device__ __forceinline__ void
+tc_wgmma_n128(float d[16][4], const uint32_t a[4], uint64_t desc)
+{
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+                 "{"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, "
+                 "%8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, "
+                 "%24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, "
+                 "%40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, "
+                 "%56, %57, %58, %59, %60, %61, %62, %63"
+                 "}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
+                   "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
+                   "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
+                   "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+                   "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
+                   "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+                   "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]),
+                   "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+                   "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]),
+                   "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]),
+                   "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]),
+                   "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+                   "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1), "n"(TB)
+                 : "memory");
+#else
+    __trap();
+#endif
+}
+
+/* ------------------------------------------------------------------------ */
+/* Which keys a row sees.                                                   */
+/* ------------------------------------------------------------------------ */
+
+/* The first position >= from that a row sees, or TC_END.  len: the row's
+ * kv_len; lo: -1 for a dense row, else the window's first position (len
+ * when there is no window); mrow: the row's mask row or NULL.  Mask bytes
+ * are read only for blocks that start before lo <= len. */
+static __device__ inline int
+tc_next_visible(int from, int len, int lo, const uint8_t *mrow, int sinks, int bt)
+{
+    if (from >= len)
+        return TC_END;
+    if (lo < 0 || from < sinks || from >= lo)
+        return from;
+    if (mrow) {
+        for (int b = from / bt;; b++) {
+            int pos = b * bt > from ? b * bt : from;
+            if (pos >= lo)
+                break;
+            if (mrow[b])
+                return pos;
+        }
+    }
+    return lo < len ? lo : TC_END;
+}
+
+/* Minimum over the CTA; every thread gets it.  red: TC_WARPS ints, free
+ * for writing (a barrier separates this from the previous call's reads). */
+static __device__ __forceinline__ int
+tc_cta_min(int v, int *red)
+{
+    v = __reduce_min_sync(0xffffffffu, v);
+    if ((threadIdx.x & 31) == 0)
+        red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    return min(min(red[0], red[1]), min(red[2], red[3]));
+}
+
+/* Row state in shared memory, indexed by query row of the tile. */
+typedef struct tc_rows {
+    int len[TC_M];
+    int lo[TC_M];
+    int nv[TC_M]; /* next position the row sees, from the row's last look */
+    const uint8_t *mrow[TC_M];
+} tc_rows_t;
+
+/* The keep masks of tile t0: thread 2r + h writes row r's bits for
+ * positions t0 + 32h .. t0 + 32h + 31 to keep[2r + h], and each warp's OR
+ * over its rows to uni[2 warp + h].  Every thread must call this. */
+static __device__ __forceinline__ void
+tc_bits(int t0, const tc_rows_t *rs, uint32_t *keep, uint32_t *uni, int sinks, int bt)
+{
+    int tid = threadIdx.x, r = tid >> 1, j0 = t0 + 32 * (tid & 1);
+    int len = rs->len[r], lo = rs->lo[r];
+    uint32_t bits = 0;
+    /* The row sees nothing in [its last look, nv), and its last look was
+     * at or before t0. */
+    if (j0 < len && rs->nv[r] < j0 + 32) {
+        int n = len - j0 < 32 ? len - j0 : 32;
+        if (lo < 0 || j0 >= lo) {
+            bits = n == 32 ? 0xffffffffu : (1u << n) - 1u;
+        } else {
+            const uint8_t *mrow = rs->mrow[r];
+            int b = j0 / bt, o = j0 - b * bt;
+            bool mk = mrow && mrow[b];
+            for (int u = 0; u < n; u++) {
+                int j = j0 + u;
+                if (j < sinks || j >= lo || mk)
+                    bits |= 1u << u;
+                if (++o == bt && u + 1 < n) { /* the next position starts a block < len */
+                    o = 0;
+                    b++;
+                    mk = mrow && mrow[b];
+                }
+            }
+        }
+    }
+    keep[tid] = bits;
+    uint32_t u = bits;
+#pragma unroll
+    for (int off = 2; off < 32; off <<= 1)
+        u |= __shfl_xor_sync(0xffffffffu, u, off);
+    if ((tid & 31) < 2)
+        uni[2 * (tid >> 5) + (tid & 31)] = u;
+}
+
+/* ------------------------------------------------------------------------ */
+/* The kernel.                                                              */
+/* ------------------------------------------------------------------------ */
+
+/* Where 16-byte chunk c of tile row tok goes, in halves from the stage's
+ * start: padded rows for mma.sync; for wgmma, 64-half swizzle atoms of the
+ * head dimension one after another, each TC_N rows of 128 bytes. */
+template <int D, bool WG>
+static __host__ __device__ __forceinline__ int
+tc_chunk(int tok, int c)
+{
+    if constexpr (WG)
+        return (c >> 3) * (TC_N * 64) + tok * 64 + (((c & 7) ^ (tok & 7)) << 3);
+    return tok * (D + 8) + c * 8;
+}
+
+/* The wgmma operands in a stage so stored (tests/kernels/
+ * test_cuda_wg_layout.cu checks them against PTX's canonical layouts):
+ *   S = Q K^T, k16 step kk: B is K "K-major", 16 head dims of every key:
+ *     32 bytes into each 128-byte row of an atom, 8-row groups 1024 bytes
+ *     apart (the leading offset is unused)
+ *   O += P V, k16 step kk: B is V "MN-major" (transposed), 16 keys of
+ *     every head dim: 16 rows of 128 bytes further, 8-row groups 1024
+ *     bytes apart, the head dimension's atoms TC_N rows apart
+ * Starts in halves from the stage's start, offsets in bytes. */
+static __host__ __device__ __forceinline__ int
+tc_wg_k_at(int kk)
+{
+    return (kk >> 2) * (TC_N * 64) + (kk & 3) * 16;
+}
+static __host__ __device__ __forceinline__ int
+tc_wg_v_at(int kk)
+{
+    return kk * 16 * 64;
+}
+#define TC_WG_K_LBO 16u
+#define TC_WG_K_SBO 1024u
+#define TC_WG_V_LBO (TC_N * 128u)
+#define TC_WG_V_SBO 1024u
+
+/* Queues the copies of KV tile t0 (kv head head0) into stages ks and vs.
+ * Positions no row of the CTA sees are zero-filled, so V is finite where P
+ * is 0.  A position in a quantized block is decoded (cuda_kvq.cuh) and
+ * stored at once, rounded to f16 like q and P; the barrier before the tile
+ * is read covers those stores as it covers the copies. */
+template <int D, bool WG>
+static __device__ __forceinline__ void
+tc_load(const __half *kl, const __half *vl, const kern_cuda_kvq_t &kvq, size_t head0, size_t n_kv,
+        int bt, int t0, const int32_t *blocks, __half *ks, __half *vs, const uint32_t *uni)
+{
+    constexpr int CPR = D / 8, TPP = TC_THREADS / CPR, PASSES = TC_N / TPP;
+    int tid = threadIdx.x, c = tid % CPR, tok0 = tid / CPR;
+    uint32_t u0 = uni[0] | uni[2] | uni[4] | uni[6], u1 = uni[1] | uni[3] | uni[5] | uni[7];
+#pragma unroll
+    for (int ps = 0; ps < PASSES; ps++) {
+        int tok = tok0 + ps * TPP, j = t0 + tok, at = tc_chunk<D, WG>(tok, c);
+        bool need = ((tok < 32 ? u0 >> tok : u1 >> (tok - 32)) & 1u) != 0;
+        size_t off = 0;
+        if (need) { /* some row sees j, so j < its kv_len and blocks[j / bt] exists */
+            int b = j / bt;
+            uint32_t blk = (uint32_t)blocks[b];
+            if (blk >= kvq.n_hot) {
+                const uint8_t *kt = kern__cuda_kvq_tile(kvq, false, blk, (uint32_t)n_kv, head0);
+                const uint8_t *vt = kern__cuda_kvq_tile(kvq, true, blk, (uint32_t)n_kv, head0);
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    uint32_t t = (uint32_t)(j - b * bt), ch = (uint32_t)(c * 8 + e);
+                    ks[at + e] = kern__cuda_f16_sat(
+                        kern__kvq_elem(kvq.quant, false, kt, (uint32_t)bt, D, t, ch));
+                    vs[at + e] = kern__cuda_f16_sat(
+                        kern__kvq_elem(kvq.quant, true, vt, (uint32_t)bt, D, t, ch));
+                }
+                continue;
+            }
+            off = (((size_t)blk * n_kv + head0) * (size_t)bt + (size_t)(j - b * bt)) * D +
+                  (size_t)c * 8;
+        }
+        tc_cp16(ks + at, kl + off, need);
+        tc_cp16(vs + at, vl + off, need);
+    }
+}
+
+/* Dynamic shared memory of an instance: K and V stages, Q, and for wgmma
+ * the slack that aligns the stages to 1024 bytes. */
+template <int D, bool WG>
+static constexpr size_t
+tc_smem_bytes(void)
+{
+    return (4 * TC_N * (WG ? D : D + 8) + TC_M * (D + 8)) * sizeof(__half) + (WG ? 1024 : 0);
+}
+
+template <int D, bool WG>
+static __global__ void
+__launch_bounds__(TC_THREADS, 2) attn_tc_kernel(const kern_cuda_attn_tc_t p)
+{
+    constexpr int ROW = D + 8, KSTEPS = D / 16, NT_O = D / 8;
+    constexpr int STAGE = TC_N * (WG ? D : ROW); /* halves in one K or V stage */
+    extern __shared__ __align__(16) unsigned char tc_dyn[];
+    /* The swizzle is a function of address bits 4-9, so a wgmma stage
+     * starts on a 1024-byte boundary (each is a multiple of 1024 bytes). */
+    unsigned char *dyn = tc_dyn;
+    if constexpr (WG)
+        dyn += (1024u - ((unsigned)__cvta_generic_to_shared(tc_dyn) & 1023u)) & 1023u;
+    __half *ks = (__half *)dyn;  /* [2][STAGE] */
+    __half *vs = ks + 2 * STAGE; /* [2][STAGE] */
+    __half *qs = vs + 2 * STAGE; /* [TC_M][ROW] */
+    __shared__ uint32_t keep[2][2 * TC_M];
+    __shared__ uint32_t uni[2][2 * TC_WARPS];
+    __shared__ int red[TC_WARPS];
+    __shared__ tc_rows_t rs;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int32_t *tile = p.tiles + 3 * (size_t)blockIdx.x;
+    const int row0 = tile[0], n_rows = tile[1];
+    const int32_t *blocks = p.blocks + tile[2];
+    const uint32_t g = blockIdx.y;
+    const int G = (int)p.group, HC = G < TC_M ? G : TC_M, hc0 = (int)blockIdx.z * HC;
+    const int sinks = (int)p.sinks, bt = (int)p.block_tokens;
+    const __half *kl = (const __half *)p.k, *vl = (const __half *)p.v;
+
+    /* Row state: thread r < TC_M owns query row r of the tile (n_rows <=
+     * TC_M / HC); rows past the tile see nothing. */
+    int nv = TC_END;
+    if (tid < TC_M) {
+        int len = 0, lo = -1;
+        const uint8_t *mrow = NULL;
+        if (tid < n_rows) {
+            int i = row0 + tid;
+            len = p.row_len[i];
+            lo = p.row_lo[i];
+            if (p.mask && lo >= 0)
+                mrow = p.mask + (size_t)((uint32_t)i / p.mask_q_block) * p.mask_stride;
+            nv = tc_next_visible(0, len, lo, mrow, sinks, bt);
+        }
+        rs.len[tid] = len;
+        rs.lo[tid] = lo;
+        rs.nv[tid] = nv;
+        rs.mrow[tid] = mrow;
+    }
+    int cur = tc_cta_min(nv, red);
+    if (cur != TC_END) {
+        cur &= ~(TC_N - 1);
+        tc_bits(cur, &rs, keep[0], uni[0], sinks, bt);
+        __syncthreads();
+        tc_load<D, WG>(kl, vl, p.kvq, g, p.n_kv_heads, bt, cur, blocks, ks, vs, uni[0]);
+    }
+    tc_cp_commit();
+
+    /* Q: M row m is query row m / HC, head hc0 + m % HC of the group. */
+    {
+        constexpr int F4 = D / 4;
+        for (int e = tid; e < TC_M * F4; e += TC_THREADS) {
+            int m = e / F4, c4 = e - m * F4;
+            int r = m / HC, hh = hc0 + (m - r * HC);
+            float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (r < n_rows && hh < G)
+                x = *(const float4 *)(p.q +
+                                      ((size_t)(row0 + r) * p.n_heads + (size_t)g * G + hh) * D +
+                                      c4 * 4);
+            uint2 h;
+            h.x = tc_pack(x.x * p.qscale, x.y * p.qscale);
+            h.y = tc_pack(x.z * p.qscale, x.w * p.qscale);
+            *(uint2 *)(qs + m * ROW + c4 * 4) = h;
+        }
+    }
+    __syncthreads();
+    uint32_t qf[KSTEPS][4];
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; kk++)
+        tc_ldsm4(qf[kk], qs + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ROW + kk * 16 +
+                             (lane >> 4) * 8);
+
+    /* This thread's two M rows (fragment rows lane / 4 and + 8). */
+    const int ma = warp * 16 + (lane >> 2), mb = ma + 8;
+    const int ra = ma / HC, rb = mb / HC;
+    const int ha = hc0 + (ma - ra * HC), hb = hc0 + (mb - rb * HC);
+    const bool va = ra < n_rows && ha < G, vb = rb < n_rows && hb < G;
+
+    float o[NT_O][4];
+#pragma unroll
+    for (int nt = 0; nt < NT_O; nt++)
+        o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
+
+    int stage = 0;
+    while (cur != TC_END) {
+        /* Rows that may see something in this tile look again past it. */
+        if (tid < TC_M && nv < cur + TC_N) {
+            nv = tc_next_visible(cur + TC_N, rs.len[tid], rs.lo[tid], rs.mrow[tid], sinks, bt);
+            rs.nv[tid] = nv;
+        }
+        int nxt = tc_cta_min(nv, red);
+        if (nxt != TC_END) {
+            nxt &= ~(TC_N - 1);
+            tc_bits(nxt, &rs, keep[stage ^ 1], uni[stage ^ 1], sinks, bt);
+            __syncthreads();
+            tc_load<D, WG>(kl, vl, p.kvq, g, p.n_kv_heads, bt, nxt, blocks,
+                           ks + (stage ^ 1) * STAGE, vs + (stage ^ 1) * STAGE, uni[stage ^ 1]);
+            tc_cp_commit();
+            tc_cp_wait<1>();
+        } else {
+            tc_cp_wait<0>();
+        }
+        if constexpr (WG)
+            tc_wg_proxy_fence();
+        __syncthreads(); /* tile cur's K, V and keep masks are in place */
+
+        const __half *kt = ks + stage * STAGE, *vt = vs + stage * STAGE;
+        float s[8][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+        if constexpr (WG) {
+            tc_wg_pin(s);
+            tc_wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < KSTEPS; kk++)
+                tc_wgmma_n64<0>(s, qf[kk],
+                                tc_wg_desc(kt + tc_wg_k_at(kk), TC_WG_K_LBO, TC_WG_K_SBO));
+            tc_wg_commit_wait();
+            tc_wg_pin(s);
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < KSTEPS; kk++) {
+#pragma unroll
+                for (int np = 0; np < 4; np++) {
+                    uint32_t b[4];
+                    tc_ldsm4(b, kt + (np * 16 + (lane & 7) + (lane >> 4) * 8) * ROW + kk * 16 +
+                                    ((lane >> 3) & 1) * 8);
+                    tc_mma(s[2 * np], qf[kk], b[0], b[1]);
+                    tc_mma(s[2 * np + 1], qf[kk], b[2], b[3]);
+                }
+            }
+        }
+
+        /* Mask what a row does not see (invalid M rows see nothing). */
+        const uint32_t *kp = keep[stage];
+        uint32_t a0 = va ? kp[2 * ra] : 0u, a1 = va ? kp[2 * ra + 1] : 0u;
+        uint32_t b0 = vb ? kp[2 * rb] : 0u, b1 = vb ? kp[2 * rb + 1] : 0u;
+        if ((a0 & a1) != 0xffffffffu) {
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+                uint32_t w = nt < 4 ? a0 : a1;
+                int c = (nt & 3) * 8 + 2 * (lane & 3);
+                if (!((w >> c) & 1u))
+                    s[nt][0] = -INFINITY;
+                if (!((w >> (c + 1)) & 1u))
+                    s[nt][1] = -INFINITY;
+            }
+        }
+        if ((b0 & b1) != 0xffffffffu) {
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+                uint32_t w = nt < 4 ? b0 : b1;
+                int c = (nt & 3) * 8 + 2 * (lane & 3);
+                if (!((w >> c) & 1u))
+                    s[nt][2] = -INFINITY;
+                if (!((w >> (c + 1)) & 1u))
+                    s[nt][3] = -INFINITY;
+            }
+        }
+
+        /* Online softmax; a row's four threads (a quad) share its max. */
+        float ta = -INFINITY, tb = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            ta = fmaxf(ta, fmaxf(s[nt][0], s[nt][1]));
+            tb = fmaxf(tb, fmaxf(s[nt][2], s[nt][3]));
+        }
+        ta = fmaxf(ta, __shfl_xor_sync(0xffffffffu, ta, 1));
+        ta = fmaxf(ta, __shfl_xor_sync(0xffffffffu, ta, 2));
+        tb = fmaxf(tb, __shfl_xor_sync(0xffffffffu, tb, 1));
+        tb = fmaxf(tb, __shfl_xor_sync(0xffffffffu, tb, 2));
+        float na = fmaxf(m_a, ta), nb = fmaxf(m_b, tb);
+        /* A row that has seen nothing yet keeps max -inf: subtracting 0
+         * then gives weights exp2(-inf) = 0 instead of NaN. */
+        float ua = na == -INFINITY ? 0.0f : na, ub = nb == -INFINITY ? 0.0f : nb;
+        float alpha_a = exp2f(m_a - ua), alpha_b = exp2f(m_b - ub);
+        m_a = na;
+        m_b = nb;
+        float sa = 0.0f, sb = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            s[nt][0] = exp2f(s[nt][0] - ua);
+            s[nt][1] = exp2f(s[nt][1] - ua);
+            s[nt][2] = exp2f(s[nt][2] - ub);
+            s[nt][3] = exp2f(s[nt][3] - ub);
+            sa += s[nt][0] + s[nt][1];
+            sb += s[nt][2] + s[nt][3];
+        }
+        l_a = l_a * alpha_a + sa; /* this thread's share; the quad sums at the end */
+        l_b = l_b * alpha_b + sb;
+#pragma unroll
+        for (int nt = 0; nt < NT_O; nt++) {
+            o[nt][0] *= alpha_a;
+            o[nt][1] *= alpha_a;
+            o[nt][2] *= alpha_b;
+            o[nt][3] *= alpha_b;
+        }
+
+        /* O += P V: the S accumulator layout is the A fragment layout. */
+        uint32_t pa[4][4];
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            pa[kk][0] = tc_pack(s[2 * kk][0], s[2 * kk][1]);
+            pa[kk][1] = tc_pack(s[2 * kk][2], s[2 * kk][3]);
+            pa[kk][2] = tc_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[kk][3] = tc_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        }
+        if constexpr (WG) {
+            tc_wg_pin(o);
+            tc_wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                uint64_t dv = tc_wg_desc(vt + tc_wg_v_at(kk), TC_WG_V_LBO, TC_WG_V_SBO);
+                if constexpr (D == 64)
+                    tc_wgmma_n64<1>(o, pa[kk], dv);
+                else
+                    tc_wgmma_n128<1>(o, pa[kk], dv);
+            }
+            tc_wg_commit_wait();
+            tc_wg_pin(o);
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+#pragma unroll
+                for (int dp = 0; dp < D / 16; dp++) {
+                    uint32_t b[4];
+                    tc_ldsm4_t(b, vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ROW +
+                                      dp * 16 + (lane >> 4) * 8);
+                    tc_mma(o[2 * dp], pa[kk], b[0], b[1]);
+                    tc_mma(o[2 * dp + 1], pa[kk], b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads(); /* stage and keep[stage] are refilled next round */
+        cur = nxt;
+        stage ^= 1;
+    }
+
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+    /* kern.c guarantees every row a key, so l > 0 for valid rows. */
+    if (va) {
+        float inv = l_a > 0.0f ? 1.0f / l_a : 0.0f;
+        float *orow = p.out + ((size_t)(row0 + ra) * p.n_heads + (size_t)g * G + ha) * D;
+#pragma unroll
+        for (int nt = 0; nt < NT_O; nt++)
+            *(float2 *)(orow + nt * 8 + 2 * (lane & 3)) =
+                make_float2(o[nt][0] * inv, o[nt][1] * inv);
+    }
+    if (vb) {
+        float inv = l_b > 0.0f ? 1.0f / l_b : 0.0f;
+        float *orow = p.out + ((size_t)(row0 + rb) * p.n_heads + (size_t)g * G + hb) * D;
+#pragma unroll
+        for (int nt = 0; nt < NT_O; nt++)
+            *(float2 *)(orow + nt * 8 + 2 * (lane & 3)) =
+                make_float2(o[nt][2] * inv, o[nt][3] * inv);
+    }
+}
+
+/* Launches instance (D, WG) on p's tiles. */
+template <int D, bool WG>
+static int
+tc_launch(kern_cuda_t *be, const kern_cuda_attn_tc_t *p)
+{
+    uint32_t hc = p->group < TC_M ? p->group : TC_M;
+    dim3 grid(p->n_tiles, p->n_kv_heads, (p->group + hc - 1) / hc);
+    const size_t smem = tc_smem_bytes<D, WG>();
+    /* Above 48 KiB a kernel must opt in; cheap enough to repeat. */
+    KERN_CUDA_TRY(cudaFuncSetAttribute(attn_tc_kernel<D, WG>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    attn_tc_kernel<D, WG><<<grid, TC_THREADS, smem, be->stream>>>(*p);
+    KERN_CUDA_LAUNCHED();
+    return 0;
+}
+
+/* head_dim 64 or 128, else KVS_ENOTSUP. */
+template <bool WG>
+static int
+tc_launch_dim(kern_cuda_t *be, const kern_cuda_attn_tc_t *p)
+{
+    if (p->n_tiles == 0)
+        return 0;
+    if (p->head_dim == 64)
+        return tc_launch<64, WG>(be, p);
+    if (p->head_dim == 128)
+        return tc_launch<128, WG>(be, p);
+    return KVS_ENOTSUP;
+}
+
+#endif /* KERN_CUDA_ATTN_TC_CUH */
