@@ -10,6 +10,7 @@ BUILD=${1:-build}
 MODEL=${2:-weights/kvserve-main.gguf}
 mkdir -p bench/out
 out=$(mktemp)
+# shellcheck disable=SC2086 # SERVE_FLAGS is zero or more words
 "$BUILD/kvserve" serve --model "$MODEL" --host 127.0.0.1 --port 0 --max-model-len 2048 \
     --max-num-seqs 64 --num-kv-blocks 8192 ${SERVE_FLAGS:-} >"$out" 2>bench/out/grpc-server.log &
 pid=$!

@@ -54,7 +54,7 @@ quiet() {
 }
 
 if need shellcheck; then
-    check "shellcheck deploy/lint.sh scripts/*.sh" shellcheck deploy/lint.sh scripts/*.sh
+    check "shellcheck deploy/lint.sh scripts/*.sh bench/*.sh bench/gpu/*.sh" shellcheck deploy/lint.sh scripts/*.sh bench/*.sh bench/gpu/*.sh
 else fail "shellcheck"; fi
 
 if need yamllint; then

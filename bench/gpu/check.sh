@@ -1,7 +1,8 @@
 #!/bin/sh
 # bench/gpu/check.sh — the device check, run on a machine with an NVIDIA
-# GPU, in this order: the card (nvidia-smi); the gpu test
-# (tests/kernels/test_gpu.c); test_kern_ops, test_attn_policy and
+# GPU, in this order: the card (nvidia-smi); the backend's start (one
+# small test); the gpu test (tests/kernels/test_gpu.c), and its attention
+# tests again on the mma.sync prefill kernel; test_kern_ops, test_attn_policy and
 # test_kv_quant, which add the cuda backend when there is one; the engine
 # on the tiny random model, cuda against cpu logits (f32 KV, q8_0 KV with
 # blocks sealed, f32 KV with CUDA graphs); then bench/bench_gpu.c, whose
@@ -10,7 +11,7 @@
 #   bench/gpu/check.sh [OUT_DIR]        (default .gpu-out)
 #
 # OUT_DIR gets check.log (this script's lines), one log per step
-# (gpu_kernels, gpu_kernels_mma, test_kern_ops, test_attn_policy,
+# (backend, gpu_kernels, gpu_kernels_mma, test_kern_ops, test_attn_policy,
 # test_kv_quant, engine, bench_gpu) and
 # bench_gpu.json.  Status: 0 all passed, 1 something failed, 77 no GPU.
 #
@@ -138,6 +139,17 @@ run() {
 }
 
 export KVS_TEST_VERBOSE=1
+# The backend first, on one small test: on Hopper it checks its wgmma
+# prefill kernel at start, and a fault there would end every later step;
+# if it starts only without that kernel, the rest runs on mma.sync.
+run backend 60 env KVS_TEST_FILTER=test_rmsnorm "$BIN/test_gpu"
+be_rc=$?
+if [ $be_rc != 0 ] && [ $be_rc != 77 ] &&
+    run backend_mma 60 env KVS_CUDA_ATTN=mma KVS_TEST_FILTER=test_rmsnorm "$BIN/test_gpu"; then
+    say "check: the backend starts only with KVS_CUDA_ATTN=mma: the rest runs on mma.sync"
+    export KVS_CUDA_ATTN=mma
+fi
+grep -h 'prefill attention on\|wgmma' "$OUT/backend.log" | tee -a "$LOG"
 run gpu_kernels 300 "$BIN/test_gpu"
 gpu_rc=$?
 if [ $gpu_rc = 77 ]; then
