@@ -44,7 +44,9 @@ wg_agrees(kern_cuda_t *be, uint32_t d)
     enum { ROWS = 64, HEADS = 2, BT = 16, NB = 16, CTX = NB * BT };
     const size_t nq = (size_t)ROWS * HEADS * d, nkv = (size_t)CTX * d;
     const size_t o_q = 0, o_a = o_q + nq * 4, o_b = o_a + nq * 4, o_i = o_b + nq * 4;
-    const size_t o_k = o_i + (6 + 2 * ROWS + NB) * 4, o_v = o_k + nkv * 2, total = o_v + nkv * 2;
+    /* K and V start 16-byte aligned, as the kernel's 16-byte copies need. */
+    const size_t o_k = (o_i + (6 + 2 * ROWS + NB) * 4 + 255) & ~(size_t)255;
+    const size_t o_v = o_k + nkv * 2, total = o_v + nkv * 2;
     unsigned char *h = (unsigned char *)calloc(1, total), *dev = NULL;
     float *out_a = (float *)malloc(nq * 4), *out_b = (float *)malloc(nq * 4);
     bool ok = h && out_a && out_b && cudaMalloc((void **)&dev, total) == cudaSuccess;
