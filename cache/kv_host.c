@@ -126,20 +126,24 @@ copy_bytes(const kv_host_t *h, bool cold)
     return cold ? h->cold_bytes : h->hot_bytes;
 }
 
-/* Block b's runs to host memory (download) or back into block b. */
+/* Block b's runs to host memory (download) or back into block b: its K
+ * runs of every layer, then its V runs.  A layer's run is the same
+ * distance from the previous layer's in every block of a kind, so each
+ * half is one kern_*_runs call, not one transfer per layer. */
 static int
 block_xfer(kv_pool_t *pool, int32_t b, unsigned char *host, bool download)
 {
-    for (uint32_t l = 0; l < pool->cfg.n_layers; l++)
-        for (int v = 0; v < 2; v++) {
-            size_t n;
-            unsigned char *dev = block_run(pool, b, l, v, &n);
-            int rc = download ? kern_download(pool->be, host, dev, n)
-                              : kern_upload(pool->be, dev, host, n);
-            if (rc != 0)
-                return rc;
-            host += n;
-        }
+    const uint32_t n_layers = pool->cfg.n_layers;
+    for (int v = 0; v < 2; v++) {
+        size_t n;
+        unsigned char *dev = block_run(pool, b, 0, v, &n);
+        size_t stride = n_layers > 1 ? (size_t)(block_run(pool, b, 1, v, &n) - dev) : n;
+        int rc = download ? kern_download_runs(pool->be, host, dev, stride, n, n_layers)
+                          : kern_upload_runs(pool->be, dev, stride, host, n, n_layers);
+        if (rc != 0)
+            return rc;
+        host += n * n_layers;
+    }
     return 0;
 }
 

@@ -93,6 +93,48 @@ kern_download(kern_backend_t *be, void *dst, const void *src, size_t bytes)
     return bytes ? be->ops->download(be, dst, src, bytes) : 0;
 }
 
+/* 0 when count runs of `bytes`, `stride` apart, span addressable memory. */
+static int
+runs_check(size_t stride, size_t bytes, size_t count)
+{
+    size_t span;
+    if (count > 1 && stride < bytes)
+        return KVS_EINVAL;
+    if (kvs_mul_size(stride, count - 1, &span) || kvs_add_size(span, bytes, &span))
+        return KVS_EINVAL;
+    return 0;
+}
+
+int
+kern_download_runs(kern_backend_t *be, void *dst, const void *src, size_t stride, size_t bytes,
+                   size_t count)
+{
+    if (bytes == 0 || count == 0)
+        return 0;
+    int rc = runs_check(stride, bytes, count);
+    if (rc || be->ops->download_runs)
+        return rc ? rc : be->ops->download_runs(be, dst, src, stride, bytes, count);
+    for (size_t i = 0; i < count && rc == 0; i++)
+        rc = be->ops->download(be, (unsigned char *)dst + i * bytes,
+                               (const unsigned char *)src + i * stride, bytes);
+    return rc;
+}
+
+int
+kern_upload_runs(kern_backend_t *be, void *dst, size_t stride, const void *src, size_t bytes,
+                 size_t count)
+{
+    if (bytes == 0 || count == 0)
+        return 0;
+    int rc = runs_check(stride, bytes, count);
+    if (rc || be->ops->upload_runs)
+        return rc ? rc : be->ops->upload_runs(be, dst, stride, src, bytes, count);
+    for (size_t i = 0; i < count && rc == 0; i++)
+        rc = be->ops->upload(be, (unsigned char *)dst + i * stride,
+                             (const unsigned char *)src + i * bytes, bytes);
+    return rc;
+}
+
 int
 kern_memset(kern_backend_t *be, void *dst, int value, size_t bytes)
 {

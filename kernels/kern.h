@@ -387,6 +387,16 @@ int kern_upload(kern_backend_t *be, void *dst, const void *src_host, size_t byte
 int kern_download(kern_backend_t *be, void *dst_host, const void *src, size_t bytes);
 int kern_memset(kern_backend_t *be, void *dst, int value, size_t bytes);
 int kern_sync(kern_backend_t *be);
+/* count runs of `bytes`, `stride` bytes apart in backend memory (src, or
+ * dst), to or from one contiguous host array: the layers of a KV block in
+ * one call (the host tier), one transfer and one wait where the backend
+ * can, not one per run.  Returns 0 (also for bytes or count 0),
+ * KVS_EINVAL (count > 1 with stride < bytes, or a span past SIZE_MAX) or
+ * what kern_download / kern_upload would. */
+int kern_download_runs(kern_backend_t *be, void *dst_host, const void *src, size_t stride,
+                       size_t bytes, size_t count);
+int kern_upload_runs(kern_backend_t *be, void *dst, size_t stride, const void *src_host,
+                     size_t bytes, size_t count);
 
 /* Rewrites w's bytes in place into the layout the backend's matmul reads
  * fastest and sets w->layout; leaves w as it is when the backend (or this

@@ -114,6 +114,7 @@ typedef struct kern_cuda {
     kern_backend_t base;
     int device;
     int n_sm;            /* multiprocessors, for sizing grids */
+    size_t max_pitch;    /* the longest row pitch a 2D copy takes */
     cudaStream_t stream; /* every copy, memset, kernel and GEMM runs here */
     cublasHandle_t blas; /* bound to `stream` */
 
