@@ -13,7 +13,9 @@
  *               sinks + a 4K window, counting the keys read); causal
  *               prefill attention of 4K and 16K tokens, on the kernel the
  *               backend picked (wgmma on Hopper) and again on mma.sync
- *               ("attn pf mma", its baseline).  Bandwidth-bound ops are
+ *               ("attn pf mma", its baseline); one KV block of the 8B
+ *               shape out to host memory, per layer (as the host tier
+ *               did) and with kern_download_runs.  Bandwidth-bound ops are
  *               given in GB/s against the
  *               copy, compute-bound ones (prefill matmul and attention) in
  *               TFLOP/s against the GEMM
@@ -999,6 +1001,91 @@ bench_prefill_mma(double ms4)
 }
 
 /* ------------------------------------------------------------------------ */
+/* The host tier: one KV block out to host memory                           */
+/* ------------------------------------------------------------------------ */
+
+/* Llama-3.1-8B's block of 16 tokens: 32 layers, K and V each a run of
+ * 8 kv heads x 16 x 128 halves per layer, runs a layer apart in the pool
+ * (a pool of 1024 blocks here); SWAP_SETS different blocks in turn. */
+#define SWAP_LAYERS 32
+#define SWAP_RUN ((size_t)8 * 16 * 128 * 2)
+#define SWAP_STRIDE (SWAP_RUN * 1024)
+#define SWAP_SETS 64
+
+typedef struct swap_ctx {
+    unsigned char *k, *v; /* device: SWAP_LAYERS x SWAP_STRIDE each */
+    unsigned char *host;  /* 2 x SWAP_LAYERS x SWAP_RUN */
+} swap_ctx_t;
+
+static int
+run_swap_layers(void *p, uint32_t s)
+{
+    swap_ctx_t *c = p;
+    unsigned char *h = c->host;
+    for (int v = 0; v < 2; v++)
+        for (size_t l = 0; l < SWAP_LAYERS; l++, h += SWAP_RUN) {
+            const unsigned char *d = (v ? c->v : c->k) + l * SWAP_STRIDE + s * SWAP_RUN;
+            KT(kern_download(B.be, h, d, SWAP_RUN));
+        }
+    return 0;
+}
+
+static int
+run_swap_runs(void *p, uint32_t s)
+{
+    swap_ctx_t *c = p;
+    for (int v = 0; v < 2; v++)
+        KT(kern_download_runs(B.be, c->host + v * SWAP_LAYERS * SWAP_RUN,
+                              (v ? c->v : c->k) + s * SWAP_RUN, SWAP_STRIDE, SWAP_RUN,
+                              SWAP_LAYERS));
+    return 0;
+}
+
+/* kv_table_offload's copy of one block, as the host tier did it (a
+ * synchronous copy per layer, the baseline) and does it (kern_download_runs).
+ * Bandwidth is over the host link, so far under the device copy. */
+static int
+bench_swap(void)
+{
+    row_t *r[2] = {new_row("kv swap out", "8B block, per layer (64 copies)"),
+                   new_row("kv swap out", "8B block, kern_download_runs")};
+    if (r[0] == NULL || r[1] == NULL)
+        return 0;
+    swap_ctx_t c;
+    c.k = kern_alloc(B.be, SWAP_LAYERS * SWAP_STRIDE);
+    c.v = kern_alloc(B.be, SWAP_LAYERS * SWAP_STRIDE);
+    c.host = malloc(2 * SWAP_LAYERS * SWAP_RUN);
+    int rc = 0;
+    double ms[2] = {-1, -1};
+    if (c.k == NULL || c.v == NULL || c.host == NULL) {
+        skip_row(r[0], "skipped: no memory");
+        skip_row(r[1], "skipped: no memory");
+    } else {
+        op_fn fn[2] = {run_swap_layers, run_swap_runs};
+        for (int i = 0; i < 2 && rc == 0; i++) {
+            if (left_s() < 2) {
+                skip_row(r[i], "skipped: time budget spent");
+                continue;
+            }
+            int n_timed = 0;
+            if ((rc = time_op(fn[i], &c, SWAP_SETS, &ms[i], &n_timed)) != 0)
+                break;
+            note_timed(r[i], n_timed);
+            if (i == 1 && ms[0] > 0) {
+                size_t l = strlen(r[i]->note);
+                snprintf(r[i]->note + l, sizeof r[i]->note - l, "%s%.1fx the per-layer copies",
+                         l ? "; " : "", ms[0] / ms[1]);
+            }
+            done_row(r[i], ms[i], 2.0 * SWAP_LAYERS * SWAP_RUN, 0);
+        }
+    }
+    kern_free(B.be, c.k);
+    kern_free(B.be, c.v);
+    free(c.host);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Block-sparse selection and attention mass                                */
 /* ------------------------------------------------------------------------ */
 
@@ -1147,6 +1234,7 @@ kernels(double budget_s)
     KT(bench_decode_attn(131072, 1, false, 4096));
     KT(bench_decode_attn(131072, 16, false, 4096));
     KT(bench_select(32768));
+    KT(bench_swap());
     double ms4 = -1, ms16;
     KT(bench_prefill_attn("attn prefill", 4096, &ms4, -1));
     KT(bench_prefill_attn("attn prefill", 16384, &ms16, ms4 > 0 ? 16 * ms4 : -1));
