@@ -12,13 +12,14 @@
  *               16 sequences (and from Q8_0 tiles; and at 128K under 4
  *               sinks + a 4K window, counting the keys read); causal
  *               prefill attention of 4K and 16K tokens, on the kernel the
- *               backend picked (wgmma on Hopper) and again on mma.sync
- *               ("attn pf mma", its baseline); one KV block of the 8B
- *               shape out to host memory, per layer (as the host tier
- *               did) and with kern_download_runs.  Bandwidth-bound ops are
- *               given in GB/s against the
- *               copy, compute-bound ones (prefill matmul and attention) in
- *               TFLOP/s against the GEMM
+ *               backend picked (wgmma, two warpgroups a CTA, on Hopper)
+ *               and again on wgmma with one ("attn pf wg64") and on
+ *               mma.sync ("attn pf mma"), its baselines; one KV block of
+ *               the 8B shape out to host memory, per layer (as the host
+ *               tier did) and with kern_download_runs.  Bandwidth-bound
+ *               ops are given in GB/s against the copy, compute-bound
+ *               ones (prefill matmul and attention) in TFLOP/s against
+ *               the GEMM
  *   end to end  a Llama-3.1-8B-shape model (--e2e-shape) with random
  *               weights (model_random_load: no multi-GB file), through
  *               sched_batch_build and model_forward over a paged f16 KV:
@@ -969,18 +970,19 @@ bench_prefill_attn(const char *kernel, uint32_t n, double *ms_out, double predic
     return 0;
 }
 
-/* The prefill rows again on the mma.sync kernel, which every GPU but
- * Hopper runs (KVS_CUDA_ATTN=mma caps the backend): on Hopper the
- * baseline of the wgmma kernel's rows, measured in this run.  A second
- * backend on the same device, B.be's stand-in while it lasts. */
+/* The prefill rows again on another of the backend's kernels
+ * (KVS_CUDA_ATTN=choice: "wgmma64", one warpgroup a CTA, or "mma", the
+ * mma.sync kernel every GPU but Hopper runs), each the same-run baseline
+ * of the backend's pick.  A second backend on the same device, B.be's
+ * stand-in while it lasts; its start says which kernel it took. */
 static int
-bench_prefill_mma(double ms4)
+bench_prefill_as(const char *choice, const char *label, double ms4)
 {
     kern_backend_t *main_be = B.be, *be = NULL;
     kern_backend_cfg_t cfg = {.device = B.device};
     const char *was = getenv("KVS_CUDA_ATTN");
     char *keep = was ? strdup(was) : NULL;
-    setenv("KVS_CUDA_ATTN", "mma", 1);
+    setenv("KVS_CUDA_ATTN", choice, 1);
     int rc = kern_backend_new("cuda", &cfg, &be);
     if (keep) {
         setenv("KVS_CUDA_ATTN", keep, 1);
@@ -991,10 +993,10 @@ bench_prefill_mma(double ms4)
     if (rc != 0)
         return rc;
     B.be = be;
-    double ms4m = -1, ms16m;
-    rc = bench_prefill_attn("attn pf mma", 4096, &ms4m, ms4);
+    double ms4b = -1, ms16;
+    rc = bench_prefill_attn(label, 4096, &ms4b, ms4);
     if (rc == 0)
-        rc = bench_prefill_attn("attn pf mma", 16384, &ms16m, ms4m > 0 ? 16 * ms4m : -1);
+        rc = bench_prefill_attn(label, 16384, &ms16, ms4b > 0 ? 16 * ms4b : -1);
     B.be = main_be;
     kern_backend_free(be);
     return rc;
@@ -1238,7 +1240,8 @@ kernels(double budget_s)
     double ms4 = -1, ms16;
     KT(bench_prefill_attn("attn prefill", 4096, &ms4, -1));
     KT(bench_prefill_attn("attn prefill", 16384, &ms16, ms4 > 0 ? 16 * ms4 : -1));
-    return bench_prefill_mma(ms4);
+    KT(bench_prefill_as("wgmma64", "attn pf wg64", ms4));
+    return bench_prefill_as("mma", "attn pf mma", ms4);
 }
 
 /* ------------------------------------------------------------------------ */

@@ -497,8 +497,11 @@ kern__cuda_attention_init(kern_cuda_t *be)
                                                          : n > DEC_MAX_PER_SM ? DEC_MAX_PER_SM
                                                                               : n;
             }
-    be->attn_wgmma = kern__cuda_attention_wg_probe(be);
-    KVS_INFOF("cuda: prefill attention on %s", be->attn_wgmma ? "wgmma" : "mma.sync");
+    be->attn_tc = KERN_CUDA_TC_MMA; /* the probe's reference */
+    be->attn_tc = kern__cuda_attention_wg_probe(be);
+    KVS_INFOF("cuda: prefill attention on %s", be->attn_tc == KERN_CUDA_TC_WG128  ? "wgmma, M 128"
+                                               : be->attn_tc == KERN_CUDA_TC_WG64 ? "wgmma, M 64"
+                                                                                  : "mma.sync");
     return 0;
 }
 
@@ -621,8 +624,9 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
     /* Which rows go where: whole sequences of more than one row to the
      * tensor-core kernel, the rest to attn_kernel's row list. */
     bool tc = tc_eligible(a);
-    uint32_t hc = group < KERN_CUDA_ATTN_TC_M ? group : KERN_CUDA_ATTN_TC_M;
-    uint32_t tile_rows = KERN_CUDA_ATTN_TC_M / hc;
+    const uint32_t tc_m = kern__cuda_tc_m(be->attn_tc);
+    uint32_t hc = group < tc_m ? group : tc_m;
+    uint32_t tile_rows = tc_m / hc;
     size_t n_tiles = 0, n_list = 0;
     for (uint32_t s = 0; s < n_seqs; s++) {
         uint32_t nr = (uint32_t)(a->q_indptr[s + 1] - a->q_indptr[s]);

@@ -10,7 +10,7 @@
 int
 kern__cuda_attention_tc(kern_cuda_t *be, const kern_cuda_attn_tc_t *p)
 {
-    if (be->attn_wgmma)
-        return kern__cuda_attention_wg(be, p);
-    return tc_launch_dim<false>(be, p);
+    if (be->attn_tc != KERN_CUDA_TC_MMA)
+        return kern__cuda_attention_wg(be, be->attn_tc, p);
+    return tc_launch_dim<false, 64>(be, p);
 }

@@ -5,24 +5,28 @@
  * codec pool decoded into the tiles), with kern.h's causal limits and
  * sparse key pattern.  cuda_attn.cu stages the page table, the per-row
  * limits and the block mask, cuts each prefill sequence into tiles of
- * consecutive query rows and calls kern__cuda_attention_tc once, which
- * launches one of two instances of the kernel here:
+ * consecutive query rows for the kernel the backend chose at start
+ * (kern_cuda_t.attn_tc) and calls kern__cuda_attention_tc once, which
+ * launches its instance of the template here:
  *
- *   cuda_attn_tc.cu  mma.sync m16n8k16 (sm_80 and later), K and V tiles
- *                    read by ldmatrix
- *   cuda_attn_wg.cu  wgmma m64nNk16 (sm_90a, Hopper): the warpgroup of the
- *                    CTA multiplies straight out of shared memory, K and V
- *                    stored in the 128-byte swizzled layout wgmma reads;
- *                    chosen when the device runs that file's sm_90a code
+ *   cuda_attn_tc.cu  mma.sync m16n8k16 (sm_80 and later), M 64, K and V
+ *                    tiles read by ldmatrix
+ *   cuda_attn_wg.cu  wgmma m64nNk16 (sm_90a, Hopper), M 64 (one warpgroup
+ *                    a CTA, two CTAs a multiprocessor) or M 128 (two
+ *                    warpgroups sharing each K/V tile, one CTA): each
+ *                    warpgroup multiplies straight out of shared memory,
+ *                    K and V stored in the 128-byte swizzled layout wgmma
+ *                    reads; chosen when the device runs that file's sm_90a
+ *                    code and the instance passed its start-up check
  *
- * Both are f16 in, f32 sums, with the same tiles, masks and softmax, so
+ * All are f16 in, f32 sums, with the same tiles, masks and softmax, so
  * they agree up to the order of f32 additions inside a product.
  *
  *   grid   (tile of query rows, kv head g, chunk of g's query heads)
- *   block  4 warps; the tile is 64 "M rows", each a (query row, query
+ *   block  M / 16 warps; the tile is M "M rows", each a (query row, query
  *          head) pair: the heads of the GQA group are stacked so that one
- *          K/V tile feeds all of them (group 1: 64 query rows; group 8:
- *          8 rows x 8 heads; group 7: 9 x 7 = 63 rows used)
+ *          K/V tile feeds all of them (M 64, group 1: 64 query rows;
+ *          group 8: 8 rows x 8 heads; group 7: 9 x 7 = 63 rows used)
  *   warp   16 M rows; Q stays in registers as A fragments (the same
  *          layout for mma.sync and wgmma), pre-scaled by scale * log2(e)
  *          and rounded to f16
@@ -45,12 +49,13 @@
  * copies of positions no row sees and masks scores only where a row's mask
  * is not all ones, which in dense causal prefill is the diagonal tiles.
  *
- * Shared memory: K and V two stages of 64 rows each, then Q's 64 rows.
+ * Shared memory: K and V two stages of 64 rows each, then Q's M rows.
  * mma.sync: rows of head_dim + 8 halves (the pad puts the 8 rows an
  * ldmatrix reads in 8 different bank groups), 46 KiB for d 64, 85 KiB for
  * d 128.  wgmma: K and V unpadded in 128-byte swizzle atoms (8 rows of 64
  * halves, 16-byte chunk c of row r at chunk c ^ (r % 8), 1024-byte
- * aligned), 43 KiB for d 64, 82 KiB for d 128 with the alignment slack.
+ * aligned), 42 / 82 KiB (d 64 / 128) at M 64, 51 / 99 KiB at M 128, with
+ * the alignment slack.
  */
 #ifndef KERN_CUDA_ATTN_TC_CUH
 #define KERN_CUDA_ATTN_TC_CUH
@@ -60,15 +65,13 @@
 #include <limits.h>
 #include <math.h>
 
-#define TC_M KERN_CUDA_ATTN_TC_M /* M rows per CTA */
-#define TC_N 64                  /* KV positions per tile */
-#define TC_WARPS 4
-#define TC_THREADS (TC_WARPS * 32)
+/* An instance's CTA has M "M rows" (64 or 128: kern__cuda_tc_m), 16 a
+ * warp, two threads a row; its KV tiles are TC_N positions (two 32-bit
+ * keep words a row). */
+#define TC_N 64
 #define TC_END INT_MAX /* "no further key" */
-
-#if TC_M != 16 * TC_WARPS || TC_N != 64
-#error "the warp layout assumes 16 M rows per warp and 64-position tiles (two 32-bit words)"
-#endif
+#define TC_WARPS(M) ((M) / 16)
+#define TC_THREADS(M) ((M)*2)
 
 /* ------------------------------------------------------------------------ */
 /* PTX wrappers (sm_80 and later).                                          */
@@ -303,8 +306,9 @@ tc_next_visible(int from, int len, int lo, const uint8_t *mrow, int sinks, int b
     return lo < len ? lo : TC_END;
 }
 
-/* Minimum over the CTA; every thread gets it.  red: TC_WARPS ints, free
+/* Minimum over the CTA; every thread gets it.  red: one int a warp, free
  * for writing (a barrier separates this from the previous call's reads). */
+template <int M>
 static __device__ __forceinline__ int
 tc_cta_min(int v, int *red)
 {
@@ -312,22 +316,27 @@ tc_cta_min(int v, int *red)
     if ((threadIdx.x & 31) == 0)
         red[threadIdx.x >> 5] = v;
     __syncthreads();
-    return min(min(red[0], red[1]), min(red[2], red[3]));
+    int m = red[0];
+#pragma unroll
+    for (int w = 1; w < TC_WARPS(M); w++)
+        m = min(m, red[w]);
+    return m;
 }
 
 /* Row state in shared memory, indexed by query row of the tile. */
-typedef struct tc_rows {
-    int len[TC_M];
-    int lo[TC_M];
-    int nv[TC_M]; /* next position the row sees, from the row's last look */
-    const uint8_t *mrow[TC_M];
-} tc_rows_t;
+template <int M> struct tc_rows {
+    int len[M];
+    int lo[M];
+    int nv[M]; /* next position the row sees, from the row's last look */
+    const uint8_t *mrow[M];
+};
 
 /* The keep masks of tile t0: thread 2r + h writes row r's bits for
  * positions t0 + 32h .. t0 + 32h + 31 to keep[2r + h], and each warp's OR
  * over its rows to uni[2 warp + h].  Every thread must call this. */
+template <int M>
 static __device__ __forceinline__ void
-tc_bits(int t0, const tc_rows_t *rs, uint32_t *keep, uint32_t *uni, int sinks, int bt)
+tc_bits(int t0, const tc_rows<M> *rs, uint32_t *keep, uint32_t *uni, int sinks, int bt)
 {
     int tid = threadIdx.x, r = tid >> 1, j0 = t0 + 32 * (tid & 1);
     int len = rs->len[r], lo = rs->lo[r];
@@ -408,14 +417,19 @@ tc_wg_v_at(int kk)
  * is 0.  A position in a quantized block is decoded (cuda_kvq.cuh) and
  * stored at once, rounded to f16 like q and P; the barrier before the tile
  * is read covers those stores as it covers the copies. */
-template <int D, bool WG>
+template <int D, bool WG, int M>
 static __device__ __forceinline__ void
 tc_load(const __half *kl, const __half *vl, const kern_cuda_kvq_t &kvq, size_t head0, size_t n_kv,
         int bt, int t0, const int32_t *blocks, __half *ks, __half *vs, const uint32_t *uni)
 {
-    constexpr int CPR = D / 8, TPP = TC_THREADS / CPR, PASSES = TC_N / TPP;
+    constexpr int CPR = D / 8, TPP = TC_THREADS(M) / CPR, PASSES = TC_N / TPP;
     int tid = threadIdx.x, c = tid % CPR, tok0 = tid / CPR;
-    uint32_t u0 = uni[0] | uni[2] | uni[4] | uni[6], u1 = uni[1] | uni[3] | uni[5] | uni[7];
+    uint32_t u0 = 0, u1 = 0;
+#pragma unroll
+    for (int w = 0; w < TC_WARPS(M); w++) {
+        u0 |= uni[2 * w];
+        u1 |= uni[2 * w + 1];
+    }
 #pragma unroll
     for (int ps = 0; ps < PASSES; ps++) {
         int tok = tok0 + ps * TPP, j = t0 + tok, at = tc_chunk<D, WG>(tok, c);
@@ -447,16 +461,19 @@ tc_load(const __half *kl, const __half *vl, const kern_cuda_kvq_t &kvq, size_t h
 
 /* Dynamic shared memory of an instance: K and V stages, Q, and for wgmma
  * the slack that aligns the stages to 1024 bytes. */
-template <int D, bool WG>
+template <int D, bool WG, int M>
 static constexpr size_t
 tc_smem_bytes(void)
 {
-    return (4 * TC_N * (WG ? D : D + 8) + TC_M * (D + 8)) * sizeof(__half) + (WG ? 1024 : 0);
+    return (4 * TC_N * (WG ? D : D + 8) + M * (D + 8)) * sizeof(__half) + (WG ? 1024 : 0);
 }
 
-template <int D, bool WG>
+/* M 64: two CTAs a multiprocessor, which overlap one's softmax with the
+ * other's products; M 128 (two warpgroups on one K/V tile): one, with
+ * half the K/V traffic and copies per FLOP. */
+template <int D, bool WG, int M>
 static __global__ void
-__launch_bounds__(TC_THREADS, 2) attn_tc_kernel(const kern_cuda_attn_tc_t p)
+__launch_bounds__(TC_THREADS(M), M == 64 ? 2 : 1) attn_tc_kernel(const kern_cuda_attn_tc_t p)
 {
     constexpr int ROW = D + 8, KSTEPS = D / 16, NT_O = D / 8;
     constexpr int STAGE = TC_N * (WG ? D : ROW); /* halves in one K or V stage */
@@ -468,25 +485,25 @@ __launch_bounds__(TC_THREADS, 2) attn_tc_kernel(const kern_cuda_attn_tc_t p)
         dyn += (1024u - ((unsigned)__cvta_generic_to_shared(tc_dyn) & 1023u)) & 1023u;
     __half *ks = (__half *)dyn;  /* [2][STAGE] */
     __half *vs = ks + 2 * STAGE; /* [2][STAGE] */
-    __half *qs = vs + 2 * STAGE; /* [TC_M][ROW] */
-    __shared__ uint32_t keep[2][2 * TC_M];
-    __shared__ uint32_t uni[2][2 * TC_WARPS];
-    __shared__ int red[TC_WARPS];
-    __shared__ tc_rows_t rs;
+    __half *qs = vs + 2 * STAGE; /* [M][ROW] */
+    __shared__ uint32_t keep[2][2 * M];
+    __shared__ uint32_t uni[2][2 * TC_WARPS(M)];
+    __shared__ int red[TC_WARPS(M)];
+    __shared__ tc_rows<M> rs;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int32_t *tile = p.tiles + 3 * (size_t)blockIdx.x;
     const int row0 = tile[0], n_rows = tile[1];
     const int32_t *blocks = p.blocks + tile[2];
     const uint32_t g = blockIdx.y;
-    const int G = (int)p.group, HC = G < TC_M ? G : TC_M, hc0 = (int)blockIdx.z * HC;
+    const int G = (int)p.group, HC = G < M ? G : M, hc0 = (int)blockIdx.z * HC;
     const int sinks = (int)p.sinks, bt = (int)p.block_tokens;
     const __half *kl = (const __half *)p.k, *vl = (const __half *)p.v;
 
-    /* Row state: thread r < TC_M owns query row r of the tile (n_rows <=
-     * TC_M / HC); rows past the tile see nothing. */
+    /* Row state: thread r < M owns query row r of the tile (n_rows <=
+     * M / HC); rows past the tile see nothing. */
     int nv = TC_END;
-    if (tid < TC_M) {
+    if (tid < M) {
         int len = 0, lo = -1;
         const uint8_t *mrow = NULL;
         if (tid < n_rows) {
@@ -502,19 +519,19 @@ __launch_bounds__(TC_THREADS, 2) attn_tc_kernel(const kern_cuda_attn_tc_t p)
         rs.nv[tid] = nv;
         rs.mrow[tid] = mrow;
     }
-    int cur = tc_cta_min(nv, red);
+    int cur = tc_cta_min<M>(nv, red);
     if (cur != TC_END) {
         cur &= ~(TC_N - 1);
         tc_bits(cur, &rs, keep[0], uni[0], sinks, bt);
         __syncthreads();
-        tc_load<D, WG>(kl, vl, p.kvq, g, p.n_kv_heads, bt, cur, blocks, ks, vs, uni[0]);
+        tc_load<D, WG, M>(kl, vl, p.kvq, g, p.n_kv_heads, bt, cur, blocks, ks, vs, uni[0]);
     }
     tc_cp_commit();
 
     /* Q: M row m is query row m / HC, head hc0 + m % HC of the group. */
     {
         constexpr int F4 = D / 4;
-        for (int e = tid; e < TC_M * F4; e += TC_THREADS) {
+        for (int e = tid; e < M * F4; e += TC_THREADS(M)) {
             int m = e / F4, c4 = e - m * F4;
             int r = m / HC, hh = hc0 + (m - r * HC);
             float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -550,17 +567,17 @@ __launch_bounds__(TC_THREADS, 2) attn_tc_kernel(const kern_cuda_attn_tc_t p)
     int stage = 0;
     while (cur != TC_END) {
         /* Rows that may see something in this tile look again past it. */
-        if (tid < TC_M && nv < cur + TC_N) {
+        if (tid < M && nv < cur + TC_N) {
             nv = tc_next_visible(cur + TC_N, rs.len[tid], rs.lo[tid], rs.mrow[tid], sinks, bt);
             rs.nv[tid] = nv;
         }
-        int nxt = tc_cta_min(nv, red);
+        int nxt = tc_cta_min<M>(nv, red);
         if (nxt != TC_END) {
             nxt &= ~(TC_N - 1);
             tc_bits(nxt, &rs, keep[stage ^ 1], uni[stage ^ 1], sinks, bt);
             __syncthreads();
-            tc_load<D, WG>(kl, vl, p.kvq, g, p.n_kv_heads, bt, nxt, blocks,
-                           ks + (stage ^ 1) * STAGE, vs + (stage ^ 1) * STAGE, uni[stage ^ 1]);
+            tc_load<D, WG, M>(kl, vl, p.kvq, g, p.n_kv_heads, bt, nxt, blocks,
+                              ks + (stage ^ 1) * STAGE, vs + (stage ^ 1) * STAGE, uni[stage ^ 1]);
             tc_cp_commit();
             tc_cp_wait<1>();
         } else {
@@ -726,33 +743,33 @@ __launch_bounds__(TC_THREADS, 2) attn_tc_kernel(const kern_cuda_attn_tc_t p)
     }
 }
 
-/* Launches instance (D, WG) on p's tiles. */
-template <int D, bool WG>
+/* Launches instance (D, WG, M) on p's tiles, cut for M rows. */
+template <int D, bool WG, int M>
 static int
 tc_launch(kern_cuda_t *be, const kern_cuda_attn_tc_t *p)
 {
-    uint32_t hc = p->group < TC_M ? p->group : TC_M;
+    uint32_t hc = p->group < M ? p->group : M;
     dim3 grid(p->n_tiles, p->n_kv_heads, (p->group + hc - 1) / hc);
-    const size_t smem = tc_smem_bytes<D, WG>();
+    const size_t smem = tc_smem_bytes<D, WG, M>();
     /* Above 48 KiB a kernel must opt in; cheap enough to repeat. */
-    KERN_CUDA_TRY(cudaFuncSetAttribute(attn_tc_kernel<D, WG>,
+    KERN_CUDA_TRY(cudaFuncSetAttribute(attn_tc_kernel<D, WG, M>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    attn_tc_kernel<D, WG><<<grid, TC_THREADS, smem, be->stream>>>(*p);
+    attn_tc_kernel<D, WG, M><<<grid, TC_THREADS(M), smem, be->stream>>>(*p);
     KERN_CUDA_LAUNCHED();
     return 0;
 }
 
 /* head_dim 64 or 128, else KVS_ENOTSUP. */
-template <bool WG>
+template <bool WG, int M>
 static int
 tc_launch_dim(kern_cuda_t *be, const kern_cuda_attn_tc_t *p)
 {
     if (p->n_tiles == 0)
         return 0;
     if (p->head_dim == 64)
-        return tc_launch<64, WG>(be, p);
+        return tc_launch<64, WG, M>(be, p);
     if (p->head_dim == 128)
-        return tc_launch<128, WG>(be, p);
+        return tc_launch<128, WG, M>(be, p);
     return KVS_ENOTSUP;
 }
 

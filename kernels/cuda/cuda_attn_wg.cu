@@ -1,11 +1,12 @@
 /*
- * kernels/cuda/cuda_attn_wg.cu — the wgmma instance of the tensor-core
- * prefill kernel (cuda_attn_tc.cuh) and the probe that tells whether the
- * device runs it.  CMakeLists.txt compiles this file for sm_90a alone
- * (wgmma exists only there), so on any other device it has no code at all:
+ * kernels/cuda/cuda_attn_wg.cu — the wgmma instances of the tensor-core
+ * prefill kernel (cuda_attn_tc.cuh), with one warpgroup a CTA (M 64) or
+ * two (M 128), and the probe that picks the device's prefill kernel.
+ * CMakeLists.txt compiles this file for sm_90a alone (wgmma exists only
+ * there), so on any other device it has no code at all:
  * kern__cuda_attention_init probes it once on compute capability 9.0 (its
- * image loads, and it agrees with the mma.sync instance on a known
- * problem) and kern__cuda_attention_tc uses it only when the probe said
+ * image loads, and the instance agrees with mma.sync on a known problem)
+ * and kern__cuda_attention_tc sends tiles here only when the probe said
  * yes.
  */
 #include "cuda_attn_tc.cuh"
@@ -15,9 +16,10 @@
 #include <string.h>
 
 int
-kern__cuda_attention_wg(kern_cuda_t *be, const kern_cuda_attn_tc_t *p)
+kern__cuda_attention_wg(kern_cuda_t *be, int tc, const kern_cuda_attn_tc_t *p)
 {
-    return tc_launch_dim<true>(be, p);
+    return tc == KERN_CUDA_TC_WG128 ? tc_launch_dim<true, 128>(be, p)
+                                    : tc_launch_dim<true, 64>(be, p);
 }
 
 /* 1 when the image running is the sm_90a one, which has wgmma. */
@@ -31,25 +33,29 @@ wg_probe_kernel(int *out)
 #endif
 }
 
-/* A known-answer check of the wgmma instance at head_dim d against the
- * mma.sync one on the same device and inputs: random q, K and V, a GQA
- * group of 2 (stacked M rows), 64 causal query rows at positions 192..255
- * over 16 blocks of 16 tokens in scrambled order, so two tiles, four KV
- * tiles each and the masked diagonal.  Both round q and P to f16 and sum
- * in f32; only the order of the sums differs.  Runs on the legacy stream
- * (the backend's is not made yet).  true: they agree. */
+/* A known-answer check of wgmma instance tc at head_dim d against the
+ * mma.sync one (be->attn_tc is KERN_CUDA_TC_MMA while this runs) on the
+ * same device and inputs: random q, K and V, a GQA group of 2 (stacked M
+ * rows), 64 causal query rows at positions 192..255 over 16 blocks of 16
+ * tokens in scrambled order, so four KV tiles a CTA and the masked
+ * diagonal; each kernel gets the tiles its M asks for.  Both round q and
+ * P to f16 and sum in f32; only the order of the sums differs.  Runs on
+ * the legacy stream (the backend's is not made yet).  true: they agree. */
 static bool
-wg_agrees(kern_cuda_t *be, uint32_t d)
+wg_agrees(kern_cuda_t *be, int tc, uint32_t d)
 {
     enum { ROWS = 64, HEADS = 2, BT = 16, NB = 16, CTX = NB * BT };
     const size_t nq = (size_t)ROWS * HEADS * d, nkv = (size_t)CTX * d;
     const size_t o_q = 0, o_a = o_q + nq * 4, o_b = o_a + nq * 4, o_i = o_b + nq * 4;
+    /* ints: the tiles for M 64, for the instance, row_len, row_lo, blocks */
+    const size_t n_ints = 6 + 6 + 2 * ROWS + NB;
     /* K and V start 16-byte aligned, as the kernel's 16-byte copies need. */
-    const size_t o_k = (o_i + (6 + 2 * ROWS + NB) * 4 + 255) & ~(size_t)255;
+    const size_t o_k = (o_i + n_ints * 4 + 255) & ~(size_t)255;
     const size_t o_v = o_k + nkv * 2, total = o_v + nkv * 2;
     unsigned char *h = (unsigned char *)calloc(1, total), *dev = NULL;
     float *out_a = (float *)malloc(nq * 4), *out_b = (float *)malloc(nq * 4);
     bool ok = h && out_a && out_b && cudaMalloc((void **)&dev, total) == cudaSuccess;
+    uint32_t n_tiles[2] = {0, 0};
     if (ok) {
         uint64_t x = 0x9e3779b97f4a7c15ull;
         float *q = (float *)(h + o_q);
@@ -62,12 +68,17 @@ wg_agrees(kern_cuda_t *be, uint32_t d)
             x = x * 6364136223846793005ull + 1442695040888963407ull;
             kv[i] = __float2half((float)((x >> 40) & 0xffff) / 32768.0f - 1.0f);
         }
-        int32_t *iv = (int32_t *)(h + o_i), *tiles = iv, *len = iv + 6, *lo = len + ROWS,
-                *blocks = lo + ROWS;
-        for (int t = 0; t < 2; t++) {
-            tiles[3 * t] = t * ROWS / 2;
-            tiles[3 * t + 1] = ROWS / 2;
-            tiles[3 * t + 2] = 0;
+        int32_t *iv = (int32_t *)(h + o_i), *len = iv + 12, *lo = len + ROWS, *blocks = lo + ROWS;
+        for (int k = 0; k < 2; k++) {
+            /* A tile holds M / HEADS query rows. */
+            int rows =
+                (int)(k == 0 ? kern__cuda_tc_m(KERN_CUDA_TC_MMA) : kern__cuda_tc_m(tc)) / HEADS;
+            for (int r0 = 0; r0 < ROWS; r0 += rows, n_tiles[k]++) {
+                int32_t *t = iv + 6 * k + 3 * n_tiles[k];
+                t[0] = r0;
+                t[1] = ROWS - r0 < rows ? ROWS - r0 : rows;
+                t[2] = 0;
+            }
         }
         for (int r = 0; r < ROWS; r++) {
             len[r] = CTX - ROWS + r + 1;
@@ -81,25 +92,28 @@ wg_agrees(kern_cuda_t *be, uint32_t d)
         kern_cuda_attn_tc_t p;
         memset(&p, 0, sizeof p);
         p.q = (const float *)(dev + o_q);
-        p.tiles = (const int32_t *)(dev + o_i);
-        p.row_len = p.tiles + 6;
+        const int32_t *iv = (const int32_t *)(dev + o_i);
+        p.row_len = iv + 12;
         p.row_lo = p.row_len + ROWS;
         p.blocks = p.row_lo + ROWS;
         p.k = dev + o_k;
         p.v = dev + o_v;
         p.kvq.n_hot = NB; /* no quantized block */
         p.mask_q_block = 1;
-        p.n_tiles = 2;
         p.n_heads = HEADS;
         p.n_kv_heads = 1;
         p.group = HEADS;
         p.head_dim = d;
         p.block_tokens = BT;
         p.qscale = 1.4426950408889634f / sqrtf((float)d);
+        p.tiles = iv;
+        p.n_tiles = n_tiles[0];
         p.out = (float *)(dev + o_a);
-        ok = kern__cuda_attention_tc(be, &p) == 0; /* be->attn_wgmma is false yet */
+        ok = kern__cuda_attention_tc(be, &p) == 0; /* mma.sync */
+        p.tiles = iv + 6;
+        p.n_tiles = n_tiles[1];
         p.out = (float *)(dev + o_b);
-        ok = ok && tc_launch_dim<true>(be, &p) == 0 &&
+        ok = ok && kern__cuda_attention_wg(be, tc, &p) == 0 &&
              cudaMemcpy(out_a, dev + o_a, nq * 4, cudaMemcpyDeviceToHost) == cudaSuccess &&
              cudaMemcpy(out_b, dev + o_b, nq * 4, cudaMemcpyDeviceToHost) == cudaSuccess;
     }
@@ -114,25 +128,34 @@ wg_agrees(kern_cuda_t *be, uint32_t d)
         }
         ok = worst <= 1e-3f;
         if (!ok)
-            KVS_WARNF("cuda: the wgmma prefill kernel (head_dim %u) differs from mma.sync by "
-                      "%g: prefill attention stays on mma.sync",
-                      d, (double)worst);
+            KVS_WARNF("cuda: the wgmma prefill kernel (M %u, head_dim %u) differs from "
+                      "mma.sync by %g: not used",
+                      kern__cuda_tc_m(tc), d, (double)worst);
     }
     if (dev)
         (void)cudaFree(dev);
     free(h);
     free(out_a);
     free(out_b);
+    (void)cudaGetLastError();
     return ok;
 }
 
-bool
+int
 kern__cuda_attention_wg_probe(kern_cuda_t *be)
 {
-    /* A cap, so the mma.sync kernel can be run and measured on Hopper. */
-    const char *cap = getenv("KVS_CUDA_ATTN");
-    if (cap && strcmp(cap, "mma") == 0)
-        return false;
+    /* A choice, so each kernel can be run and measured on Hopper. */
+    const char *want = getenv("KVS_CUDA_ATTN");
+    bool named = want && *want;
+    int first = KERN_CUDA_TC_WG128;
+    if (named && strcmp(want, "mma") == 0)
+        return KERN_CUDA_TC_MMA;
+    if (named && strcmp(want, "wgmma64") == 0) {
+        first = KERN_CUDA_TC_WG64;
+    } else if (named && strcmp(want, "wgmma128") != 0) {
+        KVS_WARNF("cuda: KVS_CUDA_ATTN=%s: not mma, wgmma64 or wgmma128; ignored", want);
+        named = false;
+    }
     int major = 0, minor = 0;
     if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, be->device) !=
             cudaSuccess ||
@@ -140,7 +163,7 @@ kern__cuda_attention_wg_probe(kern_cuda_t *be)
             cudaSuccess ||
         major != 9 || minor != 0) {
         (void)cudaGetLastError();
-        return false;
+        return KERN_CUDA_TC_MMA;
     }
     int *d = NULL, h = 0;
     bool ok = cudaMalloc((void **)&d, sizeof *d) == cudaSuccess;
@@ -152,9 +175,14 @@ kern__cuda_attention_wg_probe(kern_cuda_t *be)
     if (d)
         (void)cudaFree(d);
     (void)cudaGetLastError(); /* a missing image is not the context's failure */
+    if (!ok)
+        return KERN_CUDA_TC_MMA;
     /* Hopper code that no test here can run checks itself once before it
-     * serves anything. */
-    ok = ok && wg_agrees(be, 64) && wg_agrees(be, 128);
-    (void)cudaGetLastError();
-    return ok;
+     * serves anything.  Without a choice the other wgmma kernel stands in
+     * for one that fails; a kernel asked for by name has only mma.sync. */
+    const int order[2] = {first, named ? KERN_CUDA_TC_MMA : KERN_CUDA_TC_WG64};
+    for (int i = 0; i < 2 && order[i] != KERN_CUDA_TC_MMA; i++)
+        if (wg_agrees(be, order[i], 64) && wg_agrees(be, order[i], 128))
+            return order[i];
+    return KERN_CUDA_TC_MMA;
 }

@@ -155,9 +155,9 @@ typedef struct kern_cuda {
     /* Resident blocks per multiprocessor of each decode-attention
      * instance (cuda_attn.cu), asked once at start. */
     int dec_per_sm[KERN_CUDA_DEC_INSTANCES];
-    /* Prefill attention tiles on wgmma (cuda_attn_wg.cu), asked once at
-     * start; else on mma.sync. */
-    bool attn_wgmma;
+    /* Which kernel takes prefill attention tiles, chosen once at start
+     * (kern__cuda_attention_wg_probe). */
+    int attn_tc; /* kern_cuda_tc_t */
 } kern_cuda_t;
 
 /* ------------------------------------------------------------------------ */
@@ -295,10 +295,25 @@ kern__cuda_kvq(const kern_kv_t *kv, uint32_t layer)
     return w;
 }
 
+/* The tensor-core prefill kernels (cuda_attn_tc.cuh): mma.sync on every
+ * GPU; wgmma on Hopper (cuda_attn_wg.cu) with one warpgroup a CTA or two
+ * sharing each K/V tile.  Each takes tiles of M "M rows" (a query row
+ * times a head of its GQA group). */
+typedef enum kern_cuda_tc {
+    KERN_CUDA_TC_MMA,   /* M 64 */
+    KERN_CUDA_TC_WG64,  /* M 64 */
+    KERN_CUDA_TC_WG128, /* M 128 */
+} kern_cuda_tc_t;
+
+static inline uint32_t
+kern__cuda_tc_m(int tc)
+{
+    return tc == KERN_CUDA_TC_WG128 ? 128 : 64;
+}
+
 /* The tensor-core prefill kernel's work, staged by kern__cuda_attention.
- * A tile is KERN_CUDA_ATTN_TC_M / min(group, KERN_CUDA_ATTN_TC_M)
- * consecutive query rows of one sequence or fewer; device arrays. */
-#define KERN_CUDA_ATTN_TC_M 64
+ * A tile is M / min(group, M) consecutive query rows of one sequence or
+ * fewer (M: kern__cuda_tc_m of the kernel that runs it); device arrays. */
 typedef struct kern_cuda_attn_tc {
     const float *q;         /* 16-byte aligned */
     float *out;             /* 8-byte aligned */
@@ -314,13 +329,17 @@ typedef struct kern_cuda_attn_tc {
     uint32_t n_tiles, n_heads, n_kv_heads, group, head_dim, block_tokens, sinks;
     float qscale; /* scale * log2(e) */
 } kern_cuda_attn_tc_t;
-/* head_dim 64 or 128 (else KVS_ENOTSUP).  Returns 0 or KVS_EDEVICE. */
+/* On be->attn_tc's kernel; head_dim 64 or 128 (else KVS_ENOTSUP).
+ * Returns 0 or KVS_EDEVICE. */
 int kern__cuda_attention_tc(kern_cuda_t *be, const kern_cuda_attn_tc_t *p);
-/* The same on wgmma; only where kern__cuda_attention_wg_probe said yes. */
-int kern__cuda_attention_wg(kern_cuda_t *be, const kern_cuda_attn_tc_t *p);
-/* Whether the device runs the wgmma kernel: compute capability 9.0 and
- * its sm_90a code loaded, unless KVS_CUDA_ATTN=mma caps it. */
-bool kern__cuda_attention_wg_probe(kern_cuda_t *be);
+/* The wgmma kernels (cuda_attn_wg.cu): tc is KERN_CUDA_TC_WG64 or _WG128,
+ * one that kern__cuda_attention_wg_probe accepted. */
+int kern__cuda_attention_wg(kern_cuda_t *be, int tc, const kern_cuda_attn_tc_t *p);
+/* The prefill kernel for this device: a wgmma one on compute capability
+ * 9.0 when its sm_90a code loaded and it matches mma.sync on a known
+ * problem, else KERN_CUDA_TC_MMA.  KVS_CUDA_ATTN=mma|wgmma64|wgmma128 asks
+ * for one (the default is wgmma128). */
+int kern__cuda_attention_wg_probe(kern_cuda_t *be);
 
 /* ------------------------------------------------------------------------ */
 /* Device helpers.                                                          */

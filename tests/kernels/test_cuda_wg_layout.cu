@@ -139,15 +139,19 @@ test_v_operand(void **state)
     check_v<128>();
 }
 
-/* Both instances' shared memory fits two CTAs per multiprocessor on
- * Hopper (228 KiB, 1 KiB of it reserved per CTA), as __launch_bounds__
- * asks. */
+/* Every instance's shared memory fits the CTAs per multiprocessor its
+ * __launch_bounds__ asks for on Hopper (228 KiB, 1 KiB of it reserved per
+ * CTA; 4 KiB for the static arrays). */
 static void
 test_smem_fits(void **state)
 {
     (void)state;
-    assert_true(2 * (tc_smem_bytes<128, true>() + 1024 + 4096) <= 228 * 1024);
-    assert_true(2 * (tc_smem_bytes<128, false>() + 1024 + 4096) <= 228 * 1024);
+    const size_t cta = 1024 + 4096, sm = 228 * 1024;
+    const size_t wg64 = tc_smem_bytes<128, true, 64>(), mma = tc_smem_bytes<128, false, 64>();
+    const size_t wg128 = tc_smem_bytes<128, true, 128>();
+    assert_true(2 * (wg64 + cta) <= sm);
+    assert_true(2 * (mma + cta) <= sm);
+    assert_true(wg128 + cta <= sm);
 }
 
 int
