@@ -93,46 +93,42 @@ kern_download(kern_backend_t *be, void *dst, const void *src, size_t bytes)
     return bytes ? be->ops->download(be, dst, src, bytes) : 0;
 }
 
-/* 0 when count runs of `bytes`, `stride` apart, span addressable memory. */
+/* count runs of `bytes` from src (spitch apart) to dst (dpitch apart),
+ * one of them the host, after checking that the backend side's runs
+ * (stride apart) do not overlap and span addressable memory. */
 static int
-runs_check(size_t stride, size_t bytes, size_t count)
+copy_runs(kern_backend_t *be, bool download, void *dst, size_t dpitch, const void *src,
+          size_t spitch, size_t stride, size_t bytes, size_t count)
 {
     size_t span;
-    if (count > 1 && stride < bytes)
+    if (bytes == 0 || count == 0)
+        return 0;
+    if ((count > 1 && stride < bytes) || kvs_mul_size(stride, count - 1, &span) ||
+        kvs_add_size(span, bytes, &span))
         return KVS_EINVAL;
-    if (kvs_mul_size(stride, count - 1, &span) || kvs_add_size(span, bytes, &span))
-        return KVS_EINVAL;
-    return 0;
+    if (be->ops->copy_runs)
+        return be->ops->copy_runs(be, download, dst, dpitch, src, spitch, bytes, count);
+    int (*one)(kern_backend_t *, void *, const void *, size_t) =
+        download ? be->ops->download : be->ops->upload;
+    int rc = 0;
+    for (size_t i = 0; i < count && rc == 0; i++)
+        rc = one(be, (unsigned char *)dst + i * dpitch, (const unsigned char *)src + i * spitch,
+                 bytes);
+    return rc;
 }
 
 int
 kern_download_runs(kern_backend_t *be, void *dst, const void *src, size_t stride, size_t bytes,
                    size_t count)
 {
-    if (bytes == 0 || count == 0)
-        return 0;
-    int rc = runs_check(stride, bytes, count);
-    if (rc || be->ops->download_runs)
-        return rc ? rc : be->ops->download_runs(be, dst, src, stride, bytes, count);
-    for (size_t i = 0; i < count && rc == 0; i++)
-        rc = be->ops->download(be, (unsigned char *)dst + i * bytes,
-                               (const unsigned char *)src + i * stride, bytes);
-    return rc;
+    return copy_runs(be, true, dst, bytes, src, stride, stride, bytes, count);
 }
 
 int
 kern_upload_runs(kern_backend_t *be, void *dst, size_t stride, const void *src, size_t bytes,
                  size_t count)
 {
-    if (bytes == 0 || count == 0)
-        return 0;
-    int rc = runs_check(stride, bytes, count);
-    if (rc || be->ops->upload_runs)
-        return rc ? rc : be->ops->upload_runs(be, dst, stride, src, bytes, count);
-    for (size_t i = 0; i < count && rc == 0; i++)
-        rc = be->ops->upload(be, (unsigned char *)dst + i * stride,
-                             (const unsigned char *)src + i * bytes, bytes);
-    return rc;
+    return copy_runs(be, false, dst, stride, src, bytes, stride, bytes, count);
 }
 
 int

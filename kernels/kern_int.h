@@ -20,12 +20,12 @@ typedef struct kern_ops {
     int (*download)(kern_backend_t *be, void *dst, const void *src, size_t bytes);
     int (*memset)(kern_backend_t *be, void *dst, int value, size_t bytes);
     int (*sync)(kern_backend_t *be);
-    /* Optional (NULL: kern.c moves run by run with upload / download);
-     * bytes, count > 0 and the span checked. */
-    int (*download_runs)(kern_backend_t *be, void *dst, const void *src, size_t stride,
-                         size_t bytes, size_t count);
-    int (*upload_runs)(kern_backend_t *be, void *dst, size_t stride, const void *src, size_t bytes,
-                       size_t count);
+    /* Optional (NULL: kern.c moves run by run with upload / download):
+     * `count` runs of `bytes`, dpitch apart at dst and spitch apart at
+     * src, to the host (download) or from it; bytes, count > 0 and the
+     * spans checked. */
+    int (*copy_runs)(kern_backend_t *be, bool download, void *dst, size_t dpitch, const void *src,
+                     size_t spitch, size_t bytes, size_t count);
 
     int (*get_rows)(kern_backend_t *be, const kern_tensor_t *w, const int32_t *ids, uint32_t n,
                     float *out);

@@ -445,6 +445,13 @@ __launch_bounds__(DEC_WARPS * 32) dec_kernel(attn_params_t p, bool vec)
 
 typedef void (*dec_fn_t)(attn_params_t, bool);
 
+/* dec_kernel's shared memory: the warps' acc, m and l for HB heads. */
+static size_t
+dec_smem_bytes(uint32_t hb, uint32_t d)
+{
+    return ((size_t)DEC_WARPS * hb * d + 2 * DEC_WARPS * hb) * sizeof(float);
+}
+
 /* dec_kernel's instance for head_dim's lanes (DPL) and the group (HB). */
 template <typename T, int DPL>
 static dec_fn_t
@@ -488,11 +495,9 @@ kern__cuda_attention_init(kern_cuda_t *be)
             for (int b = 0; b < 4; b++) {
                 const uint32_t dpl = dpls[a], hb = hbs[b], d = 32 * dpl; /* its largest head */
                 dec_fn_t fn = f16 ? dec_pick<__half>(dpl, hb) : dec_pick<float>(dpl, hb);
-                const size_t smem =
-                    ((size_t)DEC_WARPS * hb * d + 2 * DEC_WARPS * hb) * sizeof(float);
                 int n = 0;
-                KERN_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, (const void *)fn,
-                                                                            DEC_WARPS * 32, smem));
+                KERN_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                    &n, (const void *)fn, DEC_WARPS * 32, dec_smem_bytes(hb, d)));
                 be->dec_per_sm[dec_slot(f16, dpl, hb)] = n < 1                ? 1
                                                          : n > DEC_MAX_PER_SM ? DEC_MAX_PER_SM
                                                                               : n;
@@ -787,7 +792,7 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
          * multiple of dpl values. */
         dec_vec = d % dpl == 0 && kp % (2 * el) == 0 && vp % (2 * el) == 0 &&
                   kv->layer_bytes % (2 * el) == 0;
-        dec_smem = ((size_t)DEC_WARPS * hb * d + 2 * DEC_WARPS * hb) * sizeof(float);
+        dec_smem = dec_smem_bytes(hb, d);
         dec = f16 ? dec_pick<__half>(dpl, hb) : dec_pick<float>(dpl, hb);
         want = (size_t)be->dec_per_sm[dec_slot(f16, dpl, hb)] * (be->n_sm > 0 ? be->n_sm : 1);
     }

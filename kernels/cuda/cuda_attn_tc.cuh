@@ -101,24 +101,23 @@ tc_cp_wait(void)
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+/* Four 8x8 b16 matrices from shared memory into mma fragments, each
+ * transposed on the way with T. */
+template <bool T>
 static __device__ __forceinline__ void
 tc_ldsm4(uint32_t r[4], const __half *p)
 {
     unsigned s = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(s)
-                 : "memory");
-}
-
-static __device__ __forceinline__ void
-tc_ldsm4_t(uint32_t r[4], const __half *p)
-{
-    unsigned s = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(s)
-                 : "memory");
+    if constexpr (T)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(s)
+                     : "memory");
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(s)
+                     : "memory");
 }
 
 /* c += a b for one 16x8 tile, k = 16. */
@@ -549,8 +548,8 @@ __launch_bounds__(TC_THREADS(M), M == 64 ? 2 : 1) attn_tc_kernel(const kern_cuda
     uint32_t qf[KSTEPS][4];
 #pragma unroll
     for (int kk = 0; kk < KSTEPS; kk++)
-        tc_ldsm4(qf[kk], qs + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ROW + kk * 16 +
-                             (lane >> 4) * 8);
+        tc_ldsm4<false>(qf[kk], qs + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ROW +
+                                    kk * 16 + (lane >> 4) * 8);
 
     /* This thread's two M rows (fragment rows lane / 4 and + 8). */
     const int ma = warp * 16 + (lane >> 2), mb = ma + 8;
@@ -607,8 +606,8 @@ __launch_bounds__(TC_THREADS(M), M == 64 ? 2 : 1) attn_tc_kernel(const kern_cuda
 #pragma unroll
                 for (int np = 0; np < 4; np++) {
                     uint32_t b[4];
-                    tc_ldsm4(b, kt + (np * 16 + (lane & 7) + (lane >> 4) * 8) * ROW + kk * 16 +
-                                    ((lane >> 3) & 1) * 8);
+                    tc_ldsm4<false>(b, kt + (np * 16 + (lane & 7) + (lane >> 4) * 8) * ROW +
+                                           kk * 16 + ((lane >> 3) & 1) * 8);
                     tc_mma(s[2 * np], qf[kk], b[0], b[1]);
                     tc_mma(s[2 * np + 1], qf[kk], b[2], b[3]);
                 }
@@ -708,8 +707,8 @@ __launch_bounds__(TC_THREADS(M), M == 64 ? 2 : 1) attn_tc_kernel(const kern_cuda
 #pragma unroll
                 for (int dp = 0; dp < D / 16; dp++) {
                     uint32_t b[4];
-                    tc_ldsm4_t(b, vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ROW +
-                                      dp * 16 + (lane >> 4) * 8);
+                    tc_ldsm4<true>(b, vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ROW +
+                                          dp * 16 + (lane >> 4) * 8);
                     tc_mma(o[2 * dp], pa[kk], b[0], b[1]);
                     tc_mma(o[2 * dp + 1], pa[kk], b[2], b[3]);
                 }

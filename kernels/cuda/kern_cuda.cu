@@ -413,13 +413,13 @@ cuda_download(kern_backend_t *base, void *dst, const void *src, size_t bytes)
     return cuda_leave(be, rc ? rc : cuda_download_body(be, dst, src, bytes));
 }
 
-/* Runs `stride` apart on the device, packed on the host: one 2D copy
- * where the pitch is within the device's limit (a layer of a large pool
- * can be several GiB), else a copy per run, then one wait. */
+/* One 2D copy where both pitches are within the device's limit (a layer
+ * of a large pool can be several GiB), else a copy per run; one wait. */
 static int
-cuda_runs_body(kern_cuda_t *be, void *dst, size_t dpitch, const void *src, size_t spitch,
-               size_t bytes, size_t count, cudaMemcpyKind kind)
+cuda_copy_runs_body(kern_cuda_t *be, bool download, void *dst, size_t dpitch, const void *src,
+                    size_t spitch, size_t bytes, size_t count)
 {
+    const cudaMemcpyKind kind = download ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice;
     if ((dpitch > spitch ? dpitch : spitch) <= be->max_pitch) {
         KERN_CUDA_TRY(cudaMemcpy2DAsync(dst, dpitch, src, spitch, bytes, count, kind, be->stream));
     } else {
@@ -433,25 +433,13 @@ cuda_runs_body(kern_cuda_t *be, void *dst, size_t dpitch, const void *src, size_
 }
 
 static int
-cuda_download_runs(kern_backend_t *base, void *dst, const void *src, size_t stride, size_t bytes,
-                   size_t count)
+cuda_copy_runs(kern_backend_t *base, bool download, void *dst, size_t dpitch, const void *src,
+               size_t spitch, size_t bytes, size_t count)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
     int rc = cuda_enter_eager(be);
     return cuda_leave(
-        be, rc ? rc
-               : cuda_runs_body(be, dst, bytes, src, stride, bytes, count, cudaMemcpyDeviceToHost));
-}
-
-static int
-cuda_upload_runs(kern_backend_t *base, void *dst, size_t stride, const void *src, size_t bytes,
-                 size_t count)
-{
-    kern_cuda_t *be = (kern_cuda_t *)base;
-    int rc = cuda_enter_eager(be);
-    return cuda_leave(
-        be, rc ? rc
-               : cuda_runs_body(be, dst, stride, src, bytes, bytes, count, cudaMemcpyHostToDevice));
+        be, rc ? rc : cuda_copy_runs_body(be, download, dst, dpitch, src, spitch, bytes, count));
 }
 
 static int
@@ -1127,28 +1115,27 @@ cuda_graph_run(kern_backend_t *base, uint64_t key, kern_graph_fn fn, void *arg)
 static const kern_ops_t cuda_ops = {
     /* .name = */ "cuda",
     /* .is_host = */ false,
-    /* .destroy = */ cuda_destroy,             /* syncs, frees workspaces, stream, handle */
-    /* .supports = */ cuda_supports,           /* F32/F16/BF16, Q8_0, Q4_0, K-quants; KV F32/F16 */
-    /* .alloc = */ cuda_alloc,                 /* cudaMalloc; NULL (and a warning) when out */
-    /* .free = */ cuda_free,                   /* cudaFree, which waits for users of p */
-    /* .upload = */ cuda_upload,               /* async copy on the stream, then sync */
-    /* .download = */ cuda_download,           /* async copy on the stream, then sync */
-    /* .memset = */ cuda_memset,               /* cudaMemsetAsync, not waited for */
-    /* .sync = */ cuda_sync,                   /* cudaStreamSynchronize */
-    /* .download_runs = */ cuda_download_runs, /* one 2D copy, then sync */
-    /* .upload_runs = */ cuda_upload_runs,     /* one 2D copy, then sync */
-    /* .get_rows = */ cuda_get_rows,           /* block per row, converts to f32 */
-    /* .matmul = */ cuda_matmul,               /* cuBLAS, or a dequantizing GEMV for n <= 8 */
-    /* .rmsnorm = */ cuda_rmsnorm,             /* block per row, f32 sum */
-    /* .rope = */ cuda_rope,                   /* host inv_freq, double angles */
-    /* .swiglu = */ cuda_swiglu,               /* elementwise, f32 */
-    /* .add = */ cuda_add,                     /* elementwise */
-    /* .kv_append = */ cuda_kv_append,         /* block per token, f32 -> KV dtype */
-    /* .kv_copy = */ cuda_kv_copy,             /* all pairs at once unless order matters */
-    /* .attention = */ cuda_attention,         /* paged flash-style, split-KV for decode */
-    /* .delta_apply = */ cuda_delta_apply,     /* two elementwise passes */
-    /* .block_bounds = */ cuda_block_bounds,   /* block per (KV block, head), threads on channels */
-    /* .block_scores = */ cuda_block_scores,   /* split, TF32 GEMM, group max, per KV head */
+    /* .destroy = */ cuda_destroy,           /* syncs, frees workspaces, stream, handle */
+    /* .supports = */ cuda_supports,         /* F32/F16/BF16, Q8_0, Q4_0, K-quants; KV F32/F16 */
+    /* .alloc = */ cuda_alloc,               /* cudaMalloc; NULL (and a warning) when out */
+    /* .free = */ cuda_free,                 /* cudaFree, which waits for users of p */
+    /* .upload = */ cuda_upload,             /* async copy on the stream, then sync */
+    /* .download = */ cuda_download,         /* async copy on the stream, then sync */
+    /* .memset = */ cuda_memset,             /* cudaMemsetAsync, not waited for */
+    /* .sync = */ cuda_sync,                 /* cudaStreamSynchronize */
+    /* .copy_runs = */ cuda_copy_runs,       /* one 2D copy, then sync */
+    /* .get_rows = */ cuda_get_rows,         /* block per row, converts to f32 */
+    /* .matmul = */ cuda_matmul,             /* cuBLAS, or a dequantizing GEMV for n <= 8 */
+    /* .rmsnorm = */ cuda_rmsnorm,           /* block per row, f32 sum */
+    /* .rope = */ cuda_rope,                 /* host inv_freq, double angles */
+    /* .swiglu = */ cuda_swiglu,             /* elementwise, f32 */
+    /* .add = */ cuda_add,                   /* elementwise */
+    /* .kv_append = */ cuda_kv_append,       /* block per token, f32 -> KV dtype */
+    /* .kv_copy = */ cuda_kv_copy,           /* all pairs at once unless order matters */
+    /* .attention = */ cuda_attention,       /* paged flash-style, split-KV for decode */
+    /* .delta_apply = */ cuda_delta_apply,   /* two elementwise passes */
+    /* .block_bounds = */ cuda_block_bounds, /* block per (KV block, head), threads on channels */
+    /* .block_scores = */ cuda_block_scores, /* split, TF32 GEMM, group max, per KV head */
     /* .attn_mass = */ cuda_attn_mass, /* logits, softmax, sum or pooled max; chunks of rows */
     /* .pack_weight = */ NULL,         /* weights stay row-major */
     /* .kv_seal = */ cuda_kv_seal,     /* codecs on the host, bytes moved by two kernels */
