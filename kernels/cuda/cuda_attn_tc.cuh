@@ -40,6 +40,11 @@
  *     layout is the A fragment layout)
  *   finally out = O / l in f32.
  *
+ * wgmma M 128 pipelines that loop (as FlashAttention-3 does within a
+ * warpgroup): three stages, tile j + 2's copies in flight while S of
+ * tile j + 1 and P V of tile j run on the tensor cores, and tile j + 1's
+ * softmax runs on the CUDA cores while P V of tile j does.
+ *
  * Which keys a row sees (its kv_len, sinks, window, block mask, dense
  * rows) is the same test as the ref backend's.  Two pieces make the cost
  * O(kept keys): every query row keeps the position of the next key it can
@@ -49,13 +54,13 @@
  * copies of positions no row sees and masks scores only where a row's mask
  * is not all ones, which in dense causal prefill is the diagonal tiles.
  *
- * Shared memory: K and V two stages of 64 rows each, then Q's M rows.
- * mma.sync: rows of head_dim + 8 halves (the pad puts the 8 rows an
- * ldmatrix reads in 8 different bank groups), 46 KiB for d 64, 85 KiB for
- * d 128.  wgmma: K and V unpadded in 128-byte swizzle atoms (8 rows of 64
- * halves, 16-byte chunk c of row r at chunk c ^ (r % 8), 1024-byte
- * aligned), 42 / 82 KiB (d 64 / 128) at M 64, 51 / 99 KiB at M 128, with
- * the alignment slack.
+ * Shared memory: K and V in two stages of 64 rows each (three at wgmma
+ * M 128), then Q's M rows.  mma.sync: rows of head_dim + 8 halves (the
+ * pad puts the 8 rows an ldmatrix reads in 8 different bank groups), 46
+ * KiB for d 64, 85 KiB for d 128.  wgmma: K and V unpadded in 128-byte
+ * swizzle atoms (8 rows of 64 halves, 16-byte chunk c of row r at chunk
+ * c ^ (r % 8), 1024-byte aligned), 42 / 82 KiB (d 64 / 128) at M 64, 67 /
+ * 131 KiB at M 128, with the alignment slack.
  */
 #ifndef KERN_CUDA_ATTN_TC_CUH
 #define KERN_CUDA_ATTN_TC_CUH
@@ -158,14 +163,24 @@ tc_wg_fence(void)
 #endif
 }
 
-/* Closes the wgmmas issued so far into a group and waits until all are
- * done: their accumulators are readable and their shared memory free. */
+/* Closes the wgmmas issued since the last commit into a group. */
 static __device__ __forceinline__ void
-tc_wg_commit_wait(void)
+tc_wg_commit(void)
 {
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+
+/* Waits until at most N of this warpgroup's groups are pending (they
+ * finish in order): the older groups' accumulators are readable, their
+ * register and shared-memory operands free. */
+template <int N>
+static __device__ __forceinline__ void
+tc_wg_wait(void)
+{
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
 
@@ -190,6 +205,17 @@ tc_wg_pin(float (&d)[N][4])
 #pragma unroll
     for (int i = 0; i < N; i++)
         asm volatile("" : "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])::"memory");
+}
+
+/* The same for A fragments held in registers: written before the fence,
+ * and live (not reused) until the wait that frees them. */
+template <int N>
+static __device__ __forceinline__ void
+tc_wg_pin(uint32_t (&a)[N][4])
+{
+#pragma unroll
+    for (int i = 0; i < N; i++)
+        asm volatile("" : "+r"(a[i][0]), "+r"(a[i][1]), "+r"(a[i][2]), "+r"(a[i][3])::"memory");
 }
 
 /* A shared-memory matrix descriptor, 128-byte swizzle: shared-space
@@ -458,23 +484,235 @@ tc_load(const __half *kl, const __half *vl, const kern_cuda_kvq_t &kvq, size_t h
     }
 }
 
+/* Stages of K/V tiles in shared memory: M 128 on wgmma keeps three, so
+ * that tile j + 2 is in flight while tile j + 1's scores and tile j's
+ * P V run (the pipelined loop below); the others two. */
+template <bool WG, int M>
+static __host__ __device__ constexpr int
+tc_stages(void)
+{
+    return WG && M == 128 ? 3 : 2;
+}
+
 /* Dynamic shared memory of an instance: K and V stages, Q, and for wgmma
  * the slack that aligns the stages to 1024 bytes. */
 template <int D, bool WG, int M>
 static constexpr size_t
 tc_smem_bytes(void)
 {
-    return (4 * TC_N * (WG ? D : D + 8) + M * (D + 8)) * sizeof(__half) + (WG ? 1024 : 0);
+    return (2 * tc_stages<WG, M>() * TC_N * (WG ? D : D + 8) + M * (D + 8)) * sizeof(__half) +
+           (WG ? 1024 : 0);
+}
+
+/* The KV tile after the one at `after` (rows that may see something in
+ * it look again past it), or TC_END.  Every thread must call this. */
+template <int M>
+static __device__ __forceinline__ int
+tc_advance(int after, int &nv, tc_rows<M> *rs, int *red, int sinks, int bt)
+{
+    int tid = threadIdx.x;
+    if (tid < M && nv < after + TC_N) {
+        nv = tc_next_visible(after + TC_N, rs->len[tid], rs->lo[tid], rs->mrow[tid], sinks, bt);
+        rs->nv[tid] = nv;
+    }
+    int t = tc_cta_min<M>(nv, red);
+    return t == TC_END ? TC_END : t & ~(TC_N - 1);
+}
+
+/* wgmma issue of S = Q K^T (s += ..., kt: the tile's K stage) and of
+ * O += P V (vt: its V stage, P as A fragments), each closed into a group
+ * of its own.  The caller fences the registers first; the products run
+ * until a tc_wg_wait covers their group, and their operands (s; o and
+ * pa) stay untouched until then and are pinned after it. */
+template <int D>
+static __device__ __forceinline__ void
+tc_qk_issue(float (&s)[8][4], const uint32_t (&qf)[D / 16][4], const __half *kt)
+{
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++)
+        tc_wgmma_n64<0>(s, qf[kk], tc_wg_desc(kt + tc_wg_k_at(kk), TC_WG_K_LBO, TC_WG_K_SBO));
+    tc_wg_commit();
+}
+template <int D>
+static __device__ __forceinline__ void
+tc_pv_issue(float (&o)[D / 8][4], const uint32_t (&pa)[4][4], const __half *vt)
+{
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        uint64_t dv = tc_wg_desc(vt + tc_wg_v_at(kk), TC_WG_V_LBO, TC_WG_V_SBO);
+        if constexpr (D == 64)
+            tc_wgmma_n64<1>(o, pa[kk], dv);
+        else
+            tc_wgmma_n128<1>(o, pa[kk], dv);
+    }
+    tc_wg_commit();
+}
+
+template <int N>
+static __device__ __forceinline__ void
+tc_zero(float (&d)[N][4])
+{
+#pragma unroll
+    for (int i = 0; i < N; i++)
+        d[i][0] = d[i][1] = d[i][2] = d[i][3] = 0.0f;
+}
+
+/* S = Q K^T for the tile whose K stage is kt.  On wgmma this only issues
+ * the products: tc_wg_wait<0> and pin s before reading it. */
+template <int D, bool WG>
+static __device__ __forceinline__ void
+tc_qk(float (&s)[8][4], const uint32_t (&qf)[D / 16][4], const __half *kt, int lane)
+{
+    constexpr int ROW = D + 8;
+    tc_zero(s);
+    if constexpr (WG) {
+        tc_wg_pin(s);
+        tc_wg_fence();
+        tc_qk_issue<D>(s, qf, kt);
+    } else {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+#pragma unroll
+            for (int np = 0; np < 4; np++) {
+                uint32_t b[4];
+                tc_ldsm4<false>(b, kt + (np * 16 + (lane & 7) + (lane >> 4) * 8) * ROW + kk * 16 +
+                                       ((lane >> 3) & 1) * 8);
+                tc_mma(s[2 * np], qf[kk], b[0], b[1]);
+                tc_mma(s[2 * np + 1], qf[kk], b[2], b[3]);
+            }
+        }
+    }
+}
+
+/* O += P V for the tile whose V stage is vt.  On wgmma this only issues
+ * the products: tc_wg_wait<0> and pin o before touching it. */
+template <int D, bool WG>
+static __device__ __forceinline__ void
+tc_pv(float (&o)[D / 8][4], uint32_t (&pa)[4][4], const __half *vt, int lane)
+{
+    constexpr int ROW = D + 8;
+    if constexpr (WG) {
+        tc_wg_pin(o);
+        tc_wg_pin(pa);
+        tc_wg_fence();
+        tc_pv_issue<D>(o, pa, vt);
+    } else {
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+#pragma unroll
+            for (int dp = 0; dp < D / 16; dp++) {
+                uint32_t b[4];
+                tc_ldsm4<true>(b, vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ROW +
+                                      dp * 16 + (lane >> 4) * 8);
+                tc_mma(o[2 * dp], pa[kk], b[0], b[1]);
+                tc_mma(o[2 * dp + 1], pa[kk], b[2], b[3]);
+            }
+        }
+    }
+}
+
+/* One thread's two M rows (a: fragment row lane / 4, b: + 8): whether
+ * each is a real (query row, head) and its query row in the tile. */
+struct tc_pair {
+    int ra, rb;
+    bool va, vb;
+};
+
+/* Online softmax over one tile's scores s, whose keep masks are kp: masks
+ * what a row does not see (invalid M rows see nothing), folds the tile
+ * into the running max m and this thread's share of the sum l, turns s
+ * into the weights exp2(s - max) and returns in alpha the factors the O
+ * so far must be scaled by.  A row's four threads (a quad) share its max. */
+static __device__ __forceinline__ void
+tc_softmax(float (&s)[8][4], const uint32_t *kp, const tc_pair &pr, int lane, float (&m)[2],
+           float (&l)[2], float (&alpha)[2])
+{
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        bool v = h ? pr.vb : pr.va;
+        int r = h ? pr.rb : pr.ra;
+        uint32_t w0 = v ? kp[2 * r] : 0u, w1 = v ? kp[2 * r + 1] : 0u;
+        if ((w0 & w1) == 0xffffffffu)
+            continue;
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            uint32_t w = nt < 4 ? w0 : w1;
+            int c = (nt & 3) * 8 + 2 * (lane & 3);
+            if (!((w >> c) & 1u))
+                s[nt][2 * h] = -INFINITY;
+            if (!((w >> (c + 1)) & 1u))
+                s[nt][2 * h + 1] = -INFINITY;
+        }
+    }
+
+    float t[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++) {
+        t[0] = fmaxf(t[0], fmaxf(s[nt][0], s[nt][1]));
+        t[1] = fmaxf(t[1], fmaxf(s[nt][2], s[nt][3]));
+    }
+    float u[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        t[h] = fmaxf(t[h], __shfl_xor_sync(0xffffffffu, t[h], 1));
+        t[h] = fmaxf(t[h], __shfl_xor_sync(0xffffffffu, t[h], 2));
+        float n = fmaxf(m[h], t[h]);
+        /* A row that has seen nothing yet keeps max -inf: subtracting 0
+         * then gives weights exp2(-inf) = 0 instead of NaN. */
+        u[h] = n == -INFINITY ? 0.0f : n;
+        alpha[h] = exp2f(m[h] - u[h]);
+        m[h] = n;
+    }
+    float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++) {
+        s[nt][0] = exp2f(s[nt][0] - u[0]);
+        s[nt][1] = exp2f(s[nt][1] - u[0]);
+        s[nt][2] = exp2f(s[nt][2] - u[1]);
+        s[nt][3] = exp2f(s[nt][3] - u[1]);
+        sum[0] += s[nt][0] + s[nt][1];
+        sum[1] += s[nt][2] + s[nt][3];
+    }
+    l[0] = l[0] * alpha[0] + sum[0]; /* this thread's share; the quad sums at the end */
+    l[1] = l[1] * alpha[1] + sum[1];
+}
+
+template <int NT>
+static __device__ __forceinline__ void
+tc_rescale(float (&o)[NT][4], const float (&alpha)[2])
+{
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        o[nt][0] *= alpha[0];
+        o[nt][1] *= alpha[0];
+        o[nt][2] *= alpha[1];
+        o[nt][3] *= alpha[1];
+    }
+}
+
+/* The weights as f16 A fragments: the S accumulator layout is the A
+ * fragment layout. */
+static __device__ __forceinline__ void
+tc_pack_p(const float (&s)[8][4], uint32_t (&pa)[4][4])
+{
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        pa[kk][0] = tc_pack(s[2 * kk][0], s[2 * kk][1]);
+        pa[kk][1] = tc_pack(s[2 * kk][2], s[2 * kk][3]);
+        pa[kk][2] = tc_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[kk][3] = tc_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
 }
 
 /* M 64: two CTAs a multiprocessor, which overlap one's softmax with the
  * other's products; M 128 (two warpgroups on one K/V tile): one, with
- * half the K/V traffic and copies per FLOP. */
+ * half the K/V traffic and copies per FLOP, and within each warpgroup the
+ * softmax of one tile overlapping the P V of the one before. */
 template <int D, bool WG, int M>
 static __global__ void
 __launch_bounds__(TC_THREADS(M), M == 64 ? 2 : 1) attn_tc_kernel(const kern_cuda_attn_tc_t p)
 {
-    constexpr int ROW = D + 8, KSTEPS = D / 16, NT_O = D / 8;
+    constexpr int ROW = D + 8, KSTEPS = D / 16, NT_O = D / 8, NS = tc_stages<WG, M>();
     constexpr int STAGE = TC_N * (WG ? D : ROW); /* halves in one K or V stage */
     extern __shared__ __align__(16) unsigned char tc_dyn[];
     /* The swizzle is a function of address bits 4-9, so a wgmma stage
@@ -482,11 +720,11 @@ __launch_bounds__(TC_THREADS(M), M == 64 ? 2 : 1) attn_tc_kernel(const kern_cuda
     unsigned char *dyn = tc_dyn;
     if constexpr (WG)
         dyn += (1024u - ((unsigned)__cvta_generic_to_shared(tc_dyn) & 1023u)) & 1023u;
-    __half *ks = (__half *)dyn;  /* [2][STAGE] */
-    __half *vs = ks + 2 * STAGE; /* [2][STAGE] */
-    __half *qs = vs + 2 * STAGE; /* [M][ROW] */
-    __shared__ uint32_t keep[2][2 * M];
-    __shared__ uint32_t uni[2][2 * TC_WARPS(M)];
+    __half *ks = (__half *)dyn;   /* [NS][STAGE] */
+    __half *vs = ks + NS * STAGE; /* [NS][STAGE] */
+    __half *qs = vs + NS * STAGE; /* [M][ROW] */
+    __shared__ uint32_t keep[NS][2 * M];
+    __shared__ uint32_t uni[NS][2 * TC_WARPS(M)];
     __shared__ int red[TC_WARPS(M)];
     __shared__ tc_rows<M> rs;
 
@@ -498,6 +736,24 @@ __launch_bounds__(TC_THREADS(M), M == 64 ? 2 : 1) attn_tc_kernel(const kern_cuda
     const int G = (int)p.group, HC = G < M ? G : M, hc0 = (int)blockIdx.z * HC;
     const int sinks = (int)p.sinks, bt = (int)p.block_tokens;
     const __half *kl = (const __half *)p.k, *vl = (const __half *)p.v;
+    /* Queues tile t0's keep masks and copies into stage st (not committed). */
+    auto fetch = [&](int t0, int st) {
+        tc_bits(t0, &rs, keep[st], uni[st], sinks, bt);
+        __syncthreads();
+        tc_load<D, WG, M>(kl, vl, p.kvq, g, p.n_kv_heads, bt, t0, blocks, ks + st * STAGE,
+                          vs + st * STAGE, uni[st]);
+    };
+    /* Waits for the copies of all but the newest `newer` groups and
+     * publishes them to the CTA (and to wgmma's proxy). */
+    auto landed = [&](bool newer) {
+        if (newer)
+            tc_cp_wait<1>();
+        else
+            tc_cp_wait<0>();
+        if constexpr (WG)
+            tc_wg_proxy_fence();
+        __syncthreads();
+    };
 
     /* Row state: thread r < M owns query row r of the tile (n_rows <=
      * M / HC); rows past the tile see nothing. */
@@ -518,14 +774,19 @@ __launch_bounds__(TC_THREADS(M), M == 64 ? 2 : 1) attn_tc_kernel(const kern_cuda
         rs.nv[tid] = nv;
         rs.mrow[tid] = mrow;
     }
-    int cur = tc_cta_min<M>(nv, red);
+    int cur = tc_cta_min<M>(nv, red), nx1 = TC_END;
     if (cur != TC_END) {
         cur &= ~(TC_N - 1);
-        tc_bits(cur, &rs, keep[0], uni[0], sinks, bt);
-        __syncthreads();
-        tc_load<D, WG, M>(kl, vl, p.kvq, g, p.n_kv_heads, bt, cur, blocks, ks, vs, uni[0]);
+        fetch(cur, 0);
     }
     tc_cp_commit();
+    if constexpr (NS == 3) {
+        if (cur != TC_END)
+            nx1 = tc_advance<M>(cur, nv, &rs, red, sinks, bt);
+        if (nx1 != TC_END)
+            fetch(nx1, 1);
+        tc_cp_commit();
+    }
 
     /* Q: M row m is query row m / HC, head hc0 + m % HC of the group. */
     {
@@ -551,194 +812,114 @@ __launch_bounds__(TC_THREADS(M), M == 64 ? 2 : 1) attn_tc_kernel(const kern_cuda
         tc_ldsm4<false>(qf[kk], qs + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ROW +
                                     kk * 16 + (lane >> 4) * 8);
 
-    /* This thread's two M rows (fragment rows lane / 4 and + 8). */
-    const int ma = warp * 16 + (lane >> 2), mb = ma + 8;
-    const int ra = ma / HC, rb = mb / HC;
-    const int ha = hc0 + (ma - ra * HC), hb = hc0 + (mb - rb * HC);
-    const bool va = ra < n_rows && ha < G, vb = rb < n_rows && hb < G;
+    tc_pair pr;
+    {
+        const int ma = warp * 16 + (lane >> 2), mb = ma + 8;
+        pr.ra = ma / HC;
+        pr.rb = mb / HC;
+        pr.va = pr.ra < n_rows && hc0 + (ma - pr.ra * HC) < G;
+        pr.vb = pr.rb < n_rows && hc0 + (mb - pr.rb * HC) < G;
+    }
 
     float o[NT_O][4];
-#pragma unroll
-    for (int nt = 0; nt < NT_O; nt++)
-        o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
-    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
+    tc_zero(o);
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, alpha[2];
+    float s[8][4];
+    uint32_t pa[4][4];
 
-    int stage = 0;
-    while (cur != TC_END) {
-        /* Rows that may see something in this tile look again past it. */
-        if (tid < M && nv < cur + TC_N) {
-            nv = tc_next_visible(cur + TC_N, rs.len[tid], rs.lo[tid], rs.mrow[tid], sinks, bt);
-            rs.nv[tid] = nv;
+    if constexpr (NS == 3) {
+        /* Each round j issues S of tile j + 1 and then P V of tile j, and
+         * runs tile j + 1's softmax while the tensor cores do P V; tile
+         * j + 2's copies are in flight meanwhile.  Tile j sits in stage
+         * j % 3, whose previous tile's P V every warpgroup waited for
+         * before the barrier in the next round's tc_advance. */
+        int st = 0;
+        if (cur != TC_END) {
+            landed(true);
+            tc_qk<D, WG>(s, qf, ks, lane);
+            tc_wg_wait<0>();
+            tc_wg_pin(s);
+            tc_softmax(s, keep[0], pr, lane, m, l, alpha);
+            tc_pack_p(s, pa);
         }
-        int nxt = tc_cta_min<M>(nv, red);
-        if (nxt != TC_END) {
-            nxt &= ~(TC_N - 1);
-            tc_bits(nxt, &rs, keep[stage ^ 1], uni[stage ^ 1], sinks, bt);
-            __syncthreads();
-            tc_load<D, WG, M>(kl, vl, p.kvq, g, p.n_kv_heads, bt, nxt, blocks,
-                              ks + (stage ^ 1) * STAGE, vs + (stage ^ 1) * STAGE, uni[stage ^ 1]);
+        /* No branch between the first issue and the waits, or ptxas
+         * serializes the products: the last tile's P V comes after. */
+        while (nx1 != TC_END) {
+            const int s1 = st == 2 ? 0 : st + 1, s2 = s1 == 2 ? 0 : s1 + 1;
+            int nx2 = tc_advance<M>(nx1, nv, &rs, red, sinks, bt);
+            if (nx2 != TC_END)
+                fetch(nx2, s2);
             tc_cp_commit();
-            tc_cp_wait<1>();
-        } else {
-            tc_cp_wait<0>();
-        }
-        if constexpr (WG)
-            tc_wg_proxy_fence();
-        __syncthreads(); /* tile cur's K, V and keep masks are in place */
-
-        const __half *kt = ks + stage * STAGE, *vt = vs + stage * STAGE;
-        float s[8][4];
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++)
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-        if constexpr (WG) {
+            landed(true); /* tile nx1's copies */
+            tc_zero(s);
             tc_wg_pin(s);
+            tc_wg_pin(o);
+            tc_wg_pin(pa);
             tc_wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < KSTEPS; kk++)
-                tc_wgmma_n64<0>(s, qf[kk],
-                                tc_wg_desc(kt + tc_wg_k_at(kk), TC_WG_K_LBO, TC_WG_K_SBO));
-            tc_wg_commit_wait();
+            tc_qk_issue<D>(s, qf, ks + s1 * STAGE);
+            tc_pv_issue<D>(o, pa, vs + st * STAGE);
+            tc_wg_wait<1>();
             tc_wg_pin(s);
-        } else {
-#pragma unroll
-            for (int kk = 0; kk < KSTEPS; kk++) {
-#pragma unroll
-                for (int np = 0; np < 4; np++) {
-                    uint32_t b[4];
-                    tc_ldsm4<false>(b, kt + (np * 16 + (lane & 7) + (lane >> 4) * 8) * ROW +
-                                           kk * 16 + ((lane >> 3) & 1) * 8);
-                    tc_mma(s[2 * np], qf[kk], b[0], b[1]);
-                    tc_mma(s[2 * np + 1], qf[kk], b[2], b[3]);
-                }
-            }
-        }
-
-        /* Mask what a row does not see (invalid M rows see nothing). */
-        const uint32_t *kp = keep[stage];
-        uint32_t a0 = va ? kp[2 * ra] : 0u, a1 = va ? kp[2 * ra + 1] : 0u;
-        uint32_t b0 = vb ? kp[2 * rb] : 0u, b1 = vb ? kp[2 * rb + 1] : 0u;
-        if ((a0 & a1) != 0xffffffffu) {
-#pragma unroll
-            for (int nt = 0; nt < 8; nt++) {
-                uint32_t w = nt < 4 ? a0 : a1;
-                int c = (nt & 3) * 8 + 2 * (lane & 3);
-                if (!((w >> c) & 1u))
-                    s[nt][0] = -INFINITY;
-                if (!((w >> (c + 1)) & 1u))
-                    s[nt][1] = -INFINITY;
-            }
-        }
-        if ((b0 & b1) != 0xffffffffu) {
-#pragma unroll
-            for (int nt = 0; nt < 8; nt++) {
-                uint32_t w = nt < 4 ? b0 : b1;
-                int c = (nt & 3) * 8 + 2 * (lane & 3);
-                if (!((w >> c) & 1u))
-                    s[nt][2] = -INFINITY;
-                if (!((w >> (c + 1)) & 1u))
-                    s[nt][3] = -INFINITY;
-            }
-        }
-
-        /* Online softmax; a row's four threads (a quad) share its max. */
-        float ta = -INFINITY, tb = -INFINITY;
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
-            ta = fmaxf(ta, fmaxf(s[nt][0], s[nt][1]));
-            tb = fmaxf(tb, fmaxf(s[nt][2], s[nt][3]));
-        }
-        ta = fmaxf(ta, __shfl_xor_sync(0xffffffffu, ta, 1));
-        ta = fmaxf(ta, __shfl_xor_sync(0xffffffffu, ta, 2));
-        tb = fmaxf(tb, __shfl_xor_sync(0xffffffffu, tb, 1));
-        tb = fmaxf(tb, __shfl_xor_sync(0xffffffffu, tb, 2));
-        float na = fmaxf(m_a, ta), nb = fmaxf(m_b, tb);
-        /* A row that has seen nothing yet keeps max -inf: subtracting 0
-         * then gives weights exp2(-inf) = 0 instead of NaN. */
-        float ua = na == -INFINITY ? 0.0f : na, ub = nb == -INFINITY ? 0.0f : nb;
-        float alpha_a = exp2f(m_a - ua), alpha_b = exp2f(m_b - ub);
-        m_a = na;
-        m_b = nb;
-        float sa = 0.0f, sb = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
-            s[nt][0] = exp2f(s[nt][0] - ua);
-            s[nt][1] = exp2f(s[nt][1] - ua);
-            s[nt][2] = exp2f(s[nt][2] - ub);
-            s[nt][3] = exp2f(s[nt][3] - ub);
-            sa += s[nt][0] + s[nt][1];
-            sb += s[nt][2] + s[nt][3];
-        }
-        l_a = l_a * alpha_a + sa; /* this thread's share; the quad sums at the end */
-        l_b = l_b * alpha_b + sb;
-#pragma unroll
-        for (int nt = 0; nt < NT_O; nt++) {
-            o[nt][0] *= alpha_a;
-            o[nt][1] *= alpha_a;
-            o[nt][2] *= alpha_b;
-            o[nt][3] *= alpha_b;
-        }
-
-        /* O += P V: the S accumulator layout is the A fragment layout. */
-        uint32_t pa[4][4];
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
-            pa[kk][0] = tc_pack(s[2 * kk][0], s[2 * kk][1]);
-            pa[kk][1] = tc_pack(s[2 * kk][2], s[2 * kk][3]);
-            pa[kk][2] = tc_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            pa[kk][3] = tc_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-        }
-        if constexpr (WG) {
+            tc_softmax(s, keep[s1], pr, lane, m, l, alpha);
+            tc_wg_wait<0>();
             tc_wg_pin(o);
-            tc_wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++) {
-                uint64_t dv = tc_wg_desc(vt + tc_wg_v_at(kk), TC_WG_V_LBO, TC_WG_V_SBO);
-                if constexpr (D == 64)
-                    tc_wgmma_n64<1>(o, pa[kk], dv);
-                else
-                    tc_wgmma_n128<1>(o, pa[kk], dv);
-            }
-            tc_wg_commit_wait();
-            tc_wg_pin(o);
-        } else {
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++) {
-#pragma unroll
-                for (int dp = 0; dp < D / 16; dp++) {
-                    uint32_t b[4];
-                    tc_ldsm4<true>(b, vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ROW +
-                                          dp * 16 + (lane >> 4) * 8);
-                    tc_mma(o[2 * dp], pa[kk], b[0], b[1]);
-                    tc_mma(o[2 * dp + 1], pa[kk], b[2], b[3]);
-                }
-            }
+            tc_wg_pin(pa);
+            tc_rescale(o, alpha);
+            tc_pack_p(s, pa);
+            nx1 = nx2;
+            st = s1;
         }
-        __syncthreads(); /* stage and keep[stage] are refilled next round */
-        cur = nxt;
-        stage ^= 1;
+        if (cur != TC_END) {
+            tc_pv<D, WG>(o, pa, vs + st * STAGE, lane);
+            tc_wg_wait<0>();
+            tc_wg_pin(o);
+        }
+    } else {
+        int st = 0;
+        while (cur != TC_END) {
+            int nxt = tc_advance<M>(cur, nv, &rs, red, sinks, bt);
+            if (nxt != TC_END) {
+                fetch(nxt, st ^ 1);
+                tc_cp_commit();
+            }
+            landed(nxt != TC_END); /* tile cur's K, V and keep masks */
+            tc_qk<D, WG>(s, qf, ks + st * STAGE, lane);
+            if constexpr (WG) {
+                tc_wg_wait<0>();
+                tc_wg_pin(s);
+            }
+            tc_softmax(s, keep[st], pr, lane, m, l, alpha);
+            tc_rescale(o, alpha);
+            tc_pack_p(s, pa);
+            tc_pv<D, WG>(o, pa, vs + st * STAGE, lane);
+            if constexpr (WG) {
+                tc_wg_wait<0>();
+                tc_wg_pin(o);
+            }
+            __syncthreads(); /* stage st and keep[st] are refilled next round */
+            cur = nxt;
+            st ^= 1;
+        }
     }
 
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+    }
     /* kern.c guarantees every row a key, so l > 0 for valid rows. */
-    if (va) {
-        float inv = l_a > 0.0f ? 1.0f / l_a : 0.0f;
-        float *orow = p.out + ((size_t)(row0 + ra) * p.n_heads + (size_t)g * G + ha) * D;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        int r = h ? pr.rb : pr.ra, mr = warp * 16 + (lane >> 2) + 8 * h;
+        if (!(h ? pr.vb : pr.va))
+            continue;
+        float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+        float *orow =
+            p.out + ((size_t)(row0 + r) * p.n_heads + (size_t)g * G + hc0 + (mr - r * HC)) * D;
 #pragma unroll
         for (int nt = 0; nt < NT_O; nt++)
             *(float2 *)(orow + nt * 8 + 2 * (lane & 3)) =
-                make_float2(o[nt][0] * inv, o[nt][1] * inv);
-    }
-    if (vb) {
-        float inv = l_b > 0.0f ? 1.0f / l_b : 0.0f;
-        float *orow = p.out + ((size_t)(row0 + rb) * p.n_heads + (size_t)g * G + hb) * D;
-#pragma unroll
-        for (int nt = 0; nt < NT_O; nt++)
-            *(float2 *)(orow + nt * 8 + 2 * (lane & 3)) =
-                make_float2(o[nt][2] * inv, o[nt][3] * inv);
+                make_float2(o[nt][2 * h] * inv, o[nt][2 * h + 1] * inv);
     }
 }
 

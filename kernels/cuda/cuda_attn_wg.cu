@@ -36,15 +36,16 @@ wg_probe_kernel(int *out)
 /* A known-answer check of wgmma instance tc at head_dim d against the
  * mma.sync one (be->attn_tc is KERN_CUDA_TC_MMA while this runs) on the
  * same device and inputs: random q, K and V, a GQA group of 2 (stacked M
- * rows), 64 causal query rows at positions 192..255 over 16 blocks of 16
- * tokens in scrambled order, so four KV tiles a CTA and the masked
- * diagonal; each kernel gets the tiles its M asks for.  Both round q and
- * P to f16 and sum in f32; only the order of the sums differs.  Runs on
- * the legacy stream (the backend's is not made yet).  true: they agree. */
+ * rows), 64 causal query rows at positions 448..511 over 32 blocks of 16
+ * tokens in scrambled order, so eight KV tiles a CTA (the three-stage
+ * ring of M 128 wraps twice) and the masked diagonal; each kernel gets
+ * the tiles its M asks for.  Both round q and P to f16 and sum in f32;
+ * only the order of the sums differs.  Runs on the legacy stream (the
+ * backend's is not made yet).  true: they agree. */
 static bool
 wg_agrees(kern_cuda_t *be, int tc, uint32_t d)
 {
-    enum { ROWS = 64, HEADS = 2, BT = 16, NB = 16, CTX = NB * BT };
+    enum { ROWS = 64, HEADS = 2, BT = 16, NB = 32, CTX = NB * BT };
     const size_t nq = (size_t)ROWS * HEADS * d, nkv = (size_t)CTX * d;
     const size_t o_q = 0, o_a = o_q + nq * 4, o_b = o_a + nq * 4, o_i = o_b + nq * 4;
     /* ints: the tiles for M 64, for the instance, row_len, row_lo, blocks */
@@ -85,7 +86,7 @@ wg_agrees(kern_cuda_t *be, int tc, uint32_t d)
             lo[r] = -1;
         }
         for (int b = 0; b < NB; b++)
-            blocks[b] = (b * 7 + 3) % NB; /* 7 is prime to 16: a permutation */
+            blocks[b] = (b * 7 + 3) % NB; /* 7 is prime to 32: a permutation */
         ok = cudaMemcpy(dev, h, total, cudaMemcpyHostToDevice) == cudaSuccess;
     }
     if (ok) {
