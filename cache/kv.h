@@ -276,6 +276,8 @@ typedef struct kv_host_stats {
     uint64_t hit_tokens;       /* tokens kv_prefix_match brought back from here */
     uint64_t bytes_used;       /* copies held now, prefix and swapped */
     uint64_t bytes_cap;
+    uint64_t free_bytes;  /* freed slots kept for reuse (kv_host.c), beside bytes_used */
+    uint64_t slot_allocs; /* slots taken from kern_host_alloc, in total; the rest were reused */
 } kv_host_stats_t;
 
 void kv_host_stats(const kv_host_t *h, kv_host_stats_t *out);

@@ -19,8 +19,9 @@
  *   | swaps <-> ...               |  offloaded tables' records
  *   +-----------------------------+
  *
- *   one copy: [ layer 0 K | layer 0 V | layer 1 K | layer 1 V | ... ]
- *             each run as the block has it in the pool (block_run)
+ *   one copy: [ K layer 0 | K layer 1 | ... | V layer 0 | V layer 1 | ... ]
+ *             each run as the block has it in the pool (block_run), in
+ *             a slot of its kind's size from kern_host_alloc
  *
  * Room.  Swap records are never evicted: a preempted sequence's only other
  * way back is a full recompute.  Prefix copies are a cache and give way,
@@ -35,6 +36,15 @@
  * copy and record and stays within bytes_cap; the LRU list and the bucket
  * chains hold exactly the prefix copies, each key once; the swap list holds
  * exactly the records of the pool's offloaded tables.
+ *
+ * Slots.  kern_host_alloc memory is page-locked on cuda: a block moves in
+ * one DMA instead of through the driver's staging buffers, but pinning
+ * is slow, and cudaFreeHost waits for the whole device.  So a freed slot
+ * waits on its kind's free list for the next copy of that size.  The
+ * lists keep no more than the cap leaves free plus one slot of each kind
+ * (the copy made before room is made for it), so the store holds at most
+ * bytes_cap plus two blocks, and a full store that keeps one block and
+ * evicts another reuses the evicted slot instead of allocating.
  *
  * Everything is deterministic: blocks come from the pool's allocator and
  * copies are evicted in LRU order.
@@ -57,20 +67,27 @@ typedef struct kv_host_copy {
     uint64_t extra;
     size_t bytes;
     bool cold;
-    unsigned char data[];
+    unsigned char *data; /* a slot */
 } kv_host_copy_t;
 
-/* An offloaded table's blocks, back to back in data. */
+/* An offloaded table's blocks, a slot each. */
 struct kv_offload {
     kv_host_t *host;
     kv_table_t *table;
     struct kv_offload *prev; /* the store's swap list */
     struct kv_offload *next;
-    unsigned char *data;
     size_t bytes;
     uint32_t n_blocks;
-    bool cold[]; /* [n_blocks]: the kind each block had */
+    struct {
+        unsigned char *data;
+        bool cold; /* the kind the block had */
+    } blk[];       /* [n_blocks] */
 };
+
+/* A free slot's first bytes. */
+typedef struct kv_slot {
+    struct kv_slot *next;
+} kv_slot_t;
 
 struct kv_host {
     kv_pool_t *pool;
@@ -96,6 +113,11 @@ struct kv_host {
     uint64_t dropped_blocks;
     uint64_t prefix_evictions;
     uint64_t hit_tokens;
+
+    kv_slot_t *free_slots[2]; /* [cold]: slots of that kind's size */
+    size_t n_free[2];
+    size_t free_bytes;
+    uint64_t slot_allocs;
 };
 
 /* ---- block contents ------------------------------------------------------- */
@@ -145,6 +167,56 @@ block_xfer(kv_pool_t *pool, int32_t b, unsigned char *host, bool download)
         host += n * n_layers;
     }
     return 0;
+}
+
+/* ---- slots ---------------------------------------------------------------- */
+
+/* A slot for a copy of the kind, reused or new; NULL when out of memory. */
+static unsigned char *
+slot_get(kv_host_t *h, bool cold)
+{
+    kv_slot_t *s = h->free_slots[cold];
+    if (s != NULL) {
+        h->free_slots[cold] = s->next;
+        h->n_free[cold]--;
+        h->free_bytes -= copy_bytes(h, cold);
+        return (unsigned char *)s;
+    }
+    unsigned char *p = kern_host_alloc(h->pool->be, copy_bytes(h, cold));
+    h->slot_allocs += p != NULL;
+    return p;
+}
+
+static void
+slot_put(kv_host_t *h, bool cold, unsigned char *p)
+{
+    kv_slot_t *s = (kv_slot_t *)p;
+    s->next = h->free_slots[cold];
+    h->free_slots[cold] = s;
+    h->n_free[cold]++;
+    h->free_bytes += copy_bytes(h, cold);
+}
+
+/* What the free lists may keep now (the Slots paragraph above). */
+static size_t
+free_limit(const kv_host_t *h)
+{
+    return h->bytes_cap - h->bytes_used + h->hot_bytes + h->cold_bytes;
+}
+
+/* Gives slots back, the kind with more bytes free first, until the free
+ * lists are within their limit (limit 0: all). */
+static void
+slot_trim(kv_host_t *h, size_t limit)
+{
+    while (h->free_bytes > limit) {
+        bool cold = h->n_free[1] * h->cold_bytes > h->n_free[0] * h->hot_bytes;
+        kv_slot_t *s = h->free_slots[cold];
+        h->free_slots[cold] = s->next;
+        h->n_free[cold]--;
+        h->free_bytes -= copy_bytes(h, cold);
+        kern_host_free(h->pool->be, s);
+    }
 }
 
 /* ---- prefix copies: hash chains and LRU ----------------------------------- */
@@ -235,6 +307,7 @@ static void
 copy_drop(kv_host_t *h, kv_host_copy_t *c)
 {
     copy_unlink(h, c);
+    slot_put(h, c->cold, c->data);
     free(c);
 }
 
@@ -293,6 +366,7 @@ kv_host_free(kv_host_t *h)
     KVS_ASSERT(h->swaps == NULL && h->n_swaps == 0);
     while (h->lru_head)
         copy_drop(h, h->lru_head);
+    slot_trim(h, 0);
     h->pool->host = NULL;
     free(h->buckets);
     free(h);
@@ -312,6 +386,8 @@ kv_host_stats(const kv_host_t *h, kv_host_stats_t *out)
         .hit_tokens = h->hit_tokens,
         .bytes_used = h->bytes_used,
         .bytes_cap = h->bytes_cap,
+        .free_bytes = h->free_bytes,
+        .slot_allocs = h->slot_allocs,
     };
 }
 
@@ -330,31 +406,28 @@ kv_table_offload(kv_table_t *t, kv_host_t *h)
     if (!room_for(h, bytes))
         return KVS_ENOSPC;
 
-    struct kv_offload *o = malloc(sizeof *o + (size_t)used * sizeof o->cold[0]);
-    unsigned char *data = malloc(bytes);
-    if (o == NULL || data == NULL) {
-        free(o);
-        free(data);
+    struct kv_offload *o = malloc(sizeof *o + (size_t)used * sizeof o->blk[0]);
+    if (o == NULL)
         return KVS_ENOMEM;
-    }
-    size_t off = 0;
     for (uint32_t i = 0; i < used; i++) {
         int32_t b = t->blocks[i];
-        o->cold[i] = kv__block_cold(pool, b);
-        int rc = block_xfer(pool, b, data + off, true);
+        o->blk[i].cold = kv__block_cold(pool, b);
+        o->blk[i].data = slot_get(h, o->blk[i].cold);
+        int rc = o->blk[i].data ? block_xfer(pool, b, o->blk[i].data, true) : KVS_ENOMEM;
         if (rc != 0) {
+            for (uint32_t j = i + 1; j-- > 0;)
+                if (o->blk[j].data)
+                    slot_put(h, o->blk[j].cold, o->blk[j].data);
             free(o);
-            free(data);
+            slot_trim(h, free_limit(h));
             return rc;
         }
-        off += copy_bytes(h, o->cold[i]);
     }
 
     /* Nothing can fail from here on. */
     make_room(h, bytes);
     o->host = h;
     o->table = t;
-    o->data = data;
     o->bytes = bytes;
     o->n_blocks = used;
     o->prev = NULL;
@@ -366,6 +439,7 @@ kv_table_offload(kv_table_t *t, kv_host_t *h)
     h->bytes_used += bytes;
     h->swapped_blocks += used;
     h->offloaded_blocks += used;
+    slot_trim(h, free_limit(h));
     /* Last first, as kv_table_free does, so the prefix cache's LRU list
      * evicts a chain's tail before its head. */
     for (uint32_t i = t->n_blocks; i-- > 0;)
@@ -389,7 +463,8 @@ offload_unlink(kv_host_t *h, struct kv_offload *o)
     h->bytes_used -= o->bytes;
     h->swapped_blocks -= o->n_blocks;
     o->table->offload = NULL;
-    free(o->data);
+    for (uint32_t i = 0; i < o->n_blocks; i++)
+        slot_put(h, o->blk[i].cold, o->blk[i].data);
     free(o);
 }
 
@@ -402,7 +477,7 @@ kv_table_restore(kv_table_t *t, kv_host_t *h)
     kv_pool_t *pool = t->pool;
     uint32_t n = o->n_blocks, n_cold = 0;
     for (uint32_t i = 0; i < n; i++)
-        n_cold += o->cold[i];
+        n_cold += o->blk[i].cold;
     if (n - n_cold > kv__n_avail(pool) || n_cold > kv__n_avail_cold(pool))
         return KVS_EAGAIN;
     int rc = kv__grow((void **)&t->blocks, &t->blocks_cap, n, sizeof *t->blocks);
@@ -411,17 +486,15 @@ kv_table_restore(kv_table_t *t, kv_host_t *h)
 
     /* The allocations may evict cached blocks into this store; they never
      * touch swap records, so o stays. */
-    size_t off = 0;
     for (uint32_t i = 0; i < n; i++) {
-        int32_t b = o->cold[i] ? kv__block_alloc_cold(pool) : kv__block_alloc(pool);
+        int32_t b = o->blk[i].cold ? kv__block_alloc_cold(pool) : kv__block_alloc(pool);
         t->blocks[i] = b;
-        rc = block_xfer(pool, b, o->data + off, false);
+        rc = block_xfer(pool, b, o->blk[i].data, false);
         if (rc != 0) {
             for (uint32_t j = i + 1; j-- > 0;)
                 kv__block_unref(pool, t->blocks[j]);
             return rc;
         }
-        off += copy_bytes(h, o->cold[i]);
     }
     t->n_blocks = n;
     h->restored_blocks += n;
@@ -464,14 +537,20 @@ kv__host_keep(kv_host_t *h, int32_t b)
         return;
     }
     size_t bytes = copy_bytes(h, cold);
-    kv_host_copy_t *c = room_for(h, bytes) ? malloc(sizeof *c + bytes) : NULL;
+    kv_host_copy_t *c = room_for(h, bytes) ? malloc(sizeof *c) : NULL;
+    unsigned char *data = c ? slot_get(h, cold) : NULL;
     /* This runs inside an allocation, which must not fail: a block that
      * cannot be kept is dropped, as it would be without a store. */
-    if (c == NULL || block_xfer(pool, b, c->data, true) != 0) {
+    if (data == NULL || block_xfer(pool, b, data, true) != 0) {
+        if (data != NULL) {
+            slot_put(h, cold, data);
+            slot_trim(h, free_limit(h));
+        }
         free(c);
         h->dropped_blocks++;
         return;
     }
+    c->data = data;
     /* The other kind's copy of this key gives way to the block the pool
      * had last, before make_room could evict it under us. */
     if (old != NULL)
@@ -484,6 +563,7 @@ kv__host_keep(kv_host_t *h, int32_t b)
     c->cold = cold;
     copy_link(h, c);
     h->kept_blocks++;
+    slot_trim(h, free_limit(h));
 }
 
 uint32_t
@@ -517,6 +597,7 @@ kv__host_match(kv_table_t *t, const int32_t *tokens, uint32_t max, uint64_t extr
             copy_unlink(h, c);
             b = c->cold ? kv__block_alloc_cold(pool) : kv__block_alloc(pool);
             int rc = block_xfer(pool, b, c->data, false);
+            slot_put(h, c->cold, c->data);
             free(c);
             if (rc != 0) {
                 /* The copy is gone with its block: the cache lost an entry. */
@@ -584,7 +665,7 @@ kv_host_check(const kv_host_t *h)
             return false;
         size_t bytes = 0;
         for (uint32_t i = 0; i < o->n_blocks; i++)
-            bytes += copy_bytes(h, o->cold[i]);
+            bytes += copy_bytes(h, o->blk[i].cold);
         if (bytes != o->bytes)
             return false;
         swapped += o->n_blocks;
@@ -597,5 +678,18 @@ kv_host_check(const kv_host_t *h)
     uint32_t n_offloaded = 0;
     for (const kv_table_t *t = pool->tables; t; t = t->next)
         n_offloaded += t->offload != NULL;
-    return n_offloaded == n_swaps;
+    if (n_offloaded != n_swaps)
+        return false;
+
+    /* The free lists: their bytes, within the limit. */
+    size_t free_bytes = 0;
+    for (int k = 0; k < 2; k++) {
+        size_t n_free = 0;
+        for (const kv_slot_t *s = h->free_slots[k]; s; s = s->next)
+            n_free++;
+        if (n_free != h->n_free[k])
+            return false;
+        free_bytes += n_free * copy_bytes(h, k);
+    }
+    return free_bytes == h->free_bytes && free_bytes <= free_limit(h);
 }

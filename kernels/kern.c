@@ -81,6 +81,38 @@ kern_free(kern_backend_t *be, void *p)
         be->ops->free(be, p);
 }
 
+/* kern_host_alloc's memory starts one header into what it came from; the
+ * header's first byte says whether that was the backend's. */
+#define HOST_HDR 64
+
+void *
+kern_host_alloc(kern_backend_t *be, size_t bytes)
+{
+    size_t total;
+    if (bytes == 0 || kvs_add_size(bytes, HOST_HDR, &total))
+        return NULL;
+    unsigned char *p = be->ops->host_alloc ? be->ops->host_alloc(be, total) : NULL;
+    bool own = p != NULL;
+    if (!own)
+        p = kern__host_alloc(be, total);
+    if (p == NULL)
+        return NULL;
+    p[0] = own;
+    return p + HOST_HDR;
+}
+
+void
+kern_host_free(kern_backend_t *be, void *q)
+{
+    if (q == NULL)
+        return;
+    unsigned char *p = (unsigned char *)q - HOST_HDR;
+    if (p[0])
+        be->ops->host_free(be, p);
+    else
+        kern__host_free(be, p);
+}
+
 int
 kern_upload(kern_backend_t *be, void *dst, const void *src, size_t bytes)
 {

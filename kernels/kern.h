@@ -387,6 +387,15 @@ int kern_upload(kern_backend_t *be, void *dst, const void *src_host, size_t byte
 int kern_download(kern_backend_t *be, void *dst_host, const void *src, size_t bytes);
 int kern_memset(kern_backend_t *be, void *dst, int value, size_t bytes);
 int kern_sync(kern_backend_t *be);
+/* Host memory the backend moves data to and from fastest, for copies that
+ * cross often (the host KV tier): page-locked on cuda, so a transfer is
+ * one DMA, not staged through the driver's buffers; 64-byte aligned.
+ * Ordinary memory on host backends, or where the driver will not pin
+ * more.  Slow to allocate and, on cuda, to free (cudaFreeHost waits for
+ * the device): keep and reuse it.  NULL when out of memory or bytes is
+ * 0.  Thread: the owner. */
+void *kern_host_alloc(kern_backend_t *be, size_t bytes);
+void kern_host_free(kern_backend_t *be, void *p);
 /* count runs of `bytes`, `stride` bytes apart in backend memory (src, or
  * dst), to or from one contiguous host array: the layers of a KV block in
  * one call (the host tier), one transfer and one wait where the backend

@@ -26,6 +26,11 @@ typedef struct kern_ops {
      * spans checked. */
     int (*copy_runs)(kern_backend_t *be, bool download, void *dst, size_t dpitch, const void *src,
                      size_t spitch, size_t bytes, size_t count);
+    /* Optional (NULL: kern_host_alloc is ordinary host memory): memory
+     * the backend transfers fastest, at least 64-byte aligned; NULL when
+     * it has none to give (kern.c then uses ordinary memory). */
+    void *(*host_alloc)(kern_backend_t *be, size_t bytes);
+    void (*host_free)(kern_backend_t *be, void *p);
 
     int (*get_rows)(kern_backend_t *be, const kern_tensor_t *w, const int32_t *ids, uint32_t n,
                     float *out);

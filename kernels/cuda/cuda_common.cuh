@@ -151,7 +151,8 @@ typedef struct kern_cuda {
     const int32_t *pt_dev;
     kern_cuda_mode_t pt_mode;
     size_t pt_room;
-    bool reserved; /* kern_reserve sized everything: growing later is worth a warning */
+    bool reserved;    /* kern_reserve sized everything: growing later is worth a warning */
+    bool pin_refused; /* cudaHostAlloc failed once (kern_host_alloc): warned */
     /* Resident blocks per multiprocessor of each decode-attention
      * instance (cuda_attn.cu), asked once at start. */
     int dec_per_sm[KERN_CUDA_DEC_INSTANCES];

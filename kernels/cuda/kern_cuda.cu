@@ -344,24 +344,34 @@ cuda_alloc(kern_backend_t *base, size_t bytes)
     return p;
 }
 
+/* cudaFree or cudaFreeHost (release) of p.  After a sticky error the
+ * context is gone and the call may fail: the memory goes with it.
+ * forget: p may be device memory a recorded step uses. */
 static void
-cuda_free(kern_backend_t *base, void *p)
+cuda_release(kern_cuda_t *be, cudaError_t (*release)(void *), void *p, bool forget,
+             const char *what)
 {
-    kern_cuda_t *be = (kern_cuda_t *)base;
     if (be->base.failed) {
-        (void)cudaFree(p); /* may fail; the context is gone either way */
+        (void)release(p);
         (void)cudaGetLastError();
         return;
     }
     int rc = cuda_enter(be);
     if (rc == 0) {
-        kern__cuda_forget_addresses(be); /* p may be one a recorded step uses */
-        /* cudaFree waits for work still using p. */
-        cudaError_t e = cudaFree(p);
+        if (forget)
+            kern__cuda_forget_addresses(be);
+        cudaError_t e = release(p);
         if (e != cudaSuccess)
-            rc = kern__cuda_fail("cudaFree(p)", cudaGetErrorString(e), __FILE__, __LINE__);
+            rc = kern__cuda_fail(what, cudaGetErrorString(e), __FILE__, __LINE__);
     }
     cuda_leave(be, rc);
+}
+
+static void
+cuda_free(kern_backend_t *base, void *p)
+{
+    /* cudaFree waits for work still using p. */
+    cuda_release((kern_cuda_t *)base, cudaFree, p, true, "cudaFree(p)");
 }
 
 static int
@@ -440,6 +450,35 @@ cuda_copy_runs(kern_backend_t *base, bool download, void *dst, size_t dpitch, co
     int rc = cuda_enter_eager(be);
     return cuda_leave(
         be, rc ? rc : cuda_copy_runs_body(be, download, dst, dpitch, src, spitch, bytes, count));
+}
+
+/* Page-locked host memory (kern_host_alloc).  Not while a step is being
+ * recorded, and NULL where the driver will not pin more (a warning once):
+ * kern.c falls back to pageable memory, which still works. */
+static void *
+cuda_host_alloc(kern_backend_t *base, size_t bytes)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    if (cuda_enter_eager(be) != 0)
+        return NULL;
+    void *p = NULL;
+    cudaError_t e = cudaHostAlloc(&p, bytes, cudaHostAllocDefault);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        if (!be->pin_refused)
+            KVS_WARNF("cuda: pinning %zu bytes of host memory failed (%s); using pageable "
+                      "memory",
+                      bytes, cudaGetErrorString(e));
+        be->pin_refused = true;
+        return NULL;
+    }
+    return p;
+}
+
+static void
+cuda_host_free(kern_backend_t *base, void *p)
+{
+    cuda_release((kern_cuda_t *)base, cudaFreeHost, p, false, "cudaFreeHost(p)");
 }
 
 static int
@@ -1124,6 +1163,8 @@ static const kern_ops_t cuda_ops = {
     /* .memset = */ cuda_memset,             /* cudaMemsetAsync, not waited for */
     /* .sync = */ cuda_sync,                 /* cudaStreamSynchronize */
     /* .copy_runs = */ cuda_copy_runs,       /* one 2D copy, then sync */
+    /* .host_alloc = */ cuda_host_alloc,     /* cudaHostAlloc; NULL when refused */
+    /* .host_free = */ cuda_host_free,       /* cudaFreeHost */
     /* .get_rows = */ cuda_get_rows,         /* block per row, converts to f32 */
     /* .matmul = */ cuda_matmul,             /* cuBLAS, or a dequantizing GEMV for n <= 8 */
     /* .rmsnorm = */ cuda_rmsnorm,           /* block per row, f32 sum */

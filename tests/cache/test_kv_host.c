@@ -1040,6 +1040,62 @@ test_stress(void **state)
     each(case_stress);
 }
 
+/* Copies live in slots that are reused: a full store that keeps one
+ * block and evicts another takes no new memory, so after many rounds it
+ * has allocated no more slots than it can hold plus one of each kind; a
+ * table offloaded again after its restore goes into the slots the restore
+ * freed; and the free lists stay within their limit (kv_host_check). */
+static void
+case_slot_reuse(kern_backend_t *be, kern_kvq_t q)
+{
+    kv_pool_t *pool = pool_new(be, q, 6, 6, true);
+    const kv_pool_cfg_t *cfg = kv_pool_cfg(pool);
+    size_t hb = kv_pool_block_bytes(cfg), qb = kv_pool_quant_block_bytes(cfg);
+    size_t cap = 4 * hb, smallest = q != KERN_KVQ_NONE && qb < hb ? qb : hb;
+    kv_host_t *h = host_new(pool, cap);
+    for (uint32_t seed = 1; seed <= 12; seed++) {
+        int32_t *tk = tokens(seed, 65);
+        kv_table_t *c = table_new(pool);
+        fill(be, pool, c, 65, seed);
+        assert_int_equal(kv_prefix_commit(c, tk, 65, 0), 0);
+        kv_table_free(c);
+        kv_table_t *b = take_all(be, pool);
+        kv_table_free(b);
+        checks(pool, h);
+        free(tk);
+    }
+    kv_host_stats_t s = stats(h);
+    assert_true(s.kept_blocks >= 12 * 4);
+    assert_true(s.slot_allocs <= cap / smallest + 2);
+    assert_true(s.slot_allocs < s.kept_blocks);
+
+    kv_table_t *t = table_new(pool);
+    fill(be, pool, t, 2 * BT, 3);
+    float *tw = snap(pool, t);
+    assert_int_equal(kv_table_offload(t, h), 0);
+    checks(pool, h);
+    assert_int_equal(kv_table_restore(t, h), 0);
+    checks(pool, h);
+    uint64_t allocs = stats(h).slot_allocs;
+    assert_int_equal(kv_table_offload(t, h), 0);
+    checks(pool, h);
+    assert_int_equal(stats(h).slot_allocs, allocs);
+    assert_int_equal(kv_table_restore(t, h), 0);
+    checks(pool, h);
+    assert_same(pool, t, tw, 2 * BT);
+    kv_table_free(t);
+    free(tw);
+    kv_host_free(h);
+    kv_pool_free(pool);
+}
+
+static void
+test_slot_reuse(void **state)
+{
+    (void)state;
+    each(case_slot_reuse);
+}
+
 int
 main(void)
 {
@@ -1050,6 +1106,7 @@ main(void)
         cmocka_unit_test(test_prefix_split), cmocka_unit_test(test_prefix_middle),
         cmocka_unit_test(test_prefix_room),  cmocka_unit_test(test_swap_first),
         cmocka_unit_test(test_prefix_dup),   cmocka_unit_test(test_stress),
+        cmocka_unit_test(test_slot_reuse),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -850,14 +850,16 @@ test_validation(void **state)
 /* ------------------------------------------------------------------------ */
 
 /* count runs of `bytes`, `stride` apart in backend memory, down into a
- * packed host array and back up from another: every run lands where it
- * should and the gaps between runs are left alone. */
+ * packed host array (kern_host_alloc's, as the host tier's copies are)
+ * and back up from it: every run lands where it should and the gaps
+ * between runs are left alone. */
 static void
 check_runs(kern_backend_t *be, size_t stride, size_t bytes, size_t count, const char *label)
 {
     size_t span = stride * (count - 1) + bytes;
-    uint8_t *init = malloc(span), *packed = malloc(bytes * count), *got = malloc(span);
+    uint8_t *init = malloc(span), *packed = kern_host_alloc(be, bytes * count), *got = malloc(span);
     assert_true(init && packed && got);
+    assert_int_equal((uintptr_t)packed % 64, 0);
     for (size_t i = 0; i < span; i++)
         init[i] = (uint8_t)(rng_u32() >> 24);
     uint8_t *dev = put(be, init, span);
@@ -881,7 +883,7 @@ check_runs(kern_backend_t *be, size_t stride, size_t bytes, size_t count, const 
     }
     kern_free(be, dev);
     free(init);
-    free(packed);
+    kern_host_free(be, packed);
     free(got);
 }
 
@@ -905,6 +907,9 @@ test_transfer_runs(void **state)
         assert_int_equal(kern_download_runs(all[i], h, h, SIZE_MAX / 2, 16, 3), KVS_EINVAL);
         assert_int_equal(kern_download_runs(all[i], h, h, 8, 16, 0), 0);
         assert_int_equal(kern_upload_runs(all[i], h, 8, h, 0, 4), 0);
+        assert_null(kern_host_alloc(all[i], 0));
+        assert_null(kern_host_alloc(all[i], SIZE_MAX - 8));
+        kern_host_free(all[i], NULL);
     }
 }
 
