@@ -36,20 +36,23 @@ wg_probe_kernel(int *out)
 /* A known-answer check of wgmma instance tc at head_dim d against the
  * mma.sync one (be->attn_tc is KERN_CUDA_TC_MMA while this runs) on the
  * same device and inputs: random q, K and V, a GQA group of 2 (stacked M
- * rows), 64 causal query rows at positions 448..511 over 32 blocks of 16
- * tokens in scrambled order, so eight KV tiles a CTA (the three-stage
- * ring of M 128 wraps twice) and the masked diagonal; each kernel gets
- * the tiles its M asks for.  Both round q and P to f16 and sum in f32;
- * only the order of the sums differs.  Runs on the legacy stream (the
- * backend's is not made yet).  true: they agree. */
+ * rows), 64 query rows at positions 448..511 over 32 blocks of 16 tokens
+ * in scrambled order, each kernel on the tiles its M asks for, twice:
+ * causal (eight KV tiles a CTA, so the three-stage ring of M 128 wraps
+ * twice, and the masked diagonal), then with 16 sinks and a 128-token
+ * window (the sink tile, then a jump to the window's tiles, each masked
+ * row by row).  Both round q and P to f16 and sum in f32; only the order
+ * of the sums differs.  Runs on the legacy stream (the backend's is not
+ * made yet).  true: they agree. */
 static bool
 wg_agrees(kern_cuda_t *be, int tc, uint32_t d)
 {
-    enum { ROWS = 64, HEADS = 2, BT = 16, NB = 32, CTX = NB * BT };
+    enum { ROWS = 64, HEADS = 2, BT = 16, NB = 32, CTX = NB * BT, SINKS = 16, WINDOW = 128 };
     const size_t nq = (size_t)ROWS * HEADS * d, nkv = (size_t)CTX * d;
     const size_t o_q = 0, o_a = o_q + nq * 4, o_b = o_a + nq * 4, o_i = o_b + nq * 4;
-    /* ints: the tiles for M 64, for the instance, row_len, row_lo, blocks */
-    const size_t n_ints = 6 + 6 + 2 * ROWS + NB;
+    /* ints: the tiles for M 64, for the instance, row_len, row_lo (dense,
+     * then windowed), blocks */
+    const size_t n_ints = 6 + 6 + 3 * ROWS + NB;
     /* K and V start 16-byte aligned, as the kernel's 16-byte copies need. */
     const size_t o_k = (o_i + n_ints * 4 + 255) & ~(size_t)255;
     const size_t o_v = o_k + nkv * 2, total = o_v + nkv * 2;
@@ -69,7 +72,8 @@ wg_agrees(kern_cuda_t *be, int tc, uint32_t d)
             x = x * 6364136223846793005ull + 1442695040888963407ull;
             kv[i] = __float2half((float)((x >> 40) & 0xffff) / 32768.0f - 1.0f);
         }
-        int32_t *iv = (int32_t *)(h + o_i), *len = iv + 12, *lo = len + ROWS, *blocks = lo + ROWS;
+        int32_t *iv = (int32_t *)(h + o_i), *len = iv + 12, *lo = len + ROWS;
+        int32_t *blocks = lo + 2 * ROWS;
         for (int k = 0; k < 2; k++) {
             /* A tile holds M / HEADS query rows. */
             int rows =
@@ -84,19 +88,21 @@ wg_agrees(kern_cuda_t *be, int tc, uint32_t d)
         for (int r = 0; r < ROWS; r++) {
             len[r] = CTX - ROWS + r + 1;
             lo[r] = -1;
+            lo[ROWS + r] = len[r] - WINDOW;
         }
         for (int b = 0; b < NB; b++)
             blocks[b] = (b * 7 + 3) % NB; /* 7 is prime to 32: a permutation */
         ok = cudaMemcpy(dev, h, total, cudaMemcpyHostToDevice) == cudaSuccess;
     }
-    if (ok) {
+    float worst = 0.0f;
+    for (int pat = 0; ok && pat < 2; pat++) {
         kern_cuda_attn_tc_t p;
         memset(&p, 0, sizeof p);
         p.q = (const float *)(dev + o_q);
         const int32_t *iv = (const int32_t *)(dev + o_i);
         p.row_len = iv + 12;
-        p.row_lo = p.row_len + ROWS;
-        p.blocks = p.row_lo + ROWS;
+        p.row_lo = p.row_len + ROWS * (1 + pat);
+        p.blocks = p.row_len + 3 * ROWS;
         p.k = dev + o_k;
         p.v = dev + o_v;
         p.kvq.n_hot = NB; /* no quantized block */
@@ -106,6 +112,7 @@ wg_agrees(kern_cuda_t *be, int tc, uint32_t d)
         p.group = HEADS;
         p.head_dim = d;
         p.block_tokens = BT;
+        p.sinks = pat ? SINKS : 0;
         p.qscale = 1.4426950408889634f / sqrtf((float)d);
         p.tiles = iv;
         p.n_tiles = n_tiles[0];
@@ -117,21 +124,19 @@ wg_agrees(kern_cuda_t *be, int tc, uint32_t d)
         ok = ok && kern__cuda_attention_wg(be, tc, &p) == 0 &&
              cudaMemcpy(out_a, dev + o_a, nq * 4, cudaMemcpyDeviceToHost) == cudaSuccess &&
              cudaMemcpy(out_b, dev + o_b, nq * 4, cudaMemcpyDeviceToHost) == cudaSuccess;
-    }
-    if (ok) {
         /* Outputs are averages of values in [-1, 1]; sums in another
          * order differ by a few f32 ulps of the largest terms. */
-        float worst = 0.0f;
-        for (size_t i = 0; i < nq; i++) {
+        for (size_t i = 0; ok && i < nq; i++) {
             float e = fabsf(out_a[i] - out_b[i]);
             if (!(e <= worst)) /* NaN included */
                 worst = isnan(e) ? INFINITY : e;
         }
-        ok = worst <= 1e-3f;
-        if (!ok)
-            KVS_WARNF("cuda: the wgmma prefill kernel (M %u, head_dim %u) differs from "
-                      "mma.sync by %g: not used",
-                      kern__cuda_tc_m(tc), d, (double)worst);
+    }
+    if (ok && !(worst <= 1e-3f)) {
+        ok = false;
+        KVS_WARNF("cuda: the wgmma prefill kernel (M %u, head_dim %u) differs from "
+                  "mma.sync by %g: not used",
+                  kern__cuda_tc_m(tc), d, (double)worst);
     }
     if (dev)
         (void)cudaFree(dev);
