@@ -38,13 +38,16 @@ struct model_ctx {
     float *lx, *lh, *logits; /* last-layer rows and logits */
     int32_t *row_q_indptr;   /* host scratch for the last layer */
     int32_t *row_kv_len;
-    /* Delta Attention scratch (host backends), sized on first use. */
+    /* Delta Attention scratch: the dense rows' queries and outputs in
+     * backend memory, their rows and limits on the host.  Sized by
+     * model_ctx_reserve, else on first use. */
     float *dq, *dout;
     int32_t *drows, *dkv;
     size_t d_cap;
-    /* Block-sparse scratch, grown on demand.  The block summaries, the
-     * scores' work space and the scores are backend memory (counts in
-     * floats); the scores come to the host, where the choice is made. */
+    /* Block-sparse scratch, sized by model_ctx_reserve, else grown on
+     * demand.  The block summaries, the scores' work space and the scores
+     * are backend memory (counts in floats); the scores come to the host,
+     * where the choice is made. */
     float *bs_w, *bs_work, *bs_dscore;
     size_t bs_w_cap, bs_work_cap, bs_dscore_cap;
     float *bs_score;   /* [slab groups][candidate blocks] */
@@ -52,6 +55,8 @@ struct model_ctx {
     uint8_t *bs_mask;  /* [query blocks][mask stride] */
     uint32_t *bs_span; /* per query block: its candidates' end, whether to choose */
     size_t bs_score_cap, bs_idx_cap, bs_mask_cap, bs_span_cap;
+    bool reserved;       /* model_ctx_reserve ran */
+    uint32_t late_grows; /* scratch grown after it (model_ctx_late_grows) */
     void **bufs;
     uint32_t n_bufs;
     bool graphs; /* decode steps through kern_graph_run (model_ctx_set_graphs) */
@@ -246,11 +251,23 @@ one_seq(const kern_attn_args_t *a, uint32_t s, uint32_t r0, uint32_t n, uint32_t
 
 /* Delta's buffers for `rows` rows: the dense rows' queries and outputs in
  * backend memory, their row numbers and causal limits on the host. */
+/* Counts (and warns once of) growth a reservation did not foresee: on a
+ * device it frees and allocates in the middle of a step. */
+static void
+late_grow(model_ctx_t *c, const char *what, size_t n)
+{
+    if (!c->reserved)
+        return;
+    if (c->late_grows++ == 0)
+        KVS_WARNF("model: %s grows to %zu beyond model_ctx_reserve's sizes", what, n);
+}
+
 static int
 delta_scratch(model_ctx_t *c, size_t rows, size_t qd)
 {
     if (rows <= c->d_cap)
         return 0;
+    late_grow(c, "Delta Attention's scratch", rows);
     size_t bytes;
     if (kvs_mul_size(rows * qd, sizeof(float), &bytes))
         return KVS_ENOMEM;
@@ -329,6 +346,7 @@ bs_grow_be(model_ctx_t *c, float **p, size_t *cap, size_t n)
 {
     if (n <= *cap)
         return 0;
+    late_grow(c, "block-sparse scratch", n);
     size_t bytes;
     if (kvs_mul_size(n, sizeof(float), &bytes))
         return KVS_ENOMEM;
@@ -481,6 +499,37 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
     sp.mask_stride = stride;
     sp.mask_q_block = bt;
     return kern_attention(c->be, &sp);
+}
+
+int
+model_ctx_reserve(model_ctx_t *c, uint32_t max_ctx, uint32_t block_tokens)
+{
+    if (max_ctx == 0 || block_tokens == 0)
+        return KVS_EINVAL;
+    const model_hparams_t *hp = &c->m->hp;
+    const size_t qd = (size_t)hp->n_head * hp->head_dim;
+    /* Delta: at most every row of a call is dense. */
+    TRY(delta_scratch(c, c->max_tokens, qd));
+    /* Block-sparse: candidates lie below a query block's own block. */
+    const uint32_t bt = block_tokens, nw = max_ctx / bt + 1;
+    const uint32_t slab_q = BS_SLAB_ROWS / bt ? BS_SLAB_ROWS / bt : 1;
+    kern_block_score_args_t sa = {.n_heads = hp->n_head,
+                                  .n_kv_heads = hp->n_head_kv,
+                                  .head_dim = hp->head_dim,
+                                  .n_blocks = nw,
+                                  .q_group = bt,
+                                  .n_q = slab_q * bt};
+    TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, (size_t)hp->n_head_kv * nw * 2 * hp->head_dim));
+    TRY(bs_grow_be(c, &c->bs_work, &c->bs_work_cap, kern_block_scores_work(&sa)));
+    TRY(bs_grow_be(c, &c->bs_dscore, &c->bs_dscore_cap, (size_t)slab_q * nw));
+    c->reserved = true;
+    return 0;
+}
+
+uint32_t
+model_ctx_late_grows(const model_ctx_t *c)
+{
+    return c->late_grows;
 }
 
 /* Attention of one layer's rows under the batch's per-sequence policies:

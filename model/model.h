@@ -360,6 +360,16 @@ void model_ctx_free(model_ctx_t *ctx); /* NULL is a no-op */
  * power-of-two bound on the longest row; off by default.  No effect on
  * host backends.  Thread: engine. */
 void model_ctx_set_graphs(model_ctx_t *ctx, bool on);
+/* Allocates the backend scratch of the sparse prefill policies (Delta
+ * Attention's dense rows, block-sparse's block summaries and scores) for
+ * the largest call ctx can make over at most max_ctx tokens of KV in
+ * blocks of block_tokens, so a device backend does not free and allocate
+ * in the middle of a step, or find the memory gone.  Without it they grow
+ * on first use.  0, KVS_EINVAL, KVS_ENOMEM.  Thread: engine. */
+int model_ctx_reserve(model_ctx_t *ctx, uint32_t max_ctx, uint32_t block_tokens);
+/* How many times that scratch grew after model_ctx_reserve (a warning
+ * the first time): 0 when the reservation covered every call. */
+uint32_t model_ctx_late_grows(const model_ctx_t *ctx);
 /* Runs every layer over the batch, writing K/V into `kv` at the batch's
  * slots, and copies the requested logits rows to host `logits`
  * ([n_logits][n_vocab]).  Returns 0, KVS_EINVAL (batch inconsistent with

@@ -1650,6 +1650,10 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
         rc = model_ctx_new(m, c->max_num_batched_tokens, max_logits, &s->ctx);
     if (rc == 0)
         model_ctx_set_graphs(s->ctx, c->cuda_graphs);
+    /* Device memory is taken once, before serving; host memory may grow
+     * when a policy first needs it. */
+    if (rc == 0 && !kern_backend_is_host(s->be))
+        rc = model_ctx_reserve(s->ctx, c->max_model_len, c->block_tokens);
     if (rc == 0)
         rc = reserve_backend(c, m, s->be);
     if (rc == 0)

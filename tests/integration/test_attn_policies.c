@@ -33,6 +33,7 @@ static char path[256];
 static kern_backend_t *be;
 static model_t *m;
 static uint32_t n_vocab;
+static bool g_reserve; /* prefill reserves its context's scratch first */
 
 static int
 setup(void **state)
@@ -83,6 +84,8 @@ prefill(const model_attn_policy_t *p, uint32_t chunk, float *logits)
     assert_int_equal(kv_table_new(pool, &t), 0);
     assert_int_equal(sched_batch_new(&sb), 0);
     assert_int_equal(model_ctx_new(m, N_PROMPT, 1, &ctx), 0);
+    if (g_reserve)
+        assert_int_equal(model_ctx_reserve(ctx, N_PROMPT, pc.block_tokens), 0);
     int32_t toks[N_PROMPT];
     for (uint32_t i = 0; i < N_PROMPT; i++)
         toks[i] = (int32_t)((i * 37 + 5) % 256);
@@ -99,6 +102,8 @@ prefill(const model_attn_policy_t *p, uint32_t chunk, float *logits)
         assert_int_equal(model_forward(ctx, kv_pool_kv(pool), mb, logits), 0);
         done += k;
     }
+    if (g_reserve)
+        assert_int_equal(model_ctx_late_grows(ctx), 0);
     model_ctx_free(ctx);
     sched_batch_free(sb);
     kv_table_free(t);
@@ -247,6 +252,32 @@ test_block_sparse_changes(void **state)
     free(chunked);
 }
 
+/* Scratch reserved for the longest context serves every Delta and
+ * block-sparse call, in one call and in chunks, without growing, and
+ * gives the same logits as scratch grown on first use. */
+static void
+test_reserved_scratch(void **state)
+{
+    (void)state;
+    float *grown = malloc(n_vocab * sizeof(float)), *got = malloc(n_vocab * sizeof(float));
+    const model_attn_policy_t pols[] = {
+        {.kind = MODEL_ATTN_DELTA, .sinks = 4, .window = 16, .gamma = 8},
+        {.kind = MODEL_ATTN_BLOCK_SPARSE, .sinks = 4, .window = 16, .top_k = 2},
+    };
+    const uint32_t chunks[] = {N_PROMPT, 100};
+    for (size_t i = 0; i < 2; i++)
+        for (size_t j = 0; j < 2; j++) {
+            g_reserve = false;
+            prefill(&pols[i], chunks[j], grown);
+            g_reserve = true;
+            prefill(&pols[i], chunks[j], got);
+            g_reserve = false;
+            assert_memory_equal(grown, got, n_vocab * sizeof(float));
+        }
+    free(grown);
+    free(got);
+}
+
 static void
 test_bad_policies(void **state)
 {
@@ -283,6 +314,7 @@ main(void)
         cmocka_unit_test(test_block_sparse_degenerate),
         cmocka_unit_test(test_block_sparse_changes),
         cmocka_unit_test(test_bad_policies),
+        cmocka_unit_test(test_reserved_scratch),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
