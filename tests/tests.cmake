@@ -65,9 +65,11 @@ set_tests_properties(deploy_lint PROPERTIES LABELS "lint" TIMEOUT 300)
 # cuda_dequant: the weight blocks (cuda_dequant.cuh) against kern_row_to_f32;
 # cuda_kvq: the quantized KV tiles (cuda_kvq.cuh) against kern_kvq_decode;
 # cuda_wg_layout: the wgmma prefill kernel's shared-memory layout
-# (cuda_attn_tc.cuh) against PTX's descriptor layouts.
+# (cuda_attn_tc.cuh) against PTX's descriptor layouts;
+# cuda_tc_walk: that kernel's walk over the keys a row sees (which tiles,
+# which keys in them) against kern.h's rule.
 if(KVS_HAVE_CUDA)
-  foreach(t cuda_dequant cuda_kvq cuda_wg_layout)
+  foreach(t cuda_dequant cuda_kvq cuda_wg_layout cuda_tc_walk)
     add_executable(test_${t} tests/kernels/test_${t}.cu)
     target_link_libraries(test_${t} PRIVATE kvs PkgConfig::CMOCKA)
     target_compile_options(test_${t} PRIVATE

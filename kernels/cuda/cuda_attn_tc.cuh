@@ -53,6 +53,8 @@
  * tile a 64-bit keep mask per row (two threads per row) zero-fills the
  * copies of positions no row sees and masks scores only where a row's mask
  * is not all ones, which in dense causal prefill is the diagonal tiles.
+ * That walk is host code too (tests/kernels/test_cuda_tc_walk.cu runs it
+ * against kern.h's rule).
  *
  * Shared memory: K and V in two stages of 64 rows each (three at wgmma
  * M 128), then Q's M rows.  mma.sync: rows of head_dim + 8 halves (the
@@ -312,7 +314,7 @@ tc_wgmma_n128(float d[16][4], const uint32_t a[4], uint64_t desc)
  * kv_len; lo: -1 for a dense row, else the window's first position (len
  * when there is no window); mrow: the row's mask row or NULL.  Mask bytes
  * are read only for blocks that start before lo <= len. */
-static __device__ inline int
+static __host__ __device__ inline int
 tc_next_visible(int from, int len, int lo, const uint8_t *mrow, int sinks, int bt)
 {
     if (from >= len)
@@ -356,6 +358,34 @@ template <int M> struct tc_rows {
     const uint8_t *mrow[M];
 };
 
+/* Which of positions j0 .. j0 + 31 a row sees (bit u: j0 + u), given its
+ * row state (tc_next_visible's arguments) and nv, the next position it
+ * sees from its last look, which was at or before j0: it sees nothing in
+ * between. */
+static __host__ __device__ inline uint32_t
+tc_row_bits(int j0, int len, int lo, int nv, const uint8_t *mrow, int sinks, int bt)
+{
+    if (j0 >= len || nv >= j0 + 32)
+        return 0;
+    int n = len - j0 < 32 ? len - j0 : 32;
+    if (lo < 0 || j0 >= lo)
+        return n == 32 ? 0xffffffffu : (1u << n) - 1u;
+    uint32_t bits = 0;
+    int b = j0 / bt, o = j0 - b * bt;
+    bool mk = mrow && mrow[b];
+    for (int u = 0; u < n; u++) {
+        int j = j0 + u;
+        if (j < sinks || j >= lo || mk)
+            bits |= 1u << u;
+        if (++o == bt && u + 1 < n) { /* the next position starts a block < len */
+            o = 0;
+            b++;
+            mk = mrow && mrow[b];
+        }
+    }
+    return bits;
+}
+
 /* The keep masks of tile t0: thread 2r + h writes row r's bits for
  * positions t0 + 32h .. t0 + 32h + 31 to keep[2r + h], and each warp's OR
  * over its rows to uni[2 warp + h].  Every thread must call this. */
@@ -363,31 +393,9 @@ template <int M>
 static __device__ __forceinline__ void
 tc_bits(int t0, const tc_rows<M> *rs, uint32_t *keep, uint32_t *uni, int sinks, int bt)
 {
-    int tid = threadIdx.x, r = tid >> 1, j0 = t0 + 32 * (tid & 1);
-    int len = rs->len[r], lo = rs->lo[r];
-    uint32_t bits = 0;
-    /* The row sees nothing in [its last look, nv), and its last look was
-     * at or before t0. */
-    if (j0 < len && rs->nv[r] < j0 + 32) {
-        int n = len - j0 < 32 ? len - j0 : 32;
-        if (lo < 0 || j0 >= lo) {
-            bits = n == 32 ? 0xffffffffu : (1u << n) - 1u;
-        } else {
-            const uint8_t *mrow = rs->mrow[r];
-            int b = j0 / bt, o = j0 - b * bt;
-            bool mk = mrow && mrow[b];
-            for (int u = 0; u < n; u++) {
-                int j = j0 + u;
-                if (j < sinks || j >= lo || mk)
-                    bits |= 1u << u;
-                if (++o == bt && u + 1 < n) { /* the next position starts a block < len */
-                    o = 0;
-                    b++;
-                    mk = mrow && mrow[b];
-                }
-            }
-        }
-    }
+    int tid = threadIdx.x, r = tid >> 1;
+    uint32_t bits =
+        tc_row_bits(t0 + 32 * (tid & 1), rs->len[r], rs->lo[r], rs->nv[r], rs->mrow[r], sinks, bt);
     keep[tid] = bits;
     uint32_t u = bits;
 #pragma unroll
@@ -504,19 +512,34 @@ tc_smem_bytes(void)
            (WG ? 1024 : 0);
 }
 
-/* The KV tile after the one at `after` (rows that may see something in
- * it look again past it), or TC_END.  Every thread must call this. */
+/* A row's next visible position once the CTA is past the tile at
+ * `after`: a row that may see something in that tile looks again past
+ * it. */
+static __host__ __device__ inline int
+tc_row_advance(int after, int nv, int len, int lo, const uint8_t *mrow, int sinks, int bt)
+{
+    return nv < after + TC_N ? tc_next_visible(after + TC_N, len, lo, mrow, sinks, bt) : nv;
+}
+
+/* The first KV tile at or before position v (TC_END stays). */
+static __host__ __device__ inline int
+tc_tile_of(int v)
+{
+    return v == TC_END ? TC_END : v & ~(TC_N - 1);
+}
+
+/* The KV tile after the one at `after`, or TC_END.  Every thread must
+ * call this. */
 template <int M>
 static __device__ __forceinline__ int
 tc_advance(int after, int &nv, tc_rows<M> *rs, int *red, int sinks, int bt)
 {
     int tid = threadIdx.x;
-    if (tid < M && nv < after + TC_N) {
-        nv = tc_next_visible(after + TC_N, rs->len[tid], rs->lo[tid], rs->mrow[tid], sinks, bt);
+    if (tid < M) {
+        nv = tc_row_advance(after, nv, rs->len[tid], rs->lo[tid], rs->mrow[tid], sinks, bt);
         rs->nv[tid] = nv;
     }
-    int t = tc_cta_min<M>(nv, red);
-    return t == TC_END ? TC_END : t & ~(TC_N - 1);
+    return tc_tile_of(tc_cta_min<M>(nv, red));
 }
 
 /* wgmma issue of S = Q K^T (s += ..., kt: the tile's K stage) and of
@@ -774,11 +797,9 @@ __launch_bounds__(TC_THREADS(M), M == 64 ? 2 : 1) attn_tc_kernel(const kern_cuda
         rs.nv[tid] = nv;
         rs.mrow[tid] = mrow;
     }
-    int cur = tc_cta_min<M>(nv, red), nx1 = TC_END;
-    if (cur != TC_END) {
-        cur &= ~(TC_N - 1);
+    int cur = tc_tile_of(tc_cta_min<M>(nv, red)), nx1 = TC_END;
+    if (cur != TC_END)
         fetch(cur, 0);
-    }
     tc_cp_commit();
     if constexpr (NS == 3) {
         if (cur != TC_END)
