@@ -283,6 +283,20 @@ kern_rmsnorm(kern_backend_t *be, const float *x, const float *w, uint32_t n, uin
 }
 
 int
+kern_add_rmsnorm(kern_backend_t *be, float *x, const float *res, const float *w, uint32_t n,
+                 uint32_t d, float eps, float *y)
+{
+    if (d == 0 || (n && (!x || !res || !w || !y || y == x)) || !(eps >= 0.0f))
+        return KVS_EINVAL;
+    if (n == 0)
+        return 0;
+    if (be->ops->add_rmsnorm)
+        return be->ops->add_rmsnorm(be, x, res, w, n, d, eps, y);
+    int rc = kern_add(be, x, res, (size_t)n * d);
+    return rc ? rc : be->ops->rmsnorm(be, x, w, n, d, eps, y);
+}
+
+int
 kern_rope(kern_backend_t *be, const kern_rope_args_t *a)
 {
     if (!a || a->n_heads == 0 || a->head_dim == 0 || a->n_rot == 0 || (a->n_rot & 1) ||

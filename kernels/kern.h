@@ -429,6 +429,12 @@ int kern_matmul(kern_backend_t *be, const kern_tensor_t *w, const float *x, uint
 /* y[i] = x[i] / sqrt(mean(x[i]^2) + eps) * w, rows of d; y may equal x. */
 int kern_rmsnorm(kern_backend_t *be, const float *x, const float *w, uint32_t n, uint32_t d,
                  float eps, float *y);
+/* The residual stream's step between two blocks of a layer: x += res, then
+ * y = kern_rmsnorm(x), bit for bit kern_add followed by kern_rmsnorm, in
+ * one pass (one launch instead of two on a device).  y may equal res, not
+ * x. */
+int kern_add_rmsnorm(kern_backend_t *be, float *x, const float *res, const float *w, uint32_t n,
+                     uint32_t d, float eps, float *y);
 int kern_rope(kern_backend_t *be, const kern_rope_args_t *a);
 /* out[i] = silu(gate[i]) * up[i] over n elements; out may alias gate. */
 int kern_swiglu(kern_backend_t *be, const float *gate, const float *up, size_t n, float *out);

@@ -38,6 +38,9 @@ typedef struct kern_ops {
                   const float *bias, float *y);
     int (*rmsnorm)(kern_backend_t *be, const float *x, const float *w, uint32_t n, uint32_t d,
                    float eps, float *y);
+    /* Optional (NULL: kern.c calls add, then rmsnorm); n > 0, y != x. */
+    int (*add_rmsnorm)(kern_backend_t *be, float *x, const float *res, const float *w, uint32_t n,
+                       uint32_t d, float eps, float *y);
     int (*rope)(kern_backend_t *be, const kern_rope_args_t *a);
     int (*swiglu)(kern_backend_t *be, const float *gate, const float *up, size_t n, float *out);
     int (*add)(kern_backend_t *be, float *x, const float *y, size_t n);

@@ -602,11 +602,13 @@ forward_layers(void *arg)
     kern_rope_args_t rope = f->rope;
     kern_attn_args_t attn = f->attn;
 
+    /* Each layer's first norm is fused into the previous layer's last
+     * residual add (kern_add_rmsnorm); the first layer's stands alone. */
     TRY(kern_get_rows(be, &m->tok_embd, b->tokens, T, c->x));
+    TRY(kern_rmsnorm(be, c->x, m->layers[0].attn_norm.data, T, d, hp->rms_eps, c->h));
     for (uint32_t l = 0; l < hp->n_layer; l++) {
         const model_layer_t *L = &m->layers[l];
         const float *bq = L->bq.data, *bk = L->bk.data, *bv = L->bv.data;
-        TRY(kern_rmsnorm(be, c->x, L->attn_norm.data, T, d, hp->rms_eps, c->h));
         TRY(kern_matmul(be, &L->wq, c->h, T, bq, c->q));
         TRY(kern_matmul(be, &L->wk, c->h, T, bk, c->k));
         TRY(kern_matmul(be, &L->wv, c->h, T, bv, c->v));
@@ -640,17 +642,19 @@ forward_layers(void *arg)
         }
         TRY(attend(c, b, &attn, qd));
         TRY(kern_matmul(be, &L->wo, att, n, NULL, h));
-        TRY(kern_add(be, x, h, (size_t)n * d));
-        TRY(kern_rmsnorm(be, x, L->ffn_norm.data, n, d, hp->rms_eps, h));
+        TRY(kern_add_rmsnorm(be, x, h, L->ffn_norm.data, n, d, hp->rms_eps, h));
         TRY(kern_matmul(be, &L->w_gate, h, n, NULL, c->gate));
         TRY(kern_matmul(be, &L->w_up, h, n, NULL, c->up));
         TRY(kern_swiglu(be, c->gate, c->up, (size_t)n * hp->n_ff, c->gate));
         TRY(kern_matmul(be, &L->w_down, c->gate, n, NULL, h));
-        TRY(kern_add(be, x, h, (size_t)n * d));
+        /* The next layer's input norm, or the output norm (x, h are then
+         * the rows whose logits are wanted: c->lx, c->lh). */
+        const float *next =
+            l + 1 < hp->n_layer ? m->layers[l + 1].attn_norm.data : m->output_norm.data;
+        TRY(kern_add_rmsnorm(be, x, h, next, n, d, hp->rms_eps, h));
     }
     if (nl == 0)
         return 0;
-    TRY(kern_rmsnorm(be, c->lx, m->output_norm.data, nl, d, hp->rms_eps, c->lh));
     return kern_matmul(be, &m->output, c->lh, nl, NULL, c->logits);
 }
 

@@ -189,6 +189,8 @@ cpu_pack_weight(kern_backend_t *base, kern_tensor_t *w)
 typedef struct norm_ctx {
     kern_cpu_t *be;
     const float *x;
+    float *xw;        /* add_rmsnorm: x, written */
+    const float *res; /* add_rmsnorm: added to x first; else NULL */
     const float *w;
     float *y;
     uint32_t n, d;
@@ -197,6 +199,17 @@ typedef struct norm_ctx {
 } norm_ctx_t;
 
 #ifdef CPU_HAVE_X86
+/* x += y; add_task's, so kern_add_rmsnorm is kern_add's sums. */
+__attribute__((target("avx2"))) static void
+add_avx2(float *x, const float *y, size_t n)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(x + i, _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++)
+        x[i] += y[i];
+}
+
 __attribute__((target("avx2,fma"))) static void
 rmsnorm_row_avx2(const float *x, const float *w, uint32_t d, float eps, float *y)
 {
@@ -254,10 +267,15 @@ rmsnorm_task(void *ctx, int task, int thread)
         float *y = c->y + i * c->d;
 #ifdef CPU_HAVE_X86
         if (c->be->isa >= CPU_ISA_AVX2) {
+            if (c->res)
+                add_avx2(c->xw + i * c->d, c->res + i * c->d, c->d);
             rmsnorm_row_avx2(x, c->w, c->d, c->eps, y);
             continue;
         }
 #endif
+        if (c->res)
+            for (uint32_t k = 0; k < c->d; k++)
+                c->xw[i * c->d + k] += c->res[i * c->d + k];
         rmsnorm_row_scalar(x, c->w, c->d, c->eps, y);
     }
 }
@@ -267,6 +285,25 @@ cpu_rmsnorm(kern_backend_t *base, const float *x, const float *w, uint32_t n, ui
             float *y)
 {
     norm_ctx_t c = {.be = (kern_cpu_t *)base, .x = x, .w = w, .y = y, .n = n, .d = d, .eps = eps};
+    int n_tasks = split_units(n, d, &c.per);
+    kern__cpu_parallel(c.be, n_tasks, rmsnorm_task, &c);
+    return 0;
+}
+
+/* Each row's add, then its norm, in one task: one dispatch instead of two. */
+static int
+cpu_add_rmsnorm(kern_backend_t *base, float *x, const float *res, const float *w, uint32_t n,
+                uint32_t d, float eps, float *y)
+{
+    norm_ctx_t c = {.be = (kern_cpu_t *)base,
+                    .x = x,
+                    .xw = x,
+                    .res = res,
+                    .w = w,
+                    .y = y,
+                    .n = n,
+                    .d = d,
+                    .eps = eps};
     int n_tasks = split_units(n, d, &c.per);
     kern__cpu_parallel(c.be, n_tasks, rmsnorm_task, &c);
     return 0;
@@ -398,15 +435,6 @@ swiglu_avx2(const float *g, const float *u, size_t n, float *out)
         out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
-__attribute__((target("avx2"))) static void
-add_avx2(float *x, const float *y, size_t n)
-{
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(x + i, _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; i++)
-        x[i] += y[i];
-}
 #endif
 
 static void
@@ -758,12 +786,13 @@ static const kern_ops_t cpu_ops = {
     .upload = kern__host_copy,
     .download = kern__host_copy,
     .memset = kern__host_memset,
-    .sync = kern__host_sync,  /* ops finish before returning */
-    .get_rows = cpu_get_rows, /* SIMD conversion, parallel over ids */
-    .matmul = cpu_matmul,     /* cpu_matmul.c: dot path or tiled sgemm */
-    .rmsnorm = cpu_rmsnorm,   /* parallel over rows */
-    .rope = cpu_rope,         /* sin/cos per row in double, SIMD rotate */
-    .swiglu = cpu_swiglu,     /* SIMD exp */
+    .sync = kern__host_sync,        /* ops finish before returning */
+    .get_rows = cpu_get_rows,       /* SIMD conversion, parallel over ids */
+    .matmul = cpu_matmul,           /* cpu_matmul.c: dot path or tiled sgemm */
+    .rmsnorm = cpu_rmsnorm,         /* parallel over rows */
+    .add_rmsnorm = cpu_add_rmsnorm, /* the same tasks, each row added first */
+    .rope = cpu_rope,               /* sin/cos per row in double, SIMD rotate */
+    .swiglu = cpu_swiglu,           /* SIMD exp */
     .add = cpu_add,
     .kv_append = cpu_kv_append,            /* vcvtps2ph for F16 pools */
     .kv_copy = cpu_kv_copy,                /* memmove per (layer, block) */

@@ -617,17 +617,26 @@ cuda_get_rows_body(kern_cuda_t *be, const kern_tensor_t *w, const int32_t *ids, 
 /* ------------------------------------------------------------------------ */
 
 /* One block per row.  Each thread reads and writes the same elements, after
- * the reduction, so y == x is fine. */
+ * the reduction, so y == x is fine, and with RES (kern_add_rmsnorm: x +=
+ * res first, as add_kernel adds) y == res. */
+template <bool RES>
 static __global__ void
-rmsnorm_kernel(const float *x, const float *w, uint32_t n, uint32_t d, float eps, float *y)
+rmsnorm_kernel(float *x, const float *res, const float *w, uint32_t n, uint32_t d, float eps,
+               float *y)
 {
     __shared__ float red[32];
     for (uint32_t i = blockIdx.x; i < n; i += gridDim.x) {
-        const float *xi = x + (size_t)i * d;
+        float *xi = x + (size_t)i * d;
         float *yi = y + (size_t)i * d;
         float ss = 0.0f;
-        for (uint32_t c = threadIdx.x; c < d; c += blockDim.x)
-            ss += xi[c] * xi[c];
+        for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
+            float v = xi[c];
+            if constexpr (RES) {
+                v += res[(size_t)i * d + c];
+                xi[c] = v;
+            }
+            ss += v * v;
+        }
         ss = kern__cuda_block_sum(ss, red);
         float scale = 1.0f / sqrtf(ss / (float)d + eps);
         for (uint32_t c = threadIdx.x; c < d; c += blockDim.x)
@@ -635,13 +644,17 @@ rmsnorm_kernel(const float *x, const float *w, uint32_t n, uint32_t d, float eps
     }
 }
 
+/* res NULL: x is only read. */
 static int
-cuda_rmsnorm_body(kern_cuda_t *be, const float *x, const float *w, uint32_t n, uint32_t d,
-                  float eps, float *y)
+cuda_rmsnorm_body(kern_cuda_t *be, float *x, const float *res, const float *w, uint32_t n,
+                  uint32_t d, float eps, float *y)
 {
     unsigned threads = d >= 4096 ? 1024 : d >= 1024 ? 512 : 256;
     unsigned grid = n < 65535 ? n : 65535;
-    rmsnorm_kernel<<<grid, threads, 0, be->stream>>>(x, w, n, d, eps, y);
+    if (res)
+        rmsnorm_kernel<true><<<grid, threads, 0, be->stream>>>(x, res, w, n, d, eps, y);
+    else
+        rmsnorm_kernel<false><<<grid, threads, 0, be->stream>>>(x, NULL, w, n, d, eps, y);
     KERN_CUDA_LAUNCHED();
     return 0;
 }
@@ -985,7 +998,19 @@ cuda_rmsnorm(kern_backend_t *base, const float *x, const float *w, uint32_t n, u
     if (be->mode == KERN_CUDA_DRY)
         return 0; /* stages nothing */
     int rc = cuda_enter(be);
-    return cuda_leave(be, rc ? rc : cuda_rmsnorm_body(be, x, w, n, d, eps, y));
+    /* The kernel writes x only when given res. */
+    return cuda_leave(be, rc ? rc : cuda_rmsnorm_body(be, (float *)x, NULL, w, n, d, eps, y));
+}
+
+static int
+cuda_add_rmsnorm(kern_backend_t *base, float *x, const float *res, const float *w, uint32_t n,
+                 uint32_t d, float eps, float *y)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    if (be->mode == KERN_CUDA_DRY)
+        return 0; /* stages nothing */
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : cuda_rmsnorm_body(be, x, res, w, n, d, eps, y));
 }
 
 static int
@@ -1168,6 +1193,7 @@ static const kern_ops_t cuda_ops = {
     /* .get_rows = */ cuda_get_rows,         /* block per row, converts to f32 */
     /* .matmul = */ cuda_matmul,             /* cuBLAS, or a dequantizing GEMV for n <= 8 */
     /* .rmsnorm = */ cuda_rmsnorm,           /* block per row, f32 sum */
+    /* .add_rmsnorm = */ cuda_add_rmsnorm,   /* the same, each row added first */
     /* .rope = */ cuda_rope,                 /* host inv_freq, double angles */
     /* .swiglu = */ cuda_swiglu,             /* elementwise, f32 */
     /* .add = */ cuda_add,                   /* elementwise */

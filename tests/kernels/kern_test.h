@@ -517,6 +517,31 @@ run_rmsnorm(kern_backend_t *be, const float *x, const float *w, uint32_t n, uint
     take(be, NULL, wd, d * sizeof(float), "rmsnorm w");
 }
 
+/* kern_add_rmsnorm (fused) or kern_add then kern_rmsnorm on be: x comes
+ * back in xo, the norm in y; alias: y is written over res. */
+static inline void
+run_add_rmsnorm(kern_backend_t *be, bool fused, const float *x, const float *res, const float *w,
+                uint32_t n, uint32_t d, bool alias, float *xo, float *y)
+{
+    size_t bytes = (size_t)n * d * sizeof(float);
+    float *xd = put(be, x, bytes);
+    float *rd = put(be, res, bytes);
+    float *wd = put(be, w, d * sizeof(float));
+    float *yd = alias ? rd : put_out(be, (size_t)n * d);
+    if (fused) {
+        assert_int_equal(kern_add_rmsnorm(be, xd, rd, wd, n, d, 1e-5f, yd), 0);
+    } else {
+        assert_int_equal(kern_add(be, xd, rd, (size_t)n * d), 0);
+        assert_int_equal(kern_rmsnorm(be, xd, wd, n, d, 1e-5f, yd), 0);
+    }
+    get(be, y, yd, bytes, "add_rmsnorm y");
+    if (!alias)
+        take(be, NULL, yd, bytes, "add_rmsnorm y");
+    take(be, xo, xd, bytes, "add_rmsnorm x");
+    take(be, NULL, rd, bytes, "add_rmsnorm res");
+    take(be, NULL, wd, d * sizeof(float), "add_rmsnorm w");
+}
+
 static inline void
 run_add(kern_backend_t *be, const float *x, const float *y, size_t n, float *out)
 {

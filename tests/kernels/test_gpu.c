@@ -1,7 +1,8 @@
 /*
  * tests/kernels/test_gpu.c — the "cuda" backend against the "ref" backend
  * at the sizes a GPU runs: matmul at n = 1, 3, 8, 9, 64 and 300 (each side
- * of the GEMV/GEMM switch) over odd and padded shapes, get_rows, rmsnorm,
+ * of the GEMV/GEMM switch) over odd and padded shapes, get_rows, rmsnorm
+ * (alone and fused with the residual add),
  * rope (NORM and NEOX, Llama 3.1 frequency factors, positions up to 128K),
  * swiglu, add, kv_append (repeated slots included), kv_copy, kv_gather
  * (from full-precision and from sealed blocks of every codec),
@@ -274,6 +275,39 @@ test_rmsnorm(void **state)
         free(w);
         free(yr);
         free(yc);
+    }
+}
+
+/* The fused residual add and norm: bit for bit the add and the norm on
+ * the device, close to ref's. */
+static void
+test_add_rmsnorm(void **state)
+{
+    (void)state;
+    static const uint32_t shapes[][2] = {{1, 4096}, {300, 4096}, {7, 1003}, {3, 31}};
+    seed_test(4);
+    for (size_t si = 0; si < sizeof(shapes) / sizeof(shapes[0]); si++) {
+        uint32_t n = shapes[si][0], d = shapes[si][1];
+        size_t m = (size_t)n * d;
+        float *x = rand_floats(m, -3.0f, 3.0f), *res = rand_floats(m, -1.0f, 1.0f);
+        float *w = rand_floats(d, 0.5f, 1.5f), *buf = malloc(6 * m * sizeof(float));
+        assert_true(buf != NULL);
+        float *xr = buf, *yr = xr + m, *xf = yr + m, *yf = xf + m, *xu = yf + m, *yu = xu + m;
+        for (int alias = 0; alias < 2; alias++) {
+            char what[64];
+            snprintf(what, sizeof(what), "add_rmsnorm %ux%u%s", n, d, alias ? " over res" : "");
+            run_add_rmsnorm(g_ref, true, x, res, w, n, d, alias, xr, yr);
+            run_add_rmsnorm(g_cuda, true, x, res, w, n, d, alias, xf, yf);
+            run_add_rmsnorm(g_cuda, false, x, res, w, n, d, alias, xu, yu);
+            if (memcmp(xf, xu, m * sizeof(float)) || memcmp(yf, yu, m * sizeof(float)))
+                fail_msg("%s: not the add then the norm", what);
+            check(xr, xf, m, 1e-6, what);
+            check(yr, yf, m, 1e-5, what);
+        }
+        free(x);
+        free(res);
+        free(w);
+        free(buf);
     }
 }
 
@@ -1296,14 +1330,23 @@ main(void)
         return 1;
     }
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_get_rows),     cmocka_unit_test(test_matmul),
-        cmocka_unit_test(test_rmsnorm),      cmocka_unit_test(test_rope),
-        cmocka_unit_test(test_elementwise),  cmocka_unit_test(test_delta_apply),
-        cmocka_unit_test(test_kv_append),    cmocka_unit_test(test_kv_copy),
-        cmocka_unit_test(test_kv_gather),    cmocka_unit_test(test_kv_gather_quantized),
-        cmocka_unit_test(test_block_scores), cmocka_unit_test(test_attn_mass),
-        cmocka_unit_test(test_attention),    cmocka_unit_test(test_attention_quantized),
-        cmocka_unit_test(test_graph_replay), cmocka_unit_test(test_graph_kv_copy),
+        cmocka_unit_test(test_get_rows),
+        cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_rmsnorm),
+        cmocka_unit_test(test_add_rmsnorm),
+        cmocka_unit_test(test_rope),
+        cmocka_unit_test(test_elementwise),
+        cmocka_unit_test(test_delta_apply),
+        cmocka_unit_test(test_kv_append),
+        cmocka_unit_test(test_kv_copy),
+        cmocka_unit_test(test_kv_gather),
+        cmocka_unit_test(test_kv_gather_quantized),
+        cmocka_unit_test(test_block_scores),
+        cmocka_unit_test(test_attn_mass),
+        cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_attention_quantized),
+        cmocka_unit_test(test_graph_replay),
+        cmocka_unit_test(test_graph_kv_copy),
     };
     /* KVS_TEST_FILTER=test_attention*: a subset (cmocka's pattern), as the
      * device check runs the prefill tests again on the mma.sync kernel. */

@@ -467,6 +467,47 @@ test_rmsnorm(void **state)
     }
 }
 
+/* The fused residual add and norm: bit for bit the add and the norm on
+ * the same backend, the result close to ref's; y over res or apart. */
+static void
+test_add_rmsnorm(void **state)
+{
+    (void)state;
+    static const uint32_t shapes[][2] = {{1, 4096}, {5, 37}, {64, 2048}, {3, 8}};
+    rng_seed(4);
+    for (size_t si = 0; si < 4; si++) {
+        uint32_t n = shapes[si][0], d = shapes[si][1];
+        size_t m = (size_t)n * d;
+        float *x = rand_floats(m, -3.0f, 3.0f), *res = rand_floats(m, -1.0f, 1.0f);
+        float *w = rand_floats(d, 0.5f, 1.5f);
+        float *buf = malloc(6 * m * sizeof(float));
+        assert_non_null(buf);
+        float *xr = buf, *yr = xr + m, *xf = yr + m, *yf = xf + m, *xu = yf + m, *yu = xu + m;
+        for (int alias = 0; alias < 2; alias++) {
+            run_add_rmsnorm(g_ref, true, x, res, w, n, d, alias, xr, yr);
+            for (int i = 0; i < g_n_be; i++) {
+                kern_backend_t *be = g_be[i].be;
+                run_add_rmsnorm(be, true, x, res, w, n, d, alias, xf, yf);
+                run_add_rmsnorm(be, false, x, res, w, n, d, alias, xu, yu);
+                if (memcmp(xf, xu, m * sizeof(float)) || memcmp(yf, yu, m * sizeof(float)))
+                    fail_msg("%s: add_rmsnorm %ux%u is not add then rmsnorm", g_be[i].label, n, d);
+                check_close(xr, xf, m, 1e-7, "add_rmsnorm x", g_be[i].label);
+                check_close(yr, yf, m, 2e-6, "add_rmsnorm y", g_be[i].label);
+            }
+        }
+        free(x);
+        free(res);
+        free(w);
+        free(buf);
+    }
+    /* y over x would lose the sum. */
+    float *v = put(g_ref, NULL, 8 * sizeof(float));
+    assert_int_equal(kern_add_rmsnorm(g_ref, v, v, v, 1, 8, 1e-5f, v), KVS_EINVAL);
+    assert_int_equal(kern_add_rmsnorm(g_ref, v, v, v, 1, 0, 1e-5f, v + 1), KVS_EINVAL);
+    assert_int_equal(kern_add_rmsnorm(g_ref, NULL, NULL, NULL, 0, 8, 1e-5f, NULL), 0);
+    take(g_ref, NULL, v, 8 * sizeof(float), "v");
+}
+
 typedef struct rope_case {
     uint32_t n_rows, n_heads, head_dim, n_rot;
     float freq_base, freq_scale;
@@ -1002,6 +1043,7 @@ main(void)
         cmocka_unit_test(test_dequant_simd),
         cmocka_unit_test(test_quant_roundtrip),
         cmocka_unit_test(test_rmsnorm),
+        cmocka_unit_test(test_add_rmsnorm),
         cmocka_unit_test(test_rope),
         cmocka_unit_test(test_elementwise),
         cmocka_unit_test(test_kv_append),
