@@ -249,8 +249,6 @@ one_seq(const kern_attn_args_t *a, uint32_t s, uint32_t r0, uint32_t n, uint32_t
     return o;
 }
 
-/* Delta's buffers for `rows` rows: the dense rows' queries and outputs in
- * backend memory, their row numbers and causal limits on the host. */
 /* Counts (and warns once of) growth a reservation did not foresee: on a
  * device it frees and allocates in the middle of a step. */
 static void
@@ -262,6 +260,8 @@ late_grow(model_ctx_t *c, const char *what, size_t n)
         KVS_WARNF("model: %s grows to %zu beyond model_ctx_reserve's sizes", what, n);
 }
 
+/* Delta's buffers for `rows` rows: the dense rows' queries and outputs in
+ * backend memory, their row numbers and causal limits on the host. */
 static int
 delta_scratch(model_ctx_t *c, size_t rows, size_t qd)
 {
