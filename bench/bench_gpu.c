@@ -15,8 +15,10 @@
  *               backend picked (wgmma, two warpgroups a CTA, on Hopper)
  *               and again on wgmma with one ("attn pf wg64") and on
  *               mma.sync ("attn pf mma"), its baselines; one KV block of
- *               the 8B shape out to host memory, per layer (as the host
- *               tier did) and with kern_download_runs.  Bandwidth-bound
+ *               the 8B shape out to host memory, per layer into malloc'ed
+ *               memory (as the host tier did), with kern_download_runs
+ *               into it, and into a kern_host_alloc slot (page-locked, as
+ *               the host tier does now).  Bandwidth-bound
  *               ops are given in GB/s against the copy, compute-bound
  *               ones (prefill matmul and attention) in TFLOP/s against
  *               the GEMM

@@ -188,8 +188,7 @@ cpu_pack_weight(kern_backend_t *base, kern_tensor_t *w)
 
 typedef struct norm_ctx {
     kern_cpu_t *be;
-    const float *x;
-    float *xw;        /* add_rmsnorm: x, written */
+    float *x;         /* written only when res is set */
     const float *res; /* add_rmsnorm: added to x first; else NULL */
     const float *w;
     float *y;
@@ -263,19 +262,19 @@ rmsnorm_task(void *ctx, int task, int thread)
     const norm_ctx_t *c = ctx;
     size_t i0 = (size_t)task * c->per, i1 = i0 + c->per < c->n ? i0 + c->per : c->n;
     for (size_t i = i0; i < i1; i++) {
-        const float *x = c->x + i * c->d;
-        float *y = c->y + i * c->d;
+        float *x = c->x + i * c->d, *y = c->y + i * c->d;
+        const float *res = c->res ? c->res + i * c->d : NULL;
 #ifdef CPU_HAVE_X86
         if (c->be->isa >= CPU_ISA_AVX2) {
-            if (c->res)
-                add_avx2(c->xw + i * c->d, c->res + i * c->d, c->d);
+            if (res)
+                add_avx2(x, res, c->d);
             rmsnorm_row_avx2(x, c->w, c->d, c->eps, y);
             continue;
         }
 #endif
-        if (c->res)
+        if (res)
             for (uint32_t k = 0; k < c->d; k++)
-                c->xw[i * c->d + k] += c->res[i * c->d + k];
+                x[k] += res[k];
         rmsnorm_row_scalar(x, c->w, c->d, c->eps, y);
     }
 }
@@ -284,7 +283,9 @@ static int
 cpu_rmsnorm(kern_backend_t *base, const float *x, const float *w, uint32_t n, uint32_t d, float eps,
             float *y)
 {
-    norm_ctx_t c = {.be = (kern_cpu_t *)base, .x = x, .w = w, .y = y, .n = n, .d = d, .eps = eps};
+    /* Without res the tasks only read x. */
+    norm_ctx_t c = {
+        .be = (kern_cpu_t *)base, .x = (float *)x, .w = w, .y = y, .n = n, .d = d, .eps = eps};
     int n_tasks = split_units(n, d, &c.per);
     kern__cpu_parallel(c.be, n_tasks, rmsnorm_task, &c);
     return 0;
@@ -295,15 +296,8 @@ static int
 cpu_add_rmsnorm(kern_backend_t *base, float *x, const float *res, const float *w, uint32_t n,
                 uint32_t d, float eps, float *y)
 {
-    norm_ctx_t c = {.be = (kern_cpu_t *)base,
-                    .x = x,
-                    .xw = x,
-                    .res = res,
-                    .w = w,
-                    .y = y,
-                    .n = n,
-                    .d = d,
-                    .eps = eps};
+    norm_ctx_t c = {
+        .be = (kern_cpu_t *)base, .x = x, .res = res, .w = w, .y = y, .n = n, .d = d, .eps = eps};
     int n_tasks = split_units(n, d, &c.per);
     kern__cpu_parallel(c.be, n_tasks, rmsnorm_task, &c);
     return 0;

@@ -58,7 +58,7 @@
  *
  * Shared memory: K and V in two stages of 64 rows each (three at wgmma
  * M 128), then Q's M rows.  mma.sync: rows of head_dim + 8 halves (the
- * pad puts the 8 rows an ldmatrix reads in 8 different bank groups), 46
+ * pad puts the 8 rows an ldmatrix reads in 8 different bank groups), 45
  * KiB for d 64, 85 KiB for d 128.  wgmma: K and V unpadded in 128-byte
  * swizzle atoms (8 rows of 64 halves, 16-byte chunk c of row r at chunk
  * c ^ (r % 8), 1024-byte aligned), 42 / 82 KiB (d 64 / 128) at M 64, 67 /
