@@ -7,6 +7,9 @@
  *               accumulation), each the median of many CUDA-event timings
  *   kernels     each kern_* op at Llama-3.1-8B shapes: matmul for decode
  *               (n = 1) and prefill (n = 4096) in f16, bf16, Q8_0 and Q4_K;
+ *               a layer's Q/K/V and gate/up/SwiGLU decode products fused
+ *               (kern_matmul_set, kern_matmul_swiglu) against the same
+ *               products one by one, timed in the same row;
  *               rmsnorm, rope, swiglu, add and kv_append over 4096 rows;
  *               paged decode attention at 4K, 32K and 128K tokens for 1 and
  *               16 sequences (and from Q8_0 tiles; and at 128K under 4
@@ -627,6 +630,89 @@ bench_matmul(kern_dtype_t type, uint32_t rows, uint32_t cols, uint32_t n, const 
     return 0;
 }
 
+/* A layer's decode products fused (kern_matmul_set of Q, K and V;
+ * kern_matmul_swiglu of gate and up) against the same products one by
+ * one, both timed here: the note gives the separate time and the ratio. */
+typedef struct fuse_ctx {
+    kern_tensor_t w[MAX_SETS][3];
+    float *x[MAX_SETS], *y[3];
+    bool glu, fused;
+} fuse_ctx_t;
+
+static int
+run_fused(void *p, uint32_t s)
+{
+    fuse_ctx_t *c = p;
+    const kern_tensor_t *w[3] = {&c->w[s][0], &c->w[s][1], &c->w[s][2]};
+    if (c->glu && c->fused)
+        return kern_matmul_swiglu(B.be, w[0], w[1], c->x[s], 1, c->y[1], c->y[0]);
+    if (c->fused)
+        return kern_matmul_set(B.be, 3, w, c->x[s], 1, NULL, c->y);
+    for (int i = 0; i < (c->glu ? 2 : 3); i++)
+        KT(kern_matmul(B.be, w[i], c->x[s], 1, NULL, c->y[i]));
+    return c->glu ? kern_swiglu(B.be, c->y[0], c->y[1], c->w[s][0].n_rows, c->y[0]) : 0;
+}
+
+static int
+bench_fused(kern_dtype_t type, bool glu)
+{
+    const uint32_t cols = 4096, rows[3] = {glu ? 14336 : 4096, glu ? 14336 : 1024, 1024};
+    const int count = glu ? 2 : 3;
+    row_t *r = new_row(glu ? "matmul swiglu" : "matmul qkv", "%s %s n=1 fused",
+                       kern_type_traits(type)->name, glu ? "2 x 14336x4096" : "(4096+2x1024)x4096");
+    if (r == NULL)
+        return 0;
+    if (left_s() < 4) {
+        skip_row(r, "skipped: time budget spent");
+        return 0;
+    }
+    size_t rb = kern_row_bytes(type, cols);
+    double bytes = 4.0 * cols;
+    for (int i = 0; i < count; i++)
+        bytes += (double)rb * rows[i] + 4.0 * rows[i];
+    uint32_t sets = n_sets(bytes);
+    fuse_ctx_t c;
+    memset(&c, 0, sizeof c);
+    c.glu = glu;
+    pat_t pk = type == KERN_BF16 ? PAT_BF16 : type == KERN_Q4_K ? PAT_Q4_K : PAT_Q8_0;
+    int rc = 0;
+    for (uint32_t s = 0; s < sets && rc == 0; s++) {
+        c.x[s] = dev_rand((size_t)cols * 4, PAT_F32, 20 + s);
+        rc = c.x[s] ? 0 : KVS_ENOMEM;
+        for (int i = 0; i < count && rc == 0; i++) {
+            void *w = dev_rand(rb * rows[i], pk, 10 + 3 * s + (uint32_t)i);
+            c.w[s][i] = (kern_tensor_t){
+                .type = type, .n_cols = cols, .n_rows = rows[i], .row_bytes = rb, .data = w};
+            if (w == NULL || kern_pack_weight(B.be, &c.w[s][i]) != 0)
+                rc = KVS_ENOMEM;
+        }
+    }
+    for (int i = 0; i < count && rc == 0; i++)
+        if ((c.y[i] = dev_rand((size_t)rows[i] * 4, PAT_F32, 30 + (uint32_t)i)) == NULL)
+            rc = KVS_ENOMEM;
+    double ms = -1, sep = -1;
+    int n_timed = 0, n_sep = 0;
+    if (rc == 0)
+        rc = time_op(run_fused, &c, sets, &sep, &n_sep);
+    c.fused = true;
+    if (rc == 0)
+        rc = time_op(run_fused, &c, sets, &ms, &n_timed);
+    for (uint32_t s = 0; s < sets; s++) {
+        for (int i = 0; i < count; i++)
+            kern_free(B.be, (void *)c.w[s][i].data);
+        kern_free(B.be, c.x[s]);
+    }
+    for (int i = 0; i < count; i++)
+        kern_free(B.be, c.y[i]);
+    if (rc)
+        return rc;
+    snprintf(r->note, sizeof r->note, "separate %.1f us, fused %.2fx", sep * 1e3,
+             ms > 0 ? sep / ms : 0.0);
+    note_timed(r, n_timed < n_sep ? n_timed : n_sep);
+    done_row(r, ms, bytes, 0);
+    return 0;
+}
+
 /* ------------------------------------------------------------------------ */
 /* rmsnorm, rope, swiglu, add, kv_append                                    */
 /* ------------------------------------------------------------------------ */
@@ -1232,6 +1318,9 @@ kernels(double budget_s)
         for (size_t t = 0; t < 4; t++)
             for (size_t i = 0; i < 3; i++)
                 KT(bench_matmul(types[t], mm[i].rows, mm[i].cols, ns[ni], mm[i].what));
+    for (size_t t = 1; t < 4; t++)
+        for (int glu = 0; glu < 2; glu++)
+            KT(bench_fused(types[t], glu));
     for (int op = 0; op < 5; op++)
         KT(bench_elementwise(op));
     static const uint32_t ctxs[] = {4096, 32768, 131072}, seqs[] = {1, 16};

@@ -273,6 +273,76 @@ kern_matmul(kern_backend_t *be, const kern_tensor_t *w, const float *x, uint32_t
     return n ? be->ops->matmul(be, w, x, n, bias, y) : 0;
 }
 
+/* [a, a + an) and [b, b + bn) share a byte. */
+static bool
+spans_overlap(const void *a, size_t an, const void *b, size_t bn)
+{
+    uintptr_t pa = (uintptr_t)a, pb = (uintptr_t)b;
+    return an && bn && pa < pb + bn && pb < pa + an;
+}
+
+int
+kern_matmul_set(kern_backend_t *be, uint32_t count, const kern_tensor_t *const *w, const float *x,
+                uint32_t n, const float *const *bias, float *const *y)
+{
+    if (count == 0 || count > KERN_MATMUL_SET_MAX || !w || !y || (n && !x))
+        return KVS_EINVAL;
+    for (uint32_t i = 0; i < count; i++)
+        if (!tensor_ok(w[i]) || !layout_ok(be, w[i]) || w[i]->n_cols != w[0]->n_cols ||
+            (n && !y[i]))
+            return KVS_EINVAL;
+    size_t x_bytes = (size_t)n * w[0]->n_cols * sizeof(float);
+    for (uint32_t i = 0; i < count; i++) {
+        size_t yi = (size_t)n * w[i]->n_rows * sizeof(float);
+        if (spans_overlap(y[i], yi, x, x_bytes))
+            return KVS_EINVAL;
+        for (uint32_t j = 0; j < i; j++)
+            if (spans_overlap(y[i], yi, y[j], (size_t)n * w[j]->n_rows * sizeof(float)))
+                return KVS_EINVAL;
+    }
+    for (uint32_t i = 0; i < count; i++)
+        if (!be->ops->supports(be, KERN_OP_MATMUL, w[i]->type))
+            return KVS_ENOTSUP;
+    if (n == 0)
+        return 0;
+    const float *none[KERN_MATMUL_SET_MAX] = {NULL};
+    if (!bias)
+        bias = none;
+    if (be->ops->matmul_set)
+        return be->ops->matmul_set(be, count, w, x, n, bias, y);
+    for (uint32_t i = 0; i < count; i++) {
+        int rc = be->ops->matmul(be, w[i], x, n, bias[i], y[i]);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+int
+kern_matmul_swiglu(kern_backend_t *be, const kern_tensor_t *gate, const kern_tensor_t *up,
+                   const float *x, uint32_t n, float *tmp, float *y)
+{
+    if (!tensor_ok(gate) || !tensor_ok(up) || !layout_ok(be, gate) || !layout_ok(be, up) ||
+        gate->n_rows != up->n_rows || gate->n_cols != up->n_cols || (n && (!x || !tmp || !y)))
+        return KVS_EINVAL;
+    size_t xb = (size_t)n * gate->n_cols * sizeof(float);
+    size_t yb = (size_t)n * gate->n_rows * sizeof(float);
+    if (spans_overlap(y, yb, x, xb) || spans_overlap(tmp, yb, x, xb) ||
+        spans_overlap(y, yb, tmp, yb))
+        return KVS_EINVAL;
+    if (!be->ops->supports(be, KERN_OP_MATMUL, gate->type) ||
+        !be->ops->supports(be, KERN_OP_MATMUL, up->type))
+        return KVS_ENOTSUP;
+    if (n == 0)
+        return 0;
+    if (be->ops->matmul_swiglu)
+        return be->ops->matmul_swiglu(be, gate, up, x, n, tmp, y);
+    int rc = be->ops->matmul(be, gate, x, n, NULL, y);
+    if (rc == 0)
+        rc = be->ops->matmul(be, up, x, n, NULL, tmp);
+    return rc ? rc : be->ops->swiglu(be, y, tmp, (size_t)n * gate->n_rows, y);
+}
+
 int
 kern_rmsnorm(kern_backend_t *be, const float *x, const float *w, uint32_t n, uint32_t d, float eps,
              float *y)

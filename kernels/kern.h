@@ -426,6 +426,22 @@ int kern_get_rows(kern_backend_t *be, const kern_tensor_t *w, const int32_t *ids
  * kern_round_x_q8 does and W is kern_row_to_f32's dequantization. */
 int kern_matmul(kern_backend_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
                 const float *bias, float *y);
+/* Products of one x with up to KERN_MATMUL_SET_MAX weights of the same
+ * n_cols (a layer's Q, K and V): y[i] = kern_matmul(w[i], x, n, bias[i]),
+ * bit for bit, for i < count; bias may be NULL (none) or hold NULLs.  One
+ * launch on a device for decode-sized n when the weights share a type.
+ * No y[i] may overlap x or another y. */
+#define KERN_MATMUL_SET_MAX 3
+int kern_matmul_set(kern_backend_t *be, uint32_t count, const kern_tensor_t *const *w,
+                    const float *x, uint32_t n, const float *const *bias, float *const *y);
+/* A gated feed-forward's first half: y[n][rows] = silu(x Wg^T) * (x Wu^T),
+ * bit for bit kern_matmul of gate into y, of up into tmp, then kern_swiglu
+ * (y, tmp, y).  gate and up have the same shape; tmp ([n][rows]) is
+ * scratch a backend may write.  One launch on a device for decode-sized
+ * n when both share a type.  Neither y nor tmp may overlap x or each
+ * other. */
+int kern_matmul_swiglu(kern_backend_t *be, const kern_tensor_t *gate, const kern_tensor_t *up,
+                       const float *x, uint32_t n, float *tmp, float *y);
 /* y[i] = x[i] / sqrt(mean(x[i]^2) + eps) * w, rows of d; y may equal x. */
 int kern_rmsnorm(kern_backend_t *be, const float *x, const float *w, uint32_t n, uint32_t d,
                  float eps, float *y);

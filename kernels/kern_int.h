@@ -36,6 +36,15 @@ typedef struct kern_ops {
                     float *out);
     int (*matmul)(kern_backend_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
                   const float *bias, float *y);
+    /* Optional (NULL: kern.c calls matmul per weight); every weight
+     * checked as for matmul, count in 1 .. KERN_MATMUL_SET_MAX, n > 0,
+     * bias an array (entries may be NULL). */
+    int (*matmul_set)(kern_backend_t *be, uint32_t count, const kern_tensor_t *const *w,
+                      const float *x, uint32_t n, const float *const *bias, float *const *y);
+    /* Optional (NULL: kern.c calls matmul twice, then swiglu); both
+     * weights checked, same shape, n > 0. */
+    int (*matmul_swiglu)(kern_backend_t *be, const kern_tensor_t *gate, const kern_tensor_t *up,
+                         const float *x, uint32_t n, float *tmp, float *y);
     int (*rmsnorm)(kern_backend_t *be, const float *x, const float *w, uint32_t n, uint32_t d,
                    float eps, float *y);
     /* Optional (NULL: kern.c calls add, then rmsnorm); n > 0, y != x. */

@@ -608,10 +608,10 @@ forward_layers(void *arg)
     TRY(kern_rmsnorm(be, c->x, m->layers[0].attn_norm.data, T, d, hp->rms_eps, c->h));
     for (uint32_t l = 0; l < hp->n_layer; l++) {
         const model_layer_t *L = &m->layers[l];
-        const float *bq = L->bq.data, *bk = L->bk.data, *bv = L->bv.data;
-        TRY(kern_matmul(be, &L->wq, c->h, T, bq, c->q));
-        TRY(kern_matmul(be, &L->wk, c->h, T, bk, c->k));
-        TRY(kern_matmul(be, &L->wv, c->h, T, bv, c->v));
+        const kern_tensor_t *qkv_w[3] = {&L->wq, &L->wk, &L->wv};
+        const float *qkv_b[3] = {L->bq.data, L->bk.data, L->bv.data};
+        float *qkv[3] = {c->q, c->k, c->v};
+        TRY(kern_matmul_set(be, 3, qkv_w, c->h, T, qkv_b, qkv));
         rope.x = c->q;
         rope.n_heads = hp->n_head;
         TRY(kern_rope(be, &rope));
@@ -643,9 +643,7 @@ forward_layers(void *arg)
         TRY(attend(c, b, &attn, qd));
         TRY(kern_matmul(be, &L->wo, att, n, NULL, h));
         TRY(kern_add_rmsnorm(be, x, h, L->ffn_norm.data, n, d, hp->rms_eps, h));
-        TRY(kern_matmul(be, &L->w_gate, h, n, NULL, c->gate));
-        TRY(kern_matmul(be, &L->w_up, h, n, NULL, c->up));
-        TRY(kern_swiglu(be, c->gate, c->up, (size_t)n * hp->n_ff, c->gate));
+        TRY(kern_matmul_swiglu(be, &L->w_gate, &L->w_up, h, n, c->up, c->gate));
         TRY(kern_matmul(be, &L->w_down, c->gate, n, NULL, h));
         /* The next layer's input norm, or the output norm (x, h are then
          * the rows whose logits are wanted: c->lx, c->lh). */

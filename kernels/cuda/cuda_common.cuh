@@ -236,6 +236,15 @@ kern__cuda_grid(const kern_cuda_t *be, size_t n, unsigned per_block)
 
 int kern__cuda_matmul(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
                       const float *bias, float *y);
+/* kern_matmul_set: one GEMV launch per weight type for decode-sized n. */
+int kern__cuda_matmul_set(kern_cuda_t *be, uint32_t count, const kern_tensor_t *const *w,
+                          const float *x, uint32_t n, const float *const *bias, float *const *y);
+/* Whether kern__cuda_matmul_glu takes this gate, up and n (one GEMV). */
+bool kern__cuda_matmul_fuses(const kern_tensor_t *gate, const kern_tensor_t *up, uint32_t n);
+/* y = silu(x gate^T) * (x up^T) in one launch, bit for bit the two
+ * products and kern__cuda_silu_mul. */
+int kern__cuda_matmul_glu(kern_cuda_t *be, const kern_tensor_t *gate, const kern_tensor_t *up,
+                          const float *x, uint32_t n, float *y);
 int kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a);
 /* The occupancy of attention's decode kernels, for its split plans. */
 int kern__cuda_attention_init(kern_cuda_t *be);
@@ -423,6 +432,14 @@ kern__cuda_load_elem(const char *row, uint32_t c)
     const char *blk = row + (size_t)(c / KERN_QK8_0) * sizeof(kern_block_q8_0_t);
     float d = kern__cuda_f16(*(const uint16_t *)blk);
     return d * (float)(int8_t)blk[2 + c % KERN_QK8_0];
+}
+
+/* SwiGLU's element: kern_swiglu and the fused GEMV share it, so they agree
+ * bit for bit. */
+static __device__ __forceinline__ float
+kern__cuda_silu_mul(float g, float u)
+{
+    return g / (1.0f + expf(-g)) * u;
 }
 
 static __device__ __forceinline__ float

@@ -1,9 +1,12 @@
 /*
  * kernels/cuda/cuda_matmul.cu — kern__cuda_matmul for the cuda backend:
  * y[n][rows] = x[n][cols] * W^T (+ bias), W in F32, F16, BF16, Q8_0, Q4_0,
- * Q4_K, Q5_K or Q6_K.  Called by the matmul wrapper in kern_cuda.cu (which
- * checked alignment).  "Quantized" below: Q8_0, Q4_0 and the K-quants,
- * whose blocks cuda_dequant.cuh decodes (Q8_0 is decoded here).
+ * Q4_K, Q5_K or Q6_K; and its fused forms, kern__cuda_matmul_set (several
+ * W of one x, a GEMV launch for all of a type) and kern__cuda_matmul_glu
+ * (gate and up rows in one warp, SwiGLU applied).  Called by the wrappers
+ * in kern_cuda.cu (which checked alignment).  "Quantized" below: Q8_0,
+ * Q4_0 and the K-quants, whose blocks cuda_dequant.cuh decodes (Q8_0 is
+ * decoded here).
  *
  *   F32                 cublasSgemm straight on W
  *   F16/BF16/quantized, mv_kernel: a warp per weight row, dequantizing on
@@ -91,21 +94,15 @@ load8_x(const float *x, bool vec, float *o)
     }
 }
 
-/* One warp per weight row r: lanes stride the row 8 elements at a time, so
- * each weight is read once for all nx (<= MV_NX) rows of x; a shuffle sum
- * finishes each dot product.  Decode is bandwidth-bound on W, so reading it
- * once per pass is what matters. */
+/* acc[j] (j < nx <= MV_NX) = one weight row times row j of x, summed over
+ * the warp (every lane holds the sums).  Lanes stride the row 8 elements
+ * at a time, so each weight is read once for all nx rows of x.  Decode is
+ * bandwidth-bound on W, so reading it once per pass is what matters. */
 template <int T>
-static __global__ void
-__launch_bounds__(MV_WARPS * 32)
-    mv_kernel(const char *w, size_t row_bytes, uint32_t rows, uint32_t cols, const float *x,
-              uint32_t nx, const float *bias, float *y, uint32_t ldy, bool wvec, bool xvec)
+static __device__ __forceinline__ void
+mv_row(const char *row, uint32_t cols, const float *x, uint32_t nx, bool wvec, bool xvec,
+       uint32_t lane, float *acc)
 {
-    uint32_t r = blockIdx.x * MV_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (r >= rows)
-        return; /* the whole warp leaves together */
-    const char *row = w + (size_t)r * row_bytes;
-    float acc[MV_NX];
 #pragma unroll
     for (int j = 0; j < MV_NX; j++)
         acc[j] = 0.0f;
@@ -150,62 +147,140 @@ __launch_bounds__(MV_WARPS * 32)
         }
     }
 #pragma unroll
-    for (uint32_t j = 0; j < MV_NX; j++) {
-        if (j < nx) { /* nx is the same for every lane: the shuffles see all 32 */
-            float s = kern__cuda_warp_sum(acc[j]);
-            if (lane == 0)
-                y[(size_t)j * ldy + r] = s + (bias ? bias[r] : 0.0f);
-        }
-    }
+    for (uint32_t j = 0; j < MV_NX; j++)
+        if (j < nx) /* nx is the same for every lane: the shuffles see all 32 */
+            acc[j] = kern__cuda_warp_sum(acc[j]);
 }
 
-static int
-mv_launch(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n, const float *bias,
-          float *y)
+/* One weight of a GEMV launch and the blocks that serve it: those from the
+ * previous matrix's `end` up to its own. */
+typedef struct mv_mat {
+    const char *w;
+    size_t row_bytes;
+    const float *bias; /* NULL: none */
+    float *y;          /* [nx][rows] */
+    uint32_t rows;
+    uint32_t end;
+} mv_mat_t;
+
+typedef struct mv_set {
+    mv_mat_t m[KERN_MATMUL_SET_MAX];
+} mv_set_t;
+
+/* A field of matrix i, selected rather than indexed (a dynamic index
+ * would copy the kernel's parameters to local memory), and at its use, so
+ * that no field is held in registers across the row's loop. */
+#define MV_FIELD(set, i, f) ((i) == 0 ? (set).m[0].f : (i) == 1 ? (set).m[1].f : (set).m[2].f)
+
+/* A warp per weight row; one launch serves every matrix of `set` (Q, K and
+ * V of a layer: two launches fewer a layer in decode).  GLU: set.m[0] is
+ * the gate, set.m[1] the up matrix; a warp takes row r of both and writes
+ * silu(gate) * up into set.m[0].y, so neither product goes to memory. */
+template <int T, bool GLU>
+static __global__ void
+__launch_bounds__(MV_WARPS * 32)
+    mv_kernel(mv_set_t set, uint32_t cols, const float *x, uint32_t nx, bool wvec, bool xvec)
 {
-    uint32_t rows = w->n_rows, cols = w->n_cols;
-    bool wvec = ((uintptr_t)w->data % 16) == 0 && (w->row_bytes % 16) == 0;
+    uint32_t b = blockIdx.x, i = GLU ? 0 : (b >= set.m[0].end) + (b >= set.m[1].end);
+    uint32_t first = i ? MV_FIELD(set, i - 1, end) : 0, rows = MV_FIELD(set, i, rows);
+    uint32_t r = (b - first) * MV_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (r >= rows)
+        return; /* the whole warp leaves together */
+    float acc[MV_NX];
+    mv_row<T>(MV_FIELD(set, i, w) + (size_t)r * MV_FIELD(set, i, row_bytes), cols, x, nx, wvec,
+              xvec, lane, acc);
+    if (GLU) {
+        float up[MV_NX];
+        mv_row<T>(set.m[1].w + (size_t)r * set.m[1].row_bytes, cols, x, nx, wvec, xvec, lane, up);
+#pragma unroll
+        for (uint32_t j = 0; j < MV_NX; j++)
+            if (j < nx && lane == 0) /* "+ 0.0f": the unbiased product's bits, -0 included */
+                set.m[0].y[(size_t)j * rows + r] = kern__cuda_silu_mul(acc[j] + 0.0f, up[j] + 0.0f);
+        return;
+    }
+    float *y = MV_FIELD(set, i, y);
+    const float *bias = MV_FIELD(set, i, bias);
+#pragma unroll
+    for (uint32_t j = 0; j < MV_NX; j++)
+        if (j < nx && lane == 0)
+            y[(size_t)j * rows + r] = acc[j] + (bias ? bias[r] : 0.0f);
+}
+
+template <bool GLU>
+static int
+mv_dispatch(kern_cuda_t *be, kern_dtype_t type, unsigned grid, const mv_set_t &set, uint32_t cols,
+            const float *x, uint32_t nx, bool wvec, bool xvec)
+{
+    switch (type) {
+    case KERN_F16:
+        mv_kernel<KERN_F16, GLU>
+            <<<grid, MV_WARPS * 32, 0, be->stream>>>(set, cols, x, nx, wvec, xvec);
+        break;
+    case KERN_BF16:
+        mv_kernel<KERN_BF16, GLU>
+            <<<grid, MV_WARPS * 32, 0, be->stream>>>(set, cols, x, nx, wvec, xvec);
+        break;
+    case KERN_Q8_0:
+        mv_kernel<KERN_Q8_0, GLU>
+            <<<grid, MV_WARPS * 32, 0, be->stream>>>(set, cols, x, nx, false, xvec);
+        break;
+    case KERN_Q4_0:
+        mv_kernel<KERN_Q4_0, GLU>
+            <<<grid, MV_WARPS * 32, 0, be->stream>>>(set, cols, x, nx, false, xvec);
+        break;
+    case KERN_Q4_K:
+        mv_kernel<KERN_Q4_K, GLU>
+            <<<grid, MV_WARPS * 32, 0, be->stream>>>(set, cols, x, nx, false, xvec);
+        break;
+    case KERN_Q5_K:
+        mv_kernel<KERN_Q5_K, GLU>
+            <<<grid, MV_WARPS * 32, 0, be->stream>>>(set, cols, x, nx, false, xvec);
+        break;
+    case KERN_Q6_K:
+        mv_kernel<KERN_Q6_K, GLU>
+            <<<grid, MV_WARPS * 32, 0, be->stream>>>(set, cols, x, nx, false, xvec);
+        break;
+    default:
+        return KVS_ENOTSUP;
+    }
+    KERN_CUDA_LAUNCHED();
+    return 0;
+}
+
+/* w[0 .. count) share a type that is not F32 and n_cols; x is already
+ * rounded for quantized types.  GLU: count 2, y[0] gets silu * up. */
+static int
+mv_launch(kern_cuda_t *be, uint32_t count, const kern_tensor_t *const *w, const float *x,
+          uint32_t n, const float *const *bias, float *const *y, bool glu)
+{
+    uint32_t cols = w[0]->n_cols;
+    bool wvec = true;
+    mv_set_t set;
+    memset(&set, 0, sizeof(set));
+    uint32_t blocks = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        wvec = wvec && ((uintptr_t)w[i]->data % 16) == 0 && (w[i]->row_bytes % 16) == 0;
+        set.m[i].w = (const char *)w[i]->data;
+        set.m[i].row_bytes = w[i]->row_bytes;
+        set.m[i].bias = bias ? bias[i] : NULL;
+        set.m[i].rows = w[i]->n_rows;
+        if (i == 0 || !glu) /* GLU: row r of both matrices in one warp */
+            blocks += (w[i]->n_rows + MV_WARPS - 1) / MV_WARPS;
+        set.m[i].end = blocks;
+    }
+    for (uint32_t i = count; i < KERN_MATMUL_SET_MAX; i++)
+        set.m[i].end = blocks;
     /* cols % 4 keeps every row of x 16-byte aligned when the first is. */
     bool xvec = ((uintptr_t)x % 16) == 0 && (cols % 4) == 0;
-    unsigned grid = (rows + MV_WARPS - 1) / MV_WARPS;
-    const char *wd = (const char *)w->data;
     for (uint32_t t0 = 0; t0 < n; t0 += MV_NX) {
         uint32_t nx = n - t0 < MV_NX ? n - t0 : MV_NX;
+        for (uint32_t i = 0; i < count; i++)
+            set.m[i].y = y[i] + (size_t)t0 * w[i]->n_rows;
         const float *xt = x + (size_t)t0 * cols;
-        float *yt = y + (size_t)t0 * rows;
-        switch (w->type) {
-        case KERN_F16:
-            mv_kernel<KERN_F16><<<grid, MV_WARPS * 32, 0, be->stream>>>(
-                wd, w->row_bytes, rows, cols, xt, nx, bias, yt, rows, wvec, xvec);
-            break;
-        case KERN_BF16:
-            mv_kernel<KERN_BF16><<<grid, MV_WARPS * 32, 0, be->stream>>>(
-                wd, w->row_bytes, rows, cols, xt, nx, bias, yt, rows, wvec, xvec);
-            break;
-        case KERN_Q8_0:
-            mv_kernel<KERN_Q8_0><<<grid, MV_WARPS * 32, 0, be->stream>>>(
-                wd, w->row_bytes, rows, cols, xt, nx, bias, yt, rows, false, xvec);
-            break;
-        case KERN_Q4_0:
-            mv_kernel<KERN_Q4_0><<<grid, MV_WARPS * 32, 0, be->stream>>>(
-                wd, w->row_bytes, rows, cols, xt, nx, bias, yt, rows, false, xvec);
-            break;
-        case KERN_Q4_K:
-            mv_kernel<KERN_Q4_K><<<grid, MV_WARPS * 32, 0, be->stream>>>(
-                wd, w->row_bytes, rows, cols, xt, nx, bias, yt, rows, false, xvec);
-            break;
-        case KERN_Q5_K:
-            mv_kernel<KERN_Q5_K><<<grid, MV_WARPS * 32, 0, be->stream>>>(
-                wd, w->row_bytes, rows, cols, xt, nx, bias, yt, rows, false, xvec);
-            break;
-        case KERN_Q6_K:
-            mv_kernel<KERN_Q6_K><<<grid, MV_WARPS * 32, 0, be->stream>>>(
-                wd, w->row_bytes, rows, cols, xt, nx, bias, yt, rows, false, xvec);
-            break;
-        default:
-            return KVS_ENOTSUP;
-        }
-        KERN_CUDA_LAUNCHED();
+        int rc = glu ? mv_dispatch<true>(be, w[0]->type, blocks, set, cols, xt, nx, wvec, xvec)
+                     : mv_dispatch<false>(be, w[0]->type, blocks, set, cols, xt, nx, wvec, xvec);
+        if (rc)
+            return rc;
     }
     return 0;
 }
@@ -424,6 +499,88 @@ gemm_quant(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n, 
 /* Entry.                                                                   */
 /* ------------------------------------------------------------------------ */
 
+/* x rounded to int8 steps (kern_round_x_q8) into the x workspace, for
+ * the GEMV on quantized weights. */
+static int
+round_x_gemv(kern_cuda_t *be, const float *x, uint32_t n, uint32_t cols, const float **out)
+{
+    void *xr;
+    size_t count = (size_t)n * cols;
+    int rc = kern__cuda_workspace(be, KERN_CUDA_WS_MATMUL_X, count * sizeof(float), &xr);
+    if (rc)
+        return rc;
+    round_x_q8_kernel<float><<<kern__cuda_grid(be, count, 256), 256, 0, be->stream>>>(
+        x, count / KERN_QK8_0, (float *)xr);
+    KERN_CUDA_LAUNCHED();
+    *out = (const float *)xr;
+    return 0;
+}
+
+static bool
+mv_takes(const kern_tensor_t *w, uint32_t n)
+{
+    return w->type != KERN_F32 && n <= MV_MAX_N;
+}
+
+bool
+kern__cuda_matmul_fuses(const kern_tensor_t *a, const kern_tensor_t *b, uint32_t n)
+{
+    return mv_takes(a, n) && a->type == b->type;
+}
+
+int
+kern__cuda_matmul_set(kern_cuda_t *be, uint32_t count, const kern_tensor_t *const *w,
+                      const float *x, uint32_t n, const float *const *bias, float *const *y)
+{
+    /* x rounded once for every quantized weight: nothing between its uses
+     * takes the x workspace (GEMV weights need none, and an F32 weight's
+     * Sgemm reads x as it is). */
+    const float *xq = NULL;
+    bool done[KERN_MATMUL_SET_MAX] = {false};
+    for (uint32_t i = 0; i < count; i++) {
+        if (done[i])
+            continue;
+        if (!mv_takes(w[i], n)) {
+            int rc = kern__cuda_matmul(be, w[i], x, n, bias[i], y[i]);
+            if (rc)
+                return rc;
+            continue;
+        }
+        /* One launch for this weight and every later one of its type. */
+        const kern_tensor_t *gw[KERN_MATMUL_SET_MAX];
+        const float *gb[KERN_MATMUL_SET_MAX];
+        float *gy[KERN_MATMUL_SET_MAX];
+        uint32_t g = 0;
+        for (uint32_t j = i; j < count; j++) {
+            if (!done[j] && w[j]->type == w[i]->type) {
+                gw[g] = w[j], gb[g] = bias[j], gy[g] = y[j], g++;
+                done[j] = true;
+            }
+        }
+        const float *xg = x;
+        if (kern__rounds_x(w[i]->type)) {
+            int rc = xq ? 0 : round_x_gemv(be, x, n, w[i]->n_cols, &xq);
+            if (rc)
+                return rc;
+            xg = xq;
+        }
+        int rc = mv_launch(be, g, gw, xg, n, gb, gy, false);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+int
+kern__cuda_matmul_glu(kern_cuda_t *be, const kern_tensor_t *gate, const kern_tensor_t *up,
+                      const float *x, uint32_t n, float *y)
+{
+    int rc = kern__rounds_x(gate->type) ? round_x_gemv(be, x, n, gate->n_cols, &x) : 0;
+    const kern_tensor_t *w[2] = {gate, up};
+    float *out[2] = {y, NULL};
+    return rc ? rc : mv_launch(be, 2, w, x, n, NULL, out, true);
+}
+
 int
 kern__cuda_matmul(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
                   const float *bias, float *y)
@@ -432,19 +589,10 @@ kern__cuda_matmul(kern_cuda_t *be, const kern_tensor_t *w, const float *x, uint3
     bool quant = kern__rounds_x(w->type); /* Q8_0, Q4_0, the K-quants */
     if (w->type != KERN_F32 && w->type != KERN_F16 && w->type != KERN_BF16 && !quant)
         return KVS_ENOTSUP;
-    if (quant && n <= MV_MAX_N) {
-        void *xr;
-        size_t count = (size_t)n * cols;
-        int rc = kern__cuda_workspace(be, KERN_CUDA_WS_MATMUL_X, count * sizeof(float), &xr);
-        if (rc)
-            return rc;
-        round_x_q8_kernel<float><<<kern__cuda_grid(be, count, 256), 256, 0, be->stream>>>(
-            x, count / KERN_QK8_0, (float *)xr);
-        KERN_CUDA_LAUNCHED();
-        x = (const float *)xr;
+    if (mv_takes(w, n)) { /* bias fused */
+        int rc = quant ? round_x_gemv(be, x, n, cols, &x) : 0;
+        return rc ? rc : mv_launch(be, 1, &w, x, n, &bias, &y, false);
     }
-    if (w->type != KERN_F32 && n <= MV_MAX_N)
-        return mv_launch(be, w, x, n, bias, y); /* bias fused */
 
     /* cuBLAS takes int sizes. */
     size_t el = w->type == KERN_F32 ? 4 : 2;

@@ -664,8 +664,7 @@ swiglu_kernel(const float *gate, const float *up, size_t n, float *out)
 {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
-        float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
+        out[i] = kern__cuda_silu_mul(gate[i], up[i]);
     }
 }
 
@@ -991,6 +990,53 @@ cuda_matmul(kern_backend_t *base, const kern_tensor_t *w, const float *x, uint32
 }
 
 static int
+cuda_matmul_set(kern_backend_t *base, uint32_t count, const kern_tensor_t *const *w, const float *x,
+                uint32_t n, const float *const *bias, float *const *y)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    if (be->mode == KERN_CUDA_DRY)
+        return 0; /* stages nothing */
+    int rc = cuda_enter(be);
+    for (uint32_t i = 0; rc == 0 && i < count; i++) {
+        if (!cuda_tensor_aligned(w[i])) {
+            KVS_ERRORF("cuda: matmul: weight rows are not aligned for %s",
+                       kern_type_traits(w[i]->type)->name);
+            return KVS_EINVAL;
+        }
+    }
+    return cuda_leave(be, rc ? rc : kern__cuda_matmul_set(be, count, w, x, n, bias, y));
+}
+
+/* The GEMV fuses both products and SwiGLU; larger n runs them apart. */
+static int
+cuda_matmul_swiglu_body(kern_cuda_t *be, const kern_tensor_t *gate, const kern_tensor_t *up,
+                        const float *x, uint32_t n, float *tmp, float *y)
+{
+    if (!cuda_tensor_aligned(gate) || !cuda_tensor_aligned(up)) {
+        KVS_ERRORF("cuda: matmul: weight rows are not aligned for %s",
+                   kern_type_traits(gate->type)->name);
+        return KVS_EINVAL;
+    }
+    if (kern__cuda_matmul_fuses(gate, up, n))
+        return kern__cuda_matmul_glu(be, gate, up, x, n, y);
+    int rc = kern__cuda_matmul(be, gate, x, n, NULL, y);
+    if (rc == 0)
+        rc = kern__cuda_matmul(be, up, x, n, NULL, tmp);
+    return rc ? rc : cuda_swiglu_body(be, y, tmp, (size_t)n * gate->n_rows, y);
+}
+
+static int
+cuda_matmul_swiglu(kern_backend_t *base, const kern_tensor_t *gate, const kern_tensor_t *up,
+                   const float *x, uint32_t n, float *tmp, float *y)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    if (be->mode == KERN_CUDA_DRY)
+        return 0; /* stages nothing */
+    int rc = cuda_enter(be);
+    return cuda_leave(be, rc ? rc : cuda_matmul_swiglu_body(be, gate, up, x, n, tmp, y));
+}
+
+static int
 cuda_rmsnorm(kern_backend_t *base, const float *x, const float *w, uint32_t n, uint32_t d,
              float eps, float *y)
 {
@@ -1179,30 +1225,32 @@ cuda_graph_run(kern_backend_t *base, uint64_t key, kern_graph_fn fn, void *arg)
 static const kern_ops_t cuda_ops = {
     /* .name = */ "cuda",
     /* .is_host = */ false,
-    /* .destroy = */ cuda_destroy,           /* syncs, frees workspaces, stream, handle */
-    /* .supports = */ cuda_supports,         /* F32/F16/BF16, Q8_0, Q4_0, K-quants; KV F32/F16 */
-    /* .alloc = */ cuda_alloc,               /* cudaMalloc; NULL (and a warning) when out */
-    /* .free = */ cuda_free,                 /* cudaFree, which waits for users of p */
-    /* .upload = */ cuda_upload,             /* async copy on the stream, then sync */
-    /* .download = */ cuda_download,         /* async copy on the stream, then sync */
-    /* .memset = */ cuda_memset,             /* cudaMemsetAsync, not waited for */
-    /* .sync = */ cuda_sync,                 /* cudaStreamSynchronize */
-    /* .copy_runs = */ cuda_copy_runs,       /* one 2D copy, then sync */
-    /* .host_alloc = */ cuda_host_alloc,     /* cudaHostAlloc; NULL when refused */
-    /* .host_free = */ cuda_host_free,       /* cudaFreeHost */
-    /* .get_rows = */ cuda_get_rows,         /* block per row, converts to f32 */
-    /* .matmul = */ cuda_matmul,             /* cuBLAS, or a dequantizing GEMV for n <= 8 */
-    /* .rmsnorm = */ cuda_rmsnorm,           /* block per row, f32 sum */
-    /* .add_rmsnorm = */ cuda_add_rmsnorm,   /* the same, each row added first */
-    /* .rope = */ cuda_rope,                 /* host inv_freq, double angles */
-    /* .swiglu = */ cuda_swiglu,             /* elementwise, f32 */
-    /* .add = */ cuda_add,                   /* elementwise */
-    /* .kv_append = */ cuda_kv_append,       /* block per token, f32 -> KV dtype */
-    /* .kv_copy = */ cuda_kv_copy,           /* all pairs at once unless order matters */
-    /* .attention = */ cuda_attention,       /* paged flash-style, split-KV for decode */
-    /* .delta_apply = */ cuda_delta_apply,   /* two elementwise passes */
-    /* .block_bounds = */ cuda_block_bounds, /* block per (KV block, head), threads on channels */
-    /* .block_scores = */ cuda_block_scores, /* split, TF32 GEMM, group max, per KV head */
+    /* .destroy = */ cuda_destroy,             /* syncs, frees workspaces, stream, handle */
+    /* .supports = */ cuda_supports,           /* F32/F16/BF16, Q8_0, Q4_0, K-quants; KV F32/F16 */
+    /* .alloc = */ cuda_alloc,                 /* cudaMalloc; NULL (and a warning) when out */
+    /* .free = */ cuda_free,                   /* cudaFree, which waits for users of p */
+    /* .upload = */ cuda_upload,               /* async copy on the stream, then sync */
+    /* .download = */ cuda_download,           /* async copy on the stream, then sync */
+    /* .memset = */ cuda_memset,               /* cudaMemsetAsync, not waited for */
+    /* .sync = */ cuda_sync,                   /* cudaStreamSynchronize */
+    /* .copy_runs = */ cuda_copy_runs,         /* one 2D copy, then sync */
+    /* .host_alloc = */ cuda_host_alloc,       /* cudaHostAlloc; NULL when refused */
+    /* .host_free = */ cuda_host_free,         /* cudaFreeHost */
+    /* .get_rows = */ cuda_get_rows,           /* block per row, converts to f32 */
+    /* .matmul = */ cuda_matmul,               /* cuBLAS, or a dequantizing GEMV for n <= 8 */
+    /* .matmul_set = */ cuda_matmul_set,       /* one GEMV launch per weight type for n <= 8 */
+    /* .matmul_swiglu = */ cuda_matmul_swiglu, /* a GEMV with SwiGLU for n <= 8, else apart */
+    /* .rmsnorm = */ cuda_rmsnorm,             /* block per row, f32 sum */
+    /* .add_rmsnorm = */ cuda_add_rmsnorm,     /* the same, each row added first */
+    /* .rope = */ cuda_rope,                   /* host inv_freq, double angles */
+    /* .swiglu = */ cuda_swiglu,               /* elementwise, f32 */
+    /* .add = */ cuda_add,                     /* elementwise */
+    /* .kv_append = */ cuda_kv_append,         /* block per token, f32 -> KV dtype */
+    /* .kv_copy = */ cuda_kv_copy,             /* all pairs at once unless order matters */
+    /* .attention = */ cuda_attention,         /* paged flash-style, split-KV for decode */
+    /* .delta_apply = */ cuda_delta_apply,     /* two elementwise passes */
+    /* .block_bounds = */ cuda_block_bounds,   /* block per (KV block, head), threads on channels */
+    /* .block_scores = */ cuda_block_scores,   /* split, TF32 GEMM, group max, per KV head */
     /* .attn_mass = */ cuda_attn_mass, /* logits, softmax, sum or pooled max; chunks of rows */
     /* .pack_weight = */ NULL,         /* weights stay row-major */
     /* .kv_seal = */ cuda_kv_seal,     /* codecs on the host, bytes moved by two kernels */

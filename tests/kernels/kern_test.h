@@ -542,6 +542,115 @@ run_add_rmsnorm(kern_backend_t *be, bool fused, const float *x, const float *res
     take(be, NULL, wd, d * sizeof(float), "add_rmsnorm w");
 }
 
+/* One weight of a fused product, on the host: `rows` rows of `rb` bytes
+ * (make_weights), an optional bias. */
+typedef struct mm_weight {
+    kern_dtype_t type;
+    uint32_t rows;
+    size_t rb;
+    const void *host;
+    const float *bias;
+} mm_weight_t;
+
+/* count random weights of types[i] and rows[i] (make_weights, on the
+ * host) and a random bias for each in bias[i], not attached yet. */
+static inline void
+make_weight_set(uint32_t count, const kern_dtype_t *types, const uint32_t *rows, uint32_t cols,
+                mm_weight_t *w, float **bias)
+{
+    for (uint32_t i = 0; i < count; i++) {
+        w[i] = (mm_weight_t){.type = types[i], .rows = rows[i]};
+        w[i].host = make_weights(types[i], rows[i], cols, 0, &w[i].rb);
+        bias[i] = rand_floats(rows[i], -2.0f, 2.0f);
+    }
+}
+
+static inline void
+free_weight_set(uint32_t count, mm_weight_t *w, float **bias)
+{
+    for (uint32_t i = 0; i < count; i++) {
+        free((void *)w[i].host);
+        free(bias[i]);
+    }
+}
+
+/* Uploads weights as a model would (packed into the backend's layout). */
+static inline void
+put_weights(kern_backend_t *be, uint32_t count, const mm_weight_t *w, uint32_t cols,
+            kern_tensor_t *t)
+{
+    for (uint32_t i = 0; i < count; i++) {
+        t[i] = (kern_tensor_t){.type = w[i].type,
+                               .n_cols = cols,
+                               .n_rows = w[i].rows,
+                               .row_bytes = w[i].rb,
+                               .data = put(be, w[i].host, w[i].rb * w[i].rows)};
+        assert_int_equal(kern_pack_weight(be, &t[i]), 0);
+    }
+}
+
+static inline void
+take_weights(kern_backend_t *be, uint32_t count, const mm_weight_t *w, kern_tensor_t *t)
+{
+    for (uint32_t i = 0; i < count; i++)
+        take(be, NULL, (void *)t[i].data, w[i].rb * w[i].rows, "matmul w");
+}
+
+/* kern_matmul_set (fused) or a kern_matmul per weight, on be: y[i] gets
+ * [n][w[i].rows]. */
+static inline void
+run_matmul_set(kern_backend_t *be, bool fused, uint32_t count, const mm_weight_t *w, uint32_t cols,
+               const float *x, uint32_t n, float **y)
+{
+    kern_tensor_t t[KERN_MATMUL_SET_MAX];
+    const kern_tensor_t *tp[KERN_MATMUL_SET_MAX];
+    float *bd[KERN_MATMUL_SET_MAX], *yd[KERN_MATMUL_SET_MAX];
+    put_weights(be, count, w, cols, t);
+    float *xd = put(be, x, (size_t)n * cols * sizeof(float));
+    for (uint32_t i = 0; i < count; i++) {
+        tp[i] = &t[i];
+        bd[i] = w[i].bias ? put(be, w[i].bias, w[i].rows * sizeof(float)) : NULL;
+        yd[i] = put_out(be, (size_t)n * w[i].rows);
+    }
+    if (fused) {
+        assert_int_equal(kern_matmul_set(be, count, tp, xd, n, (const float *const *)bd, yd), 0);
+    } else {
+        for (uint32_t i = 0; i < count; i++)
+            assert_int_equal(kern_matmul(be, tp[i], xd, n, bd[i], yd[i]), 0);
+    }
+    for (uint32_t i = 0; i < count; i++) {
+        take(be, y[i], yd[i], (size_t)n * w[i].rows * sizeof(float), "matmul_set y");
+        if (bd[i])
+            take(be, NULL, bd[i], w[i].rows * sizeof(float), "matmul_set bias");
+    }
+    take(be, NULL, xd, (size_t)n * cols * sizeof(float), "matmul_set x");
+    take_weights(be, count, w, t);
+}
+
+/* kern_matmul_swiglu (fused) or the two products and kern_swiglu, on be:
+ * y gets [n][w[0].rows]; w[0] is the gate, w[1] up. */
+static inline void
+run_matmul_swiglu(kern_backend_t *be, bool fused, const mm_weight_t *w, uint32_t cols,
+                  const float *x, uint32_t n, float *y)
+{
+    kern_tensor_t t[2];
+    size_t m = (size_t)n * w[0].rows;
+    put_weights(be, 2, w, cols, t);
+    float *xd = put(be, x, (size_t)n * cols * sizeof(float));
+    float *tmp = put_out(be, m), *yd = put_out(be, m);
+    if (fused) {
+        assert_int_equal(kern_matmul_swiglu(be, &t[0], &t[1], xd, n, tmp, yd), 0);
+    } else {
+        assert_int_equal(kern_matmul(be, &t[0], xd, n, NULL, yd), 0);
+        assert_int_equal(kern_matmul(be, &t[1], xd, n, NULL, tmp), 0);
+        assert_int_equal(kern_swiglu(be, yd, tmp, m, yd), 0);
+    }
+    take(be, y, yd, m * sizeof(float), "matmul_swiglu y");
+    take(be, NULL, tmp, m * sizeof(float), "matmul_swiglu tmp");
+    take(be, NULL, xd, (size_t)n * cols * sizeof(float), "matmul_swiglu x");
+    take_weights(be, 2, w, t);
+}
+
 static inline void
 run_add(kern_backend_t *be, const float *x, const float *y, size_t n, float *out)
 {

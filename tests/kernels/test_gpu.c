@@ -1,7 +1,8 @@
 /*
  * tests/kernels/test_gpu.c — the "cuda" backend against the "ref" backend
  * at the sizes a GPU runs: matmul at n = 1, 3, 8, 9, 64 and 300 (each side
- * of the GEMV/GEMM switch) over odd and padded shapes, get_rows, rmsnorm
+ * of the GEMV/GEMM switch) over odd and padded shapes, the fused Q/K/V and
+ * gate/up/SwiGLU products, get_rows, rmsnorm
  * (alone and fused with the residual add),
  * rope (NORM and NEOX, Llama 3.1 frequency factors, positions up to 128K),
  * swiglu, add, kv_append (repeated slots included), kv_copy, kv_gather
@@ -245,6 +246,89 @@ test_matmul(void **state)
             free(bias);
             free(w);
         }
+    }
+}
+
+/* A layer's Q, K and V in one kern_matmul_set and its gate and up with
+ * SwiGLU in one kern_matmul_swiglu, at a model's widths: one GEMV launch
+ * for decode-sized n (the matrices' blocks side by side; gate and up rows
+ * in one warp), the separate products from 9 rows.  Bit for bit the
+ * unfused ops on the device, close to ref's; a set of mixed types (Q4_K
+ * with Q6_K, as Q4_K_M files have) takes a launch per type. */
+static void
+test_matmul_fused(void **state)
+{
+    (void)state;
+    static const kern_dtype_t types[] = {KERN_F32,  KERN_F16,  KERN_BF16, KERN_Q8_0,
+                                         KERN_Q4_0, KERN_Q4_K, KERN_Q5_K, KERN_Q6_K};
+    static const uint32_t ns[] = {1, 3, 8, 9};
+    const uint32_t cols = 4096, rows[3] = {1031, 257, 257}, ff = 1029, ff_cols = 2304;
+    seed_test(12);
+    for (size_t ti = 0; ti <= sizeof(types) / sizeof(types[0]); ti++) {
+        bool mixed = ti == sizeof(types) / sizeof(types[0]);
+        mm_weight_t w[3];
+        float *bias[3];
+        const kern_dtype_t set_types[3] = {mixed ? KERN_Q4_K : types[ti],
+                                           mixed ? KERN_Q4_K : types[ti],
+                                           mixed ? KERN_Q6_K : types[ti]};
+        make_weight_set(3, set_types, rows, cols, w, bias);
+        for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++) {
+            uint32_t n = ns[ni];
+            float *x = rand_floats((size_t)n * cols, -1.0f, 1.0f);
+            float *yr[3], *yf[3], *yu[3];
+            for (int i = 0; i < 3; i++) {
+                size_t m = (size_t)n * rows[i];
+                yr[i] = malloc(m * sizeof(float));
+                yf[i] = malloc(m * sizeof(float));
+                yu[i] = malloc(m * sizeof(float));
+                assert_true(yr[i] && yf[i] && yu[i]);
+                w[i].bias = ni % 2 ? bias[i] : NULL;
+            }
+            run_matmul_set(g_ref, false, 3, w, cols, x, n, yr);
+            run_matmul_set(g_cuda, true, 3, w, cols, x, n, yf);
+            run_matmul_set(g_cuda, false, 3, w, cols, x, n, yu);
+            for (int i = 0; i < 3; i++) {
+                char what[96];
+                snprintf(what, sizeof(what), "matmul_set %s %ux%u n=%u%s%s",
+                         kern_type_traits(w[i].type)->name, rows[i], cols, n,
+                         w[i].bias ? " +bias" : "", mixed ? " (mixed set)" : "");
+                size_t m = (size_t)n * rows[i];
+                if (memcmp(yf[i], yu[i], m * sizeof(float)))
+                    fail_msg("%s: not the separate products", what);
+                check(yr[i], yf[i], m, matmul_limit(w[i].type), what);
+                free(yr[i]);
+                free(yf[i]);
+                free(yu[i]);
+            }
+            free(x);
+        }
+        free_weight_set(3, w, bias);
+        if (mixed)
+            break;
+
+        mm_weight_t gu[2];
+        const kern_dtype_t gu_types[2] = {types[ti], types[ti]};
+        const uint32_t gu_rows[2] = {ff, ff};
+        make_weight_set(2, gu_types, gu_rows, ff_cols, gu, bias);
+        for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++) {
+            uint32_t n = ns[ni];
+            size_t m = (size_t)n * ff;
+            float *x = rand_floats((size_t)n * ff_cols, -1.0f, 1.0f);
+            float *yr = malloc(3 * m * sizeof(float)), *yf = yr + m, *yu = yf + m;
+            assert_true(yr != NULL);
+            char what[96];
+            snprintf(what, sizeof(what), "matmul_swiglu %s %ux%u n=%u",
+                     kern_type_traits(types[ti])->name, ff, ff_cols, n);
+            run_matmul_swiglu(g_ref, false, gu, ff_cols, x, n, yr);
+            run_matmul_swiglu(g_cuda, true, gu, ff_cols, x, n, yf);
+            run_matmul_swiglu(g_cuda, false, gu, ff_cols, x, n, yu);
+            if (memcmp(yf, yu, m * sizeof(float)))
+                fail_msg("%s: not the products and swiglu", what);
+            check(yr, yf, m, 2 * matmul_limit(types[ti]), what);
+            free(x);
+            free(yr);
+        }
+        free_weight_set(2, gu, bias);
     }
 }
 
@@ -1330,23 +1414,15 @@ main(void)
         return 1;
     }
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_get_rows),
-        cmocka_unit_test(test_matmul),
-        cmocka_unit_test(test_rmsnorm),
-        cmocka_unit_test(test_add_rmsnorm),
-        cmocka_unit_test(test_rope),
-        cmocka_unit_test(test_elementwise),
-        cmocka_unit_test(test_delta_apply),
-        cmocka_unit_test(test_kv_append),
-        cmocka_unit_test(test_kv_copy),
-        cmocka_unit_test(test_kv_gather),
-        cmocka_unit_test(test_kv_gather_quantized),
-        cmocka_unit_test(test_block_scores),
-        cmocka_unit_test(test_attn_mass),
-        cmocka_unit_test(test_attention),
-        cmocka_unit_test(test_attention_quantized),
-        cmocka_unit_test(test_graph_replay),
-        cmocka_unit_test(test_graph_kv_copy),
+        cmocka_unit_test(test_get_rows),     cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_matmul_fused), cmocka_unit_test(test_rmsnorm),
+        cmocka_unit_test(test_add_rmsnorm),  cmocka_unit_test(test_rope),
+        cmocka_unit_test(test_elementwise),  cmocka_unit_test(test_delta_apply),
+        cmocka_unit_test(test_kv_append),    cmocka_unit_test(test_kv_copy),
+        cmocka_unit_test(test_kv_gather),    cmocka_unit_test(test_kv_gather_quantized),
+        cmocka_unit_test(test_block_scores), cmocka_unit_test(test_attn_mass),
+        cmocka_unit_test(test_attention),    cmocka_unit_test(test_attention_quantized),
+        cmocka_unit_test(test_graph_replay), cmocka_unit_test(test_graph_kv_copy),
     };
     /* KVS_TEST_FILTER=test_attention*: a subset (cmocka's pattern), as the
      * device check runs the prefill tests again on the mma.sync kernel. */

@@ -189,6 +189,139 @@ test_matmul(void **state)
     }
 }
 
+/* What a backend's product may differ from ref's by (test_matmul's). */
+static double
+matmul_tol(kern_backend_t *be, kern_dtype_t type, uint32_t n)
+{
+    if (!kern_backend_is_host(be) && n > 8 && type != KERN_F32)
+        return type == KERN_BF16 ? 2e-2 : 5e-3;
+    return 1e-5;
+}
+
+/* Q, K and V of a layer in one kern_matmul_set, and the gate and up
+ * products with SwiGLU in one kern_matmul_swiglu: bit for bit the separate
+ * ops on every backend (a device fuses them into one launch), close to
+ * ref's; sets of one type, of mixed types, with and without biases. */
+static void
+test_matmul_fused(void **state)
+{
+    (void)state;
+    static const kern_dtype_t types[] = {KERN_F32,  KERN_F16,  KERN_BF16, KERN_Q8_0,
+                                         KERN_Q4_0, KERN_Q4_K, KERN_Q5_K, KERN_Q6_K};
+    /* Each set's weights take types[(ti + mix[i]) % 8]: one type, or three. */
+    static const uint32_t mixes[][3] = {{0, 0, 0}, {0, 0, 3}, {0, 1, 2}};
+    static const uint32_t rows[3] = {64, 37, 19}, ns[] = {1, 3, 8, 9, 17};
+    const uint32_t cols = 512;
+    rng_seed(11);
+    for (size_t ti = 0; ti < 8; ti++) {
+        float *bias[3];
+        mm_weight_t w[3];
+        for (size_t mi = 0; mi < 3; mi++) {
+            kern_dtype_t set_types[3];
+            for (int i = 0; i < 3; i++)
+                set_types[i] = types[(ti + mixes[mi][i]) % 8];
+            make_weight_set(3, set_types, rows, cols, w, bias);
+            for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++) {
+                uint32_t n = ns[ni];
+                float *x = rand_floats((size_t)n * cols, -1.0f, 1.0f);
+                float *buf = malloc(9 * (size_t)n * 64 * sizeof(float)); /* 64: the most rows */
+                assert_non_null(buf);
+                float *yr[3], *yf[3], *yu[3];
+                for (int i = 0; i < 3; i++) {
+                    yr[i] = buf + (size_t)n * 64 * (3 * i);
+                    yf[i] = yr[i] + (size_t)n * 64;
+                    yu[i] = yf[i] + (size_t)n * 64;
+                    /* Biases on some sets, and on K only in one. */
+                    w[i].bias = (ni % 2 || (ni == 2 && i == 1)) ? bias[i] : NULL;
+                }
+                run_matmul_set(g_ref, true, 3, w, cols, x, n, yr);
+                for (int b = 0; b < g_n_be; b++) {
+                    kern_backend_t *be = g_be[b].be;
+                    bool all = true;
+                    for (int i = 0; i < 3; i++)
+                        all = all && kern_supports(be, KERN_OP_MATMUL, w[i].type);
+                    if (!all)
+                        continue;
+                    run_matmul_set(be, true, 3, w, cols, x, n, yf);
+                    run_matmul_set(be, false, 3, w, cols, x, n, yu);
+                    for (int i = 0; i < 3; i++) {
+                        char what[96];
+                        snprintf(what, sizeof(what), "matmul_set %s (of %s %s %s) n=%u",
+                                 kern_type_traits(w[i].type)->name,
+                                 kern_type_traits(w[0].type)->name,
+                                 kern_type_traits(w[1].type)->name,
+                                 kern_type_traits(w[2].type)->name, n);
+                        size_t m = (size_t)n * w[i].rows;
+                        if (memcmp(yf[i], yu[i], m * sizeof(float)))
+                            fail_msg("%s [%s]: not the separate products", what, g_be[b].label);
+                        check_close(yr[i], yf[i], m, matmul_tol(be, w[i].type, n), what,
+                                    g_be[b].label);
+                    }
+                }
+                free(x);
+                free(buf);
+            }
+            free_weight_set(3, w, bias);
+        }
+
+        /* Gate and up of one type (a model's are), 45 rows. */
+        mm_weight_t gu[2];
+        const kern_dtype_t gu_types[2] = {types[ti], types[ti]};
+        const uint32_t gu_rows[2] = {45, 45};
+        make_weight_set(2, gu_types, gu_rows, cols, gu, bias);
+        for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++) {
+            uint32_t n = ns[ni];
+            size_t m = (size_t)n * 45;
+            float *x = rand_floats((size_t)n * cols, -1.0f, 1.0f);
+            float *yr = malloc(3 * m * sizeof(float)), *yf = yr + m, *yu = yf + m;
+            assert_non_null(yr);
+            char what[96];
+            snprintf(what, sizeof(what), "matmul_swiglu %s n=%u", kern_type_traits(types[ti])->name,
+                     n);
+            run_matmul_swiglu(g_ref, true, gu, cols, x, n, yr);
+            for (int b = 0; b < g_n_be; b++) {
+                kern_backend_t *be = g_be[b].be;
+                if (!kern_supports(be, KERN_OP_MATMUL, types[ti]))
+                    continue;
+                run_matmul_swiglu(be, true, gu, cols, x, n, yf);
+                run_matmul_swiglu(be, false, gu, cols, x, n, yu);
+                if (memcmp(yf, yu, m * sizeof(float)))
+                    fail_msg("%s [%s]: not the products and swiglu", what, g_be[b].label);
+                check_close(yr, yf, m, 2 * matmul_tol(be, types[ti], n), what, g_be[b].label);
+            }
+            free(x);
+            free(yr);
+        }
+        free_weight_set(2, gu, bias);
+    }
+
+    /* Bad sets: none or too many weights, columns that differ, outputs
+     * over x or over each other, gate and up of different shapes. */
+    size_t rb;
+    void *wh = make_weights(KERN_F32, 8, 32, 0, &rb);
+    void *wd = put(g_ref, wh, rb * 8);
+    float *buf = put(g_ref, NULL, 64 * sizeof(float)), *x = buf, *y0 = buf + 32, *y1 = buf + 40;
+    kern_tensor_t t = {.type = KERN_F32, .n_cols = 32, .n_rows = 8, .row_bytes = rb, .data = wd};
+    kern_tensor_t t16 = t;
+    t16.n_cols = 16;
+    const kern_tensor_t *tw[4] = {&t, &t, &t, &t}, *tm[2] = {&t, &t16};
+    float *ys[4] = {y0, y1, y0, y1}, *yx[2] = {y0, x + 4}, *yy[2] = {y0, y0 + 4};
+    assert_int_equal(kern_matmul_set(g_ref, 0, tw, x, 1, NULL, ys), KVS_EINVAL);
+    assert_int_equal(kern_matmul_set(g_ref, 4, tw, x, 1, NULL, ys), KVS_EINVAL);
+    assert_int_equal(kern_matmul_set(g_ref, 2, tm, x, 1, NULL, ys), KVS_EINVAL);
+    assert_int_equal(kern_matmul_set(g_ref, 2, tw, x, 1, NULL, yx), KVS_EINVAL);
+    assert_int_equal(kern_matmul_set(g_ref, 2, tw, x, 1, NULL, yy), KVS_EINVAL);
+    assert_int_equal(kern_matmul_set(g_ref, 2, tw, x, 1, NULL, ys), 0);
+    assert_int_equal(kern_matmul_set(g_ref, 2, tw, NULL, 0, NULL, ys), 0);
+    assert_int_equal(kern_matmul_swiglu(g_ref, &t, &t16, x, 1, y1, y0), KVS_EINVAL);
+    assert_int_equal(kern_matmul_swiglu(g_ref, &t, &t, x, 1, y0, y0), KVS_EINVAL);
+    assert_int_equal(kern_matmul_swiglu(g_ref, &t, &t, x, 1, x, y0), KVS_EINVAL);
+    assert_int_equal(kern_matmul_swiglu(g_ref, &t, &t, x, 1, y1, y0), 0);
+    take(g_ref, NULL, buf, 64 * sizeof(float), "buf");
+    take(g_ref, NULL, wd, rb * 8, "w");
+    free(wh);
+}
+
 /* A row's product must not depend on the other rows of x: the same bits
  * whether computed alone or in a batch, which is what lets a sequence's
  * tokens not depend on what it is batched with.  Every host path is
@@ -1039,6 +1172,7 @@ main(void)
         cmocka_unit_test(test_reserve),
         cmocka_unit_test(test_matmul),
         cmocka_unit_test(test_matmul_batch_invariant),
+        cmocka_unit_test(test_matmul_fused),
         cmocka_unit_test(test_get_rows),
         cmocka_unit_test(test_dequant_simd),
         cmocka_unit_test(test_quant_roundtrip),
