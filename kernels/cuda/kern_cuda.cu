@@ -430,6 +430,8 @@ cuda_copy_runs_body(kern_cuda_t *be, bool download, void *dst, size_t dpitch, co
                     size_t spitch, size_t bytes, size_t count)
 {
     const cudaMemcpyKind kind = download ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice;
+    if (count == 1) /* any stride is valid then (kern.h); a 2D copy refuses pitches < bytes */
+        dpitch = spitch = bytes;
     if ((dpitch > spitch ? dpitch : spitch) <= be->max_pitch) {
         KERN_CUDA_TRY(cudaMemcpy2DAsync(dst, dpitch, src, spitch, bytes, count, kind, be->stream));
     } else {

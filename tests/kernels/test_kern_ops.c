@@ -1048,7 +1048,7 @@ check_runs(kern_backend_t *be, size_t stride, size_t bytes, size_t count, const 
     assert_int_equal(kern_upload_runs(be, dev, stride, packed, bytes, count), 0);
     get(be, got, dev, span, label);
     for (size_t i = 0; i < span; i++) {
-        size_t r = i / stride, o = i % stride;
+        size_t r = count == 1 ? 0 : i / stride, o = count == 1 ? i : i % stride;
         bool in_run = r < count && o < bytes;
         uint8_t want = in_run ? packed[r * bytes + o] : init[i];
         if (got[i] != want)
@@ -1073,6 +1073,8 @@ test_transfer_runs(void **state)
         check_runs(all[i], 4096, 4096, 3, label); /* back to back */
         check_runs(all[i], 1000, 96, 7, label);   /* gaps, odd sizes */
         check_runs(all[i], 64, 17, 1, label);     /* one run */
+        check_runs(all[i], 8, 17, 1, label);      /* one run: any stride will do */
+        check_runs(all[i], 0, 24, 1, label);
         check_runs(all[i], 32768 + 16, 2048, 32, label);
         uint8_t h[64];
         /* Overlapping runs, and a span past SIZE_MAX, are refused. */
