@@ -111,6 +111,9 @@ int kv_table_truncate(kv_table_t *t, uint32_t n_tokens);
  * kern_kv_seal (the blocks of the failed batch stay full precision, those
  * sealed before it stay sealed).  0 without a codec. */
 int kv_table_seal(kv_table_t *t, uint32_t keep_head, uint32_t keep_tail);
+/* The most blocks kv_table_seal and kv_pool's own seals hand kern_kv_seal
+ * in one call (what a device backend reserves for, kern_reserve). */
+#define KV_SEAL_BATCH 64
 
 /* StreamingLLM eviction (algorithms.md section 3) that frees memory:
  * while more than `budget` entries remain, drops the oldest whole block

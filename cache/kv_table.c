@@ -315,13 +315,12 @@ kv_table_seal(kv_table_t *t, uint32_t keep_head, uint32_t keep_tail)
     uint32_t bt = pool->cfg.block_tokens;
     uint32_t first = (keep_head + bt - 1) / bt, end = (t->len - keep_tail) / bt;
     /* In batches, so that the backend encodes many blocks per call. */
-    enum { BATCH = 64 };
-    int32_t src[BATCH], dst[BATCH];
-    uint32_t idx[BATCH];
+    int32_t src[KV_SEAL_BATCH], dst[KV_SEAL_BATCH];
+    uint32_t idx[KV_SEAL_BATCH];
     int sealed = 0;
     for (uint32_t i = first; i < end;) {
         uint32_t n = 0;
-        for (; i < end && n < BATCH && kv__n_avail_cold(pool) > 0; i++) {
+        for (; i < end && n < KV_SEAL_BATCH && kv__n_avail_cold(pool) > 0; i++) {
             int32_t b = t->blocks[i];
             if (!kv__block_writable(pool, b))
                 continue;

@@ -8,6 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+static bool kv_ok(const kern_kv_t *kv, uint32_t layer);
+
 int
 kern_backend_new(const char *name, const kern_backend_cfg_t *cfg, kern_backend_t **out)
 {
@@ -55,6 +57,10 @@ kern_reserve(kern_backend_t *be, const kern_reserve_t *r)
     if (r == NULL || !r->max_rows || !r->max_cols || !r->max_seqs || !r->max_ctx ||
         !r->block_tokens || !r->n_heads || !r->n_kv_heads || !r->head_dim)
         return KVS_EINVAL;
+    for (int i = 0; i < 2; i++)
+        if (r->seal_kv[i] &&
+            (!r->seal_blocks || !kv_ok(r->seal_kv[i], 0) || r->seal_kv[i]->quant == KERN_KVQ_NONE))
+            return KVS_EINVAL;
     return be->ops->reserve ? be->ops->reserve(be, r) : 0;
 }
 

@@ -368,6 +368,11 @@ typedef struct kern_reserve {
     uint32_t max_ctx;      /* tokens of KV one sequence attends */
     uint32_t block_tokens; /* of the KV pool */
     uint32_t n_heads, n_kv_heads, head_dim;
+    /* Pools with a codec whose blocks kern_kv_seal will seal, up to
+     * seal_blocks pairs a call (NULL: none), so that sealing grows
+     * nothing either. */
+    const kern_kv_t *seal_kv[2];
+    uint32_t seal_blocks;
 } kern_reserve_t;
 /* 0, KVS_EINVAL (a zero field), or what allocation answered (KVS_ENOMEM,
  * KVS_EDEVICE); a no-op on host backends.  Thread: the owner. */

@@ -1503,10 +1503,16 @@ reserve_fold(const sched_cfg_t *c, const model_t *m, kern_reserve_t *r)
  * of the draft model, which runs on the same backend, once before serving
  * starts (kern_reserve; host backends have nothing to do). */
 static int
-reserve_backend(const sched_cfg_t *c, const model_t *m, kern_backend_t *be)
+reserve_backend(const sched_cfg_t *c, const model_t *m, kern_backend_t *be, const kv_pool_t *pool,
+                const kv_pool_t *d_pool)
 {
     kern_reserve_t r = {0};
     reserve_fold(c, m, &r);
+    const kv_pool_t *pools[2] = {pool, d_pool};
+    for (int i = 0; i < 2; i++)
+        if (pools[i] && kv_pool_kv(pools[i])->quant != KERN_KVQ_NONE)
+            r.seal_kv[i] = kv_pool_kv(pools[i]);
+    r.seal_blocks = KV_SEAL_BATCH;
     uint32_t group = model_hparams(m)->n_head / model_hparams(m)->n_head_kv;
     if (c->draft) {
         reserve_fold(c, c->draft, &r);
@@ -1655,7 +1661,7 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
     if (rc == 0 && !kern_backend_is_host(s->be))
         rc = model_ctx_reserve(s->ctx, c->max_model_len, c->block_tokens);
     if (rc == 0)
-        rc = reserve_backend(c, m, s->be);
+        rc = reserve_backend(c, m, s->be, s->pool, s->d_pool);
     if (rc == 0)
         rc = sched_batch_new(&s->batch);
     if (rc == 0) {

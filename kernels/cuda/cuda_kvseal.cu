@@ -97,33 +97,27 @@ mirror_run(const seal_layout_t *o, uint32_t m, uint32_t layer, uint32_t i, bool 
     return v ? o->qv + at * o->vrun : o->qk + at * o->krun;
 }
 
-/* Pairs [p0, p0 + m): sources in, the host codec, destinations out. */
+/* The host side of a batch whose mirror takes `total` bytes: the pinned
+ * mirror and the codec's scratch row. */
 static int
-seal_batch(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
-           uint32_t p0, uint32_t m)
+seal_room(kern_cuda_t *be, const kern_kv_t *kv, size_t total)
 {
-    const seal_layout_t o = seal_layout(kv, m);
-    const uint32_t L = kv->n_layers;
-    void *mirror;
-    int rc = kern__cuda_workspace(be, KERN_CUDA_WS_SEAL, o.total, &mirror);
-    if (rc)
-        return rc;
-    if (o.total > be->seal_host_bytes) {
+    if (total > be->seal_host_bytes) {
         KERN_CUDA_TRY(cudaStreamSynchronize(be->stream)); /* the last batch's copy out of it */
         void *old = be->seal_host;
         be->seal_host = NULL;
         be->seal_host_bytes = 0;
         if (old)
             KERN_CUDA_TRY(cudaFreeHost(old));
-        cudaError_t e = cudaHostAlloc(&be->seal_host, o.total, cudaHostAllocDefault);
+        cudaError_t e = cudaHostAlloc(&be->seal_host, total, cudaHostAllocDefault);
         if (e != cudaSuccess) {
             (void)cudaGetLastError();
             be->seal_host = NULL;
-            KVS_WARNF("cuda: kv_seal: pinned mirror of %zu bytes: %s", o.total,
+            KVS_WARNF("cuda: kv_seal: pinned mirror of %zu bytes: %s", total,
                       cudaGetErrorString(e));
             return KVS_ENOMEM;
         }
-        be->seal_host_bytes = o.total;
+        be->seal_host_bytes = total;
     }
     const size_t x_bytes = (size_t)kv->block_tokens * kv->head_dim * sizeof(float);
     if (x_bytes > be->seal_x_bytes) {
@@ -133,6 +127,31 @@ seal_batch(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, const int32
         be->seal_x = x;
         be->seal_x_bytes = x_bytes;
     }
+    return 0;
+}
+
+/* Pairs a batch takes: as many as fit the mirror's bound. */
+static uint32_t
+seal_per_batch(const kern_kv_t *kv)
+{
+    const seal_layout_t one = seal_layout(kv, 1);
+    uint32_t per = one.total ? (uint32_t)(SEAL_MIRROR_BYTES / one.total) : 1;
+    return per ? per : 1;
+}
+
+/* Pairs [p0, p0 + m): sources in, the host codec, destinations out. */
+static int
+seal_batch(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
+           uint32_t p0, uint32_t m)
+{
+    const seal_layout_t o = seal_layout(kv, m);
+    const uint32_t L = kv->n_layers;
+    void *mirror;
+    int rc = seal_room(be, kv, o.total);
+    if (rc == 0)
+        rc = kern__cuda_workspace(be, KERN_CUDA_WS_SEAL, o.total, &mirror);
+    if (rc)
+        return rc;
 
     /* Both segment lists in one staged buffer: L * m * 2 runs each way. */
     const size_t n_seg = (size_t)L * m * 2;
@@ -202,13 +221,24 @@ int
 kern__cuda_kv_seal(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
                    uint32_t n)
 {
-    const seal_layout_t one = seal_layout(kv, 1);
-    uint32_t per = one.total ? (uint32_t)(SEAL_MIRROR_BYTES / one.total) : 1;
-    per = per ? per : 1;
+    const uint32_t per = seal_per_batch(kv);
     for (uint32_t p0 = 0; p0 < n; p0 += per) {
         int rc = seal_batch(be, kv, src, dst, p0, n - p0 < per ? n - p0 : per);
         if (rc)
             return rc;
     }
     return 0;
+}
+
+int
+kern__cuda_kv_seal_reserve(kern_cuda_t *be, const kern_kv_t *kv, uint32_t blocks, size_t *bytes)
+{
+    const uint32_t per = seal_per_batch(kv);
+    const size_t total = seal_layout(kv, blocks < per ? blocks : per).total;
+    void *mirror;
+    int rc = seal_room(be, kv, total);
+    if (rc == 0)
+        rc = kern__cuda_workspace(be, KERN_CUDA_WS_SEAL, total, &mirror);
+    *bytes = rc == 0 ? total : 0;
+    return rc;
 }

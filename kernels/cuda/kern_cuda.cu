@@ -1198,12 +1198,19 @@ cuda_reserve_body(kern_cuda_t *be, const kern_reserve_t *r)
         (rc = kern__cuda_workspace(be, KERN_CUDA_WS_PT, pt, &p)) != 0 ||
         (rc = stage_dev_reserve(be, stage)) != 0)
         return rc;
+    size_t seal = 0;
+    for (int i = 0; i < 2 && rc == 0; i++) {
+        size_t b = 0;
+        if (r->seal_kv[i])
+            rc = kern__cuda_kv_seal_reserve(be, r->seal_kv[i], r->seal_blocks, &b);
+        seal = b > seal ? b : seal;
+    }
     for (unsigned i = 0; i < KERN_CUDA_PIN_SLOTS && rc == 0; i++)
         rc = pin_reserve(be, &be->pin[i], stage);
     be->reserved = rc == 0;
     if (rc == 0)
         KVS_INFOF("cuda: reserved %.1f MiB of workspaces and %u x %.1f MiB of pinned staging",
-                  (double)(x + w + attn + mass_p + mass_out + pt + stage) / 1048576.0,
+                  (double)(x + w + attn + mass_p + mass_out + pt + stage + seal) / 1048576.0,
                   KERN_CUDA_PIN_SLOTS, (double)stage / 1048576.0);
     return rc;
 }

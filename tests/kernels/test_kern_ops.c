@@ -1139,8 +1139,9 @@ test_pool(void **state)
     cpu_pool_free(NULL);
 }
 
-/* kern_reserve: every field is required; host backends have nothing to
- * size and a device backend's ops keep working after it. */
+/* kern_reserve: every field is required, the pools to seal in are
+ * optional; host backends have nothing to size and a device backend's ops
+ * keep working after it. */
 static void
 test_reserve(void **state)
 {
@@ -1164,6 +1165,22 @@ test_reserve(void **state)
             *fields[f] = 0;
             assert_int_equal(kern_reserve(be, &r), KVS_EINVAL);
         }
+        /* Seals: a pool with a codec and a batch size, or nothing. */
+        const kv_geom_t g = {KERN_F16, 2, 2, 64, 16, 8};
+        kern_kv_t q = kv_make_q(be, &g, KERN_KVQ_Q8_0, 4), plain = kv_make(be, &g, NULL, NULL);
+        kern_reserve_t r = good;
+        r.seal_kv[0] = &q;
+        r.seal_blocks = 64;
+        assert_int_equal(kern_reserve(be, &r), 0);
+        r.seal_kv[1] = &q;
+        assert_int_equal(kern_reserve(be, &r), 0);
+        r.seal_blocks = 0;
+        assert_int_equal(kern_reserve(be, &r), KVS_EINVAL);
+        r.seal_blocks = 64;
+        r.seal_kv[1] = &plain;
+        assert_int_equal(kern_reserve(be, &r), KVS_EINVAL);
+        kv_take_q(be, &q);
+        kv_take(be, &plain, NULL, NULL);
     }
 }
 
