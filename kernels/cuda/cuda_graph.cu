@@ -203,6 +203,10 @@ kern__cuda_graph_run(kern_cuda_t *be, uint64_t key, kern_graph_fn fn, void *arg)
     be->arena_layout = 0;
     int rc = fn(arg);
     be->mode = KERN_CUDA_EAGER;
+    /* Room the pass could not get (the pinned arena could not grow) does
+     * not stop the step itself, which stages through its own slots. */
+    if (rc == KVS_ENOMEM || rc == KVS_ENOTSUP)
+        return fn(arg);
     if (rc)
         return rc;
     const size_t staged = be->arena_used;
