@@ -4,14 +4,16 @@
  * two (M 128), and the probe that picks the device's prefill kernel.
  * CMakeLists.txt compiles this file for sm_90a alone (wgmma exists only
  * there), so on any other device it has no code at all:
- * kern__cuda_attention_init probes it once on compute capability 9.0 (its
- * image loads, and the instance agrees with mma.sync on a known problem)
- * and kern__cuda_attention_tc sends tiles here only when the probe said
- * yes.
+ * kern__cuda_attention_init probes it on compute capability 9.0, once per
+ * device and process (its image loads, and the instance agrees with
+ * mma.sync on a known problem; a fault resets the device, which holds
+ * nothing yet) and kern__cuda_attention_tc sends tiles here only when the
+ * probe said yes.
  */
 #include "cuda_attn_tc.cuh"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -43,8 +45,14 @@ wg_probe_kernel(int *out)
  * window (the sink tile, then a jump to the window's tiles, each masked
  * row by row).  Both round q and P to f16 and sum in f32; only the order
  * of the sums differs.  Runs on the legacy stream (the backend's is not
- * made yet).  true: they agree. */
-static bool
+ * made yet). */
+typedef enum wg_verdict {
+    WG_AGREES,
+    WG_DIFFERS, /* or could not run: a wrong answer, a launch refused */
+    WG_FAULTED, /* the kernel faulted: the device's context is lost */
+} wg_verdict_t;
+
+static wg_verdict_t
 wg_agrees(kern_cuda_t *be, int tc, uint32_t d)
 {
     enum { ROWS = 64, HEADS = 2, BT = 16, NB = 32, CTX = NB * BT, SINKS = 16, WINDOW = 128 };
@@ -138,18 +146,71 @@ wg_agrees(kern_cuda_t *be, int tc, uint32_t d)
                   "mma.sync by %g: not used",
                   kern__cuda_tc_m(tc), d, (double)worst);
     }
-    if (dev)
-        (void)cudaFree(dev);
+    /* A fault inside a kernel is sticky: every later call fails the same
+     * way, clearing the last error or not. */
+    bool faulted = false;
+    cudaError_t e = cudaDeviceSynchronize();
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        faulted = cudaDeviceSynchronize() != cudaSuccess;
+        KVS_WARNF("cuda: the wgmma prefill kernel (M %u, head_dim %u) failed its start-up "
+                  "check: %s",
+                  kern__cuda_tc_m(tc), d, cudaGetErrorString(e));
+    }
+    if (dev && !faulted)
+        (void)cudaFree(dev); /* a lost context took it along */
     free(h);
     free(out_a);
     free(out_b);
     (void)cudaGetLastError();
-    return ok;
+    return faulted ? WG_FAULTED : ok ? WG_AGREES : WG_DIFFERS;
 }
 
-int
-kern__cuda_attention_wg_probe(kern_cuda_t *be)
+/* What this process learned of each device: whether a backend has probed
+ * it, and each wgmma instance's check (0 not run, 1 passed, -1 failed),
+ * kept because a kernel that faults loses the device's context and only
+ * a reset gets it back, which would take every other backend's memory on
+ * the device too: the first backend on a device checks what it asks for
+ * before anything of the process lives there and may reset; a later one
+ * reuses the verdicts and, for an instance not checked yet, may not. */
+#define WG_DEVICES 64
+static pthread_mutex_t wg_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct {
+    bool probed;
+    int8_t verdict[2]; /* WG64, WG128 */
+} wg_dev[WG_DEVICES];
+
+/* Instance tc's verdict on be's device, checked now if not yet. */
+static bool
+wg_passes(kern_cuda_t *be, int tc, bool may_reset)
 {
+    int8_t *v = &wg_dev[be->device].verdict[tc == KERN_CUDA_TC_WG128];
+    if (*v != 0)
+        return *v > 0;
+    wg_verdict_t r = wg_agrees(be, tc, 64);
+    if (r == WG_AGREES)
+        r = wg_agrees(be, tc, 128);
+    *v = r == WG_AGREES ? 1 : -1;
+    if (r == WG_FAULTED && may_reset) {
+        KVS_WARNF("cuda: resetting device %d after the fault (nothing of this process was "
+                  "on it yet)",
+                  be->device);
+        (void)cudaDeviceReset();
+        (void)cudaSetDevice(be->device);
+        (void)cudaGetLastError();
+    } else if (r == WG_FAULTED) {
+        KVS_ERRORF("cuda: device %d is unusable after the fault: other backends of this "
+                   "process hold memory there, so it cannot be reset",
+                   be->device);
+    }
+    return *v > 0;
+}
+
+static int
+wg_probe(kern_cuda_t *be)
+{
+    bool may_reset = !wg_dev[be->device].probed;
+    wg_dev[be->device].probed = true;
     /* A choice, so each kernel can be run and measured on Hopper. */
     const char *want = getenv("KVS_CUDA_ATTN");
     bool named = want && *want;
@@ -183,12 +244,23 @@ kern__cuda_attention_wg_probe(kern_cuda_t *be)
     (void)cudaGetLastError(); /* a missing image is not the context's failure */
     if (!ok)
         return KERN_CUDA_TC_MMA;
-    /* Hopper code that no test here can run checks itself once before it
+    /* Hopper code that no test here can run checks itself before it
      * serves anything.  Without a choice the other wgmma kernel stands in
      * for one that fails; a kernel asked for by name has only mma.sync. */
     const int order[2] = {first, named ? KERN_CUDA_TC_MMA : KERN_CUDA_TC_WG64};
     for (int i = 0; i < 2 && order[i] != KERN_CUDA_TC_MMA; i++)
-        if (wg_agrees(be, order[i], 64) && wg_agrees(be, order[i], 128))
+        if (wg_passes(be, order[i], may_reset))
             return order[i];
     return KERN_CUDA_TC_MMA;
+}
+
+int
+kern__cuda_attention_wg_probe(kern_cuda_t *be)
+{
+    if (be->device < 0 || be->device >= WG_DEVICES)
+        return KERN_CUDA_TC_MMA; /* nowhere to keep verdicts: no check */
+    pthread_mutex_lock(&wg_lock);
+    int tc = wg_probe(be);
+    pthread_mutex_unlock(&wg_lock);
+    return tc;
 }
