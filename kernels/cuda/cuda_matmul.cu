@@ -274,8 +274,8 @@ mv_launch(kern_cuda_t *be, uint32_t count, const kern_tensor_t *const *w, const 
     bool xvec = ((uintptr_t)x % 16) == 0 && (cols % 4) == 0;
     for (uint32_t t0 = 0; t0 < n; t0 += MV_NX) {
         uint32_t nx = n - t0 < MV_NX ? n - t0 : MV_NX;
-        for (uint32_t i = 0; i < count; i++)
-            set.m[i].y = y[i] + (size_t)t0 * w[i]->n_rows;
+        for (uint32_t i = 0; i < count; i++) /* GLU: up's products are not stored */
+            set.m[i].y = y[i] ? y[i] + (size_t)t0 * w[i]->n_rows : NULL;
         const float *xt = x + (size_t)t0 * cols;
         int rc = glu ? mv_dispatch<true>(be, w[0]->type, blocks, set, cols, xt, nx, wvec, xvec)
                      : mv_dispatch<false>(be, w[0]->type, blocks, set, cols, xt, nx, wvec, xvec);
