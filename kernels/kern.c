@@ -377,7 +377,11 @@ kern_rope(kern_backend_t *be, const kern_rope_args_t *a)
 {
     if (!a || a->n_heads == 0 || a->head_dim == 0 || a->n_rot == 0 || (a->n_rot & 1) ||
         a->n_rot > a->head_dim || (a->n_rows && (!a->x || !a->pos)) || !(a->freq_base > 0.0f) ||
-        !(a->freq_scale > 0.0f))
+        !(a->freq_scale > 0.0f) || (a->x2 == NULL) != (a->n_heads2 == 0))
+        return KVS_EINVAL;
+    if (a->x2 &&
+        spans_overlap(a->x, (size_t)a->n_rows * a->n_heads * a->head_dim * sizeof(float), a->x2,
+                      (size_t)a->n_rows * a->n_heads2 * a->head_dim * sizeof(float)))
         return KVS_EINVAL;
     if (a->freq_factors)
         for (uint32_t i = 0; i < a->n_rot / 2; i++)

@@ -320,6 +320,16 @@ typedef struct kern_rope_args {
     float freq_scale;          /* linear scaling: theta *= freq_scale (1 = none) */
     const float *freq_factors; /* host, [n_rot/2] or NULL (Llama 3.1 rope_freqs) */
     bool neox;                 /* NEOX pairing instead of adjacent pairs */
+    /* Optional: a second tensor rotated at the same positions,
+     * [n_rows][n_heads2][head_dim] (a layer's K beside its Q), in the same
+     * pass; NULL with n_heads2 0 when there is none. */
+    float *x2;
+    uint32_t n_heads2;
+    /* Nonzero: every call with this number has the same n_rows, pos,
+     * n_rot and frequencies (the layers of one forward pass), so a device
+     * backend may upload them once; unique per set of those (kern_attn_
+     * args_t.pt_epoch's rule).  0: no such promise. */
+    uint64_t epoch;
 } kern_rope_args_t;
 
 /* ------------------------------------------------------------------------ */

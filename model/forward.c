@@ -25,9 +25,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* kern_attn_args_t.pt_epoch: one number per forward pass, unique in the
- * process (contexts of two models may share a backend). */
-static atomic_uint_fast64_t g_pt_epoch;
+/* kern_attn_args_t.pt_epoch and kern_rope_args_t.epoch: one number per
+ * forward pass, unique in the process (contexts of two models may share a
+ * backend). */
+static atomic_uint_fast64_t g_epoch;
 
 struct model_ctx {
     model_t *m;
@@ -614,13 +615,12 @@ forward_layers(void *arg)
         TRY(kern_matmul_set(be, 3, qkv_w, c->h, T, qkv_b, qkv));
         rope.x = c->q;
         rope.n_heads = hp->n_head;
+        rope.x2 = c->k;
+        rope.n_heads2 = hp->n_head_kv;
         TRY(kern_rope(be, &rope));
         for (uint32_t i = 0; i < b->n_capture; i++)
             TRY(kern_download(be, b->capture_q + ((size_t)l * b->n_capture + i) * qd,
                               c->q + (size_t)b->capture_rows[i] * qd, qd * sizeof(float)));
-        rope.x = c->k;
-        rope.n_heads = hp->n_head_kv;
-        TRY(kern_rope(be, &rope));
         TRY(kern_kv_append(be, f->kv, l, c->k, c->v, b->slots, T));
 
         float *x = c->x, *h = c->h, *att = c->att;
@@ -714,6 +714,9 @@ model_forward(model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b, float
     }
 
     fwd_t f = {.c = c, .kv = kv, .b = b};
+    /* Every layer's attention reads the batch's table and every layer's
+     * RoPE the same positions: the backend uploads each once. */
+    const uint64_t epoch = atomic_fetch_add(&g_epoch, 1) + 1;
     f.rope = (kern_rope_args_t){
         .head_dim = hp->head_dim,
         .n_rot = hp->n_rot,
@@ -724,6 +727,7 @@ model_forward(model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b, float
         .freq_factors = m->rope_freqs,
         /* llama.cpp's qwen2 rotates halves, not adjacent pairs. */
         .neox = strcmp(hp->arch, "qwen2") == 0,
+        .epoch = epoch,
     };
     f.attn = (kern_attn_args_t){
         .q = c->q,
@@ -735,8 +739,7 @@ model_forward(model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b, float
         .pt = b->pt,
         .kv = kv,
         .scale = 1.0f / sqrtf((float)hp->head_dim),
-        /* Every layer's attention reads the batch's table. */
-        .pt_epoch = atomic_fetch_add(&g_pt_epoch, 1) + 1,
+        .pt_epoch = epoch,
     };
     uint64_t key;
     uint32_t bound;

@@ -353,8 +353,10 @@ rope_task(void *ctx, int task, int thread)
             ss[2 * i] = -sn;
             ss[2 * i + 1] = sn;
         }
-        for (uint32_t h = 0; h < a->n_heads; h++) {
-            float *x = a->x + (r * a->n_heads + h) * a->head_dim;
+        /* x's heads of the row, then x2's. */
+        for (uint32_t h = 0; h < a->n_heads + a->n_heads2; h++) {
+            float *x = h < a->n_heads ? a->x + (r * a->n_heads + h) * a->head_dim
+                                      : a->x2 + (r * a->n_heads2 + h - a->n_heads) * a->head_dim;
             if (a->neox) {
                 uint32_t half = a->n_rot / 2;
                 for (uint32_t i = 0; i < half; i++) {
@@ -395,7 +397,7 @@ cpu_rope(kern_backend_t *base, const kern_rope_args_t *a)
             inv_freq[i] /= a->freq_factors[i];
     }
     rope_ctx_t c = {.be = be, .a = a, .inv_freq = inv_freq};
-    int n_tasks = split_units(a->n_rows, (size_t)a->n_heads * a->head_dim, &c.per);
+    int n_tasks = split_units(a->n_rows, (size_t)(a->n_heads + a->n_heads2) * a->head_dim, &c.per);
     kern__cpu_parallel(be, n_tasks, rope_task, &c);
     return 0;
 }

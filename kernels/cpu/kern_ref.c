@@ -116,13 +116,13 @@ ref_rmsnorm(kern_backend_t *be, const float *x, const float *w, uint32_t n, uint
     return 0;
 }
 
-static int
-ref_rope(kern_backend_t *be, const kern_rope_args_t *a)
+/* One tensor of the call: a->x or a->x2. */
+static void
+ref_rope_rows(const kern_rope_args_t *a, float *xs, uint32_t n_heads)
 {
-    (void)be;
     for (uint32_t r = 0; r < a->n_rows; r++) {
-        for (uint32_t h = 0; h < a->n_heads; h++) {
-            float *x = a->x + ((size_t)r * a->n_heads + h) * a->head_dim;
+        for (uint32_t h = 0; h < n_heads; h++) {
+            float *x = xs + ((size_t)r * n_heads + h) * a->head_dim;
             for (uint32_t i = 0; i < a->n_rot / 2; i++) {
                 double theta =
                     (double)a->pos[r] * a->freq_scale * pow(a->freq_base, -2.0 * i / a->n_rot);
@@ -136,6 +136,15 @@ ref_rope(kern_backend_t *be, const kern_rope_args_t *a)
             }
         }
     }
+}
+
+static int
+ref_rope(kern_backend_t *be, const kern_rope_args_t *a)
+{
+    (void)be;
+    ref_rope_rows(a, a->x, a->n_heads);
+    if (a->x2)
+        ref_rope_rows(a, a->x2, a->n_heads2);
     return 0;
 }
 

@@ -81,6 +81,7 @@ typedef enum kern_cuda_ws {
     KERN_CUDA_WS_MASS_OUT, /* kern_attn_mass: its result, before the copy back */
     KERN_CUDA_WS_SEAL,     /* kern_kv_seal: the device side of its mirror */
     KERN_CUDA_WS_PT,       /* attention's page table, kept for calls of one pt_epoch */
+    KERN_CUDA_WS_ROPE,     /* rope's frequencies and positions, kept for one epoch */
     KERN_CUDA_WS_COUNT,
 } kern_cuda_ws_t;
 
@@ -151,6 +152,11 @@ typedef struct kern_cuda {
     const int32_t *pt_dev;
     kern_cuda_mode_t pt_mode;
     size_t pt_room;
+    /* The same for rope's frequencies and positions (kern_rope_args_t.epoch). */
+    uint64_t rope_epoch;
+    const void *rope_dev;
+    kern_cuda_mode_t rope_mode;
+    uint32_t rope_rows, rope_pairs;
     bool reserved;    /* kern_reserve sized everything: growing later is worth a warning */
     bool pin_refused; /* cudaHostAlloc failed once (kern_host_alloc): warned */
     /* Resident blocks per multiprocessor of each decode-attention

@@ -105,6 +105,7 @@ kern__cuda_forget_addresses(kern_cuda_t *be)
 {
     kern__cuda_graphs_free(be);
     be->pt_epoch = 0;
+    be->rope_epoch = 0;
 }
 
 /* The key's slot, or NULL. */

@@ -756,25 +756,29 @@ cuda_delta_apply_body(kern_cuda_t *be, float *out, float *dense, uint32_t n, uin
  * inv_freq computed on the host in double; the product and the sin/cos run
  * in double too, because at long context pos * inv_freq reaches 1e5 rad
  * and float would be off by up to 1e-2 rad.  Each (row, pair) angle is
- * computed once and applied to every head. */
+ * computed once and applied to every head: x's, then x2's. */
 static __global__ void
-rope_kernel(float *x, uint32_t n_rows, uint32_t n_heads, uint32_t head_dim, uint32_t n_pairs,
-            const int32_t *pos, const double *inv_freq, bool neox)
+rope_kernel(float *x, uint32_t n_heads, float *x2, uint32_t n_heads2, uint32_t n_rows,
+            uint32_t head_dim, uint32_t n_pairs, const int32_t *pos, const double *inv_freq,
+            bool neox)
 {
     __shared__ double cs[ROPE_CHUNK][2];
     for (uint32_t r = blockIdx.x; r < n_rows; r += gridDim.x) {
         double p = (double)pos[r];
         float *xr = x + (size_t)r * n_heads * head_dim;
+        float *xr2 = x2 ? x2 + (size_t)r * n_heads2 * head_dim : NULL;
         for (uint32_t i0 = 0; i0 < n_pairs; i0 += ROPE_CHUNK) {
             uint32_t m = n_pairs - i0 < ROPE_CHUNK ? n_pairs - i0 : ROPE_CHUNK;
             __syncthreads(); /* the previous chunk is done with cs */
             for (uint32_t i = threadIdx.x; i < m; i += blockDim.x)
                 sincos(p * inv_freq[i0 + i], &cs[i][1], &cs[i][0]);
             __syncthreads();
-            for (uint32_t t = threadIdx.x; t < m * n_heads; t += blockDim.x) {
+            for (uint32_t t = threadIdx.x; t < m * (n_heads + n_heads2); t += blockDim.x) {
                 uint32_t h = t / m, i = t % m;
+                float *head = h < n_heads ? xr + (size_t)h * head_dim
+                                          : xr2 + (size_t)(h - n_heads) * head_dim;
                 /* NORM pairs adjacent dims; NEOX pairs i with i + n_pairs. */
-                float *v0 = xr + (size_t)h * head_dim + (neox ? i0 + i : 2 * (i0 + i));
+                float *v0 = head + (neox ? i0 + i : 2 * (i0 + i));
                 float *v1 = v0 + (neox ? n_pairs : 1);
                 double x0 = *v0, x1 = *v1, c = cs[i][0], s = cs[i][1];
                 *v0 = (float)(x0 * c - x1 * s);
@@ -784,14 +788,23 @@ rope_kernel(float *x, uint32_t n_rows, uint32_t n_heads, uint32_t head_dim, uint
     }
 }
 
+/* inv_freq (double, 8-aligned first), then pos, on the device in *d.  A
+ * call of the epoch the last one staged (kern_rope_args_t.epoch: the
+ * layers of one forward pass) reuses it: eager, it lives in a workspace
+ * of its own, which other ops' staging does not overwrite; while a step is
+ * recorded or refreshed, in the arena, which holds it for the step. */
 static int
-cuda_rope_body(kern_cuda_t *be, const kern_rope_args_t *a)
+rope_stage(kern_cuda_t *be, const kern_rope_args_t *a, const void **d)
 {
-    uint32_t n_pairs = a->n_rot / 2;
-    /* Staged layout: inv_freq (double, 8-aligned first), then pos. */
+    const uint32_t n_pairs = a->n_rot / 2;
+    if (a->epoch && a->epoch == be->rope_epoch && be->rope_mode == be->mode &&
+        be->rope_rows == a->n_rows && be->rope_pairs == n_pairs) {
+        *d = be->rope_dev;
+        return be->mode == KERN_CUDA_DRY ? KERN_CUDA_DRY_DONE : 0;
+    }
     size_t freq_bytes = (size_t)n_pairs * sizeof(double);
     size_t bytes = freq_bytes + (size_t)a->n_rows * sizeof(int32_t);
-    void *h, *d;
+    void *h, *dev = NULL;
     int rc = kern__cuda_stage_begin(be, bytes, &h);
     if (rc)
         return rc;
@@ -802,13 +815,35 @@ cuda_rope_body(kern_cuda_t *be, const kern_rope_args_t *a)
             inv[i] /= a->freq_factors[i];
     }
     memcpy((char *)h + freq_bytes, a->pos, (size_t)a->n_rows * sizeof(int32_t));
-    if ((rc = kern__cuda_stage_end(be, bytes, &d)) != 0)
+    if (be->mode == KERN_CUDA_EAGER && a->epoch) {
+        if ((rc = kern__cuda_workspace(be, KERN_CUDA_WS_ROPE, bytes, &dev)) != 0 ||
+            (rc = kern__cuda_stage_to(be, bytes, dev)) != 0)
+            return rc;
+    } else if ((rc = kern__cuda_stage_end(be, bytes, &dev)) != 0 && rc != KERN_CUDA_DRY_DONE) {
         return rc;
+    }
+    be->rope_epoch = a->epoch;
+    be->rope_mode = be->mode;
+    be->rope_rows = a->n_rows;
+    be->rope_pairs = n_pairs;
+    be->rope_dev = dev;
+    *d = dev;
+    return rc;
+}
 
+static int
+cuda_rope_body(kern_cuda_t *be, const kern_rope_args_t *a)
+{
+    const void *d;
+    int rc = rope_stage(be, a, &d);
+    if (rc)
+        return rc; /* KERN_CUDA_DRY_DONE included: nothing to launch */
+    uint32_t n_pairs = a->n_rot / 2;
     unsigned grid = a->n_rows < 65535 ? a->n_rows : 65535;
-    rope_kernel<<<grid, 128, 0, be->stream>>>(a->x, a->n_rows, a->n_heads, a->head_dim, n_pairs,
-                                              (const int32_t *)((char *)d + freq_bytes),
-                                              (const double *)d, a->neox);
+    rope_kernel<<<grid, 128, 0, be->stream>>>(
+        a->x, a->n_heads, a->x2, a->n_heads2, a->n_rows, a->head_dim, n_pairs,
+        (const int32_t *)((const char *)d + (size_t)n_pairs * sizeof(double)), (const double *)d,
+        a->neox);
     KERN_CUDA_LAUNCHED();
     return 0;
 }
@@ -1188,6 +1223,11 @@ cuda_reserve_body(kern_cuda_t *be, const kern_reserve_t *r)
     size_t rows = (size_t)r->max_rows * sizeof(int32_t);
     if (stage < rows)
         stage = rows;
+    /* rope's frequencies (at most head_dim / 2) and positions, which it
+     * stages too */
+    size_t rope = (size_t)r->head_dim / 2 * sizeof(double) + rows;
+    if (stage < rope)
+        stage = rope;
     void *p;
     int rc = 0;
     if ((rc = kern__cuda_workspace(be, KERN_CUDA_WS_MATMUL_X, x, &p)) != 0 ||
@@ -1196,6 +1236,7 @@ cuda_reserve_body(kern_cuda_t *be, const kern_reserve_t *r)
         (rc = kern__cuda_workspace(be, KERN_CUDA_WS_MASS_P, mass_p, &p)) != 0 ||
         (rc = kern__cuda_workspace(be, KERN_CUDA_WS_MASS_OUT, mass_out, &p)) != 0 ||
         (rc = kern__cuda_workspace(be, KERN_CUDA_WS_PT, pt, &p)) != 0 ||
+        (rc = kern__cuda_workspace(be, KERN_CUDA_WS_ROPE, rope, &p)) != 0 ||
         (rc = stage_dev_reserve(be, stage)) != 0)
         return rc;
     size_t seal = 0;
@@ -1210,7 +1251,7 @@ cuda_reserve_body(kern_cuda_t *be, const kern_reserve_t *r)
     be->reserved = rc == 0;
     if (rc == 0)
         KVS_INFOF("cuda: reserved %.1f MiB of workspaces and %u x %.1f MiB of pinned staging",
-                  (double)(x + w + attn + mass_p + mass_out + pt + stage + seal) / 1048576.0,
+                  (double)(x + w + attn + mass_p + mass_out + pt + rope + stage + seal) / 1048576.0,
                   KERN_CUDA_PIN_SLOTS, (double)stage / 1048576.0);
     return rc;
 }

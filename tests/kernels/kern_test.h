@@ -651,6 +651,59 @@ run_matmul_swiglu(kern_backend_t *be, bool fused, const mm_weight_t *w, uint32_t
     take_weights(be, 2, w, t);
 }
 
+/* kern_rope over x ([n_rows][proto->n_heads][head_dim]) and x2 (n_heads2
+ * heads) on be in the ways the forward pass may ask: one call with x2, and
+ * under an epoch twice, another op's staging between (a device backend
+ * keeps an epoch's positions and must keep them apart from that); each
+ * must give the bits of two plain calls. */
+static inline void
+check_rope_fused(kern_backend_t *be, const kern_rope_args_t *proto, uint32_t n_heads2,
+                 const float *x, const float *x2, const char *what)
+{
+    static uint64_t epoch = (uint64_t)1 << 40; /* apart from any a model would use */
+    const size_t n1 = (size_t)proto->n_rows * proto->n_heads * proto->head_dim;
+    const size_t n2 = (size_t)proto->n_rows * n_heads2 * proto->head_dim;
+    float *want = malloc((n1 + n2) * sizeof(float)), *got = malloc((n1 + n2) * sizeof(float));
+    assert_true(want && got);
+    kern_rope_args_t a = *proto;
+    a.x2 = NULL, a.n_heads2 = 0, a.epoch = 0;
+    a.x = put(be, x, n1 * sizeof(float));
+    assert_int_equal(kern_rope(be, &a), 0);
+    take(be, want, a.x, n1 * sizeof(float), "rope x");
+    a.x = put(be, x2, n2 * sizeof(float));
+    a.n_heads = n_heads2;
+    assert_int_equal(kern_rope(be, &a), 0);
+    take(be, want + n1, a.x, n2 * sizeof(float), "rope x2");
+
+    epoch++;
+    const float table[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    kern_tensor_t t = {.type = KERN_F32, .n_cols = 4, .n_rows = 2, .row_bytes = 16};
+    t.data = put(be, table, sizeof table);
+    float *rows = put_out(be, 4 * 4);
+    const int32_t ids[4] = {1, 0, 1, 1};
+    for (int round = 0; round < 3; round++) {
+        a = *proto;
+        a.x = put(be, x, n1 * sizeof(float));
+        a.x2 = put(be, x2, n2 * sizeof(float));
+        a.n_heads2 = n_heads2;
+        a.epoch = round ? epoch : 0;
+        if (round == 2) /* stages its ids where a device backend stages */
+            assert_int_equal(kern_get_rows(be, &t, ids, 4, rows), 0);
+        assert_int_equal(kern_rope(be, &a), 0);
+        take(be, got, a.x, n1 * sizeof(float), "rope x");
+        take(be, got + n1, a.x2, n2 * sizeof(float), "rope x2");
+        if (memcmp(want, got, (n1 + n2) * sizeof(float)) != 0)
+            fail_msg("%s [%s]: rope with x2%s is not two calls", what, kern_backend_name(be),
+                     round == 0   ? ""
+                     : round == 1 ? " under an epoch"
+                                  : ", the epoch's again");
+    }
+    take(be, NULL, rows, 4 * 4 * sizeof(float), "get_rows out");
+    take(be, NULL, (void *)t.data, sizeof table, "get_rows table");
+    free(want);
+    free(got);
+}
+
 static inline void
 run_add(kern_backend_t *be, const float *x, const float *y, size_t n, float *out)
 {

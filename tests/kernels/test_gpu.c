@@ -451,6 +451,11 @@ test_rope(void **state)
                  cases[ci].head_dim, cases[ci].n_rot, cases[ci].factors ? " factors" : "",
                  cases[ci].max_pos);
         check(yr, yc, n, 1e-5, what);
+        /* Q's and K's heads in one call (8 K heads beside 32 Q heads, as
+         * Llama 3.1's layers ask), and an epoch's positions kept. */
+        float *x2 = rand_floats((size_t)cases[ci].n_rows * 8 * cases[ci].head_dim, -2.0f, 2.0f);
+        check_rope_fused(g_cuda, &a, 8, x, x2, what);
+        free(x2);
         free(x);
         free(ff);
         free(pos);

@@ -649,22 +649,29 @@ typedef struct rope_case {
     bool neox;
 } rope_case_t;
 
+/* rc's arguments, x to be set. */
+static kern_rope_args_t
+rope_args(const rope_case_t *rc, const int32_t *pos, const float *ff)
+{
+    return (kern_rope_args_t){.n_rows = rc->n_rows,
+                              .n_heads = rc->n_heads,
+                              .head_dim = rc->head_dim,
+                              .n_rot = rc->n_rot,
+                              .pos = pos,
+                              .freq_base = rc->freq_base,
+                              .freq_scale = rc->freq_scale,
+                              .freq_factors = rc->factors ? ff : NULL,
+                              .neox = rc->neox};
+}
+
 static void
 run_rope(kern_backend_t *be, const rope_case_t *rc, const float *x, const int32_t *pos,
          const float *ff, float *y)
 {
     size_t n = (size_t)rc->n_rows * rc->n_heads * rc->head_dim;
     float *xd = put(be, x, n * sizeof(float));
-    kern_rope_args_t a = {.x = xd,
-                          .n_rows = rc->n_rows,
-                          .n_heads = rc->n_heads,
-                          .head_dim = rc->head_dim,
-                          .n_rot = rc->n_rot,
-                          .pos = pos,
-                          .freq_base = rc->freq_base,
-                          .freq_scale = rc->freq_scale,
-                          .freq_factors = rc->factors ? ff : NULL,
-                          .neox = rc->neox};
+    kern_rope_args_t a = rope_args(rc, pos, ff);
+    a.x = xd;
     assert_int_equal(kern_rope(be, &a), 0);
     take(be, y, xd, n * sizeof(float), "rope x");
 }
@@ -708,6 +715,24 @@ test_rope(void **state)
             run_rope(g_be[i].be, rc, x, pos, ff, yb);
             check_close(yr, yb, n, 2e-6, what, g_be[i].label);
         }
+        /* With a second tensor (K beside Q: a quarter of the heads, at
+         * least one), under epochs too, on every backend and ref. */
+        kern_rope_args_t a = rope_args(rc, pos, ff);
+        uint32_t h2 = rc->n_heads / 4 ? rc->n_heads / 4 : 1;
+        float *x2 = rand_floats((size_t)rc->n_rows * h2 * rc->head_dim, -2.0f, 2.0f);
+        check_rope_fused(g_ref, &a, h2, x, x2, what);
+        for (int i = 0; i < g_n_be; i++)
+            check_rope_fused(g_be[i].be, &a, h2, x, x2, what);
+        /* x2 and n_heads2 go together, and x2 must not overlap x. */
+        a.x = x;
+        a.x2 = x2;
+        assert_int_equal(kern_rope(g_ref, &a), KVS_EINVAL);
+        a.n_heads2 = h2;
+        a.x2 = x + 1;
+        assert_int_equal(kern_rope(g_ref, &a), KVS_EINVAL);
+        a.x2 = NULL;
+        assert_int_equal(kern_rope(g_ref, &a), KVS_EINVAL);
+        free(x2);
         free(x);
         free(ff);
         free(pos);
