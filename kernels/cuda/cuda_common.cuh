@@ -279,9 +279,10 @@ void kern__cuda_forget_addresses(kern_cuda_t *be);
 int kern__cuda_kv_seal(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, const int32_t *dst,
                        uint32_t n);
 /* Sizes its mirrors for calls of up to `blocks` pairs of kv's blocks
- * (kern_reserve); *bytes: the mirror's size. */
-int kern__cuda_kv_seal_reserve(kern_cuda_t *be, const kern_kv_t *kv, uint32_t blocks,
-                               size_t *bytes);
+ * (kern_reserve); *bytes: the mirror's size, *stage: what such a call
+ * stages (the staging is the caller's to size). */
+int kern__cuda_kv_seal_reserve(kern_cuda_t *be, const kern_kv_t *kv, uint32_t blocks, size_t *bytes,
+                               size_t *stage);
 /* What the ops above can ask of the workspaces and staging at most, for
  * the shapes of r (kern_reserve). */
 void kern__cuda_matmul_reserve(const kern_reserve_t *r, size_t *x_bytes, size_t *w_bytes);

@@ -130,6 +130,13 @@ seal_room(kern_cuda_t *be, const kern_kv_t *kv, size_t total)
     return 0;
 }
 
+/* The staged segment lists of a batch of m pairs (seal_batch). */
+static size_t
+seal_stage_bytes(const kern_kv_t *kv, uint32_t m)
+{
+    return 2 * ((size_t)kv->n_layers * m * 2) * sizeof(seal_seg_t);
+}
+
 /* Pairs a batch takes: as many as fit the mirror's bound. */
 static uint32_t
 seal_per_batch(const kern_kv_t *kv)
@@ -155,7 +162,7 @@ seal_batch(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, const int32
 
     /* Both segment lists in one staged buffer: L * m * 2 runs each way. */
     const size_t n_seg = (size_t)L * m * 2;
-    const size_t bytes = 2 * n_seg * sizeof(seal_seg_t);
+    const size_t bytes = seal_stage_bytes(kv, m);
     void *h, *d;
     if ((rc = kern__cuda_stage_begin(be, bytes, &h)) != 0)
         return rc;
@@ -231,14 +238,16 @@ kern__cuda_kv_seal(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, con
 }
 
 int
-kern__cuda_kv_seal_reserve(kern_cuda_t *be, const kern_kv_t *kv, uint32_t blocks, size_t *bytes)
+kern__cuda_kv_seal_reserve(kern_cuda_t *be, const kern_kv_t *kv, uint32_t blocks, size_t *bytes,
+                           size_t *stage)
 {
-    const uint32_t per = seal_per_batch(kv);
-    const size_t total = seal_layout(kv, blocks < per ? blocks : per).total;
+    const uint32_t per = seal_per_batch(kv), m = blocks < per ? blocks : per;
+    const size_t total = seal_layout(kv, m).total;
     void *mirror;
     int rc = seal_room(be, kv, total);
     if (rc == 0)
         rc = kern__cuda_workspace(be, KERN_CUDA_WS_SEAL, total, &mirror);
     *bytes = rc == 0 ? total : 0;
+    *stage = seal_stage_bytes(kv, m);
     return rc;
 }

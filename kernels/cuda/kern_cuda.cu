@@ -1228,8 +1228,19 @@ cuda_reserve_body(kern_cuda_t *be, const kern_reserve_t *r)
     size_t rope = (size_t)r->head_dim / 2 * sizeof(double) + rows;
     if (stage < rope)
         stage = rope;
-    void *p;
+    /* kv_seal's mirrors, and its segment lists, which it stages */
     int rc = 0;
+    size_t seal = 0;
+    for (int i = 0; i < 2 && rc == 0; i++) {
+        size_t b = 0, st = 0;
+        if (r->seal_kv[i])
+            rc = kern__cuda_kv_seal_reserve(be, r->seal_kv[i], r->seal_blocks, &b, &st);
+        seal = b > seal ? b : seal;
+        stage = st > stage ? st : stage;
+    }
+    if (rc)
+        return rc;
+    void *p;
     if ((rc = kern__cuda_workspace(be, KERN_CUDA_WS_MATMUL_X, x, &p)) != 0 ||
         (rc = kern__cuda_workspace(be, KERN_CUDA_WS_MATMUL_W, w, &p)) != 0 ||
         (rc = kern__cuda_workspace(be, KERN_CUDA_WS_ATTN, attn, &p)) != 0 ||
@@ -1239,13 +1250,6 @@ cuda_reserve_body(kern_cuda_t *be, const kern_reserve_t *r)
         (rc = kern__cuda_workspace(be, KERN_CUDA_WS_ROPE, rope, &p)) != 0 ||
         (rc = stage_dev_reserve(be, stage)) != 0)
         return rc;
-    size_t seal = 0;
-    for (int i = 0; i < 2 && rc == 0; i++) {
-        size_t b = 0;
-        if (r->seal_kv[i])
-            rc = kern__cuda_kv_seal_reserve(be, r->seal_kv[i], r->seal_blocks, &b);
-        seal = b > seal ? b : seal;
-    }
     for (unsigned i = 0; i < KERN_CUDA_PIN_SLOTS && rc == 0; i++)
         rc = pin_reserve(be, &be->pin[i], stage);
     be->reserved = rc == 0;
