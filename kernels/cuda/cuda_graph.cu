@@ -137,6 +137,21 @@ graph_slot(kern_cuda_t *be, uint64_t key)
     return best;
 }
 
+/* From now on the key's steps run without a graph. */
+static void
+graph_give_up(kern_cuda_t *be, uint64_t key, int why)
+{
+    kern_cuda_graph_t *g = graph_find(be, key);
+    if (g == NULL)
+        g = graph_slot(be, key);
+    graph_drop(g);
+    g->key = key;
+    g->used = ++be->graph_clock;
+    g->broken = true;
+    KVS_WARNF("cuda: step %016llx could not be recorded as a graph (%s); it runs without one",
+              (unsigned long long)key, kvs_strerror(why));
+}
+
 /* Makes the device twin at least `bytes`; recorded graphs read the old
  * one's addresses, so they go. */
 static int
@@ -204,16 +219,25 @@ kern__cuda_graph_run(kern_cuda_t *be, uint64_t key, kern_graph_fn fn, void *arg)
     be->arena_layout = 0;
     int rc = fn(arg);
     be->mode = KERN_CUDA_EAGER;
-    /* Room the pass could not get (the pinned arena could not grow) does
-     * not stop the step itself, which stages through its own slots. */
-    if (rc == KVS_ENOMEM || rc == KVS_ENOTSUP)
+    /* Room the pass could not get does not stop the step itself, which
+     * stages through its own slots: a workspace that must grow (the step
+     * grows it), or an arena that could not (memory stays short a while:
+     * the key gives up its graph rather than try at every step). */
+    if (rc == KVS_ENOMEM || rc == KVS_ENOTSUP) {
+        if (rc == KVS_ENOMEM)
+            graph_give_up(be, key, rc);
         return fn(arg);
+    }
     if (rc)
         return rc;
     const size_t staged = be->arena_used;
     const uint64_t layout = be->arena_layout;
-    if ((rc = arena_dev_reserve(be, staged)) != 0)
-        return rc == KVS_ENOMEM ? fn(arg) : rc;
+    if ((rc = arena_dev_reserve(be, staged)) != 0) {
+        if (rc != KVS_ENOMEM)
+            return rc;
+        graph_give_up(be, key, rc);
+        return fn(arg);
+    }
     g = graph_find(be, key); /* growing the twin may have dropped it */
     if (g && g->exec && g->layout != layout) {
         /* The arrays moved (a caller whose staging changed under one
@@ -229,10 +253,7 @@ kern__cuda_graph_run(kern_cuda_t *be, uint64_t key, kern_graph_fn fn, void *arg)
         if (be->base.failed)
             return KVS_EDEVICE;
         if (rc) {
-            g->broken = true;
-            KVS_WARNF("cuda: step %016llx could not be recorded as a graph (%s); it runs "
-                      "without one",
-                      (unsigned long long)key, kvs_strerror(rc));
+            graph_give_up(be, key, rc);
             return fn(arg);
         }
     }
