@@ -48,8 +48,9 @@ wg_probe_kernel(int *out)
  * made yet). */
 typedef enum wg_verdict {
     WG_AGREES,
-    WG_DIFFERS, /* or could not run: a wrong answer, a launch refused */
+    WG_DIFFERS, /* a wrong answer, or its launch refused */
     WG_FAULTED, /* the kernel faulted: the device's context is lost */
+    WG_UNRUN,   /* no room to run the check: ask again next time */
 } wg_verdict_t;
 
 static wg_verdict_t
@@ -67,6 +68,7 @@ wg_agrees(kern_cuda_t *be, int tc, uint32_t d)
     unsigned char *h = (unsigned char *)calloc(1, total), *dev = NULL;
     float *out_a = (float *)malloc(nq * 4), *out_b = (float *)malloc(nq * 4);
     bool ok = h && out_a && out_b && cudaMalloc((void **)&dev, total) == cudaSuccess;
+    bool ran = ok; /* false: the check could not run (memory), which says nothing of the kernel */
     uint32_t n_tiles[2] = {0, 0};
     if (ok) {
         uint64_t x = 0x9e3779b97f4a7c15ull;
@@ -100,7 +102,7 @@ wg_agrees(kern_cuda_t *be, int tc, uint32_t d)
         }
         for (int b = 0; b < NB; b++)
             blocks[b] = (b * 7 + 3) % NB; /* 7 is prime to 32: a permutation */
-        ok = cudaMemcpy(dev, h, total, cudaMemcpyHostToDevice) == cudaSuccess;
+        ok = ran = cudaMemcpy(dev, h, total, cudaMemcpyHostToDevice) == cudaSuccess;
     }
     float worst = 0.0f;
     for (int pat = 0; ok && pat < 2; pat++) {
@@ -125,7 +127,7 @@ wg_agrees(kern_cuda_t *be, int tc, uint32_t d)
         p.tiles = iv;
         p.n_tiles = n_tiles[0];
         p.out = (float *)(dev + o_a);
-        ok = kern__cuda_attention_tc(be, &p) == 0; /* mma.sync */
+        ok = ran = kern__cuda_attention_tc(be, &p) == 0; /* mma.sync */
         p.tiles = iv + 6;
         p.n_tiles = n_tiles[1];
         p.out = (float *)(dev + o_b);
@@ -163,7 +165,7 @@ wg_agrees(kern_cuda_t *be, int tc, uint32_t d)
     free(out_a);
     free(out_b);
     (void)cudaGetLastError();
-    return faulted ? WG_FAULTED : ok ? WG_AGREES : WG_DIFFERS;
+    return faulted ? WG_FAULTED : ok ? WG_AGREES : ran ? WG_DIFFERS : WG_UNRUN;
 }
 
 /* What this process learned of each device: whether a backend has probed
@@ -174,6 +176,8 @@ wg_agrees(kern_cuda_t *be, int tc, uint32_t d)
  * before anything of the process lives there and may reset; a later one
  * reuses the verdicts and, for an instance not checked yet, may not. */
 #define WG_DEVICES 64
+/* Held while a backend starts (kern__cuda_start_lock): the probe, and any
+ * reset, sees no other backend half made. */
 static pthread_mutex_t wg_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct {
     bool probed;
@@ -190,6 +194,8 @@ wg_passes(kern_cuda_t *be, int tc, bool may_reset)
     wg_verdict_t r = wg_agrees(be, tc, 64);
     if (r == WG_AGREES)
         r = wg_agrees(be, tc, 128);
+    if (r == WG_UNRUN)
+        return false; /* not this backend's, but not decided for the next */
     *v = r == WG_AGREES ? 1 : -1;
     if (r == WG_FAULTED && may_reset) {
         KVS_WARNF("cuda: resetting device %d after the fault (nothing of this process was "
@@ -254,13 +260,19 @@ wg_probe(kern_cuda_t *be)
     return KERN_CUDA_TC_MMA;
 }
 
+void
+kern__cuda_start_lock(bool lock)
+{
+    if (lock)
+        pthread_mutex_lock(&wg_lock);
+    else
+        pthread_mutex_unlock(&wg_lock);
+}
+
 int
 kern__cuda_attention_wg_probe(kern_cuda_t *be)
 {
     if (be->device < 0 || be->device >= WG_DEVICES)
         return KERN_CUDA_TC_MMA; /* nowhere to keep verdicts: no check */
-    pthread_mutex_lock(&wg_lock);
-    int tc = wg_probe(be);
-    pthread_mutex_unlock(&wg_lock);
-    return tc;
+    return wg_probe(be);
 }

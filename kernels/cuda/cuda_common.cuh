@@ -359,8 +359,11 @@ int kern__cuda_attention_wg(kern_cuda_t *be, int tc, const kern_cuda_attn_tc_t *
 /* The prefill kernel for this device: a wgmma one on compute capability
  * 9.0 when its sm_90a code loaded and it matches mma.sync on a known
  * problem, else KERN_CUDA_TC_MMA.  KVS_CUDA_ATTN=mma|wgmma64|wgmma128 asks
- * for one (the default is wgmma128). */
+ * for one (the default is wgmma128).  With the start lock held. */
 int kern__cuda_attention_wg_probe(kern_cuda_t *be);
+/* Takes (true) or drops the lock a backend's start runs under
+ * (kern__cuda_new), so that the probe's device reset meets no other start. */
+void kern__cuda_start_lock(bool lock);
 
 /* ------------------------------------------------------------------------ */
 /* Device helpers.                                                          */

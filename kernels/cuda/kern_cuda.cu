@@ -1339,7 +1339,9 @@ kern__cuda_new(const kern_backend_cfg_t *cfg, kern_backend_t **out)
         return KVS_ENOMEM;
     be->base.ops = &cuda_ops;
     be->device = cfg->device;
+    kern__cuda_start_lock(true);
     int rc = cuda_init(be);
+    kern__cuda_start_lock(false);
     if (rc) {
         cuda_destroy(&be->base);
         return rc;
