@@ -547,9 +547,9 @@ kern__cuda_matmul_set(kern_cuda_t *be, uint32_t count, const kern_tensor_t *cons
             continue;
         }
         /* One launch for this weight and every later one of its type. */
-        const kern_tensor_t *gw[KERN_MATMUL_SET_MAX];
-        const float *gb[KERN_MATMUL_SET_MAX];
-        float *gy[KERN_MATMUL_SET_MAX];
+        const kern_tensor_t *gw[KERN_MATMUL_SET_MAX] = {NULL};
+        const float *gb[KERN_MATMUL_SET_MAX] = {NULL};
+        float *gy[KERN_MATMUL_SET_MAX] = {NULL};
         uint32_t g = 0;
         for (uint32_t j = i; j < count; j++) {
             if (!done[j] && w[j]->type == w[i]->type) {
