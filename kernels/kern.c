@@ -268,15 +268,23 @@ kern_get_rows(kern_backend_t *be, const kern_tensor_t *w, const int32_t *ids, ui
     return n ? be->ops->get_rows(be, w, ids, n, out) : 0;
 }
 
+/* A weight every product takes: 0, KVS_EINVAL or KVS_ENOTSUP. */
+static int
+weight_check(kern_backend_t *be, const kern_tensor_t *w)
+{
+    if (!tensor_ok(w) || !layout_ok(be, w))
+        return KVS_EINVAL;
+    return be->ops->supports(be, KERN_OP_MATMUL, w->type) ? 0 : KVS_ENOTSUP;
+}
+
 int
 kern_matmul(kern_backend_t *be, const kern_tensor_t *w, const float *x, uint32_t n,
             const float *bias, float *y)
 {
-    if (!tensor_ok(w) || !layout_ok(be, w) || (n && (!x || !y)))
+    if (n && (!x || !y))
         return KVS_EINVAL;
-    if (!be->ops->supports(be, KERN_OP_MATMUL, w->type))
-        return KVS_ENOTSUP;
-    return n ? be->ops->matmul(be, w, x, n, bias, y) : 0;
+    int rc = weight_check(be, w);
+    return rc || n == 0 ? rc : be->ops->matmul(be, w, x, n, bias, y);
 }
 
 /* [a, a + an) and [b, b + bn) share a byte. */
@@ -306,9 +314,11 @@ kern_matmul_set(kern_backend_t *be, uint32_t count, const kern_tensor_t *const *
             if (spans_overlap(y[i], yi, y[j], (size_t)n * w[j]->n_rows * sizeof(float)))
                 return KVS_EINVAL;
     }
-    for (uint32_t i = 0; i < count; i++)
-        if (!be->ops->supports(be, KERN_OP_MATMUL, w[i]->type))
-            return KVS_ENOTSUP;
+    for (uint32_t i = 0; i < count; i++) {
+        int rc = weight_check(be, w[i]);
+        if (rc)
+            return rc;
+    }
     if (n == 0)
         return 0;
     const float *none[KERN_MATMUL_SET_MAX] = {NULL};
@@ -336,13 +346,20 @@ kern_matmul_swiglu(kern_backend_t *be, const kern_tensor_t *gate, const kern_ten
     if (spans_overlap(y, yb, x, xb) || spans_overlap(tmp, yb, x, xb) ||
         spans_overlap(y, yb, tmp, yb))
         return KVS_EINVAL;
-    if (!be->ops->supports(be, KERN_OP_MATMUL, gate->type) ||
-        !be->ops->supports(be, KERN_OP_MATMUL, up->type))
-        return KVS_ENOTSUP;
-    if (n == 0)
-        return 0;
+    int rc = weight_check(be, gate);
+    if (rc == 0)
+        rc = weight_check(be, up);
+    if (rc || n == 0)
+        return rc;
     if (be->ops->matmul_swiglu)
         return be->ops->matmul_swiglu(be, gate, up, x, n, tmp, y);
+    return kern__matmul_swiglu_apart(be, gate, up, x, n, tmp, y);
+}
+
+int
+kern__matmul_swiglu_apart(kern_backend_t *be, const kern_tensor_t *gate, const kern_tensor_t *up,
+                          const float *x, uint32_t n, float *tmp, float *y)
+{
     int rc = be->ops->matmul(be, gate, x, n, NULL, y);
     if (rc == 0)
         rc = be->ops->matmul(be, up, x, n, NULL, tmp);

@@ -41,8 +41,8 @@ typedef struct kern_ops {
      * bias an array (entries may be NULL). */
     int (*matmul_set)(kern_backend_t *be, uint32_t count, const kern_tensor_t *const *w,
                       const float *x, uint32_t n, const float *const *bias, float *const *y);
-    /* Optional (NULL: kern.c calls matmul twice, then swiglu); both
-     * weights checked, same shape, n > 0. */
+    /* Optional (NULL: kern__matmul_swiglu_apart); both weights checked,
+     * same shape, n > 0. */
     int (*matmul_swiglu)(kern_backend_t *be, const kern_tensor_t *gate, const kern_tensor_t *up,
                          const float *x, uint32_t n, float *tmp, float *y);
     int (*rmsnorm)(kern_backend_t *be, const float *x, const float *w, uint32_t n, uint32_t d,
@@ -89,6 +89,12 @@ struct kern_backend {
 int kern__ref_new(const kern_backend_cfg_t *cfg, kern_backend_t **out);
 int kern__cpu_new(const kern_backend_cfg_t *cfg, kern_backend_t **out);
 int kern__cuda_new(const kern_backend_cfg_t *cfg, kern_backend_t **out);
+
+/* kern_matmul_swiglu as its separate ops (gate into y, up into tmp, then
+ * swiglu): kern.c's fallback, and a backend's for calls it does not fuse. */
+int kern__matmul_swiglu_apart(kern_backend_t *be, const kern_tensor_t *gate,
+                              const kern_tensor_t *up, const float *x, uint32_t n, float *tmp,
+                              float *y);
 
 /* The weight and KV types every backend computes with: weights F32, F16,
  * BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K; KV F32, F16 (kern_types.c). */

@@ -61,8 +61,8 @@ extern "C" {
  * tables) are copied into one slot and sent with an async copy; a slot is
  * reused only after the event recorded behind its copy has fired, so the
  * host can run this many staging ops ahead of the device.  A decoder layer
- * stages four times (rope q, rope k, kv_append, attention): 16 slots keep
- * the host about four layers ahead. */
+ * stages twice (kv_append, attention; rope once a step): 16 slots keep the
+ * host about eight layers ahead. */
 #define KERN_CUDA_PIN_SLOTS 16
 
 typedef struct kern_cuda_pin {

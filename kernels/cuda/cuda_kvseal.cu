@@ -97,11 +97,14 @@ mirror_run(const seal_layout_t *o, uint32_t m, uint32_t layer, uint32_t i, bool 
     return v ? o->qv + at * o->vrun : o->qk + at * o->krun;
 }
 
-/* The host side of a batch whose mirror takes `total` bytes: the pinned
- * mirror and the codec's scratch row. */
+/* Room for a batch whose mirror takes `total` bytes: the device mirror
+ * (in *mirror), the pinned one and the codec's scratch row. */
 static int
-seal_room(kern_cuda_t *be, const kern_kv_t *kv, size_t total)
+seal_room(kern_cuda_t *be, const kern_kv_t *kv, size_t total, void **mirror)
 {
+    int rc = kern__cuda_workspace(be, KERN_CUDA_WS_SEAL, total, mirror);
+    if (rc)
+        return rc;
     if (total > be->seal_host_bytes) {
         KERN_CUDA_TRY(cudaStreamSynchronize(be->stream)); /* the last batch's copy out of it */
         void *old = be->seal_host;
@@ -154,9 +157,7 @@ seal_batch(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, const int32
     const seal_layout_t o = seal_layout(kv, m);
     const uint32_t L = kv->n_layers;
     void *mirror;
-    int rc = seal_room(be, kv, o.total);
-    if (rc == 0)
-        rc = kern__cuda_workspace(be, KERN_CUDA_WS_SEAL, o.total, &mirror);
+    int rc = seal_room(be, kv, o.total, &mirror);
     if (rc)
         return rc;
 
@@ -244,9 +245,7 @@ kern__cuda_kv_seal_reserve(kern_cuda_t *be, const kern_kv_t *kv, uint32_t blocks
     const uint32_t per = seal_per_batch(kv), m = blocks < per ? blocks : per;
     const size_t total = seal_layout(kv, m).total;
     void *mirror;
-    int rc = seal_room(be, kv, total);
-    if (rc == 0)
-        rc = kern__cuda_workspace(be, KERN_CUDA_WS_SEAL, total, &mirror);
+    int rc = seal_room(be, kv, total, &mirror);
     *bytes = rc == 0 ? total : 0;
     *stage = seal_stage_bytes(kv, m);
     return rc;

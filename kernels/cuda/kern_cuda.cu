@@ -1026,6 +1026,7 @@ cuda_matmul(kern_backend_t *base, const kern_tensor_t *w, const float *x, uint32
     return cuda_leave(be, rc ? rc : kern__cuda_matmul(be, w, x, n, bias, y));
 }
 
+/* kern.c checked the weights (as cuda_matmul's alignment check does). */
 static int
 cuda_matmul_set(kern_backend_t *base, uint32_t count, const kern_tensor_t *const *w, const float *x,
                 uint32_t n, const float *const *bias, float *const *y)
@@ -1034,43 +1035,21 @@ cuda_matmul_set(kern_backend_t *base, uint32_t count, const kern_tensor_t *const
     if (be->mode == KERN_CUDA_DRY)
         return 0; /* stages nothing */
     int rc = cuda_enter(be);
-    for (uint32_t i = 0; rc == 0 && i < count; i++) {
-        if (!cuda_tensor_aligned(w[i])) {
-            KVS_ERRORF("cuda: matmul: weight rows are not aligned for %s",
-                       kern_type_traits(w[i]->type)->name);
-            return KVS_EINVAL;
-        }
-    }
     return cuda_leave(be, rc ? rc : kern__cuda_matmul_set(be, count, w, x, n, bias, y));
 }
 
-/* The GEMV fuses both products and SwiGLU; larger n runs them apart. */
-static int
-cuda_matmul_swiglu_body(kern_cuda_t *be, const kern_tensor_t *gate, const kern_tensor_t *up,
-                        const float *x, uint32_t n, float *tmp, float *y)
-{
-    if (!cuda_tensor_aligned(gate) || !cuda_tensor_aligned(up)) {
-        KVS_ERRORF("cuda: matmul: weight rows are not aligned for %s",
-                   kern_type_traits(gate->type)->name);
-        return KVS_EINVAL;
-    }
-    if (kern__cuda_matmul_fuses(gate, up, n))
-        return kern__cuda_matmul_glu(be, gate, up, x, n, y);
-    int rc = kern__cuda_matmul(be, gate, x, n, NULL, y);
-    if (rc == 0)
-        rc = kern__cuda_matmul(be, up, x, n, NULL, tmp);
-    return rc ? rc : cuda_swiglu_body(be, y, tmp, (size_t)n * gate->n_rows, y);
-}
-
+/* The GEMV fuses both products and SwiGLU; other calls run them apart. */
 static int
 cuda_matmul_swiglu(kern_backend_t *base, const kern_tensor_t *gate, const kern_tensor_t *up,
                    const float *x, uint32_t n, float *tmp, float *y)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
+    if (!kern__cuda_matmul_fuses(gate, up, n))
+        return kern__matmul_swiglu_apart(base, gate, up, x, n, tmp, y);
     if (be->mode == KERN_CUDA_DRY)
         return 0; /* stages nothing */
     int rc = cuda_enter(be);
-    return cuda_leave(be, rc ? rc : cuda_matmul_swiglu_body(be, gate, up, x, n, tmp, y));
+    return cuda_leave(be, rc ? rc : kern__cuda_matmul_glu(be, gate, up, x, n, y));
 }
 
 static int
