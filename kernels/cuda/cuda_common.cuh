@@ -408,13 +408,20 @@ kern__cuda_kv_store(__half *dst, float v)
     *dst = __float2half_rn(v);
 }
 
+/* v within f16's finite range, so that rounding it to f16 stays finite. */
+static __device__ __forceinline__ float
+kern__cuda_f16_clamp(float v)
+{
+    return fminf(fmaxf(v, -65504.0f), 65504.0f);
+}
+
 /* A value a codec decoded, as f16: a codec may decode just past f16's
  * largest (65504 rounds up in every codec's grid), which must stay finite,
  * as the host's store_hot_row keeps it. */
 static __device__ __forceinline__ __half
 kern__cuda_f16_sat(float v)
 {
-    return __float2half_rn(fminf(fmaxf(v, -65504.0f), 65504.0f));
+    return __float2half_rn(kern__cuda_f16_clamp(v));
 }
 
 /* A decoded value back into full-precision storage. */

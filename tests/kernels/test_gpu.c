@@ -9,7 +9,8 @@
  * (from full-precision and from sealed blocks of every codec),
  * block-sparse's Quest bounds and scores, attention mass (SnapKV, H2O,
  * speculative prefill), Delta's correction, and paged
- * attention for prefill chunks, mixed batches, quantized KV blocks and
+ * attention for prefill chunks, mixed batches, queries past f16's range,
+ * quantized KV blocks and
  * split-KV decode at 40K and 64K tokens; then CUDA graphs (a decode step
  * replayed, kv_copy's plan changing under one key).  ctest: gpu_kernels,
  * label "gpu".
@@ -1056,6 +1057,61 @@ test_attention(void **state)
     }
 }
 
+/* Queries far past f16's range (|q| = 1e6, so q * scale * log2(e) is
+ * about 1.1e5 at head_dim 128), which the tensor-core kernel rounds to
+ * f16: each row's q has the signs of one key's K, so that key's score
+ * leads every other by far and both backends give its V, unless q became
+ * inf on the way (the scores then NaN). */
+static void
+test_attention_large_q(void **state)
+{
+    (void)state;
+    seed_test(12);
+    static const attn_case_t c = {"f16 bt16 d128 32/8 prefill 48 rows at 700, |q| 1e6",
+                                  KERN_F16,
+                                  16,
+                                  128,
+                                  32,
+                                  8,
+                                  1,
+                                  {700},
+                                  {48},
+                                  0};
+    attn_data_t d;
+    attn_build(&c, &d);
+    const uint32_t D = c.head_dim, group = c.n_heads / c.n_kv_heads;
+    for (uint32_t r = 0; r < d.n_q; r++) {
+        uint32_t key = (r * 37u) % (uint32_t)d.kv_len[r]; /* one the row sees */
+        for (uint32_t h = 0; h < c.n_heads; h++) {
+            const float *k = d.k_tok + ((size_t)key * c.n_kv_heads + h / group) * D;
+            float *q = d.q + ((size_t)r * c.n_heads + h) * D;
+            for (uint32_t e = 0; e < D; e++)
+                q[e] = k[e] < 0.0f ? -1e6f : 1e6f;
+        }
+    }
+    size_t qn = (size_t)d.n_q * c.n_heads * D;
+    float *yr = malloc(qn * sizeof(float)), *y1 = malloc(qn * sizeof(float));
+    assert_true(yr && y1);
+    run_attn(g_ref, &d, yr, NULL);
+    run_attn(g_cuda, &d, y1, NULL);
+    /* The case is what it claims: the reference gives each row the chosen
+     * key's V (as stored, in f16). */
+    float *ye = malloc(qn * sizeof(float));
+    assert_non_null(ye);
+    for (uint32_t r = 0; r < d.n_q; r++) {
+        uint32_t key = (r * 37u) % (uint32_t)d.kv_len[r];
+        for (uint32_t h = 0; h < c.n_heads; h++)
+            memcpy(ye + ((size_t)r * c.n_heads + h) * D,
+                   d.v_tok + ((size_t)key * c.n_kv_heads + h / group) * D, D * sizeof(float));
+    }
+    check_close(ye, yr, qn, 1e-3, "attention, |q| past f16: one key's V", "ref");
+    check(yr, y1, qn, 5e-3, "attention, |q| past f16");
+    free(ye);
+    free(yr);
+    free(y1);
+    attn_free(&d);
+}
+
 /* Attention over a pool with a codec at long context: one sequence of 32K
  * tokens whose blocks are all sealed but the first and the last (split-KV
  * decode walks quantized blocks; a prefill chunk of 8 rows goes to the
@@ -1419,15 +1475,25 @@ main(void)
         return 1;
     }
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_get_rows),     cmocka_unit_test(test_matmul),
-        cmocka_unit_test(test_matmul_fused), cmocka_unit_test(test_rmsnorm),
-        cmocka_unit_test(test_add_rmsnorm),  cmocka_unit_test(test_rope),
-        cmocka_unit_test(test_elementwise),  cmocka_unit_test(test_delta_apply),
-        cmocka_unit_test(test_kv_append),    cmocka_unit_test(test_kv_copy),
-        cmocka_unit_test(test_kv_gather),    cmocka_unit_test(test_kv_gather_quantized),
-        cmocka_unit_test(test_block_scores), cmocka_unit_test(test_attn_mass),
-        cmocka_unit_test(test_attention),    cmocka_unit_test(test_attention_quantized),
-        cmocka_unit_test(test_graph_replay), cmocka_unit_test(test_graph_kv_copy),
+        cmocka_unit_test(test_get_rows),
+        cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_matmul_fused),
+        cmocka_unit_test(test_rmsnorm),
+        cmocka_unit_test(test_add_rmsnorm),
+        cmocka_unit_test(test_rope),
+        cmocka_unit_test(test_elementwise),
+        cmocka_unit_test(test_delta_apply),
+        cmocka_unit_test(test_kv_append),
+        cmocka_unit_test(test_kv_copy),
+        cmocka_unit_test(test_kv_gather),
+        cmocka_unit_test(test_kv_gather_quantized),
+        cmocka_unit_test(test_block_scores),
+        cmocka_unit_test(test_attn_mass),
+        cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_attention_large_q),
+        cmocka_unit_test(test_attention_quantized),
+        cmocka_unit_test(test_graph_replay),
+        cmocka_unit_test(test_graph_kv_copy),
     };
     /* KVS_TEST_FILTER=test_attention*: a subset (cmocka's pattern), as the
      * device check runs the prefill tests again on the mma.sync kernel. */
