@@ -172,9 +172,10 @@ wg_agrees(kern_cuda_t *be, int tc, uint32_t d)
  * it, and each wgmma instance's check (0 not run, 1 passed, -1 failed),
  * kept because a kernel that faults loses the device's context and only
  * a reset gets it back, which would take every other backend's memory on
- * the device too: the first backend on a device checks what it asks for
+ * the device too: the first backend on a device checks both instances
  * before anything of the process lives there and may reset; a later one
- * reuses the verdicts and, for an instance not checked yet, may not. */
+ * reuses the verdicts and, for an instance not checked yet (its check
+ * found no memory to run in), may not. */
 #define WG_DEVICES 64
 /* Held while a backend starts (kern__cuda_start_lock): the probe, and any
  * reset, sees no other backend half made. */
@@ -251,8 +252,17 @@ wg_probe(kern_cuda_t *be)
     if (!ok)
         return KERN_CUDA_TC_MMA;
     /* Hopper code that no test here can run checks itself before it
-     * serves anything.  Without a choice the other wgmma kernel stands in
-     * for one that fails; a kernel asked for by name has only mma.sync. */
+     * serves anything.  The first backend on the device checks both
+     * instances, while it alone may reset the device: a later backend
+     * that asks for the other (bench_gpu runs each) then finds a verdict
+     * and never runs an unchecked kernel where a fault would take the
+     * device from everyone.  Without a choice the other wgmma kernel
+     * stands in for one that fails; a kernel asked for by name has only
+     * mma.sync. */
+    if (may_reset) {
+        (void)wg_passes(be, KERN_CUDA_TC_WG128, true);
+        (void)wg_passes(be, KERN_CUDA_TC_WG64, true);
+    }
     const int order[2] = {first, named ? KERN_CUDA_TC_MMA : KERN_CUDA_TC_WG64};
     for (int i = 0; i < 2 && order[i] != KERN_CUDA_TC_MMA; i++)
         if (wg_passes(be, order[i], may_reset))
