@@ -5,8 +5,8 @@
 # test again on the mma.sync prefill kernel; test_kern_ops, test_attn_policy and
 # test_kv_quant, which add the cuda backend when there is one; the engine
 # on the tiny random model, cuda against cpu logits (f32 KV, q8_0 KV with
-# blocks sealed, f32 KV with CUDA graphs); then bench/bench_gpu.c, whose
-# tables come last.
+# blocks sealed, f32 KV with CUDA graphs, f16 KV with chunked prefill);
+# then bench/bench_gpu.c, whose tables come last.
 #
 #   bench/gpu/check.sh [OUT_DIR]        (default .gpu-out)
 #
@@ -204,8 +204,11 @@ PY
 engine() {
     LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" model random --shape tiny --dtype f16 --out "$SCRATCH/tiny.gguf" || return 1
     # f32 KV; q8_0 KV (blocks sealed as they fill); f32 KV with every decode
-    # step replayed from a CUDA graph after the first.
-    for v in "f32" "q8_0" "f32 --cuda-graphs"; do
+    # step replayed from a CUDA graph after the first; f16 KV with the
+    # prompt prefilled 7 tokens a step into blocks of 4 on cuda (the cpu
+    # reference takes it in one step, blocks of 16): chunks that attend to
+    # the cache before them on the tensor-core kernel.
+    for v in "f32" "q8_0" "f32 --cuda-graphs" "f16 --batch-size 7 --block-size 4"; do
         kvd=${v%% *}
         extra=${v#"$kvd"} # cuda's own flags; the cpu run is the reference
         for dev in cpu cuda; do
