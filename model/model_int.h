@@ -208,7 +208,7 @@ uint32_t model__byte_to_codepoint(uint32_t b);
 int model__tokenizer_init(model_t *m, char *err, size_t err_len);
 void model__tokenizer_free(model_t *m);
 
-/* snprintf into err when err != NULL. */
+/* snprintf into err when err != NULL, control characters as '?'. */
 void model__errf(char *err, size_t err_len, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 

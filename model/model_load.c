@@ -25,6 +25,12 @@ model__errf(char *err, size_t err_len, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(err, err_len, fmt, ap);
     va_end(ap);
+    /* Messages quote the file's own strings (a tokenizer's or an
+     * architecture's name), which may hold a newline or an escape
+     * sequence: a message stays one plain line in a log or a status. */
+    for (char *p = err; *p; p++)
+        if ((unsigned char)*p < 0x20 || *p == 0x7f)
+            *p = '?';
 }
 
 /* Reads "<arch>.<suffix>" as u32; absent -> def (or error when required). */
