@@ -16,13 +16,11 @@
 
 #include "base/kvs.h"
 #include "kernels/kern.h"
+#include "tests/fuzz/fuzz_util.h"
 
-#include <dirent.h>
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 static FILE *devnull;
 static volatile uint8_t sink;
@@ -30,20 +28,6 @@ static volatile uint8_t sink;
 /* ------------------------------------------------------------------------ */
 /* Seed corpus.                                                             */
 /* ------------------------------------------------------------------------ */
-
-static bool
-dir_is_empty(const char *path)
-{
-    DIR *d = opendir(path);
-    if (d == NULL)
-        return false;
-    bool empty = true;
-    struct dirent *e;
-    while (empty && (e = readdir(d)) != NULL)
-        empty = strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0;
-    closedir(d);
-    return empty;
-}
 
 /* Fills n bytes with a fixed pattern so seeds are identical on every run. */
 static int
@@ -71,45 +55,41 @@ write_seed(const char *path, int k)
     int rc = model_gguf_writer_new(&w);
     if (rc != 0)
         return rc;
-#define TRY(x)        \
-    do {              \
-        if (rc == 0)  \
-            rc = (x); \
-    } while (0)
     static const char *const toks[] = {"<s>", "</s>", "\xc4\x80", "!", "ab"};
     static const float scores[] = {0.0f, 0.0f, -1.0f, -2.0f, -3.5f};
     static const int32_t types[] = {3, 3, 6, 1, 1};
     size_t data = 0;
     if (k == 0) {
-        TRY(model_gguf_writer_set_str(w, "general.architecture", "llama"));
-        TRY(model_gguf_writer_set_u32(w, "llama.block_count", 1));
-        TRY(model_gguf_writer_set_f32(w, "llama.attention.layer_norm_rms_epsilon", 1e-5f));
-        TRY(model_gguf_writer_set_str(w, "tokenizer.ggml.model", "gpt2"));
-        TRY(model_gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", toks, NULL, 5));
-        TRY(model_gguf_writer_set_arr_f32(w, "tokenizer.ggml.scores", scores, 5));
-        TRY(model_gguf_writer_set_arr_i32(w, "tokenizer.ggml.token_type", types, 5));
-        TRY(model_gguf_writer_set_bool(w, "tokenizer.ggml.add_bos_token", true));
-        TRY(model_gguf_writer_add_tensor(w, "output_norm.weight", 1, (uint64_t[]){4}, KERN_F32));
-        TRY(model_gguf_writer_add_tensor(w, "token_embd.weight", 2, (uint64_t[]){4, 5}, KERN_F16));
+        FUZZ_TRY(model_gguf_writer_set_str(w, "general.architecture", "llama"));
+        FUZZ_TRY(model_gguf_writer_set_u32(w, "llama.block_count", 1));
+        FUZZ_TRY(model_gguf_writer_set_f32(w, "llama.attention.layer_norm_rms_epsilon", 1e-5f));
+        FUZZ_TRY(model_gguf_writer_set_str(w, "tokenizer.ggml.model", "gpt2"));
+        FUZZ_TRY(model_gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", toks, NULL, 5));
+        FUZZ_TRY(model_gguf_writer_set_arr_f32(w, "tokenizer.ggml.scores", scores, 5));
+        FUZZ_TRY(model_gguf_writer_set_arr_i32(w, "tokenizer.ggml.token_type", types, 5));
+        FUZZ_TRY(model_gguf_writer_set_bool(w, "tokenizer.ggml.add_bos_token", true));
+        FUZZ_TRY(
+            model_gguf_writer_add_tensor(w, "output_norm.weight", 1, (uint64_t[]){4}, KERN_F32));
+        FUZZ_TRY(
+            model_gguf_writer_add_tensor(w, "token_embd.weight", 2, (uint64_t[]){4, 5}, KERN_F16));
         data = 16 + 40;
     } else if (k == 1) {
-        TRY(model_gguf_writer_set_u32(w, "general.alignment", 64));
-        TRY(model_gguf_writer_set_u64(w, "k.u64", 1ull << 40));
-        TRY(model_gguf_writer_set_i32(w, "k.i32", -7));
-        TRY(model_gguf_writer_add_tensor(w, "w.q8", 2, (uint64_t[]){32, 2}, KERN_Q8_0));
-        TRY(model_gguf_writer_add_tensor(w, "w.i8", 3, (uint64_t[]){2, 2, 2}, KERN_I8));
-        TRY(model_gguf_writer_add_tensor(w, "w.bf16", 1, (uint64_t[]){3}, KERN_BF16));
+        FUZZ_TRY(model_gguf_writer_set_u32(w, "general.alignment", 64));
+        FUZZ_TRY(model_gguf_writer_set_u64(w, "k.u64", 1ull << 40));
+        FUZZ_TRY(model_gguf_writer_set_i32(w, "k.i32", -7));
+        FUZZ_TRY(model_gguf_writer_add_tensor(w, "w.q8", 2, (uint64_t[]){32, 2}, KERN_Q8_0));
+        FUZZ_TRY(model_gguf_writer_add_tensor(w, "w.i8", 3, (uint64_t[]){2, 2, 2}, KERN_I8));
+        FUZZ_TRY(model_gguf_writer_add_tensor(w, "w.bf16", 1, (uint64_t[]){3}, KERN_BF16));
         data = 68 + 8 + 6;
     } else {
-        TRY(model_gguf_writer_set_str(w, "general.name", "seed \"three\"\n"));
-        TRY(model_gguf_writer_set_arr_str(w, "tokenizer.ggml.merges", NULL, NULL, 0));
-        TRY(model_gguf_writer_set_arr_f32(w, "k.empty", NULL, 0));
-        TRY(model_gguf_writer_set_bool(w, "k.false", false));
+        FUZZ_TRY(model_gguf_writer_set_str(w, "general.name", "seed \"three\"\n"));
+        FUZZ_TRY(model_gguf_writer_set_arr_str(w, "tokenizer.ggml.merges", NULL, NULL, 0));
+        FUZZ_TRY(model_gguf_writer_set_arr_f32(w, "k.empty", NULL, 0));
+        FUZZ_TRY(model_gguf_writer_set_bool(w, "k.false", false));
     }
-    TRY(model_gguf_writer_begin(w, path));
-    TRY(write_pattern(w, data, (uint8_t)k));
-    TRY(model_gguf_writer_finish(w));
-#undef TRY
+    FUZZ_TRY(model_gguf_writer_begin(w, path));
+    FUZZ_TRY(write_pattern(w, data, (uint8_t)k));
+    FUZZ_TRY(model_gguf_writer_finish(w));
     model_gguf_writer_free(w);
     return rc;
 }
@@ -117,13 +97,8 @@ write_seed(const char *path, int k)
 static void
 seed_dir(const char *dir)
 {
-    struct stat st;
-    if (stat(dir, &st) != 0) {
-        if (errno != ENOENT || mkdir(dir, 0755) != 0)
-            return;
-    } else if (!S_ISDIR(st.st_mode) || !dir_is_empty(dir)) {
-        return; /* a single input to replay, or a corpus to keep */
-    }
+    if (!fuzz_wants_seeds(dir))
+        return;
     for (int k = 0; k < 3; k++) {
         char path[4096];
         snprintf(path, sizeof path, "%s/seed%d.gguf", dir, k);
@@ -137,13 +112,7 @@ int
 LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     devnull = fopen("/dev/null", "w");
-    for (int i = 1; i < *argc; i++) {
-        const char *a = (*argv)[i];
-        if (a[0] != '-') { /* libFuzzer flags all start with '-' */
-            seed_dir(a);
-            break;
-        }
-    }
+    seed_dir(fuzz_corpus_dir(*argc, *argv));
     return 0;
 }
 

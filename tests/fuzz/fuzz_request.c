@@ -9,12 +9,12 @@
  *
  *   ./build-fuzz/fuzz_request -max_total_time=60 corpus/
  *
- * When the first corpus directory is empty, LLVMFuzzerInitialize writes a
- * few valid encoded requests into it.
+ * When the first corpus directory is missing or empty,
+ * LLVMFuzzerInitialize writes a few valid encoded requests into it.
  */
 #include "serve/srv_req.h"
+#include "tests/fuzz/fuzz_util.h"
 
-#include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,15 +43,7 @@ write_seed(const char *dir, int k, const ProtobufCMessage *m)
 static void
 seed_corpus(const char *dir)
 {
-    DIR *d = opendir(dir);
-    if (d == NULL)
-        return;
-    int entries = 0;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL)
-        entries += e->d_name[0] != '.';
-    closedir(d);
-    if (entries)
+    if (!fuzz_wants_seeds(dir))
         return;
     uint32_t ids[] = {1, 72, 101, 108};
     char *stops[] = {"\n\n", "END"};
@@ -93,12 +85,7 @@ int
 LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     kvs_log_set_level(KVS_LOG_ERROR);
-    for (int i = 1; i < *argc; i++) {
-        if ((*argv)[i][0] != '-') {
-            seed_corpus((*argv)[i]);
-            break;
-        }
-    }
+    seed_corpus(fuzz_corpus_dir(*argc, *argv));
     const char *tmp = getenv("TMPDIR");
     char path[4096];
     snprintf(path, sizeof path, "%s/kvserve-fuzz-request-XXXXXX", tmp && *tmp ? tmp : "/tmp");

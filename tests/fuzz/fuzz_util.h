@@ -1,0 +1,56 @@
+/*
+ * tests/fuzz/fuzz_util.h — what the libFuzzer targets in tests/fuzz/ share:
+ * finding the corpus directory among libFuzzer's arguments and telling
+ * whether it still needs the seeds a target writes, so that CI needs no
+ * checked-in binary seeds.
+ */
+#ifndef KVS_FUZZ_UTIL_H
+#define KVS_FUZZ_UTIL_H
+
+#include <dirent.h>
+#include <errno.h>
+#include <stdbool.h>
+#include <sys/stat.h>
+
+/* The first corpus directory (libFuzzer's flags all start with '-'), or
+ * NULL. */
+static inline const char *
+fuzz_corpus_dir(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++)
+        if (argv[i][0] != '-')
+            return argv[i];
+    return NULL;
+}
+
+/* Whether dir should get seeds: it is missing (it is made) or an empty
+ * directory.  A corpus to keep, or a single input to replay, is not. */
+static inline bool
+fuzz_wants_seeds(const char *dir)
+{
+    struct stat st;
+    if (dir == NULL)
+        return false;
+    if (stat(dir, &st) != 0)
+        return errno == ENOENT && mkdir(dir, 0755) == 0;
+    if (!S_ISDIR(st.st_mode))
+        return false;
+    DIR *d = opendir(dir);
+    if (d == NULL)
+        return false;
+    bool empty = true;
+    struct dirent *e;
+    while (empty && (e = readdir(d)) != NULL)
+        empty = e->d_name[0] == '.';
+    closedir(d);
+    return empty;
+}
+
+/* Seeds are written by a run of calls: each runs while rc is 0. */
+#define FUZZ_TRY(x)   \
+    do {              \
+        if (rc == 0)  \
+            rc = (x); \
+    } while (0)
+
+#endif
