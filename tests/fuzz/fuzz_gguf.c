@@ -144,14 +144,6 @@ elem_bytes(model_gguf_type_t t)
     }
 }
 
-#define CHECK(x)                                                  \
-    do {                                                          \
-        if (!(x)) {                                               \
-            fprintf(stderr, "fuzz_gguf: check failed: %s\n", #x); \
-            abort();                                              \
-        }                                                         \
-    } while (0)
-
 static void
 touch(const void *p, size_t n)
 {
@@ -166,10 +158,10 @@ static void
 exercise_kv(const model_gguf_t *g, uint32_t i)
 {
     const char *key = model_gguf_kv_key(g, i);
-    CHECK(key != NULL);
-    CHECK(model_gguf_find_key(g, key) == (int64_t)i);
+    FUZZ_CHECK(key != NULL);
+    FUZZ_CHECK(model_gguf_find_key(g, key) == (int64_t)i);
     model_gguf_type_t type = model_gguf_kv_type(g, i);
-    CHECK((uint32_t)type <= MODEL_GGUF_FLOAT64);
+    FUZZ_CHECK((uint32_t)type <= MODEL_GGUF_FLOAT64);
 
     uint32_t u32;
     uint64_t u64;
@@ -181,31 +173,31 @@ exercise_kv(const model_gguf_t *g, uint32_t i)
     int rc64 = model_gguf_get_u64(g, key, &u64);
     int rci = model_gguf_get_i64(g, key, &i64);
     if (rc32 == 0)
-        CHECK(rc64 == 0 && u64 == u32 && rci == 0 && i64 == (int64_t)u32);
+        FUZZ_CHECK(rc64 == 0 && u64 == u32 && rci == 0 && i64 == (int64_t)u32);
     (void)model_gguf_get_f32(g, key, &f);
-    CHECK((model_gguf_get_bool(g, key, &b) == 0) == (type == MODEL_GGUF_BOOL));
+    FUZZ_CHECK((model_gguf_get_bool(g, key, &b) == 0) == (type == MODEL_GGUF_BOOL));
     if (model_gguf_get_str(g, key, &s) == 0) {
-        CHECK(type == MODEL_GGUF_STRING && s.ptr[s.len] == '\0');
+        FUZZ_CHECK(type == MODEL_GGUF_STRING && s.ptr[s.len] == '\0');
         touch(s.ptr, s.len);
     }
     model_gguf_type_t et;
     uint64_t count;
     if (model_gguf_get_arr(g, key, &et, &count) == 0) {
-        CHECK(type == MODEL_GGUF_ARRAY && et != MODEL_GGUF_ARRAY);
+        FUZZ_CHECK(type == MODEL_GGUF_ARRAY && et != MODEL_GGUF_ARRAY);
         const void *data;
         if (et == MODEL_GGUF_STRING) {
-            CHECK(model_gguf_arr_data(g, key, &data) == KVS_EFORMAT);
-            CHECK(model_gguf_arr_str(g, key, count, &s) == KVS_ERANGE);
+            FUZZ_CHECK(model_gguf_arr_data(g, key, &data) == KVS_EFORMAT);
+            FUZZ_CHECK(model_gguf_arr_str(g, key, count, &s) == KVS_ERANGE);
             for (uint64_t j = 0; j < count && j < 4; j++) {
-                CHECK(model_gguf_arr_str(g, key, j, &s) == 0 && s.ptr[s.len] == '\0');
+                FUZZ_CHECK(model_gguf_arr_str(g, key, j, &s) == 0 && s.ptr[s.len] == '\0');
                 touch(s.ptr, s.len);
             }
             if (count > 0) {
-                CHECK(model_gguf_arr_str(g, key, count - 1, &s) == 0 && s.ptr[s.len] == '\0');
+                FUZZ_CHECK(model_gguf_arr_str(g, key, count - 1, &s) == 0 && s.ptr[s.len] == '\0');
                 touch(s.ptr, s.len);
             }
         } else {
-            CHECK(model_gguf_arr_data(g, key, &data) == 0);
+            FUZZ_CHECK(model_gguf_arr_data(g, key, &data) == 0);
             touch(data, (size_t)count * elem_bytes(et));
         }
     }
@@ -220,30 +212,30 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     err[0] = '\0';
     int rc = model_gguf_open_mem(data, size, &g, err, sizeof err);
     if (rc != 0) {
-        CHECK(rc == KVS_EFORMAT || rc == KVS_ENOMEM);
-        CHECK(err[0] != '\0' && strchr(err, '\n') == NULL);
+        FUZZ_CHECK(rc == KVS_EFORMAT || rc == KVS_ENOMEM);
+        FUZZ_CHECK(err[0] != '\0' && strchr(err, '\n') == NULL);
         return 0;
     }
     uint32_t align = model_gguf_alignment(g);
-    CHECK(align != 0 && (align & (align - 1)) == 0);
-    CHECK(model_gguf_version(g) == 2 || model_gguf_version(g) == 3);
-    CHECK(model_gguf_n_tensors(g) == 0 || model_gguf_data_offset(g) <= size);
+    FUZZ_CHECK(align != 0 && (align & (align - 1)) == 0);
+    FUZZ_CHECK(model_gguf_version(g) == 2 || model_gguf_version(g) == 3);
+    FUZZ_CHECK(model_gguf_n_tensors(g) == 0 || model_gguf_data_offset(g) <= size);
     for (uint32_t i = 0; i < model_gguf_n_kv(g); i++)
         exercise_kv(g, i);
-    CHECK(model_gguf_kv_key(g, model_gguf_n_kv(g)) == NULL);
-    CHECK(model_gguf_find_key(g, NULL) == -1);
+    FUZZ_CHECK(model_gguf_kv_key(g, model_gguf_n_kv(g)) == NULL);
+    FUZZ_CHECK(model_gguf_find_key(g, NULL) == -1);
 
     for (uint32_t i = 0; i < model_gguf_n_tensors(g); i++) {
         const model_gguf_tensor_t *t = model_gguf_tensor(g, i);
-        CHECK(t != NULL && model_gguf_find_tensor(g, t->name) == t);
-        CHECK(t->nbytes > 0 && t->offset % align == 0);
-        CHECK(t->n_dims >= 1 && t->n_dims <= MODEL_GGUF_MAX_DIMS);
-        CHECK(kern_type_traits(t->type) != NULL);
+        FUZZ_CHECK(t != NULL && model_gguf_find_tensor(g, t->name) == t);
+        FUZZ_CHECK(t->nbytes > 0 && t->offset % align == 0);
+        FUZZ_CHECK(t->n_dims >= 1 && t->n_dims <= MODEL_GGUF_MAX_DIMS);
+        FUZZ_CHECK(kern_type_traits(t->type) != NULL);
         const uint8_t *p = t->data;
-        CHECK(p >= data && (size_t)(p - data) + t->nbytes <= size);
+        FUZZ_CHECK(p >= data && (size_t)(p - data) + t->nbytes <= size);
         touch(p, t->nbytes);
     }
-    CHECK(model_gguf_tensor(g, model_gguf_n_tensors(g)) == NULL);
+    FUZZ_CHECK(model_gguf_tensor(g, model_gguf_n_tensors(g)) == NULL);
     model_gguf_close(g);
     return 0;
 }

@@ -29,14 +29,6 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#define CHECK(x)                                                   \
-    do {                                                           \
-        if (!(x)) {                                                \
-            fprintf(stderr, "fuzz_model: check failed: %s\n", #x); \
-            abort();                                               \
-        }                                                          \
-    } while (0)
-
 static kern_backend_t *be;
 
 /* ------------------------------------------------------------------------ */
@@ -203,14 +195,14 @@ run(model_t *m)
     int32_t prompt[3] = {1 % (int32_t)nv, 7 % (int32_t)nv, (int32_t)(nv - 1)}, next = 0;
     sched_seq_step_t st = {.table = t, .tokens = prompt, .n_tokens = 3, .want_logits = true};
     const model_batch_t *mb;
-    CHECK(sched_batch_build(sb, &st, 1, &mb) == 0);
+    FUZZ_CHECK(sched_batch_build(sb, &st, 1, &mb) == 0);
     int rc = model_forward(ctx, kv_pool_kv(pool), mb, logits);
-    CHECK(rc == 0 || rc == KVS_ENOMEM);
+    FUZZ_CHECK(rc == 0 || rc == KVS_ENOMEM);
     if (rc == 0) {
         st = (sched_seq_step_t){.table = t, .tokens = &next, .n_tokens = 1, .want_logits = true};
-        CHECK(sched_batch_build(sb, &st, 1, &mb) == 0);
+        FUZZ_CHECK(sched_batch_build(sb, &st, 1, &mb) == 0);
         rc = model_forward(ctx, kv_pool_kv(pool), mb, logits);
-        CHECK(rc == 0 || rc == KVS_ENOMEM);
+        FUZZ_CHECK(rc == 0 || rc == KVS_ENOMEM);
     }
 out:
     sched_batch_free(sb);
@@ -218,7 +210,7 @@ out:
     if (t)
         kv_table_free(t);
     if (pool) {
-        CHECK(kv_pool_n_free(pool) == pc.n_blocks);
+        FUZZ_CHECK(kv_pool_n_free(pool) == pc.n_blocks);
         kv_pool_free(pool);
     }
     free(logits);
@@ -245,9 +237,9 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     int rc = done == size ? model_load(path, be, &m, err, sizeof err) : KVS_EIO;
     close(fd);
     if (rc != 0) {
-        CHECK(m == NULL);
-        CHECK(rc == KVS_EFORMAT || rc == KVS_ENOTSUP || rc == KVS_ENOMEM || rc == KVS_EIO);
-        CHECK(err[0] != '\0' && strchr(err, '\n') == NULL);
+        FUZZ_CHECK(m == NULL);
+        FUZZ_CHECK(rc == KVS_EFORMAT || rc == KVS_ENOTSUP || rc == KVS_ENOMEM || rc == KVS_EIO);
+        FUZZ_CHECK(err[0] != '\0' && strchr(err, '\n') == NULL);
         return 0;
     }
     run(m);

@@ -10,6 +10,8 @@
 #include <dirent.h>
 #include <errno.h>
 #include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <sys/stat.h>
 
 /* The first corpus directory (libFuzzer's flags all start with '-'), or
@@ -45,6 +47,16 @@ fuzz_wants_seeds(const char *dir)
     closedir(d);
     return empty;
 }
+
+/* A property of an input that must hold: abort, which libFuzzer reports
+ * as a crash and keeps the input of. */
+#define FUZZ_CHECK(x)                                                             \
+    do {                                                                          \
+        if (!(x)) {                                                               \
+            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #x); \
+            abort();                                                              \
+        }                                                                         \
+    } while (0)
 
 /* Seeds are written by a run of calls: each runs while rc is 0. */
 #define FUZZ_TRY(x)   \

@@ -27,14 +27,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CHECK(x)                                                   \
-    do {                                                           \
-        if (!(x)) {                                                \
-            fprintf(stderr, "fuzz_vocab: check failed: %s\n", #x); \
-            abort();                                               \
-        }                                                          \
-    } while (0)
-
 /* ------------------------------------------------------------------------ */
 /* Seed corpus.                                                             */
 /* ------------------------------------------------------------------------ */
@@ -246,24 +238,25 @@ tokenize(const model_vocab_t *v, const char *text, size_t len, unsigned flags)
     int rc = model_vocab_tokenize(v, text, len, flags, NULL, 0, &n);
     if (rc == KVS_EINVAL || rc == KVS_ENOMEM)
         return; /* a byte the vocab cannot spell */
-    CHECK(rc == 0 || rc == KVS_ENOSPC);
-    CHECK((rc == 0) == (n == 0));
+    FUZZ_CHECK(rc == 0 || rc == KVS_ENOSPC);
+    FUZZ_CHECK((rc == 0) == (n == 0));
     /* The sizing model.h promises (valid UTF-8, no SentencePiece). */
     const char *kind = model_vocab_kind(v);
     if (strncmp(kind, "llama-spm", 9) != 0 && valid_utf8((const unsigned char *)text, len))
-        CHECK(n <= len + 2);
+        FUZZ_CHECK(n <= len + 2);
     int32_t *ids = malloc((n ? n : 1) * sizeof *ids);
     if (ids == NULL)
         return;
     size_t n2 = 0;
     rc = model_vocab_tokenize(v, text, len, flags, ids, n, &n2);
-    CHECK(rc == 0 && n2 == n);
+    FUZZ_CHECK(rc == 0 && n2 == n);
     uint32_t n_tok = model_vocab_n_tokens(v);
     for (size_t i = 0; i < n; i++)
-        CHECK(ids[i] >= 0 && (uint32_t)ids[i] < n_tok);
+        FUZZ_CHECK(ids[i] >= 0 && (uint32_t)ids[i] < n_tok);
     if (n > 0) {
         size_t n3 = 0;
-        CHECK(model_vocab_tokenize(v, text, len, flags, ids, n - 1, &n3) == KVS_ENOSPC && n3 == n);
+        FUZZ_CHECK(model_vocab_tokenize(v, text, len, flags, ids, n - 1, &n3) == KVS_ENOSPC &&
+                   n3 == n);
     }
     free(ids);
 }
@@ -277,19 +270,19 @@ spell(const model_vocab_t *v)
     for (uint32_t id = 0; id < n_tok && id < 4096; id++) {
         for (int sp = 0; sp < 2; sp++) {
             int n = model_vocab_piece(v, (int32_t)id, sp, buf, sizeof buf);
-            CHECK(n >= 0);
+            FUZZ_CHECK(n >= 0);
             char *big = malloc((size_t)n + 1);
             if (big == NULL)
                 return;
-            CHECK(model_vocab_piece(v, (int32_t)id, sp, big, (size_t)n) == n);
+            FUZZ_CHECK(model_vocab_piece(v, (int32_t)id, sp, big, (size_t)n) == n);
             if ((size_t)n <= sizeof buf)
-                CHECK(memcmp(big, buf, (size_t)n) == 0);
+                FUZZ_CHECK(memcmp(big, buf, (size_t)n) == 0);
             free(big);
         }
         (void)model_vocab_is_eog(v, (int32_t)id);
     }
-    CHECK(model_vocab_piece(v, -1, false, buf, sizeof buf) == KVS_EINVAL);
-    CHECK(model_vocab_piece(v, (int32_t)n_tok, false, buf, sizeof buf) == KVS_EINVAL);
+    FUZZ_CHECK(model_vocab_piece(v, -1, false, buf, sizeof buf) == KVS_EINVAL);
+    FUZZ_CHECK(model_vocab_piece(v, (int32_t)n_tok, false, buf, sizeof buf) == KVS_EINVAL);
 }
 
 int
@@ -312,15 +305,15 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     /* The vocabulary may outlive the file's handle (model.h). */
     model_gguf_close(g);
     if (rc != 0) {
-        CHECK(rc == KVS_EFORMAT || rc == KVS_ENOTSUP || rc == KVS_ENOMEM);
-        CHECK(err[0] != '\0' && strchr(err, '\n') == NULL);
+        FUZZ_CHECK(rc == KVS_EFORMAT || rc == KVS_ENOTSUP || rc == KVS_ENOMEM);
+        FUZZ_CHECK(err[0] != '\0' && strchr(err, '\n') == NULL);
         return 0;
     }
     uint32_t n_tok = model_vocab_n_tokens(v);
     int32_t special[3] = {model_vocab_bos(v), model_vocab_eos(v), model_vocab_eot(v)};
     for (int i = 0; i < 3; i++)
-        CHECK(special[i] >= -1 && special[i] < (int32_t)n_tok);
-    CHECK(model_vocab_kind(v) != NULL);
+        FUZZ_CHECK(special[i] >= -1 && special[i] < (int32_t)n_tok);
+    FUZZ_CHECK(model_vocab_kind(v) != NULL);
     for (unsigned flags = 0; flags < 4; flags++)
         tokenize(v, text, len, flags);
     spell(v);
