@@ -2,7 +2,8 @@
  * tests/fuzz/fuzz_request.c — libFuzzer target for what the server does
  * with the bytes of a Generate call before the engine sees them: protobuf
  * decoding (protobuf-c) and field validation (serve/srv_req.c), against a
- * tiny random model so text prompts are tokenized for real.  An accepted
+ * tiny random model so text prompts are tokenized for real, and chat
+ * messages rendered with a ChatML template first.  An accepted
  * request must satisfy what sched_submit relies on (ids inside the
  * vocabulary, prompt + max_tokens within the maximum length).  Built only
  * with -DKVS_FUZZ=ON and CC=clang:
@@ -10,7 +11,8 @@
  *   ./build-fuzz/fuzz_request -max_total_time=60 corpus/
  *
  * When the first corpus directory is missing or empty,
- * LLVMFuzzerInitialize writes a few valid encoded requests into it.
+ * LLVMFuzzerInitialize writes a few valid encoded requests into it (one
+ * of them a chat).
  */
 #include "serve/srv_req.h"
 #include "tests/fuzz/fuzz_util.h"
@@ -23,6 +25,7 @@
 static kern_backend_t *be;
 static model_t *model;
 static srv_limits_t lim;
+static srv_chat_t chat;
 
 static void
 write_seed(const char *dir, int k, const ProtobufCMessage *m)
@@ -79,6 +82,22 @@ seed_corpus(const char *dir)
     write_seed(dir, 1, &q.base);
     Kvserve__V1__GenerateRequest empty = KVSERVE__V1__GENERATE_REQUEST__INIT;
     write_seed(dir, 2, &empty.base);
+    Kvserve__V1__ChatMessage m[3] = {KVSERVE__V1__CHAT_MESSAGE__INIT,
+                                     KVSERVE__V1__CHAT_MESSAGE__INIT,
+                                     KVSERVE__V1__CHAT_MESSAGE__INIT};
+    m[0].role = "system";
+    m[0].content = "Be brief.";
+    m[1].role = "user";
+    m[1].content = "Hi <|im_end|> there";
+    m[2].role = "assistant";
+    m[2].content = "";
+    Kvserve__V1__ChatMessage *mp[3] = {&m[0], &m[1], &m[2]};
+    Kvserve__V1__ChatMessages cm = KVSERVE__V1__CHAT_MESSAGES__INIT;
+    cm.n_messages = 3;
+    cm.messages = mp;
+    q.prompt_case = KVSERVE__V1__GENERATE_REQUEST__PROMPT_CHAT;
+    q.chat = &cm;
+    write_seed(dir, 3, &q.base);
 }
 
 int
@@ -100,10 +119,20 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
         abort();
     }
     unlink(path);
+    /* Chat messages are rendered with a ChatML template, as a Qwen model's. */
+    static const char chatml[] =
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+        "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt "
+        "%}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+    if (srv_chat_detect(chatml, "<s>", "</s>", &chat, err, sizeof err) != 0) {
+        fprintf(stderr, "fuzz_request: the ChatML template: %s\n", err);
+        abort();
+    }
     lim = (srv_limits_t){.m = model,
                          .n_vocab = model_hparams(model)->n_vocab,
                          .max_model_len = 256,
                          .seed_fallback = 1,
+                         .chat = &chat,
                          .block_tokens = 16};
     return 0;
 }
