@@ -820,9 +820,9 @@ __launch_bounds__(TC_THREADS(M), M == 64 ? 2 : 1) attn_tc_kernel(const kern_cuda
                 x = *(const float4 *)(p.q +
                                       ((size_t)(row0 + r) * p.n_heads + (size_t)g * G + hh) * D +
                                       c4 * 4);
-            /* Saturated, as K and V are: a scaled q past f16's range
-             * would make the scores inf (and the row NaN) where the f32
-             * reference stays finite. */
+            /* Clamped, as decoded K and V are: a scaled q past f16's
+             * range would make the scores inf (and the row NaN) where the
+             * f32 reference stays finite. */
             uint2 h;
             h.x =
                 tc_pack(kern__cuda_f16_clamp(x.x * p.qscale), kern__cuda_f16_clamp(x.y * p.qscale));

@@ -408,11 +408,13 @@ kern__cuda_kv_store(__half *dst, float v)
     *dst = __float2half_rn(v);
 }
 
-/* v within f16's finite range, so that rounding it to f16 stays finite. */
+/* v within f16's finite range, so that rounding it to f16 stays finite;
+ * NaN stays NaN (fminf/fmaxf would turn it into a bound), as the host's
+ * store_hot_row keeps it. */
 static __device__ __forceinline__ float
 kern__cuda_f16_clamp(float v)
 {
-    return fminf(fmaxf(v, -65504.0f), 65504.0f);
+    return v > 65504.0f ? 65504.0f : v < -65504.0f ? -65504.0f : v;
 }
 
 /* A value a codec decoded, as f16: a codec may decode just past f16's
