@@ -110,8 +110,19 @@ typedef struct srv_buf {
 } srv_buf_t;
 void srv_buf_put(srv_buf_t *b, const char *s, size_t n);
 void srv_buf_puts(srv_buf_t *b, const char *s);
+/* Appends token tok's text, whole (model_token_piece cuts it to the room
+ * it is given, and pieces run to hundreds of bytes: runs of spaces or
+ * symbols in code vocabularies); nothing for control tokens. */
+void srv_buf_put_token(srv_buf_t *b, const model_t *m, int32_t tok);
+/* s's n bytes as well-formed UTF-8 (malloc'd, NUL-terminated), each
+ * ill-formed part, and NUL, as U+FFFD: what a protobuf string field must
+ * carry (a token can end mid-character, a byte-level one be any byte).
+ * NULL when memory runs out. */
+char *srv_utf8_valid(const char *s, size_t n);
 
-/* Writes s as a JSON string literal (quotes and escapes included). */
+/* Writes s as a JSON string literal (quotes and escapes included): UTF-8
+ * characters as they are, control characters and each byte that starts
+ * no character as \u00XX (its value). */
 void srv_json_str(FILE *f, const char *s, size_t len);
 /* Prefill attention flags shared by serve and eval (vLLM-style names):
  *   --attention dense|sink-window|delta|block-sparse  --attn-sinks N

@@ -266,6 +266,36 @@ srv_parse_tokens(const char *cmd, const char *flag, const char *s, int32_t **out
     return 0;
 }
 
+/* Bytes of the well-formed UTF-8 sequence at s (of n bytes), 0 when none
+ * starts there; *bad then says how many bytes the ill-formed part spans
+ * (its maximal subpart, as Unicode's U+FFFD substitution counts). */
+static size_t
+utf8_seq(const unsigned char *s, size_t n, size_t *bad)
+{
+    unsigned c = s[0];
+    *bad = 1;
+    if (c >= 0x01 && c < 0x80)
+        return 1;
+    size_t k = c >= 0xc2 && c <= 0xdf   ? 2
+               : c >= 0xe0 && c <= 0xef ? 3
+               : c >= 0xf0 && c <= 0xf4 ? 4
+                                        : 0;
+    if (k == 0)
+        return 0; /* NUL (a C string's end), a continuation byte, C0, C1, F5..FF */
+    /* The second byte's range excludes overlongs, surrogates and code
+     * points past U+10FFFF. */
+    unsigned lo = c == 0xe0 ? 0xa0 : c == 0xf0 ? 0x90 : 0x80;
+    unsigned hi = c == 0xed ? 0x9f : c == 0xf4 ? 0x8f : 0xbf;
+    for (size_t j = 1; j < k; j++) {
+        unsigned b = j < n ? s[j] : 0;
+        if (j == 1 ? b < lo || b > hi : (b & 0xc0) != 0x80) {
+            *bad = j;
+            return 0;
+        }
+    }
+    return k;
+}
+
 void
 srv_json_str(FILE *f, const char *s, size_t len)
 {
@@ -288,15 +318,21 @@ srv_json_str(FILE *f, const char *s, size_t len)
         case '\t':
             fputs("\\t", f);
             break;
-        default:
-            if (c < 0x20 || c >= 0x7f)
-                /* Bytes outside printable ASCII go out as code points of
-                 * their byte value: lossless for byte-level tokens, and
-                 * always valid JSON even when a token splits a UTF-8
-                 * sequence. */
+        default: {
+            /* Characters go out as they are (JSON is UTF-8); a byte that
+             * starts none (a token that splits a character, a
+             * byte-level token) as the code point of its value: always
+             * valid JSON, and the byte still readable. */
+            size_t bad, k = c >= 0x80 ? utf8_seq((const unsigned char *)s + i, len - i, &bad) : 0;
+            if (k) {
+                fwrite(s + i, 1, k, f);
+                i += k - 1;
+            } else if (c < 0x20 || c >= 0x7f) {
                 fprintf(f, "\\u%04x", c);
-            else
+            } else {
                 fputc(c, f);
+            }
+        }
         }
     }
     fputc('"', f);
@@ -555,4 +591,49 @@ void
 srv_buf_puts(srv_buf_t *b, const char *s)
 {
     srv_buf_put(b, s, strlen(s));
+}
+
+char *
+srv_utf8_valid(const char *s, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    char *out = malloc(3 * n + 1), *o = out;
+    if (out == NULL)
+        return NULL;
+    for (size_t i = 0; i < n;) {
+        size_t bad, k = utf8_seq(p + i, n - i, &bad);
+        if (k) {
+            memcpy(o, p + i, k);
+            o += k;
+            i += k;
+        } else {
+            memcpy(o, "\xef\xbf\xbd", 3); /* U+FFFD */
+            o += 3;
+            i += bad;
+        }
+    }
+    *o = '\0';
+    return out;
+}
+
+void
+srv_buf_put_token(srv_buf_t *b, const model_t *m, int32_t tok)
+{
+    const model_vocab_t *v = model_vocab(m);
+    char small[256];
+    int n = model_vocab_piece(v, tok, false, small, sizeof small);
+    if (n <= 0)
+        return;
+    if ((size_t)n <= sizeof small) {
+        srv_buf_put(b, small, (size_t)n);
+        return;
+    }
+    char *big = malloc((size_t)n);
+    if (big == NULL) {
+        b->oom = true;
+        return;
+    }
+    (void)model_vocab_piece(v, tok, false, big, (size_t)n);
+    srv_buf_put(b, big, (size_t)n);
+    free(big);
 }

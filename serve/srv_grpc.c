@@ -86,8 +86,7 @@ typedef struct call {
     size_t n_toks, cap_toks;
     uint64_t msg_t_sum; /* the message in flight: its tokens' queue times */
     uint32_t msg_n;
-    char *text; /* decoded, not yet sent (held back for stop strings / UTF-8) */
-    size_t n_text, cap_text;
+    srv_buf_t text; /* decoded, not yet sent (held back for stop strings / UTF-8) */
     uint32_t n_delivered;
     char stop_match[260];
     uint64_t t_arrive;
@@ -275,7 +274,7 @@ call_free(call_t *c)
     srv_gen_req_free(&c->g);
     free(c->toks);
     free(c->tok_t);
-    free(c->text);
+    free(c->text.p);
     grpc_byte_buffer_destroy(c->req_bb);
     grpc_byte_buffer_destroy(c->send_bb);
     grpc_metadata_array_destroy(&c->md);
@@ -444,45 +443,26 @@ finish_reason(const call_t *c)
     }
 }
 
-static bool
-text_append(call_t *c, const char *s, size_t n)
-{
-    if (c->n_text + n + 1 > c->cap_text) {
-        size_t cap = c->cap_text ? c->cap_text * 2 : 256;
-        while (cap < c->n_text + n + 1)
-            cap *= 2;
-        char *t = realloc(c->text, cap);
-        if (t == NULL)
-            return false;
-        c->text = t;
-        c->cap_text = cap;
-    }
-    memcpy(c->text + c->n_text, s, n);
-    c->n_text += n;
-    c->text[c->n_text] = '\0';
-    return true;
-}
-
 /* Bytes of text that may go out now: everything when finished; else all
  * but what could still begin a stop string, cut back to a UTF-8 boundary. */
 static size_t
 text_ready(const call_t *c, bool final)
 {
     if (final)
-        return c->n_text;
+        return c->text.len;
     size_t hold = 0;
     for (size_t i = 0; i < c->g.n_stop; i++) {
         size_t n = strlen(c->g.stop[i]);
         if (n - 1 > hold)
             hold = n - 1;
     }
-    size_t n = c->n_text > hold ? c->n_text - hold : 0;
+    size_t n = c->text.len > hold ? c->text.len - hold : 0;
     /* Do not split a character: find where the last one starts. */
     size_t k = n;
-    while (k > 0 && n - k < 3 && ((uint8_t)c->text[k - 1] & 0xc0) == 0x80)
+    while (k > 0 && n - k < 3 && ((uint8_t)c->text.p[k - 1] & 0xc0) == 0x80)
         k--;
     if (k > 0) {
-        uint8_t lead = (uint8_t)c->text[k - 1];
+        uint8_t lead = (uint8_t)c->text.p[k - 1];
         size_t need = lead >= 0xf0 ? 4 : lead >= 0xe0 ? 3 : lead >= 0xc0 ? 2 : 1;
         if (k - 1 + need > n)
             n = k - 1;
@@ -502,16 +482,17 @@ check_stop(call_t *c, int32_t tok)
             return true;
         }
     }
-    char piece[64];
-    int n = model_token_piece(S.m, tok, piece, sizeof piece);
-    if (n > 0 && !text_append(c, piece, (size_t)n))
+    srv_buf_put_token(&c->text, S.m, tok);
+    /* Out of memory: the text is lost, but the stream goes on (its ids) */
+    if (c->text.oom || c->text.len == 0)
         return false;
+    /* memmem: a byte-level token can put a NUL in the text. */
     for (size_t i = 0; i < c->g.n_stop; i++) {
-        const char *hit = strstr(c->text, c->g.stop[i]);
+        const char *hit = memmem(c->text.p, c->text.len, c->g.stop[i], strlen(c->g.stop[i]));
         if (hit) {
             snprintf(c->stop_match, sizeof c->stop_match, "%s", c->g.stop[i]);
-            c->n_text = (size_t)(hit - c->text);
-            c->text[c->n_text] = '\0';
+            c->text.len = (size_t)(hit - c->text.p);
+            c->text.p[c->text.len] = '\0';
             return true;
         }
     }
@@ -545,17 +526,21 @@ gen_pump(call_t *c)
         return;
     Kvserve__V1__GenerateResponse r = KVSERVE__V1__GENERATE_RESPONSE__INIT;
     uint32_t *ids = malloc((c->n_toks ? c->n_toks : 1) * sizeof *ids);
-    char *txt = malloc(ready + 1);
-    if (!ids || !txt) {
+    /* proto3 strings are UTF-8, which clients check (grpcio hands Python
+     * bytes instead, Go and Java refuse the message): a token can end
+     * mid-character and a byte-level one be any byte. */
+    char *txt = srv_utf8_valid(c->text.p ? c->text.p : "", ready);
+    char *match =
+        done && c->stop_match[0] ? srv_utf8_valid(c->stop_match, strlen(c->stop_match)) : NULL;
+    if (!ids || !txt || (done && c->stop_match[0] && !match)) {
         free(ids);
         free(txt);
+        free(match);
         grpc_call_cancel(c->call, NULL);
         return;
     }
     for (size_t i = 0; i < c->n_toks; i++)
         ids[i] = (uint32_t)c->toks[i];
-    memcpy(txt, c->text, ready);
-    txt[ready] = '\0';
     r.n_token_ids = c->n_toks;
     r.token_ids = ids;
     r.text = txt;
@@ -565,8 +550,7 @@ gen_pump(call_t *c)
     if (done) {
         r.has_finish_reason = true;
         r.finish_reason = finish_reason(c);
-        if (c->stop_match[0])
-            r.stop_match = c->stop_match;
+        r.stop_match = match;
         u.has_prompt_tokens = u.has_cached_prompt_tokens = u.has_computed_prompt_tokens = true;
         u.has_completion_tokens = u.has_preemptions = u.has_queue_time_us = true;
         u.has_time_to_first_token_us = u.has_decode_time_us = true;
@@ -592,6 +576,7 @@ gen_pump(call_t *c)
     bool ok = send_msg(c, &r.base);
     free(ids);
     free(txt);
+    free(match);
     if (!ok)
         return;
     c->msg_n = (uint32_t)c->n_toks;
@@ -600,8 +585,12 @@ gen_pump(call_t *c)
         c->msg_t_sum += c->tok_t[i];
     c->n_delivered += (uint32_t)c->n_toks;
     c->n_toks = 0;
-    memmove(c->text, c->text + ready, c->n_text - ready);
-    c->n_text -= ready;
+    if (ready) {
+        /* The rest moves down, its end marked: strstr reads up to it. */
+        memmove(c->text.p, c->text.p + ready, c->text.len - ready);
+        c->text.len -= ready;
+        c->text.p[c->text.len] = '\0';
+    }
     if (done) {
         c->final_sent = true;
         gen_log(c);

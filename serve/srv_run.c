@@ -219,7 +219,7 @@ typedef struct run_state {
     kern_backend_t *be;
     sched_t *sched;
     int32_t *prompt, *out_tokens;
-    char *text;
+    srv_buf_t text;
     npy_t npy;
 } run_state_t;
 
@@ -231,7 +231,7 @@ run_state_free(run_state_t *s)
     kern_backend_free(s->be);
     free(s->prompt);
     free(s->out_tokens);
-    free(s->text);
+    free(s->text.p);
     if (s->npy.f)
         fclose(s->npy.f);
 }
@@ -335,8 +335,7 @@ srv_cmd_run(int argc, char **argv)
         goto out;
     }
     s.out_tokens = malloc((size_t)o.max_tokens * sizeof(int32_t));
-    s.text = malloc((size_t)o.max_tokens * 8 + 1);
-    if (!s.out_tokens || !s.text)
+    if (!s.out_tokens)
         goto out;
     if (o.logits_out) {
         s.npy.f = fopen(o.logits_out, "wb");
@@ -360,7 +359,6 @@ srv_cmd_run(int argc, char **argv)
         goto out;
     }
     uint32_t n_out = 0;
-    size_t text_len = 0;
     const char *finish = NULL;
     sched_usage_t usage = {0};
     while (finish == NULL) {
@@ -372,13 +370,11 @@ srv_cmd_run(int argc, char **argv)
         while ((ev = sched_poll(s.sched)) != NULL) {
             if (ev->kind == SCHED_EV_TOKEN) {
                 s.out_tokens[n_out++] = ev->token;
-                int k = model_token_piece(s.m, ev->token, s.text + text_len, 8);
-                if (k > 0) {
-                    if (!o.json) {
-                        fwrite(s.text + text_len, 1, (size_t)k, stdout);
-                        fflush(stdout);
-                    }
-                    text_len += (size_t)k;
+                size_t at = s.text.len;
+                srv_buf_put_token(&s.text, s.m, ev->token);
+                if (!o.json && s.text.len > at) {
+                    fwrite(s.text.p + at, 1, s.text.len - at, stdout);
+                    fflush(stdout);
                 }
             } else {
                 finish = sched_finish_name(ev->finish);
@@ -396,6 +392,10 @@ srv_cmd_run(int argc, char **argv)
     }
     if (strcmp(finish, "error") == 0)
         goto out;
+    if (s.text.oom) {
+        fprintf(stderr, "kvserve run: out of memory for the text\n");
+        goto out;
+    }
     /* The first token comes out of the prefill, the rest out of decode steps. */
     double pf_s = (double)usage.ttft_ns / 1e9, dec_s = (double)usage.decode_ns / 1e9;
     uint32_t n_dec = n_out > 1 ? n_out - 1 : 0;
@@ -408,7 +408,7 @@ srv_cmd_run(int argc, char **argv)
         for (uint32_t i = 0; i < n_out; i++)
             printf("%s%d", i ? ", " : "", s.out_tokens[i]);
         printf("], \"text\": ");
-        srv_json_str(stdout, s.text, text_len);
+        srv_json_str(stdout, s.text.p ? s.text.p : "", s.text.len);
         printf(", \"finish_reason\": \"%s\", \"seed\": %llu, \"prefill_tok_s\": %.1f, "
                "\"decode_tok_s\": %.1f}\n",
                finish, (unsigned long long)o.sampling.seed, pf_tps, dec_tps);

@@ -22,6 +22,7 @@
 
 #include "base/kvs.h"
 #include "tests/fuzz/fuzz_util.h"
+#include "tests/model/micro_model.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,115 +36,31 @@ static kern_backend_t *be;
 /* Seed corpus.                                                             */
 /* ------------------------------------------------------------------------ */
 
-#define D 32
-#define N_HEAD 2
-#define N_KV 1
-#define FF 32
 #define N_VOCAB 260
 
-/* Bytes of small random values for a tensor of type t, rows x cols. */
-static int
-write_values(model_gguf_writer_t *w, kern_dtype_t t, uint32_t cols, uint32_t rows, uint32_t *rng)
-{
-    size_t n = (size_t)cols * rows;
-    float *f = malloc(n * sizeof *f);
-    size_t bytes = kern_row_bytes(t, cols) * rows;
-    void *out = malloc(bytes);
-    int rc = f && out ? 0 : KVS_ENOMEM;
-    for (size_t i = 0; rc == 0 && i < n; i++) {
-        *rng = *rng * 1664525u + 1013904223u;
-        f[i] = ((float)(*rng >> 8) / 16777216.0f - 0.5f) * 0.2f;
-    }
-    if (rc == 0 && t == KERN_F32)
-        memcpy(out, f, bytes);
-    else if (rc == 0)
-        rc = kern_quantize_row(t, f, out, n);
-    if (rc == 0)
-        rc = model_gguf_writer_write(w, out, bytes);
-    free(f);
-    free(out);
-    return rc;
-}
-
+/* Seed k: 0 f32 matrices, tied embeddings, no vocabulary (ids are bytes);
+ * 1 Q8_0 matrices, an output matrix, a SentencePiece vocabulary of
+ * control, byte and one normal token. */
 static int
 write_seed(const char *path, int k)
 {
-    const kern_dtype_t mat = k == 0 ? KERN_F32 : KERN_Q8_0;
-    model_gguf_writer_t *w;
-    int rc = model_gguf_writer_new(&w);
-    if (rc != 0)
-        return rc;
-    FUZZ_TRY(model_gguf_writer_set_str(w, "general.architecture", "llama"));
-    FUZZ_TRY(model_gguf_writer_set_u32(w, "llama.embedding_length", D));
-    FUZZ_TRY(model_gguf_writer_set_u32(w, "llama.block_count", 1));
-    FUZZ_TRY(model_gguf_writer_set_u32(w, "llama.attention.head_count", N_HEAD));
-    FUZZ_TRY(model_gguf_writer_set_u32(w, "llama.attention.head_count_kv", N_KV));
-    FUZZ_TRY(model_gguf_writer_set_u32(w, "llama.feed_forward_length", FF));
-    FUZZ_TRY(model_gguf_writer_set_u32(w, "llama.context_length", 64));
-    FUZZ_TRY(model_gguf_writer_set_f32(w, "llama.attention.layer_norm_rms_epsilon", 1e-5f));
-    FUZZ_TRY(model_gguf_writer_set_f32(w, "llama.rope.freq_base", 10000.0f));
-    if (k == 1) {
-        static char store[N_VOCAB][8];
-        const char *toks[N_VOCAB];
-        float scores[N_VOCAB];
-        int32_t types[N_VOCAB];
-        for (int i = 0; i < N_VOCAB; i++) {
-            if (i < 3)
-                snprintf(store[i], sizeof store[i], "%s",
-                         i == 0   ? "<unk>"
-                         : i == 1 ? "<s>"
-                                  : "</s>");
-            else if (i < 259)
-                snprintf(store[i], sizeof store[i], "<0x%02X>", i - 3);
-            else
-                snprintf(store[i], sizeof store[i], "\xe2\x96\x81");
-            toks[i] = store[i];
-            scores[i] = i < 259 ? 0.0f : -1.0f;
-            types[i] = i == 0 ? 2 : i < 3 ? 3 : i < 259 ? 6 : 1;
-        }
-        FUZZ_TRY(model_gguf_writer_set_str(w, "tokenizer.ggml.model", "llama"));
-        FUZZ_TRY(model_gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", toks, NULL, N_VOCAB));
-        FUZZ_TRY(model_gguf_writer_set_arr_f32(w, "tokenizer.ggml.scores", scores, N_VOCAB));
-        FUZZ_TRY(model_gguf_writer_set_arr_i32(w, "tokenizer.ggml.token_type", types, N_VOCAB));
-        FUZZ_TRY(model_gguf_writer_set_u32(w, "tokenizer.ggml.bos_token_id", 1));
-        FUZZ_TRY(model_gguf_writer_set_u32(w, "tokenizer.ggml.eos_token_id", 2));
+    static char store[N_VOCAB][8];
+    static const char *toks[N_VOCAB];
+    static float scores[N_VOCAB];
+    static int32_t types[N_VOCAB];
+    for (int i = 0; i < N_VOCAB; i++) {
+        if (i < 3)
+            snprintf(store[i], sizeof store[i], "%s", i == 0 ? "<unk>" : i == 1 ? "<s>" : "</s>");
+        else if (i < 259)
+            snprintf(store[i], sizeof store[i], "<0x%02X>", i - 3);
+        else
+            snprintf(store[i], sizeof store[i], "\xe2\x96\x81");
+        toks[i] = store[i];
+        scores[i] = i < 259 ? 0.0f : -1.0f;
+        types[i] = i == 0 ? 2 : i < 3 ? 3 : i < 259 ? 6 : 1;
     }
-    static const struct {
-        const char *name;
-        uint32_t cols, rows;
-        bool matrix;
-    } ts[] = {
-        {"token_embd.weight", D, N_VOCAB, true},
-        {"output_norm.weight", D, 1, false},
-        {"output.weight", D, N_VOCAB, true}, /* seed 1 only */
-        {"blk.0.attn_norm.weight", D, 1, false},
-        {"blk.0.attn_q.weight", D, D, true},
-        {"blk.0.attn_k.weight", D, D / N_HEAD * N_KV, true},
-        {"blk.0.attn_v.weight", D, D / N_HEAD * N_KV, true},
-        {"blk.0.attn_output.weight", D, D, true},
-        {"blk.0.ffn_norm.weight", D, 1, false},
-        {"blk.0.ffn_gate.weight", D, FF, true},
-        {"blk.0.ffn_up.weight", D, FF, true},
-        {"blk.0.ffn_down.weight", FF, D, true},
-    };
-    const size_t n_ts = sizeof ts / sizeof ts[0];
-    for (size_t i = 0; i < n_ts; i++) {
-        if (i == 2 && k == 0)
-            continue;
-        kern_dtype_t t = ts[i].matrix ? mat : KERN_F32;
-        FUZZ_TRY(model_gguf_writer_add_tensor(w, ts[i].name, ts[i].rows > 1 ? 2 : 1,
-                                              (uint64_t[]){ts[i].cols, ts[i].rows}, t));
-    }
-    FUZZ_TRY(model_gguf_writer_begin(w, path));
-    uint32_t rng = 12345u + (uint32_t)k;
-    for (size_t i = 0; i < n_ts; i++) {
-        if (i == 2 && k == 0)
-            continue;
-        FUZZ_TRY(write_values(w, ts[i].matrix ? mat : KERN_F32, ts[i].cols, ts[i].rows, &rng));
-    }
-    FUZZ_TRY(model_gguf_writer_finish(w));
-    model_gguf_writer_free(w);
-    return rc;
+    micro_vocab_t v = {k == 1 ? toks : NULL, types, scores, N_VOCAB, 1, 2};
+    return micro_model_write(path, k == 0 ? KERN_F32 : KERN_Q8_0, k == 1, &v, 12345u + (uint32_t)k);
 }
 
 int

@@ -780,6 +780,34 @@ def c_health(kvserve, addr, label, extra=()):
                                               r.stderr.strip()[-200:]))
 
 
+def check_stop_after_silent_token(api):
+    """A request with stop strings whose first token has no text (BOS, EOS,
+    padding: control tokens) streams and finishes like any other: the
+    server searched its still empty text for the stop strings."""
+    silent, bad = 0, None
+    for seed in range(600):
+        req = pb.GenerateRequest()
+        req.tokens.ids.extend(TOKEN_PROMPT)
+        req.sampling.temperature = 100.0  # nearly uniform over the vocabulary
+        req.sampling.seed = seed
+        req.sampling.max_tokens = 2
+        req.sampling.ignore_eos = True
+        req.sampling.stop.append("zq")
+        o = collect(api, req, timeout=15)
+        if o["code"] is not None or len(o["tokens"]) != 2:
+            bad = "seed %d: %s" % (seed, describe(o))
+            break
+        if o["tokens"][0] >= 256:
+            silent += 1
+            if silent == 3:
+                break
+    report("6 stop strings after a first token without text (%d such streams)" % silent,
+           bad is None and silent > 0,
+           bad or ("" if silent else "no stream began with a control token"))
+    if bad is None:
+        good_after(api, "stop strings after a token without text")
+
+
 def check_health(api, label="5"):
     try:
         r = api.check(hpb.HealthCheckRequest(service=""), timeout=5)
@@ -1460,6 +1488,7 @@ def main():
             check_bench(kvserve, srv.addr, work)
             check_cancel_deadline(api)
             check_abort(api)
+            check_stop_after_silent_token(api)
             check_bad_requests(api, vocab)
             check_metrics(srv, api)
             check_prometheus(srv, work)
