@@ -80,8 +80,8 @@ typedef struct item {
     uint32_t li, di; /* length and depth indices */
     int32_t *toks;
     uint32_t n_toks;
-    char answer[8], got[8];
-    uint32_t n_answer, n_got;
+    char answer[8], got[8];            /* got: the first bytes of the generated text */
+    uint32_t n_answer, n_got, got_len; /* n_got tokens, got_len bytes */
     /* Scenarios: the document and the turn (0-based) it asks, and what
      * the engine reported of its prompt. */
     uint32_t doc, turn;
@@ -346,14 +346,25 @@ submit_item(eval_run_t *r, size_t i)
     return sched_submit(r->sched, &q);
 }
 
+/* The answer is text, whatever the tokens that spell it: one per byte in
+ * the bundled models, a few bytes each in a BPE vocabulary.  A control
+ * token adds none. */
 static void
 got_token(eval_run_t *r, item_t *it, int32_t token)
 {
-    char piece = 0;
-    /* A control token never matches an answer byte. */
-    it->got[it->n_got < 7 ? it->n_got : 6] =
-        model_token_piece(r->m, token, &piece, 1) == 1 ? piece : '\x01';
+    uint32_t room = (uint32_t)sizeof it->got - it->got_len;
+    if (room > 0) {
+        int k = model_token_piece(r->m, token, it->got + it->got_len, room);
+        it->got_len += k > 0 ? (uint32_t)k : 0;
+    }
     it->n_got++;
+}
+
+/* Whether the generated text begins with the answer. */
+static bool
+item_ok(const item_t *it)
+{
+    return it->got_len >= it->n_answer && memcmp(it->got, it->answer, it->n_answer) == 0;
 }
 
 static int
@@ -561,7 +572,7 @@ scen_tally(const eval_run_t *r, const eval_opts_t *o, double *acc, scen_report_t
     for (size_t i = 0; i < r->n_items; i++) {
         const item_t *it = &r->items[i];
         scen_row_t *w = &rep->rows[it->li];
-        bool ok = it->n_got == it->n_answer && memcmp(it->got, it->answer, it->n_answer) == 0;
+        bool ok = item_ok(it);
         uint32_t nt = r->docs[it->doc].n_turns;
         w->n_turns = nt > w->n_turns ? nt : w->n_turns;
         w->correct[it->turn] += ok;
@@ -881,7 +892,7 @@ srv_cmd_eval(int argc, char **argv)
         total_toks += it->n_toks;
         if (o.scenario != SCEN_NONE)
             continue;
-        bool ok = it->n_got == it->n_answer && memcmp(it->got, it->answer, it->n_answer) == 0;
+        bool ok = item_ok(it);
         acc[((size_t)it->task * o.n_lengths + it->li) * o.n_depths + it->di] +=
             ok ? 1.0 / o.samples : 0.0;
     }
