@@ -13,7 +13,9 @@
 #
 # One xz archive, about 13 MB (OpenBLAS is most of it): it travels to the
 # GPU machine with the checkout (about 50 MB on its own), and the two must
-# stay under 64 MiB.
+# stay under 64 MiB; this script refuses past 63, keeping 1 MiB for what a
+# call adds.  Next to drop if it grows: libssl and libcrypto (1.7 MB packed),
+# which the GPU machine's Python carries too.
 #
 # Build: build-gpu/ (Release, sm_90 code only, --as-needed so a binary
 # loads only the libraries it uses).  Usage: bench/gpu/prepare.sh [--no-pack]
@@ -87,7 +89,7 @@ cat .gpu/MANIFEST
 size=$(wc -c <.gpu/kvs-gpu.tar.xz)
 tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 cat 2>/dev/null | wc -c)
 echo "prepare: .gpu/ is $((size / 1048576)) MiB; with the checkout ($((tree / 1048576)) MiB), $(((size + tree) / 1048576)) MiB travel to the GPU machine (at most 64)"
-if [ $((size + tree)) -gt $((62 * 1048576)) ]; then
+if [ $((size + tree)) -gt $((63 * 1048576)) ]; then
     echo "prepare: .gpu/ and the checkout are too large to send together" >&2
     exit 1
 fi
