@@ -3,7 +3,9 @@
 # GPU, in this order: the card (nvidia-smi); the backend's start (one
 # small test); the gpu test (tests/kernels/test_gpu.c), and its attention
 # test again on the mma.sync prefill kernel; test_kern_ops, test_attn_policy and
-# test_kv_quant, which add the cuda backend when there is one; the engine
+# test_kv_quant, which add the cuda backend when there is one;
+# test_batch_invariance on cuda (the same logits alone, batched, chunked,
+# over scrambled blocks, through a forked prefix); the engine
 # on the tiny random model, cuda against cpu logits (f32 KV, q8_0 KV with
 # blocks sealed, f32 KV with CUDA graphs, f16 KV with chunked prefill);
 # then bench/bench_gpu.c, whose tables come last.
@@ -12,7 +14,7 @@
 #
 # OUT_DIR gets check.log (this script's lines), one log per step
 # (backend, gpu_kernels, gpu_kernels_mma, test_kern_ops, test_attn_policy,
-# test_kv_quant, engine, bench_gpu) and
+# test_kv_quant, batch_invariance, engine, bench_gpu) and
 # bench_gpu.json.  Status: 0 all passed, 1 something failed, 77 no GPU.
 #
 # Binaries come from .gpu/, which bench/gpu/prepare.sh fills on a machine
@@ -167,6 +169,7 @@ grep -h 'prefill attention on' "$OUT/gpu_kernels.log" "$OUT/gpu_kernels_mma.log"
 run test_kern_ops 90 "$BIN/test_kern_ops"
 run test_attn_policy 60 "$BIN/test_attn_policy"
 run test_kv_quant 60 "$BIN/test_kv_quant"
+run batch_invariance 60 env KVS_TEST_BACKEND=cuda "$BIN/test_batch_invariance"
 
 # ---- the engine: cuda against cpu on the tiny random model ------------------
 # A 64-token prompt (the GEMM paths) and 16 greedy steps (the GEMV paths);

@@ -5,7 +5,7 @@
 # and packs it into .gpu/ (ignored by git):
 #
 #   .gpu/kvs-gpu.tar.xz   bin/  test_gpu test_kern_ops test_attn_policy test_kv_quant
-#                               bench_gpu kvserve
+#                               test_batch_invariance bench_gpu kvserve
 #                         lib/  every shared library they load that is neither
 #                               the C/C++ runtime nor CUDA's (libcudart and
 #                               libcublas come from the GPU machine's toolkit)
@@ -26,7 +26,7 @@ set -eu
 cd "$(dirname "$0")/../.."
 BUILD=${KVS_GPU_BUILD:-build-gpu}
 JOBS=${JOBS:-1}
-BINS="test_gpu test_kern_ops test_attn_policy test_kv_quant bench_gpu kvserve"
+BINS="test_gpu test_kern_ops test_attn_policy test_kv_quant test_batch_invariance bench_gpu kvserve"
 PACK=1
 [ "${1:-}" = "--no-pack" ] && PACK=0
 

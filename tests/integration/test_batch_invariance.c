@@ -3,7 +3,9 @@
  * depend on how sequences are batched: the same sequences computed alone,
  * together, in chunks, with different block sizes and scrambled block
  * layouts, and with a forked shared prefix give the same logits (1e-5
- * relative).  Runs the real model code on a random tiny model.
+ * relative).  Runs the real model code on a random tiny model, on the cpu
+ * backend or the one KVS_TEST_BACKEND names (bench/gpu/check.sh: cuda;
+ * exit 77, skipped, when it cannot start).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -39,6 +41,13 @@ typedef struct fixture {
 
 static fixture_t fx;
 
+static const char *
+backend_name(void)
+{
+    const char *b = getenv("KVS_TEST_BACKEND");
+    return b && *b ? b : "cpu";
+}
+
 static int
 setup(void **state)
 {
@@ -53,7 +62,7 @@ setup(void **state)
     if (model_random_write("tiny", KERN_F32, 7, fx.path, err, sizeof err))
         return -1;
     kern_backend_cfg_t cfg = {.n_threads = 2};
-    if (kern_backend_new("cpu", &cfg, &fx.be))
+    if (kern_backend_new(backend_name(), &cfg, &fx.be))
         return -1;
     if (model_load(fx.path, fx.be, &fx.m, err, sizeof err))
         return -1;
@@ -327,6 +336,13 @@ test_fork_shared_prefix(void **state)
 int
 main(void)
 {
+    kern_backend_t *probe;
+    if (kern_backend_new(backend_name(), NULL, &probe) != 0) {
+        printf("test_batch_invariance: skipped: no %s backend here\n", backend_name());
+        return 77;
+    }
+    kern_backend_free(probe);
+    printf("test_batch_invariance: on the %s backend\n", backend_name());
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_alone_vs_together),
         cmocka_unit_test(test_f16_kv_batching),
