@@ -473,13 +473,19 @@ srv_load_draft(const char *cmd, const char *path, model_t *main_model, model_t *
         why = "its vocabulary size differs";
     else if (strcmp(model_tokenizer_name(d), model_tokenizer_name(main_model)) != 0)
         why = "its tokenizer differs";
-    char a[256], b[256];
+    /* Whole pieces: tokens can differ past any fixed length. */
+    srv_buf_t a = {0}, b = {0};
     for (uint32_t i = 0; why == NULL && i < n; i++) {
-        int la = model_token_piece(main_model, (int32_t)i, a, sizeof a);
-        int lb = model_token_piece(d, (int32_t)i, b, sizeof b);
-        if (la != lb || (la > 0 && memcmp(a, b, (size_t)la) != 0))
+        a.len = b.len = 0;
+        srv_buf_put_token(&a, main_model, (int32_t)i);
+        srv_buf_put_token(&b, d, (int32_t)i);
+        if (a.oom || b.oom)
+            why = "out of memory comparing its tokens";
+        else if (a.len != b.len || (a.len > 0 && memcmp(a.p, b.p, a.len) != 0))
             why = "its tokens differ";
     }
+    free(a.p);
+    free(b.p);
     if (why) {
         fprintf(stderr, "kvserve %s: --draft-model '%s' cannot draft for the main model: %s\n", cmd,
                 path, why);
