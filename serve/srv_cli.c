@@ -573,21 +573,31 @@ srv_read_file(const char *path, size_t *len)
     return buf;
 }
 
-void
-srv_buf_put(srv_buf_t *b, const char *s, size_t n)
+/* Room for n more bytes and the NUL after them; false (oom set) when
+ * memory runs out or ran out before. */
+static bool
+buf_room(srv_buf_t *b, size_t n)
 {
     if (b->oom)
-        return;
+        return false;
     if (b->len + n + 1 > b->cap) {
         size_t cap = (b->len + n + 1) * 2;
         char *p = realloc(b->p, cap);
         if (p == NULL) {
             b->oom = true;
-            return;
+            return false;
         }
         b->p = p;
         b->cap = cap;
     }
+    return true;
+}
+
+void
+srv_buf_put(srv_buf_t *b, const char *s, size_t n)
+{
+    if (!buf_room(b, n))
+        return;
     memcpy(b->p + b->len, s, n);
     b->len += n;
     b->p[b->len] = '\0';
@@ -625,21 +635,12 @@ srv_utf8_valid(const char *s, size_t n)
 void
 srv_buf_put_token(srv_buf_t *b, const model_t *m, int32_t tok)
 {
+    /* The piece's length first (room 0), then the piece in place. */
     const model_vocab_t *v = model_vocab(m);
-    char small[256];
-    int n = model_vocab_piece(v, tok, false, small, sizeof small);
-    if (n <= 0)
+    char none;
+    int n = model_vocab_piece(v, tok, false, &none, 0);
+    if (n <= 0 || !buf_room(b, (size_t)n))
         return;
-    if ((size_t)n <= sizeof small) {
-        srv_buf_put(b, small, (size_t)n);
-        return;
-    }
-    char *big = malloc((size_t)n);
-    if (big == NULL) {
-        b->oom = true;
-        return;
-    }
-    (void)model_vocab_piece(v, tok, false, big, (size_t)n);
-    srv_buf_put(b, big, (size_t)n);
-    free(big);
+    b->len += (size_t)model_vocab_piece(v, tok, false, b->p + b->len, (size_t)n);
+    b->p[b->len] = '\0';
 }

@@ -529,10 +529,10 @@ gen_pump(call_t *c)
     /* proto3 strings are UTF-8, which clients check (grpcio hands Python
      * bytes instead, Go and Java refuse the message): a token can end
      * mid-character and a byte-level one be any byte. */
+    bool want_match = done && c->stop_match[0];
     char *txt = srv_utf8_valid(c->text.p ? c->text.p : "", ready);
-    char *match =
-        done && c->stop_match[0] ? srv_utf8_valid(c->stop_match, strlen(c->stop_match)) : NULL;
-    if (!ids || !txt || (done && c->stop_match[0] && !match)) {
+    char *match = want_match ? srv_utf8_valid(c->stop_match, strlen(c->stop_match)) : NULL;
+    if (!ids || !txt || (want_match && !match)) {
         free(ids);
         free(txt);
         free(match);
@@ -586,7 +586,7 @@ gen_pump(call_t *c)
     c->n_delivered += (uint32_t)c->n_toks;
     c->n_toks = 0;
     if (ready) {
-        /* The rest moves down, its end marked: strstr reads up to it. */
+        /* The rest moves down, the NUL after it as srv_buf keeps one. */
         memmove(c->text.p, c->text.p + ready, c->text.len - ready);
         c->text.len -= ready;
         c->text.p[c->text.len] = '\0';
