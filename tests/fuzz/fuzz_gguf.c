@@ -94,25 +94,11 @@ write_seed(const char *path, int k)
     return rc;
 }
 
-static void
-seed_dir(const char *dir)
-{
-    if (!fuzz_wants_seeds(dir))
-        return;
-    for (int k = 0; k < 3; k++) {
-        char path[4096];
-        snprintf(path, sizeof path, "%s/seed%d.gguf", dir, k);
-        int rc = write_seed(path, k);
-        if (rc != 0)
-            fprintf(stderr, "fuzz_gguf: cannot write seed %s: %s\n", path, kvs_strerror(rc));
-    }
-}
-
 int
 LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     devnull = fopen("/dev/null", "w");
-    seed_dir(fuzz_corpus_dir(*argc, *argv));
+    fuzz_seed(*argc, *argv, 3, ".gguf", write_seed);
     return 0;
 }
 

@@ -70,16 +70,7 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
     kern_backend_cfg_t cfg = {.n_threads = 1};
     if (kern_backend_new("cpu", &cfg, &be) != 0)
         abort();
-    const char *dir = fuzz_corpus_dir(*argc, *argv);
-    if (fuzz_wants_seeds(dir)) {
-        for (int k = 0; k < 2; k++) {
-            char path[4096];
-            snprintf(path, sizeof path, "%s/seed%d.gguf", dir, k);
-            int rc = write_seed(path, k);
-            if (rc != 0)
-                fprintf(stderr, "fuzz_model: cannot write seed %s: %s\n", path, kvs_strerror(rc));
-        }
-    }
+    fuzz_seed(*argc, *argv, 2, ".gguf", write_seed);
     return 0;
 }
 

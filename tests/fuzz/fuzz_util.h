@@ -1,11 +1,14 @@
 /*
  * tests/fuzz/fuzz_util.h — what the libFuzzer targets in tests/fuzz/ share:
- * finding the corpus directory among libFuzzer's arguments and telling
- * whether it still needs the seeds a target writes, so that CI needs no
- * checked-in binary seeds.
+ * finding the corpus directory among libFuzzer's arguments and writing a
+ * target's seeds into it when it is empty (so CI needs no checked-in
+ * binary seeds), FUZZ_CHECK for an input's properties, FUZZ_TRY for the
+ * seed writers.
  */
 #ifndef KVS_FUZZ_UTIL_H
 #define KVS_FUZZ_UTIL_H
+
+#include "base/kvs.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -46,6 +49,24 @@ fuzz_wants_seeds(const char *dir)
         empty = e->d_name[0] == '.';
     closedir(d);
     return empty;
+}
+
+/* When the first corpus directory (among libFuzzer's arguments) is
+ * missing or empty, writes n seeds into it: write(path, k) makes
+ * <dir>/seed<k><ext>.  A seed that cannot be written is said, not fatal. */
+static inline void
+fuzz_seed(int argc, char **argv, int n, const char *ext, int (*write)(const char *path, int k))
+{
+    const char *dir = fuzz_corpus_dir(argc, argv);
+    if (!fuzz_wants_seeds(dir))
+        return;
+    for (int k = 0; k < n; k++) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/seed%d%s", dir, k, ext);
+        int rc = write(path, k);
+        if (rc != 0)
+            fprintf(stderr, "%s: cannot write seed %s: %s\n", argv[0], path, kvs_strerror(rc));
+    }
 }
 
 /* A property of an input that must hold: abort, which libFuzzer reports

@@ -81,7 +81,7 @@ add_tok(seed_vocab_t *v, const char *s, int32_t type, float score)
 /* Seed k: 0 SentencePiece, 1 BPE "llama-bpe", 2 BPE "qwen2", 3 "gpt2"
  * of single bytes (kvserve's bundled models). */
 static int
-write_seed(const char *dir, int k)
+write_seed(const char *path, int k)
 {
     static seed_vocab_t v;
     static const char *const texts[] = {
@@ -159,9 +159,8 @@ write_seed(const char *dir, int k)
     FUZZ_TRY(model_gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", v.tok, NULL, v.n));
     FUZZ_TRY(model_gguf_writer_set_arr_f32(w, "tokenizer.ggml.scores", v.score, v.n));
     FUZZ_TRY(model_gguf_writer_set_arr_i32(w, "tokenizer.ggml.token_type", v.type, v.n));
-    char path[4096], gguf[4096];
-    snprintf(path, sizeof path, "%s/seed%d", dir, k);
-    snprintf(gguf, sizeof gguf, "%s/.seed%d.gguf", dir, k);
+    char gguf[4096]; /* the file alone, before the text goes in front */
+    snprintf(gguf, sizeof gguf, "%s.gguf", path);
     FUZZ_TRY(model_gguf_writer_begin(w, gguf));
     FUZZ_TRY(model_gguf_writer_finish(w));
     model_gguf_writer_free(w);
@@ -192,14 +191,7 @@ int
 LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     kvs_log_set_level(KVS_LOG_ERROR);
-    const char *dir = fuzz_corpus_dir(*argc, *argv);
-    if (fuzz_wants_seeds(dir)) {
-        for (int k = 0; k < 4; k++) {
-            int rc = write_seed(dir, k);
-            if (rc != 0)
-                fprintf(stderr, "fuzz_vocab: cannot write seed %d: %s\n", k, kvs_strerror(rc));
-        }
-    }
+    fuzz_seed(*argc, *argv, 4, "", write_seed);
     return 0;
 }
 
