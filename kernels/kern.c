@@ -268,13 +268,20 @@ kern_get_rows(kern_backend_t *be, const kern_tensor_t *w, const int32_t *ids, ui
     return n ? be->ops->get_rows(be, w, ids, n, out) : 0;
 }
 
+/* A well-formed weight's type: 0 or KVS_ENOTSUP. */
+static int
+weight_type_ok(kern_backend_t *be, const kern_tensor_t *w)
+{
+    return be->ops->supports(be, KERN_OP_MATMUL, w->type) ? 0 : KVS_ENOTSUP;
+}
+
 /* A weight every product takes: 0, KVS_EINVAL or KVS_ENOTSUP. */
 static int
 weight_check(kern_backend_t *be, const kern_tensor_t *w)
 {
     if (!tensor_ok(w) || !layout_ok(be, w))
         return KVS_EINVAL;
-    return be->ops->supports(be, KERN_OP_MATMUL, w->type) ? 0 : KVS_ENOTSUP;
+    return weight_type_ok(be, w);
 }
 
 int
@@ -315,7 +322,7 @@ kern_matmul_set(kern_backend_t *be, uint32_t count, const kern_tensor_t *const *
                 return KVS_EINVAL;
     }
     for (uint32_t i = 0; i < count; i++) {
-        int rc = weight_check(be, w[i]);
+        int rc = weight_type_ok(be, w[i]); /* well formed: the first loop */
         if (rc)
             return rc;
     }
@@ -346,9 +353,9 @@ kern_matmul_swiglu(kern_backend_t *be, const kern_tensor_t *gate, const kern_ten
     if (spans_overlap(y, yb, x, xb) || spans_overlap(tmp, yb, x, xb) ||
         spans_overlap(y, yb, tmp, yb))
         return KVS_EINVAL;
-    int rc = weight_check(be, gate);
+    int rc = weight_type_ok(be, gate); /* both well formed: checked above */
     if (rc == 0)
-        rc = weight_check(be, up);
+        rc = weight_type_ok(be, up);
     if (rc || n == 0)
         return rc;
     if (be->ops->matmul_swiglu)
