@@ -1,7 +1,8 @@
 /*
  * serve/srv_eval.c — `kvserve eval`: long-context retrieval accuracy of a
  * model, the way RULER and needle-in-a-haystack measure it.  For every
- * task x length x depth it builds `samples` prompts (serve/srv_tasks.c),
+ * task x length x depth it builds `samples` prompts (serve/srv_tasks.c)
+ * of `length` tokens of the model's vocabulary (srv_task_fit),
  * runs them through the engine with continuous batching (the same batch
  * builder, paged KV cache and forward pass as the server: prefill chunks
  * and decode tokens of different sequences share steps), decodes the
@@ -474,6 +475,15 @@ run_docs(eval_run_t *r, uint32_t max_docs)
     return 0;
 }
 
+/* The tokens the prompt's tokenization makes of text, BOS not counted:
+ * what srv_task_fit sizes a task by. */
+static int
+count_tokens(void *m, const char *text, size_t len, size_t *n)
+{
+    int rc = model_tokenize(m, text, len, false, NULL, 0, n);
+    return rc == KVS_ENOSPC ? 0 : rc;
+}
+
 /* Tokenizes text into it->toks (BOS first). */
 static int
 tokenize_item(model_t *m, const char *text, size_t len, item_t *it)
@@ -496,13 +506,15 @@ build_docs(eval_run_t *r, const eval_opts_t *o)
     r->items = calloc(n_docs * SRV_DOC_MAX_QUESTIONS, sizeof *r->items);
     if (r->docs == NULL || r->items == NULL)
         return KVS_ENOMEM;
-    for (uint32_t l = 0; l < o->n_lengths; l++)
+    srv_counter_t counter = {count_tokens, r->m};
+    for (uint32_t l = 0; l < o->n_lengths; l++) {
+        uint32_t hint = 0;
         for (uint32_t d = 0; d < o->n_depths; d++)
             for (uint32_t s = 0; s < o->samples; s++) {
                 uint64_t seed = o->seed * 1000003ull + (uint64_t)r->n_docs * 7919ull + 17;
                 srv_doc_t doc;
-                int rc = srv_task_make_doc(SRV_TASK_NIAH_MULTIKEY, o->lengths[l], o->depths[d],
-                                           seed, &doc);
+                int rc = srv_task_fit_doc(SRV_TASK_NIAH_MULTIKEY, o->lengths[l], o->depths[d], seed,
+                                          &counter, &hint, &doc);
                 if (rc) {
                     fprintf(stderr, "kvserve eval: --scenario at length %u: %s\n", o->lengths[l],
                             rc == KVS_ERANGE ? "length too short for the task" : kvs_strerror(rc));
@@ -546,6 +558,7 @@ build_docs(eval_run_t *r, const eval_opts_t *o)
                     return rc;
                 }
             }
+    }
     return 0;
 }
 
@@ -784,7 +797,6 @@ srv_cmd_eval(int argc, char **argv)
         if (o.n_lengths == 0)
             o.lengths[o.n_lengths++] = hp->n_ctx_train;
     }
-    uint32_t max_len = 0;
     for (uint32_t i = 0; i < o.n_lengths; i++) {
         if (o.lengths[i] > hp->n_ctx_train) {
             fprintf(stderr, "kvserve eval: --lengths: %u exceeds the model's context (%u)\n",
@@ -792,7 +804,6 @@ srv_cmd_eval(int argc, char **argv)
             status = 2;
             goto out;
         }
-        max_len = o.lengths[i] > max_len ? o.lengths[i] : max_len;
     }
 
     /* Build every prompt up front. */
@@ -807,14 +818,16 @@ srv_cmd_eval(int argc, char **argv)
     for (int t = 0; t < SRV_TASK_COUNT && o.scenario == SCEN_NONE; t++) {
         if (!o.task_on[t])
             continue;
-        for (uint32_t l = 0; l < o.n_lengths; l++)
+        srv_counter_t counter = {count_tokens, r.m};
+        for (uint32_t l = 0; l < o.n_lengths; l++) {
+            uint32_t hint = 0; /* this length's byte size, from its first sample on */
             for (uint32_t d = 0; d < o.n_depths; d++)
                 for (uint32_t s = 0; s < o.samples; s++) {
                     item_t *it = &r.items[r.n_items];
                     uint64_t seed = o.seed * 1000003ull + (uint64_t)r.n_items * 7919ull + 17;
                     char *prompt;
-                    rc = srv_task_make((srv_task_t)t, o.lengths[l], o.depths[d], seed, &prompt,
-                                       it->answer);
+                    rc = srv_task_fit((srv_task_t)t, o.lengths[l], o.depths[d], seed, &counter,
+                                      &hint, &prompt, it->answer);
                     if (rc) {
                         fprintf(stderr, "kvserve eval: %s at length %u: %s\n",
                                 srv_task_name((srv_task_t)t), o.lengths[l],
@@ -847,15 +860,20 @@ srv_cmd_eval(int argc, char **argv)
                     it->di = d;
                     r.n_items++;
                 }
+        }
     }
 
-    uint32_t per_seq = (max_len + o.block_size - 1) / o.block_size + 1;
+    /* A request's prompt and the most tokens its answer may take (one a
+     * byte): BOS + `length` tokens where the answer spells as it did in
+     * the sized text, a few more where it takes more tokens than that. */
+    uint32_t max_seq = 0;
+    for (size_t i = 0; i < r.n_items; i++)
+        if (r.items[i].n_toks + r.items[i].n_answer > max_seq)
+            max_seq = r.items[i].n_toks + r.items[i].n_answer;
+    uint32_t per_seq = (max_seq + o.block_size - 1) / o.block_size + 1;
     sched_cfg_t scfg = {.max_num_seqs = o.max_seqs,
                         .max_num_batched_tokens = o.max_tokens,
-                        /* BOS + `length` bytes; the answer's last token
-                         * is sampled, never fed, so positions stay below
-                         * `length`. */
-                        .max_model_len = max_len + 1,
+                        .max_model_len = max_seq,
                         .block_tokens = o.block_size,
                         .n_blocks = per_seq * o.max_seqs,
                         /* A scenario resends each turn's context: the

@@ -110,6 +110,25 @@ typedef struct srv_doc {
 int srv_task_make_doc(srv_task_t task, uint32_t length, double depth, uint64_t seed,
                       srv_doc_t *doc);
 void srv_doc_free(srv_doc_t *doc);
+/* A task sized in a model's tokens rather than bytes.  count says how many
+ * tokens the model makes of a text (BOS not counted).  srv_task_fit and
+ * srv_task_fit_doc search the byte length at which the whole text (prompt
+ * and answer; context and every question and answer) comes to `tokens`
+ * tokens, or to the most below it that any byte length tried gives (one
+ * byte more can add two tokens); each try is the byte-sized task at that
+ * length with the same seed.  *hint: the byte length to try first (0:
+ * `tokens`), set to the one chosen, so that the next sample of a length
+ * starts next to its answer; a byte-level vocabulary needs one try.
+ * Returns 0, KVS_ERANGE (the needles alone exceed `tokens`), KVS_ENOMEM or
+ * count's error. */
+typedef struct srv_counter {
+    int (*count)(void *ctx, const char *text, size_t len, size_t *n);
+    void *ctx;
+} srv_counter_t;
+int srv_task_fit(srv_task_t task, uint32_t tokens, double depth, uint64_t seed,
+                 const srv_counter_t *c, uint32_t *hint, char **prompt, char answer[8]);
+int srv_task_fit_doc(srv_task_t task, uint32_t tokens, double depth, uint64_t seed,
+                     const srv_counter_t *c, uint32_t *hint, srv_doc_t *doc);
 const char *srv_task_name(srv_task_t t);
 int srv_task_parse(const char *s, srv_task_t *out);
 

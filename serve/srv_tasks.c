@@ -285,6 +285,142 @@ srv_doc_free(srv_doc_t *doc)
     doc->context = NULL;
 }
 
+/* One try of a fit: a prompt and its answer, or a document. */
+typedef struct shot {
+    bool is_doc;
+    char *prompt, answer[8];
+    srv_doc_t doc;
+} shot_t;
+
+static void
+shot_free(shot_t *s)
+{
+    free(s->prompt);
+    s->prompt = NULL;
+    srv_doc_free(&s->doc);
+}
+
+static int
+shot_make(shot_t *s, srv_task_t task, uint32_t bytes, double depth, uint64_t seed)
+{
+    return s->is_doc ? srv_task_make_doc(task, bytes, depth, seed, &s->doc)
+                     : srv_task_make(task, bytes, depth, seed, &s->prompt, s->answer);
+}
+
+/* The tokens of the shot's text as a model reads it whole: a conversation
+ * asking every question ends with all of them and their answers. */
+static int
+shot_count(const shot_t *s, const srv_counter_t *c, size_t *n)
+{
+    srv_buf_t b = {0};
+    if (s->is_doc) {
+        srv_buf_puts(&b, s->doc.context);
+        for (uint32_t i = 0; i < s->doc.n_questions; i++) {
+            srv_buf_puts(&b, s->doc.question[i]);
+            srv_buf_puts(&b, s->doc.answer[i]);
+        }
+    } else {
+        srv_buf_puts(&b, s->prompt);
+        srv_buf_puts(&b, s->answer);
+    }
+    int rc = b.oom ? KVS_ENOMEM : c->count(c->ctx, b.p, b.len, n);
+    free(b.p);
+    return rc;
+}
+
+/* Bytes known too few (lo: the needles did not fit, or the text stayed
+ * within `tokens`) and too many (hi) bracket the search; each next try is
+ * the secant through the origin and the last try (tokens grow about in
+ * proportion to the filler), or the bracket's middle when that falls
+ * outside it.  Tokens need not grow with every byte, so the search keeps
+ * the best try rather than trusting the bracket. */
+static int
+fit(srv_task_t task, uint32_t tokens, double depth, uint64_t seed, const srv_counter_t *c,
+    uint32_t *hint, shot_t *best)
+{
+    enum { MAX_TRIES = 64 };
+    const uint64_t max_bytes = 1u << 28;
+    uint64_t lo = 0, hi = UINT64_MAX, b = *hint ? *hint : tokens;
+    size_t best_n = 0;
+    bool have = false;
+    for (int i = 0; i < MAX_TRIES; i++) {
+        shot_t s = {.is_doc = best->is_doc};
+        size_t n = 0;
+        int rc = shot_make(&s, task, (uint32_t)b, depth, seed);
+        if (rc == 0)
+            rc = shot_count(&s, c, &n);
+        if (rc != 0 && rc != KVS_ERANGE) {
+            shot_free(&s);
+            return rc;
+        }
+        uint64_t g;
+        if (rc == KVS_ERANGE || n == 0) {
+            lo = b;
+            g = b * 2;
+        } else if (n <= tokens) {
+            lo = b;
+            if (!have || n > best_n) {
+                shot_free(best);
+                *best = s;
+                s = (shot_t){0};
+                best_n = n;
+                have = true;
+                *hint = (uint32_t)b;
+            }
+            uint64_t step = (tokens - n) * b / n;
+            g = b + (step > 0 ? step : 1);
+        } else {
+            hi = b;
+            uint64_t step = (n - tokens) * b / n;
+            g = b - (step > 0 && step < b ? step : 1);
+        }
+        shot_free(&s);
+        if ((have && best_n == tokens) || (hi != UINT64_MAX && hi - lo <= 1))
+            break;
+        if (g <= lo || g >= hi)
+            g = lo + (hi - lo) / 2;
+        if (g > max_bytes) {
+            if (lo >= max_bytes)
+                break;
+            g = max_bytes;
+        }
+        b = g;
+    }
+    return have ? 0 : KVS_ERANGE;
+}
+
+int
+srv_task_fit(srv_task_t task, uint32_t tokens, double depth, uint64_t seed, const srv_counter_t *c,
+             uint32_t *hint, char **prompt, char answer[8])
+{
+    shot_t best = {.is_doc = false};
+    int rc = fit(task, tokens, depth, seed, c, hint, &best);
+    if (rc) {
+        shot_free(&best);
+        return rc;
+    }
+    *prompt = best.prompt;
+    memcpy(answer, best.answer, 8);
+    return 0;
+}
+
+int
+srv_task_fit_doc(srv_task_t task, uint32_t tokens, double depth, uint64_t seed,
+                 const srv_counter_t *c, uint32_t *hint, srv_doc_t *doc)
+{
+    *doc = (srv_doc_t){0};
+    if (task != SRV_TASK_NIAH_MULTIKEY)
+        return KVS_EINVAL;
+    shot_t best = {.is_doc = true};
+    int rc = fit(task, tokens, depth, seed, c, hint, &best);
+    if (rc) {
+        shot_free(&best);
+        return rc;
+    }
+    *doc = best.doc;
+    return 0;
+}
+
 const char *
 srv_task_name(srv_task_t t)
 {

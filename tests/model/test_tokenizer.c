@@ -18,6 +18,7 @@
 #include <cmocka.h>
 
 #include "model/model.h"
+#include "tests/model/vocab_files.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,42 +27,12 @@
 #include <time.h>
 #include <unistd.h>
 
-static char repo_dir[1024];
-static char vocab_dir[1100];
 static char tmpdir[256];
-
-/* Paths from this file's location: <repo>/tests/model/test_tokenizer.c. */
-static void
-find_dirs(void)
-{
-    snprintf(repo_dir, sizeof repo_dir, "%s", __FILE__);
-    for (int up = 0; up < 3; up++) {
-        char *slash = strrchr(repo_dir, '/');
-        if (slash == NULL) {
-            snprintf(repo_dir, sizeof repo_dir, ".");
-            break;
-        }
-        *slash = '\0';
-    }
-    const char *env = getenv("KVS_VOCAB_DIR");
-    if (env && *env)
-        snprintf(vocab_dir, sizeof vocab_dir, "%s", env);
-    else
-        snprintf(vocab_dir, sizeof vocab_dir, "%s/../shared/data/vocab", repo_dir);
-}
-
-static bool
-exists(const char *path)
-{
-    struct stat st;
-    return stat(path, &st) == 0;
-}
 
 static int
 setup(void **state)
 {
     (void)state;
-    find_dirs();
     const char *t = getenv("TMPDIR");
     snprintf(tmpdir, sizeof tmpdir, "%s/kvs_tok_XXXXXX", t ? t : "/tmp");
     return mkdtemp(tmpdir) ? 0 : -1;
@@ -94,38 +65,6 @@ read_all(const char *path, size_t *len)
     return buf;
 }
 
-/* Loads ggml-vocab-<name>.gguf; NULL (and a note) when the file is absent. */
-static model_vocab_t *
-load_vocab(const char *name)
-{
-    char path[1200], err[256] = "";
-    snprintf(path, sizeof path, "%s/ggml-vocab-%s.gguf", vocab_dir, name);
-    if (!exists(path))
-        return NULL;
-    model_gguf_t *g;
-    int rc = model_gguf_open(path, &g, err, sizeof err);
-    if (rc) {
-        fprintf(stderr, "%s: %s\n", path, err);
-        fail();
-    }
-    model_vocab_t *v;
-    rc = model_vocab_new(g, &v, err, sizeof err);
-    if (rc) {
-        fprintf(stderr, "%s: %s (%s)\n", path, err, kvs_err_name(rc));
-        fail();
-    }
-    model_gguf_close(g);
-    return v;
-}
-
-#define SKIP_WITHOUT_VOCAB()                                                                    \
-    do {                                                                                        \
-        if (!exists(vocab_dir)) {                                                               \
-            fprintf(stderr, "skipped: no vocab directory %s (set KVS_VOCAB_DIR)\n", vocab_dir); \
-            skip();                                                                             \
-        }                                                                                       \
-    } while (0)
-
 static const char *const all_vocabs[] = {"llama-spm", "phi-3",        "gpt-2",
                                          "starcoder", "deepseek-llm", "deepseek-coder",
                                          "falcon",    "llama-bpe",    "qwen2"};
@@ -147,9 +86,9 @@ load_vectors(const char *name, vectors_t *tv)
     char path[1200];
     size_t n_inp, n_out;
     memset(tv, 0, sizeof *tv);
-    snprintf(path, sizeof path, "%s/ggml-vocab-%s.gguf.inp", vocab_dir, name);
+    snprintf(path, sizeof path, "%s/ggml-vocab-%s.gguf.inp", vocab_files_dir(), name);
     tv->inp = read_all(path, &n_inp);
-    snprintf(path, sizeof path, "%s/ggml-vocab-%s.gguf.out", vocab_dir, name);
+    snprintf(path, sizeof path, "%s/ggml-vocab-%s.gguf.out", vocab_files_dir(), name);
     tv->out = read_all(path, &n_out);
     if (tv->inp == NULL || tv->out == NULL)
         return false;
@@ -216,7 +155,7 @@ static void
 test_vectors(void **state)
 {
     (void)state;
-    SKIP_WITHOUT_VOCAB();
+    VOCAB_FILES_SKIP_WITHOUT();
     static int32_t want[4096], got[4096];
     int failures = 0;
     for (size_t k = 0; k < N_VOCABS; k++) {
@@ -226,7 +165,7 @@ test_vectors(void **state)
             free_vectors(&tv);
             continue;
         }
-        model_vocab_t *v = load_vocab(all_vocabs[k]);
+        model_vocab_t *v = vocab_files_load(all_vocabs[k]);
         if (v == NULL) {
             fprintf(stderr, "vocab %s: skipped (only .inp/.out, no .gguf)\n", all_vocabs[k]);
             free_vectors(&tv);
@@ -280,12 +219,12 @@ static void
 test_round_trip(void **state)
 {
     (void)state;
-    SKIP_WITHOUT_VOCAB();
+    VOCAB_FILES_SKIP_WITHOUT();
     static int32_t ids[4096];
     static char back[16384], want[16384];
     for (size_t k = 0; k < N_VOCABS; k++) {
         vectors_t tv;
-        model_vocab_t *v = load_vocab(all_vocabs[k]);
+        model_vocab_t *v = vocab_files_load(all_vocabs[k]);
         if (v == NULL || !load_vectors(all_vocabs[k], &tv)) {
             model_vocab_free(v);
             continue;
@@ -333,8 +272,8 @@ static void
 test_special_tokens(void **state)
 {
     (void)state;
-    SKIP_WITHOUT_VOCAB();
-    model_vocab_t *v = load_vocab("llama-spm");
+    VOCAB_FILES_SKIP_WITHOUT();
+    model_vocab_t *v = vocab_files_load("llama-spm");
     if (v == NULL)
         skip();
     assert_string_equal(model_vocab_kind(v), "llama-spm");
@@ -389,7 +328,7 @@ test_special_tokens(void **state)
     assert_int_equal(model_vocab_tokenize(v, "x", 1, 4, ids, 64, &n), KVS_EINVAL);
     model_vocab_free(v);
 
-    v = load_vocab("gpt-2");
+    v = vocab_files_load("gpt-2");
     if (v == NULL)
         skip();
     assert_string_equal(model_vocab_kind(v), "gpt2-bpe:gpt-2");
@@ -404,7 +343,7 @@ test_special_tokens(void **state)
     assert_memory_equal(buf, " world", 6);
     model_vocab_free(v);
 
-    v = load_vocab("phi-3");
+    v = vocab_files_load("phi-3");
     if (v == NULL)
         skip();
     assert_int_equal(model_vocab_eos(v), 32000);
@@ -507,12 +446,12 @@ static void
 test_random_strings(void **state)
 {
     (void)state;
-    SKIP_WITHOUT_VOCAB();
+    VOCAB_FILES_SKIP_WITHOUT();
     static char text[512], back[8192];
     static int32_t ids[2048];
     size_t n_vocabs = 0;
     for (size_t k = 0; k < N_VOCABS; k++) {
-        model_vocab_t *v = load_vocab(all_vocabs[k]);
+        model_vocab_t *v = vocab_files_load(all_vocabs[k]);
         if (v == NULL)
             continue;
         n_vocabs++;
@@ -572,7 +511,7 @@ static void
 test_throughput(void **state)
 {
     (void)state;
-    SKIP_WITHOUT_VOCAB();
+    VOCAB_FILES_SKIP_WITHOUT();
     static const char *const words[] = {
         "the",    "of",    "and",     "a",       "to",      "in",        "is",      "was",
         "that",   "for",   "it",      "with",    "as",      "his",       "on",      "be",
@@ -615,7 +554,7 @@ test_throughput(void **state)
     blank[200000] = '5';
     const char *names[] = {"llama-spm", "gpt-2", "deepseek-llm", "falcon"};
     for (size_t k = 0; k < 4; k++) {
-        model_vocab_t *v = load_vocab(names[k]);
+        model_vocab_t *v = vocab_files_load(names[k]);
         if (v == NULL)
             continue;
         double t0 = now_s();
@@ -950,8 +889,8 @@ test_bundled(void **state)
 {
     (void)state;
     char path[1200], err[256] = "";
-    snprintf(path, sizeof path, "%s/weights/kvserve-main.gguf", repo_dir);
-    if (!exists(path)) {
+    snprintf(path, sizeof path, "%s/weights/kvserve-main.gguf", vocab_files_repo());
+    if (!vocab_files_exists(path)) {
         fprintf(stderr, "skipped: %s not found\n", path);
         skip();
     }

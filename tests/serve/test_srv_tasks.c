@@ -2,7 +2,9 @@
  * tests/serve/test_srv_tasks.c — the eval task generators: exact lengths,
  * the needle at the requested depth, the answer inside the needle, the
  * formats the bundled models were trained on, and determinism per seed;
- * and the shared-context documents of `kvserve eval --scenario`.
+ * and the shared-context documents of `kvserve eval --scenario`; sized in
+ * tokens (srv_task_fit) by a byte counter, a failing counter and the real
+ * SentencePiece and BPE vocabularies of shared/data/vocab.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -11,6 +13,7 @@
 #include <cmocka.h>
 
 #include "serve/srv_int.h"
+#include "tests/model/vocab_files.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -178,13 +181,195 @@ test_shared_doc(void **state)
     assert_null(a.context);
 }
 
+/* ---- sized in tokens ------------------------------------------------------ */
+
+typedef struct counted {
+    const model_vocab_t *v; /* NULL: one token every `per` bytes */
+    size_t per;             /* 0: 1 */
+    int fail_at;            /* the call (1-based) that fails; 0: none */
+    int calls;
+} counted_t;
+
+static int
+count(void *ctx, const char *text, size_t len, size_t *n)
+{
+    counted_t *c = ctx;
+    if (++c->calls == c->fail_at)
+        return KVS_EINVAL;
+    if (c->v == NULL) {
+        size_t per = c->per ? c->per : 1;
+        *n = (len + per - 1) / per;
+        return 0;
+    }
+    int rc = model_vocab_tokenize(c->v, text, len, 0, NULL, 0, n);
+    return rc == KVS_ENOSPC ? 0 : rc;
+}
+
+/* A prompt's tokens with its answer, as the fit counts them. */
+static size_t
+prompt_tokens(counted_t *c, const char *p, const char *ans)
+{
+    size_t lp = strlen(p), la = strlen(ans), n = 0;
+    char *all = malloc(lp + la + 1);
+    assert_non_null(all);
+    memcpy(all, p, lp);
+    memcpy(all + lp, ans, la + 1);
+    assert_int_equal(count(c, all, lp + la, &n), 0);
+    free(all);
+    return n;
+}
+
+/* One token a byte: the byte-sized task itself, found at the first try. */
+static void
+test_fit_bytes(void **state)
+{
+    (void)state;
+    const uint32_t lengths[] = {256, 1000, 4096};
+    for (int t = 0; t < SRV_TASK_COUNT; t++)
+        for (size_t l = 0; l < 3; l++) {
+            counted_t c = {0};
+            srv_counter_t sc = {count, &c};
+            uint32_t hint = 0;
+            char *p, *q, ans[8], ans2[8];
+            assert_int_equal(srv_task_fit((srv_task_t)t, lengths[l], 0.5, 3, &sc, &hint, &p, ans),
+                             0);
+            assert_int_equal(c.calls, 1);
+            assert_int_equal(hint, lengths[l]);
+            assert_int_equal(srv_task_make((srv_task_t)t, lengths[l], 0.5, 3, &q, ans2), 0);
+            assert_string_equal(p, q);
+            assert_string_equal(ans, ans2);
+            free(p);
+            free(q);
+        }
+    counted_t c = {0};
+    srv_counter_t sc = {count, &c};
+    uint32_t hint = 0;
+    srv_doc_t doc;
+    assert_int_equal(srv_task_fit_doc(SRV_TASK_NIAH_MULTIKEY, 1024, 0.5, 3, &sc, &hint, &doc), 0);
+    assert_int_equal(c.calls, 1);
+    srv_doc_t want;
+    assert_int_equal(srv_task_make_doc(SRV_TASK_NIAH_MULTIKEY, 1024, 0.5, 3, &want), 0);
+    assert_string_equal(doc.context, want.context);
+    srv_doc_free(&doc);
+    srv_doc_free(&want);
+}
+
+/* Too few tokens for the needles, and a counter that fails part way:
+ * an error, nothing returned, nothing leaked (ASan). */
+static void
+test_fit_errors(void **state)
+{
+    (void)state;
+    counted_t c = {0};
+    srv_counter_t sc = {count, &c};
+    uint32_t hint = 0;
+    char *p = NULL, ans[8];
+    assert_int_equal(srv_task_fit(SRV_TASK_PASSKEY, 50, 0.5, 1, &sc, &hint, &p, ans), KVS_ERANGE);
+    assert_null(p);
+    assert_true(c.calls < 20);
+    srv_doc_t doc;
+    assert_int_equal(srv_task_fit_doc(SRV_TASK_NIAH_MULTIKEY, 100, 0.5, 1, &sc, &hint, &doc),
+                     KVS_ERANGE);
+    assert_null(doc.context);
+    assert_int_equal(srv_task_fit_doc(SRV_TASK_VT, 1000, 0.5, 1, &sc, &hint, &doc), KVS_EINVAL);
+    /* A token every 3 bytes: exact after a try or two. */
+    counted_t third = {.per = 3};
+    srv_counter_t tc = {count, &third};
+    hint = 0;
+    assert_int_equal(srv_task_fit(SRV_TASK_VT, 2000, 0.5, 1, &tc, &hint, &p, ans), 0);
+    assert_int_equal(prompt_tokens(&third, p, ans), 2000);
+    assert_true(third.calls >= 2 && third.calls <= 4);
+    free(p);
+    for (int at = 1; at <= 2; at++) {
+        counted_t f = {.per = 3, .fail_at = at};
+        srv_counter_t fc = {count, &f};
+        hint = 0;
+        p = NULL;
+        assert_int_equal(srv_task_fit(SRV_TASK_VT, 2000, 0.5, 1, &fc, &hint, &p, ans), KVS_EINVAL);
+        assert_null(p);
+        f = (counted_t){.per = 3, .fail_at = at};
+        assert_int_equal(srv_task_fit_doc(SRV_TASK_NIAH_MULTIKEY, 2000, 0.5, 1, &fc, &hint, &doc),
+                         KVS_EINVAL);
+        assert_null(doc.context);
+    }
+}
+
+/* Real tokenizers: the text of every task and the shared document comes
+ * to the asked tokens; a hint from the previous sample of a length makes
+ * later fits cheap. */
+static void
+test_fit_vocabs(void **state)
+{
+    (void)state;
+    VOCAB_FILES_SKIP_WITHOUT();
+    const char *names[] = {"llama-spm", "gpt-2", "deepseek-llm"};
+    const uint32_t lengths[] = {200, 1000, 8192};
+    for (size_t k = 0; k < 3; k++) {
+        model_vocab_t *v = vocab_files_load(names[k]);
+        if (v == NULL) {
+            fprintf(stderr, "note: no %s vocab, not tried\n", names[k]);
+            continue;
+        }
+        size_t exact = 0, fits = 0;
+        for (int t = 0; t < SRV_TASK_COUNT; t++)
+            for (size_t l = 0; l < 3; l++) {
+                uint32_t hint = 0;
+                for (uint64_t seed = 1; seed <= 4; seed++) {
+                    counted_t c = {.v = v};
+                    srv_counter_t sc = {count, &c};
+                    char *p, ans[8];
+                    double depth = 0.25 * (double)seed;
+                    int rc =
+                        srv_task_fit((srv_task_t)t, lengths[l], depth, seed, &sc, &hint, &p, ans);
+                    assert_int_equal(rc, 0);
+                    int tries = c.calls;
+                    size_t n = prompt_tokens(&c, p, ans);
+                    fprintf(stderr, "%s %s %u seed %llu: %zu tokens, %d tries, %zu bytes\n",
+                            names[k], srv_task_name((srv_task_t)t), lengths[l],
+                            (unsigned long long)seed, n, tries, strlen(p) + strlen(ans));
+                    assert_true(n <= lengths[l]);
+                    assert_true(n + 2 >= lengths[l]);
+                    exact += n == lengths[l];
+                    fits++;
+                    /* The first fit of a length searches; the later ones
+                     * start from its byte size. */
+                    assert_true(tries <= (seed == 1 ? 20 : 12));
+                    assert_non_null(strstr(p, ans + 1));
+                    free(p);
+                }
+            }
+        /* A byte more rarely adds two tokens at once. */
+        assert_true(exact * 10 >= fits * 9);
+        uint32_t hint = 0;
+        counted_t c = {.v = v};
+        srv_counter_t sc = {count, &c};
+        srv_doc_t doc;
+        assert_int_equal(srv_task_fit_doc(SRV_TASK_NIAH_MULTIKEY, 4096, 0.5, 9, &sc, &hint, &doc),
+                         0);
+        srv_buf_t b = {0};
+        srv_buf_puts(&b, doc.context);
+        for (uint32_t i = 0; i < doc.n_questions; i++) {
+            srv_buf_puts(&b, doc.question[i]);
+            srv_buf_puts(&b, doc.answer[i]);
+        }
+        assert_false(b.oom);
+        size_t n;
+        assert_int_equal(count(&c, b.p, b.len, &n), 0);
+        assert_true(n <= 4096 && n + 2 >= 4096);
+        assert_int_equal(doc.n_questions, 4);
+        free(b.p);
+        srv_doc_free(&doc);
+        model_vocab_free(v);
+    }
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_lengths_and_answers),
-        cmocka_unit_test(test_formats),
-        cmocka_unit_test(test_shared_doc),
+        cmocka_unit_test(test_lengths_and_answers), cmocka_unit_test(test_formats),
+        cmocka_unit_test(test_shared_doc),          cmocka_unit_test(test_fit_bytes),
+        cmocka_unit_test(test_fit_errors),          cmocka_unit_test(test_fit_vocabs),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
