@@ -64,6 +64,8 @@ typedef struct gguf_kv {
     uint64_t count;         /* arrays */
     const uint8_t *data;    /* numeric arrays: packed elements inside the buffer */
     model_gguf_str_t *strs; /* string arrays: [count] index into the arena */
+    const uint8_t *raw;     /* the value as the file encodes it (after its type) */
+    size_t raw_len;
 } gguf_kv_t;
 
 /* Open-addressing name -> index table; slots hold index + 1, 0 = empty. */
@@ -369,6 +371,8 @@ parse_scalar(parser_t *ps, gguf_kv_t *kv)
     return 0;
 }
 
+static int parse_value(parser_t *ps, gguf_kv_t *kv, uint32_t type, char nb[SHOWN_BYTES]);
+
 static int
 parse_kv(parser_t *ps, uint32_t idx, gguf_kv_t *kv)
 {
@@ -396,7 +400,19 @@ parse_kv(parser_t *ps, uint32_t idx, gguf_kv_t *kv)
     if (type >= GGUF_N_TYPES)
         return fail(ps, KVS_EFORMAT, "key '%s': invalid value type %u", shown(kv->key, nb), type);
     kv->type = (model_gguf_type_t)type;
+    size_t at = ps->pos;
+    int rc = parse_value(ps, kv, type, nb);
+    if (rc == 0) {
+        kv->raw = ps->p + at;
+        kv->raw_len = ps->pos - at;
+    }
+    return rc;
+}
 
+/* The value of kv, whose key and type parse_kv read. */
+static int
+parse_value(parser_t *ps, gguf_kv_t *kv, uint32_t type, char nb[SHOWN_BYTES])
+{
     if (type == MODEL_GGUF_STRING) {
         uint64_t n;
         const uint8_t *s;
@@ -814,6 +830,16 @@ const char *
 model_gguf_kv_key(const model_gguf_t *g, uint32_t i)
 {
     return i < g->n_kv ? g->kvs[i].key : NULL;
+}
+
+int
+model_gguf_kv_raw(const model_gguf_t *g, uint32_t i, const void **value, size_t *len)
+{
+    if (i >= g->n_kv)
+        return KVS_ENOENT;
+    *value = g->kvs[i].raw;
+    *len = g->kvs[i].raw_len;
+    return 0;
 }
 
 /* An out-of-range i yields (model_gguf_type_t)-1, which matches no type. */

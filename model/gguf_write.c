@@ -318,6 +318,19 @@ model_gguf_writer_set_arr_i32(model_gguf_writer_t *w, const char *key, const int
 }
 
 int
+model_gguf_writer_set_raw(model_gguf_writer_t *w, const char *key, model_gguf_type_t type,
+                          const void *value, size_t len)
+{
+    if ((unsigned)type > MODEL_GGUF_FLOAT64 || (value == NULL && len > 0) || is_alignment_key(key))
+        return KVS_EINVAL;
+    int rc = kv_begin(w, key, (uint32_t)type, len);
+    if (rc != 0)
+        return rc;
+    put(w, value, len);
+    return 0;
+}
+
+int
 model_gguf_writer_add_tensor(model_gguf_writer_t *w, const char *name, uint32_t n_dims,
                              const uint64_t *ne, uint32_t type)
 {

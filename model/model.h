@@ -78,6 +78,9 @@ const char *model_gguf_kv_key(const model_gguf_t *g, uint32_t i);
 model_gguf_type_t model_gguf_kv_type(const model_gguf_t *g, uint32_t i);
 /* Index of key or -1. */
 int64_t model_gguf_find_key(const model_gguf_t *g, const char *key);
+/* Value i as the file encodes it after its type (inside the file's
+ * buffer): what model_gguf_writer_set_raw copies.  0 or KVS_ENOENT. */
+int model_gguf_kv_raw(const model_gguf_t *g, uint32_t i, const void **value, size_t *len);
 
 /* Typed getters.  Return 0, KVS_ENOENT (absent) or KVS_EFORMAT (wrong type
  * or out of range; the integer getters accept any integer type whose value
@@ -126,6 +129,11 @@ int model_gguf_writer_set_arr_f32(model_gguf_writer_t *w, const char *key, const
                                   uint64_t n);
 int model_gguf_writer_set_arr_i32(model_gguf_writer_t *w, const char *key, const int32_t *v,
                                   uint64_t n);
+/* A value as a GGUF file encodes it after its type (model_gguf_kv_raw),
+ * copied verbatim: metadata carried over from another file.  Not for
+ * general.alignment.  0, KVS_EINVAL or KVS_ENOMEM. */
+int model_gguf_writer_set_raw(model_gguf_writer_t *w, const char *key, model_gguf_type_t type,
+                              const void *value, size_t len);
 /* Declares the next tensor (data comes later, in the same order).
  * Returns 0, KVS_EINVAL (bad name, dims or type, ne[0] not a block
  * multiple, duplicate name). */
@@ -508,9 +516,13 @@ int32_t model_sampler_sample(model_sampler_t *s, const float *logits);
  * vocabulary), "llama-3.2-1b", "llama-3.1-8b" or "llama-draft" (d 512, 2
  * layers, the Llama 3 vocabulary); dtype F32, F16, BF16, Q8_0, Q4_0 or a
  * K-quant.  Such files carry kvserve.random = true and a general.name that
- * says so.  Returns 0, KVS_EINVAL (unknown shape/dtype) or KVS_EIO. */
-int model_random_write(const char *shape, kern_dtype_t dtype, uint64_t seed, const char *path,
-                       char *err, size_t err_len);
+ * says so.  vocab (NULL: the shape's own) gives the file another
+ * vocabulary: its tokenizer.* keys, copied verbatim, and as many embedding
+ * and output rows as it has tokens (a tokenizer-only GGUF, or any model's
+ * file).  Returns 0, KVS_EINVAL (unknown shape/dtype), a vocabulary's
+ * error (model_vocab_new) or KVS_EIO. */
+int model_random_write(const char *shape, kern_dtype_t dtype, uint64_t seed,
+                       const model_gguf_t *vocab, const char *path, char *err, size_t err_len);
 /* The same shapes and dtypes loaded straight into be's memory, for
  * benchmarks: no tensor data touches a disk (a sparse metadata file in
  * $TMPDIR, or /tmp, is removed at once), and each weight gets rows of a

@@ -153,8 +153,27 @@ llama3_factors(const shape_t *sh, float *f, uint32_t n)
     }
 }
 
+/* Every tokenizer.* key of a vocabulary file, verbatim. */
 static int
-write_meta(model_gguf_writer_t *w, const shape_t *sh, kern_dtype_t dtype, uint64_t seed)
+copy_vocab(model_gguf_writer_t *w, const model_gguf_t *vocab)
+{
+    for (uint32_t i = 0; i < model_gguf_n_kv(vocab); i++) {
+        const char *key = model_gguf_kv_key(vocab, i);
+        const void *value;
+        size_t len;
+        if (strncmp(key, "tokenizer.", 10) != 0)
+            continue;
+        int rc = model_gguf_kv_raw(vocab, i, &value, &len);
+        rc = rc ? rc : model_gguf_writer_set_raw(w, key, model_gguf_kv_type(vocab, i), value, len);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+static int
+write_meta(model_gguf_writer_t *w, const shape_t *sh, kern_dtype_t dtype, uint64_t seed,
+           const model_gguf_t *vocab)
 {
     char name[96];
     snprintf(name, sizeof name, "kvserve random %s %s", sh->name, kern_type_traits(dtype)->name);
@@ -188,6 +207,8 @@ write_meta(model_gguf_writer_t *w, const shape_t *sh, kern_dtype_t dtype, uint64
     rc = rc ? rc : model_gguf_writer_set_u32(w, "llama.vocab_size", sh->n_vocab);
     if (rc)
         return rc;
+    if (vocab != NULL)
+        return copy_vocab(w, vocab);
     if (sh->byte_vocab) {
         /* 256 byte tokens in GPT-2's byte-to-unicode spelling, then BOS,
          * EOS and PAD, with no merges: the bundled models' vocabulary. */
@@ -289,8 +310,9 @@ find_shape(const char *shape, kern_dtype_t dtype, const shape_t **out, char *err
  * next, in plan order.  plan holds 4 + 9 * n_layer entries; row at least
  * n_rot / 2 floats. */
 static int
-start_file(const shape_t *sh, kern_dtype_t dtype, uint64_t seed, const char *path,
-           tensor_plan_t *plan, uint32_t *n_plan, float *row, model_gguf_writer_t **out)
+start_file(const shape_t *sh, kern_dtype_t dtype, uint64_t seed, const model_gguf_t *vocab,
+           const char *path, tensor_plan_t *plan, uint32_t *n_plan, float *row,
+           model_gguf_writer_t **out)
 {
     model_gguf_writer_t *w = NULL;
     int rc = model_gguf_writer_new(&w);
@@ -300,7 +322,7 @@ start_file(const shape_t *sh, kern_dtype_t dtype, uint64_t seed, const char *pat
         return rc;
     uint32_t n = plan_tensors(sh, dtype, plan);
     *n_plan = n;
-    rc = write_meta(w, sh, dtype, seed);
+    rc = write_meta(w, sh, dtype, seed, vocab);
     uint32_t n_rot = sh->n_embd / sh->n_head;
     uint64_t ne_rf[1] = {n_rot / 2};
     if (rc == 0 && sh->llama3_factor > 0.0f)
@@ -319,13 +341,42 @@ start_file(const shape_t *sh, kern_dtype_t dtype, uint64_t seed, const char *pat
     return rc;
 }
 
-int
-model_random_write(const char *shape, kern_dtype_t dtype, uint64_t seed, const char *path,
-                   char *err, size_t err_len)
+/* The shape with vocab's tokens for its own: a vocabulary the loader
+ * accepts (its error otherwise), and as many embedding and output rows as
+ * it has tokens. */
+static int
+vocab_shape(const model_gguf_t *vocab, shape_t *sh, char *err, size_t err_len)
 {
-    const shape_t *sh;
-    int rc = find_shape(shape, dtype, &sh, err, err_len);
+    model_vocab_t *v = NULL;
+    char why[256] = "";
+    /* The loader reads a file without one as bytes; here that is a
+     * mistake. */
+    if (model_gguf_find_key(vocab, "tokenizer.ggml.tokens") < 0) {
+        model__errf(err, err_len, "vocabulary: the file has no tokenizer.ggml.tokens");
+        return KVS_EINVAL;
+    }
+    int rc = model_vocab_new(vocab, &v, why, sizeof why);
+    if (rc) {
+        model__errf(err, err_len, "vocabulary: %s", why);
+        return rc;
+    }
+    sh->n_vocab = model_vocab_n_tokens(v);
+    sh->byte_vocab = false;
+    model_vocab_free(v);
+    return 0;
+}
+
+int
+model_random_write(const char *shape, kern_dtype_t dtype, uint64_t seed, const model_gguf_t *vocab,
+                   const char *path, char *err, size_t err_len)
+{
+    const shape_t *found;
+    int rc = find_shape(shape, dtype, &found, err, err_len);
     if (rc)
+        return rc;
+    shape_t own = *found;
+    const shape_t *sh = &own;
+    if (vocab != NULL && (rc = vocab_shape(vocab, &own, err, err_len)))
         return rc;
     tensor_plan_t *plan = calloc(4 + 9 * (size_t)sh->n_layer, sizeof *plan);
     uint32_t max_cols = sh->n_ff > sh->n_embd ? sh->n_ff : sh->n_embd;
@@ -333,8 +384,8 @@ model_random_write(const char *shape, kern_dtype_t dtype, uint64_t seed, const c
     void *buf = malloc(max_cols * sizeof(float));
     model_gguf_writer_t *w = NULL;
     uint32_t n = 0;
-    rc =
-        (!plan || !row || !buf) ? KVS_ENOMEM : start_file(sh, dtype, seed, path, plan, &n, row, &w);
+    rc = (!plan || !row || !buf) ? KVS_ENOMEM
+                                 : start_file(sh, dtype, seed, vocab, path, plan, &n, row, &w);
     for (uint32_t i = 0; rc == 0 && i < n; i++) {
         rng_t r = {seed * 0x100000001b3ull + i};
         for (uint32_t j = 0; rc == 0 && j < plan[i].n_rows; j++) {
@@ -505,7 +556,7 @@ model_random_load(const char *shape, kern_dtype_t dtype, uint64_t seed, kern_bac
     float *row = malloc(max_cols * sizeof(float));
     model_gguf_writer_t *w = NULL;
     uint32_t n = 0;
-    rc = (!plan || !row) ? KVS_ENOMEM : start_file(sh, dtype, seed, path, plan, &n, row, &w);
+    rc = (!plan || !row) ? KVS_ENOMEM : start_file(sh, dtype, seed, NULL, path, plan, &n, row, &w);
     /* Closing the writer here leaves the header and the rope factors; the
      * rest of the file becomes a hole (every tensor plus the alignment
      * padding the writer would add, 32 bytes unless set otherwise), which

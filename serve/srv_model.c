@@ -18,6 +18,7 @@ static const char model_usage[] =
     "       kvserve model random --shape tiny|llama-3.2-1b|llama-3.1-8b|llama-draft\n"
     "                            --dtype f32|f16|bf16|q8_0|q4_0|q4_k|q5_k|q6_k\n"
     "                            --out PATH [--seed S]   (q4_k: Q4_K_M's Q4_K/Q6_K mix)\n"
+    "                            [--vocab GGUF]   (that file's tokenizer instead of the shape's)\n"
     "       kvserve model tokenize PATH [--no-bos] [--special] [--ids]   (text on stdin)\n";
 
 static int
@@ -87,10 +88,10 @@ static int
 cmd_random(int argc, char **argv)
 {
     static const struct option lo[] = {
-        {"shape", 1, 0, 's'}, {"dtype", 1, 0, 'd'}, {"out", 1, 0, 'o'},
-        {"seed", 1, 0, 'r'},  {"help", 0, 0, 'h'},  {0, 0, 0, 0},
+        {"shape", 1, 0, 's'}, {"dtype", 1, 0, 'd'}, {"out", 1, 0, 'o'}, {"seed", 1, 0, 'r'},
+        {"vocab", 1, 0, 'v'}, {"help", 0, 0, 'h'},  {0, 0, 0, 0},
     };
-    const char *shape = NULL, *dtype = NULL, *out = NULL;
+    const char *shape = NULL, *dtype = NULL, *out = NULL, *vocab_path = NULL;
     uint64_t seed = 1;
     opterr = 0;
     optind = 1;
@@ -105,6 +106,9 @@ cmd_random(int argc, char **argv)
             break;
         case 'o':
             out = optarg;
+            break;
+        case 'v':
+            vocab_path = optarg;
             break;
         case 'r':
             if (srv_parse_u64("model random", "--seed", optarg, &seed))
@@ -130,9 +134,16 @@ cmd_random(int argc, char **argv)
         return 2;
     }
     char err[512] = "";
-    int rc = model_random_write(shape, t, seed, out, err, sizeof err);
+    model_gguf_t *vocab = NULL;
+    if (vocab_path && model_gguf_open(vocab_path, &vocab, err, sizeof err)) {
+        fprintf(stderr, "kvserve model random: --vocab '%s': %s\n", vocab_path, err);
+        return 2;
+    }
+    int rc = model_random_write(shape, t, seed, vocab, out, err, sizeof err);
+    model_gguf_close(vocab);
     if (rc) {
-        fprintf(stderr, "kvserve model random: %s\n", err);
+        fprintf(stderr, "kvserve model random: %s%s\n",
+                vocab_path && strncmp(err, "vocabulary", 10) == 0 ? "--vocab: " : "", err);
         return rc == KVS_EINVAL ? 2 : 1;
     }
     return 0;

@@ -113,7 +113,7 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
         abort();
     close(fd);
     char err[256];
-    if (model_random_write("tiny", KERN_F32, 1, path, err, sizeof err) ||
+    if (model_random_write("tiny", KERN_F32, 1, NULL, path, err, sizeof err) ||
         kern_backend_new("ref", NULL, &be) || model_load(path, be, &model, err, sizeof err)) {
         fprintf(stderr, "fuzz_request: cannot make the model: %s\n", err);
         abort();

@@ -86,6 +86,24 @@ for mode in multi-turn multi-request; do
     contains "  turn 1  turn 2  turn 3    mean  cached"
     contains "the prefix cache served [5-9][0-9]\.[0-9]% of the prompt tokens after turn 1"
 done
+# model random --vocab: another file's tokenizer and as many embedding rows.
+expect 0 "random with a vocab" "$K" model random --shape llama-draft --dtype q8_0 --vocab "$W/tiny.gguf" --out "$W/draft.gguf"
+expect 0 "info of it" "$K" model info "$W/draft.gguf"
+contains "vocab 259, .*tokenizer gpt2-bytes"
+expect 2 "random with a missing vocab" "$K" model random --shape tiny --dtype f16 --vocab "$W/none.gguf" --out "$W/x.gguf"
+contains "^kvserve model random: --vocab '"
+# eval lengths count the model's tokens: with GPT-2's BPE a 300-token
+# passkey prompt is some 1100 bytes; the prompts' tokens, BOS included, are
+# 301 less the answer's (1 to 3 tokens), at most 2 under where no byte
+# length gives 300 exactly.
+VD=${KVS_VOCAB_DIR:-$(dirname "$0")/../../../shared/data/vocab}
+if [ -f "$VD/ggml-vocab-gpt-2.gguf" ]; then
+    expect 0 "random with gpt-2's vocab" "$K" model random --shape tiny --dtype f16 --vocab "$VD/ggml-vocab-gpt-2.gguf" --out "$W/bpe.gguf"
+    expect 0 "eval in BPE tokens" "$K" eval --model "$W/bpe.gguf" --task passkey --lengths 300 --depths 0.5 --samples 2
+    contains "2 prompts, \(59[0-9]\|600\) tokens"
+else
+    echo "note: no vocab directory $VD, BPE eval not run"
+fi
 expect 1 "run missing model" "$K" run --model "$W/none.gguf" --prompt a
 contains "cannot load model"
 

@@ -47,7 +47,7 @@ setup(void **state)
     close(fd);
     char err[256];
     kern_backend_cfg_t cfg = {.n_threads = 2};
-    if (model_random_write("tiny", KERN_F32, 11, path, err, sizeof err) ||
+    if (model_random_write("tiny", KERN_F32, 11, NULL, path, err, sizeof err) ||
         kern_backend_new("cpu", &cfg, &be) || model_load(path, be, &m, err, sizeof err))
         return -1;
     n_vocab = model_hparams(m)->n_vocab;

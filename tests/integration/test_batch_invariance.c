@@ -59,7 +59,7 @@ setup(void **state)
         return -1;
     close(fd);
     char err[256];
-    if (model_random_write("tiny", KERN_F32, 7, fx.path, err, sizeof err))
+    if (model_random_write("tiny", KERN_F32, 7, NULL, fx.path, err, sizeof err))
         return -1;
     if (model_load(fx.path, fx.be, &fx.m, err, sizeof err))
         return -1;

@@ -601,6 +601,49 @@ test_all_types(void **state)
     expect_print(g, "arr.u8", "arr[u8,3] [1, 2, 3]");
     expect_print(g, "arr.u64", "arr[u64,1] [42]");
     expect_print(g, "arr.bool", "arr[bool,2] [false, true]");
+
+    /* Every value copied verbatim into a new file reads back the same. */
+    char path[512];
+    tmp_path(path, sizeof path);
+    model_gguf_writer_t *w;
+    assert_int_equal(model_gguf_writer_new(&w), 0);
+    for (uint32_t i = 0; i < model_gguf_n_kv(g); i++) {
+        const void *v;
+        size_t n;
+        assert_int_equal(model_gguf_kv_raw(g, i, &v, &n), 0);
+        assert_int_equal(
+            model_gguf_writer_set_raw(w, model_gguf_kv_key(g, i), model_gguf_kv_type(g, i), v, n),
+            0);
+    }
+    size_t n_unused;
+    assert_int_equal(model_gguf_kv_raw(g, 17, &data, &n_unused), KVS_ENOENT);
+    assert_int_equal(
+        model_gguf_writer_set_raw(w, "general.alignment", MODEL_GGUF_UINT32, "\x40\0\0\0", 4),
+        KVS_EINVAL);
+    assert_int_equal(model_gguf_writer_set_raw(w, "bad.type", (model_gguf_type_t)13, "", 0),
+                     KVS_EINVAL);
+    assert_int_equal(model_gguf_writer_set_raw(w, "u8", MODEL_GGUF_UINT8, "\x01", 1),
+                     KVS_EINVAL); /* already set */
+    assert_int_equal(model_gguf_writer_begin(w, path), 0);
+    assert_int_equal(model_gguf_writer_finish(w), 0);
+    model_gguf_writer_free(w);
+    model_gguf_t *c = NULL;
+    assert_int_equal(model_gguf_open(path, &c, err, sizeof err), 0);
+    assert_int_equal(model_gguf_n_kv(c), model_gguf_n_kv(g));
+    for (uint32_t i = 0; i < model_gguf_n_kv(g); i++) {
+        const void *a, *b2;
+        size_t la, lb;
+        assert_string_equal(model_gguf_kv_key(c, i), model_gguf_kv_key(g, i));
+        assert_int_equal(model_gguf_kv_type(c, i), model_gguf_kv_type(g, i));
+        assert_int_equal(model_gguf_kv_raw(g, i, &a, &la), 0);
+        assert_int_equal(model_gguf_kv_raw(c, i, &b2, &lb), 0);
+        assert_int_equal(la, lb);
+        assert_memory_equal(a, b2, la);
+    }
+    expect_print(c, "i64", "i64 -9223372036854775808");
+    expect_print(c, "arr.u8", "arr[u8,3] [1, 2, 3]");
+    model_gguf_close(c);
+    unlink(path);
     model_gguf_close(g);
     free(b.p);
 }

@@ -1,7 +1,8 @@
 /*
  * tests/model/test_model.c — model loading (hyper-parameters, tensor
  * binding, refusal of inconsistent or unsupported files with a message
- * naming the fault), the byte-level tokenizers and the sampler.
+ * naming the fault), the byte-level tokenizers, random models with another
+ * file's vocabulary, and the sampler.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -10,6 +11,7 @@
 #include <cmocka.h>
 
 #include "model/model.h"
+#include "tests/model/vocab_files.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -56,7 +58,7 @@ test_load_tiny(void **state)
     for (size_t i = 0; i < 4; i++) {
         char p[300], err[256] = "";
         path_of(p, sizeof p, "tiny.gguf");
-        assert_int_equal(model_random_write("tiny", types[i], 1, p, err, sizeof err), 0);
+        assert_int_equal(model_random_write("tiny", types[i], 1, NULL, p, err, sizeof err), 0);
         model_t *m;
         assert_int_equal(model_load(p, be, &m, err, sizeof err), 0);
         const model_hparams_t *hp = model_hparams(m);
@@ -84,7 +86,7 @@ test_tokenizer(void **state)
     (void)state;
     char p[300], err[256];
     path_of(p, sizeof p, "tok.gguf");
-    assert_int_equal(model_random_write("tiny", KERN_F32, 1, p, err, sizeof err), 0);
+    assert_int_equal(model_random_write("tiny", KERN_F32, 1, NULL, p, err, sizeof err), 0);
     model_t *m;
     assert_int_equal(model_load(p, be, &m, err, sizeof err), 0);
     const char text[] = "Hi \n\xc3\xa9\x00!";
@@ -108,6 +110,97 @@ test_tokenizer(void **state)
     assert_int_equal(model_tokenize(m, text, sizeof text - 1, false, ids, 3, &n), KVS_ENOSPC);
     assert_int_equal(n, sizeof text - 1);
     model_free(m);
+}
+
+/* ---- random models with another file's vocabulary ------------------------- */
+
+/* Every tokenizer.* key of `from` is in `to` with the same type and bytes. */
+static void
+assert_vocab_copied(const model_gguf_t *from, const model_gguf_t *to)
+{
+    int copied = 0;
+    for (uint32_t i = 0; i < model_gguf_n_kv(from); i++) {
+        const char *key = model_gguf_kv_key(from, i);
+        if (strncmp(key, "tokenizer.", 10) != 0)
+            continue;
+        int64_t j = model_gguf_find_key(to, key);
+        assert_true(j >= 0);
+        assert_int_equal(model_gguf_kv_type(to, (uint32_t)j), model_gguf_kv_type(from, i));
+        const void *a, *b;
+        size_t la, lb;
+        assert_int_equal(model_gguf_kv_raw(from, i, &a, &la), 0);
+        assert_int_equal(model_gguf_kv_raw(to, (uint32_t)j, &b, &lb), 0);
+        assert_int_equal(la, lb);
+        assert_memory_equal(a, b, la);
+        copied++;
+    }
+    assert_true(copied >= 4);
+}
+
+static void
+test_random_vocab(void **state)
+{
+    (void)state;
+    char src[300], dst[300], err[256] = "";
+    path_of(src, sizeof src, "bytes.gguf");
+    path_of(dst, sizeof dst, "draft.gguf");
+    assert_int_equal(model_random_write("tiny", KERN_F16, 1, NULL, src, err, sizeof err), 0);
+    /* The draft shape (Llama 3's 128256 ids, no tokenizer) with tiny's
+     * byte vocabulary: 259 embedding rows, and text it can tokenize. */
+    model_gguf_t *g, *out;
+    assert_int_equal(model_gguf_open(src, &g, err, sizeof err), 0);
+    assert_int_equal(model_random_write("llama-draft", KERN_F16, 2, g, dst, err, sizeof err), 0);
+    assert_int_equal(model_gguf_open(dst, &out, err, sizeof err), 0);
+    assert_vocab_copied(g, out);
+    assert_int_equal(model_gguf_find_tensor(out, "token_embd.weight")->ne[1], 259);
+    model_gguf_close(out);
+    model_gguf_close(g);
+    model_t *m;
+    assert_int_equal(model_load(dst, be, &m, err, sizeof err), 0);
+    assert_int_equal(model_hparams(m)->n_vocab, 259);
+    assert_int_equal(model_hparams(m)->n_layer, 2);
+    assert_string_equal(model_tokenizer_name(m), "gpt2-bytes");
+    model_free(m);
+
+    /* A file without a vocabulary: refused, nothing written. */
+    model_gguf_writer_t *w;
+    assert_int_equal(model_gguf_writer_new(&w), 0);
+    assert_int_equal(model_gguf_writer_set_str(w, "general.architecture", "llama"), 0);
+    assert_int_equal(model_gguf_writer_begin(w, src), 0);
+    assert_int_equal(model_gguf_writer_finish(w), 0);
+    model_gguf_writer_free(w);
+    unlink(dst);
+    assert_int_equal(model_gguf_open(src, &g, err, sizeof err), 0);
+    err[0] = '\0';
+    assert_true(model_random_write("tiny", KERN_F32, 1, g, dst, err, sizeof err) < 0);
+    assert_true(strncmp(err, "vocabulary: ", 12) == 0);
+    assert_int_equal(access(dst, F_OK), -1);
+    model_gguf_close(g);
+
+    /* A real BPE vocabulary: the model tokenizes as the vocab file does. */
+    model_vocab_t *v = vocab_files_load("gpt-2");
+    if (v == NULL) {
+        fprintf(stderr, "note: no gpt-2 vocab file, BPE part not run\n");
+        return;
+    }
+    char path[1200];
+    snprintf(path, sizeof path, "%s/ggml-vocab-gpt-2.gguf", vocab_files_dir());
+    assert_int_equal(model_gguf_open(path, &g, err, sizeof err), 0);
+    assert_int_equal(model_random_write("tiny", KERN_F32, 3, g, dst, err, sizeof err), 0);
+    model_gguf_close(g);
+    assert_int_equal(model_load(dst, be, &m, err, sizeof err), 0);
+    assert_int_equal(model_hparams(m)->n_vocab, model_vocab_n_tokens(v));
+    assert_string_equal(model_tokenizer_name(m), "gpt2-bpe:gpt-2");
+    const char text[] = "The grass is green. The sky is blue. 12345 tokens, caf\xc3\xa9!";
+    int32_t want[64], got[64];
+    size_t nw, ng;
+    assert_int_equal(model_vocab_tokenize(v, text, sizeof text - 1, 0, want, 64, &nw), 0);
+    assert_int_equal(model_tokenize(m, text, sizeof text - 1, false, got, 64, &ng), 0);
+    assert_int_equal(ng, nw);
+    assert_memory_equal(got, want, nw * sizeof *want);
+    assert_true(nw < sizeof text / 2); /* merged, not bytes */
+    model_free(m);
+    model_vocab_free(v);
 }
 
 /* ---- bad models: built with the writer, each refused with a message ------ */
@@ -352,9 +445,8 @@ int
 main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_load_tiny),
-        cmocka_unit_test(test_tokenizer),
-        cmocka_unit_test(test_bad_models),
+        cmocka_unit_test(test_load_tiny),    cmocka_unit_test(test_tokenizer),
+        cmocka_unit_test(test_random_vocab), cmocka_unit_test(test_bad_models),
         cmocka_unit_test(test_sampler),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -47,7 +47,7 @@ group_setup(void **state)
         return -1;
     close(fd);
     char err[256];
-    return model_random_write("tiny", KERN_F32, 11, model_path, err, sizeof err) ? -1 : 0;
+    return model_random_write("tiny", KERN_F32, 11, NULL, model_path, err, sizeof err) ? -1 : 0;
 }
 
 static int

@@ -164,7 +164,7 @@ group_setup(void **state)
         return -1;
     close(fd);
     char err[256];
-    return model_random_write("tiny", KERN_F32, 5, model_path, err, sizeof err);
+    return model_random_write("tiny", KERN_F32, 5, NULL, model_path, err, sizeof err);
 }
 
 static int

@@ -38,7 +38,7 @@ make_model(char *path, uint64_t seed)
         return -1;
     close(fd);
     char err[256];
-    return model_random_write("tiny", KERN_F32, seed, path, err, sizeof err);
+    return model_random_write("tiny", KERN_F32, seed, NULL, path, err, sizeof err);
 }
 
 static int
