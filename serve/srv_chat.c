@@ -128,6 +128,26 @@ srv_chat_detect(const char *tmpl, const char *bos, const char *eos, srv_chat_t *
     return KVS_ENOTSUP;
 }
 
+const char *
+srv_chat_builtin(const char *name)
+{
+    /* Each family's markers, as srv_chat_detect looks for them. */
+    static const struct {
+        const char *name, *tmpl;
+    } builtin[] = {
+        {"llama3", "<|start_header_id|><|end_header_id|><|eot_id|>"},
+        {"llama3.1", "<|start_header_id|><|end_header_id|><|eot_id|>Cutting Knowledge Date: "
+                     "{%- set date_string = \"26 Jul 2024\" %}"},
+        {"llama2", "[INST] <<SYS>> <</SYS>> [/INST]"},
+        {"mistral", "[INST] [/INST]"},
+        {"chatml", "<|im_start|><|im_end|>"},
+    };
+    for (size_t i = 0; name != NULL && i < sizeof builtin / sizeof builtin[0]; i++)
+        if (strcmp(name, builtin[i].name) == 0)
+            return builtin[i].tmpl;
+    return NULL;
+}
+
 void
 srv_chat_free(srv_chat_t *c)
 {

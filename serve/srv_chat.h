@@ -37,6 +37,13 @@ typedef struct srv_chat_msg {
 int srv_chat_detect(const char *tmpl, const char *bos, const char *eos, srv_chat_t *out, char *err,
                     size_t cap);
 void srv_chat_free(srv_chat_t *c);
+/* The families by name, for `serve --chat-template NAME` (as llama.cpp's
+ * --chat-template chatml): a stand-in template that srv_chat_detect
+ * recognises as that family (Llama 3.1 with its template's default date),
+ * or NULL for another name.  SRV_CHAT_NAMES lists them for messages. */
+#define SRV_CHAT_NAMES "llama3, llama3.1, llama2, mistral, chatml"
+#define SRV_CHAT_NAMES_USAGE "llama3|llama3.1|llama2|mistral|chatml"
+const char *srv_chat_builtin(const char *name);
 /* The prompt text (malloc'd, special tokens written as text, BOS included
  * where the template puts it).  KVS_EINVAL with err naming the message at
  * fault (unknown role, system not first, broken alternation), KVS_ENOMEM. */

@@ -102,8 +102,9 @@ typedef struct qev {
 
 typedef struct srv_opts {
     const char *model, *draft, *host, *device, *tls_cert, *tls_key, *tls_ca, *api_key_file;
-    const char *metrics_host; /* NULL: --host */
-    uint32_t metrics_port;    /* 0 with metrics_on: any free port */
+    const char *chat_template; /* --chat-template: a family's name or a file */
+    const char *metrics_host;  /* NULL: --host */
+    uint32_t metrics_port;     /* 0 with metrics_on: any free port */
     bool metrics_on;
     uint32_t port, threads, max_model_len, block_size, num_blocks, max_num_seqs, max_batched;
     uint32_t max_queued, drain_timeout_s, max_streams, engine_nice;
@@ -124,6 +125,7 @@ typedef struct server {
     size_t api_key_len;
     srv_chat_t chat;
     bool have_chat;
+    char *chat_override; /* --chat-template's text, in place of the model's */
     srv_metrics_t *metrics;
     char chat_err[256];
 
@@ -1232,6 +1234,7 @@ static const char usage[] =
     "8]\n"
     "                     [--draft-model PATH] [--prefill full|speculative] [--keep-ratio 0.2]\n"
     "                     [--look-ahead 8] [--spec-chunk 32]\n"
+    "                     [--chat-template " SRV_CHAT_NAMES_USAGE "|FILE]\n"
     "                     [--metrics-port N [--metrics-host H (default: --host)]]\n";
 
 static int
@@ -1277,6 +1280,7 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         O_DRAFT,
         O_METRICS_PORT,
         O_METRICS_HOST,
+        O_CHAT,
         O_HELP,
     };
     static const struct option lo[] = {
@@ -1305,6 +1309,7 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         {"draft-model", 1, 0, O_DRAFT},
         {"metrics-port", 1, 0, O_METRICS_PORT},
         {"metrics-host", 1, 0, O_METRICS_HOST},
+        {"chat-template", 1, 0, O_CHAT},
         SRV_PREFILL_LONGOPTS,
         SRV_KV_LONGOPTS,
         {"help", 0, 0, O_HELP},
@@ -1391,6 +1396,9 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         case O_METRICS_HOST:
             o->metrics_host = optarg;
             break;
+        case O_CHAT:
+            o->chat_template = optarg;
+            break;
         case O_HELP:
             fputs(usage, stdout);
             return 1;
@@ -1475,13 +1483,44 @@ token_text(int32_t id, char *buf, size_t cap)
         snprintf(buf, cap, "%.*s", (int)s.len, s.ptr);
 }
 
+/* --chat-template: a family by name, or a file holding a Jinja template
+ * of a family kvserve renders; refused at start rather than at every chat
+ * request.  0, or KVS_EINVAL after saying why. */
+static int
+chat_override(const char *arg)
+{
+    const char *named = srv_chat_builtin(arg);
+    S.chat_override = named ? strdup(named) : srv_read_file(arg, NULL);
+    if (S.chat_override == NULL) {
+        fprintf(stderr,
+                "kvserve serve: --chat-template: '%s' is neither a template name (%s) nor a "
+                "readable file\n",
+                arg, SRV_CHAT_NAMES);
+        return KVS_EINVAL;
+    }
+    srv_chat_t c;
+    char err[256];
+    int rc = srv_chat_detect(S.chat_override, "", "", &c, err, sizeof err);
+    srv_chat_free(&c);
+    if (rc) {
+        fprintf(stderr,
+                "kvserve serve: --chat-template: '%s' is not a template kvserve can render "
+                "(Llama 3, Llama 2, Mistral or ChatML)\n",
+                arg);
+        return KVS_EINVAL;
+    }
+    return 0;
+}
+
 static void
 chat_up(void)
 {
     model_gguf_str_t t;
     char *tmpl = NULL, bos[64], eos[64];
-    if (model_gguf_get_str(model_gguf(S.m), "tokenizer.chat_template", &t) == 0 &&
-        (tmpl = malloc(t.len + 1)) != NULL) {
+    if (S.chat_override != NULL) {
+        tmpl = strdup(S.chat_override);
+    } else if (model_gguf_get_str(model_gguf(S.m), "tokenizer.chat_template", &t) == 0 &&
+               (tmpl = malloc(t.len + 1)) != NULL) {
         memcpy(tmpl, t.ptr, t.len);
         tmpl[t.len] = '\0';
     }
@@ -1671,6 +1710,11 @@ srv_cmd_serve(int argc, char **argv)
             return 2;
         }
     }
+    if (S.o.chat_template && chat_override(S.o.chat_template)) {
+        free(S.api_key);
+        free(S.chat_override);
+        return 2;
+    }
     signal(SIGPIPE, SIG_IGN);
     S.exit_code = 1;
     S.n_slots = S.o.max_num_seqs + S.o.max_queued;
@@ -1735,6 +1779,7 @@ srv_cmd_serve(int argc, char **argv)
     free(S.slot_gen);
     free(S.api_key);
     srv_chat_free(&S.chat);
+    free(S.chat_override);
     if (S.exit_code == 0)
         KVS_INFOF("serve: stopped");
     return S.exit_code;

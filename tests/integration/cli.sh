@@ -104,6 +104,13 @@ if [ -f "$VD/ggml-vocab-gpt-2.gguf" ]; then
 else
     echo "note: no vocab directory $VD, BPE eval not run"
 fi
+# serve --chat-template: a family's name or a file of one; anything else
+# stops the server at start.
+expect 2 "serve unknown chat template" "$K" serve --chat-template phi3 --port 0
+contains "neither a template name (llama3, llama3.1, llama2, mistral, chatml) nor a readable file"
+echo '{{ messages | tojson }}' >"$W/other.jinja"
+expect 2 "serve a chat template kvserve cannot render" "$K" serve --chat-template "$W/other.jinja" --port 0
+contains "not a template kvserve can render"
 expect 1 "run missing model" "$K" run --model "$W/none.gguf" --prompt a
 contains "cannot load model"
 

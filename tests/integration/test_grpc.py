@@ -1281,6 +1281,53 @@ def check_auth(kvserve, model, work):
         srv.kill()
 
 
+def check_chat_template(kvserve, model, work):
+    """--chat-template gives a model without one (the bundled model) a
+    family: chat requests are rendered with it, and greedy answers equal
+    those to the rendered text sent as token ids."""
+    srv = start_server(kvserve, model, work, "server-chat", ["--chat-template", "chatml"])
+    ch = grpc.insecure_channel(srv.addr)
+    try:
+        api = Api(ch)
+        mi = api.model_info(pb.GetModelInfoRequest(), timeout=5)
+        report("8 chat: GetModelInfo names the --chat-template family",
+               mi.chat_template == "chatml", "chat_template %r" % mi.chat_template)
+        msgs = [("system", "Be brief."), ("user", "The grass is"), ("assistant", " green."),
+                ("user", "The sky is")]
+        r = pb.GenerateRequest()
+        for role, content in msgs:
+            r.chat.messages.add(role=role, content=content)
+        r.sampling.temperature = 0.0
+        r.sampling.max_tokens = 12
+        r.sampling.ignore_eos = True
+        o = collect(api, r, timeout=30)
+        text = "".join("<|im_start|>%s\n%s<|im_end|>\n" % m for m in msgs)
+        text += "<|im_start|>assistant\n"
+        want = collect(api, greedy_req(list(text.encode()), 12), timeout=30)
+        u = o["usage"]
+        report("8 chat: a conversation renders as ChatML (prompt tokens and greedy answer "
+               "as for the rendered text)",
+               o["code"] is None and want["code"] is None and u is not None
+               and u.prompt_tokens == len(text.encode()) and o["tokens"] == want["tokens"]
+               and len(o["tokens"]) == 12,
+               "%s, prompt_tokens %s (want %d); rendered-text answer: %s"
+               % (describe(o), u.prompt_tokens if u else None, len(text.encode()),
+                  describe(want)))
+        r = pb.GenerateRequest()
+        r.chat.messages.add(role="user", content="a")
+        r.chat.messages.add(role="system", content="b")
+        r.sampling.max_tokens = 4
+        o = collect(api, r, timeout=10)
+        report("8 chat: a system message after the first -> INVALID_ARGUMENT naming it",
+               o["code"] == grpc.StatusCode.INVALID_ARGUMENT
+               and "messages[1].role" in o["details"], describe(o))
+        ok, last = wait_idle(api)
+        report("8 chat: every KV block free afterwards", ok, str(last))
+    finally:
+        ch.close()
+        srv.kill()
+
+
 def check_defaults(kvserve, model, work):
     """The engine flags are all optional: the server must come up without
     --num-kv-blocks / --kv-cache-memory and the rest."""
@@ -1500,6 +1547,7 @@ def main():
         check_defaults(kvserve, model, work)
         check_queue_full(kvserve, model, work)
         check_auth(kvserve, model, work)
+        check_chat_template(kvserve, model, work)
         check_tls(kvserve, model, work)
     except Exception as e:  # a broken setup is a failure, not a crash
         import traceback

@@ -177,6 +177,50 @@ test_chatml(void **state)
            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
 }
 
+/* A family by name renders as that family's real template does; with
+ * the families' own special tokens. */
+static void
+render_both(const char *name, const char *real, const char *bos, const char *eos,
+            const srv_chat_msg_t *m, size_t n)
+{
+    const char *stand_in = srv_chat_builtin(name);
+    assert_non_null(stand_in);
+    char *out[2] = {NULL, NULL}, err[256] = "";
+    srv_chat_kind_t kinds[2];
+    const char *tmpls[2] = {stand_in, real};
+    for (int i = 0; i < 2; i++) {
+        srv_chat_t c;
+        assert_int_equal(srv_chat_detect(tmpls[i], bos, eos, &c, err, sizeof err), 0);
+        kinds[i] = c.kind;
+        assert_int_equal(srv_chat_render(&c, m, n, true, &out[i], err, sizeof err), 0);
+        srv_chat_free(&c);
+    }
+    assert_int_equal(kinds[0], kinds[1]);
+    if (strcmp(out[0], out[1]) != 0) {
+        print_error("%s by name: [%s]\ntemplate:     [%s]\n", name, out[0], out[1]);
+        fail();
+    }
+    free(out[0]);
+    free(out[1]);
+}
+
+static void
+test_builtin(void **state)
+{
+    (void)state;
+    render_both("llama3", LLAMA3, "<|begin_of_text|>", "<|eot_id|>", CONV, N_CONV);
+    render_both("llama3.1", LLAMA31, "<|begin_of_text|>", "<|eot_id|>", CONV, N_CONV);
+    render_both("llama3.1", LLAMA31, "<|begin_of_text|>", "<|eot_id|>", CONV + 1, 1);
+    render_both("llama2", LLAMA2, "<s>", "</s>", CONV, N_CONV);
+    render_both("mistral", MISTRAL_V2, "<s>", "</s>", CONV + 1, N_CONV - 1);
+    render_both("chatml", CHATML, "", "<|im_end|>", CONV, N_CONV);
+    render_both("chatml", CHATML, "", "<|im_end|>", CONV + 1, 1);
+    assert_null(srv_chat_builtin("phi3"));
+    assert_null(srv_chat_builtin(""));
+    assert_null(srv_chat_builtin(NULL));
+    assert_non_null(strstr(SRV_CHAT_NAMES, "chatml"));
+}
+
 static void
 refused(const char *tmpl, const srv_chat_msg_t *m, size_t n, const char *needle)
 {
@@ -218,9 +262,10 @@ int
 main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_llama3), cmocka_unit_test(test_llama31),
-        cmocka_unit_test(test_llama2), cmocka_unit_test(test_mistral),
-        cmocka_unit_test(test_chatml), cmocka_unit_test(test_refusals),
+        cmocka_unit_test(test_llama3),  cmocka_unit_test(test_llama31),
+        cmocka_unit_test(test_llama2),  cmocka_unit_test(test_mistral),
+        cmocka_unit_test(test_chatml),  cmocka_unit_test(test_refusals),
+        cmocka_unit_test(test_builtin),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
