@@ -508,6 +508,14 @@ void model_sampler_free(model_sampler_t *s);
  * otherwise top-k, then top-p, then min-p on the tempered distribution,
  * then a draw from the seeded generator (same seed, same tokens). */
 int32_t model_sampler_sample(model_sampler_t *s, const float *logits);
+/* The log-probability of `token` under one row of logits (their
+ * log-softmax: the model's distribution, before temperature and the
+ * truncating filters, as vLLM and OpenAI report it) into *lp, and the
+ * n_top most likely tokens (at most n_vocab), most likely first (ties by
+ * id), with theirs.  Returns how many top entries it wrote, or KVS_EINVAL
+ * for a token outside the vocabulary. */
+int model_logprobs(const float *logits, uint32_t n_vocab, int32_t token, uint32_t n_top, float *lp,
+                   int32_t *top_ids, float *top_lps);
 
 /* ---- random models for benchmarks and tests ----------------------------- */
 

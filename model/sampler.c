@@ -218,3 +218,29 @@ model_sampler_sample(model_sampler_t *s, const float *logits)
     }
     return s->idx[m - 1];
 }
+
+int
+model_logprobs(const float *logits, uint32_t n_vocab, int32_t token, uint32_t n_top, float *lp,
+               int32_t *top_ids, float *top_lps)
+{
+    if (n_vocab == 0 || token < 0 || (uint32_t)token >= n_vocab)
+        return KVS_EINVAL;
+    if (n_top > n_vocab)
+        n_top = n_vocab;
+    /* log-sum-exp about the maximum: expf of a non-positive argument
+     * cannot overflow, and the sum in double keeps 128K terms exact
+     * enough. */
+    float mx = logits[argmax(logits, n_vocab)];
+    double sum = 0.0;
+    for (uint32_t i = 0; i < n_vocab; i++)
+        sum += expf(logits[i] - mx);
+    double lse = (double)mx + log(sum);
+    *lp = (float)((double)logits[token] - lse);
+    if (n_top > 0) {
+        select_top(top_ids, n_vocab, n_top, logits);
+        qsort_r(top_ids, n_top, sizeof *top_ids, cmp_desc, (void *)logits);
+        for (uint32_t k = 0; k < n_top; k++)
+            top_lps[k] = (float)((double)logits[top_ids[k]] - lse);
+    }
+    return (int)n_top;
+}

@@ -105,6 +105,17 @@ typedef struct sched_kv_policy {
     uint32_t kernel;        /* SNAPKV (0: 5; odd) */
 } sched_kv_policy_t;
 
+/* A generated token's log-probability under the model (model_logprobs:
+ * the log-softmax of its logits), and the n_top most likely tokens',
+ * most likely first. */
+enum { SCHED_MAX_LOGPROBS = 20 };
+typedef struct sched_logprobs {
+    float logprob;
+    uint32_t n_top;
+    int32_t top_ids[SCHED_MAX_LOGPROBS];
+    float top_lps[SCHED_MAX_LOGPROBS];
+} sched_logprobs_t;
+
 typedef struct sched_request {
     uint64_t id; /* caller's; unique among live requests */
     const int32_t *prompt;
@@ -117,6 +128,10 @@ typedef struct sched_request {
     model_attn_policy_t attn; /* prefill attention (zero: dense) */
     model_spec_policy_t spec; /* speculative prefill (off: full prefill) */
     sched_kv_policy_t kv;     /* KV eviction or compression (zero: none) */
+    /* Each token event carries its sched_logprobs_t, with top_logprobs
+     * (at most SCHED_MAX_LOGPROBS) alternatives. */
+    bool logprobs;
+    uint32_t top_logprobs;
 } sched_request_t;
 
 typedef enum sched_event_kind {
@@ -129,7 +144,9 @@ typedef struct sched_event {
     kvs_mpsc_node_t node;
     sched_event_kind_t kind;
     uint64_t req_id;
-    int32_t token;         /* TOKEN */
+    int32_t token;     /* TOKEN */
+    bool has_logprobs; /* TOKEN of a request that asked for them */
+    sched_logprobs_t lp;
     sched_finish_t finish; /* FINISH */
     int error;             /* FINISH with ERROR: a KVS_E* code */
     sched_usage_t usage;   /* FINISH */
@@ -275,7 +292,7 @@ typedef void (*sched_step_hook_fn)(void *arg, const model_batch_t *b, const uint
 void sched_set_step_hook(sched_t *s, sched_step_hook_fn fn, void *arg);
 
 /* Sees each row of logits before it is sampled (offline --logits-out,
- * tests; later logprobs).  Thread: engine. */
+ * tests).  Thread: engine. */
 typedef void (*sched_logits_hook_fn)(void *arg, uint64_t req_id, const float *logits,
                                      uint32_t n_vocab);
 void sched_set_logits_hook(sched_t *s, sched_logits_hook_fn fn, void *arg);

@@ -57,7 +57,8 @@ typedef struct req {
     int32_t priority;
     int32_t *tokens;
     uint32_t n_tokens, cap, n_prompt, n_computed, max_tokens;
-    bool ignore_eos, cancelled, admitted_once;
+    bool ignore_eos, cancelled, admitted_once, logprobs;
+    uint32_t top_logprobs;
     model_sampler_t *sampler;
     kv_table_t *table;
     req_state_t state;
@@ -1199,6 +1200,12 @@ main_forward(sched_t *s)
             r->usage.ttft_ns = now - r->t_submit;
         }
         sched_event_t ev = {.kind = SCHED_EV_TOKEN, .req_id = r->id, .token = tok};
+        if (r->logprobs) {
+            int n = model_logprobs(row, s->n_vocab, tok, r->top_logprobs, &ev.lp.logprob,
+                                   ev.lp.top_ids, ev.lp.top_lps);
+            ev.has_logprobs = n >= 0;
+            ev.lp.n_top = n > 0 ? (uint32_t)n : 0;
+        }
         emit(s, &ev);
         sched_finish_t why;
         if (is_finished(s, r, tok, &why))
@@ -1265,7 +1272,8 @@ sched_check_policy(const sched_t *s, const model_attn_policy_t *attn,
 int
 sched_submit(sched_t *s, const sched_request_t *q)
 {
-    if (q->prompt == NULL || q->n_prompt == 0 || q->max_tokens == 0)
+    if (q->prompt == NULL || q->n_prompt == 0 || q->max_tokens == 0 ||
+        q->top_logprobs > SCHED_MAX_LOGPROBS)
         return KVS_EINVAL;
     model_spec_policy_t spec = q->spec;
     model_spec_policy_defaults(&spec);
@@ -1366,6 +1374,8 @@ sched_submit(sched_t *s, const sched_request_t *q)
     r->cap = (uint32_t)total;
     r->max_tokens = q->max_tokens;
     r->ignore_eos = q->ignore_eos;
+    r->logprobs = q->logprobs;
+    r->top_logprobs = q->top_logprobs;
     r->usage.prompt_tokens = q->n_prompt;
     r->t_submit = kvs_now_ns();
     kvs_mpsc_push(&s->inbox, &r->msg.node);

@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <limits.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -20,7 +21,8 @@ static const char gen_usage[] =
     "usage: kvserve generate --addr HOST:PORT (--prompt TEXT | --prompt-tokens 1,2,3)\n"
     "                        [--max-tokens N] [--temperature T] [--top-k K] [--top-p P]\n"
     "                        [--min-p P] [--seed S] [--ignore-eos] [--stop STR]...\n"
-    "                        [--stop-token-ids 1,2] [--priority N] [--cache-salt S]\n"
+    "                        [--stop-token-ids 1,2] [--logprobs N (0..20, with --json)]\n"
+    "                        [--priority N] [--cache-salt S]\n"
     "                        [--request-id S] [--timeout-ms N] [--api-key-file F]\n"
     "                        [--tls-ca F] [--tls-server-name NAME] [--json]\n";
 
@@ -360,6 +362,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         {"ignore-eos", 0, 0, 'e'},
         {"stop", 1, 0, 'x'},
         {"stop-token-ids", 1, 0, 'X'},
+        {"logprobs", 1, 0, 'L'},
         {"priority", 1, 0, 'r'},
         {"cache-salt", 1, 0, 'S'},
         {"request-id", 1, 0, 'i'},
@@ -382,7 +385,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         int rc = srv_conn_opt(C, c, &o->conn);
         if (rc == 1) {
             rc = 0;
-            o->sampling |= strchr("mtkqnsexX", c) != NULL;
+            o->sampling |= strchr("mtkqnsexXL", c) != NULL;
             switch (c) {
             case 'h':
                 fputs(gen_usage, stdout);
@@ -422,6 +425,10 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
                 break;
             case 'e':
                 p->has_ignore_eos = p->ignore_eos = 1;
+                break;
+            case 'L':
+                rc = srv_parse_u32(C, "--logprobs", optarg, 0, SCHED_MAX_LOGPROBS, &p->logprobs);
+                p->has_logprobs = 1;
                 break;
             case 'x':
                 p->stop[p->n_stop++] = optarg;
@@ -489,6 +496,7 @@ typedef struct gen_result {
     size_t n_tokens, cap_tokens;
     char *text, *request_id, *stop_match;
     size_t text_len, cap_text;
+    srv_buf_t logprobs; /* JSON: the tokens' objects, comma-separated */
     Kvserve__V1__FinishReason finish;
     Kvserve__V1__Usage usage;
     uint64_t messages;
@@ -508,6 +516,16 @@ grow(void **p, size_t *cap, size_t need, size_t elem)
     *p = np;
     *cap = n;
     return true;
+}
+
+/* A float as JSON: null where it is not finite (a token the model rules
+ * out has log-probability -inf). */
+static void
+json_float(srv_buf_t *b, float v)
+{
+    char num[32];
+    snprintf(num, sizeof num, isfinite(v) ? "%.9g" : "null", (double)v);
+    srv_buf_puts(b, num);
 }
 
 static bool
@@ -539,11 +557,26 @@ gen_take(gen_result_t *r, const Kvserve__V1__GenerateResponse *m, bool json)
     }
     if (m->usage)
         r->usage = *m->usage;
-    return true;
+    for (size_t i = 0; i < m->n_logprobs; i++) {
+        const Kvserve__V1__TokenLogprob *t = m->logprobs[i];
+        srv_buf_puts(&r->logprobs, r->logprobs.len ? ", {\"logprob\": " : "{\"logprob\": ");
+        json_float(&r->logprobs, t->logprob);
+        srv_buf_puts(&r->logprobs, ", \"top\": [");
+        size_t n = t->n_top_ids < t->n_top_logprobs ? t->n_top_ids : t->n_top_logprobs;
+        for (size_t k = 0; k < n; k++) {
+            char id[24];
+            snprintf(id, sizeof id, "%s[%u, ", k ? ", " : "", t->top_ids[k]);
+            srv_buf_puts(&r->logprobs, id);
+            json_float(&r->logprobs, t->top_logprobs[k]);
+            srv_buf_puts(&r->logprobs, "]");
+        }
+        srv_buf_puts(&r->logprobs, "]}");
+    }
+    return !r->logprobs.oom;
 }
 
 static void
-gen_print_json(const gen_result_t *r)
+gen_print_json(const gen_result_t *r, bool logprobs)
 {
     static const char *const finish[] = {"", "stop", "length", "eos", "cancelled", "error"};
     const Kvserve__V1__Usage *u = &r->usage;
@@ -558,6 +591,8 @@ gen_print_json(const gen_result_t *r)
     printf(", \"finish_reason\": \"%s\", \"stop_match\": ",
            (unsigned)r->finish < sizeof finish / sizeof finish[0] ? finish[r->finish] : "");
     srv_json_str(stdout, sm, strlen(sm));
+    if (logprobs)
+        printf(", \"logprobs\": [%s]", r->logprobs.p ? r->logprobs.p : "");
     printf(", \"usage\": {\"prompt_tokens\": %u, \"cached_prompt_tokens\": %u, "
            "\"computed_prompt_tokens\": %u, \"completion_tokens\": %u, \"preemptions\": %u, "
            "\"queue_time_us\": %llu, \"time_to_first_token_us\": %llu, "
@@ -644,7 +679,7 @@ srv_cmd_generate(int argc, char **argv)
     if (!o.json && (r.text_len || c.status == GRPC_STATUS_OK))
         putchar('\n');
     if ((status = report_status(C, &c)) == 0 && o.json)
-        gen_print_json(&r);
+        gen_print_json(&r, o.sp.has_logprobs);
 out_call:
     client_close(&c);
     grpc_byte_buffer_destroy(req_bb);
@@ -652,6 +687,7 @@ out_call:
     free(r.text);
     free(r.request_id);
     free(r.stop_match);
+    free(r.logprobs.p);
 out_opts:
     free(ca);
     free(bearer);

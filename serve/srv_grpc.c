@@ -81,8 +81,9 @@ typedef struct call {
     sched_finish_t fin;
     int fin_err;
     sched_usage_t usage;
-    int32_t *toks;   /* produced, not yet sent */
-    uint64_t *tok_t; /* when the engine queued each */
+    int32_t *toks;         /* produced, not yet sent */
+    uint64_t *tok_t;       /* when the engine queued each */
+    sched_logprobs_t *lps; /* theirs, where sampling.logprobs asked */
     size_t n_toks, cap_toks;
     uint64_t msg_t_sum; /* the message in flight: its tokens' queue times */
     uint32_t msg_n;
@@ -276,6 +277,7 @@ call_free(call_t *c)
     srv_gen_req_free(&c->g);
     free(c->toks);
     free(c->tok_t);
+    free(c->lps);
     free(c->text.p);
     grpc_byte_buffer_destroy(c->req_bb);
     grpc_byte_buffer_destroy(c->send_bb);
@@ -503,6 +505,55 @@ check_stop(call_t *c, int32_t tok)
 
 static void gen_log(const call_t *c);
 
+/* The logprobs of a message's tokens, as protobuf-c wants them: one
+ * TokenLogprob each, their top ids as uint32. */
+typedef struct logprobs_msg {
+    Kvserve__V1__TokenLogprob *tl, **ptrs;
+    uint32_t *ids;
+} logprobs_msg_t;
+
+static void
+logprobs_msg_free(logprobs_msg_t *m)
+{
+    free(m->tl);
+    free(m->ptrs);
+    free(m->ids);
+}
+
+/* Fills r's logprobs from c's pending tokens where the request asked for
+ * them; false when out of memory. */
+static bool
+logprobs_msg(const call_t *c, logprobs_msg_t *m, Kvserve__V1__GenerateResponse *r)
+{
+    if (c->lps == NULL || c->n_toks == 0)
+        return true;
+    size_t n_ids = 0;
+    for (size_t i = 0; i < c->n_toks; i++)
+        n_ids += c->lps[i].n_top;
+    m->tl = calloc(c->n_toks, sizeof *m->tl);
+    m->ptrs = calloc(c->n_toks, sizeof *m->ptrs);
+    m->ids = malloc((n_ids ? n_ids : 1) * sizeof *m->ids);
+    if (!m->tl || !m->ptrs || !m->ids)
+        return false;
+    for (size_t i = 0, at = 0; i < c->n_toks; i++) {
+        const sched_logprobs_t *lp = &c->lps[i];
+        Kvserve__V1__TokenLogprob *t = &m->tl[i];
+        kvserve__v1__token_logprob__init(t);
+        t->has_logprob = true;
+        t->logprob = lp->logprob;
+        for (uint32_t k = 0; k < lp->n_top; k++)
+            m->ids[at + k] = (uint32_t)lp->top_ids[k];
+        t->n_top_ids = t->n_top_logprobs = lp->n_top;
+        t->top_ids = m->ids + at;
+        t->top_logprobs = (float *)lp->top_lps;
+        at += lp->n_top;
+        m->ptrs[i] = t;
+    }
+    r->n_logprobs = c->n_toks;
+    r->logprobs = m->ptrs;
+    return true;
+}
+
 /* Sends what is pending when no send is in flight: all produced tokens in
  * one message; the last message carries the finish reason and usage. */
 static void
@@ -527,6 +578,7 @@ gen_pump(call_t *c)
     if (c->n_toks == 0 && ready == 0 && !done)
         return;
     Kvserve__V1__GenerateResponse r = KVSERVE__V1__GENERATE_RESPONSE__INIT;
+    logprobs_msg_t lm = {0};
     uint32_t *ids = malloc((c->n_toks ? c->n_toks : 1) * sizeof *ids);
     /* proto3 strings are UTF-8, which clients check (grpcio hands Python
      * bytes instead, Go and Java refuse the message): a token can end
@@ -534,10 +586,11 @@ gen_pump(call_t *c)
     bool want_match = done && c->stop_match[0];
     char *txt = srv_utf8_valid(c->text.p ? c->text.p : "", ready);
     char *match = want_match ? srv_utf8_valid(c->stop_match, strlen(c->stop_match)) : NULL;
-    if (!ids || !txt || (want_match && !match)) {
+    if (!ids || !txt || (want_match && !match) || !logprobs_msg(c, &lm, &r)) {
         free(ids);
         free(txt);
         free(match);
+        logprobs_msg_free(&lm);
         grpc_call_cancel(c->call, NULL);
         return;
     }
@@ -579,6 +632,7 @@ gen_pump(call_t *c)
     free(ids);
     free(txt);
     free(match);
+    logprobs_msg_free(&lm);
     if (!ok)
         return;
     c->msg_n = (uint32_t)c->n_toks;
@@ -727,6 +781,29 @@ health_changed(void)
         watch_pump(w);
 }
 
+/* Doubles the room for produced tokens (their times and log-probabilities
+ * too); on failure the room stays as it was. */
+static void
+toks_grow(call_t *c)
+{
+    size_t cap = c->cap_toks ? 2 * c->cap_toks : 16;
+    int32_t *t = realloc(c->toks, cap * sizeof *t);
+    if (t == NULL)
+        return;
+    c->toks = t;
+    uint64_t *tt = realloc(c->tok_t, cap * sizeof *tt);
+    if (tt == NULL)
+        return;
+    c->tok_t = tt;
+    if (c->g.sr.logprobs) {
+        sched_logprobs_t *lp = realloc(c->lps, cap * sizeof *lp);
+        if (lp == NULL)
+            return;
+        c->lps = lp;
+    }
+    c->cap_toks = cap;
+}
+
 static void
 on_engine(uv_async_t *h)
 {
@@ -739,19 +816,12 @@ on_engine(uv_async_t *h)
                 c->stopped = true;
                 sched_cancel(S.sched, c->id);
             } else {
-                if (c->n_toks == c->cap_toks) {
-                    size_t cap = c->cap_toks ? 2 * c->cap_toks : 16;
-                    int32_t *t = realloc(c->toks, cap * sizeof *t);
-                    if (t)
-                        c->toks = t;
-                    uint64_t *tt = t ? realloc(c->tok_t, cap * sizeof *tt) : NULL;
-                    if (tt) {
-                        c->tok_t = tt;
-                        c->cap_toks = cap;
-                    }
-                }
+                if (c->n_toks == c->cap_toks)
+                    toks_grow(c);
                 if (c->n_toks < c->cap_toks) {
                     c->tok_t[c->n_toks] = ev->t_ns;
+                    if (c->lps)
+                        c->lps[c->n_toks] = ev->has_logprobs ? ev->lp : (sched_logprobs_t){0};
                     c->toks[c->n_toks++] = ev->token;
                 }
             }

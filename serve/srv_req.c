@@ -314,6 +314,14 @@ check_sampling(const Kvserve__V1__SamplingParams *sp, const srv_limits_t *lim, s
     out->stop_ids = sp->stop_token_ids;
     out->n_stop_ids = sp->n_stop_token_ids;
     out->sr.ignore_eos = sp->has_ignore_eos && sp->ignore_eos;
+    if (sp->has_logprobs) {
+        if (sp->logprobs > SCHED_MAX_LOGPROBS)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "sampling.logprobs: %u is outside [0, %d]", sp->logprobs,
+                        SCHED_MAX_LOGPROBS);
+        out->sr.logprobs = true;
+        out->sr.top_logprobs = sp->logprobs;
+    }
     return GRPC_STATUS_OK;
 }
 

@@ -238,7 +238,7 @@ def collect(api, req, timeout=60, metadata=None, raw=False):
     """Runs one Generate to its end.  Returns a dict: code (grpc.StatusCode or
     None for OK), details, tokens, text, finish, request_id, messages."""
     out = {"code": None, "details": "", "tokens": [], "text": "", "finish": None,
-           "request_id": None, "messages": 0, "usage": None}
+           "request_id": None, "messages": 0, "usage": None, "logprobs": []}
     md = api.md if metadata is None else metadata
     call = (api.raw_generate if raw else api.generate)(req, timeout=timeout, metadata=md)
     try:
@@ -249,6 +249,7 @@ def collect(api, req, timeout=60, metadata=None, raw=False):
             if r.HasField("request_id") and out["request_id"] is None:
                 out["request_id"] = r.request_id
             out["tokens"].extend(r.token_ids)
+            out["logprobs"].extend(r.logprobs)
             out["text"] += r.text
             if r.HasField("finish_reason"):
                 out["finish"] = r.finish_reason
@@ -451,6 +452,64 @@ def check_greedy(api, kvserve, model, addr):
             report("1 greedy %s: Node @grpc/grpc-js == run" % label, got == want,
                    "" if got == want else "got %s, want %s (%s)" % (got, want, info))
     return refs
+
+
+def check_logprobs(api, kvserve, model, work, addr):
+    """sampling.logprobs against the logits `kvserve run --logits-out`
+    writes for the same greedy run: each token's log-softmax, and the most
+    likely tokens in order (ties by id); the C client prints them too."""
+    name = "1 logprobs: the log-softmax of run's logits, top 5 in order"
+    try:
+        import numpy as np
+    except ImportError:
+        skip(name, "numpy missing (Debian: python3-numpy)")
+        return
+    n = 8
+    npy = os.path.join(work, "logprobs-ref.npy")
+    cmd = [kvserve, "run", "--model", model, "--temperature", "0", "--ignore-eos",
+           "--max-tokens", str(n), "--json", "--logits-out", npy,
+           "--prompt-tokens", ",".join(map(str, TOKEN_PROMPT))] + ENGINE_FLAGS
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        report(name, False, "kvserve run exit %d: %s" % (r.returncode, r.stderr[-300:]))
+        return
+    ref = json.loads(r.stdout)["tokens"]
+    rows = np.load(npy).astype(np.float64)
+    req = greedy_req(TOKEN_PROMPT, n)
+    req.sampling.logprobs = 5
+    o = collect(api, req)
+    problems = []
+    if o["code"] is not None or o["tokens"] != ref or len(o["logprobs"]) != n:
+        problems.append("%s, tokens %s (run: %s), %d logprobs"
+                        % (describe(o), o["tokens"], ref, len(o["logprobs"])))
+    for i, (tok, lp) in enumerate(zip(o["tokens"], o["logprobs"])):
+        row = rows[i]
+        ls = row - (row.max() + np.log(np.exp(row - row.max()).sum()))
+        order = sorted(range(len(row)), key=lambda v: (-row[v], v))[:5]
+        if abs(lp.logprob - ls[tok]) > 1e-4:
+            problems.append("token %d: logprob %.6f, want %.6f" % (i, lp.logprob, ls[tok]))
+        if list(lp.top_ids) != order:
+            problems.append("token %d: top %s, want %s" % (i, list(lp.top_ids), order))
+        elif max(abs(a - ls[v]) for a, v in zip(lp.top_logprobs, order)) > 1e-4:
+            problems.append("token %d: top logprobs %s" % (i, list(lp.top_logprobs)))
+    report(name, not problems, "; ".join(problems[:3]))
+    plain = collect(api, greedy_req(TOKEN_PROMPT, 4))
+    report("1 logprobs: none unless asked", plain["code"] is None and not plain["logprobs"],
+           describe(plain))
+    got = subprocess.run([kvserve, "generate", "--addr", addr, "--temperature", "0",
+                          "--ignore-eos", "--max-tokens", "4", "--json", "--logprobs", "2",
+                          "--prompt-tokens", ",".join(map(str, TOKEN_PROMPT))],
+                         capture_output=True, text=True, timeout=60)
+    try:
+        doc = json.loads(got.stdout)
+        lps = doc["logprobs"]
+        ok = (len(lps) == 4 and all(len(t["top"]) == 2 for t in lps)
+              and abs(lps[0]["logprob"] - o["logprobs"][0].logprob) < 1e-6
+              and lps[0]["top"][0][0] == o["logprobs"][0].top_ids[0])
+        detail = "" if ok else got.stdout[:300]
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        ok, detail = False, "%s: %s %s" % (e, got.stdout[:200], got.stderr[-200:])
+    report("1 logprobs: kvserve generate --logprobs 2 --json", ok, detail)
 
 
 def concurrent_prompts():
@@ -864,6 +923,7 @@ def check_bad_requests(api, vocab):
     expect("top_p 1.5", samp(top_p=1.5), IA, "sampling.top_p")
     expect("min_p 2", samp(min_p=2.0), IA, "sampling.min_p")
     expect("max_tokens 0", samp(max_tokens=0), IA, "sampling.max_tokens")
+    expect("logprobs 21", samp(logprobs=21), IA, "sampling.logprobs")
     r = pb.GenerateRequest()
     r.sampling.max_tokens = 8
     expect("no prompt (oneof unset)", r, IA)
@@ -1529,6 +1589,7 @@ def main():
             check_health(api)
             c_health(kvserve, srv.addr, "5")
             refs = check_greedy(api, kvserve, model, srv.addr)
+            check_logprobs(api, kvserve, model, work, srv.addr)
             if "text" in refs:
                 check_tokenize(api, refs["text"])
             check_concurrent(api)

@@ -366,6 +366,53 @@ test_bad_models(void **state)
 
 /* ---- sampler --------------------------------------------------------------- */
 
+/* model_logprobs against a double log-softmax over Llama 3's vocabulary
+ * size, with ties, a ruled-out token (-inf) and a spread wide enough that
+ * a naive exp-sum would overflow. */
+static void
+test_logprobs(void **state)
+{
+    (void)state;
+    enum { V = 128256 };
+    float *x = malloc(V * sizeof *x);
+    assert_non_null(x);
+    uint64_t r = 12345;
+    for (uint32_t i = 0; i < V; i++) {
+        r = r * 6364136223846793005ull + 1442695040888963407ull;
+        x[i] = (float)((int64_t)(r >> 33) % 4000) / 100.0f; /* 0 .. 40 */
+    }
+    x[77] = x[78] = 95.0f; /* tied best: ids in order */
+    x[5] = 94.0f;
+    x[6] = -INFINITY;
+    double mx = 95.0, sum = 0.0;
+    for (uint32_t i = 0; i < V; i++)
+        sum += exp((double)x[i] - mx);
+    double lse = mx + log(sum);
+    float lp, top_lps[4];
+    int32_t top[4];
+    assert_int_equal(model_logprobs(x, V, 5, 4, &lp, top, top_lps), 4);
+    assert_float_equal(lp, 94.0 - lse, 1e-6);
+    assert_int_equal(top[0], 77);
+    assert_int_equal(top[1], 78);
+    assert_int_equal(top[2], 5);
+    assert_float_equal(top_lps[0], 95.0 - lse, 1e-6);
+    assert_float_equal(top_lps[1], top_lps[0], 0.0);
+    assert_float_equal(top_lps[2], 94.0 - lse, 1e-6);
+    assert_true(top_lps[3] < top_lps[2]);
+    assert_true(x[top[3]] <= 40.0f);
+    assert_int_equal(model_logprobs(x, V, 6, 0, &lp, NULL, NULL), 0);
+    assert_true(isinf(lp) && lp < 0);
+    assert_int_equal(model_logprobs(x, V, V, 1, &lp, top, top_lps), KVS_EINVAL);
+    assert_int_equal(model_logprobs(x, V, -1, 1, &lp, top, top_lps), KVS_EINVAL);
+    /* More alternatives than tokens: every token, in order. */
+    float two[2] = {-1.0f, 3.0f};
+    assert_int_equal(model_logprobs(two, 2, 0, 4, &lp, top, top_lps), 2);
+    assert_int_equal(top[0], 1);
+    assert_int_equal(top[1], 0);
+    assert_float_equal(expf(top_lps[0]) + expf(top_lps[1]), 1.0, 1e-6);
+    free(x);
+}
+
 static void
 test_sampler(void **state)
 {
@@ -447,7 +494,7 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_load_tiny),    cmocka_unit_test(test_tokenizer),
         cmocka_unit_test(test_random_vocab), cmocka_unit_test(test_bad_models),
-        cmocka_unit_test(test_sampler),
+        cmocka_unit_test(test_sampler),      cmocka_unit_test(test_logprobs),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

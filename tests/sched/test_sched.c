@@ -14,6 +14,7 @@
 #include "kernels/kern_int.h"
 #include "sched/sched.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -559,6 +560,118 @@ test_real_preemption_same_tokens(void **state)
     engine_close(&e);
 }
 
+/* Logprobs: each token event of a request that asks carries the
+ * log-softmax of the row it was sampled from (seen by the logits hook,
+ * recomputed here in double), the sampled token's among them, and the
+ * most likely tokens in order; a request that does not ask gets none, and
+ * too many alternatives are refused. */
+enum { LP_REQS = 3, LP_TOKENS = 6, LP_VOCAB = 259 };
+
+typedef struct lp_rows {
+    float row[LP_REQS][LP_TOKENS][LP_VOCAB];
+    uint32_t n[LP_REQS];
+} lp_rows_t;
+
+static void
+keep_row(void *arg, uint64_t id, const float *logits, uint32_t n_vocab)
+{
+    lp_rows_t *r = arg;
+    assert_int_equal(n_vocab, LP_VOCAB);
+    if (id < LP_REQS && r->n[id] < LP_TOKENS)
+        memcpy(r->row[id][r->n[id]++], logits, sizeof r->row[0][0]);
+}
+
+static void
+test_logprobs(void **state)
+{
+    (void)state;
+    sched_cfg_t cfg = {.max_num_seqs = 4,
+                       .max_num_batched_tokens = 64,
+                       .block_tokens = 16,
+                       .n_blocks = 32,
+                       .kv_dtype = KERN_F32};
+    engine_t e;
+    engine_open(&e, false, &cfg);
+    static lp_rows_t rows;
+    memset(&rows, 0, sizeof rows);
+    sched_set_logits_hook(e.s, keep_row, &rows);
+    int32_t prompt[24];
+    for (int i = 0; i < 24; i++)
+        prompt[i] = (i * 37 + 11) % 256;
+    /* 0: greedy with 5 alternatives; 1: sampled, the token's alone; 2: none. */
+    const uint32_t top[LP_REQS] = {5, 0, 0};
+    const bool want[LP_REQS] = {true, true, false};
+    for (uint64_t id = 0; id < LP_REQS; id++) {
+        sched_request_t r = {
+            .id = id,
+            .prompt = prompt,
+            .n_prompt = 24,
+            .max_tokens = LP_TOKENS,
+            .ignore_eos = true,
+            .sampling = {.temperature = id == 1 ? 1.5f : 0.0f, .top_p = 1.0f, .seed = 7},
+            .logprobs = want[id],
+            .top_logprobs = top[id]};
+        assert_int_equal(sched_submit(e.s, &r), 0);
+    }
+    sched_request_t too_many = {.id = 9,
+                                .prompt = prompt,
+                                .n_prompt = 24,
+                                .max_tokens = 2,
+                                .sampling = {.top_p = 1.0f},
+                                .logprobs = true,
+                                .top_logprobs = SCHED_MAX_LOGPROBS + 1};
+    assert_int_equal(sched_submit(e.s, &too_many), KVS_EINVAL);
+    uint32_t seen[LP_REQS] = {0}, finished = 0;
+    for (int step = 0; step < 200 && finished < LP_REQS; step++) {
+        assert_true(sched_step(e.s) >= 0);
+        sched_event_t *ev;
+        while ((ev = sched_poll(e.s)) != NULL) {
+            uint64_t id = ev->req_id;
+            assert_true(id < LP_REQS);
+            if (ev->kind == SCHED_EV_FINISH) {
+                finished++;
+                sched_event_free(ev);
+                continue;
+            }
+            uint32_t k = seen[id]++;
+            assert_true(k < rows.n[id]);
+            assert_int_equal(ev->has_logprobs, want[id]);
+            if (want[id]) {
+                const float *row = rows.row[id][k];
+                double mx = row[0], sum = 0.0;
+                for (int v = 1; v < LP_VOCAB; v++)
+                    mx = row[v] > mx ? row[v] : mx;
+                for (int v = 0; v < LP_VOCAB; v++)
+                    sum += exp((double)row[v] - mx);
+                double lse = mx + log(sum);
+                assert_float_equal(ev->lp.logprob, row[ev->token] - lse, 1e-5);
+                assert_true(ev->lp.logprob <= 0.0f);
+                assert_int_equal(ev->lp.n_top, top[id]);
+                for (uint32_t t = 0; t < ev->lp.n_top; t++) {
+                    int32_t tid = ev->lp.top_ids[t];
+                    assert_float_equal(ev->lp.top_lps[t], row[tid] - lse, 1e-5);
+                    if (t > 0)
+                        assert_true(ev->lp.top_lps[t] <= ev->lp.top_lps[t - 1]);
+                    /* Nothing outside the top ranks above its last. */
+                    for (int v = 0; v < LP_VOCAB && t + 1 == ev->lp.n_top; v++) {
+                        bool listed = false;
+                        for (uint32_t u = 0; u < ev->lp.n_top; u++)
+                            listed |= ev->lp.top_ids[u] == v;
+                        assert_true(listed || row[v] <= row[tid]);
+                    }
+                }
+                if (id == 0) /* greedy: the sampled token is the most likely */
+                    assert_int_equal(ev->lp.top_ids[0], ev->token);
+            }
+            sched_event_free(ev);
+        }
+    }
+    assert_int_equal(finished, LP_REQS);
+    for (uint64_t id = 0; id < LP_REQS; id++)
+        assert_int_equal(seen[id], LP_TOKENS);
+    engine_close(&e);
+}
+
 /* A device that fails for good mid-run: the requests of the failed step
  * end with KVS_EDEVICE and give back their blocks, later ones fail the
  * same way, and the load snapshot says so (the server's health reads it). */
@@ -662,6 +775,7 @@ main(void)
         cmocka_unit_test(test_prefix_cache_and_salt),
         cmocka_unit_test(test_real_preemption_same_tokens),
         cmocka_unit_test(test_kv_sized_by_bytes),
+        cmocka_unit_test(test_logprobs),
         cmocka_unit_test(test_device_failure),
         cmocka_unit_test(test_engine_thread),
     };
