@@ -496,17 +496,31 @@ typedef struct model_sampling {
     float top_p;       /* 1 = off */
     float min_p;       /* 0 = off */
     uint64_t seed;
+    /* vLLM's penalties, applied to the logits before the rest: a logit of
+     * a token in the prompt or the output so far is divided by
+     * repetition_penalty where positive, multiplied where not (0 or 1 =
+     * off); then each output token's logit loses frequency_penalty per
+     * occurrence and presence_penalty once (0 = off). */
+    float repetition_penalty, presence_penalty, frequency_penalty;
 } model_sampling_t;
 
 typedef struct model_sampler model_sampler_t;
 
 /* Returns 0, KVS_EINVAL (temperature < 0, top_p outside (0,1], min_p
- * outside [0,1], top_k < 0) or KVS_ENOMEM. */
+ * outside [0,1], top_k < 0, a repetition penalty < 0, presence or
+ * frequency penalty outside [-2, 2], any of them not finite) or
+ * KVS_ENOMEM. */
 int model_sampler_new(const model_sampling_t *cfg, uint32_t n_vocab, model_sampler_t **out);
 void model_sampler_free(model_sampler_t *s);
-/* Picks the next token from one row of logits: greedy at temperature 0,
- * otherwise top-k, then top-p, then min-p on the tempered distribution,
- * then a draw from the seeded generator (same seed, same tokens). */
+/* What the penalties look at: the prompt's tokens (for the repetition
+ * penalty) and each output token once sampled.  No-ops without
+ * penalties; ids outside the vocabulary are ignored. */
+void model_sampler_prompt(model_sampler_t *s, const int32_t *tokens, uint32_t n);
+void model_sampler_accept(model_sampler_t *s, int32_t token);
+/* Picks the next token from one row of logits: the penalties, then greedy
+ * at temperature 0, otherwise top-k, then top-p, then min-p on the
+ * tempered distribution, then a draw from the seeded generator (same
+ * seed, same tokens). */
 int32_t model_sampler_sample(model_sampler_t *s, const float *logits);
 /* The log-probability of `token` under one row of logits (their
  * log-softmax: the model's distribution, before temperature and the

@@ -1,13 +1,15 @@
 /*
  * model/sampler.c — picks the next token from a row of logits: greedy, or
  * temperature with top-k, top-p (nucleus) and min-p filters and a seeded
- * xoshiro256** generator, so one seed always gives the same tokens.
+ * xoshiro256** generator, so one seed always gives the same tokens; and
+ * vLLM's repetition, presence and frequency penalties before them.
  * Called by sched/ once per sequence per step (engine thread).
  */
 #include "model_int.h"
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 struct model_sampler {
     model_sampling_t cfg;
@@ -15,6 +17,13 @@ struct model_sampler {
     uint64_t s[4];
     float *prob;  /* [n_vocab] */
     int32_t *idx; /* [n_vocab] candidate ids */
+    /* Penalties (NULL without): output occurrences and prompt presence
+     * per id, the ids seen (each once), and the penalized row. */
+    uint32_t *count;
+    uint8_t *in_prompt;
+    int32_t *seen;
+    uint32_t n_seen;
+    float *work;
 };
 
 static uint64_t
@@ -48,6 +57,8 @@ model_sampler_new(const model_sampling_t *cfg, uint32_t n_vocab, model_sampler_t
     *out = NULL;
     if (!(cfg->temperature >= 0.0f) || !isfinite(cfg->temperature) || cfg->top_k < 0 ||
         !(cfg->top_p > 0.0f && cfg->top_p <= 1.0f) || !(cfg->min_p >= 0.0f && cfg->min_p <= 1.0f) ||
+        !(cfg->repetition_penalty >= 0.0f) || !isfinite(cfg->repetition_penalty) ||
+        !(fabsf(cfg->presence_penalty) <= 2.0f) || !(fabsf(cfg->frequency_penalty) <= 2.0f) ||
         n_vocab == 0)
         return KVS_EINVAL;
     model_sampler_t *s = calloc(1, sizeof *s);
@@ -58,16 +69,79 @@ model_sampler_new(const model_sampling_t *cfg, uint32_t n_vocab, model_sampler_t
     uint64_t x = cfg->seed;
     for (int i = 0; i < 4; i++)
         s->s[i] = splitmix64(&x);
+    if (s->cfg.repetition_penalty == 0.0f)
+        s->cfg.repetition_penalty = 1.0f;
+    bool pen = s->cfg.repetition_penalty != 1.0f || cfg->presence_penalty != 0.0f ||
+               cfg->frequency_penalty != 0.0f;
+    if (pen) {
+        s->count = calloc(n_vocab, sizeof *s->count);
+        s->in_prompt = calloc(n_vocab, 1);
+        s->seen = malloc(n_vocab * sizeof *s->seen);
+        s->work = malloc(n_vocab * sizeof *s->work);
+    }
     if (cfg->temperature > 0.0f) {
         s->prob = malloc(n_vocab * sizeof *s->prob);
         s->idx = malloc(n_vocab * sizeof *s->idx);
-        if (!s->prob || !s->idx) {
-            model_sampler_free(s);
-            return KVS_ENOMEM;
-        }
+    }
+    if ((pen && (!s->count || !s->in_prompt || !s->seen || !s->work)) ||
+        (cfg->temperature > 0.0f && (!s->prob || !s->idx))) {
+        model_sampler_free(s);
+        return KVS_ENOMEM;
     }
     *out = s;
     return 0;
+}
+
+static void
+see(model_sampler_t *s, int32_t t)
+{
+    if (s->count[t] == 0 && !s->in_prompt[t])
+        s->seen[s->n_seen++] = t;
+}
+
+void
+model_sampler_prompt(model_sampler_t *s, const int32_t *tokens, uint32_t n)
+{
+    if (s->count == NULL || s->cfg.repetition_penalty == 1.0f)
+        return; /* the prompt counts for the repetition penalty alone */
+    for (uint32_t i = 0; i < n; i++) {
+        int32_t t = tokens[i];
+        if (t >= 0 && (uint32_t)t < s->n_vocab) {
+            see(s, t);
+            s->in_prompt[t] = 1;
+        }
+    }
+}
+
+void
+model_sampler_accept(model_sampler_t *s, int32_t t)
+{
+    if (s->count == NULL || t < 0 || (uint32_t)t >= s->n_vocab)
+        return;
+    see(s, t);
+    if (s->count[t] < UINT32_MAX)
+        s->count[t]++;
+}
+
+/* The row with the penalties applied to the ids seen, as vLLM orders
+ * them: repetition first, then frequency and presence. */
+static const float *
+penalize(model_sampler_t *s, const float *logits)
+{
+    if (s->count == NULL || s->n_seen == 0)
+        return logits;
+    memcpy(s->work, logits, s->n_vocab * sizeof *s->work);
+    const model_sampling_t *c = &s->cfg;
+    for (uint32_t i = 0; i < s->n_seen; i++) {
+        int32_t t = s->seen[i];
+        float x = s->work[t];
+        if (c->repetition_penalty != 1.0f)
+            x = x > 0.0f ? x / c->repetition_penalty : x * c->repetition_penalty;
+        if (s->count[t] > 0)
+            x -= c->frequency_penalty * (float)s->count[t] + c->presence_penalty;
+        s->work[t] = x;
+    }
+    return s->work;
 }
 
 void
@@ -77,6 +151,10 @@ model_sampler_free(model_sampler_t *s)
         return;
     free(s->prob);
     free(s->idx);
+    free(s->count);
+    free(s->in_prompt);
+    free(s->seen);
+    free(s->work);
     free(s);
 }
 
@@ -163,6 +241,7 @@ model_sampler_sample(model_sampler_t *s, const float *logits)
 {
     const model_sampling_t *c = &s->cfg;
     uint32_t n = s->n_vocab;
+    logits = penalize(s, logits);
     if (c->temperature == 0.0f)
         return argmax(logits, n);
 

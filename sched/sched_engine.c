@@ -1194,6 +1194,7 @@ main_forward(sched_t *s)
         if (s->logits_hook)
             s->logits_hook(s->logits_arg, r->id, row, s->n_vocab);
         int32_t tok = model_sampler_sample(r->sampler, row);
+        model_sampler_accept(r->sampler, tok);
         r->tokens[r->n_tokens++] = tok; /* capacity reserved at submit */
         if (r->t_first_token == 0) {
             r->t_first_token = now;
@@ -1309,6 +1310,7 @@ sched_submit(sched_t *s, const sched_request_t *q)
         free(r);
         return rc;
     }
+    model_sampler_prompt(r->sampler, q->prompt, q->n_prompt);
     r->tokens = malloc(total * sizeof *r->tokens);
     if (r->tokens == NULL) {
         req_free(r);

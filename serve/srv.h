@@ -32,6 +32,9 @@ int srv_parse_u32(const char *cmd, const char *flag, const char *s, uint32_t lo,
                   uint32_t *out);
 int srv_parse_u64(const char *cmd, const char *flag, const char *s, uint64_t *out);
 int srv_parse_f32(const char *cmd, const char *flag, const char *s, float lo, float hi, float *out);
+/* The repetition penalty's range (vLLM wants it positive; 1 is off). */
+#define SRV_REP_PENALTY_MIN 1e-3f
+#define SRV_REP_PENALTY_MAX 100.0f
 /* KV cache flags shared by run, eval and serve:
  *   --kv-cache-dtype f16|f32|bf16|q8_0|fp8|q4  (bf16 and the quantized
  *   kinds keep full blocks in that codec, the growing tail in f16)

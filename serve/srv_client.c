@@ -20,7 +20,8 @@
 static const char gen_usage[] =
     "usage: kvserve generate --addr HOST:PORT (--prompt TEXT | --prompt-tokens 1,2,3)\n"
     "                        [--max-tokens N] [--temperature T] [--top-k K] [--top-p P]\n"
-    "                        [--min-p P] [--seed S] [--ignore-eos] [--stop STR]...\n"
+    "                        [--min-p P] [--repetition-penalty R] [--presence-penalty P]\n"
+    "                        [--frequency-penalty F] [--seed S] [--ignore-eos] [--stop STR]...\n"
     "                        [--stop-token-ids 1,2] [--logprobs N (0..20, with --json)]\n"
     "                        [--priority N] [--cache-salt S]\n"
     "                        [--request-id S] [--timeout-ms N] [--api-key-file F]\n"
@@ -363,6 +364,9 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         {"stop", 1, 0, 'x'},
         {"stop-token-ids", 1, 0, 'X'},
         {"logprobs", 1, 0, 'L'},
+        {"repetition-penalty", 1, 0, 'R'},
+        {"presence-penalty", 1, 0, 'E'},
+        {"frequency-penalty", 1, 0, 'F'},
         {"priority", 1, 0, 'r'},
         {"cache-salt", 1, 0, 'S'},
         {"request-id", 1, 0, 'i'},
@@ -385,7 +389,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         int rc = srv_conn_opt(C, c, &o->conn);
         if (rc == 1) {
             rc = 0;
-            o->sampling |= strchr("mtkqnsexXL", c) != NULL;
+            o->sampling |= strchr("mtkqnsexXLREF", c) != NULL;
             switch (c) {
             case 'h':
                 fputs(gen_usage, stdout);
@@ -425,6 +429,21 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
                 break;
             case 'e':
                 p->has_ignore_eos = p->ignore_eos = 1;
+                break;
+            case 'R':
+                rc = srv_parse_f32(C, "--repetition-penalty", optarg, SRV_REP_PENALTY_MIN,
+                                   SRV_REP_PENALTY_MAX, &p->repetition_penalty);
+                p->has_repetition_penalty = 1;
+                break;
+            case 'E':
+                rc = srv_parse_f32(C, "--presence-penalty", optarg, -2.0f, 2.0f,
+                                   &p->presence_penalty);
+                p->has_presence_penalty = 1;
+                break;
+            case 'F':
+                rc = srv_parse_f32(C, "--frequency-penalty", optarg, -2.0f, 2.0f,
+                                   &p->frequency_penalty);
+                p->has_frequency_penalty = 1;
                 break;
             case 'L':
                 rc = srv_parse_u32(C, "--logprobs", optarg, 0, SCHED_MAX_LOGPROBS, &p->logprobs);

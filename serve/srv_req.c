@@ -287,6 +287,26 @@ check_sampling(const Kvserve__V1__SamplingParams *sp, const srv_limits_t *lim, s
                         "sampling.min_p: %g is outside [0, 1]", sp->min_p);
         s->min_p = sp->min_p;
     }
+    if (sp->has_repetition_penalty) {
+        float r = sp->repetition_penalty;
+        if (!isfinite(r) || r < SRV_REP_PENALTY_MIN || r > SRV_REP_PENALTY_MAX)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "sampling.repetition_penalty: %g is outside [%g, %g]", r,
+                        SRV_REP_PENALTY_MIN, SRV_REP_PENALTY_MAX);
+        s->repetition_penalty = r;
+    }
+    if (sp->has_presence_penalty) {
+        if (!(fabsf(sp->presence_penalty) <= 2.0f))
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "sampling.presence_penalty: %g is outside [-2, 2]", sp->presence_penalty);
+        s->presence_penalty = sp->presence_penalty;
+    }
+    if (sp->has_frequency_penalty) {
+        if (!(fabsf(sp->frequency_penalty) <= 2.0f))
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "sampling.frequency_penalty: %g is outside [-2, 2]", sp->frequency_penalty);
+        s->frequency_penalty = sp->frequency_penalty;
+    }
     if (sp->has_seed)
         s->seed = sp->seed;
     if (sp->has_max_tokens && sp->max_tokens == 0)

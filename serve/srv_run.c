@@ -18,6 +18,7 @@
 static const char run_usage[] =
     "usage: kvserve run [--model PATH] (--prompt TEXT | --prompt-tokens 1,2,3)\n"
     "                   [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--min-p P]\n"
+    "                   [--repetition-penalty R] [--presence-penalty P] [--frequency-penalty F]\n"
     "                   [--seed S] [--ignore-eos] [--threads N] [--device cpu|ref|cuda]\n"
     "                   [--block-size N] [--kv-cache-dtype f16|f32|bf16|q8_0|fp8|q4]\n"
     "                   [--kv-sink-tokens N] [--kv-residual-tokens N] [--batch-size N]\n"
@@ -68,6 +69,9 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         O_TOPK,
         O_TOPP,
         O_MINP,
+        O_REP,
+        O_PRES,
+        O_FREQ,
         O_SEED,
         O_IGNEOS,
         O_THREADS,
@@ -89,6 +93,9 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         {"top-k", 1, 0, O_TOPK},
         {"top-p", 1, 0, O_TOPP},
         {"min-p", 1, 0, O_MINP},
+        {"repetition-penalty", 1, 0, O_REP},
+        {"presence-penalty", 1, 0, O_PRES},
+        {"frequency-penalty", 1, 0, O_FREQ},
         {"seed", 1, 0, O_SEED},
         {"ignore-eos", 0, 0, O_IGNEOS},
         {"threads", 1, 0, O_THREADS},
@@ -144,6 +151,18 @@ parse_opts(int argc, char **argv, run_opts_t *o)
             break;
         case O_MINP:
             rc = srv_parse_f32(C, "--min-p", optarg, 0.0f, 1.0f, &o->sampling.min_p);
+            break;
+        case O_REP:
+            rc = srv_parse_f32(C, "--repetition-penalty", optarg, SRV_REP_PENALTY_MIN,
+                               SRV_REP_PENALTY_MAX, &o->sampling.repetition_penalty);
+            break;
+        case O_PRES:
+            rc = srv_parse_f32(C, "--presence-penalty", optarg, -2.0f, 2.0f,
+                               &o->sampling.presence_penalty);
+            break;
+        case O_FREQ:
+            rc = srv_parse_f32(C, "--frequency-penalty", optarg, -2.0f, 2.0f,
+                               &o->sampling.frequency_penalty);
             break;
         case O_SEED:
             rc = srv_parse_u64(C, "--seed", optarg, &o->sampling.seed);

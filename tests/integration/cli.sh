@@ -74,6 +74,9 @@ expect 2 "run block size" "$K" run $M --prompt a --block-size 3
 expect 2 "run too long" "$K" run $M --prompt a --max-tokens 5000
 contains "maximum model length"
 expect 2 "run bad device" "$K" run $M --prompt a --device tpu
+expect 2 "run presence penalty 3" "$K" run $M --prompt a --presence-penalty 3
+contains "presence-penalty"
+expect 0 "run with penalties" "$K" run $M --prompt "abcabc" --max-tokens 4 --repetition-penalty 1.3 --frequency-penalty 0.5
 
 # eval --scenario: niah-multikey only, and the prefix cache serves the later
 # turns' shared context whatever the (random) model answers.

@@ -512,6 +512,32 @@ def check_logprobs(api, kvserve, model, work, addr):
     report("1 logprobs: kvserve generate --logprobs 2 --json", ok, detail)
 
 
+def check_penalties(api, kvserve, model):
+    """Repetition, presence and frequency penalties: the server's greedy
+    tokens equal `kvserve run`'s with the same flags (the penalty math is
+    checked in test_model and test_sched), and differ from the greedy
+    tokens without them."""
+    n = 16
+    flags = ["--repetition-penalty", "1.8", "--presence-penalty", "0.5",
+             "--frequency-penalty", "1.0"]
+    cmd = [kvserve, "run", "--model", model, "--temperature", "0", "--ignore-eos",
+           "--max-tokens", str(n), "--json", "--prompt", TEXT_PROMPT] + ENGINE_FLAGS + flags
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    name = "1 penalties: greedy with repetition/presence/frequency == run's, != without"
+    if r.returncode != 0:
+        report(name, False, "kvserve run exit %d: %s" % (r.returncode, r.stderr[-300:]))
+        return
+    want = json.loads(r.stdout)["tokens"]
+    req = greedy_req(TEXT_PROMPT, n)
+    req.sampling.repetition_penalty = 1.8
+    req.sampling.presence_penalty = 0.5
+    req.sampling.frequency_penalty = 1.0
+    o = collect(api, req)
+    plain = collect(api, greedy_req(TEXT_PROMPT, n))
+    report(name, o["code"] is None and o["tokens"] == want and plain["tokens"] != want,
+           "%s: %s, run: %s, without: %s" % (describe(o), o["tokens"], want, plain["tokens"]))
+
+
 def concurrent_prompts():
     words = ["grass", "sky", "sea", "cat", "dog", "sun", "moon", "tree"]
     ps = []
@@ -924,6 +950,11 @@ def check_bad_requests(api, vocab):
     expect("min_p 2", samp(min_p=2.0), IA, "sampling.min_p")
     expect("max_tokens 0", samp(max_tokens=0), IA, "sampling.max_tokens")
     expect("logprobs 21", samp(logprobs=21), IA, "sampling.logprobs")
+    expect("repetition_penalty 0", samp(repetition_penalty=0.0), IA,
+           "sampling.repetition_penalty")
+    expect("presence_penalty 3", samp(presence_penalty=3.0), IA, "sampling.presence_penalty")
+    expect("frequency_penalty NaN", samp(frequency_penalty=float("nan")), IA,
+           "sampling.frequency_penalty")
     r = pb.GenerateRequest()
     r.sampling.max_tokens = 8
     expect("no prompt (oneof unset)", r, IA)
@@ -1590,6 +1621,7 @@ def main():
             c_health(kvserve, srv.addr, "5")
             refs = check_greedy(api, kvserve, model, srv.addr)
             check_logprobs(api, kvserve, model, work, srv.addr)
+            check_penalties(api, kvserve, model)
             if "text" in refs:
                 check_tokenize(api, refs["text"])
             check_concurrent(api)

@@ -488,6 +488,76 @@ test_sampler(void **state)
         assert_int_equal(model_sampler_new(&bad[i], 8, &s), KVS_EINVAL);
 }
 
+/* vLLM's penalties: repetition over the prompt and the output (divide a
+ * positive logit, multiply a negative one), then frequency per output
+ * occurrence and presence once; each checked by the greedy choice it
+ * flips, and by the tempered path (top-k 1) agreeing. */
+static void
+test_penalties(void **state)
+{
+    (void)state;
+    /*                 0     1     2     3     4     5 */
+    float x[6] = {0.0f, 3.0f, 2.9f, 2.0f, -1.0f, 1.0f};
+    model_sampler_t *s, *t;
+    model_sampling_t rep = {.top_p = 1.0f, .repetition_penalty = 2.0f};
+    assert_int_equal(model_sampler_new(&rep, 6, &s), 0);
+    assert_int_equal(model_sampler_sample(s, x), 1); /* nothing seen yet */
+    int32_t prompt[2] = {1, 99};                     /* 99: outside, ignored */
+    model_sampler_prompt(s, prompt, 2);
+    assert_int_equal(model_sampler_sample(s, x), 2); /* 3.0 / 2 = 1.5 < 2.9 */
+    model_sampler_accept(s, 2);
+    assert_int_equal(model_sampler_sample(s, x), 3); /* 2.9 / 2 = 1.45 < 2.0 */
+    model_sampler_free(s);
+    /* A negative logit is multiplied: token 4 falls below token 0's 0. */
+    float neg[3] = {-0.6f, -0.5f, -2.0f};
+    assert_int_equal(model_sampler_new(&rep, 3, &s), 0);
+    model_sampler_accept(s, 1);
+    assert_int_equal(model_sampler_sample(s, neg), 0); /* -0.5 * 2 = -1 < -0.6 */
+    model_sampler_free(s);
+
+    /* Frequency 0.6 per occurrence, presence 0.2 once; the prompt does not
+     * count for them. */
+    model_sampling_t fp = {.top_p = 1.0f, .frequency_penalty = 0.6f, .presence_penalty = 0.2f};
+    model_sampling_t fp_t = fp;
+    fp_t.temperature = 1.0f;
+    fp_t.top_k = 1;
+    assert_int_equal(model_sampler_new(&fp, 6, &s), 0);
+    assert_int_equal(model_sampler_new(&fp_t, 6, &t), 0);
+    model_sampler_prompt(s, prompt, 1);
+    model_sampler_prompt(t, prompt, 1);
+    assert_int_equal(model_sampler_sample(s, x), 1);
+    model_sampler_accept(s, 1);
+    model_sampler_accept(t, 1);
+    assert_int_equal(model_sampler_sample(s, x), 2); /* 3.0 - 0.8 = 2.2 < 2.9 */
+    assert_int_equal(model_sampler_sample(t, x), 2);
+    model_sampler_accept(s, 2);
+    model_sampler_accept(t, 2);
+    assert_int_equal(model_sampler_sample(s, x), 1); /* 2.2 > 2.1 and 2.0 */
+    assert_int_equal(model_sampler_sample(t, x), 1);
+    model_sampler_accept(s, 1);
+    model_sampler_accept(t, 1);
+    assert_int_equal(model_sampler_sample(s, x), 2); /* 1: 3.0 - 1.4 = 1.6; 2: 2.1 */
+    assert_int_equal(model_sampler_sample(t, x), 2);
+    model_sampler_free(s);
+    model_sampler_free(t);
+
+    /* Off: 0 or 1 repetition, 0 presence and frequency, whatever is fed. */
+    model_sampling_t off = {.top_p = 1.0f, .repetition_penalty = 1.0f};
+    assert_int_equal(model_sampler_new(&off, 6, &s), 0);
+    model_sampler_prompt(s, prompt, 1);
+    model_sampler_accept(s, 1);
+    assert_int_equal(model_sampler_sample(s, x), 1);
+    model_sampler_free(s);
+
+    model_sampling_t bad[] = {
+        {.top_p = 1.0f, .repetition_penalty = -1.0f},    {.top_p = 1.0f, .repetition_penalty = NAN},
+        {.top_p = 1.0f, .repetition_penalty = INFINITY}, {.top_p = 1.0f, .presence_penalty = 2.5f},
+        {.top_p = 1.0f, .frequency_penalty = -3.0f},     {.top_p = 1.0f, .frequency_penalty = NAN},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        assert_int_equal(model_sampler_new(&bad[i], 6, &s), KVS_EINVAL);
+}
+
 int
 main(void)
 {
@@ -495,6 +565,7 @@ main(void)
         cmocka_unit_test(test_load_tiny),    cmocka_unit_test(test_tokenizer),
         cmocka_unit_test(test_random_vocab), cmocka_unit_test(test_bad_models),
         cmocka_unit_test(test_sampler),      cmocka_unit_test(test_logprobs),
+        cmocka_unit_test(test_penalties),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -672,6 +672,73 @@ test_logprobs(void **state)
     engine_close(&e);
 }
 
+/* Penalties see the prompt and every sampled token: each greedy token is
+ * the argmax of its row (from the logits hook) penalized as vLLM does,
+ * recomputed here from the prompt and the tokens before it; and they
+ * change the choice somewhere, or the check would prove nothing. */
+static void
+test_penalties_fed(void **state)
+{
+    (void)state;
+    sched_cfg_t cfg = {.max_num_seqs = 2,
+                       .max_num_batched_tokens = 64,
+                       .block_tokens = 16,
+                       .n_blocks = 32,
+                       .kv_dtype = KERN_F32};
+    engine_t e;
+    engine_open(&e, false, &cfg);
+    static lp_rows_t rows;
+    memset(&rows, 0, sizeof rows);
+    sched_set_logits_hook(e.s, keep_row, &rows);
+    /* 200 distinct bytes: the raw favourite is likely among them. */
+    enum { NP = 200 };
+    int32_t prompt[NP];
+    for (int i = 0; i < NP; i++)
+        prompt[i] = (i * 37 + 11) % 256;
+    const float rp = 3.0f, fq = 2.0f, pr = 0.5f;
+    sched_request_t r = {.id = 0,
+                         .prompt = prompt,
+                         .n_prompt = NP,
+                         .max_tokens = LP_TOKENS,
+                         .ignore_eos = true,
+                         .sampling = {.top_p = 1.0f,
+                                      .repetition_penalty = rp,
+                                      .frequency_penalty = fq,
+                                      .presence_penalty = pr}};
+    assert_int_equal(sched_submit(e.s, &r), 0);
+    static outcome_t o;
+    memset(&o, 0, sizeof o);
+    run_to_idle(&e, &o, 200);
+    assert_int_equal(o.n_tokens[0], LP_TOKENS);
+    assert_int_equal(rows.n[0], LP_TOKENS);
+    uint32_t count[LP_VOCAB] = {0};
+    bool in_prompt[LP_VOCAB] = {false}, changed = false;
+    for (int i = 0; i < NP; i++)
+        in_prompt[prompt[i]] = true;
+    for (uint32_t k = 0; k < LP_TOKENS; k++) {
+        const float *row = rows.row[0][k];
+        int32_t best = 0, raw = 0;
+        float best_x = -INFINITY;
+        for (int v = 0; v < LP_VOCAB; v++) {
+            float x = row[v];
+            if (in_prompt[v] || count[v])
+                x = x > 0.0f ? x / rp : x * rp;
+            if (count[v])
+                x -= fq * (float)count[v] + pr;
+            if (x > best_x) {
+                best_x = x;
+                best = v;
+            }
+            raw = row[v] > row[raw] ? v : raw;
+        }
+        assert_int_equal(o.tokens[0][k], best);
+        changed |= best != raw;
+        count[best]++;
+    }
+    assert_true(changed);
+    engine_close(&e);
+}
+
 /* A device that fails for good mid-run: the requests of the failed step
  * end with KVS_EDEVICE and give back their blocks, later ones fail the
  * same way, and the load snapshot says so (the server's health reads it). */
@@ -776,6 +843,7 @@ main(void)
         cmocka_unit_test(test_real_preemption_same_tokens),
         cmocka_unit_test(test_kv_sized_by_bytes),
         cmocka_unit_test(test_logprobs),
+        cmocka_unit_test(test_penalties_fed),
         cmocka_unit_test(test_device_failure),
         cmocka_unit_test(test_engine_thread),
     };
