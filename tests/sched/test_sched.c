@@ -581,23 +581,31 @@ keep_row(void *arg, uint64_t id, const float *logits, uint32_t n_vocab)
         memcpy(r->row[id][r->n[id]++], logits, sizeof r->row[0][0]);
 }
 
+/* A cpu engine whose logits hook keeps rows, and a prompt of n distinct
+ * bytes (n <= 256). */
 static void
-test_logprobs(void **state)
+rows_engine_open(engine_t *e, lp_rows_t *rows, int32_t *prompt, int n)
 {
-    (void)state;
     sched_cfg_t cfg = {.max_num_seqs = 4,
                        .max_num_batched_tokens = 64,
                        .block_tokens = 16,
                        .n_blocks = 32,
                        .kv_dtype = KERN_F32};
-    engine_t e;
-    engine_open(&e, false, &cfg);
-    static lp_rows_t rows;
-    memset(&rows, 0, sizeof rows);
-    sched_set_logits_hook(e.s, keep_row, &rows);
-    int32_t prompt[24];
-    for (int i = 0; i < 24; i++)
+    engine_open(e, false, &cfg);
+    memset(rows, 0, sizeof *rows);
+    sched_set_logits_hook(e->s, keep_row, rows);
+    for (int i = 0; i < n; i++)
         prompt[i] = (i * 37 + 11) % 256;
+}
+
+static void
+test_logprobs(void **state)
+{
+    (void)state;
+    engine_t e;
+    static lp_rows_t rows;
+    int32_t prompt[24];
+    rows_engine_open(&e, &rows, prompt, 24);
     /* 0: greedy with 5 alternatives; 1: sampled, the token's alone; 2: none. */
     const uint32_t top[LP_REQS] = {5, 0, 0};
     const bool want[LP_REQS] = {true, true, false};
@@ -680,21 +688,12 @@ static void
 test_penalties_fed(void **state)
 {
     (void)state;
-    sched_cfg_t cfg = {.max_num_seqs = 2,
-                       .max_num_batched_tokens = 64,
-                       .block_tokens = 16,
-                       .n_blocks = 32,
-                       .kv_dtype = KERN_F32};
     engine_t e;
-    engine_open(&e, false, &cfg);
     static lp_rows_t rows;
-    memset(&rows, 0, sizeof rows);
-    sched_set_logits_hook(e.s, keep_row, &rows);
     /* 200 distinct bytes: the raw favourite is likely among them. */
     enum { NP = 200 };
     int32_t prompt[NP];
-    for (int i = 0; i < NP; i++)
-        prompt[i] = (i * 37 + 11) % 256;
+    rows_engine_open(&e, &rows, prompt, NP);
     const float rp = 3.0f, fq = 2.0f, pr = 0.5f;
     sched_request_t r = {.id = 0,
                          .prompt = prompt,
