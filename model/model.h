@@ -514,13 +514,14 @@ int model_sampler_new(const model_sampling_t *cfg, uint32_t n_vocab, model_sampl
 void model_sampler_free(model_sampler_t *s);
 /* What the penalties look at: the prompt's tokens (for the repetition
  * penalty) and each output token once sampled.  No-ops without
- * penalties; ids outside the vocabulary are ignored. */
-void model_sampler_prompt(model_sampler_t *s, const int32_t *tokens, uint32_t n);
-void model_sampler_accept(model_sampler_t *s, int32_t token);
+ * penalties; ids outside the vocabulary are ignored.  0 or KVS_ENOMEM. */
+int model_sampler_prompt(model_sampler_t *s, const int32_t *tokens, uint32_t n);
+int model_sampler_accept(model_sampler_t *s, int32_t token);
 /* Picks the next token from one row of logits: the penalties, then greedy
  * at temperature 0, otherwise top-k, then top-p, then min-p on the
  * tempered distribution, then a draw from the seeded generator (same
- * seed, same tokens). */
+ * seed, same tokens).  The buffers a configuration needs are allocated at
+ * its first use here or above: KVS_ENOMEM (negative) when that fails. */
 int32_t model_sampler_sample(model_sampler_t *s, const float *logits);
 /* The log-probability of `token` under one row of logits (their
  * log-softmax: the model's distribution, before temperature and the

@@ -17,8 +17,9 @@ struct model_sampler {
     uint64_t s[4];
     float *prob;  /* [n_vocab] */
     int32_t *idx; /* [n_vocab] candidate ids */
-    /* Penalties (NULL without): output occurrences and prompt presence
-     * per id, the ids seen (each once), and the penalized row. */
+    /* Penalties (pen; NULL until first used): output occurrences and
+     * prompt presence per id, the ids seen (each once), the penalized row. */
+    bool pen;
     uint32_t *count;
     uint8_t *in_prompt;
     int32_t *seen;
@@ -71,24 +72,47 @@ model_sampler_new(const model_sampling_t *cfg, uint32_t n_vocab, model_sampler_t
         s->s[i] = splitmix64(&x);
     if (s->cfg.repetition_penalty == 0.0f)
         s->cfg.repetition_penalty = 1.0f;
-    bool pen = s->cfg.repetition_penalty != 1.0f || cfg->presence_penalty != 0.0f ||
-               cfg->frequency_penalty != 0.0f;
-    if (pen) {
-        s->count = calloc(n_vocab, sizeof *s->count);
-        s->in_prompt = calloc(n_vocab, 1);
-        s->seen = malloc(n_vocab * sizeof *s->seen);
-        s->work = malloc(n_vocab * sizeof *s->work);
-    }
-    if (cfg->temperature > 0.0f) {
-        s->prob = malloc(n_vocab * sizeof *s->prob);
-        s->idx = malloc(n_vocab * sizeof *s->idx);
-    }
-    if ((pen && (!s->count || !s->in_prompt || !s->seen || !s->work)) ||
-        (cfg->temperature > 0.0f && (!s->prob || !s->idx))) {
-        model_sampler_free(s);
-        return KVS_ENOMEM;
-    }
+    s->pen = s->cfg.repetition_penalty != 1.0f || cfg->presence_penalty != 0.0f ||
+             cfg->frequency_penalty != 0.0f;
     *out = s;
+    return 0;
+}
+
+/* The buffers the configuration needs, allocated on first use, so that a
+ * queued request holds none (a few bytes per vocabulary entry each:
+ * megabytes for a 128K vocabulary). */
+static int
+ensure(model_sampler_t *s)
+{
+    uint32_t n = s->n_vocab;
+    if (s->pen && s->count == NULL) {
+        s->count = calloc(n, sizeof *s->count);
+        s->in_prompt = calloc(n, 1);
+        s->seen = malloc(n * sizeof *s->seen);
+        s->work = malloc(n * sizeof *s->work);
+        if (!s->count || !s->in_prompt || !s->seen || !s->work) {
+            free(s->count);
+            free(s->in_prompt);
+            free(s->seen);
+            free(s->work);
+            s->count = NULL;
+            s->in_prompt = NULL;
+            s->seen = NULL;
+            s->work = NULL;
+            return KVS_ENOMEM;
+        }
+    }
+    if (s->cfg.temperature > 0.0f && s->prob == NULL) {
+        s->prob = malloc(n * sizeof *s->prob);
+        s->idx = malloc(n * sizeof *s->idx);
+        if (!s->prob || !s->idx) {
+            free(s->prob);
+            free(s->idx);
+            s->prob = NULL;
+            s->idx = NULL;
+            return KVS_ENOMEM;
+        }
+    }
     return 0;
 }
 
@@ -99,11 +123,14 @@ see(model_sampler_t *s, int32_t t)
         s->seen[s->n_seen++] = t;
 }
 
-void
+int
 model_sampler_prompt(model_sampler_t *s, const int32_t *tokens, uint32_t n)
 {
-    if (s->count == NULL || s->cfg.repetition_penalty == 1.0f)
-        return; /* the prompt counts for the repetition penalty alone */
+    if (!s->pen || s->cfg.repetition_penalty == 1.0f)
+        return 0; /* the prompt counts for the repetition penalty alone */
+    int rc = ensure(s);
+    if (rc)
+        return rc;
     for (uint32_t i = 0; i < n; i++) {
         int32_t t = tokens[i];
         if (t >= 0 && (uint32_t)t < s->n_vocab) {
@@ -111,16 +138,21 @@ model_sampler_prompt(model_sampler_t *s, const int32_t *tokens, uint32_t n)
             s->in_prompt[t] = 1;
         }
     }
+    return 0;
 }
 
-void
+int
 model_sampler_accept(model_sampler_t *s, int32_t t)
 {
-    if (s->count == NULL || t < 0 || (uint32_t)t >= s->n_vocab)
-        return;
+    if (!s->pen || t < 0 || (uint32_t)t >= s->n_vocab)
+        return 0;
+    int rc = ensure(s);
+    if (rc)
+        return rc;
     see(s, t);
     if (s->count[t] < UINT32_MAX)
         s->count[t]++;
+    return 0;
 }
 
 /* The row with the penalties applied to the ids seen, as vLLM orders
@@ -241,6 +273,9 @@ model_sampler_sample(model_sampler_t *s, const float *logits)
 {
     const model_sampling_t *c = &s->cfg;
     uint32_t n = s->n_vocab;
+    int rc = ensure(s);
+    if (rc)
+        return rc;
     logits = penalize(s, logits);
     if (c->temperature == 0.0f)
         return argmax(logits, n);

@@ -839,6 +839,7 @@ draft_forward(sched_t *s, uint32_t n)
         const float *row = s->d_logits + (size_t)ci++ * s->n_vocab;
         bool more = ++r->n_a < r->spec.look_ahead;
         if (more) {
+            /* Greedy without penalties: no buffers, so no failure. */
             int32_t tok = model_sampler_sample(s->d_greedy, row);
             if (model_token_is_eog(s->draft, tok))
                 more = false;
@@ -1193,8 +1194,19 @@ main_forward(sched_t *s)
         }
         if (s->logits_hook)
             s->logits_hook(s->logits_arg, r->id, row, s->n_vocab);
-        int32_t tok = model_sampler_sample(r->sampler, row);
-        model_sampler_accept(r->sampler, tok);
+        /* The penalties see the prompt before the first token (the
+         * sampler's buffers come then, not while the request waits). */
+        int rc = r->n_tokens == r->n_prompt
+                     ? model_sampler_prompt(r->sampler, r->tokens, r->n_prompt)
+                     : 0;
+        int32_t tok = rc ? rc : model_sampler_sample(r->sampler, row);
+        rc = tok < 0 ? tok : model_sampler_accept(r->sampler, tok);
+        if (rc) {
+            KVS_ERRORF("sched: sampling for request %llu failed: %s", (unsigned long long)r->id,
+                       kvs_strerror(rc));
+            finish(s, r, SCHED_FINISH_ERROR, rc);
+            continue;
+        }
         r->tokens[r->n_tokens++] = tok; /* capacity reserved at submit */
         if (r->t_first_token == 0) {
             r->t_first_token = now;
@@ -1310,7 +1322,6 @@ sched_submit(sched_t *s, const sched_request_t *q)
         free(r);
         return rc;
     }
-    model_sampler_prompt(r->sampler, q->prompt, q->n_prompt);
     r->tokens = malloc(total * sizeof *r->tokens);
     if (r->tokens == NULL) {
         req_free(r);
