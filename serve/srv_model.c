@@ -203,19 +203,24 @@ cmd_tokenize(int argc, char **argv)
     if (text && model_vocab_tokenize(v, text, len, flags, NULL, 0, &n) != KVS_EINVAL &&
         (ids = malloc((n ? n : 1) * sizeof *ids)) != NULL &&
         model_vocab_tokenize(v, text, len, flags, ids, n, &n) == 0) {
-        char piece[256];
+        char piece[64];
         for (size_t i = 0; i < n; i++) {
             if (ids_only) {
                 printf(i ? " %d" : "%d", ids[i]);
                 continue;
             }
             int k = model_vocab_piece(v, ids[i], true, piece, sizeof piece);
+            /* A longer piece (StarCoder has some of 256 bytes) whole. */
+            char *big = k > (int)sizeof piece ? malloc((size_t)k) : NULL;
+            if (big != NULL)
+                k = model_vocab_piece(v, ids[i], true, big, (size_t)k);
             printf("%d\t", ids[i]);
-            srv_json_str(stdout, piece,
-                         k < 0                      ? 0
-                         : (size_t)k < sizeof piece ? (size_t)k
-                                                    : sizeof piece);
+            srv_json_str(stdout, big ? big : piece,
+                         k < 0                              ? 0
+                         : big || (size_t)k <= sizeof piece ? (size_t)k
+                                                            : sizeof piece);
             printf("\n");
+            free(big);
         }
         if (ids_only)
             printf("\n");

@@ -104,6 +104,9 @@ if [ -f "$VD/ggml-vocab-gpt-2.gguf" ]; then
     expect 0 "random with gpt-2's vocab" "$K" model random --shape tiny --dtype f16 --vocab "$VD/ggml-vocab-gpt-2.gguf" --out "$W/bpe.gguf"
     expect 0 "eval in BPE tokens" "$K" eval --model "$W/bpe.gguf" --task passkey --lengths 300 --depths 0.5 --samples 2
     contains "2 prompts, \(59[0-9]\|600\) tokens"
+    # A long piece listed whole: StarCoder spells 256 spaces as one token.
+    printf '%300s' '' | "$K" model tokenize --no-bos "$VD/ggml-vocab-starcoder.gguf" >"$W/out" 2>&1
+    if [ "$(head -1 "$W/out" | cut -f2 | wc -c)" -eq 259 ]; then ok; else bad "tokenize long piece: $(head -c 80 "$W/out")"; fi
 else
     echo "note: no vocab directory $VD, BPE eval not run"
 fi
