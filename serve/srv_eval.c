@@ -898,7 +898,9 @@ srv_cmd_eval(int argc, char **argv)
     }
     double secs = (double)(kvs_now_ns() - t0) / 1e9;
 
-    double *acc = calloc(n_cells, sizeof *acc);
+    /* Per cell: accuracy, and the mean prompt tokens (BOS included; a
+     * scenario's are its turns' mean). */
+    double *acc = calloc(3 * n_cells, sizeof *acc), *toks = acc + n_cells, *cnt = toks + n_cells;
     if (acc == NULL)
         goto out;
     size_t total_toks = 0;
@@ -908,6 +910,9 @@ srv_cmd_eval(int argc, char **argv)
     for (size_t i = 0; i < r.n_items; i++) {
         item_t *it = &r.items[i];
         total_toks += it->n_toks;
+        size_t cell = ((size_t)it->task * o.n_lengths + it->li) * o.n_depths + it->di;
+        toks[cell] += it->n_toks;
+        cnt[cell]++;
         if (o.scenario != SCEN_NONE)
             continue;
         bool ok = item_ok(it);
@@ -970,12 +975,13 @@ srv_cmd_eval(int argc, char **argv)
                 continue;
             for (uint32_t l = 0; l < o.n_lengths; l++)
                 for (uint32_t d = 0; d < o.n_depths; d++) {
+                    size_t cell = ((size_t)t * o.n_lengths + l) * o.n_depths + d;
                     fprintf(f,
                             "%s\n  {\"task\": \"%s\", \"length\": %u, \"depth\": %.4g, "
-                            "\"samples\": %u, \"accuracy\": %.4f}",
+                            "\"samples\": %u, \"accuracy\": %.4f, \"prompt_tokens\": %.1f}",
                             first ? "" : ",", srv_task_name((srv_task_t)t), o.lengths[l],
-                            o.depths[d], o.samples,
-                            acc[((size_t)t * o.n_lengths + l) * o.n_depths + d]);
+                            o.depths[d], o.samples, acc[cell],
+                            cnt[cell] > 0 ? toks[cell] / cnt[cell] : 0.0);
                     first = false;
                 }
         }

@@ -49,6 +49,10 @@ def main():
     for x in res:
         if x.get("samples") != samples or not (0.0 <= x.get("accuracy", -1) <= 1.0):
             fails.append("bad result %r" % x)
+        # A byte a token: BOS and the length less the answer (" 12345").
+        if x.get("prompt_tokens") != x["length"] - 5:
+            fails.append("prompt_tokens %r at length %d, expected %d"
+                         % (x.get("prompt_tokens"), x["length"], x["length"] - 5))
     pk = [x["accuracy"] for x in res if x["task"] == "passkey" and x["length"] == lengths[0]]
     if pk and sum(pk) / len(pk) < 0.6:
         fails.append("passkey accuracy at %d fell to %.2f" % (lengths[0], sum(pk) / len(pk)))
