@@ -567,7 +567,12 @@ def check_concurrent(api):
             pass
         # Another cache_salt: no KV shared with the solo runs, so the batched
         # prefill and decode are exercised rather than the prefix cache.
-        got[i] = collect(api, greedy_req(prompts[i], cache_salt="concurrent"), timeout=60)
+        # Odd streams ask for logprobs too (0..20 alternatives), which
+        # change nothing else.
+        req = greedy_req(prompts[i], cache_salt="concurrent")
+        if i % 2:
+            req.sampling.logprobs = i % 21
+        got[i] = collect(api, req, timeout=60)
     ts = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(prompts))]
     peak = {"running": 0, "queued": 0}
     done = threading.Event()
@@ -598,7 +603,16 @@ def check_concurrent(api):
         elif o["code"] is not None or o["tokens"] != solo[i]:
             bad.append("stream %d (%r): %s; got %s, solo %s"
                        % (i, prompts[i], describe(o), o["tokens"], solo[i]))
-    report("2 concurrency: 64 concurrent streams == their solo outputs", not bad,
+        elif i % 2 and (len(o["logprobs"]) != len(o["tokens"]) or any(
+                len(lp.top_ids) != i % 21 or (lp.top_ids and lp.top_ids[0] != t)
+                or lp.logprob > 0 for t, lp in zip(o["tokens"], o["logprobs"]))):
+            bad.append("stream %d: %d logprobs for %d tokens, first %s"
+                       % (i, len(o["logprobs"]), len(o["tokens"]),
+                          o["logprobs"][0] if o["logprobs"] else None))
+        elif i % 2 == 0 and o["logprobs"]:
+            bad.append("stream %d: logprobs it did not ask for" % i)
+    report("2 concurrency: 64 concurrent streams == their solo outputs (half with logprobs)",
+           not bad,
            ("%d bad, first: %s" % (len(bad), bad[0])) if bad
            else "%d streams in %.2f s, peak running %d, queued %d"
            % (len(prompts), dt, peak["running"], peak["queued"]))
