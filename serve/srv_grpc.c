@@ -949,12 +949,15 @@ tokenize_new(call_t *c)
         c, &kvserve__v1__tokenize_request__descriptor);
     if (q == NULL)
         return;
-    size_t len = strlen(q->text), n = 0;
+    /* An unset optional string is NULL in protobuf-c: proto's default,
+     * the empty text. */
+    const char *text = q->text ? q->text : "";
+    size_t len = strlen(text), n = 0;
     unsigned flags = (!q->has_add_bos || q->add_bos ? MODEL_TOK_ADD_SPECIAL : 0) |
                      (q->has_parse_special && q->parse_special ? MODEL_TOK_PARSE_SPECIAL : 0);
     int32_t *ids = NULL;
     uint32_t *out = NULL;
-    int rc = model_vocab_tokenize_alloc(model_vocab(S.m), q->text, len, flags, &ids, &n);
+    int rc = model_vocab_tokenize_alloc(model_vocab(S.m), text, len, flags, &ids, &n);
     if (rc == 0 && (out = malloc((n ? n : 1) * sizeof *out)) == NULL)
         rc = KVS_ENOMEM;
     if (rc) {
@@ -1061,6 +1064,11 @@ abort_new(call_t *c)
         (Kvserve__V1__AbortRequest *)parse_or_refuse(c, &kvserve__v1__abort_request__descriptor);
     if (q == NULL)
         return;
+    if (q->request_id == NULL || q->request_id[0] == '\0') {
+        kvserve__v1__abort_request__free_unpacked(q, NULL);
+        reply_unary(c, NULL, GRPC_STATUS_INVALID_ARGUMENT, "request_id: missing");
+        return;
+    }
     Kvserve__V1__AbortResponse r = KVSERVE__V1__ABORT_RESPONSE__INIT;
     r.has_found = true;
     for (call_t *g = S.gens; g; g = g->next) {

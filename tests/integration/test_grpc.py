@@ -407,6 +407,15 @@ def check_tokenize(api, ref_text):
     n = len(t.ids)
     report("0 info: Tokenize(text) has as many ids as `run` counted", n == ref_text["prompt_tokens"],
            "Tokenize gave %d ids %s, run counted %d" % (n, list(t.ids), ref_text["prompt_tokens"]))
+    # No text at all (protobuf-c leaves the string NULL): the empty text.
+    try:
+        unset = list(api.tokenize(pb.TokenizeRequest(), timeout=5).ids)
+        empty = list(api.tokenize(pb.TokenizeRequest(text=""), timeout=5).ids)
+        report("0 info: Tokenize without text == Tokenize(\"\")", unset == empty,
+               "%s vs %s" % (unset, empty))
+    except grpc.RpcError as e:
+        report("0 info: Tokenize without text == Tokenize(\"\")", False,
+               "%s %s" % (e.code().name, e.details()))
 
 
 def check_greedy(api, kvserve, model, addr):
@@ -843,6 +852,14 @@ def check_abort(api):
                     err = "the first message carries no request_id"
                     call.cancel()
                     break
+                # Without an id, while a generation is live: refused.
+                try:
+                    api.abort(pb.AbortRequest(), timeout=5, metadata=api.md)
+                    err = "Abort without request_id succeeded"
+                except grpc.RpcError as e:
+                    if (e.code() != grpc.StatusCode.INVALID_ARGUMENT
+                            or "request_id" not in (e.details() or "")):
+                        err = "Abort without request_id: %s %s" % (e.code().name, e.details())
                 try:
                     found = api.abort(pb.AbortRequest(request_id=rid), timeout=5,
                                       metadata=api.md).found
@@ -854,7 +871,8 @@ def check_abort(api):
         code, details = e.code(), e.details()
     ok = (not err and found is True and finish == pb.FINISH_REASON_CANCELLED and code is None
           and ntok < LONG_MAX_TOKENS)
-    report("4 Abort(request_id) of a live generation -> finish CANCELLED", ok,
+    report("4 Abort(request_id) of a live generation -> finish CANCELLED (one without an id "
+           "-> INVALID_ARGUMENT)", ok,
            err or "request_id %r, found=%s, final finish %s, status %s%s, %d tokens"
            % (rid, found, finish_name(finish), code_name(code),
               (" %r" % details) if details else "", ntok))
