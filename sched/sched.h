@@ -132,6 +132,12 @@ typedef struct sched_request {
      * (at most SCHED_MAX_LOGPROBS) alternatives. */
     bool logprobs;
     uint32_t top_logprobs;
+    /* Teacher forcing: the first n_forced output tokens are these (copied)
+     * instead of sampled ones, each still reported with its logprobs, so
+     * a continuation can be scored under the request's policies (kvserve
+     * perplexity).  n_forced <= max_tokens. */
+    const int32_t *forced;
+    uint32_t n_forced;
 } sched_request_t;
 
 typedef enum sched_event_kind {

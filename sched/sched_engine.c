@@ -59,6 +59,8 @@ typedef struct req {
     uint32_t n_tokens, cap, n_prompt, n_computed, max_tokens;
     bool ignore_eos, cancelled, admitted_once, logprobs;
     uint32_t top_logprobs;
+    int32_t *forced; /* sched_request_t's, copied */
+    uint32_t n_forced;
     model_sampler_t *sampler;
     kv_table_t *table;
     req_state_t state;
@@ -274,6 +276,7 @@ req_free(req_t *r)
     kv_table_free(r->table);
     model_sampler_free(r->sampler);
     free(r->tokens);
+    free(r->forced);
     free(r);
 }
 
@@ -1199,7 +1202,10 @@ main_forward(sched_t *s)
         int rc = r->n_tokens == r->n_prompt
                      ? model_sampler_prompt(r->sampler, r->tokens, r->n_prompt)
                      : 0;
-        int32_t tok = rc ? rc : model_sampler_sample(r->sampler, row);
+        uint32_t k = r->n_tokens - r->n_prompt;
+        int32_t tok = rc                ? rc
+                      : k < r->n_forced ? r->forced[k]
+                                        : model_sampler_sample(r->sampler, row);
         rc = tok < 0 ? tok : model_sampler_accept(r->sampler, tok);
         if (rc) {
             KVS_ERRORF("sched: sampling for request %llu failed: %s", (unsigned long long)r->id,
@@ -1286,7 +1292,8 @@ int
 sched_submit(sched_t *s, const sched_request_t *q)
 {
     if (q->prompt == NULL || q->n_prompt == 0 || q->max_tokens == 0 ||
-        q->top_logprobs > SCHED_MAX_LOGPROBS)
+        q->top_logprobs > SCHED_MAX_LOGPROBS || q->n_forced > q->max_tokens ||
+        (q->n_forced > 0 && q->forced == NULL))
         return KVS_EINVAL;
     model_spec_policy_t spec = q->spec;
     model_spec_policy_defaults(&spec);
@@ -1302,6 +1309,9 @@ sched_submit(sched_t *s, const sched_request_t *q)
         return KVS_ERANGE;
     for (uint32_t i = 0; i < q->n_prompt; i++)
         if (q->prompt[i] < 0 || (uint32_t)q->prompt[i] >= s->n_vocab)
+            return KVS_EINVAL;
+    for (uint32_t i = 0; i < q->n_forced; i++)
+        if (q->forced[i] < 0 || (uint32_t)q->forced[i] >= s->n_vocab)
             return KVS_EINVAL;
     /* With eviction a sequence holds at most its budget plus one step's
      * tokens (and a block of slack on each side). */
@@ -1328,6 +1338,14 @@ sched_submit(sched_t *s, const sched_request_t *q)
         return KVS_ENOMEM;
     }
     memcpy(r->tokens, q->prompt, q->n_prompt * sizeof *r->tokens);
+    if (q->n_forced > 0) {
+        if ((r->forced = malloc(q->n_forced * sizeof *r->forced)) == NULL) {
+            req_free(r);
+            return KVS_ENOMEM;
+        }
+        memcpy(r->forced, q->forced, q->n_forced * sizeof *r->forced);
+        r->n_forced = q->n_forced;
+    }
     r->spec = spec;
     if (spec.on) {
         const model_hparams_t *dh = model_hparams(s->draft);

@@ -738,6 +738,90 @@ test_penalties_fed(void **state)
     engine_close(&e);
 }
 
+/* Teacher forcing: forced tokens come out as given, with the logprobs of
+ * the rows they were fed after (the logits hook's), and sampling resumes
+ * after them; forcing a request's own greedy tokens reproduces its
+ * logprobs exactly; forced ids outside the vocabulary are refused. */
+static void
+test_forced(void **state)
+{
+    (void)state;
+    engine_t e;
+    static lp_rows_t rows;
+    int32_t prompt[24];
+    rows_engine_open(&e, &rows, prompt, 24);
+    const int32_t forced[4] = {5, 7, 250, 7};
+    static sched_event_t got[LP_REQS][LP_TOKENS];
+    int32_t greedy[LP_TOKENS];
+    for (uint64_t id = 0; id < LP_REQS; id++) {
+        /* 0: greedy; 1: forced to 0's tokens (submitted once 0 is done);
+         * 2: forced to `forced`, then greedy. */
+        sched_request_t r = {.id = id,
+                             .prompt = prompt,
+                             .n_prompt = 24,
+                             .max_tokens = LP_TOKENS,
+                             .ignore_eos = true,
+                             .sampling = {.top_p = 1.0f},
+                             .logprobs = true,
+                             .top_logprobs = 3,
+                             .forced = id == 1   ? greedy
+                                       : id == 2 ? forced
+                                                 : NULL,
+                             .n_forced = id == 1   ? LP_TOKENS
+                                         : id == 2 ? 4
+                                                   : 0};
+        assert_int_equal(sched_submit(e.s, &r), 0);
+        uint32_t n = 0;
+        bool done = false;
+        for (int step = 0; step < 200 && !done; step++) {
+            assert_true(sched_step(e.s) >= 0);
+            sched_event_t *ev;
+            while ((ev = sched_poll(e.s)) != NULL) {
+                assert_int_equal(ev->req_id, id);
+                if (ev->kind == SCHED_EV_FINISH)
+                    done = true;
+                else if (n < LP_TOKENS)
+                    got[id][n++] = *ev;
+                sched_event_free(ev);
+            }
+        }
+        assert_true(done);
+        assert_int_equal(n, LP_TOKENS);
+        if (id == 0)
+            for (int k = 0; k < LP_TOKENS; k++)
+                greedy[k] = got[0][k].token;
+    }
+    for (int k = 0; k < LP_TOKENS; k++) {
+        assert_int_equal(got[1][k].token, greedy[k]);
+        assert_float_equal(got[1][k].lp.logprob, got[0][k].lp.logprob, 0.0);
+        const sched_event_t *ev = &got[2][k];
+        if (k < 4)
+            assert_int_equal(ev->token, forced[k]);
+        const float *row = rows.row[2][k];
+        double mx = row[0], sum = 0.0;
+        for (int v = 1; v < LP_VOCAB; v++)
+            mx = row[v] > mx ? row[v] : mx;
+        for (int v = 0; v < LP_VOCAB; v++)
+            sum += exp((double)row[v] - mx);
+        assert_float_equal(ev->lp.logprob, row[ev->token] - (mx + log(sum)), 1e-5);
+        if (k >= 4) /* greedy again */
+            assert_int_equal(ev->token, ev->lp.top_ids[0]);
+    }
+    int32_t bad = LP_VOCAB;
+    sched_request_t r = {.id = 9,
+                         .prompt = prompt,
+                         .n_prompt = 24,
+                         .max_tokens = 2,
+                         .sampling = {.top_p = 1.0f},
+                         .forced = &bad,
+                         .n_forced = 1};
+    assert_int_equal(sched_submit(e.s, &r), KVS_EINVAL);
+    r.forced = forced;
+    r.n_forced = 3; /* more than max_tokens */
+    assert_int_equal(sched_submit(e.s, &r), KVS_EINVAL);
+    engine_close(&e);
+}
+
 /* A device that fails for good mid-run: the requests of the failed step
  * end with KVS_EDEVICE and give back their blocks, later ones fail the
  * same way, and the load snapshot says so (the server's health reads it). */
@@ -843,6 +927,7 @@ main(void)
         cmocka_unit_test(test_kv_sized_by_bytes),
         cmocka_unit_test(test_logprobs),
         cmocka_unit_test(test_penalties_fed),
+        cmocka_unit_test(test_forced),
         cmocka_unit_test(test_device_failure),
         cmocka_unit_test(test_engine_thread),
     };
