@@ -17,6 +17,7 @@ static const char usage[] =
     "  run      generate text offline from a prompt (no server)\n"
     "  model    inspect a GGUF file (info) or write a random-weight model (random)\n"
     "  eval     long-context retrieval accuracy (passkey, multi-key needle, variable tracking)\n"
+    "  perplexity  a text's perplexity through the engine, under any attention or KV policy\n"
     "\n"
     "kvserve <command> --help shows the options of a command.\n";
 
@@ -46,6 +47,8 @@ main(int argc, char **argv)
         return srv_cmd_model(argc - 1, argv + 1);
     if (strcmp(cmd, "eval") == 0)
         return srv_cmd_eval(argc - 1, argv + 1);
+    if (strcmp(cmd, "perplexity") == 0)
+        return srv_cmd_perplexity(argc - 1, argv + 1);
     if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
         fputs(usage, stdout);
         return 0;

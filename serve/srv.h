@@ -18,10 +18,11 @@
 int srv_cmd_run(int argc, char **argv);
 int srv_cmd_model(int argc, char **argv);
 int srv_cmd_eval(int argc, char **argv);
-int srv_cmd_serve(int argc, char **argv);    /* srv_grpc.c: the gRPC server */
-int srv_cmd_generate(int argc, char **argv); /* srv_client.c: streaming client */
-int srv_cmd_health(int argc, char **argv);   /* srv_client.c: health check */
-int srv_cmd_bench(int argc, char **argv);    /* srv_bench.c: streaming load generator */
+int srv_cmd_perplexity(int argc, char **argv); /* srv_ppl.c */
+int srv_cmd_serve(int argc, char **argv);      /* srv_grpc.c: the gRPC server */
+int srv_cmd_generate(int argc, char **argv);   /* srv_client.c: streaming client */
+int srv_cmd_health(int argc, char **argv);     /* srv_client.c: health check */
+int srv_cmd_bench(int argc, char **argv);      /* srv_bench.c: streaming load generator */
 
 /* ---- helpers shared by subcommands (srv_cli.c) ---------------------------- */
 
@@ -184,6 +185,33 @@ const char *srv_prefill_describe(const model_spec_policy_t *p, char *buf, size_t
 /* Loads --draft-model on the main model's backend and refuses one whose
  * vocabulary differs from the main model's (printing why).  0 or an error. */
 int srv_load_draft(const char *cmd, const char *path, model_t *main_model, model_t **out);
+
+/* The engine flags of the offline commands that batch many requests
+ * (eval, perplexity): --threads, --device, --max-num-seqs,
+ * --max-num-batched-tokens, --block-size.  srv_engine_opt takes one (1
+ * when opt is none of them, KVS_EINVAL after saying why). */
+typedef struct srv_engine_opts {
+    const char *device;
+    uint32_t threads, max_seqs, max_tokens, block_size;
+} srv_engine_opts_t;
+#define SRV_ENGINE_DEFAULT                                                   \
+    (srv_engine_opts_t)                                                      \
+    {                                                                        \
+        .device = "cpu", .max_seqs = 8, .max_tokens = 2048, .block_size = 16 \
+    }
+enum { SRV_O_THREADS = 1300, SRV_O_DEVICE, SRV_O_SEQS, SRV_O_BATCHED, SRV_O_BLOCK };
+/* clang-format off */
+#define SRV_ENGINE_LONGOPTS                                                    \
+    {"threads", 1, 0, SRV_O_THREADS}, {"device", 1, 0, SRV_O_DEVICE},          \
+    {"max-num-seqs", 1, 0, SRV_O_SEQS},                                        \
+    {"max-num-batched-tokens", 1, 0, SRV_O_BATCHED},                           \
+    {"block-size", 1, 0, SRV_O_BLOCK}
+/* clang-format on */
+int srv_engine_opt(const char *cmd, int opt, const char *arg, srv_engine_opts_t *o);
+/* An engine for max_seqs sequences of up to max_len tokens each at once,
+ * with the KV flags applied (quantized KV: the full-precision staging
+ * blocks on top, so every sequence's quantized blocks still fit). */
+sched_cfg_t srv_engine_cfg(const srv_engine_opts_t *e, const srv_kv_opts_t *kv, uint32_t max_len);
 
 /* The bundled model used when --model is absent: $KVSERVE_MODEL, else the
  * first of weights/kvserve-main*.gguf found next to the binary's source or

@@ -644,3 +644,40 @@ srv_buf_put_token(srv_buf_t *b, const model_t *m, int32_t tok)
     b->len += (size_t)model_vocab_piece(v, tok, false, b->p + b->len, (size_t)n);
     b->p[b->len] = '\0';
 }
+
+int
+srv_engine_opt(const char *cmd, int opt, const char *arg, srv_engine_opts_t *o)
+{
+    switch (opt) {
+    case SRV_O_THREADS:
+        return srv_parse_u32(cmd, "--threads", arg, 1, 1024, &o->threads);
+    case SRV_O_DEVICE:
+        o->device = arg;
+        return 0;
+    case SRV_O_SEQS:
+        return srv_parse_u32(cmd, "--max-num-seqs", arg, 1, 4096, &o->max_seqs);
+    case SRV_O_BATCHED:
+        return srv_parse_u32(cmd, "--max-num-batched-tokens", arg, 16, 1u << 20, &o->max_tokens);
+    case SRV_O_BLOCK:
+        return srv_parse_block_size(cmd, arg, &o->block_size);
+    default:
+        return 1;
+    }
+}
+
+sched_cfg_t
+srv_engine_cfg(const srv_engine_opts_t *e, const srv_kv_opts_t *kv, uint32_t max_len)
+{
+    uint32_t per_seq = (max_len + e->block_size - 1) / e->block_size + 1;
+    sched_cfg_t c = {.max_num_seqs = e->max_seqs,
+                     .max_num_batched_tokens = e->max_tokens,
+                     .max_model_len = max_len,
+                     .block_tokens = e->block_size,
+                     .n_blocks = per_seq * e->max_seqs};
+    srv_kv_apply(kv, &c);
+    if (kv->quant != KERN_KVQ_NONE) {
+        c.kv_hot_blocks = sched_default_hot_blocks(&c);
+        c.n_blocks += c.kv_hot_blocks;
+    }
+    return c;
+}

@@ -59,12 +59,13 @@ typedef enum scenario {
 } scenario_t;
 
 typedef struct eval_opts {
-    const char *model, *draft, *json, *plot, *device;
+    const char *model, *draft, *json, *plot;
+    srv_engine_opts_t eng;
     bool task_on[SRV_TASK_COUNT];
     uint32_t lengths[MAX_LIST], n_lengths;
     double depths[MAX_LIST];
     uint32_t n_depths;
-    uint32_t samples, threads, max_seqs, max_tokens, block_size;
+    uint32_t samples;
     uint64_t seed;
     srv_kv_opts_t kv;
     model_attn_policy_t attn;
@@ -141,11 +142,6 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
         O_DEP,
         O_SAMP,
         O_SEED,
-        O_THR,
-        O_DEV,
-        O_SEQS,
-        O_TOK,
-        O_BS,
         O_JSON,
         O_PLOT,
         O_SPACE,
@@ -160,11 +156,6 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
         {"depths", 1, 0, O_DEP},
         {"samples", 1, 0, O_SAMP},
         {"seed", 1, 0, O_SEED},
-        {"threads", 1, 0, O_THR},
-        {"device", 1, 0, O_DEV},
-        {"max-num-seqs", 1, 0, O_SEQS},
-        {"max-num-batched-tokens", 1, 0, O_TOK},
-        {"block-size", 1, 0, O_BS},
         {"json", 1, 0, O_JSON},
         {"plot", 1, 0, O_PLOT},
         {"help", 0, 0, O_HELP},
@@ -173,14 +164,12 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
         SRV_ATTN_LONGOPTS,
         SRV_PREFILL_LONGOPTS,
         SRV_KV_LONGOPTS,
+        SRV_ENGINE_LONGOPTS,
         {0, 0, 0, 0},
     };
-    *o = (eval_opts_t){.device = "cpu",
+    *o = (eval_opts_t){.eng = SRV_ENGINE_DEFAULT,
                        .attn = SRV_ATTN_DEFAULT,
                        .samples = 10,
-                       .max_seqs = 8,
-                       .max_tokens = 2048,
-                       .block_size = 16,
                        .kv = SRV_KV_DEFAULT,
                        .seed = 1,
                        .depths = {0.0, 0.25, 0.5, 0.75, 1.0},
@@ -232,22 +221,6 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
         case O_SEED:
             rc = srv_parse_u64("eval", "--seed", optarg, &o->seed);
             break;
-        case O_THR:
-            rc = srv_parse_u32("eval", "--threads", optarg, 1, 1024, &o->threads);
-            break;
-        case O_DEV:
-            o->device = optarg;
-            break;
-        case O_SEQS:
-            rc = srv_parse_u32("eval", "--max-num-seqs", optarg, 1, 4096, &o->max_seqs);
-            break;
-        case O_TOK:
-            rc = srv_parse_u32("eval", "--max-num-batched-tokens", optarg, 16, 1u << 20,
-                               &o->max_tokens);
-            break;
-        case O_BS:
-            rc = srv_parse_block_size("eval", optarg, &o->block_size);
-            break;
         case O_JSON:
             o->json = optarg;
             break;
@@ -276,7 +249,8 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
         default:
             if ((rc = srv_attn_opt("eval", c, optarg, &o->attn)) == 1 &&
                 (rc = srv_prefill_opt("eval", c, optarg, &o->spec)) == 1 &&
-                (rc = srv_kv_opt("eval", c, optarg, &o->kv)) == 1) {
+                (rc = srv_kv_opt("eval", c, optarg, &o->kv)) == 1 &&
+                (rc = srv_engine_opt("eval", c, optarg, &o->eng)) == 1) {
                 fprintf(stderr, "kvserve eval: unknown or incomplete option '%s'\n%s",
                         argv[optind - 1], eval_usage);
                 return KVS_EINVAL;
@@ -307,7 +281,7 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
             o->task_on[i] = true;
     if (srv_attn_finish("eval", &o->attn) ||
         srv_prefill_finish("eval", &o->spec, o->draft != NULL) ||
-        srv_kv_finish("eval", &o->kv, o->block_size)) {
+        srv_kv_finish("eval", &o->kv, o->eng.block_size)) {
         fputs(eval_usage, stderr);
         return KVS_EINVAL;
     }
@@ -778,9 +752,9 @@ srv_cmd_eval(int argc, char **argv)
     eval_run_t r = {.attn = o.attn, .spec = o.spec, .kv = o.kv.policy, .scenario = o.scenario};
     int status = 1, rc;
     char err[512] = "";
-    kern_backend_cfg_t bcfg = {.n_threads = o.threads};
-    if ((rc = kern_backend_new(o.device, &bcfg, &r.be))) {
-        fprintf(stderr, "kvserve eval: --device %s: %s\n", o.device, kvs_strerror(rc));
+    kern_backend_cfg_t bcfg = {.n_threads = o.eng.threads};
+    if ((rc = kern_backend_new(o.eng.device, &bcfg, &r.be))) {
+        fprintf(stderr, "kvserve eval: --device %s: %s\n", o.eng.device, kvs_strerror(rc));
         status = 2;
         goto out;
     }
@@ -870,29 +844,17 @@ srv_cmd_eval(int argc, char **argv)
     for (size_t i = 0; i < r.n_items; i++)
         if (r.items[i].n_toks + r.items[i].n_answer > max_seq)
             max_seq = r.items[i].n_toks + r.items[i].n_answer;
-    uint32_t per_seq = (max_seq + o.block_size - 1) / o.block_size + 1;
-    sched_cfg_t scfg = {.max_num_seqs = o.max_seqs,
-                        .max_num_batched_tokens = o.max_tokens,
-                        .max_model_len = max_seq,
-                        .block_tokens = o.block_size,
-                        .n_blocks = per_seq * o.max_seqs,
-                        /* A scenario resends each turn's context: the
-                         * cache is what keeps it from being recomputed. */
-                        .prefix_caching = o.scenario != SCEN_NONE,
-                        .draft = o.spec.on ? r.draft : NULL};
-    srv_kv_apply(&o.kv, &scfg);
-    if (o.kv.quant != KERN_KVQ_NONE) {
-        /* The full-precision staging blocks come on top, so every
-         * sequence's quantized blocks still fit. */
-        scfg.kv_hot_blocks = sched_default_hot_blocks(&scfg);
-        scfg.n_blocks += scfg.kv_hot_blocks;
-    }
+    sched_cfg_t scfg = srv_engine_cfg(&o.eng, &o.kv, max_seq);
+    /* A scenario resends each turn's context: the cache is what keeps it
+     * from being recomputed. */
+    scfg.prefix_caching = o.scenario != SCEN_NONE;
+    scfg.draft = o.spec.on ? r.draft : NULL;
     if ((rc = sched_new(r.m, &scfg, &r.sched))) {
         fprintf(stderr, "kvserve eval: setup failed: %s\n", kvs_strerror(rc));
         goto out;
     }
     uint64_t t0 = kvs_now_ns();
-    if ((rc = o.scenario != SCEN_NONE ? run_docs(&r, o.max_seqs) : run_items(&r))) {
+    if ((rc = o.scenario != SCEN_NONE ? run_docs(&r, o.eng.max_seqs) : run_items(&r))) {
         fprintf(stderr, "kvserve eval: engine failed: %s\n", kvs_strerror(rc));
         goto out;
     }

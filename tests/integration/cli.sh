@@ -110,6 +110,35 @@ if [ -f "$VD/ggml-vocab-gpt-2.gguf" ]; then
 else
     echo "note: no vocab directory $VD, BPE eval not run"
 fi
+# perplexity: teacher-forced scoring through the engine.  The bundled
+# model knows its filler text (perplexity near 1) and not random letters;
+# settings that keep every key (a window or budget past the context) score
+# as dense attention does.
+python3 -c "print('The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ' * 40, end='')" >"$W/noise.txt"
+python3 -c "import random; random.seed(3); print(''.join(random.choice('abcdefghij klmnop.') for _ in range(4000)), end='')" >"$W/rand.txt"
+ppl() { # FILE FLAGS...: the nll per token of the first --ctx
+    f=$1; shift
+    "$K" perplexity --model "$BUNDLED" --file "$f" --ctx 512 --score 64 --windows 3 --json "$W/ppl.json" "$@" >"$W/out" 2>&1 &&
+        python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['results'][0]['nll_per_token'])" "$W/ppl.json"
+}
+BUNDLED="$(dirname "$0")/../../weights/kvserve-main.gguf"
+if [ -f "$BUNDLED" ]; then
+    a=$(ppl "$W/noise.txt"); b=$(ppl "$W/rand.txt")
+    if python3 -c "import sys; a, b = map(float, sys.argv[1:]); sys.exit(not (a < 0.4 and b > 1.6))" "$a" "$b"; then ok; else bad "perplexity: nll $a on the filler, $b on random letters"; fi
+    c=$(ppl "$W/rand.txt" --attention sink-window --attn-window 4096); d=$(ppl "$W/rand.txt" --kv-policy sink-eviction --kv-budget 4096)
+    if python3 -c "import sys; b, c, d = map(float, sys.argv[1:]); sys.exit(not (abs(b - c) < 1e-4 and abs(b - d) < 1e-4))" "$b" "$c" "$d"; then ok; else bad "perplexity: dense $b, full window $c, full budget $d"; fi
+else
+    echo "note: no bundled model at $BUNDLED, perplexity values not checked"
+fi
+expect 2 "perplexity without a text" "$K" perplexity
+contains "give the text with --file or --text"
+expect 2 "perplexity score over half" "$K" perplexity --text "abc" --ctx 64 --score 40
+contains "more than half"
+expect 2 "perplexity text too short" "$K" perplexity --text "abc" --ctx 64 --score 8
+contains "fewer than one window"
+expect 2 "perplexity ctx past the model" "$K" perplexity --file "$W/noise.txt" --ctx 100000 --score 8
+contains "exceeds the model"
+
 # serve --chat-template: a family's name or a file of one; anything else
 # stops the server at start.
 expect 2 "serve unknown chat template" "$K" serve --chat-template phi3 --port 0
