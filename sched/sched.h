@@ -135,7 +135,8 @@ typedef struct sched_request {
     /* Teacher forcing: the first n_forced output tokens are these (copied)
      * instead of sampled ones, each still reported with its logprobs, so
      * a continuation can be scored under the request's policies (kvserve
-     * perplexity).  n_forced <= max_tokens. */
+     * perplexity).  A forced EOS does not end the request.  n_forced <=
+     * max_tokens. */
     const int32_t *forced;
     uint32_t n_forced;
 } sched_request_t;

@@ -688,7 +688,9 @@ plan(sched_t *s)
 static bool
 is_finished(const sched_t *s, const req_t *r, int32_t tok, sched_finish_t *why)
 {
-    if (!r->ignore_eos && model_token_is_eog(s->m, tok)) {
+    /* A forced token is the caller's, not the model's end. */
+    if (!r->ignore_eos && r->n_tokens - r->n_prompt > r->n_forced &&
+        model_token_is_eog(s->m, tok)) {
         *why = SCHED_FINISH_EOS;
         return true;
     }

@@ -23,6 +23,7 @@ static const char gen_usage[] =
     "                        [--min-p P] [--repetition-penalty R] [--presence-penalty P]\n"
     "                        [--frequency-penalty F] [--seed S] [--ignore-eos] [--stop STR]...\n"
     "                        [--stop-token-ids 1,2] [--logprobs N (0..20, with --json)]\n"
+    "                        [--forced-tokens 1,2,3 (scored, not sampled; with --json)]\n"
     "                        [--priority N] [--cache-salt S]\n"
     "                        [--request-id S] [--timeout-ms N] [--api-key-file F]\n"
     "                        [--tls-ca F] [--tls-server-name NAME] [--json]\n";
@@ -330,8 +331,8 @@ report_status(const char *cmd, const client_t *c)
 typedef struct gen_opts {
     srv_conn_opts_t conn;
     const char *prompt, *request_id, *cache_salt, *api_key_file;
-    int32_t *prompt_ids, *stop_ids;
-    size_t n_prompt_ids;
+    int32_t *prompt_ids, *stop_ids, *forced_ids;
+    size_t n_prompt_ids, n_forced_ids;
     Kvserve__V1__SamplingParams sp;
     bool sampling, has_priority, json;
     int32_t priority;
@@ -342,6 +343,7 @@ gen_opts_free(gen_opts_t *o)
 {
     free(o->prompt_ids);
     free(o->stop_ids);
+    free(o->forced_ids);
     free(o->sp.stop);
 }
 
@@ -364,6 +366,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         {"stop", 1, 0, 'x'},
         {"stop-token-ids", 1, 0, 'X'},
         {"logprobs", 1, 0, 'L'},
+        {"forced-tokens", 1, 0, 'O'},
         {"repetition-penalty", 1, 0, 'R'},
         {"presence-penalty", 1, 0, 'E'},
         {"frequency-penalty", 1, 0, 'F'},
@@ -457,6 +460,12 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
                 o->stop_ids = NULL;
                 n_stop_ids = 0;
                 rc = srv_parse_tokens(C, "--stop-token-ids", optarg, &o->stop_ids, &n_stop_ids);
+                break;
+            case 'O':
+                free(o->forced_ids);
+                o->forced_ids = NULL;
+                rc = srv_parse_tokens(C, "--forced-tokens", optarg, &o->forced_ids,
+                                      &o->n_forced_ids);
                 break;
             case 'r': {
                 char *end;
@@ -638,7 +647,12 @@ srv_cmd_generate(int argc, char **argv)
         goto out_opts;
 
     Kvserve__V1__GenerateRequest req = KVSERVE__V1__GENERATE_REQUEST__INIT;
-    Kvserve__V1__TokenIds ids = KVSERVE__V1__TOKEN_IDS__INIT;
+    Kvserve__V1__TokenIds ids = KVSERVE__V1__TOKEN_IDS__INIT, forced = ids;
+    if (o.forced_ids) {
+        forced.ids = (uint32_t *)o.forced_ids;
+        forced.n_ids = o.n_forced_ids;
+        req.forced_tokens = &forced;
+    }
     if (o.prompt) {
         req.prompt_case = KVSERVE__V1__GENERATE_REQUEST__PROMPT_TEXT;
         req.text = (char *)o.prompt;
@@ -698,7 +712,7 @@ srv_cmd_generate(int argc, char **argv)
     if (!o.json && (r.text_len || c.status == GRPC_STATUS_OK))
         putchar('\n');
     if ((status = report_status(C, &c)) == 0 && o.json)
-        gen_print_json(&r, o.sp.has_logprobs);
+        gen_print_json(&r, o.sp.has_logprobs || o.forced_ids);
 out_call:
     client_close(&c);
     grpc_byte_buffer_destroy(req_bb);

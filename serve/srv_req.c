@@ -450,6 +450,41 @@ check_prompt(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, srv
     return GRPC_STATUS_OK;
 }
 
+/* forced_tokens: ids in the vocabulary, no more than max_tokens (their
+ * count when unset), within the maximum model length. */
+static grpc_status_code
+check_forced(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, srv_gen_req_t *out,
+             uint32_t *max_tokens, bool max_set, char *msg, size_t cap)
+{
+    const Kvserve__V1__TokenIds *f = q->forced_tokens;
+    if (f == NULL || f->n_ids == 0)
+        return GRPC_STATUS_OK;
+    if ((uint64_t)out->n_prompt + f->n_ids > lim->max_model_len)
+        return fail(msg, cap, GRPC_STATUS_OUT_OF_RANGE,
+                    "forced_tokens: %u prompt + %zu forced tokens exceed the maximum model "
+                    "length (%u)",
+                    out->n_prompt, f->n_ids, lim->max_model_len);
+    if (max_set && f->n_ids > *max_tokens)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "forced_tokens: %zu ids, more than sampling.max_tokens (%u)", f->n_ids,
+                    *max_tokens);
+    if ((out->forced = malloc(f->n_ids * sizeof *out->forced)) == NULL)
+        return fail(msg, cap, GRPC_STATUS_RESOURCE_EXHAUSTED, "forced_tokens: out of memory");
+    for (size_t i = 0; i < f->n_ids; i++) {
+        if (f->ids[i] >= lim->n_vocab)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "forced_tokens.ids[%zu]: %u is outside the vocabulary (%u)", i, f->ids[i],
+                        lim->n_vocab);
+        out->forced[i] = (int32_t)f->ids[i];
+    }
+    if (!max_set)
+        *max_tokens = (uint32_t)f->n_ids;
+    out->sr.forced = out->forced;
+    out->sr.n_forced = (uint32_t)f->n_ids;
+    out->sr.logprobs = true; /* the point of forcing: their scores */
+    return GRPC_STATUS_OK;
+}
+
 grpc_status_code
 srv_gen_parse(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, srv_gen_req_t *out,
               char *msg, size_t cap)
@@ -505,6 +540,12 @@ srv_gen_parse(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, sr
         }
         max_tokens = sp->max_tokens;
     }
+    grpc_status_code st =
+        check_forced(q, lim, out, &max_tokens, sp && sp->has_max_tokens, msg, cap);
+    if (st != GRPC_STATUS_OK) {
+        srv_gen_req_free(out);
+        return st;
+    }
     out->sr.prompt = out->prompt;
     out->sr.n_prompt = out->n_prompt;
     out->sr.max_tokens = max_tokens;
@@ -523,4 +564,6 @@ srv_gen_req_free(srv_gen_req_t *r)
 {
     free(r->prompt);
     r->prompt = NULL;
+    free(r->forced);
+    r->forced = NULL;
 }

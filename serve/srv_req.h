@@ -28,6 +28,7 @@ typedef struct srv_gen_req {
     char request_id[129]; /* "" when the client gave none */
     int32_t *prompt;      /* malloc'd */
     uint32_t n_prompt;
+    int32_t *forced;    /* malloc'd: forced_tokens */
     sched_request_t sr; /* ready to submit, id aside */
     /* Borrowed from the unpacked message: */
     const char *const *stop;

@@ -519,6 +519,32 @@ def check_logprobs(api, kvserve, model, work, addr):
     except (ValueError, KeyError, IndexError, TypeError) as e:
         ok, detail = False, "%s: %s %s" % (e, got.stdout[:200], got.stderr[-200:])
     report("1 logprobs: kvserve generate --logprobs 2 --json", ok, detail)
+    # forced_tokens: the greedy tokens forced give their logprobs back
+    # exactly; others come out as given, scored; EOS among them does not
+    # end the request; max_tokens defaults to their count.
+    req = pb.GenerateRequest()
+    req.tokens.ids.extend(TOKEN_PROMPT)
+    req.forced_tokens.ids.extend(o["tokens"])
+    req.sampling.logprobs = 5
+    f = collect(api, req)
+    same = (f["code"] is None and f["tokens"] == o["tokens"]
+            and [x.logprob for x in f["logprobs"]] == [x.logprob for x in o["logprobs"]]
+            and [list(x.top_ids) for x in f["logprobs"]] == [list(x.top_ids) for x in o["logprobs"]])
+    report("1 forced_tokens: the greedy tokens forced -> the same logprobs", same,
+           "%s; %s vs %s" % (describe(f), [x.logprob for x in f["logprobs"]][:3],
+                             [x.logprob for x in o["logprobs"]][:3]))
+    eos = 257
+    other = [72, 105, eos, 33]
+    req = pb.GenerateRequest()
+    req.tokens.ids.extend(TOKEN_PROMPT)
+    req.forced_tokens.ids.extend(other)
+    req.sampling.max_tokens = 6
+    req.sampling.temperature = 0.0  # the sampled tail: deterministic
+    g = collect(api, req)
+    report("1 forced_tokens: others (EOS among them) come out as given, scored, then sampling",
+           g["code"] is None and g["tokens"][:4] == other and len(g["tokens"]) == 6
+           and len(g["logprobs"]) == 6 and all(x.logprob <= 0 for x in g["logprobs"]),
+           "%s: %s" % (describe(g), g["tokens"]))
 
 
 def check_penalties(api, kvserve, model):
@@ -982,6 +1008,12 @@ def check_bad_requests(api, vocab):
     expect("min_p 2", samp(min_p=2.0), IA, "sampling.min_p")
     expect("max_tokens 0", samp(max_tokens=0), IA, "sampling.max_tokens")
     expect("logprobs 21", samp(logprobs=21), IA, "sampling.logprobs")
+    r = greedy_req(TOKEN_PROMPT, 2)
+    r.forced_tokens.ids.extend([72, 73, 74])
+    expect("3 forced tokens, max_tokens 2", r, IA, "forced_tokens")
+    r = greedy_req(TOKEN_PROMPT, 4)
+    r.forced_tokens.ids.extend([72, vocab])
+    expect("forced token id == n_vocab", r, IA, "forced_tokens.ids[1]")
     expect("repetition_penalty 0", samp(repetition_penalty=0.0), IA,
            "sampling.repetition_penalty")
     expect("presence_penalty 3", samp(presence_penalty=3.0), IA, "sampling.presence_penalty")
