@@ -949,22 +949,17 @@ tokenize_new(call_t *c)
         c, &kvserve__v1__tokenize_request__descriptor);
     if (q == NULL)
         return;
-    /* An unset optional string is NULL in protobuf-c: proto's default,
-     * the empty text. */
-    const char *text = q->text ? q->text : "";
-    size_t len = strlen(text), n = 0;
-    unsigned flags = (!q->has_add_bos || q->add_bos ? MODEL_TOK_ADD_SPECIAL : 0) |
-                     (q->has_parse_special && q->parse_special ? MODEL_TOK_PARSE_SPECIAL : 0);
+    char msg[160];
+    size_t n = 0;
     int32_t *ids = NULL;
     uint32_t *out = NULL;
-    int rc = model_vocab_tokenize_alloc(model_vocab(S.m), text, len, flags, &ids, &n);
-    if (rc == 0 && (out = malloc((n ? n : 1) * sizeof *out)) == NULL)
-        rc = KVS_ENOMEM;
-    if (rc) {
-        reply_unary(c, NULL,
-                    rc == KVS_ENOMEM ? GRPC_STATUS_RESOURCE_EXHAUSTED
-                                     : GRPC_STATUS_INVALID_ARGUMENT,
-                    "text: cannot be tokenized");
+    grpc_status_code st = srv_tokenize_parse(q, S.m, &ids, &n, msg, sizeof msg);
+    if (st == GRPC_STATUS_OK && (out = malloc((n ? n : 1) * sizeof *out)) == NULL) {
+        st = GRPC_STATUS_RESOURCE_EXHAUSTED;
+        snprintf(msg, sizeof msg, "out of memory");
+    }
+    if (st != GRPC_STATUS_OK) {
+        reply_unary(c, NULL, st, msg);
     } else {
         for (size_t i = 0; i < n; i++)
             out[i] = (uint32_t)ids[i];
@@ -1064,15 +1059,18 @@ abort_new(call_t *c)
         (Kvserve__V1__AbortRequest *)parse_or_refuse(c, &kvserve__v1__abort_request__descriptor);
     if (q == NULL)
         return;
-    if (q->request_id == NULL || q->request_id[0] == '\0') {
+    const char *id;
+    char msg[80];
+    grpc_status_code st = srv_abort_parse(q, &id, msg, sizeof msg);
+    if (st != GRPC_STATUS_OK) {
         kvserve__v1__abort_request__free_unpacked(q, NULL);
-        reply_unary(c, NULL, GRPC_STATUS_INVALID_ARGUMENT, "request_id: missing");
+        reply_unary(c, NULL, st, msg);
         return;
     }
     Kvserve__V1__AbortResponse r = KVSERVE__V1__ABORT_RESPONSE__INIT;
     r.has_found = true;
     for (call_t *g = S.gens; g; g = g->next) {
-        if (g->id && g->engine_live && !g->stopped && strcmp(g->rid, q->request_id) == 0) {
+        if (g->id && g->engine_live && !g->stopped && strcmp(g->rid, id) == 0) {
             sched_cancel(S.sched, g->id);
             r.found = true;
             KVS_INFOF("request %s: abort requested", g->rid);

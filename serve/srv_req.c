@@ -567,3 +567,32 @@ srv_gen_req_free(srv_gen_req_t *r)
     free(r->forced);
     r->forced = NULL;
 }
+
+grpc_status_code
+srv_tokenize_parse(const Kvserve__V1__TokenizeRequest *q, const model_t *m, int32_t **ids,
+                   size_t *n, char *msg, size_t cap)
+{
+    msg[0] = '\0';
+    /* An unset optional string is NULL in protobuf-c: proto's default,
+     * the empty text. */
+    const char *text = q->text ? q->text : "";
+    unsigned flags = (!q->has_add_bos || q->add_bos ? MODEL_TOK_ADD_SPECIAL : 0) |
+                     (q->has_parse_special && q->parse_special ? MODEL_TOK_PARSE_SPECIAL : 0);
+    int rc = model_vocab_tokenize_alloc(model_vocab(m), text, strlen(text), flags, ids, n);
+    if (rc == KVS_ENOMEM)
+        return fail(msg, cap, GRPC_STATUS_RESOURCE_EXHAUSTED, "text: out of memory");
+    if (rc)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "text: cannot be tokenized by the '%s' tokenizer", model_tokenizer_name(m));
+    return GRPC_STATUS_OK;
+}
+
+grpc_status_code
+srv_abort_parse(const Kvserve__V1__AbortRequest *q, const char **id, char *msg, size_t cap)
+{
+    msg[0] = '\0';
+    *id = q->request_id;
+    if (q->request_id == NULL || q->request_id[0] == '\0')
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "request_id: missing");
+    return GRPC_STATUS_OK;
+}

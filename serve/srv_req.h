@@ -1,6 +1,6 @@
 /*
- * serve/srv_req.h — validation of Generate requests (srv_req.c), shared by
- * the gRPC server and the request fuzzer.
+ * serve/srv_req.h — validation of Generate, Tokenize and Abort requests
+ * (srv_req.c), shared by the gRPC server and the request fuzzer.
  */
 #ifndef SRV_REQ_H
 #define SRV_REQ_H
@@ -43,5 +43,15 @@ typedef struct srv_gen_req {
 grpc_status_code srv_gen_parse(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim,
                                srv_gen_req_t *out, char *msg, size_t cap);
 void srv_gen_req_free(srv_gen_req_t *r);
+/* Tokenize: q's text (unset: the empty text) as ids in *ids (malloc'd,
+ * *n of them), BOS/EOS as the model wants unless add_bos says otherwise,
+ * special-token text parsed when asked.  GRPC_STATUS_OK, or
+ * INVALID_ARGUMENT / RESOURCE_EXHAUSTED with msg saying why. */
+grpc_status_code srv_tokenize_parse(const Kvserve__V1__TokenizeRequest *q, const model_t *m,
+                                    int32_t **ids, size_t *n, char *msg, size_t cap);
+/* Abort: the request id to cancel, or INVALID_ARGUMENT when there is none
+ * (protobuf-c leaves an unset string NULL). */
+grpc_status_code srv_abort_parse(const Kvserve__V1__AbortRequest *q, const char **id, char *msg,
+                                 size_t cap);
 
 #endif /* SRV_REQ_H */

@@ -1,6 +1,7 @@
 /*
  * tests/fuzz/fuzz_request.c — libFuzzer target for what the server does
- * with the bytes of a Generate call before the engine sees them: protobuf
+ * with the bytes of a Generate call before the engine sees them (and of
+ * Tokenize and Abort calls, the same bytes decoded as those): protobuf
  * decoding (protobuf-c) and field validation (serve/srv_req.c), against a
  * tiny random model so text prompts are tokenized for real, and chat
  * messages rendered with a ChatML template first.  An accepted
@@ -155,10 +156,45 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         for (size_t i = 0; i < g.n_stop; i++)
             if (g.stop[i][0] == '\0')
                 abort();
+        if (g.sr.n_forced > g.sr.max_tokens || g.sr.top_logprobs > SCHED_MAX_LOGPROBS)
+            abort();
+        for (uint32_t i = 0; i < g.sr.n_forced; i++)
+            if (g.sr.forced[i] < 0 || (uint32_t)g.sr.forced[i] >= lim.n_vocab)
+                abort();
+        /* What validation accepts, the sampler must too. */
+        model_sampler_t *smp;
+        if (model_sampler_new(&g.sr.sampling, lim.n_vocab, &smp) != 0)
+            abort();
+        model_sampler_free(smp);
         srv_gen_req_free(&g);
     } else if (msg[0] == '\0') {
         abort(); /* every refusal must say why */
     }
     kvserve__v1__generate_request__free_unpacked(q, NULL);
+
+    /* The same bytes as the other requests with fields: Tokenize (ids of
+     * the vocabulary, or a reason) and Abort (an id, or a reason). */
+    Kvserve__V1__TokenizeRequest *t = kvserve__v1__tokenize_request__unpack(NULL, size, data);
+    if (t != NULL) {
+        int32_t *ids = NULL;
+        size_t n = 0;
+        if (srv_tokenize_parse(t, model, &ids, &n, msg, sizeof msg) == GRPC_STATUS_OK) {
+            for (size_t i = 0; i < n; i++)
+                if (ids[i] < 0 || (uint32_t)ids[i] >= lim.n_vocab)
+                    abort();
+        } else if (msg[0] == '\0') {
+            abort();
+        }
+        free(ids);
+        kvserve__v1__tokenize_request__free_unpacked(t, NULL);
+    }
+    Kvserve__V1__AbortRequest *a = kvserve__v1__abort_request__unpack(NULL, size, data);
+    if (a != NULL) {
+        const char *id;
+        if (srv_abort_parse(a, &id, msg, sizeof msg) == GRPC_STATUS_OK ? id == NULL || !id[0]
+                                                                       : msg[0] == '\0')
+            abort();
+        kvserve__v1__abort_request__free_unpacked(a, NULL);
+    }
     return 0;
 }
