@@ -953,7 +953,7 @@ tokenize_new(call_t *c)
     size_t n = 0;
     int32_t *ids = NULL;
     uint32_t *out = NULL;
-    grpc_status_code st = srv_tokenize_parse(q, S.m, &ids, &n, msg, sizeof msg);
+    grpc_status_code st = srv_tokenize_parse(q, &S.lim, &ids, &n, msg, sizeof msg);
     if (st == GRPC_STATUS_OK && (out = malloc((n ? n : 1) * sizeof *out)) == NULL) {
         st = GRPC_STATUS_RESOURCE_EXHAUSTED;
         snprintf(msg, sizeof msg, "out of memory");

@@ -569,10 +569,26 @@ srv_gen_req_free(srv_gen_req_t *r)
 }
 
 grpc_status_code
-srv_tokenize_parse(const Kvserve__V1__TokenizeRequest *q, const model_t *m, int32_t **ids,
+srv_tokenize_parse(const Kvserve__V1__TokenizeRequest *q, const srv_limits_t *lim, int32_t **ids,
                    size_t *n, char *msg, size_t cap)
 {
     msg[0] = '\0';
+    *ids = NULL;
+    *n = 0;
+    const model_t *m = lim->m;
+    if (q->chat != NULL) {
+        if (q->text != NULL)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "text and chat: give one");
+        srv_gen_req_t g = {0};
+        grpc_status_code st = chat_prompt(q->chat, lim, &g, msg, cap);
+        if (st != GRPC_STATUS_OK) {
+            srv_gen_req_free(&g);
+            return st;
+        }
+        *ids = g.prompt;
+        *n = g.n_prompt;
+        return GRPC_STATUS_OK;
+    }
     /* An unset optional string is NULL in protobuf-c: proto's default,
      * the empty text. */
     const char *text = q->text ? q->text : "";

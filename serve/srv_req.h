@@ -45,9 +45,10 @@ grpc_status_code srv_gen_parse(const Kvserve__V1__GenerateRequest *q, const srv_
 void srv_gen_req_free(srv_gen_req_t *r);
 /* Tokenize: q's text (unset: the empty text) as ids in *ids (malloc'd,
  * *n of them), BOS/EOS as the model wants unless add_bos says otherwise,
- * special-token text parsed when asked.  GRPC_STATUS_OK, or
- * INVALID_ARGUMENT / RESOURCE_EXHAUSTED with msg saying why. */
-grpc_status_code srv_tokenize_parse(const Kvserve__V1__TokenizeRequest *q, const model_t *m,
+ * special-token text parsed when asked; or q's chat rendered as Generate
+ * renders it.  GRPC_STATUS_OK, or INVALID_ARGUMENT / OUT_OF_RANGE /
+ * RESOURCE_EXHAUSTED with msg saying why. */
+grpc_status_code srv_tokenize_parse(const Kvserve__V1__TokenizeRequest *q, const srv_limits_t *lim,
                                     int32_t **ids, size_t *n, char *msg, size_t cap);
 /* Abort: the request id to cancel, or INVALID_ARGUMENT when there is none
  * (protobuf-c leaves an unset string NULL). */

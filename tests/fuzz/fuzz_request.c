@@ -178,7 +178,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (t != NULL) {
         int32_t *ids = NULL;
         size_t n = 0;
-        if (srv_tokenize_parse(t, model, &ids, &n, msg, sizeof msg) == GRPC_STATUS_OK) {
+        if (srv_tokenize_parse(t, &lim, &ids, &n, msg, sizeof msg) == GRPC_STATUS_OK) {
             for (size_t i = 0; i < n; i++)
                 if (ids[i] < 0 || (uint32_t)ids[i] >= lim.n_vocab)
                     abort();

@@ -1460,6 +1460,20 @@ def check_chat_template(kvserve, model, work):
         text += "<|im_start|>assistant\n"
         want = collect(api, greedy_req(list(text.encode()), 12), timeout=30)
         u = o["usage"]
+        tk = pb.TokenizeRequest()
+        for role, content in msgs:
+            tk.chat.messages.add(role=role, content=content)
+        tok_ids = list(api.tokenize(tk, timeout=5).ids)
+        report("8 chat: Tokenize(chat) gives the ids Generate runs (the ChatML text's bytes)",
+               tok_ids == list(text.encode()), "%d ids, first %s" % (len(tok_ids), tok_ids[:8]))
+        tk.text = "both"
+        try:
+            api.tokenize(tk, timeout=5)
+            report("8 chat: Tokenize with text and chat -> INVALID_ARGUMENT", False, "OK")
+        except grpc.RpcError as e:
+            report("8 chat: Tokenize with text and chat -> INVALID_ARGUMENT",
+                   e.code() == grpc.StatusCode.INVALID_ARGUMENT and "text and chat" in e.details(),
+                   "%s %s" % (e.code().name, e.details()))
         report("8 chat: a conversation renders as ChatML (prompt tokens and greedy answer "
                "as for the rendered text)",
                o["code"] is None and want["code"] is None and u is not None
