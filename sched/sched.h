@@ -108,7 +108,7 @@ typedef struct sched_kv_policy {
 /* A generated token's log-probability under the model (model_logprobs:
  * the log-softmax of its logits), and the n_top most likely tokens',
  * most likely first. */
-enum { SCHED_MAX_LOGPROBS = 20 };
+enum { SCHED_MAX_LOGPROBS = 20, SCHED_MAX_MIN_BAN = 64 };
 typedef struct sched_logprobs {
     float logprob;
     uint32_t n_top;
@@ -139,6 +139,13 @@ typedef struct sched_request {
      * max_tokens. */
     const int32_t *forced;
     uint32_t n_forced;
+    /* vLLM's min_tokens: until this many tokens are out, the model's
+     * end-of-generation tokens and these ids (the caller's stop tokens,
+     * copied; at most SCHED_MAX_MIN_BAN) cannot be sampled.  <=
+     * max_tokens. */
+    uint32_t min_tokens;
+    const int32_t *min_ban;
+    uint32_t n_min_ban;
 } sched_request_t;
 
 typedef enum sched_event_kind {

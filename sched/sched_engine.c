@@ -31,6 +31,7 @@
  */
 #include "sched.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,6 +62,8 @@ typedef struct req {
     uint32_t top_logprobs;
     int32_t *forced; /* sched_request_t's, copied */
     uint32_t n_forced;
+    uint32_t min_tokens, n_min_ban;
+    int32_t *min_ban; /* copied */
     model_sampler_t *sampler;
     kv_table_t *table;
     req_state_t state;
@@ -119,6 +122,9 @@ struct sched {
     model_ctx_t *ctx;
     sched_batch_t *batch;
     float *logits;
+    int32_t *eog; /* the model's end-of-generation ids (min_tokens bans them) */
+    uint32_t n_eog;
+    float *ban_saved; /* [n_eog + SCHED_MAX_MIN_BAN]: banned logits while sampling */
     /* SnapKV's captured query rows of a step, grown as needed. */
     uint32_t *cap_first, *cap_count; /* [max_num_seqs] */
     float *cap_q;
@@ -277,6 +283,7 @@ req_free(req_t *r)
     model_sampler_free(r->sampler);
     free(r->tokens);
     free(r->forced);
+    free(r->min_ban);
     free(r);
 }
 
@@ -684,6 +691,26 @@ plan(sched_t *s)
 }
 
 /* ---- step ---------------------------------------------------------------------- */
+
+/* Samples r's next token with its min_tokens bans in force: their logits
+ * are -inf for the draw, then restored, so logprobs and the logits hook
+ * see the model's row.  row is the engine's own logits buffer. */
+static int32_t
+sample_banned(sched_t *s, req_t *r, float *row)
+{
+    uint32_t n = s->n_eog + r->n_min_ban;
+    for (uint32_t i = 0; i < n; i++) {
+        int32_t id = i < s->n_eog ? s->eog[i] : r->min_ban[i - s->n_eog];
+        s->ban_saved[i] = row[id];
+        row[id] = -INFINITY;
+    }
+    int32_t tok = model_sampler_sample(r->sampler, row);
+    for (uint32_t i = n; i-- > 0;) { /* in reverse: a repeated id gets its first value */
+        int32_t id = i < s->n_eog ? s->eog[i] : r->min_ban[i - s->n_eog];
+        row[id] = s->ban_saved[i];
+    }
+    return tok;
+}
 
 static bool
 is_finished(const sched_t *s, const req_t *r, int32_t tok, sched_finish_t *why)
@@ -1205,9 +1232,10 @@ main_forward(sched_t *s)
                      ? model_sampler_prompt(r->sampler, r->tokens, r->n_prompt)
                      : 0;
         uint32_t k = r->n_tokens - r->n_prompt;
-        int32_t tok = rc                ? rc
-                      : k < r->n_forced ? r->forced[k]
-                                        : model_sampler_sample(r->sampler, row);
+        int32_t tok = rc                  ? rc
+                      : k < r->n_forced   ? r->forced[k]
+                      : k < r->min_tokens ? sample_banned(s, r, (float *)row)
+                                          : model_sampler_sample(r->sampler, row);
         rc = tok < 0 ? tok : model_sampler_accept(r->sampler, tok);
         if (rc) {
             KVS_ERRORF("sched: sampling for request %llu failed: %s", (unsigned long long)r->id,
@@ -1295,7 +1323,8 @@ sched_submit(sched_t *s, const sched_request_t *q)
 {
     if (q->prompt == NULL || q->n_prompt == 0 || q->max_tokens == 0 ||
         q->top_logprobs > SCHED_MAX_LOGPROBS || q->n_forced > q->max_tokens ||
-        (q->n_forced > 0 && q->forced == NULL))
+        (q->n_forced > 0 && q->forced == NULL) || q->min_tokens > q->max_tokens ||
+        q->n_min_ban > SCHED_MAX_MIN_BAN || (q->n_min_ban > 0 && q->min_ban == NULL))
         return KVS_EINVAL;
     model_spec_policy_t spec = q->spec;
     model_spec_policy_defaults(&spec);
@@ -1314,6 +1343,9 @@ sched_submit(sched_t *s, const sched_request_t *q)
             return KVS_EINVAL;
     for (uint32_t i = 0; i < q->n_forced; i++)
         if (q->forced[i] < 0 || (uint32_t)q->forced[i] >= s->n_vocab)
+            return KVS_EINVAL;
+    for (uint32_t i = 0; i < q->n_min_ban; i++)
+        if (q->min_ban[i] < 0 || (uint32_t)q->min_ban[i] >= s->n_vocab)
             return KVS_EINVAL;
     /* With eviction a sequence holds at most its budget plus one step's
      * tokens (and a block of slack on each side). */
@@ -1347,6 +1379,15 @@ sched_submit(sched_t *s, const sched_request_t *q)
         }
         memcpy(r->forced, q->forced, q->n_forced * sizeof *r->forced);
         r->n_forced = q->n_forced;
+    }
+    r->min_tokens = q->min_tokens;
+    if (q->min_tokens > 0 && q->n_min_ban > 0) {
+        if ((r->min_ban = malloc(q->n_min_ban * sizeof *r->min_ban)) == NULL) {
+            req_free(r);
+            return KVS_ENOMEM;
+        }
+        memcpy(r->min_ban, q->min_ban, q->n_min_ban * sizeof *r->min_ban);
+        r->n_min_ban = q->n_min_ban;
     }
     r->spec = spec;
     if (spec.on) {
@@ -1707,6 +1748,20 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
         rc = reserve_backend(c, m, s->be, s->pool, s->d_pool);
     if (rc == 0)
         rc = sched_batch_new(&s->batch);
+    for (uint32_t i = 0; rc == 0 && i < hp->n_vocab; i++) {
+        if (!model_token_is_eog(m, (int32_t)i))
+            continue;
+        int32_t *e = realloc(s->eog, (s->n_eog + 1) * sizeof *e);
+        if (e == NULL) {
+            rc = KVS_ENOMEM;
+            break;
+        }
+        s->eog = e;
+        s->eog[s->n_eog++] = (int32_t)i;
+    }
+    if (rc == 0 &&
+        (s->ban_saved = malloc((s->n_eog + SCHED_MAX_MIN_BAN) * sizeof *s->ban_saved)) == NULL)
+        rc = KVS_ENOMEM;
     if (rc == 0) {
         s->logits = malloc((size_t)max_logits * hp->n_vocab * sizeof(float));
         s->sched_reqs =
@@ -1774,6 +1829,8 @@ sched_free(sched_t *s)
     free(s->d_steps);
     free(s->d_reqs);
     free(s->logits);
+    free(s->eog);
+    free(s->ban_saved);
     free(s->sched_reqs);
     free(s->steps);
     free(s->step_ids);

@@ -24,6 +24,7 @@ static const char gen_usage[] =
     "                        [--frequency-penalty F] [--seed S] [--ignore-eos] [--stop STR]...\n"
     "                        [--stop-token-ids 1,2] [--logprobs N (0..20, with --json)]\n"
     "                        [--forced-tokens 1,2,3 (scored, not sampled; with --json)]\n"
+    "                        [--min-tokens N]\n"
     "                        [--priority N] [--cache-salt S]\n"
     "                        [--request-id S] [--timeout-ms N] [--api-key-file F]\n"
     "                        [--tls-ca F] [--tls-server-name NAME] [--json]\n";
@@ -367,6 +368,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         {"stop-token-ids", 1, 0, 'X'},
         {"logprobs", 1, 0, 'L'},
         {"forced-tokens", 1, 0, 'O'},
+        {"min-tokens", 1, 0, 'M'},
         {"repetition-penalty", 1, 0, 'R'},
         {"presence-penalty", 1, 0, 'E'},
         {"frequency-penalty", 1, 0, 'F'},
@@ -392,7 +394,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         int rc = srv_conn_opt(C, c, &o->conn);
         if (rc == 1) {
             rc = 0;
-            o->sampling |= strchr("mtkqnsexXLREF", c) != NULL;
+            o->sampling |= strchr("mtkqnsexXLREFM", c) != NULL;
             switch (c) {
             case 'h':
                 fputs(gen_usage, stdout);
@@ -460,6 +462,10 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
                 o->stop_ids = NULL;
                 n_stop_ids = 0;
                 rc = srv_parse_tokens(C, "--stop-token-ids", optarg, &o->stop_ids, &n_stop_ids);
+                break;
+            case 'M':
+                rc = srv_parse_u32(C, "--min-tokens", optarg, 0, 1u << 24, &p->min_tokens);
+                p->has_min_tokens = 1;
                 break;
             case 'O':
                 free(o->forced_ids);

@@ -479,20 +479,28 @@ text_ready(const call_t *c, bool final)
 static bool
 check_stop(call_t *c, int32_t tok)
 {
-    for (size_t i = 0; i < c->g.n_stop_ids; i++) {
+    /* min_tokens: the engine bans the stop ids before then, and stop
+     * strings are not looked for (vLLM's rule: from the token that makes
+     * the output min_tokens long). */
+    bool early = (uint64_t)c->n_delivered + c->n_toks + 1 < c->g.sr.min_tokens;
+    for (size_t i = 0; i < c->g.n_stop_ids && !early; i++) {
         if ((uint32_t)tok == c->g.stop_ids[i]) {
             int n = model_token_piece(S.m, tok, c->stop_match, sizeof c->stop_match - 1);
             c->stop_match[n > 0 ? n : 0] = '\0';
             return true;
         }
     }
+    size_t before = c->text.len;
     srv_buf_put_token(&c->text, S.m, tok);
     /* Out of memory: the text is lost, but the stream goes on (its ids) */
-    if (c->text.oom || c->text.len == 0)
+    if (c->text.oom || c->text.len == 0 || early)
         return false;
-    /* memmem: a byte-level token can put a NUL in the text. */
+    /* A match ends in this token's text: one wholly before it was looked
+     * for then (or fell before min_tokens).  memmem: a byte-level token
+     * can put a NUL in the text. */
     for (size_t i = 0; i < c->g.n_stop; i++) {
-        const char *hit = memmem(c->text.p, c->text.len, c->g.stop[i], strlen(c->g.stop[i]));
+        size_t n = strlen(c->g.stop[i]), from = before >= n ? before - n + 1 : 0;
+        const char *hit = memmem(c->text.p + from, c->text.len - from, c->g.stop[i], n);
         if (hit) {
             snprintf(c->stop_match, sizeof c->stop_match, "%s", c->g.stop[i]);
             c->text.len = (size_t)(hit - c->text.p);

@@ -18,7 +18,7 @@
 #define MAX_SALT_BYTES 256
 #define MAX_STOPS 16
 #define MAX_STOP_BYTES 256
-#define MAX_STOP_IDS 64
+#define MAX_STOP_IDS SCHED_MAX_MIN_BAN /* min_tokens bans them all */
 #define DEFAULT_MAX_TOKENS 256
 
 static grpc_status_code
@@ -542,6 +542,20 @@ srv_gen_parse(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, sr
     }
     grpc_status_code st =
         check_forced(q, lim, out, &max_tokens, sp && sp->has_max_tokens, msg, cap);
+    if (st == GRPC_STATUS_OK && sp && sp->has_min_tokens && sp->min_tokens > 0) {
+        if (sp->min_tokens > max_tokens)
+            st = fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                      "sampling.min_tokens: %u is more than max_tokens (%u)", sp->min_tokens,
+                      max_tokens);
+        else if (out->n_stop_ids &&
+                 (out->min_ban = malloc(out->n_stop_ids * sizeof *out->min_ban)) == NULL)
+            st = fail(msg, cap, GRPC_STATUS_RESOURCE_EXHAUSTED, "sampling: out of memory");
+        for (size_t i = 0; st == GRPC_STATUS_OK && i < out->n_stop_ids; i++)
+            out->min_ban[i] = (int32_t)out->stop_ids[i];
+        out->sr.min_tokens = sp->min_tokens;
+        out->sr.min_ban = out->min_ban;
+        out->sr.n_min_ban = (uint32_t)out->n_stop_ids;
+    }
     if (st != GRPC_STATUS_OK) {
         srv_gen_req_free(out);
         return st;
@@ -566,6 +580,8 @@ srv_gen_req_free(srv_gen_req_t *r)
     r->prompt = NULL;
     free(r->forced);
     r->forced = NULL;
+    free(r->min_ban);
+    r->min_ban = NULL;
 }
 
 grpc_status_code

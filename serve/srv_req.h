@@ -29,6 +29,7 @@ typedef struct srv_gen_req {
     int32_t *prompt;      /* malloc'd */
     uint32_t n_prompt;
     int32_t *forced;    /* malloc'd: forced_tokens */
+    int32_t *min_ban;   /* malloc'd: the stop ids min_tokens bans */
     sched_request_t sr; /* ready to submit, id aside */
     /* Borrowed from the unpacked message: */
     const char *const *stop;

@@ -156,7 +156,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         for (size_t i = 0; i < g.n_stop; i++)
             if (g.stop[i][0] == '\0')
                 abort();
-        if (g.sr.n_forced > g.sr.max_tokens || g.sr.top_logprobs > SCHED_MAX_LOGPROBS)
+        if (g.sr.n_forced > g.sr.max_tokens || g.sr.top_logprobs > SCHED_MAX_LOGPROBS ||
+            g.sr.min_tokens > g.sr.max_tokens || g.sr.n_min_ban > SCHED_MAX_MIN_BAN)
             abort();
         for (uint32_t i = 0; i < g.sr.n_forced; i++)
             if (g.sr.forced[i] < 0 || (uint32_t)g.sr.forced[i] >= lim.n_vocab)

@@ -547,6 +547,28 @@ def check_logprobs(api, kvserve, model, work, addr):
            "%s: %s" % (describe(g), g["tokens"]))
 
 
+def check_min_tokens(api):
+    """min_tokens: a stop token id that would end the output at once is
+    banned for the first min_tokens tokens, so the output runs on."""
+    first = collect(api, greedy_req(TOKEN_PROMPT, 4))
+    name = "1 min_tokens: the stop id is not generated before min_tokens"
+    if first["code"] is not None or not first["tokens"]:
+        report(name, False, describe(first))
+        return
+    stop = first["tokens"][0]
+    req = greedy_req(TOKEN_PROMPT, 8)
+    req.sampling.ignore_eos = False
+    req.sampling.stop_token_ids.append(stop)
+    at_once = collect(api, req)
+    req.sampling.min_tokens = 5
+    held = collect(api, req)
+    report(name, at_once["code"] is None and at_once["tokens"] == []
+           and at_once["finish"] == pb.FINISH_REASON_STOP and held["code"] is None
+           and len(held["tokens"]) >= 5 and stop not in held["tokens"][:5],
+           "stop id %d: without %s %s; with min_tokens 5: %s %s"
+           % (stop, describe(at_once), at_once["tokens"], describe(held), held["tokens"]))
+
+
 def check_penalties(api, kvserve, model):
     """Repetition, presence and frequency penalties: the server's greedy
     tokens equal `kvserve run`'s with the same flags (the penalty math is
@@ -1008,6 +1030,7 @@ def check_bad_requests(api, vocab):
     expect("min_p 2", samp(min_p=2.0), IA, "sampling.min_p")
     expect("max_tokens 0", samp(max_tokens=0), IA, "sampling.max_tokens")
     expect("logprobs 21", samp(logprobs=21), IA, "sampling.logprobs")
+    expect("min_tokens 9 > max_tokens 8", samp(min_tokens=9), IA, "sampling.min_tokens")
     r = greedy_req(TOKEN_PROMPT, 2)
     r.forced_tokens.ids.extend([72, 73, 74])
     expect("3 forced tokens, max_tokens 2", r, IA, "forced_tokens")
@@ -1700,6 +1723,7 @@ def main():
             refs = check_greedy(api, kvserve, model, srv.addr)
             check_logprobs(api, kvserve, model, work, srv.addr)
             check_penalties(api, kvserve, model)
+            check_min_tokens(api)
             if "text" in refs:
                 check_tokenize(api, refs["text"])
             check_concurrent(api)

@@ -822,6 +822,62 @@ test_forced(void **state)
     engine_close(&e);
 }
 
+/* min_tokens: before it, the model's end-of-generation ids and the banned
+ * ids cannot be drawn (each token is the argmax of its row without them),
+ * and logprobs still come from the model's row; after it, they can. */
+static void
+test_min_tokens(void **state)
+{
+    (void)state;
+    engine_t e;
+    static lp_rows_t rows;
+    int32_t prompt[24];
+    rows_engine_open(&e, &rows, prompt, 24);
+    /* Ban the greedy run's own first token (found by a first request). */
+    int32_t ban[2] = {0, 0};
+    static outcome_t o;
+    for (uint64_t id = 0; id < 2; id++) {
+        sched_request_t r = {.id = id,
+                             .prompt = prompt,
+                             .n_prompt = 24,
+                             .max_tokens = LP_TOKENS,
+                             .sampling = {.top_p = 1.0f},
+                             .logprobs = true,
+                             .min_tokens = id == 1 ? LP_TOKENS - 1 : 0,
+                             .min_ban = ban,
+                             .n_min_ban = id == 1 ? 2 : 0};
+        assert_int_equal(sched_submit(e.s, &r), 0);
+        memset(&o, 0, sizeof o);
+        run_to_idle(&e, &o, 200);
+        if (id == 0) {
+            ban[0] = o.tokens[0][0];
+            ban[1] = 257; /* and EOS, banned anyway */
+        }
+    }
+    assert_int_equal(o.n_tokens[1], LP_TOKENS);
+    for (uint32_t k = 0; k < LP_TOKENS - 1; k++) {
+        const float *row = rows.row[1][k];
+        int32_t best = -1;
+        for (int v = 0; v < LP_VOCAB; v++)
+            if (v != ban[0] && !model_token_is_eog(e.m, v) && (best < 0 || row[v] > row[best]))
+                best = v;
+        assert_int_equal(o.tokens[1][k], best);
+        assert_int_not_equal(o.tokens[1][k], ban[0]);
+    }
+    sched_request_t bad = {.id = 9,
+                           .prompt = prompt,
+                           .n_prompt = 24,
+                           .max_tokens = 2,
+                           .sampling = {.top_p = 1.0f},
+                           .min_tokens = 3};
+    assert_int_equal(sched_submit(e.s, &bad), KVS_EINVAL);
+    bad.min_tokens = 1;
+    bad.min_ban = ban;
+    bad.n_min_ban = SCHED_MAX_MIN_BAN + 1;
+    assert_int_equal(sched_submit(e.s, &bad), KVS_EINVAL);
+    engine_close(&e);
+}
+
 /* A device that fails for good mid-run: the requests of the failed step
  * end with KVS_EDEVICE and give back their blocks, later ones fail the
  * same way, and the load snapshot says so (the server's health reads it). */
@@ -928,6 +984,7 @@ main(void)
         cmocka_unit_test(test_logprobs),
         cmocka_unit_test(test_penalties_fed),
         cmocka_unit_test(test_forced),
+        cmocka_unit_test(test_min_tokens),
         cmocka_unit_test(test_device_failure),
         cmocka_unit_test(test_engine_thread),
     };
