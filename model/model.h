@@ -252,6 +252,10 @@ int32_t model_vocab_eot(const model_vocab_t *v);       /* -1 when none */
 /* End of generation: EOS, EOT, EOM and the chat stop tokens llama.cpp
  * recognizes by text (<|eot_id|>, <|im_end|>, <|end|>, ...). */
 bool model_vocab_is_eog(const model_vocab_t *v, int32_t id);
+/* All of them (at most MODEL_MAX_EOG): *ids points into the vocabulary;
+ * returns how many. */
+#define MODEL_MAX_EOG 16
+uint32_t model_vocab_eog(const model_vocab_t *v, const int32_t **ids);
 bool model_vocab_adds_bos(const model_vocab_t *v);    /* MODEL_TOK_ADD_SPECIAL prepends BOS */
 bool model_vocab_adds_eos(const model_vocab_t *v);    /* MODEL_TOK_ADD_SPECIAL appends EOS */
 const char *model_vocab_kind(const model_vocab_t *v); /* see the kinds above */

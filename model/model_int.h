@@ -60,7 +60,7 @@ enum {
 };
 
 #define MODEL_VOCAB_MAX_RE 6 /* pre-tokenizer regexes applied in sequence */
-#define MODEL_VOCAB_MAX_EOG 16
+#define MODEL_VOCAB_MAX_EOG MODEL_MAX_EOG
 
 /* Open-addressing table from a byte string to an index; slots hold
  * index + 1 (0 = empty), keys live in the vocab's blob. */

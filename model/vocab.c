@@ -1140,6 +1140,13 @@ model_vocab_is_eog(const model_vocab_t *v, int32_t id)
     return false;
 }
 
+uint32_t
+model_vocab_eog(const model_vocab_t *v, const int32_t **ids)
+{
+    *ids = v->eog;
+    return v->n_eog;
+}
+
 bool
 model_vocab_adds_bos(const model_vocab_t *v)
 {

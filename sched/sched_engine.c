@@ -60,8 +60,7 @@ typedef struct req {
     uint32_t n_tokens, cap, n_prompt, n_computed, max_tokens;
     bool ignore_eos, cancelled, admitted_once, logprobs;
     uint32_t top_logprobs;
-    int32_t *forced; /* sched_request_t's, copied */
-    uint32_t n_forced;
+    uint32_t n_forced; /* tokens[n_prompt ..] holds them from submit on */
     uint32_t min_tokens, n_min_ban;
     int32_t *min_ban; /* copied */
     model_sampler_t *sampler;
@@ -122,9 +121,7 @@ struct sched {
     model_ctx_t *ctx;
     sched_batch_t *batch;
     float *logits;
-    int32_t *eog; /* the model's end-of-generation ids (min_tokens bans them) */
-    uint32_t n_eog;
-    float *ban_saved; /* [n_eog + SCHED_MAX_MIN_BAN]: banned logits while sampling */
+    float ban_saved[MODEL_MAX_EOG + SCHED_MAX_MIN_BAN]; /* min_tokens' banned logits */
     /* SnapKV's captured query rows of a step, grown as needed. */
     uint32_t *cap_first, *cap_count; /* [max_num_seqs] */
     float *cap_q;
@@ -282,7 +279,6 @@ req_free(req_t *r)
     kv_table_free(r->table);
     model_sampler_free(r->sampler);
     free(r->tokens);
-    free(r->forced);
     free(r->min_ban);
     free(r);
 }
@@ -698,15 +694,16 @@ plan(sched_t *s)
 static int32_t
 sample_banned(sched_t *s, req_t *r, float *row)
 {
-    uint32_t n = s->n_eog + r->n_min_ban;
+    const int32_t *eog;
+    uint32_t n_eog = model_vocab_eog(model_vocab(s->m), &eog), n = n_eog + r->n_min_ban;
     for (uint32_t i = 0; i < n; i++) {
-        int32_t id = i < s->n_eog ? s->eog[i] : r->min_ban[i - s->n_eog];
+        int32_t id = i < n_eog ? eog[i] : r->min_ban[i - n_eog];
         s->ban_saved[i] = row[id];
         row[id] = -INFINITY;
     }
     int32_t tok = model_sampler_sample(r->sampler, row);
     for (uint32_t i = n; i-- > 0;) { /* in reverse: a repeated id gets its first value */
-        int32_t id = i < s->n_eog ? s->eog[i] : r->min_ban[i - s->n_eog];
+        int32_t id = i < n_eog ? eog[i] : r->min_ban[i - n_eog];
         row[id] = s->ban_saved[i];
     }
     return tok;
@@ -1206,7 +1203,7 @@ main_forward(sched_t *s)
             r->n_computed += r->n_sched;
         }
         r->n_sched = 0;
-        const float *row = s->steps[i].want_logits ? s->logits + (size_t)li++ * s->n_vocab : NULL;
+        float *row = s->steps[i].want_logits ? s->logits + (size_t)li++ * s->n_vocab : NULL;
         if (r->kv.kind == SCHED_KV_SINK_EVICTION)
             r->usage.kv_dropped_tokens +=
                 (uint64_t)kv_table_evict(r->table, r->kv.sinks, r->kv.budget_tokens) *
@@ -1233,8 +1230,8 @@ main_forward(sched_t *s)
                      : 0;
         uint32_t k = r->n_tokens - r->n_prompt;
         int32_t tok = rc                  ? rc
-                      : k < r->n_forced   ? r->forced[k]
-                      : k < r->min_tokens ? sample_banned(s, r, (float *)row)
+                      : k < r->n_forced   ? r->tokens[r->n_tokens]
+                      : k < r->min_tokens ? sample_banned(s, r, row)
                                           : model_sampler_sample(r->sampler, row);
         rc = tok < 0 ? tok : model_sampler_accept(r->sampler, tok);
         if (rc) {
@@ -1318,6 +1315,15 @@ sched_check_policy(const sched_t *s, const model_attn_policy_t *attn,
     return 0;
 }
 
+static bool
+in_vocab(const sched_t *s, const int32_t *ids, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (ids[i] < 0 || (uint32_t)ids[i] >= s->n_vocab)
+            return false;
+    return true;
+}
+
 int
 sched_submit(sched_t *s, const sched_request_t *q)
 {
@@ -1338,15 +1344,9 @@ sched_submit(sched_t *s, const sched_request_t *q)
     uint64_t total = (uint64_t)q->n_prompt + q->max_tokens;
     if (total > s->cfg.max_model_len)
         return KVS_ERANGE;
-    for (uint32_t i = 0; i < q->n_prompt; i++)
-        if (q->prompt[i] < 0 || (uint32_t)q->prompt[i] >= s->n_vocab)
-            return KVS_EINVAL;
-    for (uint32_t i = 0; i < q->n_forced; i++)
-        if (q->forced[i] < 0 || (uint32_t)q->forced[i] >= s->n_vocab)
-            return KVS_EINVAL;
-    for (uint32_t i = 0; i < q->n_min_ban; i++)
-        if (q->min_ban[i] < 0 || (uint32_t)q->min_ban[i] >= s->n_vocab)
-            return KVS_EINVAL;
+    if (!in_vocab(s, q->prompt, q->n_prompt) || !in_vocab(s, q->forced, q->n_forced) ||
+        !in_vocab(s, q->min_ban, q->n_min_ban))
+        return KVS_EINVAL;
     /* With eviction a sequence holds at most its budget plus one step's
      * tokens (and a block of slack on each side). */
     uint64_t held = total, slack = 0;
@@ -1372,14 +1372,11 @@ sched_submit(sched_t *s, const sched_request_t *q)
         return KVS_ENOMEM;
     }
     memcpy(r->tokens, q->prompt, q->n_prompt * sizeof *r->tokens);
-    if (q->n_forced > 0) {
-        if ((r->forced = malloc(q->n_forced * sizeof *r->forced)) == NULL) {
-            req_free(r);
-            return KVS_ENOMEM;
-        }
-        memcpy(r->forced, q->forced, q->n_forced * sizeof *r->forced);
-        r->n_forced = q->n_forced;
-    }
+    /* Forced output waits where it will stand; nothing reads past
+     * n_tokens. */
+    if (q->n_forced > 0)
+        memcpy(r->tokens + q->n_prompt, q->forced, q->n_forced * sizeof *r->tokens);
+    r->n_forced = q->n_forced;
     r->min_tokens = q->min_tokens;
     if (q->min_tokens > 0 && q->n_min_ban > 0) {
         if ((r->min_ban = malloc(q->n_min_ban * sizeof *r->min_ban)) == NULL) {
@@ -1748,20 +1745,6 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
         rc = reserve_backend(c, m, s->be, s->pool, s->d_pool);
     if (rc == 0)
         rc = sched_batch_new(&s->batch);
-    for (uint32_t i = 0; rc == 0 && i < hp->n_vocab; i++) {
-        if (!model_token_is_eog(m, (int32_t)i))
-            continue;
-        int32_t *e = realloc(s->eog, (s->n_eog + 1) * sizeof *e);
-        if (e == NULL) {
-            rc = KVS_ENOMEM;
-            break;
-        }
-        s->eog = e;
-        s->eog[s->n_eog++] = (int32_t)i;
-    }
-    if (rc == 0 &&
-        (s->ban_saved = malloc((s->n_eog + SCHED_MAX_MIN_BAN) * sizeof *s->ban_saved)) == NULL)
-        rc = KVS_ENOMEM;
     if (rc == 0) {
         s->logits = malloc((size_t)max_logits * hp->n_vocab * sizeof(float));
         s->sched_reqs =
@@ -1829,8 +1812,6 @@ sched_free(sched_t *s)
     free(s->d_steps);
     free(s->d_reqs);
     free(s->logits);
-    free(s->eog);
-    free(s->ban_saved);
     free(s->sched_reqs);
     free(s->steps);
     free(s->step_ids);

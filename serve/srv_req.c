@@ -468,18 +468,14 @@ check_forced(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, srv
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
                     "forced_tokens: %zu ids, more than sampling.max_tokens (%u)", f->n_ids,
                     *max_tokens);
-    if ((out->forced = malloc(f->n_ids * sizeof *out->forced)) == NULL)
-        return fail(msg, cap, GRPC_STATUS_RESOURCE_EXHAUSTED, "forced_tokens: out of memory");
-    for (size_t i = 0; i < f->n_ids; i++) {
+    for (size_t i = 0; i < f->n_ids; i++)
         if (f->ids[i] >= lim->n_vocab)
             return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
                         "forced_tokens.ids[%zu]: %u is outside the vocabulary (%u)", i, f->ids[i],
                         lim->n_vocab);
-        out->forced[i] = (int32_t)f->ids[i];
-    }
     if (!max_set)
         *max_tokens = (uint32_t)f->n_ids;
-    out->sr.forced = out->forced;
+    out->sr.forced = (const int32_t *)f->ids;
     out->sr.n_forced = (uint32_t)f->n_ids;
     out->sr.logprobs = true; /* the point of forcing: their scores */
     return GRPC_STATUS_OK;
@@ -547,13 +543,8 @@ srv_gen_parse(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, sr
             st = fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
                       "sampling.min_tokens: %u is more than max_tokens (%u)", sp->min_tokens,
                       max_tokens);
-        else if (out->n_stop_ids &&
-                 (out->min_ban = malloc(out->n_stop_ids * sizeof *out->min_ban)) == NULL)
-            st = fail(msg, cap, GRPC_STATUS_RESOURCE_EXHAUSTED, "sampling: out of memory");
-        for (size_t i = 0; st == GRPC_STATUS_OK && i < out->n_stop_ids; i++)
-            out->min_ban[i] = (int32_t)out->stop_ids[i];
         out->sr.min_tokens = sp->min_tokens;
-        out->sr.min_ban = out->min_ban;
+        out->sr.min_ban = (const int32_t *)out->stop_ids; /* checked: below n_vocab */
         out->sr.n_min_ban = (uint32_t)out->n_stop_ids;
     }
     if (st != GRPC_STATUS_OK) {
@@ -578,10 +569,6 @@ srv_gen_req_free(srv_gen_req_t *r)
 {
     free(r->prompt);
     r->prompt = NULL;
-    free(r->forced);
-    r->forced = NULL;
-    free(r->min_ban);
-    r->min_ban = NULL;
 }
 
 grpc_status_code

@@ -28,9 +28,10 @@ typedef struct srv_gen_req {
     char request_id[129]; /* "" when the client gave none */
     int32_t *prompt;      /* malloc'd */
     uint32_t n_prompt;
-    int32_t *forced;    /* malloc'd: forced_tokens */
-    int32_t *min_ban;   /* malloc'd: the stop ids min_tokens bans */
-    sched_request_t sr; /* ready to submit, id aside */
+    /* Ready to submit, id aside; its forced tokens and min_tokens bans
+     * borrowed from the unpacked message (ids below n_vocab, so their
+     * uint32 arrays read as int32; sched_submit copies them). */
+    sched_request_t sr;
     /* Borrowed from the unpacked message: */
     const char *const *stop;
     size_t n_stop;
