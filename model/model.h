@@ -507,6 +507,9 @@ typedef struct model_sampling {
      * occurrence and presence_penalty once (0 = off). */
     float repetition_penalty, presence_penalty, frequency_penalty;
 } model_sampling_t;
+/* Presence and frequency penalties lie in [-MODEL_PENALTY_MAX, it]
+ * (OpenAI's and vLLM's range). */
+#define MODEL_PENALTY_MAX 2.0f
 
 typedef struct model_sampler model_sampler_t;
 

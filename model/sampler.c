@@ -59,8 +59,8 @@ model_sampler_new(const model_sampling_t *cfg, uint32_t n_vocab, model_sampler_t
     if (!(cfg->temperature >= 0.0f) || !isfinite(cfg->temperature) || cfg->top_k < 0 ||
         !(cfg->top_p > 0.0f && cfg->top_p <= 1.0f) || !(cfg->min_p >= 0.0f && cfg->min_p <= 1.0f) ||
         !(cfg->repetition_penalty >= 0.0f) || !isfinite(cfg->repetition_penalty) ||
-        !(fabsf(cfg->presence_penalty) <= 2.0f) || !(fabsf(cfg->frequency_penalty) <= 2.0f) ||
-        n_vocab == 0)
+        !(fabsf(cfg->presence_penalty) <= MODEL_PENALTY_MAX) ||
+        !(fabsf(cfg->frequency_penalty) <= MODEL_PENALTY_MAX) || n_vocab == 0)
         return KVS_EINVAL;
     model_sampler_t *s = calloc(1, sizeof *s);
     if (s == NULL)

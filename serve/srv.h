@@ -33,6 +33,10 @@ int srv_parse_u32(const char *cmd, const char *flag, const char *s, uint32_t lo,
                   uint32_t *out);
 int srv_parse_u64(const char *cmd, const char *flag, const char *s, uint64_t *out);
 int srv_parse_f32(const char *cmd, const char *flag, const char *s, float lo, float hi, float *out);
+/* "1,2,3": 1 to max numbers, each in [lo, hi], into out[*n]; KVS_EINVAL
+ * (after srv_parse_u32's message for a bad number) otherwise. */
+int srv_parse_u32_list(const char *cmd, const char *flag, const char *s, uint32_t lo, uint32_t hi,
+                       uint32_t *out, uint32_t max, uint32_t *n);
 /* The repetition penalty's range (vLLM wants it positive; 1 is off). */
 #define SRV_REP_PENALTY_MIN 1e-3f
 #define SRV_REP_PENALTY_MAX 100.0f
@@ -118,6 +122,9 @@ void srv_buf_puts(srv_buf_t *b, const char *s);
  * it is given, and pieces run to hundreds of bytes: runs of spaces or
  * symbols in code vocabularies); nothing for control tokens. */
 void srv_buf_put_token(srv_buf_t *b, const model_t *m, int32_t tok);
+/* The same for a vocabulary's token, control tokens' text too when
+ * `special` (model_vocab_piece). */
+void srv_buf_put_piece(srv_buf_t *b, const model_vocab_t *v, int32_t tok, bool special);
 /* s's n bytes as well-formed UTF-8 (malloc'd, NUL-terminated), each
  * ill-formed part, and NUL, as U+FFFD: what a protobuf string field must
  * carry (a token can end mid-character, a byte-level one be any byte).

@@ -633,16 +633,35 @@ srv_utf8_valid(const char *s, size_t n)
 }
 
 void
-srv_buf_put_token(srv_buf_t *b, const model_t *m, int32_t tok)
+srv_buf_put_piece(srv_buf_t *b, const model_vocab_t *v, int32_t tok, bool special)
 {
     /* The piece's length first (room 0), then the piece in place. */
-    const model_vocab_t *v = model_vocab(m);
     char none;
-    int n = model_vocab_piece(v, tok, false, &none, 0);
+    int n = model_vocab_piece(v, tok, special, &none, 0);
     if (n <= 0 || !buf_room(b, (size_t)n))
         return;
-    b->len += (size_t)model_vocab_piece(v, tok, false, b->p + b->len, (size_t)n);
+    b->len += (size_t)model_vocab_piece(v, tok, special, b->p + b->len, (size_t)n);
     b->p[b->len] = '\0';
+}
+
+void
+srv_buf_put_token(srv_buf_t *b, const model_t *m, int32_t tok)
+{
+    srv_buf_put_piece(b, model_vocab(m), tok, false);
+}
+
+int
+srv_parse_u32_list(const char *cmd, const char *flag, const char *s, uint32_t lo, uint32_t hi,
+                   uint32_t *out, uint32_t max, uint32_t *n)
+{
+    char *dup = strdup(s), *save = NULL;
+    int rc = dup ? 0 : KVS_ENOMEM;
+    *n = 0;
+    for (char *t = dup ? strtok_r(dup, ",", &save) : NULL; t && rc == 0;
+         t = strtok_r(NULL, ",", &save))
+        rc = *n == max ? KVS_EINVAL : srv_parse_u32(cmd, flag, t, lo, hi, &out[(*n)++]);
+    free(dup);
+    return rc ? rc : *n ? 0 : KVS_EINVAL;
 }
 
 int

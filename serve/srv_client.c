@@ -441,13 +441,13 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
                 p->has_repetition_penalty = 1;
                 break;
             case 'E':
-                rc = srv_parse_f32(C, "--presence-penalty", optarg, -2.0f, 2.0f,
-                                   &p->presence_penalty);
+                rc = srv_parse_f32(C, "--presence-penalty", optarg, -MODEL_PENALTY_MAX,
+                                   MODEL_PENALTY_MAX, &p->presence_penalty);
                 p->has_presence_penalty = 1;
                 break;
             case 'F':
-                rc = srv_parse_f32(C, "--frequency-penalty", optarg, -2.0f, 2.0f,
-                                   &p->frequency_penalty);
+                rc = srv_parse_f32(C, "--frequency-penalty", optarg, -MODEL_PENALTY_MAX,
+                                   MODEL_PENALTY_MAX, &p->frequency_penalty);
                 p->has_frequency_penalty = 1;
                 break;
             case 'L':

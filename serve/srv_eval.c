@@ -98,23 +98,6 @@ typedef struct doc {
 } doc_t;
 
 static int
-parse_list_u32(const char *s, uint32_t *out, uint32_t *n)
-{
-    char *dup = strdup(s), *save = NULL;
-    *n = 0;
-    for (char *t = strtok_r(dup, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
-        uint32_t v;
-        if (*n == MAX_LIST || srv_parse_u32("eval", "--lengths", t, 16, 1u << 24, &v)) {
-            free(dup);
-            return KVS_EINVAL;
-        }
-        out[(*n)++] = v;
-    }
-    free(dup);
-    return *n ? 0 : KVS_EINVAL;
-}
-
-static int
 parse_list_f(const char *s, double *out, uint32_t *n)
 {
     char *dup = strdup(s), *save = NULL;
@@ -207,7 +190,8 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
             break;
         }
         case O_LEN:
-            if ((rc = parse_list_u32(optarg, o->lengths, &o->n_lengths)))
+            if ((rc = srv_parse_u32_list("eval", "--lengths", optarg, 16, 1u << 24, o->lengths,
+                                         MAX_LIST, &o->n_lengths)))
                 fprintf(stderr, "kvserve eval: --lengths: expected up to %d numbers >= 16\n",
                         MAX_LIST);
             break;

@@ -1599,21 +1599,16 @@ chat_override(const char *arg)
 static void
 chat_up(void)
 {
-    model_gguf_str_t t;
-    char *tmpl = NULL, bos[64], eos[64];
-    if (S.chat_override != NULL) {
-        tmpl = strdup(S.chat_override);
-    } else if (model_gguf_get_str(model_gguf(S.m), "tokenizer.chat_template", &t) == 0 &&
-               (tmpl = malloc(t.len + 1)) != NULL) {
-        memcpy(tmpl, t.ptr, t.len);
-        tmpl[t.len] = '\0';
-    }
+    model_gguf_str_t t; /* the reader's copy ends with a NUL */
+    char bos[64], eos[64];
+    const char *tmpl = S.chat_override;
+    if (tmpl == NULL && model_gguf_get_str(model_gguf(S.m), "tokenizer.chat_template", &t) == 0)
+        tmpl = t.ptr;
     token_text(model_token_bos(S.m), bos, sizeof bos);
     token_text(model_token_eos(S.m), eos, sizeof eos);
     S.have_chat = srv_chat_detect(tmpl, bos, eos, &S.chat, S.chat_err, sizeof S.chat_err) == 0;
     if (!S.have_chat && tmpl)
         KVS_WARNF("serve: chat requests will be refused: %s", S.chat_err);
-    free(tmpl);
 }
 
 static const char *

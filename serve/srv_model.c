@@ -203,25 +203,19 @@ cmd_tokenize(int argc, char **argv)
     if (text && model_vocab_tokenize(v, text, len, flags, NULL, 0, &n) != KVS_EINVAL &&
         (ids = malloc((n ? n : 1) * sizeof *ids)) != NULL &&
         model_vocab_tokenize(v, text, len, flags, ids, n, &n) == 0) {
-        char piece[64];
+        srv_buf_t piece = {0}; /* whole, however long */
         for (size_t i = 0; i < n; i++) {
             if (ids_only) {
                 printf(i ? " %d" : "%d", ids[i]);
                 continue;
             }
-            int k = model_vocab_piece(v, ids[i], true, piece, sizeof piece);
-            /* A longer piece (StarCoder has some of 256 bytes) whole. */
-            char *big = k > (int)sizeof piece ? malloc((size_t)k) : NULL;
-            if (big != NULL)
-                k = model_vocab_piece(v, ids[i], true, big, (size_t)k);
+            piece.len = 0;
+            srv_buf_put_piece(&piece, v, ids[i], true);
             printf("%d\t", ids[i]);
-            srv_json_str(stdout, big ? big : piece,
-                         k < 0                              ? 0
-                         : big || (size_t)k <= sizeof piece ? (size_t)k
-                                                            : sizeof piece);
+            srv_json_str(stdout, piece.p ? piece.p : "", piece.len);
             printf("\n");
-            free(big);
         }
+        free(piece.p);
         if (ids_only)
             printf("\n");
         status = 0;

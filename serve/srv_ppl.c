@@ -88,23 +88,11 @@ parse_opts(int argc, char **argv, ppl_opts_t *o)
         case O_TEXT:
             o->text = optarg;
             break;
-        case O_CTX: {
-            char *dup = strdup(optarg), *save = NULL;
-            o->n_ctx = 0;
-            for (char *t = strtok_r(dup, ",", &save); t && rc == 0;
-                 t = strtok_r(NULL, ",", &save)) {
-                if (o->n_ctx == MAX_CTX)
-                    rc = KVS_EINVAL;
-                else
-                    rc = srv_parse_u32(C, "--ctx", t, 8, 1u << 24, &o->ctx[o->n_ctx++]);
-            }
-            free(dup);
-            if (rc == 0 && o->n_ctx == 0)
-                rc = KVS_EINVAL;
-            if (rc)
+        case O_CTX:
+            if ((rc = srv_parse_u32_list(C, "--ctx", optarg, 8, 1u << 24, o->ctx, MAX_CTX,
+                                         &o->n_ctx)))
                 fprintf(stderr, "kvserve perplexity: --ctx: up to %d lengths >= 8\n", MAX_CTX);
             break;
-        }
         case O_SCORE:
             rc = srv_parse_u32(C, "--score", optarg, 1, 1u << 23, &o->score);
             break;
@@ -280,10 +268,11 @@ srv_cmd_perplexity(int argc, char **argv)
         }
         max_ctx = o.ctx[i] > max_ctx ? o.ctx[i] : max_ctx;
     }
-    const char *t = o.text ? o.text : text;
-    len = strlen(t);
-    if ((toks = malloc((len + 2) * sizeof *toks)) == NULL ||
-        model_tokenize(m, t, len, false, toks, len + 2, &n)) {
+    if (o.text)
+        len = strlen(o.text);
+    /* Sized by the tokenizer: invalid UTF-8 can take more than a token a
+     * byte. */
+    if (model_vocab_tokenize_alloc(model_vocab(m), o.text ? o.text : text, len, 0, &toks, &n)) {
         fprintf(stderr, "kvserve perplexity: cannot tokenize the text\n");
         goto out;
     }

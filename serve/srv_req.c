@@ -296,13 +296,13 @@ check_sampling(const Kvserve__V1__SamplingParams *sp, const srv_limits_t *lim, s
         s->repetition_penalty = r;
     }
     if (sp->has_presence_penalty) {
-        if (!(fabsf(sp->presence_penalty) <= 2.0f))
+        if (!(fabsf(sp->presence_penalty) <= MODEL_PENALTY_MAX))
             return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
                         "sampling.presence_penalty: %g is outside [-2, 2]", sp->presence_penalty);
         s->presence_penalty = sp->presence_penalty;
     }
     if (sp->has_frequency_penalty) {
-        if (!(fabsf(sp->frequency_penalty) <= 2.0f))
+        if (!(fabsf(sp->frequency_penalty) <= MODEL_PENALTY_MAX))
             return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
                         "sampling.frequency_penalty: %g is outside [-2, 2]", sp->frequency_penalty);
         s->frequency_penalty = sp->frequency_penalty;

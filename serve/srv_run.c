@@ -157,12 +157,12 @@ parse_opts(int argc, char **argv, run_opts_t *o)
                                SRV_REP_PENALTY_MAX, &o->sampling.repetition_penalty);
             break;
         case O_PRES:
-            rc = srv_parse_f32(C, "--presence-penalty", optarg, -2.0f, 2.0f,
-                               &o->sampling.presence_penalty);
+            rc = srv_parse_f32(C, "--presence-penalty", optarg, -MODEL_PENALTY_MAX,
+                               MODEL_PENALTY_MAX, &o->sampling.presence_penalty);
             break;
         case O_FREQ:
-            rc = srv_parse_f32(C, "--frequency-penalty", optarg, -2.0f, 2.0f,
-                               &o->sampling.frequency_penalty);
+            rc = srv_parse_f32(C, "--frequency-penalty", optarg, -MODEL_PENALTY_MAX,
+                               MODEL_PENALTY_MAX, &o->sampling.frequency_penalty);
             break;
         case O_SEED:
             rc = srv_parse_u64(C, "--seed", optarg, &o->sampling.seed);
