@@ -146,7 +146,29 @@ typedef struct sched_request {
     uint32_t min_tokens;
     const int32_t *min_ban;
     uint32_t n_min_ban;
+    /* vLLM's n: this many samples of one prompt (0 or 1: one; at most
+     * SCHED_MAX_N), each an output of its own with every setting above.
+     * The prompt is prefilled once: at its first logits the other samples
+     * fork its KV (kv_table_fork: full blocks shared, the partial last
+     * one copied) and draw their first tokens from the same row, sample
+     * i with seed sched_sample_seed(sampling.seed, i).  A sample that
+     * finds no free sequence or block then waits and prefills the prompt
+     * itself, prefix cache permitting.  With a KV codec the prompt's
+     * blocks are sealed whole before the fork (a shared block is never
+     * sealed later), residual window included.  Events carry the sample's
+     * index; each sample finishes on its own. */
+    uint32_t n;
 } sched_request_t;
+
+enum { SCHED_MAX_N = 64 };
+
+/* The seed sample i of a request draws with: sample 0 the request's own,
+ * so n = 1 is unchanged. */
+static inline uint64_t
+sched_sample_seed(uint64_t seed, uint32_t i)
+{
+    return i == 0 ? seed : kvs_mix64(seed ^ kvs_mix64(0x6e5eedu + i));
+}
 
 typedef enum sched_event_kind {
     SCHED_EV_TOKEN,
@@ -158,6 +180,7 @@ typedef struct sched_event {
     kvs_mpsc_node_t node;
     sched_event_kind_t kind;
     uint64_t req_id;
+    uint32_t index;    /* the sample (sched_request_t.n), 0.. n - 1 */
     int32_t token;     /* TOKEN */
     bool has_logprobs; /* TOKEN of a request that asked for them */
     sched_logprobs_t lp;
@@ -253,9 +276,11 @@ sched_kv_min_budget(uint32_t sinks, uint32_t block_tokens)
     uint64_t bt = block_tokens;
     return (sinks + bt - 1) / bt * bt + bt;
 }
-/* Asks to cancel request id; it finishes with SCHED_FINISH_CANCELLED (if it
- * had not finished already).  Thread: any. */
+/* Asks to cancel request id, every sample of it; each finishes with
+ * SCHED_FINISH_CANCELLED (if it had not finished already).  Thread: any. */
 int sched_cancel(sched_t *s, uint64_t id);
+/* The same for one sample of it (a stop string matched in that output). */
+int sched_cancel_sample(sched_t *s, uint64_t id, uint32_t index);
 
 /* Runs one engine step: takes queued submissions and cancellations, plans
  * (decodes first, then prefill chunks, then admissions, within the token

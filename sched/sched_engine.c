@@ -28,6 +28,11 @@
  * released, its tokens kept, back to waiting); if there is none, the
  * request itself waits.  Admission never preempts.  Nothing here locks:
  * only the inbox and outbox cross threads.
+ *
+ * A request of n samples runs as sample 0 until its first logits; then
+ * samples 1..n-1 are made from it (req_clone), fork its KV and sample the
+ * same row, and from there every sample is a request of its own that
+ * shares the id (events and cancellations name the index).
  */
 #include "sched.h"
 
@@ -43,11 +48,13 @@
 #define H2O_OBS 32u
 
 enum { MSG_SUBMIT, MSG_CANCEL };
+#define ALL_SAMPLES UINT32_MAX
 
 typedef struct msg {
     kvs_mpsc_node_t node;
     int kind;
-    uint64_t id; /* cancel */
+    uint64_t id;    /* cancel */
+    uint32_t index; /* cancel: one sample, or ALL_SAMPLES */
 } msg_t;
 
 typedef enum req_state { REQ_WAITING, REQ_RUNNING } req_state_t;
@@ -63,7 +70,14 @@ typedef struct req {
     uint32_t n_forced; /* tokens[n_prompt ..] holds them from submit on */
     uint32_t min_tokens, n_min_ban;
     int32_t *min_ban; /* copied */
+    model_sampling_t sampling;
     model_sampler_t *sampler;
+    /* Samples (sched_request_t.n): this one's index; sample 0 forks the
+     * others at its first logits while fork_pending, and holds the
+     * cancellations of those not forked yet. */
+    uint32_t index, n_samples;
+    bool fork_pending;
+    uint64_t cancel_mask;
     kv_table_t *table;
     req_state_t state;
     struct req *prev, *next;
@@ -353,6 +367,21 @@ draft_reset(req_t *r)
     r->n_a = 0;
 }
 
+/* Sample i of r's request, which was never forked, ends (with `why`,
+ * unless it was cancelled). */
+static void
+finish_unforked(sched_t *s, const req_t *r, uint32_t i, sched_finish_t why, int error)
+{
+    bool cancelled = r->cancel_mask >> i & 1;
+    sched_event_t ev = {.kind = SCHED_EV_FINISH,
+                        .req_id = r->id,
+                        .index = i,
+                        .finish = cancelled ? SCHED_FINISH_CANCELLED : why,
+                        .error = cancelled ? KVS_ECANCELED : error,
+                        .usage = {.prompt_tokens = r->n_prompt}};
+    emit(s, &ev);
+}
+
 static void
 finish(sched_t *s, req_t *r, sched_finish_t why, int error)
 {
@@ -365,9 +394,16 @@ finish(sched_t *s, req_t *r, sched_finish_t why, int error)
     r->usage.completion_tokens = r->n_tokens - r->n_prompt;
     if (r->t_first_token)
         r->usage.decode_ns = now - r->t_first_token;
-    sched_event_t ev = {
-        .kind = SCHED_EV_FINISH, .req_id = r->id, .finish = why, .error = error, .usage = r->usage};
+    sched_event_t ev = {.kind = SCHED_EV_FINISH,
+                        .req_id = r->id,
+                        .index = r->index,
+                        .finish = why,
+                        .error = error,
+                        .usage = r->usage};
     emit(s, &ev);
+    /* The samples it had still to fork end with it. */
+    for (uint32_t i = 1; r->fork_pending && i < r->n_samples; i++)
+        finish_unforked(s, r, i, why, error);
     req_free(r);
 }
 
@@ -425,12 +461,32 @@ preempt(sched_t *s, req_t *r)
 }
 
 static req_t *
-find(req_list_t *l, uint64_t id)
+find(req_list_t *l, uint64_t id, uint32_t index)
 {
     for (req_t *r = l->head; r; r = r->next)
-        if (r->id == id)
+        if (r->id == id && (index == ALL_SAMPLES || r->index == index))
             return r;
     return NULL;
+}
+
+/* Cancels request id's sample `index` (ALL_SAMPLES: every one).  Before
+ * sample 0 forks the others, one sample's cancellation is only marked
+ * there: the samples end when the fork would have started them. */
+static void
+cancel(sched_t *s, uint64_t id, uint32_t index)
+{
+    req_t *r;
+    if (index != ALL_SAMPLES) {
+        if ((r = find(&s->running, id, 0)) == NULL)
+            r = find(&s->waiting, id, 0);
+        if (r && r->fork_pending) {
+            if (index < r->n_samples)
+                r->cancel_mask |= 1ull << index;
+            return;
+        }
+    }
+    while ((r = find(&s->running, id, index)) != NULL || (r = find(&s->waiting, id, index)))
+        finish(s, r, SCHED_FINISH_CANCELLED, KVS_ECANCELED);
 }
 
 static void
@@ -446,12 +502,9 @@ drain_inbox(sched_t *s)
             continue;
         }
         uint64_t id = m->id;
+        uint32_t index = m->index;
         free(m);
-        req_t *r = find(&s->running, id);
-        if (r == NULL)
-            r = find(&s->waiting, id);
-        if (r)
-            finish(s, r, SCHED_FINISH_CANCELLED, KVS_ECANCELED);
+        cancel(s, id, index);
     }
 }
 
@@ -1134,6 +1187,156 @@ h2o_step(sched_t *s, req_t *r)
     return false;
 }
 
+/* Draws r's next token from its row of logits (teacher forcing and
+ * min_tokens' bans applied), queues the token's event and ends r if it
+ * is done. */
+static void
+sample_row(sched_t *s, req_t *r, float *row, uint64_t now)
+{
+    if (s->logits_hook)
+        s->logits_hook(s->logits_arg, r->id, row, s->n_vocab);
+    /* The penalties see the prompt before the first token (the
+     * sampler's buffers come then, not while the request waits). */
+    int rc =
+        r->n_tokens == r->n_prompt ? model_sampler_prompt(r->sampler, r->tokens, r->n_prompt) : 0;
+    uint32_t k = r->n_tokens - r->n_prompt;
+    int32_t tok = rc                  ? rc
+                  : k < r->n_forced   ? r->tokens[r->n_tokens]
+                  : k < r->min_tokens ? sample_banned(s, r, row)
+                                      : model_sampler_sample(r->sampler, row);
+    rc = tok < 0 ? tok : model_sampler_accept(r->sampler, tok);
+    if (rc) {
+        KVS_ERRORF("sched: sampling for request %llu failed: %s", (unsigned long long)r->id,
+                   kvs_strerror(rc));
+        finish(s, r, SCHED_FINISH_ERROR, rc);
+        return;
+    }
+    r->tokens[r->n_tokens++] = tok; /* capacity reserved at submit */
+    if (r->t_first_token == 0) {
+        r->t_first_token = now;
+        r->usage.ttft_ns = now - r->t_submit;
+    }
+    sched_event_t ev = {.kind = SCHED_EV_TOKEN, .req_id = r->id, .index = r->index, .token = tok};
+    if (r->logprobs) {
+        int n = model_logprobs(row, s->n_vocab, tok, r->top_logprobs, &ev.lp.logprob, ev.lp.top_ids,
+                               ev.lp.top_lps);
+        ev.has_logprobs = n >= 0;
+        ev.lp.n_top = n > 0 ? (uint32_t)n : 0;
+    }
+    emit(s, &ev);
+    sched_finish_t why;
+    if (is_finished(s, r, tok, &why))
+        finish(s, r, why, 0);
+    else
+        commit_prefix(s, r);
+}
+
+/* *dst = a copy of src's n bytes (NULL for a NULL src); false when out
+ * of memory. */
+static bool
+dup_into(void *dst, const void *src, size_t n)
+{
+    void *p = NULL;
+    if (src && (p = malloc(n ? n : 1)) == NULL)
+        return false;
+    if (src)
+        memcpy(p, src, n);
+    memcpy(dst, &p, sizeof p);
+    return true;
+}
+
+/* Sample `index` of sample 0's (r's) request, as r's prefill left it:
+ * its tokens, its policies' state in buffers of the sizes sched_submit
+ * and the draft phase give them, a sampler of its own seed, and no KV
+ * yet.  NULL when out of memory. */
+static req_t *
+req_clone(sched_t *s, const req_t *r, uint32_t index)
+{
+    const model_hparams_t *hp = model_hparams(s->m);
+    const size_t qd = (size_t)hp->n_layer * hp->n_head * hp->head_dim;
+    const size_t n_lists = (size_t)hp->n_layer * hp->n_head_kv;
+    req_t *c = malloc(sizeof *c);
+    if (c == NULL)
+        return NULL;
+    *c = *r;
+    c->msg = (msg_t){0};
+    c->prev = c->next = NULL;
+    c->table = c->d_table = NULL;
+    c->sampler = NULL;
+    c->d_tokens = NULL; /* drafting is over (the first logits came after it) */
+    c->qs = NULL;
+    c->index = index;
+    c->fork_pending = false;
+    c->cancel_mask = 0;
+    c->n_sched = 0;
+    model_sampling_t sp = r->sampling;
+    sp.seed = sched_sample_seed(sp.seed, index);
+    uint32_t h2o_w = r->cap < H2O_OBS ? r->cap : H2O_OBS;
+    bool ok = dup_into(&c->tokens, r->tokens, (size_t)r->cap * sizeof *r->tokens);
+    ok = dup_into(&c->min_ban, r->min_ban, r->n_min_ban * sizeof *r->min_ban) && ok;
+    ok = dup_into(&c->kept, r->kept, (size_t)r->n_prompt * sizeof *r->kept) && ok;
+    ok = dup_into(&c->kept_tok, r->kept_tok, (size_t)r->n_prompt * sizeof *r->kept_tok) && ok;
+    ok = dup_into(&c->snap_q, r->snap_q, qd * r->snap_w * sizeof *r->snap_q) && ok;
+    ok = dup_into(&c->h2o_q, r->h2o_q, qd * h2o_w * sizeof *r->h2o_q) && ok;
+    ok = dup_into(&c->h2o_a, r->h2o_a, n_lists * r->h2o_stride * sizeof *r->h2o_a) && ok;
+    if (!ok || model_sampler_new(&sp, s->n_vocab, &c->sampler) != 0) {
+        req_free(c);
+        return NULL;
+    }
+    return c;
+}
+
+/* Sample 0 (r) of a request of n has its first logits, in `row`: the
+ * other samples start.  Each that finds a free sequence and, when the
+ * prompt ends inside a block, a free block for its copy forks r's KV
+ * and draws its first token from the row now; the rest wait to prefill
+ * the prompt themselves (from the prefix cache where it holds r's
+ * blocks).  Returns false when r itself ended. */
+static bool
+fork_samples(sched_t *s, req_t *r, float *row, uint64_t now)
+{
+    if (s->cfg.kv_quant != KERN_KVQ_NONE) {
+        /* No table seals a block it shares: seal the prompt now, all of
+         * it but a partial last block. */
+        int rc = kv_table_seal(r->table, s->cfg.kv_sink_tokens, 0);
+        if (rc < 0) {
+            KVS_ERRORF("sched: sealing KV blocks of request %llu failed: %s",
+                       (unsigned long long)r->id, kvs_strerror(rc));
+            finish(s, r, SCHED_FINISH_ERROR, rc);
+            return false;
+        }
+        atomic_fetch_add(&s->load_sealed, (uint64_t)rc);
+    }
+    r->fork_pending = false;
+    for (uint32_t i = 1; i < r->n_samples; i++) {
+        req_t *c = r->cancel_mask >> i & 1 ? NULL : req_clone(s, r, i);
+        if (c == NULL) {
+            finish_unforked(s, r, i, SCHED_FINISH_ERROR, KVS_ENOMEM);
+            continue;
+        }
+        int rc =
+            s->running.n < s->cfg.max_num_seqs ? kv_table_fork(r->table, &c->table) : KVS_EAGAIN;
+        if (rc == 0) {
+            /* The prompt's usage is the request's, shared. */
+            c->state = REQ_RUNNING;
+            list_insert_sorted(&s->running, c);
+            sample_row(s, c, row, now);
+            continue;
+        }
+        drop_kv(c);
+        c->usage = (sched_usage_t){.prompt_tokens = r->n_prompt,
+                                   .draft_ns = r->usage.draft_ns,
+                                   .kept_prompt_tokens = r->usage.kept_prompt_tokens};
+        c->admitted_once = false;
+        c->state = REQ_WAITING;
+        list_insert_sorted(&s->waiting, c);
+    }
+    if (r->cancel_mask & 1) {
+        finish(s, r, SCHED_FINISH_CANCELLED, KVS_ECANCELED);
+        return false;
+    }
+    return true;
+}
 /* The main model's forward pass over sched_reqs[0..n_steps), then
  * sampling and events. */
 static int
@@ -1221,43 +1424,9 @@ main_forward(sched_t *s)
             commit_prefix(s, r); /* a prefill chunk: share its full blocks early */
             continue;
         }
-        if (s->logits_hook)
-            s->logits_hook(s->logits_arg, r->id, row, s->n_vocab);
-        /* The penalties see the prompt before the first token (the
-         * sampler's buffers come then, not while the request waits). */
-        int rc = r->n_tokens == r->n_prompt
-                     ? model_sampler_prompt(r->sampler, r->tokens, r->n_prompt)
-                     : 0;
-        uint32_t k = r->n_tokens - r->n_prompt;
-        int32_t tok = rc                  ? rc
-                      : k < r->n_forced   ? r->tokens[r->n_tokens]
-                      : k < r->min_tokens ? sample_banned(s, r, row)
-                                          : model_sampler_sample(r->sampler, row);
-        rc = tok < 0 ? tok : model_sampler_accept(r->sampler, tok);
-        if (rc) {
-            KVS_ERRORF("sched: sampling for request %llu failed: %s", (unsigned long long)r->id,
-                       kvs_strerror(rc));
-            finish(s, r, SCHED_FINISH_ERROR, rc);
+        if (r->fork_pending && !fork_samples(s, r, row, now))
             continue;
-        }
-        r->tokens[r->n_tokens++] = tok; /* capacity reserved at submit */
-        if (r->t_first_token == 0) {
-            r->t_first_token = now;
-            r->usage.ttft_ns = now - r->t_submit;
-        }
-        sched_event_t ev = {.kind = SCHED_EV_TOKEN, .req_id = r->id, .token = tok};
-        if (r->logprobs) {
-            int n = model_logprobs(row, s->n_vocab, tok, r->top_logprobs, &ev.lp.logprob,
-                                   ev.lp.top_ids, ev.lp.top_lps);
-            ev.has_logprobs = n >= 0;
-            ev.lp.n_top = n > 0 ? (uint32_t)n : 0;
-        }
-        emit(s, &ev);
-        sched_finish_t why;
-        if (is_finished(s, r, tok, &why))
-            finish(s, r, why, 0);
-        else
-            commit_prefix(s, r);
+        sample_row(s, r, row, now);
     }
     return 0;
 }
@@ -1330,7 +1499,8 @@ sched_submit(sched_t *s, const sched_request_t *q)
     if (q->prompt == NULL || q->n_prompt == 0 || q->max_tokens == 0 ||
         q->top_logprobs > SCHED_MAX_LOGPROBS || q->n_forced > q->max_tokens ||
         (q->n_forced > 0 && q->forced == NULL) || q->min_tokens > q->max_tokens ||
-        q->n_min_ban > SCHED_MAX_MIN_BAN || (q->n_min_ban > 0 && q->min_ban == NULL))
+        q->n_min_ban > SCHED_MAX_MIN_BAN || (q->n_min_ban > 0 && q->min_ban == NULL) ||
+        q->n > SCHED_MAX_N)
         return KVS_EINVAL;
     model_spec_policy_t spec = q->spec;
     model_spec_policy_defaults(&spec);
@@ -1447,6 +1617,9 @@ sched_submit(sched_t *s, const sched_request_t *q)
     r->ignore_eos = q->ignore_eos;
     r->logprobs = q->logprobs;
     r->top_logprobs = q->top_logprobs;
+    r->sampling = q->sampling;
+    r->n_samples = q->n ? q->n : 1;
+    r->fork_pending = r->n_samples > 1;
     r->usage.prompt_tokens = q->n_prompt;
     r->t_submit = kvs_now_ns();
     kvs_mpsc_push(&s->inbox, &r->msg.node);
@@ -1455,16 +1628,23 @@ sched_submit(sched_t *s, const sched_request_t *q)
 }
 
 int
-sched_cancel(sched_t *s, uint64_t id)
+sched_cancel_sample(sched_t *s, uint64_t id, uint32_t index)
 {
     msg_t *m = calloc(1, sizeof *m);
     if (m == NULL)
         return KVS_ENOMEM;
     m->kind = MSG_CANCEL;
     m->id = id;
+    m->index = index;
     kvs_mpsc_push(&s->inbox, &m->node);
     sched__kick(s);
     return 0;
+}
+
+int
+sched_cancel(sched_t *s, uint64_t id)
+{
+    return sched_cancel_sample(s, id, ALL_SAMPLES);
 }
 
 void

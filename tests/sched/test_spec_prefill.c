@@ -10,7 +10,8 @@
  *   - a sparse prefill computes kept tokens at their own positions, and
  *     decoding continues at position N with KV length K;
  *   - cancelling during the draft phase, and preempting, give every block
- *     of both pools back.
+ *     of both pools back;
+ *   - n samples draft once and draw what requests of their own draw.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -468,6 +469,74 @@ test_cancel_and_preempt_free_both_pools(void **state)
     run_close(&r);
 }
 
+/* n samples of a speculative prefill: the draft runs once, the samples
+ * fork the sparse prompt's KV (kept tokens at their positions) or, with
+ * no sequence free, prefill the kept tokens again; either way sample i
+ * draws what a request of its own with sched_sample_seed's seed draws. */
+static void
+test_samples_share_sparse_prefill(void **state)
+{
+    (void)state;
+    enum { N = 300, S = 3 };
+    int32_t prompt[N];
+    make_prompt(prompt, N, 4);
+    static run_t r;
+    run_open(&r, 96, 96);
+    model_spec_policy_t spec = {.on = true, .keep_ratio = 0.25f, .look_ahead = 4, .chunk = 32};
+    static int32_t tok[8][S][MAXT];
+    static uint32_t n_tok[8][S], n_fin[8][S];
+    static sched_usage_t usage[8][S];
+    /* 0..2 alone (seeds of samples 0..2) and 4 of three samples; then 3
+     * (as 0) beside 5 and 6 of three each, more than the 4 sequences. */
+    for (int phase = 0; phase < 2; phase++) {
+        for (uint64_t id = phase ? 3 : 0; id < (phase ? 7u : 5u); id++) {
+            bool many = id >= 4;
+            sched_request_t q = {.id = id,
+                                 .prompt = prompt,
+                                 .n_prompt = N,
+                                 .max_tokens = MAXT,
+                                 .ignore_eos = true,
+                                 .n = many ? S : 1,
+                                 .spec = spec,
+                                 .sampling = {.temperature = 0.8f,
+                                              .top_p = 1.0f,
+                                              .seed = many ? 21 : sched_sample_seed(21, id % 3)}};
+            if (id == (phase ? 4u : 3u))
+                continue;
+            assert_int_equal(sched_submit(r.s, &q), 0);
+        }
+        for (int i = 0; i < 2000; i++) {
+            int live = sched_step(r.s);
+            assert_true(live >= 0);
+            sched_event_t *ev;
+            while ((ev = sched_poll(r.s)) != NULL) {
+                uint64_t id = ev->req_id;
+                uint32_t k = ev->index;
+                assert_true(id < 8 && k < S);
+                if (ev->kind == SCHED_EV_TOKEN) {
+                    assert_true(n_tok[id][k] < MAXT);
+                    tok[id][k][n_tok[id][k]++] = ev->token;
+                } else {
+                    n_fin[id][k]++;
+                    usage[id][k] = ev->usage;
+                }
+                sched_event_free(ev);
+            }
+            if (live == 0)
+                break;
+        }
+    }
+    assert_memory_equal(tok[3][0], tok[0][0], sizeof tok[0][0]);
+    for (uint64_t id = 4; id < 7; id++)
+        for (uint32_t k = 0; k < S; k++) {
+            assert_int_equal(n_fin[id][k], 1);
+            assert_int_equal(n_tok[id][k], MAXT);
+            assert_memory_equal(tok[id][k], tok[k][0], sizeof tok[0][0]);
+            assert_int_equal(usage[id][k].kept_prompt_tokens, usage[0][0].kept_prompt_tokens);
+        }
+    run_close(&r);
+}
+
 int
 main(void)
 {
@@ -477,6 +546,7 @@ main(void)
         cmocka_unit_test(test_keep_all_equals_full),
         cmocka_unit_test(test_positions_after_sparse_prefill),
         cmocka_unit_test(test_cancel_and_preempt_free_both_pools),
+        cmocka_unit_test(test_samples_share_sparse_prefill),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
