@@ -24,7 +24,7 @@ static const char gen_usage[] =
     "                        [--frequency-penalty F] [--seed S] [--ignore-eos] [--stop STR]...\n"
     "                        [--stop-token-ids 1,2] [--logprobs N (0..20, with --json)]\n"
     "                        [--forced-tokens 1,2,3 (scored, not sampled; with --json)]\n"
-    "                        [--min-tokens N]\n"
+    "                        [--min-tokens N] [--n N (outputs, 1..64)]\n"
     "                        [--priority N] [--cache-salt S]\n"
     "                        [--request-id S] [--timeout-ms N] [--api-key-file F]\n"
     "                        [--tls-ca F] [--tls-server-name NAME] [--json]\n";
@@ -369,6 +369,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         {"logprobs", 1, 0, 'L'},
         {"forced-tokens", 1, 0, 'O'},
         {"min-tokens", 1, 0, 'M'},
+        {"n", 1, 0, 'c'},
         {"repetition-penalty", 1, 0, 'R'},
         {"presence-penalty", 1, 0, 'E'},
         {"frequency-penalty", 1, 0, 'F'},
@@ -394,7 +395,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         int rc = srv_conn_opt(C, c, &o->conn);
         if (rc == 1) {
             rc = 0;
-            o->sampling |= strchr("mtkqnsexXLREFM", c) != NULL;
+            o->sampling |= strchr("mtkqnsexXLREFMc", c) != NULL;
             switch (c) {
             case 'h':
                 fputs(gen_usage, stdout);
@@ -467,6 +468,10 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
                 rc = srv_parse_u32(C, "--min-tokens", optarg, 0, 1u << 24, &p->min_tokens);
                 p->has_min_tokens = 1;
                 break;
+            case 'c':
+                rc = srv_parse_u32(C, "--n", optarg, 1, SCHED_MAX_N, &p->n);
+                p->has_n = 1;
+                break;
             case 'O':
                 free(o->forced_ids);
                 o->forced_ids = NULL;
@@ -524,7 +529,8 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
     return 0;
 }
 
-/* What the stream has delivered so far. */
+/* What the stream has delivered so far, per output (--n of them; the
+ * request id and the message count in output 0's). */
 typedef struct gen_result {
     uint32_t *tokens;
     size_t n_tokens, cap_tokens;
@@ -562,10 +568,18 @@ json_float(srv_buf_t *b, float v)
     srv_buf_puts(b, num);
 }
 
+/* Takes message m into its output's result (rs[m->index], of n); the
+ * text goes to stdout as it comes for a single output without --json.
+ * false when out of memory or the index is not one asked for. */
 static bool
-gen_take(gen_result_t *r, const Kvserve__V1__GenerateResponse *m, bool json)
+gen_take(gen_result_t *rs, uint32_t n, const Kvserve__V1__GenerateResponse *m, bool json)
 {
-    r->messages++;
+    uint32_t idx = m->has_index ? m->index : 0;
+    if (idx >= n)
+        return false;
+    gen_result_t *r = &rs[idx];
+    rs[0].messages++;
+    json |= n > 1;
     if (!grow((void **)&r->tokens, &r->cap_tokens, r->n_tokens + m->n_token_ids, sizeof *r->tokens))
         return false;
     for (size_t i = 0; i < m->n_token_ids; i++)
@@ -579,8 +593,8 @@ gen_take(gen_result_t *r, const Kvserve__V1__GenerateResponse *m, bool json)
         return false;
     memcpy(r->text + r->text_len, m->text ? m->text : "", len + 1);
     r->text_len += len;
-    if (m->request_id && *m->request_id && r->request_id == NULL &&
-        (r->request_id = strdup(m->request_id)) == NULL)
+    if (m->request_id && *m->request_id && rs[0].request_id == NULL &&
+        (rs[0].request_id = strdup(m->request_id)) == NULL)
         return false;
     if (m->has_finish_reason)
         r->finish = m->finish_reason;
@@ -609,32 +623,50 @@ gen_take(gen_result_t *r, const Kvserve__V1__GenerateResponse *m, bool json)
     return !r->logprobs.oom;
 }
 
+static const char *const finish_names[] = {"", "stop", "length", "eos", "cancelled", "error"};
+
+/* One output's fields of the JSON document. */
 static void
-gen_print_json(const gen_result_t *r, bool logprobs)
+gen_print_output(const gen_result_t *r, bool logprobs)
 {
-    static const char *const finish[] = {"", "stop", "length", "eos", "cancelled", "error"};
     const Kvserve__V1__Usage *u = &r->usage;
-    const char *rid = r->request_id ? r->request_id : "", *sm = r->stop_match ? r->stop_match : "";
-    printf("{\"request_id\": ");
-    srv_json_str(stdout, rid, strlen(rid));
-    printf(", \"tokens\": [");
+    const char *sm = r->stop_match ? r->stop_match : "";
+    printf("\"tokens\": [");
     for (size_t i = 0; i < r->n_tokens; i++)
         printf("%s%u", i ? ", " : "", r->tokens[i]);
     printf("], \"text\": ");
     srv_json_str(stdout, r->text ? r->text : "", r->text_len);
     printf(", \"finish_reason\": \"%s\", \"stop_match\": ",
-           (unsigned)r->finish < sizeof finish / sizeof finish[0] ? finish[r->finish] : "");
+           (unsigned)r->finish < sizeof finish_names / sizeof finish_names[0]
+               ? finish_names[r->finish]
+               : "");
     srv_json_str(stdout, sm, strlen(sm));
     if (logprobs)
         printf(", \"logprobs\": [%s]", r->logprobs.p ? r->logprobs.p : "");
     printf(", \"usage\": {\"prompt_tokens\": %u, \"cached_prompt_tokens\": %u, "
            "\"computed_prompt_tokens\": %u, \"completion_tokens\": %u, \"preemptions\": %u, "
            "\"queue_time_us\": %llu, \"time_to_first_token_us\": %llu, "
-           "\"decode_time_us\": %llu}, \"messages\": %llu}\n",
+           "\"decode_time_us\": %llu}",
            u->prompt_tokens, u->cached_prompt_tokens, u->computed_prompt_tokens,
            u->completion_tokens, u->preemptions, (unsigned long long)u->queue_time_us,
-           (unsigned long long)u->time_to_first_token_us, (unsigned long long)u->decode_time_us,
-           (unsigned long long)r->messages);
+           (unsigned long long)u->time_to_first_token_us, (unsigned long long)u->decode_time_us);
+}
+
+/* One document: a single output's fields at the top, or n > 1 of them in
+ * "outputs". */
+static void
+gen_print_json(const gen_result_t *rs, uint32_t n, bool logprobs)
+{
+    const char *rid = rs[0].request_id ? rs[0].request_id : "";
+    printf("{\"request_id\": ");
+    srv_json_str(stdout, rid, strlen(rid));
+    printf(n > 1 ? ", \"outputs\": [" : ", ");
+    for (uint32_t i = 0; i < n; i++) {
+        printf(n > 1 ? "%s{" : "%s", i ? ", " : "");
+        gen_print_output(&rs[i], logprobs);
+        printf(n > 1 ? "}" : "");
+    }
+    printf("%s, \"messages\": %llu}\n", n > 1 ? "]" : "", (unsigned long long)rs[0].messages);
 }
 
 int
@@ -677,8 +709,13 @@ srv_cmd_generate(int argc, char **argv)
     req.priority = o.priority;
 
     client_t c;
-    gen_result_t r = {0};
+    uint32_t n_out = o.sp.has_n ? o.sp.n : 1;
+    gen_result_t *r = calloc(n_out, sizeof *r);
     status = 1;
+    if (r == NULL) {
+        fprintf(stderr, "kvserve generate: out of memory\n");
+        goto out_opts;
+    }
     client_open(&c, &o.conn, ca, SRV_M_GENERATE);
     grpc_byte_buffer *req_bb = srv_pb_to_bb(&req.base), *bb = NULL;
     grpc_metadata md = {.key = grpc_slice_from_static_string("authorization")};
@@ -703,10 +740,12 @@ srv_cmd_generate(int argc, char **argv)
             bb, &kvserve__v1__generate_response__descriptor);
         grpc_byte_buffer_destroy(bb);
         bb = NULL;
-        bool ok = m && gen_take(&r, m, o.json);
+        bool ok = m && gen_take(r, n_out, m, o.json);
         if (!ok) {
             fprintf(stderr, "kvserve generate: %s\n",
-                    m ? "out of memory" : "cannot parse a GenerateResponse");
+                    !m                                  ? "cannot parse a GenerateResponse"
+                    : m->has_index && m->index >= n_out ? "a response for an output not asked for"
+                                                        : "out of memory");
             grpc_call_cancel(c.call, NULL);
         }
         if (m)
@@ -715,18 +754,25 @@ srv_cmd_generate(int argc, char **argv)
             goto out_call;
     }
     client_wait(&c, T_STATUS);
-    if (!o.json && (r.text_len || c.status == GRPC_STATUS_OK))
+    /* Several outputs print whole, one after another, each on its line
+     * after its index. */
+    for (uint32_t i = 0; !o.json && n_out > 1 && i < n_out; i++)
+        printf("[%u] %.*s\n", i, (int)r[i].text_len, r[i].text ? r[i].text : "");
+    if (!o.json && n_out == 1 && (r[0].text_len || c.status == GRPC_STATUS_OK))
         putchar('\n');
     if ((status = report_status(C, &c)) == 0 && o.json)
-        gen_print_json(&r, o.sp.has_logprobs || o.forced_ids);
+        gen_print_json(r, n_out, o.sp.has_logprobs || o.forced_ids);
 out_call:
     client_close(&c);
     grpc_byte_buffer_destroy(req_bb);
-    free(r.tokens);
-    free(r.text);
-    free(r.request_id);
-    free(r.stop_match);
-    free(r.logprobs.p);
+    for (uint32_t i = 0; i < n_out; i++) {
+        free(r[i].tokens);
+        free(r[i].text);
+        free(r[i].request_id);
+        free(r[i].stop_match);
+        free(r[i].logprobs.p);
+    }
+    free(r);
 out_opts:
     free(ca);
     free(bearer);

@@ -60,6 +60,22 @@ typedef struct tag {
     struct call *owner;
 } tag_t;
 
+/* One sample's output (sampling.n of them): what the engine produced
+ * and what went out. */
+typedef struct gen_out {
+    bool finished, final_sent, stopped;
+    sched_finish_t fin;
+    int fin_err;
+    sched_usage_t usage;
+    int32_t *toks;         /* produced, not yet sent */
+    uint64_t *tok_t;       /* when the engine queued each */
+    sched_logprobs_t *lps; /* theirs, where sampling.logprobs asked */
+    size_t n_toks, cap_toks;
+    srv_buf_t text; /* decoded, not yet sent (held back for stop strings / UTF-8) */
+    uint32_t n_delivered;
+    char stop_match[260];
+} gen_out_t;
+
 typedef struct call {
     method_t method;
     tag_t t_new, t_send, t_status, t_close;
@@ -77,19 +93,11 @@ typedef struct call {
     srv_gen_req_t g;
     uint64_t id; /* engine id: slot | generation << 32 */
     char rid[129];
-    bool engine_live, finished, final_sent, stopped;
-    sched_finish_t fin;
-    int fin_err;
-    sched_usage_t usage;
-    int32_t *toks;         /* produced, not yet sent */
-    uint64_t *tok_t;       /* when the engine queued each */
-    sched_logprobs_t *lps; /* theirs, where sampling.logprobs asked */
-    size_t n_toks, cap_toks;
-    uint64_t msg_t_sum; /* the message in flight: its tokens' queue times */
+    bool engine_live; /* some sample has not finished in the engine */
+    gen_out_t *out;
+    uint32_t n_out, n_running, next_out; /* next_out: where the next send looks first */
+    uint64_t msg_t_sum;                  /* the message in flight: its tokens' queue times */
     uint32_t msg_n;
-    srv_buf_t text; /* decoded, not yet sent (held back for stop strings / UTF-8) */
-    uint32_t n_delivered;
-    char stop_match[260];
     uint64_t t_arrive;
 
     /* Watch */
@@ -275,10 +283,13 @@ call_free(call_t *c)
     if (c->req)
         kvserve__v1__generate_request__free_unpacked(c->req, NULL);
     srv_gen_req_free(&c->g);
-    free(c->toks);
-    free(c->tok_t);
-    free(c->lps);
-    free(c->text.p);
+    for (uint32_t i = 0; i < c->n_out; i++) {
+        free(c->out[i].toks);
+        free(c->out[i].tok_t);
+        free(c->out[i].lps);
+        free(c->out[i].text.p);
+    }
+    free(c->out);
     grpc_byte_buffer_destroy(c->req_bb);
     grpc_byte_buffer_destroy(c->send_bb);
     grpc_metadata_array_destroy(&c->md);
@@ -431,11 +442,11 @@ authorized(const call_t *c)
 /* ------------------------------------------------------------------------ */
 
 static Kvserve__V1__FinishReason
-finish_reason(const call_t *c)
+finish_reason(const gen_out_t *o)
 {
-    if (c->stopped)
+    if (o->stopped)
         return KVSERVE__V1__FINISH_REASON__FINISH_REASON_STOP;
-    switch (c->fin) {
+    switch (o->fin) {
     case SCHED_FINISH_LENGTH:
         return KVSERVE__V1__FINISH_REASON__FINISH_REASON_LENGTH;
     case SCHED_FINISH_EOS:
@@ -450,23 +461,23 @@ finish_reason(const call_t *c)
 /* Bytes of text that may go out now: everything when finished; else all
  * but what could still begin a stop string, cut back to a UTF-8 boundary. */
 static size_t
-text_ready(const call_t *c, bool final)
+text_ready(const call_t *c, const gen_out_t *o, bool final)
 {
     if (final)
-        return c->text.len;
+        return o->text.len;
     size_t hold = 0;
     for (size_t i = 0; i < c->g.n_stop; i++) {
         size_t n = strlen(c->g.stop[i]);
         if (n - 1 > hold)
             hold = n - 1;
     }
-    size_t n = c->text.len > hold ? c->text.len - hold : 0;
+    size_t n = o->text.len > hold ? o->text.len - hold : 0;
     /* Do not split a character: find where the last one starts. */
     size_t k = n;
-    while (k > 0 && n - k < 3 && ((uint8_t)c->text.p[k - 1] & 0xc0) == 0x80)
+    while (k > 0 && n - k < 3 && ((uint8_t)o->text.p[k - 1] & 0xc0) == 0x80)
         k--;
     if (k > 0) {
-        uint8_t lead = (uint8_t)c->text.p[k - 1];
+        uint8_t lead = (uint8_t)o->text.p[k - 1];
         size_t need = lead >= 0xf0 ? 4 : lead >= 0xe0 ? 3 : lead >= 0xc0 ? 2 : 1;
         if (k - 1 + need > n)
             n = k - 1;
@@ -477,34 +488,34 @@ text_ready(const call_t *c, bool final)
 /* Checks the new token against the stop conditions; true when the request
  * stops here (the token and any text from the match on are dropped). */
 static bool
-check_stop(call_t *c, int32_t tok)
+check_stop(const call_t *c, gen_out_t *o, int32_t tok)
 {
     /* min_tokens: the engine bans the stop ids before then, and stop
      * strings are not looked for (vLLM's rule: from the token that makes
      * the output min_tokens long). */
-    bool early = (uint64_t)c->n_delivered + c->n_toks + 1 < c->g.sr.min_tokens;
+    bool early = (uint64_t)o->n_delivered + o->n_toks + 1 < c->g.sr.min_tokens;
     for (size_t i = 0; i < c->g.n_stop_ids && !early; i++) {
         if ((uint32_t)tok == c->g.stop_ids[i]) {
-            int n = model_token_piece(S.m, tok, c->stop_match, sizeof c->stop_match - 1);
-            c->stop_match[n > 0 ? n : 0] = '\0';
+            int n = model_token_piece(S.m, tok, o->stop_match, sizeof o->stop_match - 1);
+            o->stop_match[n > 0 ? n : 0] = '\0';
             return true;
         }
     }
-    size_t before = c->text.len;
-    srv_buf_put_token(&c->text, S.m, tok);
+    size_t before = o->text.len;
+    srv_buf_put_token(&o->text, S.m, tok);
     /* Out of memory: the text is lost, but the stream goes on (its ids) */
-    if (c->text.oom || c->text.len == 0 || early)
+    if (o->text.oom || o->text.len == 0 || early)
         return false;
     /* A match ends in this token's text: one wholly before it was looked
      * for then (or fell before min_tokens).  memmem: a byte-level token
      * can put a NUL in the text. */
     for (size_t i = 0; i < c->g.n_stop; i++) {
         size_t n = strlen(c->g.stop[i]), from = before >= n ? before - n + 1 : 0;
-        const char *hit = memmem(c->text.p + from, c->text.len - from, c->g.stop[i], n);
+        const char *hit = memmem(o->text.p + from, o->text.len - from, c->g.stop[i], n);
         if (hit) {
-            snprintf(c->stop_match, sizeof c->stop_match, "%s", c->g.stop[i]);
-            c->text.len = (size_t)(hit - c->text.p);
-            c->text.p[c->text.len] = '\0';
+            snprintf(o->stop_match, sizeof o->stop_match, "%s", c->g.stop[i]);
+            o->text.len = (size_t)(hit - o->text.p);
+            o->text.p[o->text.len] = '\0';
             return true;
         }
     }
@@ -528,23 +539,23 @@ logprobs_msg_free(logprobs_msg_t *m)
     free(m->ids);
 }
 
-/* Fills r's logprobs from c's pending tokens where the request asked for
+/* Fills r's logprobs from o's pending tokens where the request asked for
  * them; false when out of memory. */
 static bool
-logprobs_msg(const call_t *c, logprobs_msg_t *m, Kvserve__V1__GenerateResponse *r)
+logprobs_msg(const gen_out_t *o, logprobs_msg_t *m, Kvserve__V1__GenerateResponse *r)
 {
-    if (c->lps == NULL || c->n_toks == 0)
+    if (o->lps == NULL || o->n_toks == 0)
         return true;
     size_t n_ids = 0;
-    for (size_t i = 0; i < c->n_toks; i++)
-        n_ids += c->lps[i].n_top;
-    m->tl = calloc(c->n_toks, sizeof *m->tl);
-    m->ptrs = calloc(c->n_toks, sizeof *m->ptrs);
+    for (size_t i = 0; i < o->n_toks; i++)
+        n_ids += o->lps[i].n_top;
+    m->tl = calloc(o->n_toks, sizeof *m->tl);
+    m->ptrs = calloc(o->n_toks, sizeof *m->ptrs);
     m->ids = malloc((n_ids ? n_ids : 1) * sizeof *m->ids);
     if (!m->tl || !m->ptrs || !m->ids)
         return false;
-    for (size_t i = 0, at = 0; i < c->n_toks; i++) {
-        const sched_logprobs_t *lp = &c->lps[i];
+    for (size_t i = 0, at = 0; i < o->n_toks; i++) {
+        const sched_logprobs_t *lp = &o->lps[i];
         Kvserve__V1__TokenLogprob *t = &m->tl[i];
         kvserve__v1__token_logprob__init(t);
         t->has_logprob = true;
@@ -557,44 +568,90 @@ logprobs_msg(const call_t *c, logprobs_msg_t *m, Kvserve__V1__GenerateResponse *
         at += lp->n_top;
         m->ptrs[i] = t;
     }
-    r->n_logprobs = c->n_toks;
+    r->n_logprobs = o->n_toks;
     r->logprobs = m->ptrs;
     return true;
 }
 
-/* Sends what is pending when no send is in flight: all produced tokens in
- * one message; the last message carries the finish reason and usage. */
+/* Whether output o has something for a message: tokens, text that may
+ * go out, or its end not yet sent. */
+static bool
+out_pending(const call_t *c, const gen_out_t *o)
+{
+    return !o->final_sent && (o->n_toks > 0 || o->finished || text_ready(c, o, false) > 0);
+}
+
+/* The request's usage over its samples: the prompt's side as sample 0
+ * reports it (shared), tokens, preemptions and dropped KV summed, the
+ * earliest first token. */
+static sched_usage_t
+gen_usage(const call_t *c)
+{
+    sched_usage_t u = c->out[0].usage;
+    u.completion_tokens = 0;
+    for (uint32_t i = 0; i < c->n_out; i++) {
+        const gen_out_t *o = &c->out[i];
+        u.completion_tokens += o->n_delivered + (uint32_t)o->n_toks;
+        if (i == 0)
+            continue;
+        u.preemptions += o->usage.preemptions;
+        u.kv_dropped_tokens += o->usage.kv_dropped_tokens;
+        if (o->usage.ttft_ns && (u.ttft_ns == 0 || o->usage.ttft_ns < u.ttft_ns))
+            u.ttft_ns = o->usage.ttft_ns;
+        if (o->usage.decode_ns > u.decode_ns)
+            u.decode_ns = o->usage.decode_ns;
+    }
+    return u;
+}
+
+/* Sends what is pending when no send is in flight: one sample's produced
+ * tokens in one message, the samples in turn; a sample's last message
+ * carries its finish reason and usage.  The status follows the last. */
 static void
 gen_pump(call_t *c)
 {
-    if (c->send_pending || c->status_started || c->close_done)
+    if (c->send_pending || c->status_started || c->close_done || c->n_out == 0)
         return;
-    bool done = c->finished && !c->engine_live;
-    if (c->final_sent) {
+    bool all_sent = true, all_failed = !c->engine_live;
+    for (uint32_t i = 0; i < c->n_out; i++) {
+        const gen_out_t *o = &c->out[i];
+        all_sent &= o->final_sent;
+        all_failed &=
+            o->fin == SCHED_FINISH_ERROR && !o->stopped && o->n_delivered == 0 && o->n_toks == 0;
+    }
+    if (all_sent) {
         send_status(c, GRPC_STATUS_OK, NULL);
         return;
     }
-    if (c->finished && c->fin == SCHED_FINISH_ERROR && !c->stopped && c->n_delivered == 0 &&
-        c->n_toks == 0) {
-        send_status(
-            c, c->fin_err == KVS_ENOSPC ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INTERNAL,
-            kvs_strerror(c->fin_err));
+    if (all_failed) {
+        int e = c->out[0].fin_err;
+        send_status(c, e == KVS_ENOSPC ? GRPC_STATUS_RESOURCE_EXHAUSTED : GRPC_STATUS_INTERNAL,
+                    kvs_strerror(e));
         gen_log(c);
         return;
     }
-    size_t ready = text_ready(c, done);
-    if (c->n_toks == 0 && ready == 0 && !done)
+    uint32_t idx = 0, k = 0;
+    for (; k < c->n_out; k++) {
+        idx = (c->next_out + k) % c->n_out;
+        if (out_pending(c, &c->out[idx]))
+            break;
+    }
+    if (k == c->n_out)
         return;
+    gen_out_t *o = &c->out[idx];
+    c->next_out = idx + 1;
+    bool done = o->finished;
+    size_t ready = text_ready(c, o, done);
     Kvserve__V1__GenerateResponse r = KVSERVE__V1__GENERATE_RESPONSE__INIT;
     logprobs_msg_t lm = {0};
-    uint32_t *ids = malloc((c->n_toks ? c->n_toks : 1) * sizeof *ids);
+    uint32_t *ids = malloc((o->n_toks ? o->n_toks : 1) * sizeof *ids);
     /* proto3 strings are UTF-8, which clients check (grpcio hands Python
      * bytes instead, Go and Java refuse the message): a token can end
      * mid-character and a byte-level one be any byte. */
-    bool want_match = done && c->stop_match[0];
-    char *txt = srv_utf8_valid(c->text.p ? c->text.p : "", ready);
-    char *match = want_match ? srv_utf8_valid(c->stop_match, strlen(c->stop_match)) : NULL;
-    if (!ids || !txt || (want_match && !match) || !logprobs_msg(c, &lm, &r)) {
+    bool want_match = done && o->stop_match[0];
+    char *txt = srv_utf8_valid(o->text.p ? o->text.p : "", ready);
+    char *match = want_match ? srv_utf8_valid(o->stop_match, strlen(o->stop_match)) : NULL;
+    if (!ids || !txt || (want_match && !match) || !logprobs_msg(o, &lm, &r)) {
         free(ids);
         free(txt);
         free(match);
@@ -602,38 +659,40 @@ gen_pump(call_t *c)
         grpc_call_cancel(c->call, NULL);
         return;
     }
-    for (size_t i = 0; i < c->n_toks; i++)
-        ids[i] = (uint32_t)c->toks[i];
-    r.n_token_ids = c->n_toks;
+    for (size_t i = 0; i < o->n_toks; i++)
+        ids[i] = (uint32_t)o->toks[i];
+    r.n_token_ids = o->n_toks;
     r.token_ids = ids;
     r.text = txt;
+    r.has_index = c->n_out > 1;
+    r.index = idx;
     if (!c->md_sent)
         r.request_id = c->rid;
     Kvserve__V1__Usage u = KVSERVE__V1__USAGE__INIT;
     if (done) {
+        const sched_usage_t *su = &o->usage;
         r.has_finish_reason = true;
-        r.finish_reason = finish_reason(c);
+        r.finish_reason = finish_reason(o);
         r.stop_match = match;
         u.has_prompt_tokens = u.has_cached_prompt_tokens = u.has_computed_prompt_tokens = true;
         u.has_completion_tokens = u.has_preemptions = u.has_queue_time_us = true;
         u.has_time_to_first_token_us = u.has_decode_time_us = true;
-        u.prompt_tokens = c->usage.prompt_tokens;
-        u.cached_prompt_tokens = c->usage.cached_prompt_tokens;
-        u.computed_prompt_tokens = c->usage.computed_prompt_tokens;
-        u.completion_tokens = c->n_delivered + (uint32_t)c->n_toks;
-        u.preemptions = c->usage.preemptions;
-        u.queue_time_us = c->usage.queue_ns / 1000;
-        u.time_to_first_token_us = c->usage.ttft_ns / 1000;
-        u.decode_time_us = c->usage.decode_ns / 1000;
-        u.has_attention_density = c->usage.attn_keys_dense > 0;
-        u.attention_density = c->usage.attn_keys_dense
-                                  ? (double)c->usage.attn_keys / (double)c->usage.attn_keys_dense
-                                  : 1.0;
+        u.prompt_tokens = su->prompt_tokens;
+        u.cached_prompt_tokens = su->cached_prompt_tokens;
+        u.computed_prompt_tokens = su->computed_prompt_tokens;
+        u.completion_tokens = o->n_delivered + (uint32_t)o->n_toks;
+        u.preemptions = su->preemptions;
+        u.queue_time_us = su->queue_ns / 1000;
+        u.time_to_first_token_us = su->ttft_ns / 1000;
+        u.decode_time_us = su->decode_ns / 1000;
+        u.has_attention_density = su->attn_keys_dense > 0;
+        u.attention_density =
+            su->attn_keys_dense ? (double)su->attn_keys / (double)su->attn_keys_dense : 1.0;
         u.has_draft_time_us = u.has_kept_prompt_tokens = c->g.sr.spec.on;
-        u.draft_time_us = c->usage.draft_ns / 1000;
-        u.kept_prompt_tokens = c->usage.kept_prompt_tokens;
+        u.draft_time_us = su->draft_ns / 1000;
+        u.kept_prompt_tokens = su->kept_prompt_tokens;
         u.has_kv_dropped_tokens = c->g.sr.kv.kind != SCHED_KV_FULL;
-        u.kv_dropped_tokens = c->usage.kv_dropped_tokens;
+        u.kv_dropped_tokens = su->kv_dropped_tokens;
         r.usage = &u;
     }
     bool ok = send_msg(c, &r.base);
@@ -643,21 +702,25 @@ gen_pump(call_t *c)
     logprobs_msg_free(&lm);
     if (!ok)
         return;
-    c->msg_n = (uint32_t)c->n_toks;
+    c->msg_n = (uint32_t)o->n_toks;
     c->msg_t_sum = 0;
-    for (size_t i = 0; i < c->n_toks; i++)
-        c->msg_t_sum += c->tok_t[i];
-    c->n_delivered += (uint32_t)c->n_toks;
-    c->n_toks = 0;
+    for (size_t i = 0; i < o->n_toks; i++)
+        c->msg_t_sum += o->tok_t[i];
+    o->n_delivered += (uint32_t)o->n_toks;
+    o->n_toks = 0;
     if (ready) {
         /* The rest moves down, the NUL after it as srv_buf keeps one. */
-        memmove(c->text.p, c->text.p + ready, c->text.len - ready);
-        c->text.len -= ready;
-        c->text.p[c->text.len] = '\0';
+        memmove(o->text.p, o->text.p + ready, o->text.len - ready);
+        o->text.len -= ready;
+        o->text.p[o->text.len] = '\0';
     }
     if (done) {
-        c->final_sent = true;
-        gen_log(c);
+        o->final_sent = true;
+        bool last = true;
+        for (uint32_t i = 0; i < c->n_out; i++)
+            last &= c->out[i].final_sent;
+        if (last)
+            gen_log(c);
     }
 }
 
@@ -665,17 +728,20 @@ static void
 gen_log(const call_t *c)
 {
     double ms = (double)(kvs_now_ns() - c->t_arrive) / 1e6;
-    KVS_INFOF(
-        "request %s: %s, prompt %u (cached %u), completion %u, queue %.1f ms, "
-        "ttft %.1f ms, total %.1f ms, preempted %u, attention density %.3f",
-        c->rid,
-        c->stopped ? "stop"
-        : c->fin   ? sched_finish_name(c->fin)
-                   : "-",
-        c->usage.prompt_tokens, c->usage.cached_prompt_tokens, c->n_delivered + (uint32_t)c->n_toks,
-        c->usage.queue_ns / 1e6, c->usage.ttft_ns / 1e6, ms, c->usage.preemptions,
-        c->usage.attn_keys_dense ? (double)c->usage.attn_keys / (double)c->usage.attn_keys_dense
-                                 : 1.0);
+    sched_usage_t u = gen_usage(c);
+    const gen_out_t *o = &c->out[0];
+    char samples[32] = "";
+    if (c->n_out > 1)
+        snprintf(samples, sizeof samples, " (%u samples)", c->n_out);
+    KVS_INFOF("request %s: %s, prompt %u (cached %u), completion %u%s, queue %.1f ms, "
+              "ttft %.1f ms, total %.1f ms, preempted %u, attention density %.3f",
+              c->rid,
+              o->stopped ? "stop"
+              : o->fin   ? sched_finish_name(o->fin)
+                         : "-",
+              u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens, samples,
+              u.queue_ns / 1e6, u.ttft_ns / 1e6, ms, u.preemptions,
+              u.attn_keys_dense ? (double)u.attn_keys / (double)u.attn_keys_dense : 1.0);
 }
 
 static void
@@ -729,6 +795,14 @@ gen_new(call_t *c)
         gen_refuse(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "the request queue is full");
         return;
     }
+    c->n_out = c->g.sr.n ? c->g.sr.n : 1;
+    if ((c->out = calloc(c->n_out, sizeof *c->out)) == NULL) {
+        c->n_out = 0;
+        gen_refuse(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+        return;
+    }
+    for (uint32_t i = 0; i < c->n_out; i++)
+        c->out[i].usage.prompt_tokens = c->g.n_prompt;
     uint32_t slot = 0;
     while (S.slots[slot])
         slot++;
@@ -756,7 +830,7 @@ gen_new(call_t *c)
     S.slots[slot] = c;
     S.n_live++;
     c->engine_live = true;
-    c->usage.prompt_tokens = c->g.n_prompt;
+    c->n_running = c->n_out;
 }
 
 static call_t *
@@ -767,15 +841,18 @@ gen_by_id(uint64_t id)
     return c && c->id == id ? c : NULL;
 }
 
+/* Once per request, when its last sample ends: sample 0's reason. */
 static void
 metrics_finish(const call_t *c, uint64_t t_ns)
 {
-    srv_met_finish_t f = c->stopped                         ? SRV_MET_STOP
-                         : c->fin == SCHED_FINISH_EOS       ? SRV_MET_STOP
-                         : c->fin == SCHED_FINISH_LENGTH    ? SRV_MET_LENGTH
-                         : c->fin == SCHED_FINISH_CANCELLED ? SRV_MET_ABORT
+    const gen_out_t *o = &c->out[0];
+    srv_met_finish_t f = o->stopped                         ? SRV_MET_STOP
+                         : o->fin == SCHED_FINISH_EOS       ? SRV_MET_STOP
+                         : o->fin == SCHED_FINISH_LENGTH    ? SRV_MET_LENGTH
+                         : o->fin == SCHED_FINISH_CANCELLED ? SRV_MET_ABORT
                                                             : SRV_MET_ERROR;
-    srv_metrics_finish(S.metrics, f, &c->usage, t_ns > c->t_arrive ? t_ns - c->t_arrive : 0,
+    sched_usage_t u = gen_usage(c);
+    srv_metrics_finish(S.metrics, f, &u, t_ns > c->t_arrive ? t_ns - c->t_arrive : 0,
                        c->g.sr.spec.on);
 }
 
@@ -792,24 +869,24 @@ health_changed(void)
 /* Doubles the room for produced tokens (their times and log-probabilities
  * too); on failure the room stays as it was. */
 static void
-toks_grow(call_t *c)
+toks_grow(const call_t *c, gen_out_t *o)
 {
-    size_t cap = c->cap_toks ? 2 * c->cap_toks : 16;
-    int32_t *t = realloc(c->toks, cap * sizeof *t);
+    size_t cap = o->cap_toks ? 2 * o->cap_toks : 16;
+    int32_t *t = realloc(o->toks, cap * sizeof *t);
     if (t == NULL)
         return;
-    c->toks = t;
-    uint64_t *tt = realloc(c->tok_t, cap * sizeof *tt);
+    o->toks = t;
+    uint64_t *tt = realloc(o->tok_t, cap * sizeof *tt);
     if (tt == NULL)
         return;
-    c->tok_t = tt;
+    o->tok_t = tt;
     if (c->g.sr.logprobs) {
-        sched_logprobs_t *lp = realloc(c->lps, cap * sizeof *lp);
+        sched_logprobs_t *lp = realloc(o->lps, cap * sizeof *lp);
         if (lp == NULL)
             return;
-        c->lps = lp;
+        o->lps = lp;
     }
-    c->cap_toks = cap;
+    o->cap_toks = cap;
 }
 
 static void
@@ -819,31 +896,35 @@ on_engine(uv_async_t *h)
     sched_event_t *ev;
     while ((ev = sched_poll(S.sched)) != NULL) {
         call_t *c = gen_by_id(ev->req_id);
-        if (c && ev->kind == SCHED_EV_TOKEN && !c->stopped && !c->finished) {
-            if (check_stop(c, ev->token)) {
-                c->stopped = true;
-                sched_cancel(S.sched, c->id);
+        gen_out_t *o = c && ev->index < c->n_out ? &c->out[ev->index] : NULL;
+        if (o == NULL)
+            c = NULL;
+        if (o && ev->kind == SCHED_EV_TOKEN && !o->stopped && !o->finished) {
+            if (check_stop(c, o, ev->token)) {
+                o->stopped = true;
+                sched_cancel_sample(S.sched, c->id, ev->index);
             } else {
-                if (c->n_toks == c->cap_toks)
-                    toks_grow(c);
-                if (c->n_toks < c->cap_toks) {
-                    c->tok_t[c->n_toks] = ev->t_ns;
-                    if (c->lps)
-                        c->lps[c->n_toks] = ev->has_logprobs ? ev->lp : (sched_logprobs_t){0};
-                    c->toks[c->n_toks++] = ev->token;
+                if (o->n_toks == o->cap_toks)
+                    toks_grow(c, o);
+                if (o->n_toks < o->cap_toks) {
+                    o->tok_t[o->n_toks] = ev->t_ns;
+                    if (o->lps)
+                        o->lps[o->n_toks] = ev->has_logprobs ? ev->lp : (sched_logprobs_t){0};
+                    o->toks[o->n_toks++] = ev->token;
                 }
             }
-        } else if (c && ev->kind == SCHED_EV_FINISH) {
-            c->engine_live = false;
-            c->finished = true;
-            c->fin = ev->finish;
-            c->fin_err = ev->error;
-            uint32_t prompt = c->usage.prompt_tokens;
-            c->usage = ev->usage;
-            c->usage.prompt_tokens = prompt;
-            metrics_finish(c, ev->t_ns);
+        } else if (o && ev->kind == SCHED_EV_FINISH && !o->finished) {
+            o->finished = true;
+            o->fin = ev->finish;
+            o->fin_err = ev->error;
+            uint32_t prompt = o->usage.prompt_tokens;
+            o->usage = ev->usage;
+            o->usage.prompt_tokens = prompt;
+            c->engine_live = --c->n_running > 0;
+            if (!c->engine_live)
+                metrics_finish(c, ev->t_ns);
             /* The client is gone: nothing more to send. */
-            if (c->close_done) {
+            if (c->close_done && !c->engine_live) {
                 gen_log(c);
                 maybe_free(c);
                 sched_event_free(ev);
@@ -1078,7 +1159,7 @@ abort_new(call_t *c)
     Kvserve__V1__AbortResponse r = KVSERVE__V1__ABORT_RESPONSE__INIT;
     r.has_found = true;
     for (call_t *g = S.gens; g; g = g->next) {
-        if (g->id && g->engine_live && !g->stopped && strcmp(g->rid, id) == 0) {
+        if (g->id && g->engine_live && strcmp(g->rid, id) == 0) {
             sched_cancel(S.sched, g->id);
             r.found = true;
             KVS_INFOF("request %s: abort requested", g->rid);
@@ -1180,7 +1261,7 @@ dispatch(tag_t *t, int ok)
         break;
     case T_CLOSE:
         c->close_done = true;
-        if (c->cancelled && c->engine_live && !c->stopped) {
+        if (c->cancelled && c->engine_live) {
             KVS_INFOF("request %s: cancelled by the client (or its deadline)", c->rid);
             sched_cancel(S.sched, c->id); /* freed when the engine says so */
         }

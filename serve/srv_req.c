@@ -342,6 +342,10 @@ check_sampling(const Kvserve__V1__SamplingParams *sp, const srv_limits_t *lim, s
         out->sr.logprobs = true;
         out->sr.top_logprobs = sp->logprobs;
     }
+    if (sp->has_n && (sp->n == 0 || sp->n > SCHED_MAX_N))
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "sampling.n: %u is outside [1, %d]",
+                    sp->n, SCHED_MAX_N);
+    out->sr.n = sp->has_n ? sp->n : 1;
     return GRPC_STATUS_OK;
 }
 

@@ -595,6 +595,127 @@ def check_penalties(api, kvserve, model):
            "%s: %s, run: %s, without: %s" % (describe(o), o["tokens"], want, plain["tokens"]))
 
 
+M64 = (1 << 64) - 1
+
+
+def mix64(z):
+    """base/kvs.h's kvs_mix64 (the splitmix64 finalizer)."""
+    z = ((z ^ (z >> 30)) * 0xbf58476d1ce4e5b9) & M64
+    z = ((z ^ (z >> 27)) * 0x94d049bb133111eb) & M64
+    return z ^ (z >> 31)
+
+
+def sample_seed(seed, i):
+    """sched.h's sched_sample_seed: the seed output i of sampling.n draws with."""
+    return seed if i == 0 else mix64(seed ^ mix64(0x6e5eed + i))
+
+
+def collect_samples(api, req, n, timeout=60, abort_after=0):
+    """Runs a Generate of n outputs.  Returns (outputs, error): per index its
+    tokens, text, finish and usage; error names a broken stream contract (a
+    message for an unknown index or after its output's last, an output
+    without one, a bad status).  abort_after: Abort after that many
+    messages."""
+    outs = [{"tokens": [], "text": "", "finish": None, "usage": None} for _ in range(n)]
+    err, rid, msgs = "", None, 0
+    call = api.generate(req, timeout=timeout, metadata=api.md)
+    try:
+        for r in call:
+            msgs += 1
+            if r.HasField("request_id") and rid is None:
+                rid = r.request_id
+            if abort_after and msgs == abort_after:
+                api.abort(pb.AbortRequest(request_id=rid), timeout=5, metadata=api.md)
+            i = r.index
+            if i >= n or (n > 1 and not r.HasField("index")):
+                err = err or "message for index %d (has_index %s)" % (i, r.HasField("index"))
+                continue
+            o = outs[i]
+            if o["finish"] is not None:
+                err = err or "a message for output %d after its last" % i
+            o["tokens"].extend(r.token_ids)
+            o["text"] += r.text
+            if r.HasField("finish_reason"):
+                o["finish"] = r.finish_reason
+                o["usage"] = r.usage if r.HasField("usage") else None
+                if o["usage"] is None:
+                    err = err or "output %d's last message carries no usage" % i
+    except grpc.RpcError as e:
+        err = err or "status %s %s" % (e.code().name, e.details())
+    for i, o in enumerate(outs):
+        if o["finish"] is None:
+            err = err or "output %d never finished" % i
+    return outs, err
+
+
+def check_samples(api, kvserve, addr):
+    """sampling.n: output i equals a request of its own with seed
+    sample_seed(seed, i); a stop string ends only the outputs it matches;
+    Abort ends every output; bad n is refused naming the field; the C
+    client prints every output."""
+    n, seed, max_tokens = 4, 20261130, 14
+
+    def req_of(k, sd, stop=None):
+        req = pb.GenerateRequest(text=TEXT_PROMPT)
+        req.sampling.temperature = 1.3  # the bundled model is sure of itself
+        req.sampling.seed = sd
+        req.sampling.max_tokens = max_tokens
+        req.sampling.ignore_eos = True
+        if k != 1:
+            req.sampling.n = k
+        if stop:
+            req.sampling.stop.append(stop)
+        return req
+
+    alone = [collect(api, req_of(1, sample_seed(seed, i))) for i in range(n)]
+    outs, err = collect_samples(api, req_of(n, seed), n)
+    name = "1 sampling.n 4: output i == a request alone with its seed, one last message each"
+    bad = [i for i in range(n) if outs[i]["tokens"] != alone[i]["tokens"]
+           or outs[i]["finish"] != pb.FINISH_REASON_LENGTH
+           or outs[i]["usage"].completion_tokens != max_tokens]
+    distinct = len({tuple(a["tokens"]) for a in alone})
+    report(name, not err and not bad and distinct > 1,
+           err or "mismatched outputs %s; %d distinct; got %s, alone %s"
+           % (bad, distinct, [o["tokens"] for o in outs], [a["tokens"] for a in alone]))
+
+    # A stop string taken from output 1: it ends there, and wherever else
+    # it occurs, each output on its own.
+    texts = [a["text"] for a in alone]
+    stop = texts[1][2:4] if len(texts[1]) >= 4 else None
+    if stop:
+        outs, err = collect_samples(api, req_of(n, seed, stop), n)
+        bad = []
+        for i in range(n):
+            at = texts[i].find(stop)
+            want = (texts[i][:at], pb.FINISH_REASON_STOP) if at >= 0 else \
+                (texts[i], pb.FINISH_REASON_LENGTH)
+            if (outs[i]["text"], outs[i]["finish"]) != want:
+                bad.append((i, outs[i]["text"], finish_name(outs[i]["finish"]), want[0]))
+        report("1 sampling.n 4 with a stop string: each output stops on its own", not err
+               and not bad, err or "stop %r: %s" % (stop, bad))
+
+    req = req_of(3, seed)
+    req.sampling.max_tokens = LONG_MAX_TOKENS
+    outs, err = collect_samples(api, req, 3, abort_after=2)
+    report("4 Abort of a request of 3 outputs ends each CANCELLED", not err and all(
+        o["finish"] == pb.FINISH_REASON_CANCELLED and len(o["tokens"]) < LONG_MAX_TOKENS
+        for o in outs), err or str([(finish_name(o["finish"]), len(o["tokens"])) for o in outs]))
+    idle, ld = wait_idle(api)
+    report("4 after it every KV block is free", idle, load_str(ld))
+
+    for k in (0, 65):
+        o = collect(api, req_of(k, seed))
+        report("3 sampling.n %d -> INVALID_ARGUMENT naming sampling.n" % k,
+               o["code"] == grpc.StatusCode.INVALID_ARGUMENT and "sampling.n" in o["details"],
+               describe(o))
+
+    toks, doc = c_client(kvserve, addr, TEXT_PROMPT, max_tokens,
+                         ["--temperature", "1.3", "--seed", str(seed), "--n", str(n)])
+    got = [o.get("tokens") for o in doc.get("outputs", [])] if isinstance(doc, dict) else doc
+    report("1 kvserve generate --n 4 --json: every output, as the server sends it",
+           got == [a["tokens"] for a in alone], str(got)[:300])
+
+
 def concurrent_prompts():
     words = ["grass", "sky", "sea", "cat", "dog", "sun", "moon", "tree"]
     ps = []
@@ -1724,6 +1845,7 @@ def main():
             check_logprobs(api, kvserve, model, work, srv.addr)
             check_penalties(api, kvserve, model)
             check_min_tokens(api)
+            check_samples(api, kvserve, srv.addr)
             if "text" in refs:
                 check_tokenize(api, refs["text"])
             check_concurrent(api)
