@@ -506,25 +506,38 @@ typedef struct model_sampling {
      * off); then each output token's logit loses frequency_penalty per
      * occurrence and presence_penalty once (0 = off). */
     float repetition_penalty, presence_penalty, frequency_penalty;
+    /* OpenAI's logit_bias: bias[i] added to the logit of bias_ids[i]
+     * (summed where an id repeats) before the penalties, as vLLM does;
+     * n_bias <= MODEL_MAX_LOGIT_BIAS, each in [-MODEL_LOGIT_BIAS_MAX, it].
+     * Copied by model_sampler_new. */
+    const int32_t *bias_ids;
+    const float *bias;
+    uint32_t n_bias;
 } model_sampling_t;
 /* Presence and frequency penalties lie in [-MODEL_PENALTY_MAX, it]
  * (OpenAI's and vLLM's range). */
 #define MODEL_PENALTY_MAX 2.0f
+#define MODEL_LOGIT_BIAS_MAX 100.0f
+enum { MODEL_MAX_LOGIT_BIAS = 1024 };
 
 typedef struct model_sampler model_sampler_t;
 
 /* Returns 0, KVS_EINVAL (temperature < 0, top_p outside (0,1], min_p
  * outside [0,1], top_k < 0, a repetition penalty < 0, presence or
- * frequency penalty outside [-2, 2], any of them not finite) or
+ * frequency penalty outside [-2, 2], any of them not finite; a bias id
+ * outside the vocabulary, a bias out of range, too many) or
  * KVS_ENOMEM. */
 int model_sampler_new(const model_sampling_t *cfg, uint32_t n_vocab, model_sampler_t **out);
 void model_sampler_free(model_sampler_t *s);
+/* The sampler's configuration; its bias arrays are the sampler's copies
+ * (valid while it lives), so another sampler can be made from it. */
+const model_sampling_t *model_sampler_cfg(const model_sampler_t *s);
 /* What the penalties look at: the prompt's tokens (for the repetition
  * penalty) and each output token once sampled.  No-ops without
  * penalties; ids outside the vocabulary are ignored.  0 or KVS_ENOMEM. */
 int model_sampler_prompt(model_sampler_t *s, const int32_t *tokens, uint32_t n);
 int model_sampler_accept(model_sampler_t *s, int32_t token);
-/* Picks the next token from one row of logits: the penalties, then greedy
+/* Picks the next token from one row of logits: the bias and the penalties, then greedy
  * at temperature 0, otherwise top-k, then top-p, then min-p on the
  * tempered distribution, then a draw from the seeded generator (same
  * seed, same tokens).  The buffers a configuration needs are allocated at

@@ -2,7 +2,8 @@
  * model/sampler.c — picks the next token from a row of logits: greedy, or
  * temperature with top-k, top-p (nucleus) and min-p filters and a seeded
  * xoshiro256** generator, so one seed always gives the same tokens; and
- * vLLM's repetition, presence and frequency penalties before them.
+ * OpenAI's logit bias and vLLM's repetition, presence and frequency
+ * penalties before them.
  * Called by sched/ once per sequence per step (engine thread).
  */
 #include "model_int.h"
@@ -24,7 +25,9 @@ struct model_sampler {
     uint8_t *in_prompt;
     int32_t *seen;
     uint32_t n_seen;
-    float *work;
+    float *work;       /* the adjusted row (bias or penalties), allocated with them */
+    int32_t *bias_ids; /* cfg.bias_ids and cfg.bias point here */
+    float *bias;
 };
 
 static uint64_t
@@ -60,12 +63,31 @@ model_sampler_new(const model_sampling_t *cfg, uint32_t n_vocab, model_sampler_t
         !(cfg->top_p > 0.0f && cfg->top_p <= 1.0f) || !(cfg->min_p >= 0.0f && cfg->min_p <= 1.0f) ||
         !(cfg->repetition_penalty >= 0.0f) || !isfinite(cfg->repetition_penalty) ||
         !(fabsf(cfg->presence_penalty) <= MODEL_PENALTY_MAX) ||
-        !(fabsf(cfg->frequency_penalty) <= MODEL_PENALTY_MAX) || n_vocab == 0)
+        !(fabsf(cfg->frequency_penalty) <= MODEL_PENALTY_MAX) || n_vocab == 0 ||
+        cfg->n_bias > MODEL_MAX_LOGIT_BIAS || (cfg->n_bias && (!cfg->bias_ids || !cfg->bias)))
         return KVS_EINVAL;
+    for (uint32_t i = 0; i < cfg->n_bias; i++)
+        if (cfg->bias_ids[i] < 0 || (uint32_t)cfg->bias_ids[i] >= n_vocab ||
+            !(fabsf(cfg->bias[i]) <= MODEL_LOGIT_BIAS_MAX))
+            return KVS_EINVAL;
     model_sampler_t *s = calloc(1, sizeof *s);
     if (s == NULL)
         return KVS_ENOMEM;
     s->cfg = *cfg;
+    s->cfg.bias_ids = NULL;
+    s->cfg.bias = NULL;
+    if (cfg->n_bias) {
+        s->bias_ids = malloc(cfg->n_bias * sizeof *s->bias_ids);
+        s->bias = malloc(cfg->n_bias * sizeof *s->bias);
+        if (!s->bias_ids || !s->bias) {
+            model_sampler_free(s);
+            return KVS_ENOMEM;
+        }
+        memcpy(s->bias_ids, cfg->bias_ids, cfg->n_bias * sizeof *s->bias_ids);
+        memcpy(s->bias, cfg->bias, cfg->n_bias * sizeof *s->bias);
+        s->cfg.bias_ids = s->bias_ids;
+        s->cfg.bias = s->bias;
+    }
     s->n_vocab = n_vocab;
     uint64_t x = cfg->seed;
     for (int i = 0; i < 4; i++)
@@ -89,19 +111,19 @@ ensure(model_sampler_t *s)
         s->count = calloc(n, sizeof *s->count);
         s->in_prompt = calloc(n, 1);
         s->seen = malloc(n * sizeof *s->seen);
-        s->work = malloc(n * sizeof *s->work);
-        if (!s->count || !s->in_prompt || !s->seen || !s->work) {
+        if (!s->count || !s->in_prompt || !s->seen) {
             free(s->count);
             free(s->in_prompt);
             free(s->seen);
-            free(s->work);
             s->count = NULL;
             s->in_prompt = NULL;
             s->seen = NULL;
-            s->work = NULL;
             return KVS_ENOMEM;
         }
     }
+    if ((s->pen || s->cfg.n_bias) && s->work == NULL &&
+        (s->work = malloc(n * sizeof *s->work)) == NULL)
+        return KVS_ENOMEM;
     if (s->cfg.temperature > 0.0f && s->prob == NULL) {
         s->prob = malloc(n * sizeof *s->prob);
         s->idx = malloc(n * sizeof *s->idx);
@@ -155,16 +177,20 @@ model_sampler_accept(model_sampler_t *s, int32_t t)
     return 0;
 }
 
-/* The row with the penalties applied to the ids seen, as vLLM orders
- * them: repetition first, then frequency and presence. */
+/* The row with the logit bias added, then the penalties applied to the
+ * ids seen, as vLLM orders them: repetition first, then frequency and
+ * presence. */
 static const float *
 penalize(model_sampler_t *s, const float *logits)
 {
-    if (s->count == NULL || s->n_seen == 0)
+    const model_sampling_t *c = &s->cfg;
+    bool seen = s->count && s->n_seen;
+    if (!seen && c->n_bias == 0)
         return logits;
     memcpy(s->work, logits, s->n_vocab * sizeof *s->work);
-    const model_sampling_t *c = &s->cfg;
-    for (uint32_t i = 0; i < s->n_seen; i++) {
+    for (uint32_t i = 0; i < c->n_bias; i++)
+        s->work[c->bias_ids[i]] += c->bias[i];
+    for (uint32_t i = 0; seen && i < s->n_seen; i++) {
         int32_t t = s->seen[i];
         float x = s->work[t];
         if (c->repetition_penalty != 1.0f)
@@ -187,7 +213,15 @@ model_sampler_free(model_sampler_t *s)
     free(s->in_prompt);
     free(s->seen);
     free(s->work);
+    free(s->bias_ids);
+    free(s->bias);
     free(s);
+}
+
+const model_sampling_t *
+model_sampler_cfg(const model_sampler_t *s)
+{
+    return &s->cfg;
 }
 
 /* First index of the largest value, NaN never chosen (0 if all are).

@@ -70,7 +70,6 @@ typedef struct req {
     uint32_t n_forced; /* tokens[n_prompt ..] holds them from submit on */
     uint32_t min_tokens, n_min_ban;
     int32_t *min_ban; /* copied */
-    model_sampling_t sampling;
     model_sampler_t *sampler;
     /* Samples (sched_request_t.n): this one's index; sample 0 forks the
      * others at its first logits while fork_pending, and holds the
@@ -1269,7 +1268,7 @@ req_clone(sched_t *s, const req_t *r, uint32_t index)
     c->fork_pending = false;
     c->cancel_mask = 0;
     c->n_sched = 0;
-    model_sampling_t sp = r->sampling;
+    model_sampling_t sp = *model_sampler_cfg(r->sampler); /* its bias arrays are its own */
     sp.seed = sched_sample_seed(sp.seed, index);
     uint32_t h2o_w = r->cap < H2O_OBS ? r->cap : H2O_OBS;
     bool ok = dup_into(&c->tokens, r->tokens, (size_t)r->cap * sizeof *r->tokens);
@@ -1617,7 +1616,6 @@ sched_submit(sched_t *s, const sched_request_t *q)
     r->ignore_eos = q->ignore_eos;
     r->logprobs = q->logprobs;
     r->top_logprobs = q->top_logprobs;
-    r->sampling = q->sampling;
     r->n_samples = q->n ? q->n : 1;
     r->fork_pending = r->n_samples > 1;
     r->usage.prompt_tokens = q->n_prompt;

@@ -104,6 +104,11 @@ const char *srv_kv_name(const srv_kv_opts_t *o);
 int srv_parse_block_size(const char *cmd, const char *s, uint32_t *out);
 /* "1,2,3" -> malloc'd array; every id in [0, INT32_MAX]. */
 int srv_parse_tokens(const char *cmd, const char *flag, const char *s, int32_t **out, size_t *n);
+/* --logit-bias ID:BIAS[,ID:BIAS...]: ids (below INT32_MAX) and biases
+ * (within +-MODEL_LOGIT_BIAS_MAX) into malloc'd arrays, at most
+ * MODEL_MAX_LOGIT_BIAS pairs; 0 or KVS_EINVAL / KVS_ENOMEM after a
+ * message. */
+int srv_parse_logit_bias(const char *cmd, const char *s, int32_t **ids, float **bias, uint32_t *n);
 /* All of a stream or file, NUL-terminated (*len, if not NULL, excludes the
  * NUL); NULL when it cannot be read or memory runs out. */
 char *srv_read_stream(FILE *f, size_t *len);

@@ -266,6 +266,56 @@ srv_parse_tokens(const char *cmd, const char *flag, const char *s, int32_t **out
     return 0;
 }
 
+int
+srv_parse_logit_bias(const char *cmd, const char *s, int32_t **ids, float **bias, uint32_t *n)
+{
+    size_t cap = 1;
+    for (const char *p = s; *p; p++)
+        cap += *p == ',';
+    if (cap > MODEL_MAX_LOGIT_BIAS) {
+        fprintf(stderr, "kvserve %s: --logit-bias: %zu pairs, at most %d\n", cmd, cap,
+                MODEL_MAX_LOGIT_BIAS);
+        return KVS_EINVAL;
+    }
+    int32_t *id = malloc(cap * sizeof *id);
+    float *b = malloc(cap * sizeof *b);
+    if (!id || !b) {
+        free(id);
+        free(b);
+        return KVS_ENOMEM;
+    }
+    uint32_t k = 0;
+    for (const char *p = s; *p;) {
+        char *end, *bend;
+        errno = 0;
+        long long v = strtoll(p, &end, 10);
+        float x = *end == ':' ? strtof(end + 1, &bend) : NAN;
+        if (end == p || errno || v < 0 || v >= INT32_MAX || *end != ':' || bend == end + 1 ||
+            (*bend != ',' && *bend != '\0') || !(fabsf(x) <= MODEL_LOGIT_BIAS_MAX)) {
+            fprintf(stderr,
+                    "kvserve %s: --logit-bias: bad pair at '%s' (expected ID:BIAS,... with BIAS "
+                    "in [-%g, %g])\n",
+                    cmd, p, MODEL_LOGIT_BIAS_MAX, MODEL_LOGIT_BIAS_MAX);
+            free(id);
+            free(b);
+            return KVS_EINVAL;
+        }
+        id[k] = (int32_t)v;
+        b[k++] = x;
+        p = *bend == ',' ? bend + 1 : bend;
+    }
+    if (k == 0) {
+        fprintf(stderr, "kvserve %s: --logit-bias: no pairs given\n", cmd);
+        free(id);
+        free(b);
+        return KVS_EINVAL;
+    }
+    *ids = id;
+    *bias = b;
+    *n = k;
+    return 0;
+}
+
 /* Bytes of the well-formed UTF-8 sequence at s (of n bytes), 0 when none
  * starts there; *bad then says how many bytes the ill-formed part spans
  * (its maximal subpart, as Unicode's U+FFFD substitution counts). */

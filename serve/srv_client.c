@@ -25,6 +25,7 @@ static const char gen_usage[] =
     "                        [--stop-token-ids 1,2] [--logprobs N (0..20, with --json)]\n"
     "                        [--forced-tokens 1,2,3 (scored, not sampled; with --json)]\n"
     "                        [--min-tokens N] [--n N (outputs, 1..64)]\n"
+    "                        [--logit-bias ID:BIAS,... (BIAS in [-100, 100])]\n"
     "                        [--priority N] [--cache-salt S]\n"
     "                        [--request-id S] [--timeout-ms N] [--api-key-file F]\n"
     "                        [--tls-ca F] [--tls-server-name NAME] [--json]\n";
@@ -335,6 +336,9 @@ typedef struct gen_opts {
     int32_t *prompt_ids, *stop_ids, *forced_ids;
     size_t n_prompt_ids, n_forced_ids;
     Kvserve__V1__SamplingParams sp;
+    int32_t *bias_ids;
+    float *bias;
+    Kvserve__V1__LogitBias *lb, **lbp; /* sp.logit_bias */
     bool sampling, has_priority, json;
     int32_t priority;
 } gen_opts_t;
@@ -346,6 +350,10 @@ gen_opts_free(gen_opts_t *o)
     free(o->stop_ids);
     free(o->forced_ids);
     free(o->sp.stop);
+    free(o->bias_ids);
+    free(o->bias);
+    free(o->lb);
+    free(o->lbp);
 }
 
 /* 0, 1 after --help, or a KVS_E* code after a usage message. */
@@ -370,6 +378,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         {"forced-tokens", 1, 0, 'O'},
         {"min-tokens", 1, 0, 'M'},
         {"n", 1, 0, 'c'},
+        {"logit-bias", 1, 0, 'B'},
         {"repetition-penalty", 1, 0, 'R'},
         {"presence-penalty", 1, 0, 'E'},
         {"frequency-penalty", 1, 0, 'F'},
@@ -395,7 +404,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         int rc = srv_conn_opt(C, c, &o->conn);
         if (rc == 1) {
             rc = 0;
-            o->sampling |= strchr("mtkqnsexXLREFMc", c) != NULL;
+            o->sampling |= strchr("mtkqnsexXLREFMcB", c) != NULL;
             switch (c) {
             case 'h':
                 fputs(gen_usage, stdout);
@@ -472,6 +481,16 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
                 rc = srv_parse_u32(C, "--n", optarg, 1, SCHED_MAX_N, &p->n);
                 p->has_n = 1;
                 break;
+            case 'B': {
+                free(o->bias_ids);
+                free(o->bias);
+                o->bias_ids = NULL;
+                o->bias = NULL;
+                uint32_t nb = 0;
+                rc = srv_parse_logit_bias(C, optarg, &o->bias_ids, &o->bias, &nb);
+                p->n_logit_bias = nb;
+                break;
+            }
             case 'O':
                 free(o->forced_ids);
                 o->forced_ids = NULL;
@@ -519,6 +538,21 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
     /* Ids are checked non-negative, and int32_t may alias uint32_t. */
     p->stop_token_ids = (uint32_t *)o->stop_ids;
     p->n_stop_token_ids = n_stop_ids;
+    if (p->n_logit_bias) {
+        o->lb = calloc(p->n_logit_bias, sizeof *o->lb);
+        o->lbp = calloc(p->n_logit_bias, sizeof *o->lbp);
+        if (!o->lb || !o->lbp)
+            return KVS_ENOMEM;
+        for (size_t i = 0; i < p->n_logit_bias; i++) {
+            Kvserve__V1__LogitBias b = KVSERVE__V1__LOGIT_BIAS__INIT;
+            b.has_token_id = b.has_bias = 1;
+            b.token_id = (uint32_t)o->bias_ids[i];
+            b.bias = o->bias[i];
+            o->lb[i] = b;
+            o->lbp[i] = &o->lb[i];
+        }
+        p->logit_bias = o->lbp;
+    }
     if (srv_conn_check(C, &o->conn, argc, argv, gen_usage))
         return KVS_EINVAL;
     if ((o->prompt == NULL) == (o->prompt_ids == NULL)) {

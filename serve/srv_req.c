@@ -342,6 +342,35 @@ check_sampling(const Kvserve__V1__SamplingParams *sp, const srv_limits_t *lim, s
         out->sr.logprobs = true;
         out->sr.top_logprobs = sp->logprobs;
     }
+    if (sp->n_logit_bias > MODEL_MAX_LOGIT_BIAS)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "sampling.logit_bias: %zu entries, at most %d", sp->n_logit_bias,
+                    MODEL_MAX_LOGIT_BIAS);
+    if (sp->n_logit_bias) {
+        out->bias_ids = malloc(sp->n_logit_bias * sizeof *out->bias_ids);
+        out->bias = malloc(sp->n_logit_bias * sizeof *out->bias);
+        if (!out->bias_ids || !out->bias)
+            return fail(msg, cap, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    }
+    for (size_t i = 0; i < sp->n_logit_bias; i++) {
+        const Kvserve__V1__LogitBias *b = sp->logit_bias[i];
+        if (!b->has_token_id)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "sampling.logit_bias[%zu].token_id: required", i);
+        if (b->token_id >= lim->n_vocab)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "sampling.logit_bias[%zu].token_id: %u is outside the vocabulary (%u)", i,
+                        b->token_id, lim->n_vocab);
+        if (!(fabsf(b->bias) <= MODEL_LOGIT_BIAS_MAX))
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "sampling.logit_bias[%zu].bias: %g is outside [-%g, %g]", i, b->bias,
+                        MODEL_LOGIT_BIAS_MAX, MODEL_LOGIT_BIAS_MAX);
+        out->bias_ids[i] = (int32_t)b->token_id;
+        out->bias[i] = b->bias;
+    }
+    s->bias_ids = out->bias_ids;
+    s->bias = out->bias;
+    s->n_bias = (uint32_t)sp->n_logit_bias;
     if (sp->has_n && (sp->n == 0 || sp->n > SCHED_MAX_N))
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "sampling.n: %u is outside [1, %d]",
                     sp->n, SCHED_MAX_N);
@@ -572,7 +601,11 @@ void
 srv_gen_req_free(srv_gen_req_t *r)
 {
     free(r->prompt);
+    free(r->bias_ids);
+    free(r->bias);
     r->prompt = NULL;
+    r->bias_ids = NULL;
+    r->bias = NULL;
 }
 
 grpc_status_code

@@ -37,6 +37,9 @@ typedef struct srv_gen_req {
     size_t n_stop;
     const uint32_t *stop_ids;
     size_t n_stop_ids;
+    /* sampling.logit_bias as sr.sampling's arrays (malloc'd). */
+    int32_t *bias_ids;
+    float *bias;
 } srv_gen_req_t;
 
 /* Checks every field of q against the model and limits; on success fills

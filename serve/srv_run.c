@@ -19,6 +19,7 @@ static const char run_usage[] =
     "usage: kvserve run [--model PATH] (--prompt TEXT | --prompt-tokens 1,2,3)\n"
     "                   [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--min-p P]\n"
     "                   [--repetition-penalty R] [--presence-penalty P] [--frequency-penalty F]\n"
+    "                   [--logit-bias ID:BIAS,...]\n"
     "                   [--seed S] [--ignore-eos] [--threads N] [--device cpu|ref|cuda]\n"
     "                   [--block-size N] [--kv-cache-dtype f16|f32|bf16|q8_0|fp8|q4]\n"
     "                   [--kv-sink-tokens N] [--kv-residual-tokens N] [--batch-size N]\n"
@@ -29,7 +30,7 @@ typedef struct run_opts {
     const char *model, *prompt, *prompt_tokens, *logits_out, *device;
     uint32_t max_tokens, threads, block_size, batch_size, max_model_len;
     srv_kv_opts_t kv;
-    model_sampling_t sampling;
+    model_sampling_t sampling; /* its bias arrays malloc'd here */
     bool seed_set, ignore_eos, json, cuda_graphs;
 } run_opts_t;
 
@@ -72,6 +73,7 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         O_REP,
         O_PRES,
         O_FREQ,
+        O_BIAS,
         O_SEED,
         O_IGNEOS,
         O_THREADS,
@@ -96,6 +98,7 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         {"repetition-penalty", 1, 0, O_REP},
         {"presence-penalty", 1, 0, O_PRES},
         {"frequency-penalty", 1, 0, O_FREQ},
+        {"logit-bias", 1, 0, O_BIAS},
         {"seed", 1, 0, O_SEED},
         {"ignore-eos", 0, 0, O_IGNEOS},
         {"threads", 1, 0, O_THREADS},
@@ -164,6 +167,16 @@ parse_opts(int argc, char **argv, run_opts_t *o)
             rc = srv_parse_f32(C, "--frequency-penalty", optarg, -MODEL_PENALTY_MAX,
                                MODEL_PENALTY_MAX, &o->sampling.frequency_penalty);
             break;
+        case O_BIAS: {
+            free((void *)o->sampling.bias_ids);
+            free((void *)o->sampling.bias);
+            int32_t *ids = NULL;
+            float *b = NULL;
+            rc = srv_parse_logit_bias(C, optarg, &ids, &b, &o->sampling.n_bias);
+            o->sampling.bias_ids = ids;
+            o->sampling.bias = b;
+            break;
+        }
         case O_SEED:
             rc = srv_parse_u64(C, "--seed", optarg, &o->sampling.seed);
             o->seed_set = true;
@@ -240,6 +253,8 @@ typedef struct run_state {
     int32_t *prompt, *out_tokens;
     srv_buf_t text;
     npy_t npy;
+    int32_t *bias_ids; /* --logit-bias's arrays */
+    float *bias;
 } run_state_t;
 
 static void
@@ -251,6 +266,8 @@ run_state_free(run_state_t *s)
     free(s->prompt);
     free(s->out_tokens);
     free(s->text.p);
+    free(s->bias_ids);
+    free(s->bias);
     if (s->npy.f)
         fclose(s->npy.f);
 }
@@ -268,15 +285,20 @@ int
 srv_cmd_run(int argc, char **argv)
 {
     run_opts_t o;
-    if (parse_opts(argc, argv, &o))
-        return 2;
-    if (o.model == NULL && (o.model = srv_default_model()) == NULL) {
+    run_state_t s = {0};
+    int rc = parse_opts(argc, argv, &o);
+    s.bias_ids = (int32_t *)o.sampling.bias_ids;
+    s.bias = (float *)o.sampling.bias;
+    if (rc == 0 && o.model == NULL && (o.model = srv_default_model()) == NULL) {
         fprintf(stderr, "kvserve run: no --model given and no bundled model found "
                         "(weights/kvserve-main.gguf)\n");
+        rc = KVS_EINVAL;
+    }
+    if (rc) {
+        run_state_free(&s);
         return 2;
     }
-    run_state_t s = {0};
-    int status = 1, rc;
+    int status = 1;
     char err[512] = "";
     kern_backend_cfg_t bcfg = {.n_threads = o.threads};
     if ((rc = kern_backend_new(o.device, &bcfg, &s.be))) {
@@ -290,6 +312,14 @@ srv_cmd_run(int argc, char **argv)
         goto out;
     }
     const model_hparams_t *hp = model_hparams(s.m);
+    for (uint32_t i = 0; i < o.sampling.n_bias; i++) {
+        if ((uint32_t)o.sampling.bias_ids[i] >= hp->n_vocab) {
+            fprintf(stderr, "kvserve run: --logit-bias: id %d is outside the vocabulary (%u)\n",
+                    o.sampling.bias_ids[i], hp->n_vocab);
+            status = 2;
+            goto out;
+        }
+    }
 
     size_t n_prompt = 0;
     if (o.prompt_tokens) {

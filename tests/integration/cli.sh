@@ -77,6 +77,13 @@ expect 2 "run bad device" "$K" run $M --prompt a --device tpu
 expect 2 "run presence penalty 3" "$K" run $M --prompt a --presence-penalty 3
 contains "presence-penalty"
 expect 0 "run with penalties" "$K" run $M --prompt "abcabc" --max-tokens 4 --repetition-penalty 1.3 --frequency-penalty 0.5
+expect 2 "run logit bias 101" "$K" run $M --prompt a --logit-bias 3:101
+contains "logit-bias"
+expect 2 "run logit bias without a bias" "$K" run $M --prompt a --logit-bias 3
+contains "ID:BIAS"
+expect 2 "run logit bias id out of vocab" "$K" run $M --prompt a --logit-bias 5000:1
+contains "vocabulary"
+expect 0 "run with a logit bias" "$K" run $M --prompt a --max-tokens 2 --logit-bias 3:1.5,4:-2
 
 # eval --scenario: niah-multikey only, and the prefix cache serves the later
 # turns' shared context whatever the (random) model answers.

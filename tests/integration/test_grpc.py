@@ -716,6 +716,53 @@ def check_samples(api, kvserve, addr):
            got == [a["tokens"] for a in alone], str(got)[:300])
 
 
+def check_logit_bias(api, kvserve, addr):
+    """logit_bias: -100 on the greedy first token moves the output off it,
+    +100 on a token makes greedy repeat it while logprobs stay the model's
+    (the first one unlikely: the model copies it once it is there);
+    kvserve run and kvserve generate agree; bad entries are refused naming
+    the entry."""
+    n = 6
+    plain = collect(api, greedy_req(TEXT_PROMPT, n))
+    name = "1 logit_bias: -100 moves greedy off its token, +100 forces one, logprobs unbiased"
+    if plain["code"] is not None or not plain["tokens"]:
+        report(name, False, describe(plain))
+        return
+    first = plain["tokens"][0]
+    req = greedy_req(TEXT_PROMPT, n)
+    req.sampling.logit_bias.add(token_id=first, bias=-100.0)
+    off = collect(api, req)
+    forced_tok = 113  # 'q': unlikely after the prompt
+    req = greedy_req(TEXT_PROMPT, n)
+    req.sampling.logit_bias.add(token_id=forced_tok, bias=100.0)
+    req.sampling.logprobs = 1
+    on = collect(api, req)
+    lps = [lp.logprob for lp in on["logprobs"]]
+    report(name, off["code"] is None and off["tokens"] and off["tokens"][0] != first
+           and on["tokens"] == [forced_tok] * n and len(lps) == n and lps[0] < -5.0,
+           "plain %s; -100 on %d: %s; +100 on %d: %s logprobs %s"
+           % (plain["tokens"], first, off["tokens"], forced_tok, on["tokens"],
+              ["%.2f" % x for x in lps]))
+    toks, doc = c_client(kvserve, addr, TEXT_PROMPT, n, ["--logit-bias", "%d:-100" % first])
+    r = subprocess.run([kvserve, "run", "--prompt", TEXT_PROMPT, "--temperature", "0",
+                        "--ignore-eos", "--max-tokens", str(n), "--json", "--logit-bias",
+                        "%d:-100" % first] + ENGINE_FLAGS, capture_output=True, text=True,
+                       timeout=60)
+    run_toks = json.loads(r.stdout)["tokens"] if r.returncode == 0 else r.stderr[-200:]
+    report("1 kvserve generate / run --logit-bias: the server's tokens", toks == off["tokens"]
+           and run_toks == off["tokens"], "generate %s, run %s, server %s"
+           % (toks, run_toks, off["tokens"]))
+    for entry, field in (({"token_id": 100000, "bias": 1.0}, "logit_bias[0].token_id"),
+                         ({"token_id": 5, "bias": 100.5}, "logit_bias[0].bias"),
+                         ({"bias": 1.0}, "logit_bias[0].token_id")):
+        req = greedy_req(TEXT_PROMPT, 2)
+        req.sampling.logit_bias.add(**entry)
+        o = collect(api, req)
+        report("3 logit_bias %s -> INVALID_ARGUMENT naming %s" % (entry, field),
+               o["code"] == grpc.StatusCode.INVALID_ARGUMENT and field in o["details"],
+               describe(o))
+
+
 def concurrent_prompts():
     words = ["grass", "sky", "sea", "cat", "dog", "sun", "moon", "tree"]
     ps = []
@@ -1846,6 +1893,7 @@ def main():
             check_penalties(api, kvserve, model)
             check_min_tokens(api)
             check_samples(api, kvserve, srv.addr)
+            check_logit_bias(api, kvserve, srv.addr)
             if "text" in refs:
                 check_tokenize(api, refs["text"])
             check_concurrent(api)

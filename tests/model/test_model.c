@@ -558,6 +558,62 @@ test_penalties(void **state)
         assert_int_equal(model_sampler_new(&bad[i], 6, &s), KVS_EINVAL);
 }
 
+/* OpenAI's logit bias: added to the model's logits (repeated ids sum)
+ * before the penalties, on the greedy and the tempered paths; copied, so
+ * the caller's arrays may go; out-of-range ids and biases refused. */
+static void
+test_logit_bias(void **state)
+{
+    (void)state;
+    /*                 0     1     2     3 */
+    float x[4] = {0.0f, 3.0f, 2.9f, 2.0f};
+    int32_t ids[3] = {3, 1, 3};
+    float bias[3] = {0.5f, -1.0f, 0.6f};
+    model_sampling_t c = {.top_p = 1.0f, .bias_ids = ids, .bias = bias, .n_bias = 3};
+    model_sampling_t ct = c;
+    ct.temperature = 1.0f;
+    ct.top_k = 1;
+    model_sampler_t *s, *t;
+    assert_int_equal(model_sampler_new(&c, 4, &s), 0);
+    assert_int_equal(model_sampler_new(&ct, 4, &t), 0);
+    ids[0] = ids[2] = 0; /* the sampler kept its own copy */
+    /* 1: 3.0 - 1 = 2.0; 3: 2.0 + 1.1 = 3.1 > 2.9 */
+    assert_int_equal(model_sampler_sample(s, x), 3);
+    assert_int_equal(model_sampler_sample(t, x), 3);
+    const model_sampling_t *kept = model_sampler_cfg(s);
+    assert_int_equal(kept->n_bias, 3);
+    assert_int_equal(kept->bias_ids[0], 3);
+    model_sampler_t *u;
+    assert_int_equal(model_sampler_new(kept, 4, &u), 0);
+    assert_int_equal(model_sampler_sample(u, x), 3);
+    model_sampler_free(u);
+    model_sampler_free(s);
+    model_sampler_free(t);
+
+    /* Before the penalties: a biased token already out pays its
+     * frequency penalty on the biased logit. */
+    ids[0] = 2;
+    bias[0] = 1.0f; /* 2: 3.9 */
+    model_sampling_t fp = {
+        .top_p = 1.0f, .frequency_penalty = 2.0f, .bias_ids = ids, .bias = bias, .n_bias = 1};
+    assert_int_equal(model_sampler_new(&fp, 4, &s), 0);
+    assert_int_equal(model_sampler_sample(s, x), 2);
+    model_sampler_accept(s, 2);
+    assert_int_equal(model_sampler_sample(s, x), 1); /* 3.9 - 2 = 1.9 < 3.0 */
+    model_sampler_free(s);
+
+    int32_t bad_id = 4;
+    float big = 100.5f, ok = 1.0f;
+    model_sampling_t bad[] = {
+        {.top_p = 1.0f, .bias_ids = &bad_id, .bias = &ok, .n_bias = 1},
+        {.top_p = 1.0f, .bias_ids = ids, .bias = &big, .n_bias = 1},
+        {.top_p = 1.0f, .bias_ids = NULL, .bias = &ok, .n_bias = 1},
+        {.top_p = 1.0f, .bias_ids = ids, .bias = &ok, .n_bias = MODEL_MAX_LOGIT_BIAS + 1},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        assert_int_equal(model_sampler_new(&bad[i], 4, &s), KVS_EINVAL);
+}
+
 int
 main(void)
 {
@@ -565,7 +621,7 @@ main(void)
         cmocka_unit_test(test_load_tiny),    cmocka_unit_test(test_tokenizer),
         cmocka_unit_test(test_random_vocab), cmocka_unit_test(test_bad_models),
         cmocka_unit_test(test_sampler),      cmocka_unit_test(test_logprobs),
-        cmocka_unit_test(test_penalties),
+        cmocka_unit_test(test_penalties),    cmocka_unit_test(test_logit_bias),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
