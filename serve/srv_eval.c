@@ -599,35 +599,35 @@ scen_name(scenario_t s)
 }
 
 static void
-scen_print(const eval_opts_t *o, const scen_report_t *rep)
+scen_print(FILE *tab, const eval_opts_t *o, const scen_report_t *rep)
 {
-    printf("\nniah-multikey, %s (%s), %u documents per length, prefix caching on\n%8s",
-           scen_name(o->scenario),
-           o->scenario == SCEN_MULTI_TURN ? "golden answers between turns"
-                                          : "one request per question",
-           o->n_depths * o->samples, "length");
+    fprintf(tab, "\nniah-multikey, %s (%s), %u documents per length, prefix caching on\n%8s",
+            scen_name(o->scenario),
+            o->scenario == SCEN_MULTI_TURN ? "golden answers between turns"
+                                           : "one request per question",
+            o->n_depths * o->samples, "length");
     for (uint32_t t = 0; t < rep->all.n_turns; t++)
-        printf("  turn %u", t + 1);
-    printf("    mean  cached  kv dropped\n");
+        fprintf(tab, "  turn %u", t + 1);
+    fprintf(tab, "    mean  cached  kv dropped\n");
     for (uint32_t l = 0; l < o->n_lengths; l++) {
         const scen_row_t *w = &rep->rows[l];
-        printf("%8u", o->lengths[l]);
+        fprintf(tab, "%8u", o->lengths[l]);
         for (uint32_t t = 0; t < rep->all.n_turns; t++) {
             if (t < w->n_turns)
-                printf("  %5.1f%%", 100.0 * w->correct[t] / w->asked[t]);
+                fprintf(tab, "  %5.1f%%", 100.0 * w->correct[t] / w->asked[t]);
             else
-                printf("%8s", "-");
+                fprintf(tab, "%8s", "-");
         }
-        printf("  %5.1f%%", 100.0 * row_accuracy(w));
-        put_share(stdout, w, false);
-        printf("  %10llu\n", (unsigned long long)w->dropped);
+        fprintf(tab, "  %5.1f%%", 100.0 * row_accuracy(w));
+        put_share(tab, w, false);
+        fprintf(tab, "  %10llu\n", (unsigned long long)w->dropped);
     }
-    printf("%8s  %5.1f%% overall", "", rep->asked ? 100.0 * rep->correct / rep->asked : 0.0);
+    fprintf(tab, "%8s  %5.1f%% overall", "", rep->asked ? 100.0 * rep->correct / rep->asked : 0.0);
     if (rep->all.later_prompt)
-        printf("; the prefix cache served %.1f%% of the prompt tokens after turn 1\n",
-               100.0 * rep->all.later_cached / rep->all.later_prompt);
+        fprintf(tab, "; the prefix cache served %.1f%% of the prompt tokens after turn 1\n",
+                100.0 * rep->all.later_cached / rep->all.later_prompt);
     else
-        printf("; one question per document at these lengths\n");
+        fprintf(tab, "; one question per document at these lengths\n");
     if (rep->all.preemptions)
         fprintf(stderr, "kvserve eval: %llu preemptions (KV recomputed or swapped)\n",
                 (unsigned long long)rep->all.preemptions);
@@ -868,31 +868,34 @@ srv_cmd_eval(int argc, char **argv)
     char pol[96], pre[96], kvd[96];
     srv_attn_describe(&o.attn, pol, sizeof pol);
     srv_prefill_describe(&o.spec, pre, sizeof pre);
-    printf("model: %s\npolicy: attention %s, prefill %s, kv-cache %s\n", o.model, pol, pre,
-           srv_kv_describe(&o.kv, kvd, sizeof kvd));
+    /* JSON on stdout (--json -) keeps stdout one document: the table goes
+     * to stderr then. */
+    FILE *tab = o.json && strcmp(o.json, "-") == 0 ? stderr : stdout;
+    fprintf(tab, "model: %s\npolicy: attention %s, prefill %s, kv-cache %s\n", o.model, pol, pre,
+            srv_kv_describe(&o.kv, kvd, sizeof kvd));
     if (o.scenario != SCEN_NONE)
-        scen_print(&o, &rep);
+        scen_print(tab, &o, &rep);
     for (int t = 0; t < SRV_TASK_COUNT && o.scenario == SCEN_NONE; t++) {
         if (!o.task_on[t])
             continue;
-        printf("\n%s (%u samples per cell)\n%8s", srv_task_name((srv_task_t)t), o.samples,
-               "length");
+        fprintf(tab, "\n%s (%u samples per cell)\n%8s", srv_task_name((srv_task_t)t), o.samples,
+                "length");
         for (uint32_t d = 0; d < o.n_depths; d++)
-            printf("  d=%.2f", o.depths[d]);
-        printf("    mean\n");
+            fprintf(tab, "  d=%.2f", o.depths[d]);
+        fprintf(tab, "    mean\n");
         double tsum = 0;
         for (uint32_t l = 0; l < o.n_lengths; l++) {
             double lsum = 0;
-            printf("%8u", o.lengths[l]);
+            fprintf(tab, "%8u", o.lengths[l]);
             for (uint32_t d = 0; d < o.n_depths; d++) {
                 double a = acc[((size_t)t * o.n_lengths + l) * o.n_depths + d];
                 lsum += a;
-                printf("  %5.1f%%", 100.0 * a);
+                fprintf(tab, "  %5.1f%%", 100.0 * a);
             }
-            printf("  %5.1f%%\n", 100.0 * lsum / o.n_depths);
+            fprintf(tab, "  %5.1f%%\n", 100.0 * lsum / o.n_depths);
             tsum += lsum;
         }
-        printf("%8s  %5.1f%% overall\n", "", 100.0 * tsum / (o.n_depths * o.n_lengths));
+        fprintf(tab, "%8s  %5.1f%% overall\n", "", 100.0 * tsum / (o.n_depths * o.n_lengths));
     }
     char docs[80] = "";
     if (o.scenario != SCEN_NONE)

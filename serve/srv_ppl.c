@@ -305,10 +305,13 @@ srv_cmd_perplexity(int argc, char **argv)
 
     char pol[96], kvd[96];
     srv_attn_describe(&o.attn, pol, sizeof pol);
-    printf("model: %s\npolicy: attention %s, kv-cache %s\ntext: %zu tokens; the last %u of each "
-           "window scored\n\n%8s  %7s  %7s  %10s  %10s\n",
-           o.model, pol, srv_kv_describe(&o.kv, kvd, sizeof kvd), n, o.score, "ctx", "windows",
-           "scored", "nll/token", "perplexity");
+    /* JSON on stdout (--json -) keeps stdout one document. */
+    FILE *tab = o.json && strcmp(o.json, "-") == 0 ? stderr : stdout;
+    fprintf(tab,
+            "model: %s\npolicy: attention %s, kv-cache %s\ntext: %zu tokens; the last %u of each "
+            "window scored\n\n%8s  %7s  %7s  %10s  %10s\n",
+            o.model, pol, srv_kv_describe(&o.kv, kvd, sizeof kvd), n, o.score, "ctx", "windows",
+            "scored", "nll/token", "perplexity");
     double nll[MAX_CTX] = {0};
     uint32_t wins[MAX_CTX] = {0}, scored[MAX_CTX] = {0};
     for (int i = 0; i < n_w; i++) {
@@ -318,7 +321,8 @@ srv_cmd_perplexity(int argc, char **argv)
     }
     for (uint32_t i = 0; i < o.n_ctx; i++) {
         double mean = scored[i] ? nll[i] / scored[i] : 0.0;
-        printf("%8u  %7u  %7u  %10.4f  %10.4f\n", o.ctx[i], wins[i], scored[i], mean, exp(mean));
+        fprintf(tab, "%8u  %7u  %7u  %10.4f  %10.4f\n", o.ctx[i], wins[i], scored[i], mean,
+                exp(mean));
     }
     fprintf(stderr, "kvserve perplexity: %d windows in %.1f s\n", n_w, secs);
     if (o.json) {
