@@ -21,6 +21,7 @@ typedef struct sched_seq_step {
     uint32_t n_tokens;     /* >= 1 */
     const int32_t *pos;    /* their RoPE positions, or NULL: next_pos, next_pos+1, ... */
     bool want_logits;      /* logits of the last new token */
+    uint32_t lead_logits;  /* and of the first lead_logits new tokens (prompt logprobs) */
     const model_attn_policy_t *policy; /* prefill attention, or NULL: dense */
     uint32_t n_prompt;                 /* rows with kv_len <= n_prompt follow the policy */
 } sched_seq_step_t;
@@ -146,6 +147,16 @@ typedef struct sched_request {
     uint32_t min_tokens;
     const int32_t *min_ban;
     uint32_t n_min_ban;
+    /* vLLM's prompt_logprobs: the log-probability of every prompt token
+     * after the first under the model given those before it (the prefill
+     * rows' logits, under the request's attention policy), with
+     * top_prompt_logprobs (at most SCHED_MAX_LOGPROBS) alternatives, in
+     * SCHED_EV_PROMPT_LOGPROBS events before the first token.  The whole
+     * prompt is computed (no prefix-cache hit), in chunks of at most
+     * sched_cfg_t.prompt_logprob_rows rows a step.  Not with speculative
+     * prefill (KVS_EINVAL), whose main model skips prompt tokens. */
+    bool prompt_logprobs;
+    uint32_t top_prompt_logprobs;
     /* vLLM's n: this many samples of one prompt (0 or 1: one; at most
      * SCHED_MAX_N), each an output of its own with every setting above.
      * The prompt is prefilled once: at its first logits the other samples
@@ -173,6 +184,7 @@ sched_sample_seed(uint64_t seed, uint32_t i)
 typedef enum sched_event_kind {
     SCHED_EV_TOKEN,
     SCHED_EV_FINISH,
+    SCHED_EV_PROMPT_LOGPROBS,
 } sched_event_kind_t;
 
 /* Leaves the engine through an MPSC queue; the consumer frees it. */
@@ -186,18 +198,26 @@ typedef struct sched_event {
     sched_logprobs_t lp;
     sched_finish_t finish; /* FINISH */
     int error;             /* FINISH with ERROR: a KVS_E* code */
-    sched_usage_t usage;   /* FINISH */
-    uint64_t t_ns;         /* when the engine queued it (kvs_now_ns) */
+    /* PROMPT_LOGPROBS: prompt tokens first .. first + n_plp - 1 (first >=
+     * 1), in order, each once; the array is the event's. */
+    uint32_t plp_first, n_plp;
+    sched_logprobs_t *plp;
+    sched_usage_t usage; /* FINISH */
+    uint64_t t_ns;       /* when the engine queued it (kvs_now_ns) */
 } sched_event_t;
 
 typedef struct sched_cfg {
     uint32_t max_num_seqs;           /* running requests per step (default 256) */
     uint32_t max_num_batched_tokens; /* tokens per step (default 2048) */
     uint32_t max_model_len;          /* prompt + completion (0: the model's context) */
-    uint32_t block_tokens;           /* KV block size (default 16) */
-    uint32_t n_blocks;               /* KV blocks; 0: from kv_cache_bytes */
-    size_t kv_cache_bytes;           /* used when n_blocks is 0 */
-    kern_dtype_t kv_dtype;           /* KERN_F16 (default) or KERN_F32 */
+    /* Prompt rows whose logits a step computes for prompt_logprobs, over
+     * every request (default 256, at most max_num_batched_tokens): each
+     * row is n_vocab floats of host memory and of the device's. */
+    uint32_t prompt_logprob_rows;
+    uint32_t block_tokens; /* KV block size (default 16) */
+    uint32_t n_blocks;     /* KV blocks; 0: from kv_cache_bytes */
+    size_t kv_cache_bytes; /* used when n_blocks is 0 */
+    kern_dtype_t kv_dtype; /* KERN_F16 (default) or KERN_F32 */
     /* Quantized KV (kern.h's codecs; KERN_KVQ_NONE: every block in
      * kv_dtype).  Full blocks are sealed into the codec after each step,
      * except those holding the first kv_sink_tokens tokens of a sequence

@@ -141,7 +141,10 @@ sched_batch_build(sched_batch_t *b, const sched_seq_step_t *steps, uint32_t n_st
             return rc;
         t += st->n_tokens;
         b->seq_indptr[s + 1] = (int32_t)t;
-        if (st->want_logits)
+        uint32_t lead = st->lead_logits < st->n_tokens ? st->lead_logits : st->n_tokens;
+        for (uint32_t i = 0; i < lead; i++)
+            b->logit_rows[n_logits++] = (int32_t)(t - st->n_tokens + i);
+        if (st->want_logits && lead < st->n_tokens)
             b->logit_rows[n_logits++] = (int32_t)(t - 1);
         b->tables[s] = st->table;
         b->policy[s] = st->policy ? *st->policy : (model_attn_policy_t){0};

@@ -77,6 +77,10 @@ typedef struct req {
     uint32_t index, n_samples;
     bool fork_pending;
     uint64_t cancel_mask;
+    /* prompt_logprobs: plp_next is the next prompt token to report (from
+     * 1), so a recompute after a preemption reports nothing twice. */
+    bool plp;
+    uint32_t plp_top, plp_next;
     kv_table_t *table;
     req_state_t state;
     struct req *prev, *next;
@@ -159,6 +163,7 @@ struct sched {
     sched_seq_step_t *steps;
     uint64_t *step_ids;
     uint32_t n_steps, budget;
+    uint32_t plp_left; /* prompt_logprob_rows still free this step */
     sched_step_hook_fn hook;
     void *hook_arg;
     sched_logits_hook_fn logits_hook;
@@ -241,14 +246,14 @@ list_remove(req_list_t *l, req_t *r)
 
 /* ---- events ------------------------------------------------------------------ */
 
-static void
+static bool
 emit(sched_t *s, const sched_event_t *proto)
 {
     sched_event_t *ev = malloc(sizeof *ev);
     if (ev == NULL) {
         KVS_ERRORF("sched: out of memory for an event of request %llu",
                    (unsigned long long)proto->req_id);
-        return;
+        return false;
     }
     *ev = *proto;
     ev->t_ns = kvs_now_ns();
@@ -259,6 +264,7 @@ emit(sched_t *s, const sched_event_t *proto)
         s->cfg.wake(s->cfg.wake_arg);
     else
         atomic_store(&s->emitted, true);
+    return true;
 }
 
 sched_event_t *
@@ -271,6 +277,8 @@ sched_poll(sched_t *s)
 void
 sched_event_free(sched_event_t *ev)
 {
+    if (ev)
+        free(ev->plp);
     free(ev);
 }
 
@@ -611,15 +619,32 @@ schedule_running(sched_t *s, req_t *r, uint32_t n)
     }
 }
 
-/* A SnapKV request's prefill chunk stops at the end of the prompt, so
- * that its KV can be compressed right there (a recompute after a
- * preemption would otherwise run on into generated tokens). */
+/* Prompt rows of r's next n tokens whose logits prompt_logprobs reads:
+ * those predicting a prompt token (all but the prompt's last row). */
 static uint32_t
-chunk_of(const req_t *r, uint32_t n)
+plp_rows(const req_t *r, uint32_t n)
+{
+    if (!r->plp || r->n_computed + 1 >= r->n_prompt)
+        return 0;
+    uint32_t left = r->n_prompt - 1 - r->n_computed;
+    return n < left ? n : left;
+}
+
+/* The tokens r computes this step, of the n it could.  A SnapKV
+ * request's prefill chunk stops at the end of the prompt, so that its KV
+ * can be compressed right there (a recompute after a preemption would
+ * otherwise run on into generated tokens); a prompt_logprobs request's
+ * chunk takes no more logit rows than the step has left (0: none). */
+static uint32_t
+chunk_of(sched_t *s, const req_t *r, uint32_t n)
 {
     if (r->snap_q && !r->snap_done && r->n_computed < r->n_prompt &&
         r->n_computed + n > r->n_prompt)
-        return r->n_prompt - r->n_computed;
+        n = r->n_prompt - r->n_computed;
+    uint32_t rows = plp_rows(r, n);
+    if (rows > s->plp_left)
+        n = rows = s->plp_left;
+    s->plp_left -= rows;
     return n;
 }
 
@@ -628,6 +653,7 @@ plan(sched_t *s)
 {
     s->n_steps = 0;
     s->budget = s->cfg.max_num_batched_tokens;
+    s->plp_left = s->cfg.prompt_logprob_rows;
     /* Snapshot: preemption edits the running list while we walk it. */
     uint32_t n_run = 0;
     req_t **snap = s->sched_reqs + s->cfg.max_num_seqs; /* second half of the array */
@@ -643,8 +669,8 @@ plan(sched_t *s)
             uint32_t need = need_of(r);
             if ((pass == 0) != (need == 1))
                 continue; /* decodes in pass 0, prefill chunks in pass 1 */
-            uint32_t n = chunk_of(r, need < s->budget ? need : s->budget);
-            if (!schedule_running(s, r, n)) {
+            uint32_t n = chunk_of(s, r, need < s->budget ? need : s->budget);
+            if (n && !schedule_running(s, r, n)) {
                 /* r was preempted or failed; later snapshot entries may be
                  * stale now, which the state check above catches. */
                 for (uint32_t j = 0; j < n_run; j++)
@@ -662,6 +688,8 @@ plan(sched_t *s)
     while (s->waiting.head && s->budget > 0 && s->running.n < s->cfg.max_num_seqs) {
         req_t *r = s->waiting.head;
         bool restored = false;
+        if (plp_rows(r, 1) > s->plp_left)
+            break; /* its next chunk needs logit rows this step has not left */
         if (r->swapped) {
             /* Back only when its blocks and the next chunk fit, or it
              * would swap straight out again. */
@@ -684,10 +712,11 @@ plan(sched_t *s)
         }
         if (r->table == NULL && kv_table_new(s->pool, &r->table) != 0)
             break;
-        /* SnapKV and H2O compute their whole prompt: their observation
+        /* SnapKV and H2O compute their whole prompt, and so does
+         * prompt_logprobs (every row's logits): their observation
          * queries must run, and their compressed KV is their own. */
         if (r->n_computed == 0 && r->kept_done == 0 && s->cfg.prefix_caching && !r->snap_q &&
-            !r->h2o_q) {
+            !r->h2o_q && !r->plp) {
             /* A speculative prefill matches the prompt only: those tokens
              * keep their full KV, and generated ones are recomputed. */
             uint32_t hit = 0;
@@ -725,7 +754,7 @@ plan(sched_t *s)
             break;
         }
         uint32_t need = need_of(r);
-        uint32_t n = chunk_of(r, need < s->budget ? need : s->budget);
+        uint32_t n = chunk_of(s, r, need < s->budget ? need : s->budget);
         list_remove(&s->waiting, r);
         r->state = REQ_RUNNING;
         list_insert_sorted(&s->running, r);
@@ -1265,6 +1294,7 @@ req_clone(sched_t *s, const req_t *r, uint32_t index)
     c->d_tokens = NULL; /* drafting is over (the first logits came after it) */
     c->qs = NULL;
     c->index = index;
+    c->plp = false; /* the request's, reported by sample 0 */
     c->fork_pending = false;
     c->cancel_mask = 0;
     c->n_sched = 0;
@@ -1336,6 +1366,36 @@ fork_samples(sched_t *s, req_t *r, float *row, uint64_t now)
     }
     return true;
 }
+/* prompt_logprobs for the n rows r computed from prompt position c0 on:
+ * row k predicts prompt token c0 + k + 1.  Those not reported before go
+ * out in one event.  Out of memory fails r (returns false). */
+static bool
+prompt_logprobs(sched_t *s, req_t *r, uint32_t c0, uint32_t n, const float *rows)
+{
+    uint32_t first = c0 + 1, skip = r->plp_next > first ? r->plp_next - first : 0;
+    if (skip >= n)
+        return true;
+    sched_logprobs_t *a = malloc((n - skip) * sizeof *a);
+    for (uint32_t k = skip; a && k < n; k++) {
+        sched_logprobs_t *lp = &a[k - skip];
+        int got = model_logprobs(rows + (size_t)k * s->n_vocab, s->n_vocab, r->tokens[first + k],
+                                 r->plp_top, &lp->logprob, lp->top_ids, lp->top_lps);
+        lp->n_top = got > 0 ? (uint32_t)got : 0;
+    }
+    sched_event_t ev = {.kind = SCHED_EV_PROMPT_LOGPROBS,
+                        .req_id = r->id,
+                        .plp_first = first + skip,
+                        .n_plp = n - skip,
+                        .plp = a};
+    if (a == NULL || !emit(s, &ev)) {
+        free(a);
+        finish(s, r, SCHED_FINISH_ERROR, KVS_ENOMEM);
+        return false;
+    }
+    r->plp_next = first + n;
+    return true;
+}
+
 /* The main model's forward pass over sched_reqs[0..n_steps), then
  * sampling and events. */
 static int
@@ -1364,6 +1424,7 @@ main_forward(sched_t *s)
                                              .tokens = r->tokens + r->n_computed,
                                              .n_tokens = r->n_sched,
                                              .want_logits = last,
+                                             .lead_logits = plp_rows(r, r->n_sched),
                                              .policy = &r->attn,
                                              .n_prompt = r->kept ? r->n_kept : r->n_prompt};
             if (r->n_computed < r->n_prompt && !r->kept) {
@@ -1397,6 +1458,7 @@ main_forward(sched_t *s)
     uint64_t now = kvs_now_ns();
     for (uint32_t i = 0; i < s->n_steps; i++) {
         req_t *r = s->sched_reqs[i];
+        uint32_t c0 = r->n_computed, lead = s->steps[i].lead_logits;
         if (r->kept && r->kept_done < r->n_kept) {
             r->kept_done += r->n_sched;
             if (r->kept_done == r->n_kept)
@@ -1405,7 +1467,15 @@ main_forward(sched_t *s)
             r->n_computed += r->n_sched;
         }
         r->n_sched = 0;
-        float *row = s->steps[i].want_logits ? s->logits + (size_t)li++ * s->n_vocab : NULL;
+        /* The rows as sched_batch_build lays them out: the lead rows,
+         * then the last unless it was one of them. */
+        const float *lead_rows = s->logits + (size_t)li * s->n_vocab;
+        li += lead;
+        float *row = s->steps[i].want_logits && lead < s->steps[i].n_tokens
+                         ? s->logits + (size_t)li++ * s->n_vocab
+                         : NULL;
+        if (lead && !prompt_logprobs(s, r, c0, lead, lead_rows))
+            continue;
         if (r->kv.kind == SCHED_KV_SINK_EVICTION)
             r->usage.kv_dropped_tokens +=
                 (uint64_t)kv_table_evict(r->table, r->kv.sinks, r->kv.budget_tokens) *
@@ -1499,7 +1569,8 @@ sched_submit(sched_t *s, const sched_request_t *q)
         q->top_logprobs > SCHED_MAX_LOGPROBS || q->n_forced > q->max_tokens ||
         (q->n_forced > 0 && q->forced == NULL) || q->min_tokens > q->max_tokens ||
         q->n_min_ban > SCHED_MAX_MIN_BAN || (q->n_min_ban > 0 && q->min_ban == NULL) ||
-        q->n > SCHED_MAX_N)
+        q->n > SCHED_MAX_N || q->top_prompt_logprobs > SCHED_MAX_LOGPROBS ||
+        (q->prompt_logprobs && q->spec.on))
         return KVS_EINVAL;
     model_spec_policy_t spec = q->spec;
     model_spec_policy_defaults(&spec);
@@ -1617,6 +1688,9 @@ sched_submit(sched_t *s, const sched_request_t *q)
     r->logprobs = q->logprobs;
     r->top_logprobs = q->top_logprobs;
     r->n_samples = q->n ? q->n : 1;
+    r->plp = q->prompt_logprobs;
+    r->plp_top = q->top_prompt_logprobs;
+    r->plp_next = 1;
     r->fork_pending = r->n_samples > 1;
     r->usage.prompt_tokens = q->n_prompt;
     r->t_submit = kvs_now_ns();
@@ -1717,6 +1791,7 @@ sched_device_failed(const sched_t *s)
 /* sched_cfg_t's defaults for fields left 0 (sched_new). */
 #define DEFAULT_BLOCK_TOKENS 16
 #define DEFAULT_BATCHED_TOKENS 2048
+#define DEFAULT_PROMPT_LOGPROB_ROWS 256
 #define DEFAULT_NUM_SEQS 256
 
 uint32_t
@@ -1798,6 +1873,10 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
         c->max_num_seqs = DEFAULT_NUM_SEQS;
     if (c->max_num_batched_tokens == 0)
         c->max_num_batched_tokens = DEFAULT_BATCHED_TOKENS;
+    if (c->prompt_logprob_rows == 0)
+        c->prompt_logprob_rows = DEFAULT_PROMPT_LOGPROB_ROWS;
+    if (c->prompt_logprob_rows > c->max_num_batched_tokens)
+        c->prompt_logprob_rows = c->max_num_batched_tokens;
     if (c->max_model_len == 0)
         c->max_model_len = hp->n_ctx_train;
     if (c->block_tokens == 0)
@@ -1870,8 +1949,12 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
     kvs_mpsc_init(&s->outbox);
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
-    uint32_t max_logits =
+    /* The draft samples one row per sequence at most. */
+    uint32_t d_max_logits =
         c->max_num_seqs < c->max_num_batched_tokens ? c->max_num_seqs : c->max_num_batched_tokens;
+    uint64_t want_logits = (uint64_t)c->max_num_seqs + c->prompt_logprob_rows;
+    uint32_t max_logits =
+        want_logits < c->max_num_batched_tokens ? (uint32_t)want_logits : c->max_num_batched_tokens;
     int rc = pc.n_blocks == 0 ? KVS_EINVAL : kv_pool_new(&pc, s->be, &s->pool);
     if (rc == 0 && quant && !kern_supports(s->be, KERN_OP_KV_SEAL, c->kv_dtype))
         rc = KVS_ENOTSUP; /* the backend reads no quantized blocks */
@@ -1882,7 +1965,7 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
         if (rc == 0)
             rc = kv_pool_new(&dc, s->be, &s->d_pool);
         if (rc == 0)
-            rc = model_ctx_new(c->draft, c->max_num_batched_tokens, max_logits, &s->d_ctx);
+            rc = model_ctx_new(c->draft, c->max_num_batched_tokens, d_max_logits, &s->d_ctx);
         if (rc == 0)
             model_ctx_set_graphs(s->d_ctx, c->cuda_graphs);
         if (rc == 0)
@@ -1891,7 +1974,7 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
             rc = model_sampler_new(&(model_sampling_t){.top_p = 1.0f}, hp->n_vocab, &s->d_greedy);
         if (rc == 0) {
             const model_hparams_t *dh = model_hparams(c->draft);
-            s->d_logits = malloc((size_t)max_logits * hp->n_vocab * sizeof(float));
+            s->d_logits = malloc((size_t)d_max_logits * hp->n_vocab * sizeof(float));
             s->d_capture = malloc((size_t)c->max_num_seqs * dh->n_layer * dh->n_head *
                                   dh->head_dim * sizeof(float));
             s->d_want = calloc(c->max_num_seqs, sizeof *s->d_want);

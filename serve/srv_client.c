@@ -26,6 +26,7 @@ static const char gen_usage[] =
     "                        [--forced-tokens 1,2,3 (scored, not sampled; with --json)]\n"
     "                        [--min-tokens N] [--n N (outputs, 1..64)]\n"
     "                        [--logit-bias ID:BIAS,... (BIAS in [-100, 100])]\n"
+    "                        [--prompt-logprobs N (0..20, with --json)]\n"
     "                        [--priority N] [--cache-salt S]\n"
     "                        [--request-id S] [--timeout-ms N] [--api-key-file F]\n"
     "                        [--tls-ca F] [--tls-server-name NAME] [--json]\n";
@@ -379,6 +380,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         {"min-tokens", 1, 0, 'M'},
         {"n", 1, 0, 'c'},
         {"logit-bias", 1, 0, 'B'},
+        {"prompt-logprobs", 1, 0, 'G'},
         {"repetition-penalty", 1, 0, 'R'},
         {"presence-penalty", 1, 0, 'E'},
         {"frequency-penalty", 1, 0, 'F'},
@@ -404,7 +406,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         int rc = srv_conn_opt(C, c, &o->conn);
         if (rc == 1) {
             rc = 0;
-            o->sampling |= strchr("mtkqnsexXLREFMcB", c) != NULL;
+            o->sampling |= strchr("mtkqnsexXLREFMcBG", c) != NULL;
             switch (c) {
             case 'h':
                 fputs(gen_usage, stdout);
@@ -463,6 +465,11 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
             case 'L':
                 rc = srv_parse_u32(C, "--logprobs", optarg, 0, SCHED_MAX_LOGPROBS, &p->logprobs);
                 p->has_logprobs = 1;
+                break;
+            case 'G':
+                rc = srv_parse_u32(C, "--prompt-logprobs", optarg, 0, SCHED_MAX_LOGPROBS,
+                                   &p->prompt_logprobs);
+                p->has_prompt_logprobs = 1;
                 break;
             case 'x':
                 p->stop[p->n_stop++] = optarg;
@@ -571,6 +578,7 @@ typedef struct gen_result {
     char *text, *request_id, *stop_match;
     size_t text_len, cap_text;
     srv_buf_t logprobs; /* JSON: the tokens' objects, comma-separated */
+    srv_buf_t plp;      /* the same for the prompt's (output 0's) */
     Kvserve__V1__FinishReason finish;
     Kvserve__V1__Usage usage;
     uint64_t messages;
@@ -600,6 +608,27 @@ json_float(srv_buf_t *b, float v)
     char num[32];
     snprintf(num, sizeof num, isfinite(v) ? "%.9g" : "null", (double)v);
     srv_buf_puts(b, num);
+}
+
+/* Appends n TokenLogprobs to b as JSON objects, comma-separated. */
+static void
+json_logprobs(srv_buf_t *b, Kvserve__V1__TokenLogprob *const *lps, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        const Kvserve__V1__TokenLogprob *t = lps[i];
+        srv_buf_puts(b, b->len ? ", {\"logprob\": " : "{\"logprob\": ");
+        json_float(b, t->logprob);
+        srv_buf_puts(b, ", \"top\": [");
+        size_t k_n = t->n_top_ids < t->n_top_logprobs ? t->n_top_ids : t->n_top_logprobs;
+        for (size_t k = 0; k < k_n; k++) {
+            char id[24];
+            snprintf(id, sizeof id, "%s[%u, ", k ? ", " : "", t->top_ids[k]);
+            srv_buf_puts(b, id);
+            json_float(b, t->top_logprobs[k]);
+            srv_buf_puts(b, "]");
+        }
+        srv_buf_puts(b, "]}");
+    }
 }
 
 /* Takes message m into its output's result (rs[m->index], of n); the
@@ -639,22 +668,9 @@ gen_take(gen_result_t *rs, uint32_t n, const Kvserve__V1__GenerateResponse *m, b
     }
     if (m->usage)
         r->usage = *m->usage;
-    for (size_t i = 0; i < m->n_logprobs; i++) {
-        const Kvserve__V1__TokenLogprob *t = m->logprobs[i];
-        srv_buf_puts(&r->logprobs, r->logprobs.len ? ", {\"logprob\": " : "{\"logprob\": ");
-        json_float(&r->logprobs, t->logprob);
-        srv_buf_puts(&r->logprobs, ", \"top\": [");
-        size_t n = t->n_top_ids < t->n_top_logprobs ? t->n_top_ids : t->n_top_logprobs;
-        for (size_t k = 0; k < n; k++) {
-            char id[24];
-            snprintf(id, sizeof id, "%s[%u, ", k ? ", " : "", t->top_ids[k]);
-            srv_buf_puts(&r->logprobs, id);
-            json_float(&r->logprobs, t->top_logprobs[k]);
-            srv_buf_puts(&r->logprobs, "]");
-        }
-        srv_buf_puts(&r->logprobs, "]}");
-    }
-    return !r->logprobs.oom;
+    json_logprobs(&r->logprobs, m->logprobs, m->n_logprobs);
+    json_logprobs(&rs[0].plp, m->prompt_logprobs, m->n_prompt_logprobs);
+    return !r->logprobs.oom && !rs[0].plp.oom;
 }
 
 static const char *const finish_names[] = {"", "stop", "length", "eos", "cancelled", "error"};
@@ -689,11 +705,13 @@ gen_print_output(const gen_result_t *r, bool logprobs)
 /* One document: a single output's fields at the top, or n > 1 of them in
  * "outputs". */
 static void
-gen_print_json(const gen_result_t *rs, uint32_t n, bool logprobs)
+gen_print_json(const gen_result_t *rs, uint32_t n, bool logprobs, bool prompt_logprobs)
 {
     const char *rid = rs[0].request_id ? rs[0].request_id : "";
     printf("{\"request_id\": ");
     srv_json_str(stdout, rid, strlen(rid));
+    if (prompt_logprobs)
+        printf(", \"prompt_logprobs\": [%s]", rs[0].plp.p ? rs[0].plp.p : "");
     printf(n > 1 ? ", \"outputs\": [" : ", ");
     for (uint32_t i = 0; i < n; i++) {
         printf(n > 1 ? "%s{" : "%s", i ? ", " : "");
@@ -795,7 +813,7 @@ srv_cmd_generate(int argc, char **argv)
     if (!o.json && n_out == 1 && (r[0].text_len || c.status == GRPC_STATUS_OK))
         putchar('\n');
     if ((status = report_status(C, &c)) == 0 && o.json)
-        gen_print_json(r, n_out, o.sp.has_logprobs || o.forced_ids);
+        gen_print_json(r, n_out, o.sp.has_logprobs || o.forced_ids, o.sp.has_prompt_logprobs);
 out_call:
     client_close(&c);
     grpc_byte_buffer_destroy(req_bb);
@@ -805,6 +823,7 @@ out_call:
         free(r[i].request_id);
         free(r[i].stop_match);
         free(r[i].logprobs.p);
+        free(r[i].plp.p);
     }
     free(r);
 out_opts:

@@ -96,7 +96,9 @@ typedef struct call {
     bool engine_live; /* some sample has not finished in the engine */
     gen_out_t *out;
     uint32_t n_out, n_running, next_out; /* next_out: where the next send looks first */
-    uint64_t msg_t_sum;                  /* the message in flight: its tokens' queue times */
+    sched_logprobs_t *plp;               /* prompt_logprobs, [n_prompt - 1] once asked */
+    uint32_t n_plp;
+    uint64_t msg_t_sum; /* the message in flight: its tokens' queue times */
     uint32_t msg_n;
     uint64_t t_arrive;
 
@@ -290,6 +292,7 @@ call_free(call_t *c)
         free(c->out[i].text.p);
     }
     free(c->out);
+    free(c->plp);
     grpc_byte_buffer_destroy(c->req_bb);
     grpc_byte_buffer_destroy(c->send_bb);
     grpc_metadata_array_destroy(&c->md);
@@ -539,23 +542,22 @@ logprobs_msg_free(logprobs_msg_t *m)
     free(m->ids);
 }
 
-/* Fills r's logprobs from o's pending tokens where the request asked for
- * them; false when out of memory. */
+/* n log-probabilities as protobuf-c wants them, in m (m->ptrs: n
+ * TokenLogprob pointers, their top ids as uint32); false when out of
+ * memory. */
 static bool
-logprobs_msg(const gen_out_t *o, logprobs_msg_t *m, Kvserve__V1__GenerateResponse *r)
+logprobs_msg(const sched_logprobs_t *lps, size_t n, logprobs_msg_t *m)
 {
-    if (o->lps == NULL || o->n_toks == 0)
-        return true;
     size_t n_ids = 0;
-    for (size_t i = 0; i < o->n_toks; i++)
-        n_ids += o->lps[i].n_top;
-    m->tl = calloc(o->n_toks, sizeof *m->tl);
-    m->ptrs = calloc(o->n_toks, sizeof *m->ptrs);
+    for (size_t i = 0; i < n; i++)
+        n_ids += lps[i].n_top;
+    m->tl = calloc(n ? n : 1, sizeof *m->tl);
+    m->ptrs = calloc(n ? n : 1, sizeof *m->ptrs);
     m->ids = malloc((n_ids ? n_ids : 1) * sizeof *m->ids);
     if (!m->tl || !m->ptrs || !m->ids)
         return false;
-    for (size_t i = 0, at = 0; i < o->n_toks; i++) {
-        const sched_logprobs_t *lp = &o->lps[i];
+    for (size_t i = 0, at = 0; i < n; i++) {
+        const sched_logprobs_t *lp = &lps[i];
         Kvserve__V1__TokenLogprob *t = &m->tl[i];
         kvserve__v1__token_logprob__init(t);
         t->has_logprob = true;
@@ -568,8 +570,6 @@ logprobs_msg(const gen_out_t *o, logprobs_msg_t *m, Kvserve__V1__GenerateRespons
         at += lp->n_top;
         m->ptrs[i] = t;
     }
-    r->n_logprobs = o->n_toks;
-    r->logprobs = m->ptrs;
     return true;
 }
 
@@ -643,7 +643,17 @@ gen_pump(call_t *c)
     bool done = o->finished;
     size_t ready = text_ready(c, o, done);
     Kvserve__V1__GenerateResponse r = KVSERVE__V1__GENERATE_RESPONSE__INIT;
-    logprobs_msg_t lm = {0};
+    logprobs_msg_t lm = {0}, pm = {0};
+    /* The token logprobs where asked; the prompt's with the first message. */
+    bool lp_ok = o->lps == NULL || o->n_toks == 0 || logprobs_msg(o->lps, o->n_toks, &lm);
+    if (lp_ok && lm.ptrs) {
+        r.n_logprobs = o->n_toks;
+        r.logprobs = lm.ptrs;
+    }
+    if (lp_ok && !c->md_sent && c->plp && (lp_ok = logprobs_msg(c->plp, c->n_plp, &pm))) {
+        r.n_prompt_logprobs = c->n_plp;
+        r.prompt_logprobs = pm.ptrs;
+    }
     uint32_t *ids = malloc((o->n_toks ? o->n_toks : 1) * sizeof *ids);
     /* proto3 strings are UTF-8, which clients check (grpcio hands Python
      * bytes instead, Go and Java refuse the message): a token can end
@@ -651,11 +661,12 @@ gen_pump(call_t *c)
     bool want_match = done && o->stop_match[0];
     char *txt = srv_utf8_valid(o->text.p ? o->text.p : "", ready);
     char *match = want_match ? srv_utf8_valid(o->stop_match, strlen(o->stop_match)) : NULL;
-    if (!ids || !txt || (want_match && !match) || !logprobs_msg(o, &lm, &r)) {
+    if (!ids || !txt || (want_match && !match) || !lp_ok) {
         free(ids);
         free(txt);
         free(match);
         logprobs_msg_free(&lm);
+        logprobs_msg_free(&pm);
         grpc_call_cancel(c->call, NULL);
         return;
     }
@@ -700,6 +711,7 @@ gen_pump(call_t *c)
     free(txt);
     free(match);
     logprobs_msg_free(&lm);
+    logprobs_msg_free(&pm);
     if (!ok)
         return;
     c->msg_n = (uint32_t)o->n_toks;
@@ -803,6 +815,11 @@ gen_new(call_t *c)
     }
     for (uint32_t i = 0; i < c->n_out; i++)
         c->out[i].usage.prompt_tokens = c->g.n_prompt;
+    if (c->g.sr.prompt_logprobs &&
+        (c->plp = malloc((c->g.n_prompt > 1 ? c->g.n_prompt - 1 : 1) * sizeof *c->plp)) == NULL) {
+        gen_refuse(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+        return;
+    }
     uint32_t slot = 0;
     while (S.slots[slot])
         slot++;
@@ -899,7 +916,14 @@ on_engine(uv_async_t *h)
         gen_out_t *o = c && ev->index < c->n_out ? &c->out[ev->index] : NULL;
         if (o == NULL)
             c = NULL;
-        if (o && ev->kind == SCHED_EV_TOKEN && !o->stopped && !o->finished) {
+        if (o && ev->kind == SCHED_EV_PROMPT_LOGPROBS) {
+            /* In order, once each (sched.h): they land where they belong. */
+            if (c->plp && ev->plp_first + ev->n_plp <= c->g.n_prompt &&
+                ev->plp_first == c->n_plp + 1) {
+                memcpy(c->plp + c->n_plp, ev->plp, ev->n_plp * sizeof *c->plp);
+                c->n_plp += ev->n_plp;
+            }
+        } else if (o && ev->kind == SCHED_EV_TOKEN && !o->stopped && !o->finished) {
             if (check_stop(c, o, ev->token)) {
                 o->stopped = true;
                 sched_cancel_sample(S.sched, c->id, ev->index);

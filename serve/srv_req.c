@@ -371,6 +371,18 @@ check_sampling(const Kvserve__V1__SamplingParams *sp, const srv_limits_t *lim, s
     s->bias_ids = out->bias_ids;
     s->bias = out->bias;
     s->n_bias = (uint32_t)sp->n_logit_bias;
+    if (sp->has_prompt_logprobs) {
+        if (sp->prompt_logprobs > SCHED_MAX_LOGPROBS)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "sampling.prompt_logprobs: %u is outside [0, %d]", sp->prompt_logprobs,
+                        SCHED_MAX_LOGPROBS);
+        if (out->sr.spec.on)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "sampling.prompt_logprobs: not with speculative prefill "
+                        "(policy.prefill), whose main model skips prompt tokens");
+        out->sr.prompt_logprobs = true;
+        out->sr.top_prompt_logprobs = sp->prompt_logprobs;
+    }
     if (sp->has_n && (sp->n == 0 || sp->n > SCHED_MAX_N))
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "sampling.n: %u is outside [1, %d]",
                     sp->n, SCHED_MAX_N);

@@ -238,7 +238,8 @@ def collect(api, req, timeout=60, metadata=None, raw=False):
     """Runs one Generate to its end.  Returns a dict: code (grpc.StatusCode or
     None for OK), details, tokens, text, finish, request_id, messages."""
     out = {"code": None, "details": "", "tokens": [], "text": "", "finish": None,
-           "request_id": None, "messages": 0, "usage": None, "logprobs": []}
+           "request_id": None, "messages": 0, "usage": None, "logprobs": [],
+           "prompt_logprobs": []}
     md = api.md if metadata is None else metadata
     call = (api.raw_generate if raw else api.generate)(req, timeout=timeout, metadata=md)
     try:
@@ -250,6 +251,7 @@ def collect(api, req, timeout=60, metadata=None, raw=False):
                 out["request_id"] = r.request_id
             out["tokens"].extend(r.token_ids)
             out["logprobs"].extend(r.logprobs)
+            out["prompt_logprobs"].extend(r.prompt_logprobs)
             out["text"] += r.text
             if r.HasField("finish_reason"):
                 out["finish"] = r.finish_reason
@@ -761,6 +763,56 @@ def check_logit_bias(api, kvserve, addr):
         report("3 logit_bias %s -> INVALID_ARGUMENT naming %s" % (entry, field),
                o["code"] == grpc.StatusCode.INVALID_ARGUMENT and field in o["details"],
                describe(o))
+
+
+def check_prompt_logprobs(api, kvserve, addr):
+    """prompt_logprobs: one entry per prompt token after the first, equal to
+    the logprobs and top ids of the same tokens teacher-forced after the
+    first; the prefix cache does not skip them; refused with speculative
+    prefill and above 20; the C client prints the server's."""
+    ids = list(api.tokenize(pb.TokenizeRequest(text=TEXT_PROMPT), timeout=5).ids)
+    req = greedy_req(TEXT_PROMPT, 2)
+    req.sampling.prompt_logprobs = 3
+    a = collect(api, req)
+    b = collect(api, req)  # the prompt is in the prefix cache now
+    forced = greedy_req(ids[:1], len(ids) - 1)
+    forced.forced_tokens.ids.extend(ids[1:])
+    forced.sampling.logprobs = 3
+    f = collect(api, forced)
+
+    def diff(x, y):
+        if len(x) != len(y):
+            return "lengths %d vs %d" % (len(x), len(y))
+        for i, (p, q) in enumerate(zip(x, y)):
+            if abs(p.logprob - q.logprob) > 1e-4 or list(p.top_ids) != list(q.top_ids):
+                return "entry %d: %.6f %s vs %.6f %s" % (i, p.logprob, list(p.top_ids),
+                                                         q.logprob, list(q.top_ids))
+        return ""
+    err = ("a: " + describe(a)) if a["code"] is not None else \
+        diff(a["prompt_logprobs"], f["logprobs"]) or diff(b["prompt_logprobs"], f["logprobs"])
+    if not err and (b["usage"] is None or b["usage"].cached_prompt_tokens != 0):
+        err = "the second request was served from the prefix cache"
+    report("1 prompt_logprobs: %d entries == the same tokens teacher-forced, cached prompt too"
+           % (len(ids) - 1), not err, err or "%d entries" % len(a["prompt_logprobs"]))
+
+    for name, setup in (("21", lambda r: setattr(r.sampling, "prompt_logprobs", 21)),
+                        ("with SPECULATIVE prefill",
+                         lambda r: r.policy.prefill.__setattr__("kind",
+                                                                pb.PrefillPolicy.SPECULATIVE))):
+        r = greedy_req(TEXT_PROMPT, 2)
+        r.sampling.prompt_logprobs = 1
+        setup(r)
+        o = collect(api, r)
+        report("3 prompt_logprobs %s -> INVALID_ARGUMENT naming sampling.prompt_logprobs" % name,
+               o["code"] == grpc.StatusCode.INVALID_ARGUMENT
+               and "sampling.prompt_logprobs" in o["details"], describe(o))
+
+    toks, doc = c_client(kvserve, addr, TEXT_PROMPT, 2, ["--prompt-logprobs", "3"])
+    got = [e["logprob"] for e in doc.get("prompt_logprobs", [])] if isinstance(doc, dict) else doc
+    want = [p.logprob for p in a["prompt_logprobs"]]
+    report("1 kvserve generate --prompt-logprobs 3 --json: the server's",
+           isinstance(got, list) and len(got) == len(want)
+           and all(abs(x - y) < 1e-6 for x, y in zip(got, want)), str(got)[:200])
 
 
 def concurrent_prompts():
@@ -1894,6 +1946,7 @@ def main():
             check_min_tokens(api)
             check_samples(api, kvserve, srv.addr)
             check_logit_bias(api, kvserve, srv.addr)
+            check_prompt_logprobs(api, kvserve, srv.addr)
             if "text" in refs:
                 check_tokenize(api, refs["text"])
             check_concurrent(api)

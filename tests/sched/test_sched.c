@@ -822,6 +822,166 @@ test_forced(void **state)
     engine_close(&e);
 }
 
+/* prompt_logprobs: every prompt token after the first is reported once,
+ * in order, across chunks cut by the step's token budget and its logit
+ * rows, with the logprob and alternatives a teacher-forced decode of the
+ * same tokens gets; the prefix cache does not skip the prompt; bad
+ * requests are refused. */
+static void
+test_prompt_logprobs(void **state)
+{
+    (void)state;
+    enum { P = 24, TOP = 3 };
+    sched_cfg_t cfg = {.max_num_seqs = 4,
+                       .max_num_batched_tokens = 16,
+                       .prompt_logprob_rows = 5,
+                       .block_tokens = 16,
+                       .n_blocks = 32,
+                       .kv_dtype = KERN_F32,
+                       .prefix_caching = true};
+    engine_t e;
+    engine_open(&e, false, &cfg);
+    int32_t prompt[P];
+    for (int i = 0; i < P; i++)
+        prompt[i] = (i * 37 + 11) % 256;
+    static sched_logprobs_t plp[2][P], forced_lp[P];
+    uint32_t n_plp[2] = {0, 0}, n_forced = 0;
+    for (uint64_t id = 0; id < 3; id++) {
+        /* 0 and 1: the prompt with its logprobs (1 after 0 cached it);
+         * 2: its first token, the rest forced. */
+        sched_request_t r = {.id = id,
+                             .prompt = prompt,
+                             .n_prompt = id < 2 ? P : 1,
+                             .max_tokens = id < 2 ? 2 : P - 1,
+                             .ignore_eos = true,
+                             .sampling = {.top_p = 1.0f},
+                             .prompt_logprobs = id < 2,
+                             .top_prompt_logprobs = TOP,
+                             .logprobs = id == 2,
+                             .top_logprobs = TOP,
+                             .forced = id == 2 ? prompt + 1 : NULL,
+                             .n_forced = id == 2 ? P - 1 : 0};
+        assert_int_equal(sched_submit(e.s, &r), 0);
+        bool done = false;
+        for (int step = 0; step < 400 && !done; step++) {
+            assert_true(sched_step(e.s) >= 0);
+            sched_event_t *ev;
+            while ((ev = sched_poll(e.s)) != NULL) {
+                assert_int_equal(ev->req_id, id);
+                if (ev->kind == SCHED_EV_PROMPT_LOGPROBS) {
+                    assert_true(id < 2);
+                    assert_int_equal(ev->plp_first, n_plp[id] + 1); /* in order, once */
+                    assert_true(ev->n_plp >= 1 && ev->n_plp <= cfg.prompt_logprob_rows);
+                    assert_true(n_plp[id] == 0 || n_plp[id] + ev->n_plp <= P - 1);
+                    for (uint32_t k = 0; k < ev->n_plp; k++)
+                        plp[id][n_plp[id]++] = ev->plp[k];
+                } else if (ev->kind == SCHED_EV_TOKEN) {
+                    assert_int_equal(n_plp[id < 2 ? id : 0], P - 1); /* all before a token */
+                    if (id == 2)
+                        forced_lp[n_forced++] = ev->lp;
+                } else {
+                    done = true;
+                    assert_int_equal(ev->finish, SCHED_FINISH_LENGTH);
+                    if (id == 1)
+                        assert_int_equal(ev->usage.cached_prompt_tokens, 0);
+                }
+                sched_event_free(ev);
+            }
+        }
+        assert_true(done);
+    }
+    assert_int_equal(n_forced, P - 1);
+    for (uint32_t k = 0; k < P - 1; k++) {
+        for (int id = 0; id < 2; id++) {
+            const sched_logprobs_t *a = &plp[id][k], *b = &forced_lp[k];
+            assert_float_equal(a->logprob, b->logprob, 1e-4);
+            assert_int_equal(a->n_top, TOP);
+            assert_memory_equal(a->top_ids, b->top_ids, TOP * sizeof(int32_t));
+        }
+    }
+    sched_request_t bad = {.id = 9,
+                           .prompt = prompt,
+                           .n_prompt = P,
+                           .max_tokens = 1,
+                           .sampling = {.top_p = 1.0f},
+                           .prompt_logprobs = true,
+                           .top_prompt_logprobs = SCHED_MAX_LOGPROBS + 1};
+    assert_int_equal(sched_submit(e.s, &bad), KVS_EINVAL);
+    bad.top_prompt_logprobs = 1;
+    bad.spec.on = true;
+    assert_int_equal(sched_submit(e.s, &bad), KVS_EINVAL);
+    engine_close(&e);
+}
+
+/* prompt_logprobs under preemption: four requests in a pool that holds
+ * two report every prompt token exactly once, in order, with the values
+ * each reports alone. */
+static void
+test_prompt_logprobs_preempted(void **state)
+{
+    (void)state;
+    enum { R = 4, P = 40, GEN = 12 };
+    static sched_logprobs_t got[2][R][P];
+    uint32_t n[2][R] = {{0}}, preempted = 0;
+    for (int together = 0; together < 2; together++) {
+        sched_cfg_t cfg = {.max_num_seqs = 4,
+                           .max_num_batched_tokens = 32,
+                           .prompt_logprob_rows = 12,
+                           .block_tokens = 16,
+                           .n_blocks = together ? 5 : 16,
+                           .kv_dtype = KERN_F32};
+        engine_t e;
+        engine_open(&e, false, &cfg);
+        for (uint64_t id = 0; id < R; id++) {
+            int32_t prompt[P];
+            for (int i = 0; i < P; i++)
+                prompt[i] = (int32_t)((id * 53 + (uint64_t)i * 29 + 7) % 256);
+            sched_request_t r = {.id = id,
+                                 .prompt = prompt,
+                                 .n_prompt = P,
+                                 .max_tokens = GEN,
+                                 .ignore_eos = true,
+                                 .sampling = {.top_p = 1.0f},
+                                 .prompt_logprobs = true,
+                                 .top_prompt_logprobs = 2};
+            assert_int_equal(sched_submit(e.s, &r), 0);
+            if (together)
+                continue;
+            for (int step = 0; step < 400 && sched_step(e.s) > 0; step++)
+                ; /* alone: each to its end */
+        }
+        uint32_t finished = 0;
+        for (int step = 0; step < 2000 && finished < R; step++) {
+            assert_true(sched_step(e.s) >= 0);
+            assert_true(kv_pool_check(sched_pool(e.s)));
+            sched_event_t *ev;
+            while ((ev = sched_poll(e.s)) != NULL) {
+                uint64_t id = ev->req_id;
+                if (ev->kind == SCHED_EV_PROMPT_LOGPROBS) {
+                    assert_int_equal(ev->plp_first, n[together][id] + 1);
+                    for (uint32_t k = 0; k < ev->n_plp; k++)
+                        got[together][id][n[together][id]++] = ev->plp[k];
+                } else if (ev->kind == SCHED_EV_FINISH) {
+                    finished++;
+                    preempted += together ? ev->usage.preemptions : 0;
+                }
+                sched_event_free(ev);
+            }
+        }
+        assert_int_equal(finished, R);
+        engine_close(&e);
+    }
+    assert_true(preempted > 0);
+    for (uint32_t id = 0; id < R; id++) {
+        assert_int_equal(n[0][id], P - 1);
+        assert_int_equal(n[1][id], P - 1);
+        for (uint32_t k = 0; k < P - 1; k++) {
+            assert_float_equal(got[1][id][k].logprob, got[0][id][k].logprob, 1e-5);
+            assert_memory_equal(got[1][id][k].top_ids, got[0][id][k].top_ids, 2 * sizeof(int32_t));
+        }
+    }
+}
+
 /* min_tokens: before it, the model's end-of-generation ids and the banned
  * ids cannot be drawn (each token is the argmax of its row without them),
  * and logprobs still come from the model's row; after it, they can. */
@@ -985,6 +1145,8 @@ main(void)
         cmocka_unit_test(test_penalties_fed),
         cmocka_unit_test(test_forced),
         cmocka_unit_test(test_min_tokens),
+        cmocka_unit_test(test_prompt_logprobs),
+        cmocka_unit_test(test_prompt_logprobs_preempted),
         cmocka_unit_test(test_device_failure),
         cmocka_unit_test(test_engine_thread),
     };
