@@ -1287,7 +1287,7 @@ req_clone(sched_t *s, const req_t *r, uint32_t index)
     if (c == NULL)
         return NULL;
     *c = *r;
-    c->msg = (msg_t){0};
+    memset(&c->msg, 0, sizeof c->msg);
     c->prev = c->next = NULL;
     c->table = c->d_table = NULL;
     c->sampler = NULL;
