@@ -4,11 +4,18 @@
  * long-context papers report beside retrieval (kvserve eval).
  *
  * For each context length in --ctx the text's tokens are cut into windows
- * of ctx - 1 tokens behind a BOS.  A window's first tokens are its prompt,
- * prefilled as the policy says (sparse prefill, eviction, compression,
- * quantized KV); its last --score tokens are fed one at a time as teacher-
- * forced output (sched_request_t.forced) and scored by the log-probability
- * the model gave each: perplexity = exp(mean negative log-likelihood).
+ * of ctx - 1 tokens behind a BOS, and each window's last --score tokens
+ * are scored by the log-probability the model gives each: perplexity =
+ * exp(mean negative log-likelihood).  --scoring decode (the default): the
+ * window's first tokens are its prompt, prefilled as the policy says
+ * (sparse prefill, eviction, compression, quantized KV), and the scored
+ * tokens are fed one at a time as teacher-forced output
+ * (sched_request_t.forced): what decoding after that prefill sees.
+ * --scoring prefill: the window but its last token is the prompt, and the
+ * scored tokens get its last rows' prompt_logprobs (the last token forced
+ * after it, from the prompt's last row): what the policy's own prefill
+ * rows compute (a sparse attention's loss shows there first).  Under
+ * dense attention and full KV both give the same numbers.
  * Windows run together with continuous batching.  The same windows under
  * dense attention and full KV are the baseline a policy compares with.
  */
@@ -25,7 +32,8 @@ static const char ppl_usage[] =
     "                          [--threads N] [--device cpu|ref|cuda] [--max-num-seqs N]\n"
     "                          [--max-num-batched-tokens N] [--block-size N]\n"
     "                          [--kv-cache-dtype ... and the KV flags as eval]\n"
-    "                          [--attention ... as eval] [--json FILE]\n";
+    "                          [--attention ... as eval] [--scoring decode|prefill]\n"
+    "                          [--json FILE]\n";
 
 #define MAX_CTX 16
 
@@ -33,6 +41,7 @@ typedef struct ppl_opts {
     const char *model, *file, *text, *json;
     uint32_t ctx[MAX_CTX], n_ctx;
     uint32_t score, windows;
+    bool prefill_scoring; /* --scoring prefill */
     srv_engine_opts_t eng;
     srv_kv_opts_t kv;
     model_attn_policy_t attn;
@@ -40,7 +49,8 @@ typedef struct ppl_opts {
 
 /* One window: its request and what it scored. */
 typedef struct window {
-    uint32_t ci; /* index into ctx */
+    uint32_t ci;   /* index into ctx */
+    uint32_t from; /* --scoring prefill: the first scored prompt position */
     double nll;
     uint32_t scored;
     bool done;
@@ -58,13 +68,23 @@ parse_opts(int argc, char **argv, ppl_opts_t *o)
         O_SCORE,
         O_WIN,
         O_JSON,
+        O_SCORING,
         O_HELP,
     };
     static const struct option lo[] = {
-        {"model", 1, 0, O_MODEL}, {"file", 1, 0, O_FILE},   {"text", 1, 0, O_TEXT},
-        {"ctx", 1, 0, O_CTX},     {"score", 1, 0, O_SCORE}, {"windows", 1, 0, O_WIN},
-        {"json", 1, 0, O_JSON},   {"help", 0, 0, O_HELP},   SRV_ATTN_LONGOPTS,
-        SRV_KV_LONGOPTS,          SRV_ENGINE_LONGOPTS,      {0, 0, 0, 0},
+        {"model", 1, 0, O_MODEL},
+        {"file", 1, 0, O_FILE},
+        {"text", 1, 0, O_TEXT},
+        {"ctx", 1, 0, O_CTX},
+        {"score", 1, 0, O_SCORE},
+        {"windows", 1, 0, O_WIN},
+        {"json", 1, 0, O_JSON},
+        {"help", 0, 0, O_HELP},
+        {"scoring", 1, 0, O_SCORING},
+        SRV_ATTN_LONGOPTS,
+        SRV_KV_LONGOPTS,
+        SRV_ENGINE_LONGOPTS,
+        {0, 0, 0, 0},
     };
     *o = (ppl_opts_t){.eng = SRV_ENGINE_DEFAULT,
                       .ctx = {512},
@@ -101,6 +121,15 @@ parse_opts(int argc, char **argv, ppl_opts_t *o)
             break;
         case O_JSON:
             o->json = optarg;
+            break;
+        case O_SCORING:
+            if (strcmp(optarg, "prefill") == 0 || strcmp(optarg, "decode") == 0) {
+                o->prefill_scoring = optarg[0] == 'p';
+            } else {
+                fprintf(stderr, "kvserve perplexity: --scoring: decode or prefill, not '%s'\n",
+                        optarg);
+                rc = KVS_EINVAL;
+            }
             break;
         case O_HELP:
             fputs(ppl_usage, stdout);
@@ -146,8 +175,9 @@ parse_opts(int argc, char **argv, ppl_opts_t *o)
 }
 
 /* Every window of every length as a request: BOS and the window's prompt
- * tokens, its last o->score tokens forced and scored.  Returns how many
- * it submitted, or an error. */
+ * tokens, its last o->score tokens forced and scored (or, scoring the
+ * prefill, all of them the prompt, the last ones' prompt_logprobs
+ * scored).  Returns how many it submitted, or an error. */
 static int
 submit_windows(sched_t *s, const model_t *m, const ppl_opts_t *o, uint32_t max_ctx,
                const int32_t *toks, size_t n, window_t *w, size_t cap_w)
@@ -164,25 +194,29 @@ submit_windows(sched_t *s, const model_t *m, const ppl_opts_t *o, uint32_t max_c
             uint32_t np = 0;
             if (bos >= 0)
                 prompt[np++] = bos;
-            memcpy(prompt + np, toks + start, (size_t)(body - o->score) * sizeof *prompt);
-            np += body - o->score;
+            /* Scoring the prefill, the last token is forced too: its row
+             * is the prompt's last, and the window stays ctx long. */
+            uint32_t n_forced = o->prefill_scoring ? 1 : o->score;
+            memcpy(prompt + np, toks + start, (size_t)(body - n_forced) * sizeof *prompt);
+            np += body - n_forced;
             sched_request_t q = {.id = k,
                                  .prompt = prompt,
                                  .n_prompt = np,
-                                 .max_tokens = o->score,
+                                 .max_tokens = n_forced,
                                  .ignore_eos = true,
                                  .sampling = {.top_p = 1.0f},
                                  .attn = o->attn,
                                  .kv = o->kv.policy,
                                  .logprobs = true,
-                                 .forced = toks + start + body - o->score,
-                                 .n_forced = o->score};
+                                 .prompt_logprobs = o->prefill_scoring,
+                                 .forced = toks + start + body - n_forced,
+                                 .n_forced = n_forced};
             int rc = sched_submit(s, &q);
             if (rc) {
                 free(prompt);
                 return rc;
             }
-            w[k] = (window_t){.ci = ci};
+            w[k] = (window_t){.ci = ci, .from = np + n_forced - o->score};
         }
     }
     free(prompt);
@@ -200,7 +234,14 @@ run_windows(sched_t *s, window_t *w, size_t n)
         sched_event_t *ev;
         while ((ev = sched_poll(s)) != NULL) {
             window_t *x = &w[ev->req_id];
-            if (ev->kind == SCHED_EV_TOKEN) {
+            if (ev->kind == SCHED_EV_PROMPT_LOGPROBS) {
+                for (uint32_t i = 0; i < ev->n_plp; i++) {
+                    if (ev->plp_first + i >= x->from) {
+                        x->nll -= ev->plp[i].logprob;
+                        x->scored++;
+                    }
+                }
+            } else if (ev->kind == SCHED_EV_TOKEN) {
                 x->nll -= ev->lp.logprob;
                 x->scored++;
             } else {
@@ -309,8 +350,9 @@ srv_cmd_perplexity(int argc, char **argv)
     FILE *tab = o.json && strcmp(o.json, "-") == 0 ? stderr : stdout;
     fprintf(tab,
             "model: %s\npolicy: attention %s, kv-cache %s\ntext: %zu tokens; the last %u of each "
-            "window scored\n\n%8s  %7s  %7s  %10s  %10s\n",
-            o.model, pol, srv_kv_describe(&o.kv, kvd, sizeof kvd), n, o.score, "ctx", "windows",
+            "window scored (%s)\n\n%8s  %7s  %7s  %10s  %10s\n",
+            o.model, pol, srv_kv_describe(&o.kv, kvd, sizeof kvd), n, o.score,
+            o.prefill_scoring ? "prefill rows" : "teacher-forced decode", "ctx", "windows",
             "scored", "nll/token", "perplexity");
     double nll[MAX_CTX] = {0};
     uint32_t wins[MAX_CTX] = {0}, scored[MAX_CTX] = {0};
@@ -335,8 +377,8 @@ srv_cmd_perplexity(int argc, char **argv)
         srv_json_str(f, o.model, strlen(o.model));
         fprintf(f,
                 ", \"policy\": {\"attention\": \"%s\", \"kv_cache_dtype\": \"%s\"}, "
-                "\"text_tokens\": %zu, \"score\": %u, \"results\": [",
-                pol, srv_kv_name(&o.kv), n, o.score);
+                "\"text_tokens\": %zu, \"score\": %u, \"scoring\": \"%s\", \"results\": [",
+                pol, srv_kv_name(&o.kv), n, o.score, o.prefill_scoring ? "prefill" : "decode");
         for (uint32_t i = 0; i < o.n_ctx; i++) {
             double mean = scored[i] ? nll[i] / scored[i] : 0.0;
             fprintf(f,

@@ -134,6 +134,12 @@ if [ -f "$BUNDLED" ]; then
     if python3 -c "import sys; a, b = map(float, sys.argv[1:]); sys.exit(not (a < 0.4 and b > 1.6))" "$a" "$b"; then ok; else bad "perplexity: nll $a on the filler, $b on random letters"; fi
     c=$(ppl "$W/rand.txt" --attention sink-window --attn-window 4096); d=$(ppl "$W/rand.txt" --kv-policy sink-eviction --kv-budget 4096)
     if python3 -c "import sys; b, c, d = map(float, sys.argv[1:]); sys.exit(not (abs(b - c) < 1e-4 and abs(b - d) < 1e-4))" "$b" "$c" "$d"; then ok; else bad "perplexity: dense $b, full window $c, full budget $d"; fi
+    # Scoring the prefill's rows: dense and a window past the context equal
+    # the teacher-forced decode's numbers.
+    e=$(ppl "$W/rand.txt" --scoring prefill); f=$(ppl "$W/rand.txt" --scoring prefill --attention sink-window --attn-window 4096)
+    if python3 -c "import sys; b, e, f = map(float, sys.argv[1:]); sys.exit(not (abs(b - e) < 1e-4 and abs(b - f) < 1e-4))" "$b" "$e" "$f"; then ok; else bad "perplexity: decode $b, prefill-scored $e, with a full window $f"; fi
+    expect 2 "perplexity bad scoring" "$K" perplexity --text abc --scoring both
+    contains "decode or prefill"
     # --json -: stdout is the one JSON document, the table on stderr.
     for cmd in "perplexity --file $W/rand.txt --ctx 256 --score 32 --windows 1" \
         "eval --task passkey --lengths 256 --depths 0.5 --samples 1"; do
