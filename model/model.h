@@ -513,6 +513,11 @@ typedef struct model_sampling {
     const int32_t *bias_ids;
     const float *bias;
     uint32_t n_bias;
+    /* vLLM's allowed_token_ids: when n_allowed > 0 only these ids can be
+     * drawn (every other logit is -inf for the draw; logprobs stay the
+     * model's).  Ids in the vocabulary; copied by model_sampler_new. */
+    const int32_t *allowed;
+    uint32_t n_allowed;
 } model_sampling_t;
 /* Presence and frequency penalties lie in [-MODEL_PENALTY_MAX, it]
  * (OpenAI's and vLLM's range). */

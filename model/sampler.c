@@ -28,6 +28,7 @@ struct model_sampler {
     float *work;       /* the adjusted row (bias or penalties), allocated with them */
     int32_t *bias_ids; /* cfg.bias_ids and cfg.bias point here */
     float *bias;
+    int32_t *allowed; /* cfg.allowed points here */
 };
 
 static uint64_t
@@ -70,6 +71,11 @@ model_sampler_new(const model_sampling_t *cfg, uint32_t n_vocab, model_sampler_t
         if (cfg->bias_ids[i] < 0 || (uint32_t)cfg->bias_ids[i] >= n_vocab ||
             !(fabsf(cfg->bias[i]) <= MODEL_LOGIT_BIAS_MAX))
             return KVS_EINVAL;
+    if (cfg->n_allowed && cfg->allowed == NULL)
+        return KVS_EINVAL;
+    for (uint32_t i = 0; i < cfg->n_allowed; i++)
+        if (cfg->allowed[i] < 0 || (uint32_t)cfg->allowed[i] >= n_vocab)
+            return KVS_EINVAL;
     model_sampler_t *s = calloc(1, sizeof *s);
     if (s == NULL)
         return KVS_ENOMEM;
@@ -87,6 +93,15 @@ model_sampler_new(const model_sampling_t *cfg, uint32_t n_vocab, model_sampler_t
         memcpy(s->bias, cfg->bias, cfg->n_bias * sizeof *s->bias);
         s->cfg.bias_ids = s->bias_ids;
         s->cfg.bias = s->bias;
+    }
+    s->cfg.allowed = NULL;
+    if (cfg->n_allowed) {
+        if ((s->allowed = malloc(cfg->n_allowed * sizeof *s->allowed)) == NULL) {
+            model_sampler_free(s);
+            return KVS_ENOMEM;
+        }
+        memcpy(s->allowed, cfg->allowed, cfg->n_allowed * sizeof *s->allowed);
+        s->cfg.allowed = s->allowed;
     }
     s->n_vocab = n_vocab;
     uint64_t x = cfg->seed;
@@ -121,7 +136,7 @@ ensure(model_sampler_t *s)
             return KVS_ENOMEM;
         }
     }
-    if ((s->pen || s->cfg.n_bias) && s->work == NULL &&
+    if ((s->pen || s->cfg.n_bias || s->cfg.n_allowed) && s->work == NULL &&
         (s->work = malloc(n * sizeof *s->work)) == NULL)
         return KVS_ENOMEM;
     if (s->cfg.temperature > 0.0f && s->prob == NULL) {
@@ -177,17 +192,24 @@ model_sampler_accept(model_sampler_t *s, int32_t t)
     return 0;
 }
 
-/* The row with the logit bias added, then the penalties applied to the
- * ids seen, as vLLM orders them: repetition first, then frequency and
- * presence. */
+/* The row restricted to the allowed ids, with the logit bias added, then
+ * the penalties applied to the ids seen, as vLLM orders them: repetition
+ * first, then frequency and presence. */
 static const float *
 penalize(model_sampler_t *s, const float *logits)
 {
     const model_sampling_t *c = &s->cfg;
     bool seen = s->count && s->n_seen;
-    if (!seen && c->n_bias == 0)
+    if (!seen && c->n_bias == 0 && c->n_allowed == 0)
         return logits;
-    memcpy(s->work, logits, s->n_vocab * sizeof *s->work);
+    if (c->n_allowed) {
+        for (uint32_t i = 0; i < s->n_vocab; i++)
+            s->work[i] = -INFINITY;
+        for (uint32_t i = 0; i < c->n_allowed; i++)
+            s->work[c->allowed[i]] = logits[c->allowed[i]];
+    } else {
+        memcpy(s->work, logits, s->n_vocab * sizeof *s->work);
+    }
     for (uint32_t i = 0; i < c->n_bias; i++)
         s->work[c->bias_ids[i]] += c->bias[i];
     for (uint32_t i = 0; seen && i < s->n_seen; i++) {
@@ -215,6 +237,7 @@ model_sampler_free(model_sampler_t *s)
     free(s->work);
     free(s->bias_ids);
     free(s->bias);
+    free(s->allowed);
     free(s);
 }
 

@@ -27,6 +27,7 @@ static const char gen_usage[] =
     "                        [--min-tokens N] [--n N (outputs, 1..64)]\n"
     "                        [--logit-bias ID:BIAS,... (BIAS in [-100, 100])]\n"
     "                        [--prompt-logprobs N (0..20, with --json)]\n"
+    "                        [--allowed-token-ids 1,2,3] [--truncate-prompt-tokens N]\n"
     "                        [--priority N] [--cache-salt S]\n"
     "                        [--request-id S] [--timeout-ms N] [--api-key-file F]\n"
     "                        [--tls-ca F] [--tls-server-name NAME] [--json]\n";
@@ -334,14 +335,15 @@ report_status(const char *cmd, const client_t *c)
 typedef struct gen_opts {
     srv_conn_opts_t conn;
     const char *prompt, *request_id, *cache_salt, *api_key_file;
-    int32_t *prompt_ids, *stop_ids, *forced_ids;
+    int32_t *prompt_ids, *stop_ids, *forced_ids, *allowed_ids;
     size_t n_prompt_ids, n_forced_ids;
     Kvserve__V1__SamplingParams sp;
     int32_t *bias_ids;
     float *bias;
     Kvserve__V1__LogitBias *lb, **lbp; /* sp.logit_bias */
-    bool sampling, has_priority, json;
+    bool sampling, has_priority, json, has_truncate;
     int32_t priority;
+    uint32_t truncate;
 } gen_opts_t;
 
 static void
@@ -350,6 +352,7 @@ gen_opts_free(gen_opts_t *o)
     free(o->prompt_ids);
     free(o->stop_ids);
     free(o->forced_ids);
+    free(o->allowed_ids);
     free(o->sp.stop);
     free(o->bias_ids);
     free(o->bias);
@@ -381,6 +384,8 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         {"n", 1, 0, 'c'},
         {"logit-bias", 1, 0, 'B'},
         {"prompt-logprobs", 1, 0, 'G'},
+        {"allowed-token-ids", 1, 0, 'A'},
+        {"truncate-prompt-tokens", 1, 0, 'U'},
         {"repetition-penalty", 1, 0, 'R'},
         {"presence-penalty", 1, 0, 'E'},
         {"frequency-penalty", 1, 0, 'F'},
@@ -406,7 +411,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         int rc = srv_conn_opt(C, c, &o->conn);
         if (rc == 1) {
             rc = 0;
-            o->sampling |= strchr("mtkqnsexXLREFMcBG", c) != NULL;
+            o->sampling |= strchr("mtkqnsexXLREFMcBGA", c) != NULL;
             switch (c) {
             case 'h':
                 fputs(gen_usage, stdout);
@@ -465,6 +470,20 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
             case 'L':
                 rc = srv_parse_u32(C, "--logprobs", optarg, 0, SCHED_MAX_LOGPROBS, &p->logprobs);
                 p->has_logprobs = 1;
+                break;
+            case 'A': {
+                free(o->allowed_ids);
+                o->allowed_ids = NULL;
+                size_t na = 0;
+                rc = srv_parse_tokens(C, "--allowed-token-ids", optarg, &o->allowed_ids, &na);
+                p->allowed_token_ids = (uint32_t *)o->allowed_ids; /* checked non-negative */
+                p->n_allowed_token_ids = na;
+                break;
+            }
+            case 'U':
+                rc =
+                    srv_parse_u32(C, "--truncate-prompt-tokens", optarg, 1, 1u << 24, &o->truncate);
+                o->has_truncate = true;
                 break;
             case 'G':
                 rc = srv_parse_u32(C, "--prompt-logprobs", optarg, 0, SCHED_MAX_LOGPROBS,
@@ -759,6 +778,8 @@ srv_cmd_generate(int argc, char **argv)
     req.cache_salt = (char *)o.cache_salt;
     req.has_priority = o.has_priority;
     req.priority = o.priority;
+    req.has_truncate_prompt_tokens = o.has_truncate;
+    req.truncate_prompt_tokens = o.truncate;
 
     client_t c;
     uint32_t n_out = o.sp.has_n ? o.sp.n : 1;

@@ -371,6 +371,18 @@ check_sampling(const Kvserve__V1__SamplingParams *sp, const srv_limits_t *lim, s
     s->bias_ids = out->bias_ids;
     s->bias = out->bias;
     s->n_bias = (uint32_t)sp->n_logit_bias;
+    if (sp->n_allowed_token_ids > lim->n_vocab)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "sampling.allowed_token_ids: %zu ids, more than the vocabulary (%u)",
+                    sp->n_allowed_token_ids, lim->n_vocab);
+    for (size_t i = 0; i < sp->n_allowed_token_ids; i++)
+        if (sp->allowed_token_ids[i] >= lim->n_vocab)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "sampling.allowed_token_ids[%zu]: %u is outside the vocabulary (%u)", i,
+                        sp->allowed_token_ids[i], lim->n_vocab);
+    /* Lent: below n_vocab, the uint32 ids read as int32 (the sampler copies). */
+    s->allowed = (const int32_t *)sp->allowed_token_ids;
+    s->n_allowed = (uint32_t)sp->n_allowed_token_ids;
     if (sp->has_prompt_logprobs) {
         if (sp->prompt_logprobs > SCHED_MAX_LOGPROBS)
             return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
@@ -444,11 +456,18 @@ static grpc_status_code
 check_prompt(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, srv_gen_req_t *out,
              char *msg, size_t cap)
 {
+    /* truncate_prompt_tokens: a longer prompt is cut to its last tokens,
+     * so its length is not held against the model's here. */
+    bool cut = q->has_truncate_prompt_tokens;
+    if (cut && (q->truncate_prompt_tokens == 0 || q->truncate_prompt_tokens > lim->max_model_len))
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "truncate_prompt_tokens: %u is outside [1, %u] (the maximum model length)",
+                    q->truncate_prompt_tokens, lim->max_model_len);
     if (q->prompt_case == KVSERVE__V1__GENERATE_REQUEST__PROMPT_TEXT) {
         size_t len = strlen(q->text);
         if (len == 0)
             return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "text: the prompt is empty");
-        if (len > (size_t)lim->max_model_len * 64)
+        if (len > (size_t)lim->max_model_len * 64 && !cut)
             return fail(msg, cap, GRPC_STATUS_OUT_OF_RANGE,
                         "text: %zu bytes cannot fit the maximum model length (%u tokens)", len,
                         lim->max_model_len);
@@ -465,7 +484,7 @@ check_prompt(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, srv
         const Kvserve__V1__TokenIds *t = q->tokens;
         if (t == NULL || t->n_ids == 0)
             return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "tokens.ids: the prompt is empty");
-        if (t->n_ids > lim->max_model_len)
+        if (t->n_ids > lim->max_model_len && !cut)
             return fail(msg, cap, GRPC_STATUS_OUT_OF_RANGE,
                         "tokens.ids: %zu tokens, the maximum model length is %u", t->n_ids,
                         lim->max_model_len);
@@ -484,13 +503,18 @@ check_prompt(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, srv
         grpc_status_code st = chat_prompt(q->chat, lim, out, msg, cap);
         if (st != GRPC_STATUS_OK)
             return st;
-        if (out->n_prompt > lim->max_model_len)
+        if (out->n_prompt > lim->max_model_len && !cut)
             return fail(msg, cap, GRPC_STATUS_OUT_OF_RANGE,
                         "chat: %u prompt tokens, the maximum model length is %u", out->n_prompt,
                         lim->max_model_len);
     } else {
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
                     "prompt: one of text, tokens or chat is required");
+    }
+    if (cut && out->n_prompt > q->truncate_prompt_tokens) {
+        uint32_t k = q->truncate_prompt_tokens;
+        memmove(out->prompt, out->prompt + (out->n_prompt - k), k * sizeof *out->prompt);
+        out->n_prompt = k;
     }
     return GRPC_STATUS_OK;
 }

@@ -815,6 +815,65 @@ def check_prompt_logprobs(api, kvserve, addr):
            and all(abs(x - y) < 1e-6 for x, y in zip(got, want)), str(got)[:200])
 
 
+def check_allowed_and_truncate(api, kvserve, addr):
+    """allowed_token_ids: every generated token is one of them (sampled too),
+    greedy takes the best of them; bad ids refused.  truncate_prompt_tokens:
+    a prompt longer than N runs as its last N tokens, also one longer than
+    the maximum model length; 0 refused."""
+    allowed = [101, 115]  # 'e', 's'
+    req = greedy_req(TEXT_PROMPT, 8)
+    req.sampling.temperature = 1.5
+    req.sampling.seed = 7
+    req.sampling.allowed_token_ids.extend(allowed)
+    o = collect(api, req)
+    g = greedy_req(TEXT_PROMPT, 1)
+    g.sampling.allowed_token_ids.extend(allowed)
+    g.sampling.logprobs = 20
+    gr = collect(api, g)
+    lp = {t: x for t, x in zip(gr["logprobs"][0].top_ids, gr["logprobs"][0].top_logprobs)} \
+        if gr["logprobs"] else {}
+    best = max(allowed, key=lambda t: lp.get(t, -1e9))
+    toks, _ = c_client(kvserve, addr, TEXT_PROMPT, 8,
+                       ["--temperature", "1.5", "--seed", "7", "--allowed-token-ids",
+                        ",".join(map(str, allowed))])
+    report("1 allowed_token_ids: sampled and greedy tokens only from the list, greedy its best",
+           o["code"] is None and len(o["tokens"]) == 8 and set(o["tokens"]) <= set(allowed)
+           and gr["tokens"] == [best] and toks == o["tokens"],
+           "sampled %s, greedy %s (best %d), C client %s" % (o["tokens"], gr["tokens"], best, toks))
+    bad = greedy_req(TEXT_PROMPT, 2)
+    bad.sampling.allowed_token_ids.extend([5, 100000])
+    b = collect(api, bad)
+    report("3 allowed_token_ids out of the vocabulary -> INVALID_ARGUMENT naming it",
+           b["code"] == grpc.StatusCode.INVALID_ARGUMENT
+           and "sampling.allowed_token_ids[1]" in b["details"], describe(b))
+
+    ids = list(api.tokenize(pb.TokenizeRequest(text=TEXT_PROMPT * 6), timeout=5).ids)
+    k = 9
+    cut = greedy_req(TEXT_PROMPT * 6, 6)
+    cut.truncate_prompt_tokens = k
+    c = collect(api, cut)
+    tail = collect(api, greedy_req(ids[-k:], 6))
+    long_ids = (ids * (MAX_MODEL_LEN // len(ids) + 2))[:MAX_MODEL_LEN + 40]
+    lr = greedy_req(long_ids, 6)
+    lr.truncate_prompt_tokens = k
+    lo = collect(api, lr)
+    lt = collect(api, greedy_req(long_ids[-k:], 6))
+    toks, doc = c_client(kvserve, addr, TEXT_PROMPT * 6, 6, ["--truncate-prompt-tokens", str(k)])
+    report("1 truncate_prompt_tokens %d: the last %d tokens' output, past the model length too"
+           % (k, k), c["code"] is None and c["usage"].prompt_tokens == k
+           and c["tokens"] == tail["tokens"] and lo["code"] is None
+           and lo["tokens"] == lt["tokens"] and toks == c["tokens"],
+           "cut %s (%s prompt), alone %s; long %s vs %s; C client %s"
+           % (c["tokens"], c["usage"].prompt_tokens if c["usage"] else "?", tail["tokens"],
+              describe(lo), lt["tokens"], toks))
+    z = greedy_req(TEXT_PROMPT, 2)
+    z.truncate_prompt_tokens = 0
+    zo = collect(api, z)
+    report("3 truncate_prompt_tokens 0 -> INVALID_ARGUMENT naming it",
+           zo["code"] == grpc.StatusCode.INVALID_ARGUMENT
+           and "truncate_prompt_tokens" in zo["details"], describe(zo))
+
+
 def concurrent_prompts():
     words = ["grass", "sky", "sea", "cat", "dog", "sun", "moon", "tree"]
     ps = []
@@ -1947,6 +2006,7 @@ def main():
             check_samples(api, kvserve, srv.addr)
             check_logit_bias(api, kvserve, srv.addr)
             check_prompt_logprobs(api, kvserve, srv.addr)
+            check_allowed_and_truncate(api, kvserve, srv.addr)
             if "text" in refs:
                 check_tokenize(api, refs["text"])
             check_concurrent(api)

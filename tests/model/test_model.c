@@ -560,7 +560,8 @@ test_penalties(void **state)
 
 /* OpenAI's logit bias: added to the model's logits (repeated ids sum)
  * before the penalties, on the greedy and the tempered paths; copied, so
- * the caller's arrays may go; out-of-range ids and biases refused. */
+ * the caller's arrays may go; out-of-range ids and biases refused.  And
+ * vLLM's allowed_token_ids, which the bias works within. */
 static void
 test_logit_bias(void **state)
 {
@@ -602,6 +603,32 @@ test_logit_bias(void **state)
     assert_int_equal(model_sampler_sample(s, x), 1); /* 3.9 - 2 = 1.9 < 3.0 */
     model_sampler_free(s);
 
+    /* allowed_token_ids: the best of them, greedy or tempered, whatever
+     * the rest; the bias still applies within them. */
+    int32_t allow[2] = {0, 3};
+    model_sampling_t al = {.top_p = 1.0f, .allowed = allow, .n_allowed = 2};
+    model_sampling_t al_t = al;
+    al_t.temperature = 1.0f;
+    assert_int_equal(model_sampler_new(&al, 4, &s), 0);
+    assert_int_equal(model_sampler_new(&al_t, 4, &t), 0);
+    allow[1] = 1; /* copied */
+    assert_int_equal(model_sampler_sample(s, x), 3);
+    for (int k = 0; k < 50; k++) {
+        int32_t tok = model_sampler_sample(t, x);
+        assert_true(tok == 0 || tok == 3);
+    }
+    model_sampler_free(s);
+    model_sampler_free(t);
+    allow[1] = 3;
+    float up = 2.5f;
+    int32_t zero = 0;
+    al.bias_ids = &zero;
+    al.bias = &up;
+    al.n_bias = 1;
+    assert_int_equal(model_sampler_new(&al, 4, &s), 0);
+    assert_int_equal(model_sampler_sample(s, x), 0); /* 0 + 2.5 > 2.0 */
+    model_sampler_free(s);
+
     int32_t bad_id = 4;
     float big = 100.5f, ok = 1.0f;
     model_sampling_t bad[] = {
@@ -609,6 +636,8 @@ test_logit_bias(void **state)
         {.top_p = 1.0f, .bias_ids = ids, .bias = &big, .n_bias = 1},
         {.top_p = 1.0f, .bias_ids = NULL, .bias = &ok, .n_bias = 1},
         {.top_p = 1.0f, .bias_ids = ids, .bias = &ok, .n_bias = MODEL_MAX_LOGIT_BIAS + 1},
+        {.top_p = 1.0f, .allowed = &bad_id, .n_allowed = 1},
+        {.top_p = 1.0f, .allowed = NULL, .n_allowed = 1},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
         assert_int_equal(model_sampler_new(&bad[i], 4, &s), KVS_EINVAL);
