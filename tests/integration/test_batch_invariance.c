@@ -3,9 +3,9 @@
  * depend on how sequences are batched: the same sequences computed alone,
  * together, in chunks, with different block sizes and scrambled block
  * layouts, and with a forked shared prefix give the same logits (1e-5
- * relative).  Runs the real model code on a random tiny model, on the cpu
- * backend or the one KVS_TEST_BACKEND names (bench/gpu/check.sh: cuda;
- * exit 77, skipped, when it cannot start).
+ * relative), and so does every row of a prompt whose rows all want them.  Runs the real model code
+ * on a random tiny model, on the cpu backend or the one KVS_TEST_BACKEND names (bench/gpu/check.sh:
+ * cuda; exit 77, skipped, when it cannot start).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -329,6 +329,74 @@ test_fork_shared_prefix(void **state)
     kv_pool_free(pool);
 }
 
+/* Every row's logits (prompt_logprobs' lead rows): a 40-token prompt in
+ * one step with all 40 rows wanted, beside a second sequence wanting its
+ * last row only, gives each row the logits that feeding the tokens one
+ * step at a time gives. */
+static void
+test_every_row_logits(void **state)
+{
+    (void)state;
+    enum { P = 40 };
+    const model_hparams_t *hp = model_hparams(fx.m);
+    kv_pool_cfg_t pc = {.n_layers = hp->n_layer,
+                        .n_kv_heads = hp->n_head_kv,
+                        .head_dim = hp->head_dim,
+                        .block_tokens = 16,
+                        .n_blocks = 32,
+                        .dtype = KERN_F32};
+    kv_pool_t *pool;
+    assert_int_equal(kv_pool_new(&pc, fx.be, &pool), 0);
+    model_ctx_t *ctx;
+    assert_int_equal(model_ctx_new(fx.m, 64, P + 1, &ctx), 0);
+    sched_batch_t *sb;
+    assert_int_equal(sched_batch_new(&sb), 0);
+    float *lg = malloc(sizeof(float) * (P + 1) * fx.n_vocab);
+    float *ref = malloc(sizeof(float) * P * fx.n_vocab);
+    int32_t toks[P], other[7];
+    for (uint32_t i = 0; i < P; i++)
+        toks[i] = prompt_tok(0, i);
+    for (uint32_t i = 0; i < 7; i++)
+        other[i] = prompt_tok(2, i);
+    kv_table_t *a, *b, *o;
+    assert_int_equal(kv_table_new(pool, &a), 0);
+    assert_int_equal(kv_table_new(pool, &b), 0);
+    assert_int_equal(kv_table_new(pool, &o), 0);
+    const model_batch_t *mb;
+    for (uint32_t i = 0; i < P; i++) {
+        assert_int_equal(kv_table_reserve(b, 1), 0);
+        sched_seq_step_t st = {.table = b, .tokens = toks + i, .n_tokens = 1, .want_logits = true};
+        assert_int_equal(sched_batch_build(sb, &st, 1, &mb), 0);
+        assert_int_equal(model_forward(ctx, kv_pool_kv(pool), mb, ref + i * fx.n_vocab), 0);
+    }
+    assert_int_equal(kv_table_reserve(a, P), 0);
+    assert_int_equal(kv_table_reserve(o, 7), 0);
+    sched_seq_step_t two[2] = {
+        {.table = o, .tokens = other, .n_tokens = 7, .want_logits = true},
+        {.table = a, .tokens = toks, .n_tokens = P, .want_logits = true, .lead_logits = P - 1}};
+    assert_int_equal(sched_batch_build(sb, two, 2, &mb), 0);
+    assert_int_equal(mb->n_logits, P + 1);
+    assert_int_equal(model_forward(ctx, kv_pool_kv(pool), mb, lg), 0);
+    /* On a device one query row and forty take different attention
+     * kernels (decode against tensor-core prefill): rounding apart. */
+    double tol = strcmp(backend_name(), "cpu") == 0 ? TOL : TOL_F16_KV;
+    for (uint32_t i = 0; i < P; i++) {
+        double e = rel_err(lg + (1 + i) * fx.n_vocab, ref + i * fx.n_vocab, fx.n_vocab);
+        if (e > tol) {
+            fprintf(stderr, "row %u: rel err %.3g\n", i, e);
+            fail();
+        }
+    }
+    kv_table_free(a);
+    kv_table_free(b);
+    kv_table_free(o);
+    free(lg);
+    free(ref);
+    sched_batch_free(sb);
+    model_ctx_free(ctx);
+    kv_pool_free(pool);
+}
+
 int
 main(void)
 {
@@ -343,6 +411,7 @@ main(void)
         cmocka_unit_test(test_alone_vs_together),
         cmocka_unit_test(test_f16_kv_batching),
         cmocka_unit_test(test_fork_shared_prefix),
+        cmocka_unit_test(test_every_row_logits),
     };
     int rc = cmocka_run_group_tests(tests, setup, teardown);
     kern_backend_free(fx.be);
