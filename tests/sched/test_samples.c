@@ -384,13 +384,44 @@ test_fork_quantized(void **state)
     engine_close(&e);
 }
 
+/* A pool too small for every sample's tail: samples are preempted, to
+ * the host tier (swapped back bit for bit) or recomputed, and still draw
+ * what they draw alone; nothing leaks. */
+static void
+test_samples_preempted(void **state)
+{
+    (void)state;
+    static int32_t want[N][GEN];
+    run_alone(NULL, want);
+    for (int host = 0; host < 2; host++) {
+        engine_t e;
+        static out_t o;
+        sched_cfg_t cfg = config(N);
+        cfg.n_blocks = 6; /* the prompt's 3 blocks, then 1 more each: 4 do not fit */
+        cfg.host_kv_bytes = host ? (size_t)64 << 20 : 0;
+        engine_open(&e, &cfg, &o);
+        sched_request_t r = request(1, N, 77, NULL);
+        assert_int_equal(sched_submit(e.s, &r), 0);
+        run_to_idle(&e);
+        check_samples(&o, 1, want);
+        uint32_t preempted = 0;
+        for (uint32_t i = 0; i < N; i++)
+            preempted += o.usage[1][i].preemptions;
+        assert_true(preempted > 0);
+        sched_load_t l;
+        sched_get_load(e.s, &l);
+        assert_true(host ? l.swap_outs > 0 : l.swap_outs == 0);
+        engine_close(&e);
+    }
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_fork_equals_alone),      cmocka_unit_test(test_no_room_to_fork),
         cmocka_unit_test(test_fork_under_kv_policies), cmocka_unit_test(test_cancel_samples),
-        cmocka_unit_test(test_fork_quantized),
+        cmocka_unit_test(test_fork_quantized),         cmocka_unit_test(test_samples_preempted),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
