@@ -557,6 +557,30 @@ int32_t model_sampler_sample(model_sampler_t *s, const float *logits);
 int model_logprobs(const float *logits, uint32_t n_vocab, int32_t token, uint32_t n_top, float *lp,
                    int32_t *top_ids, float *top_lps);
 
+/* ---- guided choice ------------------------------------------------------ */
+
+/* vLLM's guided_choice: the output must spell one of n strings (1..
+ * MODEL_MAX_CHOICES, each 1..MODEL_MAX_CHOICE_BYTES bytes), by any
+ * tokenization of it.  The choice strings are copied.  The first use on a
+ * model builds its table of token bytes (kept until model_free).  Thread:
+ * one user per object. */
+enum { MODEL_MAX_CHOICES = 64, MODEL_MAX_CHOICE_BYTES = 1024 };
+typedef struct model_choice model_choice_t;
+int model_choice_new(const model_t *m, const char *const *choices, uint32_t n,
+                     model_choice_t **out); /* 0, KVS_EINVAL or KVS_ENOMEM */
+/* A copy, at the same point of the output (a forked sample's). */
+int model_choice_clone(const model_choice_t *c, model_choice_t **out);
+void model_choice_free(model_choice_t *c); /* NULL is a no-op */
+/* out = row with every token that cannot continue the output along a
+ * choice at -inf (an end-of-generation token stays where a choice is
+ * complete); returns how many tokens stay (0: none can). */
+uint32_t model_choice_mask(const model_choice_t *c, const float *row, float *out);
+/* Takes the next output token: 1 when the output is now a whole choice
+ * no other extends, or the token ends generation after a whole choice
+ * (the output is over), 0 to go on, KVS_EINVAL for a token the mask
+ * ruled out. */
+int model_choice_accept(model_choice_t *c, int32_t id);
+
 /* ---- random models for benchmarks and tests ----------------------------- */
 
 /* Writes a GGUF with deterministic random weights of a real architecture:

@@ -200,7 +200,11 @@ struct model {
     const char *host_src; /* the mapping address host_copy mirrors */
     void **device_bufs;   /* weights uploaded to a device backend */
     uint32_t n_device_bufs;
+    _Atomic(void *) pieces; /* choice.c's table of token bytes, built on first use */
 };
+
+/* Frees choice.c's table (model_free). */
+void model__pieces_free(model_t *m);
 
 /* GPT-2 bytes_to_unicode: the code point that spells byte b in a vocabulary. */
 uint32_t model__byte_to_codepoint(uint32_t b);

@@ -53,6 +53,7 @@ typedef enum sched_finish {
     SCHED_FINISH_EOS,        /* end-of-generation token */
     SCHED_FINISH_CANCELLED,
     SCHED_FINISH_ERROR, /* see sched_event_t.error */
+    SCHED_FINISH_STOP,  /* the output spelled a whole guided choice */
 } sched_finish_t;
 
 const char *sched_finish_name(sched_finish_t f); /* "length", "eos", ... */
@@ -157,6 +158,12 @@ typedef struct sched_request {
      * prefill (KVS_EINVAL), whose main model skips prompt tokens. */
     bool prompt_logprobs;
     uint32_t top_prompt_logprobs;
+    /* vLLM's guided_choice (model_choice_new, copied): the output spells
+     * one of these strings and ends with SCHED_FINISH_STOP when it is a
+     * whole one no other extends (or an end-of-generation token follows
+     * a whole one).  Not with forced tokens. */
+    const char *const *choices;
+    uint32_t n_choices;
     /* vLLM's n: this many samples of one prompt (0 or 1: one; at most
      * SCHED_MAX_N), each an output of its own with every setting above.
      * The prompt is prefilled once: at its first logits the other samples

@@ -81,6 +81,7 @@ typedef struct req {
      * 1), so a recompute after a preemption reports nothing twice. */
     bool plp;
     uint32_t plp_top, plp_next;
+    model_choice_t *choice; /* guided_choice, NULL: none */
     kv_table_t *table;
     req_state_t state;
     struct req *prev, *next;
@@ -139,6 +140,7 @@ struct sched {
     sched_batch_t *batch;
     float *logits;
     float ban_saved[MODEL_MAX_EOG + SCHED_MAX_MIN_BAN]; /* min_tokens' banned logits */
+    float *choice_row; /* [n_vocab] a guided choice's masked row, made at first use */
     /* SnapKV's captured query rows of a step, grown as needed. */
     uint32_t *cap_first, *cap_count; /* [max_num_seqs] */
     float *cap_q;
@@ -196,6 +198,8 @@ sched_finish_name(sched_finish_t f)
         return "cancelled";
     case SCHED_FINISH_ERROR:
         return "error";
+    case SCHED_FINISH_STOP:
+        return "stop";
     }
     return "?";
 }
@@ -299,6 +303,7 @@ req_free(req_t *r)
     free(r->h2o_a);
     kv_table_free(r->table);
     model_sampler_free(r->sampler);
+    model_choice_free(r->choice);
     free(r->tokens);
     free(r->min_ban);
     free(r);
@@ -1228,11 +1233,23 @@ sample_row(sched_t *s, req_t *r, float *row, uint64_t now)
     int rc =
         r->n_tokens == r->n_prompt ? model_sampler_prompt(r->sampler, r->tokens, r->n_prompt) : 0;
     uint32_t k = r->n_tokens - r->n_prompt;
+    /* A guided choice draws from its masked copy; logprobs stay the row's. */
+    float *draw = row;
+    if (rc == 0 && r->choice) {
+        if (s->choice_row == NULL && (s->choice_row = malloc(s->n_vocab * sizeof(float))) == NULL)
+            rc = KVS_ENOMEM;
+        else if (model_choice_mask(r->choice, row, s->choice_row) == 0)
+            rc = KVS_EINVAL; /* nothing continues a choice: bans or allowed ids ruled all out */
+        draw = s->choice_row;
+    }
     int32_t tok = rc                  ? rc
                   : k < r->n_forced   ? r->tokens[r->n_tokens]
-                  : k < r->min_tokens ? sample_banned(s, r, row)
-                                      : model_sampler_sample(r->sampler, row);
+                  : k < r->min_tokens ? sample_banned(s, r, draw)
+                                      : model_sampler_sample(r->sampler, draw);
     rc = tok < 0 ? tok : model_sampler_accept(r->sampler, tok);
+    int chosen = rc == 0 && r->choice ? model_choice_accept(r->choice, tok) : 0;
+    if (chosen < 0)
+        rc = chosen;
     if (rc) {
         KVS_ERRORF("sched: sampling for request %llu failed: %s", (unsigned long long)r->id,
                    kvs_strerror(rc));
@@ -1253,7 +1270,9 @@ sample_row(sched_t *s, req_t *r, float *row, uint64_t now)
     }
     emit(s, &ev);
     sched_finish_t why;
-    if (is_finished(s, r, tok, &why))
+    if (chosen == 1)
+        finish(s, r, SCHED_FINISH_STOP, 0);
+    else if (is_finished(s, r, tok, &why))
         finish(s, r, why, 0);
     else
         commit_prefix(s, r);
@@ -1308,7 +1327,9 @@ req_clone(sched_t *s, const req_t *r, uint32_t index)
     ok = dup_into(&c->snap_q, r->snap_q, qd * r->snap_w * sizeof *r->snap_q) && ok;
     ok = dup_into(&c->h2o_q, r->h2o_q, qd * h2o_w * sizeof *r->h2o_q) && ok;
     ok = dup_into(&c->h2o_a, r->h2o_a, n_lists * r->h2o_stride * sizeof *r->h2o_a) && ok;
-    if (!ok || model_sampler_new(&sp, s->n_vocab, &c->sampler) != 0) {
+    c->choice = NULL;
+    if (!ok || model_sampler_new(&sp, s->n_vocab, &c->sampler) != 0 ||
+        (r->choice && model_choice_clone(r->choice, &c->choice) != 0)) {
         req_free(c);
         return NULL;
     }
@@ -1570,7 +1591,7 @@ sched_submit(sched_t *s, const sched_request_t *q)
         (q->n_forced > 0 && q->forced == NULL) || q->min_tokens > q->max_tokens ||
         q->n_min_ban > SCHED_MAX_MIN_BAN || (q->n_min_ban > 0 && q->min_ban == NULL) ||
         q->n > SCHED_MAX_N || q->top_prompt_logprobs > SCHED_MAX_LOGPROBS ||
-        (q->prompt_logprobs && q->spec.on))
+        (q->prompt_logprobs && q->spec.on) || (q->n_choices && q->n_forced))
         return KVS_EINVAL;
     model_spec_policy_t spec = q->spec;
     model_spec_policy_defaults(&spec);
@@ -1602,8 +1623,10 @@ sched_submit(sched_t *s, const sched_request_t *q)
     if (r == NULL)
         return KVS_ENOMEM;
     rc = model_sampler_new(&q->sampling, s->n_vocab, &r->sampler);
+    if (rc == 0 && q->n_choices)
+        rc = model_choice_new(s->m, q->choices, q->n_choices, &r->choice);
     if (rc) {
-        free(r);
+        req_free(r);
         return rc;
     }
     r->tokens = malloc(total * sizeof *r->tokens);
@@ -2073,6 +2096,7 @@ sched_free(sched_t *s)
     free(s->d_steps);
     free(s->d_reqs);
     free(s->logits);
+    free(s->choice_row);
     free(s->sched_reqs);
     free(s->steps);
     free(s->step_ids);

@@ -28,6 +28,7 @@ static const char gen_usage[] =
     "                        [--logit-bias ID:BIAS,... (BIAS in [-100, 100])]\n"
     "                        [--prompt-logprobs N (0..20, with --json)]\n"
     "                        [--allowed-token-ids 1,2,3] [--truncate-prompt-tokens N]\n"
+    "                        [--guided-choice STR]...\n"
     "                        [--priority N] [--cache-salt S]\n"
     "                        [--request-id S] [--timeout-ms N] [--api-key-file F]\n"
     "                        [--tls-ca F] [--tls-server-name NAME] [--json]\n";
@@ -354,6 +355,7 @@ gen_opts_free(gen_opts_t *o)
     free(o->forced_ids);
     free(o->allowed_ids);
     free(o->sp.stop);
+    free(o->sp.guided_choice);
     free(o->bias_ids);
     free(o->bias);
     free(o->lb);
@@ -385,6 +387,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         {"logit-bias", 1, 0, 'B'},
         {"prompt-logprobs", 1, 0, 'G'},
         {"allowed-token-ids", 1, 0, 'A'},
+        {"guided-choice", 1, 0, 'H'},
         {"truncate-prompt-tokens", 1, 0, 'U'},
         {"repetition-penalty", 1, 0, 'R'},
         {"presence-penalty", 1, 0, 'E'},
@@ -399,8 +402,10 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
     const char *C = "generate";
     Kvserve__V1__SamplingParams sp = KVSERVE__V1__SAMPLING_PARAMS__INIT;
     *o = (gen_opts_t){.sp = sp};
-    /* Every --stop points into argv: argc slots always suffice. */
-    if ((o->sp.stop = malloc((size_t)argc * sizeof *o->sp.stop)) == NULL)
+    /* Every --stop and --guided-choice points into argv: argc slots
+     * always suffice. */
+    if ((o->sp.stop = malloc((size_t)argc * sizeof *o->sp.stop)) == NULL ||
+        (o->sp.guided_choice = malloc((size_t)argc * sizeof *o->sp.guided_choice)) == NULL)
         return KVS_ENOMEM;
     Kvserve__V1__SamplingParams *p = &o->sp;
     size_t n_stop_ids = 0;
@@ -411,7 +416,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         int rc = srv_conn_opt(C, c, &o->conn);
         if (rc == 1) {
             rc = 0;
-            o->sampling |= strchr("mtkqnsexXLREFMcBGA", c) != NULL;
+            o->sampling |= strchr("mtkqnsexXLREFMcBGAH", c) != NULL;
             switch (c) {
             case 'h':
                 fputs(gen_usage, stdout);
@@ -492,6 +497,9 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
                 break;
             case 'x':
                 p->stop[p->n_stop++] = optarg;
+                break;
+            case 'H':
+                p->guided_choice[p->n_guided_choice++] = optarg;
                 break;
             case 'X':
                 free(o->stop_ids);

@@ -450,6 +450,8 @@ finish_reason(const gen_out_t *o)
     if (o->stopped)
         return KVSERVE__V1__FINISH_REASON__FINISH_REASON_STOP;
     switch (o->fin) {
+    case SCHED_FINISH_STOP: /* a whole guided choice */
+        return KVSERVE__V1__FINISH_REASON__FINISH_REASON_STOP;
     case SCHED_FINISH_LENGTH:
         return KVSERVE__V1__FINISH_REASON__FINISH_REASON_LENGTH;
     case SCHED_FINISH_EOS:
@@ -863,11 +865,11 @@ static void
 metrics_finish(const call_t *c, uint64_t t_ns)
 {
     const gen_out_t *o = &c->out[0];
-    srv_met_finish_t f = o->stopped                         ? SRV_MET_STOP
-                         : o->fin == SCHED_FINISH_EOS       ? SRV_MET_STOP
-                         : o->fin == SCHED_FINISH_LENGTH    ? SRV_MET_LENGTH
-                         : o->fin == SCHED_FINISH_CANCELLED ? SRV_MET_ABORT
-                                                            : SRV_MET_ERROR;
+    srv_met_finish_t f = o->stopped || o->fin == SCHED_FINISH_STOP ? SRV_MET_STOP
+                         : o->fin == SCHED_FINISH_EOS              ? SRV_MET_STOP
+                         : o->fin == SCHED_FINISH_LENGTH           ? SRV_MET_LENGTH
+                         : o->fin == SCHED_FINISH_CANCELLED        ? SRV_MET_ABORT
+                                                                   : SRV_MET_ERROR;
     sched_usage_t u = gen_usage(c);
     srv_metrics_finish(S.metrics, f, &u, t_ns > c->t_arrive ? t_ns - c->t_arrive : 0,
                        c->g.sr.spec.on);

@@ -383,6 +383,19 @@ check_sampling(const Kvserve__V1__SamplingParams *sp, const srv_limits_t *lim, s
     /* Lent: below n_vocab, the uint32 ids read as int32 (the sampler copies). */
     s->allowed = (const int32_t *)sp->allowed_token_ids;
     s->n_allowed = (uint32_t)sp->n_allowed_token_ids;
+    if (sp->n_guided_choice > MODEL_MAX_CHOICES)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "sampling.guided_choice: %zu strings, at most %d", sp->n_guided_choice,
+                    MODEL_MAX_CHOICES);
+    for (size_t i = 0; i < sp->n_guided_choice; i++) {
+        size_t n = sp->guided_choice[i] ? strlen(sp->guided_choice[i]) : 0;
+        if (n == 0 || n > MODEL_MAX_CHOICE_BYTES)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "sampling.guided_choice[%zu]: %zu bytes, not 1..%d", i, n,
+                        MODEL_MAX_CHOICE_BYTES);
+    }
+    out->sr.choices = (const char *const *)sp->guided_choice;
+    out->sr.n_choices = (uint32_t)sp->n_guided_choice;
     if (sp->has_prompt_logprobs) {
         if (sp->prompt_logprobs > SCHED_MAX_LOGPROBS)
             return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
@@ -528,6 +541,9 @@ check_forced(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, srv
     const Kvserve__V1__TokenIds *f = q->forced_tokens;
     if (f == NULL || f->n_ids == 0)
         return GRPC_STATUS_OK;
+    if (out->sr.n_choices)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "forced_tokens: not with sampling.guided_choice");
     if ((uint64_t)out->n_prompt + f->n_ids > lim->max_model_len)
         return fail(msg, cap, GRPC_STATUS_OUT_OF_RANGE,
                     "forced_tokens: %u prompt + %zu forced tokens exceed the maximum model "

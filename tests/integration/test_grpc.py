@@ -874,6 +874,43 @@ def check_allowed_and_truncate(api, kvserve, addr):
            and "truncate_prompt_tokens" in zo["details"], describe(zo))
 
 
+def check_guided_choice(api, kvserve, addr):
+    """guided_choice: greedy and four sampled outputs each spell one of the
+    choices and end with FINISH_REASON_STOP; the passkey prompt picks the
+    right number greedily; bad sets and forced tokens refused."""
+    choices = [" 4821", " 1234", " 48", " 9"]
+    req = greedy_req("The passkey is 4821. Remember it. The passkey is", 12)
+    req.sampling.guided_choice.extend(choices)
+    g = collect(api, req)
+    req.sampling.temperature = 1.5
+    req.sampling.seed = 11
+    req.sampling.n = 4
+    outs, err = collect_samples(api, req, 4)
+    toks, doc = c_client(kvserve, addr, "The passkey is 4821. Remember it. The passkey is", 12,
+                         sum((["--guided-choice", c] for c in choices), []))
+    ok = (g["code"] is None and g["text"] == " 4821" and g["finish"] == pb.FINISH_REASON_STOP
+          and not err and all(o["text"] in choices and o["finish"] == pb.FINISH_REASON_STOP
+                              for o in outs)
+          and isinstance(doc, dict) and doc.get("text") == " 4821")
+    report("1 guided_choice: greedy picks ' 4821', 4 samples each a choice, FINISH_REASON_STOP", ok,
+           "greedy %r %s; samples %s %s; C client %s"
+           % (g["text"], finish_name(g["finish"]),
+              [(o["text"], finish_name(o["finish"])) for o in outs], err, str(doc)[:120]))
+    for name, setup, field in (
+            ("an empty string", lambda r: r.sampling.guided_choice.append(""),
+             "sampling.guided_choice[1]"),
+            ("65 strings", lambda r: r.sampling.guided_choice.extend(["y"] * 64),
+             "sampling.guided_choice"),
+            ("with forced_tokens", lambda r: r.forced_tokens.ids.extend([5]), "forced_tokens")):
+        r = greedy_req(TEXT_PROMPT, 4)
+        r.sampling.guided_choice.append("x")
+        setup(r)
+        o = collect(api, r)
+        report("3 guided_choice %s -> INVALID_ARGUMENT naming %s" % (name, field),
+               o["code"] == grpc.StatusCode.INVALID_ARGUMENT and field in o["details"],
+               describe(o))
+
+
 def concurrent_prompts():
     words = ["grass", "sky", "sea", "cat", "dog", "sun", "moon", "tree"]
     ps = []
@@ -2007,6 +2044,7 @@ def main():
             check_logit_bias(api, kvserve, srv.addr)
             check_prompt_logprobs(api, kvserve, srv.addr)
             check_allowed_and_truncate(api, kvserve, srv.addr)
+            check_guided_choice(api, kvserve, srv.addr)
             if "text" in refs:
                 check_tokenize(api, refs["text"])
             check_concurrent(api)

@@ -643,14 +643,110 @@ test_logit_bias(void **state)
         assert_int_equal(model_sampler_new(&bad[i], 4, &s), KVS_EINVAL);
 }
 
+/* The ids a choice mask leaves (finite), into ids[]; returns how many. */
+static uint32_t
+choice_allowed(const model_choice_t *c, uint32_t nv, int32_t *ids, uint32_t cap)
+{
+    float *row = calloc(nv, sizeof *row), *out = malloc(nv * sizeof *out);
+    assert_non_null(row);
+    assert_non_null(out);
+    uint32_t n = model_choice_mask(c, row, out), k = 0;
+    for (uint32_t i = 0; i < nv; i++)
+        if (isfinite(out[i]) && k < cap)
+            ids[k++] = (int32_t)i;
+    assert_int_equal(k, n);
+    free(row);
+    free(out);
+    return n;
+}
+
+/* guided_choice: the mask leaves exactly the tokens that continue a live
+ * choice (EOS once one is whole), accepting narrows the choices and says
+ * when the output is over; a clone goes on from the same point; bad sets
+ * refused.  With a BPE vocabulary a choice can be spelled by whole words
+ * or by pieces of them. */
+static void
+test_guided_choice(void **state)
+{
+    (void)state;
+    char p[300], err[256];
+    path_of(p, sizeof p, "choice.gguf");
+    assert_int_equal(model_random_write("tiny", KERN_F32, 1, NULL, p, err, sizeof err), 0);
+    model_t *m;
+    assert_int_equal(model_load(p, be, &m, err, sizeof err), 0);
+    const uint32_t nv = model_hparams(m)->n_vocab;
+    const char *choices[3] = {"ab", "abc", "x"};
+    model_choice_t *c, *d;
+    assert_int_equal(model_choice_new(m, choices, 3, &c), 0);
+    int32_t ids[300];
+    assert_int_equal(choice_allowed(c, nv, ids, 300), 2);
+    assert_int_equal(ids[0], 'a');
+    assert_int_equal(ids[1], 'x');
+    assert_int_equal(model_choice_accept(c, 'b'), KVS_EINVAL); /* not allowed */
+    assert_int_equal(model_choice_accept(c, 'a'), 0);
+    assert_int_equal(choice_allowed(c, nv, ids, 300), 1);
+    assert_int_equal(model_choice_accept(c, 'b'), 0); /* "ab" whole, "abc" goes on */
+    assert_int_equal(choice_allowed(c, nv, ids, 300), 2);
+    assert_int_equal(ids[0], 'c');
+    assert_true(model_token_is_eog(m, ids[1]));
+    assert_int_equal(model_choice_clone(c, &d), 0);
+    assert_int_equal(model_choice_accept(c, 'c'), 1);    /* "abc": over */
+    assert_int_equal(model_choice_accept(d, ids[1]), 1); /* EOS after "ab": over */
+    model_choice_free(c);
+    model_choice_free(d);
+    assert_int_equal(model_choice_new(m, choices, 3, &c), 0);
+    assert_int_equal(model_choice_accept(c, 'x'), 1);
+    model_choice_free(c);
+
+    const char *empty[1] = {""}, *many[MODEL_MAX_CHOICES + 1];
+    for (int i = 0; i <= MODEL_MAX_CHOICES; i++)
+        many[i] = "y";
+    assert_int_equal(model_choice_new(m, empty, 1, &c), KVS_EINVAL);
+    assert_int_equal(model_choice_new(m, choices, 0, &c), KVS_EINVAL);
+    assert_int_equal(model_choice_new(m, many, MODEL_MAX_CHOICES + 1, &c), KVS_EINVAL);
+    model_free(m);
+
+    char path[1200];
+    snprintf(path, sizeof path, "%s/ggml-vocab-gpt-2.gguf", vocab_files_dir());
+    model_gguf_t *g;
+    if (!vocab_files_exists(path)) {
+        fprintf(stderr, "note: no gpt-2 vocab file, BPE part not run\n");
+        return;
+    }
+    assert_int_equal(model_gguf_open(path, &g, err, sizeof err), 0);
+    assert_int_equal(model_random_write("tiny", KERN_F32, 3, g, p, err, sizeof err), 0);
+    model_gguf_close(g);
+    assert_int_equal(model_load(p, be, &m, err, sizeof err), 0);
+    const char *words[2] = {"Hello world", "Help"};
+    int32_t hello, h, world;
+    size_t n;
+    assert_int_equal(model_tokenize(m, "Hello", 5, false, &hello, 1, &n), 0);
+    assert_int_equal(model_tokenize(m, "H", 1, false, &h, 1, &n), 0);
+    assert_int_equal(model_tokenize(m, " world", 6, false, &world, 1, &n), 0);
+    assert_int_equal(model_choice_new(m, words, 2, &c), 0);
+    static int32_t big[60000];
+    uint32_t k = choice_allowed(c, model_hparams(m)->n_vocab, big, 60000);
+    bool has_hello = false, has_h = false;
+    for (uint32_t i = 0; i < k; i++) {
+        has_hello |= big[i] == hello;
+        has_h |= big[i] == h;
+    }
+    assert_true(has_hello && has_h && k > 2);
+    assert_int_equal(model_choice_accept(c, hello), 0); /* "Help" is out now */
+    assert_int_equal(model_choice_accept(c, world), 1);
+    model_choice_free(c);
+    model_free(m);
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_load_tiny),    cmocka_unit_test(test_tokenizer),
-        cmocka_unit_test(test_random_vocab), cmocka_unit_test(test_bad_models),
-        cmocka_unit_test(test_sampler),      cmocka_unit_test(test_logprobs),
-        cmocka_unit_test(test_penalties),    cmocka_unit_test(test_logit_bias),
+        cmocka_unit_test(test_load_tiny),     cmocka_unit_test(test_tokenizer),
+        cmocka_unit_test(test_random_vocab),  cmocka_unit_test(test_bad_models),
+        cmocka_unit_test(test_sampler),       cmocka_unit_test(test_logprobs),
+        cmocka_unit_test(test_penalties),     cmocka_unit_test(test_logit_bias),
+        cmocka_unit_test(test_guided_choice),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -982,6 +982,85 @@ test_prompt_logprobs_preempted(void **state)
     }
 }
 
+/* guided_choice through the engine: every sample (forked or not) spells
+ * one of the choices and ends with SCHED_FINISH_STOP, greedy or sampled;
+ * with forced tokens the request is refused. */
+static void
+test_guided_choice(void **state)
+{
+    (void)state;
+    sched_cfg_t cfg = {.max_num_seqs = 4,
+                       .max_num_batched_tokens = 64,
+                       .block_tokens = 16,
+                       .n_blocks = 64,
+                       .kv_dtype = KERN_F32};
+    engine_t e;
+    engine_open(&e, false, &cfg);
+    const char *choices[3] = {"yes", "no", "yesterday"};
+    int32_t prompt[12];
+    for (int i = 0; i < 12; i++)
+        prompt[i] = (i * 41 + 5) % 256;
+    static int32_t out[2][8][16];
+    uint32_t n_out[2][8] = {{0}}, fin[2][8] = {{0}};
+    for (uint64_t id = 0; id < 2; id++) {
+        sched_request_t r = {
+            .id = id,
+            .prompt = prompt,
+            .n_prompt = 12,
+            .max_tokens = 16,
+            .n = 8,
+            .sampling = {.temperature = id ? 2.0f : 0.0f, .top_p = 1.0f, .seed = 3},
+            .choices = choices,
+            .n_choices = 3};
+        assert_int_equal(sched_submit(e.s, &r), 0);
+    }
+    for (int step = 0, live = 1; step < 200 && live > 0; step++) {
+        live = sched_step(e.s);
+        assert_true(live >= 0);
+        sched_event_t *ev;
+        while ((ev = sched_poll(e.s)) != NULL) {
+            uint64_t id = ev->req_id;
+            if (ev->kind == SCHED_EV_TOKEN && n_out[id][ev->index] < 16)
+                out[id][ev->index][n_out[id][ev->index]++] = ev->token;
+            else if (ev->kind == SCHED_EV_FINISH) {
+                assert_int_equal(ev->finish, SCHED_FINISH_STOP);
+                fin[id][ev->index]++;
+            }
+            sched_event_free(ev);
+        }
+    }
+    for (int id = 0; id < 2; id++)
+        for (int i = 0; i < 8; i++) {
+            assert_int_equal(fin[id][i], 1);
+            char text[17] = "";
+            for (uint32_t k = 0; k < n_out[id][i]; k++)
+                if (!model_token_is_eog(e.m, out[id][i][k]))
+                    text[strlen(text)] = (char)out[id][i][k];
+            int which = -1;
+            for (int c = 0; c < 3; c++)
+                if (strcmp(text, choices[c]) == 0)
+                    which = c;
+            assert_true(which >= 0);
+            if (id == 0) /* greedy: every sample the same */
+                assert_memory_equal(out[0][i], out[0][0], sizeof out[0][0]);
+        }
+    int32_t forced = 'y';
+    sched_request_t bad = {.id = 9,
+                           .prompt = prompt,
+                           .n_prompt = 12,
+                           .max_tokens = 4,
+                           .sampling = {.top_p = 1.0f},
+                           .choices = choices,
+                           .n_choices = 3,
+                           .forced = &forced,
+                           .n_forced = 1};
+    assert_int_equal(sched_submit(e.s, &bad), KVS_EINVAL);
+    bad.n_forced = 0;
+    bad.n_choices = MODEL_MAX_CHOICES + 1;
+    assert_int_equal(sched_submit(e.s, &bad), KVS_EINVAL);
+    engine_close(&e);
+}
+
 /* min_tokens: before it, the model's end-of-generation ids and the banned
  * ids cannot be drawn (each token is the argmax of its row without them),
  * and logprobs still come from the model's row; after it, they can. */
@@ -1145,6 +1224,7 @@ main(void)
         cmocka_unit_test(test_penalties_fed),
         cmocka_unit_test(test_forced),
         cmocka_unit_test(test_min_tokens),
+        cmocka_unit_test(test_guided_choice),
         cmocka_unit_test(test_prompt_logprobs),
         cmocka_unit_test(test_prompt_logprobs_preempted),
         cmocka_unit_test(test_device_failure),

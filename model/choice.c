@@ -1,0 +1,210 @@
+/*
+ * model/choice.c — vLLM's guided_choice: the output must spell one of a
+ * few strings, by any tokenization of it.  Each step the row of logits
+ * is cut to the tokens whose bytes continue the output along a choice
+ * still possible (and an end-of-generation token where a choice is
+ * complete), and each accepted token narrows the choices.  Called by
+ * sched/ at sampling (engine thread).
+ *
+ * The tokens' bytes come from a table built once per model on first use
+ * (model_token_piece of every id, control tokens empty), published with
+ * a compare-and-swap so concurrent first users agree on one table.
+ */
+#include "model_int.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct piece_table {
+    uint32_t *off; /* [n_vocab + 1] into bytes */
+    uint8_t *bytes;
+} piece_table_t;
+
+struct model_choice {
+    const model_t *m;
+    const piece_table_t *pt;
+    uint32_t n;
+    char **text; /* [n] copies */
+    uint32_t *len;
+    uint64_t live; /* choices the output so far is a prefix of */
+    uint32_t done; /* bytes of output so far */
+};
+
+static void
+table_free(piece_table_t *t)
+{
+    if (t) {
+        free(t->off);
+        free(t->bytes);
+        free(t);
+    }
+}
+
+static const piece_table_t *
+pieces(const model_t *m)
+{
+    /* The table is a cache: building it does not change the model. */
+    _Atomic(void *) *slot = &((model_t *)m)->pieces;
+    piece_table_t *t = atomic_load(slot);
+    if (t)
+        return t;
+    uint32_t nv = m->hp.n_vocab;
+    t = calloc(1, sizeof *t);
+    size_t cap = (size_t)nv * 4 + 64, used = 0;
+    if (t == NULL || (t->off = malloc((nv + 1) * sizeof *t->off)) == NULL ||
+        (t->bytes = malloc(cap)) == NULL) {
+        table_free(t);
+        return NULL;
+    }
+    for (uint32_t id = 0; id < nv; id++) {
+        t->off[id] = (uint32_t)used;
+        for (;;) {
+            int n = model_vocab_piece(m->vocab, (int32_t)id, false, (char *)t->bytes + used,
+                                      cap - used);
+            if (n < 0)
+                n = 0;
+            if (used + (size_t)n <= cap) {
+                used += (size_t)n;
+                break;
+            }
+            uint8_t *b = realloc(t->bytes, cap * 2 + (size_t)n);
+            if (b == NULL) {
+                table_free(t);
+                return NULL;
+            }
+            t->bytes = b;
+            cap = cap * 2 + (size_t)n;
+        }
+    }
+    t->off[nv] = (uint32_t)used;
+    void *expect = NULL;
+    if (!atomic_compare_exchange_strong(slot, &expect, t)) {
+        table_free(t);
+        return expect;
+    }
+    return t;
+}
+
+void
+model__pieces_free(model_t *m)
+{
+    table_free(atomic_exchange(&m->pieces, NULL));
+}
+
+int
+model_choice_new(const model_t *m, const char *const *choices, uint32_t n, model_choice_t **out)
+{
+    *out = NULL;
+    if (n == 0 || n > MODEL_MAX_CHOICES || choices == NULL)
+        return KVS_EINVAL;
+    for (uint32_t i = 0; i < n; i++)
+        if (choices[i] == NULL || choices[i][0] == '\0' ||
+            strlen(choices[i]) > MODEL_MAX_CHOICE_BYTES)
+            return KVS_EINVAL;
+    const piece_table_t *pt = pieces(m);
+    if (pt == NULL)
+        return KVS_ENOMEM;
+    model_choice_t *c = calloc(1, sizeof *c);
+    if (c == NULL)
+        return KVS_ENOMEM;
+    c->m = m;
+    c->pt = pt;
+    c->n = n;
+    c->text = calloc(n, sizeof *c->text);
+    c->len = calloc(n, sizeof *c->len);
+    if (!c->text || !c->len) {
+        model_choice_free(c);
+        return KVS_ENOMEM;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        c->len[i] = (uint32_t)strlen(choices[i]);
+        if ((c->text[i] = strdup(choices[i])) == NULL) {
+            model_choice_free(c);
+            return KVS_ENOMEM;
+        }
+    }
+    c->live = n == 64 ? ~0ull : (1ull << n) - 1;
+    *out = c;
+    return 0;
+}
+
+int
+model_choice_clone(const model_choice_t *c, model_choice_t **out)
+{
+    int rc = model_choice_new(c->m, (const char *const *)c->text, c->n, out);
+    if (rc == 0) {
+        (*out)->live = c->live;
+        (*out)->done = c->done;
+    }
+    return rc;
+}
+
+void
+model_choice_free(model_choice_t *c)
+{
+    if (c == NULL)
+        return;
+    for (uint32_t i = 0; c->text && i < c->n; i++)
+        free(c->text[i]);
+    free(c->text);
+    free(c->len);
+    free(c);
+}
+
+/* Whether token id's bytes continue choice i from the output's end. */
+static bool
+continues(const model_choice_t *c, uint32_t i, int32_t id)
+{
+    const piece_table_t *pt = c->pt;
+    uint32_t a = pt->off[id], n = pt->off[id + 1] - a;
+    return n > 0 && c->done + n <= c->len[i] && memcmp(c->text[i] + c->done, pt->bytes + a, n) == 0;
+}
+
+/* Whether some live choice is the output exactly. */
+static bool
+complete(const model_choice_t *c)
+{
+    for (uint32_t i = 0; i < c->n; i++)
+        if ((c->live >> i & 1) && c->len[i] == c->done)
+            return true;
+    return false;
+}
+
+uint32_t
+model_choice_mask(const model_choice_t *c, const float *row, float *out)
+{
+    uint32_t nv = c->m->hp.n_vocab, allowed = 0;
+    bool end = complete(c);
+    for (uint32_t id = 0; id < nv; id++) {
+        bool ok = end && model_vocab_is_eog(c->m->vocab, (int32_t)id);
+        for (uint32_t i = 0; !ok && i < c->n; i++)
+            ok = (c->live >> i & 1) && continues(c, i, (int32_t)id);
+        out[id] = ok ? row[id] : -INFINITY;
+        allowed += ok;
+    }
+    return allowed;
+}
+
+int
+model_choice_accept(model_choice_t *c, int32_t id)
+{
+    if (id < 0 || (uint32_t)id >= c->m->hp.n_vocab)
+        return KVS_EINVAL;
+    if (model_vocab_is_eog(c->m->vocab, id))
+        return complete(c) ? 1 : KVS_EINVAL;
+    uint64_t live = 0;
+    for (uint32_t i = 0; i < c->n; i++)
+        if ((c->live >> i & 1) && continues(c, i, id))
+            live |= 1ull << i;
+    if (live == 0)
+        return KVS_EINVAL;
+    c->live = live;
+    c->done += c->pt->off[id + 1] - c->pt->off[id];
+    /* Over when the output is a whole choice that no other goes past. */
+    bool longer = false;
+    for (uint32_t i = 0; i < c->n; i++)
+        longer |= (live >> i & 1) && c->len[i] > c->done;
+    return complete(c) && !longer ? 1 : 0;
+}
