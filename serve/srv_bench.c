@@ -24,6 +24,7 @@ static const char bench_usage[] =
     "                     [--output-len O (64)] [--output-len-range F (0)]\n"
     "                     [--shared-prefix RATIO (0..1)] [--seed S] [--timeout-ms T]\n"
     "                     [--multi-turn T [--question-len Q (32)]] [--duration S]\n"
+    "                     [--n N (outputs per request, 1..64)]\n"
     "                     [--cancel-fraction F [--cancel-after-ms MS (1000)]]\n"
     "                     [--deadline-fraction F [--deadline-ms MS (1000)]]\n"
     "                     [--attention dense|sink-window|delta|block-sparse] [--attn-sinks N]\n"
@@ -41,7 +42,9 @@ static const char bench_usage[] =
     "answer and Q new tokens.  --num-requests counts turns; open loop paces conversations.\n"
     "Cancel / deadline fractions: those requests are cancelled by the client after a\n"
     "uniform 0..MS ms, or get a uniform MS/10..MS ms deadline; CANCELLED and\n"
-    "DEADLINE_EXCEEDED are then intended.  Exit 0 when nothing else failed.\n";
+    "DEADLINE_EXCEEDED are then intended.  --n: each request asks N outputs of its prompt\n"
+    "(sampling.n); output tokens count every output, TPOT and ITL are per output.\n"
+    "Exit 0 when nothing else failed.\n";
 
 /* An open loop never waits for completions; past this many calls in
  * flight it does, and says so in the summary. */
@@ -124,6 +127,7 @@ enum {
     O_CANCELMS,
     O_DEADLINE,
     O_DEADLINEMS,
+    O_NOUT,
     O_HELP,
 };
 
@@ -234,6 +238,7 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
         {"cancel-after-ms", 1, 0, O_CANCELMS},
         {"deadline-fraction", 1, 0, O_DEADLINE},
         {"deadline-ms", 1, 0, O_DEADLINEMS},
+        {"n", 1, 0, O_NOUT},
         {"help", 0, 0, O_HELP},
         SRV_ATTN_LONGOPTS,
         SRV_PREFILL_LONGOPTS,
@@ -249,6 +254,7 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
                         .progress = true,
                         .turns = 1,
                         .question_len = 32,
+                        .n_outputs = 1,
                         .cancel_ms = 1000,
                         .deadline_ms = 1000};
     model_attn_policy_t ap = SRV_ATTN_DEFAULT;
@@ -342,6 +348,9 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
             rc = srv_parse_u32(C, "--deadline-ms", optarg, 10, INT32_MAX, &o->deadline_ms);
             have_dms = true;
             break;
+        case O_NOUT:
+            rc = srv_parse_u32(C, "--n", optarg, 1, SCHED_MAX_N, &o->n_outputs);
+            break;
         default:
             /* Pool and prefill-shape flags of the server have no field in
              * a request: name them rather than drop them. */
@@ -379,6 +388,8 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
         why = "--cancel-after-ms needs --cancel-fraction";
     else if (have_dms && o->deadline_frac == 0.0f)
         why = "--deadline-ms needs --deadline-fraction";
+    else if (o->n_outputs > 1 && o->turns > 1)
+        why = "--n and --multi-turn exclude each other (which output would the next turn take?)";
     if (why) {
         fprintf(stderr, "kvserve bench: %s\n%s", why, bench_usage);
         return KVS_EINVAL;
@@ -656,7 +667,14 @@ req_launch(bench_t *b, uint32_t k)
     sp.has_max_tokens = 1;
     sp.max_tokens = r->out_len;
     sp.has_ignore_eos = sp.ignore_eos = 1;
+    sp.has_n = o->n_outputs > 1;
+    sp.n = o->n_outputs;
     req.sampling = &sp;
+    r->n_outs = o->n_outputs;
+    if (r->n_outs > 1 && r->t_out == NULL &&
+        (r->t_out = calloc(r->n_outs, sizeof *r->t_out)) == NULL)
+        r->n_outs =
+            1; /* out of memory: times as if one output (the report's TPOT then runs long) */
     if (o->has_attn || o->has_prefill || o->has_kv) {
         pol.attention = o->has_attn ? &attn : NULL;
         pol.prefill = o->has_prefill ? &prefill : NULL;
@@ -712,15 +730,19 @@ req_message(bench_t *b, bench_req_t *r, const Kvserve__V1__GenerateResponse *m)
 {
     double t = now_s(b);
     size_t n = m->n_token_ids;
+    /* With --n, gaps are each output's own. */
+    uint32_t idx = m->has_index ? m->index : 0;
+    double *last = r->t_out && idx < r->n_outs ? &r->t_out[idx] : &r->t_last;
     if (n) {
-        if (r->tokens == 0) {
+        if (r->tokens == 0)
             r->t_first = t;
-        } else {
-            double gap = (t - r->t_last) * 1e3 / (double)n;
+        if (r->t_out ? *last > 0 : r->tokens > 0) {
+            double gap = (t - *last) * 1e3 / (double)n;
             for (size_t i = 0; i < n; i++)
                 if (!itl_push(r, gap))
                     break;
         }
+        *last = t;
         if (b->o.turns > 1) {
             /* Sized for the whole answer at once (ignore_eos); out of
              * memory, the history just misses these tokens. */
@@ -912,6 +934,7 @@ srv_cmd_bench(int argc, char **argv)
             free(b.reqs[k].prompt);
             free(b.reqs[k].out_ids);
             free(b.reqs[k].itl);
+            free(b.reqs[k].t_out);
             free(b.reqs[k].message);
         }
     free(b.reqs);

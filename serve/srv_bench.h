@@ -25,7 +25,8 @@ typedef struct bench_opts {
     /* --multi-turn T: conversations of T requests, each turn's prompt is
      * the previous prompt, its answer and --question-len new tokens. */
     uint32_t turns, question_len;
-    float duration_s; /* --duration: no new request after this; 0: none */
+    uint32_t n_outputs; /* --n: outputs per request (sampling.n) */
+    float duration_s;   /* --duration: no new request after this; 0: none */
     float cancel_frac, deadline_frac;
     uint32_t cancel_ms, deadline_ms;
     /* Per-request long-context policy; has_* says which groups were given. */
@@ -66,9 +67,11 @@ typedef struct bench_req {
     double t0, t_first, t_last, t_end;
     uint32_t tokens, usage_prompt, usage_cached;
     bool has_usage;
-    double *itl; /* ms, one per token after the first message's */
+    double *itl; /* ms, one per token after the first message's (each output's) */
     size_t n_itl, cap_itl;
-    char *message; /* the status details; NULL when there are none */
+    uint32_t n_outs; /* outputs asked for (--n) */
+    double *t_out;   /* --n > 1: each output's last token-bearing message (0: none yet) */
+    char *message;   /* the status details; NULL when there are none */
 } bench_req_t;
 
 /* Per-second counts for throughput over time. */

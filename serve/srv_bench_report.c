@@ -60,10 +60,12 @@ typedef struct summary {
     uint32_t errors[SRV_GRPC_CODES + 1]; /* unintended endings by status */
 } summary_t;
 
+/* Per output: the outputs decode side by side. */
 static double
 req_tpot(const bench_req_t *r)
 {
-    return (r->t_end - r->t_first) * 1e3 / (double)(r->tokens - 1);
+    uint32_t outs = r->n_outs ? r->n_outs : 1;
+    return (r->t_end - r->t_first) * 1e3 / ((double)r->tokens / outs - 1);
 }
 
 static void
@@ -110,7 +112,7 @@ bench_summarize(const bench_t *b, summary_t *s)
         s->v[L_E2E][n[L_E2E]++] = (r->t_end - r->t0) * 1e3;
         if (r->tokens) {
             s->v[L_TTFT][n[L_TTFT]++] = (r->t_first - r->t0) * 1e3;
-            if (r->tokens > 1)
+            if (r->tokens > (r->n_outs ? r->n_outs : 1))
                 s->v[L_TPOT][n[L_TPOT]++] = req_tpot(r);
         }
         for (size_t i = 0; i < r->n_itl; i++)
@@ -134,6 +136,9 @@ print_summary(const bench_t *b, const summary_t *s)
     if (o->turns > 1)
         printf("%-32s %u conversations of %u turns, %u new tokens a turn\n",
                "Multi-turn:", b->n_conv, o->turns, o->question_len);
+    if (o->n_outputs > 1)
+        printf("%-32s %u (sampling.n; TPOT and ITL per output)\n",
+               "Outputs per request:", o->n_outputs);
     if (s->started < o->n_req)
         printf("%-32s %u of %u (--duration %gs)\n", "Started requests:", s->started, o->n_req,
                o->duration_s);
@@ -222,12 +227,13 @@ write_json(const bench_t *b, const summary_t *s)
             "\"input_len_range\": %g, \"output_len\": %u, \"output_len_range\": %g, "
             "\"shared_prefix\": %g, \"seed\": %llu, \"timeout_ms\": %u, \"turns\": %u, "
             "\"question_len\": %u, \"duration_s\": %g, \"cancel_fraction\": %g, "
-            "\"cancel_after_ms\": %u, \"deadline_fraction\": %g, \"deadline_ms\": %u, ",
+            "\"cancel_after_ms\": %u, \"deadline_fraction\": %g, \"deadline_ms\": %u, "
+            "\"n\": %u, ",
             o->n_req, o->open_loop ? "open" : "closed", o->open_loop ? 0 : o->conc,
             o->open_loop ? o->rate : 0.0, o->open_loop ? o->burst : 0.0, o->in_len, o->in_range,
             o->out_len, o->out_range, o->prefix, (unsigned long long)o->seed, o->conn.timeout_ms,
             o->turns, o->turns > 1 ? o->question_len : 0, o->duration_s, o->cancel_frac,
-            o->cancel_ms, o->deadline_frac, o->deadline_ms);
+            o->cancel_ms, o->deadline_frac, o->deadline_ms, o->n_outputs);
     json_policy(f, o);
     fprintf(f,
             "},\n\"summary\": {\"started\": %u, \"completed\": %u, \"cancelled\": %u, "
@@ -278,7 +284,8 @@ write_json(const bench_t *b, const summary_t *s)
                 "\"status_name\": \"%s\", \"message\": ",
                 first ? "" : ",\n", k, k / o->turns, k % o->turns, r->t0,
                 r->tokens ? (r->t_first - r->t0) * 1e3 : 0.0, (r->t_end - r->t0) * 1e3,
-                r->tokens > 1 ? req_tpot(r) : 0.0, r->tokens, r->out_len,
+                r->tokens > (r->n_outs ? r->n_outs : 1) ? req_tpot(r) : 0.0, r->tokens,
+                r->out_len * (r->n_outs ? r->n_outs : 1),
                 r->has_usage ? r->usage_prompt : r->n_prompt, r->usage_cached,
                 intent_name(r->intent), (int)r->status, srv_grpc_status_name(r->status));
         first = false;

@@ -77,6 +77,10 @@ expect 2 "run bad device" "$K" run $M --prompt a --device tpu
 expect 2 "run presence penalty 3" "$K" run $M --prompt a --presence-penalty 3
 contains "presence-penalty"
 expect 0 "run with penalties" "$K" run $M --prompt "abcabc" --max-tokens 4 --repetition-penalty 1.3 --frequency-penalty 0.5
+expect 2 "bench --n with --multi-turn" "$K" bench --addr 127.0.0.1:1 --n 2 --multi-turn 2
+contains "exclude each other"
+expect 2 "bench --n 65" "$K" bench --addr 127.0.0.1:1 --n 65
+contains "outside"
 expect 2 "run logit bias 101" "$K" run $M --prompt a --logit-bias 3:101
 contains "logit-bias"
 expect 2 "run logit bias without a bias" "$K" run $M --prompt a --logit-bias 3

@@ -1107,6 +1107,25 @@ def check_bench_modes(kvserve, addr, work):
     report("10 bench: multi-turn, 3 conversations x 3 turns", not bad, "; ".join(bad[:3]) or
            "%.0f%% of input tokens cached" % (100 * doc["summary"]["cached_share"]))
 
+    # Three outputs a request (sampling.n): every output's tokens counted,
+    # TPOT per output.
+    rc, out, doc = run_bench_json(kvserve, addr, work, "n3", [
+        "--n", "3", "--num-requests", "6", "--concurrency", "3", "--input-len", "48",
+        "--output-len", "10"])
+    bad = [] if doc else ["no JSON (exit %d): %s" % (rc, out[-300:])]
+    if doc:
+        s = doc["summary"]
+        if rc != 0 or s["completed"] != 6 or s["total_output_tokens"] != 6 * 3 * 10 or \
+                doc["config"].get("n") != 3:
+            bad.append("exit %d, summary %s" % (rc, s))
+        bad += ["request %d: %d of %d tokens, tpot %s" % (r["index"], r["output_tokens"],
+                                                          r["requested_output_tokens"],
+                                                          r["tpot_ms"])
+                for r in doc["requests"] if r["output_tokens"] != 30
+                or r["requested_output_tokens"] != 30 or not r["tpot_ms"] > 0]
+    report("10 bench --n 3: 3 outputs of 10 tokens for each of 6 requests", not bad,
+           "; ".join(bad[:3]) or "%d output tokens" % doc["summary"]["total_output_tokens"])
+
     # A third of the calls cancelled by the client, a third with short
     # deadlines: those endings are intended, nothing else may fail.
     svg = os.path.join(work, "bench.svg")
