@@ -583,9 +583,11 @@ out_pending(const call_t *c, const gen_out_t *o)
     return !o->final_sent && (o->n_toks > 0 || o->finished || text_ready(c, o, false) > 0);
 }
 
-/* The request's usage over its samples: the prompt's side as sample 0
- * reports it (shared), tokens, preemptions and dropped KV summed, the
- * earliest first token. */
+/* The request's usage over its samples, for the log and the metrics:
+ * the prompt's side as sample 0 reports it (shared), tokens, preemptions
+ * and decode time summed (so decode time over tokens stays a time per
+ * output token), the earliest first token, and the most KV any sample
+ * dropped (forked samples report the prompt's drops as theirs too). */
 static sched_usage_t
 gen_usage(const call_t *c)
 {
@@ -597,11 +599,11 @@ gen_usage(const call_t *c)
         if (i == 0)
             continue;
         u.preemptions += o->usage.preemptions;
-        u.kv_dropped_tokens += o->usage.kv_dropped_tokens;
+        u.decode_ns += o->usage.decode_ns;
+        if (o->usage.kv_dropped_tokens > u.kv_dropped_tokens)
+            u.kv_dropped_tokens = o->usage.kv_dropped_tokens;
         if (o->usage.ttft_ns && (u.ttft_ns == 0 || o->usage.ttft_ns < u.ttft_ns))
             u.ttft_ns = o->usage.ttft_ns;
-        if (o->usage.decode_ns > u.decode_ns)
-            u.decode_ns = o->usage.decode_ns;
     }
     return u;
 }
