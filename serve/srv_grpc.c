@@ -498,7 +498,9 @@ check_stop(const call_t *c, gen_out_t *o, int32_t tok)
     /* min_tokens: the engine bans the stop ids before then, and stop
      * strings are not looked for (vLLM's rule: from the token that makes
      * the output min_tokens long). */
-    bool early = (uint64_t)o->n_delivered + o->n_toks + 1 < c->g.sr.min_tokens;
+    uint64_t at = (uint64_t)o->n_delivered + o->n_toks; /* this token's place in the output */
+    /* A forced token is the caller's text, never a stop. */
+    bool early = at + 1 < c->g.sr.min_tokens || at < c->g.sr.n_forced;
     for (size_t i = 0; i < c->g.n_stop_ids && !early; i++) {
         if ((uint32_t)tok == c->g.stop_ids[i]) {
             int n = model_token_piece(S.m, tok, o->stop_match, sizeof o->stop_match - 1);

@@ -547,6 +547,15 @@ def check_logprobs(api, kvserve, model, work, addr):
            g["code"] is None and g["tokens"][:4] == other and len(g["tokens"]) == 6
            and len(g["logprobs"]) == 6 and all(x.logprob <= 0 for x in g["logprobs"]),
            "%s: %s" % (describe(g), g["tokens"]))
+    # A forced token is never a stop: not a stop id, nor the end of a stop
+    # string; those are looked for in the sampled tokens only.
+    req.sampling.stop_token_ids.append(105)
+    req.sampling.stop.append("Hi")
+    req.sampling.max_tokens = 4
+    h = collect(api, req)
+    report("1 forced_tokens: a stop id or stop string among them does not end the output",
+           h["code"] is None and h["tokens"] == other and h["finish"] == pb.FINISH_REASON_LENGTH
+           and h["text"].startswith("Hi"), "%s: %s %r" % (describe(h), h["tokens"], h["text"]))
 
 
 def check_min_tokens(api):
