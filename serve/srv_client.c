@@ -28,7 +28,7 @@ static const char gen_usage[] =
     "                        [--logit-bias ID:BIAS,... (BIAS in [-100, 100])]\n"
     "                        [--prompt-logprobs N (0..20, with --json)]\n"
     "                        [--allowed-token-ids 1,2,3] [--truncate-prompt-tokens N]\n"
-    "                        [--guided-choice STR]...\n"
+    "                        [--guided-choice STR]... [--include-stop-str-in-output]\n"
     "                        [--priority N] [--cache-salt S]\n"
     "                        [--request-id S] [--timeout-ms N] [--api-key-file F]\n"
     "                        [--tls-ca F] [--tls-server-name NAME] [--json]\n";
@@ -388,6 +388,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         {"prompt-logprobs", 1, 0, 'G'},
         {"allowed-token-ids", 1, 0, 'A'},
         {"guided-choice", 1, 0, 'H'},
+        {"include-stop-str-in-output", 0, 0, 'I'},
         {"truncate-prompt-tokens", 1, 0, 'U'},
         {"repetition-penalty", 1, 0, 'R'},
         {"presence-penalty", 1, 0, 'E'},
@@ -416,7 +417,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         int rc = srv_conn_opt(C, c, &o->conn);
         if (rc == 1) {
             rc = 0;
-            o->sampling |= strchr("mtkqnsexXLREFMcBGAH", c) != NULL;
+            o->sampling |= strchr("mtkqnsexXLREFMcBGAHI", c) != NULL;
             switch (c) {
             case 'h':
                 fputs(gen_usage, stdout);
@@ -500,6 +501,9 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
                 break;
             case 'H':
                 p->guided_choice[p->n_guided_choice++] = optarg;
+                break;
+            case 'I':
+                p->has_include_stop_str_in_output = p->include_stop_str_in_output = 1;
                 break;
             case 'X':
                 free(o->stop_ids);

@@ -491,7 +491,9 @@ text_ready(const call_t *c, const gen_out_t *o, bool final)
 }
 
 /* Checks the new token against the stop conditions; true when the request
- * stops here (the token and any text from the match on are dropped). */
+ * stops here: the token and any text from the match on are dropped, or
+ * with include_stop_str_in_output the token stays and the text runs to
+ * the match's end. */
 static bool
 check_stop(const call_t *c, gen_out_t *o, int32_t tok)
 {
@@ -505,6 +507,8 @@ check_stop(const call_t *c, gen_out_t *o, int32_t tok)
         if ((uint32_t)tok == c->g.stop_ids[i]) {
             int n = model_token_piece(S.m, tok, o->stop_match, sizeof o->stop_match - 1);
             o->stop_match[n > 0 ? n : 0] = '\0';
+            if (c->g.include_stop)
+                srv_buf_put_token(&o->text, S.m, tok);
             return true;
         }
     }
@@ -521,7 +525,7 @@ check_stop(const call_t *c, gen_out_t *o, int32_t tok)
         const char *hit = memmem(o->text.p + from, o->text.len - from, c->g.stop[i], n);
         if (hit) {
             snprintf(o->stop_match, sizeof o->stop_match, "%s", c->g.stop[i]);
-            o->text.len = (size_t)(hit - o->text.p);
+            o->text.len = (size_t)(hit - o->text.p) + (c->g.include_stop ? n : 0);
             o->text.p[o->text.len] = '\0';
             return true;
         }
@@ -930,10 +934,12 @@ on_engine(uv_async_t *h)
                 c->n_plp += ev->n_plp;
             }
         } else if (o && ev->kind == SCHED_EV_TOKEN && !o->stopped && !o->finished) {
-            if (check_stop(c, o, ev->token)) {
+            bool stop = check_stop(c, o, ev->token);
+            if (stop) {
                 o->stopped = true;
                 sched_cancel_sample(S.sched, c->id, ev->index);
-            } else {
+            }
+            if (!stop || c->g.include_stop) {
                 if (o->n_toks == o->cap_toks)
                     toks_grow(c, o);
                 if (o->n_toks < o->cap_toks) {

@@ -333,6 +333,7 @@ check_sampling(const Kvserve__V1__SamplingParams *sp, const srv_limits_t *lim, s
     out->n_stop = sp->n_stop;
     out->stop_ids = sp->stop_token_ids;
     out->n_stop_ids = sp->n_stop_token_ids;
+    out->include_stop = sp->has_include_stop_str_in_output && sp->include_stop_str_in_output;
     out->sr.ignore_eos = sp->has_ignore_eos && sp->ignore_eos;
     if (sp->has_logprobs) {
         if (sp->logprobs > SCHED_MAX_LOGPROBS)

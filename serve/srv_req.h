@@ -37,6 +37,7 @@ typedef struct srv_gen_req {
     size_t n_stop;
     const uint32_t *stop_ids;
     size_t n_stop_ids;
+    bool include_stop; /* include_stop_str_in_output */
     /* sampling.logit_bias as sr.sampling's arrays (malloc'd). */
     int32_t *bias_ids;
     float *bias;

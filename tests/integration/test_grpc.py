@@ -920,6 +920,39 @@ def check_guided_choice(api, kvserve, addr):
                describe(o))
 
 
+def check_include_stop(api, kvserve, addr):
+    """include_stop_str_in_output: the stop string ends the text (and its
+    last token stays); the stop token too; without it neither."""
+    plain = collect(api, greedy_req(TEXT_PROMPT, 12))
+    text = plain["text"]
+    stop = text[2:5] if len(text) >= 5 else "x"
+    at = text.find(stop)
+    outs = {}
+    for inc in (False, True):
+        r = greedy_req(TEXT_PROMPT, 12)
+        r.sampling.ignore_eos = False
+        r.sampling.stop.append(stop)
+        if inc:
+            r.sampling.include_stop_str_in_output = True
+        outs[inc] = collect(api, r)
+    toks, doc = c_client(kvserve, addr, TEXT_PROMPT, 12, ["--stop", stop,
+                                                          "--include-stop-str-in-output"])
+    a, b = outs[False], outs[True]
+    ok = (at >= 0 and a["text"] == text[:at] and b["text"] == text[:at + len(stop)]
+          and a["finish"] == b["finish"] == pb.FINISH_REASON_STOP
+          and len(b["tokens"]) == len(a["tokens"]) + 1 and b["tokens"][:-1] == a["tokens"]
+          and isinstance(doc, dict) and doc.get("text") == b["text"])
+    sid = collect(api, greedy_req(TEXT_PROMPT, 12))["tokens"][3]
+    r = greedy_req(TEXT_PROMPT, 12)
+    r.sampling.stop_token_ids.append(sid)
+    r.sampling.include_stop_str_in_output = True
+    c = collect(api, r)
+    ok = ok and c["tokens"] == plain["tokens"][:4] and c["finish"] == pb.FINISH_REASON_STOP
+    report("1 include_stop_str_in_output: the stop string or token ends the output",
+           ok, "stop %r: without %r, with %r, C client %s; stop id %d: %s"
+           % (stop, a["text"], b["text"], str(doc)[:80], sid, c["tokens"]))
+
+
 def concurrent_prompts():
     words = ["grass", "sky", "sea", "cat", "dog", "sun", "moon", "tree"]
     ps = []
@@ -2073,6 +2106,7 @@ def main():
             check_prompt_logprobs(api, kvserve, srv.addr)
             check_allowed_and_truncate(api, kvserve, srv.addr)
             check_guided_choice(api, kvserve, srv.addr)
+            check_include_stop(api, kvserve, srv.addr)
             if "text" in refs:
                 check_tokenize(api, refs["text"])
             check_concurrent(api)
