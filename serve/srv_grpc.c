@@ -96,9 +96,9 @@ typedef struct call {
     bool engine_live; /* some sample has not finished in the engine */
     gen_out_t *out;
     uint32_t n_out, n_running, next_out; /* next_out: where the next send looks first */
-    sched_logprobs_t *plp;               /* prompt_logprobs, [n_prompt - 1] once asked */
-    uint32_t n_plp;
-    uint64_t msg_t_sum; /* the message in flight: its tokens' queue times */
+    sched_logprobs_t *plp;               /* prompt_logprobs arrived, not yet sent */
+    uint32_t n_plp, cap_plp, plp_seen;   /* plp_seen: entries arrived in all */
+    uint64_t msg_t_sum;                  /* the message in flight: its tokens' queue times */
     uint32_t msg_n;
     uint64_t t_arrive;
 
@@ -614,6 +614,37 @@ gen_usage(const call_t *c)
     return u;
 }
 
+/* Prompt logprobs a message carries at most: with 20 alternatives each
+ * about 700 KB, under the 4 MB clients accept by default. */
+#define PLP_PER_MSG 4096u
+
+/* A message of prompt logprobs alone, the oldest pending first. */
+static void
+gen_send_plp(call_t *c)
+{
+    uint32_t n = c->n_plp < PLP_PER_MSG ? c->n_plp : PLP_PER_MSG;
+    Kvserve__V1__GenerateResponse r = KVSERVE__V1__GENERATE_RESPONSE__INIT;
+    logprobs_msg_t pm = {0};
+    if (!logprobs_msg(c->plp, n, &pm)) {
+        logprobs_msg_free(&pm);
+        grpc_call_cancel(c->call, NULL);
+        return;
+    }
+    r.n_prompt_logprobs = n;
+    r.prompt_logprobs = pm.ptrs;
+    r.text = "";
+    if (!c->md_sent)
+        r.request_id = c->rid;
+    bool ok = send_msg(c, &r.base);
+    logprobs_msg_free(&pm);
+    if (!ok)
+        return;
+    c->msg_n = 0;
+    c->msg_t_sum = 0;
+    memmove(c->plp, c->plp + n, (c->n_plp - n) * sizeof *c->plp);
+    c->n_plp -= n;
+}
+
 /* Sends what is pending when no send is in flight: one sample's produced
  * tokens in one message, the samples in turn; a sample's last message
  * carries its finish reason and usage.  The status follows the last. */
@@ -631,6 +662,10 @@ gen_pump(call_t *c)
     }
     if (all_sent) {
         send_status(c, GRPC_STATUS_OK, NULL);
+        return;
+    }
+    if (c->n_plp) {
+        gen_send_plp(c);
         return;
     }
     if (all_failed) {
@@ -654,15 +689,10 @@ gen_pump(call_t *c)
     size_t ready = text_ready(c, o, done);
     Kvserve__V1__GenerateResponse r = KVSERVE__V1__GENERATE_RESPONSE__INIT;
     logprobs_msg_t lm = {0}, pm = {0};
-    /* The token logprobs where asked; the prompt's with the first message. */
     bool lp_ok = o->lps == NULL || o->n_toks == 0 || logprobs_msg(o->lps, o->n_toks, &lm);
     if (lp_ok && lm.ptrs) {
         r.n_logprobs = o->n_toks;
         r.logprobs = lm.ptrs;
-    }
-    if (lp_ok && !c->md_sent && c->plp && (lp_ok = logprobs_msg(c->plp, c->n_plp, &pm))) {
-        r.n_prompt_logprobs = c->n_plp;
-        r.prompt_logprobs = pm.ptrs;
     }
     uint32_t *ids = malloc((o->n_toks ? o->n_toks : 1) * sizeof *ids);
     /* proto3 strings are UTF-8, which clients check (grpcio hands Python
@@ -825,11 +855,6 @@ gen_new(call_t *c)
     }
     for (uint32_t i = 0; i < c->n_out; i++)
         c->out[i].usage.prompt_tokens = c->g.n_prompt;
-    if (c->g.sr.prompt_logprobs &&
-        (c->plp = malloc((c->g.n_prompt > 1 ? c->g.n_prompt - 1 : 1) * sizeof *c->plp)) == NULL) {
-        gen_refuse(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-        return;
-    }
     uint32_t slot = 0;
     while (S.slots[slot])
         slot++;
@@ -928,10 +953,21 @@ on_engine(uv_async_t *h)
             c = NULL;
         if (o && ev->kind == SCHED_EV_PROMPT_LOGPROBS) {
             /* In order, once each (sched.h): they land where they belong. */
-            if (c->plp && ev->plp_first + ev->n_plp <= c->g.n_prompt &&
-                ev->plp_first == c->n_plp + 1) {
+            if (ev->plp_first == c->plp_seen + 1 && ev->n_plp) {
+                if (c->n_plp + ev->n_plp > c->cap_plp) {
+                    uint32_t cap = 2 * (c->n_plp + ev->n_plp);
+                    sched_logprobs_t *p = realloc(c->plp, cap * sizeof *p);
+                    if (p == NULL) { /* the client hears of it; the engine is told below */
+                        grpc_call_cancel(c->call, NULL);
+                        sched_event_free(ev);
+                        continue;
+                    }
+                    c->plp = p;
+                    c->cap_plp = cap;
+                }
                 memcpy(c->plp + c->n_plp, ev->plp, ev->n_plp * sizeof *c->plp);
                 c->n_plp += ev->n_plp;
+                c->plp_seen += ev->n_plp;
             }
         } else if (o && ev->kind == SCHED_EV_TOKEN && !o->stopped && !o->finished) {
             bool stop = check_stop(c, o, ev->token);

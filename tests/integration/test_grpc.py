@@ -816,6 +816,24 @@ def check_prompt_logprobs(api, kvserve, addr):
                o["code"] == grpc.StatusCode.INVALID_ARGUMENT
                and "sampling.prompt_logprobs" in o["details"], describe(o))
 
+    # A long prompt: its entries come over several messages, in order,
+    # before any token.
+    long_ids = (ids * 200)[:1500]
+    req = greedy_req(long_ids, 2)
+    req.sampling.prompt_logprobs = 20
+    n_entries, plp_msgs, order_ok = 0, 0, True
+    seen_token = False
+    for r in api.generate(req, timeout=60, metadata=api.md):
+        if r.prompt_logprobs:
+            plp_msgs += 1
+            n_entries += len(r.prompt_logprobs)
+            order_ok &= not seen_token
+        seen_token |= len(r.token_ids) > 0
+    report("1 prompt_logprobs of 1,500 tokens: %d entries over several messages before the first "
+           "token" % (len(long_ids) - 1), n_entries == len(long_ids) - 1 and plp_msgs >= 2
+           and order_ok, "%d entries in %d messages, in order %s" % (n_entries, plp_msgs,
+                                                                    order_ok))
+
     toks, doc = c_client(kvserve, addr, TEXT_PROMPT, 2, ["--prompt-logprobs", "3"])
     got = [e["logprob"] for e in doc.get("prompt_logprobs", [])] if isinstance(doc, dict) else doc
     want = [p.logprob for p in a["prompt_logprobs"]]
