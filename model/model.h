@@ -546,7 +546,8 @@ int model_sampler_accept(model_sampler_t *s, int32_t token);
  * at temperature 0, otherwise top-k, then top-p, then min-p on the
  * tempered distribution, then a draw from the seeded generator (same
  * seed, same tokens).  The buffers a configuration needs are allocated at
- * its first use here or above: KVS_ENOMEM (negative) when that fails. */
+ * its first use here or above: KVS_ENOMEM (negative) when that fails;
+ * KVS_EINVAL when every logit is -inf (or NaN) after the allowed ids. */
 int32_t model_sampler_sample(model_sampler_t *s, const float *logits);
 /* The log-probability of `token` under one row of logits (their
  * log-softmax: the model's distribution, before temperature and the

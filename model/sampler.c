@@ -334,10 +334,15 @@ model_sampler_sample(model_sampler_t *s, const float *logits)
     if (rc)
         return rc;
     logits = penalize(s, logits);
+    int32_t best = argmax(logits, n);
+    float mx = logits[best];
+    /* Every token ruled out (allowed ids, bans, a guided choice): no token
+     * to draw, which the caller must hear rather than get id 0. */
+    if (!(mx > -INFINITY))
+        return KVS_EINVAL;
     if (c->temperature == 0.0f)
-        return argmax(logits, n);
+        return best;
 
-    float mx = logits[argmax(logits, n)];
     double sum = 0.0;
     for (uint32_t i = 0; i < n; i++) {
         float p = expf((logits[i] - mx) / c->temperature);

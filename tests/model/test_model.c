@@ -619,6 +619,18 @@ test_logit_bias(void **state)
     }
     model_sampler_free(s);
     model_sampler_free(t);
+    /* Nothing left to draw (the allowed ids' logits all -inf): an error,
+     * greedy or tempered, not id 0. */
+    float dead[4] = {1.0f, -INFINITY, 2.0f, -INFINITY};
+    int32_t only[2] = {1, 3};
+    model_sampling_t none = {.top_p = 1.0f, .allowed = only, .n_allowed = 2};
+    assert_int_equal(model_sampler_new(&none, 4, &s), 0);
+    assert_int_equal(model_sampler_sample(s, dead), KVS_EINVAL);
+    model_sampler_free(s);
+    none.temperature = 1.0f;
+    assert_int_equal(model_sampler_new(&none, 4, &s), 0);
+    assert_int_equal(model_sampler_sample(s, dead), KVS_EINVAL);
+    model_sampler_free(s);
     allow[1] = 3;
     float up = 2.5f;
     int32_t zero = 0;
