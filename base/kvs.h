@@ -140,6 +140,10 @@ kvs_add_size(size_t a, size_t b, size_t *out)
     return __builtin_add_overflow(a, b, out) ? KVS_ERANGE : 0;
 }
 
+/* A malloc'd copy of n bytes at p; NULL for a NULL p, or when out of
+ * memory (a caller with p != NULL tells the two apart). */
+void *kvs_memdup(const void *p, size_t n);
+
 /* The splitmix64 finalizer: a bijection of 64-bit values with full
  * avalanche, for hash keys built by folding fields in. */
 static inline uint64_t

@@ -2,7 +2,8 @@
  * base/kvs_arena.c — a bump allocator for memory that lives exactly as long
  * as one owner (a request, a parsed file).  Chunks are malloc'd on demand;
  * large allocations get a chunk of their own.  Cleanups run LIFO on free,
- * so non-memory resources share the arena's single release point.
+ * so non-memory resources share the arena's single release point.  Also
+ * kvs_memdup, the plain copy beside it.
  *
  *   arena -> chunk -> chunk -> ...      (newest first)
  *            [hdr|used.....|free]
@@ -130,4 +131,13 @@ size_t
 kvs_arena_used(const kvs_arena_t *a)
 {
     return a->used;
+}
+
+void *
+kvs_memdup(const void *p, size_t n)
+{
+    void *q = p ? malloc(n ? n : 1) : NULL;
+    if (q)
+        memcpy(q, p, n);
+    return q;
 }

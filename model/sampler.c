@@ -80,28 +80,15 @@ model_sampler_new(const model_sampling_t *cfg, uint32_t n_vocab, model_sampler_t
     if (s == NULL)
         return KVS_ENOMEM;
     s->cfg = *cfg;
-    s->cfg.bias_ids = NULL;
-    s->cfg.bias = NULL;
-    if (cfg->n_bias) {
-        s->bias_ids = malloc(cfg->n_bias * sizeof *s->bias_ids);
-        s->bias = malloc(cfg->n_bias * sizeof *s->bias);
-        if (!s->bias_ids || !s->bias) {
-            model_sampler_free(s);
-            return KVS_ENOMEM;
-        }
-        memcpy(s->bias_ids, cfg->bias_ids, cfg->n_bias * sizeof *s->bias_ids);
-        memcpy(s->bias, cfg->bias, cfg->n_bias * sizeof *s->bias);
-        s->cfg.bias_ids = s->bias_ids;
-        s->cfg.bias = s->bias;
-    }
-    s->cfg.allowed = NULL;
-    if (cfg->n_allowed) {
-        if ((s->allowed = malloc(cfg->n_allowed * sizeof *s->allowed)) == NULL) {
-            model_sampler_free(s);
-            return KVS_ENOMEM;
-        }
-        memcpy(s->allowed, cfg->allowed, cfg->n_allowed * sizeof *s->allowed);
-        s->cfg.allowed = s->allowed;
+    s->cfg.bias_ids = s->bias_ids =
+        cfg->n_bias ? kvs_memdup(cfg->bias_ids, cfg->n_bias * sizeof *s->bias_ids) : NULL;
+    s->cfg.bias = s->bias =
+        cfg->n_bias ? kvs_memdup(cfg->bias, cfg->n_bias * sizeof *s->bias) : NULL;
+    s->cfg.allowed = s->allowed =
+        cfg->n_allowed ? kvs_memdup(cfg->allowed, cfg->n_allowed * sizeof *s->allowed) : NULL;
+    if ((cfg->n_bias && (!s->bias_ids || !s->bias)) || (cfg->n_allowed && !s->allowed)) {
+        model_sampler_free(s);
+        return KVS_ENOMEM;
     }
     s->n_vocab = n_vocab;
     uint64_t x = cfg->seed;

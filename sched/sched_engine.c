@@ -419,6 +419,22 @@ finish(sched_t *s, req_t *r, sched_finish_t why, int error)
     req_free(r);
 }
 
+/* H2O's observation rows for a dense phase of n tokens. */
+static uint32_t
+h2o_window(uint64_t n)
+{
+    return n < H2O_OBS ? (uint32_t)n : H2O_OBS;
+}
+
+/* Floats a window of `rows` captured queries takes, every layer's
+ * (SnapKV's snap_q, H2O's h2o_q). */
+static size_t
+query_floats(const sched_t *s, uint32_t rows)
+{
+    const model_hparams_t *hp = model_hparams(s->m);
+    return (size_t)hp->n_layer * rows * hp->n_head * hp->head_dim;
+}
+
 /* The recompute of every token is a prefill: dense, and H2O's scores
  * start again from its last rows' queries. */
 static void
@@ -426,7 +442,7 @@ h2o_restart(req_t *r)
 {
     r->h2o_live = false;
     r->h2o_end = r->n_tokens;
-    r->h2o_w = r->n_tokens < H2O_OBS ? r->n_tokens : H2O_OBS;
+    r->h2o_w = h2o_window(r->n_tokens);
 }
 
 /* Drops r's KV: it is recomputed on re-admission. */
@@ -967,16 +983,17 @@ draft_forward(sched_t *s, uint32_t n)
     return 0;
 }
 
-/* Quantizes r's full blocks behind its growing tail (kv_table_seal).
+/* Quantizes r's full blocks but its last keep_tail tokens (kv_table_seal;
+ * the residual window, kv_residual_tokens, as the tail grows).
  * Before commit_prefix: a block the cache holds is never sealed, so
  * sealing first keeps cached blocks compact.  A backend failure fails
  * the request (returns false), not the engine. */
 static bool
-seal_blocks(sched_t *s, req_t *r)
+seal_blocks(sched_t *s, req_t *r, uint32_t keep_tail)
 {
     if (s->cfg.kv_quant == KERN_KVQ_NONE || r->table == NULL)
         return true;
-    int rc = kv_table_seal(r->table, s->cfg.kv_sink_tokens, s->cfg.kv_residual_tokens);
+    int rc = kv_table_seal(r->table, s->cfg.kv_sink_tokens, keep_tail);
     if (rc >= 0) {
         atomic_fetch_add(&s->load_sealed, (uint64_t)rc);
         return true;
@@ -1115,7 +1132,8 @@ snap_compress(sched_t *s, req_t *r)
     if (rc == 0) {
         r->usage.kv_dropped_tokens += n - k;
         atomic_fetch_add(&s->load_snapkv, 1);
-        return seal_blocks(s, r); /* the compacted copy is written in full precision */
+        return seal_blocks(
+            s, r, s->cfg.kv_residual_tokens); /* the compacted copy is written in full precision */
     }
     if (rc == KVS_EAGAIN) {
         KVS_INFOF("sched: request %llu: no room to compact its KV (SnapKV), kept whole",
@@ -1158,7 +1176,8 @@ h2o_compact(sched_t *s, req_t *r, uint32_t n)
     }
     free(keep);
     if (rc == 0)
-        return seal_blocks(s, r); /* the compacted copy is written in full precision */
+        return seal_blocks(
+            s, r, s->cfg.kv_residual_tokens); /* the compacted copy is written in full precision */
     if (rc == KVS_EAGAIN) {
         /* Tried again after the next step. */
         KVS_DEBUGF("sched: request %llu: no room to compact its KV (H2O), kept whole",
@@ -1236,10 +1255,11 @@ sample_row(sched_t *s, req_t *r, float *row, uint64_t now)
     /* A guided choice draws from its masked copy; logprobs stay the row's. */
     float *draw = row;
     if (rc == 0 && r->choice) {
+        /* Nothing left to draw comes back from the sampler as KVS_EINVAL. */
         if (s->choice_row == NULL && (s->choice_row = malloc(s->n_vocab * sizeof(float))) == NULL)
             rc = KVS_ENOMEM;
-        else if (model_choice_mask(r->choice, row, s->choice_row) == 0)
-            rc = KVS_EINVAL; /* nothing continues a choice: bans or allowed ids ruled all out */
+        else
+            model_choice_mask(r->choice, row, s->choice_row);
         draw = s->choice_row;
     }
     int32_t tok = rc                  ? rc
@@ -1278,20 +1298,6 @@ sample_row(sched_t *s, req_t *r, float *row, uint64_t now)
         commit_prefix(s, r);
 }
 
-/* *dst = a copy of src's n bytes (NULL for a NULL src); false when out
- * of memory. */
-static bool
-dup_into(void *dst, const void *src, size_t n)
-{
-    void *p = NULL;
-    if (src && (p = malloc(n ? n : 1)) == NULL)
-        return false;
-    if (src)
-        memcpy(p, src, n);
-    memcpy(dst, &p, sizeof p);
-    return true;
-}
-
 /* Sample `index` of sample 0's (r's) request, as r's prefill left it:
  * its tokens, its policies' state in buffers of the sizes sched_submit
  * and the draft phase give them, a sampler of its own seed, and no KV
@@ -1300,7 +1306,6 @@ static req_t *
 req_clone(sched_t *s, const req_t *r, uint32_t index)
 {
     const model_hparams_t *hp = model_hparams(s->m);
-    const size_t qd = (size_t)hp->n_layer * hp->n_head * hp->head_dim;
     const size_t n_lists = (size_t)hp->n_layer * hp->n_head_kv;
     req_t *c = malloc(sizeof *c);
     if (c == NULL)
@@ -1319,14 +1324,16 @@ req_clone(sched_t *s, const req_t *r, uint32_t index)
     c->n_sched = 0;
     model_sampling_t sp = *model_sampler_cfg(r->sampler); /* its bias arrays are its own */
     sp.seed = sched_sample_seed(sp.seed, index);
-    uint32_t h2o_w = r->cap < H2O_OBS ? r->cap : H2O_OBS;
-    bool ok = dup_into(&c->tokens, r->tokens, (size_t)r->cap * sizeof *r->tokens);
-    ok = dup_into(&c->min_ban, r->min_ban, r->n_min_ban * sizeof *r->min_ban) && ok;
-    ok = dup_into(&c->kept, r->kept, (size_t)r->n_prompt * sizeof *r->kept) && ok;
-    ok = dup_into(&c->kept_tok, r->kept_tok, (size_t)r->n_prompt * sizeof *r->kept_tok) && ok;
-    ok = dup_into(&c->snap_q, r->snap_q, qd * r->snap_w * sizeof *r->snap_q) && ok;
-    ok = dup_into(&c->h2o_q, r->h2o_q, qd * h2o_w * sizeof *r->h2o_q) && ok;
-    ok = dup_into(&c->h2o_a, r->h2o_a, n_lists * r->h2o_stride * sizeof *r->h2o_a) && ok;
+    c->tokens = kvs_memdup(r->tokens, (size_t)r->cap * sizeof *r->tokens);
+    c->min_ban = kvs_memdup(r->min_ban, r->n_min_ban * sizeof *r->min_ban);
+    c->kept = kvs_memdup(r->kept, (size_t)r->n_prompt * sizeof *r->kept);
+    c->kept_tok = kvs_memdup(r->kept_tok, (size_t)r->n_prompt * sizeof *r->kept_tok);
+    c->snap_q = kvs_memdup(r->snap_q, query_floats(s, r->snap_w) * sizeof *r->snap_q);
+    c->h2o_q = kvs_memdup(r->h2o_q, query_floats(s, h2o_window(r->cap)) * sizeof *r->h2o_q);
+    c->h2o_a = kvs_memdup(r->h2o_a, n_lists * r->h2o_stride * sizeof *r->h2o_a);
+    bool ok = !c->tokens == !r->tokens && !c->min_ban == !r->min_ban && !c->kept == !r->kept &&
+              !c->kept_tok == !r->kept_tok && !c->snap_q == !r->snap_q && !c->h2o_q == !r->h2o_q &&
+              !c->h2o_a == !r->h2o_a;
     c->choice = NULL;
     if (!ok || model_sampler_new(&sp, s->n_vocab, &c->sampler) != 0 ||
         (r->choice && model_choice_clone(r->choice, &c->choice) != 0)) {
@@ -1345,18 +1352,10 @@ req_clone(sched_t *s, const req_t *r, uint32_t index)
 static bool
 fork_samples(sched_t *s, req_t *r, float *row, uint64_t now)
 {
-    if (s->cfg.kv_quant != KERN_KVQ_NONE) {
-        /* No table seals a block it shares: seal the prompt now, all of
-         * it but a partial last block. */
-        int rc = kv_table_seal(r->table, s->cfg.kv_sink_tokens, 0);
-        if (rc < 0) {
-            KVS_ERRORF("sched: sealing KV blocks of request %llu failed: %s",
-                       (unsigned long long)r->id, kvs_strerror(rc));
-            finish(s, r, SCHED_FINISH_ERROR, rc);
-            return false;
-        }
-        atomic_fetch_add(&s->load_sealed, (uint64_t)rc);
-    }
+    /* No table seals a block it shares: seal the prompt now, all of it
+     * but a partial last block. */
+    if (!seal_blocks(s, r, 0))
+        return false;
     r->fork_pending = false;
     for (uint32_t i = 1; i < r->n_samples; i++) {
         req_t *c = r->cancel_mask >> i & 1 ? NULL : req_clone(s, r, i);
@@ -1387,6 +1386,7 @@ fork_samples(sched_t *s, req_t *r, float *row, uint64_t now)
     }
     return true;
 }
+
 /* prompt_logprobs for the n rows r computed from prompt position c0 on:
  * row k predicts prompt token c0 + k + 1.  Those not reported before go
  * out in one event.  Out of memory fails r (returns false). */
@@ -1501,7 +1501,7 @@ main_forward(sched_t *s)
             r->usage.kv_dropped_tokens +=
                 (uint64_t)kv_table_evict(r->table, r->kv.sinks, r->kv.budget_tokens) *
                 s->cfg.block_tokens;
-        if (!seal_blocks(s, r))
+        if (!seal_blocks(s, r, s->cfg.kv_residual_tokens))
             continue;
         /* Sealed first, so the compacted copy finds full-precision blocks
          * free (it is written in full precision, and a compaction seals it
@@ -1663,10 +1663,8 @@ sched_submit(sched_t *s, const sched_request_t *q)
         r->d_n = q->n_prompt;
     }
     if (q->kv.kind == SCHED_KV_SNAPKV && q->n_prompt > q->kv.budget_tokens) {
-        const model_hparams_t *hp = model_hparams(s->m);
         r->snap_w = snap_policy(&q->kv).window; /* below the budget, so the prompt */
-        r->snap_q =
-            malloc((size_t)hp->n_layer * r->snap_w * hp->n_head * hp->head_dim * sizeof *r->snap_q);
+        r->snap_q = malloc(query_floats(s, r->snap_w) * sizeof *r->snap_q);
         if (r->snap_q == NULL) {
             req_free(r);
             return KVS_ENOMEM;
@@ -1676,9 +1674,7 @@ sched_submit(sched_t *s, const sched_request_t *q)
      * token is never appended) pays for scoring. */
     if (q->kv.kind == SCHED_KV_H2O &&
         total - 1 > (uint64_t)q->kv.budget_tokens + s->cfg.block_tokens) {
-        const model_hparams_t *hp = model_hparams(s->m);
-        uint32_t w = total < H2O_OBS ? (uint32_t)total : H2O_OBS;
-        r->h2o_q = malloc((size_t)hp->n_layer * w * hp->n_head * hp->head_dim * sizeof *r->h2o_q);
+        r->h2o_q = malloc(query_floats(s, h2o_window(total)) * sizeof *r->h2o_q);
         if (r->h2o_q == NULL) {
             req_free(r);
             return KVS_ENOMEM;

@@ -758,7 +758,6 @@ req_message(bench_t *b, bench_req_t *r, const Kvserve__V1__GenerateResponse *m)
             for (size_t i = 0; need <= r->cap_out && i < n; i++)
                 r->out_ids[r->n_out++] = (uint32_t)m->token_ids[i];
         }
-        r->t_last = t;
         r->tokens += (uint32_t)n;
         b->tok_total += n;
         bench_bin_t *bin = bench_bin(b, t);

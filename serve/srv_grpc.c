@@ -688,7 +688,7 @@ gen_pump(call_t *c)
     bool done = o->finished;
     size_t ready = text_ready(c, o, done);
     Kvserve__V1__GenerateResponse r = KVSERVE__V1__GENERATE_RESPONSE__INIT;
-    logprobs_msg_t lm = {0}, pm = {0};
+    logprobs_msg_t lm = {0};
     bool lp_ok = o->lps == NULL || o->n_toks == 0 || logprobs_msg(o->lps, o->n_toks, &lm);
     if (lp_ok && lm.ptrs) {
         r.n_logprobs = o->n_toks;
@@ -706,7 +706,6 @@ gen_pump(call_t *c)
         free(txt);
         free(match);
         logprobs_msg_free(&lm);
-        logprobs_msg_free(&pm);
         grpc_call_cancel(c->call, NULL);
         return;
     }
@@ -751,7 +750,6 @@ gen_pump(call_t *c)
     free(txt);
     free(match);
     logprobs_msg_free(&lm);
-    logprobs_msg_free(&pm);
     if (!ok)
         return;
     c->msg_n = (uint32_t)o->n_toks;
@@ -898,11 +896,11 @@ static void
 metrics_finish(const call_t *c, uint64_t t_ns)
 {
     const gen_out_t *o = &c->out[0];
-    srv_met_finish_t f = o->stopped || o->fin == SCHED_FINISH_STOP ? SRV_MET_STOP
-                         : o->fin == SCHED_FINISH_EOS              ? SRV_MET_STOP
-                         : o->fin == SCHED_FINISH_LENGTH           ? SRV_MET_LENGTH
-                         : o->fin == SCHED_FINISH_CANCELLED        ? SRV_MET_ABORT
-                                                                   : SRV_MET_ERROR;
+    srv_met_finish_t f = o->stopped || o->fin == SCHED_FINISH_STOP || o->fin == SCHED_FINISH_EOS
+                             ? SRV_MET_STOP
+                         : o->fin == SCHED_FINISH_LENGTH    ? SRV_MET_LENGTH
+                         : o->fin == SCHED_FINISH_CANCELLED ? SRV_MET_ABORT
+                                                            : SRV_MET_ERROR;
     sched_usage_t u = gen_usage(c);
     srv_metrics_finish(S.metrics, f, &u, t_ns > c->t_arrive ? t_ns - c->t_arrive : 0,
                        c->g.sr.spec.on);
