@@ -4,94 +4,23 @@
  * is cut to the tokens whose bytes continue the output along a choice
  * still possible (and an end-of-generation token where a choice is
  * complete), and each accepted token narrows the choices.  Called by
- * sched/ at sampling (engine thread).
- *
- * The tokens' bytes come from a table built once per model on first use
- * (model_token_piece of every id, control tokens empty), published with
- * a compare-and-swap so concurrent first users agree on one table.
+ * sched/ at sampling (engine thread).  The tokens' bytes come from model__pieces (pieces.c).
  */
 #include "model_int.h"
 
 #include <math.h>
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
-typedef struct piece_table {
-    uint32_t *off; /* [n_vocab + 1] into bytes */
-    uint8_t *bytes;
-} piece_table_t;
-
 struct model_choice {
     const model_t *m;
-    const piece_table_t *pt;
+    const model_pieces_t *pt;
     uint32_t n;
     char **text; /* [n] copies */
     uint32_t *len;
     uint64_t live; /* choices the output so far is a prefix of */
     uint32_t done; /* bytes of output so far */
 };
-
-static void
-table_free(piece_table_t *t)
-{
-    if (t) {
-        free(t->off);
-        free(t->bytes);
-        free(t);
-    }
-}
-
-static const piece_table_t *
-pieces(const model_t *m)
-{
-    /* The table is a cache: building it does not change the model. */
-    _Atomic(void *) *slot = &((model_t *)m)->pieces;
-    piece_table_t *t = atomic_load(slot);
-    if (t)
-        return t;
-    uint32_t nv = m->hp.n_vocab;
-    t = calloc(1, sizeof *t);
-    size_t cap = (size_t)nv * 4 + 64, used = 0;
-    if (t == NULL || (t->off = malloc((nv + 1) * sizeof *t->off)) == NULL ||
-        (t->bytes = malloc(cap)) == NULL) {
-        table_free(t);
-        return NULL;
-    }
-    for (uint32_t id = 0; id < nv; id++) {
-        t->off[id] = (uint32_t)used;
-        for (;;) {
-            int n = model_vocab_piece(m->vocab, (int32_t)id, false, (char *)t->bytes + used,
-                                      cap - used);
-            if (n < 0)
-                n = 0;
-            if (used + (size_t)n <= cap) {
-                used += (size_t)n;
-                break;
-            }
-            uint8_t *b = realloc(t->bytes, cap * 2 + (size_t)n);
-            if (b == NULL) {
-                table_free(t);
-                return NULL;
-            }
-            t->bytes = b;
-            cap = cap * 2 + (size_t)n;
-        }
-    }
-    t->off[nv] = (uint32_t)used;
-    void *expect = NULL;
-    if (!atomic_compare_exchange_strong(slot, &expect, t)) {
-        table_free(t);
-        return expect;
-    }
-    return t;
-}
-
-void
-model__pieces_free(model_t *m)
-{
-    table_free(atomic_exchange(&m->pieces, NULL));
-}
 
 int
 model_choice_new(const model_t *m, const char *const *choices, uint32_t n, model_choice_t **out)
@@ -103,7 +32,7 @@ model_choice_new(const model_t *m, const char *const *choices, uint32_t n, model
         if (choices[i] == NULL || choices[i][0] == '\0' ||
             strlen(choices[i]) > MODEL_MAX_CHOICE_BYTES)
             return KVS_EINVAL;
-    const piece_table_t *pt = pieces(m);
+    const model_pieces_t *pt = model__pieces(m);
     if (pt == NULL)
         return KVS_ENOMEM;
     model_choice_t *c = calloc(1, sizeof *c);
@@ -157,7 +86,7 @@ model_choice_free(model_choice_t *c)
 static bool
 continues(const model_choice_t *c, uint32_t i, int32_t id)
 {
-    const piece_table_t *pt = c->pt;
+    const model_pieces_t *pt = c->pt;
     uint32_t a = pt->off[id], n = pt->off[id + 1] - a;
     return n > 0 && c->done + n <= c->len[i] && memcmp(c->text[i] + c->done, pt->bytes + a, n) == 0;
 }
@@ -186,7 +115,7 @@ model_choice_mask(const model_choice_t *c, const float *row, float *out)
             uint8_t b = (uint8_t)c->text[i][c->done];
             next[b >> 6] |= 1ull << (b & 63);
         }
-    const piece_table_t *pt = c->pt;
+    const model_pieces_t *pt = c->pt;
     for (uint32_t id = 0; id < nv; id++) {
         bool ok = end && model_vocab_is_eog(c->m->vocab, (int32_t)id);
         uint32_t a = pt->off[id];

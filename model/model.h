@@ -582,6 +582,37 @@ uint32_t model_choice_mask(const model_choice_t *c, const float *row, float *out
  * ruled out. */
 int model_choice_accept(model_choice_t *c, int32_t id);
 
+/* ---- guided decoding by a regular expression ---------------------------- */
+
+/* vLLM's guided_regex: the output must be a whole match of a pattern (UTF-8,
+ * a subset of PCRE's syntax: model/guide.c says which), by any
+ * tokenization of it.  model_guide_new compiles it to an automaton, whole,
+ * so a pattern that cannot be honoured is refused here, with the offset
+ * and why in err: KVS_EINVAL (syntax, a feature not supported, a pattern
+ * that matches nothing or whose automaton would pass MODEL_GUIDE_MAX_STATES
+ * states or MODEL_GUIDE_MAX_CELLS transitions) or KVS_ENOMEM.  The first use on a model builds its
+ * table of token bytes.  Thread: compile anywhere; one user at a time for a guide and its clones
+ * (they share the automaton and its cached masks). */
+enum { MODEL_GUIDE_MAX_STATES = 1 << 18, MODEL_GUIDE_MAX_CELLS = 1 << 22 };
+typedef struct model_guide model_guide_t;
+int model_guide_new(const model_t *m, const char *pattern, size_t len, model_guide_t **out,
+                    char *err, size_t err_len);
+/* A guide at the same point of the output, sharing the automaton. */
+int model_guide_clone(const model_guide_t *g, model_guide_t **out);
+void model_guide_free(model_guide_t *g); /* NULL is a no-op */
+uint32_t model_guide_states(const model_guide_t *g);
+/* Whether s[0..n) is a whole match (from the start, whatever g has taken). */
+bool model_guide_fullmatch(const model_guide_t *g, const char *s, size_t n);
+/* out = row with every token that cannot continue the output towards a
+ * match at -inf (end-of-generation tokens stay where the output is a whole
+ * match); returns how many tokens stay (0: none can). */
+uint32_t model_guide_mask(model_guide_t *g, const float *row, float *out);
+/* Takes the next output token: 1 when the output is now a whole match
+ * that nothing extends, or the token ends generation after a whole match
+ * (the output is over), 0 to go on, KVS_EINVAL for a token the mask ruled
+ * out. */
+int model_guide_accept(model_guide_t *g, int32_t id);
+
 /* ---- random models for benchmarks and tests ----------------------------- */
 
 /* Writes a GGUF with deterministic random weights of a real architecture:

@@ -200,10 +200,24 @@ struct model {
     const char *host_src; /* the mapping address host_copy mirrors */
     void **device_bufs;   /* weights uploaded to a device backend */
     uint32_t n_device_bufs;
-    _Atomic(void *) pieces; /* choice.c's table of token bytes, built on first use */
+    _Atomic(void *) pieces; /* model__pieces, built on first use */
 };
 
-/* Frees choice.c's table (model_free). */
+/* Every token's bytes (model_vocab_piece, control tokens empty) for
+ * guided decoding: bytes[off[id] .. off[id + 1]); the n_sorted ids whose
+ * bytes are not empty in byte order, each sharing lcp[k] leading bytes
+ * with the one before (lcp[0] = 0).  Built on first use (pieces.c);
+ * NULL when out of memory. */
+typedef struct model_pieces {
+    uint32_t *off; /* [n_vocab + 1] */
+    uint8_t *bytes;
+    uint32_t *sorted; /* [n_sorted] */
+    uint32_t *lcp;    /* [n_sorted] */
+    uint32_t n_sorted;
+    uint32_t max_len; /* the longest piece */
+} model_pieces_t;
+const model_pieces_t *model__pieces(const model_t *m);
+/* Frees the table (model_free). */
 void model__pieces_free(model_t *m);
 
 /* GPT-2 bytes_to_unicode: the code point that spells byte b in a vocabulary. */

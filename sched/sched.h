@@ -53,7 +53,7 @@ typedef enum sched_finish {
     SCHED_FINISH_EOS,        /* end-of-generation token */
     SCHED_FINISH_CANCELLED,
     SCHED_FINISH_ERROR, /* see sched_event_t.error */
-    SCHED_FINISH_STOP,  /* the output spelled a whole guided choice */
+    SCHED_FINISH_STOP,  /* the output spelled a whole guided choice or match */
 } sched_finish_t;
 
 const char *sched_finish_name(sched_finish_t f); /* "length", "eos", ... */
@@ -164,6 +164,14 @@ typedef struct sched_request {
      * a whole one).  Not with forced tokens. */
     const char *const *choices;
     uint32_t n_choices;
+    /* vLLM's guided_regex and guided_json (serve/ turns a schema into a
+     * pattern): the output is a whole match of the guide's pattern and
+     * ends with SCHED_FINISH_STOP when nothing can extend it (or an
+     * end-of-generation token follows a whole match).  Compiled by the
+     * caller, on its thread; sched_submit takes a clone (the caller keeps
+     * its own), which must not be in use elsewhere then.  Not with forced
+     * tokens or choices. */
+    const model_guide_t *guide;
     /* vLLM's n: this many samples of one prompt (0 or 1: one; at most
      * SCHED_MAX_N), each an output of its own with every setting above.
      * The prompt is prefilled once: at its first logits the other samples

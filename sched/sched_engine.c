@@ -82,6 +82,7 @@ typedef struct req {
     bool plp;
     uint32_t plp_top, plp_next;
     model_choice_t *choice; /* guided_choice, NULL: none */
+    model_guide_t *guide;   /* guided_regex / guided_json, NULL: none */
     kv_table_t *table;
     req_state_t state;
     struct req *prev, *next;
@@ -140,7 +141,7 @@ struct sched {
     sched_batch_t *batch;
     float *logits;
     float ban_saved[MODEL_MAX_EOG + SCHED_MAX_MIN_BAN]; /* min_tokens' banned logits */
-    float *choice_row; /* [n_vocab] a guided choice's masked row, made at first use */
+    float *choice_row; /* [n_vocab] a guided request's masked row, made at first use */
     /* SnapKV's captured query rows of a step, grown as needed. */
     uint32_t *cap_first, *cap_count; /* [max_num_seqs] */
     float *cap_q;
@@ -304,6 +305,7 @@ req_free(req_t *r)
     kv_table_free(r->table);
     model_sampler_free(r->sampler);
     model_choice_free(r->choice);
+    model_guide_free(r->guide);
     free(r->tokens);
     free(r->min_ban);
     free(r);
@@ -1252,14 +1254,16 @@ sample_row(sched_t *s, req_t *r, float *row, uint64_t now)
     int rc =
         r->n_tokens == r->n_prompt ? model_sampler_prompt(r->sampler, r->tokens, r->n_prompt) : 0;
     uint32_t k = r->n_tokens - r->n_prompt;
-    /* A guided choice draws from its masked copy; logprobs stay the row's. */
+    /* Guided decoding draws from a masked copy; logprobs stay the row's. */
     float *draw = row;
-    if (rc == 0 && r->choice) {
+    if (rc == 0 && (r->choice || r->guide)) {
         /* Nothing left to draw comes back from the sampler as KVS_EINVAL. */
         if (s->choice_row == NULL && (s->choice_row = malloc(s->n_vocab * sizeof(float))) == NULL)
             rc = KVS_ENOMEM;
-        else
+        else if (r->choice)
             model_choice_mask(r->choice, row, s->choice_row);
+        else
+            model_guide_mask(r->guide, row, s->choice_row);
         draw = s->choice_row;
     }
     int32_t tok = rc                  ? rc
@@ -1267,7 +1271,10 @@ sample_row(sched_t *s, req_t *r, float *row, uint64_t now)
                   : k < r->min_tokens ? sample_banned(s, r, draw)
                                       : model_sampler_sample(r->sampler, draw);
     rc = tok < 0 ? tok : model_sampler_accept(r->sampler, tok);
-    int chosen = rc == 0 && r->choice ? model_choice_accept(r->choice, tok) : 0;
+    int chosen = rc || k < r->n_forced ? 0
+                 : r->choice           ? model_choice_accept(r->choice, tok)
+                 : r->guide            ? model_guide_accept(r->guide, tok)
+                                       : 0;
     if (chosen < 0)
         rc = chosen;
     if (rc) {
@@ -1335,8 +1342,10 @@ req_clone(sched_t *s, const req_t *r, uint32_t index)
               !c->kept_tok == !r->kept_tok && !c->snap_q == !r->snap_q && !c->h2o_q == !r->h2o_q &&
               !c->h2o_a == !r->h2o_a;
     c->choice = NULL;
+    c->guide = NULL;
     if (!ok || model_sampler_new(&sp, s->n_vocab, &c->sampler) != 0 ||
-        (r->choice && model_choice_clone(r->choice, &c->choice) != 0)) {
+        (r->choice && model_choice_clone(r->choice, &c->choice) != 0) ||
+        (r->guide && model_guide_clone(r->guide, &c->guide) != 0)) {
         req_free(c);
         return NULL;
     }
@@ -1591,7 +1600,8 @@ sched_submit(sched_t *s, const sched_request_t *q)
         (q->n_forced > 0 && q->forced == NULL) || q->min_tokens > q->max_tokens ||
         q->n_min_ban > SCHED_MAX_MIN_BAN || (q->n_min_ban > 0 && q->min_ban == NULL) ||
         q->n > SCHED_MAX_N || q->top_prompt_logprobs > SCHED_MAX_LOGPROBS ||
-        (q->prompt_logprobs && q->spec.on) || (q->n_choices && q->n_forced))
+        (q->prompt_logprobs && q->spec.on) || ((q->n_choices || q->guide) && q->n_forced) ||
+        (q->n_choices && q->guide))
         return KVS_EINVAL;
     model_spec_policy_t spec = q->spec;
     model_spec_policy_defaults(&spec);
@@ -1625,6 +1635,8 @@ sched_submit(sched_t *s, const sched_request_t *q)
     rc = model_sampler_new(&q->sampling, s->n_vocab, &r->sampler);
     if (rc == 0 && q->n_choices)
         rc = model_choice_new(s->m, q->choices, q->n_choices, &r->choice);
+    if (rc == 0 && q->guide)
+        rc = model_guide_clone(q->guide, &r->guide);
     if (rc) {
         req_free(r);
         return rc;

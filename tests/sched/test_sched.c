@@ -982,6 +982,49 @@ test_prompt_logprobs_preempted(void **state)
     }
 }
 
+/* The outputs of requests 0 and 1 of up to 8 samples each, as bytes
+ * (the byte vocabulary; end-of-generation tokens left out), each
+ * finished once. */
+typedef struct {
+    int32_t tok[2][8][40];
+    uint32_t n[2][8], fin[2][8];
+} samples_t;
+
+static void
+run_samples(engine_t *e, samples_t *o, sched_finish_t want)
+{
+    memset(o, 0, sizeof *o);
+    for (int step = 0, live = 1; step < 400 && live > 0; step++) {
+        live = sched_step(e->s);
+        assert_true(live >= 0);
+        sched_event_t *ev;
+        while ((ev = sched_poll(e->s)) != NULL) {
+            uint64_t id = ev->req_id;
+            assert_true(id < 2 && ev->index < 8);
+            if (ev->kind == SCHED_EV_TOKEN && o->n[id][ev->index] < 40)
+                o->tok[id][ev->index][o->n[id][ev->index]++] = ev->token;
+            else if (ev->kind == SCHED_EV_FINISH) {
+                assert_int_equal(ev->finish, want);
+                o->fin[id][ev->index]++;
+            }
+            sched_event_free(ev);
+        }
+    }
+}
+
+/* Sample i of request id as text into buf[41]; returns its length. */
+static uint32_t
+sample_text(const engine_t *e, const samples_t *o, int id, int i, char *buf)
+{
+    uint32_t n = 0;
+    assert_int_equal(o->fin[id][i], 1);
+    for (uint32_t k = 0; k < o->n[id][i]; k++)
+        if (!model_token_is_eog(e->m, o->tok[id][i][k]))
+            buf[n++] = (char)o->tok[id][i][k];
+    buf[n] = '\0';
+    return n;
+}
+
 /* guided_choice through the engine: every sample (forked or not) spells
  * one of the choices and ends with SCHED_FINISH_STOP, greedy or sampled;
  * with forced tokens the request is refused. */
@@ -1000,8 +1043,6 @@ test_guided_choice(void **state)
     int32_t prompt[12];
     for (int i = 0; i < 12; i++)
         prompt[i] = (i * 41 + 5) % 256;
-    static int32_t out[2][8][16];
-    uint32_t n_out[2][8] = {{0}}, fin[2][8] = {{0}};
     for (uint64_t id = 0; id < 2; id++) {
         sched_request_t r = {
             .id = id,
@@ -1014,35 +1055,19 @@ test_guided_choice(void **state)
             .n_choices = 3};
         assert_int_equal(sched_submit(e.s, &r), 0);
     }
-    for (int step = 0, live = 1; step < 200 && live > 0; step++) {
-        live = sched_step(e.s);
-        assert_true(live >= 0);
-        sched_event_t *ev;
-        while ((ev = sched_poll(e.s)) != NULL) {
-            uint64_t id = ev->req_id;
-            if (ev->kind == SCHED_EV_TOKEN && n_out[id][ev->index] < 16)
-                out[id][ev->index][n_out[id][ev->index]++] = ev->token;
-            else if (ev->kind == SCHED_EV_FINISH) {
-                assert_int_equal(ev->finish, SCHED_FINISH_STOP);
-                fin[id][ev->index]++;
-            }
-            sched_event_free(ev);
-        }
-    }
+    static samples_t o;
+    run_samples(&e, &o, SCHED_FINISH_STOP);
     for (int id = 0; id < 2; id++)
         for (int i = 0; i < 8; i++) {
-            assert_int_equal(fin[id][i], 1);
-            char text[17] = "";
-            for (uint32_t k = 0; k < n_out[id][i]; k++)
-                if (!model_token_is_eog(e.m, out[id][i][k]))
-                    text[strlen(text)] = (char)out[id][i][k];
+            char text[41];
+            sample_text(&e, &o, id, i, text);
             int which = -1;
             for (int c = 0; c < 3; c++)
                 if (strcmp(text, choices[c]) == 0)
                     which = c;
             assert_true(which >= 0);
             if (id == 0) /* greedy: every sample the same */
-                assert_memory_equal(out[0][i], out[0][0], sizeof out[0][0]);
+                assert_memory_equal(o.tok[0][i], o.tok[0][0], sizeof o.tok[0][0]);
         }
     int32_t forced = 'y';
     sched_request_t bad = {.id = 9,
@@ -1058,6 +1083,75 @@ test_guided_choice(void **state)
     bad.n_forced = 0;
     bad.n_choices = MODEL_MAX_CHOICES + 1;
     assert_int_equal(sched_submit(e.s, &bad), KVS_EINVAL);
+    engine_close(&e);
+}
+
+/* guided_regex through the engine: every sample, forked or not, greedy
+ * or drawn at temperature 2 from a random model, is a whole match and
+ * ends with SCHED_FINISH_STOP; the caller's guide is untouched by the
+ * engine's (a clone); refused with forced tokens or with choices. */
+static void
+test_guided_regex(void **state)
+{
+    (void)state;
+    sched_cfg_t cfg = {.max_num_seqs = 4,
+                       .max_num_batched_tokens = 64,
+                       .block_tokens = 16,
+                       .n_blocks = 64,
+                       .kv_dtype = KERN_F32};
+    engine_t e;
+    engine_open(&e, false, &cfg);
+    const char *pat = "\\{\"n\":(?:0|-?[1-9][0-9]{0,3}),\"s\":\"[a-z ]{1,8}\"\\}";
+    char err[256];
+    model_guide_t *g;
+    assert_int_equal(model_guide_new(e.m, pat, strlen(pat), &g, err, sizeof err), 0);
+    int32_t prompt[12];
+    for (int i = 0; i < 12; i++)
+        prompt[i] = (i * 37 + 11) % 256;
+    for (uint64_t id = 0; id < 2; id++) {
+        sched_request_t r = {
+            .id = id,
+            .prompt = prompt,
+            .n_prompt = 12,
+            .max_tokens = 40,
+            .n = 6,
+            .sampling = {.temperature = id ? 2.0f : 0.0f, .top_p = 1.0f, .seed = 5},
+            .guide = g};
+        assert_int_equal(sched_submit(e.s, &r), 0);
+    }
+    static samples_t o;
+    run_samples(&e, &o, SCHED_FINISH_STOP);
+    bool differ = false;
+    for (int id = 0; id < 2; id++)
+        for (int i = 0; i < 6; i++) {
+            char text[41];
+            uint32_t n = sample_text(&e, &o, id, i, text);
+            if (!model_guide_fullmatch(g, text, n))
+                fail_msg("request %d sample %d: \"%s\"", id, i, text);
+            if (id == 0)
+                assert_memory_equal(o.tok[0][i], o.tok[0][0], sizeof o.tok[0][0]);
+            else
+                differ |= memcmp(o.tok[1][i], o.tok[1][0], sizeof o.tok[1][0]) != 0;
+        }
+    assert_true(differ); /* drawn samples are not all one */
+    /* The caller's guide is still at the start. */
+    assert_int_equal(model_guide_accept(g, '{'), 0);
+    int32_t forced = '{';
+    const char *choices[1] = {"x"};
+    sched_request_t bad = {.id = 9,
+                           .prompt = prompt,
+                           .n_prompt = 12,
+                           .max_tokens = 4,
+                           .sampling = {.top_p = 1.0f},
+                           .guide = g,
+                           .forced = &forced,
+                           .n_forced = 1};
+    assert_int_equal(sched_submit(e.s, &bad), KVS_EINVAL);
+    bad.n_forced = 0;
+    bad.choices = choices;
+    bad.n_choices = 1;
+    assert_int_equal(sched_submit(e.s, &bad), KVS_EINVAL);
+    model_guide_free(g);
     engine_close(&e);
 }
 
@@ -1225,6 +1319,7 @@ main(void)
         cmocka_unit_test(test_forced),
         cmocka_unit_test(test_min_tokens),
         cmocka_unit_test(test_guided_choice),
+        cmocka_unit_test(test_guided_regex),
         cmocka_unit_test(test_prompt_logprobs),
         cmocka_unit_test(test_prompt_logprobs_preempted),
         cmocka_unit_test(test_device_failure),
