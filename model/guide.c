@@ -1344,10 +1344,20 @@ model_guide_mask(model_guide_t *g, const float *row, float *out)
 {
     const uint64_t *bits = mask_bits(g->d, g->cur);
     uint32_t nv = g->d->m->hp.n_vocab, allowed = 0;
-    for (uint32_t id = 0; id < nv; id++) {
-        bool ok = bits[id >> 6] >> (id & 63) & 1;
-        out[id] = ok ? row[id] : -INFINITY;
-        allowed += ok;
+    /* A word at a time: most are all out or all in. */
+    for (uint32_t w = 0; w * 64 < nv; w++) {
+        uint32_t base = w * 64, n = nv - base < 64 ? nv - base : 64;
+        uint64_t b = bits[w];
+        allowed += (uint32_t)__builtin_popcountll(b);
+        if (b == 0) {
+            for (uint32_t k = 0; k < n; k++)
+                out[base + k] = -INFINITY;
+        } else if (b == ~0ull) {
+            memcpy(out + base, row + base, n * sizeof *out);
+        } else {
+            for (uint32_t k = 0; k < n; k++)
+                out[base + k] = b >> k & 1 ? row[base + k] : -INFINITY;
+        }
     }
     return allowed;
 }

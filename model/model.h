@@ -593,7 +593,7 @@ int model_choice_accept(model_choice_t *c, int32_t id);
  * states or MODEL_GUIDE_MAX_CELLS transitions) or KVS_ENOMEM.  The first use on a model builds its
  * table of token bytes.  Thread: compile anywhere; one user at a time for a guide and its clones
  * (they share the automaton and its cached masks). */
-enum { MODEL_GUIDE_MAX_STATES = 1 << 18, MODEL_GUIDE_MAX_CELLS = 1 << 22 };
+enum { MODEL_GUIDE_MAX_STATES = 1 << 16, MODEL_GUIDE_MAX_CELLS = 1 << 22 };
 typedef struct model_guide model_guide_t;
 int model_guide_new(const model_t *m, const char *pattern, size_t len, model_guide_t **out,
                     char *err, size_t err_len);

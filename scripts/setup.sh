@@ -8,7 +8,7 @@ set -eu
 PKGS="build-essential cmake pkg-config git clang libclang-rt-14-dev clang-format
       libuv1-dev libgrpc-dev protobuf-c-compiler libprotobuf-c-dev
       libcmocka-dev libopenblas-dev libmicrohttpd-dev python3-numpy
-      protobuf-compiler python3-grpcio python3-protobuf nodejs openssl libpcre2-dev
+      protobuf-compiler python3-grpcio python3-protobuf nodejs openssl libpcre2-dev libjansson-dev
       prometheus yamllint shellcheck"
 
 missing=""

@@ -623,6 +623,21 @@ srv_read_file(const char *path, size_t *len)
     return buf;
 }
 
+int
+srv_parse_schema_arg(const char *cmd, const char *s, char **out)
+{
+    *out = s[0] == '@' ? srv_read_file(s + 1, NULL) : strdup(s);
+    if (*out)
+        return 0;
+    if (s[0] != '@') {
+        fprintf(stderr, "kvserve %s: out of memory\n", cmd);
+        return KVS_ENOMEM;
+    }
+    fprintf(stderr, "kvserve %s: --guided-json: cannot read '%s': %s\n", cmd, s + 1,
+            strerror(errno));
+    return KVS_EINVAL;
+}
+
 /* Room for n more bytes and the NUL after them; false (oom set) when
  * memory runs out or ran out before. */
 static bool

@@ -29,6 +29,8 @@ static const char gen_usage[] =
     "                        [--prompt-logprobs N (0..20, with --json)]\n"
     "                        [--allowed-token-ids 1,2,3] [--truncate-prompt-tokens N]\n"
     "                        [--guided-choice STR]... [--include-stop-str-in-output]\n"
+    "                        [--guided-regex RE | --guided-json SCHEMA|@FILE\n"
+    "                         [--guided-whitespace-pattern RE]]\n"
     "                        [--priority N] [--cache-salt S]\n"
     "                        [--request-id S] [--timeout-ms N] [--api-key-file F]\n"
     "                        [--tls-ca F] [--tls-server-name NAME] [--json]\n";
@@ -345,6 +347,7 @@ typedef struct gen_opts {
     bool sampling, has_priority, json, has_truncate;
     int32_t priority;
     uint32_t truncate;
+    char *schema; /* --guided-json @FILE's text */
 } gen_opts_t;
 
 static void
@@ -356,6 +359,7 @@ gen_opts_free(gen_opts_t *o)
     free(o->allowed_ids);
     free(o->sp.stop);
     free(o->sp.guided_choice);
+    free(o->schema);
     free(o->bias_ids);
     free(o->bias);
     free(o->lb);
@@ -388,6 +392,9 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         {"prompt-logprobs", 1, 0, 'G'},
         {"allowed-token-ids", 1, 0, 'A'},
         {"guided-choice", 1, 0, 'H'},
+        {"guided-regex", 1, 0, 'g'},
+        {"guided-json", 1, 0, 'J'},
+        {"guided-whitespace-pattern", 1, 0, 'W'},
         {"include-stop-str-in-output", 0, 0, 'I'},
         {"truncate-prompt-tokens", 1, 0, 'U'},
         {"repetition-penalty", 1, 0, 'R'},
@@ -417,7 +424,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         int rc = srv_conn_opt(C, c, &o->conn);
         if (rc == 1) {
             rc = 0;
-            o->sampling |= strchr("mtkqnsexXLREFMcBGAHI", c) != NULL;
+            o->sampling |= strchr("mtkqnsexXLREFMcBGAHIgJW", c) != NULL;
             switch (c) {
             case 'h':
                 fputs(gen_usage, stdout);
@@ -501,6 +508,17 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
                 break;
             case 'H':
                 p->guided_choice[p->n_guided_choice++] = optarg;
+                break;
+            case 'g':
+                p->guided_regex = optarg;
+                break;
+            case 'J':
+                free(o->schema);
+                rc = srv_parse_schema_arg(C, optarg, &o->schema);
+                p->guided_json = o->schema;
+                break;
+            case 'W':
+                p->guided_whitespace_pattern = optarg;
                 break;
             case 'I':
                 p->has_include_stop_str_in_output = p->include_stop_str_in_output = 1;

@@ -7,6 +7,7 @@
  * to fix; policies this build cannot honour are refused, never ignored.
  */
 #include "srv_req.h"
+#include "srv_schema.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -15,6 +16,7 @@
 #include <string.h>
 
 #define MAX_ID_BYTES 128
+#define MAX_GUIDE_BYTES 65536 /* guided_regex, guided_json, guided_whitespace_pattern */
 #define MAX_SALT_BYTES 256
 #define MAX_STOPS 16
 #define MAX_STOP_BYTES 256
@@ -253,6 +255,42 @@ check_policy(const Kvserve__V1__LongContextPolicy *p, const srv_limits_t *lim,
     return rc;
 }
 
+/* guided_regex / guided_json (with guided_whitespace_pattern) into
+ * out->guide: at most one guided_* field, each a pattern this engine can
+ * honour whole. */
+static grpc_status_code
+check_guide(const Kvserve__V1__SamplingParams *sp, const srv_limits_t *lim, srv_gen_req_t *out,
+            char *msg, size_t cap)
+{
+    const char *rx = sp->guided_regex, *js = sp->guided_json, *ws = sp->guided_whitespace_pattern;
+    if ((sp->n_guided_choice > 0) + (rx != NULL) + (js != NULL) > 1)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "sampling.%s: at most one of guided_choice, guided_regex and guided_json",
+                    js ? "guided_json" : "guided_regex");
+    if (ws && !js)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                    "sampling.guided_whitespace_pattern: only with guided_json");
+    if (rx == NULL && js == NULL)
+        return GRPC_STATUS_OK;
+    const char *const text[3] = {rx, js, ws}, *const name[3] = {"regex", "json",
+                                                                "whitespace_pattern"};
+    for (int i = 0; i < 3; i++) {
+        size_t n = text[i] ? strlen(text[i]) : 0;
+        if (text[i] && (n > MAX_GUIDE_BYTES || (n == 0 && i < 2)))
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "sampling.guided_%s: %zu bytes, not %d..%d", name[i], n, i < 2,
+                        MAX_GUIDE_BYTES);
+    }
+    const char *field = "";
+    char err[256];
+    int rc = srv_guide_new(lim->m, rx, js, ws, &out->guide, &field, err, sizeof err);
+    if (rc == KVS_ENOMEM)
+        return fail(msg, cap, GRPC_STATUS_RESOURCE_EXHAUSTED, "sampling.%s: out of memory", field);
+    if (rc)
+        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "sampling.%s: %s", field, err);
+    return GRPC_STATUS_OK;
+}
+
 static grpc_status_code
 check_sampling(const Kvserve__V1__SamplingParams *sp, const srv_limits_t *lim, srv_gen_req_t *out,
                char *msg, size_t cap)
@@ -397,6 +435,10 @@ check_sampling(const Kvserve__V1__SamplingParams *sp, const srv_limits_t *lim, s
     }
     out->sr.choices = (const char *const *)sp->guided_choice;
     out->sr.n_choices = (uint32_t)sp->n_guided_choice;
+    grpc_status_code st = check_guide(sp, lim, out, msg, cap);
+    if (st != GRPC_STATUS_OK)
+        return st;
+    out->sr.guide = out->guide;
     if (sp->has_prompt_logprobs) {
         if (sp->prompt_logprobs > SCHED_MAX_LOGPROBS)
             return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
@@ -542,9 +584,9 @@ check_forced(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, srv
     const Kvserve__V1__TokenIds *f = q->forced_tokens;
     if (f == NULL || f->n_ids == 0)
         return GRPC_STATUS_OK;
-    if (out->sr.n_choices)
+    if (out->sr.n_choices || out->guide)
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
-                    "forced_tokens: not with sampling.guided_choice");
+                    "forced_tokens: not with sampling.guided_choice, guided_regex or guided_json");
     if ((uint64_t)out->n_prompt + f->n_ids > lim->max_model_len)
         return fail(msg, cap, GRPC_STATUS_OUT_OF_RANGE,
                     "forced_tokens: %u prompt + %zu forced tokens exceed the maximum model "
@@ -656,9 +698,11 @@ srv_gen_req_free(srv_gen_req_t *r)
     free(r->prompt);
     free(r->bias_ids);
     free(r->bias);
+    model_guide_free(r->guide);
     r->prompt = NULL;
     r->bias_ids = NULL;
     r->bias = NULL;
+    r->guide = NULL;
 }
 
 grpc_status_code

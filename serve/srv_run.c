@@ -6,6 +6,7 @@
  * reference tests compare against an independent implementation.
  */
 #include "srv.h"
+#include "srv_schema.h"
 
 #include "model/model.h"
 #include "sched/sched.h"
@@ -19,7 +20,8 @@ static const char run_usage[] =
     "usage: kvserve run [--model PATH] (--prompt TEXT | --prompt-tokens 1,2,3)\n"
     "                   [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--min-p P]\n"
     "                   [--repetition-penalty R] [--presence-penalty P] [--frequency-penalty F]\n"
-    "                   [--logit-bias ID:BIAS,...]\n"
+    "                   [--logit-bias ID:BIAS,...] [--guided-regex RE |\n"
+    "                    --guided-json SCHEMA|@FILE [--guided-whitespace-pattern RE]]\n"
     "                   [--seed S] [--ignore-eos] [--threads N] [--device cpu|ref|cuda]\n"
     "                   [--block-size N] [--kv-cache-dtype f16|f32|bf16|q8_0|fp8|q4]\n"
     "                   [--kv-sink-tokens N] [--kv-residual-tokens N] [--batch-size N]\n"
@@ -32,6 +34,8 @@ typedef struct run_opts {
     srv_kv_opts_t kv;
     model_sampling_t sampling; /* its bias arrays malloc'd here */
     bool seed_set, ignore_eos, json, cuda_graphs;
+    const char *guided_regex, *guided_ws;
+    char *guided_json; /* malloc'd */
 } run_opts_t;
 
 /* .npy v1.0 writer for a float32 [rows][cols] array whose row count is
@@ -74,6 +78,9 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         O_PRES,
         O_FREQ,
         O_BIAS,
+        O_GREGEX,
+        O_GJSON,
+        O_GWS,
         O_SEED,
         O_IGNEOS,
         O_THREADS,
@@ -99,6 +106,9 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         {"presence-penalty", 1, 0, O_PRES},
         {"frequency-penalty", 1, 0, O_FREQ},
         {"logit-bias", 1, 0, O_BIAS},
+        {"guided-regex", 1, 0, O_GREGEX},
+        {"guided-json", 1, 0, O_GJSON},
+        {"guided-whitespace-pattern", 1, 0, O_GWS},
         {"seed", 1, 0, O_SEED},
         {"ignore-eos", 0, 0, O_IGNEOS},
         {"threads", 1, 0, O_THREADS},
@@ -166,6 +176,16 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         case O_FREQ:
             rc = srv_parse_f32(C, "--frequency-penalty", optarg, -MODEL_PENALTY_MAX,
                                MODEL_PENALTY_MAX, &o->sampling.frequency_penalty);
+            break;
+        case O_GREGEX:
+            o->guided_regex = optarg;
+            break;
+        case O_GJSON:
+            free(o->guided_json);
+            rc = srv_parse_schema_arg(C, optarg, &o->guided_json);
+            break;
+        case O_GWS:
+            o->guided_ws = optarg;
             break;
         case O_BIAS: {
             free((void *)o->sampling.bias_ids);
@@ -255,6 +275,8 @@ typedef struct run_state {
     npy_t npy;
     int32_t *bias_ids; /* --logit-bias's arrays */
     float *bias;
+    char *schema; /* --guided-json */
+    model_guide_t *guide;
 } run_state_t;
 
 static void
@@ -268,6 +290,8 @@ run_state_free(run_state_t *s)
     free(s->text.p);
     free(s->bias_ids);
     free(s->bias);
+    free(s->schema);
+    model_guide_free(s->guide);
     if (s->npy.f)
         fclose(s->npy.f);
 }
@@ -289,6 +313,7 @@ srv_cmd_run(int argc, char **argv)
     int rc = parse_opts(argc, argv, &o);
     s.bias_ids = (int32_t *)o.sampling.bias_ids;
     s.bias = (float *)o.sampling.bias;
+    s.schema = o.guided_json;
     if (rc == 0 && o.model == NULL && (o.model = srv_default_model()) == NULL) {
         fprintf(stderr, "kvserve run: no --model given and no bundled model found "
                         "(weights/kvserve-main.gguf)\n");
@@ -316,6 +341,29 @@ srv_cmd_run(int argc, char **argv)
         if ((uint32_t)o.sampling.bias_ids[i] >= hp->n_vocab) {
             fprintf(stderr, "kvserve run: --logit-bias: id %d is outside the vocabulary (%u)\n",
                     o.sampling.bias_ids[i], hp->n_vocab);
+            status = 2;
+            goto out;
+        }
+    }
+    if ((o.guided_regex && o.guided_json) || (o.guided_ws && !o.guided_json)) {
+        fprintf(stderr, "kvserve run: %s\n",
+                o.guided_ws && !o.guided_json
+                    ? "--guided-whitespace-pattern: only with --guided-json"
+                    : "--guided-regex and --guided-json: one at most");
+        status = 2;
+        goto out;
+    }
+    if (o.guided_regex || o.guided_json) {
+        const char *field;
+        rc = srv_guide_new(s.m, o.guided_regex, o.guided_json, o.guided_ws, &s.guide, &field, err,
+                           sizeof err);
+        if (rc) {
+            char flag[32]; /* the field's flag: guided_json -> guided-json */
+            snprintf(flag, sizeof flag, "%s", field);
+            for (char *c = flag; *c; c++)
+                *c = *c == '_' ? '-' : *c;
+            fprintf(stderr, "kvserve run: --%s: %s\n", flag,
+                    rc == KVS_ENOMEM ? "out of memory" : err);
             status = 2;
             goto out;
         }
@@ -402,7 +450,8 @@ srv_cmd_run(int argc, char **argv)
                            .max_tokens = o.max_tokens,
                            .sampling = o.sampling,
                            .ignore_eos = o.ignore_eos,
-                           .kv = o.kv.policy};
+                           .kv = o.kv.policy,
+                           .guide = s.guide};
     if ((rc = sched_submit(s.sched, &req))) {
         fprintf(stderr, "kvserve run: request refused: %s\n", kvs_strerror(rc));
         goto out;

@@ -18,6 +18,7 @@
 #include "serve/srv_req.h"
 #include "tests/fuzz/fuzz_util.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -99,6 +100,46 @@ seed_corpus(const char *dir)
     q.prompt_case = KVSERVE__V1__GENERATE_REQUEST__PROMPT_CHAT;
     q.chat = &cm;
     write_seed(dir, 3, &q.base);
+    /* Guided decoding: a pattern, and a schema with its whitespace. */
+    q.prompt_case = KVSERVE__V1__GENERATE_REQUEST__PROMPT_TEXT;
+    sp.guided_regex = "(?:[A-Z]{2}|x+)-\\d{1,3}[^\"\\\\]?";
+    write_seed(dir, 4, &q.base);
+    sp.guided_regex = NULL;
+    sp.guided_json = "{\"type\":\"object\",\"properties\":{\"a\":{\"type\":\"integer\","
+                     "\"minimum\":-3},\"b\":{\"enum\":[\"x\",null]},\"c\":{\"type\":\"array\","
+                     "\"items\":{\"$ref\":\"#\"}}},\"required\":[\"a\"]}";
+    sp.guided_whitespace_pattern = "[ \\n]?";
+    write_seed(dir, 5, &q.base);
+}
+
+/* A guide that validation accepted lets some token through at its start
+ * and takes what its mask lets through, until the output is over. */
+static void
+walk_guide(const model_guide_t *guide)
+{
+    model_guide_t *g;
+    uint32_t nv = lim.n_vocab;
+    float *row = calloc(nv, sizeof *row), *out = malloc(nv * sizeof *out);
+    if (model_guide_clone(guide, &g) || !row || !out)
+        abort();
+    for (int step = 0; step < 16; step++) {
+        if (model_guide_mask(g, row, out) == 0) {
+            if (step == 0)
+                abort(); /* a pattern that matches something starts somewhere */
+            break;
+        }
+        uint32_t id = (uint32_t)step * 37 % nv;
+        while (out[id] == -INFINITY)
+            id = (id + 1) % nv;
+        int rc = model_guide_accept(g, (int32_t)id);
+        if (rc < 0)
+            abort();
+        if (rc == 1)
+            break;
+    }
+    model_guide_free(g);
+    free(row);
+    free(out);
 }
 
 int
@@ -167,6 +208,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (model_sampler_new(&g.sr.sampling, lim.n_vocab, &smp) != 0)
             abort();
         model_sampler_free(smp);
+        if (g.sr.guide)
+            walk_guide(g.sr.guide);
         srv_gen_req_free(&g);
     } else if (msg[0] == '\0') {
         abort(); /* every refusal must say why */

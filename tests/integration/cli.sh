@@ -89,6 +89,24 @@ expect 2 "run logit bias id out of vocab" "$K" run $M --prompt a --logit-bias 50
 contains "vocabulary"
 expect 0 "run with a logit bias" "$K" run $M --prompt a --max-tokens 2 --logit-bias 3:1.5,4:-2
 
+# Guided decoding: the text is a whole match, or JSON the schema accepts
+# (from @FILE); patterns and schemas that cannot be honoured are refused.
+txt=$("$K" run $M --prompt a --max-tokens 20 --seed 2 --temperature 1 \
+      --guided-regex '[a-c]{3}-[0-9]{2}' 2>/dev/null)
+if printf '%s' "$txt" | grep -Eqx '[a-c]{3}-[0-9]{2}'; then ok; else bad "run guided regex: '$txt'"; fi
+printf '%s' '{"type":"object","properties":{"n":{"type":"integer","minimum":1,"maximum":9}},"required":["n"]}' >"$W/s.json"
+txt=$("$K" run $M --prompt a --max-tokens 20 --seed 2 --temperature 1 \
+      --guided-json @"$W/s.json" 2>/dev/null)
+if printf '%s' "$txt" | grep -Eqx '\{ ?"n" ?: ?[1-9] ?\}'; then ok; else bad "run guided json: '$txt'"; fi
+expect 2 "run guided regex unbalanced" "$K" run $M --prompt a --guided-regex 'a(b'
+contains "guided-regex: at offset 3"
+expect 2 "run guided json unsupported" "$K" run $M --prompt a --guided-json '{"not":{}}'
+contains "guided-json: /: not"
+expect 2 "run guided json unreadable" "$K" run $M --prompt a --guided-json @"$W/none.json"
+contains "cannot read"
+expect 2 "run guided regex and json" "$K" run $M --prompt a --guided-regex a --guided-json '{}'
+contains "one at most"
+
 # eval --scenario: niah-multikey only, and the prefix cache serves the later
 # turns' shared context whatever the (random) model answers.
 expect 2 "eval scenario with another task" "$K" eval $M --scenario multi-turn --task vt

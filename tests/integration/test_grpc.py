@@ -37,6 +37,7 @@ import importlib.util
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -934,6 +935,125 @@ def check_guided_choice(api, kvserve, addr):
         setup(r)
         o = collect(api, r)
         report("3 guided_choice %s -> INVALID_ARGUMENT naming %s" % (name, field),
+               o["code"] == grpc.StatusCode.INVALID_ARGUMENT and field in o["details"],
+               describe(o))
+
+
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["red", "blue"]}, "maxItems": 3},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "age"],
+}
+
+
+def person_ok(text):
+    """Whether text is a JSON object PERSON_SCHEMA accepts, keys in its order."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return False
+    if not isinstance(doc, dict) or "name" not in doc or "age" not in doc:
+        return False
+    order = [k for k in PERSON_SCHEMA["properties"] if k in doc]
+    name, age = doc["name"], doc["age"]
+    return (list(doc) == order and isinstance(name, str) and 1 <= len(name) <= 12
+            and type(age) is int and 0 <= age <= 120
+            and all(t in ("red", "blue") for t in doc.get("tags", []))
+            and len(doc.get("tags", [])) <= 3
+            and isinstance(doc.get("ok", True), bool))
+
+
+def guided_runs(api, kvserve, addr, req, seed, temperature, client_args, samples_ws=None):
+    """req greedy, then 4 samples of it at temperature (with samples_ws as
+    their whitespace pattern when given), then greedy from the C client.
+    Returns (greedy, samples, samples' error, C client's JSON)."""
+    g = collect(api, req)
+    req.sampling.temperature = temperature
+    req.sampling.seed = seed
+    req.sampling.n = 4
+    if samples_ws is not None:
+        req.sampling.guided_whitespace_pattern = samples_ws
+    outs, err = collect_samples(api, req, 4)
+    _, doc = c_client(kvserve, addr, TEXT_PROMPT, req.sampling.max_tokens, client_args)
+    return g, outs, err, doc
+
+
+def guided_detail(g, outs, err, doc):
+    return ("greedy %r %s; samples %s %s; C client %s"
+            % (g["text"], finish_name(g["finish"]),
+               [(o["text"], finish_name(o["finish"])) for o in outs], err, str(doc)[:160]))
+
+
+def check_guided_regex_json(api, kvserve, addr, work):
+    """guided_regex and guided_json: greedy and sampled outputs of the
+    bundled model are whole matches (Python's re) / JSON the schema accepts
+    (keys in order, bounds kept) and end with FINISH_REASON_STOP; the C
+    client's flags (a schema from @FILE); patterns and schemas that cannot
+    be honoured refused naming the field, the offset or the schema path."""
+    pat = r"[A-Z]{2}-\d{3}(?:-[a-z]{1,4})?"
+    req = greedy_req(TEXT_PROMPT, 16)
+    req.sampling.guided_regex = pat
+    g, outs, err, doc = guided_runs(api, kvserve, addr, req, 7, 1.5, ["--guided-regex", pat])
+    ok = (g["code"] is None and re.fullmatch(pat, g["text"]) is not None
+          and g["finish"] == pb.FINISH_REASON_STOP and not err
+          and all(re.fullmatch(pat, o["text"]) and o["finish"] == pb.FINISH_REASON_STOP
+                  for o in outs)
+          and isinstance(doc, dict) and doc.get("text") == g["text"])
+    report("1 guided_regex: greedy and 4 sampled outputs whole matches, FINISH_REASON_STOP", ok,
+           guided_detail(g, outs, err, doc))
+
+    schema = json.dumps(PERSON_SCHEMA)
+    req = greedy_req(TEXT_PROMPT, 200)
+    req.sampling.guided_json = schema
+    path = os.path.join(work, "person.schema.json")
+    with open(path, "w") as f:
+        f.write(schema)
+    g, outs, err, doc = guided_runs(api, kvserve, addr, req, 3, 1.0, ["--guided-json", "@" + path],
+                                    samples_ws="")
+    ok = (g["code"] is None and person_ok(g["text"]) and g["finish"] == pb.FINISH_REASON_STOP
+          and not err and all(person_ok(o["text"]) and o["finish"] == pb.FINISH_REASON_STOP
+                              and not re.search(r"\s", re.sub(r'"(?:[^"\\]|\\.)*"', "",
+                                                                 o["text"])) for o in outs)
+          and isinstance(doc, dict) and doc.get("text") == g["text"])
+    report("1 guided_json: greedy and 4 sampled outputs (compact: whitespace pattern '') valid "
+           "under the schema, keys in order, FINISH_REASON_STOP", ok,
+           guided_detail(g, outs, err, doc))
+
+    for name, setup, field in (
+            ("a bad pattern", lambda r: setattr(r.sampling, "guided_regex", "ab(c"),
+             "sampling.guided_regex: at offset 4"),
+            ("lookahead", lambda r: setattr(r.sampling, "guided_regex", "(?=a)a"),
+             "lookaround"),
+            ("a pattern too complex", lambda r: setattr(r.sampling, "guided_regex",
+                                                        "(a|b)*a(a|b){16}"), "too complex"),
+            ("regex and choice", lambda r: (setattr(r.sampling, "guided_regex", "a"),
+                                            r.sampling.guided_choice.append("a")),
+             "at most one of"),
+            ("regex and forced tokens", lambda r: (setattr(r.sampling, "guided_regex", "a"),
+                                                   r.forced_tokens.ids.extend([5])),
+             "forced_tokens"),
+            ("malformed JSON", lambda r: setattr(r.sampling, "guided_json", "{\"type\": "),
+             "sampling.guided_json: line 1"),
+            ("an unsupported keyword", lambda r: setattr(
+                r.sampling, "guided_json",
+                json.dumps({"type": "object", "properties": {
+                    "n": {"type": "integer", "multipleOf": 3}}})),
+             "/properties/n"),
+            ("whitespace without a schema", lambda r: setattr(
+                r.sampling, "guided_whitespace_pattern", " "), "only with guided_json"),
+            ("a bad whitespace pattern", lambda r: (
+                setattr(r.sampling, "guided_json", "{}"),
+                setattr(r.sampling, "guided_whitespace_pattern", "[ ")),
+             "sampling.guided_whitespace_pattern: at offset")):
+        r = greedy_req(TEXT_PROMPT, 4)
+        setup(r)
+        o = collect(api, r)
+        report("3 guided %s -> INVALID_ARGUMENT naming %s" % (name, field),
                o["code"] == grpc.StatusCode.INVALID_ARGUMENT and field in o["details"],
                describe(o))
 
@@ -2124,6 +2244,7 @@ def main():
             check_prompt_logprobs(api, kvserve, srv.addr)
             check_allowed_and_truncate(api, kvserve, srv.addr)
             check_guided_choice(api, kvserve, srv.addr)
+            check_guided_regex_json(api, kvserve, srv.addr, work)
             check_include_stop(api, kvserve, srv.addr)
             if "text" in refs:
                 check_tokenize(api, refs["text"])

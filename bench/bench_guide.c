@@ -1,0 +1,288 @@
+/*
+ * bench/bench_guide.c — what guided decoding (model/guide.c) costs a step
+ * on a large real vocabulary (DeepSeek LLM's byte-level BPE, 102,400
+ * tokens, from shared/data/vocab; --vocab for another), against the baseline of
+ * asking a regex library, PCRE2 with hard partial matching, for each
+ * token whether the output plus its bytes can still become a match — the
+ * mask a server without an automaton computes.  All in one run:
+ *
+ *   compile   pattern -> DFA, for a regex, a pydantic-style schema and
+ *             `{}` (any JSON value, nesting bounded);
+ *   cold      a mask for a state seen for the first time (walk of the
+ *             vocabulary in byte order): `[a-z ]{0,1000}` moves to a new
+ *             state with every token;
+ *   cached    the same mask for a state kept from before: `[a-z ]*`
+ *             stays in one state;
+ *   json      a JSON document of the schema walked token by token (as
+ *             the model would emit it), a mask before each token;
+ *   pcre2     the baseline, for `[a-z ]*` after the same output.
+ *
+ * Usage: bench_guide [--steps N (32)] [--vocab GGUF] [--json FILE (bench/out/guide.json)]
+ */
+#include "model/model.h"
+
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <errno.h>
+#include <getopt.h>
+#include <pcre2.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "serve/srv_schema.h"
+
+static double
+now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec * 1e3 + (double)t.tv_nsec / 1e6;
+}
+
+static const char *const user_schema =
+    "{\"$defs\":{\"Role\":{\"enum\":[\"admin\",\"user\",\"guest\"],\"type\":\"string\"}},"
+    "\"properties\":{\"name\":{\"maxLength\":50,\"type\":\"string\"},\"age\":{\"maximum\":150,"
+    "\"minimum\":0,\"type\":\"integer\"},\"email\":{\"anyOf\":[{\"type\":\"string\"},{\"type\":"
+    "\"null\"}],\"default\":null},\"role\":{\"$ref\":\"#/$defs/Role\"},\"tags\":{\"items\":{"
+    "\"type\":\"string\"},\"type\":\"array\"}},\"required\":[\"name\",\"age\",\"role\"],"
+    "\"type\":\"object\"}";
+
+static const char *const user_doc =
+    "{\"name\": \"Ada Lovelace\", \"age\": 36, \"email\": \"ada@example.org\", \"role\": "
+    "\"admin\", \"tags\": [\"math\", \"engines\", \"poetry\"]}";
+
+typedef struct {
+    const char *what;
+    double ms;       /* per step (compile: once) */
+    uint32_t states; /* compile rows */
+} row_t;
+
+static int
+compile_row(const model_t *m, const char *what, const char *regex, const char *json, row_t *r)
+{
+    const char *field;
+    char err[256];
+    model_guide_t *g;
+    double t0 = now_ms();
+    int rc = srv_guide_new(m, regex, json, NULL, &g, &field, err, sizeof err);
+    if (rc) {
+        fprintf(stderr, "bench_guide: %s: %s: %s\n", what, field, err);
+        return rc;
+    }
+    *r = (row_t){what, now_ms() - t0, model_guide_states(g)};
+    model_guide_free(g);
+    return 0;
+}
+
+/* Mean ms of a mask over `steps` steps, each followed by accepting tok. */
+static double
+mask_steps(const model_t *m, const char *regex, const int32_t *toks, uint32_t steps, float *row,
+           float *out)
+{
+    model_guide_t *g;
+    if (model_guide_new(m, regex, strlen(regex), &g, NULL, 0))
+        return -1;
+    double sum = 0;
+    for (uint32_t k = 0; k < steps; k++) {
+        double t0 = now_ms();
+        uint32_t n = model_guide_mask(g, row, out);
+        sum += now_ms() - t0;
+        if (n == 0 || model_guide_accept(g, toks[k]) < 0) {
+            model_guide_free(g);
+            return -1;
+        }
+    }
+    model_guide_free(g);
+    return sum / steps;
+}
+
+int
+main(int argc, char **argv)
+{
+    uint32_t steps = 32;
+    const char *json_path = "bench/out/guide.json";
+    const char *vocab = "../shared/data/vocab/ggml-vocab-deepseek-llm.gguf";
+    static const struct option lo[] = {{"steps", 1, 0, 's'},
+                                       {"vocab", 1, 0, 'v'},
+                                       {"json", 1, 0, 'j'},
+                                       {"help", 0, 0, 'h'},
+                                       {0, 0, 0, 0}};
+    int c;
+    while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+        if (c == 's' && atoi(optarg) > 0 && atoi(optarg) <= 200)
+            steps = (uint32_t)atoi(optarg);
+        else if (c == 'j')
+            json_path = optarg;
+        else if (c == 'v')
+            vocab = optarg;
+        else {
+            fprintf(stderr,
+                    "usage: bench_guide [--steps N (1..200)] [--vocab GGUF] [--json FILE]\n");
+            return c == 'h' ? 0 : 2;
+        }
+    }
+    const char *tmp = getenv("TMPDIR");
+    char dir[256], path[300], err[256];
+    snprintf(dir, sizeof dir, "%s/bench_guide_XXXXXX", tmp ? tmp : "/tmp");
+    if (mkdtemp(dir) == NULL) {
+        fprintf(stderr, "bench_guide: mkdtemp: %s\n", strerror(errno));
+        return 1;
+    }
+    snprintf(path, sizeof path, "%s/draft.gguf", dir);
+    kern_backend_cfg_t cfg = {.n_threads = 1};
+    kern_backend_t *be = NULL;
+    model_t *m = NULL;
+    float *row = NULL, *masked = NULL;
+    int32_t *toks = NULL;
+    int status = 1;
+    model_gguf_t *vg = NULL;
+    if (model_gguf_open(vocab, &vg, err, sizeof err)) {
+        fprintf(stderr, "bench_guide: --vocab %s: %s\n", vocab, err);
+        goto out;
+    }
+    /* A small model of that vocabulary: the masks depend on nothing else. */
+    int rc = model_random_write("tiny", KERN_F32, 1, vg, path, err, sizeof err);
+    model_gguf_close(vg);
+    if (rc || kern_backend_new("cpu", &cfg, &be) || model_load(path, be, &m, err, sizeof err)) {
+        fprintf(stderr, "bench_guide: model: %s\n", err);
+        goto out;
+    }
+    unlink(path);
+    uint32_t nv = model_hparams(m)->n_vocab;
+    row = malloc(nv * sizeof *row);
+    masked = malloc(nv * sizeof *masked);
+    toks = malloc(4096 * sizeof *toks);
+    if (!row || !masked || !toks)
+        goto out;
+    for (uint32_t i = 0; i < nv; i++)
+        row[i] = (float)(i % 13) * 0.1f;
+    /* The first use builds the vocabulary's byte table: not a step's cost. */
+    row_t warm;
+    if (compile_row(m, "warm-up", "a", NULL, &warm))
+        goto out;
+
+    row_t comp[3];
+    if (compile_row(m, "regex [A-Z]{2}-\\d{3}(-[a-z]{1,4})?", "[A-Z]{2}-\\d{3}(-[a-z]{1,4})?", NULL,
+                    &comp[0]) ||
+        compile_row(m, "schema: 5-field pydantic model", NULL, user_schema, &comp[1]) ||
+        compile_row(m, "schema: {} (any JSON, 3 deep)", NULL, "{}", &comp[2]))
+        goto out;
+
+    /* " the" style tokens of lower-case words: the walk of both patterns. */
+    size_t n;
+    int32_t word;
+    if (model_tokenize(m, " the", 4, false, &word, 1, &n) || n != 1) {
+        fprintf(stderr, "bench_guide: \" the\" is not one token\n");
+        goto out;
+    }
+    for (uint32_t k = 0; k < steps; k++)
+        toks[k] = word;
+    double cold = mask_steps(m, "[a-z ]{0,1000}", toks, steps, row, masked);
+    double cached = mask_steps(m, "[a-z ]*", toks, steps, row, masked);
+
+    int32_t doc[512];
+    size_t n_doc;
+    if (model_tokenize(m, user_doc, strlen(user_doc), false, doc, 512, &n_doc)) {
+        fprintf(stderr, "bench_guide: cannot tokenize the document\n");
+        goto out;
+    }
+    model_guide_t *g;
+    const char *field;
+    if (srv_guide_new(m, NULL, user_schema, NULL, &g, &field, err, sizeof err)) {
+        fprintf(stderr, "bench_guide: %s: %s\n", field, err);
+        goto out;
+    }
+    double js = 0;
+    for (size_t k = 0; k < n_doc; k++) {
+        double t0 = now_ms();
+        model_guide_mask(g, row, masked);
+        js += now_ms() - t0;
+        if (model_guide_accept(g, doc[k]) < 0) {
+            fprintf(stderr, "bench_guide: the document leaves the schema at token %zu\n", k);
+            model_guide_free(g);
+            goto out;
+        }
+    }
+    model_guide_free(g);
+    js /= (double)n_doc;
+
+    /* Baseline: PCRE2 on every token after an output of `steps` words. */
+    int e;
+    PCRE2_SIZE off;
+    pcre2_code *re = pcre2_compile((PCRE2_SPTR) "(?:[a-z ]*)\\z", PCRE2_ZERO_TERMINATED,
+                                   PCRE2_UTF | PCRE2_ANCHORED, &e, &off, NULL);
+    pcre2_match_data *md = re ? pcre2_match_data_create_from_pattern(re, NULL) : NULL;
+    char *buf = malloc(4 * (size_t)steps + 4096);
+    if (!re || !md || !buf)
+        goto out;
+    size_t at = 0;
+    for (uint32_t k = 0; k < steps; k++)
+        at += (size_t)model_token_piece(m, word, buf + at, 8);
+    uint32_t allowed = 0;
+    double t0 = now_ms();
+    for (uint32_t id = 0; id < nv; id++) {
+        if (model_token_is_eog(m, (int32_t)id)) {
+            allowed++; /* the output so far is a whole match */
+            continue;
+        }
+        int len = model_token_piece(m, (int32_t)id, buf + at, 4000);
+        if (len <= 0 || len > 4000)
+            continue;
+        int rc =
+            pcre2_match(re, (PCRE2_SPTR)buf, at + (size_t)len, 0, PCRE2_PARTIAL_HARD, md, NULL);
+        allowed += rc >= 0 || rc == PCRE2_ERROR_PARTIAL;
+    }
+    double pcre_ms = now_ms() - t0;
+    uint32_t ours = 0;
+    if (model_guide_new(m, "[a-z ]*", 7, &g, NULL, 0) == 0) {
+        ours = model_guide_mask(g, row, masked);
+        model_guide_free(g);
+    }
+    pcre2_match_data_free(md);
+    pcre2_code_free(re);
+    free(buf);
+
+    printf("guided decoding on %s (%u tokens), %u steps\n", vocab, nv, steps);
+    printf("%-40s %10s %10s\n", "compile", "ms", "states");
+    for (int i = 0; i < 3; i++)
+        printf("%-40s %10.2f %10u\n", comp[i].what, comp[i].ms, comp[i].states);
+    printf("%-40s %10s %12s\n", "mask per step", "ms", "vs pcre2");
+    printf("%-40s %10.3f %11.4fx\n", "pcre2 partial match per token (base)", pcre_ms, 1.0);
+    printf("%-40s %10.3f %11.4fx\n", "cold: new state each step", cold, cold / pcre_ms);
+    printf("%-40s %10.3f %11.4fx\n", "cached: state seen before", cached, cached / pcre_ms);
+    printf("%-40s %10.3f %11.4fx\n", "json document (pydantic model)", js, js / pcre_ms);
+    printf("tokens allowed by [a-z ]*: %u (pcre2 %u)\n", ours, allowed);
+    if (cold < 0 || cached < 0 || ours != allowed) {
+        fprintf(stderr, "bench_guide: masks disagree with the baseline\n");
+        goto out;
+    }
+    FILE *f = fopen(json_path, "w");
+    if (f == NULL) {
+        fprintf(stderr, "bench_guide: cannot write %s: %s\n", json_path, strerror(errno));
+        goto out;
+    }
+    fprintf(f, "{\"n_vocab\": %u, \"steps\": %u, \"compile\": [", nv, steps);
+    for (int i = 0; i < 3; i++)
+        fprintf(f, "%s{\"what\": \"%s\", \"ms\": %.3f, \"states\": %u}", i ? ", " : "",
+                i == 0   ? "regex"
+                : i == 1 ? "pydantic"
+                         : "any",
+                comp[i].ms, comp[i].states);
+    fprintf(f,
+            "], \"mask_ms\": {\"pcre2\": %.4f, \"cold\": %.4f, \"cached\": %.4f, \"json\": "
+            "%.4f}, \"ratio_vs_pcre2\": {\"cold\": %.5f, \"cached\": %.5f, \"json\": %.5f}}\n",
+            pcre_ms, cold, cached, js, cold / pcre_ms, cached / pcre_ms, js / pcre_ms);
+    fclose(f);
+    printf("json: %s\n", json_path);
+    status = 0;
+out:
+    free(row);
+    free(masked);
+    free(toks);
+    model_free(m);
+    kern_backend_free(be);
+    rmdir(dir);
+    return status;
+}
