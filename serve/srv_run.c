@@ -20,8 +20,8 @@ static const char run_usage[] =
     "usage: kvserve run [--model PATH] (--prompt TEXT | --prompt-tokens 1,2,3)\n"
     "                   [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--min-p P]\n"
     "                   [--repetition-penalty R] [--presence-penalty P] [--frequency-penalty F]\n"
-    "                   [--logit-bias ID:BIAS,...] [--guided-regex RE |\n"
-    "                    --guided-json SCHEMA|@FILE [--guided-whitespace-pattern RE]]\n"
+    "                   [--logit-bias ID:BIAS,...] [--guided-choice STR... | --guided-regex RE\n"
+    "                    | --guided-json SCHEMA|@FILE [--guided-whitespace-pattern RE]]\n"
     "                   [--seed S] [--ignore-eos] [--threads N] [--device cpu|ref|cuda]\n"
     "                   [--block-size N] [--kv-cache-dtype f16|f32|bf16|q8_0|fp8|q4]\n"
     "                   [--kv-sink-tokens N] [--kv-residual-tokens N] [--batch-size N]\n"
@@ -35,7 +35,9 @@ typedef struct run_opts {
     model_sampling_t sampling; /* its bias arrays malloc'd here */
     bool seed_set, ignore_eos, json, cuda_graphs;
     const char *guided_regex, *guided_ws;
-    char *guided_json; /* malloc'd */
+    char *guided_json;    /* malloc'd */
+    const char **choices; /* --guided-choice, into argv (malloc'd array) */
+    uint32_t n_choices;
 } run_opts_t;
 
 /* .npy v1.0 writer for a float32 [rows][cols] array whose row count is
@@ -81,6 +83,7 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         O_GREGEX,
         O_GJSON,
         O_GWS,
+        O_GCHOICE,
         O_SEED,
         O_IGNEOS,
         O_THREADS,
@@ -109,6 +112,7 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         {"guided-regex", 1, 0, O_GREGEX},
         {"guided-json", 1, 0, O_GJSON},
         {"guided-whitespace-pattern", 1, 0, O_GWS},
+        {"guided-choice", 1, 0, O_GCHOICE},
         {"seed", 1, 0, O_SEED},
         {"ignore-eos", 0, 0, O_IGNEOS},
         {"threads", 1, 0, O_THREADS},
@@ -186,6 +190,19 @@ parse_opts(int argc, char **argv, run_opts_t *o)
             break;
         case O_GWS:
             o->guided_ws = optarg;
+            break;
+        case O_GCHOICE:
+            /* argc slots always suffice. */
+            if (o->choices == NULL &&
+                (o->choices = malloc((size_t)argc * sizeof *o->choices)) == NULL)
+                rc = KVS_ENOMEM;
+            else if (optarg[0] == '\0' || strlen(optarg) > MODEL_MAX_CHOICE_BYTES ||
+                     o->n_choices == MODEL_MAX_CHOICES) {
+                fprintf(stderr, "kvserve run: --guided-choice: 1..%d strings of 1..%d bytes\n",
+                        MODEL_MAX_CHOICES, MODEL_MAX_CHOICE_BYTES);
+                rc = KVS_EINVAL;
+            } else
+                o->choices[o->n_choices++] = optarg;
             break;
         case O_BIAS: {
             free((void *)o->sampling.bias_ids);
@@ -277,6 +294,7 @@ typedef struct run_state {
     float *bias;
     char *schema; /* --guided-json */
     model_guide_t *guide;
+    const char **choices;
 } run_state_t;
 
 static void
@@ -292,6 +310,7 @@ run_state_free(run_state_t *s)
     free(s->bias);
     free(s->schema);
     model_guide_free(s->guide);
+    free(s->choices);
     if (s->npy.f)
         fclose(s->npy.f);
 }
@@ -314,6 +333,7 @@ srv_cmd_run(int argc, char **argv)
     s.bias_ids = (int32_t *)o.sampling.bias_ids;
     s.bias = (float *)o.sampling.bias;
     s.schema = o.guided_json;
+    s.choices = o.choices;
     if (rc == 0 && o.model == NULL && (o.model = srv_default_model()) == NULL) {
         fprintf(stderr, "kvserve run: no --model given and no bundled model found "
                         "(weights/kvserve-main.gguf)\n");
@@ -345,11 +365,12 @@ srv_cmd_run(int argc, char **argv)
             goto out;
         }
     }
-    if ((o.guided_regex && o.guided_json) || (o.guided_ws && !o.guided_json)) {
+    if ((o.n_choices > 0) + (o.guided_regex != NULL) + (o.guided_json != NULL) > 1 ||
+        (o.guided_ws && !o.guided_json)) {
         fprintf(stderr, "kvserve run: %s\n",
                 o.guided_ws && !o.guided_json
                     ? "--guided-whitespace-pattern: only with --guided-json"
-                    : "--guided-regex and --guided-json: one at most");
+                    : "--guided-choice, --guided-regex and --guided-json: one at most");
         status = 2;
         goto out;
     }
@@ -451,7 +472,9 @@ srv_cmd_run(int argc, char **argv)
                            .sampling = o.sampling,
                            .ignore_eos = o.ignore_eos,
                            .kv = o.kv.policy,
-                           .guide = s.guide};
+                           .guide = s.guide,
+                           .choices = o.choices,
+                           .n_choices = o.n_choices};
     if ((rc = sched_submit(s.sched, &req))) {
         fprintf(stderr, "kvserve run: request refused: %s\n", kvs_strerror(rc));
         goto out;

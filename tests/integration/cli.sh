@@ -106,6 +106,11 @@ expect 2 "run guided json unreadable" "$K" run $M --prompt a --guided-json @"$W/
 contains "cannot read"
 expect 2 "run guided regex and json" "$K" run $M --prompt a --guided-regex a --guided-json '{}'
 contains "one at most"
+txt=$("$K" run $M --prompt a --max-tokens 20 --seed 4 --temperature 1 \
+      --guided-choice yes --guided-choice no --guided-choice maybe 2>/dev/null)
+case "$txt" in yes|no|maybe) ok ;; *) bad "run guided choice: '$txt'" ;; esac
+expect 2 "run guided choice empty" "$K" run $M --prompt a --guided-choice ''
+contains "guided-choice"
 
 # eval --scenario: niah-multikey only, and the prefix cache serves the later
 # turns' shared context whatever the (random) model answers.
