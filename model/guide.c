@@ -968,7 +968,7 @@ intern(guide_dfa_t *d, interner_t *in, parser_t *p, const uint32_t *s, uint32_t 
         if (e == 0)
             break;
         e--;
-        if (in->len[e] == n && memcmp(in->sets + in->off[e], s, n * sizeof *s) == 0)
+        if (in->len[e] == n && (n == 0 || memcmp(in->sets + in->off[e], s, n * sizeof *s) == 0))
             return e;
     }
     uint32_t id = d->n_states;
@@ -988,7 +988,8 @@ intern(guide_dfa_t *d, interner_t *in, parser_t *p, const uint32_t *s, uint32_t 
     }
     in->off[id] = in->n_sets_words;
     in->len[id] = n;
-    memcpy(in->sets + in->n_sets_words, s, n * sizeof *s);
+    if (n) /* the dead state's empty set comes first, before any storage */
+        memcpy(in->sets + in->n_sets_words, s, n * sizeof *s);
     in->n_sets_words += n;
     d->n_states++;
     /* Rehash at half full. */
