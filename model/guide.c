@@ -24,12 +24,15 @@
  * into the dead state.  The DFA is built whole and capped, so a pattern
  * too large is refused when the request is parsed, not mid-generation.
  * Masks walk the vocabulary in byte order (model__pieces) so each shared
- * prefix costs one transition, and the masks of the last few states are
- * kept: in a JSON string the same state comes back token after token.
+ * prefix costs one transition, and each guide keeps the masks of its last
+ * few states: in a JSON string the same state comes back token after
+ * token.  A model keeps its last automata by pattern, so requests of one
+ * schema compile it once and share it.
  */
 #include "model_int.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -889,19 +892,21 @@ typedef struct guide_dfa {
     uint32_t *trans; /* [n_states * n_classes]; 0 is the dead state */
     uint8_t *flags;  /* [n_states] */
     uint32_t start;
-    /* The masks of the last N_CACHED states asked for (engine thread). */
+} guide_dfa_t;
+
+enum { F_ACCEPT = 1, F_OVER = 2 };
+
+/* The automaton is never written after it is built, so requests on any
+ * thread share it; what a mask walk writes belongs to one guide. */
+struct model_guide {
+    guide_dfa_t *d;
+    uint32_t cur;
+    /* The masks of the last N_CACHED states asked for, made at first use. */
     uint64_t *bits; /* [N_CACHED][words] */
     uint32_t words;
     uint32_t cached[N_CACHED]; /* state, 0: empty */
     uint64_t used[N_CACHED], tick;
     uint32_t *stack; /* [max_len + 1] */
-} guide_dfa_t;
-
-enum { F_ACCEPT = 1, F_OVER = 2 };
-
-struct model_guide {
-    guide_dfa_t *d;
-    uint32_t cur;
 };
 
 typedef struct {
@@ -1182,9 +1187,111 @@ dfa_unref(guide_dfa_t *d)
         return;
     free(d->trans);
     free(d->flags);
-    free(d->bits);
-    free(d->stack);
     free(d);
+}
+
+/* ---- compiled automata kept per model --------------------------------- */
+
+/* Requests of one schema or pattern arrive again and again: the last
+ * CACHE_ENTRIES automata of a model are kept by their pattern (those of
+ * at most CACHE_CELLS transitions), so each compiles once. */
+enum { CACHE_ENTRIES = 16, CACHE_CELLS = 1 << 20 };
+
+typedef struct guide_cache {
+    pthread_mutex_t mu;
+    struct {
+        char *pattern;
+        size_t len;
+        guide_dfa_t *d;
+        uint64_t used;
+    } e[CACHE_ENTRIES];
+    uint64_t tick;
+} guide_cache_t;
+
+static guide_cache_t *
+cache_of(const model_t *m)
+{
+    /* A cache: keeping automata does not change the model. */
+    _Atomic(void *) *slot = &((model_t *)m)->guides;
+    guide_cache_t *c = atomic_load(slot);
+    if (c)
+        return c;
+    if ((c = calloc(1, sizeof *c)) == NULL)
+        return NULL;
+    pthread_mutex_init(&c->mu, NULL);
+    void *expect = NULL;
+    if (!atomic_compare_exchange_strong(slot, &expect, c)) {
+        pthread_mutex_destroy(&c->mu);
+        free(c);
+        return expect;
+    }
+    return c;
+}
+
+/* The kept automaton of this pattern, with a reference for the caller. */
+static guide_dfa_t *
+cache_find(guide_cache_t *c, const char *pattern, size_t len)
+{
+    guide_dfa_t *d = NULL;
+    pthread_mutex_lock(&c->mu);
+    for (int k = 0; k < CACHE_ENTRIES && d == NULL; k++)
+        if (c->e[k].d && c->e[k].len == len && memcmp(c->e[k].pattern, pattern, len) == 0) {
+            d = c->e[k].d;
+            atomic_fetch_add(&d->refs, 1);
+            c->e[k].used = ++c->tick;
+        }
+    pthread_mutex_unlock(&c->mu);
+    return d;
+}
+
+static void
+cache_put(guide_cache_t *c, const char *pattern, size_t len, guide_dfa_t *d)
+{
+    if ((uint64_t)d->n_states * d->n_classes > CACHE_CELLS)
+        return;
+    char *copy = malloc(len + 1);
+    if (copy == NULL)
+        return;
+    memcpy(copy, pattern, len);
+    pthread_mutex_lock(&c->mu);
+    int lru = 0;
+    for (int k = 1; k < CACHE_ENTRIES; k++)
+        if (c->e[k].used < c->e[lru].used)
+            lru = k;
+    free(c->e[lru].pattern);
+    dfa_unref(c->e[lru].d);
+    atomic_fetch_add(&d->refs, 1);
+    c->e[lru].pattern = copy;
+    c->e[lru].len = len;
+    c->e[lru].d = d;
+    c->e[lru].used = ++c->tick;
+    pthread_mutex_unlock(&c->mu);
+}
+
+void
+model__guides_free(model_t *m)
+{
+    guide_cache_t *c = atomic_exchange(&m->guides, NULL);
+    if (c == NULL)
+        return;
+    for (int k = 0; k < CACHE_ENTRIES; k++) {
+        free(c->e[k].pattern);
+        dfa_unref(c->e[k].d);
+    }
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+}
+
+/* A guide at the start of d, taking over the caller's reference. */
+static model_guide_t *
+guide_on(guide_dfa_t *d)
+{
+    model_guide_t *g = calloc(1, sizeof *g);
+    if (g) {
+        g->d = d;
+        g->cur = d->start;
+    }
+    return g;
 }
 
 int
@@ -1197,9 +1304,16 @@ model_guide_new(const model_t *m, const char *pattern, size_t len, model_guide_t
     parser_t p = {.s = pattern, .n = len, .err = err, .err_len = err_len};
     nfa_t a = {.p = &p};
     guide_dfa_t *d = NULL;
-    model_guide_t *g = NULL;
+    guide_cache_t *cache = cache_of(m);
     if (pattern == NULL) {
         fail(&p, "no pattern");
+        goto out;
+    }
+    if (cache && (d = cache_find(cache, pattern, len)) != NULL) {
+        if ((*out = guide_on(d)) == NULL)
+            oom(&p);
+        else
+            d = NULL;
         goto out;
     }
     if (len > 0 && pattern[0] == '^')
@@ -1214,9 +1328,7 @@ model_guide_new(const model_t *m, const char *pattern, size_t len, model_guide_t
     if (p.rc)
         goto out;
     const model_pieces_t *pt = model__pieces(m);
-    d = calloc(1, sizeof *d);
-    g = calloc(1, sizeof *g);
-    if (pt == NULL || d == NULL || g == NULL) {
+    if (pt == NULL || (d = calloc(1, sizeof *d)) == NULL) {
         oom(&p);
         goto out;
     }
@@ -1225,25 +1337,18 @@ model_guide_new(const model_t *m, const char *pattern, size_t len, model_guide_t
     d->pt = pt;
     if (build_dfa(d, &a, start, &p))
         goto out;
-    d->words = (m->hp.n_vocab + 63) / 64;
-    d->bits = malloc((size_t)N_CACHED * d->words * sizeof *d->bits);
-    d->stack = malloc(((size_t)pt->max_len + 1) * sizeof *d->stack);
-    if (d->bits == NULL || d->stack == NULL) {
+    if (cache)
+        cache_put(cache, pattern, len, d);
+    if ((*out = guide_on(d)) == NULL)
         oom(&p);
-        goto out;
-    }
-    g->d = d;
-    g->cur = d->start;
-    *out = g;
-    g = NULL;
-    d = NULL;
+    else
+        d = NULL;
 out:
     free(p.nodes);
     free(p.kids);
     free(p.ranges);
     free(a.st);
     free(a.memo);
-    free(g);
     dfa_unref(d);
     return p.rc;
 }
@@ -1251,11 +1356,12 @@ out:
 int
 model_guide_clone(const model_guide_t *g, model_guide_t **out)
 {
-    *out = calloc(1, sizeof **out);
-    if (*out == NULL)
-        return KVS_ENOMEM;
     atomic_fetch_add(&g->d->refs, 1);
-    **out = *g;
+    if ((*out = guide_on(g->d)) == NULL) {
+        dfa_unref(g->d);
+        return KVS_ENOMEM;
+    }
+    (*out)->cur = g->cur;
     return 0;
 }
 
@@ -1264,8 +1370,16 @@ model_guide_free(model_guide_t *g)
 {
     if (g) {
         dfa_unref(g->d);
+        free(g->bits);
+        free(g->stack);
         free(g);
     }
+}
+
+bool
+model_guide_shares(const model_guide_t *a, const model_guide_t *b)
+{
+    return a->d == b->d;
 }
 
 uint32_t
@@ -1290,11 +1404,12 @@ model_guide_fullmatch(const model_guide_t *g, const char *s, size_t n)
 
 /* Which tokens state s lets through, into bits. */
 static void
-fill_mask(guide_dfa_t *d, uint32_t s, uint64_t *bits)
+fill_mask(model_guide_t *g, uint32_t s, uint64_t *bits)
 {
+    const guide_dfa_t *d = g->d;
     const model_pieces_t *pt = d->pt;
-    uint32_t nc = d->n_classes, *st = d->stack, valid = 0;
-    memset(bits, 0, d->words * sizeof *bits);
+    uint32_t nc = d->n_classes, *st = g->stack, valid = 0;
+    memset(bits, 0, g->words * sizeof *bits);
     st[0] = s;
     for (uint32_t k = 0; k < pt->n_sorted; k++) {
         uint32_t l = pt->lcp[k];
@@ -1321,30 +1436,49 @@ fill_mask(guide_dfa_t *d, uint32_t s, uint64_t *bits)
     }
 }
 
+/* The mask of state s, NULL when out of memory. */
 static const uint64_t *
-mask_bits(guide_dfa_t *d, uint32_t s)
+mask_bits(model_guide_t *g, uint32_t s)
 {
+    if (g->bits == NULL) {
+        g->words = (g->d->m->hp.n_vocab + 63) / 64;
+        g->bits = malloc((size_t)N_CACHED * g->words * sizeof *g->bits);
+        g->stack = malloc(((size_t)g->d->pt->max_len + 1) * sizeof *g->stack);
+        if (g->bits == NULL || g->stack == NULL) {
+            free(g->bits);
+            free(g->stack);
+            g->bits = NULL;
+            g->stack = NULL;
+            return NULL;
+        }
+    }
     uint32_t lru = 0;
     for (uint32_t k = 0; k < N_CACHED; k++) {
-        if (d->cached[k] == s && d->used[k]) {
-            d->used[k] = ++d->tick;
-            return d->bits + (size_t)k * d->words;
+        if (g->cached[k] == s && g->used[k]) {
+            g->used[k] = ++g->tick;
+            return g->bits + (size_t)k * g->words;
         }
-        if (d->used[k] < d->used[lru])
+        if (g->used[k] < g->used[lru])
             lru = k;
     }
-    uint64_t *b = d->bits + (size_t)lru * d->words;
-    fill_mask(d, s, b);
-    d->cached[lru] = s;
-    d->used[lru] = ++d->tick;
+    uint64_t *b = g->bits + (size_t)lru * g->words;
+    fill_mask(g, s, b);
+    g->cached[lru] = s;
+    g->used[lru] = ++g->tick;
     return b;
 }
 
 uint32_t
 model_guide_mask(model_guide_t *g, const float *row, float *out)
 {
-    const uint64_t *bits = mask_bits(g->d, g->cur);
+    const uint64_t *bits = mask_bits(g, g->cur);
     uint32_t nv = g->d->m->hp.n_vocab, allowed = 0;
+    if (bits == NULL) {
+        /* Out of memory: nothing to draw, which fails the request. */
+        for (uint32_t id = 0; id < nv; id++)
+            out[id] = -INFINITY;
+        return 0;
+    }
     /* A word at a time: most are all out or all in. */
     for (uint32_t w = 0; w * 64 < nv; w++) {
         uint32_t base = w * 64, n = nv - base < 64 ? nv - base : 64;

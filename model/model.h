@@ -591,8 +591,9 @@ int model_choice_accept(model_choice_t *c, int32_t id);
  * and why in err: KVS_EINVAL (syntax, a feature not supported, a pattern
  * that matches nothing or whose automaton would pass MODEL_GUIDE_MAX_STATES
  * states or MODEL_GUIDE_MAX_CELLS transitions) or KVS_ENOMEM.  The first use on a model builds its
- * table of token bytes.  Thread: compile anywhere; one user at a time for a guide and its clones
- * (they share the automaton and its cached masks). */
+ * table of token bytes.  A model keeps its last automata by pattern: compiling a pattern again
+ * shares the kept one.  Thread: any; one user at a time for each guide (clones and guides of one
+ * pattern share only the automaton, which nothing writes). */
 enum { MODEL_GUIDE_MAX_STATES = 1 << 16, MODEL_GUIDE_MAX_CELLS = 1 << 22 };
 typedef struct model_guide model_guide_t;
 int model_guide_new(const model_t *m, const char *pattern, size_t len, model_guide_t **out,
@@ -601,6 +602,9 @@ int model_guide_new(const model_t *m, const char *pattern, size_t len, model_gui
 int model_guide_clone(const model_guide_t *g, model_guide_t **out);
 void model_guide_free(model_guide_t *g); /* NULL is a no-op */
 uint32_t model_guide_states(const model_guide_t *g);
+/* Whether a and b run on one automaton (clones, or one pattern compiled
+ * twice while the model kept it). */
+bool model_guide_shares(const model_guide_t *a, const model_guide_t *b);
 /* Whether s[0..n) is a whole match (from the start, whatever g has taken). */
 bool model_guide_fullmatch(const model_guide_t *g, const char *s, size_t n);
 /* out = row with every token that cannot continue the output towards a

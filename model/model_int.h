@@ -201,6 +201,7 @@ struct model {
     void **device_bufs;   /* weights uploaded to a device backend */
     uint32_t n_device_bufs;
     _Atomic(void *) pieces; /* model__pieces, built on first use */
+    _Atomic(void *) guides; /* guide.c's compiled automata, by pattern */
 };
 
 /* Every token's bytes (model_vocab_piece, control tokens empty) for
@@ -219,6 +220,8 @@ typedef struct model_pieces {
 const model_pieces_t *model__pieces(const model_t *m);
 /* Frees the table (model_free). */
 void model__pieces_free(model_t *m);
+/* Frees guide.c's kept automata (model_free; guides still out keep theirs). */
+void model__guides_free(model_t *m);
 
 /* GPT-2 bytes_to_unicode: the code point that spells byte b in a vocabulary. */
 uint32_t model__byte_to_codepoint(uint32_t b);

@@ -436,6 +436,7 @@ model_free(model_t *m)
     for (uint32_t i = 0; i < m->n_device_bufs; i++)
         kern_free(m->be, m->device_bufs[i]);
     free(m->device_bufs);
+    model__guides_free(m);
     model__pieces_free(m);
     model__tokenizer_free(m);
     free(m->layers);

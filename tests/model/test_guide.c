@@ -395,6 +395,47 @@ test_mask_bytes(void **state)
     model_guide_free(h);
 }
 
+/* A pattern compiled again runs on the automaton the model kept, with
+ * masks of its own (a guide's walk does not move another's); the last 16
+ * patterns are kept, an older one compiles anew; a guide outlives the
+ * model's cache. */
+static void
+test_kept_automata(void **state)
+{
+    (void)state;
+    model_guide_t *a, *b, *c;
+    assert_int_equal(model_guide_new(tiny, "[0-9]x", 6, &a, NULL, 0), 0);
+    assert_int_equal(model_guide_new(tiny, "[0-9]x", 6, &b, NULL, 0), 0);
+    assert_true(model_guide_shares(a, b));
+    assert_int_equal(model_guide_new(tiny, "[0-9]y", 6, &c, NULL, 0), 0);
+    assert_false(model_guide_shares(a, c));
+    model_guide_free(c);
+    assert_int_equal(model_guide_accept(a, '1'), 0);
+    uint32_t nv = model_hparams(tiny)->n_vocab;
+    float *row = calloc(nv, sizeof *row), *out = malloc(nv * sizeof *out);
+    assert_non_null(row);
+    assert_non_null(out);
+    assert_int_equal(model_guide_mask(a, row, out), 1); /* only the x */
+    assert_true(isfinite(out['x']));
+    assert_int_equal(model_guide_mask(b, row, out), 10); /* b is still at the start */
+    assert_true(isfinite(out['7']) && !isfinite(out['x']));
+    assert_int_equal(model_guide_accept(b, 'x'), KVS_EINVAL);
+    for (int k = 0; k < 16; k++) {
+        char pat[16];
+        snprintf(pat, sizeof pat, "z{%d}", k + 1);
+        assert_int_equal(model_guide_new(tiny, pat, strlen(pat), &c, NULL, 0), 0);
+        model_guide_free(c);
+    }
+    assert_int_equal(model_guide_new(tiny, "[0-9]x", 6, &c, NULL, 0), 0);
+    assert_false(model_guide_shares(a, c));
+    assert_true(model_guide_fullmatch(c, "1x", 2) && model_guide_fullmatch(a, "3x", 2));
+    model_guide_free(a);
+    model_guide_free(b);
+    model_guide_free(c);
+    free(row);
+    free(out);
+}
+
 /* GPT-2's vocabulary: tokens of several bytes, many sharing prefixes;
  * masks at several points of a JSON object, and state masks taken from
  * the cache (the same states come back) equal fresh ones. */
@@ -429,10 +470,9 @@ int
 main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_matches_pcre2),
-        cmocka_unit_test(test_refused),
-        cmocka_unit_test(test_mask_bytes),
-        cmocka_unit_test(test_mask_bpe),
+        cmocka_unit_test(test_matches_pcre2), cmocka_unit_test(test_refused),
+        cmocka_unit_test(test_mask_bytes),    cmocka_unit_test(test_mask_bpe),
+        cmocka_unit_test(test_kept_automata),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
