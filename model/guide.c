@@ -44,6 +44,7 @@ enum {
     MAX_REPEAT = 1000,                 /* n and m of {n,m} */
     MAX_NFA = 1u << 20,                /* NFA states */
     MAX_CELLS = MODEL_GUIDE_MAX_CELLS, /* DFA states x byte classes: 16 MiB of transitions */
+    MAX_WORK = 1 << 26,                /* NFA states visited building the DFA: ~0.3 s */
     N_CACHED = 8,                      /* masks kept */
     MAX_CP = 0x10FFFF,
 };
@@ -913,6 +914,7 @@ typedef struct {
     nfa_t *a;
     uint32_t *mark, gen;
     uint32_t *stack;
+    uint64_t work; /* states visited, for MAX_WORK */
 } closure_t;
 
 /* Adds the closure of s over splits to set[*n] (BYTE and MATCH states). */
@@ -923,6 +925,7 @@ closure_add(closure_t *c, uint32_t s, uint32_t *set, uint32_t *n)
     c->stack[top++] = s;
     while (top) {
         uint32_t x = c->stack[--top];
+        c->work++;
         if (c->mark[x] == c->gen)
             continue;
         c->mark[x] = c->gen;
@@ -1101,8 +1104,9 @@ build_dfa(guide_dfa_t *d, nfa_t *a, uint32_t nfa_start, parser_t *p)
     byte_classes(d, a);
     uint32_t nc = d->n_classes;
     interner_t in = {0};
-    closure_t c = {a, calloc(a->n, sizeof(uint32_t)), 0,
-                   malloc((2 * (size_t)a->n + 2) * sizeof(uint32_t))};
+    closure_t c = {.a = a,
+                   .mark = calloc(a->n, sizeof(uint32_t)),
+                   .stack = malloc((2 * (size_t)a->n + 2) * sizeof(uint32_t))};
     uint32_t *set = malloc(a->n * sizeof *set);
     uint32_t *bucket_n = calloc(nc, sizeof *bucket_n);
     uint32_t **bucket = calloc(nc, sizeof *bucket);
@@ -1142,6 +1146,7 @@ build_dfa(guide_dfa_t *d, nfa_t *a, uint32_t nfa_start, parser_t *p)
                     goto out;
                 }
                 bucket[cl][bucket_n[cl]++] = q->out;
+                c.work++;
             }
         }
         uint8_t *f = realloc(d->flags, s + 1);
@@ -1158,7 +1163,13 @@ build_dfa(guide_dfa_t *d, nfa_t *a, uint32_t nfa_start, parser_t *p)
                 closure_add(&c, bucket[cl][k], set, &n);
             qsort(set, n, sizeof *set, cmp_u32);
             d->trans[(size_t)s * nc + cl] = n ? intern(d, &in, p, set, n) : 0;
+            c.work += n;
         }
+        /* Few states can still hold huge sets: bound the time, not only
+         * the size (the request's thread waits for this). */
+        if (p->rc == 0 && c.work > MAX_WORK)
+            fail(p, "pattern too complex: its automaton takes over %llu steps to build",
+                 (unsigned long long)MAX_WORK);
     }
     if (p->rc == 0 && prune(d) != 0)
         oom(p);

@@ -276,6 +276,7 @@ test_refused(void **state)
         {"[^\\x00-\\x{10FFFF}]", "matches nothing"},
         {"((a{1000}){1000}){2}", "too large"},
         {"(a|b)*a(a|b){16}", "too complex"},
+        {"(?:(?:x|y)+z?){1,999}", "steps to build"},
         {"a**", "nothing to repeat"},
         {"a{2}{3}", "nothing to repeat"},
     };
