@@ -124,6 +124,42 @@ kvs_mpsc_node_t *kvs_mpsc_pop(kvs_mpsc_t *q);
 uint64_t kvs_now_ns(void); /* CLOCK_MONOTONIC */
 
 /* ------------------------------------------------------------------------ */
+/* Hex digits and UTF-8, for the parsers of patterns and vocabularies.      */
+/* ------------------------------------------------------------------------ */
+
+/* The value of hex digit c, -1 for any other character. */
+static inline int
+kvs_hexval(int c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* How many bytes UTF-8 spells code point c (<= 0x10FFFF) with. */
+static inline uint32_t
+kvs_utf8_len(uint32_t c)
+{
+    return c < 0x80 ? 1 : c < 0x800 ? 2 : c < 0x10000 ? 3 : 4;
+}
+
+/* Code point c in UTF-8 into b[4]; returns the byte count. */
+static inline uint32_t
+kvs_utf8_put(uint32_t c, uint8_t *b)
+{
+    static const uint8_t lead[5] = {0, 0, 0xC0, 0xE0, 0xF0};
+    uint32_t n = kvs_utf8_len(c);
+    for (uint32_t k = n - 1; k > 0; k--, c >>= 6)
+        b[k] = (uint8_t)(0x80 | (c & 0x3F));
+    b[0] = (uint8_t)(lead[n] | c);
+    return n;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Allocation with overflow checks.                                         */
 /* ------------------------------------------------------------------------ */
 

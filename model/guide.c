@@ -235,18 +235,6 @@ next_cp(parser_t *p, uint32_t *cp)
     return 0;
 }
 
-static int
-hexval(int c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /* n hex digits at p->i (0: a braced {H..} form) into *cp. */
 static int
 hex_cp(parser_t *p, uint32_t n, uint32_t *cp)
@@ -255,7 +243,7 @@ hex_cp(parser_t *p, uint32_t n, uint32_t *cp)
     if (n == 0) {
         p->i++; /* { */
         while (p->i < p->n && p->s[p->i] != '}') {
-            int h = hexval((unsigned char)p->s[p->i]);
+            int h = kvs_hexval((unsigned char)p->s[p->i]);
             if (h < 0 || ++k > 6)
                 return fail(p, "bad \\x{...} escape");
             v = v << 4 | (uint32_t)h;
@@ -266,7 +254,7 @@ hex_cp(parser_t *p, uint32_t n, uint32_t *cp)
         p->i++;
     } else {
         for (; k < n; k++, p->i++) {
-            int h = p->i < p->n ? hexval((unsigned char)p->s[p->i]) : -1;
+            int h = p->i < p->n ? kvs_hexval((unsigned char)p->s[p->i]) : -1;
             if (h < 0)
                 return fail(p, "bad hex escape");
             v = v << 4 | (uint32_t)h;
@@ -773,27 +761,12 @@ alt2(nfa_t *a, uint32_t x, uint32_t y)
     return add_state(a, S_SPLIT, 0, 0, x, y);
 }
 
-static uint32_t
-utf8_len(uint32_t c)
-{
-    return c < 0x80 ? 1 : c < 0x800 ? 2 : c < 0x10000 ? 3 : 4;
-}
-
-static void
-utf8_put(uint32_t c, uint32_t n, uint8_t *b)
-{
-    static const uint8_t lead[5] = {0, 0, 0xC0, 0xE0, 0xF0};
-    for (uint32_t k = n - 1; k > 0; k--, c >>= 6)
-        b[k] = (uint8_t)(0x80 | (c & 0x3F));
-    b[0] = (uint8_t)(lead[n] | c);
-}
-
 /* [lo, hi] (one UTF-8 length) as byte-range sequences into next, joined
  * with *alt: split until each piece is a product of byte ranges. */
 static void
 utf8_seq(nfa_t *a, uint32_t lo, uint32_t hi, uint32_t next, uint32_t *alt)
 {
-    uint32_t n = utf8_len(lo);
+    uint32_t n = kvs_utf8_len(lo);
     for (uint32_t i = 1; i < n; i++) {
         uint32_t m = (1u << (6 * i)) - 1;
         if ((lo & ~m) != (hi & ~m)) {
@@ -810,8 +783,8 @@ utf8_seq(nfa_t *a, uint32_t lo, uint32_t hi, uint32_t next, uint32_t *alt)
         }
     }
     uint8_t bl[4], bh[4];
-    utf8_put(lo, n, bl);
-    utf8_put(hi, n, bh);
+    kvs_utf8_put(lo, bl);
+    kvs_utf8_put(hi, bh);
     uint32_t s = next;
     for (uint32_t k = n; k-- > 0 && s != NFA_FAIL;)
         s = byte_state(a, bl[k], bh[k], s);

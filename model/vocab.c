@@ -530,18 +530,6 @@ setup_bpe(model_vocab_t *v)
 }
 
 static int
-hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    return -1;
-}
-
-static int
 setup_spm(model_vocab_t *v, char *err, size_t err_len)
 {
     char *buf = malloc(MAX_TOKEN_BYTES);
@@ -572,7 +560,8 @@ setup_spm(model_vocab_t *v, char *err, size_t err_len)
             break;
         }
         case MODEL_TT_BYTE: {
-            int hi = n == 6 ? hexval(s[3]) : -1, lo = n == 6 ? hexval(s[4]) : -1;
+            int hi = n == 6 ? kvs_hexval((unsigned char)s[3]) : -1,
+                lo = n == 6 ? kvs_hexval((unsigned char)s[4]) : -1;
             if (n != 6 || memcmp(s, "<0x", 3) != 0 || s[5] != '>' || hi < 0 || lo < 0) {
                 model__errf(err, err_len, "key '%s': byte token %u is not spelled <0xNN>", K_TOKENS,
                             i);

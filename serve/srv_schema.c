@@ -364,28 +364,8 @@ ptr_set(sch_t *s, const char *p)
 static void
 put_utf8(sch_t *s, uint32_t c)
 {
-    char b[4];
-    size_t n;
-    if (c < 0x80) {
-        b[0] = (char)c;
-        n = 1;
-    } else if (c < 0x800) {
-        b[0] = (char)(0xC0 | c >> 6);
-        b[1] = (char)(0x80 | (c & 0x3F));
-        n = 2;
-    } else if (c < 0x10000) {
-        b[0] = (char)(0xE0 | c >> 12);
-        b[1] = (char)(0x80 | (c >> 6 & 0x3F));
-        b[2] = (char)(0x80 | (c & 0x3F));
-        n = 3;
-    } else {
-        b[0] = (char)(0xF0 | c >> 18);
-        b[1] = (char)(0x80 | (c >> 12 & 0x3F));
-        b[2] = (char)(0x80 | (c >> 6 & 0x3F));
-        b[3] = (char)(0x80 | (c & 0x3F));
-        n = 4;
-    }
-    put_n(s, b, n);
+    uint8_t b[4];
+    put_n(s, (const char *)b, kvs_utf8_put(c, b));
 }
 
 /* One code point as a regex literal, inside a class or outside. */
@@ -2014,15 +1994,6 @@ gen_allof(sch_t *s, const json_t *node)
     return rc;
 }
 
-static int
-hexval(char c)
-{
-    return c >= '0' && c <= '9'   ? c - '0'
-           : c >= 'a' && c <= 'f' ? c - 'a' + 10
-           : c >= 'A' && c <= 'F' ? c - 'A' + 10
-                                  : -1;
-}
-
 /* "#/a/b~1c" -> the node it names; *frag: the pointer, %-decoded. */
 static int
 resolve_ref(sch_t *s, const char *ref, const json_t **target, char **frag)
@@ -2043,7 +2014,8 @@ resolve_ref(sch_t *s, const char *ref, const json_t **target, char **frag)
     int rc = 0;
     for (const char *p = ref + 1; *p != '\0'; p++) {
         if (*p == '%') {
-            int hi = hexval(p[1]), lo = hi >= 0 ? hexval(p[2]) : -1;
+            int hi = kvs_hexval((unsigned char)p[1]),
+                lo = hi >= 0 ? kvs_hexval((unsigned char)p[2]) : -1;
             if (lo < 0) {
                 rc = einval(s, "$ref \"%s\" has a bad %%-escape", ref);
                 goto out;
