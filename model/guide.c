@@ -1,6 +1,7 @@
 /*
  * model/guide.c — guided decoding by a regular expression (vLLM's
- * guided_regex, and guided_json through serve/'s schema translation).
+ * guided_regex, and guided_json through serve/'s schema translation) or
+ * a GBNF grammar (guided_grammar; see "grammars" below).
  * The pattern is compiled once, when the request is parsed, to a DFA
  * over bytes; at each step the row of logits is cut to the tokens whose
  * bytes keep the output a prefix of a match (and an end-of-generation
@@ -28,6 +29,11 @@
  * few states: in a JSON string the same state comes back token after
  * token.  A model keeps its last automata by pattern, so requests of one
  * schema compile it once and share it.
+ *
+ * A grammar is parsed to the same tree, one per rule, with rule uses as
+ * calls in the NFA; its DFA states are sets of pushdown threads, found
+ * as the output reaches them and kept in the same table (see "grammar
+ * automata"), so masks and their cache serve both.
  */
 #include "model_int.h"
 
@@ -55,12 +61,12 @@ typedef struct {
     uint32_t lo, hi;
 } cprange_t;
 
-enum { A_EMPTY, A_SET, A_CAT, A_ALT, A_REP };
+enum { A_EMPTY, A_SET, A_CAT, A_ALT, A_REP, A_REF };
 
 typedef struct {
     uint8_t kind;
-    uint32_t k0, nk;   /* A_CAT, A_ALT: kids[k0 .. k0 + nk) */
-    uint32_t r0, nr;   /* A_SET: ranges[r0 .. r0 + nr), sorted, disjoint */
+    uint32_t k0, nk;   /* A_CAT, A_ALT: kids[k0 .. k0 + nk); A_REF: k0 the rule */
+    uint32_t r0, nr;   /* A_SET: ranges[r0 .. r0 + nr), sorted, disjoint; A_REF: its name */
     uint32_t sub;      /* A_REP */
     uint32_t min, max; /* A_REP; max UINT32_MAX: unbounded */
 } anode_t;
@@ -149,7 +155,8 @@ cmp_range(const void *a, const void *b)
 static uint32_t
 set_node(parser_t *p, cprange_t *r, uint32_t n, bool negate)
 {
-    qsort(r, n, sizeof *r, cmp_range);
+    if (n > 1)
+        qsort(r, n, sizeof *r, cmp_range);
     uint32_t m = 0;
     for (uint32_t i = 0; i < n; i++) {
         if (m > 0 && r[i].lo <= r[m - 1].hi + 1) {
@@ -373,8 +380,13 @@ escape(parser_t *p, bool in_class, uint32_t *cp, cprange_t *r, uint32_t *nr)
     return 1;
 }
 
+static int gchar(parser_t *p, uint32_t *cp);
+
+/* A class [...] at p->i: a pattern's (`]` first is a literal, class
+ * escapes, POSIX classes refused) or a grammar's (its escapes; a line's
+ * end ends it unclosed). */
 static uint32_t
-parse_class(parser_t *p)
+parse_class(parser_t *p, bool gbnf)
 {
     p->i++; /* [ */
     bool neg = p->i < p->n && p->s[p->i] == '^';
@@ -384,11 +396,11 @@ parse_class(parser_t *p)
     uint32_t n = 0, cap = 0;
     bool first = true;
     for (;;) {
-        if (p->i >= p->n) {
+        if (p->i >= p->n || (gbnf && p->s[p->i] == '\n')) {
             fail(p, "unterminated character class");
             break;
         }
-        if (p->s[p->i] == ']' && !first) {
+        if (p->s[p->i] == ']' && (!first || gbnf)) {
             p->i++;
             break;
         }
@@ -398,7 +410,10 @@ parse_class(parser_t *p)
             break;
         }
         uint32_t lo;
-        if (p->s[p->i] == '\\') {
+        if (gbnf) {
+            if (gchar(p, &lo))
+                break;
+        } else if (p->s[p->i] == '\\') {
             p->i++;
             int e = escape(p, true, &lo, r, &n);
             if (e < 0)
@@ -419,7 +434,10 @@ parse_class(parser_t *p)
         uint32_t hi = lo;
         if (p->i + 1 < p->n && p->s[p->i] == '-' && p->s[p->i + 1] != ']') {
             p->i++;
-            if (p->s[p->i] == '\\') {
+            if (gbnf) {
+                if (gchar(p, &hi))
+                    break;
+            } else if (p->s[p->i] == '\\') {
                 p->i++;
                 int e = escape(p, true, &hi, r, &n);
                 if (e < 0)
@@ -540,7 +558,7 @@ parse_atom(parser_t *p, int depth)
         return g;
     }
     case '[':
-        return parse_class(p);
+        return parse_class(p, false);
     case '.': {
         p->i++;
         cprange_t r[2] = {{0, '\n' - 1}, {'\n' + 1, MAX_CP}};
@@ -584,22 +602,45 @@ parse_atom(parser_t *p, int depth)
     }
 }
 
+/* A quantifier at p->i (* + ? or a brace form, shared by patterns and
+ * grammars): true with its bounds; a brace that is not one is left at
+ * p->i for the caller. */
+static bool
+quantifier(parser_t *p, uint32_t *min, uint32_t *max)
+{
+    char c = p->s[p->i];
+    if (c == '*')
+        *min = 0, *max = UINT32_MAX;
+    else if (c == '+')
+        *min = 1, *max = UINT32_MAX;
+    else if (c == '?')
+        *min = 0, *max = 1;
+    else
+        return c == '{' && brace_quant(p, min, max);
+    p->i++;
+    return true;
+}
+
+/* sub repeated min..max times, as a node; 0 with p->rc on failure. */
+static uint32_t
+rep_node(parser_t *p, uint32_t sub, uint32_t min, uint32_t max)
+{
+    uint32_t r = p->rc ? 0 : new_node(p, A_REP);
+    if (p->rc)
+        return 0;
+    p->nodes[r].sub = sub;
+    p->nodes[r].min = min;
+    p->nodes[r].max = max;
+    return r;
+}
+
 static uint32_t
 parse_rep(parser_t *p, int depth)
 {
     uint32_t a = parse_atom(p, depth);
     while (p->rc == 0 && p->i < p->n) {
         uint32_t min, max;
-        char c = p->s[p->i];
-        if (c == '*')
-            min = 0, max = UINT32_MAX, p->i++;
-        else if (c == '+')
-            min = 1, max = UINT32_MAX, p->i++;
-        else if (c == '?')
-            min = 0, max = 1, p->i++;
-        else if (c == '{' && brace_quant(p, &min, &max))
-            ;
-        else
+        if (!quantifier(p, &min, &max))
             break;
         if (p->rc)
             return 0;
@@ -620,13 +661,7 @@ parse_rep(parser_t *p, int depth)
                 return 0;
             }
         }
-        uint32_t r = new_node(p, A_REP);
-        if (p->rc)
-            return 0;
-        p->nodes[r].sub = a;
-        p->nodes[r].min = min;
-        p->nodes[r].max = max;
-        a = r;
+        a = rep_node(p, a, min, max);
     }
     return a;
 }
@@ -697,9 +732,330 @@ parse_alt(parser_t *p, int depth)
     return id;
 }
 
+/* ---- grammars (GBNF) ---------------------------------------------------- */
+
+/* llama.cpp's GBNF, which vLLM's guided_grammar also takes:
+ *
+ *   root   ::= "(" item ("," ws item)* ")"
+ *   item   ::= [a-z]+ | "\"" [^"\\]* "\""   # a comment
+ *   ws     ::= [ \t\n]*
+ *
+ * A rule is `name ::= alternatives` (names of [A-Za-z0-9_-]); an
+ * alternative is a sequence of "strings", [classes] (ranges, `^`), `.`
+ * (any code point), rule names and (groups), each with * + ? {m} {m,}
+ * {m,n} {,n}.  Escapes: \n \r \t \xHH \uHHHH \UHHHHHHHH and escaped
+ * punctuation.  A rule ends at a line's end outside parentheses (a line
+ * that starts with `|` goes on with it); the output is a sentence of
+ * `root`.  Rules become parse-tree nodes as a pattern does, with A_REF
+ * for a rule's name. */
+
+enum { MAX_RULES = 1 << 12 };
+
+typedef struct {
+    size_t at, len; /* the name in the text */
+    uint32_t node;
+} grule_t;
+
+static bool
+word_char(char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+           c == '-';
+}
+
+/* Skips blanks and comments; line ends too when lines is set. */
+static void
+gskip(parser_t *p, bool lines)
+{
+    while (p->i < p->n) {
+        char c = p->s[p->i];
+        if (c == '#') {
+            while (p->i < p->n && p->s[p->i] != '\n')
+                p->i++;
+        } else if (c == ' ' || c == '\t' || c == '\r' || (c == '\n' && lines)) {
+            p->i++;
+        } else {
+            break;
+        }
+    }
+}
+
+/* One character of a string or class at p->i, escapes decoded. */
+static int
+gchar(parser_t *p, uint32_t *cp)
+{
+    if (p->s[p->i] != '\\')
+        return next_cp(p, cp);
+    if (++p->i >= p->n)
+        return fail(p, "grammar ends after '\\'");
+    char c = p->s[p->i++];
+    switch (c) {
+    case 'n':
+        *cp = '\n';
+        return 0;
+    case 'r':
+        *cp = '\r';
+        return 0;
+    case 't':
+        *cp = '\t';
+        return 0;
+    case 'x':
+        return hex_cp(p, 2, cp);
+    case 'u':
+        return hex_cp(p, 4, cp);
+    case 'U':
+        return hex_cp(p, 8, cp);
+    default:
+        if ((c >= '!' && c <= '/') || (c >= ':' && c <= '@') || (c >= '[' && c <= '`') ||
+            (c >= '{' && c <= '~')) {
+            *cp = (uint32_t)c;
+            return 0;
+        }
+        p->i--;
+        return fail(p, "unknown escape '\\%c'", c);
+    }
+}
+
+static uint32_t
+gstring(parser_t *p)
+{
+    uint32_t *items = NULL, n = 0, cap = 0;
+    p->i++; /* " */
+    while (p->rc == 0) {
+        if (p->i >= p->n || p->s[p->i] == '\n') {
+            fail(p, "unterminated string");
+            break;
+        }
+        if (p->s[p->i] == '"') {
+            p->i++;
+            break;
+        }
+        uint32_t cp;
+        if (gchar(p, &cp))
+            break;
+        uint32_t a = char_node(p, cp);
+        if (p->rc == 0 && grow((void **)&items, &cap, n + 1, sizeof *items))
+            oom(p);
+        if (p->rc == 0)
+            items[n++] = a;
+    }
+    uint32_t id = p->rc ? 0 : list_node(p, A_CAT, items, n);
+    free(items);
+    return id;
+}
+
+static uint32_t galt(parser_t *p, int depth, bool nested);
+
+static uint32_t
+gatom(parser_t *p, int depth)
+{
+    char c = p->s[p->i];
+    if (c == '"')
+        return gstring(p);
+    if (c == '[')
+        return parse_class(p, true);
+    if (c == '.') {
+        p->i++;
+        cprange_t r = {0, MAX_CP};
+        return set_node(p, &r, 1, false);
+    }
+    if (c == '(') {
+        if (depth >= MAX_DEPTH) {
+            fail(p, "groups nested deeper than %d", MAX_DEPTH);
+            return 0;
+        }
+        p->i++;
+        gskip(p, true);
+        uint32_t g = galt(p, depth + 1, true);
+        if (p->rc == 0 && (p->i >= p->n || p->s[p->i] != ')'))
+            fail(p, "missing ')'");
+        p->i += p->rc == 0;
+        return g;
+    }
+    if (word_char(c)) {
+        uint32_t id = new_node(p, A_REF);
+        if (p->rc)
+            return 0;
+        p->nodes[id].r0 = (uint32_t)p->i;
+        while (p->i < p->n && word_char(p->s[p->i]))
+            p->i++;
+        p->nodes[id].nr = (uint32_t)(p->i - p->nodes[id].r0);
+        return id;
+    }
+    fail(p, "unexpected '%c'", c);
+    return 0;
+}
+
+static uint32_t
+grepeat(parser_t *p, int depth)
+{
+    uint32_t a = gatom(p, depth);
+    while (p->rc == 0 && p->i < p->n) {
+        uint32_t min, max;
+        if (!quantifier(p, &min, &max)) {
+            if (p->s[p->i] == '{')
+                fail(p, "bad repetition (want {m}, {m,}, {m,n} or {,n})");
+            break;
+        }
+        a = rep_node(p, a, min, max);
+    }
+    return p->rc ? 0 : a;
+}
+
+/* A sequence: up to `|`, `)`, or the line's end outside parentheses. */
+static uint32_t
+gseq(parser_t *p, int depth, bool nested)
+{
+    uint32_t *items = NULL, n = 0, cap = 0;
+    gskip(p, nested);
+    while (p->rc == 0 && p->i < p->n && p->s[p->i] != '|' && p->s[p->i] != ')' &&
+           p->s[p->i] != '\n') {
+        uint32_t a = grepeat(p, depth);
+        if (p->rc == 0 && grow((void **)&items, &cap, n + 1, sizeof *items))
+            oom(p);
+        if (p->rc)
+            break;
+        items[n++] = a;
+        gskip(p, nested);
+    }
+    uint32_t id = p->rc ? 0 : list_node(p, A_CAT, items, n);
+    free(items);
+    return id;
+}
+
+static uint32_t
+galt(parser_t *p, int depth, bool nested)
+{
+    uint32_t *items = NULL, n = 0, cap = 0;
+    for (;;) {
+        uint32_t a = gseq(p, depth, nested);
+        if (p->rc == 0 && grow((void **)&items, &cap, n + 1, sizeof *items))
+            oom(p);
+        if (p->rc)
+            break;
+        items[n++] = a;
+        size_t at = p->i;
+        if (!nested)
+            gskip(p, true); /* a next line may go on with `|` */
+        if (p->i < p->n && p->s[p->i] == '|') {
+            p->i++;
+            gskip(p, true);
+            continue;
+        }
+        p->i = at;
+        break;
+    }
+    uint32_t id = p->rc ? 0 : list_node(p, A_ALT, items, n);
+    free(items);
+    return id;
+}
+
+static int
+cmp_rule(const void *a, const void *b, void *arg)
+{
+    const grule_t *x = a, *y = b;
+    const char *s = arg;
+    size_t n = x->len < y->len ? x->len : y->len;
+    int c = memcmp(s + x->at, s + y->at, n);
+    return c ? c : (x->len > y->len) - (x->len < y->len);
+}
+
+/* The rule named name[0 .. len), or -1. */
+static int32_t
+find_rule(const parser_t *p, const grule_t *r, uint32_t n, const char *name, size_t len)
+{
+    uint32_t lo = 0, hi = n;
+    while (lo < hi) {
+        uint32_t mid = (lo + hi) / 2;
+        size_t m = len < r[mid].len ? len : r[mid].len;
+        int c = memcmp(name, p->s + r[mid].at, m);
+        if (c == 0)
+            c = (len > r[mid].len) - (len < r[mid].len);
+        if (c == 0)
+            return (int32_t)mid;
+        if (c < 0)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return -1;
+}
+
+/* Parses the whole grammar into rules (sorted by name), each A_REF's k0
+ * the index of the rule it names. */
+static int
+parse_grammar(parser_t *p, grule_t **out, uint32_t *n_out)
+{
+    grule_t *r = NULL;
+    uint32_t n = 0, cap = 0;
+    gskip(p, true);
+    while (p->rc == 0 && p->i < p->n) {
+        size_t at = p->i;
+        while (p->i < p->n && word_char(p->s[p->i]))
+            p->i++;
+        if (p->i == at) {
+            fail(p, "expected a rule name");
+            break;
+        }
+        size_t len = p->i - at;
+        gskip(p, false);
+        if (p->n - p->i < 3 || memcmp(p->s + p->i, "::=", 3) != 0) {
+            fail(p, "expected '::=' after '%.*s'", (int)(len < 64 ? len : 64), p->s + at);
+            break;
+        }
+        p->i += 3;
+        gskip(p, true);
+        uint32_t node = galt(p, 0, false);
+        if (p->rc)
+            break;
+        if (p->i < p->n && p->s[p->i] != '\n') {
+            fail(p, "unexpected '%c'", p->s[p->i]);
+            break;
+        }
+        if (n >= MAX_RULES) {
+            fail(p, "more than %d rules", MAX_RULES);
+            break;
+        }
+        if (grow((void **)&r, &cap, n + 1, sizeof *r)) {
+            oom(p);
+            break;
+        }
+        r[n++] = (grule_t){at, len, node};
+        gskip(p, true);
+    }
+    if (p->rc == 0 && n > 1)
+        qsort_r(r, n, sizeof *r, cmp_rule, (void *)p->s);
+    for (uint32_t k = 1; k < n && p->rc == 0; k++)
+        if (cmp_rule(&r[k - 1], &r[k], (void *)p->s) == 0) {
+            p->i = r[k].at > r[k - 1].at ? r[k].at : r[k - 1].at;
+            fail(p, "rule '%.*s' is defined twice", (int)(r[k].len < 64 ? r[k].len : 64),
+                 p->s + r[k].at);
+        }
+    for (uint32_t x = 0; x < p->n_nodes && p->rc == 0; x++) {
+        anode_t *a = &p->nodes[x];
+        if (a->kind != A_REF)
+            continue;
+        int32_t k = find_rule(p, r, n, p->s + a->r0, a->nr);
+        if (k < 0) {
+            p->i = a->r0;
+            fail(p, "no rule '%.*s'", (int)(a->nr < 64 ? a->nr : 64), p->s + a->r0);
+        }
+        a->k0 = (uint32_t)k;
+    }
+    if (p->rc == 0 && find_rule(p, r, n, "root", 4) < 0) {
+        p->i = 0;
+        fail(p, "no rule 'root'");
+    }
+    *out = r;
+    *n_out = n;
+    return p->rc;
+}
+
 /* ---- NFA ------------------------------------------------------------------ */
 
-enum { S_BYTE, S_SPLIT, S_MATCH };
+/* S_CALL and S_RET: a grammar's use of a rule (out: where it returns,
+ * out1: the rule) and end of a rule. */
+enum { S_BYTE, S_SPLIT, S_MATCH, S_CALL, S_RET };
 
 typedef struct {
     uint8_t kind, lo, hi;
@@ -824,6 +1180,8 @@ compile(nfa_t *a, uint32_t xi, uint32_t next)
         return next;
     case A_SET:
         return set_start(a, &x, next);
+    case A_REF:
+        return add_state(a, S_CALL, 1, 0, next, x.k0);
     case A_CAT:
         for (uint32_t k = x.nk; k-- > 0 && next != NFA_FAIL;)
             next = compile(a, a->p->kids[x.k0 + k], next);
@@ -866,6 +1224,10 @@ typedef struct guide_dfa {
     uint32_t *trans; /* [n_states * n_classes]; 0 is the dead state */
     uint8_t *flags;  /* [n_states] */
     uint32_t start;
+    /* A grammar's: states are added as the output reaches them (trans
+     * UNKNOWN until then), so the automaton is one guide's alone. */
+    struct gram *gm;
+    struct lazy *lz;
 } guide_dfa_t;
 
 enum { F_ACCEPT = 1, F_OVER = 2 };
@@ -1164,14 +1526,459 @@ out:
     return p->rc;
 }
 
+static void lazy_free(struct lazy *z);
+static void gram_unref(struct gram *gm);
+
 static void
 dfa_unref(guide_dfa_t *d)
 {
     if (d == NULL || atomic_fetch_sub(&d->refs, 1) != 1)
         return;
+    lazy_free(d->lz);
+    gram_unref(d->gm);
     free(d->trans);
     free(d->flags);
     free(d);
+}
+
+/* ---- grammar automata, built as the output goes --------------------------- */
+
+/* A grammar's NFA has a call state per use of a rule (out: where the call
+ * returns, out1: the rule's start) and one return state; a thread of the
+ * pushdown automaton is a byte state with a stack of return states, and a
+ * DFA state is a set of threads.  Stacks make those sets unbounded (nested
+ * brackets), so states are found as the output reaches them, each guide
+ * on its own automaton, which starts afresh from the current state when
+ * it passes LAZY_STATES.  A call just before a return pushes nothing, so
+ * right recursion (item ::= x item | x) costs no stack. */
+
+typedef struct gram {
+    _Atomic uint32_t refs;
+    const model_t *m;
+    const model_pieces_t *pt;
+    nstate_t *st;
+    uint32_t n;
+    uint8_t *live; /* [n]: whether the state's rule can still end from it */
+    uint32_t start, ret;
+    uint8_t cls[256];
+    uint32_t n_classes;
+} gram_t;
+
+typedef struct lazy {
+    interner_t in; /* a state's threads: (state << 32 | stack) words, sorted */
+    uint32_t cap_rows;
+    uint32_t *node; /* [2 * n_nodes]: return state, the stack below; 0 is empty */
+    uint32_t n_nodes, cap_node;
+    uint32_t *ntab; /* (return, below) -> node + 1, open addressing */
+    uint32_t ntab_cap;
+    uint64_t *seen; /* threads met in one step, with their generation */
+    uint32_t *seen_gen, seen_cap, n_seen, gen;
+    uint64_t *todo, *set;
+    uint32_t cap_todo, cap_set, n_set;
+    int rc; /* a cap passed, or memory ran out: the guide is spent */
+    char why[128];
+} lazy_t;
+
+enum {
+    LAZY_STATES = 1 << 12, /* start afresh past this many states */
+    LAZY_NODES = 1 << 20,  /* or this many stack nodes */
+    MAX_NODES = 1 << 22,
+    STEP_WORK = 1 << 20, /* threads visited by one transition */
+};
+#define UNKNOWN UINT32_MAX
+
+static void
+lazy_fail(lazy_t *z, int rc, const char *why)
+{
+    if (z->rc == 0) {
+        z->rc = rc;
+        snprintf(z->why, sizeof z->why, "%s", why);
+    }
+}
+
+static uint64_t
+mix(uint64_t h)
+{
+    h ^= h >> 31;
+    h *= 0x9E3779B97F4A7C15ull;
+    return h ^ h >> 29;
+}
+
+/* The stack of ret on below, found or added; UINT32_MAX with z->rc set. */
+static uint32_t
+push_node(lazy_t *z, uint32_t ret, uint32_t below)
+{
+    uint32_t mask = z->ntab_cap - 1;
+    uint32_t k = (uint32_t)mix((uint64_t)ret << 32 | below) & mask;
+    for (;; k = (k + 1) & mask) {
+        uint32_t e = z->ntab[k];
+        if (e == 0)
+            break;
+        if (z->node[2 * (e - 1)] == ret && z->node[2 * (e - 1) + 1] == below)
+            return e - 1;
+    }
+    if (z->n_nodes >= MAX_NODES) {
+        lazy_fail(z, KVS_ENOSPC, "grammar stacks too deep");
+        return UINT32_MAX;
+    }
+    if (grow((void **)&z->node, &z->cap_node, 2 * (z->n_nodes + 1), sizeof *z->node)) {
+        lazy_fail(z, KVS_ENOMEM, "out of memory");
+        return UINT32_MAX;
+    }
+    uint32_t id = z->n_nodes++;
+    z->node[2 * id] = ret;
+    z->node[2 * id + 1] = below;
+    if (2 * z->n_nodes <= z->ntab_cap) {
+        z->ntab[k] = id + 1;
+        return id;
+    }
+    uint32_t nc = z->ntab_cap * 2, *t = calloc(nc, sizeof *t);
+    if (t == NULL) {
+        lazy_fail(z, KVS_ENOMEM, "out of memory");
+        return UINT32_MAX;
+    }
+    for (uint32_t e = 1; e < z->n_nodes; e++) {
+        uint32_t j = (uint32_t)mix((uint64_t)z->node[2 * e] << 32 | z->node[2 * e + 1]) & (nc - 1);
+        while (t[j])
+            j = (j + 1) & (nc - 1);
+        t[j] = e + 1;
+    }
+    free(z->ntab);
+    z->ntab = t;
+    z->ntab_cap = nc;
+    return id;
+}
+
+/* Marks thread t met in this step: false when it was already. */
+static bool
+seen_add(lazy_t *z, uint64_t t)
+{
+    if (2 * (z->n_seen + 1) > z->seen_cap) {
+        uint32_t nc = z->seen_cap ? z->seen_cap * 2 : 256;
+        uint64_t *k2 = malloc(nc * sizeof *k2);
+        uint32_t *g2 = calloc(nc, sizeof *g2);
+        if (k2 == NULL || g2 == NULL) {
+            free(k2);
+            free(g2);
+            lazy_fail(z, KVS_ENOMEM, "out of memory");
+            return false;
+        }
+        for (uint32_t i = 0; i < z->seen_cap; i++)
+            if (z->seen_gen[i] == z->gen) {
+                uint32_t j = (uint32_t)mix(z->seen[i]) & (nc - 1);
+                while (g2[j] == z->gen)
+                    j = (j + 1) & (nc - 1);
+                k2[j] = z->seen[i];
+                g2[j] = z->gen;
+            }
+        free(z->seen);
+        free(z->seen_gen);
+        z->seen = k2;
+        z->seen_gen = g2;
+        z->seen_cap = nc;
+    }
+    uint32_t mask = z->seen_cap - 1;
+    for (uint32_t j = (uint32_t)mix(t) & mask;; j = (j + 1) & mask) {
+        if (z->seen_gen[j] != z->gen) {
+            z->seen[j] = t;
+            z->seen_gen[j] = z->gen;
+            z->n_seen++;
+            return true;
+        }
+        if (z->seen[j] == t)
+            return false;
+    }
+}
+
+static void
+step_begin(lazy_t *z)
+{
+    z->n_set = 0;
+    z->n_seen = 0;
+    if (++z->gen == 0) { /* wrapped: old marks could pass for new ones */
+        if (z->seen_gen)
+            memset(z->seen_gen, 0, z->seen_cap * sizeof *z->seen_gen);
+        z->gen = 1;
+    }
+}
+
+static void
+add_thread(lazy_t *z, uint64_t t)
+{
+    if (grow((void **)&z->set, &z->cap_set, z->n_set + 1, sizeof *z->set))
+        lazy_fail(z, KVS_ENOMEM, "out of memory");
+    else
+        z->set[z->n_set++] = t;
+}
+
+/* Adds the threads reached from state q on stack stk without a byte. */
+static void
+gclosure(lazy_t *z, const gram_t *gm, uint32_t q0, uint32_t stk0, uint64_t *work)
+{
+    uint32_t top = 0;
+    if (grow((void **)&z->todo, &z->cap_todo, 2, sizeof *z->todo)) {
+        lazy_fail(z, KVS_ENOMEM, "out of memory");
+        return;
+    }
+    z->todo[top++] = (uint64_t)q0 << 32 | stk0;
+    while (top && z->rc == 0) {
+        uint64_t t = z->todo[--top];
+        uint32_t q = (uint32_t)(t >> 32), stk = (uint32_t)t;
+        if (!gm->live[q] || !seen_add(z, t))
+            continue;
+        if (++*work > STEP_WORK) {
+            lazy_fail(z, KVS_ENOSPC, "grammar too ambiguous: one step passes its bound");
+            return;
+        }
+        if (grow((void **)&z->todo, &z->cap_todo, top + 2, sizeof *z->todo)) {
+            lazy_fail(z, KVS_ENOMEM, "out of memory");
+            return;
+        }
+        const nstate_t *x = &gm->st[q];
+        switch (x->kind) {
+        case S_BYTE:
+            add_thread(z, t);
+            break;
+        case S_SPLIT:
+            z->todo[top++] = (uint64_t)x->out1 << 32 | stk;
+            z->todo[top++] = (uint64_t)x->out << 32 | stk;
+            break;
+        case S_CALL: {
+            uint32_t below = stk;
+            if (x->out != gm->ret && (below = push_node(z, x->out, stk)) == UINT32_MAX)
+                return;
+            z->todo[top++] = (uint64_t)x->out1 << 32 | below;
+            break;
+        }
+        default: /* S_RET: the output may end here on an empty stack */
+            if (stk == 0)
+                add_thread(z, t);
+            else
+                z->todo[top++] = (uint64_t)z->node[2 * stk] << 32 | z->node[2 * stk + 1];
+            break;
+        }
+    }
+}
+
+static int
+cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* The DFA state of the threads gathered (0: none), added with its row of
+ * unknown transitions when new; 0 with z->rc set on failure. */
+static uint32_t
+lazy_state(guide_dfa_t *d)
+{
+    lazy_t *z = d->lz;
+    if (z->rc)
+        return 0;
+    if (z->n_set > 1)
+        qsort(z->set, z->n_set, sizeof *z->set, cmp_u64);
+    uint32_t before = d->n_states;
+    parser_t p = {.err = z->why, .err_len = sizeof z->why};
+    uint32_t id = intern(d, &z->in, &p, (const uint32_t *)z->set, 2 * z->n_set);
+    if (p.rc) {
+        z->rc = p.rc == KVS_ENOMEM ? KVS_ENOMEM : KVS_ENOSPC;
+        return 0;
+    }
+    if (d->n_states == before)
+        return id;
+    uint32_t nc = d->n_classes;
+    if (d->n_states > z->cap_rows) {
+        uint32_t rows = z->cap_rows ? z->cap_rows * 2 : 64;
+        uint32_t *t = realloc(d->trans, (size_t)rows * nc * sizeof *t);
+        if (t)
+            d->trans = t;
+        uint8_t *f = realloc(d->flags, rows);
+        if (f)
+            d->flags = f;
+        if (t == NULL || f == NULL) {
+            lazy_fail(z, KVS_ENOMEM, "out of memory");
+            return 0;
+        }
+        z->cap_rows = rows;
+    }
+    uint64_t end = (uint64_t)d->gm->ret << 32;
+    bool accept = false;
+    for (uint32_t k = 0; k < z->n_set && !accept; k++)
+        accept = z->set[k] == end;
+    for (uint32_t c = 0; c < nc; c++)
+        d->trans[(size_t)id * nc + c] = id ? UNKNOWN : 0;
+    d->flags[id] = accept ? F_ACCEPT | (z->n_set == 1 ? F_OVER : 0) : 0;
+    return id;
+}
+
+static uint32_t
+lazy_move(guide_dfa_t *d, uint32_t s, uint8_t b)
+{
+    lazy_t *z = d->lz;
+    const gram_t *gm = d->gm;
+    if (z->rc)
+        return 0;
+    step_begin(z);
+    uint64_t work = 0;
+    for (uint32_t k = 0; k < z->in.len[s] && z->rc == 0; k += 2) {
+        uint64_t t;
+        memcpy(&t, z->in.sets + z->in.off[s] + k, sizeof t);
+        const nstate_t *x = &gm->st[t >> 32];
+        if (x->kind == S_BYTE && x->lo <= b && b <= x->hi)
+            gclosure(z, gm, x->out, (uint32_t)t, &work);
+    }
+    uint32_t id = lazy_state(d);
+    if (z->rc)
+        return 0;
+    d->trans[(size_t)s * d->n_classes + d->cls[b]] = id;
+    return id;
+}
+
+/* The next state of s on byte b: the table's, or found now. */
+static inline uint32_t
+move(guide_dfa_t *d, uint32_t s, uint8_t b)
+{
+    uint32_t t = d->trans[(size_t)s * d->n_classes + d->cls[b]];
+    return t != UNKNOWN ? t : lazy_move(d, s, b);
+}
+
+static void
+gram_unref(gram_t *gm)
+{
+    if (gm == NULL || atomic_fetch_sub(&gm->refs, 1) != 1)
+        return;
+    free(gm->st);
+    free(gm->live);
+    free(gm);
+}
+
+static void
+lazy_free(lazy_t *z)
+{
+    if (z) {
+        free(z->in.sets);
+        free(z->in.off);
+        free(z->in.len);
+        free(z->in.table);
+        free(z->node);
+        free(z->ntab);
+        free(z->seen);
+        free(z->seen_gen);
+        free(z->todo);
+        free(z->set);
+        free(z);
+    }
+}
+
+/* A fresh automaton of gm holding its dead and start states; NULL when
+ * out of memory or when the start passes a bound (then, if p, the reason
+ * is p's). */
+static guide_dfa_t *
+lazy_new(gram_t *gm, parser_t *p)
+{
+    guide_dfa_t *d = calloc(1, sizeof *d);
+    lazy_t *z = calloc(1, sizeof *z);
+    if (d == NULL || z == NULL)
+        goto fail;
+    atomic_init(&d->refs, 1);
+    d->m = gm->m;
+    d->pt = gm->pt;
+    memcpy(d->cls, gm->cls, sizeof d->cls);
+    d->n_classes = gm->n_classes;
+    d->lz = z;
+    z->n_nodes = 1; /* the empty stack */
+    z->ntab_cap = 64;
+    z->in.table_cap = 64;
+    if ((z->ntab = calloc(z->ntab_cap, sizeof *z->ntab)) == NULL ||
+        (z->in.table = calloc(z->in.table_cap, sizeof *z->in.table)) == NULL ||
+        grow((void **)&z->node, &z->cap_node, 2, sizeof *z->node))
+        goto fail;
+    z->node[0] = UNKNOWN;
+    z->node[1] = 0;
+    atomic_fetch_add(&gm->refs, 1);
+    d->gm = gm;
+    step_begin(z);
+    lazy_state(d); /* 0: dead */
+    step_begin(z);
+    uint64_t work = 0;
+    gclosure(z, gm, gm->start, 0, &work);
+    d->start = lazy_state(d);
+    if (z->rc == 0)
+        return d;
+    if (p && z->rc == KVS_ENOMEM)
+        oom(p);
+    else if (p)
+        fail(p, "%s", z->why);
+fail:
+    if (d && d->gm) {
+        dfa_unref(d);
+        return NULL;
+    }
+    lazy_free(z);
+    free(d);
+    return NULL;
+}
+
+/* State s of d as words: per thread its state, stack depth and return
+ * states from the top; NULL when out of memory. */
+static uint32_t *
+lazy_export(const guide_dfa_t *d, uint32_t s, uint32_t *n_out)
+{
+    const lazy_t *z = d->lz;
+    uint32_t *w = NULL, n = 0, cap = 0;
+    for (uint32_t k = 0; k < z->in.len[s]; k += 2) {
+        uint64_t t;
+        memcpy(&t, z->in.sets + z->in.off[s] + k, sizeof t);
+        uint32_t depth = 0;
+        for (uint32_t x = (uint32_t)t; x; x = z->node[2 * x + 1])
+            depth++;
+        if (grow((void **)&w, &cap, n + 2 + depth, sizeof *w)) {
+            free(w);
+            return NULL;
+        }
+        w[n++] = (uint32_t)(t >> 32);
+        w[n++] = depth;
+        for (uint32_t x = (uint32_t)t; x; x = z->node[2 * x + 1])
+            w[n++] = z->node[2 * x];
+    }
+    *n_out = n;
+    return w ? w : malloc(1);
+}
+
+/* The state of the exported threads w[0..n) in d. */
+static uint32_t
+lazy_import(guide_dfa_t *d, const uint32_t *w, uint32_t n)
+{
+    lazy_t *z = d->lz;
+    step_begin(z);
+    for (uint32_t i = 0; i < n && z->rc == 0;) {
+        uint32_t q = w[i], depth = w[i + 1], stk = 0;
+        for (uint32_t k = depth; k-- > 0 && stk != UINT32_MAX;)
+            stk = push_node(z, w[i + 2 + k], stk);
+        if (stk != UINT32_MAX)
+            add_thread(z, (uint64_t)q << 32 | stk);
+        i += 2 + depth;
+    }
+    return lazy_state(d);
+}
+
+/* A new automaton of d's grammar holding d's state s (a clone's, or a
+ * guide's starting afresh); NULL when out of memory. */
+static guide_dfa_t *
+lazy_rebase(const guide_dfa_t *d, uint32_t s, uint32_t *s_out)
+{
+    uint32_t n;
+    uint32_t *w = lazy_export(d, s, &n);
+    guide_dfa_t *e = w ? lazy_new(d->gm, NULL) : NULL;
+    if (e) {
+        *s_out = s ? lazy_import(e, w, n) : 0;
+        if (e->lz->rc) {
+            dfa_unref(e);
+            e = NULL;
+        }
+    }
+    free(w);
+    return e;
 }
 
 /* ---- compiled automata kept per model --------------------------------- */
@@ -1266,6 +2073,17 @@ model__guides_free(model_t *m)
     free(c);
 }
 
+/* What parsing and the NFA leave to free, whatever became of them. */
+static void
+parts_free(parser_t *p, nfa_t *a)
+{
+    free(p->nodes);
+    free(p->kids);
+    free(p->ranges);
+    free(a->st);
+    free(a->memo);
+}
+
 /* A guide at the start of d, taking over the caller's reference. */
 static model_guide_t *
 guide_on(guide_dfa_t *d)
@@ -1328,18 +2146,258 @@ model_guide_new(const model_t *m, const char *pattern, size_t len, model_guide_t
     else
         d = NULL;
 out:
-    free(p.nodes);
-    free(p.kids);
-    free(p.ranges);
-    free(a.st);
-    free(a.memo);
+    parts_free(&p, &a);
     dfa_unref(d);
+    return p.rc;
+}
+
+/* ---- grammar guides ------------------------------------------------------ */
+
+/* Which states can still reach their rule's end (a byte state needs a
+ * byte, a call a rule that can end); a call or branch into a state that
+ * cannot is never taken, so every thread a step keeps can finish. */
+static int
+live_states(parser_t *p, const nstate_t *st, uint32_t n, uint8_t *live)
+{
+    uint64_t work = 0;
+    for (bool changed = true; changed;) {
+        changed = false;
+        for (uint32_t s = 0; s < n; s++) {
+            if (live[s])
+                continue;
+            const nstate_t *x = &st[s];
+            bool v = x->kind == S_RET     ? true
+                     : x->kind == S_BYTE  ? x->lo <= x->hi && live[x->out]
+                     : x->kind == S_SPLIT ? live[x->out] || live[x->out1]
+                                          : live[x->out] && live[x->out1];
+            if (v)
+                live[s] = 1, changed = true;
+        }
+        if ((work += n) > MAX_WORK)
+            return fail(p, "grammar too complex to analyse");
+    }
+    return 0;
+}
+
+/* Refuses a rule that can reach a use of itself without a byte between
+ * (left recursion): a step would push calls forever.  call_rule[s] is
+ * the rule a call state s calls, start[r] each rule's first state. */
+static int
+left_recursion(parser_t *p, const nstate_t *st, uint32_t n, const uint8_t *live,
+               const uint32_t *call_rule, const uint32_t *start, const grule_t *rules, uint32_t nr)
+{
+    uint8_t *nullable = calloc(nr, 1), *color = calloc(nr, 1);
+    uint32_t *mark = calloc(n, sizeof *mark), *stack = malloc(2 * (size_t)n * sizeof *stack);
+    uint32_t *from = NULL, *to = NULL, n_edges = 0, cap_from = 0, cap_to = 0, gen = 0;
+    uint32_t *first = calloc(nr + 1, sizeof *first), *adj = NULL, *it = NULL;
+    uint64_t work = 0;
+    if (!nullable || !color || !mark || !stack || !first)
+        goto oom;
+    /* Rules that can end without a byte, to a fixed point; then the calls
+     * each rule makes before its first byte. */
+    for (bool changed = true, last = false;; last = !changed) {
+        changed = false;
+        n_edges = 0;
+        for (uint32_t r = 0; r < nr; r++) {
+            uint32_t top = 0;
+            stack[top++] = start[r];
+            gen++;
+            while (top) {
+                uint32_t s = stack[--top];
+                if (!live[s] || mark[s] == gen)
+                    continue;
+                mark[s] = gen;
+                if (++work > MAX_WORK) {
+                    fail(p, "grammar too complex to analyse");
+                    goto out;
+                }
+                const nstate_t *x = &st[s];
+                if (x->kind == S_SPLIT) {
+                    stack[top++] = x->out;
+                    stack[top++] = x->out1;
+                } else if (x->kind == S_CALL) {
+                    uint32_t q = call_rule[s];
+                    if (last) {
+                        if (grow((void **)&from, &cap_from, n_edges + 1, sizeof *from) ||
+                            grow((void **)&to, &cap_to, n_edges + 1, sizeof *to))
+                            goto oom;
+                        from[n_edges] = r;
+                        to[n_edges++] = q;
+                    }
+                    if (nullable[q])
+                        stack[top++] = x->out;
+                } else if (x->kind == S_RET && !nullable[r]) {
+                    nullable[r] = 1;
+                    changed = true;
+                }
+            }
+        }
+        if (last && !changed)
+            break;
+    }
+    /* A cycle among those calls, by depth-first search. */
+    if ((adj = malloc((n_edges + 1) * sizeof *adj)) == NULL ||
+        (it = malloc((nr + 1) * sizeof *it)) == NULL)
+        goto oom;
+    for (uint32_t e = 0; e < n_edges; e++)
+        first[from[e] + 1]++;
+    for (uint32_t r = 0; r < nr; r++)
+        first[r + 1] += first[r];
+    memcpy(it, first, nr * sizeof *it);
+    for (uint32_t e = 0; e < n_edges; e++)
+        adj[it[from[e]]++] = to[e];
+    for (uint32_t r0 = 0; r0 < nr; r0++) {
+        if (color[r0])
+            continue;
+        uint32_t top = 0;
+        stack[top++] = r0;
+        color[r0] = 1;
+        it[r0] = first[r0];
+        while (top) {
+            uint32_t r = stack[top - 1];
+            if (it[r] == first[r + 1]) {
+                color[r] = 2;
+                top--;
+                continue;
+            }
+            uint32_t q = adj[it[r]++];
+            if (color[q] == 1) {
+                p->i = rules[q].at;
+                fail(p, "rule '%.*s' is left-recursive",
+                     (int)(rules[q].len < 64 ? rules[q].len : 64), p->s + rules[q].at);
+                goto out;
+            }
+            if (color[q] == 0) {
+                color[q] = 1;
+                it[q] = first[q];
+                stack[top++] = q;
+            }
+        }
+    }
+    goto out;
+oom:
+    oom(p);
+out:
+    free(nullable);
+    free(color);
+    free(mark);
+    free(stack);
+    free(from);
+    free(to);
+    free(first);
+    free(adj);
+    free(it);
+    return p->rc;
+}
+
+int
+model_guide_new_grammar(const model_t *m, const char *text, size_t len, model_guide_t **out,
+                        char *err, size_t err_len)
+{
+    *out = NULL;
+    if (err && err_len)
+        err[0] = '\0';
+    parser_t p = {.s = text, .n = len, .err = err, .err_len = err_len};
+    nfa_t a = {.p = &p};
+    grule_t *rules = NULL;
+    uint32_t nr = 0, *start = NULL, *call_rule = NULL;
+    gram_t *gm = NULL;
+    guide_dfa_t *d = NULL;
+    if (text == NULL) {
+        fail(&p, "no grammar");
+        goto out;
+    }
+    if (memchr(text, '\0', len)) {
+        p.i = (size_t)((const char *)memchr(text, '\0', len) - text);
+        fail(&p, "a NUL byte in the grammar");
+        goto out;
+    }
+    if (parse_grammar(&p, &rules, &nr))
+        goto out;
+    uint32_t ret = add_state(&a, S_RET, 1, 0, 0, 0);
+    if ((start = malloc(nr * sizeof *start)) == NULL) {
+        oom(&p);
+        goto out;
+    }
+    for (uint32_t r = 0; r < nr && p.rc == 0; r++) {
+        p.i = rules[r].at;
+        start[r] = compile(&a, rules[r].node, ret);
+    }
+    if (p.rc)
+        goto out;
+    if ((call_rule = calloc(a.n, sizeof *call_rule)) == NULL ||
+        (gm = calloc(1, sizeof *gm)) == NULL || (gm->live = calloc(a.n, 1)) == NULL) {
+        oom(&p);
+        goto out;
+    }
+    for (uint32_t s = 0; s < a.n; s++)
+        if (a.st[s].kind == S_CALL) {
+            call_rule[s] = a.st[s].out1;
+            a.st[s].out1 = start[a.st[s].out1];
+        }
+    int32_t root = find_rule(&p, rules, nr, "root", 4);
+    if (live_states(&p, a.st, a.n, gm->live) ||
+        left_recursion(&p, a.st, a.n, gm->live, call_rule, start, rules, nr))
+        goto out;
+    if (!gm->live[start[root]]) {
+        p.i = rules[root].at;
+        fail(&p, "the grammar matches nothing");
+        goto out;
+    }
+    const model_pieces_t *pt = model__pieces(m);
+    if (pt == NULL) {
+        oom(&p);
+        goto out;
+    }
+    guide_dfa_t tmp;
+    byte_classes(&tmp, &a);
+    atomic_init(&gm->refs, 1);
+    gm->m = m;
+    gm->pt = pt;
+    gm->st = a.st;
+    gm->n = a.n;
+    a.st = NULL;
+    gm->start = start[root];
+    gm->ret = ret;
+    memcpy(gm->cls, tmp.cls, sizeof gm->cls);
+    gm->n_classes = tmp.n_classes;
+    p.i = rules[root].at;
+    if ((d = lazy_new(gm, &p)) == NULL || (*out = guide_on(d)) == NULL)
+        oom(&p);
+    else
+        d = NULL;
+out:
+    parts_free(&p, &a);
+    free(rules);
+    free(start);
+    free(call_rule);
+    dfa_unref(d);
+    if (gm && gm->st == NULL) {
+        free(gm->live);
+        free(gm);
+    } else {
+        gram_unref(gm);
+    }
     return p.rc;
 }
 
 int
 model_guide_clone(const model_guide_t *g, model_guide_t **out)
 {
+    if (g->d->lz) {
+        uint32_t cur;
+        *out = NULL;
+        if (g->d->lz->rc) /* spent: its clones would be too */
+            return g->d->lz->rc;
+        guide_dfa_t *d = lazy_rebase(g->d, g->cur, &cur);
+        if (d == NULL || (*out = guide_on(d)) == NULL) {
+            dfa_unref(d);
+            *out = NULL;
+            return KVS_ENOMEM;
+        }
+        (*out)->cur = cur;
+        return 0;
+    }
     atomic_fetch_add(&g->d->refs, 1);
     if ((*out = guide_on(g->d)) == NULL) {
         dfa_unref(g->d);
@@ -1373,16 +2431,34 @@ model_guide_states(const model_guide_t *g)
 }
 
 static uint32_t
-step(const guide_dfa_t *d, uint32_t s, const uint8_t *b, size_t n)
+step(guide_dfa_t *d, uint32_t s, const uint8_t *b, size_t n)
 {
     for (size_t i = 0; i < n && s; i++)
-        s = d->trans[(size_t)s * d->n_classes + d->cls[b[i]]];
+        s = move(d, s, b[i]);
     return s;
 }
 
 bool
 model_guide_fullmatch(const model_guide_t *g, const char *s, size_t n)
 {
+    if (g->d->lz) {
+        /* On an automaton of its own, started afresh as it grows: the
+         * guide's is for its output. */
+        guide_dfa_t *d = lazy_new(g->d->gm, NULL);
+        uint32_t q = d ? d->start : 0;
+        for (size_t i = 0; i < n && q; i++) {
+            q = move(d, q, (uint8_t)s[i]);
+            if (q && (d->n_states > LAZY_STATES || d->lz->n_nodes > LAZY_NODES)) {
+                guide_dfa_t *e = lazy_rebase(d, q, &q);
+                dfa_unref(d);
+                if ((d = e) == NULL)
+                    q = 0;
+            }
+        }
+        bool ok = q && d->lz->rc == 0 && (d->flags[q] & F_ACCEPT);
+        dfa_unref(d);
+        return ok;
+    }
     return (g->d->flags[step(g->d, g->d->start, (const uint8_t *)s, n)] & F_ACCEPT) != 0;
 }
 
@@ -1390,9 +2466,9 @@ model_guide_fullmatch(const model_guide_t *g, const char *s, size_t n)
 static void
 fill_mask(model_guide_t *g, uint32_t s, uint64_t *bits)
 {
-    const guide_dfa_t *d = g->d;
+    guide_dfa_t *d = g->d;
     const model_pieces_t *pt = d->pt;
-    uint32_t nc = d->n_classes, *st = g->stack, valid = 0;
+    uint32_t *st = g->stack, valid = 0;
     memset(bits, 0, g->words * sizeof *bits);
     st[0] = s;
     for (uint32_t k = 0; k < pt->n_sorted; k++) {
@@ -1403,7 +2479,7 @@ fill_mask(model_guide_t *g, uint32_t s, uint64_t *bits)
         uint32_t a = pt->off[id], len = pt->off[id + 1] - a;
         const uint8_t *b = pt->bytes + a;
         for (; j < len; j++) {
-            t = d->trans[(size_t)t * nc + d->cls[b[j]]];
+            t = move(d, t, b[j]);
             if (t == 0)
                 break;
             st[j + 1] = t;
@@ -1452,13 +2528,45 @@ mask_bits(model_guide_t *g, uint32_t s)
     return b;
 }
 
+/* A grammar's automaton past its size starts afresh from the current
+ * state (masks made are of states that are gone); false when that or an
+ * earlier step failed, which spends the guide. */
+static bool
+lazy_ok(model_guide_t *g)
+{
+    lazy_t *z = g->d->lz;
+    if (z == NULL)
+        return true;
+    if (z->rc == 0 && (g->d->n_states > LAZY_STATES || z->n_nodes > LAZY_NODES)) {
+        uint32_t cur;
+        guide_dfa_t *d = lazy_rebase(g->d, g->cur, &cur);
+        if (d == NULL) {
+            lazy_fail(z, KVS_ENOMEM, "out of memory");
+        } else {
+            dfa_unref(g->d);
+            g->d = d;
+            g->cur = cur;
+            memset(g->used, 0, sizeof g->used);
+            z = d->lz;
+        }
+    }
+    if (z->rc && z->why[0]) {
+        KVS_WARNF("guide: grammar output stopped: %s", z->why);
+        z->why[0] = '\0';
+    }
+    return z->rc == 0;
+}
+
 uint32_t
 model_guide_mask(model_guide_t *g, const float *row, float *out)
 {
-    const uint64_t *bits = mask_bits(g, g->cur);
+    const uint64_t *bits = lazy_ok(g) ? mask_bits(g, g->cur) : NULL;
     uint32_t nv = g->d->m->hp.n_vocab, allowed = 0;
+    if (bits != NULL && g->d->lz && g->d->lz->rc)
+        bits = NULL; /* a cap passed while making it */
     if (bits == NULL) {
-        /* Out of memory: nothing to draw, which fails the request. */
+        /* Out of memory or a grammar's cap: nothing to draw, which fails
+         * the request. */
         for (uint32_t id = 0; id < nv; id++)
             out[id] = -INFINITY;
         return 0;
@@ -1484,7 +2592,9 @@ model_guide_mask(model_guide_t *g, const float *row, float *out)
 int
 model_guide_accept(model_guide_t *g, int32_t id)
 {
-    const guide_dfa_t *d = g->d;
+    if (!lazy_ok(g))
+        return g->d->lz->rc;
+    guide_dfa_t *d = g->d;
     if (id < 0 || (uint32_t)id >= d->m->hp.n_vocab)
         return KVS_EINVAL;
     if (model_vocab_is_eog(d->m->vocab, id))
@@ -1493,7 +2603,7 @@ model_guide_accept(model_guide_t *g, int32_t id)
     uint32_t a = pt->off[id], n = pt->off[id + 1] - a;
     uint32_t s = n ? step(d, g->cur, pt->bytes + a, n) : 0;
     if (s == 0)
-        return KVS_EINVAL;
+        return d->lz && d->lz->rc ? d->lz->rc : KVS_EINVAL;
     g->cur = s;
     return d->flags[s] & F_OVER ? 1 : 0;
 }

@@ -598,7 +598,20 @@ enum { MODEL_GUIDE_MAX_STATES = 1 << 16, MODEL_GUIDE_MAX_CELLS = 1 << 22 };
 typedef struct model_guide model_guide_t;
 int model_guide_new(const model_t *m, const char *pattern, size_t len, model_guide_t **out,
                     char *err, size_t err_len);
-/* A guide at the same point of the output, sharing the automaton. */
+/* vLLM's guided_grammar, llama.cpp's grammar: the output must be a
+ * sentence of rule `root` of a GBNF grammar (model/guide.c says what it
+ * takes), by any tokenization of it.  Refused here, with the offset and
+ * why in err: KVS_EINVAL for syntax, a rule named but not defined or
+ * defined twice, left recursion (a rule that can reach a use of itself
+ * before a byte), a grammar that matches nothing, or KVS_ENOMEM.  Its
+ * automaton grows as the output goes (nested brackets make it unbounded),
+ * so it is the guide's own: a clone copies the point reached, and a step
+ * that passes a bound (states, stack depth, ambiguity) fails the guide:
+ * the mask lets nothing through and accept returns KVS_ENOSPC. */
+int model_guide_new_grammar(const model_t *m, const char *text, size_t len, model_guide_t **out,
+                            char *err, size_t err_len);
+/* A guide at the same point of the output, sharing the automaton (a
+ * grammar's: a copy of the point reached). */
 int model_guide_clone(const model_guide_t *g, model_guide_t **out);
 void model_guide_free(model_guide_t *g); /* NULL is a no-op */
 uint32_t model_guide_states(const model_guide_t *g);
