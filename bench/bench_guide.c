@@ -17,6 +17,8 @@
  *             stays in one state;
  *   json      a JSON document of the schema walked token by token (as
  *             the model would emit it), a mask before each token;
+ *   grammar   the same document under a GBNF grammar of any JSON (a
+ *             pushdown automaton, its states found as the output goes);
  *   pcre2     the baseline, for `[a-z ]*` after the same output.
  *
  * Usage: bench_guide [--steps N (32)] [--vocab GGUF] [--json FILE (bench/out/guide.json)]
@@ -55,6 +57,18 @@ static const char *const user_doc =
     "{\"name\": \"Ada Lovelace\", \"age\": 36, \"email\": \"ada@example.org\", \"role\": "
     "\"admin\", \"tags\": [\"math\", \"engines\", \"poetry\"]}";
 
+/* Any JSON value (RFC 8259), nesting unbounded. */
+static const char json_gbnf[] =
+    "root   ::= value\n"
+    "value  ::= object | array | string | number | \"true\" | \"false\" | \"null\"\n"
+    "object ::= \"{\" ws ( member ( ws \",\" ws member )* ws )? \"}\"\n"
+    "member ::= string ws \":\" ws value\n"
+    "array  ::= \"[\" ws ( value ( ws \",\" ws value )* ws )? \"]\"\n"
+    "string ::= \"\\\"\" ( [^\"\\\\\\x00-\\x1F] | \"\\\\\" ( [\"\\\\/bfnrt] | \"u\" "
+    "[0-9a-fA-F]{4} ) )* \"\\\"\"\n"
+    "number ::= \"-\"? ( \"0\" | [1-9] [0-9]* ) ( \".\" [0-9]+ )? ( [eE] [-+]? [0-9]+ )?\n"
+    "ws     ::= [ \\t\\n\\r]*\n";
+
 typedef struct {
     const char *what;
     double ms;       /* per step (compile: once) */
@@ -68,7 +82,7 @@ compile_row(const model_t *m, const char *what, const char *regex, const char *j
     char err[256];
     model_guide_t *g;
     double t0 = now_ms();
-    int rc = srv_guide_new(m, regex, json, NULL, &g, &field, err, sizeof err);
+    int rc = srv_guide_new(m, NULL, regex, json, NULL, &g, &field, err, sizeof err);
     if (rc) {
         fprintf(stderr, "bench_guide: %s: %s: %s\n", what, field, err);
         return rc;
@@ -98,6 +112,25 @@ mask_steps(const model_t *m, const char *regex, const int32_t *toks, uint32_t st
     }
     model_guide_free(g);
     return sum / steps;
+}
+
+/* Mean ms of a mask before each token of doc, as g takes it; -1 when g
+ * refuses one. */
+static double
+doc_steps(model_guide_t *g, const int32_t *doc, size_t n_doc, const float *row, float *out,
+          const char *what)
+{
+    double sum = 0;
+    for (size_t k = 0; k < n_doc; k++) {
+        double t0 = now_ms();
+        model_guide_mask(g, row, out);
+        sum += now_ms() - t0;
+        if (model_guide_accept(g, doc[k]) < 0) {
+            fprintf(stderr, "bench_guide: the document leaves the %s at token %zu\n", what, k);
+            return -1;
+        }
+    }
+    return sum / (double)n_doc;
 }
 
 int
@@ -193,23 +226,26 @@ main(int argc, char **argv)
     }
     model_guide_t *g;
     const char *field;
-    if (srv_guide_new(m, NULL, user_schema, NULL, &g, &field, err, sizeof err)) {
+    if (srv_guide_new(m, NULL, NULL, user_schema, NULL, &g, &field, err, sizeof err)) {
         fprintf(stderr, "bench_guide: %s: %s\n", field, err);
         goto out;
     }
-    double js = 0;
-    for (size_t k = 0; k < n_doc; k++) {
-        double t0 = now_ms();
-        model_guide_mask(g, row, masked);
-        js += now_ms() - t0;
-        if (model_guide_accept(g, doc[k]) < 0) {
-            fprintf(stderr, "bench_guide: the document leaves the schema at token %zu\n", k);
-            model_guide_free(g);
-            goto out;
-        }
-    }
+    double js = doc_steps(g, doc, n_doc, row, masked, "schema");
     model_guide_free(g);
-    js /= (double)n_doc;
+    if (js < 0)
+        goto out;
+
+    double t_gram = now_ms();
+    if (model_guide_new_grammar(m, json_gbnf, strlen(json_gbnf), &g, err, sizeof err)) {
+        fprintf(stderr, "bench_guide: grammar: %s\n", err);
+        goto out;
+    }
+    t_gram = now_ms() - t_gram;
+    double gram = doc_steps(g, doc, n_doc, row, masked, "grammar");
+    uint32_t gram_states = model_guide_states(g);
+    model_guide_free(g);
+    if (gram < 0)
+        goto out;
 
     /* Baseline: PCRE2 on every token after an output of `steps` words. */
     int e;
@@ -251,11 +287,14 @@ main(int argc, char **argv)
     printf("%-40s %10s %10s\n", "compile", "ms", "states");
     for (int i = 0; i < 4; i++)
         printf("%-40s %10.2f %10u\n", comp[i].what, comp[i].ms, comp[i].states);
+    printf("%-40s %10.2f %10u\n", "GBNF grammar of any JSON (states met)", t_gram, gram_states);
     printf("%-40s %10s %12s\n", "mask per step", "ms", "vs pcre2");
     printf("%-40s %10.3f %11.4fx\n", "pcre2 partial match per token (base)", pcre_ms, 1.0);
     printf("%-40s %10.3f %11.4fx\n", "cold: new state each step", cold, cold / pcre_ms);
     printf("%-40s %10.3f %11.4fx\n", "cached: state seen before", cached, cached / pcre_ms);
     printf("%-40s %10.3f %11.4fx\n", "json document (pydantic model)", js, js / pcre_ms);
+    printf("%-40s %10.3f %11.4fx\n", "json document (GBNF grammar, any JSON)", gram,
+           gram / pcre_ms);
     printf("tokens allowed by [a-z ]*: %u (pcre2 %u)\n", ours, allowed);
     if (cold < 0 || cached < 0 || ours != allowed) {
         fprintf(stderr, "bench_guide: masks disagree with the baseline\n");
@@ -272,9 +311,12 @@ main(int argc, char **argv)
         fprintf(f, "%s{\"what\": \"%s\", \"ms\": %.3f, \"states\": %u}", i ? ", " : "", key[i],
                 comp[i].ms, comp[i].states);
     fprintf(f,
-            "], \"mask_ms\": {\"pcre2\": %.4f, \"cold\": %.4f, \"cached\": %.4f, \"json\": "
-            "%.4f}, \"ratio_vs_pcre2\": {\"cold\": %.5f, \"cached\": %.5f, \"json\": %.5f}}\n",
-            pcre_ms, cold, cached, js, cold / pcre_ms, cached / pcre_ms, js / pcre_ms);
+            "], \"grammar_compile_ms\": %.3f, \"grammar_states\": %u, \"mask_ms\": {\"pcre2\": "
+            "%.4f, \"cold\": %.4f, \"cached\": %.4f, \"json\": %.4f, \"grammar\": %.4f}, "
+            "\"ratio_vs_pcre2\": {\"cold\": %.5f, \"cached\": %.5f, \"json\": %.5f, "
+            "\"grammar\": %.5f}}\n",
+            t_gram, gram_states, pcre_ms, cold, cached, js, gram, cold / pcre_ms, cached / pcre_ms,
+            js / pcre_ms, gram / pcre_ms);
     fclose(f);
     printf("json: %s\n", json_path);
     status = 0;

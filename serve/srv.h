@@ -113,9 +113,10 @@ int srv_parse_logit_bias(const char *cmd, const char *s, int32_t **ids, float **
  * NUL); NULL when it cannot be read or memory runs out. */
 char *srv_read_stream(FILE *f, size_t *len);
 char *srv_read_file(const char *path, size_t *len);
-/* --guided-json's argument: the schema itself, or @FILE for a file's text;
- * a malloc'd copy in *out (0), or KVS_EINVAL / KVS_ENOMEM after a message. */
-int srv_parse_schema_arg(const char *cmd, const char *s, char **out);
+/* The argument of a text flag (--guided-json, --guided-grammar): the text
+ * itself, or @FILE for a file's; a malloc'd copy in *out (0), or KVS_EINVAL
+ * / KVS_ENOMEM after a message naming flag. */
+int srv_parse_text_arg(const char *cmd, const char *flag, const char *s, char **out);
 
 /* A growable string: put appends (keeping a NUL after the text); a failed
  * allocation sets oom and later puts do nothing.  Free p when done. */

@@ -624,7 +624,7 @@ srv_read_file(const char *path, size_t *len)
 }
 
 int
-srv_parse_schema_arg(const char *cmd, const char *s, char **out)
+srv_parse_text_arg(const char *cmd, const char *flag, const char *s, char **out)
 {
     *out = s[0] == '@' ? srv_read_file(s + 1, NULL) : strdup(s);
     if (*out)
@@ -633,8 +633,7 @@ srv_parse_schema_arg(const char *cmd, const char *s, char **out)
         fprintf(stderr, "kvserve %s: out of memory\n", cmd);
         return KVS_ENOMEM;
     }
-    fprintf(stderr, "kvserve %s: --guided-json: cannot read '%s': %s\n", cmd, s + 1,
-            strerror(errno));
+    fprintf(stderr, "kvserve %s: %s: cannot read '%s': %s\n", cmd, flag, s + 1, strerror(errno));
     return KVS_EINVAL;
 }
 

@@ -30,7 +30,7 @@ static const char gen_usage[] =
     "                        [--allowed-token-ids 1,2,3] [--truncate-prompt-tokens N]\n"
     "                        [--guided-choice STR]... [--include-stop-str-in-output]\n"
     "                        [--guided-regex RE | --guided-json SCHEMA|@FILE\n"
-    "                         [--guided-whitespace-pattern RE]]\n"
+    "                         [--guided-whitespace-pattern RE] | --guided-grammar GBNF|@FILE]\n"
     "                        [--priority N] [--cache-salt S]\n"
     "                        [--request-id S] [--timeout-ms N] [--api-key-file F]\n"
     "                        [--tls-ca F] [--tls-server-name NAME] [--json]\n";
@@ -347,7 +347,8 @@ typedef struct gen_opts {
     bool sampling, has_priority, json, has_truncate;
     int32_t priority;
     uint32_t truncate;
-    char *schema; /* --guided-json @FILE's text */
+    char *schema;  /* --guided-json's text */
+    char *grammar; /* --guided-grammar's */
 } gen_opts_t;
 
 static void
@@ -360,6 +361,7 @@ gen_opts_free(gen_opts_t *o)
     free(o->sp.stop);
     free(o->sp.guided_choice);
     free(o->schema);
+    free(o->grammar);
     free(o->bias_ids);
     free(o->bias);
     free(o->lb);
@@ -395,6 +397,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         {"guided-regex", 1, 0, 'g'},
         {"guided-json", 1, 0, 'J'},
         {"guided-whitespace-pattern", 1, 0, 'W'},
+        {"guided-grammar", 1, 0, 'Y'},
         {"include-stop-str-in-output", 0, 0, 'I'},
         {"truncate-prompt-tokens", 1, 0, 'U'},
         {"repetition-penalty", 1, 0, 'R'},
@@ -514,8 +517,13 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
                 break;
             case 'J':
                 free(o->schema);
-                rc = srv_parse_schema_arg(C, optarg, &o->schema);
+                rc = srv_parse_text_arg(C, "--guided-json", optarg, &o->schema);
                 p->guided_json = o->schema;
+                break;
+            case 'Y':
+                free(o->grammar);
+                rc = srv_parse_text_arg(C, "--guided-grammar", optarg, &o->grammar);
+                p->guided_grammar = o->grammar;
                 break;
             case 'W':
                 p->guided_whitespace_pattern = optarg;

@@ -16,7 +16,7 @@
 #include <string.h>
 
 #define MAX_ID_BYTES 128
-#define MAX_GUIDE_BYTES 65536 /* guided_regex, guided_json, guided_whitespace_pattern */
+#define MAX_GUIDE_BYTES 65536 /* guided_regex, _json, _whitespace_pattern, _grammar */
 #define MAX_SALT_BYTES 256
 #define MAX_STOPS 16
 #define MAX_STOP_BYTES 256
@@ -255,35 +255,39 @@ check_policy(const Kvserve__V1__LongContextPolicy *p, const srv_limits_t *lim,
     return rc;
 }
 
-/* guided_regex / guided_json (with guided_whitespace_pattern) into
- * out->guide: at most one guided_* field, each a pattern this engine can
- * honour whole. */
+/* guided_regex / guided_json (with guided_whitespace_pattern) /
+ * guided_grammar into out->guide: at most one guided_* field, each one
+ * this engine can honour. */
 static grpc_status_code
 check_guide(const Kvserve__V1__SamplingParams *sp, const srv_limits_t *lim, srv_gen_req_t *out,
             char *msg, size_t cap)
 {
     const char *rx = sp->guided_regex, *js = sp->guided_json, *ws = sp->guided_whitespace_pattern;
-    if ((sp->n_guided_choice > 0) + (rx != NULL) + (js != NULL) > 1)
+    const char *gr = sp->guided_grammar;
+    if ((sp->n_guided_choice > 0) + (rx != NULL) + (js != NULL) + (gr != NULL) > 1)
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
-                    "sampling.%s: at most one of guided_choice, guided_regex and guided_json",
-                    js ? "guided_json" : "guided_regex");
+                    "sampling.%s: at most one of guided_choice, guided_regex, guided_json and "
+                    "guided_grammar",
+                    gr   ? "guided_grammar"
+                    : js ? "guided_json"
+                         : "guided_regex");
     if (ws && !js)
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
                     "sampling.guided_whitespace_pattern: only with guided_json");
-    if (rx == NULL && js == NULL)
+    if (rx == NULL && js == NULL && gr == NULL)
         return GRPC_STATUS_OK;
-    const char *const text[3] = {rx, js, ws}, *const name[3] = {"regex", "json",
-                                                                "whitespace_pattern"};
-    for (int i = 0; i < 3; i++) {
+    const char *const text[4] = {rx, js, gr, ws};
+    const char *const name[4] = {"regex", "json", "grammar", "whitespace_pattern"};
+    for (int i = 0; i < 4; i++) {
         size_t n = text[i] ? strlen(text[i]) : 0;
-        if (text[i] && (n > MAX_GUIDE_BYTES || (n == 0 && i < 2)))
+        if (text[i] && (n > MAX_GUIDE_BYTES || (n == 0 && i < 3)))
             return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
-                        "sampling.guided_%s: %zu bytes, not %d..%d", name[i], n, i < 2,
+                        "sampling.guided_%s: %zu bytes, not %d..%d", name[i], n, i < 3,
                         MAX_GUIDE_BYTES);
     }
     const char *field = "";
     char err[256];
-    int rc = srv_guide_new(lim->m, rx, js, ws, &out->guide, &field, err, sizeof err);
+    int rc = srv_guide_new(lim->m, gr, rx, js, ws, &out->guide, &field, err, sizeof err);
     if (rc == KVS_ENOMEM)
         return fail(msg, cap, GRPC_STATUS_RESOURCE_EXHAUSTED, "sampling.%s: out of memory", field);
     if (rc)
@@ -586,7 +590,8 @@ check_forced(const Kvserve__V1__GenerateRequest *q, const srv_limits_t *lim, srv
         return GRPC_STATUS_OK;
     if (out->sr.n_choices || out->guide)
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
-                    "forced_tokens: not with sampling.guided_choice, guided_regex or guided_json");
+                    "forced_tokens: not with sampling.guided_choice, guided_regex, guided_json or "
+                    "guided_grammar");
     if ((uint64_t)out->n_prompt + f->n_ids > lim->max_model_len)
         return fail(msg, cap, GRPC_STATUS_OUT_OF_RANGE,
                     "forced_tokens: %u prompt + %zu forced tokens exceed the maximum model "

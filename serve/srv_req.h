@@ -41,7 +41,8 @@ typedef struct srv_gen_req {
     /* sampling.logit_bias as sr.sampling's arrays (malloc'd). */
     int32_t *bias_ids;
     float *bias;
-    /* sampling.guided_regex or guided_json compiled; sr.guide points here. */
+    /* sampling.guided_regex, guided_json or guided_grammar compiled; sr.guide
+     * points here. */
     model_guide_t *guide;
 } srv_gen_req_t;
 

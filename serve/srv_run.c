@@ -21,7 +21,8 @@ static const char run_usage[] =
     "                   [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--min-p P]\n"
     "                   [--repetition-penalty R] [--presence-penalty P] [--frequency-penalty F]\n"
     "                   [--logit-bias ID:BIAS,...] [--guided-choice STR... | --guided-regex RE\n"
-    "                    | --guided-json SCHEMA|@FILE [--guided-whitespace-pattern RE]]\n"
+    "                    | --guided-json SCHEMA|@FILE [--guided-whitespace-pattern RE]\n"
+    "                    | --guided-grammar GBNF|@FILE]\n"
     "                   [--seed S] [--ignore-eos] [--threads N] [--device cpu|ref|cuda]\n"
     "                   [--block-size N] [--kv-cache-dtype f16|f32|bf16|q8_0|fp8|q4]\n"
     "                   [--kv-sink-tokens N] [--kv-residual-tokens N] [--batch-size N]\n"
@@ -36,6 +37,7 @@ typedef struct run_opts {
     bool seed_set, ignore_eos, json, cuda_graphs;
     const char *guided_regex, *guided_ws;
     char *guided_json;    /* malloc'd */
+    char *guided_grammar; /* malloc'd */
     const char **choices; /* --guided-choice, into argv (malloc'd array) */
     uint32_t n_choices;
 } run_opts_t;
@@ -83,6 +85,7 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         O_GREGEX,
         O_GJSON,
         O_GWS,
+        O_GGRAMMAR,
         O_GCHOICE,
         O_SEED,
         O_IGNEOS,
@@ -112,6 +115,7 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         {"guided-regex", 1, 0, O_GREGEX},
         {"guided-json", 1, 0, O_GJSON},
         {"guided-whitespace-pattern", 1, 0, O_GWS},
+        {"guided-grammar", 1, 0, O_GGRAMMAR},
         {"guided-choice", 1, 0, O_GCHOICE},
         {"seed", 1, 0, O_SEED},
         {"ignore-eos", 0, 0, O_IGNEOS},
@@ -186,7 +190,11 @@ parse_opts(int argc, char **argv, run_opts_t *o)
             break;
         case O_GJSON:
             free(o->guided_json);
-            rc = srv_parse_schema_arg(C, optarg, &o->guided_json);
+            rc = srv_parse_text_arg(C, "--guided-json", optarg, &o->guided_json);
+            break;
+        case O_GGRAMMAR:
+            free(o->guided_grammar);
+            rc = srv_parse_text_arg(C, "--guided-grammar", optarg, &o->guided_grammar);
             break;
         case O_GWS:
             o->guided_ws = optarg;
@@ -292,7 +300,8 @@ typedef struct run_state {
     npy_t npy;
     int32_t *bias_ids; /* --logit-bias's arrays */
     float *bias;
-    char *schema; /* --guided-json */
+    char *schema;  /* --guided-json */
+    char *grammar; /* --guided-grammar */
     model_guide_t *guide;
     const char **choices;
 } run_state_t;
@@ -309,6 +318,7 @@ run_state_free(run_state_t *s)
     free(s->bias_ids);
     free(s->bias);
     free(s->schema);
+    free(s->grammar);
     model_guide_free(s->guide);
     free(s->choices);
     if (s->npy.f)
@@ -333,6 +343,7 @@ srv_cmd_run(int argc, char **argv)
     s.bias_ids = (int32_t *)o.sampling.bias_ids;
     s.bias = (float *)o.sampling.bias;
     s.schema = o.guided_json;
+    s.grammar = o.guided_grammar;
     s.choices = o.choices;
     if (rc == 0 && o.model == NULL && (o.model = srv_default_model()) == NULL) {
         fprintf(stderr, "kvserve run: no --model given and no bundled model found "
@@ -365,19 +376,22 @@ srv_cmd_run(int argc, char **argv)
             goto out;
         }
     }
-    if ((o.n_choices > 0) + (o.guided_regex != NULL) + (o.guided_json != NULL) > 1 ||
+    if ((o.n_choices > 0) + (o.guided_regex != NULL) + (o.guided_json != NULL) +
+                (o.guided_grammar != NULL) >
+            1 ||
         (o.guided_ws && !o.guided_json)) {
         fprintf(stderr, "kvserve run: %s\n",
                 o.guided_ws && !o.guided_json
                     ? "--guided-whitespace-pattern: only with --guided-json"
-                    : "--guided-choice, --guided-regex and --guided-json: one at most");
+                    : "--guided-choice, --guided-regex, --guided-json and --guided-grammar: one "
+                      "at most");
         status = 2;
         goto out;
     }
-    if (o.guided_regex || o.guided_json) {
+    if (o.guided_regex || o.guided_json || o.guided_grammar) {
         const char *field;
-        rc = srv_guide_new(s.m, o.guided_regex, o.guided_json, o.guided_ws, &s.guide, &field, err,
-                           sizeof err);
+        rc = srv_guide_new(s.m, o.guided_grammar, o.guided_regex, o.guided_json, o.guided_ws,
+                           &s.guide, &field, err, sizeof err);
         if (rc) {
             char flag[32]; /* the field's flag: guided_json -> guided-json */
             snprintf(flag, sizeof flag, "%s", field);

@@ -2215,10 +2215,14 @@ srv_schema_regex(const char *schema, size_t len, const char *ws, char **out, cha
 }
 
 int
-srv_guide_new(const model_t *m, const char *regex, const char *json, const char *ws,
-              model_guide_t **out, const char **field, char *err, size_t err_len)
+srv_guide_new(const model_t *m, const char *grammar, const char *regex, const char *json,
+              const char *ws, model_guide_t **out, const char **field, char *err, size_t err_len)
 {
     *out = NULL;
+    if (grammar) {
+        *field = "guided_grammar";
+        return model_guide_new_grammar(m, grammar, strlen(grammar), out, err, err_len);
+    }
     if (regex) {
         *field = "guided_regex";
         return model_guide_new(m, regex, strlen(regex), out, err, err_len);

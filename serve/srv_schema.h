@@ -64,11 +64,13 @@
 int srv_schema_regex(const char *schema, size_t len, const char *ws, char **out, char *err,
                      size_t err_len);
 
-/* A request's guide: the pattern regex, else the schema json (with ws as
-   above) compiled by model_guide_new.  Returns 0 with *out, or KVS_EINVAL /
-   KVS_ENOMEM with the complaint in err and *field naming the part at fault
-   ("guided_regex", "guided_json" or "guided_whitespace_pattern"). */
-int srv_guide_new(const model_t *m, const char *regex, const char *json, const char *ws,
-                  model_guide_t **out, const char **field, char *err, size_t err_len);
+/* A request's guide: the GBNF grammar (model_guide_new_grammar), else the
+   pattern regex, else the schema json (with ws as above) compiled by
+   model_guide_new.  Returns 0 with *out, or KVS_EINVAL / KVS_ENOMEM with the
+   complaint in err and *field naming the part at fault ("guided_grammar",
+   "guided_regex", "guided_json" or "guided_whitespace_pattern"). */
+int srv_guide_new(const model_t *m, const char *grammar, const char *regex, const char *json,
+                  const char *ws, model_guide_t **out, const char **field, char *err,
+                  size_t err_len);
 
 #endif

@@ -110,10 +110,15 @@ seed_corpus(const char *dir)
                      "\"items\":{\"$ref\":\"#\"}}},\"required\":[\"a\"]}";
     sp.guided_whitespace_pattern = "[ \\n]?";
     write_seed(dir, 5, &q.base);
+    sp.guided_json = sp.guided_whitespace_pattern = NULL;
+    sp.guided_grammar = "root ::= \"[\" (v (\",\" ws v)*)? \"]\"  # a list\n"
+                        "v ::= [0-9]+ | \"\\\"\" [^\"\\\\]* \"\\\"\" | root\nws ::= [ \\t]{0,2}\n";
+    write_seed(dir, 6, &q.base);
 }
 
 /* A guide that validation accepted lets some token through at its start
- * and takes what its mask lets through, until the output is over. */
+ * and takes what its mask lets through, until the output is over (or a
+ * grammar's guide passes a bound, which it says). */
 static void
 walk_guide(const model_guide_t *guide)
 {
@@ -124,14 +129,17 @@ walk_guide(const model_guide_t *guide)
         abort();
     for (int step = 0; step < 16; step++) {
         if (model_guide_mask(g, row, out) == 0) {
-            if (step == 0)
-                abort(); /* a pattern that matches something starts somewhere */
+            /* A pattern that matches something starts somewhere. */
+            if (step == 0 && model_guide_accept(g, 0) != KVS_ENOSPC)
+                abort();
             break;
         }
         uint32_t id = (uint32_t)step * 37 % nv;
         while (out[id] == -INFINITY)
             id = (id + 1) % nv;
         int rc = model_guide_accept(g, (int32_t)id);
+        if (rc == KVS_ENOSPC)
+            break;
         if (rc < 0)
             abort();
         if (rc == 1)

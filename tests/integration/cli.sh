@@ -111,6 +111,21 @@ txt=$("$K" run $M --prompt a --max-tokens 20 --seed 4 --temperature 1 \
 case "$txt" in yes|no|maybe) ok ;; *) bad "run guided choice: '$txt'" ;; esac
 expect 2 "run guided choice empty" "$K" run $M --prompt a --guided-choice ''
 contains "guided-choice"
+# A GBNF grammar from @FILE: sums of small numbers in parentheses.
+printf '%s\n' 'root ::= "(" sum ")"' 'sum  ::= num ("+" (num | "(" sum ")")){0,3}' \
+    'num  ::= [1-9] [0-9]?' >"$W/sum.gbnf"
+txt=$("$K" run $M --prompt a --max-tokens 40 --seed 5 --temperature 1 \
+      --guided-grammar @"$W/sum.gbnf" 2>/dev/null)
+if printf '%s' "$txt" | grep -Eq '^\([1-9][0-9]?(\+([1-9(]|[0-9]|\)|\+)*)*\)$' &&
+   [ "$(printf '%s' "$txt" | tr -cd '(' | wc -c)" -eq "$(printf '%s' "$txt" | tr -cd ')' | wc -c)" ]
+then ok; else bad "run guided grammar: '$txt'"; fi
+expect 2 "run guided grammar undefined rule" "$K" run $M --prompt a --guided-grammar 'root ::= x y'
+contains "guided-grammar: at offset 9: no rule 'x'"
+expect 2 "run guided grammar unreadable" "$K" run $M --prompt a --guided-grammar @"$W/none.gbnf"
+contains "guided-grammar: cannot read"
+expect 2 "run guided grammar and regex" "$K" run $M --prompt a --guided-grammar 'root ::= "a"' \
+    --guided-regex a
+contains "one at most"
 
 # eval --scenario: niah-multikey only, and the prefix cache serves the later
 # turns' shared context whatever the (random) model answers.

@@ -989,6 +989,15 @@ def guided_detail(g, outs, err, doc):
                [(o["text"], finish_name(o["finish"])) for o in outs], err, str(doc)[:160]))
 
 
+def refused_guide(api, name, setup, field):
+    """A request that setup spoils is refused naming field."""
+    r = greedy_req(TEXT_PROMPT, 4)
+    setup(r)
+    o = collect(api, r)
+    report("3 guided %s -> INVALID_ARGUMENT naming %s" % (name, field),
+           o["code"] == grpc.StatusCode.INVALID_ARGUMENT and field in o["details"], describe(o))
+
+
 def check_guided_regex_json(api, kvserve, addr, work):
     """guided_regex and guided_json: greedy and sampled outputs of the
     bundled model are whole matches (Python's re) / JSON the schema accepts
@@ -1050,12 +1059,86 @@ def check_guided_regex_json(api, kvserve, addr, work):
                 setattr(r.sampling, "guided_json", "{}"),
                 setattr(r.sampling, "guided_whitespace_pattern", "[ ")),
              "sampling.guided_whitespace_pattern: at offset")):
-        r = greedy_req(TEXT_PROMPT, 4)
-        setup(r)
-        o = collect(api, r)
-        report("3 guided %s -> INVALID_ARGUMENT naming %s" % (name, field),
-               o["code"] == grpc.StatusCode.INVALID_ARGUMENT and field in o["details"],
-               describe(o))
+        refused_guide(api, name, setup, field)
+
+
+LIST_GBNF = r"""# nested lists of short words
+root ::= "(" list ")"
+list ::= item ("," ws item)*
+item ::= [a-z]{1,3} | "(" list ")"
+ws   ::= " "?
+"""
+
+
+def list_says(text):
+    """What LIST_GBNF makes of text: "whole", "prefix" or "bad"."""
+    depth, want_item, word = 0, True, 0
+    if not text.startswith("("):
+        return "prefix" if text == "" else "bad"
+    i = 1
+    depth = 1
+    while i < len(text):
+        c = text[i]
+        if depth == 0:
+            return "bad"
+        if "a" <= c <= "z":
+            if not want_item and word == 0 or word == 3:
+                return "bad"
+            word, want_item = word + 1, False
+        elif c == "(" and want_item:
+            depth += 1
+        elif c == ")" and not want_item:
+            depth, word = depth - 1, 0
+        elif c == "," and not want_item:
+            want_item, word = True, 0
+            if text[i + 1:i + 2] == " ":
+                i += 1
+        else:
+            return "bad"
+        i += 1
+    return "whole" if depth == 0 else "prefix"
+
+
+def check_guided_grammar(api, kvserve, addr, work):
+    """guided_grammar: greedy and sampled outputs of the bundled model are
+    sentences of a recursive GBNF grammar (nested lists), FINISH_REASON_STOP
+    when whole, a prefix of one when max_tokens cut them; the C client's
+    --guided-grammar @FILE; grammars that cannot be honoured refused naming
+    the field and the reason."""
+    req = greedy_req(TEXT_PROMPT, 48)
+    req.sampling.guided_grammar = LIST_GBNF
+    path = os.path.join(work, "list.gbnf")
+    with open(path, "w") as f:
+        f.write(LIST_GBNF)
+    g, outs, err, doc = guided_runs(api, kvserve, addr, req, 11, 1.2, ["--guided-grammar", "@" + path])
+
+    def fine(o):
+        says = list_says(o["text"])
+        return (says == "whole" and o["finish"] == pb.FINISH_REASON_STOP) or (
+            says == "prefix" and o["finish"] == pb.FINISH_REASON_LENGTH)
+    ok = (g["code"] is None and fine(g) and not err and all(fine(o) for o in outs)
+          and any(list_says(o["text"]) == "whole" for o in [g] + outs)
+          and isinstance(doc, dict) and doc.get("text") == g["text"])
+    report("1 guided_grammar: greedy and 4 sampled outputs sentences of a recursive grammar "
+           "(or prefixes cut by max_tokens)", ok, guided_detail(g, outs, err, doc))
+
+    for name, setup, field in (
+            ("a rule not defined", lambda r: setattr(r.sampling, "guided_grammar", "root ::= x"),
+             "sampling.guided_grammar: at offset 9: no rule 'x'"),
+            ("left recursion", lambda r: setattr(r.sampling, "guided_grammar",
+                                                 "root ::= root \"a\" | \"b\""),
+             "left-recursive"),
+            ("grammar and regex", lambda r: (setattr(r.sampling, "guided_grammar",
+                                                     "root ::= \"a\""),
+                                             setattr(r.sampling, "guided_regex", "a")),
+             "sampling.guided_grammar: at most one of"),
+            ("an empty grammar", lambda r: setattr(r.sampling, "guided_grammar", ""),
+             "sampling.guided_grammar: 0 bytes"),
+            ("grammar and forced tokens", lambda r: (setattr(r.sampling, "guided_grammar",
+                                                             "root ::= \"a\""),
+                                                     r.forced_tokens.ids.extend([5])),
+             "forced_tokens")):
+        refused_guide(api, name, setup, field)
 
 
 def check_include_stop(api, kvserve, addr):
@@ -2245,6 +2328,7 @@ def main():
             check_allowed_and_truncate(api, kvserve, srv.addr)
             check_guided_choice(api, kvserve, srv.addr)
             check_guided_regex_json(api, kvserve, srv.addr, work)
+            check_guided_grammar(api, kvserve, srv.addr, work)
             check_include_stop(api, kvserve, srv.addr)
             if "text" in refs:
                 check_tokenize(api, refs["text"])
