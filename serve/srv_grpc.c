@@ -5,17 +5,21 @@
  * Three threads (DESIGN.md, "Threads"):
  *   cq thread      sits in grpc_completion_queue_next and forwards every
  *                  (tag, ok) to the loop through a mutex queue + uv_async;
- *   loop thread    (libuv) owns every call: parses and validates requests,
- *                  submits to and cancels in the engine, writes responses;
+ *   loop thread    (libuv) owns every call: submits to and cancels in the
+ *                  engine, writes responses;
  *   engine thread  sched_thread_*: steps the scheduler; its wake callback
- *                  is a second uv_async that drains the token events.
+ *                  is a second uv_async that drains the token events;
+ * and libuv's thread pool, where a Generate is validated and tokenized and
+ * its guide compiled (a Tokenize tokenized), one call per job, so a long
+ * prompt does not stall every stream's tokens.
  *
  * Every call follows ../shared/docs/grpc-c-core.md: RECV_CLOSE_ON_SERVER in
  * a batch of its own, at most one SEND_MESSAGE in flight (tokens produced
  * meanwhile are coalesced into the next message, so a slow client costs
  * at most one message of buffering per stream beyond what the engine
  * produced), and a call is freed only once its close, send and status
- * batches are all back and the engine has finished its request.
+ * batches are all back, its pool job has returned and the engine has
+ * finished its request.
  */
 #include "srv_metrics.h"
 #include "srv_req.h"
@@ -88,6 +92,19 @@ typedef struct call {
     bool close_started, close_done, send_pending, status_pending, status_started, md_sent;
     struct call *prev, *next; /* the live Generate or Watch list */
 
+    /* Work off the loop, on libuv's thread pool: parsing a Generate
+     * (tokenizing a long prompt, compiling a guide) or a Tokenize, so the
+     * loop keeps streaming meanwhile.  While busy, only the pool touches
+     * req, tok_req, lim, g, tok_* and parse_*. */
+    uv_work_t work;
+    bool busy, abort_asked; /* abort_asked: an Abort came while busy */
+    srv_limits_t lim;
+    grpc_status_code parse_rc;
+    char parse_msg[256];
+    Kvserve__V1__TokenizeRequest *tok_req;
+    int32_t *tok_ids;
+    size_t tok_n;
+
     /* Generate */
     Kvserve__V1__GenerateRequest *req;
     srv_gen_req_t g;
@@ -156,7 +173,7 @@ typedef struct server {
 
     call_t **slots; /* engine id -> live Generate */
     uint32_t *slot_gen;
-    uint32_t n_slots, n_live;
+    uint32_t n_slots, n_live, n_busy;
     call_t *gens, *watches;
     uint64_t n_requests, seq;
     uint64_t msgs_sent, toks_sent, tok_lat_ns; /* GetLoad counters */
@@ -284,6 +301,9 @@ call_free(call_t *c)
     }
     if (c->req)
         kvserve__v1__generate_request__free_unpacked(c->req, NULL);
+    if (c->tok_req)
+        kvserve__v1__tokenize_request__free_unpacked(c->tok_req, NULL);
+    free(c->tok_ids);
     srv_gen_req_free(&c->g);
     for (uint32_t i = 0; i < c->n_out; i++) {
         free(c->out[i].toks);
@@ -307,7 +327,7 @@ call_free(call_t *c)
 static void
 maybe_free(call_t *c)
 {
-    if (!c->close_done || c->send_pending || c->status_pending || c->engine_live)
+    if (!c->close_done || c->send_pending || c->status_pending || c->engine_live || c->busy)
         return;
     call_free(c);
 }
@@ -801,6 +821,8 @@ gen_refuse(call_t *c, grpc_status_code code, const char *msg)
     send_status(c, code, msg);
 }
 
+static void offload(call_t *c);
+
 static void
 gen_new(call_t *c)
 {
@@ -822,18 +844,23 @@ gen_new(call_t *c)
         gen_refuse(c, GRPC_STATUS_INVALID_ARGUMENT, "cannot parse GenerateRequest");
         return;
     }
-    char msg[256];
-    srv_limits_t lim = S.lim;
-    lim.seed_fallback = (S.seq + 1) * 0x9e3779b97f4a7c15ull ^ kvs_now_ns();
-    grpc_status_code rc = srv_gen_parse(c->req, &lim, &c->g, msg, sizeof msg);
+    snprintf(c->rid, sizeof c->rid, "req-%llu", (unsigned long long)S.n_requests);
+    c->lim = S.lim;
+    c->lim.seed_fallback = (S.seq + 1) * 0x9e3779b97f4a7c15ull ^ kvs_now_ns();
+    offload(c);
+}
+
+/* The rest of a Generate, back on the loop once parsed. */
+static void
+gen_parsed(call_t *c)
+{
     if (c->g.request_id[0])
         memcpy(c->rid, c->g.request_id, sizeof c->rid);
-    else
-        snprintf(c->rid, sizeof c->rid, "req-%llu", (unsigned long long)S.n_requests);
-    if (rc != GRPC_STATUS_OK) {
-        gen_refuse(c, rc, msg);
+    if (c->parse_rc != GRPC_STATUS_OK) {
+        gen_refuse(c, c->parse_rc, c->parse_msg);
         return;
     }
+    char msg[256];
     for (call_t *o = S.gens; o; o = o->next) {
         if (o != c && o->id && strcmp(o->rid, c->rid) == 0) {
             gen_refuse(c, GRPC_STATUS_ALREADY_EXISTS,
@@ -881,6 +908,10 @@ gen_new(call_t *c)
     S.n_live++;
     c->engine_live = true;
     c->n_running = c->n_out;
+    if (c->abort_asked) {
+        KVS_INFOF("request %s: abort requested", c->rid);
+        sched_cancel(S.sched, c->id);
+    }
 }
 
 static call_t *
@@ -1104,32 +1135,83 @@ health_new(call_t *c)
 static void
 tokenize_new(call_t *c)
 {
-    Kvserve__V1__TokenizeRequest *q = (Kvserve__V1__TokenizeRequest *)parse_or_refuse(
+    c->tok_req = (Kvserve__V1__TokenizeRequest *)parse_or_refuse(
         c, &kvserve__v1__tokenize_request__descriptor);
-    if (q == NULL)
-        return;
-    char msg[160];
-    size_t n = 0;
-    int32_t *ids = NULL;
+    c->lim = S.lim;
+    if (c->tok_req)
+        offload(c);
+}
+
+/* A Tokenize's answer, back on the loop once its text is tokenized. */
+static void
+tokenize_done(call_t *c)
+{
+    size_t n = c->tok_n;
     uint32_t *out = NULL;
-    grpc_status_code st = srv_tokenize_parse(q, &S.lim, &ids, &n, msg, sizeof msg);
-    if (st == GRPC_STATUS_OK && (out = malloc((n ? n : 1) * sizeof *out)) == NULL) {
-        st = GRPC_STATUS_RESOURCE_EXHAUSTED;
-        snprintf(msg, sizeof msg, "out of memory");
+    if (c->parse_rc == GRPC_STATUS_OK && (out = malloc((n ? n : 1) * sizeof *out)) == NULL) {
+        c->parse_rc = GRPC_STATUS_RESOURCE_EXHAUSTED;
+        snprintf(c->parse_msg, sizeof c->parse_msg, "out of memory");
     }
-    if (st != GRPC_STATUS_OK) {
-        reply_unary(c, NULL, st, msg);
+    if (c->parse_rc != GRPC_STATUS_OK) {
+        reply_unary(c, NULL, c->parse_rc, c->parse_msg);
     } else {
         for (size_t i = 0; i < n; i++)
-            out[i] = (uint32_t)ids[i];
+            out[i] = (uint32_t)c->tok_ids[i];
         Kvserve__V1__TokenizeResponse r = KVSERVE__V1__TOKENIZE_RESPONSE__INIT;
         r.n_ids = n;
         r.ids = out;
         reply_unary(c, &r.base, GRPC_STATUS_OK, NULL);
     }
-    free(ids);
     free(out);
-    kvserve__v1__tokenize_request__free_unpacked(q, NULL);
+}
+
+static void
+work_run(uv_work_t *w)
+{
+    call_t *c = w->data;
+    if (c->method == M_GENERATE)
+        c->parse_rc = srv_gen_parse(c->req, &c->lim, &c->g, c->parse_msg, sizeof c->parse_msg);
+    else
+        c->parse_rc = srv_tokenize_parse(c->tok_req, &c->lim, &c->tok_ids, &c->tok_n, c->parse_msg,
+                                         sizeof c->parse_msg);
+}
+
+/* Back on the loop: a request that arrived before a drain began is still
+ * served, unless the client has gone or the server is closing. */
+static void
+work_done(uv_work_t *w, int status)
+{
+    call_t *c = w->data;
+    (void)status; /* nothing cancels the work */
+    c->busy = false;
+    S.n_busy--;
+    if (c->close_done)
+        ; /* the client has gone: nothing to answer */
+    else if (S.shutting_down && c->method == M_GENERATE)
+        gen_refuse(c, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
+    else if (S.shutting_down)
+        reply_unary(c, NULL, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
+    else if (c->method == M_GENERATE)
+        gen_parsed(c);
+    else
+        tokenize_done(c);
+    maybe_free(c);
+    maybe_finish_shutdown();
+}
+
+static void
+offload(call_t *c)
+{
+    c->work.data = c;
+    int e = uv_queue_work(S.loop, &c->work, work_run, work_done);
+    if (e && c->method == M_GENERATE) {
+        gen_refuse(c, GRPC_STATUS_INTERNAL, uv_strerror(e));
+    } else if (e) {
+        reply_unary(c, NULL, GRPC_STATUS_INTERNAL, uv_strerror(e));
+    } else {
+        c->busy = true;
+        S.n_busy++;
+    }
 }
 
 static void
@@ -1233,6 +1315,12 @@ abort_new(call_t *c)
             sched_cancel(S.sched, g->id);
             r.found = true;
             KVS_INFOF("request %s: abort requested", g->rid);
+            break;
+        }
+        /* Not yet parsed: the message is only read on the other side. */
+        if (g->busy && g->req->request_id && strcmp(g->req->request_id, id) == 0) {
+            g->abort_asked = true;
+            r.found = true;
             break;
         }
     }
@@ -1414,7 +1502,7 @@ begin_shutdown(void)
 static void
 maybe_finish_shutdown(void)
 {
-    if (S.draining && !S.shutting_down && S.n_live == 0)
+    if (S.draining && !S.shutting_down && S.n_live == 0 && S.n_busy == 0)
         begin_shutdown();
 }
 
