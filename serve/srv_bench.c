@@ -33,6 +33,8 @@ static const char bench_usage[] =
     "                     [--spec-chunk N] [--kv-policy full|sink-eviction|snapkv|h2o]\n"
     "                     [--kv-budget N] [--kv-evict-sinks N] [--snapkv-window N]\n"
     "                     [--h2o-recent N]\n"
+    "                     [--guided-regex RE | --guided-json SCHEMA|@FILE |\n"
+    "                      --guided-grammar GBNF|@FILE]\n"
     "                     [--api-key-file F] [--tls-ca F] [--tls-server-name NAME]\n"
     "                     [--json FILE] [--plot FILE.svg] [--no-progress]\n"
     "Greedy, ignore_eos, max_tokens = the output length; random prompt token ids.\n"
@@ -44,6 +46,7 @@ static const char bench_usage[] =
     "uniform 0..MS ms, or get a uniform MS/10..MS ms deadline; CANCELLED and\n"
     "DEADLINE_EXCEEDED are then intended.  --n: each request asks N outputs of its prompt\n"
     "(sampling.n); output tokens count every output, TPOT and ITL are per output.\n"
+    "--guided-*: every request's output follows it (and may end before the output length).\n"
     "Exit 0 when nothing else failed.\n";
 
 /* An open loop never waits for completions; past this many calls in
@@ -128,6 +131,9 @@ enum {
     O_DEADLINE,
     O_DEADLINEMS,
     O_NOUT,
+    O_GREGEX,
+    O_GJSON,
+    O_GGRAMMAR,
     O_HELP,
 };
 
@@ -239,6 +245,9 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
         {"deadline-fraction", 1, 0, O_DEADLINE},
         {"deadline-ms", 1, 0, O_DEADLINEMS},
         {"n", 1, 0, O_NOUT},
+        {"guided-regex", 1, 0, O_GREGEX},
+        {"guided-json", 1, 0, O_GJSON},
+        {"guided-grammar", 1, 0, O_GGRAMMAR},
         {"help", 0, 0, O_HELP},
         SRV_ATTN_LONGOPTS,
         SRV_PREFILL_LONGOPTS,
@@ -351,6 +360,17 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
         case O_NOUT:
             rc = srv_parse_u32(C, "--n", optarg, 1, SCHED_MAX_N, &o->n_outputs);
             break;
+        case O_GREGEX:
+            o->guided_regex = optarg;
+            break;
+        case O_GJSON:
+            free(o->guided_json);
+            rc = srv_parse_text_arg(C, "--guided-json", optarg, &o->guided_json);
+            break;
+        case O_GGRAMMAR:
+            free(o->guided_grammar);
+            rc = srv_parse_text_arg(C, "--guided-grammar", optarg, &o->guided_grammar);
+            break;
         default:
             /* Pool and prefill-shape flags of the server have no field in
              * a request: name them rather than drop them. */
@@ -390,6 +410,8 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
         why = "--deadline-ms needs --deadline-fraction";
     else if (o->n_outputs > 1 && o->turns > 1)
         why = "--n and --multi-turn exclude each other (which output would the next turn take?)";
+    else if ((o->guided_regex != NULL) + (o->guided_json != NULL) + (o->guided_grammar != NULL) > 1)
+        why = "--guided-regex, --guided-json and --guided-grammar: one at most";
     if (why) {
         fprintf(stderr, "kvserve bench: %s\n%s", why, bench_usage);
         return KVS_EINVAL;
@@ -669,6 +691,9 @@ req_launch(bench_t *b, uint32_t k)
     sp.has_ignore_eos = sp.ignore_eos = 1;
     sp.has_n = o->n_outputs > 1;
     sp.n = o->n_outputs;
+    sp.guided_regex = (char *)o->guided_regex;
+    sp.guided_json = o->guided_json;
+    sp.guided_grammar = o->guided_grammar;
     req.sampling = &sp;
     r->n_outs = o->n_outputs;
     if (r->n_outs > 1 && r->t_out == NULL &&
@@ -896,10 +921,10 @@ srv_cmd_bench(int argc, char **argv)
     bench_t b;
     memset(&b, 0, sizeof b);
     int rc = bench_parse(argc, argv, &b.o);
-    if (rc)
-        return rc == 1 ? 0 : 2;
     char *ca = NULL, *bearer = NULL;
-    int status = 2;
+    int status = rc == 1 ? 0 : 2;
+    if (rc)
+        goto out;
     if (srv_client_creds("bench", b.o.conn.tls_ca, b.o.api_key_file, &ca, &bearer))
         goto out;
     if (bearer) {
@@ -952,5 +977,7 @@ srv_cmd_bench(int argc, char **argv)
 out:
     free(ca);
     free(bearer);
+    free(b.o.guided_json);
+    free(b.o.guided_grammar);
     return status;
 }

@@ -139,6 +139,11 @@ print_summary(const bench_t *b, const summary_t *s)
     if (o->n_outputs > 1)
         printf("%-32s %u (sampling.n; TPOT and ITL per output)\n",
                "Outputs per request:", o->n_outputs);
+    if (o->guided_regex || o->guided_json || o->guided_grammar)
+        printf("%-32s %s\n", "Guided decoding:",
+               o->guided_regex  ? "guided_regex"
+               : o->guided_json ? "guided_json"
+                                : "guided_grammar");
     if (s->started < o->n_req)
         printf("%-32s %u of %u (--duration %gs)\n", "Started requests:", s->started, o->n_req,
                o->duration_s);
@@ -203,9 +208,17 @@ json_policy(FILE *f, const bench_opts_t *o)
                 o->prefill.keep_ratio);
         sep = ", ";
     }
-    if (o->has_kv)
+    if (o->has_kv) {
         fprintf(f, "%s\"kv_policy\": \"%s\", \"kv_budget\": %u", sep,
                 srv_kv_policy_name(o->kv_kind), o->kv.budget_tokens);
+        sep = ", ";
+    }
+    const char *guided = o->guided_regex     ? "regex"
+                         : o->guided_json    ? "json"
+                         : o->guided_grammar ? "grammar"
+                                             : NULL;
+    if (guided)
+        fprintf(f, "%s\"guided\": \"%s\"", sep, guided);
     fprintf(f, "}");
 }
 

@@ -1324,6 +1324,20 @@ def check_bench(kvserve, addr, work):
         report(name, not bad, "; ".join(bad[:4]) or "%.1f req/s, %.0f tok/s, TTFT p50 %.1f ms" % (
             s["request_throughput"], s["output_throughput"], s["ttft_ms"]["p50"]))
     check_bench_modes(kvserve, addr, work)
+    # Structured output under load: every request guided by a grammar; each
+    # output ends when the grammar's sentence does, within the length.
+    path = os.path.join(work, "bench.gbnf")
+    with open(path, "w") as f:
+        f.write(LIST_GBNF)
+    rc, out, doc = run_bench_json(kvserve, addr, work, "guided", [
+        "--num-requests", "8", "--concurrency", "4", "--input-len", "32", "--output-len", "24",
+        "--guided-grammar", "@" + path])
+    reqs = doc["requests"] if doc else []
+    ok = (rc == 0 and doc is not None and doc["config"]["policy"].get("guided") == "grammar"
+          and doc["summary"]["completed"] == 8 and "guided_grammar" in out
+          and all(r["status_name"] == "OK" and 1 <= r["output_tokens"] <= 24 for r in reqs))
+    report("10 bench --guided-grammar: 8 guided requests complete", ok,
+           "exit %d: %s" % (rc, (json.dumps(doc["summary"]) if doc else out[-300:])))
     r = subprocess.run([kvserve, "bench", "--addr", addr, "--num-requests", "0"],
                        capture_output=True, text=True, timeout=30)
     report("10 bench: a bad flag exits 2 naming it", r.returncode == 2 and "--num-requests"
