@@ -118,6 +118,26 @@ char *srv_read_file(const char *path, size_t *len);
  * / KVS_ENOMEM after a message naming flag. */
 int srv_parse_text_arg(const char *cmd, const char *flag, const char *s, char **out);
 
+/* The structured-output flags of run, generate and bench.  Put
+ * SRV_GUIDED_LONGOPTS in the getopt_long table; srv_guided_opt takes one
+ * (1: not one of them), srv_guided_check them together (with n_other
+ * other guides given, e.g. --guided-choice), srv_guided_free the texts. */
+typedef struct srv_guided_opts {
+    const char *regex, *ws; /* into argv */
+    char *json, *grammar;   /* the texts, malloc'd */
+} srv_guided_opts_t;
+enum { SRV_O_GREGEX = 1300, SRV_O_GJSON, SRV_O_GWS, SRV_O_GGRAMMAR };
+/* clang-format off */
+#define SRV_GUIDED_LONGOPTS                                            \
+    {"guided-regex", 1, 0, SRV_O_GREGEX},                              \
+    {"guided-json", 1, 0, SRV_O_GJSON},                                \
+    {"guided-whitespace-pattern", 1, 0, SRV_O_GWS},                    \
+    {"guided-grammar", 1, 0, SRV_O_GGRAMMAR}
+/* clang-format on */
+int srv_guided_opt(const char *cmd, int opt, const char *arg, srv_guided_opts_t *g);
+int srv_guided_check(const char *cmd, const srv_guided_opts_t *g, uint32_t n_other);
+void srv_guided_free(srv_guided_opts_t *g);
+
 /* A growable string: put appends (keeping a NUL after the text); a failed
  * allocation sets oom and later puts do nothing.  Free p when done. */
 typedef struct srv_buf {

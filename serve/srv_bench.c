@@ -33,8 +33,8 @@ static const char bench_usage[] =
     "                     [--spec-chunk N] [--kv-policy full|sink-eviction|snapkv|h2o]\n"
     "                     [--kv-budget N] [--kv-evict-sinks N] [--snapkv-window N]\n"
     "                     [--h2o-recent N]\n"
-    "                     [--guided-regex RE | --guided-json SCHEMA|@FILE |\n"
-    "                      --guided-grammar GBNF|@FILE]\n"
+    "                     [--guided-regex RE | --guided-json SCHEMA|@FILE\n"
+    "                      [--guided-whitespace-pattern RE] | --guided-grammar GBNF|@FILE]\n"
     "                     [--api-key-file F] [--tls-ca F] [--tls-server-name NAME]\n"
     "                     [--json FILE] [--plot FILE.svg] [--no-progress]\n"
     "Greedy, ignore_eos, max_tokens = the output length; random prompt token ids.\n"
@@ -131,9 +131,6 @@ enum {
     O_DEADLINE,
     O_DEADLINEMS,
     O_NOUT,
-    O_GREGEX,
-    O_GJSON,
-    O_GGRAMMAR,
     O_HELP,
 };
 
@@ -245,9 +242,7 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
         {"deadline-fraction", 1, 0, O_DEADLINE},
         {"deadline-ms", 1, 0, O_DEADLINEMS},
         {"n", 1, 0, O_NOUT},
-        {"guided-regex", 1, 0, O_GREGEX},
-        {"guided-json", 1, 0, O_GJSON},
-        {"guided-grammar", 1, 0, O_GGRAMMAR},
+        SRV_GUIDED_LONGOPTS,
         {"help", 0, 0, O_HELP},
         SRV_ATTN_LONGOPTS,
         SRV_PREFILL_LONGOPTS,
@@ -360,16 +355,11 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
         case O_NOUT:
             rc = srv_parse_u32(C, "--n", optarg, 1, SCHED_MAX_N, &o->n_outputs);
             break;
-        case O_GREGEX:
-            o->guided_regex = optarg;
-            break;
-        case O_GJSON:
-            free(o->guided_json);
-            rc = srv_parse_text_arg(C, "--guided-json", optarg, &o->guided_json);
-            break;
-        case O_GGRAMMAR:
-            free(o->guided_grammar);
-            rc = srv_parse_text_arg(C, "--guided-grammar", optarg, &o->guided_grammar);
+        case SRV_O_GREGEX:
+        case SRV_O_GJSON:
+        case SRV_O_GWS:
+        case SRV_O_GGRAMMAR:
+            rc = srv_guided_opt(C, c, optarg, &o->guided);
             break;
         default:
             /* Pool and prefill-shape flags of the server have no field in
@@ -410,10 +400,12 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
         why = "--deadline-ms needs --deadline-fraction";
     else if (o->n_outputs > 1 && o->turns > 1)
         why = "--n and --multi-turn exclude each other (which output would the next turn take?)";
-    else if ((o->guided_regex != NULL) + (o->guided_json != NULL) + (o->guided_grammar != NULL) > 1)
-        why = "--guided-regex, --guided-json and --guided-grammar: one at most";
     if (why) {
         fprintf(stderr, "kvserve bench: %s\n%s", why, bench_usage);
+        return KVS_EINVAL;
+    }
+    if (srv_guided_check(C, &o->guided, 0)) {
+        fputs(bench_usage, stderr);
         return KVS_EINVAL;
     }
     bench_policy_fill(o, &ap, &sp, &kv);
@@ -691,9 +683,10 @@ req_launch(bench_t *b, uint32_t k)
     sp.has_ignore_eos = sp.ignore_eos = 1;
     sp.has_n = o->n_outputs > 1;
     sp.n = o->n_outputs;
-    sp.guided_regex = (char *)o->guided_regex;
-    sp.guided_json = o->guided_json;
-    sp.guided_grammar = o->guided_grammar;
+    sp.guided_regex = (char *)o->guided.regex;
+    sp.guided_json = o->guided.json;
+    sp.guided_whitespace_pattern = (char *)o->guided.ws;
+    sp.guided_grammar = o->guided.grammar;
     req.sampling = &sp;
     r->n_outs = o->n_outputs;
     if (r->n_outs > 1 && r->t_out == NULL &&
@@ -977,7 +970,6 @@ srv_cmd_bench(int argc, char **argv)
 out:
     free(ca);
     free(bearer);
-    free(b.o.guided_json);
-    free(b.o.guided_grammar);
+    srv_guided_free(&b.o.guided);
     return status;
 }

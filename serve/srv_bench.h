@@ -36,10 +36,7 @@ typedef struct bench_opts {
     bool has_attn, has_prefill, has_kv;
     model_attn_kind_t attn_kind; /* the same kinds, for the report's names */
     sched_kv_kind_t kv_kind;
-    /* Structured output on every request: one of these (the last two the
-     * text of --guided-json / --guided-grammar, malloc'd). */
-    const char *guided_regex;
-    char *guided_json, *guided_grammar;
+    srv_guided_opts_t guided; /* structured output on every request */
 } bench_opts_t;
 
 enum { K_START, K_STATUS, K_RECV };

@@ -139,10 +139,10 @@ print_summary(const bench_t *b, const summary_t *s)
     if (o->n_outputs > 1)
         printf("%-32s %u (sampling.n; TPOT and ITL per output)\n",
                "Outputs per request:", o->n_outputs);
-    if (o->guided_regex || o->guided_json || o->guided_grammar)
+    if (o->guided.regex || o->guided.json || o->guided.grammar)
         printf("%-32s %s\n", "Guided decoding:",
-               o->guided_regex  ? "guided_regex"
-               : o->guided_json ? "guided_json"
+               o->guided.regex  ? "guided_regex"
+               : o->guided.json ? "guided_json"
                                 : "guided_grammar");
     if (s->started < o->n_req)
         printf("%-32s %u of %u (--duration %gs)\n", "Started requests:", s->started, o->n_req,
@@ -213,9 +213,9 @@ json_policy(FILE *f, const bench_opts_t *o)
                 srv_kv_policy_name(o->kv_kind), o->kv.budget_tokens);
         sep = ", ";
     }
-    const char *guided = o->guided_regex     ? "regex"
-                         : o->guided_json    ? "json"
-                         : o->guided_grammar ? "grammar"
+    const char *guided = o->guided.regex     ? "regex"
+                         : o->guided.json    ? "json"
+                         : o->guided.grammar ? "grammar"
                                              : NULL;
     if (guided)
         fprintf(f, "%s\"guided\": \"%s\"", sep, guided);

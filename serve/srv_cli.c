@@ -637,6 +637,49 @@ srv_parse_text_arg(const char *cmd, const char *flag, const char *s, char **out)
     return KVS_EINVAL;
 }
 
+int
+srv_guided_opt(const char *cmd, int opt, const char *arg, srv_guided_opts_t *g)
+{
+    switch (opt) {
+    case SRV_O_GREGEX:
+        g->regex = arg;
+        return 0;
+    case SRV_O_GWS:
+        g->ws = arg;
+        return 0;
+    case SRV_O_GJSON:
+        free(g->json);
+        return srv_parse_text_arg(cmd, "--guided-json", arg, &g->json);
+    case SRV_O_GGRAMMAR:
+        free(g->grammar);
+        return srv_parse_text_arg(cmd, "--guided-grammar", arg, &g->grammar);
+    default:
+        return 1;
+    }
+}
+
+int
+srv_guided_check(const char *cmd, const srv_guided_opts_t *g, uint32_t n_other)
+{
+    const char *why = NULL;
+    if (n_other + (g->regex != NULL) + (g->json != NULL) + (g->grammar != NULL) > 1)
+        why = "--guided-choice, --guided-regex, --guided-json and --guided-grammar: one at most";
+    else if (g->ws && !g->json)
+        why = "--guided-whitespace-pattern: only with --guided-json";
+    if (why == NULL)
+        return 0;
+    fprintf(stderr, "kvserve %s: %s\n", cmd, why);
+    return KVS_EINVAL;
+}
+
+void
+srv_guided_free(srv_guided_opts_t *g)
+{
+    free(g->json);
+    free(g->grammar);
+    g->json = g->grammar = NULL;
+}
+
 /* Room for n more bytes and the NUL after them; false (oom set) when
  * memory runs out or ran out before. */
 static bool

@@ -347,8 +347,7 @@ typedef struct gen_opts {
     bool sampling, has_priority, json, has_truncate;
     int32_t priority;
     uint32_t truncate;
-    char *schema;  /* --guided-json's text */
-    char *grammar; /* --guided-grammar's */
+    srv_guided_opts_t guided;
 } gen_opts_t;
 
 static void
@@ -360,8 +359,7 @@ gen_opts_free(gen_opts_t *o)
     free(o->allowed_ids);
     free(o->sp.stop);
     free(o->sp.guided_choice);
-    free(o->schema);
-    free(o->grammar);
+    srv_guided_free(&o->guided);
     free(o->bias_ids);
     free(o->bias);
     free(o->lb);
@@ -394,10 +392,7 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
         {"prompt-logprobs", 1, 0, 'G'},
         {"allowed-token-ids", 1, 0, 'A'},
         {"guided-choice", 1, 0, 'H'},
-        {"guided-regex", 1, 0, 'g'},
-        {"guided-json", 1, 0, 'J'},
-        {"guided-whitespace-pattern", 1, 0, 'W'},
-        {"guided-grammar", 1, 0, 'Y'},
+        SRV_GUIDED_LONGOPTS,
         {"include-stop-str-in-output", 0, 0, 'I'},
         {"truncate-prompt-tokens", 1, 0, 'U'},
         {"repetition-penalty", 1, 0, 'R'},
@@ -512,21 +507,15 @@ gen_parse(int argc, char **argv, gen_opts_t *o)
             case 'H':
                 p->guided_choice[p->n_guided_choice++] = optarg;
                 break;
-            case 'g':
-                p->guided_regex = optarg;
-                break;
-            case 'J':
-                free(o->schema);
-                rc = srv_parse_text_arg(C, "--guided-json", optarg, &o->schema);
-                p->guided_json = o->schema;
-                break;
-            case 'Y':
-                free(o->grammar);
-                rc = srv_parse_text_arg(C, "--guided-grammar", optarg, &o->grammar);
-                p->guided_grammar = o->grammar;
-                break;
-            case 'W':
-                p->guided_whitespace_pattern = optarg;
+            case SRV_O_GREGEX:
+            case SRV_O_GJSON:
+            case SRV_O_GWS:
+            case SRV_O_GGRAMMAR:
+                rc = srv_guided_opt(C, c, optarg, &o->guided);
+                p->guided_regex = (char *)o->guided.regex;
+                p->guided_json = o->guided.json;
+                p->guided_whitespace_pattern = (char *)o->guided.ws;
+                p->guided_grammar = o->guided.grammar;
                 break;
             case 'I':
                 p->has_include_stop_str_in_output = p->include_stop_str_in_output = 1;

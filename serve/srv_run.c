@@ -35,9 +35,7 @@ typedef struct run_opts {
     srv_kv_opts_t kv;
     model_sampling_t sampling; /* its bias arrays malloc'd here */
     bool seed_set, ignore_eos, json, cuda_graphs;
-    const char *guided_regex, *guided_ws;
-    char *guided_json;    /* malloc'd */
-    char *guided_grammar; /* malloc'd */
+    srv_guided_opts_t guided;
     const char **choices; /* --guided-choice, into argv (malloc'd array) */
     uint32_t n_choices;
 } run_opts_t;
@@ -82,10 +80,6 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         O_PRES,
         O_FREQ,
         O_BIAS,
-        O_GREGEX,
-        O_GJSON,
-        O_GWS,
-        O_GGRAMMAR,
         O_GCHOICE,
         O_SEED,
         O_IGNEOS,
@@ -112,10 +106,7 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         {"presence-penalty", 1, 0, O_PRES},
         {"frequency-penalty", 1, 0, O_FREQ},
         {"logit-bias", 1, 0, O_BIAS},
-        {"guided-regex", 1, 0, O_GREGEX},
-        {"guided-json", 1, 0, O_GJSON},
-        {"guided-whitespace-pattern", 1, 0, O_GWS},
-        {"guided-grammar", 1, 0, O_GGRAMMAR},
+        SRV_GUIDED_LONGOPTS,
         {"guided-choice", 1, 0, O_GCHOICE},
         {"seed", 1, 0, O_SEED},
         {"ignore-eos", 0, 0, O_IGNEOS},
@@ -185,19 +176,11 @@ parse_opts(int argc, char **argv, run_opts_t *o)
             rc = srv_parse_f32(C, "--frequency-penalty", optarg, -MODEL_PENALTY_MAX,
                                MODEL_PENALTY_MAX, &o->sampling.frequency_penalty);
             break;
-        case O_GREGEX:
-            o->guided_regex = optarg;
-            break;
-        case O_GJSON:
-            free(o->guided_json);
-            rc = srv_parse_text_arg(C, "--guided-json", optarg, &o->guided_json);
-            break;
-        case O_GGRAMMAR:
-            free(o->guided_grammar);
-            rc = srv_parse_text_arg(C, "--guided-grammar", optarg, &o->guided_grammar);
-            break;
-        case O_GWS:
-            o->guided_ws = optarg;
+        case SRV_O_GREGEX:
+        case SRV_O_GJSON:
+        case SRV_O_GWS:
+        case SRV_O_GGRAMMAR:
+            rc = srv_guided_opt(C, c, optarg, &o->guided);
             break;
         case O_GCHOICE:
             /* argc slots always suffice. */
@@ -300,8 +283,7 @@ typedef struct run_state {
     npy_t npy;
     int32_t *bias_ids; /* --logit-bias's arrays */
     float *bias;
-    char *schema;  /* --guided-json */
-    char *grammar; /* --guided-grammar */
+    srv_guided_opts_t guided; /* the flags' texts */
     model_guide_t *guide;
     const char **choices;
 } run_state_t;
@@ -317,8 +299,7 @@ run_state_free(run_state_t *s)
     free(s->text.p);
     free(s->bias_ids);
     free(s->bias);
-    free(s->schema);
-    free(s->grammar);
+    srv_guided_free(&s->guided);
     model_guide_free(s->guide);
     free(s->choices);
     if (s->npy.f)
@@ -342,8 +323,7 @@ srv_cmd_run(int argc, char **argv)
     int rc = parse_opts(argc, argv, &o);
     s.bias_ids = (int32_t *)o.sampling.bias_ids;
     s.bias = (float *)o.sampling.bias;
-    s.schema = o.guided_json;
-    s.grammar = o.guided_grammar;
+    s.guided = o.guided;
     s.choices = o.choices;
     if (rc == 0 && o.model == NULL && (o.model = srv_default_model()) == NULL) {
         fprintf(stderr, "kvserve run: no --model given and no bundled model found "
@@ -376,22 +356,15 @@ srv_cmd_run(int argc, char **argv)
             goto out;
         }
     }
-    if ((o.n_choices > 0) + (o.guided_regex != NULL) + (o.guided_json != NULL) +
-                (o.guided_grammar != NULL) >
-            1 ||
-        (o.guided_ws && !o.guided_json)) {
-        fprintf(stderr, "kvserve run: %s\n",
-                o.guided_ws && !o.guided_json
-                    ? "--guided-whitespace-pattern: only with --guided-json"
-                    : "--guided-choice, --guided-regex, --guided-json and --guided-grammar: one "
-                      "at most");
+    const srv_guided_opts_t *gd = &o.guided;
+    if (srv_guided_check("run", gd, o.n_choices > 0)) {
         status = 2;
         goto out;
     }
-    if (o.guided_regex || o.guided_json || o.guided_grammar) {
+    if (gd->regex || gd->json || gd->grammar) {
         const char *field;
-        rc = srv_guide_new(s.m, o.guided_grammar, o.guided_regex, o.guided_json, o.guided_ws,
-                           &s.guide, &field, err, sizeof err);
+        rc = srv_guide_new(s.m, gd->grammar, gd->regex, gd->json, gd->ws, &s.guide, &field, err,
+                           sizeof err);
         if (rc) {
             char flag[32]; /* the field's flag: guided_json -> guided-json */
             snprintf(flag, sizeof flag, "%s", field);
