@@ -2557,13 +2557,29 @@ lazy_ok(model_guide_t *g)
     return z->rc == 0;
 }
 
+const uint64_t *
+model_guide_allowed(model_guide_t *g, uint32_t *n_allowed, int *rc)
+{
+    const uint64_t *bits = lazy_ok(g) ? mask_bits(g, g->cur) : NULL;
+    if (bits != NULL && g->d->lz && g->d->lz->rc)
+        bits = NULL; /* a cap passed while making it */
+    *n_allowed = 0;
+    if (bits == NULL) {
+        *rc = g->d->lz && g->d->lz->rc ? g->d->lz->rc : KVS_ENOMEM;
+        return NULL;
+    }
+    for (uint32_t w = 0; w < g->words; w++)
+        *n_allowed += (uint32_t)__builtin_popcountll(bits[w]);
+    *rc = 0;
+    return bits;
+}
+
 uint32_t
 model_guide_mask(model_guide_t *g, const float *row, float *out)
 {
-    const uint64_t *bits = lazy_ok(g) ? mask_bits(g, g->cur) : NULL;
-    uint32_t nv = g->d->m->hp.n_vocab, allowed = 0;
-    if (bits != NULL && g->d->lz && g->d->lz->rc)
-        bits = NULL; /* a cap passed while making it */
+    uint32_t nv = g->d->m->hp.n_vocab, allowed;
+    int rc;
+    const uint64_t *bits = model_guide_allowed(g, &allowed, &rc);
     if (bits == NULL) {
         /* Out of memory or a grammar's cap: nothing to draw, which fails
          * the request. */
@@ -2575,7 +2591,6 @@ model_guide_mask(model_guide_t *g, const float *row, float *out)
     for (uint32_t w = 0; w * 64 < nv; w++) {
         uint32_t base = w * 64, n = nv - base < 64 ? nv - base : 64;
         uint64_t b = bits[w];
-        allowed += (uint32_t)__builtin_popcountll(b);
         if (b == 0) {
             for (uint32_t k = 0; k < n; k++)
                 out[base + k] = -INFINITY;

@@ -549,6 +549,11 @@ int model_sampler_accept(model_sampler_t *s, int32_t token);
  * its first use here or above: KVS_ENOMEM (negative) when that fails;
  * KVS_EINVAL when every logit is -inf (or NaN) after the allowed ids. */
 int32_t model_sampler_sample(model_sampler_t *s, const float *logits);
+/* The same draw with only the ids set in allow (a bitmask of n_vocab bits,
+ * as model_guide_allowed gives) in the running: the token is the one
+ * model_sampler_sample would draw from the row with every other id at
+ * -inf, at the cost of the ids kept rather than of the vocabulary. */
+int32_t model_sampler_sample_masked(model_sampler_t *s, const float *logits, const uint64_t *allow);
 /* The log-probability of `token` under one row of logits (their
  * log-softmax: the model's distribution, before temperature and the
  * truncating filters, as vLLM and OpenAI report it) into *lp, and the
@@ -624,6 +629,11 @@ bool model_guide_fullmatch(const model_guide_t *g, const char *s, size_t n);
  * match at -inf (end-of-generation tokens stay where the output is a whole
  * match); returns how many tokens stay (0: none can). */
 uint32_t model_guide_mask(model_guide_t *g, const float *row, float *out);
+/* The same tokens as a bitmask (bit id % 64 of word id / 64) for
+ * model_sampler_sample_masked, valid until g's next call; *n_allowed
+ * counts them.  NULL when out of memory or a grammar's guide is spent
+ * (the guide's error then in *rc, else KVS_ENOMEM). */
+const uint64_t *model_guide_allowed(model_guide_t *g, uint32_t *n_allowed, int *rc);
 /* Takes the next output token: 1 when the output is now a whole match
  * that nothing extends, or the token ends generation after a whole match
  * (the output is over), 0 to go on, KVS_EINVAL for a token the mask ruled

@@ -295,70 +295,186 @@ heap_sift_down(int32_t *h, uint32_t k, uint32_t i, const float *prob)
     }
 }
 
-/* Leaves the k best of ids 0..n-1 in idx[0..k) (unordered): a min-heap of
- * the best k seen so far, O(n log k). */
+/* Leaves the k best of the ids cand[0..n) (NULL: of 0..n-1) in idx[0..k)
+ * (unordered; cand may be idx): a min-heap of the best k seen so far,
+ * O(n log k).  The ranking is a total order (ties by id), so the k are the
+ * same whichever other ids are in. */
 static void
-select_top(int32_t *idx, uint32_t n, uint32_t k, const float *prob)
+select_top(int32_t *idx, const int32_t *cand, uint32_t n, uint32_t k, const float *prob)
 {
     for (uint32_t i = 0; i < k; i++)
-        idx[i] = (int32_t)i;
+        idx[i] = cand ? cand[i] : (int32_t)i;
     for (uint32_t i = k / 2; i-- > 0;)
         heap_sift_down(idx, k, i, prob);
     for (uint32_t i = k; i < n; i++) {
-        if (heap_less(prob, idx[0], (int32_t)i)) {
-            idx[0] = (int32_t)i;
+        int32_t id = cand ? cand[i] : (int32_t)i;
+        if (heap_less(prob, idx[0], id)) {
+            idx[0] = id;
             heap_sift_down(idx, k, 0, prob);
         }
     }
 }
 
-int32_t
-model_sampler_sample(model_sampler_t *s, const float *logits)
+/* Which of idx[0..m) top-p and min-p keep, left in idx[0..return):
+ * top-p's smallest most likely set holding top_p of the mass (ties by id,
+ * as one sort of them all would rank them), then min-p's floor.  Rather
+ * than sorting the whole vocabulary (20 ms at 102K tokens), the
+ * candidates go into buckets of 1/16 octave below the best by their
+ * float's exponent and top mantissa bits: every bucket above the one
+ * where the mass is reached is kept whole, in the order of idx, and only
+ * that one bucket is sorted.  The order depends on idx's order and on
+ * the ids' values only, so ids left out (a mask) or in at probability 0
+ * draw alike. */
+enum { N_BUCKETS = 1024 };
+
+static inline uint32_t
+bucket(float p, float inv_best)
+{
+    float q = p * inv_best;
+    if (!(q > 0.0f))
+        return N_BUCKETS - 1;
+    uint32_t u;
+    memcpy(&u, &q, sizeof u);
+    int e = (int)(u >> 23 & 0xFF) - 127;
+    if (e >= 0)
+        return 0;
+    int64_t b = (int64_t)(-e) * 16 - (int64_t)(u >> 19 & 15);
+    return b >= N_BUCKETS ? N_BUCKETS - 1 : (uint32_t)b;
+}
+
+static uint32_t
+nucleus(model_sampler_t *s, uint32_t m, double total, float best)
 {
     const model_sampling_t *c = &s->cfg;
-    uint32_t n = s->n_vocab;
+    double mass[N_BUCKETS] = {0};
+    float inv = 1.0f / best;
+    for (uint32_t i = 0; i < m; i++) {
+        float p = s->prob[s->idx[i]];
+        mass[bucket(p, inv)] += p;
+    }
+    uint32_t cut = N_BUCKETS; /* the bucket where top-p's mass is reached */
+    double need = c->top_p * total, acc = 0.0;
+    if (c->top_p < 1.0f)
+        for (cut = 0; cut < N_BUCKETS - 1 && acc + mass[cut] < need; cut++)
+            acc += mass[cut];
+    /* Buckets above the cut to the front, then the cut's, sorted. */
+    uint32_t front = 0, n_cut = 0;
+    for (uint32_t i = 0; i < m; i++)
+        if (bucket(s->prob[s->idx[i]], inv) < cut) {
+            int32_t x = s->idx[i];
+            s->idx[i] = s->idx[front];
+            s->idx[front++] = x;
+        }
+    uint32_t keep = front;
+    if (cut < N_BUCKETS) {
+        for (uint32_t i = front; i < m; i++)
+            if (bucket(s->prob[s->idx[i]], inv) == cut) {
+                int32_t x = s->idx[i];
+                s->idx[i] = s->idx[front + n_cut];
+                s->idx[front + n_cut++] = x;
+            }
+        qsort_r(s->idx + front, n_cut, sizeof *s->idx, cmp_desc, s->prob);
+        keep = front + n_cut;
+        for (uint32_t i = 0; i < n_cut; i++) {
+            acc += s->prob[s->idx[front + i]];
+            if (acc >= need) {
+                keep = front + i + 1;
+                break;
+            }
+        }
+    }
+    if (c->min_p > 0.0f) {
+        float floor_p = c->min_p * best;
+        uint32_t k = 0;
+        for (uint32_t i = 0; i < keep; i++)
+            if (s->prob[s->idx[i]] >= floor_p)
+                s->idx[k++] = s->idx[i];
+        keep = k;
+    }
+    return keep ? keep : 1;
+}
+
+/* The draw over every id, or over those set in allow only: the ids left
+ * out count as a logit of -inf would (a probability of 0), so both draw
+ * the same token from the same generator state, and the masked one
+ * touches only the ids it keeps. */
+static int32_t
+sample(model_sampler_t *s, const float *logits, const uint64_t *allow)
+{
+    const model_sampling_t *c = &s->cfg;
+    uint32_t n = s->n_vocab, m = 0;
     int rc = ensure(s);
     if (rc)
         return rc;
     logits = penalize(s, logits);
-    int32_t best = argmax(logits, n);
-    float mx = logits[best];
-    /* Every token ruled out (allowed ids, bans, a guided choice): no token
-     * to draw, which the caller must hear rather than get id 0. */
+    int32_t best = -1;
+    float mx = -INFINITY;
+    if (allow) {
+        for (uint32_t w = 0; w * 64 < n; w++)
+            for (uint64_t b = allow[w]; b; b &= b - 1) {
+                uint32_t i = w * 64 + (uint32_t)__builtin_ctzll(b);
+                if (i >= n)
+                    break;
+                if (s->idx) /* a greedy sampler has none, and needs none */
+                    s->idx[m++] = (int32_t)i;
+                if (logits[i] > mx) { /* the first of the largest; NaN never */
+                    mx = logits[i];
+                    best = (int32_t)i;
+                }
+            }
+    } else {
+        best = argmax(logits, n);
+        mx = logits[best];
+    }
+    /* Every token ruled out (allowed ids, bans, a guide): no token to
+     * draw, which the caller must hear rather than get id 0. */
     if (!(mx > -INFINITY))
         return KVS_EINVAL;
     if (c->temperature == 0.0f)
         return best;
 
     double sum = 0.0;
-    for (uint32_t i = 0; i < n; i++) {
-        float p = expf((logits[i] - mx) / c->temperature);
-        s->prob[i] = p;
-        s->idx[i] = (int32_t)i;
-        sum += p;
+    if (allow) {
+        for (uint32_t j = 0; j < m; j++) {
+            int32_t i = s->idx[j];
+            float p = expf((logits[i] - mx) / c->temperature);
+            s->prob[i] = p;
+            sum += p;
+        }
+    } else {
+        for (uint32_t i = 0; i < n; i++) {
+            float p = expf((logits[i] - mx) / c->temperature);
+            s->prob[i] = p;
+            s->idx[i] = (int32_t)i;
+            sum += p;
+        }
+        m = n;
     }
-    uint32_t m = n;
+    bool cut = false;
     if (c->top_k > 0 && (uint32_t)c->top_k < m) {
-        select_top(s->idx, m, (uint32_t)c->top_k, s->prob);
+        select_top(s->idx, s->idx, m, (uint32_t)c->top_k, s->prob);
         m = (uint32_t)c->top_k;
+        cut = true;
     }
-    if (c->top_p < 1.0f || c->min_p > 0.0f || m < n) {
+    /* A top-k the mask already met still sorts, as the whole row would. */
+    if (allow && c->top_k > 0 && (uint32_t)c->top_k < n)
+        cut = true;
+    if (cut) {
+        /* Top-k's few, in one order whatever else was in: the filters
+         * below walk them from the most likely. */
         qsort_r(s->idx, m, sizeof *s->idx, cmp_desc, s->prob);
         double total = 0.0;
         for (uint32_t i = 0; i < m; i++)
             total += s->prob[s->idx[i]];
-        sum = total;
         if (c->top_p < 1.0f) {
             double acc = 0.0;
-            uint32_t keep = m;
             for (uint32_t i = 0; i < m; i++) {
                 acc += s->prob[s->idx[i]];
                 if (acc >= c->top_p * total) {
-                    keep = i + 1;
+                    m = i + 1;
                     break;
                 }
             }
-            m = keep;
         }
         if (c->min_p > 0.0f) {
             float floor_p = c->min_p * s->prob[s->idx[0]];
@@ -367,6 +483,17 @@ model_sampler_sample(model_sampler_t *s, const float *logits)
                 keep++;
             m = keep;
         }
+    } else if (c->top_p < 1.0f || c->min_p > 0.0f) {
+        double total = 0.0;
+        float best = 0.0f;
+        for (uint32_t i = 0; i < m; i++) {
+            float p = s->prob[s->idx[i]];
+            total += p;
+            best = p > best ? p : best;
+        }
+        m = nucleus(s, m, total, best);
+    }
+    if (cut || c->top_p < 1.0f || c->min_p > 0.0f) {
         sum = 0.0;
         for (uint32_t i = 0; i < m; i++)
             sum += s->prob[s->idx[i]];
@@ -380,6 +507,18 @@ model_sampler_sample(model_sampler_t *s, const float *logits)
             return s->idx[i];
     }
     return s->idx[m - 1];
+}
+
+int32_t
+model_sampler_sample(model_sampler_t *s, const float *logits)
+{
+    return sample(s, logits, NULL);
+}
+
+int32_t
+model_sampler_sample_masked(model_sampler_t *s, const float *logits, const uint64_t *allow)
+{
+    return sample(s, logits, allow);
 }
 
 int
@@ -400,7 +539,7 @@ model_logprobs(const float *logits, uint32_t n_vocab, int32_t token, uint32_t n_
     double lse = (double)mx + log(sum);
     *lp = (float)((double)logits[token] - lse);
     if (n_top > 0) {
-        select_top(top_ids, n_vocab, n_top, logits);
+        select_top(top_ids, NULL, n_vocab, n_top, logits);
         qsort_r(top_ids, n_top, sizeof *top_ids, cmp_desc, (void *)logits);
         for (uint32_t k = 0; k < n_top; k++)
             top_lps[k] = (float)((double)logits[top_ids[k]] - lse);

@@ -562,6 +562,100 @@ test_penalties(void **state)
  * before the penalties, on the greedy and the tempered paths; copied, so
  * the caller's arrays may go; out-of-range ids and biases refused.  And
  * vLLM's allowed_token_ids, which the bias works within. */
+/* The masked draw is the draw over the row with the masked-out ids at
+ * -inf, token for token from the same seed, under every filter (greedy,
+ * temperature, top-k below and above what the mask keeps, top-p, min-p,
+ * penalties, bias, allowed ids) and masks from dense to one id; a mask
+ * with nothing set, or nothing finite, draws nothing. */
+static void
+test_sampler_masked(void **state)
+{
+    (void)state;
+    enum { NV = 1000, WORDS = (NV + 63) / 64, STEPS = 60 };
+    static float x[NV], masked[NV];
+    static uint64_t bits[WORDS];
+    int32_t bias_ids[2] = {7, 500}, allowed[6] = {3, 7, 64, 65, 500, 999};
+    float bias[2] = {2.0f, -1.5f};
+    const model_sampling_t cfgs[] = {
+        {.top_p = 1.0f},
+        {.temperature = 1.0f, .top_p = 1.0f, .seed = 1},
+        {.temperature = 0.7f, .top_k = 5, .top_p = 1.0f, .seed = 2},
+        {.temperature = 1.3f, .top_k = 400, .top_p = 1.0f, .seed = 3},
+        {.temperature = 1.0f, .top_p = 0.8f, .seed = 4},
+        {.temperature = 0.9f, .top_p = 1.0f, .min_p = 0.05f, .seed = 5},
+        {.temperature = 1.0f, .top_k = 40, .top_p = 0.9f, .min_p = 0.01f, .seed = 6},
+        {.temperature = 1.0f,
+         .top_p = 1.0f,
+         .seed = 7,
+         .repetition_penalty = 1.3f,
+         .presence_penalty = 0.5f,
+         .frequency_penalty = 0.4f,
+         .bias_ids = bias_ids,
+         .bias = bias,
+         .n_bias = 2},
+        {.temperature = 1.0f, .top_p = 1.0f, .seed = 8, .allowed = allowed, .n_allowed = 6},
+    };
+    uint64_t r = 12345;
+    uint32_t draws = 0, differ = 0;
+    for (size_t c = 0; c < sizeof cfgs / sizeof cfgs[0]; c++) {
+        for (int density = 0; density < 4; density++) {
+            model_sampler_t *a, *b;
+            assert_int_equal(model_sampler_new(&cfgs[c], NV, &a), 0);
+            assert_int_equal(model_sampler_new(&cfgs[c], NV, &b), 0);
+            int32_t prompt[3] = {7, 64, 900};
+            assert_int_equal(model_sampler_prompt(a, prompt, 3), 0);
+            assert_int_equal(model_sampler_prompt(b, prompt, 3), 0);
+            for (int step = 0; step < STEPS; step++) {
+                uint32_t n_set = 0;
+                for (uint32_t i = 0; i < NV; i++) {
+                    r = r * 6364136223846793005ull + 1442695040888963407ull;
+                    /* Ties on purpose: logits in tenths. */
+                    x[i] = (float)((r >> 33) % 80) * 0.1f - 4.0f;
+                    uint32_t keep = (uint32_t)(r >> 20) % 64;
+                    bool in = density == 0   ? keep < 60
+                              : density == 1 ? keep < 8
+                              : density == 2 ? keep == 0
+                                             : i == (uint32_t)(step * 37) % NV;
+                    if (in)
+                        bits[i >> 6] |= 1ull << (i & 63);
+                    else
+                        bits[i >> 6] &= ~(1ull << (i & 63));
+                    masked[i] = in ? x[i] : -INFINITY;
+                    n_set += in;
+                }
+                int32_t ta = model_sampler_sample_masked(a, x, bits);
+                int32_t tb = model_sampler_sample(b, masked);
+                if (ta != tb)
+                    fail_msg("config %zu, density %d, step %d: masked %d, row %d", c, density, step,
+                             ta, tb);
+                draws++;
+                if (ta >= 0) {
+                    assert_true(bits[ta >> 6] >> (ta & 63) & 1);
+                    assert_int_equal(model_sampler_accept(a, ta), 0);
+                    assert_int_equal(model_sampler_accept(b, tb), 0);
+                } else {
+                    differ++; /* nothing to draw: allowed ids outside the mask */
+                    assert_int_equal(ta, KVS_EINVAL);
+                }
+                (void)n_set;
+            }
+            model_sampler_free(a);
+            model_sampler_free(b);
+        }
+    }
+    assert_true(differ < draws / 4);
+    memset(bits, 0, sizeof bits);
+    model_sampler_t *a;
+    assert_int_equal(model_sampler_new(&cfgs[1], NV, &a), 0);
+    assert_int_equal(model_sampler_sample_masked(a, x, bits), KVS_EINVAL);
+    bits[0] = 1;
+    x[0] = -INFINITY;
+    assert_int_equal(model_sampler_sample_masked(a, x, bits), KVS_EINVAL);
+    x[0] = NAN;
+    assert_int_equal(model_sampler_sample_masked(a, x, bits), KVS_EINVAL);
+    model_sampler_free(a);
+}
+
 static void
 test_logit_bias(void **state)
 {
@@ -754,11 +848,11 @@ int
 main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_load_tiny),     cmocka_unit_test(test_tokenizer),
-        cmocka_unit_test(test_random_vocab),  cmocka_unit_test(test_bad_models),
-        cmocka_unit_test(test_sampler),       cmocka_unit_test(test_logprobs),
-        cmocka_unit_test(test_penalties),     cmocka_unit_test(test_logit_bias),
-        cmocka_unit_test(test_guided_choice),
+        cmocka_unit_test(test_load_tiny),    cmocka_unit_test(test_tokenizer),
+        cmocka_unit_test(test_random_vocab), cmocka_unit_test(test_bad_models),
+        cmocka_unit_test(test_sampler),      cmocka_unit_test(test_sampler_masked),
+        cmocka_unit_test(test_logprobs),     cmocka_unit_test(test_penalties),
+        cmocka_unit_test(test_logit_bias),   cmocka_unit_test(test_guided_choice),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
