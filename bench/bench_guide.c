@@ -19,7 +19,14 @@
  *             the model would emit it), a mask before each token;
  *   grammar   the same document under a GBNF grammar of any JSON (a
  *             pushdown automaton, its states found as the output goes);
- *   pcre2     the baseline, for `[a-z ]*` after the same output.
+ *   pcre2     the baseline, for `[a-z ]*` after the same output;
+ *   top-p     a draw at temperature 1, top-p 0.95 from a row shaped like
+ *             a model's: the sampler, against sorting every token by
+ *             probability and walking down to 95% (the baseline);
+ *   draw      a step's mask and draw at those settings along the schema's
+ *             document: the masked row then the sampler over the whole
+ *             vocabulary (the baseline), against the guide's bitmask and
+ *             the sampler over the tokens it keeps; the same tokens.
  *
  * Usage: bench_guide [--steps N (32)] [--vocab GGUF] [--json FILE (bench/out/guide.json)]
  */
@@ -28,6 +35,7 @@
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <errno.h>
 #include <getopt.h>
+#include <math.h>
 #include <pcre2.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -112,6 +120,102 @@ mask_steps(const model_t *m, const char *regex, const int32_t *toks, uint32_t st
     }
     model_guide_free(g);
     return sum / steps;
+}
+
+/* Mean ms of a step's mask and draw along doc, by the masked row
+ * (masked_row) or by the guide's bitmask; -1 when a guide refuses a
+ * token.  The drawn tokens' sum goes to *sum, for comparing the two. */
+static double
+draw_steps(const model_t *m, const char *schema, const int32_t *doc, size_t n_doc, const float *row,
+           float *out, bool masked_row, int64_t *sum)
+{
+    model_guide_t *g;
+    const char *field;
+    char err[256];
+    model_sampling_t cfg = {.temperature = 1.0f, .top_p = 0.95f, .seed = 11};
+    model_sampler_t *smp;
+    if (srv_guide_new(m, NULL, NULL, schema, NULL, &g, &field, err, sizeof err))
+        return -1;
+    if (model_sampler_new(&cfg, model_hparams(m)->n_vocab, &smp)) {
+        model_guide_free(g);
+        return -1;
+    }
+    double t = 0;
+    *sum = 0;
+    for (size_t k = 0; k < n_doc; k++) {
+        double t0 = now_ms();
+        int32_t tok;
+        if (masked_row) {
+            model_guide_mask(g, row, out);
+            tok = model_sampler_sample(smp, out);
+        } else {
+            uint32_t n;
+            int rc;
+            const uint64_t *bits = model_guide_allowed(g, &n, &rc);
+            tok = bits ? model_sampler_sample_masked(smp, row, bits) : rc;
+        }
+        t += now_ms() - t0;
+        *sum += tok;
+        if (model_guide_accept(g, doc[k]) < 0) {
+            t = -1;
+            break;
+        }
+    }
+    model_sampler_free(smp);
+    model_guide_free(g);
+    return t < 0 ? -1 : t / (double)n_doc;
+}
+
+static int
+by_prob_desc(const void *a, const void *b, void *arg)
+{
+    const float *p = arg;
+    int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
+    return p[i] != p[j] ? (p[i] > p[j] ? -1 : 1) : (i > j) - (i < j);
+}
+
+/* Mean ms of a top-p 0.95 draw by sorting every token (the baseline), or
+ * of model_sampler_sample at the same settings. */
+static double
+top_p_ms(const float *row, uint32_t nv, uint32_t reps, bool sampler)
+{
+    float *p = malloc(nv * sizeof *p);
+    int32_t *idx = malloc(nv * sizeof *idx);
+    model_sampling_t cfg = {.temperature = 1.0f, .top_p = 0.95f, .seed = 3};
+    model_sampler_t *smp = NULL;
+    double t = -1;
+    if (p && idx && model_sampler_new(&cfg, nv, &smp) == 0) {
+        int64_t sink = 0;
+        double t0 = now_ms();
+        for (uint32_t r = 0; r < reps; r++) {
+            if (sampler) {
+                sink += model_sampler_sample(smp, row);
+                continue;
+            }
+            float mx = row[0];
+            for (uint32_t i = 1; i < nv; i++)
+                mx = row[i] > mx ? row[i] : mx;
+            double sum = 0;
+            for (uint32_t i = 0; i < nv; i++) {
+                p[i] = expf(row[i] - mx);
+                idx[i] = (int32_t)i;
+                sum += p[i];
+            }
+            qsort_r(idx, nv, sizeof *idx, by_prob_desc, p);
+            double acc = 0, u = (double)(r + 1) / (reps + 1) * 0.95 * sum;
+            uint32_t k = 0;
+            while (k + 1 < nv && (acc += p[idx[k]]) < u)
+                k++;
+            sink += idx[k];
+        }
+        t = (now_ms() - t0) / reps;
+        if (sink == -1)
+            t = -1;
+    }
+    model_sampler_free(smp);
+    free(p);
+    free(idx);
+    return t;
 }
 
 /* Mean ms of a mask before each token of doc, as g takes it; -1 when g
@@ -246,6 +350,29 @@ main(int argc, char **argv)
     model_guide_free(g);
     if (gram < 0)
         goto out;
+    /* A row shaped like a model's for the draws: normal logits of spread 3
+     * (sums of uniforms), so the top tokens hold most of the mass. */
+    float *lrow = malloc(nv * sizeof *lrow);
+    if (lrow == NULL)
+        goto out;
+    uint64_t rs = 0x9E3779B97F4A7C15ull;
+    for (uint32_t i = 0; i < nv; i++) {
+        double u = 0;
+        for (int k = 0; k < 4; k++) {
+            rs = rs * 6364136223846793005ull + 1442695040888963407ull;
+            u += (double)(rs >> 11) / 9007199254740992.0;
+        }
+        lrow[i] = (float)((u - 2.0) * 3.0 * 1.7320508);
+    }
+    int64_t sum_row, sum_bits;
+    double d_row = draw_steps(m, user_schema, doc, n_doc, lrow, masked, true, &sum_row);
+    double d_bits = draw_steps(m, user_schema, doc, n_doc, lrow, masked, false, &sum_bits);
+    double tp_sort = top_p_ms(lrow, nv, 16, false), tp_ours = top_p_ms(lrow, nv, 16, true);
+    free(lrow);
+    if (d_row < 0 || d_bits < 0 || sum_row != sum_bits || tp_sort < 0 || tp_ours < 0) {
+        fprintf(stderr, "bench_guide: the two draws disagree\n");
+        goto out;
+    }
 
     /* Baseline: PCRE2 on every token after an output of `steps` words. */
     int e;
@@ -295,6 +422,12 @@ main(int argc, char **argv)
     printf("%-40s %10.3f %11.4fx\n", "json document (pydantic model)", js, js / pcre_ms);
     printf("%-40s %10.3f %11.4fx\n", "json document (GBNF grammar, any JSON)", gram,
            gram / pcre_ms);
+    printf("%-40s %10s %12s\n", "a top-p 0.95 draw", "ms", "vs sort");
+    printf("%-40s %10.3f %11.4fx\n", "sorting every token (base)", tp_sort, 1.0);
+    printf("%-40s %10.3f %11.4fx\n", "the sampler (buckets)", tp_ours, tp_ours / tp_sort);
+    printf("%-40s %10s %12s\n", "mask and draw per step (top-p 0.95)", "ms", "vs row");
+    printf("%-40s %10.3f %11.4fx\n", "masked row, sampler over all (base)", d_row, 1.0);
+    printf("%-40s %10.3f %11.4fx\n", "bitmask, sampler over the kept", d_bits, d_bits / d_row);
     printf("tokens allowed by [a-z ]*: %u (pcre2 %u)\n", ours, allowed);
     if (cold < 0 || cached < 0 || ours != allowed) {
         fprintf(stderr, "bench_guide: masks disagree with the baseline\n");
@@ -314,9 +447,12 @@ main(int argc, char **argv)
             "], \"grammar_compile_ms\": %.3f, \"grammar_states\": %u, \"mask_ms\": {\"pcre2\": "
             "%.4f, \"cold\": %.4f, \"cached\": %.4f, \"json\": %.4f, \"grammar\": %.4f}, "
             "\"ratio_vs_pcre2\": {\"cold\": %.5f, \"cached\": %.5f, \"json\": %.5f, "
-            "\"grammar\": %.5f}}\n",
+            "\"grammar\": %.5f}, \"top_p_ms\": {\"sort\": %.4f, \"sampler\": %.4f, "
+            "\"ratio\": %.5f}, \"draw_ms\": {\"masked_row\": %.4f, \"bitmask\": %.4f, "
+            "\"ratio\": %.5f}}\n",
             t_gram, gram_states, pcre_ms, cold, cached, js, gram, cold / pcre_ms, cached / pcre_ms,
-            js / pcre_ms, gram / pcre_ms);
+            js / pcre_ms, gram / pcre_ms, tp_sort, tp_ours, tp_ours / tp_sort, d_row, d_bits,
+            d_bits / d_row);
     fclose(f);
     printf("json: %s\n", json_path);
     status = 0;

@@ -141,7 +141,8 @@ struct sched {
     sched_batch_t *batch;
     float *logits;
     float ban_saved[MODEL_MAX_EOG + SCHED_MAX_MIN_BAN]; /* min_tokens' banned logits */
-    float *choice_row; /* [n_vocab] a guided request's masked row, made at first use */
+    float *choice_row;  /* [n_vocab] a guided choice's masked row, made at first use */
+    uint64_t *ban_bits; /* [n_vocab / 64] a guide's mask less min_tokens' bans, likewise */
     /* SnapKV's captured query rows of a step, grown as needed. */
     uint32_t *cap_first, *cap_count; /* [max_num_seqs] */
     float *cap_q;
@@ -796,10 +797,21 @@ plan(sched_t *s)
  * are -inf for the draw, then restored, so logprobs and the logits hook
  * see the model's row.  row is the engine's own logits buffer. */
 static int32_t
-sample_banned(sched_t *s, req_t *r, float *row)
+sample_banned(sched_t *s, req_t *r, float *row, const uint64_t *allow)
 {
     const int32_t *eog;
     uint32_t n_eog = model_vocab_eog(model_vocab(s->m), &eog), n = n_eog + r->n_min_ban;
+    if (allow) { /* a guide's mask: the bans are bits taken out of a copy */
+        size_t words = (s->n_vocab + 63) / 64;
+        if (s->ban_bits == NULL && (s->ban_bits = malloc(words * sizeof *s->ban_bits)) == NULL)
+            return KVS_ENOMEM;
+        memcpy(s->ban_bits, allow, words * sizeof *s->ban_bits);
+        for (uint32_t i = 0; i < n; i++) {
+            int32_t id = i < n_eog ? eog[i] : r->min_ban[i - n_eog];
+            s->ban_bits[id >> 6] &= ~(1ull << (id & 63));
+        }
+        return model_sampler_sample_masked(r->sampler, row, s->ban_bits);
+    }
     for (uint32_t i = 0; i < n; i++) {
         int32_t id = i < n_eog ? eog[i] : r->min_ban[i - n_eog];
         s->ban_saved[i] = row[id];
@@ -1254,21 +1266,26 @@ sample_row(sched_t *s, req_t *r, float *row, uint64_t now)
     int rc =
         r->n_tokens == r->n_prompt ? model_sampler_prompt(r->sampler, r->tokens, r->n_prompt) : 0;
     uint32_t k = r->n_tokens - r->n_prompt;
-    /* Guided decoding draws from a masked copy; logprobs stay the row's. */
+    /* Guided decoding draws from a masked copy (a choice) or through a
+     * bitmask (a guide: only the tokens it keeps are looked at); logprobs
+     * stay the row's.  Nothing left to draw comes back from the sampler
+     * as KVS_EINVAL. */
     float *draw = row;
-    if (rc == 0 && (r->choice || r->guide)) {
-        /* Nothing left to draw comes back from the sampler as KVS_EINVAL. */
+    const uint64_t *allow = NULL;
+    if (rc == 0 && r->choice) {
         if (s->choice_row == NULL && (s->choice_row = malloc(s->n_vocab * sizeof(float))) == NULL)
             rc = KVS_ENOMEM;
-        else if (r->choice)
-            model_choice_mask(r->choice, row, s->choice_row);
         else
-            model_guide_mask(r->guide, row, s->choice_row);
+            model_choice_mask(r->choice, row, s->choice_row);
         draw = s->choice_row;
+    } else if (rc == 0 && r->guide) {
+        uint32_t n_allowed;
+        allow = model_guide_allowed(r->guide, &n_allowed, &rc);
     }
     int32_t tok = rc                  ? rc
                   : k < r->n_forced   ? r->tokens[r->n_tokens]
-                  : k < r->min_tokens ? sample_banned(s, r, draw)
+                  : k < r->min_tokens ? sample_banned(s, r, draw, allow)
+                  : allow             ? model_sampler_sample_masked(r->sampler, row, allow)
                                       : model_sampler_sample(r->sampler, draw);
     rc = tok < 0 ? tok : model_sampler_accept(r->sampler, tok);
     int chosen = rc || k < r->n_forced ? 0
@@ -2105,6 +2122,7 @@ sched_free(sched_t *s)
     free(s->d_reqs);
     free(s->logits);
     free(s->choice_row);
+    free(s->ban_bits);
     free(s->sched_reqs);
     free(s->steps);
     free(s->step_ids);
