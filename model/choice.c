@@ -18,8 +18,9 @@ struct model_choice {
     uint32_t n;
     char **text; /* [n] copies */
     uint32_t *len;
-    uint64_t live; /* choices the output so far is a prefix of */
-    uint32_t done; /* bytes of output so far */
+    uint64_t live;  /* choices the output so far is a prefix of */
+    uint32_t done;  /* bytes of output so far */
+    uint64_t *bits; /* model_choice_allowed's mask, made at first use */
 };
 
 int
@@ -79,6 +80,7 @@ model_choice_free(model_choice_t *c)
         free(c->text[i]);
     free(c->text);
     free(c->len);
+    free(c->bits);
     free(c);
 }
 
@@ -101,10 +103,12 @@ complete(const model_choice_t *c)
     return false;
 }
 
-uint32_t
-model_choice_mask(const model_choice_t *c, const float *row, float *out)
+/* Calls keep(arg, id) for each token that continues the output along a
+ * live choice (and end-of-generation tokens where one is complete). */
+static void
+each_allowed(const model_choice_t *c, void (*keep)(void *arg, uint32_t id), void *arg)
 {
-    uint32_t nv = c->m->hp.n_vocab, allowed = 0;
+    uint32_t nv = c->m->hp.n_vocab;
     bool end = complete(c);
     /* The bytes a live choice goes on with: most tokens fail on their
      * first byte, before any choice is compared (64 choices x 128K
@@ -122,10 +126,60 @@ model_choice_mask(const model_choice_t *c, const float *row, float *out)
         bool maybe = pt->off[id + 1] > a && (next[pt->bytes[a] >> 6] >> (pt->bytes[a] & 63) & 1);
         for (uint32_t i = 0; !ok && maybe && i < c->n; i++)
             ok = (c->live >> i & 1) && continues(c, i, (int32_t)id);
-        out[id] = ok ? row[id] : -INFINITY;
-        allowed += ok;
+        if (ok)
+            keep(arg, id);
     }
-    return allowed;
+}
+
+typedef struct {
+    const float *row;
+    float *out;
+    uint32_t n;
+} row_keep_t;
+
+static void
+keep_in_row(void *arg, uint32_t id)
+{
+    row_keep_t *k = arg;
+    k->out[id] = k->row[id];
+    k->n++;
+}
+
+uint32_t
+model_choice_mask(const model_choice_t *c, const float *row, float *out)
+{
+    for (uint32_t id = 0; id < c->m->hp.n_vocab; id++)
+        out[id] = -INFINITY;
+    row_keep_t k = {row, out, 0};
+    each_allowed(c, keep_in_row, &k);
+    return k.n;
+}
+
+typedef struct {
+    uint64_t *bits;
+    uint32_t n;
+} bit_keep_t;
+
+static void
+keep_bit(void *arg, uint32_t id)
+{
+    bit_keep_t *k = arg;
+    k->bits[id >> 6] |= 1ull << (id & 63);
+    k->n++;
+}
+
+const uint64_t *
+model_choice_allowed(model_choice_t *c, uint32_t *n_allowed)
+{
+    size_t words = (c->m->hp.n_vocab + 63) / 64;
+    *n_allowed = 0;
+    if (c->bits == NULL && (c->bits = malloc(words * sizeof *c->bits)) == NULL)
+        return NULL;
+    memset(c->bits, 0, words * sizeof *c->bits);
+    bit_keep_t k = {c->bits, 0};
+    each_allowed(c, keep_bit, &k);
+    *n_allowed = k.n;
+    return c->bits;
 }
 
 int

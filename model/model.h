@@ -581,6 +581,9 @@ void model_choice_free(model_choice_t *c); /* NULL is a no-op */
  * choice at -inf (an end-of-generation token stays where a choice is
  * complete); returns how many tokens stay (0: none can). */
 uint32_t model_choice_mask(const model_choice_t *c, const float *row, float *out);
+/* The same tokens as a bitmask for model_sampler_sample_masked (valid
+ * until c's next call), *n_allowed of them; NULL when out of memory. */
+const uint64_t *model_choice_allowed(model_choice_t *c, uint32_t *n_allowed);
 /* Takes the next output token: 1 when the output is now a whole choice
  * no other extends, or the token ends generation after a whole choice
  * (the output is over), 0 to go on, KVS_EINVAL for a token the mask

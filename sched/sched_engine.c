@@ -141,8 +141,7 @@ struct sched {
     sched_batch_t *batch;
     float *logits;
     float ban_saved[MODEL_MAX_EOG + SCHED_MAX_MIN_BAN]; /* min_tokens' banned logits */
-    float *choice_row;  /* [n_vocab] a guided choice's masked row, made at first use */
-    uint64_t *ban_bits; /* [n_vocab / 64] a guide's mask less min_tokens' bans, likewise */
+    uint64_t *ban_bits; /* [n_vocab / 64] a guide's mask less min_tokens' bans, made at first use */
     /* SnapKV's captured query rows of a step, grown as needed. */
     uint32_t *cap_first, *cap_count; /* [max_num_seqs] */
     float *cap_q;
@@ -1266,27 +1265,23 @@ sample_row(sched_t *s, req_t *r, float *row, uint64_t now)
     int rc =
         r->n_tokens == r->n_prompt ? model_sampler_prompt(r->sampler, r->tokens, r->n_prompt) : 0;
     uint32_t k = r->n_tokens - r->n_prompt;
-    /* Guided decoding draws from a masked copy (a choice) or through a
-     * bitmask (a guide: only the tokens it keeps are looked at); logprobs
-     * stay the row's.  Nothing left to draw comes back from the sampler
-     * as KVS_EINVAL. */
-    float *draw = row;
+    /* Guided decoding draws through a bitmask of the tokens the choice or
+     * guide keeps (the sampler looks at those only); logprobs stay the
+     * row's.  Nothing left to draw comes back from the sampler as
+     * KVS_EINVAL. */
     const uint64_t *allow = NULL;
+    uint32_t n_allowed;
     if (rc == 0 && r->choice) {
-        if (s->choice_row == NULL && (s->choice_row = malloc(s->n_vocab * sizeof(float))) == NULL)
+        if ((allow = model_choice_allowed(r->choice, &n_allowed)) == NULL)
             rc = KVS_ENOMEM;
-        else
-            model_choice_mask(r->choice, row, s->choice_row);
-        draw = s->choice_row;
     } else if (rc == 0 && r->guide) {
-        uint32_t n_allowed;
         allow = model_guide_allowed(r->guide, &n_allowed, &rc);
     }
     int32_t tok = rc                  ? rc
                   : k < r->n_forced   ? r->tokens[r->n_tokens]
-                  : k < r->min_tokens ? sample_banned(s, r, draw, allow)
+                  : k < r->min_tokens ? sample_banned(s, r, row, allow)
                   : allow             ? model_sampler_sample_masked(r->sampler, row, allow)
-                                      : model_sampler_sample(r->sampler, draw);
+                                      : model_sampler_sample(r->sampler, row);
     rc = tok < 0 ? tok : model_sampler_accept(r->sampler, tok);
     int chosen = rc || k < r->n_forced ? 0
                  : r->choice           ? model_choice_accept(r->choice, tok)
@@ -2121,7 +2116,6 @@ sched_free(sched_t *s)
     free(s->d_steps);
     free(s->d_reqs);
     free(s->logits);
-    free(s->choice_row);
     free(s->ban_bits);
     free(s->sched_reqs);
     free(s->steps);

@@ -749,17 +749,23 @@ test_logit_bias(void **state)
         assert_int_equal(model_sampler_new(&bad[i], 4, &s), KVS_EINVAL);
 }
 
-/* The ids a choice mask leaves (finite), into ids[]; returns how many. */
+/* The ids a choice mask leaves (finite), into ids[]; returns how many.
+ * The bitmask for the sampler says the same. */
 static uint32_t
-choice_allowed(const model_choice_t *c, uint32_t nv, int32_t *ids, uint32_t cap)
+choice_allowed(model_choice_t *c, uint32_t nv, int32_t *ids, uint32_t cap)
 {
     float *row = calloc(nv, sizeof *row), *out = malloc(nv * sizeof *out);
     assert_non_null(row);
     assert_non_null(out);
-    uint32_t n = model_choice_mask(c, row, out), k = 0;
-    for (uint32_t i = 0; i < nv; i++)
+    uint32_t n = model_choice_mask(c, row, out), k = 0, n_bits;
+    const uint64_t *bits = model_choice_allowed(c, &n_bits);
+    assert_non_null(bits);
+    assert_int_equal(n_bits, n);
+    for (uint32_t i = 0; i < nv; i++) {
+        assert_int_equal(!!isfinite(out[i]), (int)(bits[i >> 6] >> (i & 63) & 1));
         if (isfinite(out[i]) && k < cap)
             ids[k++] = (int32_t)i;
+    }
     assert_int_equal(k, n);
     free(row);
     free(out);
