@@ -1575,7 +1575,8 @@ typedef struct lazy {
     uint32_t *seen_gen, seen_cap, n_seen, gen;
     uint64_t *todo, *set;
     uint32_t cap_todo, cap_set, n_set;
-    int rc; /* a cap passed, or memory ran out: the guide is spent */
+    uint64_t walk_work; /* threads visited since the guide's last mask or accept began */
+    int rc;             /* a cap passed, or memory ran out: the guide is spent */
     char why[128];
 } lazy_t;
 
@@ -1583,7 +1584,9 @@ enum {
     LAZY_STATES = 1 << 12, /* start afresh past this many states */
     LAZY_NODES = 1 << 20,  /* or this many stack nodes */
     MAX_NODES = 1 << 22,
-    STEP_WORK = 1 << 20, /* threads visited by one transition */
+    STEP_WORK = 1 << 18,      /* threads visited by one transition */
+    WALK_WORK = 1 << 21,      /* by a whole mask or accept: ~0.1 s at worst */
+    MAX_SET_WORDS = 1u << 23, /* threads kept in all states: 32 MiB */
 };
 #define UNKNOWN UINT32_MAX
 
@@ -1726,7 +1729,7 @@ gclosure(lazy_t *z, const gram_t *gm, uint32_t q0, uint32_t stk0, uint64_t *work
         uint32_t q = (uint32_t)(t >> 32), stk = (uint32_t)t;
         if (!gm->live[q] || !seen_add(z, t))
             continue;
-        if (++*work > STEP_WORK) {
+        if (++*work > STEP_WORK || ++z->walk_work > WALK_WORK) {
             lazy_fail(z, KVS_ENOSPC, "grammar too ambiguous: one step passes its bound");
             return;
         }
@@ -1775,6 +1778,10 @@ lazy_state(guide_dfa_t *d)
     lazy_t *z = d->lz;
     if (z->rc)
         return 0;
+    if ((uint64_t)z->in.n_sets_words + 2 * (uint64_t)z->n_set > MAX_SET_WORDS) {
+        lazy_fail(z, KVS_ENOSPC, "grammar too ambiguous: its states hold too many threads");
+        return 0;
+    }
     if (z->n_set > 1)
         qsort(z->set, z->n_set, sizeof *z->set, cmp_u64);
     uint32_t before = d->n_states;
@@ -2447,6 +2454,7 @@ model_guide_fullmatch(const model_guide_t *g, const char *s, size_t n)
         guide_dfa_t *d = lazy_new(g->d->gm, NULL);
         uint32_t q = d ? d->start : 0;
         for (size_t i = 0; i < n && q; i++) {
+            d->lz->walk_work = 0; /* a byte at a time, as a guide's accept */
             q = move(d, q, (uint8_t)s[i]);
             if (q && (d->n_states > LAZY_STATES || d->lz->n_nodes > LAZY_NODES)) {
                 guide_dfa_t *e = lazy_rebase(d, q, &q);
@@ -2537,7 +2545,9 @@ lazy_ok(model_guide_t *g)
     lazy_t *z = g->d->lz;
     if (z == NULL)
         return true;
-    if (z->rc == 0 && (g->d->n_states > LAZY_STATES || z->n_nodes > LAZY_NODES)) {
+    z->walk_work = 0; /* each mask and accept has its own budget */
+    if (z->rc == 0 && (g->d->n_states > LAZY_STATES || z->n_nodes > LAZY_NODES ||
+                       z->in.n_sets_words > MAX_SET_WORDS / 2)) {
         uint32_t cur;
         guide_dfa_t *d = lazy_rebase(g->d, g->cur, &cur);
         if (d == NULL) {
