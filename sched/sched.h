@@ -77,6 +77,10 @@ typedef struct sched_usage {
     /* KV the request's policy let go: entries dropped by sink eviction
      * or by compression at the end of prefill. */
     uint64_t kv_dropped_tokens;
+    /* Speculative decoding (sched_cfg_t.num_speculative_tokens): tokens
+     * proposed by prompt lookup and verified, and of them the accepted
+     * ones (each a decode step saved). */
+    uint32_t spec_draft_tokens, spec_accepted_tokens;
 } sched_usage_t;
 
 /* What a request's KV may lose to save memory (algorithms.md sections 3
@@ -186,7 +190,13 @@ typedef struct sched_request {
     uint32_t n;
 } sched_request_t;
 
-enum { SCHED_MAX_N = 64 };
+enum {
+    SCHED_MAX_N = 64,
+    SCHED_MAX_SPEC_TOKENS = 16,
+    SCHED_MAX_PROMPT_LOOKUP = 64,
+    SCHED_DEFAULT_PROMPT_LOOKUP_MAX = 4,
+    SCHED_DEFAULT_PROMPT_LOOKUP_MIN = 2,
+};
 
 /* The seed sample i of a request draws with: sample 0 the request's own,
  * so n = 1 is unchanged. */
@@ -257,6 +267,24 @@ typedef struct sched_cfg {
     /* Decode steps recorded as CUDA graphs and replayed
      * (model_ctx_set_graphs); no effect on host backends. */
     bool cuda_graphs;
+    /* Speculative decoding by prompt lookup (vLLM's "ngram" method,
+     * llama.cpp's lookup decoding), 0: off.  A decoding request whose
+     * last g tokens (g from prompt_lookup_max down to prompt_lookup_min)
+     * occurred before in its prompt or output proposes the up to
+     * num_speculative_tokens tokens that followed the latest such
+     * occurrence; one forward pass computes them with the last token, and
+     * the request draws from each row in turn, keeping a proposed token
+     * only while it is the token drawn, and the first drawn token that
+     * differs.  Every token is drawn as plain decoding would draw it
+     * (same logits up to batching's rounding, same sampler state, seed
+     * included), so outputs and their distribution do not change; only
+     * steps are saved.  The proposals take token budget and logit rows
+     * (prompt_logprob_rows') and never preempt: a request whose proposal
+     * does not fit decodes one token.  Not for requests with H2O or sink
+     * eviction, nor while forced tokens remain.  At most
+     * SCHED_MAX_SPEC_TOKENS; the lookup lengths default to 4 and 2. */
+    uint32_t num_speculative_tokens;
+    uint32_t prompt_lookup_max, prompt_lookup_min;
     /* Speculative prefill's draft model (NULL: none), on the main model's
      * backend with the same vocabulary, and its own KV pool of
      * draft_n_blocks blocks (0: as many blocks as the main pool; when the
@@ -345,6 +373,8 @@ typedef struct sched_load {
     /* kv_pool_prefix_stats' counters, mirrored here because the pool is
      * the engine thread's alone. */
     uint64_t prefix_queried_tokens, prefix_hit_tokens;
+    /* Speculative decoding: tokens proposed and accepted, all requests. */
+    uint64_t spec_draft_tokens, spec_accepted_tokens;
     /* The device failed for good (kern_backend_failed): every request
      * that reaches a step ends with KVS_EDEVICE. */
     bool device_failed;

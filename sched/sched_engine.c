@@ -86,7 +86,9 @@ typedef struct req {
     kv_table_t *table;
     req_state_t state;
     struct req *prev, *next;
-    uint32_t n_sched; /* tokens given this step (0: not scheduled) */
+    uint32_t n_sched;  /* tokens given this step (0: not scheduled) */
+    uint32_t n_spec;   /* of them, prompt lookup's proposal (at tokens[n_tokens..]) */
+    uint32_t spec_len; /* the longest proposal it makes now (0: not set yet) */
     sched_usage_t usage;
     uint64_t t_submit, t_first_token;
     model_attn_policy_t attn;
@@ -185,6 +187,7 @@ struct sched {
         load_h2o;
     _Atomic uint64_t load_steps, load_busy_ns, load_work_steps;
     _Atomic uint64_t load_pfx_queried, load_pfx_hit;
+    _Atomic uint64_t load_spec_draft, load_spec_accepted;
 };
 
 const char *
@@ -642,6 +645,81 @@ schedule_running(sched_t *s, req_t *r, uint32_t n)
     }
 }
 
+/* ---- speculative decoding by prompt lookup -------------------------------------- */
+
+/* The most tokens decoding request r may propose this step (0: none):
+ * the rows must be free (token budget, logit rows), and every proposal
+ * accepted plus the token drawn after them must stay within max_tokens
+ * and the model length.  Policies that rewrite the KV each step (H2O,
+ * sink eviction) and forced tokens still due take none. */
+static uint32_t
+spec_room(const sched_t *s, const req_t *r)
+{
+    if (s->cfg.num_speculative_tokens == 0 || r->h2o_q || r->kv.kind == SCHED_KV_SINK_EVICTION ||
+        r->kv.kind == SCHED_KV_H2O || r->n_tokens <= r->n_prompt ||
+        r->n_tokens - r->n_prompt < r->n_forced || r->table == NULL ||
+        r->n_computed + 1 != r->n_tokens)
+        return 0;
+    uint64_t end = (uint64_t)r->n_prompt + r->max_tokens;
+    if (end > s->cfg.max_model_len)
+        end = s->cfg.max_model_len;
+    uint64_t room = end > r->n_tokens ? end - r->n_tokens - 1 : 0;
+    if (room > (r->spec_len ? r->spec_len : s->cfg.num_speculative_tokens))
+        room = r->spec_len ? r->spec_len : s->cfg.num_speculative_tokens;
+    if (room > s->budget - 1)
+        room = s->budget - 1;
+    if (room > s->plp_left)
+        room = s->plp_left;
+    return (uint32_t)room;
+}
+
+/* Prompt lookup: the longest run of r's last tokens, prompt_lookup_max
+ * down to prompt_lookup_min of them, that occurred before (its latest
+ * occurrence), and the at most `room` tokens that followed it there,
+ * written after r's tokens (nothing reads past n_tokens).  Latest, since
+ * an output repeating itself or the text just quoted is the likeliest to
+ * go on as it did last.  Returns how many. */
+static uint32_t
+spec_propose(const sched_t *s, req_t *r, uint32_t room)
+{
+    int32_t *t = r->tokens;
+    const uint32_t n = r->n_tokens, gmax = s->cfg.prompt_lookup_max;
+    uint32_t best = 0, at = 0; /* the match's length, and where what followed it starts */
+    for (uint32_t j = n - 1; j >= 1 && best < gmax; j--) {
+        if (t[j - 1] != t[n - 1])
+            continue;
+        uint32_t g = 1;
+        while (g < gmax && g < j && t[j - 1 - g] == t[n - 1 - g])
+            g++;
+        if (g > best) {
+            best = g;
+            at = j;
+        }
+    }
+    if (best < s->cfg.prompt_lookup_min)
+        return 0;
+    uint32_t d = n - at < room ? n - at : room;
+    memcpy(t + n, t + at, d * sizeof *t); /* at + d <= n: no overlap */
+    return d;
+}
+
+/* Schedules decoding request r with its proposal, when it has one whose
+ * KV fits now: a proposal never preempts anyone (r then decodes one
+ * token the usual way). */
+static bool
+schedule_spec(sched_t *s, req_t *r)
+{
+    uint32_t room = spec_room(s, r);
+    uint32_t d = room ? spec_propose(s, r, room) : 0;
+    if (d == 0 || kv_table_reserve(r->table, 1 + d) != 0)
+        return false;
+    r->draft_step = false;
+    r->n_spec = d;
+    s->plp_left -= d;
+    add_step(s, r, 1 + d);
+    return true;
+}
+
 /* Prompt rows of r's next n tokens whose logits prompt_logprobs reads:
  * those predicting a prompt token (all but the prompt's last row). */
 static uint32_t
@@ -692,6 +770,8 @@ plan(sched_t *s)
             uint32_t need = need_of(r);
             if ((pass == 0) != (need == 1))
                 continue; /* decodes in pass 0, prefill chunks in pass 1 */
+            if (pass == 0 && schedule_spec(s, r))
+                continue;
             uint32_t n = chunk_of(s, r, need < s->budget ? need : s->budget);
             if (n && !schedule_running(s, r, n)) {
                 /* r was preempted or failed; later snapshot entries may be
@@ -1254,8 +1334,8 @@ h2o_step(sched_t *s, req_t *r)
 
 /* Draws r's next token from its row of logits (teacher forcing and
  * min_tokens' bans applied), queues the token's event and ends r if it
- * is done. */
-static void
+ * is done.  Returns false when r ended (it is freed). */
+static bool
 sample_row(sched_t *s, req_t *r, float *row, uint64_t now)
 {
     if (s->logits_hook)
@@ -1293,7 +1373,7 @@ sample_row(sched_t *s, req_t *r, float *row, uint64_t now)
         KVS_ERRORF("sched: sampling for request %llu failed: %s", (unsigned long long)r->id,
                    kvs_strerror(rc));
         finish(s, r, SCHED_FINISH_ERROR, rc);
-        return;
+        return false;
     }
     r->tokens[r->n_tokens++] = tok; /* capacity reserved at submit */
     if (r->t_first_token == 0) {
@@ -1314,6 +1394,45 @@ sample_row(sched_t *s, req_t *r, float *row, uint64_t now)
     else if (is_finished(s, r, tok, &why))
         finish(s, r, why, 0);
     else
+        return true;
+    return false;
+}
+
+/* r's step computed its last token and its n_spec proposed ones, whose
+ * logits are rows[0..n_spec]: draws from each row in turn while the
+ * proposal holds (row j's token is plain decoding's, since rows 0..j-1
+ * drew the proposal's tokens), then lets the rejected proposals' KV go. */
+static void
+spec_verify(sched_t *s, req_t *r, float *rows, uint64_t now)
+{
+    int32_t prop[SCHED_MAX_SPEC_TOKENS];
+    uint32_t d = r->n_spec, a = 0;
+    memcpy(prop, r->tokens + r->n_tokens, d * sizeof *prop);
+    r->n_spec = 0;
+    r->n_computed -= d; /* the last token's entry; each accepted proposal adds its own */
+    r->usage.spec_draft_tokens += d;
+    atomic_fetch_add(&s->load_spec_draft, d);
+    for (uint32_t j = 0;; j++) {
+        if (!sample_row(s, r, rows + (size_t)j * s->n_vocab, now))
+            return; /* r ended, its KV with it */
+        if (j == d || r->tokens[r->n_tokens - 1] != prop[j])
+            break;
+        r->n_computed++;
+        r->usage.spec_accepted_tokens++;
+        atomic_fetch_add(&s->load_spec_accepted, 1);
+        a++;
+    }
+    /* The next proposal: one longer than the run that held, two more
+     * after a whole one held.  Rows that are thrown away cost a compute-bound
+     * model (a small one, or a large batch) nearly what kept ones do, so a
+     * lookup that keeps failing proposes one token, not
+     * num_speculative_tokens. */
+    uint32_t k = s->cfg.num_speculative_tokens;
+    r->spec_len = a < d ? a + 1 : d + 2 < k ? d + 2 : k;
+    /* Before sealing, so no quantized block holds a rejected entry. */
+    if (a < d)
+        kv_table_truncate(r->table, kv_table_len(r->table) - (d - a));
+    if (seal_blocks(s, r, s->cfg.kv_residual_tokens))
         commit_prefix(s, r);
 }
 
@@ -1390,7 +1509,8 @@ fork_samples(sched_t *s, req_t *r, float *row, uint64_t now)
             /* The prompt's usage is the request's, shared. */
             c->state = REQ_RUNNING;
             list_insert_sorted(&s->running, c);
-            sample_row(s, c, row, now);
+            if (sample_row(s, c, row, now))
+                commit_prefix(s, c);
             continue;
         }
         drop_kv(c);
@@ -1461,14 +1581,16 @@ main_forward(sched_t *s)
             count_keys(r, k0, r->n_sched, r->n_kept);
             r->usage.computed_prompt_tokens += r->n_sched;
         } else {
-            bool last = r->n_computed + r->n_sched == r->n_tokens;
-            s->steps[i] = (sched_seq_step_t){.table = r->table,
-                                             .tokens = r->tokens + r->n_computed,
-                                             .n_tokens = r->n_sched,
-                                             .want_logits = last,
-                                             .lead_logits = plp_rows(r, r->n_sched),
-                                             .policy = &r->attn,
-                                             .n_prompt = r->kept ? r->n_kept : r->n_prompt};
+            /* A proposal's rows all want logits: lead rows and the last. */
+            bool last = r->n_computed + r->n_sched == r->n_tokens + r->n_spec;
+            s->steps[i] =
+                (sched_seq_step_t){.table = r->table,
+                                   .tokens = r->tokens + r->n_computed,
+                                   .n_tokens = r->n_sched,
+                                   .want_logits = last,
+                                   .lead_logits = r->n_spec ? r->n_spec : plp_rows(r, r->n_sched),
+                                   .policy = &r->attn,
+                                   .n_prompt = r->kept ? r->n_kept : r->n_prompt};
             if (r->n_computed < r->n_prompt && !r->kept) {
                 count_keys(r, r->n_computed, r->n_sched, r->n_prompt);
                 uint32_t end = r->n_computed + r->n_sched;
@@ -1509,6 +1631,12 @@ main_forward(sched_t *s)
             r->n_computed += r->n_sched;
         }
         r->n_sched = 0;
+        if (r->n_spec) {
+            float *rows = s->logits + (size_t)li * s->n_vocab;
+            li += r->n_spec + 1;
+            spec_verify(s, r, rows, now);
+            continue;
+        }
         /* The rows as sched_batch_build lays them out: the lead rows,
          * then the last unless it was one of them. */
         const float *lead_rows = s->logits + (size_t)li * s->n_vocab;
@@ -1537,7 +1665,8 @@ main_forward(sched_t *s)
         }
         if (r->fork_pending && !fork_samples(s, r, row, now))
             continue;
-        sample_row(s, r, row, now);
+        if (sample_row(s, r, row, now))
+            commit_prefix(s, r);
     }
     return 0;
 }
@@ -1822,6 +1951,8 @@ sched_get_load(const sched_t *s, sched_load_t *out)
     out->busy_ns = atomic_load(&w->load_busy_ns);
     out->prefix_queried_tokens = atomic_load(&w->load_pfx_queried);
     out->prefix_hit_tokens = atomic_load(&w->load_pfx_hit);
+    out->spec_draft_tokens = atomic_load(&w->load_spec_draft);
+    out->spec_accepted_tokens = atomic_load(&w->load_spec_accepted);
     out->device_failed = atomic_load(&w->load_failed);
 }
 
@@ -1926,7 +2057,15 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
         c->block_tokens = DEFAULT_BLOCK_TOKENS;
     if (c->kv_dtype != KERN_F32)
         c->kv_dtype = KERN_F16;
-    if (c->kv_quant >= KERN_KVQ_COUNT) {
+    if (c->prompt_lookup_max == 0)
+        c->prompt_lookup_max = SCHED_DEFAULT_PROMPT_LOOKUP_MAX;
+    if (c->prompt_lookup_min == 0)
+        c->prompt_lookup_min = c->prompt_lookup_max < SCHED_DEFAULT_PROMPT_LOOKUP_MIN
+                                   ? c->prompt_lookup_max
+                                   : SCHED_DEFAULT_PROMPT_LOOKUP_MIN;
+    if (c->kv_quant >= KERN_KVQ_COUNT || c->num_speculative_tokens > SCHED_MAX_SPEC_TOKENS ||
+        c->prompt_lookup_max > SCHED_MAX_PROMPT_LOOKUP ||
+        c->prompt_lookup_min > c->prompt_lookup_max) {
         free(s);
         return KVS_EINVAL;
     }

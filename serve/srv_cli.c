@@ -494,6 +494,74 @@ srv_prefill_finish(const char *cmd, model_spec_policy_t *p, bool have_draft)
     return model_spec_policy_check(p);
 }
 
+int
+srv_specdec_opt(const char *cmd, int opt, const char *arg, srv_specdec_opts_t *o)
+{
+    switch (opt) {
+    case SRV_O_NUMSPEC:
+        return srv_parse_u32(cmd, "--num-speculative-tokens", arg, 0, SCHED_MAX_SPEC_TOKENS,
+                             &o->num_tokens);
+    case SRV_O_PLMAX:
+        return srv_parse_u32(cmd, "--prompt-lookup-max", arg, 1, SCHED_MAX_PROMPT_LOOKUP,
+                             &o->lookup_max);
+    case SRV_O_PLMIN:
+        return srv_parse_u32(cmd, "--prompt-lookup-min", arg, 1, SCHED_MAX_PROMPT_LOOKUP,
+                             &o->lookup_min);
+    default:
+        return 1;
+    }
+}
+
+int
+srv_specdec_finish(const char *cmd, srv_specdec_opts_t *o)
+{
+    if (o->num_tokens == 0 && (o->lookup_max || o->lookup_min)) {
+        fprintf(stderr,
+                "kvserve %s: --prompt-lookup-max and --prompt-lookup-min go with "
+                "--num-speculative-tokens N (N > 0)\n",
+                cmd);
+        return KVS_EINVAL;
+    }
+    if (o->num_tokens == 0)
+        return 0;
+    /* Defaults as sched_new fills them; a minimum given alone may pass the
+     * default maximum, and is refused naming both. */
+    uint32_t max = o->lookup_max ? o->lookup_max : SCHED_DEFAULT_PROMPT_LOOKUP_MAX;
+    uint32_t min = o->lookup_min ? o->lookup_min : SCHED_DEFAULT_PROMPT_LOOKUP_MIN;
+    if (o->lookup_min == 0 && min > max)
+        min = max;
+    if (min > max) {
+        fprintf(stderr, "kvserve %s: --prompt-lookup-min (%u) exceeds --prompt-lookup-max (%u%s)\n",
+                cmd, min, max, o->lookup_max ? "" : ", the default");
+        return KVS_EINVAL;
+    }
+    o->lookup_max = max;
+    o->lookup_min = min;
+    return 0;
+}
+
+void
+srv_specdec_apply(const srv_specdec_opts_t *o, sched_cfg_t *c)
+{
+    c->num_speculative_tokens = o->num_tokens;
+    c->prompt_lookup_max = o->num_tokens ? o->lookup_max : 0;
+    c->prompt_lookup_min = o->num_tokens ? o->lookup_min : 0;
+}
+
+const char *
+srv_specdec_summary(const srv_specdec_opts_t *o, uint64_t draft, uint64_t accepted, char *buf,
+                    size_t cap)
+{
+    if (o->num_tokens == 0) {
+        if (cap)
+            buf[0] = '\0';
+    } else
+        snprintf(buf, cap, "; speculative decoding accepted %llu of %llu proposed tokens (%.1f%%)",
+                 (unsigned long long)accepted, (unsigned long long)draft,
+                 draft ? 100.0 * (double)accepted / (double)draft : 0.0);
+    return buf;
+}
+
 const char *
 srv_prefill_describe(const model_spec_policy_t *p, char *buf, size_t cap)
 {

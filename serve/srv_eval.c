@@ -43,6 +43,8 @@ static const char eval_usage[] =
     "                    [--delta-gamma N] [--no-delta-tail] [--attn-last-dense]\n"
     "                    [--prefill full|speculative] [--keep-ratio R] [--look-ahead N]\n"
     "                    [--spec-chunk N] [--space-in-prompt]\n"
+    "                    [--num-speculative-tokens N (0..16) [--prompt-lookup-max 4]\n"
+    "                     [--prompt-lookup-min 2]]\n"
     "                    [--scenario multi-turn|multi-request]  (SCBench's shared context:\n"
     "                     one question per niah-multikey key, prefix caching on)\n"
     "                    [--json FILE] [--plot FILE.svg]\n";
@@ -68,6 +70,7 @@ typedef struct eval_opts {
     uint32_t samples;
     uint64_t seed;
     srv_kv_opts_t kv;
+    srv_specdec_opts_t specdec;
     model_attn_policy_t attn;
     model_spec_policy_t spec;
     /* The answer's leading space ends the prompt instead, so the first
@@ -148,6 +151,7 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
         SRV_PREFILL_LONGOPTS,
         SRV_KV_LONGOPTS,
         SRV_ENGINE_LONGOPTS,
+        SRV_SPECDEC_LONGOPTS,
         {0, 0, 0, 0},
     };
     *o = (eval_opts_t){.eng = SRV_ENGINE_DEFAULT,
@@ -234,7 +238,8 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
             if ((rc = srv_attn_opt("eval", c, optarg, &o->attn)) == 1 &&
                 (rc = srv_prefill_opt("eval", c, optarg, &o->spec)) == 1 &&
                 (rc = srv_kv_opt("eval", c, optarg, &o->kv)) == 1 &&
-                (rc = srv_engine_opt("eval", c, optarg, &o->eng)) == 1) {
+                (rc = srv_engine_opt("eval", c, optarg, &o->eng)) == 1 &&
+                (rc = srv_specdec_opt("eval", c, optarg, &o->specdec)) == 1) {
                 fprintf(stderr, "kvserve eval: unknown or incomplete option '%s'\n%s",
                         argv[optind - 1], eval_usage);
                 return KVS_EINVAL;
@@ -265,7 +270,8 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
             o->task_on[i] = true;
     if (srv_attn_finish("eval", &o->attn) ||
         srv_prefill_finish("eval", &o->spec, o->draft != NULL) ||
-        srv_kv_finish("eval", &o->kv, o->eng.block_size)) {
+        srv_kv_finish("eval", &o->kv, o->eng.block_size) ||
+        srv_specdec_finish("eval", &o->specdec)) {
         fputs(eval_usage, stderr);
         return KVS_EINVAL;
     }
@@ -833,6 +839,7 @@ srv_cmd_eval(int argc, char **argv)
      * from being recomputed. */
     scfg.prefix_caching = o.scenario != SCEN_NONE;
     scfg.draft = o.spec.on ? r.draft : NULL;
+    srv_specdec_apply(&o.specdec, &scfg);
     if ((rc = sched_new(r.m, &scfg, &r.sched))) {
         fprintf(stderr, "kvserve eval: setup failed: %s\n", kvs_strerror(rc));
         goto out;
@@ -900,8 +907,13 @@ srv_cmd_eval(int argc, char **argv)
     char docs[80] = "";
     if (o.scenario != SCEN_NONE)
         snprintf(docs, sizeof docs, "%zu documents, ", r.n_docs);
-    fprintf(stderr, "kvserve eval: %s%zu prompts, %zu tokens in %.1f s (%.0f tok/s)\n", docs,
-            r.n_items, total_toks, secs, secs > 0 ? (double)total_toks / secs : 0.0);
+    sched_load_t ld;
+    sched_get_load(r.sched, &ld);
+    char spec[128];
+    fprintf(stderr, "kvserve eval: %s%zu prompts, %zu tokens in %.1f s (%.0f tok/s)%s\n", docs,
+            r.n_items, total_toks, secs, secs > 0 ? (double)total_toks / secs : 0.0,
+            srv_specdec_summary(&o.specdec, ld.spec_draft_tokens, ld.spec_accepted_tokens, spec,
+                                sizeof spec));
 
     if (o.json) {
         FILE *f = strcmp(o.json, "-") == 0 ? stdout : fopen(o.json, "w");

@@ -138,6 +138,7 @@ typedef struct srv_opts {
     uint32_t max_queued, drain_timeout_s, max_streams, engine_nice;
     uint64_t kv_memory;
     srv_kv_opts_t kv;
+    srv_specdec_opts_t specdec;
     bool prefix_caching, cuda_graphs;
     model_attn_policy_t attn;
     model_spec_policy_t spec;
@@ -610,10 +611,12 @@ out_pending(const call_t *c, const gen_out_t *o)
 }
 
 /* The request's usage over its samples, for the log and the metrics:
- * the prompt's side as sample 0 reports it (shared), tokens, preemptions
- * and decode time summed (so decode time over tokens stays a time per
- * output token), the earliest first token, and the most KV any sample
- * dropped (forked samples report the prompt's drops as theirs too). */
+ * the prompt's side as sample 0 reports it (shared), tokens, preemptions,
+ * decode time (so decode time over tokens stays a time per output token)
+ * and speculative decoding's proposed and accepted tokens (each sample
+ * decodes its own) summed, the earliest first token, and the most KV any
+ * sample dropped (forked samples report the prompt's drops as theirs
+ * too). */
 static sched_usage_t
 gen_usage(const call_t *c)
 {
@@ -626,6 +629,8 @@ gen_usage(const call_t *c)
             continue;
         u.preemptions += o->usage.preemptions;
         u.decode_ns += o->usage.decode_ns;
+        u.spec_draft_tokens += o->usage.spec_draft_tokens;
+        u.spec_accepted_tokens += o->usage.spec_accepted_tokens;
         if (o->usage.kv_dropped_tokens > u.kv_dropped_tokens)
             u.kv_dropped_tokens = o->usage.kv_dropped_tokens;
         if (o->usage.ttft_ns && (u.ttft_ns == 0 || o->usage.ttft_ns < u.ttft_ns))
@@ -763,6 +768,10 @@ gen_pump(call_t *c)
         u.kept_prompt_tokens = su->kept_prompt_tokens;
         u.has_kv_dropped_tokens = c->g.sr.kv.kind != SCHED_KV_FULL;
         u.kv_dropped_tokens = su->kv_dropped_tokens;
+        u.has_spec_draft_tokens = u.has_spec_accepted_tokens =
+            sched_get_cfg(S.sched)->num_speculative_tokens > 0;
+        u.spec_draft_tokens = su->spec_draft_tokens;
+        u.spec_accepted_tokens = su->spec_accepted_tokens;
         r.usage = &u;
     }
     bool ok = send_msg(c, &r.base);
@@ -800,18 +809,21 @@ gen_log(const call_t *c)
     double ms = (double)(kvs_now_ns() - c->t_arrive) / 1e6;
     sched_usage_t u = gen_usage(c);
     const gen_out_t *o = &c->out[0];
-    char samples[32] = "";
+    char samples[32] = "", spec[64] = "";
     if (c->n_out > 1)
         snprintf(samples, sizeof samples, " (%u samples)", c->n_out);
+    if (sched_get_cfg(S.sched)->num_speculative_tokens > 0)
+        snprintf(spec, sizeof spec, ", speculative %u of %u accepted", u.spec_accepted_tokens,
+                 u.spec_draft_tokens);
     KVS_INFOF("request %s: %s, prompt %u (cached %u), completion %u%s, queue %.1f ms, "
-              "ttft %.1f ms, total %.1f ms, preempted %u, attention density %.3f",
+              "ttft %.1f ms, total %.1f ms, preempted %u, attention density %.3f%s",
               c->rid,
               o->stopped ? "stop"
               : o->fin   ? sched_finish_name(o->fin)
                          : "-",
               u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens, samples,
               u.queue_ns / 1e6, u.ttft_ns / 1e6, ms, u.preemptions,
-              u.attn_keys_dense ? (double)u.attn_keys / (double)u.attn_keys_dense : 1.0);
+              u.attn_keys_dense ? (double)u.attn_keys / (double)u.attn_keys_dense : 1.0, spec);
 }
 
 static void
@@ -1256,6 +1268,7 @@ server_info_new(call_t *c)
     r.device = (char *)kern_backend_name(S.be);
     r.has_block_size = r.has_total_blocks = r.has_max_model_len = r.has_max_num_seqs = true;
     r.has_max_num_batched_tokens = r.has_max_queued_requests = r.has_prefix_caching = true;
+    r.has_num_speculative_tokens = true;
     r.block_size = sc->block_tokens;
     r.total_blocks = sc->n_blocks;
     r.kv_cache_dtype = (char *)srv_kv_name(&S.o.kv);
@@ -1264,6 +1277,7 @@ server_info_new(call_t *c)
     r.max_num_batched_tokens = sc->max_num_batched_tokens;
     r.max_queued_requests = S.o.max_queued;
     r.prefix_caching = sc->prefix_caching;
+    r.num_speculative_tokens = sc->num_speculative_tokens;
     r.n_attention_policies = 3;
     r.attention_policies = policies;
     reply_unary(c, &r.base, GRPC_STATUS_OK, NULL);
@@ -1550,6 +1564,8 @@ static const char usage[] =
     "                     [--max-num-seqs N] [--max-num-batched-tokens N] [--max-queued-requests "
     "N]\n"
     "                     [--enable-prefix-caching | --no-enable-prefix-caching] [--cuda-graphs]\n"
+    "                     [--num-speculative-tokens N (0..16) [--prompt-lookup-max 4]\n"
+    "                      [--prompt-lookup-min 2]]\n"
     "                     [--tls-cert F --tls-key F [--tls-client-ca F]] [--api-key-file F]\n"
     "                     [--drain-timeout S] [--max-concurrent-streams N]\n"
     "                     [--engine-nice 10] [--attention dense|sink-window|delta|block-sparse]\n"
@@ -1635,6 +1651,7 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         {"chat-template", 1, 0, O_CHAT},
         SRV_PREFILL_LONGOPTS,
         SRV_KV_LONGOPTS,
+        SRV_SPECDEC_LONGOPTS,
         {"help", 0, 0, O_HELP},
         SRV_ATTN_LONGOPTS,
         {0, 0, 0, 0},
@@ -1728,7 +1745,8 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         default:
             if ((rc = srv_attn_opt(C, ch, optarg, &o->attn)) == 1 &&
                 (rc = srv_prefill_opt(C, ch, optarg, &o->spec)) == 1 &&
-                (rc = srv_kv_opt(C, ch, optarg, &o->kv)) == 1) {
+                (rc = srv_kv_opt(C, ch, optarg, &o->kv)) == 1 &&
+                (rc = srv_specdec_opt(C, ch, optarg, &o->specdec)) == 1) {
                 fputs(usage, stderr);
                 return KVS_EINVAL;
             }
@@ -1739,6 +1757,8 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
     if (rc == 0 && srv_prefill_finish(C, &o->spec, o->draft != NULL))
         rc = KVS_EINVAL;
     if (rc == 0 && srv_kv_finish(C, &o->kv, o->block_size))
+        rc = KVS_EINVAL;
+    if (rc == 0 && srv_specdec_finish(C, &o->specdec))
         rc = KVS_EINVAL;
     if (rc == 0 && o->cuda_graphs && strcmp(o->device, "cuda") != 0) {
         fprintf(stderr, "kvserve serve: --cuda-graphs needs --device cuda\n");
@@ -1901,6 +1921,7 @@ engine_up(const srv_opts_t *o)
                       .wake = engine_wake,
                       .wake_arg = NULL};
     srv_kv_apply(&o->kv, &sc);
+    srv_specdec_apply(&o->specdec, &sc);
     if (sc.n_blocks == 0 && sc.kv_cache_bytes == 0) {
         /* Enough for every sequence at full length, capped at 1 GiB. */
         uint64_t per = (uint64_t)model_kv_bytes_per_token(S.m, o->kv.dtype) * hp->n_layer;

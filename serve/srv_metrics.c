@@ -213,6 +213,11 @@ srv_met_render(const srv_met_data_t *d, const sched_load_t *l, FILE *f)
                "policy", pols, comps, 2);
     counter(f, "kvserve_kv_dropped_tokens_total", "KV entries finished requests' policies dropped.",
             d->kv_dropped_tokens);
+    counter(f, "kvserve_spec_decode_num_draft_tokens_total",
+            "Tokens speculative decoding (prompt lookup) proposed.", l->spec_draft_tokens);
+    counter(f, "kvserve_spec_decode_num_accepted_tokens_total",
+            "Proposed tokens the model accepted (each a decode step saved).",
+            l->spec_accepted_tokens);
     counter(f, "kvserve_engine_steps_total", "Engine steps that ran the model.", l->steps);
     family(f, "kvserve_engine_busy_seconds_total", "counter",
            "Time the engine spent in steps that ran the model.");

@@ -27,12 +27,15 @@ static const char run_usage[] =
     "                   [--block-size N] [--kv-cache-dtype f16|f32|bf16|q8_0|fp8|q4]\n"
     "                   [--kv-sink-tokens N] [--kv-residual-tokens N] [--batch-size N]\n"
     "                   [--kv-policy full|sink-eviction|snapkv|h2o] [--kv-budget N]\n"
-    "                   [--max-model-len N] [--logits-out FILE.npy] [--json] [--cuda-graphs]\n";
+    "                   [--max-model-len N] [--logits-out FILE.npy] [--json] [--cuda-graphs]\n"
+    "                   [--num-speculative-tokens N (0..16) [--prompt-lookup-max 4]\n"
+    "                    [--prompt-lookup-min 2]]\n";
 
 typedef struct run_opts {
     const char *model, *prompt, *prompt_tokens, *logits_out, *device;
     uint32_t max_tokens, threads, block_size, batch_size, max_model_len;
     srv_kv_opts_t kv;
+    srv_specdec_opts_t specdec;
     model_sampling_t sampling; /* its bias arrays malloc'd here */
     bool seed_set, ignore_eos, json, cuda_graphs;
     srv_guided_opts_t guided;
@@ -119,6 +122,7 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         {"logits-out", 1, 0, O_LOGITS},
         {"json", 0, 0, O_JSON},
         {"cuda-graphs", 0, 0, O_GRAPHS},
+        SRV_SPECDEC_LONGOPTS,
         {"help", 0, 0, O_HELP},
         {0, 0, 0, 0},
     };
@@ -240,7 +244,8 @@ parse_opts(int argc, char **argv, run_opts_t *o)
             fputs(run_usage, stdout);
             exit(0);
         default:
-            if ((rc = srv_kv_opt(C, c, optarg, &o->kv)) == 1) {
+            if ((rc = srv_kv_opt(C, c, optarg, &o->kv)) == 1 &&
+                (rc = srv_specdec_opt(C, c, optarg, &o->specdec)) == 1) {
                 fprintf(stderr, "kvserve run: unknown or incomplete option '%s'\n%s",
                         argv[optind - 1], run_usage);
                 return KVS_EINVAL;
@@ -256,7 +261,7 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         fprintf(stderr, "kvserve run: unexpected argument '%s'\n%s", argv[optind], run_usage);
         return KVS_EINVAL;
     }
-    if (srv_kv_finish(C, &o->kv, o->block_size)) {
+    if (srv_kv_finish(C, &o->kv, o->block_size) || srv_specdec_finish(C, &o->specdec)) {
         fputs(run_usage, stderr);
         return KVS_EINVAL;
     }
@@ -419,8 +424,9 @@ srv_cmd_run(int argc, char **argv)
         goto out;
     }
 
-    /* The same engine the server runs, with one request. */
-    size_t total = n_prompt + o.max_tokens;
+    /* The same engine the server runs, with one request (and room for a
+     * last step's proposed tokens, which a pool too short for skips). */
+    size_t total = n_prompt + o.max_tokens + o.specdec.num_tokens;
     sched_cfg_t scfg = {
         .max_num_seqs = 1,
         .max_num_batched_tokens = o.batch_size,
@@ -430,6 +436,7 @@ srv_cmd_run(int argc, char **argv)
         .cuda_graphs = o.cuda_graphs,
     };
     srv_kv_apply(&o.kv, &scfg);
+    srv_specdec_apply(&o.specdec, &scfg);
     if (o.kv.quant != KERN_KVQ_NONE) {
         /* Room for every block in either kind. */
         scfg.kv_hot_blocks = scfg.n_blocks;
@@ -523,10 +530,13 @@ srv_cmd_run(int argc, char **argv)
     } else {
         printf("\n");
     }
+    char spec[128];
     fprintf(stderr,
             "kvserve run: prefill %zu tokens in %.1f ms (%.1f tok/s); decode %u tokens in "
-            "%.1f ms (%.1f tok/s); finish %s\n",
-            n_prompt, pf_s * 1e3, pf_tps, n_dec, dec_s * 1e3, dec_tps, finish);
+            "%.1f ms (%.1f tok/s); finish %s%s\n",
+            n_prompt, pf_s * 1e3, pf_tps, n_dec, dec_s * 1e3, dec_tps, finish,
+            srv_specdec_summary(&o.specdec, usage.spec_draft_tokens, usage.spec_accepted_tokens,
+                                spec, sizeof spec));
     if (s.npy.f) {
         npy_header(&s.npy);
         if (fclose(s.npy.f) != 0) {

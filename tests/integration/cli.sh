@@ -77,6 +77,33 @@ expect 2 "run bad device" "$K" run $M --prompt a --device tpu
 expect 2 "run presence penalty 3" "$K" run $M --prompt a --presence-penalty 3
 contains "presence-penalty"
 expect 0 "run with penalties" "$K" run $M --prompt "abcabc" --max-tokens 4 --repetition-penalty 1.3 --frequency-penalty 0.5
+# Speculative decoding's flags: ranges, and the lookup lengths' order,
+# refused by name in every command that takes them.
+expect 2 "run speculative tokens 17" "$K" run $M --prompt a --num-speculative-tokens 17
+contains "num-speculative-tokens"
+expect 2 "run speculative tokens not a number" "$K" run $M --prompt a --num-speculative-tokens four
+contains "num-speculative-tokens"
+expect 2 "run prompt lookup max 0" "$K" run $M --prompt a --num-speculative-tokens 4 --prompt-lookup-max 0
+contains "prompt-lookup-max"
+expect 2 "run prompt lookup max 65" "$K" run $M --prompt a --num-speculative-tokens 4 --prompt-lookup-max 65
+contains "prompt-lookup-max"
+expect 2 "run prompt lookup min 65" "$K" run $M --prompt a --num-speculative-tokens 4 --prompt-lookup-min 65
+contains "prompt-lookup-min"
+expect 2 "run prompt lookup min over max" "$K" run $M --prompt a --num-speculative-tokens 4 \
+    --prompt-lookup-min 3 --prompt-lookup-max 2
+contains "prompt-lookup-min (3) exceeds --prompt-lookup-max (2)"
+expect 2 "run prompt lookup min over the default max" "$K" run $M --prompt a --num-speculative-tokens 4 \
+    --prompt-lookup-min 5
+contains "prompt-lookup-min (5) exceeds --prompt-lookup-max"
+expect 2 "run prompt lookup without speculative tokens" "$K" run $M --prompt a --prompt-lookup-max 3
+contains "go with --num-speculative-tokens"
+expect 2 "serve speculative tokens 17" "$K" serve $M --port 0 --num-speculative-tokens 17
+contains "num-speculative-tokens"
+expect 2 "serve prompt lookup min over max" "$K" serve $M --port 0 --num-speculative-tokens 2 \
+    --prompt-lookup-min 4 --prompt-lookup-max 3
+contains "prompt-lookup-min (4) exceeds --prompt-lookup-max (3)"
+expect 2 "eval prompt lookup max 65" "$K" eval $M --num-speculative-tokens 4 --prompt-lookup-max 65
+contains "prompt-lookup-max"
 expect 2 "bench --n with --multi-turn" "$K" bench --addr 127.0.0.1:1 --n 2 --multi-turn 2
 contains "exclude each other"
 expect 2 "bench --n 65" "$K" bench --addr 127.0.0.1:1 --n 65
@@ -172,6 +199,16 @@ ppl() { # FILE FLAGS...: the nll per token of the first --ctx
 }
 BUNDLED="$(dirname "$0")/../../weights/kvserve-main.gguf"
 if [ -f "$BUNDLED" ]; then
+    # Speculative decoding by prompt lookup changes no token: greedy text
+    # with and without it is the same, and a prompt the output repeats has
+    # proposals accepted.
+    SP="The grass is green. The sky is blue. The sun is yellow. Here we go. The grass is green. The sky is"
+    "$K" run --model "$BUNDLED" --prompt "$SP" --max-tokens 48 --temperature 0 --json >"$W/a" 2>/dev/null
+    "$K" run --model "$BUNDLED" --prompt "$SP" --max-tokens 48 --temperature 0 --json \
+        --num-speculative-tokens 4 >"$W/b" 2>"$W/out"
+    ta=$(grep -o '"tokens": [^]]*' "$W/a"); tb=$(grep -o '"tokens": [^]]*' "$W/b")
+    [ -n "$ta" ] && [ "$ta" = "$tb" ] && ok || bad "run --num-speculative-tokens 4 changed the greedy tokens"
+    if grep -q "speculative decoding accepted [1-9][0-9]* of " "$W/out"; then ok; else bad "run --num-speculative-tokens 4: no proposal accepted: $(tail -1 "$W/out")"; fi
     a=$(ppl "$W/noise.txt"); b=$(ppl "$W/rand.txt")
     if python3 -c "import sys; a, b = map(float, sys.argv[1:]); sys.exit(not (a < 0.4 and b > 1.6))" "$a" "$b"; then ok; else bad "perplexity: nll $a on the filler, $b on random letters"; fi
     c=$(ppl "$W/rand.txt" --attention sink-window --attn-window 4096); d=$(ppl "$W/rand.txt" --kv-policy sink-eviction --kv-budget 4096)

@@ -2132,6 +2132,51 @@ def check_chat_template(kvserve, model, work):
         srv.kill()
 
 
+def check_spec_decode(kvserve, model, work):
+    """--num-speculative-tokens: a server that speculates by prompt lookup
+    streams the outputs `kvserve run` gives without it (greedy, and a
+    seeded draw under top-p), reports the proposals in usage and
+    GetServerInfo, and frees every block."""
+    srv = start_server(kvserve, model, work, "server-spec",
+                       ["--num-speculative-tokens", "4", "--prompt-lookup-min", "1"])
+    ch = grpc.insecure_channel(srv.addr)
+    try:
+        api = Api(ch)
+        info = api.server_info(pb.GetServerInfoRequest(), timeout=5)
+        report("10 spec decode: GetServerInfo reports num_speculative_tokens",
+               info.num_speculative_tokens == 4, "num_speculative_tokens %d"
+               % info.num_speculative_tokens)
+        prompt = "The grass is green. The sky is blue. The sun is yellow. The grass is"
+        o = collect(api, greedy_req(prompt, 48), timeout=30)
+        want = run_reference(kvserve, model, prompt, 48)
+        u = o["usage"]
+        report("10 spec decode: greedy output == run's without it, proposals accepted",
+               o["code"] is None and o["tokens"] == want["tokens"] and u is not None
+               and u.HasField("spec_draft_tokens") and u.spec_accepted_tokens > 0
+               and u.spec_accepted_tokens <= u.spec_draft_tokens,
+               "%s; run %d tokens; spec %s of %s accepted"
+               % (describe(o), len(want["tokens"]), u.spec_accepted_tokens if u else None,
+                  u.spec_draft_tokens if u else None))
+        r = greedy_req(prompt, 32)
+        r.sampling.temperature = 0.8
+        r.sampling.top_p = 0.9
+        r.sampling.seed = 1234
+        o = collect(api, r, timeout=30)
+        cmd = [kvserve, "run", "--model", model, "--temperature", "0.8", "--top-p", "0.9",
+               "--seed", "1234", "--ignore-eos", "--max-tokens", "32", "--json",
+               "--prompt", prompt] + ENGINE_FLAGS
+        ref = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        ref_ids = json.loads(ref.stdout)["tokens"] if ref.returncode == 0 else None
+        report("10 spec decode: a seeded top-p draw == run's without it",
+               o["code"] is None and o["tokens"] == ref_ids,
+               "%s; run exit %d" % (describe(o), ref.returncode))
+        ok, last = wait_idle(api)
+        report("10 spec decode: every KV block free afterwards", ok, load_str(last))
+    finally:
+        ch.close()
+        srv.kill()
+
+
 def check_defaults(kvserve, model, work):
     """The engine flags are all optional: the server must come up without
     --num-kv-blocks / --kv-cache-memory and the rest."""
@@ -2363,6 +2408,7 @@ def main():
         check_queue_full(kvserve, model, work)
         check_auth(kvserve, model, work)
         check_chat_template(kvserve, model, work)
+        check_spec_decode(kvserve, model, work)
         check_tls(kvserve, model, work)
     except Exception as e:  # a broken setup is a failure, not a crash
         import traceback

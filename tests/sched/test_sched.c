@@ -1303,6 +1303,199 @@ test_engine_thread(void **state)
     engine_close(&e);
 }
 
+/* ---- speculative decoding by prompt lookup ----------------------------------- */
+
+enum { SD_REQ = 12, SD_IDX = 3, SD_MAXT = 48 };
+
+typedef struct sd_out {
+    uint32_t n[SD_REQ][SD_IDX];
+    int32_t tok[SD_REQ][SD_IDX][SD_MAXT];
+    float lp[SD_REQ][SD_IDX][SD_MAXT];
+    int32_t top[SD_REQ][SD_IDX][SD_MAXT]; /* the most likely alternative */
+    sched_finish_t fin[SD_REQ][SD_IDX];
+    sched_usage_t usage[SD_REQ][SD_IDX];
+    uint64_t draft, accepted, preemptions;
+} sd_out_t;
+
+/* Runs the mix below on an engine of cfg: prompts that repeat a random
+ * run (so lookups find proposals), greedy and seeded draws with the
+ * filters, logprobs, min_tokens with EOS live, a regex guide, n samples. */
+static void
+sd_run(const sched_cfg_t *cfg, sd_out_t *o)
+{
+    memset(o, 0, sizeof *o);
+    engine_t e;
+    engine_open(&e, false, cfg);
+    sched_set_step_hook(e.s, NULL, NULL); /* rejected proposals step positions back */
+    const char *pat = "(?:[a-c]{1,3} )+[a-c]{1,3}\\.";
+    char err[256];
+    model_guide_t *g;
+    assert_int_equal(model_guide_new(e.m, pat, strlen(pat), &g, err, sizeof err), 0);
+    for (uint64_t id = 0; id < SD_REQ; id++) {
+        int32_t prompt[160];
+        uint32_t run = 9 + (uint32_t)id * 3, n = 0;
+        for (uint32_t rep = 0; rep < 3; rep++)
+            for (uint32_t i = 0; i < run; i++)
+                prompt[n++] = (int32_t)((id * 131 + i * 7 + (i * i) % 5) % 256);
+        for (uint32_t i = 0; i < 5; i++) /* the run's start again: the lookup's cue */
+            prompt[n++] = prompt[i];
+        int32_t ban = 'a';
+        sched_request_t r = {.id = id,
+                             .prompt = prompt,
+                             .n_prompt = n,
+                             .max_tokens = SD_MAXT,
+                             .ignore_eos = id % 5 != 4,
+                             .logprobs = id % 4 == 1,
+                             .top_logprobs = 1,
+                             .sampling = {.temperature = 0.0f, .top_p = 1.0f, .seed = 77 + id}};
+        if (id % 3 == 1) {
+            r.sampling.temperature = 0.9f;
+            r.sampling.top_p = 0.95f;
+        } else if (id % 3 == 2) {
+            r.sampling.temperature = 0.7f;
+            r.sampling.top_k = 20;
+            r.sampling.min_p = 0.02f;
+            r.sampling.repetition_penalty = 1.1f;
+        }
+        if (id == 4) {
+            r.min_tokens = 20;
+            r.min_ban = &ban;
+            r.n_min_ban = 1;
+        }
+        if (id == 7 || id == 10)
+            r.guide = g;
+        if (id == 8 || id == 10)
+            r.n = SD_IDX;
+        assert_int_equal(sched_submit(e.s, &r), 0);
+    }
+    for (int step = 0, live = 1; live > 0; step++) {
+        assert_true(step < 5000);
+        live = sched_step(e.s);
+        assert_true(live >= 0);
+        assert_true(kv_pool_check(sched_pool(e.s)));
+        sched_event_t *ev;
+        while ((ev = sched_poll(e.s)) != NULL) {
+            uint64_t id = ev->req_id;
+            uint32_t x = ev->index;
+            assert_true(id < SD_REQ && x < SD_IDX);
+            if (ev->kind == SCHED_EV_TOKEN) {
+                assert_true(o->n[id][x] < SD_MAXT);
+                uint32_t k = o->n[id][x]++;
+                o->tok[id][x][k] = ev->token;
+                assert_true(ev->has_logprobs == (id % 4 == 1));
+                if (ev->has_logprobs) {
+                    o->lp[id][x][k] = ev->lp.logprob;
+                    o->top[id][x][k] = ev->lp.top_ids[0];
+                }
+            } else if (ev->kind == SCHED_EV_FINISH) {
+                assert_int_equal(ev->error, 0);
+                o->fin[id][x] = ev->finish;
+                o->usage[id][x] = ev->usage;
+                o->preemptions += ev->usage.preemptions;
+            }
+            sched_event_free(ev);
+        }
+    }
+    sched_load_t l;
+    sched_get_load(e.s, &l);
+    o->draft = l.spec_draft_tokens;
+    o->accepted = l.spec_accepted_tokens;
+    uint64_t draft = 0, accepted = 0;
+    for (int id = 0; id < SD_REQ; id++)
+        for (int x = 0; x < SD_IDX; x++) {
+            draft += o->usage[id][x].spec_draft_tokens;
+            accepted += o->usage[id][x].spec_accepted_tokens;
+        }
+    assert_true(draft == o->draft && accepted == o->accepted);
+    if (cfg->num_speculative_tokens == 0)
+        assert_true(o->draft == 0);
+    for (int id = 7; id <= 10; id += 3) /* the guide's outputs match */
+        for (int x = 0; x < (id == 10 ? SD_IDX : 1); x++) {
+            char text[SD_MAXT + 1];
+            uint32_t n = 0;
+            for (uint32_t k = 0; k < o->n[id][x]; k++)
+                if (!model_token_is_eog(e.m, o->tok[id][x][k]))
+                    text[n++] = (char)o->tok[id][x][k];
+            text[n] = '\0';
+            assert_int_equal(o->fin[id][x], SCHED_FINISH_STOP);
+            if (!model_guide_fullmatch(g, text, n))
+                fail_msg("request %d sample %d: \"%s\"", id, x, text);
+        }
+    model_guide_free(g);
+    engine_close(&e);
+}
+
+static void
+sd_same(const sd_out_t *a, const sd_out_t *b)
+{
+    for (int id = 0; id < SD_REQ; id++)
+        for (int x = 0; x < (id == 8 || id == 10 ? SD_IDX : 1); x++) {
+            assert_int_equal(a->n[id][x], b->n[id][x]);
+            assert_memory_equal(a->tok[id][x], b->tok[id][x], a->n[id][x] * sizeof(int32_t));
+            assert_int_equal(a->fin[id][x], b->fin[id][x]);
+            assert_int_equal(a->usage[id][x].completion_tokens, b->usage[id][x].completion_tokens);
+            for (uint32_t k = 0; k < a->n[id][x]; k++) {
+                assert_true(fabsf(a->lp[id][x][k] - b->lp[id][x][k]) < 1e-4f);
+                assert_int_equal(a->top[id][x][k], b->top[id][x][k]);
+            }
+        }
+}
+
+/* Speculative decoding by prompt lookup changes no output: the mix of
+ * sd_run gives the same tokens, finish reasons and logprobs with it as
+ * without it (seeded draws included, since each token is drawn from its
+ * own row with the sampler in the same state), proposals were both
+ * accepted and rejected, and a pool small enough to preempt changes
+ * nothing either. */
+static void
+test_spec_decode_same_outputs(void **state)
+{
+    (void)state;
+    static sd_out_t plain, spec, tight;
+    sched_cfg_t cfg = {.max_num_seqs = 16,
+                       .max_num_batched_tokens = 512,
+                       .block_tokens = 16,
+                       .n_blocks = 256,
+                       .kv_dtype = KERN_F32};
+    sd_run(&cfg, &plain);
+    cfg.num_speculative_tokens = 5;
+    cfg.prompt_lookup_max = 3;
+    cfg.prompt_lookup_min = 1;
+    sd_run(&cfg, &spec);
+    sd_same(&plain, &spec);
+    assert_true(spec.accepted > 0 && spec.accepted < spec.draft);
+    cfg.num_speculative_tokens = SCHED_MAX_SPEC_TOKENS;
+    cfg.max_num_batched_tokens = 96;
+    cfg.block_tokens = 8;
+    cfg.n_blocks = 48;
+    cfg.prompt_logprob_rows = 8;
+    sd_run(&cfg, &tight);
+    sd_same(&plain, &tight);
+    assert_true(tight.accepted > 0 && tight.preemptions > 0);
+    fprintf(stderr,
+            "spec decode: %llu of %llu proposed accepted (tight pool: %llu of %llu, %llu "
+            "preemptions)\n",
+            (unsigned long long)spec.accepted, (unsigned long long)spec.draft,
+            (unsigned long long)tight.accepted, (unsigned long long)tight.draft,
+            (unsigned long long)tight.preemptions);
+    /* Out of range settings are refused. */
+    engine_t e;
+    memset(&e, 0, sizeof e);
+    kern_backend_cfg_t bc = {.n_threads = 1};
+    assert_int_equal(kern_backend_new("cpu", &bc, &e.be), 0);
+    char err[256];
+    assert_int_equal(model_load(model_path, e.be, &e.m, err, sizeof err), 0);
+    sched_cfg_t bad = {.n_blocks = 8, .num_speculative_tokens = SCHED_MAX_SPEC_TOKENS + 1};
+    assert_int_equal(sched_new(e.m, &bad, &e.s), KVS_EINVAL);
+    bad = (sched_cfg_t){
+        .n_blocks = 8, .num_speculative_tokens = 2, .prompt_lookup_max = 2, .prompt_lookup_min = 3};
+    assert_int_equal(sched_new(e.m, &bad, &e.s), KVS_EINVAL);
+    bad.prompt_lookup_max = SCHED_MAX_PROMPT_LOOKUP + 1;
+    assert_int_equal(sched_new(e.m, &bad, &e.s), KVS_EINVAL);
+    model_free(e.m);
+    kern_backend_free(e.be);
+}
+
 int
 main(void)
 {
@@ -1324,6 +1517,7 @@ main(void)
         cmocka_unit_test(test_prompt_logprobs_preempted),
         cmocka_unit_test(test_device_failure),
         cmocka_unit_test(test_engine_thread),
+        cmocka_unit_test(test_spec_decode_same_outputs),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -148,6 +148,7 @@ test_empty(void **state)
     assert_true(sample(t, "kvserve_kv_cache_usage_perc") == 0.0);
     assert_true(sample(t, "kvserve_device_failed") == 0);
     assert_true(sample(t, "kvserve_request_success_total{finished_reason=\"stop\"}") == 0.0);
+    assert_true(sample(t, "kvserve_spec_decode_num_draft_tokens_total") == 0);
     check_histogram(t, "kvserve_time_to_first_token_seconds", 0);
     check_histogram(t, "kvserve_spec_prefill_keep_ratio", 0);
     free(t);
@@ -195,6 +196,8 @@ test_observations(void **state)
                       .busy_ns = 1500000000,
                       .prefix_queried_tokens = 85,
                       .prefix_hit_tokens = 32,
+                      .spec_draft_tokens = 50,
+                      .spec_accepted_tokens = 31,
                       .device_failed = true};
     char *t = render(&d, &l);
     check_structure(t);
@@ -222,6 +225,8 @@ test_observations(void **state)
     assert_true(sample(t, "kvserve_kv_swaps_total{direction=\"in\"}") == 1);
     assert_true(sample(t, "kvserve_kv_compactions_total{policy=\"snapkv\"}") == 4);
     assert_true(sample(t, "kvserve_kv_compactions_total{policy=\"h2o\"}") == 6);
+    assert_true(sample(t, "kvserve_spec_decode_num_draft_tokens_total") == 50);
+    assert_true(sample(t, "kvserve_spec_decode_num_accepted_tokens_total") == 31);
     assert_true(sample(t, "kvserve_engine_steps_total") == 77);
     assert_true(sample(t, "kvserve_engine_busy_seconds_total") == 1.5);
 
