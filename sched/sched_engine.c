@@ -89,6 +89,7 @@ typedef struct req {
     uint32_t n_sched;  /* tokens given this step (0: not scheduled) */
     uint32_t n_spec;   /* of them, prompt lookup's proposal (at tokens[n_tokens..]) */
     uint32_t spec_len; /* the longest proposal it makes now (0: not set yet) */
+    uint32_t spec_wait, spec_misses; /* steps to go without one; proposals missed in a row */
     sched_usage_t usage;
     uint64_t t_submit, t_first_token;
     model_attn_policy_t attn;
@@ -653,13 +654,17 @@ schedule_running(sched_t *s, req_t *r, uint32_t n)
  * and the model length.  Policies that rewrite the KV each step (H2O,
  * sink eviction) and forced tokens still due take none. */
 static uint32_t
-spec_room(const sched_t *s, const req_t *r)
+spec_room(const sched_t *s, req_t *r)
 {
     if (s->cfg.num_speculative_tokens == 0 || r->h2o_q || r->kv.kind == SCHED_KV_SINK_EVICTION ||
         r->kv.kind == SCHED_KV_H2O || r->n_tokens <= r->n_prompt ||
         r->n_tokens - r->n_prompt < r->n_forced || r->table == NULL ||
         r->n_computed + 1 != r->n_tokens)
         return 0;
+    if (r->spec_wait) {
+        r->spec_wait--;
+        return 0;
+    }
     uint64_t end = (uint64_t)r->n_prompt + r->max_tokens;
     if (end > s->cfg.max_model_len)
         end = s->cfg.max_model_len;
@@ -1429,6 +1434,11 @@ spec_verify(sched_t *s, req_t *r, float *rows, uint64_t now)
      * num_speculative_tokens. */
     uint32_t k = s->cfg.num_speculative_tokens;
     r->spec_len = a < d ? a + 1 : d + 2 < k ? d + 2 : k;
+    /* Lookups whose first token keeps missing back off: after the second
+     * miss in a row 1, 2, 4, then 8 steps without one, so text the prompt
+     * does not foretell costs few rows. */
+    r->spec_misses = a ? 0 : r->spec_misses + 1;
+    r->spec_wait = r->spec_misses < 2 ? 0 : 1u << (r->spec_misses < 5 ? r->spec_misses - 2 : 3);
     /* Before sealing, so no quantized block holds a rejected entry. */
     if (a < d)
         kv_table_truncate(r->table, kv_table_len(r->table) - (d - a));
