@@ -7,7 +7,8 @@
 # test_batch_invariance on cuda (the same logits alone, batched, chunked,
 # over scrambled blocks, through a forked prefix); the engine
 # on the tiny random model, cuda against cpu logits (f32 KV, q8_0 KV with
-# blocks sealed, f32 KV with CUDA graphs, f16 KV with chunked prefill);
+# blocks sealed, f32 KV with CUDA graphs, f16 KV with chunked prefill;
+# the bundled model with speculative decoding on cuda);
 # then bench/bench_gpu.c, whose tables come last.
 #
 #   bench/gpu/check.sh [OUT_DIR]        (default .gpu-out)
@@ -225,6 +226,21 @@ engine() {
         printf '%s KV%s: ' "$kvd" "$extra"
         python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || return 1
     done
+    # Speculative decoding by prompt lookup on cuda (proposals verified
+    # several rows a step, rejected entries truncated) against plain
+    # decoding on cpu: the bundled model, on a text it goes on repeating,
+    # so that proposals are accepted.
+    for dev in cpu cuda; do
+        flags=
+        [ $dev = cuda ] && flags="--num-speculative-tokens 4"
+        # shellcheck disable=SC2086 # $flags is zero or more words
+        LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" run --model weights/kvserve-main.gguf \
+            --prompt "The grass is green. The sky is blue. The sun is yellow. The grass is" \
+            --max-tokens 48 --temperature 0 --ignore-eos --kv-cache-dtype f16 --device $dev \
+            $flags --logits-out "$SCRATCH/logits-$dev.npy" >/dev/null || return 1
+    done
+    printf 'f16 KV --num-speculative-tokens 4 (bundled model): '
+    python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || return 1
 }
 t=$(date +%s)
 if engine >"$OUT/engine.log" 2>&1; then
