@@ -20,11 +20,13 @@ Prints a summary and writes it, with the RSS samples, to --json
 ten minutes.  Usage:
   bench/soak.py [--build build] [--model weights/kvserve-main.gguf]
                 [--duration 600] [--concurrency 1000] [--threads N]
+                [--serve-flags '--num-speculative-tokens 4 ...']
 """
 import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -69,6 +71,8 @@ def main():
     ap.add_argument("--cancel-fraction", type=float, default=0.1)
     ap.add_argument("--deadline-fraction", type=float, default=0.1)
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "out", "soak.json"))
+    ap.add_argument("--serve-flags", default="",
+                    help="more flags for kvserve serve (one string, split like a shell)")
     a = ap.parse_args()
     kvserve = os.path.join(a.build, "kvserve")
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
@@ -81,6 +85,7 @@ def main():
                  "--metrics-port", "0", "--threads", str(a.threads),
                  "--max-queued-requests", str(2 * a.concurrency),
                  "--max-concurrent-streams", str(4 * a.concurrency), "--drain-timeout", "30"]
+    serve_cmd += shlex.split(a.serve_flags)
     log = open(os.path.join(work, "server.log"), "w")
     srv = subprocess.Popen(serve_cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     addr = mport = None

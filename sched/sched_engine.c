@@ -86,9 +86,9 @@ typedef struct req {
     kv_table_t *table;
     req_state_t state;
     struct req *prev, *next;
-    uint32_t n_sched;  /* tokens given this step (0: not scheduled) */
-    uint32_t n_spec;   /* of them, prompt lookup's proposal (at tokens[n_tokens..]) */
-    uint32_t spec_len; /* the longest proposal it makes now (0: not set yet) */
+    uint32_t n_sched;                /* tokens given this step (0: not scheduled) */
+    uint32_t n_spec;                 /* of them, prompt lookup's proposal (at tokens[n_tokens..]) */
+    uint32_t spec_len;               /* the longest proposal it makes now (0: not set yet) */
     uint32_t spec_wait, spec_misses; /* steps to go without one; proposals missed in a row */
     sched_usage_t usage;
     uint64_t t_submit, t_first_token;
@@ -710,11 +710,19 @@ spec_propose(const sched_t *s, req_t *r, uint32_t room)
 
 /* Schedules decoding request r with its proposal, when it has one whose
  * KV fits now: a proposal never preempts anyone (r then decodes one
- * token the usual way). */
+ * token the usual way).  When free blocks are fewer than the running
+ * requests, it stays inside the blocks r holds, so that it takes no block
+ * another's decode may need this step (and preempt for). */
 static bool
 schedule_spec(sched_t *s, req_t *r)
 {
     uint32_t room = spec_room(s, r);
+    if (room && kv_pool_n_free(s->pool) <= s->running.n) {
+        uint64_t held = (uint64_t)kv_table_n_blocks(r->table) * s->cfg.block_tokens;
+        uint64_t len = kv_table_len(r->table) + 1; /* with the last token */
+        uint64_t inside = held > len ? held - len : 0;
+        room = inside < room ? (uint32_t)inside : room;
+    }
     uint32_t d = room ? spec_propose(s, r, room) : 0;
     if (d == 0 || kv_table_reserve(r->table, 1 + d) != 0)
         return false;
