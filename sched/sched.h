@@ -281,7 +281,8 @@ typedef struct sched_cfg {
      * steps are saved.  The proposals take token budget and logit rows
      * (prompt_logprob_rows') and never preempt: a request whose proposal
      * does not fit decodes one token.  Not for requests with H2O or sink
-     * eviction, nor while forced tokens remain.  At most
+     * eviction.  Forced tokens still due are proposed as they are (so
+     * teacher forcing scores up to num_speculative_tokens + 1 a step).  At most
      * SCHED_MAX_SPEC_TOKENS; the lookup lengths default to 4 and 2. */
     uint32_t num_speculative_tokens;
     uint32_t prompt_lookup_max, prompt_lookup_min;

@@ -652,13 +652,12 @@ schedule_running(sched_t *s, req_t *r, uint32_t n)
  * the rows must be free (token budget, logit rows), and every proposal
  * accepted plus the token drawn after them must stay within max_tokens
  * and the model length.  Policies that rewrite the KV each step (H2O,
- * sink eviction) and forced tokens still due take none. */
+ * sink eviction) take none. */
 static uint32_t
 spec_room(const sched_t *s, req_t *r)
 {
     if (s->cfg.num_speculative_tokens == 0 || r->h2o_q || r->kv.kind == SCHED_KV_SINK_EVICTION ||
-        r->kv.kind == SCHED_KV_H2O || r->n_tokens <= r->n_prompt ||
-        r->n_tokens - r->n_prompt < r->n_forced || r->table == NULL ||
+        r->kv.kind == SCHED_KV_H2O || r->n_tokens <= r->n_prompt || r->table == NULL ||
         r->n_computed + 1 != r->n_tokens)
         return 0;
     if (r->spec_wait) {
@@ -678,8 +677,8 @@ spec_room(const sched_t *s, req_t *r)
     return (uint32_t)room;
 }
 
-/* Prompt lookup: the longest run of r's last tokens, prompt_lookup_max
- * down to prompt_lookup_min of them, that occurred before (its latest
+/* Prompt lookup (or the forced tokens still due): the longest run of r's last tokens,
+ * prompt_lookup_max down to prompt_lookup_min of them, that occurred before (its latest
  * occurrence), and the at most `room` tokens that followed it there,
  * written after r's tokens (nothing reads past n_tokens).  Latest, since
  * an output repeating itself or the text just quoted is the likeliest to
@@ -689,6 +688,12 @@ spec_propose(const sched_t *s, req_t *r, uint32_t room)
 {
     int32_t *t = r->tokens;
     const uint32_t n = r->n_tokens, gmax = s->cfg.prompt_lookup_max;
+    if (n - r->n_prompt < r->n_forced) {
+        /* Forced tokens still due are a proposal that holds: they wait
+         * where they will stand (teacher forcing, scored a few a step). */
+        uint32_t due = r->n_prompt + r->n_forced - n;
+        return due < room ? due : room;
+    }
     uint32_t best = 0, at = 0; /* the match's length, and where what followed it starts */
     for (uint32_t j = n - 1; j >= 1 && best < gmax; j--) {
         if (t[j - 1] != t[n - 1])

@@ -10,7 +10,9 @@
  * window's first tokens are its prompt, prefilled as the policy says
  * (sparse prefill, eviction, compression, quantized KV), and the scored
  * tokens are fed one at a time as teacher-forced output
- * (sched_request_t.forced): what decoding after that prefill sees.
+ * (sched_request_t.forced): what decoding after that prefill sees
+ * (--num-speculative-tokens N feeds them N + 1 a step, as verified
+ * proposals, with the same rows up to batching's rounding).
  * --scoring prefill: the window but its last token is the prompt, and the
  * scored tokens get its last rows' prompt_logprobs (the last token forced
  * after it, from the prompt's last row): what the policy's own prefill
@@ -33,7 +35,8 @@ static const char ppl_usage[] =
     "                          [--max-num-batched-tokens N] [--block-size N]\n"
     "                          [--kv-cache-dtype ... and the KV flags as eval]\n"
     "                          [--attention ... as eval] [--scoring decode|prefill]\n"
-    "                          [--json FILE]\n";
+    "                          [--num-speculative-tokens N (teacher forcing N + 1 tokens a\n"
+    "                           step)] [--json FILE]\n";
 
 #define MAX_CTX 16
 
@@ -44,6 +47,7 @@ typedef struct ppl_opts {
     bool prefill_scoring; /* --scoring prefill */
     srv_engine_opts_t eng;
     srv_kv_opts_t kv;
+    srv_specdec_opts_t specdec;
     model_attn_policy_t attn;
 } ppl_opts_t;
 
@@ -84,6 +88,7 @@ parse_opts(int argc, char **argv, ppl_opts_t *o)
         SRV_ATTN_LONGOPTS,
         SRV_KV_LONGOPTS,
         SRV_ENGINE_LONGOPTS,
+        SRV_SPECDEC_LONGOPTS,
         {0, 0, 0, 0},
     };
     *o = (ppl_opts_t){.eng = SRV_ENGINE_DEFAULT,
@@ -137,7 +142,8 @@ parse_opts(int argc, char **argv, ppl_opts_t *o)
         default:
             if ((rc = srv_attn_opt(C, c, optarg, &o->attn)) == 1 &&
                 (rc = srv_kv_opt(C, c, optarg, &o->kv)) == 1 &&
-                (rc = srv_engine_opt(C, c, optarg, &o->eng)) == 1) {
+                (rc = srv_engine_opt(C, c, optarg, &o->eng)) == 1 &&
+                (rc = srv_specdec_opt(C, c, optarg, &o->specdec)) == 1) {
                 fprintf(stderr, "kvserve perplexity: unknown or incomplete option '%s'\n%s",
                         argv[optind - 1], ppl_usage);
                 return KVS_EINVAL;
@@ -167,7 +173,8 @@ parse_opts(int argc, char **argv, ppl_opts_t *o)
             return KVS_EINVAL;
         }
     }
-    if (srv_attn_finish(C, &o->attn) || srv_kv_finish(C, &o->kv, o->eng.block_size)) {
+    if (srv_attn_finish(C, &o->attn) || srv_kv_finish(C, &o->kv, o->eng.block_size) ||
+        srv_specdec_finish(C, &o->specdec)) {
         fputs(ppl_usage, stderr);
         return KVS_EINVAL;
     }
@@ -329,6 +336,7 @@ srv_cmd_perplexity(int argc, char **argv)
         }
     }
     sched_cfg_t scfg = srv_engine_cfg(&o.eng, &o.kv, max_ctx);
+    srv_specdec_apply(&o.specdec, &scfg);
     if ((w = calloc(cap_w, sizeof *w)) == NULL)
         goto out;
     if ((rc = sched_new(m, &scfg, &s))) {

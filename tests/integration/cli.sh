@@ -217,6 +217,9 @@ if [ -f "$BUNDLED" ]; then
     # the teacher-forced decode's numbers.
     e=$(ppl "$W/rand.txt" --scoring prefill); f=$(ppl "$W/rand.txt" --scoring prefill --attention sink-window --attn-window 4096)
     if python3 -c "import sys; b, e, f = map(float, sys.argv[1:]); sys.exit(not (abs(b - e) < 1e-4 and abs(b - f) < 1e-4))" "$b" "$e" "$f"; then ok; else bad "perplexity: decode $b, prefill-scored $e, with a full window $f"; fi
+    # Forced tokens fed several a step as verified proposals score the same.
+    g=$(ppl "$W/rand.txt" --num-speculative-tokens 8)
+    if python3 -c "import sys; b, g = map(float, sys.argv[1:]); sys.exit(not abs(b - g) < 1e-4)" "$b" "$g"; then ok; else bad "perplexity: decode $b, with --num-speculative-tokens 8 $g"; fi
     expect 2 "perplexity bad scoring" "$K" perplexity --text abc --scoring both
     contains "decode or prefill"
     # --json -: stdout is the one JSON document, the table on stderr.

@@ -1345,7 +1345,7 @@ sd_run(const sched_cfg_t *cfg, sd_out_t *o)
                              .n_prompt = n,
                              .max_tokens = SD_MAXT,
                              .ignore_eos = id % 5 != 4,
-                             .logprobs = id % 4 == 1,
+                             .logprobs = id % 4 == 1 || id == 11,
                              .top_logprobs = 1,
                              .sampling = {.temperature = 0.0f, .top_p = 1.0f, .seed = 77 + id}};
         if (id % 3 == 1) {
@@ -1366,6 +1366,13 @@ sd_run(const sched_cfg_t *cfg, sd_out_t *o)
             r.guide = g;
         if (id == 8 || id == 10)
             r.n = SD_IDX;
+        int32_t forced[30];
+        if (id == 11) { /* teacher forcing, an EOS among the tokens */
+            for (int i = 0; i < 30; i++)
+                forced[i] = i == 9 ? model_vocab_eos(model_vocab(e.m)) : prompt[i % 20];
+            r.forced = forced;
+            r.n_forced = 30;
+        }
         assert_int_equal(sched_submit(e.s, &r), 0);
     }
     for (int step = 0, live = 1; live > 0; step++) {
@@ -1382,7 +1389,7 @@ sd_run(const sched_cfg_t *cfg, sd_out_t *o)
                 assert_true(o->n[id][x] < SD_MAXT);
                 uint32_t k = o->n[id][x]++;
                 o->tok[id][x][k] = ev->token;
-                assert_true(ev->has_logprobs == (id % 4 == 1));
+                assert_true(ev->has_logprobs == (id % 4 == 1 || id == 11));
                 if (ev->has_logprobs) {
                     o->lp[id][x][k] = ev->lp.logprob;
                     o->top[id][x][k] = ev->lp.top_ids[0];
@@ -1444,7 +1451,8 @@ sd_same(const sd_out_t *a, const sd_out_t *b)
 /* Speculative decoding by prompt lookup changes no output: the mix of
  * sd_run gives the same tokens, finish reasons and logprobs with it as
  * without it (seeded draws included, since each token is drawn from its
- * own row with the sampler in the same state), proposals were both
+ * own row with the sampler in the same state; teacher forcing scores the
+ * forced tokens a few a step and gets their logprobs), proposals were both
  * accepted and rejected, and a pool small enough to preempt changes
  * nothing either. */
 static void
@@ -1464,6 +1472,8 @@ test_spec_decode_same_outputs(void **state)
     sd_run(&cfg, &spec);
     sd_same(&plain, &spec);
     assert_true(spec.accepted > 0 && spec.accepted < spec.draft);
+    /* Forced tokens are proposed as they are, and hold. */
+    assert_true(spec.usage[11][0].spec_accepted_tokens >= 20);
     cfg.num_speculative_tokens = SCHED_MAX_SPEC_TOKENS;
     cfg.max_num_batched_tokens = 96;
     cfg.block_tokens = 8;
