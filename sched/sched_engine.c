@@ -29,6 +29,13 @@
  * request itself waits.  Admission never preempts.  Nothing here locks:
  * only the inbox and outbox cross threads.
  *
+ * Speculative decoding by prompt lookup (sched_cfg_t.num_speculative_tokens)
+ * turns a decode into a short chunk: the last token and the tokens that
+ * followed the latest earlier occurrence of the sequence's last few, all
+ * with logits; the request draws from those rows in order while the
+ * proposal holds and truncates its KV past what it kept.  Proposals come
+ * after the decodes' own tokens in the budget and never preempt.
+ *
  * A request of n samples runs as sample 0 until its first logits; then
  * samples 1..n-1 are made from it (req_clone), fork its KV and sample the
  * same row, and from there every sample is a request of its own that
