@@ -279,8 +279,9 @@ typedef struct sched_cfg {
      * (same logits up to batching's rounding, same sampler state, seed
      * included), so outputs and their distribution do not change; only
      * steps are saved.  The proposals take token budget and logit rows
-     * (prompt_logprob_rows') and never preempt: a request whose proposal
-     * does not fit decodes one token.  Not for requests with H2O or sink
+     * (prompt_logprob_rows') that every decode's own token leaves, and
+     * never preempt: a request whose proposal does not fit decodes one
+     * token.  Not for requests with H2O or sink
      * eviction.  Forced tokens still due are proposed as they are (so
      * teacher forcing scores up to num_speculative_tokens + 1 a step).  At most
      * SCHED_MAX_SPEC_TOKENS; the lookup lengths default to 4 and 2. */

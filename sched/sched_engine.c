@@ -177,6 +177,7 @@ struct sched {
     uint64_t *step_ids;
     uint32_t n_steps, budget;
     uint32_t plp_left; /* prompt_logprob_rows still free this step */
+    uint32_t dec_left; /* decodes planning has still to reach (proposals leave them budget) */
     sched_step_hook_fn hook;
     void *hook_arg;
     sched_logits_hook_fn logits_hook;
@@ -677,8 +678,9 @@ spec_room(const sched_t *s, req_t *r)
     uint64_t room = end > r->n_tokens ? end - r->n_tokens - 1 : 0;
     if (room > (r->spec_len ? r->spec_len : s->cfg.num_speculative_tokens))
         room = r->spec_len ? r->spec_len : s->cfg.num_speculative_tokens;
-    if (room > s->budget - 1)
-        room = s->budget - 1;
+    uint32_t spare = s->budget > 1 + s->dec_left ? s->budget - 1 - s->dec_left : 0;
+    if (room > spare)
+        room = spare;
     if (room > s->plp_left)
         room = s->plp_left;
     return (uint32_t)room;
@@ -783,9 +785,11 @@ plan(sched_t *s)
     /* Snapshot: preemption edits the running list while we walk it. */
     uint32_t n_run = 0;
     req_t **snap = s->sched_reqs + s->cfg.max_num_seqs; /* second half of the array */
+    s->dec_left = 0;
     for (req_t *r = s->running.head; r; r = r->next) {
         r->n_sched = 0;
         snap[n_run++] = r;
+        s->dec_left += need_of(r) == 1;
     }
     for (int pass = 0; pass < 2; pass++) {
         for (uint32_t i = 0; i < n_run && s->budget > 0; i++) {
@@ -795,8 +799,11 @@ plan(sched_t *s)
             uint32_t need = need_of(r);
             if ((pass == 0) != (need == 1))
                 continue; /* decodes in pass 0, prefill chunks in pass 1 */
-            if (pass == 0 && schedule_spec(s, r))
-                continue;
+            if (pass == 0) {
+                s->dec_left--; /* r itself is being served */
+                if (schedule_spec(s, r))
+                    continue;
+            }
             uint32_t n = chunk_of(s, r, need < s->budget ? need : s->budget);
             if (n && !schedule_running(s, r, n)) {
                 /* r was preempted or failed; later snapshot entries may be

@@ -1506,6 +1506,75 @@ test_spec_decode_same_outputs(void **state)
     kern_backend_free(e.be);
 }
 
+/* Proposals never take a decode's place: with a token budget of one
+ * token per running request, every request that is decoding is in every
+ * step, while proposals still run (in steps with fewer decoders). */
+typedef struct dec_watch {
+    uint32_t decoding;
+    bool missed;
+} dec_watch_t;
+
+static void
+watch_decodes(void *arg, const model_batch_t *b, const uint64_t *ids)
+{
+    (void)ids;
+    dec_watch_t *w = arg;
+    if (b->pt.n_seqs < w->decoding)
+        w->missed = true;
+}
+
+static void
+test_spec_decode_keeps_decodes(void **state)
+{
+    (void)state;
+    sched_cfg_t cfg = {.max_num_seqs = 8,
+                       .max_num_batched_tokens = 8,
+                       .block_tokens = 16,
+                       .n_blocks = 64,
+                       .kv_dtype = KERN_F32,
+                       .num_speculative_tokens = 4,
+                       .prompt_lookup_min = 1};
+    engine_t e;
+    engine_open(&e, false, &cfg);
+    dec_watch_t w = {0};
+    sched_set_step_hook(e.s, watch_decodes, &w);
+    bool started[8] = {0};
+    for (uint64_t id = 0; id < 8; id++) {
+        int32_t prompt[12];
+        for (int i = 0; i < 12; i++)
+            prompt[i] = (int32_t)(65 + (i + (int)id) % 3);
+        sched_request_t r = {.id = id,
+                             .prompt = prompt,
+                             .n_prompt = 4 + (uint32_t)id,
+                             .max_tokens = 24,
+                             .ignore_eos = true,
+                             .sampling = {.temperature = 0.0f, .top_p = 1.0f}};
+        assert_int_equal(sched_submit(e.s, &r), 0);
+    }
+    uint32_t finished = 0;
+    for (int step = 0; finished < 8; step++) {
+        assert_true(step < 1000);
+        assert_true(sched_step(e.s) >= 0);
+        sched_event_t *ev;
+        while ((ev = sched_poll(e.s)) != NULL) {
+            if (ev->kind == SCHED_EV_TOKEN && !started[ev->req_id]) {
+                started[ev->req_id] = true;
+                w.decoding++;
+            } else if (ev->kind == SCHED_EV_FINISH) {
+                assert_int_equal(ev->finish, SCHED_FINISH_LENGTH);
+                w.decoding--;
+                finished++;
+            }
+            sched_event_free(ev);
+        }
+    }
+    assert_false(w.missed);
+    sched_load_t l;
+    sched_get_load(e.s, &l);
+    assert_true(l.spec_accepted_tokens > 0);
+    engine_close(&e);
+}
+
 int
 main(void)
 {
@@ -1528,6 +1597,7 @@ main(void)
         cmocka_unit_test(test_device_failure),
         cmocka_unit_test(test_engine_thread),
         cmocka_unit_test(test_spec_decode_same_outputs),
+        cmocka_unit_test(test_spec_decode_keeps_decodes),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
