@@ -268,23 +268,24 @@ typedef struct sched_cfg {
      * (model_ctx_set_graphs); no effect on host backends. */
     bool cuda_graphs;
     /* Speculative decoding by prompt lookup (vLLM's "ngram" method,
-     * llama.cpp's lookup decoding), 0: off.  A decoding request whose
-     * last g tokens (g from prompt_lookup_max down to prompt_lookup_min)
-     * occurred before in its prompt or output proposes the up to
+     * llama.cpp's lookup decoding), 0: off. A decoding request whose last g
+     * tokens (g from prompt_lookup_max down to prompt_lookup_min) occurred
+     * before in its prompt or output proposes the up to
      * num_speculative_tokens tokens that followed the latest such
      * occurrence; one forward pass computes them with the last token, and
-     * the request draws from each row in turn, keeping a proposed token
-     * only while it is the token drawn, and the first drawn token that
-     * differs.  Every token is drawn as plain decoding would draw it
-     * (same logits up to batching's rounding, same sampler state, seed
-     * included), so outputs and their distribution do not change; only
-     * steps are saved.  The proposals take token budget and logit rows
-     * (prompt_logprob_rows') that every decode's own token leaves, and
-     * never preempt: a request whose proposal does not fit decodes one
-     * token.  Not for requests with H2O or sink
-     * eviction.  Forced tokens still due are proposed as they are (so
-     * teacher forcing scores up to num_speculative_tokens + 1 a step).  At most
-     * SCHED_MAX_SPEC_TOKENS; the lookup lengths default to 4 and 2. */
+     * the request draws from each row in turn, keeping a proposed token only
+     * while it is the token drawn, and the first drawn token that differs.
+     * Every token is drawn as plain decoding would draw it (same logits up
+     * to batching's rounding, same sampler state, seed included), so outputs
+     * and their distribution do not change; only steps are saved. (With a KV
+     * codec a proposal's rows read blocks its plain decode would find sealed
+     * still in full precision: the codec's rounding, not more.) The
+     * proposals take token budget and logit rows (prompt_logprob_rows') that
+     * every decode's own token leaves, and never preempt: a request whose
+     * proposal does not fit decodes one token. Not for requests with H2O or
+     * sink eviction. Forced tokens still due are proposed as they are (so
+     * teacher forcing scores up to num_speculative_tokens + 1 a step). At
+     * most SCHED_MAX_SPEC_TOKENS; the lookup lengths default to 4 and 2. */
     uint32_t num_speculative_tokens;
     uint32_t prompt_lookup_max, prompt_lookup_min;
     /* Speculative prefill's draft model (NULL: none), on the main model's
