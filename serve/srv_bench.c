@@ -786,6 +786,8 @@ req_message(bench_t *b, bench_req_t *r, const Kvserve__V1__GenerateResponse *m)
         r->has_usage = true;
         r->usage_prompt = m->usage->prompt_tokens;
         r->usage_cached = m->usage->cached_prompt_tokens;
+        r->usage_spec_draft += m->usage->spec_draft_tokens;
+        r->usage_spec_accepted += m->usage->spec_accepted_tokens;
     }
 }
 

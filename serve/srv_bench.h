@@ -67,6 +67,7 @@ typedef struct bench_req {
     bool started, parse_error;
     double t0, t_first, t_last, t_end;
     uint32_t tokens, usage_prompt, usage_cached;
+    uint32_t usage_spec_draft, usage_spec_accepted; /* summed over the outputs */
     bool has_usage;
     double *itl; /* ms, one per token after the first message's (each output's) */
     size_t n_itl, cap_itl;

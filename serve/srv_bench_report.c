@@ -56,6 +56,7 @@ typedef struct summary {
     stat5_t st[L_COUNT];
     uint32_t started, ok, cancelled, deadline, unintended;
     uint64_t out_tokens, in_tokens, cached_tokens;
+    uint64_t spec_draft, spec_accepted; /* speculative decoding's, from the usages */
     double duration;
     uint32_t errors[SRV_GRPC_CODES + 1]; /* unintended endings by status */
 } summary_t;
@@ -109,6 +110,8 @@ bench_summarize(const bench_t *b, summary_t *s)
         s->out_tokens += r->tokens;
         s->in_tokens += r->has_usage ? r->usage_prompt : r->n_prompt;
         s->cached_tokens += r->usage_cached;
+        s->spec_draft += r->usage_spec_draft;
+        s->spec_accepted += r->usage_spec_accepted;
         s->v[L_E2E][n[L_E2E]++] = (r->t_end - r->t0) * 1e3;
         if (r->tokens) {
             s->v[L_TTFT][n[L_TTFT]++] = (r->t_first - r->t0) * 1e3;
@@ -163,6 +166,11 @@ print_summary(const bench_t *b, const summary_t *s)
     printf("%-32s %llu (%.1f%%)\n", "Cached input tokens:", (unsigned long long)s->cached_tokens,
            s->in_tokens ? 100.0 * (double)s->cached_tokens / (double)s->in_tokens : 0.0);
     printf("%-32s %llu\n", "Total output tokens:", (unsigned long long)s->out_tokens);
+    if (s->spec_draft) /* the server speculates */
+        printf("%-32s %llu of %llu (%.1f%%)\n",
+               "Speculative tokens accepted:", (unsigned long long)s->spec_accepted,
+               (unsigned long long)s->spec_draft,
+               100.0 * (double)s->spec_accepted / (double)s->spec_draft);
     printf("%-32s %.2f\n", "Request throughput (req/s):", s->ok / d);
     printf("%-32s %.2f\n", "Output token throughput (tok/s):", (double)s->out_tokens / d);
     printf("%-32s %u\n", "Peak requests in flight:", b->max_in_flight);
@@ -254,12 +262,14 @@ write_json(const bench_t *b, const summary_t *s)
             "\"request_throughput\": %.4f, \"output_throughput\": %.4f, "
             "\"total_input_tokens\": %llu, \"cached_input_tokens\": %llu, "
             "\"cached_share\": %.6f, \"total_output_tokens\": %llu, \"max_in_flight\": %u, "
-            "\"in_flight_cap_hits\": %llu, ",
+            "\"in_flight_cap_hits\": %llu, \"spec_draft_tokens\": %llu, "
+            "\"spec_accepted_tokens\": %llu, ",
             s->started, s->ok, s->cancelled, s->deadline, s->unintended, s->duration, s->ok / d,
             (double)s->out_tokens / d, (unsigned long long)s->in_tokens,
             (unsigned long long)s->cached_tokens,
             s->in_tokens ? (double)s->cached_tokens / (double)s->in_tokens : 0.0,
-            (unsigned long long)s->out_tokens, b->max_in_flight, (unsigned long long)b->cap_hits);
+            (unsigned long long)s->out_tokens, b->max_in_flight, (unsigned long long)b->cap_hits,
+            (unsigned long long)s->spec_draft, (unsigned long long)s->spec_accepted);
     fprintf(f, "\"errors\": {");
     bool first = true;
     for (unsigned c = 0; c <= SRV_GRPC_CODES; c++)

@@ -2170,6 +2170,16 @@ def check_spec_decode(kvserve, model, work):
         report("10 spec decode: a seeded top-p draw == run's without it",
                o["code"] is None and o["tokens"] == ref_ids,
                "%s; run exit %d" % (describe(o), ref.returncode))
+        rc, out, doc = run_bench_json(kvserve, srv.addr, work, "spec",
+                                      ["--num-requests", "6", "--concurrency", "3",
+                                       "--input-len", "96", "--output-len", "48", "--n", "2"])
+        sm = doc["summary"] if doc else {}
+        report("10 spec decode: kvserve bench sums the outputs' proposals and acceptances",
+               rc == 0 and sm.get("spec_draft_tokens", 0) > 0
+               and 0 < sm.get("spec_accepted_tokens", 0) <= sm["spec_draft_tokens"]
+               and "Speculative tokens accepted:" in out,
+               "exit %d, draft %s, accepted %s" % (rc, sm.get("spec_draft_tokens"),
+                                                   sm.get("spec_accepted_tokens")))
         ok, last = wait_idle(api)
         report("10 spec decode: every KV block free afterwards", ok, load_str(last))
     finally:
