@@ -278,8 +278,9 @@ typedef struct sched_cfg {
      * Every token is drawn as plain decoding would draw it (same logits up
      * to batching's rounding, same sampler state, seed included), so outputs
      * and their distribution do not change; only steps are saved. (With a KV
-     * codec a proposal's rows read blocks its plain decode would find sealed
-     * still in full precision: the codec's rounding, not more.) The
+     * codec, rows read blocks sealed at other moments than plain decoding
+     * (and prefill chunks, which proposals' budget changes, seal between
+     * them): the codec's rounding, not more.) The
      * proposals take token budget and logit rows (prompt_logprob_rows') that
      * every decode's own token leaves, and never preempt: a request whose
      * proposal does not fit decodes one token. Not for requests with H2O or

@@ -656,6 +656,18 @@ schedule_running(sched_t *s, req_t *r, uint32_t n)
 
 /* ---- speculative decoding by prompt lookup -------------------------------------- */
 
+/* A proposal whose first token missed (or, in a long sequence, a lookup
+ * that found nothing): after the second in a row r goes 1, 2, 4, then 8
+ * steps without a lookup, so text the sequence does not foretell costs
+ * few rows and few scans. */
+#define SPEC_SCAN_LONG 8192u
+static void
+spec_missed(req_t *r, bool missed)
+{
+    r->spec_misses = missed ? r->spec_misses + 1 : 0;
+    r->spec_wait = r->spec_misses < 2 ? 0 : 1u << (r->spec_misses < 5 ? r->spec_misses - 2 : 3);
+}
+
 /* The most tokens decoding request r may propose this step (0: none):
  * the rows must be free (token budget, logit rows), and every proposal
  * accepted plus the token drawn after them must stay within max_tokens
@@ -737,7 +749,14 @@ schedule_spec(sched_t *s, req_t *r)
         uint64_t inside = held > len ? held - len : 0;
         room = inside < room ? (uint32_t)inside : room;
     }
-    uint32_t d = room ? spec_propose(s, r, room) : 0;
+    if (room == 0)
+        return false;
+    uint32_t d = spec_propose(s, r, room);
+    /* A proposal's verification says whether it missed.  A lookup that
+     * found nothing costs no rows, only its scan, which counts once the
+     * sequence is long (about 1 us per 1K tokens). */
+    if (d == 0 && r->n_tokens >= SPEC_SCAN_LONG)
+        spec_missed(r, true);
     if (d == 0 || kv_table_reserve(r->table, 1 + d) != 0)
         return false;
     r->draft_step = false;
@@ -1461,11 +1480,7 @@ spec_verify(sched_t *s, req_t *r, float *rows, uint64_t now)
      * num_speculative_tokens. */
     uint32_t k = s->cfg.num_speculative_tokens;
     r->spec_len = a < d ? a + 1 : d + 2 < k ? d + 2 : k;
-    /* Lookups whose first token keeps missing back off: after the second
-     * miss in a row 1, 2, 4, then 8 steps without one, so text the prompt
-     * does not foretell costs few rows. */
-    r->spec_misses = a ? 0 : r->spec_misses + 1;
-    r->spec_wait = r->spec_misses < 2 ? 0 : 1u << (r->spec_misses < 5 ? r->spec_misses - 2 : 3);
+    spec_missed(r, a == 0);
     /* Before sealing, so no quantized block holds a rejected entry. */
     if (a < d)
         kv_table_truncate(r->table, kv_table_len(r->table) - (d - a));
