@@ -149,9 +149,8 @@ draw_steps(const model_t *m, const char *schema, const int32_t *doc, size_t n_do
             model_guide_mask(g, row, out);
             tok = model_sampler_sample(smp, out);
         } else {
-            uint32_t n;
-            int rc;
-            const uint64_t *bits = model_guide_allowed(g, &n, &rc);
+            int rc; /* no count, as the engine asks */
+            const uint64_t *bits = model_guide_allowed(g, NULL, &rc);
             tok = bits ? model_sampler_sample_masked(smp, row, bits) : rc;
         }
         t += now_ms() - t0;

@@ -8,7 +8,6 @@
  */
 #include "model_int.h"
 
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -103,12 +102,13 @@ complete(const model_choice_t *c)
     return false;
 }
 
-/* Calls keep(arg, id) for each token that continues the output along a
- * live choice (and end-of-generation tokens where one is complete). */
-static void
-each_allowed(const model_choice_t *c, void (*keep)(void *arg, uint32_t id), void *arg)
+/* Sets in bits (zeroed) each token that continues the output along a
+ * live choice (and end-of-generation tokens where one is complete);
+ * returns how many. */
+static uint32_t
+allowed_bits(const model_choice_t *c, uint64_t *bits)
 {
-    uint32_t nv = c->m->hp.n_vocab;
+    uint32_t nv = c->m->hp.n_vocab, n = 0;
     bool end = complete(c);
     /* The bytes a live choice goes on with: most tokens fail on their
      * first byte, before any choice is compared (64 choices x 128K
@@ -126,60 +126,33 @@ each_allowed(const model_choice_t *c, void (*keep)(void *arg, uint32_t id), void
         bool maybe = pt->off[id + 1] > a && (next[pt->bytes[a] >> 6] >> (pt->bytes[a] & 63) & 1);
         for (uint32_t i = 0; !ok && maybe && i < c->n; i++)
             ok = (c->live >> i & 1) && continues(c, i, (int32_t)id);
-        if (ok)
-            keep(arg, id);
+        if (ok) {
+            bits[id >> 6] |= 1ull << (id & 63);
+            n++;
+        }
     }
-}
-
-typedef struct {
-    const float *row;
-    float *out;
-    uint32_t n;
-} row_keep_t;
-
-static void
-keep_in_row(void *arg, uint32_t id)
-{
-    row_keep_t *k = arg;
-    k->out[id] = k->row[id];
-    k->n++;
-}
-
-uint32_t
-model_choice_mask(const model_choice_t *c, const float *row, float *out)
-{
-    for (uint32_t id = 0; id < c->m->hp.n_vocab; id++)
-        out[id] = -INFINITY;
-    row_keep_t k = {row, out, 0};
-    each_allowed(c, keep_in_row, &k);
-    return k.n;
-}
-
-typedef struct {
-    uint64_t *bits;
-    uint32_t n;
-} bit_keep_t;
-
-static void
-keep_bit(void *arg, uint32_t id)
-{
-    bit_keep_t *k = arg;
-    k->bits[id >> 6] |= 1ull << (id & 63);
-    k->n++;
+    return n;
 }
 
 const uint64_t *
 model_choice_allowed(model_choice_t *c, uint32_t *n_allowed)
 {
     size_t words = (c->m->hp.n_vocab + 63) / 64;
-    *n_allowed = 0;
     if (c->bits == NULL && (c->bits = malloc(words * sizeof *c->bits)) == NULL)
         return NULL;
     memset(c->bits, 0, words * sizeof *c->bits);
-    bit_keep_t k = {c->bits, 0};
-    each_allowed(c, keep_bit, &k);
-    *n_allowed = k.n;
+    uint32_t n = allowed_bits(c, c->bits);
+    if (n_allowed)
+        *n_allowed = n;
     return c->bits;
+}
+
+uint32_t
+model_choice_mask(model_choice_t *c, const float *row, float *out)
+{
+    uint32_t n = 0;
+    model__mask_row(model_choice_allowed(c, &n), c->m->hp.n_vocab, row, out);
+    return n;
 }
 
 int

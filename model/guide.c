@@ -2573,29 +2573,28 @@ model_guide_allowed(model_guide_t *g, uint32_t *n_allowed, int *rc)
     const uint64_t *bits = lazy_ok(g) ? mask_bits(g, g->cur) : NULL;
     if (bits != NULL && g->d->lz && g->d->lz->rc)
         bits = NULL; /* a cap passed while making it */
-    *n_allowed = 0;
     if (bits == NULL) {
         *rc = g->d->lz && g->d->lz->rc ? g->d->lz->rc : KVS_ENOMEM;
+        if (n_allowed)
+            *n_allowed = 0;
         return NULL;
     }
-    for (uint32_t w = 0; w < g->words; w++)
-        *n_allowed += (uint32_t)__builtin_popcountll(bits[w]);
+    if (n_allowed) {
+        *n_allowed = 0;
+        for (uint32_t w = 0; w < g->words; w++)
+            *n_allowed += (uint32_t)__builtin_popcountll(bits[w]);
+    }
     *rc = 0;
     return bits;
 }
 
-uint32_t
-model_guide_mask(model_guide_t *g, const float *row, float *out)
+void
+model__mask_row(const uint64_t *bits, uint32_t nv, const float *row, float *out)
 {
-    uint32_t nv = g->d->m->hp.n_vocab, allowed;
-    int rc;
-    const uint64_t *bits = model_guide_allowed(g, &allowed, &rc);
     if (bits == NULL) {
-        /* Out of memory or a grammar's cap: nothing to draw, which fails
-         * the request. */
         for (uint32_t id = 0; id < nv; id++)
             out[id] = -INFINITY;
-        return 0;
+        return;
     }
     /* A word at a time: most are all out or all in. */
     for (uint32_t w = 0; w * 64 < nv; w++) {
@@ -2611,6 +2610,16 @@ model_guide_mask(model_guide_t *g, const float *row, float *out)
                 out[base + k] = b >> k & 1 ? row[base + k] : -INFINITY;
         }
     }
+}
+
+uint32_t
+model_guide_mask(model_guide_t *g, const float *row, float *out)
+{
+    /* Out of memory or a grammar's cap: nothing to draw (all -inf), which
+     * fails the request. */
+    uint32_t allowed = 0;
+    int rc;
+    model__mask_row(model_guide_allowed(g, &allowed, &rc), g->d->m->hp.n_vocab, row, out);
     return allowed;
 }
 

@@ -580,9 +580,10 @@ void model_choice_free(model_choice_t *c); /* NULL is a no-op */
 /* out = row with every token that cannot continue the output along a
  * choice at -inf (an end-of-generation token stays where a choice is
  * complete); returns how many tokens stay (0: none can). */
-uint32_t model_choice_mask(const model_choice_t *c, const float *row, float *out);
+uint32_t model_choice_mask(model_choice_t *c, const float *row, float *out);
 /* The same tokens as a bitmask for model_sampler_sample_masked (valid
- * until c's next call), *n_allowed of them; NULL when out of memory. */
+ * until c's next call), *n_allowed of them (n_allowed may be NULL); NULL
+ * when out of memory. */
 const uint64_t *model_choice_allowed(model_choice_t *c, uint32_t *n_allowed);
 /* Takes the next output token: 1 when the output is now a whole choice
  * no other extends, or the token ends generation after a whole choice
@@ -634,8 +635,8 @@ bool model_guide_fullmatch(const model_guide_t *g, const char *s, size_t n);
 uint32_t model_guide_mask(model_guide_t *g, const float *row, float *out);
 /* The same tokens as a bitmask (bit id % 64 of word id / 64) for
  * model_sampler_sample_masked, valid until g's next call; *n_allowed
- * counts them.  NULL when out of memory or a grammar's guide is spent
- * (the guide's error then in *rc, else KVS_ENOMEM). */
+ * counts them (n_allowed may be NULL: no count made).  NULL when out of memory or a grammar's guide
+ * is spent (the guide's error then in *rc, else KVS_ENOMEM). */
 const uint64_t *model_guide_allowed(model_guide_t *g, uint32_t *n_allowed, int *rc);
 /* Takes the next output token: 1 when the output is now a whole match
  * that nothing extends, or the token ends generation after a whole match

@@ -222,6 +222,9 @@ const model_pieces_t *model__pieces(const model_t *m);
 void model__pieces_free(model_t *m);
 /* Frees guide.c's kept automata (model_free; guides still out keep theirs). */
 void model__guides_free(model_t *m);
+/* out = row where bit id of bits is set, -inf elsewhere (bits NULL: all
+ * -inf); the masked rows of guides and choices (guide.c). */
+void model__mask_row(const uint64_t *bits, uint32_t nv, const float *row, float *out);
 
 /* GPT-2 bytes_to_unicode: the code point that spells byte b in a vocabulary. */
 uint32_t model__byte_to_codepoint(uint32_t b);
