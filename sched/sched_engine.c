@@ -676,7 +676,7 @@ spec_missed(req_t *r, bool missed)
 static uint32_t
 spec_room(const sched_t *s, req_t *r)
 {
-    if (s->cfg.num_speculative_tokens == 0 || r->h2o_q || r->kv.kind == SCHED_KV_SINK_EVICTION ||
+    if (s->cfg.num_speculative_tokens == 0 || r->kv.kind == SCHED_KV_SINK_EVICTION ||
         r->kv.kind == SCHED_KV_H2O || r->n_tokens <= r->n_prompt || r->table == NULL ||
         r->n_computed + 1 != r->n_tokens)
         return 0;
@@ -688,8 +688,9 @@ spec_room(const sched_t *s, req_t *r)
     if (end > s->cfg.max_model_len)
         end = s->cfg.max_model_len;
     uint64_t room = end > r->n_tokens ? end - r->n_tokens - 1 : 0;
-    if (room > (r->spec_len ? r->spec_len : s->cfg.num_speculative_tokens))
-        room = r->spec_len ? r->spec_len : s->cfg.num_speculative_tokens;
+    uint32_t most = r->spec_len ? r->spec_len : s->cfg.num_speculative_tokens;
+    if (room > most)
+        room = most;
     uint32_t spare = s->budget > 1 + s->dec_left ? s->budget - 1 - s->dec_left : 0;
     if (room > spare)
         room = spare;
@@ -1401,12 +1402,11 @@ sample_row(sched_t *s, req_t *r, float *row, uint64_t now)
      * row's.  Nothing left to draw comes back from the sampler as
      * KVS_EINVAL. */
     const uint64_t *allow = NULL;
-    uint32_t n_allowed;
     if (rc == 0 && r->choice) {
-        if ((allow = model_choice_allowed(r->choice, &n_allowed)) == NULL)
+        if ((allow = model_choice_allowed(r->choice, NULL)) == NULL)
             rc = KVS_ENOMEM;
     } else if (rc == 0 && r->guide) {
-        allow = model_guide_allowed(r->guide, &n_allowed, &rc);
+        allow = model_guide_allowed(r->guide, NULL, &rc);
     }
     int32_t tok = rc                  ? rc
                   : k < r->n_forced   ? r->tokens[r->n_tokens]
