@@ -558,10 +558,6 @@ test_penalties(void **state)
         assert_int_equal(model_sampler_new(&bad[i], 6, &s), KVS_EINVAL);
 }
 
-/* OpenAI's logit bias: added to the model's logits (repeated ids sum)
- * before the penalties, on the greedy and the tempered paths; copied, so
- * the caller's arrays may go; out-of-range ids and biases refused.  And
- * vLLM's allowed_token_ids, which the bias works within. */
 /* The masked draw is the draw over the row with the masked-out ids at
  * -inf, token for token from the same seed, under every filter (greedy,
  * temperature, top-k below and above what the mask keeps, top-p, min-p,
@@ -606,7 +602,6 @@ test_sampler_masked(void **state)
             assert_int_equal(model_sampler_prompt(a, prompt, 3), 0);
             assert_int_equal(model_sampler_prompt(b, prompt, 3), 0);
             for (int step = 0; step < STEPS; step++) {
-                uint32_t n_set = 0;
                 for (uint32_t i = 0; i < NV; i++) {
                     r = r * 6364136223846793005ull + 1442695040888963407ull;
                     /* Ties on purpose: logits in tenths. */
@@ -621,7 +616,6 @@ test_sampler_masked(void **state)
                     else
                         bits[i >> 6] &= ~(1ull << (i & 63));
                     masked[i] = in ? x[i] : -INFINITY;
-                    n_set += in;
                 }
                 int32_t ta = model_sampler_sample_masked(a, x, bits);
                 int32_t tb = model_sampler_sample(b, masked);
@@ -637,7 +631,6 @@ test_sampler_masked(void **state)
                     differ++; /* nothing to draw: allowed ids outside the mask */
                     assert_int_equal(ta, KVS_EINVAL);
                 }
-                (void)n_set;
             }
             model_sampler_free(a);
             model_sampler_free(b);
@@ -656,6 +649,10 @@ test_sampler_masked(void **state)
     model_sampler_free(a);
 }
 
+/* OpenAI's logit bias: added to the model's logits (repeated ids sum)
+ * before the penalties, on the greedy and the tempered paths; copied, so
+ * the caller's arrays may go; out-of-range ids and biases refused.  And
+ * vLLM's allowed_token_ids, which the bias works within. */
 static void
 test_logit_bias(void **state)
 {
