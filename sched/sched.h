@@ -289,6 +289,18 @@ typedef struct sched_cfg {
      * most SCHED_MAX_SPEC_TOKENS; the lookup lengths default to 4 and 2. */
     uint32_t num_speculative_tokens;
     uint32_t prompt_lookup_max, prompt_lookup_min;
+    /* The proposals come from the draft model instead (vLLM's draft model
+     * method; needs `draft`): its greedy continuation of the sequence, up to
+     * num_speculative_tokens tokens, verified the same way, so outputs stay
+     * those of plain decoding.  Each running request keeps the draft's KV
+     * of its tokens in the draft pool, computed alongside (at most
+     * max_num_batched_tokens draft tokens a step besides the proposals'
+     * own) and released on preemption, or when a speculative prefill needs
+     * the draft pool; a request the draft pool cannot hold decodes without
+     * proposals.  A step's proposal of k tokens takes the draft k forward
+     * passes, batched over the proposing requests.  After a speculative
+     * prefill the draft's prompt KV stays for this. */
+    bool spec_draft_model;
     /* Speculative prefill's draft model (NULL: none), on the main model's
      * backend with the same vocabulary, and its own KV pool of
      * draft_n_blocks blocks (0: as many blocks as the main pool; when the

@@ -34,7 +34,11 @@
  * followed the latest earlier occurrence of the sequence's last few, all
  * with logits; the request draws from those rows in order while the
  * proposal holds and truncates its KV past what it kept.  Proposals come
- * after the decodes' own tokens in the budget and never preempt.
+ * after the decodes' own tokens in the budget and never preempt.  With
+ * the draft model as the proposer (spec_draft_model) every running
+ * request keeps the draft's KV of its tokens, and before planning the
+ * draft catches up and continues each decoding request greedily: forward
+ * passes of their own, batched over requests, like the draft phase's.
  *
  * A request of n samples runs as sample 0 until its first logits; then
  * samples 1..n-1 are made from it (req_clone), fork its KV and sample the
@@ -97,6 +101,13 @@ typedef struct req {
     uint32_t n_spec;                 /* of them, prompt lookup's proposal (at tokens[n_tokens..]) */
     uint32_t spec_len;               /* the longest proposal it makes now (0: not set yet) */
     uint32_t spec_wait, spec_misses; /* steps to go without one; proposals missed in a row */
+    /* Speculative decoding by the draft model: the draft's KV of r's
+     * tokens (NULL: none yet).  Its entries below sd_base hold r's tokens;
+     * those from sd_base on, the draft's last proposal sd_prop (which the
+     * verification may have kept).  sd_n: the proposal made this step. */
+    kv_table_t *sd_table;
+    uint32_t sd_base, sd_n;
+    int32_t sd_prop[SCHED_MAX_SPEC_TOKENS];
     sched_usage_t usage;
     uint64_t t_submit, t_first_token;
     model_attn_policy_t attn;
@@ -307,6 +318,7 @@ req_free(req_t *r)
     if (r == NULL)
         return;
     kv_table_free(r->d_table);
+    kv_table_free(r->sd_table);
     free(r->d_tokens);
     free(r->qs);
     free(r->kept);
@@ -483,6 +495,10 @@ preempt(sched_t *s, req_t *r)
     list_remove(&s->running, r);
     commit_prefix(s, r);
     r->n_sched = 0;
+    /* The draft's KV is a cache: computed again when r runs. */
+    kv_table_free(r->sd_table);
+    r->sd_table = NULL;
+    r->sd_n = 0;
     int rc = KVS_ENOTSUP;
     if (s->host && r->table && !drafting(r) && kv_table_len(r->table) > 0)
         rc = kv_table_offload(r->table, s->host);
@@ -668,35 +684,48 @@ spec_missed(req_t *r, bool missed)
     r->spec_wait = r->spec_misses < 2 ? 0 : 1u << (r->spec_misses < 5 ? r->spec_misses - 2 : 3);
 }
 
-/* The most tokens decoding request r may propose this step (0: none):
- * the rows must be free (token budget, logit rows), and every proposal
- * accepted plus the token drawn after them must stay within max_tokens
- * and the model length.  Policies that rewrite the KV each step (H2O,
- * sink eviction) take none. */
-static uint32_t
-spec_room(const sched_t *s, req_t *r)
+/* Whether r may speculate at all: a decoding request whose policies do
+ * not rewrite the KV each step (H2O, sink eviction). */
+static bool
+spec_can(const sched_t *s, const req_t *r)
 {
-    if (s->cfg.num_speculative_tokens == 0 || r->kv.kind == SCHED_KV_SINK_EVICTION ||
-        r->kv.kind == SCHED_KV_H2O || r->n_tokens <= r->n_prompt || r->table == NULL ||
-        r->n_computed + 1 != r->n_tokens)
-        return 0;
-    if (r->spec_wait) {
-        r->spec_wait--;
-        return 0;
-    }
+    return s->cfg.num_speculative_tokens && r->kv.kind != SCHED_KV_SINK_EVICTION &&
+           r->kv.kind != SCHED_KV_H2O && r->n_tokens > r->n_prompt && r->table &&
+           r->n_computed + 1 == r->n_tokens;
+}
+
+/* The longest proposal r makes now, before the step's budget: every
+ * proposal accepted plus the token drawn after them must stay within
+ * max_tokens and the model length. */
+static uint32_t
+spec_most(const sched_t *s, const req_t *r)
+{
     uint64_t end = (uint64_t)r->n_prompt + r->max_tokens;
     if (end > s->cfg.max_model_len)
         end = s->cfg.max_model_len;
     uint64_t room = end > r->n_tokens ? end - r->n_tokens - 1 : 0;
     uint32_t most = r->spec_len ? r->spec_len : s->cfg.num_speculative_tokens;
-    if (room > most)
-        room = most;
+    return room < most ? (uint32_t)room : most;
+}
+
+/* The most tokens decoding request r may propose this step (0: none):
+ * spec_most, within the rows still free (token budget, logit rows). */
+static uint32_t
+spec_room(const sched_t *s, req_t *r)
+{
+    if (!spec_can(s, r))
+        return 0;
+    if (r->spec_wait) {
+        r->spec_wait--;
+        return 0;
+    }
+    uint32_t room = spec_most(s, r);
     uint32_t spare = s->budget > 1 + s->dec_left ? s->budget - 1 - s->dec_left : 0;
     if (room > spare)
         room = spare;
     if (room > s->plp_left)
         room = s->plp_left;
-    return (uint32_t)room;
+    return room;
 }
 
 /* Prompt lookup (or the forced tokens still due): the longest run of r's last tokens,
@@ -716,6 +745,8 @@ spec_propose(const sched_t *s, req_t *r, uint32_t room)
         uint32_t due = r->n_prompt + r->n_forced - n;
         return due < room ? due : room;
     }
+    if (s->cfg.spec_draft_model) /* the draft's, made before planning (sd_propose) */
+        return r->sd_n < room ? r->sd_n : room;
     uint32_t best = 0, at = 0; /* the match's length, and where what followed it starts */
     for (uint32_t j = n - 1; j >= 1 && best < gmax; j--) {
         if (t[j - 1] != t[n - 1])
@@ -756,7 +787,7 @@ schedule_spec(sched_t *s, req_t *r)
     /* A proposal's verification says whether it missed.  A lookup that
      * found nothing costs no rows, only its scan, which counts once the
      * sequence is long (about 1 us per 1K tokens). */
-    if (d == 0 && r->n_tokens >= SPEC_SCAN_LONG)
+    if (d == 0 && r->n_tokens >= SPEC_SCAN_LONG && !s->cfg.spec_draft_model)
         spec_missed(r, true);
     if (d == 0 || kv_table_reserve(r->table, 1 + d) != 0)
         return false;
@@ -765,6 +796,139 @@ schedule_spec(sched_t *s, req_t *r)
     s->plp_left -= d;
     add_step(s, r, 1 + d);
     return true;
+}
+
+/* ---- speculative decoding by the draft model ------------------------------------ */
+
+/* Lets every running request's draft KV go (they compute it again), for
+ * a speculative prefill that needs the draft pool.  Returns whether any
+ * was held. */
+static bool
+sd_release(sched_t *s)
+{
+    bool any = false;
+    for (req_t *r = s->running.head; r; r = r->next)
+        if (r->sd_table) {
+            kv_table_free(r->sd_table);
+            r->sd_table = NULL;
+            any = true;
+        }
+    return any;
+}
+
+/* Drops the entries of r's draft KV past the first proposed token the
+ * verification did not keep (or past r's tokens, for one not drawn yet). */
+static void
+sd_sync(req_t *r)
+{
+    uint32_t len = kv_table_len(r->sd_table), ok = r->sd_base < len ? r->sd_base : len;
+    while (ok < len && ok < r->n_tokens && r->tokens[ok] == r->sd_prop[ok - r->sd_base])
+        ok++;
+    if (ok < len)
+        kv_table_truncate(r->sd_table, ok);
+}
+
+/* The draft's forward pass over d_steps[0..n) (d_reqs' draft tables);
+ * then each step that wanted logits appends the draft's greedy token to
+ * its request's proposal.  A failure costs the proposals, not the
+ * requests: their draft KV goes (its new entries were never written). */
+static int
+sd_forward(sched_t *s, uint32_t n)
+{
+    const model_batch_t *mb;
+    int rc = sched_batch_build(s->d_batch, s->d_steps, n, &mb);
+    if (rc == 0)
+        rc = model_forward(s->d_ctx, kv_pool_kv(s->d_pool), mb, s->d_logits);
+    if (rc) {
+        KVS_WARNF("sched: draft proposals for %u sequences failed: %s", n, kvs_strerror(rc));
+        for (uint32_t i = 0; i < n; i++) {
+            req_t *r = s->d_reqs[i];
+            kv_table_free(r->sd_table);
+            r->sd_table = NULL;
+            r->sd_n = 0;
+        }
+        return rc;
+    }
+    for (uint32_t i = 0, row = 0; i < n; i++) {
+        req_t *r = s->d_reqs[i];
+        if (!s->d_steps[i].want_logits)
+            continue;
+        int32_t tok = model_sampler_sample(s->d_greedy, s->d_logits + (size_t)row++ * s->n_vocab);
+        uint32_t j = kv_table_len(r->sd_table) - r->sd_base;
+        r->sd_prop[j] = r->tokens[r->n_tokens + j] = tok;
+        if (model_token_is_eog(s->draft, tok) && !r->ignore_eos && r->sd_n > j + 1)
+            r->sd_n = j + 1; /* nothing follows an end the main model draws too */
+    }
+    return 0;
+}
+
+/* Before planning: the draft's proposals for the decoding requests that
+ * speculate this step, and its KV brought up to what each running
+ * request has computed (a decoding one: all its tokens).  One pass
+ * computes what each draft lags (at most max_num_batched_tokens tokens in
+ * all) and the first proposed token of those it caught up; each further
+ * pass, one more proposed token of each.  A request whose proposal must
+ * wait (spec_wait) catches up when it next proposes, in one chunk. */
+static void
+sd_propose(sched_t *s)
+{
+    uint32_t n = 0, budget = s->cfg.max_num_batched_tokens, most = 0;
+    for (req_t *r = s->running.head; r && budget; r = r->next) {
+        r->sd_n = 0;
+        if (r->kv.kind == SCHED_KV_SINK_EVICTION || r->kv.kind == SCHED_KV_H2O || !r->table ||
+            drafting(r))
+            continue;
+        bool dec = spec_can(s, r);
+        if (dec && r->spec_wait)
+            continue;
+        if (r->sd_table == NULL && kv_table_new(s->d_pool, &r->sd_table) != 0)
+            continue;
+        sd_sync(r);
+        /* Forced tokens still due are the proposal themselves. */
+        uint32_t k = dec && r->n_tokens - r->n_prompt >= r->n_forced ? spec_most(s, r) : 0;
+        uint32_t have = kv_table_len(r->sd_table), want = dec ? r->n_tokens : r->n_computed;
+        if (have >= want)
+            continue;
+        uint32_t chunk = want - have;
+        if (chunk > budget) {
+            chunk = budget;
+            k = 0; /* not caught up this step */
+        }
+        if (kv_table_reserve(r->sd_table, chunk + (k ? k - 1 : 0)) != 0) {
+            /* The draft pool is short: no proposal this step (a decoding
+             * request backs off like one whose proposal missed). */
+            if (dec)
+                spec_missed(r, true);
+            continue;
+        }
+        budget -= chunk;
+        r->sd_base = have + chunk;
+        r->sd_n = k;
+        most = k > most ? k : most;
+        s->d_reqs[n] = r;
+        s->d_steps[n++] = (sched_seq_step_t){.table = r->sd_table,
+                                             .tokens = r->tokens + have,
+                                             .n_tokens = chunk,
+                                             .want_logits = k > 0};
+    }
+    if (n == 0 || sd_forward(s, n) != 0)
+        return;
+    for (uint32_t j = 1; j < most; j++) {
+        uint32_t m = 0;
+        for (uint32_t i = 0; i < n; i++) {
+            req_t *r = s->d_reqs[i];
+            if (r->sd_n <= j)
+                continue;
+            s->d_reqs[m] = r;
+            s->d_steps[m++] = (sched_seq_step_t){.table = r->sd_table,
+                                                 .tokens = r->tokens + r->n_tokens + j - 1,
+                                                 .n_tokens = 1,
+                                                 .want_logits = true};
+        }
+        if (sd_forward(s, m) != 0)
+            return;
+        n = m;
+    }
 }
 
 /* Prompt rows of r's next n tokens whose logits prompt_logprobs reads:
@@ -888,8 +1052,12 @@ plan(sched_t *s)
         if (drafting(r)) {
             /* All of the draft's KV now, or wait. */
             rc = r->d_table ? 0 : kv_table_new(s->d_pool, &r->d_table);
+            uint32_t want = r->n_prompt + r->spec.look_ahead - 1;
             if (rc == 0)
-                rc = kv_table_reserve(r->d_table, r->n_prompt + r->spec.look_ahead - 1);
+                rc = kv_table_reserve(r->d_table, want);
+            /* Speculative decoding's draft KV gives way (recomputed). */
+            if (rc == KVS_EAGAIN && sd_release(s))
+                rc = kv_table_reserve(r->d_table, want);
         } else {
             uint32_t need = need_of(r);
             rc = kv_table_reserve(r->table, need < s->budget ? need : s->budget);
@@ -1058,7 +1226,14 @@ draft_done(sched_t *s, req_t *r)
     for (uint32_t i = 0; i < r->n_kept; i++)
         r->kept_tok[i] = r->tokens[r->kept[i]];
     r->kept_done = r->n_computed;
-    kv_table_free(r->d_table);
+    if (s->cfg.spec_draft_model && r->kv.kind != SCHED_KV_SINK_EVICTION &&
+        r->kv.kind != SCHED_KV_H2O && kv_table_truncate(r->d_table, N) == 0) {
+        /* The prompt's draft KV is what speculative decoding drafts on. */
+        r->sd_table = r->d_table;
+        r->sd_base = N;
+    } else {
+        kv_table_free(r->d_table);
+    }
     r->d_table = NULL;
     free(r->qs);
     r->qs = NULL;
@@ -1503,7 +1678,8 @@ req_clone(sched_t *s, const req_t *r, uint32_t index)
     *c = *r;
     memset(&c->msg, 0, sizeof c->msg);
     c->prev = c->next = NULL;
-    c->table = c->d_table = NULL;
+    c->table = c->d_table = c->sd_table = NULL;
+    c->sd_n = 0;
     c->sampler = NULL;
     c->d_tokens = NULL; /* drafting is over (the first logits came after it) */
     c->qs = NULL;
@@ -1727,6 +1903,8 @@ static int
 step_once(sched_t *s)
 {
     drain_inbox(s);
+    if (s->cfg.spec_draft_model)
+        sd_propose(s);
     plan(s);
     /* Draft work leaves the main list (compacted in place) for its own
      * forward pass. */
@@ -2116,6 +2294,7 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
                                    ? c->prompt_lookup_max
                                    : SCHED_DEFAULT_PROMPT_LOOKUP_MIN;
     if (c->kv_quant >= KERN_KVQ_COUNT || c->num_speculative_tokens > SCHED_MAX_SPEC_TOKENS ||
+        (c->spec_draft_model && (c->draft == NULL || c->num_speculative_tokens == 0)) ||
         c->prompt_lookup_max > SCHED_MAX_PROMPT_LOOKUP ||
         c->prompt_lookup_min > c->prompt_lookup_max) {
         free(s);

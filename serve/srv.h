@@ -222,30 +222,36 @@ const char *srv_prefill_describe(const model_spec_policy_t *p, char *buf, size_t
  * vocabulary differs from the main model's (printing why).  0 or an error. */
 int srv_load_draft(const char *cmd, const char *path, model_t *main_model, model_t **out);
 
-/* Speculative decoding by prompt lookup, shared by serve, run and eval
- * (named after vLLM's num_speculative_tokens, prompt_lookup_max and
+/* Speculative decoding, shared by serve, run, eval and perplexity (named
+ * after vLLM's num_speculative_tokens, method, prompt_lookup_max and
  * prompt_lookup_min):
  *   --num-speculative-tokens N  (0..SCHED_MAX_SPEC_TOKENS; 0, the default: off)
- *   --prompt-lookup-max N  --prompt-lookup-min N  (1..SCHED_MAX_PROMPT_LOOKUP;
+ *   --speculative-method ngram|draft  (prompt lookup, the default, or the
+ *   --draft-model's greedy continuation)
+ *   --prompt-lookup-max N  --prompt-lookup-min N  (ngram; 1..SCHED_MAX_PROMPT_LOOKUP;
  *   defaults 4 and 2)
  * Used like the attention flags above; srv_specdec_apply puts them into
  * an engine config. */
 typedef struct srv_specdec_opts {
     uint32_t num_tokens;             /* 0: off */
     uint32_t lookup_max, lookup_min; /* 0: not given (the defaults once finished) */
+    const char *method;              /* NULL: not given ("ngram") */
+    bool draft;                      /* the draft model proposes */
 } srv_specdec_opts_t;
-enum { SRV_O_NUMSPEC = 1400, SRV_O_PLMAX, SRV_O_PLMIN };
+enum { SRV_O_NUMSPEC = 1400, SRV_O_PLMAX, SRV_O_PLMIN, SRV_O_SPECMETHOD };
 /* clang-format off */
 #define SRV_SPECDEC_LONGOPTS                                           \
     {"num-speculative-tokens", 1, 0, SRV_O_NUMSPEC},                   \
+    {"speculative-method", 1, 0, SRV_O_SPECMETHOD},                    \
     {"prompt-lookup-max", 1, 0, SRV_O_PLMAX},                          \
     {"prompt-lookup-min", 1, 0, SRV_O_PLMIN}
 /* clang-format on */
 int srv_specdec_opt(const char *cmd, int opt, const char *arg, srv_specdec_opts_t *o);
 /* Fills the lookup defaults; KVS_EINVAL (after printing why) for a
- * minimum above the maximum, or lookup flags without
- * --num-speculative-tokens. */
-int srv_specdec_finish(const char *cmd, srv_specdec_opts_t *o);
+ * minimum above the maximum, a method or lookup flags without
+ * --num-speculative-tokens, lookup flags with the draft method, or the
+ * draft method without a draft model (have_draft). */
+int srv_specdec_finish(const char *cmd, srv_specdec_opts_t *o, bool have_draft);
 void srv_specdec_apply(const srv_specdec_opts_t *o, sched_cfg_t *c);
 /* "; speculative decoding accepted A of D proposed tokens (R%)" for the
  * offline commands' summary lines; empty when off. */

@@ -507,23 +507,43 @@ srv_specdec_opt(const char *cmd, int opt, const char *arg, srv_specdec_opts_t *o
     case SRV_O_PLMIN:
         return srv_parse_u32(cmd, "--prompt-lookup-min", arg, 1, SCHED_MAX_PROMPT_LOOKUP,
                              &o->lookup_min);
+    case SRV_O_SPECMETHOD:
+        if (strcmp(arg, "ngram") != 0 && strcmp(arg, "draft") != 0) {
+            fprintf(stderr, "kvserve %s: --speculative-method must be ngram or draft, not '%s'\n",
+                    cmd, arg);
+            return KVS_EINVAL;
+        }
+        o->method = arg;
+        o->draft = strcmp(arg, "draft") == 0;
+        return 0;
     default:
         return 1;
     }
 }
 
 int
-srv_specdec_finish(const char *cmd, srv_specdec_opts_t *o)
+srv_specdec_finish(const char *cmd, srv_specdec_opts_t *o, bool have_draft)
 {
-    if (o->num_tokens == 0 && (o->lookup_max || o->lookup_min)) {
+    if (o->num_tokens == 0 && (o->lookup_max || o->lookup_min || o->method)) {
         fprintf(stderr,
-                "kvserve %s: --prompt-lookup-max and --prompt-lookup-min go with "
-                "--num-speculative-tokens N (N > 0)\n",
+                "kvserve %s: --speculative-method, --prompt-lookup-max and --prompt-lookup-min go "
+                "with --num-speculative-tokens N (N > 0)\n",
                 cmd);
         return KVS_EINVAL;
     }
     if (o->num_tokens == 0)
         return 0;
+    if (o->draft && (o->lookup_max || o->lookup_min)) {
+        fprintf(stderr,
+                "kvserve %s: --prompt-lookup-max and --prompt-lookup-min go with "
+                "--speculative-method ngram\n",
+                cmd);
+        return KVS_EINVAL;
+    }
+    if (o->draft && !have_draft) {
+        fprintf(stderr, "kvserve %s: --speculative-method draft needs --draft-model\n", cmd);
+        return KVS_EINVAL;
+    }
     /* Defaults as sched_new fills them; a minimum given alone may pass the
      * default maximum, and is refused naming both. */
     uint32_t max = o->lookup_max ? o->lookup_max : SCHED_DEFAULT_PROMPT_LOOKUP_MAX;
@@ -544,6 +564,7 @@ void
 srv_specdec_apply(const srv_specdec_opts_t *o, sched_cfg_t *c)
 {
     c->num_speculative_tokens = o->num_tokens;
+    c->spec_draft_model = o->num_tokens && o->draft;
     c->prompt_lookup_max = o->num_tokens ? o->lookup_max : 0;
     c->prompt_lookup_min = o->num_tokens ? o->lookup_min : 0;
 }

@@ -43,8 +43,8 @@ static const char eval_usage[] =
     "                    [--delta-gamma N] [--no-delta-tail] [--attn-last-dense]\n"
     "                    [--prefill full|speculative] [--keep-ratio R] [--look-ahead N]\n"
     "                    [--spec-chunk N] [--space-in-prompt]\n"
-    "                    [--num-speculative-tokens N (0..16) [--prompt-lookup-max 4]\n"
-    "                     [--prompt-lookup-min 2]]\n"
+    "                    [--num-speculative-tokens N (0..16) [--speculative-method ngram|draft]\n"
+    "                     [--prompt-lookup-max 4] [--prompt-lookup-min 2]]\n"
     "                    [--scenario multi-turn|multi-request]  (SCBench's shared context:\n"
     "                     one question per niah-multikey key, prefix caching on)\n"
     "                    [--json FILE] [--plot FILE.svg]\n";
@@ -271,7 +271,7 @@ parse_opts(int argc, char **argv, eval_opts_t *o)
     if (srv_attn_finish("eval", &o->attn) ||
         srv_prefill_finish("eval", &o->spec, o->draft != NULL) ||
         srv_kv_finish("eval", &o->kv, o->eng.block_size) ||
-        srv_specdec_finish("eval", &o->specdec)) {
+        srv_specdec_finish("eval", &o->specdec, o->draft != NULL)) {
         fputs(eval_usage, stderr);
         return KVS_EINVAL;
     }
@@ -838,7 +838,7 @@ srv_cmd_eval(int argc, char **argv)
     /* A scenario resends each turn's context: the cache is what keeps it
      * from being recomputed. */
     scfg.prefix_caching = o.scenario != SCEN_NONE;
-    scfg.draft = o.spec.on ? r.draft : NULL;
+    scfg.draft = o.spec.on || o.specdec.draft ? r.draft : NULL;
     srv_specdec_apply(&o.specdec, &scfg);
     if ((rc = sched_new(r.m, &scfg, &r.sched))) {
         fprintf(stderr, "kvserve eval: setup failed: %s\n", kvs_strerror(rc));

@@ -1278,6 +1278,8 @@ server_info_new(call_t *c)
     r.max_queued_requests = S.o.max_queued;
     r.prefix_caching = sc->prefix_caching;
     r.num_speculative_tokens = sc->num_speculative_tokens;
+    if (sc->num_speculative_tokens)
+        r.speculative_method = sc->spec_draft_model ? "draft" : "ngram";
     r.n_attention_policies = 3;
     r.attention_policies = policies;
     reply_unary(c, &r.base, GRPC_STATUS_OK, NULL);
@@ -1564,8 +1566,8 @@ static const char usage[] =
     "                     [--max-num-seqs N] [--max-num-batched-tokens N] [--max-queued-requests "
     "N]\n"
     "                     [--enable-prefix-caching | --no-enable-prefix-caching] [--cuda-graphs]\n"
-    "                     [--num-speculative-tokens N (0..16) [--prompt-lookup-max 4]\n"
-    "                      [--prompt-lookup-min 2]]\n"
+    "                     [--num-speculative-tokens N (0..16) [--speculative-method ngram|draft]\n"
+    "                      [--prompt-lookup-max 4] [--prompt-lookup-min 2]]\n"
     "                     [--tls-cert F --tls-key F [--tls-client-ca F]] [--api-key-file F]\n"
     "                     [--drain-timeout S] [--max-concurrent-streams N]\n"
     "                     [--engine-nice 10] [--attention dense|sink-window|delta|block-sparse]\n"
@@ -1758,7 +1760,7 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         rc = KVS_EINVAL;
     if (rc == 0 && srv_kv_finish(C, &o->kv, o->block_size))
         rc = KVS_EINVAL;
-    if (rc == 0 && srv_specdec_finish(C, &o->specdec))
+    if (rc == 0 && srv_specdec_finish(C, &o->specdec, o->draft != NULL))
         rc = KVS_EINVAL;
     if (rc == 0 && o->cuda_graphs && strcmp(o->device, "cuda") != 0) {
         fprintf(stderr, "kvserve serve: --cuda-graphs needs --device cuda\n");

@@ -174,7 +174,7 @@ parse_opts(int argc, char **argv, ppl_opts_t *o)
         }
     }
     if (srv_attn_finish(C, &o->attn) || srv_kv_finish(C, &o->kv, o->eng.block_size) ||
-        srv_specdec_finish(C, &o->specdec)) {
+        srv_specdec_finish(C, &o->specdec, false)) {
         fputs(ppl_usage, stderr);
         return KVS_EINVAL;
     }

@@ -28,11 +28,11 @@ static const char run_usage[] =
     "                   [--kv-sink-tokens N] [--kv-residual-tokens N] [--batch-size N]\n"
     "                   [--kv-policy full|sink-eviction|snapkv|h2o] [--kv-budget N]\n"
     "                   [--max-model-len N] [--logits-out FILE.npy] [--json] [--cuda-graphs]\n"
-    "                   [--num-speculative-tokens N (0..16) [--prompt-lookup-max 4]\n"
-    "                    [--prompt-lookup-min 2]]\n";
+    "                   [--num-speculative-tokens N (0..16) [--speculative-method ngram|draft]\n"
+    "                    [--prompt-lookup-max 4] [--prompt-lookup-min 2]] [--draft-model PATH]\n";
 
 typedef struct run_opts {
-    const char *model, *prompt, *prompt_tokens, *logits_out, *device;
+    const char *model, *draft, *prompt, *prompt_tokens, *logits_out, *device;
     uint32_t max_tokens, threads, block_size, batch_size, max_model_len;
     srv_kv_opts_t kv;
     srv_specdec_opts_t specdec;
@@ -95,9 +95,11 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         O_JSON,
         O_GRAPHS,
         O_HELP,
+        O_DRAFT,
     };
     static const struct option lo[] = {
         {"model", 1, 0, O_MODEL},
+        {"draft-model", 1, 0, O_DRAFT},
         {"prompt", 1, 0, O_PROMPT},
         {"prompt-tokens", 1, 0, O_PTOK},
         {"max-tokens", 1, 0, O_MAXTOK},
@@ -145,6 +147,9 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         switch (c) {
         case O_MODEL:
             o->model = optarg;
+            break;
+        case O_DRAFT:
+            o->draft = optarg;
             break;
         case O_PROMPT:
             o->prompt = optarg;
@@ -261,8 +266,13 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         fprintf(stderr, "kvserve run: unexpected argument '%s'\n%s", argv[optind], run_usage);
         return KVS_EINVAL;
     }
-    if (srv_kv_finish(C, &o->kv, o->block_size) || srv_specdec_finish(C, &o->specdec)) {
+    if (srv_kv_finish(C, &o->kv, o->block_size) ||
+        srv_specdec_finish(C, &o->specdec, o->draft != NULL)) {
         fputs(run_usage, stderr);
+        return KVS_EINVAL;
+    }
+    if (o->draft && !o->specdec.draft) {
+        fprintf(stderr, "kvserve run: --draft-model goes with --speculative-method draft\n");
         return KVS_EINVAL;
     }
     if ((o->prompt == NULL) == (o->prompt_tokens == NULL)) {
@@ -280,7 +290,7 @@ parse_opts(int argc, char **argv, run_opts_t *o)
 }
 
 typedef struct run_state {
-    model_t *m;
+    model_t *m, *draft;
     kern_backend_t *be;
     sched_t *sched;
     int32_t *prompt, *out_tokens;
@@ -297,6 +307,7 @@ static void
 run_state_free(run_state_t *s)
 {
     sched_free(s->sched);
+    model_free(s->draft);
     model_free(s->m);
     kern_backend_free(s->be);
     free(s->prompt);
@@ -352,6 +363,8 @@ srv_cmd_run(int argc, char **argv)
         fprintf(stderr, "kvserve run: cannot load model '%s': %s\n", o.model, err);
         goto out;
     }
+    if (o.draft && (rc = srv_load_draft("run", o.draft, s.m, &s.draft)))
+        goto out;
     const model_hparams_t *hp = model_hparams(s.m);
     for (uint32_t i = 0; i < o.sampling.n_bias; i++) {
         if ((uint32_t)o.sampling.bias_ids[i] >= hp->n_vocab) {
@@ -437,6 +450,7 @@ srv_cmd_run(int argc, char **argv)
     };
     srv_kv_apply(&o.kv, &scfg);
     srv_specdec_apply(&o.specdec, &scfg);
+    scfg.draft = s.draft;
     if (o.kv.quant != KERN_KVQ_NONE) {
         /* Room for every block in either kind. */
         scfg.kv_hot_blocks = scfg.n_blocks;

@@ -8,7 +8,8 @@
 # over scrambled blocks, through a forked prefix); the engine
 # on the tiny random model, cuda against cpu logits (f32 KV, q8_0 KV with
 # blocks sealed, f32 KV with CUDA graphs, f16 KV with chunked prefill;
-# the bundled model with speculative decoding on cuda);
+# the bundled model with speculative decoding on cuda, by prompt lookup
+# and by the bundled draft model);
 # then bench/bench_gpu.c, whose tables come last.
 #
 #   bench/gpu/check.sh [OUT_DIR]        (default .gpu-out)
@@ -240,6 +241,16 @@ engine() {
             $flags --logits-out "$SCRATCH/logits-$dev.npy" >/dev/null || return 1
     done
     printf 'f16 KV --num-speculative-tokens 4 (bundled model): '
+    python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || return 1
+    # The bundled draft model's proposals on cuda (its KV in the device
+    # draft pool, k forward passes a step) against the same plain cpu run.
+    LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" run --model weights/kvserve-main.gguf \
+        --prompt "The grass is green. The sky is blue. The sun is yellow. The grass is" \
+        --max-tokens 48 --temperature 0 --ignore-eos --kv-cache-dtype f16 --device cuda \
+        --num-speculative-tokens 4 --speculative-method draft \
+        --draft-model weights/kvserve-draft.gguf --logits-out "$SCRATCH/logits-cuda.npy" \
+        >/dev/null || return 1
+    printf 'f16 KV --speculative-method draft (bundled models): '
     python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || return 1
 }
 t=$(date +%s)

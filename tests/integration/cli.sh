@@ -97,6 +97,21 @@ expect 2 "run prompt lookup min over the default max" "$K" run $M --prompt a --n
 contains "prompt-lookup-min (5) exceeds --prompt-lookup-max"
 expect 2 "run prompt lookup without speculative tokens" "$K" run $M --prompt a --prompt-lookup-max 3
 contains "go with --num-speculative-tokens"
+expect 2 "run speculative method bogus" "$K" run $M --prompt a --num-speculative-tokens 4 --speculative-method eagle
+contains "speculative-method must be ngram or draft"
+expect 2 "run speculative method without speculative tokens" "$K" run $M --prompt a --speculative-method ngram
+contains "go with --num-speculative-tokens"
+expect 2 "run draft method without a draft model" "$K" run $M --prompt a --num-speculative-tokens 4 --speculative-method draft
+contains "speculative-method draft needs --draft-model"
+expect 2 "run draft method with lookup flags" "$K" run $M --prompt a --num-speculative-tokens 4 --speculative-method draft \
+    --draft-model "$W/tiny.gguf" --prompt-lookup-max 3
+contains "go with --speculative-method ngram"
+expect 2 "run draft model without the draft method" "$K" run $M --prompt a --draft-model "$W/tiny.gguf"
+contains "draft-model goes with --speculative-method draft"
+expect 2 "serve draft method without a draft model" "$K" serve $M --port 0 --num-speculative-tokens 2 --speculative-method draft
+contains "speculative-method draft needs --draft-model"
+expect 2 "perplexity draft method" "$K" perplexity $M --file /dev/null --num-speculative-tokens 2 --speculative-method draft
+contains "speculative-method draft needs --draft-model"
 expect 2 "serve speculative tokens 17" "$K" serve $M --port 0 --num-speculative-tokens 17
 contains "num-speculative-tokens"
 expect 2 "serve prompt lookup min over max" "$K" serve $M --port 0 --num-speculative-tokens 2 \
@@ -209,6 +224,13 @@ if [ -f "$BUNDLED" ]; then
     ta=$(grep -o '"tokens": [^]]*' "$W/a"); tb=$(grep -o '"tokens": [^]]*' "$W/b")
     [ -n "$ta" ] && [ "$ta" = "$tb" ] && ok || bad "run --num-speculative-tokens 4 changed the greedy tokens"
     if grep -q "speculative decoding accepted [1-9][0-9]* of " "$W/out"; then ok; else bad "run --num-speculative-tokens 4: no proposal accepted: $(tail -1 "$W/out")"; fi
+    # So does the bundled draft model's: greedy proposals, drawn like the rest.
+    "$K" run --model "$BUNDLED" --prompt "$SP" --max-tokens 48 --temperature 0 --json \
+        --num-speculative-tokens 4 --speculative-method draft \
+        --draft-model "$(dirname "$BUNDLED")/kvserve-draft.gguf" >"$W/b" 2>"$W/out"
+    tb=$(grep -o '"tokens": [^]]*' "$W/b")
+    [ -n "$ta" ] && [ "$ta" = "$tb" ] && ok || bad "run --speculative-method draft changed the greedy tokens"
+    if grep -q "speculative decoding accepted [1-9][0-9]* of " "$W/out"; then ok; else bad "run --speculative-method draft: no proposal accepted: $(tail -1 "$W/out")"; fi
     a=$(ppl "$W/noise.txt"); b=$(ppl "$W/rand.txt")
     if python3 -c "import sys; a, b = map(float, sys.argv[1:]); sys.exit(not (a < 0.4 and b > 1.6))" "$a" "$b"; then ok; else bad "perplexity: nll $a on the filler, $b on random letters"; fi
     c=$(ppl "$W/rand.txt" --attention sink-window --attn-window 4096); d=$(ppl "$W/rand.txt" --kv-policy sink-eviction --kv-budget 4096)

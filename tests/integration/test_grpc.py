@@ -2132,25 +2132,31 @@ def check_chat_template(kvserve, model, work):
         srv.kill()
 
 
-def check_spec_decode(kvserve, model, work):
+def check_spec_decode(kvserve, model, work, draft=None):
     """--num-speculative-tokens: a server that speculates by prompt lookup
-    streams the outputs `kvserve run` gives without it (greedy, and a
-    seeded draw under top-p), reports the proposals in usage and
-    GetServerInfo, and frees every block."""
-    srv = start_server(kvserve, model, work, "server-spec",
-                       ["--num-speculative-tokens", "4", "--prompt-lookup-min", "1"])
+    (or, given a draft model, by the draft's greedy continuation) streams
+    the outputs `kvserve run` gives without it (greedy, and a seeded draw
+    under top-p), reports the proposals in usage and GetServerInfo, and
+    frees every block."""
+    method = "draft" if draft else "ngram"
+    flags = ["--num-speculative-tokens", "4"]
+    flags += ["--speculative-method", "draft", "--draft-model", draft] if draft else \
+        ["--prompt-lookup-min", "1"]
+    srv = start_server(kvserve, model, work, "server-spec-" + method, flags)
     ch = grpc.insecure_channel(srv.addr)
+    T = "10 spec decode (%s): " % method
     try:
         api = Api(ch)
         info = api.server_info(pb.GetServerInfoRequest(), timeout=5)
-        report("10 spec decode: GetServerInfo reports num_speculative_tokens",
-               info.num_speculative_tokens == 4, "num_speculative_tokens %d"
-               % info.num_speculative_tokens)
+        report(T + "GetServerInfo reports num_speculative_tokens and the method",
+               info.num_speculative_tokens == 4 and info.speculative_method == method,
+               "num_speculative_tokens %d, method %r"
+               % (info.num_speculative_tokens, info.speculative_method))
         prompt = "The grass is green. The sky is blue. The sun is yellow. The grass is"
         o = collect(api, greedy_req(prompt, 48), timeout=30)
         want = run_reference(kvserve, model, prompt, 48)
         u = o["usage"]
-        report("10 spec decode: greedy output == run's without it, proposals accepted",
+        report(T + "greedy output == run's without it, proposals accepted",
                o["code"] is None and o["tokens"] == want["tokens"] and u is not None
                and u.HasField("spec_draft_tokens") and u.spec_accepted_tokens > 0
                and u.spec_accepted_tokens <= u.spec_draft_tokens,
@@ -2167,21 +2173,21 @@ def check_spec_decode(kvserve, model, work):
                "--prompt", prompt] + ENGINE_FLAGS
         ref = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         ref_ids = json.loads(ref.stdout)["tokens"] if ref.returncode == 0 else None
-        report("10 spec decode: a seeded top-p draw == run's without it",
+        report(T + "a seeded top-p draw == run's without it",
                o["code"] is None and o["tokens"] == ref_ids,
                "%s; run exit %d" % (describe(o), ref.returncode))
-        rc, out, doc = run_bench_json(kvserve, srv.addr, work, "spec",
+        rc, out, doc = run_bench_json(kvserve, srv.addr, work, "spec-" + method,
                                       ["--num-requests", "6", "--concurrency", "3",
                                        "--input-len", "96", "--output-len", "48", "--n", "2"])
         sm = doc["summary"] if doc else {}
-        report("10 spec decode: kvserve bench sums the outputs' proposals and acceptances",
+        report(T + "kvserve bench sums the outputs' proposals and acceptances",
                rc == 0 and sm.get("spec_draft_tokens", 0) > 0
                and 0 < sm.get("spec_accepted_tokens", 0) <= sm["spec_draft_tokens"]
                and "Speculative tokens accepted:" in out,
                "exit %d, draft %s, accepted %s" % (rc, sm.get("spec_draft_tokens"),
                                                    sm.get("spec_accepted_tokens")))
         ok, last = wait_idle(api)
-        report("10 spec decode: every KV block free afterwards", ok, load_str(last))
+        report(T + "every KV block free afterwards", ok, load_str(last))
     finally:
         ch.close()
         srv.kill()
@@ -2419,6 +2425,7 @@ def main():
         check_auth(kvserve, model, work)
         check_chat_template(kvserve, model, work)
         check_spec_decode(kvserve, model, work)
+        check_spec_decode(kvserve, model, work, draft)
         check_tls(kvserve, model, work)
     except Exception as e:  # a broken setup is a failure, not a crash
         import traceback

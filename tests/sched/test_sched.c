@@ -255,7 +255,7 @@ collect(sched_t *s, outcome_t *o)
 
 typedef struct engine {
     kern_backend_t *be;
-    model_t *m;
+    model_t *m, *d; /* d: the draft model, for speculative decoding by one */
     sched_t *s;
     checker_t chk;
 } engine_t;
@@ -274,7 +274,12 @@ engine_open(engine_t *e, bool fake, const sched_cfg_t *cfg)
     }
     char err[256];
     assert_int_equal(model_load(model_path, e->be, &e->m, err, sizeof err), 0);
-    assert_int_equal(sched_new(e->m, cfg, &e->s), 0);
+    sched_cfg_t c = *cfg;
+    if (c.spec_draft_model) { /* the main model drafts for itself */
+        assert_int_equal(model_load(model_path, e->be, &e->d, err, sizeof err), 0);
+        c.draft = e->d;
+    }
+    assert_int_equal(sched_new(e->m, &c, &e->s), 0);
     e->chk.max_tokens = sched_get_cfg(e->s)->max_num_batched_tokens;
     e->chk.max_seqs = sched_get_cfg(e->s)->max_num_seqs;
     for (int i = 0; i < MAX_REQ; i++) {
@@ -290,7 +295,11 @@ engine_close(engine_t *e)
     kv_pool_t *pool = sched_pool(e->s);
     assert_true(kv_pool_check(pool));
     assert_int_equal(kv_pool_n_free(pool), kv_pool_cfg(pool)->n_blocks);
+    kv_pool_t *dp = sched_draft_pool(e->s);
+    if (dp)
+        assert_int_equal(kv_pool_n_free(dp), kv_pool_cfg(dp)->n_blocks);
     sched_free(e->s);
+    model_free(e->d);
     model_free(e->m);
     kern_backend_free(e->be);
 }
@@ -1465,50 +1474,67 @@ sd_same(const sd_out_t *a, const sd_out_t *b, bool same_blocks)
         }
 }
 
-/* Speculative decoding by prompt lookup changes no output: the mix of
- * sd_run gives the same tokens, finish reasons and logprobs with it as
- * without it (seeded draws included, since each token is drawn from its
- * own row with the sampler in the same state; teacher forcing scores the
- * forced tokens a few a step and gets their logprobs), proposals were both
- * accepted and rejected, and a pool small enough to preempt changes
- * nothing either. */
+/* The engine the speculative decoding tests start from. */
+static sched_cfg_t
+sd_base(void)
+{
+    return (sched_cfg_t){.max_num_seqs = 16,
+                         .max_num_batched_tokens = 512,
+                         .block_tokens = 16,
+                         .n_blocks = 256,
+                         .kv_dtype = KERN_F32};
+}
+
+/* The mix plain, with speculative decoding as spec_cfg sets it, and with
+ * it again on pools so small that requests are preempted (their KV waits
+ * in host memory) and, with a draft, draft KV does not fit: the same
+ * tokens, finish reasons and logprobs each time. */
+static void
+sd_compare(const sched_cfg_t *spec_cfg, sd_out_t *plain, sd_out_t *spec, sd_out_t *tight)
+{
+    sched_cfg_t cfg = sd_base();
+    sd_run(&cfg, plain);
+    cfg = *spec_cfg;
+    sd_run(&cfg, spec);
+    sd_same(plain, spec, true);
+    cfg.num_speculative_tokens = SCHED_MAX_SPEC_TOKENS;
+    cfg.max_num_batched_tokens = 96;
+    cfg.block_tokens = 8;
+    cfg.n_blocks = 48;
+    cfg.draft_n_blocks = 24;
+    cfg.prompt_logprob_rows = 8;
+    cfg.host_kv_bytes = 4u << 20;
+    sd_run(&cfg, tight);
+    sd_same(plain, tight, false);
+    assert_true(tight->accepted > 0 && tight->preemptions > 0);
+    fprintf(stderr,
+            "spec decode (%s): %llu of %llu proposed accepted (tight pools: %llu of %llu, %llu "
+            "preemptions)\n",
+            spec_cfg->spec_draft_model ? "draft" : "ngram", (unsigned long long)spec->accepted,
+            (unsigned long long)spec->draft, (unsigned long long)tight->accepted,
+            (unsigned long long)tight->draft, (unsigned long long)tight->preemptions);
+}
+
+/* Speculative decoding by prompt lookup changes no output (seeded draws
+ * included, since each token is drawn from its own row with the sampler
+ * in the same state; teacher forcing scores the forced tokens a few a
+ * step and gets their logprobs), and proposals were both accepted and
+ * rejected.  Out of range settings are refused. */
 static void
 test_spec_decode_same_outputs(void **state)
 {
     (void)state;
     static sd_out_t plain, spec, tight;
-    sched_cfg_t cfg = {.max_num_seqs = 16,
-                       .max_num_batched_tokens = 512,
-                       .block_tokens = 16,
-                       .n_blocks = 256,
-                       .kv_dtype = KERN_F32};
-    sd_run(&cfg, &plain);
+    sched_cfg_t cfg = sd_base();
     cfg.num_speculative_tokens = 5;
     cfg.prompt_lookup_max = 3;
     cfg.prompt_lookup_min = 1;
-    sd_run(&cfg, &spec);
-    sd_same(&plain, &spec, true);
+    sd_compare(&cfg, &plain, &spec, &tight);
     assert_true(spec.accepted > 0 && spec.accepted < spec.draft);
     /* Forced tokens are proposed as they are, and hold. */
     assert_true(spec.usage[11][0].spec_accepted_tokens >= 20);
     assert_true(spec.usage[3][0].kv_dropped_tokens > 0 && spec.usage[3][0].spec_draft_tokens > 0);
     assert_int_equal(spec.usage[9][0].spec_draft_tokens, 0);
-    cfg.num_speculative_tokens = SCHED_MAX_SPEC_TOKENS;
-    cfg.max_num_batched_tokens = 96;
-    cfg.block_tokens = 8;
-    cfg.n_blocks = 48;
-    cfg.prompt_logprob_rows = 8;
-    cfg.host_kv_bytes = 4u << 20; /* preempted KV waits in host memory */
-    sd_run(&cfg, &tight);
-    sd_same(&plain, &tight, false);
-    assert_true(tight.accepted > 0 && tight.preemptions > 0);
-    fprintf(stderr,
-            "spec decode: %llu of %llu proposed accepted (tight pool: %llu of %llu, %llu "
-            "preemptions)\n",
-            (unsigned long long)spec.accepted, (unsigned long long)spec.draft,
-            (unsigned long long)tight.accepted, (unsigned long long)tight.draft,
-            (unsigned long long)tight.preemptions);
-    /* Out of range settings are refused. */
     engine_t e;
     memset(&e, 0, sizeof e);
     kern_backend_cfg_t bc = {.n_threads = 1};
@@ -1522,8 +1548,34 @@ test_spec_decode_same_outputs(void **state)
     assert_int_equal(sched_new(e.m, &bad, &e.s), KVS_EINVAL);
     bad.prompt_lookup_max = SCHED_MAX_PROMPT_LOOKUP + 1;
     assert_int_equal(sched_new(e.m, &bad, &e.s), KVS_EINVAL);
+    /* The draft method without a draft, or without a proposal length. */
+    bad = (sched_cfg_t){.n_blocks = 8, .num_speculative_tokens = 2, .spec_draft_model = true};
+    assert_int_equal(sched_new(e.m, &bad, &e.s), KVS_EINVAL);
+    bad = (sched_cfg_t){.n_blocks = 8, .spec_draft_model = true, .draft = e.m};
+    assert_int_equal(sched_new(e.m, &bad, &e.s), KVS_EINVAL);
     model_free(e.m);
     kern_backend_free(e.be);
+}
+
+/* Speculative decoding by a draft model (here the main model drafting
+ * for itself) changes no output either.  A greedy request keeps nearly
+ * every proposal, which only draft KV at the right positions and in step
+ * with what was accepted gives. */
+static void
+test_spec_decode_draft_model(void **state)
+{
+    (void)state;
+    static sd_out_t plain, spec, tight;
+    sched_cfg_t cfg = sd_base();
+    cfg.num_speculative_tokens = 4;
+    cfg.spec_draft_model = true;
+    sd_compare(&cfg, &plain, &spec, &tight);
+    const sched_usage_t *u = &spec.usage[0][0];
+    assert_true(u->spec_draft_tokens >= SD_MAXT / 2);
+    assert_true(u->spec_accepted_tokens * 10 >= u->spec_draft_tokens * 9);
+    assert_true(spec.accepted < spec.draft); /* seeded draws miss some */
+    assert_true(spec.usage[11][0].spec_accepted_tokens >= 20);
+    assert_int_equal(spec.usage[9][0].spec_draft_tokens, 0);
 }
 
 /* Proposals never take a decode's place: with a token budget of one
@@ -1618,6 +1670,7 @@ main(void)
         cmocka_unit_test(test_engine_thread),
         cmocka_unit_test(test_spec_decode_same_outputs),
         cmocka_unit_test(test_spec_decode_keeps_decodes),
+        cmocka_unit_test(test_spec_decode_draft_model),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -271,24 +271,34 @@ on_step(void *arg, const model_batch_t *b, const uint64_t *ids)
             }
 }
 
+/* An engine whose draft is the model at `draft`; spec_k > 0: it drafts
+ * speculative decoding's proposals too, that many tokens. */
 static void
-run_open(run_t *r, uint32_t n_blocks, uint32_t budget)
+run_open_draft(run_t *r, uint32_t n_blocks, uint32_t budget, const char *draft, uint32_t spec_k)
 {
     memset(r, 0, sizeof *r);
     kern_backend_cfg_t bc = {.n_threads = 2};
     assert_int_equal(kern_backend_new("cpu", &bc, &r->be), 0);
     char err[256];
     assert_int_equal(model_load(main_path, r->be, &r->m, err, sizeof err), 0);
-    assert_int_equal(model_load(draft_path, r->be, &r->d, err, sizeof err), 0);
+    assert_int_equal(model_load(draft, r->be, &r->d, err, sizeof err), 0);
     sched_cfg_t cfg = {.max_num_seqs = 4,
                        .max_num_batched_tokens = budget,
                        .block_tokens = 16,
                        .n_blocks = n_blocks,
                        .kv_dtype = KERN_F32,
-                       .draft = r->d};
+                       .draft = r->d,
+                       .num_speculative_tokens = spec_k,
+                       .spec_draft_model = spec_k > 0};
     assert_int_equal(sched_new(r->m, &cfg, &r->s), 0);
     sched_set_logits_hook(r->s, on_logits, r);
     sched_set_step_hook(r->s, on_step, r);
+}
+
+static void
+run_open(run_t *r, uint32_t n_blocks, uint32_t budget)
+{
+    run_open_draft(r, n_blocks, budget, draft_path, 0);
 }
 
 static void
@@ -469,6 +479,50 @@ test_cancel_and_preempt_free_both_pools(void **state)
     run_close(&r);
 }
 
+/* Speculative decoding by the draft model after a speculative prefill
+ * drafts on the prompt KV the draft computed (with the main model as its
+ * own draft and every prompt token kept, greedy proposals hold); in a main
+ * pool too small for all and a draft pool both phases share, outputs are
+ * those without it. */
+static void
+test_draft_decoding_after_spec_prefill(void **state)
+{
+    (void)state;
+    enum { N = 200 };
+    int32_t prompt[N + 100];
+    make_prompt(prompt, N, 5);
+    static run_t r, a, b;
+    run_open_draft(&r, 64, 64, main_path, 4);
+    model_spec_policy_t all = {.on = true, .keep_ratio = 1.0f};
+    submit(&r, 0, prompt, N, &all, 0);
+    run_idle(&r);
+    assert_int_equal(r.n_tokens[0], MAXT);
+    assert_true(r.usage[0].spec_draft_tokens >= 4);
+    assert_int_equal(r.usage[0].spec_accepted_tokens, r.usage[0].spec_draft_tokens);
+    run_close(&r);
+
+    model_spec_policy_t spec = {.on = true, .keep_ratio = 0.5f};
+    run_t *runs[2] = {&a, &b};
+    for (int k = 0; k < 2; k++) {
+        run_open_draft(runs[k], 28, 64, draft_path, k ? 4 : 0);
+        for (uint64_t id = 0; id < 4; id++) {
+            make_prompt(prompt, 270 + 10 * (uint32_t)id, 20 + (uint32_t)id);
+            submit(runs[k], id, prompt, 270 + 10 * (uint32_t)id, id % 2 ? &spec : NULL, 0);
+        }
+        run_idle(runs[k]);
+    }
+    uint32_t preempted = 0, proposed = 0;
+    for (uint64_t id = 0; id < 4; id++) {
+        assert_int_equal(a.n_tokens[id], MAXT);
+        assert_memory_equal(a.tokens[id], b.tokens[id], MAXT * sizeof(int32_t));
+        preempted += b.usage[id].preemptions;
+        proposed += b.usage[id].spec_draft_tokens;
+    }
+    assert_true(preempted > 0 && proposed > 0);
+    run_close(&a);
+    run_close(&b);
+}
+
 /* n samples of a speculative prefill: the draft runs once, the samples
  * fork the sparse prompt's KV (kept tokens at their positions) or, with
  * no sequence free, prefill the kept tokens again; either way sample i
@@ -547,6 +601,7 @@ main(void)
         cmocka_unit_test(test_positions_after_sparse_prefill),
         cmocka_unit_test(test_cancel_and_preempt_free_both_pools),
         cmocka_unit_test(test_samples_share_sparse_prefill),
+        cmocka_unit_test(test_draft_decoding_after_spec_prefill),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
