@@ -862,23 +862,27 @@ sd_forward(sched_t *s, uint32_t n)
     return 0;
 }
 
-/* Before planning: the draft's proposals for the decoding requests that
- * speculate this step, and its KV brought up to what each running
- * request has computed (a decoding one: all its tokens).  One pass
- * computes what each draft lags (at most max_num_batched_tokens tokens in
- * all) and the first proposed token of those it caught up; each further
- * pass, one more proposed token of each.  A request whose proposal must
- * wait (spec_wait) catches up when it next proposes, in one chunk. */
+/* Before planning (prompts false): the draft's proposals for the
+ * decoding requests that speculate this step, and its KV brought up to
+ * what each running request has computed (a decoding one: all its
+ * tokens).  One pass computes what each draft lags (at most
+ * max_num_batched_tokens tokens in all) and the first proposed token of
+ * those it caught up; each further pass, one more proposed token of each.
+ * A request whose proposal must wait (spec_wait) catches up when it next
+ * proposes, in one chunk.  After the main pass (prompts true): the draft
+ * catches up with the prompt chunks just computed, so that its share of a
+ * prompt's cost falls in the prefill's step, not in the first decode's. */
 static void
-sd_propose(sched_t *s)
+sd_propose(sched_t *s, bool prompts)
 {
     uint32_t n = 0, budget = s->cfg.max_num_batched_tokens, most = 0;
-    for (req_t *r = s->running.head; r && budget; r = r->next) {
+    for (req_t *r = s->running.head; r && !prompts; r = r->next)
         r->sd_n = 0;
+    for (req_t *r = s->running.head; r && budget; r = r->next) {
         if (r->kv.kind == SCHED_KV_SINK_EVICTION || r->kv.kind == SCHED_KV_H2O || !r->table ||
-            drafting(r))
+            drafting(r) || (prompts && r->n_computed > r->n_prompt))
             continue;
-        bool dec = spec_can(s, r);
+        bool dec = !prompts && spec_can(s, r);
         if (dec && r->spec_wait)
             continue;
         if (r->sd_table == NULL && kv_table_new(s->d_pool, &r->sd_table) != 0)
@@ -1904,7 +1908,7 @@ step_once(sched_t *s)
 {
     drain_inbox(s);
     if (s->cfg.spec_draft_model)
-        sd_propose(s);
+        sd_propose(s, false);
     plan(s);
     /* Draft work leaves the main list (compacted in place) for its own
      * forward pass. */
@@ -1920,6 +1924,9 @@ step_once(sched_t *s)
     int rc = n_main ? main_forward(s) : 0;
     if (rc == 0 && n_draft)
         rc = draft_forward(s, n_draft);
+    /* After the draft phase's pass: they share the draft's step arrays. */
+    if (rc == 0 && n_main && s->cfg.spec_draft_model)
+        sd_propose(s, true);
     s->n_steps += n_draft; /* sched_step counts steps that ran a model */
     return rc < 0 ? rc : (int)(s->waiting.n + s->running.n);
 }
