@@ -301,6 +301,11 @@ typedef struct sched_cfg {
      * passes, batched over the proposing requests.  After a speculative
      * prefill the draft's prompt KV stays for this. */
     bool spec_draft_model;
+    /* vLLM's speculative_disable_by_batch_size: a step that starts with at
+     * least this many running requests proposes nothing (forced tokens
+     * aside, which always hold), since a large batch makes the model
+     * compute-bound and rejected rows cost what kept ones do.  0: never. */
+    uint32_t spec_disable_batch;
     /* Speculative prefill's draft model (NULL: none), on the main model's
      * backend with the same vocabulary, and its own KV pool of
      * draft_n_blocks blocks (0: as many blocks as the main pool; when the

@@ -189,6 +189,7 @@ struct sched {
     uint32_t n_steps, budget;
     uint32_t plp_left; /* prompt_logprob_rows still free this step */
     uint32_t dec_left; /* decodes planning has still to reach (proposals leave them budget) */
+    bool spec_off;     /* spec_disable_batch running requests or more: no proposals */
     sched_step_hook_fn hook;
     void *hook_arg;
     sched_logits_hook_fn logits_hook;
@@ -745,6 +746,8 @@ spec_propose(const sched_t *s, req_t *r, uint32_t room)
         uint32_t due = r->n_prompt + r->n_forced - n;
         return due < room ? due : room;
     }
+    if (s->spec_off)
+        return 0;
     if (s->cfg.spec_draft_model) /* the draft's, made before planning (sd_propose) */
         return r->sd_n < room ? r->sd_n : room;
     uint32_t best = 0, at = 0; /* the match's length, and where what followed it starts */
@@ -787,7 +790,7 @@ schedule_spec(sched_t *s, req_t *r)
     /* A proposal's verification says whether it missed.  A lookup that
      * found nothing costs no rows, only its scan, which counts once the
      * sequence is long (about 1 us per 1K tokens). */
-    if (d == 0 && r->n_tokens >= SPEC_SCAN_LONG && !s->cfg.spec_draft_model)
+    if (d == 0 && r->n_tokens >= SPEC_SCAN_LONG && !s->cfg.spec_draft_model && !s->spec_off)
         spec_missed(r, true);
     if (d == 0 || kv_table_reserve(r->table, 1 + d) != 0)
         return false;
@@ -878,6 +881,8 @@ sd_propose(sched_t *s, bool prompts)
     uint32_t n = 0, budget = s->cfg.max_num_batched_tokens, most = 0;
     for (req_t *r = s->running.head; r && !prompts; r = r->next)
         r->sd_n = 0;
+    if (s->spec_off && !prompts)
+        return; /* decoding requests catch up once proposals resume */
     for (req_t *r = s->running.head; r && budget; r = r->next) {
         if (r->kv.kind == SCHED_KV_SINK_EVICTION || r->kv.kind == SCHED_KV_H2O || !r->table ||
             drafting(r) || (prompts && r->n_computed > r->n_prompt))
@@ -1907,6 +1912,7 @@ static int
 step_once(sched_t *s)
 {
     drain_inbox(s);
+    s->spec_off = s->cfg.spec_disable_batch && s->running.n >= s->cfg.spec_disable_batch;
     if (s->cfg.spec_draft_model)
         sd_propose(s, false);
     plan(s);

@@ -230,6 +230,8 @@ int srv_load_draft(const char *cmd, const char *path, model_t *main_model, model
  *   --draft-model's greedy continuation)
  *   --prompt-lookup-max N  --prompt-lookup-min N  (ngram; 1..SCHED_MAX_PROMPT_LOOKUP;
  *   defaults 4 and 2)
+ *   --speculative-disable-by-batch-size N  (no proposals in a step that
+ *   starts with N running requests or more; default: never)
  * Used like the attention flags above; srv_specdec_apply puts them into
  * an engine config. */
 typedef struct srv_specdec_opts {
@@ -237,12 +239,14 @@ typedef struct srv_specdec_opts {
     uint32_t lookup_max, lookup_min; /* 0: not given (the defaults once finished) */
     const char *method;              /* NULL: not given ("ngram") */
     bool draft;                      /* the draft model proposes */
+    uint32_t disable_batch;          /* 0: not given */
 } srv_specdec_opts_t;
-enum { SRV_O_NUMSPEC = 1400, SRV_O_PLMAX, SRV_O_PLMIN, SRV_O_SPECMETHOD };
+enum { SRV_O_NUMSPEC = 1400, SRV_O_PLMAX, SRV_O_PLMIN, SRV_O_SPECMETHOD, SRV_O_SPECOFF };
 /* clang-format off */
 #define SRV_SPECDEC_LONGOPTS                                           \
     {"num-speculative-tokens", 1, 0, SRV_O_NUMSPEC},                   \
     {"speculative-method", 1, 0, SRV_O_SPECMETHOD},                    \
+    {"speculative-disable-by-batch-size", 1, 0, SRV_O_SPECOFF},        \
     {"prompt-lookup-max", 1, 0, SRV_O_PLMAX},                          \
     {"prompt-lookup-min", 1, 0, SRV_O_PLMIN}
 /* clang-format on */

@@ -516,6 +516,9 @@ srv_specdec_opt(const char *cmd, int opt, const char *arg, srv_specdec_opts_t *o
         o->method = arg;
         o->draft = strcmp(arg, "draft") == 0;
         return 0;
+    case SRV_O_SPECOFF:
+        return srv_parse_u32(cmd, "--speculative-disable-by-batch-size", arg, 1, 1u << 20,
+                             &o->disable_batch);
     default:
         return 1;
     }
@@ -524,10 +527,11 @@ srv_specdec_opt(const char *cmd, int opt, const char *arg, srv_specdec_opts_t *o
 int
 srv_specdec_finish(const char *cmd, srv_specdec_opts_t *o, bool have_draft)
 {
-    if (o->num_tokens == 0 && (o->lookup_max || o->lookup_min || o->method)) {
+    if (o->num_tokens == 0 && (o->lookup_max || o->lookup_min || o->method || o->disable_batch)) {
         fprintf(stderr,
-                "kvserve %s: --speculative-method, --prompt-lookup-max and --prompt-lookup-min go "
-                "with --num-speculative-tokens N (N > 0)\n",
+                "kvserve %s: --speculative-method, --speculative-disable-by-batch-size, "
+                "--prompt-lookup-max and --prompt-lookup-min go with --num-speculative-tokens N "
+                "(N > 0)\n",
                 cmd);
         return KVS_EINVAL;
     }
@@ -565,6 +569,7 @@ srv_specdec_apply(const srv_specdec_opts_t *o, sched_cfg_t *c)
 {
     c->num_speculative_tokens = o->num_tokens;
     c->spec_draft_model = o->num_tokens && o->draft;
+    c->spec_disable_batch = o->num_tokens ? o->disable_batch : 0;
     c->prompt_lookup_max = o->num_tokens ? o->lookup_max : 0;
     c->prompt_lookup_min = o->num_tokens ? o->lookup_min : 0;
 }

@@ -44,7 +44,8 @@ static const char eval_usage[] =
     "                    [--prefill full|speculative] [--keep-ratio R] [--look-ahead N]\n"
     "                    [--spec-chunk N] [--space-in-prompt]\n"
     "                    [--num-speculative-tokens N (0..16) [--speculative-method ngram|draft]\n"
-    "                     [--prompt-lookup-max 4] [--prompt-lookup-min 2]]\n"
+    "                     [--prompt-lookup-max 4] [--prompt-lookup-min 2]\n"
+    "                     [--speculative-disable-by-batch-size N]]\n"
     "                    [--scenario multi-turn|multi-request]  (SCBench's shared context:\n"
     "                     one question per niah-multikey key, prefix caching on)\n"
     "                    [--json FILE] [--plot FILE.svg]\n";

@@ -108,6 +108,10 @@ expect 2 "run draft method with lookup flags" "$K" run $M --prompt a --num-specu
 contains "go with --speculative-method ngram"
 expect 2 "run draft model without the draft method" "$K" run $M --prompt a --draft-model "$W/tiny.gguf"
 contains "draft-model goes with --speculative-method draft"
+expect 2 "serve disable-by-batch-size 0" "$K" serve $M --port 0 --num-speculative-tokens 2 --speculative-disable-by-batch-size 0
+contains "speculative-disable-by-batch-size"
+expect 2 "serve disable-by-batch-size without speculative tokens" "$K" serve $M --port 0 --speculative-disable-by-batch-size 4
+contains "go with --num-speculative-tokens"
 expect 2 "serve draft method without a draft model" "$K" serve $M --port 0 --num-speculative-tokens 2 --speculative-method draft
 contains "speculative-method draft needs --draft-model"
 expect 2 "perplexity draft method" "$K" perplexity $M --file /dev/null --num-speculative-tokens 2 --speculative-method draft
