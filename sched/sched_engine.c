@@ -872,9 +872,10 @@ sd_forward(sched_t *s, uint32_t n)
  * max_num_batched_tokens tokens in all) and the first proposed token of
  * those it caught up; each further pass, one more proposed token of each.
  * A request whose proposal must wait (spec_wait) catches up when it next
- * proposes, in one chunk.  After the main pass (prompts true): the draft
- * catches up with the prompt chunks just computed, so that its share of a
- * prompt's cost falls in the prefill's step, not in the first decode's. */
+ * proposes, in one chunk.  After planning (prompts true): the draft
+ * computes the prompt chunks the main model is about to, so that its
+ * share of a prompt's cost falls in the prefill's step, not between the
+ * first tokens. */
 static void
 sd_propose(sched_t *s, bool prompts)
 {
@@ -885,7 +886,9 @@ sd_propose(sched_t *s, bool prompts)
         return; /* decoding requests catch up once proposals resume */
     for (req_t *r = s->running.head; r && budget; r = r->next) {
         if (r->kv.kind == SCHED_KV_SINK_EVICTION || r->kv.kind == SCHED_KV_H2O || !r->table ||
-            drafting(r) || (prompts && r->n_computed > r->n_prompt))
+            drafting(r) ||
+            (prompts && (r->n_sched == 0 || r->n_computed >= r->n_prompt ||
+                         (r->kept && r->kept_done < r->n_kept))))
             continue;
         bool dec = !prompts && spec_can(s, r);
         if (dec && r->spec_wait)
@@ -895,7 +898,8 @@ sd_propose(sched_t *s, bool prompts)
         sd_sync(r);
         /* Forced tokens still due are the proposal themselves. */
         uint32_t k = dec && r->n_tokens - r->n_prompt >= r->n_forced ? spec_most(s, r) : 0;
-        uint32_t have = kv_table_len(r->sd_table), want = dec ? r->n_tokens : r->n_computed;
+        uint32_t have = kv_table_len(r->sd_table);
+        uint32_t want = prompts ? r->n_computed + r->n_sched : dec ? r->n_tokens : r->n_computed;
         if (have >= want)
             continue;
         uint32_t chunk = want - have;
@@ -1916,6 +1920,8 @@ step_once(sched_t *s)
     if (s->cfg.spec_draft_model)
         sd_propose(s, false);
     plan(s);
+    if (s->cfg.spec_draft_model)
+        sd_propose(s, true);
     /* Draft work leaves the main list (compacted in place) for its own
      * forward pass. */
     uint32_t n_main = 0, n_draft = 0;
@@ -1930,9 +1936,6 @@ step_once(sched_t *s)
     int rc = n_main ? main_forward(s) : 0;
     if (rc == 0 && n_draft)
         rc = draft_forward(s, n_draft);
-    /* After the draft phase's pass: they share the draft's step arrays. */
-    if (rc == 0 && n_main && s->cfg.spec_draft_model)
-        sd_propose(s, true);
     s->n_steps += n_draft; /* sched_step counts steps that ran a model */
     return rc < 0 ? rc : (int)(s->waiting.n + s->running.n);
 }
