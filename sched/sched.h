@@ -293,13 +293,14 @@ typedef struct sched_cfg {
      * method; needs `draft`): its greedy continuation of the sequence, up to
      * num_speculative_tokens tokens, verified the same way, so outputs stay
      * those of plain decoding.  Each running request keeps the draft's KV
-     * of its tokens in the draft pool, computed alongside (at most
-     * max_num_batched_tokens draft tokens a step besides the proposals'
-     * own) and released on preemption, or when a speculative prefill needs
-     * the draft pool; a request the draft pool cannot hold decodes without
-     * proposals.  A step's proposal of k tokens takes the draft k forward
-     * passes, batched over the proposing requests.  After a speculative
-     * prefill the draft's prompt KV stays for this. */
+     * of its tokens in the draft pool: the draft computes each prompt chunk
+     * in the main model's step, and what it lags (after a pause) with its
+     * next proposal, at most max_num_batched_tokens tokens a pass.  That KV
+     * is released on preemption, or when a speculative prefill needs the
+     * draft pool; a request the pool cannot hold proposes nothing until it
+     * can.  A step's proposal of k tokens takes the draft k forward passes,
+     * batched over the proposing requests.  After a speculative prefill the
+     * draft's prompt KV stays for this. */
     bool spec_draft_model;
     /* vLLM's speculative_disable_by_batch_size: a step that starts with at
      * least this many running requests proposes nothing (forced tokens
@@ -394,8 +395,13 @@ typedef struct sched_load {
     /* kv_pool_prefix_stats' counters, mirrored here because the pool is
      * the engine thread's alone. */
     uint64_t prefix_queried_tokens, prefix_hit_tokens;
-    /* Speculative decoding: tokens proposed and accepted, all requests. */
-    uint64_t spec_draft_tokens, spec_accepted_tokens;
+    /* Speculative decoding: tokens proposed and accepted, all requests;
+     * proposals verified (spec_drafts: the mean accepted run is
+     * accepted / drafts) and the tokens accepted at each position of a
+     * proposal, the first spec_positions (num_speculative_tokens) of them. */
+    uint64_t spec_draft_tokens, spec_accepted_tokens, spec_drafts;
+    uint64_t spec_accepted_pos[SCHED_MAX_SPEC_TOKENS];
+    uint32_t spec_positions;
     /* The device failed for good (kern_backend_failed): every request
      * that reaches a step ends with KVS_EDEVICE. */
     bool device_failed;

@@ -208,7 +208,8 @@ struct sched {
         load_h2o;
     _Atomic uint64_t load_steps, load_busy_ns, load_work_steps;
     _Atomic uint64_t load_pfx_queried, load_pfx_hit;
-    _Atomic uint64_t load_spec_draft, load_spec_accepted;
+    _Atomic uint64_t load_spec_draft, load_spec_accepted, load_spec_drafts;
+    _Atomic uint64_t load_spec_pos[SCHED_MAX_SPEC_TOKENS];
 };
 
 const char *
@@ -1651,6 +1652,7 @@ spec_verify(sched_t *s, req_t *r, float *rows, uint64_t now)
     r->n_computed -= d; /* the last token's entry; each accepted proposal adds its own */
     r->usage.spec_draft_tokens += d;
     atomic_fetch_add(&s->load_spec_draft, d);
+    atomic_fetch_add(&s->load_spec_drafts, 1);
     for (uint32_t j = 0;; j++) {
         if (!sample_row(s, r, rows + (size_t)j * s->n_vocab, now))
             return; /* r ended, its KV with it */
@@ -1659,6 +1661,7 @@ spec_verify(sched_t *s, req_t *r, float *rows, uint64_t now)
         r->n_computed++;
         r->usage.spec_accepted_tokens++;
         atomic_fetch_add(&s->load_spec_accepted, 1);
+        atomic_fetch_add(&s->load_spec_pos[j], 1);
         a++;
     }
     /* The next proposal: one longer than the run that held, two more
@@ -2199,6 +2202,10 @@ sched_get_load(const sched_t *s, sched_load_t *out)
     out->prefix_hit_tokens = atomic_load(&w->load_pfx_hit);
     out->spec_draft_tokens = atomic_load(&w->load_spec_draft);
     out->spec_accepted_tokens = atomic_load(&w->load_spec_accepted);
+    out->spec_drafts = atomic_load(&w->load_spec_drafts);
+    out->spec_positions = w->cfg.num_speculative_tokens;
+    for (uint32_t i = 0; i < SCHED_MAX_SPEC_TOKENS; i++)
+        out->spec_accepted_pos[i] = atomic_load(&w->load_spec_pos[i]);
     out->device_failed = atomic_load(&w->load_failed);
 }
 

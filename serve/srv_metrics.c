@@ -214,10 +214,24 @@ srv_met_render(const srv_met_data_t *d, const sched_load_t *l, FILE *f)
     counter(f, "kvserve_kv_dropped_tokens_total", "KV entries finished requests' policies dropped.",
             d->kv_dropped_tokens);
     counter(f, "kvserve_spec_decode_num_draft_tokens_total",
-            "Tokens speculative decoding (prompt lookup) proposed.", l->spec_draft_tokens);
+            "Tokens speculative decoding (prompt lookup or the draft model) proposed.",
+            l->spec_draft_tokens);
     counter(f, "kvserve_spec_decode_num_accepted_tokens_total",
             "Proposed tokens the model accepted (each a decode step saved).",
             l->spec_accepted_tokens);
+    counter(f, "kvserve_spec_decode_num_drafts_total",
+            "Proposals verified (accepted tokens / drafts: the mean accepted run).",
+            l->spec_drafts);
+    if (l->spec_positions) {
+        static const char *const pos[SCHED_MAX_SPEC_TOKENS] = {
+            "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15"};
+        _Static_assert(SCHED_MAX_SPEC_TOKENS == 16, "a label per position");
+        counter_by(f, "kvserve_spec_decode_num_accepted_tokens_per_pos_total",
+                   "Proposed tokens accepted, by their position in the proposal.", "position", pos,
+                   l->spec_accepted_pos,
+                   l->spec_positions < SCHED_MAX_SPEC_TOKENS ? l->spec_positions
+                                                             : SCHED_MAX_SPEC_TOKENS);
+    }
     counter(f, "kvserve_engine_steps_total", "Engine steps that ran the model.", l->steps);
     family(f, "kvserve_engine_busy_seconds_total", "counter",
            "Time the engine spent in steps that ran the model.");

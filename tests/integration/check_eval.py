@@ -5,13 +5,16 @@ samples and an accuracy in [0, 1]) and that dense attention still retrieves
 the passkey at the shortest length (a quality regression check).  Then
 each --scenario (SCBench's multi-turn and multi-request modes) on one short
 length: a per-turn table and "scenario" JSON, and turns after the first
-served mostly by the prefix cache, as the modes require.
+served mostly by the prefix cache, as the modes require.  Last, greedy
+answers are the same with speculative decoding by the bundled draft model,
+which has proposals accepted.
 
   check_eval.py KVSERVE WORKDIR [MODEL]
 Exit 77 (skipped) when there is no bundled model.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -59,6 +62,7 @@ def main():
     if not open(plot).read().startswith("<svg"):
         fails.append("the plot is not an SVG")
     fails += check_scenarios(kvserve, model, work)
+    fails += check_spec_draft(kvserve, model, work)
     for f in fails:
         print("FAIL: " + f)
     print("%d passed, %d failed" % (0 if fails else 1, 1 if fails else 0))
@@ -101,6 +105,28 @@ def check_scenarios(kvserve, model, work):
                         "passkey"], capture_output=True, text=True)
     if r.returncode != 2 or "niah-multikey" not in r.stderr:
         fails.append("--scenario with --task passkey: exit %d, %r" % (r.returncode, r.stderr[:200]))
+    return fails
+
+
+def check_spec_draft(kvserve, model, work):
+    draft = os.path.join(os.path.dirname(model), "kvserve-draft.gguf")
+    if not os.path.exists(draft):
+        return []
+    acc, fails = [], []
+    for extra in ([], ["--num-speculative-tokens", "4", "--speculative-method", "draft",
+                       "--draft-model", draft]):
+        out = os.path.join(work, "spec-draft-%d.json" % len(extra))
+        cmd = [kvserve, "eval", "--model", model, "--task", "passkey", "--lengths", "256,512",
+               "--depths", "0,0.5,1", "--samples", "2", "--seed", "5", "--json", out] + extra
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        print(r.stdout)
+        if r.returncode != 0:
+            return ["eval %s: exit %d\n%s" % (" ".join(extra), r.returncode, r.stderr)]
+        acc.append([(x["length"], x["depth"], x["accuracy"]) for x in json.load(open(out))["results"]])
+        if extra and not re.search(r"speculative decoding accepted [1-9][0-9]* of", r.stdout + r.stderr):
+            fails.append("eval --speculative-method draft: no proposal accepted")
+    if acc[0] != acc[1]:
+        fails.append("eval --speculative-method draft changed the answers: %r vs %r" % tuple(acc))
     return fails
 
 

@@ -1436,6 +1436,13 @@ sd_run(const sched_cfg_t *cfg, sd_out_t *o)
             accepted += o->usage[id][x].spec_accepted_tokens;
         }
     assert_true(draft == o->draft && accepted == o->accepted);
+    /* Per position: the accepted tokens again; every proposal's first. */
+    uint64_t by_pos = 0;
+    for (uint32_t j = 0; j < SCHED_MAX_SPEC_TOKENS; j++)
+        by_pos += l.spec_accepted_pos[j];
+    assert_true(by_pos == accepted && l.spec_accepted_pos[0] <= l.spec_drafts);
+    assert_true(l.spec_drafts <= draft && (draft == 0) == (l.spec_drafts == 0));
+    assert_int_equal(l.spec_positions, cfg->num_speculative_tokens);
     if (cfg->num_speculative_tokens == 0)
         assert_true(o->draft == 0);
     for (int id = 7; id <= 10; id += 3) /* the guide's outputs match */

@@ -149,6 +149,7 @@ test_empty(void **state)
     assert_true(sample(t, "kvserve_device_failed") == 0);
     assert_true(sample(t, "kvserve_request_success_total{finished_reason=\"stop\"}") == 0.0);
     assert_true(sample(t, "kvserve_spec_decode_num_draft_tokens_total") == 0);
+    assert_true(strstr(t, "_per_pos{") == NULL); /* off: no positions */
     check_histogram(t, "kvserve_time_to_first_token_seconds", 0);
     check_histogram(t, "kvserve_spec_prefill_keep_ratio", 0);
     free(t);
@@ -198,6 +199,9 @@ test_observations(void **state)
                       .prefix_hit_tokens = 32,
                       .spec_draft_tokens = 50,
                       .spec_accepted_tokens = 31,
+                      .spec_drafts = 20,
+                      .spec_accepted_pos = {17, 9, 5},
+                      .spec_positions = 4,
                       .device_failed = true};
     char *t = render(&d, &l);
     check_structure(t);
@@ -227,6 +231,14 @@ test_observations(void **state)
     assert_true(sample(t, "kvserve_kv_compactions_total{policy=\"h2o\"}") == 6);
     assert_true(sample(t, "kvserve_spec_decode_num_draft_tokens_total") == 50);
     assert_true(sample(t, "kvserve_spec_decode_num_accepted_tokens_total") == 31);
+    assert_true(sample(t, "kvserve_spec_decode_num_drafts_total") == 20);
+    assert_true(
+        sample(t, "kvserve_spec_decode_num_accepted_tokens_per_pos_total{position=\"0\"}") == 17);
+    assert_true(
+        sample(t, "kvserve_spec_decode_num_accepted_tokens_per_pos_total{position=\"2\"}") == 5);
+    assert_true(
+        sample(t, "kvserve_spec_decode_num_accepted_tokens_per_pos_total{position=\"3\"}") == 0);
+    assert_true(strstr(t, "position=\"4\"") == NULL); /* num_speculative_tokens positions */
     assert_true(sample(t, "kvserve_engine_steps_total") == 77);
     assert_true(sample(t, "kvserve_engine_busy_seconds_total") == 1.5);
 
