@@ -18,6 +18,7 @@
  * Each configuration runs --repeat times, alternating with the others of
  * its row, and keeps its fastest run: the machines are shared and noisy.
  */
+#include "bench_util.h"
 #include "sched/sched.h"
 
 #include <getopt.h>
@@ -169,15 +170,6 @@ run_one(model_t *m, model_t *draft, int w, uint32_t batch, uint32_t n_prompt, ui
     return rc;
 }
 
-static uint32_t
-parse_list(char *s, uint32_t *v, uint32_t max)
-{
-    uint32_t n = 0;
-    for (char *t = strtok(s, ","); t && n < max; t = strtok(NULL, ","))
-        v[n++] = (uint32_t)atoi(t);
-    return n;
-}
-
 int
 main(int argc, char **argv)
 {
@@ -199,10 +191,10 @@ main(int argc, char **argv)
             draft_path = optarg;
             break;
         case 'k':
-            n_k = parse_list(optarg, ks, MAX_K);
+            n_k = bench_parse_list(optarg, ks, MAX_K);
             break;
         case 'b':
-            n_b = parse_list(optarg, batches, MAX_BATCH);
+            n_b = bench_parse_list(optarg, batches, MAX_BATCH);
             break;
         case 'p':
             n_prompt = (uint32_t)atoi(optarg);

@@ -193,6 +193,8 @@ typedef struct sched_request {
 enum {
     SCHED_MAX_N = 64,
     SCHED_MAX_SPEC_TOKENS = 16,
+    SCHED_MAX_SAMPLE_THREADS = 64,
+    SCHED_DEFAULT_SAMPLE_THREADS = 8,
     SCHED_MAX_PROMPT_LOOKUP = 64,
     SCHED_DEFAULT_PROMPT_LOOKUP_MAX = 4,
     SCHED_DEFAULT_PROMPT_LOOKUP_MIN = 2,
@@ -307,6 +309,15 @@ typedef struct sched_cfg {
      * aside, which always hold), since a large batch makes the model
      * compute-bound and rejected rows cost what kept ones do.  0: never. */
     uint32_t spec_disable_batch;
+    /* Threads that draw a step's tokens, the engine thread included: a
+     * step's one-row draws (every decode without a proposal) run on them at
+     * once, each request on one thread with its own sampler, so outputs do
+     * not depend on the count.  0: half the cores, at most
+     * SCHED_DEFAULT_SAMPLE_THREADS, and only for draws over at least 256K
+     * logits in all (fewer finish before the threads wake); a count given
+     * uses them from two draws on.  1: the engine thread alone.  At most
+     * SCHED_MAX_SAMPLE_THREADS. */
+    uint32_t sample_threads;
     /* Speculative prefill's draft model (NULL: none), on the main model's
      * backend with the same vocabulary, and its own KV pool of
      * draft_n_blocks blocks (0: as many blocks as the main pool; when the

@@ -40,6 +40,10 @@
  * draft catches up and continues each decoding request greedily: forward
  * passes of their own, batched over requests, like the draft phase's.
  *
+ * A step's one-row draws wait until the step's other work is done and
+ * then run on the sampling threads (sched_cfg_t.sample_threads), each
+ * request on one thread, each token queued as soon as it is drawn.
+ *
  * A request of n samples runs as sample 0 until its first logits; then
  * samples 1..n-1 are made from it (req_clone), fork its KV and sample the
  * same row, and from there every sample is a request of its own that
@@ -80,7 +84,8 @@ typedef struct req {
     uint32_t top_logprobs;
     uint32_t n_forced; /* tokens[n_prompt ..] holds them from submit on */
     uint32_t min_tokens, n_min_ban;
-    int32_t *min_ban; /* copied */
+    int32_t *min_ban;   /* copied */
+    uint64_t *ban_bits; /* [n_vocab / 64] the ids it may draw less min_tokens' bans, at first use */
     model_sampler_t *sampler;
     /* Samples (sched_request_t.n): this one's index; sample 0 forks the
      * others at its first logits while fork_pending, and holds the
@@ -161,8 +166,6 @@ struct sched {
     model_ctx_t *ctx;
     sched_batch_t *batch;
     float *logits;
-    float ban_saved[MODEL_MAX_EOG + SCHED_MAX_MIN_BAN]; /* min_tokens' banned logits */
-    uint64_t *ban_bits; /* [n_vocab / 64] a guide's mask less min_tokens' bans, made at first use */
     /* SnapKV's captured query rows of a step, grown as needed. */
     uint32_t *cap_first, *cap_count; /* [max_num_seqs] */
     float *cap_q;
@@ -190,6 +193,17 @@ struct sched {
     uint32_t plp_left; /* prompt_logprob_rows still free this step */
     uint32_t dec_left; /* decodes planning has still to reach (proposals leave them budget) */
     bool spec_off;     /* spec_disable_batch running requests or more: no proposals */
+    /* The step's deferred one-row draws and the threads that help draw
+     * them (started at first use). */
+    struct draw *draws; /* [max_num_seqs] */
+    uint32_t n_draws, n_draw_threads, draw_started;
+    _Atomic uint32_t draw_next;
+    pthread_t *draw_th;
+    pthread_mutex_t draw_mu;
+    pthread_cond_t draw_cv, draw_done;
+    uint64_t draw_gen, draw_now;
+    uint32_t draw_busy;
+    bool draw_stop;
     sched_step_hook_fn hook;
     void *hook_arg;
     sched_logits_hook_fn logits_hook;
@@ -334,6 +348,7 @@ req_free(req_t *r)
     model_guide_free(r->guide);
     free(r->tokens);
     free(r->min_ban);
+    free(r->ban_bits);
     free(r);
 }
 
@@ -1106,36 +1121,30 @@ plan(sched_t *s)
 
 /* ---- step ---------------------------------------------------------------------- */
 
-/* Samples r's next token with its min_tokens bans in force: their logits
- * are -inf for the draw, then restored, so logprobs and the logits hook
- * see the model's row.  row is the engine's own logits buffer. */
+/* Samples r's next token with its min_tokens bans in force: the ids it
+ * may draw (a guide's mask, or all) less the bans, as a bitmask, so that
+ * the row stays the model's (logprobs, the logits hook, and a fork's other
+ * samples, which may be drawing from it at the same time, read it). */
 static int32_t
-sample_banned(sched_t *s, req_t *r, float *row, const uint64_t *allow)
+sample_banned(const sched_t *s, req_t *r, const float *row, const uint64_t *allow)
 {
     const int32_t *eog;
     uint32_t n_eog = model_vocab_eog(model_vocab(s->m), &eog), n = n_eog + r->n_min_ban;
-    if (allow) { /* a guide's mask: the bans are bits taken out of a copy */
-        size_t words = (s->n_vocab + 63) / 64;
-        if (s->ban_bits == NULL && (s->ban_bits = malloc(words * sizeof *s->ban_bits)) == NULL)
-            return KVS_ENOMEM;
-        memcpy(s->ban_bits, allow, words * sizeof *s->ban_bits);
-        for (uint32_t i = 0; i < n; i++) {
-            int32_t id = i < n_eog ? eog[i] : r->min_ban[i - n_eog];
-            s->ban_bits[id >> 6] &= ~(1ull << (id & 63));
-        }
-        return model_sampler_sample_masked(r->sampler, row, s->ban_bits);
+    size_t words = (s->n_vocab + 63) / 64;
+    if (r->ban_bits == NULL && (r->ban_bits = malloc(words * sizeof *r->ban_bits)) == NULL)
+        return KVS_ENOMEM;
+    if (allow) {
+        memcpy(r->ban_bits, allow, words * sizeof *r->ban_bits);
+    } else {
+        memset(r->ban_bits, 0xff, words * sizeof *r->ban_bits);
+        if (s->n_vocab % 64)
+            r->ban_bits[words - 1] = (1ull << (s->n_vocab % 64)) - 1;
     }
     for (uint32_t i = 0; i < n; i++) {
         int32_t id = i < n_eog ? eog[i] : r->min_ban[i - n_eog];
-        s->ban_saved[i] = row[id];
-        row[id] = -INFINITY;
+        r->ban_bits[id >> 6] &= ~(1ull << (id & 63));
     }
-    int32_t tok = model_sampler_sample(r->sampler, row);
-    for (uint32_t i = n; i-- > 0;) { /* in reverse: a repeated id gets its first value */
-        int32_t id = i < n_eog ? eog[i] : r->min_ban[i - n_eog];
-        row[id] = s->ban_saved[i];
-    }
-    return tok;
+    return model_sampler_sample_masked(r->sampler, row, r->ban_bits);
 }
 
 static bool
@@ -1574,13 +1583,13 @@ h2o_step(sched_t *s, req_t *r)
 }
 
 /* Draws r's next token from its row of logits (teacher forcing and
- * min_tokens' bans applied), queues the token's event and ends r if it
- * is done.  Returns false when r ended (it is freed). */
-static bool
-sample_row(sched_t *s, req_t *r, float *row, uint64_t now)
+ * min_tokens' bans applied), appends it and queues its event.  Touches r
+ * and the outbox only, so the draws of different requests may run at
+ * once.  Returns the token or a negative error; *chosen is 1 when the
+ * token completes r's guided choice or match. */
+static int32_t
+draw_token(sched_t *s, req_t *r, const float *row, uint64_t now, int *chosen)
 {
-    if (s->logits_hook)
-        s->logits_hook(s->logits_arg, r->id, row, s->n_vocab);
     /* The penalties see the prompt before the first token (the
      * sampler's buffers come then, not while the request waits). */
     int rc =
@@ -1603,18 +1612,14 @@ sample_row(sched_t *s, req_t *r, float *row, uint64_t now)
                   : allow             ? model_sampler_sample_masked(r->sampler, row, allow)
                                       : model_sampler_sample(r->sampler, row);
     rc = tok < 0 ? tok : model_sampler_accept(r->sampler, tok);
-    int chosen = rc || k < r->n_forced ? 0
-                 : r->choice           ? model_choice_accept(r->choice, tok)
-                 : r->guide            ? model_guide_accept(r->guide, tok)
-                                       : 0;
-    if (chosen < 0)
-        rc = chosen;
-    if (rc) {
-        KVS_ERRORF("sched: sampling for request %llu failed: %s", (unsigned long long)r->id,
-                   kvs_strerror(rc));
-        finish(s, r, SCHED_FINISH_ERROR, rc);
-        return false;
-    }
+    *chosen = rc || k < r->n_forced ? 0
+              : r->choice           ? model_choice_accept(r->choice, tok)
+              : r->guide            ? model_guide_accept(r->guide, tok)
+                                    : 0;
+    if (*chosen < 0)
+        rc = *chosen;
+    if (rc)
+        return rc;
     r->tokens[r->n_tokens++] = tok; /* capacity reserved at submit */
     if (r->t_first_token == 0) {
         r->t_first_token = now;
@@ -1628,14 +1633,166 @@ sample_row(sched_t *s, req_t *r, float *row, uint64_t now)
         ev.lp.n_top = n > 0 ? (uint32_t)n : 0;
     }
     emit(s, &ev);
+    return tok;
+}
+
+/* After draw_token (tok, or an error): ends r when the draw failed or r is
+ * done.  Returns false when r ended (it is freed). */
+static bool
+drawn(sched_t *s, req_t *r, int32_t tok, int chosen)
+{
     sched_finish_t why;
-    if (chosen == 1)
+    if (tok < 0) {
+        KVS_ERRORF("sched: sampling for request %llu failed: %s", (unsigned long long)r->id,
+                   kvs_strerror(tok));
+        finish(s, r, SCHED_FINISH_ERROR, tok);
+    } else if (chosen == 1) {
         finish(s, r, SCHED_FINISH_STOP, 0);
-    else if (is_finished(s, r, tok, &why))
+    } else if (is_finished(s, r, tok, &why)) {
         finish(s, r, why, 0);
-    else
+    } else {
         return true;
+    }
     return false;
+}
+
+/* Draws r's next token from `row` now, with the logits hook.  Returns
+ * false when r ended (it is freed). */
+static bool
+sample_row(sched_t *s, req_t *r, const float *row, uint64_t now)
+{
+    if (s->logits_hook)
+        s->logits_hook(s->logits_arg, r->id, row, s->n_vocab);
+    int chosen = 0;
+    int32_t tok = draw_token(s, r, row, now, &chosen);
+    return drawn(s, r, tok, chosen);
+}
+
+/* ---- draws of a step, in parallel ------------------------------------------------ */
+
+/* The one-row draws of a step (every decode without a proposal) wait in
+ * s->draws until the step's other work is done, then run on the engine
+ * thread and the sampling threads at once: each touches its own request
+ * and the outbox (so each token still goes out as soon as it is drawn),
+ * and the engine thread then ends the requests that are done.  Proposals
+ * (several rows, then KV to truncate) are drawn in place.  With a logits
+ * hook (not known to be thread-safe) or one thread, all run here. */
+typedef struct draw {
+    req_t *r;
+    const float *row;
+    int32_t tok; /* or an error */
+    int chosen;
+} draw_t;
+
+static void
+draws_run(sched_t *s, uint32_t first, uint32_t end, uint64_t now)
+{
+    for (uint32_t i = first; i < end; i++) {
+        draw_t *d = &s->draws[i];
+        d->tok = draw_token(s, d->r, d->row, now, &d->chosen);
+    }
+}
+
+/* Draws handed out one at a time from s->draw_next, to every thread. */
+static void
+draws_take(sched_t *s, uint64_t now)
+{
+    for (;;) {
+        uint32_t i = atomic_fetch_add(&s->draw_next, 1);
+        if (i >= s->n_draws)
+            return;
+        draws_run(s, i, i + 1, now);
+    }
+}
+
+static void *
+draw_worker(void *arg)
+{
+    sched_t *s = arg;
+    uint64_t seen = 0;
+    pthread_mutex_lock(&s->draw_mu);
+    for (;;) {
+        while (!s->draw_stop && s->draw_gen == seen)
+            pthread_cond_wait(&s->draw_cv, &s->draw_mu);
+        if (s->draw_stop)
+            break;
+        seen = s->draw_gen;
+        uint64_t now = s->draw_now;
+        pthread_mutex_unlock(&s->draw_mu);
+        draws_take(s, now);
+        pthread_mutex_lock(&s->draw_mu);
+        if (--s->draw_busy == 0)
+            pthread_cond_broadcast(&s->draw_done);
+    }
+    pthread_mutex_unlock(&s->draw_mu);
+    return NULL;
+}
+
+/* Runs the step's deferred draws, then ends or keeps each request. */
+static void
+draws_flush(sched_t *s, uint64_t now)
+{
+    uint32_t n = s->n_draws, n_guided = 0;
+    if (n == 0)
+        return;
+    /* Guided first, on the engine thread alone (their automata may build
+     * tables they share on first use); a stable partition. */
+    for (uint32_t i = 0; i < n; i++)
+        if (s->draws[i].r->choice || s->draws[i].r->guide) {
+            draw_t d = s->draws[i];
+            memmove(s->draws + n_guided + 1, s->draws + n_guided,
+                    (i - n_guided) * sizeof *s->draws);
+            s->draws[n_guided++] = d;
+        }
+    /* Starting threads costs tens of microseconds: worth it from a few
+     * draws over a large vocabulary. */
+    bool par = s->n_draw_threads > 0 && n - n_guided >= 2 &&
+               (s->cfg.sample_threads || (uint64_t)(n - n_guided) * s->n_vocab >= 1u << 18);
+    if (par && s->draw_th == NULL) {
+        /* Started on first use, by the engine thread, whose niceness they take. */
+        s->draw_th = calloc(s->n_draw_threads, sizeof *s->draw_th);
+        uint32_t started = 0;
+        while (s->draw_th && started < s->n_draw_threads &&
+               pthread_create(&s->draw_th[started], NULL, draw_worker, s) == 0)
+            started++;
+        s->draw_started = started;
+    }
+    if (!par || s->draw_started == 0) {
+        draws_run(s, 0, n, now);
+    } else {
+        draws_run(s, 0, n_guided, now);
+        atomic_store(&s->draw_next, n_guided);
+        pthread_mutex_lock(&s->draw_mu);
+        s->draw_now = now;
+        s->draw_busy = s->draw_started;
+        s->draw_gen++;
+        pthread_cond_broadcast(&s->draw_cv);
+        pthread_mutex_unlock(&s->draw_mu);
+        draws_take(s, now);
+        pthread_mutex_lock(&s->draw_mu);
+        while (s->draw_busy)
+            pthread_cond_wait(&s->draw_done, &s->draw_mu);
+        pthread_mutex_unlock(&s->draw_mu);
+    }
+    s->n_draws = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        draw_t *d = &s->draws[i];
+        if (drawn(s, d->r, d->tok, d->chosen))
+            commit_prefix(s, d->r);
+    }
+}
+
+/* r draws from `row` with the step's other one-row draws (draws_flush),
+ * or now when a logits hook watches. */
+static void
+draw_later(sched_t *s, req_t *r, const float *row, uint64_t now)
+{
+    if (s->logits_hook) {
+        if (sample_row(s, r, row, now))
+            commit_prefix(s, r);
+        return;
+    }
+    s->draws[s->n_draws++] = (draw_t){.r = r, .row = row};
 }
 
 /* r's step computed its last token and its n_spec proposed ones, whose
@@ -1695,6 +1852,7 @@ req_clone(sched_t *s, const req_t *r, uint32_t index)
     memset(&c->msg, 0, sizeof c->msg);
     c->prev = c->next = NULL;
     c->table = c->d_table = c->sd_table = NULL;
+    c->ban_bits = NULL;
     c->sd_n = 0;
     c->sampler = NULL;
     c->d_tokens = NULL; /* drafting is over (the first logits came after it) */
@@ -1753,8 +1911,7 @@ fork_samples(sched_t *s, req_t *r, float *row, uint64_t now)
             /* The prompt's usage is the request's, shared. */
             c->state = REQ_RUNNING;
             list_insert_sorted(&s->running, c);
-            if (sample_row(s, c, row, now))
-                commit_prefix(s, c);
+            draw_later(s, c, row, now);
             continue;
         }
         drop_kv(c);
@@ -1909,9 +2066,9 @@ main_forward(sched_t *s)
         }
         if (r->fork_pending && !fork_samples(s, r, row, now))
             continue;
-        if (sample_row(s, r, row, now))
-            commit_prefix(s, r);
+        draw_later(s, r, row, now);
     }
+    draws_flush(s, now);
     return 0;
 }
 
@@ -2319,7 +2476,8 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
     if (c->kv_quant >= KERN_KVQ_COUNT || c->num_speculative_tokens > SCHED_MAX_SPEC_TOKENS ||
         (c->spec_draft_model && (c->draft == NULL || c->num_speculative_tokens == 0)) ||
         c->prompt_lookup_max > SCHED_MAX_PROMPT_LOOKUP ||
-        c->prompt_lookup_min > c->prompt_lookup_max) {
+        c->prompt_lookup_min > c->prompt_lookup_max ||
+        c->sample_threads > SCHED_MAX_SAMPLE_THREADS) {
         free(s);
         return KVS_EINVAL;
     }
@@ -2385,6 +2543,17 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
     kvs_mpsc_init(&s->outbox);
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
+    pthread_mutex_init(&s->draw_mu, NULL);
+    pthread_cond_init(&s->draw_cv, NULL);
+    pthread_cond_init(&s->draw_done, NULL);
+    if (c->sample_threads == 0) {
+        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        uint32_t half = cpus > 2 ? (uint32_t)(cpus / 2) : 1;
+        s->n_draw_threads =
+            (half < SCHED_DEFAULT_SAMPLE_THREADS ? half : SCHED_DEFAULT_SAMPLE_THREADS) - 1;
+    } else {
+        s->n_draw_threads = c->sample_threads - 1;
+    }
     /* The draft samples one row per sequence at most. */
     uint32_t d_max_logits =
         c->max_num_seqs < c->max_num_batched_tokens ? c->max_num_seqs : c->max_num_batched_tokens;
@@ -2448,7 +2617,8 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
             calloc(2 * (size_t)c->max_num_seqs + c->max_num_batched_tokens, sizeof *s->sched_reqs);
         s->steps = calloc(c->max_num_seqs, sizeof *s->steps);
         s->step_ids = calloc(c->max_num_seqs, sizeof *s->step_ids);
-        if (!s->logits || !s->sched_reqs || !s->steps || !s->step_ids)
+        s->draws = calloc(c->max_num_seqs, sizeof *s->draws);
+        if (!s->logits || !s->sched_reqs || !s->steps || !s->step_ids || !s->draws)
             rc = KVS_ENOMEM;
     }
     if (rc) {
@@ -2479,6 +2649,19 @@ sched_free(sched_t *s)
     if (s == NULL)
         return;
     sched_thread_stop(s);
+    if (s->draw_th) {
+        pthread_mutex_lock(&s->draw_mu);
+        s->draw_stop = true;
+        pthread_cond_broadcast(&s->draw_cv);
+        pthread_mutex_unlock(&s->draw_mu);
+        for (uint32_t i = 0; i < s->draw_started; i++)
+            pthread_join(s->draw_th[i], NULL);
+        free(s->draw_th);
+    }
+    free(s->draws);
+    pthread_mutex_destroy(&s->draw_mu);
+    pthread_cond_destroy(&s->draw_cv);
+    pthread_cond_destroy(&s->draw_done);
     kvs_mpsc_node_t *n;
     while ((n = kvs_mpsc_pop(&s->inbox)) != NULL) {
         msg_t *m = KVS_CONTAINER_OF(n, msg_t, node);
@@ -2509,7 +2692,6 @@ sched_free(sched_t *s)
     free(s->d_steps);
     free(s->d_reqs);
     free(s->logits);
-    free(s->ban_bits);
     free(s->sched_reqs);
     free(s->steps);
     free(s->step_ids);

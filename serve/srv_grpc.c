@@ -135,7 +135,7 @@ typedef struct srv_opts {
     uint32_t metrics_port;     /* 0 with metrics_on: any free port */
     bool metrics_on;
     uint32_t port, threads, max_model_len, block_size, num_blocks, max_num_seqs, max_batched;
-    uint32_t max_queued, drain_timeout_s, max_streams, engine_nice;
+    uint32_t max_queued, drain_timeout_s, max_streams, engine_nice, sample_threads;
     uint64_t kv_memory;
     srv_kv_opts_t kv;
     srv_specdec_opts_t specdec;
@@ -1571,7 +1571,8 @@ static const char usage[] =
     "                      [--speculative-disable-by-batch-size N]]\n"
     "                     [--tls-cert F --tls-key F [--tls-client-ca F]] [--api-key-file F]\n"
     "                     [--drain-timeout S] [--max-concurrent-streams N]\n"
-    "                     [--engine-nice 10] [--attention dense|sink-window|delta|block-sparse]\n"
+    "                     [--engine-nice 10] [--sample-threads N (0: auto)]\n"
+    "                     [--attention dense|sink-window|delta|block-sparse]\n"
     "                     [--attn-sinks 4] [--attn-window 64] [--delta-gamma 64] [--attn-top-k "
     "8]\n"
     "                     [--draft-model PATH] [--prefill full|speculative] [--keep-ratio 0.2]\n"
@@ -1619,6 +1620,7 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         O_DRAIN,
         O_STREAMS,
         O_NICE,
+        O_SAMPLETH,
         O_DRAFT,
         O_METRICS_PORT,
         O_METRICS_HOST,
@@ -1648,6 +1650,7 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
         {"drain-timeout", 1, 0, O_DRAIN},
         {"max-concurrent-streams", 1, 0, O_STREAMS},
         {"engine-nice", 1, 0, O_NICE},
+        {"sample-threads", 1, 0, O_SAMPLETH},
         {"draft-model", 1, 0, O_DRAFT},
         {"metrics-port", 1, 0, O_METRICS_PORT},
         {"metrics-host", 1, 0, O_METRICS_HOST},
@@ -1728,6 +1731,10 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
             break;
         case O_NICE:
             rc = srv_parse_u32(C, "--engine-nice", optarg, 0, 19, &o->engine_nice);
+            break;
+        case O_SAMPLETH:
+            rc = srv_parse_u32(C, "--sample-threads", optarg, 0, SCHED_MAX_SAMPLE_THREADS,
+                               &o->sample_threads);
             break;
         case O_DRAFT:
             o->draft = optarg;
@@ -1920,6 +1927,7 @@ engine_up(const srv_opts_t *o)
                       .prefix_caching = o->prefix_caching,
                       .cuda_graphs = o->cuda_graphs,
                       .thread_nice = (int)o->engine_nice,
+                      .sample_threads = o->sample_threads,
                       .draft = S.draft,
                       .wake = engine_wake,
                       .wake_arg = NULL};

@@ -2134,12 +2134,13 @@ def check_chat_template(kvserve, model, work):
 
 def check_spec_decode(kvserve, model, work, draft=None):
     """--num-speculative-tokens: a server that speculates by prompt lookup
-    (or, given a draft model, by the draft's greedy continuation) streams
-    the outputs `kvserve run` gives without it (greedy, and a seeded draw
-    under top-p), reports the proposals in usage and GetServerInfo, and
-    frees every block."""
+    (or, given a draft model, by the draft's greedy continuation), drawing
+    on two threads, streams the outputs `kvserve run` gives without either
+    (greedy, and a seeded draw under top-p), reports the proposals in usage
+    and GetServerInfo, and frees every block."""
     method = "draft" if draft else "ngram"
-    flags = ["--num-speculative-tokens", "4"]
+    # Draws on two threads (the engine thread and one more) as well.
+    flags = ["--num-speculative-tokens", "4", "--sample-threads", "2"]
     flags += ["--speculative-method", "draft", "--draft-model", draft] if draft else \
         ["--prompt-lookup-min", "1"]
     srv = start_server(kvserve, model, work, "server-spec-" + method, flags)

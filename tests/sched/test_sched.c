@@ -1481,6 +1481,26 @@ sd_same(const sd_out_t *a, const sd_out_t *b, bool same_blocks)
         }
 }
 
+/* sched_new refuses each of bad[0..n) with KVS_EINVAL; one whose
+ * spec_draft_model is set and draft not gets the model as its draft. */
+static void
+refused(sched_cfg_t *bad, size_t n)
+{
+    engine_t e;
+    memset(&e, 0, sizeof e);
+    kern_backend_cfg_t bc = {.n_threads = 1};
+    assert_int_equal(kern_backend_new("cpu", &bc, &e.be), 0);
+    char err[256];
+    assert_int_equal(model_load(model_path, e.be, &e.m, err, sizeof err), 0);
+    for (size_t i = 0; i < n; i++) {
+        if (bad[i].spec_draft_model && bad[i].num_speculative_tokens == 0)
+            bad[i].draft = e.m;
+        assert_int_equal(sched_new(e.m, &bad[i], &e.s), KVS_EINVAL);
+    }
+    model_free(e.m);
+    kern_backend_free(e.be);
+}
+
 /* The engine the speculative decoding tests start from. */
 static sched_cfg_t
 sd_base(void)
@@ -1542,26 +1562,19 @@ test_spec_decode_same_outputs(void **state)
     assert_true(spec.usage[11][0].spec_accepted_tokens >= 20);
     assert_true(spec.usage[3][0].kv_dropped_tokens > 0 && spec.usage[3][0].spec_draft_tokens > 0);
     assert_int_equal(spec.usage[9][0].spec_draft_tokens, 0);
-    engine_t e;
-    memset(&e, 0, sizeof e);
-    kern_backend_cfg_t bc = {.n_threads = 1};
-    assert_int_equal(kern_backend_new("cpu", &bc, &e.be), 0);
-    char err[256];
-    assert_int_equal(model_load(model_path, e.be, &e.m, err, sizeof err), 0);
-    sched_cfg_t bad = {.n_blocks = 8, .num_speculative_tokens = SCHED_MAX_SPEC_TOKENS + 1};
-    assert_int_equal(sched_new(e.m, &bad, &e.s), KVS_EINVAL);
-    bad = (sched_cfg_t){
-        .n_blocks = 8, .num_speculative_tokens = 2, .prompt_lookup_max = 2, .prompt_lookup_min = 3};
-    assert_int_equal(sched_new(e.m, &bad, &e.s), KVS_EINVAL);
-    bad.prompt_lookup_max = SCHED_MAX_PROMPT_LOOKUP + 1;
-    assert_int_equal(sched_new(e.m, &bad, &e.s), KVS_EINVAL);
-    /* The draft method without a draft, or without a proposal length. */
-    bad = (sched_cfg_t){.n_blocks = 8, .num_speculative_tokens = 2, .spec_draft_model = true};
-    assert_int_equal(sched_new(e.m, &bad, &e.s), KVS_EINVAL);
-    bad = (sched_cfg_t){.n_blocks = 8, .spec_draft_model = true, .draft = e.m};
-    assert_int_equal(sched_new(e.m, &bad, &e.s), KVS_EINVAL);
-    model_free(e.m);
-    kern_backend_free(e.be);
+    sched_cfg_t bad[5] = {{.n_blocks = 8, .num_speculative_tokens = SCHED_MAX_SPEC_TOKENS + 1},
+                          {.n_blocks = 8,
+                           .num_speculative_tokens = 2,
+                           .prompt_lookup_max = 2,
+                           .prompt_lookup_min = 3},
+                          {.n_blocks = 8,
+                           .num_speculative_tokens = 2,
+                           .prompt_lookup_max = SCHED_MAX_PROMPT_LOOKUP + 1},
+                          /* The draft method without a draft, or without a proposal length
+                           * (the draft is filled in). */
+                          {.n_blocks = 8, .num_speculative_tokens = 2, .spec_draft_model = true},
+                          {.n_blocks = 8, .spec_draft_model = true}};
+    refused(bad, 5);
 }
 
 /* Speculative decoding by a draft model (here the main model drafting
@@ -1597,6 +1610,30 @@ test_spec_decode_draft_model(void **state)
     assert_true(few.usage[11][0].spec_accepted_tokens >= 20);
     fprintf(stderr, "spec decode (draft) off from 10 running: %llu of %llu proposed accepted\n",
             (unsigned long long)few.accepted, (unsigned long long)few.draft);
+}
+
+/* A step's draws on four threads give what the engine thread alone
+ * gives: each request keeps its sampler, forks draw from one row at once,
+ * guided requests stay on the engine thread; with proposals drawn in place
+ * beside them too. */
+static void
+test_parallel_draws_same_outputs(void **state)
+{
+    (void)state;
+    static sd_out_t one, four, spec;
+    sched_cfg_t cfg = sd_base();
+    cfg.sample_threads = 1;
+    sd_run(&cfg, &one);
+    cfg.sample_threads = 4;
+    sd_run(&cfg, &four);
+    sd_same(&one, &four, true);
+    cfg.num_speculative_tokens = 4;
+    cfg.prompt_lookup_min = 1;
+    sd_run(&cfg, &spec);
+    sd_same(&one, &spec, true);
+    assert_true(spec.accepted > 0);
+    sched_cfg_t bad = {.n_blocks = 8, .sample_threads = SCHED_MAX_SAMPLE_THREADS + 1};
+    refused(&bad, 1);
 }
 
 /* Proposals never take a decode's place: with a token budget of one
@@ -1692,6 +1729,7 @@ main(void)
         cmocka_unit_test(test_spec_decode_same_outputs),
         cmocka_unit_test(test_spec_decode_keeps_decodes),
         cmocka_unit_test(test_spec_decode_draft_model),
+        cmocka_unit_test(test_parallel_draws_same_outputs),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
