@@ -55,36 +55,13 @@ run_one(model_t *m, uint32_t batch, uint32_t max_tokens, uint32_t threads, run_t
             .sampling = {.temperature = 0.8f, .top_p = 0.9f, .top_k = 0, .seed = 11 + i}};
         rc = sched_submit(s, &r);
     }
-    uint64_t t_first = 0, t_end = 0;
-    uint32_t live = batch, started = 0, *n_out = calloc(batch, sizeof *n_out);
-    out->tokens = 0;
-    while (rc == 0 && n_out && live > 0) {
-        int st = sched_step(s);
-        if (st < 0) {
-            rc = st;
-            break;
-        }
-        sched_event_t *ev;
-        while ((ev = sched_poll(s)) != NULL) {
-            uint32_t i = (uint32_t)ev->req_id;
-            if (ev->kind == SCHED_EV_TOKEN) {
-                if (n_out[i] == 0 && ++started == batch)
-                    t_first = ev->t_ns;
-                else if (started == batch)
-                    out->tokens++;
-                if (n_out[i] < max_tokens)
-                    out->out[(size_t)i * max_tokens + n_out[i]++] = ev->token;
-            } else if (ev->kind == SCHED_EV_FINISH) {
-                if (ev->finish == SCHED_FINISH_ERROR)
-                    rc = ev->error;
-                t_end = ev->t_ns;
-                live--;
-            }
-            sched_event_free(ev);
-        }
-    }
+    uint32_t *n_out = calloc(batch, sizeof *n_out);
+    bench_decode_t bd = {0};
+    if (rc == 0)
+        rc = n_out ? bench_decode(s, batch, max_tokens, out->out, n_out, &bd) : KVS_ENOMEM;
     free(n_out);
-    out->decode_s = (double)(t_end - t_first) / 1e9;
+    out->tokens = bd.tokens;
+    out->decode_s = (double)(bd.t_end - bd.t_first) / 1e9;
     sched_free(s);
     return rc;
 }

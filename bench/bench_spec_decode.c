@@ -126,44 +126,15 @@ run_one(model_t *m, model_t *draft, int w, uint32_t batch, uint32_t n_prompt, ui
     }
     free(p);
     uint64_t t_start = kvs_now_ns();
-    sched_load_t l0 = {0};
-    uint64_t t_first = 0, t_end = 0;
-    uint32_t live = batch, started = 0;
-    out->tokens = 0;
-    memset(out->n_out, 0, batch * sizeof *out->n_out);
-    while (rc == 0 && live > 0) {
-        int st = sched_step(s);
-        if (st < 0) {
-            rc = st;
-            break;
-        }
-        sched_event_t *ev;
-        while ((ev = sched_poll(s)) != NULL) {
-            uint32_t i = (uint32_t)ev->req_id;
-            if (ev->kind == SCHED_EV_TOKEN) {
-                if (out->n_out[i] == 0 && ++started == batch) {
-                    /* Every prompt is in: decoding alone from here. */
-                    t_first = ev->t_ns;
-                    sched_get_load(s, &l0);
-                } else if (started == batch) {
-                    out->tokens++;
-                }
-                if (out->n_out[i] < max_tokens)
-                    out->out[(size_t)i * max_tokens + out->n_out[i]++] = ev->token;
-            } else if (ev->kind == SCHED_EV_FINISH) {
-                if (ev->finish == SCHED_FINISH_ERROR)
-                    rc = ev->error;
-                t_end = ev->t_ns;
-                live--;
-            }
-            sched_event_free(ev);
-        }
-    }
+    bench_decode_t bd = {0};
+    if (rc == 0)
+        rc = bench_decode(s, batch, max_tokens, out->out, out->n_out, &bd);
+    out->tokens = bd.tokens;
     sched_load_t l;
     sched_get_load(s, &l);
-    out->decode_s = (double)(t_end - t_first) / 1e9;
-    out->total_s = (double)(t_end - t_start) / 1e9;
-    out->steps = l.steps - l0.steps;
+    out->decode_s = (double)(bd.t_end - bd.t_first) / 1e9;
+    out->total_s = (double)(bd.t_end - t_start) / 1e9;
+    out->steps = l.steps - bd.steps_at_first;
     out->draft = l.spec_draft_tokens;
     out->accepted = l.spec_accepted_tokens;
     sched_free(s);

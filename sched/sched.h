@@ -310,9 +310,9 @@ typedef struct sched_cfg {
      * compute-bound and rejected rows cost what kept ones do.  0: never. */
     uint32_t spec_disable_batch;
     /* Threads that draw a step's tokens, the engine thread included: a
-     * step's one-row draws (every decode without a proposal) run on them at
-     * once, each request on one thread with its own sampler, so outputs do
-     * not depend on the count.  0: half the cores, at most
+     * step's draws (each request's row, or a proposal's rows in turn) run
+     * on them at once, each request on one thread with its own sampler, so
+     * outputs do not depend on the count.  0: half the cores, at most
      * SCHED_DEFAULT_SAMPLE_THREADS, and only for draws over at least 256K
      * logits in all (fewer finish before the threads wake); a count given
      * uses them from two draws on.  1: the engine thread alone.  At most

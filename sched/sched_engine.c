@@ -40,9 +40,9 @@
  * draft catches up and continues each decoding request greedily: forward
  * passes of their own, batched over requests, like the draft phase's.
  *
- * A step's one-row draws wait until the step's other work is done and
- * then run on the sampling threads (sched_cfg_t.sample_threads), each
- * request on one thread, each token queued as soon as it is drawn.
+ * A step's draws wait until the step's other work is done and then run
+ * on the sampling threads (sched_cfg_t.sample_threads), each request on
+ * one thread, each token queued as soon as it is drawn.
  *
  * A request of n samples runs as sample 0 until its first logits; then
  * samples 1..n-1 are made from it (req_clone), fork its KV and sample the
@@ -628,7 +628,7 @@ seal_running(sched_t *s, uint32_t keep_tail)
 {
     uint64_t sealed = 0;
     for (req_t *r = s->running.head; r; r = r->next)
-        if (r->table && !r->swapped) {
+        if (r->table && !r->swapped && r->n_spec == 0) { /* no proposal waiting for its draws */
             int rc = kv_table_seal(r->table, s->cfg.kv_sink_tokens, keep_tail);
             sealed += rc > 0 ? (uint64_t)rc : 0;
         }
@@ -1656,40 +1656,46 @@ drawn(sched_t *s, req_t *r, int32_t tok, int chosen)
     return false;
 }
 
-/* Draws r's next token from `row` now, with the logits hook.  Returns
- * false when r ended (it is freed). */
-static bool
-sample_row(sched_t *s, req_t *r, const float *row, uint64_t now)
-{
-    if (s->logits_hook)
-        s->logits_hook(s->logits_arg, r->id, row, s->n_vocab);
-    int chosen = 0;
-    int32_t tok = draw_token(s, r, row, now, &chosen);
-    return drawn(s, r, tok, chosen);
-}
-
 /* ---- draws of a step, in parallel ------------------------------------------------ */
 
-/* The one-row draws of a step (every decode without a proposal) wait in
- * s->draws until the step's other work is done, then run on the engine
- * thread and the sampling threads at once: each touches its own request
- * and the outbox (so each token still goes out as soon as it is drawn),
- * and the engine thread then ends the requests that are done.  Proposals
- * (several rows, then KV to truncate) are drawn in place.  With a logits
- * hook (not known to be thread-safe) or one thread, all run here. */
+/* A step's draws wait in s->draws until its other work is done, then run
+ * on the engine thread and the sampling threads at once: each touches its
+ * own request and the outbox (so each token still goes out as soon as it
+ * is drawn), and the engine thread then ends the requests that are done
+ * and, after a proposal, lets the rejected entries' KV go.  Until then a
+ * request keeps n_spec, so that nothing seals a block holding a proposed
+ * entry (seal_running skips it).  With a logits hook (not known to be
+ * thread-safe) or one thread, all run on the engine thread, in order. */
 typedef struct draw {
     req_t *r;
-    const float *row;
-    int32_t tok; /* or an error */
+    const float *rows; /* rows[0..n_spec] */
+    uint32_t n_spec;   /* proposed tokens */
+    uint32_t kept;     /* of them, accepted */
+    int32_t prop[SCHED_MAX_SPEC_TOKENS];
+    int32_t tok; /* the last token drawn, or an error */
     int chosen;
 } draw_t;
 
+/* Draws from each row in turn while the proposal holds: row j's token is
+ * plain decoding's, since rows 0..j-1 drew the proposal's tokens. */
 static void
-draws_run(sched_t *s, uint32_t first, uint32_t end, uint64_t now)
+draw_run(sched_t *s, draw_t *d, uint64_t now)
 {
-    for (uint32_t i = first; i < end; i++) {
-        draw_t *d = &s->draws[i];
-        d->tok = draw_token(s, d->r, d->row, now, &d->chosen);
+    req_t *r = d->r;
+    sched_finish_t why;
+    for (uint32_t j = 0;; j++) {
+        const float *row = d->rows + (size_t)j * s->n_vocab;
+        if (s->logits_hook)
+            s->logits_hook(s->logits_arg, r->id, row, s->n_vocab);
+        d->tok = draw_token(s, r, row, now, &d->chosen);
+        if (d->tok < 0 || d->chosen == 1 || j == d->n_spec || d->tok != d->prop[j] ||
+            is_finished(s, r, d->tok, &why))
+            return;
+        r->n_computed++;
+        r->usage.spec_accepted_tokens++;
+        atomic_fetch_add(&s->load_spec_accepted, 1);
+        atomic_fetch_add(&s->load_spec_pos[j], 1);
+        d->kept++;
     }
 }
 
@@ -1701,7 +1707,7 @@ draws_take(sched_t *s, uint64_t now)
         uint32_t i = atomic_fetch_add(&s->draw_next, 1);
         if (i >= s->n_draws)
             return;
-        draws_run(s, i, i + 1, now);
+        draw_run(s, &s->draws[i], now);
     }
 }
 
@@ -1728,7 +1734,27 @@ draw_worker(void *arg)
     return NULL;
 }
 
-/* Runs the step's deferred draws, then ends or keeps each request. */
+/* After a proposal's draws: its next length, and the rejected entries'
+ * KV let go before sealing, so no quantized block holds one. */
+static void
+spec_end(sched_t *s, req_t *r, const draw_t *d)
+{
+    /* The next proposal: one longer than the run that held, two more
+     * after a whole one held.  Rows that are thrown away cost a compute-bound
+     * model (a small one, or a large batch) nearly what kept ones do, so a
+     * lookup that keeps failing proposes one token, not
+     * num_speculative_tokens. */
+    uint32_t k = s->cfg.num_speculative_tokens, a = d->kept, n = d->n_spec;
+    r->n_spec = 0;
+    r->spec_len = a < n ? a + 1 : n + 2 < k ? n + 2 : k;
+    spec_missed(r, a == 0);
+    if (a < n)
+        kv_table_truncate(r->table, kv_table_len(r->table) - (n - a));
+    if (seal_blocks(s, r, s->cfg.kv_residual_tokens))
+        commit_prefix(s, r);
+}
+
+/* Runs the step's draws, then ends or keeps each request. */
 static void
 draws_flush(sched_t *s, uint64_t now)
 {
@@ -1737,17 +1763,20 @@ draws_flush(sched_t *s, uint64_t now)
         return;
     /* Guided first, on the engine thread alone (their automata may build
      * tables they share on first use); a stable partition. */
-    for (uint32_t i = 0; i < n; i++)
+    for (uint32_t i = 0; i < n && !s->logits_hook; i++)
         if (s->draws[i].r->choice || s->draws[i].r->guide) {
             draw_t d = s->draws[i];
             memmove(s->draws + n_guided + 1, s->draws + n_guided,
                     (i - n_guided) * sizeof *s->draws);
             s->draws[n_guided++] = d;
         }
-    /* Starting threads costs tens of microseconds: worth it from a few
+    /* Waking threads costs tens of microseconds: worth it from a few
      * draws over a large vocabulary. */
-    bool par = s->n_draw_threads > 0 && n - n_guided >= 2 &&
-               (s->cfg.sample_threads || (uint64_t)(n - n_guided) * s->n_vocab >= 1u << 18);
+    uint64_t rows = 0;
+    for (uint32_t i = n_guided; i < n; i++)
+        rows += 1 + s->draws[i].n_spec;
+    bool par = s->n_draw_threads > 0 && !s->logits_hook && n - n_guided >= 2 &&
+               (s->cfg.sample_threads || rows * s->n_vocab >= 1u << 18);
     if (par && s->draw_th == NULL) {
         /* Started on first use, by the engine thread, whose niceness they take. */
         s->draw_th = calloc(s->n_draw_threads, sizeof *s->draw_th);
@@ -1757,10 +1786,9 @@ draws_flush(sched_t *s, uint64_t now)
             started++;
         s->draw_started = started;
     }
-    if (!par || s->draw_started == 0) {
-        draws_run(s, 0, n, now);
-    } else {
-        draws_run(s, 0, n_guided, now);
+    for (uint32_t i = 0; i < (par && s->draw_started ? n_guided : n); i++)
+        draw_run(s, &s->draws[i], now);
+    if (par && s->draw_started) {
         atomic_store(&s->draw_next, n_guided);
         pthread_mutex_lock(&s->draw_mu);
         s->draw_now = now;
@@ -1776,64 +1804,35 @@ draws_flush(sched_t *s, uint64_t now)
     }
     s->n_draws = 0;
     for (uint32_t i = 0; i < n; i++) {
-        draw_t *d = &s->draws[i];
-        if (drawn(s, d->r, d->tok, d->chosen))
+        const draw_t *d = &s->draws[i];
+        if (!drawn(s, d->r, d->tok, d->chosen))
+            continue; /* r ended, its KV with it */
+        if (d->n_spec)
+            spec_end(s, d->r, d);
+        else
             commit_prefix(s, d->r);
     }
 }
 
-/* r draws from `row` with the step's other one-row draws (draws_flush),
- * or now when a logits hook watches. */
+/* r draws from `row` with the step's other draws (draws_flush). */
 static void
-draw_later(sched_t *s, req_t *r, const float *row, uint64_t now)
+draw_later(sched_t *s, req_t *r, const float *row)
 {
-    if (s->logits_hook) {
-        if (sample_row(s, r, row, now))
-            commit_prefix(s, r);
-        return;
-    }
-    s->draws[s->n_draws++] = (draw_t){.r = r, .row = row};
+    s->draws[s->n_draws++] = (draw_t){.r = r, .rows = row};
 }
 
 /* r's step computed its last token and its n_spec proposed ones, whose
- * logits are rows[0..n_spec]: draws from each row in turn while the
- * proposal holds (row j's token is plain decoding's, since rows 0..j-1
- * drew the proposal's tokens), then lets the rejected proposals' KV go. */
+ * logits are rows[0..n_spec]: they are drawn with the step's other draws. */
 static void
-spec_verify(sched_t *s, req_t *r, float *rows, uint64_t now)
+spec_draw_later(sched_t *s, req_t *r, const float *rows)
 {
-    int32_t prop[SCHED_MAX_SPEC_TOKENS];
-    uint32_t d = r->n_spec, a = 0;
-    memcpy(prop, r->tokens + r->n_tokens, d * sizeof *prop);
-    r->n_spec = 0;
-    r->n_computed -= d; /* the last token's entry; each accepted proposal adds its own */
-    r->usage.spec_draft_tokens += d;
-    atomic_fetch_add(&s->load_spec_draft, d);
+    draw_t *d = &s->draws[s->n_draws++];
+    *d = (draw_t){.r = r, .rows = rows, .n_spec = r->n_spec};
+    memcpy(d->prop, r->tokens + r->n_tokens, d->n_spec * sizeof *d->prop);
+    r->n_computed -= d->n_spec; /* the last token's entry; each accepted proposal adds its own */
+    r->usage.spec_draft_tokens += d->n_spec;
+    atomic_fetch_add(&s->load_spec_draft, d->n_spec);
     atomic_fetch_add(&s->load_spec_drafts, 1);
-    for (uint32_t j = 0;; j++) {
-        if (!sample_row(s, r, rows + (size_t)j * s->n_vocab, now))
-            return; /* r ended, its KV with it */
-        if (j == d || r->tokens[r->n_tokens - 1] != prop[j])
-            break;
-        r->n_computed++;
-        r->usage.spec_accepted_tokens++;
-        atomic_fetch_add(&s->load_spec_accepted, 1);
-        atomic_fetch_add(&s->load_spec_pos[j], 1);
-        a++;
-    }
-    /* The next proposal: one longer than the run that held, two more
-     * after a whole one held.  Rows that are thrown away cost a compute-bound
-     * model (a small one, or a large batch) nearly what kept ones do, so a
-     * lookup that keeps failing proposes one token, not
-     * num_speculative_tokens. */
-    uint32_t k = s->cfg.num_speculative_tokens;
-    r->spec_len = a < d ? a + 1 : d + 2 < k ? d + 2 : k;
-    spec_missed(r, a == 0);
-    /* Before sealing, so no quantized block holds a rejected entry. */
-    if (a < d)
-        kv_table_truncate(r->table, kv_table_len(r->table) - (d - a));
-    if (seal_blocks(s, r, s->cfg.kv_residual_tokens))
-        commit_prefix(s, r);
 }
 
 /* Sample `index` of sample 0's (r's) request, as r's prefill left it:
@@ -1911,7 +1910,7 @@ fork_samples(sched_t *s, req_t *r, float *row, uint64_t now)
             /* The prompt's usage is the request's, shared. */
             c->state = REQ_RUNNING;
             list_insert_sorted(&s->running, c);
-            draw_later(s, c, row, now);
+            draw_later(s, c, row);
             continue;
         }
         drop_kv(c);
@@ -2035,7 +2034,7 @@ main_forward(sched_t *s)
         if (r->n_spec) {
             float *rows = s->logits + (size_t)li * s->n_vocab;
             li += r->n_spec + 1;
-            spec_verify(s, r, rows, now);
+            spec_draw_later(s, r, rows);
             continue;
         }
         /* The rows as sched_batch_build lays them out: the lead rows,
@@ -2066,7 +2065,7 @@ main_forward(sched_t *s)
         }
         if (r->fork_pending && !fork_samples(s, r, row, now))
             continue;
-        draw_later(s, r, row, now);
+        draw_later(s, r, row);
     }
     draws_flush(s, now);
     return 0;

@@ -1632,6 +1632,20 @@ test_parallel_draws_same_outputs(void **state)
     sd_run(&cfg, &spec);
     sd_same(&one, &spec, true);
     assert_true(spec.accepted > 0);
+    /* A quantized pool (every full block past a 16-token window sealed)
+     * short enough to preempt, with proposals waiting for their draws
+     * beside SnapKV's compaction and the seals: every request completes
+     * without error, the pool checks out at every step, every block comes
+     * back. */
+    static sd_out_t q8;
+    cfg.kv_dtype = KERN_F16;
+    cfg.kv_quant = KERN_KVQ_Q8_0;
+    cfg.kv_residual_tokens = 16;
+    cfg.block_tokens = 8;
+    cfg.n_blocks = 60;
+    cfg.max_num_batched_tokens = 96;
+    sd_run(&cfg, &q8);
+    assert_true(q8.accepted > 0 && q8.preemptions > 0);
     sched_cfg_t bad = {.n_blocks = 8, .sample_threads = SCHED_MAX_SAMPLE_THREADS + 1};
     refused(&bad, 1);
 }
