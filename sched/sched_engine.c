@@ -103,7 +103,7 @@ typedef struct req {
     req_state_t state;
     struct req *prev, *next;
     uint32_t n_sched;                /* tokens given this step (0: not scheduled) */
-    uint32_t n_spec;                 /* of them, prompt lookup's proposal (at tokens[n_tokens..]) */
+    uint32_t n_spec;                 /* of them, the proposal (at tokens[n_tokens..]), till drawn */
     uint32_t spec_len;               /* the longest proposal it makes now (0: not set yet) */
     uint32_t spec_wait, spec_misses; /* steps to go without one; proposals missed in a row */
     /* Speculative decoding by the draft model: the draft's KV of r's
@@ -193,8 +193,8 @@ struct sched {
     uint32_t plp_left; /* prompt_logprob_rows still free this step */
     uint32_t dec_left; /* decodes planning has still to reach (proposals leave them budget) */
     bool spec_off;     /* spec_disable_batch running requests or more: no proposals */
-    /* The step's deferred one-row draws and the threads that help draw
-     * them (started at first use). */
+    /* The step's draws, waiting for its other work (draws_flush), and the
+     * threads that help draw them (started at first use). */
     struct draw *draws; /* [max_num_seqs] */
     uint32_t n_draws, n_draw_threads, draw_started;
     _Atomic uint32_t draw_next;
