@@ -193,17 +193,26 @@ struct sched {
     uint32_t plp_left; /* prompt_logprob_rows still free this step */
     uint32_t dec_left; /* decodes planning has still to reach (proposals leave them budget) */
     bool spec_off;     /* spec_disable_batch running requests or more: no proposals */
-    /* The step's draws, waiting for its other work (draws_flush), and the
-     * threads that help draw them (started at first use). */
+    /* The step's draws, waiting for its other work (draws_flush). */
     struct draw *draws; /* [max_num_seqs] */
-    uint32_t n_draws, n_draw_threads, draw_started;
-    _Atomic uint32_t draw_next;
-    pthread_t *draw_th;
-    pthread_mutex_t draw_mu;
-    pthread_cond_t draw_cv, draw_done;
-    uint64_t draw_gen, draw_now;
-    uint32_t draw_busy;
-    bool draw_stop;
+    uint32_t n_draws, draw_first;
+    uint64_t draw_now;
+    /* The sampling threads (pool_run; started at first use) and their
+     * current jobs. */
+    uint32_t n_pool_threads, pool_started;
+    pthread_t *pool_th;
+    pthread_mutex_t pool_mu;
+    pthread_cond_t pool_cv, pool_done;
+    uint64_t pool_gen;
+    uint32_t pool_busy, pool_n;
+    _Atomic uint32_t pool_next;
+    bool pool_stop;
+    void (*pool_fn)(struct sched *s, uint32_t i);
+    /* prompt_logprobs' rows of the current call (plp_job). */
+    const float *plp_rows;
+    const int32_t *plp_toks;
+    sched_logprobs_t *plp_out;
+    uint32_t plp_top;
     sched_step_hook_fn hook;
     void *hook_arg;
     sched_logits_hook_fn logits_hook;
@@ -1666,6 +1675,8 @@ drawn(sched_t *s, req_t *r, int32_t tok, int chosen)
  * request keeps n_spec, so that nothing seals a block holding a proposed
  * entry (seal_running skips it).  With a logits hook (not known to be
  * thread-safe) or one thread, all run on the engine thread, in order. */
+typedef void (*pool_fn_t)(sched_t *s, uint32_t i);
+
 typedef struct draw {
     req_t *r;
     const float *rows; /* rows[0..n_spec] */
@@ -1699,39 +1710,81 @@ draw_run(sched_t *s, draw_t *d, uint64_t now)
     }
 }
 
-/* Draws handed out one at a time from s->draw_next, to every thread. */
+/* Jobs 0..pool_n - 1 of pool_fn, handed out one at a time, to every thread. */
 static void
-draws_take(sched_t *s, uint64_t now)
+pool_take(sched_t *s)
 {
     for (;;) {
-        uint32_t i = atomic_fetch_add(&s->draw_next, 1);
-        if (i >= s->n_draws)
+        uint32_t i = atomic_fetch_add(&s->pool_next, 1);
+        if (i >= s->pool_n)
             return;
-        draw_run(s, &s->draws[i], now);
+        s->pool_fn(s, i);
     }
 }
 
 static void *
-draw_worker(void *arg)
+pool_worker(void *arg)
 {
     sched_t *s = arg;
     uint64_t seen = 0;
-    pthread_mutex_lock(&s->draw_mu);
+    pthread_mutex_lock(&s->pool_mu);
     for (;;) {
-        while (!s->draw_stop && s->draw_gen == seen)
-            pthread_cond_wait(&s->draw_cv, &s->draw_mu);
-        if (s->draw_stop)
+        while (!s->pool_stop && s->pool_gen == seen)
+            pthread_cond_wait(&s->pool_cv, &s->pool_mu);
+        if (s->pool_stop)
             break;
-        seen = s->draw_gen;
-        uint64_t now = s->draw_now;
-        pthread_mutex_unlock(&s->draw_mu);
-        draws_take(s, now);
-        pthread_mutex_lock(&s->draw_mu);
-        if (--s->draw_busy == 0)
-            pthread_cond_broadcast(&s->draw_done);
+        seen = s->pool_gen;
+        pthread_mutex_unlock(&s->pool_mu);
+        pool_take(s);
+        pthread_mutex_lock(&s->pool_mu);
+        if (--s->pool_busy == 0)
+            pthread_cond_broadcast(&s->pool_done);
     }
-    pthread_mutex_unlock(&s->draw_mu);
+    pthread_mutex_unlock(&s->pool_mu);
     return NULL;
+}
+
+/* Runs fn(s, 0 .. n - 1) on the engine thread and the sampling threads
+ * (started on first use, by the engine thread, whose niceness they take),
+ * or on the engine thread alone when there are none, the jobs are few, or
+ * (auto, sample_threads 0) they cover fewer than 256K logits in all:
+ * waking threads costs tens of microseconds.  Returns when all are done. */
+static void
+pool_run(sched_t *s, pool_fn_t fn, uint32_t n, uint64_t logits)
+{
+    bool par = s->n_pool_threads > 0 && n >= 2 && (s->cfg.sample_threads || logits >= 1u << 18);
+    if (par && s->pool_th == NULL) {
+        s->pool_th = calloc(s->n_pool_threads, sizeof *s->pool_th);
+        uint32_t started = 0;
+        while (s->pool_th && started < s->n_pool_threads &&
+               pthread_create(&s->pool_th[started], NULL, pool_worker, s) == 0)
+            started++;
+        s->pool_started = started;
+    }
+    s->pool_fn = fn;
+    s->pool_n = n;
+    atomic_store(&s->pool_next, 0);
+    if (!par || s->pool_started == 0) {
+        pool_take(s);
+        return;
+    }
+    pthread_mutex_lock(&s->pool_mu);
+    s->pool_busy = s->pool_started;
+    s->pool_gen++;
+    pthread_cond_broadcast(&s->pool_cv);
+    pthread_mutex_unlock(&s->pool_mu);
+    pool_take(s);
+    pthread_mutex_lock(&s->pool_mu);
+    while (s->pool_busy)
+        pthread_cond_wait(&s->pool_done, &s->pool_mu);
+    pthread_mutex_unlock(&s->pool_mu);
+}
+
+/* Draw job i: the i-th draw past the guided ones. */
+static void
+draw_job(sched_t *s, uint32_t i)
+{
+    draw_run(s, &s->draws[s->draw_first + i], s->draw_now);
 }
 
 /* After a proposal's draws: its next length, and the rejected entries'
@@ -1770,38 +1823,18 @@ draws_flush(sched_t *s, uint64_t now)
                     (i - n_guided) * sizeof *s->draws);
             s->draws[n_guided++] = d;
         }
-    /* Waking threads costs tens of microseconds: worth it from a few
-     * draws over a large vocabulary. */
     uint64_t rows = 0;
     for (uint32_t i = n_guided; i < n; i++)
         rows += 1 + s->draws[i].n_spec;
-    bool par = s->n_draw_threads > 0 && !s->logits_hook && n - n_guided >= 2 &&
-               (s->cfg.sample_threads || rows * s->n_vocab >= 1u << 18);
-    if (par && s->draw_th == NULL) {
-        /* Started on first use, by the engine thread, whose niceness they take. */
-        s->draw_th = calloc(s->n_draw_threads, sizeof *s->draw_th);
-        uint32_t started = 0;
-        while (s->draw_th && started < s->n_draw_threads &&
-               pthread_create(&s->draw_th[started], NULL, draw_worker, s) == 0)
-            started++;
-        s->draw_started = started;
-    }
-    for (uint32_t i = 0; i < (par && s->draw_started ? n_guided : n); i++)
+    for (uint32_t i = 0; i < n_guided; i++)
         draw_run(s, &s->draws[i], now);
-    if (par && s->draw_started) {
-        atomic_store(&s->draw_next, n_guided);
-        pthread_mutex_lock(&s->draw_mu);
-        s->draw_now = now;
-        s->draw_busy = s->draw_started;
-        s->draw_gen++;
-        pthread_cond_broadcast(&s->draw_cv);
-        pthread_mutex_unlock(&s->draw_mu);
-        draws_take(s, now);
-        pthread_mutex_lock(&s->draw_mu);
-        while (s->draw_busy)
-            pthread_cond_wait(&s->draw_done, &s->draw_mu);
-        pthread_mutex_unlock(&s->draw_mu);
-    }
+    s->draw_first = n_guided;
+    s->draw_now = now;
+    if (s->logits_hook) /* in order, on this thread */
+        for (uint32_t i = n_guided; i < n; i++)
+            draw_run(s, &s->draws[i], now);
+    else
+        pool_run(s, draw_job, n - n_guided, rows * s->n_vocab);
     s->n_draws = 0;
     for (uint32_t i = 0; i < n; i++) {
         const draw_t *d = &s->draws[i];
@@ -1928,6 +1961,16 @@ fork_samples(sched_t *s, req_t *r, float *row, uint64_t now)
     return true;
 }
 
+/* prompt_logprobs' row i of the current call (one job of pool_run). */
+static void
+plp_job(sched_t *s, uint32_t i)
+{
+    sched_logprobs_t *lp = &s->plp_out[i];
+    int got = model_logprobs(s->plp_rows + (size_t)i * s->n_vocab, s->n_vocab, s->plp_toks[i],
+                             s->plp_top, &lp->logprob, lp->top_ids, lp->top_lps);
+    lp->n_top = got > 0 ? (uint32_t)got : 0;
+}
+
 /* prompt_logprobs for the n rows r computed from prompt position c0 on:
  * row k predicts prompt token c0 + k + 1.  Those not reported before go
  * out in one event.  Out of memory fails r (returns false). */
@@ -1938,11 +1981,12 @@ prompt_logprobs(sched_t *s, req_t *r, uint32_t c0, uint32_t n, const float *rows
     if (skip >= n)
         return true;
     sched_logprobs_t *a = malloc((n - skip) * sizeof *a);
-    for (uint32_t k = skip; a && k < n; k++) {
-        sched_logprobs_t *lp = &a[k - skip];
-        int got = model_logprobs(rows + (size_t)k * s->n_vocab, s->n_vocab, r->tokens[first + k],
-                                 r->plp_top, &lp->logprob, lp->top_ids, lp->top_lps);
-        lp->n_top = got > 0 ? (uint32_t)got : 0;
+    if (a) {
+        s->plp_rows = rows + (size_t)skip * s->n_vocab;
+        s->plp_toks = r->tokens + first + skip;
+        s->plp_out = a;
+        s->plp_top = r->plp_top;
+        pool_run(s, plp_job, n - skip, (uint64_t)(n - skip) * s->n_vocab);
     }
     sched_event_t ev = {.kind = SCHED_EV_PROMPT_LOGPROBS,
                         .req_id = r->id,
@@ -2542,16 +2586,16 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
     kvs_mpsc_init(&s->outbox);
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
-    pthread_mutex_init(&s->draw_mu, NULL);
-    pthread_cond_init(&s->draw_cv, NULL);
-    pthread_cond_init(&s->draw_done, NULL);
+    pthread_mutex_init(&s->pool_mu, NULL);
+    pthread_cond_init(&s->pool_cv, NULL);
+    pthread_cond_init(&s->pool_done, NULL);
     if (c->sample_threads == 0) {
         long cpus = sysconf(_SC_NPROCESSORS_ONLN);
         uint32_t half = cpus > 2 ? (uint32_t)(cpus / 2) : 1;
-        s->n_draw_threads =
+        s->n_pool_threads =
             (half < SCHED_DEFAULT_SAMPLE_THREADS ? half : SCHED_DEFAULT_SAMPLE_THREADS) - 1;
     } else {
-        s->n_draw_threads = c->sample_threads - 1;
+        s->n_pool_threads = c->sample_threads - 1;
     }
     /* The draft samples one row per sequence at most. */
     uint32_t d_max_logits =
@@ -2648,19 +2692,19 @@ sched_free(sched_t *s)
     if (s == NULL)
         return;
     sched_thread_stop(s);
-    if (s->draw_th) {
-        pthread_mutex_lock(&s->draw_mu);
-        s->draw_stop = true;
-        pthread_cond_broadcast(&s->draw_cv);
-        pthread_mutex_unlock(&s->draw_mu);
-        for (uint32_t i = 0; i < s->draw_started; i++)
-            pthread_join(s->draw_th[i], NULL);
-        free(s->draw_th);
+    if (s->pool_th) {
+        pthread_mutex_lock(&s->pool_mu);
+        s->pool_stop = true;
+        pthread_cond_broadcast(&s->pool_cv);
+        pthread_mutex_unlock(&s->pool_mu);
+        for (uint32_t i = 0; i < s->pool_started; i++)
+            pthread_join(s->pool_th[i], NULL);
+        free(s->pool_th);
     }
     free(s->draws);
-    pthread_mutex_destroy(&s->draw_mu);
-    pthread_cond_destroy(&s->draw_cv);
-    pthread_cond_destroy(&s->draw_done);
+    pthread_mutex_destroy(&s->pool_mu);
+    pthread_cond_destroy(&s->pool_cv);
+    pthread_cond_destroy(&s->pool_done);
     kvs_mpsc_node_t *n;
     while ((n = kvs_mpsc_pop(&s->inbox)) != NULL) {
         msg_t *m = KVS_CONTAINER_OF(n, msg_t, node);

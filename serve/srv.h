@@ -264,24 +264,26 @@ const char *srv_specdec_summary(const srv_specdec_opts_t *o, uint64_t draft, uin
 
 /* The engine flags of the offline commands that batch many requests
  * (eval, perplexity): --threads, --device, --max-num-seqs,
- * --max-num-batched-tokens, --block-size.  srv_engine_opt takes one (1
+ * --max-num-batched-tokens, --block-size, --sample-threads (0: auto).
+ * srv_engine_opt takes one (1
  * when opt is none of them, KVS_EINVAL after saying why). */
 typedef struct srv_engine_opts {
     const char *device;
-    uint32_t threads, max_seqs, max_tokens, block_size;
+    uint32_t threads, max_seqs, max_tokens, block_size, sample_threads;
 } srv_engine_opts_t;
 #define SRV_ENGINE_DEFAULT                                                   \
     (srv_engine_opts_t)                                                      \
     {                                                                        \
         .device = "cpu", .max_seqs = 8, .max_tokens = 2048, .block_size = 16 \
     }
-enum { SRV_O_THREADS = 1300, SRV_O_DEVICE, SRV_O_SEQS, SRV_O_BATCHED, SRV_O_BLOCK };
+enum { SRV_O_THREADS = 1300, SRV_O_DEVICE, SRV_O_SEQS, SRV_O_BATCHED, SRV_O_BLOCK, SRV_O_SAMPLETH };
 /* clang-format off */
 #define SRV_ENGINE_LONGOPTS                                                    \
     {"threads", 1, 0, SRV_O_THREADS}, {"device", 1, 0, SRV_O_DEVICE},          \
     {"max-num-seqs", 1, 0, SRV_O_SEQS},                                        \
     {"max-num-batched-tokens", 1, 0, SRV_O_BATCHED},                           \
-    {"block-size", 1, 0, SRV_O_BLOCK}
+    {"block-size", 1, 0, SRV_O_BLOCK},                                         \
+    {"sample-threads", 1, 0, SRV_O_SAMPLETH}
 /* clang-format on */
 int srv_engine_opt(const char *cmd, int opt, const char *arg, srv_engine_opts_t *o);
 /* An engine for max_seqs sequences of up to max_len tokens each at once,

@@ -880,6 +880,9 @@ srv_engine_opt(const char *cmd, int opt, const char *arg, srv_engine_opts_t *o)
         return srv_parse_u32(cmd, "--max-num-batched-tokens", arg, 16, 1u << 20, &o->max_tokens);
     case SRV_O_BLOCK:
         return srv_parse_block_size(cmd, arg, &o->block_size);
+    case SRV_O_SAMPLETH:
+        return srv_parse_u32(cmd, "--sample-threads", arg, 0, SCHED_MAX_SAMPLE_THREADS,
+                             &o->sample_threads);
     default:
         return 1;
     }
@@ -893,7 +896,8 @@ srv_engine_cfg(const srv_engine_opts_t *e, const srv_kv_opts_t *kv, uint32_t max
                      .max_num_batched_tokens = e->max_tokens,
                      .max_model_len = max_len,
                      .block_tokens = e->block_size,
-                     .n_blocks = per_seq * e->max_seqs};
+                     .n_blocks = per_seq * e->max_seqs,
+                     .sample_threads = e->sample_threads};
     srv_kv_apply(kv, &c);
     if (kv->quant != KERN_KVQ_NONE) {
         c.kv_hot_blocks = sched_default_hot_blocks(&c);

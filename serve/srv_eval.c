@@ -34,7 +34,7 @@ static const char eval_usage[] =
     "passkey|niah-multikey|vt|all]\n"
     "                    [--lengths 256,512,1024] [--depths 0,0.25,0.5,0.75,1] [--samples N]\n"
     "                    [--seed S] [--threads N] [--device cpu|ref|cuda] [--max-num-seqs N]\n"
-    "                    [--max-num-batched-tokens N] [--block-size N]\n"
+    "                    [--max-num-batched-tokens N] [--block-size N] [--sample-threads N]\n"
     "                    [--kv-cache-dtype f16|f32|bf16|q8_0|fp8|q4] [--kv-sink-tokens N]\n"
     "                    [--kv-policy full|sink-eviction|snapkv|h2o] [--kv-budget N]\n"
     "                    [--kv-evict-sinks N] [--snapkv-window N] [--h2o-recent N]\n"

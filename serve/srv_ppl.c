@@ -32,7 +32,7 @@ static const char ppl_usage[] =
     "usage: kvserve perplexity (--file F | --text TEXT) [--model PATH] [--ctx 512[,1024...]]\n"
     "                          [--score N (128, at most ctx / 2)] [--windows N (16)]\n"
     "                          [--threads N] [--device cpu|ref|cuda] [--max-num-seqs N]\n"
-    "                          [--max-num-batched-tokens N] [--block-size N]\n"
+    "                          [--max-num-batched-tokens N] [--block-size N] [--sample-threads N]\n"
     "                          [--kv-cache-dtype ... and the KV flags as eval]\n"
     "                          [--attention ... as eval] [--scoring decode|prefill]\n"
     "                          [--num-speculative-tokens N (teacher forcing N + 1 tokens a\n"

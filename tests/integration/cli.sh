@@ -118,6 +118,8 @@ expect 2 "perplexity draft method" "$K" perplexity $M --file /dev/null --num-spe
 contains "speculative-method draft needs --draft-model"
 expect 2 "serve sample threads 65" "$K" serve $M --port 0 --sample-threads 65
 contains "sample-threads"
+expect 2 "perplexity sample threads 65" "$K" perplexity $M --file /dev/null --sample-threads 65
+contains "sample-threads"
 expect 2 "serve speculative tokens 17" "$K" serve $M --port 0 --num-speculative-tokens 17
 contains "num-speculative-tokens"
 expect 2 "serve prompt lookup min over max" "$K" serve $M --port 0 --num-speculative-tokens 2 \

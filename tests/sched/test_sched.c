@@ -837,13 +837,13 @@ test_forced(void **state)
  * same tokens gets; the prefix cache does not skip the prompt; bad
  * requests are refused. */
 static void
-test_prompt_logprobs(void **state)
+plp_check(uint32_t threads)
 {
-    (void)state;
     enum { P = 24, TOP = 3 };
     sched_cfg_t cfg = {.max_num_seqs = 4,
                        .max_num_batched_tokens = 16,
                        .prompt_logprob_rows = 5,
+                       .sample_threads = threads,
                        .block_tokens = 16,
                        .n_blocks = 32,
                        .kv_dtype = KERN_F32,
@@ -920,6 +920,15 @@ test_prompt_logprobs(void **state)
     bad.spec.on = true;
     assert_int_equal(sched_submit(e.s, &bad), KVS_EINVAL);
     engine_close(&e);
+}
+
+/* ... with their rows on the engine thread alone, and on four threads. */
+static void
+test_prompt_logprobs(void **state)
+{
+    (void)state;
+    plp_check(1);
+    plp_check(4);
 }
 
 /* prompt_logprobs under preemption: four requests in a pool that holds
