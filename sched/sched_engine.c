@@ -195,7 +195,7 @@ struct sched {
     bool spec_off;     /* spec_disable_batch running requests or more: no proposals */
     /* The step's draws, waiting for its other work (draws_flush). */
     struct draw *draws; /* [max_num_seqs] */
-    uint32_t n_draws, draw_first;
+    uint32_t n_draws;
     uint64_t draw_now;
     /* The sampling threads (pool_run; started at first use) and their
      * current jobs. */
@@ -1780,11 +1780,13 @@ pool_run(sched_t *s, pool_fn_t fn, uint32_t n, uint64_t logits)
     pthread_mutex_unlock(&s->pool_mu);
 }
 
-/* Draw job i: the i-th draw past the guided ones. */
+/* Draw job i (guided ones too: an automaton is shared only where nothing
+ * writes it, the token table is published once, and what a mask walk
+ * writes is the guide's own, model.h). */
 static void
 draw_job(sched_t *s, uint32_t i)
 {
-    draw_run(s, &s->draws[s->draw_first + i], s->draw_now);
+    draw_run(s, &s->draws[i], s->draw_now);
 }
 
 /* After a proposal's draws: its next length, and the rejected entries'
@@ -1811,30 +1813,18 @@ spec_end(sched_t *s, req_t *r, const draw_t *d)
 static void
 draws_flush(sched_t *s, uint64_t now)
 {
-    uint32_t n = s->n_draws, n_guided = 0;
+    uint32_t n = s->n_draws;
     if (n == 0)
         return;
-    /* Guided first, on the engine thread alone (their automata may build
-     * tables they share on first use); a stable partition. */
-    for (uint32_t i = 0; i < n && !s->logits_hook; i++)
-        if (s->draws[i].r->choice || s->draws[i].r->guide) {
-            draw_t d = s->draws[i];
-            memmove(s->draws + n_guided + 1, s->draws + n_guided,
-                    (i - n_guided) * sizeof *s->draws);
-            s->draws[n_guided++] = d;
-        }
     uint64_t rows = 0;
-    for (uint32_t i = n_guided; i < n; i++)
+    for (uint32_t i = 0; i < n; i++)
         rows += 1 + s->draws[i].n_spec;
-    for (uint32_t i = 0; i < n_guided; i++)
-        draw_run(s, &s->draws[i], now);
-    s->draw_first = n_guided;
     s->draw_now = now;
     if (s->logits_hook) /* in order, on this thread */
-        for (uint32_t i = n_guided; i < n; i++)
+        for (uint32_t i = 0; i < n; i++)
             draw_run(s, &s->draws[i], now);
     else
-        pool_run(s, draw_job, n - n_guided, rows * s->n_vocab);
+        pool_run(s, draw_job, n, rows * s->n_vocab);
     s->n_draws = 0;
     for (uint32_t i = 0; i < n; i++) {
         const draw_t *d = &s->draws[i];

@@ -1323,7 +1323,7 @@ test_engine_thread(void **state)
 
 /* ---- speculative decoding by prompt lookup ----------------------------------- */
 
-enum { SD_REQ = 12, SD_IDX = 3, SD_MAXT = 48 };
+enum { SD_REQ = 13, SD_IDX = 3, SD_MAXT = 48 };
 
 typedef struct sd_out {
     uint32_t n[SD_REQ][SD_IDX];
@@ -1348,8 +1348,11 @@ sd_run(const sched_cfg_t *cfg, sd_out_t *o)
     sched_set_step_hook(e.s, NULL, NULL); /* rejected proposals step positions back */
     const char *pat = "(?:[a-c]{1,3} )+[a-c]{1,3}\\.";
     char err[256];
-    model_guide_t *g;
+    model_guide_t *g, *gram;
     assert_int_equal(model_guide_new(e.m, pat, strlen(pat), &g, err, sizeof err), 0);
+    /* A grammar's automaton grows as its output goes (one guide's alone). */
+    const char *gbnf = "root ::= item (\", \" item)* \".\"\nitem ::= [a-d]+ | \"(\" root \")\"";
+    assert_int_equal(model_guide_new_grammar(e.m, gbnf, strlen(gbnf), &gram, err, sizeof err), 0);
     for (uint64_t id = 0; id < SD_REQ; id++) {
         int32_t prompt[160];
         uint32_t run = 9 + (uint32_t)id * 3, n = 0;
@@ -1383,6 +1386,10 @@ sd_run(const sched_cfg_t *cfg, sd_out_t *o)
         }
         if (id == 7 || id == 10)
             r.guide = g;
+        if (id == 12) { /* two samples of a grammar */
+            r.guide = gram;
+            r.n = 2;
+        }
         if (id == 3) /* decoding over a compressed prompt */
             r.kv = (sched_kv_policy_t){.kind = SCHED_KV_SNAPKV, .budget_tokens = 40};
         if (id == 6) /* a sparse prefill; decode rows are dense */
@@ -1466,7 +1473,10 @@ sd_run(const sched_cfg_t *cfg, sd_out_t *o)
             if (!model_guide_fullmatch(g, text, n))
                 fail_msg("request %d sample %d: \"%s\"", id, x, text);
         }
+    for (int x = 0; x < 2; x++)
+        assert_int_equal(o->fin[12][x], SCHED_FINISH_STOP);
     model_guide_free(g);
+    model_guide_free(gram);
     engine_close(&e);
 }
 
@@ -1477,7 +1487,11 @@ static void
 sd_same(const sd_out_t *a, const sd_out_t *b, bool same_blocks)
 {
     for (int id = 0; id < SD_REQ; id++)
-        for (int x = 0; x < (id == 8 || id == 10 ? SD_IDX : 1) && (id != 9 || same_blocks); x++) {
+        for (int x = 0; x < (id == 8 || id == 10 ? SD_IDX
+                             : id == 12          ? 2
+                                                 : 1) &&
+                        (id != 9 || same_blocks);
+             x++) {
             if (a->n[id][x] != b->n[id][x] ||
                 memcmp(a->tok[id][x], b->tok[id][x], a->n[id][x] * sizeof(int32_t)) != 0)
                 fail_msg("request %d output %d differs", id, x);
