@@ -710,14 +710,21 @@ spec_missed(req_t *r, bool missed)
     r->spec_wait = r->spec_misses < 2 ? 0 : 1u << (r->spec_misses < 5 ? r->spec_misses - 2 : 3);
 }
 
-/* Whether r may speculate at all: a decoding request whose policies do
- * not rewrite the KV each step (H2O, sink eviction). */
+/* Whether r's KV policy rewrites its KV each step (H2O, sink eviction):
+ * such a request never speculates, nor keeps draft KV for it. */
+static bool
+kv_rewritten(const req_t *r)
+{
+    return r->kv.kind == SCHED_KV_SINK_EVICTION || r->kv.kind == SCHED_KV_H2O;
+}
+
+/* Whether r may speculate at all: a decoding request whose policy does
+ * not rewrite its KV. */
 static bool
 spec_can(const sched_t *s, const req_t *r)
 {
-    return s->cfg.num_speculative_tokens && r->kv.kind != SCHED_KV_SINK_EVICTION &&
-           r->kv.kind != SCHED_KV_H2O && r->n_tokens > r->n_prompt && r->table &&
-           r->n_computed + 1 == r->n_tokens;
+    return s->cfg.num_speculative_tokens && !kv_rewritten(r) && r->n_tokens > r->n_prompt &&
+           r->table && r->n_computed + 1 == r->n_tokens;
 }
 
 /* The longest proposal r makes now, before the step's budget: every
@@ -910,8 +917,7 @@ sd_propose(sched_t *s, bool prompts)
     if (s->spec_off && !prompts)
         return; /* decoding requests catch up once proposals resume */
     for (req_t *r = s->running.head; r && budget; r = r->next) {
-        if (r->kv.kind == SCHED_KV_SINK_EVICTION || r->kv.kind == SCHED_KV_H2O || !r->table ||
-            drafting(r) ||
+        if (kv_rewritten(r) || !r->table || drafting(r) ||
             (prompts && (r->n_sched == 0 || r->n_computed >= r->n_prompt ||
                          (r->kept && r->kept_done < r->n_kept))))
             continue;
@@ -1258,8 +1264,7 @@ draft_done(sched_t *s, req_t *r)
     for (uint32_t i = 0; i < r->n_kept; i++)
         r->kept_tok[i] = r->tokens[r->kept[i]];
     r->kept_done = r->n_computed;
-    if (s->cfg.spec_draft_model && r->kv.kind != SCHED_KV_SINK_EVICTION &&
-        r->kv.kind != SCHED_KV_H2O && kv_table_truncate(r->d_table, N) == 0) {
+    if (s->cfg.spec_draft_model && !kv_rewritten(r) && kv_table_truncate(r->d_table, N) == 0) {
         /* The prompt's draft KV is what speculative decoding drafts on. */
         r->sd_table = r->d_table;
         r->sd_base = N;
