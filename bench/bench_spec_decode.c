@@ -10,10 +10,15 @@
  * row also checks that the output is the baseline's.  The speedup is the
  * decode phase's (every first token out to the last finish); "e2e" is
  * submit to the last finish, which counts the draft's prompt too.
+ * --temperature T makes the requests sample (seeded, top-p 0.95), and
+ * --acceptance picks how a draft's proposals are verified: exact (the
+ * outputs must be the baseline's), rejection (sched_cfg_t.spec_rejection:
+ * the outputs keep the baseline's distribution, not its draws, so they
+ * are not compared at a temperature) or both, each k run each way.
  *
  *   bench_spec_decode [--model M.gguf] [--draft D.gguf] [--k 2,4,8] [--batch 1,8]
  *                     [--prompt 1536] [--max-tokens 256] [--repeat 2] [--threads N]
- *                     [--json FILE]
+ *                     [--temperature 0] [--acceptance exact|rejection|both] [--json FILE]
  *
  * Each configuration runs --repeat times, alternating with the others of
  * its row, and keeps its fastest run: the machines are shared and noisy.
@@ -27,6 +32,7 @@
 #include <string.h>
 
 #define MAX_K 6
+#define MAX_RUNS (1 + 2 * MAX_K)
 #define MAX_BATCH 4
 #define MAX_REQ 64
 
@@ -92,10 +98,18 @@ make_prompt(int w, uint32_t i, uint32_t n, int32_t *p)
 static const char *const WORKLOAD[] = {"copy", "continue", "passkey", "random"};
 #define N_WORK 4
 
+/* One configuration of a row: k proposed tokens (0: the baseline), verified
+ * by rejection sampling or not. */
+typedef struct conf {
+    uint32_t k;
+    bool rejection;
+} conf_t;
+
 static int
 run_one(model_t *m, model_t *draft, int w, uint32_t batch, uint32_t n_prompt, uint32_t max_tokens,
-        uint32_t k, run_t *out)
+        conf_t c, float temperature, run_t *out)
 {
+    uint32_t k = c.k;
     sched_cfg_t cfg = {.max_num_seqs = batch,
                        .max_num_batched_tokens = 2048,
                        .max_model_len = n_prompt + max_tokens + 8,
@@ -104,7 +118,8 @@ run_one(model_t *m, model_t *draft, int w, uint32_t batch, uint32_t n_prompt, ui
                        .kv_dtype = KERN_F16,
                        .num_speculative_tokens = k,
                        .draft = k ? draft : NULL,
-                       .spec_draft_model = k && draft};
+                       .spec_draft_model = k && draft,
+                       .spec_rejection = k && draft && c.rejection};
     sched_t *s;
     int rc = sched_new(m, &cfg, &s);
     if (rc)
@@ -121,7 +136,9 @@ run_one(model_t *m, model_t *draft, int w, uint32_t batch, uint32_t n_prompt, ui
                              .n_prompt = n,
                              .max_tokens = max_tokens,
                              .ignore_eos = true,
-                             .sampling = {.temperature = 0.0f, .top_p = 1.0f}};
+                             .sampling = {.temperature = temperature,
+                                          .top_p = temperature > 0.0f ? 0.95f : 1.0f,
+                                          .seed = 1000 + i}};
         rc = sched_submit(s, &r);
     }
     free(p);
@@ -147,11 +164,13 @@ main(int argc, char **argv)
     const char *model = "weights/kvserve-main.gguf", *draft_path = NULL, *json = NULL;
     uint32_t ks[MAX_K] = {2, 4, 8}, n_k = 3, batches[MAX_BATCH] = {1, 8}, n_b = 2;
     uint32_t n_prompt = 1536, max_tokens = 256, threads = 0, repeat = 2;
-    static const struct option lo[] = {{"model", 1, 0, 'm'},      {"k", 1, 0, 'k'},
-                                       {"batch", 1, 0, 'b'},      {"prompt", 1, 0, 'p'},
-                                       {"max-tokens", 1, 0, 'n'}, {"threads", 1, 0, 't'},
-                                       {"repeat", 1, 0, 'r'},     {"json", 1, 0, 'j'},
-                                       {"draft", 1, 0, 'd'},      {0, 0, 0, 0}};
+    float temperature = 0.0f;
+    const char *acceptance = "exact";
+    static const struct option lo[] = {
+        {"model", 1, 0, 'm'},       {"k", 1, 0, 'k'},          {"batch", 1, 0, 'b'},
+        {"prompt", 1, 0, 'p'},      {"max-tokens", 1, 0, 'n'}, {"threads", 1, 0, 't'},
+        {"repeat", 1, 0, 'r'},      {"json", 1, 0, 'j'},       {"draft", 1, 0, 'd'},
+        {"temperature", 1, 0, 'T'}, {"acceptance", 1, 0, 'a'}, {0, 0, 0, 0}};
     int ch;
     while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (ch) {
@@ -182,15 +201,26 @@ main(int argc, char **argv)
         case 'r':
             repeat = (uint32_t)atoi(optarg);
             break;
+        case 'T':
+            temperature = strtof(optarg, NULL);
+            break;
+        case 'a':
+            acceptance = optarg;
+            break;
         default:
             fprintf(stderr,
                     "usage: bench_spec_decode [--model M.gguf] [--draft D.gguf] [--k 2,4,8] "
                     "[--batch 1,8] [--prompt 1536] [--max-tokens 256] [--repeat 2] "
-                    "[--threads N] [--json FILE]\n");
+                    "[--threads N] [--temperature 0] [--acceptance exact|rejection|both] "
+                    "[--json FILE]\n");
             return 2;
         }
     }
-    bool ok = n_prompt >= 128 && max_tokens >= 2 && n_k > 0 && n_b > 0 && repeat >= 1;
+    bool both = strcmp(acceptance, "both") == 0, rej = strcmp(acceptance, "rejection") == 0;
+    bool ok = n_prompt >= 128 && max_tokens >= 2 && n_k > 0 && n_b > 0 && repeat >= 1 &&
+              temperature >= 0.0f && temperature <= 2.0f &&
+              (both || rej || strcmp(acceptance, "exact") == 0) &&
+              (!(both || rej) || draft_path != NULL);
     for (uint32_t i = 0; i < n_k; i++)
         ok &= ks[i] >= 1 && ks[i] <= SCHED_MAX_SPEC_TOKENS;
     for (uint32_t i = 0; i < n_b; i++)
@@ -198,7 +228,8 @@ main(int argc, char **argv)
     if (!ok) {
         fprintf(stderr,
                 "bench_spec_decode: --prompt >= 128, --max-tokens >= 2, --k in 1..%d, "
-                "--batch in 1..%d\n",
+                "--batch in 1..%d, --temperature in 0..2, --acceptance exact, rejection or "
+                "both (the last two with --draft)\n",
                 SCHED_MAX_SPEC_TOKENS, MAX_REQ);
         return 2;
     }
@@ -229,16 +260,28 @@ main(int argc, char **argv)
     if (jf)
         fprintf(jf,
                 "{\"bench\": \"spec_decode\", \"model\": \"%s\", \"method\": \"%s\", "
-                "\"draft\": \"%s\", \"prompt_tokens\": %u, \"max_tokens\": %u, \"runs\": [",
-                model, draft ? "draft" : "ngram", draft ? draft_path : "", n_prompt, max_tokens);
-    printf("%s, prompts of %u tokens, %u greedy tokens each, proposals by %s%s\n", model, n_prompt,
-           max_tokens, draft ? "the draft model " : "prompt lookup 4..2 tokens",
-           draft ? draft_path : "");
-    printf("%-9s %5s %3s %10s %10s %10s %9s %9s %8s %8s\n", "workload", "batch", "k", "tok/s",
-           "tok/step", "accepted", "of drafts", "speedup", "e2e", "output");
-    run_t runs[MAX_K + 1], tmp;
+                "\"draft\": \"%s\", \"prompt_tokens\": %u, \"max_tokens\": %u, "
+                "\"temperature\": %g, \"runs\": [",
+                model, draft ? "draft" : "ngram", draft ? draft_path : "", n_prompt, max_tokens,
+                temperature);
+    printf("%s, prompts of %u tokens, %u tokens each (%s), proposals by %s%s\n", model, n_prompt,
+           max_tokens, temperature > 0.0f ? "seeded draws, top-p 0.95" : "greedy",
+           draft ? "the draft model " : "prompt lookup 4..2 tokens", draft ? draft_path : "");
+    if (temperature > 0.0f)
+        printf("temperature %g\n", temperature);
+    printf("%-9s %5s %3s %9s %10s %10s %10s %9s %9s %8s %8s\n", "workload", "batch", "k", "accept",
+           "tok/s", "tok/step", "accepted", "of drafts", "speedup", "e2e", "output");
+    conf_t confs[MAX_RUNS] = {{0, false}};
+    uint32_t n_conf = 1;
+    for (uint32_t i = 0; i < n_k; i++) {
+        if (!rej)
+            confs[n_conf++] = (conf_t){ks[i], false};
+        if (rej || both)
+            confs[n_conf++] = (conf_t){ks[i], true};
+    }
+    run_t runs[MAX_RUNS], tmp;
     size_t cap = (size_t)MAX_REQ * max_tokens;
-    for (uint32_t i = 0; i <= MAX_K; i++) {
+    for (uint32_t i = 0; i < MAX_RUNS; i++) {
         runs[i].out = malloc(cap * sizeof *runs[i].out);
         runs[i].n_out = calloc(MAX_REQ, sizeof *runs[i].n_out);
         if (!runs[i].out || !runs[i].n_out)
@@ -253,12 +296,12 @@ main(int argc, char **argv)
         for (uint32_t bi = 0; bi < n_b; bi++) {
             uint32_t b = batches[bi];
             for (uint32_t rep = 0; rep < repeat; rep++)
-                for (uint32_t ki = 0; ki <= n_k; ki++) {
-                    uint32_t k = ki ? ks[ki - 1] : 0;
-                    int rc = run_one(m, draft, w, b, n_prompt, max_tokens, k, &tmp);
+                for (uint32_t ki = 0; ki < n_conf; ki++) {
+                    int rc =
+                        run_one(m, draft, w, b, n_prompt, max_tokens, confs[ki], temperature, &tmp);
                     if (rc) {
                         fprintf(stderr, "bench_spec_decode: %s, batch %u, k %u: %s\n", WORKLOAD[w],
-                                b, k, kvs_strerror(rc));
+                                b, confs[ki].k, kvs_strerror(rc));
                         return 1;
                     }
                     if (rep == 0 || tmp.decode_s < runs[ki].decode_s) { /* keep the fastest */
@@ -268,11 +311,12 @@ main(int argc, char **argv)
                     }
                 }
             const run_t base = runs[0];
-            for (uint32_t ki = 0; ki <= n_k; ki++) {
-                uint32_t k = ki ? ks[ki - 1] : 0;
+            for (uint32_t ki = 0; ki < n_conf; ki++) {
+                uint32_t k = confs[ki].k;
                 const run_t *x = &runs[ki];
-                bool same = true;
-                for (uint32_t i = 0; ki && i < b; i++)
+                /* Rejection sampling keeps the distribution, not the draws. */
+                bool check = ki && !(confs[ki].rejection && temperature > 0.0f), same = true;
+                for (uint32_t i = 0; check && i < b; i++)
                     same &=
                         x->n_out[i] == base.n_out[i] &&
                         memcmp(x->out + (size_t)i * max_tokens, base.out + (size_t)i * max_tokens,
@@ -282,23 +326,33 @@ main(int argc, char **argv)
                 double tps = (double)x->tokens / x->decode_s;
                 double speedup = base.decode_s / x->decode_s, e2e = base.total_s / x->total_s;
                 double acc = x->draft ? (double)x->accepted / (double)x->draft : 0.0;
-                printf("%-9s %5u %3u %10.1f %10.2f %10llu %8.0f%% %8.2fx %7.2fx %8s\n", WORKLOAD[w],
-                       b, k, tps, (double)x->tokens / (double)(x->steps ? x->steps : 1),
+                printf("%-9s %5u %3u %9s %10.1f %10.2f %10llu %8.0f%% %8.2fx %7.2fx %8s\n",
+                       WORKLOAD[w], b, k,
+                       !ki                   ? "-"
+                       : confs[ki].rejection ? "rejection"
+                                             : "exact",
+                       tps, (double)x->tokens / (double)(x->steps ? x->steps : 1),
                        (unsigned long long)x->accepted, 100.0 * acc, speedup, e2e,
-                       !ki    ? "baseline"
-                       : same ? "same"
-                              : "DIFFERS");
+                       !ki      ? "baseline"
+                       : !check ? "n/a"
+                       : same   ? "same"
+                                : "DIFFERS");
                 fflush(stdout);
                 if (jf)
                     fprintf(jf,
-                            "%s{\"workload\": \"%s\", \"batch\": %u, \"k\": %u, \"tok_s\": %.2f, "
+                            "%s{\"workload\": \"%s\", \"batch\": %u, \"k\": %u, "
+                            "\"acceptance\": \"%s\", \"tok_s\": %.2f, "
                             "\"tokens\": %llu, \"steps\": %llu, \"draft\": %llu, "
                             "\"accepted\": %llu, \"speedup\": %.3f, \"e2e_speedup\": %.3f, "
                             "\"same_output\": %s}",
-                            first ? "" : ", ", WORKLOAD[w], b, k, tps,
+                            first ? "" : ", ", WORKLOAD[w], b, k,
+                            confs[ki].rejection ? "rejection" : "exact", tps,
                             (unsigned long long)x->tokens, (unsigned long long)x->steps,
                             (unsigned long long)x->draft, (unsigned long long)x->accepted, speedup,
-                            e2e, same ? "true" : "false");
+                            e2e,
+                            !check ? "null"
+                            : same ? "true"
+                                   : "false");
                 first = 0;
             }
         }
@@ -309,7 +363,7 @@ main(int argc, char **argv)
     }
     if (status)
         fprintf(stderr, "bench_spec_decode: an output differs from the baseline's\n");
-    for (uint32_t i = 0; i <= MAX_K; i++) {
+    for (uint32_t i = 0; i < MAX_RUNS; i++) {
         free(runs[i].out);
         free(runs[i].n_out);
     }

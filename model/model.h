@@ -554,6 +554,22 @@ int32_t model_sampler_sample(model_sampler_t *s, const float *logits);
  * model_sampler_sample would draw from the row with every other id at
  * -inf, at the cost of the ids kept rather than of the vocabulary. */
 int32_t model_sampler_sample_masked(model_sampler_t *s, const float *logits, const uint64_t *allow);
+/* Speculative sampling with a draft model's distribution.  propose draws
+ * from the draft's row as model_sampler_sample would (bias, allowed ids,
+ * penalties, temperature, top-k, top-p, min-p: the configuration's), and
+ * writes the distribution it drew from into q[n_vocab] (normalised; one
+ * hot at temperature 0).  verify then takes the target model's row at
+ * that position (and the mask, as model_sampler_sample_masked does): it
+ * returns x with probability min(1, p(x) / q(x)), where p is the
+ * distribution model_sampler_sample_masked would draw from, and otherwise
+ * a draw from max(0, p - q) renormalised, which is never x.  Whatever q
+ * is, the token returned is distributed as p (the same distribution as
+ * plain decoding, not the same draws); the closer q is to p, the more
+ * often it is x.  At temperature 0 verify returns the greedy token (x
+ * stays where it is that token).  Errors as model_sampler_sample's. */
+int32_t model_sampler_propose(model_sampler_t *s, const float *logits, float *q);
+int32_t model_sampler_verify(model_sampler_t *s, const float *logits, const uint64_t *allow,
+                             int32_t x, const float *q);
 /* The log-probability of `token` under one row of logits (their
  * log-softmax: the model's distribution, before temperature and the
  * truncating filters, as vLLM and OpenAI report it) into *lp, and the

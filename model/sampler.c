@@ -394,15 +394,20 @@ nucleus(model_sampler_t *s, uint32_t m, double total, float best)
     return keep ? keep : 1;
 }
 
-/* The draw over every id, or over those set in allow only: the ids left
- * out count as a logit of -inf would (a probability of 0), so both draw
- * the same token from the same generator state, and the masked one
- * touches only the ids it keeps. */
+/* The distribution a draw takes from the row, over every id or over
+ * those set in allow only: the ids left out count as a logit of -inf
+ * would (a probability of 0), so both draw the same token from the same
+ * generator state, and the masked one touches only the ids it keeps.
+ * Returns the best id at temperature 0 (*m 0); otherwise 0 with the kept
+ * ids in idx[0..*m) and their weights in prob[] summing to *sum.  A
+ * negative error when no id is left. */
 static int32_t
-sample(model_sampler_t *s, const float *logits, const uint64_t *allow)
+filter(model_sampler_t *s, const float *logits, const uint64_t *allow, uint32_t *m_out,
+       double *sum_out)
 {
     const model_sampling_t *c = &s->cfg;
     uint32_t n = s->n_vocab, m = 0;
+    *m_out = 0;
     int rc = ensure(s);
     if (rc)
         return rc;
@@ -498,15 +503,39 @@ sample(model_sampler_t *s, const float *logits, const uint64_t *allow)
         for (uint32_t i = 0; i < m; i++)
             sum += s->prob[s->idx[i]];
     }
-    /* 53 random bits -> uniform in [0, sum). */
-    double r = (double)(xoshiro_next(s->s) >> 11) * (1.0 / 9007199254740992.0) * sum;
-    double acc = 0.0;
+    *m_out = m;
+    *sum_out = sum;
+    return 0;
+}
+
+/* 53 random bits -> uniform in [0, 1). */
+static double
+uniform(model_sampler_t *s)
+{
+    return (double)(xoshiro_next(s->s) >> 11) * (1.0 / 9007199254740992.0);
+}
+
+/* A draw from the weights w[idx[0..m)] (s->prob: the filter's), which
+ * sum to sum > 0. */
+static int32_t
+draw(model_sampler_t *s, const float *w, uint32_t m, double sum)
+{
+    double r = uniform(s) * sum, acc = 0.0;
     for (uint32_t i = 0; i < m; i++) {
-        acc += s->prob[s->idx[i]];
+        acc += w[s->idx[i]];
         if (r < acc)
             return s->idx[i];
     }
     return s->idx[m - 1];
+}
+
+static int32_t
+sample(model_sampler_t *s, const float *logits, const uint64_t *allow)
+{
+    uint32_t m;
+    double sum;
+    int32_t best = filter(s, logits, allow, &m, &sum);
+    return best < 0 || m == 0 ? best : draw(s, s->prob, m, sum);
 }
 
 int32_t
@@ -519,6 +548,65 @@ int32_t
 model_sampler_sample_masked(model_sampler_t *s, const float *logits, const uint64_t *allow)
 {
     return sample(s, logits, allow);
+}
+
+int32_t
+model_sampler_propose(model_sampler_t *s, const float *logits, float *q)
+{
+    uint32_t m;
+    double sum;
+    int32_t best = filter(s, logits, NULL, &m, &sum);
+    if (best < 0)
+        return best;
+    memset(q, 0, s->n_vocab * sizeof *q);
+    if (m == 0) {
+        q[best] = 1.0f;
+        return best;
+    }
+    for (uint32_t i = 0; i < m; i++)
+        q[s->idx[i]] = (float)(s->prob[s->idx[i]] / sum);
+    return draw(s, s->prob, m, sum);
+}
+
+/* Speculative sampling's test (Leviathan et al. 2023, Chen et al. 2023):
+ * x drawn from q stays with probability min(1, p(x) / q(x)); otherwise
+ * the token comes from the residual max(0, p - q), renormalised.  Both
+ * together draw from p whatever q is.  p lives on the filter's kept ids,
+ * so the residual does too, and ids q gave weight outside them never
+ * come back. */
+int32_t
+model_sampler_verify(model_sampler_t *s, const float *logits, const uint64_t *allow, int32_t x,
+                     const float *q)
+{
+    uint32_t m;
+    double sum;
+    int32_t best = filter(s, logits, allow, &m, &sum);
+    if (best < 0 || m == 0)
+        return best; /* greedy: x stays only where it is the best */
+    double px = 0.0;
+    for (uint32_t i = 0; i < m; i++)
+        if (s->idx[i] == x) {
+            px = s->prob[x] / sum;
+            break;
+        }
+    double qx = x >= 0 && (uint32_t)x < s->n_vocab ? q[x] : 0.0;
+    if (px > 0.0 && uniform(s) * qx < px)
+        return x;
+    double rest = 0.0;
+    for (uint32_t i = 0; i < m; i++) {
+        double w = s->prob[s->idx[i]] / sum - q[s->idx[i]];
+        rest += w > 0.0 ? (float)w : 0.0f;
+    }
+    if (!(rest > 0.0)) /* p == q but for rounding: a draw from p */
+        return draw(s, s->prob, m, sum);
+    /* The residual in place of the weights (prob is the filter's scratch,
+     * rebuilt at every draw). */
+    for (uint32_t i = 0; i < m; i++) {
+        int32_t id = s->idx[i];
+        double w = s->prob[id] / sum - q[id];
+        s->prob[id] = w > 0.0 ? (float)w : 0.0f;
+    }
+    return draw(s, s->prob, m, rest);
 }
 
 int

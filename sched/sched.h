@@ -304,6 +304,19 @@ typedef struct sched_cfg {
      * batched over the proposing requests.  After a speculative prefill the
      * draft's prompt KV stays for this. */
     bool spec_draft_model;
+    /* With the draft model, vLLM's rejection sampler instead of the exact
+     * check: a request that samples (temperature > 0) has the draft draw
+     * its proposal from the draft's distribution q (under the request's own
+     * sampling settings and generator), and keeps a proposed token x with
+     * probability min(1, p(x) / q(x)) against the main model's p, drawing
+     * from max(0, p - q) where it does not (model_sampler_verify).  Far
+     * more of a sampled request's proposals hold than with the greedy
+     * ones, and outputs keep plain decoding's distribution, but not its
+     * draws: a seed then gives the same tokens only under the same
+     * schedule.  Greedy requests are unchanged.  Holds num_speculative_tokens
+     * x n_vocab floats per sampling request that proposed.  Needs
+     * spec_draft_model. */
+    bool spec_rejection;
     /* vLLM's speculative_disable_by_batch_size: a step that starts with at
      * least this many running requests proposes nothing (forced tokens
      * aside, which always hold), since a large batch makes the model

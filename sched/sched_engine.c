@@ -113,6 +113,12 @@ typedef struct req {
     kv_table_t *sd_table;
     uint32_t sd_base, sd_n;
     int32_t sd_prop[SCHED_MAX_SPEC_TOKENS];
+    /* With spec_rejection, a sampling request's proposal is drawn from the
+     * draft's distributions, kept in sd_q [num_speculative_tokens][n_vocab]
+     * (at its first such proposal) for the verification; sd_sampled says
+     * this step's proposal was. */
+    float *sd_q;
+    bool sd_sampled;
     sched_usage_t usage;
     uint64_t t_submit, t_first_token;
     model_attn_policy_t attn;
@@ -344,6 +350,7 @@ req_free(req_t *r)
         return;
     kv_table_free(r->d_table);
     kv_table_free(r->sd_table);
+    free(r->sd_q);
     free(r->d_tokens);
     free(r->qs);
     free(r->kept);
@@ -864,9 +871,10 @@ sd_sync(req_t *r)
 }
 
 /* The draft's forward pass over d_steps[0..n) (d_reqs' draft tables);
- * then each step that wanted logits appends the draft's greedy token to
- * its request's proposal.  A failure costs the proposals, not the
- * requests: their draft KV goes (its new entries were never written). */
+ * then each step that wanted logits appends the draft's token to its
+ * request's proposal: the greedy one, or (sd_sampled) one drawn by the
+ * request's sampler, whose distribution the verification needs.  A failure costs the proposals, not
+ * the requests: their draft KV goes (its new entries were never written). */
 static int
 sd_forward(sched_t *s, uint32_t n)
 {
@@ -888,13 +896,32 @@ sd_forward(sched_t *s, uint32_t n)
         req_t *r = s->d_reqs[i];
         if (!s->d_steps[i].want_logits)
             continue;
-        int32_t tok = model_sampler_sample(s->d_greedy, s->d_logits + (size_t)row++ * s->n_vocab);
+        const float *lg = s->d_logits + (size_t)row++ * s->n_vocab;
         uint32_t j = kv_table_len(r->sd_table) - r->sd_base;
+        int32_t tok = r->sd_sampled
+                          ? model_sampler_propose(r->sampler, lg, r->sd_q + (size_t)j * s->n_vocab)
+                          : model_sampler_sample(s->d_greedy, lg);
+        if (tok < 0) { /* nothing to draw (its allowed ids): the proposal ends */
+            r->sd_n = j;
+            continue;
+        }
         r->sd_prop[j] = r->tokens[r->n_tokens + j] = tok;
         if (model_token_is_eog(s->draft, tok) && !r->ignore_eos && r->sd_n > j + 1)
             r->sd_n = j + 1; /* nothing follows an end the main model draws too */
     }
     return 0;
+}
+
+/* Whether r's proposals are drawn from the draft's distribution: it
+ * samples, and its sd_q is there (made now if not). */
+static bool
+sd_rejects(const sched_t *s, req_t *r)
+{
+    if (model_sampler_cfg(r->sampler)->temperature == 0.0f)
+        return false; /* greedy: the exact check is the same test */
+    if (r->sd_q == NULL)
+        r->sd_q = malloc((size_t)s->cfg.num_speculative_tokens * s->n_vocab * sizeof *r->sd_q);
+    return r->sd_q != NULL;
 }
 
 /* Before planning (prompts false): the draft's proposals for the
@@ -912,8 +939,10 @@ static void
 sd_propose(sched_t *s, bool prompts)
 {
     uint32_t n = 0, budget = s->cfg.max_num_batched_tokens, most = 0;
-    for (req_t *r = s->running.head; r && !prompts; r = r->next)
+    for (req_t *r = s->running.head; r && !prompts; r = r->next) {
         r->sd_n = 0;
+        r->sd_sampled = false;
+    }
     if (s->spec_off && !prompts)
         return; /* decoding requests catch up once proposals resume */
     for (req_t *r = s->running.head; r && budget; r = r->next) {
@@ -948,6 +977,7 @@ sd_propose(sched_t *s, bool prompts)
         budget -= chunk;
         r->sd_base = have + chunk;
         r->sd_n = k;
+        r->sd_sampled = k && s->cfg.spec_rejection && sd_rejects(s, r);
         most = k > most ? k : most;
         s->d_reqs[n] = r;
         s->d_steps[n++] = (sched_seq_step_t){.table = r->sd_table,
@@ -1141,7 +1171,8 @@ plan(sched_t *s)
  * the row stays the model's (logprobs, the logits hook, and a fork's other
  * samples, which may be drawing from it at the same time, read it). */
 static int32_t
-sample_banned(const sched_t *s, req_t *r, const float *row, const uint64_t *allow)
+sample_banned(const sched_t *s, req_t *r, const float *row, const uint64_t *allow, int32_t x,
+              const float *q)
 {
     const int32_t *eog;
     uint32_t n_eog = model_vocab_eog(model_vocab(s->m), &eog), n = n_eog + r->n_min_ban;
@@ -1159,7 +1190,8 @@ sample_banned(const sched_t *s, req_t *r, const float *row, const uint64_t *allo
         int32_t id = i < n_eog ? eog[i] : r->min_ban[i - n_eog];
         r->ban_bits[id >> 6] &= ~(1ull << (id & 63));
     }
-    return model_sampler_sample_masked(r->sampler, row, r->ban_bits);
+    return q ? model_sampler_verify(r->sampler, row, r->ban_bits, x, q)
+             : model_sampler_sample_masked(r->sampler, row, r->ban_bits);
 }
 
 static bool
@@ -1602,7 +1634,8 @@ h2o_step(sched_t *s, req_t *r)
  * once.  Returns the token or a negative error; *chosen is 1 when the
  * token completes r's guided choice or match. */
 static int32_t
-draw_token(sched_t *s, req_t *r, const float *row, uint64_t now, int *chosen)
+draw_token(sched_t *s, req_t *r, const float *row, int32_t x, const float *q, uint64_t now,
+           int *chosen)
 {
     /* The penalties see the prompt before the first token (the
      * sampler's buffers come then, not while the request waits). */
@@ -1622,7 +1655,8 @@ draw_token(sched_t *s, req_t *r, const float *row, uint64_t now, int *chosen)
     }
     int32_t tok = rc                  ? rc
                   : k < r->n_forced   ? r->tokens[r->n_tokens]
-                  : k < r->min_tokens ? sample_banned(s, r, row, allow)
+                  : k < r->min_tokens ? sample_banned(s, r, row, allow, x, q)
+                  : q                 ? model_sampler_verify(r->sampler, row, allow, x, q)
                   : allow             ? model_sampler_sample_masked(r->sampler, row, allow)
                                       : model_sampler_sample(r->sampler, row);
     rc = tok < 0 ? tok : model_sampler_accept(r->sampler, tok);
@@ -1688,12 +1722,15 @@ typedef struct draw {
     uint32_t n_spec;   /* proposed tokens */
     uint32_t kept;     /* of them, accepted */
     int32_t prop[SCHED_MAX_SPEC_TOKENS];
-    int32_t tok; /* the last token drawn, or an error */
+    const float *q; /* the draft's distributions the proposal came from (NULL: exact) */
+    int32_t tok;    /* the last token drawn, or an error */
     int chosen;
 } draw_t;
 
 /* Draws from each row in turn while the proposal holds: row j's token is
- * plain decoding's, since rows 0..j-1 drew the proposal's tokens. */
+ * plain decoding's, since rows 0..j-1 drew the proposal's tokens (with
+ * the draft's distributions q, speculative sampling's test, which keeps
+ * plain decoding's distribution, not its draws). */
 static void
 draw_run(sched_t *s, draw_t *d, uint64_t now)
 {
@@ -1703,7 +1740,8 @@ draw_run(sched_t *s, draw_t *d, uint64_t now)
         const float *row = d->rows + (size_t)j * s->n_vocab;
         if (s->logits_hook)
             s->logits_hook(s->logits_arg, r->id, row, s->n_vocab);
-        d->tok = draw_token(s, r, row, now, &d->chosen);
+        const float *q = d->q && j < d->n_spec ? d->q + (size_t)j * s->n_vocab : NULL;
+        d->tok = draw_token(s, r, row, q ? d->prop[j] : -1, q, now, &d->chosen);
         if (d->tok < 0 || d->chosen == 1 || j == d->n_spec || d->tok != d->prop[j] ||
             is_finished(s, r, d->tok, &why))
             return;
@@ -1855,7 +1893,7 @@ static void
 spec_draw_later(sched_t *s, req_t *r, const float *rows)
 {
     draw_t *d = &s->draws[s->n_draws++];
-    *d = (draw_t){.r = r, .rows = rows, .n_spec = r->n_spec};
+    *d = (draw_t){.r = r, .rows = rows, .n_spec = r->n_spec, .q = r->sd_sampled ? r->sd_q : NULL};
     memcpy(d->prop, r->tokens + r->n_tokens, d->n_spec * sizeof *d->prop);
     r->n_computed -= d->n_spec; /* the last token's entry; each accepted proposal adds its own */
     r->usage.spec_draft_tokens += d->n_spec;
@@ -1879,6 +1917,8 @@ req_clone(sched_t *s, const req_t *r, uint32_t index)
     memset(&c->msg, 0, sizeof c->msg);
     c->prev = c->next = NULL;
     c->table = c->d_table = c->sd_table = NULL;
+    c->sd_q = NULL;
+    c->sd_sampled = false;
     c->ban_bits = NULL;
     c->sd_n = 0;
     c->sampler = NULL;
@@ -2513,6 +2553,7 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
                                    : SCHED_DEFAULT_PROMPT_LOOKUP_MIN;
     if (c->kv_quant >= KERN_KVQ_COUNT || c->num_speculative_tokens > SCHED_MAX_SPEC_TOKENS ||
         (c->spec_draft_model && (c->draft == NULL || c->num_speculative_tokens == 0)) ||
+        (c->spec_rejection && !c->spec_draft_model) ||
         c->prompt_lookup_max > SCHED_MAX_PROMPT_LOOKUP ||
         c->prompt_lookup_min > c->prompt_lookup_max ||
         c->sample_threads > SCHED_MAX_SAMPLE_THREADS) {

@@ -232,6 +232,8 @@ int srv_load_draft(const char *cmd, const char *path, model_t *main_model, model
  *   defaults 4 and 2)
  *   --speculative-disable-by-batch-size N  (no proposals in a step that
  *   starts with N running requests or more; default: never)
+ *   --speculative-acceptance exact|rejection  (draft: the exact check, the
+ *   default, or rejection sampling from the draft's distribution)
  * Used like the attention flags above; srv_specdec_apply puts them into
  * an engine config. */
 typedef struct srv_specdec_opts {
@@ -240,13 +242,23 @@ typedef struct srv_specdec_opts {
     const char *method;              /* NULL: not given ("ngram") */
     bool draft;                      /* the draft model proposes */
     uint32_t disable_batch;          /* 0: not given */
+    const char *acceptance;          /* NULL: not given ("exact") */
+    bool rejection;                  /* rejection sampling */
 } srv_specdec_opts_t;
-enum { SRV_O_NUMSPEC = 1400, SRV_O_PLMAX, SRV_O_PLMIN, SRV_O_SPECMETHOD, SRV_O_SPECOFF };
+enum {
+    SRV_O_NUMSPEC = 1400,
+    SRV_O_PLMAX,
+    SRV_O_PLMIN,
+    SRV_O_SPECMETHOD,
+    SRV_O_SPECOFF,
+    SRV_O_SPECACCEPT
+};
 /* clang-format off */
 #define SRV_SPECDEC_LONGOPTS                                           \
     {"num-speculative-tokens", 1, 0, SRV_O_NUMSPEC},                   \
     {"speculative-method", 1, 0, SRV_O_SPECMETHOD},                    \
     {"speculative-disable-by-batch-size", 1, 0, SRV_O_SPECOFF},        \
+    {"speculative-acceptance", 1, 0, SRV_O_SPECACCEPT},                \
     {"prompt-lookup-max", 1, 0, SRV_O_PLMAX},                          \
     {"prompt-lookup-min", 1, 0, SRV_O_PLMIN}
 /* clang-format on */

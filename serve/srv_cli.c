@@ -519,6 +519,16 @@ srv_specdec_opt(const char *cmd, int opt, const char *arg, srv_specdec_opts_t *o
     case SRV_O_SPECOFF:
         return srv_parse_u32(cmd, "--speculative-disable-by-batch-size", arg, 1, 1u << 20,
                              &o->disable_batch);
+    case SRV_O_SPECACCEPT:
+        if (strcmp(arg, "exact") != 0 && strcmp(arg, "rejection") != 0) {
+            fprintf(stderr,
+                    "kvserve %s: --speculative-acceptance must be exact or rejection, not '%s'\n",
+                    cmd, arg);
+            return KVS_EINVAL;
+        }
+        o->acceptance = arg;
+        o->rejection = strcmp(arg, "rejection") == 0;
+        return 0;
     default:
         return 1;
     }
@@ -527,11 +537,12 @@ srv_specdec_opt(const char *cmd, int opt, const char *arg, srv_specdec_opts_t *o
 int
 srv_specdec_finish(const char *cmd, srv_specdec_opts_t *o, bool have_draft)
 {
-    if (o->num_tokens == 0 && (o->lookup_max || o->lookup_min || o->method || o->disable_batch)) {
+    if (o->num_tokens == 0 &&
+        (o->lookup_max || o->lookup_min || o->method || o->disable_batch || o->acceptance)) {
         fprintf(stderr,
-                "kvserve %s: --speculative-method, --speculative-disable-by-batch-size, "
-                "--prompt-lookup-max and --prompt-lookup-min go with --num-speculative-tokens N "
-                "(N > 0)\n",
+                "kvserve %s: --speculative-method, --speculative-acceptance, "
+                "--speculative-disable-by-batch-size, --prompt-lookup-max and --prompt-lookup-min "
+                "go with --num-speculative-tokens N (N > 0)\n",
                 cmd);
         return KVS_EINVAL;
     }
@@ -546,6 +557,13 @@ srv_specdec_finish(const char *cmd, srv_specdec_opts_t *o, bool have_draft)
     }
     if (o->draft && !have_draft) {
         fprintf(stderr, "kvserve %s: --speculative-method draft needs --draft-model\n", cmd);
+        return KVS_EINVAL;
+    }
+    if (o->acceptance && !o->draft) {
+        /* A lookup's proposal is one token for sure: the exact check is
+         * rejection sampling already. */
+        fprintf(stderr,
+                "kvserve %s: --speculative-acceptance goes with --speculative-method draft\n", cmd);
         return KVS_EINVAL;
     }
     /* Defaults as sched_new fills them; a minimum given alone may pass the
@@ -569,6 +587,7 @@ srv_specdec_apply(const srv_specdec_opts_t *o, sched_cfg_t *c)
 {
     c->num_speculative_tokens = o->num_tokens;
     c->spec_draft_model = o->num_tokens && o->draft;
+    c->spec_rejection = c->spec_draft_model && o->rejection;
     c->spec_disable_batch = o->num_tokens ? o->disable_batch : 0;
     c->prompt_lookup_max = o->num_tokens ? o->lookup_max : 0;
     c->prompt_lookup_min = o->num_tokens ? o->lookup_min : 0;

@@ -45,7 +45,8 @@ static const char eval_usage[] =
     "                    [--spec-chunk N] [--space-in-prompt]\n"
     "                    [--num-speculative-tokens N (0..16) [--speculative-method ngram|draft]\n"
     "                     [--prompt-lookup-max 4] [--prompt-lookup-min 2]\n"
-    "                     [--speculative-disable-by-batch-size N]]\n"
+    "                     [--speculative-disable-by-batch-size N]\n"
+    "                     [--speculative-acceptance exact|rejection]]\n"
     "                    [--scenario multi-turn|multi-request]  (SCBench's shared context:\n"
     "                     one question per niah-multikey key, prefix caching on)\n"
     "                    [--json FILE] [--plot FILE.svg]\n";

@@ -1280,6 +1280,8 @@ server_info_new(call_t *c)
     r.num_speculative_tokens = sc->num_speculative_tokens;
     if (sc->num_speculative_tokens)
         r.speculative_method = sc->spec_draft_model ? "draft" : "ngram";
+    if (sc->spec_draft_model)
+        r.speculative_acceptance = sc->spec_rejection ? "rejection" : "exact";
     r.n_attention_policies = 3;
     r.attention_policies = policies;
     reply_unary(c, &r.base, GRPC_STATUS_OK, NULL);
@@ -1568,7 +1570,8 @@ static const char usage[] =
     "                     [--enable-prefix-caching | --no-enable-prefix-caching] [--cuda-graphs]\n"
     "                     [--num-speculative-tokens N (0..16) [--speculative-method ngram|draft]\n"
     "                      [--prompt-lookup-max 4] [--prompt-lookup-min 2]\n"
-    "                      [--speculative-disable-by-batch-size N]]\n"
+    "                      [--speculative-disable-by-batch-size N]\n"
+    "                      [--speculative-acceptance exact|rejection]]\n"
     "                     [--tls-cert F --tls-key F [--tls-client-ca F]] [--api-key-file F]\n"
     "                     [--drain-timeout S] [--max-concurrent-streams N]\n"
     "                     [--engine-nice 10] [--sample-threads N (0: auto)]\n"

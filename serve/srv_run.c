@@ -29,7 +29,8 @@ static const char run_usage[] =
     "                   [--kv-policy full|sink-eviction|snapkv|h2o] [--kv-budget N]\n"
     "                   [--max-model-len N] [--logits-out FILE.npy] [--json] [--cuda-graphs]\n"
     "                   [--num-speculative-tokens N (0..16) [--speculative-method ngram|draft]\n"
-    "                    [--prompt-lookup-max 4] [--prompt-lookup-min 2]] [--draft-model PATH]\n";
+    "                    [--prompt-lookup-max 4] [--prompt-lookup-min 2]\n"
+    "                    [--speculative-acceptance exact|rejection]] [--draft-model PATH]\n";
 
 typedef struct run_opts {
     const char *model, *draft, *prompt, *prompt_tokens, *logits_out, *device;

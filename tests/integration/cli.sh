@@ -108,6 +108,14 @@ expect 2 "run draft method with lookup flags" "$K" run $M --prompt a --num-specu
 contains "go with --speculative-method ngram"
 expect 2 "run draft model without the draft method" "$K" run $M --prompt a --draft-model "$W/tiny.gguf"
 contains "draft-model goes with --speculative-method draft"
+expect 2 "run acceptance bogus" "$K" run $M --prompt a --num-speculative-tokens 4 --speculative-method draft \
+    --draft-model "$W/tiny.gguf" --speculative-acceptance typical
+contains "speculative-acceptance must be exact or rejection"
+expect 2 "run rejection sampling with prompt lookup" "$K" run $M --prompt a --num-speculative-tokens 4 \
+    --speculative-acceptance rejection
+contains "speculative-acceptance goes with --speculative-method draft"
+expect 2 "serve rejection sampling without speculative tokens" "$K" serve $M --port 0 --speculative-acceptance exact
+contains "go with --num-speculative-tokens"
 expect 2 "serve disable-by-batch-size 0" "$K" serve $M --port 0 --num-speculative-tokens 2 --speculative-disable-by-batch-size 0
 contains "speculative-disable-by-batch-size"
 expect 2 "serve disable-by-batch-size without speculative tokens" "$K" serve $M --port 0 --speculative-disable-by-batch-size 4
@@ -239,6 +247,18 @@ if [ -f "$BUNDLED" ]; then
     tb=$(grep -o '"tokens": [^]]*' "$W/b")
     [ -n "$ta" ] && [ "$ta" = "$tb" ] && ok || bad "run --speculative-method draft changed the greedy tokens"
     if grep -q "speculative decoding accepted [1-9][0-9]* of " "$W/out"; then ok; else bad "run --speculative-method draft: no proposal accepted: $(tail -1 "$W/out")"; fi
+    # Rejection sampling: greedy tokens unchanged; a seeded draw at
+    # temperature 1 runs through it, its proposals accepted.
+    "$K" run --model "$BUNDLED" --prompt "$SP" --max-tokens 48 --temperature 0 --json \
+        --num-speculative-tokens 4 --speculative-method draft --speculative-acceptance rejection \
+        --draft-model "$(dirname "$BUNDLED")/kvserve-draft.gguf" >"$W/b" 2>"$W/out"
+    tb=$(grep -o '"tokens": [^]]*' "$W/b")
+    [ -n "$ta" ] && [ "$ta" = "$tb" ] && ok || bad "run --speculative-acceptance rejection changed the greedy tokens"
+    "$K" run --model "$BUNDLED" --prompt "$SP" --max-tokens 48 --temperature 1 --seed 7 --ignore-eos --json \
+        --num-speculative-tokens 4 --speculative-method draft --speculative-acceptance rejection \
+        --draft-model "$(dirname "$BUNDLED")/kvserve-draft.gguf" >"$W/b" 2>"$W/out"
+    n=$(grep -o '"tokens": [^]]*' "$W/b" | tr ',' '\n' | grep -c '[0-9]')
+    if [ "$n" = 48 ] && grep -q "speculative decoding accepted [1-9][0-9]* of " "$W/out"; then ok; else bad "run --speculative-acceptance rejection at temperature 1: $n tokens, $(tail -1 "$W/out")"; fi
     a=$(ppl "$W/noise.txt"); b=$(ppl "$W/rand.txt")
     if python3 -c "import sys; a, b = map(float, sys.argv[1:]); sys.exit(not (a < 0.4 and b > 1.6))" "$a" "$b"; then ok; else bad "perplexity: nll $a on the filler, $b on random letters"; fi
     c=$(ppl "$W/rand.txt" --attention sink-window --attn-window 4096); d=$(ppl "$W/rand.txt" --kv-policy sink-eviction --kv-budget 4096)

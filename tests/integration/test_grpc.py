@@ -2132,27 +2132,39 @@ def check_chat_template(kvserve, model, work):
         srv.kill()
 
 
-def check_spec_decode(kvserve, model, work, draft=None):
+def check_spec_decode(kvserve, model, work, draft=None, rejection=False):
     """--num-speculative-tokens: a server that speculates by prompt lookup
     (or, given a draft model, by the draft's greedy continuation), drawing
     on two threads, streams the outputs `kvserve run` gives without either
     (greedy, and a seeded draw under top-p), reports the proposals in usage
-    and GetServerInfo, and frees every block."""
+    and GetServerInfo, and frees every block.  With rejection sampling
+    (the draft's proposals drawn from its distribution) the seeded draw is
+    `kvserve run`'s with the same flags: a lone request's schedule, and so
+    its draws, are the same."""
     method = "draft" if draft else "ngram"
+    acceptance = "rejection" if rejection else "exact" if draft else ""
     # Draws on two threads (the engine thread and one more) as well.
     flags = ["--num-speculative-tokens", "4", "--sample-threads", "2"]
+    spec = ["--num-speculative-tokens", "4", "--speculative-method", "draft",
+            "--speculative-acceptance", "rejection", "--draft-model", draft] if rejection else []
     flags += ["--speculative-method", "draft", "--draft-model", draft] if draft else \
         ["--prompt-lookup-min", "1"]
-    srv = start_server(kvserve, model, work, "server-spec-" + method, flags)
+    if rejection:
+        flags += ["--speculative-acceptance", "rejection"]
+        method += ", rejection"
+    srv = start_server(kvserve, model, work, "server-spec-" + method.replace(", ", "-"), flags)
     ch = grpc.insecure_channel(srv.addr)
     T = "10 spec decode (%s): " % method
     try:
         api = Api(ch)
         info = api.server_info(pb.GetServerInfoRequest(), timeout=5)
-        report(T + "GetServerInfo reports num_speculative_tokens and the method",
-               info.num_speculative_tokens == 4 and info.speculative_method == method,
-               "num_speculative_tokens %d, method %r"
-               % (info.num_speculative_tokens, info.speculative_method))
+        report(T + "GetServerInfo reports num_speculative_tokens, the method and acceptance",
+               info.num_speculative_tokens == 4
+               and info.speculative_method == ("draft" if draft else "ngram")
+               and info.speculative_acceptance == acceptance,
+               "num_speculative_tokens %d, method %r, acceptance %r"
+               % (info.num_speculative_tokens, info.speculative_method,
+                  info.speculative_acceptance))
         prompt = "The grass is green. The sky is blue. The sun is yellow. The grass is"
         o = collect(api, greedy_req(prompt, 48), timeout=30)
         want = run_reference(kvserve, model, prompt, 48)
@@ -2171,10 +2183,11 @@ def check_spec_decode(kvserve, model, work, draft=None):
         o = collect(api, r, timeout=30)
         cmd = [kvserve, "run", "--model", model, "--temperature", "0.8", "--top-p", "0.9",
                "--seed", "1234", "--ignore-eos", "--max-tokens", "32", "--json",
-               "--prompt", prompt] + ENGINE_FLAGS
+               "--prompt", prompt] + ENGINE_FLAGS + spec
         ref = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         ref_ids = json.loads(ref.stdout)["tokens"] if ref.returncode == 0 else None
-        report(T + "a seeded top-p draw == run's without it",
+        report(T + ("a seeded top-p draw == run's with the same flags" if rejection else
+                    "a seeded top-p draw == run's without it"),
                o["code"] is None and o["tokens"] == ref_ids,
                "%s; run exit %d" % (describe(o), ref.returncode))
         rc, out, doc = run_bench_json(kvserve, srv.addr, work, "spec-" + method,
@@ -2427,6 +2440,7 @@ def main():
         check_chat_template(kvserve, model, work)
         check_spec_decode(kvserve, model, work)
         check_spec_decode(kvserve, model, work, draft)
+        check_spec_decode(kvserve, model, work, draft, rejection=True)
         check_tls(kvserve, model, work)
     except Exception as e:  # a broken setup is a failure, not a crash
         import traceback

@@ -488,6 +488,123 @@ test_sampler(void **state)
         assert_int_equal(model_sampler_new(&bad[i], 8, &s), KVS_EINVAL);
 }
 
+/* The distribution test_spec_sampling's samplers draw from, written out:
+ * softmax(x / T), the top_k best, then the smallest most likely set
+ * holding top_p of their mass, renormalised; ids with allow[i] == 0 out. */
+static void
+ref_dist(const float *x, int n, float t, int top_k, float top_p, const int *allow, double *p)
+{
+    int order[16];
+    double w[16], total = 0.0;
+    for (int i = 0; i < n; i++) {
+        w[i] = allow && !allow[i] ? 0.0 : exp(x[i] / t);
+        order[i] = i;
+    }
+    for (int i = 0; i < n; i++) /* by weight, descending */
+        for (int j = i + 1; j < n; j++)
+            if (w[order[j]] > w[order[i]]) {
+                int tmp = order[i];
+                order[i] = order[j];
+                order[j] = tmp;
+            }
+    int keep = top_k > 0 && top_k < n ? top_k : n;
+    for (int i = 0; i < keep; i++)
+        total += w[order[i]];
+    double acc = 0.0;
+    int k = 0;
+    while (k < keep && acc < top_p * total)
+        acc += w[order[k++]];
+    for (int i = 0; i < n; i++)
+        p[i] = 0.0;
+    for (int i = 0; i < k; i++)
+        p[order[i]] = w[order[i]] / acc;
+}
+
+/* Speculative sampling: whatever the draft's distribution q, the tokens
+ * verify returns follow the target's p (checked against p written out,
+ * where always keeping the proposal would follow q, far from it), and a
+ * proposal stays about sum(min(p, q)) of the time; with q == p every one
+ * stays; at temperature 0 the greedy token comes back. */
+static void
+test_spec_sampling(void **state)
+{
+    (void)state;
+    enum { V = 8 };
+    const float pl[V] = {0.1f, 2.0f, -1.0f, 1.9f, 0.0f, 1.0f, -3.0f, 0.5f};
+    const float ql[V] = {1.5f, 0.2f, 0.3f, 1.8f, 1.0f, -0.5f, 0.4f, 0.0f};
+    model_sampling_t tc = {.temperature = 0.8f, .top_k = 6, .top_p = 0.95f, .seed = 11};
+    model_sampling_t dc = {.temperature = 1.0f, .top_p = 1.0f, .seed = 12};
+    int allow_all[V] = {1, 1, 1, 1, 1, 1, 1, 1}, allow_some[V] = {1, 0, 1, 1, 1, 1, 0, 1};
+    uint64_t bits = 0;
+    for (int i = 0; i < V; i++)
+        bits |= (uint64_t)allow_some[i] << i;
+    for (int masked = 0; masked < 2; masked++) {
+        model_sampler_t *t, *d;
+        assert_int_equal(model_sampler_new(&tc, V, &t), 0);
+        assert_int_equal(model_sampler_new(&dc, V, &d), 0);
+        double p[V], qd[V], same = 0.0;
+        ref_dist(pl, V, tc.temperature, tc.top_k, tc.top_p, masked ? allow_some : allow_all, p);
+        ref_dist(ql, V, dc.temperature, 0, 1.0f, NULL, qd);
+        for (int i = 0; i < V; i++)
+            same += fmin(p[i], qd[i]);
+        int count[V] = {0}, kept = 0;
+        const int N = 40000;
+        float q[V];
+        for (int i = 0; i < N; i++) {
+            int32_t x = model_sampler_propose(d, ql, q);
+            assert_true(x >= 0 && x < V && q[x] > 0.0f);
+            int32_t y = model_sampler_verify(t, pl, masked ? &bits : NULL, x, q);
+            assert_true(y >= 0 && y < V);
+            count[y]++;
+            kept += y == x;
+        }
+        double far = 0.0;
+        for (int i = 0; i < V; i++) {
+            assert_float_equal(q[i], qd[i], 1e-6);
+            assert_true(fabs(count[i] / (double)N - p[i]) < 0.01);
+            if (p[i] == 0.0)
+                assert_int_equal(count[i], 0);
+            far = fmax(far, fabs(qd[i] - p[i]));
+        }
+        assert_true(far > 0.1); /* keeping every proposal would fail above */
+        assert_true(fabs(kept / (double)N - same) < 0.01);
+        assert_true(same < 0.8);
+        model_sampler_free(t);
+        model_sampler_free(d);
+    }
+
+    /* q == p: every proposal stays. */
+    model_sampler_t *t, *d;
+    model_sampling_t dc2 = tc;
+    dc2.seed = 99;
+    assert_int_equal(model_sampler_new(&tc, V, &t), 0);
+    assert_int_equal(model_sampler_new(&dc2, V, &d), 0);
+    float q[V];
+    for (int i = 0; i < 2000; i++) {
+        int32_t x = model_sampler_propose(d, pl, q);
+        assert_int_equal(model_sampler_verify(t, pl, NULL, x, q), x);
+    }
+    model_sampler_free(t);
+    model_sampler_free(d);
+
+    /* Temperature 0 on both sides: q one hot, the greedy token back. */
+    model_sampling_t g = {.temperature = 0.0f, .top_p = 1.0f};
+    assert_int_equal(model_sampler_new(&g, V, &t), 0);
+    assert_int_equal(model_sampler_propose(t, ql, q), 3);
+    for (int i = 0; i < V; i++)
+        assert_float_equal(q[i], i == 3 ? 1.0f : 0.0f, 0.0f);
+    assert_int_equal(model_sampler_verify(t, pl, NULL, 3, q), 1);
+    assert_int_equal(model_sampler_verify(t, pl, NULL, 1, q), 1);
+    assert_int_equal(model_sampler_verify(t, pl, &bits, 3, q), 3); /* 1 masked out */
+    model_sampler_free(t);
+
+    /* Nothing left to draw. */
+    uint64_t none = 0;
+    assert_int_equal(model_sampler_new(&tc, V, &t), 0);
+    assert_int_equal(model_sampler_verify(t, pl, &none, 1, q), KVS_EINVAL);
+    model_sampler_free(t);
+}
+
 /* vLLM's penalties: repetition over the prompt and the output (divide a
  * positive logit, multiply a negative one), then frequency per output
  * occurrence and presence once; each checked by the greedy choice it
@@ -851,11 +968,12 @@ int
 main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_load_tiny),    cmocka_unit_test(test_tokenizer),
-        cmocka_unit_test(test_random_vocab), cmocka_unit_test(test_bad_models),
-        cmocka_unit_test(test_sampler),      cmocka_unit_test(test_sampler_masked),
-        cmocka_unit_test(test_logprobs),     cmocka_unit_test(test_penalties),
-        cmocka_unit_test(test_logit_bias),   cmocka_unit_test(test_guided_choice),
+        cmocka_unit_test(test_load_tiny),     cmocka_unit_test(test_tokenizer),
+        cmocka_unit_test(test_random_vocab),  cmocka_unit_test(test_bad_models),
+        cmocka_unit_test(test_sampler),       cmocka_unit_test(test_sampler_masked),
+        cmocka_unit_test(test_logprobs),      cmocka_unit_test(test_penalties),
+        cmocka_unit_test(test_logit_bias),    cmocka_unit_test(test_spec_sampling),
+        cmocka_unit_test(test_guided_choice),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -1535,6 +1535,21 @@ sd_base(void)
                          .kv_dtype = KERN_F32};
 }
 
+/* Pools so small that the mix's requests are preempted (their KV waits in
+ * host memory) and, with a draft, draft KV does not fit; the longest
+ * proposals. */
+static void
+sd_tighten(sched_cfg_t *cfg)
+{
+    cfg->num_speculative_tokens = SCHED_MAX_SPEC_TOKENS;
+    cfg->max_num_batched_tokens = 96;
+    cfg->block_tokens = 8;
+    cfg->n_blocks = 48;
+    cfg->draft_n_blocks = 24;
+    cfg->prompt_logprob_rows = 8;
+    cfg->host_kv_bytes = 4u << 20;
+}
+
 /* The mix plain, with speculative decoding as spec_cfg sets it, and with
  * it again on pools so small that requests are preempted (their KV waits
  * in host memory) and, with a draft, draft KV does not fit: the same
@@ -1547,13 +1562,7 @@ sd_compare(const sched_cfg_t *spec_cfg, sd_out_t *plain, sd_out_t *spec, sd_out_
     cfg = *spec_cfg;
     sd_run(&cfg, spec);
     sd_same(plain, spec, true);
-    cfg.num_speculative_tokens = SCHED_MAX_SPEC_TOKENS;
-    cfg.max_num_batched_tokens = 96;
-    cfg.block_tokens = 8;
-    cfg.n_blocks = 48;
-    cfg.draft_n_blocks = 24;
-    cfg.prompt_logprob_rows = 8;
-    cfg.host_kv_bytes = 4u << 20;
+    sd_tighten(&cfg);
     sd_run(&cfg, tight);
     sd_same(plain, tight, false);
     assert_true(tight->accepted > 0 && tight->preemptions > 0);
@@ -1633,6 +1642,65 @@ test_spec_decode_draft_model(void **state)
     assert_true(few.usage[11][0].spec_accepted_tokens >= 20);
     fprintf(stderr, "spec decode (draft) off from 10 running: %llu of %llu proposed accepted\n",
             (unsigned long long)few.accepted, (unsigned long long)few.draft);
+}
+
+/* Rejection sampling (spec_rejection): greedy requests still give plain
+ * decoding's tokens; a sampling request whose draft is the model itself
+ * (q == p but for batching's rounding) keeps nearly every proposal, where
+ * the exact check keeps only those its seeded draw happens to repeat;
+ * guides, bans, penalties, forks and teacher forcing go on as before
+ * (every request ends without error, the guides' outputs match them),
+ * also on pools that preempt. */
+static void
+test_spec_decode_rejection(void **state)
+{
+    (void)state;
+    static sd_out_t plain, exact, rej, tight;
+    sched_cfg_t cfg = sd_base();
+    sd_run(&cfg, &plain);
+    cfg.num_speculative_tokens = 4;
+    cfg.spec_draft_model = true;
+    sd_run(&cfg, &exact);
+    cfg.spec_rejection = true;
+    sd_run(&cfg, &rej);
+    const int greedy[] = {0, 3, 6, 9};
+    for (size_t i = 0; i < sizeof greedy / sizeof *greedy; i++) {
+        int id = greedy[i];
+        assert_int_equal(plain.n[id][0], rej.n[id][0]);
+        assert_memory_equal(plain.tok[id][0], rej.tok[id][0], plain.n[id][0] * sizeof(int32_t));
+    }
+    for (int x = 0; x < 2; x++) /* request 12: greedy samples of a grammar */
+        assert_memory_equal(plain.tok[12][x], rej.tok[12][x], SD_MAXT * sizeof(int32_t));
+    /* Requests 1 (top-p) and 2 and 5 (top-k, min-p, a repetition penalty,
+     * which the draft's proposal applies as of its first token). */
+    const int sampled[] = {1, 2, 5};
+    uint64_t ed = 0, ea = 0, rd = 0, ra = 0;
+    for (size_t i = 0; i < sizeof sampled / sizeof *sampled; i++) {
+        const sched_usage_t *e = &exact.usage[sampled[i]][0], *r = &rej.usage[sampled[i]][0];
+        ed += e->spec_draft_tokens;
+        ea += e->spec_accepted_tokens;
+        rd += r->spec_draft_tokens;
+        ra += r->spec_accepted_tokens;
+    }
+    const sched_usage_t *u1 = &rej.usage[1][0];
+    fprintf(stderr,
+            "rejection sampling: sampled requests kept %llu of %llu (exact: %llu of %llu); "
+            "request 1 %u of %u\n",
+            (unsigned long long)ra, (unsigned long long)rd, (unsigned long long)ea,
+            (unsigned long long)ed, u1->spec_accepted_tokens, u1->spec_draft_tokens);
+    assert_true(u1->spec_draft_tokens >= SD_MAXT / 2);
+    assert_true(u1->spec_accepted_tokens * 100 >= u1->spec_draft_tokens * 97);
+    assert_true(ra * 10 >= rd * 9);
+    assert_true(ra * ed > ea * rd); /* a larger share kept than the exact check's */
+    assert_true(rej.usage[11][0].spec_accepted_tokens >= 20); /* forced tokens hold */
+    sd_tighten(&cfg);
+    sd_run(&cfg, &tight);
+    assert_true(tight.accepted > 0 && tight.preemptions > 0);
+    for (size_t i = 0; i < 3; i++) /* request 9's eviction depends on the block size */
+        assert_memory_equal(plain.tok[greedy[i]][0], tight.tok[greedy[i]][0],
+                            SD_MAXT * sizeof(int32_t));
+    sched_cfg_t bad = {.n_blocks = 8, .num_speculative_tokens = 2, .spec_rejection = true};
+    refused(&bad, 1);
 }
 
 /* A step's draws on four threads give what the engine thread alone
@@ -1766,6 +1834,7 @@ main(void)
         cmocka_unit_test(test_spec_decode_same_outputs),
         cmocka_unit_test(test_spec_decode_keeps_decodes),
         cmocka_unit_test(test_spec_decode_draft_model),
+        cmocka_unit_test(test_spec_decode_rejection),
         cmocka_unit_test(test_parallel_draws_same_outputs),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
