@@ -252,6 +252,17 @@ engine() {
         >/dev/null || return 1
     printf 'f16 KV --speculative-method draft (bundled models): '
     python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || return 1
+    # Rejection sampling at temperature 1 on cuda: its draws need not be
+    # cpu's (rounding moves the tests), so it must run, draw 48 tokens and
+    # keep proposals.
+    LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" run --model weights/kvserve-main.gguf \
+        --prompt "Once upon a time there was a little fox who" --max-tokens 48 --temperature 1 \
+        --seed 7 --ignore-eos --kv-cache-dtype f16 --device cuda --num-speculative-tokens 4 \
+        --speculative-method draft --speculative-acceptance rejection \
+        --draft-model weights/kvserve-draft.gguf >/dev/null 2>"$SCRATCH/rej.err" || return 1
+    printf 'f16 KV --speculative-acceptance rejection (bundled models): engine: %s\n' \
+        "$(grep -o 'speculative decoding accepted.*' "$SCRATCH/rej.err")"
+    grep -q 'speculative decoding accepted [1-9][0-9]* of' "$SCRATCH/rej.err" || return 1
 }
 t=$(date +%s)
 if engine >"$OUT/engine.log" 2>&1; then
