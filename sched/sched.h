@@ -313,9 +313,10 @@ typedef struct sched_cfg {
      * more of a sampled request's proposals hold than with the greedy
      * ones, and outputs keep plain decoding's distribution, but not its
      * draws: a seed then gives the same tokens only under the same
-     * schedule.  Greedy requests are unchanged.  Holds num_speculative_tokens
-     * x n_vocab floats per sampling request that proposed.  Needs
-     * spec_draft_model. */
+     * schedule.  Greedy requests are unchanged.  The draft's distributions
+     * take min(prompt_logprob_rows, max_num_seqs x num_speculative_tokens)
+     * rows of n_vocab floats, allocated here; a step's proposals past them
+     * are greedy, checked exactly.  Needs spec_draft_model. */
     bool spec_rejection;
     /* vLLM's speculative_disable_by_batch_size: a step that starts with at
      * least this many running requests proposes nothing (forced tokens

@@ -114,9 +114,9 @@ typedef struct req {
     uint32_t sd_base, sd_n;
     int32_t sd_prop[SCHED_MAX_SPEC_TOKENS];
     /* With spec_rejection, a sampling request's proposal is drawn from the
-     * draft's distributions, kept in sd_q [num_speculative_tokens][n_vocab]
-     * (at its first such proposal) for the verification; sd_sampled says
-     * this step's proposal was. */
+     * draft's distributions, kept for the step's verification in sd_q
+     * [sd_n][n_vocab], rows of the engine's sd_q; sd_sampled says this
+     * step's proposal was. */
     float *sd_q;
     bool sd_sampled;
     sched_usage_t usage;
@@ -188,6 +188,10 @@ struct sched {
     sched_seq_step_t *d_steps;
     req_t **d_reqs;
     model_sampler_t *d_greedy; /* look-ahead tokens */
+    /* spec_rejection: the draft's distributions behind the step's
+     * proposals, [sd_q_rows][n_vocab], sd_q_used rows handed out. */
+    float *sd_q;
+    uint32_t sd_q_rows, sd_q_used;
     kvs_mpsc_t inbox, outbox;
     _Atomic uint64_t next_seq;
     req_list_t waiting, running;
@@ -350,7 +354,6 @@ req_free(req_t *r)
         return;
     kv_table_free(r->d_table);
     kv_table_free(r->sd_table);
-    free(r->sd_q);
     free(r->d_tokens);
     free(r->qs);
     free(r->kept);
@@ -912,16 +915,20 @@ sd_forward(sched_t *s, uint32_t n)
     return 0;
 }
 
-/* Whether r's proposals are drawn from the draft's distribution: it
- * samples, and its sd_q is there (made now if not). */
+/* Whether r's proposal this step is drawn from the draft's distributions:
+ * it samples, and rows of sd_q are free, *k of them at most (they hold as
+ * many proposed tokens as a step can verify; once they are taken,
+ * proposals are greedy and checked exactly). */
 static bool
-sd_rejects(const sched_t *s, req_t *r)
+sd_rejects(sched_t *s, req_t *r, uint32_t *k)
 {
-    if (model_sampler_cfg(r->sampler)->temperature == 0.0f)
+    uint32_t left = s->sd_q_rows - s->sd_q_used;
+    if (model_sampler_cfg(r->sampler)->temperature == 0.0f || left == 0)
         return false; /* greedy: the exact check is the same test */
-    if (r->sd_q == NULL)
-        r->sd_q = malloc((size_t)s->cfg.num_speculative_tokens * s->n_vocab * sizeof *r->sd_q);
-    return r->sd_q != NULL;
+    *k = *k < left ? *k : left;
+    r->sd_q = s->sd_q + (size_t)s->sd_q_used * s->n_vocab;
+    s->sd_q_used += *k;
+    return true;
 }
 
 /* Before planning (prompts false): the draft's proposals for the
@@ -943,6 +950,8 @@ sd_propose(sched_t *s, bool prompts)
         r->sd_n = 0;
         r->sd_sampled = false;
     }
+    if (!prompts)
+        s->sd_q_used = 0;
     if (s->spec_off && !prompts)
         return; /* decoding requests catch up once proposals resume */
     for (req_t *r = s->running.head; r && budget; r = r->next) {
@@ -976,8 +985,8 @@ sd_propose(sched_t *s, bool prompts)
         }
         budget -= chunk;
         r->sd_base = have + chunk;
+        r->sd_sampled = k && s->cfg.spec_rejection && sd_rejects(s, r, &k);
         r->sd_n = k;
-        r->sd_sampled = k && s->cfg.spec_rejection && sd_rejects(s, r);
         most = k > most ? k : most;
         s->d_reqs[n] = r;
         s->d_steps[n++] = (sched_seq_step_t){.table = r->sd_table,
@@ -1917,7 +1926,6 @@ req_clone(sched_t *s, const req_t *r, uint32_t index)
     memset(&c->msg, 0, sizeof c->msg);
     c->prev = c->next = NULL;
     c->table = c->d_table = c->sd_table = NULL;
-    c->sd_q = NULL;
     c->sd_sampled = false;
     c->ban_bits = NULL;
     c->sd_n = 0;
@@ -2670,6 +2678,14 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
                 rc = KVS_ENOMEM;
         }
     }
+    if (rc == 0 && c->spec_rejection) {
+        /* A step verifies at most prompt_logprob_rows proposed tokens. */
+        uint64_t rows = (uint64_t)c->max_num_seqs * c->num_speculative_tokens;
+        s->sd_q_rows = rows < c->prompt_logprob_rows ? (uint32_t)rows : c->prompt_logprob_rows;
+        s->sd_q = malloc((size_t)s->sd_q_rows * hp->n_vocab * sizeof *s->sd_q);
+        if (s->sd_q == NULL)
+            rc = KVS_ENOMEM;
+    }
     if (rc == 0 && c->host_kv_bytes)
         rc = kv_host_new(s->pool, c->host_kv_bytes, &s->host);
     if (rc == 0) {
@@ -2765,6 +2781,7 @@ sched_free(sched_t *s)
     sched_batch_free(s->d_batch);
     model_sampler_free(s->d_greedy);
     free(s->d_logits);
+    free(s->sd_q);
     free(s->d_capture);
     free(s->d_want);
     free(s->d_want_row);

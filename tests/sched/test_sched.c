@@ -1699,6 +1699,18 @@ test_spec_decode_rejection(void **state)
     for (size_t i = 0; i < 3; i++) /* request 9's eviction depends on the block size */
         assert_memory_equal(plain.tok[greedy[i]][0], tight.tok[greedy[i]][0],
                             SD_MAXT * sizeof(int32_t));
+    /* Three rows for the draft's distributions a step: proposals cut to
+     * them, the rest greedy and checked exactly, side by side. */
+    static sd_out_t few;
+    cfg = sd_base();
+    cfg.num_speculative_tokens = 4;
+    cfg.spec_draft_model = cfg.spec_rejection = true;
+    cfg.prompt_logprob_rows = 3;
+    sd_run(&cfg, &few);
+    for (size_t i = 0; i < sizeof greedy / sizeof *greedy; i++)
+        assert_memory_equal(plain.tok[greedy[i]][0], few.tok[greedy[i]][0],
+                            SD_MAXT * sizeof(int32_t));
+    assert_true(few.accepted > 0);
     sched_cfg_t bad = {.n_blocks = 8, .num_speculative_tokens = 2, .spec_rejection = true};
     refused(&bad, 1);
 }
