@@ -554,6 +554,17 @@ int32_t model_sampler_sample(model_sampler_t *s, const float *logits);
  * model_sampler_sample would draw from the row with every other id at
  * -inf, at the cost of the ids kept rather than of the vocabulary. */
 int32_t model_sampler_sample_masked(model_sampler_t *s, const float *logits, const uint64_t *allow);
+/* A draft model's guess at the token model_sampler_sample will draw
+ * `ahead` draws from now (0: the next): the draw from the draft's row
+ * (bias, allowed ids, penalties as they stand, the filters) with the
+ * random number the generator will give then; the generator does not
+ * move.  Where the draft's distribution is near the target's, the two
+ * draws mostly agree (one uniform number, two nearby distributions), so
+ * a sampled request's proposals hold about as often as the
+ * distributions overlap, while every token is still drawn exactly as
+ * plain decoding draws it.  At temperature 0, the draft row's best id
+ * (after bias and penalties).  Errors as model_sampler_sample's. */
+int32_t model_sampler_predict(model_sampler_t *s, const float *logits, uint32_t ahead);
 /* Speculative sampling with a draft model's distribution.  propose draws
  * from the draft's row as model_sampler_sample would (bias, allowed ids,
  * penalties, temperature, top-k, top-p, min-p: the configuration's), and

@@ -510,23 +510,35 @@ filter(model_sampler_t *s, const float *logits, const uint64_t *allow, uint32_t 
 
 /* 53 random bits -> uniform in [0, 1). */
 static double
-uniform(model_sampler_t *s)
+to_uniform(uint64_t bits)
 {
-    return (double)(xoshiro_next(s->s) >> 11) * (1.0 / 9007199254740992.0);
+    return (double)(bits >> 11) * (1.0 / 9007199254740992.0);
 }
 
-/* A draw from the weights w[idx[0..m)] (s->prob: the filter's), which
- * sum to sum > 0. */
-static int32_t
-draw(model_sampler_t *s, const float *w, uint32_t m, double sum)
+static double
+uniform(model_sampler_t *s)
 {
-    double r = uniform(s) * sum, acc = 0.0;
+    return to_uniform(xoshiro_next(s->s));
+}
+
+/* The id where u in [0, 1) falls among the weights w[idx[0..m)] (s->prob:
+ * the filter's), which sum to sum > 0. */
+static int32_t
+draw_at(const model_sampler_t *s, const float *w, uint32_t m, double sum, double u)
+{
+    double r = u * sum, acc = 0.0;
     for (uint32_t i = 0; i < m; i++) {
         acc += w[s->idx[i]];
         if (r < acc)
             return s->idx[i];
     }
     return s->idx[m - 1];
+}
+
+static int32_t
+draw(model_sampler_t *s, const float *w, uint32_t m, double sum)
+{
+    return draw_at(s, w, m, sum, uniform(s));
 }
 
 static int32_t
@@ -548,6 +560,20 @@ int32_t
 model_sampler_sample_masked(model_sampler_t *s, const float *logits, const uint64_t *allow)
 {
     return sample(s, logits, allow);
+}
+
+int32_t
+model_sampler_predict(model_sampler_t *s, const float *logits, uint32_t ahead)
+{
+    uint32_t m;
+    double sum;
+    int32_t best = filter(s, logits, NULL, &m, &sum);
+    if (best < 0 || m == 0)
+        return best;
+    uint64_t st[4] = {s->s[0], s->s[1], s->s[2], s->s[3]}, bits = 0;
+    for (uint32_t i = 0; i <= ahead; i++)
+        bits = xoshiro_next(st);
+    return draw_at(s, s->prob, m, sum, to_uniform(bits));
 }
 
 int32_t

@@ -292,9 +292,13 @@ typedef struct sched_cfg {
     uint32_t num_speculative_tokens;
     uint32_t prompt_lookup_max, prompt_lookup_min;
     /* The proposals come from the draft model instead (vLLM's draft model
-     * method; needs `draft`): its greedy continuation of the sequence, up to
-     * num_speculative_tokens tokens, verified the same way, so outputs stay
-     * those of plain decoding.  Each running request keeps the draft's KV
+     * method; needs `draft`): its continuation of the sequence, up to
+     * num_speculative_tokens tokens, each the draw the request's sampler
+     * would make from the draft's row with the random number it will use at
+     * that position (model_sampler_predict; greedy at temperature 0), so a
+     * sampled request's proposal holds about as often as the two
+     * distributions agree.  Verified the same way, so outputs stay those of
+     * plain decoding, seeds included.  Each running request keeps the draft's KV
      * of its tokens in the draft pool: the draft computes each prompt chunk
      * in the main model's step, and what it lags (after a pause) with its
      * next proposal, at most max_num_batched_tokens tokens a pass.  That KV
@@ -309,14 +313,14 @@ typedef struct sched_cfg {
      * its proposal from the draft's distribution q (under the request's own
      * sampling settings and generator), and keeps a proposed token x with
      * probability min(1, p(x) / q(x)) against the main model's p, drawing
-     * from max(0, p - q) where it does not (model_sampler_verify).  Far
-     * more of a sampled request's proposals hold than with the greedy
-     * ones, and outputs keep plain decoding's distribution, but not its
-     * draws: a seed then gives the same tokens only under the same
-     * schedule.  Greedy requests are unchanged.  The draft's distributions
-     * take min(prompt_logprob_rows, max_num_seqs x num_speculative_tokens)
-     * rows of n_vocab floats, allocated here; a step's proposals past them
-     * are greedy, checked exactly.  Needs spec_draft_model. */
+     * from max(0, p - q) where it does not (model_sampler_verify): the
+     * most a proposal can hold, sum(min(p, q)), somewhat more than the
+     * exact check's shared random number gives, but outputs keep plain
+     * decoding's distribution, not its draws: a seed then gives the same
+     * tokens only under the same schedule.  Greedy requests are unchanged.  The draft's
+     * distributions take min(prompt_logprob_rows, max_num_seqs x num_speculative_tokens) rows of
+     * n_vocab floats, allocated here; a step's proposals past them are checked exactly.  Needs
+     * spec_draft_model. */
     bool spec_rejection;
     /* vLLM's speculative_disable_by_batch_size: a step that starts with at
      * least this many running requests proposes nothing (forced tokens

@@ -875,7 +875,9 @@ sd_sync(req_t *r)
 
 /* The draft's forward pass over d_steps[0..n) (d_reqs' draft tables);
  * then each step that wanted logits appends the draft's token to its
- * request's proposal: the greedy one, or (sd_sampled) one drawn by the
+ * request's proposal: its guess at the token the request's sampler will
+ * draw there (model_sampler_predict: greedy, or the draw with the random
+ * number the sampler will use), or (sd_sampled) one drawn by the
  * request's sampler, whose distribution the verification needs.  A failure costs the proposals, not
  * the requests: their draft KV goes (its new entries were never written). */
 static int
@@ -903,7 +905,7 @@ sd_forward(sched_t *s, uint32_t n)
         uint32_t j = kv_table_len(r->sd_table) - r->sd_base;
         int32_t tok = r->sd_sampled
                           ? model_sampler_propose(r->sampler, lg, r->sd_q + (size_t)j * s->n_vocab)
-                          : model_sampler_sample(s->d_greedy, lg);
+                          : model_sampler_predict(r->sampler, lg, j);
         if (tok < 0) { /* nothing to draw (its allowed ids): the proposal ends */
             r->sd_n = j;
             continue;

@@ -227,7 +227,7 @@ int srv_load_draft(const char *cmd, const char *path, model_t *main_model, model
  * prompt_lookup_min):
  *   --num-speculative-tokens N  (0..SCHED_MAX_SPEC_TOKENS; 0, the default: off)
  *   --speculative-method ngram|draft  (prompt lookup, the default, or the
- *   --draft-model's greedy continuation)
+ *   --draft-model's continuation)
  *   --prompt-lookup-max N  --prompt-lookup-min N  (ngram; 1..SCHED_MAX_PROMPT_LOOKUP;
  *   defaults 4 and 2)
  *   --speculative-disable-by-batch-size N  (no proposals in a step that

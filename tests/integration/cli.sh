@@ -240,7 +240,7 @@ if [ -f "$BUNDLED" ]; then
     ta=$(grep -o '"tokens": [^]]*' "$W/a"); tb=$(grep -o '"tokens": [^]]*' "$W/b")
     [ -n "$ta" ] && [ "$ta" = "$tb" ] && ok || bad "run --num-speculative-tokens 4 changed the greedy tokens"
     if grep -q "speculative decoding accepted [1-9][0-9]* of " "$W/out"; then ok; else bad "run --num-speculative-tokens 4: no proposal accepted: $(tail -1 "$W/out")"; fi
-    # So does the bundled draft model's: greedy proposals, drawn like the rest.
+    # So does the bundled draft model's: its proposals, drawn like the rest.
     "$K" run --model "$BUNDLED" --prompt "$SP" --max-tokens 48 --temperature 0 --json \
         --num-speculative-tokens 4 --speculative-method draft \
         --draft-model "$(dirname "$BUNDLED")/kvserve-draft.gguf" >"$W/b" 2>"$W/out"

@@ -2134,7 +2134,7 @@ def check_chat_template(kvserve, model, work):
 
 def check_spec_decode(kvserve, model, work, draft=None, rejection=False):
     """--num-speculative-tokens: a server that speculates by prompt lookup
-    (or, given a draft model, by the draft's greedy continuation), drawing
+    (or, given a draft model, by the draft's continuation), drawing
     on two threads, streams the outputs `kvserve run` gives without either
     (greedy, and a seeded draw under top-p), reports the proposals in usage
     and GetServerInfo, and frees every block.  With rejection sampling

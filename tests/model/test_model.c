@@ -598,6 +598,27 @@ test_spec_sampling(void **state)
     assert_int_equal(model_sampler_verify(t, pl, &bits, 3, q), 3); /* 1 masked out */
     model_sampler_free(t);
 
+    /* predict: the draws to come, from the same row, without moving the
+     * generator; at temperature 0 the best id. */
+    model_sampling_t pc[3] = {{.temperature = 1.0f, .top_p = 0.9f, .seed = 5},
+                              {.temperature = 0.8f, .top_k = 4, .top_p = 1.0f, .seed = 6},
+                              {.temperature = 1.2f, .top_p = 1.0f, .min_p = 0.05f, .seed = 7}};
+    for (int c = 0; c < 3; c++) {
+        assert_int_equal(model_sampler_new(&pc[c], V, &t), 0);
+        for (int round = 0; round < 50; round++) {
+            int32_t want[6];
+            for (uint32_t a = 0; a < 6; a++)
+                want[a] = model_sampler_predict(t, pl, a);
+            assert_int_equal(model_sampler_predict(t, pl, 0), want[0]);
+            for (int a = 0; a < 6; a++)
+                assert_int_equal(model_sampler_sample(t, pl), want[a]);
+        }
+        model_sampler_free(t);
+    }
+    assert_int_equal(model_sampler_new(&g, V, &t), 0);
+    assert_int_equal(model_sampler_predict(t, ql, 3), 3);
+    model_sampler_free(t);
+
     /* Nothing left to draw. */
     uint64_t none = 0;
     assert_int_equal(model_sampler_new(&tc, V, &t), 0);
