@@ -25,6 +25,7 @@ static const char bench_usage[] =
     "                     [--shared-prefix RATIO (0..1)] [--seed S] [--timeout-ms T]\n"
     "                     [--multi-turn T [--question-len Q (32)]] [--duration S]\n"
     "                     [--n N (outputs per request, 1..64)]\n"
+    "                     [--temperature T (0: greedy) [--top-p P (1)]]\n"
     "                     [--cancel-fraction F [--cancel-after-ms MS (1000)]]\n"
     "                     [--deadline-fraction F [--deadline-ms MS (1000)]]\n"
     "                     [--attention dense|sink-window|delta|block-sparse] [--attn-sinks N]\n"
@@ -37,7 +38,8 @@ static const char bench_usage[] =
     "                      [--guided-whitespace-pattern RE] | --guided-grammar GBNF|@FILE]\n"
     "                     [--api-key-file F] [--tls-ca F] [--tls-server-name NAME]\n"
     "                     [--json FILE] [--plot FILE.svg] [--no-progress]\n"
-    "Greedy, ignore_eos, max_tokens = the output length; random prompt token ids.\n"
+    "Greedy (or seeded draws at --temperature: request k's seed from --seed and k),\n"
+    "ignore_eos, max_tokens = the output length; random prompt token ids.\n"
     "TPOT = (E2E - TTFT) / (tokens - 1).  ITL: a message with n tokens splits the gap\n"
     "since the previous one evenly over them; the first message's tokens count in TTFT.\n"
     "Multi-turn: conversations of T requests; a turn sends the previous prompt, its\n"
@@ -131,6 +133,8 @@ enum {
     O_DEADLINE,
     O_DEADLINEMS,
     O_NOUT,
+    O_TEMP,
+    O_TOPP,
     O_HELP,
 };
 
@@ -242,6 +246,8 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
         {"deadline-fraction", 1, 0, O_DEADLINE},
         {"deadline-ms", 1, 0, O_DEADLINEMS},
         {"n", 1, 0, O_NOUT},
+        {"temperature", 1, 0, O_TEMP},
+        {"top-p", 1, 0, O_TOPP},
         SRV_GUIDED_LONGOPTS,
         {"help", 0, 0, O_HELP},
         SRV_ATTN_LONGOPTS,
@@ -259,6 +265,7 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
                         .turns = 1,
                         .question_len = 32,
                         .n_outputs = 1,
+                        .top_p = 1.0f,
                         .cancel_ms = 1000,
                         .deadline_ms = 1000};
     model_attn_policy_t ap = SRV_ATTN_DEFAULT;
@@ -354,6 +361,16 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
             break;
         case O_NOUT:
             rc = srv_parse_u32(C, "--n", optarg, 1, SCHED_MAX_N, &o->n_outputs);
+            break;
+        case O_TEMP:
+            rc = srv_parse_f32(C, "--temperature", optarg, 0.0f, 2.0f, &o->temperature);
+            break;
+        case O_TOPP:
+            rc = srv_parse_f32(C, "--top-p", optarg, 0.0f, 1.0f, &o->top_p);
+            if (rc == 0 && o->top_p == 0.0f) {
+                fprintf(stderr, "kvserve bench: --top-p must be in (0, 1]\n");
+                rc = KVS_EINVAL;
+            }
             break;
         case SRV_O_GREGEX:
         case SRV_O_GJSON:
@@ -677,7 +694,11 @@ req_launch(bench_t *b, uint32_t k)
     req.prompt_case = KVSERVE__V1__GENERATE_REQUEST__PROMPT_TOKENS;
     req.tokens = &ids;
     sp.has_temperature = 1;
-    sp.temperature = 0.0f;
+    sp.temperature = o->temperature;
+    sp.has_top_p = o->top_p < 1.0f;
+    sp.top_p = o->top_p;
+    sp.has_seed = o->temperature > 0.0f;
+    sp.seed = kvs_mix64(o->seed ^ kvs_mix64(0x73616d706c65ull + k));
     sp.has_max_tokens = 1;
     sp.max_tokens = r->out_len;
     sp.has_ignore_eos = sp.ignore_eos = 1;

@@ -25,8 +25,9 @@ typedef struct bench_opts {
     /* --multi-turn T: conversations of T requests, each turn's prompt is
      * the previous prompt, its answer and --question-len new tokens. */
     uint32_t turns, question_len;
-    uint32_t n_outputs; /* --n: outputs per request (sampling.n) */
-    float duration_s;   /* --duration: no new request after this; 0: none */
+    uint32_t n_outputs;       /* --n: outputs per request (sampling.n) */
+    float temperature, top_p; /* --temperature (0: greedy), --top-p (1: off) */
+    float duration_s;         /* --duration: no new request after this; 0: none */
     float cancel_frac, deadline_frac;
     uint32_t cancel_ms, deadline_ms;
     /* Per-request long-context policy; has_* says which groups were given. */

@@ -249,12 +249,12 @@ write_json(const bench_t *b, const summary_t *s)
             "\"shared_prefix\": %g, \"seed\": %llu, \"timeout_ms\": %u, \"turns\": %u, "
             "\"question_len\": %u, \"duration_s\": %g, \"cancel_fraction\": %g, "
             "\"cancel_after_ms\": %u, \"deadline_fraction\": %g, \"deadline_ms\": %u, "
-            "\"n\": %u, ",
+            "\"n\": %u, \"temperature\": %g, \"top_p\": %g, ",
             o->n_req, o->open_loop ? "open" : "closed", o->open_loop ? 0 : o->conc,
             o->open_loop ? o->rate : 0.0, o->open_loop ? o->burst : 0.0, o->in_len, o->in_range,
             o->out_len, o->out_range, o->prefix, (unsigned long long)o->seed, o->conn.timeout_ms,
             o->turns, o->turns > 1 ? o->question_len : 0, o->duration_s, o->cancel_frac,
-            o->cancel_ms, o->deadline_frac, o->deadline_ms, o->n_outputs);
+            o->cancel_ms, o->deadline_frac, o->deadline_ms, o->n_outputs, o->temperature, o->top_p);
     json_policy(f, o);
     fprintf(f,
             "},\n\"summary\": {\"started\": %u, \"completed\": %u, \"cancelled\": %u, "

@@ -139,6 +139,10 @@ expect 2 "bench --n with --multi-turn" "$K" bench --addr 127.0.0.1:1 --n 2 --mul
 contains "exclude each other"
 expect 2 "bench --n 65" "$K" bench --addr 127.0.0.1:1 --n 65
 contains "outside"
+expect 2 "bench --temperature 3" "$K" bench --addr 127.0.0.1:1 --temperature 3
+contains "temperature"
+expect 2 "bench --top-p 0" "$K" bench --addr 127.0.0.1:1 --top-p 0
+contains "top-p must be in (0, 1]"
 expect 2 "run logit bias 101" "$K" run $M --prompt a --logit-bias 3:101
 contains "logit-bias"
 expect 2 "run logit bias without a bias" "$K" run $M --prompt a --logit-bias 3

@@ -2190,12 +2190,19 @@ def check_spec_decode(kvserve, model, work, draft=None, rejection=False):
                     "a seeded top-p draw == run's without it"),
                o["code"] is None and o["tokens"] == ref_ids,
                "%s; run exit %d" % (describe(o), ref.returncode))
-        rc, out, doc = run_bench_json(kvserve, srv.addr, work, "spec-" + method,
+        # Seeded draws under rejection sampling: the proposals drawn from
+        # the draft's distributions, beside each other and forked samples.
+        draws = ["--temperature", "1", "--top-p", "0.95"] if rejection else []
+        rc, out, doc = run_bench_json(kvserve, srv.addr, work,
+                                      "spec-" + method.replace(", ", "-"),
                                       ["--num-requests", "6", "--concurrency", "3",
-                                       "--input-len", "96", "--output-len", "48", "--n", "2"])
+                                       "--input-len", "96", "--output-len", "48", "--n", "2"]
+                                      + draws)
         sm = doc["summary"] if doc else {}
+        cf = doc["config"] if doc else {}
         report(T + "kvserve bench sums the outputs' proposals and acceptances",
                rc == 0 and sm.get("spec_draft_tokens", 0) > 0
+               and cf.get("temperature") == (1 if rejection else 0)
                and 0 < sm.get("spec_accepted_tokens", 0) <= sm["spec_draft_tokens"]
                and "Speculative tokens accepted:" in out,
                "exit %d, draft %s, accepted %s" % (rc, sm.get("spec_draft_tokens"),
