@@ -21,6 +21,7 @@ ten minutes.  Usage:
   bench/soak.py [--build build] [--model weights/kvserve-main.gguf]
                 [--duration 600] [--concurrency 1000] [--threads N]
                 [--serve-flags '--num-speculative-tokens 4 ...']
+                [--bench-flags '--temperature 1 ...']
 """
 import argparse
 import json
@@ -71,6 +72,8 @@ def main():
     ap.add_argument("--cancel-fraction", type=float, default=0.1)
     ap.add_argument("--deadline-fraction", type=float, default=0.1)
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "out", "soak.json"))
+    ap.add_argument("--bench-flags", default="",
+                    help="extra kvserve bench flags for the soak's requests")
     ap.add_argument("--serve-flags", default="",
                     help="more flags for kvserve serve (one string, split like a shell)")
     a = ap.parse_args()
@@ -126,7 +129,7 @@ def main():
                      "--shared-prefix", "0.25", "--seed", "11",
                      "--cancel-fraction", str(a.cancel_fraction), "--cancel-after-ms", "3000",
                      "--deadline-fraction", str(a.deadline_fraction), "--deadline-ms", "8000",
-                     "--json", bench_json, "--no-progress"]
+                     "--json", bench_json, "--no-progress"] + shlex.split(a.bench_flags)
         result["bench"] = bench_cmd[1:]
         t0 = time.time()
         b = subprocess.Popen(bench_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
