@@ -878,8 +878,9 @@ sd_sync(req_t *r)
  * request's proposal: its guess at the token the request's sampler will
  * draw there (model_sampler_predict: greedy, or the draw with the random
  * number the sampler will use), or (sd_sampled) one drawn by the
- * request's sampler, whose distribution the verification needs.  A failure costs the proposals, not
- * the requests: their draft KV goes (its new entries were never written). */
+ * request's sampler, whose distribution the verification needs.  A
+ * failure costs the proposals, not the requests: their draft KV goes (its
+ * new entries were never written). */
 static int
 sd_forward(sched_t *s, uint32_t n)
 {
@@ -920,7 +921,7 @@ sd_forward(sched_t *s, uint32_t n)
 /* Whether r's proposal this step is drawn from the draft's distributions:
  * it samples, and rows of sd_q are free, *k of them at most (they hold as
  * many proposed tokens as a step can verify; once they are taken,
- * proposals are greedy and checked exactly). */
+ * proposals are predicted draws, checked exactly). */
 static bool
 sd_rejects(sched_t *s, req_t *r, uint32_t *k)
 {
