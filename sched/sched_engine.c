@@ -113,12 +113,10 @@ typedef struct req {
     kv_table_t *sd_table;
     uint32_t sd_base, sd_n;
     int32_t sd_prop[SCHED_MAX_SPEC_TOKENS];
-    /* With spec_rejection, a sampling request's proposal is drawn from the
-     * draft's distributions, kept for the step's verification in sd_q
-     * [sd_n][n_vocab], rows of the engine's sd_q; sd_sampled says this
-     * step's proposal was. */
+    /* With spec_rejection: the draft's distributions this step's proposal
+     * was drawn from, [sd_n][n_vocab], rows of the engine's sd_q, for the
+     * verification (NULL: a proposal checked exactly). */
     float *sd_q;
-    bool sd_sampled;
     sched_usage_t usage;
     uint64_t t_submit, t_first_token;
     model_attn_policy_t attn;
@@ -877,7 +875,7 @@ sd_sync(req_t *r)
  * then each step that wanted logits appends the draft's token to its
  * request's proposal: its guess at the token the request's sampler will
  * draw there (model_sampler_predict: greedy, or the draw with the random
- * number the sampler will use), or (sd_sampled) one drawn by the
+ * number the sampler will use), or (sd_q) one drawn by the
  * request's sampler, whose distribution the verification needs.  A
  * failure costs the proposals, not the requests: their draft KV goes (its
  * new entries were never written). */
@@ -904,7 +902,7 @@ sd_forward(sched_t *s, uint32_t n)
             continue;
         const float *lg = s->d_logits + (size_t)row++ * s->n_vocab;
         uint32_t j = kv_table_len(r->sd_table) - r->sd_base;
-        int32_t tok = r->sd_sampled
+        int32_t tok = r->sd_q
                           ? model_sampler_propose(r->sampler, lg, r->sd_q + (size_t)j * s->n_vocab)
                           : model_sampler_predict(r->sampler, lg, j);
         if (tok < 0) { /* nothing to draw (its allowed ids): the proposal ends */
@@ -918,20 +916,19 @@ sd_forward(sched_t *s, uint32_t n)
     return 0;
 }
 
-/* Whether r's proposal this step is drawn from the draft's distributions:
- * it samples, and rows of sd_q are free, *k of them at most (they hold as
- * many proposed tokens as a step can verify; once they are taken,
- * proposals are predicted draws, checked exactly). */
-static bool
+/* r's proposal this step is drawn from the draft's distributions when it
+ * samples and rows of sd_q are free: r->sd_q gets *k of them at most
+ * (they hold as many proposed tokens as a step can verify; once they are
+ * taken, proposals are predicted draws, checked exactly). */
+static void
 sd_rejects(sched_t *s, req_t *r, uint32_t *k)
 {
     uint32_t left = s->sd_q_rows - s->sd_q_used;
     if (model_sampler_cfg(r->sampler)->temperature == 0.0f || left == 0)
-        return false; /* greedy: the exact check is the same test */
+        return; /* greedy: the exact check is the same test */
     *k = *k < left ? *k : left;
     r->sd_q = s->sd_q + (size_t)s->sd_q_used * s->n_vocab;
     s->sd_q_used += *k;
-    return true;
 }
 
 /* Before planning (prompts false): the draft's proposals for the
@@ -951,7 +948,7 @@ sd_propose(sched_t *s, bool prompts)
     uint32_t n = 0, budget = s->cfg.max_num_batched_tokens, most = 0;
     for (req_t *r = s->running.head; r && !prompts; r = r->next) {
         r->sd_n = 0;
-        r->sd_sampled = false;
+        r->sd_q = NULL;
     }
     if (!prompts)
         s->sd_q_used = 0;
@@ -988,7 +985,8 @@ sd_propose(sched_t *s, bool prompts)
         }
         budget -= chunk;
         r->sd_base = have + chunk;
-        r->sd_sampled = k && s->cfg.spec_rejection && sd_rejects(s, r, &k);
+        if (k && s->cfg.spec_rejection)
+            sd_rejects(s, r, &k);
         r->sd_n = k;
         most = k > most ? k : most;
         s->d_reqs[n] = r;
@@ -1905,7 +1903,7 @@ static void
 spec_draw_later(sched_t *s, req_t *r, const float *rows)
 {
     draw_t *d = &s->draws[s->n_draws++];
-    *d = (draw_t){.r = r, .rows = rows, .n_spec = r->n_spec, .q = r->sd_sampled ? r->sd_q : NULL};
+    *d = (draw_t){.r = r, .rows = rows, .n_spec = r->n_spec, .q = r->sd_q};
     memcpy(d->prop, r->tokens + r->n_tokens, d->n_spec * sizeof *d->prop);
     r->n_computed -= d->n_spec; /* the last token's entry; each accepted proposal adds its own */
     r->usage.spec_draft_tokens += d->n_spec;
@@ -1929,7 +1927,7 @@ req_clone(sched_t *s, const req_t *r, uint32_t index)
     memset(&c->msg, 0, sizeof c->msg);
     c->prev = c->next = NULL;
     c->table = c->d_table = c->sd_table = NULL;
-    c->sd_sampled = false;
+    c->sd_q = NULL;
     c->ban_bits = NULL;
     c->sd_n = 0;
     c->sampler = NULL;
