@@ -20,7 +20,8 @@ static const char bench_usage[] =
     "usage: kvserve bench --addr HOST:PORT [--num-requests N (100)]\n"
     "                     [--concurrency C (closed loop, 8) |\n"
     "                      --request-rate R (open loop, req/s) [--burstiness B (1: Poisson)]]\n"
-    "                     [--input-len L (256)] [--input-len-range F (0)]\n"
+    "                     [--input-len L (256)] [--input-len-range F (0)] |\n"
+    "                      --dataset FILE.jsonl|FILE.json]\n"
     "                     [--output-len O (64)] [--output-len-range F (0)]\n"
     "                     [--shared-prefix RATIO (0..1)] [--seed S] [--timeout-ms T]\n"
     "                     [--multi-turn T [--question-len Q (32)]] [--duration S]\n"
@@ -39,7 +40,12 @@ static const char bench_usage[] =
     "                     [--api-key-file F] [--tls-ca F] [--tls-server-name NAME]\n"
     "                     [--json FILE] [--plot FILE.svg] [--no-progress]\n"
     "Greedy (or seeded draws at --temperature: request k's seed from --seed and k),\n"
-    "ignore_eos, max_tokens = the output length; random prompt token ids.\n"
+    "ignore_eos, max_tokens = the output length; random prompt token ids, or\n"
+    "--dataset: JSON Lines or a JSON list of {\"prompt\": TEXT}, {\"messages\": [{\"role\",\n"
+    "\"content\"}..]} (the model's chat template) or ShareGPT {\"conversations\": [ask,\n"
+    "answer..]} entries, each with an optional \"output_len\" (ShareGPT: the answer's\n"
+    "tokens; --output-len overrides); shuffled by --seed, tokenized by the server,\n"
+    "those longer than max_model_len skipped, requests going round the entries taken.\n"
     "TPOT = (E2E - TTFT) / (tokens - 1).  ITL: a message with n tokens splits the gap\n"
     "since the previous one evenly over them; the first message's tokens count in TTFT.\n"
     "Multi-turn: conversations of T requests; a turn sends the previous prompt, its\n"
@@ -135,6 +141,7 @@ enum {
     O_NOUT,
     O_TEMP,
     O_TOPP,
+    O_DATASET,
     O_HELP,
 };
 
@@ -248,6 +255,7 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
         {"n", 1, 0, O_NOUT},
         {"temperature", 1, 0, O_TEMP},
         {"top-p", 1, 0, O_TOPP},
+        {"dataset", 1, 0, O_DATASET},
         SRV_GUIDED_LONGOPTS,
         {"help", 0, 0, O_HELP},
         SRV_ATTN_LONGOPTS,
@@ -272,7 +280,7 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
     model_spec_policy_t sp = {0};
     srv_kv_opts_t kv = SRV_KV_DEFAULT;
     bool have_conc = false, have_burst = false, have_qlen = false, have_cms = false,
-         have_dms = false;
+         have_dms = false, have_synth = false;
     opterr = 0;
     optind = 1;
     int c, li = -1;
@@ -307,18 +315,22 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
             break;
         case O_IN:
             rc = srv_parse_u32(C, "--input-len", optarg, 1, 1u << 24, &o->in_len);
+            have_synth = true;
             break;
         case O_INRANGE:
             rc = srv_parse_f32(C, "--input-len-range", optarg, 0.0f, 1.0f, &o->in_range);
+            have_synth = true;
             break;
         case O_OUT:
             rc = srv_parse_u32(C, "--output-len", optarg, 1, 1u << 24, &o->out_len);
+            o->has_out_len = true;
             break;
         case O_OUTRANGE:
             rc = srv_parse_f32(C, "--output-len-range", optarg, 0.0f, 1.0f, &o->out_range);
             break;
         case O_PREFIX:
             rc = srv_parse_f32(C, "--shared-prefix", optarg, 0.0f, 1.0f, &o->prefix);
+            have_synth = true;
             break;
         case O_SEED:
             rc = srv_parse_u64(C, "--seed", optarg, &o->seed);
@@ -372,6 +384,9 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
                 rc = KVS_EINVAL;
             }
             break;
+        case O_DATASET:
+            o->dataset = optarg;
+            break;
         case SRV_O_GREGEX:
         case SRV_O_GJSON:
         case SRV_O_GWS:
@@ -415,6 +430,11 @@ bench_parse(int argc, char **argv, bench_opts_t *o)
         why = "--cancel-after-ms needs --cancel-fraction";
     else if (have_dms && o->deadline_frac == 0.0f)
         why = "--deadline-ms needs --deadline-fraction";
+    else if (o->dataset && have_synth)
+        why = "--dataset gives the prompts: --input-len, --input-len-range and --shared-prefix "
+              "describe random ones";
+    else if (o->dataset && o->turns > 1)
+        why = "--dataset and --multi-turn exclude each other";
     else if (o->n_outputs > 1 && o->turns > 1)
         why = "--n and --multi-turn exclude each other (which output would the next turn take?)";
     if (why) {
@@ -451,8 +471,9 @@ bench_workload(bench_t *b)
         return KVS_ENOMEM;
     for (uint32_t k = 0; k < o->n_req; k++) {
         bench_req_t *r = &b->reqs[k];
-        r->n_prompt = k % o->turns == 0 ? draw_len(&s, o->in_len, o->in_range) : 0;
-        r->out_len = draw_len(&s, o->out_len, o->out_range);
+        const bench_entry_t *e = b->n_data ? &b->data[k % b->n_data] : NULL;
+        r->n_prompt = e ? e->n_ids : k % o->turns == 0 ? draw_len(&s, o->in_len, o->in_range) : 0;
+        r->out_len = draw_len(&s, e ? e->out_len : o->out_len, o->out_range);
         double u = rng_unit_open(&s);
         if (u < o->cancel_frac) {
             r->intent = INTENT_CANCEL;
@@ -486,6 +507,13 @@ bench_prompt(bench_t *b, uint32_t k)
     /* k hashed, not k times splitmix64's own increment: that made request
      * k + 1's tokens request k's shifted by one. */
     uint64_t s = kvs_mix64(o->seed ^ kvs_mix64(0x70726f6d7074ull + k));
+    if (b->n_data) {
+        const bench_entry_t *e = &b->data[k % b->n_data];
+        if ((r->prompt = malloc((size_t)e->n_ids * sizeof *r->prompt)) == NULL)
+            return KVS_ENOMEM;
+        memcpy(r->prompt, e->ids, (size_t)e->n_ids * sizeof *r->prompt);
+        return 0;
+    }
     if (k % o->turns == 0) {
         uint32_t n = r->n_prompt, shared = (uint32_t)lround(o->prefix * n);
         uint32_t q = o->turns > 1 ? o->question_len : 0;
@@ -522,10 +550,9 @@ static uint32_t
 bench_vocab(bench_t *b)
 {
     Kvserve__V1__GetModelInfoRequest req = KVSERVE__V1__GET_MODEL_INFO_REQUEST__INIT;
-    Kvserve__V1__ModelInfo *mi = (Kvserve__V1__ModelInfo *)srv_client_unary(
-        b->ch, SRV_M_MODEL_INFO, &b->auth, b->n_auth,
-        b->o.conn.timeout_ms ? b->o.conn.timeout_ms : 10000, &req.base,
-        &kvserve__v1__model_info__descriptor, "kvserve bench: GetModelInfo");
+    Kvserve__V1__ModelInfo *mi = (Kvserve__V1__ModelInfo *)bench_unary(
+        b, SRV_M_MODEL_INFO, &req.base, &kvserve__v1__model_info__descriptor,
+        "kvserve bench: GetModelInfo");
     uint32_t vocab = mi ? mi->n_vocab : 0;
     if (mi && vocab == 0)
         fprintf(stderr, "kvserve bench: GetModelInfo: no vocabulary size in the answer\n");
@@ -955,7 +982,7 @@ srv_cmd_bench(int argc, char **argv)
     b.cq = grpc_completion_queue_create_for_next(NULL);
     b.rm_gen = grpc_channel_register_call(b.ch, SRV_M_GENERATE, NULL, NULL);
 
-    if ((b.vocab = bench_vocab(&b)) != 0) {
+    if ((b.o.dataset == NULL || bench_dataset(&b) == 0) && (b.vocab = bench_vocab(&b)) != 0) {
         if (bench_workload(&b)) {
             fprintf(stderr, "kvserve bench: out of memory\n");
         } else {
@@ -982,6 +1009,7 @@ srv_cmd_bench(int argc, char **argv)
     free(b.ready);
     free(b.heap);
     free(b.bins);
+    bench_dataset_free(&b);
     grpc_channel_destroy(b.ch);
     grpc_completion_queue_shutdown(b.cq);
     grpc_event ev;

@@ -38,6 +38,8 @@ typedef struct bench_opts {
     model_attn_kind_t attn_kind; /* the same kinds, for the report's names */
     sched_kv_kind_t kv_kind;
     srv_guided_opts_t guided; /* structured output on every request */
+    const char *dataset;      /* --dataset FILE: prompts from it (srv_bench_data.c) */
+    bool has_out_len;         /* --output-len given: it overrides the dataset's lengths */
 } bench_opts_t;
 
 enum { K_START, K_STATUS, K_RECV };
@@ -88,6 +90,12 @@ typedef struct bench_cancel {
     uint32_t k;
 } bench_cancel_t;
 
+/* A --dataset entry as the server tokenized it. */
+typedef struct bench_entry {
+    uint32_t *ids;
+    uint32_t n_ids, out_len;
+} bench_entry_t;
+
 typedef struct bench {
     bench_opts_t o;
     grpc_channel *ch;
@@ -111,6 +119,10 @@ typedef struct bench {
     uint32_t cap_held; /* 1 + the conversation last counted in cap_hits */
     bool stopped;      /* --duration reached: nothing new starts */
     double last_progress;
+    /* --dataset: the entries taken (request k runs data[k % n_data]) and
+     * what became of the file's others. */
+    bench_entry_t *data;
+    uint32_t n_data, data_total, data_too_long, data_empty, data_unanswered;
 } bench_t;
 
 /* The intended ending of r's intent, or OK. */
@@ -120,6 +132,23 @@ bench_intended(const bench_req_t *r)
     return (r->intent == INTENT_CANCEL && r->status == GRPC_STATUS_CANCELLED) ||
            (r->intent == INTENT_DEADLINE && r->status == GRPC_STATUS_DEADLINE_EXCEEDED);
 }
+
+/* One unary call of the run's channel and credentials (--timeout-ms, else
+ * 10 s): the answer, or NULL after saying why (srv_client_unary). */
+static inline ProtobufCMessage *
+bench_unary(const bench_t *b, const char *method, const ProtobufCMessage *req,
+            const ProtobufCMessageDescriptor *resp, const char *who)
+{
+    return srv_client_unary(b->ch, method, &b->auth, b->n_auth,
+                            b->o.conn.timeout_ms ? b->o.conn.timeout_ms : 10000, req, resp, who);
+}
+
+/* srv_bench_data.c: reads o.dataset, checks every entry and has the
+ * server tokenize them in an order shuffled by o.seed until o.n_req fit
+ * its max_model_len.  0, or KVS_EINVAL / KVS_EIO / KVS_ENOMEM after saying
+ * why (a message naming the line and field of a bad entry). */
+int bench_dataset(bench_t *b);
+void bench_dataset_free(bench_t *b);
 
 /* srv_bench_report.c: prints the table, writes --json and --plot; returns
  * 0, or KVS_ENOMEM / KVS_EIO after saying why.  *unintended gets the

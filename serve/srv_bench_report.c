@@ -136,6 +136,8 @@ print_summary(const bench_t *b, const summary_t *s)
         printf("%-32s %.3g req/s, burstiness %g\n", "Mode:", o->rate, o->burst);
     else
         printf("%-32s closed loop, concurrency %u\n", "Mode:", o->conc);
+    if (o->dataset)
+        printf("%-32s %s (%u of %u entries)\n", "Dataset:", o->dataset, b->n_data, b->data_total);
     if (o->turns > 1)
         printf("%-32s %u conversations of %u turns, %u new tokens a turn\n",
                "Multi-turn:", b->n_conv, o->turns, o->question_len);
@@ -255,6 +257,14 @@ write_json(const bench_t *b, const summary_t *s)
             o->out_len, o->out_range, o->prefix, (unsigned long long)o->seed, o->conn.timeout_ms,
             o->turns, o->turns > 1 ? o->question_len : 0, o->duration_s, o->cancel_frac,
             o->cancel_ms, o->deadline_frac, o->deadline_ms, o->n_outputs, o->temperature, o->top_p);
+    if (o->dataset) {
+        fprintf(f, "\"dataset\": ");
+        srv_json_str(f, o->dataset, strlen(o->dataset));
+        fprintf(f,
+                ", \"dataset_entries\": %u, \"dataset_taken\": %u, \"dataset_too_long\": %u, "
+                "\"dataset_empty\": %u, \"dataset_unanswered\": %u, ",
+                b->data_total, b->n_data, b->data_too_long, b->data_empty, b->data_unanswered);
+    }
     json_policy(f, o);
     fprintf(f,
             "},\n\"summary\": {\"started\": %u, \"completed\": %u, \"cancelled\": %u, "

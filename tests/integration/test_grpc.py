@@ -1454,6 +1454,86 @@ def check_bench_modes(kvserve, addr, work):
         rc, rc2, (doc2["requests"][0]["message"] if doc2 else out2[-200:]), out[-200:]))
 
 
+def check_bench_dataset(api, kvserve, addr, work):
+    """`kvserve bench --dataset`: text prompts tokenized by the server, each
+    entry's output length, entries past max_model_len skipped, ShareGPT
+    answers' lengths, a bad entry refused naming its line and field."""
+    prompts = ["The grass is green. ", "The sky is blue. The sun is yellow. " * 3,
+               "Here we go. Off we go again. " * 9]
+    n_ids = [len(api.tokenize(pb.TokenizeRequest(text=t), timeout=5).ids) for t in prompts]
+    path = os.path.join(work, "dataset-text.jsonl")
+    with open(path, "w") as f:
+        for i, t in enumerate(prompts):
+            f.write(json.dumps({"prompt": t, "output_len": 5 + i}) + "\n")
+        f.write("\n")
+        f.write(json.dumps({"prompt": "x" * 5000}) + "\n")  # past max_model_len 2048
+    runs = [run_bench_json(kvserve, addr, work, "data%d" % k, [
+        "--dataset", path, "--num-requests", "6", "--concurrency", "2", "--seed", "4"])
+        for k in range(2)]
+    rc, out, doc = runs[0]
+    bad = [] if doc else ["no JSON (exit %d): %s" % (rc, out[-300:])]
+    if doc:
+        c, want = doc["config"], {n: 5 + i for i, n in enumerate(n_ids)}
+        if rc != 0 or doc["summary"]["completed"] != 6 or "Dataset:" not in out:
+            bad.append("exit %d, summary %s" % (rc, doc["summary"]))
+        if (c.get("dataset"), c.get("dataset_entries"), c.get("dataset_taken"),
+                c.get("dataset_too_long")) != (path, 4, 3, 1):
+            bad.append("config %s" % {k: v for k, v in c.items() if k.startswith("dataset")})
+        seen = [r["prompt_tokens"] for r in doc["requests"]]
+        if sorted(seen) != sorted(n_ids * 2) or seen[:3] != seen[3:]:
+            bad.append("prompt tokens %s, entries %s (each twice, in one order)" % (seen, n_ids))
+        bad += ["request %d: %d prompt tokens, %d output tokens" % (
+            r["index"], r["prompt_tokens"], r["output_tokens"]) for r in doc["requests"]
+            if want.get(r["prompt_tokens"]) != r["output_tokens"] or r["status_name"] != "OK"]
+        again = runs[1][2]
+        if not again or [r["prompt_tokens"] for r in again["requests"]] != seen:
+            bad.append("the same seed took another order")
+    report("10 bench --dataset: JSON Lines prompts, output_len, a too-long entry skipped",
+           not bad, "; ".join(bad[:3]) or "prompts of %s tokens" % n_ids)
+
+    # ShareGPT: the first turn asks, the second's tokens are the output
+    # length; a conversation without an answer is skipped; --output-len
+    # overrides.
+    answers = ["Green. " * 3, "Blue, of course. " * 2]
+    a_ids = [len(api.tokenize(pb.TokenizeRequest(text=t, add_bos=False), timeout=5).ids)
+             for t in answers]
+    path = os.path.join(work, "dataset-sharegpt.json")
+    with open(path, "w") as f:
+        json.dump([{"id": "a", "conversations": [{"from": "human", "value": prompts[0]},
+                                                 {"from": "gpt", "value": answers[0]}]},
+                   {"id": "b", "conversations": [{"from": "human", "value": "Unanswered."}]},
+                   {"id": "c", "conversations": [{"from": "human", "value": prompts[1]},
+                                                 {"from": "gpt", "value": answers[1]},
+                                                 {"from": "human", "value": "More?"}]}], f)
+    rc, out, doc = run_bench_json(kvserve, addr, work, "sharegpt", [
+        "--dataset", path, "--num-requests", "4", "--concurrency", "4"])
+    rc2, out2, doc2 = run_bench_json(kvserve, addr, work, "sharegpt-len", [
+        "--dataset", path, "--num-requests", "2", "--output-len", "3"])
+    want = {n_ids[0]: a_ids[0], n_ids[1]: a_ids[1]}
+    ok = (rc == 0 and doc and doc["config"]["dataset_unanswered"] == 1
+          and doc["config"]["dataset_taken"] == 2 and len(doc["requests"]) == 4
+          and all(want.get(r["prompt_tokens"]) == r["output_tokens"] for r in doc["requests"])
+          and rc2 == 0 and doc2 and all(r["output_tokens"] == 3 for r in doc2["requests"]))
+    report("10 bench --dataset: ShareGPT answers' lengths, unanswered skipped, --output-len "
+           "overrides", ok, "exit %d/%d: %s | %s" % (
+               rc, rc2, [(r["prompt_tokens"], r["output_tokens"]) for r in doc["requests"]]
+               if doc else out[-300:], out2[-200:]))
+
+    path = os.path.join(work, "dataset-bad.jsonl")
+    with open(path, "w") as f:
+        f.write('{"prompt": "fine"}\n{"prompt": 3}\n')
+    r = subprocess.run([kvserve, "bench", "--addr", addr, "--dataset", path],
+                       capture_output=True, text=True, timeout=30)
+    r2 = subprocess.run([kvserve, "bench", "--addr", addr, "--dataset", path,
+                         "--input-len", "8"], capture_output=True, text=True, timeout=30)
+    report("10 bench --dataset: a bad entry is refused naming its line and field; "
+           "--input-len beside it exits 2",
+           r.returncode == 1 and "line 2" in r.stderr and '"prompt"' in r.stderr
+           and r2.returncode == 2 and "--input-len" in r2.stderr,
+           "exit %d/%d: %s | %s" % (r.returncode, r2.returncode, r.stderr.strip()[:160],
+                                    r2.stderr.strip()[:120]))
+
+
 def check_cancel_deadline(api):
     # Client cancel after 2 messages.
     ok, detail = True, ""
@@ -2125,6 +2205,18 @@ def check_chat_template(kvserve, model, work):
         report("8 chat: a system message after the first -> INVALID_ARGUMENT naming it",
                o["code"] == grpc.StatusCode.INVALID_ARGUMENT
                and "messages[1].role" in o["details"], describe(o))
+        path = os.path.join(work, "dataset-chat.jsonl")
+        with open(path, "w") as f:
+            f.write(json.dumps({"messages": [{"role": m[0], "content": m[1]} for m in msgs],
+                                "output_len": 6}) + "\n")
+        rc, out, doc = run_bench_json(kvserve, srv.addr, work, "chat", [
+            "--dataset", path, "--num-requests", "2"])
+        report("8 chat: bench --dataset renders \"messages\" entries with the template",
+               rc == 0 and doc is not None and all(
+                   r["prompt_tokens"] == len(text.encode()) and r["output_tokens"] == 6
+                   for r in doc["requests"]) and len(doc["requests"]) == 2,
+               "exit %d: %s" % (rc, [(r["prompt_tokens"], r["output_tokens"])
+                                     for r in doc["requests"]] if doc else out[-300:]))
         ok, last = wait_idle(api)
         report("8 chat: every KV block free afterwards", ok, str(last))
     finally:
@@ -2430,6 +2522,7 @@ def main():
                 check_tokenize(api, refs["text"])
             check_concurrent(api)
             check_bench(kvserve, srv.addr, work)
+            check_bench_dataset(api, kvserve, srv.addr, work)
             check_cancel_deadline(api)
             check_abort(api)
             check_stop_after_silent_token(api)
