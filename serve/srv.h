@@ -33,6 +33,12 @@ int srv_parse_u32(const char *cmd, const char *flag, const char *s, uint32_t lo,
                   uint32_t *out);
 int srv_parse_u64(const char *cmd, const char *flag, const char *s, uint64_t *out);
 int srv_parse_f32(const char *cmd, const char *flag, const char *s, float lo, float hi, float *out);
+/* A memory size: bytes, or a number (a decimal fraction allowed) with a
+ * unit as Kubernetes writes them, K/M/G/T powers of 1000 and Ki/Mi/Gi/Ti
+ * powers of 1024, a trailing "B" allowed ("4GiB", "512Mi", "1.5G", "64MB").
+ * Rounded down to a byte; KVS_EINVAL after a message otherwise (above
+ * 2^63, a unit it does not know). */
+int srv_parse_bytes(const char *cmd, const char *flag, const char *s, uint64_t *out);
 /* "1,2,3": 1 to max numbers, each in [lo, hi], into out[*n]; KVS_EINVAL
  * (after srv_parse_u32's message for a bad number) otherwise. */
 int srv_parse_u32_list(const char *cmd, const char *flag, const char *s, uint32_t lo, uint32_t hi,
@@ -45,14 +51,14 @@ int srv_parse_u32_list(const char *cmd, const char *flag, const char *s, uint32_
  *   kinds keep full blocks in that codec, the growing tail in f16)
  *   --kv-sink-tokens N  (leading tokens kept exact; default 4)
  *   --kv-residual-tokens N  (recent tokens kept exact; default 0)
- *   --host-kv-memory BYTES  (host tier for preempted and evicted KV)
+ *   --host-kv-memory SIZE  (host tier for preempted and evicted KV)
  * Used like the attention flags below. */
 typedef struct srv_kv_opts {
     kern_dtype_t dtype; /* of full-precision blocks */
     kern_kvq_t quant;
     uint32_t sink_tokens;
     uint32_t residual_tokens; /* --kv-residual-tokens N: KIVI's window kept exact */
-    uint64_t host_bytes;      /* --host-kv-memory BYTES: the host tier */
+    uint64_t host_bytes;      /* --host-kv-memory: the host tier, bytes */
     /* The KV policy of requests that name none:
      *   --kv-policy full|sink-eviction|snapkv|h2o  --kv-budget N
      *   --kv-evict-sinks N (default 4)  --snapkv-window N (default 32)

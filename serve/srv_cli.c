@@ -31,6 +31,67 @@ bad:
 }
 
 int
+srv_parse_bytes(const char *cmd, const char *flag, const char *s, uint64_t *out)
+{
+    static const struct {
+        const char *name;
+        uint64_t scale;
+    } units[] = {
+        {"", 1},
+        {"B", 1},
+        {"K", 1000},
+        {"k", 1000},
+        {"KB", 1000},
+        {"kB", 1000},
+        {"M", 1000000},
+        {"MB", 1000000},
+        {"G", 1000000000},
+        {"GB", 1000000000},
+        {"T", 1000000000000},
+        {"TB", 1000000000000},
+        {"Ki", 1ull << 10},
+        {"KiB", 1ull << 10},
+        {"Mi", 1ull << 20},
+        {"MiB", 1ull << 20},
+        {"Gi", 1ull << 30},
+        {"GiB", 1ull << 30},
+        {"Ti", 1ull << 40},
+        {"TiB", 1ull << 40},
+    };
+    const char *p = s ? s : "";
+    size_t digits = strspn(p, "0123456789"), n = digits;
+    if (p[n] == '.')
+        n += 1 + strspn(p + n + 1, "0123456789");
+    char num[32];
+    if (digits == 0 || n == digits + 1 || n >= sizeof num) /* "", "1.", too long */
+        goto bad;
+    memcpy(num, p, n);
+    num[n] = '\0';
+    for (size_t i = 0; i < sizeof units / sizeof units[0]; i++) {
+        if (strcmp(p + n, units[i].name) != 0)
+            continue;
+        uint64_t sc = units[i].scale;
+        /* Whole numbers exactly; a fraction through a double, which is
+         * exact to far below a byte at any size that fits. */
+        errno = 0;
+        unsigned long long v = n == digits ? strtoull(num, NULL, 10) : 0;
+        double f = n == digits ? (double)v * (double)sc : strtod(num, NULL) * (double)sc;
+        if (errno || f >= 9223372036854775808.0) {
+            fprintf(stderr, "kvserve %s: %s: '%s' is more than 2^63 bytes\n", cmd, flag, p);
+            return KVS_EINVAL;
+        }
+        *out = n == digits ? (uint64_t)v * sc : (uint64_t)f;
+        return 0;
+    }
+bad:
+    fprintf(stderr,
+            "kvserve %s: %s: expected a size in bytes, or with a unit (K, M, G, T; Ki, Mi, Gi, "
+            "Ti; a B after any), got '%s'\n",
+            cmd, flag, p);
+    return KVS_EINVAL;
+}
+
+int
 srv_parse_u32(const char *cmd, const char *flag, const char *s, uint32_t lo, uint32_t hi,
               uint32_t *out)
 {
@@ -127,7 +188,7 @@ srv_kv_opt(const char *cmd, int opt, const char *arg, srv_kv_opts_t *o)
     case SRV_O_KVRESID:
         return srv_parse_u32(cmd, "--kv-residual-tokens", arg, 0, 1u << 20, &o->residual_tokens);
     case SRV_O_HOSTMEM:
-        return srv_parse_u64(cmd, "--host-kv-memory", arg, &o->host_bytes);
+        return srv_parse_bytes(cmd, "--host-kv-memory", arg, &o->host_bytes);
     default:
         return 1;
     }

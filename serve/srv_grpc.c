@@ -1563,8 +1563,9 @@ static const char usage[] =
     "                     [--kv-cache-dtype f16|f32|bf16|q8_0|fp8|q4] [--kv-sink-tokens N]\n"
     "                     [--kv-policy full|sink-eviction|snapkv|h2o] [--kv-budget N]\n"
     "                     [--kv-evict-sinks N] [--snapkv-window N] [--h2o-recent N]\n"
-    "                     [--kv-residual-tokens N] [--host-kv-memory BYTES]\n"
-    "                     [--kv-cache-memory BYTES | --num-kv-blocks N]\n"
+    "                     [--kv-residual-tokens N] [--host-kv-memory SIZE]\n"
+    "                     [--kv-cache-memory SIZE | --num-kv-blocks N]\n"
+    "                     (SIZE: bytes, or with K, M, G, T, Ki, Mi, Gi, Ti: 4GiB, 1.5G)\n"
     "                     [--max-num-seqs N] [--max-num-batched-tokens N] [--max-queued-requests "
     "N]\n"
     "                     [--enable-prefix-caching | --no-enable-prefix-caching] [--cuda-graphs]\n"
@@ -1691,7 +1692,7 @@ parse_opts(int argc, char **argv, srv_opts_t *o)
             rc = srv_parse_block_size(C, optarg, &o->block_size);
             break;
         case O_KVMEM:
-            rc = srv_parse_u64(C, "--kv-cache-memory", optarg, &o->kv_memory);
+            rc = srv_parse_bytes(C, "--kv-cache-memory", optarg, &o->kv_memory);
             break;
         case O_NBLOCKS:
             rc = srv_parse_u32(C, "--num-kv-blocks", optarg, 1, 1u << 30, &o->num_blocks);

@@ -302,6 +302,23 @@ contains "neither a template name (llama3, llama3.1, llama2, mistral, chatml) no
 echo '{{ messages | tojson }}' >"$W/other.jinja"
 expect 2 "serve a chat template kvserve cannot render" "$K" serve --chat-template "$W/other.jinja" --port 0
 contains "not a template kvserve can render"
+# Memory sizes take units: the same bytes give the same pool either way.
+blocks() {
+    "$K" serve $M --port 0 "$@" >"$W/s.out" 2>"$W/s.err" &
+    sp=$!
+    i=0
+    while [ $i -lt 100 ] && ! grep -q "KV blocks" "$W/s.err"; do sleep 0.1; i=$((i + 1)); done
+    kill "$sp" 2>/dev/null; wait "$sp" 2>/dev/null
+    grep -o "[0-9]* KV blocks" "$W/s.err" | head -1
+}
+b1=$(blocks --kv-cache-memory 2097152 --host-kv-memory 1048576)
+b2=$(blocks --kv-cache-memory 2Mi --host-kv-memory 1MiB)
+b3=$(blocks --kv-cache-memory 2.097152M --host-kv-memory 1Mi)
+if [ -n "$b1" ] && [ "$b1" = "$b2" ] && [ "$b1" = "$b3" ]; then ok; else bad "sizes with units: '$b1' '$b2' '$b3'"; fi
+expect 2 "serve kv cache memory with an unknown unit" "$K" serve $M --port 0 --kv-cache-memory 2Xi
+contains "expected a size in bytes, or with a unit"
+expect 2 "run host kv memory past 2^63" "$K" run $M --prompt a --host-kv-memory 10000000T
+contains "more than 2^63 bytes"
 expect 1 "run missing model" "$K" run --model "$W/none.gguf" --prompt a
 contains "cannot load model"
 
