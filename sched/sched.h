@@ -122,8 +122,13 @@ typedef struct sched_logprobs {
     float top_lps[SCHED_MAX_LOGPROBS];
 } sched_logprobs_t;
 
+enum { SCHED_NAME_MAX = 64 };
+
 typedef struct sched_request {
     uint64_t id; /* caller's; unique among live requests */
+    /* What the engine's log lines call it (the API's request_id), copied
+     * up to SCHED_NAME_MAX - 1 bytes; NULL or "": the id in decimal. */
+    const char *name;
     const int32_t *prompt;
     uint32_t n_prompt;
     uint32_t max_tokens;

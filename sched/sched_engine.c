@@ -77,6 +77,7 @@ typedef enum req_state { REQ_WAITING, REQ_RUNNING } req_state_t;
 typedef struct req {
     msg_t msg; /* first: the inbox node */
     uint64_t id, seq, extra;
+    char name[SCHED_NAME_MAX]; /* sched_request_t.name, or the id: for log lines */
     int32_t priority;
     int32_t *tokens;
     uint32_t n_tokens, cap, n_prompt, n_computed, max_tokens;
@@ -539,12 +540,12 @@ preempt(sched_t *s, req_t *r)
     if (rc == 0) {
         r->swapped = true;
         atomic_fetch_add(&s->load_swap_out, 1);
-        KVS_INFOF("sched: request %llu preempted, %u KV entries swapped to host memory",
-                  (unsigned long long)r->id, kv_table_len(r->table));
+        KVS_INFOF("sched: request %s preempted, %u KV entries swapped to host memory", r->name,
+                  kv_table_len(r->table));
     } else {
         if (s->host && r->table)
-            KVS_INFOF("sched: request %llu preempted, KV to recompute (host tier: %s)",
-                      (unsigned long long)r->id, kvs_strerror(rc));
+            KVS_INFOF("sched: request %s preempted, KV to recompute (host tier: %s)", r->name,
+                      kvs_strerror(rc));
         drop_kv(r);
     }
     r->usage.preemptions++;
@@ -1535,8 +1536,7 @@ snap_compress(sched_t *s, req_t *r)
             s, r, s->cfg.kv_residual_tokens); /* the compacted copy is written in full precision */
     }
     if (rc == KVS_EAGAIN) {
-        KVS_INFOF("sched: request %llu: no room to compact its KV (SnapKV), kept whole",
-                  (unsigned long long)r->id);
+        KVS_INFOF("sched: request %s: no room to compact its KV (SnapKV), kept whole", r->name);
         return true;
     }
     KVS_ERRORF("sched: SnapKV compression of request %llu failed: %s", (unsigned long long)r->id,
@@ -2281,6 +2281,10 @@ sched_submit(sched_t *s, const sched_request_t *q)
         return KVS_ENOMEM;
     }
     memcpy(r->tokens, q->prompt, q->n_prompt * sizeof *r->tokens);
+    if (q->name && q->name[0])
+        snprintf(r->name, sizeof r->name, "%s", q->name);
+    else
+        snprintf(r->name, sizeof r->name, "%llu", (unsigned long long)q->id);
     /* Forced output waits where it will stand; nothing reads past
      * n_tokens. */
     if (q->n_forced > 0)

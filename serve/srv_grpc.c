@@ -897,6 +897,7 @@ gen_parsed(call_t *c)
         slot++;
     uint64_t id = ((uint64_t)++S.slot_gen[slot] << 32) | slot;
     c->g.sr.id = id;
+    c->g.sr.name = c->rid;
     int e = sched_submit(S.sched, &c->g.sr);
     if (e) {
         if (e == KVS_ENOTSUP) /* speculative prefill without --draft-model */

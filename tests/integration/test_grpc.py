@@ -2331,6 +2331,30 @@ def check_defaults(kvserve, model, work):
         srv.kill()
 
 
+def check_preempt_log(kvserve, model, work):
+    """A pool too small for the load preempts to the host tier (sizes given
+    with units); the server's log names the preempted requests by their
+    request_id, and every request still completes."""
+    flags = ENGINE_FLAGS + ["--num-kv-blocks", "40", "--max-num-seqs", "8",
+                            "--host-kv-memory", "1Mi"]
+    srv = start_server(kvserve, model, work, "server-preempt", flags=flags)
+    try:
+        rc, out, doc = run_bench_json(kvserve, srv.addr, work, "preempt", [
+            "--num-requests", "6", "--concurrency", "6", "--input-len", "64",
+            "--output-len", "128"])
+        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.wait(timeout=60)
+        with open(srv.log_path, errors="replace") as f:
+            log = f.read()
+        named = re.findall(r"sched: request (\S+) preempted, \d+ KV entries swapped", log)
+        ok = (rc == 0 and doc is not None and doc["summary"]["completed"] == 6 and named
+              and all(re.fullmatch(r"req-\d+", n) for n in named))
+        report("6 preemption to the host tier: the log names requests by request_id", ok,
+               "exit %d, %s preempted: %s" % (rc, len(named), named[:4] or out[-300:]))
+    finally:
+        srv.kill()
+
+
 def check_queue_full(kvserve, model, work):
     """--max-num-seqs 1 --max-queued-requests 1: one running, one queued, the
     third gets RESOURCE_EXHAUSTED."""
@@ -2536,6 +2560,7 @@ def main():
                 print("server-main stderr (tail):\n" + srv.log_tail(25))
         check_defaults(kvserve, model, work)
         check_queue_full(kvserve, model, work)
+        check_preempt_log(kvserve, model, work)
         check_auth(kvserve, model, work)
         check_chat_template(kvserve, model, work)
         check_spec_decode(kvserve, model, work)
