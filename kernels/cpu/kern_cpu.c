@@ -660,14 +660,119 @@ typedef struct bounds_ctx {
     float *out;
 } bounds_ctx_t;
 
+#ifdef CPU_HAVE_X86
+/* One full-precision f16 block's key maxima and minima straight from its
+ * rows, eight lanes at a time: Quest at decode bounds every block of the
+ * context each step, where a copy of each block in f32 first cost more
+ * than dense attention.  Operands as kern__host_block_bounds_part compares
+ * them (a NaN key leaves the running value). */
+__attribute__((target("avx2,f16c"))) static void
+bounds_f16_avx2(const uint16_t *k, uint32_t bt, uint32_t d, float *mx, float *mn)
+{
+    uint32_t e = 0;
+    for (; e + 8 <= d; e += 8) {
+        __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + e))), lo = hi;
+        for (uint32_t t = 1; t < bt; t++) {
+            __m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + (size_t)t * d + e)));
+            hi = _mm256_max_ps(x, hi);
+            lo = _mm256_min_ps(x, lo);
+        }
+        _mm256_storeu_ps(mx + e, hi);
+        _mm256_storeu_ps(mn + e, lo);
+    }
+    for (; e < d; e++) {
+        float a = kvs_fp16_to_f32(k[e]), b = a;
+        for (uint32_t t = 1; t < bt; t++) {
+            float x = kvs_fp16_to_f32(k[(size_t)t * d + e]);
+            a = x > a ? x : a;
+            b = x < b ? x : b;
+        }
+        mx[e] = a;
+        mn[e] = b;
+    }
+}
+#endif
+
 static void
 bounds_task(void *ctx, int task, int thread)
 {
     const bounds_ctx_t *c = ctx;
+    const kern_kv_t *kv = c->kv;
     uint32_t g = (uint32_t)task / c->n_chunks, i0 = (uint32_t)task % c->n_chunks * BOUNDS_CHUNK;
     uint32_t i1 = i0 + BOUNDS_CHUNK < c->n ? i0 + BOUNDS_CHUNK : c->n;
-    kern__host_block_bounds_part(c->kv, c->layer, c->blocks, c->n, g, i0, i1, c->out,
+#ifdef CPU_HAVE_X86
+    if (c->be->isa >= CPU_ISA_AVX2 && kv->dtype == KERN_F16) {
+        const uint32_t d = kv->head_dim;
+        for (uint32_t i = i0; i < i1; i++) {
+            uint32_t b = (uint32_t)c->blocks[i];
+            float *mx = c->out + ((size_t)g * c->n + i) * 2 * d;
+            if (kern__kv_cold(kv, b)) /* quantized: decoded to f32 first */
+                kern__host_block_bounds_part(kv, c->layer, c->blocks, c->n, g, i, i + 1, c->out,
+                                             c->be->scratch[thread].p);
+            else
+                bounds_f16_avx2((const uint16_t *)((const uint8_t *)kv->k +
+                                                   kern__kv_offset(kv, c->layer, b, g, 0)),
+                                kv->block_tokens, d, mx, mx + d);
+        }
+        return;
+    }
+#endif
+    kern__host_block_bounds_part(kv, c->layer, c->blocks, c->n, g, i0, i1, c->out,
                                  c->be->scratch[thread].p);
+}
+
+#ifdef CPU_HAVE_X86
+/* sum_e max(q_e mx_e, q_e mn_e) for one query head against one block's
+ * bounds, the same products as the GEMM's split (max(q, 0) mx + min(q, 0)
+ * mn, term by term), summed in eight lanes. */
+__attribute__((target("avx2,fma"))) static float
+bound_avx2(const float *q, const float *mx, uint32_t d)
+{
+    const float *mn = mx + d;
+    __m256 acc = _mm256_setzero_ps();
+    uint32_t e = 0;
+    for (; e + 8 <= d; e += 8) {
+        __m256 x = _mm256_loadu_ps(q + e);
+        acc = _mm256_add_ps(acc, _mm256_max_ps(_mm256_mul_ps(x, _mm256_loadu_ps(mx + e)),
+                                               _mm256_mul_ps(x, _mm256_loadu_ps(mn + e))));
+    }
+    float s = (float)cpu_hsum_avx2(acc);
+    for (; e < d; e++) {
+        float u = q[e] * mx[e], w = q[e] * mn[e];
+        s += u > w ? u : w;
+    }
+    return s;
+}
+#endif
+
+/* Quest's scores.  A decode row (a few query heads against every block of
+ * the context) is a product too thin for a GEMM to pay: its packing of the
+ * bounds cost more than the sums; those go block by block. */
+static int
+cpu_block_scores(kern_backend_t *base, const kern_block_score_args_t *a)
+{
+#ifdef CPU_HAVE_X86
+    const kern_cpu_t *be = (const kern_cpu_t *)base;
+    const uint32_t G = a->n_heads / a->n_kv_heads, qg = a->q_group ? a->q_group : 1;
+    if (be->isa >= CPU_ISA_AVX2 && a->n_q * G <= 8) {
+        const uint32_t d = a->head_dim, nb = a->n_blocks;
+        const size_t n = (size_t)((a->n_q + qg - 1) / qg) * nb;
+        for (size_t k = 0; k < n; k++)
+            a->score[k] = -INFINITY;
+        for (uint32_t i = 0; i < a->n_q; i++)
+            for (uint32_t h = 0; h < a->n_heads; h++) {
+                const float *q = a->q + ((size_t)i * a->n_heads + h) * d;
+                const float *bd = a->bounds + (size_t)(h / G) * nb * 2 * d;
+                float *sc = a->score + (size_t)(i / qg) * nb;
+                for (uint32_t b = 0; b < nb; b++) {
+                    float v = bound_avx2(q, bd + (size_t)b * 2 * d, d);
+                    sc[b] = v > sc[b] ? v : sc[b];
+                }
+            }
+        return 0;
+    }
+#endif
+    return kern__host_block_scores_gemm(base, a);
 }
 
 static int
@@ -798,6 +903,6 @@ static const kern_ops_t cpu_ops = {
     .kv_seal = cpu_kv_seal,                /* per layer, through kern_kvq_encode */
     .kv_gather = cpu_kv_gather,            /* per layer, rows memcpy'd or decoded */
     .block_bounds = cpu_block_bounds,      /* parallel over (KV head, 64 blocks) */
-    .block_scores = kern__host_block_scores_gemm, /* cpu_matmul per KV head */
-    .attn_mass = cpu_attn_mass,                   /* KV heads in parallel (SUM) */
+    .block_scores = cpu_block_scores,      /* cpu_matmul per KV head, or sums for a row */
+    .attn_mass = cpu_attn_mass,            /* KV heads in parallel (SUM) */
 };
