@@ -7,8 +7,15 @@
  * estimated as 1 - t(sink-window) / t(dense), since a 4+16 window leaves
  * almost no attention work.
  *
+ * --decode D: then, after each length's prompt (prefilled under
+ * sink-window, which is quick and leaves as much KV), the time per token of
+ * D decode steps under dense decoding and under Quest (decode_top_k 8 and
+ * 32 blocks of 16), each from the same prompt KV, as a ratio to dense.
+ * --decode-only skips the prefill table.
+ *
  *   bench_attn --model F.gguf [--lengths 4096,16384,32768] [--chunk 2048]
- *              [--threads N] [--no-block-sparse] [--json FILE]
+ *              [--threads N] [--no-block-sparse] [--decode D [--decode-only]]
+ *              [--json FILE]
  */
 #include "cache/kv.h"
 #include "model/model.h"
@@ -26,8 +33,30 @@ static const char *const names[N_POLICIES] = {"dense", "sink-window(4+16)", "del
                                               "block-sparse(4+16, 8)"};
 static const char *const keys[N_POLICIES] = {"dense", "sink_window", "delta", "block_sparse"};
 
-static double
-prefill_ms(model_t *m, uint32_t n, uint32_t chunk, const model_attn_policy_t *p)
+/* One sequence's KV pool, table, batch and context, room for n tokens in
+ * calls of at most `chunk`, with its tokens. */
+typedef struct seq {
+    kv_pool_t *pool;
+    kv_table_t *t;
+    sched_batch_t *sb;
+    model_ctx_t *ctx;
+    int32_t *toks;
+    float *logits;
+} seq_t;
+
+static void
+seq_close(seq_t *q)
+{
+    model_ctx_free(q->ctx);
+    sched_batch_free(q->sb);
+    kv_table_free(q->t);
+    kv_pool_free(q->pool);
+    free(q->toks);
+    free(q->logits);
+}
+
+static bool
+seq_open(seq_t *q, model_t *m, uint32_t n, uint32_t chunk)
 {
     const model_hparams_t *hp = model_hparams(m);
     kv_pool_cfg_t pc = {.n_layers = hp->n_layer,
@@ -36,41 +65,77 @@ prefill_ms(model_t *m, uint32_t n, uint32_t chunk, const model_attn_policy_t *p)
                         .block_tokens = 16,
                         .n_blocks = n / 16 + 2,
                         .dtype = KERN_F16};
-    kv_pool_t *pool = NULL;
-    kv_table_t *t = NULL;
-    sched_batch_t *sb = NULL;
-    model_ctx_t *ctx = NULL;
-    int32_t *toks = malloc(n * sizeof *toks);
-    float *logits = malloc(hp->n_vocab * sizeof(float));
-    double ms = -1;
-    if (!toks || !logits || kv_pool_new(&pc, model_backend(m), &pool) || kv_table_new(pool, &t) ||
-        sched_batch_new(&sb) || model_ctx_new(m, chunk, 1, &ctx))
-        goto out;
+    *q =
+        (seq_t){.toks = malloc(n * sizeof *q->toks), .logits = malloc(hp->n_vocab * sizeof(float))};
+    if (!q->toks || !q->logits || kv_pool_new(&pc, model_backend(m), &q->pool) ||
+        kv_table_new(q->pool, &q->t) || sched_batch_new(&q->sb) ||
+        model_ctx_new(m, chunk, 1, &q->ctx) || model_ctx_reserve(q->ctx, n, pc.block_tokens)) {
+        seq_close(q);
+        return false;
+    }
     for (uint32_t i = 0; i < n; i++)
-        toks[i] = (int32_t)((i * 2654435761u >> 7) % 256);
-    uint64_t t0 = kvs_now_ns();
-    for (uint32_t done = 0; done < n;) {
-        uint32_t k = n - done < chunk ? n - done : chunk;
-        sched_seq_step_t st = {.table = t,
-                               .tokens = toks + done,
+        q->toks[i] = (int32_t)((i * 2654435761u >> 7) % 256);
+    return true;
+}
+
+/* Tokens [from, to) of q's prompt of n_prompt, in calls of `chunk`, under
+ * p; the logits of no call's last token (want 0), of the last call's (1) or
+ * of every call's (2: decode steps). */
+static bool
+seq_run(seq_t *q, uint32_t from, uint32_t to, uint32_t chunk, uint32_t n_prompt,
+        const model_attn_policy_t *p, int want)
+{
+    for (uint32_t done = from; done < to;) {
+        uint32_t k = to - done < chunk ? to - done : chunk;
+        sched_seq_step_t st = {.table = q->t,
+                               .tokens = q->toks + done,
                                .n_tokens = k,
-                               .want_logits = done + k == n,
+                               .want_logits = want == 2 || (want == 1 && done + k == to),
                                .policy = p,
-                               .n_prompt = n};
+                               .n_prompt = n_prompt};
         const model_batch_t *mb;
-        if (sched_batch_build(sb, &st, 1, &mb) || model_forward(ctx, kv_pool_kv(pool), mb, logits))
-            goto out;
+        if (sched_batch_build(q->sb, &st, 1, &mb) ||
+            model_forward(q->ctx, kv_pool_kv(q->pool), mb, q->logits))
+            return false;
         done += k;
     }
-    ms = (double)(kvs_now_ns() - t0) / 1e6;
-out:
-    model_ctx_free(ctx);
-    sched_batch_free(sb);
-    kv_table_free(t);
-    kv_pool_free(pool);
-    free(toks);
-    free(logits);
+    return true;
+}
+
+static double
+prefill_ms(model_t *m, uint32_t n, uint32_t chunk, const model_attn_policy_t *p)
+{
+    seq_t q;
+    if (!seq_open(&q, m, n, chunk))
+        return -1;
+    uint64_t t0 = kvs_now_ns();
+    double ms = seq_run(&q, 0, n, chunk, n, p, 1) ? (double)(kvs_now_ns() - t0) / 1e6 : -1;
+    seq_close(&q);
     return ms;
+}
+
+#define N_DECODE 3
+static const uint32_t dec_top[N_DECODE] = {0, 8, 32}; /* 0: dense decoding */
+
+/* Prefills n tokens (sink-window: quick), then per decode_top_k in dec_top
+ * decodes d tokens from that prompt's KV and takes them back: ms per token
+ * into ms[], or false. */
+static bool
+decode_ms(model_t *m, uint32_t n, uint32_t chunk, uint32_t d, double *ms)
+{
+    seq_t q;
+    if (!seq_open(&q, m, n + d, chunk))
+        return false;
+    const model_attn_policy_t sw = {.kind = MODEL_ATTN_SINK_WINDOW, .sinks = 4, .window = 16};
+    bool ok = seq_run(&q, 0, n, chunk, n, &sw, 0);
+    for (int p = 0; ok && p < N_DECODE; p++) {
+        const model_attn_policy_t dp = {.decode_top_k = dec_top[p]};
+        uint64_t t0 = kvs_now_ns();
+        ok = seq_run(&q, n, n + d, 1, n, &dp, 2) && kv_table_truncate(q.t, n) == 0;
+        ms[p] = (double)(kvs_now_ns() - t0) / 1e6 / d;
+    }
+    seq_close(&q);
+    return ok;
 }
 
 int
@@ -78,10 +143,12 @@ main(int argc, char **argv)
 {
     const char *model = NULL, *json = NULL;
     uint32_t lengths[MAX_LENGTHS] = {4096, 16384, 32768}, n_lengths = 3, chunk = 2048, threads = 0;
-    static const struct option lo[] = {{"model", 1, 0, 'm'}, {"lengths", 1, 0, 'l'},
-                                       {"chunk", 1, 0, 'c'}, {"threads", 1, 0, 't'},
-                                       {"json", 1, 0, 'j'},  {"no-block-sparse", 0, 0, 'b'},
-                                       {0, 0, 0, 0}};
+    uint32_t n_dec = 0;
+    bool dec_only = false;
+    static const struct option lo[] = {
+        {"model", 1, 0, 'm'},   {"lengths", 1, 0, 'l'},     {"chunk", 1, 0, 'c'},
+        {"threads", 1, 0, 't'}, {"json", 1, 0, 'j'},        {"no-block-sparse", 0, 0, 'b'},
+        {"decode", 1, 0, 'd'},  {"decode-only", 0, 0, 'o'}, {0, 0, 0, 0}};
     int n_pol = N_POLICIES;
     int ch;
     while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -106,16 +173,25 @@ main(int argc, char **argv)
         case 'b': /* the slowest sparse policy, when time is short */
             n_pol = N_POLICIES - 1;
             break;
+        case 'd':
+            n_dec = (uint32_t)atoi(optarg);
+            break;
+        case 'o':
+            dec_only = true;
+            break;
         default:
             fprintf(stderr, "usage: bench_attn --model F.gguf [--lengths 4096,16384,32768] "
-                            "[--chunk 2048] [--threads N] [--no-block-sparse] [--json FILE]\n");
+                            "[--chunk 2048] [--threads N] [--no-block-sparse] "
+                            "[--decode D [--decode-only]] [--json FILE]\n");
             return 2;
         }
     }
-    if (model == NULL || chunk == 0) {
-        fprintf(stderr, "bench_attn: --model is required\n");
+    if (model == NULL || chunk == 0 || (dec_only && n_dec == 0)) {
+        fprintf(stderr, "bench_attn: --model is required (and --decode D with --decode-only)\n");
         return 2;
     }
+    if (dec_only)
+        n_pol = 0;
     kern_backend_t *be;
     kern_backend_cfg_t bc = {.n_threads = threads};
     model_t *m;
@@ -130,12 +206,14 @@ main(int argc, char **argv)
         {.kind = MODEL_ATTN_DELTA, .sinks = 4, .window = 16, .gamma = 64},
         {.kind = MODEL_ATTN_BLOCK_SPARSE, .sinks = 4, .window = 16, .top_k = 8},
     };
-    double ms[MAX_LENGTHS][N_POLICIES];
-    printf("%s, prefill in chunks of %u\n%-8s", model, chunk, "tokens");
+    double ms[MAX_LENGTHS][N_POLICIES], dms[MAX_LENGTHS][N_DECODE];
+    if (n_pol)
+        printf("%s, prefill in chunks of %u\n%-8s", model, chunk, "tokens");
     for (int p = 0; p < n_pol; p++)
         printf(" %22s", names[p]);
-    printf(" %12s\n", "attn share");
-    for (uint32_t i = 0; i < n_lengths; i++) {
+    if (n_pol)
+        printf(" %12s\n", "attn share");
+    for (uint32_t i = 0; i < n_lengths && n_pol; i++) {
         printf("%-8u", lengths[i]);
         for (int p = 0; p < n_pol; p++) {
             ms[i][p] = prefill_ms(m, lengths[i], chunk, &pol[p]);
@@ -151,17 +229,44 @@ main(int argc, char **argv)
         }
         printf(" %11.0f%%\n", 100.0 * (1.0 - ms[i][1] / ms[i][0]));
     }
+    if (n_dec) {
+        printf("%s, %u decode steps after each prompt, ms per token\n%-8s %14s", model, n_dec,
+               "tokens", "dense");
+        for (int p = 1; p < N_DECODE; p++)
+            printf("       quest top %-3u", dec_top[p]);
+        printf("\n");
+    }
+    for (uint32_t i = 0; i < n_lengths && n_dec; i++) {
+        if (!decode_ms(m, lengths[i], chunk, n_dec, dms[i])) {
+            fprintf(stderr, "bench_attn: decoding after %u tokens failed\n", lengths[i]);
+            return 1;
+        }
+        printf("%-8u %11.2f ms", lengths[i], dms[i][0]);
+        for (int p = 1; p < N_DECODE; p++)
+            printf(" %9.2f ms %6.2fx", dms[i][p], dms[i][0] / dms[i][p]);
+        printf("\n");
+        fflush(stdout);
+    }
     if (json) {
         FILE *f = fopen(json, "w");
         if (f) {
             fprintf(f, "{\"bench\": \"attn\", \"model\": \"%s\", \"chunk\": %u, \"runs\": [", model,
                     chunk);
-            for (uint32_t i = 0; i < n_lengths; i++) {
+            for (uint32_t i = 0; i < n_lengths && n_pol; i++) {
                 fprintf(f, "%s{\"tokens\": %u", i ? ", " : "", lengths[i]);
                 for (int p = 0; p < n_pol; p++)
                     fprintf(f, ", \"%s_ms\": %.1f, \"%s_speedup\": %.3f", keys[p], ms[i][p],
                             keys[p], ms[i][0] / ms[i][p]);
                 fprintf(f, ", \"attention_share\": %.3f}", 1.0 - ms[i][1] / ms[i][0]);
+            }
+            fprintf(f, "], \"decode_steps\": %u, \"decode\": [", n_dec);
+            for (uint32_t i = 0; i < n_lengths && n_dec; i++) {
+                fprintf(f, "%s{\"tokens\": %u, \"dense_ms_per_token\": %.3f", i ? ", " : "",
+                        lengths[i], dms[i][0]);
+                for (int p = 1; p < N_DECODE; p++)
+                    fprintf(f, ", \"quest%u_ms_per_token\": %.3f, \"quest%u_speedup\": %.3f",
+                            dec_top[p], dms[i][p], dec_top[p], dms[i][0] / dms[i][p]);
+                fprintf(f, "}");
             }
             fprintf(f, "]}\n");
             fclose(f);

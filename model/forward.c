@@ -541,7 +541,8 @@ attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32
 {
     bool any = false;
     for (uint32_t s = 0; b->seq_policy && s < b->pt.n_seqs; s++)
-        any |= b->seq_policy[s].kind != MODEL_ATTN_DENSE;
+        any |= b->seq_policy[s].kind != MODEL_ATTN_DENSE ||
+               (b->seq_policy[s].decode_top_k && a->layer >= MODEL_DECODE_DENSE_LAYERS);
     if (!any)
         return kern_attention(c->be, a);
     for (uint32_t s = 0; s < b->pt.n_seqs; s++) {
@@ -552,12 +553,13 @@ attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32
         uint32_t np = 0; /* leading prompt rows */
         while (np < n && (uint32_t)a->kv_len[r0 + np] <= b->seq_n_prompt[s])
             np++;
-        if (p->kind != MODEL_ATTN_DENSE && p->last_dense && np > 0 &&
-            (uint32_t)a->kv_len[r0 + np - 1] == b->seq_n_prompt[s])
-            np--; /* the prompt's last row stays dense */
+        uint32_t ns = np; /* of them, those the prefill policy shapes */
+        if (p->kind != MODEL_ATTN_DENSE && p->last_dense && ns > 0 &&
+            (uint32_t)a->kv_len[r0 + ns - 1] == b->seq_n_prompt[s])
+            ns--; /* the prompt's last row stays dense */
         int32_t qi[2], pi[2];
-        if (p->kind != MODEL_ATTN_DENSE && np > 0) {
-            kern_attn_args_t o = one_seq(a, s, r0, np, qd, qi, pi);
+        if (p->kind != MODEL_ATTN_DENSE && ns > 0) {
+            kern_attn_args_t o = one_seq(a, s, r0, ns, qd, qi, pi);
             if (p->kind == MODEL_ATTN_BLOCK_SPARSE) {
                 TRY(block_sparse(c, &o, p, qd));
             } else {
@@ -568,11 +570,20 @@ attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32
             if (p->kind == MODEL_ATTN_DELTA)
                 TRY(delta_correct(c, &o, p, qd));
         } else {
-            np = 0;
+            ns = 0;
         }
-        if (np < n) {
-            kern_attn_args_t o = one_seq(a, s, r0 + np, n - np, qd, qi, pi);
+        /* Dense rows [ns, nd), then Quest's decode rows. */
+        bool quest = p->decode_top_k && a->layer >= MODEL_DECODE_DENSE_LAYERS;
+        uint32_t nd = quest ? np : n;
+        if (ns < nd) {
+            kern_attn_args_t o = one_seq(a, s, r0 + ns, nd - ns, qd, qi, pi);
             TRY(kern_attention(c->be, &o));
+        }
+        const model_attn_policy_t qp = {
+            .kind = MODEL_ATTN_BLOCK_SPARSE, .window = 1, .top_k = p->decode_top_k};
+        for (uint32_t i = nd; i < n; i++) {
+            kern_attn_args_t o = one_seq(a, s, r0 + i, 1, qd, qi, pi);
+            TRY(block_sparse(c, &o, &qp, qd));
         }
     }
     return 0;
@@ -674,6 +685,8 @@ graph_key(const model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b, uin
         if (b->seq_indptr[s + 1] - b->seq_indptr[s] != 1)
             return false;
         uint32_t len = (uint32_t)b->kv_len[b->seq_indptr[s]];
+        if (b->seq_policy && b->seq_policy[s].decode_top_k)
+            return false; /* Quest chooses its blocks on the host */
         if (b->seq_policy && b->seq_policy[s].kind != MODEL_ATTN_DENSE) {
             if (len <= b->seq_n_prompt[s])
                 return false; /* a prompt row: its policy's own calls */

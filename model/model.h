@@ -291,8 +291,9 @@ const char *model_tokenizer_name(const model_t *m); /* model_vocab_kind */
  * prefill chunks and single decode tokens.  Sequence s owns tokens
  * seq_indptr[s] .. seq_indptr[s+1]-1.  All arrays are host memory and are
  * borrowed for the call. */
-/* How a sequence's prompt rows attend during prefill; decode rows (past
- * the prompt) are always dense, as is every row of a DENSE sequence.
+/* How a sequence's prompt rows attend during prefill; every row of a
+ * DENSE sequence is dense, and decode rows (past the prompt) are too
+ * unless decode_top_k says otherwise.
  *   SINK_WINDOW  keys [0, sinks) and the last `window` (StreamingLLM);
  *   DELTA        the same sparse pass, then dense rows for the first query
  *                of every gamma block of the call's prompt rows and a dense
@@ -324,7 +325,19 @@ typedef struct model_attn_policy {
     bool last_dense;        /* SINK_WINDOW, or DELTA without its tail, with the prompt's
                              * last row dense (ablations) */
     uint32_t top_k;         /* BLOCK_SPARSE: KV blocks picked per query block, >= 1 */
+    /* Quest at decode (algorithms.md section 7.1), whatever the prefill
+     * kind; 0: dense decode.  In layers from MODEL_DECODE_DENSE_LAYERS on,
+     * each decode row attends its own (last) KV block and the decode_top_k
+     * earlier blocks with the highest upper bound on q.k (BLOCK_SPARSE's
+     * bound, maximised over the row's heads), one row at a time so that a
+     * verification row chooses as the same row decoded alone would.  The
+     * bounds are taken from the keys at each step, so a step still reads
+     * every key once, and every value only of the blocks chosen. */
+    uint32_t decode_top_k;
 } model_attn_policy_t;
+
+/* Quest keeps its first two layers dense (their attention is broad). */
+#define MODEL_DECODE_DENSE_LAYERS 2
 
 /* Delta Attention's rows for the n prompt rows of one prefill call
  * (forward.c; exposed so tests can check the method's invariants):

@@ -149,7 +149,7 @@ sched_batch_build(sched_batch_t *b, const sched_seq_step_t *steps, uint32_t n_st
         b->tables[s] = st->table;
         b->policy[s] = st->policy ? *st->policy : (model_attn_policy_t){0};
         b->n_prompt[s] = st->n_prompt;
-        sparse |= b->policy[s].kind != MODEL_ATTN_DENSE;
+        sparse |= b->policy[s].kind != MODEL_ATTN_DENSE || b->policy[s].decode_top_k;
     }
     b->mb = (model_batch_t){
         .n_tokens = t,

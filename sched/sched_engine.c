@@ -2339,6 +2339,8 @@ sched_submit(sched_t *s, const sched_request_t *q)
     r->extra = kvs_mix64(q->cache_salt ^ kvs_mix64(0x6b76u + (uint64_t)s->cfg.kv_dtype +
                                                    ((uint64_t)s->cfg.kv_quant << 8) +
                                                    ((uint64_t)s->cfg.kv_sink_tokens << 16)));
+    if (q->attn.decode_top_k) /* generated tokens' KV: other hidden states */
+        r->extra = kvs_mix64(r->extra ^ kvs_mix64(0x71756573ull + q->attn.decode_top_k));
     if (q->attn.kind != MODEL_ATTN_DENSE)
         r->extra = kvs_mix64(r->extra ^
                              kvs_mix64(((uint64_t)q->attn.kind << 56) ^

@@ -170,10 +170,11 @@ char *srv_utf8_valid(const char *s, size_t n);
  * characters as they are, control characters and each byte that starts
  * no character as \u00XX (its value). */
 void srv_json_str(FILE *f, const char *s, size_t len);
-/* Prefill attention flags shared by serve and eval (vLLM-style names):
+/* Attention flags shared by serve, run, eval and bench (vLLM-style names):
  *   --attention dense|sink-window|delta|block-sparse  --attn-sinks N
  *   --attn-window N  --delta-gamma N  --no-delta-tail  --attn-last-dense
  *   --attn-top-k N (block-sparse: KV blocks picked per query block)
+ *   --decode-top-k N (Quest at decode, any kind; 0: dense decoding)
  * Put SRV_ATTN_LONGOPTS in the getopt_long table; srv_attn_opt handles one
  * option (returns 1 when `opt` is not one of them, 0, or KVS_EINVAL after
  * printing why); srv_attn_finish checks the combination. */
@@ -184,14 +185,16 @@ enum {
     SRV_O_GAMMA,
     SRV_O_NOTAIL,
     SRV_O_LASTDENSE,
-    SRV_O_TOPK
+    SRV_O_TOPK,
+    SRV_O_DECTOPK
 };
 #define SRV_ATTN_LONGOPTS                                                        \
     {"attention", 1, 0, SRV_O_ATTN}, {"attn-sinks", 1, 0, SRV_O_SINKS},          \
         {"attn-window", 1, 0, SRV_O_WINDOW}, {"delta-gamma", 1, 0, SRV_O_GAMMA}, \
         {"no-delta-tail", 0, 0, SRV_O_NOTAIL}, {"attn-top-k", 1, 0, SRV_O_TOPK}, \
+        {"attn-last-dense", 0, 0, SRV_O_LASTDENSE},                              \
     {                                                                            \
-        "attn-last-dense", 0, 0, SRV_O_LASTDENSE                                 \
+        "decode-top-k", 1, 0, SRV_O_DECTOPK                                      \
     }
 /* Defaults scaled for kvserve's small models (the authors' 1024 sinks and
  * 2048 window are for 128K contexts): 4 sinks, a 64-token window, gamma 64,

@@ -30,7 +30,7 @@ static const char bench_usage[] =
     "                     [--cancel-fraction F [--cancel-after-ms MS (1000)]]\n"
     "                     [--deadline-fraction F [--deadline-ms MS (1000)]]\n"
     "                     [--attention dense|sink-window|delta|block-sparse] [--attn-sinks N]\n"
-    "                     [--attn-window N] [--delta-gamma N] [--attn-top-k N]\n"
+    "                     [--attn-window N] [--delta-gamma N] [--attn-top-k N] [--decode-top-k N]\n"
     "                     [--prefill full|speculative] [--keep-ratio R] [--look-ahead N]\n"
     "                     [--spec-chunk N] [--kv-policy full|sink-eviction|snapkv|h2o]\n"
     "                     [--kv-budget N] [--kv-evict-sinks N] [--snapkv-window N]\n"
@@ -190,7 +190,8 @@ bench_policy_fill(bench_opts_t *o, const model_attn_policy_t *ap, const model_sp
     kvserve__v1__kv_policy__init(&o->kv);
     if (o->has_attn) {
         Kvserve__V1__AttentionPolicy *a = &o->attn;
-        a->has_kind = a->has_sink_tokens = a->has_window_tokens = true;
+        a->has_kind = true;
+        a->has_sink_tokens = a->has_window_tokens = ap->kind != MODEL_ATTN_DENSE;
         a->kind = ak[ap->kind];
         a->sink_tokens = ap->sinks;
         a->window_tokens = ap->window;
@@ -198,6 +199,8 @@ bench_policy_fill(bench_opts_t *o, const model_attn_policy_t *ap, const model_sp
         a->gamma = ap->gamma;
         a->has_top_k_blocks = ap->kind == MODEL_ATTN_BLOCK_SPARSE;
         a->top_k_blocks = ap->top_k;
+        a->has_decode_top_k_blocks = true;
+        a->decode_top_k_blocks = ap->decode_top_k;
     }
     if (o->has_prefill) {
         Kvserve__V1__PrefillPolicy *p = &o->prefill;

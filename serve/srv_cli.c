@@ -500,6 +500,8 @@ srv_attn_opt(const char *cmd, int opt, const char *arg, model_attn_policy_t *p)
     case SRV_O_TOPK:
         /* Like --attn-sinks, accepted with any kind and used by one. */
         return srv_parse_u32(cmd, "--attn-top-k", arg, 1, 1u << 24, &p->top_k);
+    case SRV_O_DECTOPK:
+        return srv_parse_u32(cmd, "--decode-top-k", arg, 0, 1u << 24, &p->decode_top_k);
     default:
         return 1;
     }
@@ -741,6 +743,14 @@ srv_attn_finish(const char *cmd, model_attn_policy_t *p)
 const char *
 srv_attn_describe(const model_attn_policy_t *p, char *buf, size_t cap)
 {
+    if (p->decode_top_k && cap > 0) {
+        model_attn_policy_t pre = *p;
+        pre.decode_top_k = 0;
+        char tmp[128];
+        snprintf(buf, cap, "%s, decode top %u", srv_attn_describe(&pre, tmp, sizeof tmp),
+                 p->decode_top_k);
+        return buf;
+    }
     switch (p->kind) {
     case MODEL_ATTN_SINK_WINDOW:
         snprintf(buf, cap, "sink-window(%u+%u%s)", p->sinks, p->window,

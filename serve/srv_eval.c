@@ -39,7 +39,7 @@ static const char eval_usage[] =
     "                    [--kv-policy full|sink-eviction|snapkv|h2o] [--kv-budget N]\n"
     "                    [--kv-evict-sinks N] [--snapkv-window N] [--h2o-recent N]\n"
     "                    [--attention dense|sink-window|delta|block-sparse] [--attn-sinks N]\n"
-    "                    [--attn-window N] [--attn-top-k N]\n"
+    "                    [--attn-window N] [--attn-top-k N] [--decode-top-k N]\n"
     "                    [--delta-gamma N] [--no-delta-tail] [--attn-last-dense]\n"
     "                    [--prefill full|speculative] [--keep-ratio R] [--look-ahead N]\n"
     "                    [--spec-chunk N] [--space-in-prompt]\n"

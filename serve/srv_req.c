@@ -116,6 +116,13 @@ check_attention(const Kvserve__V1__AttentionPolicy *a, const srv_limits_t *lim,
                         "policy.attention.gamma: %u is outside [1, 65536]", a->gamma);
         out->gamma = a->gamma;
     }
+    if (a->has_decode_top_k_blocks) {
+        if (a->decode_top_k_blocks > lim->max_model_len)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "policy.attention.decode_top_k_blocks: %u is outside [0, %u]",
+                        a->decode_top_k_blocks, lim->max_model_len);
+        out->decode_top_k = a->decode_top_k_blocks;
+    }
     out->no_tail = out->kind == MODEL_ATTN_DELTA && out->no_tail;
     out->last_dense = out->kind == MODEL_ATTN_SINK_WINDOW && out->last_dense;
     return GRPC_STATUS_OK;

@@ -30,13 +30,16 @@ static const char run_usage[] =
     "                   [--max-model-len N] [--logits-out FILE.npy] [--json] [--cuda-graphs]\n"
     "                   [--num-speculative-tokens N (0..16) [--speculative-method ngram|draft]\n"
     "                    [--prompt-lookup-max 4] [--prompt-lookup-min 2]\n"
-    "                    [--speculative-acceptance exact|rejection]] [--draft-model PATH]\n";
+    "                    [--speculative-acceptance exact|rejection]] [--draft-model PATH]\n"
+    "                   [--attention dense|sink-window|delta|block-sparse] [--attn-sinks N]\n"
+    "                   [--attn-window N] [--delta-gamma N] [--attn-top-k N] [--decode-top-k N]\n";
 
 typedef struct run_opts {
     const char *model, *draft, *prompt, *prompt_tokens, *logits_out, *device;
     uint32_t max_tokens, threads, block_size, batch_size, max_model_len;
     srv_kv_opts_t kv;
     srv_specdec_opts_t specdec;
+    model_attn_policy_t attn;
     model_sampling_t sampling; /* its bias arrays malloc'd here */
     bool seed_set, ignore_eos, json, cuda_graphs;
     srv_guided_opts_t guided;
@@ -126,6 +129,7 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         {"json", 0, 0, O_JSON},
         {"cuda-graphs", 0, 0, O_GRAPHS},
         SRV_SPECDEC_LONGOPTS,
+        SRV_ATTN_LONGOPTS,
         {"help", 0, 0, O_HELP},
         {0, 0, 0, 0},
     };
@@ -136,6 +140,7 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         .block_size = 16,
         .batch_size = 512,
         .kv = SRV_KV_DEFAULT,
+        .attn = SRV_ATTN_DEFAULT,
         .sampling = {.temperature = 0.8f, .top_k = 40, .top_p = 0.95f, .min_p = 0.05f},
     };
     const char *C = "run";
@@ -251,7 +256,8 @@ parse_opts(int argc, char **argv, run_opts_t *o)
             exit(0);
         default:
             if ((rc = srv_kv_opt(C, c, optarg, &o->kv)) == 1 &&
-                (rc = srv_specdec_opt(C, c, optarg, &o->specdec)) == 1) {
+                (rc = srv_specdec_opt(C, c, optarg, &o->specdec)) == 1 &&
+                (rc = srv_attn_opt(C, c, optarg, &o->attn)) == 1) {
                 fprintf(stderr, "kvserve run: unknown or incomplete option '%s'\n%s",
                         argv[optind - 1], run_usage);
                 return KVS_EINVAL;
@@ -268,7 +274,7 @@ parse_opts(int argc, char **argv, run_opts_t *o)
         return KVS_EINVAL;
     }
     if (srv_kv_finish(C, &o->kv, o->block_size) ||
-        srv_specdec_finish(C, &o->specdec, o->draft != NULL)) {
+        srv_specdec_finish(C, &o->specdec, o->draft != NULL) || srv_attn_finish(C, &o->attn)) {
         fputs(run_usage, stderr);
         return KVS_EINVAL;
     }
@@ -481,6 +487,7 @@ srv_cmd_run(int argc, char **argv)
                            .sampling = o.sampling,
                            .ignore_eos = o.ignore_eos,
                            .kv = o.kv.policy,
+                           .attn = o.attn,
                            .guide = s.guide,
                            .choices = o.choices,
                            .n_choices = o.n_choices};

@@ -7,8 +7,8 @@
 # test_batch_invariance on cuda (the same logits alone, batched, chunked,
 # over scrambled blocks, through a forked prefix); the engine
 # on the tiny random model, cuda against cpu logits (f32 KV, q8_0 KV with
-# blocks sealed, f32 KV with CUDA graphs, f16 KV with chunked prefill;
-# the bundled model with speculative decoding on cuda, by prompt lookup
+# blocks sealed, f32 KV with CUDA graphs, f16 KV with chunked prefill,
+# f16 KV with Quest at decode; the bundled model with speculative decoding on cuda, by prompt lookup
 # and by the bundled draft model);
 # then bench/bench_gpu.c, whose tables come last.
 #
@@ -227,6 +227,16 @@ engine() {
         printf '%s KV%s: ' "$kvd" "$extra"
         python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || return 1
     done
+    # Quest at decode (--decode-top-k 2) on both backends: a 200-token
+    # prompt in blocks of 16, so that each decode row chooses 2 of its 12
+    # or more earlier blocks from bounds and scores made on the device.
+    for dev in cpu cuda; do
+        LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" run --model "$SCRATCH/tiny.gguf" --prompt-tokens "$(seq -s, 1 200)" \
+            --max-tokens 16 --temperature 0 --ignore-eos --kv-cache-dtype f16 --device $dev \
+            --decode-top-k 2 --logits-out "$SCRATCH/logits-$dev.npy" >/dev/null || return 1
+    done
+    printf 'f16 KV --decode-top-k 2: '
+    python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || return 1
     # Speculative decoding by prompt lookup on cuda (proposals verified
     # several rows a step, rejected entries truncated) against plain
     # decoding on cpu: the bundled model, on a text it goes on repeating,

@@ -302,6 +302,25 @@ contains "neither a template name (llama3, llama3.1, llama2, mistral, chatml) no
 echo '{{ messages | tojson }}' >"$W/other.jinja"
 expect 2 "serve a chat template kvserve cannot render" "$K" serve --chat-template "$W/other.jinja" --port 0
 contains "not a template kvserve can render"
+# Quest at decode: covering every block decodes as dense; two blocks of
+# 16 on a 250-token prompt change the bundled model's greedy text.
+QP="--prompt-tokens $(seq -s, 1 250) --max-tokens 24 --temperature 0 --ignore-eos --json"
+ta=$("$K" run $QP 2>/dev/null | grep -o '"tokens": [^]]*')
+tb=$("$K" run $QP --decode-top-k 1000 2>/dev/null | grep -o '"tokens": [^]]*')
+tc=$("$K" run $QP --decode-top-k 2 2>/dev/null | grep -o '"tokens": [^]]*')
+[ -n "$ta" ] && [ "$ta" = "$tb" ] && ok || bad "--decode-top-k 1000 differs from dense: $tb vs $ta"
+[ -n "$tc" ] && [ "$tc" != "$ta" ] && ok || bad "--decode-top-k 2 gave dense decoding's tokens: $tc"
+# With speculative decoding, verification rows choose their blocks as rows
+# decoded alone do: the same tokens, proposals accepted.
+SP="The grass is green. The sky is blue. The sun is yellow. The grass is green. The sky is blue. The sun is yellow. The grass is"
+q0=$("$K" run --prompt "$SP" --max-tokens 48 --temperature 0 --ignore-eos --decode-top-k 1 --json 2>/dev/null | grep -o '"tokens": [^]]*')
+"$K" run --prompt "$SP" --max-tokens 48 --temperature 0 --ignore-eos --decode-top-k 1 --json \
+    --num-speculative-tokens 4 >"$W/a" 2>"$W/out"
+q1=$(grep -o '"tokens": [^]]*' "$W/a")
+[ -n "$q0" ] && [ "$q0" = "$q1" ] && ok || bad "--decode-top-k 1 with prompt lookup: $q1 vs $q0"
+contains "speculative decoding accepted [1-9]"
+expect 2 "run decode top k not a number" "$K" run --prompt a --decode-top-k x
+contains "decode-top-k"
 # Memory sizes take units: the same bytes give the same pool either way.
 blocks() {
     "$K" serve $M --port 0 "$@" >"$W/s.out" 2>"$W/s.err" &

@@ -9,6 +9,11 @@
  * Block-sparse (Quest bounds): top_k covering every block a query block can
  * pick is dense, in one call and in chunks; a small top_k changes the
  * result; chunks on block boundaries give the one-call result.
+ * Quest at decode (decode_top_k): covering every earlier block is dense
+ * decoding; a small one changes the logits and so does which blocks it
+ * reads; rows decoded three to a call (a verification step) give the
+ * logits of rows decoded one at a time; a prompt policy leaves decode rows
+ * to decode_top_k.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -64,10 +69,15 @@ teardown(void **state)
     return 0;
 }
 
-/* Logits of the prompt's last token under a policy, prefilled in chunks of
- * `chunk` tokens. */
+#define DEC_ROWS 9
+
+/* Under policy p, an N_PROMPT-token prompt prefilled in chunks of `chunk`
+ * tokens; then, with per_call > 0, DEC_ROWS decoded rows whose tokens are
+ * fixed (teacher forcing), per_call rows a forward pass, each with logits
+ * (as a verification step asks).  logits: the prompt's last row, or the
+ * decoded rows' [DEC_ROWS][n_vocab]. */
 static void
-prefill(const model_attn_policy_t *p, uint32_t chunk, float *logits)
+run(const model_attn_policy_t *p, uint32_t chunk, uint32_t per_call, float *logits)
 {
     const model_hparams_t *hp = model_hparams(m);
     kv_pool_cfg_t pc = {.n_layers = hp->n_layer,
@@ -83,23 +93,28 @@ prefill(const model_attn_policy_t *p, uint32_t chunk, float *logits)
     assert_int_equal(kv_pool_new(&pc, be, &pool), 0);
     assert_int_equal(kv_table_new(pool, &t), 0);
     assert_int_equal(sched_batch_new(&sb), 0);
-    assert_int_equal(model_ctx_new(m, N_PROMPT, 1, &ctx), 0);
+    assert_int_equal(model_ctx_new(m, N_PROMPT, DEC_ROWS, &ctx), 0);
     if (g_reserve)
         assert_int_equal(model_ctx_reserve(ctx, N_PROMPT, pc.block_tokens), 0);
-    int32_t toks[N_PROMPT];
-    for (uint32_t i = 0; i < N_PROMPT; i++)
+    const uint32_t total = N_PROMPT + (per_call ? DEC_ROWS : 0);
+    int32_t toks[N_PROMPT + DEC_ROWS];
+    for (uint32_t i = 0; i < total; i++)
         toks[i] = (int32_t)((i * 37 + 5) % 256);
-    for (uint32_t done = 0; done < N_PROMPT;) {
-        uint32_t k = N_PROMPT - done < chunk ? N_PROMPT - done : chunk;
+    for (uint32_t done = 0; done < total;) {
+        bool pre = done < N_PROMPT;
+        uint32_t k = pre ? N_PROMPT - done : total - done;
+        k = k < (pre ? chunk : per_call) ? k : (pre ? chunk : per_call);
         sched_seq_step_t st = {.table = t,
                                .tokens = toks + done,
                                .n_tokens = k,
-                               .want_logits = done + k == N_PROMPT,
+                               .want_logits = done + k == N_PROMPT && per_call == 0,
+                               .lead_logits = pre ? 0 : k,
                                .policy = p,
                                .n_prompt = N_PROMPT};
         const model_batch_t *mb;
         assert_int_equal(sched_batch_build(sb, &st, 1, &mb), 0);
-        assert_int_equal(model_forward(ctx, kv_pool_kv(pool), mb, logits), 0);
+        float *out = pre ? logits : logits + (size_t)(done - N_PROMPT) * n_vocab;
+        assert_int_equal(model_forward(ctx, kv_pool_kv(pool), mb, out), 0);
         done += k;
     }
     if (g_reserve)
@@ -108,6 +123,18 @@ prefill(const model_attn_policy_t *p, uint32_t chunk, float *logits)
     sched_batch_free(sb);
     kv_table_free(t);
     kv_pool_free(pool);
+}
+
+static void
+prefill(const model_attn_policy_t *p, uint32_t chunk, float *logits)
+{
+    run(p, chunk, 0, logits);
+}
+
+static void
+decode(const model_attn_policy_t *p, uint32_t per_call, float *logits)
+{
+    run(p, N_PROMPT, per_call, logits);
 }
 
 static double
@@ -255,6 +282,66 @@ test_block_sparse_changes(void **state)
 /* Scratch reserved for the longest context serves every Delta and
  * block-sparse call, in one call and in chunks, without growing, and
  * gives the same logits as scratch grown on first use. */
+/* The largest relative error over the DEC_ROWS rows' logits. */
+static double
+rows_err(const float *a, const float *b)
+{
+    double e = 0;
+    for (uint32_t r = 0; r < DEC_ROWS; r++) {
+        double x = rel_err(a + (size_t)r * n_vocab, b + (size_t)r * n_vocab);
+        e = x > e ? x : e;
+    }
+    return e;
+}
+
+static void
+test_quest_decode(void **state)
+{
+    (void)state;
+    size_t sz = (size_t)DEC_ROWS * n_vocab * sizeof(float);
+    float *dense = malloc(sz), *got = malloc(sz), *rows3 = malloc(sz);
+    model_attn_policy_t dn = {0};
+    decode(&dn, 1, dense);
+    /* A row at position L picks among the (L - 1) / 16 blocks before its
+     * own: 18 or 19 here.  Covering them is dense decoding. */
+    const uint32_t ks[] = {19, 1000};
+    for (size_t i = 0; i < 2; i++) {
+        model_attn_policy_t q = {.decode_top_k = ks[i]};
+        assert_int_equal(model_attn_policy_check(&q), 0);
+        decode(&q, 1, got);
+        assert_true(rows_err(dense, got) < TOL);
+        decode(&q, 3, got);
+        assert_true(rows_err(dense, got) < TOL);
+    }
+    /* Two blocks and the row's own: the result really changes, and three
+     * rows to a call choose as each row alone does. */
+    model_attn_policy_t q = {.decode_top_k = 2};
+    decode(&q, 1, got);
+    double e2 = rows_err(dense, got);
+    decode(&q, 3, rows3);
+    double e3 = rows_err(got, rows3);
+    model_attn_policy_t q1 = {.decode_top_k = 1};
+    decode(&q1, 1, rows3);
+    double e12 = rows_err(got, rows3);
+    print_message("decode logits: top 2 vs dense %.3g, top 2 vs top 1 %.3g, 3 rows a call vs 1 "
+                  "%.3g\n",
+                  e2, e12, e3);
+    assert_true(e2 > 1e-3);
+    assert_true(e12 > 1e-3); /* the chosen blocks are really read */
+    assert_true(e3 < TOL);
+    /* With the prefill sparse too, decode rows still follow decode_top_k
+     * alone: a prompt policy covering every key leaves dense prefill. */
+    model_attn_policy_t sw = {.kind = MODEL_ATTN_SINK_WINDOW,
+                              .sinks = 4,
+                              .window = N_PROMPT + DEC_ROWS,
+                              .decode_top_k = 2};
+    decode(&sw, 1, rows3);
+    assert_true(rows_err(got, rows3) < TOL);
+    free(dense);
+    free(got);
+    free(rows3);
+}
+
 static void
 test_reserved_scratch(void **state)
 {
@@ -315,6 +402,7 @@ main(void)
         cmocka_unit_test(test_block_sparse_changes),
         cmocka_unit_test(test_bad_policies),
         cmocka_unit_test(test_reserved_scratch),
+        cmocka_unit_test(test_quest_decode),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

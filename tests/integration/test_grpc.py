@@ -1789,6 +1789,25 @@ def check_bad_requests(api, vocab):
     o = collect(api, greedy_req(TOKEN_PROMPT * 20, 8), timeout=30)
     dens = o["usage"].attention_density if o["usage"] is not None else None
     report("6 a dense request reports attention density 1", dens == 1.0, "density %s" % dens)
+    # Quest at decode: covering every block is dense decoding; one block
+    # besides the row's own runs; past the model length is refused naming
+    # the field.
+    dense = collect(api, greedy_req(TOKEN_PROMPT * 20, 24), timeout=30)
+    outs = {}
+    for k in (1, 1000):
+        r = greedy_req(TOKEN_PROMPT * 20, 24)
+        r.policy.attention.decode_top_k_blocks = k
+        outs[k] = collect(api, r, timeout=30)
+    report("6 policy.attention.decode_top_k_blocks covering every block gives dense "
+           "decoding's tokens", outs[1000]["code"] is None and dense["code"] is None
+           and outs[1000]["tokens"] == dense["tokens"] and len(dense["tokens"]) == 24,
+           "%s vs dense %s" % (describe(outs[1000]), describe(dense)))
+    report("6 policy.attention.decode_top_k_blocks 1 generates", outs[1]["code"] is None
+           and len(outs[1]["tokens"]) == 24, describe(outs[1]))
+    r = greedy_req(TOKEN_PROMPT, 8)
+    r.policy.attention.decode_top_k_blocks = 1 << 20
+    expect("policy.attention.decode_top_k_blocks past the model length", r, IA,
+           "policy.attention.decode_top_k_blocks")
     # Speculative prefill (server-main runs with the bundled draft model).
     r = greedy_req(TOKEN_PROMPT, 8)
     r.policy.prefill.kind = pb.PrefillPolicy.SPECULATIVE
