@@ -207,8 +207,11 @@ json_policy(FILE *f, const bench_opts_t *o)
     fprintf(f, "\"policy\": {");
     const char *sep = "";
     if (o->has_attn) {
-        fprintf(f, "\"attention\": \"%s\", \"attn_sinks\": %u, \"attn_window\": %u",
-                srv_attn_kind_name(o->attn_kind), o->attn.sink_tokens, o->attn.window_tokens);
+        fprintf(f,
+                "\"attention\": \"%s\", \"attn_sinks\": %u, \"attn_window\": %u, "
+                "\"decode_top_k\": %u",
+                srv_attn_kind_name(o->attn_kind), o->attn.sink_tokens, o->attn.window_tokens,
+                o->attn.decode_top_k_blocks);
         sep = ", ";
     }
     if (o->has_prefill) {

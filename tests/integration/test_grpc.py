@@ -1446,12 +1446,19 @@ def check_bench_modes(kvserve, addr, work):
     rc2, out2, doc2 = run_bench_json(kvserve, addr, work, "policy-bad", [
         "--num-requests", "2", "--input-len", "64", "--output-len", "4",
         "--kv-policy", "snapkv", "--kv-budget", "8"])
+    rc3, out3, doc3 = run_bench_json(kvserve, addr, work, "policy-quest", [
+        "--num-requests", "2", "--input-len", "300", "--output-len", "8",
+        "--decode-top-k", "4"])
     ok = (rc == 0 and doc and doc["summary"]["completed"] == 4 and
+          rc3 == 0 and doc3 and doc3["summary"]["completed"] == 2 and
+          doc3["config"]["policy"].get("decode_top_k") == 4 and
+          doc3["config"]["policy"].get("attention") == "dense" and
           doc["config"]["policy"].get("kv_policy") == "sink-eviction" and
           rc2 == 1 and doc2 and doc2["summary"]["errors"].get("INVALID_ARGUMENT") == 2 and
           "budget" in doc2["requests"][0]["message"])
-    report("10 bench: per-request policy flags", ok, "exit %d/%d: %s | %s" % (
-        rc, rc2, (doc2["requests"][0]["message"] if doc2 else out2[-200:]), out[-200:]))
+    report("10 bench: per-request policy flags", ok, "exit %d/%d/%d: %s | %s | %s" % (
+        rc, rc2, rc3, (doc2["requests"][0]["message"] if doc2 else out2[-200:]), out[-200:],
+        out3[-200:]))
 
 
 def check_bench_dataset(api, kvserve, addr, work):
