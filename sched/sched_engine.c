@@ -1398,8 +1398,7 @@ seal_blocks(sched_t *s, req_t *r, uint32_t keep_tail)
         atomic_fetch_add(&s->load_sealed, (uint64_t)rc);
         return true;
     }
-    KVS_ERRORF("sched: sealing KV blocks of request %llu failed: %s", (unsigned long long)r->id,
-               kvs_strerror(rc));
+    KVS_ERRORF("sched: sealing KV blocks of request %s failed: %s", r->name, kvs_strerror(rc));
     finish(s, r, SCHED_FINISH_ERROR, rc);
     return false;
 }
@@ -1539,8 +1538,7 @@ snap_compress(sched_t *s, req_t *r)
         KVS_INFOF("sched: request %s: no room to compact its KV (SnapKV), kept whole", r->name);
         return true;
     }
-    KVS_ERRORF("sched: SnapKV compression of request %llu failed: %s", (unsigned long long)r->id,
-               kvs_strerror(rc));
+    KVS_ERRORF("sched: SnapKV compression of request %s failed: %s", r->name, kvs_strerror(rc));
     finish(s, r, SCHED_FINISH_ERROR, rc);
     return false;
 }
@@ -1579,12 +1577,10 @@ h2o_compact(sched_t *s, req_t *r, uint32_t n)
             s, r, s->cfg.kv_residual_tokens); /* the compacted copy is written in full precision */
     if (rc == KVS_EAGAIN) {
         /* Tried again after the next step. */
-        KVS_DEBUGF("sched: request %llu: no room to compact its KV (H2O), kept whole",
-                   (unsigned long long)r->id);
+        KVS_DEBUGF("sched: request %s: no room to compact its KV (H2O), kept whole", r->name);
         return true;
     }
-    KVS_ERRORF("sched: H2O compaction of request %llu failed: %s", (unsigned long long)r->id,
-               kvs_strerror(rc));
+    KVS_ERRORF("sched: H2O compaction of request %s failed: %s", r->name, kvs_strerror(rc));
     finish(s, r, SCHED_FINISH_ERROR, rc);
     return false;
 }
@@ -1632,8 +1628,7 @@ h2o_step(sched_t *s, req_t *r)
             return h2o_compact(s, r, n);
         return true;
     }
-    KVS_ERRORF("sched: H2O scores of request %llu failed: %s", (unsigned long long)r->id,
-               kvs_strerror(rc));
+    KVS_ERRORF("sched: H2O scores of request %s failed: %s", r->name, kvs_strerror(rc));
     finish(s, r, SCHED_FINISH_ERROR, rc);
     return false;
 }
@@ -1701,8 +1696,7 @@ drawn(sched_t *s, req_t *r, int32_t tok, int chosen)
 {
     sched_finish_t why;
     if (tok < 0) {
-        KVS_ERRORF("sched: sampling for request %llu failed: %s", (unsigned long long)r->id,
-                   kvs_strerror(tok));
+        KVS_ERRORF("sched: sampling for request %s failed: %s", r->name, kvs_strerror(tok));
         finish(s, r, SCHED_FINISH_ERROR, tok);
     } else if (chosen == 1) {
         finish(s, r, SCHED_FINISH_STOP, 0);
