@@ -119,10 +119,11 @@ typedef struct bench {
     uint32_t cap_held; /* 1 + the conversation last counted in cap_hits */
     bool stopped;      /* --duration reached: nothing new starts */
     double last_progress;
-    /* --dataset: the entries taken (request k runs data[k % n_data]) and
-     * what became of the file's others. */
+    /* --dataset: the entries taken (request k runs data[k % n_data]), the
+     * file's count, those looked at (in shuffled order, until n_req were
+     * taken) and why the others among them were not. */
     bench_entry_t *data;
-    uint32_t n_data, data_total, data_too_long, data_empty, data_unanswered;
+    uint32_t n_data, data_total, data_examined, data_too_long, data_empty, data_unanswered;
 } bench_t;
 
 /* The intended ending of r's intent, or OK. */

@@ -357,6 +357,7 @@ bench_dataset(bench_t *b)
         shaped_t sh;
         if ((rc = shape(raw.v[order[i]], &sh, where)) != 0)
             break;
+        b->data_examined++;
         if (sh.skip) {
             b->data_unanswered++;
             continue;
@@ -400,10 +401,10 @@ bench_dataset(bench_t *b)
     }
     if (rc == 0 && o->progress)
         fprintf(stderr,
-                "kvserve bench: --dataset %s: %u of %u entries taken (%u too long for "
-                "max_model_len %u, %u empty, %u without an answer)\n",
-                o->dataset, b->n_data, b->data_total, b->data_too_long, max_len, b->data_empty,
-                b->data_unanswered);
+                "kvserve bench: --dataset %s: %u entries taken of %u looked at (of %u): %u too "
+                "long for max_model_len %u, %u empty, %u without an answer\n",
+                o->dataset, b->n_data, b->data_examined, b->data_total, b->data_too_long, max_len,
+                b->data_empty, b->data_unanswered);
     free(order);
     raw_free(&raw);
     return rc;

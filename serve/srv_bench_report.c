@@ -264,9 +264,10 @@ write_json(const bench_t *b, const summary_t *s)
         fprintf(f, "\"dataset\": ");
         srv_json_str(f, o->dataset, strlen(o->dataset));
         fprintf(f,
-                ", \"dataset_entries\": %u, \"dataset_taken\": %u, \"dataset_too_long\": %u, "
-                "\"dataset_empty\": %u, \"dataset_unanswered\": %u, ",
-                b->data_total, b->n_data, b->data_too_long, b->data_empty, b->data_unanswered);
+                ", \"dataset_entries\": %u, \"dataset_examined\": %u, \"dataset_taken\": %u, "
+                "\"dataset_too_long\": %u, \"dataset_empty\": %u, \"dataset_unanswered\": %u, ",
+                b->data_total, b->data_examined, b->n_data, b->data_too_long, b->data_empty,
+                b->data_unanswered);
     }
     json_policy(f, o);
     fprintf(f,

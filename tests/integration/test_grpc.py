@@ -1483,8 +1483,8 @@ def check_bench_dataset(api, kvserve, addr, work):
         c, want = doc["config"], {n: 5 + i for i, n in enumerate(n_ids)}
         if rc != 0 or doc["summary"]["completed"] != 6 or "Dataset:" not in out:
             bad.append("exit %d, summary %s" % (rc, doc["summary"]))
-        if (c.get("dataset"), c.get("dataset_entries"), c.get("dataset_taken"),
-                c.get("dataset_too_long")) != (path, 4, 3, 1):
+        if (c.get("dataset"), c.get("dataset_entries"), c.get("dataset_examined"),
+                c.get("dataset_taken"), c.get("dataset_too_long")) != (path, 4, 4, 3, 1):
             bad.append("config %s" % {k: v for k, v in c.items() if k.startswith("dataset")})
         seen = [r["prompt_tokens"] for r in doc["requests"]]
         if sorted(seen) != sorted(n_ids * 2) or seen[:3] != seen[3:]:
