@@ -1264,7 +1264,7 @@ server_info_new(call_t *c)
 {
     const sched_cfg_t *sc = sched_get_cfg(S.sched);
     Kvserve__V1__ServerInfo r = KVSERVE__V1__SERVER_INFO__INIT;
-    char *policies[] = {"dense", "sink-window", "delta"};
+    char *policies[] = {"dense", "sink-window", "delta", "block-sparse", "quest-decode"};
     r.version = "0.1.0";
     r.device = (char *)kern_backend_name(S.be);
     r.has_block_size = r.has_total_blocks = r.has_max_model_len = r.has_max_num_seqs = true;
@@ -1283,7 +1283,7 @@ server_info_new(call_t *c)
         r.speculative_method = sc->spec_draft_model ? "draft" : "ngram";
     if (sc->spec_draft_model)
         r.speculative_acceptance = sc->spec_rejection ? "rejection" : "exact";
-    r.n_attention_policies = 3;
+    r.n_attention_policies = sizeof policies / sizeof policies[0];
     r.attention_policies = policies;
     reply_unary(c, &r.base, GRPC_STATUS_OK, NULL);
 }

@@ -397,6 +397,9 @@ def check_info(api, model):
                    % (si.max_num_seqs, si.max_queued_requests))
     if si.total_blocks != 1024:
         bad.append("total_blocks %d != --num-kv-blocks 1024" % si.total_blocks)
+    want = ["dense", "sink-window", "delta", "block-sparse", "quest-decode"]
+    if list(si.attention_policies) != want:
+        bad.append("attention_policies %s != %s" % (list(si.attention_policies), want))
     report("0 info: GetModelInfo/GetServerInfo reflect the model and flags", not bad,
            "; ".join(bad) or "%s, vocab %d, %s" % (mi.name, mi.n_vocab, si.version))
     return mi
