@@ -844,20 +844,20 @@ schedule_spec(sched_t *s, req_t *r)
 
 /* ---- speculative decoding by the draft model ------------------------------------ */
 
-/* Lets every running request's draft KV go (they compute it again), for
- * a speculative prefill that needs the draft pool.  Returns whether any
- * was held. */
+/* Lets one running request's draft KV go (it computes it again), the
+ * youngest's first, as preemption picks, for a speculative prefill that
+ * needs the draft pool: the caller asks again after each, so the others
+ * keep theirs.  Returns whether any was held. */
 static bool
 sd_release(sched_t *s)
 {
-    bool any = false;
-    for (req_t *r = s->running.head; r; r = r->next)
+    for (req_t *r = s->running.tail; r; r = r->prev)
         if (r->sd_table) {
             kv_table_free(r->sd_table);
             r->sd_table = NULL;
-            any = true;
+            return true;
         }
-    return any;
+    return false;
 }
 
 /* Drops the entries of r's draft KV past the first proposed token the
@@ -1140,8 +1140,9 @@ plan(sched_t *s)
             uint32_t want = r->n_prompt + r->spec.look_ahead - 1;
             if (rc == 0)
                 rc = kv_table_reserve(r->d_table, want);
-            /* Speculative decoding's draft KV gives way (recomputed). */
-            if (rc == KVS_EAGAIN && sd_release(s))
+            /* Speculative decoding's draft KV gives way (recomputed),
+             * a request at a time until it fits. */
+            while (rc == KVS_EAGAIN && sd_release(s))
                 rc = kv_table_reserve(r->d_table, want);
         } else {
             uint32_t need = need_of(r);

@@ -523,6 +523,59 @@ test_draft_decoding_after_spec_prefill(void **state)
     run_close(&b);
 }
 
+/* A speculative prefill that needs the draft pool takes it from decoding
+ * requests' draft KV one request at a time: after its admission another
+ * request still holds draft KV, and every output is plain decoding's. */
+static void
+test_spec_prefill_takes_draft_kv_as_needed(void **state)
+{
+    (void)state;
+    enum { D = 120, N = 300 };
+    int32_t p0[D], p1[D], p2[N];
+    make_prompt(p0, D, 31);
+    make_prompt(p1, D, 32);
+    make_prompt(p2, N, 33);
+    static run_t r, plain;
+    run_open_draft(&r, 32, 512, draft_path, 4);
+    submit(&r, 0, p0, D, NULL, 0);
+    submit(&r, 1, p1, D, NULL, 0);
+    /* Prefill, then decode steps: both now hold draft KV for their
+     * proposals, 8 blocks each of the 32. */
+    for (int i = 0; i < 3; i++) {
+        assert_true(sched_step(r.s) > 0);
+        run_collect(&r);
+    }
+    kv_pool_t *dp = sched_draft_pool(r.s);
+    uint32_t total = kv_pool_cfg(dp)->n_blocks, held = total - kv_pool_n_free(dp);
+    assert_true(held >= 16 && kv_pool_n_free(dp) < 20);
+    /* Its draft KV: the prompt and 7 look-ahead tokens, 20 blocks. */
+    model_spec_policy_t spec = {.on = true, .keep_ratio = 0.5f};
+    submit(&r, 2, p2, N, &spec, 0);
+    assert_true(sched_step(r.s) > 0);
+    run_collect(&r);
+    uint32_t used = total - kv_pool_n_free(dp);
+    print_message("draft pool: %u of %u blocks held before, %u after the admission\n", held, total,
+                  used);
+    assert_true(used > 20); /* 20 its own, and one decoder's kept */
+    run_idle(&r);
+    /* The same three without speculative decoding. */
+    run_open_draft(&plain, 32, 512, draft_path, 0);
+    submit(&plain, 0, p0, D, NULL, 0);
+    submit(&plain, 1, p1, D, NULL, 0);
+    for (int i = 0; i < 3; i++) {
+        assert_true(sched_step(plain.s) > 0);
+        run_collect(&plain);
+    }
+    submit(&plain, 2, p2, N, &spec, 0);
+    run_idle(&plain);
+    for (uint64_t id = 0; id < 3; id++) {
+        assert_int_equal(r.n_tokens[id], MAXT);
+        assert_memory_equal(r.tokens[id], plain.tokens[id], MAXT * sizeof(int32_t));
+    }
+    run_close(&r);
+    run_close(&plain);
+}
+
 /* n samples of a speculative prefill: the draft runs once, the samples
  * fork the sparse prompt's KV (kept tokens at their positions) or, with
  * no sequence free, prefill the kept tokens again; either way sample i
@@ -602,6 +655,7 @@ main(void)
         cmocka_unit_test(test_cancel_and_preempt_free_both_pools),
         cmocka_unit_test(test_samples_share_sparse_prefill),
         cmocka_unit_test(test_draft_decoding_after_spec_prefill),
+        cmocka_unit_test(test_spec_prefill_takes_draft_kv_as_needed),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
