@@ -523,6 +523,20 @@ test_draft_decoding_after_spec_prefill(void **state)
     run_close(&b);
 }
 
+/* Two decoding requests of prompts p0 and p1 (d tokens) on an engine of
+ * 32 blocks per pool, three steps in: prefilled and decoding. */
+static void
+two_decoding(run_t *r, const int32_t *p0, const int32_t *p1, uint32_t d, uint32_t spec_k)
+{
+    run_open_draft(r, 32, 512, draft_path, spec_k);
+    submit(r, 0, p0, d, NULL, 0);
+    submit(r, 1, p1, d, NULL, 0);
+    for (int i = 0; i < 3; i++) {
+        assert_true(sched_step(r->s) > 0);
+        run_collect(r);
+    }
+}
+
 /* A speculative prefill that needs the draft pool takes it from decoding
  * requests' draft KV one request at a time: after its admission another
  * request still holds draft KV, and every output is plain decoding's. */
@@ -536,15 +550,8 @@ test_spec_prefill_takes_draft_kv_as_needed(void **state)
     make_prompt(p1, D, 32);
     make_prompt(p2, N, 33);
     static run_t r, plain;
-    run_open_draft(&r, 32, 512, draft_path, 4);
-    submit(&r, 0, p0, D, NULL, 0);
-    submit(&r, 1, p1, D, NULL, 0);
-    /* Prefill, then decode steps: both now hold draft KV for their
-     * proposals, 8 blocks each of the 32. */
-    for (int i = 0; i < 3; i++) {
-        assert_true(sched_step(r.s) > 0);
-        run_collect(&r);
-    }
+    /* Both now hold draft KV for their proposals, 8 blocks each. */
+    two_decoding(&r, p0, p1, D, 4);
     kv_pool_t *dp = sched_draft_pool(r.s);
     uint32_t total = kv_pool_cfg(dp)->n_blocks, held = total - kv_pool_n_free(dp);
     assert_true(held >= 16 && kv_pool_n_free(dp) < 20);
@@ -559,13 +566,7 @@ test_spec_prefill_takes_draft_kv_as_needed(void **state)
     assert_true(used > 20); /* 20 its own, and one decoder's kept */
     run_idle(&r);
     /* The same three without speculative decoding. */
-    run_open_draft(&plain, 32, 512, draft_path, 0);
-    submit(&plain, 0, p0, D, NULL, 0);
-    submit(&plain, 1, p1, D, NULL, 0);
-    for (int i = 0; i < 3; i++) {
-        assert_true(sched_step(plain.s) > 0);
-        run_collect(&plain);
-    }
+    two_decoding(&plain, p0, p1, D, 0);
     submit(&plain, 2, p2, N, &spec, 0);
     run_idle(&plain);
     for (uint64_t id = 0; id < 3; id++) {
