@@ -323,10 +323,13 @@ expect 2 "run decode top k not a number" "$K" run --prompt a --decode-top-k x
 contains "decode-top-k"
 # Memory sizes take units: the same bytes give the same pool either way.
 blocks() {
+    # Gone first: the loop below must not find the last server's line
+    # before this one's shell has truncated the file.
+    rm -f "$W/s.err"
     "$K" serve $M --port 0 "$@" >"$W/s.out" 2>"$W/s.err" &
     sp=$!
     i=0
-    while [ $i -lt 100 ] && ! grep -q "KV blocks" "$W/s.err"; do sleep 0.1; i=$((i + 1)); done
+    while [ $i -lt 100 ] && ! grep -qs "KV blocks" "$W/s.err"; do sleep 0.1; i=$((i + 1)); done
     kill "$sp" 2>/dev/null; wait "$sp" 2>/dev/null
     grep -o "[0-9]* KV blocks" "$W/s.err" | head -1
 }
