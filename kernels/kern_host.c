@@ -165,8 +165,8 @@ kern__host_block_bounds_part(const kern_kv_t *kv, uint32_t layer, const int32_t 
     }
 }
 
-static void
-scores_init(const kern_block_score_args_t *a)
+void
+kern__host_block_scores_init(const kern_block_score_args_t *a)
 {
     const uint32_t qg = a->q_group ? a->q_group : 1;
     const size_t n = (size_t)((a->n_q + qg - 1) / qg) * a->n_blocks;
@@ -180,7 +180,7 @@ kern__host_block_scores_ref(kern_backend_t *be, const kern_block_score_args_t *a
     (void)be;
     const uint32_t d = a->head_dim, G = a->n_heads / a->n_kv_heads;
     const uint32_t qg = a->q_group ? a->q_group : 1;
-    scores_init(a);
+    kern__host_block_scores_init(a);
     for (uint32_t i = 0; i < a->n_q; i++)
         for (uint32_t h = 0; h < a->n_heads; h++) {
             const float *q = a->q + ((size_t)i * a->n_heads + h) * d;
@@ -207,7 +207,7 @@ kern__host_block_scores_gemm(kern_backend_t *be, const kern_block_score_args_t *
     const uint32_t d = a->head_dim, G = a->n_heads / a->n_kv_heads, nb = a->n_blocks;
     const uint32_t qg = a->q_group ? a->q_group : 1, rows = a->n_q * G;
     float *x = a->work, *y = a->work + (size_t)rows * 2 * d;
-    scores_init(a);
+    kern__host_block_scores_init(a);
     for (uint32_t g = 0; g < a->n_kv_heads; g++) {
         for (uint32_t i = 0; i < a->n_q; i++)
             for (uint32_t hh = 0; hh < G; hh++) {

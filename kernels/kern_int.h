@@ -127,6 +127,8 @@ int kern__host_delta_apply(kern_backend_t *be, float *out, float *dense, uint32_
 void kern__host_block_bounds_part(const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
                                   uint32_t n, uint32_t g, uint32_t i0, uint32_t i1, float *out,
                                   float *x);
+/* Every score a->score holds, -inf: the maxima start there. */
+void kern__host_block_scores_init(const kern_block_score_args_t *a);
 int kern__host_block_scores_ref(kern_backend_t *be, const kern_block_score_args_t *a);
 int kern__host_block_scores_gemm(kern_backend_t *be, const kern_block_score_args_t *a);
 

@@ -27,9 +27,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* A dataset is read whole; past this it is refused rather than swapped. */
-#define BENCH_DATA_MAX_BYTES (4ull << 30)
-
 typedef struct raw {
     json_t **v;   /* the entries, in file order (references held) */
     size_t *line; /* each entry's line (JSON Lines) or index + 1 (array) */
@@ -66,55 +63,17 @@ raw_free(raw_t *r)
     free(r->line);
 }
 
-static char *
-read_file(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (f == NULL) {
-        fprintf(stderr, "kvserve bench: --dataset: cannot open '%s': %s\n", path, strerror(errno));
-        return NULL;
-    }
-    char *buf = NULL;
-    size_t n = 0, cap = 0;
-    for (;;) {
-        if (n == cap) {
-            size_t c = cap ? 2 * cap : 1 << 16;
-            char *p = c <= BENCH_DATA_MAX_BYTES ? realloc(buf, c + 1) : NULL;
-            if (p == NULL) {
-                fprintf(stderr, "kvserve bench: --dataset: '%s' is too large to read\n", path);
-                goto fail;
-            }
-            buf = p;
-            cap = c;
-        }
-        size_t got = fread(buf + n, 1, cap - n, f);
-        n += got;
-        if (got == 0)
-            break;
-    }
-    if (ferror(f)) {
-        fprintf(stderr, "kvserve bench: --dataset: cannot read '%s'\n", path);
-        goto fail;
-    }
-    fclose(f);
-    buf[n] = '\0';
-    *len = n;
-    return buf;
-fail:
-    fclose(f);
-    free(buf);
-    return NULL;
-}
-
 /* The file's entries: a JSON array's elements, or one object a non-blank
  * line.  0, or KVS_EINVAL / KVS_ENOMEM after saying why. */
 static int
 parse_file(const char *path, raw_t *r)
 {
     size_t len;
-    char *buf = read_file(path, &len);
-    if (buf == NULL)
+    char *buf = srv_read_file(path, &len);
+    if (buf == NULL) {
+        fprintf(stderr, "kvserve bench: --dataset: cannot read '%s': %s\n", path, strerror(errno));
         return KVS_EINVAL;
+    }
     const char *p = buf;
     while (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n')
         p++;

@@ -756,9 +756,7 @@ cpu_block_scores(kern_backend_t *base, const kern_block_score_args_t *a)
     const uint32_t G = a->n_heads / a->n_kv_heads, qg = a->q_group ? a->q_group : 1;
     if (be->isa >= CPU_ISA_AVX2 && a->n_q * G <= 8) {
         const uint32_t d = a->head_dim, nb = a->n_blocks;
-        const size_t n = (size_t)((a->n_q + qg - 1) / qg) * nb;
-        for (size_t k = 0; k < n; k++)
-            a->score[k] = -INFINITY;
+        kern__host_block_scores_init(a);
         for (uint32_t i = 0; i < a->n_q; i++)
             for (uint32_t h = 0; h < a->n_heads; h++) {
                 const float *q = a->q + ((size_t)i * a->n_heads + h) * d;
