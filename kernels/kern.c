@@ -605,21 +605,26 @@ attn_pattern_ok(const kern_attn_args_t *a)
         return true; /* key L - 1 is in every window */
     if (a->mask_stride == 0)
         return false;
+    const uint32_t n_kv = a->kv->n_kv_heads, hs = a->mask_head_stride;
+    if (hs && (uint64_t)n_kv * hs > a->mask_stride)
+        return false;
     uint32_t bt = a->kv->block_tokens, qb = a->mask_q_block ? a->mask_q_block : 1;
     for (uint32_t i = 0; i < a->n_q; i++) {
         uint32_t nb = ((uint32_t)a->kv_len[i] + bt - 1) / bt;
-        if (nb > a->mask_stride)
+        if (nb > (hs ? hs : a->mask_stride))
             return false;
         if (a->window_tokens > 0 || a->sink_tokens > 0 || (a->dense_rows && a->dense_rows[i]))
             continue;
-        /* Mask only: a row whose kept blocks are all zero has no key to
-         * normalise over, and no output that would mean anything. */
-        const uint8_t *m = a->block_mask + (size_t)(i / qb) * a->mask_stride;
-        uint32_t b = 0;
-        while (b < nb && m[b] == 0)
-            b++;
-        if (b == nb)
-            return false;
+        /* Mask only: a row (or head) whose kept blocks are all zero has no
+         * key to normalise over, and no output that would mean anything. */
+        for (uint32_t g = 0; g < (hs ? n_kv : 1); g++) {
+            const uint8_t *m = a->block_mask + (size_t)(i / qb) * a->mask_stride + (size_t)g * hs;
+            uint32_t b = 0;
+            while (b < nb && m[b] == 0)
+                b++;
+            if (b == nb)
+                return false;
+        }
     }
     return true;
 }

@@ -269,17 +269,23 @@ typedef struct kern_attn_args {
      *     j < sink_tokens
      *  or (window_tokens > 0 and j >= L - window_tokens)
      *  or (block_mask and block_mask[(i / mask_q_block) * mask_stride
+     *                                + g * mask_head_stride
      *                                + j / kv->block_tokens] != 0)
+     * where g = h / (n_heads / n_kv_heads) is the KV head of query head h,
      * and softmax runs over those keys only.  Other rows are dense.
      * block_mask: host bytes (nonzero = keep), one mask row per
      * mask_q_block consecutive query rows of the call (rows numbered as
      * in q, across sequences: start each sequence on a multiple of
      * mask_q_block if groups must not straddle two), one byte per KV block
      * of the row's sequence (page-table order, block_tokens entries each);
-     * mask_stride >= ceil(kv_len[i] / block_tokens) for every row.
+     * mask_stride >= ceil(kv_len[i] / block_tokens) for every row.  With
+     * mask_head_stride 0 a mask row holds for every head; else each KV head
+     * has its own (Quest chooses pages per head), mask_head_stride bytes
+     * apart, and mask_head_stride >= ceil(kv_len[i] / block_tokens) and
+     * mask_stride >= n_kv_heads * mask_head_stride.
      * kern_attention returns KVS_EINVAL for sink_tokens without a window
      * or mask, a mask_stride below a row's block count, and a patterned
-     * row that would attend to no key (possible with a mask alone).  Every backend
+     * row or head that would attend to no key (possible with a mask alone).  Every backend
      * honours it (ref, cpu, cuda; prefill, decode and split-K alike), skipping the
      * blocks a row does not see.  cuda runs prefill over F16 KV with head_dim 64 or
      * 128 on tensor cores, q, the softmax weights and decoded quantized K and V rounded
@@ -290,6 +296,7 @@ typedef struct kern_attn_args {
     const uint8_t *block_mask; /* host, see above; NULL: none */
     uint32_t mask_stride;      /* bytes between mask rows */
     uint32_t mask_q_block;     /* query rows per mask row; 0 means 1 */
+    uint32_t mask_head_stride; /* 0: one mask for all heads; else bytes between KV heads' */
     const uint8_t *dense_rows; /* host, [n_q], nonzero: ignore the pattern; or NULL */
     /* 0, or a bound on every kv_len[i] that a backend may plan the call
      * by instead of the actual longest row (how cuda cuts long rows into
@@ -520,7 +527,9 @@ int kern_kv_block_bounds(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer
  *   score[i / q_group][b] = max over rows i of the group and query heads h
  *       of sum_e max(q[i][h][e] * mx[g][b][e], q[i][h][e] * mn[g][b][e])
  *
- * with g = h / (n_heads / n_kv_heads), before any softmax scale.  q,
+ * with g = h / (n_heads / n_kv_heads), before any softmax scale.  With
+ * per_kv_head the maximum runs over each KV head's query heads apart:
+ * score[(i / q_group) * n_kv_heads + g][b].  q,
  * bounds, score and work are backend memory; work holds at least
  * kern_block_scores_work() floats, so the backends can run the bounds as
  * matrix products without allocating.  Results may differ from the exact
@@ -533,7 +542,8 @@ typedef struct kern_block_score_args {
     const float *bounds; /* [n_kv_heads][n_blocks][2 * head_dim] */
     uint32_t n_blocks;
     uint32_t q_group; /* query rows per score row; 0 means 1 */
-    float *score;     /* [ceil(n_q / q_group)][n_blocks] */
+    bool per_kv_head; /* a score row per KV head of each group */
+    float *score;     /* [ceil(n_q / q_group)][per_kv_head ? n_kv_heads : 1][n_blocks] */
     float *work;      /* kern_block_scores_work(a) floats */
 } kern_block_score_args_t;
 size_t kern_block_scores_work(const kern_block_score_args_t *a);

@@ -165,11 +165,18 @@ kern__host_block_bounds_part(const kern_kv_t *kv, uint32_t layer, const int32_t 
     }
 }
 
+size_t
+kern__host_score_row(const kern_block_score_args_t *a, uint32_t grp, uint32_t g)
+{
+    return a->per_kv_head ? (size_t)grp * a->n_kv_heads + g : grp;
+}
+
 void
 kern__host_block_scores_init(const kern_block_score_args_t *a)
 {
     const uint32_t qg = a->q_group ? a->q_group : 1;
-    const size_t n = (size_t)((a->n_q + qg - 1) / qg) * a->n_blocks;
+    const size_t n =
+        (size_t)((a->n_q + qg - 1) / qg) * (a->per_kv_head ? a->n_kv_heads : 1) * a->n_blocks;
     for (size_t k = 0; k < n; k++)
         a->score[k] = -INFINITY;
 }
@@ -184,7 +191,7 @@ kern__host_block_scores_ref(kern_backend_t *be, const kern_block_score_args_t *a
     for (uint32_t i = 0; i < a->n_q; i++)
         for (uint32_t h = 0; h < a->n_heads; h++) {
             const float *q = a->q + ((size_t)i * a->n_heads + h) * d;
-            float *sc = a->score + (size_t)(i / qg) * a->n_blocks;
+            float *sc = a->score + kern__host_score_row(a, i / qg, h / G) * a->n_blocks;
             for (uint32_t b = 0; b < a->n_blocks; b++) {
                 const float *mx = a->bounds + ((size_t)(h / G) * a->n_blocks + b) * 2 * d;
                 const float *mn = mx + d;
@@ -229,7 +236,7 @@ kern__host_block_scores_gemm(kern_backend_t *be, const kern_block_score_args_t *
             return rc;
         for (uint32_t r = 0; r < rows; r++) {
             const float *yr = y + (size_t)r * nb;
-            float *sc = a->score + (size_t)(r / G / qg) * nb;
+            float *sc = a->score + kern__host_score_row(a, r / G / qg, g) * nb;
             for (uint32_t b = 0; b < nb; b++)
                 sc[b] = yr[b] > sc[b] ? yr[b] : sc[b];
         }

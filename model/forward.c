@@ -408,9 +408,13 @@ bs_select(uint32_t *idx, uint32_t n, uint32_t k, const float *score)
  * rows' windows on, and the top_k candidates below that by Quest's bound.
  * The backend summarises the candidates once and scores them a slab of
  * query blocks at a time (kern_kv_block_bounds, kern_block_scores); only
- * the slab's scores come to the host, where the choice is made. */
+ * the slab's scores come to the host, where the choice is made.  With
+ * per_head each KV head chooses its own top_k by the largest bound of its
+ * query heads (Quest's choice per head, grouped for GQA); else one choice,
+ * by the largest bound of every head, holds for all of them. */
 static int
-block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_t *p, uint32_t qd)
+block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_t *p, uint32_t qd,
+             bool per_head)
 {
     const kern_kv_t *kv = o->kv;
     const uint32_t N = o->n_q, bt = kv->block_tokens, d = kv->head_dim;
@@ -452,20 +456,26 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
         return kern_attention(c->be, &dense);
     }
 
-    TRY(bs_grow((void **)&c->bs_mask, &c->bs_mask_cap, (size_t)nq * stride, 1));
-    memset(c->bs_mask, 1, (size_t)nq * stride);
+    /* Mask row q holds nh rows of `stride` bytes, one per choosing head. */
+    const uint32_t nh = per_head ? n_kv : 1;
+    const size_t mrow_bytes = (size_t)nh * stride;
+    TRY(bs_grow((void **)&c->bs_mask, &c->bs_mask_cap, (size_t)nq * mrow_bytes, 1));
+    memset(c->bs_mask, 1, (size_t)nq * mrow_bytes);
     const uint32_t nw = c1max - c0;
-    const uint32_t slab_q = BS_SLAB_ROWS / bt ? BS_SLAB_ROWS / bt : 1, slab = slab_q * bt;
+    uint32_t slab_q = BS_SLAB_ROWS / bt ? BS_SLAB_ROWS / bt : 1;
+    slab_q = slab_q > nq ? nq : slab_q;
     kern_block_score_args_t sa = {.n_heads = H,
                                   .n_kv_heads = n_kv,
                                   .head_dim = d,
                                   .n_blocks = nw,
                                   .q_group = bt,
-                                  .n_q = slab};
+                                  .per_kv_head = per_head,
+                                  .n_q = slab_q * bt};
+    const size_t slab_scores = (size_t)slab_q * nh * nw;
     TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, (size_t)n_kv * nw * 2 * d));
     TRY(bs_grow_be(c, &c->bs_work, &c->bs_work_cap, kern_block_scores_work(&sa)));
-    TRY(bs_grow_be(c, &c->bs_dscore, &c->bs_dscore_cap, (size_t)slab_q * nw));
-    TRY(bs_grow((void **)&c->bs_score, &c->bs_score_cap, (size_t)slab_q * nw, sizeof(float)));
+    TRY(bs_grow_be(c, &c->bs_dscore, &c->bs_dscore_cap, slab_scores));
+    TRY(bs_grow((void **)&c->bs_score, &c->bs_score_cap, slab_scores, sizeof(float)));
     TRY(bs_grow((void **)&c->bs_idx, &c->bs_idx_cap, nw, sizeof(uint32_t)));
     TRY(kern_kv_block_bounds(c->be, kv, o->layer, o->pt.indices + c0, nw, c->bs_w));
     sa.bounds = c->bs_w;
@@ -479,25 +489,28 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
         sa.n_q = rows;
         TRY(kern_block_scores(c->be, &sa));
         TRY(kern_download(c->be, c->bs_score, c->bs_dscore,
-                          (size_t)(q1 - q0) * nw * sizeof(float)));
+                          (size_t)(q1 - q0) * nh * nw * sizeof(float)));
         for (uint32_t q = q0; q < q1; q++) {
             if (!c->bs_span[2 * q + 1])
                 continue;
             uint32_t n = c->bs_span[2 * q] - c0;
-            uint8_t *mrow = c->bs_mask + (size_t)q * stride;
-            memset(mrow + c0, 0, n);
-            for (uint32_t b = 0; b < n; b++)
-                c->bs_idx[b] = b;
-            bs_select(c->bs_idx, n, p->top_k, c->bs_score + (size_t)(q - q0) * nw);
-            for (uint32_t k = 0; k < p->top_k; k++)
-                mrow[c0 + c->bs_idx[k]] = 1;
+            for (uint32_t g = 0; g < nh; g++) {
+                uint8_t *mrow = c->bs_mask + (size_t)q * mrow_bytes + (size_t)g * stride;
+                memset(mrow + c0, 0, n);
+                for (uint32_t b = 0; b < n; b++)
+                    c->bs_idx[b] = b;
+                bs_select(c->bs_idx, n, p->top_k, c->bs_score + ((size_t)(q - q0) * nh + g) * nw);
+                for (uint32_t k = 0; k < p->top_k; k++)
+                    mrow[c0 + c->bs_idx[k]] = 1;
+            }
         }
     }
     kern_attn_args_t sp = *o;
     sp.sink_tokens = p->sinks;
     sp.window_tokens = p->window;
     sp.block_mask = c->bs_mask;
-    sp.mask_stride = stride;
+    sp.mask_stride = (uint32_t)mrow_bytes;
+    sp.mask_head_stride = per_head ? stride : 0;
     sp.mask_q_block = bt;
     return kern_attention(c->be, &sp);
 }
@@ -522,7 +535,9 @@ model_ctx_reserve(model_ctx_t *c, uint32_t max_ctx, uint32_t block_tokens)
                                   .n_q = slab_q * bt};
     TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, (size_t)hp->n_head_kv * nw * 2 * hp->head_dim));
     TRY(bs_grow_be(c, &c->bs_work, &c->bs_work_cap, kern_block_scores_work(&sa)));
-    TRY(bs_grow_be(c, &c->bs_dscore, &c->bs_dscore_cap, (size_t)slab_q * nw));
+    /* A slab of query blocks, or a decode row's score per KV head (Quest). */
+    const uint32_t score_rows = slab_q > hp->n_head_kv ? slab_q : hp->n_head_kv;
+    TRY(bs_grow_be(c, &c->bs_dscore, &c->bs_dscore_cap, (size_t)score_rows * nw));
     c->reserved = true;
     return 0;
 }
@@ -561,7 +576,7 @@ attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32
         if (p->kind != MODEL_ATTN_DENSE && ns > 0) {
             kern_attn_args_t o = one_seq(a, s, r0, ns, qd, qi, pi);
             if (p->kind == MODEL_ATTN_BLOCK_SPARSE) {
-                TRY(block_sparse(c, &o, p, qd));
+                TRY(block_sparse(c, &o, p, qd, false));
             } else {
                 o.sink_tokens = p->sinks;
                 o.window_tokens = p->window;
@@ -583,7 +598,7 @@ attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32
             .kind = MODEL_ATTN_BLOCK_SPARSE, .window = 1, .top_k = p->decode_top_k};
         for (uint32_t i = nd; i < n; i++) {
             kern_attn_args_t o = one_seq(a, s, r0 + i, 1, qd, qi, pi);
-            TRY(block_sparse(c, &o, &qp, qd));
+            TRY(block_sparse(c, &o, &qp, qd, true));
         }
     }
     return 0;

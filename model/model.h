@@ -327,9 +327,10 @@ typedef struct model_attn_policy {
     uint32_t top_k;         /* BLOCK_SPARSE: KV blocks picked per query block, >= 1 */
     /* Quest at decode (algorithms.md section 7.1), whatever the prefill
      * kind; 0: dense decode.  In layers from MODEL_DECODE_DENSE_LAYERS on,
-     * each decode row attends its own (last) KV block and the decode_top_k
-     * earlier blocks with the highest upper bound on q.k (BLOCK_SPARSE's
-     * bound, maximised over the row's heads), one row at a time so that a
+     * each decode row attends its own (last) KV block and, per KV head,
+     * the decode_top_k earlier blocks with the highest upper bound on q.k
+     * (BLOCK_SPARSE's bound, maximised over the KV head's query heads:
+     * Quest's choice per head, grouped for GQA), one row at a time so that a
      * verification row chooses as the same row decoded alone would.  The
      * bounds are taken from the keys at each step, so a step still reads
      * every key once, and every value only of the blocks chosen. */

@@ -368,7 +368,7 @@ typedef struct row_pat {
 } row_pat_t;
 
 static void
-row_pat_init(const kern_attn_args_t *a, int32_t i, row_pat_t *r)
+row_pat_init(const kern_attn_args_t *a, int32_t i, uint32_t g, row_pat_t *r)
 {
     r->len = a->kv_len[i];
     r->lo = 0;
@@ -380,7 +380,8 @@ row_pat_init(const kern_attn_args_t *a, int32_t i, row_pat_t *r)
     r->lo = lo > 0 ? (int32_t)lo : 0;
     if (a->block_mask) {
         uint32_t qb = a->mask_q_block ? a->mask_q_block : 1;
-        r->mask = a->block_mask + (size_t)((uint32_t)i / qb) * a->mask_stride;
+        r->mask = a->block_mask + (size_t)((uint32_t)i / qb) * a->mask_stride +
+                  (size_t)g * a->mask_head_stride;
     }
 }
 
@@ -581,7 +582,7 @@ item_task(void *ctx, int task, int thread)
 
     row_pat_t rows[NQ_TARGET]; /* n_rows <= NQ_TARGET (planning) */
     for (int32_t r = 0; r < it->n_rows; r++)
-        row_pat_init(a, it->row0 + r, &rows[r]);
+        row_pat_init(a, it->row0 + r, it->g, &rows[r]);
     bool sparse = a->window_tokens > 0 || a->block_mask != NULL;
 
     const void *kp[CHUNK], *vp[CHUNK];

@@ -268,7 +268,7 @@ ref_attn_mass(kern_backend_t *base, const kern_attn_mass_args_t *a)
 /* Whether row i (causal limit len) attends to key j < len: kern.h's
  * sparse key pattern, spelled out as written there. */
 static bool
-ref_key_allowed(const kern_attn_args_t *a, uint32_t i, int32_t len, int32_t j)
+ref_key_allowed(const kern_attn_args_t *a, uint32_t i, uint32_t g, int32_t len, int32_t j)
 {
     bool patterned =
         (a->window_tokens > 0 || a->block_mask) && !(a->dense_rows && a->dense_rows[i]);
@@ -278,7 +278,8 @@ ref_key_allowed(const kern_attn_args_t *a, uint32_t i, int32_t len, int32_t j)
         return true;
     if (a->block_mask) {
         uint32_t qb = a->mask_q_block ? a->mask_q_block : 1;
-        return a->block_mask[(size_t)(i / qb) * a->mask_stride + (uint32_t)j / a->kv->block_tokens];
+        return a->block_mask[(size_t)(i / qb) * a->mask_stride + (size_t)g * a->mask_head_stride +
+                             (uint32_t)j / a->kv->block_tokens];
     }
     return false;
 }
@@ -311,7 +312,7 @@ ref_attention(kern_backend_t *base, const kern_attn_args_t *a)
                 const float *q = a->q + ((size_t)i * a->n_heads + h) * d;
                 double mx = -INFINITY;
                 for (int32_t j = 0; j < len; j++) {
-                    if (!ref_key_allowed(a, (uint32_t)i, len, j)) {
+                    if (!ref_key_allowed(a, (uint32_t)i, g, len, j)) {
                         p[j] = -INFINITY; /* exp() below makes it an exact 0 */
                         continue;
                     }

@@ -66,12 +66,12 @@ typedef struct attn_params {
     const int32_t *row_len; /* [n_q] kv_len */
     const int32_t *row_lo;  /* [n_q] -1: dense; else the window's first key (kv_len: none) */
     const int32_t *blocks;  /* page table indices */
-    const uint8_t *mask;    /* NULL or mask rows, mask_stride bytes apart */
+    const uint8_t *mask;    /* NULL or mask rows, mask_stride bytes apart, mask_heads a group */
     const void *k;          /* the layer's K */
     const void *v;
     kern_cuda_kvq_t kvq; /* the layer's quantized blocks, if the pool has a codec */
     uint32_t n_heads, n_kv_heads, group, head_dim, block_tokens;
-    uint32_t sinks, mask_stride, mask_q_block;
+    uint32_t sinks, mask_stride, mask_q_block, mask_heads;
     uint32_t n_splits, split_tokens;
     float qscale; /* scale * log2(e) */
 } attn_params_t;
@@ -92,7 +92,9 @@ __launch_bounds__(ATTN_MAX_WARPS * 32) attn_kernel(attn_params_t p)
      * wlo, or in a block its mask row keeps. */
     int32_t wlo = p.row_lo[i];
     const uint8_t *mrow =
-        p.mask && wlo >= 0 ? p.mask + (size_t)(i / p.mask_q_block) * p.mask_stride : NULL;
+        p.mask && wlo >= 0
+            ? p.mask + ((size_t)(i / p.mask_q_block) * p.mask_heads + g) * p.mask_stride
+            : NULL;
 
     for (uint32_t hh = warp; hh < p.group; hh += n_warps) {
         uint32_t h = g * p.group + hh;
@@ -625,6 +627,9 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
     }
     bool patterned = a->window_tokens > 0 || a->block_mask != NULL;
     uint32_t qb = a->mask_q_block ? a->mask_q_block : 1;
+    /* Per-head masks are staged as mheads rows per row group, head g's
+     * at (group * mheads + g) * mstride. */
+    uint32_t mheads = a->mask_head_stride ? kv->n_kv_heads : 1;
 
     /* Which rows go where: whole sequences of more than one row to the
      * tensor-core kernel, the rest to attn_kernel's row list. */
@@ -676,7 +681,7 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
      * start and the offset of its sequence's block ids; attn_kernel's row
      * list; the tiles; the mask. */
     size_t n_ints = (size_t)3 * n_q + n_list + 3 * n_tiles;
-    size_t bytes = n_ints * sizeof(int32_t) + (size_t)n_mrows * mstride;
+    size_t bytes = n_ints * sizeof(int32_t) + (size_t)n_mrows * mheads * mstride;
     void *h, *dev;
     if ((rc = kern__cuda_stage_begin(be, bytes, &h)) != 0)
         return rc;
@@ -734,10 +739,15 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
             uint32_t nb = ((uint32_t)a->kv_len[i] + bt - 1) / bt;
             need = nb > need ? nb : need;
         }
-        uint8_t *dst = mask + (size_t)mr * mstride;
-        if (need)
-            memcpy(dst, a->block_mask + (size_t)mr * a->mask_stride, need);
-        memset(dst + need, 0, mstride - need);
+        for (uint32_t g = 0; g < mheads; g++) {
+            uint8_t *dst = mask + ((size_t)mr * mheads + g) * mstride;
+            if (need)
+                memcpy(dst,
+                       a->block_mask + (size_t)mr * a->mask_stride +
+                           (size_t)g * a->mask_head_stride,
+                       need);
+            memset(dst + need, 0, mstride - need);
+        }
     }
     if ((rc = kern__cuda_stage_end(be, bytes, &dev)) != 0)
         return rc;
@@ -762,6 +772,7 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
         t.kvq = kern__cuda_kvq(kv, a->layer);
         t.mask_stride = mstride;
         t.mask_q_block = qb;
+        t.mask_heads = mheads;
         t.n_tiles = (uint32_t)n_tiles;
         t.n_heads = a->n_heads;
         t.n_kv_heads = kv->n_kv_heads;
@@ -860,6 +871,7 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
     p.sinks = a->sink_tokens;
     p.mask_stride = mstride;
     p.mask_q_block = qb;
+    p.mask_heads = mheads;
     p.n_splits = n_splits;
     p.split_tokens = split_tokens;
     p.qscale = qscale;

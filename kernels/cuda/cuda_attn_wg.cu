@@ -117,6 +117,7 @@ wg_agrees(kern_cuda_t *be, int tc, uint32_t d)
         p.v = dev + o_v;
         p.kvq.n_hot = NB; /* no quantized block */
         p.mask_q_block = 1;
+        p.mask_heads = 1;
         p.n_heads = HEADS;
         p.n_kv_heads = 1;
         p.group = HEADS;

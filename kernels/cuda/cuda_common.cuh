@@ -342,11 +342,12 @@ typedef struct kern_cuda_attn_tc {
     const int32_t *row_len; /* [n_q] kv_len */
     const int32_t *row_lo;  /* [n_q] -1: dense row; else the window's first key (kv_len: none) */
     const int32_t *blocks;  /* page table indices */
-    const uint8_t *mask;    /* NULL, or mask rows of mask_stride bytes */
+    const uint8_t *mask;    /* NULL, or mask rows of mask_stride bytes, mask_heads per row group */
     const void *k;          /* the layer's K, F16, 16-byte aligned */
     const void *v;
     kern_cuda_kvq_t kvq;                /* the layer's quantized blocks, decoded into the tiles */
     uint32_t mask_stride, mask_q_block; /* mask_q_block >= 1 */
+    uint32_t mask_heads;                /* 1: one mask for all KV heads; else n_kv_heads */
     uint32_t n_tiles, n_heads, n_kv_heads, group, head_dim, block_tokens, sinks;
     float qscale; /* scale * log2(e) */
 } kern_cuda_attn_tc_t;

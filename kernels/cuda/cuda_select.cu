@@ -175,11 +175,12 @@ split_kernel(const float *q, uint32_t n_q, uint32_t n_heads, uint32_t G, uint32_
     }
 }
 
-/* score[grp][b] = max(score (unless first), y[r][b] for the rows r of the
- * group: rows i of [grp * q_group, ..) times G heads). */
+/* score[grp * heads + g][b] = max(score (unless first), y[r][b] for the
+ * rows r of the group: rows i of [grp * q_group, ..) times G heads);
+ * heads is 1 (g 0) for a score row shared by every KV head. */
 static __global__ void
 group_max_kernel(const float *y, uint32_t n_q, uint32_t G, uint32_t q_group, uint32_t nb,
-                 uint32_t n_groups, bool first, float *score)
+                 uint32_t n_groups, uint32_t heads, uint32_t g, bool first, float *score)
 {
     const size_t count = (size_t)n_groups * nb;
     for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < count;
@@ -188,10 +189,11 @@ group_max_kernel(const float *y, uint32_t n_q, uint32_t G, uint32_t q_group, uin
         const size_t r0 = grp * q_group * G;
         size_t r1 = (grp + 1) * q_group * G;
         r1 = r1 < (size_t)n_q * G ? r1 : (size_t)n_q * G;
-        float m = first ? -INFINITY : score[t];
+        float *sc = score + (grp * heads + g) * nb + b;
+        float m = first ? -INFINITY : *sc;
         for (size_t r = r0; r < r1; r++)
             m = fmaxf(m, y[r * nb + b]);
-        score[t] = m;
+        *sc = m;
     }
 }
 
@@ -221,8 +223,10 @@ kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
                                      y, CUDA_R_32F, (int)nb, CUBLAS_COMPUTE_32F_FAST_TF32,
                                      CUBLAS_GEMM_DEFAULT));
         const size_t ns = (size_t)n_groups * nb;
+        const uint32_t heads = a->per_kv_head ? a->n_kv_heads : 1;
         group_max_kernel<<<kern__cuda_grid(be, ns, 256), 256, 0, be->stream>>>(
-            y, a->n_q, G, qg, nb, n_groups, g == 0, a->score);
+            y, a->n_q, G, qg, nb, n_groups, heads, a->per_kv_head ? g : 0, a->per_kv_head || g == 0,
+            a->score);
         KERN_CUDA_LAUNCHED();
     }
     return 0;

@@ -112,7 +112,7 @@ typedef struct pdata {
 
 /* The pattern under test (the kern_attn_args_t fields, owned here). */
 typedef struct pat {
-    uint32_t sinks, window, stride, qb;
+    uint32_t sinks, window, stride, qb, hstride; /* hstride: mask_head_stride */
     uint8_t *mask, *dense;
 } pat_t;
 
@@ -212,6 +212,7 @@ pat_args(const pdata_t *p, const pat_t *pt)
         a.block_mask = pt->mask;
         a.mask_stride = pt->stride;
         a.mask_q_block = pt->qb;
+        a.mask_head_stride = pt->hstride;
         a.dense_rows = pt->dense;
     }
     return a;
@@ -272,16 +273,18 @@ run(kern_backend_t *be, const pdata_t *p, const pat_t *pt, float *out)
     return rc;
 }
 
-/* Whether row i (causal limit len) sees key j, from kern.h's definition. */
+/* Whether row i (causal limit len), KV head g, sees key j, from kern.h's
+ * definition. */
 static bool
-sees(const pdata_t *p, const pat_t *pt, uint32_t i, int32_t len, int32_t j)
+sees(const pdata_t *p, const pat_t *pt, uint32_t i, uint32_t g, int32_t len, int32_t j)
 {
     if (pt == NULL || (pt->window == 0 && pt->mask == NULL) || (pt->dense && pt->dense[i]))
         return true;
     bool in_sink = (uint32_t)j < pt->sinks;
     bool in_window = pt->window > 0 && (int64_t)j + pt->window >= len;
     uint32_t qb = pt->qb ? pt->qb : 1;
-    bool in_mask = pt->mask && pt->mask[(i / qb) * pt->stride + (uint32_t)j / p->bt];
+    bool in_mask =
+        pt->mask && pt->mask[(i / qb) * pt->stride + g * pt->hstride + (uint32_t)j / p->bt];
     return in_sink || in_window || in_mask;
 }
 
@@ -305,7 +308,7 @@ masked_dense(const pdata_t *p, const pat_t *pt, float *out)
                     double dot = 0.0;
                     for (uint32_t c = 0; c < p->d; c++)
                         dot += (double)q[c] * k[c];
-                    w[j] = sees(p, pt, (uint32_t)i, len, j) ? dot * p->scale : -INFINITY;
+                    w[j] = sees(p, pt, (uint32_t)i, h / group, len, j) ? dot * p->scale : -INFINITY;
                     mx = w[j] > mx ? w[j] : mx;
                 }
                 assert_true(mx > -INFINITY);
@@ -327,24 +330,31 @@ masked_dense(const pdata_t *p, const pat_t *pt, float *out)
     free(w);
 }
 
-/* A mask with keep probability keep_pct %, stride = the widest sequence's
- * block count; mask-only rows get the block of their last key kept so no
- * row is empty. */
+/* A mask with keep probability keep_pct %, a mask row per group of qb
+ * query rows at least the widest sequence's block count wide, or with
+ * `heads` one that wide per KV head (mask_head_stride), maybe with some
+ * slack; mask-only rows get the block of their last key kept so no row
+ * (or head) is empty. */
 static void
-pat_mask(const pdata_t *p, pat_t *pt, uint32_t qb, uint32_t keep_pct, bool ensure)
+pat_mask(const pdata_t *p, pat_t *pt, uint32_t qb, uint32_t keep_pct, bool ensure, bool heads)
 {
     int32_t mx = 0;
     for (uint32_t s = 0; s < p->n_seqs; s++)
         mx = p->len[s] > mx ? p->len[s] : mx;
+    const uint32_t width = (uint32_t)(mx + (int32_t)p->bt - 1) / p->bt + (rng_u32() % 3);
+    const uint32_t nh = heads ? p->n_kv : 1;
     pt->qb = qb;
-    pt->stride = (uint32_t)(mx + (int32_t)p->bt - 1) / p->bt + (rng_u32() % 3);
+    pt->hstride = heads ? width : 0;
+    pt->stride = heads ? nh * width + rng_u32() % 3 : width;
     size_t n_rows = (p->n_q + (qb ? qb : 1) - 1) / (qb ? qb : 1);
     pt->mask = malloc(n_rows * pt->stride);
     assert_non_null(pt->mask);
     for (size_t i = 0; i < n_rows * pt->stride; i++)
         pt->mask[i] = rng_u32() % 100 < keep_pct ? (uint8_t)(1 + rng_u32() % 255) : 0;
     for (uint32_t i = 0; ensure && i < p->n_q; i++)
-        pt->mask[(i / (qb ? qb : 1)) * pt->stride + (uint32_t)(p->kv_len[i] - 1) / p->bt] = 1;
+        for (uint32_t g = 0; g < nh; g++)
+            pt->mask[(i / (qb ? qb : 1)) * pt->stride + g * pt->hstride +
+                     (uint32_t)(p->kv_len[i] - 1) / p->bt] = 1;
 }
 
 static void
@@ -439,18 +449,23 @@ test_random_patterns(void **state)
         snprintf(what, sizeof(what), "iter %d sink %u window %u", iter, pt.sinks, pt.window);
         check_pattern(&p, &pt, what);
 
+        /* Masks per KV head, then one for every head (kept below). */
         pat_t pm = {0};
-        pat_mask(&p, &pm, 1 + rng_u32() % 5, 40, true);
-        snprintf(what, sizeof(what), "iter %d mask qb %u", iter, pm.qb);
-        check_pattern(&p, &pm, what);
-        pat_free(&pm);
-        pat_mask(&p, &pm, rng_u32() % 3, 30, false);
-        pm.sinks = 1 + rng_u32() % 6;
-        snprintf(what, sizeof(what), "iter %d mask + sinks %u", iter, pm.sinks);
-        check_pattern(&p, &pm, what);
-        pm.window = 1 + rng_u32() % 40;
-        snprintf(what, sizeof(what), "iter %d mask + sinks + window %u", iter, pm.window);
-        check_pattern(&p, &pm, what);
+        for (int heads = 1; heads >= 0; heads--) {
+            const char *kind = heads ? "mask per head" : "mask";
+            pat_free(&pm);
+            pat_mask(&p, &pm, 1 + rng_u32() % 5, 40, true, heads);
+            snprintf(what, sizeof(what), "iter %d %s qb %u", iter, kind, pm.qb);
+            check_pattern(&p, &pm, what);
+            pat_free(&pm);
+            pat_mask(&p, &pm, rng_u32() % 3, 30, false, heads);
+            pm.sinks = 1 + rng_u32() % 6;
+            snprintf(what, sizeof(what), "iter %d %s + sinks %u", iter, kind, pm.sinks);
+            check_pattern(&p, &pm, what);
+            pm.window = 1 + rng_u32() % 40;
+            snprintf(what, sizeof(what), "iter %d %s + sinks + window %u", iter, kind, pm.window);
+            check_pattern(&p, &pm, what);
+        }
 
         /* Delta Attention's layout: every gamma-th row and a tail dense. */
         uint32_t gamma = 1 + rng_u32() % 8, tail = rng_u32() % 5;
@@ -484,7 +499,7 @@ test_split_k_decode(void **state)
         pat_t pt = {.sinks = 4, .window = 100 + 37 * (uint32_t)r};
         check_pattern(&p, &pt, "split-K sink + window");
         pat_t pm = {0};
-        pat_mask(&p, &pm, 1, 10, true);
+        pat_mask(&p, &pm, 1, 10, true, false);
         check_pattern(&p, &pm, "split-K mask");
         pm.window = 64;
         pm.sinks = 16;
@@ -543,27 +558,29 @@ test_cuda_patterns(void **state)
         assert_true(yr && yb);
         char what[128];
 
-        pat_t pts[4] = {{.sinks = rng_u32() % 9, .window = 1 + rng_u32() % 200}, {0}, {0}, {0}};
-        pat_mask(&p, &pts[1], qbs[rng_u32() % 4], 35, true);
-        pat_mask(&p, &pts[2], qbs[rng_u32() % 4], 25, false);
+        pat_t pts[5] = {
+            {.sinks = rng_u32() % 9, .window = 1 + rng_u32() % 200}, {0}, {0}, {0}, {0}};
+        pat_mask(&p, &pts[1], qbs[rng_u32() % 4], 35, true, false);
+        pat_mask(&p, &pts[2], qbs[rng_u32() % 4], 25, false, false);
         pts[2].sinks = 1 + rng_u32() % 20;
         pts[2].window = 1 + rng_u32() % 100;
-        pat_mask(&p, &pts[3], 1, 50, true);
+        pat_mask(&p, &pts[3], 1, 50, true, false);
         pts[3].dense = calloc(p.n_q, 1);
         assert_non_null(pts[3].dense);
         uint32_t gamma = 1 + rng_u32() % 16;
         for (uint32_t i = 0; i < p.n_q; i++)
             pts[3].dense[i] = i % gamma == 0 || i + 4 >= p.n_q;
+        pat_mask(&p, &pts[4], qbs[rng_u32() % 4], 35, true, true);
         static const char *names[] = {"sink + window", "mask", "mask + sinks + window",
-                                      "mask + dense rows"};
-        for (int k = -1; k < 4; k++) {
+                                      "mask + dense rows", "mask per head"};
+        for (int k = -1; k < 5; k++) {
             const pat_t *pt = k < 0 ? NULL : &pts[k];
             snprintf(what, sizeof(what), "cuda iter %d bt %u d %u group %u %s", iter, bt, d, group,
                      k < 0 ? "dense" : names[k]);
             assert_int_equal(run(g_ref, &p, pt, yr), 0);
             check_cuda(&p, pt, yr, yb, what);
         }
-        for (int k = 0; k < 4; k++)
+        for (int k = 0; k < 5; k++)
             pat_free(&pts[k]);
         free(yr);
         free(yb);
@@ -587,9 +604,9 @@ test_degenerate_equals_dense(void **state)
         assert_true(dense && got);
         pat_t wide = {.sinks = 3, .window = 209 + (uint32_t)iter * 50}; /* >= every kv_len */
         pat_t ones = {0};
-        pat_mask(&p, &ones, 1 + (uint32_t)iter % 4, 100, false);
+        pat_mask(&p, &ones, 1 + (uint32_t)iter % 4, 100, false, iter % 2);
         pat_t all_dense = {.window = 1, .sinks = 1};
-        pat_mask(&p, &all_dense, 1, 0, true);
+        pat_mask(&p, &all_dense, 1, 0, true, false);
         all_dense.dense = malloc(p.n_q);
         assert_non_null(all_dense.dense);
         memset(all_dense.dense, 1, p.n_q);
@@ -703,7 +720,7 @@ test_pattern_validation(void **state)
         pt.window = 8;
         assert_int_equal(run(be, &p, &pt, out), 0);
         pat_t pm = {0};
-        pat_mask(&p, &pm, 1, 100, false);
+        pat_mask(&p, &pm, 1, 100, false, false);
         pm.stride = 0;
         assert_int_equal(run(be, &p, &pm, out), KVS_EINVAL);
         pm.stride = 9; /* 40 keys / 4 = 10 blocks */
@@ -728,6 +745,22 @@ test_pattern_validation(void **state)
         pm.dense[3] = 0;
         pm.mask[3 * pm.stride + 9] = 1;
         assert_int_equal(run(be, &p, &pm, out), KVS_EINVAL);
+        /* A mask per KV head (2 here): each head as wide as a row's
+         * blocks, the row holding both, and no head without a key. */
+        pat_t ph = {0};
+        pat_mask(&p, &ph, 1, 100, false, true);
+        ph.hstride = 9;
+        assert_int_equal(run(be, &p, &ph, out), KVS_EINVAL);
+        ph.hstride = 10;
+        ph.stride = 19;
+        assert_int_equal(run(be, &p, &ph, out), KVS_EINVAL);
+        ph.stride = 20;
+        assert_int_equal(run(be, &p, &ph, out), 0);
+        memset(ph.mask + 3 * ph.stride + 10, 0, 10); /* row 3, head 1 */
+        assert_int_equal(run(be, &p, &ph, out), KVS_EINVAL);
+        ph.window = 1;
+        assert_int_equal(run(be, &p, &ph, out), 0);
+        pat_free(&ph);
         pat_free(&pt);
         pat_free(&pm);
     }
@@ -815,10 +848,10 @@ test_delta_invariants(void **state)
 /* ---- Quest bounds (kern_kv_block_bounds, kern_block_scores) ------------- */
 
 /* Sequence 0's first nb blocks summarised on be, and every query row
- * scored against them in groups of qg rows. */
+ * scored against them in groups of qg rows (per KV head, or not). */
 static void
-run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t qg, size_t sn, float *bounds,
-          float *score)
+run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t qg, bool per_head, size_t sn,
+          float *bounds, float *score)
 {
     kern_kv_t kv = pkv_make(be, p);
     const size_t qn = (size_t)p->n_q * p->n_heads * p->d, bn = (size_t)p->n_kv * nb * 2 * p->d;
@@ -827,7 +860,8 @@ run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t qg, size_t
                                  .n_kv_heads = p->n_kv,
                                  .head_dim = p->d,
                                  .n_blocks = nb,
-                                 .q_group = qg};
+                                 .q_group = qg,
+                                 .per_kv_head = per_head};
     float *qd = kern_alloc(be, qn * sizeof(float)), *bd = kern_alloc(be, bn * sizeof(float));
     float *sd = kern_alloc(be, sn * sizeof(float));
     float *wd = kern_alloc(be, kern_block_scores_work(&a) * sizeof(float));
@@ -892,10 +926,11 @@ test_quest_bounds(void **state)
         const uint32_t d = p.d, bt = p.bt, nb = (uint32_t)p.len[0] / bt, G = p.n_heads / p.n_kv;
         const uint32_t qg = cases[ci].qg ? cases[ci].qg : 1, n_groups = (p.n_q + qg - 1) / qg;
         const size_t bn = (size_t)p.n_kv * nb * 2 * d, sn = (size_t)n_groups * nb;
-        const size_t krow = (size_t)p.n_kv * d;
+        const size_t snh = sn * p.n_kv, krow = (size_t)p.n_kv * d;
         float *want_b = malloc(bn * sizeof(float)), *want_s = malloc(sn * sizeof(float));
-        float *got_b = malloc(bn * sizeof(float)), *got_s = malloc(sn * sizeof(float));
-        assert_true(want_b && want_s && got_b && got_s);
+        float *got_b = malloc(bn * sizeof(float)), *got_s = malloc(snh * sizeof(float));
+        float *want_h = malloc(snh * sizeof(float));
+        assert_true(want_b && want_s && got_b && got_s && want_h);
         for (uint32_t g = 0; g < p.n_kv; g++)
             for (uint32_t b = 0; b < nb; b++)
                 for (uint32_t e = 0; e < d; e++) {
@@ -910,6 +945,8 @@ test_quest_bounds(void **state)
                 }
         for (size_t k = 0; k < sn; k++)
             want_s[k] = -INFINITY;
+        for (size_t k = 0; k < snh; k++)
+            want_h[k] = -INFINITY;
         for (uint32_t i = 0; i < p.n_q; i++)
             for (uint32_t h = 0; h < p.n_heads; h++) {
                 const float *q = p.q + ((size_t)i * p.n_heads + h) * d;
@@ -928,6 +965,8 @@ test_quest_bounds(void **state)
                     assert_true(top <= s + 1e-9 * (1.0 + fabs(s))); /* an upper bound */
                     float *w = want_s + (size_t)(i / qg) * nb + b;
                     *w = (float)s > *w ? (float)s : *w;
+                    w = want_h + ((size_t)(i / qg) * p.n_kv + h / G) * nb + b;
+                    *w = (float)s > *w ? (float)s : *w;
                 }
             }
         char what[96];
@@ -937,11 +976,16 @@ test_quest_bounds(void **state)
             kern_backend_t *be = be_at(b, &label);
             if (be == NULL)
                 break;
-            run_quest(be, &p, nb, cases[ci].qg, sn, got_b, got_s);
+            run_quest(be, &p, nb, cases[ci].qg, false, sn, got_b, got_s);
             check_bytes_equal(want_b, got_b, bn * sizeof(float), what, label);
             /* cuda multiplies in TF32 (kern.h). */
             check_close(want_s, got_s, sn, b == g_n_be ? 5e-3 : 1e-5, what, label);
+            char wh[112];
+            snprintf(wh, sizeof(wh), "%s, per KV head", what);
+            run_quest(be, &p, nb, cases[ci].qg, true, snh, got_b, got_s);
+            check_close(want_h, got_s, snh, b == g_n_be ? 5e-3 : 1e-5, wh, label);
         }
+        free(want_h);
         free(want_b);
         free(want_s);
         free(got_b);
