@@ -11,11 +11,12 @@
  * sink-window, which is quick and leaves as much KV), the time per token of
  * D decode steps under dense decoding and under Quest (decode_top_k 8 and
  * 32 blocks of 16), each from the same prompt KV, as a ratio to dense.
- * --decode-only skips the prefill table.
+ * --decode-only skips the prefill table.  --verify K decodes K + 1 rows a
+ * call, as a speculative verification step does (ms per row).
  *
  *   bench_attn --model F.gguf [--lengths 4096,16384,32768] [--chunk 2048]
- *              [--threads N] [--no-block-sparse] [--decode D [--decode-only]]
- *              [--json FILE]
+ *              [--threads N] [--no-block-sparse]
+ *              [--decode D [--decode-only] [--verify K]] [--json FILE]
  */
 #include "cache/kv.h"
 #include "model/model.h"
@@ -118,10 +119,10 @@ prefill_ms(model_t *m, uint32_t n, uint32_t chunk, const model_attn_policy_t *p)
 static const uint32_t dec_top[N_DECODE] = {0, 8, 32}; /* 0: dense decoding */
 
 /* Prefills n tokens (sink-window: quick), then per decode_top_k in dec_top
- * decodes d tokens from that prompt's KV and takes them back: ms per token
- * into ms[], or false. */
+ * decodes d tokens from that prompt's KV, `rows` a call, and takes them
+ * back: ms per token into ms[], or false. */
 static bool
-decode_ms(model_t *m, uint32_t n, uint32_t chunk, uint32_t d, double *ms)
+decode_ms(model_t *m, uint32_t n, uint32_t chunk, uint32_t d, uint32_t rows, double *ms)
 {
     seq_t q;
     if (!seq_open(&q, m, n + d, chunk))
@@ -131,7 +132,7 @@ decode_ms(model_t *m, uint32_t n, uint32_t chunk, uint32_t d, double *ms)
     for (int p = 0; ok && p < N_DECODE; p++) {
         const model_attn_policy_t dp = {.decode_top_k = dec_top[p]};
         uint64_t t0 = kvs_now_ns();
-        ok = seq_run(&q, n, n + d, 1, n, &dp, 2) && kv_table_truncate(q.t, n) == 0;
+        ok = seq_run(&q, n, n + d, rows, n, &dp, 2) && kv_table_truncate(q.t, n) == 0;
         ms[p] = (double)(kvs_now_ns() - t0) / 1e6 / d;
     }
     seq_close(&q);
@@ -143,12 +144,13 @@ main(int argc, char **argv)
 {
     const char *model = NULL, *json = NULL;
     uint32_t lengths[MAX_LENGTHS] = {4096, 16384, 32768}, n_lengths = 3, chunk = 2048, threads = 0;
-    uint32_t n_dec = 0;
+    uint32_t n_dec = 0, verify = 0;
     bool dec_only = false;
-    static const struct option lo[] = {
-        {"model", 1, 0, 'm'},   {"lengths", 1, 0, 'l'},     {"chunk", 1, 0, 'c'},
-        {"threads", 1, 0, 't'}, {"json", 1, 0, 'j'},        {"no-block-sparse", 0, 0, 'b'},
-        {"decode", 1, 0, 'd'},  {"decode-only", 0, 0, 'o'}, {0, 0, 0, 0}};
+    static const struct option lo[] = {{"model", 1, 0, 'm'},  {"lengths", 1, 0, 'l'},
+                                       {"chunk", 1, 0, 'c'},  {"threads", 1, 0, 't'},
+                                       {"json", 1, 0, 'j'},   {"no-block-sparse", 0, 0, 'b'},
+                                       {"decode", 1, 0, 'd'}, {"decode-only", 0, 0, 'o'},
+                                       {"verify", 1, 0, 'v'}, {0, 0, 0, 0}};
     int n_pol = N_POLICIES;
     int ch;
     while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -179,10 +181,13 @@ main(int argc, char **argv)
         case 'o':
             dec_only = true;
             break;
+        case 'v':
+            verify = (uint32_t)atoi(optarg);
+            break;
         default:
             fprintf(stderr, "usage: bench_attn --model F.gguf [--lengths 4096,16384,32768] "
                             "[--chunk 2048] [--threads N] [--no-block-sparse] "
-                            "[--decode D [--decode-only]] [--json FILE]\n");
+                            "[--decode D [--decode-only] [--verify K]] [--json FILE]\n");
             return 2;
         }
     }
@@ -230,14 +235,14 @@ main(int argc, char **argv)
         printf(" %11.0f%%\n", 100.0 * (1.0 - ms[i][1] / ms[i][0]));
     }
     if (n_dec) {
-        printf("%s, %u decode steps after each prompt, ms per token\n%-8s %14s", model, n_dec,
-               "tokens", "dense");
+        printf("%s, %u decode steps after each prompt, %u a call, ms per token\n%-8s %14s", model,
+               n_dec, verify + 1, "tokens", "dense");
         for (int p = 1; p < N_DECODE; p++)
             printf("       quest top %-3u", dec_top[p]);
         printf("\n");
     }
     for (uint32_t i = 0; i < n_lengths && n_dec; i++) {
-        if (!decode_ms(m, lengths[i], chunk, n_dec, dms[i])) {
+        if (!decode_ms(m, lengths[i], chunk, n_dec, verify + 1, dms[i])) {
             fprintf(stderr, "bench_attn: decoding after %u tokens failed\n", lengths[i]);
             return 1;
         }
@@ -259,7 +264,8 @@ main(int argc, char **argv)
                             keys[p], ms[i][0] / ms[i][p]);
                 fprintf(f, ", \"attention_share\": %.3f}", 1.0 - ms[i][1] / ms[i][0]);
             }
-            fprintf(f, "], \"decode_steps\": %u, \"decode\": [", n_dec);
+            fprintf(f, "], \"decode_steps\": %u, \"decode_rows_per_call\": %u, \"decode\": [",
+                    n_dec, verify + 1);
             for (uint32_t i = 0; i < n_lengths && n_dec; i++) {
                 fprintf(f, "%s{\"tokens\": %u, \"dense_ms_per_token\": %.3f", i ? ", " : "",
                         lengths[i], dms[i][0]);

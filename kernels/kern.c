@@ -534,7 +534,7 @@ int
 kern_block_scores(kern_backend_t *be, const kern_block_score_args_t *a)
 {
     if (a == NULL || a->n_heads == 0 || a->n_kv_heads == 0 || a->head_dim == 0 ||
-        a->n_heads % a->n_kv_heads != 0)
+        a->n_heads % a->n_kv_heads != 0 || (a->bounds_stride && a->bounds_stride < a->n_blocks))
         return KVS_EINVAL;
     if (a->n_q == 0 || a->n_blocks == 0)
         return 0;

@@ -539,8 +539,11 @@ typedef struct kern_block_score_args {
     const float *q; /* [n_q][n_heads][head_dim] */
     uint32_t n_q;
     uint32_t n_heads, n_kv_heads, head_dim;
-    const float *bounds; /* [n_kv_heads][n_blocks][2 * head_dim] */
+    const float *bounds; /* [n_kv_heads][bounds_stride][2 * head_dim] */
     uint32_t n_blocks;
+    /* 0 (n_blocks), or blocks between KV heads' bounds, >= n_blocks: the
+     * first n_blocks of a longer summary are scored */
+    uint32_t bounds_stride;
     uint32_t q_group; /* query rows per score row; 0 means 1 */
     bool per_kv_head; /* a score row per KV head of each group */
     float *score;     /* [ceil(n_q / q_group)][per_kv_head ? n_kv_heads : 1][n_blocks] */

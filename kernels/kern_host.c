@@ -166,6 +166,12 @@ kern__host_block_bounds_part(const kern_kv_t *kv, uint32_t layer, const int32_t 
 }
 
 size_t
+kern__host_bounds_at(const kern_block_score_args_t *a, uint32_t g)
+{
+    return (size_t)g * (a->bounds_stride ? a->bounds_stride : a->n_blocks);
+}
+
+size_t
 kern__host_score_row(const kern_block_score_args_t *a, uint32_t grp, uint32_t g)
 {
     return a->per_kv_head ? (size_t)grp * a->n_kv_heads + g : grp;
@@ -193,7 +199,7 @@ kern__host_block_scores_ref(kern_backend_t *be, const kern_block_score_args_t *a
             const float *q = a->q + ((size_t)i * a->n_heads + h) * d;
             float *sc = a->score + kern__host_score_row(a, i / qg, h / G) * a->n_blocks;
             for (uint32_t b = 0; b < a->n_blocks; b++) {
-                const float *mx = a->bounds + ((size_t)(h / G) * a->n_blocks + b) * 2 * d;
+                const float *mx = a->bounds + (kern__host_bounds_at(a, h / G) + b) * 2 * d;
                 const float *mn = mx + d;
                 double s = 0.0;
                 for (uint32_t e = 0; e < d; e++) {
@@ -229,7 +235,7 @@ kern__host_block_scores_gemm(kern_backend_t *be, const kern_block_score_args_t *
                                  2 * d,
                                  nb,
                                  (size_t)2 * d * sizeof(float),
-                                 a->bounds + (size_t)g * nb * 2 * d,
+                                 a->bounds + kern__host_bounds_at(a, g) * 2 * d,
                                  KERN_LAYOUT_ROWS};
         int rc = be->ops->matmul(be, &w, x, rows, NULL, y);
         if (rc)

@@ -129,8 +129,10 @@ void kern__host_block_bounds_part(const kern_kv_t *kv, uint32_t layer, const int
                                   float *x);
 /* Every score a->score holds, -inf: the maxima start there. */
 void kern__host_block_scores_init(const kern_block_score_args_t *a);
-/* The score row of query group grp and KV head g (kern.h: per_kv_head). */
+/* The score row of query group grp and KV head g (kern.h: per_kv_head);
+ * the first block of KV head g's bounds (kern.h: bounds_stride). */
 size_t kern__host_score_row(const kern_block_score_args_t *a, uint32_t grp, uint32_t g);
+size_t kern__host_bounds_at(const kern_block_score_args_t *a, uint32_t g);
 int kern__host_block_scores_ref(kern_backend_t *be, const kern_block_score_args_t *a);
 int kern__host_block_scores_gemm(kern_backend_t *be, const kern_block_score_args_t *a);
 

@@ -408,13 +408,18 @@ bs_select(uint32_t *idx, uint32_t n, uint32_t k, const float *score)
  * rows' windows on, and the top_k candidates below that by Quest's bound.
  * The backend summarises the candidates once and scores them a slab of
  * query blocks at a time (kern_kv_block_bounds, kern_block_scores); only
- * the slab's scores come to the host, where the choice is made.  With
- * per_head each KV head chooses its own top_k by the largest bound of its
- * query heads (Quest's choice per head, grouped for GQA); else one choice,
- * by the largest bound of every head, holds for all of them. */
+ * the slab's scores come to the host, where the choice is made.  A prompt's
+ * query block makes one choice for all heads, by the largest bound of any.
+ *
+ * dec != NULL: `o` is one Quest decode row, and each KV head chooses its
+ * own top_k by the largest bound of its query heads (Quest's choice per
+ * head, grouped for GQA).  *dec counts the blocks from the sinks' end
+ * whose bounds c->bs_w already holds for this sequence and layer (0: none),
+ * and is set to those it holds after the call: the rows of a verification
+ * step, taken last row first, summarise the keys once, not once a row. */
 static int
 block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_t *p, uint32_t qd,
-             bool per_head)
+             uint32_t *dec)
 {
     const kern_kv_t *kv = o->kv;
     const uint32_t N = o->n_q, bt = kv->block_tokens, d = kv->head_dim;
@@ -457,27 +462,37 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
     }
 
     /* Mask row q holds nh rows of `stride` bytes, one per choosing head. */
+    const bool per_head = dec != NULL;
     const uint32_t nh = per_head ? n_kv : 1;
     const size_t mrow_bytes = (size_t)nh * stride;
     TRY(bs_grow((void **)&c->bs_mask, &c->bs_mask_cap, (size_t)nq * mrow_bytes, 1));
     memset(c->bs_mask, 1, (size_t)nq * mrow_bytes);
+    /* Bounds already taken for a longer row serve: this row scores the
+     * first nw of them (bounds_stride), as it would scores of its own. */
     const uint32_t nw = c1max - c0;
+    const bool have = dec && *dec >= nw;
+    const uint32_t nw_b = have ? *dec : nw; /* blocks a head's bounds hold */
     uint32_t slab_q = BS_SLAB_ROWS / bt ? BS_SLAB_ROWS / bt : 1;
     slab_q = slab_q > nq ? nq : slab_q;
     kern_block_score_args_t sa = {.n_heads = H,
                                   .n_kv_heads = n_kv,
                                   .head_dim = d,
                                   .n_blocks = nw,
+                                  .bounds_stride = nw_b,
                                   .q_group = bt,
                                   .per_kv_head = per_head,
                                   .n_q = slab_q * bt};
     const size_t slab_scores = (size_t)slab_q * nh * nw;
-    TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, (size_t)n_kv * nw * 2 * d));
+    if (!have)
+        TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, (size_t)n_kv * nw_b * 2 * d));
     TRY(bs_grow_be(c, &c->bs_work, &c->bs_work_cap, kern_block_scores_work(&sa)));
     TRY(bs_grow_be(c, &c->bs_dscore, &c->bs_dscore_cap, slab_scores));
     TRY(bs_grow((void **)&c->bs_score, &c->bs_score_cap, slab_scores, sizeof(float)));
     TRY(bs_grow((void **)&c->bs_idx, &c->bs_idx_cap, nw, sizeof(uint32_t)));
-    TRY(kern_kv_block_bounds(c->be, kv, o->layer, o->pt.indices + c0, nw, c->bs_w));
+    if (!have)
+        TRY(kern_kv_block_bounds(c->be, kv, o->layer, o->pt.indices + c0, nw_b, c->bs_w));
+    if (dec)
+        *dec = nw_b;
     sa.bounds = c->bs_w;
     sa.work = c->bs_work;
     sa.score = c->bs_dscore;
@@ -576,7 +591,7 @@ attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32
         if (p->kind != MODEL_ATTN_DENSE && ns > 0) {
             kern_attn_args_t o = one_seq(a, s, r0, ns, qd, qi, pi);
             if (p->kind == MODEL_ATTN_BLOCK_SPARSE) {
-                TRY(block_sparse(c, &o, p, qd, false));
+                TRY(block_sparse(c, &o, p, qd, NULL));
             } else {
                 o.sink_tokens = p->sinks;
                 o.window_tokens = p->window;
@@ -596,9 +611,10 @@ attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32
         }
         const model_attn_policy_t qp = {
             .kind = MODEL_ATTN_BLOCK_SPARSE, .window = 1, .top_k = p->decode_top_k};
-        for (uint32_t i = nd; i < n; i++) {
+        uint32_t have = 0; /* the last row's bounds serve the rows before it */
+        for (uint32_t i = n; i-- > nd;) {
             kern_attn_args_t o = one_seq(a, s, r0 + i, 1, qd, qi, pi);
-            TRY(block_sparse(c, &o, &qp, qd, true));
+            TRY(block_sparse(c, &o, &qp, qd, &have));
         }
     }
     return 0;

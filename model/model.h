@@ -332,8 +332,9 @@ typedef struct model_attn_policy {
      * (BLOCK_SPARSE's bound, maximised over the KV head's query heads:
      * Quest's choice per head, grouped for GQA), one row at a time so that a
      * verification row chooses as the same row decoded alone would.  The
-     * bounds are taken from the keys at each step, so a step still reads
-     * every key once, and every value only of the blocks chosen. */
+     * bounds are taken from the keys at each step (once for a step's rows
+     * of one sequence), so a step still reads every key once, and every
+     * value only of the blocks chosen. */
     uint32_t decode_top_k;
 } model_attn_policy_t;
 

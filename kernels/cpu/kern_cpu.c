@@ -760,7 +760,7 @@ cpu_block_scores(kern_backend_t *base, const kern_block_score_args_t *a)
         for (uint32_t i = 0; i < a->n_q; i++)
             for (uint32_t h = 0; h < a->n_heads; h++) {
                 const float *q = a->q + ((size_t)i * a->n_heads + h) * d;
-                const float *bd = a->bounds + (size_t)(h / G) * nb * 2 * d;
+                const float *bd = a->bounds + kern__host_bounds_at(a, h / G) * 2 * d;
                 float *sc = a->score + kern__host_score_row(a, i / qg, h / G) * nb;
                 for (uint32_t b = 0; b < nb; b++) {
                     float v = bound_avx2(q, bd + (size_t)b * 2 * d, d);

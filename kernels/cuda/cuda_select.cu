@@ -210,6 +210,7 @@ kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
     }
     float *x = a->work, *y = a->work + rows * 2 * d;
     const float one = 1.0f, zero = 0.0f;
+    const size_t bstride = a->bounds_stride ? a->bounds_stride : nb;
     for (uint32_t g = 0; g < a->n_kv_heads; g++) {
         const size_t nx = rows * d;
         split_kernel<<<kern__cuda_grid(be, nx, 256), 256, 0, be->stream>>>(a->q, a->n_q, a->n_heads,
@@ -218,7 +219,7 @@ kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
         /* Column-major: y^T (nb x rows) = W (nb x 2d, rows of the summary)
          * times x^T (2d x rows), as kern__cuda_matmul does. */
         KERN_CUBLAS_TRY(cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)nb, (int)rows,
-                                     (int)(2 * d), &one, a->bounds + (size_t)g * nb * 2 * d,
+                                     (int)(2 * d), &one, a->bounds + (size_t)g * bstride * 2 * d,
                                      CUDA_R_32F, (int)(2 * d), x, CUDA_R_32F, (int)(2 * d), &zero,
                                      y, CUDA_R_32F, (int)nb, CUBLAS_COMPUTE_32F_FAST_TF32,
                                      CUBLAS_GEMM_DEFAULT));

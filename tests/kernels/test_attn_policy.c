@@ -848,10 +848,11 @@ test_delta_invariants(void **state)
 /* ---- Quest bounds (kern_kv_block_bounds, kern_block_scores) ------------- */
 
 /* Sequence 0's first nb blocks summarised on be, and every query row
- * scored against them in groups of qg rows (per KV head, or not). */
+ * scored in groups of qg rows (per KV head, or not) against them, or with
+ * sub > 0 against the first sub of them (kern.h: bounds_stride). */
 static void
-run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t qg, bool per_head, size_t sn,
-          float *bounds, float *score)
+run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t sub, uint32_t qg,
+          bool per_head, size_t sn, float *bounds, float *score)
 {
     kern_kv_t kv = pkv_make(be, p);
     const size_t qn = (size_t)p->n_q * p->n_heads * p->d, bn = (size_t)p->n_kv * nb * 2 * p->d;
@@ -859,7 +860,8 @@ run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t qg, bool p
                                  .n_heads = p->n_heads,
                                  .n_kv_heads = p->n_kv,
                                  .head_dim = p->d,
-                                 .n_blocks = nb,
+                                 .n_blocks = sub ? sub : nb,
+                                 .bounds_stride = sub ? nb : 0,
                                  .q_group = qg,
                                  .per_kv_head = per_head};
     float *qd = kern_alloc(be, qn * sizeof(float)), *bd = kern_alloc(be, bn * sizeof(float));
@@ -885,6 +887,9 @@ run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t qg, bool p
     assert_int_equal(kern_kv_block_bounds(be, &kv, 2, p->indices, 1, bd), KVS_EINVAL);
     a.n_heads = p->n_kv + 1;
     assert_int_equal(kern_block_scores(be, &a), p->n_kv > 1 ? KVS_EINVAL : 0);
+    a.n_heads = p->n_heads;
+    a.bounds_stride = a.n_blocks - 1;
+    assert_int_equal(kern_block_scores(be, &a), a.bounds_stride ? KVS_EINVAL : 0);
     kern_free(be, kv.k);
     kern_free(be, kv.v);
     kern_free(be, qd);
@@ -976,14 +981,22 @@ test_quest_bounds(void **state)
             kern_backend_t *be = be_at(b, &label);
             if (be == NULL)
                 break;
-            run_quest(be, &p, nb, cases[ci].qg, false, sn, got_b, got_s);
+            run_quest(be, &p, nb, 0, cases[ci].qg, false, sn, got_b, got_s);
             check_bytes_equal(want_b, got_b, bn * sizeof(float), what, label);
             /* cuda multiplies in TF32 (kern.h). */
             check_close(want_s, got_s, sn, b == g_n_be ? 5e-3 : 1e-5, what, label);
-            char wh[112];
+            char wh[160];
             snprintf(wh, sizeof(wh), "%s, per KV head", what);
-            run_quest(be, &p, nb, cases[ci].qg, true, snh, got_b, got_s);
+            run_quest(be, &p, nb, 0, cases[ci].qg, true, snh, got_b, got_s);
             check_close(want_h, got_s, snh, b == g_n_be ? 5e-3 : 1e-5, wh, label);
+            /* The first sub blocks of the same bounds, as a shorter row
+             * scores a longer row's summary. */
+            const uint32_t sub = nb > 1 ? nb - 1 - (uint32_t)ci % 2 : nb;
+            snprintf(wh, sizeof(wh), "%s, per KV head, %u of the blocks", what, sub);
+            run_quest(be, &p, nb, sub, cases[ci].qg, true, snh / nb * sub, got_b, got_s);
+            for (size_t r = 0; r < snh / nb; r++)
+                check_close(want_h + r * nb, got_s + r * sub, sub, b == g_n_be ? 5e-3 : 1e-5, wh,
+                            label);
         }
         free(want_h);
         free(want_b);
