@@ -341,6 +341,9 @@ delta_correct(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy
 /* Query rows scored per kern_block_scores: enough rows for a GEMM to pay, few
  * enough that the bounds ([rows * G][blocks]) stay small at long contexts. */
 #define BS_SLAB_ROWS 256
+/* Query rows a block-sparse attention call takes at most: its mask is
+ * (rows / block_tokens) * (KV heads) * (blocks) bytes. */
+#define BS_ATTN_ROWS 4096
 
 static int
 bs_grow_be(model_ctx_t *c, float **p, size_t *cap, size_t n)
@@ -408,13 +411,15 @@ bs_select(uint32_t *idx, uint32_t n, uint32_t k, const float *score)
  * rows' windows on, and the top_k candidates below that by Quest's bound.
  * The backend summarises the candidates once and scores them a slab of
  * query blocks at a time (kern_kv_block_bounds, kern_block_scores); only
- * the slab's scores come to the host, where the choice is made.  A prompt's
- * query block makes one choice for all heads, by the largest bound of any.
+ * the slab's scores come to the host, where the choice is made.  Each KV
+ * head chooses its own top_k by the largest bound of its query heads (the
+ * choice per head of Quest and MInference, grouped for GQA): one choice
+ * for all heads favours whichever head's keys bound highest, and the other
+ * heads lose what they would have read.
  *
- * dec != NULL: `o` is one Quest decode row, and each KV head chooses its
- * own top_k by the largest bound of its query heads (Quest's choice per
- * head, grouped for GQA).  *dec counts the blocks from the sinks' end
- * whose bounds c->bs_w already holds for this sequence and layer (0: none),
+ * dec != NULL: `o` is one Quest decode row.  *dec counts the blocks from
+ * the sinks' end whose bounds c->bs_w already holds for this sequence and
+ * layer (0: none),
  * and is set to those it holds after the call: the rows of a verification
  * step, taken last row first, summarise the keys once, not once a row. */
 static int
@@ -461,12 +466,11 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
         return kern_attention(c->be, &dense);
     }
 
-    /* Mask row q holds nh rows of `stride` bytes, one per choosing head. */
-    const bool per_head = dec != NULL;
-    const uint32_t nh = per_head ? n_kv : 1;
+    /* Mask row q holds a row of `stride` bytes per KV head; attention
+     * runs call_q query blocks at a time, so the mask stays that many rows
+     * at any length. */
+    const uint32_t nh = n_kv;
     const size_t mrow_bytes = (size_t)nh * stride;
-    TRY(bs_grow((void **)&c->bs_mask, &c->bs_mask_cap, (size_t)nq * mrow_bytes, 1));
-    memset(c->bs_mask, 1, (size_t)nq * mrow_bytes);
     /* Bounds already taken for a longer row serve: this row scores the
      * first nw of them (bounds_stride), as it would scores of its own. */
     const uint32_t nw = c1max - c0;
@@ -474,13 +478,16 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
     const uint32_t nw_b = have ? *dec : nw; /* blocks a head's bounds hold */
     uint32_t slab_q = BS_SLAB_ROWS / bt ? BS_SLAB_ROWS / bt : 1;
     slab_q = slab_q > nq ? nq : slab_q;
+    uint32_t call_q = BS_ATTN_ROWS / bt / slab_q * slab_q;
+    call_q = call_q < slab_q ? slab_q : call_q > nq ? nq : call_q;
+    TRY(bs_grow((void **)&c->bs_mask, &c->bs_mask_cap, (size_t)call_q * mrow_bytes, 1));
     kern_block_score_args_t sa = {.n_heads = H,
                                   .n_kv_heads = n_kv,
                                   .head_dim = d,
                                   .n_blocks = nw,
                                   .bounds_stride = nw_b,
                                   .q_group = bt,
-                                  .per_kv_head = per_head,
+                                  .per_kv_head = true,
                                   .n_q = slab_q * bt};
     const size_t slab_scores = (size_t)slab_q * nh * nw;
     if (!have)
@@ -497,37 +504,46 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
     sa.work = c->bs_work;
     sa.score = c->bs_dscore;
 
-    for (uint32_t q0 = 0; q0 < nq; q0 += slab_q) {
-        uint32_t q1 = q0 + slab_q < nq ? q0 + slab_q : nq;
-        uint32_t r0 = q0 * bt, rows = (q1 * bt < N ? q1 * bt : N) - r0;
-        sa.q = o->q + (size_t)r0 * qd;
-        sa.n_q = rows;
-        TRY(kern_block_scores(c->be, &sa));
-        TRY(kern_download(c->be, c->bs_score, c->bs_dscore,
-                          (size_t)(q1 - q0) * nh * nw * sizeof(float)));
-        for (uint32_t q = q0; q < q1; q++) {
-            if (!c->bs_span[2 * q + 1])
-                continue;
-            uint32_t n = c->bs_span[2 * q] - c0;
-            for (uint32_t g = 0; g < nh; g++) {
-                uint8_t *mrow = c->bs_mask + (size_t)q * mrow_bytes + (size_t)g * stride;
-                memset(mrow + c0, 0, n);
-                for (uint32_t b = 0; b < n; b++)
-                    c->bs_idx[b] = b;
-                bs_select(c->bs_idx, n, p->top_k, c->bs_score + ((size_t)(q - q0) * nh + g) * nw);
-                for (uint32_t k = 0; k < p->top_k; k++)
-                    mrow[c0 + c->bs_idx[k]] = 1;
+    for (uint32_t a0 = 0; a0 < nq; a0 += call_q) {
+        const uint32_t a1 = a0 + call_q < nq ? a0 + call_q : nq;
+        memset(c->bs_mask, 1, (size_t)(a1 - a0) * mrow_bytes);
+        for (uint32_t q0 = a0; q0 < a1; q0 += slab_q) {
+            uint32_t q1 = q0 + slab_q < a1 ? q0 + slab_q : a1;
+            uint32_t r0 = q0 * bt, rows = (q1 * bt < N ? q1 * bt : N) - r0;
+            sa.q = o->q + (size_t)r0 * qd;
+            sa.n_q = rows;
+            TRY(kern_block_scores(c->be, &sa));
+            TRY(kern_download(c->be, c->bs_score, c->bs_dscore,
+                              (size_t)(q1 - q0) * nh * nw * sizeof(float)));
+            for (uint32_t q = q0; q < q1; q++) {
+                if (!c->bs_span[2 * q + 1])
+                    continue;
+                uint32_t n = c->bs_span[2 * q] - c0;
+                for (uint32_t g = 0; g < nh; g++) {
+                    uint8_t *mrow = c->bs_mask + (size_t)(q - a0) * mrow_bytes + (size_t)g * stride;
+                    memset(mrow + c0, 0, n);
+                    for (uint32_t b = 0; b < n; b++)
+                        c->bs_idx[b] = b;
+                    bs_select(c->bs_idx, n, p->top_k,
+                              c->bs_score + ((size_t)(q - q0) * nh + g) * nw);
+                    for (uint32_t k = 0; k < p->top_k; k++)
+                        mrow[c0 + c->bs_idx[k]] = 1;
+                }
             }
         }
+        const uint32_t r0 = a0 * bt, rows = (a1 * bt < N ? a1 * bt : N) - r0;
+        int32_t qi[2], pi[2];
+        kern_attn_args_t sp = one_seq(o, 0, r0, rows, qd, qi, pi);
+        sp.dense_rows = o->dense_rows ? o->dense_rows + r0 : NULL;
+        sp.sink_tokens = p->sinks;
+        sp.window_tokens = p->window;
+        sp.block_mask = c->bs_mask;
+        sp.mask_stride = (uint32_t)mrow_bytes;
+        sp.mask_head_stride = stride;
+        sp.mask_q_block = bt;
+        TRY(kern_attention(c->be, &sp));
     }
-    kern_attn_args_t sp = *o;
-    sp.sink_tokens = p->sinks;
-    sp.window_tokens = p->window;
-    sp.block_mask = c->bs_mask;
-    sp.mask_stride = (uint32_t)mrow_bytes;
-    sp.mask_head_stride = per_head ? stride : 0;
-    sp.mask_q_block = bt;
-    return kern_attention(c->be, &sp);
+    return 0;
 }
 
 int
@@ -550,9 +566,8 @@ model_ctx_reserve(model_ctx_t *c, uint32_t max_ctx, uint32_t block_tokens)
                                   .n_q = slab_q * bt};
     TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, (size_t)hp->n_head_kv * nw * 2 * hp->head_dim));
     TRY(bs_grow_be(c, &c->bs_work, &c->bs_work_cap, kern_block_scores_work(&sa)));
-    /* A slab of query blocks, or a decode row's score per KV head (Quest). */
-    const uint32_t score_rows = slab_q > hp->n_head_kv ? slab_q : hp->n_head_kv;
-    TRY(bs_grow_be(c, &c->bs_dscore, &c->bs_dscore_cap, (size_t)score_rows * nw));
+    /* A slab of query blocks' scores, one per KV head. */
+    TRY(bs_grow_be(c, &c->bs_dscore, &c->bs_dscore_cap, (size_t)slab_q * hp->n_head_kv * nw));
     c->reserved = true;
     return 0;
 }

@@ -302,11 +302,12 @@ const char *model_tokenizer_name(const model_t *m); /* model_vocab_kind */
  *                its rows (Delta Attention, algorithms.md section 1);
  *   BLOCK_SPARSE per query block of block_tokens rows, the sinks, the
  *                window, the KV blocks the query block's rows fall in, and
- *                the top_k other KV blocks by Quest's upper bound on q.k
- *                (per block and KV head the elementwise min and max of its
- *                keys; bound sum_d max(q_d min_d, q_d max_d), maximised
- *                over the query block's rows and every head).  top_k at
- *                least the number of blocks a row could pick is dense.
+ *                for each KV head the top_k other KV blocks by Quest's
+ *                upper bound on q.k (per block and KV head the elementwise
+ *                min and max of its keys; bound sum_d max(q_d min_d,
+ *                q_d max_d), maximised over the query block's rows and the
+ *                KV head's query heads).  top_k at least the number of
+ *                blocks a row could pick is dense.
  * Every backend runs all of them: BLOCK_SPARSE's summaries and bounds run
  * on the backend (kern_kv_block_bounds, kern_block_scores), and only each
  * query block's choice among its candidates on the host. */
