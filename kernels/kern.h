@@ -284,13 +284,14 @@ typedef struct kern_attn_args {
      * apart, and mask_head_stride >= ceil(kv_len[i] / block_tokens) and
      * mask_stride >= n_kv_heads * mask_head_stride.
      * kern_attention returns KVS_EINVAL for sink_tokens without a window
-     * or mask, a mask_stride below a row's block count, and a patterned
-     * row or head that would attend to no key (possible with a mask alone).  Every backend
-     * honours it (ref, cpu, cuda; prefill, decode and split-K alike), skipping the
-     * blocks a row does not see.  cuda runs prefill over F16 KV with head_dim 64 or
-     * 128 on tensor cores, q, the softmax weights and decoded quantized K and V rounded
-     * to f16 (of order 1e-3 of max|out| from ref, where the other paths stay near
-     * 1e-6). */
+     * or mask, a mask_stride or mask_head_stride below what those bounds
+     * ask, and a patterned row or head that would attend to no key
+     * (possible with a mask alone).  Every backend honours it (ref, cpu,
+     * cuda; prefill, decode and split-K alike), skipping the blocks a row
+     * does not see.  cuda runs prefill over F16 KV with head_dim 64 or 128
+     * on tensor cores, q, the softmax weights and decoded quantized K and V
+     * rounded to f16 (of order 1e-3 of max|out| from ref, where the other
+     * paths stay near 1e-6). */
     uint32_t sink_tokens;      /* leading keys always kept */
     uint32_t window_tokens;    /* recent keys kept; 0: no window */
     const uint8_t *block_mask; /* host, see above; NULL: none */

@@ -419,9 +419,9 @@ bs_select(uint32_t *idx, uint32_t n, uint32_t k, const float *score)
  *
  * dec != NULL: `o` is one Quest decode row.  *dec counts the blocks from
  * the sinks' end whose bounds c->bs_w already holds for this sequence and
- * layer (0: none),
- * and is set to those it holds after the call: the rows of a verification
- * step, taken last row first, summarise the keys once, not once a row. */
+ * layer (0: none), and is set to those it holds after the call: the rows
+ * of a verification step, taken last row first, summarise the keys once,
+ * not once a row. */
 static int
 block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_t *p, uint32_t qd,
              uint32_t *dec)
