@@ -243,6 +243,7 @@ one_seq(const kern_attn_args_t *a, uint32_t s, uint32_t r0, uint32_t n, uint32_t
     o.n_q = n;
     o.q_indptr = q_indptr;
     o.kv_len = a->kv_len + r0;
+    o.dense_rows = a->dense_rows ? a->dense_rows + r0 : NULL;
     o.pt.indptr = pt_indptr;
     o.pt.indices = a->pt.indices + a->pt.indptr[s];
     o.pt.last_len = a->pt.last_len + s;
@@ -469,8 +470,7 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
     /* Mask row q holds a row of `stride` bytes per KV head; attention
      * runs call_q query blocks at a time, so the mask stays that many rows
      * at any length. */
-    const uint32_t nh = n_kv;
-    const size_t mrow_bytes = (size_t)nh * stride;
+    const size_t mrow_bytes = (size_t)n_kv * stride;
     /* Bounds already taken for a longer row serve: this row scores the
      * first nw of them (bounds_stride), as it would scores of its own. */
     const uint32_t nw = c1max - c0;
@@ -489,7 +489,7 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
                                   .q_group = bt,
                                   .per_kv_head = true,
                                   .n_q = slab_q * bt};
-    const size_t slab_scores = (size_t)slab_q * nh * nw;
+    const size_t slab_scores = (size_t)slab_q * n_kv * nw;
     if (!have)
         TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, (size_t)n_kv * nw_b * 2 * d));
     TRY(bs_grow_be(c, &c->bs_work, &c->bs_work_cap, kern_block_scores_work(&sa)));
@@ -514,18 +514,18 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
             sa.n_q = rows;
             TRY(kern_block_scores(c->be, &sa));
             TRY(kern_download(c->be, c->bs_score, c->bs_dscore,
-                              (size_t)(q1 - q0) * nh * nw * sizeof(float)));
+                              (size_t)(q1 - q0) * n_kv * nw * sizeof(float)));
             for (uint32_t q = q0; q < q1; q++) {
                 if (!c->bs_span[2 * q + 1])
                     continue;
                 uint32_t n = c->bs_span[2 * q] - c0;
-                for (uint32_t g = 0; g < nh; g++) {
+                for (uint32_t g = 0; g < n_kv; g++) {
                     uint8_t *mrow = c->bs_mask + (size_t)(q - a0) * mrow_bytes + (size_t)g * stride;
                     memset(mrow + c0, 0, n);
                     for (uint32_t b = 0; b < n; b++)
                         c->bs_idx[b] = b;
                     bs_select(c->bs_idx, n, p->top_k,
-                              c->bs_score + ((size_t)(q - q0) * nh + g) * nw);
+                              c->bs_score + ((size_t)(q - q0) * n_kv + g) * nw);
                     for (uint32_t k = 0; k < p->top_k; k++)
                         mrow[c0 + c->bs_idx[k]] = 1;
                 }
@@ -534,7 +534,6 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
         const uint32_t r0 = a0 * bt, rows = (a1 * bt < N ? a1 * bt : N) - r0;
         int32_t qi[2], pi[2];
         kern_attn_args_t sp = one_seq(o, 0, r0, rows, qd, qi, pi);
-        sp.dense_rows = o->dense_rows ? o->dense_rows + r0 : NULL;
         sp.sink_tokens = p->sinks;
         sp.window_tokens = p->window;
         sp.block_mask = c->bs_mask;

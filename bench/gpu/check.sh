@@ -227,26 +227,21 @@ engine() {
         printf '%s KV%s: ' "$kvd" "$extra"
         python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || return 1
     done
-    # Quest at decode (--decode-top-k 2) on both backends: a 200-token
-    # prompt in blocks of 16, so that each decode row chooses 2 of its 12
-    # or more earlier blocks from bounds and scores made on the device.
-    for dev in cpu cuda; do
-        LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" run --model "$SCRATCH/tiny.gguf" --prompt-tokens "$(seq -s, 1 200)" \
-            --max-tokens 16 --temperature 0 --ignore-eos --kv-cache-dtype f16 --device $dev \
-            --decode-top-k 2 --logits-out "$SCRATCH/logits-$dev.npy" >/dev/null || return 1
+    # A 200-token prompt in blocks of 16 under a block-choosing policy, the
+    # same flags on both backends: Quest at decode, each decode row choosing
+    # 2 of its 12 or more earlier blocks from bounds and scores made on the
+    # device; block-sparse prefill, each KV head's 2 blocks per query block
+    # (the per-head mask on the tensor-core prefill kernel).
+    for pol in "--decode-top-k 2" "--attention block-sparse --attn-sinks 4 --attn-window 16 --attn-top-k 2"; do
+        for dev in cpu cuda; do
+            # shellcheck disable=SC2086 # $pol is several words
+            LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" run --model "$SCRATCH/tiny.gguf" --prompt-tokens "$(seq -s, 1 200)" \
+                --max-tokens 16 --temperature 0 --ignore-eos --kv-cache-dtype f16 --device $dev \
+                $pol --logits-out "$SCRATCH/logits-$dev.npy" >/dev/null || return 1
+        done
+        printf 'f16 KV %s: ' "$pol"
+        python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || return 1
     done
-    printf 'f16 KV --decode-top-k 2: '
-    python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || return 1
-    # Block-sparse prefill, each KV head's 2 blocks per query block: the
-    # per-head mask on the tensor-core prefill kernel.
-    for dev in cpu cuda; do
-        LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" run --model "$SCRATCH/tiny.gguf" --prompt-tokens "$(seq -s, 1 200)" \
-            --max-tokens 16 --temperature 0 --ignore-eos --kv-cache-dtype f16 --device $dev \
-            --attention block-sparse --attn-sinks 4 --attn-window 16 --attn-top-k 2 \
-            --logits-out "$SCRATCH/logits-$dev.npy" >/dev/null || return 1
-    done
-    printf 'f16 KV --attention block-sparse --attn-top-k 2: '
-    python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || return 1
     # Speculative decoding by prompt lookup on cuda (proposals verified
     # several rows a step, rejected entries truncated) against plain
     # decoding on cpu: the bundled model, on a text it goes on repeating,

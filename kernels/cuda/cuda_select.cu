@@ -211,6 +211,7 @@ kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
     float *x = a->work, *y = a->work + rows * 2 * d;
     const float one = 1.0f, zero = 0.0f;
     const size_t bstride = a->bounds_stride ? a->bounds_stride : nb;
+    const uint32_t heads = a->per_kv_head ? a->n_kv_heads : 1;
     for (uint32_t g = 0; g < a->n_kv_heads; g++) {
         const size_t nx = rows * d;
         split_kernel<<<kern__cuda_grid(be, nx, 256), 256, 0, be->stream>>>(a->q, a->n_q, a->n_heads,
@@ -224,7 +225,6 @@ kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
                                      y, CUDA_R_32F, (int)nb, CUBLAS_COMPUTE_32F_FAST_TF32,
                                      CUBLAS_GEMM_DEFAULT));
         const size_t ns = (size_t)n_groups * nb;
-        const uint32_t heads = a->per_kv_head ? a->n_kv_heads : 1;
         group_max_kernel<<<kern__cuda_grid(be, ns, 256), 256, 0, be->stream>>>(
             y, a->n_q, G, qg, nb, n_groups, heads, a->per_kv_head ? g : 0, a->per_kv_head || g == 0,
             a->score);
