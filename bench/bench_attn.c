@@ -10,7 +10,9 @@
  * --decode D: then, after each length's prompt (prefilled under
  * sink-window, which is quick and leaves as much KV), the time per token of
  * D decode steps under dense decoding and under Quest (decode_top_k 8 and
- * 32 blocks of 16), each from the same prompt KV, as a ratio to dense.
+ * 32 blocks of 16), each from the same prompt KV, as a ratio to dense;
+ * and Quest top 8 again with the key summaries taken at every step rather
+ * than kept by block across steps (a pool without block_gen).
  * --decode-only skips the prefill table.  --verify K decodes K + 1 rows a
  * call, as a speculative verification step does (ms per row).
  *
@@ -84,8 +86,11 @@ seq_open(seq_t *q, model_t *m, uint32_t n, uint32_t chunk)
  * of every call's (2: decode steps). */
 static bool
 seq_run(seq_t *q, uint32_t from, uint32_t to, uint32_t chunk, uint32_t n_prompt,
-        const model_attn_policy_t *p, int want)
+        const model_attn_policy_t *p, int want, bool store)
 {
+    kern_kv_t kv = *kv_pool_kv(q->pool);
+    if (!store)
+        kv.block_gen = NULL;
     for (uint32_t done = from; done < to;) {
         uint32_t k = to - done < chunk ? to - done : chunk;
         sched_seq_step_t st = {.table = q->t,
@@ -95,8 +100,7 @@ seq_run(seq_t *q, uint32_t from, uint32_t to, uint32_t chunk, uint32_t n_prompt,
                                .policy = p,
                                .n_prompt = n_prompt};
         const model_batch_t *mb;
-        if (sched_batch_build(q->sb, &st, 1, &mb) ||
-            model_forward(q->ctx, kv_pool_kv(q->pool), mb, q->logits))
+        if (sched_batch_build(q->sb, &st, 1, &mb) || model_forward(q->ctx, &kv, mb, q->logits))
             return false;
         done += k;
     }
@@ -110,13 +114,14 @@ prefill_ms(model_t *m, uint32_t n, uint32_t chunk, const model_attn_policy_t *p)
     if (!seq_open(&q, m, n, chunk))
         return -1;
     uint64_t t0 = kvs_now_ns();
-    double ms = seq_run(&q, 0, n, chunk, n, p, 1) ? (double)(kvs_now_ns() - t0) / 1e6 : -1;
+    double ms = seq_run(&q, 0, n, chunk, n, p, 1, true) ? (double)(kvs_now_ns() - t0) / 1e6 : -1;
     seq_close(&q);
     return ms;
 }
 
-#define N_DECODE 3
-static const uint32_t dec_top[N_DECODE] = {0, 8, 32}; /* 0: dense decoding */
+#define N_DECODE 4
+static const uint32_t dec_top[N_DECODE] = {0, 8, 32, 8}; /* 0: dense decoding */
+static const bool dec_store[N_DECODE] = {true, true, true, false};
 
 /* Prefills n tokens (sink-window: quick), then per decode_top_k in dec_top
  * decodes d tokens from that prompt's KV, `rows` a call, and takes them
@@ -128,11 +133,11 @@ decode_ms(model_t *m, uint32_t n, uint32_t chunk, uint32_t d, uint32_t rows, dou
     if (!seq_open(&q, m, n + d, chunk))
         return false;
     const model_attn_policy_t sw = {.kind = MODEL_ATTN_SINK_WINDOW, .sinks = 4, .window = 16};
-    bool ok = seq_run(&q, 0, n, chunk, n, &sw, 0);
+    bool ok = seq_run(&q, 0, n, chunk, n, &sw, 0, true);
     for (int p = 0; ok && p < N_DECODE; p++) {
         const model_attn_policy_t dp = {.decode_top_k = dec_top[p]};
         uint64_t t0 = kvs_now_ns();
-        ok = seq_run(&q, n, n + d, rows, n, &dp, 2) && kv_table_truncate(q.t, n) == 0;
+        ok = seq_run(&q, n, n + d, rows, n, &dp, 2, dec_store[p]) && kv_table_truncate(q.t, n) == 0;
         ms[p] = (double)(kvs_now_ns() - t0) / 1e6 / d;
     }
     seq_close(&q);
@@ -238,7 +243,7 @@ main(int argc, char **argv)
         printf("%s, %u decode steps after each prompt, %u a call, ms per token\n%-8s %14s", model,
                n_dec, verify + 1, "tokens", "dense");
         for (int p = 1; p < N_DECODE; p++)
-            printf("       quest top %-3u", dec_top[p]);
+            printf("  %squest top %-3u", dec_store[p] ? "     " : "per-step ", dec_top[p]);
         printf("\n");
     }
     for (uint32_t i = 0; i < n_lengths && n_dec; i++) {
@@ -269,9 +274,11 @@ main(int argc, char **argv)
             for (uint32_t i = 0; i < n_lengths && n_dec; i++) {
                 fprintf(f, "%s{\"tokens\": %u, \"dense_ms_per_token\": %.3f", i ? ", " : "",
                         lengths[i], dms[i][0]);
-                for (int p = 1; p < N_DECODE; p++)
-                    fprintf(f, ", \"quest%u_ms_per_token\": %.3f, \"quest%u_speedup\": %.3f",
-                            dec_top[p], dms[i][p], dec_top[p], dms[i][0] / dms[i][p]);
+                for (int p = 1; p < N_DECODE; p++) {
+                    const char *sfx = dec_store[p] ? "" : "_per_step_summaries";
+                    fprintf(f, ", \"quest%u%s_ms_per_token\": %.3f, \"quest%u%s_speedup\": %.3f",
+                            dec_top[p], sfx, dms[i][p], dec_top[p], sfx, dms[i][0] / dms[i][p]);
+                }
                 fprintf(f, "}");
             }
             fprintf(f, "]}\n");

@@ -86,6 +86,7 @@ struct kv_pool {
     kern_backend_t *be;
     kern_kv_t kv;
     uint32_t *refcount; /* [n_blocks] */
+    uint64_t *gen;      /* [n_blocks], kv.block_gen: see kv__block_touch */
     int32_t *free_ids;  /* [n_blocks], a stack: free_ids[n_free - 1] is handed out next */
     uint32_t n_free;
     /* With a codec, free_ids holds the free full-precision blocks and
@@ -145,6 +146,10 @@ kv__n_avail_cold(const kv_pool_t *pool)
     return pool->n_free_cold + pool->n_lru_cold;
 }
 
+/* A new kern_kv_t.block_gen value for `block`, whose content is about to
+ * change (kv_pool.c: every block handed out; kv_table_truncate: the block
+ * that takes new entries again). */
+void kv__block_touch(kv_pool_t *pool, int32_t block);
 /* Pops a free full-precision (quantized: kv__block_alloc_cold) block, or
  * when none is left evicts the least recently released cached one of that
  * kind, and gives it refcount 1.  The caller has checked kv__n_avail

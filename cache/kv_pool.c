@@ -27,6 +27,12 @@
 
 #include <stdlib.h>
 
+/* kern_kv_t.block_gen values, one sequence for every pool of the process:
+ * a reader that outlives a pool (a summary kept by block id) can never
+ * mistake a block of the next pool, allocated where this one was, for
+ * the block it summarised.  0 is never drawn. */
+static _Atomic uint64_t kv_gen_next = 1;
+
 /* 2^31 token slots at most: slot ids are int32 (kern_kv_append) and a
  * table's length is a uint32, so every count below fits without checks. */
 #define KV_MAX_SLOTS ((uint64_t)INT32_MAX + 1)
@@ -144,6 +150,7 @@ kv_pool_new(const kv_pool_cfg_t *cfg, kern_backend_t *be, kv_pool_t **out)
     pool->refcount = calloc(cfg->n_blocks, sizeof *pool->refcount);
     pool->free_ids = malloc((size_t)cfg->n_blocks * sizeof *pool->free_ids);
     pool->scratch = malloc((size_t)cfg->n_blocks * sizeof *pool->scratch);
+    pool->gen = malloc((size_t)cfg->n_blocks * sizeof *pool->gen);
     pool->kv = (kern_kv_t){
         .dtype = cfg->dtype,
         .n_layers = cfg->n_layers,
@@ -157,8 +164,13 @@ kv_pool_new(const kv_pool_cfg_t *cfg, kern_backend_t *be, kv_pool_t **out)
         .qk_tile = qk_tile,
         .qv_tile = qv_tile,
     };
-    if (pool->refcount == NULL || pool->free_ids == NULL || pool->scratch == NULL)
+    if (pool->refcount == NULL || pool->free_ids == NULL || pool->scratch == NULL ||
+        pool->gen == NULL)
         goto nomem;
+    uint64_t g0 = atomic_fetch_add_explicit(&kv_gen_next, cfg->n_blocks, memory_order_relaxed);
+    for (uint32_t i = 0; i < cfg->n_blocks; i++)
+        pool->gen[i] = g0 + i;
+    pool->kv.block_gen = pool->gen;
     if (n_cold > 0) {
         pool->free_cold = malloc((size_t)n_cold * sizeof *pool->free_cold);
         pool->kv.qk = kern_alloc(be, qk_bytes);
@@ -220,6 +232,7 @@ kv_pool_free(kv_pool_t *pool)
     free(pool->refcount);
     free(pool->free_ids);
     free(pool->scratch);
+    free(pool->gen);
     kv__prefix_close(pool);
     free(pool);
 }
@@ -257,6 +270,13 @@ kv_pool_refcount(const kv_pool_t *pool, int32_t block)
 
 /* ---- block primitives (kv_int.h) ----------------------------------------- */
 
+void
+kv__block_touch(kv_pool_t *pool, int32_t block)
+{
+    KVS_ASSERT(block >= 0 && (uint32_t)block < pool->cfg.n_blocks);
+    pool->gen[block] = atomic_fetch_add_explicit(&kv_gen_next, 1, memory_order_relaxed);
+}
+
 int32_t
 kv__block_alloc(kv_pool_t *pool)
 {
@@ -266,6 +286,7 @@ kv__block_alloc(kv_pool_t *pool)
     KVS_ASSERT(b >= 0 && !kv__block_cold(pool, b) && pool->refcount[b] == 0);
     KVS_ASSERT(!kv__block_cached(pool, b));
     pool->refcount[b] = 1;
+    kv__block_touch(pool, b);
     return b;
 }
 
@@ -279,6 +300,7 @@ kv__block_alloc_cold(kv_pool_t *pool)
                pool->refcount[b] == 0);
     KVS_ASSERT(!kv__block_cached(pool, b));
     pool->refcount[b] = 1;
+    kv__block_touch(pool, b);
     return b;
 }
 

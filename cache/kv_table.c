@@ -203,6 +203,8 @@ kv_table_truncate(kv_table_t *t, uint32_t n_tokens)
     uint32_t full = n_tokens / t->pool->cfg.block_tokens;
     if (t->n_hashed > full)
         t->n_hashed = full;
+    if (keep > full) /* and what was derived from its keys */
+        kv__block_touch(t->pool, t->blocks[full]);
     t->len = n_tokens;
     t->next_pos = max_pos_plus_one(t);
     return 0;

@@ -506,15 +506,30 @@ kern_kv_gather(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, cons
     return n ? be->ops->kv_gather(be, kv, src, dst, n) : 0;
 }
 
-int
-kern_kv_block_bounds(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
-                     uint32_t n, float *out)
+/* kern_kv_block_bounds and kern_kv_pool_bounds: one op, two row layouts. */
+static int
+block_bounds(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
+             uint32_t n, float *out, bool by_block)
 {
     if (!kv_ok(kv, layer) || (n && (!blocks || !out)) || !blocks_ok(kv, blocks, 0, n))
         return KVS_EINVAL;
     if (!be->ops->supports(be, KERN_OP_ATTN, kv->dtype) || !kv_readable(be, kv))
         return KVS_ENOTSUP;
-    return n ? be->ops->block_bounds(be, kv, layer, blocks, n, out) : 0;
+    return n ? be->ops->block_bounds(be, kv, layer, blocks, n, out, by_block) : 0;
+}
+
+int
+kern_kv_block_bounds(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
+                     uint32_t n, float *out)
+{
+    return block_bounds(be, kv, layer, blocks, n, out, false);
+}
+
+int
+kern_kv_pool_bounds(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
+                    uint32_t n, float *out)
+{
+    return block_bounds(be, kv, layer, blocks, n, out, true);
 }
 
 size_t
@@ -523,9 +538,13 @@ kern_block_scores_work(const kern_block_score_args_t *a)
     if (a == NULL || a->n_kv_heads == 0 || a->n_heads % a->n_kv_heads != 0)
         return 0;
     const size_t rows = (size_t)a->n_q * (a->n_heads / a->n_kv_heads);
-    size_t x, y;
+    /* Split queries [rows][2d], products [rows][n_blocks], and one KV
+     * head's bounds gathered from their rows [n_blocks][2d]. */
+    size_t x, y, z = 0;
     if (kvs_mul_size(rows, 2 * (size_t)a->head_dim, &x) || kvs_mul_size(rows, a->n_blocks, &y) ||
-        kvs_add_size(x, y, &x))
+        kvs_add_size(x, y, &x) ||
+        (a->bounds_rows && kvs_mul_size(a->n_blocks, 2 * (size_t)a->head_dim, &z)) ||
+        kvs_add_size(x, z, &x))
         return SIZE_MAX;
     return x;
 }
@@ -541,6 +560,13 @@ kern_block_scores(kern_backend_t *be, const kern_block_score_args_t *a)
     if (!a->q || !a->bounds || !a->score || !a->work ||
         kern_block_scores_work(a) > SIZE_MAX / sizeof(float))
         return KVS_EINVAL;
+    if (a->bounds_rows) {
+        if (a->bounds_stride == 0)
+            return KVS_EINVAL;
+        for (uint32_t b = 0; b < a->n_blocks; b++)
+            if (a->bounds_rows[b] < 0 || (uint32_t)a->bounds_rows[b] >= a->bounds_stride)
+                return KVS_EINVAL;
+    }
     return be->ops->block_scores(be, a);
 }
 

@@ -234,6 +234,12 @@ typedef struct kern_kv {
     size_t qk_tile, qv_tile; /* kern_kvq_tile_bytes */
     void *qk;                /* n_layers * (n_blocks - n_hot) * n_kv_heads * qk_tile */
     void *qv;
+    /* Host, [n_blocks], or NULL: a value that changes whenever a block's
+     * content may change, and that no other block of any pool ever takes
+     * (cache/ draws them from one process-wide sequence).  What a reader
+     * derived from a block (block-sparse's key summaries, model/) stays
+     * valid while the value does. */
+    const uint64_t *block_gen;
 } kern_kv_t;
 
 /* One K (v false) or V row of a host-memory pool as f32, whatever kind of
@@ -521,6 +527,12 @@ int kern_kv_gather(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, 
  * host array; out: backend memory, n_kv_heads * n * 2 * head_dim floats. */
 int kern_kv_block_bounds(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer,
                          const int32_t *blocks, uint32_t n, float *out);
+/* The same bounds kept by block id, for a store of them across calls:
+ * out holds n_kv_heads * kv->n_blocks rows of 2 * head_dim floats, and
+ * block blocks[i]'s bounds for KV head g go to row g * kv->n_blocks +
+ * blocks[i] (the other rows are left as they were; blocks distinct). */
+int kern_kv_pool_bounds(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer,
+                        const int32_t *blocks, uint32_t n, float *out);
 
 /* Quest's upper bound on the logits of groups of query rows against
  * blocks summarised by kern_kv_block_bounds (mx, mn):
@@ -545,6 +557,11 @@ typedef struct kern_block_score_args {
     /* 0 (n_blocks), or blocks between KV heads' bounds, >= n_blocks: the
      * first n_blocks of a longer summary are scored */
     uint32_t bounds_stride;
+    /* Host, [n_blocks], or NULL: block b is scored against bounds row
+     * bounds_rows[b] (< bounds_stride, which must be set) of each KV head,
+     * not row b: the blocks of a sequence read from a kern_kv_pool_bounds
+     * store without copying them out first */
+    const int32_t *bounds_rows;
     uint32_t q_group; /* query rows per score row; 0 means 1 */
     bool per_kv_head; /* a score row per KV head of each group */
     float *score;     /* [ceil(n_q / q_group)][per_kv_head ? n_kv_heads : 1][n_blocks] */

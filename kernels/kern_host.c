@@ -145,13 +145,22 @@ kern__host_kv_gather_layer(const kern_kv_t *kv, uint32_t layer, const int32_t *s
 
 /* ---- Quest bounds (kern_kv_block_bounds, kern_block_scores) ------------ */
 
+float *
+kern__host_bounds_out(const kern_kv_t *kv, const int32_t *blocks, uint32_t n, uint32_t g,
+                      uint32_t i, float *out, bool by_block)
+{
+    size_t row = by_block ? (size_t)g * kv->n_blocks + (uint32_t)blocks[i] : (size_t)g * n + i;
+    return out + row * 2 * kv->head_dim;
+}
+
 void
 kern__host_block_bounds_part(const kern_kv_t *kv, uint32_t layer, const int32_t *blocks, uint32_t n,
-                             uint32_t g, uint32_t i0, uint32_t i1, float *out, float *x)
+                             uint32_t g, uint32_t i0, uint32_t i1, float *out, bool by_block,
+                             float *x)
 {
     const uint32_t bt = kv->block_tokens, d = kv->head_dim;
     for (uint32_t i = i0; i < i1; i++) {
-        float *mx = out + ((size_t)g * n + i) * 2 * d, *mn = mx + d;
+        float *mx = kern__host_bounds_out(kv, blocks, n, g, i, out, by_block), *mn = mx + d;
         kern__kv_rows_f32(kv, false, layer, (uint32_t)blocks[i], g, 0, bt, x);
         memcpy(mx, x, d * sizeof(float));
         memcpy(mn, x, d * sizeof(float));
@@ -169,6 +178,13 @@ size_t
 kern__host_bounds_at(const kern_block_score_args_t *a, uint32_t g)
 {
     return (size_t)g * (a->bounds_stride ? a->bounds_stride : a->n_blocks);
+}
+
+const float *
+kern__host_bound(const kern_block_score_args_t *a, uint32_t g, uint32_t b)
+{
+    size_t row = kern__host_bounds_at(a, g) + (a->bounds_rows ? (uint32_t)a->bounds_rows[b] : b);
+    return a->bounds + row * 2 * a->head_dim;
 }
 
 size_t
@@ -199,7 +215,7 @@ kern__host_block_scores_ref(kern_backend_t *be, const kern_block_score_args_t *a
             const float *q = a->q + ((size_t)i * a->n_heads + h) * d;
             float *sc = a->score + kern__host_score_row(a, i / qg, h / G) * a->n_blocks;
             for (uint32_t b = 0; b < a->n_blocks; b++) {
-                const float *mx = a->bounds + (kern__host_bounds_at(a, h / G) + b) * 2 * d;
+                const float *mx = kern__host_bound(a, h / G, b);
                 const float *mn = mx + d;
                 double s = 0.0;
                 for (uint32_t e = 0; e < d; e++) {
@@ -219,9 +235,16 @@ kern__host_block_scores_gemm(kern_backend_t *be, const kern_block_score_args_t *
 {
     const uint32_t d = a->head_dim, G = a->n_heads / a->n_kv_heads, nb = a->n_blocks;
     const uint32_t qg = a->q_group ? a->q_group : 1, rows = a->n_q * G;
-    float *x = a->work, *y = a->work + (size_t)rows * 2 * d;
+    float *x = a->work, *y = a->work + (size_t)rows * 2 * d, *gb = y + (size_t)rows * nb;
     kern__host_block_scores_init(a);
     for (uint32_t g = 0; g < a->n_kv_heads; g++) {
+        /* Rows from a store: the product wants them side by side. */
+        const float *bd = a->bounds + kern__host_bounds_at(a, g) * 2 * d;
+        if (a->bounds_rows) {
+            for (uint32_t b = 0; b < nb; b++)
+                memcpy(gb + (size_t)b * 2 * d, kern__host_bound(a, g, b), 2 * d * sizeof(float));
+            bd = gb;
+        }
         for (uint32_t i = 0; i < a->n_q; i++)
             for (uint32_t hh = 0; hh < G; hh++) {
                 const float *q = a->q + ((size_t)i * a->n_heads + g * G + hh) * d;
@@ -231,12 +254,8 @@ kern__host_block_scores_gemm(kern_backend_t *be, const kern_block_score_args_t *
                     xr[d + e] = q[e] < 0.0f ? q[e] : 0.0f;
                 }
             }
-        const kern_tensor_t w = {KERN_F32,
-                                 2 * d,
-                                 nb,
-                                 (size_t)2 * d * sizeof(float),
-                                 a->bounds + kern__host_bounds_at(a, g) * 2 * d,
-                                 KERN_LAYOUT_ROWS};
+        const kern_tensor_t w = {KERN_F32, 2 * d,           nb, (size_t)2 * d * sizeof(float),
+                                 bd,       KERN_LAYOUT_ROWS};
         int rc = be->ops->matmul(be, &w, x, rows, NULL, y);
         if (rc)
             return rc;

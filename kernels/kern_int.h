@@ -60,8 +60,9 @@ typedef struct kern_ops {
     int (*attention)(kern_backend_t *be, const kern_attn_args_t *a);
     int (*delta_apply)(kern_backend_t *be, float *out, float *dense, uint32_t n, uint32_t width,
                        uint32_t gamma, uint32_t tail);
+    /* by_block: kern_kv_pool_bounds' rows, else kern_kv_block_bounds'. */
     int (*block_bounds)(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer,
-                        const int32_t *blocks, uint32_t n, float *out);
+                        const int32_t *blocks, uint32_t n, float *out, bool by_block);
     /* a->n_q and a->n_blocks are nonzero. */
     int (*block_scores)(kern_backend_t *be, const kern_block_score_args_t *a);
     int (*attn_mass)(kern_backend_t *be, const kern_attn_mass_args_t *a);
@@ -120,19 +121,24 @@ int kern__host_sync(kern_backend_t *be);
 int kern__host_delta_apply(kern_backend_t *be, float *out, float *dense, uint32_t n, uint32_t width,
                            uint32_t gamma, uint32_t tail);
 
-/* kern_kv_block_bounds of KV head g's blocks [i0, i1) (of n), with x as
- * scratch of block_tokens * head_dim floats; kern_block_scores as plain
- * loops (ref), and as one matrix product per KV head through the
- * backend's own matmul over a->work (cpu). */
+/* kern_kv_block_bounds (by_block: kern_kv_pool_bounds) of KV head g's
+ * blocks [i0, i1) (of n), with x as scratch of block_tokens * head_dim
+ * floats, and where block i's go in out; kern_block_scores as plain loops
+ * (ref), and as one matrix product per KV head through the backend's own
+ * matmul over a->work (cpu). */
 void kern__host_block_bounds_part(const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
                                   uint32_t n, uint32_t g, uint32_t i0, uint32_t i1, float *out,
-                                  float *x);
+                                  bool by_block, float *x);
+float *kern__host_bounds_out(const kern_kv_t *kv, const int32_t *blocks, uint32_t n, uint32_t g,
+                             uint32_t i, float *out, bool by_block);
 /* Every score a->score holds, -inf: the maxima start there. */
 void kern__host_block_scores_init(const kern_block_score_args_t *a);
 /* The score row of query group grp and KV head g (kern.h: per_kv_head);
  * the first block of KV head g's bounds (kern.h: bounds_stride). */
 size_t kern__host_score_row(const kern_block_score_args_t *a, uint32_t grp, uint32_t g);
 size_t kern__host_bounds_at(const kern_block_score_args_t *a, uint32_t g);
+/* KV head g's bounds of block b: [max | min], 2 * head_dim floats. */
+const float *kern__host_bound(const kern_block_score_args_t *a, uint32_t g, uint32_t b);
 int kern__host_block_scores_ref(kern_backend_t *be, const kern_block_score_args_t *a);
 int kern__host_block_scores_gemm(kern_backend_t *be, const kern_block_score_args_t *a);
 

@@ -56,12 +56,22 @@ struct model_ctx {
     uint8_t *bs_mask;  /* [query blocks][mask stride] */
     uint32_t *bs_span; /* per query block: its candidates' end, whether to choose */
     size_t bs_score_cap, bs_idx_cap, bs_mask_cap, bs_span_cap;
+    /* Quest's key summaries kept by block id across calls (bs_store):
+     * a block is summarised when its kern_kv_t.block_gen changes, not at
+     * every step that scores it.  Sized for one pool on first use. */
+    float *sum;        /* backend, [n_layers][n_kv][sum_blocks][2 * head_dim] */
+    uint64_t *sum_gen; /* [n_layers][sum_blocks]: block_gen summarised, 0 none */
+    int32_t *sum_todo; /* [sum_blocks]: blocks a call summarises */
+    uint32_t sum_blocks;
+    bool sum_off;        /* no memory for them: summaries per call */
     bool reserved;       /* model_ctx_reserve ran */
     uint32_t late_grows; /* scratch grown after it (model_ctx_late_grows) */
     void **bufs;
     uint32_t n_bufs;
     bool graphs; /* decode steps through kern_graph_run (model_ctx_set_graphs) */
 };
+
+static void bs_store_free(model_ctx_t *c);
 
 static float *
 ws_alloc(model_ctx_t *c, size_t n_floats, int *rc)
@@ -156,6 +166,7 @@ model_ctx_free(model_ctx_t *c)
     free(c->bs_idx);
     free(c->bs_mask);
     free(c->bs_span);
+    bs_store_free(c);
     free(c);
 }
 
@@ -374,6 +385,89 @@ bs_grow(void **p, size_t *cap, size_t n, size_t el)
     return 0;
 }
 
+/* The summary store, sized for kv's pool on first use; false where the
+ * pool gives no block_gen or the memory is not there (then block_sparse
+ * summarises per call, as a store-less caller would). */
+static void
+bs_store_free(model_ctx_t *c)
+{
+    kern_free(c->be, c->sum);
+    free(c->sum_gen);
+    free(c->sum_todo);
+    c->sum = NULL;
+    c->sum_gen = NULL;
+    c->sum_todo = NULL;
+    c->sum_blocks = 0;
+}
+
+static bool
+bs_store_ready(model_ctx_t *c, const kern_kv_t *kv)
+{
+    if (kv->block_gen == NULL || c->sum_off)
+        return false;
+    if (c->sum && c->sum_blocks == kv->n_blocks)
+        return true;
+    bs_store_free(c);
+    const size_t P = kv->n_blocks, L = kv->n_layers;
+    size_t floats, bytes;
+    if (kvs_mul_size(L * kv->n_kv_heads, P * 2 * kv->head_dim, &floats) ||
+        kvs_mul_size(floats, sizeof(float), &bytes)) {
+        c->sum_off = true;
+        return false;
+    }
+    c->sum = kern_alloc(c->be, bytes);
+    c->sum_gen = calloc(L * P, sizeof *c->sum_gen);
+    c->sum_todo = malloc(P * sizeof *c->sum_todo);
+    if (c->sum == NULL || c->sum_gen == NULL || c->sum_todo == NULL) {
+        KVS_WARNF("model: no memory for the key summaries of %zu KV blocks (%zu MiB); "
+                  "block-sparse attention summarises its candidates at every call",
+                  P, bytes >> 20);
+        bs_store_free(c);
+        c->sum_off = true;
+        return false;
+    }
+    c->sum_blocks = kv->n_blocks;
+    KVS_INFOF("model: keeping block-sparse key summaries of %zu KV blocks (%zu MiB)", P,
+              bytes >> 20);
+    return true;
+}
+
+/* Brings the stored summaries of blocks[0..n) of `layer` up to date and
+ * sets *out to the layer's store ([n_kv][sum_blocks][2d], rows by block
+ * id), or to NULL where there is none.  Only blocks whose block_gen moved
+ * since they were summarised are read: at decode, one block in
+ * block_tokens steps, where summarising every candidate read half the
+ * KV each step. */
+static int
+bs_store(model_ctx_t *c, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks, uint32_t n,
+         const float **out)
+{
+    *out = NULL;
+    if (!bs_store_ready(c, kv))
+        return 0;
+    const size_t P = c->sum_blocks;
+    uint64_t *tag = c->sum_gen + (size_t)layer * P;
+    uint32_t m = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const int32_t b = blocks[i];
+        if (b < 0 || (size_t)b >= P)
+            return KVS_EINVAL;
+        if (tag[b] != kv->block_gen[b]) {
+            tag[b] = kv->block_gen[b]; /* a block listed twice is summarised once */
+            c->sum_todo[m++] = b;
+        }
+    }
+    float *base = c->sum + (size_t)layer * kv->n_kv_heads * P * 2 * kv->head_dim;
+    int rc = kern_kv_pool_bounds(c->be, kv, layer, c->sum_todo, m, base);
+    if (rc) {
+        for (uint32_t k = 0; k < m; k++)
+            tag[c->sum_todo[k]] = 0;
+        return rc;
+    }
+    *out = base;
+    return 0;
+}
+
 /* Moves the k highest-scoring of idx[0..n) to the front (k < n), in no
  * particular order: quickselect, ties broken by block index so the choice
  * does not depend on the partition order. */
@@ -418,11 +512,12 @@ bs_select(uint32_t *idx, uint32_t n, uint32_t k, const float *score)
  * for all heads favours whichever head's keys bound highest, and the other
  * heads lose what they would have read.
  *
- * dec != NULL: `o` is one Quest decode row.  *dec counts the blocks from
- * the sinks' end whose bounds c->bs_w already holds for this sequence and
- * layer (0: none), and is set to those it holds after the call: the rows
- * of a verification step, taken last row first, summarise the keys once,
- * not once a row. */
+ * The summaries come from the store (bs_store) where there is one.
+ * Without it, dec != NULL marks `o` as one Quest decode row: *dec counts
+ * the blocks from the sinks' end whose bounds c->bs_w already holds for
+ * this sequence and layer (0: none), and is set to those it holds after
+ * the call: the rows of a verification step, taken last row first,
+ * summarise the keys once, not once a row. */
 static int
 block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_t *p, uint32_t qd,
              uint32_t *dec)
@@ -474,8 +569,10 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
     /* Bounds already taken for a longer row serve: this row scores the
      * first nw of them (bounds_stride), as it would scores of its own. */
     const uint32_t nw = c1max - c0;
-    const bool have = dec && *dec >= nw;
-    const uint32_t nw_b = have ? *dec : nw; /* blocks a head's bounds hold */
+    const float *store;
+    TRY(bs_store(c, kv, o->layer, o->pt.indices + c0, nw, &store));
+    const bool have = store || (dec && *dec >= nw);
+    const uint32_t nw_b = store ? c->sum_blocks : have ? *dec : nw; /* rows a head's bounds hold */
     uint32_t slab_q = BS_SLAB_ROWS / bt ? BS_SLAB_ROWS / bt : 1;
     slab_q = slab_q > nq ? nq : slab_q;
     uint32_t call_q = BS_ATTN_ROWS / bt / slab_q * slab_q;
@@ -488,6 +585,7 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
                                   .bounds_stride = nw_b,
                                   .q_group = bt,
                                   .per_kv_head = true,
+                                  .bounds_rows = store ? o->pt.indices + c0 : NULL,
                                   .n_q = slab_q * bt};
     const size_t slab_scores = (size_t)slab_q * n_kv * nw;
     if (!have)
@@ -498,9 +596,9 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
     TRY(bs_grow((void **)&c->bs_idx, &c->bs_idx_cap, nw, sizeof(uint32_t)));
     if (!have)
         TRY(kern_kv_block_bounds(c->be, kv, o->layer, o->pt.indices + c0, nw_b, c->bs_w));
-    if (dec)
+    if (dec && !store)
         *dec = nw_b;
-    sa.bounds = c->bs_w;
+    sa.bounds = store ? store : c->bs_w;
     sa.work = c->bs_work;
     sa.score = c->bs_dscore;
 
@@ -557,10 +655,12 @@ model_ctx_reserve(model_ctx_t *c, uint32_t max_ctx, uint32_t block_tokens)
     /* Block-sparse: candidates lie below a query block's own block. */
     const uint32_t bt = block_tokens, nw = max_ctx / bt + 1;
     const uint32_t slab_q = BS_SLAB_ROWS / bt ? BS_SLAB_ROWS / bt : 1;
+    const int32_t row0 = 0; /* work sized as for rows from the store: the larger */
     kern_block_score_args_t sa = {.n_heads = hp->n_head,
                                   .n_kv_heads = hp->n_head_kv,
                                   .head_dim = hp->head_dim,
                                   .n_blocks = nw,
+                                  .bounds_rows = &row0,
                                   .q_group = bt,
                                   .n_q = slab_q * bt};
     TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, (size_t)hp->n_head_kv * nw * 2 * hp->head_dim));

@@ -309,7 +309,7 @@ const char *model_tokenizer_name(const model_t *m); /* model_vocab_kind */
  *                KV head's query heads).  top_k at least the number of
  *                blocks a row could pick is dense.
  * Every backend runs all of them: BLOCK_SPARSE's summaries and bounds run
- * on the backend (kern_kv_block_bounds, kern_block_scores), and only each
+ * on the backend (kern_kv_pool_bounds, kern_block_scores), and only each
  * query block's choice among its candidates on the host. */
 typedef enum model_attn_kind {
     MODEL_ATTN_DENSE = 0,
@@ -333,9 +333,10 @@ typedef struct model_attn_policy {
      * (BLOCK_SPARSE's bound, maximised over the KV head's query heads:
      * Quest's choice per head, grouped for GQA), one row at a time so that a
      * verification row chooses as the same row decoded alone would.  The
-     * bounds are taken from the keys at each step (once for a step's rows
-     * of one sequence), so a step still reads every key once, and every
-     * value only of the blocks chosen. */
+     * per-block key summaries are kept by block id across steps (while
+     * the pool's kern_kv_t.block_gen says a block is unchanged), so a step
+     * reads them and the chosen blocks, not every key; a pool without
+     * block_gen (or no memory for the store) has them taken each call. */
     uint32_t decode_top_k;
 } model_attn_policy_t;
 

@@ -658,6 +658,7 @@ typedef struct bounds_ctx {
     const int32_t *blocks;
     uint32_t n, n_chunks;
     float *out;
+    bool by_block;
 } bounds_ctx_t;
 
 #ifdef CPU_HAVE_X86
@@ -705,10 +706,10 @@ bounds_task(void *ctx, int task, int thread)
         const uint32_t d = kv->head_dim;
         for (uint32_t i = i0; i < i1; i++) {
             uint32_t b = (uint32_t)c->blocks[i];
-            float *mx = c->out + ((size_t)g * c->n + i) * 2 * d;
+            float *mx = kern__host_bounds_out(kv, c->blocks, c->n, g, i, c->out, c->by_block);
             if (kern__kv_cold(kv, b)) /* quantized: decoded to f32 first */
                 kern__host_block_bounds_part(kv, c->layer, c->blocks, c->n, g, i, i + 1, c->out,
-                                             c->be->scratch[thread].p);
+                                             c->by_block, c->be->scratch[thread].p);
             else
                 bounds_f16_avx2((const uint16_t *)((const uint8_t *)kv->k +
                                                    kern__kv_offset(kv, c->layer, b, g, 0)),
@@ -717,7 +718,7 @@ bounds_task(void *ctx, int task, int thread)
         return;
     }
 #endif
-    kern__host_block_bounds_part(kv, c->layer, c->blocks, c->n, g, i0, i1, c->out,
+    kern__host_block_bounds_part(kv, c->layer, c->blocks, c->n, g, i0, i1, c->out, c->by_block,
                                  c->be->scratch[thread].p);
 }
 
@@ -760,10 +761,9 @@ cpu_block_scores(kern_backend_t *base, const kern_block_score_args_t *a)
         for (uint32_t i = 0; i < a->n_q; i++)
             for (uint32_t h = 0; h < a->n_heads; h++) {
                 const float *q = a->q + ((size_t)i * a->n_heads + h) * d;
-                const float *bd = a->bounds + kern__host_bounds_at(a, h / G) * 2 * d;
                 float *sc = a->score + kern__host_score_row(a, i / qg, h / G) * nb;
                 for (uint32_t b = 0; b < nb; b++) {
-                    float v = bound_avx2(q, bd + (size_t)b * 2 * d, d);
+                    float v = bound_avx2(q, kern__host_bound(a, h / G, b), d);
                     sc[b] = v > sc[b] ? v : sc[b];
                 }
             }
@@ -775,7 +775,7 @@ cpu_block_scores(kern_backend_t *base, const kern_block_score_args_t *a)
 
 static int
 cpu_block_bounds(kern_backend_t *base, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
-                 uint32_t n, float *out)
+                 uint32_t n, float *out, bool by_block)
 {
     bounds_ctx_t c = {.be = (kern_cpu_t *)base,
                       .kv = kv,
@@ -783,7 +783,8 @@ cpu_block_bounds(kern_backend_t *base, const kern_kv_t *kv, uint32_t layer, cons
                       .blocks = blocks,
                       .n = n,
                       .n_chunks = (n + BOUNDS_CHUNK - 1) / BOUNDS_CHUNK,
-                      .out = out};
+                      .out = out,
+                      .by_block = by_block};
     int rc =
         kern__cpu_scratch_reserve(c.be, (size_t)kv->block_tokens * kv->head_dim * sizeof(float));
     if (rc)

@@ -244,14 +244,14 @@ ref_kv_gather(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, con
 
 static int
 ref_block_bounds(kern_backend_t *base, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
-                 uint32_t n, float *out)
+                 uint32_t n, float *out, bool by_block)
 {
     float *x =
         ref_scratch((kern_ref_t *)base, (size_t)kv->block_tokens * kv->head_dim * sizeof(float));
     if (x == NULL)
         return KVS_ENOMEM;
     for (uint32_t g = 0; g < kv->n_kv_heads; g++)
-        kern__host_block_bounds_part(kv, layer, blocks, n, g, 0, n, out, x);
+        kern__host_block_bounds_part(kv, layer, blocks, n, g, 0, n, out, by_block, x);
     return 0;
 }
 

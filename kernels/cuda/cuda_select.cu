@@ -107,14 +107,17 @@ kern__cuda_kv_gather(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, c
 /* ------------------------------------------------------------------------ */
 
 /* blockIdx.x: block i of the list, blockIdx.y: KV head g; threads walk the
- * channels, so every token's row is one coalesced read. */
+ * channels, so every token's row is one coalesced read.  by_rows: the
+ * rows of KV head g in out (kern_kv_pool_bounds: block blk at row blk),
+ * 0 for kern_kv_block_bounds' (block i at row i). */
 template <typename T>
 static __global__ void
 block_bounds_kernel(const T *k, kern_cuda_kvq_t kvq, uint32_t n_kv, uint32_t bt, uint32_t d,
-                    const int32_t *blocks, uint32_t n, float *out)
+                    const int32_t *blocks, uint32_t n, uint32_t by_rows, float *out)
 {
     const uint32_t i = blockIdx.x, g = blockIdx.y, blk = (uint32_t)blocks[i];
-    float *mx = out + ((size_t)g * n + i) * 2 * d, *mn = mx + d;
+    const size_t row = by_rows ? (size_t)g * by_rows + blk : (size_t)g * n + i;
+    float *mx = out + row * 2 * d, *mn = mx + d;
     for (uint32_t e = threadIdx.x; e < d; e += blockDim.x) {
         float hi = kern__cuda_kv_elem(k, kvq, false, blk, n_kv, g, bt, d, 0, e), lo = hi;
         for (uint32_t t = 1; t < bt; t++) {
@@ -129,7 +132,7 @@ block_bounds_kernel(const T *k, kern_cuda_kvq_t kvq, uint32_t n_kv, uint32_t bt,
 
 int
 kern__cuda_block_bounds(kern_cuda_t *be, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
-                        uint32_t n, float *out)
+                        uint32_t n, float *out, bool by_block)
 {
     if (kv->n_kv_heads > 65535) {
         KVS_ERRORF("cuda: block_bounds: %u KV heads exceed the grid limit", kv->n_kv_heads);
@@ -147,14 +150,15 @@ kern__cuda_block_bounds(kern_cuda_t *be, const kern_kv_t *kv, uint32_t layer, co
     const unsigned threads = kv->head_dim >= 128 ? 128 : 64;
     const char *k = (const char *)kv->k + (size_t)layer * kv->layer_bytes;
     const kern_cuda_kvq_t kvq = kern__cuda_kvq(kv, layer);
+    const uint32_t by_rows = by_block ? kv->n_blocks : 0;
     if (kv->dtype == KERN_F16)
         block_bounds_kernel<__half><<<grid, threads, 0, be->stream>>>(
             (const __half *)k, kvq, kv->n_kv_heads, kv->block_tokens, kv->head_dim,
-            (const int32_t *)d, n, out);
+            (const int32_t *)d, n, by_rows, out);
     else
         block_bounds_kernel<float><<<grid, threads, 0, be->stream>>>(
             (const float *)k, kvq, kv->n_kv_heads, kv->block_tokens, kv->head_dim,
-            (const int32_t *)d, n, out);
+            (const int32_t *)d, n, by_rows, out);
     KERN_CUDA_LAUNCHED();
     return 0;
 }
@@ -172,6 +176,21 @@ split_kernel(const float *q, uint32_t n_q, uint32_t n_heads, uint32_t G, uint32_
         const float v = q[(i * n_heads + (size_t)g * G + hh) * d + e];
         x[r * 2 * d + e] = v > 0.0f ? v : 0.0f;
         x[r * 2 * d + d + e] = v < 0.0f ? v : 0.0f;
+    }
+}
+
+/* dst[b] = KV head g's bounds row rows[b] (of `stride` a head): the rows
+ * a sequence's blocks have in a kern_kv_pool_bounds store, side by side
+ * for the product. */
+static __global__ void
+gather_bounds_kernel(const float *bounds, size_t stride, uint32_t g, const int32_t *rows,
+                     uint32_t nb, uint32_t w, float *dst)
+{
+    const size_t count = (size_t)nb * w;
+    for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < count;
+         t += (size_t)gridDim.x * blockDim.x) {
+        const size_t b = t / w, e = t % w;
+        dst[t] = bounds[((size_t)g * stride + (size_t)rows[b]) * w + e];
     }
 }
 
@@ -208,11 +227,31 @@ kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
                    nb);
         return KVS_ENOTSUP;
     }
-    float *x = a->work, *y = a->work + rows * 2 * d;
+    float *x = a->work, *y = a->work + rows * 2 * d, *gb = y + rows * nb;
     const float one = 1.0f, zero = 0.0f;
     const size_t bstride = a->bounds_stride ? a->bounds_stride : nb;
     const uint32_t heads = a->per_kv_head ? a->n_kv_heads : 1;
+    const int32_t *drows = NULL;
+    if (a->bounds_rows) {
+        const size_t bytes = (size_t)nb * sizeof(int32_t);
+        void *h, *dv;
+        int rc = kern__cuda_stage_begin(be, bytes, &h);
+        if (rc)
+            return rc;
+        memcpy(h, a->bounds_rows, bytes);
+        if ((rc = kern__cuda_stage_end(be, bytes, &dv)) != 0)
+            return rc;
+        drows = (const int32_t *)dv;
+    }
     for (uint32_t g = 0; g < a->n_kv_heads; g++) {
+        const float *bd = a->bounds + (size_t)g * bstride * 2 * d;
+        if (drows) {
+            const size_t ng = (size_t)nb * 2 * d;
+            gather_bounds_kernel<<<kern__cuda_grid(be, ng, 256), 256, 0, be->stream>>>(
+                a->bounds, bstride, g, drows, nb, 2 * d, gb);
+            KERN_CUDA_LAUNCHED();
+            bd = gb;
+        }
         const size_t nx = rows * d;
         split_kernel<<<kern__cuda_grid(be, nx, 256), 256, 0, be->stream>>>(a->q, a->n_q, a->n_heads,
                                                                            G, g, d, x);
@@ -220,10 +259,9 @@ kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
         /* Column-major: y^T (nb x rows) = W (nb x 2d, rows of the summary)
          * times x^T (2d x rows), as kern__cuda_matmul does. */
         KERN_CUBLAS_TRY(cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)nb, (int)rows,
-                                     (int)(2 * d), &one, a->bounds + (size_t)g * bstride * 2 * d,
-                                     CUDA_R_32F, (int)(2 * d), x, CUDA_R_32F, (int)(2 * d), &zero,
-                                     y, CUDA_R_32F, (int)nb, CUBLAS_COMPUTE_32F_FAST_TF32,
-                                     CUBLAS_GEMM_DEFAULT));
+                                     (int)(2 * d), &one, bd, CUDA_R_32F, (int)(2 * d), x,
+                                     CUDA_R_32F, (int)(2 * d), &zero, y, CUDA_R_32F, (int)nb,
+                                     CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
         const size_t ns = (size_t)n_groups * nb;
         group_max_kernel<<<kern__cuda_grid(be, ns, 256), 256, 0, be->stream>>>(
             y, a->n_q, G, qg, nb, n_groups, heads, a->per_kv_head ? g : 0, a->per_kv_head || g == 0,

@@ -1151,11 +1151,12 @@ cuda_kv_gather(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, co
 
 static int
 cuda_block_bounds(kern_backend_t *base, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
-                  uint32_t n, float *out)
+                  uint32_t n, float *out, bool by_block)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
     int rc = cuda_enter(be);
-    return cuda_done(be, rc ? rc : kern__cuda_block_bounds(be, kv, layer, blocks, n, out));
+    return cuda_done(be,
+                     rc ? rc : kern__cuda_block_bounds(be, kv, layer, blocks, n, out, by_block));
 }
 
 static int

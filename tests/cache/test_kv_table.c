@@ -4,7 +4,8 @@
  * answers (0, KVS_EAGAIN leaving the table untouched, KVS_ENOSPC), fork
  * sharing full blocks and copying the partial one (checked on the KV data
  * itself through the pool's host-memory view), copy-on-write after a
- * truncate into a shared block, truncate, CSR export, and a seeded random
+ * truncate into a shared block, truncate, the blocks' generations
+ * (kern_kv_t.block_gen), CSR export, and a seeded random
  * stress against a shadow model.  kv_pool_check runs after every mutation.
  */
 #include <setjmp.h>
@@ -12,6 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include <cmocka.h>
 
@@ -708,6 +710,52 @@ test_truncate(void **state)
     kv_pool_free(pool);
 }
 
+/* kern_kv_t.block_gen: every block of every pool a value of its own; a
+ * new one for a block handed out and for a full block a truncate reopens;
+ * the same while a block's entries stay. */
+static void
+test_block_gen(void **state)
+{
+    (void)state;
+    const uint32_t bt = 4, nb = 6;
+    kv_pool_t *pa = make_pool(bt, nb, KERN_F32), *pb = make_pool(bt, nb, KERN_F32);
+    const uint64_t *ga = kv_pool_kv(pa)->block_gen, *gb = kv_pool_kv(pb)->block_gen;
+    assert_non_null(ga);
+    assert_non_null(gb);
+    for (uint32_t i = 0; i < 2 * nb; i++)
+        for (uint32_t j = i + 1; j < 2 * nb; j++)
+            assert_true((i < nb ? ga[i] : gb[i - nb]) != (j < nb ? ga[j] : gb[j - nb]));
+    for (uint32_t i = 0; i < nb; i++)
+        assert_true(ga[i] != 0);
+
+    uint64_t before[6];
+    memcpy(before, ga, sizeof before);
+    kv_table_t *t = make_table(pa);
+    push(pa, t, 8, 0);
+    const int32_t b0 = kv_table_blocks(t)[0], b1 = kv_table_blocks(t)[1];
+    assert_true(ga[b0] != before[b0] && ga[b1] != before[b1]);
+    const uint64_t g0 = ga[b0], g1 = ga[b1];
+    push(pa, t, 2, 8); /* into a third block: the full two stay */
+    assert_true(ga[b0] == g0 && ga[b1] == g1);
+    assert_int_equal(kv_table_truncate(t, 8), 0); /* the full two stay full */
+    assert_true(ga[b0] == g0 && ga[b1] == g1);
+    assert_int_equal(kv_table_truncate(t, 6), 0); /* b1 takes new entries */
+    assert_true(ga[b0] == g0 && ga[b1] != g1);
+    const uint64_t g1b = ga[b1];
+    kv_table_free(t);
+    assert_true(ga[b0] == g0 && ga[b1] == g1b); /* freed: nothing written */
+    t = make_table(pa);
+    push(pa, t, 8, 0); /* handed out again, last freed first */
+    for (uint32_t i = 0; i < 2; i++) {
+        int32_t b = kv_table_blocks(t)[i];
+        assert_true(b == b0 || b == b1);
+        assert_true(ga[b] != (b == b0 ? g0 : g1b));
+    }
+    kv_table_free(t);
+    kv_pool_free(pa);
+    kv_pool_free(pb);
+}
+
 /* ---- export ---------------------------------------------------------------- */
 
 static void
@@ -1021,6 +1069,7 @@ main(void)
         cmocka_unit_test(test_cow_f16),
         cmocka_unit_test(test_fork_cow_eagain),
         cmocka_unit_test(test_truncate),
+        cmocka_unit_test(test_block_gen),
         cmocka_unit_test(test_export),
         cmocka_unit_test(test_export_bt),
         cmocka_unit_test(test_stress_bt4),

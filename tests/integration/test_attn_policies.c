@@ -13,7 +13,10 @@
  * decoding; a small one changes the logits and so does which blocks it
  * reads; rows decoded three to a call (a verification step) give the
  * logits of rows decoded one at a time; a prompt policy leaves decode rows
- * to decode_top_k.
+ * to decode_top_k.  The key summaries kept by block id across calls give
+ * the logits of summaries taken at every call, and are taken again when a
+ * block's content changes (blocks handed to another sequence, a block
+ * reopened by a truncate).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -76,33 +79,39 @@ teardown(void **state)
  * fixed (teacher forcing), per_call rows a forward pass, each with logits
  * (as a verification step asks).  logits: the prompt's last row, or the
  * decoded rows' [DEC_ROWS][n_vocab]. */
+static bool g_no_store; /* the pool's KV without block_gen: summaries per call */
+/* Tokens from position g_from[j] on take another pattern (g_seed[j]). */
+static uint32_t g_seed[2];
+static uint32_t g_from[2] = {UINT32_MAX, UINT32_MAX};
+
+static int32_t
+token_at(uint32_t i)
+{
+    uint32_t x = i * 37 + 5;
+    for (int j = 0; j < 2; j++)
+        x += i >= g_from[j] ? g_seed[j] : 0;
+    return (int32_t)(x % 256);
+}
+
+/* Entries [from, total) of table t: prompt rows (kv_len <= n_prompt) in
+ * chunks of `chunk`, then per_call rows a pass, each with logits (as a
+ * verification step asks), row r's at logits[r - n_prompt]; or, with
+ * per_call 0, only the prompt's last row's, at logits. */
 static void
-run_n(const model_attn_policy_t *p, uint32_t n_prompt, uint32_t chunk, uint32_t per_call,
+steps(model_ctx_t *ctx, const kv_pool_t *pool, kv_table_t *t, const model_attn_policy_t *p,
+      uint32_t n_prompt, uint32_t from, uint32_t total, uint32_t chunk, uint32_t per_call,
       float *logits)
 {
-    const model_hparams_t *hp = model_hparams(m);
-    kv_pool_cfg_t pc = {.n_layers = hp->n_layer,
-                        .n_kv_heads = hp->n_head_kv,
-                        .head_dim = hp->head_dim,
-                        .block_tokens = 16,
-                        .n_blocks = (n_prompt + DEC_ROWS) / 16 + 2,
-                        .dtype = KERN_F32};
-    kv_pool_t *pool;
-    kv_table_t *t;
     sched_batch_t *sb;
-    model_ctx_t *ctx;
-    assert_int_equal(kv_pool_new(&pc, be, &pool), 0);
-    assert_int_equal(kv_table_new(pool, &t), 0);
     assert_int_equal(sched_batch_new(&sb), 0);
-    assert_int_equal(model_ctx_new(m, n_prompt, DEC_ROWS, &ctx), 0);
-    if (g_reserve)
-        assert_int_equal(model_ctx_reserve(ctx, n_prompt, pc.block_tokens), 0);
-    const uint32_t total = n_prompt + (per_call ? DEC_ROWS : 0);
+    kern_kv_t kv = *kv_pool_kv(pool);
+    if (g_no_store)
+        kv.block_gen = NULL;
     int32_t *toks = malloc(total * sizeof *toks);
     assert_non_null(toks);
     for (uint32_t i = 0; i < total; i++)
-        toks[i] = (int32_t)((i * 37 + 5) % 256);
-    for (uint32_t done = 0; done < total;) {
+        toks[i] = token_at(i);
+    for (uint32_t done = from; done < total;) {
         bool pre = done < n_prompt;
         uint32_t k = pre ? n_prompt - done : total - done;
         k = k < (pre ? chunk : per_call) ? k : (pre ? chunk : per_call);
@@ -116,14 +125,44 @@ run_n(const model_attn_policy_t *p, uint32_t n_prompt, uint32_t chunk, uint32_t 
         const model_batch_t *mb;
         assert_int_equal(sched_batch_build(sb, &st, 1, &mb), 0);
         float *out = pre ? logits : logits + (size_t)(done - n_prompt) * n_vocab;
-        assert_int_equal(model_forward(ctx, kv_pool_kv(pool), mb, out), 0);
+        assert_int_equal(model_forward(ctx, &kv, mb, out), 0);
         done += k;
     }
+    free(toks);
+    sched_batch_free(sb);
+}
+
+static kv_pool_t *
+new_pool(uint32_t n_tokens)
+{
+    const model_hparams_t *hp = model_hparams(m);
+    kv_pool_cfg_t pc = {.n_layers = hp->n_layer,
+                        .n_kv_heads = hp->n_head_kv,
+                        .head_dim = hp->head_dim,
+                        .block_tokens = 16,
+                        .n_blocks = n_tokens / 16 + 2,
+                        .dtype = KERN_F32};
+    kv_pool_t *pool;
+    assert_int_equal(kv_pool_new(&pc, be, &pool), 0);
+    return pool;
+}
+
+static void
+run_n(const model_attn_policy_t *p, uint32_t n_prompt, uint32_t chunk, uint32_t per_call,
+      float *logits)
+{
+    kv_pool_t *pool = new_pool(n_prompt + DEC_ROWS);
+    kv_table_t *t;
+    model_ctx_t *ctx;
+    assert_int_equal(kv_table_new(pool, &t), 0);
+    assert_int_equal(model_ctx_new(m, n_prompt, DEC_ROWS, &ctx), 0);
+    if (g_reserve)
+        assert_int_equal(model_ctx_reserve(ctx, n_prompt, 16), 0);
+    steps(ctx, pool, t, p, n_prompt, 0, n_prompt + (per_call ? DEC_ROWS : 0), chunk, per_call,
+          logits);
     if (g_reserve)
         assert_int_equal(model_ctx_late_grows(ctx), 0);
-    free(toks);
     model_ctx_free(ctx);
-    sched_batch_free(sb);
     kv_table_free(t);
     kv_pool_free(pool);
 }
@@ -351,6 +390,68 @@ test_quest_decode(void **state)
     free(rows3);
 }
 
+/* Quest's key summaries kept by block id across calls (model/forward.c's
+ * store) give the logits of summaries taken at every call, and follow a
+ * block whose content changes: blocks of a finished sequence handed to
+ * another, and a full block reopened by a truncate and filled anew. */
+static void
+test_summary_store(void **state)
+{
+    (void)state;
+    size_t sz = (size_t)DEC_ROWS * n_vocab * sizeof(float);
+    float *a = malloc(sz), *b = malloc(sz);
+    const model_attn_policy_t bsp = {
+        .kind = MODEL_ATTN_BLOCK_SPARSE, .sinks = 4, .window = 16, .top_k = 2};
+    const model_attn_policy_t qd = {.decode_top_k = 2};
+    for (uint32_t per_call = 1; per_call <= 3; per_call += 2) {
+        decode(&qd, per_call, a);
+        g_no_store = true;
+        decode(&qd, per_call, b);
+        g_no_store = false;
+        assert_memory_equal(a, b, sz);
+    }
+    prefill(&bsp, 100, a);
+    g_no_store = true;
+    prefill(&bsp, 100, b);
+    g_no_store = false;
+    assert_memory_equal(a, b, n_vocab * sizeof(float));
+
+    /* One context and pool for two sequences, the second on the blocks of
+     * the first (freed last, handed out first) with other tokens from
+     * position 24 on: its logits are those of a context of its own. */
+    const uint32_t total = N_PROMPT + DEC_ROWS;
+    kv_pool_t *pool = new_pool(total);
+    model_ctx_t *ctx;
+    kv_table_t *t;
+    assert_int_equal(model_ctx_new(m, N_PROMPT, DEC_ROWS, &ctx), 0);
+    assert_int_equal(kv_table_new(pool, &t), 0);
+    steps(ctx, pool, t, &qd, N_PROMPT, 0, total, N_PROMPT, 1, a);
+    kv_table_free(t);
+    g_seed[0] = 101;
+    g_from[0] = 24;
+    assert_int_equal(kv_table_new(pool, &t), 0);
+    steps(ctx, pool, t, &qd, N_PROMPT, 0, total, N_PROMPT, 1, a);
+    run_n(&qd, N_PROMPT, N_PROMPT, 1, b);
+    assert_memory_equal(a, b, sz);
+
+    /* Back to 257 entries: block 16 (entries 256 .. 271) was full and
+     * summarised, and takes other tokens from 257 on. */
+    assert_int_equal(kv_table_truncate(t, 257), 0);
+    g_seed[1] = 55;
+    g_from[1] = 257;
+    steps(ctx, pool, t, &qd, N_PROMPT, 257, total, N_PROMPT, 1, a);
+    run_n(&qd, N_PROMPT, N_PROMPT, 1, b);
+    g_from[0] = g_from[1] = UINT32_MAX;
+    /* Its prompt rows from 257 on ran as a chunk of their own: the
+     * products round differently, but the choices are the same. */
+    assert_true(rows_err(a, b) < TOL);
+    kv_table_free(t);
+    model_ctx_free(ctx);
+    kv_pool_free(pool);
+    free(a);
+    free(b);
+}
+
 static void
 test_reserved_scratch(void **state)
 {
@@ -412,6 +513,7 @@ main(void)
         cmocka_unit_test(test_bad_policies),
         cmocka_unit_test(test_reserved_scratch),
         cmocka_unit_test(test_quest_decode),
+        cmocka_unit_test(test_summary_store),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

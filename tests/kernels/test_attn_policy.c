@@ -849,47 +849,87 @@ test_delta_invariants(void **state)
 
 /* Sequence 0's first nb blocks summarised on be, and every query row
  * scored in groups of qg rows (per KV head, or not) against them, or with
- * sub > 0 against the first sub of them (kern.h: bounds_stride). */
+ * sub > 0 against the first sub of them (kern.h: bounds_stride).  With
+ * `store`, summarised by block id into rows of the pool's size
+ * (kern_kv_pool_bounds) and scored from there (bounds_rows); `bounds`
+ * gets the sequence's rows, in its order, either way. */
 static void
 run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t sub, uint32_t qg,
-          bool per_head, size_t sn, float *bounds, float *score)
+          bool per_head, bool store, size_t sn, float *bounds, float *score)
 {
     kern_kv_t kv = pkv_make(be, p);
-    const size_t qn = (size_t)p->n_q * p->n_heads * p->d, bn = (size_t)p->n_kv * nb * 2 * p->d;
+    const size_t w = 2 * (size_t)p->d, rows = store ? p->n_blocks : nb;
+    const size_t qn = (size_t)p->n_q * p->n_heads * p->d, bn = (size_t)p->n_kv * rows * w;
     kern_block_score_args_t a = {.n_q = p->n_q,
                                  .n_heads = p->n_heads,
                                  .n_kv_heads = p->n_kv,
                                  .head_dim = p->d,
                                  .n_blocks = sub ? sub : nb,
-                                 .bounds_stride = sub ? nb : 0,
+                                 .bounds_stride = store ? p->n_blocks
+                                                  : sub ? nb
+                                                        : 0,
+                                 .bounds_rows = store ? p->indices : NULL,
                                  .q_group = qg,
                                  .per_kv_head = per_head};
     float *qd = kern_alloc(be, qn * sizeof(float)), *bd = kern_alloc(be, bn * sizeof(float));
     float *sd = kern_alloc(be, sn * sizeof(float));
     float *wd = kern_alloc(be, kern_block_scores_work(&a) * sizeof(float));
-    assert_true(qd && bd && sd && wd);
+    float *all = malloc(bn * sizeof(float));
+    assert_true(qd && bd && sd && wd && all);
     assert_int_equal(kern_upload(be, qd, p->q, qn * sizeof(float)), 0);
     assert_int_equal(kern_memset(be, bd, 0xff, bn * sizeof(float)), 0); /* NaN */
     assert_int_equal(kern_memset(be, sd, 0xff, sn * sizeof(float)), 0);
-    assert_int_equal(kern_kv_block_bounds(be, &kv, 1, p->indices, nb, bd), 0);
+    if (store)
+        assert_int_equal(kern_kv_pool_bounds(be, &kv, 1, p->indices, nb, bd), 0);
+    else
+        assert_int_equal(kern_kv_block_bounds(be, &kv, 1, p->indices, nb, bd), 0);
     a.q = qd;
     a.bounds = bd;
     a.score = sd;
     a.work = wd;
     assert_int_equal(kern_block_scores(be, &a), 0);
     assert_int_equal(kern_sync(be), 0);
-    assert_int_equal(kern_download(be, bounds, bd, bn * sizeof(float)), 0);
+    assert_int_equal(kern_download(be, all, bd, bn * sizeof(float)), 0);
     assert_int_equal(kern_download(be, score, sd, sn * sizeof(float)), 0);
+    for (uint32_t g = 0; g < p->n_kv; g++)
+        for (uint32_t i = 0; i < nb; i++)
+            memcpy(bounds + ((size_t)g * nb + i) * w,
+                   all + ((size_t)g * rows + (store ? (uint32_t)p->indices[i] : i)) * w,
+                   w * sizeof(float));
+    /* A store's other rows are left as they were. */
+    for (uint32_t b = 0; store && b < p->n_blocks; b++) {
+        bool listed = false;
+        for (uint32_t i = 0; i < nb; i++)
+            listed |= (uint32_t)p->indices[i] == b;
+        for (uint32_t g = 0; !listed && g < p->n_kv; g++)
+            assert_true(isnan(all[((size_t)g * rows + b) * w]));
+    }
 
     /* Refusals: a block id out of the pool, heads that do not group. */
     int32_t bad = (int32_t)p->n_blocks;
     assert_int_equal(kern_kv_block_bounds(be, &kv, 1, &bad, 1, bd), KVS_EINVAL);
     assert_int_equal(kern_kv_block_bounds(be, &kv, 2, p->indices, 1, bd), KVS_EINVAL);
+    assert_int_equal(kern_kv_pool_bounds(be, &kv, 1, &bad, 1, bd), KVS_EINVAL);
     a.n_heads = p->n_kv + 1;
     assert_int_equal(kern_block_scores(be, &a), p->n_kv > 1 ? KVS_EINVAL : 0);
     a.n_heads = p->n_heads;
-    a.bounds_stride = a.n_blocks - 1;
-    assert_int_equal(kern_block_scores(be, &a), a.bounds_stride ? KVS_EINVAL : 0);
+    if (store) {
+        /* A row past the store, and rows with no stride to find them by. */
+        int32_t far[1] = {(int32_t)p->n_blocks};
+        const int32_t *rows0 = a.bounds_rows;
+        uint32_t n0 = a.n_blocks;
+        a.bounds_rows = far;
+        a.n_blocks = 1;
+        assert_int_equal(kern_block_scores(be, &a), KVS_EINVAL);
+        a.bounds_rows = rows0;
+        a.n_blocks = n0;
+        a.bounds_stride = 0;
+        assert_int_equal(kern_block_scores(be, &a), KVS_EINVAL);
+    } else {
+        a.bounds_stride = a.n_blocks - 1;
+        assert_int_equal(kern_block_scores(be, &a), a.bounds_stride ? KVS_EINVAL : 0);
+    }
+    free(all);
     kern_free(be, kv.k);
     kern_free(be, kv.v);
     kern_free(be, qd);
@@ -981,19 +1021,25 @@ test_quest_bounds(void **state)
             kern_backend_t *be = be_at(b, &label);
             if (be == NULL)
                 break;
-            run_quest(be, &p, nb, 0, cases[ci].qg, false, sn, got_b, got_s);
+            run_quest(be, &p, nb, 0, cases[ci].qg, false, false, sn, got_b, got_s);
             check_bytes_equal(want_b, got_b, bn * sizeof(float), what, label);
             /* cuda multiplies in TF32 (kern.h). */
             check_close(want_s, got_s, sn, b == g_n_be ? 5e-3 : 1e-5, what, label);
             char wh[160];
             snprintf(wh, sizeof(wh), "%s, per KV head", what);
-            run_quest(be, &p, nb, 0, cases[ci].qg, true, snh, got_b, got_s);
+            run_quest(be, &p, nb, 0, cases[ci].qg, true, false, snh, got_b, got_s);
+            check_close(want_h, got_s, snh, b == g_n_be ? 5e-3 : 1e-5, wh, label);
+            /* The same from a store kept by block id. */
+            snprintf(wh, sizeof(wh), "%s, per KV head, from a store", what);
+            run_quest(be, &p, nb, 0, cases[ci].qg, true, true, snh, got_b, got_s);
+            check_bytes_equal(want_b, got_b, bn * sizeof(float), wh, label);
             check_close(want_h, got_s, snh, b == g_n_be ? 5e-3 : 1e-5, wh, label);
             /* The first sub blocks of the same bounds, as a shorter row
              * scores a longer row's summary. */
             const uint32_t sub = nb > 1 ? nb - 1 - (uint32_t)ci % 2 : nb;
             snprintf(wh, sizeof(wh), "%s, per KV head, %u of the blocks", what, sub);
-            run_quest(be, &p, nb, sub, cases[ci].qg, true, snh / nb * sub, got_b, got_s);
+            run_quest(be, &p, nb, sub, cases[ci].qg, true, ci % 2 == 1, snh / nb * sub, got_b,
+                      got_s);
             for (size_t r = 0; r < snh / nb; r++)
                 check_close(want_h + r * nb, got_s + r * sub, sub, b == g_n_be ? 5e-3 : 1e-5, wh,
                             label);
