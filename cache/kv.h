@@ -208,6 +208,22 @@ int kv_prefix_match(kv_table_t *t, const int32_t *tokens, uint32_t n, uint64_t e
  * With the prefix cache off it does nothing and returns 0. */
 int kv_prefix_commit(kv_table_t *t, const int32_t *tokens, uint32_t n, uint64_t extra);
 
+/* What a sequence's blocks are cached under when not all of its KV was
+ * computed alike: a block whose entries all lie below n_first under
+ * `extra`, any later one under `after` (a request's generated tokens,
+ * decoded under another attention than its prompt's prefill, whose KV a
+ * later prefill of the same tokens would not reproduce).  With after ==
+ * extra, the plain functions above.  Same returns as those. */
+typedef struct kv_prefix_key {
+    uint64_t extra;
+    uint64_t after;
+    uint32_t n_first;
+} kv_prefix_key_t;
+int kv_prefix_match_key(kv_table_t *t, const int32_t *tokens, uint32_t n,
+                        const kv_prefix_key_t *key, uint32_t *n_matched);
+int kv_prefix_commit_key(kv_table_t *t, const int32_t *tokens, uint32_t n,
+                         const kv_prefix_key_t *key);
+
 typedef struct kv_prefix_stats {
     uint64_t queried_tokens; /* sum of n over kv_prefix_match calls */
     uint64_t hit_tokens;     /* sum of *n_matched */

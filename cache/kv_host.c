@@ -567,7 +567,7 @@ kv__host_keep(kv_host_t *h, int32_t b)
 }
 
 uint32_t
-kv__host_match(kv_table_t *t, const int32_t *tokens, uint32_t max, uint64_t extra)
+kv__host_match(kv_table_t *t, const int32_t *tokens, uint32_t max, const kv_prefix_key_t *pk)
 {
     kv_pool_t *pool = t->pool;
     kv_host_t *h = pool->host;
@@ -577,6 +577,7 @@ kv__host_match(kv_table_t *t, const int32_t *tokens, uint32_t max, uint64_t extr
     while (k < max) {
         kv_hash_pair_t prev = k > 0 ? t->hashes[k - 1] : (kv_hash_pair_t){0, 0};
         const int32_t *blk = tokens + (size_t)k * bt;
+        const uint64_t extra = kv__key_extra(pk, k, bt);
         kv_hash_pair_t key = kv__block_key(prev, blk, bt, extra);
         /* Room first: a failure shortens the match and changes nothing. */
         if (kv__grow((void **)&t->blocks, &t->blocks_cap, (uint64_t)k + 1, sizeof *t->blocks) ||

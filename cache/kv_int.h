@@ -65,7 +65,8 @@ struct kv_table {
     uint32_t len;
     uint32_t pos_cap;
     int32_t next_pos;
-    /* Chain hashes of blocks 0..n_hashed-1 under key hash_extra, so that
+    /* Chain hashes of blocks 0..n_hashed-1 under the key hash_extra
+     * identifies (kv_prefix.c: key_id), so that
      * a commit only hashes blocks it has not seen.  Each of those blocks
      * was offered to the prefix cache (it may have stayed unregistered
      * when an identical block was already cached). */
@@ -235,7 +236,14 @@ void kv__host_keep(kv_host_t *h, int32_t block);
  * uploading the store's into fresh blocks it caches again.  Stops at the
  * first block found nowhere, or when no block of its kind is free.
  * Returns t's new len. */
-uint32_t kv__host_match(kv_table_t *t, const int32_t *tokens, uint32_t max, uint64_t extra);
+uint32_t kv__host_match(kv_table_t *t, const int32_t *tokens, uint32_t max,
+                        const kv_prefix_key_t *key);
+/* The extra block i of a sequence is cached under (kv_prefix_key_t). */
+static inline uint64_t
+kv__key_extra(const kv_prefix_key_t *key, uint32_t i, uint32_t bt)
+{
+    return ((uint64_t)i + 1) * bt <= key->n_first ? key->extra : key->after;
+}
 /* Frees an offloaded table's copies (kv_table_free). */
 void kv__host_drop(kv_table_t *t);
 /* Registers block b, uncached and holding this key's contents, in the

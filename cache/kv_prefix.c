@@ -276,11 +276,36 @@ kv__block_ref_cached(kv_pool_t *pool, int32_t b)
 
 /* ---- match and commit ----------------------------------------------------- */
 
+/* What t->hash_extra records of a key: its extra when there is one, so
+ * that the plain functions and a key of one extra agree. */
+static uint64_t
+key_id(const kv_prefix_key_t *k)
+{
+    if (k->extra == k->after)
+        return k->extra;
+    return kvs_mix64(k->extra ^ kvs_mix64(k->after ^ kvs_mix64(0x6669727374ull + k->n_first)));
+}
+
 int
 kv_prefix_match(kv_table_t *t, const int32_t *tokens, uint32_t n, uint64_t extra,
                 uint32_t *n_matched)
 {
-    if (n_matched == NULL)
+    const kv_prefix_key_t key = {extra, extra, 0};
+    return kv_prefix_match_key(t, tokens, n, &key, n_matched);
+}
+
+int
+kv_prefix_commit(kv_table_t *t, const int32_t *tokens, uint32_t n, uint64_t extra)
+{
+    const kv_prefix_key_t key = {extra, extra, 0};
+    return kv_prefix_commit_key(t, tokens, n, &key);
+}
+
+int
+kv_prefix_match_key(kv_table_t *t, const int32_t *tokens, uint32_t n, const kv_prefix_key_t *pk,
+                    uint32_t *n_matched)
+{
+    if (n_matched == NULL || pk == NULL)
         return KVS_EINVAL;
     *n_matched = 0;
     kv_pool_t *pool = t->pool;
@@ -303,6 +328,7 @@ kv_prefix_match(kv_table_t *t, const int32_t *tokens, uint32_t n, uint64_t extra
     kv_hash_pair_t prev = {0, 0};
     uint32_t k = 0;
     while (k < max) {
+        const uint64_t extra = kv__key_extra(pk, k, bt);
         kv_hash_pair_t key = kv__block_key(prev, tokens + (size_t)k * bt, bt, extra);
         int32_t b = kv__prefix_lookup(pool, key, prev.h1, extra);
         if (b < 0)
@@ -331,10 +357,10 @@ kv_prefix_match(kv_table_t *t, const int32_t *tokens, uint32_t n, uint64_t extra
     t->len = len;
     t->next_pos = (int32_t)len;
     t->n_hashed = k;
-    t->hash_extra = extra;
+    t->hash_extra = key_id(pk);
     /* The host tier's copies may continue the run. */
     if (pool->host != NULL)
-        len = kv__host_match(t, tokens, max, extra);
+        len = kv__host_match(t, tokens, max, pk);
     pool->queried_tokens += n;
     pool->hit_tokens += len;
     *n_matched = len;
@@ -353,9 +379,11 @@ natural_positions(const kv_table_t *t, uint32_t i, uint32_t bt)
 }
 
 int
-kv_prefix_commit(kv_table_t *t, const int32_t *tokens, uint32_t n, uint64_t extra)
+kv_prefix_commit_key(kv_table_t *t, const int32_t *tokens, uint32_t n, const kv_prefix_key_t *pk)
 {
     kv_pool_t *pool = t->pool;
+    if (pk == NULL)
+        return KVS_EINVAL;
     if (!pool->cfg.prefix_cache || t->compacted)
         return 0;
     if (n > t->len || (tokens == NULL && n > 0))
@@ -364,7 +392,8 @@ kv_prefix_commit(kv_table_t *t, const int32_t *tokens, uint32_t n, uint64_t extr
         return KVS_EINVAL; /* its blocks are in the host tier */
     uint32_t bt = pool->cfg.block_tokens;
     /* Hashes kept under another key describe other blocks: start over. */
-    uint32_t start = t->hash_extra == extra ? t->n_hashed : 0;
+    const uint64_t id = key_id(pk);
+    uint32_t start = t->hash_extra == id ? t->n_hashed : 0;
     uint32_t full = n / bt;
     if (full <= start)
         return 0;
@@ -372,7 +401,7 @@ kv_prefix_commit(kv_table_t *t, const int32_t *tokens, uint32_t n, uint64_t extr
     if (rc != 0)
         return rc;
     t->n_hashed = start;
-    t->hash_extra = extra;
+    t->hash_extra = id;
 
     for (uint32_t i = start; i < full; i++) {
         /* The chain stops here; a later commit looks at this block again
@@ -380,6 +409,7 @@ kv_prefix_commit(kv_table_t *t, const int32_t *tokens, uint32_t n, uint64_t extr
         if (!natural_positions(t, i, bt))
             break;
         kv_hash_pair_t parent = i > 0 ? t->hashes[i - 1] : (kv_hash_pair_t){0, 0};
+        const uint64_t extra = kv__key_extra(pk, i, bt);
         kv_hash_pair_t key = kv__block_key(parent, tokens + (size_t)i * bt, bt, extra);
         int32_t b = t->blocks[i];
         t->hashes[i] = key;

@@ -76,7 +76,10 @@ typedef enum req_state { REQ_WAITING, REQ_RUNNING } req_state_t;
 
 typedef struct req {
     msg_t msg; /* first: the inbox node */
-    uint64_t id, seq, extra;
+    uint64_t id, seq;
+    /* The prefix-cache key of the prompt's blocks and of the blocks that
+     * hold generated tokens (key()). */
+    uint64_t extra, extra_gen;
     char name[SCHED_NAME_MAX]; /* sched_request_t.name, or the id: for log lines */
     int32_t priority;
     int32_t *tokens;
@@ -387,6 +390,14 @@ need_of(const req_t *r)
     return r->n_tokens - r->n_computed;
 }
 
+/* r's blocks' prefix-cache key: its prompt's under extra, the rest under
+ * extra_gen. */
+static kv_prefix_key_t
+key(const req_t *r)
+{
+    return (kv_prefix_key_t){.extra = r->extra, .after = r->extra_gen, .n_first = r->n_prompt};
+}
+
 /* Registers the computed full blocks so other requests can share them.
  * After a speculative prefill only the leading run of kept tokens is at
  * its natural positions (kv_prefix_commit stops at the first other block
@@ -406,8 +417,9 @@ commit_prefix(sched_t *s, req_t *r)
      * entries up to the first dropped block are still tokens 0.. in order. */
     if (n > kv_table_len(r->table))
         n = kv_table_len(r->table);
+    const kv_prefix_key_t k = key(r);
     if (n > 0)
-        kv_prefix_commit(r->table, r->tokens, n, r->extra);
+        kv_prefix_commit_key(r->table, r->tokens, n, &k);
 }
 
 /* After a prefix-cache hit of `hit` prompt tokens (re-admission after a
@@ -1124,8 +1136,9 @@ plan(sched_t *s)
             /* A speculative prefill matches the prompt only: those tokens
              * keep their full KV, and generated ones are recomputed. */
             uint32_t hit = 0;
-            kv_prefix_match(r->table, r->tokens, r->spec.on ? r->n_prompt : r->n_tokens, r->extra,
-                            &hit);
+            const kv_prefix_key_t k = key(r);
+            kv_prefix_match_key(r->table, r->tokens, r->spec.on ? r->n_prompt : r->n_tokens, &k,
+                                &hit);
             if (r->kept)
                 kept_rebase(r, hit);
             else
@@ -2330,18 +2343,25 @@ sched_submit(sched_t *s, const sched_request_t *q)
     r->seq = atomic_fetch_add(&s->next_seq, 1);
     /* The prefix-cache key: tenants (salt) and anything that changes KV
      * contents (its dtype; a sparse prefill, whose later layers see other
-     * hidden states) must never share blocks. */
+     * hidden states) must never share blocks.  Generated tokens' KV has a
+     * key of its own when a prefill of the same tokens, under the same
+     * policy, would compute other KV (decode rows attend densely, or by
+     * Quest): a later prompt that holds them recomputes them, and a cache
+     * hit gives what a miss would.  A Quest request's prompt is prefilled
+     * as a dense one's, and shares its blocks. */
     r->extra = kvs_mix64(q->cache_salt ^ kvs_mix64(0x6b76u + (uint64_t)s->cfg.kv_dtype +
                                                    ((uint64_t)s->cfg.kv_quant << 8) +
                                                    ((uint64_t)s->cfg.kv_sink_tokens << 16)));
-    if (q->attn.decode_top_k) /* generated tokens' KV: other hidden states */
-        r->extra = kvs_mix64(r->extra ^ kvs_mix64(0x71756573ull + q->attn.decode_top_k));
     if (q->attn.kind != MODEL_ATTN_DENSE)
         r->extra = kvs_mix64(r->extra ^
                              kvs_mix64(((uint64_t)q->attn.kind << 56) ^
                                        ((uint64_t)q->attn.sinks << 32) ^ q->attn.window) ^
                              kvs_mix64(((uint64_t)q->attn.gamma << 2) | (q->attn.no_tail ? 2u : 0) |
-                                       (q->attn.last_dense ? 1u : 0)));
+                                       (q->attn.last_dense ? 1u : 0)) ^
+                             kvs_mix64(0x746f706bull + ((uint64_t)q->attn.top_k << 8)));
+    r->extra_gen = r->extra;
+    if (q->attn.kind != MODEL_ATTN_DENSE || q->attn.decode_top_k)
+        r->extra_gen = kvs_mix64(r->extra ^ kvs_mix64(0x71756573ull + q->attn.decode_top_k));
     r->attn = q->attn;
     r->kv = q->kv;
     r->block_tokens = s->cfg.block_tokens;

@@ -2,15 +2,14 @@
  * tests/cache/test_kv_prefix.c — the prefix cache over a real pool on the
  * "ref" backend: block hashes (deterministic, sensitive to every input),
  * match after commit (shared blocks, refcounts, positions), isolation by
- * the extra key, partial matches, the last token always left to compute,
- * cached blocks outliving their tables in the LRU list, eviction order,
- * copy-on-write into a cached block after a truncate, incremental commits,
- * forks, the stats, a pool with the cache off, and a seeded random stress
- * that checks every table's KV data against a shadow model.  The KV written
- * for a token depends on the whole token prefix and its position, so a
- * block matched for the wrong prefix, or a cached block written after its
- * commit, shows up as wrong data.  kv_pool_check runs after every mutation;
- * the LRU list and hash table are inspected through cache/kv_int.h.
+ * the extra key, keys of two extras split at an entry, partial matches, the last token always left
+ * to compute, cached blocks outliving their tables in the LRU list, eviction order, copy-on-write
+ * into a cached block after a truncate, incremental commits, forks, the stats, a pool with the
+ * cache off, and a seeded random stress that checks every table's KV data against a shadow model.
+ * The KV written for a token depends on the whole token prefix and its position, so a block matched
+ * for the wrong prefix, or a cached block written after its commit, shows up as wrong data.
+ * kv_pool_check runs after every mutation; the LRU list and hash table are inspected through
+ * cache/kv_int.h.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -387,6 +386,65 @@ test_extra_isolation(void **state)
 
     free_table(pool, a);
     free_table(pool, b);
+    kv_pool_free(pool);
+}
+
+/* A key of two extras (kv_prefix_key_t): blocks wholly below n_first under
+ * the first, later ones under the second, on commit and on match; and
+ * after == extra is the plain one-extra key. */
+static uint32_t
+match_key(kv_pool_t *pool, const int32_t *tokens, uint32_t n, uint64_t a, uint64_t b,
+          uint32_t first)
+{
+    kv_table_t *t = make_table(pool);
+    const kv_prefix_key_t k = {a, b, first};
+    uint32_t m = UINT32_MAX;
+    assert_int_equal(kv_prefix_match_key(t, tokens, n, &k, &m), 0);
+    CHECK(pool);
+    assert_int_equal(kv_table_len(t), m);
+    free_table(pool, t);
+    return m;
+}
+
+static void
+test_split_key(void **state)
+{
+    (void)state;
+    kv_pool_t *pool = make_pool(4, 16, true);
+    int32_t tok[17];
+    fill_tokens(tok, 17, 3);
+    const uint64_t p = 0x70, g = 0x67;
+    kv_table_t *a = make_table(pool);
+    feed(pool, a, tok, 16);
+    /* Blocks 0 and 1 (entries 0 .. 7) under p; 2 (8 .. 11, with entry 9
+     * past n_first) and 3 under g. */
+    const kv_prefix_key_t k = {p, g, 9};
+    assert_int_equal(kv_prefix_commit_key(a, tok, 16, &k), 0);
+    CHECK(pool);
+    assert_int_equal(stats(pool).cached_blocks, 4);
+    assert_int_equal(match_count(pool, tok, 17, p), 8);
+    assert_int_equal(match_count(pool, tok, 17, g), 0);
+    assert_int_equal(match_key(pool, tok, 17, p, g, 9), 16);
+    assert_int_equal(match_key(pool, tok, 17, p, g, 8), 16);
+    assert_int_equal(match_key(pool, tok, 17, p, g, 12), 8); /* block 2 wanted under p */
+    assert_int_equal(match_key(pool, tok, 17, p, g, 4), 4);  /* block 1 wanted under g */
+    assert_int_equal(match_key(pool, tok, 17, p, p, 9), 8);
+    /* A commit under another key hashes the table's blocks again. */
+    assert_int_equal(kv_prefix_commit(a, tok, 16, p), 0);
+    CHECK(pool);
+    assert_int_equal(match_count(pool, tok, 17, p), 8); /* blocks 2, 3 stay under g */
+    free_table(pool, a);
+    kv_table_t *b = make_table(pool);
+    feed(pool, b, tok, 16);
+    commit(pool, b, tok, 16, p);
+    assert_int_equal(match_count(pool, tok, 17, p), 16);
+    assert_int_equal(match_key(pool, tok, 17, p, g, 9), 16); /* g's blocks still there */
+    free_table(pool, b);
+    kv_table_t *t = make_table(pool);
+    uint32_t m;
+    assert_int_equal(kv_prefix_match_key(t, tok, 17, NULL, &m), KVS_EINVAL);
+    assert_int_equal(kv_prefix_commit_key(t, tok, 0, NULL), KVS_EINVAL);
+    free_table(pool, t);
     kv_pool_free(pool);
 }
 
@@ -1356,6 +1414,7 @@ main(void)
         cmocka_unit_test(test_hash),
         cmocka_unit_test(test_match_after_commit),
         cmocka_unit_test(test_extra_isolation),
+        cmocka_unit_test(test_split_key),
         cmocka_unit_test(test_partial_match),
         cmocka_unit_test(test_last_token_computed),
         cmocka_unit_test(test_args),

@@ -130,6 +130,32 @@ fake_attn(kern_backend_t *be, const kern_attn_args_t *a)
     return 0;
 }
 
+/* Block-sparse and Quest: every bound 0, so the choice falls to the
+ * lowest block ids (ties go by index). */
+static int
+fake_bounds(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
+            uint32_t n, float *out, bool by_block)
+{
+    (void)be;
+    (void)kv;
+    (void)layer;
+    (void)blocks;
+    (void)n;
+    (void)out;
+    (void)by_block;
+    return 0;
+}
+static int
+fake_scores(kern_backend_t *be, const kern_block_score_args_t *a)
+{
+    (void)be;
+    const uint32_t qg = a->q_group ? a->q_group : 1;
+    memset(a->score, 0,
+           (size_t)((a->n_q + qg - 1) / qg) * (a->per_kv_head ? a->n_kv_heads : 1) * a->n_blocks *
+               sizeof(float));
+    return 0;
+}
+
 static const kern_ops_t fake_ops = {
     .name = "fake",
     .is_host = true,
@@ -150,6 +176,8 @@ static const kern_ops_t fake_ops = {
     .kv_append = fake_append,
     .kv_copy = fake_copy,
     .attention = fake_attn,
+    .block_bounds = fake_bounds,
+    .block_scores = fake_scores,
 };
 
 static char model_path[256];
@@ -523,6 +551,57 @@ test_prefix_cache_and_salt(void **state)
     assert_int_equal(o.usage[1].cached_prompt_tokens, 48);
     assert_int_equal(o.usage[1].computed_prompt_tokens, 2);
     assert_int_equal(o.usage[2].cached_prompt_tokens, 0);
+
+    /* The key follows how the KV was computed.  Quest at decode leaves the
+     * prompt dense: its prompt shares dense requests' blocks. */
+    r.cache_salt = 0;
+    r.id = 3;
+    r.attn = (model_attn_policy_t){.decode_top_k = 4};
+    assert_int_equal(sched_submit(e.s, &r), 0);
+    run_to_idle(&e, &o, 100);
+    assert_int_equal(o.usage[3].cached_prompt_tokens, 48);
+    /* A sparse prefill does not, and neither does another top_k. */
+    const model_attn_policy_t bs2 = {
+        .kind = MODEL_ATTN_BLOCK_SPARSE, .sinks = 4, .window = 8, .top_k = 2};
+    const uint32_t want[3] = {0, 48, 0};
+    for (uint64_t i = 0; i < 3; i++) {
+        r.id = 4 + i;
+        r.attn = bs2;
+        r.attn.top_k = i < 2 ? 2 : 4;
+        assert_int_equal(sched_submit(e.s, &r), 0);
+        run_to_idle(&e, &o, 100);
+        assert_int_equal(o.usage[r.id].cached_prompt_tokens, want[i]);
+    }
+    /* Generated tokens decoded under Quest, or after a sparse prefill, are
+     * not what a prefill of them computes: a later prompt that holds them
+     * matches the prompt's blocks only (48 of the 56 tokens in full blocks
+     * of the 59 computed), where after a dense request it matches all 56. */
+    const model_attn_policy_t pols[3] = {{0}, {.decode_top_k = 4}, bs2};
+    const uint32_t hit[3] = {56, 48, 48};
+    for (uint64_t i = 0; i < 3; i++) {
+        int32_t longer[70];
+        memcpy(longer, prompt, sizeof prompt);
+        r.prompt = prompt;
+        r.n_prompt = 50;
+        r.max_tokens = 10;
+        r.cache_salt = 100 + i; /* nothing cached under it yet */
+        r.attn = pols[i];
+        r.id = 7 + 2 * i;
+        assert_int_equal(sched_submit(e.s, &r), 0);
+        run_to_idle(&e, &o, 100);
+        assert_int_equal(o.n_tokens[r.id], 10);
+        memcpy(longer + 50, o.tokens[r.id], 10 * sizeof(int32_t));
+        for (int j = 60; j < 70; j++)
+            longer[j] = j;
+        r.prompt = longer;
+        r.n_prompt = 70;
+        r.max_tokens = 2;
+        r.id++;
+        assert_int_equal(sched_submit(e.s, &r), 0);
+        run_to_idle(&e, &o, 100);
+        assert_int_equal(o.usage[r.id].cached_prompt_tokens, hit[i]);
+        r.prompt = prompt;
+    }
     assert_false(e.chk.failed);
     engine_close(&e);
 }
