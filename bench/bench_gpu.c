@@ -1192,7 +1192,8 @@ typedef struct sel_ctx {
     attn_ctx_t a; /* one sequence of ctx tokens */
     uint32_t nb;
     float *bounds, *score, *work, *hq, *hout;
-    kern_block_score_args_t sa;
+    float *store, *dscore, *dwork;
+    kern_block_score_args_t sa, da;
     kern_attn_mass_args_t ma;
 } sel_ctx_t;
 
@@ -1212,6 +1213,13 @@ run_scores(void *p, uint32_t s)
 }
 
 static int
+run_dscores(void *p, uint32_t s)
+{
+    (void)s;
+    return kern_block_scores(B.be, &((sel_ctx_t *)p)->da);
+}
+
+static int
 run_mass(void *p, uint32_t s)
 {
     (void)s;
@@ -1220,19 +1228,23 @@ run_mass(void *p, uint32_t s)
 
 /* Block-sparse prefill at ctx tokens: the Quest summaries of every block
  * (read-bound), one slab of 256 query rows scored against them (a TF32
- * GEMM per KV head; its FLOPs against the bf16 ceiling), and SnapKV's 32
- * observation rows voting over every key (the host copies included). */
+ * GEMM per KV head; its FLOPs against the bf16 ceiling), one decode row
+ * scored per KV head from a store kept by block id (read-bound: what Quest
+ * at decode reads besides the chosen blocks), and SnapKV's 32 observation
+ * rows voting over every key (the host copies included). */
 static int
 bench_select(uint32_t ctx)
 {
     row_t *rb = new_row("quest bounds", "%uK tokens, 8 heads d128 f16", ctx / 1024);
     row_t *rs = new_row("quest scores", "256 rows x %u blocks, 32/8 heads", ctx / A_BT);
+    row_t *rd = new_row("quest decode", "1 row x %u blocks from a store, per head", ctx / A_BT);
     row_t *rm = new_row("snapkv mass", "32 rows x %uK keys, 32/8 heads", ctx / 1024);
-    if (rb == NULL || rs == NULL || rm == NULL)
+    if (rb == NULL || rs == NULL || rd == NULL || rm == NULL)
         return 0;
     if (left_s() < 3) {
         skip_row(rb, "skipped: time budget spent");
         skip_row(rs, "skipped: time budget spent");
+        skip_row(rd, "skipped: time budget spent");
         skip_row(rm, "skipped: time budget spent");
         return 0;
     }
@@ -1262,6 +1274,25 @@ bench_select(uint32_t ctx)
     c.sa.bounds = c.bounds;
     c.sa.score = c.score;
     c.sa.work = c.work;
+    const uint32_t P = c.a.kv.n_blocks; /* the store's rows a head */
+    c.da = (kern_block_score_args_t){.q = q,
+                                     .n_q = 1,
+                                     .n_heads = A_HEADS,
+                                     .n_kv_heads = A_KV_HEADS,
+                                     .head_dim = A_DIM,
+                                     .n_blocks = c.nb,
+                                     .bounds_stride = P,
+                                     .bounds_rows = c.a.indices,
+                                     .q_group = 1,
+                                     .per_kv_head = true};
+    c.store = dev_rand((size_t)A_KV_HEADS * P * 2 * A_DIM * 4, PAT_F32, 95);
+    c.dscore = dev_rand((size_t)A_KV_HEADS * c.nb * 4, PAT_F32, 94);
+    c.dwork = dev_rand(kern_block_scores_work(&c.da) * 4, PAT_F32, 93);
+    if (rc == 0 && (!c.store || !c.dscore || !c.dwork))
+        rc = KVS_ENOMEM;
+    c.da.bounds = c.store;
+    c.da.score = c.dscore;
+    c.da.work = c.dwork;
     c.ma = (kern_attn_mass_args_t){.q = c.hq,
                                    .n_q = 32,
                                    .n_heads = A_HEADS,
@@ -1274,14 +1305,19 @@ bench_select(uint32_t ctx)
                                    .mode = KERN_MASS_SUM,
                                    .n_out = ctx - 32,
                                    .out = c.hout};
-    double ms[3] = {-1, -1, -1};
-    int n_timed[3] = {0, 0, 0};
+    double ms[4] = {-1, -1, -1, -1};
+    int n_timed[4] = {0, 0, 0, 0};
     if (rc == 0)
         rc = time_op(run_bounds, &c, 1, &ms[0], &n_timed[0]);
     if (rc == 0)
         rc = time_op(run_scores, &c, 1, &ms[1], &n_timed[1]);
     if (rc == 0)
         rc = time_op(run_mass, &c, 1, &ms[2], &n_timed[2]);
+    if (rc == 0)
+        rc = time_op(run_dscores, &c, 1, &ms[3], &n_timed[3]);
+    kern_free(B.be, c.store);
+    kern_free(B.be, c.dscore);
+    kern_free(B.be, c.dwork);
     kern_free(B.be, c.bounds);
     kern_free(B.be, c.score);
     kern_free(B.be, c.work);
@@ -1296,6 +1332,10 @@ bench_select(uint32_t ctx)
     note_timed(rs, n_timed[1]);
     snprintf(rs->note, sizeof rs->note, "TF32 vs the bf16 ceiling");
     done_row(rs, ms[1], 0, 2.0 * rows * G * A_KV_HEADS * (double)c.nb * 2 * A_DIM);
+    note_timed(rd, n_timed[3]);
+    snprintf(rd->note, sizeof rd->note, "one launch; against dense decode's K+V of %.0f MB",
+             (double)ctx * A_KV_HEADS * A_DIM * 4 / 1e6);
+    done_row(rd, ms[3], (double)c.nb * A_KV_HEADS * 2 * A_DIM * 4, 0);
     note_timed(rm, n_timed[2]);
     snprintf(rm->note, sizeof rm->note, "K read once per row; D2H copy included");
     done_row(rm, ms[2], 32.0 * ctx * A_KV_HEADS * A_DIM * 2, 0);

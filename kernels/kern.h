@@ -546,8 +546,8 @@ int kern_kv_pool_bounds(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer,
  * bounds, score and work are backend memory; work holds at least
  * kern_block_scores_work() floats, so the backends can run the bounds as
  * matrix products without allocating.  Results may differ from the exact
- * sums in the last bits (cuda multiplies in TF32: of order 1e-3 of the
- * largest bound). */
+ * sums in the last bits (cuda's products for more than a few rows
+ * multiply in TF32: of order 1e-3 of the largest bound). */
 typedef struct kern_block_score_args {
     const float *q; /* [n_q][n_heads][head_dim] */
     uint32_t n_q;

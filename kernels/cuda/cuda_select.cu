@@ -216,6 +216,52 @@ group_max_kernel(const float *y, uint32_t n_q, uint32_t G, uint32_t q_group, uin
     }
 }
 
+/* At most this many (row, query head) pairs of one KV head take the
+ * direct kernel below: a decode row (G of them) or a verification step's. */
+#define FEW_PAIRS 32
+#define FEW_WARPS 8
+
+/* Scores of a few query rows straight from the bounds: a warp per (KV
+ * block, blockIdx.y), lanes over channels, each pair's sum reduced across
+ * the warp and the maxima kept in registers.  blockIdx.y is the KV head
+ * with per_kv_head, else 0 and the warp walks every KV head into one row.
+ * One launch for what the product path takes four per KV head (split,
+ * gather, GEMM, group max), which at decode is launch time, not work;
+ * the sums are exact fp32, not TF32. */
+static __global__ void
+few_scores_kernel(const float *q, uint32_t n_q, uint32_t n_heads, uint32_t n_kv, uint32_t d,
+                  const float *bounds, size_t bstride, const int32_t *rows, uint32_t nb,
+                  uint32_t qg, bool per_kv_head, float *score)
+{
+    const uint32_t lane = threadIdx.x & 31;
+    const uint32_t b = blockIdx.x * FEW_WARPS + (threadIdx.x >> 5);
+    if (b >= nb)
+        return;
+    const uint32_t G = n_heads / n_kv, n_groups = (n_q + qg - 1) / qg;
+    const uint32_t g0 = per_kv_head ? blockIdx.y : 0, g1 = per_kv_head ? g0 + 1 : n_kv;
+    const size_t row = rows ? (size_t)rows[b] : b;
+    for (uint32_t grp = 0; grp < n_groups; grp++) {
+        const uint32_t i1 = (grp + 1) * qg < n_q ? (grp + 1) * qg : n_q;
+        float best = -INFINITY;
+        for (uint32_t g = g0; g < g1; g++) {
+            const float *mx = bounds + ((size_t)g * bstride + row) * 2 * d, *mn = mx + d;
+            for (uint32_t i = grp * qg; i < i1; i++)
+                for (uint32_t hh = 0; hh < G; hh++) {
+                    const float *qr = q + ((size_t)i * n_heads + (size_t)g * G + hh) * d;
+                    float s = 0.0f;
+                    for (uint32_t e = lane; e < d; e += 32) {
+                        const float x = qr[e];
+                        s += fmaxf(x * mx[e], x * mn[e]);
+                    }
+                    best = fmaxf(best, kern__cuda_warp_sum(s));
+                }
+        }
+        if (lane == 0)
+            score[((size_t)grp * (per_kv_head ? n_kv : 1) + (per_kv_head ? g0 : 0)) * nb + b] =
+                best;
+    }
+}
+
 int
 kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
 {
@@ -242,6 +288,14 @@ kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
         if ((rc = kern__cuda_stage_end(be, bytes, &dv)) != 0)
             return rc;
         drows = (const int32_t *)dv;
+    }
+    if (rows <= FEW_PAIRS && a->n_kv_heads <= 65535) {
+        const dim3 grid((nb + FEW_WARPS - 1) / FEW_WARPS, a->per_kv_head ? a->n_kv_heads : 1);
+        few_scores_kernel<<<grid, FEW_WARPS * 32, 0, be->stream>>>(
+            a->q, a->n_q, a->n_heads, a->n_kv_heads, d, a->bounds, bstride, drows, nb, qg,
+            a->per_kv_head, a->score);
+        KERN_CUDA_LAUNCHED();
+        return 0;
     }
     for (uint32_t g = 0; g < a->n_kv_heads; g++) {
         const float *bd = a->bounds + (size_t)g * bstride * 2 * d;
