@@ -385,9 +385,6 @@ bs_grow(void **p, size_t *cap, size_t n, size_t el)
     return 0;
 }
 
-/* The summary store, sized for kv's pool on first use; false where the
- * pool gives no block_gen or the memory is not there (then block_sparse
- * summarises per call, as a store-less caller would). */
 static void
 bs_store_free(model_ctx_t *c)
 {
@@ -400,6 +397,9 @@ bs_store_free(model_ctx_t *c)
     c->sum_blocks = 0;
 }
 
+/* The summary store, sized for kv's pool on first use; false where the
+ * pool gives no block_gen or the memory is not there (then block_sparse
+ * summarises per call, as a store-less caller would). */
 static bool
 bs_store_ready(model_ctx_t *c, const kern_kv_t *kv)
 {
