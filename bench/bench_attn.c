@@ -5,7 +5,9 @@
  * bounds picking 8 blocks of 16 per query block), each as a ratio to dense
  * measured in the same run.  The attention share of dense prefill is
  * estimated as 1 - t(sink-window) / t(dense), since a 4+16 window leaves
- * almost no attention work.
+ * almost no attention work.  --per-call-summaries adds block-sparse with its
+ * key summaries taken at every call rather than kept by block across the
+ * chunks (a pool view without block_gen).
  *
  * --decode D: then, after each length's prompt (prefilled under
  * sink-window, which is quick and leaves as much KV), the time per token of
@@ -17,7 +19,7 @@
  * call, as a speculative verification step does (ms per row).
  *
  *   bench_attn --model F.gguf [--lengths 4096,16384,32768] [--chunk 2048]
- *              [--threads N] [--no-block-sparse]
+ *              [--threads N] [--no-block-sparse | --per-call-summaries]
  *              [--decode D [--decode-only] [--verify K]] [--json FILE]
  */
 #include "cache/kv.h"
@@ -30,11 +32,12 @@
 #include <string.h>
 
 #define MAX_LENGTHS 8
-#define N_POLICIES 4
+#define N_POLICIES 5
 
 static const char *const names[N_POLICIES] = {"dense", "sink-window(4+16)", "delta(4+16, g64)",
-                                              "block-sparse(4+16, 8)"};
-static const char *const keys[N_POLICIES] = {"dense", "sink_window", "delta", "block_sparse"};
+                                              "block-sparse(4+16, 8)", "bs, per-call sums"};
+static const char *const keys[N_POLICIES] = {"dense", "sink_window", "delta", "block_sparse",
+                                             "block_sparse_per_call_summaries"};
 
 /* One sequence's KV pool, table, batch and context, room for n tokens in
  * calls of at most `chunk`, with its tokens. */
@@ -108,13 +111,13 @@ seq_run(seq_t *q, uint32_t from, uint32_t to, uint32_t chunk, uint32_t n_prompt,
 }
 
 static double
-prefill_ms(model_t *m, uint32_t n, uint32_t chunk, const model_attn_policy_t *p)
+prefill_ms(model_t *m, uint32_t n, uint32_t chunk, const model_attn_policy_t *p, bool store)
 {
     seq_t q;
     if (!seq_open(&q, m, n, chunk))
         return -1;
     uint64_t t0 = kvs_now_ns();
-    double ms = seq_run(&q, 0, n, chunk, n, p, 1, true) ? (double)(kvs_now_ns() - t0) / 1e6 : -1;
+    double ms = seq_run(&q, 0, n, chunk, n, p, 1, store) ? (double)(kvs_now_ns() - t0) / 1e6 : -1;
     seq_close(&q);
     return ms;
 }
@@ -155,8 +158,9 @@ main(int argc, char **argv)
                                        {"chunk", 1, 0, 'c'},  {"threads", 1, 0, 't'},
                                        {"json", 1, 0, 'j'},   {"no-block-sparse", 0, 0, 'b'},
                                        {"decode", 1, 0, 'd'}, {"decode-only", 0, 0, 'o'},
-                                       {"verify", 1, 0, 'v'}, {0, 0, 0, 0}};
-    int n_pol = N_POLICIES;
+                                       {"verify", 1, 0, 'v'}, {"per-call-summaries", 0, 0, 's'},
+                                       {0, 0, 0, 0}};
+    int n_pol = N_POLICIES - 1;
     int ch;
     while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (ch) {
@@ -178,7 +182,10 @@ main(int argc, char **argv)
             json = optarg;
             break;
         case 'b': /* the slowest sparse policy, when time is short */
-            n_pol = N_POLICIES - 1;
+            n_pol = N_POLICIES - 2;
+            break;
+        case 's':
+            n_pol = N_POLICIES;
             break;
         case 'd':
             n_dec = (uint32_t)atoi(optarg);
@@ -191,7 +198,8 @@ main(int argc, char **argv)
             break;
         default:
             fprintf(stderr, "usage: bench_attn --model F.gguf [--lengths 4096,16384,32768] "
-                            "[--chunk 2048] [--threads N] [--no-block-sparse] "
+                            "[--chunk 2048] [--threads N] [--no-block-sparse | "
+                            "--per-call-summaries] "
                             "[--decode D [--decode-only] [--verify K]] [--json FILE]\n");
             return 2;
         }
@@ -215,6 +223,7 @@ main(int argc, char **argv)
         {.kind = MODEL_ATTN_SINK_WINDOW, .sinks = 4, .window = 16},
         {.kind = MODEL_ATTN_DELTA, .sinks = 4, .window = 16, .gamma = 64},
         {.kind = MODEL_ATTN_BLOCK_SPARSE, .sinks = 4, .window = 16, .top_k = 8},
+        {.kind = MODEL_ATTN_BLOCK_SPARSE, .sinks = 4, .window = 16, .top_k = 8},
     };
     double ms[MAX_LENGTHS][N_POLICIES], dms[MAX_LENGTHS][N_DECODE];
     if (n_pol)
@@ -226,7 +235,7 @@ main(int argc, char **argv)
     for (uint32_t i = 0; i < n_lengths && n_pol; i++) {
         printf("%-8u", lengths[i]);
         for (int p = 0; p < n_pol; p++) {
-            ms[i][p] = prefill_ms(m, lengths[i], chunk, &pol[p]);
+            ms[i][p] = prefill_ms(m, lengths[i], chunk, &pol[p], p < 4);
             if (ms[i][p] < 0) {
                 fprintf(stderr, "\nbench_attn: prefill of %u tokens failed\n", lengths[i]);
                 return 1;
