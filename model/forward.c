@@ -52,7 +52,7 @@ struct model_ctx {
     float *bs_w, *bs_work, *bs_dscore;
     size_t bs_w_cap, bs_work_cap, bs_dscore_cap;
     float *bs_score;   /* [slab groups][candidate blocks] */
-    uint32_t *bs_idx;  /* one group's candidates */
+    uint32_t *bs_idx;  /* one group's chosen blocks (model__top_k) */
     uint8_t *bs_mask;  /* [query blocks][mask stride] */
     uint32_t *bs_span; /* per query block: its candidates' end, whether to choose */
     size_t bs_score_cap, bs_idx_cap, bs_mask_cap, bs_span_cap;
@@ -468,37 +468,48 @@ bs_store(model_ctx_t *c, const kern_kv_t *kv, uint32_t layer, const int32_t *blo
     return 0;
 }
 
-/* Moves the k highest-scoring of idx[0..n) to the front (k < n), in no
- * particular order: quickselect, ties broken by block index so the choice
- * does not depend on the partition order. */
+/* score[a] ranks before score[b]: the higher, the lower index on a tie,
+ * so the chosen set never depends on the order of the work. */
+#define TOPK_BEFORE(a, b) (score[a] > score[b] || (score[a] == score[b] && (a) < (b)))
+
+/* out[0..k) is a heap whose root ranks after its children. */
 static void
-bs_select(uint32_t *idx, uint32_t n, uint32_t k, const float *score)
+topk_sift_down(uint32_t *out, uint32_t k, uint32_t p, const float *score)
 {
-#define BS_BEFORE(a, b) (score[a] > score[b] || (score[a] == score[b] && (a) < (b)))
-    uint32_t lo = 0, hi = n - 1;
-    while (lo < hi) {
-        uint32_t mid = lo + (hi - lo) / 2, t;
-        uint32_t piv = idx[mid];
-        idx[mid] = idx[hi];
-        idx[hi] = piv;
-        uint32_t st = lo;
-        for (uint32_t i = lo; i < hi; i++)
-            if (BS_BEFORE(idx[i], piv)) {
-                t = idx[i];
-                idx[i] = idx[st];
-                idx[st++] = t;
-            }
-        idx[hi] = idx[st];
-        idx[st] = piv;
-        if (st == k)
+    for (;;) {
+        uint32_t w = p, c = 2 * p + 1;
+        if (c < k && TOPK_BEFORE(out[w], out[c]))
+            w = c;
+        if (c + 1 < k && TOPK_BEFORE(out[w], out[c + 1]))
+            w = c + 1;
+        if (w == p)
             return;
-        if (st < k)
-            lo = st + 1;
-        else
-            hi = st - 1;
+        uint32_t t = out[p];
+        out[p] = out[w];
+        out[w] = t;
+        p = w;
     }
-#undef BS_BEFORE
 }
+
+void
+model__top_k(uint32_t *out, uint32_t n, uint32_t k, const float *score)
+{
+    k = k < n ? k : n;
+    for (uint32_t i = 0; i < k; i++)
+        out[i] = i;
+    for (uint32_t p = k / 2; p-- > 0;)
+        topk_sift_down(out, k, p, score);
+    /* i passes every kept index, so on a tie it ranks after the last
+     * kept: only a higher score gets in, against a threshold held here. */
+    float last = k ? score[out[0]] : 0.0f;
+    for (uint32_t i = k; k && i < n; i++)
+        if (score[i] > last) {
+            out[0] = i;
+            topk_sift_down(out, k, 0, score);
+            last = score[out[0]];
+        }
+}
+#undef TOPK_BEFORE
 
 /* Block-sparse attention over the N prompt rows of one sequence call `o`.
  * Query block q (call rows q*bt ..) keeps the sinks, the window, every KV
@@ -620,10 +631,8 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
                 for (uint32_t g = 0; g < n_kv; g++) {
                     uint8_t *mrow = c->bs_mask + (size_t)(q - a0) * mrow_bytes + (size_t)g * stride;
                     memset(mrow + c0, 0, n);
-                    for (uint32_t b = 0; b < n; b++)
-                        c->bs_idx[b] = b;
-                    bs_select(c->bs_idx, n, p->top_k,
-                              c->bs_score + ((size_t)(q - q0) * n_kv + g) * nw);
+                    model__top_k(c->bs_idx, n, p->top_k,
+                                 c->bs_score + ((size_t)(q - q0) * n_kv + g) * nw);
                     for (uint32_t k = 0; k < p->top_k; k++)
                         mrow[c0 + c->bs_idx[k]] = 1;
                 }
