@@ -523,15 +523,10 @@ model__top_k(uint32_t *out, uint32_t n, uint32_t k, const float *score)
  * for all heads favours whichever head's keys bound highest, and the other
  * heads lose what they would have read.
  *
- * The summaries come from the store (bs_store) where there is one.
- * Without it, dec != NULL marks `o` as one Quest decode row: *dec counts
- * the blocks from the sinks' end whose bounds c->bs_w already holds for
- * this sequence and layer (0: none), and is set to those it holds after
- * the call: the rows of a verification step, taken last row first,
- * summarise the keys once, not once a row. */
+ * The summaries come from the store (bs_store) where there is one, else
+ * they are taken for this call into c->bs_w. */
 static int
-block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_t *p, uint32_t qd,
-             uint32_t *dec)
+block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_t *p, uint32_t qd)
 {
     const kern_kv_t *kv = o->kv;
     const uint32_t N = o->n_q, bt = kv->block_tokens, d = kv->head_dim;
@@ -577,13 +572,10 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
      * runs call_q query blocks at a time, so the mask stays that many rows
      * at any length. */
     const size_t mrow_bytes = (size_t)n_kv * stride;
-    /* Bounds already taken for a longer row serve: this row scores the
-     * first nw of them (bounds_stride), as it would scores of its own. */
     const uint32_t nw = c1max - c0;
     const float *store;
     TRY(bs_store(c, kv, o->layer, o->pt.indices + c0, nw, &store));
-    const bool have = store || (dec && *dec >= nw);
-    const uint32_t nw_b = store ? c->sum_blocks : have ? *dec : nw; /* rows a head's bounds hold */
+    const uint32_t nw_b = store ? c->sum_blocks : nw; /* rows a head's bounds hold */
     uint32_t slab_q = BS_SLAB_ROWS / bt ? BS_SLAB_ROWS / bt : 1;
     slab_q = slab_q > nq ? nq : slab_q;
     uint32_t call_q = BS_ATTN_ROWS / bt / slab_q * slab_q;
@@ -599,16 +591,14 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
                                   .bounds_rows = store ? o->pt.indices + c0 : NULL,
                                   .n_q = slab_q * bt};
     const size_t slab_scores = (size_t)slab_q * n_kv * nw;
-    if (!have)
-        TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, (size_t)n_kv * nw_b * 2 * d));
+    if (!store)
+        TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, (size_t)n_kv * nw * 2 * d));
     TRY(bs_grow_be(c, &c->bs_work, &c->bs_work_cap, kern_block_scores_work(&sa)));
     TRY(bs_grow_be(c, &c->bs_dscore, &c->bs_dscore_cap, slab_scores));
     TRY(bs_grow((void **)&c->bs_score, &c->bs_score_cap, slab_scores, sizeof(float)));
     TRY(bs_grow((void **)&c->bs_idx, &c->bs_idx_cap, nw, sizeof(uint32_t)));
-    if (!have)
-        TRY(kern_kv_block_bounds(c->be, kv, o->layer, o->pt.indices + c0, nw_b, c->bs_w));
-    if (dec && !store)
-        *dec = nw_b;
+    if (!store)
+        TRY(kern_kv_block_bounds(c->be, kv, o->layer, o->pt.indices + c0, nw, c->bs_w));
     sa.bounds = store ? store : c->bs_w;
     sa.work = c->bs_work;
     sa.score = c->bs_dscore;
@@ -714,7 +704,7 @@ attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32
         if (p->kind != MODEL_ATTN_DENSE && ns > 0) {
             kern_attn_args_t o = one_seq(a, s, r0, ns, qd, qi, pi);
             if (p->kind == MODEL_ATTN_BLOCK_SPARSE) {
-                TRY(block_sparse(c, &o, p, qd, NULL));
+                TRY(block_sparse(c, &o, p, qd));
             } else {
                 o.sink_tokens = p->sinks;
                 o.window_tokens = p->window;
@@ -734,10 +724,9 @@ attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32
         }
         const model_attn_policy_t qp = {
             .kind = MODEL_ATTN_BLOCK_SPARSE, .window = 1, .top_k = p->decode_top_k};
-        uint32_t have = 0; /* the last row's bounds serve the rows before it */
-        for (uint32_t i = n; i-- > nd;) {
+        for (uint32_t i = nd; i < n; i++) {
             kern_attn_args_t o = one_seq(a, s, r0 + i, 1, qd, qi, pi);
-            TRY(block_sparse(c, &o, &qp, qd, &have));
+            TRY(block_sparse(c, &o, &qp, qd));
         }
     }
     return 0;
