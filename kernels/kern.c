@@ -571,6 +571,24 @@ kern_block_scores(kern_backend_t *be, const kern_block_score_args_t *a)
 }
 
 int
+kern_block_select(kern_backend_t *be, const kern_block_select_args_t *a)
+{
+    if (a == NULL || a->n_kv_heads == 0 || a->top_k == 0 || a->mask_head_stride == 0)
+        return KVS_EINVAL;
+    if (a->n_rows == 0)
+        return 0;
+    if (!a->score || !a->ends || !a->mask)
+        return KVS_EINVAL;
+    for (uint32_t r = 0; r < a->n_rows; r++)
+        if (a->ends[r] < a->first || a->ends[r] > a->mask_head_stride ||
+            a->ends[r] - a->first > a->score_stride)
+            return KVS_EINVAL;
+    if (be->ops->block_select)
+        return be->ops->block_select(be, a);
+    return be->ops->is_host ? kern__host_block_select(be, a) : KVS_ENOTSUP;
+}
+
+int
 kern_graph_run(kern_backend_t *be, uint64_t key, kern_graph_fn fn, void *arg)
 {
     if (fn == NULL)
@@ -633,6 +651,9 @@ attn_pattern_ok(const kern_attn_args_t *a)
         return false;
     const uint32_t n_kv = a->kv->n_kv_heads, hs = a->mask_head_stride;
     if (hs && (uint64_t)n_kv * hs > a->mask_stride)
+        return false;
+    if (a->mask_in_backend &&
+        (a->window_tokens == 0 || (hs && (uint64_t)n_kv * hs != a->mask_stride)))
         return false;
     uint32_t bt = a->kv->block_tokens, qb = a->mask_q_block ? a->mask_q_block : 1;
     for (uint32_t i = 0; i < a->n_q; i++) {

@@ -279,7 +279,8 @@ typedef struct kern_attn_args {
      *                                + j / kv->block_tokens] != 0)
      * where g = h / (n_heads / n_kv_heads) is the KV head of query head h,
      * and softmax runs over those keys only.  Other rows are dense.
-     * block_mask: host bytes (nonzero = keep), one mask row per
+     * block_mask: host bytes (nonzero = keep; backend memory with
+     * mask_in_backend), one mask row per
      * mask_q_block consecutive query rows of the call (rows numbered as
      * in q, across sequences: start each sequence on a multiple of
      * mask_q_block if groups must not straddle two), one byte per KV block
@@ -300,10 +301,15 @@ typedef struct kern_attn_args {
      * paths stay near 1e-6). */
     uint32_t sink_tokens;      /* leading keys always kept */
     uint32_t window_tokens;    /* recent keys kept; 0: no window */
-    const uint8_t *block_mask; /* host, see above; NULL: none */
+    const uint8_t *block_mask; /* see above; NULL: none */
     uint32_t mask_stride;      /* bytes between mask rows */
     uint32_t mask_q_block;     /* query rows per mask row; 0 means 1 */
     uint32_t mask_head_stride; /* 0: one mask for all heads; else bytes between KV heads' */
+    /* block_mask is backend memory (kern_block_select's), read where it
+     * lies and never staged: window_tokens must be > 0 (kern_attention
+     * cannot look for an empty row in it), and with mask_head_stride,
+     * mask_stride = n_kv_heads * mask_head_stride. */
+    bool mask_in_backend;
     const uint8_t *dense_rows; /* host, [n_q], nonzero: ignore the pattern; or NULL */
     /* 0, or a bound on every kv_len[i] that a backend may plan the call
      * by instead of the actual longest row (how cuda cuts long rows into
@@ -569,6 +575,30 @@ typedef struct kern_block_score_args {
 } kern_block_score_args_t;
 size_t kern_block_scores_work(const kern_block_score_args_t *a);
 int kern_block_scores(kern_backend_t *be, const kern_block_score_args_t *a);
+
+/* Block-sparse's choice of blocks by kern_block_scores' per-KV-head
+ * scores, made where they lie, into a block mask for kern_attention:
+ * for score row r (query group) and KV head g, mask row
+ *   m = mask + (r * n_kv_heads + g) * mask_head_stride
+ * gets m[j] = 1 for j < first and for ends[r] <= j < mask_head_stride;
+ * of the candidates first <= j < ends[r], all of them where there are
+ * top_k or fewer, else those whose score
+ *   score[(r * n_kv_heads + g) * score_stride + j - first]
+ * is among the top_k highest, a lower j first among equal scores (NaN
+ * ranks below every number, -0 equals +0), get 1 and the rest 0.  Every
+ * byte of the n_rows * n_kv_heads rows is written.  score and mask are
+ * backend memory, ends host; first <= ends[r] <= mask_head_stride and
+ * ends[r] - first <= score_stride, else KVS_EINVAL. */
+typedef struct kern_block_select_args {
+    const float *score; /* [n_rows][n_kv_heads][score_stride] */
+    uint32_t n_rows, n_kv_heads, score_stride;
+    const uint32_t *ends; /* host, [n_rows] */
+    uint32_t first;
+    uint32_t top_k;            /* >= 1 */
+    uint8_t *mask;             /* [n_rows][n_kv_heads][mask_head_stride] */
+    uint32_t mask_head_stride; /* >= 1 */
+} kern_block_select_args_t;
+int kern_block_select(kern_backend_t *be, const kern_block_select_args_t *a);
 
 /* Attention probabilities of a few query rows over one sequence's keys,
  * reduced for the host-side choices built on them: SnapKV's vote, H2O's

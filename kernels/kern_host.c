@@ -4,7 +4,7 @@
  * loop serves both: it moves a few rows per block), the sealing of full
  * KV blocks into quantized tiles (the codecs are kern_kvq.c's), the
  * row gathers of score-based KV compression and block-sparse prefill's
- * Quest bounds.  Allocations
+ * Quest bounds and choice of blocks.  Allocations
  * are 64-byte aligned so SIMD loads of rows and KV blocks never straddle
  * cache lines needlessly.
  */
@@ -266,6 +266,93 @@ kern__host_block_scores_gemm(kern_backend_t *be, const kern_block_score_args_t *
                 sc[b] = yr[b] > sc[b] ? yr[b] : sc[b];
         }
     }
+    return 0;
+}
+
+/* ---- block-sparse's choice (kern_block_select) -------------------------- */
+
+uint32_t
+kern__select_key(float x)
+{
+    if (x != x)
+        return 0;
+    if (x == 0.0f)
+        return 0x80000000u;
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return u & 0x80000000u ? ~u : u | 0x80000000u;
+}
+
+/* score[a] ranks before score[b]: the higher key, the lower index on a
+ * tie, so the chosen set never depends on the order of the work. */
+static bool
+topk_before(const float *score, uint32_t a, uint32_t b)
+{
+    uint32_t ka = kern__select_key(score[a]), kb = kern__select_key(score[b]);
+    return ka > kb || (ka == kb && a < b);
+}
+
+/* out[0..k) is a heap whose root ranks after its children. */
+static void
+topk_sift_down(uint32_t *out, uint32_t k, uint32_t p, const float *score)
+{
+    for (;;) {
+        uint32_t w = p, c = 2 * p + 1;
+        if (c < k && topk_before(score, out[w], out[c]))
+            w = c;
+        if (c + 1 < k && topk_before(score, out[w], out[c + 1]))
+            w = c + 1;
+        if (w == p)
+            return;
+        uint32_t t = out[p];
+        out[p] = out[w];
+        out[w] = t;
+        p = w;
+    }
+}
+
+void
+kern__host_top_k(uint32_t *out, uint32_t n, uint32_t k, const float *score)
+{
+    k = k < n ? k : n;
+    for (uint32_t i = 0; i < k; i++)
+        out[i] = i;
+    for (uint32_t p = k / 2; p-- > 0;)
+        topk_sift_down(out, k, p, score);
+    /* i passes every kept index, so on a tie it ranks after the last
+     * kept: only a higher key gets in, against a threshold held here. */
+    uint32_t last = k ? kern__select_key(score[out[0]]) : 0;
+    for (uint32_t i = k; k && i < n; i++)
+        if (kern__select_key(score[i]) > last) {
+            out[0] = i;
+            topk_sift_down(out, k, 0, score);
+            last = kern__select_key(score[out[0]]);
+        }
+}
+
+int
+kern__host_block_select(kern_backend_t *be, const kern_block_select_args_t *a)
+{
+    (void)be;
+    uint32_t *idx = malloc((size_t)a->top_k * sizeof *idx);
+    if (idx == NULL)
+        return KVS_ENOMEM;
+    const uint32_t f = a->first, hs = a->mask_head_stride;
+    for (uint32_t r = 0; r < a->n_rows; r++) {
+        const uint32_t n = a->ends[r] - f;
+        for (uint32_t g = 0; g < a->n_kv_heads; g++) {
+            const size_t row = (size_t)r * a->n_kv_heads + g;
+            uint8_t *m = a->mask + row * hs;
+            memset(m, 1, hs);
+            if (n <= a->top_k)
+                continue;
+            memset(m + f, 0, n);
+            kern__host_top_k(idx, n, a->top_k, a->score + row * a->score_stride);
+            for (uint32_t k = 0; k < a->top_k; k++)
+                m[f + idx[k]] = 1;
+        }
+    }
+    free(idx);
     return 0;
 }
 

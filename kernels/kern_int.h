@@ -65,6 +65,9 @@ typedef struct kern_ops {
                         const int32_t *blocks, uint32_t n, float *out, bool by_block);
     /* a->n_q and a->n_blocks are nonzero. */
     int (*block_scores)(kern_backend_t *be, const kern_block_score_args_t *a);
+    /* Optional (NULL: kern__host_block_select, which only a host backend
+     * can run); checked as kern.h says, a->n_rows > 0. */
+    int (*block_select)(kern_backend_t *be, const kern_block_select_args_t *a);
     int (*attn_mass)(kern_backend_t *be, const kern_attn_mass_args_t *a);
     /* Optional (NULL: weights stay row-major); w is valid and row-major. */
     int (*pack_weight)(kern_backend_t *be, kern_tensor_t *w);
@@ -141,6 +144,15 @@ size_t kern__host_bounds_at(const kern_block_score_args_t *a, uint32_t g);
 const float *kern__host_bound(const kern_block_score_args_t *a, uint32_t g, uint32_t b);
 int kern__host_block_scores_ref(kern_backend_t *be, const kern_block_score_args_t *a);
 int kern__host_block_scores_gemm(kern_backend_t *be, const kern_block_score_args_t *a);
+
+/* kern_block_select's order of scores as unsigned keys: a higher score
+ * has a higher key, NaN has 0, below -inf, and -0 the key of +0. */
+uint32_t kern__select_key(float x);
+/* The min(k, n) best of score[0..n) in kern_block_select's order, their
+ * indices in out in no particular order: a heap of k, n log k. */
+void kern__host_top_k(uint32_t *out, uint32_t n, uint32_t k, const float *score);
+/* kern_block_select through kern__host_top_k, for host memory. */
+int kern__host_block_select(kern_backend_t *be, const kern_block_select_args_t *a);
 
 /* kern_attn_mass for KV head g (mode SUM: out's row g; POOL_MAX: folds g's
  * heads into out with max, out starting at -inf), with scratch x of

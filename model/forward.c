@@ -46,16 +46,14 @@ struct model_ctx {
     int32_t *drows, *dkv;
     size_t d_cap;
     /* Block-sparse scratch, sized by model_ctx_reserve, else grown on
-     * demand.  The block summaries, the scores' work space and the scores
-     * are backend memory (counts in floats); the scores come to the host,
-     * where the choice is made. */
-    float *bs_w, *bs_work, *bs_dscore;
-    size_t bs_w_cap, bs_work_cap, bs_dscore_cap;
-    float *bs_score;   /* [slab groups][candidate blocks] */
-    uint32_t *bs_idx;  /* one group's chosen blocks (model__top_k) */
-    uint8_t *bs_mask;  /* [query blocks][mask stride] */
-    uint32_t *bs_span; /* per query block: its candidates' end, whether to choose */
-    size_t bs_score_cap, bs_idx_cap, bs_mask_cap, bs_span_cap;
+     * demand.  The block summaries, the scores' work space, the scores and
+     * the mask chosen from them are backend memory (caps in floats): the
+     * choice is made where the scores lie (kern_block_select), so nothing
+     * comes to the host. */
+    float *bs_w, *bs_work, *bs_dscore, *bs_mask;
+    size_t bs_w_cap, bs_work_cap, bs_dscore_cap, bs_mask_cap;
+    uint32_t *bs_ends; /* per query block: its candidates' end */
+    size_t bs_ends_cap;
     /* Quest's key summaries kept by block id across calls (bs_store):
      * a block is summarised when its kern_kv_t.block_gen changes, not at
      * every step that scores it.  Sized for one pool on first use. */
@@ -162,10 +160,8 @@ model_ctx_free(model_ctx_t *c)
     kern_free(c->be, c->bs_w);
     kern_free(c->be, c->bs_work);
     kern_free(c->be, c->bs_dscore);
-    free(c->bs_score);
-    free(c->bs_idx);
-    free(c->bs_mask);
-    free(c->bs_span);
+    kern_free(c->be, c->bs_mask);
+    free(c->bs_ends);
     bs_store_free(c);
     free(c);
 }
@@ -372,6 +368,13 @@ bs_grow_be(model_ctx_t *c, float **p, size_t *cap, size_t n)
     return *p ? 0 : KVS_ENOMEM;
 }
 
+/* Floats that hold `bytes` bytes: the mask shares bs_grow_be. */
+static size_t
+bs_floats(size_t bytes)
+{
+    return bytes / sizeof(float) + 1;
+}
+
 static int
 bs_grow(void **p, size_t *cap, size_t n, size_t el)
 {
@@ -468,56 +471,15 @@ bs_store(model_ctx_t *c, const kern_kv_t *kv, uint32_t layer, const int32_t *blo
     return 0;
 }
 
-/* score[a] ranks before score[b]: the higher, the lower index on a tie,
- * so the chosen set never depends on the order of the work. */
-#define TOPK_BEFORE(a, b) (score[a] > score[b] || (score[a] == score[b] && (a) < (b)))
-
-/* out[0..k) is a heap whose root ranks after its children. */
-static void
-topk_sift_down(uint32_t *out, uint32_t k, uint32_t p, const float *score)
-{
-    for (;;) {
-        uint32_t w = p, c = 2 * p + 1;
-        if (c < k && TOPK_BEFORE(out[w], out[c]))
-            w = c;
-        if (c + 1 < k && TOPK_BEFORE(out[w], out[c + 1]))
-            w = c + 1;
-        if (w == p)
-            return;
-        uint32_t t = out[p];
-        out[p] = out[w];
-        out[w] = t;
-        p = w;
-    }
-}
-
-void
-model__top_k(uint32_t *out, uint32_t n, uint32_t k, const float *score)
-{
-    k = k < n ? k : n;
-    for (uint32_t i = 0; i < k; i++)
-        out[i] = i;
-    for (uint32_t p = k / 2; p-- > 0;)
-        topk_sift_down(out, k, p, score);
-    /* i passes every kept index, so on a tie it ranks after the last
-     * kept: only a higher score gets in, against a threshold held here. */
-    float last = k ? score[out[0]] : 0.0f;
-    for (uint32_t i = k; k && i < n; i++)
-        if (score[i] > last) {
-            out[0] = i;
-            topk_sift_down(out, k, 0, score);
-            last = score[out[0]];
-        }
-}
-#undef TOPK_BEFORE
-
 /* Block-sparse attention over the N prompt rows of one sequence call `o`.
  * Query block q (call rows q*bt ..) keeps the sinks, the window, every KV
  * block from its first row's own block or the first block inside all its
  * rows' windows on, and the top_k candidates below that by Quest's bound.
- * The backend summarises the candidates once and scores them a slab of
- * query blocks at a time (kern_kv_block_bounds, kern_block_scores); only
- * the slab's scores come to the host, where the choice is made.  Each KV
+ * The backend summarises the candidates once, scores them a slab of
+ * query blocks at a time (kern_kv_block_bounds, kern_block_scores) and
+ * chooses from the scores into the mask where they lie
+ * (kern_block_select): at 128K context the scores of one layer are a
+ * gigabyte, which neither the bus nor a host top-k should see.  Each KV
  * head chooses its own top_k by the largest bound of its query heads (the
  * choice per head of Quest and MInference, grouped for GQA): one choice
  * for all heads favours whichever head's keys bound highest, and the other
@@ -539,10 +501,10 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
     const uint32_t c0 = p->sinks / bt; /* blocks below lie in the sinks */
 
     /* Each query block's candidates [c0, c1): below the first row's own
-     * block and not inside every row's window. */
-    TRY(bs_grow((void **)&c->bs_span, &c->bs_span_cap, (size_t)nq * 2, sizeof(uint32_t)));
+     * block and not inside every row's window.  A block with top_k or
+     * fewer keeps them all (kern_block_select). */
+    TRY(bs_grow((void **)&c->bs_ends, &c->bs_ends_cap, nq, sizeof(uint32_t)));
     uint32_t c1max = c0;
-    bool scored = false;
     for (uint32_t q = 0; q < nq; q++) {
         uint32_t lo = UINT32_MAX, hi = 0;
         for (uint32_t i = q * bt; i < N && i < (q + 1) * bt; i++) {
@@ -554,14 +516,10 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
         uint32_t win = hi > p->window ? (hi - p->window + bt - 1) / bt : 0;
         uint32_t c1 = own < win ? own : win;
         c1 = c1 > c0 ? c1 : c0;
-        c->bs_span[2 * q] = c1;
-        c->bs_span[2 * q + 1] = c1 - c0 > p->top_k; /* must choose */
-        if (c->bs_span[2 * q + 1]) {
-            scored = true;
-            c1max = c1 > c1max ? c1 : c1max;
-        }
+        c->bs_ends[q] = c1;
+        c1max = c1 > c1max ? c1 : c1max;
     }
-    if (!scored) {
+    if (c1max - c0 <= p->top_k) {
         /* Every block is kept: plain dense, with no pattern to walk. */
         kern_attn_args_t dense = *o;
         dense.sink_tokens = dense.window_tokens = 0;
@@ -580,7 +538,8 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
     slab_q = slab_q > nq ? nq : slab_q;
     uint32_t call_q = BS_ATTN_ROWS / bt / slab_q * slab_q;
     call_q = call_q < slab_q ? slab_q : call_q > nq ? nq : call_q;
-    TRY(bs_grow((void **)&c->bs_mask, &c->bs_mask_cap, (size_t)call_q * mrow_bytes, 1));
+    TRY(bs_grow_be(c, &c->bs_mask, &c->bs_mask_cap, bs_floats((size_t)call_q * mrow_bytes)));
+    uint8_t *mask = (uint8_t *)c->bs_mask;
     kern_block_score_args_t sa = {.n_heads = H,
                                   .n_kv_heads = n_kv,
                                   .head_dim = d,
@@ -590,53 +549,45 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
                                   .per_kv_head = true,
                                   .bounds_rows = store ? o->pt.indices + c0 : NULL,
                                   .n_q = slab_q * bt};
-    const size_t slab_scores = (size_t)slab_q * n_kv * nw;
     if (!store)
         TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, (size_t)n_kv * nw * 2 * d));
     TRY(bs_grow_be(c, &c->bs_work, &c->bs_work_cap, kern_block_scores_work(&sa)));
-    TRY(bs_grow_be(c, &c->bs_dscore, &c->bs_dscore_cap, slab_scores));
-    TRY(bs_grow((void **)&c->bs_score, &c->bs_score_cap, slab_scores, sizeof(float)));
-    TRY(bs_grow((void **)&c->bs_idx, &c->bs_idx_cap, nw, sizeof(uint32_t)));
+    TRY(bs_grow_be(c, &c->bs_dscore, &c->bs_dscore_cap, (size_t)slab_q * n_kv * nw));
     if (!store)
         TRY(kern_kv_block_bounds(c->be, kv, o->layer, o->pt.indices + c0, nw, c->bs_w));
     sa.bounds = store ? store : c->bs_w;
     sa.work = c->bs_work;
     sa.score = c->bs_dscore;
+    kern_block_select_args_t sel = {.score = c->bs_dscore,
+                                    .n_kv_heads = n_kv,
+                                    .score_stride = nw,
+                                    .first = c0,
+                                    .top_k = p->top_k,
+                                    .mask_head_stride = stride};
 
     for (uint32_t a0 = 0; a0 < nq; a0 += call_q) {
         const uint32_t a1 = a0 + call_q < nq ? a0 + call_q : nq;
-        memset(c->bs_mask, 1, (size_t)(a1 - a0) * mrow_bytes);
         for (uint32_t q0 = a0; q0 < a1; q0 += slab_q) {
             uint32_t q1 = q0 + slab_q < a1 ? q0 + slab_q : a1;
             uint32_t r0 = q0 * bt, rows = (q1 * bt < N ? q1 * bt : N) - r0;
             sa.q = o->q + (size_t)r0 * qd;
             sa.n_q = rows;
             TRY(kern_block_scores(c->be, &sa));
-            TRY(kern_download(c->be, c->bs_score, c->bs_dscore,
-                              (size_t)(q1 - q0) * n_kv * nw * sizeof(float)));
-            for (uint32_t q = q0; q < q1; q++) {
-                if (!c->bs_span[2 * q + 1])
-                    continue;
-                uint32_t n = c->bs_span[2 * q] - c0;
-                for (uint32_t g = 0; g < n_kv; g++) {
-                    uint8_t *mrow = c->bs_mask + (size_t)(q - a0) * mrow_bytes + (size_t)g * stride;
-                    memset(mrow + c0, 0, n);
-                    model__top_k(c->bs_idx, n, p->top_k,
-                                 c->bs_score + ((size_t)(q - q0) * n_kv + g) * nw);
-                    for (uint32_t k = 0; k < p->top_k; k++)
-                        mrow[c0 + c->bs_idx[k]] = 1;
-                }
-            }
+            sel.n_rows = q1 - q0;
+            sel.ends = c->bs_ends + q0;
+            sel.mask = mask + (size_t)(q0 - a0) * mrow_bytes;
+            TRY(kern_block_select(c->be, &sel));
         }
         const uint32_t r0 = a0 * bt, rows = (a1 * bt < N ? a1 * bt : N) - r0;
         int32_t qi[2], pi[2];
         kern_attn_args_t sp = one_seq(o, 0, r0, rows, qd, qi, pi);
         sp.sink_tokens = p->sinks;
         sp.window_tokens = p->window;
-        sp.block_mask = c->bs_mask;
+        sp.block_mask = mask;
         sp.mask_stride = (uint32_t)mrow_bytes;
         sp.mask_head_stride = stride;
         sp.mask_q_block = bt;
+        sp.mask_in_backend = true;
         TRY(kern_attention(c->be, &sp));
     }
     return 0;
@@ -666,6 +617,13 @@ model_ctx_reserve(model_ctx_t *c, uint32_t max_ctx, uint32_t block_tokens)
     TRY(bs_grow_be(c, &c->bs_work, &c->bs_work_cap, kern_block_scores_work(&sa)));
     /* A slab of query blocks' scores, one per KV head. */
     TRY(bs_grow_be(c, &c->bs_dscore, &c->bs_dscore_cap, (size_t)slab_q * hp->n_head_kv * nw));
+    /* The mask of one attention call's query blocks, as block_sparse cuts them. */
+    const uint32_t nq = (c->max_tokens + bt - 1) / bt;
+    uint32_t call_q = BS_ATTN_ROWS / bt / slab_q * slab_q;
+    call_q = call_q < slab_q ? slab_q : call_q;
+    call_q = call_q > nq ? nq : call_q;
+    TRY(bs_grow_be(c, &c->bs_mask, &c->bs_mask_cap,
+                   bs_floats((size_t)call_q * hp->n_head_kv * nw)));
     c->reserved = true;
     return 0;
 }

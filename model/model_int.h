@@ -39,13 +39,6 @@ model__cmp_ranked(const void *a, const void *b)
     return x->index < y->index ? -1 : (x->index > y->index);
 }
 
-/* The min(k, n) indices of score[0..n) that rank first (the higher score,
- * the lower index on a tie), in out[0..min(k, n)), in no particular order:
- * one pass with a heap of k, where each of the other candidates costs one
- * comparison with the last kept and few get in (block-sparse's choice of
- * KV blocks, forward.c). */
-void model__top_k(uint32_t *out, uint32_t n, uint32_t k, const float *score);
-
 /* ---- vocabularies (model/vocab*.c) -------------------------------------- */
 
 typedef enum model_vocab_kind {

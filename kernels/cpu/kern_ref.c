@@ -255,6 +255,35 @@ ref_block_bounds(kern_backend_t *base, const kern_kv_t *kv, uint32_t layer, cons
     return 0;
 }
 
+/* kern_block_select by its definition: a candidate is kept when fewer
+ * than top_k candidates rank before it. */
+static int
+ref_block_select(kern_backend_t *base, const kern_block_select_args_t *a)
+{
+    (void)base;
+    const uint32_t f = a->first, hs = a->mask_head_stride;
+    for (uint32_t r = 0; r < a->n_rows; r++) {
+        const uint32_t n = a->ends[r] - f;
+        for (uint32_t g = 0; g < a->n_kv_heads; g++) {
+            const size_t row = (size_t)r * a->n_kv_heads + g;
+            const float *sc = a->score + row * a->score_stride;
+            uint8_t *m = a->mask + row * hs;
+            for (uint32_t j = 0; j < hs; j++)
+                m[j] = 1;
+            for (uint32_t i = 0; n > a->top_k && i < n; i++) {
+                const uint32_t ki = kern__select_key(sc[i]);
+                uint32_t before = 0;
+                for (uint32_t j = 0; j < n; j++) {
+                    const uint32_t kj = kern__select_key(sc[j]);
+                    before += kj > ki || (kj == ki && j < i);
+                }
+                m[f + i] = before < a->top_k;
+            }
+        }
+    }
+    return 0;
+}
+
 static int
 ref_attn_mass(kern_backend_t *base, const kern_attn_mass_args_t *a)
 {
@@ -387,5 +416,6 @@ static const kern_ops_t ref_ops = {
     .kv_gather = ref_kv_gather, /* row by row, layer by layer */
     .block_bounds = ref_block_bounds,
     .block_scores = kern__host_block_scores_ref, /* the definition, summed in double */
+    .block_select = ref_block_select,            /* by rank, n^2 */
     .attn_mass = ref_attn_mass,                  /* keys in f32, sums in double */
 };

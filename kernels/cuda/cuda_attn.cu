@@ -655,7 +655,11 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
      * only those are copied (the caller promised no more) and the rest of
      * a staged row is zero. */
     uint32_t n_mrows = 0, mstride = 0;
-    if (a->block_mask) {
+    if (a->block_mask && a->mask_in_backend) {
+        /* Already in the kernels' layout (kern.c: mask_stride is n_kv_heads
+         * head strides), where kern_block_select wrote it. */
+        mstride = a->mask_head_stride ? a->mask_head_stride : a->mask_stride;
+    } else if (a->block_mask) {
         n_mrows = (n_q - 1) / qb + 1; /* n_q >= 1 (kern.c) */
         for (uint32_t i = 0; i < n_q; i++) {
             uint32_t nb = ((uint32_t)a->kv_len[i] + bt - 1) / bt;
@@ -753,7 +757,9 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
         return rc;
     const int32_t *d_len = (const int32_t *)dev, *d_lo = d_len + n_q, *d_blk = d_lo + n_q;
     const int32_t *d_list = d_blk + n_q, *d_tiles = d_list + n_list;
-    const uint8_t *d_mask = a->block_mask ? (const uint8_t *)(d_tiles + 3 * n_tiles) : NULL;
+    const uint8_t *d_mask = a->block_mask == NULL ? NULL
+                            : a->mask_in_backend  ? a->block_mask
+                                                  : (const uint8_t *)(d_tiles + 3 * n_tiles);
     const void *k = (const char *)kv->k + (size_t)a->layer * kv->layer_bytes;
     const void *v = (const char *)kv->v + (size_t)a->layer * kv->layer_bytes;
     float qscale = a->scale * 1.4426950408889634f; /* log2(e) */

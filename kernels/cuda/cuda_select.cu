@@ -1,8 +1,9 @@
 /*
  * kernels/cuda/cuda_select.cu — the cuda backend's ops for choosing which
  * KV entries matter: score-based compaction's row gather (kern_kv_gather,
- * SnapKV and H2O), block-sparse prefill's Quest bounds
- * (kern_kv_block_bounds, kern_block_scores), and the attention mass that
+ * SnapKV and H2O), block-sparse prefill's Quest bounds and choice of blocks
+ * (kern_kv_block_bounds, kern_block_scores, kern_block_select), and the
+ * attention mass that
  * SnapKV, H2O and speculative prefill rank keys by (kern_attn_mass).
  * Called by the vtable wrappers in kern_cuda.cu after kern.c validated
  * the arguments.
@@ -322,6 +323,123 @@ kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
             a->score);
         KERN_CUDA_LAUNCHED();
     }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Block choice.                                                            */
+/* ------------------------------------------------------------------------ */
+
+#define SELECT_THREADS 256
+
+/* kern__select_key (kern_host.c) on the device: the same order, as
+ * unsigned keys. */
+static __device__ __forceinline__ uint32_t
+select_key(float x)
+{
+    if (x != x)
+        return 0;
+    if (x == 0.0f)
+        return 0x80000000u;
+    const uint32_t u = __float_as_uint(x);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* One block per (score row, KV head), blockIdx.x = r * n_kv + g.  The
+ * top_k-th key is found a byte at a time from the top (a radix select:
+ * four passes of a shared histogram over the row, which stays in L2);
+ * keys above it are kept, and of those equal to it the lowest indices,
+ * counted in index order by a block-wide scan.  No sort, no scratch. */
+static __global__ void
+__launch_bounds__(SELECT_THREADS)
+    select_kernel(const float *score, uint32_t n_kv, uint32_t sstride, const uint32_t *ends,
+                  uint32_t first, uint32_t top_k, uint8_t *mask, uint32_t mstride)
+{
+    __shared__ uint32_t hist[256];
+    __shared__ uint32_t warp_eq[SELECT_THREADS / 32];
+    __shared__ uint32_t sh_prefix, sh_need;
+    const uint32_t row = blockIdx.x, tid = threadIdx.x;
+    const uint32_t end = ends[row / n_kv], n = end - first;
+    const float *s = score + (size_t)row * sstride;
+    uint8_t *m = mask + (size_t)row * mstride;
+    for (uint32_t j = tid; j < first; j += SELECT_THREADS)
+        m[j] = 1;
+    for (uint32_t j = end + tid; j < mstride; j += SELECT_THREADS)
+        m[j] = 1;
+    if (n <= top_k) {
+        for (uint32_t j = tid; j < n; j += SELECT_THREADS)
+            m[first + j] = 1;
+        return;
+    }
+
+    /* Invariant: at least `need` keys of the row match prefix under pmask. */
+    uint32_t prefix = 0, pmask = 0, need = top_k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        hist[tid] = 0; /* SELECT_THREADS == 256 bins */
+        __syncthreads();
+        for (uint32_t i = tid; i < n; i += SELECT_THREADS) {
+            const uint32_t k = select_key(s[i]);
+            if ((k & pmask) == prefix)
+                atomicAdd(&hist[(k >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (tid == 0) {
+            uint32_t above = 0, b = 255;
+            for (; b > 0 && above + hist[b] < need; b--)
+                above += hist[b];
+            sh_prefix = prefix | (b << shift);
+            sh_need = need - above;
+        }
+        __syncthreads();
+        prefix = sh_prefix;
+        need = sh_need;
+        pmask |= 255u << shift;
+        __syncthreads(); /* every thread has read sh_* before the next pass */
+    }
+
+    /* prefix is the top_k-th key; keep the first `need` keys equal to it. */
+    const uint32_t lane = tid & 31, warp = tid >> 5;
+    uint32_t seen = 0; /* keys equal to prefix in earlier chunks */
+    for (uint32_t c = 0; c < n; c += SELECT_THREADS) {
+        const uint32_t i = c + tid;
+        const uint32_t k = i < n ? select_key(s[i]) : 0;
+        const bool eq = i < n && k == prefix;
+        const uint32_t ball = __ballot_sync(0xffffffffu, eq);
+        if (lane == 0)
+            warp_eq[warp] = __popc(ball);
+        __syncthreads();
+        uint32_t before = seen + __popc(ball & ((1u << lane) - 1u)), total = 0;
+        for (uint32_t w = 0; w < SELECT_THREADS / 32; w++) {
+            before += w < warp ? warp_eq[w] : 0;
+            total += warp_eq[w];
+        }
+        if (i < n)
+            m[first + i] = k > prefix || (eq && before < need);
+        __syncthreads(); /* warp_eq is rewritten by the next chunk */
+        seen += total;
+    }
+}
+
+int
+kern__cuda_block_select(kern_cuda_t *be, const kern_block_select_args_t *a)
+{
+    const size_t rows = (size_t)a->n_rows * a->n_kv_heads;
+    if (rows > INT_MAX) {
+        KVS_ERRORF("cuda: block_select of %zu rows exceeds the grid limit", rows);
+        return KVS_ENOTSUP;
+    }
+    const size_t bytes = (size_t)a->n_rows * sizeof(uint32_t);
+    void *h, *d;
+    int rc = kern__cuda_stage_begin(be, bytes, &h);
+    if (rc)
+        return rc;
+    memcpy(h, a->ends, bytes);
+    if ((rc = kern__cuda_stage_end(be, bytes, &d)) != 0)
+        return rc;
+    select_kernel<<<(unsigned)rows, SELECT_THREADS, 0, be->stream>>>(
+        a->score, a->n_kv_heads, a->score_stride, (const uint32_t *)d, a->first, a->top_k, a->mask,
+        a->mask_head_stride);
+    KERN_CUDA_LAUNCHED();
     return 0;
 }
 

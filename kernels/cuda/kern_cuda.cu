@@ -1170,6 +1170,14 @@ cuda_block_scores(kern_backend_t *base, const kern_block_score_args_t *a)
 }
 
 static int
+cuda_block_select(kern_backend_t *base, const kern_block_select_args_t *a)
+{
+    kern_cuda_t *be = (kern_cuda_t *)base;
+    int rc = cuda_enter(be);
+    return cuda_done(be, rc ? rc : kern__cuda_block_select(be, a));
+}
+
+static int
 cuda_attn_mass(kern_backend_t *base, const kern_attn_mass_args_t *a)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
@@ -1285,6 +1293,7 @@ static const kern_ops_t cuda_ops = {
     /* .delta_apply = */ cuda_delta_apply,     /* two elementwise passes */
     /* .block_bounds = */ cuda_block_bounds,   /* block per (KV block, head), threads on channels */
     /* .block_scores = */ cuda_block_scores,   /* split, TF32 GEMM, group max, per KV head */
+    /* .block_select = */ cuda_block_select,   /* radix select, a block per (row, KV head) */
     /* .attn_mass = */ cuda_attn_mass, /* logits, softmax, sum or pooled max; chunks of rows */
     /* .pack_weight = */ NULL,         /* weights stay row-major */
     /* .kv_seal = */ cuda_kv_seal,     /* codecs on the host, bytes moved by two kernels */

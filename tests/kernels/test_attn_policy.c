@@ -13,7 +13,11 @@
  * of rows and of keys); and the semantics themselves, by comparing a sink
  * + window row with dense attention over a KV that holds only its allowed
  * keys.  Degenerate patterns (window >= every kv_len, a mask of all
- * ones, every row dense) must equal dense.  Errors are
+ * ones, every row dense) must equal dense.  Masks with a window are run
+ * again from backend memory (mask_in_backend).  Quest's bounds, block
+ * scores and block choice (kern_block_select, byte for byte against a
+ * rank count written here) and the attention mass run on every backend
+ * too.  Errors are
  * max|a - ref| / max|ref|, as in test_kern_ops.c; cuda's outputs start as
  * NaN and must all be written.
  */
@@ -114,6 +118,7 @@ typedef struct pdata {
 typedef struct pat {
     uint32_t sinks, window, stride, qb, hstride; /* hstride: mask_head_stride */
     uint8_t *mask, *dense;
+    bool in_be; /* the mask goes to backend memory (mask_in_backend) */
 } pat_t;
 
 /* rows[s] query rows per sequence, the last ones before len[s] - back[s]
@@ -262,10 +267,21 @@ run(kern_backend_t *be, const pdata_t *p, const pat_t *pt, float *out)
     a.q = qd;
     a.out = od;
     a.kv = &kv;
+    uint8_t *md = NULL;
+    if (pt && pt->in_be && pt->mask) {
+        const uint32_t qb = pt->qb ? pt->qb : 1;
+        const size_t mb = (size_t)((p->n_q + qb - 1) / qb) * pt->stride;
+        md = kern_alloc(be, mb);
+        assert_non_null(md);
+        assert_int_equal(kern_upload(be, md, pt->mask, mb), 0);
+        a.block_mask = md;
+        a.mask_in_backend = true;
+    }
     int rc = kern_attention(be, &a);
     assert_int_equal(kern_sync(be), 0);
     if (rc == 0)
         assert_int_equal(kern_download(be, out, od, qn * sizeof(float)), 0);
+    kern_free(be, md);
     kern_free(be, kv.k);
     kern_free(be, kv.v);
     kern_free(be, qd);
@@ -393,8 +409,28 @@ check_cuda(const pdata_t *p, const pat_t *pt, const float *yr, float *yb, const 
     }
 }
 
+/* The pattern with its mask as kern_block_select leaves one in backend
+ * memory: a window, and head rows side by side with no slack. */
+static bool
+pat_in_be(const pdata_t *p, const pat_t *pt, pat_t *out)
+{
+    if (pt == NULL || pt->mask == NULL || pt->window == 0)
+        return false;
+    *out = *pt;
+    out->in_be = true;
+    if (pt->hstride == 0)
+        return true;
+    const uint32_t qb = pt->qb ? pt->qb : 1, n_rows = (p->n_q + qb - 1) / qb;
+    out->stride = p->n_kv * pt->hstride;
+    out->mask = malloc((size_t)n_rows * out->stride);
+    assert_non_null(out->mask);
+    for (uint32_t r = 0; r < n_rows; r++)
+        memcpy(out->mask + (size_t)r * out->stride, pt->mask + (size_t)r * pt->stride, out->stride);
+    return true;
+}
+
 /* ref vs the masked-dense double reference, then every cpu configuration
- * and cuda vs ref. */
+ * and cuda vs ref; with a window, again with the mask in backend memory. */
 static void
 check_pattern(const pdata_t *p, const pat_t *pt, const char *what)
 {
@@ -410,6 +446,18 @@ check_pattern(const pdata_t *p, const pat_t *pt, const char *what)
         check_close(yr, yb, qn, 1e-5, what, g_be[i].label);
     }
     check_cuda(p, pt, yr, yb, what);
+    pat_t pb;
+    if (pat_in_be(p, pt, &pb)) {
+        char w[160];
+        snprintf(w, sizeof(w), "%s, mask in backend memory", what);
+        assert_int_equal(run(g_ref, p, &pb, yb), 0);
+        check_close(yr, yb, qn, 0.0, w, "ref");
+        assert_int_equal(run(g_be[0].be, p, &pb, yb), 0);
+        check_close(yr, yb, qn, 1e-5, w, g_be[0].label);
+        check_cuda(p, &pb, yr, yb, w);
+        if (pb.mask != pt->mask)
+            free(pb.mask);
+    }
     free(want);
     free(yr);
     free(yb);
@@ -760,6 +808,18 @@ test_pattern_validation(void **state)
         assert_int_equal(run(be, &p, &ph, out), KVS_EINVAL);
         ph.window = 1;
         assert_int_equal(run(be, &p, &ph, out), 0);
+        /* In backend memory: head rows side by side, and a window, since
+         * kern_attention cannot look into the mask for an empty row. */
+        ph.in_be = true;
+        ph.mask = realloc(ph.mask, 21 * (size_t)p.n_q); /* what run uploads */
+        assert_non_null(ph.mask);
+        ph.stride = 21;
+        assert_int_equal(run(be, &p, &ph, out), KVS_EINVAL);
+        ph.stride = 20;
+        assert_int_equal(run(be, &p, &ph, out), 0);
+        ph.window = 0;
+        memset(ph.mask, 1, 20 * (size_t)p.n_q);
+        assert_int_equal(run(be, &p, &ph, out), KVS_EINVAL);
         pat_free(&ph);
         pat_free(&pt);
         pat_free(&pm);
@@ -1053,6 +1113,159 @@ test_quest_bounds(void **state)
     }
 }
 
+/* ---- block choice (kern_block_select) ----------------------------------- */
+
+/* kern.h's order, written from the floats: a before b. */
+static bool
+sel_before(float a, uint32_t ia, float b, uint32_t ib)
+{
+    if (isnan(a) || isnan(b))
+        return !isnan(a) || (isnan(b) && ia < ib);
+    return a > b || (a == b && ia < ib); /* -0 == +0 */
+}
+
+/* The mask kern.h defines, by counting for each candidate the candidates
+ * that rank before it. */
+static void
+select_want(const kern_block_select_args_t *a, const float *score, uint8_t *want)
+{
+    for (uint32_t r = 0; r < a->n_rows; r++)
+        for (uint32_t g = 0; g < a->n_kv_heads; g++) {
+            const size_t row = (size_t)r * a->n_kv_heads + g;
+            const float *sc = score + row * a->score_stride;
+            uint8_t *m = want + row * a->mask_head_stride;
+            const uint32_t n = a->ends[r] - a->first;
+            for (uint32_t j = 0; j < a->mask_head_stride; j++) {
+                if (j < a->first || j >= a->ends[r] || n <= a->top_k) {
+                    m[j] = 1;
+                    continue;
+                }
+                const uint32_t i = j - a->first;
+                uint32_t before = 0;
+                for (uint32_t t = 0; t < n; t++)
+                    before += sel_before(sc[t], t, sc[i], i);
+                m[j] = before < a->top_k;
+            }
+        }
+}
+
+/* Every backend's mask byte for byte against select_want: scores with
+ * many ties, NaN, both zeros and infinities, or nearly all distinct;
+ * rows with no candidates, with top_k or fewer, and with many (cuda's
+ * select walks several chunks of its block); every kind of top_k.  The
+ * mask starts poisoned, so a byte left unwritten shows. */
+static void
+test_block_select(void **state)
+{
+    (void)state;
+    rng_seed(41);
+    if (!g_cuda)
+        print_message("block_select [cuda]: skipped (cuda not available)\n");
+    static const struct {
+        uint32_t n_rows, n_kv, first, max_n, top_k, kind;
+    } cases[] = {
+        {6, 2, 0, 40, 1, 0},   {5, 1, 3, 40, 4, 1},    {7, 3, 1, 100, 7, 2},
+        {4, 8, 2, 600, 32, 3}, {3, 2, 0, 2100, 64, 1}, {2, 4, 5, 3000, 200, 3},
+        {9, 2, 0, 16, 15, 0},  {3, 1, 0, 700, 699, 3}, {2, 2, 4, 1000, 1, 2},
+    };
+    for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
+        kern_block_select_args_t a = {.n_rows = cases[ci].n_rows,
+                                      .n_kv_heads = cases[ci].n_kv,
+                                      .first = cases[ci].first,
+                                      .top_k = cases[ci].top_k};
+        uint32_t *ends = malloc(a.n_rows * sizeof *ends);
+        assert_non_null(ends);
+        uint32_t longest = 0;
+        for (uint32_t r = 0; r < a.n_rows; r++) {
+            uint32_t pick = rng_u32() % 4, n; /* none, top_k or fewer, many, the most */
+            n = pick == 0   ? 0
+                : pick == 1 ? rng_u32() % (a.top_k + 1)
+                : pick == 2 ? a.top_k + 1 + rng_u32() % (cases[ci].max_n - a.top_k)
+                            : cases[ci].max_n;
+            ends[r] = a.first + n;
+            longest = n > longest ? n : longest;
+        }
+        a.ends = ends;
+        a.score_stride = longest + rng_u32() % 3;
+        a.mask_head_stride = a.first + longest + 1 + rng_u32() % 5;
+        const size_t sn = (size_t)a.n_rows * a.n_kv_heads * (a.score_stride ? a.score_stride : 1);
+        const size_t mn = (size_t)a.n_rows * a.n_kv_heads * a.mask_head_stride;
+        float *score = malloc(sn * sizeof(float));
+        uint8_t *want = malloc(mn), *got = malloc(mn);
+        assert_true(score && want && got);
+        for (size_t k = 0; k < sn; k++) {
+            const uint32_t u = rng_u32();
+            switch (cases[ci].kind) {
+            case 0: /* a few values: long runs of ties */
+                score[k] = (float)(u % 4);
+                break;
+            case 1: /* the special values among a few others */
+                score[k] = u % 8 == 0   ? NAN
+                           : u % 8 == 1 ? -0.0f
+                           : u % 8 == 2 ? 0.0f
+                           : u % 8 == 3 ? INFINITY
+                           : u % 8 == 4 ? -INFINITY
+                                        : (float)(u % 3) - 1.0f;
+                break;
+            case 2: /* negative, with ties in the low bits */
+                score[k] = -1.0f - (float)(u % 64) / 32.0f;
+                break;
+            default: /* nearly all distinct */
+                score[k] = rng_f(-50.0f, 50.0f);
+            }
+        }
+        select_want(&a, score, want);
+        for (int b = -1; b <= g_n_be; b++) {
+            const char *label;
+            kern_backend_t *be = be_at(b, &label);
+            if (be == NULL)
+                continue;
+            float *sd = kern_alloc(be, sn * sizeof(float));
+            uint8_t *md = kern_alloc(be, mn);
+            assert_true(sd && md);
+            assert_int_equal(kern_upload(be, sd, score, sn * sizeof(float)), 0);
+            assert_int_equal(kern_memset(be, md, 0xab, mn), 0);
+            kern_block_select_args_t x = a;
+            x.score = sd;
+            x.mask = md;
+            assert_int_equal(kern_block_select(be, &x), 0);
+            assert_int_equal(kern_sync(be), 0);
+            assert_int_equal(kern_download(be, got, md, mn), 0);
+            for (size_t k = 0; k < mn; k++)
+                if (got[k] != want[k]) {
+                    const size_t row = k / a.mask_head_stride;
+                    print_error("block_select case %zu [%s]: row %zu (query group %zu, KV head "
+                                "%zu) block %zu: %u, want %u\n",
+                                ci, label, row, row / a.n_kv_heads, row % a.n_kv_heads,
+                                k % a.mask_head_stride, got[k], want[k]);
+                    fail();
+                }
+
+            /* Refusals: candidates past the scores or the mask row,
+             * before first, and no top_k. */
+            x.ends = ends;
+            const uint32_t e0 = ends[0];
+            ends[0] = a.first + a.score_stride + 1;
+            assert_int_equal(kern_block_select(be, &x), KVS_EINVAL);
+            ends[0] = a.mask_head_stride + 1;
+            assert_int_equal(kern_block_select(be, &x), KVS_EINVAL);
+            if (a.first) {
+                ends[0] = a.first - 1;
+                assert_int_equal(kern_block_select(be, &x), KVS_EINVAL);
+            }
+            ends[0] = e0;
+            x.top_k = 0;
+            assert_int_equal(kern_block_select(be, &x), KVS_EINVAL);
+            kern_free(be, sd);
+            kern_free(be, md);
+        }
+        free(ends);
+        free(score);
+        free(want);
+        free(got);
+    }
+}
+
 /* ---- attention mass (kern_attn_mass) ------------------------------------ */
 
 /* kern_attn_mass straight from the token arrays, in double: sequence 0's
@@ -1212,6 +1425,7 @@ main(void)
         cmocka_unit_test(test_pattern_validation),
         cmocka_unit_test(test_delta_invariants),
         cmocka_unit_test(test_quest_bounds),
+        cmocka_unit_test(test_block_select),
         cmocka_unit_test(test_attn_mass),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

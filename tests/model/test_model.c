@@ -985,63 +985,16 @@ test_guided_choice(void **state)
     model_free(m);
 }
 
-/* model__top_k (block-sparse's choice of blocks) against a full sort by
- * model__cmp_ranked's order: scores with many ties, and every kind of k. */
-static void
-test_top_k(void **state)
-{
-    (void)state;
-    static const uint32_t ns[] = {1, 2, 5, 16, 100, 1000};
-    uint32_t seed = 7;
-    float *sc = malloc(1000 * sizeof *sc);
-    uint32_t *out = malloc(1003 * sizeof *out);
-    model__ranked_t *r = malloc(1000 * sizeof *r);
-    uint8_t *mark = malloc(1000);
-    assert_true(sc && out && r && mark);
-    for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++)
-        for (int trial = 0; trial < 4; trial++) {
-            const uint32_t n = ns[ni];
-            for (uint32_t i = 0; i < n; i++) {
-                seed = seed * 1664525u + 1013904223u;
-                /* trials 0, 1: eight distinct values; 2, 3: nearly all distinct */
-                sc[i] = trial < 2 ? (float)(seed >> 29) : (float)(seed >> 8) / 16777216.0f;
-                r[i] = (model__ranked_t){sc[i], i};
-            }
-            qsort(r, n, sizeof *r, model__cmp_ranked);
-            const uint32_t ks[] = {0, 1, 2, 3, n / 2, n > 0 ? n - 1 : 0, n, n + 3};
-            for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++) {
-                const uint32_t k = ks[ki], kk = k < n ? k : n;
-                for (uint32_t i = 0; i < kk + 3 && i < 1003; i++)
-                    out[i] = UINT32_MAX;
-                model__top_k(out, n, k, sc);
-                memset(mark, 0, n);
-                for (uint32_t i = 0; i < kk; i++) {
-                    assert_true(out[i] < n);
-                    assert_int_equal(mark[out[i]], 0);
-                    mark[out[i]] = 1;
-                }
-                if (kk < n)
-                    assert_int_equal(out[kk], UINT32_MAX); /* nothing past min(k, n) */
-                for (uint32_t i = 0; i < kk; i++)
-                    assert_int_equal(mark[r[i].index], 1);
-            }
-        }
-    free(sc);
-    free(out);
-    free(r);
-    free(mark);
-}
-
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_load_tiny),      cmocka_unit_test(test_tokenizer),
-        cmocka_unit_test(test_top_k),          cmocka_unit_test(test_random_vocab),
-        cmocka_unit_test(test_bad_models),     cmocka_unit_test(test_sampler),
-        cmocka_unit_test(test_sampler_masked), cmocka_unit_test(test_logprobs),
-        cmocka_unit_test(test_penalties),      cmocka_unit_test(test_logit_bias),
-        cmocka_unit_test(test_spec_sampling),  cmocka_unit_test(test_guided_choice),
+        cmocka_unit_test(test_load_tiny),     cmocka_unit_test(test_tokenizer),
+        cmocka_unit_test(test_random_vocab),  cmocka_unit_test(test_bad_models),
+        cmocka_unit_test(test_sampler),       cmocka_unit_test(test_sampler_masked),
+        cmocka_unit_test(test_logprobs),      cmocka_unit_test(test_penalties),
+        cmocka_unit_test(test_logit_bias),    cmocka_unit_test(test_spec_sampling),
+        cmocka_unit_test(test_guided_choice),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
