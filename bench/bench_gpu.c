@@ -1194,6 +1194,7 @@ typedef struct sel_ctx {
     float *bounds, *score, *work, *hq, *hout;
     float *store, *dscore, *dwork;
     kern_block_score_args_t sa, da;
+    kern_block_select_args_t ka;
     kern_attn_mass_args_t ma;
 } sel_ctx_t;
 
@@ -1220,6 +1221,13 @@ run_dscores(void *p, uint32_t s)
 }
 
 static int
+run_select(void *p, uint32_t s)
+{
+    (void)s;
+    return kern_block_select(B.be, &((sel_ctx_t *)p)->ka);
+}
+
+static int
 run_mass(void *p, uint32_t s)
 {
     (void)s;
@@ -1230,21 +1238,25 @@ run_mass(void *p, uint32_t s)
  * (read-bound), one slab of 256 query rows scored against them (a TF32
  * GEMM per KV head; its FLOPs against the bf16 ceiling), one decode row
  * scored per KV head from a store kept by block id (read-bound: what Quest
- * at decode reads besides the chosen blocks), and SnapKV's 32 observation
- * rows voting over every key (the host copies included). */
+ * at decode reads besides the chosen blocks), the top 64 blocks of each
+ * of a slab's query blocks and KV heads chosen into a mask (a radix
+ * select: the scores read five times, from L2 at this size), and SnapKV's
+ * 32 observation rows voting over every key (the host copies included). */
 static int
 bench_select(uint32_t ctx)
 {
     row_t *rb = new_row("quest bounds", "%uK tokens, 8 heads d128 f16", ctx / 1024);
     row_t *rs = new_row("quest scores", "256 rows x %u blocks, 32/8 heads", ctx / A_BT);
     row_t *rd = new_row("quest decode", "1 row x %u blocks from a store, per head", ctx / A_BT);
+    row_t *rk = new_row("block select", "16 x 8 rows x %u blocks, top 64", ctx / A_BT);
     row_t *rm = new_row("snapkv mass", "32 rows x %uK keys, 32/8 heads", ctx / 1024);
-    if (rb == NULL || rs == NULL || rd == NULL || rm == NULL)
+    if (rb == NULL || rs == NULL || rd == NULL || rk == NULL || rm == NULL)
         return 0;
     if (left_s() < 3) {
         skip_row(rb, "skipped: time budget spent");
         skip_row(rs, "skipped: time budget spent");
         skip_row(rd, "skipped: time budget spent");
+        skip_row(rk, "skipped: time budget spent");
         skip_row(rm, "skipped: time budget spent");
         return 0;
     }
@@ -1293,6 +1305,25 @@ bench_select(uint32_t ctx)
     c.da.bounds = c.store;
     c.da.score = c.dscore;
     c.da.work = c.dwork;
+    /* A slab of block-sparse prefill at its deepest: every query block
+     * choosing among all nb blocks. */
+    const uint32_t slab = 16;
+    uint32_t ends[16];
+    for (uint32_t i = 0; i < slab; i++)
+        ends[i] = c.nb;
+    const size_t kn = (size_t)slab * A_KV_HEADS * c.nb;
+    float *kscore = dev_rand(kn * 4, PAT_F32, 92);
+    uint8_t *kmask = kern_alloc(B.be, (size_t)slab * A_KV_HEADS * (c.nb + 1));
+    if (rc == 0 && (!kscore || !kmask))
+        rc = KVS_ENOMEM;
+    c.ka = (kern_block_select_args_t){.score = kscore,
+                                      .n_rows = slab,
+                                      .n_kv_heads = A_KV_HEADS,
+                                      .score_stride = c.nb,
+                                      .ends = ends,
+                                      .top_k = 64,
+                                      .mask = kmask,
+                                      .mask_head_stride = c.nb + 1};
     c.ma = (kern_attn_mass_args_t){.q = c.hq,
                                    .n_q = 32,
                                    .n_heads = A_HEADS,
@@ -1305,8 +1336,8 @@ bench_select(uint32_t ctx)
                                    .mode = KERN_MASS_SUM,
                                    .n_out = ctx - 32,
                                    .out = c.hout};
-    double ms[4] = {-1, -1, -1, -1};
-    int n_timed[4] = {0, 0, 0, 0};
+    double ms[5] = {-1, -1, -1, -1, -1};
+    int n_timed[5] = {0, 0, 0, 0, 0};
     if (rc == 0)
         rc = time_op(run_bounds, &c, 1, &ms[0], &n_timed[0]);
     if (rc == 0)
@@ -1315,6 +1346,10 @@ bench_select(uint32_t ctx)
         rc = time_op(run_mass, &c, 1, &ms[2], &n_timed[2]);
     if (rc == 0)
         rc = time_op(run_dscores, &c, 1, &ms[3], &n_timed[3]);
+    if (rc == 0)
+        rc = time_op(run_select, &c, 1, &ms[4], &n_timed[4]);
+    kern_free(B.be, kscore);
+    kern_free(B.be, kmask);
     kern_free(B.be, c.store);
     kern_free(B.be, c.dscore);
     kern_free(B.be, c.dwork);
@@ -1336,6 +1371,9 @@ bench_select(uint32_t ctx)
     snprintf(rd->note, sizeof rd->note, "one launch; against dense decode's K+V of %.0f MB",
              (double)ctx * A_KV_HEADS * A_DIM * 4 / 1e6);
     done_row(rd, ms[3], (double)c.nb * A_KV_HEADS * 2 * A_DIM * 4, 0);
+    note_timed(rk, n_timed[4]);
+    snprintf(rk->note, sizeof rk->note, "scores read 5 times; what the host chose from before");
+    done_row(rk, ms[4], 5.0 * kn * 4 + (double)slab * A_KV_HEADS * (c.nb + 1), 0);
     note_timed(rm, n_timed[2]);
     snprintf(rm->note, sizeof rm->note, "K read once per row; D2H copy included");
     done_row(rm, ms[2], 32.0 * ctx * A_KV_HEADS * A_DIM * 2, 0);

@@ -787,7 +787,7 @@ graph_key(const model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b, uin
             return false;
         uint32_t len = (uint32_t)b->kv_len[b->seq_indptr[s]];
         if (b->seq_policy && b->seq_policy[s].decode_top_k)
-            return false; /* Quest chooses its blocks on the host */
+            return false; /* Quest's calls follow the step's table and summaries */
         if (b->seq_policy && b->seq_policy[s].kind != MODEL_ATTN_DENSE) {
             if (len <= b->seq_n_prompt[s])
                 return false; /* a prompt row: its policy's own calls */
