@@ -75,7 +75,8 @@ seq_open(seq_t *q, model_t *m, uint32_t n, uint32_t chunk)
         (seq_t){.toks = malloc(n * sizeof *q->toks), .logits = malloc(hp->n_vocab * sizeof(float))};
     if (!q->toks || !q->logits || kv_pool_new(&pc, model_backend(m), &q->pool) ||
         kv_table_new(q->pool, &q->t) || sched_batch_new(&q->sb) ||
-        model_ctx_new(m, chunk, 1, &q->ctx) || model_ctx_reserve(q->ctx, n, pc.block_tokens)) {
+        model_ctx_new(m, chunk, 1, &q->ctx) ||
+        model_ctx_reserve(q->ctx, n, pc.block_tokens, kv_pool_kv(q->pool))) {
         seq_close(q);
         return false;
     }

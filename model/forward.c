@@ -400,9 +400,32 @@ bs_store_free(model_ctx_t *c)
     c->sum_blocks = 0;
 }
 
-/* The summary store, sized for kv's pool on first use; false where the
- * pool gives no block_gen or the memory is not there (then block_sparse
- * summarises per call, as a store-less caller would). */
+/* The summary store for kv's pool: 0, KVS_ENOMEM (nothing kept). */
+static int
+bs_store_alloc(model_ctx_t *c, const kern_kv_t *kv, size_t *bytes)
+{
+    bs_store_free(c);
+    const size_t P = kv->n_blocks, L = kv->n_layers;
+    size_t floats;
+    if (kvs_mul_size(L * kv->n_kv_heads, P * 2 * kv->head_dim, &floats) ||
+        kvs_mul_size(floats, sizeof(float), bytes))
+        return KVS_ENOMEM;
+    c->sum = kern_alloc(c->be, *bytes);
+    c->sum_gen = calloc(L * P, sizeof *c->sum_gen);
+    c->sum_todo = malloc(P * sizeof *c->sum_todo);
+    if (c->sum == NULL || c->sum_gen == NULL || c->sum_todo == NULL) {
+        bs_store_free(c);
+        return KVS_ENOMEM;
+    }
+    c->sum_blocks = kv->n_blocks;
+    KVS_INFOF("model: keeping block-sparse key summaries of %zu KV blocks (%zu MiB)", P,
+              *bytes >> 20);
+    return 0;
+}
+
+/* The summary store, sized for kv's pool by model_ctx_reserve or on first
+ * use; false where the pool gives no block_gen or the memory is not there
+ * (then block_sparse summarises per call, as a store-less caller would). */
 static bool
 bs_store_ready(model_ctx_t *c, const kern_kv_t *kv)
 {
@@ -410,29 +433,15 @@ bs_store_ready(model_ctx_t *c, const kern_kv_t *kv)
         return false;
     if (c->sum && c->sum_blocks == kv->n_blocks)
         return true;
-    bs_store_free(c);
-    const size_t P = kv->n_blocks, L = kv->n_layers;
-    size_t floats, bytes;
-    if (kvs_mul_size(L * kv->n_kv_heads, P * 2 * kv->head_dim, &floats) ||
-        kvs_mul_size(floats, sizeof(float), &bytes)) {
-        c->sum_off = true;
-        return false;
-    }
-    c->sum = kern_alloc(c->be, bytes);
-    c->sum_gen = calloc(L * P, sizeof *c->sum_gen);
-    c->sum_todo = malloc(P * sizeof *c->sum_todo);
-    if (c->sum == NULL || c->sum_gen == NULL || c->sum_todo == NULL) {
-        KVS_WARNF("model: no memory for the key summaries of %zu KV blocks (%zu MiB); "
-                  "block-sparse attention summarises its candidates at every call",
-                  P, bytes >> 20);
-        bs_store_free(c);
-        c->sum_off = true;
-        return false;
-    }
-    c->sum_blocks = kv->n_blocks;
-    KVS_INFOF("model: keeping block-sparse key summaries of %zu KV blocks (%zu MiB)", P,
-              bytes >> 20);
-    return true;
+    late_grow(c, "the block-sparse key summaries", kv->n_blocks);
+    size_t bytes = 0;
+    if (bs_store_alloc(c, kv, &bytes) == 0)
+        return true;
+    KVS_WARNF("model: no memory for the key summaries of %u KV blocks (%zu MiB); "
+              "block-sparse attention summarises its candidates at every call",
+              kv->n_blocks, bytes >> 20);
+    c->sum_off = true;
+    return false;
 }
 
 /* Brings the stored summaries of blocks[0..n) of `layer` up to date and
@@ -594,9 +603,10 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
 }
 
 int
-model_ctx_reserve(model_ctx_t *c, uint32_t max_ctx, uint32_t block_tokens)
+model_ctx_reserve(model_ctx_t *c, uint32_t max_ctx, uint32_t block_tokens,
+                  const kern_kv_t *summaries)
 {
-    if (max_ctx == 0 || block_tokens == 0)
+    if (max_ctx == 0 || block_tokens == 0 || (summaries && summaries->block_gen == NULL))
         return KVS_EINVAL;
     const model_hparams_t *hp = &c->m->hp;
     const size_t qd = (size_t)hp->n_head * hp->head_dim;
@@ -624,6 +634,17 @@ model_ctx_reserve(model_ctx_t *c, uint32_t max_ctx, uint32_t block_tokens)
     call_q = call_q > nq ? nq : call_q;
     TRY(bs_grow_be(c, &c->bs_mask, &c->bs_mask_cap,
                    bs_floats((size_t)call_q * hp->n_head_kv * nw)));
+    if (summaries && !(c->sum && c->sum_blocks == summaries->n_blocks)) {
+        size_t bytes = 0;
+        int rc = bs_store_alloc(c, summaries, &bytes);
+        if (rc) {
+            KVS_ERRORF("model: no memory for the block-sparse key summaries of %u KV blocks "
+                       "(%zu MiB) beside the pool",
+                       summaries->n_blocks, bytes >> 20);
+            return rc;
+        }
+        c->sum_off = false;
+    }
     c->reserved = true;
     return 0;
 }

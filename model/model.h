@@ -390,12 +390,18 @@ void model_ctx_free(model_ctx_t *ctx); /* NULL is a no-op */
  * host backends.  Thread: engine. */
 void model_ctx_set_graphs(model_ctx_t *ctx, bool on);
 /* Allocates the backend scratch of the sparse prefill policies (Delta
- * Attention's dense rows, block-sparse's block summaries and scores) for
- * the largest call ctx can make over at most max_ctx tokens of KV in
- * blocks of block_tokens, so a device backend does not free and allocate
- * in the middle of a step, or find the memory gone.  Without it they grow
- * on first use.  0, KVS_EINVAL, KVS_ENOMEM.  Thread: engine. */
-int model_ctx_reserve(model_ctx_t *ctx, uint32_t max_ctx, uint32_t block_tokens);
+ * Attention's dense rows, block-sparse's block summaries, scores and
+ * mask) for the largest call ctx can make over at most max_ctx tokens of
+ * KV in blocks of block_tokens, so a device backend does not free and
+ * allocate in the middle of a step, or find the memory gone.  With
+ * `summaries` (a pool's view with block_gen, or NULL), also the store of
+ * key summaries that block-sparse prefill and Quest keep for every block
+ * of that pool: n_layers * n_kv_heads * n_blocks * 2 * head_dim floats,
+ * an eighth of an F16 pool's bytes, taken on their first use otherwise.
+ * Without it all of them grow on first use.  0, KVS_EINVAL, KVS_ENOMEM.
+ * Thread: engine. */
+int model_ctx_reserve(model_ctx_t *ctx, uint32_t max_ctx, uint32_t block_tokens,
+                      const kern_kv_t *summaries);
 /* How many times that scratch grew after model_ctx_reserve (a warning
  * the first time): 0 when the reservation covered every call. */
 uint32_t model_ctx_late_grows(const model_ctx_t *ctx);

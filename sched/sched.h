@@ -274,6 +274,12 @@ typedef struct sched_cfg {
     /* Decode steps recorded as CUDA graphs and replayed
      * (model_ctx_set_graphs); no effect on host backends. */
     bool cuda_graphs;
+    /* On a device backend, the key summaries block-sparse prefill and
+     * Quest keep for every block of the pool are allocated at start
+     * (model_ctx_reserve), an eighth of an F16 pool's bytes on top of
+     * kv_cache_bytes; without it, at the first request that needs them.
+     * The server sets it where either is the default policy. */
+    bool reserve_summaries;
     /* Speculative decoding by prompt lookup (vLLM's "ngram" method,
      * llama.cpp's lookup decoding), 0: off. A decoding request whose last g
      * tokens (g from prompt_lookup_max down to prompt_lookup_min) occurred

@@ -2723,7 +2723,8 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
     /* Device memory is taken once, before serving; host memory may grow
      * when a policy first needs it. */
     if (rc == 0 && !kern_backend_is_host(s->be))
-        rc = model_ctx_reserve(s->ctx, c->max_model_len, c->block_tokens);
+        rc = model_ctx_reserve(s->ctx, c->max_model_len, c->block_tokens,
+                               c->reserve_summaries ? kv_pool_kv(s->pool) : NULL);
     if (rc == 0)
         rc = reserve_backend(c, m, s->be, s->pool, s->d_pool);
     if (rc == 0)

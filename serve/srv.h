@@ -209,6 +209,14 @@ int srv_attn_finish(const char *cmd, model_attn_policy_t *p);
 /* "dense", "sink-window(4+64)", "delta(4+64, gamma 64)",
  * "block-sparse(4+64, top 8)", ... */
 const char *srv_attn_describe(const model_attn_policy_t *p, char *buf, size_t cap);
+/* Whether p keeps key summaries by block (block-sparse prefill, Quest at
+ * decode): a command whose default it is has the engine take them at
+ * start (sched_cfg_t.reserve_summaries). */
+static inline bool
+srv_attn_summaries(const model_attn_policy_t *p)
+{
+    return p->kind == MODEL_ATTN_BLOCK_SPARSE || p->decode_top_k > 0;
+}
 
 /* Prefill flags shared by serve and eval:
  *   --prefill full|speculative  --keep-ratio R  --look-ahead N

@@ -840,6 +840,7 @@ srv_cmd_eval(int argc, char **argv)
     /* A scenario resends each turn's context: the cache is what keeps it
      * from being recomputed. */
     scfg.prefix_caching = o.scenario != SCEN_NONE;
+    scfg.reserve_summaries = srv_attn_summaries(&o.attn);
     scfg.draft = o.spec.on || o.specdec.draft ? r.draft : NULL;
     srv_specdec_apply(&o.specdec, &scfg);
     if ((rc = sched_new(r.m, &scfg, &r.sched))) {

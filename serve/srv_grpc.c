@@ -1931,6 +1931,7 @@ engine_up(const srv_opts_t *o)
                       .kv_cache_bytes = o->kv_memory,
                       .prefix_caching = o->prefix_caching,
                       .cuda_graphs = o->cuda_graphs,
+                      .reserve_summaries = srv_attn_summaries(&o->attn),
                       .thread_nice = (int)o->engine_nice,
                       .sample_threads = o->sample_threads,
                       .draft = S.draft,

@@ -336,6 +336,7 @@ srv_cmd_perplexity(int argc, char **argv)
         }
     }
     sched_cfg_t scfg = srv_engine_cfg(&o.eng, &o.kv, max_ctx);
+    scfg.reserve_summaries = srv_attn_summaries(&o.attn);
     srv_specdec_apply(&o.specdec, &scfg);
     if ((w = calloc(cap_w, sizeof *w)) == NULL)
         goto out;

@@ -454,6 +454,7 @@ srv_cmd_run(int argc, char **argv)
         .block_tokens = o.block_size,
         .n_blocks = (uint32_t)((total + o.block_size - 1) / o.block_size),
         .cuda_graphs = o.cuda_graphs,
+        .reserve_summaries = srv_attn_summaries(&o.attn),
     };
     srv_kv_apply(&o.kv, &scfg);
     srv_specdec_apply(&o.specdec, &scfg);

@@ -157,7 +157,7 @@ run_n(const model_attn_policy_t *p, uint32_t n_prompt, uint32_t chunk, uint32_t 
     assert_int_equal(kv_table_new(pool, &t), 0);
     assert_int_equal(model_ctx_new(m, n_prompt, DEC_ROWS, &ctx), 0);
     if (g_reserve)
-        assert_int_equal(model_ctx_reserve(ctx, n_prompt, 16), 0);
+        assert_int_equal(model_ctx_reserve(ctx, n_prompt, 16, kv_pool_kv(pool)), 0);
     steps(ctx, pool, t, p, n_prompt, 0, n_prompt + (per_call ? DEC_ROWS : 0), chunk, per_call,
           logits);
     if (g_reserve)
@@ -471,6 +471,24 @@ test_reserved_scratch(void **state)
             g_reserve = false;
             assert_memory_equal(grown, got, n_vocab * sizeof(float));
         }
+
+    /* Summaries for a view without block_gen are refused; taken after a
+     * reservation that left them out, they are its one late growth. */
+    kv_pool_t *pool = new_pool(N_PROMPT);
+    kv_table_t *t;
+    model_ctx_t *ctx;
+    assert_int_equal(model_ctx_new(m, N_PROMPT, DEC_ROWS, &ctx), 0);
+    kern_kv_t bare = *kv_pool_kv(pool);
+    bare.block_gen = NULL;
+    assert_int_equal(model_ctx_reserve(ctx, N_PROMPT, 16, &bare), KVS_EINVAL);
+    assert_int_equal(model_ctx_reserve(ctx, N_PROMPT, 16, NULL), 0);
+    assert_int_equal(kv_table_new(pool, &t), 0);
+    steps(ctx, pool, t, &pols[1], N_PROMPT, 0, N_PROMPT, chunks[1], 0, got); /* as grown last */
+    assert_int_equal(model_ctx_late_grows(ctx), 1);
+    assert_memory_equal(grown, got, n_vocab * sizeof(float));
+    kv_table_free(t);
+    model_ctx_free(ctx);
+    kv_pool_free(pool);
     free(grown);
     free(got);
 }
