@@ -16,11 +16,13 @@
  * and Quest top 8 again with the key summaries taken at every step rather
  * than kept by block across steps (a pool without block_gen).
  * --decode-only skips the prefill table.  --verify K decodes K + 1 rows a
- * call, as a speculative verification step does (ms per row).
+ * call, as a speculative verification step does (ms per row).  --batch B
+ * decodes B sequences a step, forks of the prompt's table (their prompt
+ * blocks shared, as parallel samples' are), ms per row of the batch.
  *
  *   bench_attn --model F.gguf [--lengths 4096,16384,32768] [--chunk 2048]
  *              [--threads N] [--no-block-sparse | --per-call-summaries]
- *              [--decode D [--decode-only] [--verify K]] [--json FILE]
+ *              [--decode D [--decode-only] [--verify K] [--batch B]] [--json FILE]
  */
 #include "cache/kv.h"
 #include "model/model.h"
@@ -39,11 +41,14 @@ static const char *const names[N_POLICIES] = {"dense", "sink-window(4+16)", "del
 static const char *const keys[N_POLICIES] = {"dense", "sink_window", "delta", "block_sparse",
                                              "block_sparse_per_call_summaries"};
 
+#define MAX_BATCH 64
+
 /* One sequence's KV pool, table, batch and context, room for n tokens in
- * calls of at most `chunk`, with its tokens. */
+ * calls of at most `chunk`, with its tokens; forks of the table decode
+ * beside it (decode_ms). */
 typedef struct seq {
     kv_pool_t *pool;
-    kv_table_t *t;
+    kv_table_t *t, *fork[MAX_BATCH];
     sched_batch_t *sb;
     model_ctx_t *ctx;
     int32_t *toks;
@@ -55,6 +60,8 @@ seq_close(seq_t *q)
 {
     model_ctx_free(q->ctx);
     sched_batch_free(q->sb);
+    for (int i = 0; i < MAX_BATCH; i++)
+        kv_table_free(q->fork[i]);
     kv_table_free(q->t);
     kv_pool_free(q->pool);
     free(q->toks);
@@ -62,20 +69,20 @@ seq_close(seq_t *q)
 }
 
 static bool
-seq_open(seq_t *q, model_t *m, uint32_t n, uint32_t chunk)
+seq_open(seq_t *q, model_t *m, uint32_t n, uint32_t chunk, uint32_t n_logits)
 {
     const model_hparams_t *hp = model_hparams(m);
     kv_pool_cfg_t pc = {.n_layers = hp->n_layer,
                         .n_kv_heads = hp->n_head_kv,
                         .head_dim = hp->head_dim,
                         .block_tokens = 16,
-                        .n_blocks = n / 16 + 2,
+                        .n_blocks = n / 16 + 2 + n_logits,
                         .dtype = KERN_F16};
-    *q =
-        (seq_t){.toks = malloc(n * sizeof *q->toks), .logits = malloc(hp->n_vocab * sizeof(float))};
+    *q = (seq_t){.toks = malloc(n * sizeof *q->toks),
+                 .logits = malloc((size_t)n_logits * hp->n_vocab * sizeof(float))};
     if (!q->toks || !q->logits || kv_pool_new(&pc, model_backend(m), &q->pool) ||
         kv_table_new(q->pool, &q->t) || sched_batch_new(&q->sb) ||
-        model_ctx_new(m, chunk, 1, &q->ctx) ||
+        model_ctx_new(m, chunk, n_logits, &q->ctx) ||
         model_ctx_reserve(q->ctx, n, pc.block_tokens, kv_pool_kv(q->pool))) {
         seq_close(q);
         return false;
@@ -115,7 +122,7 @@ static double
 prefill_ms(model_t *m, uint32_t n, uint32_t chunk, const model_attn_policy_t *p, bool store)
 {
     seq_t q;
-    if (!seq_open(&q, m, n, chunk))
+    if (!seq_open(&q, m, n, chunk, 1))
         return -1;
     uint64_t t0 = kvs_now_ns();
     double ms = seq_run(&q, 0, n, chunk, n, p, 1, store) ? (double)(kvs_now_ns() - t0) / 1e6 : -1;
@@ -127,22 +134,56 @@ prefill_ms(model_t *m, uint32_t n, uint32_t chunk, const model_attn_policy_t *p,
 static const uint32_t dec_top[N_DECODE] = {0, 8, 32, 8}; /* 0: dense decoding */
 static const bool dec_store[N_DECODE] = {true, true, true, false};
 
-/* Prefills n tokens (sink-window: quick), then per decode_top_k in dec_top
- * decodes d tokens from that prompt's KV, `rows` a call, and takes them
- * back: ms per token into ms[], or false. */
+/* The batch's d decode tokens from entry n on, `rows` a step for each of
+ * `batch` tables (q->t and its forks), under p. */
 static bool
-decode_ms(model_t *m, uint32_t n, uint32_t chunk, uint32_t d, uint32_t rows, double *ms)
+batch_run(seq_t *q, uint32_t batch, uint32_t n, uint32_t d, uint32_t rows,
+          const model_attn_policy_t *p, bool store)
+{
+    kern_kv_t kv = *kv_pool_kv(q->pool);
+    if (!store)
+        kv.block_gen = NULL;
+    sched_seq_step_t st[MAX_BATCH + 1];
+    for (uint32_t done = n; done < n + d;) {
+        uint32_t k = n + d - done < rows ? n + d - done : rows;
+        for (uint32_t b = 0; b < batch; b++)
+            st[b] = (sched_seq_step_t){.table = b ? q->fork[b - 1] : q->t,
+                                       .tokens = q->toks + done,
+                                       .n_tokens = k,
+                                       .want_logits = true,
+                                       .policy = p,
+                                       .n_prompt = n};
+        const model_batch_t *mb;
+        if (sched_batch_build(q->sb, st, batch, &mb) || model_forward(q->ctx, &kv, mb, q->logits))
+            return false;
+        done += k;
+    }
+    return true;
+}
+
+/* Prefills n tokens (sink-window: quick), then per decode_top_k in dec_top
+ * decodes d tokens from that prompt's KV, `rows` a call, in each of
+ * `batch` sequences a step (forks of the prompt), and takes them back: ms
+ * per row into ms[], or false. */
+static bool
+decode_ms(model_t *m, uint32_t n, uint32_t chunk, uint32_t d, uint32_t rows, uint32_t batch,
+          double *ms)
 {
     seq_t q;
-    if (!seq_open(&q, m, n + d, chunk))
+    if (!seq_open(&q, m, n + d * batch, chunk, batch))
         return false;
     const model_attn_policy_t sw = {.kind = MODEL_ATTN_SINK_WINDOW, .sinks = 4, .window = 16};
     bool ok = seq_run(&q, 0, n, chunk, n, &sw, 0, true);
+    for (uint32_t b = 1; ok && b < batch; b++)
+        ok = kv_table_fork(q.t, &q.fork[b - 1]) == 0;
     for (int p = 0; ok && p < N_DECODE; p++) {
         const model_attn_policy_t dp = {.decode_top_k = dec_top[p]};
         uint64_t t0 = kvs_now_ns();
-        ok = seq_run(&q, n, n + d, rows, n, &dp, 2, dec_store[p]) && kv_table_truncate(q.t, n) == 0;
-        ms[p] = (double)(kvs_now_ns() - t0) / 1e6 / d;
+        ok = batch_run(&q, batch, n, d, rows, &dp, dec_store[p]);
+        ms[p] = (double)(kvs_now_ns() - t0) / 1e6 / ((double)d * batch);
+        ok = ok && kv_table_truncate(q.t, n) == 0;
+        for (uint32_t b = 1; ok && b < batch; b++)
+            ok = kv_table_truncate(q.fork[b - 1], n) == 0;
     }
     seq_close(&q);
     return ok;
@@ -153,14 +194,14 @@ main(int argc, char **argv)
 {
     const char *model = NULL, *json = NULL;
     uint32_t lengths[MAX_LENGTHS] = {4096, 16384, 32768}, n_lengths = 3, chunk = 2048, threads = 0;
-    uint32_t n_dec = 0, verify = 0;
+    uint32_t n_dec = 0, verify = 0, batch = 1;
     bool dec_only = false;
     static const struct option lo[] = {{"model", 1, 0, 'm'},  {"lengths", 1, 0, 'l'},
                                        {"chunk", 1, 0, 'c'},  {"threads", 1, 0, 't'},
                                        {"json", 1, 0, 'j'},   {"no-block-sparse", 0, 0, 'b'},
                                        {"decode", 1, 0, 'd'}, {"decode-only", 0, 0, 'o'},
                                        {"verify", 1, 0, 'v'}, {"per-call-summaries", 0, 0, 's'},
-                                       {0, 0, 0, 0}};
+                                       {"batch", 1, 0, 'B'},  {0, 0, 0, 0}};
     int n_pol = N_POLICIES - 1;
     int ch;
     while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -197,16 +238,27 @@ main(int argc, char **argv)
         case 'v':
             verify = (uint32_t)atoi(optarg);
             break;
+        case 'B':
+            batch = (uint32_t)atoi(optarg);
+            break;
         default:
             fprintf(stderr, "usage: bench_attn --model F.gguf [--lengths 4096,16384,32768] "
                             "[--chunk 2048] [--threads N] [--no-block-sparse | "
                             "--per-call-summaries] "
-                            "[--decode D [--decode-only] [--verify K]] [--json FILE]\n");
+                            "[--decode D [--decode-only] [--verify K] [--batch B]] "
+                            "[--json FILE]\n");
             return 2;
         }
     }
     if (model == NULL || chunk == 0 || (dec_only && n_dec == 0)) {
         fprintf(stderr, "bench_attn: --model is required (and --decode D with --decode-only)\n");
+        return 2;
+    }
+    if (batch == 0 || batch > MAX_BATCH || (uint64_t)batch * (verify + 1) > chunk) {
+        fprintf(stderr,
+                "bench_attn: --batch takes 1 to %d sequences of --verify + 1 rows, "
+                "at most --chunk rows in all\n",
+                MAX_BATCH);
         return 2;
     }
     if (dec_only)
@@ -250,14 +302,15 @@ main(int argc, char **argv)
         printf(" %11.0f%%\n", 100.0 * (1.0 - ms[i][1] / ms[i][0]));
     }
     if (n_dec) {
-        printf("%s, %u decode steps after each prompt, %u a call, ms per token\n%-8s %14s", model,
-               n_dec, verify + 1, "tokens", "dense");
+        printf("%s, %u decode steps after each prompt, %u a call, %u sequences a step, ms per "
+               "token\n%-8s %14s",
+               model, n_dec, verify + 1, batch, "tokens", "dense");
         for (int p = 1; p < N_DECODE; p++)
             printf("  %squest top %-3u", dec_store[p] ? "     " : "per-step ", dec_top[p]);
         printf("\n");
     }
     for (uint32_t i = 0; i < n_lengths && n_dec; i++) {
-        if (!decode_ms(m, lengths[i], chunk, n_dec, verify + 1, dms[i])) {
+        if (!decode_ms(m, lengths[i], chunk, n_dec, verify + 1, batch, dms[i])) {
             fprintf(stderr, "bench_attn: decoding after %u tokens failed\n", lengths[i]);
             return 1;
         }
@@ -279,8 +332,10 @@ main(int argc, char **argv)
                             keys[p], ms[i][0] / ms[i][p]);
                 fprintf(f, ", \"attention_share\": %.3f}", 1.0 - ms[i][1] / ms[i][0]);
             }
-            fprintf(f, "], \"decode_steps\": %u, \"decode_rows_per_call\": %u, \"decode\": [",
-                    n_dec, verify + 1);
+            fprintf(f,
+                    "], \"decode_steps\": %u, \"decode_rows_per_call\": %u, "
+                    "\"decode_batch\": %u, \"decode\": [",
+                    n_dec, verify + 1, batch);
             for (uint32_t i = 0; i < n_lengths && n_dec; i++) {
                 fprintf(f, "%s{\"tokens\": %u, \"dense_ms_per_token\": %.3f", i ? ", " : "",
                         lengths[i], dms[i][0]);

@@ -553,7 +553,8 @@ int
 kern_block_scores(kern_backend_t *be, const kern_block_score_args_t *a)
 {
     if (a == NULL || a->n_heads == 0 || a->n_kv_heads == 0 || a->head_dim == 0 ||
-        a->n_heads % a->n_kv_heads != 0 || (a->bounds_stride && a->bounds_stride < a->n_blocks))
+        a->n_heads % a->n_kv_heads != 0 || (a->bounds_stride && a->bounds_stride < a->n_blocks) ||
+        (a->score_stride && a->score_stride < a->n_blocks))
         return KVS_EINVAL;
     if (a->n_q == 0 || a->n_blocks == 0)
         return 0;
@@ -573,7 +574,8 @@ kern_block_scores(kern_backend_t *be, const kern_block_score_args_t *a)
 int
 kern_block_select(kern_backend_t *be, const kern_block_select_args_t *a)
 {
-    if (a == NULL || a->n_kv_heads == 0 || a->top_k == 0 || a->mask_head_stride == 0)
+    if (a == NULL || a->n_kv_heads == 0 || (a->top_k == 0 && !a->top_ks) ||
+        a->mask_head_stride == 0)
         return KVS_EINVAL;
     if (a->n_rows == 0)
         return 0;
@@ -581,7 +583,7 @@ kern_block_select(kern_backend_t *be, const kern_block_select_args_t *a)
         return KVS_EINVAL;
     for (uint32_t r = 0; r < a->n_rows; r++)
         if (a->ends[r] < a->first || a->ends[r] > a->mask_head_stride ||
-            a->ends[r] - a->first > a->score_stride)
+            a->ends[r] - a->first > a->score_stride || (a->top_ks && a->top_ks[r] == 0))
             return KVS_EINVAL;
     if (be->ops->block_select)
         return be->ops->block_select(be, a);

@@ -570,8 +570,11 @@ typedef struct kern_block_score_args {
     const int32_t *bounds_rows;
     uint32_t q_group; /* query rows per score row; 0 means 1 */
     bool per_kv_head; /* a score row per KV head of each group */
-    float *score;     /* [ceil(n_q / q_group)][per_kv_head ? n_kv_heads : 1][n_blocks] */
-    float *work;      /* kern_block_scores_work(a) floats */
+    /* [ceil(n_q / q_group)][per_kv_head ? n_kv_heads : 1][score_stride],
+     * the first n_blocks of each row written */
+    float *score;
+    uint32_t score_stride; /* 0 (n_blocks), or >= n_blocks */
+    float *work;           /* kern_block_scores_work(a) floats */
 } kern_block_score_args_t;
 size_t kern_block_scores_work(const kern_block_score_args_t *a);
 int kern_block_scores(kern_backend_t *be, const kern_block_score_args_t *a);
@@ -582,9 +585,9 @@ int kern_block_scores(kern_backend_t *be, const kern_block_score_args_t *a);
  *   m = mask + (r * n_kv_heads + g) * mask_head_stride
  * gets m[j] = 1 for j < first and for ends[r] <= j < mask_head_stride;
  * of the candidates first <= j < ends[r], all of them where there are
- * top_k or fewer, else those whose score
+ * k or fewer (k = top_ks ? top_ks[r] : top_k), else those whose score
  *   score[(r * n_kv_heads + g) * score_stride + j - first]
- * is among the top_k highest, a lower j first among equal scores (NaN
+ * is among the k highest, a lower j first among equal scores (NaN
  * ranks below every number, -0 equals +0), get 1 and the rest 0.  Every
  * byte of the n_rows * n_kv_heads rows is written.  score and mask are
  * backend memory, ends host; first <= ends[r] <= mask_head_stride and
@@ -594,7 +597,8 @@ typedef struct kern_block_select_args {
     uint32_t n_rows, n_kv_heads, score_stride;
     const uint32_t *ends; /* host, [n_rows] */
     uint32_t first;
-    uint32_t top_k;            /* >= 1 */
+    uint32_t top_k;            /* >= 1, unless top_ks */
+    const uint32_t *top_ks;    /* host, [n_rows], each >= 1: a row's own k; or NULL */
     uint8_t *mask;             /* [n_rows][n_kv_heads][mask_head_stride] */
     uint32_t mask_head_stride; /* >= 1 */
 } kern_block_select_args_t;

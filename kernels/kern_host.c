@@ -187,20 +187,23 @@ kern__host_bound(const kern_block_score_args_t *a, uint32_t g, uint32_t b)
     return a->bounds + row * 2 * a->head_dim;
 }
 
-size_t
+float *
 kern__host_score_row(const kern_block_score_args_t *a, uint32_t grp, uint32_t g)
 {
-    return a->per_kv_head ? (size_t)grp * a->n_kv_heads + g : grp;
+    const size_t row = a->per_kv_head ? (size_t)grp * a->n_kv_heads + g : grp;
+    return a->score + row * (a->score_stride ? a->score_stride : a->n_blocks);
 }
 
 void
 kern__host_block_scores_init(const kern_block_score_args_t *a)
 {
     const uint32_t qg = a->q_group ? a->q_group : 1;
-    const size_t n =
-        (size_t)((a->n_q + qg - 1) / qg) * (a->per_kv_head ? a->n_kv_heads : 1) * a->n_blocks;
-    for (size_t k = 0; k < n; k++)
-        a->score[k] = -INFINITY;
+    for (uint32_t grp = 0; grp < (a->n_q + qg - 1) / qg; grp++)
+        for (uint32_t g = 0; g < (a->per_kv_head ? a->n_kv_heads : 1); g++) {
+            float *sc = kern__host_score_row(a, grp, g);
+            for (uint32_t b = 0; b < a->n_blocks; b++)
+                sc[b] = -INFINITY;
+        }
 }
 
 int
@@ -213,7 +216,7 @@ kern__host_block_scores_ref(kern_backend_t *be, const kern_block_score_args_t *a
     for (uint32_t i = 0; i < a->n_q; i++)
         for (uint32_t h = 0; h < a->n_heads; h++) {
             const float *q = a->q + ((size_t)i * a->n_heads + h) * d;
-            float *sc = a->score + kern__host_score_row(a, i / qg, h / G) * a->n_blocks;
+            float *sc = kern__host_score_row(a, i / qg, h / G);
             for (uint32_t b = 0; b < a->n_blocks; b++) {
                 const float *mx = kern__host_bound(a, h / G, b);
                 const float *mn = mx + d;
@@ -261,7 +264,7 @@ kern__host_block_scores_gemm(kern_backend_t *be, const kern_block_score_args_t *
             return rc;
         for (uint32_t r = 0; r < rows; r++) {
             const float *yr = y + (size_t)r * nb;
-            float *sc = a->score + kern__host_score_row(a, r / G / qg, g) * nb;
+            float *sc = kern__host_score_row(a, r / G / qg, g);
             for (uint32_t b = 0; b < nb; b++)
                 sc[b] = yr[b] > sc[b] ? yr[b] : sc[b];
         }
@@ -334,22 +337,27 @@ int
 kern__host_block_select(kern_backend_t *be, const kern_block_select_args_t *a)
 {
     (void)be;
-    uint32_t *idx = malloc((size_t)a->top_k * sizeof *idx);
+    const uint32_t f = a->first, hs = a->mask_head_stride;
+    uint32_t kmax = 0; /* only rows that choose: a k past every row's count is all ones */
+    for (uint32_t r = 0; r < a->n_rows; r++) {
+        const uint32_t k = a->top_ks ? a->top_ks[r] : a->top_k;
+        kmax = a->ends[r] - f > k && k > kmax ? k : kmax;
+    }
+    uint32_t *idx = malloc((size_t)(kmax ? kmax : 1) * sizeof *idx);
     if (idx == NULL)
         return KVS_ENOMEM;
-    const uint32_t f = a->first, hs = a->mask_head_stride;
     for (uint32_t r = 0; r < a->n_rows; r++) {
-        const uint32_t n = a->ends[r] - f;
+        const uint32_t n = a->ends[r] - f, k = a->top_ks ? a->top_ks[r] : a->top_k;
         for (uint32_t g = 0; g < a->n_kv_heads; g++) {
             const size_t row = (size_t)r * a->n_kv_heads + g;
             uint8_t *m = a->mask + row * hs;
             memset(m, 1, hs);
-            if (n <= a->top_k)
+            if (n <= k)
                 continue;
             memset(m + f, 0, n);
-            kern__host_top_k(idx, n, a->top_k, a->score + row * a->score_stride);
-            for (uint32_t k = 0; k < a->top_k; k++)
-                m[f + idx[k]] = 1;
+            kern__host_top_k(idx, n, k, a->score + row * a->score_stride);
+            for (uint32_t t = 0; t < k; t++)
+                m[f + idx[t]] = 1;
         }
     }
     free(idx);

@@ -136,9 +136,10 @@ float *kern__host_bounds_out(const kern_kv_t *kv, const int32_t *blocks, uint32_
                              uint32_t i, float *out, bool by_block);
 /* Every score a->score holds, -inf: the maxima start there. */
 void kern__host_block_scores_init(const kern_block_score_args_t *a);
-/* The score row of query group grp and KV head g (kern.h: per_kv_head);
- * the first block of KV head g's bounds (kern.h: bounds_stride). */
-size_t kern__host_score_row(const kern_block_score_args_t *a, uint32_t grp, uint32_t g);
+/* The score row of query group grp and KV head g (kern.h: per_kv_head,
+ * score_stride); the first block of KV head g's bounds (kern.h:
+ * bounds_stride). */
+float *kern__host_score_row(const kern_block_score_args_t *a, uint32_t grp, uint32_t g);
 size_t kern__host_bounds_at(const kern_block_score_args_t *a, uint32_t g);
 /* KV head g's bounds of block b: [max | min], 2 * head_dim floats. */
 const float *kern__host_bound(const kern_block_score_args_t *a, uint32_t g, uint32_t b);

@@ -54,6 +54,12 @@ struct model_ctx {
     size_t bs_w_cap, bs_work_cap, bs_dscore_cap, bs_mask_cap;
     uint32_t *bs_ends; /* per query block: its candidates' end */
     size_t bs_ends_cap;
+    /* A run of decode sequences' call (decode_run): its own q_indptr and
+     * table indptr (one array), each row's k, and which rows are dense. */
+    int32_t *dr_qi;
+    uint32_t *dr_k;
+    uint8_t *dr_dense;
+    size_t dr_seq_cap, dr_k_cap, dr_dense_cap;
     /* Quest's key summaries kept by block id across calls (bs_store):
      * a block is summarised when its kern_kv_t.block_gen changes, not at
      * every step that scores it.  Sized for one pool on first use. */
@@ -162,6 +168,9 @@ model_ctx_free(model_ctx_t *c)
     kern_free(c->be, c->bs_dscore);
     kern_free(c->be, c->bs_mask);
     free(c->bs_ends);
+    free(c->dr_qi);
+    free(c->dr_k);
+    free(c->dr_dense);
     bs_store_free(c);
     free(c);
 }
@@ -352,6 +361,20 @@ delta_correct(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy
 /* Query rows a block-sparse attention call takes at most: its mask is
  * (rows / block_tokens) * (KV heads) * (blocks) bytes. */
 #define BS_ATTN_ROWS 4096
+
+/* Mask rows model_ctx_reserve sizes for: one attention call's query
+ * blocks, as block_sparse cuts them, and a decode run's rows
+ * (decode_run). */
+static uint32_t
+bs_mask_rows(const model_ctx_t *c, uint32_t bt)
+{
+    const uint32_t slab_q = BS_SLAB_ROWS / bt ? BS_SLAB_ROWS / bt : 1;
+    const uint32_t nq = (c->max_tokens + bt - 1) / bt;
+    uint32_t call_q = BS_ATTN_ROWS / bt / slab_q * slab_q;
+    call_q = call_q < slab_q ? slab_q : call_q;
+    call_q = call_q > nq ? nq : call_q;
+    return call_q ? call_q : 1;
+}
 
 static int
 bs_grow_be(model_ctx_t *c, float **p, size_t *cap, size_t n)
@@ -627,13 +650,8 @@ model_ctx_reserve(model_ctx_t *c, uint32_t max_ctx, uint32_t block_tokens,
     TRY(bs_grow_be(c, &c->bs_work, &c->bs_work_cap, kern_block_scores_work(&sa)));
     /* A slab of query blocks' scores, one per KV head. */
     TRY(bs_grow_be(c, &c->bs_dscore, &c->bs_dscore_cap, (size_t)slab_q * hp->n_head_kv * nw));
-    /* The mask of one attention call's query blocks, as block_sparse cuts them. */
-    const uint32_t nq = (c->max_tokens + bt - 1) / bt;
-    uint32_t call_q = BS_ATTN_ROWS / bt / slab_q * slab_q;
-    call_q = call_q < slab_q ? slab_q : call_q;
-    call_q = call_q > nq ? nq : call_q;
     TRY(bs_grow_be(c, &c->bs_mask, &c->bs_mask_cap,
-                   bs_floats((size_t)call_q * hp->n_head_kv * nw)));
+                   bs_floats((size_t)bs_mask_rows(c, bt) * hp->n_head_kv * nw)));
     if (summaries && !(c->sum && c->sum_blocks == summaries->n_blocks)) {
         size_t bytes = 0;
         int rc = bs_store_alloc(c, summaries, &bytes);
@@ -655,9 +673,137 @@ model_ctx_late_grows(const model_ctx_t *c)
     return c->late_grows;
 }
 
+/* Whether row i of sequence s attends as Quest decodes. */
+static bool
+quest_row(const model_batch_t *b, const kern_attn_args_t *a, uint32_t s, uint32_t i)
+{
+    return b->seq_policy[s].decode_top_k && a->layer >= MODEL_DECODE_DENSE_LAYERS &&
+           (uint32_t)a->kv_len[i] > b->seq_n_prompt[s];
+}
+
+/* The rows of sequences [s0, s1) of a, none of them a prompt row, in one
+ * attention call: each Quest row sees its own block and, per KV head, the
+ * decode_top_k earlier blocks of the highest bound (scored a row at a
+ * time, chosen a slab of rows at a time into a mask on the backend), the
+ * other rows every key (dense_rows).  A call per Quest row, as
+ * block_sparse makes, launched four kernels a row on a device, and ran
+ * the batch's dense rows sequence by sequence. */
+static int
+decode_run(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32_t s0,
+           uint32_t s1, uint32_t qd)
+{
+    const kern_kv_t *kv = a->kv;
+    const uint32_t bt = kv->block_tokens, d = kv->head_dim, n_kv = kv->n_kv_heads;
+    const uint32_t r0 = (uint32_t)a->q_indptr[s0], n = (uint32_t)a->q_indptr[s1] - r0;
+    if (n == 0)
+        return 0;
+    kern_attn_args_t o = *a;
+    if (s0 != 0 || s1 != a->pt.n_seqs) {
+        /* Its sequences on their own: another table than a's. */
+        TRY(bs_grow((void **)&c->dr_qi, &c->dr_seq_cap, 2 * ((size_t)s1 - s0 + 1),
+                    sizeof(int32_t)));
+        int32_t *pi = c->dr_qi + (s1 - s0 + 1);
+        for (uint32_t s = s0; s <= s1; s++) {
+            c->dr_qi[s - s0] = a->q_indptr[s] - (int32_t)r0;
+            pi[s - s0] = a->pt.indptr[s] - a->pt.indptr[s0];
+        }
+        o.pt_epoch = 0;
+        o.q = a->q + (size_t)r0 * qd;
+        o.out = a->out + (size_t)r0 * qd;
+        o.n_q = n;
+        o.q_indptr = c->dr_qi;
+        o.kv_len = a->kv_len + r0;
+        o.pt.indptr = pi;
+        o.pt.indices = a->pt.indices + a->pt.indptr[s0];
+        o.pt.last_len = a->pt.last_len + s0;
+        o.pt.n_seqs = s1 - s0;
+    }
+
+    /* Each row's candidates [0, ends) below its own block, its k, and
+     * whether it is dense; the widest row sets the mask's stride. */
+    TRY(bs_grow((void **)&c->bs_ends, &c->bs_ends_cap, n, sizeof(uint32_t)));
+    TRY(bs_grow((void **)&c->dr_k, &c->dr_k_cap, n, sizeof(uint32_t)));
+    TRY(bs_grow((void **)&c->dr_dense, &c->dr_dense_cap, n, 1));
+    uint32_t stride = 1, nw = 0;
+    for (uint32_t s = s0; s < s1; s++)
+        for (int32_t i = a->q_indptr[s]; i < a->q_indptr[s + 1]; i++) {
+            const uint32_t L = (uint32_t)a->kv_len[i], r = (uint32_t)i - r0;
+            const uint32_t nb = (L + bt - 1) / bt, k = b->seq_policy[s].decode_top_k;
+            stride = nb > stride ? nb : stride;
+            const bool q = quest_row(b, a, s, (uint32_t)i);
+            c->bs_ends[r] = q ? (L - 1) / bt : 0;
+            c->dr_k[r] = q ? k : 1;
+            c->dr_dense[r] = !q;
+            if (q && c->bs_ends[r] > k)
+                nw = c->bs_ends[r] > nw ? c->bs_ends[r] : nw;
+        }
+    if (nw == 0) /* no row chooses: every row sees every key */
+        return kern_attention(c->be, &o);
+
+    const uint32_t slab = BS_SLAB_ROWS / bt ? BS_SLAB_ROWS / bt : 1;
+    const bool have_store = bs_store_ready(c, kv);
+    const int32_t row0 = 0;
+    kern_block_score_args_t sa = {.n_q = 1,
+                                  .n_heads = o.n_heads,
+                                  .n_kv_heads = n_kv,
+                                  .head_dim = d,
+                                  .n_blocks = nw,
+                                  .bounds_rows = have_store ? &row0 : NULL,
+                                  .q_group = 1,
+                                  .per_kv_head = true,
+                                  .score_stride = nw}; /* rows choose among fewer */
+    TRY(bs_grow_be(c, &c->bs_mask, &c->bs_mask_cap, bs_floats((size_t)n * n_kv * stride)));
+    TRY(bs_grow_be(c, &c->bs_dscore, &c->bs_dscore_cap, (size_t)slab * n_kv * nw));
+    TRY(bs_grow_be(c, &c->bs_work, &c->bs_work_cap, kern_block_scores_work(&sa)));
+    if (!have_store)
+        TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, (size_t)n_kv * nw * 2 * d));
+    uint8_t *mask = (uint8_t *)c->bs_mask;
+    kern_block_select_args_t sel = {
+        .score = c->bs_dscore, .n_kv_heads = n_kv, .score_stride = nw, .mask_head_stride = stride};
+    for (uint32_t s = s0, q0 = 0; q0 < n; q0 += slab) {
+        const uint32_t q1 = q0 + slab < n ? q0 + slab : n;
+        for (uint32_t r = q0; r < q1; r++) {
+            while ((uint32_t)a->q_indptr[s + 1] <= r0 + r)
+                s++;
+            const uint32_t e = c->bs_ends[r];
+            if (c->dr_dense[r] || e <= c->dr_k[r])
+                continue;
+            const int32_t *blocks = a->pt.indices + a->pt.indptr[s];
+            const float *store;
+            TRY(bs_store(c, kv, o.layer, blocks, e, &store));
+            if (!store)
+                TRY(kern_kv_block_bounds(c->be, kv, o.layer, blocks, e, c->bs_w));
+            sa.q = a->q + (size_t)(r0 + r) * qd;
+            sa.n_blocks = e;
+            sa.bounds = store ? store : c->bs_w;
+            sa.bounds_stride = store ? c->sum_blocks : e;
+            sa.bounds_rows = store ? blocks : NULL;
+            sa.score = c->bs_dscore + (size_t)(r - q0) * n_kv * nw;
+            sa.work = c->bs_work;
+            TRY(kern_block_scores(c->be, &sa));
+        }
+        sel.n_rows = q1 - q0;
+        sel.ends = c->bs_ends + q0;
+        sel.top_ks = c->dr_k + q0;
+        sel.mask = mask + (size_t)q0 * n_kv * stride;
+        TRY(kern_block_select(c->be, &sel));
+    }
+    o.sink_tokens = 0;
+    o.window_tokens = 1;
+    o.block_mask = mask;
+    o.mask_stride = n_kv * stride;
+    o.mask_head_stride = stride;
+    o.mask_q_block = 1;
+    o.mask_in_backend = true;
+    o.dense_rows = c->dr_dense;
+    return kern_attention(c->be, &o);
+}
+
 /* Attention of one layer's rows under the batch's per-sequence policies:
- * one dense call when every sequence is dense, else sequence by sequence,
- * prompt rows with their policy and the rest dense. */
+ * one dense call when every sequence is dense; else the sequences with
+ * prompt rows one by one, those rows with their policy and the rest dense
+ * or Quest's, and the runs of sequences between them that only decode
+ * in a call each (decode_run). */
 static int
 attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32_t qd)
 {
@@ -667,14 +813,24 @@ attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32
                (b->seq_policy[s].decode_top_k && a->layer >= MODEL_DECODE_DENSE_LAYERS);
     if (!any)
         return kern_attention(c->be, a);
-    for (uint32_t s = 0; s < b->pt.n_seqs; s++) {
-        uint32_t r0 = (uint32_t)a->q_indptr[s], n = (uint32_t)a->q_indptr[s + 1] - r0;
-        if (n == 0)
+    const uint32_t cap = bs_mask_rows(c, a->kv->block_tokens);
+    uint32_t s0 = 0; /* the run of decoding sequences [s0, s) */
+    for (uint32_t s = 0; s <= b->pt.n_seqs; s++) {
+        uint32_t r0 = 0, n = 0, np = 0; /* np: leading prompt rows */
+        if (s < b->pt.n_seqs) {
+            r0 = (uint32_t)a->q_indptr[s];
+            n = (uint32_t)a->q_indptr[s + 1] - r0;
+            while (np < n && (uint32_t)a->kv_len[r0 + np] <= b->seq_n_prompt[s])
+                np++;
+        }
+        const bool dec = s < b->pt.n_seqs && np == 0 && n <= cap;
+        if (s == b->pt.n_seqs || !dec || (uint32_t)a->q_indptr[s + 1] - a->q_indptr[s0] > cap) {
+            TRY(decode_run(c, b, a, s0, s, qd));
+            s0 = dec ? s : s + 1;
+        }
+        if (dec || n == 0)
             continue;
         const model_attn_policy_t *p = &b->seq_policy[s];
-        uint32_t np = 0; /* leading prompt rows */
-        while (np < n && (uint32_t)a->kv_len[r0 + np] <= b->seq_n_prompt[s])
-            np++;
         uint32_t ns = np; /* of them, those the prefill policy shapes */
         if (p->kind != MODEL_ATTN_DENSE && p->last_dense && ns > 0 &&
             (uint32_t)a->kv_len[r0 + ns - 1] == b->seq_n_prompt[s])

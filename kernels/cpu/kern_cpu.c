@@ -761,7 +761,7 @@ cpu_block_scores(kern_backend_t *base, const kern_block_score_args_t *a)
         for (uint32_t i = 0; i < a->n_q; i++)
             for (uint32_t h = 0; h < a->n_heads; h++) {
                 const float *q = a->q + ((size_t)i * a->n_heads + h) * d;
-                float *sc = a->score + kern__host_score_row(a, i / qg, h / G) * nb;
+                float *sc = kern__host_score_row(a, i / qg, h / G);
                 for (uint32_t b = 0; b < nb; b++) {
                     float v = bound_avx2(q, kern__host_bound(a, h / G, b), d);
                     sc[b] = v > sc[b] ? v : sc[b];

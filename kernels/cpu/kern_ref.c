@@ -263,21 +263,21 @@ ref_block_select(kern_backend_t *base, const kern_block_select_args_t *a)
     (void)base;
     const uint32_t f = a->first, hs = a->mask_head_stride;
     for (uint32_t r = 0; r < a->n_rows; r++) {
-        const uint32_t n = a->ends[r] - f;
+        const uint32_t n = a->ends[r] - f, k = a->top_ks ? a->top_ks[r] : a->top_k;
         for (uint32_t g = 0; g < a->n_kv_heads; g++) {
             const size_t row = (size_t)r * a->n_kv_heads + g;
             const float *sc = a->score + row * a->score_stride;
             uint8_t *m = a->mask + row * hs;
             for (uint32_t j = 0; j < hs; j++)
                 m[j] = 1;
-            for (uint32_t i = 0; n > a->top_k && i < n; i++) {
+            for (uint32_t i = 0; n > k && i < n; i++) {
                 const uint32_t ki = kern__select_key(sc[i]);
                 uint32_t before = 0;
                 for (uint32_t j = 0; j < n; j++) {
                     const uint32_t kj = kern__select_key(sc[j]);
                     before += kj > ki || (kj == ki && j < i);
                 }
-                m[f + i] = before < a->top_k;
+                m[f + i] = before < k;
             }
         }
     }

@@ -195,12 +195,14 @@ gather_bounds_kernel(const float *bounds, size_t stride, uint32_t g, const int32
     }
 }
 
-/* score[grp * heads + g][b] = max(score (unless first), y[r][b] for the
- * rows r of the group: rows i of [grp * q_group, ..) times G heads);
- * heads is 1 (g 0) for a score row shared by every KV head. */
+/* score[grp * heads + g][b] (rows sstride apart) = max(score (unless
+ * first), y[r][b] for the rows r of the group: rows i of
+ * [grp * q_group, ..) times G heads); heads is 1 (g 0) for a score row
+ * shared by every KV head. */
 static __global__ void
 group_max_kernel(const float *y, uint32_t n_q, uint32_t G, uint32_t q_group, uint32_t nb,
-                 uint32_t n_groups, uint32_t heads, uint32_t g, bool first, float *score)
+                 uint32_t n_groups, uint32_t heads, uint32_t g, bool first, float *score,
+                 uint32_t sstride)
 {
     const size_t count = (size_t)n_groups * nb;
     for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < count;
@@ -209,7 +211,7 @@ group_max_kernel(const float *y, uint32_t n_q, uint32_t G, uint32_t q_group, uin
         const size_t r0 = grp * q_group * G;
         size_t r1 = (grp + 1) * q_group * G;
         r1 = r1 < (size_t)n_q * G ? r1 : (size_t)n_q * G;
-        float *sc = score + (grp * heads + g) * nb + b;
+        float *sc = score + (grp * heads + g) * sstride + b;
         float m = first ? -INFINITY : *sc;
         for (size_t r = r0; r < r1; r++)
             m = fmaxf(m, y[r * nb + b]);
@@ -232,7 +234,7 @@ group_max_kernel(const float *y, uint32_t n_q, uint32_t G, uint32_t q_group, uin
 static __global__ void
 few_scores_kernel(const float *q, uint32_t n_q, uint32_t n_heads, uint32_t n_kv, uint32_t d,
                   const float *bounds, size_t bstride, const int32_t *rows, uint32_t nb,
-                  uint32_t qg, bool per_kv_head, float *score)
+                  uint32_t qg, bool per_kv_head, float *score, uint32_t sstride)
 {
     const uint32_t lane = threadIdx.x & 31;
     const uint32_t b = blockIdx.x * FEW_WARPS + (threadIdx.x >> 5);
@@ -258,8 +260,7 @@ few_scores_kernel(const float *q, uint32_t n_q, uint32_t n_heads, uint32_t n_kv,
                 }
         }
         if (lane == 0)
-            score[((size_t)grp * (per_kv_head ? n_kv : 1) + (per_kv_head ? g0 : 0)) * nb + b] =
-                best;
+            score[((size_t)grp * (per_kv_head ? n_kv : 1) + g0) * sstride + b] = best;
     }
 }
 
@@ -277,6 +278,7 @@ kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
     float *x = a->work, *y = a->work + rows * 2 * d, *gb = y + rows * nb;
     const float one = 1.0f, zero = 0.0f;
     const size_t bstride = a->bounds_stride ? a->bounds_stride : nb;
+    const uint32_t sstride = a->score_stride ? a->score_stride : nb;
     const uint32_t heads = a->per_kv_head ? a->n_kv_heads : 1;
     const int32_t *drows = NULL;
     if (a->bounds_rows) {
@@ -294,7 +296,7 @@ kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
         const dim3 grid((nb + FEW_WARPS - 1) / FEW_WARPS, a->per_kv_head ? a->n_kv_heads : 1);
         few_scores_kernel<<<grid, FEW_WARPS * 32, 0, be->stream>>>(
             a->q, a->n_q, a->n_heads, a->n_kv_heads, d, a->bounds, bstride, drows, nb, qg,
-            a->per_kv_head, a->score);
+            a->per_kv_head, a->score, sstride);
         KERN_CUDA_LAUNCHED();
         return 0;
     }
@@ -320,7 +322,7 @@ kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
         const size_t ns = (size_t)n_groups * nb;
         group_max_kernel<<<kern__cuda_grid(be, ns, 256), 256, 0, be->stream>>>(
             y, a->n_q, G, qg, nb, n_groups, heads, a->per_kv_head ? g : 0, a->per_kv_head || g == 0,
-            a->score);
+            a->score, sstride);
         KERN_CUDA_LAUNCHED();
     }
     return 0;
@@ -353,13 +355,15 @@ select_key(float x)
 static __global__ void
 __launch_bounds__(SELECT_THREADS)
     select_kernel(const float *score, uint32_t n_kv, uint32_t sstride, const uint32_t *ends,
-                  uint32_t first, uint32_t top_k, uint8_t *mask, uint32_t mstride)
+                  const uint32_t *top_ks, uint32_t first, uint32_t k_all, uint8_t *mask,
+                  uint32_t mstride)
 {
     __shared__ uint32_t hist[256];
     __shared__ uint32_t warp_eq[SELECT_THREADS / 32];
     __shared__ uint32_t sh_prefix, sh_need;
     const uint32_t row = blockIdx.x, tid = threadIdx.x;
     const uint32_t end = ends[row / n_kv], n = end - first;
+    const uint32_t top_k = top_ks ? top_ks[row / n_kv] : k_all;
     const float *s = score + (size_t)row * sstride;
     uint8_t *m = mask + (size_t)row * mstride;
     for (uint32_t j = tid; j < first; j += SELECT_THREADS)
@@ -428,17 +432,21 @@ kern__cuda_block_select(kern_cuda_t *be, const kern_block_select_args_t *a)
         KVS_ERRORF("cuda: block_select of %zu rows exceeds the grid limit", rows);
         return KVS_ENOTSUP;
     }
-    const size_t bytes = (size_t)a->n_rows * sizeof(uint32_t);
+    /* ends, then the rows' own k where they have one */
+    const size_t each = (size_t)a->n_rows * sizeof(uint32_t), bytes = a->top_ks ? 2 * each : each;
     void *h, *d;
     int rc = kern__cuda_stage_begin(be, bytes, &h);
     if (rc)
         return rc;
-    memcpy(h, a->ends, bytes);
+    memcpy(h, a->ends, each);
+    if (a->top_ks)
+        memcpy((char *)h + each, a->top_ks, each);
     if ((rc = kern__cuda_stage_end(be, bytes, &d)) != 0)
         return rc;
+    const uint32_t *d_ends = (const uint32_t *)d;
     select_kernel<<<(unsigned)rows, SELECT_THREADS, 0, be->stream>>>(
-        a->score, a->n_kv_heads, a->score_stride, (const uint32_t *)d, a->first, a->top_k, a->mask,
-        a->mask_head_stride);
+        a->score, a->n_kv_heads, a->score_stride, d_ends, a->top_ks ? d_ends + a->n_rows : NULL,
+        a->first, a->top_k, a->mask, a->mask_head_stride);
     KERN_CUDA_LAUNCHED();
     return 0;
 }

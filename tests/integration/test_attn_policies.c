@@ -13,8 +13,9 @@
  * decoding; a small one changes the logits and so does which blocks it
  * reads; rows decoded three to a call (a verification step) give the
  * logits of rows decoded one at a time; a prompt policy leaves decode rows
- * to decode_top_k.  The key summaries kept by block id across calls give
- * the logits of summaries taken at every call, and are taken again when a
+ * to decode_top_k; sequences decoding side by side under different
+ * policies, a prompt among them, give the logits each gives alone.  The key summaries kept by block
+ * id across calls give the logits of summaries taken at every call, and are taken again when a
  * block's content changes (blocks handed to another sequence, a block
  * reopened by a truncate).
  */
@@ -390,6 +391,155 @@ test_quest_decode(void **state)
     free(rows3);
 }
 
+/* Sequences decoding side by side: Quest ones with their own top_k, a
+ * dense one, one whose prompt was sparse, and a verification step's
+ * rows, one attention call for those that only decode (decode_run), a
+ * prompt chunk between them in one step: each sequence's logits are those
+ * it has decoded alone. */
+#define MIX 5
+static const uint32_t mix_prompt[MIX] = {300, 260, 333, 290, 200};
+static const model_attn_policy_t mix_pol[MIX] = {
+    {.decode_top_k = 2},
+    {0},
+    {.decode_top_k = 3},
+    {.kind = MODEL_ATTN_SINK_WINDOW, .sinks = 4, .window = 32, .decode_top_k = 2},
+    {.kind = MODEL_ATTN_BLOCK_SPARSE, .sinks = 4, .window = 16, .top_k = 2},
+};
+
+static int32_t
+mix_token(uint32_t j, uint32_t i)
+{
+    return (int32_t)((i * 37 + 5 + 11 * j + (i * i) % 7) % 256);
+}
+
+/* Sequence j's prompt (one call) and its DEC_ROWS rows, `rows` a call,
+ * alone: logits [DEC_ROWS][n_vocab]. */
+static void
+mix_alone(uint32_t j, uint32_t rows, float *logits)
+{
+    const uint32_t np = mix_prompt[j], total = np + DEC_ROWS;
+    kv_pool_t *pool = new_pool(total);
+    kv_table_t *t;
+    model_ctx_t *ctx;
+    sched_batch_t *sb;
+    int32_t toks[400];
+    for (uint32_t i = 0; i < total; i++)
+        toks[i] = mix_token(j, i);
+    assert_int_equal(kv_table_new(pool, &t), 0);
+    assert_int_equal(model_ctx_new(m, np, DEC_ROWS, &ctx), 0);
+    assert_int_equal(sched_batch_new(&sb), 0);
+    for (uint32_t done = 0; done < total;) {
+        const bool pre = done < np;
+        const uint32_t k = pre ? np : done + rows < total ? rows : total - done;
+        sched_seq_step_t st = {.table = t,
+                               .tokens = toks + done,
+                               .n_tokens = k,
+                               .want_logits = pre,
+                               .lead_logits = pre ? 0 : k,
+                               .policy = &mix_pol[j],
+                               .n_prompt = np};
+        const model_batch_t *mb;
+        assert_int_equal(sched_batch_build(sb, &st, 1, &mb), 0);
+        float *out = pre ? logits : logits + (size_t)(done - np) * n_vocab;
+        assert_int_equal(model_forward(ctx, kv_pool_kv(pool), mb, out), 0);
+        done += k;
+    }
+    sched_batch_free(sb);
+    model_ctx_free(ctx);
+    kv_table_free(t);
+    kv_pool_free(pool);
+}
+
+static void
+test_quest_batch(void **state)
+{
+    (void)state;
+    const size_t sz = (size_t)DEC_ROWS * n_vocab;
+    float *alone = malloc(MIX * sz * sizeof(float)), *got = malloc(MIX * sz * sizeof(float));
+    float *step = malloc((size_t)8 * n_vocab * sizeof(float));
+    assert_true(alone && got && step);
+    for (uint32_t j = 0; j < 4; j++)
+        mix_alone(j, 1, alone + j * sz);
+
+    /* Sequences 0 .. 3 prefilled together, then decoded together, 2 at a
+     * time for sequence 2, with sequence 4's prompt between 1 and 2 in
+     * the first step. */
+    kv_pool_t *pool = new_pool(2400);
+    kv_table_t *t[MIX];
+    model_ctx_t *ctx;
+    sched_batch_t *sb;
+    static int32_t toks[MIX][400];
+    for (uint32_t j = 0; j < MIX; j++) {
+        for (uint32_t i = 0; i < mix_prompt[j] + DEC_ROWS; i++)
+            toks[j][i] = mix_token(j, i);
+        assert_int_equal(kv_table_new(pool, &t[j]), 0);
+    }
+    assert_int_equal(model_ctx_new(m, 2048, 16, &ctx), 0);
+    assert_int_equal(sched_batch_new(&sb), 0);
+    sched_seq_step_t st[MIX];
+    const model_batch_t *mb;
+    for (uint32_t j = 0; j < 4; j++)
+        st[j] = (sched_seq_step_t){.table = t[j],
+                                   .tokens = toks[j],
+                                   .n_tokens = mix_prompt[j],
+                                   .want_logits = true,
+                                   .policy = &mix_pol[j],
+                                   .n_prompt = mix_prompt[j]};
+    assert_int_equal(sched_batch_build(sb, st, 4, &mb), 0);
+    assert_int_equal(model_forward(ctx, kv_pool_kv(pool), mb, step), 0);
+    uint32_t done[4] = {0, 0, 0, 0};
+    for (uint32_t it = 0; done[0] < DEC_ROWS; it++) {
+        uint32_t n = 0, want[MIX];
+        for (uint32_t j = 0; j < 4; j++) {
+            if (j == 2 && it == 0) { /* the prompt between two runs */
+                st[n++] = (sched_seq_step_t){.table = t[4],
+                                             .tokens = toks[4],
+                                             .n_tokens = mix_prompt[4],
+                                             .want_logits = true,
+                                             .policy = &mix_pol[4],
+                                             .n_prompt = mix_prompt[4]};
+            }
+            uint32_t k = j == 2 ? 2 : 1;
+            k = done[j] + k <= DEC_ROWS ? k : DEC_ROWS - done[j];
+            want[j] = k;
+            if (k == 0)
+                continue;
+            st[n++] = (sched_seq_step_t){.table = t[j],
+                                         .tokens = toks[j] + mix_prompt[j] + done[j],
+                                         .n_tokens = k,
+                                         .lead_logits = k,
+                                         .policy = &mix_pol[j],
+                                         .n_prompt = mix_prompt[j]};
+        }
+        assert_int_equal(sched_batch_build(sb, st, n, &mb), 0);
+        assert_int_equal(model_forward(ctx, kv_pool_kv(pool), mb, step), 0);
+        const float *row = step;
+        for (uint32_t j = 0; j < 4; j++) {
+            if (j == 2 && it == 0)
+                row += n_vocab; /* the prompt's last row */
+            for (uint32_t r = 0; r < want[j]; r++, row += n_vocab)
+                memcpy(got + j * sz + (size_t)(done[j] + r) * n_vocab, row,
+                       n_vocab * sizeof(float));
+            done[j] += want[j];
+        }
+    }
+    for (uint32_t j = 0; j < 4; j++) {
+        double e = rows_err(alone + j * sz, got + j * sz);
+        print_message("sequence %u (%s, decode top %u): batched vs alone %.3g\n", j,
+                      mix_pol[j].kind == MODEL_ATTN_DENSE ? "dense prompt" : "sparse prompt",
+                      mix_pol[j].decode_top_k, e);
+        assert_true(e < TOL);
+    }
+    sched_batch_free(sb);
+    model_ctx_free(ctx);
+    for (uint32_t j = 0; j < MIX; j++)
+        kv_table_free(t[j]);
+    kv_pool_free(pool);
+    free(alone);
+    free(got);
+    free(step);
+}
+
 /* Quest's key summaries kept by block id across calls (model/forward.c's
  * store) give the logits of summaries taken at every call, and follow a
  * block whose content changes: blocks of a finished sequence handed to
@@ -531,6 +681,7 @@ main(void)
         cmocka_unit_test(test_bad_policies),
         cmocka_unit_test(test_reserved_scratch),
         cmocka_unit_test(test_quest_decode),
+        cmocka_unit_test(test_quest_batch),
         cmocka_unit_test(test_summary_store),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -909,7 +909,8 @@ test_delta_invariants(void **state)
 
 /* Sequence 0's first nb blocks summarised on be, and every query row
  * scored in groups of qg rows (per KV head, or not) against them, or with
- * sub > 0 against the first sub of them (kern.h: bounds_stride).  With
+ * sub > 0 against the first sub of them (kern.h: bounds_stride) into
+ * score rows still nb apart (score_stride).  With
  * `store`, summarised by block id into rows of the pool's size
  * (kern_kv_pool_bounds) and scored from there (bounds_rows); `bounds`
  * gets the sequence's rows, in its order, either way. */
@@ -930,7 +931,8 @@ run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t sub, uint3
                                                         : 0,
                                  .bounds_rows = store ? p->indices : NULL,
                                  .q_group = qg,
-                                 .per_kv_head = per_head};
+                                 .per_kv_head = per_head,
+                                 .score_stride = sub ? nb : 0};
     float *qd = kern_alloc(be, qn * sizeof(float)), *bd = kern_alloc(be, bn * sizeof(float));
     float *sd = kern_alloc(be, sn * sizeof(float));
     float *wd = kern_alloc(be, kern_block_scores_work(&a) * sizeof(float));
@@ -973,6 +975,10 @@ run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t sub, uint3
     a.n_heads = p->n_kv + 1;
     assert_int_equal(kern_block_scores(be, &a), p->n_kv > 1 ? KVS_EINVAL : 0);
     a.n_heads = p->n_heads;
+    const uint32_t ss = a.score_stride; /* score rows closer than a row's blocks */
+    a.score_stride = a.n_blocks - 1;
+    assert_int_equal(kern_block_scores(be, &a), a.score_stride ? KVS_EINVAL : 0);
+    a.score_stride = ss;
     if (store) {
         /* A row past the store, and rows with no stride to find them by. */
         int32_t far[1] = {(int32_t)p->n_blocks};
@@ -1098,11 +1104,13 @@ test_quest_bounds(void **state)
              * scores a longer row's summary. */
             const uint32_t sub = nb > 1 ? nb - 1 - (uint32_t)ci % 2 : nb;
             snprintf(wh, sizeof(wh), "%s, per KV head, %u of the blocks", what, sub);
-            run_quest(be, &p, nb, sub, cases[ci].qg, true, ci % 2 == 1, snh / nb * sub, got_b,
-                      got_s);
-            for (size_t r = 0; r < snh / nb; r++)
-                check_close(want_h + r * nb, got_s + r * sub, sub, b == g_n_be ? 5e-3 : 1e-5, wh,
+            run_quest(be, &p, nb, sub, cases[ci].qg, true, ci % 2 == 1, snh, got_b, got_s);
+            for (size_t r = 0; r < snh / nb; r++) {
+                check_close(want_h + r * nb, got_s + r * nb, sub, b == g_n_be ? 5e-3 : 1e-5, wh,
                             label);
+                for (uint32_t k = sub; k < nb; k++) /* rows nb apart (score_stride), the rest */
+                    assert_true(isnan(got_s[r * nb + k])); /* left as it was */
+            }
         }
         free(want_h);
         free(want_b);
@@ -1135,8 +1143,9 @@ select_want(const kern_block_select_args_t *a, const float *score, uint8_t *want
             const float *sc = score + row * a->score_stride;
             uint8_t *m = want + row * a->mask_head_stride;
             const uint32_t n = a->ends[r] - a->first;
+            const uint32_t k = a->top_ks ? a->top_ks[r] : a->top_k;
             for (uint32_t j = 0; j < a->mask_head_stride; j++) {
-                if (j < a->first || j >= a->ends[r] || n <= a->top_k) {
+                if (j < a->first || j >= a->ends[r] || n <= k) {
                     m[j] = 1;
                     continue;
                 }
@@ -1144,7 +1153,7 @@ select_want(const kern_block_select_args_t *a, const float *score, uint8_t *want
                 uint32_t before = 0;
                 for (uint32_t t = 0; t < n; t++)
                     before += sel_before(sc[t], t, sc[i], i);
-                m[j] = before < a->top_k;
+                m[j] = before < k;
             }
         }
 }
@@ -1186,6 +1195,17 @@ test_block_select(void **state)
             longest = n > longest ? n : longest;
         }
         a.ends = ends;
+        /* Every other case gives each row a k of its own (top_ks), from 1
+         * to past its candidates. */
+        uint32_t *ks = NULL;
+        if (ci % 2) {
+            ks = malloc(a.n_rows * sizeof *ks);
+            assert_non_null(ks);
+            for (uint32_t r = 0; r < a.n_rows; r++)
+                ks[r] = 1 + rng_u32() % (ends[r] - a.first + 2);
+            a.top_ks = ks;
+            a.top_k = 0;
+        }
         a.score_stride = longest + rng_u32() % 3;
         a.mask_head_stride = a.first + longest + 1 + rng_u32() % 5;
         const size_t sn = (size_t)a.n_rows * a.n_kv_heads * (a.score_stride ? a.score_stride : 1);
@@ -1254,12 +1274,20 @@ test_block_select(void **state)
                 assert_int_equal(kern_block_select(be, &x), KVS_EINVAL);
             }
             ends[0] = e0;
+            if (ks) {
+                const uint32_t k0 = ks[a.n_rows - 1];
+                ks[a.n_rows - 1] = 0;
+                assert_int_equal(kern_block_select(be, &x), KVS_EINVAL);
+                ks[a.n_rows - 1] = k0;
+            }
             x.top_k = 0;
+            x.top_ks = NULL;
             assert_int_equal(kern_block_select(be, &x), KVS_EINVAL);
             kern_free(be, sd);
             kern_free(be, md);
         }
         free(ends);
+        free(ks);
         free(score);
         free(want);
         free(got);
