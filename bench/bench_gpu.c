@@ -30,7 +30,12 @@
  *               sched_batch_build and model_forward over a paged f16 KV:
  *               prefill and batch-1 decode tok/s at 4K, 32K and 128K
  *               tokens, decode against its bandwidth floor (weights + the
- *               KV read per token, over the copy bandwidth)
+ *               KV read per token, over the copy bandwidth); then at the
+ *               same depths the long-context paths against those dense
+ *               numbers: the last prefill chunk under block-sparse (64
+ *               sinks, a 1,024 window, the top 128 blocks) and a decode
+ *               step under Quest (the top 256 blocks: a 4,096-token
+ *               budget)
  *   targets     the backend's three, met or missed, from the rows above
  *
  *   bench_gpu [--json FILE] [--budget SECONDS] [--device N] [--no-kernels]
@@ -108,6 +113,7 @@ typedef struct e2e_ctx {
     uint32_t ctx;
     double first_ms, last_ms, prefill_s, prefill_tps; /* < 0: not measured */
     double step_ms, decode_tps, floor_tps;
+    double bs_last_ms, quest_step_ms; /* block-sparse last chunk, Quest decode; < 0: not run */
     size_t bytes_per_token;
     char note[96];
 } e2e_ctx_t;
@@ -1450,13 +1456,23 @@ set_len(e2e_t *e, uint32_t len)
     return kv_table_append(e->t, e->pos, len, e->slots);
 }
 
-/* Milliseconds of one forward step of n tokens on a sequence at depth. */
+/* The long-context paths the end-to-end rows time beside dense. */
+static const model_attn_policy_t E2E_BLOCK_SPARSE = {
+    .kind = MODEL_ATTN_BLOCK_SPARSE, .sinks = 64, .window = 1024, .top_k = 128};
+static const model_attn_policy_t E2E_QUEST = {.decode_top_k = 256};
+
+/* Milliseconds of one forward step of n tokens on a sequence at depth,
+ * prompt rows under p (NULL: dense). */
 static int
-step_ms(e2e_t *e, uint32_t depth, uint32_t n, double *ms)
+step_ms(e2e_t *e, uint32_t depth, uint32_t n, const model_attn_policy_t *p, double *ms)
 {
     KT(set_len(e, depth));
-    sched_seq_step_t st = {
-        .table = e->t, .tokens = e->toks + depth, .n_tokens = n, .want_logits = true};
+    sched_seq_step_t st = {.table = e->t,
+                           .tokens = e->toks + depth,
+                           .n_tokens = n,
+                           .want_logits = true,
+                           .policy = p,
+                           .n_prompt = depth + n};
     const model_batch_t *mb;
     double t0 = now_s();
     KT(sched_batch_build(e->sb, &st, 1, &mb));
@@ -1465,20 +1481,25 @@ step_ms(e2e_t *e, uint32_t depth, uint32_t n, double *ms)
     return 0;
 }
 
-/* Batch-1 decode at `depth`: per-step median of up to 32 steps. */
+/* Batch-1 decode at `depth`: per-step median of up to 32 steps, the rows
+ * decoding under p (NULL: dense). */
 static int
-decode_ms(e2e_t *e, uint32_t depth, double *ms)
+decode_ms(e2e_t *e, uint32_t depth, const model_attn_policy_t *p, double *ms)
 {
     double t[32], one;
-    KT(step_ms(e, depth - 1, 1, &one)); /* warm-up: the split-KV workspace */
+    KT(step_ms(e, depth - 1, 1, NULL, &one)); /* warm-up: the split-KV workspace */
     int steps = (int)(2000.0 / (one > 0.1 ? one : 0.1));
     steps = steps < 5 ? 5 : steps > 32 ? 32 : steps;
     if (depth + (uint32_t)steps > e->max_len)
         steps = (int)(e->max_len - depth);
     KT(set_len(e, depth - 1));
     for (int i = 0; i < steps; i++) {
-        sched_seq_step_t st = {
-            .table = e->t, .tokens = e->toks + depth - 1 + i, .n_tokens = 1, .want_logits = true};
+        sched_seq_step_t st = {.table = e->t,
+                               .tokens = e->toks + depth - 1 + i,
+                               .n_tokens = 1,
+                               .want_logits = true,
+                               .policy = p,
+                               .n_prompt = depth - 1};
         const model_batch_t *mb;
         double t0 = now_s();
         KT(sched_batch_build(e->sb, &st, 1, &mb));
@@ -1490,12 +1511,12 @@ decode_ms(e2e_t *e, uint32_t depth, double *ms)
 }
 
 static double
-med3(e2e_t *e, uint32_t depth, uint32_t n, int *rc)
+med3(e2e_t *e, uint32_t depth, uint32_t n, const model_attn_policy_t *p, int *rc)
 {
     double t[3];
     int k = 0;
     for (; k < 3; k++) {
-        if ((*rc = step_ms(e, depth, n, &t[k])) != 0)
+        if ((*rc = step_ms(e, depth, n, p, &t[k])) != 0)
             return -1;
         if (t[k] > 5000 || (k > 0 && t[k] * (3 - k) / 1e3 > left_s() / 4))
             return t[k]; /* slow: once is enough */
@@ -1589,8 +1610,8 @@ end_to_end(const char *shape, kern_dtype_t wtype, const uint32_t *ctxs, uint32_t
     }
 
     double warm;
-    rc = step_ms(&e, 0, chunk, &warm); /* cuBLAS heuristics, workspaces */
-    double first = rc ? -1 : med3(&e, 0, chunk, &rc);
+    rc = step_ms(&e, 0, chunk, NULL, &warm); /* cuBLAS heuristics, workspaces */
+    double first = rc ? -1 : med3(&e, 0, chunk, NULL, &rc);
     printf("%-8s %12s %12s %14s %14s %12s %12s %9s  %s\n", "context", "first chunk", "last chunk",
            "prefill tok/s", "prefill time", "decode ms", "decode tok/s", "of floor", "note");
     double prev_ctx = 0, prev_last = -1;
@@ -1601,6 +1622,7 @@ end_to_end(const char *shape, kern_dtype_t wtype, const uint32_t *ctxs, uint32_t
         x->ctx = n;
         x->first_ms = first;
         x->last_ms = x->prefill_s = x->prefill_tps = x->step_ms = x->decode_tps = -1;
+        x->bs_last_ms = x->quest_step_ms = -1;
         x->bytes_per_token =
             B.weight_bytes + (size_t)hp->n_layer * model_kv_bytes_per_token(e.m, KERN_F16) * n;
         x->floor_tps = B.copy_gbs * 1e9 / (double)x->bytes_per_token;
@@ -1616,7 +1638,7 @@ end_to_end(const char *shape, kern_dtype_t wtype, const uint32_t *ctxs, uint32_t
         } else if (left_s() < 5) {
             snprintf(x->note, sizeof x->note, "prefill skipped: time budget spent");
         } else {
-            x->last_ms = n == chunk ? first : med3(&e, depth, last_n, &rc);
+            x->last_ms = n == chunk ? first : med3(&e, depth, last_n, NULL, &rc);
             if (rc)
                 break;
             if (n <= chunk) {
@@ -1640,10 +1662,10 @@ end_to_end(const char *shape, kern_dtype_t wtype, const uint32_t *ctxs, uint32_t
              * the note gives both. */
             double eager = -1, graphs = -1;
             model_ctx_set_graphs(e.ctx, false);
-            rc = decode_ms(&e, n - 40, &eager);
+            rc = decode_ms(&e, n - 40, NULL, &eager);
             if (rc == 0) {
                 model_ctx_set_graphs(e.ctx, true);
-                rc = decode_ms(&e, n - 40, &graphs);
+                rc = decode_ms(&e, n - 40, NULL, &graphs);
                 model_ctx_set_graphs(e.ctx, false);
             }
             if (rc)
@@ -1654,6 +1676,13 @@ end_to_end(const char *shape, kern_dtype_t wtype, const uint32_t *ctxs, uint32_t
                      "%sdecode step %.2f ms eager, %.2f ms with graphs", x->note[0] ? "; " : "",
                      eager, graphs);
         }
+        /* The long-context paths at the same depths, when the dense ones ran. */
+        if (rc == 0 && x->last_ms > 0 && n > chunk && left_s() >= 10)
+            x->bs_last_ms = med3(&e, depth, last_n, &E2E_BLOCK_SPARSE, &rc);
+        if (rc == 0 && x->step_ms > 0 && left_s() >= 5)
+            rc = decode_ms(&e, n - 40, &E2E_QUEST, &x->quest_step_ms);
+        if (rc)
+            break;
         char pt[32] = "-", ps[32] = "-", lc[32] = "-", dm[32] = "-", dt[32] = "-", fl[32] = "-";
         if (x->prefill_tps > 0) {
             snprintf(pt, sizeof pt, "%.0f", x->prefill_tps);
@@ -1667,6 +1696,11 @@ end_to_end(const char *shape, kern_dtype_t wtype, const uint32_t *ctxs, uint32_t
         }
         printf("%-8u %9.1f ms %12s %14s %14s %12s %12s %9s  %s\n", n, first, lc, pt, ps, dm, dt, fl,
                x->note);
+        if (x->bs_last_ms > 0 || x->quest_step_ms > 0)
+            printf("%-8s block-sparse last chunk %.1f ms (%.2fx dense), Quest decode step %.2f ms "
+                   "(%.2fx dense)\n",
+                   "", x->bs_last_ms, x->bs_last_ms > 0 ? x->last_ms / x->bs_last_ms : 0,
+                   x->quest_step_ms, x->quest_step_ms > 0 ? x->step_ms / x->quest_step_ms : 0);
         fflush(stdout);
     }
     if (rc)
@@ -1849,6 +1883,8 @@ write_json(const char *path)
             json_num(f, "decode_floor_tok_s", x->floor_tps, true);
             json_num(f, "decode_vs_floor", x->decode_tps > 0 ? x->decode_tps / x->floor_tps : -1,
                      true);
+            json_num(f, "block_sparse_last_chunk_ms", x->bs_last_ms, true);
+            json_num(f, "quest_decode_step_ms", x->quest_step_ms, true);
             fprintf(f, "\"note\": ");
             json_str(f, x->note);
             fprintf(f, "}");
