@@ -731,11 +731,11 @@ decode_run(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, ui
             const uint32_t nb = (L + bt - 1) / bt, k = b->seq_policy[s].decode_top_k;
             stride = nb > stride ? nb : stride;
             const bool q = quest_row(b, a, s, (uint32_t)i);
-            c->bs_ends[r] = q ? (L - 1) / bt : 0;
+            const uint32_t e = (L - 1) / bt; /* a row with k or fewer keeps them all */
+            c->bs_ends[r] = q && e > k ? e : 0;
             c->dr_k[r] = q ? k : 1;
             c->dr_dense[r] = !q;
-            if (q && c->bs_ends[r] > k)
-                nw = c->bs_ends[r] > nw ? c->bs_ends[r] : nw;
+            nw = c->bs_ends[r] > nw ? c->bs_ends[r] : nw;
         }
     if (nw == 0) /* no row chooses: every row sees every key */
         return kern_attention(c->be, &o);
@@ -766,7 +766,7 @@ decode_run(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, ui
             while ((uint32_t)a->q_indptr[s + 1] <= r0 + r)
                 s++;
             const uint32_t e = c->bs_ends[r];
-            if (c->dr_dense[r] || e <= c->dr_k[r])
+            if (e == 0)
                 continue;
             const int32_t *blocks = a->pt.indices + a->pt.indptr[s];
             const float *store;

@@ -396,13 +396,15 @@ test_quest_decode(void **state)
  * rows, one attention call for those that only decode (decode_run), a
  * prompt chunk between them in one step: each sequence's logits are those
  * it has decoded alone. */
-#define MIX 5
-static const uint32_t mix_prompt[MIX] = {300, 260, 333, 290, 200};
+#define MIX 6 /* the last only prefills */
+#define MIX_DEC (MIX - 1)
+static const uint32_t mix_prompt[MIX] = {300, 260, 333, 290, 380, 200};
 static const model_attn_policy_t mix_pol[MIX] = {
     {.decode_top_k = 2},
     {0},
     {.decode_top_k = 3},
     {.kind = MODEL_ATTN_SINK_WINDOW, .sinks = 4, .window = 32, .decode_top_k = 2},
+    {.decode_top_k = 1000}, /* keeps every block beside rows that choose */
     {.kind = MODEL_ATTN_BLOCK_SPARSE, .sinks = 4, .window = 16, .top_k = 2},
 };
 
@@ -458,12 +460,12 @@ test_quest_batch(void **state)
     float *alone = malloc(MIX * sz * sizeof(float)), *got = malloc(MIX * sz * sizeof(float));
     float *step = malloc((size_t)8 * n_vocab * sizeof(float));
     assert_true(alone && got && step);
-    for (uint32_t j = 0; j < 4; j++)
+    for (uint32_t j = 0; j < MIX_DEC; j++)
         mix_alone(j, 1, alone + j * sz);
 
-    /* Sequences 0 .. 3 prefilled together, then decoded together, 2 at a
-     * time for sequence 2, with sequence 4's prompt between 1 and 2 in
-     * the first step. */
+    /* The decoding sequences prefilled together, then decoded together, 2
+     * at a time for sequence 2, with the last sequence's prompt between 1
+     * and 2 in the first step. */
     kv_pool_t *pool = new_pool(2400);
     kv_table_t *t[MIX];
     model_ctx_t *ctx;
@@ -478,26 +480,26 @@ test_quest_batch(void **state)
     assert_int_equal(sched_batch_new(&sb), 0);
     sched_seq_step_t st[MIX];
     const model_batch_t *mb;
-    for (uint32_t j = 0; j < 4; j++)
+    for (uint32_t j = 0; j < MIX_DEC; j++)
         st[j] = (sched_seq_step_t){.table = t[j],
                                    .tokens = toks[j],
                                    .n_tokens = mix_prompt[j],
                                    .want_logits = true,
                                    .policy = &mix_pol[j],
                                    .n_prompt = mix_prompt[j]};
-    assert_int_equal(sched_batch_build(sb, st, 4, &mb), 0);
+    assert_int_equal(sched_batch_build(sb, st, MIX_DEC, &mb), 0);
     assert_int_equal(model_forward(ctx, kv_pool_kv(pool), mb, step), 0);
-    uint32_t done[4] = {0, 0, 0, 0};
+    uint32_t done[MIX_DEC] = {0};
     for (uint32_t it = 0; done[0] < DEC_ROWS; it++) {
         uint32_t n = 0, want[MIX];
-        for (uint32_t j = 0; j < 4; j++) {
+        for (uint32_t j = 0; j < MIX_DEC; j++) {
             if (j == 2 && it == 0) { /* the prompt between two runs */
-                st[n++] = (sched_seq_step_t){.table = t[4],
-                                             .tokens = toks[4],
-                                             .n_tokens = mix_prompt[4],
+                st[n++] = (sched_seq_step_t){.table = t[MIX_DEC],
+                                             .tokens = toks[MIX_DEC],
+                                             .n_tokens = mix_prompt[MIX_DEC],
                                              .want_logits = true,
-                                             .policy = &mix_pol[4],
-                                             .n_prompt = mix_prompt[4]};
+                                             .policy = &mix_pol[MIX_DEC],
+                                             .n_prompt = mix_prompt[MIX_DEC]};
             }
             uint32_t k = j == 2 ? 2 : 1;
             k = done[j] + k <= DEC_ROWS ? k : DEC_ROWS - done[j];
@@ -514,7 +516,7 @@ test_quest_batch(void **state)
         assert_int_equal(sched_batch_build(sb, st, n, &mb), 0);
         assert_int_equal(model_forward(ctx, kv_pool_kv(pool), mb, step), 0);
         const float *row = step;
-        for (uint32_t j = 0; j < 4; j++) {
+        for (uint32_t j = 0; j < MIX_DEC; j++) {
             if (j == 2 && it == 0)
                 row += n_vocab; /* the prompt's last row */
             for (uint32_t r = 0; r < want[j]; r++, row += n_vocab)
@@ -523,7 +525,7 @@ test_quest_batch(void **state)
             done[j] += want[j];
         }
     }
-    for (uint32_t j = 0; j < 4; j++) {
+    for (uint32_t j = 0; j < MIX_DEC; j++) {
         double e = rows_err(alone + j * sz, got + j * sz);
         print_message("sequence %u (%s, decode top %u): batched vs alone %.3g\n", j,
                       mix_pol[j].kind == MODEL_ATTN_DENSE ? "dense prompt" : "sparse prompt",
