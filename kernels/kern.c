@@ -561,10 +561,21 @@ kern_block_scores(kern_backend_t *be, const kern_block_score_args_t *a)
     if (!a->q || !a->bounds || !a->score || !a->work ||
         kern_block_scores_work(a) > SIZE_MAX / sizeof(float))
         return KVS_EINVAL;
+    uint32_t listed = a->n_blocks; /* bounds_rows entries read */
+    if (a->bounds_indptr) {
+        const uint32_t qg = a->q_group ? a->q_group : 1, ng = (a->n_q + qg - 1) / qg;
+        if (a->bounds_rows == NULL || a->bounds_indptr[0] != 0)
+            return KVS_EINVAL;
+        for (uint32_t grp = 0; grp < ng; grp++)
+            if (a->bounds_indptr[grp + 1] < a->bounds_indptr[grp] ||
+                a->bounds_indptr[grp + 1] - a->bounds_indptr[grp] > a->n_blocks)
+                return KVS_EINVAL;
+        listed = a->bounds_indptr[ng];
+    }
     if (a->bounds_rows) {
         if (a->bounds_stride == 0)
             return KVS_EINVAL;
-        for (uint32_t b = 0; b < a->n_blocks; b++)
+        for (uint32_t b = 0; b < listed; b++)
             if (a->bounds_rows[b] < 0 || (uint32_t)a->bounds_rows[b] >= a->bounds_stride)
                 return KVS_EINVAL;
     }

@@ -568,6 +568,13 @@ typedef struct kern_block_score_args {
      * not row b: the blocks of a sequence read from a kern_kv_pool_bounds
      * store without copying them out first */
     const int32_t *bounds_rows;
+    /* Host, [ceil(n_q / q_group) + 1] from 0, or NULL.  With it (and
+     * bounds_rows), query group grp scores only its own blocks: list
+     * entries bounds_indptr[grp] .. bounds_indptr[grp + 1] - 1 of
+     * bounds_rows, into the first that many entries of its score rows
+     * (each count <= n_blocks).  The candidates of rows of different
+     * sequences, a decode step's, in one call. */
+    const uint32_t *bounds_indptr;
     uint32_t q_group; /* query rows per score row; 0 means 1 */
     bool per_kv_head; /* a score row per KV head of each group */
     /* [ceil(n_q / q_group)][per_kv_head ? n_kv_heads : 1][score_stride],

@@ -187,6 +187,13 @@ kern__host_bound(const kern_block_score_args_t *a, uint32_t g, uint32_t b)
     return a->bounds + row * 2 * a->head_dim;
 }
 
+uint32_t
+kern__host_group_blocks(const kern_block_score_args_t *a, uint32_t grp, uint32_t *first)
+{
+    *first = a->bounds_indptr ? a->bounds_indptr[grp] : 0;
+    return a->bounds_indptr ? a->bounds_indptr[grp + 1] - a->bounds_indptr[grp] : a->n_blocks;
+}
+
 float *
 kern__host_score_row(const kern_block_score_args_t *a, uint32_t grp, uint32_t g)
 {
@@ -201,7 +208,8 @@ kern__host_block_scores_init(const kern_block_score_args_t *a)
     for (uint32_t grp = 0; grp < (a->n_q + qg - 1) / qg; grp++)
         for (uint32_t g = 0; g < (a->per_kv_head ? a->n_kv_heads : 1); g++) {
             float *sc = kern__host_score_row(a, grp, g);
-            for (uint32_t b = 0; b < a->n_blocks; b++)
+            uint32_t first;
+            for (uint32_t b = 0; b < kern__host_group_blocks(a, grp, &first); b++)
                 sc[b] = -INFINITY;
         }
 }
@@ -217,8 +225,9 @@ kern__host_block_scores_ref(kern_backend_t *be, const kern_block_score_args_t *a
         for (uint32_t h = 0; h < a->n_heads; h++) {
             const float *q = a->q + ((size_t)i * a->n_heads + h) * d;
             float *sc = kern__host_score_row(a, i / qg, h / G);
-            for (uint32_t b = 0; b < a->n_blocks; b++) {
-                const float *mx = kern__host_bound(a, h / G, b);
+            uint32_t first, nb = kern__host_group_blocks(a, i / qg, &first);
+            for (uint32_t b = 0; b < nb; b++) {
+                const float *mx = kern__host_bound(a, h / G, first + b);
                 const float *mn = mx + d;
                 double s = 0.0;
                 for (uint32_t e = 0; e < d; e++) {

@@ -141,9 +141,13 @@ void kern__host_block_scores_init(const kern_block_score_args_t *a);
  * bounds_stride). */
 float *kern__host_score_row(const kern_block_score_args_t *a, uint32_t grp, uint32_t g);
 size_t kern__host_bounds_at(const kern_block_score_args_t *a, uint32_t g);
-/* KV head g's bounds of block b: [max | min], 2 * head_dim floats. */
+/* KV head g's bounds of list entry b: [max | min], 2 * head_dim floats. */
 const float *kern__host_bound(const kern_block_score_args_t *a, uint32_t g, uint32_t b);
+/* How many blocks query group grp scores, and its first list entry
+ * (kern.h: bounds_indptr). */
+uint32_t kern__host_group_blocks(const kern_block_score_args_t *a, uint32_t grp, uint32_t *first);
 int kern__host_block_scores_ref(kern_backend_t *be, const kern_block_score_args_t *a);
+/* Not for a->bounds_indptr: one product needs one list. */
 int kern__host_block_scores_gemm(kern_backend_t *be, const kern_block_score_args_t *a);
 
 /* kern_block_select's order of scores as unsigned keys: a higher score

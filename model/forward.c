@@ -59,7 +59,9 @@ struct model_ctx {
     int32_t *dr_qi;
     uint32_t *dr_k;
     uint8_t *dr_dense;
-    size_t dr_seq_cap, dr_k_cap, dr_dense_cap;
+    int32_t *dr_list; /* a slab's candidate blocks, row after row */
+    uint32_t *dr_ptr; /* where each row's start in dr_list */
+    size_t dr_seq_cap, dr_k_cap, dr_dense_cap, dr_list_cap, dr_ptr_cap;
     /* Quest's key summaries kept by block id across calls (bs_store):
      * a block is summarised when its kern_kv_t.block_gen changes, not at
      * every step that scores it.  Sized for one pool on first use. */
@@ -169,6 +171,8 @@ model_ctx_free(model_ctx_t *c)
     kern_free(c->be, c->bs_mask);
     free(c->bs_ends);
     free(c->dr_qi);
+    free(c->dr_list);
+    free(c->dr_ptr);
     free(c->dr_k);
     free(c->dr_dense);
     bs_store_free(c);
@@ -683,9 +687,10 @@ quest_row(const model_batch_t *b, const kern_attn_args_t *a, uint32_t s, uint32_
 
 /* The rows of sequences [s0, s1) of a, none of them a prompt row, in one
  * attention call: each Quest row sees its own block and, per KV head, the
- * decode_top_k earlier blocks of the highest bound (scored a row at a
- * time, chosen a slab of rows at a time into a mask on the backend), the
- * other rows every key (dense_rows).  A call per Quest row, as
+ * decode_top_k earlier blocks of the highest bound (a slab of rows at a
+ * time summarised, scored against a list of candidates per row and chosen
+ * into a mask on the backend; a row at a time where there is no store),
+ * the other rows every key (dense_rows).  A call per Quest row, as
  * block_sparse makes, launched four kernels a row on a device, and ran
  * the batch's dense rows sequence by sequence. */
 static int
@@ -743,7 +748,7 @@ decode_run(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, ui
     const uint32_t slab = BS_SLAB_ROWS / bt ? BS_SLAB_ROWS / bt : 1;
     const bool have_store = bs_store_ready(c, kv);
     const int32_t row0 = 0;
-    kern_block_score_args_t sa = {.n_q = 1,
+    kern_block_score_args_t sa = {.n_q = have_store ? slab : 1,
                                   .n_heads = o.n_heads,
                                   .n_kv_heads = n_kv,
                                   .head_dim = d,
@@ -757,12 +762,44 @@ decode_run(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, ui
     TRY(bs_grow_be(c, &c->bs_work, &c->bs_work_cap, kern_block_scores_work(&sa)));
     if (!have_store)
         TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, (size_t)n_kv * nw * 2 * d));
+    else {
+        TRY(bs_grow((void **)&c->dr_list, &c->dr_list_cap, (size_t)slab * nw, sizeof(int32_t)));
+        TRY(bs_grow((void **)&c->dr_ptr, &c->dr_ptr_cap, (size_t)slab + 1, sizeof(uint32_t)));
+    }
     uint8_t *mask = (uint8_t *)c->bs_mask;
     kern_block_select_args_t sel = {
         .score = c->bs_dscore, .n_kv_heads = n_kv, .score_stride = nw, .mask_head_stride = stride};
     for (uint32_t s = s0, q0 = 0; q0 < n; q0 += slab) {
         const uint32_t q1 = q0 + slab < n ? q0 + slab : n;
-        for (uint32_t r = q0; r < q1; r++) {
+        if (have_store) {
+            /* The slab's candidates, a list per row, summarised and
+             * scored in one call each. */
+            c->dr_ptr[0] = 0;
+            for (uint32_t r = q0; r < q1; r++) {
+                while ((uint32_t)a->q_indptr[s + 1] <= r0 + r)
+                    s++;
+                const uint32_t e = c->bs_ends[r], at = c->dr_ptr[r - q0];
+                memcpy(c->dr_list + at, a->pt.indices + a->pt.indptr[s], e * sizeof(int32_t));
+                c->dr_ptr[r - q0 + 1] = at + e;
+            }
+            const uint32_t listed = c->dr_ptr[q1 - q0];
+            const float *store = NULL;
+            if (listed)
+                TRY(bs_store(c, kv, o.layer, c->dr_list, listed, &store));
+            if (store) {
+                sa.q = a->q + (size_t)(r0 + q0) * qd;
+                sa.n_q = q1 - q0;
+                sa.n_blocks = nw;
+                sa.bounds = store;
+                sa.bounds_stride = c->sum_blocks;
+                sa.bounds_rows = c->dr_list;
+                sa.bounds_indptr = c->dr_ptr;
+                sa.score = c->bs_dscore;
+                sa.work = c->bs_work;
+                TRY(kern_block_scores(c->be, &sa));
+            }
+        }
+        for (uint32_t r = q0; !have_store && r < q1; r++) {
             while ((uint32_t)a->q_indptr[s + 1] <= r0 + r)
                 s++;
             const uint32_t e = c->bs_ends[r];

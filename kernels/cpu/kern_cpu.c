@@ -755,21 +755,24 @@ cpu_block_scores(kern_backend_t *base, const kern_block_score_args_t *a)
 #ifdef CPU_HAVE_X86
     const kern_cpu_t *be = (const kern_cpu_t *)base;
     const uint32_t G = a->n_heads / a->n_kv_heads, qg = a->q_group ? a->q_group : 1;
-    if (be->isa >= CPU_ISA_AVX2 && a->n_q * G <= 8) {
-        const uint32_t d = a->head_dim, nb = a->n_blocks;
+    if (be->isa >= CPU_ISA_AVX2 && (a->n_q * G <= 8 || a->bounds_indptr)) {
+        const uint32_t d = a->head_dim;
         kern__host_block_scores_init(a);
         for (uint32_t i = 0; i < a->n_q; i++)
             for (uint32_t h = 0; h < a->n_heads; h++) {
                 const float *q = a->q + ((size_t)i * a->n_heads + h) * d;
                 float *sc = kern__host_score_row(a, i / qg, h / G);
+                uint32_t first, nb = kern__host_group_blocks(a, i / qg, &first);
                 for (uint32_t b = 0; b < nb; b++) {
-                    float v = bound_avx2(q, kern__host_bound(a, h / G, b), d);
+                    float v = bound_avx2(q, kern__host_bound(a, h / G, first + b), d);
                     sc[b] = v > sc[b] ? v : sc[b];
                 }
             }
         return 0;
     }
 #endif
+    if (a->bounds_indptr) /* rows of their own lists: no one product */
+        return kern__host_block_scores_ref(base, a);
     return kern__host_block_scores_gemm(base, a);
 }
 

@@ -230,11 +230,14 @@ group_max_kernel(const float *y, uint32_t n_q, uint32_t G, uint32_t q_group, uin
  * with per_kv_head, else 0 and the warp walks every KV head into one row.
  * One launch for what the product path takes four per KV head (split,
  * gather, GEMM, group max), which at decode is launch time, not work;
- * the sums are exact fp32, not TF32. */
+ * the sums are exact fp32, not TF32.  With indptr (kern.h:
+ * bounds_indptr) each group's warp b reads the group's own entry b, if
+ * it has one: the rows of a decode step's sequences, any number of
+ * them, in one launch. */
 static __global__ void
 few_scores_kernel(const float *q, uint32_t n_q, uint32_t n_heads, uint32_t n_kv, uint32_t d,
-                  const float *bounds, size_t bstride, const int32_t *rows, uint32_t nb,
-                  uint32_t qg, bool per_kv_head, float *score, uint32_t sstride)
+                  const float *bounds, size_t bstride, const int32_t *rows, const uint32_t *indptr,
+                  uint32_t nb, uint32_t qg, bool per_kv_head, float *score, uint32_t sstride)
 {
     const uint32_t lane = threadIdx.x & 31;
     const uint32_t b = blockIdx.x * FEW_WARPS + (threadIdx.x >> 5);
@@ -242,8 +245,11 @@ few_scores_kernel(const float *q, uint32_t n_q, uint32_t n_heads, uint32_t n_kv,
         return;
     const uint32_t G = n_heads / n_kv, n_groups = (n_q + qg - 1) / qg;
     const uint32_t g0 = per_kv_head ? blockIdx.y : 0, g1 = per_kv_head ? g0 + 1 : n_kv;
-    const size_t row = rows ? (size_t)rows[b] : b;
     for (uint32_t grp = 0; grp < n_groups; grp++) {
+        const uint32_t at = indptr ? indptr[grp] + b : b;
+        if (indptr && at >= indptr[grp + 1])
+            continue; /* the group has fewer blocks: the same for the whole warp */
+        const size_t row = rows ? (size_t)rows[at] : b;
         const uint32_t i1 = (grp + 1) * qg < n_q ? (grp + 1) * qg : n_q;
         float best = -INFINITY;
         for (uint32_t g = g0; g < g1; g++) {
@@ -280,25 +286,38 @@ kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
     const size_t bstride = a->bounds_stride ? a->bounds_stride : nb;
     const uint32_t sstride = a->score_stride ? a->score_stride : nb;
     const uint32_t heads = a->per_kv_head ? a->n_kv_heads : 1;
+    /* The list of rows, then the groups' offsets into it where they have
+     * lists of their own. */
     const int32_t *drows = NULL;
+    const uint32_t *dptr = NULL;
     if (a->bounds_rows) {
-        const size_t bytes = (size_t)nb * sizeof(int32_t);
+        const size_t listed = a->bounds_indptr ? a->bounds_indptr[n_groups] : nb;
+        const size_t lb = listed * sizeof(int32_t);
+        const size_t bytes =
+            lb + (a->bounds_indptr ? ((size_t)n_groups + 1) * sizeof(uint32_t) : 0);
         void *h, *dv;
         int rc = kern__cuda_stage_begin(be, bytes, &h);
         if (rc)
             return rc;
-        memcpy(h, a->bounds_rows, bytes);
+        memcpy(h, a->bounds_rows, lb);
+        if (a->bounds_indptr)
+            memcpy((char *)h + lb, a->bounds_indptr, bytes - lb);
         if ((rc = kern__cuda_stage_end(be, bytes, &dv)) != 0)
             return rc;
         drows = (const int32_t *)dv;
+        dptr = a->bounds_indptr ? (const uint32_t *)((const char *)dv + lb) : NULL;
     }
-    if (rows <= FEW_PAIRS && a->n_kv_heads <= 65535) {
+    if ((rows <= FEW_PAIRS || dptr) && a->n_kv_heads <= 65535) {
         const dim3 grid((nb + FEW_WARPS - 1) / FEW_WARPS, a->per_kv_head ? a->n_kv_heads : 1);
         few_scores_kernel<<<grid, FEW_WARPS * 32, 0, be->stream>>>(
-            a->q, a->n_q, a->n_heads, a->n_kv_heads, d, a->bounds, bstride, drows, nb, qg,
+            a->q, a->n_q, a->n_heads, a->n_kv_heads, d, a->bounds, bstride, drows, dptr, nb, qg,
             a->per_kv_head, a->score, sstride);
         KERN_CUDA_LAUNCHED();
         return 0;
+    }
+    if (dptr) {
+        KVS_ERRORF("cuda: block_scores: %u KV heads exceed the grid limit", a->n_kv_heads);
+        return KVS_ENOTSUP;
     }
     for (uint32_t g = 0; g < a->n_kv_heads; g++) {
         const float *bd = a->bounds + (size_t)g * bstride * 2 * d;

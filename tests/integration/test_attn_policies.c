@@ -452,20 +452,14 @@ mix_alone(uint32_t j, uint32_t rows, float *logits)
     kv_pool_free(pool);
 }
 
+/* The decoding sequences prefilled together, then decoded together, 2 at
+ * a time for sequence 2, with the last sequence's prompt between 1 and 2
+ * in the first step; with `store` or a pool view without block_gen (the
+ * summaries taken a row at a time); against their rows decoded alone. */
 static void
-test_quest_batch(void **state)
+mix_batched(bool store, const float *alone, float *got, float *step)
 {
-    (void)state;
     const size_t sz = (size_t)DEC_ROWS * n_vocab;
-    float *alone = malloc(MIX * sz * sizeof(float)), *got = malloc(MIX * sz * sizeof(float));
-    float *step = malloc((size_t)8 * n_vocab * sizeof(float));
-    assert_true(alone && got && step);
-    for (uint32_t j = 0; j < MIX_DEC; j++)
-        mix_alone(j, 1, alone + j * sz);
-
-    /* The decoding sequences prefilled together, then decoded together, 2
-     * at a time for sequence 2, with the last sequence's prompt between 1
-     * and 2 in the first step. */
     kv_pool_t *pool = new_pool(2400);
     kv_table_t *t[MIX];
     model_ctx_t *ctx;
@@ -477,6 +471,9 @@ test_quest_batch(void **state)
         assert_int_equal(kv_table_new(pool, &t[j]), 0);
     }
     assert_int_equal(model_ctx_new(m, 2048, 16, &ctx), 0);
+    kern_kv_t kv = *kv_pool_kv(pool);
+    if (!store)
+        kv.block_gen = NULL;
     assert_int_equal(sched_batch_new(&sb), 0);
     sched_seq_step_t st[MIX];
     const model_batch_t *mb;
@@ -488,7 +485,7 @@ test_quest_batch(void **state)
                                    .policy = &mix_pol[j],
                                    .n_prompt = mix_prompt[j]};
     assert_int_equal(sched_batch_build(sb, st, MIX_DEC, &mb), 0);
-    assert_int_equal(model_forward(ctx, kv_pool_kv(pool), mb, step), 0);
+    assert_int_equal(model_forward(ctx, &kv, mb, step), 0);
     uint32_t done[MIX_DEC] = {0};
     for (uint32_t it = 0; done[0] < DEC_ROWS; it++) {
         uint32_t n = 0, want[MIX];
@@ -514,7 +511,7 @@ test_quest_batch(void **state)
                                          .n_prompt = mix_prompt[j]};
         }
         assert_int_equal(sched_batch_build(sb, st, n, &mb), 0);
-        assert_int_equal(model_forward(ctx, kv_pool_kv(pool), mb, step), 0);
+        assert_int_equal(model_forward(ctx, &kv, mb, step), 0);
         const float *row = step;
         for (uint32_t j = 0; j < MIX_DEC; j++) {
             if (j == 2 && it == 0)
@@ -527,9 +524,9 @@ test_quest_batch(void **state)
     }
     for (uint32_t j = 0; j < MIX_DEC; j++) {
         double e = rows_err(alone + j * sz, got + j * sz);
-        print_message("sequence %u (%s, decode top %u): batched vs alone %.3g\n", j,
+        print_message("sequence %u (%s, decode top %u%s): batched vs alone %.3g\n", j,
                       mix_pol[j].kind == MODEL_ATTN_DENSE ? "dense prompt" : "sparse prompt",
-                      mix_pol[j].decode_top_k, e);
+                      mix_pol[j].decode_top_k, store ? "" : ", no store", e);
         assert_true(e < TOL);
     }
     sched_batch_free(sb);
@@ -537,6 +534,21 @@ test_quest_batch(void **state)
     for (uint32_t j = 0; j < MIX; j++)
         kv_table_free(t[j]);
     kv_pool_free(pool);
+}
+
+static void
+test_quest_batch(void **state)
+{
+    (void)state;
+    const size_t sz = (size_t)DEC_ROWS * n_vocab;
+    float *alone = malloc(MIX * sz * sizeof(float)), *got = malloc(MIX * sz * sizeof(float));
+    float *step = malloc((size_t)8 * n_vocab * sizeof(float));
+    assert_true(alone && got && step);
+    for (uint32_t j = 0; j < MIX_DEC; j++)
+        mix_alone(j, 1, alone + j * sz);
+
+    mix_batched(true, alone, got, step);
+    mix_batched(false, alone, got, step);
     free(alone);
     free(got);
     free(step);

@@ -913,12 +913,27 @@ test_delta_invariants(void **state)
  * score rows still nb apart (score_stride).  With
  * `store`, summarised by block id into rows of the pool's size
  * (kern_kv_pool_bounds) and scored from there (bounds_rows); `bounds`
- * gets the sequence's rows, in its order, either way. */
+ * gets the sequence's rows, in its order, either way.  With `count` (and
+ * `store`), each query group scores a list of its own (bounds_indptr):
+ * count[grp] of the nb blocks from block grp % nb on, into score rows nb
+ * apart. */
 static void
 run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t sub, uint32_t qg,
-          bool per_head, bool store, size_t sn, float *bounds, float *score)
+          bool per_head, bool store, size_t sn, float *bounds, float *score, const uint32_t *count)
 {
     kern_kv_t kv = pkv_make(be, p);
+    const uint32_t n_groups = (p->n_q + (qg ? qg : 1) - 1) / (qg ? qg : 1);
+    uint32_t *indptr = malloc((n_groups + 1) * sizeof *indptr);
+    int32_t *list = malloc(((size_t)n_groups * nb + 1) * sizeof *list);
+    assert_true(indptr && list);
+    for (size_t i = 0; i <= (size_t)n_groups * nb; i++)
+        list[i] = p->indices[i % nb]; /* every entry a block, whatever a check reads */
+    indptr[0] = 0;
+    for (uint32_t grp = 0; count && grp < n_groups; grp++) {
+        for (uint32_t b = 0; b < count[grp]; b++)
+            list[indptr[grp] + b] = p->indices[(b + grp) % nb];
+        indptr[grp + 1] = indptr[grp] + count[grp];
+    }
     const size_t w = 2 * (size_t)p->d, rows = store ? p->n_blocks : nb;
     const size_t qn = (size_t)p->n_q * p->n_heads * p->d, bn = (size_t)p->n_kv * rows * w;
     kern_block_score_args_t a = {.n_q = p->n_q,
@@ -930,9 +945,12 @@ run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t sub, uint3
                                                   : sub ? nb
                                                         : 0,
                                  .bounds_rows = store ? p->indices : NULL,
+                                 .bounds_indptr = count ? indptr : NULL,
                                  .q_group = qg,
                                  .per_kv_head = per_head,
-                                 .score_stride = sub ? nb : 0};
+                                 .score_stride = sub || count ? nb : 0};
+    if (count)
+        a.bounds_rows = list;
     float *qd = kern_alloc(be, qn * sizeof(float)), *bd = kern_alloc(be, bn * sizeof(float));
     float *sd = kern_alloc(be, sn * sizeof(float));
     float *wd = kern_alloc(be, kern_block_scores_work(&a) * sizeof(float));
@@ -979,6 +997,21 @@ run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t sub, uint3
     a.score_stride = a.n_blocks - 1;
     assert_int_equal(kern_block_scores(be, &a), a.score_stride ? KVS_EINVAL : 0);
     a.score_stride = ss;
+    if (count) {
+        /* A list longer than n_blocks, offsets that go back, a list with
+         * no rows to find. */
+        a.n_blocks = nb - 1;
+        assert_int_equal(kern_block_scores(be, &a), nb > 1 && count[0] == nb ? KVS_EINVAL : 0);
+        a.n_blocks = nb;
+        indptr[0] = 1;
+        assert_int_equal(kern_block_scores(be, &a), KVS_EINVAL);
+        indptr[0] = 0;
+        a.bounds_rows = NULL;
+        assert_int_equal(kern_block_scores(be, &a), KVS_EINVAL);
+        a.bounds_rows = list;
+    }
+    a.bounds_indptr = NULL; /* one list for what follows */
+    a.n_blocks = sub ? sub : nb;
     if (store) {
         /* A row past the store, and rows with no stride to find them by. */
         int32_t far[1] = {(int32_t)p->n_blocks};
@@ -995,6 +1028,8 @@ run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t sub, uint3
         a.bounds_stride = a.n_blocks - 1;
         assert_int_equal(kern_block_scores(be, &a), a.bounds_stride ? KVS_EINVAL : 0);
     }
+    free(indptr);
+    free(list);
     free(all);
     kern_free(be, kv.k);
     kern_free(be, kv.v);
@@ -1087,30 +1122,51 @@ test_quest_bounds(void **state)
             kern_backend_t *be = be_at(b, &label);
             if (be == NULL)
                 break;
-            run_quest(be, &p, nb, 0, cases[ci].qg, false, false, sn, got_b, got_s);
+            run_quest(be, &p, nb, 0, cases[ci].qg, false, false, sn, got_b, got_s, NULL);
             check_bytes_equal(want_b, got_b, bn * sizeof(float), what, label);
             /* cuda multiplies in TF32 (kern.h). */
             check_close(want_s, got_s, sn, b == g_n_be ? 5e-3 : 1e-5, what, label);
             char wh[160];
             snprintf(wh, sizeof(wh), "%s, per KV head", what);
-            run_quest(be, &p, nb, 0, cases[ci].qg, true, false, snh, got_b, got_s);
+            run_quest(be, &p, nb, 0, cases[ci].qg, true, false, snh, got_b, got_s, NULL);
             check_close(want_h, got_s, snh, b == g_n_be ? 5e-3 : 1e-5, wh, label);
             /* The same from a store kept by block id. */
             snprintf(wh, sizeof(wh), "%s, per KV head, from a store", what);
-            run_quest(be, &p, nb, 0, cases[ci].qg, true, true, snh, got_b, got_s);
+            run_quest(be, &p, nb, 0, cases[ci].qg, true, true, snh, got_b, got_s, NULL);
             check_bytes_equal(want_b, got_b, bn * sizeof(float), wh, label);
             check_close(want_h, got_s, snh, b == g_n_be ? 5e-3 : 1e-5, wh, label);
             /* The first sub blocks of the same bounds, as a shorter row
              * scores a longer row's summary. */
             const uint32_t sub = nb > 1 ? nb - 1 - (uint32_t)ci % 2 : nb;
             snprintf(wh, sizeof(wh), "%s, per KV head, %u of the blocks", what, sub);
-            run_quest(be, &p, nb, sub, cases[ci].qg, true, ci % 2 == 1, snh, got_b, got_s);
+            run_quest(be, &p, nb, sub, cases[ci].qg, true, ci % 2 == 1, snh, got_b, got_s, NULL);
             for (size_t r = 0; r < snh / nb; r++) {
                 check_close(want_h + r * nb, got_s + r * nb, sub, b == g_n_be ? 5e-3 : 1e-5, wh,
                             label);
                 for (uint32_t k = sub; k < nb; k++) /* rows nb apart (score_stride), the rest */
                     assert_true(isnan(got_s[r * nb + k])); /* left as it was */
             }
+            /* Each group its own list: all blocks, one or two fewer, none. */
+            uint32_t *count = malloc(n_groups * sizeof *count);
+            assert_non_null(count);
+            for (uint32_t grp = 0; grp < n_groups; grp++)
+                count[grp] = grp % 4 == 3 ? 0 : nb > grp % 3 ? nb - grp % 3 : nb;
+            snprintf(wh, sizeof(wh), "%s, per KV head, a list per group", what);
+            run_quest(be, &p, nb, 0, qg, true, true, snh, got_b, got_s, count);
+            float *rot = malloc(nb * sizeof *rot);
+            assert_non_null(rot);
+            for (uint32_t grp = 0; grp < n_groups; grp++)
+                for (uint32_t g = 0; g < p.n_kv; g++) {
+                    const size_t r = (size_t)grp * p.n_kv + g;
+                    for (uint32_t k = 0; k < nb; k++)
+                        rot[k] = want_h[r * nb + (k + grp) % nb];
+                    check_close(rot, got_s + r * nb, count[grp], b == g_n_be ? 5e-3 : 1e-5, wh,
+                                label);
+                    for (uint32_t k = count[grp]; k < nb; k++)
+                        assert_true(isnan(got_s[r * nb + k]));
+                }
+            free(rot);
+            free(count);
         }
         free(want_h);
         free(want_b);
