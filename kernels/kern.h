@@ -578,7 +578,8 @@ typedef struct kern_block_score_args {
     uint32_t q_group; /* query rows per score row; 0 means 1 */
     bool per_kv_head; /* a score row per KV head of each group */
     /* [ceil(n_q / q_group)][per_kv_head ? n_kv_heads : 1][score_stride],
-     * the first n_blocks of each row written */
+     * the first n_blocks of each row written (with bounds_indptr, the
+     * group's count) */
     float *score;
     uint32_t score_stride; /* 0 (n_blocks), or >= n_blocks */
     float *work;           /* kern_block_scores_work(a) floats */

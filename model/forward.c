@@ -60,7 +60,7 @@ struct model_ctx {
     uint32_t *dr_k;
     uint8_t *dr_dense;
     int32_t *dr_list; /* a slab's candidate blocks, row after row */
-    uint32_t *dr_ptr; /* where each row's start in dr_list */
+    uint32_t *dr_ptr; /* where each row starts in dr_list */
     size_t dr_seq_cap, dr_k_cap, dr_dense_cap, dr_list_cap, dr_ptr_cap;
     /* Quest's key summaries kept by block id across calls (bs_store):
      * a block is summarised when its kern_kv_t.block_gen changes, not at
