@@ -746,28 +746,49 @@ bound_avx2(const float *q, const float *mx, uint32_t d)
 }
 #endif
 
-/* Quest's scores.  A decode row (a few query heads against every block of
- * the context) is a product too thin for a GEMM to pay: its packing of the
- * bounds cost more than the sums; those go block by block. */
+#ifdef CPU_HAVE_X86
+/* One task of the direct path: query group grp's score row for one KV
+ * head (every KV head into one row without per_kv_head). */
+static void
+few_scores_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    const kern_block_score_args_t *a = ctx;
+    const uint32_t d = a->head_dim, G = a->n_heads / a->n_kv_heads;
+    const uint32_t qg = a->q_group ? a->q_group : 1, heads = a->per_kv_head ? a->n_kv_heads : 1;
+    const uint32_t grp = (uint32_t)task / heads, g0 = (uint32_t)task % heads;
+    const uint32_t g1 = a->per_kv_head ? g0 + 1 : a->n_kv_heads;
+    const uint32_t i1 = (grp + 1) * qg < a->n_q ? (grp + 1) * qg : a->n_q;
+    float *sc = kern__host_score_row(a, grp, g0);
+    uint32_t first, nb = kern__host_group_blocks(a, grp, &first);
+    for (uint32_t b = 0; b < nb; b++)
+        sc[b] = -INFINITY;
+    for (uint32_t g = g0; g < g1; g++)
+        for (uint32_t i = grp * qg; i < i1; i++)
+            for (uint32_t hh = 0; hh < G; hh++) {
+                const float *q = a->q + ((size_t)i * a->n_heads + (size_t)g * G + hh) * d;
+                for (uint32_t b = 0; b < nb; b++) {
+                    float v = bound_avx2(q, kern__host_bound(a, g, first + b), d);
+                    sc[b] = v > sc[b] ? v : sc[b];
+                }
+            }
+}
+#endif
+
+/* Quest's scores.  Decode rows (a few query heads against every block of
+ * the context, or rows of several sequences with lists of their own) are
+ * products too thin for a GEMM to pay: its packing of the bounds cost
+ * more than the sums; those go block by block, a task per score row. */
 static int
 cpu_block_scores(kern_backend_t *base, const kern_block_score_args_t *a)
 {
 #ifdef CPU_HAVE_X86
-    const kern_cpu_t *be = (const kern_cpu_t *)base;
+    kern_cpu_t *be = (kern_cpu_t *)base;
     const uint32_t G = a->n_heads / a->n_kv_heads, qg = a->q_group ? a->q_group : 1;
     if (be->isa >= CPU_ISA_AVX2 && (a->n_q * G <= 8 || a->bounds_indptr)) {
-        const uint32_t d = a->head_dim;
-        kern__host_block_scores_init(a);
-        for (uint32_t i = 0; i < a->n_q; i++)
-            for (uint32_t h = 0; h < a->n_heads; h++) {
-                const float *q = a->q + ((size_t)i * a->n_heads + h) * d;
-                float *sc = kern__host_score_row(a, i / qg, h / G);
-                uint32_t first, nb = kern__host_group_blocks(a, i / qg, &first);
-                for (uint32_t b = 0; b < nb; b++) {
-                    float v = bound_avx2(q, kern__host_bound(a, h / G, first + b), d);
-                    sc[b] = v > sc[b] ? v : sc[b];
-                }
-            }
+        const uint32_t n_groups = (a->n_q + qg - 1) / qg;
+        const uint32_t heads = a->per_kv_head ? a->n_kv_heads : 1;
+        kern__cpu_parallel(be, (int)(n_groups * heads), few_scores_task, (void *)a);
         return 0;
     }
 #endif
