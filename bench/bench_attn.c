@@ -92,24 +92,23 @@ seq_open(seq_t *q, model_t *m, uint32_t n, uint32_t chunk, uint32_t n_logits)
     return true;
 }
 
-/* Tokens [from, to) of q's prompt of n_prompt, in calls of `chunk`, under
- * p; the logits of no call's last token (want 0), of the last call's (1) or
- * of every call's (2: decode steps). */
+/* q's prompt of n tokens in calls of `chunk` under p, with the last
+ * token's logits or none. */
 static bool
-seq_run(seq_t *q, uint32_t from, uint32_t to, uint32_t chunk, uint32_t n_prompt,
-        const model_attn_policy_t *p, int want, bool store)
+seq_prefill(seq_t *q, uint32_t n, uint32_t chunk, const model_attn_policy_t *p, bool logits,
+            bool store)
 {
     kern_kv_t kv = *kv_pool_kv(q->pool);
     if (!store)
         kv.block_gen = NULL;
-    for (uint32_t done = from; done < to;) {
-        uint32_t k = to - done < chunk ? to - done : chunk;
+    for (uint32_t done = 0; done < n;) {
+        uint32_t k = n - done < chunk ? n - done : chunk;
         sched_seq_step_t st = {.table = q->t,
                                .tokens = q->toks + done,
                                .n_tokens = k,
-                               .want_logits = want == 2 || (want == 1 && done + k == to),
+                               .want_logits = logits && done + k == n,
                                .policy = p,
-                               .n_prompt = n_prompt};
+                               .n_prompt = n};
         const model_batch_t *mb;
         if (sched_batch_build(q->sb, &st, 1, &mb) || model_forward(q->ctx, &kv, mb, q->logits))
             return false;
@@ -125,7 +124,7 @@ prefill_ms(model_t *m, uint32_t n, uint32_t chunk, const model_attn_policy_t *p,
     if (!seq_open(&q, m, n, chunk, 1))
         return -1;
     uint64_t t0 = kvs_now_ns();
-    double ms = seq_run(&q, 0, n, chunk, n, p, 1, store) ? (double)(kvs_now_ns() - t0) / 1e6 : -1;
+    double ms = seq_prefill(&q, n, chunk, p, true, store) ? (double)(kvs_now_ns() - t0) / 1e6 : -1;
     seq_close(&q);
     return ms;
 }
@@ -173,7 +172,7 @@ decode_ms(model_t *m, uint32_t n, uint32_t chunk, uint32_t d, uint32_t rows, uin
     if (!seq_open(&q, m, n + d * batch, chunk, batch))
         return false;
     const model_attn_policy_t sw = {.kind = MODEL_ATTN_SINK_WINDOW, .sinks = 4, .window = 16};
-    bool ok = seq_run(&q, 0, n, chunk, n, &sw, 0, true);
+    bool ok = seq_prefill(&q, n, chunk, &sw, false, true);
     for (uint32_t b = 1; ok && b < batch; b++)
         ok = kv_table_fork(q.t, &q.fork[b - 1]) == 0;
     for (int p = 0; ok && p < N_DECODE; p++) {

@@ -12,10 +12,11 @@
  *
  * In the last layer only the rows whose logits are wanted go past
  * attention (their K/V are still written for every token).  Sequences
- * with a sparse prefill policy (model_attn_policy_t) attend one at a time:
- * the sparse pattern runs in the kernel, Delta Attention's dense rows and
- * correction and the block-sparse policy's block choice (Quest bounds)
- * here.
+ * whose prompt rows have a sparse prefill policy (model_attn_policy_t)
+ * attend one at a time, and the sequences between them that only decode
+ * (Quest's or dense) a run per call: the sparse pattern runs in the
+ * kernel, Delta Attention's dense rows and correction and the block
+ * choices' plans (Quest bounds) here.
  * Called by sched/ and benchmarks; runs on the engine thread.
  */
 #include "model_int.h"
@@ -366,17 +367,30 @@ delta_correct(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy
  * (rows / block_tokens) * (KV heads) * (blocks) bytes. */
 #define BS_ATTN_ROWS 4096
 
-/* Mask rows model_ctx_reserve sizes for: one attention call's query
- * blocks, as block_sparse cuts them, and a decode run's rows
- * (decode_run). */
+/* Query blocks (or decode rows) scored a slab at a time. */
+static uint32_t
+bs_slab_q(uint32_t bt)
+{
+    return BS_SLAB_ROWS / bt ? BS_SLAB_ROWS / bt : 1;
+}
+
+/* Query blocks an attention call of block_sparse takes, of nq: whole
+ * slabs, or all nq. */
+static uint32_t
+bs_call_q(uint32_t bt, uint32_t nq)
+{
+    const uint32_t slab_q = bs_slab_q(bt);
+    uint32_t call_q = BS_ATTN_ROWS / bt / slab_q * slab_q;
+    call_q = call_q < slab_q ? slab_q : call_q;
+    return call_q > nq ? nq : call_q;
+}
+
+/* Mask rows model_ctx_reserve sizes for: the most a block_sparse call
+ * takes, and a decode run's rows (decode_run). */
 static uint32_t
 bs_mask_rows(const model_ctx_t *c, uint32_t bt)
 {
-    const uint32_t slab_q = BS_SLAB_ROWS / bt ? BS_SLAB_ROWS / bt : 1;
-    const uint32_t nq = (c->max_tokens + bt - 1) / bt;
-    uint32_t call_q = BS_ATTN_ROWS / bt / slab_q * slab_q;
-    call_q = call_q < slab_q ? slab_q : call_q;
-    call_q = call_q > nq ? nq : call_q;
+    const uint32_t call_q = bs_call_q(bt, (c->max_tokens + bt - 1) / bt);
     return call_q ? call_q : 1;
 }
 
@@ -570,10 +584,8 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
     const float *store;
     TRY(bs_store(c, kv, o->layer, o->pt.indices + c0, nw, &store));
     const uint32_t nw_b = store ? c->sum_blocks : nw; /* rows a head's bounds hold */
-    uint32_t slab_q = BS_SLAB_ROWS / bt ? BS_SLAB_ROWS / bt : 1;
-    slab_q = slab_q > nq ? nq : slab_q;
-    uint32_t call_q = BS_ATTN_ROWS / bt / slab_q * slab_q;
-    call_q = call_q < slab_q ? slab_q : call_q > nq ? nq : call_q;
+    const uint32_t slab_q = bs_slab_q(bt) < nq ? bs_slab_q(bt) : nq;
+    const uint32_t call_q = bs_call_q(bt, nq);
     TRY(bs_grow_be(c, &c->bs_mask, &c->bs_mask_cap, bs_floats((size_t)call_q * mrow_bytes)));
     uint8_t *mask = (uint8_t *)c->bs_mask;
     kern_block_score_args_t sa = {.n_heads = H,
@@ -641,7 +653,7 @@ model_ctx_reserve(model_ctx_t *c, uint32_t max_ctx, uint32_t block_tokens,
     TRY(delta_scratch(c, c->max_tokens, qd));
     /* Block-sparse: candidates lie below a query block's own block. */
     const uint32_t bt = block_tokens, nw = max_ctx / bt + 1;
-    const uint32_t slab_q = BS_SLAB_ROWS / bt ? BS_SLAB_ROWS / bt : 1;
+    const uint32_t slab_q = bs_slab_q(bt);
     const int32_t row0 = 0; /* work sized as for rows from the store: the larger */
     kern_block_score_args_t sa = {.n_heads = hp->n_head,
                                   .n_kv_heads = hp->n_head_kv,
@@ -685,7 +697,8 @@ quest_row(const model_batch_t *b, const kern_attn_args_t *a, uint32_t s, uint32_
            (uint32_t)a->kv_len[i] > b->seq_n_prompt[s];
 }
 
-/* The rows of sequences [s0, s1) of a, none of them a prompt row, in one
+/* The rows of sequences [s0, s1) of a from row `first` on (s0's own, or a
+ * later one of s0), none of them a prompt row, in one
  * attention call: each Quest row sees its own block and, per KV head, the
  * decode_top_k earlier blocks of the highest bound (a slab of rows at a
  * time summarised, scored against a list of candidates per row and chosen
@@ -695,21 +708,21 @@ quest_row(const model_batch_t *b, const kern_attn_args_t *a, uint32_t s, uint32_
  * the batch's dense rows sequence by sequence. */
 static int
 decode_run(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32_t s0,
-           uint32_t s1, uint32_t qd)
+           uint32_t s1, uint32_t first, uint32_t qd)
 {
     const kern_kv_t *kv = a->kv;
     const uint32_t bt = kv->block_tokens, d = kv->head_dim, n_kv = kv->n_kv_heads;
-    const uint32_t r0 = (uint32_t)a->q_indptr[s0], n = (uint32_t)a->q_indptr[s1] - r0;
+    const uint32_t r0 = first, n = (uint32_t)a->q_indptr[s1] - r0;
     if (n == 0)
         return 0;
     kern_attn_args_t o = *a;
-    if (s0 != 0 || s1 != a->pt.n_seqs) {
+    if (s0 != 0 || s1 != a->pt.n_seqs || r0 != 0) {
         /* Its sequences on their own: another table than a's. */
         TRY(bs_grow((void **)&c->dr_qi, &c->dr_seq_cap, 2 * ((size_t)s1 - s0 + 1),
                     sizeof(int32_t)));
         int32_t *pi = c->dr_qi + (s1 - s0 + 1);
         for (uint32_t s = s0; s <= s1; s++) {
-            c->dr_qi[s - s0] = a->q_indptr[s] - (int32_t)r0;
+            c->dr_qi[s - s0] = s > s0 ? a->q_indptr[s] - (int32_t)r0 : 0;
             pi[s - s0] = a->pt.indptr[s] - a->pt.indptr[s0];
         }
         o.pt_epoch = 0;
@@ -731,7 +744,7 @@ decode_run(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, ui
     TRY(bs_grow((void **)&c->dr_dense, &c->dr_dense_cap, n, 1));
     uint32_t stride = 1, nw = 0;
     for (uint32_t s = s0; s < s1; s++)
-        for (int32_t i = a->q_indptr[s]; i < a->q_indptr[s + 1]; i++) {
+        for (int32_t i = s > s0 ? a->q_indptr[s] : (int32_t)r0; i < a->q_indptr[s + 1]; i++) {
             const uint32_t L = (uint32_t)a->kv_len[i], r = (uint32_t)i - r0;
             const uint32_t nb = (L + bt - 1) / bt, k = b->seq_policy[s].decode_top_k;
             stride = nb > stride ? nb : stride;
@@ -745,7 +758,7 @@ decode_run(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, ui
     if (nw == 0) /* no row chooses: every row sees every key */
         return kern_attention(c->be, &o);
 
-    const uint32_t slab = BS_SLAB_ROWS / bt ? BS_SLAB_ROWS / bt : 1;
+    const uint32_t slab = bs_slab_q(bt);
     const bool have_store = bs_store_ready(c, kv);
     const int32_t row0 = 0;
     kern_block_score_args_t sa = {.n_q = have_store ? slab : 1,
@@ -862,7 +875,7 @@ attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32
         }
         const bool dec = s < b->pt.n_seqs && np == 0 && n <= cap;
         if (s == b->pt.n_seqs || !dec || (uint32_t)a->q_indptr[s + 1] - a->q_indptr[s0] > cap) {
-            TRY(decode_run(c, b, a, s0, s, qd));
+            TRY(decode_run(c, b, a, s0, s, (uint32_t)a->q_indptr[s0], qd));
             s0 = dec ? s : s + 1;
         }
         if (dec || n == 0)
@@ -887,19 +900,15 @@ attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32
         } else {
             ns = 0;
         }
-        /* Dense rows [ns, nd), then Quest's decode rows. */
+        /* Dense rows [ns, nd), then Quest's decode rows as a run. */
         bool quest = p->decode_top_k && a->layer >= MODEL_DECODE_DENSE_LAYERS;
         uint32_t nd = quest ? np : n;
         if (ns < nd) {
             kern_attn_args_t o = one_seq(a, s, r0 + ns, nd - ns, qd, qi, pi);
             TRY(kern_attention(c->be, &o));
         }
-        const model_attn_policy_t qp = {
-            .kind = MODEL_ATTN_BLOCK_SPARSE, .window = 1, .top_k = p->decode_top_k};
-        for (uint32_t i = nd; i < n; i++) {
-            kern_attn_args_t o = one_seq(a, s, r0 + i, 1, qd, qi, pi);
-            TRY(block_sparse(c, &o, &qp, qd));
-        }
+        if (nd < n)
+            TRY(decode_run(c, b, a, s, s + 1, r0 + nd, qd));
     }
     return 0;
 }
@@ -983,8 +992,8 @@ forward_layers(void *arg)
 }
 
 /* Whether the batch is a decode step a graph can replay, and its key:
- * one row per sequence, each past its prompt (so attention is dense, in
- * one call or one per sequence as the policies say), nothing captured.
+ * one row per sequence, each past its prompt (so attention is one dense
+ * call, decode_run's where a prefill policy is sparse), nothing captured.
  * Steps under one key launch alike: the same model, pool, row counts and
  * attention plan, which the longest row's power-of-two bound fixes
  * (kern_attn_args_t.max_len_hint). */
@@ -995,18 +1004,14 @@ graph_key(const model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b, uin
     if (!c->graphs || b->n_capture || b->n_tokens != b->pt.n_seqs)
         return false;
     uint32_t longest = 0;
-    bool sparse = false;
     for (uint32_t s = 0; s < b->pt.n_seqs; s++) {
         if (b->seq_indptr[s + 1] - b->seq_indptr[s] != 1)
             return false;
         uint32_t len = (uint32_t)b->kv_len[b->seq_indptr[s]];
         if (b->seq_policy && b->seq_policy[s].decode_top_k)
             return false; /* Quest's calls follow the step's table and summaries */
-        if (b->seq_policy && b->seq_policy[s].kind != MODEL_ATTN_DENSE) {
-            if (len <= b->seq_n_prompt[s])
-                return false; /* a prompt row: its policy's own calls */
-            sparse = true;
-        }
+        if (b->seq_policy && b->seq_policy[s].kind != MODEL_ATTN_DENSE && len <= b->seq_n_prompt[s])
+            return false; /* a prompt row: its policy's own calls */
         longest = len > longest ? len : longest;
     }
     uint32_t p2 = 256;
@@ -1016,7 +1021,7 @@ graph_key(const model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b, uin
     uint64_t k = kvs_mix64((uint64_t)(uintptr_t)c->m ^ 0x6b76u);
     k = kvs_mix64(k ^ (uint64_t)(uintptr_t)kv->k);
     k = kvs_mix64(k ^ ((uint64_t)b->n_tokens << 32 | b->n_logits));
-    *key = kvs_mix64(k ^ ((uint64_t)p2 << 1 | sparse));
+    *key = kvs_mix64(k ^ (uint64_t)p2);
     return true;
 }
 

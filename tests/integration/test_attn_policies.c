@@ -386,6 +386,39 @@ test_quest_decode(void **state)
                               .decode_top_k = 2};
     decode(&sw, 1, rows3);
     assert_true(rows_err(got, rows3) < TOL);
+    /* The prompt's last rows and the decode rows in one call: the decode
+     * rows still choose as rows decoded one at a time. */
+    const uint32_t tail = 5, total = N_PROMPT + DEC_ROWS;
+    kv_pool_t *pool = new_pool(total);
+    kv_table_t *t;
+    model_ctx_t *ctx;
+    sched_batch_t *sb;
+    int32_t toks[N_PROMPT + DEC_ROWS];
+    float *mixed = malloc((size_t)(tail + DEC_ROWS) * n_vocab * sizeof(float));
+    assert_non_null(mixed);
+    for (uint32_t i = 0; i < total; i++)
+        toks[i] = token_at(i);
+    assert_int_equal(kv_table_new(pool, &t), 0);
+    assert_int_equal(model_ctx_new(m, N_PROMPT, tail + DEC_ROWS, &ctx), 0);
+    assert_int_equal(sched_batch_new(&sb), 0);
+    const model_batch_t *mb;
+    sched_seq_step_t st = {.table = t,
+                           .tokens = toks,
+                           .n_tokens = N_PROMPT - tail,
+                           .policy = &q,
+                           .n_prompt = N_PROMPT};
+    assert_int_equal(sched_batch_build(sb, &st, 1, &mb), 0);
+    assert_int_equal(model_forward(ctx, kv_pool_kv(pool), mb, mixed), 0);
+    st.tokens = toks + N_PROMPT - tail;
+    st.n_tokens = st.lead_logits = tail + DEC_ROWS;
+    assert_int_equal(sched_batch_build(sb, &st, 1, &mb), 0);
+    assert_int_equal(model_forward(ctx, kv_pool_kv(pool), mb, mixed), 0);
+    assert_true(rows_err(got, mixed + (size_t)tail * n_vocab) < TOL);
+    sched_batch_free(sb);
+    model_ctx_free(ctx);
+    kv_table_free(t);
+    kv_pool_free(pool);
+    free(mixed);
     free(dense);
     free(got);
     free(rows3);
