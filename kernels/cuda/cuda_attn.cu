@@ -93,7 +93,8 @@ __launch_bounds__(ATTN_MAX_WARPS * 32) attn_kernel(attn_params_t p)
     int32_t wlo = p.row_lo[i];
     const uint8_t *mrow =
         p.mask && wlo >= 0
-            ? p.mask + ((size_t)(i / p.mask_q_block) * p.mask_heads + g) * p.mask_stride
+            ? p.mask + ((size_t)(i / p.mask_q_block) * p.mask_heads + (p.mask_heads > 1 ? g : 0)) *
+                           p.mask_stride
             : NULL;
 
     for (uint32_t hh = warp; hh < p.group; hh += n_warps) {
@@ -569,8 +570,9 @@ kern__cuda_attention_reserve(const kern_cuda_t *be, const kern_reserve_t *r, siz
     size_t group = r->n_heads / r->n_kv_heads;
     *ws_bytes = 2 * group * want * ((size_t)r->head_dim + 2) * sizeof(float);
     /* Staged ints: three per row, the row list and three per tile (each at
-     * most one per row).  Block masks are not counted: block-sparse
-     * selection runs on the host. */
+     * most one per row).  Block masks are not counted: the serving paths
+     * choose theirs on the device (kern_block_select) and pass them
+     * unstaged (mask_in_backend). */
     *stage_bytes = (size_t)7 * r->max_rows * sizeof(int32_t);
     /* The page table, every sequence's block ids: staged on its own
      * (stage_table), into KERN_CUDA_WS_PT or the arena. */

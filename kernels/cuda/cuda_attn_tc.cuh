@@ -789,8 +789,9 @@ __launch_bounds__(TC_THREADS(M), M == 64 ? 2 : 1) attn_tc_kernel(const kern_cuda
             len = p.row_len[i];
             lo = p.row_lo[i];
             if (p.mask && lo >= 0)
-                mrow = p.mask +
-                       ((size_t)((uint32_t)i / p.mask_q_block) * p.mask_heads + g) * p.mask_stride;
+                mrow = p.mask + ((size_t)((uint32_t)i / p.mask_q_block) * p.mask_heads +
+                                 (p.mask_heads > 1 ? g : 0)) *
+                                    p.mask_stride;
             nv = tc_next_visible(0, len, lo, mrow, sinks, bt);
         }
         rs.len[tid] = len;
