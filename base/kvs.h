@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -250,6 +251,29 @@ kvs_f32_to_fp16(float f)
     if (rest > 0x1000 || (rest == 0x1000 && (m & 1)))
         h++; /* carries into the exponent correctly */
     return (uint16_t)(sign | h);
+}
+
+/* f to half precision rounded toward +inf (up) or -inf, saturating at
+ * +-65504: the half-precision bound of a value kept as a bound (Quest's
+ * key summaries), never on the wrong side of it within f16's range.  NaN
+ * stays NaN. */
+static inline uint16_t
+kvs_f32_to_fp16_dir(float f, bool up)
+{
+    if (f != f)
+        return kvs_f32_to_fp16(f);
+    f = f > 65504.0f ? 65504.0f : f < -65504.0f ? -65504.0f : f;
+    uint16_t h = kvs_f32_to_fp16(f);
+    const float y = kvs_fp16_to_f32(h);
+    if (up ? y < f : y > f) {
+        /* One step toward the direction: nearest was the other side. */
+        const bool neg = h & 0x8000;
+        if ((h & 0x7fff) == 0)
+            h = up ? 0x0001 : 0x8001;
+        else
+            h = (uint16_t)(neg == up ? h - 1 : h + 1);
+    }
+    return h;
 }
 
 static inline float

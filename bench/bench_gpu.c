@@ -1197,8 +1197,9 @@ bench_swap(void)
 typedef struct sel_ctx {
     attn_ctx_t a; /* one sequence of ctx tokens */
     uint32_t nb;
-    float *bounds, *score, *work, *hq, *hout;
-    float *store, *dscore, *dwork;
+    uint16_t *bounds, *store; /* f16 summaries */
+    float *score, *work, *hq, *hout;
+    float *dscore, *dwork;
     kern_block_score_args_t sa, da;
     kern_block_select_args_t ka;
     kern_attn_mass_args_t ma;
@@ -1278,7 +1279,7 @@ bench_select(uint32_t ctx)
                                      .n_blocks = c.nb,
                                      .q_group = A_BT};
     size_t bn = (size_t)A_KV_HEADS * c.nb * 2 * A_DIM;
-    c.bounds = dev_rand(bn * 4, PAT_F32, 96);
+    c.bounds = dev_rand(bn * 2, PAT_F16, 96);
     c.score = dev_rand((size_t)rows / A_BT * c.nb * 4, PAT_F32, 97);
     c.work = dev_rand(kern_block_scores_work(&c.sa) * 4, PAT_F32, 98);
     float *q = dev_rand((size_t)rows * A_HEADS * A_DIM * 4, PAT_F32, 99);
@@ -1303,7 +1304,7 @@ bench_select(uint32_t ctx)
                                      .bounds_rows = c.a.indices,
                                      .q_group = 1,
                                      .per_kv_head = true};
-    c.store = dev_rand((size_t)A_KV_HEADS * P * 2 * A_DIM * 4, PAT_F32, 95);
+    c.store = dev_rand((size_t)A_KV_HEADS * P * 2 * A_DIM * 2, PAT_F16, 95);
     c.dscore = dev_rand((size_t)A_KV_HEADS * c.nb * 4, PAT_F32, 94);
     c.dwork = dev_rand(kern_block_scores_work(&c.da) * 4, PAT_F32, 93);
     if (rc == 0 && (!c.store || !c.dscore || !c.dwork))
@@ -1369,14 +1370,14 @@ bench_select(uint32_t ctx)
     if (rc)
         return rc;
     note_timed(rb, n_timed[0]);
-    done_row(rb, ms[0], (double)ctx * A_KV_HEADS * A_DIM * 2 + bn * 4.0, 0);
+    done_row(rb, ms[0], (double)ctx * A_KV_HEADS * A_DIM * 2 + bn * 2.0, 0);
     note_timed(rs, n_timed[1]);
     snprintf(rs->note, sizeof rs->note, "TF32 vs the bf16 ceiling");
     done_row(rs, ms[1], 0, 2.0 * rows * G * A_KV_HEADS * (double)c.nb * 2 * A_DIM);
     note_timed(rd, n_timed[3]);
     snprintf(rd->note, sizeof rd->note, "one launch; against dense decode's K+V of %.0f MB",
              (double)ctx * A_KV_HEADS * A_DIM * 4 / 1e6);
-    done_row(rd, ms[3], (double)c.nb * A_KV_HEADS * 2 * A_DIM * 4, 0);
+    done_row(rd, ms[3], (double)c.nb * A_KV_HEADS * 2 * A_DIM * 2, 0);
     note_timed(rk, n_timed[4]);
     snprintf(rk->note, sizeof rk->note, "scores read 5 times; what the host chose from before");
     done_row(rk, ms[4], 5.0 * kn * 4 + (double)slab * A_KV_HEADS * (c.nb + 1), 0);

@@ -509,7 +509,7 @@ kern_kv_gather(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, cons
 /* kern_kv_block_bounds and kern_kv_pool_bounds: one op, two row layouts. */
 static int
 block_bounds(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
-             uint32_t n, float *out, bool by_block)
+             uint32_t n, uint16_t *out, bool by_block)
 {
     if (!kv_ok(kv, layer) || (n && (!blocks || !out)) || !blocks_ok(kv, blocks, 0, n))
         return KVS_EINVAL;
@@ -520,14 +520,14 @@ block_bounds(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, const int3
 
 int
 kern_kv_block_bounds(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
-                     uint32_t n, float *out)
+                     uint32_t n, uint16_t *out)
 {
     return block_bounds(be, kv, layer, blocks, n, out, false);
 }
 
 int
 kern_kv_pool_bounds(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
-                    uint32_t n, float *out)
+                    uint32_t n, uint16_t *out)
 {
     return block_bounds(be, kv, layer, blocks, n, out, true);
 }
@@ -539,11 +539,11 @@ kern_block_scores_work(const kern_block_score_args_t *a)
         return 0;
     const size_t rows = (size_t)a->n_q * (a->n_heads / a->n_kv_heads);
     /* Split queries [rows][2d], products [rows][n_blocks], and one KV
-     * head's bounds gathered from their rows [n_blocks][2d]. */
-    size_t x, y, z = 0;
+     * head's bounds side by side [n_blocks][2d], in f32 for a backend
+     * whose product takes no f16 bounds against f32 queries. */
+    size_t x, y, z;
     if (kvs_mul_size(rows, 2 * (size_t)a->head_dim, &x) || kvs_mul_size(rows, a->n_blocks, &y) ||
-        kvs_add_size(x, y, &x) ||
-        (a->bounds_rows && kvs_mul_size(a->n_blocks, 2 * (size_t)a->head_dim, &z)) ||
+        kvs_add_size(x, y, &x) || kvs_mul_size(a->n_blocks, 2 * (size_t)a->head_dim, &z) ||
         kvs_add_size(x, z, &x))
         return SIZE_MAX;
     return x;

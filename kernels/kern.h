@@ -529,16 +529,21 @@ int kern_kv_gather(kern_backend_t *be, const kern_kv_t *kv, const int32_t *src, 
  * out[(g * n + i) * 2 * head_dim + e] is the largest value of channel e
  * over the block_tokens keys of block blocks[i] (either kind of block) in
  * `layer`, and out[(g * n + i) * 2 * head_dim + head_dim + e] the
- * smallest.  Every slot counts, so only full blocks make sense.  blocks:
- * host array; out: backend memory, n_kv_heads * n * 2 * head_dim floats. */
+ * smallest, as f16 bits: the largest rounded up and the smallest down
+ * (kvs_f32_to_fp16_dir), so they stay bounds at half the bytes of f32: a
+ * store of every block's is a sixteenth of an f16 pool's K and V at 16
+ * tokens a block, and a Quest decode step reads every candidate's.  Keys
+ * beyond f16's range bound as if at its edge.  Every slot counts, so only full blocks make
+ * sense.  blocks: host array; out: backend memory, n_kv_heads * n * 2 *
+ * head_dim halves. */
 int kern_kv_block_bounds(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer,
-                         const int32_t *blocks, uint32_t n, float *out);
+                         const int32_t *blocks, uint32_t n, uint16_t *out);
 /* The same bounds kept by block id, for a store of them across calls:
- * out holds n_kv_heads * kv->n_blocks rows of 2 * head_dim floats, and
+ * out holds n_kv_heads * kv->n_blocks rows of 2 * head_dim halves, and
  * block blocks[i]'s bounds for KV head g go to row g * kv->n_blocks +
  * blocks[i] (the other rows are left as they were; blocks distinct). */
 int kern_kv_pool_bounds(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer,
-                        const int32_t *blocks, uint32_t n, float *out);
+                        const int32_t *blocks, uint32_t n, uint16_t *out);
 
 /* Quest's upper bound on the logits of groups of query rows against
  * blocks summarised by kern_kv_block_bounds (mx, mn):
@@ -558,7 +563,7 @@ typedef struct kern_block_score_args {
     const float *q; /* [n_q][n_heads][head_dim] */
     uint32_t n_q;
     uint32_t n_heads, n_kv_heads, head_dim;
-    const float *bounds; /* [n_kv_heads][bounds_stride][2 * head_dim] */
+    const uint16_t *bounds; /* f16, [n_kv_heads][bounds_stride][2 * head_dim] */
     uint32_t n_blocks;
     /* 0 (n_blocks), or blocks between KV heads' bounds, >= n_blocks: the
      * first n_blocks of a longer summary are scored */

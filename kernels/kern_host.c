@@ -145,32 +145,51 @@ kern__host_kv_gather_layer(const kern_kv_t *kv, uint32_t layer, const int32_t *s
 
 /* ---- Quest bounds (kern_kv_block_bounds, kern_block_scores) ------------ */
 
-float *
+uint16_t *
 kern__host_bounds_out(const kern_kv_t *kv, const int32_t *blocks, uint32_t n, uint32_t g,
-                      uint32_t i, float *out, bool by_block)
+                      uint32_t i, uint16_t *out, bool by_block)
 {
     size_t row = by_block ? (size_t)g * kv->n_blocks + (uint32_t)blocks[i] : (size_t)g * n + i;
     return out + row * 2 * kv->head_dim;
 }
 
 void
-kern__host_block_bounds_part(const kern_kv_t *kv, uint32_t layer, const int32_t *blocks, uint32_t n,
-                             uint32_t g, uint32_t i0, uint32_t i1, float *out, bool by_block,
-                             float *x)
+kern__host_bounds_round(const float *mx, const float *mn, uint32_t d, uint16_t *out)
+{
+    for (uint32_t e = 0; e < d; e++) {
+        out[e] = kvs_f32_to_fp16_dir(mx[e], true);
+        out[d + e] = kvs_f32_to_fp16_dir(mn[e], false);
+    }
+}
+
+void
+kern__host_block_minmax(const kern_kv_t *kv, uint32_t layer, uint32_t blk, uint32_t g, float *x,
+                        float *mx, float *mn)
 {
     const uint32_t bt = kv->block_tokens, d = kv->head_dim;
-    for (uint32_t i = i0; i < i1; i++) {
-        float *mx = kern__host_bounds_out(kv, blocks, n, g, i, out, by_block), *mn = mx + d;
-        kern__kv_rows_f32(kv, false, layer, (uint32_t)blocks[i], g, 0, bt, x);
-        memcpy(mx, x, d * sizeof(float));
-        memcpy(mn, x, d * sizeof(float));
-        for (uint32_t t = 1; t < bt; t++) {
-            const float *r = x + (size_t)t * d;
-            for (uint32_t e = 0; e < d; e++) {
-                mx[e] = r[e] > mx[e] ? r[e] : mx[e];
-                mn[e] = r[e] < mn[e] ? r[e] : mn[e];
-            }
+    kern__kv_rows_f32(kv, false, layer, blk, g, 0, bt, x);
+    memcpy(mx, x, d * sizeof(float));
+    memcpy(mn, x, d * sizeof(float));
+    for (uint32_t t = 1; t < bt; t++) {
+        const float *r = x + (size_t)t * d;
+        for (uint32_t e = 0; e < d; e++) {
+            mx[e] = r[e] > mx[e] ? r[e] : mx[e];
+            mn[e] = r[e] < mn[e] ? r[e] : mn[e];
         }
+    }
+}
+
+void
+kern__host_block_bounds_part(const kern_kv_t *kv, uint32_t layer, const int32_t *blocks, uint32_t n,
+                             uint32_t g, uint32_t i0, uint32_t i1, uint16_t *out, bool by_block,
+                             float *x)
+{
+    const uint32_t d = kv->head_dim;
+    float *mx = x + (size_t)kv->block_tokens * d, *mn = mx + d;
+    for (uint32_t i = i0; i < i1; i++) {
+        kern__host_block_minmax(kv, layer, (uint32_t)blocks[i], g, x, mx, mn);
+        kern__host_bounds_round(mx, mn, d,
+                                kern__host_bounds_out(kv, blocks, n, g, i, out, by_block));
     }
 }
 
@@ -180,7 +199,7 @@ kern__host_bounds_at(const kern_block_score_args_t *a, uint32_t g)
     return (size_t)g * (a->bounds_stride ? a->bounds_stride : a->n_blocks);
 }
 
-const float *
+const uint16_t *
 kern__host_bound(const kern_block_score_args_t *a, uint32_t g, uint32_t b)
 {
     size_t row = kern__host_bounds_at(a, g) + (a->bounds_rows ? (uint32_t)a->bounds_rows[b] : b);
@@ -227,11 +246,12 @@ kern__host_block_scores_ref(kern_backend_t *be, const kern_block_score_args_t *a
             float *sc = kern__host_score_row(a, i / qg, h / G);
             uint32_t first, nb = kern__host_group_blocks(a, i / qg, &first);
             for (uint32_t b = 0; b < nb; b++) {
-                const float *mx = kern__host_bound(a, h / G, first + b);
-                const float *mn = mx + d;
+                const uint16_t *mx = kern__host_bound(a, h / G, first + b);
+                const uint16_t *mn = mx + d;
                 double s = 0.0;
                 for (uint32_t e = 0; e < d; e++) {
-                    double u = (double)q[e] * mx[e], w = (double)q[e] * mn[e];
+                    double u = (double)q[e] * kvs_fp16_to_f32(mx[e]);
+                    double w = (double)q[e] * kvs_fp16_to_f32(mn[e]);
                     s += u > w ? u : w;
                 }
                 sc[b] = (float)s > sc[b] ? (float)s : sc[b];
@@ -251,11 +271,12 @@ kern__host_block_scores_gemm(kern_backend_t *be, const kern_block_score_args_t *
     kern__host_block_scores_init(a);
     for (uint32_t g = 0; g < a->n_kv_heads; g++) {
         /* Rows from a store: the product wants them side by side. */
-        const float *bd = a->bounds + kern__host_bounds_at(a, g) * 2 * d;
+        const uint16_t *bd = a->bounds + kern__host_bounds_at(a, g) * 2 * d;
         if (a->bounds_rows) {
+            uint16_t *gh = (uint16_t *)gb;
             for (uint32_t b = 0; b < nb; b++)
-                memcpy(gb + (size_t)b * 2 * d, kern__host_bound(a, g, b), 2 * d * sizeof(float));
-            bd = gb;
+                memcpy(gh + (size_t)b * 2 * d, kern__host_bound(a, g, b), 2 * d * sizeof(uint16_t));
+            bd = gh;
         }
         for (uint32_t i = 0; i < a->n_q; i++)
             for (uint32_t hh = 0; hh < G; hh++) {
@@ -266,7 +287,7 @@ kern__host_block_scores_gemm(kern_backend_t *be, const kern_block_score_args_t *
                     xr[d + e] = q[e] < 0.0f ? q[e] : 0.0f;
                 }
             }
-        const kern_tensor_t w = {KERN_F32, 2 * d,           nb, (size_t)2 * d * sizeof(float),
+        const kern_tensor_t w = {KERN_F16, 2 * d,           nb, (size_t)2 * d * sizeof(uint16_t),
                                  bd,       KERN_LAYOUT_ROWS};
         int rc = be->ops->matmul(be, &w, x, rows, NULL, y);
         if (rc)

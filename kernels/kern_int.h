@@ -62,7 +62,7 @@ typedef struct kern_ops {
                        uint32_t gamma, uint32_t tail);
     /* by_block: kern_kv_pool_bounds' rows, else kern_kv_block_bounds'. */
     int (*block_bounds)(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer,
-                        const int32_t *blocks, uint32_t n, float *out, bool by_block);
+                        const int32_t *blocks, uint32_t n, uint16_t *out, bool by_block);
     /* a->n_q and a->n_blocks are nonzero. */
     int (*block_scores)(kern_backend_t *be, const kern_block_score_args_t *a);
     /* Optional (NULL: kern__host_block_select, which only a host backend
@@ -125,15 +125,22 @@ int kern__host_delta_apply(kern_backend_t *be, float *out, float *dense, uint32_
                            uint32_t gamma, uint32_t tail);
 
 /* kern_kv_block_bounds (by_block: kern_kv_pool_bounds) of KV head g's
- * blocks [i0, i1) (of n), with x as scratch of block_tokens * head_dim
- * floats, and where block i's go in out; kern_block_scores as plain loops
- * (ref), and as one matrix product per KV head through the backend's own
- * matmul over a->work (cpu). */
+ * blocks [i0, i1) (of n), with x as scratch of (block_tokens + 2) *
+ * head_dim floats, and where block i's go in out; kern_block_scores as
+ * plain loops (ref), and as one matrix product per KV head through the
+ * backend's own matmul over a->work (cpu). */
 void kern__host_block_bounds_part(const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
-                                  uint32_t n, uint32_t g, uint32_t i0, uint32_t i1, float *out,
+                                  uint32_t n, uint32_t g, uint32_t i0, uint32_t i1, uint16_t *out,
                                   bool by_block, float *x);
-float *kern__host_bounds_out(const kern_kv_t *kv, const int32_t *blocks, uint32_t n, uint32_t g,
-                             uint32_t i, float *out, bool by_block);
+uint16_t *kern__host_bounds_out(const kern_kv_t *kv, const int32_t *blocks, uint32_t n, uint32_t g,
+                                uint32_t i, uint16_t *out, bool by_block);
+/* One block's f32 maxima and minima (d each) into its f16 row [mx | mn],
+ * rounded outward. */
+void kern__host_bounds_round(const float *mx, const float *mn, uint32_t d, uint16_t *out);
+/* KV head g's key maxima and minima over block blk in f32, with x as
+ * scratch of block_tokens * head_dim floats. */
+void kern__host_block_minmax(const kern_kv_t *kv, uint32_t layer, uint32_t blk, uint32_t g,
+                             float *x, float *mx, float *mn);
 /* Every score a->score holds, -inf: the maxima start there. */
 void kern__host_block_scores_init(const kern_block_score_args_t *a);
 /* The score row of query group grp and KV head g (kern.h: per_kv_head,
@@ -141,8 +148,8 @@ void kern__host_block_scores_init(const kern_block_score_args_t *a);
  * bounds_stride). */
 float *kern__host_score_row(const kern_block_score_args_t *a, uint32_t grp, uint32_t g);
 size_t kern__host_bounds_at(const kern_block_score_args_t *a, uint32_t g);
-/* KV head g's bounds of list entry b: [max | min], 2 * head_dim floats. */
-const float *kern__host_bound(const kern_block_score_args_t *a, uint32_t g, uint32_t b);
+/* KV head g's bounds of list entry b: [max | min], 2 * head_dim halves. */
+const uint16_t *kern__host_bound(const kern_block_score_args_t *a, uint32_t g, uint32_t b);
 /* How many blocks query group grp scores, and its first list entry
  * (kern.h: bounds_indptr). */
 uint32_t kern__host_group_blocks(const kern_block_score_args_t *a, uint32_t grp, uint32_t *first);

@@ -66,7 +66,7 @@ struct model_ctx {
     /* Quest's key summaries kept by block id across calls (bs_store):
      * a block is summarised when its kern_kv_t.block_gen changes, not at
      * every step that scores it.  Sized for one pool on first use. */
-    float *sum;        /* backend, [n_layers][n_kv][sum_blocks][2 * head_dim] */
+    uint16_t *sum;     /* backend f16, [n_layers][n_kv][sum_blocks][2 * head_dim] */
     uint64_t *sum_gen; /* [n_layers][sum_blocks]: block_gen summarised, 0 none */
     int32_t *sum_todo; /* [sum_blocks]: blocks a call summarises */
     uint32_t sum_blocks;
@@ -409,11 +409,19 @@ bs_grow_be(model_ctx_t *c, float **p, size_t *cap, size_t n)
     return *p ? 0 : KVS_ENOMEM;
 }
 
-/* Floats that hold `bytes` bytes: the mask shares bs_grow_be. */
+/* Floats that hold `bytes` bytes: the mask and the (f16) bounds share
+ * bs_grow_be. */
 static size_t
 bs_floats(size_t bytes)
 {
     return bytes / sizeof(float) + 1;
+}
+
+/* The per-call bounds of n_kv heads x nw blocks of head dimension d. */
+static size_t
+bs_w_floats(uint32_t n_kv, uint32_t nw, uint32_t d)
+{
+    return bs_floats((size_t)n_kv * nw * 2 * d * sizeof(uint16_t));
 }
 
 static int
@@ -449,7 +457,7 @@ bs_store_alloc(model_ctx_t *c, const kern_kv_t *kv, size_t *bytes)
     const size_t P = kv->n_blocks, L = kv->n_layers;
     size_t floats;
     if (kvs_mul_size(L * kv->n_kv_heads, P * 2 * kv->head_dim, &floats) ||
-        kvs_mul_size(floats, sizeof(float), bytes))
+        kvs_mul_size(floats, sizeof(uint16_t), bytes))
         return KVS_ENOMEM;
     c->sum = kern_alloc(c->be, *bytes);
     c->sum_gen = calloc(L * P, sizeof *c->sum_gen);
@@ -493,7 +501,7 @@ bs_store_ready(model_ctx_t *c, const kern_kv_t *kv)
  * KV each step. */
 static int
 bs_store(model_ctx_t *c, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks, uint32_t n,
-         const float **out)
+         const uint16_t **out)
 {
     *out = NULL;
     if (!bs_store_ready(c, kv))
@@ -510,7 +518,7 @@ bs_store(model_ctx_t *c, const kern_kv_t *kv, uint32_t layer, const int32_t *blo
             c->sum_todo[m++] = b;
         }
     }
-    float *base = c->sum + (size_t)layer * kv->n_kv_heads * P * 2 * kv->head_dim;
+    uint16_t *base = c->sum + (size_t)layer * kv->n_kv_heads * P * 2 * kv->head_dim;
     int rc = kern_kv_pool_bounds(c->be, kv, layer, c->sum_todo, m, base);
     if (rc) {
         for (uint32_t k = 0; k < m; k++)
@@ -581,7 +589,7 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
      * at any length. */
     const size_t mrow_bytes = (size_t)n_kv * stride;
     const uint32_t nw = c1max - c0;
-    const float *store;
+    const uint16_t *store;
     TRY(bs_store(c, kv, o->layer, o->pt.indices + c0, nw, &store));
     const uint32_t nw_b = store ? c->sum_blocks : nw; /* rows a head's bounds hold */
     const uint32_t slab_q = bs_slab_q(bt) < nq ? bs_slab_q(bt) : nq;
@@ -598,12 +606,12 @@ block_sparse(model_ctx_t *c, const kern_attn_args_t *o, const model_attn_policy_
                                   .bounds_rows = store ? o->pt.indices + c0 : NULL,
                                   .n_q = slab_q * bt};
     if (!store)
-        TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, (size_t)n_kv * nw * 2 * d));
+        TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, bs_w_floats(n_kv, nw, d)));
     TRY(bs_grow_be(c, &c->bs_work, &c->bs_work_cap, kern_block_scores_work(&sa)));
     TRY(bs_grow_be(c, &c->bs_dscore, &c->bs_dscore_cap, (size_t)slab_q * n_kv * nw));
     if (!store)
-        TRY(kern_kv_block_bounds(c->be, kv, o->layer, o->pt.indices + c0, nw, c->bs_w));
-    sa.bounds = store ? store : c->bs_w;
+        TRY(kern_kv_block_bounds(c->be, kv, o->layer, o->pt.indices + c0, nw, (uint16_t *)c->bs_w));
+    sa.bounds = store ? store : (const uint16_t *)c->bs_w;
     sa.work = c->bs_work;
     sa.score = c->bs_dscore;
     kern_block_select_args_t sel = {.score = c->bs_dscore,
@@ -662,7 +670,7 @@ model_ctx_reserve(model_ctx_t *c, uint32_t max_ctx, uint32_t block_tokens,
                                   .bounds_rows = &row0,
                                   .q_group = bt,
                                   .n_q = slab_q * bt};
-    TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, (size_t)hp->n_head_kv * nw * 2 * hp->head_dim));
+    TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, bs_w_floats(hp->n_head_kv, nw, hp->head_dim)));
     TRY(bs_grow_be(c, &c->bs_work, &c->bs_work_cap, kern_block_scores_work(&sa)));
     /* A slab of query blocks' scores, one per KV head. */
     TRY(bs_grow_be(c, &c->bs_dscore, &c->bs_dscore_cap, (size_t)slab_q * hp->n_head_kv * nw));
@@ -774,7 +782,7 @@ decode_run(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, ui
     TRY(bs_grow_be(c, &c->bs_dscore, &c->bs_dscore_cap, (size_t)slab * n_kv * nw));
     TRY(bs_grow_be(c, &c->bs_work, &c->bs_work_cap, kern_block_scores_work(&sa)));
     if (!have_store)
-        TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, (size_t)n_kv * nw * 2 * d));
+        TRY(bs_grow_be(c, &c->bs_w, &c->bs_w_cap, bs_w_floats(n_kv, nw, d)));
     else {
         TRY(bs_grow((void **)&c->dr_list, &c->dr_list_cap, (size_t)slab * nw, sizeof(int32_t)));
         TRY(bs_grow((void **)&c->dr_ptr, &c->dr_ptr_cap, (size_t)slab + 1, sizeof(uint32_t)));
@@ -796,7 +804,7 @@ decode_run(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, ui
                 c->dr_ptr[r - q0 + 1] = at + e;
             }
             const uint32_t listed = c->dr_ptr[q1 - q0];
-            const float *store = NULL;
+            const uint16_t *store = NULL;
             if (listed)
                 TRY(bs_store(c, kv, o.layer, c->dr_list, listed, &store));
             if (store) {
@@ -819,13 +827,13 @@ decode_run(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, ui
             if (e == 0)
                 continue;
             const int32_t *blocks = a->pt.indices + a->pt.indptr[s];
-            const float *store;
+            const uint16_t *store;
             TRY(bs_store(c, kv, o.layer, blocks, e, &store));
             if (!store)
-                TRY(kern_kv_block_bounds(c->be, kv, o.layer, blocks, e, c->bs_w));
+                TRY(kern_kv_block_bounds(c->be, kv, o.layer, blocks, e, (uint16_t *)c->bs_w));
             sa.q = a->q + (size_t)(r0 + r) * qd;
             sa.n_blocks = e;
-            sa.bounds = store ? store : c->bs_w;
+            sa.bounds = store ? store : (const uint16_t *)c->bs_w;
             sa.bounds_stride = store ? c->sum_blocks : e;
             sa.bounds_rows = store ? blocks : NULL;
             sa.score = c->bs_dscore + (size_t)(r - q0) * n_kv * nw;

@@ -612,8 +612,8 @@ cpu_kv_seal(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, const
             uint32_t n)
 {
     kv_ctx_t c = {.be = (kern_cpu_t *)base, .kv = kv, .src = src, .dst = dst, .n = n};
-    int rc =
-        kern__cpu_scratch_reserve(c.be, (size_t)kv->block_tokens * kv->head_dim * sizeof(float));
+    int rc = kern__cpu_scratch_reserve(c.be, ((size_t)kv->block_tokens + 2) * kv->head_dim *
+                                                 sizeof(float));
     if (rc)
         return rc;
     kern__cpu_parallel(c.be, (int)kv->n_layers, kv_seal_task, &c);
@@ -657,7 +657,7 @@ typedef struct bounds_ctx {
     uint32_t layer;
     const int32_t *blocks;
     uint32_t n, n_chunks;
-    float *out;
+    uint16_t *out;
     bool by_block;
 } bounds_ctx_t;
 
@@ -694,6 +694,31 @@ bounds_f16_avx2(const uint16_t *k, uint32_t bt, uint32_t d, float *mx, float *mn
 }
 #endif
 
+#ifdef CPU_HAVE_X86
+/* kern__host_bounds_round eight lanes at a time: the same bits (F16C
+ * rounds toward either infinity exactly; min/max with the bound second
+ * pass a NaN through), at a cost that stays below the read of the block
+ * when Quest summarises every candidate at each step. */
+__attribute__((target("avx2,f16c"))) static void
+bounds_round_f16c(const float *mx, const float *mn, uint32_t d, uint16_t *out)
+{
+    const __m256 hi = _mm256_set1_ps(65504.0f), lo = _mm256_set1_ps(-65504.0f);
+    uint32_t e = 0;
+    for (; e + 8 <= d; e += 8) {
+        __m256 a = _mm256_max_ps(lo, _mm256_min_ps(hi, _mm256_loadu_ps(mx + e)));
+        __m256 b = _mm256_max_ps(lo, _mm256_min_ps(hi, _mm256_loadu_ps(mn + e)));
+        _mm_storeu_si128((__m128i *)(out + e),
+                         _mm256_cvtps_ph(a, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
+        _mm_storeu_si128((__m128i *)(out + d + e),
+                         _mm256_cvtps_ph(b, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    }
+    for (; e < d; e++) {
+        out[e] = kvs_f32_to_fp16_dir(mx[e], true);
+        out[d + e] = kvs_f32_to_fp16_dir(mn[e], false);
+    }
+}
+#endif
+
 static void
 bounds_task(void *ctx, int task, int thread)
 {
@@ -701,45 +726,50 @@ bounds_task(void *ctx, int task, int thread)
     const kern_kv_t *kv = c->kv;
     uint32_t g = (uint32_t)task / c->n_chunks, i0 = (uint32_t)task % c->n_chunks * BOUNDS_CHUNK;
     uint32_t i1 = i0 + BOUNDS_CHUNK < c->n ? i0 + BOUNDS_CHUNK : c->n;
+    const uint32_t d = kv->head_dim;
+    float *x = c->be->scratch[thread].p, *mx = x + (size_t)kv->block_tokens * d, *mn = mx + d;
 #ifdef CPU_HAVE_X86
-    if (c->be->isa >= CPU_ISA_AVX2 && kv->dtype == KERN_F16) {
-        const uint32_t d = kv->head_dim;
-        for (uint32_t i = i0; i < i1; i++) {
-            uint32_t b = (uint32_t)c->blocks[i];
-            float *mx = kern__host_bounds_out(kv, c->blocks, c->n, g, i, c->out, c->by_block);
-            if (kern__kv_cold(kv, b)) /* quantized: decoded to f32 first */
-                kern__host_block_bounds_part(kv, c->layer, c->blocks, c->n, g, i, i + 1, c->out,
-                                             c->by_block, c->be->scratch[thread].p);
-            else
+    const bool avx2 = c->be->isa >= CPU_ISA_AVX2;
+#endif
+    for (uint32_t i = i0; i < i1; i++) {
+        const uint32_t b = (uint32_t)c->blocks[i];
+        uint16_t *out = kern__host_bounds_out(kv, c->blocks, c->n, g, i, c->out, c->by_block);
+#ifdef CPU_HAVE_X86
+        if (avx2) {
+            if (kv->dtype == KERN_F16 && !kern__kv_cold(kv, b)) /* else decoded to f32 first */
                 bounds_f16_avx2((const uint16_t *)((const uint8_t *)kv->k +
                                                    kern__kv_offset(kv, c->layer, b, g, 0)),
-                                kv->block_tokens, d, mx, mx + d);
+                                kv->block_tokens, d, mx, mn);
+            else
+                kern__host_block_minmax(kv, c->layer, b, g, x, mx, mn);
+            bounds_round_f16c(mx, mn, d, out);
+            continue;
         }
-        return;
-    }
 #endif
-    kern__host_block_bounds_part(kv, c->layer, c->blocks, c->n, g, i0, i1, c->out, c->by_block,
-                                 c->be->scratch[thread].p);
+        kern__host_block_minmax(kv, c->layer, b, g, x, mx, mn);
+        kern__host_bounds_round(mx, mn, d, out);
+    }
 }
 
 #ifdef CPU_HAVE_X86
 /* sum_e max(q_e mx_e, q_e mn_e) for one query head against one block's
  * bounds, the same products as the GEMM's split (max(q, 0) mx + min(q, 0)
  * mn, term by term), summed in eight lanes. */
-__attribute__((target("avx2,fma"))) static float
-bound_avx2(const float *q, const float *mx, uint32_t d)
+__attribute__((target("avx2,fma,f16c"))) static float
+bound_avx2(const float *q, const uint16_t *mx, uint32_t d)
 {
-    const float *mn = mx + d;
+    const uint16_t *mn = mx + d;
     __m256 acc = _mm256_setzero_ps();
     uint32_t e = 0;
     for (; e + 8 <= d; e += 8) {
         __m256 x = _mm256_loadu_ps(q + e);
-        acc = _mm256_add_ps(acc, _mm256_max_ps(_mm256_mul_ps(x, _mm256_loadu_ps(mx + e)),
-                                               _mm256_mul_ps(x, _mm256_loadu_ps(mn + e))));
+        __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mx + e)));
+        __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + e)));
+        acc = _mm256_add_ps(acc, _mm256_max_ps(_mm256_mul_ps(x, hi), _mm256_mul_ps(x, lo)));
     }
     float s = (float)cpu_hsum_avx2(acc);
     for (; e < d; e++) {
-        float u = q[e] * mx[e], w = q[e] * mn[e];
+        float u = q[e] * kvs_fp16_to_f32(mx[e]), w = q[e] * kvs_fp16_to_f32(mn[e]);
         s += u > w ? u : w;
     }
     return s;
@@ -799,7 +829,7 @@ cpu_block_scores(kern_backend_t *base, const kern_block_score_args_t *a)
 
 static int
 cpu_block_bounds(kern_backend_t *base, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
-                 uint32_t n, float *out, bool by_block)
+                 uint32_t n, uint16_t *out, bool by_block)
 {
     bounds_ctx_t c = {.be = (kern_cpu_t *)base,
                       .kv = kv,
@@ -809,8 +839,8 @@ cpu_block_bounds(kern_backend_t *base, const kern_kv_t *kv, uint32_t layer, cons
                       .n_chunks = (n + BOUNDS_CHUNK - 1) / BOUNDS_CHUNK,
                       .out = out,
                       .by_block = by_block};
-    int rc =
-        kern__cpu_scratch_reserve(c.be, (size_t)kv->block_tokens * kv->head_dim * sizeof(float));
+    int rc = kern__cpu_scratch_reserve(c.be, ((size_t)kv->block_tokens + 2) * kv->head_dim *
+                                                 sizeof(float));
     if (rc)
         return rc;
     kern__cpu_parallel(c.be, (int)(kv->n_kv_heads * c.n_chunks), bounds_task, &c);

@@ -244,10 +244,10 @@ ref_kv_gather(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, con
 
 static int
 ref_block_bounds(kern_backend_t *base, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
-                 uint32_t n, float *out, bool by_block)
+                 uint32_t n, uint16_t *out, bool by_block)
 {
-    float *x =
-        ref_scratch((kern_ref_t *)base, (size_t)kv->block_tokens * kv->head_dim * sizeof(float));
+    float *x = ref_scratch((kern_ref_t *)base,
+                           ((size_t)kv->block_tokens + 2) * kv->head_dim * sizeof(float));
     if (x == NULL)
         return KVS_ENOMEM;
     for (uint32_t g = 0; g < kv->n_kv_heads; g++)

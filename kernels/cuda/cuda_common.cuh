@@ -259,7 +259,7 @@ int kern__cuda_attention_init(kern_cuda_t *be);
 int kern__cuda_kv_gather(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src,
                          const int32_t *dst, uint32_t n);
 int kern__cuda_block_bounds(kern_cuda_t *be, const kern_kv_t *kv, uint32_t layer,
-                            const int32_t *blocks, uint32_t n, float *out, bool by_block);
+                            const int32_t *blocks, uint32_t n, uint16_t *out, bool by_block);
 int kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a);
 int kern__cuda_block_select(kern_cuda_t *be, const kern_block_select_args_t *a);
 int kern__cuda_attn_mass(kern_cuda_t *be, const kern_attn_mass_args_t *a);

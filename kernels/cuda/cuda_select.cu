@@ -107,6 +107,17 @@ kern__cuda_kv_gather(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, c
 /* Quest bounds.                                                            */
 /* ------------------------------------------------------------------------ */
 
+/* kvs_f32_to_fp16_dir on the device: x as f16 bits rounded up (or
+ * down), saturating at +-65504, NaN a quiet NaN of its sign. */
+static __device__ __forceinline__ uint16_t
+bound_half(float x, bool up)
+{
+    if (x != x)
+        return (uint16_t)(((__float_as_uint(x) >> 16) & 0x8000u) | 0x7e00u);
+    x = fminf(fmaxf(x, -65504.0f), 65504.0f);
+    return __half_as_ushort(up ? __float2half_ru(x) : __float2half_rd(x));
+}
+
 /* blockIdx.x: block i of the list, blockIdx.y: KV head g; threads walk the
  * channels, so every token's row is one coalesced read.  by_rows: the
  * rows of KV head g in out (kern_kv_pool_bounds: block blk at row blk),
@@ -114,11 +125,11 @@ kern__cuda_kv_gather(kern_cuda_t *be, const kern_kv_t *kv, const int32_t *src, c
 template <typename T>
 static __global__ void
 block_bounds_kernel(const T *k, kern_cuda_kvq_t kvq, uint32_t n_kv, uint32_t bt, uint32_t d,
-                    const int32_t *blocks, uint32_t n, uint32_t by_rows, float *out)
+                    const int32_t *blocks, uint32_t n, uint32_t by_rows, uint16_t *out)
 {
     const uint32_t i = blockIdx.x, g = blockIdx.y, blk = (uint32_t)blocks[i];
     const size_t row = by_rows ? (size_t)g * by_rows + blk : (size_t)g * n + i;
-    float *mx = out + row * 2 * d, *mn = mx + d;
+    uint16_t *mx = out + row * 2 * d, *mn = mx + d;
     for (uint32_t e = threadIdx.x; e < d; e += blockDim.x) {
         float hi = kern__cuda_kv_elem(k, kvq, false, blk, n_kv, g, bt, d, 0, e), lo = hi;
         for (uint32_t t = 1; t < bt; t++) {
@@ -126,14 +137,14 @@ block_bounds_kernel(const T *k, kern_cuda_kvq_t kvq, uint32_t n_kv, uint32_t bt,
             hi = fmaxf(hi, x);
             lo = fminf(lo, x);
         }
-        mx[e] = hi;
-        mn[e] = lo;
+        mx[e] = bound_half(hi, true);
+        mn[e] = bound_half(lo, false);
     }
 }
 
 int
 kern__cuda_block_bounds(kern_cuda_t *be, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
-                        uint32_t n, float *out, bool by_block)
+                        uint32_t n, uint16_t *out, bool by_block)
 {
     if (kv->n_kv_heads > 65535) {
         KVS_ERRORF("cuda: block_bounds: %u KV heads exceed the grid limit", kv->n_kv_heads);
@@ -180,18 +191,19 @@ split_kernel(const float *q, uint32_t n_q, uint32_t n_heads, uint32_t G, uint32_
     }
 }
 
-/* dst[b] = KV head g's bounds row rows[b] (of `stride` a head): the rows
- * a sequence's blocks have in a kern_kv_pool_bounds store, side by side
- * for the product. */
+/* dst[b] = KV head g's bounds row rows[b] (row b without rows; of
+ * `stride` a head) in f32: the product's operands, side by side where the
+ * rows come from a kern_kv_pool_bounds store. */
 static __global__ void
-gather_bounds_kernel(const float *bounds, size_t stride, uint32_t g, const int32_t *rows,
+gather_bounds_kernel(const __half *bounds, size_t stride, uint32_t g, const int32_t *rows,
                      uint32_t nb, uint32_t w, float *dst)
 {
     const size_t count = (size_t)nb * w;
     for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < count;
          t += (size_t)gridDim.x * blockDim.x) {
         const size_t b = t / w, e = t % w;
-        dst[t] = bounds[((size_t)g * stride + (size_t)rows[b]) * w + e];
+        const size_t row = rows ? (size_t)rows[b] : b;
+        dst[t] = __half2float(bounds[((size_t)g * stride + row) * w + e]);
     }
 }
 
@@ -236,7 +248,7 @@ group_max_kernel(const float *y, uint32_t n_q, uint32_t G, uint32_t q_group, uin
  * them, in one launch. */
 static __global__ void
 few_scores_kernel(const float *q, uint32_t n_q, uint32_t n_heads, uint32_t n_kv, uint32_t d,
-                  const float *bounds, size_t bstride, const int32_t *rows, const uint32_t *indptr,
+                  const __half *bounds, size_t bstride, const int32_t *rows, const uint32_t *indptr,
                   uint32_t nb, uint32_t qg, bool per_kv_head, float *score, uint32_t sstride)
 {
     const uint32_t lane = threadIdx.x & 31;
@@ -253,14 +265,14 @@ few_scores_kernel(const float *q, uint32_t n_q, uint32_t n_heads, uint32_t n_kv,
         const uint32_t i1 = (grp + 1) * qg < n_q ? (grp + 1) * qg : n_q;
         float best = -INFINITY;
         for (uint32_t g = g0; g < g1; g++) {
-            const float *mx = bounds + ((size_t)g * bstride + row) * 2 * d, *mn = mx + d;
+            const __half *mx = bounds + ((size_t)g * bstride + row) * 2 * d, *mn = mx + d;
             for (uint32_t i = grp * qg; i < i1; i++)
                 for (uint32_t hh = 0; hh < G; hh++) {
                     const float *qr = q + ((size_t)i * n_heads + (size_t)g * G + hh) * d;
                     float s = 0.0f;
                     for (uint32_t e = lane; e < d; e += 32) {
                         const float x = qr[e];
-                        s += fmaxf(x * mx[e], x * mn[e]);
+                        s += fmaxf(x * __half2float(mx[e]), x * __half2float(mn[e]));
                     }
                     best = fmaxf(best, kern__cuda_warp_sum(s));
                 }
@@ -307,11 +319,13 @@ kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
         drows = (const int32_t *)dv;
         dptr = a->bounds_indptr ? (const uint32_t *)((const char *)dv + lb) : NULL;
     }
+    if (be->mode == KERN_CUDA_DRY)
+        return KERN_CUDA_DRY_DONE; /* staged as a recording will stage */
     if ((rows <= FEW_PAIRS || dptr) && a->n_kv_heads <= 65535) {
         const dim3 grid((nb + FEW_WARPS - 1) / FEW_WARPS, a->per_kv_head ? a->n_kv_heads : 1);
         few_scores_kernel<<<grid, FEW_WARPS * 32, 0, be->stream>>>(
-            a->q, a->n_q, a->n_heads, a->n_kv_heads, d, a->bounds, bstride, drows, dptr, nb, qg,
-            a->per_kv_head, a->score, sstride);
+            a->q, a->n_q, a->n_heads, a->n_kv_heads, d, (const __half *)a->bounds, bstride, drows,
+            dptr, nb, qg, a->per_kv_head, a->score, sstride);
         KERN_CUDA_LAUNCHED();
         return 0;
     }
@@ -320,14 +334,10 @@ kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
         return KVS_ENOTSUP;
     }
     for (uint32_t g = 0; g < a->n_kv_heads; g++) {
-        const float *bd = a->bounds + (size_t)g * bstride * 2 * d;
-        if (drows) {
-            const size_t ng = (size_t)nb * 2 * d;
-            gather_bounds_kernel<<<kern__cuda_grid(be, ng, 256), 256, 0, be->stream>>>(
-                a->bounds, bstride, g, drows, nb, 2 * d, gb);
-            KERN_CUDA_LAUNCHED();
-            bd = gb;
-        }
+        const size_t ng = (size_t)nb * 2 * d;
+        gather_bounds_kernel<<<kern__cuda_grid(be, ng, 256), 256, 0, be->stream>>>(
+            (const __half *)a->bounds, bstride, g, drows, nb, 2 * d, gb);
+        KERN_CUDA_LAUNCHED();
         const size_t nx = rows * d;
         split_kernel<<<kern__cuda_grid(be, nx, 256), 256, 0, be->stream>>>(a->q, a->n_q, a->n_heads,
                                                                            G, g, d, x);
@@ -335,7 +345,7 @@ kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
         /* Column-major: y^T (nb x rows) = W (nb x 2d, rows of the summary)
          * times x^T (2d x rows), as kern__cuda_matmul does. */
         KERN_CUBLAS_TRY(cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)nb, (int)rows,
-                                     (int)(2 * d), &one, bd, CUDA_R_32F, (int)(2 * d), x,
+                                     (int)(2 * d), &one, gb, CUDA_R_32F, (int)(2 * d), x,
                                      CUDA_R_32F, (int)(2 * d), &zero, y, CUDA_R_32F, (int)nb,
                                      CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
         const size_t ns = (size_t)n_groups * nb;

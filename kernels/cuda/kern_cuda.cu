@@ -1151,7 +1151,7 @@ cuda_kv_gather(kern_backend_t *base, const kern_kv_t *kv, const int32_t *src, co
 
 static int
 cuda_block_bounds(kern_backend_t *base, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
-                  uint32_t n, float *out, bool by_block)
+                  uint32_t n, uint16_t *out, bool by_block)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
     int rc = cuda_enter(be);
@@ -1163,10 +1163,8 @@ static int
 cuda_block_scores(kern_backend_t *base, const kern_block_score_args_t *a)
 {
     kern_cuda_t *be = (kern_cuda_t *)base;
-    if (be->mode == KERN_CUDA_DRY)
-        return 0; /* stages nothing */
     int rc = cuda_enter(be);
-    return cuda_leave(be, rc ? rc : kern__cuda_block_scores(be, a));
+    return cuda_done(be, rc ? rc : kern__cuda_block_scores(be, a));
 }
 
 static int

@@ -12,6 +12,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 static void
@@ -163,14 +164,76 @@ test_half(void **state)
     assert_int_equal(out, 12);
 }
 
+/* kvs_f32_to_fp16_dir against its definition: the least half-precision
+ * value >= f (up) or the greatest <= f, found in a sorted table of them,
+ * for f clamped to +-65504. */
+static int
+cmp_float(const void *a, const void *b)
+{
+    const float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+static void
+test_half_directed(void **state)
+{
+    (void)state;
+    static float table[65536];
+    uint32_t n = 0;
+    for (uint32_t h = 0; h < 65536; h++) {
+        float f = kvs_fp16_to_f32((uint16_t)h);
+        if (!isnan(f) && !isinf(f) && h != 0x8000)
+            table[n++] = f;
+    }
+    qsort(table, n, sizeof table[0], cmp_float);
+    uint64_t rng = 0x9e3779b97f4a7c15ull;
+    for (int t = 0; t < 20000; t++) {
+        float f;
+        if (t < 2 * 65536 / 8) { /* halves, and the points just beside them */
+            f = kvs_fp16_to_f32((uint16_t)(t * 8 / 2 + t % 2));
+            if (isnan(f) || isinf(f))
+                continue;
+            f = t % 4 < 2 ? f : nextafterf(f, t % 4 == 2 ? INFINITY : -INFINITY);
+        } else {
+            rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+            uint32_t bits = (uint32_t)(rng >> 32);
+            memcpy(&f, &bits, sizeof f);
+            if (isnan(f) || fabsf(f) > 1e6f)
+                f = (float)((int32_t)bits) * 0x1p-20f;
+        }
+        const float c = f > 65504.0f ? 65504.0f : f < -65504.0f ? -65504.0f : f;
+        uint32_t lo = 0, hi = n; /* the first entry >= c */
+        while (lo < hi) {
+            uint32_t mid = (lo + hi) / 2;
+            if (table[mid] < c)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        assert_true(lo < n);
+        const float up = kvs_fp16_to_f32(kvs_f32_to_fp16_dir(f, true));
+        const float down = kvs_fp16_to_f32(kvs_f32_to_fp16_dir(f, false));
+        assert_true(up == table[lo]);
+        assert_true(down == (table[lo] == c ? c : table[lo - 1]));
+    }
+    /* Saturation, infinities, zeros and NaN. */
+    assert_int_equal(kvs_f32_to_fp16_dir(1e6f, true), 0x7bff);
+    assert_int_equal(kvs_f32_to_fp16_dir(INFINITY, false), 0x7bff);
+    assert_int_equal(kvs_f32_to_fp16_dir(-INFINITY, true), 0xfbff);
+    assert_int_equal(kvs_f32_to_fp16_dir(0x1p-30f, true), 0x0001);
+    assert_true(kvs_fp16_to_f32(kvs_f32_to_fp16_dir(0x1p-30f, false)) == 0.0f);
+    assert_int_equal(kvs_f32_to_fp16_dir(-0x1p-30f, false), 0x8001);
+    assert_true(kvs_fp16_to_f32(kvs_f32_to_fp16_dir(0.0f, true)) == 0.0f);
+    assert_true(isnan(kvs_fp16_to_f32(kvs_f32_to_fp16_dir(NAN, true))));
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_errors),
-        cmocka_unit_test(test_arena),
-        cmocka_unit_test(test_mpsc),
-        cmocka_unit_test(test_half),
+        cmocka_unit_test(test_errors),        cmocka_unit_test(test_arena),
+        cmocka_unit_test(test_mpsc),          cmocka_unit_test(test_half),
+        cmocka_unit_test(test_half_directed),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -134,7 +134,7 @@ fake_attn(kern_backend_t *be, const kern_attn_args_t *a)
  * lowest block ids (ties go by index). */
 static int
 fake_bounds(kern_backend_t *be, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
-            uint32_t n, float *out, bool by_block)
+            uint32_t n, uint16_t *out, bool by_block)
 {
     (void)be;
     (void)kv;
