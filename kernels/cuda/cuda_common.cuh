@@ -109,6 +109,7 @@ typedef struct kern_cuda_graph {
     uint64_t layout;      /* the arena's offsets and sizes when recorded */
     uint64_t used;        /* graph_clock at the last replay; 0: free slot */
     bool broken;          /* recording failed: this key runs eagerly */
+    bool retried;         /* one recording failed for a workspace to grow */
 } kern_cuda_graph_t;
 
 typedef struct kern_cuda {

@@ -24,8 +24,10 @@
  * elsewhere is recorded again instead.  Kernels read them from the
  * device twin at the recorded addresses, so growing the twin (a longer
  * step) drops every recorded graph.  Workspaces must already be large
- * enough (kern_reserve): one that would grow fails the recording, and the
- * key runs eagerly from then on, as does any key whose recording fails.
+ * enough (kern_reserve): one that would grow fails the recording, the
+ * step runs eagerly (growing it) and the next step of the key records
+ * again; a second failure, or any other, and the key runs eagerly from
+ * then on.
  */
 #include "cuda_common.cuh"
 
@@ -134,6 +136,7 @@ graph_slot(kern_cuda_t *be, uint64_t key)
     graph_drop(best);
     best->key = key;
     best->used = ++be->graph_clock;
+    best->retried = false;
     return best;
 }
 
@@ -208,8 +211,10 @@ kern__cuda_graph_run(kern_cuda_t *be, uint64_t key, kern_graph_fn fn, void *arg)
     if (be->mode != KERN_CUDA_EAGER)
         return KVS_EINVAL; /* no step inside a step */
     kern_cuda_graph_t *g = graph_find(be, key);
-    if (g && g->broken)
+    if (g && g->broken) {
+        g->used = ++be->graph_clock; /* kept, so it is not recorded and refused again */
         return fn(arg);
+    }
 
     /* The last replay's copy out of the arena must be done before the
      * arena is rewritten. */
@@ -252,6 +257,13 @@ kern__cuda_graph_run(kern_cuda_t *be, uint64_t key, kern_graph_fn fn, void *arg)
         rc = record(be, fn, arg, staged, &g->exec);
         if (be->base.failed)
             return KVS_EDEVICE;
+        if (rc == KVS_ENOTSUP && !g->retried) {
+            /* A workspace to grow first (no kern_reserve, or a longer
+             * step): the eager run grows it; the next step records. */
+            g->retried = true;
+            g->used = ++be->graph_clock;
+            return fn(arg);
+        }
         if (rc) {
             graph_give_up(be, key, rc);
             return fn(arg);

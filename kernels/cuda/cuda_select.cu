@@ -114,7 +114,7 @@ bound_half(float x, bool up)
 {
     if (x != x)
         return (uint16_t)(((__float_as_uint(x) >> 16) & 0x8000u) | 0x7e00u);
-    x = fminf(fmaxf(x, -65504.0f), 65504.0f);
+    x = x > 65504.0f ? 65504.0f : x < -65504.0f ? -65504.0f : x;
     return __half_as_ushort(up ? __float2half_ru(x) : __float2half_rd(x));
 }
 
@@ -134,8 +134,10 @@ block_bounds_kernel(const T *k, kern_cuda_kvq_t kvq, uint32_t n_kv, uint32_t bt,
         float hi = kern__cuda_kv_elem(k, kvq, false, blk, n_kv, g, bt, d, 0, e), lo = hi;
         for (uint32_t t = 1; t < bt; t++) {
             float x = kern__cuda_kv_elem(k, kvq, false, blk, n_kv, g, bt, d, t, e);
-            hi = fmaxf(hi, x);
-            lo = fminf(lo, x);
+            /* The host backends' compares: a NaN first key stays, a
+             * later one is passed over, and of two zeros the first. */
+            hi = x > hi ? x : hi;
+            lo = x < lo ? x : lo;
         }
         mx[e] = bound_half(hi, true);
         mn[e] = bound_half(lo, false);
