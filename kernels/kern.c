@@ -561,6 +561,8 @@ kern_block_scores(kern_backend_t *be, const kern_block_score_args_t *a)
     if (!a->q || !a->bounds || !a->score || !a->work ||
         kern_block_scores_work(a) > SIZE_MAX / sizeof(float))
         return KVS_EINVAL;
+    if (a->lists_in_backend) /* not readable here: the caller's word */
+        return a->bounds_rows && a->bounds_stride ? be->ops->block_scores(be, a) : KVS_EINVAL;
     uint32_t listed = a->n_blocks; /* bounds_rows entries read */
     if (a->bounds_indptr) {
         const uint32_t qg = a->q_group ? a->q_group : 1, ng = (a->n_q + qg - 1) / qg;

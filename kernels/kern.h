@@ -580,6 +580,11 @@ typedef struct kern_block_score_args {
      * (each count <= n_blocks).  The candidates of rows of different
      * sequences, a decode step's, in one call. */
     const uint32_t *bounds_indptr;
+    /* bounds_rows and bounds_indptr are backend memory, not host: lists
+     * uploaded once and read by several calls (a decode step's layers).
+     * Nothing checks their entries then (the caller vouches for the rules
+     * above); bounds_stride must be set. */
+    bool lists_in_backend;
     uint32_t q_group; /* query rows per score row; 0 means 1 */
     bool per_kv_head; /* a score row per KV head of each group */
     /* [ceil(n_q / q_group)][per_kv_head ? n_kv_heads : 1][score_stride],

@@ -31,6 +31,17 @@
  * backend). */
 static atomic_uint_fast64_t g_epoch;
 
+/* One decode run of a step's plan (quest_plan): the run decode_run gets
+ * in every layer, where its slabs' lists lie, and the blocks it
+ * summarises again. */
+typedef struct qp_run {
+    uint32_t s0, s1, first, n;
+    size_t slab_at; /* its slabs' entries in qp_slab */
+    size_t ptr_at;  /* its slabs' offsets in qp_ptr, (slab + 1) each */
+    size_t todo_at; /* its stale blocks in qp_todo */
+    uint32_t n_todo;
+} qp_run_t;
+
 struct model_ctx {
     model_t *m;
     kern_backend_t *be;
@@ -69,7 +80,23 @@ struct model_ctx {
     uint16_t *sum;     /* backend f16, [n_layers][n_kv][sum_blocks][2 * head_dim] */
     uint64_t *sum_gen; /* [n_layers][sum_blocks]: block_gen summarised, 0 none */
     int32_t *sum_todo; /* [sum_blocks]: blocks a call summarises */
-    uint32_t sum_blocks;
+    uint32_t sum_blocks, sum_layers;
+    /* Quest's plan of a step (quest_plan): every decode run's candidate
+     * lists, made and uploaded once for the layers that read them alike
+     * (from MODEL_DECODE_DENSE_LAYERS to the last but one; the last takes
+     * only the logit rows), and the blocks whose summaries those layers
+     * take again.  Made per layer, they cost the host a walk of every
+     * list and a device copy of them in each layer. */
+    uint64_t qp_epoch; /* the step planned (kern_attn_args_t.pt_epoch); 0 none */
+    uint64_t *qp_mark; /* [sum_blocks]: the step a block went on a todo list */
+    qp_run_t *qp_run;
+    int32_t *qp_list; /* host copy of the lists, slab after slab */
+    uint32_t *qp_ptr; /* each slab's per-row offsets, from 0 */
+    size_t *qp_slab;  /* each slab's first entry in qp_list */
+    int32_t *qp_todo; /* stale blocks, each once a step */
+    float *qp_dev;    /* backend: qp_list, then qp_ptr */
+    size_t qp_n, qp_list_n, qp_ptr_n, qp_slab_n, qp_todo_n;
+    size_t qp_run_cap, qp_list_cap, qp_ptr_cap, qp_slab_cap, qp_todo_cap, qp_dev_cap;
     bool sum_off;        /* no memory for them: summaries per call */
     bool reserved;       /* model_ctx_reserve ran */
     uint32_t late_grows; /* scratch grown after it (model_ctx_late_grows) */
@@ -176,6 +203,12 @@ model_ctx_free(model_ctx_t *c)
     free(c->dr_ptr);
     free(c->dr_k);
     free(c->dr_dense);
+    free(c->qp_run);
+    free(c->qp_list);
+    free(c->qp_ptr);
+    free(c->qp_slab);
+    free(c->qp_todo);
+    kern_free(c->be, c->qp_dev);
     bs_store_free(c);
     free(c);
 }
@@ -443,10 +476,13 @@ bs_store_free(model_ctx_t *c)
     kern_free(c->be, c->sum);
     free(c->sum_gen);
     free(c->sum_todo);
+    free(c->qp_mark);
     c->sum = NULL;
     c->sum_gen = NULL;
     c->sum_todo = NULL;
+    c->qp_mark = NULL;
     c->sum_blocks = 0;
+    c->qp_epoch = 0;
 }
 
 /* The summary store for kv's pool: 0, KVS_ENOMEM (nothing kept). */
@@ -462,11 +498,13 @@ bs_store_alloc(model_ctx_t *c, const kern_kv_t *kv, size_t *bytes)
     c->sum = kern_alloc(c->be, *bytes);
     c->sum_gen = calloc(L * P, sizeof *c->sum_gen);
     c->sum_todo = malloc(P * sizeof *c->sum_todo);
-    if (c->sum == NULL || c->sum_gen == NULL || c->sum_todo == NULL) {
+    c->qp_mark = calloc(P, sizeof *c->qp_mark);
+    if (c->sum == NULL || c->sum_gen == NULL || c->sum_todo == NULL || c->qp_mark == NULL) {
         bs_store_free(c);
         return KVS_ENOMEM;
     }
     c->sum_blocks = kv->n_blocks;
+    c->sum_layers = kv->n_layers;
     KVS_INFOF("model: keeping block-sparse key summaries of %zu KV blocks (%zu MiB)", P,
               *bytes >> 20);
     return 0;
@@ -493,12 +531,33 @@ bs_store_ready(model_ctx_t *c, const kern_kv_t *kv)
     return false;
 }
 
-/* Brings the stored summaries of blocks[0..n) of `layer` up to date and
+/* Summarises todo[0..m) (distinct, stale) of `layer` into the store and
  * sets *out to the layer's store ([n_kv][sum_blocks][2d], rows by block
- * id), or to NULL where there is none.  Only blocks whose block_gen moved
- * since they were summarised are read: at decode, one block in
- * block_tokens steps, where summarising every candidate read half the
- * KV each step. */
+ * id). */
+static int
+bs_store_put(model_ctx_t *c, const kern_kv_t *kv, uint32_t layer, const int32_t *todo, uint32_t m,
+             const uint16_t **out)
+{
+    const size_t P = c->sum_blocks;
+    uint64_t *tag = c->sum_gen + (size_t)layer * P;
+    for (uint32_t k = 0; k < m; k++)
+        tag[todo[k]] = kv->block_gen[todo[k]];
+    uint16_t *base = c->sum + (size_t)layer * kv->n_kv_heads * P * 2 * kv->head_dim;
+    int rc = kern_kv_pool_bounds(c->be, kv, layer, todo, m, base);
+    if (rc) {
+        for (uint32_t k = 0; k < m; k++)
+            tag[todo[k]] = 0;
+        return rc;
+    }
+    *out = base;
+    return 0;
+}
+
+/* Brings the stored summaries of blocks[0..n) of `layer` up to date and
+ * sets *out to the layer's store, or to NULL where there is none.  Only
+ * blocks whose block_gen moved since they were summarised are read: at
+ * decode, one block in block_tokens steps, where summarising every
+ * candidate read half the KV each step. */
 static int
 bs_store(model_ctx_t *c, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks, uint32_t n,
          const uint16_t **out)
@@ -507,26 +566,19 @@ bs_store(model_ctx_t *c, const kern_kv_t *kv, uint32_t layer, const int32_t *blo
     if (!bs_store_ready(c, kv))
         return 0;
     const size_t P = c->sum_blocks;
-    uint64_t *tag = c->sum_gen + (size_t)layer * P;
+    const uint64_t *tag = c->sum_gen + (size_t)layer * P;
+    const uint64_t mark = atomic_fetch_add(&g_epoch, 1) + 1;
     uint32_t m = 0;
     for (uint32_t i = 0; i < n; i++) {
         const int32_t b = blocks[i];
         if (b < 0 || (size_t)b >= P)
             return KVS_EINVAL;
-        if (tag[b] != kv->block_gen[b]) {
-            tag[b] = kv->block_gen[b]; /* a block listed twice is summarised once */
+        if (tag[b] != kv->block_gen[b] && c->qp_mark[b] != mark) {
+            c->qp_mark[b] = mark; /* a block listed twice is summarised once */
             c->sum_todo[m++] = b;
         }
     }
-    uint16_t *base = c->sum + (size_t)layer * kv->n_kv_heads * P * 2 * kv->head_dim;
-    int rc = kern_kv_pool_bounds(c->be, kv, layer, c->sum_todo, m, base);
-    if (rc) {
-        for (uint32_t k = 0; k < m; k++)
-            tag[c->sum_todo[k]] = 0;
-        return rc;
-    }
-    *out = base;
-    return 0;
+    return bs_store_put(c, kv, layer, c->sum_todo, m, out);
 }
 
 /* Block-sparse attention over the N prompt rows of one sequence call `o`.
@@ -687,6 +739,15 @@ model_ctx_reserve(model_ctx_t *c, uint32_t max_ctx, uint32_t block_tokens,
         }
         c->sum_off = false;
     }
+    if (summaries) {
+        /* Quest's lists for a step of max_logits rows (quest_plan), or
+         * of every block twice where that is less. */
+        size_t rows = c->max_logits, entries = rows * nw;
+        entries =
+            entries < 2 * (size_t)summaries->n_blocks ? entries : 2 * (size_t)summaries->n_blocks;
+        entries += rows * (slab_q + 2) + slab_q + 1;
+        TRY(bs_grow_be(c, &c->qp_dev, &c->qp_dev_cap, bs_floats(entries * sizeof(int32_t))));
+    }
     c->reserved = true;
     return 0;
 }
@@ -703,6 +764,102 @@ quest_row(const model_batch_t *b, const kern_attn_args_t *a, uint32_t s, uint32_
 {
     return b->seq_policy[s].decode_top_k && a->layer >= MODEL_DECODE_DENSE_LAYERS &&
            (uint32_t)a->kv_len[i] > b->seq_n_prompt[s];
+}
+
+/* Row i of sequence s in a decode run: the end of its candidates [0, end)
+ * below its own block, 0 where it chooses none (dense, or k or fewer
+ * candidates: it keeps them all). */
+static uint32_t
+run_row_end(const model_batch_t *b, const kern_attn_args_t *a, uint32_t s, uint32_t i)
+{
+    const uint32_t e = ((uint32_t)a->kv_len[i] - 1) / a->kv->block_tokens;
+    return quest_row(b, a, s, i) && e > b->seq_policy[s].decode_top_k ? e : 0;
+}
+
+/* decode_run's plan for the run of sequences [s0, s1) from row `first`
+ * (quest_plan): each slab's candidate lists and offsets appended to the
+ * step's, and the blocks of them whose summaries are stale in layer
+ * MODEL_DECODE_DENSE_LAYERS (and so in every layer after it: they all
+ * summarise the same blocks, the same way, at each step) that no earlier
+ * run of the step listed.  No entry where no row chooses. */
+static int
+decode_plan(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32_t s0,
+            uint32_t s1, uint32_t first)
+{
+    const kern_kv_t *kv = a->kv;
+    const uint32_t r0 = first, n = (uint32_t)a->q_indptr[s1] - r0,
+                   slab = bs_slab_q(kv->block_tokens);
+    size_t listed = 0;
+    for (uint32_t s = s0; s < s1; s++)
+        for (int32_t i = s > s0 ? a->q_indptr[s] : (int32_t)r0; i < a->q_indptr[s + 1]; i++)
+            listed += run_row_end(b, a, s, (uint32_t)i);
+    if (listed == 0)
+        return 0;
+    const size_t n_slabs = (n + slab - 1) / slab;
+    TRY(bs_grow((void **)&c->qp_run, &c->qp_run_cap, c->qp_n + 1, sizeof(qp_run_t)));
+    TRY(bs_grow((void **)&c->qp_list, &c->qp_list_cap, c->qp_list_n + listed, sizeof(int32_t)));
+    TRY(bs_grow((void **)&c->qp_ptr, &c->qp_ptr_cap, c->qp_ptr_n + n_slabs * (slab + 1),
+                sizeof(uint32_t)));
+    TRY(bs_grow((void **)&c->qp_slab, &c->qp_slab_cap, c->qp_slab_n + n_slabs, sizeof(size_t)));
+    TRY(bs_grow((void **)&c->qp_todo, &c->qp_todo_cap, c->qp_todo_n + listed, sizeof(int32_t)));
+    qp_run_t *run = &c->qp_run[c->qp_n];
+    *run = (qp_run_t){.s0 = s0,
+                      .s1 = s1,
+                      .first = first,
+                      .n = n,
+                      .slab_at = c->qp_slab_n,
+                      .ptr_at = c->qp_ptr_n,
+                      .todo_at = c->qp_todo_n};
+    const size_t P = c->sum_blocks;
+    const uint64_t *tag = c->sum_gen + (size_t)MODEL_DECODE_DENSE_LAYERS * P;
+    size_t at = c->qp_list_n, todo = c->qp_todo_n;
+    for (uint32_t s = s0, q0 = 0, k = 0; q0 < n; q0 += slab, k++) {
+        const uint32_t q1 = q0 + slab < n ? q0 + slab : n;
+        uint32_t *ptr = c->qp_ptr + run->ptr_at + (size_t)k * (slab + 1);
+        c->qp_slab[run->slab_at + k] = at;
+        ptr[0] = 0;
+        for (uint32_t r = q0; r < q1; r++) {
+            while ((uint32_t)a->q_indptr[s + 1] <= r0 + r)
+                s++;
+            const uint32_t e = run_row_end(b, a, s, r0 + r);
+            const int32_t *blocks = a->pt.indices + a->pt.indptr[s];
+            for (uint32_t j = 0; j < e; j++) {
+                const int32_t blk = blocks[j];
+                if (blk < 0 || (size_t)blk >= P)
+                    return KVS_EINVAL;
+                c->qp_list[at++] = blk;
+                if (tag[blk] != kv->block_gen[blk] && c->qp_mark[blk] != a->pt_epoch) {
+                    c->qp_mark[blk] = a->pt_epoch;
+                    c->qp_todo[todo++] = blk;
+                }
+            }
+            ptr[r - q0 + 1] = ptr[r - q0] + e;
+        }
+    }
+    run->n_todo = (uint32_t)(todo - c->qp_todo_n);
+    c->qp_list_n = at;
+    c->qp_ptr_n += n_slabs * (slab + 1);
+    c->qp_slab_n += n_slabs;
+    c->qp_todo_n = todo;
+    c->qp_n++;
+    return 0;
+}
+
+/* The planned run that decode_run(s0, s1, first) of layer a->layer is, or
+ * NULL: none planned, or the last layer's rows. */
+static const qp_run_t *
+planned_run(const model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32_t s0,
+            uint32_t s1, uint32_t first)
+{
+    if (c->qp_epoch == 0 || c->qp_epoch != a->pt_epoch || a->q_indptr != b->seq_indptr ||
+        a->layer < MODEL_DECODE_DENSE_LAYERS)
+        return NULL;
+    for (size_t k = 0; k < c->qp_n; k++) {
+        const qp_run_t *r = &c->qp_run[k];
+        if (r->s0 == s0 && r->s1 == s1 && r->first == first)
+            return r;
+    }
+    return NULL;
 }
 
 /* The rows of sequences [s0, s1) of a from row `first` on (s0's own, or a
@@ -757,8 +914,7 @@ decode_run(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, ui
             const uint32_t nb = (L + bt - 1) / bt, k = b->seq_policy[s].decode_top_k;
             stride = nb > stride ? nb : stride;
             const bool q = quest_row(b, a, s, (uint32_t)i);
-            const uint32_t e = (L - 1) / bt; /* a row with k or fewer keeps them all */
-            c->bs_ends[r] = q && e > k ? e : 0;
+            c->bs_ends[r] = run_row_end(b, a, s, (uint32_t)i);
             c->dr_k[r] = q ? k : 1;
             c->dr_dense[r] = !q;
             nw = c->bs_ends[r] > nw ? c->bs_ends[r] : nw;
@@ -787,12 +943,27 @@ decode_run(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, ui
         TRY(bs_grow((void **)&c->dr_list, &c->dr_list_cap, (size_t)slab * nw, sizeof(int32_t)));
         TRY(bs_grow((void **)&c->dr_ptr, &c->dr_ptr_cap, (size_t)slab + 1, sizeof(uint32_t)));
     }
+    /* A planned run (quest_plan): its stale blocks summarised once for
+     * the layer, its lists already on the backend. */
+    const qp_run_t *plan = have_store ? planned_run(c, b, a, s0, s1, first) : NULL;
+    const uint16_t *pstore = NULL;
+    if (plan && plan->n != n)
+        return KVS_EINVAL; /* not the run planned: a bug, not input */
+    if (plan)
+        TRY(bs_store_put(c, kv, o.layer, c->qp_todo + plan->todo_at, plan->n_todo, &pstore));
     uint8_t *mask = (uint8_t *)c->bs_mask;
     kern_block_select_args_t sel = {
         .score = c->bs_dscore, .n_kv_heads = n_kv, .score_stride = nw, .mask_head_stride = stride};
     for (uint32_t s = s0, q0 = 0; q0 < n; q0 += slab) {
         const uint32_t q1 = q0 + slab < n ? q0 + slab : n;
-        if (have_store) {
+        if (plan) {
+            const size_t k = q0 / slab, pk = plan->ptr_at + k * (slab + 1);
+            sa.bounds_rows = (const int32_t *)c->qp_dev + c->qp_slab[plan->slab_at + k];
+            sa.bounds_indptr = (const uint32_t *)((const int32_t *)c->qp_dev + c->qp_list_n) + pk;
+            sa.lists_in_backend = true;
+            if (c->qp_ptr[pk + (q1 - q0)] == 0)
+                sa.bounds_rows = NULL; /* nothing listed: no scores to take */
+        } else if (have_store) {
             /* The slab's candidates, a list per row, summarised and
              * scored in one call each. */
             c->dr_ptr[0] = 0;
@@ -804,21 +975,21 @@ decode_run(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, ui
                 c->dr_ptr[r - q0 + 1] = at + e;
             }
             const uint32_t listed = c->dr_ptr[q1 - q0];
-            const uint16_t *store = NULL;
+            pstore = NULL;
             if (listed)
-                TRY(bs_store(c, kv, o.layer, c->dr_list, listed, &store));
-            if (store) {
-                sa.q = a->q + (size_t)(r0 + q0) * qd;
-                sa.n_q = q1 - q0;
-                sa.n_blocks = nw;
-                sa.bounds = store;
-                sa.bounds_stride = c->sum_blocks;
-                sa.bounds_rows = c->dr_list;
-                sa.bounds_indptr = c->dr_ptr;
-                sa.score = c->bs_dscore;
-                sa.work = c->bs_work;
-                TRY(kern_block_scores(c->be, &sa));
-            }
+                TRY(bs_store(c, kv, o.layer, c->dr_list, listed, &pstore));
+            sa.bounds_rows = c->dr_list;
+            sa.bounds_indptr = c->dr_ptr;
+        }
+        if (have_store && pstore && sa.bounds_rows) {
+            sa.q = a->q + (size_t)(r0 + q0) * qd;
+            sa.n_q = q1 - q0;
+            sa.n_blocks = nw;
+            sa.bounds = pstore;
+            sa.bounds_stride = c->sum_blocks;
+            sa.score = c->bs_dscore;
+            sa.work = c->bs_work;
+            TRY(kern_block_scores(c->be, &sa));
         }
         for (uint32_t r = q0; !have_store && r < q1; r++) {
             while ((uint32_t)a->q_indptr[s + 1] <= r0 + r)
@@ -861,9 +1032,10 @@ decode_run(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, ui
  * one dense call when every sequence is dense; else the sequences with
  * prompt rows one by one, those rows with their policy and the rest dense
  * or Quest's, and the runs of sequences between them that only decode
- * in a call each (decode_run). */
+ * in a call each (decode_run).  With `plan`, only the decode runs, into
+ * the step's plan (decode_plan), and nothing launched. */
 static int
-attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32_t qd)
+attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32_t qd, bool plan)
 {
     bool any = false;
     for (uint32_t s = 0; b->seq_policy && s < b->pt.n_seqs; s++)
@@ -883,12 +1055,20 @@ attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32
         }
         const bool dec = s < b->pt.n_seqs && np == 0 && n <= cap;
         if (s == b->pt.n_seqs || !dec || (uint32_t)a->q_indptr[s + 1] - a->q_indptr[s0] > cap) {
-            TRY(decode_run(c, b, a, s0, s, (uint32_t)a->q_indptr[s0], qd));
+            const uint32_t first = (uint32_t)a->q_indptr[s0];
+            TRY(plan ? decode_plan(c, b, a, s0, s, first) : decode_run(c, b, a, s0, s, first, qd));
             s0 = dec ? s : s + 1;
         }
         if (dec || n == 0)
             continue;
         const model_attn_policy_t *p = &b->seq_policy[s];
+        bool quest = p->decode_top_k && a->layer >= MODEL_DECODE_DENSE_LAYERS;
+        uint32_t nd = quest ? np : n; /* the rows from nd on decode as Quest */
+        if (plan) {
+            if (nd < n)
+                TRY(decode_plan(c, b, a, s, s + 1, r0 + nd));
+            continue;
+        }
         uint32_t ns = np; /* of them, those the prefill policy shapes */
         if (p->kind != MODEL_ATTN_DENSE && p->last_dense && ns > 0 &&
             (uint32_t)a->kv_len[r0 + ns - 1] == b->seq_n_prompt[s])
@@ -909,8 +1089,6 @@ attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32
             ns = 0;
         }
         /* Dense rows [ns, nd), then Quest's decode rows as a run. */
-        bool quest = p->decode_top_k && a->layer >= MODEL_DECODE_DENSE_LAYERS;
-        uint32_t nd = quest ? np : n;
         if (ns < nd) {
             kern_attn_args_t o = one_seq(a, s, r0 + ns, nd - ns, qd, qi, pi);
             TRY(kern_attention(c->be, &o));
@@ -983,7 +1161,7 @@ forward_layers(void *arg)
             h = c->lh;
             n = nl;
         }
-        TRY(attend(c, b, &attn, qd));
+        TRY(attend(c, b, &attn, qd, false));
         TRY(kern_matmul(be, &L->wo, att, n, NULL, h));
         TRY(kern_add_rmsnorm(be, x, h, L->ffn_norm.data, n, d, hp->rms_eps, h));
         TRY(kern_matmul_swiglu(be, &L->w_gate, &L->w_up, h, n, c->up, c->gate));
@@ -997,6 +1175,34 @@ forward_layers(void *arg)
     if (nl == 0)
         return 0;
     return kern_matmul(be, &m->output, c->lh, nl, NULL, c->logits);
+}
+
+/* The step's plan of Quest's decode runs (decode_plan), made from the
+ * attention arguments of a layer that chooses, and its lists uploaded;
+ * c->qp_epoch says it is there.  Without one (no Quest row, a model too
+ * shallow for a layer between the dense ones and the last, no store, no
+ * memory), each layer lists and summarises its candidates itself. */
+static void
+quest_plan(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *attn)
+{
+    c->qp_epoch = 0;
+    bool any = false;
+    for (uint32_t s = 0; b->seq_policy && s < b->pt.n_seqs; s++)
+        any |= b->seq_policy[s].decode_top_k != 0;
+    if (!any || c->m->hp.n_layer < MODEL_DECODE_DENSE_LAYERS + 2 || !bs_store_ready(c, attn->kv))
+        return;
+    kern_attn_args_t a = *attn;
+    a.layer = MODEL_DECODE_DENSE_LAYERS;
+    c->qp_n = c->qp_list_n = c->qp_ptr_n = c->qp_slab_n = c->qp_todo_n = 0;
+    size_t bytes;
+    if (attend(c, b, &a, 0, true) != 0 || c->qp_n == 0 ||
+        kvs_mul_size(c->qp_list_n + c->qp_ptr_n, sizeof(int32_t), &bytes) ||
+        bs_grow_be(c, &c->qp_dev, &c->qp_dev_cap, bs_floats(bytes)) != 0 ||
+        kern_upload(c->be, c->qp_dev, c->qp_list, c->qp_list_n * sizeof(int32_t)) != 0 ||
+        kern_upload(c->be, (int32_t *)c->qp_dev + c->qp_list_n, c->qp_ptr,
+                    c->qp_ptr_n * sizeof(uint32_t)) != 0)
+        return;
+    c->qp_epoch = attn->pt_epoch;
 }
 
 /* Whether the batch is a decode step a graph can replay, and its key:
@@ -1084,12 +1290,23 @@ model_forward(model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b, float
     };
     uint64_t key;
     uint32_t bound;
+    int rc;
     if (graph_key(c, kv, b, &bound, &key)) {
         f.attn.max_len_hint = bound;
-        TRY(kern_graph_run(be, key, forward_layers, &f));
+        rc = kern_graph_run(be, key, forward_layers, &f);
     } else {
-        TRY(forward_layers(&f));
+        quest_plan(c, b, &f.attn);
+        rc = forward_layers(&f);
     }
+    c->qp_epoch = 0;
+    if (rc && c->sum_gen) {
+        /* Some layers may have summarised what others have not: the
+         * plan's premise (every choosing layer alike) holds again once
+         * every summary is taken anew. */
+        memset(c->sum_gen, 0, (size_t)c->sum_layers * c->sum_blocks * sizeof *c->sum_gen);
+    }
+    if (rc)
+        return rc;
     if (nl == 0)
         return 0;
     TRY(kern_download(be, logits, c->logits, (size_t)nl * hp->n_vocab * sizeof(float)));

@@ -302,9 +302,9 @@ kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
     const uint32_t heads = a->per_kv_head ? a->n_kv_heads : 1;
     /* The list of rows, then the groups' offsets into it where they have
      * lists of their own. */
-    const int32_t *drows = NULL;
-    const uint32_t *dptr = NULL;
-    if (a->bounds_rows) {
+    const int32_t *drows = a->lists_in_backend ? a->bounds_rows : NULL;
+    const uint32_t *dptr = a->lists_in_backend ? a->bounds_indptr : NULL;
+    if (a->bounds_rows && !a->lists_in_backend) {
         const size_t listed = a->bounds_indptr ? a->bounds_indptr[n_groups] : nb;
         const size_t lb = listed * sizeof(int32_t);
         const size_t bytes =

@@ -973,6 +973,30 @@ run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t sub, uint3
     assert_int_equal(kern_sync(be), 0);
     assert_int_equal(kern_download(be, all, bd, bn * sizeof(uint16_t)), 0);
     assert_int_equal(kern_download(be, score, sd, sn * sizeof(float)), 0);
+    if (count) {
+        /* The same lists read from backend memory: the same scores. */
+        const size_t ln = (size_t)indptr[n_groups] + 1, pn = (size_t)n_groups + 1;
+        int32_t *ld = kern_alloc(be, ln * sizeof(int32_t));
+        uint32_t *pd = kern_alloc(be, pn * sizeof(uint32_t));
+        float *again = malloc(sn * sizeof(float));
+        assert_true(ld && pd && again);
+        assert_int_equal(kern_upload(be, ld, list, ln * sizeof(int32_t)), 0);
+        assert_int_equal(kern_upload(be, pd, indptr, pn * sizeof(uint32_t)), 0);
+        assert_int_equal(kern_memset(be, sd, 0xff, sn * sizeof(float)), 0);
+        kern_block_score_args_t b = a;
+        b.bounds_rows = ld;
+        b.bounds_indptr = pd;
+        b.lists_in_backend = true;
+        assert_int_equal(kern_block_scores(be, &b), 0);
+        assert_int_equal(kern_sync(be), 0);
+        assert_int_equal(kern_download(be, again, sd, sn * sizeof(float)), 0);
+        assert_memory_equal(again, score, sn * sizeof(float)); /* NaN where unwritten, too */
+        b.bounds_stride = 0;                                   /* no rows to find them by */
+        assert_int_equal(kern_block_scores(be, &b), KVS_EINVAL);
+        kern_free(be, ld);
+        kern_free(be, pd);
+        free(again);
+    }
     for (uint32_t g = 0; g < p->n_kv; g++)
         for (uint32_t i = 0; i < nb; i++)
             memcpy(bounds + ((size_t)g * nb + i) * w,
