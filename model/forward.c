@@ -518,7 +518,7 @@ bs_store_ready(model_ctx_t *c, const kern_kv_t *kv)
 {
     if (kv->block_gen == NULL || c->sum_off)
         return false;
-    if (c->sum && c->sum_blocks == kv->n_blocks)
+    if (c->sum && c->sum_blocks == kv->n_blocks && c->sum_layers == kv->n_layers)
         return true;
     late_grow(c, "the block-sparse key summaries", kv->n_blocks);
     size_t bytes = 0;
@@ -708,6 +708,10 @@ model_ctx_reserve(model_ctx_t *c, uint32_t max_ctx, uint32_t block_tokens,
     if (max_ctx == 0 || block_tokens == 0 || (summaries && summaries->block_gen == NULL))
         return KVS_EINVAL;
     const model_hparams_t *hp = &c->m->hp;
+    if (summaries &&
+        (summaries->n_layers != hp->n_layer || summaries->n_kv_heads != hp->n_head_kv ||
+         summaries->head_dim != hp->head_dim))
+        return KVS_EINVAL; /* another model's pool */
     const size_t qd = (size_t)hp->n_head * hp->head_dim;
     /* Delta: at most every row of a call is dense. */
     TRY(delta_scratch(c, c->max_tokens, qd));
@@ -728,7 +732,8 @@ model_ctx_reserve(model_ctx_t *c, uint32_t max_ctx, uint32_t block_tokens,
     TRY(bs_grow_be(c, &c->bs_dscore, &c->bs_dscore_cap, (size_t)slab_q * hp->n_head_kv * nw));
     TRY(bs_grow_be(c, &c->bs_mask, &c->bs_mask_cap,
                    bs_floats((size_t)bs_mask_rows(c, bt) * hp->n_head_kv * nw)));
-    if (summaries && !(c->sum && c->sum_blocks == summaries->n_blocks)) {
+    if (summaries &&
+        !(c->sum && c->sum_blocks == summaries->n_blocks && c->sum_layers == summaries->n_layers)) {
         size_t bytes = 0;
         int rc = bs_store_alloc(c, summaries, &bytes);
         if (rc) {
@@ -741,7 +746,8 @@ model_ctx_reserve(model_ctx_t *c, uint32_t max_ctx, uint32_t block_tokens,
     }
     if (summaries) {
         /* Quest's lists for a step of max_logits rows (quest_plan), or
-         * of every block twice where that is less. */
+         * of every block twice where that is less; a step that lists more
+         * (prefixes shared by many rows) plans only the runs that fit. */
         size_t rows = c->max_logits, entries = rows * nw;
         entries =
             entries < 2 * (size_t)summaries->n_blocks ? entries : 2 * (size_t)summaries->n_blocks;
@@ -776,6 +782,17 @@ run_row_end(const model_batch_t *b, const kern_attn_args_t *a, uint32_t s, uint3
     return quest_row(b, a, s, i) && e > b->seq_policy[s].decode_top_k ? e : 0;
 }
 
+/* The bytes a step's plan may take on the backend: what model_ctx_reserve
+ * set aside, else 16 MiB (lists of 4M blocks).  A run past it (a
+ * preempted sequence's recomputed tokens at long context: thousands of
+ * rows, each listing the whole sequence) is listed per layer, a slab at
+ * a time, as without a plan. */
+static size_t
+qp_budget(const model_ctx_t *c)
+{
+    return c->reserved && c->qp_dev_cap ? c->qp_dev_cap * sizeof(float) : (size_t)16 << 20;
+}
+
 /* decode_run's plan for the run of sequences [s0, s1) from row `first`
  * (quest_plan): each slab's candidate lists and offsets appended to the
  * step's, and the blocks of them whose summaries are stale in layer
@@ -793,15 +810,18 @@ decode_plan(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, u
     for (uint32_t s = s0; s < s1; s++)
         for (int32_t i = s > s0 ? a->q_indptr[s] : (int32_t)r0; i < a->q_indptr[s + 1]; i++)
             listed += run_row_end(b, a, s, (uint32_t)i);
-    if (listed == 0)
-        return 0;
     const size_t n_slabs = (n + slab - 1) / slab;
+    if (listed == 0 ||
+        (c->qp_list_n + listed + c->qp_ptr_n + n_slabs * (slab + 1)) * sizeof(int32_t) >
+            qp_budget(c))
+        return 0; /* nothing chosen; or too long a run: its layers list it themselves */
     TRY(bs_grow((void **)&c->qp_run, &c->qp_run_cap, c->qp_n + 1, sizeof(qp_run_t)));
     TRY(bs_grow((void **)&c->qp_list, &c->qp_list_cap, c->qp_list_n + listed, sizeof(int32_t)));
     TRY(bs_grow((void **)&c->qp_ptr, &c->qp_ptr_cap, c->qp_ptr_n + n_slabs * (slab + 1),
                 sizeof(uint32_t)));
     TRY(bs_grow((void **)&c->qp_slab, &c->qp_slab_cap, c->qp_slab_n + n_slabs, sizeof(size_t)));
-    TRY(bs_grow((void **)&c->qp_todo, &c->qp_todo_cap, c->qp_todo_n + listed, sizeof(int32_t)));
+    /* Each block goes on a step's todo lists once. */
+    TRY(bs_grow((void **)&c->qp_todo, &c->qp_todo_cap, c->sum_blocks, sizeof(int32_t)));
     qp_run_t *run = &c->qp_run[c->qp_n];
     *run = (qp_run_t){.s0 = s0,
                       .s1 = s1,
@@ -1042,7 +1062,7 @@ attend(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, uint32
         any |= b->seq_policy[s].kind != MODEL_ATTN_DENSE ||
                (b->seq_policy[s].decode_top_k && a->layer >= MODEL_DECODE_DENSE_LAYERS);
     if (!any)
-        return kern_attention(c->be, a);
+        return plan ? 0 : kern_attention(c->be, a);
     const uint32_t cap = bs_mask_rows(c, a->kv->block_tokens);
     uint32_t s0 = 0; /* the run of decoding sequences [s0, s) */
     for (uint32_t s = 0; s <= b->pt.n_seqs; s++) {
@@ -1299,16 +1319,16 @@ model_forward(model_ctx_t *c, const kern_kv_t *kv, const model_batch_t *b, float
         rc = forward_layers(&f);
     }
     c->qp_epoch = 0;
+    if (rc == 0 && nl)
+        rc = kern_download(be, logits, c->logits, (size_t)nl * hp->n_vocab * sizeof(float));
+    if (rc == 0 && nl)
+        rc = kern_sync(be);
     if (rc && c->sum_gen) {
-        /* Some layers may have summarised what others have not: the
-         * plan's premise (every choosing layer alike) holds again once
-         * every summary is taken anew. */
+        /* Some layers may have summarised what others have not (or a
+         * device failed a summary after the launch): the plan's premise,
+         * every choosing layer alike, holds again once every summary is
+         * taken anew. */
         memset(c->sum_gen, 0, (size_t)c->sum_layers * c->sum_blocks * sizeof *c->sum_gen);
     }
-    if (rc)
-        return rc;
-    if (nl == 0)
-        return 0;
-    TRY(kern_download(be, logits, c->logits, (size_t)nl * hp->n_vocab * sizeof(float)));
-    return kern_sync(be);
+    return rc;
 }

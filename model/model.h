@@ -698,7 +698,8 @@ int model_guide_accept(model_guide_t *g, int32_t id);
 
 /* Writes a GGUF with deterministic random weights of a real architecture:
  * shape "tiny" (d 256, 4 layers, 8 heads x 32, 2 KV heads, ff 704, byte
- * vocabulary), "llama-3.2-1b", "llama-3.1-8b" or "llama-draft" (d 512, 2
+ * vocabulary), "tiny-deep" (the same, 8 layers), "llama-3.2-1b",
+ * "llama-3.1-8b" or "llama-draft" (d 512, 2
  * layers, the Llama 3 vocabulary); dtype F32, F16, BF16, Q8_0, Q4_0 or a
  * K-quant.  Such files carry kvserve.random = true and a general.name that
  * says so.  vocab (NULL: the shape's own) gives the file another

@@ -34,6 +34,9 @@ typedef struct shape {
 
 static const shape_t shapes[] = {
     {"tiny", 256, 4, 8, 2, 704, 259, 2048, 10000.0f, 0.0f, false, true},
+    /* tiny with 8 layers: Quest's choosing layers between the dense ones
+     * and the last are more than one (model/forward.c's step plan). */
+    {"tiny-deep", 256, 8, 8, 2, 704, 259, 2048, 10000.0f, 0.0f, false, true},
     {"llama-3.2-1b", 2048, 16, 32, 8, 8192, 128256, 131072, 500000.0f, 32.0f, true, false},
     {"llama-3.1-8b", 4096, 32, 32, 8, 14336, 128256, 131072, 500000.0f, 8.0f, false, false},
     /* A small draft with the Llama 3 vocabulary, for speculative prefill's
@@ -292,7 +295,8 @@ find_shape(const char *shape, kern_dtype_t dtype, const shape_t **out, char *err
             *out = &shapes[i];
     if (*out == NULL) {
         model__errf(err, err_len,
-                    "unknown shape '%s' (tiny, llama-3.2-1b, llama-3.1-8b, llama-draft)", shape);
+                    "unknown shape '%s' (tiny, tiny-deep, llama-3.2-1b, llama-3.1-8b, llama-draft)",
+                    shape);
         return KVS_EINVAL;
     }
     if (dtype != KERN_F32 && dtype != KERN_F16 && dtype != KERN_BF16 && dtype != KERN_Q8_0 &&

@@ -15,7 +15,7 @@
 
 static const char model_usage[] =
     "usage: kvserve model info PATH\n"
-    "       kvserve model random --shape tiny|llama-3.2-1b|llama-3.1-8b|llama-draft\n"
+    "       kvserve model random --shape tiny|tiny-deep|llama-3.2-1b|llama-3.1-8b|llama-draft\n"
     "                            --dtype f32|f16|bf16|q8_0|q4_0|q4_k|q5_k|q6_k\n"
     "                            --out PATH [--seed S]   (q4_k: Q4_K_M's Q4_K/Q6_K mix)\n"
     "                            [--vocab GGUF]   (that file's tokenizer instead of the shape's)\n"

@@ -587,6 +587,54 @@ test_quest_batch(void **state)
     free(step);
 }
 
+/* Quest decoding one and three rows a pass with the summary store, and
+ * with summaries taken at every call: bit for bit the same. */
+static void
+store_equals_per_call(void)
+{
+    const size_t sz = (size_t)DEC_ROWS * n_vocab * sizeof(float);
+    float *a = malloc(sz), *b = malloc(sz);
+    assert_true(a && b);
+    const model_attn_policy_t qd = {.decode_top_k = 2};
+    for (uint32_t per_call = 1; per_call <= 3; per_call += 2) {
+        decode(&qd, per_call, a);
+        g_no_store = true;
+        decode(&qd, per_call, b);
+        g_no_store = false;
+        assert_memory_equal(a, b, sz);
+    }
+    free(a);
+    free(b);
+}
+
+/* An 8-layer model, where layers 2 to 6 choose from one plan a step
+ * (model/forward.c: quest_plan) and reuse its lists and summary updates,
+ * and the last layer lists its own: the store against summaries per call
+ * bit for bit, and batched sequences against each alone
+ * (test_quest_batch). */
+static void
+test_quest_deep(void **state)
+{
+    (void)state;
+    char dpath[256], err[256];
+    const char *tmp = getenv("TMPDIR");
+    snprintf(dpath, sizeof dpath, "%s/kvs_deep_XXXXXX", tmp ? tmp : "/tmp");
+    int fd = mkstemp(dpath);
+    assert_true(fd >= 0);
+    close(fd);
+    model_t *shallow = m, *deep;
+    assert_int_equal(model_random_write("tiny-deep", KERN_F32, 12, NULL, dpath, err, sizeof err),
+                     0);
+    assert_int_equal(model_load(dpath, be, &deep, err, sizeof err), 0);
+    assert_int_equal(model_hparams(deep)->n_layer, 8);
+    m = deep;
+    store_equals_per_call();
+    test_quest_batch(state);
+    m = shallow;
+    model_free(deep);
+    unlink(dpath);
+}
+
 /* Quest's key summaries kept by block id across calls (model/forward.c's
  * store) give the logits of summaries taken at every call, and follow a
  * block whose content changes: blocks of a finished sequence handed to
@@ -600,13 +648,7 @@ test_summary_store(void **state)
     const model_attn_policy_t bsp = {
         .kind = MODEL_ATTN_BLOCK_SPARSE, .sinks = 4, .window = 16, .top_k = 2};
     const model_attn_policy_t qd = {.decode_top_k = 2};
-    for (uint32_t per_call = 1; per_call <= 3; per_call += 2) {
-        decode(&qd, per_call, a);
-        g_no_store = true;
-        decode(&qd, per_call, b);
-        g_no_store = false;
-        assert_memory_equal(a, b, sz);
-    }
+    store_equals_per_call();
     prefill(&bsp, 100, a);
     g_no_store = true;
     prefill(&bsp, 100, b);
@@ -730,6 +772,7 @@ main(void)
         cmocka_unit_test(test_quest_decode),
         cmocka_unit_test(test_quest_batch),
         cmocka_unit_test(test_summary_store),
+        cmocka_unit_test(test_quest_deep),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
