@@ -787,7 +787,8 @@ kern__cuda_attention(kern_cuda_t *be, const kern_attn_args_t *a)
         t.group = group;
         t.head_dim = d;
         t.block_tokens = bt;
-        t.sinks = a->sink_tokens;
+        /* The tile kernel compares signed: past every key is as many as any. */
+        t.sinks = a->sink_tokens > INT32_MAX ? INT32_MAX : a->sink_tokens;
         t.qscale = qscale;
         if ((rc = kern__cuda_attention_tc(be, &t)) != 0)
             return rc;
