@@ -732,7 +732,7 @@ static int
 cuda_delta_apply_body(kern_cuda_t *be, float *out, float *dense, uint32_t n, uint32_t width,
                       uint32_t gamma, uint32_t tail)
 {
-    uint32_t ns = n - tail, n_blocks = (ns + gamma - 1) / gamma;
+    uint32_t ns = n - tail, n_blocks = ns ? (ns - 1) / gamma + 1 : 0; /* no wrap at any gamma */
     if (n_blocks) {
         size_t count = (size_t)n_blocks * width;
         delta_diff_kernel<<<kern__cuda_grid(be, count, 256), 256, 0, be->stream>>>(
@@ -1198,6 +1198,7 @@ static int
 cuda_reserve_body(kern_cuda_t *be, const kern_reserve_t *r)
 {
     size_t x, w, attn, stage, pt, mass_p, mass_out;
+    be->reserved = false; /* growing to a new reservation is not growing past it */
     kern__cuda_matmul_reserve(r, &x, &w);
     kern__cuda_attention_reserve(be, r, &attn, &stage, &pt);
     kern__cuda_attn_mass_reserve(r, &mass_p, &mass_out);
