@@ -516,11 +516,13 @@ test_delta_apply(void **state)
         {1000, 4096, 64, 1000 % 64 + 128},
         {77, 1003, 8, 0},
         {5, 64, 16, 5},
+        /* One block, gamma far past n: a count that must not wrap. */
+        {1000, 64, 0xffffff00u, 0},
     };
     seed_test(6);
     for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
         uint32_t n = cases[ci][0], width = cases[ci][1], gamma = cases[ci][2], tail = cases[ci][3];
-        uint32_t n_dense = (n - tail + gamma - 1) / gamma + tail;
+        uint32_t n_dense = (n > tail ? (n - tail - 1) / gamma + 1 : 0) + tail;
         size_t no = (size_t)n * width, nd = (size_t)n_dense * width;
         float *out = rand_floats(no, -1.0f, 1.0f), *dense = rand_floats(nd, -1.0f, 1.0f);
         float *or_ = malloc(no * sizeof(float)), *dr = malloc(nd * sizeof(float));
