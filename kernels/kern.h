@@ -639,7 +639,10 @@ int kern_block_select(kern_backend_t *be, const kern_block_select_args_t *a);
  *                       out [n_q][n_keys].
  * Keys come from the first n_keys entries of the table `blocks` (any kind
  * of block).  q and out are host memory, so a device backend stages q and
- * copies the result back before returning. */
+ * copies the result back before returning.  The cuda backend keeps a KV
+ * head's query heads in shared memory: KVS_ENOTSUP past head_dim 256 or
+ * past 48 KiB of them (a group of 96 heads of 128), where the host
+ * backends answer. */
 typedef enum kern_mass_mode {
     KERN_MASS_SUM = 0,
     KERN_MASS_POOL_MAX = 1,
