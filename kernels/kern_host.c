@@ -179,20 +179,6 @@ kern__host_block_minmax(const kern_kv_t *kv, uint32_t layer, uint32_t blk, uint3
     }
 }
 
-void
-kern__host_block_bounds_part(const kern_kv_t *kv, uint32_t layer, const int32_t *blocks, uint32_t n,
-                             uint32_t g, uint32_t i0, uint32_t i1, uint16_t *out, bool by_block,
-                             float *x)
-{
-    const uint32_t d = kv->head_dim;
-    float *mx = x + (size_t)kv->block_tokens * d, *mn = mx + d;
-    for (uint32_t i = i0; i < i1; i++) {
-        kern__host_block_minmax(kv, layer, (uint32_t)blocks[i], g, x, mx, mn);
-        kern__host_bounds_round(mx, mn, d,
-                                kern__host_bounds_out(kv, blocks, n, g, i, out, by_block));
-    }
-}
-
 size_t
 kern__host_bounds_at(const kern_block_score_args_t *a, uint32_t g)
 {

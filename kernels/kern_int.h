@@ -124,14 +124,10 @@ int kern__host_sync(kern_backend_t *be);
 int kern__host_delta_apply(kern_backend_t *be, float *out, float *dense, uint32_t n, uint32_t width,
                            uint32_t gamma, uint32_t tail);
 
-/* kern_kv_block_bounds (by_block: kern_kv_pool_bounds) of KV head g's
- * blocks [i0, i1) (of n), with x as scratch of (block_tokens + 2) *
- * head_dim floats, and where block i's go in out; kern_block_scores as
+/* kern_kv_block_bounds (by_block: kern_kv_pool_bounds) on the host:
+ * where block i's bounds for KV head g go in out; kern_block_scores as
  * plain loops (ref), and as one matrix product per KV head through the
  * backend's own matmul over a->work (cpu). */
-void kern__host_block_bounds_part(const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
-                                  uint32_t n, uint32_t g, uint32_t i0, uint32_t i1, uint16_t *out,
-                                  bool by_block, float *x);
 uint16_t *kern__host_bounds_out(const kern_kv_t *kv, const int32_t *blocks, uint32_t n, uint32_t g,
                                 uint32_t i, uint16_t *out, bool by_block);
 /* One block's f32 maxima and minima (d each) into its f16 row [mx | mn],

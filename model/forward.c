@@ -793,6 +793,24 @@ qp_budget(const model_ctx_t *c)
     return c->reserved && c->qp_dev_cap ? c->qp_dev_cap * sizeof(float) : (size_t)16 << 20;
 }
 
+/* The candidate lists of slab rows [q0, q1) of a decode run from row r0:
+ * ends[r] blocks of each row's table, row after row, into list, each
+ * row's offset into ptr (from 0); *s is the sequence of row r0 + q0,
+ * moved on with the rows.  Returns the entries listed. */
+static uint32_t
+slab_lists(const kern_attn_args_t *a, uint32_t *s, uint32_t r0, uint32_t q0, uint32_t q1,
+           const uint32_t *ends, int32_t *list, uint32_t *ptr)
+{
+    ptr[0] = 0;
+    for (uint32_t r = q0; r < q1; r++) {
+        while ((uint32_t)a->q_indptr[*s + 1] <= r0 + r)
+            (*s)++;
+        memcpy(list + ptr[r - q0], a->pt.indices + a->pt.indptr[*s], ends[r] * sizeof(int32_t));
+        ptr[r - q0 + 1] = ptr[r - q0] + ends[r];
+    }
+    return ptr[q1 - q0];
+}
+
 /* decode_run's plan for the run of sequences [s0, s1) from row `first`
  * (quest_plan): each slab's candidate lists and offsets appended to the
  * step's, and the blocks of them whose summaries are stale in layer
@@ -806,10 +824,11 @@ decode_plan(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, u
     const kern_kv_t *kv = a->kv;
     const uint32_t r0 = first, n = (uint32_t)a->q_indptr[s1] - r0,
                    slab = bs_slab_q(kv->block_tokens);
+    TRY(bs_grow((void **)&c->bs_ends, &c->bs_ends_cap, n, sizeof(uint32_t)));
     size_t listed = 0;
     for (uint32_t s = s0; s < s1; s++)
         for (int32_t i = s > s0 ? a->q_indptr[s] : (int32_t)r0; i < a->q_indptr[s + 1]; i++)
-            listed += run_row_end(b, a, s, (uint32_t)i);
+            listed += c->bs_ends[(uint32_t)i - r0] = run_row_end(b, a, s, (uint32_t)i);
     const size_t n_slabs = (n + slab - 1) / slab;
     if (listed == 0 ||
         (c->qp_list_n + listed + c->qp_ptr_n + n_slabs * (slab + 1)) * sizeof(int32_t) >
@@ -837,23 +856,15 @@ decode_plan(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, u
         const uint32_t q1 = q0 + slab < n ? q0 + slab : n;
         uint32_t *ptr = c->qp_ptr + run->ptr_at + (size_t)k * (slab + 1);
         c->qp_slab[run->slab_at + k] = at;
-        ptr[0] = 0;
-        for (uint32_t r = q0; r < q1; r++) {
-            while ((uint32_t)a->q_indptr[s + 1] <= r0 + r)
-                s++;
-            const uint32_t e = run_row_end(b, a, s, r0 + r);
-            const int32_t *blocks = a->pt.indices + a->pt.indptr[s];
-            for (uint32_t j = 0; j < e; j++) {
-                const int32_t blk = blocks[j];
-                if (blk < 0 || (size_t)blk >= P)
-                    return KVS_EINVAL;
-                c->qp_list[at++] = blk;
-                if (tag[blk] != kv->block_gen[blk] && c->qp_mark[blk] != a->pt_epoch) {
-                    c->qp_mark[blk] = a->pt_epoch;
-                    c->qp_todo[todo++] = blk;
-                }
+        const size_t end = at + slab_lists(a, &s, r0, q0, q1, c->bs_ends, c->qp_list + at, ptr);
+        for (; at < end; at++) {
+            const int32_t blk = c->qp_list[at];
+            if (blk < 0 || (size_t)blk >= P)
+                return KVS_EINVAL;
+            if (tag[blk] != kv->block_gen[blk] && c->qp_mark[blk] != a->pt_epoch) {
+                c->qp_mark[blk] = a->pt_epoch;
+                c->qp_todo[todo++] = blk;
             }
-            ptr[r - q0 + 1] = ptr[r - q0] + e;
         }
     }
     run->n_todo = (uint32_t)(todo - c->qp_todo_n);
@@ -986,15 +997,8 @@ decode_run(model_ctx_t *c, const model_batch_t *b, const kern_attn_args_t *a, ui
         } else if (have_store) {
             /* The slab's candidates, a list per row, summarised and
              * scored in one call each. */
-            c->dr_ptr[0] = 0;
-            for (uint32_t r = q0; r < q1; r++) {
-                while ((uint32_t)a->q_indptr[s + 1] <= r0 + r)
-                    s++;
-                const uint32_t e = c->bs_ends[r], at = c->dr_ptr[r - q0];
-                memcpy(c->dr_list + at, a->pt.indices + a->pt.indptr[s], e * sizeof(int32_t));
-                c->dr_ptr[r - q0 + 1] = at + e;
-            }
-            const uint32_t listed = c->dr_ptr[q1 - q0];
+            const uint32_t listed =
+                slab_lists(a, &s, r0, q0, q1, c->bs_ends, c->dr_list, c->dr_ptr);
             pstore = NULL;
             if (listed)
                 TRY(bs_store(c, kv, o.layer, c->dr_list, listed, &pstore));

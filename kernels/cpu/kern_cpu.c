@@ -665,7 +665,7 @@ typedef struct bounds_ctx {
 /* One full-precision f16 block's key maxima and minima straight from its
  * rows, eight lanes at a time: Quest at decode bounds every block of the
  * context each step, where a copy of each block in f32 first cost more
- * than dense attention.  Operands as kern__host_block_bounds_part compares
+ * than dense attention.  Operands as kern__host_block_minmax compares
  * them (a NaN key leaves the running value). */
 __attribute__((target("avx2,f16c"))) static void
 bounds_f16_avx2(const uint16_t *k, uint32_t bt, uint32_t d, float *mx, float *mn)

@@ -246,12 +246,17 @@ static int
 ref_block_bounds(kern_backend_t *base, const kern_kv_t *kv, uint32_t layer, const int32_t *blocks,
                  uint32_t n, uint16_t *out, bool by_block)
 {
-    float *x = ref_scratch((kern_ref_t *)base,
-                           ((size_t)kv->block_tokens + 2) * kv->head_dim * sizeof(float));
+    const uint32_t d = kv->head_dim;
+    float *x = ref_scratch((kern_ref_t *)base, ((size_t)kv->block_tokens + 2) * d * sizeof(float));
     if (x == NULL)
         return KVS_ENOMEM;
+    float *mx = x + (size_t)kv->block_tokens * d, *mn = mx + d;
     for (uint32_t g = 0; g < kv->n_kv_heads; g++)
-        kern__host_block_bounds_part(kv, layer, blocks, n, g, 0, n, out, by_block, x);
+        for (uint32_t i = 0; i < n; i++) {
+            kern__host_block_minmax(kv, layer, (uint32_t)blocks[i], g, x, mx, mn);
+            kern__host_bounds_round(mx, mn, d,
+                                    kern__host_bounds_out(kv, blocks, n, g, i, out, by_block));
+        }
     return 0;
 }
 

@@ -907,6 +907,16 @@ test_delta_invariants(void **state)
 
 /* ---- Quest bounds (kern_kv_block_bounds, kern_block_scores) ------------- */
 
+/* a's scores (sn floats, NaN first, so unwritten ones show) into host. */
+static void
+scores_to_host(kern_backend_t *be, const kern_block_score_args_t *a, size_t sn, float *host)
+{
+    assert_int_equal(kern_memset(be, a->score, 0xff, sn * sizeof(float)), 0);
+    assert_int_equal(kern_block_scores(be, a), 0);
+    assert_int_equal(kern_sync(be), 0);
+    assert_int_equal(kern_download(be, host, a->score, sn * sizeof(float)), 0);
+}
+
 /* Sequence 0's first nb blocks summarised on be, and every query row
  * scored in groups of qg rows (per KV head, or not) against them, or with
  * sub > 0 against the first sub of them (kern.h: bounds_stride) into
@@ -960,7 +970,6 @@ run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t sub, uint3
     assert_true(qd && bd && sd && wd && all);
     assert_int_equal(kern_upload(be, qd, p->q, qn * sizeof(float)), 0);
     assert_int_equal(kern_memset(be, bd, 0xff, bn * sizeof(uint16_t)), 0); /* NaN */
-    assert_int_equal(kern_memset(be, sd, 0xff, sn * sizeof(float)), 0);
     if (store)
         assert_int_equal(kern_kv_pool_bounds(be, &kv, 1, p->indices, nb, bd), 0);
     else
@@ -969,10 +978,8 @@ run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t sub, uint3
     a.bounds = bd;
     a.score = sd;
     a.work = wd;
-    assert_int_equal(kern_block_scores(be, &a), 0);
-    assert_int_equal(kern_sync(be), 0);
+    scores_to_host(be, &a, sn, score);
     assert_int_equal(kern_download(be, all, bd, bn * sizeof(uint16_t)), 0);
-    assert_int_equal(kern_download(be, score, sd, sn * sizeof(float)), 0);
     if (count) {
         /* The same lists read from backend memory: the same scores. */
         const size_t ln = (size_t)indptr[n_groups] + 1, pn = (size_t)n_groups + 1;
@@ -982,14 +989,11 @@ run_quest(kern_backend_t *be, const pdata_t *p, uint32_t nb, uint32_t sub, uint3
         assert_true(ld && pd && again);
         assert_int_equal(kern_upload(be, ld, list, ln * sizeof(int32_t)), 0);
         assert_int_equal(kern_upload(be, pd, indptr, pn * sizeof(uint32_t)), 0);
-        assert_int_equal(kern_memset(be, sd, 0xff, sn * sizeof(float)), 0);
         kern_block_score_args_t b = a;
         b.bounds_rows = ld;
         b.bounds_indptr = pd;
         b.lists_in_backend = true;
-        assert_int_equal(kern_block_scores(be, &b), 0);
-        assert_int_equal(kern_sync(be), 0);
-        assert_int_equal(kern_download(be, again, sd, sn * sizeof(float)), 0);
+        scores_to_host(be, &b, sn, again);
         assert_memory_equal(again, score, sn * sizeof(float)); /* NaN where unwritten, too */
         b.bounds_stride = 0;                                   /* no rows to find them by */
         assert_int_equal(kern_block_scores(be, &b), KVS_EINVAL);
