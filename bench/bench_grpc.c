@@ -135,7 +135,7 @@ run(grpc_channel *ch, uint32_t n, uint32_t max_tokens, uint32_t prompt_len, resu
         if (kind == TAG_RECV) {
             if (st->recv) {
                 Kvserve__V1__GenerateResponse *r = (Kvserve__V1__GenerateResponse *)srv_bb_to_pb(
-                    st->recv, &kvserve__v1__generate_response__descriptor);
+                    st->recv, &kvserve__v1__generate_response__descriptor, NULL, 0);
                 grpc_byte_buffer_destroy(st->recv);
                 st->recv = NULL;
                 msgs++;

@@ -858,7 +858,7 @@ bench_event(bench_t *b, bench_tag_t *tag, int success)
             r->recv_bb = NULL;
         } else {
             Kvserve__V1__GenerateResponse *m = (Kvserve__V1__GenerateResponse *)srv_bb_to_pb(
-                r->recv_bb, &kvserve__v1__generate_response__descriptor);
+                r->recv_bb, &kvserve__v1__generate_response__descriptor, NULL, 0);
             grpc_byte_buffer_destroy(r->recv_bb);
             r->recv_bb = NULL;
             if (m) {

@@ -221,7 +221,7 @@ srv_client_unary(grpc_channel *ch, const char *method, const grpc_metadata *md, 
         if (status != GRPC_STATUS_OK)
             fprintf(stderr, "%s: %s: %.*s\n", who, srv_grpc_status_name(status),
                     (int)GRPC_SLICE_LENGTH(details), (const char *)GRPC_SLICE_START_PTR(details));
-        else if ((m = srv_bb_to_pb(bb, resp_desc)) == NULL)
+        else if ((m = srv_bb_to_pb(bb, resp_desc, NULL, 0)) == NULL)
             fprintf(stderr, "%s: cannot parse a %s\n", who, resp_desc->short_name);
     }
     grpc_byte_buffer_destroy(bb);
@@ -837,7 +837,7 @@ srv_cmd_generate(int argc, char **argv)
         if (bb == NULL)
             break;
         Kvserve__V1__GenerateResponse *m = (Kvserve__V1__GenerateResponse *)srv_bb_to_pb(
-            bb, &kvserve__v1__generate_response__descriptor);
+            bb, &kvserve__v1__generate_response__descriptor, NULL, 0);
         grpc_byte_buffer_destroy(bb);
         bb = NULL;
         bool ok = m && gen_take(r, n_out, m, o.json);

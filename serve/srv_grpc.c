@@ -850,10 +850,11 @@ gen_new(call_t *c)
                    "missing or wrong API key (authorization: Bearer ...)");
         return;
     }
+    char why[192];
     c->req = (Kvserve__V1__GenerateRequest *)srv_bb_to_pb(
-        c->req_bb, &kvserve__v1__generate_request__descriptor);
+        c->req_bb, &kvserve__v1__generate_request__descriptor, why, sizeof why);
     if (c->req == NULL) {
-        gen_refuse(c, GRPC_STATUS_INVALID_ARGUMENT, "cannot parse GenerateRequest");
+        gen_refuse(c, GRPC_STATUS_INVALID_ARGUMENT, why);
         return;
     }
     snprintf(c->rid, sizeof c->rid, "req-%llu", (unsigned long long)S.n_requests);
@@ -1075,12 +1076,10 @@ engine_wake(void *arg)
 static ProtobufCMessage *
 parse_or_refuse(call_t *c, const ProtobufCMessageDescriptor *d)
 {
-    ProtobufCMessage *m = srv_bb_to_pb(c->req_bb, d);
-    if (m == NULL) {
-        char msg[128];
-        snprintf(msg, sizeof msg, "cannot parse %s", d->short_name);
-        reply_unary(c, NULL, GRPC_STATUS_INVALID_ARGUMENT, msg);
-    }
+    char why[192];
+    ProtobufCMessage *m = srv_bb_to_pb(c->req_bb, d, why, sizeof why);
+    if (m == NULL)
+        reply_unary(c, NULL, GRPC_STATUS_INVALID_ARGUMENT, why);
     return m;
 }
 

@@ -137,8 +137,16 @@ int srv_task_parse(const char *s, srv_task_t *out);
 /* A new byte buffer holding msg packed; the caller destroys it. */
 grpc_byte_buffer *srv_pb_to_bb(const ProtobufCMessage *msg);
 /* The message in bb (NULL bb, unreadable or malformed bytes: NULL); free
- * with protobuf_c_message_free_unpacked(m, NULL). */
-ProtobufCMessage *srv_bb_to_pb(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *d);
+ * with protobuf_c_message_free_unpacked(m, NULL).  With `why` (requests),
+ * also NULL when a string field holds a NUL byte, which protobuf-c's
+ * char * would silently cut; why then gets the reason, naming the field. */
+ProtobufCMessage *srv_bb_to_pb(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *d, char *why,
+                               size_t cap);
+/* Whether a string field of the message of type d encoded in buf, its
+ * nested messages' included, holds a NUL byte; path gets the field's
+ * dotted name ("sampling.stop"), or "" when none does. */
+bool srv_pb_nul_field(const ProtobufCMessageDescriptor *d, const uint8_t *buf, size_t len,
+                      char *path, size_t cap);
 
 /* Full method paths, "/package.Service/Method". */
 #define SRV_M_GENERATE "/kvserve.v1.Generation/Generate"

@@ -2,7 +2,8 @@
  * tests/fuzz/fuzz_request.c — libFuzzer target for what the server does
  * with the bytes of a Generate call before the engine sees them (and of
  * Tokenize and Abort calls, the same bytes decoded as those): protobuf
- * decoding (protobuf-c) and field validation (serve/srv_req.c), against a
+ * decoding (protobuf-c), the check for NUL bytes in string fields
+ * (serve/srv_pb.c) and field validation (serve/srv_req.c), against a
  * tiny random model so text prompts are tokenized for real, and chat
  * messages rendered with a ChatML template first.  An accepted
  * request must satisfy what sched_submit relies on (ids inside the
@@ -190,6 +191,11 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
+    /* The server's NUL check walks the raw bytes, valid or not. */
+    char field[64];
+    if (srv_pb_nul_field(&kvserve__v1__generate_request__descriptor, data, size, field,
+                         sizeof field) != (field[0] != '\0'))
+        abort();
     Kvserve__V1__GenerateRequest *q = kvserve__v1__generate_request__unpack(NULL, size, data);
     if (q == NULL)
         return 0;

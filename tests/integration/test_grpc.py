@@ -1768,6 +1768,22 @@ def check_bad_requests(api, vocab):
     expect("64 MiB message", big, grpc.StatusCode.RESOURCE_EXHAUSTED, raw=True, timeout=60)
     del big
     expect("malformed protobuf bytes", b"\xff\xff\xff", IA, raw=True)
+    # A NUL byte in a string field would be cut by protobuf-c's C strings:
+    # refused, naming the field, in a prompt and in a nested repeated field.
+    r = pb.GenerateRequest(text="Once upon\x00 a time")
+    r.sampling.max_tokens = 8
+    expect("NUL byte in text", r, IA, "text: ")
+    r = samp()
+    r.sampling.stop.extend(["zz", "a\x00b"])
+    expect("NUL byte in sampling.stop[1]", r, IA, "sampling.stop: ")
+    try:
+        api.tokenize(pb.TokenizeRequest(text="a\x00b"), timeout=5)
+        report("6 bad request: Tokenize NUL byte in text -> INVALID_ARGUMENT naming 'text'", False,
+               "OK")
+    except grpc.RpcError as e:
+        report("6 bad request: Tokenize NUL byte in text -> INVALID_ARGUMENT naming 'text'",
+               e.code() == IA and e.details().startswith("text: "),
+               "%s %r" % (code_name(e.code()), e.details()))
     r = greedy_req(TOKEN_PROMPT, 8)
     r.policy.attention.kind = pb.AttentionPolicy.BLOCK_SPARSE
     r.policy.attention.top_k_blocks = 0

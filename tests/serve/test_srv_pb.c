@@ -1,0 +1,254 @@
+/*
+ * tests/serve/test_srv_pb.c — requests whose string fields hold a NUL byte
+ * are refused with the field's name (srv_pb_nul_field, srv_bb_to_pb):
+ * protobuf-c hands strings over as C strings, so such a prompt, stop
+ * string or grammar would otherwise be cut short without a word.  The
+ * encodings are packed by protobuf-c, then a marker byte is turned into
+ * NUL, at the top level, in a nested message and in a repeated field of a
+ * message inside a repeated message; truncated encodings are walked
+ * without reading past their end.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "serve/srv_int.h"
+
+#include <grpc/slice.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* The marker: a byte no tag, length or other field of these requests
+ * takes, so that the only ones in an encoding are the strings'. */
+#define MARK '\x7f'
+
+typedef struct enc {
+    uint8_t *p;
+    size_t n;
+} enc_t;
+
+static enc_t
+pack(const ProtobufCMessage *m)
+{
+    enc_t e;
+    e.n = protobuf_c_message_get_packed_size(m);
+    e.p = malloc(e.n ? e.n : 1);
+    assert_non_null(e.p);
+    assert_int_equal(protobuf_c_message_pack(m, e.p), e.n);
+    return e;
+}
+
+/* Every marker byte becomes NUL; how many there were. */
+static size_t
+nul_marks(enc_t *e)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < e->n; i++)
+        if (e->p[i] == (uint8_t)MARK) {
+            e->p[i] = 0;
+            k++;
+        }
+    return k;
+}
+
+/* A Generate request whose strings are text, sampling.stop[0..1],
+ * sampling.guided_regex, request_id and, with chat, the conversation's
+ * roles and contents; `marked` names the one that holds the marker. */
+static enc_t
+generate(const char *marked, bool chat)
+{
+    Kvserve__V1__GenerateRequest q = KVSERVE__V1__GENERATE_REQUEST__INIT;
+    Kvserve__V1__SamplingParams sp = KVSERVE__V1__SAMPLING_PARAMS__INIT;
+    Kvserve__V1__ChatMessages cm = KVSERVE__V1__CHAT_MESSAGES__INIT;
+    Kvserve__V1__ChatMessage msg[2] = {KVSERVE__V1__CHAT_MESSAGE__INIT,
+                                       KVSERVE__V1__CHAT_MESSAGE__INIT};
+    Kvserve__V1__ChatMessage *msgs[2] = {&msg[0], &msg[1]};
+#define S(name, plain)                    \
+    (strcmp(marked, name) == 0 ? "ab\x7f" \
+                                 "cd"     \
+                               : plain)
+    char *stop[2] = {S("sampling.stop.0", "END"), S("sampling.stop", "###")};
+    q.request_id = S("request_id", "r1");
+    sp.stop = stop;
+    sp.n_stop = 2;
+    sp.guided_regex = S("sampling.guided_regex", "[a-z]+");
+    q.sampling = &sp;
+    if (chat) {
+        msg[0].role = "user";
+        msg[0].content = "hello";
+        msg[1].role = S("chat.messages.role", "assistant");
+        msg[1].content = S("chat.messages.content", "hi there");
+        cm.messages = msgs;
+        cm.n_messages = 2;
+        q.prompt_case = KVSERVE__V1__GENERATE_REQUEST__PROMPT_CHAT;
+        q.chat = &cm;
+    } else {
+        q.prompt_case = KVSERVE__V1__GENERATE_REQUEST__PROMPT_TEXT;
+        q.text = S("text", "once upon a time");
+    }
+#undef S
+    return pack(&q.base);
+}
+
+static const ProtobufCMessageDescriptor *const gen_d = &kvserve__v1__generate_request__descriptor;
+
+/* A field with a NUL is named, wherever it nests. */
+static void
+test_named(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *marked, *path;
+        bool chat;
+    } cases[] = {
+        {"text", "text", false},
+        {"request_id", "request_id", false},
+        {"sampling.stop.0", "sampling.stop", false},
+        {"sampling.stop", "sampling.stop", false},
+        {"sampling.guided_regex", "sampling.guided_regex", false},
+        {"chat.messages.role", "chat.messages.role", true},
+        {"chat.messages.content", "chat.messages.content", true},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        enc_t e = generate(cases[i].marked, cases[i].chat);
+        char path[64] = "stale";
+        /* Markers alone are text like any other. */
+        assert_false(srv_pb_nul_field(gen_d, e.p, e.n, path, sizeof path));
+        assert_string_equal(path, "");
+        assert_int_equal(nul_marks(&e), 1);
+        assert_true(srv_pb_nul_field(gen_d, e.p, e.n, path, sizeof path));
+        assert_string_equal(path, cases[i].path);
+        /* protobuf-c takes the bytes, and cuts the string at the NUL. */
+        Kvserve__V1__GenerateRequest *q = kvserve__v1__generate_request__unpack(NULL, e.n, e.p);
+        assert_non_null(q);
+        kvserve__v1__generate_request__free_unpacked(q, NULL);
+        /* A short buffer keeps a whole name or a cut one, never overruns. */
+        char tiny[6];
+        assert_true(srv_pb_nul_field(gen_d, e.p, e.n, tiny, sizeof tiny));
+        assert_int_equal(strncmp(tiny, cases[i].path, sizeof tiny - 1), 0);
+        free(e.p);
+    }
+}
+
+/* Requests without a NUL pass, and so does a NUL in a field of another
+ * type: an unknown field's bytes, a packed id list. */
+static void
+test_clean(void **state)
+{
+    (void)state;
+    enc_t e = generate("", true);
+    char path[64];
+    assert_false(srv_pb_nul_field(gen_d, e.p, e.n, path, sizeof path));
+    free(e.p);
+
+    Kvserve__V1__GenerateRequest q = KVSERVE__V1__GENERATE_REQUEST__INIT;
+    Kvserve__V1__TokenIds t = KVSERVE__V1__TOKEN_IDS__INIT;
+    uint32_t ids[] = {0, 5, 0, 7};
+    t.ids = ids;
+    t.n_ids = 4;
+    q.prompt_case = KVSERVE__V1__GENERATE_REQUEST__PROMPT_TOKENS;
+    q.tokens = &t;
+    e = pack(&q.base);
+    /* Field 999, length-delimited, three bytes with a NUL. */
+    uint8_t *p = realloc(e.p, e.n + 6);
+    assert_non_null(p);
+    memcpy(p + e.n,
+           "\xba\x3e\x03"
+           "a\0b",
+           6);
+    e.p = p;
+    e.n += 6;
+    assert_false(srv_pb_nul_field(gen_d, e.p, e.n, path, sizeof path));
+    assert_string_equal(path, "");
+    free(e.p);
+}
+
+/* Every prefix of an encoding, valid or not, is walked within its bytes
+ * (ASan checks the reads: each prefix is its own allocation). */
+static void
+test_truncated(void **state)
+{
+    (void)state;
+    enc_t e = generate("chat.messages.content", true);
+    nul_marks(&e);
+    char path[64];
+    for (size_t n = 0; n <= e.n; n++) {
+        uint8_t *p = malloc(n ? n : 1);
+        assert_non_null(p);
+        memcpy(p, e.p, n);
+        bool hit = srv_pb_nul_field(gen_d, p, n, path, sizeof path);
+        assert_true(hit ? strcmp(path, "chat.messages.content") == 0 : path[0] == '\0');
+        free(p);
+    }
+    assert_true(srv_pb_nul_field(gen_d, e.p, e.n, path, sizeof path));
+    free(e.p);
+    /* A varint that never ends, a length past the end, a group. */
+    static const uint8_t bad[][4] = {
+        {0x12, 0xff, 0xff, 0xff}, {0x12, 0x7e, 'a', 0}, {0x13, 0, 0, 0}};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        assert_false(srv_pb_nul_field(gen_d, bad[i], sizeof bad[i], path, sizeof path));
+}
+
+static grpc_byte_buffer *
+two_slices(const enc_t *e)
+{
+    /* Requests can arrive in pieces: split inside the encoding. */
+    size_t h = e->n / 2;
+    grpc_slice s[2] = {grpc_slice_from_copied_buffer((const char *)e->p, h),
+                       grpc_slice_from_copied_buffer((const char *)e->p + h, e->n - h)};
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(s, 2);
+    grpc_slice_unref(s[0]);
+    grpc_slice_unref(s[1]);
+    return bb;
+}
+
+/* What the server sees: the request refused with the field named, or
+ * taken whole; responses (no `why`) are not checked. */
+static void
+test_bb(void **state)
+{
+    (void)state;
+    enc_t e = generate("sampling.stop", false);
+    char why[160];
+    grpc_byte_buffer *bb = two_slices(&e);
+    ProtobufCMessage *m = srv_bb_to_pb(bb, gen_d, why, sizeof why);
+    assert_non_null(m);
+    protobuf_c_message_free_unpacked(m, NULL);
+    grpc_byte_buffer_destroy(bb);
+
+    nul_marks(&e);
+    bb = two_slices(&e);
+    assert_null(srv_bb_to_pb(bb, gen_d, why, sizeof why));
+    assert_non_null(strstr(why, "sampling.stop: "));
+    assert_non_null(strstr(why, "NUL"));
+    m = srv_bb_to_pb(bb, gen_d, NULL, 0);
+    assert_non_null(m);
+    assert_string_equal(((Kvserve__V1__GenerateRequest *)m)->sampling->stop[1], "ab");
+    protobuf_c_message_free_unpacked(m, NULL);
+    grpc_byte_buffer_destroy(bb);
+    free(e.p);
+
+    /* Bytes that are no GenerateRequest: the parse error as before. */
+    static const uint8_t junk[] = {0x12, 0x7e, 'a'};
+    enc_t j = {(uint8_t *)junk, sizeof junk};
+    bb = two_slices(&j);
+    assert_null(srv_bb_to_pb(bb, gen_d, why, sizeof why));
+    assert_string_equal(why, "cannot parse GenerateRequest");
+    grpc_byte_buffer_destroy(bb);
+    assert_null(srv_bb_to_pb(NULL, gen_d, why, sizeof why));
+    assert_string_equal(why, "cannot parse GenerateRequest");
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_named),
+        cmocka_unit_test(test_clean),
+        cmocka_unit_test(test_truncated),
+        cmocka_unit_test(test_bb),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
