@@ -927,6 +927,14 @@ def check_guided_choice(api, kvserve, addr):
            "greedy %r %s; samples %s %s; C client %s"
            % (g["text"], finish_name(g["finish"]),
               [(o["text"], finish_name(o["finish"])) for o in outs], err, str(doc)[:120]))
+    # min_tokens bans EOS and stop ids; it does not hold a guide past its end.
+    req = greedy_req("The passkey is 4821. Remember it. The passkey is", 12)
+    req.sampling.guided_choice.extend(choices)
+    req.sampling.min_tokens = 10
+    m = collect(api, req)
+    report("1 guided_choice with min_tokens 10 still ends at the choice",
+           m["code"] is None and m["text"] == g["text"] and m["tokens"] == g["tokens"]
+           and m["finish"] == pb.FINISH_REASON_STOP, describe(m))
     for name, setup, field in (
             ("an empty string", lambda r: r.sampling.guided_choice.append(""),
              "sampling.guided_choice[1]"),
