@@ -110,7 +110,8 @@ typedef struct call {
     srv_gen_req_t g;
     uint64_t id; /* engine id: slot | generation << 32 */
     char rid[129];
-    bool engine_live; /* some sample has not finished in the engine */
+    uint64_t n_request; /* its number among the server's requests */
+    bool engine_live;   /* some sample has not finished in the engine */
     gen_out_t *out;
     uint32_t n_out, n_running, next_out; /* next_out: where the next send looks first */
     sched_logprobs_t *plp;               /* prompt_logprobs arrived, not yet sent */
@@ -120,7 +121,8 @@ typedef struct call {
     uint64_t t_arrive;
 
     /* Watch */
-    int watch_sent; /* status last sent, -1 none */
+    int watch_sent;     /* status last sent, -1 none */
+    bool watch_unknown; /* watching a service the server does not have */
 } call_t;
 
 typedef struct qev {
@@ -175,10 +177,11 @@ typedef struct server {
     call_t **slots; /* engine id -> live Generate */
     uint32_t *slot_gen;
     uint32_t n_slots, n_live, n_busy;
+    uint32_t n_calls; /* call_t objects, posted slots included */
     call_t *gens, *watches;
     uint64_t n_requests, seq;
     uint64_t msgs_sent, toks_sent, tok_lat_ns; /* GetLoad counters */
-    bool draining, shutting_down, shutdown_done, cq_joined, engine_stopped;
+    bool draining, shutting_down, shutdown_done, cq_down, cq_joined, engine_stopped;
     bool device_failed; /* the engine's device failed for good: NOT_SERVING */
     int exit_code;
 } server_t;
@@ -233,6 +236,18 @@ static void dispatch(tag_t *t, int ok);
 static const char *chat_name(void);
 static void maybe_finish_shutdown(void);
 
+/* The cq goes down only once the server's shutdown tag is in and every
+ * call is freed (the guide, rule 10): a batch a live call starts on a shut
+ * down cq aborts the process inside gRPC. */
+static void
+maybe_shutdown_cq(void)
+{
+    if (S.shutdown_done && S.n_calls == 0 && !S.cq_down) {
+        S.cq_down = true;
+        grpc_completion_queue_shutdown(S.cq);
+    }
+}
+
 static void
 post_slot(method_t mth)
 {
@@ -263,7 +278,9 @@ post_slot(method_t mth)
         if (mth == M_UNKNOWN)
             grpc_call_details_destroy(&c->details);
         free(c);
+        return;
     }
+    S.n_calls++;
 }
 
 static void
@@ -322,7 +339,9 @@ call_free(call_t *c)
     if (c->call)
         grpc_call_unref(c->call);
     free(c);
+    S.n_calls--;
     maybe_finish_shutdown();
+    maybe_shutdown_cq();
 }
 
 static void
@@ -363,7 +382,8 @@ start_close(call_t *c)
 static void
 send_status(call_t *c, grpc_status_code code, const char *msg)
 {
-    if (c->status_started)
+    /* After the close the call is over (cancelled): nobody to tell. */
+    if (c->status_started || c->close_done)
         return;
     grpc_op ops[2];
     size_t n = 0;
@@ -385,6 +405,8 @@ send_status(call_t *c, grpc_status_code code, const char *msg)
 static bool
 send_msg(call_t *c, const ProtobufCMessage *msg)
 {
+    if (c->close_done)
+        return false;
     grpc_op ops[2];
     size_t n = 0;
     memset(ops, 0, sizeof ops);
@@ -857,29 +879,45 @@ gen_new(call_t *c)
         gen_refuse(c, GRPC_STATUS_INVALID_ARGUMENT, why);
         return;
     }
-    snprintf(c->rid, sizeof c->rid, "req-%llu", (unsigned long long)S.n_requests);
+    c->n_request = S.n_requests;
+    snprintf(c->rid, sizeof c->rid, "req-%llu", (unsigned long long)c->n_request);
     c->lim = S.lim;
     c->lim.seed_fallback = (S.seq + 1) * 0x9e3779b97f4a7c15ull ^ kvs_now_ns();
     offload(c);
+}
+
+/* Whether a live Generate other than c goes by c's id. */
+static bool
+rid_live(const call_t *c)
+{
+    for (const call_t *o = S.gens; o; o = o->next)
+        if (o != c && o->id && strcmp(o->rid, c->rid) == 0)
+            return true;
+    return false;
 }
 
 /* The rest of a Generate, back on the loop once parsed. */
 static void
 gen_parsed(call_t *c)
 {
-    if (c->g.request_id[0])
-        memcpy(c->rid, c->g.request_id, sizeof c->rid);
     if (c->parse_rc != GRPC_STATUS_OK) {
+        if (c->g.request_id[0])
+            memcpy(c->rid, c->g.request_id, sizeof c->rid);
         gen_refuse(c, c->parse_rc, c->parse_msg);
         return;
     }
     char msg[256];
-    for (call_t *o = S.gens; o; o = o->next) {
-        if (o != c && o->id && strcmp(o->rid, c->rid) == 0) {
+    if (c->g.request_id[0]) {
+        memcpy(c->rid, c->g.request_id, sizeof c->rid);
+        if (rid_live(c)) {
             gen_refuse(c, GRPC_STATUS_ALREADY_EXISTS,
                        "request_id: already in use by a live request");
             return;
         }
+    } else {
+        /* A client may have chosen the id made for this one: another. */
+        for (unsigned k = 1; rid_live(c); k++)
+            snprintf(c->rid, sizeof c->rid, "req-%llu.%u", (unsigned long long)c->n_request, k);
     }
     if (S.n_live >= S.n_slots) {
         gen_refuse(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "the request queue is full");
@@ -1104,7 +1142,9 @@ watch_pump(call_t *c)
 {
     if (c->send_pending || c->status_started || c->close_done)
         return;
-    int st = (int)health_status();
+    int st = c->watch_unknown
+                 ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN
+                 : (int)health_status();
     if (st == c->watch_sent)
         return;
     Grpc__Health__V1__HealthCheckResponse r = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
@@ -1124,13 +1164,10 @@ health_new(call_t *c)
     bool known = known_service(q->service);
     grpc__health__v1__health_check_request__free_unpacked(q, NULL);
     if (c->method == M_HEALTH_WATCH) {
-        if (!known) {
-            /* Watch reports an unknown service as a status, not an error. */
-            Grpc__Health__V1__HealthCheckResponse r = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
-            r.status = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN;
-            reply_unary(c, &r.base, GRPC_STATUS_OK, NULL);
-            return;
-        }
+        /* Watch reports an unknown service as a status, not an error, and
+         * keeps the stream open (the service may appear, health.proto
+         * says; ours never do). */
+        c->watch_unknown = !known;
         list_add(&S.watches, c);
         watch_pump(c);
         return;
@@ -1404,7 +1441,7 @@ dispatch(tag_t *t, int ok)
 {
     if (t->kind == T_SHUTDOWN) {
         S.shutdown_done = true;
-        grpc_completion_queue_shutdown(S.cq);
+        maybe_shutdown_cq();
         return;
     }
     call_t *c = t->owner;
@@ -1488,8 +1525,11 @@ on_cq(uv_async_t *h)
                 engine_down();
                 uv_close((uv_handle_t *)&S.cq_async, NULL);
                 uv_close((uv_handle_t *)&S.eng_async, NULL);
-                uv_signal_stop(&S.sig_term);
-                uv_signal_stop(&S.sig_int);
+                /* Unreferenced, not stopped: the loop may end, and a late
+                 * signal still finds libuv's handler, not the default
+                 * action, while the rest is torn down. */
+                uv_unref((uv_handle_t *)&S.sig_term);
+                uv_unref((uv_handle_t *)&S.sig_int);
                 continue;
             }
             dispatch(v[i].tag, v[i].ok);
@@ -1539,6 +1579,8 @@ static void
 on_signal(uv_signal_t *h, int signum)
 {
     (void)h;
+    if (S.cq_joined) /* tearing down already */
+        return;
     if (S.draining) { /* a second signal: stop waiting */
         on_drain_timeout(&S.drain_timer);
         return;
@@ -1967,6 +2009,7 @@ engine_up(const srv_opts_t *o)
                            .spec_default = o->spec,
                            .kv_default = o->kv.policy,
                            .have_draft = S.draft != NULL,
+                           .prefix_caching = sched_get_cfg(S.sched)->prefix_caching,
                            .block_tokens = sched_get_cfg(S.sched)->block_tokens};
     chat_up();
     S.lim.chat = S.have_chat ? &S.chat : NULL;
@@ -2085,11 +2128,16 @@ srv_cmd_serve(int argc, char **argv)
     uv_signal_init(S.loop, &S.sig_int);
     uv_timer_init(S.loop, &S.drain_timer);
     grpc_init();
-    bool up = S.slots && S.slot_gen && engine_up(&S.o) == 0 && metrics_up(&S.o) == 0 &&
-              grpc_up(&S.o) == 0;
+    bool up = S.slots && S.slot_gen && engine_up(&S.o) == 0 && metrics_up(&S.o) == 0;
     if (up) {
+        /* Caught before "listening on" is printed: a supervisor may signal
+         * as soon as it reads the line, and the default action would kill
+         * (while the model loads, it still may: nothing to drain yet). */
         uv_signal_start(&S.sig_term, on_signal, SIGTERM);
         uv_signal_start(&S.sig_int, on_signal, SIGINT);
+        up = grpc_up(&S.o) == 0;
+    }
+    if (up) {
         uv_thread_create(&S.cq_thread, cq_main, NULL);
         uv_run(S.loop, UV_RUN_DEFAULT);
         S.exit_code = 0;
@@ -2110,8 +2158,6 @@ srv_cmd_serve(int argc, char **argv)
         uv_close((uv_handle_t *)&S.cq_async, NULL);
         uv_close((uv_handle_t *)&S.eng_async, NULL);
     }
-    uv_close((uv_handle_t *)&S.sig_term, NULL);
-    uv_close((uv_handle_t *)&S.sig_int, NULL);
     uv_close((uv_handle_t *)&S.drain_timer, NULL);
     uv_run(S.loop, UV_RUN_DEFAULT);
     /* Before the engine goes: a scrape reads its load. */
@@ -2123,6 +2169,13 @@ srv_cmd_serve(int argc, char **argv)
     if (S.cq)
         grpc_completion_queue_destroy(S.cq);
     grpc_shutdown_blocking();
+    /* Closing the watchers puts back the default action (death by the
+     * signal, not exit 0): from here on, more signals change nothing. */
+    uv_close((uv_handle_t *)&S.sig_term, NULL);
+    uv_close((uv_handle_t *)&S.sig_int, NULL);
+    signal(SIGTERM, SIG_IGN);
+    signal(SIGINT, SIG_IGN);
+    uv_run(S.loop, UV_RUN_DEFAULT);
     uv_loop_close(S.loop);
     uv_mutex_destroy(&S.mu);
     free(S.q);

@@ -190,6 +190,10 @@ check_kv(const Kvserve__V1__KvPolicy *k, const srv_limits_t *lim, sched_kv_polic
          size_t cap)
 {
     *out = lim->kv_default;
+    if (k && k->has_prefix_reuse && k->prefix_reuse && !lim->prefix_caching)
+        return fail(msg, cap, GRPC_STATUS_FAILED_PRECONDITION,
+                    "policy.kv.prefix_reuse: the server runs without prefix caching "
+                    "(--no-enable-prefix-caching)");
     if (k == NULL || !k->has_kind || k->kind == KVSERVE__V1__KV_POLICY__KIND__KIND_UNSPECIFIED) {
         if (k && (k->has_budget_tokens || k->has_sink_tokens || k->has_window_tokens))
             return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
@@ -411,6 +415,9 @@ check_sampling(const Kvserve__V1__SamplingParams *sp, const srv_limits_t *lim, s
             return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
                         "sampling.logit_bias[%zu].token_id: %u is outside the vocabulary (%u)", i,
                         b->token_id, lim->n_vocab);
+        if (!b->has_bias)
+            return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
+                        "sampling.logit_bias[%zu].bias: required", i);
         if (!(fabsf(b->bias) <= MODEL_LOGIT_BIAS_MAX))
             return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
                         "sampling.logit_bias[%zu].bias: %g is outside [-%g, %g]", i, b->bias,

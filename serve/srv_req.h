@@ -21,6 +21,7 @@ typedef struct srv_limits {
     model_spec_policy_t spec_default; /* --prefill and its flags */
     sched_kv_policy_t kv_default;     /* --kv-policy and its flags */
     bool have_draft;                  /* --draft-model loaded */
+    bool prefix_caching;              /* --enable-prefix-caching */
     uint32_t block_tokens;            /* KV block size (eviction drops whole blocks) */
 } srv_limits_t;
 

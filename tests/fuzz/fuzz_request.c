@@ -184,6 +184,7 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
                          .max_model_len = 256,
                          .seed_fallback = 1,
                          .chat = &chat,
+                         .prefix_caching = true,
                          .block_tokens = 16};
     return 0;
 }

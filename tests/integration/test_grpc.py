@@ -769,7 +769,8 @@ def check_logit_bias(api, kvserve, addr):
            % (toks, run_toks, off["tokens"]))
     for entry, field in (({"token_id": 100000, "bias": 1.0}, "logit_bias[0].token_id"),
                          ({"token_id": 5, "bias": 100.5}, "logit_bias[0].bias"),
-                         ({"bias": 1.0}, "logit_bias[0].token_id")):
+                         ({"bias": 1.0}, "logit_bias[0].token_id"),
+                         ({"token_id": 5}, "logit_bias[0].bias: required")):
         req = greedy_req(TEXT_PROMPT, 2)
         req.sampling.logit_bias.add(**entry)
         o = collect(api, req)
@@ -1644,6 +1645,28 @@ def check_abort(api):
     except grpc.RpcError as e:
         report("4 Abort of an unknown id -> OK, found=false", False,
                "%s %s" % (e.code().name, e.details()))
+    # A client may pick the id the server would make for the next request
+    # without one ("req-N"): that request still runs, under another id.
+    name = "4 a request without an id runs while a client's live request holds its 'req-N' id"
+    o = collect(api, greedy_req(TOKEN_PROMPT, 2), timeout=15)
+    m = re.fullmatch(r"req-(\d+)", o["request_id"] or "")
+    if o["code"] is not None or m is None:
+        report(name, False, "server-made id %r: %s" % (o["request_id"], describe(o)))
+        return
+    taken = "req-%d" % (int(m.group(1)) + 2)
+    r = greedy_req(TOKEN_PROMPT, LONG_MAX_TOKENS)
+    r.request_id = taken
+    call = api.generate(r, timeout=60, metadata=api.md)
+    try:
+        next(call)
+        p = collect(api, greedy_req(TOKEN_PROMPT, 2), timeout=15)
+        ok = p["code"] is None and p["request_id"] not in (None, "", taken)
+        detail = "client's %r live; the next request: %s, id %r" % (taken, describe(p),
+                                                                    p["request_id"])
+    except (grpc.RpcError, StopIteration) as e:
+        ok, detail = False, "the client's %r request ended: %s" % (taken, e)
+    call.cancel()
+    report(name, ok, detail)
 
 
 def c_health(kvserve, addr, label, extra=()):
@@ -2106,6 +2129,24 @@ def check_sigterm(server, api):
     wt = threading.Thread(target=watcher, daemon=True)
     wt.start()
     got_serving.wait(5)
+    # A Watch of a service the server lacks: SERVICE_UNKNOWN, stream kept
+    # open until the shutdown ends it OK; and more watchers, whose last
+    # sends may complete as the server shuts down.
+    others = [{"statuses": [], "code": "open"} for _ in range(7)]
+
+    def other_watcher(k):
+        svc = "no.such.Service" if k == 0 else ""
+        try:
+            for r in api.watch(hpb.HealthCheckRequest(service=svc), timeout=180):
+                others[k]["statuses"].append(r.status)
+            others[k]["code"] = None
+        except grpc.RpcError as e:
+            others[k]["code"] = e.code()
+        others[k]["t_end"] = time.monotonic()
+    ots = [threading.Thread(target=other_watcher, args=(k,), daemon=True)
+           for k in range(len(others))]
+    for t in ots:
+        t.start()
 
     streams = [None] * 4
     first = [threading.Event() for _ in streams]
@@ -2142,7 +2183,15 @@ def check_sigterm(server, api):
     except subprocess.TimeoutExpired:
         rc = "still running %.0f s after SIGTERM" % (time.monotonic() - t_term)
     wt.join(timeout=5)
+    for t in ots:
+        t.join(timeout=5)
 
+    unknown = others[0]
+    report("5 health Watch of an unknown service: SERVICE_UNKNOWN, open until the shutdown",
+           unknown["statuses"] == [hpb.HealthCheckResponse.SERVICE_UNKNOWN]
+           and unknown["code"] is None and unknown.get("t_end", 0) >= t_term,
+           "saw %s, ended with %s %.2f s after SIGTERM" % (
+               unknown["statuses"], unknown["code"], unknown.get("t_end", 0) - t_term))
     names = [hpb.HealthCheckResponse.ServingStatus.Name(s) for s in statuses]
     report("5 health Watch: SERVING, then NOT_SERVING after SIGTERM",
            got_serving.is_set() and got_not.is_set()
@@ -2384,6 +2433,55 @@ def check_defaults(kvserve, model, work):
         srv.kill()
 
 
+def check_no_prefix_cache(kvserve, model, work):
+    """Without --enable-prefix-caching nothing is shared, and a request
+    that asks for prefix reuse is refused rather than quietly served
+    without it."""
+    srv = start_server(kvserve, model, work, "server-no-prefix",
+                       flags=["--max-model-len", "512", "--no-enable-prefix-caching"])
+    ch = grpc.insecure_channel(srv.addr)
+    try:
+        api = Api(ch)
+        outs = [collect(api, greedy_req(TOKEN_PROMPT * 4, 4), timeout=15) for _ in range(2)]
+        report("0 --no-enable-prefix-caching: a repeated prompt is computed again",
+               all(o["code"] is None and o["usage"] is not None
+                   and o["usage"].cached_prompt_tokens == 0 for o in outs),
+               "; ".join(describe(o) for o in outs))
+        for reuse, want in ((True, grpc.StatusCode.FAILED_PRECONDITION), (False, None)):
+            r = greedy_req(TOKEN_PROMPT * 4, 4)
+            r.policy.kv.prefix_reuse = reuse
+            o = collect(api, r, timeout=15)
+            report("0 --no-enable-prefix-caching: policy.kv.prefix_reuse %s -> %s" %
+                   (reuse, code_name(want)), o["code"] == want and
+                   (want is None or "policy.kv.prefix_reuse" in (o["details"] or "")),
+                   describe(o))
+    finally:
+        ch.close()
+        srv.kill()
+
+
+def check_early_sigterm(kvserve, model, work):
+    """SIGTERM as soon as "listening on" is printed, and a second one on
+    its heels, still end in a clean exit 0 (the signals are caught from
+    then on, and through the teardown)."""
+    rcs = []
+    for k in range(6):
+        srv = start_server(kvserve, model, work, "server-term-%d" % k,
+                           flags=["--max-model-len", "256"])
+        srv.proc.send_signal(signal.SIGTERM)
+        if k % 2:
+            time.sleep(0.002 * k)
+            if srv.proc.poll() is None:
+                srv.proc.send_signal(signal.SIGTERM)
+        try:
+            rcs.append(srv.proc.wait(timeout=30))
+        except subprocess.TimeoutExpired:
+            rcs.append("hung")
+            srv.kill()
+    report("5 SIGTERM right after 'listening on' (and twice) -> exit 0 every time",
+           rcs == [0] * len(rcs), "exit statuses %s" % rcs)
+
+
 def check_preempt_log(kvserve, model, work):
     """A pool too small for the load preempts to the host tier (sizes given
     with units); the server's log names the preempted requests by their
@@ -2612,6 +2710,8 @@ def main():
             if any(not ok for _, ok, _ in results):
                 print("server-main stderr (tail):\n" + srv.log_tail(25))
         check_defaults(kvserve, model, work)
+        check_no_prefix_cache(kvserve, model, work)
+        check_early_sigterm(kvserve, model, work)
         check_queue_full(kvserve, model, work)
         check_preempt_log(kvserve, model, work)
         check_auth(kvserve, model, work)
