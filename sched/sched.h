@@ -412,7 +412,8 @@ int sched_cancel_sample(sched_t *s, uint64_t id, uint32_t index);
  * and sequence budgets), reserves KV (preempting by recompute when the
  * pool is full), runs the model, samples and queues events.  Returns the
  * number of requests still live (0: idle) or a negative error from the
- * backend.  Thread: engine. */
+ * backend, which failed the step's requests (others may still be live:
+ * step again until 0).  Thread: engine. */
 int sched_step(sched_t *s);
 /* What the engine holds, as of its last step (and at creation). */
 typedef struct sched_load {

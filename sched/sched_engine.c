@@ -2838,7 +2838,9 @@ engine_main(void *arg)
         int live = sched_step(s);
         if (s->cfg.wake && atomic_exchange(&s->emitted, false))
             s->cfg.wake(s->cfg.wake_arg);
-        if (live > 0)
+        /* After a failed step (its requests failed) others may be live:
+         * step again rather than sleep until the next submission. */
+        if (live != 0)
             continue;
         pthread_mutex_lock(&s->mu);
         while (!s->pending && !s->stop)

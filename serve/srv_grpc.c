@@ -1498,7 +1498,7 @@ engine_down(void)
     for (call_t *g = S.gens; g; g = g->next)
         if (g->engine_live)
             sched_cancel(S.sched, g->id);
-    while (sched_step(S.sched) > 0)
+    while (sched_step(S.sched) != 0) /* an error failed only its step's requests */
         ;
     on_engine(NULL);
 }

@@ -25,7 +25,8 @@
 typedef struct fake_be {
     kern_backend_t base;
     uint64_t n_attn, n_append_tokens;
-    bool fail; /* attention fails as a lost device does, for good */
+    bool fail;          /* attention fails as a lost device does, for good */
+    uint32_t fail_soon; /* attention fails this many more times, and recovers */
 } fake_be_t;
 
 static bool
@@ -124,6 +125,10 @@ fake_attn(kern_backend_t *be, const kern_attn_args_t *a)
     if (f->fail) {
         be->failed = true;
         return KVS_EDEVICE;
+    }
+    if (f->fail_soon) {
+        f->fail_soon--;
+        return KVS_ENOMEM;
     }
     f->n_attn++;
     memset(a->out, 0, (size_t)a->n_q * a->n_heads * a->kv->head_dim * sizeof(float));
@@ -1400,6 +1405,39 @@ test_engine_thread(void **state)
     engine_close(&e);
 }
 
+/* A step that fails (a passing failure: the device lives on) fails its
+ * requests; the engine thread then steps on for the others instead of
+ * sleeping until something else is submitted. */
+static void
+test_engine_thread_after_failure(void **state)
+{
+    (void)state;
+    sched_cfg_t cfg = {.max_num_seqs = 1, .block_tokens = 16, .n_blocks = 64};
+    engine_t e;
+    engine_open(&e, true, &cfg);
+    static outcome_t o;
+    memset(&o, 0, sizeof o);
+    submit(&e, 1, 20, 4, 0, 0);
+    submit(&e, 2, 20, 4, 0, 0);
+    ((fake_be_t *)e.be)->fail_soon = 1;
+    assert_int_equal(sched_thread_start(e.s), 0);
+    for (int spins = 0; o.n_finished < 2 && spins < 200000; spins++) {
+        collect(e.s, &o);
+        usleep(100);
+    }
+    sched_thread_stop(e.s);
+    collect(e.s, &o);
+    assert_int_equal(o.n_finished, 2);
+    assert_int_equal(o.finish[1], SCHED_FINISH_ERROR);
+    assert_int_equal(o.error[1], KVS_ENOMEM);
+    assert_int_equal(o.finish[2], SCHED_FINISH_LENGTH);
+    sched_load_t l;
+    sched_get_load(e.s, &l);
+    assert_false(l.device_failed);
+    assert_int_equal(l.blocks_free, l.blocks_total);
+    engine_close(&e);
+}
+
 /* ---- speculative decoding by prompt lookup ----------------------------------- */
 
 enum { SD_REQ = 13, SD_IDX = 3, SD_MAXT = 48 };
@@ -1932,6 +1970,7 @@ main(void)
         cmocka_unit_test(test_prompt_logprobs_preempted),
         cmocka_unit_test(test_device_failure),
         cmocka_unit_test(test_engine_thread),
+        cmocka_unit_test(test_engine_thread_after_failure),
         cmocka_unit_test(test_spec_decode_same_outputs),
         cmocka_unit_test(test_spec_decode_keeps_decodes),
         cmocka_unit_test(test_spec_decode_draft_model),
