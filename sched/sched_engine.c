@@ -1135,10 +1135,13 @@ plan(sched_t *s)
             !r->h2o_q && !r->plp) {
             /* A speculative prefill matches the prompt only: those tokens
              * keep their full KV, and generated ones are recomputed. */
-            uint32_t hit = 0;
+            uint32_t hit = 0, upto = r->spec.on ? r->n_prompt : r->n_tokens;
+            /* Sink eviction: no more than its budget, the KV a miss
+             * would hold whole (eviction starts past it). */
+            if (r->kv.kind == SCHED_KV_SINK_EVICTION && upto > r->kv.budget_tokens)
+                upto = r->kv.budget_tokens;
             const kv_prefix_key_t k = key(r);
-            kv_prefix_match_key(r->table, r->tokens, r->spec.on ? r->n_prompt : r->n_tokens, &k,
-                                &hit);
+            kv_prefix_match_key(r->table, r->tokens, upto, &k, &hit);
             if (r->kept)
                 kept_rebase(r, hit);
             else

@@ -300,6 +300,75 @@ test_sink_eviction(void **state)
     free(a.logits);
 }
 
+/* One request of prompt p under kv, run to its end on s; its usage, and
+ * the longest table a step of it read (max_len, via the step hook). */
+static sched_usage_t
+run_one(sched_t *s, run_t *r, uint64_t id, const int32_t *p, sched_kv_policy_t kv)
+{
+    sched_request_t req = {.id = id,
+                           .prompt = p,
+                           .n_prompt = PROMPT,
+                           .max_tokens = GEN,
+                           .ignore_eos = true,
+                           .sampling = {.temperature = 0.0f, .top_p = 1.0f},
+                           .kv = kv};
+    assert_int_equal(sched_submit(s, &req), 0);
+    r->max_len = 0;
+    sched_usage_t u = {0};
+    for (bool done = false; !done;) {
+        assert_true(sched_step(s) >= 0);
+        sched_event_t *ev;
+        while ((ev = sched_poll(s)) != NULL) {
+            if (ev->kind == SCHED_EV_FINISH) {
+                assert_int_equal(ev->finish, SCHED_FINISH_LENGTH);
+                u = ev->usage;
+                done = true;
+            }
+            sched_event_free(ev);
+        }
+    }
+    return u;
+}
+
+/* Sink eviction after a dense request cached the same prompt: the hit
+ * stops at its budget (KV past it a miss would not hold whole), so no
+ * step of it reads more than budget + a chunk. */
+static void
+test_sink_eviction_prefix_hit(void **state)
+{
+    (void)state;
+    kern_backend_t *be = NULL;
+    model_t *m = NULL;
+    char err[256];
+    assert_int_equal(kern_backend_new("cpu", &(kern_backend_cfg_t){.n_threads = 2}, &be), 0);
+    assert_int_equal(model_load(model_path, be, &m, err, sizeof err), 0);
+    sched_cfg_t cfg = {.max_num_seqs = 4,
+                       .max_num_batched_tokens = 64,
+                       .block_tokens = 16,
+                       .n_blocks = 80,
+                       .prefix_caching = true};
+    sched_t *s = NULL;
+    assert_int_equal(sched_new(m, &cfg, &s), 0);
+    run_t r = {0};
+    sched_set_step_hook(s, on_step, &r);
+    int32_t p[PROMPT];
+    for (uint32_t t = 0; t < PROMPT; t++)
+        p[t] = (int32_t)((t * 31u + 7u) % model_hparams(m)->n_vocab);
+    sched_usage_t u = run_one(s, &r, 1, p, (sched_kv_policy_t){0});
+    assert_int_equal(u.cached_prompt_tokens, 0);
+    u = run_one(s, &r, 2, p, (sched_kv_policy_t){0});
+    assert_int_equal(u.cached_prompt_tokens, PROMPT / 16 * 16);
+    sched_kv_policy_t kv = {.kind = SCHED_KV_SINK_EVICTION, .budget_tokens = 48, .sinks = 4};
+    u = run_one(s, &r, 3, p, kv);
+    assert_true(u.cached_prompt_tokens > 0 && u.cached_prompt_tokens <= 48);
+    assert_true(r.max_len <= 48 + 64);
+    assert_true(u.kv_dropped_tokens > 0);
+    assert_true(kv_pool_check(sched_pool(s)));
+    sched_free(s);
+    model_free(m);
+    kern_backend_free(be);
+}
+
 /* SnapKV: a budget no prompt exceeds changes nothing; a smaller one
  * compresses each prompt to the budget (decode tokens come on top). */
 static void
@@ -445,6 +514,7 @@ main(void)
         cmocka_unit_test(test_sealed_close_to_f16),
         cmocka_unit_test(test_prefix_cache),
         cmocka_unit_test(test_sink_eviction),
+        cmocka_unit_test(test_sink_eviction_prefix_hit),
         cmocka_unit_test(test_snapkv),
         cmocka_unit_test(test_h2o),
         cmocka_unit_test(test_short_pool),
