@@ -417,6 +417,19 @@ commit_prefix(sched_t *s, req_t *r)
      * entries up to the first dropped block are still tokens 0.. in order. */
     if (n > kv_table_len(r->table))
         n = kv_table_len(r->table);
+    if (s->cfg.kv_quant != KERN_KVQ_NONE) {
+        /* A cached block is never sealed: past the sinks' blocks (kept
+         * full precision anyway), only sealed blocks are offered, or
+         * cached blocks of the residual window would hold the full
+         * precision ones for good. */
+        const int32_t *b = kv_table_blocks(r->table);
+        const uint32_t bt = s->cfg.block_tokens, n_hot = kv_pool_cfg(s->pool)->n_hot;
+        uint32_t i = (s->cfg.kv_sink_tokens + bt - 1) / bt;
+        while (i < n / bt && (uint32_t)b[i] >= n_hot)
+            i++;
+        if (n > i * bt)
+            n = i * bt;
+    }
     const kv_prefix_key_t k = key(r);
     if (n > 0)
         kv_prefix_commit_key(r->table, r->tokens, n, &k);

@@ -300,22 +300,59 @@ test_sink_eviction(void **state)
     free(a.logits);
 }
 
+/* An engine over the tiny model for requests one at a time (run_one):
+ * cfg's fields, chunks of 64 tokens in blocks of 16, 80 blocks. */
+typedef struct one {
+    kern_backend_t *be;
+    model_t *m;
+    sched_t *s;
+    int32_t prompt[PROMPT];
+} one_t;
+
+static void
+one_open(one_t *o, const sched_cfg_t *cfg)
+{
+    char err[256];
+    memset(o, 0, sizeof *o);
+    assert_int_equal(kern_backend_new("cpu", &(kern_backend_cfg_t){.n_threads = 2}, &o->be), 0);
+    assert_int_equal(model_load(model_path, o->be, &o->m, err, sizeof err), 0);
+    sched_cfg_t c = *cfg;
+    c.max_num_batched_tokens = 64;
+    c.block_tokens = 16;
+    c.n_blocks = 80;
+    assert_int_equal(sched_new(o->m, &c, &o->s), 0);
+    for (uint32_t t = 0; t < PROMPT; t++)
+        o->prompt[t] = (int32_t)((t * 31u + 7u) % model_hparams(o->m)->n_vocab);
+}
+
+static void
+one_close(one_t *o)
+{
+    assert_true(kv_pool_check(sched_pool(o->s)));
+    sched_free(o->s);
+    model_free(o->m);
+    kern_backend_free(o->be);
+}
+
 /* One request of prompt p under kv, run to its end on s; its usage, and
  * the longest table a step of it read (max_len, via the step hook). */
 static sched_usage_t
-run_one(sched_t *s, run_t *r, uint64_t id, const int32_t *p, sched_kv_policy_t kv)
+run_one(sched_t *s, run_t *r, uint64_t id, const int32_t *p, sched_kv_policy_t kv,
+        uint32_t max_tokens)
 {
     sched_request_t req = {.id = id,
                            .prompt = p,
                            .n_prompt = PROMPT,
-                           .max_tokens = GEN,
+                           .max_tokens = max_tokens,
                            .ignore_eos = true,
                            .sampling = {.temperature = 0.0f, .top_p = 1.0f},
                            .kv = kv};
     assert_int_equal(sched_submit(s, &req), 0);
     r->max_len = 0;
     sched_usage_t u = {0};
-    for (bool done = false; !done;) {
+    for (uint32_t step = 0, done = 0; !done; step++) {
+        /* Every step computes at least a token, or the engine is stuck. */
+        assert_true(step <= PROMPT + max_tokens);
         assert_true(sched_step(s) >= 0);
         sched_event_t *ev;
         while ((ev = sched_poll(s)) != NULL) {
@@ -337,36 +374,48 @@ static void
 test_sink_eviction_prefix_hit(void **state)
 {
     (void)state;
-    kern_backend_t *be = NULL;
-    model_t *m = NULL;
-    char err[256];
-    assert_int_equal(kern_backend_new("cpu", &(kern_backend_cfg_t){.n_threads = 2}, &be), 0);
-    assert_int_equal(model_load(model_path, be, &m, err, sizeof err), 0);
-    sched_cfg_t cfg = {.max_num_seqs = 4,
-                       .max_num_batched_tokens = 64,
-                       .block_tokens = 16,
-                       .n_blocks = 80,
-                       .prefix_caching = true};
-    sched_t *s = NULL;
-    assert_int_equal(sched_new(m, &cfg, &s), 0);
+    one_t o;
+    one_open(&o, &(sched_cfg_t){.max_num_seqs = 4, .prefix_caching = true});
+    sched_t *s = o.s;
     run_t r = {0};
     sched_set_step_hook(s, on_step, &r);
-    int32_t p[PROMPT];
-    for (uint32_t t = 0; t < PROMPT; t++)
-        p[t] = (int32_t)((t * 31u + 7u) % model_hparams(m)->n_vocab);
-    sched_usage_t u = run_one(s, &r, 1, p, (sched_kv_policy_t){0});
+    const int32_t *p = o.prompt;
+    sched_usage_t u = run_one(s, &r, 1, p, (sched_kv_policy_t){0}, GEN);
     assert_int_equal(u.cached_prompt_tokens, 0);
-    u = run_one(s, &r, 2, p, (sched_kv_policy_t){0});
+    u = run_one(s, &r, 2, p, (sched_kv_policy_t){0}, GEN);
     assert_int_equal(u.cached_prompt_tokens, PROMPT / 16 * 16);
     sched_kv_policy_t kv = {.kind = SCHED_KV_SINK_EVICTION, .budget_tokens = 48, .sinks = 4};
-    u = run_one(s, &r, 3, p, kv);
+    u = run_one(s, &r, 3, p, kv, GEN);
     assert_true(u.cached_prompt_tokens > 0 && u.cached_prompt_tokens <= 48);
     assert_true(r.max_len <= 48 + 64);
     assert_true(u.kv_dropped_tokens > 0);
-    assert_true(kv_pool_check(sched_pool(s)));
-    sched_free(s);
-    model_free(m);
-    kern_backend_free(be);
+    one_close(&o);
+}
+
+/* A quantized pool with a residual window and the prefix cache: blocks
+ * are offered to the cache once sealed, so cached ones never pin the few
+ * full-precision blocks; a long generation on the default share of them
+ * runs through, and a second request still finds the sealed prefix. */
+static void
+test_residual_prefix_cache(void **state)
+{
+    (void)state;
+    one_t o;
+    one_open(&o, &(sched_cfg_t){.max_num_seqs = 1,
+                                .kv_quant = KERN_KVQ_Q8_0,
+                                .kv_residual_tokens = 32,
+                                .prefix_caching = true});
+    sched_t *s = o.s;
+    run_t r = {0};
+    const int32_t *p = o.prompt;
+    sched_usage_t u = run_one(s, &r, 1, p, (sched_kv_policy_t){0}, 400);
+    assert_int_equal(u.preemptions, 0);
+    u = run_one(s, &r, 2, p, (sched_kv_policy_t){0}, GEN);
+    assert_true(u.cached_prompt_tokens >= PROMPT - 32 - 16);
+    sched_load_t l;
+    sched_get_load(s, &l);
+    assert_true(l.blocks_sealed >= (PROMPT + 400 - 32) / 16 - 1);
+    one_close(&o);
 }
 
 /* SnapKV: a budget no prompt exceeds changes nothing; a smaller one
@@ -515,6 +564,7 @@ main(void)
         cmocka_unit_test(test_prefix_cache),
         cmocka_unit_test(test_sink_eviction),
         cmocka_unit_test(test_sink_eviction_prefix_hit),
+        cmocka_unit_test(test_residual_prefix_cache),
         cmocka_unit_test(test_snapkv),
         cmocka_unit_test(test_h2o),
         cmocka_unit_test(test_short_pool),
