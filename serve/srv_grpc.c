@@ -1911,6 +1911,18 @@ chat_override(const char *arg)
     return 0;
 }
 
+/* With a KV codec, SnapKV and H2O write the entries they keep to the
+ * pool's full-precision blocks: their budget's bound (0: none). */
+static uint32_t
+compact_tokens(void)
+{
+    const sched_cfg_t *c = sched_get_cfg(S.sched);
+    if (c->kv_quant == KERN_KVQ_NONE)
+        return 0;
+    uint64_t n = (uint64_t)kv_pool_cfg(sched_pool(S.sched))->n_hot * c->block_tokens;
+    return n < UINT32_MAX ? (uint32_t)n : UINT32_MAX;
+}
+
 static void
 chat_up(void)
 {
@@ -1994,7 +2006,14 @@ engine_up(const srv_opts_t *o)
             fprintf(stderr, "kvserve serve: engine setup failed: %s\n", kvs_strerror(rc));
         return rc;
     }
-    if ((rc = sched_check_policy(S.sched, &o->attn, &o->spec, &o->kv.policy)) != 0) {
+    if ((rc = sched_check_policy(S.sched, &o->attn, &o->spec, &o->kv.policy)) == KVS_ENOSPC) {
+        fprintf(stderr,
+                "kvserve serve: --kv-budget: %u is more than the %u full-precision KV tokens of "
+                "the quantized cache, where the kept entries are written\n",
+                o->kv.policy.budget_tokens, compact_tokens());
+        return rc;
+    }
+    if (rc != 0) {
         /* Every request would be refused. */
         char pol[96];
         fprintf(stderr, "kvserve serve: --attention %s with --prefill %s: %s with --device %s\n",
@@ -2010,6 +2029,7 @@ engine_up(const srv_opts_t *o)
                            .kv_default = o->kv.policy,
                            .have_draft = S.draft != NULL,
                            .prefix_caching = sched_get_cfg(S.sched)->prefix_caching,
+                           .compact_tokens = compact_tokens(),
                            .block_tokens = sched_get_cfg(S.sched)->block_tokens};
     chat_up();
     S.lim.chat = S.have_chat ? &S.chat : NULL;

@@ -2436,9 +2436,12 @@ def check_defaults(kvserve, model, work):
 def check_no_prefix_cache(kvserve, model, work):
     """Without --enable-prefix-caching nothing is shared, and a request
     that asks for prefix reuse is refused rather than quietly served
-    without it."""
+    without it; on a q8_0 cache, SnapKV/H2O budgets past its
+    full-precision blocks are refused."""
     srv = start_server(kvserve, model, work, "server-no-prefix",
-                       flags=["--max-model-len", "512", "--no-enable-prefix-caching"])
+                       flags=["--max-model-len", "512", "--no-enable-prefix-caching",
+                              "--kv-cache-dtype", "q8_0", "--max-num-seqs", "1",
+                              "--max-num-batched-tokens", "64"])
     ch = grpc.insecure_channel(srv.addr)
     try:
         api = Api(ch)
@@ -2455,6 +2458,20 @@ def check_no_prefix_cache(kvserve, model, work):
                    (reuse, code_name(want)), o["code"] == want and
                    (want is None or "policy.kv.prefix_reuse" in (o["details"] or "")),
                    describe(o))
+        # A quantized cache: SnapKV and H2O write what they keep to its few
+        # full-precision blocks, so a budget past them is refused up front
+        # rather than failing after the prefill.
+        for kind in ("SNAPKV", "H2O"):
+            for budget, want in ((400, grpc.StatusCode.INVALID_ARGUMENT), (64, None),
+                                 (1 << 20, None)):  # past the model length: never compacts
+                r = greedy_req(TOKEN_PROMPT * 8, 4)
+                r.policy.kv.kind = getattr(pb.KvPolicy, kind)
+                r.policy.kv.budget_tokens = budget
+                o = collect(api, r, timeout=15)
+                report("0 q8_0 KV: policy.kv %s budget_tokens %d -> %s" %
+                       (kind, budget, code_name(want)), o["code"] == want and
+                       (want is None or "policy.kv.budget_tokens" in (o["details"] or "")),
+                       describe(o))
     finally:
         ch.close()
         srv.kill()

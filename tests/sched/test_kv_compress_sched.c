@@ -418,6 +418,32 @@ test_residual_prefix_cache(void **state)
     one_close(&o);
 }
 
+/* With a KV codec, SnapKV and H2O keep their entries in full-precision
+ * blocks: a budget past them is refused at submit (not after the whole
+ * prefill); one that fits them compacts and runs. */
+static void
+test_compact_budget_hot(void **state)
+{
+    (void)state;
+    one_t o;
+    one_open(&o, &(sched_cfg_t){.max_num_seqs = 1, .kv_quant = KERN_KVQ_Q8_0, .kv_hot_blocks = 10});
+    run_t r = {0};
+    for (sched_kv_kind_t kind = SCHED_KV_SNAPKV; kind <= SCHED_KV_H2O; kind++) {
+        sched_kv_policy_t kv = {.kind = kind, .budget_tokens = 10 * 16 + 1};
+        sched_request_t req = {.id = 1,
+                               .prompt = o.prompt,
+                               .n_prompt = PROMPT,
+                               .max_tokens = GEN,
+                               .sampling = {.top_p = 1.0f},
+                               .kv = kv};
+        assert_int_equal(sched_submit(o.s, &req), KVS_ENOSPC);
+        kv.budget_tokens = 10 * 16 - 32;
+        sched_usage_t u = run_one(o.s, &r, 2 + kind, o.prompt, kv, GEN);
+        assert_true(u.kv_dropped_tokens > 0);
+    }
+    one_close(&o);
+}
+
 /* SnapKV: a budget no prompt exceeds changes nothing; a smaller one
  * compresses each prompt to the budget (decode tokens come on top). */
 static void
@@ -565,6 +591,7 @@ main(void)
         cmocka_unit_test(test_sink_eviction),
         cmocka_unit_test(test_sink_eviction_prefix_hit),
         cmocka_unit_test(test_residual_prefix_cache),
+        cmocka_unit_test(test_compact_budget_hot),
         cmocka_unit_test(test_snapkv),
         cmocka_unit_test(test_h2o),
         cmocka_unit_test(test_short_pool),
