@@ -943,9 +943,15 @@ gen_parsed(call_t *c)
             snprintf(msg, sizeof msg,
                      "policy.prefill.kind: speculative prefill needs a server started with "
                      "--draft-model");
+        else if (e == KVS_ENOSPC)
+            snprintf(msg, sizeof msg,
+                     "the engine refused the request: %u prompt + %u new tokens can never fit "
+                     "in the KV cache (%llu tokens)",
+                     c->g.n_prompt, c->g.sr.max_tokens,
+                     (unsigned long long)sched_get_cfg(S.sched)->n_blocks *
+                         sched_get_cfg(S.sched)->block_tokens);
         else
-            snprintf(msg, sizeof msg, "the engine refused the request: %s",
-                     e == KVS_ENOSPC ? "it can never fit in the KV cache" : kvs_strerror(e));
+            snprintf(msg, sizeof msg, "the engine refused the request: %s", kvs_strerror(e));
         gen_refuse(c,
                    e == KVS_ERANGE    ? GRPC_STATUS_OUT_OF_RANGE
                    : e == KVS_ENOSPC  ? GRPC_STATUS_RESOURCE_EXHAUSTED

@@ -2507,6 +2507,15 @@ def check_preempt_log(kvserve, model, work):
                             "--host-kv-memory", "1Mi"]
     srv = start_server(kvserve, model, work, "server-preempt", flags=flags)
     try:
+        # 40 blocks of 16 hold 640 tokens: more can never fit, and the
+        # refusal says so with the numbers.
+        ch = grpc.insecure_channel(srv.addr)
+        o = collect(Api(ch), greedy_req(TOKEN_PROMPT, 700), timeout=15)
+        ch.close()
+        report("6 prompt + max_tokens past the whole KV cache -> RESOURCE_EXHAUSTED with sizes",
+               o["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED
+               and "+ 700 new tokens can never fit in the KV cache (640 tokens)"
+               in (o["details"] or ""), describe(o))
         rc, out, doc = run_bench_json(kvserve, srv.addr, work, "preempt", [
             "--num-requests", "6", "--concurrency", "6", "--input-len", "64",
             "--output-len", "128"])
