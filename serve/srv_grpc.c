@@ -2183,6 +2183,9 @@ srv_cmd_serve(int argc, char **argv)
         }
         uv_close((uv_handle_t *)&S.cq_async, NULL);
         uv_close((uv_handle_t *)&S.eng_async, NULL);
+        /* Nothing to drain: a signal may kill, and the loop below ends. */
+        uv_signal_stop(&S.sig_term);
+        uv_signal_stop(&S.sig_int);
     }
     uv_close((uv_handle_t *)&S.drain_timer, NULL);
     uv_run(S.loop, UV_RUN_DEFAULT);

@@ -2497,6 +2497,19 @@ def check_early_sigterm(kvserve, model, work):
             srv.kill()
     report("5 SIGTERM right after 'listening on' (and twice) -> exit 0 every time",
            rcs == [0] * len(rcs), "exit statuses %s" % rcs)
+    # A port already taken: a message and exit 1, not a hang.
+    srv = start_server(kvserve, model, work, "server-port", flags=["--max-model-len", "256"])
+    try:
+        port = srv.addr.rsplit(":", 1)[1]
+        r = subprocess.run([kvserve, "serve", "--model", model, "--max-model-len", "256",
+                            "--port", port], capture_output=True, text=True, timeout=60)
+        out = (r.returncode, r.stderr.strip().splitlines()[-1:] if r.stderr else [])
+    except subprocess.TimeoutExpired:
+        out = ("hung", [])
+    finally:
+        srv.kill()
+    report("5 serve on a port in use -> 'cannot listen', exit 1",
+           out[0] == 1 and out[1] and "cannot listen" in out[1][0], "exit %s, %s" % out)
 
 
 def check_preempt_log(kvserve, model, work):
