@@ -2678,8 +2678,8 @@ sched_new(model_t *m, const sched_cfg_t *cfg, sched_t **out)
     pthread_cond_init(&s->pool_cv, NULL);
     pthread_cond_init(&s->pool_done, NULL);
     if (c->sample_threads == 0) {
-        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-        uint32_t half = cpus > 2 ? (uint32_t)(cpus / 2) : 1;
+        uint32_t cpus = kvs_cpu_count();
+        uint32_t half = cpus > 2 ? cpus / 2 : 1;
         s->n_pool_threads =
             (half < SCHED_DEFAULT_SAMPLE_THREADS ? half : SCHED_DEFAULT_SAMPLE_THREADS) - 1;
     } else {

@@ -28,7 +28,6 @@
 #include <grpc/grpc_security.h>
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
-#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -181,7 +180,7 @@ typedef struct server {
     call_t *gens, *watches;
     uint64_t n_requests, seq;
     uint64_t msgs_sent, toks_sent, tok_lat_ns; /* GetLoad counters */
-    bool draining, shutting_down, shutdown_done, cq_down, cq_joined, engine_stopped;
+    bool draining, goaway, shutting_down, shutdown_done, cq_down, cq_joined, engine_stopped;
     bool device_failed; /* the engine's device failed for good: NOT_SERVING */
     int exit_code;
 } server_t;
@@ -1559,7 +1558,9 @@ begin_shutdown(void)
     for (call_t *w = S.watches; w; w = w->next)
         if (!w->send_pending)
             send_status(w, GRPC_STATUS_OK, NULL);
-    grpc_server_shutdown_and_notify(S.server, S.cq, &S.t_shutdown);
+    if (!S.goaway)
+        grpc_server_shutdown_and_notify(S.server, S.cq, &S.t_shutdown);
+    S.goaway = true;
     grpc_server_cancel_all_calls(S.server);
 }
 
@@ -1582,6 +1583,12 @@ on_drain_timeout(uv_timer_t *t)
 }
 
 static void
+die_on_signal(int signum)
+{
+    _exit(128 + signum);
+}
+
+static void
 on_signal(uv_signal_t *h, int signum)
 {
     (void)h;
@@ -1595,6 +1602,10 @@ on_signal(uv_signal_t *h, int signum)
               signum == SIGTERM ? "SIGTERM" : "SIGINT", S.n_live, S.o.drain_timeout_s);
     S.draining = true;
     health_changed();
+    /* GOAWAY now: clients take new calls elsewhere at once while the
+     * calls in flight finish here (the shutdown tag waits for them). */
+    grpc_server_shutdown_and_notify(S.server, S.cq, &S.t_shutdown);
+    S.goaway = true;
     uv_timer_start(&S.drain_timer, on_drain_timeout, (uint64_t)S.o.drain_timeout_s * 1000, 0);
     maybe_finish_shutdown();
 }
@@ -1606,7 +1617,8 @@ on_signal(uv_signal_t *h, int signum)
 static const char usage[] =
     "usage: kvserve serve [--model PATH] [--host 127.0.0.1] [--port 50051] [--device "
     "cpu|ref|cuda]\n"
-    "                     [--threads N (default: cores - 1)] [--max-model-len N] [--block-size "
+    "                     [--threads N (default: usable cores - 1)] [--max-model-len N] "
+    "[--block-size "
     "16]\n"
     "                     [--kv-cache-dtype f16|f32|bf16|q8_0|fp8|q4] [--kv-sink-tokens N]\n"
     "                     [--kv-policy full|sink-eviction|snapkv|h2o] [--kv-budget N]\n"
@@ -1963,10 +1975,8 @@ engine_up(const srv_opts_t *o)
         /* One core stays with the network threads: with every core
          * computing, a token waited milliseconds for a core to be written
          * (bench/RESULTS.md, gRPC). */
-        cpu_set_t set;
-        long n = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set)
-                                                             : sysconf(_SC_NPROCESSORS_ONLN);
-        threads = n > 2 ? (uint32_t)n - 1 : 1;
+        uint32_t n = kvs_cpu_count();
+        threads = n > 2 ? n - 1 : 1;
     }
     kern_backend_cfg_t bc = {.n_threads = threads, .nice = (int)o->engine_nice};
     int rc = kern_backend_new(o->device, &bc, &S.be);
@@ -2154,11 +2164,19 @@ srv_cmd_serve(int argc, char **argv)
     uv_signal_init(S.loop, &S.sig_int);
     uv_timer_init(S.loop, &S.drain_timer);
     grpc_init();
+    /* Until the loop's watchers take over, a signal ends the process: as
+     * PID 1 in a container, one without a handler would be ignored, and a
+     * long model load would wait out the grace period. */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = die_on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
     bool up = S.slots && S.slot_gen && engine_up(&S.o) == 0 && metrics_up(&S.o) == 0;
     if (up) {
         /* Caught before "listening on" is printed: a supervisor may signal
-         * as soon as it reads the line, and the default action would kill
-         * (while the model loads, it still may: nothing to drain yet). */
+         * as soon as it reads the line. */
         uv_signal_start(&S.sig_term, on_signal, SIGTERM);
         uv_signal_start(&S.sig_int, on_signal, SIGINT);
         up = grpc_up(&S.o) == 0;
@@ -2183,7 +2201,7 @@ srv_cmd_serve(int argc, char **argv)
         }
         uv_close((uv_handle_t *)&S.cq_async, NULL);
         uv_close((uv_handle_t *)&S.eng_async, NULL);
-        /* Nothing to drain: a signal may kill, and the loop below ends. */
+        /* Nothing to drain: a signal may end it, and the loop below ends. */
         uv_signal_stop(&S.sig_term);
         uv_signal_stop(&S.sig_int);
     }

@@ -909,7 +909,7 @@ kern__cpu_new(const kern_backend_cfg_t *cfg, kern_backend_t **out)
     *out = NULL;
     long n = cfg->n_threads;
     if (n == 0)
-        n = sysconf(_SC_NPROCESSORS_ONLN);
+        n = (long)kvs_cpu_count();
     if (n < 1)
         n = 1;
     if (n > MAX_THREADS)

@@ -1,6 +1,7 @@
 /*
  * tests/base/test_kvs_base.c — errors, arena, MPSC queue (including a
- * multi-producer run), half-precision conversions.
+ * multi-producer run), half-precision conversions, CPU counts under
+ * cgroup quotas.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -12,8 +13,10 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 static void
 test_errors(void **state)
@@ -227,13 +230,68 @@ test_half_directed(void **state)
     assert_true(isnan(kvs_fp16_to_f32(kvs_f32_to_fp16_dir(NAN, true))));
 }
 
+/* Writes text to root/rel, making its directories. */
+static void
+put(const char *root, const char *rel, const char *text)
+{
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", root, rel);
+    for (char *p = path + strlen(root) + 1; (p = strchr(p, '/')) != NULL; p++) {
+        *p = '\0';
+        mkdir(path, 0700);
+        *p = '/';
+    }
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+/* CPU quotas: cgroup v2 (the tightest of a cgroup and its ancestors,
+ * rounded up, "max" none), inside a cgroup namespace (path "/"), and v1's
+ * cpu controller; the affinity count caps them, and no quota leaves it. */
+static void
+test_cpu_count(void **state)
+{
+    (void)state;
+    char root[] = "/tmp/kvs_cg_XXXXXX";
+    assert_non_null(mkdtemp(root));
+    assert_int_equal(kvs__cpu_count_in(64, root, "0::/kubepods/pod1/ctr\n"), 64);
+    put(root, "kubepods/pod1/ctr/cpu.max", "max 100000\n");
+    assert_int_equal(kvs__cpu_count_in(64, root, "0::/kubepods/pod1/ctr\n"), 64);
+    put(root, "kubepods/pod1/cpu.max", "350000 100000\n");
+    assert_int_equal(kvs__cpu_count_in(64, root, "0::/kubepods/pod1/ctr\n"), 4);
+    put(root, "kubepods/pod1/ctr/cpu.max", "150000 100000\n");
+    assert_int_equal(kvs__cpu_count_in(64, root, "0::/kubepods/pod1/ctr\n"), 2);
+    assert_int_equal(kvs__cpu_count_in(1, root, "0::/kubepods/pod1/ctr\n"), 1);
+    assert_int_equal(kvs__cpu_count_in(0, root, ""), 1);
+    put(root, "cpu.max", "50000 100000\n");
+    assert_int_equal(kvs__cpu_count_in(8, root, "0::/\n"), 1);
+
+    char v1[] = "/tmp/kvs_cg1_XXXXXX";
+    assert_non_null(mkdtemp(v1));
+    const char *self = "12:cpuset:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n";
+    assert_int_equal(kvs__cpu_count_in(16, v1, self), 16);
+    put(v1, "cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "-1\n");
+    put(v1, "cpu,cpuacct/docker/abc/cpu.cfs_period_us", "100000\n");
+    assert_int_equal(kvs__cpu_count_in(16, v1, self), 16);
+    put(v1, "cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "300000\n");
+    assert_int_equal(kvs__cpu_count_in(16, v1, self), 3);
+    /* A cpuset line alone reads no cpu files. */
+    assert_int_equal(kvs__cpu_count_in(16, v1, "12:cpuset:/docker/abc\n"), 16);
+    assert_true(kvs_cpu_count() >= 1);
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s %s", root, v1);
+    assert_int_equal(system(cmd), 0);
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_errors),        cmocka_unit_test(test_arena),
         cmocka_unit_test(test_mpsc),          cmocka_unit_test(test_half),
-        cmocka_unit_test(test_half_directed),
+        cmocka_unit_test(test_half_directed), cmocka_unit_test(test_cpu_count),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
