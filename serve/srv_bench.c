@@ -14,7 +14,9 @@
 #include <getopt.h>
 #include <math.h>
 #include <stdlib.h>
+#include <errno.h>
 #include <string.h>
+#include <unistd.h>
 
 static const char bench_usage[] =
     "usage: kvserve bench --addr HOST:PORT [--num-requests N (100)]\n"
@@ -973,6 +975,19 @@ srv_cmd_bench(int argc, char **argv)
         goto out;
     if (srv_client_creds("bench", b.o.conn.tls_ca, b.o.api_key_file, &ca, &bearer))
         goto out;
+    /* A --json that cannot be written is found now, not after the run. */
+    if (b.o.json != NULL) {
+        bool existed = access(b.o.json, F_OK) == 0;
+        FILE *f = fopen(b.o.json, "a");
+        if (f == NULL) {
+            fprintf(stderr, "kvserve bench: --json: cannot write '%s': %s\n", b.o.json,
+                    strerror(errno));
+            goto out;
+        }
+        fclose(f);
+        if (!existed)
+            unlink(b.o.json);
+    }
     if (bearer) {
         b.auth.key = grpc_slice_from_static_string("authorization");
         b.auth.value = grpc_slice_from_static_string(bearer);

@@ -1354,6 +1354,12 @@ def check_bench(kvserve, addr, work):
                        capture_output=True, text=True, timeout=30)
     report("10 bench: a bad flag exits 2 naming it", r.returncode == 2 and "--num-requests"
            in r.stderr, "exit %d: %s" % (r.returncode, r.stderr.strip()[:120]))
+    bad = os.path.join(work, "no-such-dir", "bench.json")
+    r = subprocess.run([kvserve, "bench", "--addr", addr, "--num-requests", "4", "--json", bad],
+                       capture_output=True, text=True, timeout=30)
+    report("10 bench: an unwritable --json exits 2 before running", r.returncode == 2
+           and "--json" in r.stderr and "Successful requests" not in r.stdout,
+           "exit %d: %s" % (r.returncode, r.stderr.strip()[:120]))
 
 
 def run_bench_json(kvserve, addr, work, label, flags, timeout=120):
