@@ -243,6 +243,7 @@ struct sched {
         load_h2o;
     _Atomic uint64_t load_steps, load_busy_ns, load_work_steps;
     _Atomic uint64_t load_pfx_queried, load_pfx_hit;
+    _Atomic uint64_t load_host_bytes, load_host_hit; /* the host tier's, as the engine sees it */
     _Atomic uint64_t load_spec_draft, load_spec_accepted, load_spec_drafts;
     _Atomic uint64_t load_spec_pos[SCHED_MAX_SPEC_TOKENS];
 };
@@ -1291,6 +1292,12 @@ publish_load(sched_t *s)
     atomic_store(&s->load_cached, (uint32_t)ps.cached_blocks);
     atomic_store(&s->load_pfx_queried, ps.queried_tokens);
     atomic_store(&s->load_pfx_hit, ps.hit_tokens);
+    if (s->host) {
+        kv_host_stats_t hs;
+        kv_host_stats(s->host, &hs);
+        atomic_store(&s->load_host_bytes, hs.bytes_used);
+        atomic_store(&s->load_host_hit, hs.hit_tokens);
+    }
     /* The draft model runs on s->be too (sched_new). */
     atomic_store(&s->load_failed, kern_backend_failed(s->be));
     atomic_fetch_add(&s->load_steps, 1);
@@ -2476,13 +2483,9 @@ sched_get_load(const sched_t *s, sched_load_t *out)
     out->pressure_seals = atomic_load(&w->load_pressure_seals);
     out->snapkv_compressions = atomic_load(&w->load_snapkv);
     out->h2o_compactions = atomic_load(&w->load_h2o);
-    out->host_bytes_used = out->host_hit_tokens = 0;
-    if (s->host) {
-        kv_host_stats_t hs;
-        kv_host_stats(s->host, &hs);
-        out->host_bytes_used = hs.bytes_used;
-        out->host_hit_tokens = hs.hit_tokens;
-    }
+    /* Read on any thread: the engine's snapshot, not the tier itself. */
+    out->host_bytes_used = atomic_load(&w->load_host_bytes);
+    out->host_hit_tokens = atomic_load(&w->load_host_hit);
     out->steps = atomic_load(&w->load_work_steps);
     out->busy_ns = atomic_load(&w->load_busy_ns);
     out->prefix_queried_tokens = atomic_load(&w->load_pfx_queried);
