@@ -732,13 +732,26 @@ gen_enum(sch_t *s, const json_t *node)
 /* pattern: our dialect, re-spelled for JSON string content                 */
 /* ------------------------------------------------------------------------ */
 
-enum { CSET_MAX = 64 };
+/* A pattern's class lists at most CSET_MAX ranges.  Its complement has
+ * one more, put_set takes four ranges out (each splits at most one, one
+ * more each), and an operation holds two more than its result on the way:
+ * CSET_CAP bounds them all. */
+enum { CSET_MAX = 64, CSET_CAP = CSET_MAX + 8 };
 
 /* A set of code points as sorted, disjoint ranges once normalised. */
 typedef struct cset {
     int n;
-    uint32_t lo[CSET_MAX + 2], hi[CSET_MAX + 2];
+    uint32_t lo[CSET_CAP], hi[CSET_CAP];
 } cset_t;
+
+/* Appends a range past any check of CSET_MAX (the operations below). */
+static void
+cset_push(cset_t *c, uint32_t lo, uint32_t hi)
+{
+    KVS_ASSERT(c->n < CSET_CAP);
+    c->lo[c->n] = lo;
+    c->hi[c->n++] = hi;
+}
 
 static bool
 cset_add(cset_t *c, uint32_t lo, uint32_t hi)
@@ -785,16 +798,12 @@ cset_invert(cset_t *c)
     cset_t r = {0};
     uint32_t next = 0;
     for (int i = 0; i < c->n; i++) {
-        if (c->lo[i] > next) {
-            r.lo[r.n] = next;
-            r.hi[r.n++] = c->lo[i] - 1;
-        }
+        if (c->lo[i] > next)
+            cset_push(&r, next, c->lo[i] - 1);
         next = c->hi[i] + 1;
     }
-    if (next <= 0x10FFFF) {
-        r.lo[r.n] = next;
-        r.hi[r.n++] = 0x10FFFF;
-    }
+    if (next <= 0x10FFFF)
+        cset_push(&r, next, 0x10FFFF);
     *c = r;
 }
 
@@ -812,8 +821,7 @@ static void
 cset_minus(cset_t *c, uint32_t lo, uint32_t hi)
 {
     cset_invert(c);
-    c->lo[c->n] = lo;
-    c->hi[c->n++] = hi;
+    cset_push(c, lo, hi);
     cset_norm(c);
     cset_invert(c);
 }
@@ -858,8 +866,7 @@ put_class(sch_t *s, const cset_t *safe)
     /* The negated form may list surrogates as matched: they never occur in
        UTF-8 input, and leaving them out of the complement keeps it short. */
     cset_t neg = *safe;
-    neg.lo[neg.n] = 0xD800;
-    neg.hi[neg.n++] = 0xDFFF;
+    cset_push(&neg, 0xD800, 0xDFFF);
     cset_norm(&neg);
     cset_invert(&neg);
     const cset_t *c = neg.n < safe->n ? &neg : safe;

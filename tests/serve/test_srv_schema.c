@@ -252,6 +252,24 @@ test_pattern(void **state)
           L("\"\\\"\"", "\"\\\\\""));
     check("{\"type\":\"string\",\"pattern\":\"\\\\.\\\\*\\\\/\\\\$\"}", L("\".*/$\""),
           L("\"a*/$\"", "\".\\/$\""));
+    /* A negated class of 64 lone characters: its complement has 65
+     * ranges, and taking out the controls, '"', '\\' and surrogates adds
+     * four more, all within the set's room (plain text still matches). */
+    char schema[512], cls[256];
+    size_t n = 0;
+    for (unsigned i = 0; i < 64; i++) {
+        unsigned c = 0x61 + 2 * i;
+        if (c < 0x80) {
+            cls[n++] = (char)c;
+        } else {
+            cls[n++] = (char)(0xC0 | c >> 6);
+            cls[n++] = (char)(0x80 | (c & 0x3F));
+        }
+    }
+    cls[n] = '\0';
+    snprintf(schema, sizeof schema, "{\"type\":\"string\",\"pattern\":\"^[^%s]+$\"}", cls);
+    check(schema, L("\"A\"", "\" 0Z[\"", "\"b\\\"\\\\\\n\"", "\"\xc3\xa0\""),
+          L("\"a\"", "\"Ac\"", "\"\xc3\x9f\"", "\"\""));
 }
 
 static void
