@@ -1066,9 +1066,13 @@ typedef struct {
     parser_t *p;
     nstate_t *st;
     uint32_t n, cap;
-    /* A set's UTF-8 suffixes shared: (lo, hi, next) -> state. */
+    /* A set's UTF-8 suffixes shared: (lo, hi, next) -> state, found
+     * through a hash (a class of many code points would otherwise cost
+     * its square): slot -> entry, live while its gen is the set's. */
     uint32_t *memo;
     uint32_t n_memo, cap_memo;
+    uint32_t *mh, *mh_gen;
+    uint32_t mh_cap, gen;
 } nfa_t;
 
 #define NFA_FAIL UINT32_MAX
@@ -1091,18 +1095,67 @@ add_state(nfa_t *a, uint8_t kind, uint8_t lo, uint8_t hi, uint32_t out, uint32_t
 }
 
 static uint32_t
+memo_slot(const nfa_t *a, uint32_t lo, uint32_t hi, uint32_t next)
+{
+    return (uint32_t)kvs_mix64((uint64_t)next << 16 | lo << 8 | hi) & (a->mh_cap - 1);
+}
+
+static void
+memo_index(nfa_t *a, uint32_t k)
+{
+    const uint32_t *m = a->memo + 4 * k;
+    uint32_t h = memo_slot(a, m[0], m[1], m[2]);
+    while (a->mh_gen[h] == a->gen)
+        h = (h + 1) & (a->mh_cap - 1);
+    a->mh_gen[h] = a->gen;
+    a->mh[h] = k;
+}
+
+/* Twice the slots, the set's entries indexed again; on failure the old
+ * table stays (an entry left out is only a state not shared). */
+static bool
+memo_grow(nfa_t *a)
+{
+    uint32_t cap = a->mh_cap ? 2 * a->mh_cap : 256;
+    uint32_t *mh = malloc(cap * sizeof *mh), *g = calloc(cap, sizeof *g);
+    if (mh == NULL || g == NULL) {
+        free(mh);
+        free(g);
+        return false;
+    }
+    free(a->mh);
+    free(a->mh_gen);
+    a->mh = mh;
+    a->mh_gen = g;
+    a->mh_cap = cap;
+    a->gen = 1;
+    for (uint32_t k = 0; k < a->n_memo; k++)
+        memo_index(a, k);
+    return true;
+}
+
+static uint32_t
 byte_state(nfa_t *a, uint8_t lo, uint8_t hi, uint32_t next)
 {
-    for (uint32_t k = 0; k < a->n_memo; k++) {
-        const uint32_t *m = a->memo + 4 * k;
-        if (m[0] == lo && m[1] == hi && m[2] == next)
-            return m[3];
+    if (a->mh_cap) {
+        for (uint32_t h = memo_slot(a, lo, hi, next); a->mh_gen[h] == a->gen;
+             h = (h + 1) & (a->mh_cap - 1)) {
+            const uint32_t *m = a->memo + 4 * a->mh[h];
+            if (m[0] == lo && m[1] == hi && m[2] == next)
+                return m[3];
+        }
     }
     uint32_t s = add_state(a, S_BYTE, lo, hi, next, 0);
     if (s != NFA_FAIL &&
         grow((void **)&a->memo, &a->cap_memo, 4 * (a->n_memo + 1), sizeof *a->memo) == 0) {
-        uint32_t *m = a->memo + 4 * a->n_memo++;
+        uint32_t k = a->n_memo++;
+        uint32_t *m = a->memo + 4 * k;
         m[0] = lo, m[1] = hi, m[2] = next, m[3] = s;
+        /* At most half the slots taken, so a probe always ends. */
+        if (2 * a->n_memo <= a->mh_cap)
+            memo_index(a, k);
+        else if (!memo_grow(a))
+            a->n_memo--; /* not indexed: forgotten */
     }
     return s;
 }
@@ -1153,6 +1206,10 @@ set_start(nfa_t *a, const anode_t *x, uint32_t next)
     static const uint32_t bound[] = {0x7F, 0x7FF, 0xFFFF, MAX_CP};
     uint32_t alt = NFA_FAIL;
     a->n_memo = 0;
+    if (a->mh_cap && ++a->gen == 0) { /* the stamps wrapped: clear them */
+        memset(a->mh_gen, 0, a->mh_cap * sizeof *a->mh_gen);
+        a->gen = 1;
+    }
     for (uint32_t i = 0; i < x->nr; i++) {
         uint32_t lo = a->p->ranges[x->r0 + i].lo, hi = a->p->ranges[x->r0 + i].hi;
         for (uint32_t b = 0; b < 4 && lo <= hi; b++) {
@@ -2089,6 +2146,8 @@ parts_free(parser_t *p, nfa_t *a)
     free(p->ranges);
     free(a->st);
     free(a->memo);
+    free(a->mh);
+    free(a->mh_gen);
 }
 
 /* A guide at the start of d, taking over the caller's reference. */
