@@ -266,7 +266,11 @@ cmp_desc(const void *a, const void *b, void *arg)
 {
     const float *prob = arg;
     int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
-    if (prob[i] != prob[j])
+    /* NaN ranks below every number, so the order stays total. */
+    bool ni = prob[i] != prob[i], nj = prob[j] != prob[j];
+    if (ni != nj)
+        return ni ? 1 : -1;
+    if (!ni && prob[i] != prob[j])
         return prob[i] > prob[j] ? -1 : 1;
     return i < j ? -1 : (i > j);
 }
@@ -443,12 +447,14 @@ filter(model_sampler_t *s, const float *logits, const uint64_t *allow, uint32_t 
         for (uint32_t j = 0; j < m; j++) {
             int32_t i = s->idx[j];
             float p = expf((logits[i] - mx) / c->temperature);
+            p = p > 0.0f ? p : 0.0f; /* a NaN logit: never drawn */
             s->prob[i] = p;
             sum += p;
         }
     } else {
         for (uint32_t i = 0; i < n; i++) {
             float p = expf((logits[i] - mx) / c->temperature);
+            p = p > 0.0f ? p : 0.0f;
             s->prob[i] = p;
             s->idx[i] = (int32_t)i;
             sum += p;
@@ -527,12 +533,15 @@ static int32_t
 draw_at(const model_sampler_t *s, const float *w, uint32_t m, double sum, double u)
 {
     double r = u * sum, acc = 0.0;
+    int32_t last = s->idx[m - 1];
     for (uint32_t i = 0; i < m; i++) {
+        if (w[s->idx[i]] > 0.0f)
+            last = s->idx[i];
         acc += w[s->idx[i]];
         if (r < acc)
             return s->idx[i];
     }
-    return s->idx[m - 1];
+    return last; /* rounding left r past the sum: the last id with weight */
 }
 
 static int32_t
@@ -648,8 +657,10 @@ model_logprobs(const float *logits, uint32_t n_vocab, int32_t token, uint32_t n_
      * enough. */
     float mx = logits[argmax(logits, n_vocab)];
     double sum = 0.0;
-    for (uint32_t i = 0; i < n_vocab; i++)
-        sum += expf(logits[i] - mx);
+    for (uint32_t i = 0; i < n_vocab; i++) {
+        float e = expf(logits[i] - mx);
+        sum += e > 0.0f ? e : 0.0f; /* NaN logits weigh nothing */
+    }
     double lse = (double)mx + log(sum);
     *lp = (float)((double)logits[token] - lse);
     if (n_top > 0) {

@@ -369,6 +369,40 @@ test_bad_models(void **state)
 /* model_logprobs against a double log-softmax over Llama 3's vocabulary
  * size, with ties, a ruled-out token (-inf) and a spread wide enough that
  * a naive exp-sum would overflow. */
+/* A NaN logit (a broken row) is never drawn and weighs nothing: draws
+ * and log-probabilities are those of the row without it, at any top_p and
+ * top_k, and the alternatives list it last. */
+static void
+test_nan_logit(void **state)
+{
+    (void)state;
+    enum { N = 100 };
+    float x[N];
+    for (int i = 0; i < N; i++)
+        x[i] = i == 10 ? 3.0f : (float)(i % 7) * 0.1f;
+    x[50] = NAN;
+    x[99] = NAN;
+    static const float top_p[] = {1.0f, 0.9f, 0.5f};
+    for (size_t t = 0; t < 3 * 2; t++) {
+        model_sampling_t c = {
+            .temperature = 1.0f, .top_p = top_p[t % 3], .top_k = t / 3 ? 5 : 0, .seed = 7};
+        model_sampler_t *s;
+        assert_int_equal(model_sampler_new(&c, N, &s), 0);
+        for (int k = 0; k < 2000; k++) {
+            int32_t id = model_sampler_sample(s, x);
+            assert_true(id >= 0 && id != 50 && id != 99);
+        }
+        model_sampler_free(s);
+    }
+    float lp, lps[N];
+    int32_t ids[N];
+    assert_int_equal(model_logprobs(x, N, 10, N, &lp, ids, lps), N);
+    assert_true(isfinite(lp) && lp < 0.0f);
+    assert_int_equal(ids[0], 10);
+    assert_true(isfinite(lps[N - 3]));
+    assert_true((ids[N - 2] == 50 && ids[N - 1] == 99));
+}
+
 static void
 test_logprobs(void **state)
 {
@@ -992,9 +1026,9 @@ main(void)
         cmocka_unit_test(test_load_tiny),     cmocka_unit_test(test_tokenizer),
         cmocka_unit_test(test_random_vocab),  cmocka_unit_test(test_bad_models),
         cmocka_unit_test(test_sampler),       cmocka_unit_test(test_sampler_masked),
-        cmocka_unit_test(test_logprobs),      cmocka_unit_test(test_penalties),
-        cmocka_unit_test(test_logit_bias),    cmocka_unit_test(test_spec_sampling),
-        cmocka_unit_test(test_guided_choice),
+        cmocka_unit_test(test_logprobs),      cmocka_unit_test(test_nan_logit),
+        cmocka_unit_test(test_penalties),     cmocka_unit_test(test_logit_bias),
+        cmocka_unit_test(test_spec_sampling), cmocka_unit_test(test_guided_choice),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
