@@ -347,8 +347,11 @@ escape(parser_t *p, bool in_class, uint32_t *cp, cprange_t *r, uint32_t *nr)
     case 'v':
         *cp = '\v';
         break;
-    case '0':
+    case '0': /* and up to two more octal digits, as PCRE and Python read it */
         *cp = 0;
+        for (int k = 0; k < 2 && p->i + 1 < p->n && p->s[p->i + 1] >= '0' && p->s[p->i + 1] <= '7';
+             k++)
+            *cp = *cp * 8 + (uint32_t)(p->s[++p->i] - '0');
         break;
     case 'x':
         p->i++;
