@@ -65,7 +65,7 @@ static const struct {
     const char *name, *re;
 } formats[] = {
     {"date", FMT_DATE},
-    {"time", FMT_HMS FMT_ZONE "?"},
+    {"time", FMT_HMS FMT_ZONE}, /* RFC 3339 full-time: the offset is not optional */
     {"date-time", FMT_DATE "[Tt]" FMT_HMS FMT_ZONE},
     {"uuid", "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"},
 };
