@@ -129,6 +129,10 @@ uint64_t kvs_now_ns(void); /* CLOCK_MONOTONIC */
  * takes the affinity count, the cgroup mount and /proc/self/cgroup's text
  * (tests). */
 uint32_t kvs_cpu_count(void);
+
+/* A secret drawn once per process (kvs_seed.c), mixed into the hashes of
+ * tables keyed by untrusted bytes so that no input is crafted to collide. */
+uint64_t kvs_hash_seed(void);
 uint32_t kvs__cpu_count_in(uint32_t affinity, const char *cg_root, const char *self_cgroup);
 
 /* ------------------------------------------------------------------------ */

@@ -205,13 +205,15 @@ arena_strndup(kvs_arena_t *a, const uint8_t *s, size_t n)
 /* Name index.                                                              */
 /* ------------------------------------------------------------------------ */
 
+/* FNV-1a from the process's secret start, then mixed: the names are the
+ * file's, and must not be chosen to collide (model/vocab.c's reason). */
 static uint64_t
 hash_name(const char *s)
 {
-    uint64_t h = 0xcbf29ce484222325ull; /* FNV-1a */
+    uint64_t h = 0xcbf29ce484222325ull ^ kvs_hash_seed();
     for (; *s; s++)
         h = (h ^ (unsigned char)*s) * 0x100000001b3ull;
-    return h;
+    return kvs_mix64(h);
 }
 
 typedef const char *(*name_fn)(const model_gguf_t *g, uint32_t i);

@@ -36,13 +36,16 @@
 /* String tables.                                                           */
 /* ------------------------------------------------------------------------ */
 
+/* FNV-1a from a secret start, then mixed: a model file's token texts are
+ * the attacker's, and colliding ones would make building the table
+ * quadratic (minutes for a 12 MB file). */
 static uint64_t
 hash_bytes(const char *s, size_t n)
 {
-    uint64_t h = 0xcbf29ce484222325ull; /* FNV-1a */
+    uint64_t h = 0xcbf29ce484222325ull ^ kvs_hash_seed();
     for (size_t i = 0; i < n; i++)
         h = (h ^ (unsigned char)s[i]) * 0x100000001b3ull;
-    return h ^ (h >> 29);
+    return kvs_mix64(h);
 }
 
 /* Where a table's keys live: entry i is blob[off[t]], len[t] bytes, with
@@ -111,20 +114,19 @@ model__vocab_find(const model_vocab_t *v, const char *s, size_t n)
     return i == UINT32_MAX ? -1 : (int32_t)i;
 }
 
-static uint64_t
-mix64(uint64_t x)
+/* A merge's slot: its pair of ids mixed with the process's secret (the
+ * merges are the model file's, like the token texts). */
+static uint32_t
+merge_slot(const model_vocab_t *v, uint64_t pair)
 {
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdull;
-    x ^= x >> 33;
-    return x;
+    return (uint32_t)kvs_mix64(pair ^ kvs_hash_seed()) & v->merge_mask;
 }
 
 void
 model__vocab_merge_put(model_vocab_t *v, int32_t left, int32_t right, uint32_t rank, int32_t id)
 {
     uint64_t pair = (uint64_t)(uint32_t)left << 32 | (uint32_t)right;
-    uint32_t h = (uint32_t)mix64(pair) & v->merge_mask;
+    uint32_t h = merge_slot(v, pair);
     for (; v->merges[h].pair != UINT64_MAX; h = (h + 1) & v->merge_mask)
         if (v->merges[h].pair == pair)
             return; /* a repeated pair keeps its first (best) rank */
@@ -140,7 +142,7 @@ model__vocab_merge(const model_vocab_t *v, int32_t left, int32_t right)
     if (v->merges == NULL || left < 0 || right < 0)
         return NULL;
     uint64_t pair = (uint64_t)(uint32_t)left << 32 | (uint32_t)right;
-    for (uint32_t h = (uint32_t)mix64(pair) & v->merge_mask;; h = (h + 1) & v->merge_mask) {
+    for (uint32_t h = merge_slot(v, pair);; h = (h + 1) & v->merge_mask) {
         const model_merge_t *e = &v->merges[h];
         if (e->pair == pair)
             return e;

@@ -1,7 +1,7 @@
 /*
  * tests/base/test_kvs_base.c — errors, arena, MPSC queue (including a
  * multi-producer run), half-precision conversions, CPU counts under
- * cgroup quotas.
+ * cgroup quotas, the hash secret.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -230,6 +230,27 @@ test_half_directed(void **state)
     assert_true(isnan(kvs_fp16_to_f32(kvs_f32_to_fp16_dir(NAN, true))));
 }
 
+static void *
+seed_of_thread(void *arg)
+{
+    *(uint64_t *)arg = kvs_hash_seed();
+    return NULL;
+}
+
+/* The hash secret is drawn once: every caller, on any thread, sees the
+ * same value for the life of the process (tables built on one thread are
+ * searched on others). */
+static void
+test_hash_seed(void **state)
+{
+    (void)state;
+    uint64_t a = kvs_hash_seed(), b = 0;
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, seed_of_thread, &b), 0);
+    assert_int_equal(pthread_join(t, NULL), 0);
+    assert_true(a == b && a == kvs_hash_seed());
+}
+
 /* Writes text to root/rel, making its directories. */
 static void
 put(const char *root, const char *rel, const char *text)
@@ -292,6 +313,7 @@ main(void)
         cmocka_unit_test(test_errors),        cmocka_unit_test(test_arena),
         cmocka_unit_test(test_mpsc),          cmocka_unit_test(test_half),
         cmocka_unit_test(test_half_directed), cmocka_unit_test(test_cpu_count),
+        cmocka_unit_test(test_hash_seed),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
