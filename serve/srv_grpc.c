@@ -1601,11 +1601,13 @@ on_signal(uv_signal_t *h, int signum)
     KVS_INFOF("serve: %s: draining (%u requests in flight, up to %u s)",
               signum == SIGTERM ? "SIGTERM" : "SIGINT", S.n_live, S.o.drain_timeout_s);
     S.draining = true;
-    health_changed();
-    /* GOAWAY now: clients take new calls elsewhere at once while the
-     * calls in flight finish here (the shutdown tag waits for them). */
+    /* GOAWAY now, before watchers hear NOT_SERVING: clients take new calls
+     * elsewhere at once while the calls in flight finish here (the
+     * shutdown tag waits for them).  A call already on its way still
+     * gets UNAVAILABLE from gen_new. */
     grpc_server_shutdown_and_notify(S.server, S.cq, &S.t_shutdown);
     S.goaway = true;
+    health_changed();
     uv_timer_start(&S.drain_timer, on_drain_timeout, (uint64_t)S.o.drain_timeout_s * 1000, 0);
     maybe_finish_shutdown();
 }

@@ -2216,11 +2216,22 @@ def check_sigterm(server, api):
     report("5 SIGTERM: streams in flight complete OK", live_at_term > 0 and not bad,
            ("; ".join(bad) if bad else "all %d complete" % len(streams))
            + " (%d in flight at SIGTERM)" % live_at_term)
-    # GOAWAY at the drain's start: the connection is refused (a client
-    # balancing over several servers takes the call elsewhere).
-    report("5 SIGTERM: a new Generate during the drain -> UNAVAILABLE, connection refused",
-           o["code"] == grpc.StatusCode.UNAVAILABLE
-           and "shutting down" not in (o["details"] or ""),
+    # GOAWAY at the drain's start: a new connection is refused (a client
+    # balancing over several servers takes the call elsewhere).  A call
+    # racing the GOAWAY on the old connection is refused by the server.
+    fresh = None
+    for _ in range(20):
+        ch2 = grpc.insecure_channel(server.addr)
+        fresh = collect(Api(ch2), greedy_req(TOKEN_PROMPT, 4), timeout=10)
+        ch2.close()
+        if "shutting down" not in (fresh["details"] or ""):
+            break
+        time.sleep(0.1)
+    report("5 SIGTERM: a new connection during the drain is refused",
+           fresh["code"] == grpc.StatusCode.UNAVAILABLE
+           and "shutting down" not in (fresh["details"] or ""), describe(fresh))
+    report("5 SIGTERM: a new Generate during the drain -> UNAVAILABLE",
+           o["code"] == grpc.StatusCode.UNAVAILABLE,
            "got %s (%d streams still in flight when it was sent)" % (describe(o), still_live))
     report("5 SIGTERM: the server exits with status 0", rc == 0, "exit %s" % rc)
 
