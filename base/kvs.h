@@ -125,15 +125,15 @@ kvs_mpsc_node_t *kvs_mpsc_pop(kvs_mpsc_t *q);
 uint64_t kvs_now_ns(void); /* CLOCK_MONOTONIC */
 
 /* CPUs this process may keep busy (kvs_cpu.c): its affinity mask's, fewer
- * under a cgroup v1 or v2 CPU quota (rounded up); >= 1.  The _in variant
- * takes the affinity count, the cgroup mount and /proc/self/cgroup's text
- * (tests). */
+ * under a cgroup v1 or v2 CPU quota (rounded up); >= 1, counted once.  The
+ * _in variant takes the affinity count, the cgroup mount and
+ * /proc/self/cgroup's text (tests). */
 uint32_t kvs_cpu_count(void);
+uint32_t kvs__cpu_count_in(uint32_t affinity, const char *cg_root, const char *self_cgroup);
 
 /* A secret drawn once per process (kvs_seed.c), mixed into the hashes of
  * tables keyed by untrusted bytes so that no input is crafted to collide. */
 uint64_t kvs_hash_seed(void);
-uint32_t kvs__cpu_count_in(uint32_t affinity, const char *cg_root, const char *self_cgroup);
 
 /* ------------------------------------------------------------------------ */
 /* Hex digits and UTF-8, for the parsers of patterns and vocabularies.      */

@@ -7,6 +7,7 @@
  */
 #include "kvs.h"
 
+#include <pthread.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -64,25 +65,19 @@ v2_quota(const char *root, const char *path)
     char dir[4096], file[4200];
     snprintf(dir, sizeof dir, "%s", path);
     uint32_t best = 0;
-    for (;;) {
+    for (;;) { /* dir, its parents, then root itself (dir "") */
         size_t n = strlen(dir);
-        while (n > 1 && dir[n - 1] == '/')
+        while (n > 0 && dir[n - 1] == '/')
             dir[--n] = '\0';
-        snprintf(file, sizeof file, "%s%s/cpu.max", root, strcmp(dir, "/") == 0 ? "" : dir);
+        snprintf(file, sizeof file, "%s%s/cpu.max", root, dir);
         long long q, p;
         if (read_pair(file, &q, &p) == 2)
             best = min_nz(best, quota_cpus(q, p));
+        if (n == 0)
+            return best;
         char *slash = strrchr(dir, '/');
-        if (slash == NULL || slash == dir)
-            break;
-        *slash = '\0';
+        *(slash ? slash : dir) = '\0';
     }
-    /* The namespace's root (path "/" seen from inside) is root itself. */
-    long long q, p;
-    snprintf(file, sizeof file, "%s/cpu.max", root);
-    if (read_pair(file, &q, &p) == 2)
-        best = min_nz(best, quota_cpus(q, p));
-    return best;
 }
 
 /* cgroup v1: cpu.cfs_quota_us / cpu.cfs_period_us of the cpu controller,
@@ -140,8 +135,11 @@ kvs__cpu_count_in(uint32_t affinity, const char *cg_root, const char *self_cgrou
     return quota && quota < n ? quota : n;
 }
 
-uint32_t
-kvs_cpu_count(void)
+static uint32_t cpu_count;
+static pthread_once_t cpu_once = PTHREAD_ONCE_INIT;
+
+static void
+cpu_count_init(void)
 {
     cpu_set_t set;
     long n = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set)
@@ -153,5 +151,13 @@ kvs_cpu_count(void)
         self[k] = '\0';
         fclose(f);
     }
-    return kvs__cpu_count_in(n > 0 ? (uint32_t)n : 1, "/sys/fs/cgroup", self);
+    cpu_count = kvs__cpu_count_in(n > 0 ? (uint32_t)n : 1, "/sys/fs/cgroup", self);
+}
+
+/* The server, the backend and the sampling pool all ask at start-up. */
+uint32_t
+kvs_cpu_count(void)
+{
+    pthread_once(&cpu_once, cpu_count_init);
+    return cpu_count;
 }

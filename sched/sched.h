@@ -395,6 +395,9 @@ int sched_submit(sched_t *s, const sched_request_t *r);
  * sched_submit answers. */
 int sched_check_policy(const sched_t *s, const model_attn_policy_t *attn,
                        const model_spec_policy_t *spec, const sched_kv_policy_t *kv);
+/* With a KV codec, the most entries SnapKV and H2O may keep: compaction
+ * writes them to the pool's full-precision blocks.  0 without a codec. */
+uint32_t sched_compact_tokens(const sched_t *s);
 /* The smallest budget sink eviction can keep: eviction drops whole
  * blocks, so the sinks' blocks and one block of recent tokens. */
 static inline uint64_t

@@ -2242,16 +2242,24 @@ sched_check_policy(const sched_t *s, const model_attn_policy_t *attn,
             return KVS_EINVAL;
         if ((kv->kind == SCHED_KV_SNAPKV || kv->kind == SCHED_KV_H2O) && spec->on)
             return KVS_EINVAL; /* its prompt KV is not the prompt's */
-        /* Compaction writes the kept entries to full-precision blocks
-         * (none runs when no sequence can pass the budget). */
-        if ((kv->kind == SCHED_KV_SNAPKV || kv->kind == SCHED_KV_H2O) &&
-            s->cfg.kv_quant != KERN_KVQ_NONE && kv->budget_tokens < s->cfg.max_model_len &&
-            (kv->budget_tokens + (uint64_t)bt - 1) / bt > kv_pool_cfg(s->pool)->n_hot)
+        /* No compaction runs when no sequence can pass the budget. */
+        uint32_t most = sched_compact_tokens(s);
+        if ((kv->kind == SCHED_KV_SNAPKV || kv->kind == SCHED_KV_H2O) && most &&
+            kv->budget_tokens > most && kv->budget_tokens < s->cfg.max_model_len)
             return KVS_ENOSPC;
     }
     if (spec->on && !s->draft)
         return KVS_ENOTSUP;
     return 0;
+}
+
+uint32_t
+sched_compact_tokens(const sched_t *s)
+{
+    if (s->cfg.kv_quant == KERN_KVQ_NONE)
+        return 0;
+    uint64_t n = (uint64_t)kv_pool_cfg(s->pool)->n_hot * s->cfg.block_tokens;
+    return n < UINT32_MAX ? (uint32_t)n : UINT32_MAX;
 }
 
 static bool

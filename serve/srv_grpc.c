@@ -180,7 +180,7 @@ typedef struct server {
     call_t *gens, *watches;
     uint64_t n_requests, seq;
     uint64_t msgs_sent, toks_sent, tok_lat_ns; /* GetLoad counters */
-    bool draining, goaway, shutting_down, shutdown_done, cq_down, cq_joined, engine_stopped;
+    bool draining, shutting_down, shutdown_done, cq_down, cq_joined, engine_stopped;
     bool device_failed; /* the engine's device failed for good: NOT_SERVING */
     int exit_code;
 } server_t;
@@ -1558,9 +1558,7 @@ begin_shutdown(void)
     for (call_t *w = S.watches; w; w = w->next)
         if (!w->send_pending)
             send_status(w, GRPC_STATUS_OK, NULL);
-    if (!S.goaway)
-        grpc_server_shutdown_and_notify(S.server, S.cq, &S.t_shutdown);
-    S.goaway = true;
+    /* The server's own shutdown began with the drain (on_signal). */
     grpc_server_cancel_all_calls(S.server);
 }
 
@@ -1606,7 +1604,6 @@ on_signal(uv_signal_t *h, int signum)
      * shutdown tag waits for them).  A call already on its way still
      * gets UNAVAILABLE from gen_new. */
     grpc_server_shutdown_and_notify(S.server, S.cq, &S.t_shutdown);
-    S.goaway = true;
     health_changed();
     uv_timer_start(&S.drain_timer, on_drain_timeout, (uint64_t)S.o.drain_timeout_s * 1000, 0);
     maybe_finish_shutdown();
@@ -1931,18 +1928,6 @@ chat_override(const char *arg)
     return 0;
 }
 
-/* With a KV codec, SnapKV and H2O write the entries they keep to the
- * pool's full-precision blocks: their budget's bound (0: none). */
-static uint32_t
-compact_tokens(void)
-{
-    const sched_cfg_t *c = sched_get_cfg(S.sched);
-    if (c->kv_quant == KERN_KVQ_NONE)
-        return 0;
-    uint64_t n = (uint64_t)kv_pool_cfg(sched_pool(S.sched))->n_hot * c->block_tokens;
-    return n < UINT32_MAX ? (uint32_t)n : UINT32_MAX;
-}
-
 static void
 chat_up(void)
 {
@@ -2028,7 +2013,7 @@ engine_up(const srv_opts_t *o)
         fprintf(stderr,
                 "kvserve serve: --kv-budget: %u is more than the %u full-precision KV tokens of "
                 "the quantized cache, where the kept entries are written\n",
-                o->kv.policy.budget_tokens, compact_tokens());
+                o->kv.policy.budget_tokens, sched_compact_tokens(S.sched));
         return rc;
     }
     if (rc != 0) {
@@ -2047,7 +2032,7 @@ engine_up(const srv_opts_t *o)
                            .kv_default = o->kv.policy,
                            .have_draft = S.draft != NULL,
                            .prefix_caching = sched_get_cfg(S.sched)->prefix_caching,
-                           .compact_tokens = compact_tokens(),
+                           .compact_tokens = sched_compact_tokens(S.sched),
                            .block_tokens = sched_get_cfg(S.sched)->block_tokens};
     chat_up();
     S.lim.chat = S.have_chat ? &S.chat : NULL;

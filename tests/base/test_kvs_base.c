@@ -275,7 +275,10 @@ static void
 test_cpu_count(void **state)
 {
     (void)state;
-    char root[] = "/tmp/kvs_cg_XXXXXX";
+    const char *tmp = getenv("TMPDIR");
+    char root[512], v1[512];
+    snprintf(root, sizeof root, "%s/kvs_cg_XXXXXX", tmp ? tmp : "/tmp");
+    snprintf(v1, sizeof v1, "%s/kvs_cg1_XXXXXX", tmp ? tmp : "/tmp");
     assert_non_null(mkdtemp(root));
     assert_int_equal(kvs__cpu_count_in(64, root, "0::/kubepods/pod1/ctr\n"), 64);
     put(root, "kubepods/pod1/ctr/cpu.max", "max 100000\n");
@@ -289,7 +292,6 @@ test_cpu_count(void **state)
     put(root, "cpu.max", "50000 100000\n");
     assert_int_equal(kvs__cpu_count_in(8, root, "0::/\n"), 1);
 
-    char v1[] = "/tmp/kvs_cg1_XXXXXX";
     assert_non_null(mkdtemp(v1));
     const char *self = "12:cpuset:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n";
     assert_int_equal(kvs__cpu_count_in(16, v1, self), 16);
@@ -301,8 +303,8 @@ test_cpu_count(void **state)
     /* A cpuset line alone reads no cpu files. */
     assert_int_equal(kvs__cpu_count_in(16, v1, "12:cpuset:/docker/abc\n"), 16);
     assert_true(kvs_cpu_count() >= 1);
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf %s %s", root, v1);
+    char cmd[1100];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s' '%s'", root, v1);
     assert_int_equal(system(cmd), 0);
 }
 

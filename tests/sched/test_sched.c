@@ -1382,6 +1382,20 @@ test_kv_sized_by_bytes(void **state)
     engine_close(&e);
 }
 
+/* Collects while the engine thread runs until n requests finished (or
+ * about 20 s passed), stops the thread, and checks that n did. */
+static void
+thread_until(engine_t *e, outcome_t *o, uint32_t n)
+{
+    for (int spins = 0; o->n_finished < n && spins < 200000; spins++) {
+        collect(e->s, o);
+        usleep(100);
+    }
+    sched_thread_stop(e->s);
+    collect(e->s, o);
+    assert_int_equal(o->n_finished, n);
+}
+
 static void
 test_engine_thread(void **state)
 {
@@ -1395,13 +1409,7 @@ test_engine_thread(void **state)
     assert_int_equal(sched_thread_start(e.s), 0);
     for (uint64_t id = 0; id < 8; id++)
         submit(&e, id, 10, 4, 0, 0);
-    for (int spins = 0; o.n_finished < 8 && spins < 200000; spins++) {
-        collect(e.s, &o);
-        usleep(100);
-    }
-    sched_thread_stop(e.s);
-    collect(e.s, &o);
-    assert_int_equal(o.n_finished, 8);
+    thread_until(&e, &o, 8);
     engine_close(&e);
 }
 
@@ -1421,13 +1429,7 @@ test_engine_thread_after_failure(void **state)
     submit(&e, 2, 20, 4, 0, 0);
     ((fake_be_t *)e.be)->fail_soon = 1;
     assert_int_equal(sched_thread_start(e.s), 0);
-    for (int spins = 0; o.n_finished < 2 && spins < 200000; spins++) {
-        collect(e.s, &o);
-        usleep(100);
-    }
-    sched_thread_stop(e.s);
-    collect(e.s, &o);
-    assert_int_equal(o.n_finished, 2);
+    thread_until(&e, &o, 2);
     assert_int_equal(o.finish[1], SCHED_FINISH_ERROR);
     assert_int_equal(o.error[1], KVS_ENOMEM);
     assert_int_equal(o.finish[2], SCHED_FINISH_LENGTH);
