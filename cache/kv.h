@@ -152,21 +152,28 @@ kern_page_table_t kv_tables_export(kv_table_t *const *tables, uint32_t n, int32_
 /* Score-based compression (SnapKV, H2O): keeps, for every layer and KV
  * head, its own n_keep entries keep[(l * n_kv_heads + h) * n_keep + j]
  * (ascending entry indices < len), moving them into n_keep entries of
- * fresh full-precision blocks and releasing the old blocks (those reserved
- * ahead too).  Entry j's position becomes the largest of the kept
- * positions of index j over the lists (attention reads no positions;
- * next_pos stays, so decoding goes on at the true position; when no list
- * keeps the entry at position next_pos - 1, the last entry takes that
- * position, so that next_pos stays max + 1).  A compacted table is never
+ * fresh blocks and releasing the old blocks (those reserved ahead too).
+ * With a codec, the new blocks kv_table_seal(keep_head, keep_tail) would
+ * seal are written quantized (through at most KV_SEAL_BATCH full-precision
+ * staging blocks at a time: the same bytes as compacting, then sealing),
+ * as many as quantized blocks are free, the others in full precision;
+ * without one keep_head and keep_tail are ignored.  Entry j's position becomes the largest of the
+ * kept positions of index j over the lists (attention reads no positions; next_pos stays, so
+ * decoding goes on at the true position; when no list keeps the entry at position next_pos - 1, the
+ * last entry takes that position, so that next_pos stays max + 1).  A compacted table is never
  * offered to the prefix cache again (its blocks are not a prefix anyone
- * computes).  Returns 0, KVS_EINVAL (bad lists, n_keep == 0 or > len, an
- * offloaded table), KVS_EAGAIN (not enough free full-precision blocks;
- * nothing changes), KVS_ENOSPC (the pool has fewer full-precision blocks
- * than n_keep needs), KVS_ENOMEM or a backend error from kern_kv_gather
+ * computes).  Returns the number of blocks written quantized (0 without
+ * a codec), or KVS_EINVAL (bad lists, n_keep == 0 or > len, an
+ * offloaded table), KVS_EAGAIN (not enough free full-precision blocks
+ * beside the table's own; nothing changes), KVS_ENOSPC (the pool has too
+ * few full-precision blocks for the new table's, one staging block
+ * counted, even with every quantized block free),
+ * KVS_ENOMEM or a backend error from kern_kv_gather or kern_kv_seal
  * (nothing changes, though evictable cached blocks may have been taken).
  * n_keep == len with every list the identity is a no-op that returns 0
  * without touching anything.  Thread: engine. */
-int kv_table_compact(kv_table_t *t, uint32_t n_keep, const int32_t *keep);
+int kv_table_compact(kv_table_t *t, uint32_t n_keep, const int32_t *keep, uint32_t keep_head,
+                     uint32_t keep_tail);
 
 /* ---- prefix cache ---------------------------------------------------------
  *

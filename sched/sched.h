@@ -389,15 +389,10 @@ kv_pool_t *sched_draft_pool(sched_t *s); /* NULL without a draft */
  * the maximum model length) or KVS_ENOSPC (could never fit in the KV pool or the draft's). */
 int sched_submit(sched_t *s, const sched_request_t *r);
 /* Whether this engine runs requests with these policies (spec with its
- * defaults filled; kv may be NULL for none): 0, KVS_EINVAL, KVS_ENOTSUP or
- * KVS_ENOSPC (SnapKV or H2O keeping more entries than a quantized pool's
- * full-precision blocks hold, where compaction writes them), as
- * sched_submit answers. */
+ * defaults filled; kv may be NULL for none): 0, KVS_EINVAL or KVS_ENOTSUP,
+ * as sched_submit answers. */
 int sched_check_policy(const sched_t *s, const model_attn_policy_t *attn,
                        const model_spec_policy_t *spec, const sched_kv_policy_t *kv);
-/* With a KV codec, the most entries SnapKV and H2O may keep: compaction
- * writes them to the pool's full-precision blocks.  0 without a codec. */
-uint32_t sched_compact_tokens(const sched_t *s);
 /* The smallest budget sink eviction can keep: eviction drops whole
  * blocks, so the sinks' blocks and one block of recent tokens. */
 static inline uint64_t

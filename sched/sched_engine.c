@@ -1527,19 +1527,22 @@ h2o_recent(const sched_kv_policy_t *kv)
     return kv->window ? kv->window : kv->budget_tokens / 2;
 }
 
-/* kv_table_compact, which writes the kept entries to fresh full-precision
- * blocks.  In a quantized pool those may still hold this step's chunks of
- * requests whose turn to be sealed comes later in the step: when short,
- * seal every running request now (what their turn would do) and retry. */
+/* kv_table_compact, the blocks past the sinks and the residual window
+ * written quantized as seal_blocks would.  Its full-precision blocks may
+ * still hold this step's chunks of requests whose turn to be sealed comes
+ * later in the step: when short, seal every running request now (what
+ * their turn would do) and retry. */
 static int
 compact_table(sched_t *s, req_t *r, uint32_t n_keep, const int32_t *keep)
 {
-    int rc = kv_table_compact(r->table, n_keep, keep);
-    if (rc != KVS_EAGAIN || s->cfg.kv_quant == KERN_KVQ_NONE)
+    const uint32_t head = s->cfg.kv_sink_tokens, tail = s->cfg.kv_residual_tokens;
+    int rc = kv_table_compact(r->table, n_keep, keep, head, tail);
+    if (rc == KVS_EAGAIN && s->cfg.kv_quant != KERN_KVQ_NONE && seal_running(s, tail) > 0)
+        rc = kv_table_compact(r->table, n_keep, keep, head, tail);
+    if (rc < 0)
         return rc;
-    if (seal_running(s, s->cfg.kv_residual_tokens) == 0)
-        return rc;
-    return kv_table_compact(r->table, n_keep, keep);
+    atomic_fetch_add(&s->load_sealed, (uint64_t)rc);
+    return 0;
 }
 
 /* SnapKV at the end of r's prefill (the table holds exactly the prompt):
@@ -1568,8 +1571,7 @@ snap_compress(sched_t *s, req_t *r)
     if (rc == 0) {
         r->usage.kv_dropped_tokens += n - k;
         atomic_fetch_add(&s->load_snapkv, 1);
-        return seal_blocks(
-            s, r, s->cfg.kv_residual_tokens); /* the compacted copy is written in full precision */
+        return true;
     }
     if (rc == KVS_EAGAIN) {
         KVS_INFOF("sched: request %s: no room to compact its KV (SnapKV), kept whole", r->name);
@@ -1610,8 +1612,7 @@ h2o_compact(sched_t *s, req_t *r, uint32_t n)
     }
     free(keep);
     if (rc == 0)
-        return seal_blocks(
-            s, r, s->cfg.kv_residual_tokens); /* the compacted copy is written in full precision */
+        return true;
     if (rc == KVS_EAGAIN) {
         /* Tried again after the next step. */
         KVS_DEBUGF("sched: request %s: no room to compact its KV (H2O), kept whole", r->name);
@@ -2242,24 +2243,10 @@ sched_check_policy(const sched_t *s, const model_attn_policy_t *attn,
             return KVS_EINVAL;
         if ((kv->kind == SCHED_KV_SNAPKV || kv->kind == SCHED_KV_H2O) && spec->on)
             return KVS_EINVAL; /* its prompt KV is not the prompt's */
-        /* No compaction runs when no sequence can pass the budget. */
-        uint32_t most = sched_compact_tokens(s);
-        if ((kv->kind == SCHED_KV_SNAPKV || kv->kind == SCHED_KV_H2O) && most &&
-            kv->budget_tokens > most && kv->budget_tokens < s->cfg.max_model_len)
-            return KVS_ENOSPC;
     }
     if (spec->on && !s->draft)
         return KVS_ENOTSUP;
     return 0;
-}
-
-uint32_t
-sched_compact_tokens(const sched_t *s)
-{
-    if (s->cfg.kv_quant == KERN_KVQ_NONE)
-        return 0;
-    uint64_t n = (uint64_t)kv_pool_cfg(s->pool)->n_hot * s->cfg.block_tokens;
-    return n < UINT32_MAX ? (uint32_t)n : UINT32_MAX;
 }
 
 static bool

@@ -2009,14 +2009,7 @@ engine_up(const srv_opts_t *o)
             fprintf(stderr, "kvserve serve: engine setup failed: %s\n", kvs_strerror(rc));
         return rc;
     }
-    if ((rc = sched_check_policy(S.sched, &o->attn, &o->spec, &o->kv.policy)) == KVS_ENOSPC) {
-        fprintf(stderr,
-                "kvserve serve: --kv-budget: %u is more than the %u full-precision KV tokens of "
-                "the quantized cache, where the kept entries are written\n",
-                o->kv.policy.budget_tokens, sched_compact_tokens(S.sched));
-        return rc;
-    }
-    if (rc != 0) {
+    if ((rc = sched_check_policy(S.sched, &o->attn, &o->spec, &o->kv.policy)) != 0) {
         /* Every request would be refused. */
         char pol[96];
         fprintf(stderr, "kvserve serve: --attention %s with --prefill %s: %s with --device %s\n",
@@ -2032,7 +2025,6 @@ engine_up(const srv_opts_t *o)
                            .kv_default = o->kv.policy,
                            .have_draft = S.draft != NULL,
                            .prefix_caching = sched_get_cfg(S.sched)->prefix_caching,
-                           .compact_tokens = sched_compact_tokens(S.sched),
                            .block_tokens = sched_get_cfg(S.sched)->block_tokens};
     chat_up();
     S.lim.chat = S.have_chat ? &S.chat : NULL;

@@ -247,12 +247,6 @@ check_kv(const Kvserve__V1__KvPolicy *k, const srv_limits_t *lim, sched_kv_polic
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
                     "policy.kv.window_tokens: %u must be in [1, 1024] and below budget_tokens %u",
                     out->window, out->budget_tokens);
-    if ((out->kind == SCHED_KV_SNAPKV || out->kind == SCHED_KV_H2O) && lim->compact_tokens &&
-        out->budget_tokens > lim->compact_tokens && out->budget_tokens < lim->max_model_len)
-        return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,
-                    "policy.kv.budget_tokens: %u is more than the %u full-precision KV tokens "
-                    "of this server's quantized cache, where the kept entries are written",
-                    out->budget_tokens, lim->compact_tokens);
     if (out->kind == SCHED_KV_H2O && k->has_window_tokens &&
         (out->window == 0 || out->budget_tokens <= out->window))
         return fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT,

@@ -23,7 +23,6 @@ typedef struct srv_limits {
     bool have_draft;                  /* --draft-model loaded */
     bool prefix_caching;              /* --enable-prefix-caching */
     uint32_t block_tokens;            /* KV block size (eviction drops whole blocks) */
-    uint32_t compact_tokens;          /* most entries SnapKV/H2O keep (0: any) */
 } srv_limits_t;
 
 typedef struct srv_gen_req {

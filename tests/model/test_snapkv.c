@@ -395,7 +395,7 @@ test_identity(void **state)
         memcpy(blocks, kv_table_blocks(t), nb * sizeof *blocks);
         memcpy(k0, kv->k, bytes);
         memcpy(v0, kv->v, bytes);
-        assert_int_equal(kv_table_compact(t, n_keys, keep), 0);
+        assert_int_equal(kv_table_compact(t, n_keys, keep, 0, 0), 0);
         assert_int_equal(kv_table_len(t), n_keys);
         assert_int_equal(kv_table_next_pos(t), n_keys);
         assert_int_equal(kv_table_n_blocks(t), nb);
@@ -676,26 +676,26 @@ test_compact(void **state)
         random_lists(n_lists, n_keep, len - 1, round ? (int32_t)len - 1 : -1, keep);
 
         /* Bad lists change nothing. */
-        assert_int_equal(kv_table_compact(t, 0, keep), KVS_EINVAL);
-        assert_int_equal(kv_table_compact(t, len + 1, keep), KVS_EINVAL);
-        assert_int_equal(kv_table_compact(t, n_keep, NULL), KVS_EINVAL);
+        assert_int_equal(kv_table_compact(t, 0, keep, 0, 0), KVS_EINVAL);
+        assert_int_equal(kv_table_compact(t, len + 1, keep, 0, 0), KVS_EINVAL);
+        assert_int_equal(kv_table_compact(t, n_keep, NULL, 0, 0), KVS_EINVAL);
         int32_t save = keep[20];
         keep[20] = keep[19]; /* not strictly ascending */
-        assert_int_equal(kv_table_compact(t, n_keep, keep), KVS_EINVAL);
+        assert_int_equal(kv_table_compact(t, n_keep, keep, 0, 0), KVS_EINVAL);
         keep[20] = save;
         save = keep[4 * 13 - 1];
         keep[4 * 13 - 1] = (int32_t)len;
-        assert_int_equal(kv_table_compact(t, n_keep, keep), KVS_EINVAL);
+        assert_int_equal(kv_table_compact(t, n_keep, keep, 0, 0), KVS_EINVAL);
         keep[4 * 13 - 1] = save;
         save = keep[0];
         keep[0] = -1;
-        assert_int_equal(kv_table_compact(t, n_keep, keep), KVS_EINVAL);
+        assert_int_equal(kv_table_compact(t, n_keep, keep, 0, 0), KVS_EINVAL);
         keep[0] = save;
         assert_int_equal(kv_table_len(t), len);
         assert_int_equal(kv_pool_n_free(pool), n_free);
         assert_true(kv_pool_check(pool));
 
-        assert_int_equal(kv_table_compact(t, n_keep, keep), 0);
+        assert_int_equal(kv_table_compact(t, n_keep, keep, 0, 0), 0);
         assert_true(kv_pool_check(pool));
         assert_int_equal(kv_table_len(t), n_keep);
         assert_int_equal(kv_table_next_pos(t), len);
@@ -727,7 +727,7 @@ test_compact(void **state)
         /* Compacting again works on a compacted table. */
         int32_t again[4 * 5];
         random_lists(n_lists, 5, n_keep + 1, -1, again);
-        assert_int_equal(kv_table_compact(t, 5, again), 0);
+        assert_int_equal(kv_table_compact(t, 5, again, 0, 0), 0);
         assert_int_equal(kv_table_len(t), 5);
         assert_int_equal(kv_table_next_pos(t), len + 1);
         assert_true(kv_pool_check(pool));
@@ -745,7 +745,7 @@ test_compact(void **state)
     int32_t blocks[10];
     memcpy(blocks, kv_table_blocks(t), sizeof blocks);
     random_lists(n_lists, n_keep, len, -1, keep);
-    assert_int_equal(kv_table_compact(t, n_keep, keep), KVS_EAGAIN);
+    assert_int_equal(kv_table_compact(t, n_keep, keep, 0, 0), KVS_EAGAIN);
     assert_int_equal(kv_table_len(t), len);
     assert_int_equal(kv_table_next_pos(t), len);
     assert_int_equal(kv_table_n_blocks(t), 10);
@@ -756,7 +756,7 @@ test_compact(void **state)
     assert_true(kv_pool_check(pool));
     /* Twelve entries fit in the three blocks left. */
     random_lists(n_lists, 12, len, -1, keep);
-    assert_int_equal(kv_table_compact(t, 12, keep), 0);
+    assert_int_equal(kv_table_compact(t, 12, keep, 0, 0), 0);
     assert_int_equal(kv_pool_n_free(pool), 10);
     assert_true(kv_pool_check(pool));
     kv_table_free(hog);
@@ -766,20 +766,15 @@ test_compact(void **state)
     kern_backend_free(be);
 }
 
-/* Sources in quantized blocks are decoded into the fresh full-precision
- * blocks; a keep set that needs more full-precision blocks than the pool
- * has is KVS_ENOSPC. */
-static void
-test_compact_quant(void **state)
+/* 48 entries of random K and V through a Q8_0 pool's full-precision
+ * blocks, two at a time, every full block sealed as it fills. */
+static kv_table_t *
+sealed_table(kv_pool_t *pool, kern_backend_t *be, uint64_t seed)
 {
-    (void)state;
-    kern_backend_t *be = NULL;
-    kv_pool_cfg_t cfg = {.n_blocks = 24, .dtype = KERN_F32, .quant = KERN_KVQ_Q8_0, .n_hot = 3};
-    kv_pool_t *pool = small_pool(&cfg, &be);
     const kern_kv_t *kv = kv_pool_kv(pool);
     kv_table_t *t = NULL;
+    rng = seed;
     assert_int_equal(kv_table_new(pool, &t), 0);
-    /* 48 entries through 3 full-precision blocks: seal as they fill. */
     float k[8 * 64], v[8 * 64];
     for (uint32_t c = 0; c < 6; c++) {
         int32_t pos[8], slots[8];
@@ -797,25 +792,113 @@ test_compact_quant(void **state)
         assert_int_equal(kv_table_seal(t, 0, 0), 2);
     }
     assert_int_equal(kv_table_len(t), 48);
+    return t;
+}
+
+/* With a codec, sources in quantized blocks are decoded, and the new
+ * blocks past keep_head's and before the last keep_tail entries are
+ * written quantized, through whatever full-precision blocks are left
+ * (here one at a time): the same entries as compacting into full
+ * precision and then sealing, in a pool with three full-precision blocks
+ * for a table of four.  Too few full-precision blocks in the pool is
+ * KVS_ENOSPC, too few free KVS_EAGAIN, and neither changes anything; too
+ * few free quantized blocks leaves the last ones full precision. */
+static void
+test_compact_quant(void **state)
+{
+    (void)state;
+    kern_backend_t *be = NULL;
+    kv_pool_cfg_t cfg = {.n_blocks = 24, .dtype = KERN_F32, .quant = KERN_KVQ_Q8_0, .n_hot = 3};
+    kv_pool_t *pool = small_pool(&cfg, &be);
+    const kern_kv_t *kv = kv_pool_kv(pool);
+    kv_table_t *t = sealed_table(pool, be, 77);
     assert_int_equal(kv_pool_n_free_kind(pool, false), 3);
+    assert_int_equal(kv_pool_n_free_kind(pool, true), 9);
+    int32_t before[12];
+    memcpy(before, kv_table_blocks(t), sizeof before);
     float *ok_ = save_rows(t, kv, false, 48), *ov = save_rows(t, kv, true, 48);
-    int32_t keep[4 * 16];
-    random_lists(4, 16, 48, -1, keep);
-    assert_int_equal(kv_table_compact(t, 16, keep), KVS_ENOSPC);
+    int32_t keep[4 * 40];
+
+    /* Blocks 0, 2 and 3 would stay full precision, beside a staging block
+     * (ENOSPC); blocks 0 and 3 and the staging block with one of the three
+     * taken (EAGAIN). */
+    random_lists(4, 16, 47, 47, keep);
+    assert_int_equal(kv_table_compact(t, 16, keep, 4, 6), KVS_ENOSPC);
+    kv_table_t *hog = NULL;
+    assert_int_equal(kv_table_new(pool, &hog), 0);
+    assert_int_equal(kv_table_reserve(hog, 1), 0);
+    assert_int_equal(kv_table_compact(t, 16, keep, 4, 4), KVS_EAGAIN);
+    kv_table_free(hog);
     assert_int_equal(kv_table_len(t), 48);
+    assert_memory_equal(kv_table_blocks(t), before, sizeof before);
+    assert_int_equal(kv_pool_n_free_kind(pool, false), 3);
+    assert_int_equal(kv_pool_n_free_kind(pool, true), 9);
     assert_true(kv_pool_check(pool));
-    random_lists(4, 12, 47, 47, keep);
-    assert_int_equal(kv_table_compact(t, 12, keep), 0);
+
+    /* The reference: a pool with room for the full-precision copy. */
+    kv_pool_cfg_t wide_cfg = {
+        .n_blocks = 40, .dtype = KERN_F32, .quant = KERN_KVQ_Q8_0, .n_hot = 16};
+    kern_backend_t *wbe = NULL;
+    kv_pool_t *wide = small_pool(&wide_cfg, &wbe);
+    kv_table_t *w = sealed_table(wide, wbe, 77);
+
+    assert_int_equal(kv_table_compact(t, 16, keep, 4, 4), 2);
+    assert_int_equal(kv_table_compact(w, 16, keep, 4, UINT32_MAX), 0);
+    assert_int_equal(kv_table_seal(w, 4, 4), 2);
     assert_true(kv_pool_check(pool));
-    assert_int_equal(kv_pool_n_free_kind(pool, false), 0);
-    assert_int_equal(kv_pool_n_free_kind(pool, true), 21);
-    check_kept_rows(t, kv, ok_, ov, 48, 12, keep);
+    assert_int_equal(kv_table_len(t), 16);
+    assert_int_equal(kv_table_next_pos(t), 48);
+    assert_int_equal(kv_table_n_blocks(t), 4);
+    for (uint32_t b = 0; b < 4; b++)
+        assert_int_equal((uint32_t)kv_table_blocks(t)[b] >= cfg.n_hot, b == 1 || b == 2);
+    assert_int_equal(kv_pool_n_free_kind(pool, false), 1);
+    assert_int_equal(kv_pool_n_free_kind(pool, true), 21 - 2);
+    assert_memory_equal(kv_table_positions(t), kv_table_positions(w), 16 * sizeof(int32_t));
+    float a[32], b[32];
+    for (uint32_t l = 0; l < 2; l++)
+        for (uint32_t h = 0; h < 2; h++)
+            for (uint32_t j = 0; j < 16; j++)
+                for (int v = 0; v < 2; v++) {
+                    entry_row(t, kv, v, l, h, j, a);
+                    entry_row(w, kv_pool_kv(wide), v, l, h, j, b);
+                    assert_memory_equal(a, b, sizeof a);
+                }
+    /* Q8_0 of values Q8_0 decoded to is those values again. */
+    check_kept_rows(t, kv, ok_, ov, 48, 16, keep);
+
+    /* Every new block quantized, each through the one staging block. */
+    random_lists(4, 12, 15, 15, keep);
+    assert_int_equal(kv_table_compact(t, 12, keep, 0, 0), 3);
+    assert_true(kv_pool_check(pool));
+    for (uint32_t b = 0; b < 3; b++)
+        assert_true((uint32_t)kv_table_blocks(t)[b] >= cfg.n_hot);
+    assert_int_equal(kv_pool_n_free_kind(pool, false), 3);
+    assert_int_equal(kv_pool_n_free_kind(pool, true), 21 - 3);
+    kv_table_free(t);
+
+    /* Ten blocks to write quantized, nine free: the last stays full
+     * precision. */
+    t = sealed_table(pool, be, 78);
+    free(ok_);
+    free(ov);
+    ok_ = save_rows(t, kv, false, 48);
+    ov = save_rows(t, kv, true, 48);
+    random_lists(4, 40, 48, -1, keep);
+    assert_int_equal(kv_table_compact(t, 40, keep, 0, 0), 9);
+    assert_true(kv_pool_check(pool));
+    for (uint32_t b = 0; b < 10; b++)
+        assert_int_equal((uint32_t)kv_table_blocks(t)[b] >= cfg.n_hot, b < 9);
+    check_kept_rows(t, kv, ok_, ov, 48, 40, keep);
     free(ok_);
     free(ov);
     kv_table_free(t);
+    kv_table_free(w);
     assert_true(kv_pool_check(pool));
+    assert_true(kv_pool_check(wide));
     kv_pool_free(pool);
+    kv_pool_free(wide);
     kern_backend_free(be);
+    kern_backend_free(wbe);
 }
 
 /* A compacted table is never offered to the prefix cache; blocks cached
@@ -835,7 +918,7 @@ test_compact_prefix(void **state)
 
     kv_table_t *t = filled_table(pool, be, 37, 1.0);
     random_lists(4, 13, 36, 36, keep);
-    assert_int_equal(kv_table_compact(t, 13, keep), 0);
+    assert_int_equal(kv_table_compact(t, 13, keep, 0, 0), 0);
     /* n may exceed the compacted length: the caller passes its prompt. */
     assert_int_equal(kv_prefix_commit(t, tokens, 37, 9), 0);
     assert_int_equal(kv_prefix_commit(t, tokens, 12, 9), 0);
@@ -858,7 +941,7 @@ test_compact_prefix(void **state)
     kv_pool_prefix_stats(pool, &st);
     assert_int_equal(st.cached_blocks, 9);
     random_lists(4, 13, 36, 36, keep);
-    assert_int_equal(kv_table_compact(t, 13, keep), 0);
+    assert_int_equal(kv_table_compact(t, 13, keep, 0, 0), 0);
     assert_true(kv_pool_check(pool));
     assert_int_equal(kv_prefix_commit(t, tokens, 37, 9), 0);
     kv_pool_prefix_stats(pool, &st);
@@ -900,7 +983,7 @@ attention_case(kern_dtype_t dtype)
     int32_t keep[2 * 2 * 30];
     model_snapkv_policy_t p = {.budget = C, .window = W, .kernel = 5};
     assert_int_equal(model_snapkv_select(f.m, kv, kv_table_blocks(t), N, qo, W, &p, keep), (int)C);
-    assert_int_equal(kv_table_compact(t, C, keep), 0);
+    assert_int_equal(kv_table_compact(t, C, keep, 0, 0), 0);
     assert_int_equal(kv_table_next_pos(t), N);
     check_kept_rows(t, kv, ok_, ov, N, C, keep);
 

@@ -418,28 +418,35 @@ test_residual_prefix_cache(void **state)
     one_close(&o);
 }
 
-/* With a KV codec, SnapKV and H2O keep their entries in full-precision
- * blocks: a budget past them is refused at submit (not after the whole
- * prefill); one that fits them compacts and runs. */
+/* With a KV codec, SnapKV and H2O write the entries they keep quantized
+ * (but the sinks and the residual window), so a budget past the pool's
+ * few full-precision blocks (8 here, 128 tokens) compacts and runs; every
+ * block comes back at the end (one_close's check). */
 static void
 test_compact_budget_hot(void **state)
 {
     (void)state;
     one_t o;
-    one_open(&o, &(sched_cfg_t){.max_num_seqs = 1, .kv_quant = KERN_KVQ_Q8_0, .kv_hot_blocks = 10});
+    one_open(&o, &(sched_cfg_t){.max_num_seqs = 1,
+                                .kv_quant = KERN_KVQ_Q8_0,
+                                .kv_hot_blocks = 8,
+                                .kv_sink_tokens = 4,
+                                .kv_residual_tokens = 16});
     run_t r = {0};
     for (sched_kv_kind_t kind = SCHED_KV_SNAPKV; kind <= SCHED_KV_H2O; kind++) {
-        sched_kv_policy_t kv = {.kind = kind, .budget_tokens = 10 * 16 + 1};
-        sched_request_t req = {.id = 1,
-                               .prompt = o.prompt,
-                               .n_prompt = PROMPT,
-                               .max_tokens = GEN,
-                               .sampling = {.top_p = 1.0f},
-                               .kv = kv};
-        assert_int_equal(sched_submit(o.s, &req), KVS_ENOSPC);
-        kv.budget_tokens = 10 * 16 - 32;
-        sched_usage_t u = run_one(o.s, &r, 2 + kind, o.prompt, kv, GEN);
-        assert_true(u.kv_dropped_tokens > 0);
+        sched_kv_policy_t kv = {.kind = kind, .budget_tokens = 140};
+        sched_load_t l0, l1;
+        sched_get_load(o.s, &l0);
+        sched_usage_t u = run_one(o.s, &r, 1 + kind, o.prompt, kv, GEN);
+        sched_get_load(o.s, &l1);
+        if (kind == SCHED_KV_SNAPKV)
+            assert_int_equal(u.kv_dropped_tokens, PROMPT - 140);
+        else
+            assert_true(u.kv_dropped_tokens >= PROMPT - 140);
+        assert_int_equal(l1.snapkv_compressions - l0.snapkv_compressions, kind == SCHED_KV_SNAPKV);
+        assert_true(kind == SCHED_KV_SNAPKV || l1.h2o_compactions > l0.h2o_compactions);
+        assert_true(l1.blocks_sealed - l0.blocks_sealed >= (140 - 4 - 16) / 16 - 1);
+        assert_int_equal(u.preemptions, 0);
     }
     one_close(&o);
 }
