@@ -119,14 +119,20 @@ grow(void **a, uint32_t *cap, uint32_t need, size_t sz)
 {
     if (need <= *cap)
         return 0;
-    uint32_t c = *cap ? *cap : 16;
+    /* Doubling in 64 bits: a 32-bit capacity past 2^31 would wrap to 0
+     * and never reach need. */
+    uint64_t c = *cap ? *cap : 16;
     while (c < need)
         c *= 2;
+    if (c > UINT32_MAX)
+        c = UINT32_MAX;
+    if (c > SIZE_MAX / sz)
+        return KVS_ENOMEM;
     void *b = realloc(*a, (size_t)c * sz);
     if (b == NULL)
         return KVS_ENOMEM;
     *a = b;
-    *cap = c;
+    *cap = (uint32_t)c;
     return 0;
 }
 
@@ -1986,65 +1992,57 @@ fail:
     return NULL;
 }
 
-/* State s of d as words: per thread its state, stack depth and return
- * states from the top; NULL when out of memory. */
-static uint32_t *
-lazy_export(const guide_dfa_t *d, uint32_t s, uint32_t *n_out)
-{
-    const lazy_t *z = d->lz;
-    uint32_t *w = NULL, n = 0, cap = 0;
-    for (uint32_t k = 0; k < z->in.len[s]; k += 2) {
-        uint64_t t;
-        memcpy(&t, z->in.sets + z->in.off[s] + k, sizeof t);
-        uint32_t depth = 0;
-        for (uint32_t x = (uint32_t)t; x; x = z->node[2 * x + 1])
-            depth++;
-        if (grow((void **)&w, &cap, n + 2 + depth, sizeof *w)) {
-            free(w);
-            return NULL;
-        }
-        w[n++] = (uint32_t)(t >> 32);
-        w[n++] = depth;
-        for (uint32_t x = (uint32_t)t; x; x = z->node[2 * x + 1])
-            w[n++] = z->node[2 * x];
-    }
-    *n_out = n;
-    return w ? w : malloc(1);
-}
-
-/* The state of the exported threads w[0..n) in d. */
-static uint32_t
-lazy_import(guide_dfa_t *d, const uint32_t *w, uint32_t n)
-{
-    lazy_t *z = d->lz;
-    step_begin(z);
-    for (uint32_t i = 0; i < n && z->rc == 0;) {
-        uint32_t q = w[i], depth = w[i + 1], stk = 0;
-        for (uint32_t k = depth; k-- > 0 && stk != UINT32_MAX;)
-            stk = push_node(z, w[i + 2 + k], stk);
-        if (stk != UINT32_MAX)
-            add_thread(z, (uint64_t)q << 32 | stk);
-        i += 2 + depth;
-    }
-    return lazy_state(d);
-}
-
 /* A new automaton of d's grammar holding d's state s (a clone's, or a
- * guide's starting afresh); NULL when out of memory. */
+ * guide's starting afresh); NULL when out of memory.  The state's stacks
+ * move node by node, each node reachable from its threads once (map:
+ * old node -> new): threads share their stacks, and copying every
+ * thread's whole stack would cost threads x depth, which a grammar can
+ * make grow with every token of its output. */
 static guide_dfa_t *
 lazy_rebase(const guide_dfa_t *d, uint32_t s, uint32_t *s_out)
 {
-    uint32_t n;
-    uint32_t *w = lazy_export(d, s, &n);
-    guide_dfa_t *e = w ? lazy_new(d->gm, NULL) : NULL;
-    if (e) {
-        *s_out = s ? lazy_import(e, w, n) : 0;
-        if (e->lz->rc) {
-            dfa_unref(e);
-            e = NULL;
-        }
+    const lazy_t *z = d->lz;
+    guide_dfa_t *e = lazy_new(d->gm, NULL);
+    if (e == NULL || s == 0) {
+        *s_out = 0;
+        return e;
     }
-    free(w);
+    lazy_t *y = e->lz;
+    uint32_t *map = malloc((size_t)z->n_nodes * sizeof *map), *path = NULL, cap_path = 0;
+    if (map == NULL)
+        lazy_fail(y, KVS_ENOMEM, "out of memory");
+    else
+        memset(map, 0xff, (size_t)z->n_nodes * sizeof *map);
+    step_begin(y);
+    for (uint32_t k = 0; k < z->in.len[s] && y->rc == 0; k += 2) {
+        uint64_t t;
+        memcpy(&t, z->in.sets + z->in.off[s] + k, sizeof t);
+        /* Down to a node moved already (the empty stack is node 0 in
+         * both), then back up, pushing each node's return state. */
+        uint32_t x = (uint32_t)t, n = 0, below;
+        map[0] = 0;
+        for (; map[x] == UINT32_MAX; x = z->node[2 * x + 1]) {
+            if (grow((void **)&path, &cap_path, n + 1, sizeof *path)) {
+                lazy_fail(y, KVS_ENOMEM, "out of memory");
+                break;
+            }
+            path[n++] = x;
+        }
+        for (below = map[x]; n > 0 && y->rc == 0; n--) {
+            uint32_t o = path[n - 1];
+            if ((below = push_node(y, z->node[2 * o], below)) != UINT32_MAX)
+                map[o] = below;
+        }
+        if (y->rc == 0)
+            add_thread(y, (t >> 32) << 32 | below);
+    }
+    free(map);
+    free(path);
+    *s_out = y->rc ? 0 : lazy_state(e);
+    if (y->rc) {
+        dfa_unref(e);
+        return NULL;
+    }
     return e;
 }
 

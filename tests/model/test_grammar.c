@@ -516,6 +516,43 @@ test_deep_nesting(void **state)
     free(out);
 }
 
+/* Nesting 5000 deep where every state holds 1001 threads on one shared
+ * stack (an optional run before the innermost "z"): the automaton passes
+ * its bound on threads kept and starts afresh, moving the shared stack
+ * node by node, more than once; a clone taken deep goes on alike; the
+ * output closes exactly its brackets. */
+static void
+test_deep_shared_stacks(void **state)
+{
+    (void)state;
+    model_guide_t *g = grammar(tiny, "root ::= \"(\" root \")\" | x\nx ::= (\"y\"?){1000} \"z\"");
+    int32_t eos = model_vocab_eos(model_vocab(tiny));
+    model_guide_t *c = NULL;
+    uint32_t afresh = 0, last = 0;
+    for (int k = 0; k < 5000; k++) {
+        assert_int_equal(model_guide_accept(g, '('), 0);
+        uint32_t n = model_guide_states(g);
+        afresh += n < last;
+        last = n;
+        if (k == 4000)
+            assert_int_equal(model_guide_clone(g, &c), 0);
+    }
+    assert_true(afresh >= 2);
+    for (int k = 0; k < 1000; k++)
+        assert_int_equal(model_guide_accept(g, 'y'), 0);
+    assert_int_equal(model_guide_accept(g, 'y'), KVS_EINVAL);
+    assert_int_equal(model_guide_accept(g, 'z'), 0);
+    for (int k = 0; k < 5000; k++) {
+        assert_int_equal(model_guide_accept(g, eos), KVS_EINVAL);
+        assert_int_equal(model_guide_accept(g, ')'), k < 4999 ? 0 : 1);
+    }
+    assert_int_equal(model_guide_accept(c, 'z'), 0);
+    for (int k = 0; k < 4001; k++)
+        assert_int_equal(model_guide_accept(c, ')'), k < 4000 ? 0 : 1);
+    model_guide_free(c);
+    model_guide_free(g);
+}
+
 /* A grammar whose threads double with each byte: refused mid-output, the
  * mask empty and accept failing, never a hang or a crash. */
 static void
@@ -625,6 +662,7 @@ main(void)
         cmocka_unit_test(test_json_vs_jansson),
         cmocka_unit_test(test_json_masks),
         cmocka_unit_test(test_deep_nesting),
+        cmocka_unit_test(test_deep_shared_stacks),
         cmocka_unit_test(test_ambiguity_bound),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
