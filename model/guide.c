@@ -1564,13 +1564,16 @@ build_dfa(guide_dfa_t *d, nfa_t *a, uint32_t nfa_start, parser_t *p)
                 closure_add(&c, bucket[cl][k], set, &n);
             qsort(set, n, sizeof *set, cmp_u32);
             d->trans[(size_t)s * nc + cl] = n ? intern(d, &in, p, set, n) : 0;
-            c.work += n;
+            c.work += (uint64_t)n * (n > 1 ? 33 - (uint32_t)__builtin_clz(n) : 1);
+            /* Few states can still hold huge sets: bound the time, not
+             * only the size, and within a state (one state's classes
+             * alone can take seconds), since the request's thread waits
+             * for this.  Sorting counts n log n, so the sets kept (at most
+             * the work) stay tens of MiB. */
+            if (p->rc == 0 && c.work > MAX_WORK)
+                fail(p, "pattern too complex: its automaton takes over %llu steps to build",
+                     (unsigned long long)MAX_WORK);
         }
-        /* Few states can still hold huge sets: bound the time, not only
-         * the size (the request's thread waits for this). */
-        if (p->rc == 0 && c.work > MAX_WORK)
-            fail(p, "pattern too complex: its automaton takes over %llu steps to build",
-                 (unsigned long long)MAX_WORK);
     }
     if (p->rc == 0 && prune(d) != 0)
         oom(p);
