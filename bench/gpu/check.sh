@@ -12,12 +12,14 @@
 # and by the bundled draft model);
 # then bench/bench_gpu.c, whose tables come last.
 #
-#   bench/gpu/check.sh [OUT_DIR]        (default .gpu-out)
+#   bench/gpu/check.sh [OUT_DIR]        (default $OUT, else .gpu-out)
 #
-# OUT_DIR gets check.log (this script's lines), one log per step
-# (backend, gpu_kernels, gpu_kernels_mma, test_kern_ops, test_attn_policy,
-# test_kv_quant, batch_invariance, engine, bench_gpu) and
-# bench_gpu.json.  Status: 0 all passed, 1 something failed, 77 no GPU.
+# OUT_DIR gets check.log (this script's lines), bench_gpu.json,
+# bench_gpu.log and logs.tar.gz: one log per step (backend, gpu_kernels,
+# gpu_kernels_mma, test_kern_ops, test_attn_policy, test_kv_quant,
+# batch_invariance, engine, bench_gpu), packed however the script ends
+# (a device tool brings back few files).  Status: 0 all passed, 1
+# something failed, 77 no GPU.
 #
 # Binaries come from .gpu/, which bench/gpu/prepare.sh fills on a machine
 # with the project's build dependencies (the GPU machine may lack them and
@@ -28,19 +30,37 @@
 #
 # Time: the whole check aims at KVS_GPU_CHECK_SECONDS (default 420); each
 # step runs under a timeout and bench_gpu gets what is left as its
-# --budget (60 s at least).  Without a GPU the gpu test and bench_gpu say
-# so and the script stops there, before the cpu-only runs (CI does those).
+# --budget (60 s at least).  No step runs past KVS_GPU_CHECK_LIMIT
+# (default 540) from the start, so a caller's limit a little above it
+# still gets the logs.  Without a GPU the gpu test and bench_gpu say so
+# and the script stops there, before the cpu-only runs (CI does those).
 set -u
 cd "$(dirname "$0")/../.." || exit 1
-OUT=${1:-.gpu-out}
+OUT=${1:-${OUT:-.gpu-out}}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 LOG=$OUT/check.log
 : >"$LOG"
 T0=$(date +%s)
 ENVELOPE=${KVS_GPU_CHECK_SECONDS:-420}
+LIMIT=${KVS_GPU_CHECK_LIMIT:-540}
 say() { echo "$*" | tee -a "$LOG"; }
 elapsed() { echo $(($(date +%s) - T0)); }
+# cap SECONDS: SECONDS, or less so as to end 15 s before LIMIT (at least 1).
+cap() {
+    c=$((LIMIT - $(elapsed) - 15))
+    [ "$c" -gt "$1" ] && c=$1
+    [ "$c" -lt 1 ] && c=1
+    echo "$c"
+}
+# shellcheck disable=SC2317 # run by the EXIT trap
+pack() {
+    (cd "$OUT" && ls ./*.log >/dev/null 2>&1 &&
+        find . -maxdepth 1 -name '*.log' ! -name check.log ! -name bench_gpu.log |
+        tar -czf logs.tar.gz -T - && find . -maxdepth 1 -name '*.log' ! -name check.log \
+            ! -name bench_gpu.log -delete)
+}
+trap pack EXIT
 
 # ---- binaries --------------------------------------------------------------
 if [ ! -d .gpu ]; then
@@ -125,6 +145,7 @@ run() {
     name=$1 secs=$2
     shift 2
     t=$(date +%s)
+    secs=$(cap "$secs")
     LD_LIBRARY_PATH=$LIBPATH timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
     rc=$?
     case $rc in
@@ -154,7 +175,7 @@ if [ $be_rc != 0 ] && [ $be_rc != 77 ] &&
     export KVS_CUDA_ATTN=mma
 fi
 grep -h 'prefill attention on\|wgmma' "$OUT/backend.log" | tee -a "$LOG"
-run gpu_kernels 300 "$BIN/test_gpu"
+run gpu_kernels 240 "$BIN/test_gpu"
 gpu_rc=$?
 if [ $gpu_rc = 77 ]; then
     grep -h 'no CUDA device\|no usable device' "$OUT/gpu_kernels.log" | tee -a "$LOG"
@@ -166,7 +187,7 @@ fi
 # On Hopper the prefill tiles run on wgmma; the dense attention test again
 # on the mma.sync kernel that other GPUs run (the masks, codecs and page
 # walks around the products are the same code in both).
-run gpu_kernels_mma 120 env KVS_CUDA_ATTN=mma KVS_TEST_FILTER=test_attention "$BIN/test_gpu"
+run gpu_kernels_mma 120 env KVS_CUDA_ATTN=mma KVS_TEST_FILTER='test_attention*' "$BIN/test_gpu"
 grep -h 'prefill attention on' "$OUT/gpu_kernels.log" "$OUT/gpu_kernels_mma.log" | tee -a "$LOG"
 run test_kern_ops 90 "$BIN/test_kern_ops"
 run test_attn_policy 60 "$BIN/test_attn_policy"
@@ -206,78 +227,122 @@ print(f"engine: {n} logits rows, greedy tokens equal for {same}, "
       f"max|cuda - cpu| / max|cpu| = {err:.3g} over {rows} rows")
 sys.exit(0 if n > 0 and err < 2e-2 else 1)
 PY
+# kv NAME DEV FLAGS...: a greedy run of kvserve on DEV writing its logits
+# to SCRATCH/logits-DEV.npy; false (and a line saying so) when it fails.
+# Block scores in f32 on cuda, so that block-choosing policies choose as
+# on cpu.
+kv() {
+    name=$1 dev=$2
+    shift 2
+    LD_LIBRARY_PATH=$LIBPATH KVS_CUDA_SCORES=f32 timeout "$(cap 30)" "$BIN/kvserve" run \
+        --temperature 0 --ignore-eos \
+        --device "$dev" --logits-out "$SCRATCH/logits-$dev.npy" "$@" >/dev/null 2>"$SCRATCH/err" ||
+        {
+            echo "$name: kvserve run on $dev failed: $(tail -3 "$SCRATCH/err")"
+            return 1
+        }
+}
+# Every comparison runs, whatever failed before it; false when one did.
 engine() {
-    LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" model random --shape tiny --dtype f16 --out "$SCRATCH/tiny.gguf" || return 1
-    # f32 KV; q8_0 KV (blocks sealed as they fill); f32 KV with every decode
-    # step replayed from a CUDA graph after the first; f16 KV with the
-    # prompt prefilled 7 tokens a step into blocks of 4 on cuda (the cpu
-    # reference takes it in one step, blocks of 16): chunks that attend to
-    # the cache before them on the tensor-core kernel.
-    for v in "f32" "q8_0" "f32 --cuda-graphs" "f16 --batch-size 7 --block-size 4"; do
-        kvd=${v%% *}
-        extra=${v#"$kvd"} # cuda's own flags; the cpu run is the reference
-        for dev in cpu cuda; do
-            flags=
-            [ $dev = cuda ] && flags=$extra
-            # shellcheck disable=SC2086 # $flags is zero or more words
-            LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" run --model "$SCRATCH/tiny.gguf" --prompt-tokens "$(seq -s, 1 64)" \
-                --max-tokens 16 --temperature 0 --ignore-eos --kv-cache-dtype "$kvd" --device $dev \
-                $flags --logits-out "$SCRATCH/logits-$dev.npy" >/dev/null || return 1
-        done
-        printf '%s KV%s: ' "$kvd" "$extra"
-        python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || return 1
+    bad=0
+    main=weights/kvserve-main.gguf
+    grass="The grass is green. The sky is blue. The sun is yellow. The grass is"
+    # The bundled model (head dim 64: its prefill attention on the tensor
+    # cores).  Speculative decoding by prompt lookup on cuda (proposals
+    # verified several rows a step, rejected entries truncated) against
+    # plain decoding on cpu, on a text it goes on repeating, so that
+    # proposals are accepted.
+    n="f16 KV --num-speculative-tokens 4 (bundled model)"
+    if kv "$n" cpu --model $main --prompt "$grass" --max-tokens 48 --kv-cache-dtype f16 &&
+        kv "$n" cuda --model $main --prompt "$grass" --max-tokens 48 --kv-cache-dtype f16 \
+            --num-speculative-tokens 4; then
+        printf '%s: ' "$n"
+        python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || bad=1
+        # The bundled draft model's proposals on cuda (its KV in the device
+        # draft pool, k forward passes a step) against the same plain cpu run.
+        n="f16 KV --speculative-method draft (bundled models)"
+        if kv "$n" cuda --model $main --prompt "$grass" --max-tokens 48 --kv-cache-dtype f16 \
+            --num-speculative-tokens 4 --speculative-method draft \
+            --draft-model weights/kvserve-draft.gguf; then
+            printf '%s: ' "$n"
+            python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || bad=1
+        else
+            bad=1
+        fi
+    else
+        bad=1
+    fi
+    # The prompt prefilled 7 tokens a step into blocks of 4 on cuda (the
+    # cpu reference takes it in one step, blocks of 16): chunks that attend
+    # to the cache before them on the tensor-core kernel.  Block-sparse
+    # prefill, each KV head's 2 blocks per query block (the per-head mask on
+    # the tensor-core kernel), its blocks scored in f32 on cuda as on cpu so
+    # that both choose the same.
+    for v in "--batch-size 7 --block-size 4" \
+        "--attention block-sparse --attn-sinks 4 --attn-window 16 --attn-top-k 2"; do
+        case $v in --batch-size*) both='' own=$v ;; *) both=$v own='' ;; esac
+        n="f16 KV $v (bundled model)"
+        # shellcheck disable=SC2086 # $both and $own are zero or more words
+        if kv "$n" cpu --model $main --prompt-tokens "$(seq -s, 1 200)" --max-tokens 16 \
+            --kv-cache-dtype f16 $both &&
+            kv "$n" cuda --model $main --prompt-tokens "$(seq -s, 1 200)" \
+                --max-tokens 16 --kv-cache-dtype f16 $both $own; then
+            printf '%s: ' "$n"
+            python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || bad=1
+        else
+            bad=1
+        fi
     done
-    # A 200-token prompt in blocks of 16 under a block-choosing policy, the
-    # same flags on both backends: Quest at decode, each decode row choosing
-    # 2 of its 12 or more earlier blocks from bounds and scores made on the
-    # device; block-sparse prefill, each KV head's 2 blocks per query block
-    # (the per-head mask on the tensor-core prefill kernel).
-    for pol in "--decode-top-k 2" "--attention block-sparse --attn-sinks 4 --attn-window 16 --attn-top-k 2"; do
-        for dev in cpu cuda; do
-            # shellcheck disable=SC2086 # $pol is several words
-            LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" run --model "$SCRATCH/tiny.gguf" --prompt-tokens "$(seq -s, 1 200)" \
-                --max-tokens 16 --temperature 0 --ignore-eos --kv-cache-dtype f16 --device $dev \
-                $pol --logits-out "$SCRATCH/logits-$dev.npy" >/dev/null || return 1
-        done
-        printf 'f16 KV %s: ' "$pol"
-        python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || return 1
-    done
-    # Speculative decoding by prompt lookup on cuda (proposals verified
-    # several rows a step, rejected entries truncated) against plain
-    # decoding on cpu: the bundled model, on a text it goes on repeating,
-    # so that proposals are accepted.
-    for dev in cpu cuda; do
-        flags=
-        [ $dev = cuda ] && flags="--num-speculative-tokens 4"
-        # shellcheck disable=SC2086 # $flags is zero or more words
-        LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" run --model weights/kvserve-main.gguf \
-            --prompt "The grass is green. The sky is blue. The sun is yellow. The grass is" \
-            --max-tokens 48 --temperature 0 --ignore-eos --kv-cache-dtype f16 --device $dev \
-            $flags --logits-out "$SCRATCH/logits-$dev.npy" >/dev/null || return 1
-    done
-    printf 'f16 KV --num-speculative-tokens 4 (bundled model): '
-    python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || return 1
-    # The bundled draft model's proposals on cuda (its KV in the device
-    # draft pool, k forward passes a step) against the same plain cpu run.
-    LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" run --model weights/kvserve-main.gguf \
-        --prompt "The grass is green. The sky is blue. The sun is yellow. The grass is" \
-        --max-tokens 48 --temperature 0 --ignore-eos --kv-cache-dtype f16 --device cuda \
-        --num-speculative-tokens 4 --speculative-method draft \
-        --draft-model weights/kvserve-draft.gguf --logits-out "$SCRATCH/logits-cuda.npy" \
-        >/dev/null || return 1
-    printf 'f16 KV --speculative-method draft (bundled models): '
-    python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || return 1
     # Rejection sampling at temperature 1 on cuda: its draws need not be
     # cpu's (rounding moves the tests), so it must run, draw 48 tokens and
     # keep proposals.
-    LD_LIBRARY_PATH=$LIBPATH timeout 30 "$BIN/kvserve" run --model weights/kvserve-main.gguf \
+    if LD_LIBRARY_PATH=$LIBPATH timeout "$(cap 30)" "$BIN/kvserve" run --model $main \
         --prompt "Once upon a time there was a little fox who" --max-tokens 48 --temperature 1 \
         --seed 7 --ignore-eos --kv-cache-dtype f16 --device cuda --num-speculative-tokens 4 \
         --speculative-method draft --speculative-acceptance rejection \
-        --draft-model weights/kvserve-draft.gguf >/dev/null 2>"$SCRATCH/rej.err" || return 1
-    printf 'f16 KV --speculative-acceptance rejection (bundled models): engine: %s\n' \
-        "$(grep -o 'speculative decoding accepted.*' "$SCRATCH/rej.err")"
-    grep -q 'speculative decoding accepted [1-9][0-9]* of' "$SCRATCH/rej.err" || return 1
+        --draft-model weights/kvserve-draft.gguf >/dev/null 2>"$SCRATCH/rej.err"; then
+        printf 'f16 KV --speculative-acceptance rejection (bundled models): engine: %s\n' \
+            "$(grep -o 'speculative decoding accepted.*' "$SCRATCH/rej.err")"
+        grep -q 'speculative decoding accepted [1-9][0-9]* of' "$SCRATCH/rej.err" || bad=1
+    else
+        echo "rejection sampling: kvserve run on cuda failed: $(tail -3 "$SCRATCH/rej.err")"
+        bad=1
+    fi
+    # The tiny random model (head dim 32: the general attention kernels):
+    # f32 KV; q8_0 KV (blocks sealed as they fill); f32 KV with every decode
+    # step replayed from a CUDA graph after the first.
+    LD_LIBRARY_PATH=$LIBPATH timeout "$(cap 30)" "$BIN/kvserve" model random --shape tiny \
+        --dtype f16 --out "$SCRATCH/tiny.gguf" || return 1
+    for v in "f32" "q8_0" "f32 --cuda-graphs"; do
+        kvd=${v%% *}
+        extra=${v#"$kvd"} # cuda's own flags; the cpu run is the reference
+        n="$kvd KV$extra"
+        # shellcheck disable=SC2086 # $extra is zero or more words
+        if kv "$n" cpu --model "$SCRATCH/tiny.gguf" --prompt-tokens "$(seq -s, 1 64)" \
+            --max-tokens 16 --kv-cache-dtype "$kvd" &&
+            kv "$n" cuda --model "$SCRATCH/tiny.gguf" --prompt-tokens "$(seq -s, 1 64)" \
+                --max-tokens 16 --kv-cache-dtype "$kvd" $extra; then
+            printf '%s: ' "$n"
+            python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || bad=1
+        else
+            bad=1
+        fi
+    done
+    # Quest at decode on a 200-token prompt in blocks of 16: each decode row
+    # choosing 2 of its 12 or more earlier blocks from bounds and scores made
+    # on the device.
+    n="f16 KV --decode-top-k 2"
+    if kv "$n" cpu --model "$SCRATCH/tiny.gguf" --prompt-tokens "$(seq -s, 1 200)" \
+        --max-tokens 16 --kv-cache-dtype f16 --decode-top-k 2 &&
+        kv "$n" cuda --model "$SCRATCH/tiny.gguf" \
+            --prompt-tokens "$(seq -s, 1 200)" --max-tokens 16 --kv-cache-dtype f16 \
+            --decode-top-k 2; then
+        printf '%s: ' "$n"
+        python3 "$SCRATCH/cmp.py" "$SCRATCH/logits-cpu.npy" "$SCRATCH/logits-cuda.npy" || bad=1
+    else
+        bad=1
+    fi
+    return $bad
 }
 t=$(date +%s)
 if engine >"$OUT/engine.log" 2>&1; then
@@ -288,7 +353,7 @@ else
     say "check: engine_cuda_vs_cpu: FAILED"
     STATUS="$STATUS engine_cuda_vs_cpu=1"
 fi
-grep ' KV.*: engine: ' "$OUT/engine.log" | tee -a "$LOG"
+grep -E ' KV.*: engine: |failed' "$OUT/engine.log" | tee -a "$LOG"
 
 # ---- bench -------------------------------------------------------------------
 # model_random_load's sparse metadata file: on this checkout's disk rather
@@ -301,6 +366,8 @@ run bench_gpu $((budget + 60)) "$BIN/bench_gpu" --json "$OUT/bench_gpu.json" --b
 rm -rf "$SCRATCH"
 say "check: done in $(elapsed) s:$STATUS"
 echo
-# The tables last: they are what a reader of the output's tail needs.
+# The tables last: they are what a reader of the output's tail needs; the
+# status again after them, in case they push it out of a short tail.
 sed -n '/^== bench_gpu/,$p' "$OUT/bench_gpu.log"
+echo "check: done in $(elapsed) s:$STATUS"
 exit $FAILED

@@ -166,6 +166,10 @@ typedef struct kern_cuda {
     /* Which kernel takes prefill attention tiles, chosen once at start
      * (kern__cuda_attention_wg_probe). */
     int attn_tc; /* kern_cuda_tc_t */
+    /* Block scores in full f32 products rather than TF32
+     * (KVS_CUDA_SCORES=f32): blocks then rank as on the host backends, so
+     * a device check can compare whole runs of a block-choosing policy. */
+    bool scores_f32;
 } kern_cuda_t;
 
 /* ------------------------------------------------------------------------ */

@@ -15,7 +15,9 @@
  * split before and the max over each group's rows and heads after as
  * elementwise kernels.  TF32 keeps 10 mantissa bits, so bounds differ from
  * the f32 ones by about 1e-3 of their size: enough to rank blocks, whose
- * choice only has to be good, not bit-identical across backends.
+ * choice only has to be good, not bit-identical across backends
+ * (KVS_CUDA_SCORES=f32 multiplies in full f32, for checks that compare a
+ * whole run's choices with a host backend's).
  *
  * Every kernel here reads keys from either kind of block: quantized ones
  * through cuda_kvq.cuh, value by value, as the host backends decode them.
@@ -346,10 +348,11 @@ kern__cuda_block_scores(kern_cuda_t *be, const kern_block_score_args_t *a)
         KERN_CUDA_LAUNCHED();
         /* Column-major: y^T (nb x rows) = W (nb x 2d, rows of the summary)
          * times x^T (2d x rows), as kern__cuda_matmul does. */
-        KERN_CUBLAS_TRY(cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)nb, (int)rows,
-                                     (int)(2 * d), &one, gb, CUDA_R_32F, (int)(2 * d), x,
-                                     CUDA_R_32F, (int)(2 * d), &zero, y, CUDA_R_32F, (int)nb,
-                                     CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
+        KERN_CUBLAS_TRY(cublasGemmEx(
+            be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)nb, (int)rows, (int)(2 * d), &one, gb,
+            CUDA_R_32F, (int)(2 * d), x, CUDA_R_32F, (int)(2 * d), &zero, y, CUDA_R_32F, (int)nb,
+            be->scores_f32 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_TF32,
+            CUBLAS_GEMM_DEFAULT));
         const size_t ns = (size_t)n_groups * nb;
         group_max_kernel<<<kern__cuda_grid(be, ns, 256), 256, 0, be->stream>>>(
             y, a->n_q, G, qg, nb, n_groups, heads, a->per_kv_head ? g : 0, a->per_kv_head || g == 0,

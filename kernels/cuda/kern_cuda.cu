@@ -25,6 +25,7 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* ------------------------------------------------------------------------ */
 /* Errors and the dead state.                                               */
@@ -307,6 +308,11 @@ cuda_init(kern_cuda_t *be)
     else
         be->blas_ws = NULL;
     (void)cudaGetLastError();
+
+    const char *scores = getenv("KVS_CUDA_SCORES");
+    be->scores_f32 = scores && strcmp(scores, "f32") == 0;
+    if (scores && *scores && !be->scores_f32 && strcmp(scores, "tf32") != 0)
+        KVS_WARNF("cuda: KVS_CUDA_SCORES=%s: not f32 or tf32; ignored", scores);
 
     cudaDeviceProp prop;
     KERN_CUDA_TRY(cudaGetDeviceProperties(&prop, be->device));
