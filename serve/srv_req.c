@@ -123,8 +123,11 @@ check_attention(const Kvserve__V1__AttentionPolicy *a, const srv_limits_t *lim,
                         a->decode_top_k_blocks, lim->max_model_len);
         out->decode_top_k = a->decode_top_k_blocks;
     }
+    /* What the server's default sets and the request's kind still takes
+     * (model_attn_policy_check): a last dense row for SINK_WINDOW, and for
+     * DELTA without its dense tail. */
     out->no_tail = out->kind == MODEL_ATTN_DELTA && out->no_tail;
-    out->last_dense = out->kind == MODEL_ATTN_SINK_WINDOW && out->last_dense;
+    out->last_dense = out->last_dense && (out->kind == MODEL_ATTN_SINK_WINDOW || out->no_tail);
     return GRPC_STATUS_OK;
 }
 

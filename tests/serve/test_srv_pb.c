@@ -6,7 +6,8 @@
  * encodings are packed by protobuf-c, then a marker byte is turned into
  * NUL, at the top level, in a nested message and in a repeated field of a
  * message inside a repeated message; truncated encodings are walked
- * without reading past their end.
+ * without reading past their end.  Also: a request that sets one field of
+ * the attention policy keeps the rest of the server's default.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -15,6 +16,7 @@
 #include <cmocka.h>
 
 #include "serve/srv_int.h"
+#include "serve/srv_req.h"
 
 #include <grpc/slice.h>
 #include <stdlib.h>
@@ -241,6 +243,59 @@ test_bb(void **state)
     assert_string_equal(why, "cannot parse GenerateRequest");
 }
 
+/* The server's default policy (--attention delta --no-delta-tail
+ * --attn-last-dense) under requests that set one attention field: the
+ * fields they leave keep the default, a kind that cannot take one drops
+ * it. */
+static void
+test_attention_default_kept(void **state)
+{
+    (void)state;
+    srv_limits_t lim = {.n_vocab = 300,
+                        .max_model_len = 2048,
+                        .block_tokens = 16,
+                        .attn_default = {.kind = MODEL_ATTN_DELTA,
+                                         .sinks = 4,
+                                         .window = 64,
+                                         .gamma = 64,
+                                         .no_tail = true,
+                                         .last_dense = true}};
+    static const struct {
+        Kvserve__V1__AttentionPolicy__Kind kind; /* 0: not set */
+        bool no_tail, last_dense;
+    } cases[] = {
+        {0, true, true},
+        {KVSERVE__V1__ATTENTION_POLICY__KIND__DELTA, true, true},
+        {KVSERVE__V1__ATTENTION_POLICY__KIND__SINK_WINDOW, false, true},
+        {KVSERVE__V1__ATTENTION_POLICY__KIND__DENSE, false, false},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        uint32_t ids[3] = {1, 2, 3};
+        Kvserve__V1__TokenIds t = KVSERVE__V1__TOKEN_IDS__INIT;
+        Kvserve__V1__AttentionPolicy a = KVSERVE__V1__ATTENTION_POLICY__INIT;
+        Kvserve__V1__LongContextPolicy pol = KVSERVE__V1__LONG_CONTEXT_POLICY__INIT;
+        Kvserve__V1__GenerateRequest q = KVSERVE__V1__GENERATE_REQUEST__INIT;
+        t.ids = ids;
+        t.n_ids = 3;
+        q.prompt_case = KVSERVE__V1__GENERATE_REQUEST__PROMPT_TOKENS;
+        q.tokens = &t;
+        a.has_decode_top_k_blocks = true;
+        a.decode_top_k_blocks = 2;
+        a.has_kind = cases[i].kind != 0;
+        a.kind = cases[i].kind;
+        pol.attention = &a;
+        q.policy = &pol;
+        srv_gen_req_t g;
+        char msg[256];
+        assert_int_equal(srv_gen_parse(&q, &lim, &g, msg, sizeof msg), GRPC_STATUS_OK);
+        assert_int_equal(g.sr.attn.decode_top_k, 2);
+        assert_int_equal(g.sr.attn.no_tail, cases[i].no_tail);
+        assert_int_equal(g.sr.attn.last_dense, cases[i].last_dense);
+        assert_int_equal(model_attn_policy_check(&g.sr.attn), 0);
+        srv_gen_req_free(&g);
+    }
+}
+
 int
 main(void)
 {
@@ -249,6 +304,7 @@ main(void)
         cmocka_unit_test(test_clean),
         cmocka_unit_test(test_truncated),
         cmocka_unit_test(test_bb),
+        cmocka_unit_test(test_attention_default_kept),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
