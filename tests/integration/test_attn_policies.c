@@ -7,7 +7,8 @@
  * (the one sampled) exactly dense, and chunked prefill with a policy gives
  * the same result as one call when the window covers each chunk's keys.
  * Block-sparse (Quest bounds): top_k covering every block a query block can
- * pick is dense, in one call and in chunks; a small top_k changes the
+ * pick is dense, in one call and in chunks; so is every row whose query
+ * block keeps all its candidates while others choose; a small top_k changes the
  * result; chunks on block boundaries give the one-call result.
  * Quest at decode (decode_top_k): covering every earlier block is dense
  * decoding; a small one changes the logits and so does which blocks it
@@ -81,6 +82,8 @@ teardown(void **state)
  * (as a verification step asks).  logits: the prompt's last row, or the
  * decoded rows' [DEC_ROWS][n_vocab]. */
 static bool g_no_store; /* the pool's KV without block_gen: summaries per call */
+/* Prefill: logits of the first g_lead prompt rows instead of the last's. */
+static uint32_t g_lead;
 /* Tokens from position g_from[j] on take another pattern (g_seed[j]). */
 static uint32_t g_seed[2];
 static uint32_t g_from[2] = {UINT32_MAX, UINT32_MAX};
@@ -120,12 +123,13 @@ steps(model_ctx_t *ctx, const kv_pool_t *pool, kv_table_t *t, const model_attn_p
                                .tokens = toks + done,
                                .n_tokens = k,
                                .want_logits = done + k == n_prompt && per_call == 0,
-                               .lead_logits = pre ? 0 : k,
+                               .lead_logits = pre ? (done < g_lead ? g_lead - done : 0) : k,
                                .policy = p,
                                .n_prompt = n_prompt};
         const model_batch_t *mb;
         assert_int_equal(sched_batch_build(sb, &st, 1, &mb), 0);
-        float *out = pre ? logits : logits + (size_t)(done - n_prompt) * n_vocab;
+        float *out = pre ? logits + (size_t)(done < g_lead ? done : 0) * n_vocab
+                         : logits + (size_t)(done - n_prompt) * n_vocab;
         assert_int_equal(model_forward(ctx, &kv, mb, out), 0);
         done += k;
     }
@@ -156,7 +160,7 @@ run_n(const model_attn_policy_t *p, uint32_t n_prompt, uint32_t chunk, uint32_t 
     kv_table_t *t;
     model_ctx_t *ctx;
     assert_int_equal(kv_table_new(pool, &t), 0);
-    assert_int_equal(model_ctx_new(m, n_prompt, DEC_ROWS, &ctx), 0);
+    assert_int_equal(model_ctx_new(m, n_prompt, g_lead > DEC_ROWS ? g_lead : DEC_ROWS, &ctx), 0);
     if (g_reserve)
         assert_int_equal(model_ctx_reserve(ctx, n_prompt, 16, kv_pool_kv(pool)), 0);
     steps(ctx, pool, t, p, n_prompt, 0, n_prompt + (per_call ? DEC_ROWS : 0), chunk, per_call,
@@ -286,6 +290,43 @@ test_block_sparse_degenerate(void **state)
         prefill(&bs, 100, got);
         assert_true(rel_err(dense, got) < TOL);
     }
+    free(dense);
+    free(got);
+}
+
+/* Block-sparse where blocks are really chosen (top_k 8 of up to 18
+ * candidates, so the scores and the mask run) and must still equal dense
+ * row by row: query block q (rows 16q .. 16q + 15) picks from blocks 0 ..
+ * q - 1 (the 4 sinks are kept apart, not block 0 whole; block q holds the
+ * window), so up to q = 8 it keeps every candidate, and causal rows see
+ * nothing of later ones: rows below 144 attend densely in every layer;
+ * later rows really differ. */
+static void
+test_block_sparse_rows_dense(void **state)
+{
+    (void)state;
+    const uint32_t first_sparse = (8 + 1) * 16;
+    size_t sz = (size_t)N_PROMPT * n_vocab * sizeof(float);
+    float *dense = malloc(sz), *got = malloc(sz);
+    g_lead = N_PROMPT;
+    model_attn_policy_t dn = {0};
+    prefill(&dn, N_PROMPT, dense);
+    model_attn_policy_t bs = {
+        .kind = MODEL_ATTN_BLOCK_SPARSE, .sinks = 4, .window = 16, .top_k = 8};
+    prefill(&bs, N_PROMPT, got);
+    double below = 0, past = 0;
+    for (uint32_t r = 0; r < N_PROMPT; r++) {
+        double e = rel_err(dense + (size_t)r * n_vocab, got + (size_t)r * n_vocab);
+        if (r < first_sparse)
+            below = e > below ? e : below;
+        else
+            past = e > past ? e : past;
+    }
+    print_message("block-sparse top 8 vs dense, rows below %u: %.3g, past: %.3g\n", first_sparse,
+                  below, past);
+    assert_true(below < TOL);
+    assert_true(past > 1e-3);
+    g_lead = 0;
     free(dense);
     free(got);
 }
@@ -766,6 +807,7 @@ main(void)
         cmocka_unit_test(test_sparse_changes_and_delta_repairs),
         cmocka_unit_test(test_chunked_prefill),
         cmocka_unit_test(test_block_sparse_degenerate),
+        cmocka_unit_test(test_block_sparse_rows_dense),
         cmocka_unit_test(test_block_sparse_changes),
         cmocka_unit_test(test_bad_policies),
         cmocka_unit_test(test_reserved_scratch),
