@@ -102,11 +102,23 @@ struct model_vocab {
      * UNKNOWN with non-empty text), longest text first. */
     int32_t *special;
     uint32_t n_special;
-    uint32_t n_special_user;    /* of which USER_DEFINED (split even unasked) */
-    model_strmap_t special_map; /* stored text -> index into special[] */
-    uint32_t *special_lens;     /* distinct special text lengths, longest first */
-    uint32_t n_special_lens;
-    uint64_t special_first[4];            /* bit set of the first bytes of specials */
+    uint32_t n_special_user; /* of which USER_DEFINED (split even unasked) */
+    /* Aho-Corasick automaton over the special texts reversed, which finds
+     * the specials starting at each byte (vocab.c tokenize_text).  Node 0 is
+     * the root; its children are in sp_root, the others' in a hash table. */
+    uint32_t n_sp_nodes;
+    uint32_t *sp_fail;     /* [n_sp_nodes] node of the longest proper suffix */
+    uint32_t *sp_rank;     /* [n_sp_nodes] index into special[] of the text
+                              ending here (the first of equal texts), or UINT32_MAX */
+    uint32_t *sp_out[2];   /* [n_sp_nodes] nearest node on the fail chain, self
+                              included, ending a special: [0] any, [1] USER_DEFINED
+                              only (split even unasked); 0 = none */
+    uint32_t *sp_node;     /* [n_special] node of each special's text */
+    uint64_t *sp_edge_key; /* (parent << 8 | byte) + 1, 0 = empty slot */
+    uint32_t *sp_edge_child;
+    uint32_t sp_edge_mask;
+    uint64_t sp_seed;
+    uint32_t sp_root[256];                /* 0 = none */
     int32_t bos, eos, eot, eom, unk, pad; /* -1 = none */
     int32_t eog[MODEL_VOCAB_MAX_EOG];
     uint32_t n_eog;

@@ -684,21 +684,150 @@ cmp_u64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* Special texts over this many bytes in all are refused: the automaton
+ * takes about 40 bytes per byte of them, and real vocabularies hold a few
+ * tens of KB. */
+#define MAX_SPECIAL_BYTES (16u << 20)
+
+static uint32_t
+sp_slot(const model_vocab_t *v, uint64_t key)
+{
+    return (uint32_t)kvs_mix64(key ^ v->sp_seed) & v->sp_edge_mask;
+}
+
+/* Node x's child along byte c, 0 = none. */
+static uint32_t
+sp_child(const model_vocab_t *v, uint32_t x, unsigned char c)
+{
+    if (x == 0)
+        return v->sp_root[c];
+    uint64_t key = ((uint64_t)x << 8 | c) + 1;
+    for (uint32_t h = sp_slot(v, key);; h = (h + 1) & v->sp_edge_mask) {
+        if (v->sp_edge_key[h] == key)
+            return v->sp_edge_child[h];
+        if (v->sp_edge_key[h] == 0)
+            return 0;
+    }
+}
+
+static void
+sp_add_child(model_vocab_t *v, uint32_t x, unsigned char c, uint32_t y)
+{
+    if (x == 0) {
+        v->sp_root[c] = y;
+        return;
+    }
+    uint64_t key = ((uint64_t)x << 8 | c) + 1;
+    uint32_t h = sp_slot(v, key);
+    while (v->sp_edge_key[h] != 0)
+        h = (h + 1) & v->sp_edge_mask;
+    v->sp_edge_key[h] = key;
+    v->sp_edge_child[h] = y;
+}
+
+/* The automaton over the reversed special texts: run over a text from its
+ * end, the state at byte i names the longest special starting at i, and
+ * its fail chain the shorter ones (all prefixes of it). */
 static int
-build_specials(model_vocab_t *v)
+build_special_automaton(model_vocab_t *v, uint32_t n_bytes)
+{
+    uint32_t cap = n_bytes + 1, n_slots = 16;
+    while (n_slots < 2ull * cap)
+        n_slots *= 2;
+    v->sp_seed = kvs_hash_seed();
+    v->sp_edge_mask = n_slots - 1;
+    v->sp_fail = calloc(cap, sizeof *v->sp_fail);
+    v->sp_rank = malloc(cap * sizeof *v->sp_rank);
+    v->sp_out[0] = calloc(cap, sizeof *v->sp_out[0]);
+    v->sp_out[1] = calloc(cap, sizeof *v->sp_out[1]);
+    v->sp_node = malloc(v->n_special * sizeof *v->sp_node);
+    v->sp_edge_key = calloc(n_slots, sizeof *v->sp_edge_key);
+    v->sp_edge_child = malloc(n_slots * sizeof *v->sp_edge_child);
+    uint32_t *parent = malloc(cap * sizeof *parent), *depth = calloc(cap, sizeof *depth);
+    uint32_t *order = malloc(cap * sizeof *order), *at = calloc(MAX_TOKEN_BYTES + 2, sizeof *at);
+    unsigned char *byte = malloc(cap);
+    int rc = KVS_ENOMEM;
+    if (!v->sp_fail || !v->sp_rank || !v->sp_out[0] || !v->sp_out[1] || !v->sp_node ||
+        !v->sp_edge_key || !v->sp_edge_child || !parent || !depth || !order || !at || !byte)
+        goto out;
+    uint32_t n = 1;
+    v->sp_rank[0] = UINT32_MAX;
+    for (uint32_t r = 0; r < v->n_special; r++) {
+        uint32_t id = (uint32_t)v->special[r], x = 0;
+        const unsigned char *t = (const unsigned char *)v->blob + v->text_off[id];
+        for (uint32_t j = v->text_len[id]; j-- > 0;) {
+            uint32_t y = sp_child(v, x, t[j]);
+            if (y == 0) {
+                y = n++;
+                v->sp_rank[y] = UINT32_MAX;
+                parent[y] = x;
+                byte[y] = t[j];
+                depth[y] = depth[x] + 1;
+                sp_add_child(v, x, t[j], y);
+            }
+            x = y;
+        }
+        if (v->sp_rank[x] == UINT32_MAX) /* specials go longest first, then by id */
+            v->sp_rank[x] = r;
+        v->sp_node[r] = x;
+    }
+    v->n_sp_nodes = n;
+    /* Breadth first (by depth), so a node's fail target is done before it. */
+    for (uint32_t x = 0; x < n; x++)
+        at[depth[x] + 1]++;
+    for (uint32_t d = 1; d <= MAX_TOKEN_BYTES + 1; d++)
+        at[d] += at[d - 1];
+    for (uint32_t x = 0; x < n; x++)
+        order[at[depth[x]]++] = x;
+    for (uint32_t k = 1; k < n; k++) {
+        uint32_t y = order[k], f = 0;
+        if (parent[y] != 0) {
+            f = v->sp_fail[parent[y]];
+            while (f != 0 && sp_child(v, f, byte[y]) == 0)
+                f = v->sp_fail[f];
+            f = sp_child(v, f, byte[y]);
+        }
+        v->sp_fail[y] = f;
+        uint32_t r = v->sp_rank[y];
+        v->sp_out[0][y] = r != UINT32_MAX ? y : v->sp_out[0][f];
+        v->sp_out[1][y] = r != UINT32_MAX && v->type[v->special[r]] == MODEL_TT_USER_DEFINED
+                              ? y
+                              : v->sp_out[1][f];
+    }
+    rc = 0;
+out:
+    free(parent);
+    free(depth);
+    free(order);
+    free(at);
+    free(byte);
+    return rc;
+}
+
+static int
+build_specials(model_vocab_t *v, char *err, size_t err_len)
 {
     uint32_t n = 0;
+    uint64_t n_bytes = 0;
     for (uint32_t i = 0; i < v->n_tokens; i++) {
         uint8_t t = v->type[i];
         if ((t == MODEL_TT_CONTROL || t == MODEL_TT_USER_DEFINED || t == MODEL_TT_UNKNOWN) &&
-            v->text_len[i] > 0)
+            v->text_len[i] > 0) {
             n++;
+            n_bytes += v->text_len[i];
+        }
     }
     if (n == 0)
         return 0;
+    if (n_bytes > MAX_SPECIAL_BYTES) {
+        model__errf(err, err_len,
+                    "key '%s': the control, user-defined and unknown tokens' texts take %llu "
+                    "bytes, more than the %u kvserve accepts",
+                    K_TOKENS, (unsigned long long)n_bytes, MAX_SPECIAL_BYTES);
+        return KVS_EFORMAT;
+    }
     v->special = malloc(n * sizeof *v->special);
-    v->special_lens = malloc(n * sizeof *v->special_lens);
-    if (!v->special || !v->special_lens)
+    if (!v->special)
         return KVS_ENOMEM;
     /* Longest text first, then lowest id: (~len, id) sorts that way. */
     uint64_t *order = malloc(n * sizeof *order);
@@ -717,20 +846,7 @@ build_specials(model_vocab_t *v)
     for (uint32_t i = 0; i < n; i++)
         v->special[i] = (int32_t)(order[i] & 0xffffffffu);
     free(order);
-    int rc = strmap_init(&v->special_map, n);
-    if (rc)
-        return rc;
-    keyset_t ks = {v->blob, v->text_off, v->text_len, v->special};
-    for (uint32_t i = n; i-- > 0;) /* the first of equal texts wins */
-        strmap_put(&v->special_map, &ks, i);
-    for (uint32_t i = 0; i < n; i++) {
-        uint32_t id = (uint32_t)v->special[i], len = v->text_len[id];
-        unsigned char c = (unsigned char)v->blob[v->text_off[id]];
-        v->special_first[c >> 6] |= 1ull << (c & 63);
-        if (v->n_special_lens == 0 || v->special_lens[v->n_special_lens - 1] != len)
-            v->special_lens[v->n_special_lens++] = len;
-    }
-    return 0;
+    return build_special_automaton(v, (uint32_t)n_bytes);
 }
 
 /* Byte vocabularies: BOS added when the file has one (unless it says not
@@ -820,7 +936,7 @@ load(model_vocab_t *v, const model_gguf_t *g, uint32_t n_model, char *err, size_
                 return rc;
             if ((rc = byte_vocab_specials(v, g, err, err_len)))
                 return rc;
-            return build_specials(v);
+            return build_specials(v, err, err_len);
         }
         if (rc == KVS_ENOENT) {
             model__errf(err, err_len, "tokenizer 'gpt2' needs key '%s'", K_MERGES);
@@ -856,7 +972,7 @@ load(model_vocab_t *v, const model_gguf_t *g, uint32_t n_model, char *err, size_
         v->spm_split = spm_splittable(v);
     }
     find_eog(v);
-    return build_specials(v);
+    return build_specials(v, err, err_len);
 }
 
 int
@@ -909,8 +1025,13 @@ model_vocab_free(model_vocab_t *v)
     free(v->map.slots);
     free(v->merges);
     free(v->special);
-    free(v->special_map.slots);
-    free(v->special_lens);
+    free(v->sp_fail);
+    free(v->sp_rank);
+    free(v->sp_out[0]);
+    free(v->sp_out[1]);
+    free(v->sp_node);
+    free(v->sp_edge_key);
+    free(v->sp_edge_child);
     free(v);
 }
 
@@ -950,15 +1071,6 @@ typedef struct special_hit {
 } special_hit_t;
 
 static int
-cmp_hit_rank(const void *a, const void *b)
-{
-    const special_hit_t *x = a, *y = b;
-    if (x->rank != y->rank)
-        return x->rank < y->rank ? -1 : 1;
-    return x->pos < y->pos ? -1 : x->pos > y->pos;
-}
-
-static int
 cmp_hit_pos(const void *a, const void *b)
 {
     const special_hit_t *x = a, *y = b;
@@ -966,52 +1078,84 @@ cmp_hit_pos(const void *a, const void *b)
 }
 
 static bool
-special_eligible(const model_vocab_t *v, uint32_t rank, bool parse_special)
+hit_before(const special_hit_t *x, const special_hit_t *y)
 {
-    return parse_special || v->type[v->special[rank]] == MODEL_TT_USER_DEFINED;
+    return x->rank != y->rank ? x->rank < y->rank : x->pos < y->pos;
+}
+
+static void
+heap_down(special_hit_t *h, size_t n, size_t i)
+{
+    for (;;) {
+        size_t m = i, l = 2 * i + 1, r = l + 1;
+        if (l < n && hit_before(&h[l], &h[m]))
+            m = l;
+        if (r < n && hit_before(&h[r], &h[m]))
+            m = r;
+        if (m == i)
+            return;
+        special_hit_t t = h[i];
+        h[i] = h[m];
+        h[m] = t;
+        i = m;
+    }
+}
+
+/* Appends to a growing hit array; 0 or KVS_ENOMEM. */
+static int
+hit_push(special_hit_t **a, size_t *n, size_t *cap, special_hit_t hit)
+{
+    if (*n == *cap) {
+        size_t nc = *cap ? *cap * 2 : 16;
+        special_hit_t *na = realloc(*a, nc * sizeof *na);
+        if (na == NULL)
+            return KVS_ENOMEM;
+        *a = na;
+        *cap = nc;
+    }
+    (*a)[(*n)++] = hit;
+    return 0;
 }
 
 /* llama.cpp's tokenizer_st_partition: for each special token, longest text
  * first, every leftmost non-overlapping occurrence inside text not yet
- * claimed becomes that token.  Here all occurrences are found in one pass
- * (only at bytes that start some special), then claimed in that same order,
- * which gives the same fragments.  The raw pieces between them go to the
+ * claimed becomes that token.  Trying every occurrence of every special in
+ * that order costs one entry per (byte, matching special), which nested
+ * texts ("a", "aa", ... in a crafted vocab) make len x n_specials.  Here
+ * each byte holds only its best untried special, in a heap ordered as
+ * llama.cpp tries them: the automaton gives the longest eligible special
+ * starting at each byte; a popped one that overlaps claimed text gives way
+ * to the next shorter one that fits before that text (the longer ones
+ * could never fit either), and a byte already claimed drops out.  Every
+ * occurrence is thus decided as llama.cpp decides it, with at most one
+ * entry per byte.  The raw pieces between the claimed ones go to the
  * vocab's tokenizer. */
 static int
 tokenize_text(const model_vocab_t *v, const char *text, size_t len, bool parse_special,
               model_tok_out_t *o)
 {
-    special_hit_t *hits = NULL;
-    size_t n_hits = 0, cap_hits = 0;
+    special_hit_t *heap = NULL, *taken = NULL;
+    size_t n_heap = 0, cap_heap = 0, n_taken = 0, cap_taken = 0;
     uint8_t *claimed = NULL;
     int rc = 0;
     bool want = v->n_special > 0 && (parse_special || v->n_special_user > 0);
-    keyset_t ks = {v->blob, v->text_off, v->text_len, v->special};
-    for (size_t i = 0; want && i < len; i++) {
+    const uint32_t *out_of = v->sp_out[parse_special ? 0 : 1];
+    uint32_t x = 0;
+    for (size_t i = len; want && i-- > 0;) {
         unsigned char c = (unsigned char)text[i];
-        if (!(v->special_first[c >> 6] >> (c & 63) & 1))
+        uint32_t y;
+        while ((y = sp_child(v, x, c)) == 0 && x != 0)
+            x = v->sp_fail[x];
+        x = y;
+        uint32_t e = out_of[x];
+        if (e == 0)
             continue;
-        for (uint32_t k = 0; k < v->n_special_lens; k++) {
-            uint32_t l = v->special_lens[k];
-            if (l > len - i)
-                continue;
-            uint32_t r = strmap_find(&v->special_map, &ks, text + i, l);
-            if (r == UINT32_MAX || !special_eligible(v, r, parse_special))
-                continue;
-            if (n_hits == cap_hits) {
-                size_t nc = cap_hits ? cap_hits * 2 : 16;
-                special_hit_t *nh = realloc(hits, nc * sizeof *nh);
-                if (nh == NULL) {
-                    rc = KVS_ENOMEM;
-                    goto out;
-                }
-                hits = nh;
-                cap_hits = nc;
-            }
-            hits[n_hits++] = (special_hit_t){i, l, r};
-        }
+        uint32_t r = v->sp_rank[e];
+        if ((rc = hit_push(&heap, &n_heap, &cap_heap,
+                           (special_hit_t){i, v->text_len[v->special[r]], r})))
+            goto out;
     }
-    if (n_hits == 0) {
+    if (n_heap == 0) {
         rc = len ? tokenize_raw(v, text, len, true, o) : 0;
         goto out;
     }
@@ -1020,33 +1164,48 @@ tokenize_text(const model_vocab_t *v, const char *text, size_t len, bool parse_s
         rc = KVS_ENOMEM;
         goto out;
     }
-    qsort(hits, n_hits, sizeof *hits, cmp_hit_rank);
-    size_t n_taken = 0;
-    for (size_t h = 0; h < n_hits; h++) {
-        bool free_span = true;
-        for (size_t j = hits[h].pos; j < hits[h].pos + hits[h].len && free_span; j++)
-            free_span = !claimed[j];
-        if (!free_span)
-            continue;
-        memset(claimed + hits[h].pos, 1, hits[h].len);
-        hits[n_taken++] = hits[h];
+    for (size_t i = n_heap / 2; i-- > 0;)
+        heap_down(heap, n_heap, i);
+    while (n_heap > 0) {
+        special_hit_t h = heap[0];
+        const uint8_t *busy = claimed[h.pos] ? claimed + h.pos : memchr(claimed + h.pos, 1, h.len);
+        if (busy == NULL) {
+            memset(claimed + h.pos, 1, h.len);
+            if ((rc = hit_push(&taken, &n_taken, &cap_taken, h)))
+                goto out;
+        }
+        uint32_t e = 0;
+        if (busy && busy > claimed + h.pos) { /* the next shorter one that fits before busy */
+            size_t room = (size_t)(busy - (claimed + h.pos));
+            e = out_of[v->sp_fail[v->sp_node[h.rank]]];
+            while (e && v->text_len[v->special[v->sp_rank[e]]] > room)
+                e = out_of[v->sp_fail[e]];
+        }
+        if (e) { /* tried after the one popped, as it is shorter */
+            heap[0].rank = v->sp_rank[e];
+            heap[0].len = v->text_len[v->special[heap[0].rank]];
+        } else {
+            heap[0] = heap[--n_heap];
+        }
+        heap_down(heap, n_heap, 0);
     }
-    qsort(hits, n_taken, sizeof *hits, cmp_hit_pos);
+    qsort(taken, n_taken, sizeof *taken, cmp_hit_pos);
     size_t at = 0;
     bool after_special = true; /* SPM: the first fragment gets the prefix */
     for (size_t h = 0; h < n_taken && rc == 0; h++) {
-        if (hits[h].pos > at) {
-            rc = tokenize_raw(v, text + at, hits[h].pos - at, after_special, o);
+        if (taken[h].pos > at) {
+            rc = tokenize_raw(v, text + at, taken[h].pos - at, after_special, o);
             after_special = false;
         }
-        model__tok_emit(o, v->special[hits[h].rank]);
+        model__tok_emit(o, v->special[taken[h].rank]);
         after_special = true;
-        at = hits[h].pos + hits[h].len;
+        at = taken[h].pos + taken[h].len;
     }
     if (rc == 0 && at < len)
         rc = tokenize_raw(v, text + at, len - at, after_special, o);
 out:
-    free(hits);
+    free(heap);
+    free(taken);
     free(claimed);
     return rc;
 }

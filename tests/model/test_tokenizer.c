@@ -355,6 +355,99 @@ test_special_tokens(void **state)
     model_vocab_free(v);
 }
 
+/* Writes w's file in tmpdir (and frees w), then loads its vocabulary;
+ * `what` names it in a failure. */
+static model_vocab_t *
+load_written(model_gguf_writer_t *w, const char *what)
+{
+    char path[300], err[256] = "";
+    snprintf(path, sizeof path, "%s/written.gguf", tmpdir);
+    assert_int_equal(model_gguf_writer_begin(w, path), 0);
+    assert_int_equal(model_gguf_writer_finish(w), 0);
+    model_gguf_writer_free(w);
+    model_gguf_t *g;
+    assert_int_equal(model_gguf_open(path, &g, err, sizeof err), 0);
+    model_vocab_t *v;
+    if (model_vocab_new(g, &v, err, sizeof err)) {
+        fprintf(stderr, "%s: %s\n", what, err);
+        fail();
+    }
+    model_gguf_close(g);
+    return v;
+}
+
+/* Special texts that nest and overlap, in an SPM vocab with byte
+ * fallback (byte b is id 3 + b) and no space prefix: "a" .. "a" x 32
+ * (ids 259 + k - 1, USER_DEFINED, so split even unasked), then "cde",
+ * "abc", "ab", "qrs", "pq", "xy", "yx" (291 ..). */
+static model_vocab_t *
+nested_vocab(void)
+{
+    enum { N = 298 };
+    static char store[N][33];
+    const char *toks[N];
+    int32_t types[N];
+    float scores[N] = {0};
+    const char *extra[] = {"cde", "abc", "ab", "qrs", "pq", "xy", "yx"};
+    for (uint32_t i = 0; i < N; i++) {
+        if (i < 3)
+            snprintf(store[i], sizeof store[i], "%s", (const char *[]){"<unk>", "<s>", "</s>"}[i]);
+        else if (i < 259)
+            snprintf(store[i], sizeof store[i], "<0x%02X>", i - 3);
+        else if (i < 291)
+            memset(store[i], 'a', i - 258);
+        else
+            snprintf(store[i], sizeof store[i], "%s", extra[i - 291]);
+        toks[i] = store[i];
+        types[i] = i == 0 ? 2 : i < 3 ? 3 : i < 259 ? 6 : 4;
+    }
+    model_gguf_writer_t *w;
+    assert_int_equal(model_gguf_writer_new(&w), 0);
+    model_gguf_writer_set_str(w, "tokenizer.ggml.model", "llama");
+    model_gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", toks, NULL, N);
+    model_gguf_writer_set_arr_i32(w, "tokenizer.ggml.token_type", types, N);
+    model_gguf_writer_set_arr_f32(w, "tokenizer.ggml.scores", scores, N);
+    model_gguf_writer_set_bool(w, "tokenizer.ggml.add_space_prefix", false);
+    return load_written(w, "nested");
+}
+
+/* Nested specials used to cost an entry per (byte, matching special): 256
+ * KB of 'a' against 32 lengths was 8M entries.  The partition must still
+ * claim as llama.cpp does: longest text first, then lowest id, each
+ * leftmost where it fits, even when that leaves an earlier byte to a
+ * shorter special or to the raw tokenizer. */
+static void
+test_nested_specials(void **state)
+{
+    (void)state;
+    model_vocab_t *v = nested_vocab();
+    size_t len = 256 * 1024 + 37, n;
+    char *text = malloc(len);
+    int32_t *ids = malloc(len * sizeof *ids);
+    assert_non_null(text);
+    assert_non_null(ids);
+    memset(text, 'a', len);
+    assert_int_equal(model_vocab_tokenize(v, text, len, 0, ids, len, &n), 0);
+    assert_int_equal(n, 8192 + 2);
+    for (size_t i = 0; i < 8193; i++)
+        assert_int_equal(ids[i], 290); /* "a" x 32 */
+    assert_int_equal(ids[8193], 263);  /* "a" x 5 */
+    free(text);
+    free(ids);
+
+    /* "qrs" is tried before "pq": "p" is left to the raw pieces. */
+    expect_ids(v, "pqrs", 0, (int32_t[]){3 + 'p', 294}, 2);
+    /* Equal lengths go by id: "xy" (296) before "yx" (297). */
+    expect_ids(v, "yxy", 0, (int32_t[]){3 + 'y', 296}, 2);
+    /* "cde" beats "abc" (same length, lower id), and "ab" takes what is left. */
+    expect_ids(v, "abcde", 0, (int32_t[]){293, 291}, 2);
+    expect_ids(v, "abcdeaaa", MODEL_TOK_PARSE_SPECIAL, (int32_t[]){293, 291, 261}, 3);
+    /* Controls only when asked. */
+    expect_ids(v, "a<s>", 0, (int32_t[]){259, 3 + '<', 3 + 's', 3 + '>'}, 4);
+    expect_ids(v, "a<s>", MODEL_TOK_PARSE_SPECIAL, (int32_t[]){259, 1}, 2);
+    model_vocab_free(v);
+}
+
 /* ---- random strings ------------------------------------------------------------ */
 
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
@@ -612,27 +705,13 @@ synthetic_vocab(const char *pre)
     lens[257] = 2;
     lens[258] = 4;
     const char *merges[] = {"3 3", "33 3", "\xc4\xa0 \xc4\xa0"};
-    char path[300], err[256] = "";
-    snprintf(path, sizeof path, "%s/pre.gguf", tmpdir);
     model_gguf_writer_t *w;
     assert_int_equal(model_gguf_writer_new(&w), 0);
     model_gguf_writer_set_str(w, "tokenizer.ggml.model", "gpt2");
     model_gguf_writer_set_str(w, "tokenizer.ggml.pre", pre);
     model_gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", toks, lens, 259);
     model_gguf_writer_set_arr_str(w, "tokenizer.ggml.merges", merges, NULL, 3);
-    assert_int_equal(model_gguf_writer_begin(w, path), 0);
-    assert_int_equal(model_gguf_writer_finish(w), 0);
-    model_gguf_writer_free(w);
-    model_gguf_t *g;
-    assert_int_equal(model_gguf_open(path, &g, err, sizeof err), 0);
-    model_vocab_t *v;
-    int rc = model_vocab_new(g, &v, err, sizeof err);
-    if (rc) {
-        fprintf(stderr, "%s: %s\n", pre, err);
-        fail();
-    }
-    model_gguf_close(g);
-    return v;
+    return load_written(w, pre);
 }
 
 static void
@@ -921,7 +1000,7 @@ main(void)
         cmocka_unit_test(test_special_tokens), cmocka_unit_test(test_random_strings),
         cmocka_unit_test(test_throughput),     cmocka_unit_test(test_bad_vocabs),
         cmocka_unit_test(test_bundled),        cmocka_unit_test(test_pre_tokenizers),
-        cmocka_unit_test(test_mutated_vocabs),
+        cmocka_unit_test(test_mutated_vocabs), cmocka_unit_test(test_nested_specials),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
