@@ -58,6 +58,48 @@ literal(const char *s, char q)
     return b.p;
 }
 
+static const char im_end[] = "<|im_end|>";
+
+/* ChatML's default system message: the body of the literal that starts at s
+ * and is closed by q, up to its first <|im_end|>; malloc'd when that is
+ * non-empty and the literal is closed, else NULL.  When the literal holds
+ * no such message, *end is where its reading stopped (the closing quote or
+ * the template's end), else NULL.  A later mark before *end sits behind an
+ * escaped quote of this literal, so its literal is a suffix of this one with
+ * no message either: the caller skips it, and a crafted template full of
+ * marks is read once instead of once per mark. */
+static char *
+system_literal(const char *s, char q, const char **end)
+{
+    const size_t n_end = sizeof im_end - 1;
+    srv_buf_t b = {0};
+    bool found = false;
+    *end = NULL;
+    for (; *s && *s != q && !found; s++) {
+        char c = *s;
+        if (c == '\\' && s[1]) {
+            s++;
+            c = *s == 'n' ? '\n' : *s == 't' ? '\t' : *s;
+        }
+        srv_buf_put(&b, &c, 1);
+        found = c == '>' && b.len >= n_end && memcmp(b.p + b.len - n_end, im_end, n_end) == 0;
+    }
+    if (found && b.len == n_end) { /* the message's content follows */
+        free(b.p);
+        return NULL;
+    }
+    for (; found && *s && *s != q; s++) /* the literal must still be closed */
+        if (*s == '\\' && s[1])
+            s++;
+    if (!found || *s != q || b.oom) {
+        *end = s;
+        free(b.p);
+        return NULL;
+    }
+    b.p[b.len - n_end] = '\0';
+    return b.p;
+}
+
 int
 srv_chat_detect(const char *tmpl, const char *bos, const char *eos, srv_chat_t *out, char *err,
                 size_t cap)
@@ -94,21 +136,21 @@ srv_chat_detect(const char *tmpl, const char *bos, const char *eos, srv_chat_t *
         /* A default system message (Qwen2/2.5): a literal right after
          * '<|im_start|>system\n' that is not followed by message content. */
         static const char mark[] = "<|im_start|>system\\n";
-        const char *p = tmpl;
+        const char *p = tmpl, *read_to[2] = {tmpl, tmpl}; /* per quote, see system_literal */
         while ((p = strstr(p, mark)) != NULL) {
             char q = p > tmpl ? p[-1] : '\0'; /* the literal's quote */
             p += sizeof mark - 1;
             if (q != '\'' && q != '"')
                 continue;
-            char *lit = literal(p, q);
-            if (lit && strstr(lit, "<|im_end|>")) {
-                *strstr(lit, "<|im_end|>") = '\0';
-                if (lit[0]) {
-                    out->default_system = lit;
-                    break;
-                }
-            }
-            free(lit);
+            const char **seen = &read_to[q == '"'];
+            if (p - sizeof mark < *seen)
+                continue;
+            const char *end;
+            out->default_system = system_literal(p, q, &end);
+            if (out->default_system)
+                break;
+            if (end)
+                *seen = end;
         }
         return 0;
     }

@@ -177,6 +177,41 @@ test_chatml(void **state)
            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
 }
 
+/* A 1 MB template (a model file's, or --chat-template's) full of
+ * '<|im_start|>system\n' marks behind escaped quotes, in a literal never
+ * closed: each mark's literal runs to the end, which detection once read
+ * again for every mark.  The default system message after it, in the other
+ * quote, is still found. */
+static void
+test_chatml_large(void **state)
+{
+    (void)state;
+    static const char head[] = "<|im_start|><|im_end|>{{ '", unit[] = "<|im_start|>system\\n\\'",
+                      tail[] = "<|im_end|> }}{{ \"<|im_start|>system\\nYou are big.<|im_end|>\" }}";
+    size_t n_units = (1u << 20) / (sizeof unit - 1), len = 0;
+    char *t = malloc(sizeof head + n_units * (sizeof unit - 1) + sizeof tail);
+    assert_non_null(t);
+    memcpy(t, head, sizeof head - 1);
+    len = sizeof head - 1;
+    for (size_t i = 0; i < n_units; i++, len += sizeof unit - 1)
+        memcpy(t + len, unit, sizeof unit - 1);
+    memcpy(t + len, tail, sizeof tail);
+    srv_chat_t c;
+    char err[256] = "";
+    assert_int_equal(srv_chat_detect(t, "", "<|im_end|>", &c, err, sizeof err), 0);
+    assert_int_equal(c.kind, SRV_CHAT_CHATML);
+    assert_non_null(c.default_system);
+    assert_string_equal(c.default_system, "You are big.");
+    srv_chat_free(&c);
+    /* Closed, the first literal is the message, marks and all. */
+    memcpy(t + len - 2, "<|im_end|>'", sizeof "<|im_end|>'");
+    assert_int_equal(srv_chat_detect(t, "", "<|im_end|>", &c, err, sizeof err), 0);
+    assert_non_null(c.default_system);
+    assert_int_equal(strlen(c.default_system), 20 * (n_units - 1));
+    srv_chat_free(&c);
+    free(t);
+}
+
 /* A family by name renders as that family's real template does; with
  * the families' own special tokens. */
 static void
@@ -265,7 +300,7 @@ main(void)
         cmocka_unit_test(test_llama3),  cmocka_unit_test(test_llama31),
         cmocka_unit_test(test_llama2),  cmocka_unit_test(test_mistral),
         cmocka_unit_test(test_chatml),  cmocka_unit_test(test_refusals),
-        cmocka_unit_test(test_builtin),
+        cmocka_unit_test(test_builtin), cmocka_unit_test(test_chatml_large),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
