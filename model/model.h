@@ -266,6 +266,15 @@ const char *model_vocab_kind(const model_vocab_t *v); /* see the kinds above */
  * free it); 0, KVS_EINVAL or KVS_ENOMEM. */
 int model_vocab_tokenize_alloc(const model_vocab_t *v, const char *text, size_t len, unsigned flags,
                                int32_t **out, size_t *n_out);
+/* The same with MODEL_TOK_PARSE_SPECIAL everywhere but in the n_plain byte
+ * ranges [plain[2k], plain[2k + 1]) (ascending, apart), where control-token
+ * text stays text and no control token may reach in: a chat message's
+ * content cannot forge the markers its template writes around it.  The
+ * ids are those of the whole text with specials parsed wherever they do
+ * not touch a range (fragments are not cut at range edges).  0,
+ * KVS_EINVAL (bad flags or ranges) or KVS_ENOMEM. */
+int model_vocab_tokenize_plain(const model_vocab_t *v, const char *text, size_t len, unsigned flags,
+                               const size_t *plain, size_t n_plain, int32_t **out, size_t *n_out);
 
 /* The model's vocabulary (owned by the model). */
 const model_vocab_t *model_vocab(const model_t *m);

@@ -144,6 +144,14 @@ model__tok_emit(model_tok_out_t *o, int32_t id)
     o->n++;
 }
 
+/* model_vocab_tokenize where no control token's text may overlap the
+ * n_plain byte ranges [plain[2k], plain[2k + 1]) (ascending, apart; there
+ * it is text, as without MODEL_TOK_PARSE_SPECIAL); KVS_EINVAL for ranges
+ * out of order or past len. */
+int model__vocab_tokenize_ranges(const model_vocab_t *v, const char *text, size_t len,
+                                 unsigned flags, const size_t *plain, size_t n_plain, int32_t *out,
+                                 size_t cap, size_t *n_out);
+
 /* n_vocab_model: token rows of the model the vocab belongs to (the token
  * array must have exactly that many entries), or 0 for a vocab-only file. */
 int model__vocab_new(const model_gguf_t *g, uint32_t n_vocab_model, model_vocab_t **out, char *err,

@@ -89,6 +89,13 @@ int
 model_vocab_tokenize_alloc(const model_vocab_t *v, const char *text, size_t len, unsigned flags,
                            int32_t **out, size_t *n_out)
 {
+    return model_vocab_tokenize_plain(v, text, len, flags, NULL, 0, out, n_out);
+}
+
+int
+model_vocab_tokenize_plain(const model_vocab_t *v, const char *text, size_t len, unsigned flags,
+                           const size_t *plain, size_t n_plain, int32_t **out, size_t *n_out)
+{
     /* len + 2 fits valid UTF-8 (model.h); a second pass sizes the rest. */
     size_t cap = len + 2, n = 0;
     *out = NULL;
@@ -97,7 +104,7 @@ model_vocab_tokenize_alloc(const model_vocab_t *v, const char *text, size_t len,
         int32_t *ids = malloc((cap ? cap : 1) * sizeof *ids);
         if (ids == NULL)
             return KVS_ENOMEM;
-        int rc = model_vocab_tokenize(v, text, len, flags, ids, cap, &n);
+        int rc = model__vocab_tokenize_ranges(v, text, len, flags, plain, n_plain, ids, cap, &n);
         if (rc == 0) {
             *out = ids;
             *n_out = n;

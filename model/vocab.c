@@ -1068,7 +1068,17 @@ typedef struct special_hit {
     size_t pos;
     uint32_t len;
     uint32_t rank; /* index into v->special: the order llama.cpp tries them in */
+    size_t room;   /* bytes from pos a control token may cover (plain ranges) */
 } special_hit_t;
+
+/* Whether special node e may start where a control token has `room` bytes:
+ * a user-defined one always may (it is split out of plain text too). */
+static bool
+sp_fits(const model_vocab_t *v, uint32_t e, size_t room)
+{
+    int32_t id = v->special[v->sp_rank[e]];
+    return v->text_len[id] <= room || v->type[id] == MODEL_TT_USER_DEFINED;
+}
 
 static int
 cmp_hit_pos(const void *a, const void *b)
@@ -1129,10 +1139,12 @@ hit_push(special_hit_t **a, size_t *n, size_t *cap, special_hit_t hit)
  * could never fit either), and a byte already claimed drops out.  Every
  * occurrence is thus decided as llama.cpp decides it, with at most one
  * entry per byte.  The raw pieces between the claimed ones go to the
- * vocab's tokenizer. */
+ * vocab's tokenizer.  No control token may overlap the plain ranges
+ * (model__vocab_tokenize_ranges): a longest match that does gives way to
+ * the next shorter one that does not, as one overlapping claimed text. */
 static int
 tokenize_text(const model_vocab_t *v, const char *text, size_t len, bool parse_special,
-              model_tok_out_t *o)
+              const size_t *plain, size_t n_plain, model_tok_out_t *o)
 {
     special_hit_t *heap = NULL, *taken = NULL;
     size_t n_heap = 0, cap_heap = 0, n_taken = 0, cap_taken = 0;
@@ -1141,18 +1153,24 @@ tokenize_text(const model_vocab_t *v, const char *text, size_t len, bool parse_s
     bool want = v->n_special > 0 && (parse_special || v->n_special_user > 0);
     const uint32_t *out_of = v->sp_out[parse_special ? 0 : 1];
     uint32_t x = 0;
+    size_t k = n_plain; /* ranges k .. end past byte i */
     for (size_t i = len; want && i-- > 0;) {
         unsigned char c = (unsigned char)text[i];
         uint32_t y;
         while ((y = sp_child(v, x, c)) == 0 && x != 0)
             x = v->sp_fail[x];
         x = y;
+        while (k > 0 && plain[2 * k - 1] > i)
+            k--;
+        size_t room = k < n_plain ? (plain[2 * k] <= i ? 0 : plain[2 * k] - i) : len - i;
         uint32_t e = out_of[x];
+        while (e && !sp_fits(v, e, room))
+            e = out_of[v->sp_fail[e]];
         if (e == 0)
             continue;
         uint32_t r = v->sp_rank[e];
         if ((rc = hit_push(&heap, &n_heap, &cap_heap,
-                           (special_hit_t){i, v->text_len[v->special[r]], r})))
+                           (special_hit_t){i, v->text_len[v->special[r]], r, room})))
             goto out;
     }
     if (n_heap == 0) {
@@ -1178,7 +1196,7 @@ tokenize_text(const model_vocab_t *v, const char *text, size_t len, bool parse_s
         if (busy && busy > claimed + h.pos) { /* the next shorter one that fits before busy */
             size_t room = (size_t)(busy - (claimed + h.pos));
             e = out_of[v->sp_fail[v->sp_node[h.rank]]];
-            while (e && v->text_len[v->special[v->sp_rank[e]]] > room)
+            while (e && (v->text_len[v->special[v->sp_rank[e]]] > room || !sp_fits(v, e, h.room)))
                 e = out_of[v->sp_fail[e]];
         }
         if (e) { /* tried after the one popped, as it is shorter */
@@ -1214,16 +1232,29 @@ int
 model_vocab_tokenize(const model_vocab_t *v, const char *text, size_t len, unsigned flags,
                      int32_t *out, size_t cap, size_t *n_out)
 {
+    return model__vocab_tokenize_ranges(v, text, len, flags, NULL, 0, out, cap, n_out);
+}
+
+int
+model__vocab_tokenize_ranges(const model_vocab_t *v, const char *text, size_t len, unsigned flags,
+                             const size_t *plain, size_t n_plain, int32_t *out, size_t cap,
+                             size_t *n_out)
+{
     if (n_out)
         *n_out = 0;
     if (v == NULL || n_out == NULL || (len > 0 && text == NULL) || (cap > 0 && out == NULL) ||
-        (flags & ~(MODEL_TOK_ADD_SPECIAL | MODEL_TOK_PARSE_SPECIAL)))
+        (flags & ~(MODEL_TOK_ADD_SPECIAL | MODEL_TOK_PARSE_SPECIAL)) ||
+        (n_plain > 0 && plain == NULL))
         return KVS_EINVAL;
+    for (size_t k = 0; k < n_plain; k++)
+        if (plain[2 * k] >= plain[2 * k + 1] || plain[2 * k + 1] > len ||
+            (k > 0 && plain[2 * k] < plain[2 * k - 1]))
+            return KVS_EINVAL;
     model_tok_out_t o = {out, cap, 0};
     bool add = flags & MODEL_TOK_ADD_SPECIAL;
     if (add && v->add_bos)
         model__tok_emit(&o, v->bos);
-    int rc = tokenize_text(v, text, len, flags & MODEL_TOK_PARSE_SPECIAL, &o);
+    int rc = tokenize_text(v, text, len, flags & MODEL_TOK_PARSE_SPECIAL, plain, n_plain, &o);
     if (add && v->add_eos)
         model__tok_emit(&o, v->eos);
     *n_out = o.n;

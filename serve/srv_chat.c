@@ -20,9 +20,40 @@
 #include <string.h>
 #include <time.h>
 
+/* Where message content lies in a rendered prompt: byte ranges, in order,
+ * that the tokenizer reads without control tokens (srv_chat_render). */
+typedef struct spans {
+    size_t *r; /* [2 * n]: begin, end */
+    size_t n, cap;
+    bool oom;
+} spans_t;
+
+/* Message content: appended, and its range noted. */
+static void
+put_content(srv_buf_t *b, spans_t *sp, const char *s, size_t n)
+{
+    size_t at = b->len;
+    srv_buf_put(b, s, n);
+    if (b->len == at)
+        return;
+    if (sp->n == sp->cap) {
+        size_t nc = sp->cap ? 2 * sp->cap : 16;
+        size_t *r = realloc(sp->r, 2 * nc * sizeof *r);
+        if (r == NULL) {
+            sp->oom = true;
+            return;
+        }
+        sp->r = r;
+        sp->cap = nc;
+    }
+    sp->r[2 * sp->n] = at;
+    sp->r[2 * sp->n + 1] = b->len;
+    sp->n++;
+}
+
 /* Jinja's |trim and Python's str.strip(): ASCII whitespace at both ends. */
 static void
-put_trimmed(srv_buf_t *b, const char *s)
+put_trimmed(srv_buf_t *b, spans_t *sp, const char *s)
 {
     size_t n = strlen(s);
     while (n && strchr(" \t\n\r\f\v", s[n - 1]))
@@ -31,7 +62,7 @@ put_trimmed(srv_buf_t *b, const char *s)
         s++;
         n--;
     }
-    srv_buf_put(b, s, n);
+    put_content(b, sp, s, n);
 }
 
 /* A Jinja string literal's body ("\n" escapes) starting at s, up to the
@@ -231,9 +262,13 @@ check_alternation(const srv_chat_msg_t *m, size_t n, bool system_ok, char *err, 
 
 int
 srv_chat_render(const srv_chat_t *c, const srv_chat_msg_t *m, size_t n, bool add_generation_prompt,
-                char **out, char *err, size_t cap)
+                char **out, size_t **plain, size_t *n_plain, char *err, size_t cap)
 {
     *out = NULL;
+    if (plain) {
+        *plain = NULL;
+        *n_plain = 0;
+    }
     if (n == 0)
         return bad(err, cap, "messages: empty");
     for (size_t i = 0; i < n; i++) {
@@ -247,6 +282,7 @@ srv_chat_render(const srv_chat_t *c, const srv_chat_msg_t *m, size_t n, bool add
             return bad(err, cap, "messages[%zu].content: missing", i);
     }
     srv_buf_t b = {0};
+    spans_t sp = {0};
     int rc = 0;
     switch (c->kind) {
     case SRV_CHAT_LLAMA3:
@@ -260,7 +296,7 @@ srv_chat_render(const srv_chat_t *c, const srv_chat_msg_t *m, size_t n, bool add
             srv_buf_puts(&b, c->date);
             srv_buf_puts(&b, "\n\n");
             if (strcmp(m[0].role, "system") == 0) {
-                put_trimmed(&b, m[0].content);
+                put_trimmed(&b, &sp, m[0].content);
                 i = 1;
             }
             srv_buf_puts(&b, "<|eot_id|>");
@@ -269,7 +305,7 @@ srv_chat_render(const srv_chat_t *c, const srv_chat_msg_t *m, size_t n, bool add
             srv_buf_puts(&b, "<|start_header_id|>");
             srv_buf_puts(&b, m[i].role);
             srv_buf_puts(&b, "<|end_header_id|>\n\n");
-            put_trimmed(&b, m[i].content);
+            put_trimmed(&b, &sp, m[i].content);
             srv_buf_puts(&b, "<|eot_id|>");
         }
         if (add_generation_prompt)
@@ -286,7 +322,7 @@ srv_chat_render(const srv_chat_t *c, const srv_chat_msg_t *m, size_t n, bool add
             srv_buf_puts(&b, "<|im_start|>");
             srv_buf_puts(&b, m[i].role);
             srv_buf_puts(&b, "\n");
-            srv_buf_puts(&b, m[i].content);
+            put_content(&b, &sp, m[i].content, strlen(m[i].content));
             srv_buf_puts(&b, "<|im_end|>\n");
         }
         if (add_generation_prompt)
@@ -310,19 +346,19 @@ srv_chat_render(const srv_chat_t *c, const srv_chat_msg_t *m, size_t n, bool add
                     /* The template strips the whole content, system block
                      * included: only the user text's tail is trimmed. */
                     srv_buf_puts(&b, "<<SYS>>\n");
-                    srv_buf_puts(&b, sys);
+                    put_content(&b, &sp, sys, strlen(sys));
                     srv_buf_puts(&b, "\n<</SYS>>\n\n");
                     size_t k = strlen(m[i].content);
                     while (k && strchr(" \t\n\r\f\v", m[i].content[k - 1]))
                         k--;
-                    srv_buf_put(&b, m[i].content, k);
+                    put_content(&b, &sp, m[i].content, k);
                 } else {
-                    put_trimmed(&b, m[i].content);
+                    put_trimmed(&b, &sp, m[i].content);
                 }
                 srv_buf_puts(&b, " [/INST]");
             } else {
                 srv_buf_puts(&b, " ");
-                put_trimmed(&b, m[i].content);
+                put_trimmed(&b, &sp, m[i].content);
                 srv_buf_puts(&b, " ");
                 srv_buf_puts(&b, c->eos);
             }
@@ -336,10 +372,10 @@ srv_chat_render(const srv_chat_t *c, const srv_chat_msg_t *m, size_t n, bool add
         for (size_t i = 0; i < n; i++) {
             if (strcmp(m[i].role, "user") == 0) {
                 srv_buf_puts(&b, "[INST] ");
-                srv_buf_puts(&b, m[i].content);
+                put_content(&b, &sp, m[i].content, strlen(m[i].content));
                 srv_buf_puts(&b, " [/INST]");
             } else {
-                srv_buf_puts(&b, m[i].content);
+                put_content(&b, &sp, m[i].content, strlen(m[i].content));
                 srv_buf_puts(&b, c->eos);
                 if (c->space_after_eos)
                     srv_buf_puts(&b, " ");
@@ -353,12 +389,20 @@ srv_chat_render(const srv_chat_t *c, const srv_chat_msg_t *m, size_t n, bool add
     if (rc == 0 && (c->kind == SRV_CHAT_LLAMA2 || c->kind == SRV_CHAT_MISTRAL) &&
         strcmp(m[n - 1].role, "user") != 0)
         rc = bad(err, cap, "messages[%zu].role: the last message must be the user's", n - 1);
-    if (rc == 0 && b.oom)
+    if (rc == 0 && (b.oom || sp.oom))
+        rc = KVS_ENOMEM;
+    if (rc == 0 && (*out = b.p ? b.p : calloc(1, 1)) == NULL)
         rc = KVS_ENOMEM;
     if (rc) {
         free(b.p);
+        free(sp.r);
         return rc;
     }
-    *out = b.p ? b.p : calloc(1, 1);
-    return *out ? 0 : KVS_ENOMEM;
+    if (plain) {
+        *plain = sp.r;
+        *n_plain = sp.n;
+    } else {
+        free(sp.r);
+    }
+    return 0;
 }

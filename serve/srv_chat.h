@@ -45,9 +45,14 @@ void srv_chat_free(srv_chat_t *c);
 #define SRV_CHAT_NAMES_USAGE "llama3|llama3.1|llama2|mistral|chatml"
 const char *srv_chat_builtin(const char *name);
 /* The prompt text (malloc'd, special tokens written as text, BOS included
- * where the template puts it).  KVS_EINVAL with err naming the message at
- * fault (unknown role, system not first, broken alternation), KVS_ENOMEM. */
+ * where the template puts it), and with plain non-NULL the byte ranges of
+ * the messages' content in it (*n_plain pairs of begin and end, ascending;
+ * malloc'd, NULL when none): to be tokenized without control tokens
+ * (model_vocab_tokenize_plain), so that content cannot forge the template's
+ * markers.  KVS_EINVAL with err naming the message at fault (unknown role,
+ * system not first, broken alternation), KVS_ENOMEM. */
 int srv_chat_render(const srv_chat_t *c, const srv_chat_msg_t *m, size_t n,
-                    bool add_generation_prompt, char **out, char *err, size_t cap);
+                    bool add_generation_prompt, char **out, size_t **plain, size_t *n_plain,
+                    char *err, size_t cap);
 
 #endif /* SRV_CHAT_H */

@@ -483,7 +483,8 @@ check_sampling(const Kvserve__V1__SamplingParams *sp, const srv_limits_t *lim, s
 
 /* A conversation through the model's template, then the tokenizer with
  * special-token text parsed (the template wrote BOS and the role markers
- * as text). */
+ * as text) but in the messages' content: a message that holds
+ * "<|im_start|>system" is those characters, not a forged turn. */
 static grpc_status_code
 chat_prompt(const Kvserve__V1__ChatMessages *cm, const srv_limits_t *lim, srv_gen_req_t *out,
             char *msg, size_t cap)
@@ -505,7 +506,9 @@ chat_prompt(const Kvserve__V1__ChatMessages *cm, const srv_limits_t *lim, srv_ge
     }
     char *text = NULL, err[256];
     bool gen = cm->has_add_generation_prompt ? cm->add_generation_prompt : true;
-    int rc = srv_chat_render(lim->chat, m, cm->n_messages, gen, &text, err, sizeof err);
+    size_t *plain = NULL, n_plain = 0;
+    int rc = srv_chat_render(lim->chat, m, cm->n_messages, gen, &text, &plain, &n_plain, err,
+                             sizeof err);
     free(m);
     if (rc)
         return fail(msg, cap,
@@ -519,13 +522,14 @@ chat_prompt(const Kvserve__V1__ChatMessages *cm, const srv_limits_t *lim, srv_ge
                   "chat: the rendered prompt (%zu bytes) cannot fit the maximum model length "
                   "(%u tokens)",
                   len, lim->max_model_len);
-    else if (model_vocab_tokenize_alloc(model_vocab(lim->m), text, len, MODEL_TOK_PARSE_SPECIAL,
-                                        &out->prompt, &n))
+    else if (model_vocab_tokenize_plain(model_vocab(lim->m), text, len, MODEL_TOK_PARSE_SPECIAL,
+                                        plain, n_plain, &out->prompt, &n))
         st = fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "chat: cannot tokenize the prompt");
     else if (n == 0)
         st = fail(msg, cap, GRPC_STATUS_INVALID_ARGUMENT, "chat: the prompt is empty");
     out->n_prompt = (uint32_t)n;
     free(text);
+    free(plain);
     return st;
 }
 

@@ -448,6 +448,85 @@ test_nested_specials(void **state)
     model_vocab_free(v);
 }
 
+static uint32_t rnd(void);
+
+/* Ids of text with control tokens parsed but in the byte ranges plain. */
+static void
+expect_plain(const model_vocab_t *v, const char *text, const size_t *plain, size_t n_plain,
+             const int32_t *want, size_t n)
+{
+    int32_t *got;
+    size_t ng;
+    assert_int_equal(model_vocab_tokenize_plain(v, text, strlen(text), MODEL_TOK_PARSE_SPECIAL,
+                                                plain, n_plain, &got, &ng),
+                     0);
+    if (ng != n || memcmp(got, want, n * sizeof *got) != 0) {
+        fprintf(stderr, "\"%s\" with %zu plain ranges\n", text, n_plain);
+        print_ids("expected", want, n);
+        print_ids("got     ", got, ng);
+        fail();
+    }
+    free(got);
+}
+
+/* Plain ranges (a chat message's content): no control token may start in
+ * one or reach into one, user-defined tokens are split there as in any
+ * text, and fragments run across range edges.  A range over the whole text
+ * is tokenizing without MODEL_TOK_PARSE_SPECIAL; none is tokenizing with
+ * it; bad ranges are refused. */
+static void
+test_plain_ranges(void **state)
+{
+    (void)state;
+    model_vocab_t *v = nested_vocab();
+    const int32_t lt = 3 + '<', s = 3 + 's', gt = 3 + '>', b = 3 + 'b', sl = 3 + '/';
+    expect_plain(v, "a<s>b</s>", NULL, 0, (int32_t[]){259, 1, b, 2}, 4);
+    /* "<s>b" plain; "s>" plain; "<s" plain: the control is text. */
+    int32_t text_s[] = {259, lt, s, gt, b, 2};
+    expect_plain(v, "a<s>b</s>", (size_t[]){1, 5}, 1, text_s, 6);
+    expect_plain(v, "a<s>b</s>", (size_t[]){2, 4}, 1, text_s, 6);
+    expect_plain(v, "a<s>b</s>", (size_t[]){1, 3}, 1, text_s, 6);
+    /* Ranges touching it leave it a control; two ranges, the second
+     * over "</s>". */
+    expect_plain(v, "a<s>b</s>", (size_t[]){0, 1, 4, 5}, 2, (int32_t[]){259, 1, b, 2}, 4);
+    expect_plain(v, "a<s>b</s>", (size_t[]){0, 1, 5, 9}, 2, (int32_t[]){259, 1, b, lt, sl, s, gt},
+                 7);
+    /* User-defined tokens are split inside a range, and across its edges. */
+    expect_plain(v, "<s>aaab</s>", (size_t[]){3, 5}, 1, (int32_t[]){1, 261, b, 2}, 4);
+    expect_plain(v, "abcde<s>", (size_t[]){0, 8}, 1, (int32_t[]){293, 291, lt, s, gt}, 5);
+
+    /* Whole and empty ranges against the flags, on random strings. */
+    const char alpha[] = "ab<s>/cdexy";
+    char text[64];
+    for (int it = 0; it < 2000; it++) {
+        size_t len = 1 + rnd() % 40;
+        for (size_t i = 0; i < len; i++)
+            text[i] = alpha[rnd() % (sizeof alpha - 1)];
+        text[len] = '\0';
+        int32_t want[128], *got;
+        size_t nw, ng;
+        for (int whole = 0; whole < 2; whole++) {
+            unsigned flags = whole ? 0 : MODEL_TOK_PARSE_SPECIAL;
+            assert_int_equal(model_vocab_tokenize(v, text, len, flags, want, 128, &nw), 0);
+            assert_int_equal(model_vocab_tokenize_plain(v, text, len, MODEL_TOK_PARSE_SPECIAL,
+                                                        (size_t[]){0, len}, whole, &got, &ng),
+                             0);
+            assert_int_equal(ng, nw);
+            assert_memory_equal(got, want, nw * sizeof *got);
+            free(got);
+        }
+    }
+
+    int32_t *got;
+    size_t ng;
+    static const size_t bad[][4] = {{2, 2, 0, 0}, {1, 10, 0, 0}, {3, 5, 1, 2}, {1, 4, 3, 6}};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        assert_int_equal(model_vocab_tokenize_plain(v, "a<s>b</s>", 9, MODEL_TOK_PARSE_SPECIAL,
+                                                    bad[i], bad[i][2] ? 2 : 1, &got, &ng),
+                         KVS_EINVAL);
+    model_vocab_free(v);
+}
+
 /* ---- random strings ------------------------------------------------------------ */
 
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
@@ -1001,6 +1080,7 @@ main(void)
         cmocka_unit_test(test_throughput),     cmocka_unit_test(test_bad_vocabs),
         cmocka_unit_test(test_bundled),        cmocka_unit_test(test_pre_tokenizers),
         cmocka_unit_test(test_mutated_vocabs), cmocka_unit_test(test_nested_specials),
+        cmocka_unit_test(test_plain_ranges),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

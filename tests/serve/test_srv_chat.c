@@ -98,7 +98,8 @@ expect(const char *tmpl, const char *bos, const char *eos, const srv_chat_msg_t 
     assert_int_equal(rc, 0);
     assert_int_equal(c.kind, kind);
     char *got = NULL;
-    rc = srv_chat_render(&c, m, n, true, &got, err, sizeof err);
+    size_t *plain = NULL, n_plain = 0;
+    rc = srv_chat_render(&c, m, n, true, &got, &plain, &n_plain, err, sizeof err);
     if (rc)
         print_error("render: %s\n", err);
     assert_int_equal(rc, 0);
@@ -106,6 +107,27 @@ expect(const char *tmpl, const char *bos, const char *eos, const srv_chat_msg_t 
         print_error("got:  [%s]\nwant: [%s]\n", got, want);
         fail();
     }
+    /* The plain ranges are the messages' content, in order (trimmed where
+     * the template trims it), and nothing else. */
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t b = 0, e = strlen(m[i].content);
+        while (b < e && strchr(" \t\n\r\f\v", m[i].content[b]))
+            b++;
+        while (e > b && strchr(" \t\n\r\f\v", m[i].content[e - 1]))
+            e--;
+        if (b == e)
+            continue;
+        assert_true(k < n_plain);
+        const char *at = got + plain[2 * k];
+        size_t len = plain[2 * k + 1] - plain[2 * k];
+        assert_true(len >= e - b && len <= strlen(m[i].content));
+        assert_non_null(memmem(at, len, m[i].content + b, e - b));
+        assert_true(k == 0 || plain[2 * k] >= plain[2 * k - 1]);
+        k++;
+    }
+    assert_int_equal(k, n_plain);
+    free(plain);
     free(got);
     srv_chat_free(&c);
 }
@@ -227,7 +249,7 @@ render_both(const char *name, const char *real, const char *bos, const char *eos
         srv_chat_t c;
         assert_int_equal(srv_chat_detect(tmpls[i], bos, eos, &c, err, sizeof err), 0);
         kinds[i] = c.kind;
-        assert_int_equal(srv_chat_render(&c, m, n, true, &out[i], err, sizeof err), 0);
+        assert_int_equal(srv_chat_render(&c, m, n, true, &out[i], NULL, NULL, err, sizeof err), 0);
         srv_chat_free(&c);
     }
     assert_int_equal(kinds[0], kinds[1]);
@@ -264,7 +286,7 @@ refused(const char *tmpl, const srv_chat_msg_t *m, size_t n, const char *needle)
     int rc = srv_chat_detect(tmpl, "<s>", "</s>", &c, err, sizeof err);
     if (rc == 0) {
         char *out = NULL;
-        rc = srv_chat_render(&c, m, n, true, &out, err, sizeof err);
+        rc = srv_chat_render(&c, m, n, true, &out, NULL, NULL, err, sizeof err);
         free(out);
         srv_chat_free(&c);
     }
