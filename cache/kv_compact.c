@@ -115,8 +115,8 @@ kv_table_compact(kv_table_t *t, uint32_t n_keep, const int32_t *keep, uint32_t k
     if (pool->cfg.quant != KERN_KVQ_NONE && n_keep > keep_tail) {
         c0 = (uint32_t)(((uint64_t)keep_head + bt - 1) / bt);
         c1 = (n_keep - keep_tail) / bt;
-        if (c1 < c0)
-            c1 = c0;
+        if (c1 <= c0) /* none: the sinks' blocks may even pass n_keep */
+            c0 = c1 = 0;
     }
     /* The full-precision blocks for the rest, and one to stage through. */
     uint32_t most = c1 - c0 < n_cold_pool ? c1 - c0 : n_cold_pool;

@@ -1163,7 +1163,9 @@ tokenize_text(const model_vocab_t *v, const char *text, size_t len, bool parse_s
         while (k > 0 && plain[2 * k - 1] > i)
             k--;
         size_t room = k < n_plain ? (plain[2 * k] <= i ? 0 : plain[2 * k] - i) : len - i;
-        uint32_t e = out_of[x];
+        /* In a range only user-defined ones fit: their own chain, in
+         * one step, however many control texts the byte also starts. */
+        uint32_t e = room ? out_of[x] : v->sp_out[1][x];
         while (e && !sp_fits(v, e, room))
             e = out_of[v->sp_fail[e]];
         if (e == 0)
@@ -1195,9 +1197,10 @@ tokenize_text(const model_vocab_t *v, const char *text, size_t len, bool parse_s
         uint32_t e = 0;
         if (busy && busy > claimed + h.pos) { /* the next shorter one that fits before busy */
             size_t room = (size_t)(busy - (claimed + h.pos));
-            e = out_of[v->sp_fail[v->sp_node[h.rank]]];
+            const uint32_t *chain = h.room ? out_of : v->sp_out[1];
+            e = chain[v->sp_fail[v->sp_node[h.rank]]];
             while (e && (v->text_len[v->special[v->sp_rank[e]]] > room || !sp_fits(v, e, h.room)))
-                e = out_of[v->sp_fail[e]];
+                e = chain[v->sp_fail[e]];
         }
         if (e) { /* tried after the one popped, as it is shorter */
             heap[0].rank = v->sp_rank[e];

@@ -1573,7 +1573,7 @@ snap_compress(sched_t *s, req_t *r)
         atomic_fetch_add(&s->load_snapkv, 1);
         return true;
     }
-    if (rc == KVS_EAGAIN) {
+    if (rc == KVS_EAGAIN || rc == KVS_ENOSPC) {
         KVS_INFOF("sched: request %s: no room to compact its KV (SnapKV), kept whole", r->name);
         return true;
     }
@@ -1613,8 +1613,10 @@ h2o_compact(sched_t *s, req_t *r, uint32_t n)
     free(keep);
     if (rc == 0)
         return true;
-    if (rc == KVS_EAGAIN) {
-        /* Tried again after the next step. */
+    if (rc == KVS_EAGAIN || rc == KVS_ENOSPC) {
+        /* Tried again after the next step (ENOSPC: a pool whose
+         * full-precision blocks cannot hold the sinks, the residual window
+         * and a staging block beside them). */
         KVS_DEBUGF("sched: request %s: no room to compact its KV (H2O), kept whole", r->name);
         return true;
     }

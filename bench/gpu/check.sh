@@ -61,6 +61,11 @@ pack() {
             ! -name bench_gpu.log -delete)
 }
 trap pack EXIT
+# dash runs no EXIT trap for a signal's death: turn the signals a caller's
+# time limit sends into exits.
+trap 'exit 143' TERM
+trap 'exit 130' INT
+trap 'exit 129' HUP
 
 # ---- binaries --------------------------------------------------------------
 if [ ! -d .gpu ]; then
@@ -312,7 +317,10 @@ engine() {
     # f32 KV; q8_0 KV (blocks sealed as they fill); f32 KV with every decode
     # step replayed from a CUDA graph after the first.
     LD_LIBRARY_PATH=$LIBPATH timeout "$(cap 30)" "$BIN/kvserve" model random --shape tiny \
-        --dtype f16 --out "$SCRATCH/tiny.gguf" || return 1
+        --dtype f16 --out "$SCRATCH/tiny.gguf" || {
+        echo "tiny model: kvserve model random failed"
+        return 1
+    }
     for v in "f32" "q8_0" "f32 --cuda-graphs"; do
         kvd=${v%% *}
         extra=${v#"$kvd"} # cuda's own flags; the cpu run is the reference

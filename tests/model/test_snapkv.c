@@ -802,7 +802,8 @@ sealed_table(kv_pool_t *pool, kern_backend_t *be, uint64_t seed)
  * precision and then sealing, in a pool with three full-precision blocks
  * for a table of four.  Too few full-precision blocks in the pool is
  * KVS_ENOSPC, too few free KVS_EAGAIN, and neither changes anything; too
- * few free quantized blocks leaves the last ones full precision. */
+ * few free quantized blocks leaves the last ones full precision; sinks
+ * past the entries kept leave every block full precision. */
 static void
 test_compact_quant(void **state)
 {
@@ -892,6 +893,25 @@ test_compact_quant(void **state)
     free(ok_);
     free(ov);
     kv_table_free(t);
+
+    /* Sinks whose blocks reach past what is kept (2 blocks of sinks, 6
+     * entries; 1 block, 3 entries): nothing to write quantized. */
+    for (int c = 0; c < 2; c++) {
+        const uint32_t n_keep = c ? 3 : 6, head = c ? 4 : 8;
+        t = sealed_table(pool, be, 80 + c);
+        ok_ = save_rows(t, kv, false, 48);
+        ov = save_rows(t, kv, true, 48);
+        random_lists(4, n_keep, 47, 47, keep);
+        assert_int_equal(kv_table_compact(t, n_keep, keep, head, 1), 0);
+        assert_true(kv_pool_check(pool));
+        assert_int_equal(kv_table_n_blocks(t), (n_keep + 3) / 4);
+        for (uint32_t b = 0; b < kv_table_n_blocks(t); b++)
+            assert_true((uint32_t)kv_table_blocks(t)[b] < cfg.n_hot);
+        check_kept_rows(t, kv, ok_, ov, 48, n_keep, keep);
+        free(ok_);
+        free(ov);
+        kv_table_free(t);
+    }
     kv_table_free(w);
     assert_true(kv_pool_check(pool));
     assert_true(kv_pool_check(wide));
