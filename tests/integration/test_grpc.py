@@ -2480,19 +2480,21 @@ def check_no_prefix_cache(kvserve, model, work):
                    describe(o))
         # A quantized cache of 8 full-precision blocks (128 tokens): SnapKV
         # and H2O compact a 440-token prompt to budgets past them, and
-        # write what they keep quantized past the residual window.
+        # write what they keep quantized past the residual window; a
+        # budget under one block (the sinks' block alone) keeps it all
+        # full precision.
         for kind in ("SNAPKV", "H2O"):
-            for budget, dropped in ((400, 40), (64, None), (1 << 20, 0)):
+            for budget, dropped in ((400, 40), (64, 376), (8, 432), (1 << 20, 0)):
                 r = greedy_req(TOKEN_PROMPT * 40, 4)
                 r.policy.kv.kind = getattr(pb.KvPolicy, kind)
                 r.policy.kv.budget_tokens = budget
+                if budget == 8:
+                    r.policy.kv.window_tokens = 4
                 o = collect(api, r, timeout=30)
                 got = o["usage"].kv_dropped_tokens if o["usage"] else None
-                ok = o["code"] is None and len(o["tokens"]) == 4 and got is not None
-                if dropped is None:  # H2O: the decode tokens are dropped too
-                    ok = ok and got >= 440 - 64
-                else:
-                    ok = ok and got == dropped
+                # H2O drops decode tokens too; SnapKV only the prompt's.
+                ok = (o["code"] is None and len(o["tokens"]) == 4 and got is not None and
+                      (got == dropped if kind == "SNAPKV" else got >= dropped))
                 report("0 q8_0 KV: policy.kv %s budget_tokens %d -> OK, %s dropped" %
                        (kind, budget, got), ok, describe(o))
     finally:
