@@ -352,6 +352,10 @@ srv_chat_render(const srv_chat_t *c, const srv_chat_msg_t *m, size_t n, bool add
                     while (k && strchr(" \t\n\r\f\v", m[i].content[k - 1]))
                         k--;
                     put_content(&b, &sp, m[i].content, k);
+                    /* With nothing after it, the strip reaches the block's
+                     * own closing newlines. */
+                    while (k == 0 && b.len && b.p[b.len - 1] == '\n')
+                        b.p[--b.len] = '\0';
                 } else {
                     put_trimmed(&b, &sp, m[i].content);
                 }

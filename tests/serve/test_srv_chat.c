@@ -169,7 +169,11 @@ test_llama2(void **state)
     (void)state;
     expect(LLAMA2, "<s>", "</s>", CONV, N_CONV, SRV_CHAT_LLAMA2,
            "<s>[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nHi [/INST] Hello! </s><s>[INST] What "
-           "is 2+2? [/INST]");
+           "is 2+2? [/INST]"); /* The template strips the system block and the user text as one: an
+                                * empty first message takes the block's closing newlines with it. */
+    const srv_chat_msg_t blank[] = {{"system", "Be brief."}, {"user", " \n"}};
+    expect(LLAMA2, "<s>", "</s>", blank, 2, SRV_CHAT_LLAMA2,
+           "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>> [/INST]");
 }
 
 static void
