@@ -253,6 +253,31 @@ tokenize(const model_vocab_t *v, const char *text, size_t len, unsigned flags)
     free(ids);
 }
 
+/* Plain ranges (chat content): over the whole text they tokenize as
+ * without MODEL_TOK_PARSE_SPECIAL; two inside it give valid ids. */
+static void
+plain(const model_vocab_t *v, const char *text, size_t len)
+{
+    int32_t *a = NULL, *b = NULL;
+    size_t na = 0, nb = 0;
+    int ra = model_vocab_tokenize_plain(v, text, len, MODEL_TOK_PARSE_SPECIAL, (size_t[]){0, len},
+                                        len > 0, &a, &na);
+    int rb = model_vocab_tokenize_alloc(v, text, len, 0, &b, &nb);
+    if (ra != KVS_ENOMEM && rb != KVS_ENOMEM) {
+        FUZZ_CHECK(ra == rb);
+        FUZZ_CHECK(ra != 0 || (na == nb && memcmp(a, b, na * sizeof *a) == 0));
+    }
+    free(a);
+    free(b);
+    size_t r[4] = {len / 5, len / 5 + 1, len / 2, len / 2 + (len + 2) / 3};
+    int rc = model_vocab_tokenize_plain(v, text, len, MODEL_TOK_PARSE_SPECIAL, r, 2, &a, &na);
+    FUZZ_CHECK(rc == 0 || rc == KVS_EINVAL || rc == KVS_ENOMEM);
+    FUZZ_CHECK(rc != KVS_EINVAL || len < 2 || r[3] > len || r[2] >= r[3]);
+    for (size_t i = 0; rc == 0 && i < na; i++)
+        FUZZ_CHECK(a[i] >= 0 && (uint32_t)a[i] < model_vocab_n_tokens(v));
+    free(a);
+}
+
 /* Every id's piece (up to a bound), with and without special text. */
 static void
 spell(const model_vocab_t *v)
@@ -308,6 +333,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     FUZZ_CHECK(model_vocab_kind(v) != NULL);
     for (unsigned flags = 0; flags < 4; flags++)
         tokenize(v, text, len, flags);
+    plain(v, text, len);
     spell(v);
     model_vocab_free(v);
     return 0;
