@@ -60,8 +60,8 @@
  * does.  Verified: zero preemptions, all finished normally, peak running
  * == N (where the split allows); N - 1 is tried otherwise.  Sessions whose
  * policy dropped less than it should (kv_dropped_tokens below length - 1 -
- * B for eviction, prompt - B for SnapKV: e.g. a compaction that found no
- * free full-precision blocks keeps the prompt whole) are counted and
+ * B for eviction, prompt - B for SnapKV: e.g. a compaction that found too
+ * few free blocks keeps the prompt whole) are counted and
  * flagged.
  *
  *   bench_kvq [--model F.gguf] [--threads N] [--kv-memory 64M] [--length 2048]
@@ -128,8 +128,9 @@ typedef struct geom {
 /* What one session of a policy row holds, in blocks of each kind (without
  * a codec all are "hot"): at most while decoding, and in its prefill
  * transient (eviction: the budget and a chunk; SnapKV: the prompt and its
- * compacted copy, or with a codec the prompt's quantized blocks).  With a
- * codec the prefill chunks (and SnapKV's copy) are the engine's staging. */
+ * compacted copy, with a codec both quantized but for their sinks' and
+ * tail blocks).  With a codec the prefill chunks (and the block SnapKV's
+ * copy is staged through) are the engine's staging. */
 typedef struct pneed {
     uint32_t hot, cold;     /* decoding, at most */
     uint32_t x_hot, x_cold; /* prefilling, at most */
@@ -278,13 +279,17 @@ policy_need(const opts_t *o, kern_kvq_t q, const policy_t *p, uint32_t prompt, u
         return;
     }
     /* As session_need: the sink blocks and the tail stay full precision,
-     * the full blocks between them are sealed. */
+     * the full blocks between them are sealed; SnapKV's copy is written
+     * so beside the prompt (kv_table_compact). */
     uint32_t sb = (uint32_t)blocks_of(o->sinks, bt);
     uint32_t full = (uint32_t)(held / bt), x_full = (uint32_t)(x_held / bt);
+    uint32_t copy = 0;
+    if (p->kind == SCHED_KV_SNAPKV && prompt > p->budget && p->budget / bt > sb)
+        copy = p->budget / bt - sb;
     *nd = (pneed_t){.hot = sb + 1,
                     .x_hot = sb + 1,
                     .cold = full > sb ? full - sb : 0,
-                    .x_cold = x_full > sb ? x_full - sb : 0};
+                    .x_cold = (x_full > sb ? x_full - sb : 0) + copy};
 }
 
 /* n sessions of a policy row: n - 1 decoding and one prefilling, or all n
@@ -1192,10 +1197,10 @@ main(int argc, char **argv)
             "a block; snapkv:\n"
             "  budget + generated); prefilling: at most while prefilled (sink-eviction: budget + "
             "a chunk + a block;\n"
-            "  snapkv: prompt + its compacted copy); with a codec the chunks and the copy are in "
-            "the engine's\n"
-            "  staging, the rest sealed; fit: N - 1 decoding + 1 prefilling (or N decoding) in "
-            "the pool built for N\n"
+            "  snapkv: prompt + its compacted copy); with a codec the chunks are in the "
+            "engine's staging,\n"
+            "  the rest (the copy too) sealed; fit: N - 1 decoding + 1 prefilling (or N decoding) "
+            "in the pool built for N\n"
             "  kv dropped: KV entries the policies let go (usage.kv_dropped_tokens), summed over "
             "the sessions;\n"
             "  decode tok/s: as above, with the row's own split (longer contexts than the dtype "
