@@ -105,19 +105,13 @@ kv_table_compact(kv_table_t *t, uint32_t n_keep, const int32_t *keep, uint32_t k
         return 0;
 
     /* New blocks [c0, c1) are those kv_table_seal(keep_head, keep_tail)
-     * would seal on the compacted table: past the sinks' blocks, full, and
-     * ending at or before n_keep - keep_tail; as many of them as there are
-     * free quantized blocks (the rest stay full precision, as a seal stops
+     * would seal on the compacted table, as many of them as there are free
+     * quantized blocks (the rest stay full precision, as a seal stops
      * early). */
     const uint32_t need = (uint32_t)kv__blocks_for(pool, n_keep);
     const uint32_t n_cold_pool = pool->cfg.n_blocks - kv__n_hot(pool);
-    uint32_t c0 = 0, c1 = 0;
-    if (pool->cfg.quant != KERN_KVQ_NONE && n_keep > keep_tail) {
-        c0 = (uint32_t)(((uint64_t)keep_head + bt - 1) / bt);
-        c1 = (n_keep - keep_tail) / bt;
-        if (c1 <= c0) /* none: the sinks' blocks may even pass n_keep */
-            c0 = c1 = 0;
-    }
+    uint32_t c0, c1;
+    kv__seal_span(pool, n_keep, keep_head, keep_tail, &c0, &c1);
     /* The full-precision blocks for the rest, and one to stage through. */
     uint32_t most = c1 - c0 < n_cold_pool ? c1 - c0 : n_cold_pool;
     if (need - most + (most ? 1 : 0) > kv__n_hot(pool))

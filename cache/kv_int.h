@@ -225,6 +225,25 @@ kv__blocks_for(const kv_pool_t *pool, uint64_t n_tokens)
     return (n_tokens + bt - 1) / bt;
 }
 
+/* The blocks [*first, *end) of a table of len entries that a seal takes
+ * (kv_table_seal; what kv_table_compact writes quantized): past the blocks
+ * holding the first keep_head entries, full, and ending at or before
+ * len - keep_tail.  Empty (0, 0) without a codec or when none is. */
+static inline void
+kv__seal_span(const kv_pool_t *pool, uint32_t len, uint32_t keep_head, uint32_t keep_tail,
+              uint32_t *first, uint32_t *end)
+{
+    *first = *end = 0;
+    if (pool->cfg.quant == KERN_KVQ_NONE || len <= keep_tail)
+        return;
+    uint32_t f = (uint32_t)kv__blocks_for(pool, keep_head);
+    uint32_t e = (len - keep_tail) / pool->cfg.block_tokens;
+    if (e > f) {
+        *first = f;
+        *end = e;
+    }
+}
+
 /* Host tier (kv_host.c). */
 struct kv_offload;
 /* Copies cached block b, being evicted (its key still in meta[b]), into

@@ -312,10 +312,8 @@ kv_table_seal(kv_table_t *t, uint32_t keep_head, uint32_t keep_tail)
     kv_pool_t *pool = t->pool;
     if (t->offload != NULL)
         return KVS_EINVAL;
-    if (pool->cfg.quant == KERN_KVQ_NONE || t->len <= keep_tail)
-        return 0;
-    uint32_t bt = pool->cfg.block_tokens;
-    uint32_t first = (keep_head + bt - 1) / bt, end = (t->len - keep_tail) / bt;
+    uint32_t first, end;
+    kv__seal_span(pool, t->len, keep_head, keep_tail, &first, &end);
     /* In batches, so that the backend encodes many blocks per call. */
     int32_t src[KV_SEAL_BATCH], dst[KV_SEAL_BATCH];
     uint32_t idx[KV_SEAL_BATCH];
