@@ -271,8 +271,9 @@ plain(const model_vocab_t *v, const char *text, size_t len)
     free(b);
     size_t r[4] = {len / 5, len / 5 + 1, len / 2, len / 2 + (len + 2) / 3};
     int rc = model_vocab_tokenize_plain(v, text, len, MODEL_TOK_PARSE_SPECIAL, r, 2, &a, &na);
+    /* KVS_EINVAL: empty ranges at the smallest lengths, or a byte the
+     * vocab cannot spell (as in tokenize). */
     FUZZ_CHECK(rc == 0 || rc == KVS_EINVAL || rc == KVS_ENOMEM);
-    FUZZ_CHECK(rc != KVS_EINVAL || len < 2 || r[3] > len || r[2] >= r[3]);
     for (size_t i = 0; rc == 0 && i < na; i++)
         FUZZ_CHECK(a[i] >= 0 && (uint32_t)a[i] < model_vocab_n_tokens(v));
     free(a);
